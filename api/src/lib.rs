@@ -1,0 +1,8 @@
+//! Shared vocabulary between `weft-operator` and `weft-proxy`.
+//!
+//! Nothing here knows about Kubernetes or sockets: the operator converts cluster objects
+//! into these types, the proxy converts them into its runtime state.
+
+pub mod duration;
+
+pub use duration::{Duration, DurationError};
