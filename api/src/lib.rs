@@ -4,5 +4,6 @@
 //! into these types, the proxy converts them into its runtime state.
 
 pub mod duration;
+pub mod proxy_config;
 
 pub use duration::{Duration, DurationError};

@@ -1,5 +1,238 @@
-//! `weft-proxy`: the sidecar. The data-plane core is tracked in its own issue.
+//! The `weft-proxy` binary: flags and environment, runtime, signals. Everything else lives
+//! in the library.
+
+use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    sync::Notify,
+};
+use tokio_util::sync::CancellationToken;
+use weft_proxy::{
+    Proxy,
+    server::{self, ListenerKind},
+    source::{self, FileSource},
+};
+
+/// Weft's sidecar proxy.
+#[derive(Parser, Debug)]
+#[command(name = "weft-proxy", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+}
+
+/// A non-transparent listener: `ADDR=SERVICE`.
+#[derive(Clone, Debug)]
+struct Forward {
+    addr: SocketAddr,
+    service: String,
+}
+
+fn parse_forward(s: &str) -> Result<Forward, String> {
+    let (addr, service) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected ADDR=SERVICE, such as 127.0.0.1:8080=web"))?;
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not ip:port"))?;
+    if service.is_empty() {
+        return Err("the service name is empty".to_owned());
+    }
+    Ok(Forward {
+        addr,
+        service: service.to_owned(),
+    })
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Config file: YAML, or JSON when the name ends in `.json`. Re-read when it changes
+    /// and on SIGHUP.
+    #[arg(long, env = "WEFT_CONFIG")]
+    config: PathBuf,
+    /// Transparent outbound listener (the application's redirected connections).
+    #[arg(long, env = "WEFT_OUTBOUND_ADDR", default_value = "0.0.0.0:15001")]
+    outbound_addr: SocketAddr,
+    /// Transparent inbound listener (other pods' redirected connections).
+    #[arg(long, env = "WEFT_INBOUND_ADDR", default_value = "0.0.0.0:15006")]
+    inbound_addr: SocketAddr,
+    /// Admin listener: /live, /ready, /metrics, /config.
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "0.0.0.0:15021")]
+    admin_addr: SocketAddr,
+    /// Do not open the transparent listeners (standalone use with --forward only).
+    #[arg(long, env = "WEFT_NO_TRANSPARENT")]
+    no_transparent: bool,
+    /// A non-transparent listener sending every connection to a service, as ADDR=SERVICE.
+    /// Repeatable.
+    #[arg(long = "forward", value_parser = parse_forward)]
+    forward: Vec<Forward>,
+    /// Runtime worker threads. Every pod pays for them; one suits most sidecars.
+    #[arg(long, env = "WEFT_WORKERS", default_value = "1")]
+    workers: NonZeroUsize,
+    /// After SIGTERM, how long in-flight work may take before the proxy exits anyway.
+    #[arg(long, env = "WEFT_SHUTDOWN_GRACE", default_value = "30s")]
+    shutdown_grace: weft_api::Duration,
+    /// How often the config file's modification time is checked.
+    #[arg(long, env = "WEFT_RELOAD_INTERVAL", default_value = "1s")]
+    reload_interval: weft_api::Duration,
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
+    #[arg(long, env = "WEFT_LOG", default_value = "info")]
+    log: String,
+    /// Log format.
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
 
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("weft-proxy: not built yet (see the proxy-core issue)")
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(args),
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .with_context(|| format!("--log {:?}", args.log))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    if args.reload_interval.as_std().is_zero() {
+        anyhow::bail!("--reload-interval must be greater than zero");
+    }
+
+    // Validate the config before binding anything, so a bad file fails fast and clearly.
+    let initial = source::load(&args.config)?;
+    weft_proxy::config::Config::validate(&initial)
+        .with_context(|| format!("{}", args.config.display()))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers.get())
+        .thread_name("weft-proxy")
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    runtime.block_on(serve(args, initial))
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind the {what} listener on {addr}"))
+}
+
+async fn serve(args: RunArgs, initial: weft_api::proxy_config::ProxyConfig) -> anyhow::Result<()> {
+    let proxy = Proxy::new();
+    proxy.store.apply(initial)?;
+
+    let inbound_stop = CancellationToken::new();
+    let outbound_stop = CancellationToken::new();
+    let admin_stop = CancellationToken::new();
+
+    let admin = bind(args.admin_addr, "admin").await?;
+    let mut inbound_tasks = Vec::new();
+    let mut outbound_tasks = Vec::new();
+    if !args.no_transparent {
+        let l = bind(args.inbound_addr, "inbound").await?;
+        inbound_tasks.push(tokio::spawn(server::serve(
+            l,
+            ListenerKind::Inbound,
+            proxy.clone(),
+            inbound_stop.clone(),
+        )));
+        let l = bind(args.outbound_addr, "outbound").await?;
+        outbound_tasks.push(tokio::spawn(server::serve(
+            l,
+            ListenerKind::Outbound,
+            proxy.clone(),
+            outbound_stop.clone(),
+        )));
+    }
+    for f in &args.forward {
+        let l = bind(f.addr, "forward").await?;
+        // Forward listeners stand in for a service's own port: they drain first, like
+        // inbound.
+        inbound_tasks.push(tokio::spawn(server::serve(
+            l,
+            ListenerKind::Forward(Arc::from(f.service.as_str())),
+            proxy.clone(),
+            inbound_stop.clone(),
+        )));
+    }
+    let admin_task = tokio::spawn(weft_proxy::admin::serve(
+        admin,
+        proxy.clone(),
+        admin_stop.clone(),
+    ));
+
+    let hup = Arc::new(Notify::new());
+    let mut sighup = signal(SignalKind::hangup()).context("install the SIGHUP handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    let mut watcher = FileSource::new(args.config.clone(), proxy.store.clone());
+    // The initial load above already applied this file; record its stamp without
+    // applying it again.
+    watcher.mark_seen();
+    let watch_task = tokio::spawn(watcher.run(
+        args.reload_interval.as_std(),
+        hup.clone(),
+        admin_stop.clone(),
+    ));
+
+    loop {
+        tokio::select! {
+            _ = sighup.recv() => hup.notify_one(),
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+
+    // Drain: inbound first (stop accepting, finish in-flight requests) while outbound keeps
+    // serving the application, then outbound; all within one grace period.
+    let grace = args.shutdown_grace.as_std();
+    tracing::info!(?grace, "shutdown: draining");
+    proxy.draining.cancel();
+    let deadline = tokio::time::Instant::now() + grace;
+    inbound_stop.cancel();
+    let inbound_done = tokio::time::timeout_at(deadline, futures_join(inbound_tasks))
+        .await
+        .is_ok();
+    outbound_stop.cancel();
+    let outbound_done = tokio::time::timeout_at(deadline, futures_join(outbound_tasks))
+        .await
+        .is_ok();
+    admin_stop.cancel();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin_task).await;
+    let _ = watch_task.await;
+    if inbound_done && outbound_done {
+        tracing::info!("shutdown: drained");
+    } else {
+        tracing::warn!("shutdown: grace period expired with connections still open");
+    }
+    Ok(())
+}
+
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
 }

@@ -1,0 +1,157 @@
+//! The proxy's configuration as it travels: from a file in standalone mode today, from the
+//! operator's push stream later.
+//!
+//! These are plain serde types, versioned by [`PROXY_CONFIG_API_VERSION`]. They may hold
+//! anything a file can say; `weft-proxy` validates a whole [`ProxyConfig`] once, into its own
+//! types that cannot represent an invalid state, before swapping it in.
+//!
+//! ```text
+//! file / operator ──serde──▶ ProxyConfig ──validate (weft-proxy)──▶ runtime snapshot
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Duration;
+
+/// The `apiVersion` this crate reads and writes. A config with another value is rejected,
+/// so that a proxy never half-understands a newer format.
+pub const PROXY_CONFIG_API_VERSION: &str = "weft.dev/proxy/v1alpha1";
+
+/// The `kind` of a proxy configuration document.
+pub const PROXY_CONFIG_KIND: &str = "ProxyConfig";
+
+/// Ports whose protocols have the server speak first (SMTP 25 and 587, MySQL 3306,
+/// Galera 4444, PostgreSQL 5432, Redis 6379, Elasticsearch transport 9300, memcached 11211):
+/// the proxy never waits for a client's first bytes on them.
+pub const DEFAULT_OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+/// One complete configuration of one proxy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Must equal [`PROXY_CONFIG_API_VERSION`].
+    pub api_version: String,
+    /// Must equal [`PROXY_CONFIG_KIND`].
+    pub kind: String,
+    /// A label for this snapshot (the operator's version, or anything a file author picks).
+    /// Shown by `/config` and in metrics; the proxy numbers accepted configs itself as well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// How long to wait for a client's first bytes before treating a connection as opaque
+    /// TCP. Defaults to `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_timeout: Option<Duration>,
+    /// How long to wait for an upstream TCP connection, unless a service says otherwise.
+    /// Defaults to `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Duration>,
+    /// Destination ports proxied as opaque TCP without protocol detection. When absent,
+    /// [`DEFAULT_OPAQUE_PORTS`]; when present, replaces that list (write `[]` for none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opaque_ports: Option<Vec<u16>>,
+    /// The services this proxy can send traffic to.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// A destination the proxy balances over: a name, the addresses that select it, and its
+/// endpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Unique name, such as `web.shop` (letters, digits, `-`, `.`, `_`; at most 253 bytes).
+    /// Used as the `service` metric label.
+    pub name: String,
+    /// Cluster addresses (`ip:port`) whose connections the outbound listener sends to this
+    /// service. Each address may belong to one service only.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// How connections to this service are handled. Defaults to `detect`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// How a request picks an endpoint. Defaults to `peakEwma`.
+    #[serde(default)]
+    pub balancer: Balancer,
+    /// The longest an HTTP request may wait for its response headers before the proxy
+    /// answers 504. No limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Overrides the config-wide connect timeout for this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Duration>,
+    /// The endpoints that serve this service. May be empty: requests then get 503.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// How connections to a service are handled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Protocol {
+    /// Peek at the first bytes: HTTP/1.1 and HTTP/2 are proxied per request, anything else
+    /// as opaque TCP.
+    #[default]
+    Detect,
+    /// Opaque TCP, without detection (for server-speaks-first protocols).
+    Opaque,
+}
+
+/// The per-request endpoint choice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Balancer {
+    /// Power of two choices over a peak-EWMA latency estimate, weighted.
+    #[default]
+    PeakEwma,
+    /// Weighted round robin.
+    RoundRobin,
+}
+
+/// One backend instance of a service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// Where to connect, as `ip:port`.
+    pub address: String,
+    /// Relative share of traffic, 1 to 10000. Defaults to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Free-form labels such as `zone`; carried for locality-aware features.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The identity (SPIFFE ID) this endpoint is expected to present once mutual TLS is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_defaults_for_a_minimal_document() {
+        let c: ProxyConfig = serde_json::from_value(serde_json::json!({
+            "apiVersion": "weft.dev/proxy/v1alpha1",
+            "kind": "ProxyConfig",
+            "services": [{"name": "web", "endpoints": [{"address": "127.0.0.2:8080"}]}]
+        }))
+        .unwrap();
+        assert_eq!(c.services[0].balancer, Balancer::PeakEwma);
+        assert_eq!(c.services[0].protocol, Protocol::Detect);
+        assert_eq!(c.services[0].endpoints[0].weight, None);
+        assert_eq!(c.opaque_ports, None);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_so_typos_are_not_silently_ignored() {
+        let err = serde_json::from_value::<ProxyConfig>(serde_json::json!({
+            "apiVersion": "weft.dev/proxy/v1alpha1",
+            "kind": "ProxyConfig",
+            "servces": []
+        }))
+        .unwrap_err();
+        assert!(err.to_string().contains("servces"), "{err}");
+    }
+}

@@ -1,0 +1,214 @@
+//! Protocol detection: read a connection's first bytes (with a timeout), classify them as
+//! HTTP/1.x, HTTP/2 prior knowledge (which includes gRPC) or anything else, and hand the
+//! bytes back through [`PrefixedIo`] so that whoever serves the connection sees them again.
+//!
+//! ```text
+//! client bytes ──read until decided or timeout──▶ Protocol + buffered prefix
+//!                                                  └─▶ PrefixedIo(prefix, socket)
+//! ```
+//!
+//! Detection stops as soon as the bytes decide: the 24-byte HTTP/2 preface, or an HTTP/1
+//! request line, or any byte that cannot start either. A client that sends nothing within
+//! the timeout is treated as opaque TCP.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The most bytes detection reads before deciding "opaque": an HTTP/1 request line
+/// longer than this is not worth waiting for.
+pub const MAX_DETECT_BYTES: usize = 8 * 1024;
+
+/// What a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.0 or HTTP/1.1.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), including gRPC.
+    Http2,
+    /// Anything else: proxied as bytes.
+    Opaque,
+}
+
+/// Classifies a prefix; `None` means more bytes are needed.
+pub fn classify(bytes: &[u8]) -> Option<Protocol> {
+    if bytes.is_empty() {
+        return None;
+    }
+    if bytes.len() >= H2_PREFACE.len() && bytes.starts_with(H2_PREFACE) {
+        return Some(Protocol::Http2);
+    }
+    if H2_PREFACE.starts_with(bytes) {
+        // "PRI" could still become an h2 preface (or, in theory, an HTTP/1 PRI request).
+        return None;
+    }
+    // An HTTP/1 request line: method SP request-target SP HTTP/1.x CRLF.
+    let method_end = bytes.iter().position(|b| *b == b' ');
+    let method = &bytes[..method_end.unwrap_or(bytes.len())];
+    if method.is_empty() || method.len() > 16 || !method.iter().all(|b| is_tchar(*b)) {
+        return Some(Protocol::Opaque);
+    }
+    match bytes.windows(2).position(|w| w == b"\r\n") {
+        Some(eol) => {
+            let line = &bytes[..eol];
+            if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
+                Some(Protocol::Http1)
+            } else {
+                Some(Protocol::Opaque)
+            }
+        }
+        None if bytes.len() >= MAX_DETECT_BYTES => Some(Protocol::Opaque),
+        None => None,
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Reads from `io` until [`classify`] decides, EOF, or `timeout`. Returns the protocol and
+/// every byte read.
+pub async fn detect<I: AsyncRead + Unpin>(
+    io: &mut I,
+    timeout: Duration,
+) -> io::Result<(Protocol, Bytes)> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_elapsed) => return Ok((Protocol::Opaque, buf.freeze())),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(0)) => {
+                let p = classify(&buf).unwrap_or(Protocol::Opaque);
+                return Ok((p, buf.freeze()));
+            }
+            Ok(Ok(_)) => {
+                if let Some(p) = classify(&buf) {
+                    return Ok((p, buf.freeze()));
+                }
+            }
+        }
+    }
+}
+
+/// A connection whose first bytes were already read: reads replay them, then continue
+/// from the socket; writes go straight to the socket.
+#[derive(Debug)]
+pub struct PrefixedIo<I> {
+    prefix: Bytes,
+    inner: I,
+}
+
+impl<I> PrefixedIo<I> {
+    /// Replays `prefix` before reading from `inner`.
+    pub fn new(prefix: Bytes, inner: I) -> Self {
+        PrefixedIo { prefix, inner }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn classifies_requests_and_other_bytes() {
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\nHost: a\r\n"),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(classify(b"POST /x?y HTTP/1.0\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
+        assert_eq!(classify(b"PRI * HTTP"), None);
+        assert_eq!(classify(b"GET /long"), None);
+        assert_eq!(
+            classify(b"\x16\x03\x01\x02\x00"),
+            Some(Protocol::Opaque),
+            "TLS"
+        );
+        assert_eq!(
+            classify(b"*1\r\n$4\r\nPING\r\n"),
+            Some(Protocol::Opaque),
+            "Redis"
+        );
+        assert_eq!(classify(b"GET / SPDY/3\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b""), None);
+    }
+
+    #[tokio::test]
+    async fn times_out_to_opaque_when_the_client_is_silent() {
+        tokio::time::pause();
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let t = tokio::spawn(async move { detect(&mut server, Duration::from_millis(300)).await });
+        client.write_all(b"GE").await.unwrap();
+        let (p, prefix) = t.await.unwrap().unwrap();
+        assert_eq!(p, Protocol::Opaque);
+        assert_eq!(&prefix[..], b"GE");
+    }
+
+    #[tokio::test]
+    async fn replays_the_prefix_before_the_rest() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b" world").await.unwrap();
+        drop(client);
+        let mut io = PrefixedIo::new(Bytes::from_static(b"hello"), server);
+        let mut out = String::new();
+        io.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
+}

@@ -1,0 +1,92 @@
+//! The proxy's error vocabulary: every failure the proxy answers for itself is classified
+//! once, here, into an HTTP status, a stable reason code sent in the `weft-error` response
+//! header, and the `reason` label of `weft_errors_total`.
+//!
+//! Codes are part of the proxy's public contract: add new ones, never rename old ones.
+
+use http::StatusCode;
+
+/// The response header that carries [`ErrorCode::as_str`] on responses the proxy generated.
+pub const ERROR_HEADER: &str = "weft-error";
+
+/// Why the proxy, rather than the upstream, produced a response or dropped a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The destination service has no endpoints in the active config (503).
+    NoEndpoints,
+    /// A forward listener names a service the active config does not have (503).
+    ServiceNotFound,
+    /// Connecting to the chosen endpoint failed, for example it refused (502).
+    ConnectFailed,
+    /// Connecting to the chosen endpoint took longer than the connect timeout (504).
+    ConnectTimeout,
+    /// The upstream did not send response headers within the service's timeout (504).
+    ResponseTimeout,
+    /// The upstream connection broke or spoke invalid HTTP before a response (502).
+    UpstreamFailed,
+    /// The proxy is shutting down and no longer takes new work (503).
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    /// Every code, for tests and documentation.
+    pub const ALL: [ErrorCode; 7] = [
+        ErrorCode::NoEndpoints,
+        ErrorCode::ServiceNotFound,
+        ErrorCode::ConnectFailed,
+        ErrorCode::ConnectTimeout,
+        ErrorCode::ResponseTimeout,
+        ErrorCode::UpstreamFailed,
+        ErrorCode::ShuttingDown,
+    ];
+
+    /// The stable text sent in the `weft-error` header and used as the metric label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NoEndpoints => "no_endpoints",
+            ErrorCode::ServiceNotFound => "service_not_found",
+            ErrorCode::ConnectFailed => "connect_failed",
+            ErrorCode::ConnectTimeout => "connect_timeout",
+            ErrorCode::ResponseTimeout => "response_timeout",
+            ErrorCode::UpstreamFailed => "upstream_failed",
+            ErrorCode::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// The HTTP status the proxy answers with.
+    pub const fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::NoEndpoints | ErrorCode::ServiceNotFound | ErrorCode::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ErrorCode::ConnectFailed | ErrorCode::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            ErrorCode::ConnectTimeout | ErrorCode::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_distinct_header_safe_tokens() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_str()), "duplicate {code}");
+            assert!(http::HeaderValue::from_str(code.as_str()).is_ok());
+            assert!(
+                code.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+            );
+            assert!(code.status().is_server_error());
+        }
+    }
+}

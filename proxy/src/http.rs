@@ -1,0 +1,475 @@
+//! HTTP proxying, per request: each request on a downstream connection (HTTP/1.1 or
+//! HTTP/2) resolves its service in the active snapshot, picks an endpoint, and is sent over
+//! that endpoint's pool with the same HTTP version.
+//!
+//! ```text
+//! downstream conn ──hyper server──▶ Request ──resolve (snapshot)──▶ ServiceState
+//!      ──pick endpoint──▶ strip hop-by-hop ──▶ Upstream pool ──▶ Response (+ weft-error)
+//! ```
+//!
+//! Failures the proxy answers itself carry a `weft-error` header ([`ErrorCode`]). A request
+//! without a body whose connect failed is sent once more to another endpoint; nothing
+//! else is retried.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    str::FromStr,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
+    header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE},
+    uri::{Authority, Scheme},
+};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    detect::Protocol,
+    errors::{ERROR_HEADER, ErrorCode},
+    metrics::{Direction, Metrics, ServiceLabel},
+    store::{ConfigStore, EndpointState, InFlight, ServiceState},
+    upstream::is_connect_timeout,
+};
+
+/// The response body the proxy sends downstream: the upstream's, or its own error text.
+pub type ProxyBody = Either<TrackedBody, Full<Bytes>>;
+
+/// Where the requests of one downstream connection go.
+#[derive(Debug)]
+pub enum HttpTarget {
+    /// The service with this name in the active config, resolved per request.
+    Named(Arc<str>),
+    /// The service claiming this address in the active config, resolved per request.
+    ClusterAddr(SocketAddr),
+    /// One fixed endpoint (the local application, for inbound traffic).
+    Fixed(Arc<EndpointState>),
+}
+
+/// What every request of one downstream connection shares.
+#[derive(Debug)]
+pub struct HttpConn {
+    /// The active config.
+    pub store: Arc<ConfigStore>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// Where requests go.
+    pub target: HttpTarget,
+    /// Label used for `Fixed` targets.
+    pub fixed_label: ServiceLabel,
+}
+
+/// Serves one downstream HTTP connection until it ends; on `shutdown`, finishes the
+/// requests in flight and closes (HTTP/1: after the current response; HTTP/2: GOAWAY).
+pub async fn serve<I>(io: I, protocol: Protocol, conn: Arc<HttpConn>, shutdown: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = match protocol {
+        Protocol::Http2 => {
+            let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, svc);
+            tokio::pin!(c);
+            tokio::select! {
+                r = c.as_mut() => r,
+                () = shutdown.cancelled() => {
+                    c.as_mut().graceful_shutdown();
+                    c.await
+                }
+            }
+        }
+        _ => {
+            let c = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(io, svc)
+                .with_upgrades();
+            tokio::pin!(c);
+            tokio::select! {
+                r = c.as_mut() => r,
+                () = shutdown.cancelled() => {
+                    c.as_mut().graceful_shutdown();
+                    c.await
+                }
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "http connection ended with an error");
+    }
+}
+
+enum Dest {
+    Service(Arc<ServiceState>),
+    Fixed(Arc<EndpointState>),
+}
+
+impl HttpConn {
+    fn resolve(&self) -> Result<(Dest, ServiceLabel), (ErrorCode, ServiceLabel)> {
+        let snapshot = self.store.load();
+        let found = match &self.target {
+            HttpTarget::Fixed(e) => return Ok((Dest::Fixed(e.clone()), self.fixed_label.clone())),
+            HttpTarget::Named(name) => snapshot
+                .as_ref()
+                .and_then(|s| s.service_by_name(name).cloned())
+                .ok_or_else(|| (ErrorCode::ServiceNotFound, ServiceLabel(name.clone()))),
+            HttpTarget::ClusterAddr(addr) => snapshot
+                .as_ref()
+                .and_then(|s| s.service_for_addr(*addr).cloned())
+                .ok_or_else(|| (ErrorCode::ServiceNotFound, ServiceLabel::unknown())),
+        }?;
+        let label = found.label.clone();
+        Ok((Dest::Service(found), label))
+    }
+
+    fn fallback_authority(&self) -> Option<Authority> {
+        match &self.target {
+            HttpTarget::Named(n) => Authority::from_str(n).ok(),
+            HttpTarget::ClusterAddr(a) => Authority::from_str(&a.to_string()).ok(),
+            HttpTarget::Fixed(e) => Authority::from_str(&e.addr.to_string()).ok(),
+        }
+    }
+
+    /// Proxies one request.
+    pub async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let (dest, label) = match self.resolve() {
+            Ok(d) => d,
+            Err((code, label)) => {
+                let labels = self.metrics.request(self.direction, &label);
+                return self.fail(&labels, code, start);
+            }
+        };
+        let labels = self.metrics.request(self.direction, &label);
+
+        let upgrade = is_upgrade(&req);
+        let mut on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+        absolutize(&mut req, self.fallback_authority());
+
+        let (parts, body) = req.into_parts();
+        let retryable = matches!(&dest, Dest::Service(s) if s.endpoints.len() > 1)
+            && body.is_end_stream()
+            && !upgrade;
+        let replay = retryable.then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.version,
+                parts.headers.clone(),
+            )
+        });
+        let mut request = Some(Request::from_parts(parts, Either::Left(body)));
+        let timeout = match &dest {
+            Dest::Service(s) => s.spec.response_timeout,
+            Dest::Fixed(_) => None,
+        };
+        let deadline = timeout.map(|t| tokio::time::Instant::from_std(start) + t);
+
+        let mut exclude = None;
+        for attempt in 0..2 {
+            let Some(req) = request.take() else { break };
+            let (index, endpoint) = match &dest {
+                Dest::Fixed(e) => (0, e.clone()),
+                Dest::Service(s) => match s.pick(exclude) {
+                    Some((i, e)) => (i, e.clone()),
+                    None => return self.fail(&labels, ErrorCode::NoEndpoints, start),
+                },
+            };
+            let in_flight = endpoint.start();
+            let sent = Instant::now();
+            let result = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, endpoint.upstream.send(req)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        endpoint.observe(sent.elapsed());
+                        tracing::debug!(endpoint = %endpoint.addr, "response timeout");
+                        return self.fail(&labels, ErrorCode::ResponseTimeout, start);
+                    }
+                },
+                None => endpoint.upstream.send(req).await,
+            };
+            match result {
+                Ok(mut resp) => {
+                    endpoint.observe(sent.elapsed());
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(downstream) = on_upgrade.take()
+                    {
+                        let upstream = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(splice_upgrade(downstream, upstream, in_flight));
+                        strip_hop_by_hop(resp.headers_mut(), true);
+                        self.metrics.response(&labels, resp.status(), secs(start));
+                        return resp.map(|_| Either::Right(Full::new(Bytes::new())));
+                    }
+                    strip_hop_by_hop(resp.headers_mut(), false);
+                    self.metrics.response(&labels, resp.status(), secs(start));
+                    return resp.map(|inner| {
+                        Either::Left(TrackedBody {
+                            inner,
+                            _in_flight: in_flight,
+                        })
+                    });
+                }
+                Err(error) if error.is_connect() => {
+                    endpoint.penalize();
+                    drop(in_flight);
+                    let code = if is_connect_timeout(&error) {
+                        ErrorCode::ConnectTimeout
+                    } else {
+                        ErrorCode::ConnectFailed
+                    };
+                    tracing::debug!(endpoint = %endpoint.addr, error = %error, "connect failed");
+                    if attempt == 0
+                        && let Some((method, uri, version, headers)) = replay.clone()
+                    {
+                        self.metrics.error(self.direction, code);
+                        let mut r = Request::new(Either::Right(Empty::new()));
+                        *r.method_mut() = method;
+                        *r.uri_mut() = uri;
+                        *r.version_mut() = version;
+                        *r.headers_mut() = headers;
+                        request = Some(r);
+                        exclude = Some(index);
+                        continue;
+                    }
+                    return self.fail(&labels, code, start);
+                }
+                Err(error) => {
+                    tracing::debug!(endpoint = %endpoint.addr, error = %error, "upstream failed");
+                    return self.fail(&labels, ErrorCode::UpstreamFailed, start);
+                }
+            }
+        }
+        self.fail(&labels, ErrorCode::UpstreamFailed, start)
+    }
+
+    fn fail(
+        &self,
+        labels: &crate::metrics::RequestLabels,
+        code: ErrorCode,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        self.metrics.error(self.direction, code);
+        let resp = error_response(code);
+        self.metrics.response(labels, resp.status(), secs(start));
+        resp
+    }
+}
+
+fn secs(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64()
+}
+
+/// A response the proxy makes itself for `code`.
+pub fn error_response(code: ErrorCode) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!(
+        "weft-proxy: {code}\n"
+    )))));
+    *resp.status_mut() = code.status();
+    let h = resp.headers_mut();
+    h.insert(ERROR_HEADER, HeaderValue::from_static(code.as_str()));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+async fn splice_upgrade(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _in_flight: InFlight,
+) {
+    let (d, u) = tokio::join!(downstream, upstream);
+    match (d, u) {
+        (Ok(d), Ok(u)) => {
+            let mut d = TokioIo::new(d);
+            let mut u = TokioIo::new(u);
+            if let Err(error) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                tracing::debug!(%error, "upgraded connection ended with an error");
+            }
+        }
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::debug!(%error, "upgrade failed");
+        }
+    }
+}
+
+/// Whether an HTTP/1 request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() <= Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop fields (RFC 9110 §7.6.1): `Connection` and every field it names,
+/// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`, and `TE` unless it is
+/// exactly `trailers` (which gRPC needs end to end). With `keep_upgrade`, `Upgrade` and
+/// `Connection: upgrade` stay, so that the next hop can switch protocols too.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if keep_upgrade && name == UPGRADE {
+                continue;
+            }
+            if name == TE || name == HOST {
+                // Never let a client strip these through `Connection`; TE is handled below.
+                continue;
+            }
+            headers.remove(&name);
+        }
+        headers.remove(CONNECTION);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+    headers.remove(TRANSFER_ENCODING);
+    if let Some(te) = headers.get(TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        headers.remove(TE);
+    }
+    if keep_upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
+    }
+}
+
+/// Gives an origin-form HTTP/1 request an absolute URI built from its `Host` (or the
+/// target, when it has none), which the client pool needs; `Host` itself is untouched.
+fn absolutize<B>(req: &mut Request<B>, fallback: Option<Authority>) {
+    if req.uri().authority().is_some() && req.uri().scheme().is_some() {
+        return;
+    }
+    let authority = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| Authority::from_str(h).ok())
+        .or(fallback);
+    let Some(authority) = authority else { return };
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// An upstream response body that keeps its endpoint's in-flight count until it ends, so
+/// that P2C sees long responses as load.
+#[derive(Debug)]
+pub struct TrackedBody {
+    inner: Incoming,
+    _in_flight: InFlight,
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_fields_and_the_ones_connection_names() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(TE, HeaderValue::from_static("gzip"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(HOST, HeaderValue::from_static("web"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(h.contains_key(HOST) && h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn keeps_te_trailers_and_upgrade_when_upgrading() {
+        let mut h = HeaderMap::new();
+        h.insert(TE, HeaderValue::from_static("trailers"));
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[TE], "trailers");
+        assert_eq!(h[UPGRADE], "websocket");
+        assert_eq!(h[CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn absolutizes_from_host_and_keeps_it() {
+        let mut req = Request::builder()
+            .uri("/a?b=1")
+            .header(HOST, "web.shop:8080")
+            .body(())
+            .unwrap();
+        absolutize(&mut req, None);
+        assert_eq!(req.uri().to_string(), "http://web.shop:8080/a?b=1");
+        assert_eq!(req.headers()[HOST], "web.shop:8080");
+    }
+
+    #[test]
+    fn error_responses_carry_the_code() {
+        let r = error_response(ErrorCode::NoEndpoints);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[ERROR_HEADER], "no_endpoints");
+    }
+}

@@ -1,0 +1,54 @@
+//! `weft-proxy`: Weft's sidecar proxy.
+//!
+//! ```text
+//!   app ──▶ outbound :15001 ─┐                          ┌─▶ endpoints (pooled, P2C/RR)
+//!                            ├─ server ─▶ detect ─▶ http ┤
+//! peers ──▶ inbound :15006 ──┘               └──▶ opaque TCP ──▶ destination
+//!
+//!  config file / SIGHUP ──▶ source ──▶ store (validate, swap Arc<Snapshot>)
+//!  admin :15021 ──▶ /live /ready /metrics /config
+//! ```
+//!
+//! Modules, one concern each: [`config`] (validation), [`store`] (active snapshot),
+//! [`balance`] (endpoint choice, no I/O), [`detect`], [`http`], [`server`], [`upstream`],
+//! [`orig_dst`], [`metrics`], [`errors`], [`admin`], [`source`].
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod detect;
+pub mod errors;
+pub mod http;
+pub mod metrics;
+pub mod orig_dst;
+pub mod server;
+pub mod source;
+pub mod store;
+pub mod upstream;
+
+/// What every listener of one proxy process shares.
+#[derive(Debug)]
+pub struct Proxy {
+    /// The active configuration.
+    pub store: Arc<store::ConfigStore>,
+    /// Every metric.
+    pub metrics: Arc<metrics::Metrics>,
+    /// Cancelled when shutdown begins, so `/ready` fails while the proxy drains.
+    pub draining: CancellationToken,
+}
+
+impl Proxy {
+    /// A proxy with fresh metrics and no config (not ready).
+    pub fn new() -> Arc<Self> {
+        let metrics = Arc::new(metrics::Metrics::new());
+        Arc::new(Proxy {
+            store: Arc::new(store::ConfigStore::new(metrics.clone())),
+            metrics,
+            draining: CancellationToken::new(),
+        })
+    }
+}

@@ -1,0 +1,367 @@
+//! Prometheus metrics, registered once and shared by every listener. Labels are bounded:
+//! `direction` (two values), `service` (configured service names, or `passthrough` /
+//! `local`), `status_class` (`1xx`…`5xx`), `reason` ([`ErrorCode`]). No path, no client
+//! address.
+
+use std::{
+    fmt::Write as _,
+    sync::{Arc, atomic::AtomicU64},
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::errors::ErrorCode;
+
+/// Which way traffic flows through the proxy, relative to its own pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From other pods into the local application.
+    Inbound,
+    /// From the local application to services.
+    Outbound,
+}
+
+impl Direction {
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// A service name as a cheaply cloned label value.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceLabel(pub Arc<str>);
+
+impl ServiceLabel {
+    /// The label for traffic to destinations no service claims.
+    pub fn passthrough() -> Self {
+        ServiceLabel(Arc::from("passthrough"))
+    }
+    /// The label for requests to a cluster address no service claims any more.
+    pub fn unknown() -> Self {
+        ServiceLabel(Arc::from("unknown"))
+    }
+    /// The label for inbound traffic to the local application.
+    pub fn local() -> Self {
+        ServiceLabel(Arc::from("local"))
+    }
+}
+
+impl EncodeLabelValue for ServiceLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+/// Labels of request counters and latency.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// The destination service.
+    pub service: ServiceLabel,
+}
+
+/// Labels of response counters.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ResponseLabels {
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// The destination service.
+    pub service: ServiceLabel,
+    /// `1xx` to `5xx`.
+    pub status_class: &'static str,
+}
+
+/// Labels of per-direction connection metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// Inbound or outbound.
+    pub direction: Direction,
+}
+
+/// Labels of error counters.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// The stable error code.
+    pub reason: &'static str,
+}
+
+/// Labels of per-service gauges.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServiceOnly {
+    /// The service.
+    pub service: ServiceLabel,
+}
+
+/// Labels of the config info metric.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct VersionLabels {
+    /// The active config's version label.
+    pub version: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    responses: Family<ResponseLabels, Counter>,
+    latency: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    tcp_opened: Family<DirectionLabels, Counter>,
+    tcp_closed: Family<DirectionLabels, Counter>,
+    tcp_open: Family<DirectionLabels, Gauge>,
+    bytes_read: Family<DirectionLabels, Counter>,
+    bytes_written: Family<DirectionLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    endpoints: Family<ServiceOnly, Gauge>,
+    config_generation: Gauge,
+    config_last_update: Gauge<f64, AtomicU64>,
+    config_info: Family<VersionLabels, Gauge>,
+    config_rejected: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("weft");
+        let m = Metrics {
+            requests: Family::default(),
+            responses: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_open: Family::default(),
+            bytes_read: Family::default(),
+            bytes_written: Family::default(),
+            errors: Family::default(),
+            endpoints: Family::default(),
+            config_generation: Gauge::default(),
+            config_last_update: Gauge::default(),
+            config_info: Family::default(),
+            config_rejected: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "HTTP requests received, by direction and destination service",
+            m.requests.clone(),
+        );
+        registry.register(
+            "responses",
+            "HTTP responses sent, by direction, service and status class",
+            m.responses.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from receiving a request to sending its response headers",
+            m.latency.clone(),
+        );
+        registry.register(
+            "tcp_connections_opened",
+            "Accepted TCP connections",
+            m.tcp_opened.clone(),
+        );
+        registry.register(
+            "tcp_connections_closed",
+            "Closed accepted TCP connections",
+            m.tcp_closed.clone(),
+        );
+        registry.register(
+            "tcp_connections_open",
+            "Currently open accepted TCP connections",
+            m.tcp_open.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from accepted connections",
+            m.bytes_read.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to accepted connections",
+            m.bytes_written.clone(),
+        );
+        registry.register(
+            "errors",
+            "Failures the proxy answered or dropped itself, by reason code",
+            m.errors.clone(),
+        );
+        registry.register(
+            "service_endpoints",
+            "Endpoints per service in the active config",
+            m.endpoints.clone(),
+        );
+        registry.register(
+            "config_generation",
+            "How many configs this process has accepted",
+            m.config_generation.clone(),
+        );
+        registry.register(
+            "config_last_update_timestamp_seconds",
+            "Unix time at which the active config was accepted",
+            m.config_last_update.clone(),
+        );
+        registry.register(
+            "config_info",
+            "Always 1, labelled with the active config's version",
+            m.config_info.clone(),
+        );
+        registry.register(
+            "config_rejected",
+            "Configs rejected as invalid",
+            m.config_rejected.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    /// Counts a request and returns the labels to record its response with.
+    pub fn request(&self, direction: Direction, service: &ServiceLabel) -> RequestLabels {
+        let labels = RequestLabels {
+            direction,
+            service: service.clone(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        labels
+    }
+
+    /// Records a response's status and the latency to its headers.
+    pub fn response(&self, labels: &RequestLabels, status: http::StatusCode, seconds: f64) {
+        self.responses
+            .get_or_create(&ResponseLabels {
+                direction: labels.direction,
+                service: labels.service.clone(),
+                status_class: status_class(status),
+            })
+            .inc();
+        self.latency.get_or_create(labels).observe(seconds);
+    }
+
+    /// Counts an error by reason.
+    pub fn error(&self, direction: Direction, code: ErrorCode) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                direction,
+                reason: code.as_str(),
+            })
+            .inc();
+    }
+
+    /// Records an accepted connection; the returned guard records its close.
+    pub fn connection(self: &Arc<Self>, direction: Direction) -> ConnectionGuard {
+        let labels = DirectionLabels { direction };
+        self.tcp_opened.get_or_create(&labels).inc();
+        self.tcp_open.get_or_create(&labels).inc();
+        ConnectionGuard {
+            read: self.bytes_read.get_or_create(&labels).clone(),
+            written: self.bytes_written.get_or_create(&labels).clone(),
+            metrics: self.clone(),
+            labels,
+        }
+    }
+
+    /// Replaces the per-service endpoint gauges and the config gauges after a config swap.
+    pub fn config_applied(
+        &self,
+        generation: u64,
+        version: &str,
+        services: impl Iterator<Item = (ServiceLabel, usize)>,
+    ) {
+        self.endpoints.clear();
+        for (service, n) in services {
+            self.endpoints
+                .get_or_create(&ServiceOnly { service })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.config_generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.config_last_update.set(now);
+        self.config_info.clear();
+        self.config_info
+            .get_or_create(&VersionLabels {
+                version: version.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// Counts a rejected config.
+    pub fn config_rejected(&self) {
+        self.config_rejected.inc();
+    }
+}
+
+/// Tracks one accepted connection's bytes and, on drop, its close.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    metrics: Arc<Metrics>,
+    labels: DirectionLabels,
+    /// Bytes read from the client.
+    pub read: Counter,
+    /// Bytes written to the client.
+    pub written: Counter,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.metrics.tcp_closed.get_or_create(&self.labels).inc();
+        self.metrics.tcp_open.get_or_create(&self.labels).dec();
+    }
+}
+
+/// `1xx` … `5xx`.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,352 @@
+//! Listeners: accept connections, work out where each one goes, detect its protocol, and
+//! hand it to the HTTP or opaque-TCP path. Every server takes an already-bound listener
+//! and a shutdown token (so tests bind `127.0.0.1:0`), and returns once it has stopped
+//! accepting and every connection it accepted has finished.
+//!
+//! ```text
+//!            ┌ Outbound: SO_ORIGINAL_DST ─▶ service claiming it? ─no──▶ opaque passthrough
+//! accept ──▶ ┤                                   └yes─┐
+//!            ├ Forward(name): the named service ──────┼─▶ opaque port/service? ─▶ opaque TCP
+//!            └ Inbound: SO_ORIGINAL_DST ─▶ 127.0.0.1:port ┘        └no─▶ detect ─▶ HTTP/1, HTTP/2
+//! ```
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{
+    Proxy,
+    detect::{self, PrefixedIo, Protocol},
+    errors::ErrorCode,
+    http::{HttpConn, HttpTarget},
+    metrics::{ConnectionGuard, Direction, ServiceLabel},
+    orig_dst,
+    store::{EndpointState, ServiceState},
+    upstream,
+};
+
+/// What a listener does with the connections it accepts.
+#[derive(Clone, Debug)]
+pub enum ListenerKind {
+    /// Transparent outbound (the application's connections, redirected by iptables).
+    Outbound,
+    /// Transparent inbound (other pods' connections to the application).
+    Inbound,
+    /// Non-transparent: every connection goes to the named service (outbound direction).
+    Forward(Arc<str>),
+}
+
+impl ListenerKind {
+    fn direction(&self) -> Direction {
+        match self {
+            ListenerKind::Inbound => Direction::Inbound,
+            _ => Direction::Outbound,
+        }
+    }
+}
+
+/// Accepts connections until `shutdown`, then waits for the accepted ones to finish.
+/// HTTP connections finish their in-flight requests and close; opaque TCP connections run
+/// until either side closes (the caller bounds the wait with its grace period).
+pub async fn serve(
+    listener: TcpListener,
+    kind: ListenerKind,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, ?kind, "listening");
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let span =
+                    tracing::debug_span!("conn", %peer, direction = kind.direction().as_str());
+                tracker.spawn(
+                    handle(stream, kind.clone(), proxy.clone(), shutdown.clone()).instrument(span),
+                );
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off briefly, keep serving.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!(?addr, open = tracker.len(), "stopped accepting; draining");
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!(?addr, "drained");
+}
+
+async fn handle(
+    stream: TcpStream,
+    kind: ListenerKind,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let direction = kind.direction();
+    let guard = proxy.metrics.connection(direction);
+    let Some(snapshot) = proxy.store.load() else {
+        tracing::debug!("no config yet; closing");
+        return;
+    };
+    let config = &snapshot.config;
+
+    // Where does this connection go, and may it skip detection?
+    let (route, opaque) = match &kind {
+        ListenerKind::Outbound => {
+            let Some(orig) = original_dst(&stream) else {
+                return;
+            };
+            match snapshot.service_for_addr(orig) {
+                Some(svc) => (
+                    Route::Service(svc.clone(), HttpTarget::ClusterAddr(orig)),
+                    svc.spec.opaque || config.is_opaque_port(orig.port()),
+                ),
+                // Nobody claims it: forward unchanged.
+                None => (Route::Addr(orig, ServiceLabel::passthrough()), true),
+            }
+        }
+        ListenerKind::Inbound => {
+            let Some(orig) = original_dst(&stream) else {
+                return;
+            };
+            let local = SocketAddr::new(loopback_like(orig.ip()), orig.port());
+            (
+                Route::Addr(local, ServiceLabel::local()),
+                config.is_opaque_port(orig.port()),
+            )
+        }
+        ListenerKind::Forward(name) => match snapshot.service_by_name(name) {
+            Some(svc) => (
+                Route::Service(svc.clone(), HttpTarget::Named(name.clone())),
+                svc.spec.opaque,
+            ),
+            None => {
+                tracing::warn!(service = %name, "forward listener's service is not in the config");
+                proxy.metrics.error(direction, ErrorCode::ServiceNotFound);
+                return;
+            }
+        },
+    };
+    let detect_timeout = config.detect_timeout;
+    let connect_timeout = match &route {
+        Route::Service(s, _) => s.spec.connect_timeout,
+        Route::Addr(..) => config.connect_timeout,
+    };
+    drop(snapshot);
+
+    let mut io = CountingIo {
+        inner: stream,
+        guard,
+    };
+    let (protocol, prefix) = if opaque {
+        (Protocol::Opaque, bytes::Bytes::new())
+    } else {
+        match detect::detect(&mut io, detect_timeout).await {
+            Ok(d) => d,
+            Err(error) => {
+                tracing::debug!(%error, "connection failed during detection");
+                return;
+            }
+        }
+    };
+    tracing::debug!(?protocol, "detected");
+    let io = PrefixedIo::new(prefix, io);
+
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => {
+            let (target, fixed_label) = match route {
+                Route::Service(s, target) => (target, s.label.clone()),
+                Route::Addr(addr, label) => (
+                    HttpTarget::Fixed(Arc::new(EndpointState::new(addr, connect_timeout))),
+                    label,
+                ),
+            };
+            let conn = Arc::new(HttpConn {
+                store: proxy.store.clone(),
+                metrics: proxy.metrics.clone(),
+                direction,
+                target,
+                fixed_label,
+            });
+            crate::http::serve(io, protocol, conn, shutdown).await;
+        }
+        Protocol::Opaque => proxy_opaque(io, route, connect_timeout, &proxy, direction).await,
+    }
+}
+
+/// The destination of one accepted connection.
+enum Route {
+    /// A configured service (and how its HTTP requests find it again per request).
+    Service(Arc<ServiceState>, HttpTarget),
+    /// A fixed address: passthrough, or the local application.
+    Addr(SocketAddr, ServiceLabel),
+}
+
+fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let local = stream.local_addr().ok()?;
+    match orig_dst::original_dst(stream, local) {
+        Ok(orig) if orig == local => {
+            // Dialled the proxy's own port directly: forwarding would loop.
+            tracing::debug!(%orig, "connection was not redirected; closing");
+            None
+        }
+        Ok(orig) => Some(orig),
+        Err(error) => {
+            tracing::debug!(%error, "no original destination; closing");
+            None
+        }
+    }
+}
+
+fn loopback_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    }
+}
+
+/// Proxies bytes both ways; when one side shuts down its write half, the other side's
+/// write half is shut down too (half-close), and the connection ends when both have.
+async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
+    mut io: I,
+    route: Route,
+    connect_timeout: Duration,
+    proxy: &Proxy,
+    direction: Direction,
+) {
+    let (mut upstream, _in_flight) = match route {
+        Route::Addr(addr, _) => match upstream::connect(addr, connect_timeout).await {
+            Ok(s) => (s, None),
+            Err(error) => {
+                tracing::debug!(%error, "opaque connect failed");
+                proxy.metrics.error(direction, connect_code(&error));
+                return;
+            }
+        },
+        Route::Service(svc, _) => {
+            let mut exclude = None;
+            let mut connected = None;
+            // A connect failure is retried once on another endpoint: nothing was sent yet.
+            for _ in 0..2 {
+                let Some((i, endpoint)) = svc.pick(exclude) else {
+                    proxy.metrics.error(direction, ErrorCode::NoEndpoints);
+                    return;
+                };
+                let in_flight = endpoint.start();
+                match upstream::connect(endpoint.addr, connect_timeout).await {
+                    Ok(s) => {
+                        connected = Some((s, Some(in_flight)));
+                        break;
+                    }
+                    Err(error) => {
+                        endpoint.penalize();
+                        tracing::debug!(%error, "opaque connect failed");
+                        proxy.metrics.error(direction, connect_code(&error));
+                        if svc.endpoints.len() < 2 {
+                            break;
+                        }
+                        exclude = Some(i);
+                    }
+                }
+            }
+            match connected {
+                Some(c) => c,
+                None => return,
+            }
+        }
+    };
+    match tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+        Ok((up, down)) => tracing::debug!(up, down, "opaque connection closed"),
+        Err(error) => tracing::debug!(%error, "opaque connection ended with an error"),
+    }
+}
+
+fn connect_code(error: &upstream::ConnectError) -> ErrorCode {
+    match error {
+        upstream::ConnectError::Timeout { .. } => ErrorCode::ConnectTimeout,
+        upstream::ConnectError::Io { .. } => ErrorCode::ConnectFailed,
+    }
+}
+
+/// An accepted socket that counts its bytes into the connection's metrics.
+struct CountingIo {
+    inner: TcpStream,
+    guard: ConnectionGuard,
+}
+
+impl AsyncRead for CountingIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            self.guard.read.inc_by(n as u64);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for CountingIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.guard.written.inc_by(*n as u64);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.guard.written.inc_by(*n as u64);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

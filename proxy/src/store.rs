@@ -1,0 +1,322 @@
+//! The active configuration: a validated [`Config`] plus the runtime state built from it
+//! (per-service pickers, per-endpoint latency estimates and connection pools), published
+//! as one immutable [`Snapshot`] behind an atomically swapped `Arc`.
+//!
+//! ```text
+//! ProxyConfig ──ConfigStore::apply──▶ validate ──▶ Snapshot::build (reuses endpoint state
+//!                                                   of endpoints that stay) ──▶ ArcSwap
+//! request ──ConfigStore::load──▶ Arc<Snapshot> (held until the request completes)
+//! ```
+//!
+//! A request holds the `Arc` of the service state it started with, so a swap never
+//! disturbs it; endpoints that stay keep their pools and estimates.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwapOption;
+use weft_api::proxy_config::{self as wire, ProxyConfig};
+
+use crate::{
+    balance::{self, DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, PeakEwma, Picker},
+    config::{Config, ConfigError, Service},
+    metrics::{Metrics, ServiceLabel},
+    upstream::Upstream,
+};
+
+/// Runtime state of one endpoint, shared by every snapshot that keeps it.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Pooled HTTP clients.
+    pub upstream: Upstream,
+    ewma: Mutex<PeakEwma>,
+    in_flight: AtomicUsize,
+}
+
+impl EndpointState {
+    /// Fresh state for an endpoint.
+    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+        EndpointState {
+            addr,
+            upstream: Upstream::new(addr, connect_timeout),
+            ewma: Mutex::new(PeakEwma::new(DEFAULT_SEED, DEFAULT_DECAY, Instant::now())),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// Marks a request started; the guard marks it finished when dropped.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Records a latency observation.
+    pub fn observe(&self, rtt: Duration) {
+        if let Ok(mut e) = self.ewma.lock() {
+            e.observe(rtt, Instant::now());
+        }
+    }
+
+    /// Records a connect failure as a latency penalty.
+    pub fn penalize(&self) {
+        self.observe(FAILURE_PENALTY);
+    }
+
+    /// The requests in flight to this endpoint.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn estimate_ns(&self, now: Instant) -> f64 {
+        self.ewma
+            .lock()
+            .map(|e| e.estimate_ns(now))
+            .unwrap_or(DEFAULT_SEED.as_nanos() as f64)
+    }
+}
+
+/// One request in flight to an endpoint.
+#[derive(Debug)]
+pub struct InFlight(Arc<EndpointState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runtime state of one service in one snapshot.
+#[derive(Debug)]
+pub struct ServiceState {
+    /// The validated service.
+    pub spec: Arc<Service>,
+    /// The metric label.
+    pub label: ServiceLabel,
+    /// Endpoint state, index-aligned with `spec.endpoints`.
+    pub endpoints: Vec<Arc<EndpointState>>,
+    weights: Vec<u32>,
+    picker: Picker,
+}
+
+impl ServiceState {
+    /// Picks an endpoint for one request or connection, avoiding `exclude` (an index that
+    /// just failed) when there is another.
+    pub fn pick(&self, exclude: Option<usize>) -> Option<(usize, &Arc<EndpointState>)> {
+        let now = Instant::now();
+        let i = self.picker.pick(&mut rand::rng(), exclude, |i| {
+            let e = &self.endpoints[i];
+            balance::cost(e.estimate_ns(now), e.in_flight(), self.weights[i])
+        })?;
+        self.endpoints.get(i).map(|e| (i, e))
+    }
+}
+
+/// One immutable generation of the proxy's configuration and runtime state.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The config as received, for `/config`.
+    pub raw: ProxyConfig,
+    /// The validated config.
+    pub config: Config,
+    /// Service state, index-aligned with `config.services`.
+    pub services: Vec<Arc<ServiceState>>,
+    /// This process's count of accepted configs, starting at 1.
+    pub generation: u64,
+    /// The version shown to users: the config's own label, or the generation.
+    pub version: String,
+}
+
+impl Snapshot {
+    fn build(
+        raw: ProxyConfig,
+        config: Config,
+        generation: u64,
+        previous: Option<&Snapshot>,
+    ) -> Snapshot {
+        let mut old: HashMap<(SocketAddr, Duration), Arc<EndpointState>> = HashMap::new();
+        if let Some(prev) = previous {
+            for s in &prev.services {
+                for e in &s.endpoints {
+                    old.insert((e.addr, e.upstream.connect_timeout), e.clone());
+                }
+            }
+        }
+        let services = config
+            .services
+            .iter()
+            .map(|spec| {
+                let endpoints: Vec<Arc<EndpointState>> = spec
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        old.get(&(e.addr, spec.connect_timeout))
+                            .cloned()
+                            .unwrap_or_else(|| {
+                                Arc::new(EndpointState::new(e.addr, spec.connect_timeout))
+                            })
+                    })
+                    .collect();
+                let weights: Vec<u32> = spec.endpoints.iter().map(|e| e.weight.get()).collect();
+                let picker = match spec.balancer {
+                    wire::Balancer::PeakEwma => Picker::p2c(&weights),
+                    wire::Balancer::RoundRobin => Picker::round_robin(&weights),
+                };
+                Arc::new(ServiceState {
+                    label: ServiceLabel(Arc::from(spec.name.as_str())),
+                    spec: spec.clone(),
+                    endpoints,
+                    weights,
+                    picker,
+                })
+            })
+            .collect();
+        let version = config
+            .version
+            .clone()
+            .unwrap_or_else(|| generation.to_string());
+        Snapshot {
+            raw,
+            config,
+            services,
+            generation,
+            version,
+        }
+    }
+
+    /// The service claiming a cluster address.
+    pub fn service_for_addr(&self, addr: SocketAddr) -> Option<&Arc<ServiceState>> {
+        let (i, _) = self.config.service_for_addr(addr)?;
+        self.services.get(i)
+    }
+
+    /// The service with a name.
+    pub fn service_by_name(&self, name: &str) -> Option<&Arc<ServiceState>> {
+        let (i, _) = self.config.service_by_name(name)?;
+        self.services.get(i)
+    }
+}
+
+/// Holds the active snapshot and swaps in new ones.
+#[derive(Debug)]
+pub struct ConfigStore {
+    current: ArcSwapOption<Snapshot>,
+    /// Serialises `apply` so generations are assigned in order.
+    apply_lock: Mutex<u64>,
+    metrics: Arc<Metrics>,
+}
+
+impl ConfigStore {
+    /// A store with no config yet (the proxy is not ready).
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        ConfigStore {
+            current: ArcSwapOption::const_empty(),
+            apply_lock: Mutex::new(0),
+            metrics,
+        }
+    }
+
+    /// The metrics this store reports config changes to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The active snapshot, if a config has been accepted.
+    pub fn load(&self) -> Option<Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    /// Validates `raw` and, if valid, makes it active. An invalid config changes nothing
+    /// and is counted in `weft_config_rejected_total`.
+    pub fn apply(&self, raw: ProxyConfig) -> Result<Arc<Snapshot>, ConfigError> {
+        let config = match Config::validate(&raw) {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.config_rejected();
+                tracing::warn!(error = %e, "config rejected; keeping the active config");
+                return Err(e);
+            }
+        };
+        let mut generation = self
+            .apply_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *generation += 1;
+        let previous = self.current.load_full();
+        let snapshot = Arc::new(Snapshot::build(
+            raw,
+            config,
+            *generation,
+            previous.as_deref(),
+        ));
+        self.current.store(Some(snapshot.clone()));
+        self.metrics.config_applied(
+            snapshot.generation,
+            &snapshot.version,
+            snapshot
+                .services
+                .iter()
+                .map(|s| (s.label.clone(), s.endpoints.len())),
+        );
+        tracing::info!(
+            version = %snapshot.version,
+            generation = snapshot.generation,
+            services = snapshot.services.len(),
+            "config applied"
+        );
+        Ok(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(endpoints: &[&str]) -> ProxyConfig {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "weft.dev/proxy/v1alpha1",
+            "kind": "ProxyConfig",
+            "services": [{
+                "name": "web",
+                "endpoints": endpoints.iter().map(|a| serde_json::json!({"address": a})).collect::<Vec<_>>()
+            }]
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn swap_keeps_state_of_endpoints_that_stay_and_old_snapshots_stay_intact() {
+        let store = ConfigStore::new(Arc::new(Metrics::new()));
+        assert!(store.load().is_none());
+        let first = store.apply(raw(&["127.0.0.1:1", "127.0.0.1:2"])).unwrap();
+        let held = first.service_by_name("web").unwrap().clone();
+        let _req = held.endpoints[1].start();
+        let second = store.apply(raw(&["127.0.0.1:2", "127.0.0.1:3"])).unwrap();
+        assert_eq!(second.generation, 2);
+        assert_eq!(second.version, "2");
+        let web = second.service_by_name("web").unwrap();
+        assert!(Arc::ptr_eq(&web.endpoints[0], &held.endpoints[1]));
+        assert_eq!(web.endpoints[0].in_flight(), 1);
+        // The request that started on the first config still sees both of its endpoints.
+        assert_eq!(held.endpoints.len(), 2);
+        assert_eq!(held.endpoints[0].addr, "127.0.0.1:1".parse().unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_invalid_config_leaves_the_active_one() {
+        let store = ConfigStore::new(Arc::new(Metrics::new()));
+        store.apply(raw(&["127.0.0.1:1"])).unwrap();
+        assert!(store.apply(raw(&["not-an-address"])).is_err());
+        let active = store.load().unwrap();
+        assert_eq!(active.generation, 1);
+        assert_eq!(active.service_by_name("web").unwrap().endpoints.len(), 1);
+    }
+}
