@@ -1,0 +1,220 @@
+//! The proxy binary as a child process: config file reload (mtime and SIGHUP), invalid
+//! configs, the admin listener, and SIGTERM drain.
+
+mod support;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use support::*;
+
+async fn served_by(p: &ChildProxy) -> String {
+    let (resp, _) = get(&h1_client(), &format!("http://{}/", p.forward)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    header(&resp, "x-backend").to_owned()
+}
+
+#[tokio::test]
+async fn file_changes_are_applied_and_an_invalid_file_keeps_the_old_config() {
+    let a = Backend::start("127.0.0.2", "a").await;
+    let b = Backend::start("127.0.0.3", "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    let mut cfg = config(&[("web", &[a.addr])]);
+    cfg["version"] = "one".into();
+    write_config(&path, &cfg);
+    let p = ChildProxy::start(&path, &["--reload-interval", "50ms"]).await;
+    assert_eq!(served_by(&p).await, "a");
+
+    // Invalid: the proxy says why and keeps serving with "one".
+    std::fs::write(
+        &path,
+        "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices:\n- name: web\n  endpoints:\n  - address: nowhere\n",
+    )
+    .unwrap();
+    eventually(Duration::from_secs(5), "rejection counted", || async {
+        p.metrics().await.contains("weft_config_rejected_total 1")
+    })
+    .await;
+    assert_eq!(served_by(&p).await, "a");
+    let (_, cfg_json) = get(&h1_client(), &format!("http://{}/config", p.admin)).await;
+    let v: serde_json::Value = serde_json::from_str(&cfg_json).unwrap();
+    assert_eq!(v["version"], "one");
+
+    // Unparseable YAML is rejected the same way.
+    std::fs::write(&path, "services: [unclosed").unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "second rejection counted",
+        || async { p.metrics().await.contains("weft_config_rejected_total 2") },
+    )
+    .await;
+    assert_eq!(served_by(&p).await, "a");
+
+    // Valid again: switches to b.
+    let mut cfg = config(&[("web", &[b.addr])]);
+    cfg["version"] = "two".into();
+    write_config(&path, &cfg);
+    eventually(Duration::from_secs(5), "b serves", || async {
+        served_by(&p).await == "b"
+    })
+    .await;
+    let (_, cfg_json) = get(&h1_client(), &format!("http://{}/config", p.admin)).await;
+    let v: serde_json::Value = serde_json::from_str(&cfg_json).unwrap();
+    assert_eq!(v["version"], "two");
+    assert_eq!(
+        v["config"]["services"][0]["endpoints"][0]["address"],
+        b.addr.to_string()
+    );
+    let metrics = p.metrics().await;
+    assert!(
+        metrics.contains(r#"weft_config_info{version="two"} 1"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"version="one""#), "{metrics}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_file() {
+    let a = Backend::start("127.0.0.2", "a").await;
+    let b = Backend::start("127.0.0.3", "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.json");
+    std::fs::write(&path, config(&[("web", &[a.addr])]).to_string()).unwrap();
+    // Polling is effectively off: only SIGHUP can trigger the reload.
+    let p = ChildProxy::start(&path, &["--reload-interval", "1h"]).await;
+    assert_eq!(served_by(&p).await, "a");
+    std::fs::write(&path, config(&[("web", &[b.addr])]).to_string()).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(served_by(&p).await, "a", "no reload without the signal");
+    p.signal("HUP");
+    eventually(Duration::from_secs(5), "b serves after SIGHUP", || async {
+        served_by(&p).await == "b"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_config_at_startup_exits_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices:\n- name: web\n  endpoints:\n  - address: 127.0.0.1:80\n    weight: 0\n",
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
+            .args([
+                "run",
+                "--no-transparent",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(&path)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("weight 0 is not within 1..=10000"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("proxy.yaml"), "{stderr}");
+}
+
+#[tokio::test]
+async fn admin_reports_liveness_readiness_and_metrics() {
+    let a = Backend::start("127.0.0.2", "a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    write_config(&path, &config(&[("web", &[a.addr])]));
+    let p = ChildProxy::start(&path, &[]).await;
+    let client = h1_client();
+    let (live, _) = get(&client, &format!("http://{}/live", p.admin)).await;
+    assert_eq!(live.status(), StatusCode::OK);
+    served_by(&p).await;
+    let (resp, text) = get(&client, &format!("http://{}/metrics", p.admin)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        text.contains(r#"weft_requests_total{direction="outbound",service="web"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("weft_config_last_update_timestamp_seconds"),
+        "{text}"
+    );
+    let (missing, _) = get(&client, &format!("http://{}/nope", p.admin)).await;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let a = Backend::start_slow("127.0.0.2", "a", 700).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    write_config(&path, &config(&[("web", &[a.addr])]));
+    let mut p = ChildProxy::start(&path, &["--shutdown-grace", "10s"]).await;
+
+    let mut requests = Vec::new();
+    for _ in 0..20 {
+        let url = format!("http://{}/", p.forward);
+        requests.push(tokio::spawn(async move {
+            // A fresh connection per request, so each one is surely accepted.
+            let resp = h1_client()
+                .request(Request::get(url).body(full("")).unwrap())
+                .await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
+        }));
+    }
+    let a = Arc::new(a);
+    let a2 = a.clone();
+    eventually(
+        Duration::from_secs(5),
+        "all 20 requests reached the backend",
+        || {
+            let n = a2.hits();
+            async move { n == 20 }
+        },
+    )
+    .await;
+    let signalled = Instant::now();
+    p.signal("TERM");
+    // New connections are refused soon after the signal.
+    let forward = p.forward;
+    eventually(Duration::from_secs(5), "listener closed", || async move {
+        tokio::net::TcpStream::connect(forward).await.is_err()
+    })
+    .await;
+    for r in requests {
+        let (status, body) = r
+            .await
+            .unwrap()
+            .expect("every accepted request is answered");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&body[..], b"hello from a");
+    }
+    // The process exits once drained, well before the 10 s grace period.
+    let mut exited = None;
+    for _ in 0..100 {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            exited = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = exited.expect("exited within 5 s");
+    assert!(status.success(), "{status:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(6));
+}

@@ -1,0 +1,485 @@
+//! In-process integration tests: real loopback sockets, real backends on 127.0.0.x, a
+//! proxy with a forward listener on 127.0.0.1:0.
+
+mod support;
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn http1_request_reaches_the_backend_with_host_kept_and_hop_by_hop_removed() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[backend.addr])])).await;
+
+    let client = h1_client();
+    let req = Request::get(proxy.url("/hello"))
+        .header("host", "web.shop.svc:8080")
+        .header("connection", "keep-alive, x-private")
+        .header("x-private", "do not forward")
+        .header("keep-alive", "timeout=5")
+        .header("x-app", "forward me")
+        .body(full(""))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (parts, body) = resp.into_parts();
+    let resp = http::Response::from_parts(parts, ());
+    let body = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hello from a");
+    assert_eq!(header(&resp, "x-seen-host"), "web.shop.svc:8080");
+    assert_eq!(header(&resp, "x-seen-version"), "HTTP/1.1");
+    let seen = header(&resp, "x-seen-headers");
+    assert!(seen.contains("x-app"), "{seen}");
+    assert!(!seen.contains("x-private"), "{seen}");
+    assert!(!seen.contains("keep-alive"), "{seen}");
+    assert_eq!(header(&resp, "weft-error"), "");
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_is_proxied_as_http2_with_authority_kept() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[backend.addr])])).await;
+    let req = Request::get("http://web.shop:80/x")
+        .version(http::Version::HTTP_2)
+        .body(full(""))
+        .unwrap();
+    // The client dials the proxy but names the service in :authority.
+    let stream = connect(proxy.addr).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let _conn = Task(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-seen-version"], "HTTP/2.0");
+    assert_eq!(resp.headers()["x-seen-authority"], "web.shop:80");
+}
+
+#[tokio::test]
+async fn requests_on_one_http2_connection_are_balanced_per_request() {
+    let a = Backend::start("127.0.0.2", "a").await;
+    let b = Backend::start("127.0.0.3", "b").await;
+    let c = Backend::start("127.0.0.4", "c").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[a.addr, b.addr, c.addr])])).await;
+
+    let stream = connect(proxy.addr).await;
+    let (send, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let _conn = Task(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..60 {
+        let mut send = send.clone();
+        send.ready().await.unwrap();
+        let resp = send
+            .send_request(Request::get("http://web/").body(full("")).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        *seen
+            .entry(resp.headers()["x-backend"].to_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "one client connection reached every endpoint: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways_without_buffering() {
+    // The client sends a chunk and waits for it to come back before sending the next:
+    // if the proxy buffered either body, the first echo would never arrive.
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[backend.addr])])).await;
+    let stream = connect(proxy.addr).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let _conn = Task(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+    let (mut tx, rx) = futures::channel::mpsc::channel::<Bytes>(1);
+    let body = BodyExt::boxed(StreamBody::new(
+        rx.map(|b| Ok::<_, Infallible>(Frame::data(b))),
+    ));
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        send.send_request(Request::post("http://web/echo").body(body).unwrap()),
+    )
+    .await
+    .expect("response headers before the request body ended")
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut resp_body = resp.into_body();
+    const CHUNK: usize = 1 << 20;
+    const CHUNKS: usize = 64;
+    let mut received = 0usize;
+    for i in 0..CHUNKS {
+        tx.send(Bytes::from(vec![i as u8; CHUNK])).await.unwrap();
+        let want = (i + 1) * CHUNK;
+        while received < want {
+            let frame = tokio::time::timeout(Duration::from_secs(10), resp_body.frame())
+                .await
+                .expect("echo of the chunk just sent")
+                .unwrap()
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                assert!(
+                    data.iter()
+                        .all(|b| *b == (received / CHUNK) as u8 || *b == i as u8)
+                );
+                received += data.len();
+            }
+        }
+    }
+    drop(tx);
+    while let Some(frame) = resp_body.frame().await {
+        if let Ok(d) = frame.unwrap().into_data() {
+            received += d.len();
+        }
+    }
+    assert_eq!(received, CHUNK * CHUNKS);
+}
+
+#[tokio::test]
+async fn http1_large_upload_and_download() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[backend.addr])])).await;
+    let body = Bytes::from(vec![7u8; 32 << 20]);
+    let resp = h1_client()
+        .request(
+            Request::post(proxy.url("/echo"))
+                .body(full(body.clone()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got.len(), body.len());
+    assert!(got == body);
+}
+
+#[tokio::test]
+async fn websocket_style_upgrade_passes_through() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[backend.addr])])).await;
+    let mut s = connect(proxy.addr).await;
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "connection closed in the response head: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for msg in [&b"ping"[..], b"not http at all \x00\x01"] {
+        s.write_all(msg).await.unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(buf, msg);
+    }
+}
+
+#[tokio::test]
+async fn opaque_tcp_honours_half_close() {
+    let (backend, _t) = tcp_backend("127.0.0.2", "echo-until-eof").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[backend])])).await;
+    let mut s = connect(proxy.addr).await;
+    // Not HTTP: detection decides "opaque" at the first byte.
+    s.write_all(b"\x00\x01binary protocol").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out, "got 17 bytes");
+}
+
+#[tokio::test]
+async fn server_speaks_first_protocol_does_not_wait_for_detection() {
+    let (backend, _t) = tcp_backend("127.0.0.2", "banner").await;
+    let mut cfg = config(&[("web", &[backend])]);
+    cfg["detectTimeout"] = "30s".into();
+    cfg["services"][0]["protocol"] = "opaque".into();
+    let proxy = TestProxy::start("web", cfg).await;
+    let start = Instant::now();
+    let mut s = connect(proxy.addr).await;
+    let mut banner = [0u8; 26];
+    tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut banner))
+        .await
+        .expect("banner without waiting for the 30s detection timeout")
+        .unwrap();
+    assert_eq!(&banner, b"220 hello, I speak first\r\n");
+    assert!(start.elapsed() < Duration::from_secs(2));
+    s.write_all(b"EHLO\r\n").await.unwrap();
+    let mut echo = [0u8; 6];
+    s.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"EHLO\r\n");
+}
+
+#[tokio::test]
+async fn no_endpoints_is_503_with_a_reason() {
+    let proxy = TestProxy::start("web", config(&[("web", &[])])).await;
+    let (resp, body) = get(&h1_client(), &proxy.url("/")).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(header(&resp, "weft-error"), "no_endpoints");
+    assert!(body.contains("no_endpoints"));
+}
+
+#[tokio::test]
+async fn refused_connection_is_502_and_a_bodyless_request_tries_another_endpoint() {
+    let refused = {
+        let l = tokio::net::TcpListener::bind("127.0.0.5:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let only_refused = TestProxy::start("web", config(&[("web", &[refused])])).await;
+    let (resp, _) = get(&h1_client(), &only_refused.url("/")).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(header(&resp, "weft-error"), "connect_failed");
+
+    let good = Backend::start("127.0.0.2", "good").await;
+    let mut cfg = config(&[("web", &[refused, good.addr])]);
+    cfg["services"][0]["balancer"] = "roundRobin".into();
+    let mixed = TestProxy::start("web", cfg).await;
+    let client = h1_client();
+    for _ in 0..10 {
+        let (resp, body) = get(&client, &mixed.url("/")).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body, "hello from good");
+    }
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_after_the_service_timeout() {
+    let backend = Backend::start("127.0.0.2", "slow").await;
+    let mut cfg = config(&[("web", &[backend.addr])]);
+    cfg["services"][0]["timeout"] = "200ms".into();
+    let proxy = TestProxy::start("web", cfg).await;
+    let start = Instant::now();
+    let resp = h1_client()
+        .request(
+            Request::get(proxy.url("/"))
+                .header("x-delay-ms", "3000")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(resp.headers()["weft-error"], "response_timeout");
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn round_robin_respects_weights() {
+    let a = Backend::start("127.0.0.2", "a").await;
+    let b = Backend::start("127.0.0.3", "b").await;
+    let mut cfg = config(&[("web", &[a.addr, b.addr])]);
+    cfg["services"][0]["balancer"] = "roundRobin".into();
+    cfg["services"][0]["endpoints"][0]["weight"] = 3.into();
+    let proxy = TestProxy::start("web", cfg).await;
+    let client = h1_client();
+    for _ in 0..40 {
+        assert_eq!(
+            get(&client, &proxy.url("/")).await.0.status(),
+            StatusCode::OK
+        );
+    }
+    assert_eq!((a.hits(), b.hits()), (30, 10));
+}
+
+#[tokio::test]
+async fn peak_ewma_sends_most_requests_to_the_faster_endpoint() {
+    // "slow" answers after 40 ms. Its estimate jumps to 40 ms at the first observation,
+    // above the 30 ms seed the fast one decays from, so P2C keeps choosing "fast".
+    let fast = Backend::start("127.0.0.2", "fast").await;
+    let slow = Backend::start_slow("127.0.0.3", "slow", 40).await;
+    let proxy = TestProxy::start("web", config(&[("web", &[fast.addr, slow.addr])])).await;
+    let client = h1_client();
+    for _ in 0..100 {
+        assert_eq!(
+            get(&client, &proxy.url("/")).await.0.status(),
+            StatusCode::OK
+        );
+    }
+    assert!(slow.hits() <= 5, "slow got {} of 100", slow.hits());
+    assert_eq!(fast.hits() + slow.hits(), 100);
+}
+
+#[tokio::test]
+async fn endpoint_removed_mid_traffic_loses_no_request() {
+    let a = Backend::start("127.0.0.2", "a").await;
+    let b = Backend::start("127.0.0.3", "b").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[a.addr, b.addr])])).await;
+    let failures = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let url = proxy.url("/");
+        let failures = failures.clone();
+        let done = done.clone();
+        workers.push(tokio::spawn(async move {
+            let client = h1_client();
+            for _ in 0..100 {
+                let req = Request::get(&url)
+                    .header("x-delay-ms", "2")
+                    .body(full(""))
+                    .unwrap();
+                match client.request(req).await {
+                    Ok(r) if r.status() == StatusCode::OK => {
+                        let _ = r.into_body().collect().await;
+                    }
+                    _ => {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    eventually(Duration::from_secs(10), "traffic started", || {
+        let d = done.load(Ordering::SeqCst);
+        async move { d > 100 }
+    })
+    .await;
+    proxy.apply(config(&[("web", &[a.addr])]));
+    let b_at_removal = b.hits();
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(failures.load(Ordering::SeqCst), 0);
+    assert_eq!(done.load(Ordering::SeqCst), 800);
+    assert!(b_at_removal > 0);
+    // Requests in flight at the swap may still finish on b; nothing new goes there.
+    assert!(
+        b.hits() <= b_at_removal + 8,
+        "{} > {} + 8",
+        b.hits(),
+        b_at_removal
+    );
+}
+
+#[tokio::test]
+async fn config_reload_under_load_loses_no_request() {
+    let a = Backend::start("127.0.0.2", "a").await;
+    let b = Backend::start("127.0.0.3", "b").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[a.addr])])).await;
+    let failures = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for i in 0..8 {
+        let url = proxy.url("/");
+        let failures = failures.clone();
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let client = if i % 2 == 0 { h1_client() } else { h2_client() };
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) && n < 5000 {
+                match client
+                    .request(Request::get(&url).body(full("")).unwrap())
+                    .await
+                {
+                    Ok(r) if r.status() == StatusCode::OK => {
+                        let _ = r.into_body().collect().await;
+                    }
+                    _ => {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    for i in 0..50 {
+        let eps: &[_] = match i % 3 {
+            0 => &[b.addr],
+            1 => &[a.addr, b.addr],
+            _ => &[a.addr],
+        };
+        let mut cfg = config(&[("web", eps)]);
+        cfg["version"] = format!("v{i}").into();
+        if i % 2 == 0 {
+            cfg["services"][0]["balancer"] = "roundRobin".into();
+        }
+        proxy.apply(cfg);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for w in workers {
+        total += w.await.unwrap();
+    }
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "of {total} requests");
+    assert!(total > 100, "only {total} requests");
+    assert!(a.hits() > 0 && b.hits() > 0);
+    assert_eq!(proxy.proxy.store.load().unwrap().version, "v49");
+}
+
+#[tokio::test]
+async fn metrics_count_requests_errors_and_connections() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[backend.addr]), ("empty", &[])])).await;
+    let client = h1_client();
+    for _ in 0..3 {
+        get(&client, &proxy.url("/")).await;
+    }
+    let text = proxy.proxy.metrics.encode().unwrap();
+    for needle in [
+        r#"weft_requests_total{direction="outbound",service="web"} 3"#,
+        r#"weft_responses_total{direction="outbound",service="web",status_class="2xx"} 3"#,
+        r#"weft_request_duration_seconds_count{direction="outbound",service="web"} 3"#,
+        r#"weft_service_endpoints{service="web"} 1"#,
+        r#"weft_service_endpoints{service="empty"} 0"#,
+        r#"weft_tcp_connections_opened_total{direction="outbound"} 1"#,
+        r#"weft_config_generation 1"#,
+        r#"weft_config_info{version="1"} 1"#,
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    assert!(text.contains(r#"weft_tcp_read_bytes_total{direction="outbound"}"#));
+}

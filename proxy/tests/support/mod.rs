@@ -1,0 +1,425 @@
+//! Test support: backends on 127.0.0.x, an in-process proxy, clients, an "eventually"
+//! helper and a child-process proxy.
+// Test helpers: a failed setup step should panic the test that called it.
+#![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+use weft_proxy::{
+    Proxy,
+    server::{self, ListenerKind},
+};
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// Aborts a task when dropped, so a test's servers die with it.
+pub struct Task(pub tokio::task::JoinHandle<()>);
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An HTTP/1.1 + HTTP/2 backend that says who it is.
+///
+/// - any path: 200 `hello from NAME`, headers `x-backend`, `x-seen-host`,
+///   `x-seen-authority`, `x-seen-version`, `x-seen-headers` (names received)
+/// - `/echo`: streams the request body back as it arrives
+/// - header `x-delay-ms: N`: waits N ms before answering
+/// - `Upgrade: echo`: answers 101 and echoes bytes on the upgraded connection
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub hits: Arc<AtomicUsize>,
+    _task: Task,
+}
+
+impl Backend {
+    pub async fn start(ip: &str, name: &str) -> Backend {
+        Backend::start_slow(ip, name, 0).await
+    }
+
+    /// A backend that waits `delay_ms` before every answer.
+    pub async fn start_slow(ip: &str, name: &str, delay_ms: u64) -> Backend {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let name_arc: Arc<str> = Arc::from(name);
+        let h = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let name = name_arc.clone();
+                let hits = h.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        backend_handle(name.clone(), hits.clone(), delay_ms, req)
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            name: name.to_owned(),
+            hits,
+            _task: Task(task),
+        }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+async fn backend_handle(
+    name: Arc<str>,
+    hits: Arc<AtomicUsize>,
+    delay_ms: u64,
+    mut req: Request<Incoming>,
+) -> Result<Response<BoxBody<Bytes, hyper::Error>>, Infallible> {
+    hits.fetch_add(1, Ordering::SeqCst);
+    if delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    }
+    if let Some(ms) = req
+        .headers()
+        .get("x-delay-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let seen_host = req
+        .headers()
+        .get(http::header::HOST)
+        .map(|h| h.to_str().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    let seen_authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let seen_headers: Vec<String> = req.headers().keys().map(|k| k.to_string()).collect();
+    let mut builder = Response::builder()
+        .header("x-backend", &*name)
+        .header("x-seen-host", seen_host)
+        .header("x-seen-authority", seen_authority)
+        .header("x-seen-version", format!("{:?}", req.version()))
+        .header("x-seen-headers", seen_headers.join(","));
+    if req
+        .headers()
+        .get(http::header::UPGRADE)
+        .is_some_and(|v| v == "echo")
+    {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                loop {
+                    match io.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if io.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        let resp = builder
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(http::header::UPGRADE, "echo")
+            .header(http::header::CONNECTION, "upgrade")
+            .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+            .unwrap();
+        return Ok(resp);
+    }
+    if req.uri().path() == "/echo" {
+        builder = builder.header("x-echo", "1");
+        return Ok(builder.body(req.into_body().boxed()).unwrap());
+    }
+    Ok(builder
+        .body(
+            Full::new(Bytes::from(format!("hello from {name}")))
+                .map_err(|e| match e {})
+                .boxed(),
+        )
+        .unwrap())
+}
+
+/// A TCP backend: `mode` "echo-until-eof" reads to EOF then writes `got N bytes` and
+/// closes; "banner" writes a banner first, then echoes.
+pub async fn tcp_backend(ip: &str, mode: &'static str) -> (SocketAddr, Task) {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if mode == "banner" {
+                    let _ = s.write_all(b"220 hello, I speak first\r\n").await;
+                    let mut buf = [0u8; 256];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                } else {
+                    let mut all = Vec::new();
+                    let _ = s.read_to_end(&mut all).await;
+                    let _ = s
+                        .write_all(format!("got {} bytes", all.len()).as_bytes())
+                        .await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    (addr, Task(task))
+}
+
+/// A proxy config with one service per `(name, endpoints)`.
+pub fn config(services: &[(&str, &[SocketAddr])]) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "weft.dev/proxy/v1alpha1",
+        "kind": "ProxyConfig",
+        "services": services.iter().map(|(name, eps)| serde_json::json!({
+            "name": name,
+            "endpoints": eps.iter().map(|a| serde_json::json!({"address": a.to_string()})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// An in-process proxy with one forward listener on 127.0.0.1:0.
+pub struct TestProxy {
+    pub proxy: Arc<Proxy>,
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestProxy {
+    pub async fn start(service: &str, config: serde_json::Value) -> TestProxy {
+        let proxy = Proxy::new();
+        proxy
+            .store
+            .apply(serde_json::from_value(config).unwrap())
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server::serve(
+            listener,
+            ListenerKind::Forward(Arc::from(service)),
+            proxy.clone(),
+            shutdown.clone(),
+        ));
+        TestProxy {
+            proxy,
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn apply(&self, config: serde_json::Value) {
+        self.proxy
+            .store
+            .apply(serde_json::from_value(config).unwrap())
+            .unwrap();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+pub fn h1_client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub async fn get(client: &Client<HttpConnector, Body>, url: &str) -> (Response<()>, String) {
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(Request::get(url).body(full("")).unwrap()),
+    )
+    .await
+    .expect("response within 10s")
+    .expect("response");
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (
+        Response::from_parts(parts, ()),
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+pub fn header<'a>(r: &'a Response<()>, name: &str) -> &'a str {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap_or(""))
+        .unwrap_or("")
+}
+
+/// Polls `check` every 20 ms until it returns true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not true within {within:?}: {what}");
+}
+
+pub async fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The proxy binary as a child process, killed on drop.
+pub struct ChildProxy {
+    pub child: Child,
+    pub forward: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl ChildProxy {
+    pub async fn start(config: &Path, extra: &[&str]) -> ChildProxy {
+        let forward: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(["--no-transparent", "--log", "info,weft_proxy=debug"])
+            .arg("--forward")
+            .arg(format!("{forward}=web"))
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let p = ChildProxy {
+            child,
+            forward,
+            admin,
+        };
+        let client = h1_client();
+        let url = format!("http://{admin}/ready");
+        eventually(Duration::from_secs(10), "child proxy ready", || {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                match client
+                    .request(Request::get(url).body(full("")).unwrap())
+                    .await
+                {
+                    Ok(r) => r.status() == StatusCode::OK,
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        p
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub async fn metrics(&self) -> String {
+        get(&h1_client(), &format!("http://{}/metrics", self.admin))
+            .await
+            .1
+    }
+}
+
+impl Drop for ChildProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects to `addr` and returns the stream, with a 5 s bound.
+pub async fn connect(addr: SocketAddr) -> TcpStream {
+    tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Writes a config file as YAML, atomically: editors and config-map updates replace the
+/// file, so the watcher never sees it half-written.
+pub fn write_config(path: &std::path::Path, value: &serde_json::Value) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_yaml::to_string(value).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
