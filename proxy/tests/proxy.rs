@@ -483,3 +483,40 @@ async fn metrics_count_requests_errors_and_connections() {
     }
     assert!(text.contains(r#"weft_tcp_read_bytes_total{direction="outbound"}"#));
 }
+
+#[tokio::test]
+async fn connect_timeout_is_504() {
+    // A listener that never accepts, with its accept queue filled: the kernel drops
+    // further SYNs, so connecting hangs, all on loopback.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.6:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    let mut saturated = false;
+    for _ in 0..16 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => held.push(s),
+            Ok(Err(e)) => panic!("unexpected connect error {e}"),
+            Err(_) => {
+                saturated = true;
+                break;
+            }
+        }
+    }
+    assert!(saturated, "accept queue never filled");
+    let mut cfg = config(&[("web", &[addr])]);
+    cfg["services"][0]["connectTimeout"] = "150ms".into();
+    let proxy = TestProxy::start("web", cfg).await;
+    let start = Instant::now();
+    let (resp, _) = get(&h1_client(), &proxy.url("/")).await;
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(header(&resp, "weft-error"), "connect_timeout");
+    assert!(start.elapsed() < Duration::from_secs(1));
+    drop(listener);
+}

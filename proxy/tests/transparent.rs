@@ -1,0 +1,323 @@
+//! Transparent interception for real: a network namespace ("the pod") joined to the test
+//! by a veth pair, iptables `REDIRECT` rules like the ones `weft-proxy init` will install,
+//! and the proxy binary running inside as UID 5150, so `SO_ORIGINAL_DST` (IPv4 and IPv6)
+//! is exercised in both directions.
+//!
+//! Needs root, `ip`, `iptables`/`ip6tables`, `setpriv` and `bash`. Set
+//! `WEFT_SKIP_NETNS=1` to skip explicitly where those are unavailable.
+//!
+//! ```text
+//!  test process (host ns)                         pod ns (created here)
+//!  backend "web" 10.X.0.1:B  ◀───────────────┐    app: bash /dev/tcp ─▶ 10.96.0.10:80
+//!  backend "app" 10.X.0.1:C  ◀──────┐        │       └ OUTPUT REDIRECT ─▶ proxy :15001
+//!  client ─▶ 10.X.0.2:8080 ───veth──┼──▶ PREROUTING REDIRECT ─▶ proxy :15006 ─▶ 127.0.0.1:8080
+//!                                   └──────────── "app" (weft-proxy --forward [::]:8080)
+//! ```
+
+// Helpers below panic on failed setup, which fails the test that called them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use support::*;
+use tokio::process::Command;
+
+const PROXY_UID: &str = "5150";
+
+fn sh(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Deletes the namespace (and with it the veth pair and its rules) when dropped.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+fn in_ns<'a>(ns: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(args);
+    v
+}
+
+/// Runs a bash one-liner inside the pod as root (so its traffic is redirected).
+async fn pod_bash(ns: &str, script: &str) -> String {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        Command::new("ip")
+            .args(["netns", "exec", ns, "bash", "-c", script])
+            .output(),
+    )
+    .await
+    .expect("pod command finished within 10 s")
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn http_get(addr: &str) -> String {
+    // bash's /dev/tcp wants host and port separately; IPv6 hosts go bare.
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    format!(
+        "exec 3<>/dev/tcp/{host}/{port} && printf 'GET / HTTP/1.1\\r\\nHost: web.shop\\r\\nConnection: close\\r\\n\\r\\n' >&3 && timeout 5 cat <&3"
+    )
+}
+
+fn spawn_in_pod(ns: &str, config: &Path, args: &[&str]) -> tokio::process::Child {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "setpriv"])
+        .arg(format!("--reuid={PROXY_UID}"))
+        .arg(format!("--regid={PROXY_UID}"))
+        .arg("--clear-groups")
+        .arg(env!("CARGO_BIN_EXE_weft-proxy"))
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn transparent_outbound_and_inbound_in_a_network_namespace() {
+    if std::env::var_os("WEFT_SKIP_NETNS").is_some() {
+        eprintln!("WEFT_SKIP_NETNS is set: skipping the network-namespace test");
+        return;
+    }
+    let id = std::process::id() % 200 + 20;
+    let ns = format!("weft-test-{}", std::process::id());
+    let host_if = format!("wfh{id}");
+    let pod_if = format!("wfp{id}");
+    let host_ip = format!("10.{id}.0.1");
+    let pod_ip = format!("10.{id}.0.2");
+    let host_ip6 = format!("fd00:{id}::1");
+    let pod_ip6 = format!("fd00:{id}::2");
+
+    sh(&["ip", "netns", "add", &ns]);
+    let _guard = Netns(ns.clone());
+    sh(&[
+        "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &pod_if,
+    ]);
+    sh(&["ip", "link", "set", &pod_if, "netns", &ns]);
+    sh(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{host_ip}/24"),
+        "dev",
+        &host_if,
+    ]);
+    sh(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{host_ip6}/64"),
+        "dev",
+        &host_if,
+        "nodad",
+    ]);
+    sh(&["ip", "link", "set", &host_if, "up"]);
+    for cmd in [
+        vec!["ip", "link", "set", "lo", "up"],
+        vec![
+            "ip",
+            "addr",
+            "add",
+            &*format!("{pod_ip}/24"),
+            "dev",
+            &pod_if,
+        ],
+        vec![
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &*format!("{pod_ip6}/64"),
+            "dev",
+            &pod_if,
+            "nodad",
+        ],
+        vec!["ip", "link", "set", &pod_if, "up"],
+        vec!["ip", "route", "add", "default", "via", &host_ip],
+        vec!["ip", "-6", "route", "add", "default", "via", &host_ip6],
+    ] {
+        sh(&in_ns(&ns, &cmd));
+    }
+    // The rules a sidecar's init container installs: everything inbound except the admin
+    // port to 15006; everything outbound, except loopback and the proxy's own UID, to
+    // 15001.
+    for ipt in ["iptables", "ip6tables"] {
+        for rule in [
+            &[
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "--dport",
+                "15021",
+                "-j",
+                "RETURN",
+            ][..],
+            &[
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15006",
+            ],
+            &["-A", "OUTPUT", "-p", "tcp", "-o", "lo", "-j", "RETURN"],
+            &[
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-m",
+                "owner",
+                "--uid-owner",
+                PROXY_UID,
+                "-j",
+                "RETURN",
+            ],
+            &[
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15001",
+            ],
+        ] {
+            let mut cmd = vec![ipt, "-t", "nat"];
+            cmd.extend_from_slice(rule);
+            sh(&in_ns(&ns, &cmd));
+        }
+    }
+
+    let web = Backend::start(&host_ip, "web").await;
+    let app_backend = Backend::start(&host_ip, "app").await;
+    let (banner, _banner_task) = tcp_backend(&host_ip6, "banner").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    let sidecar_cfg = dir.path().join("sidecar.yaml");
+    let mut cfg = config(&[("web", &[web.addr])]);
+    cfg["services"][0]["addresses"] = serde_json::json!(["10.96.0.10:80", "[fd00:96::10]:80"]);
+    write_config(&sidecar_cfg, &cfg);
+    let app_cfg = dir.path().join("app.yaml");
+    write_config(&app_cfg, &config(&[("web", &[app_backend.addr])]));
+    for f in [&sidecar_cfg, &app_cfg] {
+        set_mode(f, 0o644);
+    }
+
+    let admin = format!("{pod_ip}:15021");
+    let _sidecar = spawn_in_pod(
+        &ns,
+        &sidecar_cfg,
+        &[
+            "--outbound-addr",
+            "[::]:15001",
+            "--inbound-addr",
+            "[::]:15006",
+            "--admin-addr",
+            &admin,
+        ],
+    );
+    // The "application": listens on the pod's port 8080 (IPv4 and IPv6).
+    let _app = spawn_in_pod(
+        &ns,
+        &app_cfg,
+        &[
+            "--no-transparent",
+            "--forward",
+            "[::]:8080=web",
+            "--admin-addr",
+            "127.0.0.1:15022",
+        ],
+    );
+    let client = h1_client();
+    let ready = format!("http://{admin}/ready");
+    eventually(Duration::from_secs(10), "sidecar ready", || {
+        let (client, ready) = (client.clone(), ready.clone());
+        async move {
+            match client
+                .request(http::Request::get(ready).body(full("")).unwrap())
+                .await
+            {
+                Ok(r) => r.status() == http::StatusCode::OK,
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+
+    // Outbound, IPv4: the app dials the cluster IP; the sidecar picks a "web" endpoint.
+    let out = pod_bash(&ns, &http_get("10.96.0.10:80")).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.to_lowercase().contains("x-backend: web"), "{out}");
+    assert!(
+        out.to_lowercase().contains("x-seen-host: web.shop"),
+        "{out}"
+    );
+
+    // Outbound, IPv6: IP6T_SO_ORIGINAL_DST finds the v6 cluster address.
+    let out = pod_bash(&ns, &http_get("[fd00:96::10]:80")).await;
+    assert!(out.to_lowercase().contains("x-backend: web"), "{out}");
+
+    // Outbound passthrough over IPv6: nobody claims this server-speaks-first address, so
+    // the bytes flow unchanged and at once (no detection wait).
+    let (h, p) = (host_ip6.clone(), banner.port());
+    let out = pod_bash(
+        &ns,
+        &format!("exec 3<>/dev/tcp/{h}/{p} && timeout 5 head -c 26 <&3"),
+    )
+    .await;
+    assert_eq!(out, "220 hello, I speak first\r\n");
+
+    // Inbound: the test dials the pod's address on the app's port; the sidecar's inbound
+    // listener gets it and forwards to 127.0.0.1:8080 in the pod.
+    let (resp, body) = get(&client, &format!("http://{pod_ip}:8080/")).await;
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert_eq!(body, "hello from app");
+    let (resp, body) = get(&client, &format!("http://[{pod_ip6}]:8080/")).await;
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert_eq!(body, "hello from app");
+
+    let (_, metrics) = get(&client, &format!("http://{admin}/metrics")).await;
+    for needle in [
+        r#"weft_requests_total{direction="outbound",service="web"} 2"#,
+        r#"weft_tcp_connections_opened_total{direction="outbound"} 3"#,
+        r#"weft_requests_total{direction="inbound",service="local"} 2"#,
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+    assert_eq!(web.hits(), 2);
+    assert_eq!(app_backend.hits(), 2);
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
