@@ -146,6 +146,26 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "maxLength": DURATION_MAX_LEN,
+            "description": "A duration in the Gateway API format: 1 to 4 parts of a number (up to 5 digits) and a unit h, m, s or ms, such as 250ms, 10s or 1h30m."
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,25 +221,5 @@ mod tests {
             Duration::from(std::time::Duration::from_millis(3_723_004)).as_str(),
             "1h2m3s4ms"
         );
-    }
-}
-
-#[cfg(feature = "schema")]
-impl schemars::JsonSchema for Duration {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Duration".into()
-    }
-
-    fn inline_schema() -> bool {
-        true
-    }
-
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "pattern": DURATION_PATTERN,
-            "maxLength": DURATION_MAX_LEN,
-            "description": "A duration in the Gateway API format: 1 to 4 parts of a number (up to 5 digits) and a unit h, m, s or ms, such as 250ms, 10s or 1h30m."
-        })
     }
 }

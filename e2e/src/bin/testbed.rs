@@ -1,1 +1,87 @@
-fn main() {}
+//! `weft-testbed`: start and stop a real Kubernetes control plane on loopback.
+//!
+//! ```text
+//! weft-testbed build           # build (or find cached) Kubernetes binaries
+//! weft-testbed up              # start; writes .testbed/kubeconfig and .testbed/env
+//! source .testbed/env          # KUBECONFIG and a matching kubectl on PATH
+//! weft-testbed down            # stop everything and remove .testbed/
+//! ```
+
+use std::{fs, path::PathBuf, time::Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use weft_e2e::{Binaries, KUBERNETES_VERSION, TestBed, testbed::stop_dir};
+
+#[derive(Parser)]
+#[command(
+    about = "Run a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager) on loopback"
+)]
+struct Cli {
+    /// Where the running test bed keeps its state (PKI, data, logs, kubeconfig).
+    #[arg(
+        long,
+        env = "WEFT_TESTBED_DIR",
+        default_value = ".testbed",
+        global = true
+    )]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the Kubernetes binaries (or find them in the cache) and print their directory.
+    Build,
+    /// Start the control plane in the background and wait until it is ready.
+    Up,
+    /// Stop the control plane and remove its state.
+    Down,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube_client=off".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Build => {
+            let started = Instant::now();
+            let bins = Binaries::ensure()?;
+            eprintln!(
+                "Kubernetes {KUBERNETES_VERSION} binaries in {} ({:.1?})",
+                bins.dir().display(),
+                started.elapsed()
+            );
+        }
+        Cmd::Up => {
+            let dir = std::path::absolute(&cli.dir)?;
+            let started = Instant::now();
+            let bed = TestBed::start_detached(&dir)?;
+            let env = format!(
+                "export KUBECONFIG={}\nexport PATH={}:$PATH\n",
+                bed.kubeconfig().display(),
+                bed.binaries().dir().display()
+            );
+            let env_file = dir.join("env");
+            fs::write(&env_file, env).with_context(|| format!("writing {}", env_file.display()))?;
+            eprintln!(
+                "test bed up at {} in {:.1?} (Kubernetes {KUBERNETES_VERSION})\n  source {}   # sets KUBECONFIG and puts kubectl on PATH\n  logs: {}/*.log",
+                bed.server(),
+                started.elapsed(),
+                env_file.display(),
+                dir.display()
+            );
+        }
+        Cmd::Down => {
+            stop_dir(&std::path::absolute(&cli.dir)?)?;
+            eprintln!("test bed down");
+        }
+    }
+    Ok(())
+}
