@@ -1,4 +1,4 @@
-//! `weft-operator`: the control plane. Its controllers are tracked in their own issues.
+//! `weft-operator`: the control plane binary.
 
 fn main() -> anyhow::Result<()> {
     anyhow::bail!("weft-operator: not built yet (see the operator issues)")

@@ -1,0 +1,5 @@
+//! `kubectl-weft`: the kubectl plugin (in progress).
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("kubectl weft: not built yet")
+}

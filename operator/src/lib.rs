@@ -1,0 +1,10 @@
+//! `weft-operator`: Weft's control plane.
+//!
+//! ```text
+//!  watches (Services, EndpointSlices, Pods, Routes, Policies, Breakers)
+//!      └─▶ index (sans-IO model of the mesh) ─▶ per-proxy config ─▶ push server ─▶ proxies
+//!  API server ──AdmissionReview──▶ webhook ─▶ inject (pure: pod + settings → JSONPatch)
+//! ```
+
+pub mod inject;
+pub mod webhook;
