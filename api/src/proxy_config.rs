@@ -1,8 +1,10 @@
 //! The proxy's configuration as it travels: from a file in standalone mode today, from the
 //! operator's push stream later.
 //!
-//! These are plain serde types, versioned by [`PROXY_CONFIG_API_VERSION`]. They may hold
-//! anything a file can say; `weft-proxy` validates a whole [`ProxyConfig`] once, into its own
+//! These are plain serde types, versioned by [`PROXY_CONFIG_API_VERSION`]. Within a version
+//! fields are only ever added, and readers ignore fields they do not know (so an older proxy
+//! can read a newer operator's config); a file loader should warn about them, since in a
+//! hand-written file they are usually typos. They may hold anything a file can say; `weft-proxy` validates a whole [`ProxyConfig`] once, into its own
 //! types that cannot represent an invalid state, before swapping it in.
 //!
 //! ```text
@@ -29,7 +31,7 @@ pub const DEFAULT_OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 930
 
 /// One complete configuration of one proxy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ProxyConfig {
     /// Must equal [`PROXY_CONFIG_API_VERSION`].
     pub api_version: String,
@@ -59,7 +61,7 @@ pub struct ProxyConfig {
 /// A destination the proxy balances over: a name, the addresses that select it, and its
 /// endpoints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ServiceConfig {
     /// Unique name, such as `web.shop` (letters, digits, `-`, `.`, `_`; at most 253 bytes).
     /// Used as the `service` metric label.
@@ -111,7 +113,7 @@ pub enum Balancer {
 
 /// One backend instance of a service.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct EndpointConfig {
     /// Where to connect, as `ip:port`.
     pub address: String,
@@ -145,13 +147,14 @@ mod tests {
     }
 
     #[test]
-    fn rejects_unknown_fields_so_typos_are_not_silently_ignored() {
-        let err = serde_json::from_value::<ProxyConfig>(serde_json::json!({
+    fn ignores_unknown_fields_for_forward_compatibility() {
+        let c: ProxyConfig = serde_json::from_value(serde_json::json!({
             "apiVersion": "weft.dev/proxy/v1alpha1",
             "kind": "ProxyConfig",
-            "servces": []
+            "someFutureField": {"x": 1},
+            "services": [{"name": "web", "futureKnob": true}]
         }))
-        .unwrap_err();
-        assert!(err.to_string().contains("servces"), "{err}");
+        .unwrap();
+        assert_eq!(c.services[0].name, "web");
     }
 }

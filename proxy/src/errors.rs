@@ -24,20 +24,17 @@ pub enum ErrorCode {
     ResponseTimeout,
     /// The upstream connection broke or spoke invalid HTTP before a response (502).
     UpstreamFailed,
-    /// The proxy is shutting down and no longer takes new work (503).
-    ShuttingDown,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 7] = [
+    pub const ALL: [ErrorCode; 6] = [
         ErrorCode::NoEndpoints,
         ErrorCode::ServiceNotFound,
         ErrorCode::ConnectFailed,
         ErrorCode::ConnectTimeout,
         ErrorCode::ResponseTimeout,
         ErrorCode::UpstreamFailed,
-        ErrorCode::ShuttingDown,
     ];
 
     /// The stable text sent in the `weft-error` header and used as the metric label.
@@ -49,18 +46,32 @@ impl ErrorCode {
             ErrorCode::ConnectTimeout => "connect_timeout",
             ErrorCode::ResponseTimeout => "response_timeout",
             ErrorCode::UpstreamFailed => "upstream_failed",
-            ErrorCode::ShuttingDown => "shutting_down",
         }
     }
 
     /// The HTTP status the proxy answers with.
     pub const fn status(self) -> StatusCode {
         match self {
-            ErrorCode::NoEndpoints | ErrorCode::ServiceNotFound | ErrorCode::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorCode::NoEndpoints | ErrorCode::ServiceNotFound => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::ConnectFailed | ErrorCode::UpstreamFailed => StatusCode::BAD_GATEWAY,
             ErrorCode::ConnectTimeout | ErrorCode::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+impl ErrorCode {
+    /// The gRPC status code sent (as `grpc-status`) when the request was gRPC: gRPC
+    /// clients read errors from `grpc-status`, not from the HTTP status.
+    pub const fn grpc_status(self) -> u8 {
+        match self {
+            // DEADLINE_EXCEEDED
+            ErrorCode::ResponseTimeout => 4,
+            // UNAVAILABLE: nothing was processed, the client may retry.
+            ErrorCode::NoEndpoints
+            | ErrorCode::ServiceNotFound
+            | ErrorCode::ConnectFailed
+            | ErrorCode::ConnectTimeout
+            | ErrorCode::UpstreamFailed => 14,
         }
     }
 }

@@ -150,11 +150,12 @@ impl HttpConn {
     /// Proxies one request.
     pub async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
+        let grpc = is_grpc(&req);
         let (dest, label) = match self.resolve() {
             Ok(d) => d,
             Err((code, label)) => {
                 let labels = self.metrics.request(self.direction, &label);
-                return self.fail(&labels, code, start);
+                return self.fail(&labels, code, grpc, start);
             }
         };
         let labels = self.metrics.request(self.direction, &label);
@@ -190,7 +191,7 @@ impl HttpConn {
                 Dest::Fixed(e) => (0, e.clone()),
                 Dest::Service(s) => match s.pick(exclude) {
                     Some((i, e)) => (i, e.clone()),
-                    None => return self.fail(&labels, ErrorCode::NoEndpoints, start),
+                    None => return self.fail(&labels, ErrorCode::NoEndpoints, grpc, start),
                 },
             };
             let in_flight = endpoint.start();
@@ -201,7 +202,7 @@ impl HttpConn {
                     Err(_) => {
                         endpoint.observe(sent.elapsed());
                         tracing::debug!(endpoint = %endpoint.addr, "response timeout");
-                        return self.fail(&labels, ErrorCode::ResponseTimeout, start);
+                        return self.fail(&labels, ErrorCode::ResponseTimeout, grpc, start);
                     }
                 },
                 None => endpoint.upstream.send(req).await,
@@ -249,27 +250,32 @@ impl HttpConn {
                         exclude = Some(index);
                         continue;
                     }
-                    return self.fail(&labels, code, start);
+                    return self.fail(&labels, code, grpc, start);
                 }
                 Err(error) => {
                     tracing::debug!(endpoint = %endpoint.addr, error = %error, "upstream failed");
-                    return self.fail(&labels, ErrorCode::UpstreamFailed, start);
+                    return self.fail(&labels, ErrorCode::UpstreamFailed, grpc, start);
                 }
             }
         }
-        self.fail(&labels, ErrorCode::UpstreamFailed, start)
+        self.fail(&labels, ErrorCode::UpstreamFailed, grpc, start)
     }
 
     fn fail(
         &self,
         labels: &crate::metrics::RequestLabels,
         code: ErrorCode,
+        grpc: bool,
         start: Instant,
     ) -> Response<ProxyBody> {
         self.metrics.error(self.direction, code);
-        let resp = error_response(code);
-        self.metrics.response(labels, resp.status(), secs(start));
-        resp
+        // Metrics record the HTTP status the failure means, even when gRPC framing sends 200.
+        self.metrics.response(labels, code.status(), secs(start));
+        if grpc {
+            grpc_error_response(code)
+        } else {
+            error_response(code)
+        }
     }
 }
 
@@ -290,6 +296,30 @@ pub fn error_response(code: ErrorCode) -> Response<ProxyBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+/// A gRPC "trailers-only" response for `code`: HTTP 200 with `grpc-status` and
+/// `grpc-message` in the headers, so gRPC clients see a proper status.
+pub fn grpc_error_response(code: ErrorCode) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    let h = resp.headers_mut();
+    h.insert(ERROR_HEADER, HeaderValue::from_static(code.as_str()));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(
+        "grpc-status",
+        HeaderValue::from(u16::from(code.grpc_status())),
+    );
+    h.insert("grpc-message", HeaderValue::from_static(code.as_str()));
+    resp
+}
+
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 async fn splice_upgrade(

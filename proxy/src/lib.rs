@@ -11,7 +11,7 @@
 //!
 //! Modules, one concern each: [`config`] (validation), [`store`] (active snapshot),
 //! [`balance`] (endpoint choice, no I/O), [`detect`], [`http`], [`server`], [`upstream`],
-//! [`orig_dst`], [`metrics`], [`errors`], [`admin`], [`source`].
+//! [`orig_dst`], [`metrics`], [`errors`], [`admin`], [`source`], [`shutdown`].
 
 use std::sync::Arc;
 
@@ -26,6 +26,7 @@ pub mod http;
 pub mod metrics;
 pub mod orig_dst;
 pub mod server;
+pub mod shutdown;
 pub mod source;
 pub mod store;
 pub mod upstream;

@@ -13,7 +13,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use weft_proxy::{
     Proxy,
-    server::{self, ListenerKind},
+    server::ListenerKind,
+    shutdown::{self, ListenerGroup},
     source::{self, FileSource},
 };
 
@@ -144,39 +145,25 @@ async fn serve(args: RunArgs, initial: weft_api::proxy_config::ProxyConfig) -> a
     let proxy = Proxy::new();
     proxy.store.apply(initial)?;
 
-    let inbound_stop = CancellationToken::new();
-    let outbound_stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
-
     let admin = bind(args.admin_addr, "admin").await?;
-    let mut inbound_tasks = Vec::new();
-    let mut outbound_tasks = Vec::new();
+    let mut inbound = ListenerGroup::new();
+    let mut outbound = ListenerGroup::new();
     if !args.no_transparent {
         let l = bind(args.inbound_addr, "inbound").await?;
-        inbound_tasks.push(tokio::spawn(server::serve(
-            l,
-            ListenerKind::Inbound,
-            proxy.clone(),
-            inbound_stop.clone(),
-        )));
+        inbound.spawn(l, ListenerKind::Inbound, proxy.clone());
         let l = bind(args.outbound_addr, "outbound").await?;
-        outbound_tasks.push(tokio::spawn(server::serve(
-            l,
-            ListenerKind::Outbound,
-            proxy.clone(),
-            outbound_stop.clone(),
-        )));
+        outbound.spawn(l, ListenerKind::Outbound, proxy.clone());
     }
     for f in &args.forward {
         let l = bind(f.addr, "forward").await?;
         // Forward listeners stand in for a service's own port: they drain first, like
         // inbound.
-        inbound_tasks.push(tokio::spawn(server::serve(
+        inbound.spawn(
             l,
             ListenerKind::Forward(Arc::from(f.service.as_str())),
             proxy.clone(),
-            inbound_stop.clone(),
-        )));
+        );
     }
     let admin_task = tokio::spawn(weft_proxy::admin::serve(
         admin,
@@ -206,33 +193,9 @@ async fn serve(args: RunArgs, initial: weft_api::proxy_config::ProxyConfig) -> a
         }
     }
 
-    // Drain: inbound first (stop accepting, finish in-flight requests) while outbound keeps
-    // serving the application, then outbound; all within one grace period.
-    let grace = args.shutdown_grace.as_std();
-    tracing::info!(?grace, "shutdown: draining");
-    proxy.draining.cancel();
-    let deadline = tokio::time::Instant::now() + grace;
-    inbound_stop.cancel();
-    let inbound_done = tokio::time::timeout_at(deadline, futures_join(inbound_tasks))
-        .await
-        .is_ok();
-    outbound_stop.cancel();
-    let outbound_done = tokio::time::timeout_at(deadline, futures_join(outbound_tasks))
-        .await
-        .is_ok();
+    shutdown::drain(&proxy, inbound, outbound, args.shutdown_grace.as_std()).await;
     admin_stop.cancel();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin_task).await;
     let _ = watch_task.await;
-    if inbound_done && outbound_done {
-        tracing::info!("shutdown: drained");
-    } else {
-        tracing::warn!("shutdown: grace period expired with connections still open");
-    }
     Ok(())
-}
-
-async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
-    for t in tasks {
-        let _ = t.await;
-    }
 }

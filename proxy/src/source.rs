@@ -50,28 +50,42 @@ pub enum SourceError {
 }
 
 /// Parses a config document: JSON when the file name ends in `.json`, YAML otherwise.
-pub fn parse(path: &Path, bytes: &[u8]) -> Result<ProxyConfig, SourceError> {
+/// Also returns the paths of fields the format does not know (such as
+/// `services.0.endpionts`): they are ignored, for compatibility with newer configs, but in a
+/// file they are usually typos.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<(ProxyConfig, Vec<String>), SourceError> {
     let json = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let mut unknown = Vec::new();
+    let mut note = |p: serde_ignored::Path<'_>| unknown.push(p.to_string());
     let parsed = if json {
-        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        serde_ignored::deserialize(&mut de, &mut note).map_err(|e| e.to_string())
     } else {
-        serde_yaml::from_slice(bytes).map_err(|e| e.to_string())
+        match serde_yaml::Deserializer::from_slice(bytes).next() {
+            Some(de) => serde_ignored::deserialize(de, &mut note).map_err(|e| e.to_string()),
+            None => Err("the file holds no YAML document".to_owned()),
+        }
     };
-    parsed.map_err(|message| SourceError::Parse {
+    let parsed = parsed.map_err(|message| SourceError::Parse {
         path: path.to_owned(),
         message,
-    })
+    })?;
+    Ok((parsed, unknown))
 }
 
-/// Reads and parses a config file.
+/// Reads and parses a config file, warning about unknown fields.
 pub fn load(path: &Path) -> Result<ProxyConfig, SourceError> {
     let bytes = std::fs::read(path).map_err(|source| SourceError::Read {
         path: path.to_owned(),
         source,
     })?;
-    parse(path, &bytes)
+    let (config, unknown) = parse(path, &bytes)?;
+    for field in unknown {
+        tracing::warn!(path = %path.display(), %field, "unknown config field ignored (a typo?)");
+    }
+    Ok(config)
 }
 
 /// Watches one file and applies it to a store.
@@ -145,5 +159,27 @@ impl FileSource {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_yaml_and_json_and_names_unknown_fields() {
+        let yaml = b"apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices:\n- name: web\n  endpionts: []\n";
+        let (c, unknown) = parse(Path::new("p.yaml"), yaml).unwrap();
+        assert_eq!(c.services[0].name, "web");
+        assert_eq!(unknown, vec!["services.0.endpionts".to_owned()]);
+
+        let json =
+            br#"{"apiVersion": "weft.dev/proxy/v1alpha1", "kind": "ProxyConfig", "servces": []}"#;
+        let (_, unknown) = parse(Path::new("p.json"), json).unwrap();
+        assert_eq!(unknown, vec!["servces".to_owned()]);
+
+        let err = parse(Path::new("p.yaml"), b"services: [unclosed").unwrap_err();
+        assert!(err.to_string().starts_with("parse p.yaml: "), "{err}");
+        assert!(parse(Path::new("p.yaml"), b"").is_err());
     }
 }

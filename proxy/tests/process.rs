@@ -191,6 +191,13 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     .await;
     let signalled = Instant::now();
     p.signal("TERM");
+    // Readiness fails while draining, so the endpoint is taken out of rotation.
+    let ready = format!("http://{}/ready", p.admin);
+    eventually(Duration::from_millis(500), "/ready fails while draining", || {
+        let ready = ready.clone();
+        async move { get(&h1_client(), &ready).await.0.status() == StatusCode::SERVICE_UNAVAILABLE }
+    })
+    .await;
     // New connections are refused soon after the signal.
     let forward = p.forward;
     eventually(Duration::from_secs(5), "listener closed", || async move {

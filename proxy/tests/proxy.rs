@@ -520,3 +520,67 @@ async fn connect_timeout_is_504() {
     assert!(start.elapsed() < Duration::from_secs(1));
     drop(listener);
 }
+
+#[tokio::test]
+async fn shutdown_keeps_outbound_serving_until_inbound_has_drained() {
+    use weft_proxy::{Proxy, server::ListenerKind, shutdown};
+    let slow = Backend::start_slow("127.0.0.2", "slow", 600).await;
+    let fast = Backend::start("127.0.0.3", "fast").await;
+    let proxy = Proxy::new();
+    proxy
+        .store
+        .apply(
+            serde_json::from_value(config(&[("in", &[slow.addr]), ("out", &[fast.addr])])).unwrap(),
+        )
+        .unwrap();
+    let l_in = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l_out = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (in_addr, out_addr) = (l_in.local_addr().unwrap(), l_out.local_addr().unwrap());
+    let mut inbound = shutdown::ListenerGroup::new();
+    inbound.spawn(l_in, ListenerKind::Forward(Arc::from("in")), proxy.clone());
+    let mut outbound = shutdown::ListenerGroup::new();
+    outbound.spawn(
+        l_out,
+        ListenerKind::Forward(Arc::from("out")),
+        proxy.clone(),
+    );
+
+    let in_flight =
+        tokio::spawn(async move { get(&h1_client(), &format!("http://{in_addr}/")).await });
+    eventually(
+        Duration::from_secs(5),
+        "slow request reached its backend",
+        || {
+            let n = slow.hits();
+            async move { n == 1 }
+        },
+    )
+    .await;
+    let p = proxy.clone();
+    let drain = tokio::spawn(async move {
+        shutdown::drain(&p, inbound, outbound, Duration::from_secs(10)).await
+    });
+    eventually(
+        Duration::from_secs(5),
+        "inbound stopped accepting",
+        || async move { tokio::net::TcpStream::connect(in_addr).await.is_err() },
+    )
+    .await;
+    assert!(proxy.draining.is_cancelled());
+    // The application can still call out while inbound drains.
+    let (resp, body) = get(&h1_client(), &format!("http://{out_addr}/")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body, "hello from fast");
+    assert!(!drain.is_finished());
+    // The accepted inbound request is answered, then everything stops.
+    let (resp, body) = in_flight.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body, "hello from slow");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), drain)
+            .await
+            .unwrap()
+            .unwrap()
+    );
+    assert!(tokio::net::TcpStream::connect(out_addr).await.is_err());
+}
