@@ -1,5 +1,108 @@
-//! `kubectl-weft`: the kubectl plugin (in progress).
+//! `kubectl weft`: Weft's kubectl plugin. Install the binary on `PATH` as `kubectl-weft`.
+//!
+//! ```text
+//! kubectl weft inject -f deploy.yaml | kubectl apply -f -
+//! kubectl get deploy web -o yaml | kubectl weft inject -f - | kubectl apply -f -
+//! kubectl weft uninject -f injected.yaml
+//! ```
+
+use std::{
+    fs,
+    io::{Read, Write},
+    path::PathBuf,
+};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use kubectl_weft::manifest::{self, Action};
+use weft_operator::inject::InjectConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "kubectl weft",
+    about = "Weft service mesh: inject proxies, inspect the mesh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Add the Weft proxy to Pods and pod templates (Deployments, StatefulSets, DaemonSets,
+    /// ReplicaSets, Jobs, CronJobs, Lists) read from files or stdin; write them to stdout.
+    Inject(InjectArgs),
+    /// Remove what `inject` (or the webhook) added.
+    Uninject(FileArgs),
+}
+
+#[derive(Args)]
+struct FileArgs {
+    /// Manifest files (YAML or JSON, one or many documents); `-` reads stdin.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct InjectArgs {
+    #[command(flatten)]
+    files: FileArgs,
+    /// The proxy image.
+    #[arg(long, env = "WEFT_PROXY_IMAGE")]
+    proxy_image: Option<String>,
+    /// The proxy version recorded on the pod.
+    #[arg(long)]
+    proxy_version: Option<String>,
+    /// `host:port` of the operator's config server.
+    #[arg(long)]
+    operator_addr: Option<String>,
+    /// The mesh's trust domain.
+    #[arg(long)]
+    trust_domain: Option<String>,
+}
 
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("kubectl weft: not built yet")
+    let cli = Cli::parse();
+    let (files, action, cfg) = match cli.command {
+        Cmd::Inject(args) => {
+            let mut cfg = InjectConfig::default();
+            if let Some(v) = args.proxy_image {
+                cfg.proxy_image = v;
+            }
+            if let Some(v) = args.proxy_version {
+                cfg.proxy_version = v;
+            }
+            if let Some(v) = args.operator_addr {
+                cfg.operator_addr = v;
+            }
+            if let Some(v) = args.trust_domain {
+                cfg.trust_domain = v;
+            }
+            (args.files.files, Action::Inject, cfg)
+        }
+        Cmd::Uninject(args) => (args.files, Action::Uninject, InjectConfig::default()),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr().lock();
+    for (i, file) in files.iter().enumerate() {
+        let input = if file.as_os_str() == "-" {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading stdin")?;
+            s
+        } else {
+            fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+        };
+        let (output, reports) = manifest::process(&input, action, &cfg)
+            .with_context(|| format!("{}", file.display()))?;
+        if i > 0 && !output.starts_with("---") {
+            writeln!(stdout, "---")?;
+        }
+        stdout.write_all(output.as_bytes())?;
+        for r in reports {
+            writeln!(stderr, "{} {}", r.object, r.result)?;
+        }
+    }
+    Ok(())
 }

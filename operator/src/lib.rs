@@ -6,5 +6,6 @@
 //!  API server ──AdmissionReview──▶ webhook ─▶ inject (pure: pod + settings → JSONPatch)
 //! ```
 
+pub mod ca;
 pub mod inject;
 pub mod webhook;

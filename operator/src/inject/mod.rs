@@ -1,1 +1,260 @@
-//! Sidecar injection (in progress).
+//! Sidecar injection: a pure function from a pod (its metadata and spec) and the mesh's
+//! settings to the injected pod. The admission webhook turns the difference into a
+//! JSONPatch; `kubectl weft inject` writes the result back into YAML. Both call this.
+//!
+//! ```text
+//!  pod + namespace opt-in ──decide()──▶ Skip(reason)          (nothing changes)
+//!                              └──────▶ inject() ──▶ pod with:
+//!        initContainers: [weft-init (iptables), weft-proxy (native sidecar), ...the pod's own]
+//!        volumes:        [... , weft-token (projected SA token, audience "weft")]
+//!        annotations:    weft.dev/proxy-version, kubectl default-container
+//!        labels:         weft.dev/meshed=true
+//! ```
+
+pub mod annotations;
+pub mod config;
+pub mod keys;
+mod sidecar;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::PodSpec;
+use kube::api::ObjectMeta;
+
+pub use config::{InjectConfig, ProxyPorts, ProxyResources};
+
+/// Why a pod is left as it is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Skip {
+    /// The pod already has the proxy (injection is idempotent).
+    #[error("already injected")]
+    AlreadyInjected,
+    /// The pod shares the node's network namespace; redirecting it would capture the node.
+    #[error("pod uses hostNetwork")]
+    HostNetwork,
+    /// The namespace is never meshed (kube-system, the operator's own).
+    #[error("namespace {0} is never injected")]
+    ExcludedNamespace(String),
+    /// The pod says `weft.dev/inject: disabled`.
+    #[error("pod opted out with weft.dev/inject: disabled")]
+    OptedOut,
+    /// Neither the pod nor its namespace opted in.
+    #[error("neither the pod nor its namespace opted in")]
+    NotOptedIn,
+}
+
+impl Skip {
+    /// A short stable code for metrics and logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Skip::AlreadyInjected => "already_injected",
+            Skip::HostNetwork => "host_network",
+            Skip::ExcludedNamespace(_) => "excluded_namespace",
+            Skip::OptedOut => "opted_out",
+            Skip::NotOptedIn => "not_opted_in",
+        }
+    }
+}
+
+/// Why an opted-in pod cannot be injected. The webhook denies such a pod with this
+/// message, since starting it silently unmeshed would hide the problem.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InjectError {
+    /// A container declares a port the proxy needs.
+    #[error(
+        "container {container:?} declares port {port}, which the Weft proxy uses; change the port or annotate the pod weft.dev/inject: disabled"
+    )]
+    PortConflict {
+        /// The container.
+        container: String,
+        /// The port.
+        port: i32,
+    },
+    /// A container runs as the proxy's UID, so its traffic would bypass the proxy.
+    #[error(
+        "container {container:?} runs as UID {uid}, the Weft proxy's UID, so its traffic would bypass the mesh; run it as another user"
+    )]
+    ProxyUid {
+        /// The container.
+        container: String,
+        /// The UID.
+        uid: i64,
+    },
+    /// A container or volume already uses a name injection needs.
+    #[error("the pod already has a {what} named {name:?}, which Weft's injection needs")]
+    NameInUse {
+        /// `container` or `volume`.
+        what: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// A `weft.dev/*` annotation has a value that cannot be used.
+    #[error("annotation {key}: {reason}")]
+    BadAnnotation {
+        /// The annotation key.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Decides whether a pod gets the proxy. `namespace_opted_in` is whether the pod's
+/// namespace carries the label `weft.dev/inject=enabled`.
+pub fn decide(
+    meta: &ObjectMeta,
+    spec: &PodSpec,
+    namespace: &str,
+    namespace_opted_in: bool,
+    cfg: &InjectConfig,
+) -> Result<(), Skip> {
+    if is_injected(meta, spec) {
+        return Err(Skip::AlreadyInjected);
+    }
+    if spec.host_network == Some(true) {
+        return Err(Skip::HostNetwork);
+    }
+    if cfg.excluded_namespaces.iter().any(|n| n == namespace) {
+        return Err(Skip::ExcludedNamespace(namespace.to_owned()));
+    }
+    // The pod's own word wins over its namespace's; an annotation over a label.
+    let pod_says =
+        lookup(&meta.annotations, keys::INJECT).or_else(|| lookup(&meta.labels, keys::INJECT));
+    match pod_says {
+        Some(keys::DISABLED) => Err(Skip::OptedOut),
+        Some(keys::ENABLED) => Ok(()),
+        _ if namespace_opted_in => Ok(()),
+        _ => Err(Skip::NotOptedIn),
+    }
+}
+
+/// Whether a pod already carries Weft's proxy.
+pub fn is_injected(meta: &ObjectMeta, spec: &PodSpec) -> bool {
+    lookup(&meta.annotations, keys::PROXY_VERSION).is_some()
+        || spec
+            .init_containers
+            .iter()
+            .flatten()
+            .any(|c| c.name == keys::PROXY_CONTAINER)
+}
+
+fn lookup<'a>(map: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    map.as_ref().and_then(|m| m.get(key)).map(String::as_str)
+}
+
+/// Adds the proxy, the redirect init container, the token volume, the annotations and the
+/// label to a pod that [`decide`] said to inject. Leaves the pod untouched on error.
+pub fn inject(
+    meta: &mut ObjectMeta,
+    spec: &mut PodSpec,
+    cfg: &InjectConfig,
+) -> Result<(), InjectError> {
+    check_conflicts(spec, cfg)?;
+    let options = annotations::PodOptions::from_annotations(meta.annotations.as_ref(), cfg)?;
+
+    let init = sidecar::init_container(cfg, &options);
+    let proxy = sidecar::proxy_container(cfg, &options);
+    let mut inits = vec![init, proxy];
+    inits.extend(spec.init_containers.take().unwrap_or_default());
+    spec.init_containers = Some(inits);
+    spec.volumes
+        .get_or_insert_with(Vec::new)
+        .push(sidecar::token_volume(cfg));
+
+    let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
+    annotations.insert(keys::PROXY_VERSION.to_owned(), cfg.proxy_version.clone());
+    if let Some(first) = spec.containers.first() {
+        annotations
+            .entry(keys::DEFAULT_CONTAINER.to_owned())
+            .or_insert_with(|| first.name.clone());
+    }
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(keys::MESHED_LABEL.to_owned(), "true".to_owned());
+    Ok(())
+}
+
+/// Removes everything [`inject`] added. Returns whether anything was removed.
+pub fn uninject(meta: &mut ObjectMeta, spec: &mut PodSpec) -> bool {
+    let mut changed = false;
+    if let Some(inits) = spec.init_containers.as_mut() {
+        let before = inits.len();
+        inits.retain(|c| c.name != keys::PROXY_CONTAINER && c.name != keys::INIT_CONTAINER);
+        changed |= inits.len() != before;
+        if inits.is_empty() {
+            spec.init_containers = None;
+        }
+    }
+    if let Some(volumes) = spec.volumes.as_mut() {
+        let before = volumes.len();
+        volumes.retain(|v| v.name != keys::TOKEN_VOLUME);
+        changed |= volumes.len() != before;
+        if volumes.is_empty() {
+            spec.volumes = None;
+        }
+    }
+    if let Some(annotations) = meta.annotations.as_mut() {
+        if annotations.remove(keys::PROXY_VERSION).is_some() {
+            changed = true;
+            // Only ours if injection added it: it names the first app container, which
+            // injection never changes, so removing it is safe only alongside the version.
+            annotations.remove(keys::DEFAULT_CONTAINER);
+        }
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+    if let Some(labels) = meta.labels.as_mut() {
+        changed |= labels.remove(keys::MESHED_LABEL).is_some();
+        if labels.is_empty() {
+            meta.labels = None;
+        }
+    }
+    changed
+}
+
+fn check_conflicts(spec: &PodSpec, cfg: &InjectConfig) -> Result<(), InjectError> {
+    let reserved = [cfg.ports.outbound, cfg.ports.inbound, cfg.ports.admin];
+    let all = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
+    for c in all.clone() {
+        for p in c.ports.iter().flatten() {
+            if reserved.iter().any(|r| i32::from(*r) == p.container_port) {
+                return Err(InjectError::PortConflict {
+                    container: c.name.clone(),
+                    port: p.container_port,
+                });
+            }
+        }
+        let uid = c
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user)
+            .or_else(|| spec.security_context.as_ref().and_then(|s| s.run_as_user));
+        if uid == Some(cfg.proxy_uid) {
+            return Err(InjectError::ProxyUid {
+                container: c.name.clone(),
+                uid: cfg.proxy_uid,
+            });
+        }
+        if c.name == keys::INIT_CONTAINER {
+            return Err(InjectError::NameInUse {
+                what: "container",
+                name: c.name.clone(),
+            });
+        }
+    }
+    if spec
+        .volumes
+        .iter()
+        .flatten()
+        .any(|v| v.name == keys::TOKEN_VOLUME)
+    {
+        return Err(InjectError::NameInUse {
+            what: "volume",
+            name: keys::TOKEN_VOLUME.to_owned(),
+        });
+    }
+    Ok(())
+}

@@ -1,1 +1,132 @@
-//! The mutating admission webhook (in progress).
+//! The mutating admission webhook: the API server sends it every pod creation that may
+//! have opted in, and it answers with the injection as a JSONPatch.
+//!
+//! ```text
+//!  start: CA Secret ──▶ serving cert (renewed at 2/3 of its life) ──▶ CertStore
+//!         registration (MutatingWebhookConfiguration with caBundle = CA)
+//!  serve: API server ──TLS──▶ server ──▶ review::parse ─▶ namespace labels ─▶ review::admit
+//! ```
+
+pub mod registration;
+pub mod review;
+pub mod server;
+pub mod tls;
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client,
+    core::PartialObjectMeta,
+    runtime::{WatchStreamExt, reflector, watcher},
+};
+use tokio::net::TcpListener;
+
+use crate::{ca, inject::InjectConfig};
+pub use registration::{FailurePolicy, Registration, Target};
+pub use server::{Handler, WebhookMetrics};
+pub use tls::CertStore;
+
+/// Everything the webhook needs to run.
+#[derive(Clone, Debug)]
+pub struct WebhookSettings {
+    /// What to inject.
+    pub inject: InjectConfig,
+    /// How the API server is told about the webhook.
+    pub registration: Registration,
+    /// Namespace of the CA Secret.
+    pub ca_namespace: String,
+    /// Name of the CA Secret.
+    pub ca_secret: String,
+    /// DNS names in the serving certificate (the Service's names).
+    pub dns_names: Vec<String>,
+    /// IP addresses in the serving certificate.
+    pub ips: Vec<IpAddr>,
+    /// Lifetime of a serving certificate; it is renewed at two thirds of it.
+    pub cert_lifetime: Duration,
+}
+
+/// Why the webhook could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// The CA could not be loaded or used.
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    /// The serving certificate was unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Registering the webhook with the API server failed.
+    #[error("registering the webhook: {0}")]
+    Register(#[source] kube::Error),
+}
+
+/// Loads the CA, issues a serving certificate, registers the webhook and serves it on
+/// `listener` until `shutdown`, renewing the certificate before it expires.
+pub async fn run(
+    client: Client,
+    settings: WebhookSettings,
+    listener: TcpListener,
+    metrics: WebhookMetrics,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), WebhookError> {
+    let ca =
+        ca::load_or_create(client.clone(), &settings.ca_namespace, &settings.ca_secret).await?;
+    let leaf = ca.issue_serving(&settings.dns_names, &settings.ips, settings.cert_lifetime)?;
+    let certs = CertStore::new(&leaf.cert_pem, &leaf.key_pem)?;
+    settings
+        .registration
+        .apply(client.clone(), ca.cert_pem())
+        .await
+        .map_err(WebhookError::Register)?;
+
+    let (store, writer) = reflector::store();
+    let namespaces = watcher::watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .for_each(|event| async move {
+        if let Err(error) = event {
+            tracing::warn!(%error, "namespace watch");
+        }
+    });
+    let renew = renew_forever(ca, certs.clone(), settings.clone());
+    let handler = Arc::new(Handler::new(
+        settings.inject.clone(),
+        store,
+        client,
+        metrics,
+    ));
+    tracing::info!(addr = ?listener.local_addr().ok(), "webhook serving");
+    tokio::select! {
+        _ = server::serve(listener, certs, handler, shutdown) => {}
+        _ = namespaces => tracing::warn!("namespace watch ended"),
+        _ = renew => {}
+    }
+    Ok(())
+}
+
+/// Re-issues the serving certificate at two thirds of its lifetime, forever. A failed
+/// renewal is retried every few seconds while the old certificate is still valid.
+async fn renew_forever(ca: ca::Ca, certs: CertStore, settings: WebhookSettings) {
+    let mut wait = settings.cert_lifetime * 2 / 3;
+    loop {
+        tokio::time::sleep(wait).await;
+        match ca
+            .issue_serving(&settings.dns_names, &settings.ips, settings.cert_lifetime)
+            .map_err(WebhookError::from)
+            .and_then(|leaf| Ok(certs.replace(&leaf.cert_pem, &leaf.key_pem)?))
+        {
+            Ok(()) => {
+                tracing::info!("renewed the webhook's serving certificate");
+                wait = settings.cert_lifetime * 2 / 3;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "renewing the webhook's serving certificate");
+                wait = Duration::from_secs(5).min(settings.cert_lifetime / 10);
+            }
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! `kubectl-weft`: the kubectl plugin's library, so its behaviour is testable without
+//! spawning it.
+
+pub mod manifest;

@@ -1,0 +1,191 @@
+//! The operator's certificate authority: kept in a Secret (generated on first start when
+//! absent), it signs the webhook's serving certificate and, later, proxies' identities.
+//!
+//! Several replicas may start at once: each tries to create the Secret, and whoever loses
+//! the race reads the winner's, so all replicas share one CA.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use k8s_openapi::{ByteString, api::core::v1::Secret};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, PostParams},
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// Keys of the CA Secret (`kubernetes.io/tls` layout).
+const CERT_KEY: &str = "tls.crt";
+const KEY_KEY: &str = "tls.key";
+
+/// Why the CA could not be loaded, created or used.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// Generating or signing a certificate failed.
+    #[error("certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// Talking to the API server failed.
+    #[error("reading or writing the CA Secret: {0}")]
+    Kube(#[from] kube::Error),
+    /// The Secret exists but does not hold a usable CA.
+    #[error("Secret {0} does not hold a CA certificate and key in tls.crt and tls.key")]
+    Malformed(String),
+}
+
+/// A CA that can sign leaf certificates.
+pub struct Ca {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A signed leaf certificate and its key, in PEM.
+#[derive(Clone, Debug)]
+pub struct Leaf {
+    /// The certificate.
+    pub cert_pem: String,
+    /// Its private key.
+    pub key_pem: String,
+    /// When it stops being valid.
+    pub not_after: SystemTime,
+}
+
+impl Ca {
+    /// Generates a new self-signed CA.
+    pub fn generate(common_name: &str) -> Result<(Self, String), CaError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, "weft.dev");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(3650);
+        let key = KeyPair::generate()?;
+        let key_pem = key.serialize_pem();
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        Ok((
+            Ca {
+                issuer: Issuer::new(params, key),
+                cert_pem,
+            },
+            key_pem,
+        ))
+    }
+
+    /// Loads a CA from its certificate and key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        Ok(Ca {
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key)?,
+            cert_pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// The CA certificate, for trust bundles (the webhook's `caBundle`).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Signs a TLS serving certificate for these names and addresses.
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        lifetime: Duration,
+    ) -> Result<Leaf, CaError> {
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            dns_names
+                .first()
+                .map(String::as_str)
+                .unwrap_or("weft-operator"),
+        );
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = time::OffsetDateTime::now_utc();
+        // A little slack for clocks that disagree.
+        params.not_before = now - time::Duration::minutes(5);
+        let lifetime_t = time::Duration::try_from(lifetime).unwrap_or(time::Duration::days(1));
+        params.not_after = now + lifetime_t;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            not_after: SystemTime::now() + lifetime,
+        })
+    }
+}
+
+/// Loads the CA from Secret `namespace/name`, creating it first if it does not exist.
+pub async fn load_or_create(client: Client, namespace: &str, name: &str) -> Result<Ca, CaError> {
+    let secrets = Api::<Secret>::namespaced(client, namespace);
+    if let Some(secret) = secrets.get_opt(name).await? {
+        return from_secret(&secret, name);
+    }
+    let (ca, key_pem) = Ca::generate("weft-root-ca")?;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/part-of".to_owned(),
+                "weft".to_owned(),
+            )])),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".to_owned()),
+        data: Some(BTreeMap::from([
+            (
+                CERT_KEY.to_owned(),
+                ByteString(ca.cert_pem().as_bytes().to_vec()),
+            ),
+            (KEY_KEY.to_owned(), ByteString(key_pem.into_bytes())),
+        ])),
+        ..Default::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(%namespace, %name, "generated a new CA");
+            Ok(ca)
+        }
+        // Another replica won the race: use its CA.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let secret = secrets.get(name).await?;
+            from_secret(&secret, name)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn from_secret(secret: &Secret, name: &str) -> Result<Ca, CaError> {
+    let field = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .ok_or_else(|| CaError::Malformed(name.to_owned()))
+    };
+    Ca::from_pem(&field(CERT_KEY)?, &field(KEY_KEY)?)
+        .map_err(|_| CaError::Malformed(name.to_owned()))
+}

@@ -1,0 +1,220 @@
+//! Per-pod options read from `weft.dev/*` annotations, validated before anything is
+//! injected so that a typo is a clear error, not a broken pod.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use super::{InjectConfig, InjectError, keys};
+
+/// What a pod's annotations ask of its proxy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodOptions {
+    /// Inbound ports that bypass the proxy (the admin port always does).
+    pub skip_inbound_ports: Vec<PortRange>,
+    /// Outbound ports that bypass the proxy.
+    pub skip_outbound_ports: Vec<PortRange>,
+    /// Outbound destinations that bypass the proxy.
+    pub skip_outbound_cidrs: Vec<String>,
+    /// Ports carried as opaque TCP.
+    pub opaque_ports: Vec<PortRange>,
+    /// Proxy resources after annotation overrides.
+    pub resources: super::ProxyResources,
+}
+
+/// A port or an inclusive range of ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port.
+    pub start: u16,
+    /// Last port (equal to `start` for a single port).
+    pub end: u16,
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.start == self.end {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
+
+impl PodOptions {
+    /// Reads and validates the pod's annotations.
+    pub fn from_annotations(
+        annotations: Option<&BTreeMap<String, String>>,
+        cfg: &InjectConfig,
+    ) -> Result<Self, InjectError> {
+        let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+        let mut resources = cfg.resources.clone();
+        for (key, slot) in [
+            (keys::PROXY_CPU_REQUEST, &mut resources.cpu_request),
+            (keys::PROXY_CPU_LIMIT, &mut resources.cpu_limit),
+            (keys::PROXY_MEMORY_REQUEST, &mut resources.memory_request),
+            (keys::PROXY_MEMORY_LIMIT, &mut resources.memory_limit),
+        ] {
+            if let Some(value) = get(key) {
+                if !is_quantity(value) {
+                    return Err(InjectError::BadAnnotation {
+                        key,
+                        reason: format!(
+                            "{value:?} is not a Kubernetes quantity such as 100m or 64Mi"
+                        ),
+                    });
+                }
+                *slot = Some(value.to_owned());
+            }
+        }
+        Ok(PodOptions {
+            skip_inbound_ports: ports(keys::SKIP_INBOUND_PORTS, get(keys::SKIP_INBOUND_PORTS))?,
+            skip_outbound_ports: ports(keys::SKIP_OUTBOUND_PORTS, get(keys::SKIP_OUTBOUND_PORTS))?,
+            skip_outbound_cidrs: cidrs(keys::SKIP_OUTBOUND_CIDRS, get(keys::SKIP_OUTBOUND_CIDRS))?,
+            opaque_ports: ports(keys::OPAQUE_PORTS, get(keys::OPAQUE_PORTS))?,
+            resources,
+        })
+    }
+}
+
+/// Joins ranges as `a,b-c`, the format `weft-proxy init` and the proxy read.
+pub fn join(ranges: &[PortRange]) -> String {
+    ranges
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn ports(key: &'static str, value: Option<&str>) -> Result<Vec<PortRange>, InjectError> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let bad = |reason: String| InjectError::BadAnnotation { key, reason };
+    let port = |s: &str| -> Result<u16, InjectError> {
+        match s.trim().parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(bad(format!("{s:?} is not a port (1-65535)"))),
+        }
+    };
+    let mut out = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let range = match item.split_once('-') {
+            Some((a, b)) => {
+                let (start, end) = (port(a)?, port(b)?);
+                if start > end {
+                    return Err(bad(format!("range {item:?} is backwards")));
+                }
+                PortRange { start, end }
+            }
+            None => {
+                let p = port(item)?;
+                PortRange { start: p, end: p }
+            }
+        };
+        out.push(range);
+    }
+    Ok(out)
+}
+
+fn cidrs(key: &'static str, value: Option<&str>) -> Result<Vec<String>, InjectError> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (addr, len) = item.split_once('/').unwrap_or((item, ""));
+        let ip: IpAddr = addr.parse().map_err(|_| InjectError::BadAnnotation {
+            key,
+            reason: format!("{item:?} is not a CIDR such as 10.0.0.0/8"),
+        })?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let len: u8 = if len.is_empty() {
+            max
+        } else {
+            len.parse()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| InjectError::BadAnnotation {
+                    key,
+                    reason: format!("{item:?} has a bad prefix length"),
+                })?
+        };
+        out.push(format!("{ip}/{len}"));
+    }
+    Ok(out)
+}
+
+/// Whether `s` looks like a Kubernetes resource quantity (`100m`, `0.5`, `64Mi`, `1G`).
+fn is_quantity(s: &str) -> bool {
+    let digits_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(digits_end);
+    let number_ok = !number.is_empty()
+        && number.matches('.').count() <= 1
+        && !number.starts_with('.')
+        && !number.ends_with('.');
+    let suffix_ok = matches!(
+        suffix,
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei"
+    );
+    number_ok && suffix_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(pairs: &[(&str, &str)]) -> Result<PodOptions, InjectError> {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        PodOptions::from_annotations(Some(&map), &InjectConfig::default())
+    }
+
+    #[test]
+    fn reads_ports_ranges_and_cidrs() {
+        let o = opts(&[
+            (keys::SKIP_INBOUND_PORTS, "8080, 9000-9010"),
+            (keys::SKIP_OUTBOUND_CIDRS, "10.0.0.0/8,fd00::/8,192.0.2.7"),
+            (keys::OPAQUE_PORTS, "3306"),
+        ])
+        .unwrap();
+        assert_eq!(join(&o.skip_inbound_ports), "8080,9000-9010");
+        assert_eq!(
+            o.skip_outbound_cidrs,
+            ["10.0.0.0/8", "fd00::/8", "192.0.2.7/32"]
+        );
+        assert_eq!(join(&o.opaque_ports), "3306");
+    }
+
+    #[test]
+    fn rejects_bad_values_naming_the_annotation() {
+        for (key, value) in [
+            (keys::SKIP_INBOUND_PORTS, "http"),
+            (keys::SKIP_OUTBOUND_PORTS, "70000"),
+            (keys::SKIP_OUTBOUND_PORTS, "90-80"),
+            (keys::SKIP_OUTBOUND_CIDRS, "10.0.0.0/33"),
+            (keys::SKIP_OUTBOUND_CIDRS, "example.com"),
+            (keys::PROXY_MEMORY_LIMIT, "lots"),
+        ] {
+            let err = opts(&[(key, value)]).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!("annotation {key}:")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn resource_annotations_override_defaults() {
+        let o = opts(&[
+            (keys::PROXY_CPU_LIMIT, "500m"),
+            (keys::PROXY_MEMORY_REQUEST, "32Mi"),
+        ])
+        .unwrap();
+        assert_eq!(o.resources.cpu_limit.as_deref(), Some("500m"));
+        assert_eq!(o.resources.memory_request.as_deref(), Some("32Mi"));
+        assert_eq!(o.resources.cpu_request.as_deref(), Some("10m"));
+    }
+}

@@ -1,0 +1,92 @@
+//! The mesh-wide settings injection uses (from the operator's flags or the chart's
+//! values), with defaults suited to a sidecar.
+
+/// Settings for injection, the same for every pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectConfig {
+    /// The proxy image (also runs `weft-proxy init`).
+    pub proxy_image: String,
+    /// The proxy version recorded on injected pods.
+    pub proxy_version: String,
+    /// Image pull policy for the proxy image; the cluster's default when `None`.
+    pub image_pull_policy: Option<String>,
+    /// The proxy's ports.
+    pub ports: ProxyPorts,
+    /// The UID the proxy runs as; its own traffic bypasses the redirect.
+    pub proxy_uid: i64,
+    /// `host:port` of the operator's config-distribution server.
+    pub operator_addr: String,
+    /// The SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Default proxy resources (pods may override them by annotation).
+    pub resources: ProxyResources,
+    /// Namespaces never injected (kube-system and the operator's own).
+    pub excluded_namespaces: Vec<String>,
+    /// Lifetime of the projected token; the kubelet refreshes it at 80 %.
+    pub token_expiration_seconds: i64,
+    /// The proxy's log filter.
+    pub log_level: String,
+}
+
+/// The proxy's listening ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyPorts {
+    /// Where redirected outbound traffic arrives.
+    pub outbound: u16,
+    /// Where redirected inbound traffic arrives.
+    pub inbound: u16,
+    /// Health, readiness and metrics.
+    pub admin: u16,
+}
+
+impl Default for ProxyPorts {
+    fn default() -> Self {
+        ProxyPorts {
+            outbound: 15001,
+            inbound: 15006,
+            admin: 15021,
+        }
+    }
+}
+
+/// Kubernetes resource quantities for the proxy container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyResources {
+    /// CPU request.
+    pub cpu_request: Option<String>,
+    /// CPU limit (none by default: throttling a proxy adds latency to every request).
+    pub cpu_limit: Option<String>,
+    /// Memory request.
+    pub memory_request: Option<String>,
+    /// Memory limit.
+    pub memory_limit: Option<String>,
+}
+
+impl Default for ProxyResources {
+    fn default() -> Self {
+        ProxyResources {
+            cpu_request: Some("10m".to_owned()),
+            cpu_limit: None,
+            memory_request: Some("20Mi".to_owned()),
+            memory_limit: Some("128Mi".to_owned()),
+        }
+    }
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        InjectConfig {
+            proxy_image: format!("ghcr.io/weft-mesh/weft-proxy:{}", env!("CARGO_PKG_VERSION")),
+            proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
+            image_pull_policy: None,
+            ports: ProxyPorts::default(),
+            proxy_uid: 5150,
+            operator_addr: "weft-operator.weft-system.svc:8090".to_owned(),
+            trust_domain: "cluster.local".to_owned(),
+            resources: ProxyResources::default(),
+            excluded_namespaces: vec!["kube-system".to_owned(), "weft-system".to_owned()],
+            token_expiration_seconds: 3600,
+            log_level: "info".to_owned(),
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Annotation keys, label keys, container names and environment variables of injection,
+//! in one place: the webhook, `kubectl weft` and the docs all use these.
+
+/// Pod annotation or label, and namespace label: `enabled` opts in, `disabled` opts out.
+pub const INJECT: &str = "weft.dev/inject";
+/// The value of [`INJECT`] that opts in.
+pub const ENABLED: &str = "enabled";
+/// The value of [`INJECT`] that opts out.
+pub const DISABLED: &str = "disabled";
+
+/// Pod annotation recording the injected proxy version (its presence means injected).
+pub const PROXY_VERSION: &str = "weft.dev/proxy-version";
+/// Pod label set on injected pods, so the operator can watch only meshed pods.
+pub const MESHED_LABEL: &str = "weft.dev/meshed";
+
+/// Pod annotation: inbound ports not redirected to the proxy (comma-separated).
+pub const SKIP_INBOUND_PORTS: &str = "weft.dev/skip-inbound-ports";
+/// Pod annotation: outbound ports not redirected to the proxy (comma-separated).
+pub const SKIP_OUTBOUND_PORTS: &str = "weft.dev/skip-outbound-ports";
+/// Pod annotation: outbound destination CIDRs not redirected (comma-separated).
+pub const SKIP_OUTBOUND_CIDRS: &str = "weft.dev/skip-outbound-cidrs";
+/// Pod annotation: ports whose traffic is opaque TCP (no protocol detection).
+pub const OPAQUE_PORTS: &str = "weft.dev/opaque-ports";
+
+/// Pod annotation: the proxy's CPU request (a Kubernetes quantity).
+pub const PROXY_CPU_REQUEST: &str = "weft.dev/proxy-cpu-request";
+/// Pod annotation: the proxy's CPU limit.
+pub const PROXY_CPU_LIMIT: &str = "weft.dev/proxy-cpu-limit";
+/// Pod annotation: the proxy's memory request.
+pub const PROXY_MEMORY_REQUEST: &str = "weft.dev/proxy-memory-request";
+/// Pod annotation: the proxy's memory limit.
+pub const PROXY_MEMORY_LIMIT: &str = "weft.dev/proxy-memory-limit";
+
+/// Annotation kubectl reads to pick the container for `logs` and `exec`.
+pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
+
+/// Name of the sidecar proxy container (a native sidecar init container).
+pub const PROXY_CONTAINER: &str = "weft-proxy";
+/// Name of the init container that installs the traffic redirect.
+pub const INIT_CONTAINER: &str = "weft-init";
+/// Name of the projected token volume.
+pub const TOKEN_VOLUME: &str = "weft-token";
+/// Where the proxy finds its projected ServiceAccount token.
+pub const TOKEN_DIR: &str = "/var/run/secrets/weft.dev/serviceaccount";
+
+/// Environment the proxy reads (set by injection).
+pub mod env {
+    /// The pod's name.
+    pub const POD_NAME: &str = "WEFT_POD_NAME";
+    /// The pod's namespace.
+    pub const POD_NAMESPACE: &str = "WEFT_POD_NAMESPACE";
+    /// The pod's ServiceAccount.
+    pub const SERVICE_ACCOUNT: &str = "WEFT_SERVICE_ACCOUNT";
+    /// Address (`host:port`) of the operator's config-distribution server.
+    pub const OPERATOR_ADDR: &str = "WEFT_OPERATOR_ADDR";
+    /// The mesh's SPIFFE trust domain.
+    pub const TRUST_DOMAIN: &str = "WEFT_TRUST_DOMAIN";
+    /// Path of the projected ServiceAccount token (audience `weft`).
+    pub const TOKEN_FILE: &str = "WEFT_TOKEN_FILE";
+    /// Ports whose inbound and outbound traffic is opaque TCP.
+    pub const OPAQUE_PORTS: &str = "WEFT_OPAQUE_PORTS";
+    /// The proxy's log filter.
+    pub const LOG: &str = "WEFT_LOG";
+}

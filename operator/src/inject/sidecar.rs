@@ -1,0 +1,218 @@
+//! The containers and volume injection adds, built from the settings and pod options.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{
+        Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+        ObjectFieldSelector, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+        SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    },
+    apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
+};
+
+use super::{
+    InjectConfig,
+    annotations::{PodOptions, join},
+    keys,
+};
+
+/// The audience of the projected token the operator verifies with TokenReview.
+pub const TOKEN_AUDIENCE: &str = "weft";
+
+/// `weft-proxy init`: installs the redirect, then exits. Root in the pod's network
+/// namespace with NET_ADMIN and NET_RAW, nothing else.
+pub fn init_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
+    let mut skip_inbound = vec![super::annotations::PortRange {
+        start: cfg.ports.admin,
+        end: cfg.ports.admin,
+    }];
+    skip_inbound.extend(opts.skip_inbound_ports.iter().copied());
+    let mut args = vec![
+        "init".to_owned(),
+        format!("--inbound-port={}", cfg.ports.inbound),
+        format!("--outbound-port={}", cfg.ports.outbound),
+        format!("--proxy-uid={}", cfg.proxy_uid),
+        format!("--skip-inbound-ports={}", join(&skip_inbound)),
+    ];
+    if !opts.skip_outbound_ports.is_empty() {
+        args.push(format!(
+            "--skip-outbound-ports={}",
+            join(&opts.skip_outbound_ports)
+        ));
+    }
+    if !opts.skip_outbound_cidrs.is_empty() {
+        args.push(format!(
+            "--skip-outbound-cidrs={}",
+            opts.skip_outbound_cidrs.join(",")
+        ));
+    }
+    Container {
+        name: keys::INIT_CONTAINER.to_owned(),
+        image: Some(cfg.proxy_image.clone()),
+        image_pull_policy: cfg.image_pull_policy.clone(),
+        args: Some(args),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities(&[
+                ("cpu", Some("10m")),
+                ("memory", Some("10Mi")),
+            ])),
+            limits: Some(quantities(&[
+                ("cpu", Some("100m")),
+                ("memory", Some("64Mi")),
+            ])),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]),
+                drop: Some(vec!["ALL".to_owned()]),
+            }),
+            seccomp_profile: Some(runtime_default()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The proxy as a native sidecar: an init container with `restartPolicy: Always`, so it
+/// starts before the app (gated by its startup probe) and does not hold Jobs open.
+pub fn proxy_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
+    let admin = IntOrString::Int(i32::from(cfg.ports.admin));
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: admin.clone(),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    let field = |path: &str| {
+        Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    };
+    let value = |name: &str, v: String| EnvVar {
+        name: name.to_owned(),
+        value: Some(v),
+        ..Default::default()
+    };
+    let mut env = vec![
+        EnvVar {
+            name: keys::env::POD_NAME.to_owned(),
+            value_from: field("metadata.name"),
+            ..Default::default()
+        },
+        EnvVar {
+            name: keys::env::POD_NAMESPACE.to_owned(),
+            value_from: field("metadata.namespace"),
+            ..Default::default()
+        },
+        EnvVar {
+            name: keys::env::SERVICE_ACCOUNT.to_owned(),
+            value_from: field("spec.serviceAccountName"),
+            ..Default::default()
+        },
+        value(keys::env::OPERATOR_ADDR, cfg.operator_addr.clone()),
+        value(keys::env::TRUST_DOMAIN, cfg.trust_domain.clone()),
+        value(keys::env::TOKEN_FILE, format!("{}/token", keys::TOKEN_DIR)),
+        value(keys::env::LOG, cfg.log_level.clone()),
+    ];
+    if !opts.opaque_ports.is_empty() {
+        env.push(value(keys::env::OPAQUE_PORTS, join(&opts.opaque_ports)));
+    }
+    let r = &opts.resources;
+    Container {
+        name: keys::PROXY_CONTAINER.to_owned(),
+        image: Some(cfg.proxy_image.clone()),
+        image_pull_policy: cfg.image_pull_policy.clone(),
+        args: Some(vec!["run".to_owned()]),
+        restart_policy: Some("Always".to_owned()),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("weft-admin".to_owned()),
+            container_port: i32::from(cfg.ports.admin),
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        }]),
+        startup_probe: Some(probe("/ready", 1, 120)),
+        readiness_probe: Some(probe("/ready", 5, 3)),
+        liveness_probe: Some(probe("/live", 10, 3)),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities(&[
+                ("cpu", r.cpu_request.as_deref()),
+                ("memory", r.memory_request.as_deref()),
+            ])),
+            limits: Some(quantities(&[
+                ("cpu", r.cpu_limit.as_deref()),
+                ("memory", r.memory_limit.as_deref()),
+            ])),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(cfg.proxy_uid),
+            run_as_group: Some(cfg.proxy_uid),
+            run_as_non_root: Some(true),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Default::default()
+            }),
+            seccomp_profile: Some(runtime_default()),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: keys::TOKEN_VOLUME.to_owned(),
+            mount_path: keys::TOKEN_DIR.to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+/// A projected ServiceAccount token for audience `weft`, refreshed by the kubelet.
+pub fn token_volume(cfg: &InjectConfig) -> Volume {
+    Volume {
+        name: keys::TOKEN_VOLUME.to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(TOKEN_AUDIENCE.to_owned()),
+                    expiration_seconds: Some(cfg.token_expiration_seconds),
+                    path: "token".to_owned(),
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn runtime_default() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        ..Default::default()
+    }
+}
+
+fn quantities(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Quantity> {
+    pairs
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| ((*k).to_owned(), Quantity(v.to_owned()))))
+        .collect()
+}

@@ -1,0 +1,236 @@
+//! The MutatingWebhookConfiguration the operator owns: who the API server calls, with
+//! which CA bundle, for which pods, and what happens when the operator is down.
+//!
+//! Three entries, disjoint by construction, so that the API server only calls the
+//! webhook for pods that may have opted in:
+//!
+//! | entry | namespaces | pods |
+//! | --- | --- | --- |
+//! | `namespace.inject.weft.dev` | labelled `weft.dev/inject=enabled` | not labelled `weft.dev/inject=disabled` |
+//! | `pod-label.inject.weft.dev` | not labelled enabled, not excluded | labelled `weft.dev/inject=enabled` |
+//! | `pod-annotation.inject.weft.dev` (optional) | not labelled, not excluded | no `weft.dev/inject` label |
+//!
+//! The third entry exists because a pod annotation cannot be selected on: with it, every
+//! pod in an unlabelled namespace costs one webhook call (answered in well under a
+//! millisecond). Turn it off (`--webhook-annotation-opt-in=false`) to opt in by labels only.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    ByteString,
+    api::admissionregistration::v1::{
+        MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
+        WebhookClientConfig,
+    },
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement},
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, Patch, PatchParams},
+};
+
+use crate::inject::keys;
+
+/// The field manager the operator applies its objects with.
+pub const FIELD_MANAGER: &str = "weft-operator";
+
+/// Where the API server reaches the webhook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Through a Service (in a cluster).
+    Service {
+        /// The Service's namespace.
+        namespace: String,
+        /// The Service's name.
+        name: String,
+        /// The Service port.
+        port: i32,
+    },
+    /// At a URL (the test bed, where the API server runs outside the cluster).
+    Url(String),
+}
+
+/// What happens to pod creation when the webhook cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailurePolicy {
+    /// Pods are created without the proxy (they show in `kubectl weft check`).
+    #[default]
+    Ignore,
+    /// Pod creation fails until the webhook is back.
+    Fail,
+}
+
+/// Settings of the webhook registration.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    /// Name of the MutatingWebhookConfiguration.
+    pub name: String,
+    /// Where the API server calls.
+    pub target: Target,
+    /// `Ignore` (default) or `Fail`.
+    pub failure_policy: FailurePolicy,
+    /// How long the API server waits for an answer (1–30 s).
+    pub timeout_seconds: i32,
+    /// Whether pods may opt in by annotation (see the module docs for the cost).
+    pub annotation_opt_in: bool,
+    /// Namespaces never sent to the webhook.
+    pub excluded_namespaces: Vec<String>,
+    /// When set, only namespaces carrying this label (key, value) are served, so that two
+    /// operators (say, during an upgrade, or in tests) can each own a set of namespaces.
+    pub namespace_scope: Option<(String, String)>,
+}
+
+impl Registration {
+    /// The object to apply, with `ca_bundle` (PEM) as the trust root for the webhook.
+    pub fn object(&self, ca_bundle: &str) -> MutatingWebhookConfiguration {
+        let client_config = match &self.target {
+            Target::Service {
+                namespace,
+                name,
+                port,
+            } => WebhookClientConfig {
+                service: Some(ServiceReference {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    path: Some("/inject".to_owned()),
+                    port: Some(*port),
+                }),
+                ca_bundle: Some(ByteString(ca_bundle.as_bytes().to_vec())),
+                url: None,
+            },
+            Target::Url(url) => WebhookClientConfig {
+                url: Some(url.clone()),
+                ca_bundle: Some(ByteString(ca_bundle.as_bytes().to_vec())),
+                service: None,
+            },
+        };
+        let req = |key: &str, op: &str, values: &[&str]| LabelSelectorRequirement {
+            key: key.to_owned(),
+            operator: op.to_owned(),
+            values: (!values.is_empty()).then(|| values.iter().map(|v| (*v).to_owned()).collect()),
+        };
+        let excluded: Vec<&str> = self
+            .excluded_namespaces
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let not_excluded = req("kubernetes.io/metadata.name", "NotIn", &excluded);
+        let scope = self
+            .namespace_scope
+            .as_ref()
+            .map(|(k, v)| req(k, "In", &[v.as_str()]));
+        let entry = |name: &str, mut ns: Vec<LabelSelectorRequirement>, pods: LabelSelector| {
+            MutatingWebhook {
+                name: name.to_owned(),
+                client_config: client_config.clone(),
+                admission_review_versions: vec!["v1".to_owned()],
+                side_effects: "None".to_owned(),
+                failure_policy: Some(
+                    match self.failure_policy {
+                        FailurePolicy::Ignore => "Ignore",
+                        FailurePolicy::Fail => "Fail",
+                    }
+                    .to_owned(),
+                ),
+                timeout_seconds: Some(self.timeout_seconds),
+                match_policy: Some("Equivalent".to_owned()),
+                reinvocation_policy: Some("Never".to_owned()),
+                rules: Some(vec![RuleWithOperations {
+                    api_groups: Some(vec![String::new()]),
+                    api_versions: Some(vec!["v1".to_owned()]),
+                    operations: Some(vec!["CREATE".to_owned()]),
+                    resources: Some(vec!["pods".to_owned()]),
+                    scope: Some("Namespaced".to_owned()),
+                }]),
+                namespace_selector: Some(LabelSelector {
+                    match_expressions: Some({
+                        ns.extend(scope.clone());
+                        ns
+                    }),
+                    ..Default::default()
+                }),
+                object_selector: Some(pods),
+                ..Default::default()
+            }
+        };
+        let mut webhooks = vec![
+            entry(
+                "namespace.inject.weft.dev",
+                vec![
+                    req(keys::INJECT, "In", &[keys::ENABLED]),
+                    not_excluded.clone(),
+                ],
+                LabelSelector {
+                    match_expressions: Some(vec![req(keys::INJECT, "NotIn", &[keys::DISABLED])]),
+                    ..Default::default()
+                },
+            ),
+            entry(
+                "pod-label.inject.weft.dev",
+                vec![
+                    req(keys::INJECT, "NotIn", &[keys::ENABLED]),
+                    not_excluded.clone(),
+                ],
+                LabelSelector {
+                    match_labels: Some(BTreeMap::from([(
+                        keys::INJECT.to_owned(),
+                        keys::ENABLED.to_owned(),
+                    )])),
+                    ..Default::default()
+                },
+            ),
+        ];
+        if self.annotation_opt_in {
+            webhooks.push(entry(
+                "pod-annotation.inject.weft.dev",
+                vec![req(keys::INJECT, "DoesNotExist", &[]), not_excluded],
+                LabelSelector {
+                    match_expressions: Some(vec![req(keys::INJECT, "DoesNotExist", &[])]),
+                    ..Default::default()
+                },
+            ));
+        }
+        MutatingWebhookConfiguration {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/part-of".to_owned(),
+                    "weft".to_owned(),
+                )])),
+                ..Default::default()
+            },
+            webhooks: Some(webhooks),
+        }
+    }
+
+    /// Applies the configuration (server-side apply; repeating it is harmless).
+    pub async fn apply(&self, client: Client, ca_bundle: &str) -> Result<(), kube::Error> {
+        let api = Api::<MutatingWebhookConfiguration>::all(client);
+        let mut obj = self.object(ca_bundle);
+        obj.metadata.managed_fields = None;
+        let body = serde_json::json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": obj.metadata,
+            "webhooks": obj.webhooks,
+        });
+        api.patch(
+            &self.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Removes the configuration (so pods are created without calling a webhook that is
+    /// gone for good).
+    pub async fn delete(&self, client: Client) -> Result<(), kube::Error> {
+        let api = Api::<MutatingWebhookConfiguration>::all(client);
+        match api.delete(&self.name, &Default::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}

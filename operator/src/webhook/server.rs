@@ -1,0 +1,257 @@
+//! The webhook's HTTPS server: TLS with a swappable certificate, `POST /inject` for
+//! AdmissionReviews, `GET /healthz`. Bodies are capped; every request gets an answer.
+
+use std::{convert::Infallible, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client,
+    core::PartialObjectMeta,
+    runtime::reflector::{ObjectRef, Store},
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::{review, tls::CertStore};
+use crate::inject::{InjectConfig, keys};
+
+/// The largest AdmissionReview accepted (the API server's own request limit is 3 MiB).
+const MAX_BODY: usize = 8 * 1024 * 1024;
+/// How long a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Label set of the admission counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// The webhook's metrics.
+#[derive(Clone, Debug)]
+pub struct WebhookMetrics {
+    admissions: Family<OutcomeLabels, Counter>,
+    latency: Histogram,
+}
+
+impl Default for WebhookMetrics {
+    fn default() -> Self {
+        WebhookMetrics {
+            admissions: Family::default(),
+            latency: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+            ]),
+        }
+    }
+}
+
+impl WebhookMetrics {
+    /// Registers the metrics under `weft_webhook_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "weft_webhook_admissions",
+            "Pod admissions by outcome (injected, denied, invalid, or why skipped)",
+            self.admissions.clone(),
+        );
+        registry.register(
+            "weft_webhook_admission_duration_seconds",
+            "Time to answer one AdmissionReview",
+            self.latency.clone(),
+        );
+    }
+
+    /// How many admissions ended with this outcome label.
+    pub fn count(&self, outcome: &'static str) -> u64 {
+        self.admissions
+            .get_or_create(&OutcomeLabels { outcome })
+            .get()
+    }
+}
+
+/// Answers AdmissionReviews.
+pub struct Handler {
+    inject: InjectConfig,
+    namespaces: Store<PartialObjectMeta<Namespace>>,
+    client: Client,
+    metrics: WebhookMetrics,
+}
+
+impl Handler {
+    /// A handler reading namespace labels from `namespaces` (a reflector store), falling
+    /// back to the API for a namespace the store has not seen yet.
+    pub fn new(
+        inject: InjectConfig,
+        namespaces: Store<PartialObjectMeta<Namespace>>,
+        client: Client,
+        metrics: WebhookMetrics,
+    ) -> Self {
+        Handler {
+            inject,
+            namespaces,
+            client,
+            metrics,
+        }
+    }
+
+    async fn namespace_opted_in(&self, name: &str) -> bool {
+        let labels = match self.namespaces.get(&ObjectRef::new(name)) {
+            Some(ns) => ns.metadata.labels.clone(),
+            None => match Api::<Namespace>::all(self.client.clone())
+                .get_metadata_opt(name)
+                .await
+            {
+                Ok(Some(ns)) => ns.metadata.labels,
+                Ok(None) => None,
+                Err(error) => {
+                    tracing::warn!(%error, namespace = %name, "reading namespace labels");
+                    None
+                }
+            },
+        };
+        labels
+            .and_then(|l| l.get(keys::INJECT).cloned())
+            .is_some_and(|v| v == keys::ENABLED)
+    }
+
+    /// Answers one AdmissionReview body with the JSON review to send back.
+    pub async fn review(&self, body: &[u8]) -> Vec<u8> {
+        let started = Instant::now();
+        let (answer, outcome) = match review::parse(body) {
+            Err(answer) => answer,
+            Ok(req) => {
+                let ns = review::namespace(&req);
+                let opted_in = self.namespace_opted_in(&ns).await;
+                review::admit(&req, opted_in, &self.inject)
+            }
+        };
+        self.metrics
+            .admissions
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        self.metrics
+            .latency
+            .observe(started.elapsed().as_secs_f64());
+        match &outcome {
+            review::Outcome::Denied(e) => {
+                tracing::info!(reason = %e, "denied a pod that cannot be injected")
+            }
+            review::Outcome::Invalid(e) => tracing::warn!(reason = %e, "invalid admission request"),
+            other => tracing::debug!(outcome = other.as_str(), "admission"),
+        }
+        // An AdmissionReview always serializes; an empty body would still be answered.
+        serde_json::to_vec(&answer).unwrap_or_default()
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
+            (&Method::POST, "/inject") => {
+                let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => {
+                        let answer = self.review(format!("body: {e}").as_bytes()).await;
+                        return json(StatusCode::PAYLOAD_TOO_LARGE, answer);
+                    }
+                };
+                json(StatusCode::OK, self.review(&body).await)
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp
+}
+
+fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// How long in-flight admissions may take to finish after shutdown begins.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves the webhook on `listener` until `shutdown` completes, then closes every
+/// connection gracefully (in-flight admissions are answered, idle keep-alive connections
+/// are closed so the API server stops sending here).
+pub async fn serve(
+    listener: TcpListener,
+    certs: CertStore,
+    handler: Arc<Handler>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let acceptor = TlsAcceptor::from(certs.server_config());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a webhook connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let handler = handler.clone();
+        let watcher = graceful.watcher();
+        connections.spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, %peer, "webhook TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "webhook TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler.handle(req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder
+                .serve_connection(TokioIo::new(tls), service)
+                .into_owned();
+            if let Err(error) = watcher.watch(conn).await {
+                tracing::debug!(%error, %peer, "webhook connection ended with an error");
+            }
+        });
+        // Forget connections that have finished, so the set does not grow forever.
+        while connections.try_join_next().is_some() {}
+    }
+    // Ask every connection to finish its in-flight requests and close, then drop any
+    // that do not (or are still in their TLS handshake, holding no request).
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("webhook connections still open after the drain timeout");
+    }
+    connections.abort_all();
+}

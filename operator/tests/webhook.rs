@@ -1,0 +1,510 @@
+//! The injection webhook against the test bed's real API server, which calls it over TLS
+//! for every pod creation its registration selects.
+//!
+//! Each test runs its own webhook (own port, own MutatingWebhookConfiguration scoped by a
+//! namespace label to the test's namespace), so tests cannot see each other's webhooks.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use anyhow::{anyhow, ensure};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Namespace, Pod},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, ObjectMeta, PostParams},
+};
+use serde_json::json;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use weft_e2e::shared::{self, eventually};
+use weft_operator::{
+    inject::{InjectConfig, keys},
+    webhook::{self, FailurePolicy, Registration, Target, WebhookMetrics, WebhookSettings},
+};
+
+const SCOPE_LABEL: &str = "e2e.weft.dev/webhook";
+
+struct Webhook {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+    metrics: WebhookMetrics,
+}
+
+impl Webhook {
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
+        self.task.abort();
+    }
+}
+
+/// A fresh namespace, labelled so that only this test's webhook serves it.
+async fn scoped_namespace(client: &Client, prefix: &str, inject_label: Option<&str>) -> String {
+    let ns = shared::namespace(client, prefix).await.unwrap();
+    let mut labels = BTreeMap::from([(SCOPE_LABEL.to_owned(), ns.clone())]);
+    if let Some(v) = inject_label {
+        labels.insert(keys::INJECT.to_owned(), v.to_owned());
+    }
+    let patch = json!({"metadata": {"labels": labels}});
+    Api::<Namespace>::all(client.clone())
+        .patch(&ns, &Default::default(), &kube::api::Patch::Merge(&patch))
+        .await
+        .unwrap();
+    ns
+}
+
+async fn ensure_namespace(client: &Client, name: &str) {
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("creating namespace {name}: {e}"),
+    }
+}
+
+fn settings(ns: &str, port: u16, policy: FailurePolicy) -> WebhookSettings {
+    WebhookSettings {
+        inject: InjectConfig {
+            proxy_image: "weft.invalid/weft-proxy:test".to_owned(),
+            proxy_version: "0.1.0-test".to_owned(),
+            ..InjectConfig::default()
+        },
+        registration: Registration {
+            name: format!("weft-injector-{ns}"),
+            target: Target::Url(format!("https://127.0.0.1:{port}/inject")),
+            failure_policy: policy,
+            timeout_seconds: 5,
+            annotation_opt_in: true,
+            excluded_namespaces: vec!["kube-system".to_owned(), "weft-system".to_owned()],
+            namespace_scope: Some((SCOPE_LABEL.to_owned(), ns.to_owned())),
+        },
+        ca_namespace: "weft-system".to_owned(),
+        ca_secret: "weft-ca".to_owned(),
+        dns_names: vec!["localhost".to_owned()],
+        ips: vec![IpAddr::from([127, 0, 0, 1])],
+        cert_lifetime: Duration::from_secs(3600),
+    }
+}
+
+/// Starts a webhook for `ns` and waits until the API server calls it.
+async fn start_webhook(client: &Client, ns: &str, policy: FailurePolicy) -> Webhook {
+    ensure_namespace(client, "weft-system").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let metrics = WebhookMetrics::default();
+    let task = tokio::spawn({
+        let client = client.clone();
+        let settings = settings(ns, port, policy);
+        let metrics = metrics.clone();
+        async move {
+            webhook::run(client, settings, listener, metrics, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        }
+    });
+    // The API server picks up new webhook configurations asynchronously: dry-run a pod
+    // creation until it comes back injected.
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    eventually(Duration::from_secs(30), || {
+        let pods = pods.clone();
+        async move {
+            let probe = pod("probe", json!({"weft.dev/inject": "enabled"}));
+            let created = pods
+                .create(
+                    &PostParams {
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                    &probe,
+                )
+                .await?;
+            ensure!(has_proxy(&created), "webhook not called yet");
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    Webhook {
+        stop: Some(stop),
+        task,
+        metrics,
+    }
+}
+
+fn pod(name: &str, annotations: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "weft.invalid/app:1", "ports": [{"containerPort": 8080}]}]}
+    }))
+    .unwrap()
+}
+
+fn has_proxy(pod: &Pod) -> bool {
+    init_names(pod).iter().any(|n| n == keys::PROXY_CONTAINER)
+}
+
+fn init_names(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .map(|c| c.iter().map(|c| c.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_annotated_pod_gets_the_sidecar_the_init_container_and_the_token() {
+    let client = shared::client().await.unwrap();
+    let ns = scoped_namespace(&client, "inject-pod", None).await;
+    let hook = start_webhook(&client, &ns, FailurePolicy::Ignore).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("web", json!({"weft.dev/inject": "enabled"})),
+        )
+        .await
+        .unwrap();
+    let spec = created.spec.clone().unwrap();
+    let inits = spec.init_containers.clone().unwrap();
+    assert_eq!(init_names(&created), ["weft-init", "weft-proxy"]);
+    let proxy = &inits[1];
+    assert_eq!(
+        proxy.restart_policy.as_deref(),
+        Some("Always"),
+        "a native sidecar"
+    );
+    let sc = proxy.security_context.clone().unwrap();
+    assert_eq!(sc.run_as_user, Some(5150));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+    assert!(
+        proxy.startup_probe.is_some()
+            && proxy.readiness_probe.is_some()
+            && proxy.liveness_probe.is_some()
+    );
+    let init_caps = inits[0]
+        .security_context
+        .clone()
+        .unwrap()
+        .capabilities
+        .unwrap();
+    assert_eq!(init_caps.add.unwrap(), ["NET_ADMIN", "NET_RAW"]);
+    assert_eq!(init_caps.drop.unwrap(), ["ALL"]);
+    let args = inits[0].args.clone().unwrap().join(" ");
+    assert!(
+        args.contains("--inbound-port=15006") && args.contains("--outbound-port=15001"),
+        "{args}"
+    );
+    assert!(
+        args.contains("--proxy-uid=5150") && args.contains("--skip-inbound-ports=15021"),
+        "{args}"
+    );
+
+    let volume = spec
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == keys::TOKEN_VOLUME)
+        .unwrap();
+    let token = volume.projected.unwrap().sources.unwrap()[0]
+        .service_account_token
+        .clone()
+        .unwrap();
+    assert_eq!(token.audience.as_deref(), Some("weft"));
+    let env: Vec<String> = proxy
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    for name in [
+        "WEFT_POD_NAME",
+        "WEFT_POD_NAMESPACE",
+        "WEFT_SERVICE_ACCOUNT",
+        "WEFT_OPERATOR_ADDR",
+        "WEFT_TRUST_DOMAIN",
+    ] {
+        assert!(env.iter().any(|e| e == name), "{name} missing from {env:?}");
+    }
+    assert_eq!(
+        created
+            .annotations()
+            .get(keys::PROXY_VERSION)
+            .map(String::as_str),
+        Some("0.1.0-test")
+    );
+    assert_eq!(
+        created.labels().get(keys::MESHED_LABEL).map(String::as_str),
+        Some("true")
+    );
+    assert!(hook.metrics.count("injected") >= 1);
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn a_labelled_namespace_injects_deployment_pods_but_honours_opt_out() {
+    let client = shared::client().await.unwrap();
+    let ns = scoped_namespace(&client, "inject-ns", Some("enabled")).await;
+    let hook = start_webhook(&client, &ns, FailurePolicy::Ignore).await;
+
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "shop"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "shop"}},
+            "template": {
+                "metadata": {"labels": {"app": "shop"}},
+                "spec": {"containers": [{"name": "shop", "image": "weft.invalid/shop:1"}]}
+            }
+        }
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let created = eventually(Duration::from_secs(30), || async {
+        let list = pods.list(&ListParams::default().labels("app=shop")).await?;
+        ensure!(list.items.len() == 2, "{} pods so far", list.items.len());
+        Ok(list.items)
+    })
+    .await
+    .unwrap();
+    for p in &created {
+        assert!(has_proxy(p), "deployment pod {} not injected", p.name_any());
+    }
+
+    // Opt-out by annotation, and by label.
+    let out = pods
+        .create(
+            &PostParams::default(),
+            &pod("opted-out", json!({"weft.dev/inject": "disabled"})),
+        )
+        .await
+        .unwrap();
+    assert!(!has_proxy(&out));
+    let mut labelled = pod("opted-out-label", json!({}));
+    labelled.metadata.labels = Some(BTreeMap::from([(
+        keys::INJECT.to_owned(),
+        "disabled".to_owned(),
+    )]));
+    let out = pods
+        .create(&PostParams::default(), &labelled)
+        .await
+        .unwrap();
+    assert!(!has_proxy(&out));
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn pods_that_did_not_opt_in_or_cannot_be_meshed_are_left_alone() {
+    let client = shared::client().await.unwrap();
+    let ns = scoped_namespace(&client, "inject-skip", None).await;
+    let hook = start_webhook(&client, &ns, FailurePolicy::Ignore).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+
+    let plain = pods
+        .create(&PostParams::default(), &pod("plain", json!({})))
+        .await
+        .unwrap();
+    assert!(!has_proxy(&plain));
+
+    let mut host = pod("host", json!({"weft.dev/inject": "enabled"}));
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    let host = pods.create(&PostParams::default(), &host).await.unwrap();
+    assert!(!has_proxy(&host), "hostNetwork pods are never injected");
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn injection_is_idempotent_and_keeps_existing_init_containers_and_volumes() {
+    let client = shared::client().await.unwrap();
+    let ns = scoped_namespace(&client, "inject-idem", None).await;
+    let hook = start_webhook(&client, &ns, FailurePolicy::Ignore).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+
+    let mut with_init: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "migrate", "annotations": {"weft.dev/inject": "enabled"}},
+        "spec": {
+            "initContainers": [{"name": "migrate-db", "image": "weft.invalid/migrate:1"}],
+            "containers": [{"name": "app", "image": "weft.invalid/app:1", "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+            "volumes": [{"name": "data", "emptyDir": {}}]
+        }
+    }))
+    .unwrap();
+    let created = pods
+        .create(&PostParams::default(), &with_init)
+        .await
+        .unwrap();
+    assert_eq!(
+        init_names(&created),
+        ["weft-init", "weft-proxy", "migrate-db"]
+    );
+    let volumes: Vec<String> = created
+        .spec
+        .clone()
+        .unwrap()
+        .volumes
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert!(
+        volumes.contains(&"data".to_owned()) && volumes.contains(&keys::TOKEN_VOLUME.to_owned()),
+        "{volumes:?}"
+    );
+
+    // A manifest that was injected already (by `kubectl weft inject`) is not injected again.
+    with_init.metadata.name = Some("migrate-again".to_owned());
+    let (mut meta, mut spec) = (with_init.metadata.clone(), with_init.spec.clone().unwrap());
+    weft_operator::inject::inject(&mut meta, &mut spec, &InjectConfig::default()).unwrap();
+    let pre_injected = Pod {
+        metadata: meta,
+        spec: Some(spec),
+        status: None,
+    };
+    let created = pods
+        .create(&PostParams::default(), &pre_injected)
+        .await
+        .unwrap();
+    let names = init_names(&created);
+    assert_eq!(
+        names.iter().filter(|n| *n == "weft-proxy").count(),
+        1,
+        "{names:?}"
+    );
+    assert_eq!(
+        names.iter().filter(|n| *n == "weft-init").count(),
+        1,
+        "{names:?}"
+    );
+    assert!(hook.metrics.count("already_injected") >= 1);
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn a_pod_whose_port_clashes_with_the_proxy_is_rejected_with_the_reason() {
+    let client = shared::client().await.unwrap();
+    let ns = scoped_namespace(&client, "inject-clash", None).await;
+    let hook = start_webhook(&client, &ns, FailurePolicy::Ignore).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let clash: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "clash", "annotations": {"weft.dev/inject": "enabled"}},
+        "spec": {"containers": [{"name": "app", "image": "weft.invalid/app:1", "ports": [{"containerPort": 15006}]}]}
+    }))
+    .unwrap();
+    match pods.create(&PostParams::default(), &clash).await {
+        Err(kube::Error::Api(e)) => {
+            assert!(e.message.contains("15006"), "{}", e.message);
+            assert!(
+                e.message.contains("weft.dev/inject: disabled"),
+                "says how to get out: {}",
+                e.message
+            );
+        }
+        other => panic!("want a rejection, got {other:?}"),
+    }
+    let bad_annotation = pod(
+        "bad",
+        json!({"weft.dev/inject": "enabled", "weft.dev/skip-outbound-ports": "http"}),
+    );
+    match pods.create(&PostParams::default(), &bad_annotation).await {
+        Err(kube::Error::Api(e)) => assert!(
+            e.message.contains("weft.dev/skip-outbound-ports"),
+            "{}",
+            e.message
+        ),
+        other => panic!("want a rejection, got {other:?}"),
+    }
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_operator_down_failure_policy_decides() {
+    let client = shared::client().await.unwrap();
+
+    // Ignore (the default): pods are created, without the proxy.
+    let ns = scoped_namespace(&client, "inject-down", None).await;
+    let hook = start_webhook(&client, &ns, FailurePolicy::Ignore).await;
+    hook.stop().await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let created = eventually(Duration::from_secs(20), || async {
+        let p = pods
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &pod("unmeshed", json!({"weft.dev/inject": "enabled"})),
+            )
+            .await?;
+        ensure!(!has_proxy(&p), "webhook still answering");
+        Ok(p)
+    })
+    .await
+    .unwrap();
+    assert!(!has_proxy(&created));
+    let real = pods
+        .create(
+            &PostParams::default(),
+            &pod("unmeshed", json!({"weft.dev/inject": "enabled"})),
+        )
+        .await
+        .unwrap();
+    assert!(
+        !has_proxy(&real),
+        "created uninjected while the webhook is down"
+    );
+
+    // Fail: pod creation is refused while the webhook is down.
+    let ns = scoped_namespace(&client, "inject-fail", None).await;
+    let hook = start_webhook(&client, &ns, FailurePolicy::Fail).await;
+    hook.stop().await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let err = eventually(Duration::from_secs(20), || async {
+        match pods
+            .create(
+                &PostParams::default(),
+                &pod("blocked", json!({"weft.dev/inject": "enabled"})),
+            )
+            .await
+        {
+            Err(kube::Error::Api(e)) => Ok(e),
+            Ok(p) => {
+                pods.delete(&p.name_any(), &Default::default()).await?;
+                Err(anyhow!("created while the webhook should be down"))
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        err.message.contains("inject.weft.dev"),
+        "names the webhook: {}",
+        err.message
+    );
+}
