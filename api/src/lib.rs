@@ -5,5 +5,6 @@
 
 pub mod duration;
 pub mod proxy_config;
+pub mod push;
 
 pub use duration::{Duration, DurationError};

@@ -7,5 +7,8 @@
 //! ```
 
 pub mod ca;
+pub mod index;
 pub mod inject;
+pub mod metrics;
 pub mod webhook;
+pub mod push;

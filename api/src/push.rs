@@ -1,0 +1,209 @@
+//! The config push protocol between `weft-operator` and `weft-proxy` (`weft.push.v1`).
+//!
+//! One HTTP/2 request per subscription, full duplex:
+//!
+//! ```text
+//! proxy                                             operator
+//!   POST /weft.push.v1/subscribe  ─────────────────▶  (TokenReview of the bearer token,
+//!     authorization: Bearer <SA token>                  pod identity from the headers)
+//!     weft-pod: <namespace>/<name>
+//!   ◀───────────── 200, body: Update (full) , Update (delta), Update (delta) ...
+//!   body: Ack / Nack, Ack ... ─────────────────────▶
+//! ```
+//!
+//! Both bodies are sequences of frames: a 4-byte big-endian length, then that many bytes of
+//! one JSON message ([`ServerMessage`] from the operator, [`ClientMessage`] from the proxy).
+//! `docs/protocol.md` states the compatibility rules: within `v1`, fields are only added,
+//! never renamed or re-typed, and unknown fields are ignored by readers; anything else is a
+//! new path (`weft.push.v2`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::proxy_config::ServiceConfig;
+
+/// The request path of a subscription.
+pub const SUBSCRIBE_PATH: &str = "/weft.push.v1/subscribe";
+
+/// The request header naming the subscribing pod as `namespace/name`.
+pub const POD_HEADER: &str = "weft-pod";
+
+/// The largest frame either side accepts (16 MiB): a full snapshot of a large mesh fits,
+/// a corrupt length prefix does not make a reader allocate gigabytes.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// A message from the operator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ServerMessage {
+    /// A new config version for this proxy.
+    Update(Update),
+}
+
+/// One config version, as a full snapshot or as a delta to the previous update on the same
+/// stream.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Update {
+    /// The version this update brings the proxy to. Increases on a stream; the proxy echoes
+    /// it in its [`Ack`] or [`Nack`].
+    pub version: u64,
+    /// `true`: the proxy's services are exactly `services` (the first update on every
+    /// stream is full). `false`: `services` are upserted and `removed` deleted.
+    #[serde(default)]
+    pub full: bool,
+    /// Services added or changed (all of them when `full`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceConfig>,
+    /// Names of services removed since the previous update (empty when `full`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+    /// The Weft resources (and their generations) this version implements, when they
+    /// changed since the previous update on the stream; `None` means unchanged. Used by
+    /// the operator for `Programmed`, and shown by the proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Vec<ResourceRef>>,
+}
+
+/// A Weft resource at one generation.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceRef {
+    /// `Route`, `Policy` or `Breaker`.
+    pub kind: String,
+    /// The resource's namespace.
+    pub namespace: String,
+    /// The resource's name.
+    pub name: String,
+    /// The resource's `metadata.generation`.
+    pub generation: i64,
+}
+
+/// A message from the proxy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ClientMessage {
+    /// The version was validated and is active.
+    Ack(Ack),
+    /// The version was rejected; the proxy keeps its last good config.
+    Nack(Nack),
+}
+
+/// Acknowledges a version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ack {
+    /// The version now active.
+    pub version: u64,
+}
+
+/// Rejects a version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Nack {
+    /// The version rejected.
+    pub version: u64,
+    /// Why, for people: every validation problem, joined.
+    pub reason: String,
+    /// The version still active, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_version: Option<u64>,
+}
+
+/// Why bytes could not be read as a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix exceeds [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// The frame is not a message this side understands.
+    #[error("malformed message: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Encodes a message as one frame (length prefix and JSON).
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let json = serde_json::to_vec(message)?;
+    let len = u32::try_from(json.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(json.len() + 4);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Accumulates bytes and yields whole frames, however the transport split them.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// Appends bytes read from the stream.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, if one is buffered.
+    pub fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
+        let Some(prefix) = self.buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let message = serde_json::from_slice(&self.buf[4..4 + len]);
+        self.buf.drain(..4 + len);
+        Ok(Some(message?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_survive_arbitrary_splits() {
+        let a = encode(&ClientMessage::Ack(Ack { version: 7 })).unwrap();
+        let b = encode(&ClientMessage::Nack(Nack {
+            version: 8,
+            reason: "bad".into(),
+            active_version: Some(7),
+        }))
+        .unwrap();
+        let all: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+        for split in 0..all.len() {
+            let mut d = FrameDecoder::default();
+            let mut got = Vec::new();
+            for chunk in [&all[..split], &all[split..]] {
+                d.extend(chunk);
+                while let Some(m) = d.next::<ClientMessage>().unwrap() {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got.len(), 2, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn readers_ignore_fields_added_later() {
+        let m: ServerMessage = serde_json::from_str(
+            r#"{"type":"update","version":3,"full":true,"someFutureField":1}"#,
+        )
+        .unwrap();
+        let ServerMessage::Update(u) = m;
+        assert_eq!(u.version, 3);
+    }
+
+    #[test]
+    fn an_oversized_length_is_refused_before_allocating() {
+        let mut d = FrameDecoder::default();
+        d.extend(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            d.next::<ClientMessage>(),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+}

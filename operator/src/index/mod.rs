@@ -1,0 +1,840 @@
+//! The mesh index: one in-memory model of the cluster, and from it the config each proxy
+//! needs. Plain synchronous code; the watch layer ([`crate::watch`]) feeds it and the push
+//! server ([`crate::push`]) reads it.
+//!
+//! ```text
+//! watch events ──model::convert──▶ Index::apply / delete / replace
+//!                                      │ rebuild only the namespace the object lives in
+//!                                      ▼
+//!                 outbound[ns] : name ─▶ Arc<ServiceConfig>   (kept by pointer when unchanged)
+//!                 resources[ns]: Routes and Breakers programmed there
+//!                                      │
+//!                  Affected { namespaces, pods } ──▶ only subscribers that see one of them
+//!                                      ▼
+//!                 Index::view(pod) ─▶ ProxyView (services it may call + resources it runs)
+//! ```
+//!
+//! What a proxy receives: the Services of its own namespace and of the namespaces its pod
+//! (or namespace) lists in [`model::VISIBLE_NAMESPACES_ANNOTATION`], one
+//! [`ServiceConfig`] per Service port, named `<service>.<namespace>.<port>`, with the
+//! ready endpoints (terminating ones are drained: they get no new requests), the SPIFFE
+//! identity of meshed endpoints, and the effect of the Route that wins for that port
+//! (its catch-all rule's backends, weighted, and timeout).
+//!
+//! Every dependency of a Service's config (its EndpointSlices, its Routes, their
+//! backends, the pods behind the endpoints) lives in the Service's own namespace, so a
+//! change to one object rebuilds that namespace only and reports it as affected only when
+//! some config really changed.
+
+pub mod model;
+pub mod shared;
+pub mod watch;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
+    sync::Arc,
+};
+
+use weft_api::{
+    proxy_config::{EndpointConfig, Protocol, ServiceConfig},
+    push::ResourceRef,
+};
+use weft_crds::{RouteSpec, route::RouteRule};
+
+use model::{
+    BreakerModel, NamespaceModel, Parsed, PodModel, PolicyModel, RouteModel, ServiceModel,
+    SliceModel, selector_matches,
+};
+pub use model::{Kind, Object, ObjectKey};
+
+/// The largest endpoint weight the proxy accepts.
+pub const MAX_ENDPOINT_WEIGHT: u32 = 10_000;
+
+/// The config one proxy needs, as the index computes it.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyView {
+    /// The index version at which this view last changed.
+    pub version: u64,
+    /// The services the proxy may call, by config name.
+    pub services: BTreeMap<String, Arc<ServiceConfig>>,
+    /// The Weft resources (with generations) this view implements.
+    pub resources: BTreeSet<ResourceRef>,
+}
+
+impl ProxyView {
+    /// Whether two views carry the same config (versions aside).
+    pub fn same_content(&self, other: &ProxyView) -> bool {
+        self.resources == other.resources
+            && self.services.len() == other.services.len()
+            && self
+                .services
+                .iter()
+                .zip(other.services.iter())
+                .all(|((a, x), (b, y))| a == b && (Arc::ptr_eq(x, y) || x == y))
+    }
+}
+
+/// What a change touched: subscribers that see one of `namespaces`, or whose pod is in
+/// `pods`, may need a new view; nobody else does.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Affected {
+    /// Namespaces whose outbound services or resources changed.
+    pub namespaces: BTreeSet<String>,
+    /// Pods whose own view inputs (labels, visibility, Policies) may have changed.
+    pub pods: BTreeSet<ObjectKey>,
+}
+
+impl Affected {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty() && self.pods.is_empty()
+    }
+
+    /// Adds another change.
+    pub fn merge(&mut self, other: Affected) {
+        self.namespaces.extend(other.namespaces);
+        self.pods.extend(other.pods);
+    }
+}
+
+/// A status condition as the index computes it (sans timestamps).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CondState {
+    /// `True` or `False`.
+    pub ok: bool,
+    /// A CamelCase reason.
+    pub reason: &'static str,
+    /// For people.
+    pub message: String,
+}
+
+impl CondState {
+    fn yes(reason: &'static str, message: impl Into<String>) -> Self {
+        CondState {
+            ok: true,
+            reason,
+            message: message.into(),
+        }
+    }
+    fn no(reason: &'static str, message: impl Into<String>) -> Self {
+        CondState {
+            ok: false,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Condition reasons, in one place.
+pub mod reasons {
+    /// Accepted=True.
+    pub const ACCEPTED: &str = "Accepted";
+    /// Accepted=False: the spec did not deserialize.
+    pub const INVALID: &str = "Invalid";
+    /// Accepted=False: an older Route governs the same Service port.
+    pub const CONFLICTED: &str = "Conflicted";
+    /// ResolvedRefs=True.
+    pub const RESOLVED_REFS: &str = "ResolvedRefs";
+    /// ResolvedRefs=False.
+    pub const BACKEND_NOT_FOUND: &str = "BackendNotFound";
+    /// Programmed=True.
+    pub const PROGRAMMED: &str = "Programmed";
+    /// Programmed=False: some proxies have not acknowledged the generation yet.
+    pub const PENDING: &str = "Pending";
+    /// Programmed=False: a proxy rejected the config.
+    pub const REJECTED: &str = "Rejected";
+    /// Programmed=False: the resource is not accepted, so nothing is programmed.
+    pub const NOT_ACCEPTED: &str = "NotAccepted";
+}
+
+/// The `Accepted` and `ResolvedRefs` state of one resource at one generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceState {
+    /// The generation described.
+    pub generation: i64,
+    /// Rules in the spec (Routes only).
+    pub rule_count: Option<u32>,
+    /// `Accepted`.
+    pub accepted: CondState,
+    /// `ResolvedRefs`.
+    pub resolved_refs: CondState,
+}
+
+/// The in-memory model of the mesh.
+#[derive(Debug)]
+pub struct Index {
+    trust_domain: String,
+    namespaces: HashMap<String, NamespaceModel>,
+    services: BTreeMap<ObjectKey, ServiceModel>,
+    slices: BTreeMap<ObjectKey, SliceModel>,
+    pods: BTreeMap<ObjectKey, PodModel>,
+    routes: BTreeMap<ObjectKey, RouteModel>,
+    policies: BTreeMap<ObjectKey, PolicyModel>,
+    breakers: BTreeMap<ObjectKey, BreakerModel>,
+    outbound: BTreeMap<String, BTreeMap<String, Arc<ServiceConfig>>>,
+    ns_resources: BTreeMap<String, BTreeSet<ResourceRef>>,
+    version: u64,
+}
+
+fn in_ns<'a, V>(
+    map: &'a BTreeMap<ObjectKey, V>,
+    ns: &str,
+) -> impl Iterator<Item = (&'a ObjectKey, &'a V)> + 'a + use<'a, V> {
+    let ns = ns.to_owned();
+    map.range(ObjectKey::new(ns.clone(), "")..)
+        .take_while(move |(k, _)| k.namespace == ns)
+}
+
+impl Index {
+    /// An empty index; endpoint identities are SPIFFE IDs in `trust_domain`.
+    pub fn new(trust_domain: impl Into<String>) -> Self {
+        Index {
+            trust_domain: trust_domain.into(),
+            namespaces: HashMap::new(),
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            breakers: BTreeMap::new(),
+            outbound: BTreeMap::new(),
+            ns_resources: BTreeMap::new(),
+            version: 0,
+        }
+    }
+
+    /// The version of the latest change; views carry the version they changed at.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// How many objects of `kind` the index holds.
+    pub fn len(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Namespace => self.namespaces.len(),
+            Kind::Service => self.services.len(),
+            Kind::EndpointSlice => self.slices.len(),
+            Kind::Pod => self.pods.len(),
+            Kind::Route => self.routes.len(),
+            Kind::Policy => self.policies.len(),
+            Kind::Breaker => self.breakers.len(),
+        }
+    }
+
+    /// Whether the index holds no object at all.
+    pub fn is_empty(&self) -> bool {
+        Kind::ALL.iter().all(|k| self.len(*k) == 0)
+    }
+
+    /// Adds or replaces one object.
+    pub fn apply(&mut self, key: ObjectKey, object: Object) -> Affected {
+        let ns = key.namespace.clone();
+        let mut pods = BTreeSet::new();
+        match object {
+            Object::Namespace(m) => {
+                if self.namespaces.get(&key.name) == Some(&m) {
+                    return Affected::default();
+                }
+                self.namespaces.insert(key.name.clone(), m);
+                pods.extend(in_ns(&self.pods, &key.name).map(|(k, _)| k.clone()));
+                return self.finish(None, pods);
+            }
+            Object::Service(m) => {
+                if self.services.get(&key) == Some(&m) {
+                    return Affected::default();
+                }
+                self.services.insert(key, m);
+                pods.extend(in_ns(&self.pods, &ns).map(|(k, _)| k.clone()));
+            }
+            Object::EndpointSlice(m) => {
+                if self.slices.get(&key) == Some(&m) {
+                    return Affected::default();
+                }
+                self.slices.insert(key, m);
+            }
+            Object::Pod(m) => {
+                if self.pods.get(&key) == Some(&m) {
+                    return Affected::default();
+                }
+                pods.insert(key.clone());
+                self.pods.insert(key, m);
+            }
+            Object::Route(m) => {
+                if self.routes.get(&key) == Some(&m) {
+                    return Affected::default();
+                }
+                self.routes.insert(key, m);
+            }
+            Object::Policy(m) => {
+                if self.policies.get(&key) == Some(&m) {
+                    return Affected::default();
+                }
+                self.policies.insert(key, m);
+                pods.extend(in_ns(&self.pods, &ns).map(|(k, _)| k.clone()));
+            }
+            Object::Breaker(m) => {
+                if self.breakers.get(&key) == Some(&m) {
+                    return Affected::default();
+                }
+                self.breakers.insert(key, m);
+            }
+        }
+        self.finish(Some(ns), pods)
+    }
+
+    /// Removes one object.
+    pub fn delete(&mut self, kind: Kind, key: &ObjectKey) -> Affected {
+        let ns = key.namespace.clone();
+        let mut pods = BTreeSet::new();
+        let removed = match kind {
+            Kind::Namespace => {
+                if self.namespaces.remove(&key.name).is_none() {
+                    return Affected::default();
+                }
+                pods.extend(in_ns(&self.pods, &key.name).map(|(k, _)| k.clone()));
+                return self.finish(None, pods);
+            }
+            Kind::Service => {
+                pods.extend(in_ns(&self.pods, &ns).map(|(k, _)| k.clone()));
+                self.services.remove(key).is_some()
+            }
+            Kind::EndpointSlice => self.slices.remove(key).is_some(),
+            Kind::Pod => {
+                pods.insert(key.clone());
+                self.pods.remove(key).is_some()
+            }
+            Kind::Route => self.routes.remove(key).is_some(),
+            Kind::Policy => {
+                pods.extend(in_ns(&self.pods, &ns).map(|(k, _)| k.clone()));
+                self.policies.remove(key).is_some()
+            }
+            Kind::Breaker => self.breakers.remove(key).is_some(),
+        };
+        if !removed {
+            return Affected::default();
+        }
+        self.finish(Some(ns), pods)
+    }
+
+    /// Replaces every object of `kind` with `objects` (after a watch's re-list): objects
+    /// missing from the list are deleted, the rest applied.
+    pub fn replace(&mut self, kind: Kind, objects: Vec<(ObjectKey, Object)>) -> Affected {
+        let keep: BTreeSet<&ObjectKey> = objects.iter().map(|(k, _)| k).collect();
+        let existing: Vec<ObjectKey> = match kind {
+            Kind::Namespace => self
+                .namespaces
+                .keys()
+                .map(|n| ObjectKey::new("", n.clone()))
+                .collect(),
+            Kind::Service => self.services.keys().cloned().collect(),
+            Kind::EndpointSlice => self.slices.keys().cloned().collect(),
+            Kind::Pod => self.pods.keys().cloned().collect(),
+            Kind::Route => self.routes.keys().cloned().collect(),
+            Kind::Policy => self.policies.keys().cloned().collect(),
+            Kind::Breaker => self.breakers.keys().cloned().collect(),
+        };
+        let stale: Vec<ObjectKey> = existing.into_iter().filter(|k| !keep.contains(k)).collect();
+        let mut affected = Affected::default();
+        for key in stale {
+            affected.merge(self.delete(kind, &key));
+        }
+        for (key, object) in objects {
+            if object.kind() == kind {
+                affected.merge(self.apply(key, object));
+            }
+        }
+        affected
+    }
+
+    fn finish(&mut self, ns: Option<String>, pods: BTreeSet<ObjectKey>) -> Affected {
+        let mut affected = Affected {
+            pods,
+            ..Affected::default()
+        };
+        if let Some(ns) = ns
+            && self.rebuild(&ns)
+        {
+            affected.namespaces.insert(ns);
+        }
+        if !affected.is_empty() {
+            self.version += 1;
+        }
+        affected
+    }
+
+    /// Recomputes one namespace's outbound configs and resources; returns whether any
+    /// changed. Unchanged configs keep their `Arc`, so comparisons downstream are cheap.
+    fn rebuild(&mut self, ns: &str) -> bool {
+        let mut fresh: BTreeMap<String, Arc<ServiceConfig>> = BTreeMap::new();
+        let old = self.outbound.get(ns);
+        for (key, svc) in in_ns(&self.services, ns) {
+            for config in self.service_configs(key, svc) {
+                let config = match old.and_then(|o| o.get(&config.name)) {
+                    Some(prev) if **prev == config => prev.clone(),
+                    _ => Arc::new(config),
+                };
+                fresh.insert(config.name.clone(), config);
+            }
+        }
+        let mut resources = BTreeSet::new();
+        for (key, (meta, spec)) in in_ns(&self.routes, ns) {
+            if matches!(spec, Parsed::Valid(_)) && self.route_conflict(key).is_none() {
+                resources.insert(resource_ref("Route", key, meta.generation));
+            }
+        }
+        for (key, (meta, spec)) in in_ns(&self.breakers, ns) {
+            if matches!(spec, Parsed::Valid(_)) {
+                resources.insert(resource_ref("Breaker", key, meta.generation));
+            }
+        }
+        let services_changed = old != Some(&fresh) && !(old.is_none() && fresh.is_empty());
+        let resources_changed = self.ns_resources.get(ns) != Some(&resources)
+            && !(resources.is_empty() && !self.ns_resources.contains_key(ns));
+        if fresh.is_empty() {
+            self.outbound.remove(ns);
+        } else {
+            self.outbound.insert(ns.to_owned(), fresh);
+        }
+        if resources.is_empty() {
+            self.ns_resources.remove(ns);
+        } else {
+            self.ns_resources.insert(ns.to_owned(), resources);
+        }
+        services_changed || resources_changed
+    }
+
+    /// The Routes for a Service, valid ones only, oldest first (ties by name).
+    fn routes_for(&self, ns: &str, service: &str) -> Vec<(&ObjectKey, &RouteModel)> {
+        let mut routes: Vec<_> = in_ns(&self.routes, ns)
+            .filter(|(_, (_, spec))| matches!(spec, Parsed::Valid(s) if s.service.name == service))
+            .collect();
+        routes.sort_by(|(ka, (ma, _)), (kb, (mb, _))| {
+            (ma.created.as_ref().map(|t| t.0), &ka.name)
+                .cmp(&(mb.created.as_ref().map(|t| t.0), &kb.name))
+        });
+        routes
+    }
+
+    /// The older Route that `key` conflicts with, if any: two Routes conflict when they
+    /// govern the same Service and their ports overlap (an omitted port overlaps every
+    /// port). The older one (by creation time, then name) wins.
+    pub fn route_conflict(&self, key: &ObjectKey) -> Option<ObjectKey> {
+        let (_, Parsed::Valid(spec)) = self.routes.get(key)? else {
+            return None;
+        };
+        for (other, (_, other_spec)) in self.routes_for(&key.namespace, &spec.service.name) {
+            if other == key {
+                return None;
+            }
+            let Parsed::Valid(o) = other_spec else {
+                continue;
+            };
+            if ports_overlap(o.service.port, spec.service.port) {
+                return Some(other.clone());
+            }
+        }
+        None
+    }
+
+    /// The Routes that lose to `key` (newer Routes it conflicts with).
+    pub fn routes_conflicting_with(&self, key: &ObjectKey) -> Vec<ObjectKey> {
+        let Some((_, Parsed::Valid(spec))) = self.routes.get(key) else {
+            return Vec::new();
+        };
+        self.routes_for(&key.namespace, &spec.service.name)
+            .into_iter()
+            .filter(|(k, _)| *k != key && self.route_conflict(k).as_ref() == Some(key))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    fn winning_route(&self, ns: &str, service: &str, port: u16) -> Option<&RouteSpec> {
+        self.routes_for(ns, service)
+            .into_iter()
+            .filter(|(k, _)| self.route_conflict(k).is_none())
+            .find_map(|(_, (_, spec))| match spec {
+                Parsed::Valid(s) if s.service.port.is_none_or(|p| p == port) => Some(s),
+                _ => None,
+            })
+    }
+
+    fn identity(&self, ns: &str, pod: Option<&String>) -> Option<String> {
+        let pod = self.pods.get(&ObjectKey::new(ns, pod?.clone()))?;
+        Some(format!(
+            "spiffe://{}/ns/{ns}/sa/{}",
+            self.trust_domain, pod.service_account
+        ))
+    }
+
+    /// The ready endpoints of one Service port, by address.
+    fn endpoints(&self, ns: &str, service: &str, port: u16) -> BTreeMap<String, EndpointConfig> {
+        let mut out = BTreeMap::new();
+        let key = ObjectKey::new(ns, service);
+        let Some(svc) = self.services.get(&key) else {
+            return out;
+        };
+        let Some(sp) = svc.ports.iter().find(|p| p.port == port) else {
+            return out;
+        };
+        for (_, slice) in in_ns(&self.slices, ns).filter(|(_, s)| s.service == service) {
+            let Some((_, target)) = slice.ports.iter().find(|(name, _)| *name == sp.name) else {
+                continue;
+            };
+            for ep in slice.endpoints.iter().filter(|e| e.ready) {
+                for ip in &ep.addresses {
+                    let address = SocketAddr::new(*ip, *target).to_string();
+                    out.insert(
+                        address.clone(),
+                        EndpointConfig {
+                            address,
+                            weight: None,
+                            labels: ep
+                                .zone
+                                .iter()
+                                .map(|z| ("zone".to_owned(), z.clone()))
+                                .collect(),
+                            identity: self.identity(ns, ep.pod.as_ref()),
+                        },
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn service_configs(&self, key: &ObjectKey, svc: &ServiceModel) -> Vec<ServiceConfig> {
+        if svc.cluster_ips.is_empty() {
+            return Vec::new();
+        }
+        let ns = key.namespace.as_str();
+        svc.ports
+            .iter()
+            .map(|p| {
+                let route = self.winning_route(ns, &key.name, p.port);
+                let rule = route.and_then(catch_all);
+                let endpoints = match rule {
+                    Some(rule) => self.split(ns, rule, p.port),
+                    None => self
+                        .endpoints(ns, &key.name, p.port)
+                        .into_values()
+                        .collect(),
+                };
+                ServiceConfig {
+                    name: config_name(key, p.port),
+                    addresses: svc
+                        .cluster_ips
+                        .iter()
+                        .map(|ip| SocketAddr::new(*ip, p.port).to_string())
+                        .collect(),
+                    protocol: if p.opaque {
+                        Protocol::Opaque
+                    } else {
+                        Protocol::Detect
+                    },
+                    balancer: Default::default(),
+                    timeout: rule.and_then(|r| r.timeout.clone()),
+                    connect_timeout: None,
+                    endpoints,
+                }
+            })
+            .collect()
+    }
+
+    /// The endpoints of a rule's backends, weighted so each backend gets its share of
+    /// requests however many endpoints it has.
+    fn split(&self, ns: &str, rule: &RouteRule, port: u16) -> Vec<EndpointConfig> {
+        let backends: Vec<(u64, BTreeMap<String, EndpointConfig>)> = rule
+            .backends
+            .iter()
+            .filter(|b| b.weight > 0)
+            .map(|b| {
+                let weight = u64::try_from(b.weight).unwrap_or(0);
+                (weight, self.endpoints(ns, &b.name, b.port.unwrap_or(port)))
+            })
+            .filter(|(_, eps)| !eps.is_empty())
+            .collect();
+        if backends.len() == 1 {
+            return backends
+                .into_iter()
+                .flat_map(|(_, eps)| eps.into_values())
+                .collect();
+        }
+        let total: u64 = backends.iter().map(|(w, _)| *w).sum();
+        let mut merged: BTreeMap<String, EndpointConfig> = BTreeMap::new();
+        for (w, eps) in backends {
+            let n = eps.len() as u64;
+            let each = (u64::from(MAX_ENDPOINT_WEIGHT) * w)
+                .checked_div(total * n)
+                .unwrap_or(1)
+                .clamp(1, u64::from(MAX_ENDPOINT_WEIGHT));
+            let each = u32::try_from(each).unwrap_or(MAX_ENDPOINT_WEIGHT);
+            for (addr, mut ep) in eps {
+                let prev = merged.get(&addr).and_then(|e| e.weight).unwrap_or(0);
+                ep.weight = Some((prev + each).min(MAX_ENDPOINT_WEIGHT));
+                merged.insert(addr, ep);
+            }
+        }
+        merged.into_values().collect()
+    }
+
+    fn visible_namespaces(&self, pod_key: &ObjectKey, pod: &PodModel) -> Visible {
+        let spec = pod.visible.clone().or_else(|| {
+            self.namespaces
+                .get(&pod_key.namespace)
+                .and_then(|n| n.visible.clone())
+        });
+        let mut names = BTreeSet::from([pod_key.namespace.clone()]);
+        for part in spec.iter().flat_map(|s| s.split(',')).map(str::trim) {
+            if part == "*" {
+                return Visible::All;
+            }
+            if !part.is_empty() {
+                names.insert(part.to_owned());
+            }
+        }
+        Visible::Some(names)
+    }
+
+    /// Whether a subscriber for `pod` may need a new view after `affected`.
+    pub fn is_affected(&self, pod: &ObjectKey, affected: &Affected) -> bool {
+        if affected.pods.contains(pod) {
+            return true;
+        }
+        if affected.namespaces.is_empty() {
+            return false;
+        }
+        match self.pods.get(pod) {
+            None => false,
+            Some(m) => match self.visible_namespaces(pod, m) {
+                Visible::All => true,
+                Visible::Some(names) => affected.namespaces.iter().any(|n| names.contains(n)),
+            },
+        }
+    }
+
+    /// The config `pod` needs now, or `None` when the index does not know the pod (not
+    /// meshed, or not seen yet).
+    pub fn view(&self, pod_key: &ObjectKey) -> Option<ProxyView> {
+        let pod = self.pods.get(pod_key)?;
+        let mut view = ProxyView {
+            version: self.version,
+            ..ProxyView::default()
+        };
+        let add_ns = |ns: &str, view: &mut ProxyView| {
+            if let Some(services) = self.outbound.get(ns) {
+                view.services
+                    .extend(services.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            if let Some(r) = self.ns_resources.get(ns) {
+                view.resources.extend(r.iter().cloned());
+            }
+        };
+        match self.visible_namespaces(pod_key, pod) {
+            Visible::All => {
+                let all: BTreeSet<&String> = self
+                    .outbound
+                    .keys()
+                    .chain(self.ns_resources.keys())
+                    .collect();
+                for ns in all {
+                    add_ns(ns, &mut view);
+                }
+            }
+            Visible::Some(names) => {
+                for ns in &names {
+                    add_ns(ns, &mut view);
+                }
+            }
+        }
+        for key in self.policies_for(pod_key) {
+            if let Some((meta, _)) = self.policies.get(&key) {
+                view.resources
+                    .insert(resource_ref("Policy", &key, meta.generation));
+            }
+        }
+        Some(view)
+    }
+
+    /// The valid Policies that select a pod (by label selector, or through a Service whose
+    /// selector matches the pod).
+    pub fn policies_for(&self, pod_key: &ObjectKey) -> Vec<ObjectKey> {
+        let Some(pod) = self.pods.get(pod_key) else {
+            return Vec::new();
+        };
+        in_ns(&self.policies, &pod_key.namespace)
+            .filter(|(_, (_, spec))| match spec {
+                Parsed::Valid(p) => match (&p.target.selector, &p.target.service) {
+                    (Some(sel), _) => selector_matches(sel, &pod.labels),
+                    (None, Some(svc)) => self
+                        .services
+                        .get(&ObjectKey::new(pod_key.namespace.clone(), svc.clone()))
+                        .and_then(|s| s.selector.as_ref())
+                        .is_some_and(|sel| {
+                            !sel.is_empty() && sel.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+                        }),
+                    (None, None) => false,
+                },
+                Parsed::Invalid(_) => false,
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// The keys of every resource of a Weft kind.
+    pub fn resource_keys(&self, kind: Kind) -> Vec<ObjectKey> {
+        match kind {
+            Kind::Route => self.routes.keys().cloned().collect(),
+            Kind::Policy => self.policies.keys().cloned().collect(),
+            Kind::Breaker => self.breakers.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn missing_services(&self, ns: &str, names: &[(String, Option<u16>)]) -> Vec<String> {
+        let mut missing = Vec::new();
+        for (name, port) in names {
+            match self.services.get(&ObjectKey::new(ns, name.clone())) {
+                None => missing.push(format!("Service {ns}/{name} not found")),
+                Some(svc) => {
+                    if let Some(port) = port
+                        && !svc.ports.iter().any(|p| p.port == *port)
+                    {
+                        missing.push(format!("Service {ns}/{name} has no port {port}"));
+                    }
+                }
+            }
+        }
+        missing.dedup();
+        missing
+    }
+
+    /// `Accepted` and `ResolvedRefs` for a Weft resource, or `None` when it is unknown.
+    pub fn resource_state(&self, kind: Kind, key: &ObjectKey) -> Option<ResourceState> {
+        let ns = key.namespace.as_str();
+        let (generation, invalid, refs, rule_count) = match kind {
+            Kind::Route => {
+                let (meta, spec) = self.routes.get(key)?;
+                match spec {
+                    Parsed::Invalid(e) => (meta.generation, Some(e.clone()), Vec::new(), None),
+                    Parsed::Valid(s) => {
+                        let mut refs = vec![(s.service.name.clone(), s.service.port)];
+                        for rule in &s.rules {
+                            refs.extend(rule.backends.iter().map(|b| (b.name.clone(), b.port)));
+                            if let Some(m) = &rule.mirror {
+                                refs.push((m.service.name.clone(), m.service.port));
+                            }
+                        }
+                        let count = u32::try_from(s.rules.len()).ok();
+                        (meta.generation, None, refs, count)
+                    }
+                }
+            }
+            Kind::Policy => {
+                let (meta, spec) = self.policies.get(key)?;
+                match spec {
+                    Parsed::Invalid(e) => (meta.generation, Some(e.clone()), Vec::new(), None),
+                    Parsed::Valid(p) => {
+                        let refs = p.target.service.iter().map(|s| (s.clone(), None)).collect();
+                        (meta.generation, None, refs, None)
+                    }
+                }
+            }
+            Kind::Breaker => {
+                let (meta, spec) = self.breakers.get(key)?;
+                match spec {
+                    Parsed::Invalid(e) => (meta.generation, Some(e.clone()), Vec::new(), None),
+                    Parsed::Valid(b) => (
+                        meta.generation,
+                        None,
+                        vec![(b.service.name.clone(), b.service.port)],
+                        None,
+                    ),
+                }
+            }
+            _ => return None,
+        };
+        let accepted = if let Some(e) = invalid {
+            CondState::no(reasons::INVALID, e)
+        } else if kind == Kind::Route
+            && let Some(winner) = self.route_conflict(key)
+        {
+            CondState::no(
+                reasons::CONFLICTED,
+                format!(
+                    "conflicts with Route {} for the same Service port; the older Route wins (creation time, then name)",
+                    winner.name
+                ),
+            )
+        } else {
+            let mut msg = format!("{} is valid", kind.as_str());
+            if kind == Kind::Route {
+                let losers = self.routes_conflicting_with(key);
+                if !losers.is_empty() {
+                    let names: Vec<&str> = losers.iter().map(|k| k.name.as_str()).collect();
+                    msg = format!(
+                        "Route is valid; it wins over conflicting Route(s) {} (older Routes win)",
+                        names.join(", ")
+                    );
+                }
+            }
+            CondState::yes(reasons::ACCEPTED, msg)
+        };
+        let missing = self.missing_services(ns, &refs);
+        let resolved_refs = if missing.is_empty() {
+            CondState::yes(reasons::RESOLVED_REFS, "every referenced Service exists")
+        } else {
+            CondState::no(reasons::BACKEND_NOT_FOUND, missing.join("; "))
+        };
+        Some(ResourceState {
+            generation,
+            rule_count,
+            accepted,
+            resolved_refs,
+        })
+    }
+
+    /// The meshed pods the index knows.
+    pub fn pod_keys(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.pods.keys()
+    }
+
+    /// The ServiceAccount of a meshed pod.
+    pub fn pod_service_account(&self, pod: &ObjectKey) -> Option<&str> {
+        self.pods.get(pod).map(|p| p.service_account.as_str())
+    }
+}
+
+enum Visible {
+    All,
+    Some(BTreeSet<String>),
+}
+
+fn ports_overlap(a: Option<u16>, b: Option<u16>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    }
+}
+
+/// The first rule that matches every request: the one the proxy applies today.
+fn catch_all(route: &RouteSpec) -> Option<&RouteRule> {
+    route.rules.iter().find(|r| r.matches.is_empty())
+}
+
+/// The proxy config name of one Service port: `<service>.<namespace>.<port>`.
+pub fn config_name(key: &ObjectKey, port: u16) -> String {
+    format!("{}.{}.{port}", key.name, key.namespace)
+}
+
+fn resource_ref(kind: &str, key: &ObjectKey, generation: i64) -> ResourceRef {
+    ResourceRef {
+        kind: kind.to_owned(),
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        generation,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,393 @@
+//! The index's own model of cluster objects, and the conversions into it.
+//!
+//! Kubernetes objects carry far more than the mesh needs; each kind is reduced here, once,
+//! at the edge, to the few fields the index reads. Conversions never fail on odd input:
+//! what cannot be used (an unparsable IP, a port out of range) is dropped.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, Time},
+};
+use kube::ResourceExt;
+use weft_crds::{BreakerSpec, PolicySpec, RouteSpec};
+
+/// Pod label that marks a pod as meshed (set by the injector). The Pod watch selects on
+/// it, so unmeshed pods cost the operator nothing.
+pub const MESHED_LABEL: &str = "weft.dev/meshed";
+
+/// Pod or Namespace annotation: the namespaces whose Services a proxy receives, besides
+/// its own, comma-separated; `*` for every namespace. The pod's annotation wins over its
+/// namespace's.
+pub const VISIBLE_NAMESPACES_ANNOTATION: &str = "weft.dev/visible-namespaces";
+
+/// Service port `appProtocol` values that make the proxy skip protocol detection.
+pub const OPAQUE_APP_PROTOCOLS: [&str; 2] = ["tcp", "weft.dev/opaque"];
+
+/// A namespaced object's identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    /// The namespace.
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// A key from its parts.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Parses `namespace/name`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ns, name) = s.split_once('/')?;
+        (!ns.is_empty() && !name.is_empty() && !name.contains('/')).then(|| Self::new(ns, name))
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The kinds the index holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// core/v1 Namespace (cluster-scoped; keyed with an empty namespace).
+    Namespace,
+    /// core/v1 Service.
+    Service,
+    /// discovery/v1 EndpointSlice.
+    EndpointSlice,
+    /// core/v1 Pod, meshed ones only.
+    Pod,
+    /// weft.dev Route.
+    Route,
+    /// weft.dev Policy.
+    Policy,
+    /// weft.dev Breaker.
+    Breaker,
+}
+
+impl Kind {
+    /// Every kind, in a stable order.
+    pub const ALL: [Kind; 7] = [
+        Kind::Namespace,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::Route,
+        Kind::Policy,
+        Kind::Breaker,
+    ];
+
+    /// The Kubernetes kind name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::Route => "Route",
+            Kind::Policy => "Policy",
+            Kind::Breaker => "Breaker",
+        }
+    }
+}
+
+/// What the index keeps of a Namespace.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NamespaceModel {
+    /// The value of [`VISIBLE_NAMESPACES_ANNOTATION`], if set.
+    pub visible: Option<String>,
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServicePort {
+    /// The port's name (empty when unnamed), matched against EndpointSlice port names.
+    pub name: String,
+    /// The Service port.
+    pub port: u16,
+    /// Whether connections skip protocol detection.
+    pub opaque: bool,
+}
+
+/// What the index keeps of a Service.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceModel {
+    /// Cluster IPs; empty for headless and ExternalName Services.
+    pub cluster_ips: Vec<IpAddr>,
+    /// TCP ports.
+    pub ports: Vec<ServicePort>,
+    /// The pod selector, for Policies that target a Service.
+    pub selector: Option<BTreeMap<String, String>>,
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceEndpoint {
+    /// Addresses (IPv4 or IPv6 slices only).
+    pub addresses: Vec<IpAddr>,
+    /// Ready for new connections: ready, and not terminating.
+    pub ready: bool,
+    /// The backing pod's name, when the target is a Pod.
+    pub pod: Option<String>,
+    /// The topology zone.
+    pub zone: Option<String>,
+}
+
+/// What the index keeps of an EndpointSlice.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SliceModel {
+    /// The Service the slice belongs to (`kubernetes.io/service-name`).
+    pub service: String,
+    /// (port name, port number) pairs.
+    pub ports: Vec<(String, u16)>,
+    /// The endpoints.
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// What the index keeps of a meshed Pod.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodModel {
+    /// The ServiceAccount the pod runs as (and whose token it presents).
+    pub service_account: String,
+    /// Labels, for Policy selectors.
+    pub labels: BTreeMap<String, String>,
+    /// The value of [`VISIBLE_NAMESPACES_ANNOTATION`], if set.
+    pub visible: Option<String>,
+}
+
+/// Metadata the index keeps of a Weft resource.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ResourceMeta {
+    /// `metadata.generation`.
+    pub generation: i64,
+    /// `metadata.creationTimestamp`: the older of two conflicting Routes wins.
+    pub created: Option<Time>,
+}
+
+/// A Weft resource's spec, or why it could not be read.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Parsed<T> {
+    /// The spec, as the API server stored it.
+    Valid(T),
+    /// The object did not deserialize; the message says why.
+    Invalid(String),
+}
+
+/// What the index keeps of a Route.
+pub type RouteModel = (ResourceMeta, Parsed<RouteSpec>);
+/// What the index keeps of a Policy.
+pub type PolicyModel = (ResourceMeta, Parsed<PolicySpec>);
+/// What the index keeps of a Breaker.
+pub type BreakerModel = (ResourceMeta, Parsed<BreakerSpec>);
+
+/// One object of any kind, converted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    /// A Namespace.
+    Namespace(NamespaceModel),
+    /// A Service.
+    Service(ServiceModel),
+    /// An EndpointSlice.
+    EndpointSlice(SliceModel),
+    /// A meshed Pod.
+    Pod(PodModel),
+    /// A Route.
+    Route(RouteModel),
+    /// A Policy.
+    Policy(PolicyModel),
+    /// A Breaker.
+    Breaker(BreakerModel),
+}
+
+impl Object {
+    /// The object's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Pod(_) => Kind::Pod,
+            Object::Route(_) => Kind::Route,
+            Object::Policy(_) => Kind::Policy,
+            Object::Breaker(_) => Kind::Breaker,
+        }
+    }
+}
+
+fn key_of<K: kube::Resource>(obj: &K) -> ObjectKey {
+    ObjectKey::new(obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// Converts a Namespace.
+pub fn namespace(ns: &Namespace) -> (ObjectKey, Object) {
+    (
+        ObjectKey::new("", ns.name_any()),
+        Object::Namespace(NamespaceModel {
+            visible: ns.annotations().get(VISIBLE_NAMESPACES_ANNOTATION).cloned(),
+        }),
+    )
+}
+
+/// Converts a Service.
+pub fn service(svc: &Service) -> (ObjectKey, Object) {
+    let spec = svc.spec.clone().unwrap_or_default();
+    let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+    if ips.is_empty()
+        && let Some(ip) = &spec.cluster_ip
+    {
+        ips.push(ip.clone());
+    }
+    let cluster_ips = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+    let ports = spec
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| {
+            Some(ServicePort {
+                name: p.name.unwrap_or_default(),
+                port: u16::try_from(p.port).ok().filter(|p| *p != 0)?,
+                opaque: p
+                    .app_protocol
+                    .as_deref()
+                    .is_some_and(|a| OPAQUE_APP_PROTOCOLS.contains(&a)),
+            })
+        })
+        .collect();
+    (
+        key_of(svc),
+        Object::Service(ServiceModel {
+            cluster_ips,
+            ports,
+            selector: spec.selector,
+        }),
+    )
+}
+
+/// Converts an EndpointSlice. Slices of address type FQDN carry no IPs and convert to a
+/// slice without endpoints.
+pub fn endpoint_slice(slice: &EndpointSlice) -> (ObjectKey, Object) {
+    let service = slice
+        .labels()
+        .get("kubernetes.io/service-name")
+        .cloned()
+        .unwrap_or_default();
+    let ip_family = matches!(slice.address_type.as_str(), "IPv4" | "IPv6");
+    let ports = slice
+        .ports
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| {
+            Some((
+                p.name.unwrap_or_default(),
+                u16::try_from(p.port?).ok().filter(|p| *p != 0)?,
+            ))
+        })
+        .collect();
+    let endpoints = if ip_family {
+        slice
+            .endpoints
+            .iter()
+            .map(|e| {
+                let c = e.conditions.clone().unwrap_or_default();
+                SliceEndpoint {
+                    addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                    ready: c.ready.unwrap_or(true) && !c.terminating.unwrap_or(false),
+                    pod: e
+                        .target_ref
+                        .as_ref()
+                        .filter(|r| r.kind.as_deref() == Some("Pod"))
+                        .and_then(|r| r.name.clone()),
+                    zone: e.zone.clone(),
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    (
+        key_of(slice),
+        Object::EndpointSlice(SliceModel {
+            service,
+            ports,
+            endpoints,
+        }),
+    )
+}
+
+/// Converts a Pod.
+pub fn pod(pod: &Pod) -> (ObjectKey, Object) {
+    let spec = pod.spec.clone().unwrap_or_default();
+    (
+        key_of(pod),
+        Object::Pod(PodModel {
+            service_account: spec
+                .service_account_name
+                .unwrap_or_else(|| "default".to_owned()),
+            labels: pod.labels().clone(),
+            visible: pod
+                .annotations()
+                .get(VISIBLE_NAMESPACES_ANNOTATION)
+                .cloned(),
+        }),
+    )
+}
+
+/// Converts a Weft resource read as a dynamic object: a spec that does not deserialize
+/// becomes [`Parsed::Invalid`] instead of an error, so one bad object never stops a watch.
+pub fn weft_resource(kind: Kind, obj: &kube::api::DynamicObject) -> (ObjectKey, Object) {
+    let meta = ResourceMeta {
+        generation: obj.metadata.generation.unwrap_or(0),
+        created: obj.metadata.creation_timestamp.clone(),
+    };
+    let spec = obj.data.get("spec").cloned().unwrap_or_default();
+    fn parse<T: for<'de> serde::Deserialize<'de>>(v: serde_json::Value) -> Parsed<T> {
+        match serde_json::from_value(v) {
+            Ok(s) => Parsed::Valid(s),
+            Err(e) => Parsed::Invalid(format!("spec does not parse: {e}")),
+        }
+    }
+    let object = match kind {
+        Kind::Policy => Object::Policy((meta, parse(spec))),
+        Kind::Breaker => Object::Breaker((meta, parse(spec))),
+        _ => Object::Route((meta, parse(spec))),
+    };
+    (key_of(obj), object)
+}
+
+/// Whether `labels` satisfy a Kubernetes label selector (`matchLabels` and
+/// `matchExpressions`). An empty selector selects everything.
+pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let labels_ok = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_ok = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        let value = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    labels_ok && exprs_ok
+}

@@ -1,0 +1,486 @@
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::api::DynamicObject;
+use serde_json::json;
+
+use super::*;
+
+fn svc(ns: &str, name: &str, ip: &str) -> (ObjectKey, Object) {
+    let s: Service = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterIP": ip, "clusterIPs": [ip], "selector": {"app": name},
+                 "ports": [{"name": "http", "port": 80}]}
+    }))
+    .unwrap();
+    model::service(&s)
+}
+
+/// A slice with (ip, ready, terminating, pod) endpoints on port `http` 8080.
+fn slice(
+    ns: &str,
+    name: &str,
+    service: &str,
+    eps: &[(&str, bool, bool, Option<&str>)],
+) -> (ObjectKey, Object) {
+    let endpoints: Vec<_> = eps
+        .iter()
+        .map(|(ip, ready, term, pod)| {
+            let mut e = json!({"addresses": [ip], "conditions": {"ready": ready, "terminating": term}, "zone": "z1"});
+            if let Some(p) = pod {
+                e["targetRef"] = json!({"kind": "Pod", "name": p, "namespace": ns});
+            }
+            e
+        })
+        .collect();
+    let s: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": endpoints,
+    }))
+    .unwrap();
+    model::endpoint_slice(&s)
+}
+
+fn pod(ns: &str, name: &str, sa: &str, labels: serde_json::Value) -> (ObjectKey, Object) {
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"serviceAccountName": sa, "containers": []}
+    }))
+    .unwrap();
+    model::pod(&p)
+}
+
+fn weft(
+    kind: Kind,
+    ns: &str,
+    name: &str,
+    gen_: i64,
+    created: &str,
+    spec: serde_json::Value,
+) -> (ObjectKey, Object) {
+    let o: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": kind.as_str(),
+        "metadata": {"name": name, "namespace": ns, "generation": gen_, "creationTimestamp": created},
+        "spec": spec,
+    }))
+    .unwrap();
+    model::weft_resource(kind, &o)
+}
+
+fn route(
+    ns: &str,
+    name: &str,
+    created: &str,
+    service: &str,
+    backends: serde_json::Value,
+) -> (ObjectKey, Object) {
+    weft(
+        Kind::Route,
+        ns,
+        name,
+        1,
+        created,
+        json!({"service": {"name": service}, "rules": [{"backends": backends, "timeout": "3s"}]}),
+    )
+}
+
+fn apply(index: &mut Index, (k, o): (ObjectKey, Object)) -> Affected {
+    index.apply(k, o)
+}
+
+fn key(ns: &str, name: &str) -> ObjectKey {
+    ObjectKey::new(ns, name)
+}
+
+/// A namespace `shop` with Service web (2 ready, 1 not ready, 1 terminating endpoints) and a
+/// meshed client pod.
+fn shop() -> Index {
+    let mut i = Index::new("cluster.local");
+    apply(&mut i, svc("shop", "web", "10.96.0.10"));
+    apply(
+        &mut i,
+        slice(
+            "shop",
+            "web-1",
+            "web",
+            &[
+                ("10.0.0.1", true, false, Some("web-a")),
+                ("10.0.0.2", true, false, None),
+                ("10.0.0.3", false, false, None),
+                ("10.0.0.4", false, true, None),
+            ],
+        ),
+    );
+    apply(
+        &mut i,
+        pod("shop", "web-a", "web-sa", json!({"app": "web"})),
+    );
+    apply(
+        &mut i,
+        pod("shop", "client", "client-sa", json!({"app": "client"})),
+    );
+    i
+}
+
+#[test]
+fn a_proxy_gets_ready_endpoints_with_identities_of_meshed_pods() {
+    let i = shop();
+    let view = i.view(&key("shop", "client")).unwrap();
+    let web = &view.services["web.shop.80"];
+    assert_eq!(web.addresses, vec!["10.96.0.10:80"]);
+    let addrs: Vec<&str> = web.endpoints.iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(
+        addrs,
+        vec!["10.0.0.1:8080", "10.0.0.2:8080"],
+        "not-ready and terminating endpoints are left out"
+    );
+    assert_eq!(
+        web.endpoints[0].identity.as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web-sa")
+    );
+    assert_eq!(web.endpoints[1].identity, None, "unmeshed endpoint");
+    assert_eq!(web.endpoints[0].labels["zone"], "z1");
+    assert!(i.view(&key("shop", "unknown")).is_none());
+}
+
+#[test]
+fn the_generated_config_passes_the_proxys_wire_format() {
+    let i = shop();
+    let view = i.view(&key("shop", "client")).unwrap();
+    let raw = weft_api::proxy_config::ProxyConfig {
+        api_version: weft_api::proxy_config::PROXY_CONFIG_API_VERSION.into(),
+        kind: weft_api::proxy_config::PROXY_CONFIG_KIND.into(),
+        version: Some(view.version.to_string()),
+        detect_timeout: None,
+        connect_timeout: None,
+        opaque_ports: None,
+        services: view.services.values().map(|s| (**s).clone()).collect(),
+    };
+    let text = serde_json::to_string(&raw).unwrap();
+    let back: weft_api::proxy_config::ProxyConfig = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, raw);
+}
+
+#[test]
+fn an_endpoint_change_touches_only_proxies_that_see_the_namespace() {
+    let mut i = shop();
+    apply(&mut i, svc("other", "db", "10.96.0.20"));
+    apply(&mut i, pod("other", "worker", "default", json!({})));
+    let before_client = i.view(&key("shop", "client")).unwrap();
+    let before_worker = i.view(&key("other", "worker")).unwrap();
+
+    let affected = apply(
+        &mut i,
+        slice(
+            "shop",
+            "web-1",
+            "web",
+            &[
+                ("10.0.0.1", true, false, Some("web-a")),
+                ("10.0.0.9", true, false, None),
+            ],
+        ),
+    );
+    assert_eq!(affected.namespaces, BTreeSet::from(["shop".to_owned()]));
+    assert!(i.is_affected(&key("shop", "client"), &affected));
+    assert!(!i.is_affected(&key("other", "worker"), &affected));
+    let after_worker = i.view(&key("other", "worker")).unwrap();
+    assert!(after_worker.same_content(&before_worker));
+    let after_client = i.view(&key("shop", "client")).unwrap();
+    assert!(!after_client.same_content(&before_client));
+    assert!(after_client.version > before_client.version);
+
+    // The same object again changes nothing and wakes nobody.
+    let again = apply(
+        &mut i,
+        slice(
+            "shop",
+            "web-1",
+            "web",
+            &[
+                ("10.0.0.1", true, false, Some("web-a")),
+                ("10.0.0.9", true, false, None),
+            ],
+        ),
+    );
+    assert!(again.is_empty(), "{again:?}");
+    // A slice change that does not change the endpoints the proxy sees wakes nobody.
+    let not_ready_only = apply(
+        &mut i,
+        slice(
+            "shop",
+            "web-1",
+            "web",
+            &[
+                ("10.0.0.1", true, false, Some("web-a")),
+                ("10.0.0.9", true, false, None),
+                ("10.0.0.7", false, false, None),
+            ],
+        ),
+    );
+    assert!(not_ready_only.namespaces.is_empty(), "{not_ready_only:?}");
+}
+
+#[test]
+fn unchanged_services_keep_their_shared_config() {
+    let mut i = shop();
+    apply(&mut i, svc("shop", "api", "10.96.0.11"));
+    let before = i.view(&key("shop", "client")).unwrap();
+    apply(
+        &mut i,
+        slice("shop", "api-1", "api", &[("10.0.1.1", true, false, None)]),
+    );
+    let after = i.view(&key("shop", "client")).unwrap();
+    assert!(Arc::ptr_eq(
+        &before.services["web.shop.80"],
+        &after.services["web.shop.80"]
+    ));
+    assert!(!Arc::ptr_eq(
+        &before.services["api.shop.80"],
+        &after.services["api.shop.80"]
+    ));
+}
+
+#[test]
+fn a_route_splits_traffic_by_backend_weight_and_sets_the_timeout() {
+    let mut i = shop();
+    apply(&mut i, svc("shop", "web-v2", "10.96.0.12"));
+    apply(
+        &mut i,
+        slice(
+            "shop",
+            "web-v2-1",
+            "web-v2",
+            &[("10.0.2.1", true, false, None)],
+        ),
+    );
+    let affected = apply(
+        &mut i,
+        route(
+            "shop",
+            "canary",
+            "2026-01-01T00:00:00Z",
+            "web",
+            json!([{"name": "web", "weight": 90}, {"name": "web-v2", "weight": 10}]),
+        ),
+    );
+    assert!(affected.namespaces.contains("shop"));
+    let view = i.view(&key("shop", "client")).unwrap();
+    let web = &view.services["web.shop.80"];
+    assert_eq!(web.timeout.as_ref().map(|t| t.as_str()), Some("3s"));
+    let w = |a: &str| {
+        web.endpoints
+            .iter()
+            .find(|e| e.address == a)
+            .and_then(|e| e.weight)
+            .unwrap()
+    };
+    // web's two endpoints share 90%, web-v2's one gets 10%.
+    assert_eq!(w("10.0.0.1:8080"), 4500);
+    assert_eq!(w("10.0.0.2:8080"), 4500);
+    assert_eq!(w("10.0.2.1:8080"), 1000);
+    assert!(
+        view.resources
+            .iter()
+            .any(|r| r.kind == "Route" && r.name == "canary" && r.generation == 1)
+    );
+}
+
+#[test]
+fn conflicting_routes_are_both_told_and_the_older_wins() {
+    let mut i = shop();
+    apply(
+        &mut i,
+        route(
+            "shop",
+            "newer",
+            "2026-01-02T00:00:00Z",
+            "web",
+            json!([{"name": "web"}]),
+        ),
+    );
+    apply(
+        &mut i,
+        route(
+            "shop",
+            "older",
+            "2026-01-01T00:00:00Z",
+            "web",
+            json!([{"name": "web"}]),
+        ),
+    );
+    let newer = i
+        .resource_state(Kind::Route, &key("shop", "newer"))
+        .unwrap();
+    let older = i
+        .resource_state(Kind::Route, &key("shop", "older"))
+        .unwrap();
+    assert!(!newer.accepted.ok);
+    assert_eq!(newer.accepted.reason, reasons::CONFLICTED);
+    assert!(
+        newer.accepted.message.contains("older"),
+        "{}",
+        newer.accepted.message
+    );
+    assert!(older.accepted.ok);
+    assert!(
+        older.accepted.message.contains("newer"),
+        "{}",
+        older.accepted.message
+    );
+    let view = i.view(&key("shop", "client")).unwrap();
+    assert!(view.resources.iter().any(|r| r.name == "older"));
+    assert!(
+        !view.resources.iter().any(|r| r.name == "newer"),
+        "a losing Route is not programmed"
+    );
+
+    // Delete the winner: the other takes over.
+    i.delete(Kind::Route, &key("shop", "older"));
+    assert!(
+        i.resource_state(Kind::Route, &key("shop", "newer"))
+            .unwrap()
+            .accepted
+            .ok
+    );
+}
+
+#[test]
+fn a_missing_backend_is_named_until_it_exists() {
+    let mut i = shop();
+    apply(
+        &mut i,
+        route(
+            "shop",
+            "r",
+            "2026-01-01T00:00:00Z",
+            "web",
+            json!([{"name": "web"}, {"name": "web-v3"}]),
+        ),
+    );
+    let state = i.resource_state(Kind::Route, &key("shop", "r")).unwrap();
+    assert!(!state.resolved_refs.ok);
+    assert_eq!(state.resolved_refs.reason, reasons::BACKEND_NOT_FOUND);
+    assert!(
+        state.resolved_refs.message.contains("shop/web-v3"),
+        "{}",
+        state.resolved_refs.message
+    );
+    apply(&mut i, svc("shop", "web-v3", "10.96.0.13"));
+    assert!(
+        i.resource_state(Kind::Route, &key("shop", "r"))
+            .unwrap()
+            .resolved_refs
+            .ok
+    );
+}
+
+#[test]
+fn an_unparsable_resource_is_kept_as_invalid_and_reported() {
+    let mut i = shop();
+    apply(
+        &mut i,
+        weft(
+            Kind::Breaker,
+            "shop",
+            "bad",
+            3,
+            "2026-01-01T00:00:00Z",
+            json!({"service": 42}),
+        ),
+    );
+    let state = i
+        .resource_state(Kind::Breaker, &key("shop", "bad"))
+        .unwrap();
+    assert!(!state.accepted.ok);
+    assert_eq!(state.accepted.reason, reasons::INVALID);
+    assert_eq!(state.generation, 3);
+    let view = i.view(&key("shop", "client")).unwrap();
+    assert!(view.resources.is_empty());
+}
+
+#[test]
+fn a_relist_removes_what_disappeared_while_the_watch_was_down() {
+    let mut i = shop();
+    apply(&mut i, svc("shop", "api", "10.96.0.11"));
+    let affected = i.replace(Kind::Service, vec![svc("shop", "web", "10.96.0.10")]);
+    assert!(affected.namespaces.contains("shop"));
+    let view = i.view(&key("shop", "client")).unwrap();
+    assert!(view.services.contains_key("web.shop.80"));
+    assert!(!view.services.contains_key("api.shop.80"));
+    assert_eq!(i.len(Kind::Service), 1);
+    // Relisting the same state is a no-op.
+    assert!(
+        i.replace(Kind::Service, vec![svc("shop", "web", "10.96.0.10")])
+            .is_empty()
+    );
+}
+
+#[test]
+fn visibility_annotations_widen_what_a_proxy_receives() {
+    let mut i = shop();
+    apply(&mut i, svc("other", "db", "10.96.0.20"));
+    let client = key("shop", "client");
+    assert!(
+        !i.view(&client)
+            .unwrap()
+            .services
+            .contains_key("db.other.80")
+    );
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop", "annotations": {"weft.dev/visible-namespaces": "other"}}})).unwrap();
+    let (k, o) = model::namespace(&ns);
+    let affected = i.apply(k, o);
+    assert!(affected.pods.contains(&client));
+    assert!(
+        i.view(&client)
+            .unwrap()
+            .services
+            .contains_key("db.other.80")
+    );
+    // A pod annotation `*` sees every namespace.
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "all", "namespace": "x", "annotations": {"weft.dev/visible-namespaces": "*"}}, "spec": {"containers": []}})).unwrap();
+    let (k, o) = model::pod(&p);
+    i.apply(k.clone(), o);
+    let all = i.view(&k).unwrap();
+    assert!(all.services.contains_key("db.other.80") && all.services.contains_key("web.shop.80"));
+}
+
+#[test]
+fn policies_apply_to_the_pods_they_select() {
+    let mut i = shop();
+    apply(
+        &mut i,
+        weft(
+            Kind::Policy,
+            "shop",
+            "web-in",
+            2,
+            "2026-01-01T00:00:00Z",
+            json!({"target": {"selector": {"matchLabels": {"app": "web"}}}}),
+        ),
+    );
+    apply(
+        &mut i,
+        weft(
+            Kind::Policy,
+            "shop",
+            "by-svc",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"target": {"service": "web"}}),
+        ),
+    );
+    let web = i.view(&key("shop", "web-a")).unwrap();
+    let names: Vec<&str> = web
+        .resources
+        .iter()
+        .filter(|r| r.kind == "Policy")
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(names, vec!["by-svc", "web-in"]);
+    let client = i.view(&key("shop", "client")).unwrap();
+    assert!(client.resources.iter().all(|r| r.kind != "Policy"));
+}

@@ -1,0 +1,168 @@
+//! The watch layer: one kube-runtime watcher per kind, shared by every consumer, feeding
+//! the [`SharedIndex`].
+//!
+//! ```text
+//! API server ──watch──▶ watcher (backoff, re-list on desync) ──Event──▶ model::convert
+//!     Apply / Delete ──▶ Index::apply / delete
+//!     Init, InitApply.., InitDone ──▶ Index::replace (what vanished meanwhile is deleted)
+//! ```
+//!
+//! Weft's own resources are watched as dynamic objects and converted one by one, so a
+//! resource that does not deserialize is kept as invalid (and reported in its status)
+//! instead of failing the whole list.
+
+use std::{fmt::Debug, sync::Arc};
+
+use futures::{StreamExt, future::BoxFuture};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource,
+    api::{ApiResource, DynamicObject},
+    runtime::{
+        WatchStreamExt,
+        watcher::{self, Event},
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use weft_crds::{Breaker, Policy, Route};
+
+use super::{
+    Kind, Object, ObjectKey,
+    model::{self, MESHED_LABEL},
+    shared::SharedIndex,
+};
+
+/// Runs every watch until `shutdown`.
+pub async fn run(client: Client, index: Arc<SharedIndex>, shutdown: CancellationToken) {
+    let all = watcher::Config::default();
+    let tasks: Vec<BoxFuture<'static, ()>> = vec![
+        Box::pin(watch_kind(
+            Api::<Namespace>::all(client.clone()),
+            all.clone(),
+            Kind::Namespace,
+            model::namespace,
+            index.clone(),
+            shutdown.clone(),
+        )),
+        Box::pin(watch_kind(
+            Api::<Service>::all(client.clone()),
+            all.clone(),
+            Kind::Service,
+            model::service,
+            index.clone(),
+            shutdown.clone(),
+        )),
+        Box::pin(watch_kind(
+            Api::<EndpointSlice>::all(client.clone()),
+            all.clone(),
+            Kind::EndpointSlice,
+            model::endpoint_slice,
+            index.clone(),
+            shutdown.clone(),
+        )),
+        Box::pin(watch_kind(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().labels(MESHED_LABEL),
+            Kind::Pod,
+            model::pod,
+            index.clone(),
+            shutdown.clone(),
+        )),
+        Box::pin(watch_weft::<Route>(
+            client.clone(),
+            Kind::Route,
+            index.clone(),
+            shutdown.clone(),
+        )),
+        Box::pin(watch_weft::<Policy>(
+            client.clone(),
+            Kind::Policy,
+            index.clone(),
+            shutdown.clone(),
+        )),
+        Box::pin(watch_weft::<Breaker>(
+            client,
+            Kind::Breaker,
+            index,
+            shutdown,
+        )),
+    ];
+    futures::future::join_all(tasks).await;
+}
+
+async fn watch_weft<K>(
+    client: Client,
+    kind: Kind,
+    index: Arc<SharedIndex>,
+    shutdown: CancellationToken,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    let ar = ApiResource::erase::<K>(&());
+    let api = Api::<DynamicObject>::all_with(client, &ar);
+    watch_kind(
+        api,
+        watcher::Config::default(),
+        kind,
+        move |o: &DynamicObject| model::weft_resource(kind, o),
+        index,
+        shutdown,
+    )
+    .await;
+}
+
+/// Watches one kind into the index until `shutdown`.
+pub async fn watch_kind<K, F>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    convert: F,
+    index: Arc<SharedIndex>,
+    shutdown: CancellationToken,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    F: Fn(&K) -> (ObjectKey, Object) + Send,
+{
+    let span = tracing::info_span!("watch", kind = kind.as_str());
+    async move {
+        let stream = watcher::watcher(api, config).default_backoff();
+        futures::pin_mut!(stream);
+        let mut relist: Vec<(ObjectKey, Object)> = Vec::new();
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => return,
+                e = stream.next() => e,
+            };
+            match event {
+                None => return,
+                Some(Ok(Event::Apply(obj))) => {
+                    let (key, object) = convert(&obj);
+                    index.update(|i| i.apply(key, object));
+                }
+                Some(Ok(Event::Delete(obj))) => {
+                    let (key, _) = convert(&obj);
+                    index.update(|i| i.delete(kind, &key));
+                }
+                Some(Ok(Event::Init)) => relist.clear(),
+                Some(Ok(Event::InitApply(obj))) => relist.push(convert(&obj)),
+                Some(Ok(Event::InitDone)) => {
+                    let objects = std::mem::take(&mut relist);
+                    tracing::info!(objects = objects.len(), "listed");
+                    index.update(|i| i.replace(kind, objects));
+                    index.mark_synced(kind);
+                }
+                Some(Err(error)) => {
+                    index.metrics().watch_error(kind);
+                    tracing::warn!(%error, "watch failed; retrying with backoff");
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}

@@ -1,0 +1,149 @@
+//! The operator's Prometheus metrics, served at `/metrics` in OpenMetrics text format.
+//!
+//! | metric | what |
+//! | --- | --- |
+//! | `weft_operator_index_objects{kind}` | objects in the index, by kind |
+//! | `weft_operator_subscribers` | pods with at least one open config stream |
+//! | `weft_operator_updates_pushed_total` | config updates sent to proxies |
+//! | `weft_operator_push_bytes_total` | bytes of those updates |
+//! | `weft_operator_nacks_total` | updates proxies rejected |
+//! | `weft_operator_watch_errors_total{kind}` | failed watch requests (retried) |
+//! | `weft_operator_change_to_ack_seconds` | from a cluster change seen by the operator to a proxy's ACK of the version containing it |
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::index::Kind;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// Every metric of the operator.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    index_objects: Family<KindLabel, Gauge>,
+    subscribers: Gauge,
+    updates: Counter,
+    bytes: Counter,
+    nacks: Counter,
+    watch_errors: Family<KindLabel, Counter>,
+    change_to_ack: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics, registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("weft_operator");
+        let index_objects = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "index_objects",
+            "Objects in the mesh index, by kind",
+            index_objects.clone(),
+        );
+        let subscribers = Gauge::default();
+        registry.register(
+            "subscribers",
+            "Pods with an open config stream",
+            subscribers.clone(),
+        );
+        let updates = Counter::default();
+        registry.register(
+            "updates_pushed",
+            "Config updates sent to proxies",
+            updates.clone(),
+        );
+        let bytes = Counter::default();
+        registry.register(
+            "push_bytes",
+            "Bytes of config updates sent to proxies",
+            bytes.clone(),
+        );
+        let nacks = Counter::default();
+        registry.register("nacks", "Config updates rejected by proxies", nacks.clone());
+        let watch_errors = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "watch_errors",
+            "Failed watch requests, retried with backoff",
+            watch_errors.clone(),
+        );
+        // 1 ms to ~65 s.
+        let change_to_ack = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17),
+        );
+        registry.register(
+            "change_to_ack_seconds",
+            "Time from a cluster change seen by the operator to a proxy acknowledging it",
+            change_to_ack.clone(),
+        );
+        Metrics {
+            registry,
+            index_objects,
+            subscribers,
+            updates,
+            bytes,
+            nacks,
+            watch_errors,
+            change_to_ack,
+        }
+    }
+
+    /// Records the index size of one kind.
+    pub fn index_objects(&self, kind: Kind, n: usize) {
+        self.index_objects
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Records the number of subscribed pods.
+    pub fn subscribers(&self, n: usize) {
+        self.subscribers.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one update of `bytes` bytes sent.
+    pub fn pushed(&self, bytes: usize) {
+        self.updates.inc();
+        self.bytes.inc_by(bytes as u64);
+    }
+
+    /// Counts one rejected update.
+    pub fn nack(&self) {
+        self.nacks.inc();
+    }
+
+    /// Counts a failed watch request.
+    pub fn watch_error(&self, kind: Kind) {
+        self.watch_errors
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .inc();
+    }
+
+    /// Records the time from a change to its acknowledgement.
+    pub fn change_acked(&self, elapsed: std::time::Duration) {
+        self.change_to_ack.observe(elapsed.as_secs_f64());
+    }
+
+    /// The metrics in OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

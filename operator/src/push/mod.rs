@@ -1,0 +1,445 @@
+//! The config distribution server (`weft.push.v1`, see `docs/protocol.md`).
+//!
+//! ```text
+//!  proxy ──HTTP/2 POST /weft.push.v1/subscribe (bearer token, weft-pod: ns/name)──▶ serve
+//!     auth::Authenticator (TokenReview) ─▶ SharedIndex::subscribe(pod) ─▶ watch::Receiver
+//!     session: loop {
+//!        view changed?  ─▶ diff against what this stream sent ─▶ Update frame (full first)
+//!        client frame   ─▶ Ack / Nack ─▶ Registry (what each proxy runs) ─▶ status, CLI
+//!     }
+//! ```
+//!
+//! A slow subscriber never blocks others or the index: the index only replaces the value
+//! in the pod's watch channel, and the session, when it is ready to send again, diffs the
+//! latest view against what it last sent. Intermediate versions are skipped, not queued.
+
+pub mod auth;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    convert::Infallible,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header::AUTHORIZATION};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+use weft_api::{
+    proxy_config::ServiceConfig,
+    push::{
+        self, ClientMessage, FrameDecoder, POD_HEADER, ResourceRef, SUBSCRIBE_PATH, ServerMessage,
+        Update,
+    },
+};
+
+use crate::index::{ObjectKey, ProxyView, shared::SharedIndex};
+pub use auth::Authenticator;
+
+/// What the operator knows about one proxy.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyState {
+    /// `namespace/name` of the pod.
+    pub pod: String,
+    /// Open streams from this pod (0: disconnected).
+    pub streams: u32,
+    /// The latest version sent.
+    pub sent_version: Option<u64>,
+    /// The latest version acknowledged (the one the proxy runs).
+    pub acked_version: Option<u64>,
+    /// The latest rejection, if it is newer than the latest acknowledgement.
+    pub nack: Option<NackState>,
+    /// When the proxy last sent anything or was sent anything, in seconds since the epoch.
+    pub last_seen: u64,
+    /// The resources (with generations) in the acknowledged version.
+    #[serde(skip)]
+    pub acked_resources: BTreeSet<ResourceRef>,
+}
+
+/// A rejected version.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NackState {
+    /// The version rejected.
+    pub version: u64,
+    /// The proxy's reason.
+    pub reason: String,
+}
+
+/// Every proxy's state, by pod.
+#[derive(Debug, Default)]
+pub struct Registry {
+    proxies: Mutex<HashMap<ObjectKey, ProxyState>>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ObjectKey, ProxyState>> {
+        self.proxies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with(&self, pod: &ObjectKey, f: impl FnOnce(&mut ProxyState)) {
+        let mut map = self.lock();
+        let state = map.entry(pod.clone()).or_insert_with(|| ProxyState {
+            pod: pod.to_string(),
+            ..ProxyState::default()
+        });
+        state.last_seen = now_secs();
+        f(state);
+    }
+
+    /// A copy of every proxy's state.
+    pub fn snapshot(&self) -> BTreeMap<ObjectKey, ProxyState> {
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Forgets disconnected proxies for which `keep` is false.
+    pub fn retain_disconnected(&self, keep: impl Fn(&ObjectKey) -> bool) {
+        self.lock().retain(|k, v| v.streams > 0 || keep(k));
+    }
+}
+
+/// The distribution server's shared state.
+#[derive(Debug)]
+pub struct PushServer {
+    /// The index sessions read.
+    pub index: Arc<SharedIndex>,
+    /// What each proxy runs.
+    pub registry: Arc<Registry>,
+    /// Checks subscriber tokens.
+    pub auth: Authenticator,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn plain(status: StatusCode, text: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(text.into())).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+/// Serves subscriptions on `listener` (HTTP/2 without TLS until the identity work moves
+/// authentication onto client certificates) until `shutdown`, which also ends every
+/// stream so proxies reconnect elsewhere.
+pub async fn serve(listener: TcpListener, server: Arc<PushServer>, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    tracing::info!(addr = ?listener.local_addr().ok(), "push server listening");
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let server = server.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(
+            async move {
+                let svc = hyper::service::service_fn({
+                    let shutdown = shutdown.clone();
+                    move |req| {
+                        let server = server.clone();
+                        let shutdown = shutdown.clone();
+                        async move { Ok::<_, Infallible>(handle(req, server, shutdown).await) }
+                    }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .keep_alive_interval(Some(Duration::from_secs(20)))
+                    .keep_alive_timeout(Duration::from_secs(20))
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                let r = tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(error) = r {
+                    tracing::debug!(%error, "push connection ended");
+                }
+            }
+            .instrument(tracing::info_span!("push_conn", %peer)),
+        );
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    server: Arc<PushServer>,
+    shutdown: CancellationToken,
+) -> Response<Body> {
+    if req.uri().path() != SUBSCRIBE_PATH || req.method() != http::Method::POST {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    }
+    let Some(pod) = req
+        .headers()
+        .get(POD_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ObjectKey::parse)
+    else {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            format!("the {POD_HEADER} header must name the pod as namespace/name\n"),
+        );
+    };
+    if !server.index.is_synced() {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the operator's index is not synced yet\n",
+        );
+    }
+    let token = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match server.auth.authenticate(token).await {
+        Err(error) => {
+            tracing::warn!(%pod, %error, "subscription refused");
+            return plain(StatusCode::UNAUTHORIZED, format!("{error}\n"));
+        }
+        Ok(Some(id)) => {
+            let sa = server
+                .index
+                .read(|i| i.pod_service_account(&pod).map(str::to_owned));
+            let problem = if id.namespace != pod.namespace {
+                Some(format!(
+                    "token is for namespace {}, pod is in {}",
+                    id.namespace, pod.namespace
+                ))
+            } else if id.pod.as_ref().is_some_and(|p| *p != pod.name) {
+                Some(format!("token is bound to another pod ({:?})", id.pod))
+            } else {
+                match sa {
+                    None => Some(format!("{pod} is not a meshed pod the operator knows")),
+                    Some(sa) if sa != id.service_account => Some(format!(
+                        "{pod} runs as ServiceAccount {sa}, the token is for {}",
+                        id.service_account
+                    )),
+                    Some(_) => None,
+                }
+            };
+            if let Some(problem) = problem {
+                tracing::warn!(%pod, %problem, "subscription refused");
+                return plain(StatusCode::FORBIDDEN, format!("{problem}\n"));
+            }
+        }
+        Ok(None) => {}
+    }
+
+    // Bounded at one frame: a session waits for its stream to take the previous update
+    // before diffing again, so what it sends next is the latest view.
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let views = server.index.subscribe(&pod);
+    let body = req.into_body();
+    let span = tracing::info_span!("push_session", %pod);
+    tokio::spawn(session(pod, views, body, tx, server, shutdown).instrument(span));
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut r = Response::new(StreamBody::new(stream).boxed());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-weft-push-v1"),
+    );
+    r
+}
+
+/// What one stream has sent so far, to compute the next delta.
+#[derive(Default)]
+struct Sent {
+    services: BTreeMap<String, Arc<ServiceConfig>>,
+    resources: Option<BTreeSet<ResourceRef>>,
+    version: Option<u64>,
+}
+
+impl Sent {
+    /// The update that brings the proxy from what was sent to `view`, if anything changed.
+    fn diff(&mut self, view: &ProxyView) -> Option<Update> {
+        let full = self.version.is_none();
+        if !full && self.version == Some(view.version) {
+            return None;
+        }
+        let mut services = Vec::new();
+        for (name, cfg) in &view.services {
+            let same = self
+                .services
+                .get(name)
+                .is_some_and(|old| Arc::ptr_eq(old, cfg) || old == cfg);
+            if full || !same {
+                services.push((**cfg).clone());
+            }
+        }
+        let removed: Vec<String> = if full {
+            Vec::new()
+        } else {
+            self.services
+                .keys()
+                .filter(|k| !view.services.contains_key(*k))
+                .cloned()
+                .collect()
+        };
+        let resources = (self.resources.as_ref() != Some(&view.resources))
+            .then(|| view.resources.iter().cloned().collect::<Vec<_>>());
+        self.version = Some(view.version);
+        if !full && services.is_empty() && removed.is_empty() && resources.is_none() {
+            return None;
+        }
+        self.services = view.services.clone();
+        self.resources = Some(view.resources.clone());
+        Some(Update {
+            version: view.version,
+            full,
+            services,
+            removed,
+            resources,
+        })
+    }
+}
+
+async fn session(
+    pod: ObjectKey,
+    mut views: watch::Receiver<Option<ProxyView>>,
+    mut body: Incoming,
+    tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+    server: Arc<PushServer>,
+    shutdown: CancellationToken,
+) {
+    let registry = &server.registry;
+    let metrics = server.index.metrics().clone();
+    registry.with(&pod, |s| s.streams += 1);
+    tracing::info!("proxy subscribed");
+    let mut sent = Sent::default();
+    // Versions sent and not yet answered: (version, resources, was a delta).
+    let mut pending: VecDeque<(u64, BTreeSet<ResourceRef>, bool)> = VecDeque::new();
+    let mut decoder = FrameDecoder::default();
+    'session: loop {
+        let view = views.borrow_and_update().clone();
+        if let Some(view) = view {
+            let delta = sent.version.is_some();
+            if let Some(update) = sent.diff(&view) {
+                let version = update.version;
+                let bytes = match push::encode(&ServerMessage::Update(update)) {
+                    Ok(b) => b,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot encode an update");
+                        break;
+                    }
+                };
+                let len = bytes.len();
+                if tx.send(Ok(Frame::data(Bytes::from(bytes)))).await.is_err() {
+                    break;
+                }
+                metrics.pushed(len);
+                registry.with(&pod, |s| s.sent_version = Some(version));
+                pending.push_back((version, view.resources.clone(), delta));
+                // A proxy that never answers must not grow this without bound.
+                while pending.len() > 64 {
+                    pending.pop_front();
+                }
+                tracing::debug!(version, bytes = len, delta, "update sent");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = views.changed() => if r.is_err() { break },
+            frame = body.frame() => {
+                let data = match frame {
+                    None | Some(Err(_)) => break,
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(d) => d,
+                        Err(_) => continue,
+                    },
+                };
+                decoder.extend(&data);
+                loop {
+                    let message = match decoder.next::<ClientMessage>() {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(error) => {
+                            tracing::warn!(%error, "malformed message from proxy; closing");
+                            break 'session;
+                        }
+                    };
+                    answer(&pod, message, &mut pending, &server, &metrics);
+                }
+            }
+        }
+    }
+    registry.with(&pod, |s| s.streams = s.streams.saturating_sub(1));
+    drop(views);
+    server.index.unsubscribe(&pod);
+    server.index.notify();
+    tracing::info!("proxy stream ended");
+}
+
+fn answer(
+    pod: &ObjectKey,
+    message: ClientMessage,
+    pending: &mut VecDeque<(u64, BTreeSet<ResourceRef>, bool)>,
+    server: &PushServer,
+    metrics: &crate::metrics::Metrics,
+) {
+    let version = match &message {
+        ClientMessage::Ack(a) => a.version,
+        ClientMessage::Nack(n) => n.version,
+    };
+    let Some(pos) = pending.iter().position(|(v, _, _)| *v == version) else {
+        tracing::debug!(version, "answer for a version not pending; ignored");
+        return;
+    };
+    let (_, resources, delta) = pending.remove(pos).unwrap_or_default();
+    pending.retain(|(v, _, _)| *v > version);
+    match message {
+        ClientMessage::Ack(_) => {
+            if delta && let Some(at) = server.index.changed_at(version) {
+                metrics.change_acked(at.elapsed());
+            }
+            server.registry.with(pod, |s| {
+                s.acked_version = Some(version);
+                s.acked_resources = resources;
+                s.nack = None;
+            });
+            tracing::debug!(version, "ack");
+        }
+        ClientMessage::Nack(n) => {
+            metrics.nack();
+            tracing::warn!(version, reason = %n.reason, "proxy rejected config");
+            server.registry.with(pod, |s| {
+                s.nack = Some(NackState {
+                    version,
+                    reason: n.reason.clone(),
+                })
+            });
+        }
+    }
+    server.index.notify();
+}
