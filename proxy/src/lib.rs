@@ -23,6 +23,7 @@ pub mod config;
 pub mod detect;
 pub mod errors;
 pub mod http;
+pub mod init;
 pub mod metrics;
 pub mod orig_dst;
 pub mod server;

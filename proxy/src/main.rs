@@ -26,10 +26,14 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at startup: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the proxy.
     Run(RunArgs),
+    /// Install the pod's traffic-redirect rules (the init container), then exit.
+    Init(weft_proxy::init::InitArgs),
 }
 
 /// A non-transparent listener: `ADDR=SERVICE`.
@@ -104,6 +108,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Init(args) => Ok(weft_proxy::init::main(args)?),
     }
 }
 
