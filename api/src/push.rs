@@ -143,6 +143,8 @@ impl FrameDecoder {
     }
 
     /// The next complete message, if one is buffered.
+    // Not `Iterator::next`: it is generic over the message type and fallible.
+    #[allow(clippy::should_implement_trait)]
     pub fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
         let Some(prefix) = self.buf.get(..4) else {
             return Ok(None);

@@ -142,17 +142,15 @@ async fn handle(
                 Route::Service(svc.clone(), HttpTarget::Named(name.clone())),
                 svc.spec.opaque,
             ),
-            None => {
-                tracing::warn!(service = %name, "forward listener's service is not in the config");
-                proxy.metrics.error(direction, ErrorCode::ServiceNotFound);
-                return;
-            }
+            // Not (or no longer) configured: HTTP clients get a 503 with a reason per
+            // request; opaque connections are closed.
+            None => (Route::Missing(name.clone()), false),
         },
     };
     let detect_timeout = config.detect_timeout;
     let connect_timeout = match &route {
         Route::Service(s, _) => s.spec.connect_timeout,
-        Route::Addr(..) => config.connect_timeout,
+        Route::Addr(..) | Route::Missing(_) => config.connect_timeout,
     };
     drop(snapshot);
 
@@ -182,6 +180,7 @@ async fn handle(
                     HttpTarget::Fixed(Arc::new(EndpointState::new(addr, connect_timeout))),
                     label,
                 ),
+                Route::Missing(name) => (HttpTarget::Named(name.clone()), ServiceLabel(name)),
             };
             let conn = Arc::new(HttpConn {
                 store: proxy.store.clone(),
@@ -202,6 +201,8 @@ enum Route {
     Service(Arc<ServiceState>, HttpTarget),
     /// A fixed address: passthrough, or the local application.
     Addr(SocketAddr, ServiceLabel),
+    /// A forward listener's service that is not in the config.
+    Missing(Arc<str>),
 }
 
 fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
@@ -238,6 +239,11 @@ async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
     direction: Direction,
 ) {
     let (mut upstream, _in_flight) = match route {
+        Route::Missing(name) => {
+            tracing::debug!(service = %name, "service not in the config; closing");
+            proxy.metrics.error(direction, ErrorCode::ServiceNotFound);
+            return;
+        }
         Route::Addr(addr, _) => match upstream::connect(addr, connect_timeout).await {
             Ok(s) => (s, None),
             Err(error) => {

@@ -1,0 +1,553 @@
+//! The benchmark harness behind `docs/benchmarks.md`: open-loop constant-rate HTTP load
+//! with latency measured from each request's intended start (no coordinated omission),
+//! against a 1 KiB backend directly, through one `weft-proxy`, through two in a chain, and
+//! through HAProxy as a reference; plus closed-loop maximum throughput, proxy CPU time per
+//! request, RSS idle and with 1,000 open connections, and the raw loopback TCP round trip.
+//!
+//! ```sh
+//! cargo build --release -p weft-proxy --bin weft-proxy --example bench
+//! target/release/examples/bench [SECONDS_PER_RUN]      # default 10
+//! ```
+//!
+//! Only loopback addresses are used. HAProxy is optional (skipped when `haproxy` is not on
+//! PATH).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    missing_docs
+)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::Request;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const CONNECTIONS: usize = 16;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Proto {
+    H1,
+    H2,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()
+}
+
+/// The backend: 1 KiB for any request, HTTP/1.1 and HTTP/2, on its own thread.
+fn start_backend() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            let body = Bytes::from(vec![b'x'; 1024]);
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let _ = s.set_nodelay(true);
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let body = body.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body)))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// A TCP echo server for the raw round-trip floor.
+async fn start_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut b = [0u8; 1];
+                while s.read_exact(&mut b).await.is_ok() {
+                    if s.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn raw_rtt(addr: SocketAddr, n: usize) -> Histogram<u64> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut h = hist();
+    let mut b = [7u8; 1];
+    for i in 0..n + 1000 {
+        let t = Instant::now();
+        s.write_all(&b).await.unwrap();
+        s.read_exact(&mut b).await.unwrap();
+        if i >= 1000 {
+            h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
+        }
+    }
+    h
+}
+
+type H1Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+type H2Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+
+enum Conn {
+    H1(H1Sender),
+    H2(H2Sender),
+}
+
+async fn connect(addr: SocketAddr, proto: Proto) -> Conn {
+    let s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let io = TokioIo::new(s);
+    match proto {
+        Proto::H1 => {
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            Conn::H1(send)
+        }
+        Proto::H2 => {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            Conn::H2(send)
+        }
+    }
+}
+
+fn request(proto: Proto) -> Request<Empty<Bytes>> {
+    match proto {
+        Proto::H1 => Request::get("/")
+            .header("host", "web")
+            .body(Empty::new())
+            .unwrap(),
+        Proto::H2 => Request::get("http://web/")
+            .version(http::Version::HTTP_2)
+            .body(Empty::new())
+            .unwrap(),
+    }
+}
+
+async fn h1_once(send: &mut H1Sender) -> bool {
+    if send.ready().await.is_err() {
+        return false;
+    }
+    match send.send_request(request(Proto::H1)).await {
+        Ok(r) => r.status().is_success() && r.into_body().collect().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+async fn h2_once(mut send: H2Sender) -> bool {
+    if send.ready().await.is_err() {
+        return false;
+    }
+    match send.send_request(request(Proto::H2)).await {
+        Ok(r) => r.status().is_success() && r.into_body().collect().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+struct OpenLoop {
+    hist: Histogram<u64>,
+    errors: u64,
+    sent: u64,
+    elapsed: Duration,
+}
+
+/// Sends `rate` requests per second for `secs` over 16 connections; each request's latency
+/// counts from when it should have started.
+async fn open_loop(addr: SocketAddr, proto: Proto, rate: u64, secs: u64) -> OpenLoop {
+    let total = rate * secs;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let hist = Arc::new(Mutex::new(hist()));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut queues = Vec::new();
+    let mut workers = Vec::new();
+    let mut h2_senders = Vec::new();
+    for _ in 0..CONNECTIONS {
+        match connect(addr, proto).await {
+            Conn::H1(mut send) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+                queues.push(tx);
+                let hist = hist.clone();
+                let errors = errors.clone();
+                workers.push(tokio::spawn(async move {
+                    let mut local = self::hist();
+                    while let Some(intended) = rx.recv().await {
+                        if h1_once(&mut send).await {
+                            local
+                                .record(intended.elapsed().as_micros().max(1) as u64)
+                                .unwrap();
+                        } else {
+                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    hist.lock().unwrap().add(local).unwrap();
+                }));
+            }
+            Conn::H2(send) => h2_senders.push(send),
+        }
+    }
+    let start = Instant::now() + Duration::from_millis(10);
+    let mut h2_tasks = Vec::new();
+    for i in 0..total {
+        let intended = start + interval.mul_f64(i as f64);
+        let now = Instant::now();
+        if intended > now {
+            tokio::time::sleep(intended - now).await;
+        }
+        let c = (i as usize) % CONNECTIONS;
+        match proto {
+            Proto::H1 => queues[c].send(intended).unwrap(),
+            Proto::H2 => {
+                let send = h2_senders[c].clone();
+                let hist = hist.clone();
+                let errors = errors.clone();
+                h2_tasks.push(tokio::spawn(async move {
+                    if h2_once(send).await {
+                        hist.lock()
+                            .unwrap()
+                            .record(intended.elapsed().as_micros().max(1) as u64)
+                            .unwrap();
+                    } else {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }));
+            }
+        }
+    }
+    drop(queues);
+    for w in workers {
+        w.await.unwrap();
+    }
+    for t in h2_tasks {
+        t.await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    let hist = hist.lock().unwrap().clone();
+    OpenLoop {
+        hist,
+        errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+        sent: total,
+        elapsed,
+    }
+}
+
+/// Closed loop: as many requests as 16 connections (HTTP/2: 4 streams each) complete in
+/// `secs`. Returns completed requests.
+async fn max_throughput(addr: SocketAddr, proto: Proto, secs: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTIONS {
+        match connect(addr, proto).await {
+            Conn::H1(mut send) => {
+                let done = done.clone();
+                tasks.push(tokio::spawn(async move {
+                    while Instant::now() < deadline {
+                        if h1_once(&mut send).await {
+                            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        } else {
+                            return;
+                        }
+                    }
+                }));
+            }
+            Conn::H2(send) => {
+                for _ in 0..4 {
+                    let send = send.clone();
+                    let done = done.clone();
+                    tasks.push(tokio::spawn(async move {
+                        while Instant::now() < deadline {
+                            if h2_once(send.clone()).await {
+                                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            } else {
+                                return;
+                            }
+                        }
+                    }));
+                }
+            }
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the full line: 11 and 12 after the comm.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A child process, killed when dropped.
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_listening(addr: SocketAddr) {
+    for _ in 0..200 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{addr} never listened");
+}
+
+fn write_cfg(dir: &Path, name: &str, services: &[(&str, SocketAddr)]) -> PathBuf {
+    let mut yaml =
+        String::from("apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices:\n");
+    for (svc, ep) in services {
+        yaml.push_str(&format!("- name: {svc}\n  endpoints:\n  - address: {ep}\n"));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+async fn start_weft(bin: &Path, cfg: &Path, service: &str) -> (Proc, SocketAddr) {
+    let listen = free_addr().await;
+    let admin = free_addr().await;
+    let child = Command::new(bin)
+        .args(["run", "--no-transparent", "--log", "warn", "--workers", "1"])
+        .arg("--config")
+        .arg(cfg)
+        .arg("--forward")
+        .arg(format!("{listen}={service}"))
+        .arg("--admin-addr")
+        .arg(admin.to_string())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(listen).await;
+    (Proc { child }, listen)
+}
+
+async fn start_haproxy(dir: &Path, backend: SocketAddr) -> Option<(Proc, SocketAddr, SocketAddr)> {
+    let h1 = free_addr().await;
+    let h2 = free_addr().await;
+    let cfg = format!(
+        "global\n  nbthread 1\n  maxconn 8192\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\nfrontend h1\n  bind {h1}\n  default_backend web\nfrontend h2\n  bind {h2} proto h2\n  default_backend web\nbackend web\n  server b1 {backend}\n"
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, cfg).unwrap();
+    let child = Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_listening(h1).await;
+    Some((Proc { child }, h1, h2))
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let secs: u64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("weft-proxy");
+    assert!(
+        bin.exists(),
+        "build it first: cargo build --release -p weft-proxy --bin weft-proxy"
+    );
+    let dir = tempfile::tempdir().unwrap();
+
+    let backend = start_backend();
+    let echo = start_echo().await;
+
+    let rtt = raw_rtt(echo, 20_000).await;
+    println!("## Raw loopback TCP round trip (1 byte, 20,000 samples)\n");
+    println!(
+        "p50 {} ms, p99 {} ms, p99.9 {} ms\n",
+        ms(rtt.value_at_quantile(0.5)),
+        ms(rtt.value_at_quantile(0.99)),
+        ms(rtt.value_at_quantile(0.999))
+    );
+
+    let single_cfg = write_cfg(dir.path(), "single.yaml", &[("web", backend)]);
+    let (single, single_addr) = start_weft(&bin, &single_cfg, "web").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = rss_kib(single.child.id());
+    // Chain: client → sidecar 1 → sidecar 2 → backend.
+    let (chain2, chain2_addr) = start_weft(&bin, &single_cfg, "web").await;
+    let hop_cfg = write_cfg(dir.path(), "hop.yaml", &[("hop", chain2_addr)]);
+    let (chain1, chain1_addr) = start_weft(&bin, &hop_cfg, "hop").await;
+    let haproxy = start_haproxy(dir.path(), backend).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let haproxy_idle = haproxy.as_ref().map(|(p, _, _)| rss_kib(p.child.id()));
+
+    let mut targets: Vec<(&str, Proto, SocketAddr)> = Vec::new();
+    for proto in [Proto::H1, Proto::H2] {
+        targets.push(("direct", proto, backend));
+        targets.push(("weft", proto, single_addr));
+        targets.push(("weft chain (2 proxies)", proto, chain1_addr));
+        if let Some((_, h1, h2)) = &haproxy {
+            targets.push(("haproxy", proto, if proto == Proto::H1 { *h1 } else { *h2 }));
+        }
+    }
+
+    println!("## Open loop, {CONNECTIONS} connections, 1 KiB responses, {secs} s per run\n");
+    println!("| path | protocol | rate (req/s) | p50 ms | p99 ms | p99.9 ms | max ms | errors |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for rate in [1000u64, 5000] {
+        for (name, proto, addr) in &targets {
+            // Warm up pools and estimates, then measure.
+            let _ = open_loop(*addr, *proto, rate, 1).await;
+            let r = open_loop(*addr, *proto, rate, secs).await;
+            let h = &r.hist;
+            println!(
+                "| {name} | {proto:?} | {rate} ({:.0} achieved) | {} | {} | {} | {} | {} |",
+                r.sent as f64 / r.elapsed.as_secs_f64(),
+                ms(h.value_at_quantile(0.5)),
+                ms(h.value_at_quantile(0.99)),
+                ms(h.value_at_quantile(0.999)),
+                ms(h.max()),
+                r.errors
+            );
+        }
+    }
+
+    println!("\n## Closed loop maximum throughput ({secs} s; HTTP/2: 4 streams per connection)\n");
+    println!("| path | protocol | req/s | proxy CPU µs/req | proxy CPU s / wall s |");
+    println!("| --- | --- | --- | --- | --- |");
+    let weft_pid = single.child.id();
+    let haproxy_pid = haproxy.as_ref().map(|(p, _, _)| p.child.id());
+    for (name, proto, addr) in &targets {
+        let pid = match *name {
+            "weft" => Some(weft_pid),
+            "haproxy" => haproxy_pid,
+            _ => None,
+        };
+        let cpu0 = pid.map(cpu_seconds);
+        let t = Instant::now();
+        let n = max_throughput(*addr, *proto, secs).await;
+        let wall = t.elapsed().as_secs_f64();
+        let (per_req, util) = match (pid, cpu0) {
+            (Some(pid), Some(c0)) => {
+                let cpu = cpu_seconds(pid) - c0;
+                (
+                    format!("{:.1}", cpu * 1e6 / n as f64),
+                    format!("{:.2}", cpu / wall),
+                )
+            }
+            _ => ("".into(), "".into()),
+        };
+        println!(
+            "| {name} | {proto:?} | {:.0} | {per_req} | {util} |",
+            n as f64 / wall
+        );
+    }
+
+    // RSS with 1,000 open connections, each having carried one HTTP/1.1 request.
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        if let Conn::H1(mut send) = connect(single_addr, Proto::H1).await {
+            assert!(h1_once(&mut send).await);
+            held.push(send);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let busy_rss = rss_kib(weft_pid);
+    let mut haproxy_rss = String::new();
+    if let (Some((p, h1, _)), Some(idle)) = (&haproxy, haproxy_idle) {
+        let mut held_h = Vec::new();
+        for _ in 0..1000 {
+            if let Conn::H1(mut send) = connect(*h1, Proto::H1).await {
+                assert!(h1_once(&mut send).await);
+                held_h.push(send);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        haproxy_rss = format!(
+            "| haproxy | {:.1} | {:.1} |\n",
+            idle as f64 / 1024.0,
+            rss_kib(p.child.id()) as f64 / 1024.0
+        );
+    }
+    println!("\n## Resident memory (MiB)\n");
+    println!("| process | idle (after start) | after the runs, with 1,000 open connections |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| weft-proxy | {:.1} | {:.1} |",
+        idle_rss as f64 / 1024.0,
+        busy_rss as f64 / 1024.0
+    );
+    print!("{haproxy_rss}");
+    drop(held);
+    drop((chain1, chain2, single));
+}
