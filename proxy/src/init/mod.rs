@@ -135,6 +135,13 @@ impl InitArgs {
             skip_outbound_cidrs: self.skip_outbound_cidrs.0.clone(),
         };
         redirect.validate().map_err(InitError::Flags)?;
+        if let Some(range) = redirect.skipped_inbound_port() {
+            tracing::warn!(
+                %range,
+                inbound_port = %self.inbound_port,
+                "--skip-inbound-ports contains the inbound port"
+            );
+        }
         Ok(redirect)
     }
 }

@@ -306,15 +306,6 @@ pub enum RedirectError {
     /// Inbound and outbound must be different listeners.
     #[error("--inbound-port and --outbound-port are both {0}; they must differ")]
     SamePorts(u16),
-    /// Skipping the redirect port itself would make the listener reachable only directly,
-    /// which is almost certainly a typo.
-    #[error("--skip-inbound-ports {range} contains --inbound-port {port}")]
-    InboundPortSkipped {
-        /// The offending range.
-        range: PortRange,
-        /// The inbound port.
-        port: u16,
-    },
 }
 
 impl Redirect {
@@ -323,17 +314,18 @@ impl Redirect {
         if self.inbound_port == self.outbound_port {
             return Err(RedirectError::SamePorts(self.inbound_port.get()));
         }
-        if let Some(range) = self
-            .skip_inbound_ports
-            .iter()
-            .find(|r| r.contains(self.inbound_port.get()))
-        {
-            return Err(RedirectError::InboundPortSkipped {
-                range: *range,
-                port: self.inbound_port.get(),
-            });
-        }
         Ok(())
+    }
+
+    /// A skipped inbound range that contains the inbound port itself: harmless (a peer
+    /// dialling that port reaches the listener unredirected, and the proxy closes such a
+    /// connection), but probably a typo, so it is worth a warning rather than a pod stuck
+    /// in its init container over an annotation the webhook accepted.
+    pub fn skipped_inbound_port(&self) -> Option<PortRange> {
+        self.skip_inbound_ports
+            .iter()
+            .copied()
+            .find(|r| r.contains(self.inbound_port.get()))
     }
 
     /// The rules of Weft's four chains for `family`, each as restore input (`-A ...`),
@@ -574,12 +566,14 @@ COMMIT
         let mut r = redirect();
         r.outbound_port = r.inbound_port;
         assert_eq!(r.validate(), Err(RedirectError::SamePorts(15006)));
+        assert_eq!(redirect().validate(), Ok(()));
+        assert_eq!(redirect().skipped_inbound_port(), None);
         let mut r = redirect();
         r.skip_inbound_ports.push("15000-15010".parse().unwrap());
-        assert!(matches!(
-            r.validate(),
-            Err(RedirectError::InboundPortSkipped { port: 15006, .. })
-        ));
-        assert_eq!(redirect().validate(), Ok(()));
+        assert_eq!(r.validate(), Ok(()), "only worth a warning");
+        assert_eq!(
+            r.skipped_inbound_port(),
+            Some("15000-15010".parse().unwrap())
+        );
     }
 }
