@@ -1,4 +1,5 @@
 //! `kubectl-weft`: the kubectl plugin's library, so its behaviour is testable without
 //! spawning it.
 
+pub mod check;
 pub mod manifest;

@@ -34,6 +34,12 @@ enum Cmd {
     Inject(InjectArgs),
     /// Remove what `inject` (or the webhook) added.
     Uninject(FileArgs),
+    /// Check the installation, and list pods that opted in but run without the proxy.
+    Check {
+        /// Name of the operator's MutatingWebhookConfiguration.
+        #[arg(long, default_value = "weft-injector")]
+        webhook: String,
+    },
 }
 
 #[derive(Args)]
@@ -64,6 +70,7 @@ struct InjectArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (files, action, cfg) = match cli.command {
+        Cmd::Check { webhook } => return check(&webhook),
         Cmd::Inject(args) => {
             let mut cfg = InjectConfig::default();
             if let Some(v) = args.proxy_image {
@@ -103,6 +110,27 @@ fn main() -> anyhow::Result<()> {
         for r in reports {
             writeln!(stderr, "{} {}", r.object, r.result)?;
         }
+    }
+    Ok(())
+}
+
+fn check(webhook: &str) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the cluster (KUBECONFIG)")?;
+        anyhow::Ok(kubectl_weft::check::run(client, webhook).await)
+    })?;
+    std::io::stdout().write_all(report.text.as_bytes())?;
+    if report.failures > 0 {
+        anyhow::bail!(
+            "{} check(s) failed, {} warning(s)",
+            report.failures,
+            report.warnings
+        );
     }
     Ok(())
 }

@@ -7,167 +7,24 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{anyhow, ensure};
-use k8s_openapi::api::{
-    apps::v1::Deployment,
-    core::v1::{Namespace, Pod},
-};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
 use kube::{
     Api, Client, ResourceExt,
-    api::{ListParams, ObjectMeta, PostParams},
+    api::{ListParams, PostParams},
 };
 use serde_json::json;
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use weft_e2e::shared::{self, eventually};
 use weft_operator::{
     inject::{InjectConfig, keys},
-    webhook::{self, FailurePolicy, Registration, Target, WebhookMetrics, WebhookSettings},
+    webhook::FailurePolicy,
 };
 
-const SCOPE_LABEL: &str = "e2e.weft.dev/webhook";
+mod support;
 
-struct Webhook {
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-    metrics: WebhookMetrics,
-}
-
-impl Webhook {
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
-        self.task.abort();
-    }
-}
-
-/// A fresh namespace, labelled so that only this test's webhook serves it.
-async fn scoped_namespace(client: &Client, prefix: &str, inject_label: Option<&str>) -> String {
-    let ns = shared::namespace(client, prefix).await.unwrap();
-    let mut labels = BTreeMap::from([(SCOPE_LABEL.to_owned(), ns.clone())]);
-    if let Some(v) = inject_label {
-        labels.insert(keys::INJECT.to_owned(), v.to_owned());
-    }
-    let patch = json!({"metadata": {"labels": labels}});
-    Api::<Namespace>::all(client.clone())
-        .patch(&ns, &Default::default(), &kube::api::Patch::Merge(&patch))
-        .await
-        .unwrap();
-    ns
-}
-
-async fn ensure_namespace(client: &Client, name: &str) {
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    match Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => panic!("creating namespace {name}: {e}"),
-    }
-}
-
-fn settings(ns: &str, port: u16, policy: FailurePolicy) -> WebhookSettings {
-    WebhookSettings {
-        inject: InjectConfig {
-            proxy_image: "weft.invalid/weft-proxy:test".to_owned(),
-            proxy_version: "0.1.0-test".to_owned(),
-            ..InjectConfig::default()
-        },
-        registration: Registration {
-            name: format!("weft-injector-{ns}"),
-            target: Target::Url(format!("https://127.0.0.1:{port}/inject")),
-            failure_policy: policy,
-            timeout_seconds: 5,
-            annotation_opt_in: true,
-            excluded_namespaces: vec!["kube-system".to_owned(), "weft-system".to_owned()],
-            namespace_scope: Some((SCOPE_LABEL.to_owned(), ns.to_owned())),
-        },
-        ca_namespace: "weft-system".to_owned(),
-        ca_secret: "weft-ca".to_owned(),
-        dns_names: vec!["localhost".to_owned()],
-        ips: vec![IpAddr::from([127, 0, 0, 1])],
-        cert_lifetime: Duration::from_secs(3600),
-    }
-}
-
-/// Starts a webhook for `ns` and waits until the API server calls it.
-async fn start_webhook(client: &Client, ns: &str, policy: FailurePolicy) -> Webhook {
-    ensure_namespace(client, "weft-system").await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let metrics = WebhookMetrics::default();
-    let task = tokio::spawn({
-        let client = client.clone();
-        let settings = settings(ns, port, policy);
-        let metrics = metrics.clone();
-        async move {
-            webhook::run(client, settings, listener, metrics, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        }
-    });
-    // The API server picks up new webhook configurations asynchronously: dry-run a pod
-    // creation until it comes back injected.
-    let pods = Api::<Pod>::namespaced(client.clone(), ns);
-    eventually(Duration::from_secs(30), || {
-        let pods = pods.clone();
-        async move {
-            let probe = pod("probe", json!({"weft.dev/inject": "enabled"}));
-            let created = pods
-                .create(
-                    &PostParams {
-                        dry_run: true,
-                        ..Default::default()
-                    },
-                    &probe,
-                )
-                .await?;
-            ensure!(has_proxy(&created), "webhook not called yet");
-            Ok(())
-        }
-    })
-    .await
-    .unwrap();
-    Webhook {
-        stop: Some(stop),
-        task,
-        metrics,
-    }
-}
-
-fn pod(name: &str, annotations: serde_json::Value) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {"containers": [{"name": "app", "image": "weft.invalid/app:1", "ports": [{"containerPort": 8080}]}]}
-    }))
-    .unwrap()
-}
-
-fn has_proxy(pod: &Pod) -> bool {
-    init_names(pod).iter().any(|n| n == keys::PROXY_CONTAINER)
-}
-
-fn init_names(pod: &Pod) -> Vec<String> {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.init_containers.as_ref())
-        .map(|c| c.iter().map(|c| c.name.clone()).collect())
-        .unwrap_or_default()
-}
+use support::*;
 
 #[tokio::test]
 async fn an_annotated_pod_gets_the_sidecar_the_init_container_and_the_token() {
@@ -507,4 +364,68 @@ async fn with_the_operator_down_failure_policy_decides() {
         "names the webhook: {}",
         err.message
     );
+}
+
+/// The serving certificate a fresh TLS connection to the webhook gets, verified against
+/// the CA in the operator's Secret.
+async fn served_certificate(client: &Client, port: u16) -> Vec<u8> {
+    use k8s_openapi::api::core::v1::Secret;
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+
+    let secret = Api::<Secret>::namespaced(client.clone(), "weft-system")
+        .get("weft-ca")
+        .await
+        .unwrap();
+    let ca_pem = secret.data.unwrap()["tls.crt"].0.clone();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("handshake verified against the CA");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn the_serving_certificate_is_renewed_before_it_expires() {
+    let client = shared::client().await.unwrap();
+    let ns = scoped_namespace(&client, "inject-renew", None).await;
+    // Renewed at two thirds of its life: after 4 s of a 6 s certificate.
+    let (hook, port) =
+        start_webhook_with(&client, &ns, FailurePolicy::Fail, Duration::from_secs(6)).await;
+    let first = served_certificate(&client, port).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let renewed = eventually(Duration::from_secs(10), || async {
+        let now = served_certificate(&client, port).await;
+        ensure!(now != first, "same certificate still served");
+        Ok(now)
+    })
+    .await
+    .unwrap();
+    assert_ne!(renewed, first);
+    // Past the first certificate's expiry, with failurePolicy Fail, injection still works:
+    // the API server's new connections trust the renewed certificate through the same CA.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("after-renewal", json!({"weft.dev/inject": "enabled"})),
+        )
+        .await
+        .unwrap();
+    assert!(has_proxy(&created));
+    hook.stop().await;
 }

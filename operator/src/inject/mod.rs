@@ -12,6 +12,7 @@
 //! ```
 
 pub mod annotations;
+pub mod audit;
 pub mod config;
 pub mod keys;
 mod sidecar;

@@ -45,6 +45,8 @@ pub struct WebhookSettings {
     pub ips: Vec<IpAddr>,
     /// Lifetime of a serving certificate; it is renewed at two thirds of it.
     pub cert_lifetime: Duration,
+    /// How often pods are scanned for ones that opted in but run unmeshed.
+    pub audit_interval: Duration,
 }
 
 /// Why the webhook could not start.
@@ -93,6 +95,7 @@ pub async fn run(
         }
     });
     let renew = renew_forever(ca, certs.clone(), settings.clone());
+    let audit = audit_forever(client.clone(), settings.clone(), metrics.clone());
     let handler = Arc::new(Handler::new(
         settings.inject.clone(),
         store,
@@ -104,6 +107,7 @@ pub async fn run(
         _ = server::serve(listener, certs, handler, shutdown) => {}
         _ = namespaces => tracing::warn!("namespace watch ended"),
         _ = renew => {}
+        _ = audit => {}
     }
     Ok(())
 }
@@ -127,6 +131,74 @@ async fn renew_forever(ca: ca::Ca, certs: CertStore, settings: WebhookSettings) 
                 tracing::warn!(%error, "renewing the webhook's serving certificate");
                 wait = Duration::from_secs(5).min(settings.cert_lifetime / 10);
             }
+        }
+    }
+}
+
+/// Counts, every `audit_interval`, the pods that opted in but run without the proxy, into
+/// the `weft_unmeshed_pods` gauge, and logs each newly found one once.
+async fn audit_forever(client: Client, settings: WebhookSettings, metrics: WebhookMetrics) {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::ListParams;
+
+    let mut reported = BTreeSet::new();
+    loop {
+        let pods = Api::<PartialObjectMeta<Pod>>::all(client.clone());
+        let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
+        match (
+            list_all(&pods).await,
+            namespaces.list(&ListParams::default()).await,
+        ) {
+            (Ok(pods), Ok(namespaces)) => {
+                let labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
+                    .items
+                    .into_iter()
+                    .filter_map(|n| Some((n.metadata.name?, n.metadata.labels.unwrap_or_default())))
+                    .collect();
+                let found = crate::inject::audit::unmeshed(
+                    pods.iter().map(|p| &p.metadata),
+                    &labels,
+                    &settings.inject,
+                );
+                metrics
+                    .unmeshed
+                    .set(i64::try_from(found.len()).unwrap_or(i64::MAX));
+                let now: BTreeSet<String> = found
+                    .iter()
+                    .map(|u| format!("{}/{}", u.namespace, u.name))
+                    .collect();
+                for pod in now.difference(&reported) {
+                    tracing::warn!(%pod, "pod opted in to the mesh but runs without the proxy; restart it");
+                }
+                reported = now;
+            }
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(%error, "scanning pods for unmeshed ones")
+            }
+        }
+        tokio::time::sleep(settings.audit_interval).await;
+    }
+}
+
+/// Lists every object's metadata, 500 at a time.
+async fn list_all<K>(
+    api: &Api<PartialObjectMeta<K>>,
+) -> Result<Vec<PartialObjectMeta<K>>, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    PartialObjectMeta<K>:
+        kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned + Clone + std::fmt::Debug,
+{
+    let mut out = Vec::new();
+    let mut params = kube::api::ListParams::default().limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        out.extend(page.items);
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(out),
         }
     }
 }

@@ -16,7 +16,7 @@ use kube::{
 };
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use tokio::net::TcpListener;
@@ -41,6 +41,8 @@ struct OutcomeLabels {
 pub struct WebhookMetrics {
     admissions: Family<OutcomeLabels, Counter>,
     latency: Histogram,
+    /// Pods that opted in but run without the proxy (see `inject::audit`).
+    pub unmeshed: Gauge,
 }
 
 impl Default for WebhookMetrics {
@@ -50,6 +52,7 @@ impl Default for WebhookMetrics {
             latency: Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
             ]),
+            unmeshed: Gauge::default(),
         }
     }
 }
@@ -66,6 +69,11 @@ impl WebhookMetrics {
             "weft_webhook_admission_duration_seconds",
             "Time to answer one AdmissionReview",
             self.latency.clone(),
+        );
+        registry.register(
+            "weft_unmeshed_pods",
+            "Pods that opted in to the mesh but run without the proxy (created while the webhook was unreachable); restart them",
+            self.unmeshed.clone(),
         );
     }
 

@@ -1,0 +1,120 @@
+//! Finding pods that opted in but run without the proxy: created while the webhook was
+//! unreachable (with `failurePolicy: Ignore`), or before their namespace opted in. Works
+//! on metadata alone, so it can scan a cluster cheaply.
+
+use std::collections::BTreeMap;
+
+use kube::api::ObjectMeta;
+
+use super::{InjectConfig, keys};
+
+/// A pod that should carry the proxy and does not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unmeshed {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+    /// How it opted in: `pod` or `namespace`.
+    pub opted_in_by: &'static str,
+}
+
+/// Pods (by metadata) that opted in, are not excluded, and have no proxy.
+/// `namespace_labels` maps each namespace to its labels.
+pub fn unmeshed<'a>(
+    pods: impl IntoIterator<Item = &'a ObjectMeta>,
+    namespace_labels: &BTreeMap<String, BTreeMap<String, String>>,
+    cfg: &InjectConfig,
+) -> Vec<Unmeshed> {
+    let mut out = Vec::new();
+    for meta in pods {
+        let namespace = meta.namespace.clone().unwrap_or_default();
+        if cfg.excluded_namespaces.contains(&namespace) {
+            continue;
+        }
+        let get = |m: &Option<BTreeMap<String, String>>, k: &str| {
+            m.as_ref().and_then(|m| m.get(k)).cloned()
+        };
+        if get(&meta.annotations, keys::PROXY_VERSION).is_some() {
+            continue;
+        }
+        let pod_says =
+            get(&meta.annotations, keys::INJECT).or_else(|| get(&meta.labels, keys::INJECT));
+        let ns_says = namespace_labels
+            .get(&namespace)
+            .and_then(|l| l.get(keys::INJECT))
+            .cloned();
+        let opted_in_by = match (pod_says.as_deref(), ns_says.as_deref()) {
+            (Some(keys::DISABLED), _) => continue,
+            (Some(keys::ENABLED), _) => "pod",
+            (_, Some(keys::ENABLED)) => "namespace",
+            _ => continue,
+        };
+        out.push(Unmeshed {
+            namespace,
+            name: meta.name.clone().unwrap_or_default(),
+            opted_in_by,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(
+        ns: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+        labels: &[(&str, &str)],
+    ) -> ObjectMeta {
+        let map = |pairs: &[(&str, &str)]| {
+            (!pairs.is_empty()).then(|| {
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+        };
+        ObjectMeta {
+            namespace: Some(ns.to_owned()),
+            name: Some(name.to_owned()),
+            annotations: map(annotations),
+            labels: map(labels),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn finds_opted_in_pods_without_the_proxy() {
+        let pods = [
+            meta("shop", "meshed", &[(keys::PROXY_VERSION, "0.1.0")], &[]),
+            meta("shop", "missed", &[], &[]),
+            meta("shop", "out", &[(keys::INJECT, keys::DISABLED)], &[]),
+            meta("plain", "annotated", &[(keys::INJECT, keys::ENABLED)], &[]),
+            meta("plain", "labelled", &[], &[(keys::INJECT, keys::ENABLED)]),
+            meta("plain", "ignored", &[], &[]),
+            meta("kube-system", "dns", &[(keys::INJECT, keys::ENABLED)], &[]),
+        ];
+        let ns = BTreeMap::from([
+            (
+                "shop".to_owned(),
+                BTreeMap::from([(keys::INJECT.to_owned(), keys::ENABLED.to_owned())]),
+            ),
+            ("plain".to_owned(), BTreeMap::new()),
+        ]);
+        let found: Vec<(String, &str)> = unmeshed(&pods, &ns, &InjectConfig::default())
+            .into_iter()
+            .map(|u| (format!("{}/{}", u.namespace, u.name), u.opted_in_by))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("shop/missed".to_owned(), "namespace"),
+                ("plain/annotated".to_owned(), "pod"),
+                ("plain/labelled".to_owned(), "pod"),
+            ]
+        );
+    }
+}
