@@ -9,6 +9,8 @@
 pub mod ca;
 pub mod index;
 pub mod inject;
+pub mod mesh;
 pub mod metrics;
-pub mod webhook;
 pub mod push;
+pub mod status;
+pub mod webhook;

@@ -68,9 +68,27 @@ enum LogFormat {
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Config file: YAML, or JSON when the name ends in `.json`. Re-read when it changes
-    /// and on SIGHUP.
-    #[arg(long, env = "WEFT_CONFIG")]
-    config: PathBuf,
+    /// and on SIGHUP. Exactly one of this and --operator-addr.
+    #[arg(
+        long,
+        env = "WEFT_CONFIG",
+        required_unless_present = "operator_addr",
+        conflicts_with = "operator_addr"
+    )]
+    config: Option<PathBuf>,
+    /// The operator's config push server (`host:port`): config comes from there instead
+    /// of a file, with --pod-namespace, --pod-name and --token-file.
+    #[arg(long, env = "WEFT_OPERATOR_ADDR", requires_all = ["pod_namespace", "pod_name"])]
+    operator_addr: Option<String>,
+    /// This pod's namespace (for --operator-addr).
+    #[arg(long, env = "WEFT_POD_NAMESPACE")]
+    pod_namespace: Option<String>,
+    /// This pod's name (for --operator-addr).
+    #[arg(long, env = "WEFT_POD_NAME")]
+    pod_name: Option<String>,
+    /// The projected ServiceAccount token presented to the operator.
+    #[arg(long, env = "WEFT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Transparent outbound listener (the application's redirected connections).
     #[arg(long, env = "WEFT_OUTBOUND_ADDR", default_value = "0.0.0.0:15001")]
     outbound_addr: SocketAddr,
@@ -127,9 +145,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     // Validate the config before binding anything, so a bad file fails fast and clearly.
-    let initial = source::load(&args.config)?;
-    weft_proxy::config::Config::validate(&initial)
-        .with_context(|| format!("{}", args.config.display()))?;
+    let initial = match &args.config {
+        Some(path) => {
+            let initial = source::load(path)?;
+            weft_proxy::config::Config::validate(&initial)
+                .with_context(|| format!("{}", path.display()))?;
+            Some(initial)
+        }
+        None => None,
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.workers.get())
@@ -146,9 +170,14 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("bind the {what} listener on {addr}"))
 }
 
-async fn serve(args: RunArgs, initial: weft_api::proxy_config::ProxyConfig) -> anyhow::Result<()> {
+async fn serve(
+    args: RunArgs,
+    initial: Option<weft_api::proxy_config::ProxyConfig>,
+) -> anyhow::Result<()> {
     let proxy = Proxy::new();
-    proxy.store.apply(initial)?;
+    if let Some(initial) = initial {
+        proxy.store.apply(initial)?;
+    }
 
     let admin_stop = CancellationToken::new();
     let admin = bind(args.admin_addr, "admin").await?;
@@ -180,15 +209,32 @@ async fn serve(args: RunArgs, initial: weft_api::proxy_config::ProxyConfig) -> a
     let mut sighup = signal(SignalKind::hangup()).context("install the SIGHUP handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
-    let mut watcher = FileSource::new(args.config.clone(), proxy.store.clone());
-    // The initial load above already applied this file; record its stamp without
-    // applying it again.
-    watcher.mark_seen();
-    let watch_task = tokio::spawn(watcher.run(
-        args.reload_interval.as_std(),
-        hup.clone(),
-        admin_stop.clone(),
-    ));
+    let watch_task = match (&args.config, &args.operator_addr) {
+        (Some(path), _) => {
+            let mut watcher = FileSource::new(path.clone(), proxy.store.clone());
+            // The initial load above already applied this file; record its stamp without
+            // applying it again.
+            watcher.mark_seen();
+            tokio::spawn(watcher.run(
+                args.reload_interval.as_std(),
+                hup.clone(),
+                admin_stop.clone(),
+            ))
+        }
+        (None, operator) => {
+            let mut control = weft_proxy::control::ControlConfig::new(
+                operator.clone().unwrap_or_default(),
+                format!(
+                    "{}/{}",
+                    args.pod_namespace.as_deref().unwrap_or_default(),
+                    args.pod_name.as_deref().unwrap_or_default()
+                ),
+            );
+            control.token_file = args.token_file.clone();
+            let client = weft_proxy::control::ControlClient::new(control, proxy.store.clone());
+            tokio::spawn(client.run(admin_stop.clone()))
+        }
+    };
 
     loop {
         tokio::select! {

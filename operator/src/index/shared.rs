@@ -19,7 +19,7 @@ use std::{
     time::Instant,
 };
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use super::{Affected, Index, Kind, ObjectKey, ProxyView};
 use crate::metrics::Metrics;
@@ -35,7 +35,7 @@ pub struct SharedIndex {
     subscribers: Mutex<HashMap<ObjectKey, watch::Sender<Option<ProxyView>>>>,
     synced: Mutex<BTreeSet<Kind>>,
     change_times: Mutex<VecDeque<(u64, Instant)>>,
-    changed: Notify,
+    changed: watch::Sender<u64>,
     metrics: Arc<Metrics>,
 }
 
@@ -51,7 +51,7 @@ impl SharedIndex {
             subscribers: Mutex::new(HashMap::new()),
             synced: Mutex::new(BTreeSet::new()),
             change_times: Mutex::new(VecDeque::new()),
-            changed: Notify::new(),
+            changed: watch::channel(0).0,
             metrics,
         })
     }
@@ -95,7 +95,7 @@ impl SharedIndex {
             });
         }
         drop(subscribers);
-        self.changed.notify_waiters();
+        self.changed.send_modify(|n| *n += 1);
     }
 
     /// When the change that produced `version` (or the latest before it) was seen.
@@ -152,7 +152,7 @@ impl SharedIndex {
     /// Records that the first list of `kind` has been applied.
     pub fn mark_synced(&self, kind: Kind) {
         lock(&self.synced).insert(kind);
-        self.changed.notify_waiters();
+        self.changed.send_modify(|n| *n += 1);
     }
 
     /// Whether every kind has been listed once.
@@ -160,15 +160,15 @@ impl SharedIndex {
         lock(&self.synced).len() == Kind::ALL.len()
     }
 
-    /// Completes after the next change to the index (or to a proxy's acknowledgements,
-    /// see [`SharedIndex::notify`]).
-    pub async fn changed(&self) {
-        self.changed.notified().await;
+    /// A receiver that is marked changed on every change to the index or to a proxy's
+    /// acknowledgements (see [`SharedIndex::notify`]); changes are never missed.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
-    /// Wakes whoever waits in [`SharedIndex::changed`] (the status writer) without an index
+    /// Wakes whoever follows [`SharedIndex::changes`] (the status writer) without an index
     /// change: a proxy acknowledged or rejected a version.
     pub fn notify(&self) {
-        self.changed.notify_waiters();
+        self.changed.send_modify(|n| *n += 1);
     }
 }

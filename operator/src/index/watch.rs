@@ -37,20 +37,40 @@ use super::{
     shared::SharedIndex,
 };
 
-/// Runs every watch until `shutdown`.
-pub async fn run(client: Client, index: Arc<SharedIndex>, shutdown: CancellationToken) {
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs every watch until `shutdown`; with `namespace`, only that namespace is watched.
+pub async fn run(
+    client: Client,
+    index: Arc<SharedIndex>,
+    namespace: Option<String>,
+    shutdown: CancellationToken,
+) {
     let all = watcher::Config::default();
+    let ns = namespace.as_deref();
+    let namespaces = match ns {
+        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+        None => all.clone(),
+    };
     let tasks: Vec<BoxFuture<'static, ()>> = vec![
         Box::pin(watch_kind(
             Api::<Namespace>::all(client.clone()),
-            all.clone(),
+            namespaces,
             Kind::Namespace,
             model::namespace,
             index.clone(),
             shutdown.clone(),
         )),
         Box::pin(watch_kind(
-            Api::<Service>::all(client.clone()),
+            api::<Service>(&client, ns),
             all.clone(),
             Kind::Service,
             model::service,
@@ -58,7 +78,7 @@ pub async fn run(client: Client, index: Arc<SharedIndex>, shutdown: Cancellation
             shutdown.clone(),
         )),
         Box::pin(watch_kind(
-            Api::<EndpointSlice>::all(client.clone()),
+            api::<EndpointSlice>(&client, ns),
             all.clone(),
             Kind::EndpointSlice,
             model::endpoint_slice,
@@ -66,7 +86,7 @@ pub async fn run(client: Client, index: Arc<SharedIndex>, shutdown: Cancellation
             shutdown.clone(),
         )),
         Box::pin(watch_kind(
-            Api::<Pod>::all(client.clone()),
+            api::<Pod>(&client, ns),
             watcher::Config::default().labels(MESHED_LABEL),
             Kind::Pod,
             model::pod,
@@ -75,18 +95,21 @@ pub async fn run(client: Client, index: Arc<SharedIndex>, shutdown: Cancellation
         )),
         Box::pin(watch_weft::<Route>(
             client.clone(),
+            namespace.clone(),
             Kind::Route,
             index.clone(),
             shutdown.clone(),
         )),
         Box::pin(watch_weft::<Policy>(
             client.clone(),
+            namespace.clone(),
             Kind::Policy,
             index.clone(),
             shutdown.clone(),
         )),
         Box::pin(watch_weft::<Breaker>(
             client,
+            namespace.clone(),
             Kind::Breaker,
             index,
             shutdown,
@@ -97,6 +120,7 @@ pub async fn run(client: Client, index: Arc<SharedIndex>, shutdown: Cancellation
 
 async fn watch_weft<K>(
     client: Client,
+    namespace: Option<String>,
     kind: Kind,
     index: Arc<SharedIndex>,
     shutdown: CancellationToken,
@@ -104,7 +128,10 @@ async fn watch_weft<K>(
     K: Resource<DynamicType = ()>,
 {
     let ar = ApiResource::erase::<K>(&());
-    let api = Api::<DynamicObject>::all_with(client, &ar);
+    let api = match &namespace {
+        Some(ns) => Api::<DynamicObject>::namespaced_with(client, ns, &ar),
+        None => Api::<DynamicObject>::all_with(client, &ar),
+    };
     watch_kind(
         api,
         watcher::Config::default(),

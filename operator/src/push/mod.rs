@@ -26,7 +26,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, header::AUTHORIZATION};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::{
     net::TcpListener,
@@ -169,6 +169,7 @@ pub async fn serve(listener: TcpListener, server: Arc<PushServer>, shutdown: Can
                     }
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
                     .keep_alive_interval(Some(Duration::from_secs(20)))
                     .keep_alive_timeout(Duration::from_secs(20))
                     .serve_connection(TokioIo::new(stream), svc);

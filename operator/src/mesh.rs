@@ -1,0 +1,228 @@
+//! The control plane's wiring: watches → index → push server, the status writer behind
+//! a Lease, and the admin listener. The binary and the tests both start it through
+//! [`run`], on listeners they bound.
+//!
+//! ```text
+//!            ┌── index::watch (7 watches) ──▶ SharedIndex ◀── push::serve (proxies)
+//! run(..) ───┼── status::lease ──leader──▶ status::StatusWriter
+//!            └── admin: /healthz /readyz /metrics /proxies
+//! ```
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header::CONTENT_TYPE};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use kube::Client;
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{
+    index::{Index, ObjectKey, shared::SharedIndex},
+    metrics::Metrics,
+    push::{self, Authenticator, PushServer, Registry},
+    status::{StatusWriter, lease},
+};
+
+/// What [`run`] needs besides the client.
+#[derive(Debug)]
+pub struct Settings {
+    /// The push server's listener.
+    pub push: TcpListener,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`, `/proxies`).
+    pub admin: Option<TcpListener>,
+    /// The SPIFFE trust domain of endpoint identities.
+    pub trust_domain: String,
+    /// How subscribers are authenticated.
+    pub auth: Authenticator,
+    /// The Lease that elects the status writer; `None` writes no status.
+    pub lease: Option<lease::LeaseConfig>,
+    /// Only this namespace is watched (for tests and single-namespace installs); `None`
+    /// watches the whole cluster.
+    pub namespace: Option<String>,
+}
+
+/// Handles to a running control plane.
+#[derive(Clone, Debug)]
+pub struct Handles {
+    /// The index.
+    pub index: Arc<SharedIndex>,
+    /// What each proxy runs.
+    pub registry: Arc<Registry>,
+}
+
+/// Starts the control plane; it runs until `shutdown`, and the returned task ends when
+/// every part has stopped.
+pub fn run(
+    client: Client,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> (Handles, tokio::task::JoinHandle<()>) {
+    let metrics = Arc::new(Metrics::new());
+    let index = SharedIndex::new(Index::new(settings.trust_domain.clone()), metrics.clone());
+    let registry = Arc::new(Registry::default());
+    let handles = Handles {
+        index: index.clone(),
+        registry: registry.clone(),
+    };
+    let tracker = TaskTracker::new();
+    tracker.spawn(
+        crate::index::watch::run(
+            client.clone(),
+            index.clone(),
+            settings.namespace.clone(),
+            shutdown.clone(),
+        )
+        .instrument(tracing::info_span!("watches")),
+    );
+    let server = Arc::new(PushServer {
+        index: index.clone(),
+        registry: registry.clone(),
+        auth: settings.auth,
+    });
+    tracker.spawn(
+        push::serve(settings.push, server, shutdown.clone())
+            .instrument(tracing::info_span!("push")),
+    );
+    if let Some(lease_config) = settings.lease {
+        let (leader_tx, leader_rx) = watch::channel(false);
+        let instance = lease_config.identity.clone();
+        tracker.spawn(
+            lease::run(client.clone(), lease_config, leader_tx, shutdown.clone())
+                .instrument(tracing::info_span!("lease")),
+        );
+        let writer =
+            StatusWriter::new(client, index.clone(), registry.clone(), leader_rx, instance);
+        tracker.spawn(
+            writer
+                .run(shutdown.clone())
+                .instrument(tracing::info_span!("status")),
+        );
+    }
+    if let Some(admin) = settings.admin {
+        tracker.spawn(
+            serve_admin(admin, handles.clone(), metrics, shutdown.clone())
+                .instrument(tracing::info_span!("admin")),
+        );
+    }
+    tracker.close();
+    let done = tokio::spawn(async move { tracker.wait().await });
+    (handles, done)
+}
+
+/// One row of `/proxies` (and of `kubectl weft proxy-status`).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyRow {
+    /// `namespace/name`.
+    pub pod: String,
+    /// Whether a stream is open.
+    pub connected: bool,
+    /// The version the operator wants the proxy to run.
+    pub desired_version: Option<u64>,
+    /// The version the proxy acknowledged.
+    pub acked_version: Option<u64>,
+    /// Whether the proxy runs the desired version.
+    pub in_sync: bool,
+    /// The latest rejection's reason, if it is newer than the latest ACK.
+    pub rejected: Option<String>,
+    /// When the operator last heard from or wrote to the proxy (seconds since the epoch).
+    pub last_seen: u64,
+}
+
+/// The rows of `/proxies`, sorted by pod.
+pub fn proxy_rows(handles: &Handles) -> Vec<ProxyRow> {
+    let desired: std::collections::HashMap<ObjectKey, Option<u64>> = handles
+        .index
+        .desired_views()
+        .into_iter()
+        .map(|(k, v)| (k, v.map(|v| v.version)))
+        .collect();
+    handles
+        .registry
+        .snapshot()
+        .into_iter()
+        .map(|(key, s)| {
+            let desired_version = desired.get(&key).copied().flatten();
+            ProxyRow {
+                pod: s.pod,
+                connected: s.streams > 0,
+                desired_version,
+                acked_version: s.acked_version,
+                in_sync: s.streams > 0
+                    && desired_version.is_some()
+                    && desired_version == s.acked_version,
+                rejected: s
+                    .nack
+                    .map(|n| format!("version {}: {}", n.version, n.reason)),
+                last_seen: s.last_seen,
+            }
+        })
+        .collect()
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    handles: Handles,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    tracing::info!(addr = ?listener.local_addr().ok(), "admin listening");
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let handles = handles.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (status, ctype, body) = match req.uri().path() {
+                        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                        "/readyz" if handles.index.is_synced() => {
+                            (StatusCode::OK, "text/plain", "ok\n".to_owned())
+                        }
+                        "/readyz" => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "text/plain",
+                            "index not synced\n".to_owned(),
+                        ),
+                        "/metrics" => (
+                            StatusCode::OK,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            metrics.encode(),
+                        ),
+                        "/proxies" => (
+                            StatusCode::OK,
+                            "application/json",
+                            serde_json::to_string(&proxy_rows(&handles)).unwrap_or_default(),
+                        ),
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "not found\n".to_owned(),
+                        ),
+                    };
+                    let mut r = Response::new(Full::new(Bytes::from(body)));
+                    *r.status_mut() = status;
+                    r.headers_mut()
+                        .insert(CONTENT_TYPE, http::HeaderValue::from_static(ctype));
+                    async move { Ok::<_, Infallible>(r) }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,461 @@
+//! Status users can trust: `Accepted`, `ResolvedRefs`, `Programmed` and
+//! `observedGeneration` on every Route, Policy and Breaker, and Events for rejections.
+//!
+//! ```text
+//! Index::resource_state ─┐ (Accepted, ResolvedRefs: sans-IO, in the index)
+//! desired views ─────────┼─▶ programmed() ─▶ Computed ─▶ StatusWriter (Lease holder only)
+//! Registry (ACK / NACK) ─┘                                 │ only when Computed changed
+//!                                                          ▼
+//!                                      PATCH .../status, Event on a new False condition
+//! ```
+//!
+//! `Programmed` counts the connected proxies that need the resource (their config carries
+//! it) and how many of them acknowledged a version carrying its current generation.
+
+pub mod lease;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::core::v1::ObjectReference,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource,
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
+    runtime::events::{Event, EventType, Recorder, Reporter},
+};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use weft_crds::{
+    Breaker, Policy, Route,
+    status::{ACCEPTED, PROGRAMMED, RESOLVED_REFS},
+};
+
+use crate::{
+    index::{CondState, Kind, ObjectKey, ProxyView, reasons, shared::SharedIndex},
+    push::{ProxyState, Registry},
+};
+
+/// The field manager of status writes.
+pub const FIELD_MANAGER: &str = "weft-operator";
+
+/// How many pod names a `Programmed` message lists.
+const NAMED: usize = 3;
+
+/// `Programmed` for one resource at `generation`.
+pub fn programmed(
+    kind: Kind,
+    key: &ObjectKey,
+    generation: i64,
+    views: &[(ObjectKey, Option<ProxyView>)],
+    proxies: &BTreeMap<ObjectKey, ProxyState>,
+) -> CondState {
+    let kind_name = kind.as_str();
+    let mut need = 0usize;
+    let mut lagging = Vec::new();
+    let mut rejected = Vec::new();
+    for (pod, view) in views {
+        let Some(view) = view else { continue };
+        let needs = view
+            .resources
+            .iter()
+            .any(|r| r.kind == kind_name && r.namespace == key.namespace && r.name == key.name);
+        let Some(state) = proxies.get(pod).filter(|s| s.streams > 0) else {
+            continue;
+        };
+        if !needs {
+            continue;
+        }
+        need += 1;
+        let acked = state.acked_resources.iter().any(|r| {
+            r.kind == kind_name
+                && r.namespace == key.namespace
+                && r.name == key.name
+                && r.generation == generation
+        });
+        if acked {
+            continue;
+        }
+        match &state.nack {
+            Some(n) => rejected.push(format!("{pod} ({})", n.reason)),
+            None => lagging.push(pod.to_string()),
+        }
+    }
+    let done = need - lagging.len() - rejected.len();
+    if need == 0 {
+        return CondState {
+            ok: true,
+            reason: reasons::PROGRAMMED,
+            message: format!("no connected proxy needs this {kind_name}"),
+        };
+    }
+    let mut message = format!("generation {generation} acknowledged by {done} of {need} proxies");
+    if !rejected.is_empty() {
+        let shown: Vec<&str> = rejected.iter().take(NAMED).map(String::as_str).collect();
+        message.push_str(&format!(
+            "; rejected by {}: {}",
+            rejected.len(),
+            shown.join(", ")
+        ));
+    }
+    if !lagging.is_empty() {
+        let shown: Vec<&str> = lagging.iter().take(NAMED).map(String::as_str).collect();
+        message.push_str(&format!(
+            "; waiting for {}: {}",
+            lagging.len(),
+            shown.join(", ")
+        ));
+    }
+    CondState {
+        ok: done == need,
+        reason: if !rejected.is_empty() {
+            reasons::REJECTED
+        } else if done == need {
+            reasons::PROGRAMMED
+        } else {
+            reasons::PENDING
+        },
+        message,
+    }
+}
+
+/// The status the operator wants one resource to have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Computed {
+    /// The generation described.
+    pub generation: i64,
+    /// Rules (Routes only).
+    pub rule_count: Option<u32>,
+    /// `(type, state)` for Accepted, ResolvedRefs and Programmed.
+    pub conditions: Vec<(&'static str, CondState)>,
+}
+
+/// Computes the status of one resource, or `None` when the index does not hold it.
+pub fn compute(
+    index: &SharedIndex,
+    kind: Kind,
+    key: &ObjectKey,
+    views: &[(ObjectKey, Option<ProxyView>)],
+    proxies: &BTreeMap<ObjectKey, ProxyState>,
+) -> Option<Computed> {
+    let state = index.read(|i| i.resource_state(kind, key))?;
+    let programmed = if state.accepted.ok {
+        programmed(kind, key, state.generation, views, proxies)
+    } else {
+        CondState {
+            ok: false,
+            reason: reasons::NOT_ACCEPTED,
+            message: format!("not programmed: {}", state.accepted.message),
+        }
+    };
+    Some(Computed {
+        generation: state.generation,
+        rule_count: state.rule_count,
+        conditions: vec![
+            (ACCEPTED, state.accepted),
+            (RESOLVED_REFS, state.resolved_refs),
+            (PROGRAMMED, programmed),
+        ],
+    })
+}
+
+/// Kubernetes conditions for `computed`, keeping `lastTransitionTime` of conditions whose
+/// status did not change.
+pub fn conditions(computed: &Computed, previous: &[Condition], now: Timestamp) -> Vec<Condition> {
+    computed
+        .conditions
+        .iter()
+        .map(|(type_, c)| {
+            let status = if c.ok { "True" } else { "False" };
+            let since = previous
+                .iter()
+                .find(|p| p.type_ == *type_ && p.status == status)
+                .map(|p| p.last_transition_time.clone())
+                .unwrap_or(Time(now));
+            Condition {
+                type_: (*type_).to_owned(),
+                status: status.to_owned(),
+                reason: c.reason.to_owned(),
+                message: c.message.chars().take(32 * 1024).collect(),
+                observed_generation: Some(computed.generation),
+                last_transition_time: since,
+            }
+        })
+        .collect()
+}
+
+fn api_resource(kind: Kind) -> ApiResource {
+    match kind {
+        Kind::Policy => ApiResource::erase::<Policy>(&()),
+        Kind::Breaker => ApiResource::erase::<Breaker>(&()),
+        _ => ApiResource::erase::<Route>(&()),
+    }
+}
+
+/// Writes status while this replica holds the Lease.
+pub struct StatusWriter {
+    client: Client,
+    index: Arc<SharedIndex>,
+    registry: Arc<Registry>,
+    leader: watch::Receiver<bool>,
+    recorder: Recorder,
+    written: HashMap<(Kind, ObjectKey), Computed>,
+}
+
+impl StatusWriter {
+    /// A writer reporting Events as `instance` of the operator.
+    pub fn new(
+        client: Client,
+        index: Arc<SharedIndex>,
+        registry: Arc<Registry>,
+        leader: watch::Receiver<bool>,
+        instance: String,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.to_owned(),
+                instance: Some(instance),
+            },
+        );
+        StatusWriter {
+            client,
+            index,
+            registry,
+            leader,
+            recorder,
+            written: HashMap::new(),
+        }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut changes = self.index.changes();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = changes.changed() => {}
+                _ = self.leader.changed() => {}
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            // Let a burst of changes (a re-list, many ACKs) settle into one pass.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            changes.borrow_and_update();
+            if !*self.leader.borrow_and_update() {
+                self.written.clear();
+                continue;
+            }
+            if !self.index.is_synced() {
+                continue;
+            }
+            self.pass().await;
+        }
+    }
+
+    async fn pass(&mut self) {
+        let views = self.index.desired_views();
+        let proxies = self.registry.snapshot();
+        let index = self.index.clone();
+        self.registry
+            .retain_disconnected(|pod| index.read(|i| i.pod_service_account(pod).is_some()));
+        let mut seen = Vec::new();
+        for kind in [Kind::Route, Kind::Policy, Kind::Breaker] {
+            for key in self.index.read(|i| i.resource_keys(kind)) {
+                let Some(computed) = compute(&self.index, kind, &key, &views, &proxies) else {
+                    continue;
+                };
+                seen.push((kind, key.clone()));
+                if self.written.get(&(kind, key.clone())) == Some(&computed) {
+                    continue;
+                }
+                match self.write(kind, &key, &computed).await {
+                    Ok(true) => {
+                        self.written.insert((kind, key), computed);
+                    }
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(kind = kind.as_str(), %key, %error, "status write failed")
+                    }
+                }
+            }
+        }
+        let seen: std::collections::HashSet<_> = seen.into_iter().collect();
+        self.written.retain(|k, _| seen.contains(k));
+    }
+
+    /// Writes one status; `Ok(false)` when the object changed meanwhile (a newer
+    /// generation, or gone) and the next pass will catch up.
+    async fn write(
+        &self,
+        kind: Kind,
+        key: &ObjectKey,
+        computed: &Computed,
+    ) -> Result<bool, kube::Error> {
+        let ar = api_resource(kind);
+        let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &key.namespace, &ar);
+        let Some(obj) = api.get_opt(&key.name).await? else {
+            return Ok(false);
+        };
+        if obj.metadata.generation != Some(computed.generation) {
+            return Ok(false);
+        }
+        let previous: Vec<Condition> = obj
+            .data
+            .get("status")
+            .and_then(|s| s.get("conditions"))
+            .and_then(|c| serde_json::from_value(c.clone()).ok())
+            .unwrap_or_default();
+        let conditions = conditions(computed, &previous, Timestamp::now());
+        let mut status = json!({
+            "observedGeneration": computed.generation,
+            "conditions": conditions,
+        });
+        if let Some(n) = computed.rule_count {
+            status["ruleCount"] = json!(n);
+        }
+        api.patch_status(
+            &key.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await?;
+        tracing::debug!(kind = kind.as_str(), %key, "status written");
+
+        // An Event for each condition that has just turned False.
+        let reference = ObjectReference {
+            api_version: Some(Route::api_version(&()).into_owned()),
+            kind: Some(kind.as_str().to_owned()),
+            name: Some(key.name.clone()),
+            namespace: Some(key.namespace.clone()),
+            uid: obj.metadata.uid.clone(),
+            ..ObjectReference::default()
+        };
+        for (type_, c) in &computed.conditions {
+            let was_false = previous
+                .iter()
+                .any(|p| p.type_ == *type_ && p.status == "False" && p.reason == c.reason);
+            if c.ok
+                || was_false
+                || c.reason == reasons::PENDING
+                || c.reason == reasons::NOT_ACCEPTED
+            {
+                continue;
+            }
+            let event = Event {
+                type_: EventType::Warning,
+                reason: c.reason.to_owned(),
+                note: Some(c.message.chars().take(1000).collect()),
+                action: format!("Set{type_}"),
+                secondary: None,
+            };
+            if let Err(error) = self.recorder.publish(&event, &reference).await {
+                tracing::warn!(%key, %error, "event not recorded");
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use weft_api::push::ResourceRef;
+
+    use super::*;
+    use crate::push::NackState;
+
+    fn r(name: &str, generation: i64) -> ResourceRef {
+        ResourceRef {
+            kind: "Route".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            generation,
+        }
+    }
+
+    fn view(refs: &[ResourceRef]) -> Option<ProxyView> {
+        Some(ProxyView {
+            resources: refs.iter().cloned().collect(),
+            ..ProxyView::default()
+        })
+    }
+
+    fn proxy(acked: &[ResourceRef], nack: Option<&str>, streams: u32) -> ProxyState {
+        ProxyState {
+            streams,
+            acked_resources: acked.iter().cloned().collect::<BTreeSet<_>>(),
+            nack: nack.map(|n| NackState {
+                version: 9,
+                reason: n.into(),
+            }),
+            ..ProxyState::default()
+        }
+    }
+
+    #[test]
+    fn programmed_counts_only_proxies_that_need_the_resource() {
+        let key = ObjectKey::new("shop", "web");
+        let pods: Vec<ObjectKey> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|p| ObjectKey::new("shop", *p))
+            .collect();
+        let views = vec![
+            (pods[0].clone(), view(&[r("web", 2)])),
+            (pods[1].clone(), view(&[r("web", 2)])),
+            (pods[2].clone(), view(&[r("web", 2)])),
+            (pods[3].clone(), view(&[])),
+        ];
+        let mut proxies = BTreeMap::from([
+            (pods[0].clone(), proxy(&[r("web", 2)], None, 1)),
+            (pods[1].clone(), proxy(&[r("web", 1)], None, 1)),
+            (pods[2].clone(), proxy(&[r("web", 1)], Some("too big"), 1)),
+            (pods[3].clone(), proxy(&[], None, 1)),
+        ]);
+        let c = programmed(Kind::Route, &key, 2, &views, &proxies);
+        assert!(!c.ok);
+        assert_eq!(c.reason, reasons::REJECTED);
+        assert!(c.message.contains("1 of 3"), "{}", c.message);
+        assert!(c.message.contains("shop/c (too big)"), "{}", c.message);
+        assert!(c.message.contains("waiting for 1: shop/b"), "{}", c.message);
+
+        proxies.insert(pods[1].clone(), proxy(&[r("web", 2)], None, 1));
+        proxies.insert(pods[2].clone(), proxy(&[r("web", 2)], None, 1));
+        let c = programmed(Kind::Route, &key, 2, &views, &proxies);
+        assert!(c.ok, "{c:?}");
+        assert!(c.message.contains("3 of 3"), "{}", c.message);
+    }
+
+    #[test]
+    fn transition_times_survive_unchanged_conditions() {
+        let t0 = Timestamp::from_second(1_700_000_000).unwrap();
+        let t1 = Timestamp::from_second(1_800_000_000).unwrap();
+        let ok = |ok| CondState {
+            ok,
+            reason: "R",
+            message: "m".into(),
+        };
+        let first = Computed {
+            generation: 1,
+            rule_count: None,
+            conditions: vec![(ACCEPTED, ok(true)), (PROGRAMMED, ok(false))],
+        };
+        let before = conditions(&first, &[], t0);
+        let second = Computed {
+            generation: 2,
+            conditions: vec![(ACCEPTED, ok(true)), (PROGRAMMED, ok(true))],
+            ..first
+        };
+        let after = conditions(&second, &before, t1);
+        assert_eq!(after[0].last_transition_time, Time(t0));
+        assert_eq!(after[1].last_transition_time, Time(t1));
+        assert_eq!(after[1].observed_generation, Some(2));
+    }
+}

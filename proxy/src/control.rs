@@ -1,0 +1,344 @@
+//! The operator as config source: a `weft.push.v1` subscription (see `docs/protocol.md`).
+//!
+//! ```text
+//! operator ──HTTP/2 stream of Update frames──▶ ControlClient
+//!     full / delta ─▶ received services (the operator's view of this stream)
+//!                  ─▶ ProxyConfig ─▶ ConfigStore::apply (the file source's validation + swap)
+//!                        ok  ─▶ Ack {version}
+//!                        err ─▶ Nack {version, reason}; the active config stays
+//! stream ends / cannot connect ─▶ jittered exponential backoff, reconnect, full resync;
+//!                                 the last good config keeps serving meanwhile
+//! ```
+
+use std::{collections::BTreeMap, convert::Infallible, path::PathBuf, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, header::AUTHORIZATION};
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use weft_api::{
+    proxy_config::{PROXY_CONFIG_API_VERSION, PROXY_CONFIG_KIND, ProxyConfig, ServiceConfig},
+    push::{
+        self, Ack, ClientMessage, FrameDecoder, Nack, POD_HEADER, SUBSCRIBE_PATH, ServerMessage,
+        Update,
+    },
+};
+
+use crate::store::ConfigStore;
+
+/// Where and as whom to subscribe.
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    /// The operator's push server, `host:port`.
+    pub operator_addr: String,
+    /// This pod, as `namespace/name`.
+    pub pod: String,
+    /// The projected ServiceAccount token, re-read on every connect (the kubelet rotates
+    /// it). `None` sends no token.
+    pub token_file: Option<PathBuf>,
+    /// The most services this proxy accepts in one config; a larger config is rejected
+    /// (NACKed) and the active one kept. `None`: no limit.
+    pub max_services: Option<usize>,
+    /// First reconnect delay (before jitter).
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl ControlConfig {
+    /// A config with the default backoff (100 ms doubling to 10 s) and no service limit.
+    pub fn new(operator_addr: impl Into<String>, pod: impl Into<String>) -> Self {
+        ControlConfig {
+            operator_addr: operator_addr.into(),
+            pod: pod.into(),
+            token_file: None,
+            max_services: None,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the client has seen, for `/ready`, tests and logs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ControlStatus {
+    /// A stream is open.
+    pub connected: bool,
+    /// The latest version acknowledged.
+    pub acked: Option<u64>,
+    /// The latest version rejected, with the reason.
+    pub nacked: Option<(u64, String)>,
+    /// Streams opened so far.
+    pub connects: u64,
+}
+
+/// Why a stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// TCP connect or HTTP/2 handshake failed.
+    #[error("connect to {addr}")]
+    Connect {
+        /// The operator's address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// HTTP/2 failed.
+    #[error("http/2")]
+    Http(#[from] hyper::Error),
+    /// The operator refused the subscription.
+    #[error("operator answered {status}: {body}")]
+    Refused {
+        /// The HTTP status.
+        status: http::StatusCode,
+        /// The operator's explanation.
+        body: String,
+    },
+    /// The token file could not be read.
+    #[error("read token {path}")]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The operator sent something unreadable.
+    #[error("protocol: {0}")]
+    Protocol(#[from] push::FrameError),
+    /// The operator closed the stream.
+    #[error("operator closed the stream")]
+    Closed,
+}
+
+/// Subscribes to the operator and applies what it sends.
+#[derive(Debug)]
+pub struct ControlClient {
+    config: ControlConfig,
+    store: Arc<ConfigStore>,
+    status: watch::Sender<ControlStatus>,
+}
+
+impl ControlClient {
+    /// A client applying to `store`.
+    pub fn new(config: ControlConfig, store: Arc<ConfigStore>) -> Self {
+        ControlClient {
+            config,
+            store,
+            status: watch::channel(ControlStatus::default()).0,
+        }
+    }
+
+    /// Follows the client's status.
+    pub fn status(&self) -> watch::Receiver<ControlStatus> {
+        self.status.subscribe()
+    }
+
+    /// Subscribes, and re-subscribes after every failure with jittered exponential
+    /// backoff, until `shutdown`. The store keeps its last good config throughout.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut attempt: u32 = 0;
+        loop {
+            let started = tokio::time::Instant::now();
+            let result = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = self.stream() => r,
+            };
+            self.status.send_modify(|s| s.connected = false);
+            let error = match result {
+                Ok(()) => ControlError::Closed,
+                Err(e) => e,
+            };
+            // A stream that lived a while was a success: start the backoff over.
+            if started.elapsed() > self.config.backoff_max {
+                attempt = 0;
+            }
+            let cap = self
+                .config
+                .backoff_base
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(self.config.backoff_max);
+            let delay = cap.mul_f64(rand::rng().random_range(0.0..=1.0));
+            attempt = attempt.saturating_add(1);
+            tracing::warn!(error = %error, cause = ?std::error::Error::source(&error).map(|e| e.to_string()), ?delay, "operator stream ended; keeping the active config and reconnecting");
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn stream(&self) -> Result<(), ControlError> {
+        let addr = &self.config.operator_addr;
+        let token = match &self.config.token_file {
+            None => None,
+            Some(path) => Some(
+                tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|source| ControlError::Token {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+        };
+        let tcp = tokio::net::TcpStream::connect(addr.as_str())
+            .await
+            .map_err(|source| ControlError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .handshake(TokioIo::new(tcp))
+            .await?;
+        let conn_task = tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, "operator connection ended");
+            }
+        });
+        let _abort = AbortOnDrop(conn_task);
+
+        // Answers are small and one per update; 16 leaves room for a burst while the
+        // operator reads slowly, and the client waits rather than drop one.
+        let (tx, rx) = mpsc::channel::<Bytes>(16);
+        let body = AnswerBody(rx);
+        let mut req = Request::post(format!("http://{addr}{SUBSCRIBE_PATH}"))
+            .header(POD_HEADER, &self.config.pod);
+        if let Some(token) = token {
+            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req.body(body).map_err(|e| ControlError::Refused {
+            status: http::StatusCode::BAD_REQUEST,
+            body: e.to_string(),
+        })?;
+        let resp = sender.send_request(req).await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+                .unwrap_or_default();
+            return Err(ControlError::Refused { status, body });
+        }
+        self.status.send_modify(|s| {
+            s.connected = true;
+            s.connects += 1;
+        });
+        tracing::info!(operator = %addr, "subscribed to the operator");
+        let mut body = resp.into_body();
+        let mut decoder = FrameDecoder::default();
+        let mut received: BTreeMap<String, ServiceConfig> = BTreeMap::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            decoder.extend(&data);
+            while let Some(message) = decoder.next::<ServerMessage>()? {
+                let ServerMessage::Update(update) = message;
+                let answer = self.apply(&mut received, update);
+                let bytes = push::encode(&answer).unwrap_or_default();
+                if tx.send(Bytes::from(bytes)).await.is_err() {
+                    return Err(ControlError::Closed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one update to the services received on this stream and, through the
+    /// store, to the proxy.
+    fn apply(
+        &self,
+        received: &mut BTreeMap<String, ServiceConfig>,
+        update: Update,
+    ) -> ClientMessage {
+        if update.full {
+            received.clear();
+        }
+        for s in update.services {
+            received.insert(s.name.clone(), s);
+        }
+        for name in &update.removed {
+            received.remove(name);
+        }
+        let version = update.version;
+        let raw = ProxyConfig {
+            api_version: PROXY_CONFIG_API_VERSION.to_owned(),
+            kind: PROXY_CONFIG_KIND.to_owned(),
+            version: Some(version.to_string()),
+            detect_timeout: None,
+            connect_timeout: None,
+            opaque_ports: None,
+            services: received.values().cloned().collect(),
+        };
+        let active = || {
+            self.store
+                .load()
+                .and_then(|s| s.version.parse::<u64>().ok())
+        };
+        let rejected = |reason: String| {
+            tracing::warn!(version, %reason, "config from the operator rejected; keeping the active config");
+            self.status
+                .send_modify(|s| s.nacked = Some((version, reason.clone())));
+            ClientMessage::Nack(Nack {
+                version,
+                reason,
+                active_version: active(),
+            })
+        };
+        if let Some(max) = self.config.max_services
+            && raw.services.len() > max
+        {
+            self.store.metrics().config_rejected();
+            return rejected(format!(
+                "config has {} services; this proxy accepts at most {max}",
+                raw.services.len()
+            ));
+        }
+        match self.store.apply(raw) {
+            Ok(_) => {
+                self.status.send_modify(|s| {
+                    s.acked = Some(version);
+                    s.nacked = None;
+                });
+                ClientMessage::Ack(Ack { version })
+            }
+            Err(e) => rejected(e.to_string()),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The request body: the client's answers, as they are produced.
+struct AnswerBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for AnswerBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
