@@ -520,7 +520,7 @@ fn a_second_run_changes_nothing() {
 }
 
 #[test]
-fn auto_prefers_nft() {
+fn auto_prefers_nft_but_keeps_to_the_backend_an_earlier_run_used() {
     if skip() {
         return;
     }
@@ -528,6 +528,15 @@ fn auto_prefers_nft() {
     pair.init_ok(INIT_FLAGS);
     assert!(pair.save("nft").contains("WEFT_OUTBOUND"));
     assert!(!pair.save("legacy").contains("WEFT_"));
+
+    let pair = Pair::new();
+    let mut flags = INIT_FLAGS.to_vec();
+    flags.push("--backend=legacy");
+    pair.init_ok(&flags);
+    let legacy = pair.save("legacy");
+    pair.init_ok(INIT_FLAGS);
+    assert_eq!(pair.save("legacy"), legacy, "auto re-ran on legacy");
+    assert!(!pair.save("nft").contains("WEFT_"), "no second copy in nft");
 }
 
 #[test]

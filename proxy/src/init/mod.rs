@@ -187,21 +187,27 @@ fn ipv6_enabled() -> bool {
     std::path::Path::new("/proc/net/if_inet6").exists()
 }
 
-/// The backend to use: the one asked for, or with `auto` the first whose IPv4 nat table
-/// can be read. A permission error ends the probe at once: trying the other backend
-/// would fail the same way and hide the real cause.
+/// The backend to use: the one asked for, or with `auto` the one whose IPv4 nat table
+/// already holds Weft's chains (an earlier run's choice, so a re-run never installs a
+/// second copy through the other backend), else the first whose nat table can be read.
+/// A permission error ends the probe at once: trying the other backend would fail the
+/// same way and hide the real cause.
 fn choose_backend(choice: BackendChoice) -> Result<Backend, InitError> {
     let candidates: &[Backend] = match choice {
         BackendChoice::Auto => &Backend::PREFERENCE,
         BackendChoice::Nft => &[Backend::Nft],
         BackendChoice::Legacy => &[Backend::Legacy],
     };
+    let mut usable = None;
     let mut tried = Vec::new();
     for &backend in candidates {
         match iptables::save_nat(backend, Family::V4) {
-            Ok(_) => {
-                tracing::debug!(%backend, "iptables backend chosen");
+            Ok(save) if rules::has_weft_chains(&save) => {
+                tracing::debug!(%backend, "iptables backend chosen: it holds Weft's chains");
                 return Ok(backend);
+            }
+            Ok(_) => {
+                usable.get_or_insert(backend);
             }
             Err(e) if e.is_permission_denied() => return Err(InitError::PermissionDenied(e)),
             Err(error) => {
@@ -210,9 +216,15 @@ fn choose_backend(choice: BackendChoice) -> Result<Backend, InitError> {
             }
         }
     }
-    Err(InitError::NoBackend {
-        tried: tried.join("; "),
-    })
+    match usable {
+        Some(backend) => {
+            tracing::debug!(%backend, "iptables backend chosen");
+            Ok(backend)
+        }
+        None => Err(InitError::NoBackend {
+            tried: tried.join("; "),
+        }),
+    }
 }
 
 /// Installs one family's rules: reads the nat table to find which jumps exist, then

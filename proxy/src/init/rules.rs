@@ -283,6 +283,12 @@ pub fn missing_jumps(save: &str) -> Vec<Jump> {
         .collect()
 }
 
+/// Whether `iptables-save -t nat` output (`save`) shows Weft's chains, from an earlier run.
+pub fn has_weft_chains(save: &str) -> bool {
+    save.lines()
+        .any(|l| l.trim_end() == format!(":{INBOUND_CHAIN} - [0:0]"))
+}
+
 /// Everything that decides the rules: the validated flags of `weft-proxy init`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Redirect {
@@ -550,6 +556,14 @@ COMMIT
         let one = "*nat\n-A OUTPUT -p tcp -j WEFT_OUTBOUND\n\
                    -A OUTPUT -p tcp -j WEFT_OUTBOUND_REDIRECT\nCOMMIT\n";
         assert_eq!(missing_jumps(one), [Jump::Inbound]);
+    }
+
+    #[test]
+    fn weft_chains_are_recognised() {
+        let empty = "*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n";
+        assert!(!has_weft_chains(empty));
+        let ours = "*nat\n:PREROUTING ACCEPT [0:0]\n:WEFT_INBOUND - [0:0]\nCOMMIT\n";
+        assert!(has_weft_chains(ours));
     }
 
     #[test]
