@@ -540,6 +540,51 @@ fn auto_prefers_nft_but_keeps_to_the_backend_an_earlier_run_used() {
 }
 
 #[test]
+fn plain_iptables_names_serve_when_the_suffixed_ones_are_missing() {
+    if skip() {
+        return;
+    }
+    // An image with a single iptables: only `iptables-save` and friends, here the nft
+    // implementation under its plain names, on a PATH without the suffixed ones.
+    let multi = sh_ok(&["sh", "-c", "command -v iptables-nft-save"]);
+    let multi = std::fs::canonicalize(multi.trim()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "iptables-save",
+        "iptables-restore",
+        "ip6tables-save",
+        "ip6tables-restore",
+    ] {
+        std::os::unix::fs::symlink(&multi, dir.path().join(name)).unwrap();
+    }
+    let path = format!("PATH={}", dir.path().display());
+    let pair = Pair::new();
+    let out = pair.init(&["env", &path], INIT_FLAGS);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nft = pair.save("nft");
+    assert_eq!(
+        nft.matches("-A OUTPUT -p tcp -j WEFT_OUTBOUND").count(),
+        2,
+        "{nft}"
+    );
+    // Plain names that are nft do not pass for legacy.
+    let mut flags = INIT_FLAGS.to_vec();
+    flags.push("--backend=legacy");
+    let out = pair.init(&["env", &path], &flags);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no working iptables backend")
+            && stderr.contains("`iptables-legacy-save -t nat` is not installed"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn dry_run_prints_the_rules_and_changes_nothing() {
     if skip() {
         return;

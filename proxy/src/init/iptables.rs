@@ -6,6 +6,8 @@
 //! ```text
 //!  Backend::Nft    ─▶ iptables-nft-save / iptables-nft-restore   (ip6tables-nft-*)
 //!  Backend::Legacy ─▶ iptables-legacy-save / iptables-legacy-restore (ip6tables-legacy-*)
+//!                     or, when only those exist and report the backend in `--version`,
+//!                     plain iptables-save / iptables-restore
 //! ```
 
 use std::{
@@ -41,13 +43,57 @@ impl Backend {
 
     /// The save binary of `family`, such as `iptables-nft-save`.
     pub fn save_program(self, family: Family) -> String {
-        format!("{}-{}-save", family.stem(), self.suffix())
+        self.programs(family).save
     }
 
     /// The restore binary of `family`, such as `ip6tables-legacy-restore`.
     pub fn restore_program(self, family: Family) -> String {
-        format!("{}-{}-restore", family.stem(), self.suffix())
+        self.programs(family).restore
     }
+
+    /// This backend's programs for `family` on this machine: the backend-suffixed names
+    /// (`iptables-nft-save`) when they are installed; else the plain names
+    /// (`iptables-save`) when they say they are this backend (an image that ships a single
+    /// iptables); else the suffixed names, whose absence then shows in the error.
+    fn programs(self, family: Family) -> Programs {
+        let suffixed = Programs {
+            save: format!("{}-{}-save", family.stem(), self.suffix()),
+            restore: format!("{}-{}-restore", family.stem(), self.suffix()),
+        };
+        if on_path(&suffixed.save) && on_path(&suffixed.restore) {
+            return suffixed;
+        }
+        let plain = Programs {
+            save: format!("{}-save", family.stem()),
+            restore: format!("{}-restore", family.stem()),
+        };
+        match run(&plain.save, &["--version"], None) {
+            Ok(version) if on_path(&plain.restore) && self.is_version_of(&version) => plain,
+            _ => suffixed,
+        }
+    }
+
+    /// Whether `iptables-save --version` output (`iptables-save v1.8.9 (nf_tables)`)
+    /// names this backend. Versions before 1.8 name none and are all legacy.
+    fn is_version_of(self, version: &str) -> bool {
+        let nft = version.contains("nf_tables");
+        match self {
+            Backend::Nft => nft,
+            Backend::Legacy => !nft,
+        }
+    }
+}
+
+/// A save and a restore program of one backend and family.
+struct Programs {
+    save: String,
+    restore: String,
+}
+
+/// Whether `program` is a file in a directory of `PATH`, as `Command` would find it.
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 impl fmt::Display for Backend {
@@ -174,12 +220,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn program_names() {
-        assert_eq!(Backend::Nft.save_program(Family::V4), "iptables-nft-save");
-        assert_eq!(
-            Backend::Legacy.restore_program(Family::V6),
-            "ip6tables-legacy-restore"
-        );
+    fn versions_name_their_backend() {
+        let nft = "iptables-save v1.8.9 (nf_tables)";
+        let legacy = "iptables-save v1.8.9 (legacy)";
+        let old = "iptables-save v1.6.1";
+        assert!(Backend::Nft.is_version_of(nft));
+        assert!(!Backend::Nft.is_version_of(legacy));
+        assert!(!Backend::Nft.is_version_of(old));
+        assert!(Backend::Legacy.is_version_of(legacy));
+        assert!(Backend::Legacy.is_version_of(old));
+        assert!(!Backend::Legacy.is_version_of(nft));
     }
 
     #[test]
