@@ -527,6 +527,16 @@ fn auto_prefers_nft_but_keeps_to_the_backend_an_earlier_run_used() {
     let pair = Pair::new();
     pair.init_ok(INIT_FLAGS);
     assert!(pair.save("nft").contains("WEFT_OUTBOUND"));
+    // Probing did not create a legacy nat table (reading one would).
+    let names = sh_ok(&[
+        "ip",
+        "netns",
+        "exec",
+        &pair.pod,
+        "cat",
+        "/proc/net/ip_tables_names",
+    ]);
+    assert!(!names.lines().any(|t| t == "nat"), "{names}");
     assert!(!pair.save("legacy").contains("WEFT_"));
 
     let pair = Pair::new();

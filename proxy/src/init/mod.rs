@@ -182,6 +182,12 @@ pub fn run(args: &InitArgs) -> Result<(), InitError> {
     Ok(())
 }
 
+/// Whether this network namespace has a legacy (x_tables) IPv4 nat table.
+fn legacy_nat_exists() -> bool {
+    std::fs::read_to_string("/proc/net/ip_tables_names")
+        .is_ok_and(|names| names.lines().any(|t| t.trim() == "nat"))
+}
+
 /// Whether the kernel has IPv6 (the `ipv6.disable=1` boot flag removes this file).
 fn ipv6_enabled() -> bool {
     std::path::Path::new("/proc/net/if_inet6").exists()
@@ -201,6 +207,13 @@ fn choose_backend(choice: BackendChoice) -> Result<Backend, InitError> {
     let mut usable = None;
     let mut tried = Vec::new();
     for &backend in candidates {
+        // Reading a legacy table creates it: once nft works, look at legacy only if this
+        // namespace already has a legacy nat table (that could hold Weft's chains), so a
+        // pod does not gain an empty one (and `iptables-nft` its "legacy tables present"
+        // warning) just from probing.
+        if backend == Backend::Legacy && usable.is_some() && !legacy_nat_exists() {
+            continue;
+        }
         match iptables::save_nat(backend, Family::V4) {
             Ok(save) if rules::has_weft_chains(&save) => {
                 tracing::debug!(%backend, "iptables backend chosen: it holds Weft's chains");
