@@ -388,9 +388,14 @@ impl Index {
                 resources.insert(resource_ref("Breaker", key, meta.generation));
             }
         }
-        let services_changed = old != Some(&fresh) && !(old.is_none() && fresh.is_empty());
-        let resources_changed = self.ns_resources.get(ns) != Some(&resources)
-            && !(resources.is_empty() && !self.ns_resources.contains_key(ns));
+        let services_changed = match old {
+            Some(o) => *o != fresh,
+            None => !fresh.is_empty(),
+        };
+        let resources_changed = match self.ns_resources.get(ns) {
+            Some(r) => *r != resources,
+            None => !resources.is_empty(),
+        };
         if fresh.is_empty() {
             self.outbound.remove(ns);
         } else {
