@@ -186,6 +186,7 @@ impl Bed {
 
 struct Operator {
     handles: Handles,
+    admin: std::net::SocketAddr,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
@@ -193,9 +194,11 @@ struct Operator {
 impl Operator {
     async fn start(bed: &Bed, push: TcpListener) -> Operator {
         let stop = CancellationToken::new();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
         let settings = Settings {
             push,
-            admin: None,
+            admin: Some(admin),
             trust_domain: "cluster.local".into(),
             auth: Authenticator::token_review(bed.client.clone(), vec!["weft".into()]),
             lease: Some(LeaseConfig {
@@ -209,6 +212,7 @@ impl Operator {
         let (handles, done) = mesh::run(bed.client.clone(), settings, stop.clone());
         Operator {
             handles,
+            admin: admin_addr,
             stop,
             done,
         }
@@ -387,6 +391,34 @@ async fn subscribers_get_their_config_and_a_route_change_is_programmed_everywher
     let rows = mesh::proxy_rows(&op.handles);
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert!(rows.iter().all(|r| r.connected), "{rows:?}");
+
+    // The admin endpoints: health, readiness (the index is synced), metrics, proxies.
+    assert_eq!(http_get(op.admin, "/healthz").await.0, 200);
+    assert_eq!(http_get(op.admin, "/readyz").await.0, 200);
+    let (status, metrics) = http_get(op.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for needle in [
+        "weft_operator_subscribers 2",
+        "weft_operator_index_objects{kind=\"Pod\"} 3",
+        "weft_operator_index_objects{kind=\"Route\"} 1",
+        "weft_operator_updates_pushed_total",
+        "weft_operator_push_bytes_total",
+        "weft_operator_nacks_total 0",
+        "weft_operator_change_to_ack_seconds_count",
+    ] {
+        assert!(metrics.contains(needle), "no {needle:?} in\n{metrics}");
+    }
+    let (_, proxies) = http_get(op.admin, "/proxies").await;
+    let proxies: serde_json::Value = serde_json::from_str(&proxies).unwrap();
+    assert_eq!(proxies.as_array().unwrap().len(), 2, "{proxies}");
+    assert!(
+        proxies
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["inSync"] == true),
+        "{proxies}"
+    );
 
     op.stop().await;
     bed.cleanup().await;
@@ -584,6 +616,23 @@ async fn backend() -> std::net::SocketAddr {
         }
     });
     addr
+}
+
+/// A GET over HTTP/1.1: (status, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: op\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 async fn get(addr: std::net::SocketAddr) -> anyhow::Result<()> {
