@@ -40,6 +40,9 @@ enum Cmd {
         #[arg(long, default_value = "weft-injector")]
         webhook: String,
     },
+    /// Each meshed pod's proxy: the config version it runs, whether it is in sync, when
+    /// the operator last heard from it.
+    ProxyStatus(kubectl_weft::proxy_status::ProxyStatusArgs),
 }
 
 #[derive(Args)]
@@ -71,6 +74,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (files, action, cfg) = match cli.command {
         Cmd::Check { webhook } => return check(&webhook),
+        Cmd::ProxyStatus(args) => {
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(kubectl_weft::proxy_status::run(args));
+        }
         Cmd::Inject(args) => {
             let mut cfg = InjectConfig::default();
             if let Some(v) = args.proxy_image {

@@ -15,7 +15,7 @@ use http::{Response, StatusCode, header::CONTENT_TYPE};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use kube::Client;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
@@ -114,7 +114,7 @@ pub fn run(
 }
 
 /// One row of `/proxies` (and of `kubectl weft proxy-status`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyRow {
     /// `namespace/name`.

@@ -1,0 +1,235 @@
+//! `kubectl weft proxy-status`: each meshed pod, the config version its proxy runs, whether
+//! that is the version the operator wants it to run, and when the operator last heard from it.
+//!
+//! ```text
+//! API server: pods labelled weft.dev/meshed ─┐
+//! operator /proxies (through the API server's ├─▶ join by pod ─▶ table
+//!   service proxy, or --operator-url)  ───────┘
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, anyhow};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, Client, ResourceExt, api::ListParams};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_operator::{index::model::MESHED_LABEL, mesh::ProxyRow};
+
+/// Flags of `kubectl weft proxy-status`.
+#[derive(Debug, clap::Args)]
+pub struct ProxyStatusArgs {
+    /// Only pods in this namespace (default: every namespace).
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// The operator's namespace.
+    #[arg(long, default_value = "weft-system")]
+    pub operator_namespace: String,
+    /// The operator's Service and admin port name, reached through the API server's
+    /// service proxy.
+    #[arg(long, default_value = "weft-operator:admin")]
+    pub operator_service: String,
+    /// Read the operator's admin endpoint directly (`http://host:port`) instead.
+    #[arg(long)]
+    pub operator_url: Option<String>,
+}
+
+/// Runs the command, printing the table to stdout.
+pub async fn run(args: ProxyStatusArgs) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("build a Kubernetes client (KUBECONFIG)")?;
+    let rows = match &args.operator_url {
+        Some(url) => fetch_direct(url).await?,
+        None => fetch_via_api_server(&client, &args).await?,
+    };
+    let pods = meshed_pods(&client, args.namespace.as_deref()).await?;
+    let table = render(&pods, &rows, now_secs());
+    std::io::Write::write_all(&mut std::io::stdout(), table.as_bytes())?;
+    Ok(())
+}
+
+/// `namespace/name` of every meshed pod.
+pub async fn meshed_pods(client: &Client, namespace: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let api: Api<Pod> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let list = api
+        .list(&ListParams::default().labels(MESHED_LABEL))
+        .await
+        .context("list meshed pods")?;
+    Ok(list
+        .items
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+        .collect())
+}
+
+async fn fetch_via_api_server(
+    client: &Client,
+    args: &ProxyStatusArgs,
+) -> anyhow::Result<Vec<ProxyRow>> {
+    let path = format!(
+        "/api/v1/namespaces/{}/services/{}/proxy/proxies",
+        args.operator_namespace, args.operator_service
+    );
+    let req = http::Request::get(&path).body(Vec::new())?;
+    let text = client
+        .request_text(req)
+        .await
+        .with_context(|| format!("GET {path} (is the operator running?)"))?;
+    serde_json::from_str(&text).context("the operator's /proxies answer")
+}
+
+/// GETs `<url>/proxies` over plain HTTP/1.1.
+pub async fn fetch_direct(url: &str) -> anyhow::Result<Vec<ProxyRow>> {
+    let authority = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("--operator-url must start with http://"))?
+        .trim_end_matches('/');
+    let mut s = tokio::net::TcpStream::connect(authority)
+        .await
+        .with_context(|| format!("connect to {authority}"))?;
+    s.write_all(
+        format!("GET /proxies HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    let text = String::from_utf8_lossy(&out);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed answer from {authority}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(anyhow!(
+            "{authority} answered {}",
+            head.lines().next().unwrap_or_default()
+        ));
+    }
+    serde_json::from_str(body).context("the operator's /proxies answer")
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn ago(now: u64, then: u64) -> String {
+    let s = now.saturating_sub(then);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+/// The table: one line per meshed pod (and per proxy the operator knows that is not in
+/// `pods`), sorted by pod.
+pub fn render(pods: &[String], rows: &[ProxyRow], now: u64) -> String {
+    let by_pod: BTreeMap<&str, &ProxyRow> = rows.iter().map(|r| (r.pod.as_str(), r)).collect();
+    let mut names: Vec<&str> = pods.iter().map(String::as_str).collect();
+    names.extend(rows.iter().map(|r| r.pod.as_str()));
+    names.sort_unstable();
+    names.dedup();
+    let mut lines = vec![[
+        "NAMESPACE".to_owned(),
+        "POD".to_owned(),
+        "VERSION".to_owned(),
+        "DESIRED".to_owned(),
+        "STATUS".to_owned(),
+        "LAST SEEN".to_owned(),
+    ]];
+    for pod in names {
+        let (ns, name) = pod.split_once('/').unwrap_or(("", pod));
+        let line = match by_pod.get(pod) {
+            None => [
+                ns.to_owned(),
+                name.to_owned(),
+                "-".into(),
+                "-".into(),
+                "NOT CONNECTED".into(),
+                "never".into(),
+            ],
+            Some(r) => {
+                let status = if !r.connected {
+                    "DISCONNECTED".to_owned()
+                } else if let Some(reason) = &r.rejected {
+                    format!("REJECTED ({reason})")
+                } else if r.in_sync {
+                    "SYNCED".to_owned()
+                } else {
+                    "STALE".to_owned()
+                };
+                let v = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+                [
+                    ns.to_owned(),
+                    name.to_owned(),
+                    v(r.acked_version),
+                    v(r.desired_version),
+                    status,
+                    format!("{} ago", ago(now, r.last_seen)),
+                ]
+            }
+        };
+        lines.push(line);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for l in lines {
+        let cells: Vec<String> = l
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(cells.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(pod: &str, acked: u64, desired: u64, rejected: Option<&str>) -> ProxyRow {
+        ProxyRow {
+            pod: pod.into(),
+            connected: true,
+            desired_version: Some(desired),
+            acked_version: Some(acked),
+            in_sync: acked == desired && rejected.is_none(),
+            rejected: rejected.map(str::to_owned),
+            last_seen: 990,
+        }
+    }
+
+    #[test]
+    fn every_meshed_pod_gets_a_line_saying_whether_it_is_in_sync() {
+        let pods = vec![
+            "shop/a".to_owned(),
+            "shop/b".to_owned(),
+            "shop/c".to_owned(),
+        ];
+        let rows = vec![
+            row("shop/a", 7, 7, None),
+            row("shop/b", 5, 7, Some("version 7: too big")),
+        ];
+        let out = render(&pods, &rows, 1000);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("NAMESPACE"));
+        assert!(
+            lines[1].contains("SYNCED") && lines[1].contains("10s ago"),
+            "{out}"
+        );
+        assert!(lines[2].contains("REJECTED (version 7: too big)"), "{out}");
+        assert!(lines[3].contains("NOT CONNECTED"), "{out}");
+    }
+}
