@@ -367,7 +367,14 @@ pub fn weft_resource(kind: Kind, obj: &kube::api::DynamicObject) -> (ObjectKey, 
         Kind::Breaker => Object::Breaker((meta, parse(spec))),
         _ => Object::Route((meta, parse(spec))),
     };
-    (key_of(obj), object)
+    let key = key_of(obj);
+    if let Object::Route((_, Parsed::Invalid(e)))
+    | Object::Policy((_, Parsed::Invalid(e)))
+    | Object::Breaker((_, Parsed::Invalid(e))) = &object
+    {
+        tracing::warn!(kind = kind.as_str(), %key, error = %e, "resource skipped; reported in its status");
+    }
+    (key, object)
 }
 
 /// Whether `labels` satisfy a Kubernetes label selector (`matchLabels` and
