@@ -5,7 +5,10 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
 
 use kubectl_weft::manifest::{Action, process};
 use weft_operator::inject::InjectConfig;
@@ -18,7 +21,7 @@ fn cfg() -> InjectConfig {
     }
 }
 
-fn golden(dir: &PathBuf, name: &str, actual: &str) {
+fn golden(dir: &Path, name: &str, actual: &str) {
     let path = dir.join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         fs::write(&path, actual).unwrap();

@@ -41,12 +41,12 @@ impl Outcome {
 /// `allowed: false` and the reason.
 pub fn parse(
     body: &[u8],
-) -> Result<AdmissionRequest<DynamicObject>, (AdmissionReview<DynamicObject>, Outcome)> {
+) -> Result<AdmissionRequest<DynamicObject>, Box<(AdmissionReview<DynamicObject>, Outcome)>> {
     let invalid = |reason: String| {
-        (
+        Box::new((
             AdmissionResponse::invalid(&reason).into_review(),
             Outcome::Invalid(reason),
-        )
+        ))
     };
     let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)
         .map_err(|e| invalid(format!("not an AdmissionReview: {e}")))?;
@@ -151,7 +151,7 @@ mod tests {
     fn respond(body: &[u8], ns_opted_in: bool) -> (Value, Outcome) {
         let (review, outcome) = match parse(body) {
             Ok(req) => admit(&req, ns_opted_in, &InjectConfig::default()),
-            Err(answer) => answer,
+            Err(answer) => *answer,
         };
         (serde_json::to_value(review).unwrap(), outcome)
     }

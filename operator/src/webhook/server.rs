@@ -134,7 +134,7 @@ impl Handler {
     pub async fn review(&self, body: &[u8]) -> Vec<u8> {
         let started = Instant::now();
         let (answer, outcome) = match review::parse(body) {
-            Err(answer) => answer,
+            Err(answer) => *answer,
             Ok(req) => {
                 let ns = review::namespace(&req);
                 let opted_in = self.namespace_opted_in(&ns).await;
