@@ -187,7 +187,9 @@ struct OpenLoop {
 }
 
 /// Sends `rate` requests per second for `secs` over 16 connections; each request's latency
-/// counts from when it should have started.
+/// counts from when it should have started (no coordinated omission). A dedicated OS
+/// thread paces the schedule with `nanosleep`, since the runtime's timer only has
+/// millisecond resolution and would add its own lateness to every sample.
 async fn open_loop(addr: SocketAddr, proto: Proto, rate: u64, secs: u64) -> OpenLoop {
     let total = rate * secs;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
@@ -195,15 +197,15 @@ async fn open_loop(addr: SocketAddr, proto: Proto, rate: u64, secs: u64) -> Open
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut queues = Vec::new();
     let mut workers = Vec::new();
-    let mut h2_senders = Vec::new();
     for _ in 0..CONNECTIONS {
-        match connect(addr, proto).await {
-            Conn::H1(mut send) => {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
-                queues.push(tx);
-                let hist = hist.clone();
-                let errors = errors.clone();
-                workers.push(tokio::spawn(async move {
+        let conn = connect(addr, proto).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        queues.push(tx);
+        let hist = hist.clone();
+        let errors = errors.clone();
+        workers.push(tokio::spawn(async move {
+            match conn {
+                Conn::H1(mut send) => {
                     let mut local = self::hist();
                     while let Some(intended) = rx.recv().await {
                         if h1_once(&mut send).await {
@@ -215,46 +217,46 @@ async fn open_loop(addr: SocketAddr, proto: Proto, rate: u64, secs: u64) -> Open
                         }
                     }
                     hist.lock().unwrap().add(local).unwrap();
-                }));
+                }
+                Conn::H2(send) => {
+                    let mut tasks = Vec::new();
+                    while let Some(intended) = rx.recv().await {
+                        let send = send.clone();
+                        let hist = hist.clone();
+                        let errors = errors.clone();
+                        tasks.push(tokio::spawn(async move {
+                            if h2_once(send).await {
+                                hist.lock()
+                                    .unwrap()
+                                    .record(intended.elapsed().as_micros().max(1) as u64)
+                                    .unwrap();
+                            } else {
+                                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }));
+                    }
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                }
             }
-            Conn::H2(send) => h2_senders.push(send),
-        }
+        }));
     }
     let start = Instant::now() + Duration::from_millis(10);
-    let mut h2_tasks = Vec::new();
-    for i in 0..total {
-        let intended = start + interval.mul_f64(i as f64);
-        let now = Instant::now();
-        if intended > now {
-            tokio::time::sleep(intended - now).await;
-        }
-        let c = (i as usize) % CONNECTIONS;
-        match proto {
-            Proto::H1 => queues[c].send(intended).unwrap(),
-            Proto::H2 => {
-                let send = h2_senders[c].clone();
-                let hist = hist.clone();
-                let errors = errors.clone();
-                h2_tasks.push(tokio::spawn(async move {
-                    if h2_once(send).await {
-                        hist.lock()
-                            .unwrap()
-                            .record(intended.elapsed().as_micros().max(1) as u64)
-                            .unwrap();
-                    } else {
-                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }));
+    let pacer = std::thread::spawn(move || {
+        for i in 0..total {
+            let intended = start + interval.mul_f64(i as f64);
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
             }
+            let _ = queues[(i as usize) % CONNECTIONS].send(intended);
         }
-    }
-    drop(queues);
+    });
     for w in workers {
         w.await.unwrap();
     }
-    for t in h2_tasks {
-        t.await.unwrap();
-    }
+    pacer.join().unwrap();
     let elapsed = start.elapsed();
     let hist = hist.lock().unwrap().clone();
     OpenLoop {
