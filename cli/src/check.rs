@@ -45,13 +45,7 @@ pub async fn run(client: Client, webhook_name: &str) -> Report {
     for name in ["routes.weft.dev", "policies.weft.dev", "breakers.weft.dev"] {
         match crds.get_opt(name).await {
             Ok(Some(crd)) => {
-                let established = crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                if established {
+                if weft_crds::is_established(&crd) {
                     report.ok(&format!("CRD {name} is established"));
                 } else {
                     report.fail(&format!("CRD {name} exists but is not established"));

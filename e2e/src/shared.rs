@@ -89,13 +89,7 @@ pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
             let name = name.clone();
             async move {
                 let crd = api.get(&name).await?;
-                let established = crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                if established {
+                if weft_crds::is_established(&crd) {
                     Ok(())
                 } else {
                     Err(anyhow!("CRD {name} not established yet"))
