@@ -49,7 +49,7 @@ pub struct Update {
     pub version: u64,
     /// `true`: the proxy's services are exactly `services` (the first update on every
     /// stream is full). `false`: `services` are upserted and `removed` deleted.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub full: bool,
     /// Services added or changed (all of them when `full`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

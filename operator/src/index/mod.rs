@@ -175,6 +175,8 @@ pub struct Index {
     outbound: BTreeMap<String, BTreeMap<String, Arc<ServiceConfig>>>,
     ns_resources: BTreeMap<String, BTreeSet<ResourceRef>>,
     version: u64,
+    /// During [`Index::replace`]: namespaces to rebuild once at the end.
+    deferred: Option<BTreeSet<String>>,
 }
 
 fn in_ns<'a, V>(
@@ -201,6 +203,7 @@ impl Index {
             outbound: BTreeMap::new(),
             ns_resources: BTreeMap::new(),
             version: 0,
+            deferred: None,
         }
     }
 
@@ -335,6 +338,9 @@ impl Index {
             Kind::Breaker => self.breakers.keys().cloned().collect(),
         };
         let stale: Vec<ObjectKey> = existing.into_iter().filter(|k| !keep.contains(k)).collect();
+        // Apply everything first and rebuild each touched namespace once: a re-list of
+        // thousands of objects must not rebuild a namespace per object.
+        self.deferred = Some(BTreeSet::new());
         let mut affected = Affected::default();
         for key in stale {
             affected.merge(self.delete(kind, &key));
@@ -344,6 +350,14 @@ impl Index {
                 affected.merge(self.apply(key, object));
             }
         }
+        for ns in self.deferred.take().unwrap_or_default() {
+            if self.rebuild(&ns) {
+                affected.namespaces.insert(ns);
+            }
+        }
+        if !affected.is_empty() {
+            self.version += 1;
+        }
         affected
     }
 
@@ -352,6 +366,10 @@ impl Index {
             pods,
             ..Affected::default()
         };
+        if let Some(deferred) = self.deferred.as_mut() {
+            deferred.extend(ns);
+            return affected;
+        }
         if let Some(ns) = ns
             && self.rebuild(&ns)
         {

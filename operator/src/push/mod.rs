@@ -57,6 +57,8 @@ pub struct ProxyState {
     pub sent_version: Option<u64>,
     /// The latest version acknowledged (the one the proxy runs).
     pub acked_version: Option<u64>,
+    /// Bytes of updates sent to this proxy, over all its streams.
+    pub bytes_sent: u64,
     /// The latest rejection, if it is newer than the latest acknowledgement.
     pub nack: Option<NackState>,
     /// When the proxy last sent anything or was sent anything, in seconds since the epoch.
@@ -110,6 +112,24 @@ impl Registry {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+
+    /// The lowest version acknowledged among `pods` (`None` if one has acknowledged
+    /// nothing), and the bytes sent to them in total: a cheap check for benchmarks and
+    /// rollouts, without copying the registry.
+    pub fn acked_by(&self, pods: &[ObjectKey]) -> (Option<u64>, u64) {
+        let map = self.lock();
+        let mut min = Some(u64::MAX);
+        let mut bytes = 0;
+        for pod in pods {
+            let state = map.get(pod);
+            bytes += state.map_or(0, |s| s.bytes_sent);
+            min = match (min, state.and_then(|s| s.acked_version)) {
+                (Some(m), Some(v)) => Some(m.min(v)),
+                _ => None,
+            };
+        }
+        (min, bytes)
     }
 
     /// Forgets disconnected proxies for which `keep` is false.
@@ -360,7 +380,10 @@ async fn session(
                     break;
                 }
                 metrics.pushed(len);
-                registry.with(&pod, |s| s.sent_version = Some(version));
+                registry.with(&pod, |s| {
+                    s.sent_version = Some(version);
+                    s.bytes_sent += len as u64;
+                });
                 pending.push_back((version, view.resources.clone(), delta));
                 // A proxy that never answers must not grow this without bound.
                 while pending.len() > 64 {
