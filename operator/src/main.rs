@@ -11,9 +11,11 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use weft_operator::{
+    inject::InjectConfig,
     mesh::{self, Settings},
     push::Authenticator,
     status::lease::LeaseConfig,
+    webhook::{self, Registration, Target, WebhookMetrics, WebhookSettings},
 };
 
 /// Weft's control plane: watches the mesh, pushes config to every proxy, writes status.
@@ -50,6 +52,54 @@ struct Args {
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     log: String,
+    #[command(flatten)]
+    webhook: WebhookArgs,
+}
+
+/// The injection webhook's settings.
+#[derive(clap::Args, Debug)]
+struct WebhookArgs {
+    /// Do not serve or register the injection webhook.
+    #[arg(long, env = "WEFT_NO_WEBHOOK")]
+    no_webhook: bool,
+    /// Where the webhook serves HTTPS.
+    #[arg(long, env = "WEFT_WEBHOOK_ADDR", default_value = "0.0.0.0:8443")]
+    webhook_addr: SocketAddr,
+    /// Name of the MutatingWebhookConfiguration the operator owns.
+    #[arg(long, env = "WEFT_WEBHOOK_NAME", default_value = "weft-injector")]
+    webhook_name: String,
+    /// The Service in front of the operator (in its namespace), port 443.
+    #[arg(long, env = "WEFT_WEBHOOK_SERVICE", default_value = "weft-operator")]
+    webhook_service: String,
+    /// Call the webhook at this URL instead of through the Service (outside a cluster).
+    #[arg(long, env = "WEFT_WEBHOOK_URL")]
+    webhook_url: Option<String>,
+    /// What pod creation does when the webhook is unreachable: Ignore or Fail.
+    #[arg(
+        long,
+        env = "WEFT_WEBHOOK_FAILURE_POLICY",
+        value_enum,
+        default_value = "ignore"
+    )]
+    webhook_failure_policy: webhook::FailurePolicy,
+    /// How long the API server waits for the webhook, in seconds (1-30).
+    #[arg(long, env = "WEFT_WEBHOOK_TIMEOUT", default_value = "3", value_parser = clap::value_parser!(i32).range(1..=30))]
+    webhook_timeout: i32,
+    /// Let pods opt in by annotation (costs one webhook call per pod in unlabelled namespaces).
+    #[arg(long, env = "WEFT_WEBHOOK_ANNOTATION_OPT_IN", default_value = "true", action = clap::ArgAction::Set)]
+    webhook_annotation_opt_in: bool,
+    /// Lifetime of the webhook's serving certificate (renewed at two thirds).
+    #[arg(long, env = "WEFT_WEBHOOK_CERT_LIFETIME", default_value = "24h")]
+    webhook_cert_lifetime: weft_api::Duration,
+    /// The Secret (in the operator's namespace) holding the mesh CA; created if absent.
+    #[arg(long, env = "WEFT_CA_SECRET", default_value = "weft-ca")]
+    ca_secret: String,
+    /// The proxy image injected into pods.
+    #[arg(long, env = "WEFT_PROXY_IMAGE")]
+    proxy_image: Option<String>,
+    /// `host:port` injected proxies subscribe to (default: the Service, port 8090).
+    #[arg(long, env = "WEFT_INJECT_OPERATOR_ADDR")]
+    inject_operator_addr: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,6 +135,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Some(i) => i,
         None => format!("weft-operator-{:08x}", rand::random::<u32>()),
     };
+    let webhook_listener = match args.webhook.no_webhook {
+        true => None,
+        false => Some(
+            TcpListener::bind(args.webhook.webhook_addr)
+                .await
+                .with_context(|| {
+                    format!("bind the webhook listener on {}", args.webhook.webhook_addr)
+                })?,
+        ),
+    };
+    let webhook_settings =
+        webhook_settings(&args.webhook, &args.lease_namespace, &args.trust_domain);
     let settings = Settings {
         push,
         admin: Some(admin),
@@ -99,6 +161,23 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         namespace: args.watch_namespace,
     };
     let shutdown = CancellationToken::new();
+    let webhook_task = webhook_listener.map(|listener| {
+        let (client, token) = (client.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let metrics = WebhookMetrics::default();
+            if let Err(error) = webhook::run(
+                client,
+                webhook_settings,
+                listener,
+                metrics,
+                token.cancelled_owned(),
+            )
+            .await
+            {
+                tracing::error!(%error, "the injection webhook stopped");
+            }
+        })
+    });
     let (_handles, done) = mesh::run(client, settings, shutdown.clone());
     let mut sigterm = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
@@ -109,5 +188,55 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
+    if let Some(task) = webhook_task {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
     Ok(())
+}
+
+fn webhook_settings(args: &WebhookArgs, namespace: &str, trust_domain: &str) -> WebhookSettings {
+    let service = format!("{}.{namespace}.svc", args.webhook_service);
+    let target = match &args.webhook_url {
+        Some(url) => Target::Url(url.clone()),
+        None => Target::Service {
+            namespace: namespace.to_owned(),
+            name: args.webhook_service.clone(),
+            port: 443,
+        },
+    };
+    let excluded = vec!["kube-system".to_owned(), namespace.to_owned()];
+    let mut inject = InjectConfig {
+        operator_addr: args
+            .inject_operator_addr
+            .clone()
+            .unwrap_or_else(|| format!("{service}:8090")),
+        trust_domain: trust_domain.to_owned(),
+        excluded_namespaces: excluded.clone(),
+        ..InjectConfig::default()
+    };
+    if let Some(image) = &args.proxy_image {
+        inject.proxy_image = image.clone();
+    }
+    WebhookSettings {
+        inject,
+        registration: Registration {
+            name: args.webhook_name.clone(),
+            target,
+            failure_policy: args.webhook_failure_policy,
+            timeout_seconds: args.webhook_timeout,
+            annotation_opt_in: args.webhook_annotation_opt_in,
+            excluded_namespaces: excluded,
+            namespace_scope: None,
+        },
+        ca_namespace: namespace.to_owned(),
+        ca_secret: args.ca_secret.clone(),
+        dns_names: vec![
+            service.clone(),
+            format!("{}.{namespace}", args.webhook_service),
+            format!("{service}.cluster.local"),
+        ],
+        ips: vec![std::net::IpAddr::from([127, 0, 0, 1])],
+        cert_lifetime: args.webhook_cert_lifetime.as_std(),
+        audit_interval: Duration::from_secs(60),
+    }
 }

@@ -223,6 +223,10 @@ pub async fn serve(
                 }
             },
         };
+        // Answers are small and latency-bound: do not let Nagle hold them back.
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, %peer, "setting TCP_NODELAY");
+        }
         let acceptor = acceptor.clone();
         let handler = handler.clone();
         let watcher = graceful.watcher();
