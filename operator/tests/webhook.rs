@@ -30,7 +30,13 @@ use support::*;
 async fn an_annotated_pod_gets_the_sidecar_the_init_container_and_the_token() {
     let client = shared::client().await.unwrap();
     let ns = scoped_namespace(&client, "inject-pod", None).await;
-    let hook = start_webhook(&client, &ns, FailurePolicy::Ignore).await;
+    let (hook, port) = start_webhook_with(
+        &client,
+        &ns,
+        FailurePolicy::Ignore,
+        Duration::from_secs(3600),
+    )
+    .await;
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
 
     let created = pods
@@ -117,6 +123,11 @@ async fn an_annotated_pod_gets_the_sidecar_the_init_container_and_the_token() {
         Some("true")
     );
     assert!(hook.metrics.count("injected") >= 1);
+    let metrics = https_get(&client, port, "/metrics").await;
+    assert!(
+        metrics.contains("weft_webhook_admissions_total{outcome=\"injected\"}"),
+        "{metrics}"
+    );
     hook.stop().await;
 }
 
@@ -366,9 +377,11 @@ async fn with_the_operator_down_failure_policy_decides() {
     );
 }
 
-/// The serving certificate a fresh TLS connection to the webhook gets, verified against
-/// the CA in the operator's Secret.
-async fn served_certificate(client: &Client, port: u16) -> Vec<u8> {
+/// A TLS connection to the webhook, verified against the CA in the operator's Secret.
+async fn connect(
+    client: &Client,
+    port: u16,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use k8s_openapi::api::core::v1::Secret;
     use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 
@@ -392,11 +405,27 @@ async fn served_certificate(client: &Client, port: u16) -> Vec<u8> {
         .await
         .unwrap();
     let name = ServerName::try_from("127.0.0.1").unwrap();
-    let tls = connector
+    connector
         .connect(name, tcp)
         .await
-        .expect("handshake verified against the CA");
+        .expect("handshake verified against the CA")
+}
+
+/// The serving certificate a fresh TLS connection to the webhook gets.
+async fn served_certificate(client: &Client, port: u16) -> Vec<u8> {
+    let tls = connect(client, port).await;
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// A plain HTTP/1.1 GET over a verified TLS connection; returns the whole response.
+async fn https_get(client: &Client, port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = connect(client, port).await;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[tokio::test]

@@ -164,6 +164,24 @@ impl Handler {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
+            (&Method::GET, "/metrics") => {
+                let mut registry = Registry::default();
+                self.metrics.register(&mut registry);
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                    Ok(()) => {
+                        let mut resp = Response::new(Full::new(Bytes::from(body)));
+                        resp.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static(
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            ),
+                        );
+                        resp
+                    }
+                    Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed"),
+                }
+            }
             (&Method::POST, "/inject") => {
                 let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                     Ok(b) => b.to_bytes(),
