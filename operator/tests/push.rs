@@ -569,23 +569,97 @@ async fn a_subscriber_with_a_token_for_another_service_account_is_refused() {
 
 /// This host's own non-loopback IPv4 address (EndpointSlices may not hold loopback
 /// addresses): the source address of the default route. A UDP connect sends nothing.
-fn host_ip() -> std::net::IpAddr {
-    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    s.connect("192.0.2.1:9")
-        .or_else(|_| s.connect("198.51.100.1:9"))
-        .expect("a route to a non-loopback address");
-    let ip = s.local_addr().unwrap().ip();
-    assert!(
-        !ip.is_loopback(),
-        "this test needs a non-loopback interface"
-    );
-    ip
+/// A test host: a network namespace joined to this one by a veth pair, with addresses
+/// only the two ends know (10.251.<n>.1 here, .2 there). The API server refuses loopback
+/// addresses in EndpointSlices, so the backend lives on this host instead of 127.0.0.1;
+/// traffic never leaves the machine. Removed on drop.
+struct TestHost {
+    name: String,
+    addr: std::net::Ipv4Addr,
 }
 
-/// A plain HTTP/1.1 backend answering 200 `hello` to every request, on this host's
-/// non-loopback address.
-async fn backend() -> std::net::SocketAddr {
-    let l = TcpListener::bind((host_ip(), 0)).await.unwrap();
+impl TestHost {
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = (std::process::id() % 200) as u8;
+        let name = format!("weftpush{}-{n}", std::process::id());
+        let (here, there) = (format!("wph{id}x{n}"), format!("wpt{id}x{n}"));
+        let subnet = format!("10.251.{}", id + n as u8);
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("running ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .output();
+        run(&["netns", "add", &name]);
+        let host = TestHost {
+            name: name.clone(),
+            addr: format!("{subnet}.2").parse().unwrap(),
+        };
+        run(&["link", "add", &here, "type", "veth", "peer", "name", &there]);
+        run(&["link", "set", &there, "netns", &name]);
+        run(&["addr", "add", &format!("{subnet}.1/30"), "dev", &here]);
+        run(&["link", "set", &here, "up"]);
+        run(&[
+            "netns",
+            "exec",
+            &name,
+            "ip",
+            "addr",
+            "add",
+            &format!("{subnet}.2/30"),
+            "dev",
+            &there,
+        ]);
+        run(&["netns", "exec", &name, "ip", "link", "set", &there, "up"]);
+        run(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
+        host
+    }
+
+    /// A listener bound inside the test host, served by this process's runtime.
+    fn listen(&self) -> std::net::TcpListener {
+        let path = format!("/var/run/netns/{}", self.name);
+        let addr = self.addr;
+        // Only this short-lived thread enters the namespace; a socket stays in the
+        // namespace it was created in after the thread is gone.
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open(&path).expect("opening the test host's namespace");
+            #[allow(unsafe_code)]
+            // SAFETY: setns on this thread only, with a valid namespace fd it owns.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let l = std::net::TcpListener::bind((addr, 0)).expect("binding in the test host");
+            l.set_nonblocking(true).unwrap();
+            l
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        // Deleting the namespace removes its veth end, and with it the peer here.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A plain HTTP/1.1 backend answering 200 `hello` to every request, on a test host.
+async fn backend() -> (std::net::SocketAddr, TestHost) {
+    let host = TestHost::new();
+    let l = TcpListener::from_std(host.listen()).unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -615,7 +689,7 @@ async fn backend() -> std::net::SocketAddr {
             });
         }
     });
-    addr
+    (addr, host)
 }
 
 /// A GET over HTTP/1.1: (status, body).
@@ -656,7 +730,7 @@ async fn proxies_keep_serving_while_the_operator_restarts_and_then_resync() {
     let bed = Bed::new("push-restart").await;
     let ns = bed.ns.clone();
     bed.service_account("client").await;
-    let backend = backend().await;
+    let (backend, _host) = backend().await;
     // A Service without a selector and its EndpointSlice, written by the test: the backend
     // is a real server on loopback.
     let svc: Service = serde_json::from_value(json!({
