@@ -161,10 +161,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         namespace: args.watch_namespace,
     };
     let shutdown = CancellationToken::new();
+    let webhook_metrics = WebhookMetrics::default();
     let webhook_task = webhook_listener.map(|listener| {
         let (client, token) = (client.clone(), shutdown.clone());
+        let metrics = webhook_metrics.clone();
         tokio::spawn(async move {
-            let metrics = WebhookMetrics::default();
             if let Err(error) = webhook::run(
                 client,
                 webhook_settings,
@@ -178,7 +179,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             }
         })
     });
-    let (_handles, done) = mesh::run(client, settings, shutdown.clone());
+    let (handles, done) = mesh::run(client, settings, shutdown.clone());
+    if webhook_task.is_some() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        webhook_metrics.register(&mut registry);
+        handles.metrics.add_registry(registry);
+    }
     let mut sigterm = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
     tokio::select! {

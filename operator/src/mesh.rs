@@ -52,6 +52,8 @@ pub struct Handles {
     pub index: Arc<SharedIndex>,
     /// What each proxy runs.
     pub registry: Arc<Registry>,
+    /// The operator's metrics (served at `/metrics` on the admin listener).
+    pub metrics: Arc<Metrics>,
 }
 
 /// Starts the control plane; it runs until `shutdown`, and the returned task ends when
@@ -67,6 +69,7 @@ pub fn run(
     let handles = Handles {
         index: index.clone(),
         registry: registry.clone(),
+        metrics: metrics.clone(),
     };
     let tracker = TaskTracker::new();
     tracker.spawn(

@@ -27,6 +27,8 @@ struct KindLabel {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Metrics of other parts of the process (the injection webhook), added once at start.
+    extra: std::sync::OnceLock<Registry>,
     index_objects: Family<KindLabel, Gauge>,
     subscribers: Gauge,
     updates: Counter,
@@ -89,6 +91,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            extra: std::sync::OnceLock::new(),
             index_objects,
             subscribers,
             updates,
@@ -144,6 +147,21 @@ impl Metrics {
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
+        if let Some(extra) = self.extra.get() {
+            // One exposition has one `# EOF`: drop the first registry's, keep the last.
+            if let Some(body) = out.strip_suffix("# EOF\n") {
+                out.truncate(body.len());
+            }
+            if prometheus_client::encoding::text::encode(&mut out, extra).is_err() {
+                out.clear();
+            }
+        }
         out
+    }
+
+    /// Adds another part's registry to what [`Metrics::encode`] serves; only the first
+    /// call takes effect.
+    pub fn add_registry(&self, registry: Registry) {
+        let _ = self.extra.set(registry);
     }
 }

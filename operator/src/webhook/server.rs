@@ -1,5 +1,6 @@
 //! The webhook's HTTPS server: TLS with a swappable certificate, `POST /inject` for
-//! AdmissionReviews, `GET /healthz`. Bodies are capped; every request gets an answer.
+//! AdmissionReviews, `GET /healthz`, `GET /metrics` (also merged into the operator's admin
+//! `/metrics`). Bodies are capped; every request gets an answer.
 
 use std::{convert::Infallible, sync::Arc, time::Instant};
 
