@@ -1,17 +1,14 @@
 //! `kubectl weft check`: is the mesh installed and healthy, and which pods opted in but
 //! run without the proxy.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::fmt::Write as _;
 
 use k8s_openapi::{
-    api::{
-        admissionregistration::v1::MutatingWebhookConfiguration,
-        core::v1::{Namespace, Pod},
-    },
+    api::admissionregistration::v1::MutatingWebhookConfiguration,
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
-use kube::{Api, Client, api::ListParams, core::PartialObjectMeta};
-use weft_operator::inject::{InjectConfig, audit};
+use kube::{Api, Client};
+use weft_operator::inject::InjectConfig;
 
 /// The result of the checks: lines to print, and whether anything failed.
 #[derive(Debug, Default)]
@@ -83,7 +80,7 @@ pub async fn run(client: Client, webhook_name: &str) -> Report {
         )),
         Err(e) => report.fail(&format!("reading webhook {webhook_name}: {e}")),
     }
-    match unmeshed(&client).await {
+    match weft_operator::webhook::scan_unmeshed(&client, &InjectConfig::default()).await {
         Ok(found) if found.is_empty() => report.ok("every pod that opted in runs with the proxy"),
         Ok(found) => {
             for u in found {
@@ -96,23 +93,4 @@ pub async fn run(client: Client, webhook_name: &str) -> Report {
         Err(e) => report.fail(&format!("listing pods: {e}")),
     }
     report
-}
-
-async fn unmeshed(client: &Client) -> Result<Vec<audit::Unmeshed>, kube::Error> {
-    let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone())
-        .list(&ListParams::default())
-        .await?;
-    let labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
-        .items
-        .into_iter()
-        .filter_map(|n| Some((n.metadata.name?, n.metadata.labels.unwrap_or_default())))
-        .collect();
-    let pods = Api::<PartialObjectMeta<Pod>>::all(client.clone())
-        .list(&ListParams::default())
-        .await?;
-    Ok(audit::unmeshed(
-        pods.items.iter().map(|p| &p.metadata),
-        &labels,
-        &InjectConfig::default(),
-    ))
 }

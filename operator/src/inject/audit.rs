@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use kube::api::ObjectMeta;
 
-use super::{InjectConfig, keys};
+use super::{InjectConfig, OptIn, keys};
 
 /// A pod that should carry the proxy and does not.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,23 +32,18 @@ pub fn unmeshed<'a>(
         if cfg.excluded_namespaces.contains(&namespace) {
             continue;
         }
-        let get = |m: &Option<BTreeMap<String, String>>, k: &str| {
-            m.as_ref().and_then(|m| m.get(k)).cloned()
-        };
-        if get(&meta.annotations, keys::PROXY_VERSION).is_some() {
+        if meta
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(keys::PROXY_VERSION))
+        {
             continue;
         }
-        let pod_says =
-            get(&meta.annotations, keys::INJECT).or_else(|| get(&meta.labels, keys::INJECT));
-        let ns_says = namespace_labels
-            .get(&namespace)
-            .and_then(|l| l.get(keys::INJECT))
-            .cloned();
-        let opted_in_by = match (pod_says.as_deref(), ns_says.as_deref()) {
-            (Some(keys::DISABLED), _) => continue,
-            (Some(keys::ENABLED), _) => "pod",
-            (_, Some(keys::ENABLED)) => "namespace",
-            _ => continue,
+        let ns_in = super::namespace_opted_in(namespace_labels.get(&namespace));
+        let opted_in_by = match super::opt_in(meta, ns_in) {
+            OptIn::Pod => "pod",
+            OptIn::Namespace => "namespace",
+            OptIn::OptedOut | OptIn::No => continue,
         };
         out.push(Unmeshed {
             namespace,

@@ -117,15 +117,44 @@ pub fn decide(
     if cfg.excluded_namespaces.iter().any(|n| n == namespace) {
         return Err(Skip::ExcludedNamespace(namespace.to_owned()));
     }
-    // The pod's own word wins over its namespace's; an annotation over a label.
+    match opt_in(meta, namespace_opted_in) {
+        OptIn::Pod | OptIn::Namespace => Ok(()),
+        OptIn::OptedOut => Err(Skip::OptedOut),
+        OptIn::No => Err(Skip::NotOptedIn),
+    }
+}
+
+/// What a pod and its namespace say about joining the mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptIn {
+    /// The pod opted in itself.
+    Pod,
+    /// The pod's namespace opted in and the pod did not opt out.
+    Namespace,
+    /// The pod opted out.
+    OptedOut,
+    /// Nobody opted in.
+    No,
+}
+
+/// The opt-in rule, in one place: the pod's own word wins over its namespace's, and its
+/// annotation over its label.
+pub fn opt_in(meta: &ObjectMeta, namespace_opted_in: bool) -> OptIn {
     let pod_says =
         lookup(&meta.annotations, keys::INJECT).or_else(|| lookup(&meta.labels, keys::INJECT));
     match pod_says {
-        Some(keys::DISABLED) => Err(Skip::OptedOut),
-        Some(keys::ENABLED) => Ok(()),
-        _ if namespace_opted_in => Ok(()),
-        _ => Err(Skip::NotOptedIn),
+        Some(keys::DISABLED) => OptIn::OptedOut,
+        Some(keys::ENABLED) => OptIn::Pod,
+        _ if namespace_opted_in => OptIn::Namespace,
+        _ => OptIn::No,
     }
+}
+
+/// Whether namespace labels opt the namespace in (`weft.dev/inject=enabled`).
+pub fn namespace_opted_in(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get(keys::INJECT))
+        .is_some_and(|v| v == keys::ENABLED)
 }
 
 /// Whether a pod already carries Weft's proxy.

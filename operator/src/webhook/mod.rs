@@ -135,37 +135,51 @@ async fn renew_forever(ca: ca::Ca, certs: CertStore, settings: WebhookSettings) 
     }
 }
 
-/// Counts, every `audit_interval`, the pods that opted in but run without the proxy, into
-/// the `weft_unmeshed_pods` gauge, and logs each newly found one once.
-async fn audit_forever(client: Client, settings: WebhookSettings, metrics: WebhookMetrics) {
-    use std::collections::{BTreeMap, BTreeSet};
+/// Lists the pods (metadata only, paged) and namespaces of the cluster and returns those
+/// that opted in but run without the proxy. The operator's audit loop and
+/// `kubectl weft check` both use it.
+pub async fn scan_unmeshed(
+    client: &Client,
+    cfg: &InjectConfig,
+) -> Result<Vec<crate::inject::audit::Unmeshed>, kube::Error> {
+    use std::collections::BTreeMap;
 
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::ListParams;
 
-    let mut reported = BTreeSet::new();
+    let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone())
+        .list(&ListParams::default())
+        .await?;
+    let labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
+        .items
+        .into_iter()
+        .filter_map(|n| Some((n.metadata.name?, n.metadata.labels.unwrap_or_default())))
+        .collect();
+    let pods = Api::<PartialObjectMeta<Pod>>::all(client.clone());
+    let mut metas = Vec::new();
+    let mut params = ListParams::default().limit(500);
     loop {
-        let pods = Api::<PartialObjectMeta<Pod>>::all(client.clone());
-        let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
-        match (
-            list_all(&pods).await,
-            namespaces.list(&ListParams::default()).await,
-        ) {
-            (Ok(pods), Ok(namespaces)) => {
-                let labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
-                    .items
-                    .into_iter()
-                    .filter_map(|n| Some((n.metadata.name?, n.metadata.labels.unwrap_or_default())))
-                    .collect();
-                let found = crate::inject::audit::unmeshed(
-                    pods.iter().map(|p| &p.metadata),
-                    &labels,
-                    &settings.inject,
-                );
+        let page = pods.list(&params).await?;
+        metas.extend(page.items.into_iter().map(|p| p.metadata));
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => break,
+        }
+    }
+    Ok(crate::inject::audit::unmeshed(&metas, &labels, cfg))
+}
+
+/// Counts, every `audit_interval`, the pods that opted in but run without the proxy, into
+/// the `weft_unmeshed_pods` gauge, and logs each newly found one once.
+async fn audit_forever(client: Client, settings: WebhookSettings, metrics: WebhookMetrics) {
+    let mut reported = std::collections::BTreeSet::new();
+    loop {
+        match scan_unmeshed(&client, &settings.inject).await {
+            Ok(found) => {
                 metrics
                     .unmeshed
                     .set(i64::try_from(found.len()).unwrap_or(i64::MAX));
-                let now: BTreeSet<String> = found
+                let now: std::collections::BTreeSet<String> = found
                     .iter()
                     .map(|u| format!("{}/{}", u.namespace, u.name))
                     .collect();
@@ -174,31 +188,8 @@ async fn audit_forever(client: Client, settings: WebhookSettings, metrics: Webho
                 }
                 reported = now;
             }
-            (Err(error), _) | (_, Err(error)) => {
-                tracing::warn!(%error, "scanning pods for unmeshed ones")
-            }
+            Err(error) => tracing::warn!(%error, "scanning pods for unmeshed ones"),
         }
         tokio::time::sleep(settings.audit_interval).await;
-    }
-}
-
-/// Lists every object's metadata, 500 at a time.
-async fn list_all<K>(
-    api: &Api<PartialObjectMeta<K>>,
-) -> Result<Vec<PartialObjectMeta<K>>, kube::Error>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-    PartialObjectMeta<K>:
-        kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned + Clone + std::fmt::Debug,
-{
-    let mut out = Vec::new();
-    let mut params = kube::api::ListParams::default().limit(500);
-    loop {
-        let page = api.list(&params).await?;
-        out.extend(page.items);
-        match page.metadata.continue_ {
-            Some(token) if !token.is_empty() => params = params.continue_token(&token),
-            _ => return Ok(out),
-        }
     }
 }

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{review, tls::CertStore};
-use crate::inject::{InjectConfig, keys};
+use crate::inject::InjectConfig;
 
 /// The largest AdmissionReview accepted (the API server's own request limit is 3 MiB).
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -126,9 +126,7 @@ impl Handler {
                 }
             },
         };
-        labels
-            .and_then(|l| l.get(keys::INJECT).cloned())
-            .is_some_and(|v| v == keys::ENABLED)
+        crate::inject::namespace_opted_in(labels.as_ref())
     }
 
     /// Answers one AdmissionReview body with the JSON review to send back.
