@@ -256,6 +256,19 @@ impl TestProxy {
         }
     }
 
+    /// Waits for the first version this proxy acknowledged. `Programmed=True` alone does not
+    /// say the proxy is connected: with no connected proxy it reads "no connected proxy needs
+    /// this Route".
+    async fn acked(&self) -> u64 {
+        let mut status = self.status.clone();
+        let acked = tokio::time::timeout(WAIT, status.wait_for(|s| s.acked.is_some()))
+            .await
+            .expect("the proxy acknowledged a config in time")
+            .expect("the config client is running")
+            .acked;
+        acked.unwrap()
+    }
+
     /// The active config's services as (name, endpoint addresses, timeout).
     fn services(&self) -> Vec<(String, Vec<String>, Option<String>)> {
         self.proxy
@@ -486,8 +499,9 @@ async fn a_rejected_config_shows_in_status_and_the_proxy_keeps_its_last_good_ver
     let op = Operator::start(&bed, listener).await;
     // This proxy accepts one service at most.
     let proxy = TestProxy::start(&bed, &addr, &pod, Some(1)).await;
-    bed.route_condition("web", "Programmed", "True").await;
-    let good = proxy.status.borrow().acked.unwrap();
+    let good = proxy.acked().await;
+    let msg = bed.route_condition("web", "Programmed", "True").await;
+    assert!(msg.contains("acknowledged by 1 of 1"), "{msg}");
 
     // A second Service and a new Route generation: the config now has two services.
     bed.service("api", "api").await;
@@ -788,7 +802,7 @@ async fn proxies_keep_serving_while_the_operator_restarts_and_then_resync() {
             (ok, failed)
         }
     });
-    let first_version = proxy.status.borrow().acked.unwrap();
+    let first_version = proxy.acked().await;
     op.stop().await;
     eventually(WAIT, || async {
         ensure!(!proxy.status.borrow().connected, "still connected");
