@@ -19,6 +19,8 @@ use weft_operator::{
     webhook::{self, FailurePolicy, Registration, Target, WebhookMetrics, WebhookSettings},
 };
 
+pub mod mesh;
+
 pub const SCOPE_LABEL: &str = "e2e.weft.dev/webhook";
 
 pub struct Webhook {
