@@ -29,13 +29,7 @@ pub const FIELD_MANAGER: &str = "weft-e2e";
 pub fn testbed() -> &'static TestBed {
     static BED: OnceLock<Result<TestBed, String>> = OnceLock::new();
     let bed = BED.get_or_init(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "info,kube_client=off".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        init_tracing();
         // Started on a plain thread: callers are usually inside a tokio runtime, and the
         // start-up blocks on a runtime of its own.
         std::thread::spawn(|| TestBed::start_attached().map_err(|e| format!("{e:#}")))
@@ -46,6 +40,17 @@ pub fn testbed() -> &'static TestBed {
         Ok(bed) => bed,
         Err(e) => panic!("the test bed did not start: {e}"),
     }
+}
+
+/// Logs to the test's captured output (`RUST_LOG` filters); a no-op when already set up.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube_client=off".into()),
+        )
+        .with_test_writer()
+        .try_init();
 }
 
 /// A client for the shared test bed, for the calling test's runtime.

@@ -37,6 +37,8 @@ pub struct TestBed {
     binaries: Binaries,
     server: String,
     children: Vec<(String, Child)>,
+    /// The API server's flags, to start it again ([`TestBed::start_apiserver`]).
+    apiserver_args: Vec<String>,
     mode: Mode,
     remove_dir: bool,
 }
@@ -85,6 +87,7 @@ impl TestBed {
             binaries,
             server,
             children: Vec::new(),
+            apiserver_args: Vec::new(),
             mode,
             remove_dir: false,
         };
@@ -93,36 +96,40 @@ impl TestBed {
 
         bed.spawn(
             "etcd",
+            "etcd",
             &[
                 format!("--data-dir={}", p("etcd")),
                 format!("--listen-client-url=http://127.0.0.1:{etcd_client}"),
                 format!("--listen-peer-url=http://127.0.0.1:{etcd_peer}"),
             ],
         )?;
+        bed.apiserver_args = vec![
+            format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", p("apiserver-certs")),
+            format!("--tls-cert-file={}", p(files::SERVING_CERT)),
+            format!("--tls-private-key-file={}", p(files::SERVING_KEY)),
+            format!("--client-ca-file={}", p(files::CA_CERT)),
+            format!("--service-account-key-file={}", p(files::SA_PUB)),
+            format!("--service-account-signing-key-file={}", p(files::SA_KEY)),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--authorization-mode=Node,RBAC".into(),
+            "--allow-privileged=true".into(),
+            "--profiling=false".into(),
+            "--endpoint-reconciler-type=none".into(),
+            "--v=1".into(),
+        ];
         bed.spawn(
             "kube-apiserver",
-            &[
-                format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={api_port}"),
-                format!("--cert-dir={}", p("apiserver-certs")),
-                format!("--tls-cert-file={}", p(files::SERVING_CERT)),
-                format!("--tls-private-key-file={}", p(files::SERVING_KEY)),
-                format!("--client-ca-file={}", p(files::CA_CERT)),
-                format!("--service-account-key-file={}", p(files::SA_PUB)),
-                format!("--service-account-signing-key-file={}", p(files::SA_KEY)),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                "--authorization-mode=Node,RBAC".into(),
-                "--allow-privileged=true".into(),
-                "--profiling=false".into(),
-                "--endpoint-reconciler-type=none".into(),
-                "--v=1".into(),
-            ],
+            "kube-apiserver",
+            &bed.apiserver_args.clone(),
         )?;
         bed.wait_ready(started)?;
         bed.spawn(
+            "kube-controller-manager",
             "kube-controller-manager",
             &[
                 format!("--kubeconfig={}", p("kubeconfig")),
@@ -140,16 +147,92 @@ impl TestBed {
         Ok(bed)
     }
 
-    fn spawn(&mut self, component: &str, args: &[String]) -> anyhow::Result<()> {
+    /// Starts `component` as the child named `name` (its log is `<name>.log`).
+    fn spawn(&mut self, name: &str, component: &str, args: &[String]) -> anyhow::Result<()> {
         let mut cmd = Command::new(self.binaries.component(component));
         cmd.args(args);
-        let log = self.dir.join(format!("{component}.log"));
+        let log = self.dir.join(format!("{name}.log"));
         let child = process::spawn(cmd, &log, self.mode)?;
-        let mut pids = fs::read_to_string(self.dir.join(PIDS_FILE)).unwrap_or_default();
-        pids.push_str(&format!("{}\n", child.id()));
+        self.children.push((name.to_owned(), child));
+        self.write_pids()
+    }
+
+    fn write_pids(&self) -> anyhow::Result<()> {
+        let pids: String = self
+            .children
+            .iter()
+            .map(|(_, c)| format!("{}\n", c.id()))
+            .collect();
         fs::write(self.dir.join(PIDS_FILE), pids)?;
-        self.children.push((component.to_owned(), child));
         Ok(())
+    }
+
+    /// Stops the child named `name` (SIGTERM, then SIGKILL), leaving the others running.
+    fn stop_child(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("no running {name}"))?;
+        let (_, mut child) = self.children.remove(i);
+        if let Ok(pid) = i32::try_from(child.id()) {
+            process::stop_group(pid, Duration::from_secs(10));
+        }
+        let _ = child.wait();
+        self.write_pids()
+    }
+
+    /// Stops the API server, leaving etcd and the controller manager running: clients'
+    /// watches break, as when a control-plane node restarts.
+    pub fn stop_apiserver(&mut self) -> anyhow::Result<()> {
+        self.stop_child("kube-apiserver")
+    }
+
+    /// Starts the API server again, on the same port with the same flags, and waits for
+    /// `/readyz`.
+    pub fn start_apiserver(&mut self) -> anyhow::Result<()> {
+        let args = self.apiserver_args.clone();
+        self.spawn("kube-apiserver", "kube-apiserver", &args)?;
+        self.wait_ready(Instant::now())
+    }
+
+    /// Starts a second API server on the same etcd (as in a highly available control
+    /// plane) on a fresh port, waits for its `/readyz` and returns its URL. Stop it with
+    /// [`TestBed::stop_second_apiserver`].
+    pub fn start_second_apiserver(&mut self) -> anyhow::Result<String> {
+        let port = free_port()?;
+        let url = format!("https://127.0.0.1:{port}");
+        let mut args: Vec<String> = self
+            .apiserver_args
+            .iter()
+            .filter(|a| !a.starts_with("--secure-port=") && !a.starts_with("--cert-dir="))
+            .cloned()
+            .collect();
+        args.push(format!("--secure-port={port}"));
+        args.push(format!(
+            "--cert-dir={}",
+            self.dir.join("apiserver-2-certs").display()
+        ));
+        self.spawn("kube-apiserver-2", "kube-apiserver", &args)?;
+        let started = Instant::now();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        loop {
+            match rt.block_on(self.readyz_at(Some(&url))) {
+                Ok(body) if body.trim() == "ok" => return Ok(url),
+                Ok(_) | Err(_) if started.elapsed() < READY_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Ok(body) => bail!("second API server not ready: {body}"),
+                Err(e) => return Err(e.context("second API server not ready")),
+            }
+        }
+    }
+
+    /// Stops the API server started by [`TestBed::start_second_apiserver`].
+    pub fn stop_second_apiserver(&mut self) -> anyhow::Result<()> {
+        self.stop_child("kube-apiserver-2")
     }
 
     /// Polls `/readyz` until it answers `ok`, failing early (with the log tail) when a
@@ -183,7 +266,11 @@ impl TestBed {
     }
 
     async fn readyz(&self) -> anyhow::Result<String> {
-        let client = self.client().await?;
+        self.readyz_at(None).await
+    }
+
+    async fn readyz_at(&self, url: Option<&str>) -> anyhow::Result<String> {
+        let client = self.client_at(url).await?;
         let req = http::Request::get("/readyz").body(Vec::new())?;
         Ok(client.request_text(req).await?)
     }
@@ -193,9 +280,18 @@ impl TestBed {
     /// Create one per tokio runtime: a client's connections belong to the runtime it was
     /// first used on.
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        self.client_at(None).await
+    }
+
+    /// As [`TestBed::client`], for the API server at `url` (such as the second one)
+    /// instead of the kubeconfig's.
+    pub async fn client_at(&self, url: Option<&str>) -> anyhow::Result<kube::Client> {
         let kubeconfig = Kubeconfig::read_from(self.kubeconfig())?;
-        let config =
+        let mut config =
             kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        if let Some(url) = url {
+            config.cluster_url = url.parse()?;
+        }
         Ok(kube::Client::try_from(config)?)
     }
 
