@@ -11,6 +11,10 @@
 //!
 //! Only loopback addresses are used. HAProxy is optional (skipped when `haproxy` is not on
 //! PATH).
+//!
+//! To iterate on one figure, `WEFT_BENCH_PARTS` selects parts (comma-separated, from
+//! `rtt,open,max,rss`; default all) and `WEFT_BENCH_PATHS` selects paths by name (from
+//! `direct,weft,chain,haproxy`; default all). The output format stays the same.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -406,6 +410,14 @@ async fn start_haproxy(dir: &Path, backend: SocketAddr) -> Option<(Proc, SocketA
     Some((Proc { child }, h1, h2))
 }
 
+/// Whether `name` is selected by the comma-separated list in env `var` (unset: all).
+fn selected(var: &str, name: &str) -> bool {
+    match std::env::var(var) {
+        Ok(list) => list.split(',').any(|p| p.trim() == name),
+        Err(_) => true,
+    }
+}
+
 fn ms(us: u64) -> String {
     format!("{:.3}", us as f64 / 1000.0)
 }
@@ -432,14 +444,16 @@ async fn main() {
     let backend = start_backend();
     let echo = start_echo().await;
 
-    let rtt = raw_rtt(echo, 20_000).await;
-    println!("## Raw loopback TCP round trip (1 byte, 20,000 samples)\n");
-    println!(
-        "p50 {} ms, p99 {} ms, p99.9 {} ms\n",
-        ms(rtt.value_at_quantile(0.5)),
-        ms(rtt.value_at_quantile(0.99)),
-        ms(rtt.value_at_quantile(0.999))
-    );
+    if selected("WEFT_BENCH_PARTS", "rtt") {
+        let rtt = raw_rtt(echo, 20_000).await;
+        println!("## Raw loopback TCP round trip (1 byte, 20,000 samples)\n");
+        println!(
+            "p50 {} ms, p99 {} ms, p99.9 {} ms\n",
+            ms(rtt.value_at_quantile(0.5)),
+            ms(rtt.value_at_quantile(0.99)),
+            ms(rtt.value_at_quantile(0.999))
+        );
+    }
 
     let single_cfg = write_cfg(dir.path(), "single.yaml", &[("web", backend)]);
     let (single, single_addr) = start_weft(&bin, &single_cfg, "web").await;
@@ -462,11 +476,26 @@ async fn main() {
             targets.push(("haproxy", proto, if proto == Proto::H1 { *h1 } else { *h2 }));
         }
     }
+    targets.retain(|(name, _, _)| {
+        let short = if name.starts_with("weft chain") {
+            "chain"
+        } else {
+            name
+        };
+        selected("WEFT_BENCH_PATHS", short)
+    });
 
-    println!("## Open loop, {CONNECTIONS} connections, 1 KiB responses, {secs} s per run\n");
-    println!("| path | protocol | rate (req/s) | p50 ms | p99 ms | p99.9 ms | max ms | errors |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for rate in [1000u64, 5000] {
+    let open_rates: &[u64] = if selected("WEFT_BENCH_PARTS", "open") {
+        println!("## Open loop, {CONNECTIONS} connections, 1 KiB responses, {secs} s per run\n");
+        println!(
+            "| path | protocol | rate (req/s) | p50 ms | p99 ms | p99.9 ms | max ms | errors |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        &[1000, 5000]
+    } else {
+        &[]
+    };
+    for &rate in open_rates {
         for (name, proto, addr) in &targets {
             // Warm up pools and estimates, then measure.
             let _ = open_loop(*addr, *proto, rate, 1).await;
@@ -484,12 +513,19 @@ async fn main() {
         }
     }
 
-    println!("\n## Closed loop maximum throughput ({secs} s; HTTP/2: 4 streams per connection)\n");
-    println!("| path | protocol | req/s | proxy CPU µs/req | proxy CPU s / wall s |");
-    println!("| --- | --- | --- | --- | --- |");
+    let max_targets: &[(&str, Proto, SocketAddr)] = if selected("WEFT_BENCH_PARTS", "max") {
+        println!(
+            "\n## Closed loop maximum throughput ({secs} s; HTTP/2: 4 streams per connection)\n"
+        );
+        println!("| path | protocol | req/s | proxy CPU µs/req | proxy CPU s / wall s |");
+        println!("| --- | --- | --- | --- | --- |");
+        &targets
+    } else {
+        &[]
+    };
     let weft_pid = single.child.id();
     let haproxy_pid = haproxy.as_ref().map(|(p, _, _)| p.child.id());
-    for (name, proto, addr) in &targets {
+    for (name, proto, addr) in max_targets {
         let pid = match *name {
             "weft" => Some(weft_pid),
             "haproxy" => haproxy_pid,
@@ -515,6 +551,10 @@ async fn main() {
         );
     }
 
+    if !selected("WEFT_BENCH_PARTS", "rss") {
+        drop((chain1, chain2, single));
+        return;
+    }
     // RSS with 1,000 open connections, each having carried one HTTP/1.1 request.
     let mut held = Vec::new();
     for _ in 0..1000 {
