@@ -155,8 +155,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.get())
+    // One worker (the default) runs on the current-thread scheduler: it does the same work
+    // on one thread without the multi-thread scheduler's cross-thread bookkeeping, which
+    // costs CPU on every task wake-up and so on every request.
+    let mut builder = if args.workers.get() == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(args.workers.get());
+        b
+    };
+    let runtime = builder
         .thread_name("weft-proxy")
         .enable_all()
         .build()
