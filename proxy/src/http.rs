@@ -16,7 +16,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     str::FromStr,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
     time::Instant,
 };
@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     detect::Protocol,
     errors::{ERROR_HEADER, ErrorCode},
-    metrics::{Direction, Metrics, ServiceLabel},
+    metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
     store::{ConfigStore, EndpointState, InFlight, ServiceState},
     upstream::is_connect_timeout,
 };
@@ -69,6 +69,28 @@ pub struct HttpConn {
     pub target: HttpTarget,
     /// Label used for `Fixed` targets.
     pub fixed_label: ServiceLabel,
+    /// The request series of `Fixed` targets, looked up on the connection's first request.
+    fixed_metrics: OnceLock<RequestMetrics>,
+}
+
+impl HttpConn {
+    /// What the requests of one connection to `target` share.
+    pub fn new(
+        store: Arc<ConfigStore>,
+        metrics: Arc<Metrics>,
+        direction: Direction,
+        target: HttpTarget,
+        fixed_label: ServiceLabel,
+    ) -> Self {
+        HttpConn {
+            store,
+            metrics,
+            direction,
+            target,
+            fixed_label,
+            fixed_metrics: OnceLock::new(),
+        }
+    }
 }
 
 /// Serves one downstream HTTP connection until it ends; on `shutdown`, finishes the
@@ -122,10 +144,12 @@ enum Dest {
 }
 
 impl HttpConn {
-    fn resolve(&self) -> Result<(Dest, ServiceLabel), (ErrorCode, ServiceLabel)> {
+    /// Where this request goes, in the active snapshot; on failure, the error and the label
+    /// to count it under.
+    fn resolve(&self) -> Result<Dest, (ErrorCode, ServiceLabel)> {
         let snapshot = self.store.load();
         let found = match &self.target {
-            HttpTarget::Fixed(e) => return Ok((Dest::Fixed(e.clone()), self.fixed_label.clone())),
+            HttpTarget::Fixed(e) => return Ok(Dest::Fixed(e.clone())),
             HttpTarget::Named(name) => snapshot
                 .as_ref()
                 .and_then(|s| s.service_by_name(name).cloned())
@@ -135,8 +159,16 @@ impl HttpConn {
                 .and_then(|s| s.service_for_addr(*addr).cloned())
                 .ok_or_else(|| (ErrorCode::ServiceNotFound, ServiceLabel::unknown())),
         }?;
-        let label = found.label.clone();
-        Ok((Dest::Service(found), label))
+        Ok(Dest::Service(found))
+    }
+
+    fn request_metrics<'a>(&'a self, dest: &'a Dest) -> &'a RequestMetrics {
+        match dest {
+            Dest::Service(s) => s.request_metrics(&self.metrics, self.direction),
+            Dest::Fixed(_) => self
+                .fixed_metrics
+                .get_or_init(|| self.metrics.for_requests(self.direction, &self.fixed_label)),
+        }
     }
 
     fn fallback_authority(&self) -> Option<Authority> {
@@ -151,19 +183,21 @@ impl HttpConn {
     pub async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
-        let (dest, label) = match self.resolve() {
+        let dest = match self.resolve() {
             Ok(d) => d,
             Err((code, label)) => {
-                let labels = self.metrics.request(self.direction, &label);
+                let labels = self.metrics.for_requests(self.direction, &label);
+                labels.request();
                 return self.fail(&labels, code, grpc, start);
             }
         };
-        let labels = self.metrics.request(self.direction, &label);
+        let labels = self.request_metrics(&dest);
+        labels.request();
 
         let upgrade = is_upgrade(&req);
         let mut on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
-        absolutize(&mut req, self.fallback_authority());
+        absolutize(&mut req, || self.fallback_authority());
 
         let (parts, body) = req.into_parts();
         let retryable = matches!(&dest, Dest::Service(s) if s.endpoints.len() > 1)
@@ -191,7 +225,7 @@ impl HttpConn {
                 Dest::Fixed(e) => (0, e.clone()),
                 Dest::Service(s) => match s.pick(exclude) {
                     Some((i, e)) => (i, e.clone()),
-                    None => return self.fail(&labels, ErrorCode::NoEndpoints, grpc, start),
+                    None => return self.fail(labels, ErrorCode::NoEndpoints, grpc, start),
                 },
             };
             let in_flight = endpoint.start();
@@ -202,7 +236,7 @@ impl HttpConn {
                     Err(_) => {
                         endpoint.observe(sent.elapsed());
                         tracing::debug!(endpoint = %endpoint.addr, "response timeout");
-                        return self.fail(&labels, ErrorCode::ResponseTimeout, grpc, start);
+                        return self.fail(labels, ErrorCode::ResponseTimeout, grpc, start);
                     }
                 },
                 None => endpoint.upstream.send(req).await,
@@ -216,11 +250,11 @@ impl HttpConn {
                         let upstream = hyper::upgrade::on(&mut resp);
                         tokio::spawn(splice_upgrade(downstream, upstream, in_flight));
                         strip_hop_by_hop(resp.headers_mut(), true);
-                        self.metrics.response(&labels, resp.status(), secs(start));
+                        labels.response(resp.status(), secs(start));
                         return resp.map(|_| Either::Right(Full::new(Bytes::new())));
                     }
                     strip_hop_by_hop(resp.headers_mut(), false);
-                    self.metrics.response(&labels, resp.status(), secs(start));
+                    labels.response(resp.status(), secs(start));
                     return resp.map(|inner| {
                         Either::Left(TrackedBody {
                             inner,
@@ -250,27 +284,27 @@ impl HttpConn {
                         exclude = Some(index);
                         continue;
                     }
-                    return self.fail(&labels, code, grpc, start);
+                    return self.fail(labels, code, grpc, start);
                 }
                 Err(error) => {
                     tracing::debug!(endpoint = %endpoint.addr, error = %error, "upstream failed");
-                    return self.fail(&labels, ErrorCode::UpstreamFailed, grpc, start);
+                    return self.fail(labels, ErrorCode::UpstreamFailed, grpc, start);
                 }
             }
         }
-        self.fail(&labels, ErrorCode::UpstreamFailed, grpc, start)
+        self.fail(labels, ErrorCode::UpstreamFailed, grpc, start)
     }
 
     fn fail(
         &self,
-        labels: &crate::metrics::RequestLabels,
+        labels: &RequestMetrics,
         code: ErrorCode,
         grpc: bool,
         start: Instant,
     ) -> Response<ProxyBody> {
         self.metrics.error(self.direction, code);
         // Metrics record the HTTP status the failure means, even when gRPC framing sends 200.
-        self.metrics.response(labels, code.status(), secs(start));
+        labels.response(code.status(), secs(start));
         if grpc {
             grpc_error_response(code)
         } else {
@@ -401,7 +435,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Gives an origin-form HTTP/1 request an absolute URI built from its `Host` (or the
 /// target, when it has none), which the client pool needs; `Host` itself is untouched.
-fn absolutize<B>(req: &mut Request<B>, fallback: Option<Authority>) {
+fn absolutize<B>(req: &mut Request<B>, fallback: impl FnOnce() -> Option<Authority>) {
     if req.uri().authority().is_some() && req.uri().scheme().is_some() {
         return;
     }
@@ -410,7 +444,7 @@ fn absolutize<B>(req: &mut Request<B>, fallback: Option<Authority>) {
         .get(HOST)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| Authority::from_str(h).ok())
-        .or(fallback);
+        .or_else(fallback);
     let Some(authority) = authority else { return };
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
     parts.scheme = Some(Scheme::HTTP);
@@ -491,7 +525,7 @@ mod tests {
             .header(HOST, "web.shop:8080")
             .body(())
             .unwrap();
-        absolutize(&mut req, None);
+        absolutize(&mut req, || None);
         assert_eq!(req.uri().to_string(), "http://web.shop:8080/a?b=1");
         assert_eq!(req.headers()[HOST], "web.shop:8080");
     }

@@ -5,7 +5,7 @@
 
 use std::{
     fmt::Write as _,
-    sync::{Arc, atomic::AtomicU64},
+    sync::{Arc, OnceLock, atomic::AtomicU64},
 };
 
 use prometheus_client::{
@@ -258,26 +258,22 @@ impl Metrics {
         Ok(out)
     }
 
-    /// Counts a request and returns the labels to record its response with.
-    pub fn request(&self, direction: Direction, service: &ServiceLabel) -> RequestLabels {
+    /// The series that requests of `direction` to `service` update. Callers on the request
+    /// path keep the result (per service, per connection) rather than calling this per
+    /// request: each call hashes the label set under the families' locks.
+    pub fn for_requests(&self, direction: Direction, service: &ServiceLabel) -> RequestMetrics {
         let labels = RequestLabels {
             direction,
             service: service.clone(),
         };
-        self.requests.get_or_create(&labels).inc();
-        labels
-    }
-
-    /// Records a response's status and the latency to its headers.
-    pub fn response(&self, labels: &RequestLabels, status: http::StatusCode, seconds: f64) {
-        self.responses
-            .get_or_create(&ResponseLabels {
-                direction: labels.direction,
-                service: labels.service.clone(),
-                status_class: status_class(status),
-            })
-            .inc();
-        self.latency.get_or_create(labels).observe(seconds);
+        RequestMetrics {
+            requests: self.requests.get_or_create(&labels).clone(),
+            latency: OnceLock::new(),
+            latency_family: self.latency.clone(),
+            responses: Default::default(),
+            responses_family: self.responses.clone(),
+            labels,
+        }
     }
 
     /// Counts an error by reason.
@@ -337,6 +333,47 @@ impl Metrics {
     }
 }
 
+/// The request series of one direction and service, looked up once ([`Metrics::for_requests`])
+/// and then updated without hashing labels or taking the families' locks.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    labels: RequestLabels,
+    requests: Counter,
+    // The latency and response series are created on first use, so that `/metrics` shows
+    // only what occurred, exactly as when every request looked them up.
+    latency: OnceLock<Histogram>,
+    latency_family: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// One per status class, indexed by [`status_class_index`].
+    responses: [OnceLock<Counter>; 5],
+    responses_family: Family<ResponseLabels, Counter>,
+}
+
+impl RequestMetrics {
+    /// Counts a request.
+    pub fn request(&self) {
+        self.requests.inc();
+    }
+
+    /// Records a response's status and the latency to its headers.
+    pub fn response(&self, status: http::StatusCode, seconds: f64) {
+        let (index, class) = status_class_index(status);
+        self.responses[index]
+            .get_or_init(|| {
+                self.responses_family
+                    .get_or_create(&ResponseLabels {
+                        direction: self.labels.direction,
+                        service: self.labels.service.clone(),
+                        status_class: class,
+                    })
+                    .clone()
+            })
+            .inc();
+        self.latency
+            .get_or_init(|| self.latency_family.get_or_create(&self.labels).clone())
+            .observe(seconds);
+    }
+}
+
 /// Tracks one accepted connection's bytes and, on drop, its close.
 #[derive(Debug)]
 pub struct ConnectionGuard {
@@ -357,11 +394,16 @@ impl Drop for ConnectionGuard {
 
 /// `1xx` … `5xx`.
 pub fn status_class(status: http::StatusCode) -> &'static str {
+    status_class_index(status).1
+}
+
+/// The status class as an index `0..5` and as its label value.
+fn status_class_index(status: http::StatusCode) -> (usize, &'static str) {
     match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => (0, "1xx"),
+        200..=299 => (1, "2xx"),
+        300..=399 => (2, "3xx"),
+        400..=499 => (3, "4xx"),
+        _ => (4, "5xx"),
     }
 }

@@ -182,13 +182,13 @@ async fn handle(
                 ),
                 Route::Missing(name) => (HttpTarget::Named(name.clone()), ServiceLabel(name)),
             };
-            let conn = Arc::new(HttpConn {
-                store: proxy.store.clone(),
-                metrics: proxy.metrics.clone(),
+            let conn = Arc::new(HttpConn::new(
+                proxy.store.clone(),
+                proxy.metrics.clone(),
                 direction,
                 target,
                 fixed_label,
-            });
+            ));
             crate::http::serve(io, protocol, conn, shutdown).await;
         }
         Protocol::Opaque => proxy_opaque(io, route, connect_timeout, &proxy, direction).await,

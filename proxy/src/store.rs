@@ -15,7 +15,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -27,7 +27,7 @@ use weft_api::proxy_config::{self as wire, ProxyConfig};
 use crate::{
     balance::{self, DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, PeakEwma, Picker},
     config::{Config, ConfigError, Service},
-    metrics::{Metrics, ServiceLabel},
+    metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
     upstream::Upstream,
 };
 
@@ -105,9 +105,21 @@ pub struct ServiceState {
     pub endpoints: Vec<Arc<EndpointState>>,
     weights: Vec<u32>,
     picker: Picker,
+    /// This service's request series per direction (inbound, outbound), looked up on the
+    /// first request rather than on every one.
+    request_metrics: [OnceLock<RequestMetrics>; 2],
 }
 
 impl ServiceState {
+    /// The request series of this service for `direction`.
+    pub fn request_metrics(&self, metrics: &Metrics, direction: Direction) -> &RequestMetrics {
+        let i = match direction {
+            Direction::Inbound => 0,
+            Direction::Outbound => 1,
+        };
+        self.request_metrics[i].get_or_init(|| metrics.for_requests(direction, &self.label))
+    }
+
     /// Picks an endpoint for one request or connection, avoiding `exclude` (an index that
     /// just failed) when there is another.
     pub fn pick(&self, exclude: Option<usize>) -> Option<(usize, &Arc<EndpointState>)> {
@@ -176,6 +188,7 @@ impl Snapshot {
                     endpoints,
                     weights,
                     picker,
+                    request_metrics: Default::default(),
                 })
             })
             .collect();
