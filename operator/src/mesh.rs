@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!            ┌── index::watch (7 watches) ──▶ SharedIndex ◀── push::serve (proxies)
-//! run(..) ───┼── status::lease ──leader──▶ status::StatusWriter
+//! run(..) ───┼── status::lease ──leader──▶ status::StatusWriter ◀── Peers
+//!            ├── status::reports: publish this replica's ACKs, watch the peers' ──┘
 //!            └── admin: /healthz /readyz /metrics /proxies
 //! ```
 
@@ -24,7 +25,10 @@ use crate::{
     index::{Index, ObjectKey, shared::SharedIndex},
     metrics::Metrics,
     push::{self, Authenticator, PushServer, Registry},
-    status::{StatusWriter, lease},
+    status::{
+        StatusWriter, lease,
+        reports::{self, Peers},
+    },
 };
 
 /// What [`run`] needs besides the client.
@@ -54,6 +58,8 @@ pub struct Handles {
     pub registry: Arc<Registry>,
     /// The operator's metrics (served at `/metrics` on the admin listener).
     pub metrics: Arc<Metrics>,
+    /// The other replicas' proxies, from their ACK reports.
+    pub peers: Arc<Peers>,
 }
 
 /// Starts the control plane; it runs until `shutdown`, and the returned task ends when
@@ -66,10 +72,16 @@ pub fn run(
     let metrics = Arc::new(Metrics::new());
     let index = SharedIndex::new(Index::new(settings.trust_domain.clone()), metrics.clone());
     let registry = Arc::new(Registry::default());
+    let peers = Arc::new(match &settings.lease {
+        // A replica that has not rewritten its report for two Lease durations is gone.
+        Some(l) => Peers::new(l.identity.clone(), l.duration * 2),
+        None => Peers::new(String::new(), Duration::ZERO),
+    });
     let handles = Handles {
         index: index.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
+        peers: peers.clone(),
     };
     let tracker = TaskTracker::new();
     tracker.spawn(
@@ -94,11 +106,38 @@ pub fn run(
         let (leader_tx, leader_rx) = watch::channel(false);
         let instance = lease_config.identity.clone();
         tracker.spawn(
+            reports::publish(
+                client.clone(),
+                lease_config.namespace.clone(),
+                instance.clone(),
+                registry.clone(),
+                index.clone(),
+                lease_config.duration / 3,
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("ack_report")),
+        );
+        tracker.spawn(
+            reports::watch_peers(
+                client.clone(),
+                lease_config.namespace.clone(),
+                peers.clone(),
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("peers")),
+        );
+        tracker.spawn(
             lease::run(client.clone(), lease_config, leader_tx, shutdown.clone())
                 .instrument(tracing::info_span!("lease")),
         );
-        let writer =
-            StatusWriter::new(client, index.clone(), registry.clone(), leader_rx, instance);
+        let writer = StatusWriter::new(
+            client,
+            index.clone(),
+            registry.clone(),
+            peers,
+            leader_rx,
+            instance,
+        );
         tracker.spawn(
             writer
                 .run(shutdown.clone())
@@ -136,7 +175,7 @@ pub struct ProxyRow {
     pub last_seen: u64,
 }
 
-/// The rows of `/proxies`, sorted by pod.
+/// The rows of `/proxies`, sorted by pod: this replica's proxies and its peers'.
 pub fn proxy_rows(handles: &Handles) -> Vec<ProxyRow> {
     let desired: std::collections::HashMap<ObjectKey, Option<u64>> = handles
         .index
@@ -144,12 +183,19 @@ pub fn proxy_rows(handles: &Handles) -> Vec<ProxyRow> {
         .into_iter()
         .map(|(k, v)| (k, v.map(|v| v.version)))
         .collect();
+    let local = handles.registry.snapshot();
     handles
-        .registry
-        .snapshot()
+        .peers
+        .merged_now(local.clone())
         .into_iter()
         .map(|(key, s)| {
-            let desired_version = desired.get(&key).copied().flatten();
+            // Versions are numbered by the replica that serves the proxy: for a peer's
+            // proxy, the version that replica sent it last is the one it wants.
+            let desired_version = if local.get(&key) == Some(&s) {
+                desired.get(&key).copied().flatten()
+            } else {
+                s.sent_version
+            };
             ProxyRow {
                 pod: s.pod,
                 connected: s.streams > 0,

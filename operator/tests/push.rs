@@ -12,7 +12,10 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure};
-use k8s_openapi::api::core::v1::{Event, Service};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{ConfigMap, Event, Service},
+};
 use kube::{
     ResourceExt,
     api::{DeleteParams, ListParams},
@@ -22,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use weft_crds::Route;
 use weft_e2e::shared::eventually;
-use weft_operator::mesh;
+use weft_operator::{mesh, status::reports};
 use weft_proxy::{
     Proxy,
     control::{ControlClient, ControlConfig},
@@ -310,6 +313,120 @@ async fn a_subscriber_with_a_token_for_another_service_account_is_refused() {
     assert_eq!(status.borrow().connects, 0, "pod a was never subscribed");
     assert!(proxy.store.load().is_none(), "pod a got no config");
     stop.cancel();
+    op.stop().await;
+    bed.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_replicas_serve_proxies_one_writes_status_counting_both_and_the_other_takes_over() {
+    let bed = Bed::new("push-ha").await;
+    bed.service_account("client").await;
+    bed.service("web", "web").await;
+    bed.route(
+        "web",
+        json!({"service": {"name": "web"}, "rules": [{"backends": [{"name": "web"}]}]}),
+    )
+    .await;
+    let mut replicas = Vec::new();
+    let mut proxies = Vec::new();
+    for (i, name) in ["replica-a", "replica-b"].into_iter().enumerate() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        replicas.push((name, Operator::start_as(&bed, listener, name).await));
+        let pod = bed
+            .pod(
+                &format!("client-{i}"),
+                "client",
+                "client",
+                &format!("198.51.100.8{i}"),
+            )
+            .await;
+        // One proxy streams from each replica.
+        let proxy = TestProxy::start(&bed, &addr, &pod, None).await;
+        proxy.acked().await;
+        proxies.push(proxy);
+    }
+    // Whichever replica writes status counts the proxy streaming from the other one.
+    bed.route_programmed("web", 2).await;
+    let leases = bed.api::<Lease>();
+    let holder = leases
+        .get("weft-operator")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity
+        .unwrap();
+    assert!(
+        ["replica-a", "replica-b"].contains(&holder.as_str()),
+        "{holder}"
+    );
+    // Each replica's /proxies shows both proxies in sync.
+    for (name, op) in &replicas {
+        eventually(WAIT, || async {
+            let rows = mesh::proxy_rows(&op.handles);
+            ensure!(
+                rows.len() == 2 && rows.iter().all(|r| r.in_sync),
+                "{name}: {rows:?}"
+            );
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+    let reports = bed
+        .api::<ConfigMap>()
+        .list(&ListParams::default().labels(reports::REPORT_LABEL))
+        .await
+        .unwrap();
+    assert_eq!(reports.items.len(), 2, "one ACK report per replica");
+
+    // A new generation is programmed on both proxies.
+    bed.route(
+        "web",
+        json!({"service": {"name": "web"}, "rules": [{"backends": [{"name": "web"}], "timeout": "4s"}]}),
+    )
+    .await;
+    bed.route_programmed("web", 2).await;
+
+    // The status writer shuts down: it steps down and removes its report; its proxy keeps
+    // its config but has no operator to talk to. The other replica takes the Lease and
+    // writes the next generation's status, counting the one proxy still connected.
+    let i = replicas.iter().position(|(n, _)| *n == holder).unwrap();
+    let (_, leader) = replicas.remove(i);
+    leader.stop().await;
+    bed.route(
+        "web",
+        json!({"service": {"name": "web"}, "rules": [{"backends": [{"name": "web"}], "timeout": "5s"}]}),
+    )
+    .await;
+    bed.route_programmed("web", 1).await;
+    let (survivor, op) = replicas.pop().unwrap();
+    let holder = leases
+        .get("weft-operator")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity;
+    assert_eq!(holder.as_deref(), Some(survivor));
+    let names: Vec<String> = bed
+        .api::<ConfigMap>()
+        .list(&ListParams::default().labels(reports::REPORT_LABEL))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|c| c.name_any())
+        .collect();
+    assert_eq!(names, vec![reports::report_name(survivor)]);
+    assert_eq!(
+        proxies[i].services()[0].2.as_deref(),
+        Some("4s"),
+        "the orphaned proxy keeps its last config"
+    );
+    assert_eq!(proxies[1 - i].services()[0].2.as_deref(), Some("5s"));
+    drop(proxies);
     op.stop().await;
     bed.cleanup().await;
 }

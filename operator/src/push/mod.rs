@@ -27,7 +27,7 @@ use http::{Request, Response, StatusCode, header::AUTHORIZATION};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{
     net::TcpListener,
     sync::{mpsc, watch},
@@ -46,8 +46,8 @@ use crate::index::{ObjectKey, ProxyView, shared::SharedIndex};
 pub use auth::Authenticator;
 
 /// What the operator knows about one proxy.
-#[derive(Clone, Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct ProxyState {
     /// `namespace/name` of the pod.
     pub pod: String,
@@ -64,12 +64,11 @@ pub struct ProxyState {
     /// When the proxy last sent anything or was sent anything, in seconds since the epoch.
     pub last_seen: u64,
     /// The resources (with generations) in the acknowledged version.
-    #[serde(skip)]
     pub acked_resources: BTreeSet<ResourceRef>,
 }
 
 /// A rejected version.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NackState {
     /// The version rejected.

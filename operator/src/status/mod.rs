@@ -10,9 +10,12 @@
 //! ```
 //!
 //! `Programmed` counts the connected proxies that need the resource (their config carries
-//! it) and how many of them acknowledged a version carrying its current generation.
+//! it) and how many of them acknowledged a version carrying its current generation — on
+//! every replica: proxies streaming from other replicas are known from their ACK reports
+//! ([`reports`]).
 
 pub mod lease;
+pub mod reports;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -42,6 +45,7 @@ use crate::{
     index::{CondState, Kind, ObjectKey, ProxyView, reasons, shared::SharedIndex},
     push::{ProxyState, Registry},
 };
+use reports::Peers;
 
 /// The field manager of status writes.
 pub const FIELD_MANAGER: &str = "weft-operator";
@@ -204,17 +208,20 @@ pub struct StatusWriter {
     client: Client,
     index: Arc<SharedIndex>,
     registry: Arc<Registry>,
+    peers: Arc<Peers>,
     leader: watch::Receiver<bool>,
     recorder: Recorder,
     written: HashMap<(Kind, ObjectKey), Computed>,
 }
 
 impl StatusWriter {
-    /// A writer reporting Events as `instance` of the operator.
+    /// A writer reporting Events as `instance` of the operator; `peers` holds the other
+    /// replicas' proxies.
     pub fn new(
         client: Client,
         index: Arc<SharedIndex>,
         registry: Arc<Registry>,
+        peers: Arc<Peers>,
         leader: watch::Receiver<bool>,
         instance: String,
     ) -> Self {
@@ -229,6 +236,7 @@ impl StatusWriter {
             client,
             index,
             registry,
+            peers,
             leader,
             recorder,
             written: HashMap::new(),
@@ -238,16 +246,19 @@ impl StatusWriter {
     /// Runs until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut changes = self.index.changes();
+        let mut peer_changes = self.peers.changes();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = changes.changed() => {}
+                _ = peer_changes.changed() => {}
                 _ = self.leader.changed() => {}
                 () = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
             // Let a burst of changes (a re-list, many ACKs) settle into one pass.
             tokio::time::sleep(Duration::from_millis(100)).await;
             changes.borrow_and_update();
+            peer_changes.borrow_and_update();
             if !*self.leader.borrow_and_update() {
                 self.written.clear();
                 continue;
@@ -260,8 +271,9 @@ impl StatusWriter {
     }
 
     async fn pass(&mut self) {
-        let views = self.index.desired_views();
-        let proxies = self.registry.snapshot();
+        let mut views = self.index.desired_views();
+        let mut proxies = self.registry.snapshot();
+        self.peers.merge_now(&mut proxies, &mut views);
         let index = self.index.clone();
         self.registry
             .retain_disconnected(|pod| index.read(|i| i.pod_service_account(pod).is_some()));

@@ -212,6 +212,11 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(bed: &Bed, push: TcpListener) -> Operator {
+        Operator::start_as(bed, push, &format!("op-{:08x}", rand::random::<u32>())).await
+    }
+
+    /// An operator replica with Lease identity `identity`.
+    pub async fn start_as(bed: &Bed, push: TcpListener, identity: &str) -> Operator {
         let stop = CancellationToken::new();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();
@@ -223,7 +228,7 @@ impl Operator {
             lease: Some(LeaseConfig {
                 namespace: bed.ns.clone(),
                 name: "weft-operator".into(),
-                identity: format!("op-{:08x}", rand::random::<u32>()),
+                identity: identity.to_owned(),
                 duration: Duration::from_secs(6),
             }),
             namespace: Some(bed.ns.clone()),
