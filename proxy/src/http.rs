@@ -39,7 +39,7 @@ use crate::{
     errors::{ERROR_HEADER, ErrorCode},
     metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
     store::{ConfigStore, EndpointState, InFlight, ServiceState},
-    upstream::is_connect_timeout,
+    upstream::Lease,
 };
 
 /// The response body the proxy sends downstream: the upstream's, or its own error text.
@@ -197,7 +197,11 @@ impl HttpConn {
         let upgrade = is_upgrade(&req);
         let mut on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
-        absolutize(&mut req, || self.fallback_authority());
+        if req.version() == Version::HTTP_2 {
+            absolutize(&mut req, || self.fallback_authority());
+        } else {
+            to_origin_form(&mut req, || self.fallback_authority());
+        }
 
         let (parts, body) = req.into_parts();
         let retryable = matches!(&dest, Dest::Service(s) if s.endpoints.len() > 1)
@@ -242,7 +246,7 @@ impl HttpConn {
                 None => endpoint.upstream.send(req).await,
             };
             match result {
-                Ok(mut resp) => {
+                Ok((mut resp, lease)) => {
                     endpoint.observe(sent.elapsed());
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(downstream) = on_upgrade.take()
@@ -259,13 +263,15 @@ impl HttpConn {
                         Either::Left(TrackedBody {
                             inner,
                             _in_flight: in_flight,
+                            lease,
+                            ended: false,
                         })
                     });
                 }
                 Err(error) if error.is_connect() => {
                     endpoint.penalize();
                     drop(in_flight);
-                    let code = if is_connect_timeout(&error) {
+                    let code = if error.is_connect_timeout() {
                         ErrorCode::ConnectTimeout
                     } else {
                         ErrorCode::ConnectFailed
@@ -433,8 +439,49 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Gives an origin-form HTTP/1 request an absolute URI built from its `Host` (or the
-/// target, when it has none), which the client pool needs; `Host` itself is untouched.
+/// Puts an HTTP/1 request in the form an origin server expects, as a client does: `Host`
+/// set when missing (from the URI's authority, or the target), and the request target in
+/// origin-form (authority-form for `CONNECT`).
+fn to_origin_form<B>(req: &mut Request<B>, fallback: impl FnOnce() -> Option<Authority>) {
+    if !req.headers().contains_key(HOST)
+        && let Some(authority) = req.uri().authority().cloned().or_else(fallback)
+    {
+        // The port is left out when it is the default for `http`, as clients do.
+        let value = match authority.port_u16() {
+            Some(80) => HeaderValue::from_str(authority.host()),
+            _ => HeaderValue::from_str(authority.as_str()),
+        };
+        if let Ok(value) = value {
+            req.headers_mut().insert(HOST, value);
+        }
+    }
+    let uri = req.uri();
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return;
+    }
+    let target = if req.method() == http::Method::CONNECT {
+        uri.authority().map(|a| {
+            let mut parts = http::uri::Parts::default();
+            parts.authority = Some(a.clone());
+            Uri::from_parts(parts)
+        })
+    } else {
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = Some(
+            uri.path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        Some(Uri::from_parts(parts))
+    };
+    if let Some(Ok(target)) = target {
+        *req.uri_mut() = target;
+    }
+}
+
+/// Gives an HTTP/2 request without `:scheme` or `:authority` an absolute URI built from its
+/// `Host` (or the target, when it has none), which the HTTP/2 client needs; `Host` itself
+/// is untouched.
 fn absolutize<B>(req: &mut Request<B>, fallback: impl FnOnce() -> Option<Authority>) {
     if req.uri().authority().is_some() && req.uri().scheme().is_some() {
         return;
@@ -458,11 +505,26 @@ fn absolutize<B>(req: &mut Request<B>, fallback: impl FnOnce() -> Option<Authori
 }
 
 /// An upstream response body that keeps its endpoint's in-flight count until it ends, so
-/// that P2C sees long responses as load.
+/// that P2C sees long responses as load, and hands its HTTP/1 connection back to the pool
+/// once it has been read to the end.
 #[derive(Debug)]
 pub struct TrackedBody {
     inner: Incoming,
     _in_flight: InFlight,
+    lease: Option<Lease>,
+    ended: bool,
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        // A body dropped before its end leaves the connection mid-response: hyper closes
+        // it, so it must not go back to the pool.
+        if (self.ended || self.inner.is_end_stream())
+            && let Some(lease) = self.lease.take()
+        {
+            lease.release();
+        }
+    }
 }
 
 impl Body for TrackedBody {
@@ -473,7 +535,11 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            self.ended = true;
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -528,6 +594,38 @@ mod tests {
         absolutize(&mut req, || None);
         assert_eq!(req.uri().to_string(), "http://web.shop:8080/a?b=1");
         assert_eq!(req.headers()[HOST], "web.shop:8080");
+    }
+
+    #[test]
+    fn http1_targets_become_origin_form_with_host_set() {
+        let mut req = Request::builder()
+            .uri("http://web.shop:8080/a?b=1")
+            .body(())
+            .unwrap();
+        to_origin_form(&mut req, || None);
+        assert_eq!(req.uri().to_string(), "/a?b=1");
+        assert_eq!(req.headers()[HOST], "web.shop:8080");
+
+        // Host is kept; a missing one comes from the target, default port left out.
+        let mut req = Request::builder()
+            .uri("/x")
+            .header(HOST, "kept")
+            .body(())
+            .unwrap();
+        to_origin_form(&mut req, || Authority::from_str("other").ok());
+        assert_eq!(req.uri().to_string(), "/x");
+        assert_eq!(req.headers()[HOST], "kept");
+        let mut req = Request::builder().uri("/x").body(()).unwrap();
+        to_origin_form(&mut req, || Authority::from_str("web.shop:80").ok());
+        assert_eq!(req.headers()[HOST], "web.shop");
+
+        let mut req = Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("example.com:443")
+            .body(())
+            .unwrap();
+        to_origin_form(&mut req, || None);
+        assert_eq!(req.uri().to_string(), "example.com:443");
     }
 
     #[test]

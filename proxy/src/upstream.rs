@@ -1,6 +1,6 @@
 //! Connections to one endpoint: a connector with a connect timeout, and pooled HTTP
-//! clients (HTTP/1 keep-alive, HTTP/2 multiplexed) that always dial that endpoint while
-//! leaving the request's URI, and so `Host` / `:authority`, as the client sent it.
+//! connections (HTTP/1 keep-alive, HTTP/2 multiplexed) that always dial that endpoint while
+//! leaving `Host` / `:authority` as the client sent it.
 //!
 //! One [`Upstream`] lives in each endpoint's runtime state and survives config swaps that
 //! keep the endpoint, so pooled connections are reused across reloads.
@@ -10,8 +10,12 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -22,6 +26,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
 };
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 /// The request body sent upstream: the client's body, or nothing (for a replayed request).
 pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
@@ -83,51 +88,285 @@ impl tower::Service<http::Uri> for EndpointConnector {
     }
 }
 
-/// Pooled HTTP clients for one endpoint.
+/// How long an upstream connection may sit unused in a pool before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Why a request could not be sent upstream or got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made, so nothing was sent (the request may go elsewhere).
+    #[error("connect failed")]
+    Connect {
+        /// Whether the connect timeout elapsed (rather than, say, a refusal).
+        timeout: bool,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The connection broke or spoke invalid HTTP before a response.
+    #[error("upstream request failed")]
+    Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl SendError {
+    /// Whether nothing was sent because no connection could be made.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect { .. })
+    }
+
+    /// Whether the connect timeout elapsed.
+    pub fn is_connect_timeout(&self) -> bool {
+        matches!(self, SendError::Connect { timeout: true, .. })
+    }
+
+    fn from_client(error: hyper_util::client::legacy::Error) -> Self {
+        if error.is_connect() {
+            SendError::Connect {
+                timeout: is_connect_timeout(&error),
+                source: Box::new(error),
+            }
+        } else {
+            SendError::Failed(Box::new(error))
+        }
+    }
+}
+
+impl From<ConnectError> for SendError {
+    fn from(error: ConnectError) -> Self {
+        SendError::Connect {
+            timeout: matches!(error, ConnectError::Timeout { .. }),
+            source: Box::new(error),
+        }
+    }
+}
+
+/// Pooled connections to one endpoint: HTTP/1.1 keep-alive connections ([`Http1Pool`]) and
+/// one multiplexed HTTP/2 connection.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     /// The endpoint.
     pub addr: SocketAddr,
-    /// The connect timeout the clients were built with.
+    /// The connect timeout the pools were built with.
     pub connect_timeout: Duration,
-    http1: Client<EndpointConnector, UpstreamBody>,
+    http1: Arc<Http1Pool>,
     http2: Client<EndpointConnector, UpstreamBody>,
 }
 
 impl Upstream {
-    /// Clients for `addr`; no connection is made until a request needs one.
+    /// Pools for `addr`; no connection is made until a request needs one.
     pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
         let connector = EndpointConnector {
             addr,
             timeout: connect_timeout,
         };
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector.clone());
         let http2 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(IDLE_TIMEOUT)
             .http2_only(true)
             .build(connector);
         Upstream {
             addr,
             connect_timeout,
-            http1,
+            http1: Arc::new(Http1Pool {
+                addr,
+                connect_timeout,
+                idle: Mutex::new(Vec::new()),
+            }),
             http2,
         }
     }
 
-    /// Sends a request over the pool matching its version.
+    /// Sends a request over the pool matching its version. An HTTP/1 request must already
+    /// be in the form an origin server expects (origin-form target, `Host` set); the
+    /// returned [`Lease`] must be released once the response body has ended, to reuse its
+    /// connection.
     pub async fn send(
         &self,
         req: http::Request<UpstreamBody>,
-    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+    ) -> Result<(http::Response<Incoming>, Option<Lease>), SendError> {
         if req.version() == http::Version::HTTP_2 {
-            self.http2.request(req).await
+            match self.http2.request(req).await {
+                Ok(resp) => Ok((resp, None)),
+                Err(error) => Err(SendError::from_client(error)),
+            }
         } else {
-            self.http1.request(req).await
+            let (resp, lease) = Http1Pool::send(&self.http1, req).await?;
+            Ok((resp, Some(lease)))
+        }
+    }
+}
+
+/// HTTP/1.1 keep-alive connections to one endpoint.
+///
+/// A connection is lent to one request at a time and comes back ([`Lease::release`]) when
+/// that request's response body has ended; a connection lent while a body still streams
+/// would hold the next request behind it. Idle connections are reused most recently used
+/// first, and each closes itself after [`IDLE_TIMEOUT`] unused.
+///
+/// This replaces hyper-util's general client, whose per-request work (pool keys from the
+/// URI, the URI rewritten to origin-form, a spawned task per request to return the
+/// connection) was a large share of the proxy's CPU time per request.
+#[derive(Debug)]
+pub struct Http1Pool {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<Lease>>,
+}
+
+impl Http1Pool {
+    async fn send(
+        pool: &Arc<Self>,
+        mut req: http::Request<UpstreamBody>,
+    ) -> Result<(http::Response<Incoming>, Lease), SendError> {
+        loop {
+            let (mut lease, reused) = match pool.checkout().await {
+                Some(lease) => (lease, true),
+                None => (pool.connect().await?, false),
+            };
+            match lease.sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, lease)),
+                Err(mut error) => match error.take_message() {
+                    // Not sent: a reused connection closed under us (the server's idle
+                    // timeout raced this request). Another connection may take it, as
+                    // hyper-util's client does; a fresh one failing is a real failure.
+                    Some(unsent) if reused => {
+                        tracing::debug!(error = %error.error(), "idle connection closed; retrying");
+                        req = unsent;
+                    }
+                    _ => return Err(SendError::Failed(Box::new(error.into_error()))),
+                },
+            }
+        }
+    }
+
+    /// An idle connection that is (or becomes) ready for a request, if any.
+    async fn checkout(&self) -> Option<Lease> {
+        loop {
+            let mut lease = self
+                .idle
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .pop()?;
+            if lease.sender.is_closed() {
+                continue;
+            }
+            // A connection released at the end of a response body becomes ready once its
+            // task has finished that response, which is at most a poll away.
+            if lease.sender.is_ready() || lease.sender.ready().await.is_ok() {
+                lease.clock.busy();
+                return Some(lease);
+            }
+        }
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<Lease, SendError> {
+        let stream = connect(self.addr, self.connect_timeout).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| SendError::Failed(Box::new(error)))?;
+        let clock = Arc::new(IdleClock::new());
+        let span = tracing::debug_span!("upstream", addr = %self.addr);
+        tokio::spawn(run_http1_connection(conn, clock.clone()).instrument(span));
+        Ok(Lease {
+            sender,
+            clock,
+            pool: Arc::downgrade(self),
+        })
+    }
+}
+
+/// Drives one upstream HTTP/1 connection until it ends, or until it has been idle in its
+/// pool for [`IDLE_TIMEOUT`].
+async fn run_http1_connection(
+    conn: hyper::client::conn::http1::Connection<TokioIo<TcpStream>, UpstreamBody>,
+    clock: Arc<IdleClock>,
+) {
+    // Upgrades (101 Switching Protocols) hand the socket to the request that asked.
+    let conn = conn.with_upgrades();
+    tokio::pin!(conn);
+    let sleep = tokio::time::sleep(IDLE_TIMEOUT);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            biased;
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "upstream connection ended with an error");
+                }
+                return;
+            }
+            () = sleep.as_mut() => {
+                let now = tokio::time::Instant::now();
+                match clock.idle_since() {
+                    Some(since) if now.into_std().saturating_duration_since(since) >= IDLE_TIMEOUT => {
+                        tracing::debug!("closing idle upstream connection");
+                        return;
+                    }
+                    Some(since) => sleep.as_mut().reset(tokio::time::Instant::from_std(since) + IDLE_TIMEOUT),
+                    None => sleep.as_mut().reset(now + IDLE_TIMEOUT),
+                }
+            }
+        }
+    }
+}
+
+/// When a pooled connection became idle, shared between the pool and the connection's
+/// task (which closes it once idle too long) without a lock.
+#[derive(Debug)]
+struct IdleClock {
+    base: Instant,
+    /// Nanoseconds after `base` plus one when the connection became idle; 0 while lent.
+    idle_since: AtomicU64,
+}
+
+impl IdleClock {
+    fn new() -> Self {
+        IdleClock {
+            base: Instant::now(),
+            idle_since: AtomicU64::new(0),
+        }
+    }
+
+    fn busy(&self) {
+        self.idle_since.store(0, Ordering::Relaxed);
+    }
+
+    fn idle(&self) {
+        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.idle_since.store(nanos + 1, Ordering::Relaxed);
+    }
+
+    fn idle_since(&self) -> Option<Instant> {
+        match self.idle_since.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.base + Duration::from_nanos(n - 1)),
+        }
+    }
+}
+
+/// An HTTP/1 connection lent to one request.
+#[derive(Debug)]
+pub struct Lease {
+    sender: hyper::client::conn::http1::SendRequest<UpstreamBody>,
+    clock: Arc<IdleClock>,
+    // Weak: a lease outliving its endpoint (removed from the config) just closes.
+    pool: Weak<Http1Pool>,
+}
+
+impl Lease {
+    /// Returns the connection to its pool; call only once the response body has ended
+    /// (otherwise drop the lease, which closes the connection once the request is done).
+    pub fn release(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        if let Some(pool) = self.pool.upgrade() {
+            self.clock.idle();
+            pool.idle
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(self);
         }
     }
 }

@@ -604,3 +604,72 @@ async fn a_service_missing_from_the_config_is_503_service_not_found() {
     let (resp, _) = get(&h1_client(), &proxy.url("/")).await;
     assert_eq!(header(&resp, "weft-error"), "service_not_found");
 }
+
+/// A raw HTTP/1.1 backend that counts accepted connections and answers each request with
+/// `ok`; with `close_after_each`, it closes the connection after every response without
+/// saying so (as a server whose keep-alive timeout fires between requests does).
+#[allow(clippy::unwrap_used)]
+async fn counting_h1_backend(
+    close_after_each: bool,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>, Task) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(resp).await.is_err() || close_after_each {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted, Task(task))
+}
+
+#[tokio::test]
+async fn http1_upstream_connections_are_reused() {
+    let (addr, accepted, _backend) = counting_h1_backend(false).await;
+    let proxy = TestProxy::start("web", config(&[("web", &[addr])])).await;
+    let client = h1_client();
+    for _ in 0..5 {
+        let (resp, body) = get(&client, &proxy.url("/")).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body, "ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_closing_idle_connections_costs_no_request() {
+    let (addr, accepted, _backend) = counting_h1_backend(true).await;
+    let proxy = TestProxy::start("web", config(&[("web", &[addr])])).await;
+    let client = h1_client();
+    for _ in 0..5 {
+        let (resp, body) = get(&client, &proxy.url("/")).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{body}");
+        assert_eq!(body, "ok");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
+}
