@@ -161,14 +161,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         namespace: args.watch_namespace,
     };
     let shutdown = CancellationToken::new();
+    let whole_cluster = settings.namespace.is_none();
+    let (handles, done) = mesh::run(client.clone(), settings, shutdown.clone());
     let webhook_metrics = WebhookMetrics::default();
     let webhook_task = webhook_listener.map(|listener| {
         let (client, token) = (client.clone(), shutdown.clone());
         let metrics = webhook_metrics.clone();
+        // The index watches every namespace unless --watch-namespace narrows it; then the
+        // webhook needs a Namespace watch of its own.
+        let index = whole_cluster.then(|| handles.index.clone());
         tokio::spawn(async move {
-            if let Err(error) = webhook::run(
+            if let Err(error) = webhook::run_with(
                 client,
                 webhook_settings,
+                index,
                 listener,
                 metrics,
                 token.cancelled_owned(),
@@ -179,7 +185,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             }
         })
     });
-    let (handles, done) = mesh::run(client, settings, shutdown.clone());
     if webhook_task.is_some() {
         let mut registry = prometheus_client::registry::Registry::default();
         webhook_metrics.register(&mut registry);

@@ -10,15 +10,20 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{anyhow, ensure};
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Namespace, Pod},
+};
 use kube::{
     Api, Client, ResourceExt,
-    api::{ListParams, PostParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 use weft_e2e::shared::{self, eventually};
 use weft_operator::{
     inject::{InjectConfig, keys},
+    mesh::{self, Settings},
+    push::Authenticator,
     webhook::FailurePolicy,
 };
 
@@ -185,6 +190,78 @@ async fn a_labelled_namespace_injects_deployment_pods_but_honours_opt_out() {
         .unwrap();
     assert!(!has_proxy(&out));
     hook.stop().await;
+}
+
+#[tokio::test]
+async fn beside_the_operator_the_webhook_reads_namespace_labels_from_its_index() {
+    let client = shared::client().await.unwrap();
+    shared::install_crds(&client).await.unwrap();
+    // The operator's index over the whole cluster, as `weft-operator` runs it.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let settings = Settings {
+        push: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        admin: None,
+        trust_domain: "cluster.local".into(),
+        auth: Authenticator::token_review(client.clone(), vec!["weft".into()]),
+        lease: None,
+        namespace: None,
+    };
+    let (handles, done) = mesh::run(client.clone(), settings, stop.clone());
+    eventually(Duration::from_secs(30), || async {
+        ensure!(handles.index.is_synced(), "index not synced");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let ns = scoped_namespace(&client, "inject-shared", None).await;
+    let hook = start_webhook_sharing(&client, &ns, handles.index.clone()).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let plain = pods
+        .create(&dry_run, &pod("plain", json!({})))
+        .await
+        .unwrap();
+    assert!(!has_proxy(&plain), "the namespace has not opted in yet");
+
+    // Opting the namespace in reaches the webhook through the index's Namespace watch.
+    let label = |v: &str| json!({"metadata": {"labels": {keys::INJECT: v}}});
+    let namespaces = Api::<Namespace>::all(client.clone());
+    namespaces
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(label("enabled")),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), || async {
+        let p = pods.create(&dry_run, &pod("plain", json!({}))).await?;
+        ensure!(has_proxy(&p), "not injected yet");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    namespaces
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(label("disabled")),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), || async {
+        let p = pods.create(&dry_run, &pod("plain", json!({}))).await?;
+        ensure!(!has_proxy(&p), "still injected");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    hook.stop().await;
+    stop.cancel();
+    done.await.unwrap();
 }
 
 #[tokio::test]

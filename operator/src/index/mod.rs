@@ -236,10 +236,16 @@ impl Index {
         let mut pods = BTreeSet::new();
         match object {
             Object::Namespace(m) => {
-                if self.namespaces.get(&key.name) == Some(&m) {
+                // Only visibility shapes proxies' config; the injection label is the
+                // webhook's alone.
+                let same_visibility = self
+                    .namespaces
+                    .get(&key.name)
+                    .is_some_and(|old| old.visible == m.visible);
+                self.namespaces.insert(key.name.clone(), m);
+                if same_visibility {
                     return Affected::default();
                 }
-                self.namespaces.insert(key.name.clone(), m);
                 pods.extend(in_ns(&self.pods, &key.name).map(|(k, _)| k.clone()));
                 return self.finish(None, pods);
             }
@@ -820,6 +826,12 @@ impl Index {
     /// The meshed pods the index knows.
     pub fn pod_keys(&self) -> impl Iterator<Item = &ObjectKey> {
         self.pods.keys()
+    }
+
+    /// The injection label of namespace `name`: `None` when the index does not hold the
+    /// namespace, `Some(None)` when it has no such label.
+    pub fn namespace_inject_label(&self, name: &str) -> Option<Option<&str>> {
+        self.namespaces.get(name).map(|m| m.inject.as_deref())
     }
 
     /// The ServiceAccount of a meshed pod.

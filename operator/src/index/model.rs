@@ -109,6 +109,8 @@ impl Kind {
 pub struct NamespaceModel {
     /// The value of [`VISIBLE_NAMESPACES_ANNOTATION`], if set.
     pub visible: Option<String>,
+    /// The value of the injection label `weft.dev/inject`, if set (read by the webhook).
+    pub inject: Option<String>,
 }
 
 /// One port of a Service.
@@ -237,6 +239,7 @@ pub fn namespace(ns: &Namespace) -> (ObjectKey, Object) {
         ObjectKey::new("", ns.name_any()),
         Object::Namespace(NamespaceModel {
             visible: ns.annotations().get(VISIBLE_NAMESPACES_ANNOTATION).cloned(),
+            inject: ns.labels().get(crate::inject::keys::INJECT).cloned(),
         }),
     )
 }

@@ -43,8 +43,9 @@ use crate::{
 pub const REPORT_LABEL: &str = "weft.dev/ack-report";
 /// The data key holding the report's JSON.
 const DATA_KEY: &str = "report.json";
-/// How long a burst of ACKs may settle before the report is rewritten.
-pub const SETTLE: Duration = Duration::from_millis(200);
+/// How long a burst of ACKs may settle before the report is rewritten: at most one write
+/// per second per replica, however busy the mesh.
+pub const SETTLE: Duration = Duration::from_secs(1);
 
 /// One replica's report: the proxies streaming from it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -14,7 +14,7 @@ pub mod tls;
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client,
@@ -23,9 +23,9 @@ use kube::{
 };
 use tokio::net::TcpListener;
 
-use crate::{ca, inject::InjectConfig};
+use crate::{ca, index::shared::SharedIndex, inject::InjectConfig};
 pub use registration::{FailurePolicy, Registration, Target};
-pub use server::{Handler, WebhookMetrics};
+pub use server::{Handler, NamespaceLabels, WebhookMetrics};
 pub use tls::CertStore;
 
 /// Everything the webhook needs to run.
@@ -64,10 +64,24 @@ pub enum WebhookError {
 }
 
 /// Loads the CA, issues a serving certificate, registers the webhook and serves it on
-/// `listener` until `shutdown`, renewing the certificate before it expires.
+/// `listener` until `shutdown`, renewing the certificate before it expires. Namespace
+/// labels come from a watch of its own.
 pub async fn run(
     client: Client,
     settings: WebhookSettings,
+    listener: TcpListener,
+    metrics: WebhookMetrics,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), WebhookError> {
+    run_with(client, settings, None, listener, metrics, shutdown).await
+}
+
+/// As [`run`]; with `index` (the operator's, watching every namespace), namespace labels
+/// are read from it instead of a second Namespace watch.
+pub async fn run_with(
+    client: Client,
+    settings: WebhookSettings,
+    index: Option<Arc<SharedIndex>>,
     listener: TcpListener,
     metrics: WebhookMetrics,
     shutdown: impl std::future::Future<Output = ()>,
@@ -82,23 +96,32 @@ pub async fn run(
         .await
         .map_err(WebhookError::Register)?;
 
-    let (store, writer) = reflector::store();
-    let namespaces = watcher::watcher(
-        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .for_each(|event| async move {
-        if let Err(error) = event {
-            tracing::warn!(%error, "namespace watch");
+    let (labels, namespaces) = match index {
+        Some(index) => (
+            NamespaceLabels::Index(index),
+            futures::future::pending().boxed(),
+        ),
+        None => {
+            let (store, writer) = reflector::store();
+            let watch = watcher::watcher(
+                Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .reflect(writer)
+            .for_each(|event| async move {
+                if let Err(error) = event {
+                    tracing::warn!(%error, "namespace watch");
+                }
+            });
+            (NamespaceLabels::Store(store), watch.boxed())
         }
-    });
+    };
     let renew = renew_forever(ca, certs.clone(), settings.clone());
     let audit = audit_forever(client.clone(), settings.clone(), metrics.clone());
     let handler = Arc::new(Handler::new(
         settings.inject.clone(),
-        store,
+        labels,
         client,
         metrics,
     ));

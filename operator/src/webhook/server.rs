@@ -2,7 +2,7 @@
 //! AdmissionReviews, `GET /healthz`, `GET /metrics` (also merged into the operator's admin
 //! `/metrics`). Bodies are capped; every request gets an answer.
 
-use std::{convert::Infallible, sync::Arc, time::Instant};
+use std::{collections::BTreeMap, convert::Infallible, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -24,7 +24,10 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{review, tls::CertStore};
-use crate::inject::InjectConfig;
+use crate::{
+    index::shared::SharedIndex,
+    inject::{InjectConfig, keys},
+};
 
 /// The largest AdmissionReview accepted (the API server's own request limit is 3 MiB).
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -86,20 +89,29 @@ impl WebhookMetrics {
     }
 }
 
+/// Where the webhook reads namespaces' injection labels.
+#[derive(Clone)]
+pub enum NamespaceLabels {
+    /// The webhook's own metadata watch (a reflector store).
+    Store(Store<PartialObjectMeta<Namespace>>),
+    /// The operator's index, which already watches every namespace: one watch per kind.
+    Index(Arc<SharedIndex>),
+}
+
 /// Answers AdmissionReviews.
 pub struct Handler {
     inject: InjectConfig,
-    namespaces: Store<PartialObjectMeta<Namespace>>,
+    namespaces: NamespaceLabels,
     client: Client,
     metrics: WebhookMetrics,
 }
 
 impl Handler {
-    /// A handler reading namespace labels from `namespaces` (a reflector store), falling
-    /// back to the API for a namespace the store has not seen yet.
+    /// A handler reading namespace labels from `namespaces`, falling back to the API for
+    /// a namespace not seen there yet.
     pub fn new(
         inject: InjectConfig,
-        namespaces: Store<PartialObjectMeta<Namespace>>,
+        namespaces: NamespaceLabels,
         client: Client,
         metrics: WebhookMetrics,
     ) -> Self {
@@ -112,8 +124,18 @@ impl Handler {
     }
 
     async fn namespace_opted_in(&self, name: &str) -> bool {
-        let labels = match self.namespaces.get(&ObjectRef::new(name)) {
-            Some(ns) => ns.metadata.labels.clone(),
+        let known = match &self.namespaces {
+            NamespaceLabels::Store(store) => store
+                .get(&ObjectRef::new(name))
+                .map(|ns| ns.metadata.labels.clone()),
+            NamespaceLabels::Index(index) => index.read(|i| {
+                i.namespace_inject_label(name).map(|label| {
+                    label.map(|v| BTreeMap::from([(keys::INJECT.to_owned(), v.to_owned())]))
+                })
+            }),
+        };
+        let labels = match known {
+            Some(labels) => labels,
             None => match Api::<Namespace>::all(self.client.clone())
                 .get_metadata_opt(name)
                 .await

@@ -3,7 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::ensure;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use weft_e2e::shared::{self, eventually};
 use weft_operator::{
+    index::shared::SharedIndex,
     inject::{InjectConfig, keys},
     webhook::{self, FailurePolicy, Registration, Target, WebhookMetrics, WebhookSettings},
 };
@@ -111,6 +112,29 @@ pub async fn start_webhook_with(
     policy: FailurePolicy,
     cert_lifetime: Duration,
 ) -> (Webhook, u16) {
+    start_webhook_full(client, ns, policy, cert_lifetime, None).await
+}
+
+/// Like [`start_webhook`], reading namespace labels from the operator's `index`.
+pub async fn start_webhook_sharing(client: &Client, ns: &str, index: Arc<SharedIndex>) -> Webhook {
+    start_webhook_full(
+        client,
+        ns,
+        FailurePolicy::Fail,
+        Duration::from_secs(3600),
+        Some(index),
+    )
+    .await
+    .0
+}
+
+async fn start_webhook_full(
+    client: &Client,
+    ns: &str,
+    policy: FailurePolicy,
+    cert_lifetime: Duration,
+    index: Option<Arc<SharedIndex>>,
+) -> (Webhook, u16) {
     ensure_namespace(client, "weft-system").await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -122,7 +146,7 @@ pub async fn start_webhook_with(
         settings.cert_lifetime = cert_lifetime;
         let metrics = metrics.clone();
         async move {
-            webhook::run(client, settings, listener, metrics, async {
+            webhook::run_with(client, settings, index, listener, metrics, async {
                 let _ = stopped.await;
             })
             .await
