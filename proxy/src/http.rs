@@ -101,7 +101,9 @@ where
 {
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+        // Boxed so that hyper moves a pointer, not the whole request state, each time it
+        // moves the future (into its dispatcher, and for HTTP/2 into a spawned task).
+        Box::pin(async move { Ok::<_, Infallible>(conn.handle(req).await) })
     });
     let io = TokioIo::new(io);
     let result = match protocol {
