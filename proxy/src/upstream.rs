@@ -6,25 +6,19 @@
 //! keep the endpoint, so pooled connections are reused across reloads.
 
 use std::{
-    future::Future,
     io,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::Client,
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -66,28 +60,6 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
     }
 }
 
-/// A hyper connector that ignores the URI and dials its endpoint.
-#[derive(Clone, Debug)]
-pub struct EndpointConnector {
-    addr: SocketAddr,
-    timeout: Duration,
-}
-
-impl tower::Service<http::Uri> for EndpointConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let (addr, timeout) = (self.addr, self.timeout);
-        Box::pin(async move { connect(addr, timeout).await.map(TokioIo::new) })
-    }
-}
-
 /// How long an upstream connection may sit unused in a pool before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -118,17 +90,6 @@ impl SendError {
     pub fn is_connect_timeout(&self) -> bool {
         matches!(self, SendError::Connect { timeout: true, .. })
     }
-
-    fn from_client(error: hyper_util::client::legacy::Error) -> Self {
-        if error.is_connect() {
-            SendError::Connect {
-                timeout: is_connect_timeout(&error),
-                source: Box::new(error),
-            }
-        } else {
-            SendError::Failed(Box::new(error))
-        }
-    }
 }
 
 impl From<ConnectError> for SendError {
@@ -141,7 +102,7 @@ impl From<ConnectError> for SendError {
 }
 
 /// Pooled connections to one endpoint: HTTP/1.1 keep-alive connections ([`Http1Pool`]) and
-/// one multiplexed HTTP/2 connection.
+/// one multiplexed HTTP/2 connection ([`Http2Conn`]).
 #[derive(Clone, Debug)]
 pub struct Upstream {
     /// The endpoint.
@@ -149,22 +110,12 @@ pub struct Upstream {
     /// The connect timeout the pools were built with.
     pub connect_timeout: Duration,
     http1: Arc<Http1Pool>,
-    http2: Client<EndpointConnector, UpstreamBody>,
+    http2: Arc<Http2Conn>,
 }
 
 impl Upstream {
     /// Pools for `addr`; no connection is made until a request needs one.
     pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
-        let connector = EndpointConnector {
-            addr,
-            timeout: connect_timeout,
-        };
-        let http2 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .http2_only(true)
-            .build(connector);
         Upstream {
             addr,
             connect_timeout,
@@ -173,26 +124,169 @@ impl Upstream {
                 connect_timeout,
                 idle: Mutex::new(Vec::new()),
             }),
-            http2,
+            http2: Arc::new(Http2Conn {
+                addr,
+                connect_timeout,
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            }),
         }
     }
 
     /// Sends a request over the pool matching its version. An HTTP/1 request must already
-    /// be in the form an origin server expects (origin-form target, `Host` set); the
-    /// returned [`Lease`] must be released once the response body has ended, to reuse its
-    /// connection.
+    /// be in the form an origin server expects (origin-form target, `Host` set), an
+    /// HTTP/2 request must have an absolute URI; the returned [`Lease`] must be released
+    /// once the response body has ended, to reuse its connection.
     pub async fn send(
         &self,
         req: http::Request<UpstreamBody>,
     ) -> Result<(http::Response<Incoming>, Option<Lease>), SendError> {
         if req.version() == http::Version::HTTP_2 {
-            match self.http2.request(req).await {
-                Ok(resp) => Ok((resp, None)),
-                Err(error) => Err(SendError::from_client(error)),
-            }
+            Ok((Http2Conn::send(&self.http2, req).await?, None))
         } else {
             let (resp, lease) = Http1Pool::send(&self.http1, req).await?;
             Ok((resp, Some(lease)))
+        }
+    }
+}
+
+/// The one multiplexed HTTP/2 connection to an endpoint, shared by every HTTP/2 request to
+/// it. It is made when a request needs it (one connect at a time; concurrent requests wait
+/// for it), replaced once closed, and let go after [`IDLE_TIMEOUT`] without a new request
+/// (hyper then closes it when its last stream ends).
+#[derive(Debug)]
+pub struct Http2Conn {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    current: Mutex<Option<Http2Shared>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+#[derive(Clone, Debug)]
+struct Http2Shared {
+    sender: hyper::client::conn::http2::SendRequest<UpstreamBody>,
+    last_used: Arc<IdleClock>,
+}
+
+impl Http2Conn {
+    async fn send(
+        this: &Arc<Self>,
+        mut req: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        loop {
+            let (mut shared, reused) = match this.shared() {
+                Some(s) => (s, true),
+                None => this.connect().await?,
+            };
+            shared.last_used.idle();
+            match shared.sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut error) => match error.take_message() {
+                    // Not sent: the connection closed under us; a new one may take it.
+                    Some(unsent) if reused => {
+                        tracing::debug!(error = %error.error(), "http2 connection closed; retrying");
+                        this.forget(&shared);
+                        req = unsent;
+                    }
+                    _ => return Err(SendError::Failed(Box::new(error.into_error()))),
+                },
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Http2Shared>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The current connection, if it is open.
+    fn shared(&self) -> Option<Http2Shared> {
+        let mut current = self.lock();
+        match current.as_ref() {
+            Some(s) if !s.sender.is_closed() => Some(s.clone()),
+            Some(_) => {
+                *current = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Drops `stale` as the current connection, unless it was replaced already.
+    fn forget(&self, stale: &Http2Shared) {
+        let mut current = self.lock();
+        if current
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(&s.last_used, &stale.last_used))
+        {
+            *current = None;
+        }
+    }
+
+    /// Connects, unless a concurrent request did so while this one waited its turn; the
+    /// flag says whether the connection was made by someone else (and so may have closed).
+    async fn connect(self: &Arc<Self>) -> Result<(Http2Shared, bool), SendError> {
+        let _turn = self.connecting.lock().await;
+        if let Some(s) = self.shared() {
+            return Ok((s, true));
+        }
+        let stream = connect(self.addr, self.connect_timeout).await?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| SendError::Failed(Box::new(error)))?;
+        let shared = Http2Shared {
+            sender,
+            last_used: Arc::new(IdleClock::new()),
+        };
+        let span = tracing::debug_span!("upstream", addr = %self.addr, protocol = "h2");
+        tokio::spawn(
+            run_http2_connection(conn, shared.last_used.clone(), Arc::downgrade(self))
+                .instrument(span),
+        );
+        *self.lock() = Some(shared.clone());
+        Ok((shared, false))
+    }
+}
+
+/// Drives one upstream HTTP/2 connection until it ends. After [`IDLE_TIMEOUT`] without a
+/// new request it stops being the endpoint's shared connection; hyper then closes it
+/// once its last stream (and its last sender) is gone.
+async fn run_http2_connection(
+    conn: hyper::client::conn::http2::Connection<TokioIo<TcpStream>, UpstreamBody, TokioExecutor>,
+    last_used: Arc<IdleClock>,
+    owner: Weak<Http2Conn>,
+) {
+    tokio::pin!(conn);
+    let sleep = tokio::time::sleep(IDLE_TIMEOUT);
+    tokio::pin!(sleep);
+    let mut shared = true;
+    loop {
+        tokio::select! {
+            biased;
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "upstream connection ended with an error");
+                }
+                return;
+            }
+            () = sleep.as_mut(), if shared => {
+                let now = tokio::time::Instant::now();
+                let since = last_used.idle_since().map_or(now, tokio::time::Instant::from_std);
+                if now.saturating_duration_since(since) >= IDLE_TIMEOUT {
+                    if let Some(owner) = owner.upgrade() {
+                        let mut current = owner.lock();
+                        if current.as_ref().is_some_and(|s| Arc::ptr_eq(&s.last_used, &last_used)) {
+                            *current = None;
+                        }
+                    }
+                    shared = false;
+                } else {
+                    sleep.as_mut().reset(since + IDLE_TIMEOUT);
+                }
+            }
         }
     }
 }
@@ -311,8 +405,8 @@ async fn run_http1_connection(
     }
 }
 
-/// When a pooled connection became idle, shared between the pool and the connection's
-/// task (which closes it once idle too long) without a lock.
+/// When a pooled connection became idle (HTTP/1) or was last used (HTTP/2), shared between
+/// the pool and the connection's task (which lets it go once idle too long) without a lock.
 #[derive(Debug)]
 struct IdleClock {
     base: Instant,
@@ -369,21 +463,4 @@ impl Lease {
                 .push(self);
         }
     }
-}
-
-/// Whether a client error is a connect timeout (walking its sources).
-pub fn is_connect_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    let mut depth = 0;
-    while let Some(e) = cur {
-        if let Some(ConnectError::Timeout { .. }) = e.downcast_ref::<ConnectError>() {
-            return true;
-        }
-        depth += 1;
-        if depth > 16 {
-            break;
-        }
-        cur = e.source();
-    }
-    false
 }

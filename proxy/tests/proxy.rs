@@ -673,3 +673,56 @@ async fn an_upstream_closing_idle_connections_costs_no_request() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 5);
 }
+
+#[tokio::test]
+#[allow(clippy::unwrap_used)]
+async fn http2_requests_share_one_upstream_connection_and_survive_its_loss() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let (kill_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let kill = kill_tx.clone();
+    let _backend = Task(tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            let mut killed = kill.subscribe();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(http::Response::new(full("ok")))
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = killed.recv() => {}
+                }
+            });
+        }
+    }));
+    let proxy = TestProxy::start("web", config(&[("web", &[addr])])).await;
+    let client = h2_client();
+    let send_all = || async {
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let client = client.clone();
+            let url = proxy.url("/");
+            tasks.push(tokio::spawn(async move { get(&client, &url).await }));
+        }
+        for t in tasks {
+            let (resp, body) = t.await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "{body}");
+            assert_eq!(body, "ok");
+        }
+    };
+    send_all().await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // The upstream connection drops; the next requests get a new one.
+    kill_tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send_all().await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
