@@ -249,18 +249,20 @@ impl HttpConn {
             };
             match result {
                 Ok((mut resp, lease)) => {
-                    endpoint.observe(sent.elapsed());
+                    let done = Instant::now();
+                    endpoint.observe_at(done.saturating_duration_since(sent), done);
+                    let seconds = done.saturating_duration_since(start).as_secs_f64();
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(downstream) = on_upgrade.take()
                     {
                         let upstream = hyper::upgrade::on(&mut resp);
                         tokio::spawn(splice_upgrade(downstream, upstream, in_flight));
                         strip_hop_by_hop(resp.headers_mut(), true);
-                        labels.response(resp.status(), secs(start));
+                        labels.response(resp.status(), seconds);
                         return resp.map(|_| Either::Right(Full::new(Bytes::new())));
                     }
                     strip_hop_by_hop(resp.headers_mut(), false);
-                    labels.response(resp.status(), secs(start));
+                    labels.response(resp.status(), seconds);
                     return resp.map(|inner| {
                         Either::Left(TrackedBody {
                             inner,
@@ -405,6 +407,11 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// exactly `trailers` (which gRPC needs end to end). With `keep_upgrade`, `Upgrade` and
 /// `Connection: upgrade` stay, so that the next hop can switch protocols too.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass over the few fields present is cheaper
+    // than a hashed lookup per hop-by-hop name, twice per request.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -439,6 +446,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(UPGRADE);
     }
+}
+
+/// Whether `name` is one of the fixed hop-by-hop fields; fields named by `Connection` only
+/// matter when `Connection` itself is present, which this also reports.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == TE
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// Puts an HTTP/1 request in the form an origin server expects, as a client does: `Host`

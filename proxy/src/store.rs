@@ -61,8 +61,14 @@ impl EndpointState {
 
     /// Records a latency observation.
     pub fn observe(&self, rtt: Duration) {
+        self.observe_at(rtt, Instant::now());
+    }
+
+    /// Records a latency observation made at `now` (for a caller that has read the clock
+    /// already).
+    pub fn observe_at(&self, rtt: Duration, now: Instant) {
         if let Ok(mut e) = self.ewma.lock() {
-            e.observe(rtt, Instant::now());
+            e.observe(rtt, now);
         }
     }
 
@@ -123,9 +129,11 @@ impl ServiceState {
     /// Picks an endpoint for one request or connection, avoiding `exclude` (an index that
     /// just failed) when there is another.
     pub fn pick(&self, exclude: Option<usize>) -> Option<(usize, &Arc<EndpointState>)> {
-        let now = Instant::now();
+        // Read the clock only when costs are compared (P2C between two or more endpoints).
+        let now = std::cell::OnceCell::new();
         let i = self.picker.pick(&mut rand::rng(), exclude, |i| {
             let e = &self.endpoints[i];
+            let now = *now.get_or_init(Instant::now);
             balance::cost(e.estimate_ns(now), e.in_flight(), self.weights[i])
         })?;
         self.endpoints.get(i).map(|e| (i, e))
