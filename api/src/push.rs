@@ -19,13 +19,21 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::proxy_config::ServiceConfig;
+use crate::proxy_config::{EndpointConfig, ServiceConfig};
 
 /// The request path of a subscription.
 pub const SUBSCRIBE_PATH: &str = "/weft.push.v1/subscribe";
 
 /// The request header naming the subscribing pod as `namespace/name`.
 pub const POD_HEADER: &str = "weft-pod";
+
+/// The request header listing the optional protocol features the proxy understands,
+/// comma-separated. The operator uses a feature only with proxies that list it, so an
+/// older proxy never receives a field it would ignore.
+pub const FEATURES_HEADER: &str = "weft-push-features";
+
+/// Feature: the proxy applies [`Update::endpoints`] (per-endpoint deltas).
+pub const FEATURE_ENDPOINT_DELTAS: &str = "endpoint-deltas";
 
 /// The largest frame either side accepts (16 MiB): a full snapshot of a large mesh fits,
 /// a corrupt length prefix does not make a reader allocate gigabytes.
@@ -62,6 +70,89 @@ pub struct Update {
     /// the operator for `Programmed`, and shown by the proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Vec<ResourceRef>>,
+    /// Services (already on the stream) whose endpoints alone changed, as per-endpoint
+    /// changes; sent only to proxies that announced [`FEATURE_ENDPOINT_DELTAS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<EndpointDelta>,
+}
+
+/// The endpoint changes of one service, which otherwise stays as it was on the stream.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointDelta {
+    /// The service's name.
+    pub service: String,
+    /// Endpoints added or changed, matched by address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upserted: Vec<EndpointConfig>,
+    /// Addresses of endpoints removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+}
+
+impl EndpointDelta {
+    /// The delta that turns `old` into `new`, when they differ in endpoints alone, `new`'s
+    /// endpoints are in address order (the order [`EndpointDelta::apply`] leaves), and the
+    /// delta is smaller than resending the service; `None` otherwise.
+    pub fn between(old: &ServiceConfig, new: &ServiceConfig) -> Option<EndpointDelta> {
+        // Destructured so that a field added to ServiceConfig must be considered here.
+        let ServiceConfig {
+            name,
+            addresses,
+            protocol,
+            balancer,
+            timeout,
+            connect_timeout,
+            endpoints,
+        } = new;
+        if *name != old.name
+            || *addresses != old.addresses
+            || *protocol != old.protocol
+            || *balancer != old.balancer
+            || *timeout != old.timeout
+            || *connect_timeout != old.connect_timeout
+            || !endpoints.is_sorted_by(|a, b| a.address < b.address)
+        {
+            return None;
+        }
+        let before: std::collections::BTreeMap<&str, &EndpointConfig> = old
+            .endpoints
+            .iter()
+            .map(|e| (e.address.as_str(), e))
+            .collect();
+        let upserted: Vec<EndpointConfig> = endpoints
+            .iter()
+            .filter(|e| before.get(e.address.as_str()) != Some(e))
+            .cloned()
+            .collect();
+        let after: std::collections::BTreeSet<&str> =
+            endpoints.iter().map(|e| e.address.as_str()).collect();
+        let removed: Vec<String> = old
+            .endpoints
+            .iter()
+            .filter(|e| !after.contains(e.address.as_str()))
+            .map(|e| e.address.clone())
+            .collect();
+        let changes = upserted.len() + removed.len();
+        (changes > 0 && changes < endpoints.len().max(old.endpoints.len())).then(|| EndpointDelta {
+            service: name.clone(),
+            upserted,
+            removed,
+        })
+    }
+
+    /// Applies the delta to `svc`, whose endpoints end in address order.
+    pub fn apply(&self, svc: &mut ServiceConfig) {
+        let gone: std::collections::BTreeSet<&str> = self
+            .removed
+            .iter()
+            .map(String::as_str)
+            .chain(self.upserted.iter().map(|u| u.address.as_str()))
+            .collect();
+        svc.endpoints.retain(|e| !gone.contains(e.address.as_str()));
+        svc.endpoints.extend(self.upserted.iter().cloned());
+        svc.endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+    }
 }
 
 /// A Weft resource at one generation.
@@ -165,6 +256,52 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn svc(endpoints: &[(&str, Option<u32>)]) -> ServiceConfig {
+        serde_json::from_value(serde_json::json!({
+            "name": "web.shop.80",
+            "endpoints": endpoints.iter().map(|(a, w)| serde_json::json!({"address": a, "weight": w})).collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_endpoint_delta_carries_only_what_changed_and_applies_back_exactly() {
+        let old = svc(&[
+            ("10.0.0.1:80", None),
+            ("10.0.0.2:80", None),
+            ("10.0.0.3:80", None),
+            ("10.0.0.4:80", None),
+        ]);
+        let new = svc(&[
+            ("10.0.0.1:80", None),
+            ("10.0.0.2:80", Some(5)),
+            ("10.0.0.4:80", None),
+            ("10.0.0.5:80", None),
+        ]);
+        let d = EndpointDelta::between(&old, &new).unwrap();
+        let upserted: Vec<&str> = d.upserted.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(upserted, ["10.0.0.2:80", "10.0.0.5:80"]);
+        assert_eq!(d.removed, ["10.0.0.3:80"]);
+        let mut applied = old.clone();
+        d.apply(&mut applied);
+        assert_eq!(applied, new);
+        // Unchanged: no delta.
+        assert_eq!(EndpointDelta::between(&new, &new), None);
+    }
+
+    #[test]
+    fn no_endpoint_delta_when_more_than_endpoints_changed_or_it_is_not_smaller() {
+        let old = svc(&[("10.0.0.1:80", None), ("10.0.0.2:80", None)]);
+        let mut timed = old.clone();
+        timed.timeout = Some("5s".parse().unwrap());
+        timed.endpoints.pop();
+        assert_eq!(EndpointDelta::between(&old, &timed), None);
+        let replaced = svc(&[("10.0.0.8:80", None), ("10.0.0.9:80", None)]);
+        assert_eq!(EndpointDelta::between(&old, &replaced), None);
+        let unsorted = svc(&[("10.0.0.2:80", None), ("10.0.0.1:80", Some(3))]);
+        assert_eq!(EndpointDelta::between(&old, &unsorted), None);
+    }
 
     #[test]
     fn frames_survive_arbitrary_splits() {

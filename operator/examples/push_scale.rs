@@ -152,6 +152,7 @@ async fn subscribe(
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let req = http::Request::post(format!("http://{addr}{}", push::SUBSCRIBE_PATH))
         .header(push::POD_HEADER, pod)
+        .header(push::FEATURES_HEADER, push::FEATURE_ENDPOINT_DELTAS)
         .body(AnswerBody(rx))
         .unwrap();
     let mut sender = sender;

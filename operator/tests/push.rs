@@ -14,18 +14,18 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure};
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::{ConfigMap, Event, Service},
+    core::v1::{ConfigMap, Event, Pod, Service},
 };
 use kube::{
     ResourceExt,
-    api::{DeleteParams, ListParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams},
 };
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use weft_crds::Route;
 use weft_e2e::shared::eventually;
-use weft_operator::{mesh, status::reports};
+use weft_operator::{index::ObjectKey, mesh, status::reports};
 use weft_proxy::{
     Proxy,
     control::{ControlClient, ControlConfig},
@@ -136,6 +136,36 @@ async fn subscribers_get_their_config_and_a_route_change_is_programmed_everywher
         "the Route's timeout reached the proxy"
     );
     assert!(web.status.borrow().acked.is_some());
+
+    // An endpoint that stops being ready leaves the proxies' config, sent as an endpoint
+    // delta: fewer bytes than the service it changes.
+    let client_key = ObjectKey::new(ns.clone(), "client");
+    let bytes_before = op.handles.registry.snapshot()[&client_key].bytes_sent;
+    let not_ready = json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}});
+    bed.api::<Pod>()
+        .patch_status("web-0", &PatchParams::default(), &Patch::Merge(&not_ready))
+        .await
+        .unwrap();
+    eventually(WAIT, || async {
+        let services = client.services();
+        let found = services.iter().find(|(n, _, _)| *n == web_svc).unwrap();
+        ensure!(
+            found.1 == vec!["198.51.100.11:8080"],
+            "endpoints {:?}",
+            found.1
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let delta = op.handles.registry.snapshot()[&client_key].bytes_sent - bytes_before;
+    let service = client.proxy.store.load().unwrap();
+    let service = service.raw.services.iter().find(|s| s.name == web_svc);
+    let whole_service = serde_json::to_vec(&service).unwrap().len() as u64;
+    assert!(
+        delta < whole_service,
+        "{delta} bytes sent for an endpoint change; the changed service alone is {whole_service}"
+    );
 
     // The operator reports both proxies in sync.
     let rows = mesh::proxy_rows(&op.handles);

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use weft_api::{
     proxy_config::{PROXY_CONFIG_API_VERSION, PROXY_CONFIG_KIND, ProxyConfig, ServiceConfig},
     push::{
-        self, Ack, ClientMessage, FrameDecoder, Nack, POD_HEADER, SUBSCRIBE_PATH, ServerMessage,
-        Update,
+        self, Ack, ClientMessage, FEATURE_ENDPOINT_DELTAS, FEATURES_HEADER, FrameDecoder, Nack,
+        POD_HEADER, SUBSCRIBE_PATH, ServerMessage, Update,
     },
 };
 
@@ -114,6 +114,11 @@ pub enum ControlError {
     /// The operator closed the stream.
     #[error("operator closed the stream")]
     Closed,
+    /// The operator sent endpoint changes for a service this stream never carried: the
+    /// two sides disagree on the stream's state, so the proxy resubscribes for a full
+    /// snapshot.
+    #[error("endpoint changes for {0}, which this stream never carried")]
+    UnknownService(String),
 }
 
 /// Subscribes to the operator and applies what it sends.
@@ -213,7 +218,8 @@ impl ControlClient {
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let body = AnswerBody(rx);
         let mut req = Request::post(format!("http://{addr}{SUBSCRIBE_PATH}"))
-            .header(POD_HEADER, &self.config.pod);
+            .header(POD_HEADER, &self.config.pod)
+            .header(FEATURES_HEADER, FEATURE_ENDPOINT_DELTAS);
         if let Some(token) = token {
             req = req.header(AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -247,7 +253,7 @@ impl ControlClient {
             decoder.extend(&data);
             while let Some(message) = decoder.next::<ServerMessage>()? {
                 let ServerMessage::Update(update) = message;
-                let answer = self.apply(&mut received, update);
+                let answer = self.apply(&mut received, update)?;
                 let bytes = push::encode(&answer).unwrap_or_default();
                 if tx.send(Bytes::from(bytes)).await.is_err() {
                     return Err(ControlError::Closed);
@@ -263,12 +269,18 @@ impl ControlClient {
         &self,
         received: &mut BTreeMap<String, ServiceConfig>,
         update: Update,
-    ) -> ClientMessage {
+    ) -> Result<ClientMessage, ControlError> {
         if update.full {
             received.clear();
         }
         for s in update.services {
             received.insert(s.name.clone(), s);
+        }
+        for delta in &update.endpoints {
+            let svc = received
+                .get_mut(&delta.service)
+                .ok_or_else(|| ControlError::UnknownService(delta.service.clone()))?;
+            delta.apply(svc);
         }
         for name in &update.removed {
             received.remove(name);
@@ -302,12 +314,12 @@ impl ControlClient {
             && raw.services.len() > max
         {
             self.store.metrics().config_rejected();
-            return rejected(format!(
+            return Ok(rejected(format!(
                 "config has {} services; this proxy accepts at most {max}",
                 raw.services.len()
-            ));
+            )));
         }
-        match self.store.apply(raw) {
+        Ok(match self.store.apply(raw) {
             Ok(_) => {
                 self.status.send_modify(|s| {
                     s.acked = Some(version);
@@ -316,7 +328,7 @@ impl ControlClient {
                 ClientMessage::Ack(Ack { version })
             }
             Err(e) => rejected(e.to_string()),
-        }
+        })
     }
 }
 

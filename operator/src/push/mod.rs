@@ -37,8 +37,8 @@ use tracing::Instrument;
 use weft_api::{
     proxy_config::ServiceConfig,
     push::{
-        self, ClientMessage, FrameDecoder, POD_HEADER, ResourceRef, SUBSCRIBE_PATH, ServerMessage,
-        Update,
+        self, ClientMessage, EndpointDelta, FEATURE_ENDPOINT_DELTAS, FEATURES_HEADER, FrameDecoder,
+        POD_HEADER, ResourceRef, SUBSCRIBE_PATH, ServerMessage, Update,
     },
 };
 
@@ -278,10 +278,21 @@ async fn handle(
     // Bounded at one frame: a session waits for its stream to take the previous update
     // before diffing again, so what it sends next is the latest view.
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let endpoint_deltas = req
+        .headers()
+        .get_all(FEATURES_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|f| f.trim() == FEATURE_ENDPOINT_DELTAS);
+    let sent = Sent {
+        endpoint_deltas,
+        ..Sent::default()
+    };
     let views = server.index.subscribe(&pod);
     let body = req.into_body();
-    let span = tracing::info_span!("push_session", %pod);
-    tokio::spawn(session(pod, views, body, tx, server, shutdown).instrument(span));
+    let span = tracing::info_span!("push_session", %pod, endpoint_deltas);
+    tokio::spawn(session(pod, views, body, tx, server, sent, shutdown).instrument(span));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
@@ -299,6 +310,8 @@ struct Sent {
     services: BTreeMap<String, Arc<ServiceConfig>>,
     resources: Option<BTreeSet<ResourceRef>>,
     version: Option<u64>,
+    /// The proxy applies per-endpoint deltas ([`FEATURE_ENDPOINT_DELTAS`]).
+    endpoint_deltas: bool,
 }
 
 impl Sent {
@@ -309,13 +322,22 @@ impl Sent {
             return None;
         }
         let mut services = Vec::new();
+        let mut endpoints = Vec::new();
         for (name, cfg) in &view.services {
-            let same = self
-                .services
-                .get(name)
-                .is_some_and(|old| Arc::ptr_eq(old, cfg) || old == cfg);
-            if full || !same {
-                services.push((**cfg).clone());
+            let old = self.services.get(name);
+            let same = old.is_some_and(|old| Arc::ptr_eq(old, cfg) || old == cfg);
+            if full || same {
+                if full {
+                    services.push((**cfg).clone());
+                }
+                continue;
+            }
+            match old.filter(|_| self.endpoint_deltas) {
+                Some(old) => match EndpointDelta::between(old, cfg) {
+                    Some(delta) => endpoints.push(delta),
+                    None => services.push((**cfg).clone()),
+                },
+                None => services.push((**cfg).clone()),
             }
         }
         let removed: Vec<String> = if full {
@@ -330,7 +352,12 @@ impl Sent {
         let resources = (self.resources.as_ref() != Some(&view.resources))
             .then(|| view.resources.iter().cloned().collect::<Vec<_>>());
         self.version = Some(view.version);
-        if !full && services.is_empty() && removed.is_empty() && resources.is_none() {
+        if !full
+            && services.is_empty()
+            && endpoints.is_empty()
+            && removed.is_empty()
+            && resources.is_none()
+        {
             return None;
         }
         self.services = view.services.clone();
@@ -341,6 +368,7 @@ impl Sent {
             services,
             removed,
             resources,
+            endpoints,
         })
     }
 }
@@ -351,13 +379,13 @@ async fn session(
     mut body: Incoming,
     tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
     server: Arc<PushServer>,
+    mut sent: Sent,
     shutdown: CancellationToken,
 ) {
     let registry = &server.registry;
     let metrics = server.index.metrics().clone();
     registry.with(&pod, |s| s.streams += 1);
     tracing::info!("proxy subscribed");
-    let mut sent = Sent::default();
     // Versions sent and not yet answered: (version, resources, was a delta).
     let mut pending: VecDeque<(u64, BTreeSet<ResourceRef>, bool)> = VecDeque::new();
     let mut decoder = FrameDecoder::default();
@@ -465,4 +493,73 @@ fn answer(
         }
     }
     server.index.notify();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, addrs: &[&str]) -> Arc<ServiceConfig> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "name": name,
+                "endpoints": addrs.iter().map(|a| serde_json::json!({"address": a})).collect::<Vec<_>>(),
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn view(version: u64, services: &[Arc<ServiceConfig>]) -> ProxyView {
+        ProxyView {
+            version,
+            services: services
+                .iter()
+                .map(|s| (s.name.clone(), s.clone()))
+                .collect(),
+            resources: BTreeSet::new(),
+        }
+    }
+
+    const WEB: [&str; 3] = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"];
+
+    #[test]
+    fn an_endpoint_change_goes_as_an_endpoint_delta_to_proxies_that_take_them() {
+        let api = service("api.shop.80", &["10.0.1.1:80"]);
+        let mut sent = Sent {
+            endpoint_deltas: true,
+            ..Sent::default()
+        };
+        let first = sent
+            .diff(&view(1, &[api.clone(), service("web.shop.80", &WEB)]))
+            .unwrap();
+        assert!(first.full && first.services.len() == 2 && first.endpoints.is_empty());
+
+        let web = service(
+            "web.shop.80",
+            &["10.0.0.1:80", "10.0.0.3:80", "10.0.0.4:80"],
+        );
+        let next = sent.diff(&view(2, &[api, web.clone()])).unwrap();
+        assert!(!next.full);
+        assert!(next.services.is_empty(), "{next:?}");
+        assert_eq!(next.endpoints.len(), 1);
+        let mut applied = first.services[1].clone();
+        next.endpoints[0].apply(&mut applied);
+        assert_eq!(applied, *web);
+    }
+
+    #[test]
+    fn proxies_without_the_feature_get_the_whole_service() {
+        let mut sent = Sent::default();
+        sent.diff(&view(1, &[service("web.shop.80", &WEB)]))
+            .unwrap();
+        let web = service("web.shop.80", &["10.0.0.1:80", "10.0.0.2:80"]);
+        let next = sent.diff(&view(2, std::slice::from_ref(&web))).unwrap();
+        assert!(next.endpoints.is_empty());
+        assert_eq!(next.services, vec![(*web).clone()]);
+        assert_eq!(
+            sent.diff(&view(2, &[web])),
+            None,
+            "nothing new, nothing sent"
+        );
+    }
 }
