@@ -6,7 +6,7 @@
 //! watch events ──model::convert──▶ Index::apply / delete / replace
 //!                                      │ rebuild only the namespace the object lives in
 //!                                      ▼
-//!                 outbound[ns] : name ─▶ Arc<ServiceConfig>   (kept by pointer when unchanged)
+//!                 outbound[ns] : Arc<name ─▶ Arc<ServiceConfig>> (both kept by pointer when unchanged)
 //!                 resources[ns]: Routes and Breakers programmed there
 //!                                      │
 //!                  Affected { namespaces, pods } ──▶ only subscribers that see one of them
@@ -27,6 +27,7 @@
 //! some config really changed.
 
 pub mod model;
+pub mod services;
 pub mod shared;
 pub mod watch;
 
@@ -47,6 +48,7 @@ use model::{
     SliceModel, selector_matches,
 };
 pub use model::{Kind, Object, ObjectKey};
+pub use services::{NsServices, ServiceSet};
 
 /// The largest endpoint weight the proxy accepts.
 pub const MAX_ENDPOINT_WEIGHT: u32 = 10_000;
@@ -56,8 +58,8 @@ pub const MAX_ENDPOINT_WEIGHT: u32 = 10_000;
 pub struct ProxyView {
     /// The index version at which this view last changed.
     pub version: u64,
-    /// The services the proxy may call, by config name.
-    pub services: BTreeMap<String, Arc<ServiceConfig>>,
+    /// The services the proxy may call, one shared map per visible namespace.
+    pub services: ServiceSet,
     /// The Weft resources (with generations) this view implements.
     pub resources: BTreeSet<ResourceRef>,
 }
@@ -65,13 +67,7 @@ pub struct ProxyView {
 impl ProxyView {
     /// Whether two views carry the same config (versions aside).
     pub fn same_content(&self, other: &ProxyView) -> bool {
-        self.resources == other.resources
-            && self.services.len() == other.services.len()
-            && self
-                .services
-                .iter()
-                .zip(other.services.iter())
-                .all(|((a, x), (b, y))| a == b && (Arc::ptr_eq(x, y) || x == y))
+        self.resources == other.resources && self.services.same(&other.services)
     }
 }
 
@@ -172,7 +168,7 @@ pub struct Index {
     routes: BTreeMap<ObjectKey, RouteModel>,
     policies: BTreeMap<ObjectKey, PolicyModel>,
     breakers: BTreeMap<ObjectKey, BreakerModel>,
-    outbound: BTreeMap<String, BTreeMap<String, Arc<ServiceConfig>>>,
+    outbound: BTreeMap<String, NsServices>,
     ns_resources: BTreeMap<String, BTreeSet<ResourceRef>>,
     version: u64,
     /// During [`Index::replace`]: namespaces to rebuild once at the end.
@@ -413,7 +409,7 @@ impl Index {
             }
         }
         let services_changed = match old {
-            Some(o) => *o != fresh,
+            Some(o) => **o != fresh,
             None => !fresh.is_empty(),
         };
         let resources_changed = match self.ns_resources.get(ns) {
@@ -422,8 +418,9 @@ impl Index {
         };
         if fresh.is_empty() {
             self.outbound.remove(ns);
-        } else {
-            self.outbound.insert(ns.to_owned(), fresh);
+        } else if services_changed {
+            // Unchanged, the namespace keeps its map, so views compare it by pointer.
+            self.outbound.insert(ns.to_owned(), Arc::new(fresh));
         }
         if resources.is_empty() {
             self.ns_resources.remove(ns);
@@ -652,8 +649,7 @@ impl Index {
         };
         let add_ns = |ns: &str, view: &mut ProxyView| {
             if let Some(services) = self.outbound.get(ns) {
-                view.services
-                    .extend(services.iter().map(|(k, v)| (k.clone(), v.clone())));
+                view.services.insert_namespace(ns, services);
             }
             if let Some(r) = self.ns_resources.get(ns) {
                 view.resources.extend(r.iter().cloned());

@@ -129,7 +129,7 @@ fn shop() -> Index {
 fn a_proxy_gets_ready_endpoints_with_identities_of_meshed_pods() {
     let i = shop();
     let view = i.view(&key("shop", "client")).unwrap();
-    let web = &view.services["web.shop.80"];
+    let web = view.services.get("web.shop.80").unwrap();
     assert_eq!(web.addresses, vec!["10.96.0.10:80"]);
     let addrs: Vec<&str> = web.endpoints.iter().map(|e| e.address.as_str()).collect();
     assert_eq!(
@@ -235,12 +235,12 @@ fn unchanged_services_keep_their_shared_config() {
     );
     let after = i.view(&key("shop", "client")).unwrap();
     assert!(Arc::ptr_eq(
-        &before.services["web.shop.80"],
-        &after.services["web.shop.80"]
+        before.services.get("web.shop.80").unwrap(),
+        after.services.get("web.shop.80").unwrap()
     ));
     assert!(!Arc::ptr_eq(
-        &before.services["api.shop.80"],
-        &after.services["api.shop.80"]
+        before.services.get("api.shop.80").unwrap(),
+        after.services.get("api.shop.80").unwrap()
     ));
 }
 
@@ -269,7 +269,7 @@ fn a_route_splits_traffic_by_backend_weight_and_sets_the_timeout() {
     );
     assert!(affected.namespaces.contains("shop"));
     let view = i.view(&key("shop", "client")).unwrap();
-    let web = &view.services["web.shop.80"];
+    let web = view.services.get("web.shop.80").unwrap();
     assert_eq!(web.timeout.as_ref().map(|t| t.as_str()), Some("3s"));
     let w = |a: &str| {
         web.endpoints

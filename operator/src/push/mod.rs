@@ -34,15 +34,14 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
-use weft_api::{
-    proxy_config::ServiceConfig,
-    push::{
-        self, ClientMessage, EndpointDelta, FEATURE_ENDPOINT_DELTAS, FEATURES_HEADER, FrameDecoder,
-        POD_HEADER, ResourceRef, SUBSCRIBE_PATH, ServerMessage, Update,
-    },
+use weft_api::push::{
+    self, ClientMessage, EndpointDelta, FEATURE_ENDPOINT_DELTAS, FEATURES_HEADER, FrameDecoder,
+    POD_HEADER, ResourceRef, SUBSCRIBE_PATH, ServerMessage, Update,
 };
 
-use crate::index::{ObjectKey, ProxyView, shared::SharedIndex};
+#[cfg(test)]
+use crate::index::NsServices;
+use crate::index::{ObjectKey, ProxyView, ServiceSet, shared::SharedIndex};
 pub use auth::Authenticator;
 
 /// What the operator knows about one proxy.
@@ -307,7 +306,7 @@ async fn handle(
 /// What one stream has sent so far, to compute the next delta.
 #[derive(Default)]
 struct Sent {
-    services: BTreeMap<String, Arc<ServiceConfig>>,
+    services: ServiceSet,
     resources: Option<BTreeSet<ResourceRef>>,
     version: Option<u64>,
     /// The proxy applies per-endpoint deltas ([`FEATURE_ENDPOINT_DELTAS`]).
@@ -323,32 +322,45 @@ impl Sent {
         }
         let mut services = Vec::new();
         let mut endpoints = Vec::new();
-        for (name, cfg) in &view.services {
-            let old = self.services.get(name);
-            let same = old.is_some_and(|old| Arc::ptr_eq(old, cfg) || old == cfg);
-            if full || same {
-                if full {
-                    services.push((**cfg).clone());
-                }
+        let mut removed = Vec::new();
+        for (ns, map) in view.services.namespaces() {
+            let old_map = self.services.namespace(ns);
+            if full {
+                services.extend(map.values().map(|cfg| (**cfg).clone()));
                 continue;
             }
-            match old.filter(|_| self.endpoint_deltas) {
-                Some(old) => match EndpointDelta::between(old, cfg) {
-                    Some(delta) => endpoints.push(delta),
+            // A namespace whose map is the one sent last has not changed at all.
+            if old_map.is_some_and(|o| Arc::ptr_eq(o, map)) {
+                continue;
+            }
+            for (name, cfg) in map.iter() {
+                let old = old_map.and_then(|o| o.get(name));
+                if old.is_some_and(|old| Arc::ptr_eq(old, cfg) || old == cfg) {
+                    continue;
+                }
+                match old.filter(|_| self.endpoint_deltas) {
+                    Some(old) => match EndpointDelta::between(old, cfg) {
+                        Some(delta) => endpoints.push(delta),
+                        None => services.push((**cfg).clone()),
+                    },
                     None => services.push((**cfg).clone()),
-                },
-                None => services.push((**cfg).clone()),
+                }
             }
         }
-        let removed: Vec<String> = if full {
-            Vec::new()
-        } else {
-            self.services
-                .keys()
-                .filter(|k| !view.services.contains_key(*k))
-                .cloned()
-                .collect()
-        };
+        if !full {
+            for (ns, old_map) in self.services.namespaces() {
+                let new_map = view.services.namespace(ns);
+                if new_map.is_some_and(|n| Arc::ptr_eq(n, old_map)) {
+                    continue;
+                }
+                removed.extend(
+                    old_map
+                        .keys()
+                        .filter(|k| !new_map.is_some_and(|n| n.contains_key(*k)))
+                        .cloned(),
+                );
+            }
+        }
         let resources = (self.resources.as_ref() != Some(&view.resources))
             .then(|| view.resources.iter().cloned().collect::<Vec<_>>());
         self.version = Some(view.version);
@@ -497,7 +509,10 @@ fn answer(
 
 #[cfg(test)]
 mod tests {
+    use weft_api::proxy_config::ServiceConfig;
+
     use super::*;
+    use crate::index::NsServices;
 
     fn service(name: &str, addrs: &[&str]) -> Arc<ServiceConfig> {
         Arc::new(
@@ -510,12 +525,19 @@ mod tests {
     }
 
     fn view(version: u64, services: &[Arc<ServiceConfig>]) -> ProxyView {
+        let mut set = ServiceSet::default();
+        set.insert_namespace(
+            "shop",
+            &Arc::new(
+                services
+                    .iter()
+                    .map(|s| (s.name.clone(), s.clone()))
+                    .collect(),
+            ),
+        );
         ProxyView {
             version,
-            services: services
-                .iter()
-                .map(|s| (s.name.clone(), s.clone()))
-                .collect(),
+            services: set,
             resources: BTreeSet::new(),
         }
     }
@@ -545,6 +567,56 @@ mod tests {
         let mut applied = first.services[1].clone();
         next.endpoints[0].apply(&mut applied);
         assert_eq!(applied, *web);
+    }
+
+    #[test]
+    fn unchanged_namespaces_are_skipped_and_a_namespace_out_of_view_is_removed() {
+        let shop: NsServices = Arc::new(
+            [service("web.shop.80", &WEB), service("api.shop.80", &WEB)]
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect(),
+        );
+        let other: NsServices = Arc::new(
+            [service("db.other.80", &["10.0.9.1:80"])]
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect(),
+        );
+        let both = |shop: &NsServices, other: Option<&NsServices>, version| {
+            let mut set = ServiceSet::default();
+            set.insert_namespace("shop", shop);
+            if let Some(o) = other {
+                set.insert_namespace("other", o);
+            }
+            ProxyView {
+                version,
+                services: set,
+                resources: BTreeSet::new(),
+            }
+        };
+        let mut sent = Sent::default();
+        assert_eq!(
+            sent.diff(&both(&shop, Some(&other), 1))
+                .unwrap()
+                .services
+                .len(),
+            3
+        );
+        // `other` changes; `shop` is the same map: only db is sent.
+        let other2: NsServices = Arc::new(
+            [service("db.other.80", &["10.0.9.2:80"])]
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect(),
+        );
+        let next = sent.diff(&both(&shop, Some(&other2), 2)).unwrap();
+        let names: Vec<&str> = next.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["db.other.80"]);
+        // `other` leaves the view: its services are removed.
+        let next = sent.diff(&both(&shop, None, 3)).unwrap();
+        assert_eq!(next.removed, ["db.other.80"]);
+        assert!(next.services.is_empty());
     }
 
     #[test]

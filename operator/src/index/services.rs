@@ -1,0 +1,81 @@
+//! The services one proxy may call, held as one shared map per visible namespace: a view
+//! costs a pointer per namespace instead of a copy of every service, and a namespace that
+//! did not change is recognised by pointer comparison.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use weft_api::proxy_config::ServiceConfig;
+
+/// One namespace's services by config name, shared by the index and every view of it.
+pub type NsServices = Arc<BTreeMap<String, Arc<ServiceConfig>>>;
+
+/// The services of a view: one [`NsServices`] per namespace. Config names
+/// (`<service>.<namespace>.<port>`) are unique across namespaces.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceSet {
+    by_ns: BTreeMap<String, NsServices>,
+}
+
+impl ServiceSet {
+    /// Adds namespace `ns`'s services (sharing the map).
+    pub fn insert_namespace(&mut self, ns: &str, services: &NsServices) {
+        self.by_ns.insert(ns.to_owned(), services.clone());
+    }
+
+    /// The namespaces and their maps.
+    pub fn namespaces(&self) -> impl Iterator<Item = (&String, &NsServices)> {
+        self.by_ns.iter()
+    }
+
+    /// One namespace's map.
+    pub fn namespace(&self, ns: &str) -> Option<&NsServices> {
+        self.by_ns.get(ns)
+    }
+
+    /// Every service, by namespace, then by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<ServiceConfig>)> {
+        self.by_ns.values().flat_map(|m| m.iter())
+    }
+
+    /// Every service config.
+    pub fn values(&self) -> impl Iterator<Item = &Arc<ServiceConfig>> {
+        self.iter().map(|(_, v)| v)
+    }
+
+    /// The service named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<ServiceConfig>> {
+        self.by_ns.values().find_map(|m| m.get(name))
+    }
+
+    /// Whether a service named `name` is in the set.
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// How many services.
+    pub fn len(&self) -> usize {
+        self.by_ns.values().map(|m| m.len()).sum()
+    }
+
+    /// Whether there is no service.
+    pub fn is_empty(&self) -> bool {
+        self.by_ns.values().all(|m| m.is_empty())
+    }
+
+    /// Whether two sets hold the same configs (shared maps compare by pointer).
+    pub fn same(&self, other: &ServiceSet) -> bool {
+        self.by_ns.len() == other.by_ns.len()
+            && self
+                .by_ns
+                .iter()
+                .zip(other.by_ns.iter())
+                .all(|((a, x), (b, y))| {
+                    a == b
+                        && (Arc::ptr_eq(x, y)
+                            || (x.len() == y.len()
+                                && x.iter().zip(y.iter()).all(|((m, p), (n, q))| {
+                                    m == n && (Arc::ptr_eq(p, q) || p == q)
+                                })))
+                })
+    }
+}
