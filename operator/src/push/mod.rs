@@ -39,8 +39,6 @@ use weft_api::push::{
     POD_HEADER, ResourceRef, SUBSCRIBE_PATH, ServerMessage, Update,
 };
 
-#[cfg(test)]
-use crate::index::NsServices;
 use crate::index::{ObjectKey, ProxyView, ServiceSet, shared::SharedIndex};
 pub use auth::Authenticator;
 
