@@ -28,7 +28,7 @@ use http::{
     uri::{Authority, Scheme},
 };
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty, Full};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -209,15 +209,7 @@ impl HttpConn {
         let retryable = matches!(&dest, Dest::Service(s) if s.endpoints.len() > 1)
             && body.is_end_stream()
             && !upgrade;
-        let replay = retryable.then(|| {
-            (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.version,
-                parts.headers.clone(),
-            )
-        });
-        let mut request = Some(Request::from_parts(parts, Either::Left(body)));
+        let mut request = Some(Request::from_parts(parts, body));
         let timeout = match &dest {
             Dest::Service(s) => s.spec.response_timeout,
             Dest::Fixed(_) => None,
@@ -272,7 +264,7 @@ impl HttpConn {
                         })
                     });
                 }
-                Err(error) if error.is_connect() => {
+                Err(mut error) if error.is_connect() => {
                     endpoint.penalize();
                     drop(in_flight);
                     let code = if error.is_connect_timeout() {
@@ -282,15 +274,11 @@ impl HttpConn {
                     };
                     tracing::debug!(endpoint = %endpoint.addr, error = %error, "connect failed");
                     if attempt == 0
-                        && let Some((method, uri, version, headers)) = replay.clone()
+                        && retryable
+                        && let Some(unsent) = error.take_unsent()
                     {
                         self.metrics.error(self.direction, code);
-                        let mut r = Request::new(Either::Right(Empty::new()));
-                        *r.method_mut() = method;
-                        *r.uri_mut() = uri;
-                        *r.version_mut() = version;
-                        *r.headers_mut() = headers;
-                        request = Some(r);
+                        request = Some(unsent);
                         exclude = Some(index);
                         continue;
                     }

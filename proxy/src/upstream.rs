@@ -15,15 +15,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-/// The request body sent upstream: the client's body, or nothing (for a replayed request).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+/// The request body sent upstream: the client's, streamed.
+pub type UpstreamBody = Incoming;
 
 /// Why a TCP connection to an endpoint failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +72,9 @@ pub enum SendError {
         /// The cause.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+        /// The request, untouched, so that it can go to another endpoint without having
+        /// been copied beforehand.
+        unsent: Option<Box<http::Request<UpstreamBody>>>,
     },
     /// The connection broke or spoke invalid HTTP before a response.
     #[error("upstream request failed")]
@@ -90,6 +91,21 @@ impl SendError {
     pub fn is_connect_timeout(&self) -> bool {
         matches!(self, SendError::Connect { timeout: true, .. })
     }
+
+    /// The request that was not sent because no connection could be made.
+    pub fn take_unsent(&mut self) -> Option<http::Request<UpstreamBody>> {
+        match self {
+            SendError::Connect { unsent, .. } => unsent.take().map(|r| *r),
+            SendError::Failed(_) => None,
+        }
+    }
+
+    fn with_unsent(mut self, req: http::Request<UpstreamBody>) -> Self {
+        if let SendError::Connect { unsent, .. } = &mut self {
+            *unsent = Some(Box::new(req));
+        }
+        self
+    }
 }
 
 impl From<ConnectError> for SendError {
@@ -97,6 +113,7 @@ impl From<ConnectError> for SendError {
         SendError::Connect {
             timeout: matches!(error, ConnectError::Timeout { .. }),
             source: Box::new(error),
+            unsent: None,
         }
     }
 }
@@ -176,7 +193,10 @@ impl Http2Conn {
         loop {
             let (mut shared, reused) = match this.shared() {
                 Some(s) => (s, true),
-                None => this.connect().await?,
+                None => match this.connect().await {
+                    Ok(connected) => connected,
+                    Err(error) => return Err(error.with_unsent(req)),
+                },
             };
             shared.last_used.idle();
             match shared.sender.try_send_request(req).await {
@@ -316,7 +336,10 @@ impl Http1Pool {
         loop {
             let (mut lease, reused) = match pool.checkout().await {
                 Some(lease) => (lease, true),
-                None => (pool.connect().await?, false),
+                None => match pool.connect().await {
+                    Ok(lease) => (lease, false),
+                    Err(error) => return Err(error.with_unsent(req)),
+                },
             };
             match lease.sender.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, lease)),
