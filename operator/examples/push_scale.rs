@@ -63,7 +63,13 @@ struct Stats {
     bytes: AtomicU64,
     updates: AtomicU64,
     first_update_bytes: AtomicU64,
+    /// The subscription ended (with the reason printed to stderr).
+    ended: std::sync::atomic::AtomicBool,
 }
+
+/// How long any phase may take before the benchmark gives up and says why: it never
+/// waits forever.
+const PHASE_LIMIT: Duration = Duration::from_secs(180);
 
 fn slice(ns: usize, svc: usize, generation: u64) -> EndpointSlice {
     let endpoints: Vec<_> = (0..ENDPOINTS_PER_SERVICE)
@@ -149,20 +155,38 @@ async fn subscribe(
     pod: String,
     stats: Arc<Stats>,
 ) {
+    let result = stream(sender, addr, &pod, &stats).await;
+    stats.ended.store(true, Ordering::Release);
+    if let Err(e) = result {
+        eprintln!("subscriber {pod}: {e}");
+    }
+}
+
+async fn stream(
+    mut sender: hyper::client::conn::http2::SendRequest<AnswerBody>,
+    addr: String,
+    pod: &str,
+    stats: &Stats,
+) -> Result<(), String> {
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let req = http::Request::post(format!("http://{addr}{}", push::SUBSCRIBE_PATH))
         .header(push::POD_HEADER, pod)
         .header(push::FEATURES_HEADER, push::FEATURE_ENDPOINT_DELTAS)
         .body(AnswerBody(rx))
-        .unwrap();
-    let mut sender = sender;
-    sender.ready().await.unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert!(resp.status().is_success(), "{}", resp.status());
+        .map_err(|e| e.to_string())?;
+    sender.ready().await.map_err(|e| format!("ready: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e:?}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("status {}", resp.status()));
+    }
     let mut body = resp.into_body();
     let mut decoder = FrameDecoder::default();
     let mut pending_bytes = 0u64;
-    while let Some(Ok(frame)) = body.frame().await {
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("body: {e:?}"))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
@@ -178,11 +202,12 @@ async fn subscribe(
             pending_bytes = 0;
             let ack = push::encode(&ClientMessage::Ack(Ack { version: u.version })).unwrap();
             if tx.send(Bytes::from(ack)).await.is_err() {
-                return;
+                return Err("answer channel closed".into());
             }
             stats.acked.store(u.version, Ordering::Release);
         }
     }
+    Ok(())
 }
 
 struct AnswerBody(mpsc::Receiver<Bytes>);
@@ -203,13 +228,45 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Waits until every subscriber in `affected` acknowledged `version`, reporting progress
+/// every 10 s on stderr and exiting the process after [`PHASE_LIMIT`].
 async fn wait_acked(stats: &[Arc<Stats>], affected: &[usize], version: u64) {
+    let start = Instant::now();
+    let mut next_report = Duration::from_secs(10);
     loop {
-        if affected
+        let lagging: Vec<usize> = affected
             .iter()
-            .all(|i| stats[*i].acked.load(Ordering::Acquire) >= version)
-        {
+            .copied()
+            .filter(|i| stats[*i].acked.load(Ordering::Acquire) < version)
+            .collect();
+        if lagging.is_empty() {
             return;
+        }
+        if start.elapsed() >= next_report {
+            let ended = lagging
+                .iter()
+                .filter(|i| stats[**i].ended.load(Ordering::Acquire))
+                .count();
+            let first: Vec<String> = lagging
+                .iter()
+                .take(5)
+                .map(|i| {
+                    format!(
+                        "pod{i} (updates {})",
+                        stats[*i].updates.load(Ordering::Relaxed)
+                    )
+                })
+                .collect();
+            eprintln!(
+                "after {:?}: {} subscribers have not acknowledged version {version} ({ended} of them ended); first: {first:?}",
+                start.elapsed(),
+                lagging.len()
+            );
+            next_report += Duration::from_secs(10);
+            if start.elapsed() >= PHASE_LIMIT {
+                eprintln!("giving up");
+                std::process::exit(2);
+            }
         }
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
@@ -249,10 +306,15 @@ async fn clients(addr: String, subscribers: usize) {
 }
 
 async fn wait_registry(registry: &Registry, pods: &[ObjectKey], version: u64) {
+    let start = Instant::now();
     loop {
         if registry.acked_by(pods).0.is_some_and(|v| v >= version) {
             return;
         }
+        assert!(
+            start.elapsed() < PHASE_LIMIT,
+            "version {version} not acknowledged by every affected subscriber after {PHASE_LIMIT:?}"
+        );
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
 }
@@ -309,10 +371,18 @@ async fn main() {
         .unwrap();
     let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
-        .await
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
+    tokio::time::timeout(
+        PHASE_LIMIT + Duration::from_secs(10),
+        tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line),
+    )
+    .await
+    .expect("the subscribers had their snapshots in time (see their stderr above)")
+    .unwrap();
+    assert_eq!(
+        line.trim(),
+        "ready",
+        "the subscriber process failed (see stderr)"
+    );
     let connect_time = t.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_subscribed = rss_kib();
