@@ -30,10 +30,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-use super::FIELD_MANAGER;
 use weft_api::push::ResourceRef;
 
+use super::FIELD_MANAGER;
 use crate::{
     index::{ObjectKey, ProxyView, shared::SharedIndex},
     push::{ProxyState, Registry},
