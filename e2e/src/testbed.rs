@@ -214,20 +214,8 @@ impl TestBed {
             self.dir.join("apiserver-2-certs").display()
         ));
         self.spawn("kube-apiserver-2", "kube-apiserver", &args)?;
-        let started = Instant::now();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        loop {
-            match rt.block_on(self.readyz_at(Some(&url))) {
-                Ok(body) if body.trim() == "ok" => return Ok(url),
-                Ok(_) | Err(_) if started.elapsed() < READY_TIMEOUT => {
-                    std::thread::sleep(Duration::from_millis(250));
-                }
-                Ok(body) => bail!("second API server not ready: {body}"),
-                Err(e) => return Err(e.context("second API server not ready")),
-            }
-        }
+        self.wait_ready_at(Instant::now(), Some(&url), "kube-apiserver-2")?;
+        Ok(url)
     }
 
     /// Stops the API server started by [`TestBed::start_second_apiserver`].
@@ -238,6 +226,17 @@ impl TestBed {
     /// Polls `/readyz` until it answers `ok`, failing early (with the log tail) when a
     /// component exits.
     fn wait_ready(&mut self, started: Instant) -> anyhow::Result<()> {
+        self.wait_ready_at(started, None, "kube-apiserver")
+    }
+
+    /// As [`TestBed::wait_ready`], for the API server at `url` (the kubeconfig's when
+    /// `None`) whose log is `<log>.log`.
+    fn wait_ready_at(
+        &mut self,
+        started: Instant,
+        url: Option<&str>,
+        log: &str,
+    ) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -252,7 +251,7 @@ impl TestBed {
                     );
                 }
             }
-            match rt.block_on(self.readyz()) {
+            match rt.block_on(self.readyz_at(url)) {
                 Ok(body) if body.trim() == "ok" => return Ok(()),
                 Ok(body) => last_error = body,
                 Err(e) => last_error = format!("{e:#}"),
@@ -260,13 +259,9 @@ impl TestBed {
             std::thread::sleep(Duration::from_millis(250));
         }
         bail!(
-            "kube-apiserver not ready after {READY_TIMEOUT:?}: {last_error}\nlast log lines:\n{}",
-            tail(&self.dir.join("kube-apiserver.log"), 30)
+            "{log} not ready after {READY_TIMEOUT:?}: {last_error}\nlast log lines:\n{}",
+            tail(&self.dir.join(format!("{log}.log")), 30)
         )
-    }
-
-    async fn readyz(&self) -> anyhow::Result<String> {
-        self.readyz_at(None).await
     }
 
     async fn readyz_at(&self, url: Option<&str>) -> anyhow::Result<String> {

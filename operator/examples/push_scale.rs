@@ -34,7 +34,6 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::{
     core::v1::{Pod, Service},
@@ -50,6 +49,7 @@ use weft_operator::{
     metrics::Metrics,
     push::{Authenticator, PushServer, Registry},
 };
+use weft_proxy::control::ChannelBody;
 
 const NAMESPACES: usize = 10;
 const SERVICES_PER_NS: usize = 100;
@@ -150,7 +150,7 @@ fn cpu_ticks() -> u64 {
 }
 
 async fn subscribe(
-    sender: hyper::client::conn::http2::SendRequest<AnswerBody>,
+    sender: hyper::client::conn::http2::SendRequest<ChannelBody>,
     addr: String,
     pod: String,
     stats: Arc<Stats>,
@@ -163,7 +163,7 @@ async fn subscribe(
 }
 
 async fn stream(
-    mut sender: hyper::client::conn::http2::SendRequest<AnswerBody>,
+    mut sender: hyper::client::conn::http2::SendRequest<ChannelBody>,
     addr: String,
     pod: &str,
     stats: &Stats,
@@ -172,7 +172,7 @@ async fn stream(
     let req = http::Request::post(format!("http://{addr}{}", push::SUBSCRIBE_PATH))
         .header(push::POD_HEADER, pod)
         .header(push::FEATURES_HEADER, push::FEATURE_ENDPOINT_DELTAS)
-        .body(AnswerBody(rx))
+        .body(ChannelBody(rx))
         .map_err(|e| e.to_string())?;
     sender.ready().await.map_err(|e| format!("ready: {e}"))?;
     let resp = sender
@@ -208,19 +208,6 @@ async fn stream(
         }
     }
     Ok(())
-}
-
-struct AnswerBody(mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for AnswerBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
-    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

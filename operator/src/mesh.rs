@@ -184,9 +184,9 @@ pub fn proxy_rows(handles: &Handles) -> Vec<ProxyRow> {
         .map(|(k, v)| (k, v.map(|v| v.version)))
         .collect();
     let local = handles.registry.snapshot();
-    handles
-        .peers
-        .merged_now(local.clone())
+    let mut proxies = local.clone();
+    handles.peers.merge_now(&mut proxies, &mut Vec::new());
+    proxies
         .into_iter()
         .map(|(key, s)| {
             // Versions are numbered by the replica that serves the proxy: for a peer's

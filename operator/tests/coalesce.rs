@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::{
     core::v1::{Pod, Service},
@@ -25,19 +25,7 @@ use weft_operator::{
     metrics::Metrics,
     push::{Authenticator, PushServer, Registry},
 };
-
-struct AnswerBody(mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for AnswerBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
-    }
-}
+use weft_proxy::control::ChannelBody;
 
 fn slice(generation: u32) -> EndpointSlice {
     // A large slice, so a few updates fill a small flow-control window.
@@ -89,7 +77,7 @@ async fn subscribe(addr: &str, pod: &str) -> (Incoming, mpsc::Sender<Bytes>) {
     let (tx, rx) = mpsc::channel(64);
     let req = http::Request::post(format!("http://{addr}{}", push::SUBSCRIBE_PATH))
         .header(push::POD_HEADER, pod)
-        .body(AnswerBody(rx))
+        .body(ChannelBody(rx))
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert!(resp.status().is_success());

@@ -152,7 +152,7 @@ async fn the_index_converges_after_the_api_server_restarts_and_changes_were_miss
     bed.route_programmed("web", 1).await;
 
     // The watches did break (the convergence is not a watch that never noticed).
-    let (status, metrics) = http_get(op.admin, "/metrics").await;
+    let (status, metrics) = http_get(op.admin, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     let errors: f64 = metrics
         .lines()

@@ -112,28 +112,9 @@ fn start_operator(bed: &Bed, push: SocketAddr, admin: SocketAddr, dir: &Path, n:
     Proc::spawn(&format!("operator-{n}"), cmd, dir)
 }
 
-/// GET over HTTP/1.1 on loopback: (status, body).
-async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .context("timed out")??;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.get(9..12).unwrap_or("0").parse()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 /// The Route timeout of `service` in a proxy's active config, read from its admin `/config`.
 async fn proxy_timeout(admin: SocketAddr, service: &str) -> anyhow::Result<Option<String>> {
-    let (status, body) = fetch(admin, "/config").await?;
+    let (status, body) = http_get(admin, "/config").await?;
     ensure!(status == 200, "/config answered {status}: {body}");
     let v: serde_json::Value = serde_json::from_str(&body)?;
     let svc = v["config"]["services"]
@@ -225,7 +206,7 @@ async fn proxy_processes_lose_no_request_while_the_operator_process_is_killed_an
     }
     for (proc, forward, _) in &proxies {
         eventually(WAIT, || async {
-            let (status, body) = fetch(*forward, "/").await?;
+            let (status, body) = http_get(*forward, "/").await?;
             ensure!(status == 200 && body == "hello", "{status} {body}");
             Ok(())
         })
@@ -244,7 +225,7 @@ async fn proxy_processes_lose_no_request_while_the_operator_process_is_killed_an
         traffic.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0u32, Vec::new());
             while !stop.is_cancelled() {
-                match fetch(forward, "/").await {
+                match http_get(forward, "/").await {
                     Ok((200, body)) if body == "hello" => ok += 1,
                     Ok((status, body)) => failed.push(format!("{status} {body}")),
                     Err(e) => failed.push(format!("{e:#}")),

@@ -173,9 +173,9 @@ async fn subscribers_get_their_config_and_a_route_change_is_programmed_everywher
     assert!(rows.iter().all(|r| r.connected), "{rows:?}");
 
     // The admin endpoints: health, readiness (the index is synced), metrics, proxies.
-    assert_eq!(http_get(op.admin, "/healthz").await.0, 200);
-    assert_eq!(http_get(op.admin, "/readyz").await.0, 200);
-    let (status, metrics) = http_get(op.admin, "/metrics").await;
+    assert_eq!(http_get(op.admin, "/healthz").await.unwrap().0, 200);
+    assert_eq!(http_get(op.admin, "/readyz").await.unwrap().0, 200);
+    let (status, metrics) = http_get(op.admin, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     for needle in [
         "weft_operator_subscribers 2",
@@ -188,7 +188,7 @@ async fn subscribers_get_their_config_and_a_route_change_is_programmed_everywher
     ] {
         assert!(metrics.contains(needle), "no {needle:?} in\n{metrics}");
     }
-    let (_, proxies) = http_get(op.admin, "/proxies").await;
+    let (_, proxies) = http_get(op.admin, "/proxies").await.unwrap();
     let proxies: serde_json::Value = serde_json::from_str(&proxies).unwrap();
     assert_eq!(proxies.as_array().unwrap().len(), 2, "{proxies}");
     assert!(
@@ -379,14 +379,16 @@ async fn two_replicas_serve_proxies_one_writes_status_counting_both_and_the_othe
     // Whichever replica writes status counts the proxy streaming from the other one.
     bed.route_programmed("web", 2).await;
     let leases = bed.api::<Lease>();
-    let holder = leases
-        .get("weft-operator")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .holder_identity
-        .unwrap();
+    let holder_of = || async {
+        leases
+            .get("weft-operator")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .holder_identity
+    };
+    let holder = holder_of().await.unwrap();
     assert!(
         ["replica-a", "replica-b"].contains(&holder.as_str()),
         "{holder}"
@@ -432,14 +434,7 @@ async fn two_replicas_serve_proxies_one_writes_status_counting_both_and_the_othe
     .await;
     bed.route_programmed("web", 1).await;
     let (survivor, op) = replicas.pop().unwrap();
-    let holder = leases
-        .get("weft-operator")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .holder_identity;
-    assert_eq!(holder.as_deref(), Some(survivor));
+    assert_eq!(holder_of().await.as_deref(), Some(survivor));
     let names: Vec<String> = bed
         .api::<ConfigMap>()
         .list(&ListParams::default().labels(reports::REPORT_LABEL))

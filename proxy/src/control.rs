@@ -216,7 +216,7 @@ impl ControlClient {
         // Answers are small and one per update; 16 leaves room for a burst while the
         // operator reads slowly, and the client waits rather than drop one.
         let (tx, rx) = mpsc::channel::<Bytes>(16);
-        let body = AnswerBody(rx);
+        let body = ChannelBody(rx);
         let mut req = Request::post(format!("http://{addr}{SUBSCRIBE_PATH}"))
             .header(POD_HEADER, &self.config.pod)
             .header(FEATURES_HEADER, FEATURE_ENDPOINT_DELTAS);
@@ -341,9 +341,12 @@ impl Drop for AbortOnDrop {
 }
 
 /// The request body: the client's answers, as they are produced.
-struct AnswerBody(mpsc::Receiver<Bytes>);
+/// A request body fed from a channel, one data frame per message: how a subscriber
+/// streams its answers to the operator (also used by the operator's tests and benchmark).
+#[derive(Debug)]
+pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
 
-impl http_body::Body for AnswerBody {
+impl http_body::Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;
 

@@ -9,8 +9,8 @@
 //! ```
 //!
 //! A report is rewritten when its proxies' state changes (at most every
-//! [`SETTLE`]) and at least every heartbeat period; a report not rewritten for
-//! [`Peers::max_age`] belongs to a replica that is gone and is ignored. A replica that
+//! [`SETTLE`]) and at least every heartbeat period; a report not rewritten for the
+//! `max_age` given to [`Peers::new`] belongs to a replica that is gone and is ignored. A replica that
 //! shuts down deletes its report.
 
 use std::{
@@ -106,11 +106,6 @@ impl Peers {
         self.reports.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How old a report may be before its replica counts as gone.
-    pub fn max_age(&self) -> Duration {
-        self.max_age
-    }
-
     /// Wakes when a peer's report changes.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -184,15 +179,6 @@ impl Peers {
                 }),
             )
         }));
-    }
-
-    /// This replica's proxies and the peers', at the current time.
-    pub fn merged_now(
-        &self,
-        mut proxies: BTreeMap<ObjectKey, ProxyState>,
-    ) -> BTreeMap<ObjectKey, ProxyState> {
-        self.merge(&mut proxies, &mut Vec::new(), now_secs());
-        proxies
     }
 
     /// [`Peers::merge`] at the current time.
@@ -401,7 +387,9 @@ mod tests {
         assert_eq!(views.len(), 2);
 
         peers.remove("b");
-        assert!(peers.merged_now(BTreeMap::new()).is_empty());
+        let mut none = BTreeMap::new();
+        peers.merge(&mut none, &mut Vec::new(), 1005);
+        assert!(none.is_empty());
     }
 
     #[test]
