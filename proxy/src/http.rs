@@ -16,14 +16,14 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     str::FromStr,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
     task::{Context, Poll},
     time::Instant,
 };
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
     header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE},
     uri::{Authority, Scheme},
 };
@@ -71,6 +71,9 @@ pub struct HttpConn {
     pub fixed_label: ServiceLabel,
     /// The request series of `Fixed` targets, looked up on the connection's first request.
     fixed_metrics: OnceLock<RequestMetrics>,
+    /// The tunnel an HTTP/1 request opened (an upgrade or a `CONNECT`), spliced by the
+    /// connection's own task once hyper hands the socket over.
+    tunnel: Mutex<Option<Tunnel>>,
 }
 
 impl HttpConn {
@@ -89,16 +92,28 @@ impl HttpConn {
             target,
             fixed_label,
             fixed_metrics: OnceLock::new(),
+            tunnel: Mutex::new(None),
         }
+    }
+
+    fn tunnel_slot(&self) -> std::sync::MutexGuard<'_, Option<Tunnel>> {
+        self.tunnel
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 /// Serves one downstream HTTP connection until it ends; on `shutdown`, finishes the
 /// requests in flight and closes (HTTP/1: after the current response; HTTP/2: GOAWAY).
+/// An HTTP/1 connection that switched protocols (`Upgrade`, `CONNECT`) is then spliced
+/// to its upstream until either side closes: shutdown does not interrupt it, so draining
+/// waits for it as for a request in flight (up to the grace period, when the process
+/// exits).
 pub async fn serve<I>(io: I, protocol: Protocol, conn: Arc<HttpConn>, shutdown: CancellationToken)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let shared = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         // Boxed so that hyper moves a pointer, not the whole request state, each time it
@@ -137,6 +152,11 @@ where
     };
     if let Err(error) = result {
         tracing::debug!(%error, "http connection ended with an error");
+    }
+    // Taken out of the slot first: the guard must not be held across the splice.
+    let tunnel = shared.tunnel_slot().take();
+    if let Some(tunnel) = tunnel {
+        tunnel.splice().await;
     }
 }
 
@@ -197,7 +217,10 @@ impl HttpConn {
         labels.request();
 
         let upgrade = is_upgrade(&req);
-        let mut on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // RFC 9110 §9.3.6: CONNECT goes to the destination as it is (authority-form), and
+        // a 2xx answer turns both connections into one tunnel, as a 101 does for Upgrade.
+        let connect = req.method() == Method::CONNECT && req.version() <= Version::HTTP_11;
+        let mut on_upgrade = (upgrade || connect).then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
         if req.version() == Version::HTTP_2 {
             absolutize(&mut req, || self.fallback_authority());
@@ -208,7 +231,7 @@ impl HttpConn {
         let (parts, body) = req.into_parts();
         let retryable = matches!(&dest, Dest::Service(s) if s.endpoints.len() > 1)
             && body.is_end_stream()
-            && !upgrade;
+            && on_upgrade.is_none();
         let mut request = Some(Request::from_parts(parts, body));
         let timeout = match &dest {
             Dest::Service(s) => s.spec.response_timeout,
@@ -244,12 +267,16 @@ impl HttpConn {
                     let done = Instant::now();
                     endpoint.observe_at(done.saturating_duration_since(sent), done);
                     let seconds = done.saturating_duration_since(start).as_secs_f64();
-                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                        && let Some(downstream) = on_upgrade.take()
-                    {
+                    let switched = (upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+                        || (connect && resp.status().is_success());
+                    if switched && let Some(downstream) = on_upgrade.take() {
                         let upstream = hyper::upgrade::on(&mut resp);
-                        tokio::spawn(splice_upgrade(downstream, upstream, in_flight));
-                        strip_hop_by_hop(resp.headers_mut(), true);
+                        *self.tunnel_slot() = Some(Tunnel {
+                            downstream,
+                            upstream,
+                            _in_flight: in_flight,
+                        });
+                        strip_hop_by_hop(resp.headers_mut(), upgrade);
                         labels.response(resp.status(), seconds);
                         return resp.map(|_| Either::Right(Full::new(Bytes::new())));
                     }
@@ -354,22 +381,31 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-async fn splice_upgrade(
+/// Both halves of a connection that switched protocols (`101` to an `Upgrade`, `2xx` to a
+/// `CONNECT`). The endpoint counts it in flight until the tunnel closes.
+#[derive(Debug)]
+struct Tunnel {
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     _in_flight: InFlight,
-) {
-    let (d, u) = tokio::join!(downstream, upstream);
-    match (d, u) {
-        (Ok(d), Ok(u)) => {
-            let mut d = TokioIo::new(d);
-            let mut u = TokioIo::new(u);
-            if let Err(error) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
-                tracing::debug!(%error, "upgraded connection ended with an error");
+}
+
+impl Tunnel {
+    /// Copies bytes both ways until both sides have closed.
+    async fn splice(self) {
+        let (d, u) = tokio::join!(self.downstream, self.upstream);
+        match (d, u) {
+            (Ok(d), Ok(u)) => {
+                let mut d = TokioIo::new(d);
+                let mut u = TokioIo::new(u);
+                match tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                    Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
+                    Err(error) => tracing::debug!(%error, "tunnel ended with an error"),
+                }
             }
-        }
-        (Err(error), _) | (_, Err(error)) => {
-            tracing::debug!(%error, "upgrade failed");
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::debug!(%error, "upgrade failed");
+            }
         }
     }
 }

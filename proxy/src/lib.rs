@@ -13,7 +13,7 @@
 //! [`balance`] (endpoint choice, no I/O), [`detect`], [`http`], [`server`], [`upstream`],
 //! [`orig_dst`], [`metrics`], [`errors`], [`admin`], [`source`], [`shutdown`].
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::AtomicBool};
 
 use tokio_util::sync::CancellationToken;
 
@@ -42,16 +42,30 @@ pub struct Proxy {
     pub metrics: Arc<metrics::Metrics>,
     /// Cancelled when shutdown begins, so `/ready` fails while the proxy drains.
     pub draining: CancellationToken,
+    /// What the transparent listeners do with connections accepted before the first config.
+    pub before_config: server::BeforeConfig,
+    /// Set once the first connection handled without a config has been logged, so that a
+    /// proxy waiting for its operator logs the fallback once rather than per connection.
+    pub(crate) before_config_logged: AtomicBool,
 }
 
 impl Proxy {
-    /// A proxy with fresh metrics and no config (not ready).
+    /// A proxy with fresh metrics and no config (not ready), passing connections through
+    /// until its first config ([`server::BeforeConfig::Passthrough`]).
     pub fn new() -> Arc<Self> {
+        Self::with_before_config(server::BeforeConfig::default())
+    }
+
+    /// A proxy with fresh metrics and no config, handling connections accepted before its
+    /// first config as `before_config` says.
+    pub fn with_before_config(before_config: server::BeforeConfig) -> Arc<Self> {
         let metrics = Arc::new(metrics::Metrics::new());
         Arc::new(Proxy {
             store: Arc::new(store::ConfigStore::new(metrics.clone())),
             metrics,
             draining: CancellationToken::new(),
+            before_config,
+            before_config_logged: AtomicBool::new(false),
         })
     }
 }

@@ -108,7 +108,14 @@ struct RunArgs {
     /// Runtime worker threads. Every pod pays for them; one suits most sidecars.
     #[arg(long, env = "WEFT_WORKERS", default_value = "1")]
     workers: NonZeroUsize,
-    /// After SIGTERM, how long in-flight work may take before the proxy exits anyway.
+    /// What the transparent listeners do before the first config arrives: `passthrough`
+    /// (outbound to the original destination, inbound to the application, as plain TCP) or
+    /// `refuse` (close). Either way each connection is counted in
+    /// `weft_before_config_connections_total`.
+    #[arg(long, env = "WEFT_BEFORE_CONFIG", default_value = "passthrough")]
+    before_config: weft_proxy::server::BeforeConfig,
+    /// After SIGTERM, how long in-flight work (requests, upgraded connections, CONNECT
+    /// tunnels, opaque TCP) may take before the proxy closes it and exits.
     #[arg(long, env = "WEFT_SHUTDOWN_GRACE", default_value = "30s")]
     shutdown_grace: weft_api::Duration,
     /// How often the config file's modification time is checked.
@@ -183,7 +190,7 @@ async fn serve(
     args: RunArgs,
     initial: Option<weft_api::proxy_config::ProxyConfig>,
 ) -> anyhow::Result<()> {
-    let proxy = Proxy::new();
+    let proxy = Proxy::with_before_config(args.before_config);
     if let Some(initial) = initial {
         proxy.store.apply(initial)?;
     }

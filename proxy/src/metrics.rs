@@ -107,6 +107,15 @@ pub struct ErrorLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the counter of connections accepted before the first config.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BeforeConfigLabels {
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// `passthrough` or `refuse`: the `WEFT_BEFORE_CONFIG` setting in force.
+    pub action: &'static str,
+}
+
 /// Labels of per-service gauges.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ServiceOnly {
@@ -138,6 +147,7 @@ pub struct Metrics {
     bytes_read: Family<DirectionLabels, Counter>,
     bytes_written: Family<DirectionLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
+    before_config: Family<BeforeConfigLabels, Counter>,
     endpoints: Family<ServiceOnly, Gauge>,
     config_generation: Gauge,
     config_last_update: Gauge<f64, AtomicU64>,
@@ -171,6 +181,7 @@ impl Metrics {
             bytes_read: Family::default(),
             bytes_written: Family::default(),
             errors: Family::default(),
+            before_config: Family::default(),
             endpoints: Family::default(),
             config_generation: Gauge::default(),
             config_last_update: Gauge::default(),
@@ -222,6 +233,11 @@ impl Metrics {
             "errors",
             "Failures the proxy answered or dropped itself, by reason code",
             m.errors.clone(),
+        );
+        registry.register(
+            "before_config_connections",
+            "Connections accepted before the first config, passed through or refused",
+            m.before_config.clone(),
         );
         registry.register(
             "service_endpoints",
@@ -283,6 +299,14 @@ impl Metrics {
                 direction,
                 reason: code.as_str(),
             })
+            .inc();
+    }
+
+    /// Counts a connection accepted before the first config, by what was done with it
+    /// (`passthrough` or `refuse`).
+    pub fn before_config(&self, direction: Direction, action: &'static str) {
+        self.before_config
+            .get_or_create(&BeforeConfigLabels { direction, action })
             .inc();
     }
 

@@ -14,7 +14,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
     time::Duration,
 };
@@ -28,12 +28,13 @@ use tracing::Instrument;
 
 use crate::{
     Proxy,
+    config::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_DETECT_TIMEOUT},
     detect::{self, PrefixedIo, Protocol},
     errors::ErrorCode,
     http::{HttpConn, HttpTarget},
     metrics::{ConnectionGuard, Direction, ServiceLabel},
     orig_dst,
-    store::{EndpointState, ServiceState},
+    store::{EndpointState, ServiceState, Snapshot},
     upstream,
 };
 
@@ -106,53 +107,19 @@ async fn handle(
     let _ = stream.set_nodelay(true);
     let direction = kind.direction();
     let guard = proxy.metrics.connection(direction);
-    let Some(snapshot) = proxy.store.load() else {
-        tracing::debug!("no config yet; closing");
+    let plan = match proxy.store.load() {
+        Some(snapshot) => plan(&snapshot, &kind, &stream),
+        None => plan_before_config(&proxy, &kind, &stream),
+    };
+    let Some(Plan {
+        route,
+        opaque,
+        detect_timeout,
+        connect_timeout,
+    }) = plan
+    else {
         return;
     };
-    let config = &snapshot.config;
-
-    // Where does this connection go, and may it skip detection?
-    let (route, opaque) = match &kind {
-        ListenerKind::Outbound => {
-            let Some(orig) = original_dst(&stream) else {
-                return;
-            };
-            match snapshot.service_for_addr(orig) {
-                Some(svc) => (
-                    Route::Service(svc.clone(), HttpTarget::ClusterAddr(orig)),
-                    svc.spec.opaque || config.is_opaque_port(orig.port()),
-                ),
-                // Nobody claims it: forward unchanged.
-                None => (Route::Addr(orig, ServiceLabel::passthrough()), true),
-            }
-        }
-        ListenerKind::Inbound => {
-            let Some(orig) = original_dst(&stream) else {
-                return;
-            };
-            let local = SocketAddr::new(loopback_like(orig.ip()), orig.port());
-            (
-                Route::Addr(local, ServiceLabel::local()),
-                config.is_opaque_port(orig.port()),
-            )
-        }
-        ListenerKind::Forward(name) => match snapshot.service_by_name(name) {
-            Some(svc) => (
-                Route::Service(svc.clone(), HttpTarget::Named(name.clone())),
-                svc.spec.opaque,
-            ),
-            // Not (or no longer) configured: HTTP clients get a 503 with a reason per
-            // request; opaque connections are closed.
-            None => (Route::Missing(name.clone()), false),
-        },
-    };
-    let detect_timeout = config.detect_timeout;
-    let connect_timeout = match &route {
-        Route::Service(s, _) => s.spec.connect_timeout,
-        Route::Addr(..) | Route::Missing(_) => config.connect_timeout,
-    };
-    drop(snapshot);
 
     let mut io = CountingIo {
         inner: stream,
@@ -195,6 +162,157 @@ async fn handle(
     }
 }
 
+/// Where one accepted connection goes and how it is handled, decided once at accept.
+struct Plan {
+    route: Route,
+    /// Skip protocol detection and proxy bytes as they are.
+    opaque: bool,
+    detect_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+/// The plan for a connection under the active config; `None` closes the connection.
+fn plan(snapshot: &Snapshot, kind: &ListenerKind, stream: &TcpStream) -> Option<Plan> {
+    let config = &snapshot.config;
+    let (route, opaque) = match kind {
+        ListenerKind::Outbound => {
+            let orig = original_dst(stream)?;
+            match snapshot.service_for_addr(orig) {
+                Some(svc) => (
+                    Route::Service(svc.clone(), HttpTarget::ClusterAddr(orig)),
+                    svc.spec.opaque || config.is_opaque_port(orig.port()),
+                ),
+                // Nobody claims it: forward unchanged.
+                None => (Route::Addr(orig, ServiceLabel::passthrough()), true),
+            }
+        }
+        ListenerKind::Inbound => {
+            let orig = original_dst(stream)?;
+            (
+                Route::Addr(inbound_target(orig), ServiceLabel::local()),
+                config.is_opaque_port(orig.port()),
+            )
+        }
+        ListenerKind::Forward(name) => match snapshot.service_by_name(name) {
+            Some(svc) => (
+                Route::Service(svc.clone(), HttpTarget::Named(name.clone())),
+                svc.spec.opaque,
+            ),
+            // Not (or no longer) configured: HTTP clients get a 503 with a reason per
+            // request; opaque connections are closed.
+            None => (Route::Missing(name.clone()), false),
+        },
+    };
+    let connect_timeout = match &route {
+        Route::Service(s, _) => s.spec.connect_timeout,
+        Route::Addr(..) | Route::Missing(_) => config.connect_timeout,
+    };
+    Some(Plan {
+        route,
+        opaque,
+        detect_timeout: config.detect_timeout,
+        connect_timeout,
+    })
+}
+
+/// The plan for a connection accepted before the first config: with
+/// [`BeforeConfig::Passthrough`], transparent connections go where they were going, as
+/// plain TCP (outbound to the original destination, inbound to the application), so a
+/// sidecar that starts while the operator is unreachable does not cut its pod off the
+/// network; with [`BeforeConfig::Refuse`] they are closed. Either way each one is counted,
+/// and the first one logged. A forward listener's service is unknown without a config,
+/// so its HTTP requests get 503 `service_not_found`, as when the service is missing.
+fn plan_before_config(proxy: &Proxy, kind: &ListenerKind, stream: &TcpStream) -> Option<Plan> {
+    let direction = kind.direction();
+    let route = match kind {
+        ListenerKind::Forward(name) => Route::Missing(name.clone()),
+        ListenerKind::Outbound | ListenerKind::Inbound => {
+            let orig = original_dst(stream)?;
+            let action = proxy.before_config.as_str();
+            proxy.metrics.before_config(direction, action);
+            if !proxy.before_config_logged.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    setting = action,
+                    "no config yet: connections are {} until the first config arrives \
+                     (WEFT_BEFORE_CONFIG); counted in weft_before_config_connections_total",
+                    match proxy.before_config {
+                        BeforeConfig::Passthrough => "passed through unchanged",
+                        BeforeConfig::Refuse => "refused",
+                    }
+                );
+            }
+            match (proxy.before_config, kind) {
+                (BeforeConfig::Refuse, _) => {
+                    tracing::debug!(%orig, "no config yet; refusing the connection");
+                    return None;
+                }
+                (BeforeConfig::Passthrough, ListenerKind::Inbound) => {
+                    tracing::debug!(%orig, "no config yet; forwarding to the application");
+                    Route::Addr(inbound_target(orig), ServiceLabel::local())
+                }
+                (BeforeConfig::Passthrough, _) => {
+                    tracing::debug!(%orig, "no config yet; passing the connection through");
+                    Route::Addr(orig, ServiceLabel::passthrough())
+                }
+            }
+        }
+    };
+    let opaque = !matches!(route, Route::Missing(_));
+    Some(Plan {
+        route,
+        opaque,
+        detect_timeout: DEFAULT_DETECT_TIMEOUT,
+        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+    })
+}
+
+/// What the transparent listeners do with the connections they accept before the proxy's
+/// first config (the `WEFT_BEFORE_CONFIG` setting).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BeforeConfig {
+    /// Outbound connections go to their original destination and inbound ones to the
+    /// application, as plain TCP (no detection, no balancing): the pod keeps its network
+    /// while the operator is unreachable. The default.
+    #[default]
+    Passthrough,
+    /// Connections are closed (and counted) until a config arrives, for pods that must
+    /// never carry traffic the mesh has not vetted.
+    Refuse,
+}
+
+impl BeforeConfig {
+    /// The setting's value, also the `action` label of its metric.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BeforeConfig::Passthrough => "passthrough",
+            BeforeConfig::Refuse => "refuse",
+        }
+    }
+}
+
+impl std::fmt::Display for BeforeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `WEFT_BEFORE_CONFIG` value that is neither `passthrough` nor `refuse`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a before-config behaviour; expected passthrough or refuse")]
+pub struct BeforeConfigError(String);
+
+impl std::str::FromStr for BeforeConfig {
+    type Err = BeforeConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "passthrough" => Ok(BeforeConfig::Passthrough),
+            "refuse" => Ok(BeforeConfig::Refuse),
+            other => Err(BeforeConfigError(other.to_owned())),
+        }
+    }
+}
+
 /// The destination of one accepted connection.
 enum Route {
     /// A configured service (and how its HTTP requests find it again per request).
@@ -219,6 +337,11 @@ fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
             None
         }
     }
+}
+
+/// Where an inbound connection to `orig` is forwarded: the application's port on loopback.
+fn inbound_target(orig: SocketAddr) -> SocketAddr {
+    SocketAddr::new(loopback_like(orig.ip()), orig.port())
 }
 
 fn loopback_like(ip: IpAddr) -> IpAddr {

@@ -11,6 +11,7 @@ use std::{
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use support::*;
+use tokio::io::AsyncReadExt;
 
 async fn served_by(p: &ChildProxy) -> String {
     let (resp, _) = get(&h1_client(), &format!("http://{}/", p.forward)).await;
@@ -224,4 +225,148 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     let status = exited.expect("exited within 5 s");
     assert!(status.success(), "{status:?}");
     assert!(signalled.elapsed() < Duration::from_secs(6));
+}
+
+/// A child proxy whose `--forward` listener (service `web`) reaches an HTTP backend that
+/// echoes on upgraded connections and CONNECT tunnels, plus a second forward listener
+/// (service `tcp`, opaque) reaching a TCP echo server; with the three long-lived
+/// connections a drain must wait for ([`Streams`]), each checked to carry bytes.
+struct Tunnels {
+    proxy: ChildProxy,
+    _backend: Backend,
+    _tcp: Task,
+    _dir: tempfile::TempDir,
+}
+
+/// The client ends of an upgraded connection, a CONNECT tunnel and an opaque connection.
+struct Streams {
+    upgraded: tokio::net::TcpStream,
+    connect: tokio::net::TcpStream,
+    opaque: tokio::net::TcpStream,
+}
+
+impl Tunnels {
+    async fn open(grace: &str) -> (Tunnels, Streams) {
+        let backend = Backend::start("127.0.0.2", "a").await;
+        let (tcp, tcp_task) = tcp_backend("127.0.0.3", "banner").await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.yaml");
+        let mut cfg = config(&[("web", &[backend.addr]), ("tcp", &[tcp])]);
+        cfg["services"][1]["protocol"] = "opaque".into();
+        write_config(&path, &cfg);
+        let tcp_listener = format!("127.0.0.1:{}", free_port().await);
+        let proxy = ChildProxy::start(
+            &path,
+            &[
+                "--shutdown-grace",
+                grace,
+                "--forward",
+                &format!("{tcp_listener}=tcp"),
+            ],
+        )
+        .await;
+        let mut upgraded = open_upgrade(proxy.forward).await;
+        echo_roundtrip(&mut upgraded, b"upgraded, before").await;
+        let (mut connect, _) = open_connect(proxy.forward, "db.example:5432").await;
+        echo_roundtrip(&mut connect, b"tunnelled, before").await;
+        let mut opaque = support::connect(tcp_listener.parse().unwrap()).await;
+        let mut banner = [0u8; 26];
+        tokio::time::timeout(Duration::from_secs(5), opaque.read_exact(&mut banner))
+            .await
+            .unwrap()
+            .unwrap();
+        echo_roundtrip(&mut opaque, b"opaque, before").await;
+        let tunnels = Tunnels {
+            proxy,
+            _backend: backend,
+            _tcp: tcp_task,
+            _dir: dir,
+        };
+        let streams = Streams {
+            upgraded,
+            connect,
+            opaque,
+        };
+        (tunnels, streams)
+    }
+
+    /// Sends SIGTERM and waits until the drain has begun (the forward listener refuses).
+    async fn terminate(&self) -> Instant {
+        let signalled = Instant::now();
+        self.proxy.signal("TERM");
+        let forward = self.proxy.forward;
+        eventually(Duration::from_secs(5), "listener closed", || async move {
+            tokio::net::TcpStream::connect(forward).await.is_err()
+        })
+        .await;
+        signalled
+    }
+
+    async fn exit_status(&mut self, within: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Some(status) = self.proxy.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the proxy did not exit within {within:?}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_waits_for_upgraded_connections_connect_tunnels_and_opaque_tcp() {
+    let (mut t, mut s) = Tunnels::open("30s").await;
+    let signalled = t.terminate().await;
+    // Draining: every tunnel keeps carrying bytes both ways, for as long as it lasts.
+    for round in 0..3 {
+        let msg = format!("round {round} while draining");
+        echo_roundtrip(&mut s.upgraded, msg.as_bytes()).await;
+        echo_roundtrip(&mut s.connect, msg.as_bytes()).await;
+        echo_roundtrip(&mut s.opaque, msg.as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        t.proxy.child.try_wait().unwrap().is_none(),
+        "the proxy exited while tunnels were open"
+    );
+    // The clients close; once the last has, the drain is complete and the proxy exits,
+    // long before the 30 s grace period.
+    drop(s.upgraded);
+    drop(s.connect);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        t.proxy.child.try_wait().unwrap().is_none(),
+        "the proxy exited while an opaque connection was open"
+    );
+    drop(s.opaque);
+    let status = t.exit_status(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test]
+async fn tunnels_still_open_when_the_grace_period_ends_are_closed() {
+    let (mut t, mut s) = Tunnels::open("2s").await;
+    let signalled = t.terminate().await;
+    echo_roundtrip(&mut s.upgraded, b"within the grace period").await;
+    echo_roundtrip(&mut s.connect, b"within the grace period").await;
+    echo_roundtrip(&mut s.opaque, b"within the grace period").await;
+    for (name, s) in [
+        ("upgraded", &mut s.upgraded),
+        ("connect", &mut s.connect),
+        ("opaque", &mut s.opaque),
+    ] {
+        assert!(
+            closed_within(s, Duration::from_secs(10)).await,
+            "{name} connection not closed after the grace period"
+        );
+        assert!(
+            signalled.elapsed() >= Duration::from_millis(1900),
+            "{name} connection closed before the grace period ended: {:?}",
+            signalled.elapsed()
+        );
+    }
+    let status = t.exit_status(Duration::from_secs(5)).await;
+    assert!(status.success(), "{status:?}");
 }

@@ -199,28 +199,28 @@ async fn websocket_style_upgrade_passes_through() {
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 1, "connection closed in the response head: {head:?}");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let head = read_head(&mut s).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: echo"), "{head}");
     for msg in [&b"ping"[..], b"not http at all \x00\x01"] {
-        s.write_all(msg).await.unwrap();
-        let mut buf = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(buf, msg);
+        echo_roundtrip(&mut s, msg).await;
     }
+}
+
+#[tokio::test]
+async fn connect_is_forwarded_to_the_destination_and_tunnels_bytes_both_ways() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[backend.addr])])).await;
+    let (mut s, head) = open_connect(proxy.addr, "db.example:5432").await;
+    // The destination got the CONNECT itself, with its authority-form target unchanged.
+    assert!(head.contains("x-backend: a"), "{head}");
+    assert!(head.contains("x-seen-authority: db.example:5432"), "{head}");
+    for msg in [&b"\x16\x03\x01 a TLS hello, say"[..], b"and more, both ways"] {
+        echo_roundtrip(&mut s, msg).await;
+    }
+    let metrics = proxy.proxy.metrics.encode().unwrap();
+    let needle = r#"weft_responses_total{direction="outbound",service="web",status_class="2xx"} 1"#;
+    assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
 }
 
 #[tokio::test]

@@ -54,6 +54,7 @@ impl Drop for Task {
 /// - `/echo`: streams the request body back as it arrives
 /// - header `x-delay-ms: N`: waits N ms before answering
 /// - `Upgrade: echo`: answers 101 and echoes bytes on the upgraded connection
+/// - `CONNECT host:port`: answers 200 and echoes bytes through the tunnel
 pub struct Backend {
     pub addr: SocketAddr,
     pub name: String,
@@ -138,11 +139,12 @@ async fn backend_handle(
         .header("x-seen-authority", seen_authority)
         .header("x-seen-version", format!("{:?}", req.version()))
         .header("x-seen-headers", seen_headers.join(","));
-    if req
+    let connect = req.method() == http::Method::CONNECT;
+    let upgrade = req
         .headers()
         .get(http::header::UPGRADE)
-        .is_some_and(|v| v == "echo")
-    {
+        .is_some_and(|v| v == "echo");
+    if connect || upgrade {
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(up) = on.await {
@@ -160,6 +162,13 @@ async fn backend_handle(
                 }
             }
         });
+    }
+    if connect {
+        return Ok(builder
+            .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+            .unwrap());
+    }
+    if upgrade {
         let resp = builder
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header(http::header::UPGRADE, "echo")
@@ -422,4 +431,64 @@ pub fn write_config(path: &std::path::Path, value: &serde_json::Value) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_yaml::to_string(value).unwrap()).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Reads an HTTP/1 response head (up to the blank line) byte by byte, so that nothing
+/// after it (tunnelled bytes) is consumed; lower-cased.
+pub async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("response head within 5 s")
+            .unwrap();
+        assert_eq!(n, 1, "connection closed in the response head: {head:?}");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_lowercase()
+}
+
+/// Opens a connection to `addr` and switches it to the backend's echo protocol with an
+/// HTTP/1 `Upgrade` (as a WebSocket client does).
+pub async fn open_upgrade(addr: SocketAddr) -> TcpStream {
+    let mut s = connect(addr).await;
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    s
+}
+
+/// Opens an HTTP/1 `CONNECT` tunnel to `target` through `addr`; returns the stream and
+/// the response head.
+pub async fn open_connect(addr: SocketAddr, target: &str) -> (TcpStream, String) {
+    let mut s = connect(addr).await;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    (s, head)
+}
+
+/// Sends `msg` and expects it echoed back within 5 s.
+pub async fn echo_roundtrip(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .expect("echo within 5 s")
+        .unwrap();
+    assert_eq!(buf, msg);
+}
+
+/// Waits up to `within` for the peer to close `s` (end of stream or reset).
+pub async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
 }
