@@ -330,16 +330,20 @@ async fn sigterm_waits_for_upgraded_connections_connect_tunnels_and_opaque_tcp()
         t.proxy.child.try_wait().unwrap().is_none(),
         "the proxy exited while tunnels were open"
     );
-    // The clients close; once the last has, the drain is complete and the proxy exits,
-    // long before the 30 s grace period.
-    drop(s.upgraded);
-    drop(s.connect);
+    // The clients close one by one; each tunnel left keeps the proxy draining (and
+    // working) until the last has closed, long before the 30 s grace period.
+    drop(s.opaque);
     tokio::time::sleep(Duration::from_millis(300)).await;
+    echo_roundtrip(&mut s.upgraded, b"upgraded, after the opaque one closed").await;
+    echo_roundtrip(&mut s.connect, b"tunnelled, after the opaque one closed").await;
+    drop(s.upgraded);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    echo_roundtrip(&mut s.connect, b"tunnelled, the last one open").await;
     assert!(
         t.proxy.child.try_wait().unwrap().is_none(),
-        "the proxy exited while an opaque connection was open"
+        "the proxy exited while a tunnel was open"
     );
-    drop(s.opaque);
+    drop(s.connect);
     let status = t.exit_status(Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
     assert!(signalled.elapsed() < Duration::from_secs(15));
