@@ -78,7 +78,8 @@ fn http_get(addr: &str) -> String {
     )
 }
 
-fn spawn_in_pod(ns: &str, config: &Path, args: &[&str]) -> tokio::process::Child {
+/// Runs `weft-proxy run ARGS` inside the pod as the proxy's UID, with `env` set.
+fn spawn_in_pod(ns: &str, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Child {
     Command::new("ip")
         .args(["netns", "exec", ns, "setpriv"])
         .arg(format!("--reuid={PROXY_UID}"))
@@ -86,135 +87,169 @@ fn spawn_in_pod(ns: &str, config: &Path, args: &[&str]) -> tokio::process::Child
         .arg("--clear-groups")
         .arg(env!("CARGO_BIN_EXE_weft-proxy"))
         .arg("run")
-        .arg("--config")
-        .arg(config)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap()
 }
 
-#[tokio::test]
-async fn transparent_outbound_and_inbound_in_a_network_namespace() {
-    if std::env::var_os("WEFT_SKIP_NETNS").is_some() {
-        eprintln!("WEFT_SKIP_NETNS is set: skipping the network-namespace test");
-        return;
-    }
-    let id = std::process::id() % 200 + 20;
-    let ns = format!("weft-test-{}", std::process::id());
-    let host_if = format!("wfh{id}");
-    let pod_if = format!("wfp{id}");
-    let host_ip = format!("10.{id}.0.1");
-    let pod_ip = format!("10.{id}.0.2");
-    let host_ip6 = format!("fd00:{id}::1");
-    let pod_ip6 = format!("fd00:{id}::2");
+/// A network namespace ("the pod") joined to the test by a veth pair, with the
+/// interception rules a sidecar's init container installs; deleted when dropped.
+struct Pod {
+    ns: String,
+    host_ip: String,
+    pod_ip: String,
+    host_ip6: String,
+    pod_ip6: String,
+    _guard: Netns,
+}
 
-    sh(&["ip", "netns", "add", &ns]);
-    let _guard = Netns(ns.clone());
-    sh(&[
-        "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &pod_if,
-    ]);
-    sh(&["ip", "link", "set", &pod_if, "netns", &ns]);
-    sh(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{host_ip}/24"),
-        "dev",
-        &host_if,
-    ]);
-    sh(&[
-        "ip",
-        "-6",
-        "addr",
-        "add",
-        &format!("{host_ip6}/64"),
-        "dev",
-        &host_if,
-        "nodad",
-    ]);
-    sh(&["ip", "link", "set", &host_if, "up"]);
-    for cmd in [
-        vec!["ip", "link", "set", "lo", "up"],
-        vec![
+impl Pod {
+    /// The `k`-th pod of this test process (names and subnets include the process id, so
+    /// parallel tests and runs do not collide).
+    fn create(k: u32) -> Pod {
+        let id = (std::process::id() + k) % 200 + 20;
+        let ns = format!("weft-test-{}-{k}", std::process::id());
+        let host_if = format!("wfh{id}");
+        let pod_if = format!("wfp{id}");
+        let host_ip = format!("10.{id}.0.1");
+        let pod_ip = format!("10.{id}.0.2");
+        let host_ip6 = format!("fd00:{id}::1");
+        let pod_ip6 = format!("fd00:{id}::2");
+        sh(&["ip", "netns", "add", &ns]);
+        let guard = Netns(ns.clone());
+        sh(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &pod_if,
+        ]);
+        sh(&["ip", "link", "set", &pod_if, "netns", &ns]);
+        sh(&[
             "ip",
             "addr",
             "add",
-            &*format!("{pod_ip}/24"),
+            &format!("{host_ip}/24"),
             "dev",
-            &pod_if,
-        ],
-        vec![
+            &host_if,
+        ]);
+        sh(&[
             "ip",
             "-6",
             "addr",
             "add",
-            &*format!("{pod_ip6}/64"),
+            &format!("{host_ip6}/64"),
             "dev",
-            &pod_if,
+            &host_if,
             "nodad",
-        ],
-        vec!["ip", "link", "set", &pod_if, "up"],
-        vec!["ip", "route", "add", "default", "via", &host_ip],
-        vec!["ip", "-6", "route", "add", "default", "via", &host_ip6],
-    ] {
-        sh(&in_ns(&ns, &cmd));
-    }
-    // The rules a sidecar's init container installs: everything inbound except the admin
-    // port to 15006; everything outbound, except loopback and the proxy's own UID, to
-    // 15001.
-    for ipt in ["iptables", "ip6tables"] {
-        for rule in [
-            &[
-                "-A",
-                "PREROUTING",
-                "-p",
-                "tcp",
-                "--dport",
-                "15021",
-                "-j",
-                "RETURN",
-            ][..],
-            &[
-                "-A",
-                "PREROUTING",
-                "-p",
-                "tcp",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                "15006",
+        ]);
+        sh(&["ip", "link", "set", &host_if, "up"]);
+        for cmd in [
+            vec!["ip", "link", "set", "lo", "up"],
+            vec![
+                "ip",
+                "addr",
+                "add",
+                &*format!("{pod_ip}/24"),
+                "dev",
+                &pod_if,
             ],
-            &["-A", "OUTPUT", "-p", "tcp", "-o", "lo", "-j", "RETURN"],
-            &[
-                "-A",
-                "OUTPUT",
-                "-p",
-                "tcp",
-                "-m",
-                "owner",
-                "--uid-owner",
-                PROXY_UID,
-                "-j",
-                "RETURN",
+            vec![
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &*format!("{pod_ip6}/64"),
+                "dev",
+                &pod_if,
+                "nodad",
             ],
-            &[
-                "-A",
-                "OUTPUT",
-                "-p",
-                "tcp",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                "15001",
-            ],
+            vec!["ip", "link", "set", &pod_if, "up"],
+            vec!["ip", "route", "add", "default", "via", &host_ip],
+            vec!["ip", "-6", "route", "add", "default", "via", &host_ip6],
         ] {
-            let mut cmd = vec![ipt, "-t", "nat"];
-            cmd.extend_from_slice(rule);
             sh(&in_ns(&ns, &cmd));
         }
+        // The rules a sidecar's init container installs: everything inbound except the admin
+        // port to 15006; everything outbound, except loopback and the proxy's own UID, to
+        // 15001.
+        for ipt in ["iptables", "ip6tables"] {
+            for rule in [
+                &[
+                    "-A",
+                    "PREROUTING",
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    "15021",
+                    "-j",
+                    "RETURN",
+                ][..],
+                &[
+                    "-A",
+                    "PREROUTING",
+                    "-p",
+                    "tcp",
+                    "-j",
+                    "REDIRECT",
+                    "--to-ports",
+                    "15006",
+                ],
+                &["-A", "OUTPUT", "-p", "tcp", "-o", "lo", "-j", "RETURN"],
+                &[
+                    "-A",
+                    "OUTPUT",
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "owner",
+                    "--uid-owner",
+                    PROXY_UID,
+                    "-j",
+                    "RETURN",
+                ],
+                &[
+                    "-A",
+                    "OUTPUT",
+                    "-p",
+                    "tcp",
+                    "-j",
+                    "REDIRECT",
+                    "--to-ports",
+                    "15001",
+                ],
+            ] {
+                let mut cmd = vec![ipt, "-t", "nat"];
+                cmd.extend_from_slice(rule);
+                sh(&in_ns(&ns, &cmd));
+            }
+        }
+        Pod {
+            ns,
+            host_ip,
+            pod_ip,
+            host_ip6,
+            pod_ip6,
+            _guard: guard,
+        }
     }
+}
+
+fn skip_netns() -> bool {
+    if std::env::var_os("WEFT_SKIP_NETNS").is_some() {
+        eprintln!("WEFT_SKIP_NETNS is set: skipping the network-namespace test");
+        return true;
+    }
+    false
+}
+
+#[tokio::test]
+async fn transparent_outbound_and_inbound_in_a_network_namespace() {
+    if skip_netns() {
+        return;
+    }
+    let pod = Pod::create(0);
+    let (ns, host_ip, pod_ip) = (&pod.ns, &pod.host_ip, &pod.pod_ip);
+    let (host_ip6, pod_ip6) = (&pod.host_ip6, &pod.pod_ip6);
 
     let web = Backend::start(&host_ip, "web").await;
     let app_backend = Backend::start(&host_ip, "app").await;
@@ -226,17 +261,14 @@ async fn transparent_outbound_and_inbound_in_a_network_namespace() {
     let mut cfg = config(&[("web", &[web.addr])]);
     cfg["services"][0]["addresses"] = serde_json::json!(["10.96.0.10:80", "[fd00:96::10]:80"]);
     write_config(&sidecar_cfg, &cfg);
-    let app_cfg = dir.path().join("app.yaml");
-    write_config(&app_cfg, &config(&[("web", &[app_backend.addr])]));
-    for f in [&sidecar_cfg, &app_cfg] {
-        set_mode(f, 0o644);
-    }
+    set_mode(&sidecar_cfg, 0o644);
 
     let admin = format!("{pod_ip}:15021");
     let _sidecar = spawn_in_pod(
-        &ns,
-        &sidecar_cfg,
+        ns,
         &[
+            "--config",
+            sidecar_cfg.to_str().unwrap(),
             "--outbound-addr",
             "[::]:15001",
             "--inbound-addr",
@@ -244,34 +276,11 @@ async fn transparent_outbound_and_inbound_in_a_network_namespace() {
             "--admin-addr",
             &admin,
         ],
+        &[],
     );
-    // The "application": listens on the pod's port 8080 (IPv4 and IPv6).
-    let _app = spawn_in_pod(
-        &ns,
-        &app_cfg,
-        &[
-            "--no-transparent",
-            "--forward",
-            "[::]:8080=web",
-            "--admin-addr",
-            "127.0.0.1:15022",
-        ],
-    );
+    let _app = app_in_pod(ns, dir.path(), app_backend.addr);
     let client = h1_client();
-    let ready = format!("http://{admin}/ready");
-    eventually(Duration::from_secs(10), "sidecar ready", || {
-        let (client, ready) = (client.clone(), ready.clone());
-        async move {
-            match client
-                .request(http::Request::get(ready).body(full("")).unwrap())
-                .await
-            {
-                Ok(r) => r.status() == http::StatusCode::OK,
-                Err(_) => false,
-            }
-        }
-    })
-    .await;
+    wait_for_status(&format!("http://{admin}/ready"), 200, "sidecar ready").await;
 
     // Outbound, IPv4: the app dials the cluster IP; the sidecar picks a "web" endpoint.
     let out = pod_bash(&ns, &http_get("10.96.0.10:80")).await;
@@ -317,7 +326,136 @@ async fn transparent_outbound_and_inbound_in_a_network_namespace() {
     assert_eq!(app_backend.hits(), 2);
 }
 
+/// The "application": listens on the pod's port 8080 (IPv4 and IPv6) and answers with
+/// `backend` (a `weft-proxy --forward` of its own, outside interception as UID 5150).
+fn app_in_pod(ns: &str, dir: &Path, backend: std::net::SocketAddr) -> tokio::process::Child {
+    let app_cfg = dir.join("app.yaml");
+    write_config(&app_cfg, &config(&[("web", &[backend])]));
+    set_mode(&app_cfg, 0o644);
+    spawn_in_pod(
+        ns,
+        &[
+            "--config",
+            app_cfg.to_str().unwrap(),
+            "--no-transparent",
+            "--forward",
+            "[::]:8080=web",
+            "--admin-addr",
+            "127.0.0.1:15022",
+        ],
+        &[],
+    )
+}
+
+/// Waits until a GET of `url` answers `status`.
+async fn wait_for_status(url: &str, status: u16, what: &str) {
+    let client = h1_client();
+    eventually(Duration::from_secs(10), what, || {
+        let (client, url) = (client.clone(), url.to_owned());
+        async move {
+            match client
+                .request(http::Request::get(url).body(full("")).unwrap())
+                .await
+            {
+                Ok(r) => r.status().as_u16() == status,
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+}
+
 fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[tokio::test]
+async fn before_the_first_config_traffic_passes_through_or_is_refused_and_counted() {
+    if skip_netns() {
+        return;
+    }
+    let pod = Pod::create(1);
+    let (ns, host_ip, pod_ip) = (&pod.ns, &pod.host_ip, &pod.pod_ip);
+    let web = Backend::start(host_ip, "web").await;
+    let app_backend = Backend::start(host_ip, "app").await;
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    let _app = app_in_pod(ns, dir.path(), app_backend.addr);
+
+    // The sidecar's operator is unreachable (nothing listens on the pod's port 9), so no
+    // config ever arrives.
+    let admin = format!("{pod_ip}:15021");
+    let sidecar = |env: &[(&str, &str)]| {
+        spawn_in_pod(
+            ns,
+            &[
+                "--operator-addr",
+                "127.0.0.1:9",
+                "--pod-namespace",
+                "shop",
+                "--pod-name",
+                "web-0",
+                "--outbound-addr",
+                "[::]:15001",
+                "--inbound-addr",
+                "[::]:15006",
+                "--admin-addr",
+                &admin,
+            ],
+            env,
+        )
+    };
+    let client = h1_client();
+    let metric = |direction: &str, action: &str| {
+        format!(
+            r#"weft_before_config_connections_total{{direction="{direction}",action="{action}"}} 1"#
+        )
+    };
+
+    // Default (passthrough): the application reaches the destination it dialled, and
+    // other pods reach the application, while /ready stays 503 until a first config.
+    let mut passthrough = sidecar(&[]);
+    wait_for_status(&format!("http://{admin}/live"), 200, "sidecar live").await;
+    let (ready, _) = get(&client, &format!("http://{admin}/ready")).await;
+    assert_eq!(ready.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    let out = pod_bash(ns, &http_get(&web.addr.to_string())).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.to_lowercase().contains("x-backend: web"), "{out}");
+    let (resp, body) = get(&client, &format!("http://{pod_ip}:8080/")).await;
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert_eq!(body, "hello from app");
+    let (_, metrics) = get(&client, &format!("http://{admin}/metrics")).await;
+    for needle in [
+        metric("outbound", "passthrough"),
+        metric("inbound", "passthrough"),
+    ] {
+        assert!(metrics.contains(&needle), "missing {needle} in\n{metrics}");
+    }
+    assert_eq!((web.hits(), app_backend.hits()), (1, 1));
+    passthrough.kill().await.unwrap();
+
+    // WEFT_BEFORE_CONFIG=refuse: both directions are closed, and counted.
+    let _refuse = sidecar(&[("WEFT_BEFORE_CONFIG", "refuse")]);
+    // A fresh client: the first one's pooled connections went to the sidecar just killed.
+    let client = h1_client();
+    wait_for_status(&format!("http://{admin}/live"), 200, "sidecar live").await;
+    let out = pod_bash(ns, &http_get(&web.addr.to_string())).await;
+    assert_eq!(out, "", "an outbound connection was not refused");
+    let inbound = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(
+            http::Request::get(format!("http://{pod_ip}:8080/"))
+                .body(full(""))
+                .unwrap(),
+        ),
+    )
+    .await
+    .expect("refused at once");
+    assert!(inbound.is_err(), "an inbound connection was not refused");
+    let (_, metrics) = get(&client, &format!("http://{admin}/metrics")).await;
+    for needle in [metric("outbound", "refuse"), metric("inbound", "refuse")] {
+        assert!(metrics.contains(&needle), "missing {needle} in\n{metrics}");
+    }
+    assert_eq!((web.hits(), app_backend.hits()), (1, 1));
 }
