@@ -9,6 +9,12 @@
 //!            ├ Forward(name): the named service ──────┼─▶ opaque port/service? ─▶ opaque TCP
 //!            └ Inbound: SO_ORIGINAL_DST ─▶ 127.0.0.1:port ┘        └no─▶ detect ─▶ HTTP/1, HTTP/2
 //! ```
+//!
+//! Before the first config there is nothing to match against: transparent connections
+//! are passed through as plain TCP or refused, as [`BeforeConfig`] says, and counted.
+//! A connection's task lives as long as the connection, tunnels included (an HTTP/1
+//! upgrade or `CONNECT` is spliced in the same task), so the listener's drain waits for all
+//! of it.
 
 use std::{
     io,
@@ -477,5 +483,20 @@ impl AsyncWrite for CountingIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn before_config_parses_its_two_values_and_names_them_on_error() {
+        for v in [BeforeConfig::Passthrough, BeforeConfig::Refuse] {
+            assert_eq!(v.as_str().parse::<BeforeConfig>().ok(), Some(v));
+        }
+        assert_eq!(BeforeConfig::default(), BeforeConfig::Passthrough);
+        let err = "Refuse".parse::<BeforeConfig>().unwrap_err().to_string();
+        assert!(err.contains("passthrough or refuse"), "{err}");
     }
 }

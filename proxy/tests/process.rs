@@ -245,6 +245,8 @@ struct Streams {
     opaque: tokio::net::TcpStream,
 }
 
+// Test setup: a failed step should panic the test that called it.
+#[allow(clippy::unwrap_used)]
 impl Tunnels {
     async fn open(grace: &str) -> (Tunnels, Streams) {
         let backend = Backend::start("127.0.0.2", "a").await;

@@ -215,7 +215,10 @@ async fn connect_is_forwarded_to_the_destination_and_tunnels_bytes_both_ways() {
     // The destination got the CONNECT itself, with its authority-form target unchanged.
     assert!(head.contains("x-backend: a"), "{head}");
     assert!(head.contains("x-seen-authority: db.example:5432"), "{head}");
-    for msg in [&b"\x16\x03\x01 a TLS hello, say"[..], b"and more, both ways"] {
+    for msg in [
+        &b"\x16\x03\x01 a TLS hello, say"[..],
+        b"and more, both ways",
+    ] {
         echo_roundtrip(&mut s, msg).await;
     }
     let metrics = proxy.proxy.metrics.encode().unwrap();

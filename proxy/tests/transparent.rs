@@ -251,9 +251,9 @@ async fn transparent_outbound_and_inbound_in_a_network_namespace() {
     let (ns, host_ip, pod_ip) = (&pod.ns, &pod.host_ip, &pod.pod_ip);
     let (host_ip6, pod_ip6) = (&pod.host_ip6, &pod.pod_ip6);
 
-    let web = Backend::start(&host_ip, "web").await;
-    let app_backend = Backend::start(&host_ip, "app").await;
-    let (banner, _banner_task) = tcp_backend(&host_ip6, "banner").await;
+    let web = Backend::start(host_ip, "web").await;
+    let app_backend = Backend::start(host_ip, "app").await;
+    let (banner, _banner_task) = tcp_backend(host_ip6, "banner").await;
 
     let dir = tempfile::tempdir().unwrap();
     set_mode(dir.path(), 0o755);
@@ -283,7 +283,7 @@ async fn transparent_outbound_and_inbound_in_a_network_namespace() {
     wait_for_status(&format!("http://{admin}/ready"), 200, "sidecar ready").await;
 
     // Outbound, IPv4: the app dials the cluster IP; the sidecar picks a "web" endpoint.
-    let out = pod_bash(&ns, &http_get("10.96.0.10:80")).await;
+    let out = pod_bash(ns, &http_get("10.96.0.10:80")).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.to_lowercase().contains("x-backend: web"), "{out}");
     assert!(
@@ -292,14 +292,14 @@ async fn transparent_outbound_and_inbound_in_a_network_namespace() {
     );
 
     // Outbound, IPv6: IP6T_SO_ORIGINAL_DST finds the v6 cluster address.
-    let out = pod_bash(&ns, &http_get("[fd00:96::10]:80")).await;
+    let out = pod_bash(ns, &http_get("[fd00:96::10]:80")).await;
     assert!(out.to_lowercase().contains("x-backend: web"), "{out}");
 
     // Outbound passthrough over IPv6: nobody claims this server-speaks-first address, so
     // the bytes flow unchanged and at once (no detection wait).
     let (h, p) = (host_ip6.clone(), banner.port());
     let out = pod_bash(
-        &ns,
+        ns,
         &format!("exec 3<>/dev/tcp/{h}/{p} && timeout 5 head -c 26 <&3"),
     )
     .await;
