@@ -65,8 +65,9 @@ impl ListenerKind {
 }
 
 /// Accepts connections until `shutdown`, then waits for the accepted ones to finish.
-/// HTTP connections finish their in-flight requests and close; opaque TCP connections run
-/// until either side closes (the caller bounds the wait with its grace period).
+/// HTTP connections finish their in-flight requests and close; upgraded connections,
+/// `CONNECT` tunnels and opaque TCP connections run until either side closes (the caller
+/// bounds the wait with its grace period).
 pub async fn serve(
     listener: TcpListener,
     kind: ListenerKind,
