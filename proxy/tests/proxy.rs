@@ -729,3 +729,61 @@ async fn http2_requests_share_one_upstream_connection_and_survive_its_loss() {
     send_all().await;
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn an_upgrade_in_flight_when_draining_begins_completes_and_is_drained() {
+    use weft_proxy::{Proxy, server::ListenerKind, shutdown};
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let proxy = Proxy::new();
+    proxy
+        .store
+        .apply(serde_json::from_value(config(&[("web", &[backend.addr])])).unwrap())
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut inbound = shutdown::ListenerGroup::new();
+    inbound.spawn(
+        listener,
+        ListenerKind::Forward(Arc::from("web")),
+        proxy.clone(),
+    );
+
+    // The backend answers the upgrade only after 300 ms; draining begins meanwhile.
+    let mut s = connect(addr).await;
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\nx-delay-ms: 300\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "upgrade reached the backend",
+        || {
+            let n = backend.hits();
+            async move { n == 1 }
+        },
+    )
+    .await;
+    let p = proxy.clone();
+    let drain = tokio::spawn(async move {
+        shutdown::drain(
+            &p,
+            inbound,
+            shutdown::ListenerGroup::new(),
+            Duration::from_secs(10),
+        )
+        .await
+    });
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    echo_roundtrip(&mut s, b"switched while draining").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!drain.is_finished(), "drain finished with a tunnel open");
+    echo_roundtrip(&mut s, b"still open").await;
+    drop(s);
+    let drained = tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .expect("drained once the tunnel closed")
+        .unwrap();
+    assert!(drained);
+}
