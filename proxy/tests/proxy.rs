@@ -787,3 +787,22 @@ async fn an_upgrade_in_flight_when_draining_begins_completes_and_is_drained() {
         .unwrap();
     assert!(drained);
 }
+
+#[tokio::test]
+async fn a_forward_listener_before_the_first_config_answers_503_service_not_found() {
+    use weft_proxy::{Proxy, server::ListenerKind};
+    let proxy = Proxy::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _serve = Task(tokio::spawn(weft_proxy::server::serve(
+        listener,
+        ListenerKind::Forward(Arc::from("web")),
+        proxy.clone(),
+        shutdown.clone(),
+    )));
+    // Not a silent close: the client learns why, as when the service is missing.
+    let (resp, _) = get(&h1_client(), &format!("http://{addr}/")).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(header(&resp, "weft-error"), "service_not_found");
+}
