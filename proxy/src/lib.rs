@@ -11,7 +11,7 @@
 //!
 //! Modules, one concern each: [`config`] (validation), [`store`] (active snapshot),
 //! [`balance`] (endpoint choice, no I/O), [`detect`], [`http`], [`server`], [`upstream`],
-//! [`orig_dst`], [`metrics`], [`errors`], [`admin`], [`source`], [`shutdown`].
+//! [`orig_dst`], [`metrics`], [`errors`], [`limits`], [`admin`], [`source`], [`shutdown`].
 
 use std::sync::Arc;
 
@@ -25,6 +25,7 @@ pub mod detect;
 pub mod errors;
 pub mod http;
 pub mod init;
+pub mod limits;
 pub mod metrics;
 pub mod orig_dst;
 pub mod server;
@@ -42,16 +43,27 @@ pub struct Proxy {
     pub metrics: Arc<metrics::Metrics>,
     /// Cancelled when shutdown begins, so `/ready` fails while the proxy drains.
     pub draining: CancellationToken,
+    /// Limits on what peers control.
+    pub limits: limits::Limits,
 }
 
 impl Proxy {
-    /// A proxy with fresh metrics and no config (not ready).
+    /// A proxy with fresh metrics, the default limits and no config (not ready).
     pub fn new() -> Arc<Self> {
+        Self::with_limits(limits::Limits::default())
+    }
+
+    /// A proxy with fresh metrics, these limits and no config (not ready).
+    pub fn with_limits(limits: limits::Limits) -> Arc<Self> {
         let metrics = Arc::new(metrics::Metrics::new());
         Arc::new(Proxy {
-            store: Arc::new(store::ConfigStore::new(metrics.clone())),
+            store: Arc::new(
+                store::ConfigStore::new(metrics.clone())
+                    .with_http1_connections_per_endpoint(limits.max_http1_connections_per_endpoint),
+            ),
             metrics,
             draining: CancellationToken::new(),
+            limits,
         })
     }
 }

@@ -19,7 +19,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::errors::ErrorCode;
+use crate::{errors::ErrorCode, limits::Limit};
 
 /// Which way traffic flows through the proxy, relative to its own pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -107,6 +107,13 @@ pub struct ErrorLabels {
     pub reason: &'static str,
 }
 
+/// Labels of limit refusals.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// Which limit ([`Limit::as_str`]).
+    pub limit: &'static str,
+}
+
 /// Labels of per-service gauges.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ServiceOnly {
@@ -138,6 +145,7 @@ pub struct Metrics {
     bytes_read: Family<DirectionLabels, Counter>,
     bytes_written: Family<DirectionLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
+    limit_refusals: Family<LimitLabels, Counter>,
     endpoints: Family<ServiceOnly, Gauge>,
     config_generation: Gauge,
     config_last_update: Gauge<f64, AtomicU64>,
@@ -171,6 +179,7 @@ impl Metrics {
             bytes_read: Family::default(),
             bytes_written: Family::default(),
             errors: Family::default(),
+            limit_refusals: Family::default(),
             endpoints: Family::default(),
             config_generation: Gauge::default(),
             config_last_update: Gauge::default(),
@@ -222,6 +231,11 @@ impl Metrics {
             "errors",
             "Failures the proxy answered or dropped itself, by reason code",
             m.errors.clone(),
+        );
+        registry.register(
+            "limit_refusals",
+            "Connections, streams or requests refused or cut because a limit bit",
+            m.limit_refusals.clone(),
         );
         registry.register(
             "service_endpoints",
@@ -282,6 +296,15 @@ impl Metrics {
             .get_or_create(&ErrorLabels {
                 direction,
                 reason: code.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts one refusal by `limit`.
+    pub fn limit_refused(&self, limit: Limit) {
+        self.limit_refusals
+            .get_or_create(&LimitLabels {
+                limit: limit.as_str(),
             })
             .inc();
     }
