@@ -366,7 +366,14 @@ impl HttpConn {
             if let Some(limit) = refusal.limit {
                 self.metrics.limit_refused(limit);
             }
-            return self.fail(labels, refusal.code, grpc, start);
+            let mut resp = self.fail(labels, refusal.code, grpc, start);
+            if req.version() <= Version::HTTP_11 {
+                // After a request the proxy would not forward, its framing cannot be
+                // trusted either: close, as nginx and Envoy do.
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            return resp;
         }
 
         let upgrade = is_upgrade(&req);

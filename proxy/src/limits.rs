@@ -131,10 +131,13 @@ impl Limits {
     /// check cannot see. Set above the limits the proxy answers itself, so that a head
     /// within them always reaches the precise check.
     pub fn http1_hard_head_bytes(&self) -> usize {
-        // Per field: ": " and CRLF; the request line: method, spaces, version, CRLF.
+        // Twice the answered limits, plus ": " and CRLF per field and a request line: a
+        // client twice over a limit still gets the precise answer, and a connection's
+        // head buffer stays well under hyper's default of ~400 KB.
         let per_field = 4usize.saturating_mul(self.max_request_headers_count);
         self.max_request_headers_bytes
             .saturating_add(self.max_request_target_bytes)
+            .saturating_mul(2)
             .saturating_add(per_field)
             .saturating_add(1024)
             // hyper's minimum buffer.
@@ -148,6 +151,7 @@ impl Limits {
         let total = self
             .max_request_headers_bytes
             .saturating_add(self.max_request_target_bytes)
+            .saturating_mul(2)
             .saturating_add(per_field)
             .saturating_add(1024);
         u32::try_from(total).unwrap_or(u32::MAX)

@@ -209,17 +209,17 @@ impl LimitArgs {
             }
         }
         let durations = [
-            ("--http2-keepalive-interval", self.http2_keepalive_interval),
-            ("--http2-keepalive-timeout", self.http2_keepalive_timeout),
-            ("--header-read-timeout", self.header_read_timeout),
+            ("--http2-keepalive-interval", &self.http2_keepalive_interval),
+            ("--http2-keepalive-timeout", &self.http2_keepalive_timeout),
+            ("--header-read-timeout", &self.header_read_timeout),
             (
                 "--admin-header-read-timeout",
-                self.admin_header_read_timeout,
+                &self.admin_header_read_timeout,
             ),
-            ("--opaque-idle-timeout", self.opaque_idle_timeout),
+            ("--opaque-idle-timeout", &self.opaque_idle_timeout),
             (
                 "--request-body-idle-timeout",
-                self.request_body_idle_timeout,
+                &self.request_body_idle_timeout,
             ),
         ];
         for (flag, value) in durations {
