@@ -2,6 +2,9 @@
 //! and h2's clients on HTTP/2, a proxy with small limits so that each one bites, and the
 //! refusal counted in `/metrics`.
 
+// Helpers below panic on failed setup, which fails the test that called them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
