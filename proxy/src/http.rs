@@ -7,7 +7,7 @@
 //!      ──pick endpoint──▶ strip hop-by-hop ──▶ Upstream pool ──▶ Response (+ weft-error)
 //! ```
 //!
-//! Before anything else a request is checked ([`check_request`]): the request-validity
+//! Before a request is proxied it is checked ([`check_request`]): the request-validity
 //! rules a proxy must enforce (RFC 9112 §3.2 `Host`, RFC 9113 §8.3.1 `:authority`) and the
 //! size limits of [`Limits`], in one pass over the header fields; what hyper's parsers
 //! already refuse (conflicting `Content-Length`, `Transfer-Encoding` that is not chunked,
@@ -19,6 +19,7 @@
 
 use std::{
     convert::Infallible,
+    future::Future as _,
     net::SocketAddr,
     pin::Pin,
     str::FromStr,
@@ -26,8 +27,6 @@ use std::{
     task::{Context, Poll},
     time::Instant,
 };
-
-use std::future::Future as _;
 
 use bytes::Bytes;
 use http::{
