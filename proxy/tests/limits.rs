@@ -777,3 +777,23 @@ async fn the_admin_listener_serves_config_to_loopback() {
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
     }
 }
+
+#[test]
+fn a_zero_limit_is_refused_before_anything_is_bound() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
+        .args([
+            "run",
+            "--config",
+            "/nonexistent.yaml",
+            "--max-connections",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--max-connections must be greater than zero"),
+        "{stderr}"
+    );
+}
