@@ -516,6 +516,37 @@ async fn http2_advertises_its_stream_limit() {
 }
 
 #[tokio::test]
+async fn an_http2_client_that_does_not_answer_pings_is_disconnected() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let limits = Limits {
+        http2_keepalive_interval: Duration::from_millis(200),
+        http2_keepalive_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let proxy = start("web", config(&[("web", &[backend.addr])]), limits);
+    // A peer that opens HTTP/2 (preface and an empty SETTINGS frame), then goes silent,
+    // as a client behind a dead network path would: it never acknowledges a PING.
+    let mut s = connect(proxy.addr).await;
+    s.write_all(weft_proxy::detect::H2_PREFACE).await.unwrap();
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let got = closed_within(&mut s, Duration::from_secs(5))
+        .await
+        .expect("the silent HTTP/2 peer is disconnected");
+    // Frame type 6 is PING: the proxy asked before giving up.
+    let mut frames = &got[..];
+    let mut pings = 0;
+    while frames.len() >= 9 {
+        let len =
+            usize::from(frames[0]) << 16 | usize::from(frames[1]) << 8 | usize::from(frames[2]);
+        if frames[3] == 6 {
+            pings += 1;
+        }
+        frames = frames.get(9 + len..).unwrap_or(&[]);
+    }
+    assert!(pings >= 1, "no PING before the close: {got:?}");
+}
+
+#[tokio::test]
 async fn http1_connections_per_endpoint_are_bounded() {
     let backend = Backend::start("127.0.0.2", "a").await;
     let limits = Limits {
