@@ -5,46 +5,77 @@
 //! | `/live` | 200 while the process runs |
 //! | `/ready` | 200 once a config is active, 503 before that and while draining |
 //! | `/metrics` | Prometheus/OpenMetrics text |
-//! | `/config` | the active config as JSON, with its version and generation |
+//! | `/config` | the active config as JSON, with its version and generation (loopback only) |
+//!
+//! The listener binds every address so that the kubelet and Prometheus reach it, which
+//! makes it reachable from every pod too: what reveals the mesh's topology (`/config`
+//! names every service, endpoint and identity) is answered only to loopback peers
+//! (`kubectl port-forward`, `kubectl exec`), 403 otherwise. Connections are bounded in
+//! number, in head size and in how long their head may take.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header::CONTENT_TYPE};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::Proxy;
+use crate::{
+    Proxy,
+    limits::{ADMIN_MAX_HEADER_BYTES, Limit},
+};
 
 /// Serves the admin endpoints until `shutdown`.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
     tracing::info!(addr = ?listener.local_addr().ok(), "admin listening");
+    let slots = Arc::new(Semaphore::new(
+        proxy
+            .limits
+            .max_admin_connections
+            .min(Semaphore::MAX_PERMITS),
+    ));
     loop {
         let accepted = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             r = listener.accept() => r,
         };
-        let stream = match accepted {
-            Ok((s, _)) => s,
+        let (stream, peer) = match accepted {
+            Ok(s) => s,
             Err(error) => {
                 tracing::warn!(%error, "admin accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            proxy.metrics.limit_refused(Limit::AdminConnections);
+            tracing::debug!(%peer, "admin connection limit reached; closing");
+            continue;
+        };
         let proxy = proxy.clone();
         let shutdown = shutdown.clone();
+        let local = Peer::of(peer);
         tracker.spawn(async move {
+            let _slot = slot;
+            let metrics = proxy.metrics.clone();
+            let header_read_timeout = proxy.limits.admin_header_read_timeout;
             let svc = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(route(&proxy, &req)) }
+                async move { Ok::<_, Infallible>(route(&proxy, local, &req)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_header_size(ADMIN_MAX_HEADER_BYTES)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             let r = tokio::select! {
@@ -55,6 +86,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
                 }
             };
             if let Err(error) = r {
+                if error.is_timeout() {
+                    metrics.limit_refused(Limit::HeaderReadTimeout);
+                }
                 tracing::debug!(%error, "admin connection error");
             }
         });
@@ -73,7 +107,33 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Where an admin request comes from, as far as what it may see is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// From inside the pod: `127.0.0.0/8`, `::1`, or `::ffff:127.0.0.0/104`.
+    Loopback,
+    /// From anywhere else: another pod, a node, the kubelet, Prometheus.
+    Remote,
+}
+
+impl Peer {
+    /// Classifies a connection's peer address.
+    pub fn of(peer: SocketAddr) -> Peer {
+        let loopback = match peer.ip() {
+            IpAddr::V4(v4) => v4.is_loopback(),
+            IpAddr::V6(v6) => {
+                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        };
+        if loopback {
+            Peer::Loopback
+        } else {
+            Peer::Remote
+        }
+    }
+}
+
+fn route(proxy: &Proxy, peer: Peer, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
@@ -104,6 +164,10 @@ fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "metrics encoding failed\n",
             ),
         },
+        "/config" if peer == Peer::Remote => text(
+            StatusCode::FORBIDDEN,
+            "/config is served to loopback clients only (kubectl port-forward, or exec into the pod)\n",
+        ),
         "/config" => match proxy.store.load() {
             None => text(StatusCode::SERVICE_UNAVAILABLE, "no config yet\n"),
             Some(s) => {
@@ -130,5 +194,33 @@ fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             StatusCode::NOT_FOUND,
             "not found; try /live /ready /metrics /config\n",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_peers_count_as_local() {
+        for local in [
+            "127.0.0.1:1",
+            "127.3.2.1:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.9]:1",
+        ] {
+            assert_eq!(Peer::of(local.parse().unwrap()), Peer::Loopback, "{local}");
+        }
+        for remote in [
+            "198.18.0.1:1",
+            "10.0.0.1:1",
+            "0.0.0.0:1",
+            "[::ffff:10.0.0.1]:1",
+            "[fd00::1]:1",
+            "[::]:1",
+            "[::127.0.0.1]:1",
+        ] {
+            assert_eq!(Peer::of(remote.parse().unwrap()), Peer::Remote, "{remote}");
+        }
     }
 }

@@ -66,7 +66,17 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
                 Some(Protocol::Opaque)
             }
         }
-        None if bytes.len() >= MAX_DETECT_BYTES => Some(Protocol::Opaque),
+        // A request line longer than detection waits for is still HTTP/1 when it reads as
+        // one so far (method, one space, target characters): treating it as opaque would
+        // forward it raw, past every HTTP rule and limit, where the HTTP path answers 414.
+        None if bytes.len() >= MAX_DETECT_BYTES => {
+            let target = method_end.and_then(|end| bytes.get(end + 1..));
+            if target.is_some_and(|t| t.iter().all(|b| b.is_ascii_graphic())) {
+                Some(Protocol::Http1)
+            } else {
+                Some(Protocol::Opaque)
+            }
+        }
         None => None,
     }
 }
@@ -192,6 +202,20 @@ mod tests {
         );
         assert_eq!(classify(b"GET / SPDY/3\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b""), None);
+    }
+
+    #[test]
+    fn a_request_line_longer_than_detection_waits_for_is_still_http1() {
+        let mut long = b"GET /".to_vec();
+        long.resize(MAX_DETECT_BYTES + 10, b'a');
+        assert_eq!(classify(&long), Some(Protocol::Http1));
+        // Not a request line: a second space, or control bytes.
+        let mut two = b"GET /a ".to_vec();
+        two.resize(MAX_DETECT_BYTES + 10, b'a');
+        assert_eq!(classify(&two), Some(Protocol::Opaque));
+        let mut bin = b"GET ".to_vec();
+        bin.resize(MAX_DETECT_BYTES + 10, 0);
+        assert_eq!(classify(&bin), Some(Protocol::Opaque));
     }
 
     #[tokio::test]

@@ -24,17 +24,33 @@ pub enum ErrorCode {
     ResponseTimeout,
     /// The upstream connection broke or spoke invalid HTTP before a response (502).
     UpstreamFailed,
+    /// The endpoint has as many HTTP/1 connections as allowed, all busy (503).
+    UpstreamConnectionLimit,
+    /// The request breaks a rule of RFC 9110/9112/9113 a proxy must enforce, such as a
+    /// missing, repeated or invalid `Host` (400).
+    InvalidRequest,
+    /// The request target is longer than the limit (414).
+    RequestTargetTooLong,
+    /// The header fields, one of them, or their count exceed a limit (431).
+    RequestHeadersTooLarge,
+    /// The client paused in the middle of the request body for longer than allowed (408).
+    RequestBodyTimeout,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 6] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::NoEndpoints,
         ErrorCode::ServiceNotFound,
         ErrorCode::ConnectFailed,
         ErrorCode::ConnectTimeout,
         ErrorCode::ResponseTimeout,
         ErrorCode::UpstreamFailed,
+        ErrorCode::UpstreamConnectionLimit,
+        ErrorCode::InvalidRequest,
+        ErrorCode::RequestTargetTooLong,
+        ErrorCode::RequestHeadersTooLarge,
+        ErrorCode::RequestBodyTimeout,
     ];
 
     /// The stable text sent in the `weft-error` header and used as the metric label.
@@ -46,13 +62,24 @@ impl ErrorCode {
             ErrorCode::ConnectTimeout => "connect_timeout",
             ErrorCode::ResponseTimeout => "response_timeout",
             ErrorCode::UpstreamFailed => "upstream_failed",
+            ErrorCode::UpstreamConnectionLimit => "upstream_connection_limit",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::RequestTargetTooLong => "request_target_too_long",
+            ErrorCode::RequestHeadersTooLarge => "request_headers_too_large",
+            ErrorCode::RequestBodyTimeout => "request_body_timeout",
         }
     }
 
     /// The HTTP status the proxy answers with.
     pub const fn status(self) -> StatusCode {
         match self {
-            ErrorCode::NoEndpoints | ErrorCode::ServiceNotFound => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::NoEndpoints
+            | ErrorCode::ServiceNotFound
+            | ErrorCode::UpstreamConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::RequestTargetTooLong => StatusCode::URI_TOO_LONG,
+            ErrorCode::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorCode::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::ConnectFailed | ErrorCode::UpstreamFailed => StatusCode::BAD_GATEWAY,
             ErrorCode::ConnectTimeout | ErrorCode::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -65,13 +92,18 @@ impl ErrorCode {
     pub const fn grpc_status(self) -> u8 {
         match self {
             // DEADLINE_EXCEEDED
-            ErrorCode::ResponseTimeout => 4,
+            ErrorCode::ResponseTimeout | ErrorCode::RequestBodyTimeout => 4,
+            // INTERNAL, as gRPC maps HTTP 400.
+            ErrorCode::InvalidRequest => 13,
+            // RESOURCE_EXHAUSTED
+            ErrorCode::RequestTargetTooLong | ErrorCode::RequestHeadersTooLarge => 8,
             // UNAVAILABLE: nothing was processed, the client may retry.
             ErrorCode::NoEndpoints
             | ErrorCode::ServiceNotFound
             | ErrorCode::ConnectFailed
             | ErrorCode::ConnectTimeout
-            | ErrorCode::UpstreamFailed => 14,
+            | ErrorCode::UpstreamFailed
+            | ErrorCode::UpstreamConnectionLimit => 14,
         }
     }
 }
@@ -97,7 +129,7 @@ mod tests {
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b == b'_')
             );
-            assert!(code.status().is_server_error());
+            assert!(code.status().is_server_error() || code.status().is_client_error());
         }
     }
 }

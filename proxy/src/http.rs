@@ -7,18 +7,25 @@
 //!      ──pick endpoint──▶ strip hop-by-hop ──▶ Upstream pool ──▶ Response (+ weft-error)
 //! ```
 //!
+//! Before a request is proxied it is checked ([`check_request`]): the request-validity
+//! rules a proxy must enforce (RFC 9112 §3.2 `Host`, RFC 9113 §8.3.1 `:authority`) and the
+//! size limits of [`Limits`], in one pass over the header fields; what hyper's parsers
+//! already refuse (conflicting `Content-Length`, `Transfer-Encoding` that is not chunked,
+//! invalid field names and values) is not checked twice.
+//!
 //! Failures the proxy answers itself carry a `weft-error` header ([`ErrorCode`]). A request
 //! without a body whose connect failed is sent once more to another endpoint; nothing
 //! else is retried.
 
 use std::{
     convert::Infallible,
+    future::Future as _,
     net::SocketAddr,
     pin::Pin,
     str::FromStr,
     sync::{Arc, Mutex, OnceLock},
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -37,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     detect::Protocol,
     errors::{ERROR_HEADER, ErrorCode},
+    limits::{Limit, Limits},
     metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
     store::{ConfigStore, EndpointState, InFlight, ServiceState},
     upstream::Lease,
@@ -69,6 +77,8 @@ pub struct HttpConn {
     pub target: HttpTarget,
     /// Label used for `Fixed` targets.
     pub fixed_label: ServiceLabel,
+    /// Limits on the connection and its requests.
+    pub limits: Limits,
     /// The request series of `Fixed` targets, looked up on the connection's first request.
     fixed_metrics: OnceLock<RequestMetrics>,
     /// The tunnel an HTTP/1 request opened (an upgrade or a `CONNECT`), spliced by the
@@ -84,6 +94,7 @@ impl HttpConn {
         direction: Direction,
         target: HttpTarget,
         fixed_label: ServiceLabel,
+        limits: Limits,
     ) -> Self {
         HttpConn {
             store,
@@ -91,6 +102,7 @@ impl HttpConn {
             direction,
             target,
             fixed_label,
+            limits,
             fixed_metrics: OnceLock::new(),
             tunnel: Mutex::new(None),
         }
@@ -114,6 +126,9 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let shared = conn.clone();
+    let limits = conn.limits;
+    let metrics = conn.metrics.clone();
+    let direction = conn.direction;
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         // Boxed so that hyper moves a pointer, not the whole request state, each time it
@@ -125,6 +140,12 @@ where
         Protocol::Http2 => {
             let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_concurrent_streams(limits.http2_max_concurrent_streams)
+                .max_header_list_size(limits.http2_header_list_size())
+                .keep_alive_interval(limits.http2_keepalive_interval)
+                .keep_alive_timeout(limits.http2_keepalive_timeout)
+                .max_pending_accept_reset_streams(limits.http2_max_pending_accept_reset_streams)
+                .max_local_error_reset_streams(limits.http2_max_local_error_reset_streams)
                 .serve_connection(io, svc);
             tokio::pin!(c);
             tokio::select! {
@@ -136,10 +157,17 @@ where
             }
         }
         _ => {
-            let c = hyper::server::conn::http1::Builder::new()
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
                 .timer(TokioTimer::new())
-                .serve_connection(io, svc)
-                .with_upgrades();
+                .header_read_timeout(limits.header_read_timeout)
+                .max_header_size(limits.http1_hard_head_bytes());
+            // Above hyper's 100 the field array moves from the stack to the heap, which
+            // costs every request: only then is it raised.
+            if limits.max_request_headers_count > HYPER_H1_MAX_HEADERS {
+                builder.max_headers(limits.max_request_headers_count);
+            }
+            let c = builder.serve_connection(io, svc).with_upgrades();
             tokio::pin!(c);
             tokio::select! {
                 r = c.as_mut() => r,
@@ -151,6 +179,16 @@ where
         }
     };
     if let Err(error) = result {
+        // Refusals by hyper itself (it answered 400/414/431 or closed without a response):
+        // counted here, the one place they become visible.
+        if error.is_timeout() {
+            metrics.limit_refused(Limit::HeaderReadTimeout);
+        } else if error.is_parse_too_large() {
+            metrics.limit_refused(Limit::RequestHead);
+            metrics.error(direction, ErrorCode::RequestHeadersTooLarge);
+        } else if error.is_parse() {
+            metrics.error(direction, ErrorCode::InvalidRequest);
+        }
         tracing::debug!(%error, "http connection ended with an error");
     }
     // Taken out of the slot first: the guard must not be held across the splice.
@@ -158,6 +196,133 @@ where
     if let Some(tunnel) = tunnel {
         tunnel.splice().await;
     }
+}
+
+/// hyper's HTTP/1 default of header fields per request, kept on the stack.
+const HYPER_H1_MAX_HEADERS: usize = 100;
+
+/// Why a request was refused before being proxied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The answer.
+    pub code: ErrorCode,
+    /// The limit that bit, if a limit (rather than a validity rule) refused it.
+    pub limit: Option<Limit>,
+}
+
+impl Refusal {
+    const fn invalid() -> Self {
+        Refusal {
+            code: ErrorCode::InvalidRequest,
+            limit: None,
+        }
+    }
+
+    const fn limit(code: ErrorCode, limit: Limit) -> Self {
+        Refusal {
+            code,
+            limit: Some(limit),
+        }
+    }
+}
+
+/// Checks a request the proxy is about to forward: sizes against `limits`, then the `Host`
+/// rules. HTTP/1.1 (RFC 9112 §3.2): exactly one `Host`, with a valid value (an HTTP/1.0
+/// request may omit it). HTTP/2 (RFC 9113 §8.3.1): at most one `Host`, equal to
+/// `:authority` when both are present. An absolute-form target's authority replaces
+/// `Host` later ([`to_origin_form`]), as RFC 9112 §3.2.2 requires.
+///
+/// One pass over the fields, no allocation: this runs on every request.
+pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), Refusal> {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.scheme_str().map_or(0, |s| s.len() + 3);
+    if target > limits.max_request_target_bytes {
+        return Err(Refusal::limit(
+            ErrorCode::RequestTargetTooLong,
+            Limit::RequestTargetBytes,
+        ));
+    }
+    let headers = req.headers();
+    if headers.len() > limits.max_request_headers_count {
+        return Err(Refusal::limit(
+            ErrorCode::RequestHeadersTooLarge,
+            Limit::RequestHeadersCount,
+        ));
+    }
+    let mut total = 0usize;
+    let mut host = None;
+    let mut hosts = 0u32;
+    for (name, value) in headers {
+        let line = name.as_str().len() + value.len();
+        if line > limits.max_header_line_bytes {
+            return Err(Refusal::limit(
+                ErrorCode::RequestHeadersTooLarge,
+                Limit::HeaderLineBytes,
+            ));
+        }
+        total += line;
+        if name == HOST {
+            hosts += 1;
+            host = Some(value);
+        }
+    }
+    if total > limits.max_request_headers_bytes {
+        return Err(Refusal::limit(
+            ErrorCode::RequestHeadersTooLarge,
+            Limit::RequestHeadersBytes,
+        ));
+    }
+    if hosts > 1 {
+        return Err(Refusal::invalid());
+    }
+    match host {
+        Some(h) if !valid_host(h.as_bytes()) => return Err(Refusal::invalid()),
+        None if req.version() == Version::HTTP_11 => return Err(Refusal::invalid()),
+        Some(h) if req.version() == Version::HTTP_2 => {
+            if let Some(authority) = uri.authority()
+                && !authority
+                    .as_str()
+                    .as_bytes()
+                    .eq_ignore_ascii_case(h.as_bytes())
+            {
+                return Err(Refusal::invalid());
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Whether a `Host` value is `uri-host [ ":" port ]` (RFC 9110 §7.2): registered-name,
+/// IPv4 or bracketed IP-literal characters only; no userinfo, no whitespace, no path. The
+/// empty value is valid (for targets without an authority).
+fn valid_host(value: &[u8]) -> bool {
+    value.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
 }
 
 enum Dest {
@@ -215,6 +380,20 @@ impl HttpConn {
         };
         let labels = self.request_metrics(&dest);
         labels.request();
+        if let Err(refusal) = check_request(&req, &self.limits) {
+            tracing::debug!(reason = refusal.code.as_str(), "request refused");
+            if let Some(limit) = refusal.limit {
+                self.metrics.limit_refused(limit);
+            }
+            let mut resp = self.fail(labels, refusal.code, grpc, start);
+            if req.version() <= Version::HTTP_11 {
+                // After a request the proxy would not forward, its framing cannot be
+                // trusted either: close, as nginx and Envoy do.
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            return resp;
+        }
 
         let upgrade = is_upgrade(&req);
         // RFC 9110 §9.3.6: CONNECT goes to the destination as it is (authority-form), and
@@ -232,6 +411,11 @@ impl HttpConn {
         let retryable = matches!(&dest, Dest::Service(s) if s.endpoints.len() > 1)
             && body.is_end_stream()
             && on_upgrade.is_none();
+        // gRPC streams may legitimately stay silent for long (a watch); they are bounded by
+        // HTTP/2's stream limit and keep-alive pings instead.
+        let idle = (!grpc && !body.is_end_stream())
+            .then(|| (self.limits.request_body_idle_timeout, self.metrics.clone()));
+        let body = RequestBody::new(body, idle);
         let mut request = Some(Request::from_parts(parts, body));
         let timeout = match &dest {
             Dest::Service(s) => s.spec.response_timeout,
@@ -274,6 +458,8 @@ impl HttpConn {
                         *self.tunnel_slot() = Some(Tunnel {
                             downstream,
                             upstream,
+                            idle: self.limits.opaque_idle_timeout,
+                            metrics: self.metrics.clone(),
                             _in_flight: in_flight,
                         });
                         strip_hop_by_hop(resp.headers_mut(), upgrade);
@@ -292,11 +478,15 @@ impl HttpConn {
                     });
                 }
                 Err(mut error) if error.is_connect() => {
-                    endpoint.penalize();
                     drop(in_flight);
-                    let code = if error.is_connect_timeout() {
+                    let code = if error.is_connection_limit() {
+                        self.metrics.limit_refused(Limit::UpstreamHttp1Connections);
+                        ErrorCode::UpstreamConnectionLimit
+                    } else if error.is_connect_timeout() {
+                        endpoint.penalize();
                         ErrorCode::ConnectTimeout
                     } else {
+                        endpoint.penalize();
                         ErrorCode::ConnectFailed
                     };
                     tracing::debug!(endpoint = %endpoint.addr, error = %error, "connect failed");
@@ -313,7 +503,12 @@ impl HttpConn {
                 }
                 Err(error) => {
                     tracing::debug!(endpoint = %endpoint.addr, error = %error, "upstream failed");
-                    return self.fail(labels, ErrorCode::UpstreamFailed, grpc, start);
+                    let code = if caused_by_body_timeout(&error) {
+                        ErrorCode::RequestBodyTimeout
+                    } else {
+                        ErrorCode::UpstreamFailed
+                    };
+                    return self.fail(labels, code, grpc, start);
                 }
             }
         }
@@ -387,19 +582,26 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 struct Tunnel {
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
+    /// Like an opaque connection, a tunnel that moves no byte for this long is closed.
+    idle: Duration,
+    metrics: Arc<Metrics>,
     _in_flight: InFlight,
 }
 
 impl Tunnel {
-    /// Copies bytes both ways until both sides have closed.
+    /// Copies bytes both ways until both sides have closed, or until it is idle.
     async fn splice(self) {
         let (d, u) = tokio::join!(self.downstream, self.upstream);
         match (d, u) {
             (Ok(d), Ok(u)) => {
                 let mut d = TokioIo::new(d);
                 let mut u = TokioIo::new(u);
-                match tokio::io::copy_bidirectional(&mut d, &mut u).await {
-                    Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
+                match crate::server::splice_until_idle(&mut d, &mut u, self.idle).await {
+                    Ok(Some((up, down))) => tracing::debug!(up, down, "tunnel closed"),
+                    Ok(None) => {
+                        self.metrics.limit_refused(Limit::OpaqueIdleTimeout);
+                        tracing::debug!("tunnel idle; closed");
+                    }
                     Err(error) => tracing::debug!(%error, "tunnel ended with an error"),
                 }
             }
@@ -484,10 +686,12 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Puts an HTTP/1 request in the form an origin server expects, as a client does: `Host`
-/// set when missing (from the URI's authority, or the target), and the request target in
-/// origin-form (authority-form for `CONNECT`).
+/// set when missing (from the URI's authority, or the target) and replaced by the target's
+/// authority for an absolute-form target (RFC 9112 §3.2.2: a proxy ignores the received
+/// `Host` then), and the request target in origin-form (authority-form for `CONNECT`).
 fn to_origin_form<B>(req: &mut Request<B>, fallback: impl FnOnce() -> Option<Authority>) {
-    if !req.headers().contains_key(HOST)
+    let absolute = req.uri().scheme().is_some() && req.uri().authority().is_some();
+    if (absolute || !req.headers().contains_key(HOST))
         && let Some(authority) = req.uri().authority().cloned().or_else(fallback)
     {
         // The port is left out when it is the default for `http`, as clients do.
@@ -584,6 +788,117 @@ impl Body for TrackedBody {
             self.ended = true;
         }
         frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body on its way upstream. While the client sends it, a pause between two
+/// frames longer than the idle timeout ends it with [`RequestBodyError::IdleTimeout`], so a
+/// client that stops half-way does not hold an upstream connection forever. Empty bodies
+/// (most requests) carry no timer; a body allocates its timer the first time it has to
+/// wait for the client.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Incoming,
+    idle: Option<IdleTimer>,
+}
+
+#[derive(Debug)]
+struct IdleTimer {
+    timeout: std::time::Duration,
+    metrics: Arc<Metrics>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `sleep` runs from the last frame; cleared by each frame and set again, from
+    /// the current time, by the first poll that has to wait.
+    armed: bool,
+}
+
+impl RequestBody {
+    /// Wraps `inner`; with `idle`, a pause longer than its duration ends the body, counted
+    /// in the metrics given.
+    pub fn new(inner: Incoming, idle: Option<(std::time::Duration, Arc<Metrics>)>) -> Self {
+        RequestBody {
+            inner,
+            idle: idle.map(|(timeout, metrics)| IdleTimer {
+                timeout,
+                metrics,
+                sleep: None,
+                armed: false,
+            }),
+        }
+    }
+}
+
+/// Why a request body ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    /// The client paused longer than the request body idle timeout.
+    #[error("the client sent no request body data within the idle timeout")]
+    IdleTimeout,
+    /// The client's connection or stream failed.
+    #[error("reading the request body")]
+    Client(#[source] hyper::Error),
+}
+
+/// Whether an upstream failure was the request body's idle timeout.
+fn caused_by_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if matches!(e.downcast_ref(), Some(RequestBodyError::IdleTimeout)) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Some(idle) = this.idle.as_mut() {
+                    idle.armed = false;
+                }
+                Poll::Ready(frame.map(|f| f.map_err(RequestBodyError::Client)))
+            }
+            Poll::Pending => {
+                let Some(idle) = this.idle.as_mut() else {
+                    return Poll::Pending;
+                };
+                let deadline = tokio::time::Instant::now() + idle.timeout;
+                let sleep = idle
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !idle.armed {
+                    sleep.as_mut().reset(deadline);
+                    idle.armed = true;
+                }
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        idle.metrics.limit_refused(Limit::RequestBodyIdleTimeout);
+                        tracing::debug!(timeout = ?idle.timeout, "request body idle; cutting it");
+                        // Stop the timer: the body has ended for good.
+                        this.idle = None;
+                        Poll::Ready(Some(Err(RequestBodyError::IdleTimeout)))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {

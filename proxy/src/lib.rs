@@ -11,7 +11,7 @@
 //!
 //! Modules, one concern each: [`config`] (validation), [`store`] (active snapshot),
 //! [`balance`] (endpoint choice, no I/O), [`detect`], [`http`], [`server`], [`upstream`],
-//! [`orig_dst`], [`metrics`], [`errors`], [`admin`], [`source`], [`shutdown`].
+//! [`orig_dst`], [`metrics`], [`errors`], [`limits`], [`admin`], [`source`], [`shutdown`].
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -25,6 +25,7 @@ pub mod detect;
 pub mod errors;
 pub mod http;
 pub mod init;
+pub mod limits;
 pub mod metrics;
 pub mod orig_dst;
 pub mod server;
@@ -47,25 +48,36 @@ pub struct Proxy {
     /// Set once the first connection handled without a config has been logged, so that a
     /// proxy waiting for its operator logs the fallback once rather than per connection.
     pub(crate) before_config_logged: AtomicBool,
+    /// Limits on what peers control.
+    pub limits: limits::Limits,
 }
 
 impl Proxy {
-    /// A proxy with fresh metrics and no config (not ready), passing connections through
-    /// until its first config ([`server::BeforeConfig::Passthrough`]).
+    /// A proxy with fresh metrics, the default limits and no config (not ready), passing
+    /// connections through until its first config ([`server::BeforeConfig::Passthrough`]).
     pub fn new() -> Arc<Self> {
-        Self::with_before_config(server::BeforeConfig::default())
+        Self::with(limits::Limits::default(), server::BeforeConfig::default())
     }
 
-    /// A proxy with fresh metrics and no config, handling connections accepted before its
-    /// first config as `before_config` says.
-    pub fn with_before_config(before_config: server::BeforeConfig) -> Arc<Self> {
+    /// A proxy with fresh metrics, these limits and no config (not ready).
+    pub fn with_limits(limits: limits::Limits) -> Arc<Self> {
+        Self::with(limits, server::BeforeConfig::default())
+    }
+
+    /// A proxy with fresh metrics, these limits and no config, handling connections
+    /// accepted before its first config as `before_config` says.
+    pub fn with(limits: limits::Limits, before_config: server::BeforeConfig) -> Arc<Self> {
         let metrics = Arc::new(metrics::Metrics::new());
         Arc::new(Proxy {
-            store: Arc::new(store::ConfigStore::new(metrics.clone())),
+            store: Arc::new(
+                store::ConfigStore::new(metrics.clone())
+                    .with_http1_connections_per_endpoint(limits.max_http1_connections_per_endpoint),
+            ),
             metrics,
             draining: CancellationToken::new(),
             before_config,
             before_config_logged: AtomicBool::new(false),
+            limits,
         })
     }
 }

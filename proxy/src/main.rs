@@ -13,6 +13,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use weft_proxy::{
     Proxy,
+    limits::{self, Limits},
     server::ListenerKind,
     shutdown::{self, ListenerGroup},
     source::{self, FileSource},
@@ -127,6 +128,131 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Limits on what peers control (docs/proxy.md, "Limits", says why each default).
+#[derive(clap::Args, Debug)]
+struct LimitArgs {
+    /// Open connections per transparent or forward listener; more are closed at once.
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Open connections on the admin listener.
+    #[arg(long, env = "WEFT_MAX_ADMIN_CONNECTIONS", default_value_t = limits::DEFAULT_MAX_ADMIN_CONNECTIONS)]
+    max_admin_connections: usize,
+    /// HTTP/1 connections to one endpoint.
+    #[arg(long, env = "WEFT_MAX_HTTP1_CONNECTIONS_PER_ENDPOINT", default_value_t = limits::DEFAULT_MAX_HTTP1_CONNECTIONS_PER_ENDPOINT)]
+    max_http1_connections_per_endpoint: usize,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS advertised to clients.
+    #[arg(long, env = "WEFT_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = limits::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS)]
+    http2_max_concurrent_streams: u32,
+    /// Interval of HTTP/2 keep-alive pings to clients.
+    #[arg(long, env = "WEFT_HTTP2_KEEPALIVE_INTERVAL", default_value = "60s")]
+    http2_keepalive_interval: weft_api::Duration,
+    /// How long an HTTP/2 keep-alive ping may go unanswered before the connection closes.
+    #[arg(long, env = "WEFT_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s")]
+    http2_keepalive_timeout: weft_api::Duration,
+    /// HTTP/2 streams a client may reset before they are accepted, before GOAWAY.
+    #[arg(long, env = "WEFT_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS", default_value_t = limits::DEFAULT_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS)]
+    http2_max_pending_accept_reset_streams: usize,
+    /// HTTP/2 streams the proxy may reset for the client's errors, before GOAWAY.
+    #[arg(long, env = "WEFT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS", default_value_t = limits::DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS)]
+    http2_max_local_error_reset_streams: usize,
+    /// How long an HTTP/1 request head may take (also closes idle keep-alive connections).
+    #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT", default_value = "30s")]
+    header_read_timeout: weft_api::Duration,
+    /// The same on the admin listener.
+    #[arg(long, env = "WEFT_ADMIN_HEADER_READ_TIMEOUT", default_value = "10s")]
+    admin_header_read_timeout: weft_api::Duration,
+    /// How long an opaque TCP connection may carry no byte before it is closed.
+    #[arg(long, env = "WEFT_OPAQUE_IDLE_TIMEOUT", default_value = "1h")]
+    opaque_idle_timeout: weft_api::Duration,
+    /// How long a client may pause in the middle of a request body.
+    #[arg(long, env = "WEFT_REQUEST_BODY_IDLE_TIMEOUT", default_value = "5m")]
+    request_body_idle_timeout: weft_api::Duration,
+    /// Total bytes of a request's header names and values (431 above).
+    #[arg(long, env = "WEFT_MAX_REQUEST_HEADERS_BYTES", default_value_t = limits::DEFAULT_MAX_REQUEST_HEADERS_BYTES)]
+    max_request_headers_bytes: usize,
+    /// Bytes of one header field's name and value (431 above).
+    #[arg(long, env = "WEFT_MAX_HEADER_LINE_BYTES", default_value_t = limits::DEFAULT_MAX_HEADER_LINE_BYTES)]
+    max_header_line_bytes: usize,
+    /// Bytes of the request target (414 above).
+    #[arg(long, env = "WEFT_MAX_REQUEST_TARGET_BYTES", default_value_t = limits::DEFAULT_MAX_REQUEST_TARGET_BYTES)]
+    max_request_target_bytes: usize,
+    /// Header fields per request (431 above).
+    #[arg(long, env = "WEFT_MAX_REQUEST_HEADERS_COUNT", default_value_t = limits::DEFAULT_MAX_REQUEST_HEADERS_COUNT)]
+    max_request_headers_count: usize,
+}
+
+impl LimitArgs {
+    /// Validated limits: zero would refuse everything, so it is an error, not a value.
+    fn limits(&self) -> anyhow::Result<Limits> {
+        let counts = [
+            ("--max-connections", self.max_connections),
+            ("--max-admin-connections", self.max_admin_connections),
+            (
+                "--max-http1-connections-per-endpoint",
+                self.max_http1_connections_per_endpoint,
+            ),
+            (
+                "--http2-max-concurrent-streams",
+                self.http2_max_concurrent_streams as usize,
+            ),
+            (
+                "--max-request-headers-bytes",
+                self.max_request_headers_bytes,
+            ),
+            ("--max-header-line-bytes", self.max_header_line_bytes),
+            ("--max-request-target-bytes", self.max_request_target_bytes),
+            (
+                "--max-request-headers-count",
+                self.max_request_headers_count,
+            ),
+        ];
+        for (flag, value) in counts {
+            if value == 0 {
+                anyhow::bail!("{flag} must be greater than zero");
+            }
+        }
+        let durations = [
+            ("--http2-keepalive-interval", &self.http2_keepalive_interval),
+            ("--http2-keepalive-timeout", &self.http2_keepalive_timeout),
+            ("--header-read-timeout", &self.header_read_timeout),
+            (
+                "--admin-header-read-timeout",
+                &self.admin_header_read_timeout,
+            ),
+            ("--opaque-idle-timeout", &self.opaque_idle_timeout),
+            (
+                "--request-body-idle-timeout",
+                &self.request_body_idle_timeout,
+            ),
+        ];
+        for (flag, value) in durations {
+            if value.as_std().is_zero() {
+                anyhow::bail!("{flag} must be greater than zero");
+            }
+        }
+        Ok(Limits {
+            max_connections: self.max_connections,
+            max_admin_connections: self.max_admin_connections,
+            max_http1_connections_per_endpoint: self.max_http1_connections_per_endpoint,
+            http2_max_concurrent_streams: self.http2_max_concurrent_streams,
+            http2_keepalive_interval: self.http2_keepalive_interval.as_std(),
+            http2_keepalive_timeout: self.http2_keepalive_timeout.as_std(),
+            http2_max_pending_accept_reset_streams: self.http2_max_pending_accept_reset_streams,
+            http2_max_local_error_reset_streams: self.http2_max_local_error_reset_streams,
+            header_read_timeout: self.header_read_timeout.as_std(),
+            admin_header_read_timeout: self.admin_header_read_timeout.as_std(),
+            opaque_idle_timeout: self.opaque_idle_timeout.as_std(),
+            request_body_idle_timeout: self.request_body_idle_timeout.as_std(),
+            max_request_headers_bytes: self.max_request_headers_bytes,
+            max_header_line_bytes: self.max_header_line_bytes,
+            max_request_target_bytes: self.max_request_target_bytes,
+            max_request_headers_count: self.max_request_headers_count,
+        })
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -150,6 +276,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.reload_interval.as_std().is_zero() {
         anyhow::bail!("--reload-interval must be greater than zero");
     }
+    let limits = args.limits.limits()?;
 
     // Validate the config before binding anything, so a bad file fails fast and clearly.
     let initial = match &args.config {
@@ -177,7 +304,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the runtime")?;
-    runtime.block_on(serve(args, initial))
+    runtime.block_on(serve(args, initial, limits))
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -189,8 +316,9 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 async fn serve(
     args: RunArgs,
     initial: Option<weft_api::proxy_config::ProxyConfig>,
+    limits: Limits,
 ) -> anyhow::Result<()> {
-    let proxy = Proxy::with_before_config(args.before_config);
+    let proxy = Proxy::with(limits, args.before_config);
     if let Some(initial) = initial {
         proxy.store.apply(initial)?;
     }

@@ -19,7 +19,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::errors::ErrorCode;
+use crate::{errors::ErrorCode, limits::Limit};
 
 /// Which way traffic flows through the proxy, relative to its own pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -116,6 +116,13 @@ pub struct BeforeConfigLabels {
     pub action: &'static str,
 }
 
+/// Labels of limit refusals.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// Which limit ([`Limit::as_str`]).
+    pub limit: &'static str,
+}
+
 /// Labels of per-service gauges.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ServiceOnly {
@@ -148,6 +155,7 @@ pub struct Metrics {
     bytes_written: Family<DirectionLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     before_config: Family<BeforeConfigLabels, Counter>,
+    limit_refusals: Family<LimitLabels, Counter>,
     endpoints: Family<ServiceOnly, Gauge>,
     config_generation: Gauge,
     config_last_update: Gauge<f64, AtomicU64>,
@@ -182,6 +190,7 @@ impl Metrics {
             bytes_written: Family::default(),
             errors: Family::default(),
             before_config: Family::default(),
+            limit_refusals: Family::default(),
             endpoints: Family::default(),
             config_generation: Gauge::default(),
             config_last_update: Gauge::default(),
@@ -238,6 +247,11 @@ impl Metrics {
             "before_config_connections",
             "Connections accepted before the first config, passed through or refused",
             m.before_config.clone(),
+        );
+        registry.register(
+            "limit_refusals",
+            "Connections, streams or requests refused or cut because a limit bit",
+            m.limit_refusals.clone(),
         );
         registry.register(
             "service_endpoints",
@@ -307,6 +321,15 @@ impl Metrics {
     pub fn before_config(&self, direction: Direction, action: &'static str) {
         self.before_config
             .get_or_create(&BeforeConfigLabels { direction, action })
+            .inc();
+    }
+
+    /// Counts one refusal by `limit`.
+    pub fn limit_refused(&self, limit: Limit) {
+        self.limit_refusals
+            .get_or_create(&LimitLabels {
+                limit: limit.as_str(),
+            })
             .inc();
     }
 

@@ -20,7 +20,10 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     pin::Pin,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -28,6 +31,7 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
+    sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
@@ -38,6 +42,7 @@ use crate::{
     detect::{self, PrefixedIo, Protocol},
     errors::ErrorCode,
     http::{HttpConn, HttpTarget},
+    limits::Limit,
     metrics::{ConnectionGuard, Direction, ServiceLabel},
     orig_dst,
     store::{EndpointState, ServiceState, Snapshot},
@@ -77,6 +82,15 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, ?kind, "listening");
+    // One permit per open connection: past the limit a new connection is closed at once
+    // (as Envoy's listener connection limit does) rather than left waiting in the backlog.
+    let slots = Arc::new(Semaphore::new(
+        proxy.limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    let limit = match kind.direction() {
+        Direction::Inbound => Limit::InboundConnections,
+        Direction::Outbound => Limit::OutboundConnections,
+    };
     loop {
         let accepted = tokio::select! {
             biased;
@@ -85,10 +99,21 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    proxy.metrics.limit_refused(limit);
+                    tracing::debug!(%peer, "connection limit reached; closing");
+                    drop(stream);
+                    continue;
+                };
                 let span =
                     tracing::debug_span!("conn", %peer, direction = kind.direction().as_str());
+                let conn = handle(stream, kind.clone(), proxy.clone(), shutdown.clone());
                 tracker.spawn(
-                    handle(stream, kind.clone(), proxy.clone(), shutdown.clone()).instrument(span),
+                    async move {
+                        conn.await;
+                        drop(slot);
+                    }
+                    .instrument(span),
                 );
             }
             Err(error) => {
@@ -162,6 +187,7 @@ async fn handle(
                 direction,
                 target,
                 fixed_label,
+                proxy.limits,
             ));
             crate::http::serve(io, protocol, conn, shutdown).await;
         }
@@ -414,8 +440,12 @@ async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    match tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
-        Ok((up, down)) => tracing::debug!(up, down, "opaque connection closed"),
+    match splice_until_idle(&mut io, &mut upstream, proxy.limits.opaque_idle_timeout).await {
+        Ok(Some((up, down))) => tracing::debug!(up, down, "opaque connection closed"),
+        Ok(None) => {
+            proxy.metrics.limit_refused(Limit::OpaqueIdleTimeout);
+            tracing::debug!("opaque connection idle; closed");
+        }
         Err(error) => tracing::debug!(%error, "opaque connection ended with an error"),
     }
 }
@@ -484,6 +514,93 @@ impl AsyncWrite for CountingIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Copies bytes both ways like [`tokio::io::copy_bidirectional`] (half-close included) until
+/// both sides have closed, or until no byte has moved either way for `idle`: then it
+/// returns `Ok(None)` and the caller drops both sockets.
+pub async fn splice_until_idle<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle: Duration,
+) -> io::Result<Option<(u64, u64)>>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    // Reads bump a counter; a watcher samples it four times per period, so the connection
+    // closes between `idle` and 1.25 × `idle` after its last byte, without reading the
+    // clock per read.
+    let moved = AtomicU64::new(0);
+    let mut a = Activity {
+        io: a,
+        moved: &moved,
+    };
+    let mut b = Activity {
+        io: b,
+        moved: &moved,
+    };
+    let tick = (idle / 4).max(Duration::from_millis(1));
+    let watch = async {
+        let mut last = 0;
+        let mut quiet = Duration::ZERO;
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = moved.load(Ordering::Relaxed);
+            if now == last {
+                quiet += tick;
+                if quiet >= idle {
+                    return;
+                }
+            } else {
+                last = now;
+                quiet = Duration::ZERO;
+            }
+        }
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut a, &mut b) => r.map(Some),
+        () = watch => Ok(None),
+    }
+}
+
+/// A socket whose reads count as activity for [`splice_until_idle`].
+struct Activity<'a, T: ?Sized> {
+    io: &'a mut T,
+    moved: &'a AtomicU64,
+}
+
+impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Activity<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.moved.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Activity<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
     }
 }
 

@@ -43,11 +43,20 @@ pub struct EndpointState {
 }
 
 impl EndpointState {
-    /// Fresh state for an endpoint.
+    /// Fresh state for an endpoint, with the default limit on its HTTP/1 connections.
     pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+        Self::with_http1_limit(
+            addr,
+            connect_timeout,
+            crate::limits::DEFAULT_MAX_HTTP1_CONNECTIONS_PER_ENDPOINT,
+        )
+    }
+
+    /// Fresh state for an endpoint that allows at most `max_http1` HTTP/1 connections.
+    pub fn with_http1_limit(addr: SocketAddr, connect_timeout: Duration, max_http1: usize) -> Self {
         EndpointState {
             addr,
-            upstream: Upstream::new(addr, connect_timeout),
+            upstream: Upstream::new(addr, connect_timeout, max_http1),
             ewma: Mutex::new(PeakEwma::new(DEFAULT_SEED, DEFAULT_DECAY, Instant::now())),
             in_flight: AtomicUsize::new(0),
         }
@@ -161,6 +170,7 @@ impl Snapshot {
         config: Config,
         generation: u64,
         previous: Option<&Snapshot>,
+        max_http1: usize,
     ) -> Snapshot {
         let mut old: HashMap<(SocketAddr, Duration), Arc<EndpointState>> = HashMap::new();
         if let Some(prev) = previous {
@@ -181,7 +191,11 @@ impl Snapshot {
                         old.get(&(e.addr, spec.connect_timeout))
                             .cloned()
                             .unwrap_or_else(|| {
-                                Arc::new(EndpointState::new(e.addr, spec.connect_timeout))
+                                Arc::new(EndpointState::with_http1_limit(
+                                    e.addr,
+                                    spec.connect_timeout,
+                                    max_http1,
+                                ))
                             })
                     })
                     .collect();
@@ -233,6 +247,8 @@ pub struct ConfigStore {
     /// Serialises `apply` so generations are assigned in order.
     apply_lock: Mutex<u64>,
     metrics: Arc<Metrics>,
+    /// HTTP/1 connections allowed per endpoint (a process limit, not a config field).
+    max_http1_per_endpoint: usize,
 }
 
 impl ConfigStore {
@@ -242,7 +258,14 @@ impl ConfigStore {
             current: ArcSwapOption::const_empty(),
             apply_lock: Mutex::new(0),
             metrics,
+            max_http1_per_endpoint: crate::limits::DEFAULT_MAX_HTTP1_CONNECTIONS_PER_ENDPOINT,
         }
+    }
+
+    /// Sets how many HTTP/1 connections each endpoint built from now on may have.
+    pub fn with_http1_connections_per_endpoint(mut self, max: usize) -> Self {
+        self.max_http1_per_endpoint = max;
+        self
     }
 
     /// The metrics this store reports config changes to.
@@ -277,6 +300,7 @@ impl ConfigStore {
             config,
             *generation,
             previous.as_deref(),
+            self.max_http1_per_endpoint,
         ));
         self.current.store(Some(snapshot.clone()));
         self.metrics.config_applied(

@@ -17,11 +17,14 @@ use std::{
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::{
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tracing::Instrument;
 
-/// The request body sent upstream: the client's, streamed.
-pub type UpstreamBody = Incoming;
+/// The request body sent upstream: the client's, streamed, with its idle timeout.
+pub type UpstreamBody = crate::http::RequestBody;
 
 /// Why a TCP connection to an endpoint failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,15 +79,31 @@ pub enum SendError {
         /// been copied beforehand.
         unsent: Option<Box<http::Request<UpstreamBody>>>,
     },
+    /// The endpoint has as many HTTP/1 connections as allowed and none is idle, so nothing
+    /// was sent (the request may go elsewhere).
+    #[error("the endpoint's HTTP/1 connection limit is reached")]
+    ConnectionLimit {
+        /// The request, untouched.
+        unsent: Option<Box<http::Request<UpstreamBody>>>,
+    },
     /// The connection broke or spoke invalid HTTP before a response.
     #[error("upstream request failed")]
     Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl SendError {
-    /// Whether nothing was sent because no connection could be made.
+    /// Whether nothing was sent because no connection could be made (including
+    /// [`SendError::ConnectionLimit`]).
     pub fn is_connect(&self) -> bool {
-        matches!(self, SendError::Connect { .. })
+        matches!(
+            self,
+            SendError::Connect { .. } | SendError::ConnectionLimit { .. }
+        )
+    }
+
+    /// Whether nothing was sent because the endpoint's connection limit is reached.
+    pub fn is_connection_limit(&self) -> bool {
+        matches!(self, SendError::ConnectionLimit { .. })
     }
 
     /// Whether the connect timeout elapsed.
@@ -95,13 +114,16 @@ impl SendError {
     /// The request that was not sent because no connection could be made.
     pub fn take_unsent(&mut self) -> Option<http::Request<UpstreamBody>> {
         match self {
-            SendError::Connect { unsent, .. } => unsent.take().map(|r| *r),
+            SendError::Connect { unsent, .. } | SendError::ConnectionLimit { unsent } => {
+                unsent.take().map(|r| *r)
+            }
             SendError::Failed(_) => None,
         }
     }
 
     fn with_unsent(mut self, req: http::Request<UpstreamBody>) -> Self {
-        if let SendError::Connect { unsent, .. } = &mut self {
+        if let SendError::Connect { unsent, .. } | SendError::ConnectionLimit { unsent } = &mut self
+        {
             *unsent = Some(Box::new(req));
         }
         self
@@ -131,8 +153,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Pools for `addr`; no connection is made until a request needs one.
-    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+    /// Pools for `addr` with at most `max_http1` HTTP/1 connections; no connection is made
+    /// until a request needs one.
+    pub fn new(addr: SocketAddr, connect_timeout: Duration, max_http1: usize) -> Self {
         Upstream {
             addr,
             connect_timeout,
@@ -140,6 +163,7 @@ impl Upstream {
                 addr,
                 connect_timeout,
                 idle: Mutex::new(Vec::new()),
+                slots: Arc::new(Semaphore::new(max_http1.min(Semaphore::MAX_PERMITS))),
             }),
             http2: Arc::new(Http2Conn {
                 addr,
@@ -318,6 +342,12 @@ async fn run_http2_connection(
 /// would hold the next request behind it. Idle connections are reused most recently used
 /// first, and each closes itself after [`IDLE_TIMEOUT`] unused.
 ///
+/// Connections are bounded ([`crate::limits::Limits::max_http1_connections_per_endpoint`]):
+/// each holds a permit of `slots` until its task ends, and a request finding no idle
+/// connection and no permit fails at once with [`SendError::ConnectionLimit`] rather than
+/// queueing (an HTTP/1 connection carries one request at a time, so the limit is the
+/// endpoint's concurrency from this proxy).
+///
 /// This replaces hyper-util's general client, whose per-request work (pool keys from the
 /// URI, the URI rewritten to origin-form, a spawned task per request to return the
 /// connection) was a large share of the proxy's CPU time per request.
@@ -326,6 +356,7 @@ pub struct Http1Pool {
     addr: SocketAddr,
     connect_timeout: Duration,
     idle: Mutex<Vec<Lease>>,
+    slots: Arc<Semaphore>,
 }
 
 impl Http1Pool {
@@ -378,13 +409,16 @@ impl Http1Pool {
     }
 
     async fn connect(self: &Arc<Self>) -> Result<Lease, SendError> {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return Err(SendError::ConnectionLimit { unsent: None });
+        };
         let stream = connect(self.addr, self.connect_timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|error| SendError::Failed(Box::new(error)))?;
         let clock = Arc::new(IdleClock::new());
         let span = tracing::debug_span!("upstream", addr = %self.addr);
-        tokio::spawn(run_http1_connection(conn, clock.clone()).instrument(span));
+        tokio::spawn(run_http1_connection(conn, clock.clone(), slot).instrument(span));
         Ok(Lease {
             sender,
             clock,
@@ -398,6 +432,8 @@ impl Http1Pool {
 async fn run_http1_connection(
     conn: hyper::client::conn::http1::Connection<TokioIo<TcpStream>, UpstreamBody>,
     clock: Arc<IdleClock>,
+    // Held until the connection ends: it counts against the endpoint's limit till then.
+    _slot: OwnedSemaphorePermit,
 ) {
     // Upgrades (101 Switching Protocols) hand the socket to the request that asked.
     let conn = conn.with_upgrades();

@@ -459,3 +459,79 @@ async fn before_the_first_config_traffic_passes_through_or_is_refused_and_counte
     }
     assert_eq!((web.hits(), app_backend.hits()), (1, 1));
 }
+
+/// `GET path` over bash's `/dev/tcp` inside the namespace; the status line.
+fn admin_get(addr: &str, path: &str) -> String {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    format!(
+        "exec 3<>/dev/tcp/{host}/{port} && printf 'GET {path} HTTP/1.1\\r\\nHost: a\\r\\nConnection: close\\r\\n\\r\\n' >&3 && timeout 5 cat <&3"
+    )
+}
+
+#[tokio::test]
+async fn admin_config_is_served_to_loopback_peers_only() {
+    if skip_netns() {
+        return;
+    }
+    // A pod whose own address (198.18.X.1, on lo so no veth is needed) is not loopback:
+    // connecting to it from inside the pod makes it the peer address, exactly as a
+    // neighbouring pod's address would be.
+    let id = std::process::id() % 250 + 1;
+    let ns = format!("weft-admin-{}", std::process::id());
+    let pod_ip = format!("198.18.{id}.1");
+    sh(&["ip", "netns", "add", &ns]);
+    let _guard = Netns(ns.clone());
+    sh(&in_ns(&ns, &["ip", "link", "set", "lo", "up"]));
+    sh(&in_ns(
+        &ns,
+        &["ip", "addr", "add", &format!("{pod_ip}/32"), "dev", "lo"],
+    ));
+
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    let cfg = dir.path().join("sidecar.yaml");
+    write_config(
+        &cfg,
+        &config(&[("web", &["198.51.100.3:80".parse().unwrap()])]),
+    );
+    set_mode(&cfg, 0o644);
+    let _sidecar = spawn_in_pod(
+        &ns,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--no-transparent",
+            "--admin-addr",
+            "0.0.0.0:15021",
+        ],
+        &[],
+    );
+
+    let local = "127.0.0.1:15021";
+    let remote = format!("{pod_ip}:15021");
+    let start = std::time::Instant::now();
+    while !pod_bash(&ns, &admin_get(local, "/ready"))
+        .await
+        .starts_with("HTTP/1.1 200")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "sidecar not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let out = pod_bash(&ns, &admin_get(local, "/config")).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("198.51.100.3:80"), "{out}");
+
+    let out = pod_bash(&ns, &admin_get(&remote, "/config")).await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(out.contains("loopback clients only"), "{out}");
+    assert!(!out.contains("198.51.100.3"), "{out}");
+    // What the kubelet and Prometheus need stays open to them.
+    for path in ["/live", "/ready", "/metrics"] {
+        let out = pod_bash(&ns, &admin_get(&remote, path)).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
+    }
+}
