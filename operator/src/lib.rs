@@ -8,9 +8,12 @@
 
 pub mod ca;
 pub mod index;
-pub mod inject;
 pub mod mesh;
 pub mod metrics;
 pub mod push;
 pub mod status;
 pub mod webhook;
+
+/// Sidecar injection, a pure function the webhook calls; it lives in `weft-inject` so that
+/// `kubectl weft` shares it without linking the operator.
+pub use weft_inject as inject;

@@ -20,7 +20,7 @@ mod sidecar;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::PodSpec;
-use kube::api::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub use config::{InjectConfig, ProxyPorts, ProxyResources};
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use kube::api::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{InjectConfig, OptIn, keys};
 
