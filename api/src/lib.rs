@@ -5,6 +5,7 @@
 
 pub mod duration;
 pub mod proxy_config;
+pub mod proxy_status;
 pub mod push;
 
 pub use duration::{Duration, DurationError};

@@ -3,12 +3,17 @@
 
 use std::fmt::Write as _;
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::{
-    api::admissionregistration::v1::MutatingWebhookConfiguration,
+    api::{
+        admissionregistration::v1::MutatingWebhookConfiguration,
+        core::v1::{Namespace, Pod},
+    },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
-use kube::{Api, Client};
-use weft_operator::inject::InjectConfig;
+use kube::{Api, Client, api::ListParams, core::PartialObjectMeta};
+use weft_inject::{InjectConfig, audit::Unmeshed, settings::CONFIG_MAP};
 
 /// The result of the checks: lines to print, and whether anything failed.
 #[derive(Debug, Default)]
@@ -35,8 +40,9 @@ impl Report {
     }
 }
 
-/// Runs every check against the cluster `client` talks to.
-pub async fn run(client: Client, webhook_name: &str) -> Report {
+/// Runs every check against the cluster `client` talks to; the operator runs in
+/// `operator_namespace`.
+pub async fn run(client: Client, webhook_name: &str, operator_namespace: &str) -> Report {
     let mut report = Report::default();
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
     for name in ["routes.weft.dev", "policies.weft.dev", "breakers.weft.dev"] {
@@ -80,7 +86,18 @@ pub async fn run(client: Client, webhook_name: &str) -> Report {
         )),
         Err(e) => report.fail(&format!("reading webhook {webhook_name}: {e}")),
     }
-    match weft_operator::webhook::scan_unmeshed(&client, &InjectConfig::default()).await {
+    // Which namespaces are never injected is a setting: read it as the webhook does.
+    let cfg = match crate::settings::from_cluster(&client, operator_namespace, CONFIG_MAP).await {
+        Ok((cfg, source)) => {
+            report.ok(&source.to_string());
+            cfg
+        }
+        Err(e) => {
+            report.fail(&e.to_string());
+            InjectConfig::for_operator(operator_namespace, crate::settings::OPERATOR_SERVICE)
+        }
+    };
+    match scan_unmeshed(&client, &cfg).await {
         Ok(found) if found.is_empty() => report.ok("every pod that opted in runs with the proxy"),
         Ok(found) => {
             for u in found {
@@ -93,4 +110,33 @@ pub async fn run(client: Client, webhook_name: &str) -> Report {
         Err(e) => report.fail(&format!("listing pods: {e}")),
     }
     report
+}
+
+/// Lists the pods (metadata only, paged) and namespaces of the cluster and returns those
+/// that opted in but run without the proxy.
+pub async fn scan_unmeshed(
+    client: &Client,
+    cfg: &InjectConfig,
+) -> Result<Vec<Unmeshed>, kube::Error> {
+    let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone())
+        .list(&ListParams::default())
+        .await?;
+    let labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
+        .items
+        .into_iter()
+        .filter_map(|n| Some((n.metadata.name?, n.metadata.labels.unwrap_or_default())))
+        .collect();
+    let pods = Api::<PartialObjectMeta<Pod>>::all(client.clone());
+    let mut metas = Vec::new();
+    // Pages of 500 keep one answer small on a large cluster.
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = pods.list(&params).await?;
+        metas.extend(page.items.into_iter().map(|p| p.metadata));
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => break,
+        }
+    }
+    Ok(weft_inject::audit::unmeshed(&metas, &labels, cfg))
 }

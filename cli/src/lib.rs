@@ -4,3 +4,4 @@
 pub mod check;
 pub mod manifest;
 pub mod proxy_status;
+pub mod settings;

@@ -4,6 +4,8 @@
 //! kubectl weft inject -f deploy.yaml | kubectl apply -f -
 //! kubectl get deploy web -o yaml | kubectl weft inject -f - | kubectl apply -f -
 //! kubectl weft uninject -f injected.yaml
+//! kubectl weft inject --offline -f deploy.yaml            # no cluster: built-in defaults
+//! kubectl weft inject --config settings.yaml -f deploy.yaml
 //! ```
 
 use std::{
@@ -15,7 +17,8 @@ use std::{
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kubectl_weft::manifest::{self, Action};
-use weft_operator::inject::InjectConfig;
+use kubectl_weft::settings::{self, Source};
+use weft_inject::InjectConfig;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +42,9 @@ enum Cmd {
         /// Name of the operator's MutatingWebhookConfiguration.
         #[arg(long, default_value = "weft-injector")]
         webhook: String,
+        /// The operator's namespace (where its injection settings live).
+        #[arg(long, env = "WEFT_NAMESPACE", default_value = "weft-system")]
+        operator_namespace: String,
     },
     /// Each meshed pod's proxy: the config version it runs, whether it is in sync, when
     /// the operator last heard from it.
@@ -56,16 +62,28 @@ struct FileArgs {
 struct InjectArgs {
     #[command(flatten)]
     files: FileArgs,
-    /// The proxy image.
+    /// Inject with the built-in defaults instead of the cluster's settings (no cluster
+    /// needed).
+    #[arg(long, conflicts_with = "config")]
+    offline: bool,
+    /// Inject with the settings in this file (the `weft-inject-config` ConfigMap as YAML,
+    /// or a map of its keys) instead of the cluster's; no cluster needed.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The operator's namespace, where the ConfigMap `weft-inject-config` holds the
+    /// injection settings the webhook uses.
+    #[arg(long, env = "WEFT_NAMESPACE", default_value = "weft-system")]
+    operator_namespace: String,
+    /// The proxy image (overrides the settings).
     #[arg(long, env = "WEFT_PROXY_IMAGE")]
     proxy_image: Option<String>,
-    /// The proxy version recorded on the pod.
+    /// The proxy version recorded on the pod (overrides the settings).
     #[arg(long)]
     proxy_version: Option<String>,
-    /// `host:port` of the operator's config server.
+    /// `host:port` of the operator's config server (overrides the settings).
     #[arg(long)]
     operator_addr: Option<String>,
-    /// The mesh's trust domain.
+    /// The mesh's trust domain (overrides the settings).
     #[arg(long)]
     trust_domain: Option<String>,
 }
@@ -73,7 +91,10 @@ struct InjectArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (files, action, cfg) = match cli.command {
-        Cmd::Check { webhook } => return check(&webhook),
+        Cmd::Check {
+            webhook,
+            operator_namespace,
+        } => return check(&webhook, &operator_namespace),
         Cmd::ProxyStatus(args) => {
             return tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -81,7 +102,8 @@ fn main() -> anyhow::Result<()> {
                 .block_on(kubectl_weft::proxy_status::run(args));
         }
         Cmd::Inject(args) => {
-            let mut cfg = InjectConfig::default();
+            let (mut cfg, source) = inject_settings(&args)?;
+            writeln!(std::io::stderr(), "{source}")?;
             if let Some(v) = args.proxy_image {
                 cfg.proxy_image = v;
             }
@@ -123,7 +145,31 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check(webhook: &str) -> anyhow::Result<()> {
+/// The settings `inject` uses before its explicit flags: the cluster's unless told otherwise.
+fn inject_settings(args: &InjectArgs) -> anyhow::Result<(InjectConfig, Source)> {
+    if args.offline {
+        return Ok((InjectConfig::default(), Source::Defaults));
+    }
+    if let Some(path) = &args.config {
+        return Ok(settings::from_file(path)?);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = kube::Client::try_default().await.context(
+            "connecting to the cluster (KUBECONFIG) for its injection settings; pass --offline or --config FILE to inject without one",
+        )?;
+        Ok(settings::from_cluster(
+            &client,
+            &args.operator_namespace,
+            weft_inject::settings::CONFIG_MAP,
+        )
+        .await?)
+    })
+}
+
+fn check(webhook: &str, operator_namespace: &str) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -131,7 +177,7 @@ fn check(webhook: &str) -> anyhow::Result<()> {
         let client = kube::Client::try_default()
             .await
             .context("connecting to the cluster (KUBECONFIG)")?;
-        anyhow::Ok(kubectl_weft::check::run(client, webhook).await)
+        anyhow::Ok(kubectl_weft::check::run(client, webhook, operator_namespace).await)
     })?;
     std::io::stdout().write_all(report.text.as_bytes())?;
     if report.failures > 0 {

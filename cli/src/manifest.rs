@@ -7,7 +7,7 @@
 use k8s_openapi::api::core::v1::PodSpec;
 use kube_meta::ObjectMeta;
 use serde_yaml::Value;
-use weft_operator::inject::{self, InjectConfig, Skip};
+use weft_inject::{self as inject, InjectConfig, Skip};
 
 mod kube_meta {
     pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;

@@ -16,7 +16,8 @@ use anyhow::{Context, anyhow};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, ResourceExt, api::ListParams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weft_operator::{index::model::MESHED_LABEL, mesh::ProxyRow};
+use weft_api::proxy_status::ProxyRow;
+use weft_inject::keys::MESHED_LABEL;
 
 /// Flags of `kubectl weft proxy-status`.
 #[derive(Debug, clap::Args)]

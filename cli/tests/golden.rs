@@ -11,7 +11,7 @@ use std::{
 };
 
 use kubectl_weft::manifest::{Action, process};
-use weft_operator::inject::InjectConfig;
+use weft_inject::InjectConfig;
 
 fn cfg() -> InjectConfig {
     InjectConfig {

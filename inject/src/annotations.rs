@@ -144,7 +144,7 @@ fn cidrs(key: &'static str, value: Option<&str>) -> Result<Vec<String>, InjectEr
 }
 
 /// Whether `s` looks like a Kubernetes resource quantity (`100m`, `0.5`, `64Mi`, `1G`).
-fn is_quantity(s: &str) -> bool {
+pub(crate) fn is_quantity(s: &str) -> bool {
     let digits_end = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());

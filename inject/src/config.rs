@@ -73,6 +73,20 @@ impl Default for ProxyResources {
     }
 }
 
+impl InjectConfig {
+    /// The defaults for an operator running in `namespace` behind the Service `service`:
+    /// proxies subscribe to that Service's port 8090, and neither `kube-system` nor the
+    /// operator's own namespace is injected. `Default` is this for `weft-system` and
+    /// `weft-operator`.
+    pub fn for_operator(namespace: &str, service: &str) -> Self {
+        InjectConfig {
+            operator_addr: format!("{service}.{namespace}.svc:8090"),
+            excluded_namespaces: vec!["kube-system".to_owned(), namespace.to_owned()],
+            ..InjectConfig::default()
+        }
+    }
+}
+
 impl Default for InjectConfig {
     fn default() -> Self {
         InjectConfig {

@@ -15,6 +15,7 @@ pub mod annotations;
 pub mod audit;
 pub mod config;
 pub mod keys;
+pub mod settings;
 mod sidecar;
 
 use std::collections::BTreeMap;

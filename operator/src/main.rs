@@ -145,8 +145,21 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 })?,
         ),
     };
-    let webhook_settings =
+    let mut webhook_settings =
         webhook_settings(&args.webhook, &args.lease_namespace, &args.trust_domain);
+    if !args.webhook.no_webhook {
+        webhook_settings.inject = inject_settings(
+            &client,
+            &args.webhook,
+            &args.lease_namespace,
+            &args.trust_domain,
+            &webhook_settings.inject,
+        )
+        .await?;
+        // The API server must not even call the webhook for namespaces it never injects.
+        webhook_settings.registration.excluded_namespaces =
+            webhook_settings.inject.excluded_namespaces.clone();
+    }
     let settings = Settings {
         push,
         admin: Some(admin),
@@ -205,6 +218,59 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The injection settings: the flags' values, then the chart's ConfigMap over them.
+async fn inject_settings(
+    client: &kube::Client,
+    args: &WebhookArgs,
+    namespace: &str,
+    trust_domain: &str,
+    base: &InjectConfig,
+) -> anyhow::Result<InjectConfig> {
+    use weft_operator::inject::settings as keys;
+
+    let loaded = webhook::settings::load(client, namespace, keys::CONFIG_MAP, base).await?;
+    let cfg = loaded.config;
+    if cfg.trust_domain != trust_domain {
+        anyhow::bail!(
+            "ConfigMap {namespace}/{}: {} {:?} differs from --trust-domain {trust_domain:?}; proxies would ask for identities the CA does not issue",
+            keys::CONFIG_MAP,
+            keys::TRUST_DOMAIN,
+            cfg.trust_domain
+        );
+    }
+    // `kubectl weft inject` reads the ConfigMap, not these flags: say so when they would
+    // make its output differ from the webhook's.
+    let defaults = InjectConfig::for_operator(namespace, "weft-operator");
+    for (changed, key) in [
+        (cfg.proxy_image != defaults.proxy_image, keys::PROXY_IMAGE),
+        (
+            cfg.operator_addr != defaults.operator_addr,
+            keys::OPERATOR_ADDR,
+        ),
+        (
+            cfg.trust_domain != defaults.trust_domain,
+            keys::TRUST_DOMAIN,
+        ),
+    ] {
+        if changed && !loaded.keys.iter().any(|k| k == key) {
+            tracing::warn!(
+                setting = key,
+                configmap = keys::CONFIG_MAP,
+                "injection setting comes from a flag, which kubectl weft inject cannot see; set it in the ConfigMap"
+            );
+        }
+    }
+    tracing::info!(
+        configmap = keys::CONFIG_MAP,
+        found = loaded.found,
+        settings = ?loaded.keys,
+        proxy_image = %cfg.proxy_image,
+        webhook = %args.webhook_name,
+        "injection settings"
+    );
+    Ok(cfg)
+}
+
 fn webhook_settings(args: &WebhookArgs, namespace: &str, trust_domain: &str) -> WebhookSettings {
     let service = format!("{}.{namespace}.svc", args.webhook_service);
     let target = match &args.webhook_url {
@@ -215,19 +281,17 @@ fn webhook_settings(args: &WebhookArgs, namespace: &str, trust_domain: &str) -> 
             port: 443,
         },
     };
-    let excluded = vec!["kube-system".to_owned(), namespace.to_owned()];
     let mut inject = InjectConfig {
-        operator_addr: args
-            .inject_operator_addr
-            .clone()
-            .unwrap_or_else(|| format!("{service}:8090")),
         trust_domain: trust_domain.to_owned(),
-        excluded_namespaces: excluded.clone(),
-        ..InjectConfig::default()
+        ..InjectConfig::for_operator(namespace, &args.webhook_service)
     };
+    if let Some(addr) = &args.inject_operator_addr {
+        inject.operator_addr = addr.clone();
+    }
     if let Some(image) = &args.proxy_image {
         inject.proxy_image = image.clone();
     }
+    let excluded_namespaces = inject.excluded_namespaces.clone();
     WebhookSettings {
         inject,
         registration: Registration {
@@ -236,7 +300,7 @@ fn webhook_settings(args: &WebhookArgs, namespace: &str, trust_domain: &str) -> 
             failure_policy: args.webhook_failure_policy,
             timeout_seconds: args.webhook_timeout,
             annotation_opt_in: args.webhook_annotation_opt_in,
-            excluded_namespaces: excluded,
+            excluded_namespaces,
             namespace_scope: None,
         },
         ca_namespace: namespace.to_owned(),

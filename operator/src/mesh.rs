@@ -16,10 +16,10 @@ use http::{Response, StatusCode, header::CONTENT_TYPE};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use kube::Client;
-use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
+pub use weft_api::proxy_status::ProxyRow;
 
 use crate::{
     index::{Index, ObjectKey, shared::SharedIndex},
@@ -153,26 +153,6 @@ pub fn run(
     tracker.close();
     let done = tokio::spawn(async move { tracker.wait().await });
     (handles, done)
-}
-
-/// One row of `/proxies` (and of `kubectl weft proxy-status`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProxyRow {
-    /// `namespace/name`.
-    pub pod: String,
-    /// Whether a stream is open.
-    pub connected: bool,
-    /// The version the operator wants the proxy to run.
-    pub desired_version: Option<u64>,
-    /// The version the proxy acknowledged.
-    pub acked_version: Option<u64>,
-    /// Whether the proxy runs the desired version.
-    pub in_sync: bool,
-    /// The latest rejection's reason, if it is newer than the latest ACK.
-    pub rejected: Option<String>,
-    /// When the operator last heard from or wrote to the proxy (seconds since the epoch).
-    pub last_seen: u64,
 }
 
 /// The rows of `/proxies`, sorted by pod: this replica's proxies and its peers'.

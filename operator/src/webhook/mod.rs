@@ -10,6 +10,7 @@
 pub mod registration;
 pub mod review;
 pub mod server;
+pub mod settings;
 pub mod tls;
 
 use std::{net::IpAddr, sync::Arc, time::Duration};

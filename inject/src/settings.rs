@@ -1,0 +1,303 @@
+//! The mesh's injection settings as they live in the cluster: the ConfigMap
+//! [`CONFIG_MAP`] in the operator's namespace, one key per setting. The Helm chart owns it;
+//! the operator reads it at startup and the webhook injects with it, and `kubectl weft
+//! inject` reads the same object, so a manifest injected by hand gets what the webhook
+//! would give it.
+//!
+//! ```text
+//! ConfigMap weft-inject-config ──data──▶ apply(base, data) ──▶ InjectConfig ─▶ inject()
+//!   (chart-owned)                         (every key validated; unknown keys refused)
+//! ```
+//!
+//! A key that is absent keeps the base value (the built-in default, or the operator's
+//! flag); an empty value clears an optional setting (`proxyCpuLimit: ""` means no limit).
+
+use std::collections::BTreeMap;
+
+use crate::{InjectConfig, annotations::is_quantity};
+
+/// Name of the ConfigMap (in the operator's namespace) holding the injection settings.
+pub const CONFIG_MAP: &str = "weft-inject-config";
+
+/// The proxy image (also runs `weft-proxy init`).
+pub const PROXY_IMAGE: &str = "proxyImage";
+/// The proxy version recorded on injected pods (`weft.dev/proxy-version`).
+pub const PROXY_VERSION: &str = "proxyVersion";
+/// `Always`, `IfNotPresent` or `Never`; empty for the cluster's default.
+pub const IMAGE_PULL_POLICY: &str = "imagePullPolicy";
+/// Where redirected outbound traffic arrives.
+pub const OUTBOUND_PORT: &str = "outboundPort";
+/// Where redirected inbound traffic arrives.
+pub const INBOUND_PORT: &str = "inboundPort";
+/// The proxy's admin port (probes, metrics).
+pub const ADMIN_PORT: &str = "adminPort";
+/// The UID the proxy runs as.
+pub const PROXY_UID: &str = "proxyUid";
+/// `host:port` of the operator's config-distribution server.
+pub const OPERATOR_ADDR: &str = "operatorAddr";
+/// The SPIFFE trust domain (must equal the operator's `--trust-domain`).
+pub const TRUST_DOMAIN: &str = "trustDomain";
+/// The proxy's default CPU request.
+pub const PROXY_CPU_REQUEST: &str = "proxyCpuRequest";
+/// The proxy's default CPU limit.
+pub const PROXY_CPU_LIMIT: &str = "proxyCpuLimit";
+/// The proxy's default memory request.
+pub const PROXY_MEMORY_REQUEST: &str = "proxyMemoryRequest";
+/// The proxy's default memory limit.
+pub const PROXY_MEMORY_LIMIT: &str = "proxyMemoryLimit";
+/// Namespaces never injected, comma-separated.
+pub const EXCLUDED_NAMESPACES: &str = "excludedNamespaces";
+/// Lifetime of the projected ServiceAccount token, in seconds (at least 600, the
+/// API server's minimum).
+pub const TOKEN_EXPIRATION_SECONDS: &str = "tokenExpirationSeconds";
+/// The proxy's log filter (`WEFT_LOG`).
+pub const LOG_LEVEL: &str = "logLevel";
+
+/// Every key [`apply`] understands, for error messages and docs.
+pub const KEYS: [&str; 16] = [
+    PROXY_IMAGE,
+    PROXY_VERSION,
+    IMAGE_PULL_POLICY,
+    OUTBOUND_PORT,
+    INBOUND_PORT,
+    ADMIN_PORT,
+    PROXY_UID,
+    OPERATOR_ADDR,
+    TRUST_DOMAIN,
+    PROXY_CPU_REQUEST,
+    PROXY_CPU_LIMIT,
+    PROXY_MEMORY_REQUEST,
+    PROXY_MEMORY_LIMIT,
+    EXCLUDED_NAMESPACES,
+    TOKEN_EXPIRATION_SECONDS,
+    LOG_LEVEL,
+];
+
+/// A setting that cannot be used. Injecting with a half-read configuration would give
+/// pods settings nobody chose, so one bad key rejects the whole ConfigMap.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    /// A key this version does not know (a typo, or a setting of a newer version).
+    #[error("unknown setting {key:?}; known settings: {known}", known = KEYS.join(", "))]
+    Unknown {
+        /// The key.
+        key: String,
+    },
+    /// A known key with a value that cannot be used.
+    #[error("setting {key}: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong with the value.
+        reason: String,
+    },
+}
+
+/// Applies the ConfigMap's `data` to `base`: each present key replaces the base value.
+pub fn apply(
+    base: &InjectConfig,
+    data: &BTreeMap<String, String>,
+) -> Result<InjectConfig, SettingsError> {
+    let mut cfg = base.clone();
+    for (key, value) in data {
+        let value = value.trim();
+        match key.as_str() {
+            PROXY_IMAGE => cfg.proxy_image = required(PROXY_IMAGE, value)?,
+            PROXY_VERSION => cfg.proxy_version = required(PROXY_VERSION, value)?,
+            IMAGE_PULL_POLICY => {
+                cfg.image_pull_policy = match value {
+                    "" => None,
+                    "Always" | "IfNotPresent" | "Never" => Some(value.to_owned()),
+                    _ => {
+                        return Err(invalid(
+                            IMAGE_PULL_POLICY,
+                            format!("{value:?} is not Always, IfNotPresent or Never"),
+                        ));
+                    }
+                }
+            }
+            OUTBOUND_PORT => cfg.ports.outbound = port(OUTBOUND_PORT, value)?,
+            INBOUND_PORT => cfg.ports.inbound = port(INBOUND_PORT, value)?,
+            ADMIN_PORT => cfg.ports.admin = port(ADMIN_PORT, value)?,
+            PROXY_UID => {
+                cfg.proxy_uid = value
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|uid| (1..=i64::from(u32::MAX)).contains(uid))
+                    .ok_or_else(|| {
+                        invalid(PROXY_UID, format!("{value:?} is not a non-root UID"))
+                    })?;
+            }
+            OPERATOR_ADDR => {
+                let addr = required(OPERATOR_ADDR, value)?;
+                if !addr
+                    .rsplit_once(':')
+                    .is_some_and(|(host, p)| !host.is_empty() && p.parse::<u16>().is_ok())
+                {
+                    return Err(invalid(
+                        OPERATOR_ADDR,
+                        format!("{value:?} is not host:port"),
+                    ));
+                }
+                cfg.operator_addr = addr;
+            }
+            TRUST_DOMAIN => cfg.trust_domain = required(TRUST_DOMAIN, value)?,
+            PROXY_CPU_REQUEST => cfg.resources.cpu_request = quantity(PROXY_CPU_REQUEST, value)?,
+            PROXY_CPU_LIMIT => cfg.resources.cpu_limit = quantity(PROXY_CPU_LIMIT, value)?,
+            PROXY_MEMORY_REQUEST => {
+                cfg.resources.memory_request = quantity(PROXY_MEMORY_REQUEST, value)?;
+            }
+            PROXY_MEMORY_LIMIT => {
+                cfg.resources.memory_limit = quantity(PROXY_MEMORY_LIMIT, value)?;
+            }
+            EXCLUDED_NAMESPACES => {
+                cfg.excluded_namespaces = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+            }
+            TOKEN_EXPIRATION_SECONDS => {
+                cfg.token_expiration_seconds = value
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|s| *s >= 600)
+                    .ok_or_else(|| {
+                        invalid(
+                            TOKEN_EXPIRATION_SECONDS,
+                            format!("{value:?} is not a number of seconds >= 600"),
+                        )
+                    })?;
+            }
+            LOG_LEVEL => cfg.log_level = required(LOG_LEVEL, value)?,
+            _ => return Err(SettingsError::Unknown { key: key.clone() }),
+        }
+    }
+    Ok(cfg)
+}
+
+fn invalid(key: &'static str, reason: String) -> SettingsError {
+    SettingsError::Invalid { key, reason }
+}
+
+fn required(key: &'static str, value: &str) -> Result<String, SettingsError> {
+    if value.is_empty() {
+        return Err(invalid(key, "must not be empty".to_owned()));
+    }
+    Ok(value.to_owned())
+}
+
+fn port(key: &'static str, value: &str) -> Result<u16, SettingsError> {
+    value
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| invalid(key, format!("{value:?} is not a port (1-65535)")))
+}
+
+fn quantity(key: &'static str, value: &str) -> Result<Option<String>, SettingsError> {
+    match value {
+        "" => Ok(None),
+        v if is_quantity(v) => Ok(Some(v.to_owned())),
+        v => Err(invalid(
+            key,
+            format!("{v:?} is not a Kubernetes quantity such as 100m or 64Mi"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn present_keys_replace_the_base_and_absent_keys_keep_it() {
+        let base = InjectConfig::default();
+        let cfg = apply(
+            &base,
+            &data(&[
+                (PROXY_IMAGE, "registry.example/weft-proxy:9"),
+                (LOG_LEVEL, "debug"),
+                (INBOUND_PORT, "16006"),
+                (PROXY_CPU_LIMIT, "1"),
+                (PROXY_MEMORY_LIMIT, ""),
+                (EXCLUDED_NAMESPACES, "kube-system, mesh ,"),
+                (IMAGE_PULL_POLICY, "IfNotPresent"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.proxy_image, "registry.example/weft-proxy:9");
+        assert_eq!(cfg.log_level, "debug");
+        assert_eq!(cfg.ports.inbound, 16006);
+        assert_eq!(cfg.ports.outbound, base.ports.outbound);
+        assert_eq!(cfg.resources.cpu_limit.as_deref(), Some("1"));
+        assert_eq!(cfg.resources.memory_limit, None);
+        assert_eq!(cfg.resources.memory_request, base.resources.memory_request);
+        assert_eq!(cfg.excluded_namespaces, ["kube-system", "mesh"]);
+        assert_eq!(cfg.image_pull_policy.as_deref(), Some("IfNotPresent"));
+        assert_eq!(cfg.trust_domain, base.trust_domain);
+        assert_eq!(apply(&base, &BTreeMap::new()).unwrap(), base);
+    }
+
+    #[test]
+    fn bad_or_unknown_keys_are_refused_by_name() {
+        let base = InjectConfig::default();
+        for (key, value) in [
+            (INBOUND_PORT, "0"),
+            (ADMIN_PORT, "http"),
+            (PROXY_UID, "0"),
+            (PROXY_IMAGE, " "),
+            (OPERATOR_ADDR, "weft-operator"),
+            (PROXY_MEMORY_REQUEST, "lots"),
+            (IMAGE_PULL_POLICY, "Sometimes"),
+            (TOKEN_EXPIRATION_SECONDS, "60"),
+        ] {
+            let err = apply(&base, &data(&[(key, value)])).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!("setting {key}: ")),
+                "{err}"
+            );
+        }
+        let err = apply(&base, &data(&[("proxyImg", "x")])).unwrap_err();
+        assert_eq!(
+            err,
+            SettingsError::Unknown {
+                key: "proxyImg".to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn every_listed_key_is_understood() {
+        let base = InjectConfig::default();
+        let defaults = [
+            base.proxy_image.clone(),
+            base.proxy_version.clone(),
+            String::new(),
+            base.ports.outbound.to_string(),
+            base.ports.inbound.to_string(),
+            base.ports.admin.to_string(),
+            base.proxy_uid.to_string(),
+            base.operator_addr.clone(),
+            base.trust_domain.clone(),
+            "10m".to_owned(),
+            String::new(),
+            "20Mi".to_owned(),
+            "128Mi".to_owned(),
+            base.excluded_namespaces.join(","),
+            base.token_expiration_seconds.to_string(),
+            base.log_level.clone(),
+        ];
+        let all: BTreeMap<String, String> =
+            KEYS.iter().map(|k| (*k).to_owned()).zip(defaults).collect();
+        assert_eq!(apply(&base, &all).unwrap(), base);
+    }
+}
