@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, time::Duration};
 use anyhow::{anyhow, ensure};
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{Namespace, Pod},
+    core::v1::{ConfigMap, Namespace, Pod},
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -534,4 +534,91 @@ async fn the_serving_certificate_is_renewed_before_it_expires() {
         .unwrap();
     assert!(has_proxy(&created));
     hook.stop().await;
+}
+
+#[tokio::test]
+async fn the_webhook_injects_with_the_settings_in_the_clusters_configmap() {
+    use weft_operator::{inject::settings, webhook::settings as webhook_settings};
+
+    let client = shared::client().await.unwrap();
+    // The operator's namespace, where the chart keeps the settings.
+    let op_ns = shared::namespace(&client, "weft-op").await.unwrap();
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &op_ns);
+    let base = InjectConfig::for_operator(&op_ns, "weft-operator");
+
+    // No ConfigMap: the operator's own defaults.
+    let none = webhook_settings::load(&client, &op_ns, settings::CONFIG_MAP, &base)
+        .await
+        .unwrap();
+    assert!(!none.found);
+    assert_eq!(none.config, base);
+
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": settings::CONFIG_MAP},
+        "data": {
+            settings::PROXY_IMAGE: "registry.test/weft-proxy:from-cluster",
+            settings::LOG_LEVEL: "debug",
+            settings::INBOUND_PORT: "16006",
+        }
+    }))
+    .unwrap();
+    configmaps
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
+    let loaded = webhook_settings::load(&client, &op_ns, settings::CONFIG_MAP, &base)
+        .await
+        .unwrap();
+    assert!(loaded.found);
+
+    let ns = scoped_namespace(&client, "inject-settings", None).await;
+    let hook = start_webhook_injecting(&client, &ns, loaded.config).await;
+    let created = Api::<Pod>::namespaced(client.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &pod("web", json!({"weft.dev/inject": "enabled"})),
+        )
+        .await
+        .unwrap();
+    hook.stop().await;
+    let inits = created.spec.unwrap().init_containers.unwrap();
+    let (init, proxy) = (&inits[0], &inits[1]);
+    assert_eq!(
+        proxy.image.as_deref(),
+        Some("registry.test/weft-proxy:from-cluster")
+    );
+    assert_eq!(init.image, proxy.image);
+    let log = proxy
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == keys::env::LOG)
+        .and_then(|e| e.value.clone());
+    assert_eq!(log.as_deref(), Some("debug"));
+    assert!(
+        init.args
+            .iter()
+            .flatten()
+            .any(|a| a == "--inbound-port=16006"),
+        "{:?}",
+        init.args
+    );
+
+    // A ConfigMap with a setting the operator does not know stops it from starting.
+    let typo = json!({"data": {"proxyImg": "typo/p:1"}});
+    configmaps
+        .patch(
+            settings::CONFIG_MAP,
+            &PatchParams::default(),
+            &Patch::Merge(&typo),
+        )
+        .await
+        .unwrap();
+    let err = webhook_settings::load(&client, &op_ns, settings::CONFIG_MAP, &base)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("unknown setting \"proxyImg\""),
+        "{err}"
+    );
 }

@@ -160,8 +160,9 @@ async fn renew_forever(ca: ca::Ca, certs: CertStore, settings: WebhookSettings) 
 }
 
 /// Lists the pods (metadata only, paged) and namespaces of the cluster and returns those
-/// that opted in but run without the proxy. The operator's audit loop and
-/// `kubectl weft check` both use it.
+/// that opted in but run without the proxy, for the audit loop. (`kubectl weft check` has
+/// its own copy of this listing, so that it need not link the operator; the rule itself is
+/// `weft_inject::audit::unmeshed`, shared.)
 pub async fn scan_unmeshed(
     client: &Client,
     cfg: &InjectConfig,

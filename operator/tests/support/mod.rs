@@ -112,7 +112,21 @@ pub async fn start_webhook_with(
     policy: FailurePolicy,
     cert_lifetime: Duration,
 ) -> (Webhook, u16) {
-    start_webhook_full(client, ns, policy, cert_lifetime, None).await
+    start_webhook_full(client, ns, policy, cert_lifetime, None, None).await
+}
+
+/// Like [`start_webhook`], injecting with `inject` instead of the tests' settings.
+pub async fn start_webhook_injecting(client: &Client, ns: &str, inject: InjectConfig) -> Webhook {
+    start_webhook_full(
+        client,
+        ns,
+        FailurePolicy::Fail,
+        Duration::from_secs(3600),
+        None,
+        Some(inject),
+    )
+    .await
+    .0
 }
 
 /// Like [`start_webhook`], reading namespace labels from the operator's `index`.
@@ -123,6 +137,7 @@ pub async fn start_webhook_sharing(client: &Client, ns: &str, index: Arc<SharedI
         FailurePolicy::Fail,
         Duration::from_secs(3600),
         Some(index),
+        None,
     )
     .await
     .0
@@ -134,6 +149,7 @@ async fn start_webhook_full(
     policy: FailurePolicy,
     cert_lifetime: Duration,
     index: Option<Arc<SharedIndex>>,
+    inject: Option<InjectConfig>,
 ) -> (Webhook, u16) {
     ensure_namespace(client, "weft-system").await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -144,6 +160,9 @@ async fn start_webhook_full(
         let client = client.clone();
         let mut settings = settings(ns, port, policy);
         settings.cert_lifetime = cert_lifetime;
+        if let Some(inject) = inject {
+            settings.inject = inject;
+        }
         let metrics = metrics.clone();
         async move {
             webhook::run_with(client, settings, index, listener, metrics, async {
