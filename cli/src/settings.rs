@@ -40,7 +40,7 @@ impl std::fmt::Display for Source {
             Source::ConfigMap(at) => write!(f, "injection settings from ConfigMap {at}"),
             Source::NoConfigMap(at) => write!(
                 f,
-                "no ConfigMap {at}: injecting with the built-in defaults, as the operator does"
+                "no ConfigMap {at}: the built-in injection settings apply, as in the operator"
             ),
             Source::File(path) => write!(f, "injection settings from {path}"),
             Source::Defaults => write!(f, "offline: injecting with the built-in defaults"),
