@@ -622,3 +622,93 @@ async fn the_webhook_injects_with_the_settings_in_the_clusters_configmap() {
         "{err}"
     );
 }
+
+/// Runs the operator binary with its webhook, in `ns`, until it exits (at most 30 s).
+fn operator_exit(ns: &str) -> std::process::Output {
+    use std::process::{Command, Stdio};
+
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weft-operator"))
+        .env("KUBECONFIG", shared::testbed().kubeconfig())
+        .args(["--push-addr", &free(), "--admin-addr", &free()])
+        .args(["--webhook-addr", &free(), "--lease-namespace", ns])
+        .args([
+            "--watch-namespace",
+            ns,
+            "--webhook-name",
+            &format!("weft-{ns}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let lines: Vec<&str> = stderr.lines().collect();
+            panic!(
+                "the operator kept running; its last lines:\n{}",
+                lines[lines.len().saturating_sub(10)..].join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test]
+async fn the_operator_refuses_to_start_with_injection_settings_nobody_chose() {
+    use weft_operator::inject::settings;
+
+    let client = shared::client().await.unwrap();
+    let ns = shared::namespace(&client, "weft-op-bad").await.unwrap();
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": settings::CONFIG_MAP},
+        "data": {"proxyImg": "typo/p:1"}
+    }))
+    .unwrap();
+    configmaps
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
+    let out = tokio::task::spawn_blocking({
+        let ns = ns.clone();
+        move || operator_exit(&ns)
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("unknown setting \"proxyImg\""),
+        "{stderr}"
+    );
+
+    // A trust domain other than the CA's would give proxies identities nobody issues.
+    let other = json!({"data": {"proxyImg": null, settings::TRUST_DOMAIN: "other.example"}});
+    configmaps
+        .patch(
+            settings::CONFIG_MAP,
+            &PatchParams::default(),
+            &Patch::Merge(&other),
+        )
+        .await
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || operator_exit(&ns))
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("differs from --trust-domain"),
+        "{stderr}"
+    );
+}
