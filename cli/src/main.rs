@@ -160,12 +160,13 @@ fn inject_settings(args: &InjectArgs) -> anyhow::Result<(InjectConfig, Source)> 
         let client = kube::Client::try_default().await.context(
             "connecting to the cluster (KUBECONFIG) for its injection settings; pass --offline or --config FILE to inject without one",
         )?;
-        Ok(settings::from_cluster(
+        settings::from_cluster(
             &client,
             &args.operator_namespace,
             weft_inject::settings::CONFIG_MAP,
         )
-        .await?)
+        .await
+        .context("the cluster's injection settings (--offline or --config FILE inject without them)")
     })
 }
 

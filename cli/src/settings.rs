@@ -52,9 +52,7 @@ impl std::fmt::Display for Source {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The API server could not be asked.
-    #[error(
-        "reading ConfigMap {at} (pass --offline or --config FILE to inject without a cluster): {source}"
-    )]
+    #[error("reading ConfigMap {at}: {source}")]
     Cluster {
         /// `namespace/name`.
         at: String,

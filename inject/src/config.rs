@@ -1,5 +1,6 @@
-//! The mesh-wide settings injection uses (from the operator's flags or the chart's
-//! values), with defaults suited to a sidecar.
+//! The mesh-wide settings injection uses, with defaults suited to a sidecar. The cluster
+//! keeps them in a ConfigMap (see [`crate::settings`]); the operator's flags set some
+//! defaults.
 
 /// Settings for injection, the same for every pod.
 #[derive(Clone, Debug, PartialEq, Eq)]

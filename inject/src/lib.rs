@@ -1,6 +1,10 @@
 //! Sidecar injection: a pure function from a pod (its metadata and spec) and the mesh's
 //! settings to the injected pod. The admission webhook turns the difference into a
-//! JSONPatch; `kubectl weft inject` writes the result back into YAML. Both call this.
+//! JSONPatch; `kubectl weft inject` writes the result back into YAML. Both call this, with
+//! the settings the cluster keeps ([`settings`]).
+//!
+//! The crate depends on k8s-openapi's types and serde only (no Kubernetes client, HTTP or
+//! async runtime), so the kubectl plugin links injection without linking the operator.
 //!
 //! ```text
 //!  pod + namespace opt-in ──decide()──▶ Skip(reason)          (nothing changes)
