@@ -14,8 +14,10 @@ pub struct PodOptions {
     pub skip_outbound_ports: Vec<PortRange>,
     /// Outbound destinations that bypass the proxy.
     pub skip_outbound_cidrs: Vec<String>,
-    /// Ports carried as opaque TCP.
+    /// The pod's ports whose inbound connections are opaque TCP.
     pub opaque_ports: Vec<PortRange>,
+    /// The pod's ports whose inbound connections go to loopback, not the pod's address.
+    pub inbound_loopback_ports: Vec<PortRange>,
     /// Proxy resources after annotation overrides.
     pub resources: super::ProxyResources,
 }
@@ -70,6 +72,10 @@ impl PodOptions {
             skip_outbound_ports: ports(keys::SKIP_OUTBOUND_PORTS, get(keys::SKIP_OUTBOUND_PORTS))?,
             skip_outbound_cidrs: cidrs(keys::SKIP_OUTBOUND_CIDRS, get(keys::SKIP_OUTBOUND_CIDRS))?,
             opaque_ports: ports(keys::OPAQUE_PORTS, get(keys::OPAQUE_PORTS))?,
+            inbound_loopback_ports: ports(
+                keys::INBOUND_LOOPBACK_PORTS,
+                get(keys::INBOUND_LOOPBACK_PORTS),
+            )?,
             resources,
         })
     }
@@ -84,7 +90,8 @@ pub fn join(ranges: &[PortRange]) -> String {
         .join(",")
 }
 
-fn ports(key: &'static str, value: Option<&str>) -> Result<Vec<PortRange>, InjectError> {
+/// Parses a port-list annotation (`3306,9000-9010`); `None` is the empty list.
+pub fn ports(key: &'static str, value: Option<&str>) -> Result<Vec<PortRange>, InjectError> {
     let Some(value) = value else {
         return Ok(Vec::new());
     };
@@ -178,8 +185,10 @@ mod tests {
             (keys::SKIP_INBOUND_PORTS, "8080, 9000-9010"),
             (keys::SKIP_OUTBOUND_CIDRS, "10.0.0.0/8,fd00::/8,192.0.2.7"),
             (keys::OPAQUE_PORTS, "3306"),
+            (keys::INBOUND_LOOPBACK_PORTS, "9090,9100-9101"),
         ])
         .unwrap();
+        assert_eq!(join(&o.inbound_loopback_ports), "9090,9100-9101");
         assert_eq!(join(&o.skip_inbound_ports), "8080,9000-9010");
         assert_eq!(
             o.skip_outbound_cidrs,
@@ -197,6 +206,8 @@ mod tests {
             (keys::SKIP_OUTBOUND_CIDRS, "10.0.0.0/33"),
             (keys::SKIP_OUTBOUND_CIDRS, "example.com"),
             (keys::PROXY_MEMORY_LIMIT, "lots"),
+            (keys::OPAQUE_PORTS, "mysql"),
+            (keys::INBOUND_LOOPBACK_PORTS, "0"),
         ] {
             let err = opts(&[(key, value)]).unwrap_err();
             assert!(

@@ -19,8 +19,13 @@ pub const SKIP_INBOUND_PORTS: &str = "weft.dev/skip-inbound-ports";
 pub const SKIP_OUTBOUND_PORTS: &str = "weft.dev/skip-outbound-ports";
 /// Pod annotation: outbound destination CIDRs not redirected (comma-separated).
 pub const SKIP_OUTBOUND_CIDRS: &str = "weft.dev/skip-outbound-cidrs";
-/// Pod annotation: ports whose traffic is opaque TCP (no protocol detection).
+/// Pod annotation: the pod's own ports whose inbound connections are opaque TCP (no
+/// protocol detection; for server-speaks-first protocols). On a Service: its ports whose
+/// connections from meshed clients are opaque TCP (read by the operator's index).
 pub const OPAQUE_PORTS: &str = "weft.dev/opaque-ports";
+/// Pod annotation: the pod's own ports that the proxy forwards inbound connections to on
+/// loopback rather than on the pod's address (for an app listening on localhost only).
+pub const INBOUND_LOOPBACK_PORTS: &str = "weft.dev/inbound-loopback-ports";
 
 /// Pod annotation: the proxy's CPU request (a Kubernetes quantity).
 pub const PROXY_CPU_REQUEST: &str = "weft.dev/proxy-cpu-request";
@@ -43,22 +48,21 @@ pub const TOKEN_VOLUME: &str = "weft-token";
 /// Where the proxy finds its projected ServiceAccount token.
 pub const TOKEN_DIR: &str = "/var/run/secrets/weft.dev/serviceaccount";
 
-/// Environment the proxy reads (set by injection).
+/// Environment the proxy reads (set by injection). Each one changes what the proxy does;
+/// `proxy/tests/interception.rs` shows it.
 pub mod env {
     /// The pod's name.
     pub const POD_NAME: &str = "WEFT_POD_NAME";
     /// The pod's namespace.
     pub const POD_NAMESPACE: &str = "WEFT_POD_NAMESPACE";
-    /// The pod's ServiceAccount.
-    pub const SERVICE_ACCOUNT: &str = "WEFT_SERVICE_ACCOUNT";
     /// Address (`host:port`) of the operator's config-distribution server.
     pub const OPERATOR_ADDR: &str = "WEFT_OPERATOR_ADDR";
-    /// The mesh's SPIFFE trust domain.
-    pub const TRUST_DOMAIN: &str = "WEFT_TRUST_DOMAIN";
     /// Path of the projected ServiceAccount token (audience `weft`).
     pub const TOKEN_FILE: &str = "WEFT_TOKEN_FILE";
-    /// Ports whose inbound and outbound traffic is opaque TCP.
+    /// The pod's ports whose inbound connections skip protocol detection.
     pub const OPAQUE_PORTS: &str = "WEFT_OPAQUE_PORTS";
+    /// The pod's ports whose inbound connections go to loopback.
+    pub const INBOUND_LOOPBACK_PORTS: &str = "WEFT_INBOUND_LOOPBACK_PORTS";
     /// The proxy's log filter.
     pub const LOG: &str = "WEFT_LOG";
 }

@@ -119,18 +119,18 @@ pub fn proxy_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
             value_from: field("metadata.namespace"),
             ..Default::default()
         },
-        EnvVar {
-            name: keys::env::SERVICE_ACCOUNT.to_owned(),
-            value_from: field("spec.serviceAccountName"),
-            ..Default::default()
-        },
         value(keys::env::OPERATOR_ADDR, cfg.operator_addr.clone()),
-        value(keys::env::TRUST_DOMAIN, cfg.trust_domain.clone()),
         value(keys::env::TOKEN_FILE, format!("{}/token", keys::TOKEN_DIR)),
         value(keys::env::LOG, cfg.log_level.clone()),
     ];
     if !opts.opaque_ports.is_empty() {
         env.push(value(keys::env::OPAQUE_PORTS, join(&opts.opaque_ports)));
+    }
+    if !opts.inbound_loopback_ports.is_empty() {
+        env.push(value(
+            keys::env::INBOUND_LOOPBACK_PORTS,
+            join(&opts.inbound_loopback_ports),
+        ));
     }
     let r = &opts.resources;
     Container {
@@ -215,4 +215,53 @@ fn quantities(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Quantity> {
         .iter()
         .filter_map(|(k, v)| v.map(|v| ((*k).to_owned(), Quantity(v.to_owned()))))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every variable the proxy container gets is one `weft-proxy run` reads (its `--help`
+    /// names each; `proxy/tests/interception.rs` checks that list and the behaviour of the
+    /// port lists). Adding one here without the proxy reading it fails this test.
+    #[test]
+    fn the_proxy_gets_only_variables_it_reads() {
+        let cfg = InjectConfig::default();
+        let annotations = [
+            (keys::OPAQUE_PORTS, "3306"),
+            (keys::INBOUND_LOOPBACK_PORTS, "9090"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let opts = PodOptions::from_annotations(Some(&annotations), &cfg).unwrap();
+        let env = proxy_container(&cfg, &opts).env.unwrap();
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                keys::env::POD_NAME,
+                keys::env::POD_NAMESPACE,
+                keys::env::OPERATOR_ADDR,
+                keys::env::TOKEN_FILE,
+                keys::env::LOG,
+                keys::env::OPAQUE_PORTS,
+                keys::env::INBOUND_LOOPBACK_PORTS,
+            ]
+        );
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(value(keys::env::OPAQUE_PORTS).as_deref(), Some("3306"));
+        assert_eq!(
+            value(keys::env::INBOUND_LOOPBACK_PORTS).as_deref(),
+            Some("9090")
+        );
+
+        // Without the annotations, neither list is set (the proxy's defaults: none).
+        let plain = proxy_container(&cfg, &PodOptions::default()).env.unwrap();
+        assert_eq!(plain.len(), 5);
+    }
 }

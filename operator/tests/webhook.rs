@@ -110,9 +110,9 @@ async fn an_annotated_pod_gets_the_sidecar_the_init_container_and_the_token() {
     for name in [
         "WEFT_POD_NAME",
         "WEFT_POD_NAMESPACE",
-        "WEFT_SERVICE_ACCOUNT",
         "WEFT_OPERATOR_ADDR",
-        "WEFT_TRUST_DOMAIN",
+        "WEFT_TOKEN_FILE",
+        "WEFT_LOG",
     ] {
         assert!(env.iter().any(|e| e == name), "{name} missing from {env:?}");
     }

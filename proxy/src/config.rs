@@ -44,8 +44,8 @@ pub struct Config {
     pub detect_timeout: Duration,
     /// Connect timeout for destinations that are not services (passthrough, inbound).
     pub connect_timeout: Duration,
-    /// Ports that skip detection, as a bitmap indexed by port.
-    opaque_ports: Box<[u64; 1024]>,
+    /// Ports that skip detection.
+    opaque_ports: PortSet,
     /// The services, in file order.
     pub services: Vec<Arc<Service>>,
     by_name: HashMap<String, usize>,
@@ -117,12 +117,12 @@ impl Config {
             raw.connect_timeout.as_ref(),
             DEFAULT_CONNECT_TIMEOUT,
         );
-        let mut opaque_ports = Box::new([0u64; 1024]);
+        let mut opaque_ports = PortSet::default();
         for port in raw.opaque_ports.as_deref().unwrap_or(&DEFAULT_OPAQUE_PORTS) {
             if *port == 0 {
                 problems.push("opaquePorts: port 0 is not a port".to_owned());
             }
-            opaque_ports[usize::from(*port) / 64] |= 1 << (port % 64);
+            opaque_ports.insert(*port);
         }
 
         let mut services = Vec::with_capacity(raw.services.len());
@@ -234,7 +234,80 @@ impl Config {
 
     /// Whether connections to this port skip detection.
     pub fn is_opaque_port(&self, port: u16) -> bool {
-        self.opaque_ports[usize::from(port) / 64] & (1 << (port % 64)) != 0
+        self.opaque_ports.contains(port)
+    }
+}
+
+/// A set of TCP ports, as a bitmap: one load and a mask per lookup on the connection path.
+/// Parses from the list format of the injector and `weft-proxy init`
+/// (`3306,9000-9010`; empty means none).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PortSet(Box<[u64; 1024]>);
+
+impl Default for PortSet {
+    fn default() -> Self {
+        PortSet(Box::new([0; 1024]))
+    }
+}
+
+impl PortSet {
+    /// Adds `port`.
+    pub fn insert(&mut self, port: u16) {
+        self.0[usize::from(port) / 64] |= 1 << (port % 64);
+    }
+
+    /// Whether `port` is in the set.
+    pub fn contains(&self, port: u16) -> bool {
+        self.0[usize::from(port) / 64] & (1 << (port % 64)) != 0
+    }
+
+    /// Whether no port is in the set.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+
+    /// The ports in the set, in order.
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        (0..=u16::MAX).filter(|p| self.contains(*p))
+    }
+}
+
+impl std::str::FromStr for PortSet {
+    type Err = crate::init::rules::ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let list: crate::init::rules::PortList = s.parse()?;
+        let mut set = PortSet::default();
+        for range in list.0 {
+            for port in range.ports() {
+                set.insert(port);
+            }
+        }
+        Ok(set)
+    }
+}
+
+/// Shown as the list it parses from (`3306,9000-9010`), so a wide range stays short.
+impl std::fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut ports = self.iter().peekable();
+        let mut first = true;
+        while let Some(start) = ports.next() {
+            let mut end = start;
+            while ports.peek() == Some(&end.wrapping_add(1)) && end != u16::MAX {
+                end = ports.next().unwrap_or(end);
+            }
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            if start == end {
+                write!(f, "{start}")?;
+            } else {
+                write!(f, "{start}-{end}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -303,6 +376,21 @@ mod tests {
         assert!(c.is_opaque_port(8000));
         assert!(c.is_opaque_port(65535));
         assert!(!c.is_opaque_port(3306));
+    }
+
+    #[test]
+    fn port_sets_parse_the_injectors_lists() {
+        let set: PortSet = "3306, 9000-9002,65535".parse().unwrap();
+        assert_eq!(
+            set.iter().collect::<Vec<_>>(),
+            [3306, 9000, 9001, 9002, 65535]
+        );
+        assert!(!set.contains(80));
+        assert_eq!(format!("{set:?}"), "3306,9000-9002,65535");
+        assert!("".parse::<PortSet>().unwrap().is_empty());
+        for bad in ["mysql", "0", "70000", "9010-9000"] {
+            assert!(bad.parse::<PortSet>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -34,11 +34,28 @@ pub mod source;
 pub mod store;
 pub mod upstream;
 
+/// What this pod says about its own ports: read once at startup from flags or the
+/// environment (the injector writes them from pod annotations). Unlike the config, which
+/// describes the mesh and may change, these describe the application beside the proxy.
+#[derive(Clone, Debug, Default)]
+pub struct LocalPorts {
+    /// Inbound ports whose connections skip protocol detection, besides the config's
+    /// opaque ports: the application speaks first on them (`WEFT_OPAQUE_PORTS`).
+    pub opaque: config::PortSet,
+    /// Inbound ports forwarded to loopback rather than to the pod's own address, for an
+    /// application that listens on localhost only and should be reachable anyway
+    /// (`WEFT_INBOUND_LOOPBACK_PORTS`). Empty by default: a localhost-only listener is
+    /// private to the pod.
+    pub loopback: config::PortSet,
+}
+
 /// What every listener of one proxy process shares.
 #[derive(Debug)]
 pub struct Proxy {
     /// The active configuration.
     pub store: Arc<store::ConfigStore>,
+    /// This pod's own port settings.
+    pub local: LocalPorts,
     /// Every metric.
     pub metrics: Arc<metrics::Metrics>,
     /// Cancelled when shutdown begins, so `/ready` fails while the proxy drains.
@@ -67,12 +84,22 @@ impl Proxy {
     /// A proxy with fresh metrics, these limits and no config, handling connections
     /// accepted before its first config as `before_config` says.
     pub fn with(limits: limits::Limits, before_config: server::BeforeConfig) -> Arc<Self> {
+        Self::with_local(limits, before_config, LocalPorts::default())
+    }
+
+    /// A proxy as [`Proxy::with`] makes it, with this pod's own port settings.
+    pub fn with_local(
+        limits: limits::Limits,
+        before_config: server::BeforeConfig,
+        local: LocalPorts,
+    ) -> Arc<Self> {
         let metrics = Arc::new(metrics::Metrics::new());
         Arc::new(Proxy {
             store: Arc::new(
                 store::ConfigStore::new(metrics.clone())
                     .with_http1_connections_per_endpoint(limits.max_http1_connections_per_endpoint),
             ),
+            local,
             metrics,
             draining: CancellationToken::new(),
             before_config,

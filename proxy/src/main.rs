@@ -12,7 +12,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use weft_proxy::{
-    Proxy,
+    LocalPorts, Proxy,
+    config::PortSet,
     limits::{self, Limits},
     server::ListenerKind,
     shutdown::{self, ListenerGroup},
@@ -106,6 +107,19 @@ struct RunArgs {
     /// Repeatable.
     #[arg(long = "forward", value_parser = parse_forward)]
     forward: Vec<Forward>,
+    /// Inbound ports of the application whose protocol speaks first (the server sends
+    /// before the client, such as MySQL or SMTP): their connections skip protocol
+    /// detection, on top of the config's opaque ports. Such as `3306,9000-9010`; set by
+    /// the injector from the pod annotation `weft.dev/opaque-ports`.
+    #[arg(long, env = "WEFT_OPAQUE_PORTS", default_value = "")]
+    opaque_ports: PortSet,
+    /// Inbound ports forwarded to the application on 127.0.0.1 (or ::1) rather than on
+    /// the pod's own address, for an application that listens on localhost only yet must
+    /// be reachable from other pods. Empty by default: what listens on localhost alone
+    /// stays private to the pod. Set by the injector from the pod annotation
+    /// `weft.dev/inbound-loopback-ports`.
+    #[arg(long, env = "WEFT_INBOUND_LOOPBACK_PORTS", default_value = "")]
+    inbound_loopback_ports: PortSet,
     /// Runtime worker threads. Every pod pays for them; one suits most sidecars.
     #[arg(long, env = "WEFT_WORKERS", default_value = "1")]
     workers: NonZeroUsize,
@@ -318,7 +332,16 @@ async fn serve(
     initial: Option<weft_api::proxy_config::ProxyConfig>,
     limits: Limits,
 ) -> anyhow::Result<()> {
-    let proxy = Proxy::with(limits, args.before_config);
+    tracing::info!(
+        opaque_ports = ?args.opaque_ports,
+        inbound_loopback_ports = ?args.inbound_loopback_ports,
+        "inbound port settings"
+    );
+    let local = LocalPorts {
+        opaque: args.opaque_ports.clone(),
+        loopback: args.inbound_loopback_ports.clone(),
+    };
+    let proxy = Proxy::with_local(limits, args.before_config, local);
     if let Some(initial) = initial {
         proxy.store.apply(initial)?;
     }

@@ -7,7 +7,8 @@
 //!            ┌ Outbound: SO_ORIGINAL_DST ─▶ service claiming it? ─no──▶ opaque passthrough
 //! accept ──▶ ┤                                   └yes─┐
 //!            ├ Forward(name): the named service ──────┼─▶ opaque port/service? ─▶ opaque TCP
-//!            └ Inbound: SO_ORIGINAL_DST ─▶ 127.0.0.1:port ┘        └no─▶ detect ─▶ HTTP/1, HTTP/2
+//!            └ Inbound: SO_ORIGINAL_DST ─▶ same ip:port ──┘        └no─▶ detect ─▶ HTTP/1, HTTP/2
+//!                        (from 127.0.0.6 / ::6; 127.0.0.1:port for opted-in loopback ports)
 //! ```
 //!
 //! Before the first config there is nothing to match against: transparent connections
@@ -37,7 +38,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    Proxy,
+    LocalPorts, Proxy,
     config::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_DETECT_TIMEOUT},
     detect::{self, PrefixedIo, Protocol},
     errors::ErrorCode,
@@ -140,7 +141,7 @@ async fn handle(
     let direction = kind.direction();
     let guard = proxy.metrics.connection(direction);
     let plan = match proxy.store.load() {
-        Some(snapshot) => plan(&snapshot, &kind, &stream),
+        Some(snapshot) => plan(&snapshot, &kind, &stream, &proxy.local),
         None => plan_before_config(&proxy, &kind, &stream),
     };
     let Some(Plan {
@@ -175,8 +176,13 @@ async fn handle(
         Protocol::Http1 | Protocol::Http2 => {
             let (target, fixed_label) = match route {
                 Route::Service(s, target) => (target, s.label.clone()),
-                Route::Addr(addr, label) => (
-                    HttpTarget::Fixed(Arc::new(EndpointState::new(addr, connect_timeout))),
+                Route::Addr(dial, label) => (
+                    HttpTarget::Fixed(Arc::new(EndpointState::from_source(
+                        dial.addr,
+                        dial.source,
+                        connect_timeout,
+                        proxy.limits.max_http1_connections_per_endpoint,
+                    ))),
                     label,
                 ),
                 Route::Missing(name) => (HttpTarget::Named(name.clone()), ServiceLabel(name)),
@@ -205,7 +211,12 @@ struct Plan {
 }
 
 /// The plan for a connection under the active config; `None` closes the connection.
-fn plan(snapshot: &Snapshot, kind: &ListenerKind, stream: &TcpStream) -> Option<Plan> {
+fn plan(
+    snapshot: &Snapshot,
+    kind: &ListenerKind,
+    stream: &TcpStream,
+    local: &LocalPorts,
+) -> Option<Plan> {
     let config = &snapshot.config;
     let (route, opaque) = match kind {
         ListenerKind::Outbound => {
@@ -216,14 +227,18 @@ fn plan(snapshot: &Snapshot, kind: &ListenerKind, stream: &TcpStream) -> Option<
                     svc.spec.opaque || config.is_opaque_port(orig.port()),
                 ),
                 // Nobody claims it: forward unchanged.
-                None => (Route::Addr(orig, ServiceLabel::passthrough()), true),
+                None => (
+                    Route::Addr(Dial::direct(orig), ServiceLabel::passthrough()),
+                    true,
+                ),
             }
         }
         ListenerKind::Inbound => {
             let orig = original_dst(stream)?;
+            let port = orig.port();
             (
-                Route::Addr(inbound_target(orig), ServiceLabel::local()),
-                config.is_opaque_port(orig.port()),
+                Route::Addr(inbound_target(orig, local), ServiceLabel::local()),
+                config.is_opaque_port(port) || local.opaque.contains(port),
             )
         }
         ListenerKind::Forward(name) => match snapshot.service_by_name(name) {
@@ -281,11 +296,11 @@ fn plan_before_config(proxy: &Proxy, kind: &ListenerKind, stream: &TcpStream) ->
                 }
                 (BeforeConfig::Passthrough, ListenerKind::Inbound) => {
                     tracing::debug!(%orig, "no config yet; forwarding to the application");
-                    Route::Addr(inbound_target(orig), ServiceLabel::local())
+                    Route::Addr(inbound_target(orig, &proxy.local), ServiceLabel::local())
                 }
                 (BeforeConfig::Passthrough, _) => {
                     tracing::debug!(%orig, "no config yet; passing the connection through");
-                    Route::Addr(orig, ServiceLabel::passthrough())
+                    Route::Addr(Dial::direct(orig), ServiceLabel::passthrough())
                 }
             }
         }
@@ -350,8 +365,8 @@ impl std::str::FromStr for BeforeConfig {
 enum Route {
     /// A configured service (and how its HTTP requests find it again per request).
     Service(Arc<ServiceState>, HttpTarget),
-    /// A fixed address: passthrough, or the local application.
-    Addr(SocketAddr, ServiceLabel),
+    /// A fixed address: passthrough, or the application in this pod.
+    Addr(Dial, ServiceLabel),
     /// A forward listener's service that is not in the config.
     Missing(Arc<str>),
 }
@@ -372,16 +387,51 @@ fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     }
 }
 
-/// Where an inbound connection to `orig` is forwarded: the application's port on loopback.
-fn inbound_target(orig: SocketAddr) -> SocketAddr {
-    SocketAddr::new(loopback_like(orig.ip()), orig.port())
+/// The source address of the inbound side's connections to the pod's own IPv4 address.
+/// `weft-proxy init` lets connections from it (and the proxy's UID) through, so they reach
+/// the application instead of being redirected to the inbound listener again; the
+/// application sees it as the peer, as with Istio's `127.0.0.6`.
+pub const INBOUND_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// The same for IPv6: `::6`, which `weft-proxy init` adds to `lo` (IPv6 has no loopback
+/// range, and `::1` as source would not hear the application's refusals), as Istio does.
+pub const INBOUND_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// Where a connection to a fixed address goes, and from where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dial {
+    /// The destination.
+    pub addr: SocketAddr,
+    /// The source address to dial from; `None` lets the kernel choose.
+    pub source: Option<IpAddr>,
 }
 
-fn loopback_like(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+impl Dial {
+    /// To `addr`, from wherever the kernel chooses.
+    pub fn direct(addr: SocketAddr) -> Self {
+        Dial { addr, source: None }
+    }
+}
+
+/// The target of an inbound connection whose original destination was `orig`: that very
+/// address (the pod's own), so that a peer reaches exactly what the application exposes
+/// to the network and never a localhost-only listener; or loopback for the ports the pod
+/// opted in to ([`LocalPorts::loopback`]).
+pub fn inbound_target(orig: SocketAddr, local: &LocalPorts) -> Dial {
+    let ip = orig.ip().to_canonical();
+    if local.loopback.contains(orig.port()) {
+        let lo = match ip {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        return Dial::direct(SocketAddr::new(lo, orig.port()));
+    }
+    let source = match ip {
+        IpAddr::V4(_) => IpAddr::V4(INBOUND_SOURCE_V4),
+        IpAddr::V6(_) => IpAddr::V6(INBOUND_SOURCE_V6),
+    };
+    Dial {
+        addr: SocketAddr::new(ip, orig.port()),
+        source: Some(source),
     }
 }
 
@@ -400,14 +450,16 @@ async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
             proxy.metrics.error(direction, ErrorCode::ServiceNotFound);
             return;
         }
-        Route::Addr(addr, _) => match upstream::connect(addr, connect_timeout).await {
-            Ok(s) => (s, None),
-            Err(error) => {
-                tracing::debug!(%error, "opaque connect failed");
-                proxy.metrics.error(direction, connect_code(&error));
-                return;
+        Route::Addr(dial, _) => {
+            match upstream::connect_from(dial.addr, dial.source, connect_timeout).await {
+                Ok(s) => (s, None),
+                Err(error) => {
+                    tracing::debug!(%error, "opaque connect failed");
+                    proxy.metrics.error(direction, connect_code(&error));
+                    return;
+                }
             }
-        },
+        }
         Route::Service(svc, _) => {
             let mut exclude = None;
             let mut connected = None;
@@ -616,5 +668,38 @@ mod tests {
         assert_eq!(BeforeConfig::default(), BeforeConfig::Passthrough);
         let err = "Refuse".parse::<BeforeConfig>().unwrap_err().to_string();
         assert!(err.contains("passthrough or refuse"), "{err}");
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn inbound_goes_to_the_original_destination_from_a_loopback_source() {
+        let local = LocalPorts::default();
+        let t = inbound_target(addr("10.0.0.7:8080"), &local);
+        assert_eq!(t.addr, addr("10.0.0.7:8080"));
+        assert_eq!(t.source, Some(IpAddr::V4(INBOUND_SOURCE_V4)));
+        // An IPv4 connection accepted on a dual-stack listener.
+        let t = inbound_target(addr("[::ffff:10.0.0.7]:8080"), &local);
+        assert_eq!(t.addr, addr("10.0.0.7:8080"));
+        assert_eq!(t.source, Some(IpAddr::V4(INBOUND_SOURCE_V4)));
+        let t = inbound_target(addr("[fd00::7]:8080"), &local);
+        assert_eq!(t.addr, addr("[fd00::7]:8080"));
+        assert_eq!(t.source, Some(IpAddr::V6(INBOUND_SOURCE_V6)));
+    }
+
+    #[test]
+    fn opted_in_ports_go_to_loopback() {
+        let local = LocalPorts {
+            loopback: "9090".parse().unwrap(),
+            ..LocalPorts::default()
+        };
+        let t = inbound_target(addr("10.0.0.7:9090"), &local);
+        assert_eq!((t.addr, t.source), (addr("127.0.0.1:9090"), None));
+        let t = inbound_target(addr("[fd00::7]:9090"), &local);
+        assert_eq!((t.addr, t.source), (addr("[::1]:9090"), None));
+        let t = inbound_target(addr("10.0.0.7:9091"), &local);
+        assert_eq!(t.addr, addr("10.0.0.7:9091"));
     }
 }

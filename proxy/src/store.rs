@@ -54,9 +54,20 @@ impl EndpointState {
 
     /// Fresh state for an endpoint that allows at most `max_http1` HTTP/1 connections.
     pub fn with_http1_limit(addr: SocketAddr, connect_timeout: Duration, max_http1: usize) -> Self {
+        Self::from_source(addr, None, connect_timeout, max_http1)
+    }
+
+    /// Fresh state for an endpoint dialled from `source` when given (the inbound side's
+    /// loopback source, see [`crate::upstream::connect_from`]).
+    pub fn from_source(
+        addr: SocketAddr,
+        source: Option<std::net::IpAddr>,
+        connect_timeout: Duration,
+        max_http1: usize,
+    ) -> Self {
         EndpointState {
             addr,
-            upstream: Upstream::new(addr, connect_timeout, max_http1),
+            upstream: Upstream::from_source(addr, source, connect_timeout, max_http1),
             ewma: Mutex::new(PeakEwma::new(DEFAULT_SEED, DEFAULT_DECAY, Instant::now())),
             in_flight: AtomicUsize::new(0),
         }

@@ -7,7 +7,7 @@
 
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
@@ -18,7 +18,7 @@ use std::{
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tracing::Instrument;
@@ -50,7 +50,32 @@ pub enum ConnectError {
 
 /// Connects to one endpoint with a timeout.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    connect_from(addr, None, timeout).await
+}
+
+/// Connects to one endpoint with a timeout, from `source` (port chosen by the kernel) when
+/// given. The inbound side dials the pod's own address from a loopback source, which the
+/// redirect rules recognise and let through (see `docs/interception.md`).
+pub async fn connect_from(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let connecting = async {
+        match source {
+            None => TcpStream::connect(addr).await,
+            Some(ip) => {
+                let socket = if addr.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, connecting).await {
         Err(_) => Err(ConnectError::Timeout { addr, timeout }),
         Ok(Err(source)) => Err(ConnectError::Io { addr, source }),
         Ok(Ok(stream)) => {
@@ -156,17 +181,30 @@ impl Upstream {
     /// Pools for `addr` with at most `max_http1` HTTP/1 connections; no connection is made
     /// until a request needs one.
     pub fn new(addr: SocketAddr, connect_timeout: Duration, max_http1: usize) -> Self {
+        Self::from_source(addr, None, connect_timeout, max_http1)
+    }
+
+    /// Pools as [`Upstream::new`] makes them, whose connections are made from `source`
+    /// when given (see [`connect_from`]).
+    pub fn from_source(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        connect_timeout: Duration,
+        max_http1: usize,
+    ) -> Self {
         Upstream {
             addr,
             connect_timeout,
             http1: Arc::new(Http1Pool {
                 addr,
+                source,
                 connect_timeout,
                 idle: Mutex::new(Vec::new()),
                 slots: Arc::new(Semaphore::new(max_http1.min(Semaphore::MAX_PERMITS))),
             }),
             http2: Arc::new(Http2Conn {
                 addr,
+                source,
                 connect_timeout,
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
@@ -198,6 +236,7 @@ impl Upstream {
 #[derive(Debug)]
 pub struct Http2Conn {
     addr: SocketAddr,
+    source: Option<IpAddr>,
     connect_timeout: Duration,
     current: Mutex<Option<Http2Shared>>,
     connecting: tokio::sync::Mutex<()>,
@@ -275,7 +314,7 @@ impl Http2Conn {
         if let Some(s) = self.shared() {
             return Ok((s, true));
         }
-        let stream = connect(self.addr, self.connect_timeout).await?;
+        let stream = connect_from(self.addr, self.source, self.connect_timeout).await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
@@ -354,6 +393,7 @@ async fn run_http2_connection(
 #[derive(Debug)]
 pub struct Http1Pool {
     addr: SocketAddr,
+    source: Option<IpAddr>,
     connect_timeout: Duration,
     idle: Mutex<Vec<Lease>>,
     slots: Arc<Semaphore>,
@@ -412,7 +452,7 @@ impl Http1Pool {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Err(SendError::ConnectionLimit { unsent: None });
         };
-        let stream = connect(self.addr, self.connect_timeout).await?;
+        let stream = connect_from(self.addr, self.source, self.connect_timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|error| SendError::Failed(Box::new(error)))?;

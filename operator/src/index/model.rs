@@ -120,7 +120,9 @@ pub struct ServicePort {
     pub name: String,
     /// The Service port.
     pub port: u16,
-    /// Whether connections skip protocol detection.
+    /// Whether connections skip protocol detection: the port's `appProtocol` is one of
+    /// [`OPAQUE_APP_PROTOCOLS`], or the Service's `weft.dev/opaque-ports` annotation lists
+    /// it.
     pub opaque: bool,
 }
 
@@ -254,6 +256,8 @@ pub fn service(svc: &Service) -> (ObjectKey, Object) {
         ips.push(ip.clone());
     }
     let cluster_ips = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+    let key = key_of(svc);
+    let annotated = opaque_ports_annotation(&key, svc);
     let ports = spec
         .ports
         .unwrap_or_default()
@@ -266,18 +270,38 @@ pub fn service(svc: &Service) -> (ObjectKey, Object) {
                 opaque: p
                     .app_protocol
                     .as_deref()
-                    .is_some_and(|a| OPAQUE_APP_PROTOCOLS.contains(&a)),
+                    .is_some_and(|a| OPAQUE_APP_PROTOCOLS.contains(&a))
+                    || annotated
+                        .iter()
+                        .any(|r| (r.start..=r.end).contains(&u16::try_from(p.port).unwrap_or(0))),
             })
         })
         .collect();
     (
-        key_of(svc),
+        key,
         Object::Service(ServiceModel {
             cluster_ips,
             ports,
             selector: spec.selector,
         }),
     )
+}
+
+/// The port ranges of a Service's `weft.dev/opaque-ports` annotation, in the pod
+/// annotation's format. A malformed value is dropped with a warning (the ports are then
+/// detected, which costs server-first protocols the detection timeout, nothing more).
+fn opaque_ports_annotation(
+    key: &ObjectKey,
+    svc: &Service,
+) -> Vec<crate::inject::annotations::PortRange> {
+    let k = crate::inject::keys::OPAQUE_PORTS;
+    match crate::inject::annotations::ports(k, svc.annotations().get(k).map(String::as_str)) {
+        Ok(ranges) => ranges,
+        Err(error) => {
+            tracing::warn!(service = %key, %error, "annotation ignored");
+            Vec::new()
+        }
+    }
 }
 
 /// Converts an EndpointSlice. Slices of address type FQDN carry no IPs and convert to a

@@ -147,6 +147,41 @@ fn a_proxy_gets_ready_endpoints_with_identities_of_meshed_pods() {
 }
 
 #[test]
+fn opaque_ports_of_a_service_reach_its_clients() {
+    let s: Service = serde_json::from_value(json!({
+        "metadata": {"name": "db", "namespace": "shop",
+                     "annotations": {"weft.dev/opaque-ports": "3307,9000-9001"}},
+        "spec": {"clusterIP": "10.96.0.30", "clusterIPs": ["10.96.0.30"],
+                 "ports": [{"name": "sql", "port": 3307}, {"name": "http", "port": 80},
+                           {"name": "admin", "port": 9001},
+                           {"name": "raw", "port": 7000, "appProtocol": "tcp"}]}
+    }))
+    .unwrap();
+    let mut i = shop();
+    apply(&mut i, model::service(&s));
+    let view = i.view(&key("shop", "client")).unwrap();
+    let protocol = |name: &str| view.services.get(name).unwrap().protocol;
+    assert_eq!(protocol("db.shop.3307"), Protocol::Opaque);
+    assert_eq!(protocol("db.shop.9001"), Protocol::Opaque);
+    assert_eq!(protocol("db.shop.7000"), Protocol::Opaque, "appProtocol");
+    assert_eq!(protocol("db.shop.80"), Protocol::Detect);
+
+    // A malformed annotation is ignored, not fatal.
+    let mut bad = s.clone();
+    bad.metadata.annotations = Some(
+        [("weft.dev/opaque-ports".to_owned(), "mysql".to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    apply(&mut i, model::service(&bad));
+    let view = i.view(&key("shop", "client")).unwrap();
+    assert_eq!(
+        view.services.get("db.shop.3307").unwrap().protocol,
+        Protocol::Detect
+    );
+}
+
+#[test]
 fn the_generated_config_passes_the_proxys_wire_format() {
     let i = shop();
     let view = i.view(&key("shop", "client")).unwrap();

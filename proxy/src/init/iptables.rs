@@ -8,6 +8,7 @@
 //!  Backend::Legacy ─▶ iptables-legacy-save / iptables-legacy-restore (ip6tables-legacy-*)
 //!                     or, when only those exist and report the backend in `--version`,
 //!                     plain iptables-save / iptables-restore
+//!  IPv6 only:        ip -6 addr replace ::6/128 dev lo (the inbound side's source)
 //! ```
 
 use std::{
@@ -211,6 +212,16 @@ pub fn restore(backend: Backend, family: Family, input: &str) -> Result<(), Comm
         Some(input),
     )
     .map(drop)
+}
+
+/// Adds `addr/128` to the loopback interface (`ip -6 addr replace`, so a re-run changes
+/// nothing): the IPv6 source address of the proxy's inbound side. IPv4 needs no such step,
+/// since all of 127.0.0.0/8 is local already; IPv6 has only `::1`, and a connection from
+/// `::1` to the pod's own address never hears a refusal (the kernel routes the reset to a
+/// loopback address strictly through the interface the SYN came in on).
+pub fn add_loopback_v6(addr: std::net::Ipv6Addr) -> Result<(), CommandError> {
+    let cidr = format!("{addr}/128");
+    run("ip", &["-6", "addr", "replace", &cidr, "dev", "lo"], None).map(drop)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //!                                                         └─ per family: *-save -t nat
 //!                                                              ─▶ rules::missing_jumps
 //!                                                              ─▶ *-restore --noflush
+//!                                                         └─ IPv6: ::6/128 on lo
 //! ```
 //!
 //! [`rules`] decides what to install (pure, unit-tested); [`iptables`] runs the binaries.
@@ -104,6 +105,12 @@ pub enum InitError {
         #[source]
         source: CommandError,
     },
+    /// The inbound side's IPv6 source address could not be added to `lo`.
+    #[error(
+        "weft-proxy init: could not add the proxy's inbound source address to lo; the \
+         init container needs `ip` (iproute2) when IPv6 is enabled"
+    )]
+    LoopbackAddress(#[source] CommandError),
     /// `--dry-run` could not write to standard output.
     #[error("weft-proxy init: write the rules to standard output")]
     Stdout(#[source] std::io::Error),
@@ -178,6 +185,17 @@ pub fn run(args: &InitArgs) -> Result<(), InitError> {
             continue;
         }
         install(&redirect, backend, family)?;
+        if family == Family::V6 {
+            let source = crate::server::INBOUND_SOURCE_V6;
+            iptables::add_loopback_v6(source).map_err(|e| {
+                if e.is_permission_denied() {
+                    InitError::PermissionDenied(e)
+                } else {
+                    InitError::LoopbackAddress(e)
+                }
+            })?;
+            tracing::info!(%source, "inbound source address added to lo");
+        }
     }
     Ok(())
 }

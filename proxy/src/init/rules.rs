@@ -5,7 +5,9 @@
 //!  PREROUTING ─▶ WEFT_INBOUND ── skip-inbound port ─▶ RETURN (straight to the app)
 //!                    └──────────▶ WEFT_INBOUND_REDIRECT ─▶ REDIRECT :inbound-port
 //!
-//!  OUTPUT ─▶ WEFT_OUTBOUND ── proxy UID, out lo, not to 127/8 (::1) ─▶ WEFT_INBOUND
+//!  OUTPUT ─▶ WEFT_OUTBOUND ── proxy UID, from 127.0.0.6 (::6), out lo ─▶ RETURN
+//!                 │           (the inbound side handing a connection to the app)
+//!                 ├─ proxy UID, out lo, not to 127/8 (::1) ─▶ WEFT_INBOUND
 //!                 │           (the proxy dialling its own pod: through the inbound side)
 //!                 ├─ proxy UID ───────────────────▶ RETURN (no loop)
 //!                 ├─ to 127.0.0.0/8 (::1) ────────▶ RETURN (loopback stays local)
@@ -56,6 +58,22 @@ impl Family {
             },
             Family::V6 => Cidr {
                 addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
+                prefix: 128,
+            },
+        }
+    }
+
+    /// The source address of the proxy's inbound side when it dials the application on
+    /// the pod's own address ([`crate::server::INBOUND_SOURCE_V4`] / `_V6`), as a host
+    /// network.
+    pub fn inbound_source(self) -> Cidr {
+        match self {
+            Family::V4 => Cidr {
+                addr: IpAddr::V4(crate::server::INBOUND_SOURCE_V4),
+                prefix: 32,
+            },
+            Family::V6 => Cidr {
+                addr: IpAddr::V6(crate::server::INBOUND_SOURCE_V6),
                 prefix: 128,
             },
         }
@@ -117,6 +135,11 @@ impl PortRange {
     /// Whether `port` is in the range.
     pub fn contains(self, port: u16) -> bool {
         (self.first.get()..=self.last.get()).contains(&port)
+    }
+
+    /// Every port in the range, in order.
+    pub fn ports(self) -> std::ops::RangeInclusive<u16> {
+        self.first.get()..=self.last.get()
     }
 }
 
@@ -359,10 +382,16 @@ impl Redirect {
         r.push(format!(
             "-A {INBOUND_CHAIN} -p tcp -j {INBOUND_REDIRECT_CHAIN}"
         ));
+        // The inbound side handing a connection to the app: it dials the pod's own
+        // address from a loopback source that nothing else uses, and must reach the app,
+        // not come back to the inbound listener through the next rule.
+        let src = family.inbound_source();
+        r.push(format!(
+            "-A {OUTBOUND_CHAIN} -s {src} -o lo -p tcp -m owner --uid-owner {uid} -j RETURN"
+        ));
         // The proxy dialling its own pod's address (an endpoint of a service it balances)
         // leaves through lo: send it through the inbound side, like any other peer's
-        // connection, instead of straight to the app. The inbound listener then dials
-        // 127.0.0.1, which the next rule lets through.
+        // connection, instead of straight to the app.
         r.push(format!(
             "-A {OUTBOUND_CHAIN} -o lo ! -d {lo} -p tcp -m owner --uid-owner {uid} -j {INBOUND_CHAIN}"
         ));
@@ -426,6 +455,10 @@ impl Redirect {
             ));
             out.push_str(&self.restore_input(family, &Jump::ALL));
         }
+        out.push_str(&format!(
+            "# IPv6 also: ip -6 addr replace {} dev lo\n",
+            Family::V6.inbound_source()
+        ));
         out
     }
 }
@@ -518,6 +551,7 @@ mod tests {
 -A WEFT_INBOUND -p tcp --dport 8080 -j RETURN
 -A WEFT_INBOUND -p tcp --dport 9000:9010 -j RETURN
 -A WEFT_INBOUND -p tcp -j WEFT_INBOUND_REDIRECT
+-A WEFT_OUTBOUND -s 127.0.0.6/32 -o lo -p tcp -m owner --uid-owner 5150 -j RETURN
 -A WEFT_OUTBOUND -o lo ! -d 127.0.0.0/8 -p tcp -m owner --uid-owner 5150 -j WEFT_INBOUND
 -A WEFT_OUTBOUND -p tcp -m owner --uid-owner 5150 -j RETURN
 -A WEFT_OUTBOUND -p tcp -d 127.0.0.0/8 -j RETURN
@@ -539,6 +573,9 @@ COMMIT
         assert!(v6.contains("-A WEFT_OUTBOUND -p tcp -d fd00:ec2::254/128 -j RETURN\n"));
         assert!(v6.contains("-A WEFT_OUTBOUND -p tcp -d ::1/128 -j RETURN\n"));
         assert!(v6.contains("-o lo ! -d ::1/128 -p tcp -m owner --uid-owner 5150"));
+        assert!(v6.contains(
+            "-A WEFT_OUTBOUND -s ::6/128 -o lo -p tcp -m owner --uid-owner 5150 -j RETURN\n"
+        ));
         assert!(!v6.contains("169.254"), "{v6}");
         assert!(!v6.contains("10.0.0.0"), "{v6}");
         assert!(!v6.contains("-A PREROUTING"), "no jumps asked for: {v6}");
