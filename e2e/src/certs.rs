@@ -60,7 +60,7 @@ pub fn write_pki(dir: &Path) -> anyhow::Result<Pki> {
         "kubernetes.default.svc".to_owned(),
         "kubernetes.default.svc.cluster.local".to_owned(),
     ])?;
-    for ip in ["127.0.0.1", "::1", "10.96.0.1"] {
+    for ip in ["127.0.0.1", "::1", "198.19.0.1"] {
         let ip: IpAddr = ip.parse().context("parsing a fixed address")?;
         serving.subject_alt_names.push(SanType::IpAddress(ip));
     }

@@ -115,7 +115,7 @@ impl TestBed {
             format!("--service-account-key-file={}", p(files::SA_PUB)),
             format!("--service-account-signing-key-file={}", p(files::SA_KEY)),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--service-cluster-ip-range=198.19.0.0/16".into(),
             "--authorization-mode=Node,RBAC".into(),
             "--allow-privileged=true".into(),
             "--profiling=false".into(),

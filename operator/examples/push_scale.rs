@@ -107,7 +107,7 @@ fn objects(subscribers: usize) -> (Objects, Objects, Objects) {
         for svc in 0..SERVICES_PER_NS {
             let s: Service = serde_json::from_value(json!({
                 "metadata": {"name": format!("svc{svc}"), "namespace": format!("ns{ns}")},
-                "spec": {"clusterIP": format!("10.96.{ns}.{svc}"), "ports": [{"name": "http", "port": 80}]}
+                "spec": {"clusterIP": format!("198.19.{ns}.{svc}"), "ports": [{"name": "http", "port": 80}]}
             }))
             .unwrap();
             services.push(model::service(&s));

@@ -43,7 +43,7 @@ fn mesh() -> Arc<SharedIndex> {
     let mut index = Index::new("cluster.local");
     let svc: Service = serde_json::from_value(json!({
         "metadata": {"name": "web", "namespace": "shop"},
-        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}
+        "spec": {"clusterIP": "198.19.0.10", "ports": [{"name": "http", "port": 80}]}
     }))
     .unwrap();
     let (k, o) = model::service(&svc);

@@ -5,8 +5,8 @@
 //!
 //! ```text
 //!   peer ns                                    pod ns (weft-proxy init ran here)
-//!   10.77.0.1  fd00:77::1    ◀──── veth ────▶  10.77.0.2  fd00:77::2
-//!   10.77.1.1  fd00:77:1::1  (a skipped CIDR)  listeners: inbound :15006, outbound :15001,
+//!   198.18.250.1  fd00:77::1    ◀──── veth ────▶  198.18.250.2  fd00:77::2
+//!   198.18.251.1  fd00:77:1::1  (a skipped CIDR)  listeners: inbound :15006, outbound :15001,
 //!   listener "peer" :80 :3306                            app :8080 :9005, admin :15021
 //! ```
 //!
@@ -34,7 +34,7 @@ const INIT_FLAGS: &[&str] = &[
     "--proxy-uid=5150",
     "--skip-inbound-ports=15021,9000-9010",
     "--skip-outbound-ports=25,3306",
-    "--skip-outbound-cidrs=169.254.169.254/32,10.77.1.0/24,fd00:77:1::/64",
+    "--skip-outbound-cidrs=169.254.169.254/32,198.18.251.0/24,fd00:77:1::/64",
 ];
 
 fn main() -> ExitCode {
@@ -228,7 +228,7 @@ fn a_second_run_changes_nothing() {
             "{first}"
         );
         assert!(
-            first.contains("-A WEFT_OUTBOUND -d 10.77.1.0/24 -p tcp -j RETURN"),
+            first.contains("-A WEFT_OUTBOUND -d 198.18.251.0/24 -p tcp -j RETURN"),
             "{first}"
         );
         assert!(

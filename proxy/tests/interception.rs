@@ -4,12 +4,12 @@
 //!
 //! ```text
 //!   peer ns                                  pod ns (weft-proxy init ran here)
-//!   10.77.0.1 fd00:77::1  ◀── veth ──▶  10.77.0.2 fd00:77::2
+//!   198.18.250.1 fd00:77::1  ◀── veth ──▶  198.18.250.2 fd00:77::2
 //!   "peer"  :80 (HTTP)                   weft-proxy run (UID 5150) :15001 :15006 :15021
 //!   "mysql" :3306 (skipped port)         app :8080 on every address, "skipped" :9005,
 //!                                        "private" on 127.0.0.1:8081 and [::1]:8081 only,
 //!                                        "banner" :7000 (speaks first)
-//!   service "web" = 10.96.0.10:80, [fd00:96::10]:80 ─▶ endpoint 10.77.0.1:80
+//!   service "web" = 198.19.0.10:80, [fd00:96::10]:80 ─▶ endpoint 198.18.250.1:80
 //! ```
 //!
 //! The listeners answer with the addresses they saw (see `netns/mod.rs`), so each assertion
@@ -96,7 +96,7 @@ fn pod() -> (Pair, tempfile::TempDir) {
         "detectTimeout": "20s",
         "services": [{
             "name": "web",
-            "addresses": ["10.96.0.10:80", "[fd00:96::10]:80"],
+            "addresses": ["198.19.0.10:80", "[fd00:96::10]:80"],
             "endpoints": [{"address": format!("{PEER4}:80")}],
         }],
     });
@@ -225,7 +225,7 @@ fn init_and_run_carry_outbound_and_inbound_traffic() {
     // Outbound through the service's cluster addresses, IPv4 and IPv6: the proxy picks the
     // endpoint and dials it as UID 5150, which is not redirected again (the peer sees the
     // pod's address, not a loop).
-    let out = get(&pair, &pod_ns, "10.96.0.10", 80);
+    let out = get(&pair, &pod_ns, "198.19.0.10", 80);
     assert_ok_from(&out, &format!("peer dst={PEER4}:80 src={POD4}:"));
     let out = get(&pair, &pod_ns, "fd00:96::10", 80);
     assert_ok_from(&out, &format!("peer dst={PEER4}:80 src={POD4}:"));

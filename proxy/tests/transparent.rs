@@ -9,9 +9,9 @@
 //!
 //! ```text
 //!  test process (host ns)                         pod ns (created here)
-//!  backend "web" 10.X.0.1:B  ◀───────────────┐    app: bash /dev/tcp ─▶ 10.96.0.10:80
-//!  backend "app" 10.X.0.1:C  ◀──────┐        │       └ OUTPUT REDIRECT ─▶ proxy :15001
-//!  client ─▶ 10.X.0.2:8080 ───veth──┼──▶ PREROUTING REDIRECT ─▶ proxy :15006 ─▶ 10.X.0.2:8080
+//!  backend "web" 198.18.X.1:B  ◀───────────────┐    app: bash /dev/tcp ─▶ 198.19.0.10:80
+//!  backend "app" 198.18.X.1:C  ◀──────┐        │       └ OUTPUT REDIRECT ─▶ proxy :15001
+//!  client ─▶ 198.18.X.2:8080 ───veth──┼──▶ PREROUTING REDIRECT ─▶ proxy :15006 ─▶ 198.18.X.2:8080
 //!                                   └──────────── "app" (weft-proxy --forward [::]:8080)
 //! ```
 
@@ -112,12 +112,12 @@ impl Pod {
     /// The `k`-th pod of this test process (names and subnets include the process id, so
     /// parallel tests and runs do not collide).
     fn create(k: u32) -> Pod {
-        let id = (std::process::id() + k) % 200 + 20;
+        let id = (std::process::id() + k) % 100 + 20;
         let ns = format!("weft-test-{}-{k}", std::process::id());
         let host_if = format!("wfh{id}");
         let pod_if = format!("wfp{id}");
-        let host_ip = format!("10.{id}.0.1");
-        let pod_ip = format!("10.{id}.0.2");
+        let host_ip = format!("198.18.{id}.1");
+        let pod_ip = format!("198.18.{id}.2");
         let host_ip6 = format!("fd00:{id}::1");
         let pod_ip6 = format!("fd00:{id}::2");
         sh(&["ip", "netns", "add", &ns]);
@@ -280,7 +280,7 @@ async fn transparent_outbound_and_inbound_in_a_network_namespace() {
     set_mode(dir.path(), 0o755);
     let sidecar_cfg = dir.path().join("sidecar.yaml");
     let mut cfg = config(&[("web", &[web.addr])]);
-    cfg["services"][0]["addresses"] = serde_json::json!(["10.96.0.10:80", "[fd00:96::10]:80"]);
+    cfg["services"][0]["addresses"] = serde_json::json!(["198.19.0.10:80", "[fd00:96::10]:80"]);
     write_config(&sidecar_cfg, &cfg);
     set_mode(&sidecar_cfg, 0o644);
 
@@ -304,7 +304,7 @@ async fn transparent_outbound_and_inbound_in_a_network_namespace() {
     wait_for_status(&format!("http://{admin}/ready"), 200, "sidecar ready").await;
 
     // Outbound, IPv4: the app dials the cluster IP; the sidecar picks a "web" endpoint.
-    let out = pod_bash(ns, &http_get("10.96.0.10:80")).await;
+    let out = pod_bash(ns, &http_get("198.19.0.10:80")).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.to_lowercase().contains("x-backend: web"), "{out}");
     assert!(

@@ -337,7 +337,8 @@ impl TestHost {
         let id = (std::process::id() % 200) as u8;
         let name = format!("weftpush{}-{n}", std::process::id());
         let (here, there) = (format!("wph{id}x{n}"), format!("wpt{id}x{n}"));
-        let subnet = format!("10.251.{}", id + n as u8);
+        // Inside 198.18.0.0/15 (benchmarking range), apart from the proxy tests' 198.18.20-119.
+        let subnet = format!("198.18.{}", 128 + (u32::from(id) + n) % 100);
         let run = |args: &[&str]| {
             let out = std::process::Command::new("ip")
                 .args(args)

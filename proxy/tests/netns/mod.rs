@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!   peer ns                                    pod ns
-//!   10.77.0.1  fd00:77::1    ◀──── veth ────▶  10.77.0.2  fd00:77::2
-//!   10.77.1.1  fd00:77:1::1
+//!   198.18.250.1  fd00:77::1    ◀──── veth ────▶  198.18.250.2  fd00:77::2
+//!   198.18.251.1  fd00:77:1::1
 //! ```
 //!
 //! The test files that use this module are built with `harness = false`: their `main`
@@ -56,11 +56,11 @@ pub const PROXY_UID: &str = "5150";
 pub const SKIP_ENV: &str = "WEFT_SKIP_NETNS";
 
 /// The pod's IPv4 address.
-pub const POD4: &str = "10.77.0.2";
+pub const POD4: &str = "198.18.250.2";
 /// The peer's IPv4 address.
-pub const PEER4: &str = "10.77.0.1";
+pub const PEER4: &str = "198.18.250.1";
 /// A second address of the peer, in a network the pod reaches through it.
-pub const FAR4: &str = "10.77.1.1";
+pub const FAR4: &str = "198.18.251.1";
 /// The pod's IPv6 address.
 pub const POD6: &str = "fd00:77::2";
 /// The peer's IPv6 address.
@@ -345,7 +345,7 @@ impl Pair {
             pod,
             "route",
             "add",
-            "10.77.1.0/24",
+            "198.18.251.0/24",
             "via",
             PEER4,
         ]);
