@@ -65,4 +65,10 @@ pub mod env {
     pub const INBOUND_LOOPBACK_PORTS: &str = "WEFT_INBOUND_LOOPBACK_PORTS";
     /// The proxy's log filter.
     pub const LOG: &str = "WEFT_LOG";
+    /// Where the proxy's outbound listener binds: the port `init` redirects outbound to.
+    pub const OUTBOUND_ADDR: &str = "WEFT_OUTBOUND_ADDR";
+    /// Where the proxy's inbound listener binds: the port `init` redirects inbound to.
+    pub const INBOUND_ADDR: &str = "WEFT_INBOUND_ADDR";
+    /// Where the proxy's admin listener binds: the port the probes use.
+    pub const ADMIN_ADDR: &str = "WEFT_ADMIN_ADDR";
 }

@@ -122,6 +122,17 @@ pub fn proxy_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
         value(keys::env::OPERATOR_ADDR, cfg.operator_addr.clone()),
         value(keys::env::TOKEN_FILE, format!("{}/token", keys::TOKEN_DIR)),
         value(keys::env::LOG, cfg.log_level.clone()),
+        // The same ports `init` redirects to and the probes use, so a non-default port
+        // setting moves the listeners with the rules.
+        value(
+            keys::env::OUTBOUND_ADDR,
+            format!("0.0.0.0:{}", cfg.ports.outbound),
+        ),
+        value(
+            keys::env::INBOUND_ADDR,
+            format!("0.0.0.0:{}", cfg.ports.inbound),
+        ),
+        value(keys::env::ADMIN_ADDR, format!("0.0.0.0:{}", cfg.ports.admin)),
     ];
     if !opts.opaque_ports.is_empty() {
         env.push(value(keys::env::OPAQUE_PORTS, join(&opts.opaque_ports)));
@@ -245,6 +256,9 @@ mod tests {
                 keys::env::OPERATOR_ADDR,
                 keys::env::TOKEN_FILE,
                 keys::env::LOG,
+                keys::env::OUTBOUND_ADDR,
+                keys::env::INBOUND_ADDR,
+                keys::env::ADMIN_ADDR,
                 keys::env::OPAQUE_PORTS,
                 keys::env::INBOUND_LOOPBACK_PORTS,
             ]
