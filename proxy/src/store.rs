@@ -25,7 +25,7 @@ use arc_swap::ArcSwapOption;
 use weft_api::proxy_config::{self as wire, ProxyConfig};
 
 use crate::{
-    balance::{self, DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, PeakEwma, Picker},
+    balance::{DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, Load, PeakEwma, Picker},
     config::{Config, ConfigError, Service},
     metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
     upstream::Upstream,
@@ -118,7 +118,6 @@ pub struct ServiceState {
     pub label: ServiceLabel,
     /// Endpoint state, index-aligned with `spec.endpoints`.
     pub endpoints: Vec<Arc<EndpointState>>,
-    weights: Vec<u32>,
     picker: Picker,
     /// This service's request series per direction (inbound, outbound), looked up on the
     /// first request rather than on every one.
@@ -143,7 +142,10 @@ impl ServiceState {
         let i = self.picker.pick(&mut rand::rng(), exclude, |i| {
             let e = &self.endpoints[i];
             let now = *now.get_or_init(Instant::now);
-            balance::cost(e.estimate_ns(now), e.in_flight(), self.weights[i])
+            Load {
+                estimate_ns: e.estimate_ns(now),
+                in_flight: e.in_flight(),
+            }
         })?;
         self.endpoints.get(i).map(|e| (i, e))
     }
@@ -208,7 +210,6 @@ impl Snapshot {
                     label: ServiceLabel(Arc::from(spec.name.as_str())),
                     spec: spec.clone(),
                     endpoints,
-                    weights,
                     picker,
                     request_metrics: Default::default(),
                 })
