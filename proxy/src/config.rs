@@ -25,7 +25,7 @@ pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connect timeout when neither the config nor the service sets one.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The largest endpoint weight accepted.
-pub const MAX_WEIGHT: u32 = 10_000;
+pub const MAX_WEIGHT: u32 = wire::MAX_ENDPOINT_WEIGHT;
 
 /// A rejected config, with every problem found.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

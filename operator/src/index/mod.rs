@@ -51,7 +51,7 @@ pub use model::{Kind, Object, ObjectKey};
 pub use services::{NsServices, ServiceSet};
 
 /// The largest endpoint weight the proxy accepts.
-pub const MAX_ENDPOINT_WEIGHT: u32 = 10_000;
+pub use weft_api::proxy_config::MAX_ENDPOINT_WEIGHT;
 
 /// The config one proxy needs, as the index computes it.
 #[derive(Clone, Debug, Default)]
@@ -586,22 +586,27 @@ impl Index {
                 .flat_map(|(_, eps)| eps.into_values())
                 .collect();
         }
-        let total: u64 = backends.iter().map(|(w, _)| *w).sum();
-        let mut merged: BTreeMap<String, EndpointConfig> = BTreeMap::new();
-        for (w, eps) in backends {
-            let n = eps.len() as u64;
-            let each = (u64::from(MAX_ENDPOINT_WEIGHT) * w)
-                .checked_div(total * n)
-                .unwrap_or(1)
-                .clamp(1, u64::from(MAX_ENDPOINT_WEIGHT));
-            let each = u32::try_from(each).unwrap_or(MAX_ENDPOINT_WEIGHT);
-            for (addr, mut ep) in eps {
-                let prev = merged.get(&addr).and_then(|e| e.weight).unwrap_or(0);
-                ep.weight = Some((prev + each).min(MAX_ENDPOINT_WEIGHT));
-                merged.insert(addr, ep);
+        let counts: Vec<(u64, usize)> = backends.iter().map(|(w, eps)| (*w, eps.len())).collect();
+        let mut merged: BTreeMap<String, (EndpointConfig, Vec<usize>)> = BTreeMap::new();
+        for (b, (_, eps)) in backends.into_iter().enumerate() {
+            for (addr, ep) in eps {
+                merged
+                    .entry(addr)
+                    .or_insert_with(|| (ep, Vec::new()))
+                    .1
+                    .push(b);
             }
         }
-        merged.into_values().collect()
+        let members: Vec<&[usize]> = merged.values().map(|(_, m)| m.as_slice()).collect();
+        let weights = endpoint_weights(&counts, &members);
+        merged
+            .into_values()
+            .zip(weights)
+            .map(|((mut ep, _), w)| {
+                ep.weight = Some(w);
+                ep
+            })
+            .collect()
     }
 
     fn visible_namespaces(&self, pod_key: &ObjectKey, pod: &PodModel) -> Visible {
@@ -865,6 +870,74 @@ fn resource_ref(kind: &str, key: &ObjectKey, generation: i64) -> ResourceRef {
         name: key.name.clone(),
         generation,
     }
+}
+
+/// Endpoint weights that give each backend of a split its exact share of requests however
+/// many endpoints it has: backend `b` with weight `w_b` and `n_b` endpoints gives each of
+/// them `w_b / n_b`, and an endpoint that several backends list gets the sum. `counts`
+/// holds each backend's `(w_b, n_b)`; `members[e]` the backends endpoint `e` belongs to.
+///
+/// Exact integers when they fit in [`MAX_ENDPOINT_WEIGHT`] (`w_b × lcm(n) / n_b`, divided
+/// by the common factor, so a 90/10 split of one endpoint each is 9 and 1). Otherwise the
+/// real-valued weights are scaled so the largest is [`MAX_ENDPOINT_WEIGHT`] and rounded
+/// (at least 1): each endpoint is then off by at most one half (or, for an endpoint whose
+/// ideal weight is below one, by less than one) in a total of at least
+/// [`MAX_ENDPOINT_WEIGHT`], so a backend of `n` endpoints is off by at most
+/// `n / MAX_ENDPOINT_WEIGHT` of the traffic: under half a point up to 5,000 endpoints.
+fn endpoint_weights(counts: &[(u64, usize)], members: &[&[usize]]) -> Vec<u32> {
+    let max = u128::from(MAX_ENDPOINT_WEIGHT);
+    // The least common multiple of the endpoint counts, if it stays small enough that
+    // `w × lcm` cannot overflow (w ≤ 2³¹ and at most 16 backends).
+    let lcm = counts.iter().try_fold(1u128, |l, (_, n)| {
+        let n = *n as u128;
+        let next = l / gcd128(l, n.max(1)) * n.max(1);
+        (next <= 1 << 64).then_some(next)
+    });
+    if let Some(lcm) = lcm {
+        let exact: Vec<u128> = members
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .map(|b| {
+                        let (w, n) = counts[*b];
+                        u128::from(w) * (lcm / (n as u128).max(1))
+                    })
+                    .sum()
+            })
+            .collect();
+        let g = exact.iter().fold(0, |g, x| gcd128(g, *x)).max(1);
+        if exact.iter().all(|x| *x / g <= max && *x > 0) {
+            return exact
+                .iter()
+                .map(|x| u32::try_from(*x / g).unwrap_or(MAX_ENDPOINT_WEIGHT))
+                .collect();
+        }
+    }
+    let ideal: Vec<f64> = members
+        .iter()
+        .map(|m| {
+            m.iter()
+                .map(|b| {
+                    let (w, n) = counts[*b];
+                    w as f64 / n.max(1) as f64
+                })
+                .sum()
+        })
+        .collect();
+    let top = ideal.iter().copied().fold(0.0, f64::max);
+    if top <= 0.0 {
+        return vec![1; members.len()];
+    }
+    let scale = f64::from(MAX_ENDPOINT_WEIGHT) / top;
+    ideal
+        .iter()
+        // The cast saturates, and the value is clamped into 1..=MAX anyway.
+        .map(|x| ((x * scale).round() as u32).clamp(1, MAX_ENDPOINT_WEIGHT))
+        .collect()
+}
+
+fn gcd128(a: u128, b: u128) -> u128 {
+    if b == 0 { a } else { gcd128(b, a % b) }
 }
 
 #[cfg(test)]
