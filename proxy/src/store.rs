@@ -460,4 +460,46 @@ mod tests {
             &second.service_by_name("b").unwrap().endpoints[1],
         ));
     }
+    /// Endpoint states of a snapshot that should be one and the same but are not.
+    fn unshared(s: &Snapshot) -> Vec<SocketAddr> {
+        let mut seen: HashMap<EndpointKey, &Arc<EndpointState>> = HashMap::new();
+        let mut bad = Vec::new();
+        for svc in &s.services {
+            for e in &svc.endpoints {
+                let first = seen.entry(EndpointKey::of(e)).or_insert(e);
+                if !Arc::ptr_eq(first, e) {
+                    bad.push(e.addr);
+                }
+            }
+        }
+        bad
+    }
+
+    mod properties {
+        use super::*;
+        use crate::config::tests::properties::raw_config;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            #[test]
+            fn any_sequence_of_configs_applies_with_one_sharing_rule(
+                configs in proptest::collection::vec(raw_config(), 1..4),
+            ) {
+                let store = ConfigStore::new(Arc::new(Metrics::new()));
+                for raw in configs {
+                    if let Ok(s) = store.apply(raw) {
+                        prop_assert_eq!(unshared(&s), Vec::<SocketAddr>::new());
+                        for svc in &s.services {
+                            if !svc.endpoints.is_empty() {
+                                let (i, _) = svc.pick(None).unwrap();
+                                prop_assert!(i < svc.endpoints.len());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
