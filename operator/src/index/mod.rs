@@ -170,6 +170,12 @@ pub struct Index {
     breakers: BTreeMap<ObjectKey, BreakerModel>,
     outbound: BTreeMap<String, NsServices>,
     ns_resources: BTreeMap<String, BTreeSet<ResourceRef>>,
+    /// Cluster addresses claimed by services of more than one namespace, with those
+    /// namespaces (stale state only: a cluster IP belongs to one Service). Empty in a
+    /// consistent cluster, so views pay nothing for it.
+    contested: BTreeMap<String, BTreeSet<String>>,
+    /// Which namespaces' services claim each cluster address.
+    claims: HashMap<String, BTreeSet<String>>,
     version: u64,
     /// During [`Index::replace`]: namespaces to rebuild once at the end.
     deferred: Option<BTreeSet<String>>,
@@ -198,6 +204,8 @@ impl Index {
             breakers: BTreeMap::new(),
             outbound: BTreeMap::new(),
             ns_resources: BTreeMap::new(),
+            contested: BTreeMap::new(),
+            claims: HashMap::new(),
             version: 0,
             deferred: None,
         }
@@ -388,8 +396,27 @@ impl Index {
     fn rebuild(&mut self, ns: &str) -> bool {
         let mut fresh: BTreeMap<String, Arc<ServiceConfig>> = BTreeMap::new();
         let old = self.outbound.get(ns);
+        // A proxy rejects a whole config in which two services claim one address, so a
+        // cluster IP listed by two Services (stale state, or a Service recreated before
+        // the old one's deletion was seen) stays with the first by name.
+        let mut claimed: HashMap<String, String> = HashMap::new();
         for (key, svc) in in_ns(&self.services, ns) {
-            for config in self.service_configs(key, svc) {
+            for mut config in self.service_configs(key, svc) {
+                config.addresses.retain(|a| match claimed.get(a) {
+                    Some(owner) => {
+                        tracing::warn!(
+                            service = %config.name,
+                            address = %a,
+                            claimed_by = %owner,
+                            "cluster address claimed by two services; left with the first"
+                        );
+                        false
+                    }
+                    None => {
+                        claimed.insert(a.clone(), config.name.clone());
+                        true
+                    }
+                });
                 let config = match old.and_then(|o| o.get(&config.name)) {
                     Some(prev) if **prev == config => prev.clone(),
                     _ => Arc::new(config),
@@ -416,6 +443,9 @@ impl Index {
             Some(r) => *r != resources,
             None => !resources.is_empty(),
         };
+        if services_changed {
+            self.update_claims(ns, old.cloned().as_deref(), &fresh);
+        }
         if fresh.is_empty() {
             self.outbound.remove(ns);
         } else if services_changed {
@@ -428,6 +458,76 @@ impl Index {
             self.ns_resources.insert(ns.to_owned(), resources);
         }
         services_changed || resources_changed
+    }
+
+    /// Records which cluster addresses namespace `ns` claims now.
+    fn update_claims(
+        &mut self,
+        ns: &str,
+        old: Option<&BTreeMap<String, Arc<ServiceConfig>>>,
+        fresh: &BTreeMap<String, Arc<ServiceConfig>>,
+    ) {
+        let addresses = |m: Option<&BTreeMap<String, Arc<ServiceConfig>>>| -> BTreeSet<String> {
+            m.into_iter()
+                .flat_map(|m| m.values())
+                .flat_map(|c| c.addresses.iter().cloned())
+                .collect()
+        };
+        let (before, after) = (addresses(old), addresses(Some(fresh)));
+        for a in before.symmetric_difference(&after) {
+            let owners = self.claims.entry(a.clone()).or_default();
+            if after.contains(a) {
+                owners.insert(ns.to_owned());
+            } else {
+                owners.remove(ns);
+            }
+            match owners.len() {
+                0 => {
+                    self.claims.remove(a);
+                    self.contested.remove(a);
+                }
+                1 => {
+                    self.contested.remove(a);
+                }
+                _ => {
+                    tracing::warn!(address = %a, namespaces = ?owners, "cluster address claimed in two namespaces; proxies that see both get it for the first");
+                    self.contested.insert(a.clone(), owners.clone());
+                }
+            }
+        }
+    }
+
+    /// Leaves each contested address (see [`Index::contested`]) with the first of the
+    /// view's namespaces that claims it, so that the proxy accepts the config.
+    fn settle_contested(&self, services: &mut ServiceSet) {
+        let mut drop: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (address, owners) in &self.contested {
+            let mut seen = owners.iter().filter(|ns| services.namespace(ns).is_some());
+            seen.next();
+            for ns in seen {
+                drop.entry(ns.as_str())
+                    .or_default()
+                    .insert(address.as_str());
+            }
+        }
+        for (ns, addresses) in drop {
+            let Some(map) = services.namespace(ns) else {
+                continue;
+            };
+            let settled: BTreeMap<String, Arc<ServiceConfig>> = map
+                .iter()
+                .map(|(name, c)| {
+                    if c.addresses.iter().any(|a| addresses.contains(a.as_str())) {
+                        let mut c = (**c).clone();
+                        c.addresses.retain(|a| !addresses.contains(a.as_str()));
+                        (name.clone(), Arc::new(c))
+                    } else {
+                        (name.clone(), c.clone())
+                    }
+                })
+                .collect();
+            services.insert_namespace(ns, &Arc::new(settled));
+        }
     }
 
     /// The Routes for a Service, valid ones only, oldest first (ties by name).
@@ -676,6 +776,9 @@ impl Index {
                     add_ns(ns, &mut view);
                 }
             }
+        }
+        if !self.contested.is_empty() {
+            self.settle_contested(&mut view.services);
         }
         for key in self.policies_for(pod_key) {
             if let Some((meta, _)) = self.policies.get(&key) {

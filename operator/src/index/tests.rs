@@ -577,3 +577,220 @@ fn an_endpoint_in_two_backends_gets_both_shares() {
     let shares = backend_shares(&i, "web.shop.80", &["10.1.0.1:", "10.1.0.2:", "10.2."]);
     assert_eq!(shares, vec![0.5, 0.25, 0.25]);
 }
+
+/// The config a proxy of `pod` would validate, or the proxy's reasons to reject it.
+fn proxy_accepts(i: &Index, pod: &ObjectKey) -> Result<(), String> {
+    let view = i.view(pod).unwrap();
+    let raw = weft_api::proxy_config::ProxyConfig {
+        api_version: weft_api::proxy_config::PROXY_CONFIG_API_VERSION.into(),
+        kind: weft_api::proxy_config::PROXY_CONFIG_KIND.into(),
+        version: Some(view.version.to_string()),
+        detect_timeout: None,
+        connect_timeout: None,
+        opaque_ports: None,
+        services: view.services.values().map(|s| (**s).clone()).collect(),
+    };
+    weft_proxy::config::Config::validate(&raw)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_cluster_ip_claimed_twice_stays_with_one_service_so_the_proxy_accepts_the_config() {
+    // Found by the property test below: two Services with one cluster IP (stale state)
+    // made every proxy reject its whole config.
+    let mut i = shop();
+    apply(&mut i, svc("shop", "web-old", "10.96.0.10"));
+    let client = key("shop", "client");
+    assert_eq!(proxy_accepts(&i, &client), Ok(()));
+    let view = i.view(&client).unwrap();
+    assert_eq!(
+        view.services.get("web.shop.80").unwrap().addresses,
+        vec!["10.96.0.10:80"]
+    );
+    assert!(
+        view.services
+            .get("web-old.shop.80")
+            .unwrap()
+            .addresses
+            .is_empty()
+    );
+    // Across namespaces: the first namespace by name keeps it, in every view.
+    apply(&mut i, svc("other", "db", "10.96.0.10"));
+    assert_eq!(
+        proxy_accepts(&i, &client),
+        Ok(()),
+        "shop alone sees no conflict"
+    );
+    let ns: Namespace = serde_json::from_value(
+        json!({"metadata": {"name": "shop", "annotations": {"weft.dev/visible-namespaces": "other"}}}),
+    )
+    .unwrap();
+    let (k, o) = model::namespace(&ns);
+    i.apply(k, o);
+    assert_eq!(proxy_accepts(&i, &client), Ok(()));
+    let view = i.view(&client).unwrap();
+    assert_eq!(
+        view.services.get("db.other.80").unwrap().addresses,
+        vec!["10.96.0.10:80"]
+    );
+    assert!(
+        view.services
+            .get("web.shop.80")
+            .unwrap()
+            .addresses
+            .is_empty()
+    );
+    // Once the stale Service goes, the survivor gets its address back.
+    i.delete(Kind::Service, &key("other", "db"));
+    let view = i.view(&client).unwrap();
+    assert_eq!(
+        view.services.get("web.shop.80").unwrap().addresses,
+        vec!["10.96.0.10:80"]
+    );
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The namespaces objects land in; the client pod in `shop` sees both.
+    const NAMESPACES: [&str; 2] = ["shop", "other"];
+
+    /// One object, as the watches would deliver it, in `NAMESPACES[ns]`.
+    #[derive(Clone, Debug)]
+    enum Input {
+        /// Service `s<name>` with a cluster IP from a small pool (so two Services may claim
+        /// the same one, as stale state can), or headless.
+        Service { ns: usize, name: u8, ip: Option<u8> },
+        /// An EndpointSlice of Service `s<service>`: (host, ready, terminating) endpoints
+        /// from a pool shared by every Service.
+        Slice {
+            ns: usize,
+            name: u8,
+            service: u8,
+            eps: Vec<(u8, bool, bool)>,
+        },
+        /// A Route on Service `s<service>` with (backend, port, weight) backends; backend
+        /// names may name no Service.
+        Route {
+            ns: usize,
+            name: u8,
+            created: u8,
+            service: u8,
+            backends: Vec<(u8, Option<u16>, u32)>,
+        },
+        /// Deletes whatever the previous input created.
+        DeletePrevious,
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        let ns = prop_oneof![3 => Just(0usize), 1 => Just(1usize)];
+        prop_oneof![
+            4 => (ns.clone(), 0u8..5, proptest::option::of(0u8..4)).prop_map(|(ns, name, ip)| Input::Service { ns, name, ip }),
+            4 => (ns.clone(), 0u8..6, 0u8..5, proptest::collection::vec((0u8..12, any::<bool>(), any::<bool>()), 0..6))
+                .prop_map(|(ns, name, service, eps)| Input::Slice { ns, name, service, eps }),
+            4 => (
+                ns,
+                0u8..3,
+                0u8..3,
+                0u8..6,
+                proptest::collection::vec(
+                    (
+                        0u8..6,
+                        proptest::option::of(prop_oneof![Just(80u16), Just(81)]),
+                        prop_oneof![0u32..4, 1u32..=1_000_000, Just(1_000_000)],
+                    ),
+                    1..5,
+                ),
+            )
+                .prop_map(|(ns, name, created, service, backends)| Input::Route { ns, name, created, service, backends }),
+            1 => Just(Input::DeletePrevious),
+        ]
+    }
+
+    fn object(input: &Input) -> Option<(ObjectKey, Object)> {
+        Some(match input {
+            Input::Service { ns, name, ip } => {
+                let ip = ip.map_or("None".to_owned(), |h| format!("10.96.1.{h}"));
+                svc(NAMESPACES[*ns], &format!("s{name}"), &ip)
+            }
+            Input::Slice {
+                ns,
+                name,
+                service,
+                eps,
+            } => {
+                let ips: Vec<String> = eps.iter().map(|(h, _, _)| format!("10.0.9.{h}")).collect();
+                let eps: Vec<(&str, bool, bool, Option<&str>)> = eps
+                    .iter()
+                    .zip(&ips)
+                    .map(|((_, ready, term), ip)| (ip.as_str(), *ready, *term, None))
+                    .collect();
+                slice(
+                    NAMESPACES[*ns],
+                    &format!("s{service}-{name}"),
+                    &format!("s{service}"),
+                    &eps,
+                )
+            }
+            Input::Route {
+                ns,
+                name,
+                created,
+                service,
+                backends,
+            } => {
+                let backends: Vec<serde_json::Value> = backends
+                    .iter()
+                    .map(|(b, port, weight)| {
+                        let mut v = json!({"name": format!("s{b}"), "weight": weight});
+                        if let Some(p) = port {
+                            v["port"] = json!(p);
+                        }
+                        v
+                    })
+                    .collect();
+                route(
+                    NAMESPACES[*ns],
+                    &format!("r{name}"),
+                    &format!("2026-01-01T00:00:0{created}Z"),
+                    &format!("s{service}"),
+                    json!(backends),
+                )
+            }
+            Input::DeletePrevious => return None,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_set_of_services_slices_and_routes_compiles_to_a_config_the_proxy_accepts(
+            inputs in proptest::collection::vec(input(), 0..16),
+        ) {
+            let mut i = shop();
+            let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop", "annotations": {"weft.dev/visible-namespaces": "other"}}})).unwrap();
+            let (k, o) = model::namespace(&ns);
+            i.apply(k, o);
+            let mut previous: Option<(ObjectKey, Kind)> = None;
+            for input in &inputs {
+                match object(input) {
+                    Some((k, o)) => {
+                        previous = Some((k.clone(), o.kind()));
+                        apply(&mut i, (k, o));
+                    }
+                    None => {
+                        if let Some((k, kind)) = previous.take() {
+                            i.delete(kind, &k);
+                        }
+                    }
+                }
+            }
+            if let Err(e) = proxy_accepts(&i, &key("shop", "client")) {
+                return Err(TestCaseError::fail(e));
+            }
+        }
+    }
+}
