@@ -222,4 +222,58 @@ mod tests {
             "1h2m3s4ms"
         );
     }
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Strings the schema's [`DURATION_PATTERN`] admits, written out as its parts.
+        fn valid_text() -> impl Strategy<Value = (String, std::time::Duration)> {
+            let part = (0u64..=99_999, 0usize..4, 1usize..=5).prop_map(|(n, unit, width)| {
+                let digits = format!("{n:0width$}");
+                let (unit, ms) = [("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)][unit];
+                (format!("{digits}{unit}"), n * ms)
+            });
+            proptest::collection::vec(part, 1..=4).prop_map(|parts| {
+                let text: String = parts.iter().map(|(t, _)| t.as_str()).collect();
+                let ms = parts.iter().map(|(_, ms)| ms).sum();
+                (text, std::time::Duration::from_millis(ms))
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_text_parses_or_is_rejected_without_panicking(s in "\\PC{0,40}|[0-9hms]{0,40}") {
+                if let Ok(d) = s.parse::<Duration>() {
+                    // Anything accepted is within the schema's limits.
+                    prop_assert!(d.as_str().len() <= DURATION_MAX_LEN as usize);
+                    prop_assert!(d.as_std() <= std::time::Duration::from_secs(4 * 99_999 * 3600));
+                }
+            }
+
+            #[test]
+            fn every_string_the_schema_admits_parses_to_its_value((text, value) in valid_text()) {
+                let d: Duration = text.parse().map_err(|e| TestCaseError::fail(format!("{e}")))?;
+                prop_assert_eq!(d.as_std(), value);
+                prop_assert!(text.len() <= DURATION_MAX_LEN as usize);
+            }
+
+            #[test]
+            fn display_then_parse_round_trips((text, _) in valid_text()) {
+                let d: Duration = text.parse().map_err(|e| TestCaseError::fail(format!("{e}")))?;
+                let again: Duration = d.to_string().parse().map_err(|e| TestCaseError::fail(format!("{e}")))?;
+                prop_assert_eq!(&again, &d);
+                prop_assert_eq!(again.to_string(), d.to_string());
+            }
+
+            #[test]
+            fn a_std_duration_formats_to_text_that_parses_back(ms in 0u64..=2 * 99_999 * 3_600_000) {
+                let d = Duration::from(std::time::Duration::from_millis(ms));
+                let back: Duration = d.to_string().parse().map_err(|e| TestCaseError::fail(format!("{e}")))?;
+                prop_assert_eq!(back.as_std(), std::time::Duration::from_millis(ms.min(99_999 * 3_600_000)));
+                prop_assert_eq!(back, d);
+            }
+        }
+    }
 }

@@ -111,13 +111,19 @@ pub enum Balancer {
     RoundRobin,
 }
 
+/// The largest endpoint weight a proxy accepts. A million, rather than a round ten
+/// thousand, because the operator flattens a Route's split into endpoint weights: a backend
+/// with 1 % of the traffic spread over 1,000 endpoints, beside one with 99 % on a single
+/// endpoint, needs a ratio of 99,000 between two endpoints' weights.
+pub const MAX_ENDPOINT_WEIGHT: u32 = 1_000_000;
+
 /// One backend instance of a service.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointConfig {
     /// Where to connect, as `ip:port`.
     pub address: String,
-    /// Relative share of traffic, 1 to 10000. Defaults to 1.
+    /// Relative share of traffic, 1 to [`MAX_ENDPOINT_WEIGHT`]. Defaults to 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
     /// Free-form labels such as `zone`; carried for locality-aware features.

@@ -15,6 +15,11 @@
 //! To iterate on one figure, `WEFT_BENCH_PARTS` selects parts (comma-separated, from
 //! `rtt,open,max,rss`; default all) and `WEFT_BENCH_PATHS` selects paths by name (from
 //! `direct,weft,chain,haproxy`; default all). The output format stays the same.
+//!
+//! `WEFT_BENCH_WEIGHTS` (such as `9,1` or `1,1`) gives the single proxy's service one
+//! backend per weight, with those endpoint weights, so that its balancer compares two
+//! candidates on every request (the chain's second proxy reads the same config; HAProxy
+//! keeps one backend); unset, one endpoint.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -455,7 +460,22 @@ async fn main() {
         );
     }
 
-    let single_cfg = write_cfg(dir.path(), "single.yaml", &[("web", backend)]);
+    let single_cfg = match std::env::var("WEFT_BENCH_WEIGHTS") {
+        Ok(list) => {
+            let weights: Vec<u32> = list.split(',').map(|w| w.trim().parse().unwrap()).collect();
+            let mut yaml = String::from(
+                "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices:\n- name: web\n  endpoints:\n",
+            );
+            for (i, w) in weights.iter().enumerate() {
+                let ep = if i == 0 { backend } else { start_backend() };
+                yaml.push_str(&format!("  - address: {ep}\n    weight: {w}\n"));
+            }
+            let path = dir.path().join("single.yaml");
+            std::fs::write(&path, yaml).unwrap();
+            path
+        }
+        Err(_) => write_cfg(dir.path(), "single.yaml", &[("web", backend)]),
+    };
     let (single, single_addr) = start_weft(&bin, &single_cfg, "web").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss = rss_kib(single.child.id());

@@ -3,14 +3,39 @@
 //! one [`PeakEwma`] per endpoint, and calls in here once per request.
 //!
 //! ```text
-//! request ──Picker::pick(cost of endpoint i)──▶ index ──(response headers)──▶ PeakEwma::observe
+//! request ──Picker::pick(load of endpoint i)──▶ index ──(response headers)──▶ PeakEwma::observe
 //! ```
 //!
 //! Peak EWMA (as in Finagle, Linkerd and tower): an endpoint's latency estimate jumps up at
 //! once to any slower observation and decays toward faster ones with time constant
-//! [`DEFAULT_DECAY`]; a new endpoint starts at [`DEFAULT_SEED`]. The cost of an endpoint is
-//! `estimate × (in-flight + 1) ÷ weight`. P2C samples two distinct endpoints, each with
-//! probability proportional to its weight, and takes the cheaper.
+//! [`DEFAULT_DECAY`]; a new endpoint starts at [`DEFAULT_SEED`].
+//!
+//! # Power of two choices, with weights
+//!
+//! P2C draws two candidates and sends the request to the cheaper. Weights must decide the
+//! share of traffic when endpoints are equally fast, and latency must decide it when they
+//! are not; dividing the cost by the weight on top of weighted sampling (this module's
+//! first version) counts the weight twice, and at equal latency the lighter endpoint of a
+//! 9 : 1 pair then never wins a comparison. So:
+//!
+//! - **Equal weights:** classic P2C. Two *distinct* endpoints are drawn uniformly and the
+//!   one with the lower `cost = (estimate + 1 ns) × (in-flight + 1)` wins.
+//! - **Unequal weights:** both candidates are drawn independently, each with probability
+//!   proportional to its weight (*with* replacement: when the same endpoint is drawn twice
+//!   it is the pick). The first draw wins unless the second is clearly better: its latency
+//!   estimate differs from the first's by more than [`WEIGHTED_LATENCY_BAND`] (2×) and
+//!   its `cost = (estimate + 1 ns) × (1 + in-flight × w̄ / wᵢ)` is lower. Endpoint `i`
+//!   therefore gets exactly `wᵢ / Σw` of the picks among endpoints that are not clearly
+//!   apart, however their estimates wobble; drawing two *distinct* endpoints instead
+//!   would compare a 9 : 1 pair on every request and let the estimates alone decide. The
+//!   in-flight count is divided by the endpoint's weight relative to the mean weight `w̄`,
+//!   since an endpoint meant to carry nine times the traffic carries nine times the
+//!   concurrent requests at the same latency. A clearly slower endpoint loses every
+//!   comparison it is drawn into and keeps only the picks where it is drawn twice,
+//!   `(wᵢ / Σw)²` of the traffic: the price of honouring weights at all.
+//!
+//! Weights for splitting traffic between Services belong in a weighted-random stage in
+//! front of the balancer; endpoint weights here are for endpoints of one Service.
 
 use std::{
     sync::atomic::{AtomicUsize, Ordering},
@@ -69,18 +94,49 @@ impl PeakEwma {
     }
 }
 
-/// The P2C cost of an endpoint.
-pub fn cost(estimate_ns: f64, in_flight: usize, weight: u32) -> f64 {
-    (estimate_ns + 1.0) * (in_flight as f64 + 1.0) / f64::from(weight.max(1))
+/// What the balancer needs to know about an endpoint to compare it with another.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Load {
+    /// The latency estimate, in nanoseconds.
+    pub estimate_ns: f64,
+    /// Requests (or connections) in flight to the endpoint.
+    pub in_flight: usize,
+}
+
+/// The P2C cost of an endpoint: its latency estimate times its queue, where the queue is
+/// counted relative to the endpoint's share (`in_flight_scale` is the mean weight divided
+/// by the endpoint's weight; 1 when weights are equal). Lower is better.
+pub fn cost(load: Load, in_flight_scale: f64) -> f64 {
+    (load.estimate_ns + 1.0) * (1.0 + load.in_flight as f64 * in_flight_scale)
+}
+
+/// With unequal weights, how many times slower than the other candidate an endpoint's
+/// latency estimate must be before latency, rather than the weighted draw, decides.
+///
+/// Peak-EWMA estimates of equally fast endpoints differ by their number of samples alone:
+/// an endpoint with nine times the requests sees nine times the latency peaks, and a peak
+/// takes seconds to decay. Compared exactly, the estimates of a 9 : 1 pair of equal
+/// loopback backends gave the light one 18 % of requests from one client (with the
+/// in-flight term as the only tie-breaker, 14 % from four). Within this factor the first
+/// draw wins, so shares follow weights; an endpoint twice as slow, or penalised for a failed
+/// connect, still loses every comparison it is drawn into.
+pub const WEIGHTED_LATENCY_BAND: f64 = 2.0;
+
+fn similar(a_ns: f64, b_ns: f64) -> bool {
+    let (a, b) = (a_ns + 1.0, b_ns + 1.0);
+    a <= b * WEIGHTED_LATENCY_BAND && b <= a * WEIGHTED_LATENCY_BAND
 }
 
 /// How a service picks among its endpoints.
 #[derive(Debug)]
 pub enum Picker {
-    /// Power of two weighted random choices, cheaper wins.
+    /// Power of two choices, cheaper wins (see the module documentation for the weights).
     P2c {
         /// Running sums of weights, for weighted sampling.
         cumulative: Vec<u64>,
+        /// Mean weight ÷ each endpoint's weight; empty when all weights are equal, which
+        /// is also when the two candidates are drawn distinct.
+        in_flight_scale: Vec<f64>,
     },
     /// Smooth weighted round robin over a precomputed schedule.
     RoundRobin {
@@ -98,14 +154,28 @@ impl Picker {
     /// A P2C picker over endpoints with these weights.
     pub fn p2c(weights: &[u32]) -> Self {
         let mut sum = 0u64;
-        let cumulative = weights
+        let cumulative: Vec<u64> = weights
             .iter()
             .map(|w| {
                 sum += u64::from((*w).max(1));
                 sum
             })
             .collect();
-        Picker::P2c { cumulative }
+        let first = weights.first().map(|w| (*w).max(1));
+        let equal = weights.iter().all(|w| Some((*w).max(1)) == first);
+        let in_flight_scale = if equal {
+            Vec::new()
+        } else {
+            let mean = sum as f64 / weights.len() as f64;
+            weights
+                .iter()
+                .map(|w| mean / f64::from((*w).max(1)))
+                .collect()
+        };
+        Picker::P2c {
+            cumulative,
+            in_flight_scale,
+        }
     }
 
     /// A round-robin picker over endpoints with these weights, interleaved smoothly (as
@@ -139,45 +209,50 @@ impl Picker {
         }
     }
 
-    /// Picks an endpoint index, never `exclude` unless it is the only one. `cost(i)` is
-    /// called only by P2C. `None` when there are no endpoints.
+    /// Picks an endpoint index, never `exclude` unless it is the only one. `load(i)` is
+    /// called only by P2C, and only when two different candidates are compared. `None`
+    /// when there are no endpoints.
     pub fn pick<R: Rng + ?Sized>(
         &self,
         rng: &mut R,
         exclude: Option<usize>,
-        cost: impl Fn(usize) -> f64,
+        load: impl Fn(usize) -> Load,
     ) -> Option<usize> {
         match self {
-            Picker::P2c { cumulative } => {
+            Picker::P2c {
+                cumulative,
+                in_flight_scale,
+            } => {
                 let n = cumulative.len();
-                let total = *cumulative.last()?;
-                if n == 1 {
-                    return Some(0);
+                if n <= 1 {
+                    return (n == 1).then_some(0);
                 }
-                let sample = |rng: &mut R| {
-                    let x = rng.random_range(0..total);
-                    cumulative.partition_point(|c| *c <= x)
+                // The excluded endpoint is left out of the draw rather than redrawn, so
+                // that a heavy excluded endpoint cannot exhaust a bounded number of
+                // retries.
+                let exclude = exclude.filter(|i| *i < n);
+                let a = draw(rng, cumulative, exclude, None);
+                let b = if in_flight_scale.is_empty() {
+                    draw(rng, cumulative, exclude, Some(a))
+                } else {
+                    draw(rng, cumulative, exclude, None)
                 };
-                // Bounded retries to draw distinct, non-excluded candidates; with weights
-                // skewed enough we settle for what we have.
-                let mut a = sample(rng);
-                for _ in 0..8 {
-                    if Some(a) != exclude {
-                        break;
-                    }
-                    a = sample(rng);
-                }
-                let mut b = sample(rng);
-                for _ in 0..8 {
-                    if b != a && Some(b) != exclude {
-                        break;
-                    }
-                    b = sample(rng);
-                }
-                if Some(b) == exclude || b == a {
+                if a == b {
                     return Some(a);
                 }
-                Some(if cost(b) < cost(a) { b } else { a })
+                let (la, lb) = (load(a), load(b));
+                if !in_flight_scale.is_empty() && similar(la.estimate_ns, lb.estimate_ns) {
+                    // Weights decide between endpoints that are not clearly apart.
+                    return Some(a);
+                }
+                let scale = |i: usize| in_flight_scale.get(i).copied().unwrap_or(1.0);
+                // Ties go to the first draw, which keeps shares equal to weights when
+                // costs are equal.
+                Some(if cost(lb, scale(b)) < cost(la, scale(a)) {
+                    b
+                } else {
+                    a
+                })
             }
             Picker::RoundRobin { schedule, next } => {
                 if schedule.is_empty() {
@@ -199,6 +274,46 @@ impl Picker {
             }
         }
     }
+}
+
+/// Draws an index with probability proportional to its weight, leaving out up to two
+/// indices (`cumulative` holds at least two entries). When everything is left out, the
+/// first index not left out by `skip` alone is returned so that a caller always gets an
+/// endpoint: with two endpoints, one excluded and the other already drawn, the answer is
+/// the other one again.
+fn draw<R: Rng + ?Sized>(
+    rng: &mut R,
+    cumulative: &[u64],
+    skip: Option<usize>,
+    also: Option<usize>,
+) -> usize {
+    let range = |i: usize| {
+        let lo = if i == 0 { 0 } else { cumulative[i - 1] };
+        (lo, cumulative[i])
+    };
+    let mut gaps: [(u64, u64); 2] = [(0, 0); 2];
+    let mut k = 0;
+    for i in [skip, also].into_iter().flatten() {
+        if k == 1 && gaps[0] == range(i) {
+            continue;
+        }
+        gaps[k] = range(i);
+        k += 1;
+    }
+    let gaps = &mut gaps[..k];
+    gaps.sort_unstable();
+    let total = cumulative.last().copied().unwrap_or(0);
+    let left_out: u64 = gaps.iter().map(|(lo, hi)| hi - lo).sum();
+    if left_out >= total {
+        return also.unwrap_or(0);
+    }
+    let mut x = rng.random_range(0..total - left_out);
+    for (lo, hi) in gaps.iter() {
+        if x >= *lo {
+            x += hi - lo;
+        }
+    }
+    cumulative.partition_point(|c| *c <= x)
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -234,30 +349,131 @@ mod tests {
         let p = Picker::round_robin(&[3, 1]);
         let mut rng = StdRng::seed_from_u64(1);
         let picks: Vec<usize> = (0..8)
-            .map(|_| p.pick(&mut rng, None, |_| 0.0).unwrap())
+            .map(|_| p.pick(&mut rng, None, |_| unreachable!()).unwrap())
             .collect();
         assert_eq!(picks.iter().filter(|i| **i == 0).count(), 6);
         // Smooth: the light endpoint is not starved for a whole cycle.
         assert_eq!(&picks[..4].iter().filter(|i| **i == 1).count(), &1);
         let p = Picker::round_robin(&[1, 1, 1]);
         let picks: Vec<usize> = (0..3)
-            .map(|_| p.pick(&mut rng, Some(1), |_| 0.0).unwrap())
+            .map(|_| p.pick(&mut rng, Some(1), |_| unreachable!()).unwrap())
             .collect();
         assert!(!picks.contains(&1));
     }
 
-    #[test]
-    fn p2c_spreads_by_weight_when_costs_are_equal() {
-        let p = Picker::p2c(&[1, 3]);
-        let mut rng = StdRng::seed_from_u64(7);
-        let mut counts = [0u32; 2];
-        for _ in 0..10_000 {
-            counts[p
-                .pick(&mut rng, None, |i| cost(30e6, 0, [1, 3][i]))
-                .unwrap()] += 1;
+    /// Each endpoint's share of `picks` picks, against its weight's share.
+    fn shares(
+        p: &Picker,
+        weights: &[u32],
+        picks: u32,
+        mut load: impl FnMut(&[u32]) -> Vec<Load>,
+    ) -> Vec<(f64, f64)> {
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut counts = vec![0u32; weights.len()];
+        for _ in 0..picks {
+            let loads = load(&counts);
+            counts[p.pick(&mut rng, None, |i| loads[i]).unwrap()] += 1;
         }
-        // Two candidates are always distinct here, so the cheaper per weight wins.
-        assert!(counts[1] > counts[0] * 2, "{counts:?}");
+        let total: u32 = weights.iter().sum();
+        counts
+            .iter()
+            .zip(weights)
+            .map(|(c, w)| {
+                (
+                    f64::from(*c) / f64::from(picks),
+                    f64::from(*w) / f64::from(total),
+                )
+            })
+            .collect()
+    }
+
+    const WEIGHT_SETS: &[&[u32]] = &[
+        &[9, 1],
+        &[1, 9],
+        &[1, 1],
+        &[1, 1, 1],
+        &[5, 3, 2],
+        &[1, 1000],
+        &[1000, 1, 1],
+    ];
+
+    #[test]
+    fn p2c_shares_match_weights_when_costs_are_equal() {
+        let flat = Load {
+            estimate_ns: 30e6,
+            in_flight: 0,
+        };
+        for weights in WEIGHT_SETS {
+            let p = Picker::p2c(weights);
+            for (got, want) in shares(&p, weights, 10_000, |_| vec![flat; weights.len()]) {
+                assert!(
+                    (got - want).abs() <= 0.02,
+                    "{weights:?}: share {got} for weight share {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn p2c_shares_match_weights_when_latency_differs_only_by_noise() {
+        // Equal latency as a proxy sees it: estimates that differ from pick to pick, with
+        // neither endpoint favoured.
+        let mut noise = StdRng::seed_from_u64(5);
+        for weights in WEIGHT_SETS {
+            let p = Picker::p2c(weights);
+            let got = shares(&p, weights, 10_000, |_| {
+                (0..weights.len())
+                    .map(|_| Load {
+                        estimate_ns: 30e6 * noise.random_range(0.8..1.2),
+                        in_flight: 0,
+                    })
+                    .collect()
+            });
+            for (got, want) in got {
+                assert!(
+                    (got - want).abs() <= 0.02,
+                    "{weights:?}: share {got} for weight share {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn p2c_shares_match_weights_under_concurrent_load() {
+        // Eight clients, each sending its next request when its last one completes, every
+        // request taking the same time: requests complete in the order they started.
+        for weights in WEIGHT_SETS {
+            let p = Picker::p2c(weights);
+            let mut rng = StdRng::seed_from_u64(9);
+            let mut in_flight = vec![0usize; weights.len()];
+            let mut queue: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
+            let mut counts = vec![0u32; weights.len()];
+            for n in 0..10_000 + 8 {
+                if queue.len() == 8 {
+                    let done = queue.pop_front().unwrap();
+                    in_flight[done] -= 1;
+                }
+                let i = p
+                    .pick(&mut rng, None, |i| Load {
+                        estimate_ns: 30e6,
+                        in_flight: in_flight[i],
+                    })
+                    .unwrap();
+                in_flight[i] += 1;
+                queue.push_back(i);
+                if n >= 8 {
+                    counts[i] += 1;
+                }
+            }
+            let total: u32 = weights.iter().sum();
+            for (c, w) in counts.iter().zip(*weights) {
+                let (got, want) = (f64::from(*c) / 10_000.0, f64::from(*w) / f64::from(total));
+                assert!(
+                    (got - want).abs() <= 0.02,
+                    "{weights:?}: share {got} for weight share {want}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -265,21 +481,106 @@ mod tests {
         let p = Picker::p2c(&[1, 1, 1]);
         let mut rng = StdRng::seed_from_u64(3);
         let est = [1e6, 1e6, 500e6];
+        let load = |i: usize| Load {
+            estimate_ns: est[i],
+            in_flight: 0,
+        };
         let mut slow = 0;
         for _ in 0..3000 {
-            let i = p.pick(&mut rng, None, |i| cost(est[i], 0, 1)).unwrap();
+            let i = p.pick(&mut rng, None, load).unwrap();
             if i == 2 {
                 slow += 1;
             }
-            assert_ne!(p.pick(&mut rng, Some(0), |i| cost(est[i], 0, 1)), Some(0));
+            assert_ne!(p.pick(&mut rng, Some(0), load), Some(0));
         }
-        assert_eq!(slow, 0, "P2C never prefers a slower candidate");
-        assert_eq!(Picker::p2c(&[]).pick(&mut rng, None, |_| 0.0), None);
+        assert_eq!(
+            slow, 0,
+            "with equal weights P2C never prefers a slower candidate"
+        );
+        assert_eq!(Picker::p2c(&[]).pick(&mut rng, None, load), None);
+        assert_eq!(
+            Picker::p2c(&[4]).pick(&mut rng, Some(0), load),
+            Some(0),
+            "the only one"
+        );
     }
 
     #[test]
-    fn in_flight_requests_raise_cost() {
-        assert!(cost(10e6, 5, 1) > cost(10e6, 0, 1));
-        assert!(cost(10e6, 0, 2) < cost(10e6, 0, 1));
+    fn weighted_p2c_still_prefers_the_faster_endpoint_of_equal_weight() {
+        // Endpoints 0 and 1 have equal weight, 0 is 50 times slower: it keeps only the
+        // picks where it is drawn twice, (3/7)² ≈ 18 % instead of 3/7 ≈ 43 %.
+        let weights = [3, 3, 1];
+        let p = Picker::p2c(&weights);
+        let est = [50e6, 1e6, 1e6];
+        let got = shares(&p, &weights, 10_000, |_| {
+            (0..3)
+                .map(|i| Load {
+                    estimate_ns: est[i],
+                    in_flight: 0,
+                })
+                .collect()
+        });
+        assert!((got[0].0 - (3.0f64 / 7.0).powi(2)).abs() <= 0.02, "{got:?}");
+        assert!(got[1].0 > got[0].0 * 2.0, "{got:?}");
+    }
+
+    #[test]
+    fn with_unequal_weights_latency_overrules_weights_only_beyond_the_band() {
+        let weights = [1, 1, 2];
+        let p = Picker::p2c(&weights);
+        for (slowdown, want) in [(1.5, 0.25), (1.9, 0.25), (2.5, 0.25 * 0.25), (50.0, 0.0625)] {
+            let est = [1e6 * slowdown, 1e6, 1e6];
+            let got = shares(&p, &weights, 10_000, |_| {
+                (0..3)
+                    .map(|i| Load {
+                        estimate_ns: est[i],
+                        in_flight: 0,
+                    })
+                    .collect()
+            });
+            assert!(
+                (got[0].0 - want).abs() <= 0.02,
+                "{slowdown}× slower: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_heavy_excluded_endpoint_is_never_picked() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let load = |_| Load {
+            estimate_ns: 1e6,
+            in_flight: 0,
+        };
+        for weights in [&[1000u32, 1][..], &[1000, 1, 1], &[1, 1]] {
+            let p = Picker::p2c(weights);
+            for _ in 0..1000 {
+                assert_ne!(p.pick(&mut rng, Some(0), load), Some(0), "{weights:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn in_flight_requests_raise_cost_relative_to_weight() {
+        let idle = Load {
+            estimate_ns: 10e6,
+            in_flight: 0,
+        };
+        let busy = Load {
+            estimate_ns: 10e6,
+            in_flight: 5,
+        };
+        assert!(cost(busy, 1.0) > cost(idle, 1.0));
+        // Five requests on an endpoint meant to carry five times the mean share count as one.
+        assert_eq!(
+            cost(busy, 0.2),
+            cost(
+                Load {
+                    in_flight: 1,
+                    ..busy
+                },
+                1.0
+            )
+        );
     }
 }

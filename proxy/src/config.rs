@@ -25,7 +25,7 @@ pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connect timeout when neither the config nor the service sets one.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The largest endpoint weight accepted.
-pub const MAX_WEIGHT: u32 = 10_000;
+pub const MAX_WEIGHT: u32 = wire::MAX_ENDPOINT_WEIGHT;
 
 /// A rejected config, with every problem found.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -336,7 +336,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<Config, ConfigError> {
@@ -411,6 +411,198 @@ mod tests {
             "already claimed",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in {text}");
+        }
+    }
+    pub(crate) mod properties {
+        //! Arbitrary configs, shared with the store's property test.
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::{Value, json};
+
+        fn duration() -> impl Strategy<Value = Option<Value>> {
+            proptest::option::of(prop_oneof![
+                Just("0s".to_owned()),
+                Just("0ms".to_owned()),
+                "[0-9]{1,3}(ms|s)",
+                "[0-9]{1,5}h[0-9]{1,5}m",
+            ])
+            .prop_map(|d| d.map(Value::from))
+        }
+
+        fn address() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (1u8..4, 0u16..3).prop_map(|(h, p)| format!("127.0.0.{h}:{p}")),
+                (0u16..3).prop_map(|p| format!("[::1]:{p}")),
+                Just("10.96.0.1:80".to_owned()),
+                "[ -~]{0,12}",
+            ]
+        }
+
+        fn endpoint() -> impl Strategy<Value = Value> {
+            (
+                address(),
+                proptest::option::of(prop_oneof![
+                    0u32..4,
+                    Just(MAX_WEIGHT),
+                    Just(MAX_WEIGHT + 1),
+                    any::<u32>()
+                ]),
+            )
+                .prop_map(|(address, weight)| {
+                    let mut e = json!({"address": address});
+                    if let Some(w) = weight {
+                        e["weight"] = json!(w);
+                    }
+                    e
+                })
+        }
+
+        fn service() -> impl Strategy<Value = Value> {
+            (
+                prop_oneof!["[a-c]{1,2}", "[ -~]{0,6}", Just("x".repeat(254))],
+                proptest::collection::vec(address(), 0..3),
+                any::<bool>(),
+                any::<bool>(),
+                duration(),
+                duration(),
+                proptest::collection::vec(endpoint(), 0..5),
+            )
+                .prop_map(
+                    |(name, addresses, opaque, rr, timeout, connect, endpoints)| {
+                        let mut s = json!({
+                            "name": name,
+                            "addresses": addresses,
+                            "protocol": if opaque { "opaque" } else { "detect" },
+                            "balancer": if rr { "roundRobin" } else { "peakEwma" },
+                            "endpoints": endpoints,
+                        });
+                        if let Some(t) = timeout {
+                            s["timeout"] = t;
+                        }
+                        if let Some(t) = connect {
+                            s["connectTimeout"] = t;
+                        }
+                        s
+                    },
+                )
+        }
+
+        /// Wire configs, valid or not in every field validation checks.
+        pub(crate) fn raw_config() -> impl Strategy<Value = wire::ProxyConfig> {
+            (
+                prop_oneof![4 => Just(PROXY_CONFIG_API_VERSION.to_owned()), 1 => "[ -~]{0,8}"],
+                prop_oneof![4 => Just(PROXY_CONFIG_KIND.to_owned()), 1 => "[ -~]{0,8}"],
+                proptest::option::of(prop_oneof![
+                    "[ -~]{0,8}",
+                    "\\PC{0,4}[\\x00-\\x1f]",
+                    Just("v".repeat(129))
+                ]),
+                duration(),
+                duration(),
+                proptest::option::of(proptest::collection::vec(
+                    prop_oneof![Just(0u16), any::<u16>()],
+                    0..4,
+                )),
+                proptest::collection::vec(service(), 0..4),
+            )
+                .prop_filter_map(
+                    "not a wire config",
+                    |(api, kind, version, detect, connect, opaque, services)| {
+                        let mut c = json!({"apiVersion": api, "kind": kind, "services": services});
+                        if let Some(v) = version {
+                            c["version"] = json!(v);
+                        }
+                        if let Some(d) = detect {
+                            c["detectTimeout"] = d;
+                        }
+                        if let Some(d) = connect {
+                            c["connectTimeout"] = d;
+                        }
+                        if let Some(o) = opaque {
+                            c["opaquePorts"] = json!(o);
+                        }
+                        serde_json::from_value(c).ok()
+                    },
+                )
+        }
+
+        /// Whether a problem starts with the path of the field it is about.
+        fn names_a_field(problem: &str) -> bool {
+            const TOP: [&str; 6] = [
+                "apiVersion ",
+                "kind ",
+                "version ",
+                "detectTimeout ",
+                "connectTimeout ",
+                "opaquePorts: ",
+            ];
+            if TOP.iter().any(|f| problem.starts_with(f)) {
+                return true;
+            }
+            let Some(rest) = problem.strip_prefix("services[") else {
+                return false;
+            };
+            let Some((index, rest)) = rest.split_once("] (") else {
+                return false;
+            };
+            if index.parse::<usize>().is_err() {
+                return false;
+            }
+            // Skip the quoted name (Debug-escaped, so a quote inside is `\"`), then
+            // `: <field> ...` or `.<field>...`.
+            let mut chars = rest.char_indices();
+            if chars.next().map(|(_, c)| c) != Some('"') {
+                return false;
+            }
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        chars.next();
+                    }
+                    '"' => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let Some(field) = end.and_then(|i| rest[i + 1..].strip_prefix(')')) else {
+                return false;
+            };
+            [
+                ": name ",
+                ": address ",
+                ".timeout ",
+                ".connectTimeout ",
+                ".endpoints[",
+            ]
+            .iter()
+            .any(|f| field.starts_with(f))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_config_is_accepted_or_rejected_with_problems_naming_fields(raw in raw_config()) {
+                match Config::validate(&raw) {
+                    Ok(c) => {
+                        prop_assert_eq!(c.services.len(), raw.services.len());
+                        for s in &c.services {
+                            for e in &s.endpoints {
+                                prop_assert!(e.weight.get() <= MAX_WEIGHT);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        prop_assert!(!e.problems.is_empty());
+                        for p in &e.problems {
+                            prop_assert!(names_a_field(p), "{p:?} names no field");
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -239,4 +239,118 @@ mod tests {
         io.read_to_string(&mut out).await.unwrap();
         assert_eq!(out, "hello world");
     }
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::VecDeque;
+
+        /// A client that delivers its bytes in exactly the given chunks, one per read,
+        /// then either closes (`eof`) or goes silent.
+        struct Chunks {
+            chunks: VecDeque<Vec<u8>>,
+            eof: bool,
+        }
+
+        impl AsyncRead for Chunks {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                let Some(mut chunk) = self.chunks.pop_front() else {
+                    return if self.eof {
+                        Poll::Ready(Ok(()))
+                    } else {
+                        Poll::Pending
+                    };
+                };
+                let n = chunk.len().min(buf.remaining());
+                buf.put_slice(&chunk[..n]);
+                if n < chunk.len() {
+                    self.chunks.push_front(chunk.split_off(n));
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
+
+        /// Splits `bytes` at the given cut points.
+        fn chunked(bytes: &[u8], cuts: &[usize]) -> VecDeque<Vec<u8>> {
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.push(0);
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            cuts.dedup();
+            cuts.windows(2)
+                .map(|w| bytes[w[0]..w[1]].to_vec())
+                .collect()
+        }
+
+        /// Inputs that reach every branch: requests, prefaces, their prefixes and
+        /// corruptions, and noise, up to past [`MAX_DETECT_BYTES`].
+        fn input() -> impl Strategy<Value = Vec<u8>> {
+            let line = "[A-Z]{1,8} /[ -~]{0,40} HTTP/1\\.[01]\r\n[ -~]{0,20}";
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..64),
+                line.prop_map(String::into_bytes),
+                (0..=H2_PREFACE.len() + 8, any::<u8>()).prop_map(|(n, b)| {
+                    let mut v = H2_PREFACE.to_vec();
+                    v.push(b);
+                    v.truncate(n);
+                    v
+                }),
+                (0usize..12_000, proptest::option::of(0usize..12_000)).prop_map(|(len, crlf)| {
+                    let mut v = b"GET /".to_vec();
+                    v.resize(len.max(5), b'a');
+                    if let Some(at) = crlf {
+                        let at = at.min(v.len());
+                        v.splice(at..at, b" HTTP/1.1\r\n".iter().copied());
+                    }
+                    v
+                }),
+            ]
+        }
+
+        async fn run(bytes: &[u8], cuts: &[usize], eof: bool) -> (Protocol, Vec<u8>) {
+            let mut client = Chunks {
+                chunks: chunked(bytes, cuts),
+                eof,
+            };
+            let (p, prefix) = detect(&mut client, Duration::from_millis(300))
+                .await
+                .unwrap();
+            assert!(
+                bytes.starts_with(&prefix),
+                "the prefix is what the client sent"
+            );
+            let mut replayed = vec![0; bytes.len()];
+            PrefixedIo::new(prefix, client)
+                .read_exact(&mut replayed)
+                .await
+                .unwrap();
+            (p, replayed)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_bytes_in_any_chunks_get_one_decision_and_replay_exactly(
+                bytes in input(),
+                cuts in proptest::collection::vec(any::<usize>(), 0..8),
+                eof in any::<bool>(),
+            ) {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .start_paused(true)
+                    .build()
+                    .unwrap();
+                let (p, replayed) = rt.block_on(run(&bytes, &cuts, eof));
+                prop_assert_eq!(&replayed, &bytes);
+                // However the bytes arrive, the decision is the one made on all of them at
+                // once.
+                let (whole, _) = rt.block_on(run(&bytes, &[], eof));
+                prop_assert_eq!(p, whole);
+            }
+        }
+    }
 }

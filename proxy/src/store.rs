@@ -10,6 +10,21 @@
 //!
 //! A request holds the `Arc` of the service state it started with, so a swap never
 //! disturbs it; endpoints that stay keep their pools and estimates.
+//!
+//! # One state per endpoint address
+//!
+//! Two services may list the same endpoint (two Services selecting the same pod and port,
+//! or a Route whose backends overlap). They share one [`EndpointState`], in the first
+//! snapshot and in every later one alike, keyed by address and connect timeout (the only
+//! per-service setting an endpoint's connections carry):
+//!
+//! - the connection pool: it is the same server, so one set of keep-alive connections
+//!   serves both rather than two;
+//! - the in-flight count: P2C uses it as the queue at that server, and the server's queue
+//!   holds the requests of both services;
+//! - the latency estimate: it is the same process on the same host, and a server slowed by
+//!   one service's traffic is slow for the other's too, so each service learns of it from
+//!   the other's requests rather than only from its own.
 
 use std::{
     collections::HashMap,
@@ -25,13 +40,31 @@ use arc_swap::ArcSwapOption;
 use weft_api::proxy_config::{self as wire, ProxyConfig};
 
 use crate::{
-    balance::{self, DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, PeakEwma, Picker},
+    balance::{DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, Load, PeakEwma, Picker},
     config::{Config, ConfigError, Service},
     metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
     upstream::Upstream,
 };
 
-/// Runtime state of one endpoint, shared by every snapshot that keeps it.
+/// Which endpoints share one [`EndpointState`]: everything the state's connections depend
+/// on. Services that list the same address with the same connect timeout share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct EndpointKey {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+}
+
+impl EndpointKey {
+    fn of(state: &EndpointState) -> Self {
+        EndpointKey {
+            addr: state.addr,
+            connect_timeout: state.upstream.connect_timeout,
+        }
+    }
+}
+
+/// Runtime state of one endpoint (an address), shared by every service that lists it and
+/// by every snapshot that keeps it; see the module documentation for why.
 #[derive(Debug)]
 pub struct EndpointState {
     /// Where to connect.
@@ -129,7 +162,6 @@ pub struct ServiceState {
     pub label: ServiceLabel,
     /// Endpoint state, index-aligned with `spec.endpoints`.
     pub endpoints: Vec<Arc<EndpointState>>,
-    weights: Vec<u32>,
     picker: Picker,
     /// This service's request series per direction (inbound, outbound), looked up on the
     /// first request rather than on every one.
@@ -154,7 +186,10 @@ impl ServiceState {
         let i = self.picker.pick(&mut rand::rng(), exclude, |i| {
             let e = &self.endpoints[i];
             let now = *now.get_or_init(Instant::now);
-            balance::cost(e.estimate_ns(now), e.in_flight(), self.weights[i])
+            Load {
+                estimate_ns: e.estimate_ns(now),
+                in_flight: e.in_flight(),
+            }
         })?;
         self.endpoints.get(i).map(|e| (i, e))
     }
@@ -183,11 +218,13 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         max_http1: usize,
     ) -> Snapshot {
-        let mut old: HashMap<(SocketAddr, Duration), Arc<EndpointState>> = HashMap::new();
+        // One rule for the first build and every reload: endpoint state is keyed by what
+        // its connections depend on, and the previous snapshot's states seed the map.
+        let mut states: HashMap<EndpointKey, Arc<EndpointState>> = HashMap::new();
         if let Some(prev) = previous {
             for s in &prev.services {
                 for e in &s.endpoints {
-                    old.insert((e.addr, e.upstream.connect_timeout), e.clone());
+                    states.insert(EndpointKey::of(e), e.clone());
                 }
             }
         }
@@ -199,15 +236,19 @@ impl Snapshot {
                     .endpoints
                     .iter()
                     .map(|e| {
-                        old.get(&(e.addr, spec.connect_timeout))
-                            .cloned()
-                            .unwrap_or_else(|| {
+                        states
+                            .entry(EndpointKey {
+                                addr: e.addr,
+                                connect_timeout: spec.connect_timeout,
+                            })
+                            .or_insert_with(|| {
                                 Arc::new(EndpointState::with_http1_limit(
                                     e.addr,
                                     spec.connect_timeout,
                                     max_http1,
                                 ))
                             })
+                            .clone()
                     })
                     .collect();
                 let weights: Vec<u32> = spec.endpoints.iter().map(|e| e.weight.get()).collect();
@@ -219,7 +260,6 @@ impl Snapshot {
                     label: ServiceLabel(Arc::from(spec.name.as_str())),
                     spec: spec.clone(),
                     endpoints,
-                    weights,
                     picker,
                     request_metrics: Default::default(),
                 })
@@ -374,5 +414,103 @@ mod tests {
         let active = store.load().unwrap();
         assert_eq!(active.generation, 1);
         assert_eq!(active.service_by_name("web").unwrap().endpoints.len(), 1);
+    }
+    fn two_services(a: &[&str], b: &[&str]) -> ProxyConfig {
+        let eps = |list: &[&str]| {
+            list.iter()
+                .map(|a| serde_json::json!({"address": a}))
+                .collect::<Vec<_>>()
+        };
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "weft.dev/proxy/v1alpha1",
+            "kind": "ProxyConfig",
+            "services": [
+                {"name": "a", "endpoints": eps(a)},
+                {"name": "b", "endpoints": eps(b)},
+                {"name": "c", "connectTimeout": "3s", "endpoints": eps(b)},
+            ]
+        }))
+        .unwrap()
+    }
+
+    /// Whether services `a` and `b` share their state for 127.0.0.1:7, and whether `c`
+    /// (same address, another connect timeout) has its own.
+    fn sharing(s: &Snapshot) -> (bool, bool) {
+        let a = &s.service_by_name("a").unwrap().endpoints[0];
+        let b = &s.service_by_name("b").unwrap().endpoints[1];
+        let c = &s.service_by_name("c").unwrap().endpoints[1];
+        assert_eq!((a.addr, b.addr), (c.addr, c.addr));
+        (Arc::ptr_eq(a, b), !Arc::ptr_eq(a, c))
+    }
+
+    #[tokio::test]
+    async fn services_listing_one_address_share_its_state_before_and_after_a_reload() {
+        let store = ConfigStore::new(Arc::new(Metrics::new()));
+        let first = store
+            .apply(two_services(
+                &["127.0.0.1:7"],
+                &["127.0.0.1:8", "127.0.0.1:7"],
+            ))
+            .unwrap();
+        assert_eq!(sharing(&first), (true, true), "first build");
+        // A request through one service counts as in flight at the shared server.
+        let _req = first.service_by_name("a").unwrap().endpoints[0].start();
+        let second = store
+            .apply(two_services(
+                &["127.0.0.1:7"],
+                &["127.0.0.1:9", "127.0.0.1:7"],
+            ))
+            .unwrap();
+        assert_eq!(sharing(&second), (true, true), "after a reload");
+        assert_eq!(
+            second.service_by_name("b").unwrap().endpoints[1].in_flight(),
+            1
+        );
+        assert!(Arc::ptr_eq(
+            &first.service_by_name("a").unwrap().endpoints[0],
+            &second.service_by_name("b").unwrap().endpoints[1],
+        ));
+    }
+    /// Endpoint states of a snapshot that should be one and the same but are not.
+    fn unshared(s: &Snapshot) -> Vec<SocketAddr> {
+        let mut seen: HashMap<EndpointKey, &Arc<EndpointState>> = HashMap::new();
+        let mut bad = Vec::new();
+        for svc in &s.services {
+            for e in &svc.endpoints {
+                let first = seen.entry(EndpointKey::of(e)).or_insert(e);
+                if !Arc::ptr_eq(first, e) {
+                    bad.push(e.addr);
+                }
+            }
+        }
+        bad
+    }
+
+    mod properties {
+        use super::*;
+        use crate::config::tests::properties::raw_config;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            #[test]
+            fn any_sequence_of_configs_applies_with_one_sharing_rule(
+                configs in proptest::collection::vec(raw_config(), 1..4),
+            ) {
+                let store = ConfigStore::new(Arc::new(Metrics::new()));
+                for raw in configs {
+                    if let Ok(s) = store.apply(raw) {
+                        prop_assert_eq!(unshared(&s), Vec::<SocketAddr>::new());
+                        for svc in &s.services {
+                            if !svc.endpoints.is_empty() {
+                                let (i, _) = svc.pick(None).unwrap();
+                                prop_assert!(i < svc.endpoints.len());
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

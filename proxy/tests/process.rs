@@ -127,7 +127,7 @@ async fn an_invalid_config_at_startup_exits_with_a_clear_message() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("weight 0 is not within 1..=10000"),
+        stderr.contains("weight 0 is not within 1..=1000000"),
         "{stderr}"
     );
     assert!(stderr.contains("proxy.yaml"), "{stderr}");

@@ -354,6 +354,41 @@ async fn peak_ewma_sends_most_requests_to_the_faster_endpoint() {
     assert_eq!(fast.hits() + slow.hits(), 100);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_gives_equal_endpoints_their_weighted_share() {
+    // Two equally fast backends weighted 9 : 1: the light one gets its 10 %, from one
+    // client and from eight keep-alive clients (before the fix it got 0 to 7 %).
+    let heavy = Backend::start("127.0.0.2", "heavy").await;
+    let light = Backend::start("127.0.0.3", "light").await;
+    let mut cfg = config(&[("web", &[heavy.addr, light.addr])]);
+    cfg["services"][0]["endpoints"][0]["weight"] = 9.into();
+    let proxy = TestProxy::start("web", cfg).await;
+    for (clients, requests) in [(1, 1000), (8, 2000)] {
+        let before = (heavy.hits(), light.hits());
+        let mut workers = Vec::new();
+        for _ in 0..clients {
+            let url = proxy.url("/");
+            workers.push(tokio::spawn(async move {
+                let client = h1_client();
+                for _ in 0..requests / clients {
+                    assert_eq!(get(&client, &url).await.0.status(), StatusCode::OK);
+                }
+            }));
+        }
+        for w in workers {
+            w.await.unwrap();
+        }
+        let (h, l) = (heavy.hits() - before.0, light.hits() - before.1);
+        assert_eq!(h + l, requests);
+        let share = l as f64 / requests as f64;
+        assert!(
+            (0.07..=0.13).contains(&share),
+            "{clients} clients: light got {:.1} % of {requests}",
+            share * 100.0
+        );
+    }
+}
+
 #[tokio::test]
 async fn endpoint_removed_mid_traffic_loses_no_request() {
     let a = Backend::start("127.0.0.2", "a").await;

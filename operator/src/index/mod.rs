@@ -51,7 +51,7 @@ pub use model::{Kind, Object, ObjectKey};
 pub use services::{NsServices, ServiceSet};
 
 /// The largest endpoint weight the proxy accepts.
-pub const MAX_ENDPOINT_WEIGHT: u32 = 10_000;
+pub use weft_api::proxy_config::MAX_ENDPOINT_WEIGHT;
 
 /// The config one proxy needs, as the index computes it.
 #[derive(Clone, Debug, Default)]
@@ -170,6 +170,12 @@ pub struct Index {
     breakers: BTreeMap<ObjectKey, BreakerModel>,
     outbound: BTreeMap<String, NsServices>,
     ns_resources: BTreeMap<String, BTreeSet<ResourceRef>>,
+    /// Cluster addresses claimed by services of more than one namespace, with those
+    /// namespaces (stale state only: a cluster IP belongs to one Service). Empty in a
+    /// consistent cluster, so views pay nothing for it.
+    contested: BTreeMap<String, BTreeSet<String>>,
+    /// Which namespaces' services claim each cluster address.
+    claims: HashMap<String, BTreeSet<String>>,
     version: u64,
     /// During [`Index::replace`]: namespaces to rebuild once at the end.
     deferred: Option<BTreeSet<String>>,
@@ -198,6 +204,8 @@ impl Index {
             breakers: BTreeMap::new(),
             outbound: BTreeMap::new(),
             ns_resources: BTreeMap::new(),
+            contested: BTreeMap::new(),
+            claims: HashMap::new(),
             version: 0,
             deferred: None,
         }
@@ -388,8 +396,27 @@ impl Index {
     fn rebuild(&mut self, ns: &str) -> bool {
         let mut fresh: BTreeMap<String, Arc<ServiceConfig>> = BTreeMap::new();
         let old = self.outbound.get(ns);
+        // A proxy rejects a whole config in which two services claim one address, so a
+        // cluster IP listed by two Services (stale state, or a Service recreated before
+        // the old one's deletion was seen) stays with the first by name.
+        let mut claimed: HashMap<String, String> = HashMap::new();
         for (key, svc) in in_ns(&self.services, ns) {
-            for config in self.service_configs(key, svc) {
+            for mut config in self.service_configs(key, svc) {
+                config.addresses.retain(|a| match claimed.get(a) {
+                    Some(owner) => {
+                        tracing::warn!(
+                            service = %config.name,
+                            address = %a,
+                            claimed_by = %owner,
+                            "cluster address claimed by two services; left with the first"
+                        );
+                        false
+                    }
+                    None => {
+                        claimed.insert(a.clone(), config.name.clone());
+                        true
+                    }
+                });
                 let config = match old.and_then(|o| o.get(&config.name)) {
                     Some(prev) if **prev == config => prev.clone(),
                     _ => Arc::new(config),
@@ -416,6 +443,9 @@ impl Index {
             Some(r) => *r != resources,
             None => !resources.is_empty(),
         };
+        if services_changed {
+            self.update_claims(ns, old.cloned().as_deref(), &fresh);
+        }
         if fresh.is_empty() {
             self.outbound.remove(ns);
         } else if services_changed {
@@ -428,6 +458,76 @@ impl Index {
             self.ns_resources.insert(ns.to_owned(), resources);
         }
         services_changed || resources_changed
+    }
+
+    /// Records which cluster addresses namespace `ns` claims now.
+    fn update_claims(
+        &mut self,
+        ns: &str,
+        old: Option<&BTreeMap<String, Arc<ServiceConfig>>>,
+        fresh: &BTreeMap<String, Arc<ServiceConfig>>,
+    ) {
+        let addresses = |m: Option<&BTreeMap<String, Arc<ServiceConfig>>>| -> BTreeSet<String> {
+            m.into_iter()
+                .flat_map(|m| m.values())
+                .flat_map(|c| c.addresses.iter().cloned())
+                .collect()
+        };
+        let (before, after) = (addresses(old), addresses(Some(fresh)));
+        for a in before.symmetric_difference(&after) {
+            let owners = self.claims.entry(a.clone()).or_default();
+            if after.contains(a) {
+                owners.insert(ns.to_owned());
+            } else {
+                owners.remove(ns);
+            }
+            match owners.len() {
+                0 => {
+                    self.claims.remove(a);
+                    self.contested.remove(a);
+                }
+                1 => {
+                    self.contested.remove(a);
+                }
+                _ => {
+                    tracing::warn!(address = %a, namespaces = ?owners, "cluster address claimed in two namespaces; proxies that see both get it for the first");
+                    self.contested.insert(a.clone(), owners.clone());
+                }
+            }
+        }
+    }
+
+    /// Leaves each contested address (see [`Index::contested`]) with the first of the
+    /// view's namespaces that claims it, so that the proxy accepts the config.
+    fn settle_contested(&self, services: &mut ServiceSet) {
+        let mut drop: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (address, owners) in &self.contested {
+            let mut seen = owners.iter().filter(|ns| services.namespace(ns).is_some());
+            seen.next();
+            for ns in seen {
+                drop.entry(ns.as_str())
+                    .or_default()
+                    .insert(address.as_str());
+            }
+        }
+        for (ns, addresses) in drop {
+            let Some(map) = services.namespace(ns) else {
+                continue;
+            };
+            let settled: BTreeMap<String, Arc<ServiceConfig>> = map
+                .iter()
+                .map(|(name, c)| {
+                    if c.addresses.iter().any(|a| addresses.contains(a.as_str())) {
+                        let mut c = (**c).clone();
+                        c.addresses.retain(|a| !addresses.contains(a.as_str()));
+                        (name.clone(), Arc::new(c))
+                    } else {
+                        (name.clone(), c.clone())
+                    }
+                })
+                .collect();
+            services.insert_namespace(ns, &Arc::new(settled));
+        }
     }
 
     /// The Routes for a Service, valid ones only, oldest first (ties by name).
@@ -586,22 +686,27 @@ impl Index {
                 .flat_map(|(_, eps)| eps.into_values())
                 .collect();
         }
-        let total: u64 = backends.iter().map(|(w, _)| *w).sum();
-        let mut merged: BTreeMap<String, EndpointConfig> = BTreeMap::new();
-        for (w, eps) in backends {
-            let n = eps.len() as u64;
-            let each = (u64::from(MAX_ENDPOINT_WEIGHT) * w)
-                .checked_div(total * n)
-                .unwrap_or(1)
-                .clamp(1, u64::from(MAX_ENDPOINT_WEIGHT));
-            let each = u32::try_from(each).unwrap_or(MAX_ENDPOINT_WEIGHT);
-            for (addr, mut ep) in eps {
-                let prev = merged.get(&addr).and_then(|e| e.weight).unwrap_or(0);
-                ep.weight = Some((prev + each).min(MAX_ENDPOINT_WEIGHT));
-                merged.insert(addr, ep);
+        let counts: Vec<(u64, usize)> = backends.iter().map(|(w, eps)| (*w, eps.len())).collect();
+        let mut merged: BTreeMap<String, (EndpointConfig, Vec<usize>)> = BTreeMap::new();
+        for (b, (_, eps)) in backends.into_iter().enumerate() {
+            for (addr, ep) in eps {
+                merged
+                    .entry(addr)
+                    .or_insert_with(|| (ep, Vec::new()))
+                    .1
+                    .push(b);
             }
         }
-        merged.into_values().collect()
+        let members: Vec<&[usize]> = merged.values().map(|(_, m)| m.as_slice()).collect();
+        let weights = endpoint_weights(&counts, &members);
+        merged
+            .into_values()
+            .zip(weights)
+            .map(|((mut ep, _), w)| {
+                ep.weight = Some(w);
+                ep
+            })
+            .collect()
     }
 
     fn visible_namespaces(&self, pod_key: &ObjectKey, pod: &PodModel) -> Visible {
@@ -671,6 +776,9 @@ impl Index {
                     add_ns(ns, &mut view);
                 }
             }
+        }
+        if !self.contested.is_empty() {
+            self.settle_contested(&mut view.services);
         }
         for key in self.policies_for(pod_key) {
             if let Some((meta, _)) = self.policies.get(&key) {
@@ -865,6 +973,74 @@ fn resource_ref(kind: &str, key: &ObjectKey, generation: i64) -> ResourceRef {
         name: key.name.clone(),
         generation,
     }
+}
+
+/// Endpoint weights that give each backend of a split its exact share of requests however
+/// many endpoints it has: backend `b` with weight `w_b` and `n_b` endpoints gives each of
+/// them `w_b / n_b`, and an endpoint that several backends list gets the sum. `counts`
+/// holds each backend's `(w_b, n_b)`; `members[e]` the backends endpoint `e` belongs to.
+///
+/// Exact integers when they fit in [`MAX_ENDPOINT_WEIGHT`] (`w_b × lcm(n) / n_b`, divided
+/// by the common factor, so a 90/10 split of one endpoint each is 9 and 1). Otherwise the
+/// real-valued weights are scaled so the largest is [`MAX_ENDPOINT_WEIGHT`] and rounded
+/// (at least 1): each endpoint is then off by at most one half (or, for an endpoint whose
+/// ideal weight is below one, by less than one) in a total of at least
+/// [`MAX_ENDPOINT_WEIGHT`], so a backend of `n` endpoints is off by at most
+/// `n / MAX_ENDPOINT_WEIGHT` of the traffic: under half a point up to 5,000 endpoints.
+fn endpoint_weights(counts: &[(u64, usize)], members: &[&[usize]]) -> Vec<u32> {
+    let max = u128::from(MAX_ENDPOINT_WEIGHT);
+    // The least common multiple of the endpoint counts, if it stays small enough that
+    // `w × lcm` cannot overflow (w ≤ 2³¹ and at most 16 backends).
+    let lcm = counts.iter().try_fold(1u128, |l, (_, n)| {
+        let n = *n as u128;
+        let next = l / gcd128(l, n.max(1)) * n.max(1);
+        (next <= 1 << 64).then_some(next)
+    });
+    if let Some(lcm) = lcm {
+        let exact: Vec<u128> = members
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .map(|b| {
+                        let (w, n) = counts[*b];
+                        u128::from(w) * (lcm / (n as u128).max(1))
+                    })
+                    .sum()
+            })
+            .collect();
+        let g = exact.iter().fold(0, |g, x| gcd128(g, *x)).max(1);
+        if exact.iter().all(|x| *x / g <= max && *x > 0) {
+            return exact
+                .iter()
+                .map(|x| u32::try_from(*x / g).unwrap_or(MAX_ENDPOINT_WEIGHT))
+                .collect();
+        }
+    }
+    let ideal: Vec<f64> = members
+        .iter()
+        .map(|m| {
+            m.iter()
+                .map(|b| {
+                    let (w, n) = counts[*b];
+                    w as f64 / n.max(1) as f64
+                })
+                .sum()
+        })
+        .collect();
+    let top = ideal.iter().copied().fold(0.0, f64::max);
+    if top <= 0.0 {
+        return vec![1; members.len()];
+    }
+    let scale = f64::from(MAX_ENDPOINT_WEIGHT) / top;
+    ideal
+        .iter()
+        // The cast saturates, and the value is clamped into 1..=MAX anyway.
+        .map(|x| ((x * scale).round() as u32).clamp(1, MAX_ENDPOINT_WEIGHT))
+        .collect()
+}
+
+fn gcd128(a: u128, b: u128) -> u128 {
+    if b == 0 { a } else { gcd128(b, a % b) }
 }
 
 #[cfg(test)]

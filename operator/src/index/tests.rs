@@ -306,17 +306,20 @@ fn a_route_splits_traffic_by_backend_weight_and_sets_the_timeout() {
     let view = i.view(&key("shop", "client")).unwrap();
     let web = view.services.get("web.shop.80").unwrap();
     assert_eq!(web.timeout.as_ref().map(|t| t.as_str()), Some("3s"));
-    let w = |a: &str| {
-        web.endpoints
-            .iter()
-            .find(|e| e.address == a)
-            .and_then(|e| e.weight)
-            .unwrap()
-    };
-    // web's two endpoints share 90%, web-v2's one gets 10%.
-    assert_eq!(w("10.0.0.1:8080"), 4500);
-    assert_eq!(w("10.0.0.2:8080"), 4500);
-    assert_eq!(w("10.0.2.1:8080"), 1000);
+    // web's two endpoints share 90 %, web-v2's one gets 10 %, in the smallest integers.
+    let w: BTreeMap<&str, u32> = web
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.weight.unwrap()))
+        .collect();
+    assert_eq!(
+        w,
+        BTreeMap::from([
+            ("10.0.0.1:8080", 9),
+            ("10.0.0.2:8080", 9),
+            ("10.0.2.1:8080", 2)
+        ])
+    );
     assert!(
         view.resources
             .iter()
@@ -518,4 +521,311 @@ fn policies_apply_to_the_pods_they_select() {
     assert_eq!(names, vec!["by-svc", "web-in"]);
     let client = i.view(&key("shop", "client")).unwrap();
     assert!(client.resources.iter().all(|r| r.kind != "Policy"));
+}
+
+/// Each backend's share of the traffic the proxy will send, from the endpoint weights of
+/// `service`'s config: the summed weights of the endpoints whose address starts with
+/// each prefix, over all weights.
+fn backend_shares(i: &Index, service: &str, prefixes: &[&str]) -> Vec<f64> {
+    let view = i.view(&key("shop", "client")).unwrap();
+    let svc = view.services.get(service).unwrap();
+    for e in &svc.endpoints {
+        let w = e.weight.unwrap();
+        assert!((1..=MAX_ENDPOINT_WEIGHT).contains(&w), "{w}");
+    }
+    let total: f64 = svc
+        .endpoints
+        .iter()
+        .map(|e| f64::from(e.weight.unwrap()))
+        .sum();
+    prefixes
+        .iter()
+        .map(|p| {
+            svc.endpoints
+                .iter()
+                .filter(|e| e.address.starts_with(p))
+                .map(|e| f64::from(e.weight.unwrap()))
+                .sum::<f64>()
+                / total
+        })
+        .collect()
+}
+
+/// Index `shop` plus Services `big` (`n_big` endpoints in 10.1/16) and `one` (one
+/// endpoint, 10.2.0.1), and a Route on `web` splitting between them.
+fn two_backend_split(n_big: usize, w_big: u32, w_one: u32) -> Index {
+    let mut i = shop();
+    apply(&mut i, svc("shop", "big", "10.96.0.13"));
+    apply(&mut i, svc("shop", "one", "10.96.0.14"));
+    let ips: Vec<String> = (0..n_big)
+        .map(|k| format!("10.1.{}.{}", k / 250, k % 250 + 1))
+        .collect();
+    let eps: Vec<(&str, bool, bool, Option<&str>)> = ips
+        .iter()
+        .map(|ip| (ip.as_str(), true, false, None))
+        .collect();
+    apply(&mut i, slice("shop", "big-1", "big", &eps));
+    apply(
+        &mut i,
+        slice("shop", "one-1", "one", &[("10.2.0.1", true, false, None)]),
+    );
+    apply(
+        &mut i,
+        route(
+            "shop",
+            "split",
+            "2026-01-01T00:00:00Z",
+            "web",
+            json!([{"name": "big", "weight": w_big}, {"name": "one", "weight": w_one}]),
+        ),
+    );
+    i
+}
+
+#[test]
+fn a_split_gives_each_backend_its_share_whatever_its_endpoint_count() {
+    for (n_big, w_big, w_one) in [
+        (1000, 1, 99),
+        (1000, 99, 1),
+        (3, 90, 10),
+        (7, 10, 90),
+        (4999, 1, 1_000_000),
+    ] {
+        let i = two_backend_split(n_big, w_big, w_one);
+        let shares = backend_shares(&i, "web.shop.80", &["10.1.", "10.2."]);
+        let want = f64::from(w_big) / f64::from(w_big + w_one);
+        assert!(
+            (shares[0] - want).abs() <= 0.005 && (shares[0] + shares[1] - 1.0).abs() < 1e-9,
+            "{n_big} endpoints at weight {w_big} against one at {w_one}: {shares:?}, want {want}"
+        );
+    }
+}
+
+#[test]
+fn an_endpoint_in_two_backends_gets_both_shares() {
+    let mut i = two_backend_split(2, 50, 50);
+    // `one` also lists one of `big`'s endpoints: that endpoint carries 25 % + 25 %.
+    apply(
+        &mut i,
+        slice("shop", "one-2", "one", &[("10.1.0.1", true, false, None)]),
+    );
+    let shares = backend_shares(&i, "web.shop.80", &["10.1.0.1:", "10.1.0.2:", "10.2."]);
+    assert_eq!(shares, vec![0.5, 0.25, 0.25]);
+}
+
+/// The config a proxy of `pod` would validate, or the proxy's reasons to reject it.
+fn proxy_accepts(i: &Index, pod: &ObjectKey) -> Result<(), String> {
+    let view = i.view(pod).unwrap();
+    let raw = weft_api::proxy_config::ProxyConfig {
+        api_version: weft_api::proxy_config::PROXY_CONFIG_API_VERSION.into(),
+        kind: weft_api::proxy_config::PROXY_CONFIG_KIND.into(),
+        version: Some(view.version.to_string()),
+        detect_timeout: None,
+        connect_timeout: None,
+        opaque_ports: None,
+        services: view.services.values().map(|s| (**s).clone()).collect(),
+    };
+    weft_proxy::config::Config::validate(&raw)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_cluster_ip_claimed_twice_stays_with_one_service_so_the_proxy_accepts_the_config() {
+    // Found by the property test below: two Services with one cluster IP (stale state)
+    // made every proxy reject its whole config.
+    let mut i = shop();
+    apply(&mut i, svc("shop", "web-old", "10.96.0.10"));
+    let client = key("shop", "client");
+    assert_eq!(proxy_accepts(&i, &client), Ok(()));
+    let view = i.view(&client).unwrap();
+    assert_eq!(
+        view.services.get("web.shop.80").unwrap().addresses,
+        vec!["10.96.0.10:80"]
+    );
+    assert!(
+        view.services
+            .get("web-old.shop.80")
+            .unwrap()
+            .addresses
+            .is_empty()
+    );
+    // Across namespaces: the first namespace by name keeps it, in every view.
+    apply(&mut i, svc("other", "db", "10.96.0.10"));
+    assert_eq!(
+        proxy_accepts(&i, &client),
+        Ok(()),
+        "shop alone sees no conflict"
+    );
+    let ns: Namespace = serde_json::from_value(
+        json!({"metadata": {"name": "shop", "annotations": {"weft.dev/visible-namespaces": "other"}}}),
+    )
+    .unwrap();
+    let (k, o) = model::namespace(&ns);
+    i.apply(k, o);
+    assert_eq!(proxy_accepts(&i, &client), Ok(()));
+    let view = i.view(&client).unwrap();
+    assert_eq!(
+        view.services.get("db.other.80").unwrap().addresses,
+        vec!["10.96.0.10:80"]
+    );
+    assert!(
+        view.services
+            .get("web.shop.80")
+            .unwrap()
+            .addresses
+            .is_empty()
+    );
+    // Once the stale Service goes, the survivor gets its address back.
+    i.delete(Kind::Service, &key("other", "db"));
+    let view = i.view(&client).unwrap();
+    assert_eq!(
+        view.services.get("web.shop.80").unwrap().addresses,
+        vec!["10.96.0.10:80"]
+    );
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The namespaces objects land in; the client pod in `shop` sees both.
+    const NAMESPACES: [&str; 2] = ["shop", "other"];
+
+    /// One object, as the watches would deliver it, in `NAMESPACES[ns]`.
+    #[derive(Clone, Debug)]
+    enum Input {
+        /// Service `s<name>` with a cluster IP from a small pool (so two Services may claim
+        /// the same one, as stale state can), or headless.
+        Service { ns: usize, name: u8, ip: Option<u8> },
+        /// An EndpointSlice of Service `s<service>`: (host, ready, terminating) endpoints
+        /// from a pool shared by every Service.
+        Slice {
+            ns: usize,
+            name: u8,
+            service: u8,
+            eps: Vec<(u8, bool, bool)>,
+        },
+        /// A Route on Service `s<service>` with (backend, port, weight) backends; backend
+        /// names may name no Service.
+        Route {
+            ns: usize,
+            name: u8,
+            created: u8,
+            service: u8,
+            backends: Vec<(u8, Option<u16>, u32)>,
+        },
+        /// Deletes whatever the previous input created.
+        DeletePrevious,
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        let ns = prop_oneof![3 => Just(0usize), 1 => Just(1usize)];
+        prop_oneof![
+            4 => (ns.clone(), 0u8..5, proptest::option::of(0u8..4)).prop_map(|(ns, name, ip)| Input::Service { ns, name, ip }),
+            4 => (ns.clone(), 0u8..6, 0u8..5, proptest::collection::vec((0u8..12, any::<bool>(), any::<bool>()), 0..6))
+                .prop_map(|(ns, name, service, eps)| Input::Slice { ns, name, service, eps }),
+            4 => (
+                ns,
+                0u8..3,
+                0u8..3,
+                0u8..6,
+                proptest::collection::vec(
+                    (
+                        0u8..6,
+                        proptest::option::of(prop_oneof![Just(80u16), Just(81)]),
+                        prop_oneof![0u32..4, 1u32..=1_000_000, Just(1_000_000)],
+                    ),
+                    1..5,
+                ),
+            )
+                .prop_map(|(ns, name, created, service, backends)| Input::Route { ns, name, created, service, backends }),
+            1 => Just(Input::DeletePrevious),
+        ]
+    }
+
+    fn object(input: &Input) -> Option<(ObjectKey, Object)> {
+        Some(match input {
+            Input::Service { ns, name, ip } => {
+                let ip = ip.map_or("None".to_owned(), |h| format!("10.96.1.{h}"));
+                svc(NAMESPACES[*ns], &format!("s{name}"), &ip)
+            }
+            Input::Slice {
+                ns,
+                name,
+                service,
+                eps,
+            } => {
+                let ips: Vec<String> = eps.iter().map(|(h, _, _)| format!("10.0.9.{h}")).collect();
+                let eps: Vec<(&str, bool, bool, Option<&str>)> = eps
+                    .iter()
+                    .zip(&ips)
+                    .map(|((_, ready, term), ip)| (ip.as_str(), *ready, *term, None))
+                    .collect();
+                slice(
+                    NAMESPACES[*ns],
+                    &format!("s{service}-{name}"),
+                    &format!("s{service}"),
+                    &eps,
+                )
+            }
+            Input::Route {
+                ns,
+                name,
+                created,
+                service,
+                backends,
+            } => {
+                let backends: Vec<serde_json::Value> = backends
+                    .iter()
+                    .map(|(b, port, weight)| {
+                        let mut v = json!({"name": format!("s{b}"), "weight": weight});
+                        if let Some(p) = port {
+                            v["port"] = json!(p);
+                        }
+                        v
+                    })
+                    .collect();
+                route(
+                    NAMESPACES[*ns],
+                    &format!("r{name}"),
+                    &format!("2026-01-01T00:00:0{created}Z"),
+                    &format!("s{service}"),
+                    json!(backends),
+                )
+            }
+            Input::DeletePrevious => return None,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_set_of_services_slices_and_routes_compiles_to_a_config_the_proxy_accepts(
+            inputs in proptest::collection::vec(input(), 0..16),
+        ) {
+            let mut i = shop();
+            let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop", "annotations": {"weft.dev/visible-namespaces": "other"}}})).unwrap();
+            let (k, o) = model::namespace(&ns);
+            i.apply(k, o);
+            let mut previous: Option<(ObjectKey, Kind)> = None;
+            for input in &inputs {
+                match object(input) {
+                    Some((k, o)) => {
+                        previous = Some((k.clone(), o.kind()));
+                        apply(&mut i, (k, o));
+                    }
+                    None => {
+                        if let Some((k, kind)) = previous.take() {
+                            i.delete(kind, &k);
+                        }
+                    }
+                }
+            }
+            if let Err(e) = proxy_accepts(&i, &key("shop", "client")) {
+                return Err(TestCaseError::fail(e));
+            }
+        }
+    }
 }
