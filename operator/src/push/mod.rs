@@ -424,7 +424,10 @@ async fn session(
                     s.sent_version = Some(version);
                     s.bytes_sent += len as u64;
                 });
-                pending.push_back((version, view.resources.clone(), delta));
+                // Kept without requirements: the registry and the ACK reports only need
+                // to know which resources a version carries.
+                let resources = view.resources.iter().map(ResourceRef::bare).collect();
+                pending.push_back((version, resources, delta));
                 // A proxy that never answers must not grow this without bound.
                 while pending.len() > 64 {
                     pending.pop_front();

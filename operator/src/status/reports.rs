@@ -267,7 +267,7 @@ pub async fn publish(
                 needs: views
                     .get(&key)
                     .and_then(|v| v.as_ref())
-                    .map(|v| v.resources.clone())
+                    .map(|v| v.resources.iter().map(ResourceRef::bare).collect())
                     .unwrap_or_default(),
                 state,
             })
