@@ -151,9 +151,10 @@ impl Bed {
             .await
     }
 
-    /// Waits until the Route's current generation is `Programmed` on `n` of `n` proxies.
+    /// Waits until the Route's current generation is `Programmed` on `n` of `n` proxies:
+    /// acknowledged, and reported enforced, by each.
     pub async fn route_programmed(&self, name: &str, n: usize) -> String {
-        let want = format!("acknowledged by {n} of {n} proxies");
+        let want = format!("acknowledged by {n} of {n} proxies, and enforced by all");
         self.route_condition_where(name, "Programmed", "True", |m| m.contains(&want))
             .await
     }
