@@ -250,7 +250,10 @@ mod tests {
         );
         assert!(lines[1].contains("2 of 3"), "{out}");
         assert!(lines[2].contains("REJECTED (version 7: too big)"), "{out}");
-        assert!(lines[2].contains("? of 3"), "a proxy that does not say claims nothing: {out}");
+        assert!(
+            lines[2].contains("? of 3"),
+            "a proxy that does not say claims nothing: {out}"
+        );
         assert!(lines[3].contains("NOT CONNECTED"), "{out}");
     }
 }

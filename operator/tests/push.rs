@@ -245,7 +245,9 @@ async fn programmed_is_true_only_for_what_the_proxies_enforce() {
 
     // Matches, faults, rewrites, header edits and mirrors: acknowledged, not enforced.
     let frontend = bed.apply_example::<Route>("route-header-match.yaml").await;
-    let (reason, msg) = bed.condition::<Route>(&frontend, "Programmed", "False").await;
+    let (reason, msg) = bed
+        .condition::<Route>(&frontend, "Programmed", "False")
+        .await;
     assert_eq!(reason, "NotEnforced", "{msg}");
     assert!(
         msg.contains("acknowledged by 1 of 1 proxies; enforced by 0 of 1"),
@@ -269,7 +271,10 @@ async fn programmed_is_true_only_for_what_the_proxies_enforce() {
         .condition::<Breaker>(&breaker, "Programmed", "False")
         .await;
     assert_eq!(reason, "NotEnforced", "{msg}");
-    assert!(msg.contains("spec.connectionPool: not enforced by weft-proxy"), "{msg}");
+    assert!(
+        msg.contains("spec.connectionPool: not enforced by weft-proxy"),
+        "{msg}"
+    );
 
     // The split is still programmed: one resource's gap is not another's.
     bed.route_programmed(&canary, 1).await;

@@ -469,15 +469,14 @@ mod tests {
         crate::index::model::weft_resource(kind, &o)
     }
 
+    type Views = Vec<(ObjectKey, Option<ProxyView>)>;
+
     /// Namespace `shop` with Service web, three meshed client pods selected by a Policy, and
     /// the given resources; the views the operator wants for the pods, and the pods' proxies
     /// having acknowledged them all, each telling what it enforces as weft-proxy does.
     fn acked_by_all(
         resources: Vec<(ObjectKey, Object)>,
-    ) -> (
-        Vec<(ObjectKey, Option<ProxyView>)>,
-        BTreeMap<ObjectKey, ProxyState>,
-    ) {
+    ) -> (Views, BTreeMap<ObjectKey, ProxyState>) {
         let mut index = crate::index::Index::new("cluster.local");
         let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
             "metadata": {"name": "web", "namespace": "shop"},
