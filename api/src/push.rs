@@ -342,6 +342,18 @@ impl FrameDecoder {
     // Not `Iterator::next`: it is generic over the message type and fallible.
     #[allow(clippy::should_implement_trait)]
     pub fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
+        match self.next_frame(|frame| serde_json::from_slice::<T>(frame))? {
+            None => Ok(None),
+            Some(message) => Ok(Some(message?)),
+        }
+    }
+
+    /// Hands the next complete frame's JSON to `read`, if one is buffered: for a reader
+    /// that answers a message it cannot decode rather than only dropping it.
+    pub fn next_frame<R>(
+        &mut self,
+        read: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, FrameError> {
         let Some(prefix) = self.buf.get(..4) else {
             return Ok(None);
         };
@@ -352,9 +364,9 @@ impl FrameDecoder {
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
-        let message = serde_json::from_slice(&self.buf[4..4 + len]);
+        let out = read(&self.buf[4..4 + len]);
         self.buf.drain(..4 + len);
-        Ok(Some(message?))
+        Ok(Some(out))
     }
 }
 

@@ -115,6 +115,10 @@ pub enum ControlError {
     /// The operator closed the stream.
     #[error("operator closed the stream")]
     Closed,
+    /// The operator sent an update this proxy cannot read; it was NACKed, and the proxy
+    /// resubscribes since its state no longer matches the operator's.
+    #[error("update not understood; NACKed and resubscribing")]
+    Unreadable(#[source] serde_json::Error),
     /// The operator sent endpoint changes for a service this stream never carried: the
     /// two sides disagree on the stream's state, so the proxy resubscribes for a full
     /// snapshot.
@@ -252,16 +256,65 @@ impl ControlClient {
                 continue;
             };
             decoder.extend(&data);
-            while let Some(message) = decoder.next::<ServerMessage>()? {
-                let ServerMessage::Update(update) = message;
-                let answer = self.apply(&mut received, update)?;
+            while let Some(read) = decoder.next_frame(|frame| self.answer(&mut received, frame))? {
+                let (answer, unreadable) = read?;
                 let bytes = push::encode(&answer).unwrap_or_default();
                 if tx.send(Bytes::from(bytes)).await.is_err() {
                     return Err(ControlError::Closed);
                 }
+                if let Some(error) = unreadable {
+                    // The update was refused without being applied, so this stream's
+                    // state is no longer the operator's: end the request body after the
+                    // NACK (the operator reads it, then ends the stream) and resubscribe.
+                    drop(tx);
+                    let drain = async { while body.frame().await.is_some() {} };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+                    return Err(ControlError::Unreadable(error));
+                }
             }
         }
         Ok(())
+    }
+
+    /// The answer to one frame from the operator, and — for an update this proxy cannot
+    /// even read, such as one with a value it does not know (a new balancer) — why: it is
+    /// NACKed by version, naming the problem, rather than dropped silently.
+    fn answer(
+        &self,
+        received: &mut Received,
+        frame: &[u8],
+    ) -> Result<(ClientMessage, Option<serde_json::Error>), ControlError> {
+        #[derive(serde::Deserialize)]
+        struct Versioned {
+            version: u64,
+        }
+        match serde_json::from_slice::<ServerMessage>(frame) {
+            Ok(ServerMessage::Update(update)) => Ok((self.apply(received, update)?, None)),
+            Err(error) => match serde_json::from_slice::<Versioned>(frame) {
+                Ok(Versioned { version }) => {
+                    self.store.metrics().config_rejected();
+                    let reason =
+                        format!("update not understood by {}: {error}", enforce::PROXY_AGENT);
+                    Ok((self.reject(version, reason), Some(error)))
+                }
+                Err(_) => Err(push::FrameError::Json(error).into()),
+            },
+        }
+    }
+
+    /// A NACK of `version`: the active config stays.
+    fn reject(&self, version: u64, reason: String) -> ClientMessage {
+        tracing::warn!(version, %reason, "config from the operator rejected; keeping the active config");
+        self.status
+            .send_modify(|s| s.nacked = Some((version, reason.clone())));
+        ClientMessage::Nack(Nack {
+            version,
+            reason,
+            active_version: self
+                .store
+                .load()
+                .and_then(|s| s.version.parse::<u64>().ok()),
+        })
     }
 
     /// Applies one update to what was received on this stream and, through the store, to
@@ -303,21 +356,7 @@ impl ControlClient {
             opaque_ports: None,
             services: received.values().cloned().collect(),
         };
-        let active = || {
-            self.store
-                .load()
-                .and_then(|s| s.version.parse::<u64>().ok())
-        };
-        let rejected = |reason: String| {
-            tracing::warn!(version, %reason, "config from the operator rejected; keeping the active config");
-            self.status
-                .send_modify(|s| s.nacked = Some((version, reason.clone())));
-            ClientMessage::Nack(Nack {
-                version,
-                reason,
-                active_version: active(),
-            })
-        };
+        let rejected = |reason: String| self.reject(version, reason);
         if let Some(max) = self.config.max_services
             && raw.services.len() > max
         {
@@ -441,6 +480,27 @@ mod tests {
             matches!(fixed, ClientMessage::Ack(Ack { version: 3, .. })),
             "{fixed:?}"
         );
+    }
+
+    #[test]
+    fn an_update_with_a_value_this_proxy_does_not_know_is_nacked_naming_it() {
+        let client = client();
+        let mut received = Received::default();
+        let frame = serde_json::to_vec(
+            &serde_json::json!({"type": "update", "version": 7, "full": true,
+            "services": [{"name": "web.shop.80", "balancer": "leastRequest"}]}),
+        )
+        .unwrap();
+        let (answer, unreadable) = client.answer(&mut received, &frame).unwrap();
+        let ClientMessage::Nack(nack) = answer else {
+            panic!("expected a NACK, got {answer:?}");
+        };
+        assert_eq!(nack.version, 7);
+        assert!(nack.reason.contains("leastRequest"), "{}", nack.reason);
+        assert!(unreadable.is_some(), "the stream resubscribes");
+        assert!(client.store.load().is_none(), "nothing was applied");
+        // Without even a version there is nothing to answer: the stream ends.
+        assert!(client.answer(&mut received, b"{\"type\": 1}").is_err());
     }
 
     #[test]
