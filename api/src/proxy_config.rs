@@ -2,10 +2,14 @@
 //! operator's push stream later.
 //!
 //! These are plain serde types, versioned by [`PROXY_CONFIG_API_VERSION`]. Within a version
-//! fields are only ever added, and readers ignore fields they do not know (so an older proxy
-//! can read a newer operator's config); a file loader should warn about them, since in a
-//! hand-written file they are usually typos. They may hold anything a file can say; `weft-proxy` validates a whole [`ProxyConfig`] once, into its own
-//! types that cannot represent an invalid state, before swapping it in.
+//! fields are only ever added. A [`ServiceConfig`] or [`EndpointConfig`] field the reader
+//! does not know is kept in its `unknown` map and `weft-proxy`'s validation rejects it,
+//! naming it: a setting the proxy does not know is one it cannot enforce, so the operator
+//! sends a new field only to proxies that announced they understand it (`docs/protocol.md`).
+//! Unknown top-level fields are ignored; a file loader warns about them, since in a
+//! hand-written file they are usually typos. The types may hold anything a file can say;
+//! `weft-proxy` validates a whole [`ProxyConfig`] once, into its own types that cannot
+//! represent an invalid state, before swapping it in.
 //!
 //! ```text
 //! file / operator ──serde──▶ ProxyConfig ──validate (weft-proxy)──▶ runtime snapshot
@@ -86,6 +90,10 @@ pub struct ServiceConfig {
     /// The endpoints that serve this service. May be empty: requests then get 503.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// Fields this reader does not know, by name: kept (not dropped) so that validation
+    /// rejects them. Empty from every writer that knows the reader.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// How connections to a service are handled.
@@ -132,6 +140,9 @@ pub struct EndpointConfig {
     /// The identity (SPIFFE ID) this endpoint is expected to present once mutual TLS is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// Fields this reader does not know, by name, kept so that validation rejects them.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[cfg(test)]
@@ -153,14 +164,28 @@ mod tests {
     }
 
     #[test]
-    fn ignores_unknown_fields_for_forward_compatibility() {
+    fn ignores_unknown_top_level_fields_and_keeps_unknown_service_fields_for_rejection() {
         let c: ProxyConfig = serde_json::from_value(serde_json::json!({
             "apiVersion": "weft.dev/proxy/v1alpha1",
             "kind": "ProxyConfig",
             "someFutureField": {"x": 1},
-            "services": [{"name": "web", "futureKnob": true}]
+            "services": [{"name": "web", "futureKnob": true,
+                          "endpoints": [{"address": "127.0.0.2:80", "zoneHint": "a"}]}]
         }))
         .unwrap();
         assert_eq!(c.services[0].name, "web");
+        let knobs: Vec<&str> = c.services[0].unknown.keys().map(String::as_str).collect();
+        assert_eq!(knobs, ["futureKnob"]);
+        let hints: Vec<&str> = c.services[0].endpoints[0]
+            .unknown
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(hints, ["zoneHint"]);
+        // A known field is never mistaken for an unknown one, and they round-trip.
+        assert!(!c.services[0].unknown.contains_key("name"));
+        let again: ServiceConfig =
+            serde_json::from_value(serde_json::to_value(&c.services[0]).unwrap()).unwrap();
+        assert_eq!(again, c.services[0]);
     }
 }

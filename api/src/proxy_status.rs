@@ -25,4 +25,11 @@ pub struct ProxyRow {
     pub rejected: Option<String>,
     /// When the operator last heard from or wrote to the proxy (seconds since the epoch).
     pub last_seen: u64,
+    /// How many Weft resources the acknowledged version carries.
+    #[serde(default)]
+    pub resources: usize,
+    /// Those the proxy reported it does not enforce fully, as `Kind namespace/name`;
+    /// `None` when it does not report what it enforces (then none counts as enforced).
+    #[serde(default)]
+    pub not_enforced: Option<Vec<String>>,
 }

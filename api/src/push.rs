@@ -14,8 +14,10 @@
 //! Both bodies are sequences of frames: a 4-byte big-endian length, then that many bytes of
 //! one JSON message ([`ServerMessage`] from the operator, [`ClientMessage`] from the proxy).
 //! `docs/protocol.md` states the compatibility rules: within `v1`, fields are only added,
-//! never renamed or re-typed, and unknown fields are ignored by readers; anything else is a
-//! new path (`weft.push.v2`).
+//! never renamed or re-typed, and unknown fields of the push messages are ignored by
+//! readers — except inside a [`ServiceConfig`], where the proxy rejects them (NACK), since
+//! a setting it does not know is one it cannot enforce; anything else is a new path
+//! (`weft.push.v2`).
 
 use serde::{Deserialize, Serialize};
 
@@ -104,6 +106,7 @@ impl EndpointDelta {
             timeout,
             connect_timeout,
             endpoints,
+            unknown,
         } = new;
         if *name != old.name
             || *addresses != old.addresses
@@ -111,6 +114,7 @@ impl EndpointDelta {
             || *balancer != old.balancer
             || *timeout != old.timeout
             || *connect_timeout != old.connect_timeout
+            || *unknown != old.unknown
             || !endpoints.is_sorted_by(|a, b| a.address < b.address)
         {
             return None;
@@ -167,6 +171,103 @@ pub struct ResourceRef {
     pub name: String,
     /// The resource's `metadata.generation`.
     pub generation: i64,
+    /// What enforcing this generation takes, one entry per part of the spec that needs a
+    /// proxy feature: the proxy enforces the resource only if it has every one of them
+    /// (see [`Enforcement`]). Empty: nothing (the resource changes no proxy behaviour).
+    /// Absent in [`Enforcement`]'s lists, where the reference alone names the resource.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<Requirement>,
+}
+
+impl ResourceRef {
+    /// Whether `other` names the same resource at the same generation (requirements aside).
+    pub fn same(&self, other: &ResourceRef) -> bool {
+        self.generation == other.generation
+            && self.name == other.name
+            && self.namespace == other.namespace
+            && self.kind == other.kind
+    }
+
+    /// The reference without its requirements, as a proxy reports it.
+    pub fn bare(&self) -> ResourceRef {
+        ResourceRef {
+            requires: Vec::new(),
+            ..self.clone()
+        }
+    }
+}
+
+/// One part of a resource's spec and the proxy feature enforcing it takes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Requirement {
+    /// The feature, one of the names in [`feature`]; a name this proxy does not know is
+    /// a feature it does not have.
+    pub feature: String,
+    /// Where the resource uses it, as a field path users know from `kubectl explain`
+    /// and API-server messages, such as `spec.rules[0].retries`.
+    pub field: String,
+}
+
+/// The enforcement features a resource may require ([`Requirement::feature`]). A proxy
+/// enforces a resource only when it has the feature of every requirement, and says so in
+/// its [`Enforcement`] report.
+pub mod feature {
+    /// A Route rule's weighted split across backend Services.
+    pub const ROUTE_BACKENDS: &str = "route.backends";
+    /// A Route rule's request timeout.
+    pub const ROUTE_TIMEOUT: &str = "route.timeout";
+    /// A Route rule's request matches (path, method, headers, query parameters).
+    pub const ROUTE_MATCHES: &str = "route.matches";
+    /// A Route rule's per-attempt timeout.
+    pub const ROUTE_PER_TRY_TIMEOUT: &str = "route.perTryTimeout";
+    /// A Route rule's retries.
+    pub const ROUTE_RETRIES: &str = "route.retries";
+    /// A Route rule's fault injection.
+    pub const ROUTE_FAULT: &str = "route.fault";
+    /// A Route rule's traffic mirror.
+    pub const ROUTE_MIRROR: &str = "route.mirror";
+    /// A Route rule's request header edits.
+    pub const ROUTE_REQUEST_HEADERS: &str = "route.requestHeaders";
+    /// A Route rule's response header edits.
+    pub const ROUTE_RESPONSE_HEADERS: &str = "route.responseHeaders";
+    /// A Route rule's path rewrite.
+    pub const ROUTE_REWRITE: &str = "route.rewrite";
+    /// A Policy's mutual-TLS mode (`Strict` or `Permissive`: the proxy must speak mTLS).
+    pub const POLICY_MTLS: &str = "policy.mtls";
+    /// A Policy's allow and deny rules and its `Deny` default.
+    pub const POLICY_AUTHORIZATION: &str = "policy.authorization";
+    /// A Policy's rate limit.
+    pub const POLICY_RATE_LIMIT: &str = "policy.rateLimit";
+    /// A Breaker's outlier ejection.
+    pub const BREAKER_OUTLIER_DETECTION: &str = "breaker.outlierDetection";
+    /// A Breaker's connection-pool limits.
+    pub const BREAKER_CONNECTION_POOL: &str = "breaker.connectionPool";
+}
+
+/// What a proxy enforces of the resources of the version it acknowledges: the proxy
+/// decides, since only it knows its features.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Enforcement {
+    /// The proxy's name and version (`weft-proxy 0.1.0`), for status messages.
+    pub proxy: String,
+    /// The resources (without requirements) it enforces fully.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub enforced: Vec<ResourceRef>,
+    /// The resources it carries but does not enforce fully, with the parts it does not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_enforced: Vec<NotEnforced>,
+}
+
+/// A resource a proxy does not enforce fully.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NotEnforced {
+    /// The resource (without requirements).
+    pub resource: ResourceRef,
+    /// The requirements the proxy does not meet, as their [`Requirement::field`]s.
+    pub fields: Vec<String>,
 }
 
 /// A message from the proxy.
@@ -185,6 +286,10 @@ pub enum ClientMessage {
 pub struct Ack {
     /// The version now active.
     pub version: u64,
+    /// What the proxy enforces of the version's resources. `None` from proxies that
+    /// predate this report: the operator then counts none of their resources as enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
 }
 
 /// Rejects a version.
@@ -237,6 +342,18 @@ impl FrameDecoder {
     // Not `Iterator::next`: it is generic over the message type and fallible.
     #[allow(clippy::should_implement_trait)]
     pub fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
+        match self.next_frame(|frame| serde_json::from_slice::<T>(frame))? {
+            None => Ok(None),
+            Some(message) => Ok(Some(message?)),
+        }
+    }
+
+    /// Hands the next complete frame's JSON to `read`, if one is buffered: for a reader
+    /// that answers a message it cannot decode rather than only dropping it.
+    pub fn next_frame<R>(
+        &mut self,
+        read: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, FrameError> {
         let Some(prefix) = self.buf.get(..4) else {
             return Ok(None);
         };
@@ -247,9 +364,9 @@ impl FrameDecoder {
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
-        let message = serde_json::from_slice(&self.buf[4..4 + len]);
+        let out = read(&self.buf[4..4 + len]);
         self.buf.drain(..4 + len);
-        Ok(Some(message?))
+        Ok(Some(out))
     }
 }
 
@@ -305,7 +422,11 @@ mod tests {
 
     #[test]
     fn frames_survive_arbitrary_splits() {
-        let a = encode(&ClientMessage::Ack(Ack { version: 7 })).unwrap();
+        let a = encode(&ClientMessage::Ack(Ack {
+            version: 7,
+            enforcement: None,
+        }))
+        .unwrap();
         let b = encode(&ClientMessage::Nack(Nack {
             version: 8,
             reason: "bad".into(),

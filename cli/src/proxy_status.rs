@@ -1,5 +1,6 @@
 //! `kubectl weft proxy-status`: each meshed pod, the config version its proxy runs, whether
-//! that is the version the operator wants it to run, and when the operator last heard from it.
+//! that is the version the operator wants it to run, how many of the Weft resources in it
+//! the proxy reports it enforces, and when the operator last heard from it.
 //!
 //! ```text
 //! API server: pods labelled weft.dev/meshed ─┐
@@ -130,6 +131,19 @@ fn ago(now: u64, then: u64) -> String {
     }
 }
 
+/// "n of m": of the resources in the version the proxy runs, how many it reports it
+/// enforces; "? of m" when it does not report it, so nothing is claimed.
+fn enforced(r: &ProxyRow) -> String {
+    match &r.not_enforced {
+        None => format!("? of {}", r.resources),
+        Some(not) => format!(
+            "{} of {}",
+            r.resources.saturating_sub(not.len()),
+            r.resources
+        ),
+    }
+}
+
 /// The table: one line per meshed pod (and per proxy the operator knows that is not in
 /// `pods`), sorted by pod.
 pub fn render(pods: &[String], rows: &[ProxyRow], now: u64) -> String {
@@ -144,6 +158,7 @@ pub fn render(pods: &[String], rows: &[ProxyRow], now: u64) -> String {
         "VERSION".to_owned(),
         "DESIRED".to_owned(),
         "STATUS".to_owned(),
+        "ENFORCED".to_owned(),
         "LAST SEEN".to_owned(),
     ]];
     for pod in names {
@@ -155,6 +170,7 @@ pub fn render(pods: &[String], rows: &[ProxyRow], now: u64) -> String {
                 "-".into(),
                 "-".into(),
                 "NOT CONNECTED".into(),
+                "-".into(),
                 "never".into(),
             ],
             Some(r) => {
@@ -174,13 +190,14 @@ pub fn render(pods: &[String], rows: &[ProxyRow], now: u64) -> String {
                     v(r.acked_version),
                     v(r.desired_version),
                     status,
+                    enforced(r),
                     format!("{} ago", ago(now, r.last_seen)),
                 ]
             }
         };
         lines.push(line);
     }
-    let widths: Vec<usize> = (0..6)
+    let widths: Vec<usize> = (0..7)
         .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -209,6 +226,8 @@ mod tests {
             in_sync: acked == desired && rejected.is_none(),
             rejected: rejected.map(str::to_owned),
             last_seen: 990,
+            resources: 3,
+            not_enforced: Some(vec!["Breaker shop/db".to_owned()]),
         }
     }
 
@@ -219,10 +238,9 @@ mod tests {
             "shop/b".to_owned(),
             "shop/c".to_owned(),
         ];
-        let rows = vec![
-            row("shop/a", 7, 7, None),
-            row("shop/b", 5, 7, Some("version 7: too big")),
-        ];
+        let mut old_proxy = row("shop/b", 5, 7, Some("version 7: too big"));
+        old_proxy.not_enforced = None;
+        let rows = vec![row("shop/a", 7, 7, None), old_proxy];
         let out = render(&pods, &rows, 1000);
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].starts_with("NAMESPACE"));
@@ -230,7 +248,12 @@ mod tests {
             lines[1].contains("SYNCED") && lines[1].contains("10s ago"),
             "{out}"
         );
+        assert!(lines[1].contains("2 of 3"), "{out}");
         assert!(lines[2].contains("REJECTED (version 7: too big)"), "{out}");
+        assert!(
+            lines[2].contains("? of 3"),
+            "a proxy that does not say claims nothing: {out}"
+        );
         assert!(lines[3].contains("NOT CONNECTED"), "{out}");
     }
 }

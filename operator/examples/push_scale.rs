@@ -200,7 +200,11 @@ async fn stream(
                     .store(pending_bytes, Ordering::Relaxed);
             }
             pending_bytes = 0;
-            let ack = push::encode(&ClientMessage::Ack(Ack { version: u.version })).unwrap();
+            let ack = push::encode(&ClientMessage::Ack(Ack {
+                version: u.version,
+                enforcement: None,
+            }))
+            .unwrap();
             if tx.send(Bytes::from(ack)).await.is_err() {
                 return Err("answer channel closed".into());
             }

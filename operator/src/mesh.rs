@@ -188,6 +188,16 @@ pub fn proxy_rows(handles: &Handles) -> Vec<ProxyRow> {
                     .nack
                     .map(|n| format!("version {}: {}", n.version, n.reason)),
                 last_seen: s.last_seen,
+                resources: s.acked_resources.len(),
+                not_enforced: s.enforcement.map(|e| {
+                    e.not_enforced
+                        .iter()
+                        .map(|n| {
+                            let r = &n.resource;
+                            format!("{} {}/{}", r.kind, r.namespace, r.name)
+                        })
+                        .collect()
+                }),
             }
         })
         .collect()

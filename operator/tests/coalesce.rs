@@ -99,7 +99,11 @@ async fn read_until(body: &mut Incoming, tx: &mpsc::Sender<Bytes>, until: u64) -
         };
         decoder.extend(&data);
         while let Some(ServerMessage::Update(u)) = decoder.next::<ServerMessage>().unwrap() {
-            let ack = push::encode(&ClientMessage::Ack(Ack { version: u.version })).unwrap();
+            let ack = push::encode(&ClientMessage::Ack(Ack {
+                version: u.version,
+                enforcement: None,
+            }))
+            .unwrap();
             tx.send(Bytes::from(ack)).await.unwrap();
             got.push(u);
         }

@@ -23,7 +23,7 @@ use kube::{
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use weft_crds::Route;
+use weft_crds::{Breaker, Route};
 use weft_e2e::shared::eventually;
 use weft_operator::{index::ObjectKey, mesh, status::reports};
 use weft_proxy::{
@@ -200,6 +200,84 @@ async fn subscribers_get_their_config_and_a_route_change_is_programmed_everywher
         "{proxies}"
     );
 
+    op.stop().await;
+    bed.cleanup().await;
+}
+
+#[tokio::test]
+async fn programmed_is_true_only_for_what_the_proxies_enforce() {
+    let bed = Bed::new("push-enforce").await;
+    let ns = bed.ns.clone();
+    bed.service_account("client").await;
+    for name in ["reviews", "reviews-v1", "reviews-v2"] {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 9080}]}
+        }))
+        .unwrap();
+        bed.api::<Service>()
+            .create(&Default::default(), &svc)
+            .await
+            .unwrap();
+    }
+    let pod = bed.pod("client", "client", "client", "198.51.100.50").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let op = Operator::start(&bed, listener).await;
+    let proxy = TestProxy::start(&bed, &addr, &pod, None).await;
+    proxy.acked().await;
+
+    // A plain 90/10 split with a timeout: what weft-proxy does today.
+    let canary = bed.apply_example::<Route>("route-canary.yaml").await;
+    let msg = bed.route_programmed(&canary, 1).await;
+    assert!(msg.ends_with("and enforced by all"), "{msg}");
+    let reviews = format!("reviews.{ns}.9080");
+    assert_eq!(
+        proxy
+            .services()
+            .iter()
+            .find(|(n, _, _)| *n == reviews)
+            .and_then(|s| s.2.clone())
+            .as_deref(),
+        Some("5s"),
+        "the split's timeout reached the proxy"
+    );
+
+    // Matches, faults, rewrites, header edits and mirrors: acknowledged, not enforced.
+    let frontend = bed.apply_example::<Route>("route-header-match.yaml").await;
+    let (reason, msg) = bed
+        .condition::<Route>(&frontend, "Programmed", "False")
+        .await;
+    assert_eq!(reason, "NotEnforced", "{msg}");
+    assert!(
+        msg.contains("acknowledged by 1 of 1 proxies; enforced by 0 of 1"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!(
+            "spec.rules[0].matches, spec.rules[0].fault, spec.rules[0].requestHeaders, \
+             spec.rules[0].rewrite, spec.rules[1].mirror, spec.rules[1].responseHeaders: \
+             not enforced by weft-proxy {} (1 proxy: {ns}/client)",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{msg}"
+    );
+    // Accepted stays True: the Route is valid, it is only not applied.
+    bed.condition::<Route>(&frontend, "Accepted", "True").await;
+
+    // A Breaker: no proxy enforces circuit breaking yet.
+    let breaker = bed.apply_example::<Breaker>("breaker-pool.yaml").await;
+    let (reason, msg) = bed
+        .condition::<Breaker>(&breaker, "Programmed", "False")
+        .await;
+    assert_eq!(reason, "NotEnforced", "{msg}");
+    assert!(
+        msg.contains("spec.connectionPool: not enforced by weft-proxy"),
+        "{msg}"
+    );
+
+    // The split is still programmed: one resource's gap is not another's.
+    bed.route_programmed(&canary, 1).await;
     op.stop().await;
     bed.cleanup().await;
 }

@@ -138,6 +138,7 @@ impl Config {
             if by_name.insert(s.name.clone(), i).is_some() {
                 problems.push(format!("{at}: name is used by an earlier service"));
             }
+            unknown_fields(&mut problems, &at, &s.unknown);
             let mut addresses = Vec::new();
             for a in &s.addresses {
                 match a.parse::<SocketAddr>() {
@@ -167,6 +168,7 @@ impl Config {
             let mut endpoints: Vec<Endpoint> = Vec::with_capacity(s.endpoints.len());
             for (j, e) in s.endpoints.iter().enumerate() {
                 let eat = format!("{at}.endpoints[{j}]");
+                unknown_fields(&mut problems, &eat, &e.unknown);
                 let addr = match e.address.parse::<SocketAddr>() {
                     Ok(a) if a.port() != 0 => a,
                     _ => {
@@ -327,6 +329,21 @@ fn positive(
     }
 }
 
+/// A field this proxy does not know is one it cannot enforce: the config is refused, not
+/// half-applied (the operator sends new fields only to proxies that announced them).
+fn unknown_fields(
+    problems: &mut Vec<String>,
+    at: &str,
+    unknown: &BTreeMap<String, serde_json::Value>,
+) {
+    for field in unknown.keys() {
+        problems.push(format!(
+            "{at}: unknown field {field:?}: {} cannot enforce it",
+            crate::enforce::PROXY_AGENT
+        ));
+    }
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
@@ -391,6 +408,24 @@ pub(crate) mod tests {
         for bad in ["mysql", "0", "70000", "9010-9000"] {
             assert!(bad.parse::<PortSet>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_service_or_endpoint_field_this_proxy_does_not_know_is_refused_by_name() {
+        let err = parse(&format!(
+            "{HEADER}services:\n- name: web\n  retryBudget: 20\n  endpoints:\n  - address: 127.0.0.2:8080\n    zoneHint: a\n"
+        ))
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("services[0] (\"web\"): unknown field \"retryBudget\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("services[0] (\"web\").endpoints[0]: unknown field \"zoneHint\""),
+            "{text}"
+        );
+        assert!(text.contains("cannot enforce it"), "{text}");
     }
 
     #[test]

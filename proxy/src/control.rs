@@ -4,8 +4,9 @@
 //! operator ──HTTP/2 stream of Update frames──▶ ControlClient
 //!     full / delta ─▶ received services (the operator's view of this stream)
 //!                  ─▶ ProxyConfig ─▶ ConfigStore::apply (the file source's validation + swap)
-//!                        ok  ─▶ Ack {version}
+//!                        ok  ─▶ Ack {version, enforcement: what it enforces of the resources}
 //!                        err ─▶ Nack {version, reason}; the active config stays
+//!                               (a ServiceConfig field this proxy does not know is an error)
 //! stream ends / cannot connect ─▶ jittered exponential backoff, reconnect, full resync;
 //!                                 the last good config keeps serving meanwhile
 //! ```
@@ -24,11 +25,11 @@ use weft_api::{
     proxy_config::{PROXY_CONFIG_API_VERSION, PROXY_CONFIG_KIND, ProxyConfig, ServiceConfig},
     push::{
         self, Ack, ClientMessage, FEATURE_ENDPOINT_DELTAS, FEATURES_HEADER, FrameDecoder, Nack,
-        POD_HEADER, SUBSCRIBE_PATH, ServerMessage, Update,
+        POD_HEADER, ResourceRef, SUBSCRIBE_PATH, ServerMessage, Update,
     },
 };
 
-use crate::store::ConfigStore;
+use crate::{enforce, store::ConfigStore};
 
 /// Where and as whom to subscribe.
 #[derive(Clone, Debug)]
@@ -114,6 +115,10 @@ pub enum ControlError {
     /// The operator closed the stream.
     #[error("operator closed the stream")]
     Closed,
+    /// The operator sent an update this proxy cannot read; it was NACKed, and the proxy
+    /// resubscribes since its state no longer matches the operator's.
+    #[error("update not understood; NACKed and resubscribing")]
+    Unreadable(#[source] serde_json::Error),
     /// The operator sent endpoint changes for a service this stream never carried: the
     /// two sides disagree on the stream's state, so the proxy resubscribes for a full
     /// snapshot.
@@ -245,33 +250,89 @@ impl ControlClient {
         tracing::info!(operator = %addr, "subscribed to the operator");
         let mut body = resp.into_body();
         let mut decoder = FrameDecoder::default();
-        let mut received: BTreeMap<String, ServiceConfig> = BTreeMap::new();
+        let mut received = Received::default();
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame?.into_data() else {
                 continue;
             };
             decoder.extend(&data);
-            while let Some(message) = decoder.next::<ServerMessage>()? {
-                let ServerMessage::Update(update) = message;
-                let answer = self.apply(&mut received, update)?;
+            while let Some(read) = decoder.next_frame(|frame| self.answer(&mut received, frame))? {
+                let (answer, unreadable) = read?;
                 let bytes = push::encode(&answer).unwrap_or_default();
                 if tx.send(Bytes::from(bytes)).await.is_err() {
                     return Err(ControlError::Closed);
+                }
+                if let Some(error) = unreadable {
+                    // The update was refused without being applied, so this stream's
+                    // state is no longer the operator's: end the request body after the
+                    // NACK (the operator reads it, then ends the stream) and resubscribe.
+                    drop(tx);
+                    let drain = async { while body.frame().await.is_some() {} };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+                    return Err(ControlError::Unreadable(error));
                 }
             }
         }
         Ok(())
     }
 
-    /// Applies one update to the services received on this stream and, through the
-    /// store, to the proxy.
+    /// The answer to one frame from the operator, and — for an update this proxy cannot
+    /// even read, such as one with a value it does not know (a new balancer) — why: it is
+    /// NACKed by version, naming the problem, rather than dropped silently.
+    fn answer(
+        &self,
+        received: &mut Received,
+        frame: &[u8],
+    ) -> Result<(ClientMessage, Option<serde_json::Error>), ControlError> {
+        #[derive(serde::Deserialize)]
+        struct Versioned {
+            version: u64,
+        }
+        match serde_json::from_slice::<ServerMessage>(frame) {
+            Ok(ServerMessage::Update(update)) => Ok((self.apply(received, update)?, None)),
+            Err(error) => match serde_json::from_slice::<Versioned>(frame) {
+                Ok(Versioned { version }) => {
+                    self.store.metrics().config_rejected();
+                    let reason =
+                        format!("update not understood by {}: {error}", enforce::PROXY_AGENT);
+                    Ok((self.reject(version, reason), Some(error)))
+                }
+                Err(_) => Err(push::FrameError::Json(error).into()),
+            },
+        }
+    }
+
+    /// A NACK of `version`: the active config stays.
+    fn reject(&self, version: u64, reason: String) -> ClientMessage {
+        tracing::warn!(version, %reason, "config from the operator rejected; keeping the active config");
+        self.status
+            .send_modify(|s| s.nacked = Some((version, reason.clone())));
+        ClientMessage::Nack(Nack {
+            version,
+            reason,
+            active_version: self
+                .store
+                .load()
+                .and_then(|s| s.version.parse::<u64>().ok()),
+        })
+    }
+
+    /// Applies one update to what was received on this stream and, through the store, to
+    /// the proxy.
     fn apply(
         &self,
-        received: &mut BTreeMap<String, ServiceConfig>,
+        received: &mut Received,
         update: Update,
     ) -> Result<ClientMessage, ControlError> {
+        let Received {
+            services: received,
+            resources,
+        } = received;
         if update.full {
             received.clear();
+        }
+        if let Some(r) = update.resources {
+            *resources = r;
         }
         for s in update.services {
             received.insert(s.name.clone(), s);
@@ -295,21 +356,7 @@ impl ControlClient {
             opaque_ports: None,
             services: received.values().cloned().collect(),
         };
-        let active = || {
-            self.store
-                .load()
-                .and_then(|s| s.version.parse::<u64>().ok())
-        };
-        let rejected = |reason: String| {
-            tracing::warn!(version, %reason, "config from the operator rejected; keeping the active config");
-            self.status
-                .send_modify(|s| s.nacked = Some((version, reason.clone())));
-            ClientMessage::Nack(Nack {
-                version,
-                reason,
-                active_version: active(),
-            })
-        };
+        let rejected = |reason: String| self.reject(version, reason);
         if let Some(max) = self.config.max_services
             && raw.services.len() > max
         {
@@ -325,11 +372,22 @@ impl ControlClient {
                     s.acked = Some(version);
                     s.nacked = None;
                 });
-                ClientMessage::Ack(Ack { version })
+                ClientMessage::Ack(Ack {
+                    version,
+                    enforcement: Some(enforce::report(resources.iter())),
+                })
             }
             Err(e) => rejected(e.to_string()),
         })
     }
+}
+
+/// What one stream has delivered: the operator's view of this proxy, which deltas apply to.
+#[derive(Debug, Default)]
+struct Received {
+    services: BTreeMap<String, ServiceConfig>,
+    /// The resources the latest update said the config implements.
+    resources: Vec<ResourceRef>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -355,5 +413,138 @@ impl http_body::Body for ChannelBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> ControlClient {
+        ControlClient::new(
+            ControlConfig::new("127.0.0.1:1", "shop/a"),
+            crate::Proxy::new().store.clone(),
+        )
+    }
+
+    fn update(json: serde_json::Value) -> Update {
+        let ServerMessage::Update(u) = serde_json::from_value(json).unwrap();
+        u
+    }
+
+    #[test]
+    fn a_service_field_this_proxy_does_not_know_is_nacked_by_name_and_a_fix_is_acked() {
+        let client = client();
+        let mut received = Received::default();
+        let first = client
+            .apply(
+                &mut received,
+                update(serde_json::json!({"type": "update", "version": 1, "full": true,
+                    "services": [{"name": "web.shop.80", "endpoints": [{"address": "10.0.0.1:80"}]}]})),
+            )
+            .unwrap();
+        assert!(matches!(first, ClientMessage::Ack(_)), "{first:?}");
+        // A newer operator adds a field this proxy cannot enforce: refused, not ignored.
+        let answer = client
+            .apply(
+                &mut received,
+                update(serde_json::json!({"type": "update", "version": 2,
+                    "services": [{"name": "web.shop.80", "retryBudget": {"percent": 20},
+                                  "endpoints": [{"address": "10.0.0.1:80"}]}]})),
+            )
+            .unwrap();
+        let ClientMessage::Nack(nack) = answer else {
+            panic!("expected a NACK, got {answer:?}");
+        };
+        assert_eq!(nack.version, 2);
+        assert_eq!(nack.active_version, Some(1));
+        assert!(
+            nack.reason.contains("unknown field \"retryBudget\""),
+            "{}",
+            nack.reason
+        );
+        assert_eq!(
+            client.store.load().unwrap().version,
+            "1",
+            "the active config stays"
+        );
+        // Replacing the service without the field fixes it.
+        let fixed = client
+            .apply(
+                &mut received,
+                update(serde_json::json!({"type": "update", "version": 3,
+                    "services": [{"name": "web.shop.80", "endpoints": [{"address": "10.0.0.2:80"}]}]})),
+            )
+            .unwrap();
+        assert!(
+            matches!(fixed, ClientMessage::Ack(Ack { version: 3, .. })),
+            "{fixed:?}"
+        );
+    }
+
+    #[test]
+    fn an_update_with_a_value_this_proxy_does_not_know_is_nacked_naming_it() {
+        let client = client();
+        let mut received = Received::default();
+        let frame = serde_json::to_vec(
+            &serde_json::json!({"type": "update", "version": 7, "full": true,
+            "services": [{"name": "web.shop.80", "balancer": "leastRequest"}]}),
+        )
+        .unwrap();
+        let (answer, unreadable) = client.answer(&mut received, &frame).unwrap();
+        let ClientMessage::Nack(nack) = answer else {
+            panic!("expected a NACK, got {answer:?}");
+        };
+        assert_eq!(nack.version, 7);
+        assert!(nack.reason.contains("leastRequest"), "{}", nack.reason);
+        assert!(unreadable.is_some(), "the stream resubscribes");
+        assert!(client.store.load().is_none(), "nothing was applied");
+        // Without even a version there is nothing to answer: the stream ends.
+        assert!(client.answer(&mut received, b"{\"type\": 1}").is_err());
+    }
+
+    #[test]
+    fn an_ack_reports_which_resources_of_the_stream_are_enforced() {
+        let client = client();
+        let mut received = Received::default();
+        let answer = client
+            .apply(
+                &mut received,
+                update(serde_json::json!({"type": "update", "version": 1, "full": true,
+                    "resources": [
+                        {"kind": "Route", "namespace": "shop", "name": "split", "generation": 2,
+                         "requires": [{"feature": "route.backends", "field": "spec.rules[0].backends"}]},
+                        {"kind": "Breaker", "namespace": "shop", "name": "db", "generation": 1,
+                         "requires": [{"feature": "breaker.connectionPool", "field": "spec.connectionPool"}]}
+                    ]})),
+            )
+            .unwrap();
+        let ClientMessage::Ack(Ack {
+            enforcement: Some(first),
+            ..
+        }) = answer
+        else {
+            panic!("expected an ACK with a report, got {answer:?}");
+        };
+        assert_eq!(first.enforced.len(), 1);
+        assert_eq!(first.enforced[0].name, "split");
+        assert_eq!(first.not_enforced[0].resource.name, "db");
+        assert_eq!(first.not_enforced[0].fields, ["spec.connectionPool"]);
+        // A delta without `resources` leaves them as they were on the stream.
+        let answer = client
+            .apply(
+                &mut received,
+                update(serde_json::json!({"type": "update", "version": 2,
+                    "services": [{"name": "web.shop.80"}]})),
+            )
+            .unwrap();
+        let ClientMessage::Ack(Ack {
+            enforcement: Some(second),
+            ..
+        }) = answer
+        else {
+            panic!("expected an ACK with a report, got {answer:?}");
+        };
+        assert_eq!(second, first);
     }
 }

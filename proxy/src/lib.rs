@@ -11,7 +11,8 @@
 //!
 //! Modules, one concern each: [`config`] (validation), [`store`] (active snapshot),
 //! [`balance`] (endpoint choice, no I/O), [`detect`], [`http`], [`server`], [`upstream`],
-//! [`orig_dst`], [`metrics`], [`errors`], [`limits`], [`admin`], [`source`], [`shutdown`].
+//! [`orig_dst`], [`metrics`], [`errors`], [`limits`], [`admin`], [`source`], [`shutdown`],
+//! [`control`] (the operator's push stream), [`enforce`] (what it enforces of the resources).
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -22,6 +23,7 @@ pub mod balance;
 pub mod config;
 pub mod control;
 pub mod detect;
+pub mod enforce;
 pub mod errors;
 pub mod http;
 pub mod init;

@@ -50,9 +50,10 @@ pub enum SourceError {
 }
 
 /// Parses a config document: JSON when the file name ends in `.json`, YAML otherwise.
-/// Also returns the paths of fields the format does not know (such as
-/// `services.0.endpionts`): they are ignored, for compatibility with newer configs, but in a
-/// file they are usually typos.
+/// Also returns the paths of top-level fields the format does not know (such as
+/// `servces`): they are ignored, but in a file they are usually typos. Unknown fields of a
+/// service or an endpoint (such as `services.0.endpionts`) are kept in the config, and
+/// validation rejects them by name.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<(ProxyConfig, Vec<String>), SourceError> {
     let json = path
         .extension()
@@ -171,7 +172,13 @@ mod tests {
         let yaml = b"apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices:\n- name: web\n  endpionts: []\n";
         let (c, unknown) = parse(Path::new("p.yaml"), yaml).unwrap();
         assert_eq!(c.services[0].name, "web");
-        assert_eq!(unknown, vec!["services.0.endpionts".to_owned()]);
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert!(c.services[0].unknown.contains_key("endpionts"));
+        let err = crate::config::Config::validate(&c).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field \"endpionts\""),
+            "{err}"
+        );
 
         let json =
             br#"{"apiVersion": "weft.dev/proxy/v1alpha1", "kind": "ProxyConfig", "servces": []}"#;

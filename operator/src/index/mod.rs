@@ -7,7 +7,8 @@
 //!                                      │ rebuild only the namespace the object lives in
 //!                                      ▼
 //!                 outbound[ns] : Arc<name ─▶ Arc<ServiceConfig>> (both kept by pointer when unchanged)
-//!                 resources[ns]: Routes and Breakers programmed there
+//!                 resources[ns]: Routes and Breakers programmed there, each with what
+//!                                enforcing it takes (requires::route / breaker / policy)
 //!                                      │
 //!                  Affected { namespaces, pods } ──▶ only subscribers that see one of them
 //!                                      ▼
@@ -27,6 +28,7 @@
 //! some config really changed.
 
 pub mod model;
+pub mod requires;
 pub mod services;
 pub mod shared;
 pub mod watch;
@@ -140,6 +142,9 @@ pub mod reasons {
     pub const PENDING: &str = "Pending";
     /// Programmed=False: a proxy rejected the config.
     pub const REJECTED: &str = "Rejected";
+    /// Programmed=False: the proxies acknowledged the generation but do not enforce all
+    /// of it (they lack a feature it uses); the message names the fields.
+    pub const NOT_ENFORCED: &str = "NotEnforced";
     /// Programmed=False: the resource is not accepted, so nothing is programmed.
     pub const NOT_ACCEPTED: &str = "NotAccepted";
 }
@@ -426,13 +431,25 @@ impl Index {
         }
         let mut resources = BTreeSet::new();
         for (key, (meta, spec)) in in_ns(&self.routes, ns) {
-            if matches!(spec, Parsed::Valid(_)) && self.route_conflict(key).is_none() {
-                resources.insert(resource_ref("Route", key, meta.generation));
+            if let Parsed::Valid(spec) = spec
+                && self.route_conflict(key).is_none()
+            {
+                resources.insert(resource_ref(
+                    "Route",
+                    key,
+                    meta.generation,
+                    requires::route(spec),
+                ));
             }
         }
         for (key, (meta, spec)) in in_ns(&self.breakers, ns) {
-            if matches!(spec, Parsed::Valid(_)) {
-                resources.insert(resource_ref("Breaker", key, meta.generation));
+            if let Parsed::Valid(spec) = spec {
+                resources.insert(resource_ref(
+                    "Breaker",
+                    key,
+                    meta.generation,
+                    requires::breaker(spec),
+                ));
             }
         }
         let services_changed = match old {
@@ -621,6 +638,7 @@ impl Index {
                                 .map(|z| ("zone".to_owned(), z.clone()))
                                 .collect(),
                             identity: self.identity(ns, ep.pod.as_ref()),
+                            unknown: BTreeMap::new(),
                         },
                     );
                 }
@@ -662,6 +680,7 @@ impl Index {
                     timeout: rule.and_then(|r| r.timeout.clone()),
                     connect_timeout: None,
                     endpoints,
+                    unknown: BTreeMap::new(),
                 }
             })
             .collect()
@@ -781,9 +800,13 @@ impl Index {
             self.settle_contested(&mut view.services);
         }
         for key in self.policies_for(pod_key) {
-            if let Some((meta, _)) = self.policies.get(&key) {
-                view.resources
-                    .insert(resource_ref("Policy", &key, meta.generation));
+            if let Some((meta, Parsed::Valid(spec))) = self.policies.get(&key) {
+                view.resources.insert(resource_ref(
+                    "Policy",
+                    &key,
+                    meta.generation,
+                    requires::policy(spec),
+                ));
             }
         }
         Some(view)
@@ -966,12 +989,18 @@ pub fn config_name(key: &ObjectKey, port: u16) -> String {
     format!("{}.{}.{port}", key.name, key.namespace)
 }
 
-fn resource_ref(kind: &str, key: &ObjectKey, generation: i64) -> ResourceRef {
+fn resource_ref(
+    kind: &str,
+    key: &ObjectKey,
+    generation: i64,
+    requires: Vec<weft_api::push::Requirement>,
+) -> ResourceRef {
     ResourceRef {
         kind: kind.to_owned(),
         namespace: key.namespace.clone(),
         name: key.name.clone(),
         generation,
+        requires,
     }
 }
 

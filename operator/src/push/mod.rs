@@ -35,8 +35,8 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 use weft_api::push::{
-    self, ClientMessage, EndpointDelta, FEATURE_ENDPOINT_DELTAS, FEATURES_HEADER, FrameDecoder,
-    POD_HEADER, ResourceRef, SUBSCRIBE_PATH, ServerMessage, Update,
+    self, ClientMessage, EndpointDelta, Enforcement, FEATURE_ENDPOINT_DELTAS, FEATURES_HEADER,
+    FrameDecoder, POD_HEADER, ResourceRef, SUBSCRIBE_PATH, ServerMessage, Update,
 };
 
 use crate::index::{ObjectKey, ProxyView, ServiceSet, shared::SharedIndex};
@@ -62,6 +62,9 @@ pub struct ProxyState {
     pub last_seen: u64,
     /// The resources (with generations) in the acknowledged version.
     pub acked_resources: BTreeSet<ResourceRef>,
+    /// What the proxy said it enforces of them. `None`: it did not say (a proxy older
+    /// than the report), so none of them count as enforced.
+    pub enforcement: Option<Enforcement>,
 }
 
 /// A rejected version.
@@ -421,7 +424,10 @@ async fn session(
                     s.sent_version = Some(version);
                     s.bytes_sent += len as u64;
                 });
-                pending.push_back((version, view.resources.clone(), delta));
+                // Kept without requirements: the registry and the ACK reports only need
+                // to know which resources a version carries.
+                let resources = view.resources.iter().map(ResourceRef::bare).collect();
+                pending.push_back((version, resources, delta));
                 // A proxy that never answers must not grow this without bound.
                 while pending.len() > 64 {
                     pending.pop_front();
@@ -480,13 +486,14 @@ fn answer(
     let (_, resources, delta) = pending.remove(pos).unwrap_or_default();
     pending.retain(|(v, _, _)| *v > version);
     match message {
-        ClientMessage::Ack(_) => {
+        ClientMessage::Ack(ack) => {
             if delta && let Some(at) = server.index.changed_at(version) {
                 metrics.change_acked(at.elapsed());
             }
             server.registry.with(pod, |s| {
                 s.acked_version = Some(version);
                 s.acked_resources = resources;
+                s.enforcement = ack.enforcement;
                 s.nack = None;
             });
             tracing::debug!(version, "ack");

@@ -10,9 +10,12 @@
 //! ```
 //!
 //! `Programmed` counts the connected proxies that need the resource (their config carries
-//! it) and how many of them acknowledged a version carrying its current generation — on
-//! every replica: proxies streaming from other replicas are known from their ACK reports
-//! ([`reports`]).
+//! it), how many of them acknowledged a version carrying its current generation, and how
+//! many of those reported in their ACK that they *enforce* it (the proxy decides, from the
+//! requirements sent with the resource: see [`crate::index::requires`]) — on every
+//! replica: proxies streaming from other replicas are known from their ACK reports
+//! ([`reports`]). Acknowledged but not enforced is `Programmed=False`, reason
+//! `NotEnforced`: the resource is accepted, but no data plane applies it.
 
 pub mod lease;
 pub mod reports;
@@ -36,6 +39,7 @@ use kube::{
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use weft_api::push::ResourceRef;
 use weft_crds::{
     Breaker, Policy, Route,
     status::{ACCEPTED, PROGRAMMED, RESOLVED_REFS},
@@ -53,7 +57,10 @@ pub const FIELD_MANAGER: &str = "weft-operator";
 /// How many pod names a `Programmed` message lists.
 const NAMED: usize = 3;
 
-/// `Programmed` for one resource at `generation`.
+/// `Programmed` for one resource at `generation`: True when every connected proxy that
+/// needs it acknowledged a version carrying this generation *and* reported that it enforces
+/// it. A proxy that acknowledged it without enforcing all of it (it lacks a feature the
+/// resource uses, or does not report enforcement) makes it `NotEnforced`, naming the fields.
 pub fn programmed(
     kind: Kind,
     key: &ObjectKey,
@@ -62,9 +69,18 @@ pub fn programmed(
     proxies: &BTreeMap<ObjectKey, ProxyState>,
 ) -> CondState {
     let kind_name = kind.as_str();
+    let this = |r: &ResourceRef| {
+        r.kind == kind_name
+            && r.namespace == key.namespace
+            && r.name == key.name
+            && r.generation == generation
+    };
     let mut need = 0usize;
+    let mut enforced = 0usize;
     let mut lagging = Vec::new();
     let mut rejected = Vec::new();
+    // What is not enforced (one line per distinct answer) and by which pods.
+    let mut not_enforced: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (pod, view) in views {
         let Some(view) = view else { continue };
         let needs = view
@@ -78,21 +94,28 @@ pub fn programmed(
             continue;
         }
         need += 1;
-        let acked = state.acked_resources.iter().any(|r| {
-            r.kind == kind_name
-                && r.namespace == key.namespace
-                && r.name == key.name
-                && r.generation == generation
-        });
-        if acked {
+        if !state.acked_resources.iter().any(this) {
+            match &state.nack {
+                Some(n) => rejected.push(format!("{pod} ({})", n.reason)),
+                None => lagging.push(pod.to_string()),
+            }
             continue;
         }
-        match &state.nack {
-            Some(n) => rejected.push(format!("{pod} ({})", n.reason)),
-            None => lagging.push(pod.to_string()),
+        let gap = match &state.enforcement {
+            None => {
+                Some("this proxy does not report what it enforces (an older weft-proxy)".to_owned())
+            }
+            Some(e) if e.enforced.iter().any(this) => None,
+            Some(e) => Some(match e.not_enforced.iter().find(|n| this(&n.resource)) {
+                Some(n) => format!("{}: not enforced by {}", n.fields.join(", "), e.proxy),
+                None => format!("not reported as enforced by {}", e.proxy),
+            }),
+        };
+        match gap {
+            None => enforced += 1,
+            Some(gap) => not_enforced.entry(gap).or_default().push(pod.to_string()),
         }
     }
-    let done = need - lagging.len() - rejected.len();
     if need == 0 {
         return CondState {
             ok: true,
@@ -100,7 +123,23 @@ pub fn programmed(
             message: format!("no connected proxy needs this {kind_name}"),
         };
     }
-    let mut message = format!("generation {generation} acknowledged by {done} of {need} proxies");
+    let acked = need - lagging.len() - rejected.len();
+    let mut message = format!("generation {generation} acknowledged by {acked} of {need} proxies");
+    if enforced == need {
+        message.push_str(", and enforced by all");
+    }
+    if !not_enforced.is_empty() {
+        message.push_str(&format!("; enforced by {enforced} of {need}"));
+        for (gap, pods) in &not_enforced {
+            let shown: Vec<&str> = pods.iter().take(NAMED).map(String::as_str).collect();
+            message.push_str(&format!(
+                "; {gap} ({} {}: {})",
+                pods.len(),
+                if pods.len() == 1 { "proxy" } else { "proxies" },
+                shown.join(", ")
+            ));
+        }
+    }
     if !rejected.is_empty() {
         let shown: Vec<&str> = rejected.iter().take(NAMED).map(String::as_str).collect();
         message.push_str(&format!(
@@ -117,15 +156,20 @@ pub fn programmed(
             shown.join(", ")
         ));
     }
+    // A rejection needs the user now; what is not enforced stays so once everyone caught
+    // up, so it is said before Pending.
+    let reason = if !rejected.is_empty() {
+        reasons::REJECTED
+    } else if !not_enforced.is_empty() {
+        reasons::NOT_ENFORCED
+    } else if !lagging.is_empty() {
+        reasons::PENDING
+    } else {
+        reasons::PROGRAMMED
+    };
     CondState {
-        ok: done == need,
-        reason: if !rejected.is_empty() {
-            reasons::REJECTED
-        } else if done == need {
-            reasons::PROGRAMMED
-        } else {
-            reasons::PENDING
-        },
+        ok: enforced == need,
+        reason,
         message,
     }
 }
@@ -379,10 +423,8 @@ impl StatusWriter {
 mod tests {
     use std::collections::BTreeSet;
 
-    use weft_api::push::ResourceRef;
-
     use super::*;
-    use crate::push::NackState;
+    use crate::{index::Object, push::NackState};
 
     fn r(name: &str, generation: i64) -> ResourceRef {
         ResourceRef {
@@ -390,6 +432,7 @@ mod tests {
             namespace: "shop".into(),
             name: name.into(),
             generation,
+            requires: Vec::new(),
         }
     }
 
@@ -400,16 +443,168 @@ mod tests {
         })
     }
 
+    /// A proxy that acknowledged `acked` and, as the real proxy decides, enforces what it
+    /// has the features for.
     fn proxy(acked: &[ResourceRef], nack: Option<&str>, streams: u32) -> ProxyState {
         ProxyState {
             streams,
             acked_resources: acked.iter().cloned().collect::<BTreeSet<_>>(),
+            enforcement: Some(weft_proxy::enforce::report(acked)),
             nack: nack.map(|n| NackState {
                 version: 9,
                 reason: n.into(),
             }),
             ..ProxyState::default()
         }
+    }
+
+    fn object(kind: Kind, name: &str, spec: serde_json::Value) -> (ObjectKey, Object) {
+        let o: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": kind.as_str(),
+            "metadata": {"name": name, "namespace": "shop", "generation": 4,
+                         "creationTimestamp": "2025-01-01T00:00:00Z"},
+            "spec": spec,
+        }))
+        .unwrap();
+        crate::index::model::weft_resource(kind, &o)
+    }
+
+    type Views = Vec<(ObjectKey, Option<ProxyView>)>;
+
+    /// Namespace `shop` with Service web, three meshed client pods selected by a Policy, and
+    /// the given resources; the views the operator wants for the pods, and the pods' proxies
+    /// having acknowledged them all, each telling what it enforces as weft-proxy does.
+    fn acked_by_all(
+        resources: Vec<(ObjectKey, Object)>,
+    ) -> (Views, BTreeMap<ObjectKey, ProxyState>) {
+        let mut index = crate::index::Index::new("cluster.local");
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                     "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80}]}
+        }))
+        .unwrap();
+        let (k, o) = crate::index::model::service(&svc);
+        index.apply(k, o);
+        let mut pods = Vec::new();
+        for name in ["a", "b", "c"] {
+            let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "shop", "labels": {"app": "client"}},
+                "spec": {"serviceAccountName": "client", "containers": []}
+            }))
+            .unwrap();
+            let (k, o) = crate::index::model::pod(&p);
+            index.apply(k.clone(), o);
+            pods.push(k);
+        }
+        for (k, o) in resources {
+            index.apply(k, o);
+        }
+        let views: Vec<(ObjectKey, Option<ProxyView>)> =
+            pods.iter().map(|p| (p.clone(), index.view(p))).collect();
+        let proxies = views
+            .iter()
+            .map(|(pod, view)| {
+                let acked: Vec<ResourceRef> = view
+                    .as_ref()
+                    .map(|v| v.resources.iter().cloned().collect())
+                    .unwrap_or_default();
+                (pod.clone(), proxy(&acked, None, 1))
+            })
+            .collect();
+        (views, proxies)
+    }
+
+    #[test]
+    fn resources_acked_by_every_proxy_but_not_enforced_are_not_programmed() {
+        let cases = [
+            (
+                object(
+                    Kind::Route,
+                    "matched",
+                    json!({"service": {"name": "web"}, "rules": [
+                        {"matches": [{"headers": [{"name": "x-canary", "value": "1"}]}],
+                         "backends": [{"name": "web"}], "retries": {"attempts": 2}},
+                        {"backends": [{"name": "web"}]}
+                    ]}),
+                ),
+                "spec.rules[0].matches, spec.rules[0].retries: not enforced by weft-proxy",
+            ),
+            (
+                object(
+                    Kind::Breaker,
+                    "pool",
+                    json!({"service": {"name": "web"}, "connectionPool": {"maxConnections": 10}}),
+                ),
+                "spec.connectionPool: not enforced by weft-proxy",
+            ),
+            (
+                object(
+                    Kind::Policy,
+                    "strict",
+                    json!({"target": {"selector": {"matchLabels": {"app": "client"}}}}),
+                ),
+                "spec.mtls.mode, spec.defaultAction: not enforced by weft-proxy",
+            ),
+        ];
+        for ((key, object), want) in cases {
+            let kind = object.kind();
+            let (views, proxies) = acked_by_all(vec![(key.clone(), object)]);
+            let c = programmed(kind, &key, 4, &views, &proxies);
+            assert!(!c.ok, "{kind:?}: {c:?}");
+            assert_eq!(c.reason, reasons::NOT_ENFORCED, "{kind:?}: {c:?}");
+            assert!(
+                c.message
+                    .contains("acknowledged by 3 of 3 proxies; enforced by 0 of 3"),
+                "{kind:?}: {}",
+                c.message
+            );
+            assert!(c.message.contains(want), "{kind:?}: {}", c.message);
+            assert!(
+                c.message.contains("(3 proxies: shop/a, shop/b, shop/c)"),
+                "{}",
+                c.message
+            );
+        }
+    }
+
+    #[test]
+    fn a_catch_all_split_with_a_timeout_acked_by_every_proxy_is_programmed() {
+        let (key, route) = object(
+            Kind::Route,
+            "split",
+            json!({"service": {"name": "web"}, "rules": [
+                {"backends": [{"name": "web", "weight": 90}, {"name": "web", "port": 80, "weight": 10}],
+                 "timeout": "5s"},
+                // Behind the catch-all: no request reaches it, so it asks nothing.
+                {"matches": [{"method": "GET"}], "backends": [{"name": "web"}]}
+            ]}),
+        );
+        let (views, mut proxies) = acked_by_all(vec![(key.clone(), route)]);
+        let c = programmed(Kind::Route, &key, 4, &views, &proxies);
+        assert!(c.ok, "{c:?}");
+        assert_eq!(c.reason, reasons::PROGRAMMED);
+        assert_eq!(
+            c.message,
+            "generation 4 acknowledged by 3 of 3 proxies, and enforced by all"
+        );
+
+        // A proxy that does not report enforcement (older than the report) counts as not
+        // enforcing: status claims only what a proxy said.
+        let a = ObjectKey::new("shop", "a");
+        if let Some(s) = proxies.get_mut(&a) {
+            s.enforcement = None;
+        }
+        let c = programmed(Kind::Route, &key, 4, &views, &proxies);
+        assert!(!c.ok);
+        assert_eq!(c.reason, reasons::NOT_ENFORCED);
+        assert!(
+            c.message.contains("enforced by 2 of 3")
+                && c.message.contains("does not report what it enforces")
+                && c.message.contains("(1 proxy: shop/a)"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]

@@ -267,7 +267,7 @@ pub async fn publish(
                 needs: views
                     .get(&key)
                     .and_then(|v| v.as_ref())
-                    .map(|v| v.resources.clone())
+                    .map(|v| v.resources.iter().map(ResourceRef::bare).collect())
                     .unwrap_or_default(),
                 state,
             })
@@ -343,6 +343,10 @@ mod tests {
             namespace: "ns".into(),
             name: name.into(),
             generation,
+            requires: vec![weft_api::push::Requirement {
+                feature: weft_api::push::feature::ROUTE_BACKENDS.into(),
+                field: "spec.rules[0].backends".into(),
+            }],
         }
     }
 
@@ -396,6 +400,12 @@ mod tests {
     fn a_report_survives_a_json_round_trip_with_its_acknowledged_resources() {
         let mut p = state("ns/p1", 1, 7, 990);
         p.acked_resources.insert(route("web", 3));
+        // What the proxy enforces travels too: the status writer may be another replica.
+        p.enforcement = Some(weft_api::push::Enforcement {
+            proxy: "weft-proxy 0.1.0".into(),
+            enforced: vec![route("web", 3).bare()],
+            not_enforced: Vec::new(),
+        });
         let r = report("b", 1000, vec![p]);
         let text = serde_json::to_string(&r).unwrap();
         let cm: ConfigMap = serde_json::from_value(json!({

@@ -151,9 +151,10 @@ impl Bed {
             .await
     }
 
-    /// Waits until the Route's current generation is `Programmed` on `n` of `n` proxies.
+    /// Waits until the Route's current generation is `Programmed` on `n` of `n` proxies:
+    /// acknowledged, and reported enforced, by each.
     pub async fn route_programmed(&self, name: &str, n: usize) -> String {
-        let want = format!("acknowledged by {n} of {n} proxies");
+        let want = format!("acknowledged by {n} of {n} proxies, and enforced by all");
         self.route_condition_where(name, "Programmed", "True", |m| m.contains(&want))
             .await
     }
@@ -190,6 +191,67 @@ impl Bed {
                 ensure!(c.status == status, "{type_} is {}: {}", c.status, c.message);
                 ensure!(accept(&c.message), "{type_} message: {}", c.message);
                 Ok(c.message.clone())
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Server-side applies the example `examples/<file>` in the bed's namespace; returns
+    /// its name.
+    pub async fn apply_example<K>(&self, file: &str) -> String
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::Serialize
+            + serde::de::DeserializeOwned,
+    {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let object: K = serde_yaml::from_str(&text).unwrap();
+        let name = object.meta().name.clone().unwrap();
+        self.api::<K>()
+            .patch(
+                &name,
+                &PatchParams::apply("weft-test").force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .unwrap();
+        name
+    }
+
+    /// Waits until the `K` named `name` has condition `type_` at `status` for its current
+    /// generation; returns the condition's reason and message.
+    pub async fn condition<K>(&self, name: &str, type_: &str, status: &str) -> (String, String)
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::Serialize
+            + serde::de::DeserializeOwned,
+    {
+        let api = self.api::<K>();
+        eventually(WAIT, || {
+            let api = api.clone();
+            async move {
+                let object = serde_json::to_value(api.get(name).await?)?;
+                let generation = &object["metadata"]["generation"];
+                let observed = &object["status"]["observedGeneration"];
+                ensure!(
+                    observed == generation,
+                    "observedGeneration {observed}, generation {generation}"
+                );
+                let c = object["status"]["conditions"]
+                    .as_array()
+                    .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+                    .ok_or_else(|| anyhow!("no {type_} condition in {}", object["status"]))?;
+                ensure!(c["status"] == status, "{type_}: {c}");
+                let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+                Ok((text("reason"), text("message")))
             }
         })
         .await

@@ -1,0 +1,136 @@
+//! What this proxy enforces of the Weft resources its config implements. The operator
+//! sends each resource with what enforcing it takes ([`Requirement`]s); the proxy, which
+//! alone knows its features, reports in every ACK which resources it enforces fully and
+//! which parts of the others it does not, so `Programmed` never claims more than the data
+//! plane does.
+//!
+//! ```text
+//! Update.resources ─▶ [ResourceRef { requires: [Requirement { feature, field }] }]
+//!                         │ report(): every feature in FEATURES?
+//!                         ▼
+//!           Ack.enforcement { enforced: [...], notEnforced: [{resource, fields}] }
+//! ```
+
+use weft_api::push::{Enforcement, NotEnforced, ResourceRef, feature};
+
+/// This proxy's name and version, as status messages name it.
+pub const PROXY_AGENT: &str = concat!("weft-proxy ", env!("CARGO_PKG_VERSION"));
+
+/// The enforcement features this proxy has: a Route rule's weighted split across backends
+/// (as endpoint weights of the service) and its timeout (a response-header deadline, since
+/// the proxy makes no retries). Nothing of Policies and Breakers, nor request matching,
+/// retries, faults, mirrors, header edits or rewrites.
+pub const FEATURES: &[&str] = &[feature::ROUTE_BACKENDS, feature::ROUTE_TIMEOUT];
+
+/// Whether this proxy has `feature`.
+pub fn has(feature: &str) -> bool {
+    FEATURES.contains(&feature)
+}
+
+/// What this proxy enforces of `resources`: a resource is enforced when this proxy has the
+/// feature of every one of its requirements; otherwise its unmet requirements' fields are
+/// listed.
+pub fn report<'a>(resources: impl IntoIterator<Item = &'a ResourceRef>) -> Enforcement {
+    let mut out = Enforcement {
+        proxy: PROXY_AGENT.to_owned(),
+        ..Enforcement::default()
+    };
+    for r in resources {
+        let fields: Vec<String> = r
+            .requires
+            .iter()
+            .filter(|req| !has(&req.feature))
+            .map(|req| req.field.clone())
+            .collect();
+        if fields.is_empty() {
+            out.enforced.push(r.bare());
+        } else {
+            out.not_enforced.push(NotEnforced {
+                resource: r.bare(),
+                fields,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_api::push::Requirement;
+
+    use super::*;
+
+    fn resource(kind: &str, name: &str, requires: &[(&str, &str)]) -> ResourceRef {
+        ResourceRef {
+            kind: kind.into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            generation: 3,
+            requires: requires
+                .iter()
+                .map(|(feature, field)| Requirement {
+                    feature: (*feature).into(),
+                    field: (*field).into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_split_with_a_timeout_is_enforced_and_everything_else_names_what_is_not() {
+        let split = resource(
+            "Route",
+            "split",
+            &[
+                (feature::ROUTE_BACKENDS, "spec.rules[0].backends"),
+                (feature::ROUTE_TIMEOUT, "spec.rules[0].timeout"),
+            ],
+        );
+        let matched = resource(
+            "Route",
+            "matched",
+            &[
+                (feature::ROUTE_MATCHES, "spec.rules[0].matches"),
+                (feature::ROUTE_BACKENDS, "spec.rules[0].backends"),
+                (feature::ROUTE_RETRIES, "spec.rules[0].retries"),
+            ],
+        );
+        let breaker = resource(
+            "Breaker",
+            "db",
+            &[(feature::BREAKER_CONNECTION_POOL, "spec.connectionPool")],
+        );
+        let future = resource("Route", "future", &[("route.teleport", "spec.rules[0].x")]);
+        let report = report([&split, &matched, &breaker, &future]);
+        assert_eq!(report.proxy, PROXY_AGENT);
+        assert_eq!(report.enforced, vec![split.bare()]);
+        let not: Vec<(&str, Vec<&str>)> = report
+            .not_enforced
+            .iter()
+            .map(|n| {
+                (
+                    n.resource.name.as_str(),
+                    n.fields.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            not,
+            [
+                (
+                    "matched",
+                    vec!["spec.rules[0].matches", "spec.rules[0].retries"]
+                ),
+                ("db", vec!["spec.connectionPool"]),
+                ("future", vec!["spec.rules[0].x"]),
+            ]
+        );
+        assert!(
+            report
+                .not_enforced
+                .iter()
+                .all(|n| n.resource.requires.is_empty()),
+            "references come back bare"
+        );
+    }
+}
