@@ -338,6 +338,7 @@ async fn main() {
         index: shared.clone(),
         registry: registry.clone(),
         auth: Authenticator::InsecureTrustPodHeader,
+        ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();

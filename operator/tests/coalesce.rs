@@ -115,6 +115,7 @@ async fn a_slow_subscriber_blocks_nobody_and_skips_to_the_latest_version() {
         index: index.clone(),
         registry: registry.clone(),
         auth: Authenticator::InsecureTrustPodHeader,
+        ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();

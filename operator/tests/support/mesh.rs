@@ -225,12 +225,13 @@ impl Operator {
             admin: Some(admin),
             trust_domain: "cluster.local".into(),
             auth: Authenticator::token_review(bed.client.clone(), vec!["weft".into()]),
-            lease: Some(LeaseConfig {
-                namespace: bed.ns.clone(),
-                name: "weft-operator".into(),
-                identity: identity.to_owned(),
-                duration: Duration::from_secs(6),
-            }),
+            push_ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
+            lease: Some(LeaseConfig::new(
+                bed.ns.clone(),
+                "weft-operator".into(),
+                identity.to_owned(),
+                Duration::from_secs(6),
+            )),
             namespace: Some(bed.ns.clone()),
         };
         let (handles, done) = mesh::run(bed.client.clone(), settings, stop.clone());
