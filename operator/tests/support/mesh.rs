@@ -217,10 +217,20 @@ impl Operator {
 
     /// An operator replica with Lease identity `identity`.
     pub async fn start_as(bed: &Bed, push: TcpListener, identity: &str) -> Operator {
+        Operator::start_with(bed, push, identity, |_| {}).await
+    }
+
+    /// As [`Operator::start_as`], with `configure` changing the settings first.
+    pub async fn start_with(
+        bed: &Bed,
+        push: TcpListener,
+        identity: &str,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Operator {
         let stop = CancellationToken::new();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();
-        let settings = Settings {
+        let mut settings = Settings {
             push,
             admin: Some(admin),
             trust_domain: "cluster.local".into(),
@@ -234,6 +244,7 @@ impl Operator {
             )),
             namespace: Some(bed.ns.clone()),
         };
+        configure(&mut settings);
         let (handles, done) = mesh::run(bed.client.clone(), settings, stop.clone());
         Operator {
             handles,
