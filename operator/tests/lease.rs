@@ -81,12 +81,11 @@ async fn pipe(
     std::future::pending::<()>().await;
 }
 
+/// Leadership changes: (replica, leader, when).
+type Log = Arc<Mutex<Vec<(&'static str, bool, Instant)>>>;
+
 /// Records every change of a replica's leader flag with when it happened.
-fn record(
-    name: &'static str,
-    mut leader: watch::Receiver<bool>,
-    log: Arc<Mutex<Vec<(&'static str, bool, Instant)>>>,
-) {
+fn record(name: &'static str, mut leader: watch::Receiver<bool>, log: Log) {
     tokio::spawn(async move {
         while leader.changed().await.is_ok() {
             let now = *leader.borrow_and_update();
@@ -115,7 +114,7 @@ async fn a_holder_whose_api_server_hangs_steps_down_before_another_replica_takes
         renew_deadline: Duration::from_secs(2),
         retry_period: Duration::from_millis(500),
     };
-    let log = Arc::new(Mutex::new(Vec::new()));
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
     let stop = CancellationToken::new();
     let (a_tx, a_rx) = watch::channel(false);
     record("a", a_rx.clone(), log.clone());

@@ -146,7 +146,7 @@ impl AuthError {
 /// Checks subscriber tokens.
 pub enum Authenticator {
     /// TokenReview against the API server, bounded as the module says.
-    TokenReview(TokenReviewer),
+    TokenReview(Box<TokenReviewer>),
     /// Trusts the pod header without a token. Only for in-process benchmarks and tests:
     /// it exists only with the `insecure-test-auth` feature, which release builds of the
     /// operator do not enable (`.ci/run` checks the binary).
@@ -176,7 +176,7 @@ impl Authenticator {
 
     /// TokenReview with `audiences` and `limits`.
     pub fn token_review_with(client: Client, audiences: Vec<String>, limits: AuthLimits) -> Self {
-        Authenticator::TokenReview(TokenReviewer::new(client, audiences, limits))
+        Authenticator::TokenReview(Box::new(TokenReviewer::new(client, audiences, limits)))
     }
 
     /// The identity `token` proves, or `None` when this authenticator trusts headers.
