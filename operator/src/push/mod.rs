@@ -479,6 +479,10 @@ async fn session(
     registry.with(&pod, |s| s.streams += 1);
     tracing::info!("proxy subscribed");
     let mut pending: VecDeque<Pending> = VecDeque::new();
+    // The oldest unanswered version and when it was sent. Kept apart from `pending`,
+    // which drops its oldest entries past 64: a proxy that never answers while updates
+    // keep coming must still reach the deadline.
+    let mut unanswered: Option<(u64, Instant)> = None;
     let mut decoder = FrameDecoder::default();
     'session: loop {
         let view = views.borrow_and_update().clone();
@@ -511,12 +515,14 @@ async fn session(
                     s.sent_version = Some(version);
                     s.bytes_sent += len as u64;
                 });
+                let sent_at = Instant::now();
                 pending.push_back(Pending {
                     version,
                     resources: view.resources.clone(),
                     delta,
-                    sent_at: Instant::now(),
+                    sent_at,
                 });
+                unanswered.get_or_insert((version, sent_at));
                 // A proxy that never answers is cut off by the ACK timeout; until then
                 // this must not grow without bound.
                 while pending.len() > 64 {
@@ -526,9 +532,7 @@ async fn session(
             }
         }
         // The oldest unanswered version decides when the proxy counts as stalled.
-        let deadline = pending
-            .front()
-            .map(|p| (p.version, p.sent_at + ack_timeout));
+        let deadline = unanswered.map(|(v, at)| (v, at + ack_timeout));
         tokio::select! {
             () = ends.shutdown.cancelled() => break,
             () = ends.stalled.cancelled() => break,
@@ -561,7 +565,9 @@ async fn session(
                             break 'session;
                         }
                     };
-                    answer(&pod, message, &mut pending, &server, &metrics);
+                    if answer(&pod, message, &mut pending, &server, &metrics) {
+                        unanswered = pending.front().map(|p| (p.version, p.sent_at));
+                    }
                 }
             }
         }
@@ -584,13 +590,14 @@ fn stall(metrics: &crate::metrics::Metrics, ends: &Ends, version: u64, what: &'s
     ends.stalled.cancel();
 }
 
+/// Records the proxy's answer; false when it answers no pending version.
 fn answer(
     pod: &ObjectKey,
     message: ClientMessage,
     pending: &mut VecDeque<Pending>,
     server: &PushServer,
     metrics: &crate::metrics::Metrics,
-) {
+) -> bool {
     let version = match &message {
         ClientMessage::Ack(a) => a.version,
         ClientMessage::Nack(n) => n.version,
@@ -603,7 +610,7 @@ fn answer(
         .and_then(|pos| pending.remove(pos))
     else {
         tracing::debug!(version, "answer for a version not pending; ignored");
-        return;
+        return false;
     };
     pending.retain(|p| p.version > version);
     match message {
@@ -630,6 +637,7 @@ fn answer(
         }
     }
     server.index.notify();
+    true
 }
 
 #[cfg(test)]
