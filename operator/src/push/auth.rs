@@ -358,6 +358,7 @@ impl TokenReviewer {
 
     /// Takes one token from `source`'s bucket; false when it is empty.
     fn take_source_token(&self, source: IpAddr) -> bool {
+        let source = bucket_key(source);
         let now = Instant::now();
         let (rate, burst) = (
             self.limits.source_rate.max(0.0),
@@ -385,6 +386,21 @@ impl TokenReviewer {
         } else {
             false
         }
+    }
+}
+
+/// The address whose bucket a source draws from: an IPv6 host usually has a whole /64
+/// to pick addresses from, so it gets one bucket for it; IPv4-mapped addresses count as
+/// the IPv4 address.
+fn bucket_key(source: IpAddr) -> IpAddr {
+    match source {
+        IpAddr::V4(_) => source,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !u128::from(u64::MAX),
+            )),
+        },
     }
 }
 
@@ -441,6 +457,14 @@ mod tests {
         assert!(r.take_source_token(b), "another source has its own bucket");
         std::thread::sleep(Duration::from_millis(5));
         assert!(r.take_source_token(a), "the bucket refills at the rate");
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_source_and_mapped_ipv4_is_ipv4() {
+        let key = |s: &str| bucket_key(s.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
     }
 
     #[tokio::test]
