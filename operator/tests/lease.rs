@@ -147,6 +147,14 @@ async fn a_holder_whose_api_server_hangs_steps_down_before_another_replica_takes
         .await
         .expect("b takes over")
         .unwrap();
+    // The recorders run as their own tasks: let them note what `wait_for` just saw.
+    eventually(Duration::from_secs(2), || async {
+        let seen = log.lock().unwrap().iter().any(|(n, l, _)| *n == "b" && *l);
+        ensure!(seen, "b's change not recorded yet");
+        Ok(())
+    })
+    .await
+    .unwrap();
     let log = log.lock().unwrap().clone();
     let a_down = log
         .iter()
