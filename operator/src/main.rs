@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use weft_operator::{
     inject::InjectConfig,
     mesh::{self, Settings},
-    push::Authenticator,
+    push::{AuthLimits, Authenticator},
     status::lease::LeaseConfig,
     webhook::{self, Registration, Target, WebhookMetrics, WebhookSettings},
 };
@@ -46,6 +46,16 @@ struct Args {
     /// How long the Lease holds without renewal.
     #[arg(long, env = "WEFT_LEASE_DURATION", default_value = "15s")]
     lease_duration: weft_api::Duration,
+    /// How long the Lease holder keeps writing status without a successful renewal
+    /// before it steps down; shorter than the duration (default: two thirds of it).
+    #[arg(long, env = "WEFT_LEASE_RENEW_DEADLINE")]
+    lease_renew_deadline: Option<weft_api::Duration>,
+    /// How often the holder renews and the other replicas retry (default: two
+    /// fifteenths of the duration, 2s for 15s).
+    #[arg(long, env = "WEFT_LEASE_RETRY_PERIOD")]
+    lease_retry_period: Option<weft_api::Duration>,
+    #[command(flatten)]
+    push: PushArgs,
     /// Watch only this namespace (default: the whole cluster).
     #[arg(long, env = "WEFT_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -54,6 +64,27 @@ struct Args {
     log: String,
     #[command(flatten)]
     webhook: WebhookArgs,
+}
+
+/// The push server's limits.
+#[derive(clap::Args, Debug)]
+struct PushArgs {
+    /// How long a proxy may take to receive and acknowledge (or reject) an update before
+    /// its connection is closed as stalled; it reconnects and resyncs.
+    #[arg(long, env = "WEFT_PUSH_ACK_TIMEOUT", default_value = "30s")]
+    push_ack_timeout: weft_api::Duration,
+    /// How long a token the API server refused is refused without asking again.
+    #[arg(long, env = "WEFT_PUSH_REFUSED_TOKEN_TTL", default_value = "10s")]
+    push_refused_token_ttl: weft_api::Duration,
+    /// TokenReviews one source address may cause per second, sustained.
+    #[arg(long, env = "WEFT_PUSH_REVIEWS_PER_SOURCE", default_value = "5")]
+    push_reviews_per_source: f64,
+    /// TokenReviews one source address may cause in a burst.
+    #[arg(long, env = "WEFT_PUSH_REVIEW_BURST", default_value = "20", value_parser = clap::value_parser!(u32).range(1..))]
+    push_review_burst: u32,
+    /// TokenReviews in flight at once, over all sources.
+    #[arg(long, env = "WEFT_PUSH_REVIEWS_IN_FLIGHT", default_value = "32", value_parser = clap::value_parser!(u32).range(1..))]
+    push_reviews_in_flight: u32,
 }
 
 /// The injection webhook's settings.
@@ -113,6 +144,12 @@ fn main() -> anyhow::Result<()> {
     if args.lease_duration.as_std() < Duration::from_secs(3) {
         anyhow::bail!("--lease-duration must be at least 3s");
     }
+    if !(args.push.push_reviews_per_source.is_finite() && args.push.push_reviews_per_source > 0.0) {
+        anyhow::bail!("--push-reviews-per-source must be a positive number");
+    }
+    if args.push.push_ack_timeout.as_std() < Duration::from_secs(1) {
+        anyhow::bail!("--push-ack-timeout must be at least 1s");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("weft-operator")
         .enable_all()
@@ -122,6 +159,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    let identity = match &args.identity {
+        Some(i) => i.clone(),
+        None => format!("weft-operator-{:08x}", rand::random::<u32>()),
+    };
+    let lease = lease_config(&args, identity)?;
     let client = kube::Client::try_default()
         .await
         .context("build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
@@ -131,10 +173,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let admin = TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("bind the admin listener on {}", args.admin_addr))?;
-    let identity = match args.identity {
-        Some(i) => i,
-        None => format!("weft-operator-{:08x}", rand::random::<u32>()),
-    };
     let webhook_listener = match args.webhook.no_webhook {
         true => None,
         false => Some(
@@ -164,13 +202,19 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         push,
         admin: Some(admin),
         trust_domain: args.trust_domain,
-        auth: Authenticator::token_review(client.clone(), vec![args.token_audience]),
-        lease: Some(LeaseConfig {
-            namespace: args.lease_namespace,
-            name: args.lease_name,
-            identity,
-            duration: args.lease_duration.as_std(),
-        }),
+        auth: Authenticator::token_review_with(
+            client.clone(),
+            vec![args.token_audience],
+            AuthLimits {
+                refused_ttl: args.push.push_refused_token_ttl.as_std(),
+                source_rate: args.push.push_reviews_per_source,
+                source_burst: args.push.push_review_burst,
+                max_in_flight: args.push.push_reviews_in_flight as usize,
+                ..AuthLimits::default()
+            },
+        ),
+        push_ack_timeout: args.push.push_ack_timeout.as_std(),
+        lease: Some(lease),
         namespace: args.watch_namespace,
     };
     let shutdown = CancellationToken::new();
@@ -269,6 +313,25 @@ async fn inject_settings(
         "injection settings"
     );
     Ok(cfg)
+}
+
+fn lease_config(args: &Args, identity: String) -> anyhow::Result<LeaseConfig> {
+    let mut lease = LeaseConfig::new(
+        args.lease_namespace.clone(),
+        args.lease_name.clone(),
+        identity,
+        args.lease_duration.as_std(),
+    );
+    if let Some(d) = &args.lease_renew_deadline {
+        lease.renew_deadline = d.as_std();
+    }
+    if let Some(p) = &args.lease_retry_period {
+        lease.retry_period = p.as_std();
+    }
+    lease.validate().map_err(|e| {
+        anyhow::anyhow!("--lease-duration, --lease-renew-deadline, --lease-retry-period: {e}")
+    })?;
+    Ok(lease)
 }
 
 fn webhook_settings(args: &WebhookArgs, namespace: &str, trust_domain: &str) -> WebhookSettings {

@@ -42,6 +42,9 @@ pub struct Settings {
     pub trust_domain: String,
     /// How subscribers are authenticated.
     pub auth: Authenticator,
+    /// How long a proxy may take to receive and answer an update before its connection
+    /// is closed as stalled ([`push::DEFAULT_ACK_TIMEOUT`] in the operator).
+    pub push_ack_timeout: Duration,
     /// The Lease that elects the status writer; `None` writes no status.
     pub lease: Option<lease::LeaseConfig>,
     /// Only this namespace is watched (for tests and single-namespace installs); `None`
@@ -97,6 +100,7 @@ pub fn run(
         index: index.clone(),
         registry: registry.clone(),
         auth: settings.auth,
+        ack_timeout: settings.push_ack_timeout,
     });
     tracker.spawn(
         push::serve(settings.push, server, shutdown.clone())

@@ -9,6 +9,9 @@
 //! | `weft_operator_nacks_total` | updates proxies rejected |
 //! | `weft_operator_watch_errors_total{kind}` | failed watch requests (retried) |
 //! | `weft_operator_change_to_ack_seconds` | from a cluster change seen by the operator to a proxy's ACK of the version containing it |
+//! | `weft_operator_token_reviews_total{result}` | TokenReviews the push server asked for: `authenticated`, `rejected`, `error` |
+//! | `weft_operator_push_refusals_total{reason}` | subscriptions refused, by reason (see [`crate::push::auth::AuthError::reason`] and the push server) |
+//! | `weft_operator_push_stalls_total` | streams closed because the proxy did not take or acknowledge an update within the ACK timeout |
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -21,6 +24,16 @@ use crate::index::Kind;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 /// Every metric of the operator.
@@ -36,6 +49,9 @@ pub struct Metrics {
     nacks: Counter,
     watch_errors: Family<KindLabel, Counter>,
     change_to_ack: Histogram,
+    token_reviews: Family<ResultLabel, Counter>,
+    push_refusals: Family<ReasonLabel, Counter>,
+    push_stalls: Counter,
 }
 
 impl Default for Metrics {
@@ -89,8 +105,29 @@ impl Metrics {
             "Time from a cluster change seen by the operator to a proxy acknowledging it",
             change_to_ack.clone(),
         );
+        let token_reviews = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "token_reviews",
+            "TokenReviews the push server asked the API server for, by result",
+            token_reviews.clone(),
+        );
+        let push_refusals = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "push_refusals",
+            "Subscriptions the push server refused, by reason",
+            push_refusals.clone(),
+        );
+        let push_stalls = Counter::default();
+        registry.register(
+            "push_stalls",
+            "Push streams closed because the proxy did not take or acknowledge an update in time",
+            push_stalls.clone(),
+        );
         Metrics {
             registry,
+            token_reviews,
+            push_refusals,
+            push_stalls,
             extra: std::sync::OnceLock::new(),
             index_objects,
             subscribers,
@@ -139,6 +176,25 @@ impl Metrics {
     /// Records the time from a change to its acknowledgement.
     pub fn change_acked(&self, elapsed: std::time::Duration) {
         self.change_to_ack.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one TokenReview call with its `result` (`authenticated`, `rejected`, `error`).
+    pub fn token_review(&self, result: &'static str) {
+        self.token_reviews
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts one refused subscription.
+    pub fn push_refusal(&self, reason: &'static str) {
+        self.push_refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts one stream closed for a stall.
+    pub fn push_stall(&self) {
+        self.push_stalls.inc();
     }
 
     /// The metrics in OpenMetrics text format.

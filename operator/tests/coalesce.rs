@@ -119,6 +119,7 @@ async fn a_slow_subscriber_blocks_nobody_and_skips_to_the_latest_version() {
         index: index.clone(),
         registry: registry.clone(),
         auth: Authenticator::InsecureTrustPodHeader,
+        ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -181,5 +182,77 @@ async fn a_slow_subscriber_blocks_nobody_and_skips_to_the_latest_version() {
         let key = weft_operator::index::ObjectKey::new("shop", pod);
         assert_eq!(snapshot[&key].acked_version, Some(latest), "{pod}");
     }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_subscriber_that_reads_but_never_answers_is_cut_off_while_updates_keep_coming() {
+    let index = mesh();
+    let ack_timeout = Duration::from_secs(1);
+    let server = Arc::new(PushServer {
+        index: index.clone(),
+        registry: Arc::new(Registry::default()),
+        auth: Authenticator::InsecureTrustPodHeader,
+        ack_timeout,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let stop = CancellationToken::new();
+    tokio::spawn(weft_operator::push::serve(
+        listener,
+        server.clone(),
+        stop.clone(),
+    ));
+    let (mut mute, _never_answers) = subscribe(&addr, "shop/slow").await;
+
+    // Changes every 2 ms: more unanswered versions than the session remembers (64) go
+    // out before the timeout, and the oldest must still count.
+    let changes = tokio::spawn({
+        let index = index.clone();
+        async move {
+            for g in 1.. {
+                let (k, o) = model::endpoint_slice(&slice(g));
+                index.update(|i| i.apply(k, o));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    let start = tokio::time::Instant::now();
+    let mut updates = 0;
+    let mut decoder = FrameDecoder::default();
+    let ended = tokio::time::timeout(ack_timeout * 4, async {
+        loop {
+            match mute.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        decoder.extend(&data);
+                        while let Some(ServerMessage::Update(_)) =
+                            decoder.next::<ServerMessage>().unwrap()
+                        {
+                            updates += 1;
+                        }
+                    }
+                }
+                _ => return,
+            }
+        }
+    })
+    .await;
+    changes.abort();
+    assert!(
+        ended.is_ok(),
+        "still streaming {:?} after the ACK timeout ({updates} updates unanswered)",
+        start.elapsed()
+    );
+    assert!(updates > 64, "only {updates} updates were sent");
+    assert!(
+        server
+            .index
+            .metrics()
+            .encode()
+            .contains("weft_operator_push_stalls_total 1"),
+        "{}",
+        server.index.metrics().encode()
+    );
     stop.cancel();
 }

@@ -203,6 +203,7 @@ async fn beside_the_operator_the_webhook_reads_namespace_labels_from_its_index()
         admin: None,
         trust_domain: "cluster.local".into(),
         auth: Authenticator::token_review(client.clone(), vec!["weft".into()]),
+        push_ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
         lease: None,
         namespace: None,
     };

@@ -2,25 +2,81 @@
 //! server's TokenReview, must belong to the ServiceAccount the pod runs as (and, for tokens
 //! bound to a pod, to that very pod).
 //!
-//! Verdicts are cached for a minute per token, so a reconnect storm does not become a
-//! TokenReview storm.
+//! The push port takes connections from anyone who can reach it, so it must not turn
+//! requests into TokenReviews without limit:
+//!
+//! ```text
+//! token ─▶ accepted cache (1 min) ─hit─▶ identity
+//!    └──▶ refusal cache (hash of the token, 10 s) ─hit─▶ 401, no TokenReview
+//!    └──▶ one review per token at a time (others wait for its verdict)
+//!           └──▶ per-source token bucket ─empty─▶ 429
+//!           └──▶ in-flight TokenReviews (semaphore) ─full for 1 s─▶ 503
+//!           └──▶ TokenReview ─▶ verdict cached (accepted or refused)
+//! ```
+//!
+//! Every refusal is counted by reason (`weft_operator_push_refusals_total`), every
+//! TokenReview by result (`weft_operator_token_reviews_total`).
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    hash::{BuildHasher, RandomState},
+    net::IpAddr,
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
+use http::StatusCode;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
+use tokio::sync::{OnceCell, Semaphore};
 
-/// How long a TokenReview verdict is reused.
-const CACHE_TTL: Duration = Duration::from_secs(60);
-/// Cached verdicts at most; the cache is cleared when full.
-const CACHE_MAX: usize = 100_000;
+use crate::metrics::Metrics;
 
 /// The `extra` key in which the API server names the pod a token is bound to.
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+
+/// Rate-limit buckets kept at most (one per source address); idle ones go first.
+const SOURCES_MAX: usize = 65_536;
+
+/// How the push port bounds the TokenReviews its callers can cause. The defaults are the
+/// operator's (`docs/operator.md` lists the flags that change them).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuthLimits {
+    /// How long an accepted token's identity is reused.
+    pub accepted_ttl: Duration,
+    /// How long a refused token is refused without asking the API server again.
+    pub refused_ttl: Duration,
+    /// Entries per cache at most (accepted and refused each); expired entries are dropped
+    /// first, and the cache is cleared if that is not enough.
+    pub cache_max: usize,
+    /// TokenReviews one source address may cause per second, sustained.
+    pub source_rate: f64,
+    /// TokenReviews one source address may cause in a burst.
+    pub source_burst: u32,
+    /// TokenReviews in flight at once, over all sources.
+    pub max_in_flight: usize,
+    /// How long a subscription waits for an in-flight slot before it is refused (503).
+    pub in_flight_wait: Duration,
+    /// How long one TokenReview may take before the subscription is refused (503).
+    pub review_timeout: Duration,
+}
+
+impl Default for AuthLimits {
+    fn default() -> Self {
+        AuthLimits {
+            accepted_ttl: Duration::from_secs(60),
+            refused_ttl: Duration::from_secs(10),
+            cache_max: 100_000,
+            // A proxy reviews once per reconnect and reconnects with backoff; 20 proxies
+            // behind one address (a node's SNAT) restarting together fit in the burst.
+            source_rate: 5.0,
+            source_burst: 20,
+            max_in_flight: 32,
+            in_flight_wait: Duration::from_secs(1),
+            review_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// The identity a token proves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,7 +90,7 @@ pub struct TokenIdentity {
 }
 
 /// Why a subscription was refused.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum AuthError {
     /// No bearer token.
     #[error("no bearer token in the authorization header")]
@@ -42,111 +98,411 @@ pub enum AuthError {
     /// The API server did not authenticate the token.
     #[error("token not authenticated: {0}")]
     Rejected(String),
+    /// The API server refused this token moments ago; it is not asked again yet.
+    #[error("token not authenticated (cached verdict): {0}")]
+    CachedRejection(String),
+    /// The source address caused too many TokenReviews.
+    #[error("too many authentication attempts from this address; retry later")]
+    RateLimited,
+    /// Too many TokenReviews are in flight.
+    #[error("too many authentications in progress; retry later")]
+    Busy,
     /// The TokenReview call failed.
     #[error("TokenReview failed")]
-    Review(#[source] kube::Error),
+    Review(#[source] Arc<kube::Error>),
+    /// The TokenReview call took too long.
+    #[error("TokenReview timed out")]
+    ReviewTimeout,
+}
+
+impl AuthError {
+    /// The label of `weft_operator_push_refusals_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::NoToken => "no_token",
+            AuthError::Rejected(_) => "token_rejected",
+            AuthError::CachedRejection(_) => "token_rejected_cached",
+            AuthError::RateLimited => "rate_limited",
+            AuthError::Busy => "reviews_busy",
+            AuthError::Review(_) | AuthError::ReviewTimeout => "review_failed",
+        }
+    }
+
+    /// The HTTP status the subscriber gets: 401 for a bad token, 429 and 503 for refusals
+    /// the proxy should retry later.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AuthError::NoToken | AuthError::Rejected(_) | AuthError::CachedRejection(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            AuthError::Busy | AuthError::Review(_) | AuthError::ReviewTimeout => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
 }
 
 /// Checks subscriber tokens.
 pub enum Authenticator {
-    /// TokenReview against the API server, requiring one of `audiences`.
-    TokenReview {
-        /// The client.
-        client: Client,
-        /// Accepted token audiences (Weft's projected tokens use `weft`).
-        audiences: Vec<String>,
-        /// Verdicts by token.
-        cache: Mutex<HashMap<String, (TokenIdentity, Instant)>>,
-    },
-    /// Trusts the pod header without a token. Only for in-process benchmarks; the operator
-    /// binary never selects it.
+    /// TokenReview against the API server, bounded as the module says.
+    TokenReview(Box<TokenReviewer>),
+    /// Trusts the pod header without a token. Only for in-process benchmarks and tests:
+    /// it exists only with the `insecure-test-auth` feature, which release builds of the
+    /// operator do not enable (`.ci/run` checks the binary).
+    #[cfg(any(test, feature = "insecure-test-auth"))]
     InsecureTrustPodHeader,
 }
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Authenticator::TokenReview { audiences, .. } => f
+            Authenticator::TokenReview(r) => f
                 .debug_struct("TokenReview")
-                .field("audiences", audiences)
+                .field("audiences", &r.audiences)
+                .field("limits", &r.limits)
                 .finish(),
+            #[cfg(any(test, feature = "insecure-test-auth"))]
             Authenticator::InsecureTrustPodHeader => f.write_str("InsecureTrustPodHeader"),
         }
     }
 }
 
 impl Authenticator {
-    /// TokenReview with `audiences`.
+    /// TokenReview with `audiences` and the default [`AuthLimits`].
     pub fn token_review(client: Client, audiences: Vec<String>) -> Self {
-        Authenticator::TokenReview {
-            client,
-            audiences,
-            cache: Mutex::new(HashMap::new()),
-        }
+        Self::token_review_with(client, audiences, AuthLimits::default())
+    }
+
+    /// TokenReview with `audiences` and `limits`.
+    pub fn token_review_with(client: Client, audiences: Vec<String>, limits: AuthLimits) -> Self {
+        Authenticator::TokenReview(Box::new(TokenReviewer::new(client, audiences, limits)))
     }
 
     /// The identity `token` proves, or `None` when this authenticator trusts headers.
+    /// `source` is the subscriber's address, for the per-source rate limit.
     pub async fn authenticate(
         &self,
         token: Option<&str>,
+        source: IpAddr,
+        metrics: &Metrics,
     ) -> Result<Option<TokenIdentity>, AuthError> {
-        let Authenticator::TokenReview {
+        match self {
+            Authenticator::TokenReview(r) => r.authenticate(token, source, metrics).await.map(Some),
+            #[cfg(any(test, feature = "insecure-test-auth"))]
+            Authenticator::InsecureTrustPodHeader => {
+                // `.ci/run` looks for this text in the release binary: it must not be there.
+                tracing::trace!("insecure-test-auth: trusting the pod header without a token");
+                Ok(None)
+            }
+        }
+    }
+}
+
+type Verdict = Result<TokenIdentity, AuthError>;
+
+/// A token bucket for one source address.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// The TokenReview authenticator and its caches and limits.
+pub struct TokenReviewer {
+    client: Client,
+    audiences: Vec<String>,
+    limits: AuthLimits,
+    /// Accepted tokens, by the token itself: a hash collision here would let one token
+    /// pass for another.
+    accepted: Mutex<HashMap<String, (TokenIdentity, Instant)>>,
+    /// Refused tokens, by a keyed hash of the token (no token kept in memory for
+    /// attackers' garbage; a collision only delays a genuine token by `refused_ttl`).
+    refused: Mutex<HashMap<u64, (AuthError, Instant)>>,
+    /// The key of that hash, random per process.
+    hasher: RandomState,
+    /// Reviews in progress by token hash: concurrent subscriptions with one token wait for
+    /// one verdict.
+    in_progress: Mutex<HashMap<u64, Arc<OnceCell<Verdict>>>>,
+    sources: Mutex<HashMap<IpAddr, Bucket>>,
+    in_flight: Semaphore,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Makes room in a cache that reached `max`: expired entries go, then everything.
+fn make_room<K, V>(map: &mut HashMap<K, (V, Instant)>, max: usize, ttl: Duration) {
+    if map.len() < max {
+        return;
+    }
+    map.retain(|_, (_, at)| at.elapsed() < ttl);
+    if map.len() >= max {
+        map.clear();
+    }
+}
+
+impl TokenReviewer {
+    fn new(client: Client, audiences: Vec<String>, limits: AuthLimits) -> Self {
+        TokenReviewer {
             client,
             audiences,
-            cache,
-        } = self
-        else {
-            return Ok(None);
-        };
-        let token = token.ok_or(AuthError::NoToken)?;
-        if let Ok(c) = cache.lock()
-            && let Some((id, at)) = c.get(token)
-            && at.elapsed() < CACHE_TTL
-        {
-            return Ok(Some(id.clone()));
+            in_flight: Semaphore::new(limits.max_in_flight.max(1)),
+            limits,
+            accepted: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            hasher: RandomState::new(),
+            in_progress: Mutex::new(HashMap::new()),
+            sources: Mutex::new(HashMap::new()),
         }
+    }
+
+    async fn authenticate(
+        &self,
+        token: Option<&str>,
+        source: IpAddr,
+        metrics: &Metrics,
+    ) -> Verdict {
+        let token = token.ok_or(AuthError::NoToken)?;
+        if let Some((id, at)) = lock(&self.accepted).get(token)
+            && at.elapsed() < self.limits.accepted_ttl
+        {
+            return Ok(id.clone());
+        }
+        let key = self.hasher.hash_one(token);
+        if let Some((error, at)) = lock(&self.refused).get(&key)
+            && at.elapsed() < self.limits.refused_ttl
+        {
+            let reason = match error {
+                AuthError::Rejected(r) | AuthError::CachedRejection(r) => r.clone(),
+                other => other.to_string(),
+            };
+            return Err(AuthError::CachedRejection(reason));
+        }
+        let cell = lock(&self.in_progress)
+            .entry(key)
+            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .clone();
+        let verdict = cell
+            .get_or_init(|| self.review(token, key, source, metrics))
+            .await
+            .clone();
+        {
+            let mut in_progress = lock(&self.in_progress);
+            if in_progress.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                in_progress.remove(&key);
+            }
+        }
+        verdict
+    }
+
+    /// Asks the API server, within the limits, and caches the verdict.
+    async fn review(&self, token: &str, key: u64, source: IpAddr, metrics: &Metrics) -> Verdict {
+        if !self.take_source_token(source) {
+            return Err(AuthError::RateLimited);
+        }
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout(self.limits.in_flight_wait, self.in_flight.acquire()).await
+        else {
+            return Err(AuthError::Busy);
+        };
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
-                audiences: Some(audiences.clone()),
+                audiences: Some(self.audiences.clone()),
             },
             ..Default::default()
         };
-        let out = Api::<TokenReview>::all(client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(AuthError::Review)?;
-        let status = out.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            return Err(AuthError::Rejected(
-                status.error.unwrap_or_else(|| "not authenticated".into()),
-            ));
-        }
-        let user = status.user.unwrap_or_default();
-        let username = user.username.unwrap_or_default();
-        let Some(rest) = username.strip_prefix("system:serviceaccount:") else {
-            return Err(AuthError::Rejected(format!(
-                "{username} is not a ServiceAccount"
-            )));
-        };
-        let Some((namespace, sa)) = rest.split_once(':') else {
-            return Err(AuthError::Rejected(format!("malformed user {username}")));
-        };
-        let id = TokenIdentity {
-            namespace: namespace.to_owned(),
-            service_account: sa.to_owned(),
-            pod: user
-                .extra
-                .as_ref()
-                .and_then(|e| e.get(POD_NAME_EXTRA))
-                .and_then(|v| v.first().cloned()),
-        };
-        if let Ok(mut c) = cache.lock() {
-            if c.len() >= CACHE_MAX {
-                c.clear();
+        let call = Api::<TokenReview>::all(self.client.clone());
+        let out = match tokio::time::timeout(
+            self.limits.review_timeout,
+            call.create(&PostParams::default(), &review),
+        )
+        .await
+        {
+            Ok(Ok(out)) => out,
+            Ok(Err(error)) => {
+                metrics.token_review("error");
+                return Err(AuthError::Review(Arc::new(error)));
             }
-            c.insert(token.to_owned(), (id.clone(), Instant::now()));
+            Err(_) => {
+                metrics.token_review("error");
+                return Err(AuthError::ReviewTimeout);
+            }
+        };
+        let verdict = identity(out);
+        metrics.token_review(if verdict.is_ok() {
+            "authenticated"
+        } else {
+            "rejected"
+        });
+        match &verdict {
+            Ok(id) => {
+                let mut accepted = lock(&self.accepted);
+                make_room(
+                    &mut accepted,
+                    self.limits.cache_max,
+                    self.limits.accepted_ttl,
+                );
+                accepted.insert(token.to_owned(), (id.clone(), Instant::now()));
+            }
+            Err(error) => {
+                let mut refused = lock(&self.refused);
+                make_room(&mut refused, self.limits.cache_max, self.limits.refused_ttl);
+                refused.insert(key, (error.clone(), Instant::now()));
+            }
         }
-        Ok(Some(id))
+        verdict
+    }
+
+    /// Takes one token from `source`'s bucket; false when it is empty.
+    fn take_source_token(&self, source: IpAddr) -> bool {
+        let source = bucket_key(source);
+        let now = Instant::now();
+        let (rate, burst) = (
+            self.limits.source_rate.max(0.0),
+            f64::from(self.limits.source_burst.max(1)),
+        );
+        let refill =
+            |b: &Bucket| (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
+        let mut sources = lock(&self.sources);
+        if sources.len() >= SOURCES_MAX && !sources.contains_key(&source) {
+            // Full buckets are sources that have been quiet: forgetting them loses nothing.
+            sources.retain(|_, b| refill(b) < burst);
+            if sources.len() >= SOURCES_MAX {
+                sources.clear();
+            }
+        }
+        let bucket = sources.entry(source).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        bucket.tokens = refill(bucket);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The address whose bucket a source draws from: an IPv6 host usually has a whole /64
+/// to pick addresses from, so it gets one bucket for it; IPv4-mapped addresses count as
+/// the IPv4 address.
+fn bucket_key(source: IpAddr) -> IpAddr {
+    match source {
+        IpAddr::V4(_) => source,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !u128::from(u64::MAX),
+            )),
+        },
+    }
+}
+
+/// The identity a TokenReview's answer proves, or why it proves none.
+fn identity(out: TokenReview) -> Verdict {
+    let status = out.status.unwrap_or_default();
+    if status.authenticated != Some(true) {
+        return Err(AuthError::Rejected(
+            status.error.unwrap_or_else(|| "not authenticated".into()),
+        ));
+    }
+    let user = status.user.unwrap_or_default();
+    let username = user.username.unwrap_or_default();
+    let Some(rest) = username.strip_prefix("system:serviceaccount:") else {
+        return Err(AuthError::Rejected(format!(
+            "{username} is not a ServiceAccount"
+        )));
+    };
+    let Some((namespace, sa)) = rest.split_once(':') else {
+        return Err(AuthError::Rejected(format!("malformed user {username}")));
+    };
+    Ok(TokenIdentity {
+        namespace: namespace.to_owned(),
+        service_account: sa.to_owned(),
+        pod: user
+            .extra
+            .as_ref()
+            .and_then(|e| e.get(POD_NAME_EXTRA))
+            .and_then(|v| v.first().cloned()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reviewer(limits: AuthLimits) -> TokenReviewer {
+        // Never called: these tests stop before any TokenReview.
+        let config = kube::Config::new("https://127.0.0.1:9".parse().unwrap());
+        TokenReviewer::new(Client::try_from(config).unwrap(), vec![], limits)
+    }
+
+    #[tokio::test]
+    async fn each_source_gets_its_burst_then_its_rate() {
+        let r = reviewer(AuthLimits {
+            source_rate: 1000.0,
+            source_burst: 3,
+            ..AuthLimits::default()
+        });
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let taken = (0..10).filter(|_| r.take_source_token(a)).count();
+        // The burst, plus what 1000/s refills during the loop (well under a token).
+        assert!((3..=4).contains(&taken), "{taken}");
+        assert!(r.take_source_token(b), "another source has its own bucket");
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(r.take_source_token(a), "the bucket refills at the rate");
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_source_and_mapped_ipv4_is_ipv4() {
+        let key = |s: &str| bucket_key(s.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_is_refused_from_the_cache_without_a_review() {
+        let r = reviewer(AuthLimits::default());
+        let metrics = Metrics::new();
+        let key = r.hasher.hash_one("bad");
+        lock(&r.refused).insert(key, (AuthError::Rejected("expired".into()), Instant::now()));
+        let source: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..100 {
+            let e = r
+                .authenticate(Some("bad"), source, &metrics)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, AuthError::CachedRejection(ref m) if m == "expired"),
+                "{e}"
+            );
+            assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
+        }
+        assert!(
+            !metrics.encode().contains("token_reviews_total{"),
+            "no TokenReview was attempted"
+        );
+        // Keyed by hash: the token itself is not kept.
+        assert!(lock(&r.refused).keys().all(|k| *k == key));
+    }
+
+    #[test]
+    fn a_full_cache_drops_expired_entries_first() {
+        let ttl = Duration::from_secs(10);
+        let old = Instant::now().checked_sub(Duration::from_secs(60)).unwrap();
+        let mut map: HashMap<u64, ((), Instant)> = (0..4)
+            .map(|i| (i, ((), if i < 2 { old } else { Instant::now() })))
+            .collect();
+        make_room(&mut map, 4, ttl);
+        assert_eq!(map.len(), 2);
+        make_room(&mut map, 2, ttl);
+        assert!(map.is_empty(), "nothing expired: cleared");
     }
 }

@@ -12,12 +12,21 @@
 //! A slow subscriber never blocks others or the index: the index only replaces the value
 //! in the pod's watch channel, and the session, when it is ready to send again, diffs the
 //! latest view against what it last sent. Intermediate versions are skipped, not queued.
+//!
+//! A stream never stalls silently: a session whose update the connection has not taken,
+//! or whose proxy has not answered (ACK or NACK) a version, within
+//! [`PushServer::ack_timeout`] counts a stall (`weft_operator_push_stalls_total`) and
+//! closes the proxy's connection. Closing the connection, not only the stream, is what
+//! frees a transport stall: HTTP/2 flow control is shared by the connection's streams and
+//! hyper does not poll a response body while the stream waits for window, so a proxy that
+//! stopped reading can only be cut off. The proxy reconnects and gets a full snapshot.
 
 pub mod auth;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     convert::Infallible,
+    net::IpAddr,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -31,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     net::TcpListener,
     sync::{mpsc, watch},
+    time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
@@ -40,7 +50,10 @@ use weft_api::push::{
 };
 
 use crate::index::{ObjectKey, ProxyView, ServiceSet, shared::SharedIndex};
-pub use auth::Authenticator;
+pub use auth::{AuthLimits, Authenticator};
+
+/// The default of [`PushServer::ack_timeout`].
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the operator knows about one proxy.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -146,6 +159,9 @@ pub struct PushServer {
     pub registry: Arc<Registry>,
     /// Checks subscriber tokens.
     pub auth: Authenticator,
+    /// How long a proxy may take to receive an update and answer it before its connection
+    /// is closed as stalled ([`DEFAULT_ACK_TIMEOUT`] in the operator).
+    pub ack_timeout: Duration,
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -177,14 +193,21 @@ pub async fn serve(listener: TcpListener, server: Arc<PushServer>, shutdown: Can
         let _ = stream.set_nodelay(true);
         let server = server.clone();
         let shutdown = shutdown.clone();
+        // Cancelled by a session that finds its stream stalled: the connection is dropped.
+        let stalled = CancellationToken::new();
         tracker.spawn(
             async move {
                 let svc = hyper::service::service_fn({
                     let shutdown = shutdown.clone();
+                    let stalled = stalled.clone();
                     move |req| {
-                        let server = server.clone();
-                        let shutdown = shutdown.clone();
-                        async move { Ok::<_, Infallible>(handle(req, server, shutdown).await) }
+                        let conn = Conn {
+                            server: server.clone(),
+                            shutdown: shutdown.clone(),
+                            stalled: stalled.clone(),
+                            source: peer.ip(),
+                        };
+                        async move { Ok::<_, Infallible>(handle(req, conn).await) }
                     }
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -195,9 +218,16 @@ pub async fn serve(listener: TcpListener, server: Arc<PushServer>, shutdown: Can
                 tokio::pin!(conn);
                 let r = tokio::select! {
                     r = conn.as_mut() => r,
+                    () = stalled.cancelled() => {
+                        tracing::warn!("closing a stalled push connection");
+                        return;
+                    }
                     () = shutdown.cancelled() => {
                         conn.as_mut().graceful_shutdown();
-                        conn.await
+                        tokio::select! {
+                            r = conn => r,
+                            () = stalled.cancelled() => return,
+                        }
                     }
                 };
                 if let Err(error) = r {
@@ -211,12 +241,26 @@ pub async fn serve(listener: TcpListener, server: Arc<PushServer>, shutdown: Can
     tracker.wait().await;
 }
 
-async fn handle(
-    req: Request<Incoming>,
+/// What a request needs to know about its connection.
+struct Conn {
     server: Arc<PushServer>,
     shutdown: CancellationToken,
-) -> Response<Body> {
+    /// Closes the connection (see the module's doc on stalls).
+    stalled: CancellationToken,
+    /// The peer's address, for the per-source TokenReview limit.
+    source: IpAddr,
+}
+
+async fn handle(req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    let Conn {
+        server,
+        shutdown,
+        stalled,
+        source,
+    } = conn;
+    let metrics = server.index.metrics().clone();
     if req.uri().path() != SUBSCRIBE_PATH || req.method() != http::Method::POST {
+        metrics.push_refusal("not_found");
         return plain(StatusCode::NOT_FOUND, "not found\n");
     }
     let Some(pod) = req
@@ -225,12 +269,14 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(ObjectKey::parse)
     else {
+        metrics.push_refusal("bad_request");
         return plain(
             StatusCode::BAD_REQUEST,
             format!("the {POD_HEADER} header must name the pod as namespace/name\n"),
         );
     };
     if !server.index.is_synced() {
+        metrics.push_refusal("not_synced");
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "the operator's index is not synced yet\n",
@@ -241,10 +287,26 @@ async fn handle(
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match server.auth.authenticate(token).await {
+    match server.auth.authenticate(token, source, &metrics).await {
         Err(error) => {
-            tracing::warn!(%pod, %error, "subscription refused");
-            return plain(StatusCode::UNAUTHORIZED, format!("{error}\n"));
+            metrics.push_refusal(error.reason());
+            // Refusals a flood causes are logged at debug: the metric counts them.
+            match error {
+                auth::AuthError::RateLimited
+                | auth::AuthError::CachedRejection(_)
+                | auth::AuthError::Busy => {
+                    tracing::debug!(%pod, %source, %error, "subscription refused")
+                }
+                _ => tracing::warn!(%pod, %source, %error, "subscription refused"),
+            }
+            let mut r = plain(error.status(), format!("{error}\n"));
+            if error.status() == StatusCode::TOO_MANY_REQUESTS {
+                r.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("1"),
+                );
+            }
+            return r;
         }
         Ok(Some(id)) => {
             let sa = server
@@ -268,6 +330,7 @@ async fn handle(
                 }
             };
             if let Some(problem) = problem {
+                metrics.push_refusal("identity_mismatch");
                 tracing::warn!(%pod, %problem, "subscription refused");
                 return plain(StatusCode::FORBIDDEN, format!("{problem}\n"));
             }
@@ -292,7 +355,8 @@ async fn handle(
     let views = server.index.subscribe(&pod);
     let body = req.into_body();
     let span = tracing::info_span!("push_session", %pod, endpoint_deltas);
-    tokio::spawn(session(pod, views, body, tx, server, sent, shutdown).instrument(span));
+    let ends = Ends { shutdown, stalled };
+    tokio::spawn(session(pod, views, body, tx, server, sent, ends).instrument(span));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
@@ -386,6 +450,23 @@ impl Sent {
     }
 }
 
+/// What ends a session besides its proxy: operator shutdown, and the connection's
+/// stall switch.
+struct Ends {
+    shutdown: CancellationToken,
+    stalled: CancellationToken,
+}
+
+/// A version sent and not yet answered.
+struct Pending {
+    version: u64,
+    resources: BTreeSet<ResourceRef>,
+    /// Sent as a delta (counts in the change-to-ACK histogram when acknowledged).
+    delta: bool,
+    /// When the connection took it: the ACK timeout runs from here.
+    sent_at: Instant,
+}
+
 async fn session(
     pod: ObjectKey,
     mut views: watch::Receiver<Option<ProxyView>>,
@@ -393,14 +474,18 @@ async fn session(
     tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
     server: Arc<PushServer>,
     mut sent: Sent,
-    shutdown: CancellationToken,
+    ends: Ends,
 ) {
     let registry = &server.registry;
     let metrics = server.index.metrics().clone();
+    let ack_timeout = server.ack_timeout;
     registry.with(&pod, |s| s.streams += 1);
     tracing::info!("proxy subscribed");
-    // Versions sent and not yet answered: (version, resources, was a delta).
-    let mut pending: VecDeque<(u64, BTreeSet<ResourceRef>, bool)> = VecDeque::new();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    // The oldest unanswered version and when it was sent. Kept apart from `pending`,
+    // which drops its oldest entries past 64: a proxy that never answers while updates
+    // keep coming must still reach the deadline.
+    let mut unanswered: Option<(u64, Instant)> = None;
     let mut decoder = FrameDecoder::default();
     'session: loop {
         let view = views.borrow_and_update().clone();
@@ -416,8 +501,17 @@ async fn session(
                     }
                 };
                 let len = bytes.len();
-                if tx.send(Ok(Frame::data(Bytes::from(bytes)))).await.is_err() {
-                    break;
+                // The channel holds one frame: waiting here means the connection has not
+                // taken the previous update (the proxy does not read, or the connection's
+                // flow-control window is exhausted). That too is a stall.
+                let send = tx.send(Ok(Frame::data(Bytes::from(bytes))));
+                match tokio::time::timeout(ack_timeout, send).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        stall(&metrics, &ends, version, "the connection took no update");
+                        break;
+                    }
                 }
                 metrics.pushed(len);
                 registry.with(&pod, |s| {
@@ -426,17 +520,37 @@ async fn session(
                 });
                 // Kept without requirements: the registry and the ACK reports only need
                 // to know which resources a version carries.
-                let resources = view.resources.iter().map(ResourceRef::bare).collect();
-                pending.push_back((version, resources, delta));
-                // A proxy that never answers must not grow this without bound.
+                let sent_at = Instant::now();
+                pending.push_back(Pending {
+                    version,
+                    resources: view.resources.iter().map(ResourceRef::bare).collect(),
+                    delta,
+                    sent_at,
+                });
+                unanswered.get_or_insert((version, sent_at));
+                // A proxy that never answers is cut off by the ACK timeout; until then
+                // this must not grow without bound.
                 while pending.len() > 64 {
                     pending.pop_front();
                 }
                 tracing::debug!(version, bytes = len, delta, "update sent");
             }
         }
+        // The oldest unanswered version decides when the proxy counts as stalled.
+        let deadline = unanswered.map(|(v, at)| (v, at + ack_timeout));
         tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = ends.shutdown.cancelled() => break,
+            () = ends.stalled.cancelled() => break,
+            () = async {
+                match deadline {
+                    Some((_, at)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let version = deadline.map_or(0, |(v, _)| v);
+                stall(&metrics, &ends, version, "no answer to a version");
+                break;
+            }
             r = views.changed() => if r.is_err() { break },
             frame = body.frame() => {
                 let data = match frame {
@@ -456,7 +570,9 @@ async fn session(
                             break 'session;
                         }
                     };
-                    answer(&pod, message, &mut pending, &server, &metrics);
+                    if answer(&pod, message, &mut pending, &server, &metrics) {
+                        unanswered = pending.front().map(|p| (p.version, p.sent_at));
+                    }
                 }
             }
         }
@@ -468,23 +584,40 @@ async fn session(
     tracing::info!("proxy stream ended");
 }
 
+/// Counts a stall and closes the connection it happened on.
+fn stall(metrics: &crate::metrics::Metrics, ends: &Ends, version: u64, what: &'static str) {
+    metrics.push_stall();
+    tracing::warn!(
+        version,
+        what,
+        "push stream stalled; closing the connection so the proxy resyncs"
+    );
+    ends.stalled.cancel();
+}
+
+/// Records the proxy's answer; false when it answers no pending version.
 fn answer(
     pod: &ObjectKey,
     message: ClientMessage,
-    pending: &mut VecDeque<(u64, BTreeSet<ResourceRef>, bool)>,
+    pending: &mut VecDeque<Pending>,
     server: &PushServer,
     metrics: &crate::metrics::Metrics,
-) {
+) -> bool {
     let version = match &message {
         ClientMessage::Ack(a) => a.version,
         ClientMessage::Nack(n) => n.version,
     };
-    let Some(pos) = pending.iter().position(|(v, _, _)| *v == version) else {
+    let Some(Pending {
+        resources, delta, ..
+    }) = pending
+        .iter()
+        .position(|p| p.version == version)
+        .and_then(|pos| pending.remove(pos))
+    else {
         tracing::debug!(version, "answer for a version not pending; ignored");
-        return;
+        return false;
     };
-    let (_, resources, delta) = pending.remove(pos).unwrap_or_default();
-    pending.retain(|(v, _, _)| *v > version);
+    pending.retain(|p| p.version > version);
     match message {
         ClientMessage::Ack(ack) => {
             if delta && let Some(at) = server.index.changed_at(version) {
@@ -510,6 +643,7 @@ fn answer(
         }
     }
     server.index.notify();
+    true
 }
 
 #[cfg(test)]

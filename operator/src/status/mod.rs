@@ -331,6 +331,11 @@ impl StatusWriter {
                 if self.written.get(&(kind, key.clone())) == Some(&computed) {
                     continue;
                 }
+                // Leadership can end during a pass (the renew deadline passed): not one
+                // more write after that.
+                if !*self.leader.borrow() {
+                    return;
+                }
                 match self.write(kind, &key, &computed).await {
                     Ok(true) => {
                         self.written.insert((kind, key), computed);

@@ -279,22 +279,34 @@ impl Operator {
 
     /// An operator replica with Lease identity `identity`.
     pub async fn start_as(bed: &Bed, push: TcpListener, identity: &str) -> Operator {
+        Operator::start_with(bed, push, identity, |_| {}).await
+    }
+
+    /// As [`Operator::start_as`], with `configure` changing the settings first.
+    pub async fn start_with(
+        bed: &Bed,
+        push: TcpListener,
+        identity: &str,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Operator {
         let stop = CancellationToken::new();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();
-        let settings = Settings {
+        let mut settings = Settings {
             push,
             admin: Some(admin),
             trust_domain: "cluster.local".into(),
             auth: Authenticator::token_review(bed.client.clone(), vec!["weft".into()]),
-            lease: Some(LeaseConfig {
-                namespace: bed.ns.clone(),
-                name: "weft-operator".into(),
-                identity: identity.to_owned(),
-                duration: Duration::from_secs(6),
-            }),
+            push_ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
+            lease: Some(LeaseConfig::new(
+                bed.ns.clone(),
+                "weft-operator".into(),
+                identity.to_owned(),
+                Duration::from_secs(6),
+            )),
             namespace: Some(bed.ns.clone()),
         };
+        configure(&mut settings);
         let (handles, done) = mesh::run(bed.client.clone(), settings, stop.clone());
         Operator {
             handles,
