@@ -145,9 +145,16 @@ pub enum Picker {
         /// The next position in `schedule`.
         next: AtomicUsize,
     },
+    /// Weighted random: the round-robin balancer's form when the weights' sum is too large
+    /// for a schedule. Shares are exact in expectation, whatever the weights.
+    Random {
+        /// Running sums of weights, for weighted sampling.
+        cumulative: Vec<u64>,
+    },
 }
 
-/// The most entries a round-robin schedule holds; larger weight sums are scaled down.
+/// The most entries a round-robin schedule holds; larger weight sums are drawn at random
+/// instead ([`Picker::Random`]), since scaling them down would distort the shares.
 const MAX_SCHEDULE: u64 = 4096;
 
 impl Picker {
@@ -182,12 +189,18 @@ impl Picker {
     /// nginx does) so that a heavy endpoint's turns are spread out.
     pub fn round_robin(weights: &[u32]) -> Self {
         let g = weights.iter().fold(0u64, |g, w| gcd(g, u64::from(*w)));
-        let mut w: Vec<u64> = weights.iter().map(|x| u64::from(*x) / g.max(1)).collect();
+        let w: Vec<u64> = weights.iter().map(|x| u64::from(*x) / g.max(1)).collect();
         let total: u64 = w.iter().sum();
         if total > MAX_SCHEDULE {
-            for x in &mut w {
-                *x = (*x * MAX_SCHEDULE / total).max(1);
-            }
+            let mut sum = 0u64;
+            let cumulative = w
+                .iter()
+                .map(|x| {
+                    sum += (*x).max(1);
+                    sum
+                })
+                .collect();
+            return Picker::Random { cumulative };
         }
         let total: i64 = w.iter().map(|x| *x as i64).sum();
         let mut current = vec![0i64; w.len()];
@@ -253,6 +266,13 @@ impl Picker {
                 } else {
                     a
                 })
+            }
+            Picker::Random { cumulative } => {
+                let n = cumulative.len();
+                if n <= 1 {
+                    return (n == 1).then_some(0);
+                }
+                Some(draw(rng, cumulative, exclude.filter(|i| *i < n), None))
             }
             Picker::RoundRobin { schedule, next } => {
                 if schedule.is_empty() {
@@ -359,6 +379,28 @@ mod tests {
             .map(|_| p.pick(&mut rng, Some(1), |_| unreachable!()).unwrap())
             .collect();
         assert!(!picks.contains(&1));
+    }
+
+    #[test]
+    fn round_robin_keeps_exact_shares_when_weights_are_too_large_for_a_schedule() {
+        // The operator's flattening of a 1 % backend on 1,000 endpoints beside a 99 % one on
+        // a single endpoint: scaled down to a 4,096-entry schedule, the light backend got
+        // about 20 %.
+        let mut weights = vec![1u32; 1000];
+        weights.push(99_000);
+        let p = Picker::round_robin(&weights);
+        let mut rng = StdRng::seed_from_u64(5);
+        let picks = 100_000;
+        let heavy = (0..picks)
+            .filter(|_| p.pick(&mut rng, None, |_| unreachable!()) == Some(1000))
+            .count();
+        let share = heavy as f64 / f64::from(picks);
+        assert!(
+            (share - 0.99).abs() < 0.005,
+            "heavy endpoint's share {share}"
+        );
+        // A retry still goes elsewhere.
+        assert!((0..1000).all(|_| p.pick(&mut rng, Some(1000), |_| unreachable!()) != Some(1000)));
     }
 
     /// Each endpoint's share of `picks` picks, against its weight's share.

@@ -40,7 +40,7 @@ use std::{
 };
 
 use weft_api::{
-    proxy_config::{EndpointConfig, Protocol, ServiceConfig},
+    proxy_config::{Balancer, EndpointConfig, Protocol, ServiceConfig},
     push::ResourceRef,
 };
 use weft_crds::{RouteSpec, route::RouteRule};
@@ -676,7 +676,15 @@ impl Index {
                     } else {
                         Protocol::Detect
                     },
-                    balancer: Default::default(),
+                    // A split is kept by weighted round robin, which ignores latency:
+                    // P2C would let the faster backend take more than its share. (A
+                    // weighted backend stage before latency-aware balancing comes with
+                    // Route enforcement.)
+                    balancer: if rule.is_some_and(splits) {
+                        Balancer::RoundRobin
+                    } else {
+                        Balancer::default()
+                    },
                     timeout: rule.and_then(|r| r.timeout.clone()),
                     connect_timeout: None,
                     endpoints,
@@ -980,6 +988,11 @@ fn ports_overlap(a: Option<u16>, b: Option<u16>) -> bool {
 }
 
 /// The first rule that matches every request: the one the proxy applies today.
+/// Whether a rule divides its traffic between more than one backend.
+fn splits(rule: &RouteRule) -> bool {
+    rule.backends.iter().filter(|b| b.weight > 0).count() > 1
+}
+
 fn catch_all(route: &RouteSpec) -> Option<&RouteRule> {
     route.rules.iter().find(|r| r.matches.is_empty())
 }

@@ -529,6 +529,12 @@ fn policies_apply_to_the_pods_they_select() {
 fn backend_shares(i: &Index, service: &str, prefixes: &[&str]) -> Vec<f64> {
     let view = i.view(&key("shop", "client")).unwrap();
     let svc = view.services.get(service).unwrap();
+    // Weights are shares only under a balancer that ignores latency.
+    assert_eq!(
+        svc.balancer,
+        weft_api::proxy_config::Balancer::RoundRobin,
+        "a split must not be balanced by latency"
+    );
     for e in &svc.endpoints {
         let w = e.weight.unwrap();
         assert!((1..=MAX_ENDPOINT_WEIGHT).contains(&w), "{w}");
