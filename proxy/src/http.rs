@@ -407,13 +407,16 @@ impl HttpConn {
             to_origin_form(&mut req, || self.fallback_authority());
         }
 
+        let req_version = req.version();
         let (parts, body) = req.into_parts();
         let retryable = matches!(&dest, Dest::Service(s) if s.endpoints.len() > 1)
             && body.is_end_stream()
             && on_upgrade.is_none();
-        // gRPC streams may legitimately stay silent for long (a watch); they are bounded by
-        // HTTP/2's stream limit and keep-alive pings instead.
-        let idle = (!grpc && !body.is_end_stream())
+        // gRPC streams over HTTP/2 may legitimately stay silent for long (a watch); they
+        // are bounded by HTTP/2's stream limit and keep-alive pings instead. Over HTTP/1 a
+        // content type alone must not buy a client an unbounded connection.
+        let exempt = grpc && req_version == Version::HTTP_2;
+        let idle = (!exempt && !body.is_end_stream())
             .then(|| (self.limits.request_body_idle_timeout, self.metrics.clone()));
         let body = RequestBody::new(body, idle);
         let mut request = Some(Request::from_parts(parts, body));

@@ -666,6 +666,28 @@ async fn a_stalled_request_body_is_cut_and_answered_408() {
 }
 
 #[tokio::test]
+async fn a_grpc_content_type_over_http1_does_not_exempt_a_stalled_body() {
+    // Only gRPC over HTTP/2 is exempt (its streams are bounded by HTTP/2's own limits and
+    // pings); over HTTP/1 the header is the client's word and must not hold a connection.
+    let (backend, _t) = swallowing_backend().await;
+    let limits = Limits {
+        request_body_idle_timeout: Duration::from_millis(400),
+        ..Limits::default()
+    };
+    let proxy = start("web", config(&[("web", &[backend])]), limits);
+    let mut s = connect(proxy.addr).await;
+    s.write_all(
+        b"POST /pkg.Svc/Call HTTP/1.1\r\nHost: web\r\nContent-Type: application/grpc\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    closed_within(&mut s, Duration::from_secs(5))
+        .await
+        .expect("the stalled body is cut and its connection closed");
+    assert_eq!(refusals(&proxy.proxy, "request_body_idle_timeout"), 1);
+}
+
+#[tokio::test]
 async fn a_body_stalled_after_the_response_started_is_cut() {
     // The echo backend answers at once and streams the body back: the stall cuts both.
     let backend = Backend::start("127.0.0.2", "a").await;
