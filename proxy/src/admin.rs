@@ -119,10 +119,16 @@ pub enum Peer {
 impl Peer {
     /// Classifies a connection's peer address.
     pub fn of(peer: SocketAddr) -> Peer {
+        // The inbound listener forwards from 127.0.0.6 / ::6: a connection that came
+        // through it (an admin port not skipped by `init`) is another pod's, not local.
+        let relayed = |v4: std::net::Ipv4Addr| v4 == crate::server::INBOUND_SOURCE_V4;
         let loopback = match peer.ip() {
-            IpAddr::V4(v4) => v4.is_loopback(),
+            IpAddr::V4(v4) => v4.is_loopback() && !relayed(v4),
             IpAddr::V6(v6) => {
-                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+                v6.is_loopback()
+                    || v6
+                        .to_ipv4_mapped()
+                        .is_some_and(|v4| v4.is_loopback() && !relayed(v4))
             }
         };
         if loopback {
@@ -219,6 +225,10 @@ mod tests {
             "[fd00::1]:1",
             "[::]:1",
             "[::127.0.0.1]:1",
+            // What the inbound listener forwards from.
+            "127.0.0.6:1",
+            "[::6]:1",
+            "[::ffff:127.0.0.6]:1",
         ] {
             assert_eq!(Peer::of(remote.parse().unwrap()), Peer::Remote, "{remote}");
         }
