@@ -147,7 +147,7 @@ impl Limits {
     /// HTTP/2's `SETTINGS_MAX_HEADER_LIST_SIZE`, which counts 32 bytes per field on top of
     /// names and values (RFC 9113 §6.5.2); above it h2 refuses the stream itself.
     pub fn http2_header_list_size(&self) -> u32 {
-        let per_field = 32usize.saturating_mul(self.max_request_headers_count + 8);
+        let per_field = 32usize.saturating_mul(self.max_request_headers_count.saturating_add(8));
         let total = self
             .max_request_headers_bytes
             .saturating_add(self.max_request_target_bytes)

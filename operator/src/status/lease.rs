@@ -71,6 +71,14 @@ impl LeaseConfig {
 
     /// Why these timings cannot guarantee a single writer, if they cannot.
     pub fn validate(&self) -> Result<(), String> {
+        // The Lease records whole seconds: a shorter or fractional duration would be
+        // written as less than what this replica waits, and others would take over early.
+        if self.duration.as_secs() == 0 || self.duration.subsec_nanos() != 0 {
+            return Err(format!(
+                "the lease duration ({:?}) must be a whole number of seconds, at least 1 s",
+                self.duration
+            ));
+        }
         if self.retry_period.is_zero() {
             return Err("the retry period must be positive".into());
         }
@@ -279,7 +287,11 @@ async fn try_hold(
         } else {
             mine.acquire_time
         },
-        lease_transitions: Some(spec.lease_transitions.unwrap_or(0) + i32::from(!ours)),
+        lease_transitions: Some(
+            spec.lease_transitions
+                .unwrap_or(0)
+                .saturating_add(i32::from(!ours)),
+        ),
         ..mine
     });
     match api
@@ -377,8 +389,20 @@ mod tests {
         assert!(bad.validate().is_err());
         let bad = LeaseConfig {
             retry_period: c.renew_deadline,
-            ..c
+            ..c.clone()
         };
         assert!(bad.validate().is_err());
+        // The Lease holds whole seconds: 1.5 s would be written as 1 s.
+        let bad = LeaseConfig {
+            duration: Duration::from_millis(1500),
+            renew_deadline: Duration::from_secs(1),
+            retry_period: Duration::from_millis(200),
+            ..c
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .contains("whole number of seconds")
+        );
     }
 }
