@@ -123,19 +123,17 @@ pub fn proxy_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
         value(keys::env::TOKEN_FILE, format!("{}/token", keys::TOKEN_DIR)),
         value(keys::env::LOG, cfg.log_level.clone()),
         // The same ports `init` redirects to and the probes use, so a non-default port
-        // setting moves the listeners with the rules.
+        // setting moves the listeners with the rules; `[::]` takes IPv4 and IPv6 alike, as
+        // `init` redirects both.
         value(
             keys::env::OUTBOUND_ADDR,
-            format!("0.0.0.0:{}", cfg.ports.outbound),
+            format!("[::]:{}", cfg.ports.outbound),
         ),
         value(
             keys::env::INBOUND_ADDR,
-            format!("0.0.0.0:{}", cfg.ports.inbound),
+            format!("[::]:{}", cfg.ports.inbound),
         ),
-        value(
-            keys::env::ADMIN_ADDR,
-            format!("0.0.0.0:{}", cfg.ports.admin),
-        ),
+        value(keys::env::ADMIN_ADDR, format!("[::]:{}", cfg.ports.admin)),
     ];
     if !opts.opaque_ports.is_empty() {
         env.push(value(keys::env::OPAQUE_PORTS, join(&opts.opaque_ports)));
@@ -235,9 +233,9 @@ fn quantities(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Quantity> {
 mod tests {
     use super::*;
 
-    /// Every variable the proxy container gets is one `weft-proxy run` reads (its `--help`
-    /// names each; `proxy/tests/interception.rs` checks that list and the behaviour of the
-    /// port lists). Adding one here without the proxy reading it fails this test.
+    /// The variables the proxy container gets, exactly. This list is mirrored in
+    /// `proxy/tests/interception.rs`, which checks that `weft-proxy run` reads each one:
+    /// adding a variable here means adding it there, where a variable nobody reads fails.
     #[test]
     fn the_proxy_gets_only_variables_it_reads() {
         let cfg = InjectConfig::default();

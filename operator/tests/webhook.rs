@@ -611,7 +611,7 @@ async fn the_webhook_injects_with_the_settings_in_the_clusters_configmap() {
         .flatten()
         .find(|e| e.name == keys::env::INBOUND_ADDR)
         .and_then(|e| e.value.clone());
-    assert_eq!(inbound_addr.as_deref(), Some("0.0.0.0:16006"));
+    assert_eq!(inbound_addr.as_deref(), Some("[::]:16006"));
 
     // A ConfigMap with a setting the operator does not know stops it from starting.
     let typo = json!({"data": {"proxyImg": "typo/p:1"}});

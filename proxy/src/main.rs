@@ -322,9 +322,21 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("bind the {what} listener on {addr}"))
+    match TcpListener::bind(addr).await {
+        // Injection binds `[::]` so that IPv4 and IPv6 both reach the proxy; on a node whose
+        // kernel has no IPv6 at all, the IPv4 wildcard is what is left.
+        Err(error)
+            if addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                && error.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+        {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::warn!(%addr, %v4, "no IPv6 on this host; listening on IPv4 only");
+            TcpListener::bind(v4)
+                .await
+                .with_context(|| format!("bind the {what} listener on {v4}"))
+        }
+        other => other.with_context(|| format!("bind the {what} listener on {addr}")),
+    }
 }
 
 async fn serve(
