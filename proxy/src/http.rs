@@ -477,6 +477,13 @@ impl HttpConn {
                             _in_flight: in_flight,
                             lease,
                             ended: false,
+                            deadline: deadline.map(|d| {
+                                (
+                                    Box::pin(tokio::time::sleep_until(d)),
+                                    self.metrics.clone(),
+                                    self.direction,
+                                )
+                            }),
                         })
                     });
                 }
@@ -757,13 +764,29 @@ fn absolutize<B>(req: &mut Request<B>, fallback: impl FnOnce() -> Option<Authori
 
 /// An upstream response body that keeps its endpoint's in-flight count until it ends, so
 /// that P2C sees long responses as load, and hands its HTTP/1 connection back to the pool
-/// once it has been read to the end.
+/// once it has been read to the end. A service's timeout covers the body too: past the
+/// deadline the body ends with [`ResponseBodyError::Deadline`], which resets the stream
+/// (HTTP/2) or closes the connection (HTTP/1) downstream, and drops the upstream one.
 #[derive(Debug)]
 pub struct TrackedBody {
     inner: Incoming,
     _in_flight: InFlight,
     lease: Option<Lease>,
     ended: bool,
+    /// The request's deadline, when its service has a timeout (one allocation then, none
+    /// otherwise), with what counts its expiry.
+    deadline: Option<(Pin<Box<tokio::time::Sleep>>, Arc<Metrics>, Direction)>,
+}
+
+/// Why a response body ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    /// The upstream connection failed mid-body.
+    #[error(transparent)]
+    Upstream(#[from] hyper::Error),
+    /// The service's timeout expired before the body ended.
+    #[error("the service's timeout expired while the response body was streaming")]
+    Deadline,
 }
 
 impl Drop for TrackedBody {
@@ -780,17 +803,27 @@ impl Drop for TrackedBody {
 
 impl Body for TrackedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ResponseBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+        if !self.ended
+            && let Some((sleep, metrics, direction)) = &mut self.deadline
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            metrics.error(*direction, ErrorCode::ResponseTimeout);
+            tracing::debug!("response timeout while streaming the body");
+            self.deadline = None;
+            // Not `ended`: the upstream connection is mid-response and must not be reused.
+            return Poll::Ready(Some(Err(ResponseBodyError::Deadline)));
+        }
         let frame = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(None) = frame {
             self.ended = true;
         }
-        frame
+        frame.map(|f| f.map(|r| r.map_err(ResponseBodyError::from)))
     }
 
     fn is_end_stream(&self) -> bool {

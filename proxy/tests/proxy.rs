@@ -318,6 +318,48 @@ async fn slow_upstream_is_504_after_the_service_timeout() {
 }
 
 #[tokio::test]
+async fn the_service_timeout_cuts_a_response_body_that_outlives_it() {
+    // The echo backend answers at once and streams back what the client sends; the client
+    // sends one chunk and then holds its body open, so the response never ends by itself.
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let mut cfg = config(&[("web", &[backend.addr])]);
+    cfg["services"][0]["timeout"] = "300ms".into();
+    let proxy = TestProxy::start("web", cfg).await;
+    let (mut tx, rx) = futures::channel::mpsc::channel::<Bytes>(1);
+    let body = BodyExt::boxed(StreamBody::new(
+        rx.map(|b| Ok::<_, Infallible>(Frame::data(b))),
+    ));
+    let start = Instant::now();
+    let resp = h1_client()
+        .request(Request::post(proxy.url("/echo")).body(body).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    tx.send(Bytes::from_static(b"first")).await.unwrap();
+    let mut resp_body = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), resp_body.frame())
+        .await
+        .expect("the first chunk")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "first");
+    let cut = tokio::time::timeout(Duration::from_secs(5), resp_body.frame())
+        .await
+        .expect("the body is cut at the service's timeout, not left streaming");
+    assert!(
+        !matches!(cut, Some(Ok(_))),
+        "the body went on past the deadline: {cut:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(3));
+    let metrics = proxy.proxy.metrics.encode().unwrap();
+    assert!(
+        metrics.contains(r#"reason="response_timeout""#),
+        "{metrics}"
+    );
+    drop(tx);
+}
+
+#[tokio::test]
 async fn round_robin_respects_weights() {
     let a = Backend::start("127.0.0.2", "a").await;
     let b = Backend::start("127.0.0.3", "b").await;
