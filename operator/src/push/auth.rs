@@ -221,9 +221,9 @@ pub struct TokenReviewer {
     refused: Mutex<HashMap<u64, (AuthError, Instant)>>,
     /// The key of that hash, random per process.
     hasher: RandomState,
-    /// Reviews in progress by token hash: concurrent subscriptions with one token wait for
-    /// one verdict.
-    in_progress: Mutex<HashMap<u64, Arc<OnceCell<Verdict>>>>,
+    /// Reviews in progress, by the token itself: concurrent subscriptions with one token
+    /// wait for one verdict.
+    in_progress: Mutex<HashMap<String, Arc<OnceCell<Verdict>>>>,
     sources: Mutex<HashMap<IpAddr, Bucket>>,
     in_flight: Semaphore,
 }
@@ -280,8 +280,10 @@ impl TokenReviewer {
             };
             return Err(AuthError::CachedRejection(reason));
         }
+        // Keyed by the token itself, not its hash: waiters take the reviewer's identity,
+        // which must never be another token's. (It is held only while the review runs.)
         let cell = lock(&self.in_progress)
-            .entry(key)
+            .entry(token.to_owned())
             .or_insert_with(|| Arc::new(OnceCell::new()))
             .clone();
         let verdict = cell
@@ -290,8 +292,11 @@ impl TokenReviewer {
             .clone();
         {
             let mut in_progress = lock(&self.in_progress);
-            if in_progress.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                in_progress.remove(&key);
+            if in_progress
+                .get(token)
+                .is_some_and(|c| Arc::ptr_eq(c, &cell))
+            {
+                in_progress.remove(token);
             }
         }
         verdict
