@@ -626,7 +626,7 @@ fn answer(
             server.registry.with(pod, |s| {
                 s.acked_version = Some(version);
                 s.acked_resources = resources;
-                s.enforcement = ack.enforcement;
+                s.enforcement = ack.enforcement.map(|e| bounded(e, &s.acked_resources));
                 s.nack = None;
             });
             tracing::debug!(version, "ack");
@@ -646,12 +646,88 @@ fn answer(
     true
 }
 
+/// The most fields a proxy may name as not enforced for one resource, and the longest text
+/// kept of each string in its report.
+const MAX_REPORTED_FIELDS: usize = 64;
+const MAX_REPORTED_TEXT: usize = 256;
+
+/// Keeps of a proxy's enforcement report only what concerns the resources of the version it
+/// acknowledged, once each and within bounds: the report is stored per proxy and
+/// republished in this replica's ACK report, so a proxy must not be able to grow either.
+fn bounded(report: Enforcement, resources: &BTreeSet<ResourceRef>) -> Enforcement {
+    let clip = |s: String| {
+        if s.len() > MAX_REPORTED_TEXT {
+            s.chars().take(MAX_REPORTED_TEXT).collect()
+        } else {
+            s
+        }
+    };
+    let enforced: BTreeSet<ResourceRef> = report
+        .enforced
+        .into_iter()
+        .filter(|r| resources.contains(r))
+        .collect();
+    let mut seen = BTreeSet::new();
+    let not_enforced = report
+        .not_enforced
+        .into_iter()
+        .filter(|n| resources.contains(&n.resource) && seen.insert(n.resource.clone()))
+        .map(|mut n| {
+            n.fields.truncate(MAX_REPORTED_FIELDS);
+            n.fields = n.fields.into_iter().map(clip).collect();
+            n
+        })
+        .collect();
+    Enforcement {
+        proxy: clip(report.proxy),
+        enforced: enforced.into_iter().collect(),
+        not_enforced,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use weft_api::proxy_config::ServiceConfig;
 
     use super::*;
     use crate::index::NsServices;
+
+    #[test]
+    fn a_proxys_enforcement_report_is_cut_to_the_resources_it_acknowledged() {
+        let route = |name: &str| ResourceRef {
+            kind: "Route".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            generation: 1,
+            requires: Vec::new(),
+        };
+        let acked: BTreeSet<ResourceRef> = [route("web")].into_iter().collect();
+        let report = Enforcement {
+            proxy: "x".repeat(10_000),
+            enforced: vec![route("web"), route("web"), route("invented")],
+            not_enforced: vec![
+                weft_api::push::NotEnforced {
+                    resource: route("web"),
+                    fields: vec!["f".repeat(1_000); 1_000],
+                },
+                weft_api::push::NotEnforced {
+                    resource: route("other"),
+                    fields: vec!["spec".into()],
+                },
+            ],
+        };
+        let kept = bounded(report, &acked);
+        assert_eq!(kept.proxy.len(), MAX_REPORTED_TEXT);
+        assert_eq!(kept.enforced, vec![route("web")]);
+        assert_eq!(kept.not_enforced.len(), 1);
+        assert_eq!(kept.not_enforced[0].fields.len(), MAX_REPORTED_FIELDS);
+        assert!(
+            kept.not_enforced[0]
+                .fields
+                .iter()
+                .all(|f| f.len() == MAX_REPORTED_TEXT)
+        );
+    }
 
     fn service(name: &str, addrs: &[&str]) -> Arc<ServiceConfig> {
         Arc::new(
