@@ -641,22 +641,29 @@ async fn swallowing_backend() -> (SocketAddr, Task) {
     (addr, Task(task))
 }
 
-#[tokio::test]
-async fn a_stalled_request_body_is_cut_and_answered_408() {
-    let (backend, _t) = swallowing_backend().await;
+/// Sends `head` and ten bytes of a 100-byte body to a proxy whose request-body idle timeout
+/// is 400 ms, in front of `backend`, then waits for the connection to close; what the
+/// client read, and the proxy.
+async fn stall_a_body(backend: SocketAddr, head: &str) -> (String, TestProxy) {
     let limits = Limits {
         request_body_idle_timeout: Duration::from_millis(400),
         ..Limits::default()
     };
     let proxy = start("web", config(&[("web", &[backend])]), limits);
     let mut s = connect(proxy.addr).await;
-    s.write_all(b"POST /upload HTTP/1.1\r\nHost: web\r\nContent-Length: 100\r\n\r\n0123456789")
+    s.write_all(format!("{head}Content-Length: 100\r\n\r\n0123456789").as_bytes())
         .await
         .unwrap();
     let got = closed_within(&mut s, Duration::from_secs(5))
         .await
-        .expect("the stalled request is answered and its connection closed");
-    let got = String::from_utf8_lossy(&got).into_owned();
+        .expect("the stalled body is cut and its connection closed");
+    (String::from_utf8_lossy(&got).into_owned(), proxy)
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_and_answered_408() {
+    let (backend, _t) = swallowing_backend().await;
+    let (got, proxy) = stall_a_body(backend, "POST /upload HTTP/1.1\r\nHost: web\r\n").await;
     assert!(status_line(&got).starts_with("HTTP/1.1 408"), "{got}");
     assert!(
         has_header(&got, "weft-error: request_body_timeout"),
@@ -670,20 +677,11 @@ async fn a_grpc_content_type_over_http1_does_not_exempt_a_stalled_body() {
     // Only gRPC over HTTP/2 is exempt (its streams are bounded by HTTP/2's own limits and
     // pings); over HTTP/1 the header is the client's word and must not hold a connection.
     let (backend, _t) = swallowing_backend().await;
-    let limits = Limits {
-        request_body_idle_timeout: Duration::from_millis(400),
-        ..Limits::default()
-    };
-    let proxy = start("web", config(&[("web", &[backend])]), limits);
-    let mut s = connect(proxy.addr).await;
-    s.write_all(
-        b"POST /pkg.Svc/Call HTTP/1.1\r\nHost: web\r\nContent-Type: application/grpc\r\nContent-Length: 100\r\n\r\n0123456789",
+    let (_, proxy) = stall_a_body(
+        backend,
+        "POST /pkg.Svc/Call HTTP/1.1\r\nHost: web\r\nContent-Type: application/grpc\r\n",
     )
-    .await
-    .unwrap();
-    closed_within(&mut s, Duration::from_secs(5))
-        .await
-        .expect("the stalled body is cut and its connection closed");
+    .await;
     assert_eq!(refusals(&proxy.proxy, "request_body_idle_timeout"), 1);
 }
 
@@ -691,19 +689,7 @@ async fn a_grpc_content_type_over_http1_does_not_exempt_a_stalled_body() {
 async fn a_body_stalled_after_the_response_started_is_cut() {
     // The echo backend answers at once and streams the body back: the stall cuts both.
     let backend = Backend::start("127.0.0.2", "a").await;
-    let limits = Limits {
-        request_body_idle_timeout: Duration::from_millis(400),
-        ..Limits::default()
-    };
-    let proxy = start("web", config(&[("web", &[backend.addr])]), limits);
-    let mut s = connect(proxy.addr).await;
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 100\r\n\r\n0123456789")
-        .await
-        .unwrap();
-    let got = closed_within(&mut s, Duration::from_secs(5))
-        .await
-        .expect("the connection is closed");
-    let got = String::from_utf8_lossy(&got).into_owned();
+    let (got, proxy) = stall_a_body(backend.addr, "POST /echo HTTP/1.1\r\nHost: web\r\n").await;
     assert!(status_line(&got).starts_with("HTTP/1.1 200"), "{got}");
     assert_eq!(refusals(&proxy.proxy, "request_body_idle_timeout"), 1);
 }
