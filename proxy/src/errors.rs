@@ -20,7 +20,8 @@ pub enum ErrorCode {
     ConnectFailed,
     /// Connecting to the chosen endpoint took longer than the connect timeout (504).
     ConnectTimeout,
-    /// The upstream did not send response headers within the service's timeout (504).
+    /// The upstream did not send response headers within the service's timeout (504), or
+    /// its body was still streaming at that deadline (cut).
     ResponseTimeout,
     /// The upstream connection broke or spoke invalid HTTP before a response (502).
     UpstreamFailed,
@@ -117,6 +118,51 @@ impl std::fmt::Display for ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every code has its section in `docs/errors.md` (cause and what to do), that section
+    /// states the status the proxy answers with, and the page names no code that does not
+    /// exist; and some test of the proxy produces the code and checks for it by name.
+    #[test]
+    fn every_code_is_documented_and_produced_by_a_test() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let doc = std::fs::read_to_string(dir.join("../docs/errors.md")).unwrap();
+        let sections: Vec<&str> = doc.split("\n## ").skip(1).collect();
+        for code in ErrorCode::ALL {
+            let heading = format!("`{}`", code.as_str());
+            let section = sections
+                .iter()
+                .find(|s| s.lines().next() == Some(heading.as_str()))
+                .unwrap_or_else(|| panic!("docs/errors.md has no section for {code}"));
+            let status = format!("{} · gRPC {}", code.status().as_u16(), code.grpc_status());
+            assert!(
+                section.contains(&status),
+                "{code}: section lacks {status:?}"
+            );
+            assert!(
+                section.contains("**Cause:**") && section.contains("**What to do:**"),
+                "{code}: section lacks cause or what to do"
+            );
+        }
+        assert_eq!(
+            sections.len(),
+            ErrorCode::ALL.len(),
+            "a section for no code"
+        );
+
+        let tests: String = std::fs::read_dir(dir.join("tests"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        for code in ErrorCode::ALL {
+            assert!(
+                tests.contains(&format!("\"{}\"", code.as_str()))
+                    || tests.contains(&format!("weft-error: {}", code.as_str())),
+                "no test in proxy/tests checks for {code}"
+            );
+        }
+    }
 
     #[test]
     fn codes_are_distinct_header_safe_tokens() {

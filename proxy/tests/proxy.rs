@@ -566,6 +566,27 @@ async fn metrics_count_requests_errors_and_connections() {
 }
 
 #[tokio::test]
+async fn an_upstream_that_answers_garbage_is_502_upstream_failed() {
+    // A port that does not speak HTTP: it reads the request and answers with nonsense.
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = Task(tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"SSH-2.0-not-http\r\n\r\n").await;
+        }
+    }));
+    let proxy = TestProxy::start("web", config(&[("web", &[addr])])).await;
+    let resp = h1_client()
+        .request(Request::get(proxy.url("/")).body(full("")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(resp.headers()["weft-error"], "upstream_failed");
+}
+
+#[tokio::test]
 async fn connect_timeout_is_504() {
     // A listener that never accepts, with its accept queue filled: the kernel drops
     // further SYNs, so connecting hangs, all on loopback.
