@@ -3,17 +3,12 @@
 
 use std::fmt::Write as _;
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::{
-    api::{
-        admissionregistration::v1::MutatingWebhookConfiguration,
-        core::v1::{Namespace, Pod},
-    },
+    api::admissionregistration::v1::MutatingWebhookConfiguration,
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
-use kube::{Api, Client, api::ListParams, core::PartialObjectMeta};
-use weft_inject::{InjectConfig, audit::Unmeshed, settings::CONFIG_MAP};
+use kube::{Api, Client};
+use weft_inject::{InjectConfig, settings::CONFIG_MAP};
 
 /// The result of the checks: lines to print, and whether anything failed.
 #[derive(Debug, Default)]
@@ -97,7 +92,7 @@ pub async fn run(client: Client, webhook_name: &str, operator_namespace: &str) -
             InjectConfig::for_operator(operator_namespace, crate::settings::OPERATOR_SERVICE)
         }
     };
-    match scan_unmeshed(&client, &cfg).await {
+    match weft_inject::audit::scan(&client, &cfg).await {
         Ok(found) if found.is_empty() => report.ok("every pod that opted in runs with the proxy"),
         Ok(found) => {
             for u in found {
@@ -110,33 +105,4 @@ pub async fn run(client: Client, webhook_name: &str, operator_namespace: &str) -
         Err(e) => report.fail(&format!("listing pods: {e}")),
     }
     report
-}
-
-/// Lists the pods (metadata only, paged) and namespaces of the cluster and returns those
-/// that opted in but run without the proxy.
-pub async fn scan_unmeshed(
-    client: &Client,
-    cfg: &InjectConfig,
-) -> Result<Vec<Unmeshed>, kube::Error> {
-    let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone())
-        .list(&ListParams::default())
-        .await?;
-    let labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
-        .items
-        .into_iter()
-        .filter_map(|n| Some((n.metadata.name?, n.metadata.labels.unwrap_or_default())))
-        .collect();
-    let pods = Api::<PartialObjectMeta<Pod>>::all(client.clone());
-    let mut metas = Vec::new();
-    // Pages of 500 keep one answer small on a large cluster.
-    let mut params = ListParams::default().limit(500);
-    loop {
-        let page = pods.list(&params).await?;
-        metas.extend(page.items.into_iter().map(|p| p.metadata));
-        match page.metadata.continue_ {
-            Some(token) if !token.is_empty() => params = params.continue_token(&token),
-            _ => break,
-        }
-    }
-    Ok(weft_inject::audit::unmeshed(&metas, &labels, cfg))
 }

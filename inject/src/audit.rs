@@ -54,6 +54,39 @@ pub fn unmeshed<'a>(
     out
 }
 
+/// Lists the pods (metadata only, in pages of 500 so that one answer stays small on a large
+/// cluster) and namespaces of the cluster and returns those that opted in but run without
+/// the proxy. Used by the operator's audit loop and by `kubectl weft check`.
+#[cfg(feature = "cluster")]
+pub async fn scan(client: &kube::Client, cfg: &InjectConfig) -> Result<Vec<Unmeshed>, kube::Error> {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use kube::{
+        Api,
+        api::{ListParams, PartialObjectMeta},
+    };
+
+    let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone())
+        .list(&ListParams::default())
+        .await?;
+    let labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
+        .items
+        .into_iter()
+        .filter_map(|n| Some((n.metadata.name?, n.metadata.labels.unwrap_or_default())))
+        .collect();
+    let pods = Api::<PartialObjectMeta<Pod>>::all(client.clone());
+    let mut metas = Vec::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = pods.list(&params).await?;
+        metas.extend(page.items.into_iter().map(|p| p.metadata));
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => break,
+        }
+    }
+    Ok(unmeshed(&metas, &labels, cfg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,8 @@
 //!
 //! The crate depends on k8s-openapi's types and serde only (no Kubernetes client, HTTP or
 //! async runtime), so the kubectl plugin links injection without linking the operator.
+//! The `cluster` feature adds [`audit::scan`], the one cluster listing the operator and
+//! `kubectl weft check` share, through the kube client both link anyway.
 //!
 //! ```text
 //!  pod + namespace opt-in ──decide()──▶ Skip(reason)          (nothing changes)

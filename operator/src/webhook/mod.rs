@@ -159,47 +159,12 @@ async fn renew_forever(ca: ca::Ca, certs: CertStore, settings: WebhookSettings) 
     }
 }
 
-/// Lists the pods (metadata only, paged) and namespaces of the cluster and returns those
-/// that opted in but run without the proxy, for the audit loop. (`kubectl weft check` has
-/// its own copy of this listing, so that it need not link the operator; the rule itself is
-/// `weft_inject::audit::unmeshed`, shared.)
-pub async fn scan_unmeshed(
-    client: &Client,
-    cfg: &InjectConfig,
-) -> Result<Vec<crate::inject::audit::Unmeshed>, kube::Error> {
-    use std::collections::BTreeMap;
-
-    use k8s_openapi::api::core::v1::Pod;
-    use kube::api::ListParams;
-
-    let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone())
-        .list(&ListParams::default())
-        .await?;
-    let labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
-        .items
-        .into_iter()
-        .filter_map(|n| Some((n.metadata.name?, n.metadata.labels.unwrap_or_default())))
-        .collect();
-    let pods = Api::<PartialObjectMeta<Pod>>::all(client.clone());
-    let mut metas = Vec::new();
-    let mut params = ListParams::default().limit(500);
-    loop {
-        let page = pods.list(&params).await?;
-        metas.extend(page.items.into_iter().map(|p| p.metadata));
-        match page.metadata.continue_ {
-            Some(token) if !token.is_empty() => params = params.continue_token(&token),
-            _ => break,
-        }
-    }
-    Ok(crate::inject::audit::unmeshed(&metas, &labels, cfg))
-}
-
 /// Counts, every `audit_interval`, the pods that opted in but run without the proxy, into
 /// the `weft_unmeshed_pods` gauge, and logs each newly found one once.
 async fn audit_forever(client: Client, settings: WebhookSettings, metrics: WebhookMetrics) {
     let mut reported = std::collections::BTreeSet::new();
     loop {
-        match scan_unmeshed(&client, &settings.inject).await {
+        match crate::inject::audit::scan(&client, &settings.inject).await {
             Ok(found) => {
                 metrics
                     .unmeshed
