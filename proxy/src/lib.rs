@@ -75,21 +75,21 @@ impl Proxy {
     /// A proxy with fresh metrics, the default limits and no config (not ready), passing
     /// connections through until its first config ([`server::BeforeConfig::Passthrough`]).
     pub fn new() -> Arc<Self> {
-        Self::with(limits::Limits::default(), server::BeforeConfig::default())
+        Self::with_limits(limits::Limits::default())
     }
 
     /// A proxy with fresh metrics, these limits and no config (not ready).
     pub fn with_limits(limits: limits::Limits) -> Arc<Self> {
-        Self::with(limits, server::BeforeConfig::default())
+        Self::with_local(
+            limits,
+            server::BeforeConfig::default(),
+            LocalPorts::default(),
+        )
     }
 
     /// A proxy with fresh metrics, these limits and no config, handling connections
-    /// accepted before its first config as `before_config` says.
-    pub fn with(limits: limits::Limits, before_config: server::BeforeConfig) -> Arc<Self> {
-        Self::with_local(limits, before_config, LocalPorts::default())
-    }
-
-    /// A proxy as [`Proxy::with`] makes it, with this pod's own port settings.
+    /// accepted before its first config as `before_config` says, with this pod's own port
+    /// settings.
     pub fn with_local(
         limits: limits::Limits,
         before_config: server::BeforeConfig,

@@ -23,36 +23,11 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_util::sync::CancellationToken;
-use weft_proxy::{
-    Proxy,
-    limits::Limits,
-    server::{self, ListenerKind},
-};
+use weft_proxy::{Proxy, limits::Limits};
 
 /// A proxy forwarding to `service` with these limits.
 fn start(service: &str, config: serde_json::Value, limits: Limits) -> TestProxy {
-    let proxy = Proxy::with_limits(limits);
-    proxy
-        .store
-        .apply(serde_json::from_value(config).unwrap())
-        .unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let listener = TcpListener::from_std(listener).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server::serve(
-        listener,
-        ListenerKind::Forward(Arc::from(service)),
-        proxy.clone(),
-        shutdown.clone(),
-    ));
-    TestProxy {
-        proxy,
-        addr,
-        shutdown,
-        task: Some(task),
-    }
+    TestProxy::start_with(Proxy::with_limits(limits), service, config)
 }
 
 /// The value of one sample in the proxy's metrics, 0 when absent.

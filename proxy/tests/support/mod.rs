@@ -245,12 +245,18 @@ pub struct TestProxy {
 
 impl TestProxy {
     pub async fn start(service: &str, config: serde_json::Value) -> TestProxy {
-        let proxy = Proxy::new();
+        Self::start_with(Proxy::new(), service, config)
+    }
+
+    /// Like [`TestProxy::start`], with a proxy built by the caller (its limits, say).
+    pub fn start_with(proxy: Arc<Proxy>, service: &str, config: serde_json::Value) -> TestProxy {
         proxy
             .store
             .apply(serde_json::from_value(config).unwrap())
             .unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::serve(
