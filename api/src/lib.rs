@@ -7,5 +7,6 @@ pub mod duration;
 pub mod proxy_config;
 pub mod proxy_status;
 pub mod push;
+pub mod traffic;
 
 pub use duration::{Duration, DurationError};

@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::Duration;
+pub use crate::traffic::*;
 
 /// The `apiVersion` this crate reads and writes. A config with another value is rejected,
 /// so that a proxy never half-understands a newer format.
@@ -60,6 +61,9 @@ pub struct ProxyConfig {
     /// The services this proxy can send traffic to.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// Settings of the inbound side: what protects this proxy's own workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundConfig>,
 }
 
 /// A destination the proxy balances over: a name, the addresses that select it, and its
@@ -90,6 +94,17 @@ pub struct ServiceConfig {
     /// The endpoints that serve this service. May be empty: requests then get 503.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// How HTTP requests to this service are routed (a compiled `Route`). Absent: every
+    /// request goes to `endpoints`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteConfig>,
+    /// The retry budget of requests to this service (rules without a budget of their own
+    /// share it). Absent: 20 % of the last 10 s of requests plus 10 per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudgetConfig>,
+    /// Circuit breaking for this service (a compiled `Breaker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<BreakerConfig>,
     /// Fields this reader does not know, by name: kept (not dropped) so that validation
     /// rejects them. Empty from every writer that knows the reader.
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]

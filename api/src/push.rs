@@ -21,7 +21,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::proxy_config::{EndpointConfig, ServiceConfig};
+use crate::proxy_config::{EndpointConfig, InboundConfig, ServiceConfig};
 
 /// The request path of a subscription.
 pub const SUBSCRIBE_PATH: &str = "/weft.push.v1/subscribe";
@@ -36,6 +36,11 @@ pub const FEATURES_HEADER: &str = "weft-push-features";
 
 /// Feature: the proxy applies [`Update::endpoints`] (per-endpoint deltas).
 pub const FEATURE_ENDPOINT_DELTAS: &str = "endpoint-deltas";
+
+/// Feature: the proxy enforces traffic policy: a [`ServiceConfig`]'s `route`,
+/// `retryBudget` and `breaker`, and [`Update::inbound`]. The operator sends them only to
+/// proxies that list it.
+pub const FEATURE_TRAFFIC_POLICY: &str = "traffic-policy";
 
 /// The largest frame either side accepts (16 MiB): a full snapshot of a large mesh fits,
 /// a corrupt length prefix does not make a reader allocate gigabytes.
@@ -76,6 +81,11 @@ pub struct Update {
     /// changes; sent only to proxies that announced [`FEATURE_ENDPOINT_DELTAS`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<EndpointDelta>,
+    /// The proxy's inbound settings (its workload's rate limit), sent only to proxies that
+    /// announced [`FEATURE_TRAFFIC_POLICY`]. In a full update, absent means none; in a
+    /// delta, absent means unchanged (an empty object clears them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundConfig>,
 }
 
 /// The endpoint changes of one service, which otherwise stays as it was on the stream.
@@ -106,6 +116,9 @@ impl EndpointDelta {
             timeout,
             connect_timeout,
             endpoints,
+            route,
+            retry_budget,
+            breaker,
             unknown,
         } = new;
         if *name != old.name
@@ -114,6 +127,9 @@ impl EndpointDelta {
             || *balancer != old.balancer
             || *timeout != old.timeout
             || *connect_timeout != old.connect_timeout
+            || *route != old.route
+            || *retry_budget != old.retry_budget
+            || *breaker != old.breaker
             || *unknown != old.unknown
             || !endpoints.is_sorted_by(|a, b| a.address < b.address)
         {

@@ -37,6 +37,10 @@ pub struct BreakerSpec {
     /// Caps connections and requests to the Service from each client proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPool>,
+    /// Dry run: eject nothing and refuse nothing, but record (a counter and a rate-limited
+    /// log line) each ejection and refusal the Breaker would have made.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// Outlier ejection. An endpoint is ejected after `consecutive5xx` 5xx responses or

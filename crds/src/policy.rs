@@ -204,6 +204,10 @@ pub struct RateLimit {
     /// client identity.
     #[serde(default)]
     pub per: RateLimitScope,
+    /// Dry run: let every request through, and record (a counter and a rate-limited log
+    /// line) each one the limit would have refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// What one rate-limit bucket covers.

@@ -236,6 +236,10 @@ pub struct RetryBudget {
     /// The window over which requests and retries are counted (default 10s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<Duration>,
+    /// Dry run: retry as if there were no budget, and record (a counter and a rate-limited
+    /// log line) each retry the budget would have refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 fn default_budget_percent() -> u32 {
@@ -278,6 +282,12 @@ pub struct FaultAbort {
     /// HTTP status to answer with, 200 to 599.
     #[schemars(range(min = 200, max = 599))]
     pub http_status: u16,
+    /// gRPC status code (0 to 16) to answer gRPC requests with. When omitted, derived
+    /// from `httpStatus` as gRPC maps HTTP statuses (503 is UNAVAILABLE, 429 is
+    /// UNAVAILABLE, 404 is UNIMPLEMENTED, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 16))]
+    pub grpc_status: Option<u8>,
     /// Share of requests aborted, 0 to 100.
     #[schemars(range(min = 0, max = 100))]
     pub percentage: u32,

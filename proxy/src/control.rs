@@ -22,7 +22,9 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use weft_api::{
-    proxy_config::{PROXY_CONFIG_API_VERSION, PROXY_CONFIG_KIND, ProxyConfig, ServiceConfig},
+    proxy_config::{
+        InboundConfig, PROXY_CONFIG_API_VERSION, PROXY_CONFIG_KIND, ProxyConfig, ServiceConfig,
+    },
     push::{
         self, Ack, ClientMessage, FEATURE_ENDPOINT_DELTAS, FEATURES_HEADER, FrameDecoder, Nack,
         POD_HEADER, ResourceRef, SUBSCRIBE_PATH, ServerMessage, Update,
@@ -327,9 +329,14 @@ impl ControlClient {
         let Received {
             services: received,
             resources,
+            inbound,
         } = received;
         if update.full {
             received.clear();
+            *inbound = None;
+        }
+        if let Some(i) = update.inbound {
+            *inbound = Some(i);
         }
         if let Some(r) = update.resources {
             *resources = r;
@@ -355,6 +362,7 @@ impl ControlClient {
             connect_timeout: None,
             opaque_ports: None,
             services: received.values().cloned().collect(),
+            inbound: inbound.clone(),
         };
         let rejected = |reason: String| self.reject(version, reason);
         if let Some(max) = self.config.max_services
@@ -388,6 +396,8 @@ struct Received {
     services: BTreeMap<String, ServiceConfig>,
     /// The resources the latest update said the config implements.
     resources: Vec<ResourceRef>,
+    /// The inbound settings, as the latest update that carried them said.
+    inbound: Option<InboundConfig>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -688,6 +688,9 @@ impl Index {
                     timeout: rule.and_then(|r| r.timeout.clone()),
                     connect_timeout: None,
                     endpoints,
+                    route: None,
+                    retry_budget: None,
+                    breaker: None,
                     unknown: BTreeMap::new(),
                 }
             })

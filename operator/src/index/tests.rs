@@ -193,6 +193,7 @@ fn the_generated_config_passes_the_proxys_wire_format() {
         connect_timeout: None,
         opaque_ports: None,
         services: view.services.values().map(|s| (**s).clone()).collect(),
+        inbound: None,
     };
     let text = serde_json::to_string(&raw).unwrap();
     let back: weft_api::proxy_config::ProxyConfig = serde_json::from_str(&text).unwrap();
@@ -630,6 +631,7 @@ fn proxy_accepts(i: &Index, pod: &ObjectKey) -> Result<(), String> {
         connect_timeout: None,
         opaque_ports: None,
         services: view.services.values().map(|s| (**s).clone()).collect(),
+        inbound: None,
     };
     weft_proxy::config::Config::validate(&raw)
         .map(|_| ())

@@ -446,6 +446,7 @@ impl Sent {
             removed,
             resources,
             endpoints,
+            inbound: None,
         })
     }
 }
