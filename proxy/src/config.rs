@@ -48,6 +48,8 @@ pub struct Config {
     opaque_ports: PortSet,
     /// The services, in file order.
     pub services: Vec<Arc<Service>>,
+    /// The rate limit on requests to this proxy's own workload, validated.
+    pub inbound_rate_limit: Option<wire::RateLimitConfig>,
     by_name: HashMap<String, usize>,
     by_addr: HashMap<SocketAddr, usize>,
 }
@@ -69,6 +71,10 @@ pub struct Service {
     pub connect_timeout: Duration,
     /// The endpoints; addresses are unique within the service.
     pub endpoints: Vec<Endpoint>,
+    /// How HTTP requests to the service are routed; `None`: all to `endpoints`.
+    pub route: Option<Arc<crate::rules::Route>>,
+    /// The retry budget of the service's requests (rules without their own share it).
+    pub retry_budget: crate::retry::BudgetSpec,
 }
 
 /// A validated endpoint.
@@ -197,7 +203,17 @@ impl Config {
                     identity: e.identity.clone(),
                 });
             }
-            services.push(Arc::new(Service {
+            let retry_budget = match crate::retry::BudgetSpec::from_wire(
+                s.retry_budget.as_ref(),
+                &format!("{at}.retryBudget"),
+            ) {
+                Ok(b) => b,
+                Err(p) => {
+                    problems.extend(p);
+                    crate::retry::BudgetSpec::default()
+                }
+            };
+            services.push(Service {
                 name: s.name.clone(),
                 addresses,
                 opaque: s.protocol == wire::Protocol::Opaque,
@@ -205,7 +221,29 @@ impl Config {
                 response_timeout,
                 connect_timeout: svc_connect_timeout,
                 endpoints,
-            }));
+                route: None,
+                retry_budget,
+            });
+        }
+        // Routes name other services as backends: compiled once every name is known.
+        for (i, s) in raw.services.iter().enumerate() {
+            let Some(route) = &s.route else { continue };
+            let at = format!("services[{i}] ({:?}).route", s.name);
+            match crate::rules::Route::from_wire(route, &at, &by_name) {
+                Ok(r) => {
+                    if let Some(svc) = services.get_mut(i) {
+                        svc.route = Some(Arc::new(r));
+                    }
+                }
+                Err(p) => problems.extend(p),
+            }
+        }
+        let services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
+        let inbound_rate_limit = raw.inbound.as_ref().and_then(|i| i.rate_limit.as_ref());
+        if let Some(limit) = inbound_rate_limit
+            && let Err(p) = crate::ratelimit::RateLimiter::from_wire(limit, "inbound.rateLimit")
+        {
+            problems.extend(p);
         }
 
         if !problems.is_empty() {
@@ -217,6 +255,7 @@ impl Config {
             connect_timeout,
             opaque_ports,
             services,
+            inbound_rate_limit: inbound_rate_limit.cloned(),
             by_name,
             by_addr,
         })

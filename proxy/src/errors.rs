@@ -36,11 +36,21 @@ pub enum ErrorCode {
     RequestHeadersTooLarge,
     /// The client paused in the middle of the request body for longer than allowed (408).
     RequestBodyTimeout,
+    /// The Route rule picked a backend whose Service does not exist (500), as Gateway API
+    /// answers a backend reference that does not resolve.
+    BackendNotFound,
+    /// A Route rule's fault injection aborted the request (its configured status; 503 is
+    /// what [`ErrorCode::status`] gives, for a fault that names none).
+    FaultInjected,
+    /// The workload's rate limit refused the request (429, with `Retry-After`).
+    RateLimited,
+    /// Every attempt the Route rule allowed ran past its `perTryTimeout` (504).
+    PerTryTimeout,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::NoEndpoints,
         ErrorCode::ServiceNotFound,
         ErrorCode::ConnectFailed,
@@ -52,6 +62,10 @@ impl ErrorCode {
         ErrorCode::RequestTargetTooLong,
         ErrorCode::RequestHeadersTooLarge,
         ErrorCode::RequestBodyTimeout,
+        ErrorCode::BackendNotFound,
+        ErrorCode::FaultInjected,
+        ErrorCode::RateLimited,
+        ErrorCode::PerTryTimeout,
     ];
 
     /// The stable text sent in the `weft-error` header and used as the metric label.
@@ -68,6 +82,10 @@ impl ErrorCode {
             ErrorCode::RequestTargetTooLong => "request_target_too_long",
             ErrorCode::RequestHeadersTooLarge => "request_headers_too_large",
             ErrorCode::RequestBodyTimeout => "request_body_timeout",
+            ErrorCode::BackendNotFound => "backend_not_found",
+            ErrorCode::FaultInjected => "fault_injected",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::PerTryTimeout => "per_try_timeout",
         }
     }
 
@@ -76,13 +94,18 @@ impl ErrorCode {
         match self {
             ErrorCode::NoEndpoints
             | ErrorCode::ServiceNotFound
-            | ErrorCode::UpstreamConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
+            | ErrorCode::UpstreamConnectionLimit
+            | ErrorCode::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::BackendNotFound => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::RequestTargetTooLong => StatusCode::URI_TOO_LONG,
             ErrorCode::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorCode::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::ConnectFailed | ErrorCode::UpstreamFailed => StatusCode::BAD_GATEWAY,
-            ErrorCode::ConnectTimeout | ErrorCode::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::ConnectTimeout | ErrorCode::ResponseTimeout | ErrorCode::PerTryTimeout => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
         }
     }
 }
@@ -93,18 +116,23 @@ impl ErrorCode {
     pub const fn grpc_status(self) -> u8 {
         match self {
             // DEADLINE_EXCEEDED
-            ErrorCode::ResponseTimeout | ErrorCode::RequestBodyTimeout => 4,
+            ErrorCode::ResponseTimeout | ErrorCode::RequestBodyTimeout | ErrorCode::PerTryTimeout => 4,
+            // INTERNAL: a configuration error, not worth a client's retry.
+            ErrorCode::BackendNotFound => 13,
             // INTERNAL, as gRPC maps HTTP 400.
             ErrorCode::InvalidRequest => 13,
             // RESOURCE_EXHAUSTED
-            ErrorCode::RequestTargetTooLong | ErrorCode::RequestHeadersTooLarge => 8,
+            ErrorCode::RequestTargetTooLong
+            | ErrorCode::RequestHeadersTooLarge
+            | ErrorCode::RateLimited => 8,
             // UNAVAILABLE: nothing was processed, the client may retry.
             ErrorCode::NoEndpoints
             | ErrorCode::ServiceNotFound
             | ErrorCode::ConnectFailed
             | ErrorCode::ConnectTimeout
             | ErrorCode::UpstreamFailed
-            | ErrorCode::UpstreamConnectionLimit => 14,
+            | ErrorCode::UpstreamConnectionLimit
+            | ErrorCode::FaultInjected => 14,
         }
     }
 }

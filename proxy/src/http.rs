@@ -83,7 +83,9 @@ pub struct HttpConn {
     fixed_metrics: OnceLock<RequestMetrics>,
     /// The tunnel an HTTP/1 request opened (an upgrade or a `CONNECT`), spliced by the
     /// connection's own task once hyper hands the socket over.
-    tunnel: Mutex<Option<Tunnel>>,
+    pub(crate) tunnel: Mutex<Option<Tunnel>>,
+    /// The client's address, which a per-client rate limit counts by.
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl HttpConn {
@@ -105,10 +107,17 @@ impl HttpConn {
             limits,
             fixed_metrics: OnceLock::new(),
             tunnel: Mutex::new(None),
+            client: None,
         }
     }
 
-    fn tunnel_slot(&self) -> std::sync::MutexGuard<'_, Option<Tunnel>> {
+    /// The same, for a connection from `client`.
+    pub fn with_client(mut self, client: std::net::IpAddr) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    pub(crate) fn tunnel_slot(&self) -> std::sync::MutexGuard<'_, Option<Tunnel>> {
         self.tunnel
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -326,7 +335,8 @@ fn valid_host(value: &[u8]) -> bool {
 }
 
 enum Dest {
-    Service(Arc<ServiceState>),
+    /// A service of the active snapshot (kept, since Route backends are its services).
+    Service(Arc<Snapshot>, Arc<ServiceState>),
     Fixed(Arc<EndpointState>),
 }
 
@@ -346,12 +356,15 @@ impl HttpConn {
                 .and_then(|s| s.service_for_addr(*addr).cloned())
                 .ok_or_else(|| (ErrorCode::ServiceNotFound, ServiceLabel::unknown())),
         }?;
-        Ok(Dest::Service(found))
+        match snapshot {
+            Some(snapshot) => Ok(Dest::Service(snapshot, found)),
+            None => Err((ErrorCode::ServiceNotFound, ServiceLabel::unknown())),
+        }
     }
 
     fn request_metrics<'a>(&'a self, dest: &'a Dest) -> &'a RequestMetrics {
         match dest {
-            Dest::Service(s) => s.request_metrics(&self.metrics, self.direction),
+            Dest::Service(_, s) => s.request_metrics(&self.metrics, self.direction),
             Dest::Fixed(_) => self
                 .fixed_metrics
                 .get_or_init(|| self.metrics.for_requests(self.direction, &self.fixed_label)),
@@ -366,7 +379,8 @@ impl HttpConn {
         }
     }
 
-    /// Proxies one request.
+    /// Proxies one request: the checks every request gets, then the stages of
+    /// [`crate::pipeline`].
     pub async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
@@ -394,12 +408,15 @@ impl HttpConn {
             }
             return resp;
         }
+        if let Some(refused) = self.rate_limit(labels, grpc, start) {
+            return refused;
+        }
 
         let upgrade = is_upgrade(&req);
         // RFC 9110 §9.3.6: CONNECT goes to the destination as it is (authority-form), and
         // a 2xx answer turns both connections into one tunnel, as a 101 does for Upgrade.
         let connect = req.method() == Method::CONNECT && req.version() <= Version::HTTP_11;
-        let mut on_upgrade = (upgrade || connect).then(|| hyper::upgrade::on(&mut req));
+        let on_upgrade = (upgrade || connect).then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
         if req.version() == Version::HTTP_2 {
             absolutize(&mut req, || self.fallback_authority());
@@ -407,125 +424,36 @@ impl HttpConn {
             to_origin_form(&mut req, || self.fallback_authority());
         }
 
-        let req_version = req.version();
         let (parts, body) = req.into_parts();
-        let retryable = matches!(&dest, Dest::Service(s) if s.endpoints.len() > 1)
-            && body.is_end_stream()
-            && on_upgrade.is_none();
         // gRPC streams over HTTP/2 may legitimately stay silent for long (a watch); they
         // are bounded by HTTP/2's stream limit and keep-alive pings instead. Over HTTP/1 a
         // content type alone must not buy a client an unbounded connection.
-        let exempt = grpc && req_version == Version::HTTP_2;
+        let exempt = grpc && parts.version == Version::HTTP_2;
         let idle = (!exempt && !body.is_end_stream())
             .then(|| (self.limits.request_body_idle_timeout, self.metrics.clone()));
-        let body = RequestBody::new(body, idle);
-        let mut request = Some(Request::from_parts(parts, body));
-        let timeout = match &dest {
-            Dest::Service(s) => s.spec.response_timeout,
-            Dest::Fixed(_) => None,
+        let request = Request::from_parts(parts, RequestBody::new(body, idle));
+        let mut exchange = Exchange {
+            start,
+            grpc,
+            labels,
+            upgrade,
+            connect,
+            on_upgrade,
         };
-        let deadline = timeout.map(|t| tokio::time::Instant::from_std(start) + t);
-
-        let mut exclude = None;
-        for attempt in 0..2 {
-            let Some(req) = request.take() else { break };
-            let (index, endpoint) = match &dest {
-                Dest::Fixed(e) => (0, e.clone()),
-                Dest::Service(s) => match s.pick(exclude) {
-                    Some((i, e)) => (i, e.clone()),
-                    None => return self.fail(labels, ErrorCode::NoEndpoints, grpc, start),
-                },
-            };
-            let in_flight = endpoint.start();
-            let sent = Instant::now();
-            let result = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, endpoint.upstream.send(req)).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        endpoint.observe(sent.elapsed());
-                        tracing::debug!(endpoint = %endpoint.addr, "response timeout");
-                        return self.fail(labels, ErrorCode::ResponseTimeout, grpc, start);
-                    }
-                },
-                None => endpoint.upstream.send(req).await,
-            };
-            match result {
-                Ok((mut resp, lease)) => {
-                    let done = Instant::now();
-                    endpoint.observe_at(done.saturating_duration_since(sent), done);
-                    let seconds = done.saturating_duration_since(start).as_secs_f64();
-                    let switched = (upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS)
-                        || (connect && resp.status().is_success());
-                    if switched && let Some(downstream) = on_upgrade.take() {
-                        let upstream = hyper::upgrade::on(&mut resp);
-                        *self.tunnel_slot() = Some(Tunnel {
-                            downstream,
-                            upstream,
-                            idle: self.limits.opaque_idle_timeout,
-                            metrics: self.metrics.clone(),
-                            _in_flight: in_flight,
-                        });
-                        strip_hop_by_hop(resp.headers_mut(), upgrade);
-                        labels.response(resp.status(), seconds);
-                        return resp.map(|_| Either::Right(Full::new(Bytes::new())));
-                    }
-                    strip_hop_by_hop(resp.headers_mut(), false);
-                    labels.response(resp.status(), seconds);
-                    return resp.map(|inner| {
-                        Either::Left(TrackedBody {
-                            inner,
-                            _in_flight: in_flight,
-                            lease,
-                            ended: false,
-                            deadline: deadline.map(|d| {
-                                (
-                                    Box::pin(tokio::time::sleep_until(d)),
-                                    self.metrics.clone(),
-                                    self.direction,
-                                )
-                            }),
-                        })
-                    });
-                }
-                Err(mut error) if error.is_connect() => {
-                    drop(in_flight);
-                    let code = if error.is_connection_limit() {
-                        self.metrics.limit_refused(Limit::UpstreamHttp1Connections);
-                        ErrorCode::UpstreamConnectionLimit
-                    } else if error.is_connect_timeout() {
-                        endpoint.penalize();
-                        ErrorCode::ConnectTimeout
-                    } else {
-                        endpoint.penalize();
-                        ErrorCode::ConnectFailed
-                    };
-                    tracing::debug!(endpoint = %endpoint.addr, error = %error, "connect failed");
-                    if attempt == 0
-                        && retryable
-                        && let Some(unsent) = error.take_unsent()
-                    {
-                        self.metrics.error(self.direction, code);
-                        request = Some(unsent);
-                        exclude = Some(index);
-                        continue;
-                    }
-                    return self.fail(labels, code, grpc, start);
-                }
-                Err(error) => {
-                    tracing::debug!(endpoint = %endpoint.addr, error = %error, "upstream failed");
-                    let code = if caused_by_body_timeout(&error) {
-                        ErrorCode::RequestBodyTimeout
-                    } else {
-                        ErrorCode::UpstreamFailed
-                    };
-                    return self.fail(labels, code, grpc, start);
-                }
+        match &dest {
+            Dest::Fixed(endpoint) => {
+                let plan = Attempts::single(endpoint, None);
+                self.send(plan, request, &mut exchange).await
+            }
+            Dest::Service(snapshot, service) => {
+                self.outbound(snapshot, service, request, &mut exchange)
+                    .await
             }
         }
-        self.fail(labels, ErrorCode::UpstreamFailed, grpc, start)
     }
 
-    fn fail(
+    /// Answers a request with `code`'s error response, counted under `labels`.
+    pub(crate) fn fail(
         &self,
         labels: &RequestMetrics,
         code: ErrorCode,
@@ -589,13 +517,13 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 /// Both halves of a connection that switched protocols (`101` to an `Upgrade`, `2xx` to a
 /// `CONNECT`). The endpoint counts it in flight until the tunnel closes.
 #[derive(Debug)]
-struct Tunnel {
-    downstream: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
+pub(crate) struct Tunnel {
+    pub(crate) downstream: hyper::upgrade::OnUpgrade,
+    pub(crate) upstream: hyper::upgrade::OnUpgrade,
     /// Like an opaque connection, a tunnel that moves no byte for this long is closed.
-    idle: Duration,
-    metrics: Arc<Metrics>,
-    _in_flight: InFlight,
+    pub(crate) idle: Duration,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) _in_flight: InFlight,
 }
 
 impl Tunnel {
@@ -769,13 +697,13 @@ fn absolutize<B>(req: &mut Request<B>, fallback: impl FnOnce() -> Option<Authori
 /// (HTTP/2) or closes the connection (HTTP/1) downstream, and drops the upstream one.
 #[derive(Debug)]
 pub struct TrackedBody {
-    inner: Incoming,
-    _in_flight: InFlight,
-    lease: Option<Lease>,
-    ended: bool,
+    pub(crate) inner: Incoming,
+    pub(crate) _in_flight: InFlight,
+    pub(crate) lease: Option<Lease>,
+    pub(crate) ended: bool,
     /// The request's deadline, when its service has a timeout (one allocation then, none
     /// otherwise), with what counts its expiry.
-    deadline: Option<(Pin<Box<tokio::time::Sleep>>, Arc<Metrics>, Direction)>,
+    pub(crate) deadline: Option<(Pin<Box<tokio::time::Sleep>>, Arc<Metrics>, Direction)>,
 }
 
 /// Why a response body ended early.
@@ -835,15 +763,23 @@ impl Body for TrackedBody {
     }
 }
 
-/// A request body on its way upstream. While the client sends it, a pause between two
-/// frames longer than the idle timeout ends it with [`RequestBodyError::IdleTimeout`], so a
-/// client that stops half-way does not hold an upstream connection forever. Empty bodies
-/// (most requests) carry no timer; a body allocates its timer the first time it has to
-/// wait for the client.
+/// A request body on its way upstream: the client's, streamed, or a copy of one that was
+/// read whole so that it can be sent again (a retry) or twice (a mirror). While the client
+/// sends a streamed body, a pause between two frames longer than the idle timeout ends it
+/// with [`RequestBodyError::IdleTimeout`], so a client that stops half-way does not hold an
+/// upstream connection forever. Empty bodies (most requests) carry no timer; a body
+/// allocates its timer the first time it has to wait for the client.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
+    inner: BodyInner,
     idle: Option<IdleTimer>,
+}
+
+#[derive(Debug)]
+enum BodyInner {
+    Stream(Incoming),
+    /// The whole body, until it is sent; `None` once sent (or when empty).
+    Buffered(Option<Bytes>),
 }
 
 #[derive(Debug)]
@@ -861,13 +797,21 @@ impl RequestBody {
     /// in the metrics given.
     pub fn new(inner: Incoming, idle: Option<(std::time::Duration, Arc<Metrics>)>) -> Self {
         RequestBody {
-            inner,
+            inner: BodyInner::Stream(inner),
             idle: idle.map(|(timeout, metrics)| IdleTimer {
                 timeout,
                 metrics,
                 sleep: None,
                 armed: false,
             }),
+        }
+    }
+
+    /// A body that was read whole.
+    pub fn buffered(bytes: Bytes) -> Self {
+        RequestBody {
+            inner: BodyInner::Buffered((!bytes.is_empty()).then_some(bytes)),
+            idle: None,
         }
     }
 }
@@ -884,7 +828,7 @@ pub enum RequestBodyError {
 }
 
 /// Whether an upstream failure was the request body's idle timeout.
-fn caused_by_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn caused_by_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(e) = cause {
         if matches!(e.downcast_ref(), Some(RequestBodyError::IdleTimeout)) {
@@ -904,7 +848,13 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let inner = match &mut this.inner {
+            BodyInner::Buffered(bytes) => {
+                return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b))));
+            }
+            BodyInner::Stream(inner) => inner,
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 if let Some(idle) = this.idle.as_mut() {
                     idle.armed = false;
@@ -938,11 +888,19 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            BodyInner::Stream(inner) => inner.is_end_stream(),
+            BodyInner::Buffered(bytes) => bytes.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            BodyInner::Stream(inner) => inner.size_hint(),
+            BodyInner::Buffered(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
     }
 }
 

@@ -30,10 +30,13 @@ pub mod init;
 pub mod limits;
 pub mod metrics;
 pub mod orig_dst;
+pub mod pipeline;
 pub mod server;
 pub mod shutdown;
 pub mod source;
+pub mod rules;
 pub mod store;
+pub mod traffic_metrics;
 pub mod upstream;
 
 /// What this pod says about its own ports: read once at startup from flags or the

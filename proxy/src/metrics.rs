@@ -19,7 +19,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{errors::ErrorCode, limits::Limit};
+use crate::{errors::ErrorCode, limits::Limit, traffic_metrics::TrafficMetrics};
 
 /// Which way traffic flows through the proxy, relative to its own pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -161,6 +161,8 @@ pub struct Metrics {
     config_last_update: Gauge<f64, AtomicU64>,
     config_info: Family<VersionLabels, Gauge>,
     config_rejected: Counter,
+    /// What Routes, retry budgets, faults, mirrors and rate limits did.
+    pub traffic: TrafficMetrics,
 }
 
 impl Default for Metrics {
@@ -196,8 +198,10 @@ impl Metrics {
             config_last_update: Gauge::default(),
             config_info: Family::default(),
             config_rejected: Counter::default(),
+            traffic: TrafficMetrics::default(),
             registry: Registry::default(),
         };
+        m.traffic.register(&mut registry);
         registry.register(
             "requests",
             "HTTP requests received, by direction and destination service",

@@ -138,6 +138,7 @@ async fn handle(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
     let direction = kind.direction();
     let guard = proxy.metrics.connection(direction);
     let plan = match proxy.store.load() {
@@ -187,14 +188,18 @@ async fn handle(
                 ),
                 Route::Missing(name) => (HttpTarget::Named(name.clone()), ServiceLabel(name)),
             };
-            let conn = Arc::new(HttpConn::new(
+            let mut conn = HttpConn::new(
                 proxy.store.clone(),
                 proxy.metrics.clone(),
                 direction,
                 target,
                 fixed_label,
                 proxy.limits,
-            ));
+            );
+            if let Some(peer) = peer {
+                conn = conn.with_client(peer.ip());
+            }
+            let conn = Arc::new(conn);
             crate::http::serve(io, protocol, conn, shutdown).await;
         }
         Protocol::Opaque => proxy_opaque(io, route, connect_timeout, &proxy, direction).await,

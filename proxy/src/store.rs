@@ -40,6 +40,8 @@ use arc_swap::ArcSwapOption;
 use weft_api::proxy_config::{self as wire, ProxyConfig};
 
 use crate::{
+    ratelimit::RateLimiter,
+    retry::{BudgetSpec, RetryBudget},
     balance::{DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, Load, PeakEwma, Picker},
     config::{Config, ConfigError, Service},
     metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
@@ -153,6 +155,19 @@ impl Drop for InFlight {
     }
 }
 
+/// The most mirrored requests one proxy has in flight; a copy beyond it is not sent (and
+/// counted), so that a slow mirror cannot grow memory without bound.
+pub const MIRROR_SLOTS: usize = 256;
+
+/// A service's Route with its runtime state.
+#[derive(Debug)]
+pub struct RouteState {
+    /// The compiled Route.
+    pub spec: Arc<crate::rules::Route>,
+    /// Per rule, its own retry budget (`None`: the service's).
+    pub budgets: Vec<Option<Arc<RetryBudget>>>,
+}
+
 /// Runtime state of one service in one snapshot.
 #[derive(Debug)]
 pub struct ServiceState {
@@ -162,6 +177,10 @@ pub struct ServiceState {
     pub label: ServiceLabel,
     /// Endpoint state, index-aligned with `spec.endpoints`.
     pub endpoints: Vec<Arc<EndpointState>>,
+    /// The Route and its rules' budgets.
+    pub route: Option<RouteState>,
+    /// The service's retry budget.
+    pub budget: Arc<RetryBudget>,
     picker: Picker,
     /// This service's request series per direction (inbound, outbound), looked up on the
     /// first request rather than on every one.
@@ -208,6 +227,8 @@ pub struct Snapshot {
     pub generation: u64,
     /// The version shown to users: the config's own label, or the generation.
     pub version: String,
+    /// The rate limit on requests to this proxy's workload.
+    pub inbound_limit: Option<Arc<RateLimiter>>,
 }
 
 impl Snapshot {
@@ -221,13 +242,30 @@ impl Snapshot {
         // One rule for the first build and every reload: endpoint state is keyed by what
         // its connections depend on, and the previous snapshot's states seed the map.
         let mut states: HashMap<EndpointKey, Arc<EndpointState>> = HashMap::new();
+        // Budgets carry over by service, rule and spec: an update that leaves them keeps
+        // their count of recent requests and retries.
+        let mut budgets: Vec<(String, Option<Arc<str>>, Arc<RetryBudget>)> = Vec::new();
         if let Some(prev) = previous {
             for s in &prev.services {
                 for e in &s.endpoints {
                     states.insert(EndpointKey::of(e), e.clone());
                 }
+                budgets.push((s.spec.name.clone(), None, s.budget.clone()));
+                if let Some(route) = &s.route {
+                    for (rule, b) in route.spec.rules.iter().zip(&route.budgets) {
+                        if let Some(b) = b {
+                            budgets.push((s.spec.name.clone(), Some(rule.label.clone()), b.clone()));
+                        }
+                    }
+                }
             }
         }
+        let budget = |service: &str, rule: Option<&Arc<str>>, spec: &BudgetSpec| {
+            budgets
+                .iter()
+                .find(|(s, r, b)| s == service && r.as_ref() == rule && b.spec() == spec)
+                .map_or_else(|| Arc::new(RetryBudget::new(spec.clone())), |(_, _, b)| b.clone())
+        };
         let services = config
             .services
             .iter()
@@ -256,8 +294,22 @@ impl Snapshot {
                     wire::Balancer::PeakEwma => Picker::p2c(&weights),
                     wire::Balancer::RoundRobin => Picker::round_robin(&weights),
                 };
+                let route = spec.route.as_ref().map(|r| RouteState {
+                    spec: r.clone(),
+                    budgets: r
+                        .rules
+                        .iter()
+                        .map(|rule| {
+                            rule.budget
+                                .as_ref()
+                                .map(|b| budget(&spec.name, Some(&rule.label), b))
+                        })
+                        .collect(),
+                });
                 Arc::new(ServiceState {
                     label: ServiceLabel(Arc::from(spec.name.as_str())),
+                    budget: budget(&spec.name, None, &spec.retry_budget),
+                    route,
                     spec: spec.clone(),
                     endpoints,
                     picker,
@@ -269,12 +321,22 @@ impl Snapshot {
             .version
             .clone()
             .unwrap_or_else(|| generation.to_string());
+        let inbound_limit = config.inbound_rate_limit.as_ref().and_then(|w| {
+            let kept = previous
+                .and_then(|p| p.inbound_limit.as_ref())
+                .filter(|l| l.spec_eq(w));
+            match kept {
+                Some(l) => Some(l.clone()),
+                None => RateLimiter::from_wire(w, "inbound.rateLimit").ok().map(Arc::new),
+            }
+        });
         Snapshot {
             raw,
             config,
             services,
             generation,
             version,
+            inbound_limit,
         }
     }
 
@@ -300,6 +362,8 @@ pub struct ConfigStore {
     metrics: Arc<Metrics>,
     /// HTTP/1 connections allowed per endpoint (a process limit, not a config field).
     max_http1_per_endpoint: usize,
+    /// Mirrored requests in flight, across snapshots ([`MIRROR_SLOTS`]).
+    mirror_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl ConfigStore {
@@ -310,7 +374,13 @@ impl ConfigStore {
             apply_lock: Mutex::new(0),
             metrics,
             max_http1_per_endpoint: crate::limits::DEFAULT_MAX_HTTP1_CONNECTIONS_PER_ENDPOINT,
+            mirror_slots: Arc::new(tokio::sync::Semaphore::new(MIRROR_SLOTS)),
         }
+    }
+
+    /// The slots of mirrored requests in flight.
+    pub fn mirror_slots(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.mirror_slots
     }
 
     /// Sets how many HTTP/1 connections each endpoint built from now on may have.

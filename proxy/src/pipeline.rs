@@ -1,0 +1,725 @@
+//! The request path after the checks every request gets ([`HttpConn::handle`]), as a list
+//! of stages. Each stage is its own module with its own tests; this file only composes
+//! them, in this order:
+//!
+//! ```text
+//! inbound:  rate limit ─────────────────────────────────────────────▶ send (one attempt)
+//! outbound: normalize path ─▶ match rule ─▶ fault ─▶ edit request ─▶ mirror
+//!             ─▶ pick backend (weight) ─▶ send: attempts under timeout, per-try timeout,
+//!                retry policy and budget, each to an endpoint the balancer picks
+//!             ─▶ edit response
+//! ```
+//!
+//! A service without a Route skips the stages before `send`, whose only retry is then
+//! the one that is always safe: a request that could not be connected goes once to
+//! another endpoint (under the service's retry budget).
+
+use std::{
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+    uri::PathAndQuery,
+};
+use http_body::Body as _;
+use http_body_util::{BodyExt as _, Either, Full};
+use hyper::body::Incoming;
+
+use crate::{
+    errors::ErrorCode,
+    http::{
+        HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel, caused_by_body_timeout,
+        error_response, grpc_error_response, strip_hop_by_hop,
+    },
+    limits::Limit,
+    metrics::RequestMetrics,
+    ratelimit::RateDecision,
+    retry::{Failure, RetryBudget, RetryPolicy, Withdrawal},
+    route::{headers::HeaderEdits, matching::MatchInput, normalize::normalize_path},
+    rules::{Rule, Target},
+    store::{EndpointState, ServiceState, Snapshot},
+    traffic_metrics::{DryRun, RouteEvent},
+    upstream::{Lease, SendError},
+};
+
+/// The largest request body the proxy keeps a copy of, to send it again (a retry) or twice
+/// (a mirror). Bodies without a `content-length`, or above this, stream and are never
+/// retried or mirrored.
+pub const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// How long a mirrored request may take before the proxy gives up on it.
+pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one request carries through the stages.
+pub(crate) struct Exchange<'a> {
+    pub start: Instant,
+    pub grpc: bool,
+    pub labels: &'a RequestMetrics,
+    pub upgrade: bool,
+    pub connect: bool,
+    pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// Where attempts go and under which rules.
+pub(crate) struct Attempts<'a> {
+    target: Pick<'a>,
+    retry: Option<&'a RetryPolicy>,
+    budget: Option<&'a RetryBudget>,
+    deadline: Option<tokio::time::Instant>,
+    per_try: Option<Duration>,
+    rule: Option<RuleLabels<'a>>,
+    response_headers: Option<&'a HeaderEdits>,
+}
+
+enum Pick<'a> {
+    Fixed(&'a Arc<EndpointState>),
+    Service(&'a ServiceState),
+}
+
+/// The metric labels of the rule a request matched.
+#[derive(Clone, Copy)]
+struct RuleLabels<'a> {
+    service: &'a ServiceState,
+    route: &'a Arc<str>,
+    rule: &'a Arc<str>,
+}
+
+impl<'a> Attempts<'a> {
+    /// One attempt to a fixed endpoint (the local application), with a deadline.
+    pub(crate) fn single(
+        endpoint: &'a Arc<EndpointState>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Self {
+        Attempts {
+            target: Pick::Fixed(endpoint),
+            retry: None,
+            budget: None,
+            deadline,
+            per_try: None,
+            rule: None,
+            response_headers: None,
+        }
+    }
+}
+
+/// The request body, as retries and mirrors may use it.
+enum Replay {
+    /// Streamed: sent once (or again only if it was never sent, after a failed connect).
+    Stream,
+    /// Read whole: sent as often as needed.
+    Copy(Bytes),
+}
+
+/// The parts of a request needed to send it again.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn of<B>(req: &Request<B>) -> Head {
+        Head {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    fn request(&self, body: Bytes) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::buffered(body));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+impl RuleLabels<'_> {
+    fn count(&self, metrics: &crate::metrics::Metrics, event: RouteEvent) {
+        metrics
+            .traffic
+            .route_event(&self.service.label, self.route, self.rule, event);
+    }
+}
+
+impl HttpConn {
+    /// The inbound rate limit: `Some` refusal when the workload's limit has no token for
+    /// this request.
+    pub(crate) fn rate_limit(
+        &self,
+        labels: &RequestMetrics,
+        grpc: bool,
+        start: Instant,
+    ) -> Option<Response<ProxyBody>> {
+        if self.direction != crate::metrics::Direction::Inbound {
+            return None;
+        }
+        let snapshot = self.store.load()?;
+        let limiter = snapshot.inbound_limit.as_ref()?;
+        let client = self
+            .client
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        match limiter.check(client, Instant::now()) {
+            RateDecision::Allow => None,
+            RateDecision::DryRunLimited => {
+                self.metrics.traffic.dry_run(&self.fixed_label, DryRun::RateLimit);
+                None
+            }
+            RateDecision::Limited { retry_after } => {
+                self.metrics.traffic.rate_limited(limiter.name_arc());
+                let mut resp = self.fail(labels, ErrorCode::RateLimited, grpc, start);
+                resp.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    crate::ratelimit::retry_after_header(retry_after),
+                );
+                Some(resp)
+            }
+        }
+    }
+
+    /// The outbound stages for a request to `service`.
+    pub(crate) async fn outbound(
+        &self,
+        snapshot: &Snapshot,
+        service: &ServiceState,
+        mut req: Request<RequestBody>,
+        x: &mut Exchange<'_>,
+    ) -> Response<ProxyBody> {
+        let Some(route) = &service.route else {
+            let plan = Attempts {
+                target: Pick::Service(service),
+                retry: None,
+                budget: Some(&service.budget),
+                deadline: deadline(x.start, service.spec.response_timeout),
+                per_try: None,
+                rule: None,
+                response_headers: None,
+            };
+            return self.send(plan, req, x).await;
+        };
+        normalize(&mut req);
+        let found = {
+            let uri = req.uri();
+            let input = MatchInput {
+                path: uri.path(),
+                query: uri.query(),
+                method: req.method(),
+                headers: req.headers(),
+            };
+            route.spec.find(&input).map(|(rule, m)| {
+                let index = route
+                    .spec
+                    .rules
+                    .iter()
+                    .position(|r| std::ptr::eq(r, rule))
+                    .unwrap_or(0);
+                (index, rule, m)
+            })
+        };
+        let Some((index, rule, matched)) = found else {
+            let plan = Attempts {
+                target: Pick::Service(service),
+                retry: None,
+                budget: Some(&service.budget),
+                deadline: deadline(x.start, service.spec.response_timeout),
+                per_try: None,
+                rule: None,
+                response_headers: None,
+            };
+            return self.send(plan, req, x).await;
+        };
+        let labels = RuleLabels {
+            service,
+            route: &route.spec.name,
+            rule: &rule.label,
+        };
+        let deadline = deadline(x.start, rule.timeout.or(service.spec.response_timeout));
+
+        if let Some(fault) = &rule.fault {
+            let decision = fault.decide(&mut rand::rng());
+            if let Some(delay) = decision.delay {
+                labels.count(&self.metrics, RouteEvent::FaultDelayed);
+                let until = tokio::time::Instant::now() + delay;
+                match deadline {
+                    Some(d) if d < until => {
+                        tokio::time::sleep_until(d).await;
+                        labels.count(&self.metrics, RouteEvent::ResponseTimeout);
+                        return self.fail(x.labels, ErrorCode::ResponseTimeout, x.grpc, x.start);
+                    }
+                    _ => tokio::time::sleep_until(until).await,
+                }
+            }
+            if let Some(abort) = decision.abort {
+                labels.count(&self.metrics, RouteEvent::FaultInjected);
+                return self.fault_abort(x, abort.status, abort.grpc_status);
+            }
+        }
+
+        edit_request(&mut req, rule, matched);
+
+        let replay_wanted = rule.retry.as_ref().is_some_and(|r| r.attempts() > 0)
+            || rule.mirror.is_some_and(|m| m.percentage > 0);
+        let (req, replay) = match self.replayable(req, replay_wanted && x.on_upgrade.is_none()).await {
+            Ok(r) => r,
+            Err(code) => return self.fail(x.labels, code, x.grpc, x.start),
+        };
+        if let Some(mirror) = rule.mirror {
+            self.mirror(snapshot, &req, &replay, mirror, labels);
+        }
+
+        let backend = match (&rule.split, rule.backends.as_slice()) {
+            (Some(split), backends) => backends.get(split.pick(&mut rand::rng())),
+            (None, _) => None,
+        };
+        let target = match backend {
+            None => service,
+            Some(Target::Service(i)) => match snapshot.services.get(*i) {
+                Some(s) => s.as_ref(),
+                None => service,
+            },
+            Some(Target::Missing(what)) => {
+                tracing::debug!(backend = %what, route = %route.spec.name, "backend does not resolve");
+                labels.count(&self.metrics, RouteEvent::BackendNotFound);
+                return self.fail(x.labels, ErrorCode::BackendNotFound, x.grpc, x.start);
+            }
+        };
+        let budget = route
+            .budgets
+            .get(index)
+            .and_then(Option::as_ref)
+            .unwrap_or(&service.budget);
+        let plan = Attempts {
+            target: Pick::Service(target),
+            retry: rule.retry.as_ref(),
+            budget: Some(budget),
+            deadline,
+            per_try: rule.per_try_timeout,
+            rule: Some(labels),
+            response_headers: rule.response_headers.as_ref(),
+        };
+        self.send_replay(plan, req, replay, x).await
+    }
+
+    /// Reads a small body whole when retries or a mirror may need it again.
+    async fn replayable(
+        &self,
+        req: Request<RequestBody>,
+        wanted: bool,
+    ) -> Result<(Request<RequestBody>, Replay), ErrorCode> {
+        if !wanted {
+            return Ok((req, Replay::Stream));
+        }
+        if req.body().is_end_stream() {
+            return Ok((req, Replay::Copy(Bytes::new())));
+        }
+        let small = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= REPLAY_LIMIT);
+        if !small {
+            return Ok((req, Replay::Stream));
+        }
+        let (parts, body) = req.into_parts();
+        let bytes = match body.collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(error) => {
+                tracing::debug!(%error, "reading the request body to keep a copy");
+                return Err(if caused_by_body_timeout(&error) {
+                    ErrorCode::RequestBodyTimeout
+                } else {
+                    ErrorCode::InvalidRequest
+                });
+            }
+        };
+        Ok((
+            Request::from_parts(parts, RequestBody::buffered(bytes.clone())),
+            Replay::Copy(bytes),
+        ))
+    }
+
+    /// Sends a copy of the request to the mirror's service, fire and forget: its response
+    /// is dropped, its failures are logged at debug level, and at most
+    /// [`crate::store::MIRROR_SLOTS`] copies are in flight per proxy.
+    fn mirror(
+        &self,
+        snapshot: &Snapshot,
+        req: &Request<RequestBody>,
+        replay: &Replay,
+        mirror: crate::rules::Mirror,
+        labels: RuleLabels<'_>,
+    ) {
+        if mirror.percentage == 0 || rand::random_range(0..100u32) >= mirror.percentage {
+            return;
+        }
+        let Replay::Copy(body) = replay else {
+            labels.count(&self.metrics, RouteEvent::MirrorSkipped);
+            return;
+        };
+        let Some(service) = snapshot.services.get(mirror.service).cloned() else {
+            return;
+        };
+        let Ok(slot) = self.store.mirror_slots().try_acquire_owned() else {
+            labels.count(&self.metrics, RouteEvent::MirrorOverflow);
+            return;
+        };
+        labels.count(&self.metrics, RouteEvent::Mirrored);
+        let copy = Head::of(req).request(body.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let Some((_, endpoint)) = service.pick(None) else {
+                return;
+            };
+            let endpoint = endpoint.clone();
+            let _in_flight = endpoint.start();
+            let sent = tokio::time::timeout(MIRROR_TIMEOUT, async {
+                let (resp, lease) = endpoint.upstream.send(copy).await?;
+                // Read to the end so that an HTTP/1 connection can be reused.
+                let mut body = resp.into_body();
+                while let Some(frame) = body.frame().await {
+                    if frame.is_err() {
+                        return Ok(());
+                    }
+                }
+                if let Some(lease) = lease {
+                    lease.release();
+                }
+                Ok::<_, SendError>(())
+            })
+            .await;
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%error, "mirrored request failed"),
+                Err(_) => tracing::debug!("mirrored request timed out"),
+            }
+        });
+    }
+
+    fn fault_abort(&self, x: &Exchange<'_>, status: StatusCode, grpc_status: u8) -> Response<ProxyBody> {
+        self.metrics.error(self.direction, ErrorCode::FaultInjected);
+        x.labels.response(status, x.start.elapsed().as_secs_f64());
+        if x.grpc {
+            let mut resp = grpc_error_response(ErrorCode::FaultInjected);
+            resp.headers_mut()
+                .insert("grpc-status", HeaderValue::from(u16::from(grpc_status)));
+            resp
+        } else {
+            let mut resp = error_response(ErrorCode::FaultInjected);
+            *resp.status_mut() = status;
+            resp
+        }
+    }
+
+    /// Sends a request whose body streams (no copy).
+    pub(crate) async fn send(
+        &self,
+        plan: Attempts<'_>,
+        req: Request<RequestBody>,
+        x: &mut Exchange<'_>,
+    ) -> Response<ProxyBody> {
+        self.send_replay(plan, req, Replay::Stream, x).await
+    }
+
+    /// The attempts of one request: each to an endpoint the balancer picks (another one for
+    /// each retry, when there is one), under the deadline and the per-try timeout, retried
+    /// as the policy allows while the budget lasts.
+    async fn send_replay(
+        &self,
+        plan: Attempts<'_>,
+        req: Request<RequestBody>,
+        replay: Replay,
+        x: &mut Exchange<'_>,
+    ) -> Response<ProxyBody> {
+        let head = matches!(replay, Replay::Copy(_)).then(|| Head::of(&req));
+        // Without a policy, the one retry that is always safe: a request that was never
+        // sent, because no connection could be made, to another endpoint.
+        let max_retries = match (&plan.target, plan.retry) {
+            (_, Some(policy)) => policy.attempts(),
+            (Pick::Service(s), None) if s.endpoints.len() > 1 => 1,
+            _ => 0,
+        };
+        if max_retries > 0
+            && let Some(budget) = plan.budget
+        {
+            budget.deposit(Instant::now());
+        }
+        let mut next = Some(req);
+        let mut exclude = None;
+        let mut retries = 0u32;
+        loop {
+            let Some(req) = next.take() else {
+                return self.fail(x.labels, ErrorCode::UpstreamFailed, x.grpc, x.start);
+            };
+            let (index, endpoint) = match plan.target {
+                Pick::Fixed(e) => (0, e.clone()),
+                Pick::Service(s) => match s.pick(exclude) {
+                    Some((i, e)) => (i, e.clone()),
+                    None => return self.fail(x.labels, ErrorCode::NoEndpoints, x.grpc, x.start),
+                },
+            };
+            let in_flight = endpoint.start();
+            let sent = Instant::now();
+            let try_deadline = match (plan.deadline, plan.per_try) {
+                (d, None) => d,
+                (None, Some(p)) => Some(tokio::time::Instant::from_std(sent) + p),
+                (Some(d), Some(p)) => Some(d.min(tokio::time::Instant::from_std(sent) + p)),
+            };
+            let result = match try_deadline {
+                Some(d) => tokio::time::timeout_at(d, endpoint.upstream.send(req)).await,
+                None => Ok(endpoint.upstream.send(req).await),
+            };
+            // What ended the attempt, when it was not a response to hand on.
+            let (failure, code) = match result {
+                Err(_) => {
+                    // Dropping the attempt's future cancelled it upstream (stream reset or
+                    // connection closed).
+                    endpoint.observe(sent.elapsed());
+                    let overall = plan
+                        .deadline
+                        .is_some_and(|d| tokio::time::Instant::now() >= d);
+                    if overall {
+                        tracing::debug!(endpoint = %endpoint.addr, "response timeout");
+                        if let Some(r) = plan.rule {
+                            r.count(&self.metrics, RouteEvent::ResponseTimeout);
+                        }
+                        return self.fail(x.labels, ErrorCode::ResponseTimeout, x.grpc, x.start);
+                    }
+                    tracing::debug!(endpoint = %endpoint.addr, "per-try timeout");
+                    if let Some(r) = plan.rule {
+                        r.count(&self.metrics, RouteEvent::PerTryTimeout);
+                    }
+                    (Failure::PerTryTimeout, ErrorCode::PerTryTimeout)
+                }
+                Ok(Ok((resp, lease))) => {
+                    let done = Instant::now();
+                    endpoint.observe_at(done.saturating_duration_since(sent), done);
+                    let retry = retries < max_retries
+                        && head.is_some()
+                        && plan
+                            .retry
+                            .is_some_and(|p| p.retry_on_response(resp.status(), resp.headers()));
+                    if retry && self.may_retry(&plan) {
+                        drop(resp);
+                        drop(in_flight);
+                        retries += 1;
+                        exclude = Some(index);
+                        next = head.as_ref().zip(replay.copy()).map(|(h, b)| h.request(b));
+                        self.backoff(&plan, retries).await;
+                        continue;
+                    }
+                    return self.respond(resp, lease, in_flight, &plan, x);
+                }
+                Ok(Err(mut error)) if error.is_connect() => {
+                    drop(in_flight);
+                    let code = if error.is_connection_limit() {
+                        self.metrics.limit_refused(Limit::UpstreamHttp1Connections);
+                        ErrorCode::UpstreamConnectionLimit
+                    } else if error.is_connect_timeout() {
+                        endpoint.penalize();
+                        ErrorCode::ConnectTimeout
+                    } else {
+                        endpoint.penalize();
+                        ErrorCode::ConnectFailed
+                    };
+                    tracing::debug!(endpoint = %endpoint.addr, error = %error, "connect failed");
+                    // The request was never sent: it can go elsewhere as it is.
+                    next = error.take_unsent();
+                    (Failure::ConnectFailed, code)
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(endpoint = %endpoint.addr, error = %error, "upstream failed");
+                    if caused_by_body_timeout(&error) {
+                        return self.fail(x.labels, ErrorCode::RequestBodyTimeout, x.grpc, x.start);
+                    }
+                    let failure = if refused_stream(&error) {
+                        Failure::RefusedStream
+                    } else {
+                        Failure::Reset
+                    };
+                    (failure, ErrorCode::UpstreamFailed)
+                }
+            };
+            if next.is_none() {
+                next = head.as_ref().zip(replay.copy()).map(|(h, b)| h.request(b));
+            }
+            let allowed = match plan.retry {
+                Some(p) => p.retry_on_failure(failure),
+                None => failure == Failure::ConnectFailed,
+            };
+            if retries < max_retries && allowed && next.is_some() && self.may_retry(&plan) {
+                self.metrics.error(self.direction, code);
+                retries += 1;
+                exclude = Some(index);
+                self.backoff(&plan, retries).await;
+                continue;
+            }
+            return self.fail(x.labels, code, x.grpc, x.start);
+        }
+    }
+
+    /// Whether the budget lets one more retry through (counting what it refuses, or
+    /// would refuse in dry run).
+    fn may_retry(&self, plan: &Attempts<'_>) -> bool {
+        let Some(budget) = plan.budget else {
+            return true;
+        };
+        match budget.withdraw(Instant::now()) {
+            Withdrawal::Allowed => {}
+            Withdrawal::Exhausted => {
+                if let Some(r) = plan.rule {
+                    r.count(&self.metrics, RouteEvent::RetryBudgetExhausted);
+                }
+                return false;
+            }
+            Withdrawal::DryRunExhausted => {
+                let service = match (&plan.rule, &plan.target) {
+                    (Some(r), _) => &r.service.label,
+                    (None, Pick::Service(s)) => &s.label,
+                    (None, Pick::Fixed(_)) => &self.fixed_label,
+                };
+                self.metrics.traffic.dry_run(service, DryRun::RetryBudget);
+            }
+        }
+        if let Some(r) = plan.rule {
+            r.count(&self.metrics, RouteEvent::Retry);
+        }
+        true
+    }
+
+    /// Waits before retry number `retry`, never past the deadline.
+    async fn backoff(&self, plan: &Attempts<'_>, retry: u32) {
+        let Some(policy) = plan.retry else {
+            return;
+        };
+        let wait = policy.backoff().delay(retry, &mut rand::rng());
+        let until = tokio::time::Instant::now() + wait;
+        let until = plan.deadline.map_or(until, |d| d.min(until));
+        tokio::time::sleep_until(until).await;
+    }
+
+    /// Hands an upstream response to the client: a tunnel for a switched protocol, or the
+    /// body tracked until its end.
+    fn respond(
+        &self,
+        mut resp: Response<Incoming>,
+        lease: Option<Lease>,
+        in_flight: crate::store::InFlight,
+        plan: &Attempts<'_>,
+        x: &mut Exchange<'_>,
+    ) -> Response<ProxyBody> {
+        let seconds = x.start.elapsed().as_secs_f64();
+        let switched = (x.upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+            || (x.connect && resp.status().is_success());
+        if switched && let Some(downstream) = x.on_upgrade.take() {
+            let upstream = hyper::upgrade::on(&mut resp);
+            *self.tunnel_slot() = Some(Tunnel {
+                downstream,
+                upstream,
+                idle: self.limits.opaque_idle_timeout,
+                metrics: self.metrics.clone(),
+                _in_flight: in_flight,
+            });
+            strip_hop_by_hop(resp.headers_mut(), x.upgrade);
+            x.labels.response(resp.status(), seconds);
+            return resp.map(|_| Either::Right(Full::new(Bytes::new())));
+        }
+        strip_hop_by_hop(resp.headers_mut(), false);
+        if let Some(edits) = plan.response_headers {
+            edits.apply(resp.headers_mut());
+        }
+        x.labels.response(resp.status(), seconds);
+        let deadline = plan.deadline;
+        resp.map(|inner| {
+            Either::Left(TrackedBody {
+                inner,
+                _in_flight: in_flight,
+                lease,
+                ended: false,
+                deadline: deadline.map(|d| {
+                    (
+                        Box::pin(tokio::time::sleep_until(d)),
+                        self.metrics.clone(),
+                        self.direction,
+                    )
+                }),
+            })
+        })
+    }
+}
+
+impl Replay {
+    fn copy(&self) -> Option<Bytes> {
+        match self {
+            Replay::Copy(b) => Some(b.clone()),
+            Replay::Stream => None,
+        }
+    }
+}
+
+fn deadline(start: Instant, timeout: Option<Duration>) -> Option<tokio::time::Instant> {
+    timeout.map(|t| tokio::time::Instant::from_std(start) + t)
+}
+
+/// Replaces the request's path with its normalized form, which both matching and the
+/// upstream see.
+fn normalize(req: &mut Request<RequestBody>) {
+    let uri = req.uri();
+    let path = uri.path();
+    let std::borrow::Cow::Owned(normal) = normalize_path(path) else {
+        return;
+    };
+    set_path(req, &normal);
+}
+
+fn set_path<B>(req: &mut Request<B>, path: &str) {
+    let uri = req.uri();
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let Ok(pq) = PathAndQuery::from_str(&target) else {
+        return;
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq);
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// The rule's request header edits and path rewrite.
+fn edit_request(req: &mut Request<RequestBody>, rule: &Rule, matched: Option<usize>) {
+    if let Some(edits) = &rule.request_headers {
+        edits.apply(req.headers_mut());
+    }
+    if let Some(rewrite) = &rule.rewrite {
+        let prefix = matched
+            .and_then(|m| rule.matches.get(m))
+            .and_then(|m| m.prefix());
+        let path = rewrite.apply(req.uri().path(), prefix);
+        set_path(req, &path);
+    }
+}
+
+/// Whether an HTTP/2 upstream refused the stream before processing it.
+fn refused_stream(error: &SendError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
