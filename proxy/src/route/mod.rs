@@ -13,7 +13,9 @@
 //! Validation problems are strings that start with the field path they are about (such as
 //! `route.rules[2].matches[0].path.regex: ...`), as in [`crate::config`].
 
+pub mod fault;
 pub mod headers;
 pub mod matching;
 pub mod normalize;
 pub mod rewrite;
+pub mod split;
