@@ -12,7 +12,8 @@
 //! Modules, one concern each: [`config`] (validation), [`store`] (active snapshot),
 //! [`balance`] (endpoint choice, no I/O), [`detect`], [`http`], [`server`], [`upstream`],
 //! [`orig_dst`], [`metrics`], [`errors`], [`limits`], [`admin`], [`source`], [`shutdown`],
-//! [`control`] (the operator's push stream), [`enforce`] (what it enforces of the resources).
+//! [`control`] (the operator's push stream), [`enforce`] (what it enforces of the resources),
+//! [`route`] (the routing stages: normalize, match, rewrite, edit headers, split, fault).
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -31,6 +32,7 @@ pub mod limits;
 pub mod metrics;
 pub mod orig_dst;
 pub mod pipeline;
+pub mod route;
 pub mod server;
 pub mod shutdown;
 pub mod source;
