@@ -12,7 +12,8 @@
 //! Modules, one concern each: [`config`] (validation), [`store`] (active snapshot),
 //! [`balance`] (endpoint choice, no I/O), [`detect`], [`http`], [`server`], [`upstream`],
 //! [`orig_dst`], [`metrics`], [`errors`], [`limits`], [`admin`], [`source`], [`shutdown`],
-//! [`control`] (the operator's push stream), [`enforce`] (what it enforces of the resources).
+//! [`control`] (the operator's push stream), [`enforce`] (what it enforces of the resources),
+//! [`retry`] (retry policy, backoff and budget).
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -30,6 +31,7 @@ pub mod init;
 pub mod limits;
 pub mod metrics;
 pub mod orig_dst;
+pub mod retry;
 pub mod server;
 pub mod shutdown;
 pub mod source;
