@@ -13,7 +13,7 @@
 //! [`balance`] (endpoint choice, no I/O), [`detect`], [`http`], [`server`], [`upstream`],
 //! [`orig_dst`], [`metrics`], [`errors`], [`limits`], [`admin`], [`source`], [`shutdown`],
 //! [`control`] (the operator's push stream), [`enforce`] (what it enforces of the resources),
-//! [`retry`] (retry policy, backoff and budget).
+//! [`retry`] (retry policy, backoff and budget), [`ratelimit`] (inbound token buckets).
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -31,6 +31,7 @@ pub mod init;
 pub mod limits;
 pub mod metrics;
 pub mod orig_dst;
+pub mod ratelimit;
 pub mod retry;
 pub mod server;
 pub mod shutdown;
