@@ -13,7 +13,8 @@
 //! [`balance`] (endpoint choice, no I/O), [`detect`], [`http`], [`server`], [`upstream`],
 //! [`orig_dst`], [`metrics`], [`errors`], [`limits`], [`admin`], [`source`], [`shutdown`],
 //! [`control`] (the operator's push stream), [`enforce`] (what it enforces of the resources),
-//! [`route`] (the routing stages: normalize, match, rewrite, edit headers, split, fault).
+//! [`route`] (the routing stages: normalize, match, rewrite, edit headers, split, fault),
+//! [`retry`] (retry policy, backoff and budget), [`ratelimit`] (inbound token buckets).
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -33,6 +34,8 @@ pub mod metrics;
 pub mod orig_dst;
 pub mod pipeline;
 pub mod route;
+pub mod ratelimit;
+pub mod retry;
 pub mod server;
 pub mod shutdown;
 pub mod source;
