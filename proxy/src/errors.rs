@@ -116,7 +116,9 @@ impl ErrorCode {
     pub const fn grpc_status(self) -> u8 {
         match self {
             // DEADLINE_EXCEEDED
-            ErrorCode::ResponseTimeout | ErrorCode::RequestBodyTimeout | ErrorCode::PerTryTimeout => 4,
+            ErrorCode::ResponseTimeout
+            | ErrorCode::RequestBodyTimeout
+            | ErrorCode::PerTryTimeout => 4,
             // INTERNAL: a configuration error, not worth a client's retry.
             ErrorCode::BackendNotFound => 13,
             // INTERNAL, as gRPC maps HTTP 400.

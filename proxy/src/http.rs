@@ -30,7 +30,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version,
     header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE},
     uri::{Authority, Scheme},
 };
@@ -46,7 +46,8 @@ use crate::{
     errors::{ERROR_HEADER, ErrorCode},
     limits::{Limit, Limits},
     metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
-    store::{ConfigStore, EndpointState, InFlight, ServiceState},
+    pipeline::{Attempts, Exchange},
+    store::{ConfigStore, EndpointState, InFlight, ServiceState, Snapshot},
     upstream::Lease,
 };
 
@@ -984,7 +985,7 @@ mod tests {
     #[test]
     fn error_responses_carry_the_code() {
         let r = error_response(ErrorCode::NoEndpoints);
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.status(), http::StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[ERROR_HEADER], "no_endpoints");
     }
 }

@@ -22,8 +22,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
-    uri::PathAndQuery,
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, uri::PathAndQuery,
 };
 use http_body::Body as _;
 use http_body_util::{BodyExt as _, Either, Full};
@@ -170,11 +169,13 @@ impl HttpConn {
         match limiter.check(client, Instant::now()) {
             RateDecision::Allow => None,
             RateDecision::DryRunLimited => {
-                self.metrics.traffic.dry_run(&self.fixed_label, DryRun::RateLimit);
+                self.metrics
+                    .traffic
+                    .dry_run(&self.fixed_label, DryRun::RateLimit);
                 None
             }
             RateDecision::Limited { retry_after } => {
-                self.metrics.traffic.rate_limited(limiter.name_arc());
+                self.metrics.traffic.rate_limited(limiter.name());
                 let mut resp = self.fail(labels, ErrorCode::RateLimited, grpc, start);
                 resp.headers_mut().insert(
                     http::header::RETRY_AFTER,
@@ -267,7 +268,10 @@ impl HttpConn {
 
         let replay_wanted = rule.retry.as_ref().is_some_and(|r| r.attempts() > 0)
             || rule.mirror.is_some_and(|m| m.percentage > 0);
-        let (req, replay) = match self.replayable(req, replay_wanted && x.on_upgrade.is_none()).await {
+        let (req, replay) = match self
+            .replayable(req, replay_wanted && x.on_upgrade.is_none())
+            .await
+        {
             Ok(r) => r,
             Err(code) => return self.fail(x.labels, code, x.grpc, x.start),
         };
@@ -368,7 +372,7 @@ impl HttpConn {
         let Some(service) = snapshot.services.get(mirror.service).cloned() else {
             return;
         };
-        let Ok(slot) = self.store.mirror_slots().try_acquire_owned() else {
+        let Ok(slot) = self.store.mirror_slots().clone().try_acquire_owned() else {
             labels.count(&self.metrics, RouteEvent::MirrorOverflow);
             return;
         };
@@ -404,7 +408,12 @@ impl HttpConn {
         });
     }
 
-    fn fault_abort(&self, x: &Exchange<'_>, status: StatusCode, grpc_status: u8) -> Response<ProxyBody> {
+    fn fault_abort(
+        &self,
+        x: &Exchange<'_>,
+        status: StatusCode,
+        grpc_status: u8,
+    ) -> Response<ProxyBody> {
         self.metrics.error(self.direction, ErrorCode::FaultInjected);
         x.labels.response(status, x.start.elapsed().as_secs_f64());
         if x.grpc {

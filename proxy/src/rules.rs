@@ -136,7 +136,11 @@ fn stage<T>(problems: &mut Vec<String>, result: Result<T, Vec<String>>) -> Optio
     }
 }
 
-fn duration(problems: &mut Vec<String>, field: String, d: Option<&weft_api::Duration>) -> Option<Duration> {
+fn duration(
+    problems: &mut Vec<String>,
+    field: String,
+    d: Option<&weft_api::Duration>,
+) -> Option<Duration> {
     let d = d?.as_std();
     if d.is_zero() {
         problems.push(format!("{field} must be greater than zero"));
@@ -154,18 +158,25 @@ impl Rule {
     ) -> Result<Rule, Vec<String>> {
         let mut problems = Vec::new();
         let label: Arc<str> = match &w.name {
-            Some(n) if !n.is_empty() && n.len() <= 63 && n.chars().all(|c| c.is_ascii_graphic()) => {
+            Some(n)
+                if !n.is_empty() && n.len() <= 63 && n.chars().all(|c| c.is_ascii_graphic()) =>
+            {
                 Arc::from(n.as_str())
             }
             Some(_) => {
-                problems.push(format!("{at}.name must be 1 to 63 visible ASCII characters"));
+                problems.push(format!(
+                    "{at}.name must be 1 to 63 visible ASCII characters"
+                ));
                 Arc::from("")
             }
             None => Arc::from(index.to_string()),
         };
         let mut matches = Vec::with_capacity(w.matches.len());
         for (j, m) in w.matches.iter().enumerate() {
-            if let Some(m) = stage(&mut problems, RequestMatch::from_wire(m, &format!("{at}.matches[{j}]"))) {
+            if let Some(m) = stage(
+                &mut problems,
+                RequestMatch::from_wire(m, &format!("{at}.matches[{j}]")),
+            ) {
                 matches.push(m);
             }
         }
@@ -185,18 +196,24 @@ impl Rule {
                 Some(name) => match services.get(name) {
                     Some(i) => Target::Service(*i),
                     None => {
-                        problems.push(format!("{bat}.service {name:?} names no service in this config"));
+                        problems.push(format!(
+                            "{bat}.service {name:?} names no service in this config"
+                        ));
                         Target::Missing(Arc::from(name.as_str()))
                     }
                 },
                 None => Target::Missing(Arc::from(
-                    b.display.as_deref().unwrap_or("a backend that does not resolve"),
+                    b.display
+                        .as_deref()
+                        .unwrap_or("a backend that does not resolve"),
                 )),
             });
         }
         let split = Split::new(&weights);
         if !backends.is_empty() && split.is_none() {
-            problems.push(format!("{at}.backends: at least one backend needs a weight above 0"));
+            problems.push(format!(
+                "{at}.backends: at least one backend needs a weight above 0"
+            ));
         }
         let timeout = duration(&mut problems, format!("{at}.timeout"), w.timeout.as_ref());
         let per_try_timeout = duration(
@@ -209,15 +226,22 @@ impl Rule {
         {
             problems.push(format!("{at}.perTryTimeout must not exceed timeout"));
         }
-        let retry = w
-            .retries
-            .as_ref()
-            .and_then(|r| stage(&mut problems, RetryPolicy::from_wire(r, &format!("{at}.retries"))));
+        let retry = w.retries.as_ref().and_then(|r| {
+            stage(
+                &mut problems,
+                RetryPolicy::from_wire(r, &format!("{at}.retries")),
+            )
+        });
         let budget = w
             .retries
             .as_ref()
             .and_then(|r| r.budget.as_ref())
-            .and_then(|b| stage(&mut problems, BudgetSpec::from_wire(Some(b), &format!("{at}.retries.budget"))));
+            .and_then(|b| {
+                stage(
+                    &mut problems,
+                    BudgetSpec::from_wire(Some(b), &format!("{at}.retries.budget")),
+                )
+            });
         let fault = w
             .fault
             .as_ref()
@@ -246,15 +270,23 @@ impl Rule {
             }
         };
         let request_headers = w.request_headers.as_ref().and_then(|h| {
-            stage(&mut problems, HeaderEdits::from_wire(h, &format!("{at}.requestHeaders")))
+            stage(
+                &mut problems,
+                HeaderEdits::from_wire(h, &format!("{at}.requestHeaders")),
+            )
         });
         let response_headers = w.response_headers.as_ref().and_then(|h| {
-            stage(&mut problems, HeaderEdits::from_wire(h, &format!("{at}.responseHeaders")))
+            stage(
+                &mut problems,
+                HeaderEdits::from_wire(h, &format!("{at}.responseHeaders")),
+            )
         });
-        let rewrite = w
-            .rewrite
-            .as_ref()
-            .and_then(|r| stage(&mut problems, Rewrite::from_wire(r, &format!("{at}.rewrite"))));
+        let rewrite = w.rewrite.as_ref().and_then(|r| {
+            stage(
+                &mut problems,
+                Rewrite::from_wire(r, &format!("{at}.rewrite")),
+            )
+        });
         if matches!(w.rewrite, Some(wire::RewriteConfig::ReplacePrefixMatch(_)))
             && (matches.is_empty() || matches.iter().any(|m| m.prefix().is_none()))
         {

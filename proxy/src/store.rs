@@ -40,11 +40,11 @@ use arc_swap::ArcSwapOption;
 use weft_api::proxy_config::{self as wire, ProxyConfig};
 
 use crate::{
-    ratelimit::RateLimiter,
-    retry::{BudgetSpec, RetryBudget},
     balance::{DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, Load, PeakEwma, Picker},
     config::{Config, ConfigError, Service},
     metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
+    ratelimit::RateLimiter,
+    retry::{BudgetSpec, RetryBudget},
     upstream::Upstream,
 };
 
@@ -254,7 +254,11 @@ impl Snapshot {
                 if let Some(route) = &s.route {
                     for (rule, b) in route.spec.rules.iter().zip(&route.budgets) {
                         if let Some(b) = b {
-                            budgets.push((s.spec.name.clone(), Some(rule.label.clone()), b.clone()));
+                            budgets.push((
+                                s.spec.name.clone(),
+                                Some(rule.label.clone()),
+                                b.clone(),
+                            ));
                         }
                     }
                 }
@@ -264,7 +268,10 @@ impl Snapshot {
             budgets
                 .iter()
                 .find(|(s, r, b)| s == service && r.as_ref() == rule && b.spec() == spec)
-                .map_or_else(|| Arc::new(RetryBudget::new(spec.clone())), |(_, _, b)| b.clone())
+                .map_or_else(
+                    || Arc::new(RetryBudget::new(spec.clone())),
+                    |(_, _, b)| b.clone(),
+                )
         };
         let services = config
             .services
@@ -327,7 +334,9 @@ impl Snapshot {
                 .filter(|l| l.spec_eq(w));
             match kept {
                 Some(l) => Some(l.clone()),
-                None => RateLimiter::from_wire(w, "inbound.rateLimit").ok().map(Arc::new),
+                None => RateLimiter::from_wire(w, "inbound.rateLimit")
+                    .ok()
+                    .map(Arc::new),
             }
         });
         Snapshot {

@@ -150,7 +150,13 @@ impl TrafficMetrics {
     }
 
     /// Counts `event` for a request of `service` handled by `rule` of `route`.
-    pub fn route_event(&self, service: &ServiceLabel, route: &Arc<str>, rule: &Arc<str>, event: RouteEvent) {
+    pub fn route_event(
+        &self,
+        service: &ServiceLabel,
+        route: &Arc<str>,
+        rule: &Arc<str>,
+        event: RouteEvent,
+    ) {
         self.route_events
             .get_or_create(&RouteEventLabels {
                 service: service.clone(),
@@ -162,10 +168,10 @@ impl TrafficMetrics {
     }
 
     /// Counts a request refused by `policy`'s rate limit.
-    pub fn rate_limited(&self, policy: &Arc<str>) {
+    pub fn rate_limited(&self, policy: &str) {
         self.rate_limited
             .get_or_create(&PolicyLabels {
-                policy: policy.clone(),
+                policy: Arc::from(policy),
             })
             .inc();
     }
