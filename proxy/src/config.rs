@@ -452,12 +452,12 @@ pub(crate) mod tests {
     #[test]
     fn a_service_or_endpoint_field_this_proxy_does_not_know_is_refused_by_name() {
         let err = parse(&format!(
-            "{HEADER}services:\n- name: web\n  retryBudget: 20\n  endpoints:\n  - address: 127.0.0.2:8080\n    zoneHint: a\n"
+            "{HEADER}services:\n- name: web\n  localityFailover: true\n  endpoints:\n  - address: 127.0.0.2:8080\n    zoneHint: a\n"
         ))
         .unwrap_err();
         let text = err.to_string();
         assert!(
-            text.contains("services[0] (\"web\"): unknown field \"retryBudget\""),
+            text.contains("services[0] (\"web\"): unknown field \"localityFailover\""),
             "{text}"
         );
         assert!(

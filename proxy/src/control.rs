@@ -459,7 +459,7 @@ mod tests {
             .apply(
                 &mut received,
                 update(serde_json::json!({"type": "update", "version": 2,
-                    "services": [{"name": "web.shop.80", "retryBudget": {"percent": 20},
+                    "services": [{"name": "web.shop.80", "localityFailover": {"enabled": true},
                                   "endpoints": [{"address": "10.0.0.1:80"}]}]})),
             )
             .unwrap();
@@ -469,7 +469,7 @@ mod tests {
         assert_eq!(nack.version, 2);
         assert_eq!(nack.active_version, Some(1));
         assert!(
-            nack.reason.contains("unknown field \"retryBudget\""),
+            nack.reason.contains("unknown field \"localityFailover\""),
             "{}",
             nack.reason
         );

@@ -232,16 +232,7 @@ impl Rule {
                 RetryPolicy::from_wire(r, &format!("{at}.retries")),
             )
         });
-        let budget = w
-            .retries
-            .as_ref()
-            .and_then(|r| r.budget.as_ref())
-            .and_then(|b| {
-                stage(
-                    &mut problems,
-                    BudgetSpec::from_wire(Some(b), &format!("{at}.retries.budget")),
-                )
-            });
+        let budget = retry.as_ref().and_then(|r| r.budget().cloned());
         let fault = w
             .fault
             .as_ref()
