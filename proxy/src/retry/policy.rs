@@ -77,13 +77,13 @@ impl RetryPolicy {
         let backoff = Backoff::from_wire(w.backoff.as_ref(), &format!("{field}.backoff"))
             .map_err(|p| problems.extend(p))
             .ok();
-        let budget = match &w.budget {
-            None => Some(None),
-            Some(b) => BudgetSpec::from_wire(Some(b), &format!("{field}.budget"))
-                .map(Some)
-                .map_err(|p| problems.extend(p))
-                .ok(),
-        };
+        let budget = w
+            .budget
+            .as_ref()
+            .map(|b| BudgetSpec::from_wire(Some(b), &format!("{field}.budget")))
+            .transpose()
+            .map_err(|p| problems.extend(p))
+            .ok();
         match (backoff, budget) {
             (Some(backoff), Some(budget)) if problems.is_empty() => Ok(RetryPolicy {
                 attempts: w.attempts,
