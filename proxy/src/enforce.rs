@@ -16,11 +16,23 @@ use weft_api::push::{Enforcement, NotEnforced, ResourceRef, feature};
 /// This proxy's name and version, as status messages name it.
 pub const PROXY_AGENT: &str = concat!("weft-proxy ", env!("CARGO_PKG_VERSION"));
 
-/// The enforcement features this proxy has: a Route rule's weighted split across backends
-/// (as endpoint weights of the service) and its timeout (a response-header deadline, since
-/// the proxy makes no retries). Nothing of Policies and Breakers, nor request matching,
-/// retries, faults, mirrors, header edits or rewrites.
-pub const FEATURES: &[&str] = &[feature::ROUTE_BACKENDS, feature::ROUTE_TIMEOUT];
+/// The enforcement features this proxy has: every part of a Route (matching, weighted
+/// backends, timeouts, retries under a budget, faults, mirrors, header edits, rewrites) and
+/// a Policy's rate limit. Not yet: a Policy's mTLS mode and authorization rules (they come
+/// with mesh identities).
+pub const FEATURES: &[&str] = &[
+    feature::ROUTE_BACKENDS,
+    feature::ROUTE_TIMEOUT,
+    feature::ROUTE_MATCHES,
+    feature::ROUTE_PER_TRY_TIMEOUT,
+    feature::ROUTE_RETRIES,
+    feature::ROUTE_FAULT,
+    feature::ROUTE_MIRROR,
+    feature::ROUTE_REQUEST_HEADERS,
+    feature::ROUTE_RESPONSE_HEADERS,
+    feature::ROUTE_REWRITE,
+    feature::POLICY_RATE_LIMIT,
+];
 
 /// Whether this proxy has `feature`.
 pub fn has(feature: &str) -> bool {
@@ -77,7 +89,7 @@ mod tests {
     }
 
     #[test]
-    fn a_split_with_a_timeout_is_enforced_and_everything_else_names_what_is_not() {
+    fn routes_are_enforced_and_what_is_not_is_named_by_field() {
         let split = resource(
             "Route",
             "split",
@@ -95,15 +107,18 @@ mod tests {
                 (feature::ROUTE_RETRIES, "spec.rules[0].retries"),
             ],
         );
-        let breaker = resource(
-            "Breaker",
+        let policy = resource(
+            "Policy",
             "db",
-            &[(feature::BREAKER_CONNECTION_POOL, "spec.connectionPool")],
+            &[
+                (feature::POLICY_RATE_LIMIT, "spec.rateLimit"),
+                (feature::POLICY_MTLS, "spec.mtls.mode"),
+            ],
         );
         let future = resource("Route", "future", &[("route.teleport", "spec.rules[0].x")]);
-        let report = report([&split, &matched, &breaker, &future]);
+        let report = report([&split, &matched, &policy, &future]);
         assert_eq!(report.proxy, PROXY_AGENT);
-        assert_eq!(report.enforced, vec![split.bare()]);
+        assert_eq!(report.enforced, vec![split.bare(), matched.bare()]);
         let not: Vec<(&str, Vec<&str>)> = report
             .not_enforced
             .iter()
@@ -117,11 +132,7 @@ mod tests {
         assert_eq!(
             not,
             [
-                (
-                    "matched",
-                    vec!["spec.rules[0].matches", "spec.rules[0].retries"]
-                ),
-                ("db", vec!["spec.connectionPool"]),
+                ("db", vec!["spec.mtls.mode"]),
                 ("future", vec!["spec.rules[0].x"]),
             ]
         );
