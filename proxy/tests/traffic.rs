@@ -70,6 +70,16 @@ mod assumed {
         metric_sum(text, &["retr", "dry_run"])
     }
 
+    /// Requests counted for `service` (mirrored copies included): the samples of
+    /// `weft_requests_total` with that service label.
+    pub fn mirrored_requests(text: &str, service: &str) -> f64 {
+        let label = format!("service=\"{service}\"");
+        text.lines()
+            .filter(|l| l.starts_with("weft_requests_total{") && l.contains(&label))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Requests an inbound rate limit in dry run would have refused (and let through).
     pub fn rate_limit_dry_run(text: &str) -> f64 {
         metric_sum(text, &["rate_limit", "dry_run"])
@@ -435,6 +445,8 @@ async fn a_request_no_rule_matches_goes_to_the_services_own_endpoints() {
     assert_eq!(counts.get("own-a"), Some(&10), "{counts:?}");
     assert_eq!(counts.get("own-b"), Some(&10), "{counts:?}");
     assert_eq!(api.requests(), 0);
+    // While a matching request follows the rule.
+    assert_eq!(who(&get_with(&proxy, "/api", &[]).await), "api");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -665,6 +677,29 @@ async fn a_rule_timeout_cancels_the_upstream_request() {
     assert!(start.elapsed() < Duration::from_millis(1500));
 }
 
+/// A check of the harness rather than of routes (it passes before enforcement): the
+/// service-level timeout the proxy already has cancels a hanging request, and the
+/// [`Misbehave::Hang`] backend sees it, so a failure of the test above is the route's.
+#[tokio::test]
+async fn harness_a_hanging_backend_sees_the_service_timeout_cancel_its_request() {
+    let hang = Scripted::always("127.0.0.2", "hang", Misbehave::Hang).await;
+    let mut cfg = config(&[("web", &[hang.addr])]);
+    cfg["services"][0]["timeout"] = "200ms".into();
+    let proxy = TestProxy::start("web", cfg).await;
+    let resp = get_with(&proxy, "/", &[]).await;
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    expect_code(&resp, RESPONSE_TIMEOUT);
+    eventually(
+        Duration::from_secs(1),
+        "the backend saw the request cancelled",
+        || {
+            let n = hang.cancelled();
+            async move { n == 1 }
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_per_try_timeout_is_retried_and_the_retry_succeeds() {
     // Assumed: a per-try timeout counts as a 504 gateway error for `retryOn` (as Envoy).
@@ -819,9 +854,10 @@ async fn a_post_with_a_small_body_is_retried_with_the_same_body() {
 
 #[tokio::test]
 async fn a_post_with_a_body_beyond_the_replay_limit_is_not_retried() {
-    // Assumed replay limit: 64 KiB; the body is twice that.
+    // Assumed replay limit: 64 KiB; the body is twice that. The backend fails twice: the
+    // large POST is not retried, then a small one is, which shows the rule does retry.
     let size = 2 * REPLAY_LIMIT;
-    let flaky = Scripted::start("127.0.0.2", "flaky", 1, Misbehave::Status(503)).await;
+    let flaky = Scripted::start("127.0.0.2", "flaky", 2, Misbehave::Status(503)).await;
     let rules = json!([{"retries": retries(1, &["5xx"])}]);
     let proxy = TestProxy::start("web", routed(&[("web", &[flaky.addr])], rules)).await;
     let req = Request::post(proxy.url("/upload"))
@@ -837,12 +873,30 @@ async fn a_post_with_a_body_beyond_the_replay_limit_is_not_retried() {
         size,
         "the body still streamed whole"
     );
+    small_post_is_retried(&proxy, &flaky).await;
+}
+
+/// A 1 KiB POST through `proxy` to `flaky`, whose next answer is its last 503: retried.
+async fn small_post_is_retried(proxy: &TestProxy, flaky: &Scripted) {
+    let before = flaky.requests();
+    let req = Request::post(proxy.url("/small"))
+        .header("content-length", 1024)
+        .body(full(vec![1u8; 1024]))
+        .unwrap();
+    let (resp, _) = send(&h1_client(), req).await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "a small body on the same rule is retried"
+    );
+    assert_eq!(flaky.requests() - before, 2);
 }
 
 #[tokio::test]
 async fn a_streaming_body_without_content_length_is_not_retried() {
-    // Assumed: a body of unknown length is not buffered for replay, however small.
-    let flaky = Scripted::start("127.0.0.2", "flaky", 1, Misbehave::Status(503)).await;
+    // Assumed: a body of unknown length is not buffered for replay, however small. The
+    // backend fails twice: the streamed POST is not retried, then a sized one is.
+    let flaky = Scripted::start("127.0.0.2", "flaky", 2, Misbehave::Status(503)).await;
     let rules = json!([{"retries": retries(1, &["5xx"])}]);
     let proxy = TestProxy::start("web", routed(&[("web", &[flaky.addr])], rules)).await;
     let chunks = futures::stream::iter(
@@ -859,6 +913,7 @@ async fn a_streaming_body_without_content_length_is_not_retried() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(flaky.requests(), 1);
     assert_eq!(&flaky.last().body[..], b"part one, part two");
+    small_post_is_retried(&proxy, &flaky).await;
 }
 
 #[tokio::test]
@@ -1050,10 +1105,9 @@ async fn a_shadow_that_refuses_connections_does_not_fail_the_client() {
     let took = latencies(&proxy, 5).await;
     assert!(took[2] < Duration::from_millis(100), "{took:?}");
     assert_eq!(web.requests(), 5);
-    // The mirror was attempted: the route is enforced, not ignored (the failed copies are
-    // counted as errors of the shadow service).
+    // The mirror was attempted, not ignored: the copies count as requests to the shadow.
     let metrics = proxy.proxy.metrics.encode().unwrap();
-    assert!(metrics.contains("shadow"), "{metrics}");
+    assert!(mirrored_requests(&metrics, "shadow") >= 5.0, "{metrics}");
 }
 
 #[tokio::test]
