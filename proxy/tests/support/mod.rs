@@ -250,6 +250,15 @@ impl TestProxy {
 
     /// Like [`TestProxy::start`], with a proxy built by the caller (its limits, say).
     pub fn start_with(proxy: Arc<Proxy>, service: &str, config: serde_json::Value) -> TestProxy {
+        Self::start_kind(proxy, ListenerKind::Forward(Arc::from(service)), config)
+    }
+
+    /// Like [`TestProxy::start_with`], with a listener of any kind.
+    pub fn start_kind(
+        proxy: Arc<Proxy>,
+        kind: ListenerKind,
+        config: serde_json::Value,
+    ) -> TestProxy {
         proxy
             .store
             .apply(serde_json::from_value(config).unwrap())
@@ -261,7 +270,7 @@ impl TestProxy {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::serve(
             listener,
-            ListenerKind::Forward(Arc::from(service)),
+            kind,
             proxy.clone(),
             shutdown.clone(),
         ));
@@ -497,4 +506,303 @@ pub async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
         tokio::time::timeout(within, s.read(&mut buf)).await,
         Ok(Ok(0) | Err(_))
     )
+}
+
+/// What a [`Scripted`] backend does with the requests it misbehaves on.
+#[derive(Clone, Copy, Debug)]
+pub enum Misbehave {
+    /// Answers with this HTTP status (with the usual `x-backend` headers).
+    Status(u16),
+    /// Answers gRPC "trailers-only": HTTP 200, `content-type: application/grpc` and
+    /// `grpc-status: N` in the headers, no body.
+    GrpcStatus(u8),
+    /// Reads the request, then closes the connection without answering, with a TCP RST.
+    Reset,
+    /// Waits this long, then answers normally.
+    Delay(Duration),
+    /// Reads the request and never answers; counted in [`Scripted::cancelled`] once the
+    /// proxy gives up on it (resets the stream, or closes or resets the connection).
+    Hang,
+}
+
+/// One request as a [`Scripted`] backend received it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: http::Method,
+    /// Path and query, as they arrived.
+    pub target: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Seen {
+    /// Every value of header `name`, in order.
+    pub fn header_values(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("").to_owned())
+            .collect()
+    }
+}
+
+/// An HTTP/1.1 + HTTP/2 backend that misbehaves on demand: its first `first` requests get
+/// `what`, later ones a normal answer. It records every request ([`Seen`]), counts
+/// requests and connections, and names itself.
+///
+/// A normal answer is 200 `hello from NAME` with headers `x-backend: NAME`,
+/// `x-seen-path` (the path and query received) and `x-upstream-secret` (for response
+/// header edits to remove); a gRPC request (`content-type: application/grpc…`) gets a
+/// trailers-only `grpc-status: 0` as well.
+pub struct Scripted {
+    pub addr: SocketAddr,
+    pub name: String,
+    state: Arc<ScriptState>,
+    _task: Task,
+}
+
+struct ScriptState {
+    name: String,
+    first: usize,
+    what: Misbehave,
+    requests: AtomicUsize,
+    connections: AtomicUsize,
+    cancelled: Arc<AtomicUsize>,
+    seen: std::sync::Mutex<Vec<Seen>>,
+}
+
+impl Scripted {
+    /// A backend whose first `first` requests get `what`.
+    pub async fn start(ip: &str, name: &str, first: usize, what: Misbehave) -> Scripted {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(ScriptState {
+            name: name.to_owned(),
+            first,
+            what,
+            requests: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            cancelled: Arc::new(AtomicUsize::new(0)),
+            seen: std::sync::Mutex::new(Vec::new()),
+        });
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                st.connections.fetch_add(1, Ordering::SeqCst);
+                if matches!(st.what, Misbehave::Reset) {
+                    // Closing then sends a RST, not a FIN.
+                    let _ = stream.set_zero_linger();
+                }
+                let st = st.clone();
+                tokio::spawn(async move {
+                    // Set by a `Reset` request, or by the wrapper when the peer closes: the
+                    // connection (and any request hanging on it) is dropped.
+                    let drop_conn = Arc::new(tokio::sync::Notify::new());
+                    let io = Watched {
+                        inner: stream,
+                        closed: drop_conn.clone(),
+                    };
+                    let dc = drop_conn.clone();
+                    let svc = hyper::service::service_fn(move |req| {
+                        scripted_handle(st.clone(), dc.clone(), req)
+                    });
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(io), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        () = drop_conn.notified() => {}
+                    }
+                });
+            }
+        });
+        Scripted {
+            addr,
+            name: name.to_owned(),
+            state,
+            _task: Task(task),
+        }
+    }
+
+    /// A backend that always answers normally.
+    pub async fn ok(ip: &str, name: &str) -> Scripted {
+        Scripted::start(ip, name, 0, Misbehave::Status(200)).await
+    }
+
+    /// A backend that misbehaves on every request.
+    pub async fn always(ip: &str, name: &str, what: Misbehave) -> Scripted {
+        Scripted::start(ip, name, usize::MAX, what).await
+    }
+
+    /// Requests received (each attempt of a retried request counts).
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Hanging requests the proxy gave up on.
+    pub fn cancelled(&self) -> usize {
+        self.state.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// The last request received; panics when there was none.
+    pub fn last(&self) -> Seen {
+        self.seen().pop().expect("the backend received a request")
+    }
+}
+
+/// Counts a hanging request as cancelled when the server drops it.
+struct CancelGuard(Arc<AtomicUsize>);
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn scripted_handle(
+    st: Arc<ScriptState>,
+    drop_conn: Arc<tokio::sync::Notify>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let n = st.requests.fetch_add(1, Ordering::SeqCst);
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let grpc = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    st.seen.lock().unwrap().push(Seen {
+        method: parts.method.clone(),
+        target: target.clone(),
+        headers: parts.headers.clone(),
+        body,
+    });
+    let answer = |status: u16| {
+        let mut b = Response::builder()
+            .status(status)
+            .header("x-backend", st.name.as_str())
+            .header("x-seen-path", target.as_str())
+            .header("x-upstream-secret", "s3cr3t");
+        if grpc {
+            b = b
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header("grpc-status", "0");
+            return b.body(full("")).unwrap();
+        }
+        b.body(full(format!("hello from {}", st.name))).unwrap()
+    };
+    if n >= st.first {
+        return Ok(answer(200));
+    }
+    match st.what {
+        Misbehave::Status(s) => Ok(answer(s)),
+        Misbehave::GrpcStatus(code) => Ok(Response::builder()
+            .status(200)
+            .header("x-backend", st.name.as_str())
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header("grpc-status", code.to_string())
+            .body(full(""))
+            .unwrap()),
+        Misbehave::Reset => {
+            drop_conn.notify_one();
+            std::future::pending().await
+        }
+        Misbehave::Delay(d) => {
+            tokio::time::sleep(d).await;
+            Ok(answer(200))
+        }
+        Misbehave::Hang => {
+            let _guard = CancelGuard(st.cancelled.clone());
+            std::future::pending().await
+        }
+    }
+}
+
+/// A server-side socket that reports the peer's close (end of stream or error on read),
+/// so a connection whose client went away is dropped even while a request on it hangs.
+struct Watched {
+    inner: TcpStream,
+    closed: Arc<tokio::sync::Notify>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        match &r {
+            std::task::Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                self.closed.notify_one()
+            }
+            std::task::Poll::Ready(Err(_)) => self.closed.notify_one(),
+            _ => {}
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An address on `ip` where nothing listens: connecting is refused.
+pub async fn refused_addr(ip: &str) -> SocketAddr {
+    TcpListener::bind((ip, 0))
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// An HTTP/1 client whose connections come from source address `ip` (127.0.0.x), so a
+/// test can play several clients.
+pub fn h1_client_from(ip: &str) -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_local_address(Some(ip.parse().unwrap()));
+    Client::builder(TokioExecutor::new()).build(connector)
 }
