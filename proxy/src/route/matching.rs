@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Within one entry every condition that is set must hold; cheap ones are tried first
-//! (method, exact and prefix paths, then regular expressions).
+//! (method, exact and prefix paths, headers with exact values before those with regular
+//! expressions, the path regex, and last the query string, which has to be parsed).
 
 use std::borrow::Cow;
 
@@ -187,6 +188,8 @@ impl RequestMatch {
         if !problems.is_empty() {
             return Err(problems);
         }
+        // Exact values first: a lookup and a compare reject most requests before any regex.
+        headers.sort_by_key(|h| matches!(h.value, ValueMatch::Regex(_)));
         Ok(RequestMatch {
             path,
             method,
@@ -202,13 +205,13 @@ impl RequestMatch {
         {
             return false;
         }
-        let path_ok = match &self.path {
-            None => true,
-            Some(PathMatch::Exact(want)) => **want == *input.path,
-            Some(PathMatch::Prefix(prefix)) => has_prefix(input.path, prefix),
-            Some(PathMatch::Regex(re)) => re.is_match(input.path.as_bytes()),
+        let (cheap_path, regex_path) = match &self.path {
+            None => (true, None),
+            Some(PathMatch::Exact(want)) => (**want == *input.path, None),
+            Some(PathMatch::Prefix(prefix)) => (has_prefix(input.path, prefix), None),
+            Some(PathMatch::Regex(re)) => (true, Some(re)),
         };
-        path_ok
+        cheap_path
             && self.headers.iter().all(|h| {
                 input
                     .headers
@@ -216,6 +219,7 @@ impl RequestMatch {
                     .iter()
                     .any(|v| h.value.matches(v.as_bytes()))
             })
+            && regex_path.is_none_or(|re| re.is_match(input.path.as_bytes()))
             && self.query.iter().all(|q| {
                 input.query.is_some_and(|query| {
                     query_pairs(query)
