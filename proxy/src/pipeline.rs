@@ -292,7 +292,14 @@ impl HttpConn {
             Some(Target::Missing(what)) => {
                 tracing::debug!(backend = %what, route = %route.spec.name, "backend does not resolve");
                 labels.count(&self.metrics, RouteEvent::BackendNotFound);
-                return self.fail(x.labels, ErrorCode::BackendNotFound, x.grpc, x.start);
+                let mut resp = self.fail(x.labels, ErrorCode::BackendNotFound, x.grpc, x.start);
+                if !x.grpc {
+                    *resp.body_mut() = Either::Right(Full::new(Bytes::from(format!(
+                        "weft-proxy: {}: {what} does not exist\n",
+                        ErrorCode::BackendNotFound
+                    ))));
+                }
+                return resp;
             }
         };
         let budget = route

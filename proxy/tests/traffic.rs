@@ -32,7 +32,14 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use serde_json::{Value, json};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weft_proxy::{Proxy, server::ListenerKind};
+use weft_proxy::{
+    Proxy,
+    detect::Protocol,
+    http::{HttpConn, HttpTarget},
+    metrics::{Direction, ServiceLabel},
+    server::ListenerKind,
+    store::EndpointState,
+};
 
 /// What the tests assume where the documented behaviour leaves a choice; the lead's
 /// enforcement must match these (or these must change with it).
@@ -46,8 +53,10 @@ mod assumed {
     pub const FAULT_INJECTED: &str = "fault_injected";
     /// The `weft-error` code of a request refused by the inbound rate limit (429).
     pub const RATE_LIMITED: &str = "rate_limited";
-    /// The `weft-error` code of a rule's `timeout` and of an unretried `perTryTimeout`.
+    /// The `weft-error` code of a rule's `timeout`.
     pub const RESPONSE_TIMEOUT: &str = "response_timeout";
+    /// The `weft-error` code of a `perTryTimeout` on the last attempt allowed.
+    pub const PER_TRY_TIMEOUT: &str = "per_try_timeout";
 
     /// Sum of the samples of every series (name and labels) that contains all of `parts`,
     /// so `dry_run` may be in the name or a label (`dry_run="true"`, not `"false"`). Metric
@@ -74,14 +83,13 @@ mod assumed {
         metric_sum(text, &["retr", "dry_run"])
     }
 
-    /// Requests counted for `service` (mirrored copies included): the samples of
-    /// `weft_requests_total` with that service label.
+    /// Copies sent to a mirror by the rules of `service`'s Route.
     pub fn mirrored_requests(text: &str, service: &str) -> f64 {
         let label = format!("service=\"{service}\"");
-        text.lines()
-            .filter(|l| l.starts_with("weft_requests_total{") && l.contains(&label))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum()
+        metric_sum(
+            text,
+            &["weft_route_events_total", &label, "event=\"mirrored\""],
+        )
     }
 
     /// Requests an inbound rate limit in dry run would have refused (and let through).
@@ -738,7 +746,7 @@ async fn a_per_try_timeout_without_retries_is_504() {
     let start = Instant::now();
     let resp = get_with(&proxy, "/", &[]).await;
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
-    expect_code(&resp, RESPONSE_TIMEOUT);
+    expect_code(&resp, PER_TRY_TIMEOUT);
     assert!(
         start.elapsed() < Duration::from_millis(800),
         "{:?}",
@@ -1108,9 +1116,9 @@ async fn a_shadow_that_refuses_connections_does_not_fail_the_client() {
     let took = latencies(&proxy, 5).await;
     assert!(took[2] < Duration::from_millis(100), "{took:?}");
     assert_eq!(web.requests(), 5);
-    // The mirror was attempted, not ignored: the copies count as requests to the shadow.
+    // The mirror was attempted, not ignored: the copies are counted.
     let metrics = proxy.proxy.metrics.encode().unwrap();
-    assert!(mirrored_requests(&metrics, "shadow") >= 5.0, "{metrics}");
+    assert!(mirrored_requests(&metrics, "web") >= 5.0, "{metrics}");
 }
 
 #[tokio::test]
@@ -1224,30 +1232,50 @@ async fn replace_full_path_replaces_the_whole_path_and_keeps_the_query() {
 // 10. Inbound rate limit
 // ---------------------------------------------------------------------------------------
 
-/// STAND-IN, to replace once the proxy has an in-process inbound listener.
-///
-/// Today there is no in-process way to serve the inbound side: `ListenerKind::Inbound`
-/// reads `SO_ORIGINAL_DST`, which only an iptables redirect sets (the network-namespace
-/// tests), so it closes a connection dialled directly. The plausible API is a
-/// non-transparent inbound listener, such as `ListenerKind::InboundTo(app)`: every
-/// connection goes to the local application at `app`, in the inbound direction, so that
-/// `inbound.rateLimit` applies:
-///
-/// ```text
-/// TestProxy::start_kind(Proxy::new(), ListenerKind::InboundTo(app), cfg)
-/// ```
-///
-/// Until then this serves a forward (outbound) listener to a service holding `app`, so
-/// the rate-limit tests compile and fail for want of the limit rather than of a listener;
-/// they will keep failing until this helper is switched.
+/// A proxy serving the inbound side in process: each accepted connection is served as the
+/// transparent inbound listener serves it (direction inbound, the local application as
+/// the fixed target, the client's address known), without the iptables redirect that the
+/// inbound listener itself needs to learn the original destination.
 fn inbound_proxy(app: SocketAddr, rate_limit: Value) -> TestProxy {
-    let mut cfg = config(&[("local-app", &[app])]);
+    let mut cfg = config(&[]);
     cfg["inbound"] = json!({"rateLimit": rate_limit});
-    TestProxy::start_kind(
-        Proxy::new(),
-        ListenerKind::Forward(Arc::from("local-app")),
-        cfg,
-    )
+    let proxy = Proxy::new();
+    proxy
+        .store
+        .apply(serde_json::from_value(cfg).unwrap())
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (p, stop) = (proxy.clone(), shutdown.clone());
+    let task = tokio::spawn(async move {
+        let app = Arc::new(EndpointState::new(app, Duration::from_secs(1)));
+        while let Ok((stream, peer)) = listener.accept().await {
+            let conn = HttpConn::new(
+                p.store.clone(),
+                p.metrics.clone(),
+                Direction::Inbound,
+                HttpTarget::Fixed(app.clone()),
+                ServiceLabel::local(),
+                p.limits,
+            )
+            .with_client(peer.ip());
+            tokio::spawn(weft_proxy::http::serve(
+                stream,
+                Protocol::Http1,
+                Arc::new(conn),
+                stop.clone(),
+            ));
+        }
+    });
+    TestProxy {
+        proxy,
+        addr,
+        shutdown,
+        task: Some(task),
+    }
 }
 
 /// The statuses of `n` immediate GETs from `client`; asserts the refusals' form.
