@@ -45,6 +45,17 @@ struct Forward {
     service: String,
 }
 
+fn parse_inbound_forward(s: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let (listen, app) = s.split_once('=').ok_or_else(|| {
+        format!("{s:?}: expected LISTEN=APP, such as 0.0.0.0:8081=127.0.0.1:8080")
+    })?;
+    let parse = |a: &str| {
+        a.parse::<SocketAddr>()
+            .map_err(|_| format!("{a:?} is not ip:port"))
+    };
+    Ok((parse(listen)?, parse(app)?))
+}
+
 fn parse_forward(s: &str) -> Result<Forward, String> {
     let (addr, service) = s
         .split_once('=')
@@ -107,6 +118,12 @@ struct RunArgs {
     /// Repeatable.
     #[arg(long = "forward", value_parser = parse_forward)]
     forward: Vec<Forward>,
+    /// A non-transparent inbound listener sending every connection to the application, as
+    /// LISTEN=APP (such as 0.0.0.0:8081=127.0.0.1:8080), treated as the transparent
+    /// inbound listener treats redirected connections (the workload's rate limit applies).
+    /// For workloads without the iptables redirect. Repeatable.
+    #[arg(long = "inbound-forward", value_parser = parse_inbound_forward)]
+    inbound_forward: Vec<(SocketAddr, SocketAddr)>,
     /// Inbound ports of the application whose protocol speaks first (the server sends
     /// before the client, such as MySQL or SMTP): their connections skip protocol
     /// detection, on top of the config's opaque ports. Such as `3306,9000-9010`; set by
@@ -377,6 +394,10 @@ async fn serve(
             ListenerKind::Forward(Arc::from(f.service.as_str())),
             proxy.clone(),
         );
+    }
+    for (listen, app) in &args.inbound_forward {
+        let l = bind(*listen, "inbound forward").await?;
+        inbound.spawn(l, ListenerKind::InboundTo(*app), proxy.clone());
     }
     let admin_task = tokio::spawn(weft_proxy::admin::serve(
         admin,

@@ -59,12 +59,16 @@ pub enum ListenerKind {
     Inbound,
     /// Non-transparent: every connection goes to the named service (outbound direction).
     Forward(Arc<str>),
+    /// Non-transparent inbound: every connection goes to the application at this address,
+    /// as the transparent inbound listener sends it (inbound direction: the workload's rate
+    /// limit applies), for a workload whose traffic is not redirected by iptables.
+    InboundTo(SocketAddr),
 }
 
 impl ListenerKind {
     fn direction(&self) -> Direction {
         match self {
-            ListenerKind::Inbound => Direction::Inbound,
+            ListenerKind::Inbound | ListenerKind::InboundTo(_) => Direction::Inbound,
             _ => Direction::Outbound,
         }
     }
@@ -246,6 +250,10 @@ fn plan(
                 config.is_opaque_port(port) || local.opaque.contains(port),
             )
         }
+        ListenerKind::InboundTo(app) => (
+            Route::Addr(Dial::direct(*app), ServiceLabel::local()),
+            config.is_opaque_port(app.port()) || local.opaque.contains(app.port()),
+        ),
         ListenerKind::Forward(name) => match snapshot.service_by_name(name) {
             Some(svc) => (
                 Route::Service(svc.clone(), HttpTarget::Named(name.clone())),
@@ -279,6 +287,15 @@ fn plan_before_config(proxy: &Proxy, kind: &ListenerKind, stream: &TcpStream) ->
     let direction = kind.direction();
     let route = match kind {
         ListenerKind::Forward(name) => Route::Missing(name.clone()),
+        ListenerKind::InboundTo(app) => {
+            proxy
+                .metrics
+                .before_config(direction, proxy.before_config.as_str());
+            if proxy.before_config == BeforeConfig::Refuse {
+                return None;
+            }
+            Route::Addr(Dial::direct(*app), ServiceLabel::local())
+        }
         ListenerKind::Outbound | ListenerKind::Inbound => {
             let orig = original_dst(stream)?;
             let action = proxy.before_config.as_str();

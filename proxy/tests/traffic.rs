@@ -19,7 +19,6 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -32,14 +31,7 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use serde_json::{Value, json};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weft_proxy::{
-    Proxy,
-    detect::Protocol,
-    http::{HttpConn, HttpTarget},
-    metrics::{Direction, ServiceLabel},
-    server::ListenerKind,
-    store::EndpointState,
-};
+use weft_proxy::{Proxy, server::ListenerKind};
 
 /// What the tests assume where the documented behaviour leaves a choice; the lead's
 /// enforcement must match these (or these must change with it).
@@ -1232,50 +1224,12 @@ async fn replace_full_path_replaces_the_whole_path_and_keeps_the_query() {
 // 10. Inbound rate limit
 // ---------------------------------------------------------------------------------------
 
-/// A proxy serving the inbound side in process: each accepted connection is served as the
-/// transparent inbound listener serves it (direction inbound, the local application as
-/// the fixed target, the client's address known), without the iptables redirect that the
-/// inbound listener itself needs to learn the original destination.
+/// A proxy whose non-transparent inbound listener sends every connection to `app`, as
+/// the transparent inbound listener does (so `inbound.rateLimit` applies).
 fn inbound_proxy(app: SocketAddr, rate_limit: Value) -> TestProxy {
     let mut cfg = config(&[]);
     cfg["inbound"] = json!({"rateLimit": rate_limit});
-    let proxy = Proxy::new();
-    proxy
-        .store
-        .apply(serde_json::from_value(cfg).unwrap())
-        .unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let (p, stop) = (proxy.clone(), shutdown.clone());
-    let task = tokio::spawn(async move {
-        let app = Arc::new(EndpointState::new(app, Duration::from_secs(1)));
-        while let Ok((stream, peer)) = listener.accept().await {
-            let conn = HttpConn::new(
-                p.store.clone(),
-                p.metrics.clone(),
-                Direction::Inbound,
-                HttpTarget::Fixed(app.clone()),
-                ServiceLabel::local(),
-                p.limits,
-            )
-            .with_client(peer.ip());
-            tokio::spawn(weft_proxy::http::serve(
-                stream,
-                Protocol::Http1,
-                Arc::new(conn),
-                stop.clone(),
-            ));
-        }
-    });
-    TestProxy {
-        proxy,
-        addr,
-        shutdown,
-        task: Some(task),
-    }
+    TestProxy::start_kind(Proxy::new(), ListenerKind::InboundTo(app), cfg)
 }
 
 /// The statuses of `n` immediate GETs from `client`; asserts the refusals' form.
