@@ -758,27 +758,31 @@ impl Index {
         }
         // Of the Policies that rate-limit this pod, the oldest wins (creation time, then
         // name), as conflicting Routes do.
-        let mut limit: Option<(
-            &ObjectKey,
-            &model::ResourceMeta,
-            &weft_crds::policy::RateLimit,
-        )> = None;
-        let selecting = self.policies_for(pod_key);
-        for key in &selecting {
-            if let Some((key, (meta, Parsed::Valid(spec)))) = self.policies.get_key_value(key) {
-                view.resources.insert(resource_ref(
-                    "Policy",
-                    key,
-                    meta.generation,
-                    requires::policy(spec),
-                ));
-                if let Some(rl) = &spec.rate_limit
-                    && limit
-                        .is_none_or(|(k, m, _)| conflict::age_order((key, meta), (k, m)).is_lt())
-                {
-                    limit = Some((key, meta, rl));
+        let selecting: Vec<(&ObjectKey, &model::ResourceMeta, &weft_crds::PolicySpec)> = self
+            .policies_for(pod_key)
+            .iter()
+            .filter_map(|k| match self.policies.get_key_value(k) {
+                Some((k, (meta, Parsed::Valid(spec)))) => Some((k, meta, spec)),
+                _ => None,
+            })
+            .collect();
+        let limit = selecting
+            .iter()
+            .filter_map(|(k, meta, spec)| spec.rate_limit.as_ref().map(|rl| (*k, *meta, rl)))
+            .min_by(|a, b| conflict::age_order((a.0, a.1), (b.0, b.1)));
+        for (key, meta, spec) in &selecting {
+            let mut requires = requires::policy(spec);
+            if limit.is_some_and(|(winner, _, _)| winner != *key) {
+                // An overridden limit is not applied on this pod: its requirement names
+                // a feature no proxy has, so `Programmed` does not claim it.
+                for r in &mut requires {
+                    if r.feature == weft_api::push::feature::POLICY_RATE_LIMIT {
+                        r.feature = requires::OVERRIDDEN.to_owned();
+                    }
                 }
             }
+            view.resources
+                .insert(resource_ref("Policy", key, meta.generation, requires));
         }
         view.inbound = limit.map(|(key, _, rl)| InboundConfig {
             rate_limit: Some(compile::rate_limit(key, rl)),

@@ -609,6 +609,17 @@ fn a_rate_limit_reaches_only_the_pods_its_policy_targets_and_the_older_policy_wi
         ),
     );
     assert_eq!(inbound(&i, "web-a").unwrap().name, "shop/web-older");
+    let features = |name: &str| -> Vec<String> {
+        let view = i.view(&key("shop", "web-a")).unwrap();
+        let r = view.resources.iter().find(|r| r.name == name).unwrap();
+        r.requires.iter().map(|r| r.feature.clone()).collect()
+    };
+    assert!(
+        features("web-limit").contains(&requires::OVERRIDDEN.to_owned()),
+        "an overridden limit is not claimed as enforced: {:?}",
+        features("web-limit")
+    );
+    assert!(features("web-older").contains(&weft_api::push::feature::POLICY_RATE_LIMIT.to_owned()));
     assert_eq!(proxy_accepts(&i, &key("shop", "web-a")), Ok(()));
     i.delete(Kind::Policy, &key("shop", "web-older"));
     assert_eq!(inbound(&i, "web-a").unwrap().name, "shop/web-limit");
