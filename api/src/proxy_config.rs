@@ -135,9 +135,10 @@ pub enum Balancer {
 }
 
 /// The largest endpoint weight a proxy accepts. A million, rather than a round ten
-/// thousand, because the operator flattens a Route's split into endpoint weights: a backend
-/// with 1 % of the traffic spread over 1,000 endpoints, beside one with 99 % on a single
-/// endpoint, needs a ratio of 99,000 between two endpoints' weights.
+/// thousand, because operators before `traffic-policy` flattened a Route's split into
+/// endpoint weights (a backend with 1 % of the traffic over 1,000 endpoints beside one with
+/// 99 % on a single endpoint needs a ratio of 99,000); a split is now a Route's backend
+/// stage, and weights are left to endpoints' own.
 pub const MAX_ENDPOINT_WEIGHT: u32 = 1_000_000;
 
 /// One backend instance of a service.

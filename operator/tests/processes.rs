@@ -14,105 +14,18 @@
 
 mod support;
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command},
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use anyhow::{Context, ensure};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kube::{Resource, ResourceExt, api::PostParams};
+use kube::{Resource, api::PostParams};
 use serde_json::json;
-use support::mesh::*;
+use support::{mesh::*, processes::*};
 use tokio_util::sync::CancellationToken;
-use weft_e2e::{
-    process::{self, Lifetime},
-    shared::{self, eventually},
-};
+use weft_e2e::shared::{self, eventually};
 
-/// A binary built by another package of the workspace, in this target dir.
-fn sibling_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo test --workspace`, or `cargo build -p weft-proxy -p kubectl-weft` first",
-        path.display()
-    );
-    path
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// A child process in its own process group, killed (with its group) on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, cmd: Command, dir: &Path) -> Proc {
-        let log = dir.join(format!("{name}.log"));
-        let child = process::spawn(cmd, &log, Lifetime::Attached).unwrap();
-        Proc {
-            name: name.to_owned(),
-            child,
-            log,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).unwrap()
-    }
-
-    /// SIGKILL: no shutdown path runs, as when a node dies or the OOM killer strikes.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        format!(
-            "--- {} log ---\n{}",
-            self.name,
-            lines[lines.len().saturating_sub(20)..].join("\n")
-        )
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        process::stop_group(self.pid(), Duration::from_secs(5));
-        let _ = self.child.try_wait();
-    }
-}
-
-/// The operator as its own process, watching only the test's namespace.
-fn start_operator(bed: &Bed, push: SocketAddr, admin: SocketAddr, dir: &Path, n: u32) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weft-operator"));
-    cmd.env("KUBECONFIG", shared::testbed().kubeconfig())
-        .args(["--push-addr", &push.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--lease-namespace", &bed.ns])
-        .args(["--identity", &format!("operator-{n}")])
-        .args(["--lease-duration", "5s"])
-        .args(["--watch-namespace", &bed.ns])
-        .arg("--no-webhook");
-    Proc::spawn(&format!("operator-{n}"), cmd, dir)
-}
-
-/// The Route timeout of `service` in a proxy's active config, read from its admin `/config`.
+/// The Route timeout of `service` in a proxy's active config (its Route's catch-all rule's),
+/// read from its admin `/config`.
 async fn proxy_timeout(admin: SocketAddr, service: &str) -> anyhow::Result<Option<String>> {
     let (status, body) = http_get(admin, "/config").await?;
     ensure!(status == 200, "/config answered {status}: {body}");
@@ -121,7 +34,14 @@ async fn proxy_timeout(admin: SocketAddr, service: &str) -> anyhow::Result<Optio
         .as_array()
         .and_then(|s| s.iter().find(|s| s["name"] == service))
         .with_context(|| format!("no {service} in {body}"))?;
-    Ok(svc["timeout"].as_str().map(str::to_owned))
+    let rule = svc["route"]["rules"]
+        .as_array()
+        .and_then(|r| r.last())
+        .unwrap_or(&serde_json::Value::Null);
+    Ok(rule["timeout"]
+        .as_str()
+        .or(svc["timeout"].as_str())
+        .map(str::to_owned))
 }
 
 fn proxy_status(ns: &str, admin: SocketAddr) -> String {
@@ -188,20 +108,8 @@ async fn proxy_processes_lose_no_request_while_the_operator_process_is_killed_an
                 &format!("198.51.100.6{i}"),
             )
             .await;
-        let token = dir.path().join(format!("token-{i}"));
-        std::fs::write(&token, bed.token(&pod).await).unwrap();
-        let (forward, proxy_admin) = (free_addr(), free_addr());
-        let mut cmd = Command::new(sibling_binary("weft-proxy"));
-        cmd.arg("run")
-            .args(["--operator-addr", &push.to_string()])
-            .args(["--pod-namespace", &ns])
-            .args(["--pod-name", &pod.name_any()])
-            .arg("--token-file")
-            .arg(&token)
-            .arg("--no-transparent")
-            .args(["--forward", &format!("{forward}={web}")])
-            .args(["--admin-addr", &proxy_admin.to_string()]);
-        let proc = Proc::spawn(&format!("proxy-{i}"), cmd, dir.path());
+        let p = ProxyProc::start(&bed, push, &pod, &web, dir.path()).await;
+        let (proc, forward, proxy_admin) = (p.proc, p.forward, p.admin);
         proxies.push((proc, forward, proxy_admin));
     }
     for (proc, forward, _) in &proxies {

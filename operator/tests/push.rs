@@ -209,10 +209,20 @@ async fn programmed_is_true_only_for_what_the_proxies_enforce() {
     let bed = Bed::new("push-enforce").await;
     let ns = bed.ns.clone();
     bed.service_account("client").await;
-    for name in ["reviews", "reviews-v1", "reviews-v2"] {
+    // The Services the examples govern and route to: a Route or Breaker whose own Service
+    // does not exist is not accepted.
+    for (name, port) in [
+        ("reviews", 9080),
+        ("reviews-v1", 9080),
+        ("reviews-v2", 9080),
+        ("frontend", 8080),
+        ("frontend-v1", 8080),
+        ("frontend-v2", 8080),
+        ("legacy-db-proxy", 5432),
+    ] {
         let svc: Service = serde_json::from_value(json!({
             "metadata": {"name": name},
-            "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 9080}]}
+            "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": port}]}
         }))
         .unwrap();
         bed.api::<Service>()

@@ -226,7 +226,10 @@ impl ControlClient {
         let body = ChannelBody(rx);
         let mut req = Request::post(format!("http://{addr}{SUBSCRIBE_PATH}"))
             .header(POD_HEADER, &self.config.pod)
-            .header(FEATURES_HEADER, FEATURE_ENDPOINT_DELTAS);
+            .header(
+                FEATURES_HEADER,
+                format!("{FEATURE_ENDPOINT_DELTAS},{}", push::FEATURE_TRAFFIC_POLICY),
+            );
         if let Some(token) = token {
             req = req.header(AUTHORIZATION, format!("Bearer {token}"));
         }

@@ -19,14 +19,17 @@
 //! (or namespace) lists in [`model::VISIBLE_NAMESPACES_ANNOTATION`], one
 //! [`ServiceConfig`] per Service port, named `<service>.<namespace>.<port>`, with the
 //! ready endpoints (terminating ones are drained: they get no new requests), the SPIFFE
-//! identity of meshed endpoints, and the effect of the Route that wins for that port
-//! (its catch-all rule's backends, weighted, and timeout).
+//! identity of meshed endpoints, the Route and the Breaker that win for that port, compiled
+//! ([`compile`]); and, for the proxy's own pod, the rate limit of the oldest Policy that
+//! selects it and sets one.
 //!
-//! Every dependency of a Service's config (its EndpointSlices, its Routes, their
-//! backends, the pods behind the endpoints) lives in the Service's own namespace, so a
+//! Every dependency of a Service's config (its EndpointSlices, its Routes and Breakers,
+//! their backends, the pods behind the endpoints) lives in the Service's own namespace, so a
 //! change to one object rebuilds that namespace only and reports it as affected only when
 //! some config really changed.
 
+pub mod compile;
+pub mod conflict;
 pub mod model;
 pub mod requires;
 pub mod services;
@@ -40,10 +43,10 @@ use std::{
 };
 
 use weft_api::{
-    proxy_config::{Balancer, EndpointConfig, Protocol, ServiceConfig},
+    proxy_config::{Balancer, EndpointConfig, InboundConfig, Protocol, ServiceConfig},
     push::ResourceRef,
 };
-use weft_crds::{RouteSpec, route::RouteRule};
+use weft_crds::common::ServiceRef;
 
 use model::{
     BreakerModel, NamespaceModel, Parsed, PodModel, PolicyModel, RouteModel, ServiceModel,
@@ -51,9 +54,6 @@ use model::{
 };
 pub use model::{Kind, Object, ObjectKey};
 pub use services::{NsServices, ServiceSet};
-
-/// The largest endpoint weight the proxy accepts.
-pub use weft_api::proxy_config::MAX_ENDPOINT_WEIGHT;
 
 /// The config one proxy needs, as the index computes it.
 #[derive(Clone, Debug, Default)]
@@ -64,12 +64,16 @@ pub struct ProxyView {
     pub services: ServiceSet,
     /// The Weft resources (with generations) this view implements.
     pub resources: BTreeSet<ResourceRef>,
+    /// The proxy's inbound settings: the rate limit of its own pod, if a Policy sets one.
+    pub inbound: Option<InboundConfig>,
 }
 
 impl ProxyView {
     /// Whether two views carry the same config (versions aside).
     pub fn same_content(&self, other: &ProxyView) -> bool {
-        self.resources == other.resources && self.services.same(&other.services)
+        self.resources == other.resources
+            && self.inbound == other.inbound
+            && self.services.same(&other.services)
     }
 }
 
@@ -130,8 +134,11 @@ pub mod reasons {
     pub const ACCEPTED: &str = "Accepted";
     /// Accepted=False: the spec did not deserialize.
     pub const INVALID: &str = "Invalid";
-    /// Accepted=False: an older Route governs the same Service port.
+    /// Accepted=False: an older Route (or Breaker) governs the same Service port.
     pub const CONFLICTED: &str = "Conflicted";
+    /// Accepted=False: the Service the Route or Breaker governs does not exist (or lacks
+    /// the port), so there is nothing to program.
+    pub const SERVICE_NOT_FOUND: &str = "ServiceNotFound";
     /// ResolvedRefs=True.
     pub const RESOLVED_REFS: &str = "ResolvedRefs";
     /// ResolvedRefs=False.
@@ -432,7 +439,8 @@ impl Index {
         let mut resources = BTreeSet::new();
         for (key, (meta, spec)) in in_ns(&self.routes, ns) {
             if let Parsed::Valid(spec) = spec
-                && self.route_conflict(key).is_none()
+                && self.governed_service_missing(ns, &spec.service).is_none()
+                && conflict::conflict(&self.routes, key).is_none()
             {
                 resources.insert(resource_ref(
                     "Route",
@@ -443,7 +451,10 @@ impl Index {
             }
         }
         for (key, (meta, spec)) in in_ns(&self.breakers, ns) {
-            if let Parsed::Valid(spec) = spec {
+            if let Parsed::Valid(spec) = spec
+                && self.governed_service_missing(ns, &spec.service).is_none()
+                && conflict::conflict(&self.breakers, key).is_none()
+            {
                 resources.insert(resource_ref(
                     "Breaker",
                     key,
@@ -547,59 +558,39 @@ impl Index {
         }
     }
 
-    /// The Routes for a Service, valid ones only, oldest first (ties by name).
-    fn routes_for(&self, ns: &str, service: &str) -> Vec<(&ObjectKey, &RouteModel)> {
-        let mut routes: Vec<_> = in_ns(&self.routes, ns)
-            .filter(|(_, (_, spec))| matches!(spec, Parsed::Valid(s) if s.service.name == service))
-            .collect();
-        routes.sort_by(|(ka, (ma, _)), (kb, (mb, _))| {
-            (ma.created.as_ref().map(|t| t.0), &ka.name)
-                .cmp(&(mb.created.as_ref().map(|t| t.0), &kb.name))
-        });
-        routes
-    }
-
-    /// The older Route that `key` conflicts with, if any: two Routes conflict when they
-    /// govern the same Service and their ports overlap (an omitted port overlaps every
-    /// port). The older one (by creation time, then name) wins.
-    pub fn route_conflict(&self, key: &ObjectKey) -> Option<ObjectKey> {
-        let (_, Parsed::Valid(spec)) = self.routes.get(key)? else {
-            return None;
-        };
-        for (other, (_, other_spec)) in self.routes_for(&key.namespace, &spec.service.name) {
-            if other == key {
-                return None;
-            }
-            let Parsed::Valid(o) = other_spec else {
-                continue;
-            };
-            if ports_overlap(o.service.port, spec.service.port) {
-                return Some(other.clone());
-            }
+    /// The older resource of the same kind that `key` conflicts with (a Route or Breaker
+    /// governing the same Service port), if any; see [`conflict`].
+    pub fn conflict(&self, kind: Kind, key: &ObjectKey) -> Option<ObjectKey> {
+        match kind {
+            Kind::Route => conflict::conflict(&self.routes, key),
+            Kind::Breaker => conflict::conflict(&self.breakers, key),
+            _ => None,
         }
-        None
     }
 
-    /// The Routes that lose to `key` (newer Routes it conflicts with).
-    pub fn routes_conflicting_with(&self, key: &ObjectKey) -> Vec<ObjectKey> {
-        let Some((_, Parsed::Valid(spec))) = self.routes.get(key) else {
-            return Vec::new();
-        };
-        self.routes_for(&key.namespace, &spec.service.name)
-            .into_iter()
-            .filter(|(k, _)| *k != key && self.route_conflict(k).as_ref() == Some(key))
-            .map(|(k, _)| k.clone())
-            .collect()
+    /// The newer resources of the same kind that lose to `key`.
+    pub fn losers(&self, kind: Kind, key: &ObjectKey) -> Vec<ObjectKey> {
+        match kind {
+            Kind::Route => conflict::losers(&self.routes, key),
+            Kind::Breaker => conflict::losers(&self.breakers, key),
+            _ => Vec::new(),
+        }
     }
 
-    fn winning_route(&self, ns: &str, service: &str, port: u16) -> Option<&RouteSpec> {
-        self.routes_for(ns, service)
+    /// Why the Service a Route or Breaker governs is missing, if it is.
+    fn governed_service_missing(&self, ns: &str, service: &ServiceRef) -> Option<String> {
+        self.missing_services(ns, &[(service.name.clone(), service.port)])
             .into_iter()
-            .filter(|(k, _)| self.route_conflict(k).is_none())
-            .find_map(|(_, (_, spec))| match spec {
-                Parsed::Valid(s) if s.service.port.is_none_or(|p| p == port) => Some(s),
-                _ => None,
-            })
+            .next()
+    }
+
+    /// The config name of Service `name`'s `port` in `ns`, when proxies that see `ns` have
+    /// it (the Service exists with that port and has cluster IPs).
+    fn service_port_config(&self, ns: &str, name: &str, port: u16) -> Option<String> {
+        let key = ObjectKey::new(ns, name);
+        let svc = self.services.get(&key)?;
+        (!svc.cluster_ips.is_empty() && svc.ports.iter().any(|p| p.port == port))
+            .then(|| config_name(&key, port))
     }
 
     fn identity(&self, ns: &str, pod: Option<&String>) -> Option<String> {
@@ -655,15 +646,13 @@ impl Index {
         svc.ports
             .iter()
             .map(|p| {
-                let route = self.winning_route(ns, &key.name, p.port);
-                let rule = route.and_then(catch_all);
-                let endpoints = match rule {
-                    Some(rule) => self.split(ns, rule, p.port),
-                    None => self
-                        .endpoints(ns, &key.name, p.port)
-                        .into_values()
-                        .collect(),
-                };
+                let route = conflict::winner(&self.routes, ns, &key.name, p.port).map(|(rk, r)| {
+                    compile::route(rk, r, p.port, |name, port| {
+                        self.service_port_config(ns, name, port)
+                    })
+                });
+                let breaker = conflict::winner(&self.breakers, ns, &key.name, p.port)
+                    .map(|(bk, b)| compile::breaker(bk, b));
                 ServiceConfig {
                     name: config_name(key, p.port),
                     addresses: svc
@@ -676,65 +665,22 @@ impl Index {
                     } else {
                         Protocol::Detect
                     },
-                    // A split is kept by weighted round robin, which ignores latency:
-                    // P2C would let the faster backend take more than its share. (A
-                    // weighted backend stage before latency-aware balancing comes with
-                    // Route enforcement.)
-                    balancer: if rule.is_some_and(splits) {
-                        Balancer::RoundRobin
-                    } else {
-                        Balancer::default()
-                    },
-                    timeout: rule.and_then(|r| r.timeout.clone()),
+                    // A Route's split is the proxy's weighted backend stage, before
+                    // balancing, so the endpoints stay the Service's own and latency-aware.
+                    balancer: Balancer::default(),
+                    // A Route's timeouts live in its rules.
+                    timeout: None,
                     connect_timeout: None,
-                    endpoints,
-                    route: None,
+                    endpoints: self
+                        .endpoints(ns, &key.name, p.port)
+                        .into_values()
+                        .collect(),
+                    route,
+                    // Rules carry their own budgets; the proxy's default covers the rest.
                     retry_budget: None,
-                    breaker: None,
+                    breaker,
                     unknown: BTreeMap::new(),
                 }
-            })
-            .collect()
-    }
-
-    /// The endpoints of a rule's backends, weighted so each backend gets its share of
-    /// requests however many endpoints it has.
-    fn split(&self, ns: &str, rule: &RouteRule, port: u16) -> Vec<EndpointConfig> {
-        let backends: Vec<(u64, BTreeMap<String, EndpointConfig>)> = rule
-            .backends
-            .iter()
-            .filter(|b| b.weight > 0)
-            .map(|b| {
-                let weight = u64::try_from(b.weight).unwrap_or(0);
-                (weight, self.endpoints(ns, &b.name, b.port.unwrap_or(port)))
-            })
-            .filter(|(_, eps)| !eps.is_empty())
-            .collect();
-        if backends.len() == 1 {
-            return backends
-                .into_iter()
-                .flat_map(|(_, eps)| eps.into_values())
-                .collect();
-        }
-        let counts: Vec<(u64, usize)> = backends.iter().map(|(w, eps)| (*w, eps.len())).collect();
-        let mut merged: BTreeMap<String, (EndpointConfig, Vec<usize>)> = BTreeMap::new();
-        for (b, (_, eps)) in backends.into_iter().enumerate() {
-            for (addr, ep) in eps {
-                merged
-                    .entry(addr)
-                    .or_insert_with(|| (ep, Vec::new()))
-                    .1
-                    .push(b);
-            }
-        }
-        let members: Vec<&[usize]> = merged.values().map(|(_, m)| m.as_slice()).collect();
-        let weights = endpoint_weights(&counts, &members);
-        merged
-            .into_values()
-            .zip(weights)
-            .map(|((mut ep, _), w)| {
-                ep.weight = Some(w);
-                ep
             })
             .collect()
     }
@@ -810,16 +756,37 @@ impl Index {
         if !self.contested.is_empty() {
             self.settle_contested(&mut view.services);
         }
-        for key in self.policies_for(pod_key) {
-            if let Some((meta, Parsed::Valid(spec))) = self.policies.get(&key) {
-                view.resources.insert(resource_ref(
-                    "Policy",
-                    &key,
-                    meta.generation,
-                    requires::policy(spec),
-                ));
+        // Of the Policies that rate-limit this pod, the oldest wins (creation time, then
+        // name), as conflicting Routes do.
+        let selecting: Vec<(&ObjectKey, &model::ResourceMeta, &weft_crds::PolicySpec)> = self
+            .policies_for(pod_key)
+            .iter()
+            .filter_map(|k| match self.policies.get_key_value(k) {
+                Some((k, (meta, Parsed::Valid(spec)))) => Some((k, meta, spec)),
+                _ => None,
+            })
+            .collect();
+        let limit = selecting
+            .iter()
+            .filter_map(|(k, meta, spec)| spec.rate_limit.as_ref().map(|rl| (*k, *meta, rl)))
+            .min_by(|a, b| conflict::age_order((a.0, a.1), (b.0, b.1)));
+        for (key, meta, spec) in &selecting {
+            let mut requires = requires::policy(spec);
+            if limit.is_some_and(|(winner, _, _)| winner != *key) {
+                // An overridden limit is not applied on this pod: its requirement names
+                // a feature no proxy has, so `Programmed` does not claim it.
+                for r in &mut requires {
+                    if r.feature == weft_api::push::feature::POLICY_RATE_LIMIT {
+                        r.feature = requires::OVERRIDDEN.to_owned();
+                    }
+                }
             }
+            view.resources
+                .insert(resource_ref("Policy", key, meta.generation, requires));
         }
+        view.inbound = limit.map(|(key, _, rl)| InboundConfig {
+            rate_limit: Some(compile::rate_limit(key, rl)),
+        });
         Some(view)
     }
 
@@ -872,19 +839,24 @@ impl Index {
                 }
             }
         }
-        missing.dedup();
+        // Each missing Service once, in the order the spec names them.
+        let mut seen = BTreeSet::new();
+        missing.retain(|m| seen.insert(m.clone()));
         missing
     }
 
     /// `Accepted` and `ResolvedRefs` for a Weft resource, or `None` when it is unknown.
     pub fn resource_state(&self, kind: Kind, key: &ObjectKey) -> Option<ResourceState> {
         let ns = key.namespace.as_str();
+        // The Service a Route or Breaker governs: without it the resource is not accepted.
+        let mut governed: Option<ServiceRef> = None;
         let (generation, invalid, refs, rule_count) = match kind {
             Kind::Route => {
                 let (meta, spec) = self.routes.get(key)?;
                 match spec {
                     Parsed::Invalid(e) => (meta.generation, Some(e.clone()), Vec::new(), None),
                     Parsed::Valid(s) => {
+                        governed = Some(s.service.clone());
                         let mut refs = vec![(s.service.name.clone(), s.service.port)];
                         for rule in &s.rules {
                             refs.extend(rule.backends.iter().map(|b| (b.name.clone(), b.port)));
@@ -911,40 +883,49 @@ impl Index {
                 let (meta, spec) = self.breakers.get(key)?;
                 match spec {
                     Parsed::Invalid(e) => (meta.generation, Some(e.clone()), Vec::new(), None),
-                    Parsed::Valid(b) => (
-                        meta.generation,
-                        None,
-                        vec![(b.service.name.clone(), b.service.port)],
-                        None,
-                    ),
+                    Parsed::Valid(b) => {
+                        governed = Some(b.service.clone());
+                        (
+                            meta.generation,
+                            None,
+                            vec![(b.service.name.clone(), b.service.port)],
+                            None,
+                        )
+                    }
                 }
             }
             _ => return None,
         };
+        let kind_name = kind.as_str();
         let accepted = if let Some(e) = invalid {
             CondState::no(reasons::INVALID, e)
-        } else if kind == Kind::Route
-            && let Some(winner) = self.route_conflict(key)
+        } else if let Some(missing) = governed
+            .as_ref()
+            .and_then(|s| self.governed_service_missing(ns, s))
         {
+            CondState::no(
+                reasons::SERVICE_NOT_FOUND,
+                format!("{missing}: there is nothing for this {kind_name} to govern"),
+            )
+        } else if let Some(winner) = self.conflict(kind, key) {
             CondState::no(
                 reasons::CONFLICTED,
                 format!(
-                    "conflicts with Route {} for the same Service port; the older Route wins (creation time, then name)",
+                    "conflicts with {kind_name} {} for the same Service port; the older {kind_name} wins (creation time, then name)",
                     winner.name
                 ),
             )
         } else {
-            let mut msg = format!("{} is valid", kind.as_str());
-            if kind == Kind::Route {
-                let losers = self.routes_conflicting_with(key);
-                if !losers.is_empty() {
-                    let names: Vec<&str> = losers.iter().map(|k| k.name.as_str()).collect();
-                    msg = format!(
-                        "Route is valid; it wins over conflicting Route(s) {} (older Routes win)",
-                        names.join(", ")
-                    );
-                }
-            }
+            let losers = self.losers(kind, key);
+            let msg = if losers.is_empty() {
+                format!("{kind_name} is valid")
+            } else {
+                let names: Vec<&str> = losers.iter().map(|k| k.name.as_str()).collect();
+                format!(
+                    "{kind_name} is valid; it wins over conflicting {kind_name}(s) {} (older ones win)",
+                    names.join(", ")
+                )
+            };
             CondState::yes(reasons::ACCEPTED, msg)
         };
         let missing = self.missing_services(ns, &refs);
@@ -983,23 +964,6 @@ enum Visible {
     Some(BTreeSet<String>),
 }
 
-fn ports_overlap(a: Option<u16>, b: Option<u16>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => a == b,
-        _ => true,
-    }
-}
-
-/// The first rule that matches every request: the one the proxy applies today.
-/// Whether a rule divides its traffic between more than one backend.
-fn splits(rule: &RouteRule) -> bool {
-    rule.backends.iter().filter(|b| b.weight > 0).count() > 1
-}
-
-fn catch_all(route: &RouteSpec) -> Option<&RouteRule> {
-    route.rules.iter().find(|r| r.matches.is_empty())
-}
-
 /// The proxy config name of one Service port: `<service>.<namespace>.<port>`.
 pub fn config_name(key: &ObjectKey, port: u16) -> String {
     format!("{}.{}.{port}", key.name, key.namespace)
@@ -1018,74 +982,6 @@ fn resource_ref(
         generation,
         requires,
     }
-}
-
-/// Endpoint weights that give each backend of a split its exact share of requests however
-/// many endpoints it has: backend `b` with weight `w_b` and `n_b` endpoints gives each of
-/// them `w_b / n_b`, and an endpoint that several backends list gets the sum. `counts`
-/// holds each backend's `(w_b, n_b)`; `members[e]` the backends endpoint `e` belongs to.
-///
-/// Exact integers when they fit in [`MAX_ENDPOINT_WEIGHT`] (`w_b × lcm(n) / n_b`, divided
-/// by the common factor, so a 90/10 split of one endpoint each is 9 and 1). Otherwise the
-/// real-valued weights are scaled so the largest is [`MAX_ENDPOINT_WEIGHT`] and rounded
-/// (at least 1): each endpoint is then off by at most one half (or, for an endpoint whose
-/// ideal weight is below one, by less than one) in a total of at least
-/// [`MAX_ENDPOINT_WEIGHT`], so a backend of `n` endpoints is off by at most
-/// `n / MAX_ENDPOINT_WEIGHT` of the traffic: under half a point up to 5,000 endpoints.
-fn endpoint_weights(counts: &[(u64, usize)], members: &[&[usize]]) -> Vec<u32> {
-    let max = u128::from(MAX_ENDPOINT_WEIGHT);
-    // The least common multiple of the endpoint counts, if it stays small enough that
-    // `w × lcm` cannot overflow (w ≤ 2³¹ and at most 16 backends).
-    let lcm = counts.iter().try_fold(1u128, |l, (_, n)| {
-        let n = *n as u128;
-        let next = l / gcd128(l, n.max(1)) * n.max(1);
-        (next <= 1 << 64).then_some(next)
-    });
-    if let Some(lcm) = lcm {
-        let exact: Vec<u128> = members
-            .iter()
-            .map(|m| {
-                m.iter()
-                    .map(|b| {
-                        let (w, n) = counts[*b];
-                        u128::from(w) * (lcm / (n as u128).max(1))
-                    })
-                    .sum()
-            })
-            .collect();
-        let g = exact.iter().fold(0, |g, x| gcd128(g, *x)).max(1);
-        if exact.iter().all(|x| *x / g <= max && *x > 0) {
-            return exact
-                .iter()
-                .map(|x| u32::try_from(*x / g).unwrap_or(MAX_ENDPOINT_WEIGHT))
-                .collect();
-        }
-    }
-    let ideal: Vec<f64> = members
-        .iter()
-        .map(|m| {
-            m.iter()
-                .map(|b| {
-                    let (w, n) = counts[*b];
-                    w as f64 / n.max(1) as f64
-                })
-                .sum()
-        })
-        .collect();
-    let top = ideal.iter().copied().fold(0.0, f64::max);
-    if top <= 0.0 {
-        return vec![1; members.len()];
-    }
-    let scale = f64::from(MAX_ENDPOINT_WEIGHT) / top;
-    ideal
-        .iter()
-        // The cast saturates, and the value is clamped into 1..=MAX anyway.
-        .map(|x| ((x * scale).round() as u32).clamp(1, MAX_ENDPOINT_WEIGHT))
-        .collect()
-}
-
-fn gcd128(a: u128, b: u128) -> u128 {
-    if b == 0 { a } else { gcd128(b, a % b) }
 }
 
 #[cfg(test)]

@@ -16,6 +16,11 @@
 use weft_api::push::{Requirement, feature};
 use weft_crds::{BreakerSpec, PolicySpec, RouteSpec, policy::Action, policy::MtlsMode};
 
+/// The feature a part of a resource requires when another resource overrides it on this
+/// proxy (a Policy's rate limit on a pod an older Policy limits): no proxy has it, so the
+/// proxy reports that part not enforced.
+pub const OVERRIDDEN: &str = "overridden";
+
 fn req(feature: &str, field: String) -> Requirement {
     Requirement {
         feature: feature.to_owned(),

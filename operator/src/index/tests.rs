@@ -281,54 +281,6 @@ fn unchanged_services_keep_their_shared_config() {
 }
 
 #[test]
-fn a_route_splits_traffic_by_backend_weight_and_sets_the_timeout() {
-    let mut i = shop();
-    apply(&mut i, svc("shop", "web-v2", "10.96.0.12"));
-    apply(
-        &mut i,
-        slice(
-            "shop",
-            "web-v2-1",
-            "web-v2",
-            &[("10.0.2.1", true, false, None)],
-        ),
-    );
-    let affected = apply(
-        &mut i,
-        route(
-            "shop",
-            "canary",
-            "2026-01-01T00:00:00Z",
-            "web",
-            json!([{"name": "web", "weight": 90}, {"name": "web-v2", "weight": 10}]),
-        ),
-    );
-    assert!(affected.namespaces.contains("shop"));
-    let view = i.view(&key("shop", "client")).unwrap();
-    let web = view.services.get("web.shop.80").unwrap();
-    assert_eq!(web.timeout.as_ref().map(|t| t.as_str()), Some("3s"));
-    // web's two endpoints share 90 %, web-v2's one gets 10 %, in the smallest integers.
-    let w: BTreeMap<&str, u32> = web
-        .endpoints
-        .iter()
-        .map(|e| (e.address.as_str(), e.weight.unwrap()))
-        .collect();
-    assert_eq!(
-        w,
-        BTreeMap::from([
-            ("10.0.0.1:8080", 9),
-            ("10.0.0.2:8080", 9),
-            ("10.0.2.1:8080", 2)
-        ])
-    );
-    assert!(
-        view.resources
-            .iter()
-            .any(|r| r.kind == "Route" && r.name == "canary" && r.generation == 1)
-    );
-}
-
-#[test]
 fn conflicting_routes_are_both_told_and_the_older_wins() {
     let mut i = shop();
     apply(
@@ -524,102 +476,6 @@ fn policies_apply_to_the_pods_they_select() {
     assert!(client.resources.iter().all(|r| r.kind != "Policy"));
 }
 
-/// Each backend's share of the traffic the proxy will send, from the endpoint weights of
-/// `service`'s config: the summed weights of the endpoints whose address starts with
-/// each prefix, over all weights.
-fn backend_shares(i: &Index, service: &str, prefixes: &[&str]) -> Vec<f64> {
-    let view = i.view(&key("shop", "client")).unwrap();
-    let svc = view.services.get(service).unwrap();
-    // Weights are shares only under a balancer that ignores latency.
-    assert_eq!(
-        svc.balancer,
-        weft_api::proxy_config::Balancer::RoundRobin,
-        "a split must not be balanced by latency"
-    );
-    for e in &svc.endpoints {
-        let w = e.weight.unwrap();
-        assert!((1..=MAX_ENDPOINT_WEIGHT).contains(&w), "{w}");
-    }
-    let total: f64 = svc
-        .endpoints
-        .iter()
-        .map(|e| f64::from(e.weight.unwrap()))
-        .sum();
-    prefixes
-        .iter()
-        .map(|p| {
-            svc.endpoints
-                .iter()
-                .filter(|e| e.address.starts_with(p))
-                .map(|e| f64::from(e.weight.unwrap()))
-                .sum::<f64>()
-                / total
-        })
-        .collect()
-}
-
-/// Index `shop` plus Services `big` (`n_big` endpoints in 10.1/16) and `one` (one
-/// endpoint, 10.2.0.1), and a Route on `web` splitting between them.
-fn two_backend_split(n_big: usize, w_big: u32, w_one: u32) -> Index {
-    let mut i = shop();
-    apply(&mut i, svc("shop", "big", "10.96.0.13"));
-    apply(&mut i, svc("shop", "one", "10.96.0.14"));
-    let ips: Vec<String> = (0..n_big)
-        .map(|k| format!("10.1.{}.{}", k / 250, k % 250 + 1))
-        .collect();
-    let eps: Vec<(&str, bool, bool, Option<&str>)> = ips
-        .iter()
-        .map(|ip| (ip.as_str(), true, false, None))
-        .collect();
-    apply(&mut i, slice("shop", "big-1", "big", &eps));
-    apply(
-        &mut i,
-        slice("shop", "one-1", "one", &[("10.2.0.1", true, false, None)]),
-    );
-    apply(
-        &mut i,
-        route(
-            "shop",
-            "split",
-            "2026-01-01T00:00:00Z",
-            "web",
-            json!([{"name": "big", "weight": w_big}, {"name": "one", "weight": w_one}]),
-        ),
-    );
-    i
-}
-
-#[test]
-fn a_split_gives_each_backend_its_share_whatever_its_endpoint_count() {
-    for (n_big, w_big, w_one) in [
-        (1000, 1, 99),
-        (1000, 99, 1),
-        (3, 90, 10),
-        (7, 10, 90),
-        (4999, 1, 1_000_000),
-    ] {
-        let i = two_backend_split(n_big, w_big, w_one);
-        let shares = backend_shares(&i, "web.shop.80", &["10.1.", "10.2."]);
-        let want = f64::from(w_big) / f64::from(w_big + w_one);
-        assert!(
-            (shares[0] - want).abs() <= 0.005 && (shares[0] + shares[1] - 1.0).abs() < 1e-9,
-            "{n_big} endpoints at weight {w_big} against one at {w_one}: {shares:?}, want {want}"
-        );
-    }
-}
-
-#[test]
-fn an_endpoint_in_two_backends_gets_both_shares() {
-    let mut i = two_backend_split(2, 50, 50);
-    // `one` also lists one of `big`'s endpoints: that endpoint carries 25 % + 25 %.
-    apply(
-        &mut i,
-        slice("shop", "one-2", "one", &[("10.1.0.1", true, false, None)]),
-    );
-    let shares = backend_shares(&i, "web.shop.80", &["10.1.0.1:", "10.1.0.2:", "10.2."]);
-    assert_eq!(shares, vec![0.5, 0.25, 0.25]);
-}
-
 /// The config a proxy of `pod` would validate, or the proxy's reasons to reject it.
 fn proxy_accepts(i: &Index, pod: &ObjectKey) -> Result<(), String> {
     let view = i.view(pod).unwrap();
@@ -631,7 +487,7 @@ fn proxy_accepts(i: &Index, pod: &ObjectKey) -> Result<(), String> {
         connect_timeout: None,
         opaque_ports: None,
         services: view.services.values().map(|s| (**s).clone()).collect(),
-        inbound: None,
+        inbound: view.inbound.clone(),
     };
     weft_proxy::config::Config::validate(&raw)
         .map(|_| ())
@@ -837,3 +693,5 @@ mod properties {
         }
     }
 }
+
+mod traffic;

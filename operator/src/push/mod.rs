@@ -44,9 +44,13 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
-use weft_api::push::{
-    self, ClientMessage, EndpointDelta, Enforcement, FEATURE_ENDPOINT_DELTAS, FEATURES_HEADER,
-    FrameDecoder, POD_HEADER, ResourceRef, SUBSCRIBE_PATH, ServerMessage, Update,
+use weft_api::{
+    proxy_config::{InboundConfig, ServiceConfig},
+    push::{
+        self, ClientMessage, EndpointDelta, Enforcement, FEATURE_ENDPOINT_DELTAS,
+        FEATURE_TRAFFIC_POLICY, FEATURES_HEADER, FrameDecoder, POD_HEADER, ResourceRef,
+        SUBSCRIBE_PATH, ServerMessage, Update, feature,
+    },
 };
 
 use crate::index::{ObjectKey, ProxyView, ServiceSet, shared::SharedIndex};
@@ -341,20 +345,25 @@ async fn handle(req: Request<Incoming>, conn: Conn) -> Response<Body> {
     // Bounded at one frame: a session waits for its stream to take the previous update
     // before diffing again, so what it sends next is the latest view.
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
-    let endpoint_deltas = req
+    let features: Vec<String> = req
         .headers()
         .get_all(FEATURES_HEADER)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|f| f.trim() == FEATURE_ENDPOINT_DELTAS);
+        .map(|f| f.trim().to_owned())
+        .collect();
+    let has = |name: &str| features.iter().any(|f| f == name);
+    let (endpoint_deltas, traffic_policy) =
+        (has(FEATURE_ENDPOINT_DELTAS), has(FEATURE_TRAFFIC_POLICY));
     let sent = Sent {
         endpoint_deltas,
+        traffic_policy,
         ..Sent::default()
     };
     let views = server.index.subscribe(&pod);
     let body = req.into_body();
-    let span = tracing::info_span!("push_session", %pod, endpoint_deltas);
+    let span = tracing::info_span!("push_session", %pod, endpoint_deltas, traffic_policy);
     let ends = Ends { shutdown, stalled };
     tokio::spawn(session(pod, views, body, tx, server, sent, ends).instrument(span));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
@@ -374,8 +383,55 @@ struct Sent {
     services: ServiceSet,
     resources: Option<BTreeSet<ResourceRef>>,
     version: Option<u64>,
+    /// The inbound settings sent (`None`: none).
+    inbound: Option<InboundConfig>,
     /// The proxy applies per-endpoint deltas ([`FEATURE_ENDPOINT_DELTAS`]).
     endpoint_deltas: bool,
+    /// The proxy enforces traffic policy ([`FEATURE_TRAFFIC_POLICY`]); without it, the
+    /// fields of that feature are stripped (see [`strip_traffic_policy`]).
+    traffic_policy: bool,
+}
+
+/// The requirement features only a proxy with [`FEATURE_TRAFFIC_POLICY`] can meet: their
+/// settings travel in the fields that feature guards.
+const TRAFFIC_POLICY_FEATURES: [&str; 13] = [
+    feature::ROUTE_BACKENDS,
+    feature::ROUTE_TIMEOUT,
+    feature::ROUTE_MATCHES,
+    feature::ROUTE_PER_TRY_TIMEOUT,
+    feature::ROUTE_RETRIES,
+    feature::ROUTE_FAULT,
+    feature::ROUTE_MIRROR,
+    feature::ROUTE_REQUEST_HEADERS,
+    feature::ROUTE_RESPONSE_HEADERS,
+    feature::ROUTE_REWRITE,
+    feature::POLICY_RATE_LIMIT,
+    feature::BREAKER_OUTLIER_DETECTION,
+    feature::BREAKER_CONNECTION_POOL,
+];
+
+/// A service as a proxy without [`FEATURE_TRAFFIC_POLICY`] may receive it: it would NACK
+/// (as an unknown field) or silently ignore a route, budget or breaker.
+fn strip_traffic_policy(cfg: &ServiceConfig) -> ServiceConfig {
+    ServiceConfig {
+        route: None,
+        retry_budget: None,
+        breaker: None,
+        ..cfg.clone()
+    }
+}
+
+/// A resource as a proxy without [`FEATURE_TRAFFIC_POLICY`] is told it: the parts that
+/// need the stripped fields require that feature instead, which such a proxy does not
+/// have, so it reports them not enforced and `Programmed` does not count it.
+fn without_traffic_policy(r: &ResourceRef) -> ResourceRef {
+    let mut r = r.clone();
+    for req in &mut r.requires {
+        if TRAFFIC_POLICY_FEATURES.contains(&req.feature.as_str()) {
+            req.feature = FEATURE_TRAFFIC_POLICY.to_owned();
+        }
+    }
+    r
 }
 
 impl Sent {
@@ -388,10 +444,17 @@ impl Sent {
         let mut services = Vec::new();
         let mut endpoints = Vec::new();
         let mut removed = Vec::new();
+        let wire = |cfg: &ServiceConfig| {
+            if self.traffic_policy {
+                cfg.clone()
+            } else {
+                strip_traffic_policy(cfg)
+            }
+        };
         for (ns, map) in view.services.namespaces() {
             let old_map = self.services.namespace(ns);
             if full {
-                services.extend(map.values().map(|cfg| (**cfg).clone()));
+                services.extend(map.values().map(|cfg| wire(cfg)));
                 continue;
             }
             // A namespace whose map is the one sent last has not changed at all.
@@ -403,12 +466,17 @@ impl Sent {
                 if old.is_some_and(|old| Arc::ptr_eq(old, cfg) || old == cfg) {
                     continue;
                 }
+                let (cfg, old) = (wire(cfg), old.map(|o| wire(o)));
+                if old.as_ref() == Some(&cfg) {
+                    // Only stripped fields changed: nothing this proxy receives.
+                    continue;
+                }
                 match old.filter(|_| self.endpoint_deltas) {
-                    Some(old) => match EndpointDelta::between(old, cfg) {
+                    Some(old) => match EndpointDelta::between(&old, &cfg) {
                         Some(delta) => endpoints.push(delta),
-                        None => services.push((**cfg).clone()),
+                        None => services.push(cfg),
                     },
-                    None => services.push((**cfg).clone()),
+                    None => services.push(cfg),
                 }
             }
         }
@@ -426,19 +494,42 @@ impl Sent {
                 );
             }
         }
-        let resources = (self.resources.as_ref() != Some(&view.resources))
-            .then(|| view.resources.iter().cloned().collect::<Vec<_>>());
+        let resources = (self.resources.as_ref() != Some(&view.resources)).then(|| {
+            view.resources
+                .iter()
+                .map(|r| {
+                    if self.traffic_policy {
+                        r.clone()
+                    } else {
+                        without_traffic_policy(r)
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        // In a full update absent means none; in a delta absent means unchanged, and an
+        // empty object clears what was sent.
+        let inbound = if !self.traffic_policy {
+            None
+        } else if full {
+            view.inbound.clone()
+        } else if self.inbound != view.inbound {
+            Some(view.inbound.clone().unwrap_or_default())
+        } else {
+            None
+        };
         self.version = Some(view.version);
         if !full
             && services.is_empty()
             && endpoints.is_empty()
             && removed.is_empty()
             && resources.is_none()
+            && inbound.is_none()
         {
             return None;
         }
         self.services = view.services.clone();
         self.resources = Some(view.resources.clone());
+        self.inbound = view.inbound.clone();
         Some(Update {
             version: view.version,
             full,
@@ -446,7 +537,7 @@ impl Sent {
             removed,
             resources,
             endpoints,
-            inbound: None,
+            inbound,
         })
     }
 }
@@ -754,7 +845,7 @@ mod tests {
         ProxyView {
             version,
             services: set,
-            resources: BTreeSet::new(),
+            ..ProxyView::default()
         }
     }
 
@@ -808,7 +899,7 @@ mod tests {
             ProxyView {
                 version,
                 services: set,
-                resources: BTreeSet::new(),
+                ..ProxyView::default()
             }
         };
         let mut sent = Sent::default();
@@ -849,5 +940,112 @@ mod tests {
             None,
             "nothing new, nothing sent"
         );
+    }
+
+    /// A view of one service `web.shop.80` with a route named `route`, a Route resource
+    /// needing `route.backends`, and a rate limit of `rps` (none when 0).
+    fn traffic_view(version: u64, route: &str, rps: u32) -> ProxyView {
+        let mut web = (*service("web.shop.80", &WEB)).clone();
+        web.route = Some(weft_api::proxy_config::RouteConfig {
+            name: route.into(),
+            rules: Vec::new(),
+        });
+        web.breaker = Some(weft_api::proxy_config::BreakerConfig {
+            name: "shop/b".into(),
+            outlier_detection: None,
+            connection_pool: None,
+            dry_run: false,
+        });
+        let mut v = view(version, &[Arc::new(web)]);
+        v.resources.insert(ResourceRef {
+            kind: "Route".into(),
+            namespace: "shop".into(),
+            name: "web".into(),
+            generation: 1,
+            requires: vec![
+                weft_api::push::Requirement {
+                    feature: feature::ROUTE_BACKENDS.into(),
+                    field: "spec.rules[0].backends".into(),
+                },
+                weft_api::push::Requirement {
+                    feature: feature::POLICY_MTLS.into(),
+                    field: "spec.mtls.mode".into(),
+                },
+            ],
+        });
+        v.inbound = (rps > 0).then(|| InboundConfig {
+            rate_limit: Some(weft_api::proxy_config::RateLimitConfig {
+                name: "shop/limit".into(),
+                requests_per_second: rps,
+                burst: rps,
+                per: Default::default(),
+                dry_run: false,
+            }),
+        });
+        v
+    }
+
+    #[test]
+    fn traffic_policy_goes_only_to_proxies_that_list_the_feature() {
+        // Without the feature: no route, breaker or inbound, and the resource's parts that
+        // need them require the feature, so the proxy reports them not enforced.
+        let mut old = Sent::default();
+        let first = old.diff(&traffic_view(1, "shop/web", 5)).unwrap();
+        assert_eq!(first.services[0].route, None);
+        assert_eq!(first.services[0].breaker, None);
+        assert_eq!(first.inbound, None);
+        let resources = first.resources.unwrap();
+        let features: Vec<&str> = resources[0]
+            .requires
+            .iter()
+            .map(|r| r.feature.as_str())
+            .collect();
+        assert_eq!(features, [FEATURE_TRAFFIC_POLICY, feature::POLICY_MTLS]);
+        let report = weft_proxy::enforce::report(&resources);
+        assert!(report.enforced.is_empty(), "{report:?}");
+        // A change in stripped fields alone sends nothing.
+        assert_eq!(old.diff(&traffic_view(2, "shop/other", 9)), None);
+
+        // With it: everything, and the inbound settings follow their changes.
+        let mut new = Sent {
+            traffic_policy: true,
+            ..Sent::default()
+        };
+        let first = new.diff(&traffic_view(1, "shop/web", 5)).unwrap();
+        assert!(first.full);
+        assert_eq!(
+            first.services[0].route.as_ref().map(|r| r.name.as_str()),
+            Some("shop/web")
+        );
+        assert!(first.services[0].breaker.is_some());
+        assert_eq!(
+            first
+                .inbound
+                .and_then(|i| i.rate_limit)
+                .map(|r| r.requests_per_second),
+            Some(5)
+        );
+        assert_eq!(
+            first.resources.unwrap()[0].requires[0].feature,
+            feature::ROUTE_BACKENDS
+        );
+        let changed = new.diff(&traffic_view(2, "shop/web", 9)).unwrap();
+        assert!(changed.services.is_empty() && changed.resources.is_none());
+        assert_eq!(
+            changed
+                .inbound
+                .and_then(|i| i.rate_limit)
+                .map(|r| r.requests_per_second),
+            Some(9)
+        );
+        let cleared = new.diff(&traffic_view(3, "shop/web", 0)).unwrap();
+        assert_eq!(
+            cleared.inbound,
+            Some(InboundConfig::default()),
+            "an empty object clears it"
+        );
+        let rerouted = new.diff(&traffic_view(4, "shop/v2", 0)).unwrap();
+        assert_eq!(rerouted.inbound, None, "absent in a delta: unchanged");
+        assert_eq!(rerouted.services.len(), 1);
     }
 }

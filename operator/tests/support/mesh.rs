@@ -367,7 +367,9 @@ impl TestProxy {
         acked.unwrap()
     }
 
-    /// The active config's services as (name, endpoint addresses, timeout).
+    /// The active config's services as (name, endpoint addresses, timeout): the timeout of
+    /// the service's Route's last compiled rule (the catch-all, which every request no
+    /// other rule matches reaches), or the service's own.
     pub fn services(&self) -> Vec<(String, Vec<String>, Option<String>)> {
         self.proxy
             .store
@@ -380,7 +382,12 @@ impl TestProxy {
                         (
                             svc.name.clone(),
                             svc.endpoints.iter().map(|e| e.address.clone()).collect(),
-                            svc.timeout.as_ref().map(|t| t.as_str().to_owned()),
+                            svc.route
+                                .as_ref()
+                                .and_then(|r| r.rules.last())
+                                .and_then(|r| r.timeout.as_ref())
+                                .or(svc.timeout.as_ref())
+                                .map(|t| t.as_str().to_owned()),
                         )
                     })
                     .collect()
@@ -485,6 +492,15 @@ impl Drop for TestHost {
 
 /// A plain HTTP/1.1 backend answering 200 `hello` to every request, on a test host.
 pub async fn backend() -> (std::net::SocketAddr, TestHost) {
+    backend_answering("hello", Duration::ZERO).await
+}
+
+/// A plain HTTP/1.1 backend on a test host answering 200 `body` to every request, after
+/// `delay` (to hold requests in flight).
+pub async fn backend_answering(
+    body: &'static str,
+    delay: Duration,
+) -> (std::net::SocketAddr, TestHost) {
     let host = TestHost::new();
     let l = TcpListener::from_std(host.listen()).unwrap();
     let addr = l.local_addr().unwrap();
@@ -508,19 +524,45 @@ pub async fn backend() -> (std::net::SocketAddr, TestHost) {
                         break;
                     }
                 }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
-                    )
-                    .await;
+                tokio::time::sleep(delay).await;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(response.as_bytes()).await;
             });
         }
     });
     (addr, host)
 }
 
+/// An HTTP/1.1 response as a test reads it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    /// Header lines as (lower-case name, value).
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// A GET over HTTP/1.1 on loopback: (status, body); times out after 5 s.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let r = http_request(addr, path).await?;
+    Ok((r.status, r.body))
+}
+
+/// A GET over HTTP/1.1 on loopback, with the response's headers; times out after 5 s.
+pub async fn http_request(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<Reply> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n").as_bytes())
         .await?;
@@ -530,9 +572,16 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<
         .context("response timed out")??;
     let text = String::from_utf8_lossy(&out).into_owned();
     let status = text.get(9..12).unwrap_or("0").parse()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(Reply {
+        status,
+        headers,
+        body: body.to_owned(),
+    })
 }

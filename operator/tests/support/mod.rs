@@ -21,6 +21,7 @@ use weft_operator::{
 };
 
 pub mod mesh;
+pub mod processes;
 
 pub const SCOPE_LABEL: &str = "e2e.weft.dev/webhook";
 

@@ -1,0 +1,236 @@
+//! Weft's resources compiled into the proxy's traffic-policy vocabulary
+//! ([`weft_api::traffic`]): a Route into a [`RouteConfig`], a Breaker into a
+//! [`BreakerConfig`], a Policy's rate limit into a [`RateLimitConfig`].
+//!
+//! ```text
+//! RouteSpec   ──route(resolve)──▶ RouteConfig  (backends and mirror by config name, or
+//!                                               unresolved with a display name)
+//! BreakerSpec ──breaker─────────▶ BreakerConfig
+//! RateLimit   ──rate_limit──────▶ RateLimitConfig
+//! ```
+//!
+//! Plain functions of the spec: the index decides which resource wins and resolves
+//! Services (`resolve` gives the config name of a Service port a proxy can reach), so
+//! these never look at the cluster. CRD defaults are already applied by deserialization
+//! (`retries.attempts` 2, `retryOn` connect-failure, refused-stream, unavailable).
+
+use weft_api::proxy_config::{
+    BackendConfig, BackoffConfig, BreakerConfig, ConnectionPoolConfig, FaultAbortConfig,
+    FaultConfig, FaultDelayConfig, HeaderConfig, HeaderEditsConfig, MatchConfig, MirrorConfig,
+    OutlierDetectionConfig, PathMatchConfig, RateLimitConfig, RateLimitPer, RetryBudgetConfig,
+    RetryConfig, RetryOn, RewriteConfig, RouteConfig, RuleConfig, ValueMatchConfig, ValueMatchKind,
+};
+use weft_crds::{
+    BreakerSpec, RouteSpec,
+    common::{HttpMethod, PathMatch, ValueMatchType},
+    policy::{RateLimit, RateLimitScope},
+    route::{self, HeaderEdits, RouteRule},
+};
+
+use super::model::ObjectKey;
+
+/// Compiles the rules of `spec` (Route `key`) for the Service port `port`: every rule up to
+/// and including the first one without `matches`, since no request gets past it.
+/// `resolve(service, port)` names the proxy config of a Service port, or `None` when the
+/// proxy cannot reach it (the backend then answers its share 500 `backend_not_found`).
+pub fn route(
+    key: &ObjectKey,
+    spec: &RouteSpec,
+    port: u16,
+    resolve: impl Fn(&str, u16) -> Option<String>,
+) -> RouteConfig {
+    let mut rules = Vec::new();
+    for rule in &spec.rules {
+        rules.push(rule_config(&key.namespace, rule, port, &resolve));
+        if rule.matches.is_empty() {
+            break;
+        }
+    }
+    RouteConfig {
+        name: key.to_string(),
+        rules,
+    }
+}
+
+fn rule_config(
+    ns: &str,
+    rule: &RouteRule,
+    port: u16,
+    resolve: &impl Fn(&str, u16) -> Option<String>,
+) -> RuleConfig {
+    RuleConfig {
+        name: rule.name.clone(),
+        matches: rule.matches.iter().map(match_config).collect(),
+        backends: rule
+            .backends
+            .iter()
+            .map(|b| {
+                let port = b.port.unwrap_or(port);
+                BackendConfig {
+                    service: resolve(&b.name, port),
+                    display: Some(format!("Service {ns}/{} port {port}", b.name)),
+                    // The schema bounds weights to 0..=1,000,000; anything else sends nothing.
+                    weight: u32::try_from(b.weight).unwrap_or(0),
+                }
+            })
+            .collect(),
+        timeout: rule.timeout.clone(),
+        per_try_timeout: rule.per_try_timeout.clone(),
+        retries: rule.retries.as_ref().map(retry_config),
+        fault: rule.fault.as_ref().map(fault_config),
+        mirror: rule.mirror.as_ref().map(|m| MirrorConfig {
+            service: resolve(&m.service.name, m.service.port.unwrap_or(port)),
+            percentage: m.percentage,
+        }),
+        request_headers: rule.request_headers.as_ref().map(header_edits),
+        response_headers: rule.response_headers.as_ref().map(header_edits),
+        rewrite: rule.rewrite.as_ref().and_then(|r| {
+            r.replace_prefix_match
+                .clone()
+                .map(RewriteConfig::ReplacePrefixMatch)
+                .or_else(|| {
+                    r.replace_full_path
+                        .clone()
+                        .map(RewriteConfig::ReplaceFullPath)
+                })
+        }),
+    }
+}
+
+fn match_config(m: &route::RouteMatch) -> MatchConfig {
+    MatchConfig {
+        path: m.path.as_ref().and_then(path_match),
+        method: m.method.map(|m| method_name(m).to_owned()),
+        headers: m.headers.iter().map(value_match).collect(),
+        query_params: m.query_params.iter().map(value_match).collect(),
+    }
+}
+
+/// The schema requires exactly one of the three; a path match that sets none (which the
+/// API server refuses) constrains nothing.
+fn path_match(p: &PathMatch) -> Option<PathMatchConfig> {
+    p.exact
+        .clone()
+        .map(PathMatchConfig::Exact)
+        .or_else(|| p.prefix.clone().map(PathMatchConfig::Prefix))
+        .or_else(|| p.regex.clone().map(PathMatchConfig::Regex))
+}
+
+fn method_name(m: HttpMethod) -> &'static str {
+    match m {
+        HttpMethod::Get => "GET",
+        HttpMethod::Head => "HEAD",
+        HttpMethod::Post => "POST",
+        HttpMethod::Put => "PUT",
+        HttpMethod::Delete => "DELETE",
+        HttpMethod::Connect => "CONNECT",
+        HttpMethod::Options => "OPTIONS",
+        HttpMethod::Trace => "TRACE",
+        HttpMethod::Patch => "PATCH",
+    }
+}
+
+fn value_match(v: &route::ValueMatch) -> ValueMatchConfig {
+    ValueMatchConfig {
+        name: v.name.clone(),
+        value: v.value.clone(),
+        kind: match v.match_type {
+            ValueMatchType::Exact => ValueMatchKind::Exact,
+            ValueMatchType::RegularExpression => ValueMatchKind::Regex,
+        },
+    }
+}
+
+fn retry_config(r: &route::Retries) -> RetryConfig {
+    RetryConfig {
+        attempts: r.attempts,
+        retry_on: r.retry_on.iter().map(|c| retry_on(*c)).collect(),
+        backoff: r.backoff.as_ref().map(|b| BackoffConfig {
+            base: b.base.clone(),
+            max: b.max.clone(),
+        }),
+        budget: r.budget.as_ref().map(|b| RetryBudgetConfig {
+            percent: b.percent,
+            min_retries_per_second: b.min_retries_per_second,
+            ttl: b.ttl.clone(),
+            dry_run: b.dry_run,
+        }),
+    }
+}
+
+fn retry_on(c: route::RetryOn) -> RetryOn {
+    match c {
+        route::RetryOn::ServerError => RetryOn::ServerError,
+        route::RetryOn::GatewayError => RetryOn::GatewayError,
+        route::RetryOn::ConnectFailure => RetryOn::ConnectFailure,
+        route::RetryOn::RefusedStream => RetryOn::RefusedStream,
+        route::RetryOn::Reset => RetryOn::Reset,
+        route::RetryOn::Unavailable => RetryOn::Unavailable,
+        route::RetryOn::ResourceExhausted => RetryOn::ResourceExhausted,
+    }
+}
+
+fn fault_config(f: &route::Fault) -> FaultConfig {
+    FaultConfig {
+        delay: f.delay.as_ref().map(|d| FaultDelayConfig {
+            fixed_delay: d.fixed_delay.clone(),
+            percentage: d.percentage,
+        }),
+        abort: f.abort.as_ref().map(|a| FaultAbortConfig {
+            http_status: a.http_status,
+            grpc_status: a.grpc_status,
+            percentage: a.percentage,
+        }),
+    }
+}
+
+fn header_edits(h: &HeaderEdits) -> HeaderEditsConfig {
+    let header = |v: &route::HeaderValue| HeaderConfig {
+        name: v.name.clone(),
+        value: v.value.clone(),
+    };
+    HeaderEditsConfig {
+        set: h.set.iter().map(header).collect(),
+        add: h.add.iter().map(header).collect(),
+        remove: h.remove.clone(),
+    }
+}
+
+/// Compiles Breaker `key`.
+pub fn breaker(key: &ObjectKey, spec: &BreakerSpec) -> BreakerConfig {
+    BreakerConfig {
+        name: key.to_string(),
+        outlier_detection: spec
+            .outlier_detection
+            .as_ref()
+            .map(|o| OutlierDetectionConfig {
+                consecutive5xx: o.consecutive5xx,
+                consecutive_connect_failures: o.consecutive_connect_failures,
+                interval: o.interval.clone(),
+                base_ejection_time: o.base_ejection_time.clone(),
+                max_ejection_time: o.max_ejection_time.clone(),
+                max_ejected_percent: o.max_ejected_percent,
+            }),
+        connection_pool: spec.connection_pool.as_ref().map(|c| ConnectionPoolConfig {
+            max_connections: c.max_connections,
+            max_pending_requests: c.max_pending_requests,
+            max_requests: c.max_requests,
+            max_requests_per_connection: c.max_requests_per_connection,
+        }),
+        dry_run: spec.dry_run,
+    }
+}
+
+/// Compiles the rate limit of Policy `key`; `burst` defaults to `requestsPerSecond`.
+pub fn rate_limit(key: &ObjectKey, limit: &RateLimit) -> RateLimitConfig {
+    RateLimitConfig {
+        name: key.to_string(),
+        requests_per_second: limit.requests_per_second,
+        burst: limit.burst.unwrap_or(limit.requests_per_second),
+        per: match limit.per {
+            RateLimitScope::Workload => RateLimitPer::Workload,
+            RateLimitScope::ClientIdentity => RateLimitPer::Client,
+        },
+        dry_run: limit.dry_run,
+    }
+}

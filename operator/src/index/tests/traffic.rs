@@ -1,0 +1,687 @@
+//! Routes, Breakers and rate limits compiled into proxy views.
+
+use weft_api::proxy_config::{
+    BackendConfig, FaultAbortConfig, MatchConfig, MirrorConfig, PathMatchConfig, RateLimitConfig,
+    RateLimitPer, RetryBudgetConfig, RetryConfig, RetryOn, RewriteConfig, RouteConfig, RuleConfig,
+};
+
+use super::*;
+
+/// A Service with cluster IP `ip`, selector `app: <name>`, and TCP `ports`.
+fn svc_ports(ns: &str, name: &str, ip: &str, ports: &[u16]) -> (ObjectKey, Object) {
+    let ports: Vec<_> = ports
+        .iter()
+        .map(|p| json!({"name": format!("p{p}"), "port": p}))
+        .collect();
+    let s: Service = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterIP": ip, "clusterIPs": [ip], "selector": {"app": name}, "ports": ports}
+    }))
+    .unwrap();
+    model::service(&s)
+}
+
+/// An example manifest of `examples/`, in namespace `shop`.
+fn example(kind: Kind, yaml: &str) -> (ObjectKey, Object) {
+    let mut o: DynamicObject = serde_yaml::from_str(yaml).unwrap();
+    o.metadata.namespace = Some("shop".into());
+    o.metadata.generation = Some(1);
+    model::weft_resource(kind, &o)
+}
+
+fn client_view(i: &Index) -> ProxyView {
+    i.view(&key("shop", "client")).unwrap()
+}
+
+fn service_route(i: &Index, service: &str) -> Option<RouteConfig> {
+    client_view(i).services.get(service).unwrap().route.clone()
+}
+
+fn backend(service: Option<&str>, display: &str, weight: u32) -> BackendConfig {
+    BackendConfig {
+        service: service.map(str::to_owned),
+        display: Some(display.to_owned()),
+        weight,
+    }
+}
+
+#[test]
+fn the_canary_example_compiles_into_a_route_and_the_endpoints_stay_the_services_own() {
+    let mut i = shop();
+    for (name, ip) in [
+        ("reviews", "10.96.0.20"),
+        ("reviews-v1", "10.96.0.21"),
+        ("reviews-v2", "10.96.0.22"),
+    ] {
+        apply(&mut i, svc_ports("shop", name, ip, &[9080]));
+    }
+    let reviews_slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "reviews-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "reviews"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "p9080", "port": 9080}],
+        "endpoints": [{"addresses": ["10.0.3.1"], "conditions": {"ready": true}}],
+    }))
+    .unwrap();
+    apply(&mut i, model::endpoint_slice(&reviews_slice));
+    let before = service_route(&i, "reviews.shop.9080");
+    assert_eq!(before, None);
+    apply(
+        &mut i,
+        example(
+            Kind::Route,
+            include_str!("../../../../examples/route-canary.yaml"),
+        ),
+    );
+    let view = client_view(&i);
+    let reviews = view.services.get("reviews.shop.9080").unwrap();
+    assert_eq!(
+        reviews.route,
+        Some(RouteConfig {
+            name: "shop/reviews-canary".into(),
+            rules: vec![RuleConfig {
+                name: Some("split".into()),
+                backends: vec![
+                    backend(
+                        Some("reviews-v1.shop.9080"),
+                        "Service shop/reviews-v1 port 9080",
+                        90
+                    ),
+                    backend(
+                        Some("reviews-v2.shop.9080"),
+                        "Service shop/reviews-v2 port 9080",
+                        10
+                    ),
+                ],
+                timeout: Some("5s".parse().unwrap()),
+                ..RuleConfig::default()
+            }],
+        })
+    );
+    // The split is the proxy's backend stage: no flattening into endpoint weights, no
+    // service-wide timeout, and the balancer stays latency-aware.
+    let addrs: Vec<(&str, Option<u32>)> = reviews
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.weight))
+        .collect();
+    assert_eq!(addrs, [("10.0.3.1:9080", None)]);
+    assert_eq!(reviews.timeout, None);
+    assert_eq!(reviews.balancer, Balancer::PeakEwma);
+    assert_eq!(reviews.retry_budget, None);
+    assert_eq!(proxy_accepts(&i, &key("shop", "client")), Ok(()));
+}
+
+#[test]
+fn every_reachable_rule_is_compiled_with_the_crd_defaults_and_nothing_after_the_catch_all() {
+    let mut i = shop();
+    apply(&mut i, svc("shop", "shadow", "10.96.0.30"));
+    apply(
+        &mut i,
+        weft(
+            Kind::Route,
+            "shop",
+            "full",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"service": {"name": "web"}, "rules": [
+                {"name": "api",
+                 "matches": [{"path": {"prefix": "/api"}, "method": "GET",
+                              "headers": [{"name": "x-canary", "value": "1"}],
+                              "queryParams": [{"name": "v", "value": "[0-9]+", "type": "RegularExpression"}]}],
+                 "backends": [{"name": "web"}],
+                 "timeout": "2s", "perTryTimeout": "500ms",
+                 "retries": {"budget": {"percent": 30, "dryRun": true}},
+                 "fault": {"abort": {"httpStatus": 503, "grpcStatus": 14, "percentage": 10}},
+                 "mirror": {"service": {"name": "shadow"}, "percentage": 5},
+                 "requestHeaders": {"set": [{"name": "x-a", "value": "1"}], "remove": ["x-b"]},
+                 "rewrite": {"replacePrefixMatch": "/v2"}},
+                {"backends": [{"name": "web", "weight": 3}],
+                 "responseHeaders": {"add": [{"name": "x-c", "value": "2"}]},
+                 "mirror": {"service": {"name": "gone"}}},
+                {"matches": [{"method": "POST"}], "backends": [{"name": "web"}]}
+            ]}),
+        ),
+    );
+    let route = service_route(&i, "web.shop.80").unwrap();
+    assert_eq!(route.name, "shop/full");
+    assert_eq!(
+        route.rules.len(),
+        2,
+        "no request gets past the catch-all rule: {route:?}"
+    );
+    let api = &route.rules[0];
+    assert_eq!(
+        api.matches,
+        vec![MatchConfig {
+            path: Some(PathMatchConfig::Prefix("/api".into())),
+            method: Some("GET".into()),
+            headers: vec![weft_api::proxy_config::ValueMatchConfig {
+                name: "x-canary".into(),
+                value: "1".into(),
+                kind: weft_api::proxy_config::ValueMatchKind::Exact,
+            }],
+            query_params: vec![weft_api::proxy_config::ValueMatchConfig {
+                name: "v".into(),
+                value: "[0-9]+".into(),
+                kind: weft_api::proxy_config::ValueMatchKind::Regex,
+            }],
+        }]
+    );
+    assert_eq!(
+        api.retries,
+        Some(RetryConfig {
+            attempts: 2,
+            retry_on: vec![
+                RetryOn::ConnectFailure,
+                RetryOn::RefusedStream,
+                RetryOn::Unavailable
+            ],
+            backoff: None,
+            budget: Some(RetryBudgetConfig {
+                percent: 30,
+                min_retries_per_second: 10,
+                ttl: None,
+                dry_run: true,
+            }),
+        }),
+        "the CRD's defaults (attempts 2, retryOn) and the rule's own budget"
+    );
+    assert_eq!(
+        api.fault.as_ref().and_then(|f| f.abort.clone()),
+        Some(FaultAbortConfig {
+            http_status: 503,
+            grpc_status: Some(14),
+            percentage: 10
+        })
+    );
+    assert_eq!(
+        api.mirror,
+        Some(MirrorConfig {
+            service: Some("shadow.shop.80".into()),
+            percentage: 5
+        })
+    );
+    assert_eq!(
+        api.per_try_timeout.as_ref().map(|d| d.as_str()),
+        Some("500ms")
+    );
+    assert_eq!(
+        api.request_headers
+            .as_ref()
+            .map(|h| (h.set.len(), h.remove.clone())),
+        Some((1, vec!["x-b".to_owned()]))
+    );
+    assert_eq!(
+        api.rewrite,
+        Some(RewriteConfig::ReplacePrefixMatch("/v2".into()))
+    );
+    let rest = &route.rules[1];
+    assert!(rest.matches.is_empty());
+    assert_eq!(
+        rest.backends,
+        [backend(Some("web.shop.80"), "Service shop/web port 80", 3)]
+    );
+    assert_eq!(
+        rest.mirror,
+        Some(MirrorConfig {
+            service: None,
+            percentage: 100
+        }),
+        "a mirror whose Service does not exist mirrors nothing"
+    );
+    assert_eq!(rest.response_headers.as_ref().map(|h| h.add.len()), Some(1));
+    assert_eq!(
+        client_view(&i)
+            .services
+            .get("web.shop.80")
+            .unwrap()
+            .retry_budget,
+        None
+    );
+    assert_eq!(proxy_accepts(&i, &key("shop", "client")), Ok(()));
+}
+
+#[test]
+fn a_missing_backend_is_compiled_unresolved_and_the_others_keep_their_weights() {
+    let mut i = shop();
+    // Headless: no cluster IP, so no proxy has it as a service.
+    apply(&mut i, svc("shop", "headless", "None"));
+    apply(
+        &mut i,
+        route(
+            "shop",
+            "r",
+            "2026-01-01T00:00:00Z",
+            "web",
+            json!([
+                {"name": "web", "weight": 70},
+                {"name": "web-v3", "weight": 10},
+                {"name": "web", "port": 81, "weight": 10},
+                {"name": "gone", "weight": 5},
+                {"name": "headless", "weight": 5}
+            ]),
+        ),
+    );
+    let state = i.resource_state(Kind::Route, &key("shop", "r")).unwrap();
+    assert!(state.accepted.ok, "{state:?}");
+    assert!(!state.resolved_refs.ok);
+    assert_eq!(state.resolved_refs.reason, reasons::BACKEND_NOT_FOUND);
+    for missing in [
+        "Service shop/web-v3 not found",
+        "Service shop/web has no port 81",
+        "Service shop/gone not found",
+    ] {
+        assert!(
+            state.resolved_refs.message.contains(missing),
+            "{missing}: {}",
+            state.resolved_refs.message
+        );
+    }
+    let route = service_route(&i, "web.shop.80").unwrap();
+    assert_eq!(
+        route.rules[0].backends,
+        [
+            backend(Some("web.shop.80"), "Service shop/web port 80", 70),
+            backend(None, "Service shop/web-v3 port 80", 10),
+            backend(None, "Service shop/web port 81", 10),
+            backend(None, "Service shop/gone port 80", 5),
+            backend(None, "Service shop/headless port 80", 5),
+        ]
+    );
+    assert_eq!(
+        route.rules[0].timeout.as_ref().map(|t| t.as_str()),
+        Some("3s")
+    );
+    assert_eq!(proxy_accepts(&i, &key("shop", "client")), Ok(()));
+
+    // The backend appears: the same Route now resolves it.
+    apply(&mut i, svc("shop", "web-v3", "10.96.0.13"));
+    let route = service_route(&i, "web.shop.80").unwrap();
+    assert_eq!(
+        route.rules[0].backends[1],
+        backend(Some("web-v3.shop.80"), "Service shop/web-v3 port 80", 10)
+    );
+}
+
+#[test]
+fn a_route_or_breaker_whose_own_service_does_not_exist_is_not_accepted() {
+    let mut i = shop();
+    apply(
+        &mut i,
+        route(
+            "shop",
+            "orphan",
+            "2026-01-01T00:00:00Z",
+            "nope",
+            json!([{"name": "web"}]),
+        ),
+    );
+    apply(
+        &mut i,
+        weft(
+            Kind::Breaker,
+            "shop",
+            "orphan-b",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"service": {"name": "web", "port": 81}, "connectionPool": {"maxRequests": 1}}),
+        ),
+    );
+    let r = i
+        .resource_state(Kind::Route, &key("shop", "orphan"))
+        .unwrap();
+    assert!(!r.accepted.ok);
+    assert_eq!(r.accepted.reason, reasons::SERVICE_NOT_FOUND);
+    assert!(
+        r.accepted.message.contains("shop/nope"),
+        "{}",
+        r.accepted.message
+    );
+    let b = i
+        .resource_state(Kind::Breaker, &key("shop", "orphan-b"))
+        .unwrap();
+    assert_eq!(b.accepted.reason, reasons::SERVICE_NOT_FOUND);
+    assert!(
+        b.accepted.message.contains("no port 81"),
+        "{}",
+        b.accepted.message
+    );
+    assert!(
+        client_view(&i).resources.is_empty(),
+        "nothing to program, so no proxy carries them"
+    );
+    // The Service appears: the Route is accepted and programmed.
+    apply(&mut i, svc("shop", "nope", "10.96.0.40"));
+    let r = i
+        .resource_state(Kind::Route, &key("shop", "orphan"))
+        .unwrap();
+    assert!(r.accepted.ok, "{r:?}");
+    assert!(service_route(&i, "nope.shop.80").is_some());
+    assert!(client_view(&i).resources.iter().any(|r| r.name == "orphan"));
+}
+
+#[test]
+fn of_two_routes_for_one_port_the_older_is_compiled_until_it_goes() {
+    let mut i = shop();
+    apply(
+        &mut i,
+        route(
+            "shop",
+            "newer",
+            "2026-01-02T00:00:00Z",
+            "web",
+            json!([{"name": "web"}]),
+        ),
+    );
+    apply(
+        &mut i,
+        route(
+            "shop",
+            "older",
+            "2026-01-01T00:00:00Z",
+            "web",
+            json!([{"name": "web"}]),
+        ),
+    );
+    assert_eq!(service_route(&i, "web.shop.80").unwrap().name, "shop/older");
+    let newer = i
+        .resource_state(Kind::Route, &key("shop", "newer"))
+        .unwrap();
+    assert_eq!(
+        (newer.accepted.ok, newer.accepted.reason),
+        (false, reasons::CONFLICTED)
+    );
+    assert!(
+        newer.accepted.message.contains("Route older"),
+        "{}",
+        newer.accepted.message
+    );
+    i.delete(Kind::Route, &key("shop", "older"));
+    assert_eq!(service_route(&i, "web.shop.80").unwrap().name, "shop/newer");
+}
+
+#[test]
+fn breakers_compile_per_service_port_and_the_older_of_two_wins() {
+    let mut i = shop();
+    apply(&mut i, svc_ports("shop", "api", "10.96.0.50", &[80, 81]));
+    apply(
+        &mut i,
+        weft(
+            Kind::Breaker,
+            "shop",
+            "pool",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"service": {"name": "api", "port": 80}, "dryRun": true,
+                   "connectionPool": {"maxRequests": 20, "maxPendingRequests": 0}}),
+        ),
+    );
+    apply(
+        &mut i,
+        weft(
+            Kind::Breaker,
+            "shop",
+            "eject",
+            1,
+            "2026-01-02T00:00:00Z",
+            json!({"service": {"name": "api", "port": 81}, "outlierDetection": {"consecutive5xx": 3}}),
+        ),
+    );
+    apply(
+        &mut i,
+        weft(
+            Kind::Breaker,
+            "shop",
+            "late",
+            1,
+            "2026-01-03T00:00:00Z",
+            json!({"service": {"name": "api"}, "connectionPool": {"maxConnections": 1}}),
+        ),
+    );
+    let view = client_view(&i);
+    let on80 = view
+        .services
+        .get("api.shop.80")
+        .unwrap()
+        .breaker
+        .clone()
+        .unwrap();
+    assert_eq!(on80.name, "shop/pool");
+    assert!(on80.dry_run);
+    let pool = on80.connection_pool.unwrap();
+    assert_eq!(
+        (
+            pool.max_requests,
+            pool.max_pending_requests,
+            pool.max_connections
+        ),
+        (Some(20), Some(0), None)
+    );
+    assert_eq!(on80.outlier_detection, None);
+    let on81 = view
+        .services
+        .get("api.shop.81")
+        .unwrap()
+        .breaker
+        .clone()
+        .unwrap();
+    assert_eq!(on81.name, "shop/eject");
+    let od = on81.outlier_detection.unwrap();
+    assert_eq!(
+        (
+            od.consecutive5xx,
+            od.consecutive_connect_failures,
+            od.interval.as_str(),
+            od.max_ejected_percent
+        ),
+        (3, 5, "10s", 50),
+        "the CRD's defaults fill the rest"
+    );
+    assert!(!on81.dry_run);
+    assert_eq!(view.services.get("web.shop.80").unwrap().breaker, None);
+
+    // `late` covers every port, so it overlaps both; it loses to the first older one.
+    let late = i
+        .resource_state(Kind::Breaker, &key("shop", "late"))
+        .unwrap();
+    assert_eq!(
+        (late.accepted.ok, late.accepted.reason),
+        (false, reasons::CONFLICTED)
+    );
+    assert!(
+        late.accepted.message.contains("Breaker pool"),
+        "{}",
+        late.accepted.message
+    );
+    let pool_state = i
+        .resource_state(Kind::Breaker, &key("shop", "pool"))
+        .unwrap();
+    assert!(
+        pool_state.accepted.message.contains("late"),
+        "{}",
+        pool_state.accepted.message
+    );
+    assert!(
+        !view.resources.iter().any(|r| r.name == "late"),
+        "a losing Breaker is not programmed"
+    );
+    assert_eq!(proxy_accepts(&i, &key("shop", "client")), Ok(()));
+
+    // The winners go: the newer one takes over on both ports.
+    i.delete(Kind::Breaker, &key("shop", "pool"));
+    i.delete(Kind::Breaker, &key("shop", "eject"));
+    let view = client_view(&i);
+    for port in [80, 81] {
+        let b = view
+            .services
+            .get(&format!("api.shop.{port}"))
+            .unwrap()
+            .breaker
+            .clone();
+        assert_eq!(b.map(|b| b.name), Some("shop/late".to_owned()));
+    }
+}
+
+fn policy(name: &str, created: &str, spec: serde_json::Value) -> (ObjectKey, Object) {
+    weft(Kind::Policy, "shop", name, 1, created, spec)
+}
+
+fn inbound(i: &Index, pod: &str) -> Option<RateLimitConfig> {
+    i.view(&key("shop", pod))
+        .unwrap()
+        .inbound
+        .and_then(|b| b.rate_limit)
+}
+
+#[test]
+fn a_rate_limit_reaches_only_the_pods_its_policy_targets_and_the_older_policy_wins() {
+    let mut i = shop();
+    apply(&mut i, svc("shop", "api", "10.96.0.11"));
+    apply(
+        &mut i,
+        pod("shop", "api-a", "api-sa", json!({"app": "api"})),
+    );
+    // By selector: web's pods.
+    let affected = apply(
+        &mut i,
+        policy(
+            "web-limit",
+            "2026-01-02T00:00:00Z",
+            json!({"target": {"selector": {"matchLabels": {"app": "web"}}}, "mtls": {"mode": "Disabled"},
+                   "defaultAction": "Allow",
+                   "rateLimit": {"requestsPerSecond": 5, "per": "ClientIdentity", "dryRun": true}}),
+        ),
+    );
+    assert!(affected.pods.contains(&key("shop", "web-a")));
+    assert_eq!(
+        inbound(&i, "web-a"),
+        Some(RateLimitConfig {
+            name: "shop/web-limit".into(),
+            requests_per_second: 5,
+            burst: 5,
+            per: RateLimitPer::Client,
+            dry_run: true,
+        }),
+        "burst defaults to requestsPerSecond"
+    );
+    assert_eq!(inbound(&i, "client"), None);
+    assert_eq!(inbound(&i, "api-a"), None);
+
+    // By Service: the pods its selector matches.
+    apply(
+        &mut i,
+        policy(
+            "api-limit",
+            "2026-01-02T00:00:00Z",
+            json!({"target": {"service": "api"}, "rateLimit": {"requestsPerSecond": 50, "burst": 80}}),
+        ),
+    );
+    let api = inbound(&i, "api-a").unwrap();
+    assert_eq!(
+        (
+            api.name.as_str(),
+            api.requests_per_second,
+            api.burst,
+            api.per,
+            api.dry_run
+        ),
+        ("shop/api-limit", 50, 80, RateLimitPer::Workload, false)
+    );
+    assert_eq!(inbound(&i, "client"), None);
+    assert_eq!(inbound(&i, "web-a").unwrap().name, "shop/web-limit");
+
+    // An older Policy that also limits web's pods wins; a Policy without a limit changes
+    // nothing.
+    apply(
+        &mut i,
+        policy(
+            "web-older",
+            "2026-01-01T00:00:00Z",
+            json!({"target": {"service": "web"}, "rateLimit": {"requestsPerSecond": 7}}),
+        ),
+    );
+    apply(
+        &mut i,
+        policy(
+            "web-oldest-no-limit",
+            "2025-01-01T00:00:00Z",
+            json!({"target": {"service": "web"}}),
+        ),
+    );
+    assert_eq!(inbound(&i, "web-a").unwrap().name, "shop/web-older");
+    let features = |name: &str| -> Vec<String> {
+        let view = i.view(&key("shop", "web-a")).unwrap();
+        let r = view.resources.iter().find(|r| r.name == name).unwrap();
+        r.requires.iter().map(|r| r.feature.clone()).collect()
+    };
+    assert!(
+        features("web-limit").contains(&requires::OVERRIDDEN.to_owned()),
+        "an overridden limit is not claimed as enforced: {:?}",
+        features("web-limit")
+    );
+    assert!(features("web-older").contains(&weft_api::push::feature::POLICY_RATE_LIMIT.to_owned()));
+    assert_eq!(proxy_accepts(&i, &key("shop", "web-a")), Ok(()));
+    i.delete(Kind::Policy, &key("shop", "web-older"));
+    assert_eq!(inbound(&i, "web-a").unwrap().name, "shop/web-limit");
+}
+
+#[test]
+fn deleting_a_route_breaker_or_rate_limit_restores_every_view() {
+    let mut i = shop();
+    apply(&mut i, svc("shop", "web-v2", "10.96.0.12"));
+    let pods = [key("shop", "client"), key("shop", "web-a")];
+    let resources = [
+        (
+            Kind::Route,
+            route(
+                "shop",
+                "split",
+                "2026-01-01T00:00:00Z",
+                "web",
+                json!([{"name": "web", "weight": 50}, {"name": "web-v2", "weight": 50}]),
+            ),
+        ),
+        (
+            Kind::Breaker,
+            weft(
+                Kind::Breaker,
+                "shop",
+                "b",
+                1,
+                "2026-01-01T00:00:00Z",
+                json!({"service": {"name": "web"}, "connectionPool": {"maxRequests": 2}}),
+            ),
+        ),
+        (
+            Kind::Policy,
+            policy(
+                "limit",
+                "2026-01-01T00:00:00Z",
+                json!({"target": {"service": "web"}, "rateLimit": {"requestsPerSecond": 1}}),
+            ),
+        ),
+    ];
+    for (kind, (k, o)) in resources {
+        let before: Vec<ProxyView> = pods.iter().map(|p| i.view(p).unwrap()).collect();
+        apply(&mut i, (k.clone(), o));
+        let during: Vec<ProxyView> = pods.iter().map(|p| i.view(p).unwrap()).collect();
+        assert!(
+            before.iter().zip(&during).any(|(b, d)| !b.same_content(d)),
+            "{kind:?} changed nothing"
+        );
+        let affected = i.delete(kind, &k);
+        assert!(pods.iter().any(|p| i.is_affected(p, &affected)), "{kind:?}");
+        for (pod, b) in pods.iter().zip(&before) {
+            let after = i.view(pod).unwrap();
+            assert!(
+                after.same_content(b),
+                "{kind:?}: {pod} before {b:?}\nafter {after:?}"
+            );
+            let services = |v: &ProxyView| -> Vec<ServiceConfig> {
+                v.services.values().map(|s| (**s).clone()).collect()
+            };
+            assert_eq!(services(&after), services(b), "{kind:?}: {pod}");
+            assert_eq!(after.inbound, b.inbound, "{kind:?}: {pod}");
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The mesh as separate processes: a `weft-operator` process and `weft-proxy` processes
+//! subscribed to it with pod-bound tokens, each in its own process group and killed with
+//! it when dropped.
+//!
+//! `weft-proxy` and `kubectl-weft` are other packages' binaries, found next to the test's
+//! own directory in the target dir: `cargo test --workspace` builds them (run
+//! `cargo build -p weft-proxy -p kubectl-weft` first when testing this package alone).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use weft_e2e::{
+    process::{self, Lifetime},
+    shared,
+};
+
+use super::mesh::Bed;
+
+/// A binary built by another package of the workspace, in this target dir.
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace`, or `cargo build -p weft-proxy -p kubectl-weft` first",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback address (bound, read, released).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A child process in its own process group, killed (with its group) on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: Command, dir: &Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let child = process::spawn(cmd, &log, Lifetime::Attached).unwrap();
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).unwrap()
+    }
+
+    /// SIGKILL: no shutdown path runs, as when a node dies or the OOM killer strikes.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// The last lines of the process's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "--- {} log ---\n{}",
+            self.name,
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        process::stop_group(self.pid(), Duration::from_secs(5));
+        let _ = self.child.try_wait();
+    }
+}
+
+/// The operator as its own process, watching only the test's namespace.
+pub fn start_operator(bed: &Bed, push: SocketAddr, admin: SocketAddr, dir: &Path, n: u32) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weft-operator"));
+    cmd.env("KUBECONFIG", shared::testbed().kubeconfig())
+        .args(["--push-addr", &push.to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .args(["--lease-namespace", &bed.ns])
+        .args(["--identity", &format!("operator-{n}")])
+        .args(["--lease-duration", "5s"])
+        .args(["--watch-namespace", &bed.ns])
+        .arg("--no-webhook");
+    Proc::spawn(&format!("operator-{n}"), cmd, dir)
+}
+
+/// A `weft-proxy` process for `pod`, subscribed to the operator at `push`, with a forward
+/// listener to `service` (a config name) and an admin listener.
+pub struct ProxyProc {
+    pub proc: Proc,
+    /// The forward listener: every connection goes to the service.
+    pub forward: SocketAddr,
+    /// The admin listener (`/config`, `/metrics`).
+    pub admin: SocketAddr,
+}
+
+impl ProxyProc {
+    pub async fn start(bed: &Bed, push: SocketAddr, pod: &Pod, service: &str, dir: &Path) -> Self {
+        let name = pod.name_any();
+        let token = dir.join(format!("token-{name}"));
+        std::fs::write(&token, bed.token(pod).await).unwrap();
+        let (forward, admin) = (free_addr(), free_addr());
+        let mut cmd = Command::new(sibling_binary("weft-proxy"));
+        cmd.arg("run")
+            .args(["--operator-addr", &push.to_string()])
+            .args(["--pod-namespace", &bed.ns])
+            .args(["--pod-name", &name])
+            .arg("--token-file")
+            .arg(&token)
+            .arg("--no-transparent")
+            .args(["--forward", &format!("{forward}={service}")])
+            .args(["--admin-addr", &admin.to_string()]);
+        let proc = Proc::spawn(&format!("proxy-{name}"), cmd, dir);
+        ProxyProc {
+            proc,
+            forward,
+            admin,
+        }
+    }
+}
