@@ -5,9 +5,9 @@
 //! deleting them restores the traffic as it was. Conflicts and a missing Service show in
 //! `Accepted`.
 //!
-//! The proxies are started with `--forward` listeners (no interception); a forward
-//! listener stands in for the workload's own port, so the rate-limit test sends the
-//! targeted pod's inbound requests through its proxy's forward listener.
+//! The proxies are started with `--forward` listeners (no interception), and the
+//! rate-limited pod's proxy with an `--inbound-forward` listener to its application: the
+//! rate-limit test sends the pod's inbound requests through it.
 //!
 //! Needs the `weft-proxy` binary: `cargo build -p weft-proxy` first when testing this
 //! package alone.
@@ -90,10 +90,26 @@ impl Rig {
         service: &str,
         expect: &str,
     ) -> ProxyProc {
+        self.proxy_with_app(pod, app, ip, service, expect, None)
+            .await
+    }
+
+    /// Like [`Rig::proxy`], with an inbound listener to `local` (the pod's application).
+    async fn proxy_with_app(
+        &self,
+        pod: &str,
+        app: &str,
+        ip: &str,
+        service: &str,
+        expect: &str,
+        local: Option<SocketAddr>,
+    ) -> ProxyProc {
         self.bed.service_account(pod).await;
         let pod = self.bed.pod(pod, pod, app, ip).await;
         let config = format!("{service}.{}.80", self.bed.ns);
-        let p = ProxyProc::start(&self.bed, self.push, &pod, &config, self.dir.path()).await;
+        let p =
+            ProxyProc::start_with_app(&self.bed, self.push, &pod, &config, self.dir.path(), local)
+                .await;
         eventually(WAIT, || async {
             let (status, body) = http_get(p.forward, "/").await?;
             ensure!(status == 200 && body == expect, "{status} {body}");
@@ -335,8 +351,9 @@ async fn a_rate_limit_answers_429_on_the_pods_it_targets_until_it_is_deleted() {
     let (a, _host) = backend().await;
     service_to(&rig.bed, "web", a).await;
     let limited = rig
-        .proxy("web-0", "web", "198.51.100.95", "web", "hello")
+        .proxy_with_app("web-0", "web", "198.51.100.95", "web", "hello", Some(a))
         .await;
+    let limited_inbound = limited.inbound.unwrap();
     let other = rig
         .proxy("client-0", "client", "198.51.100.96", "web", "hello")
         .await;
@@ -361,7 +378,7 @@ async fn a_rate_limit_answers_429_on_the_pods_it_targets_until_it_is_deleted() {
     eventually(WAIT, || async {
         let mut limited_replies = Vec::new();
         for _ in 0..6 {
-            limited_replies.push(http_request(limited.forward, "/").await?);
+            limited_replies.push(http_request(limited_inbound, "/").await?);
         }
         let refused: Vec<&Reply> = limited_replies.iter().filter(|r| r.status == 429).collect();
         ensure!(!refused.is_empty(), "nothing refused: {limited_replies:?}");
@@ -373,7 +390,9 @@ async fn a_rate_limit_answers_429_on_the_pods_it_targets_until_it_is_deleted() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e:#}\n{}", limited.proc.log_tail()));
-    // The pod the Policy does not target is not limited.
+    // The pod's outbound traffic, and the pod the Policy does not target, are not limited.
+    let counts = tally(limited.forward, 6).await;
+    assert_eq!(counts.get("hello"), Some(&6), "{counts:?}");
     let counts = tally(other.forward, 6).await;
     assert_eq!(counts.get("hello"), Some(&6), "{counts:?}");
     let (_, msg) = rig
@@ -388,7 +407,7 @@ async fn a_rate_limit_answers_429_on_the_pods_it_targets_until_it_is_deleted() {
         .await
         .unwrap();
     eventually(WAIT, || async {
-        let counts = tally(limited.forward, 6).await;
+        let counts = tally(limited_inbound, 6).await;
         ensure!(counts.get("hello") == Some(&6), "{counts:?}");
         Ok(())
     })

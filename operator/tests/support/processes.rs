@@ -105,17 +105,33 @@ pub fn start_operator(bed: &Bed, push: SocketAddr, admin: SocketAddr, dir: &Path
 }
 
 /// A `weft-proxy` process for `pod`, subscribed to the operator at `push`, with a forward
-/// listener to `service` (a config name) and an admin listener.
+/// listener to `service` (a config name), an admin listener, and optionally an inbound
+/// listener to the pod's application.
 pub struct ProxyProc {
     pub proc: Proc,
     /// The forward listener: every connection goes to the service.
     pub forward: SocketAddr,
     /// The admin listener (`/config`, `/metrics`).
     pub admin: SocketAddr,
+    /// The inbound listener (`--inbound-forward`): every connection goes to the pod's
+    /// application as inbound traffic, where the pod's rate limit applies.
+    pub inbound: Option<SocketAddr>,
 }
 
 impl ProxyProc {
     pub async fn start(bed: &Bed, push: SocketAddr, pod: &Pod, service: &str, dir: &Path) -> Self {
+        Self::start_with_app(bed, push, pod, service, dir, None).await
+    }
+
+    /// Like [`ProxyProc::start`], with an inbound listener to `app` when given.
+    pub async fn start_with_app(
+        bed: &Bed,
+        push: SocketAddr,
+        pod: &Pod,
+        service: &str,
+        dir: &Path,
+        app: Option<SocketAddr>,
+    ) -> Self {
         let name = pod.name_any();
         let token = dir.join(format!("token-{name}"));
         std::fs::write(&token, bed.token(pod).await).unwrap();
@@ -130,11 +146,17 @@ impl ProxyProc {
             .arg("--no-transparent")
             .args(["--forward", &format!("{forward}={service}")])
             .args(["--admin-addr", &admin.to_string()]);
+        let inbound = app.map(|app| {
+            let listen = free_addr();
+            cmd.args(["--inbound-forward", &format!("{listen}={app}")]);
+            listen
+        });
         let proc = Proc::spawn(&format!("proxy-{name}"), cmd, dir);
         ProxyProc {
             proc,
             forward,
             admin,
+            inbound,
         }
     }
 }
