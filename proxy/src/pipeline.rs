@@ -50,6 +50,9 @@ use crate::{
 /// retried or mirrored.
 pub const REPLAY_LIMIT: u64 = 64 * 1024;
 
+/// The backend of a rule whose backends all have weight 0.
+static DRAINED: Target = Target::Drained;
+
 /// How long a mirrored request may take before the proxy gives up on it.
 pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -281,7 +284,8 @@ impl HttpConn {
 
         let backend = match (&rule.split, rule.backends.as_slice()) {
             (Some(split), backends) => backends.get(split.pick(&mut rand::rng())),
-            (None, _) => None,
+            (None, []) => None,
+            (None, _) => Some(&DRAINED),
         };
         let target = match backend {
             None => service,
@@ -289,17 +293,12 @@ impl HttpConn {
                 Some(s) => s.as_ref(),
                 None => service,
             },
+            Some(Target::Drained) => {
+                return self.backend_not_found(x, labels, "every backend of the rule has weight 0");
+            }
             Some(Target::Missing(what)) => {
                 tracing::debug!(backend = %what, route = %route.spec.name, "backend does not resolve");
-                labels.count(&self.metrics, RouteEvent::BackendNotFound);
-                let mut resp = self.fail(x.labels, ErrorCode::BackendNotFound, x.grpc, x.start);
-                if !x.grpc {
-                    *resp.body_mut() = Either::Right(Full::new(Bytes::from(format!(
-                        "weft-proxy: {}: {what} does not exist\n",
-                        ErrorCode::BackendNotFound
-                    ))));
-                }
-                return resp;
+                return self.backend_not_found(x, labels, &format!("{what} does not exist"));
             }
         };
         let budget = route
@@ -413,6 +412,24 @@ impl HttpConn {
                 Err(_) => tracing::debug!("mirrored request timed out"),
             }
         });
+    }
+
+    /// The 500 of a request whose rule picked no backend, saying why in the body.
+    fn backend_not_found(
+        &self,
+        x: &Exchange<'_>,
+        labels: RuleLabels<'_>,
+        why: &str,
+    ) -> Response<ProxyBody> {
+        labels.count(&self.metrics, RouteEvent::BackendNotFound);
+        let code = ErrorCode::BackendNotFound;
+        let mut resp = self.fail(x.labels, code, x.grpc, x.start);
+        if !x.grpc {
+            *resp.body_mut() = Either::Right(Full::new(Bytes::from(format!(
+                "weft-proxy: {code}: {why}\n"
+            ))));
+        }
+        resp
     }
 
     fn fault_abort(

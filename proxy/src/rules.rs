@@ -44,7 +44,7 @@ pub struct Rule {
     pub matches: Vec<RequestMatch>,
     /// The weighted backends; empty: the service's own endpoints.
     pub backends: Vec<Target>,
-    /// Picks a backend by weight; `None` when `backends` is empty.
+    /// Picks a backend by weight; `None` when `backends` is empty or every weight is 0.
     pub split: Option<Split>,
     /// Deadline of the whole request, retries included.
     pub timeout: Option<Duration>,
@@ -73,6 +73,8 @@ pub enum Target {
     Service(usize),
     /// A backend whose Service does not exist, described for the error log.
     Missing(Arc<str>),
+    /// No backend: every one of the rule's backends has weight 0.
+    Drained,
 }
 
 /// A mirror: the service that receives copies, and the share of requests copied.
@@ -209,12 +211,9 @@ impl Rule {
                 )),
             });
         }
+        // Every weight 0 is no config error (a Route can drain all its backends): the
+        // rule's requests are answered 500, as Gateway API answers a rule without a backend.
         let split = Split::new(&weights);
-        if !backends.is_empty() && split.is_none() {
-            problems.push(format!(
-                "{at}.backends: at least one backend needs a weight above 0"
-            ));
-        }
         let timeout = duration(&mut problems, format!("{at}.timeout"), w.timeout.as_ref());
         let per_try_timeout = duration(
             &mut problems,

@@ -525,23 +525,14 @@ mod tests {
         let cases = [
             (
                 object(
-                    Kind::Route,
-                    "matched",
-                    json!({"service": {"name": "web"}, "rules": [
-                        {"matches": [{"headers": [{"name": "x-canary", "value": "1"}]}],
-                         "backends": [{"name": "web"}], "retries": {"attempts": 2}},
-                        {"backends": [{"name": "web"}]}
-                    ]}),
+                    Kind::Policy,
+                    "rules",
+                    json!({"target": {"selector": {"matchLabels": {"app": "client"}}},
+                           "mtls": {"mode": "Disabled"}, "defaultAction": "Allow",
+                           "rules": [{"action": "Deny", "to": [{"paths": [{"prefix": "/admin"}]}]}],
+                           "rateLimit": {"requestsPerSecond": 10}}),
                 ),
-                "spec.rules[0].matches, spec.rules[0].retries: not enforced by weft-proxy",
-            ),
-            (
-                object(
-                    Kind::Breaker,
-                    "pool",
-                    json!({"service": {"name": "web"}, "connectionPool": {"maxConnections": 10}}),
-                ),
-                "spec.connectionPool: not enforced by weft-proxy",
+                "spec.rules: not enforced by weft-proxy",
             ),
             (
                 object(
