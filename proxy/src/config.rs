@@ -69,6 +69,8 @@ pub struct Service {
     pub connect_timeout: Duration,
     /// The endpoints; addresses are unique within the service.
     pub endpoints: Vec<Endpoint>,
+    /// Circuit breaking (outlier ejection, pool limits), when the service has a Breaker.
+    pub breaker: Option<crate::breaker::BreakerSpec>,
 }
 
 /// A validated endpoint.
@@ -197,6 +199,11 @@ impl Config {
                     identity: e.identity.clone(),
                 });
             }
+            let breaker = s.breaker.as_ref().and_then(|b| {
+                crate::breaker::BreakerSpec::from_wire(b, &format!("{at}.breaker"))
+                    .map_err(|p| problems.extend(p))
+                    .ok()
+            });
             services.push(Arc::new(Service {
                 name: s.name.clone(),
                 addresses,
@@ -205,6 +212,7 @@ impl Config {
                 response_timeout,
                 connect_timeout: svc_connect_timeout,
                 endpoints,
+                breaker,
             }));
         }
 
@@ -413,12 +421,12 @@ pub(crate) mod tests {
     #[test]
     fn a_service_or_endpoint_field_this_proxy_does_not_know_is_refused_by_name() {
         let err = parse(&format!(
-            "{HEADER}services:\n- name: web\n  retryBudget: 20\n  endpoints:\n  - address: 127.0.0.2:8080\n    zoneHint: a\n"
+            "{HEADER}services:\n- name: web\n  zoneAffinity: 20\n  endpoints:\n  - address: 127.0.0.2:8080\n    zoneHint: a\n"
         ))
         .unwrap_err();
         let text = err.to_string();
         assert!(
-            text.contains("services[0] (\"web\"): unknown field \"retryBudget\""),
+            text.contains("services[0] (\"web\"): unknown field \"zoneAffinity\""),
             "{text}"
         );
         assert!(
@@ -426,6 +434,26 @@ pub(crate) mod tests {
             "{text}"
         );
         assert!(text.contains("cannot enforce it"), "{text}");
+    }
+
+    #[test]
+    fn a_breaker_is_validated_with_its_field_path() {
+        let c = parse(&format!(
+            "{HEADER}services:\n- name: db\n  breaker:\n    name: shop/db\n    connectionPool: {{maxRequests: 4}}\n  endpoints:\n  - address: 127.0.0.2:8080\n"
+        ))
+        .unwrap();
+        let spec = c.services[0].breaker.as_ref().unwrap();
+        assert_eq!(spec.pool.and_then(|p| p.max_requests).map(|n| n.get()), Some(4));
+        let err = parse(&format!(
+            "{HEADER}services:\n- name: db\n  breaker:\n    name: shop/db\n    outlierDetection: {{consecutive5xx: 5, consecutiveConnectFailures: 5, interval: 10s, baseEjectionTime: 1m, maxEjectionTime: 30s, maxEjectedPercent: 50}}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "services[0] (\"db\").breaker.outlierDetection.baseEjectionTime: 1m exceeds maxEjectionTime 30s"
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -611,6 +639,7 @@ pub(crate) mod tests {
                 ".timeout ",
                 ".connectTimeout ",
                 ".endpoints[",
+                ".breaker",
             ]
             .iter()
             .any(|f| field.starts_with(f))
