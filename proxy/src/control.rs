@@ -459,7 +459,7 @@ mod tests {
             .apply(
                 &mut received,
                 update(serde_json::json!({"type": "update", "version": 2,
-                    "services": [{"name": "web.shop.80", "retryBudget": {"percent": 20},
+                    "services": [{"name": "web.shop.80", "zoneAffinity": {"percent": 20},
                                   "endpoints": [{"address": "10.0.0.1:80"}]}]})),
             )
             .unwrap();
@@ -469,7 +469,7 @@ mod tests {
         assert_eq!(nack.version, 2);
         assert_eq!(nack.active_version, Some(1));
         assert!(
-            nack.reason.contains("unknown field \"retryBudget\""),
+            nack.reason.contains("unknown field \"zoneAffinity\""),
             "{}",
             nack.reason
         );
@@ -524,8 +524,8 @@ mod tests {
                     "resources": [
                         {"kind": "Route", "namespace": "shop", "name": "split", "generation": 2,
                          "requires": [{"feature": "route.backends", "field": "spec.rules[0].backends"}]},
-                        {"kind": "Breaker", "namespace": "shop", "name": "db", "generation": 1,
-                         "requires": [{"feature": "breaker.connectionPool", "field": "spec.connectionPool"}]}
+                        {"kind": "Policy", "namespace": "shop", "name": "db", "generation": 1,
+                         "requires": [{"feature": "policy.rateLimit", "field": "spec.rateLimit"}]}
                     ]})),
             )
             .unwrap();
@@ -539,7 +539,7 @@ mod tests {
         assert_eq!(first.enforced.len(), 1);
         assert_eq!(first.enforced[0].name, "split");
         assert_eq!(first.not_enforced[0].resource.name, "db");
-        assert_eq!(first.not_enforced[0].fields, ["spec.connectionPool"]);
+        assert_eq!(first.not_enforced[0].fields, ["spec.rateLimit"]);
         // A delta without `resources` leaves them as they were on the stream.
         let answer = client
             .apply(

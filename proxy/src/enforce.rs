@@ -18,9 +18,15 @@ pub const PROXY_AGENT: &str = concat!("weft-proxy ", env!("CARGO_PKG_VERSION"));
 
 /// The enforcement features this proxy has: a Route rule's weighted split across backends
 /// (as endpoint weights of the service) and its timeout (a response-header deadline, since
-/// the proxy makes no retries). Nothing of Policies and Breakers, nor request matching,
-/// retries, faults, mirrors, header edits or rewrites.
-pub const FEATURES: &[&str] = &[feature::ROUTE_BACKENDS, feature::ROUTE_TIMEOUT];
+/// the proxy makes no retries), and a Breaker's outlier ejection and connection-pool
+/// limits. Nothing of Policies, nor request matching, retries, faults, mirrors, header
+/// edits or rewrites.
+pub const FEATURES: &[&str] = &[
+    feature::ROUTE_BACKENDS,
+    feature::ROUTE_TIMEOUT,
+    feature::BREAKER_OUTLIER_DETECTION,
+    feature::BREAKER_CONNECTION_POOL,
+];
 
 /// Whether this proxy has `feature`.
 pub fn has(feature: &str) -> bool {
@@ -98,7 +104,10 @@ mod tests {
         let breaker = resource(
             "Breaker",
             "db",
-            &[(feature::BREAKER_CONNECTION_POOL, "spec.connectionPool")],
+            &[
+                (feature::BREAKER_CONNECTION_POOL, "spec.connectionPool"),
+                (feature::POLICY_RATE_LIMIT, "spec.rateLimit"),
+            ],
         );
         let future = resource("Route", "future", &[("route.teleport", "spec.rules[0].x")]);
         let report = report([&split, &matched, &breaker, &future]);
@@ -121,7 +130,7 @@ mod tests {
                     "matched",
                     vec!["spec.rules[0].matches", "spec.rules[0].retries"]
                 ),
-                ("db", vec!["spec.connectionPool"]),
+                ("db", vec!["spec.rateLimit"]),
                 ("future", vec!["spec.rules[0].x"]),
             ]
         );

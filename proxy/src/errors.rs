@@ -36,11 +36,14 @@ pub enum ErrorCode {
     RequestHeadersTooLarge,
     /// The client paused in the middle of the request body for longer than allowed (408).
     RequestBodyTimeout,
+    /// A connection-pool limit of the service's Breaker (`maxRequests`, `maxConnections`,
+    /// `maxPendingRequests`) is reached; refused at once, nothing was sent (503).
+    Overloaded,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::NoEndpoints,
         ErrorCode::ServiceNotFound,
         ErrorCode::ConnectFailed,
@@ -52,6 +55,7 @@ impl ErrorCode {
         ErrorCode::RequestTargetTooLong,
         ErrorCode::RequestHeadersTooLarge,
         ErrorCode::RequestBodyTimeout,
+        ErrorCode::Overloaded,
     ];
 
     /// The stable text sent in the `weft-error` header and used as the metric label.
@@ -68,6 +72,7 @@ impl ErrorCode {
             ErrorCode::RequestTargetTooLong => "request_target_too_long",
             ErrorCode::RequestHeadersTooLarge => "request_headers_too_large",
             ErrorCode::RequestBodyTimeout => "request_body_timeout",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 
@@ -76,7 +81,8 @@ impl ErrorCode {
         match self {
             ErrorCode::NoEndpoints
             | ErrorCode::ServiceNotFound
-            | ErrorCode::UpstreamConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
+            | ErrorCode::UpstreamConnectionLimit
+            | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::RequestTargetTooLong => StatusCode::URI_TOO_LONG,
             ErrorCode::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -104,7 +110,8 @@ impl ErrorCode {
             | ErrorCode::ConnectFailed
             | ErrorCode::ConnectTimeout
             | ErrorCode::UpstreamFailed
-            | ErrorCode::UpstreamConnectionLimit => 14,
+            | ErrorCode::UpstreamConnectionLimit
+            | ErrorCode::Overloaded => 14,
         }
     }
 }

@@ -42,12 +42,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    breaker::Outcome,
     detect::Protocol,
     errors::{ERROR_HEADER, ErrorCode},
     limits::{Limit, Limits},
     metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
     store::{ConfigStore, EndpointState, InFlight, ServiceState},
-    upstream::Lease,
+    upstream::{Lease, SendError},
 };
 
 /// The response body the proxy sends downstream: the upstream's, or its own error text.
@@ -426,6 +427,15 @@ impl HttpConn {
         };
         let deadline = timeout.map(|t| tokio::time::Instant::from_std(start) + t);
 
+        // breaker: admission under the service's maxRequests; the permit is held until the
+        // response body ends (it rides in the InFlight guard).
+        let mut permit = match &dest {
+            Dest::Service(s) => match s.admit() {
+                Ok(p) => Some(p),
+                Err(_) => return self.fail(labels, ErrorCode::Overloaded, grpc, start),
+            },
+            Dest::Fixed(_) => None,
+        };
         let mut exclude = None;
         for attempt in 0..2 {
             let Some(req) = request.take() else { break };
@@ -443,6 +453,10 @@ impl HttpConn {
                     Ok(r) => r,
                     Err(_) => {
                         endpoint.observe(sent.elapsed());
+                        // breaker: a timeout counts as a 5xx for outlier detection.
+                        if let Dest::Service(s) = &dest {
+                            s.record(index, Outcome::ServerError);
+                        }
                         tracing::debug!(endpoint = %endpoint.addr, "response timeout");
                         return self.fail(labels, ErrorCode::ResponseTimeout, grpc, start);
                     }
@@ -453,6 +467,14 @@ impl HttpConn {
                 Ok((mut resp, lease)) => {
                     let done = Instant::now();
                     endpoint.observe_at(done.saturating_duration_since(sent), done);
+                    // breaker: the response's outcome, and the admission kept with it.
+                    if let Dest::Service(s) = &dest {
+                        s.record(index, Outcome::of_status(resp.status()));
+                    }
+                    let in_flight = match permit.take() {
+                        Some(p) => in_flight.holding(p),
+                        None => in_flight,
+                    };
                     let seconds = done.saturating_duration_since(start).as_secs_f64();
                     let switched = (upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS)
                         || (connect && resp.status().is_success());
@@ -487,6 +509,10 @@ impl HttpConn {
                         })
                     });
                 }
+                // breaker: a connection-pool limit refused it; no other endpoint may take it.
+                Err(SendError::Overloaded(_)) => {
+                    return self.fail(labels, ErrorCode::Overloaded, grpc, start);
+                }
                 Err(mut error) if error.is_connect() => {
                     drop(in_flight);
                     let code = if error.is_connection_limit() {
@@ -499,6 +525,12 @@ impl HttpConn {
                         endpoint.penalize();
                         ErrorCode::ConnectFailed
                     };
+                    // breaker: a failed connect (not the proxy's own connection limit).
+                    if !error.is_connection_limit()
+                        && let Dest::Service(s) = &dest
+                    {
+                        s.record(index, Outcome::ConnectFailure);
+                    }
                     tracing::debug!(endpoint = %endpoint.addr, error = %error, "connect failed");
                     if attempt == 0
                         && retryable
@@ -516,6 +548,10 @@ impl HttpConn {
                     let code = if caused_by_body_timeout(&error) {
                         ErrorCode::RequestBodyTimeout
                     } else {
+                        // breaker: a broken upstream counts as a 5xx for outlier detection.
+                        if let Dest::Service(s) = &dest {
+                            s.record(index, Outcome::ServerError);
+                        }
                         ErrorCode::UpstreamFailed
                     };
                     return self.fail(labels, code, grpc, start);
