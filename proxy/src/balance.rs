@@ -344,10 +344,7 @@ fn draw_allowed<R: Rng + ?Sized>(
 ) -> Option<usize> {
     let weight = |i: usize| cumulative[i] - if i == 0 { 0 } else { cumulative[i - 1] };
     let ok = |i: usize| Some(i) != not && allowed(i);
-    let total: u64 = (0..cumulative.len())
-        .filter(|i| ok(*i))
-        .map(weight)
-        .sum();
+    let total: u64 = (0..cumulative.len()).filter(|i| ok(*i)).map(weight).sum();
     if total == 0 {
         return None;
     }

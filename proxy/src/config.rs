@@ -443,7 +443,10 @@ pub(crate) mod tests {
         ))
         .unwrap();
         let spec = c.services[0].breaker.as_ref().unwrap();
-        assert_eq!(spec.pool.and_then(|p| p.max_requests).map(|n| n.get()), Some(4));
+        assert_eq!(
+            spec.pool.and_then(|p| p.max_requests).map(|n| n.get()),
+            Some(4)
+        );
         let err = parse(&format!(
             "{HEADER}services:\n- name: db\n  breaker:\n    name: shop/db\n    outlierDetection: {{consecutive5xx: 5, consecutiveConnectFailures: 5, interval: 10s, baseEjectionTime: 1m, maxEjectionTime: 30s, maxEjectedPercent: 50}}\n"
         ))

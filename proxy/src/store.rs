@@ -51,8 +51,8 @@ use arc_swap::ArcSwapOption;
 use weft_api::proxy_config::{self as wire, ProxyConfig};
 
 use crate::{
-    breaker::{EndpointOutlier, Outcome, Overloaded, RequestPermit, ServiceBreaker},
     balance::{DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, Load, PeakEwma, Picker},
+    breaker::{EndpointOutlier, Outcome, Overloaded, RequestPermit, ServiceBreaker},
     config::{Config, ConfigError, Service},
     metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
     upstream::Upstream,
@@ -668,7 +668,16 @@ mod tests {
         // A changed spec starts fresh.
         let third = store.apply(with_breaker(&eps, outlier("1m"))).unwrap();
         let web3 = third.service_by_name("web").unwrap();
-        assert_eq!(web3.breaker.as_ref().unwrap().outlier.as_ref().unwrap().ejected(), 0);
+        assert_eq!(
+            web3.breaker
+                .as_ref()
+                .unwrap()
+                .outlier
+                .as_ref()
+                .unwrap()
+                .ejected(),
+            0
+        );
         assert!(web3.pick(None).is_some());
     }
 

@@ -306,7 +306,10 @@ impl Http2Conn {
             {
                 // The connection's last request retires it, so the next one opens a
                 // fresh connection while this one finishes its streams and closes.
-                let n = shared.streams.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+                let n = shared
+                    .streams
+                    .fetch_add(1, Ordering::Relaxed)
+                    .saturating_add(1);
                 if n >= max.get() {
                     this.forget(&shared);
                 }

@@ -1,6 +1,8 @@
 //! Breakers on the wire: outlier ejection takes a failing endpoint out of balancing and
 //! brings it back; connection-pool limits refuse the excess at once with 503 `overloaded`
 //! and shape the upstream connections; dry run changes nothing and counts.
+// A test that cannot set up should fail at the step that could not.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
@@ -134,7 +136,10 @@ async fn max_requests_4_refuses_4_of_8_concurrent_slow_requests_at_once() {
         assert!(*took < Duration::from_millis(100), "refused after {took:?}");
     }
     for (_, _, took) in &ok {
-        assert!(*took >= Duration::from_millis(450), "admitted took {took:?}");
+        assert!(
+            *took >= Duration::from_millis(450),
+            "admitted took {took:?}"
+        );
     }
     let text = metrics(&proxy);
     assert!(

@@ -313,7 +313,10 @@ mod tests {
         let d = OutlierDetector::new(spec(100), false);
         let e = endpoints(3);
         let t = Instant::now();
-        assert_eq!(fail(&d, &e, 0, Outcome::ServerError, 4, t), Verdict::Counted);
+        assert_eq!(
+            fail(&d, &e, 0, Outcome::ServerError, 4, t),
+            Verdict::Counted
+        );
         assert!(!d.is_ejected_at(&e, 0, t));
         assert_eq!(
             d.record_at(&e, 0, Outcome::ServerError, t),
@@ -339,7 +342,10 @@ mod tests {
         }
         fail(&d, &e, 0, Outcome::ServerError, 4, t);
         d.record_at(&e, 0, Outcome::ConnectFailure, t);
-        assert_eq!(fail(&d, &e, 0, Outcome::ServerError, 4, t), Verdict::Counted);
+        assert_eq!(
+            fail(&d, &e, 0, Outcome::ServerError, 4, t),
+            Verdict::Counted
+        );
         assert!(!d.is_ejected_at(&e, 0, t));
     }
 
@@ -385,7 +391,10 @@ mod tests {
         let d = OutlierDetector::new(spec(50), false);
         let e = endpoints(1);
         let t = Instant::now();
-        assert_eq!(fail(&d, &e, 0, Outcome::ServerError, 50, t), Verdict::Capped);
+        assert_eq!(
+            fail(&d, &e, 0, Outcome::ServerError, 50, t),
+            Verdict::Capped
+        );
         assert!(!d.is_ejected_at(&e, 0, t));
         assert_eq!(d.ejected(), 0);
     }
@@ -434,6 +443,9 @@ mod tests {
         fail(&d, &e, 0, Outcome::ServerError, 5, t);
         d.retire(&e[0]);
         assert_eq!(d.ejected(), 0);
-        assert_eq!(fail(&d, &e, 0, Outcome::ServerError, 5, t), Verdict::Counted);
+        assert_eq!(
+            fail(&d, &e, 0, Outcome::ServerError, 5, t),
+            Verdict::Counted
+        );
     }
 }

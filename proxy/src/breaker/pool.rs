@@ -258,18 +258,13 @@ mod tests {
         );
         let a = p.admit().unwrap();
         let _b = p.admit().unwrap();
-        assert_eq!(
-            p.admit().unwrap_err(),
-            Overloaded(PoolLimit::MaxRequests)
-        );
+        assert_eq!(p.admit().unwrap_err(), Overloaded(PoolLimit::MaxRequests));
         assert_eq!(p.in_flight(), 2, "a refusal leaves no count behind");
         drop(a);
         let _c = p.admit().unwrap();
         let text = metrics.encode().unwrap();
         assert!(
-            text.contains(
-                "weft_breaker_overloaded_total{service=\"db\",limit=\"max_requests\"} 1"
-            ),
+            text.contains("weft_breaker_overloaded_total{service=\"db\",limit=\"max_requests\"} 1"),
             "{text}"
         );
     }

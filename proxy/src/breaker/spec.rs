@@ -96,7 +96,9 @@ impl BreakerSpec {
 fn outlier(o: &wire::OutlierDetectionConfig, at: &str, problems: &mut Vec<String>) -> OutlierSpec {
     let mut count = |name: &str, v: u32| {
         if !(1..=MAX_CONSECUTIVE).contains(&v) {
-            problems.push(format!("{at}.{name}: {v} is not within 1..={MAX_CONSECUTIVE}"));
+            problems.push(format!(
+                "{at}.{name}: {v} is not within 1..={MAX_CONSECUTIVE}"
+            ));
         }
         v.clamp(1, MAX_CONSECUTIVE)
     };
@@ -145,7 +147,9 @@ fn pool(p: &wire::ConnectionPoolConfig, at: &str, problems: &mut Vec<String>) ->
         match NonZeroU32::new(v) {
             Some(n) if v <= MAX_POOL_LIMIT => Some(n),
             _ => {
-                problems.push(format!("{at}.{name}: {v} is not within 1..={MAX_POOL_LIMIT}"));
+                problems.push(format!(
+                    "{at}.{name}: {v} is not within 1..={MAX_POOL_LIMIT}"
+                ));
                 None
             }
         }
