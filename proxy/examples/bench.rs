@@ -16,6 +16,12 @@
 //! `rtt,open,max,rss`; default all) and `WEFT_BENCH_PATHS` selects paths by name (from
 //! `direct,weft,chain,haproxy`; default all). The output format stays the same.
 //!
+//! The `overload` part measures a Breaker's `maxRequests` under 2× overload: a backend
+//! with a fixed 20 ms service time behind a proxy with `maxRequests: 20` (capacity
+//! 1,000 requests/s), loaded open-loop over HTTP/2 first at 500/s (10 in flight, N/2) and
+//! then at 2,000/s (40 offered in flight, 2N); it prints p50/p99 of the admitted requests
+//! and the share refused. `WEFT_BENCH_PARTS=overload` runs it alone.
+//!
 //! `WEFT_BENCH_WEIGHTS` (such as `9,1` or `1,1`) gives the single proxy's service one
 //! backend per weight, with those endpoint weights, so that its balancer compares two
 //! candidates on every request (the chain's second proxy reads the same config; HAProxy
@@ -91,6 +97,72 @@ fn start_backend() -> SocketAddr {
 }
 
 /// A TCP echo server for the raw round-trip floor.
+/// A backend that answers after `delay`, as a service with a fixed service time and room
+/// for any concurrency, on its own thread.
+fn start_slow_backend(delay: Duration) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| async move {
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// The `overload` part: admitted latency and refused share at N/2 and 2N offered
+/// concurrency against a proxy with `maxRequests: N`.
+async fn overload(bin: &Path, dir: &Path, secs: u64) {
+    const MAX_REQUESTS: u64 = 20;
+    const SERVICE_TIME: Duration = Duration::from_millis(20);
+    let backend = start_slow_backend(SERVICE_TIME);
+    let cfg = dir.join("overload.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices:\n- name: web\n  endpoints:\n  - address: {backend}\n  breaker:\n    name: bench/web\n    connectionPool:\n      maxRequests: {MAX_REQUESTS}\n"
+        ),
+    )
+    .unwrap();
+    let (_proxy, addr) = start_weft(bin, &cfg, "web").await;
+    let capacity = MAX_REQUESTS * 1000 / SERVICE_TIME.as_millis() as u64;
+    println!(
+        "## Overload: maxRequests {MAX_REQUESTS}, service time {} ms (capacity {capacity}/s), HTTP/2, {secs} s per row\n",
+        SERVICE_TIME.as_millis()
+    );
+    println!("| offered | in flight offered | admitted p50 ms | admitted p99 ms | refused |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (label, rate) in [("N/2", capacity / 2), ("2N", capacity * 2)] {
+        let r = open_loop(addr, Proto::H2, rate, secs).await;
+        println!(
+            "| {rate}/s | {label} | {} | {} | {:.1} % |",
+            ms(r.hist.value_at_quantile(0.5)),
+            ms(r.hist.value_at_quantile(0.99)),
+            r.errors as f64 * 100.0 / r.sent as f64
+        );
+    }
+    println!();
+}
+
 async fn start_echo() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -445,6 +517,13 @@ async fn main() {
         "build it first: cargo build --release -p weft-proxy --bin weft-proxy"
     );
     let dir = tempfile::tempdir().unwrap();
+
+    if selected("WEFT_BENCH_PARTS", "overload") {
+        overload(&bin, dir.path(), secs).await;
+        if std::env::var("WEFT_BENCH_PARTS").is_ok_and(|p| p.trim() == "overload") {
+            return;
+        }
+    }
 
     let backend = start_backend();
     let echo = start_echo().await;

@@ -250,22 +250,7 @@ impl Picker {
                 } else {
                     draw(rng, cumulative, exclude, None)
                 };
-                if a == b {
-                    return Some(a);
-                }
-                let (la, lb) = (load(a), load(b));
-                if !in_flight_scale.is_empty() && similar(la.estimate_ns, lb.estimate_ns) {
-                    // Weights decide between endpoints that are not clearly apart.
-                    return Some(a);
-                }
-                let scale = |i: usize| in_flight_scale.get(i).copied().unwrap_or(1.0);
-                // Ties go to the first draw, which keeps shares equal to weights when
-                // costs are equal.
-                Some(if cost(lb, scale(b)) < cost(la, scale(a)) {
-                    b
-                } else {
-                    a
-                })
+                Some(cheaper(a, b, in_flight_scale, load))
             }
             Picker::Random { cumulative } => {
                 let n = cumulative.len();
@@ -294,6 +279,87 @@ impl Picker {
             }
         }
     }
+}
+
+impl Picker {
+    /// Picks as [`Picker::pick`] does, among the endpoints `allowed` admits (those not
+    /// ejected and not excluded); `None` when it admits none. Slower than `pick` (the
+    /// allowed weights are summed per call), so it serves only while some endpoint is
+    /// ejected.
+    pub fn pick_allowed<R: Rng + ?Sized>(
+        &self,
+        rng: &mut R,
+        allowed: impl Fn(usize) -> bool,
+        load: impl Fn(usize) -> Load,
+    ) -> Option<usize> {
+        match self {
+            Picker::P2c {
+                cumulative,
+                in_flight_scale,
+            } => {
+                let a = draw_allowed(rng, cumulative, &allowed, None)?;
+                // Distinct candidates with equal weights, independent draws otherwise, as
+                // in `pick`.
+                let distinct = in_flight_scale.is_empty().then_some(a);
+                let b = draw_allowed(rng, cumulative, &allowed, distinct).unwrap_or(a);
+                Some(cheaper(a, b, in_flight_scale, load))
+            }
+            Picker::Random { cumulative } => draw_allowed(rng, cumulative, &allowed, None),
+            Picker::RoundRobin { schedule, next } => {
+                let len = schedule.len();
+                (0..len)
+                    .map(|_| schedule[next.fetch_add(1, Ordering::Relaxed) % len] as usize)
+                    .find(|i| allowed(*i))
+            }
+        }
+    }
+}
+
+/// P2C's choice between candidates `a` and `b` (see the module documentation).
+fn cheaper(a: usize, b: usize, in_flight_scale: &[f64], load: impl Fn(usize) -> Load) -> usize {
+    if a == b {
+        return a;
+    }
+    let (la, lb) = (load(a), load(b));
+    if !in_flight_scale.is_empty() && similar(la.estimate_ns, lb.estimate_ns) {
+        // Weights decide between endpoints that are not clearly apart.
+        return a;
+    }
+    let scale = |i: usize| in_flight_scale.get(i).copied().unwrap_or(1.0);
+    // Ties go to the first draw, which keeps shares equal to weights when costs are equal.
+    if cost(lb, scale(b)) < cost(la, scale(a)) {
+        b
+    } else {
+        a
+    }
+}
+
+/// Draws an index `allowed` admits (other than `not`) with probability proportional to its
+/// weight; `None` when there is none.
+fn draw_allowed<R: Rng + ?Sized>(
+    rng: &mut R,
+    cumulative: &[u64],
+    allowed: &impl Fn(usize) -> bool,
+    not: Option<usize>,
+) -> Option<usize> {
+    let weight = |i: usize| cumulative[i] - if i == 0 { 0 } else { cumulative[i - 1] };
+    let ok = |i: usize| Some(i) != not && allowed(i);
+    let total: u64 = (0..cumulative.len()).filter(|i| ok(*i)).map(weight).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut x = rng.random_range(0..total);
+    let mut last = None;
+    for i in (0..cumulative.len()).filter(|i| ok(*i)) {
+        let w = weight(i);
+        if x < w {
+            return Some(i);
+        }
+        x -= w;
+        last = Some(i);
+    }
+    // An endpoint returned from ejection between the two passes.
+    last
 }
 
 /// Draws an index with probability proportional to its weight, leaving out up to two
@@ -600,6 +666,36 @@ mod tests {
                 assert_ne!(p.pick(&mut rng, Some(0), load), Some(0), "{weights:?}");
             }
         }
+    }
+
+    #[test]
+    fn pick_allowed_never_picks_what_is_not_allowed_and_keeps_weights() {
+        let mut rng = StdRng::seed_from_u64(8);
+        let flat = |_| Load {
+            estimate_ns: 1e6,
+            in_flight: 0,
+        };
+        for p in [
+            Picker::p2c(&[1, 1, 1]),
+            Picker::p2c(&[3, 1, 1]),
+            Picker::round_robin(&[1, 2, 1]),
+            Picker::round_robin(&[5000, 1, 5000]),
+        ] {
+            let mut counts = [0u32; 3];
+            for _ in 0..3000 {
+                let i = p.pick_allowed(&mut rng, |i| i != 1, flat).unwrap();
+                counts[i] += 1;
+            }
+            assert_eq!(counts[1], 0, "{p:?}");
+            assert!(counts[0] > 0 && counts[2] > 0, "{p:?}: {counts:?}");
+            assert_eq!(p.pick_allowed(&mut rng, |_| false, flat), None);
+        }
+        let p = Picker::p2c(&[1, 1, 1]);
+        let mut counts = [0u32; 3];
+        for _ in 0..3000 {
+            counts[p.pick_allowed(&mut rng, |i| i != 1, flat).unwrap()] += 1;
+        }
+        assert!(counts[0].abs_diff(counts[2]) < 300, "{counts:?}");
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct Service {
     pub route: Option<Arc<crate::rules::Route>>,
     /// The retry budget of the service's requests (rules without their own share it).
     pub retry_budget: crate::retry::BudgetSpec,
+    /// Circuit breaking (outlier ejection, pool limits), when the service has a Breaker.
+    pub breaker: Option<crate::breaker::BreakerSpec>,
 }
 
 /// A validated endpoint.
@@ -213,6 +215,11 @@ impl Config {
                     crate::retry::BudgetSpec::default()
                 }
             };
+            let breaker = s.breaker.as_ref().and_then(|b| {
+                crate::breaker::BreakerSpec::from_wire(b, &format!("{at}.breaker"))
+                    .map_err(|p| problems.extend(p))
+                    .ok()
+            });
             services.push(Service {
                 name: s.name.clone(),
                 addresses,
@@ -223,6 +230,7 @@ impl Config {
                 endpoints,
                 route: None,
                 retry_budget,
+                breaker,
             });
         }
         // Routes name other services as backends: compiled once every name is known.
@@ -468,6 +476,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_breaker_is_validated_with_its_field_path() {
+        let c = parse(&format!(
+            "{HEADER}services:\n- name: db\n  breaker:\n    name: shop/db\n    connectionPool: {{maxRequests: 4}}\n  endpoints:\n  - address: 127.0.0.2:8080\n"
+        ))
+        .unwrap();
+        let spec = c.services[0].breaker.as_ref().unwrap();
+        assert_eq!(
+            spec.pool.and_then(|p| p.max_requests).map(|n| n.get()),
+            Some(4)
+        );
+        let err = parse(&format!(
+            "{HEADER}services:\n- name: db\n  breaker:\n    name: shop/db\n    outlierDetection: {{consecutive5xx: 5, consecutiveConnectFailures: 5, interval: 10s, baseEjectionTime: 1m, maxEjectionTime: 30s, maxEjectedPercent: 50}}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "services[0] (\"db\").breaker.outlierDetection.baseEjectionTime: 1m exceeds maxEjectionTime 30s"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn reports_every_problem_at_once() {
         let err = parse(
             "apiVersion: v0\nkind: ProxyConfig\ndetectTimeout: 0s\nservices:\n- name: 'bad name'\n  addresses: ['nope']\n  endpoints:\n  - address: 127.0.0.1:0\n  - address: 127.0.0.1:1\n    weight: 0\n- name: a\n  addresses: ['10.0.0.1:80']\n- name: a\n  addresses: ['10.0.0.1:80']\n",
@@ -650,6 +681,7 @@ pub(crate) mod tests {
                 ".timeout ",
                 ".connectTimeout ",
                 ".endpoints[",
+                ".breaker",
             ]
             .iter()
             .any(|f| field.starts_with(f))

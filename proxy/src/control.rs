@@ -527,8 +527,8 @@ mod tests {
                     "resources": [
                         {"kind": "Route", "namespace": "shop", "name": "split", "generation": 2,
                          "requires": [{"feature": "route.backends", "field": "spec.rules[0].backends"}]},
-                        {"kind": "Breaker", "namespace": "shop", "name": "db", "generation": 1,
-                         "requires": [{"feature": "breaker.connectionPool", "field": "spec.connectionPool"}]}
+                        {"kind": "Policy", "namespace": "shop", "name": "db", "generation": 1,
+                         "requires": [{"feature": "policy.mtls", "field": "spec.mtls.mode"}]}
                     ]})),
             )
             .unwrap();
@@ -542,7 +542,7 @@ mod tests {
         assert_eq!(first.enforced.len(), 1);
         assert_eq!(first.enforced[0].name, "split");
         assert_eq!(first.not_enforced[0].resource.name, "db");
-        assert_eq!(first.not_enforced[0].fields, ["spec.connectionPool"]);
+        assert_eq!(first.not_enforced[0].fields, ["spec.mtls.mode"]);
         // A delta without `resources` leaves them as they were on the stream.
         let answer = client
             .apply(

@@ -17,8 +17,8 @@ use weft_api::push::{Enforcement, NotEnforced, ResourceRef, feature};
 pub const PROXY_AGENT: &str = concat!("weft-proxy ", env!("CARGO_PKG_VERSION"));
 
 /// The enforcement features this proxy has: every part of a Route (matching, weighted
-/// backends, timeouts, retries under a budget, faults, mirrors, header edits, rewrites) and
-/// a Policy's rate limit. Not yet: a Policy's mTLS mode and authorization rules (they come
+/// backends, timeouts, retries under a budget, faults, mirrors, header edits, rewrites), a
+/// Breaker's outlier ejection and pool limits, and a Policy's rate limit. Not yet: a Policy's mTLS mode and authorization rules (they come
 /// with mesh identities).
 pub const FEATURES: &[&str] = &[
     feature::ROUTE_BACKENDS,
@@ -32,6 +32,8 @@ pub const FEATURES: &[&str] = &[
     feature::ROUTE_RESPONSE_HEADERS,
     feature::ROUTE_REWRITE,
     feature::POLICY_RATE_LIMIT,
+    feature::BREAKER_OUTLIER_DETECTION,
+    feature::BREAKER_CONNECTION_POOL,
 ];
 
 /// Whether this proxy has `feature`.

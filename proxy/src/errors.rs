@@ -46,11 +46,14 @@ pub enum ErrorCode {
     RateLimited,
     /// Every attempt the Route rule allowed ran past its `perTryTimeout` (504).
     PerTryTimeout,
+    /// A connection-pool limit of the service's Breaker (`maxRequests`, `maxConnections`,
+    /// `maxPendingRequests`) is reached; refused at once, nothing was sent (503).
+    Overloaded,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::NoEndpoints,
         ErrorCode::ServiceNotFound,
         ErrorCode::ConnectFailed,
@@ -66,6 +69,7 @@ impl ErrorCode {
         ErrorCode::FaultInjected,
         ErrorCode::RateLimited,
         ErrorCode::PerTryTimeout,
+        ErrorCode::Overloaded,
     ];
 
     /// The stable text sent in the `weft-error` header and used as the metric label.
@@ -86,6 +90,7 @@ impl ErrorCode {
             ErrorCode::FaultInjected => "fault_injected",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::PerTryTimeout => "per_try_timeout",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 
@@ -95,7 +100,8 @@ impl ErrorCode {
             ErrorCode::NoEndpoints
             | ErrorCode::ServiceNotFound
             | ErrorCode::UpstreamConnectionLimit
-            | ErrorCode::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
+            | ErrorCode::FaultInjected
+            | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::BackendNotFound => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
@@ -134,7 +140,8 @@ impl ErrorCode {
             | ErrorCode::ConnectTimeout
             | ErrorCode::UpstreamFailed
             | ErrorCode::UpstreamConnectionLimit
-            | ErrorCode::FaultInjected => 14,
+            | ErrorCode::FaultInjected
+            | ErrorCode::Overloaded => 14,
         }
     }
 }

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod admin;
 pub mod balance;
+pub mod breaker;
 pub mod config;
 pub mod control;
 pub mod detect;

@@ -130,6 +130,24 @@ pub struct ServiceOnly {
     pub service: ServiceLabel,
 }
 
+/// Labels of connection-pool refusals.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OverloadedLabels {
+    /// The service.
+    pub service: ServiceLabel,
+    /// `max_requests`, `max_pending_requests` or `max_connections`.
+    pub limit: &'static str,
+}
+
+/// Labels of dry-run decisions.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DryRunLabels {
+    /// The service.
+    pub service: ServiceLabel,
+    /// What would have happened: `ejection` or `overloaded`.
+    pub kind: &'static str,
+}
+
 /// Labels of the config info metric.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct VersionLabels {
@@ -157,6 +175,10 @@ pub struct Metrics {
     before_config: Family<BeforeConfigLabels, Counter>,
     limit_refusals: Family<LimitLabels, Counter>,
     endpoints: Family<ServiceOnly, Gauge>,
+    breaker_ejected: Family<ServiceOnly, Gauge>,
+    breaker_ejections: Family<ServiceOnly, Counter>,
+    breaker_overloaded: Family<OverloadedLabels, Counter>,
+    dry_run_decisions: Family<DryRunLabels, Counter>,
     config_generation: Gauge,
     config_last_update: Gauge<f64, AtomicU64>,
     config_info: Family<VersionLabels, Gauge>,
@@ -194,6 +216,10 @@ impl Metrics {
             before_config: Family::default(),
             limit_refusals: Family::default(),
             endpoints: Family::default(),
+            breaker_ejected: Family::default(),
+            breaker_ejections: Family::default(),
+            breaker_overloaded: Family::default(),
+            dry_run_decisions: Family::default(),
             config_generation: Gauge::default(),
             config_last_update: Gauge::default(),
             config_info: Family::default(),
@@ -261,6 +287,26 @@ impl Metrics {
             "service_endpoints",
             "Endpoints per service in the active config",
             m.endpoints.clone(),
+        );
+        registry.register(
+            "breaker_ejected_endpoints",
+            "Endpoints a service's Breaker has ejected from load balancing now",
+            m.breaker_ejected.clone(),
+        );
+        registry.register(
+            "breaker_ejections",
+            "Endpoints ejected by outlier detection",
+            m.breaker_ejections.clone(),
+        );
+        registry.register(
+            "breaker_overloaded",
+            "Requests refused with 503 overloaded by a connection-pool limit",
+            m.breaker_overloaded.clone(),
+        );
+        registry.register(
+            "dry_run_decisions",
+            "Ejections and refusals a dry-run Breaker would have made",
+            m.dry_run_decisions.clone(),
         );
         registry.register(
             "config_generation",
@@ -381,6 +427,76 @@ impl Metrics {
     /// Counts a rejected config.
     pub fn config_rejected(&self) {
         self.config_rejected.inc();
+    }
+}
+
+/// The breaker series of one service. Breakers act rarely (an ejection, a refusal), so
+/// the series are looked up when they do, and appear only once they have.
+#[derive(Clone)]
+pub struct BreakerMetrics {
+    service: ServiceLabel,
+    ejected: Family<ServiceOnly, Gauge>,
+    ejections: Family<ServiceOnly, Counter>,
+    overloaded: Family<OverloadedLabels, Counter>,
+    dry_run: Family<DryRunLabels, Counter>,
+}
+
+impl std::fmt::Debug for BreakerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BreakerMetrics({})", self.service.0)
+    }
+}
+
+impl Metrics {
+    /// The breaker series of `service`.
+    pub fn breaker(&self, service: &ServiceLabel) -> BreakerMetrics {
+        BreakerMetrics {
+            service: service.clone(),
+            ejected: self.breaker_ejected.clone(),
+            ejections: self.breaker_ejections.clone(),
+            overloaded: self.breaker_overloaded.clone(),
+            dry_run: self.dry_run_decisions.clone(),
+        }
+    }
+}
+
+impl BreakerMetrics {
+    fn only(&self) -> ServiceOnly {
+        ServiceOnly {
+            service: self.service.clone(),
+        }
+    }
+
+    /// Sets how many endpoints are ejected now.
+    pub fn set_ejected(&self, n: usize) {
+        self.ejected
+            .get_or_create(&self.only())
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one ejection.
+    pub fn ejection(&self) {
+        self.ejections.get_or_create(&self.only()).inc();
+    }
+
+    /// Counts one request refused by `limit`.
+    pub fn overloaded(&self, limit: &'static str) {
+        self.overloaded
+            .get_or_create(&OverloadedLabels {
+                service: self.service.clone(),
+                limit,
+            })
+            .inc();
+    }
+
+    /// Counts one decision a dry run did not act on (`ejection` or `overloaded`).
+    pub fn dry_run(&self, kind: &'static str) {
+        self.dry_run
+            .get_or_create(&DryRunLabels {
+                service: self.service.clone(),
+                kind,
+            })
+            .inc();
     }
 }
 

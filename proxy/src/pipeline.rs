@@ -29,6 +29,7 @@ use http_body_util::{BodyExt as _, Either, Full};
 use hyper::body::Incoming;
 
 use crate::{
+    breaker::Outcome,
     errors::ErrorCode,
     http::{
         HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel, caused_by_body_timeout,
@@ -485,6 +486,20 @@ impl HttpConn {
         {
             budget.deposit(Instant::now());
         }
+        // Admission under the target service's Breaker (maxRequests): the permit is held
+        // until the response body ends, riding in the endpoint's in-flight guard.
+        let mut permit = match plan.target {
+            Pick::Service(s) => match s.admit() {
+                Ok(p) => Some(p),
+                Err(_) => return self.fail(x.labels, ErrorCode::Overloaded, x.grpc, x.start),
+            },
+            Pick::Fixed(_) => None,
+        };
+        let record = |index: usize, outcome: Outcome| {
+            if let Pick::Service(s) = plan.target {
+                s.record(index, outcome);
+            }
+        };
         let mut next = Some(req);
         let mut exclude = None;
         let mut retries = 0u32;
@@ -516,6 +531,7 @@ impl HttpConn {
                     // Dropping the attempt's future cancelled it upstream (stream reset or
                     // connection closed).
                     endpoint.observe(sent.elapsed());
+                    record(index, Outcome::ServerError);
                     let overall = plan
                         .deadline
                         .is_some_and(|d| tokio::time::Instant::now() >= d);
@@ -535,6 +551,7 @@ impl HttpConn {
                 Ok(Ok((resp, lease))) => {
                     let done = Instant::now();
                     endpoint.observe_at(done.saturating_duration_since(sent), done);
+                    record(index, Outcome::of_status(resp.status()));
                     let retry = retries < max_retries
                         && head.is_some()
                         && plan
@@ -549,7 +566,15 @@ impl HttpConn {
                         self.backoff(&plan, retries).await;
                         continue;
                     }
+                    let in_flight = match permit.take() {
+                        Some(p) => in_flight.holding(p),
+                        None => in_flight,
+                    };
                     return self.respond(resp, lease, in_flight, &plan, x);
+                }
+                Ok(Err(SendError::Overloaded(_))) => {
+                    // A pool limit refused it: no other endpoint of the service may take it.
+                    return self.fail(x.labels, ErrorCode::Overloaded, x.grpc, x.start);
                 }
                 Ok(Err(mut error)) if error.is_connect() => {
                     drop(in_flight);
@@ -563,6 +588,9 @@ impl HttpConn {
                         endpoint.penalize();
                         ErrorCode::ConnectFailed
                     };
+                    if !error.is_connection_limit() {
+                        record(index, Outcome::ConnectFailure);
+                    }
                     tracing::debug!(endpoint = %endpoint.addr, error = %error, "connect failed");
                     // The request was never sent: it can go elsewhere as it is.
                     next = error.take_unsent();
@@ -573,6 +601,7 @@ impl HttpConn {
                     if caused_by_body_timeout(&error) {
                         return self.fail(x.labels, ErrorCode::RequestBodyTimeout, x.grpc, x.start);
                     }
+                    record(index, Outcome::ServerError);
                     let failure = if refused_stream(&error) {
                         Failure::RefusedStream
                     } else {

@@ -25,6 +25,17 @@
 //! - the latency estimate: it is the same process on the same host, and a server slowed by
 //!   one service's traffic is slow for the other's too, so each service learns of it from
 //!   the other's requests rather than only from its own.
+//!
+//! A service whose Breaker limits connections (`maxConnections`, `maxPendingRequests`,
+//! `maxRequestsPerConnection`) is the exception: its endpoints' states are its own (the key
+//! carries its breaker lineage), so that its counts and limits are its own too.
+//!
+//! # Breaker state
+//!
+//! A service's [`ServiceBreaker`] (see [`crate::breaker`]) is kept by a config update that
+//! keeps the service's Breaker spec, with the outlier state of each endpoint that stays
+//! (by address); an endpoint that goes takes its state along, and a changed spec starts a
+//! fresh lineage.
 
 use std::{
     collections::HashMap,
@@ -41,6 +52,7 @@ use weft_api::proxy_config::{self as wire, ProxyConfig};
 
 use crate::{
     balance::{DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, Load, PeakEwma, Picker},
+    breaker::{EndpointOutlier, Outcome, Overloaded, RequestPermit, ServiceBreaker},
     config::{Config, ConfigError, Service},
     metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
     ratelimit::RateLimiter,
@@ -54,6 +66,8 @@ use crate::{
 struct EndpointKey {
     addr: SocketAddr,
     connect_timeout: Duration,
+    /// The breaker lineage whose connection limits the state's pools obey, if any.
+    lineage: Option<u64>,
 }
 
 impl EndpointKey {
@@ -61,6 +75,7 @@ impl EndpointKey {
         EndpointKey {
             addr: state.addr,
             connect_timeout: state.upstream.connect_timeout,
+            lineage: state.lineage,
         }
     }
 }
@@ -75,6 +90,8 @@ pub struct EndpointState {
     pub upstream: Upstream,
     ewma: Mutex<PeakEwma>,
     in_flight: AtomicUsize,
+    /// The breaker lineage this state belongs to alone (see [`EndpointKey`]).
+    lineage: Option<u64>,
 }
 
 impl EndpointState {
@@ -105,13 +122,37 @@ impl EndpointState {
             upstream: Upstream::from_source(addr, source, connect_timeout, max_http1),
             ewma: Mutex::new(PeakEwma::new(DEFAULT_SEED, DEFAULT_DECAY, Instant::now())),
             in_flight: AtomicUsize::new(0),
+            lineage: None,
+        }
+    }
+
+    /// Fresh state for an endpoint of one service only, whose pools obey the connection
+    /// limits of `breaker`.
+    fn for_breaker(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        max_http1: usize,
+        breaker: &ServiceBreaker,
+    ) -> Self {
+        EndpointState {
+            addr,
+            upstream: Upstream::for_service(
+                addr,
+                None,
+                connect_timeout,
+                max_http1,
+                breaker.pool.clone(),
+            ),
+            ewma: Mutex::new(PeakEwma::new(DEFAULT_SEED, DEFAULT_DECAY, Instant::now())),
+            in_flight: AtomicUsize::new(0),
+            lineage: Some(breaker.id),
         }
     }
 
     /// Marks a request started; the guard marks it finished when dropped.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        InFlight(self.clone(), None)
     }
 
     /// Records a latency observation.
@@ -145,9 +186,19 @@ impl EndpointState {
     }
 }
 
-/// One request in flight to an endpoint.
+/// One request in flight to an endpoint, and its admission under the service's
+/// `maxRequests` once it has a response ([`InFlight::holding`]).
 #[derive(Debug)]
-pub struct InFlight(Arc<EndpointState>);
+pub struct InFlight(Arc<EndpointState>, Option<RequestPermit>);
+
+impl InFlight {
+    /// Keeps `permit` for as long as this request is in flight (until its response body
+    /// ends, or its tunnel closes).
+    pub fn holding(mut self, permit: RequestPermit) -> Self {
+        self.1 = Some(permit);
+        self
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -185,6 +236,10 @@ pub struct ServiceState {
     /// This service's request series per direction (inbound, outbound), looked up on the
     /// first request rather than on every one.
     request_metrics: [OnceLock<RequestMetrics>; 2],
+    /// The service's breaker lineage, when it has a Breaker.
+    pub breaker: Option<Arc<ServiceBreaker>>,
+    /// Outlier state, index-aligned with `endpoints`; empty without outlier detection.
+    outliers: Vec<Arc<EndpointOutlier>>,
 }
 
 impl ServiceState {
@@ -198,20 +253,110 @@ impl ServiceState {
     }
 
     /// Picks an endpoint for one request or connection, avoiding `exclude` (an index that
-    /// just failed) when there is another.
+    /// just failed) and endpoints ejected by outlier detection when there is another; when
+    /// every endpoint is ejected or excluded, picks as if none were ejected.
     pub fn pick(&self, exclude: Option<usize>) -> Option<(usize, &Arc<EndpointState>)> {
         // Read the clock only when costs are compared (P2C between two or more endpoints).
         let now = std::cell::OnceCell::new();
-        let i = self.picker.pick(&mut rand::rng(), exclude, |i| {
+        let load = |i: usize| {
             let e = &self.endpoints[i];
             let now = *now.get_or_init(Instant::now);
             Load {
                 estimate_ns: e.estimate_ns(now),
                 in_flight: e.in_flight(),
             }
-        })?;
+        };
+        let mut rng = rand::rng();
+        if let Some(breaker) = &self.breaker
+            && let Some(detector) = &breaker.outlier
+            && detector.any_ejected()
+        {
+            let at = Instant::now();
+            let picked = self.picker.pick_allowed(
+                &mut rng,
+                |i| Some(i) != exclude && !detector.is_ejected_at(&self.outliers, i, at),
+                load,
+            );
+            breaker.ejections_changed();
+            if let Some(i) = picked {
+                return self.endpoints.get(i).map(|e| (i, e));
+            }
+        }
+        let i = self.picker.pick(&mut rng, exclude, load)?;
         self.endpoints.get(i).map(|e| (i, e))
     }
+
+    /// Counts what became of a request to `endpoints[endpoint]`, for outlier ejection.
+    pub fn record(&self, endpoint: usize, outcome: Outcome) {
+        if let Some(breaker) = &self.breaker
+            && let Some(e) = self.endpoints.get(endpoint)
+        {
+            breaker.record(&self.outliers, endpoint, e.addr, outcome);
+        }
+    }
+
+    /// Admits a request under the service's `maxRequests`; the permit is held until the
+    /// request ends (see [`InFlight::holding`]). Refused: answer 503 `overloaded`.
+    pub fn admit(&self) -> Result<RequestPermit, Overloaded> {
+        match &self.breaker {
+            Some(b) => b.admit(),
+            None => Ok(RequestPermit::unlimited()),
+        }
+    }
+}
+
+/// The breaker lineage and per-endpoint outlier state of `spec` in a new snapshot: the
+/// previous ones when the service keeps its Breaker, fresh ones otherwise. Outlier state
+/// of endpoints that left is retired.
+fn carry_breaker(
+    spec: &Service,
+    previous: Option<&ServiceState>,
+    metrics: &Metrics,
+) -> (Option<Arc<ServiceBreaker>>, Vec<Arc<EndpointOutlier>>) {
+    let Some(wanted) = &spec.breaker else {
+        return (None, Vec::new());
+    };
+    let kept = previous.and_then(|p| {
+        p.breaker
+            .as_ref()
+            .filter(|b| &b.spec == wanted)
+            .map(|b| (p, b.clone()))
+    });
+    let Some((prev, breaker)) = kept else {
+        let breaker = ServiceBreaker::new(
+            wanted.clone(),
+            metrics,
+            ServiceLabel(Arc::from(spec.name.as_str())),
+        );
+        let outliers = if breaker.outlier.is_some() {
+            spec.endpoints.iter().map(|_| Arc::default()).collect()
+        } else {
+            Vec::new()
+        };
+        return (Some(Arc::new(breaker)), outliers);
+    };
+    let Some(detector) = &breaker.outlier else {
+        return (Some(breaker), Vec::new());
+    };
+    let old: HashMap<SocketAddr, &Arc<EndpointOutlier>> = prev
+        .spec
+        .endpoints
+        .iter()
+        .map(|e| e.addr)
+        .zip(&prev.outliers)
+        .collect();
+    let outliers: Vec<Arc<EndpointOutlier>> = spec
+        .endpoints
+        .iter()
+        .map(|e| old.get(&e.addr).map_or_else(Arc::default, |o| (*o).clone()))
+        .collect();
+    for (addr, o) in &old {
+        if !spec.endpoints.iter().any(|e| e.addr == *addr) {
+            detector.retire(o);
+        }
+    }
+    breaker.ejections_changed();
+    (Some(breaker), outliers)
 }
 
 /// One immutable generation of the proxy's configuration and runtime state.
@@ -238,6 +383,7 @@ impl Snapshot {
         generation: u64,
         previous: Option<&Snapshot>,
         max_http1: usize,
+        metrics: &Metrics,
     ) -> Snapshot {
         // One rule for the first build and every reload: endpoint state is keyed by what
         // its connections depend on, and the previous snapshot's states seed the map.
@@ -277,6 +423,10 @@ impl Snapshot {
             .services
             .iter()
             .map(|spec| {
+                let prev_service =
+                    previous.and_then(|p| p.service_by_name(&spec.name).map(|s| &**s));
+                let (breaker, outliers) = carry_breaker(spec, prev_service, metrics);
+                let own = breaker.as_ref().filter(|b| b.owns_connections());
                 let endpoints: Vec<Arc<EndpointState>> = spec
                     .endpoints
                     .iter()
@@ -285,13 +435,22 @@ impl Snapshot {
                             .entry(EndpointKey {
                                 addr: e.addr,
                                 connect_timeout: spec.connect_timeout,
+                                lineage: own.map(|b| b.id),
                             })
                             .or_insert_with(|| {
-                                Arc::new(EndpointState::with_http1_limit(
-                                    e.addr,
-                                    spec.connect_timeout,
-                                    max_http1,
-                                ))
+                                Arc::new(match own {
+                                    Some(b) => EndpointState::for_breaker(
+                                        e.addr,
+                                        spec.connect_timeout,
+                                        max_http1,
+                                        b,
+                                    ),
+                                    None => EndpointState::with_http1_limit(
+                                        e.addr,
+                                        spec.connect_timeout,
+                                        max_http1,
+                                    ),
+                                })
                             })
                             .clone()
                     })
@@ -321,6 +480,8 @@ impl Snapshot {
                     endpoints,
                     picker,
                     request_metrics: Default::default(),
+                    breaker,
+                    outliers,
                 })
             })
             .collect();
@@ -431,6 +592,7 @@ impl ConfigStore {
             *generation,
             previous.as_deref(),
             self.max_http1_per_endpoint,
+            &self.metrics,
         ));
         self.current.store(Some(snapshot.clone()));
         self.metrics.config_applied(
@@ -550,6 +712,74 @@ mod tests {
             &second.service_by_name("b").unwrap().endpoints[1],
         ));
     }
+    fn with_breaker(endpoints: &[&str], breaker: serde_json::Value) -> ProxyConfig {
+        let mut c = raw(endpoints);
+        c.services[0].breaker = Some(serde_json::from_value(breaker).unwrap());
+        c
+    }
+
+    fn outlier(base: &str) -> serde_json::Value {
+        serde_json::json!({"name": "shop/web", "outlierDetection": {
+            "consecutive5xx": 1, "consecutiveConnectFailures": 1, "interval": "10s",
+            "baseEjectionTime": base, "maxEjectionTime": "5m", "maxEjectedPercent": 100}})
+    }
+
+    #[tokio::test]
+    async fn breaker_state_stays_with_its_spec_and_endpoints_across_updates() {
+        let store = ConfigStore::new(Arc::new(Metrics::new()));
+        let eps = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"];
+        let first = store.apply(with_breaker(&eps, outlier("30s"))).unwrap();
+        let web = first.service_by_name("web").unwrap();
+        web.record(0, Outcome::ServerError);
+        web.record(1, Outcome::ServerError);
+        // Same spec, endpoint 2 gone: endpoint 0 stays ejected, 1's ejection goes with it.
+        let second = store
+            .apply(with_breaker(&eps[..1], outlier("30s")))
+            .unwrap();
+        let web2 = second.service_by_name("web").unwrap();
+        assert!(Arc::ptr_eq(
+            web.breaker.as_ref().unwrap(),
+            web2.breaker.as_ref().unwrap()
+        ));
+        let detector = web2.breaker.as_ref().unwrap().outlier.as_ref().unwrap();
+        assert_eq!(detector.ejected(), 1);
+        assert!(detector.is_ejected_at(&web2.outliers, 0, Instant::now()));
+        // A changed spec starts fresh.
+        let third = store.apply(with_breaker(&eps, outlier("1m"))).unwrap();
+        let web3 = third.service_by_name("web").unwrap();
+        assert_eq!(
+            web3.breaker
+                .as_ref()
+                .unwrap()
+                .outlier
+                .as_ref()
+                .unwrap()
+                .ejected(),
+            0
+        );
+        assert!(web3.pick(None).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_service_with_connection_limits_gets_endpoint_pools_of_its_own() {
+        let store = ConfigStore::new(Arc::new(Metrics::new()));
+        let mut c = two_services(&["127.0.0.1:7"], &["127.0.0.1:7"]);
+        c.services[1].breaker = Some(
+            serde_json::from_value(serde_json::json!({"name": "shop/b",
+                "connectionPool": {"maxConnections": 1}}))
+            .unwrap(),
+        );
+        let first = store.apply(c.clone()).unwrap();
+        let a = &first.service_by_name("a").unwrap().endpoints[0];
+        let b = &first.service_by_name("b").unwrap().endpoints[0];
+        assert!(!Arc::ptr_eq(a, b), "b's pools are its own");
+        let second = store.apply(c).unwrap();
+        assert!(
+            Arc::ptr_eq(b, &second.service_by_name("b").unwrap().endpoints[0]),
+            "and kept while its Breaker stays"
+        );
+    }
+
     /// Endpoint states of a snapshot that should be one and the same but are not.
     fn unshared(s: &Snapshot) -> Vec<SocketAddr> {
         let mut seen: HashMap<EndpointKey, &Arc<EndpointState>> = HashMap::new();

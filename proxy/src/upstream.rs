@@ -4,6 +4,12 @@
 //!
 //! One [`Upstream`] lives in each endpoint's runtime state and survives config swaps that
 //! keep the endpoint, so pooled connections are reused across reloads.
+//!
+//! The endpoints of a service with a Breaker's connection-pool limits have pools of their
+//! own, which share one [`ServicePool`]: `maxConnections` counts their connections (a
+//! request finding none free waits, as one of at most `maxPendingRequests`, for an idle
+//! connection or a free slot), and `maxRequestsPerConnection` retires a connection after
+//! that many requests.
 
 use std::{
     io,
@@ -22,6 +28,11 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tracing::Instrument;
+
+use crate::breaker::{
+    Overloaded, ServicePool,
+    pool::{IdleConnections, Slot},
+};
 
 /// The request body sent upstream: the client's, streamed, with its idle timeout.
 pub type UpstreamBody = crate::http::RequestBody;
@@ -114,6 +125,10 @@ pub enum SendError {
     /// The connection broke or spoke invalid HTTP before a response.
     #[error("upstream request failed")]
     Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A connection-pool limit of the service's Breaker refused the request, so nothing
+    /// was sent; the limit is the service's, so no other endpoint may take it either.
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
 }
 
 impl SendError {
@@ -142,7 +157,7 @@ impl SendError {
             SendError::Connect { unsent, .. } | SendError::ConnectionLimit { unsent } => {
                 unsent.take().map(|r| *r)
             }
-            SendError::Failed(_) => None,
+            SendError::Failed(_) | SendError::Overloaded(_) => None,
         }
     }
 
@@ -192,22 +207,41 @@ impl Upstream {
         connect_timeout: Duration,
         max_http1: usize,
     ) -> Self {
+        Self::for_service(addr, source, connect_timeout, max_http1, None)
+    }
+
+    /// Pools as [`Upstream::from_source`] makes them, under the connection-pool limits of
+    /// `service` when given (its pools must then serve that service alone).
+    pub fn for_service(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        connect_timeout: Duration,
+        max_http1: usize,
+        service: Option<Arc<ServicePool>>,
+    ) -> Self {
+        let http1 = Arc::new(Http1Pool {
+            addr,
+            source,
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(max_http1.min(Semaphore::MAX_PERMITS))),
+            service: service.clone(),
+        });
+        if let Some(s) = &service {
+            let weak: Weak<dyn IdleConnections> = Arc::downgrade(&http1) as _;
+            s.register(weak);
+        }
         Upstream {
             addr,
             connect_timeout,
-            http1: Arc::new(Http1Pool {
-                addr,
-                source,
-                connect_timeout,
-                idle: Mutex::new(Vec::new()),
-                slots: Arc::new(Semaphore::new(max_http1.min(Semaphore::MAX_PERMITS))),
-            }),
+            http1,
             http2: Arc::new(Http2Conn {
                 addr,
                 source,
                 connect_timeout,
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
+                service,
             }),
         }
     }
@@ -240,12 +274,15 @@ pub struct Http2Conn {
     connect_timeout: Duration,
     current: Mutex<Option<Http2Shared>>,
     connecting: tokio::sync::Mutex<()>,
+    service: Option<Arc<ServicePool>>,
 }
 
 #[derive(Clone, Debug)]
 struct Http2Shared {
     sender: hyper::client::conn::http2::SendRequest<UpstreamBody>,
     last_used: Arc<IdleClock>,
+    /// Streams opened on the connection, for `maxRequestsPerConnection`.
+    streams: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Http2Conn {
@@ -262,6 +299,24 @@ impl Http2Conn {
                 },
             };
             shared.last_used.idle();
+            if let Some(max) = this
+                .service
+                .as_ref()
+                .and_then(|s| s.spec().max_requests_per_connection)
+            {
+                // The connection's last request retires it, so the next one opens a
+                // fresh connection while this one finishes its streams and closes.
+                let n = shared
+                    .streams
+                    .fetch_add(1, Ordering::Relaxed)
+                    .saturating_add(1);
+                if n >= max.get() {
+                    this.forget(&shared);
+                }
+                if n > max.get() {
+                    continue;
+                }
+            }
             match shared.sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
                 Err(mut error) => match error.take_message() {
@@ -314,6 +369,14 @@ impl Http2Conn {
         if let Some(s) = self.shared() {
             return Ok((s, true));
         }
+        // HTTP/2 has one connection per endpoint: maxConnections caps the endpoints with
+        // one, and a request at the cap is refused rather than queued behind another
+        // endpoint's streams.
+        let service_slot = match self.service.as_ref().map(|s| (s, s.try_connection())) {
+            None => None,
+            Some((_, Slot::Free(permit))) => permit,
+            Some((s, Slot::Full)) => return Err(s.refuse_connection().into()),
+        };
         let stream = connect_from(self.addr, self.source, self.connect_timeout).await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -323,11 +386,17 @@ impl Http2Conn {
         let shared = Http2Shared {
             sender,
             last_used: Arc::new(IdleClock::new()),
+            streams: Arc::default(),
         };
         let span = tracing::debug_span!("upstream", addr = %self.addr, protocol = "h2");
         tokio::spawn(
-            run_http2_connection(conn, shared.last_used.clone(), Arc::downgrade(self))
-                .instrument(span),
+            run_http2_connection(
+                conn,
+                shared.last_used.clone(),
+                Arc::downgrade(self),
+                service_slot,
+            )
+            .instrument(span),
         );
         *self.lock() = Some(shared.clone());
         Ok((shared, false))
@@ -341,6 +410,8 @@ async fn run_http2_connection(
     conn: hyper::client::conn::http2::Connection<TokioIo<TcpStream>, UpstreamBody, TokioExecutor>,
     last_used: Arc<IdleClock>,
     owner: Weak<Http2Conn>,
+    // Held until the connection ends: it counts against the service's maxConnections.
+    _service_slot: Option<OwnedSemaphorePermit>,
 ) {
     tokio::pin!(conn);
     let sleep = tokio::time::sleep(IDLE_TIMEOUT);
@@ -397,6 +468,19 @@ pub struct Http1Pool {
     connect_timeout: Duration,
     idle: Mutex<Vec<Lease>>,
     slots: Arc<Semaphore>,
+    service: Option<Arc<ServicePool>>,
+}
+
+impl IdleConnections for Http1Pool {
+    fn close_one_idle(&self) -> bool {
+        // Dropping the lease drops the connection's only sender: hyper closes it, and its
+        // task's end frees the slot.
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop()
+            .is_some()
+    }
 }
 
 impl Http1Pool {
@@ -407,13 +491,16 @@ impl Http1Pool {
         loop {
             let (mut lease, reused) = match pool.checkout().await {
                 Some(lease) => (lease, true),
-                None => match pool.connect().await {
-                    Ok(lease) => (lease, false),
+                None => match pool.connect_within_limits().await {
+                    Ok(acquired) => acquired,
                     Err(error) => return Err(error.with_unsent(req)),
                 },
             };
             match lease.sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, lease)),
+                Ok(resp) => {
+                    lease.uses = lease.uses.saturating_add(1);
+                    return Ok((resp, lease));
+                }
                 Err(mut error) => match error.take_message() {
                     // Not sent: a reused connection closed under us (the server's idle
                     // timeout raced this request). Another connection may take it, as
@@ -448,7 +535,43 @@ impl Http1Pool {
         }
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<Lease, SendError> {
+    /// A new connection, or an idle one that a request waiting at the service's
+    /// `maxConnections` was handed (the flag says which: true for a reused one).
+    async fn connect_within_limits(self: &Arc<Self>) -> Result<(Lease, bool), SendError> {
+        let Some(service) = &self.service else {
+            return Ok((self.connect(None).await?, false));
+        };
+        let service_slot = match service.try_connection() {
+            Slot::Free(permit) => permit,
+            Slot::Full => {
+                let _pending = service.enter_pending()?;
+                loop {
+                    // Registered before looking, so that a release in between wakes us.
+                    let released = service.released().notified();
+                    tokio::pin!(released);
+                    released.as_mut().enable();
+                    if let Some(lease) = self.checkout().await {
+                        return Ok((lease, true));
+                    }
+                    if let Slot::Free(permit) = service.try_connection() {
+                        break permit;
+                    }
+                    // Another endpoint's idle connection holds the slot this one needs.
+                    service.close_one_idle();
+                    tokio::select! {
+                        permit = service.connection_freed() => break permit,
+                        () = released => {}
+                    }
+                }
+            }
+        };
+        Ok((self.connect(service_slot).await?, false))
+    }
+
+    async fn connect(
+        self: &Arc<Self>,
+        service_slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<Lease, SendError> {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Err(SendError::ConnectionLimit { unsent: None });
         };
@@ -458,11 +581,14 @@ impl Http1Pool {
             .map_err(|error| SendError::Failed(Box::new(error)))?;
         let clock = Arc::new(IdleClock::new());
         let span = tracing::debug_span!("upstream", addr = %self.addr);
-        tokio::spawn(run_http1_connection(conn, clock.clone(), slot).instrument(span));
+        tokio::spawn(
+            run_http1_connection(conn, clock.clone(), (slot, service_slot)).instrument(span),
+        );
         Ok(Lease {
             sender,
             clock,
             pool: Arc::downgrade(self),
+            uses: 0,
         })
     }
 }
@@ -472,8 +598,9 @@ impl Http1Pool {
 async fn run_http1_connection(
     conn: hyper::client::conn::http1::Connection<TokioIo<TcpStream>, UpstreamBody>,
     clock: Arc<IdleClock>,
-    // Held until the connection ends: it counts against the endpoint's limit till then.
-    _slot: OwnedSemaphorePermit,
+    // Held until the connection ends: it counts against the endpoint's limit (and the
+    // service's maxConnections) till then.
+    _slots: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 ) {
     // Upgrades (101 Switching Protocols) hand the socket to the request that asked.
     let conn = conn.with_upgrades();
@@ -545,6 +672,8 @@ pub struct Lease {
     clock: Arc<IdleClock>,
     // Weak: a lease outliving its endpoint (removed from the config) just closes.
     pool: Weak<Http1Pool>,
+    /// Requests sent on the connection, for `maxRequestsPerConnection`.
+    uses: u32,
 }
 
 impl Lease {
@@ -555,6 +684,23 @@ impl Lease {
             return;
         }
         if let Some(pool) = self.pool.upgrade() {
+            if let Some(service) = &pool.service {
+                if service
+                    .spec()
+                    .max_requests_per_connection
+                    .is_some_and(|max| self.uses >= max.get())
+                {
+                    // Retired: dropped here, so hyper closes it and its slot frees.
+                    return;
+                }
+                self.clock.idle();
+                pool.idle
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(self);
+                service.released().notify_waiters();
+                return;
+            }
             self.clock.idle();
             pool.idle
                 .lock()

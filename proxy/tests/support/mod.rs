@@ -806,3 +806,75 @@ pub fn h1_client_from(ip: &str) -> Client<HttpConnector, Body> {
     connector.set_local_address(Some(ip.parse().unwrap()));
     Client::builder(TokioExecutor::new()).build(connector)
 }
+
+/// An HTTP/1.1 + HTTP/2 backend whose behaviour a test changes while it runs: it answers
+/// 503 while `failing` is set, waits `delay_ms` before every answer, and counts the
+/// connections it accepted and the requests it answered.
+pub struct ControlledBackend {
+    pub addr: SocketAddr,
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
+    pub connections: Arc<AtomicUsize>,
+    pub hits: Arc<AtomicUsize>,
+    _task: Task,
+}
+
+impl ControlledBackend {
+    pub async fn start(ip: &str, delay_ms: u64) -> ControlledBackend {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (f, c, h) = (failing.clone(), connections.clone(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (failing, hits) = (f.clone(), h.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        let (failing, hits) = (failing.clone(), hits.clone());
+                        async move {
+                            hits.fetch_add(1, Ordering::SeqCst);
+                            if delay_ms > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                            }
+                            let status = if failing.load(Ordering::SeqCst) {
+                                StatusCode::SERVICE_UNAVAILABLE
+                            } else {
+                                StatusCode::OK
+                            };
+                            let mut resp = Response::new(full("controlled"));
+                            *resp.status_mut() = status;
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        ControlledBackend {
+            addr,
+            failing,
+            connections,
+            hits,
+            _task: Task(task),
+        }
+    }
+
+    pub fn fail(&self, on: bool) {
+        self.failing.store(on, Ordering::SeqCst);
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
