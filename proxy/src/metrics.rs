@@ -144,7 +144,7 @@ pub struct OverloadedLabels {
 pub struct DryRunLabels {
     /// The service.
     pub service: ServiceLabel,
-    /// What would have happened: `ejection` or `overloaded`.
+    /// What would have happened: `ejection`, `overloaded`, `retry_budget` or `rate_limit`.
     pub kind: &'static str,
 }
 
@@ -203,6 +203,7 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("weft");
+        let dry_run_decisions: Family<DryRunLabels, Counter> = Family::default();
         let m = Metrics {
             requests: Family::default(),
             responses: Family::default(),
@@ -219,12 +220,12 @@ impl Metrics {
             breaker_ejected: Family::default(),
             breaker_ejections: Family::default(),
             breaker_overloaded: Family::default(),
-            dry_run_decisions: Family::default(),
+            traffic: TrafficMetrics::new(dry_run_decisions.clone()),
+            dry_run_decisions,
             config_generation: Gauge::default(),
             config_last_update: Gauge::default(),
             config_info: Family::default(),
             config_rejected: Counter::default(),
-            traffic: TrafficMetrics::default(),
             registry: Registry::default(),
         };
         m.traffic.register(&mut registry);
@@ -572,5 +573,46 @@ fn status_class_index(status: http::StatusCode) -> (usize, &'static str) {
         300..=399 => (2, "3xx"),
         400..=499 => (3, "4xx"),
         _ => (4, "5xx"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::traffic_metrics::{DryRun, RouteEvent};
+
+    /// Each family is registered once: Prometheus refuses an exposition that declares a
+    /// name twice, and the breakers and the traffic policies share the dry-run family.
+    #[test]
+    fn every_family_is_declared_once_and_dry_runs_share_one() {
+        let m = Metrics::new();
+        let web = ServiceLabel(Arc::from("web"));
+        m.breaker(&web).dry_run("ejection");
+        m.traffic.dry_run(&web, DryRun::RetryBudget);
+        m.traffic.route_event(
+            &web,
+            &Arc::from("shop/web"),
+            &Arc::from("0"),
+            RouteEvent::Retry,
+        );
+        m.traffic.rate_limited("shop/limit");
+        let text = m.encode().unwrap();
+        let mut names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let all = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all, "{text}");
+        assert!(
+            text.contains(r#"weft_dry_run_decisions_total{service="web",kind="ejection"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"weft_dry_run_decisions_total{service="web",kind="retry_budget"} 1"#),
+            "{text}"
+        );
     }
 }

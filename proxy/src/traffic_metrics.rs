@@ -20,7 +20,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::metrics::ServiceLabel;
+use crate::metrics::{DryRunLabels, ServiceLabel};
 
 /// Labels of route events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -85,15 +85,6 @@ pub struct PolicyLabels {
     pub policy: Arc<str>,
 }
 
-/// Labels of dry-run decisions.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct DryRunLabels {
-    /// The service (or `local` for the inbound rate limit).
-    pub service: ServiceLabel,
-    /// What would have happened ([`DryRun::as_str`]).
-    pub kind: &'static str,
-}
-
 /// A decision a policy in dry run would have made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DryRun {
@@ -124,13 +115,23 @@ impl DryRun {
 pub struct TrafficMetrics {
     route_events: Family<RouteEventLabels, Counter>,
     rate_limited: Family<PolicyLabels, Counter>,
+    /// `weft_dry_run_decisions_total`, shared with the breakers' dry runs (registered by
+    /// [`crate::metrics::Metrics`]).
     dry_run: Family<DryRunLabels, Counter>,
     /// Rate-limits the dry-run log lines: the second of the last line.
     dry_run_logged: std::sync::atomic::AtomicU64,
 }
 
 impl TrafficMetrics {
-    /// Registers the families in `registry`.
+    /// The families, counting dry-run decisions in `dry_run`.
+    pub fn new(dry_run: Family<DryRunLabels, Counter>) -> Self {
+        TrafficMetrics {
+            dry_run,
+            ..TrafficMetrics::default()
+        }
+    }
+
+    /// Registers the route-event and rate-limit families in `registry`.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "route_events",
@@ -141,11 +142,6 @@ impl TrafficMetrics {
             "rate_limited",
             "Requests refused by a workload's rate limit, by Policy",
             self.rate_limited.clone(),
-        );
-        registry.register(
-            "dry_run_decisions",
-            "Decisions a policy in dry run would have made and did not",
-            self.dry_run.clone(),
         );
     }
 
