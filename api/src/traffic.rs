@@ -181,7 +181,8 @@ pub enum RetryOn {
     ResourceExhausted,
 }
 
-/// Exponential backoff with full jitter.
+/// Exponential backoff with jitter: retry n waits between half and all of
+/// min(max, base × 2^(n−1)).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackoffConfig {

@@ -59,10 +59,12 @@ pub struct OutlierDetection {
     #[serde(default = "default_consecutive")]
     #[schemars(range(min = 1, max = 1000))]
     pub consecutive_connect_failures: u32,
-    /// How often ejected endpoints are reconsidered (default 10s).
+    /// Each interval an endpoint spends back in rotation lowers its ejection count, and
+    /// so its next ejection time, by one (default 10s).
     #[serde(default = "default_interval")]
     pub interval: Duration,
-    /// Ejection time after the first ejection; doubles with each further one (default 30s).
+    /// Ejection time of the first ejection; the n-th ejection lasts n times this, up to
+    /// `maxEjectionTime` (default 30s).
     #[serde(default = "default_base_ejection")]
     pub base_ejection_time: Duration,
     /// The longest ejection (default 5m).

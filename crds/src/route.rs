@@ -162,7 +162,8 @@ pub struct Retries {
     #[serde(default = "default_retry_on")]
     #[schemars(length(min = 1, max = 8))]
     pub retry_on: Vec<RetryOn>,
-    /// Wait between attempts: exponential with full jitter from `base` up to `max`.
+    /// Wait between attempts: retry n waits a random time between half and all of
+    /// min(`max`, `base` × 2^(n-1)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<Backoff>,
     /// Caps retries to a share of live traffic, so retries cannot amplify an outage.
@@ -214,7 +215,7 @@ pub enum RetryOn {
 #[x_kube(validation = kube::core::Rule::new("duration(self.base) <= duration(self.max)")
     .message("backoff.base must not exceed backoff.max").field_path(".base"))]
 pub struct Backoff {
-    /// The first wait, doubled on each further attempt.
+    /// The first wait's upper bound, doubled on each further retry.
     pub base: Duration,
     /// The longest wait.
     pub max: Duration,

@@ -23,7 +23,7 @@ use kube::{
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use weft_crds::{Breaker, Route};
+use weft_crds::{Breaker, Policy, Route};
 use weft_e2e::shared::eventually;
 use weft_operator::{index::ObjectKey, mesh, status::reports};
 use weft_proxy::{
@@ -237,7 +237,7 @@ async fn programmed_is_true_only_for_what_the_proxies_enforce() {
     let proxy = TestProxy::start(&bed, &addr, &pod, None).await;
     proxy.acked().await;
 
-    // A plain 90/10 split with a timeout: what weft-proxy does today.
+    // A plain 90/10 split with a timeout.
     let canary = bed.apply_example::<Route>("route-canary.yaml").await;
     let msg = bed.route_programmed(&canary, 1).await;
     assert!(msg.ends_with("and enforced by all"), "{msg}");
@@ -253,10 +253,31 @@ async fn programmed_is_true_only_for_what_the_proxies_enforce() {
         "the split's timeout reached the proxy"
     );
 
-    // Matches, faults, rewrites, header edits and mirrors: acknowledged, not enforced.
+    // Matches, faults, rewrites, header edits and mirrors are enforced too.
     let frontend = bed.apply_example::<Route>("route-header-match.yaml").await;
+    let msg = bed.route_programmed(&frontend, 1).await;
+    assert!(msg.ends_with("and enforced by all"), "{msg}");
+    // So is a Breaker.
+    let breaker = bed.apply_example::<Breaker>("breaker-pool.yaml").await;
+    let (_, msg) = bed
+        .condition::<Breaker>(&breaker, "Programmed", "True")
+        .await;
+    assert!(msg.ends_with("and enforced by all"), "{msg}");
+
+    // A Policy's mTLS mode is not enforced yet: acknowledged, not enforced, and named.
+    let policy: Policy = serde_json::from_value(json!({
+        "metadata": {"name": "client-strict"},
+        "spec": {"target": {"selector": {"matchLabels": {"app": "client"}}},
+                 "mtls": {"mode": "Strict"}, "defaultAction": "Allow",
+                 "rateLimit": {"requestsPerSecond": 100}}
+    }))
+    .unwrap();
+    bed.api::<Policy>()
+        .create(&Default::default(), &policy)
+        .await
+        .unwrap();
     let (reason, msg) = bed
-        .condition::<Route>(&frontend, "Programmed", "False")
+        .condition::<Policy>("client-strict", "Programmed", "False")
         .await;
     assert_eq!(reason, "NotEnforced", "{msg}");
     assert!(
@@ -265,28 +286,16 @@ async fn programmed_is_true_only_for_what_the_proxies_enforce() {
     );
     assert!(
         msg.contains(&format!(
-            "spec.rules[0].matches, spec.rules[0].fault, spec.rules[0].requestHeaders, \
-             spec.rules[0].rewrite, spec.rules[1].mirror, spec.rules[1].responseHeaders: \
-             not enforced by weft-proxy {} (1 proxy: {ns}/client)",
+            "spec.mtls.mode: not enforced by weft-proxy {} (1 proxy: {ns}/client)",
             env!("CARGO_PKG_VERSION")
         )),
         "{msg}"
     );
-    // Accepted stays True: the Route is valid, it is only not applied.
-    bed.condition::<Route>(&frontend, "Accepted", "True").await;
-
-    // A Breaker: no proxy enforces circuit breaking yet.
-    let breaker = bed.apply_example::<Breaker>("breaker-pool.yaml").await;
-    let (reason, msg) = bed
-        .condition::<Breaker>(&breaker, "Programmed", "False")
+    // Accepted stays True: the Policy is valid, it is only not applied in full.
+    bed.condition::<Policy>("client-strict", "Accepted", "True")
         .await;
-    assert_eq!(reason, "NotEnforced", "{msg}");
-    assert!(
-        msg.contains("spec.connectionPool: not enforced by weft-proxy"),
-        "{msg}"
-    );
 
-    // The split is still programmed: one resource's gap is not another's.
+    // The Routes are still programmed: one resource's gap is not another's.
     bed.route_programmed(&canary, 1).await;
     op.stop().await;
     bed.cleanup().await;
