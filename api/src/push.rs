@@ -259,6 +259,25 @@ pub mod feature {
     pub const BREAKER_OUTLIER_DETECTION: &str = "breaker.outlierDetection";
     /// A Breaker's connection-pool limits.
     pub const BREAKER_CONNECTION_POOL: &str = "breaker.connectionPool";
+
+    /// The features whose settings travel in the fields [`super::FEATURE_TRAFFIC_POLICY`]
+    /// guards (a service's `route` and `breaker`, and `inbound`): only a proxy that lists
+    /// that protocol feature can have them.
+    pub const TRAFFIC_POLICY: [&str; 13] = [
+        ROUTE_BACKENDS,
+        ROUTE_TIMEOUT,
+        ROUTE_MATCHES,
+        ROUTE_PER_TRY_TIMEOUT,
+        ROUTE_RETRIES,
+        ROUTE_FAULT,
+        ROUTE_MIRROR,
+        ROUTE_REQUEST_HEADERS,
+        ROUTE_RESPONSE_HEADERS,
+        ROUTE_REWRITE,
+        POLICY_RATE_LIMIT,
+        BREAKER_OUTLIER_DETECTION,
+        BREAKER_CONNECTION_POOL,
+    ];
 }
 
 /// What a proxy enforces of the resources of the version it acknowledges: the proxy

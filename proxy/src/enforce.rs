@@ -20,21 +20,7 @@ pub const PROXY_AGENT: &str = concat!("weft-proxy ", env!("CARGO_PKG_VERSION"));
 /// backends, timeouts, retries under a budget, faults, mirrors, header edits, rewrites), a
 /// Breaker's outlier ejection and pool limits, and a Policy's rate limit. Not yet: a Policy's mTLS mode and authorization rules (they come
 /// with mesh identities).
-pub const FEATURES: &[&str] = &[
-    feature::ROUTE_BACKENDS,
-    feature::ROUTE_TIMEOUT,
-    feature::ROUTE_MATCHES,
-    feature::ROUTE_PER_TRY_TIMEOUT,
-    feature::ROUTE_RETRIES,
-    feature::ROUTE_FAULT,
-    feature::ROUTE_MIRROR,
-    feature::ROUTE_REQUEST_HEADERS,
-    feature::ROUTE_RESPONSE_HEADERS,
-    feature::ROUTE_REWRITE,
-    feature::POLICY_RATE_LIMIT,
-    feature::BREAKER_OUTLIER_DETECTION,
-    feature::BREAKER_CONNECTION_POOL,
-];
+pub const FEATURES: &[&str] = &feature::TRAFFIC_POLICY;
 
 /// Whether this proxy has `feature`.
 pub fn has(feature: &str) -> bool {

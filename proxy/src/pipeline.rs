@@ -92,6 +92,20 @@ struct RuleLabels<'a> {
 }
 
 impl<'a> Attempts<'a> {
+    /// The attempts of a request no Route rule takes: to the service's own endpoints,
+    /// under its timeout, with only the always-safe retry of a failed connect.
+    fn plain(service: &'a ServiceState, start: Instant) -> Self {
+        Attempts {
+            target: Pick::Service(service),
+            retry: None,
+            budget: Some(&service.budget),
+            deadline: deadline(start, service.spec.response_timeout),
+            per_try: None,
+            rule: None,
+            response_headers: None,
+        }
+    }
+
     /// One attempt to a fixed endpoint (the local application), with a deadline.
     pub(crate) fn single(
         endpoint: &'a Arc<EndpointState>,
@@ -199,16 +213,7 @@ impl HttpConn {
         x: &mut Exchange<'_>,
     ) -> Response<ProxyBody> {
         let Some(route) = &service.route else {
-            let plan = Attempts {
-                target: Pick::Service(service),
-                retry: None,
-                budget: Some(&service.budget),
-                deadline: deadline(x.start, service.spec.response_timeout),
-                per_try: None,
-                rule: None,
-                response_headers: None,
-            };
-            return self.send(plan, req, x).await;
+            return self.send(Attempts::plain(service, x.start), req, x).await;
         };
         normalize(&mut req);
         let found = {
@@ -230,16 +235,7 @@ impl HttpConn {
             })
         };
         let Some((index, rule, matched)) = found else {
-            let plan = Attempts {
-                target: Pick::Service(service),
-                retry: None,
-                budget: Some(&service.budget),
-                deadline: deadline(x.start, service.spec.response_timeout),
-                per_try: None,
-                rule: None,
-                response_headers: None,
-            };
-            return self.send(plan, req, x).await;
+            return self.send(Attempts::plain(service, x.start), req, x).await;
         };
         let labels = RuleLabels {
             service,

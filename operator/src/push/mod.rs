@@ -392,24 +392,6 @@ struct Sent {
     traffic_policy: bool,
 }
 
-/// The requirement features only a proxy with [`FEATURE_TRAFFIC_POLICY`] can meet: their
-/// settings travel in the fields that feature guards.
-const TRAFFIC_POLICY_FEATURES: [&str; 13] = [
-    feature::ROUTE_BACKENDS,
-    feature::ROUTE_TIMEOUT,
-    feature::ROUTE_MATCHES,
-    feature::ROUTE_PER_TRY_TIMEOUT,
-    feature::ROUTE_RETRIES,
-    feature::ROUTE_FAULT,
-    feature::ROUTE_MIRROR,
-    feature::ROUTE_REQUEST_HEADERS,
-    feature::ROUTE_RESPONSE_HEADERS,
-    feature::ROUTE_REWRITE,
-    feature::POLICY_RATE_LIMIT,
-    feature::BREAKER_OUTLIER_DETECTION,
-    feature::BREAKER_CONNECTION_POOL,
-];
-
 /// A service as a proxy without [`FEATURE_TRAFFIC_POLICY`] may receive it: it would NACK
 /// (as an unknown field) or silently ignore a route, budget or breaker.
 fn strip_traffic_policy(cfg: &ServiceConfig) -> ServiceConfig {
@@ -427,7 +409,7 @@ fn strip_traffic_policy(cfg: &ServiceConfig) -> ServiceConfig {
 fn without_traffic_policy(r: &ResourceRef) -> ResourceRef {
     let mut r = r.clone();
     for req in &mut r.requires {
-        if TRAFFIC_POLICY_FEATURES.contains(&req.feature.as_str()) {
+        if feature::TRAFFIC_POLICY.contains(&req.feature.as_str()) {
             req.feature = FEATURE_TRAFFIC_POLICY.to_owned();
         }
     }
