@@ -34,6 +34,7 @@ pub mod model;
 pub mod requires;
 pub mod services;
 pub mod shared;
+pub mod validate;
 pub mod watch;
 
 use std::{

@@ -389,12 +389,34 @@ pub fn weft_resource(kind: Kind, obj: &kube::api::DynamicObject) -> (ObjectKey, 
             Err(e) => Parsed::Invalid(format!("spec does not parse: {e}")),
         }
     }
-    let object = match kind {
-        Kind::Policy => Object::Policy((meta, parse(spec))),
-        Kind::Breaker => Object::Breaker((meta, parse(spec))),
-        _ => Object::Route((meta, parse(spec))),
-    };
     let key = key_of(obj);
+    // A spec that parses but that a proxy would refuse is invalid too, naming the fields.
+    fn checked<T>(
+        parsed: Parsed<T>,
+        check: impl FnOnce(&T) -> Result<(), Vec<String>>,
+    ) -> Parsed<T> {
+        match parsed {
+            Parsed::Valid(s) => match check(&s) {
+                Ok(()) => Parsed::Valid(s),
+                Err(problems) => Parsed::Invalid(problems.join("; ")),
+            },
+            invalid => invalid,
+        }
+    }
+    let object = match kind {
+        Kind::Policy => Object::Policy((
+            meta,
+            checked(parse(spec), |s| super::validate::policy(&key, s)),
+        )),
+        Kind::Breaker => Object::Breaker((
+            meta,
+            checked(parse(spec), |s| super::validate::breaker(&key, s)),
+        )),
+        _ => Object::Route((
+            meta,
+            checked(parse(spec), |s| super::validate::route(&key, s)),
+        )),
+    };
     if let Object::Route((_, Parsed::Invalid(e)))
     | Object::Policy((_, Parsed::Invalid(e)))
     | Object::Breaker((_, Parsed::Invalid(e))) = &object

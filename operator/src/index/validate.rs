@@ -1,0 +1,93 @@
+//! The proxy's own validation of a resource, run by the operator when the resource is
+//! read: what the API server's schema lets through but a proxy would refuse (a regular
+//! expression that does not compile or is too large, a header edit of `host`, a name set
+//! twice) makes the resource `Accepted=False` here, instead of a config every proxy that
+//! sees the Service refuses whole (NACK), which would freeze all their other updates.
+//!
+//! ```text
+//! RouteSpec ──compile──▶ RouteConfig ──weft_proxy::rules::Route::from_wire──▶ ok | problems
+//! ```
+
+use std::collections::HashMap;
+
+use weft_crds::{BreakerSpec, PolicySpec, RouteSpec};
+
+use super::{compile, model::ObjectKey};
+
+/// Problems a proxy would find in a Route, each naming its field (`spec.rules[0]...`).
+pub fn route(key: &ObjectKey, spec: &RouteSpec) -> Result<(), Vec<String>> {
+    // Every backend and mirror resolves to a service of its own name: whether they exist
+    // is `ResolvedRefs`' concern, not validity's.
+    let config = compile::route(key, spec, 80, |name, port| Some(format!("{name}.{port}")));
+    let services: HashMap<String, usize> = config
+        .rules
+        .iter()
+        .flat_map(|r| {
+            r.backends
+                .iter()
+                .filter_map(|b| b.service.clone())
+                .chain(r.mirror.iter().filter_map(|m| m.service.clone()))
+        })
+        .enumerate()
+        .map(|(i, name)| (name, i))
+        .collect();
+    weft_proxy::rules::Route::from_wire(&config, "spec", &services).map(drop)
+}
+
+/// Problems a proxy would find in a Breaker.
+pub fn breaker(key: &ObjectKey, spec: &BreakerSpec) -> Result<(), Vec<String>> {
+    weft_proxy::breaker::BreakerSpec::from_wire(&compile::breaker(key, spec), "spec").map(drop)
+}
+
+/// Problems a proxy would find in a Policy's rate limit (its other parts are not sent to
+/// proxies yet).
+pub fn policy(key: &ObjectKey, spec: &PolicySpec) -> Result<(), Vec<String>> {
+    match &spec.rate_limit {
+        Some(limit) => weft_proxy::ratelimit::RateLimiter::from_wire(
+            &compile::rate_limit(key, limit),
+            "spec.rateLimit",
+        )
+        .map(drop),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route_spec(rules: serde_json::Value) -> RouteSpec {
+        serde_json::from_value(serde_json::json!({"service": {"name": "web"}, "rules": rules}))
+            .unwrap()
+    }
+
+    #[test]
+    fn what_the_schema_allows_and_a_proxy_refuses_is_named_by_field() {
+        let key = ObjectKey::new("shop", "web");
+        assert_eq!(
+            route(
+                &key,
+                &route_spec(serde_json::json!([{"backends": [{"name": "web"}]}]))
+            ),
+            Ok(())
+        );
+        let bad = route_spec(serde_json::json!([
+            {"matches": [{"path": {"regex": "(unclosed"}}], "backends": [{"name": "web"}]},
+            {"backends": [{"name": "web"}],
+             "requestHeaders": {"set": [{"name": "host", "value": "evil"}]}}
+        ]));
+        let problems = route(&key, &bad).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("spec.rules[0].matches[0].path")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("spec.rules[1].requestHeaders")),
+            "{problems:?}"
+        );
+    }
+}
