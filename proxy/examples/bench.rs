@@ -14,7 +14,7 @@
 //!
 //! To iterate on one figure, `WEFT_BENCH_PARTS` selects parts (comma-separated, from
 //! `rtt,open,max,rss`; default all) and `WEFT_BENCH_PATHS` selects paths by name (from
-//! `direct,weft,chain,haproxy`; default all). The output format stays the same.
+//! `direct,weft,baseline,chain,haproxy`; default all). The output format stays the same.
 //!
 //! The `overload` part measures a Breaker's `maxRequests` under 2× overload: a backend
 //! with a fixed 20 ms service time behind a proxy with `maxRequests: 20` (capacity
@@ -26,6 +26,23 @@
 //! backend per weight, with those endpoint weights, so that its balancer compares two
 //! candidates on every request (the chain's second proxy reads the same config; HAProxy
 //! keeps one backend); unset, one endpoint.
+//!
+//! `WEFT_BENCH_BASELINE=/path/to/weft-proxy` adds the path `baseline`: the single-proxy
+//! setup of `weft` run with that binary instead (for example a release build of the commit
+//! before a change), started with the other proxies and measured right after `weft` for
+//! each protocol, against the same backend with the same load. It reads the same config
+//! without the Route of `WEFT_BENCH_ROUTE` (an older proxy may not know Routes).
+//!
+//! `WEFT_BENCH_ROUTE=N` (1 to 32) gives the single proxy's service a Route of N rules that
+//! all send to the service itself. Rule `i` matches on the path regex
+//! `^/api/v[0-9]+/(orders|rI)/[0-9]+$` and the exact header `x-bench-rule: rI`, and the
+//! load then requests `/api/v1/orders/12345` with `x-bench-rule: rN` on every path. Every
+//! rule's regex matches that path, so only the header tells the rules apart and the last
+//! rule takes the request; each rule before it costs a header comparison, plus a full
+//! regex run where the proxy tries the regex first (since `c2525f0` it tries exact headers
+//! first, so only the last rule's regex runs). `WEFT_BENCH_ROUTE=N:none` sends
+//! `x-bench-rule: none` instead: no rule takes the request, which goes to the service's
+//! own endpoints.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -37,7 +54,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -50,8 +67,22 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
+use weft_api::traffic::{
+    BackendConfig, MatchConfig, PathMatchConfig, RouteConfig, RuleConfig, ValueMatchConfig,
+    ValueMatchKind,
+};
 
 const CONNECTIONS: usize = 16;
+
+/// What the load requests with `WEFT_BENCH_ROUTE`: a path every rule's regex matches.
+const ROUTE_PATH: &str = "/api/v1/orders/12345";
+/// The same target in the absolute form the HTTP/2 client sends.
+const ROUTE_URI_H2: &str = "http://web/api/v1/orders/12345";
+/// The header the Route's rules match on.
+const ROUTE_HEADER: &str = "x-bench-rule";
+/// Set from `WEFT_BENCH_ROUTE`: the `x-bench-rule` value the load sends with
+/// [`ROUTE_PATH`]. Unset: the load requests `/` without it.
+static ROUTE_HIT: OnceLock<String> = OnceLock::new();
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Proto {
@@ -228,16 +259,24 @@ async fn connect(addr: SocketAddr, proto: Proto) -> Conn {
 }
 
 fn request(proto: Proto) -> Request<Empty<Bytes>> {
-    match proto {
-        Proto::H1 => Request::get("/")
-            .header("host", "web")
-            .body(Empty::new())
-            .unwrap(),
-        Proto::H2 => Request::get("http://web/")
-            .version(http::Version::HTTP_2)
-            .body(Empty::new())
-            .unwrap(),
+    let hit = ROUTE_HIT.get();
+    let builder = match proto {
+        Proto::H1 => {
+            Request::get(if hit.is_some() { ROUTE_PATH } else { "/" }).header("host", "web")
+        }
+        Proto::H2 => Request::get(if hit.is_some() {
+            ROUTE_URI_H2
+        } else {
+            "http://web/"
+        })
+        .version(http::Version::HTTP_2),
+    };
+    match hit {
+        Some(value) => builder.header(ROUTE_HEADER, value.as_str()),
+        None => builder,
     }
+    .body(Empty::new())
+    .unwrap()
 }
 
 async fn h1_once(send: &mut H1Sender) -> bool {
@@ -439,15 +478,49 @@ async fn wait_listening(addr: SocketAddr) {
     panic!("{addr} never listened");
 }
 
-fn write_cfg(dir: &Path, name: &str, services: &[(&str, SocketAddr)]) -> PathBuf {
+fn cfg_yaml(services: &[(&str, SocketAddr)]) -> String {
     let mut yaml =
         String::from("apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices:\n");
     for (svc, ep) in services {
         yaml.push_str(&format!("- name: {svc}\n  endpoints:\n  - address: {ep}\n"));
     }
+    yaml
+}
+
+fn write_cfg(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, yaml).unwrap();
     path
+}
+
+/// `WEFT_BENCH_ROUTE`'s Route for service `svc`: `n` rules, each on its own path regex
+/// (all of which match [`ROUTE_PATH`]) and `x-bench-rule` value, each sending to `svc`.
+fn bench_route(svc: &str, n: usize) -> RouteConfig {
+    let rules = (1..=n)
+        .map(|i| RuleConfig {
+            matches: vec![MatchConfig {
+                path: Some(PathMatchConfig::Regex(format!(
+                    "^/api/v[0-9]+/(orders|r{i})/[0-9]+$"
+                ))),
+                headers: vec![ValueMatchConfig {
+                    name: ROUTE_HEADER.into(),
+                    value: format!("r{i}"),
+                    kind: ValueMatchKind::Exact,
+                }],
+                ..MatchConfig::default()
+            }],
+            backends: vec![BackendConfig {
+                service: Some(svc.into()),
+                display: None,
+                weight: 1,
+            }],
+            ..RuleConfig::default()
+        })
+        .collect();
+    RouteConfig {
+        name: "bench/route".into(),
+        rules,
+    }
 }
 
 async fn start_weft(bin: &Path, cfg: &Path, service: &str) -> (Proc, SocketAddr) {
@@ -539,7 +612,8 @@ async fn main() {
         );
     }
 
-    let single_cfg = match std::env::var("WEFT_BENCH_WEIGHTS") {
+    // The single proxy's config (its one service `web`), without a Route.
+    let single_yaml = match std::env::var("WEFT_BENCH_WEIGHTS") {
         Ok(list) => {
             let weights: Vec<u32> = list.split(',').map(|w| w.trim().parse().unwrap()).collect();
             let mut yaml = String::from(
@@ -549,18 +623,39 @@ async fn main() {
                 let ep = if i == 0 { backend } else { start_backend() };
                 yaml.push_str(&format!("  - address: {ep}\n    weight: {w}\n"));
             }
-            let path = dir.path().join("single.yaml");
-            std::fs::write(&path, yaml).unwrap();
-            path
+            yaml
         }
-        Err(_) => write_cfg(dir.path(), "single.yaml", &[("web", backend)]),
+        Err(_) => cfg_yaml(&[("web", backend)]),
+    };
+    let baseline_cfg = write_cfg(dir.path(), "baseline.yaml", &single_yaml);
+    let single_cfg = match std::env::var("WEFT_BENCH_ROUTE") {
+        Ok(spec) => {
+            let (n, hit) = match spec.split_once(':') {
+                Some((n, "none")) => (n, false),
+                None => (spec.as_str(), true),
+                Some(_) => panic!("WEFT_BENCH_ROUTE is N or N:none, not {spec:?}"),
+            };
+            let n: usize = n.trim().parse().unwrap();
+            assert!((1..=32).contains(&n), "WEFT_BENCH_ROUTE: 1 to 32 rules");
+            let value = if hit { format!("r{n}") } else { "none".into() };
+            ROUTE_HIT.set(value).unwrap();
+            // As JSON: serde_yaml spells the Route's enums (the path match) as YAML tags.
+            let mut doc: serde_json::Value = serde_yaml::from_str(&single_yaml).unwrap();
+            doc["services"][0]["route"] = serde_json::to_value(bench_route("web", n)).unwrap();
+            write_cfg(dir.path(), "single.json", &doc.to_string())
+        }
+        Err(_) => write_cfg(dir.path(), "single.yaml", &single_yaml),
     };
     let (single, single_addr) = start_weft(&bin, &single_cfg, "web").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss = rss_kib(single.child.id());
+    let baseline = match std::env::var_os("WEFT_BENCH_BASELINE") {
+        Some(other) => Some(start_weft(Path::new(&other), &baseline_cfg, "web").await),
+        None => None,
+    };
     // Chain: client → sidecar 1 → sidecar 2 → backend.
     let (chain2, chain2_addr) = start_weft(&bin, &single_cfg, "web").await;
-    let hop_cfg = write_cfg(dir.path(), "hop.yaml", &[("hop", chain2_addr)]);
+    let hop_cfg = write_cfg(dir.path(), "hop.yaml", &cfg_yaml(&[("hop", chain2_addr)]));
     let (chain1, chain1_addr) = start_weft(&bin, &hop_cfg, "hop").await;
     let haproxy = start_haproxy(dir.path(), backend).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -570,6 +665,9 @@ async fn main() {
     for proto in [Proto::H1, Proto::H2] {
         targets.push(("direct", proto, backend));
         targets.push(("weft", proto, single_addr));
+        if let Some((_, addr)) = &baseline {
+            targets.push(("baseline", proto, *addr));
+        }
         targets.push(("weft chain (2 proxies)", proto, chain1_addr));
         if let Some((_, h1, h2)) = &haproxy {
             targets.push(("haproxy", proto, if proto == Proto::H1 { *h1 } else { *h2 }));
@@ -624,9 +722,11 @@ async fn main() {
     };
     let weft_pid = single.child.id();
     let haproxy_pid = haproxy.as_ref().map(|(p, _, _)| p.child.id());
+    let baseline_pid = baseline.as_ref().map(|(p, _)| p.child.id());
     for (name, proto, addr) in max_targets {
         let pid = match *name {
             "weft" => Some(weft_pid),
+            "baseline" => baseline_pid,
             "haproxy" => haproxy_pid,
             _ => None,
         };
@@ -651,7 +751,7 @@ async fn main() {
     }
 
     if !selected("WEFT_BENCH_PARTS", "rss") {
-        drop((chain1, chain2, single));
+        drop((chain1, chain2, single, baseline));
         return;
     }
     // RSS with 1,000 open connections, each having carried one HTTP/1.1 request.
@@ -690,5 +790,5 @@ async fn main() {
     );
     print!("{haproxy_rss}");
     drop(held);
-    drop((chain1, chain2, single));
+    drop((chain1, chain2, single, baseline));
 }
