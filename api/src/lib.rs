@@ -4,6 +4,7 @@
 //! into these types, the proxy converts them into its runtime state.
 
 pub mod duration;
+pub mod identity;
 pub mod proxy_config;
 pub mod proxy_status;
 pub mod push;

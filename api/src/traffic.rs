@@ -373,6 +373,98 @@ pub struct InboundConfig {
     /// The rate limit on requests to the workload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitConfig>,
+    /// Which transports clients may use. Absent: `permissive` (the mesh default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsMode>,
+    /// Authorization: every policy applies; a request any `deny` rule matches is denied,
+    /// else one an `allow` rule matches is allowed, else it is denied if any policy's
+    /// default is `deny`. Empty: everything is allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization: Vec<AuthorizationConfig>,
+}
+
+/// Which transports the inbound side accepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MtlsMode {
+    /// Only mutual TLS with a mesh identity.
+    Strict,
+    /// Mutual TLS or plain text (plain-text clients are unauthenticated).
+    #[default]
+    Permissive,
+    /// Plain text only; clients do not originate mTLS to this workload.
+    Disabled,
+}
+
+/// One compiled Policy's authorization.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationConfig {
+    /// The Policy, as `namespace/name`: named in denials (`weft-error`, logs, metrics).
+    pub name: String,
+    /// What a request no rule matches gets.
+    pub default_action: AuthzAction,
+    /// The rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<AuthzRuleConfig>,
+    /// Log and count what would be denied, and let it through.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+/// Allow or deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthzAction {
+    /// Let the request through.
+    Allow,
+    /// Refuse it: HTTP 403 (gRPC PERMISSION_DENIED), or a closed connection for opaque TCP.
+    Deny,
+}
+
+/// One rule: it matches when any `from` entry and any `to` entry match (empty: any).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzRuleConfig {
+    /// Allow or deny.
+    pub action: AuthzAction,
+    /// Clients.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<AuthzSourceConfig>,
+    /// Ports, paths and methods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<AuthzDestinationConfig>,
+}
+
+/// A set of clients; a client matches if it matches any field.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzSourceConfig {
+    /// Exact SPIFFE IDs (ServiceAccounts are compiled into these).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+    /// SPIFFE ID prefixes, such as `spiffe://cluster.local/ns/monitoring/sa/` for a
+    /// namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identity_prefixes: Vec<String>,
+    /// Clients without a mesh identity (plain text).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unauthenticated: bool,
+}
+
+/// Requests a rule applies to; every field that is set must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzDestinationConfig {
+    /// Workload ports. Empty: every port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// Request paths, matched after normalization (HTTP only). Empty: every path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathMatchConfig>,
+    /// Request methods (HTTP only). Empty: every method.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
 }
 
 /// A token bucket on inbound requests.

@@ -117,7 +117,7 @@ async fn deployment_gets_pods_and_service_gets_endpoint_slices() {
             .await
             .unwrap();
         // Documentation range (RFC 5737): the address is only data in the API, never dialled.
-        let ip = format!("198.51.100.{}", 10 + i);
+        let ip = format!("198.18.240.{}", 10 + i);
         let status = json!({"status": {
             "phase": "Running",
             "podIP": ip,

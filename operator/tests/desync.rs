@@ -67,14 +67,14 @@ async fn the_index_converges_after_the_api_server_restarts_and_changes_were_miss
     let bed = Bed::with_client(client.clone(), "desync").await;
     let ns = bed.ns.clone();
     bed.service_account("client").await;
-    service_with_endpoint(&client, &ns, "web", "198.51.100.70").await;
-    service_with_endpoint(&client, &ns, "gone", "198.51.100.71").await;
+    service_with_endpoint(&client, &ns, "web", "198.18.240.70").await;
+    service_with_endpoint(&client, &ns, "gone", "198.18.240.71").await;
     bed.route(
         "web",
         json!({"service": {"name": "web"}, "rules": [{"backends": [{"name": "web"}], "timeout": "3s"}]}),
     )
     .await;
-    let pod = bed.pod("client", "client", "client", "198.51.100.72").await;
+    let pod = bed.pod("client", "client", "client", "198.18.240.72").await;
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -105,7 +105,7 @@ async fn the_index_converges_after_the_api_server_restarts_and_changes_were_miss
         .delete("gone", &DeleteParams::default())
         .await
         .unwrap();
-    service_with_endpoint(&other, &ns, "new", "198.51.100.73").await;
+    service_with_endpoint(&other, &ns, "new", "198.18.240.73").await;
     let route = Bed {
         client: other.clone(),
         ns: ns.clone(),
@@ -137,7 +137,7 @@ async fn the_index_converges_after_the_api_server_restarts_and_changes_were_miss
             .map(|s| s.1.clone())
             .unwrap_or_default();
         ensure!(
-            new_endpoints == ["198.51.100.73:8080"],
+            new_endpoints == ["198.18.240.73:8080"],
             "{new}: endpoints {new_endpoints:?}"
         );
         let timeout = services

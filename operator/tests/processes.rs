@@ -105,7 +105,7 @@ async fn proxy_processes_lose_no_request_while_the_operator_process_is_killed_an
                 &format!("client-{i}"),
                 "client",
                 "client",
-                &format!("198.51.100.6{i}"),
+                &format!("198.18.240.6{i}"),
             )
             .await;
         let p = ProxyProc::start(&bed, push, &pod, &web, dir.path()).await;

@@ -43,9 +43,9 @@ async fn subscribers_get_their_config_and_a_route_change_is_programmed_everywher
         bed.service_account(sa).await;
     }
     bed.service("web", "web").await;
-    let _web0 = bed.pod("web-0", "web", "web", "198.51.100.10").await;
-    let web1 = bed.pod("web-1", "web", "web", "198.51.100.11").await;
-    let client_pod = bed.pod("client", "client", "client", "198.51.100.20").await;
+    let _web0 = bed.pod("web-0", "web", "web", "198.18.240.10").await;
+    let web1 = bed.pod("web-1", "web", "web", "198.18.240.11").await;
+    let client_pod = bed.pod("client", "client", "client", "198.18.240.20").await;
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -61,7 +61,7 @@ async fn subscribers_get_their_config_and_a_route_change_is_programmed_everywher
             .find(|(n, _, _)| *n == web_svc)
             .ok_or_else(|| anyhow!("no {web_svc} yet: {services:?}"))?;
         ensure!(
-            found.1 == vec!["198.51.100.10:8080", "198.51.100.11:8080"],
+            found.1 == vec!["198.18.240.10:8080", "198.18.240.11:8080"],
             "endpoints {:?}",
             found.1
         );
@@ -150,7 +150,7 @@ async fn subscribers_get_their_config_and_a_route_change_is_programmed_everywher
         let services = client.services();
         let found = services.iter().find(|(n, _, _)| *n == web_svc).unwrap();
         ensure!(
-            found.1 == vec!["198.51.100.11:8080"],
+            found.1 == vec!["198.18.240.11:8080"],
             "endpoints {:?}",
             found.1
         );
@@ -230,7 +230,7 @@ async fn programmed_is_true_only_for_what_the_proxies_enforce() {
             .await
             .unwrap();
     }
-    let pod = bed.pod("client", "client", "client", "198.51.100.50").await;
+    let pod = bed.pod("client", "client", "client", "198.18.240.50").await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let op = Operator::start(&bed, listener).await;
@@ -352,7 +352,7 @@ async fn a_rejected_config_shows_in_status_and_the_proxy_keeps_its_last_good_ver
     let ns = bed.ns.clone();
     bed.service_account("client").await;
     bed.service("web", "web").await;
-    let pod = bed.pod("client", "client", "client", "198.51.100.30").await;
+    let pod = bed.pod("client", "client", "client", "198.18.240.30").await;
     bed.route(
         "web",
         json!({"service": {"name": "web"}, "rules": [{"backends": [{"name": "web"}]}]}),
@@ -413,8 +413,8 @@ async fn a_subscriber_with_a_token_for_another_service_account_is_refused() {
     for sa in ["a", "b"] {
         bed.service_account(sa).await;
     }
-    let pod_a = bed.pod("pod-a", "a", "a", "198.51.100.40").await;
-    let pod_b = bed.pod("pod-b", "b", "b", "198.51.100.41").await;
+    let pod_a = bed.pod("pod-a", "a", "a", "198.18.240.40").await;
+    let pod_b = bed.pod("pod-b", "b", "b", "198.18.240.41").await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let op = Operator::start(&bed, listener).await;
@@ -465,7 +465,7 @@ async fn two_replicas_serve_proxies_one_writes_status_counting_both_and_the_othe
                 &format!("client-{i}"),
                 "client",
                 "client",
-                &format!("198.51.100.8{i}"),
+                &format!("198.18.240.8{i}"),
             )
             .await;
         // One proxy streams from each replica.

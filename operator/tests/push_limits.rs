@@ -93,7 +93,7 @@ async fn bad_tokens_cost_one_token_review_and_a_flood_is_refused_while_a_proxy_c
     let bed = Bed::new("push-limits").await;
     bed.service_account("client").await;
     bed.service("web", "web").await;
-    let pod = bed.pod("client", "client", "client", "198.51.100.90").await;
+    let pod = bed.pod("client", "client", "client", "198.18.240.90").await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let client = bed.client.clone();
@@ -195,8 +195,8 @@ async fn a_subscriber_that_stops_acknowledging_is_cut_off_counted_and_resynced()
         bed.service_account(sa).await;
     }
     bed.service("web", "web").await;
-    let pod = bed.pod("client", "client", "client", "198.51.100.91").await;
-    let other = bed.pod("other", "other", "other", "198.51.100.92").await;
+    let pod = bed.pod("client", "client", "client", "198.18.240.91").await;
+    let other = bed.pod("other", "other", "other", "198.18.240.92").await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let ack_timeout = Duration::from_secs(1);

@@ -169,7 +169,7 @@ async fn a_route_split_moves_traffic_within_a_second_and_deleting_it_restores_it
     service_to(&rig.bed, "web-b", b).await;
     let mut proxies = Vec::new();
     for i in 0..2 {
-        let ip = format!("198.51.100.8{i}");
+        let ip = format!("198.18.240.8{i}");
         proxies.push(
             rig.proxy(&format!("client-{i}"), "client", &ip, "web", "a")
                 .await,
@@ -288,7 +288,7 @@ async fn a_breaker_pool_limit_answers_overloaded_under_concurrency_until_it_is_d
     let (slow, _host) = backend_answering("slow", Duration::from_millis(500)).await;
     service_to(&rig.bed, "web", slow).await;
     let p = rig
-        .proxy("client-0", "client", "198.51.100.90", "web", "slow")
+        .proxy("client-0", "client", "198.18.240.90", "web", "slow")
         .await;
 
     let breaker: Breaker = serde_json::from_value(json!({
@@ -351,11 +351,11 @@ async fn a_rate_limit_answers_429_on_the_pods_it_targets_until_it_is_deleted() {
     let (a, _host) = backend().await;
     service_to(&rig.bed, "web", a).await;
     let limited = rig
-        .proxy_with_app("web-0", "web", "198.51.100.95", "web", "hello", Some(a))
+        .proxy_with_app("web-0", "web", "198.18.240.95", "web", "hello", Some(a))
         .await;
     let limited_inbound = limited.inbound.unwrap();
     let other = rig
-        .proxy("client-0", "client", "198.51.100.96", "web", "hello")
+        .proxy("client-0", "client", "198.18.240.96", "web", "hello")
         .await;
 
     // Plain text and allow-all, so the rate limit is all this Policy enforces.

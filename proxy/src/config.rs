@@ -247,6 +247,16 @@ impl Config {
             }
         }
         let services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
+        if let Some(inbound) = &raw.inbound
+            && (inbound.mtls.is_some() || !inbound.authorization.is_empty())
+        {
+            // Not enforced yet: refused rather than ignored (the operator does not send
+            // them to this proxy).
+            problems.push(format!(
+                "inbound: mtls and authorization are not enforced by {}",
+                crate::enforce::PROXY_AGENT
+            ));
+        }
         let inbound_rate_limit = raw.inbound.as_ref().and_then(|i| i.rate_limit.as_ref());
         if let Some(limit) = inbound_rate_limit
             && let Err(p) = crate::ratelimit::RateLimiter::from_wire(limit, "inbound.rateLimit")

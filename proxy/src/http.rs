@@ -87,6 +87,9 @@ pub struct HttpConn {
     pub(crate) tunnel: Mutex<Option<Tunnel>>,
     /// The client's address, which a per-client rate limit counts by.
     pub client: Option<std::net::IpAddr>,
+    /// The client's mesh identity (SPIFFE ID) when the connection is mutual TLS with a
+    /// verified client certificate; `None` for plain text (an unauthenticated client).
+    pub client_identity: Option<Arc<str>>,
 }
 
 impl HttpConn {
@@ -109,7 +112,14 @@ impl HttpConn {
             fixed_metrics: OnceLock::new(),
             tunnel: Mutex::new(None),
             client: None,
+            client_identity: None,
         }
+    }
+
+    /// The same, for a client that presented mesh identity `identity` over mutual TLS.
+    pub fn with_client_identity(mut self, identity: Arc<str>) -> Self {
+        self.client_identity = Some(identity);
+        self
     }
 
     /// The same, for a connection from `client`.

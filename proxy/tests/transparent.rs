@@ -505,7 +505,7 @@ async fn admin_config_is_served_to_loopback_peers_only() {
     let cfg = dir.path().join("sidecar.yaml");
     write_config(
         &cfg,
-        &config(&[("web", &["198.51.100.3:80".parse().unwrap()])]),
+        &config(&[("web", &["198.18.240.3:80".parse().unwrap()])]),
     );
     set_mode(&cfg, 0o644);
     let _sidecar = spawn_in_pod(
@@ -536,12 +536,12 @@ async fn admin_config_is_served_to_loopback_peers_only() {
 
     let out = pod_bash(&ns, &admin_get(local, "/config")).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert!(out.contains("198.51.100.3:80"), "{out}");
+    assert!(out.contains("198.18.240.3:80"), "{out}");
 
     let out = pod_bash(&ns, &admin_get(&remote, "/config")).await;
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
     assert!(out.contains("loopback clients only"), "{out}");
-    assert!(!out.contains("198.51.100.3"), "{out}");
+    assert!(!out.contains("198.18.240.3"), "{out}");
     // What the kubelet and Prometheus need stays open to them.
     for path in ["/live", "/ready", "/metrics"] {
         let out = pod_bash(&ns, &admin_get(&remote, path)).await;

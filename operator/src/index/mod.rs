@@ -787,6 +787,7 @@ impl Index {
         }
         view.inbound = limit.map(|(key, _, rl)| InboundConfig {
             rate_limit: Some(compile::rate_limit(key, rl)),
+            ..InboundConfig::default()
         });
         Some(view)
     }

@@ -963,6 +963,7 @@ mod tests {
                 per: Default::default(),
                 dry_run: false,
             }),
+            ..InboundConfig::default()
         });
         v
     }
