@@ -20,6 +20,8 @@ pub struct PodOptions {
     pub inbound_loopback_ports: Vec<PortRange>,
     /// Proxy resources after annotation overrides.
     pub resources: super::ProxyResources,
+    /// The access-log format (`json` or `text`), when the pod asks for one.
+    pub access_log: Option<&'static str>,
 }
 
 /// A port or an inclusive range of ports.
@@ -77,6 +79,17 @@ impl PodOptions {
                 get(keys::INBOUND_LOOPBACK_PORTS),
             )?,
             resources,
+            access_log: match get(keys::ACCESS_LOG) {
+                None => None,
+                Some("json") => Some("json"),
+                Some("text") => Some("text"),
+                Some(other) => {
+                    return Err(InjectError::BadAnnotation {
+                        key: keys::ACCESS_LOG,
+                        reason: format!("{other:?} is not json or text"),
+                    });
+                }
+            },
         })
     }
 }
@@ -208,6 +221,7 @@ mod tests {
             (keys::PROXY_MEMORY_LIMIT, "lots"),
             (keys::OPAQUE_PORTS, "mysql"),
             (keys::INBOUND_LOOPBACK_PORTS, "0"),
+            (keys::ACCESS_LOG, "yaml"),
         ] {
             let err = opts(&[(key, value)]).unwrap_err();
             assert!(

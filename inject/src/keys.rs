@@ -26,6 +26,9 @@ pub const OPAQUE_PORTS: &str = "weft.dev/opaque-ports";
 /// Pod annotation: the pod's own ports that the proxy forwards inbound connections to on
 /// loopback rather than on the pod's address (for an app listening on localhost only).
 pub const INBOUND_LOOPBACK_PORTS: &str = "weft.dev/inbound-loopback-ports";
+/// Pod annotation: `json` or `text` turns on the proxy's access log (one line per HTTP
+/// request on its stdout); absent, no access log.
+pub const ACCESS_LOG: &str = "weft.dev/access-log";
 
 /// Pod annotation: the proxy's CPU request (a Kubernetes quantity).
 pub const PROXY_CPU_REQUEST: &str = "weft.dev/proxy-cpu-request";
@@ -65,6 +68,8 @@ pub mod env {
     pub const INBOUND_LOOPBACK_PORTS: &str = "WEFT_INBOUND_LOOPBACK_PORTS";
     /// The proxy's log filter.
     pub const LOG: &str = "WEFT_LOG";
+    /// The proxy's access-log format (`json` or `text`).
+    pub const ACCESS_LOG: &str = "WEFT_ACCESS_LOG";
     /// Where the proxy's outbound listener binds: the port `init` redirects outbound to.
     pub const OUTBOUND_ADDR: &str = "WEFT_OUTBOUND_ADDR";
     /// Where the proxy's inbound listener binds: the port `init` redirects inbound to.

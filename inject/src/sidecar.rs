@@ -144,6 +144,9 @@ pub fn proxy_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
             join(&opts.inbound_loopback_ports),
         ));
     }
+    if let Some(format) = opts.access_log {
+        env.push(value(keys::env::ACCESS_LOG, format.to_owned()));
+    }
     let r = &opts.resources;
     Container {
         name: keys::PROXY_CONTAINER.to_owned(),
@@ -242,6 +245,7 @@ mod tests {
         let annotations = [
             (keys::OPAQUE_PORTS, "3306"),
             (keys::INBOUND_LOOPBACK_PORTS, "9090"),
+            (keys::ACCESS_LOG, "json"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -262,6 +266,7 @@ mod tests {
                 keys::env::ADMIN_ADDR,
                 keys::env::OPAQUE_PORTS,
                 keys::env::INBOUND_LOOPBACK_PORTS,
+                keys::env::ACCESS_LOG,
             ]
         );
         let value = |name: &str| {
@@ -274,6 +279,7 @@ mod tests {
             value(keys::env::INBOUND_LOOPBACK_PORTS).as_deref(),
             Some("9090")
         );
+        assert_eq!(value(keys::env::ACCESS_LOG).as_deref(), Some("json"));
 
         // Without the annotations, neither list is set (the proxy's defaults: none).
         let plain = proxy_container(&cfg, &PodOptions::default()).env.unwrap();

@@ -42,6 +42,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    access_log::{self, AccessLog},
     detect::Protocol,
     errors::{ERROR_HEADER, ErrorCode},
     limits::{Limit, Limits},
@@ -90,6 +91,8 @@ pub struct HttpConn {
     /// The client's mesh identity (SPIFFE ID) when the connection is mutual TLS with a
     /// verified client certificate; `None` for plain text (an unauthenticated client).
     pub client_identity: Option<Arc<str>>,
+    /// Where each request's access-log line goes, when the pod asked for them.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 impl HttpConn {
@@ -113,7 +116,14 @@ impl HttpConn {
             tunnel: Mutex::new(None),
             client: None,
             client_identity: None,
+            access_log: None,
         }
+    }
+
+    /// The same, writing an access-log line per request to `log`.
+    pub fn with_access_log(mut self, log: Arc<AccessLog>) -> Self {
+        self.access_log = Some(log);
+        self
     }
 
     /// The same, for a client that presented mesh identity `identity` over mutual TLS.
@@ -391,8 +401,71 @@ impl HttpConn {
     }
 
     /// Proxies one request: the checks every request gets, then the stages of
-    /// [`crate::pipeline`].
-    pub async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    /// [`crate::pipeline`]; with an access log, one line per request once its response
+    /// body has been sent.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let Some(log) = &self.access_log else {
+            return self.handle_request(req, None).await;
+        };
+        let started = Instant::now();
+        let uri = req.uri();
+        let entry = access_log::Entry {
+            start: access_log::Timestamp(std::time::SystemTime::now()),
+            direction: self.direction.as_str(),
+            source_identity: self.client_identity.clone(),
+            source_addr: self.client,
+            method: req.method().to_string(),
+            authority: uri
+                .authority()
+                .map(|a| a.as_str().to_owned())
+                .or_else(|| {
+                    req.headers()
+                        .get(HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default(),
+            path: uri.path().to_owned(),
+            trace_id: access_log::trace_id(req.headers()),
+            ..access_log::Entry::default()
+        };
+        let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut trail = access_log::Trail::default();
+        let mut resp = self
+            .handle_request(req, Some((&mut trail, bytes_in.clone())))
+            .await;
+        let mut pending = access_log::Pending {
+            entry,
+            started,
+            log: log.clone(),
+            bytes_in: Some(bytes_in),
+        };
+        pending.entry.status = resp.status().as_u16();
+        pending.entry.reason = resp
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        pending.entry.attempts = trail.attempts;
+        pending.entry.upstream = trail.upstream;
+        pending.entry.destination_identity = trail.destination_identity;
+        match resp.body_mut() {
+            Either::Left(tracked) => tracked.log = Some(Box::new(pending)),
+            Either::Right(full) => pending.finish(full.size_hint().exact().unwrap_or(0)),
+        }
+        resp
+    }
+
+    /// [`HttpConn::handle`] without the access log; `trail` collects what the line needs.
+    async fn handle_request(
+        &self,
+        mut req: Request<Incoming>,
+        trail: Option<(&mut access_log::Trail, Arc<std::sync::atomic::AtomicU64>)>,
+    ) -> Response<ProxyBody> {
+        let (trail, bytes_in) = match trail {
+            Some((t, n)) => (Some(t), Some(n)),
+            None => (None, None),
+        };
         let start = Instant::now();
         let grpc = is_grpc(&req);
         let dest = match self.resolve() {
@@ -442,7 +515,11 @@ impl HttpConn {
         let exempt = grpc && parts.version == Version::HTTP_2;
         let idle = (!exempt && !body.is_end_stream())
             .then(|| (self.limits.request_body_idle_timeout, self.metrics.clone()));
-        let request = Request::from_parts(parts, RequestBody::new(body, idle));
+        let mut body = RequestBody::new(body, idle);
+        if let Some(n) = bytes_in {
+            body = body.counting(n);
+        }
+        let request = Request::from_parts(parts, body);
         let mut exchange = Exchange {
             start,
             grpc,
@@ -450,6 +527,7 @@ impl HttpConn {
             upgrade,
             connect,
             on_upgrade,
+            trail,
         };
         match &dest {
             Dest::Fixed(endpoint) => {
@@ -715,6 +793,10 @@ pub struct TrackedBody {
     /// The request's deadline, when its service has a timeout (one allocation then, none
     /// otherwise), with what counts its expiry.
     pub(crate) deadline: Option<(Pin<Box<tokio::time::Sleep>>, Arc<Metrics>, Direction)>,
+    /// The request's access-log line, written when the body ends or is dropped.
+    pub(crate) log: Option<Box<access_log::Pending>>,
+    /// Body bytes sent so far (counted only with an access log).
+    pub(crate) bytes: u64,
 }
 
 /// Why a response body ended early.
@@ -730,6 +812,9 @@ pub enum ResponseBodyError {
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
+        if let Some(line) = self.log.take() {
+            line.finish(self.bytes);
+        }
         // A body dropped before its end leaves the connection mid-response: hyper closes
         // it, so it must not go back to the pool.
         if (self.ended || self.inner.is_end_stream())
@@ -759,8 +844,12 @@ impl Body for TrackedBody {
             return Poll::Ready(Some(Err(ResponseBodyError::Deadline)));
         }
         let frame = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = frame {
-            self.ended = true;
+        match &frame {
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Ok(f))) if self.log.is_some() => {
+                self.bytes += f.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            _ => {}
         }
         frame.map(|f| f.map(|r| r.map_err(ResponseBodyError::from)))
     }
@@ -784,6 +873,8 @@ impl Body for TrackedBody {
 pub struct RequestBody {
     inner: BodyInner,
     idle: Option<IdleTimer>,
+    /// Data bytes read from the client, for the access log.
+    counted: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 #[derive(Debug)]
@@ -815,7 +906,14 @@ impl RequestBody {
                 sleep: None,
                 armed: false,
             }),
+            counted: None,
         }
+    }
+
+    /// The same body, adding the data bytes it reads from the client to `n`.
+    pub fn counting(mut self, n: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.counted = Some(n);
+        self
     }
 
     /// A body that was read whole.
@@ -823,6 +921,7 @@ impl RequestBody {
         RequestBody {
             inner: BodyInner::Buffered((!bytes.is_empty()).then_some(bytes)),
             idle: None,
+            counted: None,
         }
     }
 }
@@ -869,6 +968,10 @@ impl Body for RequestBody {
             Poll::Ready(frame) => {
                 if let Some(idle) = this.idle.as_mut() {
                     idle.armed = false;
+                }
+                if let (Some(n), Some(Ok(f))) = (&this.counted, &frame) {
+                    let len = f.data_ref().map_or(0, |d| d.len() as u64);
+                    n.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
                 }
                 Poll::Ready(frame.map(|f| f.map_err(RequestBodyError::Client)))
             }

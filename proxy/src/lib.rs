@@ -20,6 +20,7 @@ use std::sync::{Arc, atomic::AtomicBool};
 
 use tokio_util::sync::CancellationToken;
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod breaker;
@@ -78,6 +79,8 @@ pub struct Proxy {
     pub(crate) before_config_logged: AtomicBool,
     /// Limits on what peers control.
     pub limits: limits::Limits,
+    /// The access log, when this pod asked for one (set once, at startup).
+    pub access_log: std::sync::OnceLock<Arc<access_log::AccessLog>>,
 }
 
 impl Proxy {
@@ -116,6 +119,7 @@ impl Proxy {
             before_config,
             before_config_logged: AtomicBool::new(false),
             limits,
+            access_log: std::sync::OnceLock::new(),
         })
     }
 }

@@ -137,6 +137,10 @@ struct RunArgs {
     /// `weft.dev/inbound-loopback-ports`.
     #[arg(long, env = "WEFT_INBOUND_LOOPBACK_PORTS", default_value = "")]
     inbound_loopback_ports: PortSet,
+    /// Writes one access-log line per HTTP request to stdout, as `json` or `text`. Off
+    /// when unset. Set by the injector from the pod annotation `weft.dev/access-log`.
+    #[arg(long, env = "WEFT_ACCESS_LOG")]
+    access_log: Option<weft_proxy::access_log::Format>,
     /// Runtime worker threads. Every pod pays for them; one suits most sidecars.
     #[arg(long, env = "WEFT_WORKERS", default_value = "1")]
     workers: NonZeroUsize,
@@ -371,6 +375,15 @@ async fn serve(
         loopback: args.inbound_loopback_ports.clone(),
     };
     let proxy = Proxy::with_local(limits, args.before_config, local);
+    if let Some(format) = args.access_log {
+        let log = weft_proxy::access_log::AccessLog::start(
+            format,
+            Box::new(std::io::stdout()),
+            proxy.metrics.access_log_lines.clone(),
+            proxy.metrics.access_log_dropped.clone(),
+        )?;
+        let _ = proxy.access_log.set(log);
+    }
     if let Some(initial) = initial {
         proxy.store.apply(initial)?;
     }

@@ -185,6 +185,10 @@ pub struct Metrics {
     config_rejected: Counter,
     /// What Routes, retry budgets, faults, mirrors and rate limits did.
     pub traffic: TrafficMetrics,
+    /// Access-log lines written.
+    pub access_log_lines: Counter,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -221,6 +225,8 @@ impl Metrics {
             breaker_ejections: Family::default(),
             breaker_overloaded: Family::default(),
             traffic: TrafficMetrics::new(dry_run_decisions.clone()),
+            access_log_lines: Counter::default(),
+            access_log_dropped: Counter::default(),
             dry_run_decisions,
             config_generation: Gauge::default(),
             config_last_update: Gauge::default(),
@@ -229,6 +235,16 @@ impl Metrics {
             registry: Registry::default(),
         };
         m.traffic.register(&mut registry);
+        registry.register(
+            "access_log_lines",
+            "Access-log lines written",
+            m.access_log_lines.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer fell behind (the request path never waits for it)",
+            m.access_log_dropped.clone(),
+        );
         registry.register(
             "requests",
             "HTTP requests received, by direction and destination service",

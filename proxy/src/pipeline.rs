@@ -65,6 +65,8 @@ pub(crate) struct Exchange<'a> {
     pub upgrade: bool,
     pub connect: bool,
     pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// What the access log needs to know of the attempts, when there is one.
+    pub trail: Option<&'a mut crate::access_log::Trail>,
 }
 
 /// Where attempts go and under which rules.
@@ -510,6 +512,16 @@ impl HttpConn {
                     None => return self.fail(x.labels, ErrorCode::NoEndpoints, x.grpc, x.start),
                 },
             };
+            if let Some(trail) = x.trail.as_deref_mut() {
+                trail.attempts += 1;
+                trail.upstream = Some(endpoint.addr);
+                trail.destination_identity = match plan.target {
+                    Pick::Service(s) => {
+                        s.spec.endpoints.get(index).and_then(|e| e.identity.clone())
+                    }
+                    Pick::Fixed(_) => None,
+                };
+            }
             let in_flight = endpoint.start();
             let sent = Instant::now();
             let try_deadline = match (plan.deadline, plan.per_try) {
@@ -702,6 +714,8 @@ impl HttpConn {
                 _in_flight: in_flight,
                 lease,
                 ended: false,
+                log: None,
+                bytes: 0,
                 deadline: deadline.map(|d| {
                     (
                         Box::pin(tokio::time::sleep_until(d)),

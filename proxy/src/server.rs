@@ -203,6 +203,9 @@ async fn handle(
             if let Some(peer) = peer {
                 conn = conn.with_client(peer.ip());
             }
+            if let Some(log) = proxy.access_log.get() {
+                conn = conn.with_access_log(log.clone());
+            }
             let conn = Arc::new(conn);
             crate::http::serve(io, protocol, conn, shutdown).await;
         }

@@ -423,6 +423,7 @@ fn every_variable_the_injector_sets_is_a_proxy_setting() {
         "WEFT_ADMIN_ADDR",
         "WEFT_OPAQUE_PORTS",
         "WEFT_INBOUND_LOOPBACK_PORTS",
+        "WEFT_ACCESS_LOG",
     ] {
         assert!(
             help.contains(&format!("[env: {var}=")),
