@@ -33,6 +33,10 @@
 //! each protocol, against the same backend with the same load. It reads the same config
 //! without the Route of `WEFT_BENCH_ROUTE` (an older proxy may not know Routes).
 //!
+//! `WEFT_BENCH_ACCESS_LOG=json` (or `text`) runs the `weft` path's proxy with its access
+//! log on (lines written to a discarded stdout); with `WEFT_BENCH_BASELINE` set to the same
+//! binary, `baseline` is the same proxy with the log off, measured in the same run.
+//!
 //! `WEFT_BENCH_ROUTE=N` (1 to 32) gives the single proxy's service a Route of N rules that
 //! all send to the service itself. Rule `i` matches on the path regex
 //! `^/api/v[0-9]+/(orders|rI)/[0-9]+$` and the exact header `x-bench-rule: rI`, and the
@@ -524,6 +528,15 @@ fn bench_route(svc: &str, n: usize) -> RouteConfig {
 }
 
 async fn start_weft(bin: &Path, cfg: &Path, service: &str) -> (Proc, SocketAddr) {
+    start_weft_with(bin, cfg, service, &[]).await
+}
+
+async fn start_weft_with(
+    bin: &Path,
+    cfg: &Path,
+    service: &str,
+    extra: &[String],
+) -> (Proc, SocketAddr) {
     let listen = free_addr().await;
     let admin = free_addr().await;
     let child = Command::new(bin)
@@ -534,7 +547,10 @@ async fn start_weft(bin: &Path, cfg: &Path, service: &str) -> (Proc, SocketAddr)
         .arg(format!("{listen}={service}"))
         .arg("--admin-addr")
         .arg(admin.to_string())
+        .args(extra)
         .stdin(Stdio::null())
+        // Access-log lines, when on, go to stdout: written, then discarded.
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     wait_listening(listen).await;
@@ -646,7 +662,12 @@ async fn main() {
         }
         Err(_) => write_cfg(dir.path(), "single.yaml", &single_yaml),
     };
-    let (single, single_addr) = start_weft(&bin, &single_cfg, "web").await;
+    // `WEFT_BENCH_ACCESS_LOG=json|text` turns the access log on for the `weft` path only,
+    // so that `baseline` pointing at the same binary measures it off in the same run.
+    let access_log: Vec<String> = std::env::var("WEFT_BENCH_ACCESS_LOG")
+        .map(|f| vec!["--access-log".to_owned(), f])
+        .unwrap_or_default();
+    let (single, single_addr) = start_weft_with(&bin, &single_cfg, "web", &access_log).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss = rss_kib(single.child.id());
     let baseline = match std::env::var_os("WEFT_BENCH_BASELINE") {
