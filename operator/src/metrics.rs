@@ -221,3 +221,98 @@ impl Metrics {
         let _ = self.extra.set(registry);
     }
 }
+
+#[cfg(test)]
+mod docs_tests {
+    use std::sync::Arc;
+
+    use weft_proxy::{
+        errors::ErrorCode,
+        limits::Limit,
+        metrics::{Direction, ServiceLabel},
+        traffic_metrics::{DryRun, RouteEvent},
+    };
+
+    use super::{Kind, Metrics};
+
+    /// A proxy's metrics with a series in every family (empty families print nothing).
+    fn every_proxy_series() -> Arc<weft_proxy::metrics::Metrics> {
+        let m = Arc::new(weft_proxy::metrics::Metrics::new());
+        let web = ServiceLabel(Arc::from("web"));
+        let r = m.for_requests(Direction::Outbound, &web);
+        r.request();
+        r.response(http::StatusCode::OK, 0.001);
+        m.error(Direction::Outbound, ErrorCode::NoEndpoints);
+        m.before_config(Direction::Outbound, "passthrough");
+        m.limit_refused(Limit::RequestHead);
+        drop(m.connection(Direction::Inbound));
+        m.config_applied(1, "1", [(web.clone(), 1)].into_iter());
+        m.config_rejected();
+        let b = m.breaker(&web);
+        b.set_ejected(0);
+        b.ejection();
+        b.overloaded("max_requests");
+        b.dry_run("ejection");
+        let rule: Arc<str> = Arc::from("0");
+        m.traffic
+            .route_event(&web, &Arc::from("shop/web"), &rule, RouteEvent::Retry);
+        m.traffic.rate_limited("shop/limit");
+        m.traffic.dry_run(&web, DryRun::RateLimit);
+        m
+    }
+
+    /// The sample names of every family in an exposition (counters with `_total`).
+    fn families(exposition: &str) -> Vec<String> {
+        exposition
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| {
+                let mut parts = l.split(' ');
+                let (name, kind) = (parts.next()?, parts.next()?);
+                Some(if kind == "counter" {
+                    format!("{name}_total")
+                } else {
+                    name.to_owned()
+                })
+            })
+            .collect()
+    }
+
+    /// `docs/metrics.md` names every metric the proxy and the operator export, and no
+    /// other: a metric added without its row, or a row left after its metric, fails here.
+    #[test]
+    fn docs_metrics_md_lists_exactly_the_metrics_of_proxy_and_operator() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let doc = std::fs::read_to_string(dir.join("../docs/metrics.md")).unwrap();
+        let mut exported = families(&every_proxy_series().encode().unwrap());
+        let operator = Metrics::new();
+        operator.index_objects(Kind::Route, 1);
+        operator.subscribers(1);
+        operator.pushed(1);
+        operator.nack();
+        operator.watch_error(Kind::Route);
+        operator.change_acked(std::time::Duration::from_millis(1));
+        operator.token_review("allowed");
+        operator.push_refusal("forbidden");
+        operator.push_stall();
+        let webhook = crate::webhook::server::WebhookMetrics::default();
+        webhook.count("injected");
+        let mut registry = prometheus_client::registry::Registry::default();
+        webhook.register(&mut registry);
+        operator.add_registry(registry);
+        exported.extend(families(&operator.encode()));
+        for name in &exported {
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "docs/metrics.md has no row for {name}"
+            );
+        }
+        for row in doc.lines().filter_map(|l| l.strip_prefix("| `weft_")) {
+            let name = format!("weft_{}", row.split('`').next().unwrap_or_default());
+            assert!(
+                exported.contains(&name),
+                "docs/metrics.md lists {name}, which nobody exports"
+            );
+        }
+    }
+}

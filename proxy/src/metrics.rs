@@ -322,7 +322,7 @@ impl Metrics {
         );
         registry.register(
             "dry_run_decisions",
-            "Ejections and refusals a dry-run Breaker would have made",
+            "Decisions a policy in dry run would have made and did not: ejections and overloads (Breakers), retries over budget, rate-limit refusals",
             m.dry_run_decisions.clone(),
         );
         registry.register(
