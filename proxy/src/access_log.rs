@@ -7,15 +7,15 @@
 //! ```
 //!
 //! The request path never waits for the log: it hands a plain [`Entry`] to a bounded
-//! queue, and a thread of its own formats and writes it, so a slow or blocked stdout costs
-//! lines (counted), never latency.
+//! queue, and a thread of its own wakes every [`FLUSH_INTERVAL`] to format and write what
+//! has queued, so a slow or blocked stdout costs lines (counted), never latency.
 
 use std::{
     io::Write,
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+        mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel},
     },
     time::{Duration, SystemTime},
 };
@@ -158,54 +158,61 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 impl Entry {
     /// The line, without its newline.
     pub fn format(&self, format: Format) -> String {
+        let mut out = Vec::with_capacity(256);
+        let _ = self.write_to(&mut out, format);
+        out.pop();
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Writes the line and its newline to `out`, formatting in place.
+    pub fn write_to(&self, out: &mut impl Write, format: Format) -> std::io::Result<()> {
         match format {
-            Format::Json => serde_json::to_string(self).unwrap_or_default(),
+            Format::Json => {
+                serde_json::to_writer(&mut *out, self)?;
+            }
             Format::Text => {
-                let mut out = String::with_capacity(256);
-                let mut pair = |k: &str, v: &dyn std::fmt::Display| {
-                    use std::fmt::Write as _;
+                let mut first = true;
+                let mut pair = |k: &str, v: &dyn std::fmt::Display| -> std::io::Result<()> {
                     let v = v.to_string();
-                    if !out.is_empty() {
-                        out.push(' ');
-                    }
-                    let quote = v.is_empty() || v.contains([' ', '"', '=']);
-                    if quote {
-                        let _ = write!(out, "{k}={v:?}");
+                    let sep = if first { "" } else { " " };
+                    first = false;
+                    if v.is_empty() || v.contains([' ', '"', '=']) {
+                        write!(out, "{sep}{k}={v:?}")
                     } else {
-                        let _ = write!(out, "{k}={v}");
+                        write!(out, "{sep}{k}={v}")
                     }
                 };
-                pair("timestamp", &self.start);
-                pair("direction", &self.direction);
+                pair("timestamp", &self.start)?;
+                pair("direction", &self.direction)?;
                 if let Some(s) = &self.source_identity {
-                    pair("source_identity", s);
+                    pair("source_identity", s)?;
                 }
                 if let Some(s) = &self.source_addr {
-                    pair("source_addr", s);
+                    pair("source_addr", s)?;
                 }
                 if let Some(d) = &self.destination_identity {
-                    pair("destination_identity", d);
+                    pair("destination_identity", d)?;
                 }
-                pair("method", &self.method);
-                pair("authority", &self.authority);
-                pair("path", &self.path);
-                pair("status", &self.status);
-                pair("duration_ms", &format_args!("{:.3}", self.duration_ms));
-                pair("bytes_in", &self.bytes_in);
-                pair("bytes_out", &self.bytes_out);
+                pair("method", &self.method)?;
+                pair("authority", &self.authority)?;
+                pair("path", &self.path)?;
+                pair("status", &self.status)?;
+                pair("duration_ms", &format_args!("{:.3}", self.duration_ms))?;
+                pair("bytes_in", &self.bytes_in)?;
+                pair("bytes_out", &self.bytes_out)?;
                 if let Some(u) = &self.upstream {
-                    pair("upstream", u);
+                    pair("upstream", u)?;
                 }
-                pair("attempts", &self.attempts);
+                pair("attempts", &self.attempts)?;
                 if let Some(r) = &self.reason {
-                    pair("reason", r);
+                    pair("reason", r)?;
                 }
                 if let Some(t) = &self.trace_id {
-                    pair("trace_id", t);
+                    pair("trace_id", t)?;
                 }
-                out
             }
         }
+        out.write_all(b"\n")
     }
 }
 
@@ -275,17 +282,32 @@ impl AccessLog {
     }
 }
 
+/// How long the writer sleeps between batches. The request path never wakes it: a thread
+/// woken per line (a futex and a context switch per request) would cost more than the
+/// line itself.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
+
 fn write_lines(rx: Receiver<Entry>, format: Format, out: Box<dyn Write + Send>, written: &Counter) {
-    let mut out = std::io::BufWriter::new(out);
-    while let Ok(entry) = rx.recv() {
-        let mut batch = vec![entry];
-        // Whatever else is queued goes out with it, in one write.
-        batch.extend(rx.try_iter().take(QUEUE));
-        for e in &batch {
-            let _ = writeln!(out, "{}", e.format(format));
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    loop {
+        std::thread::sleep(FLUSH_INTERVAL);
+        let mut n = 0u64;
+        let ended = loop {
+            match rx.try_recv() {
+                Ok(entry) => {
+                    if entry.write_to(&mut out, format).is_ok() {
+                        n += 1;
+                    }
+                }
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
+            }
+        };
+        if n > 0 && out.flush().is_ok() {
+            written.inc_by(n);
         }
-        if out.flush().is_ok() {
-            written.inc_by(batch.len() as u64);
+        if ended {
+            return;
         }
     }
 }
