@@ -93,6 +93,9 @@ pub struct HttpConn {
     pub client_identity: Option<Arc<str>>,
     /// Where each request's access-log line goes, when the pod asked for them.
     pub access_log: Option<Arc<AccessLog>>,
+    /// Whether the connection arrived over mutual TLS from a peer proxy (with or without
+    /// a client certificate): a Strict policy refuses plain text.
+    pub client_tls: bool,
 }
 
 impl HttpConn {
@@ -117,6 +120,7 @@ impl HttpConn {
             client: None,
             client_identity: None,
             access_log: None,
+            client_tls: false,
         }
     }
 
@@ -129,6 +133,14 @@ impl HttpConn {
     /// The same, for a client that presented mesh identity `identity` over mutual TLS.
     pub fn with_client_identity(mut self, identity: Arc<str>) -> Self {
         self.client_identity = Some(identity);
+        self
+    }
+
+    /// The same, for a connection that arrived over mutual TLS, with the client's
+    /// identity if it presented a certificate.
+    pub fn with_tls(mut self, identity: Option<Arc<str>>) -> Self {
+        self.client_tls = true;
+        self.client_identity = identity;
         self
     }
 
