@@ -158,10 +158,10 @@ impl HttpConn {
     /// client sent itself, so the application can trust it.
     fn forward_client_identity<B>(&self, req: &mut Request<B>) {
         req.headers_mut().remove(FORWARDED_CLIENT_CERT);
-        if let Some(id) = &self.client_identity {
-            if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
-                req.headers_mut().insert(FORWARDED_CLIENT_CERT, v);
-            }
+        if let Some(id) = &self.client_identity
+            && let Ok(v) = HeaderValue::from_str(&format!("URI={id}"))
+        {
+            req.headers_mut().insert(FORWARDED_CLIENT_CERT, v);
         }
     }
 

@@ -370,8 +370,7 @@ fn identity_config(
     };
     let server_name = rustls::pki_types::ServerName::try_from(name.clone())
         .with_context(|| format!("--identity-server-name {name:?}"))?;
-    let trust_roots =
-        weft_proxy::identity::client::IdentityClientConfig::read_trust_roots(root)?;
+    let trust_roots = weft_proxy::identity::client::IdentityClientConfig::read_trust_roots(root)?;
     Ok(Some(weft_proxy::identity::client::IdentityClientConfig {
         addr: addr.clone(),
         server_name,

@@ -246,7 +246,10 @@ impl TlsMetrics {
     /// Counts a refused or failed handshake.
     pub fn refused(&self, direction: Direction, failure: crate::identity::TlsFailure) {
         self.refused
-            .get_or_create(&[("direction", direction.as_str()), ("reason", failure.as_str())])
+            .get_or_create(&[
+                ("direction", direction.as_str()),
+                ("reason", failure.as_str()),
+            ])
             .inc();
     }
 }

@@ -594,7 +594,9 @@ impl HttpConn {
                         ErrorCode::ConnectTimeout
                     } else if let Some(failure) = error.tls_failure() {
                         endpoint.penalize();
-                        self.metrics.tls.refused(crate::metrics::Direction::Outbound, failure);
+                        self.metrics
+                            .tls
+                            .refused(crate::metrics::Direction::Outbound, failure);
                         failure.code()
                     } else {
                         endpoint.penalize();

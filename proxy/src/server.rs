@@ -262,43 +262,43 @@ impl Conn {
         tracing::debug!(?protocol, "detected");
         let io = PrefixedIo::new(prefix, io);
 
-    match protocol {
-        Protocol::Http1 | Protocol::Http2 => {
-            let (target, fixed_label) = match route {
-                Route::Service(s, target) => (target, s.label.clone()),
-                Route::Addr(dial, label) => (
-                    HttpTarget::Fixed(Arc::new(EndpointState::from_source(
-                        dial.addr,
-                        dial.source,
-                        connect_timeout,
-                        proxy.limits.max_http1_connections_per_endpoint,
-                    ))),
-                    label,
-                ),
-                Route::Missing(name) => (HttpTarget::Named(name.clone()), ServiceLabel(name)),
-            };
-            let mut conn = HttpConn::new(
-                proxy.store.clone(),
-                proxy.metrics.clone(),
-                direction,
-                target,
-                fixed_label,
-                proxy.limits,
-            );
-            if let Some(peer) = peer {
-                conn = conn.with_client(peer.ip());
+        match protocol {
+            Protocol::Http1 | Protocol::Http2 => {
+                let (target, fixed_label) = match route {
+                    Route::Service(s, target) => (target, s.label.clone()),
+                    Route::Addr(dial, label) => (
+                        HttpTarget::Fixed(Arc::new(EndpointState::from_source(
+                            dial.addr,
+                            dial.source,
+                            connect_timeout,
+                            proxy.limits.max_http1_connections_per_endpoint,
+                        ))),
+                        label,
+                    ),
+                    Route::Missing(name) => (HttpTarget::Named(name.clone()), ServiceLabel(name)),
+                };
+                let mut conn = HttpConn::new(
+                    proxy.store.clone(),
+                    proxy.metrics.clone(),
+                    direction,
+                    target,
+                    fixed_label,
+                    proxy.limits,
+                );
+                if let Some(peer) = peer {
+                    conn = conn.with_client(peer.ip());
+                }
+                if let Some(log) = proxy.access_log.get() {
+                    conn = conn.with_access_log(log.clone());
+                }
+                if let Some(tls) = tls {
+                    conn = conn.with_tls(tls.identity);
+                }
+                let conn = Arc::new(conn);
+                crate::http::serve(io, protocol, conn, shutdown).await;
             }
-            if let Some(log) = proxy.access_log.get() {
-                conn = conn.with_access_log(log.clone());
-            }
-            if let Some(tls) = tls {
-                conn = conn.with_tls(tls.identity);
-            }
-            let conn = Arc::new(conn);
-            crate::http::serve(io, protocol, conn, shutdown).await;
+            Protocol::Opaque => proxy_opaque(io, route, connect_timeout, &proxy, direction).await,
         }
-        Protocol::Opaque => proxy_opaque(io, route, connect_timeout, &proxy, direction).await,
-    }
     }
 }
 

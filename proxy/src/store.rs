@@ -54,10 +54,10 @@ use crate::{
     balance::{DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, Load, PeakEwma, Picker},
     breaker::{EndpointOutlier, Outcome, Overloaded, RequestPermit, ServiceBreaker},
     config::{Config, ConfigError, Service},
+    identity::{ClientTls, IdentityStore},
     metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
     ratelimit::RateLimiter,
     retry::{BudgetSpec, RetryBudget},
-    identity::{ClientTls, IdentityStore},
     upstream::Upstream,
 };
 

@@ -15,11 +15,11 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    task::{Context, Poll},
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 

@@ -4,6 +4,8 @@
 //! Bad peers are played by a bare rustls server or client presenting the certificate
 //! under test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::{
@@ -92,7 +94,9 @@ impl Ca {
 
     fn install(&self, store: &IdentityStore, id: &str) {
         let leaf = self.issue(id);
-        store.install_pem(&leaf.chain, &leaf.key, &self.pem).unwrap();
+        store
+            .install_pem(&leaf.chain, &leaf.key, &self.pem)
+            .unwrap();
     }
 }
 
@@ -259,9 +263,7 @@ async fn opaque_tcp_travels_inside_the_tls_session() {
 /// every HTTP/1 request with 200.
 async fn bare_tls_server(leaf: &Leaf, ca_pem: &str) -> SocketAddr {
     let mut chain = vec![leaf.der.clone()];
-    chain.extend(
-        rustls_pemfile::certs(&mut ca_pem.as_bytes()).map(|c| c.unwrap()),
-    );
+    chain.extend(rustls_pemfile::certs(&mut ca_pem.as_bytes()).map(|c| c.unwrap()));
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -469,10 +471,22 @@ async fn inbound_refuses_bad_client_certificates_and_tls_below_1_3_with_reasons(
     assert!(bare_tls_client(server.addr, &mesh.pem, Some(&good), tls13).await);
     assert!(bare_tls_client(server.addr, &mesh.pem, None, tls13).await);
 
-    let cases: [(Option<Leaf>, &[&'static rustls::SupportedProtocolVersion], &str); 4] = [
+    let cases: [(
+        Option<Leaf>,
+        &[&'static rustls::SupportedProtocolVersion],
+        &str,
+    ); 4] = [
         (Some(other.issue(CLIENT_ID)), tls13, "untrusted"),
-        (Some(mesh.issue_at(CLIENT_ID, -7200, -3600)), tls13, "expired"),
-        (Some(mesh.issue_at(CLIENT_ID, 3600, 7200)), tls13, "not_yet_valid"),
+        (
+            Some(mesh.issue_at(CLIENT_ID, -7200, -3600)),
+            tls13,
+            "expired",
+        ),
+        (
+            Some(mesh.issue_at(CLIENT_ID, 3600, 7200)),
+            tls13,
+            "not_yet_valid",
+        ),
         (Some(good), &[&rustls::version::TLS12], "protocol_version"),
     ];
     for (leaf, versions, reason) in cases {
@@ -492,7 +506,11 @@ async fn inbound_refuses_bad_client_certificates_and_tls_below_1_3_with_reasons(
         })
         .await;
     }
-    assert_eq!(backend.requests(), 2, "only the two accepted clients got through");
+    assert_eq!(
+        backend.requests(),
+        2,
+        "only the two accepted clients got through"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -571,12 +589,18 @@ async fn ready_waits_for_the_first_certificate_and_says_why() {
     store.set_error("connect to the identity endpoint: refused".to_owned());
     let (resp, body) = get(&h1_client(), &url).await;
     assert_eq!(resp.status(), 503);
-    assert!(body.contains("no certificate yet") && body.contains("refused"), "{body}");
+    assert!(
+        body.contains("no certificate yet") && body.contains("refused"),
+        "{body}"
+    );
     ca.install(&store, CLIENT_ID);
     let (resp, _) = get(&h1_client(), &url).await;
     assert_eq!(resp.status(), 200);
     let (resp, body) = get(&h1_client(), &format!("http://{addr}/config")).await;
     assert_eq!(resp.status(), 200);
-    assert!(body.contains(CLIENT_ID) && body.contains("notAfter"), "{body}");
+    assert!(
+        body.contains(CLIENT_ID) && body.contains("notAfter"),
+        "{body}"
+    );
     stop.cancel();
 }

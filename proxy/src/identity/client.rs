@@ -322,7 +322,10 @@ mod tests {
     fn backoff_grows_is_jittered_and_capped() {
         for _ in 0..100 {
             let first = backoff(1);
-            assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN, "{first:?}");
+            assert!(
+                first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN,
+                "{first:?}"
+            );
             let late = backoff(40);
             assert!(late >= BACKOFF_MAX / 2 && late <= BACKOFF_MAX, "{late:?}");
         }

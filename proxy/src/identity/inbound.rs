@@ -27,7 +27,10 @@ const MAX_HELLO_BYTES: usize = 5 + 16 * 1024;
 /// What the first bytes of an inbound connection turned out to be.
 pub enum Sniffed<I> {
     /// A peer proxy's mutual TLS, terminated.
-    Tls(Box<tokio_rustls::server::TlsStream<PrefixedIo<I>>>, InboundTls),
+    Tls(
+        Box<tokio_rustls::server::TlsStream<PrefixedIo<I>>>,
+        InboundTls,
+    ),
     /// Not a peer proxy's TLS; the bytes read so far are replayed.
     Plain {
         /// The connection, first bytes included.

@@ -193,10 +193,9 @@ impl IdentityStore {
         key: PrivateKeyDer<'static>,
         bundle_pem: &str,
     ) -> Result<Arc<Certified>, CertError> {
-        let chain: Vec<CertificateDer<'static>> =
-            rustls_pemfile::certs(&mut chain_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .map_err(CertError::Pem)?;
+        let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(CertError::Pem)?;
         let leaf = chain.first().ok_or(CertError::NoCertificate)?;
         let mut roots = RootCertStore::empty();
         for root in rustls_pemfile::certs(&mut bundle_pem.as_bytes()) {
@@ -455,10 +454,7 @@ impl TlsFailure {
 
     /// Classifies the error of a tokio-rustls handshake.
     pub fn of_io(error: &io::Error) -> TlsFailure {
-        match error
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<TlsError>())
-        {
+        match error.get_ref().and_then(|e| e.downcast_ref::<TlsError>()) {
             Some(e) => TlsFailure::of(e),
             None => TlsFailure::Handshake,
         }
@@ -516,9 +512,8 @@ enum PeerIdentity {
 fn describe(cert: &CertificateDer<'_>) -> Result<(Arc<str>, SystemTime, SystemTime), CertError> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert)
         .map_err(|e| CertError::Certificate(format!("does not parse: {e}")))?;
-    let identity = spiffe_id_of(&x509).ok_or_else(|| {
-        CertError::Certificate("carries no single spiffe:// URI SAN".to_owned())
-    })?;
+    let identity = spiffe_id_of(&x509)
+        .ok_or_else(|| CertError::Certificate("carries no single spiffe:// URI SAN".to_owned()))?;
     let validity = x509.validity();
     let at = |t: &x509_parser::time::ASN1Time| {
         let secs = u64::try_from(t.timestamp()).unwrap_or(0);
