@@ -258,6 +258,12 @@ mod docs_tests {
             .route_event(&web, &Arc::from("shop/web"), &rule, RouteEvent::Retry);
         m.traffic.rate_limited("shop/limit");
         m.traffic.dry_run(&web, DryRun::RateLimit);
+        m.tls.renewal(true, Some(1));
+        m.tls.session(Direction::Inbound);
+        m.tls.refused(
+            Direction::Inbound,
+            weft_proxy::identity::TlsFailure::Untrusted,
+        );
         m
     }
 

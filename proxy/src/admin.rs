@@ -3,7 +3,7 @@
 //! | path | answer |
 //! | --- | --- |
 //! | `/live` | 200 while the process runs |
-//! | `/ready` | 200 once a config is active, 503 before that and while draining |
+//! | `/ready` | 200 once a config is active (and, with identity on, a valid certificate installed), 503 before that (the body says why) and while draining |
 //! | `/metrics` | Prometheus/OpenMetrics text |
 //! | `/config` | the active config as JSON, with its version and generation (loopback only) |
 //!
@@ -146,8 +146,11 @@ fn route(proxy: &Proxy, peer: Peer, req: &Request<Incoming>) -> Response<Full<By
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" => {
+            let identity = proxy.identity.as_ref().map(|i| i.readiness());
             if proxy.draining.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if let Some(Err(why)) = identity {
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
             } else if proxy.store.load().is_some() {
                 text(StatusCode::OK, "ready\n")
             } else {
@@ -177,9 +180,18 @@ fn route(proxy: &Proxy, peer: Peer, req: &Request<Incoming>) -> Response<Full<By
         "/config" => match proxy.store.load() {
             None => text(StatusCode::SERVICE_UNAVAILABLE, "no config yet\n"),
             Some(s) => {
+                let identity = proxy.identity.as_ref().map(|i| match i.current() {
+                    Some(c) => serde_json::json!({
+                        "identity": &*c.identity,
+                        "notAfter": c.not_after_unix(),
+                        "renewAt": c.renew_at().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                    }),
+                    None => serde_json::json!({ "identity": null, "error": i.readiness().err() }),
+                });
                 let body = serde_json::json!({
                     "version": s.version,
                     "generation": s.generation,
+                    "identity": identity,
                     "config": s.raw,
                 });
                 match serde_json::to_vec_pretty(&body) {

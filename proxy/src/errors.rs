@@ -49,11 +49,25 @@ pub enum ErrorCode {
     /// A connection-pool limit of the service's Breaker (`maxRequests`, `maxConnections`,
     /// `maxPendingRequests`) is reached; refused at once, nothing was sent (503).
     Overloaded,
+    /// The meshed endpoint's certificate does not lead to the mesh's trust bundle: signed
+    /// by another CA, or not a mesh certificate at all (502).
+    TlsPeerUntrusted,
+    /// The meshed endpoint's certificate has expired (502).
+    TlsPeerExpired,
+    /// The meshed endpoint's certificate is not valid yet (502), a clock skew or a
+    /// certificate issued for the future.
+    TlsPeerNotYetValid,
+    /// The meshed endpoint presented a trusted certificate for another identity than the
+    /// config says it has (502); never retried in plain text.
+    TlsIdentityMismatch,
+    /// The mutual TLS handshake with the meshed endpoint failed otherwise: it refused this
+    /// proxy's certificate, spoke no TLS 1.3, or this proxy has no certificate yet (502).
+    TlsHandshakeFailed,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::NoEndpoints,
         ErrorCode::ServiceNotFound,
         ErrorCode::ConnectFailed,
@@ -70,6 +84,11 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::PerTryTimeout,
         ErrorCode::Overloaded,
+        ErrorCode::TlsPeerUntrusted,
+        ErrorCode::TlsPeerExpired,
+        ErrorCode::TlsPeerNotYetValid,
+        ErrorCode::TlsIdentityMismatch,
+        ErrorCode::TlsHandshakeFailed,
     ];
 
     /// The stable text sent in the `weft-error` header and used as the metric label.
@@ -91,6 +110,11 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::PerTryTimeout => "per_try_timeout",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::TlsPeerUntrusted => "tls_peer_untrusted",
+            ErrorCode::TlsPeerExpired => "tls_peer_expired",
+            ErrorCode::TlsPeerNotYetValid => "tls_peer_not_yet_valid",
+            ErrorCode::TlsIdentityMismatch => "tls_identity_mismatch",
+            ErrorCode::TlsHandshakeFailed => "tls_handshake_failed",
         }
     }
 
@@ -108,7 +132,13 @@ impl ErrorCode {
             ErrorCode::RequestTargetTooLong => StatusCode::URI_TOO_LONG,
             ErrorCode::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorCode::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ErrorCode::ConnectFailed | ErrorCode::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            ErrorCode::ConnectFailed
+            | ErrorCode::UpstreamFailed
+            | ErrorCode::TlsPeerUntrusted
+            | ErrorCode::TlsPeerExpired
+            | ErrorCode::TlsPeerNotYetValid
+            | ErrorCode::TlsIdentityMismatch
+            | ErrorCode::TlsHandshakeFailed => StatusCode::BAD_GATEWAY,
             ErrorCode::ConnectTimeout | ErrorCode::ResponseTimeout | ErrorCode::PerTryTimeout => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -141,7 +171,12 @@ impl ErrorCode {
             | ErrorCode::UpstreamFailed
             | ErrorCode::UpstreamConnectionLimit
             | ErrorCode::FaultInjected
-            | ErrorCode::Overloaded => 14,
+            | ErrorCode::Overloaded
+            | ErrorCode::TlsPeerUntrusted
+            | ErrorCode::TlsPeerExpired
+            | ErrorCode::TlsPeerNotYetValid
+            | ErrorCode::TlsIdentityMismatch
+            | ErrorCode::TlsHandshakeFailed => 14,
         }
     }
 }

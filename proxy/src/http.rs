@@ -66,6 +66,9 @@ pub enum HttpTarget {
     Fixed(Arc<EndpointState>),
 }
 
+/// The header carrying a verified client's identity to the application (inbound).
+pub const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
+
 /// What every request of one downstream connection shares.
 #[derive(Debug)]
 pub struct HttpConn {
@@ -93,6 +96,9 @@ pub struct HttpConn {
     pub client_identity: Option<Arc<str>>,
     /// Where each request's access-log line goes, when the pod asked for them.
     pub access_log: Option<Arc<AccessLog>>,
+    /// Whether the connection arrived over mutual TLS from a peer proxy (with or without
+    /// a client certificate): a Strict policy refuses plain text.
+    pub client_tls: bool,
 }
 
 impl HttpConn {
@@ -117,6 +123,7 @@ impl HttpConn {
             client: None,
             client_identity: None,
             access_log: None,
+            client_tls: false,
         }
     }
 
@@ -132,10 +139,30 @@ impl HttpConn {
         self
     }
 
+    /// The same, for a connection that arrived over mutual TLS, with the client's
+    /// identity if it presented a certificate.
+    pub fn with_tls(mut self, identity: Option<Arc<str>>) -> Self {
+        self.client_tls = true;
+        self.client_identity = identity;
+        self
+    }
+
     /// The same, for a connection from `client`.
     pub fn with_client(mut self, client: std::net::IpAddr) -> Self {
         self.client = Some(client);
         self
+    }
+
+    /// Tells the application who called: `x-forwarded-client-cert: URI=<SPIFFE ID>`
+    /// (Envoy's format) for a verified client, and removes a header of that name that a
+    /// client sent itself, so the application can trust it.
+    fn forward_client_identity<B>(&self, req: &mut Request<B>) {
+        req.headers_mut().remove(FORWARDED_CLIENT_CERT);
+        if let Some(id) = &self.client_identity
+            && let Ok(v) = HeaderValue::from_str(&format!("URI={id}"))
+        {
+            req.headers_mut().insert(FORWARDED_CLIENT_CERT, v);
+        }
     }
 
     pub(crate) fn tunnel_slot(&self) -> std::sync::MutexGuard<'_, Option<Tunnel>> {
@@ -478,6 +505,9 @@ impl HttpConn {
         };
         let labels = self.request_metrics(&dest);
         labels.request();
+        if self.direction == Direction::Inbound {
+            self.forward_client_identity(&mut req);
+        }
         if let Err(refusal) = check_request(&req, &self.limits) {
             tracing::debug!(reason = refusal.code.as_str(), "request refused");
             if let Some(limit) = refusal.limit {

@@ -14,7 +14,8 @@
 //! [`orig_dst`], [`metrics`], [`errors`], [`limits`], [`admin`], [`source`], [`shutdown`],
 //! [`control`] (the operator's push stream), [`enforce`] (what it enforces of the resources),
 //! [`route`] (the routing stages: normalize, match, rewrite, edit headers, split, fault),
-//! [`retry`] (retry policy, backoff and budget), [`ratelimit`] (inbound token buckets).
+//! [`retry`] (retry policy, backoff and budget), [`ratelimit`] (inbound token buckets),
+//! [`identity`] (the proxy's certificate and mutual TLS between proxies).
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -30,6 +31,7 @@ pub mod detect;
 pub mod enforce;
 pub mod errors;
 pub mod http;
+pub mod identity;
 pub mod init;
 pub mod limits;
 pub mod metrics;
@@ -81,6 +83,9 @@ pub struct Proxy {
     pub limits: limits::Limits,
     /// The access log, when this pod asked for one (set once, at startup).
     pub access_log: std::sync::OnceLock<Arc<access_log::AccessLog>>,
+    /// The proxy's mesh identity, when configured (`--identity-addr`): inbound TLS from
+    /// peer proxies is terminated and outbound connections to meshed endpoints use mTLS.
+    pub identity: Option<Arc<identity::IdentityStore>>,
 }
 
 impl Proxy {
@@ -107,12 +112,24 @@ impl Proxy {
         before_config: server::BeforeConfig,
         local: LocalPorts,
     ) -> Arc<Self> {
+        Self::with_identity(limits, before_config, local, None)
+    }
+
+    /// A proxy as [`Proxy::with_local`] makes it, with a mesh identity when given.
+    pub fn with_identity(
+        limits: limits::Limits,
+        before_config: server::BeforeConfig,
+        local: LocalPorts,
+        identity: Option<Arc<identity::IdentityStore>>,
+    ) -> Arc<Self> {
         let metrics = Arc::new(metrics::Metrics::new());
         Arc::new(Proxy {
             store: Arc::new(
                 store::ConfigStore::new(metrics.clone())
-                    .with_http1_connections_per_endpoint(limits.max_http1_connections_per_endpoint),
+                    .with_http1_connections_per_endpoint(limits.max_http1_connections_per_endpoint)
+                    .with_identity(identity.clone()),
             ),
+            identity,
             local,
             metrics,
             draining: CancellationToken::new(),

@@ -102,6 +102,21 @@ struct RunArgs {
     /// The projected ServiceAccount token presented to the operator.
     #[arg(long, env = "WEFT_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The operator's identity endpoint (`host:port`): turns on the proxy's identity and
+    /// mutual TLS. Without it the proxy speaks plain text only. Needs --trust-root-file
+    /// and --identity-server-name.
+    #[arg(long, env = "WEFT_IDENTITY_ADDR", requires_all = ["trust_root_file", "identity_server_name"])]
+    identity_addr: Option<String>,
+    /// The DNS name the identity endpoint's certificate carries.
+    #[arg(long, env = "WEFT_IDENTITY_SERVER_NAME")]
+    identity_server_name: Option<String>,
+    /// The mesh trust root (PEM) the identity endpoint's certificate is verified against.
+    #[arg(long, env = "WEFT_TRUST_ROOT_FILE")]
+    trust_root_file: Option<PathBuf>,
+    /// The SPIFFE ID this proxy asks for; the operator refuses a request whose token is
+    /// another ServiceAccount's.
+    #[arg(long, env = "WEFT_IDENTITY")]
+    identity: Option<String>,
     /// Transparent outbound listener (the application's redirected connections).
     #[arg(long, env = "WEFT_OUTBOUND_ADDR", default_value = "0.0.0.0:15001")]
     outbound_addr: SocketAddr,
@@ -312,6 +327,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("--reload-interval must be greater than zero");
     }
     let limits = args.limits.limits()?;
+    let identity = identity_config(&args)?;
 
     // Validate the config before binding anything, so a bad file fails fast and clearly.
     let initial = match &args.config {
@@ -339,7 +355,34 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the runtime")?;
-    runtime.block_on(serve(args, initial, limits))
+    runtime.block_on(serve(args, initial, limits, identity))
+}
+
+/// The identity client's settings, validated before anything is bound.
+fn identity_config(
+    args: &RunArgs,
+) -> anyhow::Result<Option<weft_proxy::identity::client::IdentityClientConfig>> {
+    let Some(addr) = &args.identity_addr else {
+        return Ok(None);
+    };
+    let (Some(name), Some(root)) = (&args.identity_server_name, &args.trust_root_file) else {
+        anyhow::bail!("--identity-addr needs --identity-server-name and --trust-root-file");
+    };
+    let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+        .with_context(|| format!("--identity-server-name {name:?}"))?;
+    let trust_roots = weft_proxy::identity::client::IdentityClientConfig::read_trust_roots(root)?;
+    Ok(Some(weft_proxy::identity::client::IdentityClientConfig {
+        addr: addr.clone(),
+        server_name,
+        trust_roots,
+        token_file: args.token_file.clone(),
+        pod: format!(
+            "{}/{}",
+            args.pod_namespace.as_deref().unwrap_or_default(),
+            args.pod_name.as_deref().unwrap_or_default()
+        ),
+        expected: args.identity.clone(),
+    }))
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -364,6 +407,7 @@ async fn serve(
     args: RunArgs,
     initial: Option<weft_api::proxy_config::ProxyConfig>,
     limits: Limits,
+    identity: Option<weft_proxy::identity::client::IdentityClientConfig>,
 ) -> anyhow::Result<()> {
     tracing::info!(
         opaque_ports = ?args.opaque_ports,
@@ -374,7 +418,11 @@ async fn serve(
         opaque: args.opaque_ports.clone(),
         loopback: args.inbound_loopback_ports.clone(),
     };
-    let proxy = Proxy::with_local(limits, args.before_config, local);
+    let store = match &identity {
+        Some(_) => Some(weft_proxy::identity::IdentityStore::new()?),
+        None => None,
+    };
+    let proxy = Proxy::with_identity(limits, args.before_config, local, store.clone());
     if let Some(format) = args.access_log {
         let log = weft_proxy::access_log::AccessLog::start(
             format,
@@ -412,6 +460,21 @@ async fn serve(
         let l = bind(*listen, "inbound forward").await?;
         inbound.spawn(l, ListenerKind::InboundTo(*app), proxy.clone());
     }
+    let identity_task = match (identity, store) {
+        (Some(config), Some(store)) => {
+            tracing::info!(addr = %config.addr, "identity on: mutual TLS with meshed peers");
+            let client = weft_proxy::identity::client::IdentityClient::new(
+                config,
+                store,
+                proxy.metrics.clone(),
+            )?;
+            Some(tokio::spawn(client.run(admin_stop.clone())))
+        }
+        _ => {
+            tracing::info!("identity off (no --identity-addr): plain text only");
+            None
+        }
+    };
     let admin_task = tokio::spawn(weft_proxy::admin::serve(
         admin,
         proxy.clone(),
@@ -461,5 +524,8 @@ async fn serve(
     admin_stop.cancel();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin_task).await;
     let _ = watch_task.await;
+    if let Some(t) = identity_task {
+        let _ = t.await;
+    }
     Ok(())
 }

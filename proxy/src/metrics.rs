@@ -189,6 +189,69 @@ pub struct Metrics {
     pub access_log_lines: Counter,
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// The proxy's certificate and its mutual TLS sessions.
+    pub tls: TlsMetrics,
+}
+
+/// The proxy's certificate and its mutual TLS sessions. Labels are bounded: `direction`,
+/// `result` (`ok`, `error`) and `reason` ([`crate::identity::TlsFailure::as_str`]).
+#[derive(Clone, Debug, Default)]
+pub struct TlsMetrics {
+    expiry: Gauge,
+    renewals: Family<[(&'static str, &'static str); 1], Counter>,
+    sessions: Family<[(&'static str, &'static str); 1], Counter>,
+    refused: Family<[(&'static str, &'static str); 2], Counter>,
+}
+
+impl TlsMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "identity_expiry_timestamp_seconds",
+            "Unix time at which the proxy's certificate expires (0: none yet)",
+            self.expiry.clone(),
+        );
+        registry.register(
+            "identity_renewals",
+            "Certificate requests to the operator, by result",
+            self.renewals.clone(),
+        );
+        registry.register(
+            "tls_sessions",
+            "Mutual TLS sessions established with peer proxies",
+            self.sessions.clone(),
+        );
+        registry.register(
+            "tls_refused",
+            "Mutual TLS handshakes refused or failed, by direction and reason",
+            self.refused.clone(),
+        );
+    }
+
+    /// Records a certificate request's outcome, and the expiry of the certificate in use.
+    pub fn renewal(&self, ok: bool, not_after_unix: Option<u64>) {
+        let result = if ok { "ok" } else { "error" };
+        self.renewals.get_or_create(&[("result", result)]).inc();
+        if let Some(t) = not_after_unix {
+            self.expiry.set(i64::try_from(t).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Counts an established session.
+    pub fn session(&self, direction: Direction) {
+        self.sessions
+            .get_or_create(&[("direction", direction.as_str())])
+            .inc();
+    }
+
+    /// Counts a refused or failed handshake.
+    pub fn refused(&self, direction: Direction, failure: crate::identity::TlsFailure) {
+        self.refused
+            .get_or_create(&[
+                ("direction", direction.as_str()),
+                ("reason", failure.as_str()),
+            ])
+            .inc();
+    }
 }
 
 impl Default for Metrics {
@@ -228,6 +291,7 @@ impl Metrics {
             access_log_lines: Counter::default(),
             access_log_dropped: Counter::default(),
             dry_run_decisions,
+            tls: TlsMetrics::default(),
             config_generation: Gauge::default(),
             config_last_update: Gauge::default(),
             config_info: Family::default(),
@@ -235,6 +299,7 @@ impl Metrics {
             registry: Registry::default(),
         };
         m.traffic.register(&mut registry);
+        m.tls.register(&mut registry);
         registry.register(
             "access_log_lines",
             "Access-log lines written",

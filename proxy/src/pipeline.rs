@@ -592,6 +592,12 @@ impl HttpConn {
                     } else if error.is_connect_timeout() {
                         endpoint.penalize();
                         ErrorCode::ConnectTimeout
+                    } else if let Some(failure) = error.tls_failure() {
+                        endpoint.penalize();
+                        self.metrics
+                            .tls
+                            .refused(crate::metrics::Direction::Outbound, failure);
+                        failure.code()
                     } else {
                         endpoint.penalize();
                         ErrorCode::ConnectFailed

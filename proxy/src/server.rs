@@ -43,6 +43,10 @@ use crate::{
     detect::{self, PrefixedIo, Protocol},
     errors::ErrorCode,
     http::{HttpConn, HttpTarget},
+    identity::{
+        Inner,
+        inbound::{self, InboundTls, SniffError, Sniffed},
+    },
     limits::Limit,
     metrics::{ConnectionGuard, Direction, ServiceLabel},
     orig_dst,
@@ -159,57 +163,142 @@ async fn handle(
         return;
     };
 
-    let mut io = CountingIo {
+    let io = CountingIo {
         inner: stream,
         guard,
     };
-    let (protocol, prefix) = if opaque {
-        (Protocol::Opaque, bytes::Bytes::new())
-    } else {
-        match detect::detect(&mut io, detect_timeout).await {
-            Ok(d) => d,
-            Err(error) => {
-                tracing::debug!(%error, "connection failed during detection");
-                return;
-            }
-        }
+    let conn = Conn {
+        route,
+        detect_timeout,
+        connect_timeout,
+        proxy,
+        direction,
+        peer,
+        shutdown,
     };
-    tracing::debug!(?protocol, "detected");
-    let io = PrefixedIo::new(prefix, io);
-
-    match protocol {
-        Protocol::Http1 | Protocol::Http2 => {
-            let (target, fixed_label) = match route {
-                Route::Service(s, target) => (target, s.label.clone()),
-                Route::Addr(dial, label) => (
-                    HttpTarget::Fixed(Arc::new(EndpointState::from_source(
-                        dial.addr,
-                        dial.source,
-                        connect_timeout,
-                        proxy.limits.max_http1_connections_per_endpoint,
-                    ))),
-                    label,
-                ),
-                Route::Missing(name) => (HttpTarget::Named(name.clone()), ServiceLabel(name)),
+    let identity = match direction {
+        Direction::Inbound => conn.proxy.identity.clone(),
+        Direction::Outbound => None,
+    };
+    let Some(identity) = identity else {
+        let protocol = opaque.then_some(Protocol::Opaque);
+        return conn.serve(io, protocol, None).await;
+    };
+    // A peer proxy's mutual TLS and plain text share the port: the first bytes tell.
+    let handshake_timeout = detect_timeout.max(TLS_HANDSHAKE_TIMEOUT);
+    match inbound::sniff(io, &identity, detect_timeout, handshake_timeout).await {
+        Ok(Sniffed::Tls(tls, info)) => {
+            conn.proxy.metrics.tls.session(direction);
+            tracing::debug!(client_identity = ?info.identity, inner = ?info.inner, "mutual TLS");
+            let protocol = match info.inner {
+                _ if opaque => Some(Protocol::Opaque),
+                Some(Inner::Tcp) => Some(Protocol::Opaque),
+                Some(Inner::Http1) => Some(Protocol::Http1),
+                Some(Inner::H2) => Some(Protocol::Http2),
+                None => None,
             };
-            let mut conn = HttpConn::new(
-                proxy.store.clone(),
-                proxy.metrics.clone(),
-                direction,
-                target,
-                fixed_label,
-                proxy.limits,
-            );
-            if let Some(peer) = peer {
-                conn = conn.with_client(peer.ip());
-            }
-            if let Some(log) = proxy.access_log.get() {
-                conn = conn.with_access_log(log.clone());
-            }
-            let conn = Arc::new(conn);
-            crate::http::serve(io, protocol, conn, shutdown).await;
+            conn.serve(*tls, protocol, Some(info)).await;
         }
-        Protocol::Opaque => proxy_opaque(io, route, connect_timeout, &proxy, direction).await,
+        Ok(Sniffed::Plain { io, silent }) => {
+            // A client that sent nothing within the detect timeout speaks second.
+            let protocol = (opaque || silent).then_some(Protocol::Opaque);
+            conn.serve(io, protocol, None).await;
+        }
+        Err(SniffError::Refused { failure, source }) => {
+            conn.proxy.metrics.tls.refused(direction, failure);
+            tracing::info!(
+                peer = ?conn.peer,
+                reason = failure.as_str(),
+                error = %source,
+                "inbound TLS handshake refused"
+            );
+        }
+        Err(SniffError::Io(error)) => {
+            tracing::debug!(%error, "connection failed before its first bytes");
+        }
+    }
+}
+
+/// The longest an inbound TLS handshake may take (at least the detect timeout).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One accepted connection, planned, waiting for its protocol.
+struct Conn {
+    route: Route,
+    detect_timeout: Duration,
+    connect_timeout: Duration,
+    proxy: Arc<Proxy>,
+    direction: Direction,
+    peer: Option<SocketAddr>,
+    shutdown: CancellationToken,
+}
+
+impl Conn {
+    /// Detects the protocol unless known, and serves the connection; `tls` is the
+    /// inbound mutual TLS session the bytes arrived in, if any.
+    async fn serve<I>(self, mut io: I, protocol: Option<Protocol>, tls: Option<InboundTls>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            route,
+            detect_timeout,
+            connect_timeout,
+            proxy,
+            direction,
+            peer,
+            shutdown,
+        } = self;
+        let (protocol, prefix) = match protocol {
+            Some(p) => (p, bytes::Bytes::new()),
+            None => match detect::detect(&mut io, detect_timeout).await {
+                Ok(d) => d,
+                Err(error) => {
+                    tracing::debug!(%error, "connection failed during detection");
+                    return;
+                }
+            },
+        };
+        tracing::debug!(?protocol, "detected");
+        let io = PrefixedIo::new(prefix, io);
+
+        match protocol {
+            Protocol::Http1 | Protocol::Http2 => {
+                let (target, fixed_label) = match route {
+                    Route::Service(s, target) => (target, s.label.clone()),
+                    Route::Addr(dial, label) => (
+                        HttpTarget::Fixed(Arc::new(EndpointState::from_source(
+                            dial.addr,
+                            dial.source,
+                            connect_timeout,
+                            proxy.limits.max_http1_connections_per_endpoint,
+                        ))),
+                        label,
+                    ),
+                    Route::Missing(name) => (HttpTarget::Named(name.clone()), ServiceLabel(name)),
+                };
+                let mut conn = HttpConn::new(
+                    proxy.store.clone(),
+                    proxy.metrics.clone(),
+                    direction,
+                    target,
+                    fixed_label,
+                    proxy.limits,
+                );
+                if let Some(peer) = peer {
+                    conn = conn.with_client(peer.ip());
+                }
+                if let Some(log) = proxy.access_log.get() {
+                    conn = conn.with_access_log(log.clone());
+                }
+                if let Some(tls) = tls {
+                    conn = conn.with_tls(tls.identity);
+                }
+                let conn = Arc::new(conn);
+                crate::http::serve(io, protocol, conn, shutdown).await;
+            }
+            Protocol::Opaque => proxy_opaque(io, route, connect_timeout, &proxy, direction).await,
+        }
     }
 }
 
@@ -477,7 +566,7 @@ async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
         }
         Route::Addr(dial, _) => {
             match upstream::connect_from(dial.addr, dial.source, connect_timeout).await {
-                Ok(s) => (s, None),
+                Ok(s) => (upstream::UpstreamIo::Plain(s), None),
                 Err(error) => {
                     tracing::debug!(%error, "opaque connect failed");
                     proxy.metrics.error(direction, connect_code(&error));
@@ -495,7 +584,7 @@ async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
                     return;
                 };
                 let in_flight = endpoint.start();
-                match upstream::connect(endpoint.addr, connect_timeout).await {
+                match endpoint.upstream.connect_opaque().await {
                     Ok(s) => {
                         connected = Some((s, Some(in_flight)));
                         break;
@@ -503,6 +592,9 @@ async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
                     Err(error) => {
                         endpoint.penalize();
                         tracing::debug!(%error, "opaque connect failed");
+                        if let Some(failure) = error.tls_failure() {
+                            proxy.metrics.tls.refused(direction, failure);
+                        }
                         proxy.metrics.error(direction, connect_code(&error));
                         if svc.endpoints.len() < 2 {
                             break;
@@ -531,6 +623,7 @@ fn connect_code(error: &upstream::ConnectError) -> ErrorCode {
     match error {
         upstream::ConnectError::Timeout { .. } => ErrorCode::ConnectTimeout,
         upstream::ConnectError::Io { .. } => ErrorCode::ConnectFailed,
+        upstream::ConnectError::Tls(e) => e.failure.code(),
     }
 }
 

@@ -54,6 +54,7 @@ use crate::{
     balance::{DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, Load, PeakEwma, Picker},
     breaker::{EndpointOutlier, Outcome, Overloaded, RequestPermit, ServiceBreaker},
     config::{Config, ConfigError, Service},
+    identity::{ClientTls, IdentityStore},
     metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
     ratelimit::RateLimiter,
     retry::{BudgetSpec, RetryBudget},
@@ -61,13 +62,16 @@ use crate::{
 };
 
 /// Which endpoints share one [`EndpointState`]: everything the state's connections depend
-/// on. Services that list the same address with the same connect timeout share it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// on. Services that list the same address with the same connect timeout (and expected
+/// identity) share it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct EndpointKey {
     addr: SocketAddr,
     connect_timeout: Duration,
     /// The breaker lineage whose connection limits the state's pools obey, if any.
     lineage: Option<u64>,
+    /// The identity the endpoint must present when its connections are mutual TLS.
+    identity: Option<Arc<str>>,
 }
 
 impl EndpointKey {
@@ -76,6 +80,7 @@ impl EndpointKey {
             addr: state.addr,
             connect_timeout: state.upstream.connect_timeout,
             lineage: state.lineage,
+            identity: state.upstream.tls().map(|t| t.identity.clone()),
         }
     }
 }
@@ -133,6 +138,7 @@ impl EndpointState {
         connect_timeout: Duration,
         max_http1: usize,
         breaker: &ServiceBreaker,
+        tls: Option<Arc<ClientTls>>,
     ) -> Self {
         EndpointState {
             addr,
@@ -142,11 +148,28 @@ impl EndpointState {
                 connect_timeout,
                 max_http1,
                 breaker.pool.clone(),
+                tls,
             ),
             ewma: Mutex::new(PeakEwma::new(DEFAULT_SEED, DEFAULT_DECAY, Instant::now())),
             in_flight: AtomicUsize::new(0),
             lineage: Some(breaker.id),
         }
+    }
+
+    /// Fresh state for a meshed endpoint: its connections are mutual TLS, and it must
+    /// present `tls`'s identity.
+    fn meshed(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        max_http1: usize,
+        tls: Option<Arc<ClientTls>>,
+    ) -> Self {
+        let mut state = Self::with_http1_limit(addr, connect_timeout, max_http1);
+        if tls.is_some() {
+            state.upstream =
+                Upstream::for_service(addr, None, connect_timeout, max_http1, None, tls);
+        }
+        state
     }
 
     /// Marks a request started; the guard marks it finished when dropped.
@@ -384,6 +407,7 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         max_http1: usize,
         metrics: &Metrics,
+        identity: Option<&IdentityStore>,
     ) -> Snapshot {
         // One rule for the first build and every reload: endpoint state is keyed by what
         // its connections depend on, and the previous snapshot's states seed the map.
@@ -431,24 +455,42 @@ impl Snapshot {
                     .endpoints
                     .iter()
                     .map(|e| {
+                        // mTLS when the endpoint is meshed (has an identity) and this
+                        // proxy has one to present.
+                        let peer: Option<Arc<str>> = identity
+                            .and(e.identity.as_deref())
+                            .map(Arc::from);
                         states
                             .entry(EndpointKey {
                                 addr: e.addr,
                                 connect_timeout: spec.connect_timeout,
                                 lineage: own.map(|b| b.id),
+                                identity: peer.clone(),
                             })
                             .or_insert_with(|| {
+                                let tls = peer.and_then(|p| {
+                                    let store = identity?;
+                                    match store.client_tls(p) {
+                                        Ok(t) => Some(t),
+                                        Err(error) => {
+                                            tracing::error!(%error, "building the TLS client config");
+                                            None
+                                        }
+                                    }
+                                });
                                 Arc::new(match own {
                                     Some(b) => EndpointState::for_breaker(
                                         e.addr,
                                         spec.connect_timeout,
                                         max_http1,
                                         b,
+                                        tls,
                                     ),
-                                    None => EndpointState::with_http1_limit(
+                                    None => EndpointState::meshed(
                                         e.addr,
                                         spec.connect_timeout,
                                         max_http1,
+                                        tls,
                                     ),
                                 })
                             })
@@ -534,6 +576,8 @@ pub struct ConfigStore {
     max_http1_per_endpoint: usize,
     /// Mirrored requests in flight, across snapshots ([`MIRROR_SLOTS`]).
     mirror_slots: Arc<tokio::sync::Semaphore>,
+    /// This proxy's identity: endpoints with one get mutual TLS.
+    identity: Option<Arc<IdentityStore>>,
 }
 
 impl ConfigStore {
@@ -545,6 +589,7 @@ impl ConfigStore {
             metrics,
             max_http1_per_endpoint: crate::limits::DEFAULT_MAX_HTTP1_CONNECTIONS_PER_ENDPOINT,
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(MIRROR_SLOTS)),
+            identity: None,
         }
     }
 
@@ -556,6 +601,13 @@ impl ConfigStore {
     /// Sets how many HTTP/1 connections each endpoint built from now on may have.
     pub fn with_http1_connections_per_endpoint(mut self, max: usize) -> Self {
         self.max_http1_per_endpoint = max;
+        self
+    }
+
+    /// Gives endpoints built from now on mutual TLS with this identity, when the config
+    /// says they are meshed.
+    pub fn with_identity(mut self, identity: Option<Arc<IdentityStore>>) -> Self {
+        self.identity = identity;
         self
     }
 
@@ -593,6 +645,7 @@ impl ConfigStore {
             previous.as_deref(),
             self.max_http1_per_endpoint,
             &self.metrics,
+            self.identity.as_deref(),
         ));
         self.current.store(Some(snapshot.clone()));
         self.metrics.config_applied(

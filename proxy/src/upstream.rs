@@ -14,10 +14,12 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -29,9 +31,12 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use crate::breaker::{
-    Overloaded, ServicePool,
-    pool::{IdleConnections, Slot},
+use crate::{
+    breaker::{
+        Overloaded, ServicePool,
+        pool::{IdleConnections, Slot},
+    },
+    identity::{ClientTls, HandshakeError, Inner, TlsFailure},
 };
 
 /// The request body sent upstream: the client's, streamed, with its idle timeout.
@@ -57,6 +62,106 @@ pub enum ConnectError {
         #[source]
         source: io::Error,
     },
+    /// The mutual TLS handshake with a meshed endpoint failed (never retried in plain
+    /// text).
+    #[error(transparent)]
+    Tls(#[from] HandshakeError),
+}
+
+impl ConnectError {
+    /// The TLS failure, if the handshake is what failed.
+    pub fn tls_failure(&self) -> Option<TlsFailure> {
+        match self {
+            ConnectError::Tls(e) => Some(e.failure),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to an endpoint: plain TCP, or mutual TLS to a meshed endpoint.
+#[derive(Debug)]
+pub enum UpstreamIo {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// Mutual TLS.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Connects to `addr` (from `source` when given) and, for a meshed endpoint, runs the
+/// mutual TLS handshake announcing `inner`; each step within `timeout`.
+pub async fn connect_io(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+    inner: Inner,
+) -> Result<UpstreamIo, ConnectError> {
+    let stream = connect_from(addr, source, timeout).await?;
+    match tls {
+        None => Ok(UpstreamIo::Plain(stream)),
+        Some(tls) => {
+            let s = tls.handshake(stream, addr, inner, timeout).await?;
+            Ok(UpstreamIo::Tls(Box::new(s)))
+        }
+    }
 }
 
 /// Connects to one endpoint with a timeout.
@@ -170,6 +275,18 @@ impl SendError {
     }
 }
 
+impl SendError {
+    /// The TLS failure, if no connection could be made because the handshake failed.
+    pub fn tls_failure(&self) -> Option<TlsFailure> {
+        match self {
+            SendError::Connect { source, .. } => source
+                .downcast_ref::<ConnectError>()
+                .and_then(ConnectError::tls_failure),
+            _ => None,
+        }
+    }
+}
+
 impl From<ConnectError> for SendError {
     fn from(error: ConnectError) -> Self {
         SendError::Connect {
@@ -190,6 +307,7 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     http1: Arc<Http1Pool>,
     http2: Arc<Http2Conn>,
+    tls: Option<Arc<ClientTls>>,
 }
 
 impl Upstream {
@@ -207,21 +325,24 @@ impl Upstream {
         connect_timeout: Duration,
         max_http1: usize,
     ) -> Self {
-        Self::for_service(addr, source, connect_timeout, max_http1, None)
+        Self::for_service(addr, source, connect_timeout, max_http1, None, None)
     }
 
     /// Pools as [`Upstream::from_source`] makes them, under the connection-pool limits of
-    /// `service` when given (its pools must then serve that service alone).
+    /// `service` when given (its pools must then serve that service alone), whose
+    /// connections are mutual TLS when `tls` is given.
     pub fn for_service(
         addr: SocketAddr,
         source: Option<IpAddr>,
         connect_timeout: Duration,
         max_http1: usize,
         service: Option<Arc<ServicePool>>,
+        tls: Option<Arc<ClientTls>>,
     ) -> Self {
         let http1 = Arc::new(Http1Pool {
             addr,
             source,
+            tls: tls.clone(),
             connect_timeout,
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(max_http1.min(Semaphore::MAX_PERMITS))),
@@ -238,12 +359,31 @@ impl Upstream {
             http2: Arc::new(Http2Conn {
                 addr,
                 source,
+                tls: tls.clone(),
                 connect_timeout,
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 service,
             }),
+            tls,
         }
+    }
+
+    /// The mutual TLS this endpoint's connections use, if it is meshed.
+    pub fn tls(&self) -> Option<&Arc<ClientTls>> {
+        self.tls.as_ref()
+    }
+
+    /// A connection for opaque TCP: mutual TLS (announcing opaque bytes) when meshed.
+    pub async fn connect_opaque(&self) -> Result<UpstreamIo, ConnectError> {
+        connect_io(
+            self.addr,
+            None,
+            self.connect_timeout,
+            self.tls.as_deref(),
+            Inner::Tcp,
+        )
+        .await
     }
 
     /// Sends a request over the pool matching its version. An HTTP/1 request must already
@@ -271,6 +411,7 @@ impl Upstream {
 pub struct Http2Conn {
     addr: SocketAddr,
     source: Option<IpAddr>,
+    tls: Option<Arc<ClientTls>>,
     connect_timeout: Duration,
     current: Mutex<Option<Http2Shared>>,
     connecting: tokio::sync::Mutex<()>,
@@ -377,7 +518,14 @@ impl Http2Conn {
             Some((_, Slot::Free(permit))) => permit,
             Some((s, Slot::Full)) => return Err(s.refuse_connection().into()),
         };
-        let stream = connect_from(self.addr, self.source, self.connect_timeout).await?;
+        let stream = connect_io(
+            self.addr,
+            self.source,
+            self.connect_timeout,
+            self.tls.as_deref(),
+            Inner::H2,
+        )
+        .await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
@@ -407,7 +555,7 @@ impl Http2Conn {
 /// new request it stops being the endpoint's shared connection; hyper then closes it
 /// once its last stream (and its last sender) is gone.
 async fn run_http2_connection(
-    conn: hyper::client::conn::http2::Connection<TokioIo<TcpStream>, UpstreamBody, TokioExecutor>,
+    conn: hyper::client::conn::http2::Connection<TokioIo<UpstreamIo>, UpstreamBody, TokioExecutor>,
     last_used: Arc<IdleClock>,
     owner: Weak<Http2Conn>,
     // Held until the connection ends: it counts against the service's maxConnections.
@@ -465,6 +613,7 @@ async fn run_http2_connection(
 pub struct Http1Pool {
     addr: SocketAddr,
     source: Option<IpAddr>,
+    tls: Option<Arc<ClientTls>>,
     connect_timeout: Duration,
     idle: Mutex<Vec<Lease>>,
     slots: Arc<Semaphore>,
@@ -575,7 +724,14 @@ impl Http1Pool {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Err(SendError::ConnectionLimit { unsent: None });
         };
-        let stream = connect_from(self.addr, self.source, self.connect_timeout).await?;
+        let stream = connect_io(
+            self.addr,
+            self.source,
+            self.connect_timeout,
+            self.tls.as_deref(),
+            Inner::Http1,
+        )
+        .await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|error| SendError::Failed(Box::new(error)))?;
@@ -596,7 +752,7 @@ impl Http1Pool {
 /// Drives one upstream HTTP/1 connection until it ends, or until it has been idle in its
 /// pool for [`IDLE_TIMEOUT`].
 async fn run_http1_connection(
-    conn: hyper::client::conn::http1::Connection<TokioIo<TcpStream>, UpstreamBody>,
+    conn: hyper::client::conn::http1::Connection<TokioIo<UpstreamIo>, UpstreamBody>,
     clock: Arc<IdleClock>,
     // Held until the connection ends: it counts against the endpoint's limit (and the
     // service's maxConnections) till then.

@@ -1,0 +1,716 @@
+//! The proxy's mesh identity and mutual TLS between proxies.
+//!
+//! ```text
+//!  operator ──certify──▶ client (renews at ~70 %) ──install──▶ IdentityStore (ArcSwap<Certified>)
+//!                                                                │ read per handshake
+//!        outbound: ClientTls (one per meshed endpoint) ◀────────┤ cert resolver, trust bundle
+//!        inbound:  server_config() (one per proxy)     ◀────────┘ cert resolver, client verifier
+//! ```
+//!
+//! A renewal swaps a new [`Certified`] in: handshakes from then on use it, connections
+//! already established keep going. Peers are verified against the trust bundle of the
+//! certificate in use, and by their SPIFFE ID (the certificate's one URI SAN): outbound,
+//! exactly the identity the config says the endpoint has ([`ClientTls`]); inbound, any
+//! mesh identity, which authorization then reads.
+//!
+//! TLS 1.3 only, ring provider, no session resumption (every connection presents and
+//! verifies a certificate, so a rotated trust bundle applies to the next connection).
+//! ALPN says what travels inside the session ([`ALPN_HTTP1`], [`ALPN_H2`], [`ALPN_TCP`]);
+//! see `docs/protocol.md`.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwapOption;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError,
+    OtherError, RootCertStore, ServerConfig, SignatureScheme,
+    client::{
+        ResolvesClientCert, Resumption,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        verify_server_cert_signed_by_trust_anchor,
+    },
+    crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    server::{
+        ClientHello, NoServerSessionStorage, ParsedCertificate, ResolvesServerCert,
+        WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+    sign::CertifiedKey,
+};
+use tokio::net::TcpStream;
+
+pub mod client;
+pub mod inbound;
+
+/// ALPN of a session carrying one HTTP/1.1 connection.
+pub const ALPN_HTTP1: &[u8] = b"weft-http1";
+/// ALPN of a session carrying one HTTP/2 connection (prior knowledge, no upgrade).
+pub const ALPN_H2: &[u8] = b"weft-h2";
+/// ALPN of a session carrying opaque TCP bytes.
+pub const ALPN_TCP: &[u8] = b"weft-tcp";
+/// Every ALPN protocol of the mesh; a ClientHello offering none of them is not a peer
+/// proxy's (an application's own TLS), and passes through untouched.
+pub const ALPN_ALL: [&[u8]; 3] = [ALPN_H2, ALPN_HTTP1, ALPN_TCP];
+
+/// Why a certificate, key or trust bundle could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// The PEM did not parse.
+    #[error("invalid PEM")]
+    Pem(#[source] io::Error),
+    /// The chain holds no certificate.
+    #[error("the certificate chain is empty")]
+    NoCertificate,
+    /// The key PEM holds no private key.
+    #[error("no private key")]
+    NoKey,
+    /// The trust bundle holds no usable root.
+    #[error("the trust bundle has no usable root")]
+    NoRoots,
+    /// The certificate does not parse, or carries no single SPIFFE ID.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// rustls refused the key, or the chain does not verify against the bundle.
+    #[error("{what}")]
+    Tls {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: TlsError,
+    },
+}
+
+/// A certified key: the leaf and chain the operator issued, the key generated here, and
+/// the trust bundle that came with them.
+pub struct Certified {
+    /// The SPIFFE ID the certificate carries.
+    pub identity: Arc<str>,
+    /// Start of the leaf's validity.
+    pub not_before: SystemTime,
+    /// End of the leaf's validity.
+    pub not_after: SystemTime,
+    key: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for Certified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certified")
+            .field("identity", &self.identity)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Certified {
+    /// Seconds since the Unix epoch at which the leaf expires.
+    pub fn not_after_unix(&self) -> u64 {
+        self.not_after
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+
+    /// When to renew: at 70 % of the lifetime.
+    pub fn renew_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + life.mul_f64(0.7)
+    }
+}
+
+/// The proxy's current certified key, swapped atomically by renewal and read by every
+/// handshake.
+pub struct IdentityStore {
+    current: Arc<ArcSwapOption<Certified>>,
+    provider: Arc<CryptoProvider>,
+    server: Arc<ServerConfig>,
+    /// Why the last attempt to get a certificate failed, for `/ready`.
+    last_error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for IdentityStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityStore")
+            .field("current", &self.current.load())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The ring provider, shared by every config.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl IdentityStore {
+    /// A store without a certificate: inbound TLS handshakes fail and outbound ones are
+    /// not attempted until [`IdentityStore::install`].
+    pub fn new() -> Result<Arc<Self>, CertError> {
+        let provider = provider();
+        let current: Arc<ArcSwapOption<Certified>> = Arc::new(ArcSwapOption::const_empty());
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|source| CertError::Tls {
+                what: "TLS 1.3 server config",
+                source,
+            })?
+            .with_client_cert_verifier(Arc::new(MeshClientVerifier {
+                current: current.clone(),
+                provider: provider.clone(),
+            }))
+            .with_cert_resolver(Arc::new(Resolver(current.clone())));
+        server.alpn_protocols = ALPN_ALL.iter().map(|p| p.to_vec()).collect();
+        server.session_storage = Arc::new(NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
+        Ok(Arc::new(IdentityStore {
+            current,
+            provider,
+            server: Arc::new(server),
+            last_error: Mutex::new(None),
+        }))
+    }
+
+    /// The certified key in use, if any.
+    pub fn current(&self) -> Option<Arc<Certified>> {
+        self.current.load_full()
+    }
+
+    /// Verifies and swaps in a certificate chain (PEM, leaf first), its private key and
+    /// the trust bundle (PEM). The chain must verify against the bundle now and carry one
+    /// SPIFFE ID; on error nothing changes.
+    pub fn install(
+        &self,
+        chain_pem: &str,
+        key: PrivateKeyDer<'static>,
+        bundle_pem: &str,
+    ) -> Result<Arc<Certified>, CertError> {
+        let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(CertError::Pem)?;
+        let leaf = chain.first().ok_or(CertError::NoCertificate)?;
+        let mut roots = RootCertStore::empty();
+        for root in rustls_pemfile::certs(&mut bundle_pem.as_bytes()) {
+            let root = root.map_err(CertError::Pem)?;
+            roots.add(root).map_err(|source| CertError::Tls {
+                what: "trust bundle",
+                source,
+            })?;
+        }
+        if roots.is_empty() {
+            return Err(CertError::NoRoots);
+        }
+        let roots = Arc::new(roots);
+        let (identity, not_before, not_after) = describe(leaf)?;
+        let parsed = ParsedCertificate::try_from(leaf).map_err(|source| CertError::Tls {
+            what: "certificate",
+            source,
+        })?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &chain[1..],
+            UnixTime::now(),
+            self.provider.signature_verification_algorithms.all,
+        )
+        .map_err(|source| CertError::Tls {
+            what: "the certificate does not verify against the trust bundle",
+            source,
+        })?;
+        let signer = self
+            .provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|source| CertError::Tls {
+                what: "private key",
+                source,
+            })?;
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), self.provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| CertError::Certificate(format!("client verifier: {e}")))?;
+        let certified = Arc::new(Certified {
+            identity,
+            not_before,
+            not_after,
+            key: Arc::new(CertifiedKey::new(chain, signer)),
+            roots,
+            client_verifier,
+        });
+        self.current.store(Some(certified.clone()));
+        *self.error_slot() = None;
+        Ok(certified)
+    }
+
+    /// [`IdentityStore::install`] with the key in PEM (PKCS#8, SEC1 or PKCS#1).
+    pub fn install_pem(
+        &self,
+        chain_pem: &str,
+        key_pem: &str,
+        bundle_pem: &str,
+    ) -> Result<Arc<Certified>, CertError> {
+        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+            .map_err(CertError::Pem)?
+            .ok_or(CertError::NoKey)?;
+        self.install(chain_pem, key, bundle_pem)
+    }
+
+    fn error_slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records why getting a certificate failed, shown by `/ready` while there is none.
+    pub fn set_error(&self, why: String) {
+        *self.error_slot() = Some(why);
+    }
+
+    /// `Ok` when a certificate is installed and not expired; otherwise why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        match self.current() {
+            Some(c) if c.not_after > SystemTime::now() => Ok(()),
+            Some(c) => Err(format!(
+                "certificate for {} expired at {} (unix); renewal failing: {}",
+                c.identity,
+                c.not_after_unix(),
+                self.error_slot().as_deref().unwrap_or("no attempt yet")
+            )),
+            None => Err(format!(
+                "no certificate yet: {}",
+                self.error_slot()
+                    .as_deref()
+                    .unwrap_or("first request in progress")
+            )),
+        }
+    }
+
+    /// The inbound side's TLS config: TLS 1.3, the current certificate, a client
+    /// certificate requested (not required) and verified against the current bundle.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server.clone()
+    }
+
+    /// The outbound side's TLS configs for an endpoint that must present `expected`.
+    pub fn client_tls(&self, expected: Arc<str>) -> Result<Arc<ClientTls>, CertError> {
+        let verifier = Arc::new(MeshServerVerifier {
+            expected: expected.clone(),
+            current: self.current.clone(),
+            provider: self.provider.clone(),
+        });
+        let resolver = Arc::new(Resolver(self.current.clone()));
+        let config = |alpn: &[u8]| -> Result<Arc<ClientConfig>, CertError> {
+            let mut c = ClientConfig::builder_with_provider(self.provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|source| CertError::Tls {
+                    what: "TLS 1.3 client config",
+                    source,
+                })?
+                .dangerous()
+                .with_custom_certificate_verifier(verifier.clone())
+                .with_client_cert_resolver(resolver.clone());
+            c.alpn_protocols = vec![alpn.to_vec()];
+            c.resumption = Resumption::disabled();
+            Ok(Arc::new(c))
+        };
+        Ok(Arc::new(ClientTls {
+            identity: expected,
+            http1: config(ALPN_HTTP1)?,
+            h2: config(ALPN_H2)?,
+            tcp: config(ALPN_TCP)?,
+            current: self.current.clone(),
+        }))
+    }
+}
+
+/// What travels inside an outbound TLS session, announced by ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inner {
+    /// One HTTP/1.1 connection.
+    Http1,
+    /// One HTTP/2 connection.
+    H2,
+    /// Opaque TCP.
+    Tcp,
+}
+
+/// The outbound TLS configs of one meshed endpoint, one per ALPN protocol, sharing the
+/// verifier that requires the endpoint's identity.
+pub struct ClientTls {
+    /// The identity the endpoint must present.
+    pub identity: Arc<str>,
+    http1: Arc<ClientConfig>,
+    h2: Arc<ClientConfig>,
+    tcp: Arc<ClientConfig>,
+    current: Arc<ArcSwapOption<Certified>>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An outbound TLS handshake that failed, classified.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS to {addr} ({failure:?})")]
+pub struct HandshakeError {
+    /// The endpoint.
+    pub addr: SocketAddr,
+    /// What went wrong.
+    pub failure: TlsFailure,
+    /// The cause.
+    #[source]
+    pub source: io::Error,
+}
+
+impl ClientTls {
+    /// Runs the TLS handshake over `stream` (already connected to `addr`), announcing
+    /// `inner`, within `timeout`.
+    pub async fn handshake(
+        &self,
+        stream: TcpStream,
+        addr: SocketAddr,
+        inner: Inner,
+        timeout: Duration,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HandshakeError> {
+        if self.current.load().is_none() {
+            return Err(HandshakeError {
+                addr,
+                failure: TlsFailure::NoIdentity,
+                source: io::Error::other("this proxy has no certificate yet"),
+            });
+        }
+        let config = match inner {
+            Inner::Http1 => &self.http1,
+            Inner::H2 => &self.h2,
+            Inner::Tcp => &self.tcp,
+        };
+        let connector = tokio_rustls::TlsConnector::from(config.clone());
+        // The verifier checks the URI SAN, not this name; an IP name sends no SNI.
+        let name = ServerName::IpAddress(addr.ip().into());
+        match tokio::time::timeout(timeout, connector.connect(name, stream)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(source)) => Err(HandshakeError {
+                addr,
+                failure: TlsFailure::of_io(&source),
+                source,
+            }),
+            Err(_) => Err(HandshakeError {
+                addr,
+                failure: TlsFailure::Handshake,
+                source: io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"),
+            }),
+        }
+    }
+}
+
+/// Why a TLS handshake with a peer failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// The peer's chain does not lead to the trust bundle (another CA, a bad signature).
+    Untrusted,
+    /// The peer's certificate has expired.
+    Expired,
+    /// The peer's certificate is not valid yet.
+    NotYetValid,
+    /// The peer's certificate is trusted but names another identity than expected.
+    IdentityMismatch,
+    /// The peer's certificate is trusted but carries no SPIFFE ID.
+    NoPeerIdentity,
+    /// The peer offered no TLS version this side accepts (below 1.3).
+    ProtocolVersion,
+    /// This proxy has no certificate yet.
+    NoIdentity,
+    /// Anything else: an alert from the peer, a broken connection, a timeout.
+    Handshake,
+}
+
+impl TlsFailure {
+    /// The label of `weft_tls_refused_total` and the log field.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TlsFailure::Untrusted => "untrusted",
+            TlsFailure::Expired => "expired",
+            TlsFailure::NotYetValid => "not_yet_valid",
+            TlsFailure::IdentityMismatch => "identity_mismatch",
+            TlsFailure::NoPeerIdentity => "no_peer_identity",
+            TlsFailure::ProtocolVersion => "protocol_version",
+            TlsFailure::NoIdentity => "no_local_identity",
+            TlsFailure::Handshake => "handshake_failed",
+        }
+    }
+
+    /// Classifies the error of a tokio-rustls handshake.
+    pub fn of_io(error: &io::Error) -> TlsFailure {
+        match error.get_ref().and_then(|e| e.downcast_ref::<TlsError>()) {
+            Some(e) => TlsFailure::of(e),
+            None => TlsFailure::Handshake,
+        }
+    }
+
+    /// Classifies a rustls error.
+    pub fn of(error: &TlsError) -> TlsFailure {
+        match error {
+            TlsError::InvalidCertificate(c) => match c {
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    TlsFailure::Expired
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    TlsFailure::NotYetValid
+                }
+                CertificateError::Other(OtherError(e)) => match e.downcast_ref::<PeerIdentity>() {
+                    Some(PeerIdentity::Mismatch { .. }) => TlsFailure::IdentityMismatch,
+                    Some(PeerIdentity::Missing) => TlsFailure::NoPeerIdentity,
+                    None => TlsFailure::Untrusted,
+                },
+                _ => TlsFailure::Untrusted,
+            },
+            TlsError::PeerIncompatible(_) => TlsFailure::ProtocolVersion,
+            _ => TlsFailure::Handshake,
+        }
+    }
+
+    /// The reason code the outbound side answers with.
+    pub const fn code(self) -> crate::errors::ErrorCode {
+        use crate::errors::ErrorCode;
+        match self {
+            TlsFailure::Untrusted => ErrorCode::TlsPeerUntrusted,
+            TlsFailure::Expired => ErrorCode::TlsPeerExpired,
+            TlsFailure::NotYetValid => ErrorCode::TlsPeerNotYetValid,
+            TlsFailure::IdentityMismatch | TlsFailure::NoPeerIdentity => {
+                ErrorCode::TlsIdentityMismatch
+            }
+            TlsFailure::ProtocolVersion | TlsFailure::NoIdentity | TlsFailure::Handshake => {
+                ErrorCode::TlsHandshakeFailed
+            }
+        }
+    }
+}
+
+/// A trusted peer certificate whose identity is not acceptable.
+#[derive(Debug, thiserror::Error)]
+enum PeerIdentity {
+    #[error("the peer presents {got}, expected {expected}")]
+    Mismatch { expected: Arc<str>, got: Arc<str> },
+    #[error("the peer's certificate carries no SPIFFE ID")]
+    Missing,
+}
+
+/// The SPIFFE ID (the single `spiffe://` URI SAN) and validity of a certificate.
+fn describe(cert: &CertificateDer<'_>) -> Result<(Arc<str>, SystemTime, SystemTime), CertError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| CertError::Certificate(format!("does not parse: {e}")))?;
+    let identity = spiffe_id_of(&x509)
+        .ok_or_else(|| CertError::Certificate("carries no single spiffe:// URI SAN".to_owned()))?;
+    let validity = x509.validity();
+    let at = |t: &x509_parser::time::ASN1Time| {
+        let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+        UNIX_EPOCH + Duration::from_secs(secs)
+    };
+    Ok((identity, at(&validity.not_before), at(&validity.not_after)))
+}
+
+fn spiffe_id_of(x509: &x509_parser::certificate::X509Certificate<'_>) -> Option<Arc<str>> {
+    let san = x509.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    match (uris.next(), uris.next()) {
+        (Some(u), None) if u.starts_with("spiffe://") => Some(Arc::from(u)),
+        _ => None,
+    }
+}
+
+/// The SPIFFE ID of a DER certificate, if it carries exactly one.
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<Arc<str>> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    spiffe_id_of(&x509)
+}
+
+fn identity_error(e: PeerIdentity) -> TlsError {
+    TlsError::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// Serves the current certified key to both sides of handshakes.
+#[derive(Debug)]
+struct Resolver(Arc<ArcSwapOption<Certified>>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.load().as_ref().map(|c| c.key.clone())
+    }
+}
+
+impl ResolvesClientCert for Resolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.0.load().as_ref().map(|c| c.key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Verifies a server (the peer an outbound connection reaches): its chain against the
+/// current bundle, then its SPIFFE ID against the one expected of that endpoint.
+#[derive(Debug)]
+struct MeshServerVerifier {
+    expected: Arc<str>,
+    current: Arc<ArcSwapOption<Certified>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        let current = self
+            .current
+            .load_full()
+            .ok_or_else(|| TlsError::General("no trust bundle yet".to_owned()))?;
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &current.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        match peer_identity(end_entity) {
+            Some(got) if got == self.expected => Ok(ServerCertVerified::assertion()),
+            Some(got) => Err(identity_error(PeerIdentity::Mismatch {
+                expected: self.expected.clone(),
+                got,
+            })),
+            None => Err(identity_error(PeerIdentity::Missing)),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Verifies a client certificate (optional) against the current bundle, and requires a
+/// SPIFFE ID in it.
+#[derive(Debug)]
+struct MeshClientVerifier {
+    current: Arc<ArcSwapOption<Certified>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        // Strict mode refuses unauthenticated clients after the handshake, by Policy.
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        let current = self
+            .current
+            .load_full()
+            .ok_or_else(|| TlsError::General("no trust bundle yet".to_owned()))?;
+        current
+            .client_verifier
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match peer_identity(end_entity) {
+            Some(_) => Ok(ClientCertVerified::assertion()),
+            None => Err(identity_error(PeerIdentity::Missing)),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -1,0 +1,606 @@
+//! Mutual TLS between proxies, in process on loopback: a client sidecar (forward listener)
+//! → a server sidecar (inbound listener) → a backend, with certificates from a test CA
+//! made here with rcgen (the operator's issuance is tested in the operator's crate).
+//! Bad peers are played by a bare rustls server or client presenting the certificate
+//! under test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use support::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use weft_proxy::{
+    LocalPorts, Proxy,
+    identity::IdentityStore,
+    limits::Limits,
+    server::{BeforeConfig, ListenerKind},
+};
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/cart";
+
+/// A test certificate authority.
+struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+    pem: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).unwrap();
+        Ca {
+            pem: cert.pem(),
+            params,
+            key,
+        }
+    }
+
+    /// A leaf for `id`, valid from `from` to `until` (relative to now, in seconds).
+    fn issue_at(&self, id: &str, from: i64, until: i64) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time_now();
+        params.not_before = now + time::Duration::seconds(from);
+        params.not_after = now + time::Duration::seconds(until);
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        Leaf {
+            chain: cert.pem(),
+            key: key.serialize_pem(),
+            der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        }
+    }
+
+    fn issue(&self, id: &str) -> Leaf {
+        self.issue_at(id, -60, 3600)
+    }
+
+    /// An identity store holding a fresh certificate for `id`.
+    fn store(&self, id: &str) -> Arc<IdentityStore> {
+        let store = IdentityStore::new().unwrap();
+        self.install(&store, id);
+        store
+    }
+
+    fn install(&self, store: &IdentityStore, id: &str) {
+        let leaf = self.issue(id);
+        store
+            .install_pem(&leaf.chain, &leaf.key, &self.pem)
+            .unwrap();
+    }
+}
+
+fn time_now() -> time::OffsetDateTime {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap()
+}
+
+struct Leaf {
+    chain: String,
+    key: String,
+    der: CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+impl Leaf {
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key_der.clone().into())
+    }
+}
+
+fn proxy_with(identity: Option<Arc<IdentityStore>>) -> Arc<Proxy> {
+    Proxy::with_identity(
+        Limits::default(),
+        BeforeConfig::default(),
+        LocalPorts::default(),
+        identity,
+    )
+}
+
+/// A server sidecar: an inbound listener in front of `app`.
+fn server_sidecar(identity: Option<Arc<IdentityStore>>, app: SocketAddr) -> TestProxy {
+    TestProxy::start_kind(
+        proxy_with(identity),
+        ListenerKind::InboundTo(app),
+        config(&[]),
+    )
+}
+
+/// A config whose service `web` has one endpoint, meshed with `identity`.
+fn meshed_config(endpoint: SocketAddr, identity: &str, opaque: bool) -> serde_json::Value {
+    let mut c = config(&[("web", &[endpoint])]);
+    c["services"][0]["endpoints"][0]["identity"] = serde_json::json!(identity);
+    if opaque {
+        c["services"][0]["protocol"] = serde_json::json!("opaque");
+    }
+    c
+}
+
+/// A client sidecar: a forward listener for service `web`, whose endpoint is `endpoint`.
+fn client_sidecar(
+    identity: Option<Arc<IdentityStore>>,
+    endpoint: SocketAddr,
+    expect: &str,
+) -> TestProxy {
+    TestProxy::start_kind(
+        proxy_with(identity),
+        ListenerKind::Forward(Arc::from("web")),
+        meshed_config(endpoint, expect, false),
+    )
+}
+
+fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+fn metrics_of(p: &TestProxy) -> String {
+    p.proxy.metrics.encode().unwrap()
+}
+
+#[tokio::test]
+async fn mtls_between_two_sidecars_carries_the_client_identity_to_the_backend() {
+    let ca = Ca::new("mesh root");
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), backend.addr);
+    let client = client_sidecar(Some(ca.store(CLIENT_ID)), server.addr, SERVER_ID);
+
+    for c in [h1_client(), h2_client()] {
+        let (resp, body) = get(&c, &client.url("/items")).await;
+        assert_eq!(resp.status(), 200, "{body}");
+        assert_eq!(body, "hello from cart");
+    }
+    // The backend learns who called, from the verified certificate.
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert_eq!(
+            s.header_values("x-forwarded-client-cert"),
+            vec![format!("URI={CLIENT_ID}")]
+        );
+    }
+    // Both sides counted the sessions: one per upstream connection (HTTP/1, HTTP/2).
+    let m = metrics_of(&server);
+    assert_eq!(
+        metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
+        2,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "weft_tls_refused_total", &[]),
+        0,
+        "no refusal: {m}"
+    );
+}
+
+#[tokio::test]
+async fn plain_text_is_still_accepted_inbound_and_cannot_claim_an_identity() {
+    let ca = Ca::new("mesh root");
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), backend.addr);
+    // Permissive: a plain-text client gets through, but a spoofed identity header is
+    // removed before the application sees it.
+    let resp = h1_client()
+        .request(
+            http::Request::get(server.url("/"))
+                .header("x-forwarded-client-cert", format!("URI={CLIENT_ID}"))
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        backend.seen()[0]
+            .header_values("x-forwarded-client-cert")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn opaque_tcp_travels_inside_the_tls_session() {
+    let ca = Ca::new("mesh root");
+    let (app, _task) = tcp_backend("127.0.0.1", "echo-until-eof").await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app);
+    let client = TestProxy::start_kind(
+        proxy_with(Some(ca.store(CLIENT_ID))),
+        ListenerKind::Forward(Arc::from("web")),
+        meshed_config(server.addr, SERVER_ID, true),
+    );
+    let mut s = connect(client.addr).await;
+    s.write_all(b"twelve bytes").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, "got 12 bytes");
+    let m = metrics_of(&server);
+    assert_eq!(
+        metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
+        1
+    );
+}
+
+/// A peer that is not a Weft proxy: a bare TLS 1.3 server presenting `leaf`, answering
+/// every HTTP/1 request with 200.
+async fn bare_tls_server(leaf: &Leaf, ca_pem: &str) -> SocketAddr {
+    let mut chain = vec![leaf.der.clone()];
+    chain.extend(rustls_pemfile::certs(&mut ca_pem.as_bytes()).map(|c| c.unwrap()));
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, leaf.key())
+    .unwrap();
+    config.alpn_protocols = vec![b"weft-http1".to_vec(), b"weft-h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(s).await {
+                    let mut buf = [0u8; 1024];
+                    let _ = tls.read(&mut buf).await;
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends one request through a client sidecar whose endpoint is `peer` (expected to be
+/// `SERVER_ID`), and returns the status and `weft-error` reason.
+async fn through_client(ca: &Ca, peer: SocketAddr) -> (u16, String, String) {
+    let client = client_sidecar(Some(ca.store(CLIENT_ID)), peer, SERVER_ID);
+    let (resp, _) = get(&h1_client(), &client.url("/")).await;
+    let reason = resp
+        .headers()
+        .get("weft-error")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (resp.status().as_u16(), reason, metrics_of(&client))
+}
+
+#[tokio::test]
+async fn outbound_refuses_a_peer_certificate_signed_by_another_ca() {
+    let mesh = Ca::new("mesh root");
+    let other = Ca::new("another root");
+    // Control: the same bare server with a mesh certificate is accepted.
+    let good = bare_tls_server(&mesh.issue(SERVER_ID), &mesh.pem).await;
+    assert_eq!(through_client(&mesh, good).await.0, 200);
+
+    let peer = bare_tls_server(&other.issue(SERVER_ID), &other.pem).await;
+    let (status, reason, m) = through_client(&mesh, peer).await;
+    assert_eq!((status, reason.as_str()), (502, "tls_peer_untrusted"));
+    assert_eq!(
+        metric(
+            &m,
+            "weft_tls_refused_total",
+            &["direction=\"outbound\"", "reason=\"untrusted\""]
+        ),
+        1,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn outbound_refuses_an_expired_peer_certificate() {
+    let mesh = Ca::new("mesh root");
+    let peer = bare_tls_server(&mesh.issue_at(SERVER_ID, -7200, -3600), &mesh.pem).await;
+    let (status, reason, _) = through_client(&mesh, peer).await;
+    assert_eq!((status, reason.as_str()), (502, "tls_peer_expired"));
+}
+
+#[tokio::test]
+async fn outbound_refuses_a_peer_certificate_not_valid_yet() {
+    let mesh = Ca::new("mesh root");
+    let peer = bare_tls_server(&mesh.issue_at(SERVER_ID, 3600, 7200), &mesh.pem).await;
+    let (status, reason, _) = through_client(&mesh, peer).await;
+    assert_eq!((status, reason.as_str()), (502, "tls_peer_not_yet_valid"));
+}
+
+#[tokio::test]
+async fn outbound_refuses_a_trusted_peer_with_another_identity_and_never_falls_back() {
+    let mesh = Ca::new("mesh root");
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    // A real sidecar, trusted, but it is someone else.
+    let server = server_sidecar(
+        Some(mesh.store("spiffe://cluster.local/ns/shop/sa/impostor")),
+        backend.addr,
+    );
+    let (status, reason, _) = through_client(&mesh, server.addr).await;
+    assert_eq!((status, reason.as_str()), (502, "tls_identity_mismatch"));
+    // Not retried in plain text: the backend never saw a request.
+    assert_eq!(backend.requests(), 0);
+}
+
+#[tokio::test]
+async fn outbound_without_a_certificate_yet_fails_rather_than_send_plain_text() {
+    let mesh = Ca::new("mesh root");
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    let server = server_sidecar(Some(mesh.store(SERVER_ID)), backend.addr);
+    let client = client_sidecar(Some(IdentityStore::new().unwrap()), server.addr, SERVER_ID);
+    let (resp, _) = get(&h1_client(), &client.url("/")).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(header(&resp, "weft-error"), "tls_handshake_failed");
+    assert_eq!(backend.requests(), 0);
+}
+
+/// A bare TLS client of `versions`, presenting `leaf` if given, offering ALPN
+/// `weft-http1`; returns whether an HTTP/1 request through the session got an answer.
+async fn bare_tls_client(
+    addr: SocketAddr,
+    trust: &str,
+    leaf: Option<&Leaf>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> bool {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut trust.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyServer(
+        rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
+            .build()
+            .unwrap(),
+    )));
+    let mut config = match leaf {
+        Some(l) => builder
+            .with_client_auth_cert(vec![l.der.clone()], l.key())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"weft-http1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::IpAddress(addr.ip().into());
+    let Ok(mut tls) = connector.connect(name, tcp).await else {
+        return false;
+    };
+    if tls
+        .write_all(b"GET / HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await,
+        Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1 200")
+    )
+}
+
+/// Accepts any server certificate: what is under test is the sidecar's check of the
+/// client, not this client's check of the sidecar.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(m, c, d)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[tokio::test]
+async fn inbound_refuses_bad_client_certificates_and_tls_below_1_3_with_reasons() {
+    let mesh = Ca::new("mesh root");
+    let other = Ca::new("another root");
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    let server = server_sidecar(Some(mesh.store(SERVER_ID)), backend.addr);
+    let tls13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+    // Control: a good client certificate, and none at all (Permissive), get through.
+    let good = mesh.issue(CLIENT_ID);
+    assert!(bare_tls_client(server.addr, &mesh.pem, Some(&good), tls13).await);
+    assert!(bare_tls_client(server.addr, &mesh.pem, None, tls13).await);
+
+    let cases: [(
+        Option<Leaf>,
+        &[&'static rustls::SupportedProtocolVersion],
+        &str,
+    ); 4] = [
+        (Some(other.issue(CLIENT_ID)), tls13, "untrusted"),
+        (
+            Some(mesh.issue_at(CLIENT_ID, -7200, -3600)),
+            tls13,
+            "expired",
+        ),
+        (
+            Some(mesh.issue_at(CLIENT_ID, 3600, 7200)),
+            tls13,
+            "not_yet_valid",
+        ),
+        (Some(good), &[&rustls::version::TLS12], "protocol_version"),
+    ];
+    for (leaf, versions, reason) in cases {
+        assert!(
+            !bare_tls_client(server.addr, &mesh.pem, leaf.as_ref(), versions).await,
+            "{reason}: refused"
+        );
+        eventually(Duration::from_secs(5), reason, || {
+            let m = metrics_of(&server);
+            async move {
+                metric(
+                    &m,
+                    "weft_tls_refused_total",
+                    &["direction=\"inbound\"", &format!("reason=\"{reason}\"")],
+                ) == 1
+            }
+        })
+        .await;
+    }
+    assert_eq!(
+        backend.requests(),
+        2,
+        "only the two accepted clients got through"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_constant_load_loses_no_request() {
+    let ca = Ca::new("mesh root");
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    let server_id = ca.store(SERVER_ID);
+    let client_id = ca.store(CLIENT_ID);
+    let server = server_sidecar(Some(server_id.clone()), backend.addr);
+    let client = client_sidecar(Some(client_id.clone()), server.addr, SERVER_ID);
+    let url = client.url("/");
+
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut load = Vec::new();
+    for _ in 0..8 {
+        let (url, ok, failed, stop) = (url.clone(), ok.clone(), failed.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let c = h1_client();
+            while !stop.is_cancelled() {
+                let (resp, _) = get(&c, &url).await;
+                if resp.status() == 200 {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // Rotate both sides' certificates (new keys, short lifetimes) 20 times while requests
+    // flow; each rotation also replaces the client's upstream pools (a changed connect
+    // timeout), so new connections handshake with the new certificates while old ones
+    // finish on the old.
+    let mut serials = Vec::new();
+    for i in 0..20u64 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = ca.issue_at(SERVER_ID, -1, 30);
+        server_id.install_pem(&s.chain, &s.key, &ca.pem).unwrap();
+        let c = ca.issue_at(CLIENT_ID, -1, 30);
+        client_id.install_pem(&c.chain, &c.key, &ca.pem).unwrap();
+        serials.push(server_id.current().unwrap().not_after_unix());
+        let mut cfg = meshed_config(server.addr, SERVER_ID, false);
+        cfg["services"][0]["connectTimeout"] = serde_json::json!(format!("{}ms", 1000 + i));
+        client.apply(cfg);
+    }
+    stop.cancel();
+    for t in load {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert!(ok > 100, "load ran: {ok} requests");
+    let sessions = metric(
+        &metrics_of(&server),
+        "weft_tls_sessions_total",
+        &["direction=\"inbound\""],
+    );
+    assert!(sessions >= 20, "new handshakes during rotation: {sessions}");
+}
+
+#[tokio::test]
+async fn ready_waits_for_the_first_certificate_and_says_why() {
+    let ca = Ca::new("mesh root");
+    let store = IdentityStore::new().unwrap();
+    let proxy = proxy_with(Some(store.clone()));
+    proxy
+        .store
+        .apply(serde_json::from_value(config(&[])).unwrap())
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(weft_proxy::admin::serve(listener, proxy, stop.clone()));
+    let url = format!("http://{addr}/ready");
+    store.set_error("connect to the identity endpoint: refused".to_owned());
+    let (resp, body) = get(&h1_client(), &url).await;
+    assert_eq!(resp.status(), 503);
+    assert!(
+        body.contains("no certificate yet") && body.contains("refused"),
+        "{body}"
+    );
+    ca.install(&store, CLIENT_ID);
+    let (resp, _) = get(&h1_client(), &url).await;
+    assert_eq!(resp.status(), 200);
+    let (resp, body) = get(&h1_client(), &format!("http://{addr}/config")).await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        body.contains(CLIENT_ID) && body.contains("notAfter"),
+        "{body}"
+    );
+    stop.cancel();
+}
