@@ -14,7 +14,7 @@
 //! [`orig_dst`], [`metrics`], [`errors`], [`limits`], [`admin`], [`source`], [`shutdown`],
 //! [`control`] (the operator's push stream), [`enforce`] (what it enforces of the resources),
 //! [`route`] (the routing stages: normalize, match, rewrite, edit headers, split, fault),
-//! [`retry`] (retry policy, backoff and budget), [`ratelimit`] (inbound token buckets).
+//! [`retry`] (retry policy, backoff and budget), [`ratelimit`] (inbound token buckets), [`authz`] (inbound authorization).
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod access_log;
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod breaker;
 pub mod config;
