@@ -8,6 +8,9 @@ use http::StatusCode;
 
 /// The response header that carries [`ErrorCode::as_str`] on responses the proxy generated.
 pub const ERROR_HEADER: &str = "weft-error";
+/// The response header naming the Policy (`namespace/name`) that denied a request
+/// ([`ErrorCode::Forbidden`]).
+pub const POLICY_HEADER: &str = "weft-policy";
 
 /// Why the proxy, rather than the upstream, produced a response or dropped a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -49,11 +52,17 @@ pub enum ErrorCode {
     /// A connection-pool limit of the service's Breaker (`maxRequests`, `maxConnections`,
     /// `maxPendingRequests`) is reached; refused at once, nothing was sent (503).
     Overloaded,
+    /// A Policy's authorization denied the request (403; gRPC `PERMISSION_DENIED`); the
+    /// `weft-policy` header names the Policy.
+    Forbidden,
+    /// The workload's mTLS mode is `strict` and the client spoke plain text, without a
+    /// mesh identity (403; gRPC `UNAUTHENTICATED`).
+    MtlsRequired,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::NoEndpoints,
         ErrorCode::ServiceNotFound,
         ErrorCode::ConnectFailed,
@@ -70,6 +79,8 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::PerTryTimeout,
         ErrorCode::Overloaded,
+        ErrorCode::Forbidden,
+        ErrorCode::MtlsRequired,
     ];
 
     /// The stable text sent in the `weft-error` header and used as the metric label.
@@ -91,6 +102,8 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::PerTryTimeout => "per_try_timeout",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::MtlsRequired => "mtls_required",
         }
     }
 
@@ -104,6 +117,7 @@ impl ErrorCode {
             | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::BackendNotFound => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Forbidden | ErrorCode::MtlsRequired => StatusCode::FORBIDDEN,
             ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::RequestTargetTooLong => StatusCode::URI_TOO_LONG,
             ErrorCode::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -125,6 +139,10 @@ impl ErrorCode {
             ErrorCode::ResponseTimeout
             | ErrorCode::RequestBodyTimeout
             | ErrorCode::PerTryTimeout => 4,
+            // PERMISSION_DENIED, as gRPC maps HTTP 403.
+            ErrorCode::Forbidden => 7,
+            // UNAUTHENTICATED: the client presented no identity at all.
+            ErrorCode::MtlsRequired => 16,
             // INTERNAL: a configuration error, not worth a client's retry.
             ErrorCode::BackendNotFound => 13,
             // INTERNAL, as gRPC maps HTTP 400.
