@@ -32,7 +32,7 @@ use http::{HeaderMap, Method};
 use weft_api::traffic::{self as wire, AuthzAction, MtlsMode};
 
 use crate::route::{
-    matching::{MatchInput, METHODS, RequestMatch},
+    matching::{METHODS, MatchInput, RequestMatch},
     normalize::normalize_path,
 };
 
@@ -129,9 +129,7 @@ impl Authorizer {
         for (i, p) in w.iter().enumerate() {
             let at = format!("{field}[{i}]");
             if p.name.is_empty() || p.name.len() > 253 || p.name.chars().any(char::is_control) {
-                problems.push(format!(
-                    "{at}.name: must be 1 to 253 printable characters"
-                ));
+                problems.push(format!("{at}.name: must be 1 to 253 printable characters"));
             }
             if w[..i].iter().any(|o| o.name == p.name) {
                 problems.push(format!(
@@ -192,7 +190,12 @@ impl Authorizer {
         let mut dry_default_deny: Option<&Arc<str>> = None;
         for p in &self.policies {
             for r in &p.rules {
-                if (r.deny && if p.dry_run { dry_deny.is_some() } else { deny.is_some() })
+                if (r.deny
+                    && if p.dry_run {
+                        dry_deny.is_some()
+                    } else {
+                        deny.is_some()
+                    })
                     || !r.matches(subject, input.as_ref())
                 {
                     continue;
@@ -292,12 +295,11 @@ fn rule(w: &wire::AuthzRuleConfig, at: &str, problems: &mut Vec<String>) -> Opti
         .enumerate()
         .map(|(k, s)| source(s, &format!("{at}.from[{k}]"), problems))
         .collect();
-    let to: Vec<Destination> = w
-        .to
-        .iter()
-        .enumerate()
-        .map(|(k, d)| destination(d, &format!("{at}.to[{k}]"), problems))
-        .collect();
+    let to: Vec<Destination> =
+        w.to.iter()
+            .enumerate()
+            .map(|(k, d)| destination(d, &format!("{at}.to[{k}]"), problems))
+            .collect();
     (problems.len() == before).then_some(Rule {
         deny: w.action == AuthzAction::Deny,
         from,
@@ -338,7 +340,10 @@ fn source(w: &wire::AuthzSourceConfig, at: &str, problems: &mut Vec<String>) -> 
     ] {
         // Namespaces and ServiceAccounts compile into these: a little more room.
         if len > 4 * MAX_ENTRIES {
-            problems.push(format!("{at}.{name}: {len} entries, at most {}", 4 * MAX_ENTRIES));
+            problems.push(format!(
+                "{at}.{name}: {len} entries, at most {}",
+                4 * MAX_ENTRIES
+            ));
         }
     }
     for (k, id) in w.identities.iter().enumerate() {
@@ -364,12 +369,20 @@ fn source(w: &wire::AuthzSourceConfig, at: &str, problems: &mut Vec<String>) -> 
     }
     Source {
         identities: w.identities.iter().map(|s| s.as_str().into()).collect(),
-        prefixes: w.identity_prefixes.iter().map(|s| s.as_str().into()).collect(),
+        prefixes: w
+            .identity_prefixes
+            .iter()
+            .map(|s| s.as_str().into())
+            .collect(),
         unauthenticated: w.unauthenticated,
     }
 }
 
-fn destination(w: &wire::AuthzDestinationConfig, at: &str, problems: &mut Vec<String>) -> Destination {
+fn destination(
+    w: &wire::AuthzDestinationConfig,
+    at: &str,
+    problems: &mut Vec<String>,
+) -> Destination {
     for (name, len) in [
         ("ports", w.ports.len()),
         ("paths", w.paths.len()),

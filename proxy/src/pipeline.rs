@@ -188,7 +188,10 @@ impl HttpConn {
         let snapshot = self.store.load()?;
         let identity = self.client_identity.as_deref();
         if crate::authz::mtls_refuses(snapshot.config.inbound_mtls, identity) {
-            tracing::debug!(path = req.uri().path(), "plain-text client refused: mTLS is strict");
+            tracing::debug!(
+                path = req.uri().path(),
+                "plain-text client refused: mTLS is strict"
+            );
             return Some(self.fail(labels, ErrorCode::MtlsRequired, grpc, start));
         }
         let authz = snapshot.config.authorization.as_ref()?;
@@ -225,7 +228,8 @@ impl HttpConn {
                 let mut resp = self.fail(labels, ErrorCode::Forbidden, grpc, start);
                 let named = HeaderValue::from_str(&policy).ok();
                 if let Some(v) = &named {
-                    resp.headers_mut().insert(crate::errors::POLICY_HEADER, v.clone());
+                    resp.headers_mut()
+                        .insert(crate::errors::POLICY_HEADER, v.clone());
                 }
                 let why = format!("denied by Policy {policy}");
                 if grpc {

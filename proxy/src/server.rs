@@ -250,10 +250,13 @@ fn admit_opaque(proxy: &Proxy, route: &Route, identity: Option<&str>) -> bool {
     }) {
         crate::authz::Verdict::Allow => true,
         crate::authz::Verdict::DryRunDeny { policy } => {
-            proxy
-                .metrics
-                .traffic
-                .authz_dry_run(&ServiceLabel::local(), &policy, identity, None, None);
+            proxy.metrics.traffic.authz_dry_run(
+                &ServiceLabel::local(),
+                &policy,
+                identity,
+                None,
+                None,
+            );
             true
         }
         crate::authz::Verdict::Deny { policy } => {
@@ -261,7 +264,9 @@ fn admit_opaque(proxy: &Proxy, route: &Route, identity: Option<&str>) -> bool {
                 .metrics
                 .traffic
                 .authz_denied(&policy, identity, None, None);
-            proxy.metrics.error(Direction::Inbound, ErrorCode::Forbidden);
+            proxy
+                .metrics
+                .error(Direction::Inbound, ErrorCode::Forbidden);
             false
         }
     }

@@ -172,7 +172,11 @@ async fn a_denied_request_gets_403_forbidden_naming_the_policy_and_never_reaches
 
     let metrics = proxy.proxy.metrics.encode().unwrap();
     assert_eq!(
-        metric(&metrics, "weft_authz_denials_total", &["policy=\"shop/web\""]),
+        metric(
+            &metrics,
+            "weft_authz_denials_total",
+            &["policy=\"shop/web\""]
+        ),
         2.0,
         "{metrics}"
     );
@@ -228,7 +232,13 @@ async fn identities_and_namespaces_decide_what_each_client_may_call() {
     };
     let client = h1_client();
     // web: POST /api allowed; GET /shop not (only unauthenticated clients get that rule).
-    assert_eq!(send(&client, post(web.addr, "/api/orders")).await.0.status(), 200);
+    assert_eq!(
+        send(&client, post(web.addr, "/api/orders"))
+            .await
+            .0
+            .status(),
+        200
+    );
     assert_eq!(get_path(web.addr, "/shop").await.0.status(), 403);
     assert_eq!(get_path(web.addr, "/admin").await.0.status(), 403);
     // cart: nothing.
@@ -376,8 +386,10 @@ async fn a_per_client_rate_limit_counts_identified_clients_by_identity() {
 #[tokio::test]
 async fn an_invalid_authorization_is_refused_naming_the_field() {
     let proxy = Proxy::new();
-    let cfg = inbound_config(json!({"authorization": [{"name": "a/b", "defaultAction": "deny",
-        "rules": [{"action": "allow", "from": [{"identityPrefixes": ["spiffe://td/ns/shop"]}]}]}]}));
+    let cfg = inbound_config(
+        json!({"authorization": [{"name": "a/b", "defaultAction": "deny",
+        "rules": [{"action": "allow", "from": [{"identityPrefixes": ["spiffe://td/ns/shop"]}]}]}]}),
+    );
     let error = proxy
         .store
         .apply(serde_json::from_value(cfg).unwrap())

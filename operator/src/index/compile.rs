@@ -17,16 +17,15 @@
 //! (`retries.attempts` 2, `retryOn` connect-failure, refused-stream, unavailable).
 
 use weft_api::proxy_config::{
-    AuthorizationConfig, AuthzAction, AuthzDestinationConfig, AuthzRuleConfig,
-    AuthzSourceConfig, BackendConfig, BackoffConfig, BreakerConfig, ConnectionPoolConfig, FaultAbortConfig,
+    AuthorizationConfig, AuthzAction, AuthzDestinationConfig, AuthzRuleConfig, AuthzSourceConfig,
+    BackendConfig, BackoffConfig, BreakerConfig, ConnectionPoolConfig, FaultAbortConfig,
     FaultConfig, FaultDelayConfig, HeaderConfig, HeaderEditsConfig, MatchConfig, MirrorConfig,
     OutlierDetectionConfig, PathMatchConfig, RateLimitConfig, RateLimitPer, RetryBudgetConfig,
     RetryConfig, RetryOn, RewriteConfig, RouteConfig, RuleConfig, ValueMatchConfig, ValueMatchKind,
 };
 use weft_crds::{
-    BreakerSpec, RouteSpec,
+    BreakerSpec, PolicySpec, RouteSpec,
     common::{HttpMethod, PathMatch, ValueMatchType},
-    PolicySpec,
     policy::{Action, RateLimit, RateLimitScope},
     route::{self, HeaderEdits, RouteRule},
 };
@@ -243,7 +242,11 @@ pub fn rate_limit(key: &ObjectKey, limit: &RateLimit) -> RateLimitConfig {
 /// a ServiceAccount becomes `spiffe://<trust domain>/ns/<namespace>/sa/<name>` (the
 /// Policy's namespace when it names none), a namespace the prefix
 /// `spiffe://<trust domain>/ns/<namespace>/sa/`, SPIFFE IDs stay as they are.
-pub fn authorization(key: &ObjectKey, spec: &PolicySpec, trust_domain: &str) -> AuthorizationConfig {
+pub fn authorization(
+    key: &ObjectKey,
+    spec: &PolicySpec,
+    trust_domain: &str,
+) -> AuthorizationConfig {
     let action = |a: Action| match a {
         Action::Allow => AuthzAction::Allow,
         Action::Deny => AuthzAction::Deny,
@@ -283,7 +286,11 @@ pub fn authorization(key: &ObjectKey, spec: &PolicySpec, trust_domain: &str) -> 
                     .map(|d| AuthzDestinationConfig {
                         ports: d.ports.clone(),
                         paths: d.paths.iter().filter_map(path_match).collect(),
-                        methods: d.methods.iter().map(|m| method_name(*m).to_owned()).collect(),
+                        methods: d
+                            .methods
+                            .iter()
+                            .map(|m| method_name(*m).to_owned())
+                            .collect(),
                     })
                     .collect(),
             })

@@ -43,11 +43,11 @@ use std::{
     sync::Arc,
 };
 
+use weft_api::proxy_config::MtlsMode;
 use weft_api::{
     proxy_config::{Balancer, EndpointConfig, InboundConfig, Protocol, ServiceConfig},
     push::ResourceRef,
 };
-use weft_api::proxy_config::MtlsMode;
 use weft_crds::{common::ServiceRef, policy::Action};
 
 use model::{

@@ -533,7 +533,12 @@ fn policies_compile_into_the_inbound_config_of_their_pods_and_the_strictest_mode
 fn a_disabled_mode_strips_the_pods_identity_from_every_clients_view() {
     let mut i = shop();
     let identity = |i: &Index| {
-        i.view(&key("shop", "client")).unwrap().services.get("web.shop.80").unwrap().endpoints[0]
+        i.view(&key("shop", "client"))
+            .unwrap()
+            .services
+            .get("web.shop.80")
+            .unwrap()
+            .endpoints[0]
             .identity
             .clone()
     };

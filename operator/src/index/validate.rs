@@ -52,8 +52,7 @@ pub fn policy(key: &ObjectKey, spec: &PolicySpec) -> Result<(), Vec<String>> {
         problems.extend(p);
     }
     let authz = compile::authorization(key, spec, "cluster.local");
-    if let Err(p) = weft_proxy::authz::Authorizer::from_wire(std::slice::from_ref(&authz), "spec")
-    {
+    if let Err(p) = weft_proxy::authz::Authorizer::from_wire(std::slice::from_ref(&authz), "spec") {
         // The proxy names `spec[0].rules[..]`; the Policy's own field is `spec.rules[..]`.
         problems.extend(p.into_iter().map(|p| p.replacen("spec[0].", "spec.", 1)));
     }

@@ -140,7 +140,10 @@ fn deny_wins_over_allow_across_policies() {
 fn defaults_allow_or_deny_what_no_rule_matches() {
     let allow = authz(serde_json::json!([{"name": "a/b", "defaultAction": "allow",
         "rules": [{"action": "deny", "from": [{"unauthenticated": true}]}]}]));
-    assert_eq!(http(&allow, Some(CART), 80, Method::GET, "/"), Verdict::Allow);
+    assert_eq!(
+        http(&allow, Some(CART), 80, Method::GET, "/"),
+        Verdict::Allow
+    );
     assert_eq!(http(&allow, None, 80, Method::GET, "/"), deny("a/b"));
     let closed = authz(serde_json::json!([{"name": "a/b", "defaultAction": "deny"}]));
     assert_eq!(http(&closed, Some(CART), 80, Method::GET, "/"), deny("a/b"));
@@ -210,22 +213,26 @@ fn normalization_bypasses_get_through_zero_times() {
 
 #[test]
 fn opaque_connections_meet_ports_and_clients_only() {
-    let a = authz(serde_json::json!([{"name": "db/pg", "defaultAction": "deny",
+    let a = authz(
+        serde_json::json!([{"name": "db/pg", "defaultAction": "deny",
         "rules": [
             {"action": "allow", "from": [{"identities": [WEB]}], "to": [{"ports": [5432]}]},
             {"action": "allow", "from": [{"identities": [CART]}],
              "to": [{"ports": [5432], "paths": [{"prefix": "/"}]}]},
             {"action": "deny", "from": [{"identities": [PROM]}],
              "to": [{"methods": ["GET"]}]}
-        ]}]));
+        ]}]),
+    );
     assert_eq!(tcp(&a, Some(WEB), 5432), Verdict::Allow);
     assert_eq!(tcp(&a, Some(WEB), 5433), deny("db/pg"));
     // An allow rule with HTTP-only conditions does not open an opaque port...
     assert_eq!(tcp(&a, Some(CART), 5432), deny("db/pg"));
     // ...and a deny rule ignores them: fail closed.
-    let b = authz(serde_json::json!([{"name": "db/pg", "defaultAction": "allow",
+    let b = authz(
+        serde_json::json!([{"name": "db/pg", "defaultAction": "allow",
         "rules": [{"action": "deny", "from": [{"identities": [PROM]}],
-                   "to": [{"methods": ["GET"]}]}]}]));
+                   "to": [{"methods": ["GET"]}]}]}]),
+    );
     assert_eq!(tcp(&b, Some(PROM), 5432), deny("db/pg"));
     assert_eq!(tcp(&b, Some(WEB), 5432), Verdict::Allow);
 }
