@@ -258,6 +258,8 @@ mod docs_tests {
             .route_event(&web, &Arc::from("shop/web"), &rule, RouteEvent::Retry);
         m.traffic.rate_limited("shop/limit");
         m.traffic.dry_run(&web, DryRun::RateLimit);
+        m.traffic
+            .authz_denied("shop/web", None, Some("/admin"), Some("GET"));
         m
     }
 
