@@ -51,6 +51,11 @@ pub struct PolicySpec {
     /// Limits the request rate the workload receives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Dry run of the authorization (`rules` and `defaultAction`): let every request
+    /// through, and record (a counter and a rate-limited log line) each one this Policy
+    /// would have denied. The mTLS mode and the rate limit are not affected.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// The pods a Policy applies to: exactly one of `selector` or `service`.

@@ -264,6 +264,8 @@ mod docs_tests {
             Direction::Inbound,
             weft_proxy::identity::TlsFailure::Untrusted,
         );
+        m.traffic
+            .authz_denied("shop/web", None, Some("/admin"), Some("GET"));
         m
     }
 

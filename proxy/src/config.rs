@@ -50,6 +50,10 @@ pub struct Config {
     pub services: Vec<Arc<Service>>,
     /// The rate limit on requests to this proxy's own workload, validated.
     pub inbound_rate_limit: Option<wire::RateLimitConfig>,
+    /// Which transports inbound clients may use (`permissive` when the config says none).
+    pub inbound_mtls: wire::MtlsMode,
+    /// Inbound authorization; `None` when no policy applies (everything is allowed).
+    pub authorization: Option<Arc<crate::authz::Authorizer>>,
     by_name: HashMap<String, usize>,
     by_addr: HashMap<SocketAddr, usize>,
 }
@@ -247,16 +251,23 @@ impl Config {
             }
         }
         let services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
-        if let Some(inbound) = &raw.inbound
-            && (inbound.mtls.is_some() || !inbound.authorization.is_empty())
-        {
-            // Not enforced yet: refused rather than ignored (the operator does not send
-            // them to this proxy).
-            problems.push(format!(
-                "inbound: mtls and authorization are not enforced by {}",
-                crate::enforce::PROXY_AGENT
-            ));
-        }
+        let inbound_mtls = raw
+            .inbound
+            .as_ref()
+            .and_then(|i| i.mtls)
+            .unwrap_or_default();
+        let authorization = match raw.inbound.as_ref().map(|i| i.authorization.as_slice()) {
+            None | Some([]) => None,
+            Some(policies) => {
+                match crate::authz::Authorizer::from_wire(policies, "inbound.authorization") {
+                    Ok(a) => Some(Arc::new(a)),
+                    Err(p) => {
+                        problems.extend(p);
+                        None
+                    }
+                }
+            }
+        };
         let inbound_rate_limit = raw.inbound.as_ref().and_then(|i| i.rate_limit.as_ref());
         if let Some(limit) = inbound_rate_limit
             && let Err(p) = crate::ratelimit::RateLimiter::from_wire(limit, "inbound.rateLimit")
@@ -274,6 +285,8 @@ impl Config {
             opaque_ports,
             services,
             inbound_rate_limit: inbound_rate_limit.cloned(),
+            inbound_mtls,
+            authorization,
             by_name,
             by_addr,
         })

@@ -18,9 +18,25 @@ pub const PROXY_AGENT: &str = concat!("weft-proxy ", env!("CARGO_PKG_VERSION"));
 
 /// The enforcement features this proxy has: every part of a Route (matching, weighted
 /// backends, timeouts, retries under a budget, faults, mirrors, header edits, rewrites), a
-/// Breaker's outlier ejection and pool limits, and a Policy's rate limit. Not yet: a Policy's mTLS mode and authorization rules (they come
-/// with mesh identities).
-pub const FEATURES: &[&str] = &feature::TRAFFIC_POLICY;
+/// Breaker's outlier ejection and pool limits, and a Policy's rate limit and authorization
+/// rules. Not yet: a Policy's mTLS mode, which needs the proxies to speak mutual TLS (the
+/// proxy refuses plain text under `strict`, but no client originates mTLS yet).
+pub const FEATURES: &[&str] = &[
+    feature::ROUTE_BACKENDS,
+    feature::ROUTE_TIMEOUT,
+    feature::ROUTE_MATCHES,
+    feature::ROUTE_PER_TRY_TIMEOUT,
+    feature::ROUTE_RETRIES,
+    feature::ROUTE_FAULT,
+    feature::ROUTE_MIRROR,
+    feature::ROUTE_REQUEST_HEADERS,
+    feature::ROUTE_RESPONSE_HEADERS,
+    feature::ROUTE_REWRITE,
+    feature::POLICY_RATE_LIMIT,
+    feature::POLICY_AUTHORIZATION,
+    feature::BREAKER_OUTLIER_DETECTION,
+    feature::BREAKER_CONNECTION_POOL,
+];
 
 /// Whether this proxy has `feature`.
 pub fn has(feature: &str) -> bool {
@@ -74,6 +90,15 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn every_traffic_policy_feature_and_authorization_are_enforced() {
+        for f in feature::TRAFFIC_POLICY {
+            assert!(has(f), "{f}");
+        }
+        assert!(has(feature::POLICY_AUTHORIZATION));
+        assert!(!has(feature::POLICY_MTLS), "not until proxies speak mTLS");
     }
 
     #[test]

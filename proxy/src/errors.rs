@@ -8,6 +8,9 @@ use http::StatusCode;
 
 /// The response header that carries [`ErrorCode::as_str`] on responses the proxy generated.
 pub const ERROR_HEADER: &str = "weft-error";
+/// The response header naming the Policy (`namespace/name`) that denied a request
+/// ([`ErrorCode::Forbidden`]).
+pub const POLICY_HEADER: &str = "weft-policy";
 
 /// Why the proxy, rather than the upstream, produced a response or dropped a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -63,11 +66,17 @@ pub enum ErrorCode {
     /// The mutual TLS handshake with the meshed endpoint failed otherwise: it refused this
     /// proxy's certificate, spoke no TLS 1.3, or this proxy has no certificate yet (502).
     TlsHandshakeFailed,
+    /// A Policy's authorization denied the request (403; gRPC `PERMISSION_DENIED`); the
+    /// `weft-policy` header names the Policy.
+    Forbidden,
+    /// The workload's mTLS mode is `strict` and the client spoke plain text, without a
+    /// mesh identity (403; gRPC `UNAUTHENTICATED`).
+    MtlsRequired,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::NoEndpoints,
         ErrorCode::ServiceNotFound,
         ErrorCode::ConnectFailed,
@@ -89,6 +98,8 @@ impl ErrorCode {
         ErrorCode::TlsPeerNotYetValid,
         ErrorCode::TlsIdentityMismatch,
         ErrorCode::TlsHandshakeFailed,
+        ErrorCode::Forbidden,
+        ErrorCode::MtlsRequired,
     ];
 
     /// The stable text sent in the `weft-error` header and used as the metric label.
@@ -115,6 +126,8 @@ impl ErrorCode {
             ErrorCode::TlsPeerNotYetValid => "tls_peer_not_yet_valid",
             ErrorCode::TlsIdentityMismatch => "tls_identity_mismatch",
             ErrorCode::TlsHandshakeFailed => "tls_handshake_failed",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::MtlsRequired => "mtls_required",
         }
     }
 
@@ -128,6 +141,7 @@ impl ErrorCode {
             | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::BackendNotFound => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Forbidden | ErrorCode::MtlsRequired => StatusCode::FORBIDDEN,
             ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::RequestTargetTooLong => StatusCode::URI_TOO_LONG,
             ErrorCode::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -155,6 +169,10 @@ impl ErrorCode {
             ErrorCode::ResponseTimeout
             | ErrorCode::RequestBodyTimeout
             | ErrorCode::PerTryTimeout => 4,
+            // PERMISSION_DENIED, as gRPC maps HTTP 403.
+            ErrorCode::Forbidden => 7,
+            // UNAUTHENTICATED: the client presented no identity at all.
+            ErrorCode::MtlsRequired => 16,
             // INTERNAL: a configuration error, not worth a client's retry.
             ErrorCode::BackendNotFound => 13,
             // INTERNAL, as gRPC maps HTTP 400.

@@ -522,6 +522,9 @@ impl HttpConn {
             }
             return resp;
         }
+        if let Some(refused) = self.authorize(&mut req, labels, grpc, start) {
+            return refused;
+        }
         if let Some(refused) = self.rate_limit(labels, grpc, start) {
             return refused;
         }

@@ -15,7 +15,8 @@
 //! [`control`] (the operator's push stream), [`enforce`] (what it enforces of the resources),
 //! [`route`] (the routing stages: normalize, match, rewrite, edit headers, split, fault),
 //! [`retry`] (retry policy, backoff and budget), [`ratelimit`] (inbound token buckets),
-//! [`identity`] (the proxy's certificate and mutual TLS between proxies).
+//! [`identity`] (the proxy's certificate and mutual TLS between proxies), [`authz`]
+//! (inbound authorization and the mTLS mode).
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod access_log;
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod breaker;
 pub mod config;

@@ -3,7 +3,7 @@
 //! them, in this order:
 //!
 //! ```text
-//! inbound:  rate limit ─────────────────────────────────────────────▶ send (one attempt)
+//! inbound:  mTLS mode ─▶ authorize (normalize path) ─▶ rate limit ─────────────────────────────────────────▶ send (one attempt)
 //! outbound: normalize path ─▶ match rule ─▶ fault ─▶ edit request ─▶ mirror
 //!             ─▶ pick backend (weight) ─▶ send: attempts under timeout, per-try timeout,
 //!                retry policy and budget, each to an endpoint the balancer picks
@@ -170,6 +170,83 @@ impl RuleLabels<'_> {
 }
 
 impl HttpConn {
+    /// The inbound mTLS mode and authorization: `Some` refusal when the workload's mode is
+    /// `strict` and the client has no mesh identity (403 `mtls_required`), or when a
+    /// Policy denies the request (403 `forbidden`, naming it in `weft-policy`). With
+    /// authorization, the request's path is normalized first, and the application gets
+    /// the path that was judged.
+    pub(crate) fn authorize<B>(
+        &self,
+        req: &mut Request<B>,
+        labels: &RequestMetrics,
+        grpc: bool,
+        start: Instant,
+    ) -> Option<Response<ProxyBody>> {
+        if self.direction != crate::metrics::Direction::Inbound {
+            return None;
+        }
+        let snapshot = self.store.load()?;
+        let identity = self.client_identity.as_deref();
+        if crate::authz::mtls_refuses(snapshot.config.inbound_mtls, identity) {
+            tracing::debug!(
+                path = req.uri().path(),
+                "plain-text client refused: mTLS is strict"
+            );
+            return Some(self.fail(labels, ErrorCode::MtlsRequired, grpc, start));
+        }
+        let authz = snapshot.config.authorization.as_ref()?;
+        normalize(req);
+        let port = match &self.target {
+            crate::http::HttpTarget::Fixed(e) => e.addr.port(),
+            // Inbound connections always go to the local application.
+            _ => 0,
+        };
+        let verdict = authz.decide(&crate::authz::Subject {
+            identity,
+            port,
+            http: Some((req.uri().path(), req.method())),
+        });
+        match verdict {
+            crate::authz::Verdict::Allow => None,
+            crate::authz::Verdict::DryRunDeny { policy } => {
+                self.metrics.traffic.authz_dry_run(
+                    &self.fixed_label,
+                    &policy,
+                    identity,
+                    Some(req.uri().path()),
+                    Some(req.method().as_str()),
+                );
+                None
+            }
+            crate::authz::Verdict::Deny { policy } => {
+                self.metrics.traffic.authz_denied(
+                    &policy,
+                    identity,
+                    Some(req.uri().path()),
+                    Some(req.method().as_str()),
+                );
+                let mut resp = self.fail(labels, ErrorCode::Forbidden, grpc, start);
+                let named = HeaderValue::from_str(&policy).ok();
+                if let Some(v) = &named {
+                    resp.headers_mut()
+                        .insert(crate::errors::POLICY_HEADER, v.clone());
+                }
+                let why = format!("denied by Policy {policy}");
+                if grpc {
+                    if let Ok(v) = HeaderValue::from_str(&why) {
+                        resp.headers_mut().insert("grpc-message", v);
+                    }
+                } else {
+                    *resp.body_mut() = Either::Right(Full::new(Bytes::from(format!(
+                        "weft-proxy: {}: {why}\n",
+                        ErrorCode::Forbidden
+                    ))));
+                }
+                Some(resp)
+            }
+        }
+    }
+
     /// The inbound rate limit: `Some` refusal when the workload's limit has no token for
     /// this request.
     pub(crate) fn rate_limit(
@@ -183,9 +260,14 @@ impl HttpConn {
         }
         let snapshot = self.store.load()?;
         let limiter = snapshot.inbound_limit.as_ref()?;
-        let client = self
-            .client
-            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        // A per-client limit counts an identified client by identity, whatever address
+        // it comes from; a plain-text one by address.
+        let client = match (&self.client_identity, self.client) {
+            (Some(id), _) => crate::ratelimit::ClientKey::Identity(id.clone()),
+            (None, ip) => crate::ratelimit::ClientKey::Addr(
+                ip.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            ),
+        };
         match limiter.check(client, Instant::now()) {
             RateDecision::Allow => None,
             RateDecision::DryRunLimited => {
@@ -749,7 +831,7 @@ fn deadline(start: Instant, timeout: Option<Duration>) -> Option<tokio::time::In
 
 /// Replaces the request's path with its normalized form, which both matching and the
 /// upstream see.
-fn normalize(req: &mut Request<RequestBody>) {
+fn normalize<B>(req: &mut Request<B>) {
     let uri = req.uri();
     let path = uri.path();
     let std::borrow::Cow::Owned(normal) = normalize_path(path) else {

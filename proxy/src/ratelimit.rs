@@ -12,6 +12,11 @@
 //! `requestsPerSecond` tokens a second adds exactly `requestsPerSecond` units per elapsed
 //! nanosecond: no rounding, no drift however long a bucket lives.
 //!
+//! A per-client limit keys its buckets by the client's mesh identity when the connection
+//! carries one (mutual TLS), else by its source address ([`ClientKey`]): every replica of
+//! a calling workload shares one bucket once it is identified, and a plain-text client
+//! is counted by address.
+//!
 //! Per-client buckets live in a map of at most [`MAX_CLIENTS`] entries. A new client that
 //! finds it full first evicts every full bucket (a full bucket is what a new client gets
 //! anyway, so nothing is lost), then, if that frees less than a batch, the least recently
@@ -38,6 +43,21 @@ pub const MAX_CLIENTS: usize = 65_536;
 const EVICT_BATCH: usize = MAX_CLIENTS / 16;
 /// Units per token: one token is `1e9` units, refilled at `requestsPerSecond` units/ns.
 const UNITS_PER_TOKEN: u64 = 1_000_000_000;
+
+/// What a per-client limit counts a request against.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ClientKey {
+    /// The client's verified mesh identity (SPIFFE ID).
+    Identity(std::sync::Arc<str>),
+    /// The client's source address (plain text, no identity).
+    Addr(IpAddr),
+}
+
+impl From<IpAddr> for ClientKey {
+    fn from(ip: IpAddr) -> Self {
+        ClientKey::Addr(ip)
+    }
+}
 
 /// A validated rate limit: `1 ≤ requestsPerSecond ≤ burst ≤ 10,000,000`. Compared with
 /// `==` so that a config update that leaves it unchanged keeps its buckets.
@@ -141,7 +161,7 @@ enum Buckets {
 
 #[derive(Debug, Default)]
 struct ClientBuckets {
-    map: HashMap<IpAddr, Bucket>,
+    map: HashMap<ClientKey, Bucket>,
     /// Buckets dropped to keep the map bounded, since this limiter was made.
     evictions: u64,
 }
@@ -191,12 +211,13 @@ impl RateLimiter {
     }
 
     /// Takes a token for one request from `client` (ignored by a per-workload limit).
-    pub fn check(&self, client: IpAddr, now: Instant) -> RateDecision {
+    pub fn check(&self, client: impl Into<ClientKey>, now: Instant) -> RateDecision {
         let taken = match &self.buckets {
             Buckets::Workload(bucket) => lock(bucket)
                 .get_or_insert_with(|| Bucket::full(&self.spec, now))
                 .take(&self.spec, now),
             Buckets::Client(clients) => {
+                let client = client.into();
                 let mut clients = lock(clients);
                 if clients.map.len() >= MAX_CLIENTS && !clients.map.contains_key(&client) {
                     clients.evict(&self.spec, now);
@@ -287,12 +308,12 @@ impl ClientBuckets {
         self.map.retain(|_, b| b.level_at(spec, now) < capacity);
         let keep = MAX_CLIENTS - EVICT_BATCH;
         if self.map.len() > keep {
-            let mut by_use: Vec<(Instant, IpAddr)> =
-                self.map.iter().map(|(ip, b)| (b.stamp, *ip)).collect();
+            let mut by_use: Vec<(Instant, ClientKey)> =
+                self.map.iter().map(|(k, b)| (b.stamp, k.clone())).collect();
             let excess = by_use.len() - keep;
             by_use.select_nth_unstable(excess - 1);
-            for (_, ip) in &by_use[..excess] {
-                self.map.remove(ip);
+            for (_, key) in &by_use[..excess] {
+                self.map.remove(key);
             }
         }
         self.evictions += (before - self.map.len()) as u64;

@@ -297,7 +297,65 @@ impl Conn {
                 let conn = Arc::new(conn);
                 crate::http::serve(io, protocol, conn, shutdown).await;
             }
-            Protocol::Opaque => proxy_opaque(io, route, connect_timeout, &proxy, direction).await,
+            Protocol::Opaque => {
+                let identity = tls.as_ref().and_then(|t| t.identity.as_deref());
+                if direction == Direction::Inbound && !admit_opaque(&proxy, &route, identity) {
+                    return;
+                }
+                proxy_opaque(io, route, connect_timeout, &proxy, direction).await
+            }
+        }
+    }
+}
+
+/// Whether an inbound opaque TCP connection from `identity` to the application may open
+/// under the workload's mTLS mode and authorization; a refused one is closed, counted
+/// (`weft_errors_total{reason}`, and `weft_authz_denials_total{policy}` for a Policy's
+/// denial) and logged.
+fn admit_opaque(proxy: &Proxy, route: &Route, identity: Option<&str>) -> bool {
+    let Some(snapshot) = proxy.store.load() else {
+        return true;
+    };
+    let config = &snapshot.config;
+    if crate::authz::mtls_refuses(config.inbound_mtls, identity) {
+        tracing::debug!("plain-text opaque connection closed: mTLS is strict");
+        proxy
+            .metrics
+            .error(Direction::Inbound, ErrorCode::MtlsRequired);
+        return false;
+    }
+    let Some(authz) = &config.authorization else {
+        return true;
+    };
+    let port = match route {
+        Route::Addr(dial, _) => dial.addr.port(),
+        Route::Service(..) | Route::Missing(_) => 0,
+    };
+    match authz.decide(&crate::authz::Subject {
+        identity,
+        port,
+        http: None,
+    }) {
+        crate::authz::Verdict::Allow => true,
+        crate::authz::Verdict::DryRunDeny { policy } => {
+            proxy.metrics.traffic.authz_dry_run(
+                &ServiceLabel::local(),
+                &policy,
+                identity,
+                None,
+                None,
+            );
+            true
+        }
+        crate::authz::Verdict::Deny { policy } => {
+            proxy
+                .metrics
+                .traffic
+                .authz_denied(&policy, identity, None, None);
+            proxy
+                .metrics
+                .error(Direction::Inbound, ErrorCode::Forbidden);
+            false
         }
     }
 }

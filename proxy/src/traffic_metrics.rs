@@ -9,6 +9,7 @@
 //!                                                            backend_not_found, mirrored,
 //!                                                            mirror_overflow, mirror_skipped
 //! weft_rate_limited_total{policy}                            requests refused with 429
+//! weft_authz_denials_total{policy}                           requests and connections a Policy denied
 //! weft_dry_run_decisions_total{service, kind}                what a dry-run policy would have done
 //! ```
 
@@ -96,6 +97,9 @@ pub enum DryRun {
     Ejection,
     /// A request the breaker's pool limits would have refused (it was let through).
     Overloaded,
+    /// A request or connection a Policy's authorization would have denied (it was let
+    /// through).
+    Authorization,
 }
 
 impl DryRun {
@@ -106,6 +110,7 @@ impl DryRun {
             DryRun::RateLimit => "rate_limit",
             DryRun::Ejection => "ejection",
             DryRun::Overloaded => "overloaded",
+            DryRun::Authorization => "authorization",
         }
     }
 }
@@ -115,6 +120,9 @@ impl DryRun {
 pub struct TrafficMetrics {
     route_events: Family<RouteEventLabels, Counter>,
     rate_limited: Family<PolicyLabels, Counter>,
+    authz_denials: Family<PolicyLabels, Counter>,
+    /// Rate-limits the denial log lines: the second of the last line.
+    denial_logged: std::sync::atomic::AtomicU64,
     /// `weft_dry_run_decisions_total`, shared with the breakers' dry runs (registered by
     /// [`crate::metrics::Metrics`]).
     dry_run: Family<DryRunLabels, Counter>,
@@ -142,6 +150,11 @@ impl TrafficMetrics {
             "rate_limited",
             "Requests refused by a workload's rate limit, by Policy",
             self.rate_limited.clone(),
+        );
+        registry.register(
+            "authz_denials",
+            "Requests and connections a Policy's authorization denied, by Policy",
+            self.authz_denials.clone(),
         );
     }
 
@@ -172,6 +185,58 @@ impl TrafficMetrics {
             .inc();
     }
 
+    /// Counts a request (or opaque connection, `path` and `method` then `None`) that
+    /// `policy` denied, and logs it at most once a second for the whole proxy.
+    pub fn authz_denied(
+        &self,
+        policy: &str,
+        client: Option<&str>,
+        path: Option<&str>,
+        method: Option<&str>,
+    ) {
+        self.authz_denials
+            .get_or_create(&PolicyLabels {
+                policy: Arc::from(policy),
+            })
+            .inc();
+        if once_a_second(&self.denial_logged) {
+            tracing::info!(
+                policy,
+                client = client.unwrap_or("unauthenticated"),
+                path = path.unwrap_or("-"),
+                method = method.unwrap_or("-"),
+                "authorization denied (weft_authz_denials_total counts every denial; this line at most once a second)"
+            );
+        }
+    }
+
+    /// Counts and logs (at most once a second, as denials) what a dry-run authorization
+    /// `policy` would have denied.
+    pub fn authz_dry_run(
+        &self,
+        service: &ServiceLabel,
+        policy: &str,
+        client: Option<&str>,
+        path: Option<&str>,
+        method: Option<&str>,
+    ) {
+        self.dry_run
+            .get_or_create(&DryRunLabels {
+                service: service.clone(),
+                kind: DryRun::Authorization.as_str(),
+            })
+            .inc();
+        if once_a_second(&self.denial_logged) {
+            tracing::info!(
+                policy,
+                client = client.unwrap_or("unauthenticated"),
+                path = path.unwrap_or("-"),
+                method = method.unwrap_or("-"),
+                "dry run: authorization would have denied (weft_dry_run_decisions_total counts every case)"
+            );
+        }
+    }
+
     /// Counts what a dry-run policy of `service` would have done, and logs it at most once
     /// a second for the whole proxy.
     pub fn dry_run(&self, service: &ServiceLabel, kind: DryRun) {
@@ -195,4 +260,12 @@ impl TrafficMetrics {
             );
         }
     }
+}
+
+/// Whether a line rate-limited by `last` (the second of its last line) may be logged now.
+fn once_a_second(last: &std::sync::atomic::AtomicU64) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    last.swap(now, std::sync::atomic::Ordering::Relaxed) != now
 }

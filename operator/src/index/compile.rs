@@ -7,6 +7,8 @@
 //!                                               unresolved with a display name)
 //! BreakerSpec ──breaker─────────▶ BreakerConfig
 //! RateLimit   ──rate_limit──────▶ RateLimitConfig
+//! PolicySpec  ──authorization───▶ AuthorizationConfig (ServiceAccounts and namespaces
+//!                                  as SPIFFE IDs and prefixes in the trust domain)
 //! ```
 //!
 //! Plain functions of the spec: the index decides which resource wins and resolves
@@ -15,15 +17,16 @@
 //! (`retries.attempts` 2, `retryOn` connect-failure, refused-stream, unavailable).
 
 use weft_api::proxy_config::{
+    AuthorizationConfig, AuthzAction, AuthzDestinationConfig, AuthzRuleConfig, AuthzSourceConfig,
     BackendConfig, BackoffConfig, BreakerConfig, ConnectionPoolConfig, FaultAbortConfig,
     FaultConfig, FaultDelayConfig, HeaderConfig, HeaderEditsConfig, MatchConfig, MirrorConfig,
     OutlierDetectionConfig, PathMatchConfig, RateLimitConfig, RateLimitPer, RetryBudgetConfig,
     RetryConfig, RetryOn, RewriteConfig, RouteConfig, RuleConfig, ValueMatchConfig, ValueMatchKind,
 };
 use weft_crds::{
-    BreakerSpec, RouteSpec,
+    BreakerSpec, PolicySpec, RouteSpec,
     common::{HttpMethod, PathMatch, ValueMatchType},
-    policy::{RateLimit, RateLimitScope},
+    policy::{Action, RateLimit, RateLimitScope},
     route::{self, HeaderEdits, RouteRule},
 };
 
@@ -232,5 +235,105 @@ pub fn rate_limit(key: &ObjectKey, limit: &RateLimit) -> RateLimitConfig {
             RateLimitScope::ClientIdentity => RateLimitPer::Client,
         },
         dry_run: limit.dry_run,
+    }
+}
+
+/// Compiles the authorization of Policy `key` (its rules, `defaultAction` and `dryRun`):
+/// a ServiceAccount becomes `spiffe://<trust domain>/ns/<namespace>/sa/<name>` (the
+/// Policy's namespace when it names none), a namespace the prefix
+/// `spiffe://<trust domain>/ns/<namespace>/sa/`, SPIFFE IDs stay as they are.
+pub fn authorization(
+    key: &ObjectKey,
+    spec: &PolicySpec,
+    trust_domain: &str,
+) -> AuthorizationConfig {
+    let action = |a: Action| match a {
+        Action::Allow => AuthzAction::Allow,
+        Action::Deny => AuthzAction::Deny,
+    };
+    AuthorizationConfig {
+        name: key.to_string(),
+        default_action: action(spec.default_action),
+        rules: spec
+            .rules
+            .iter()
+            .map(|r| AuthzRuleConfig {
+                action: action(r.action),
+                from: r
+                    .from
+                    .iter()
+                    .map(|s| AuthzSourceConfig {
+                        identities: s
+                            .service_accounts
+                            .iter()
+                            .map(|sa| {
+                                let ns = sa.namespace.as_deref().unwrap_or(&key.namespace);
+                                format!("spiffe://{trust_domain}/ns/{ns}/sa/{}", sa.name)
+                            })
+                            .chain(s.spiffe_ids.iter().cloned())
+                            .collect(),
+                        identity_prefixes: s
+                            .namespaces
+                            .iter()
+                            .map(|ns| format!("spiffe://{trust_domain}/ns/{ns}/sa/"))
+                            .collect(),
+                        unauthenticated: s.unauthenticated,
+                    })
+                    .collect(),
+                to: r
+                    .to
+                    .iter()
+                    .map(|d| AuthzDestinationConfig {
+                        ports: d.ports.clone(),
+                        paths: d.paths.iter().filter_map(path_match).collect(),
+                        methods: d
+                            .methods
+                            .iter()
+                            .map(|m| method_name(*m).to_owned())
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        dry_run: spec.dry_run,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_compiles_identities_in_the_trust_domain() {
+        let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+            "target": {"service": "payments"},
+            "defaultAction": "Deny",
+            "dryRun": true,
+            "rules": [
+                {"action": "Allow",
+                 "from": [{"serviceAccounts": [{"name": "web"}, {"name": "ops", "namespace": "admin"}],
+                           "namespaces": ["monitoring"],
+                           "spiffeIds": ["spiffe://other.org/ns/x/sa/y"]}],
+                 "to": [{"ports": [8443], "methods": ["POST"], "paths": [{"exact": "/charge"}]}]},
+                {"action": "Deny", "from": [{"unauthenticated": true}]}
+            ]
+        }))
+        .unwrap();
+        let c = authorization(&ObjectKey::new("shop", "payments"), &spec, "cluster.local");
+        let want = serde_json::json!({
+            "name": "shop/payments",
+            "defaultAction": "deny",
+            "dryRun": true,
+            "rules": [
+                {"action": "allow",
+                 "from": [{"identities": ["spiffe://cluster.local/ns/shop/sa/web",
+                                          "spiffe://cluster.local/ns/admin/sa/ops",
+                                          "spiffe://other.org/ns/x/sa/y"],
+                           "identityPrefixes": ["spiffe://cluster.local/ns/monitoring/sa/"]}],
+                 "to": [{"ports": [8443], "paths": [{"exact": "/charge"}], "methods": ["POST"]}]},
+                {"action": "deny", "from": [{"unauthenticated": true}]}
+            ]
+        });
+        assert_eq!(serde_json::to_value(&c).unwrap(), want);
     }
 }

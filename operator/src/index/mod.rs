@@ -43,11 +43,12 @@ use std::{
     sync::Arc,
 };
 
+use weft_api::proxy_config::MtlsMode;
 use weft_api::{
     proxy_config::{Balancer, EndpointConfig, InboundConfig, Protocol, ServiceConfig},
     push::ResourceRef,
 };
-use weft_crds::common::ServiceRef;
+use weft_crds::{common::ServiceRef, policy::Action};
 
 use model::{
     BreakerModel, NamespaceModel, Parsed, PodModel, PolicyModel, RouteModel, ServiceModel,
@@ -65,7 +66,8 @@ pub struct ProxyView {
     pub services: ServiceSet,
     /// The Weft resources (with generations) this view implements.
     pub resources: BTreeSet<ResourceRef>,
-    /// The proxy's inbound settings: the rate limit of its own pod, if a Policy sets one.
+    /// The proxy's inbound settings when Policies select its pod: the rate limit, the
+    /// strictest mTLS mode and every Policy's authorization.
     pub inbound: Option<InboundConfig>,
 }
 
@@ -602,6 +604,27 @@ impl Index {
         ))
     }
 
+    /// The identity clients expect of an endpoint's pod, or `None` when the Policies
+    /// that select the pod set `mtls.mode: Disabled` (and none sets a stricter mode), so
+    /// that no client originates mutual TLS to it.
+    fn endpoint_identity(&self, ns: &str, pod: Option<&String>) -> Option<String> {
+        let identity = self.identity(ns, pod)?;
+        let key = ObjectKey::new(ns, pod?.clone());
+        let modes: Vec<weft_api::proxy_config::MtlsMode> = self
+            .policies_for(&key)
+            .iter()
+            .filter_map(|k| match self.policies.get(k) {
+                Some((_, Parsed::Valid(spec))) => Some(mtls_mode(spec.mtls.mode)),
+                _ => None,
+            })
+            .collect();
+        let disabled = !modes.is_empty()
+            && modes
+                .iter()
+                .all(|m| *m == weft_api::proxy_config::MtlsMode::Disabled);
+        (!disabled).then_some(identity)
+    }
+
     /// The ready endpoints of one Service port, by address.
     fn endpoints(&self, ns: &str, service: &str, port: u16) -> BTreeMap<String, EndpointConfig> {
         let mut out = BTreeMap::new();
@@ -629,7 +652,7 @@ impl Index {
                                 .iter()
                                 .map(|z| ("zone".to_owned(), z.clone()))
                                 .collect(),
-                            identity: self.identity(ns, ep.pod.as_ref()),
+                            identity: self.endpoint_identity(ns, ep.pod.as_ref()),
                             unknown: BTreeMap::new(),
                         },
                     );
@@ -785,9 +808,22 @@ impl Index {
             view.resources
                 .insert(resource_ref("Policy", key, meta.generation, requires));
         }
-        view.inbound = limit.map(|(key, _, rl)| InboundConfig {
-            rate_limit: Some(compile::rate_limit(key, rl)),
-            ..InboundConfig::default()
+        view.inbound = (!selecting.is_empty()).then(|| InboundConfig {
+            rate_limit: limit.map(|(key, _, rl)| compile::rate_limit(key, rl)),
+            // Several Policies on one pod: the strictest mode wins.
+            mtls: selecting
+                .iter()
+                .map(|(_, _, spec)| mtls_mode(spec.mtls.mode))
+                .max_by_key(|m| strictness(*m)),
+            // Every Policy applies (deny wins across them); one that allows everything
+            // and denies nothing changes no decision and is not sent.
+            authorization: selecting
+                .iter()
+                .filter(|(_, _, spec)| {
+                    spec.dry_run || !spec.rules.is_empty() || spec.default_action == Action::Deny
+                })
+                .map(|(key, _, spec)| compile::authorization(key, spec, &self.trust_domain))
+                .collect(),
         });
         Some(view)
     }
@@ -988,3 +1024,21 @@ fn resource_ref(
 
 #[cfg(test)]
 mod tests;
+
+fn mtls_mode(m: weft_crds::policy::MtlsMode) -> MtlsMode {
+    match m {
+        weft_crds::policy::MtlsMode::Strict => MtlsMode::Strict,
+        weft_crds::policy::MtlsMode::Permissive => MtlsMode::Permissive,
+        weft_crds::policy::MtlsMode::Disabled => MtlsMode::Disabled,
+    }
+}
+
+/// Orders modes from the least to the most strict: of several Policies on one pod, the
+/// strictest mode wins.
+fn strictness(m: MtlsMode) -> u8 {
+    match m {
+        MtlsMode::Disabled => 0,
+        MtlsMode::Permissive => 1,
+        MtlsMode::Strict => 2,
+    }
+}

@@ -476,6 +476,104 @@ fn policies_apply_to_the_pods_they_select() {
     assert!(client.resources.iter().all(|r| r.kind != "Policy"));
 }
 
+#[test]
+fn policies_compile_into_the_inbound_config_of_their_pods_and_the_strictest_mode_wins() {
+    let mut i = shop();
+    apply(
+        &mut i,
+        weft(
+            Kind::Policy,
+            "shop",
+            "web-in",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"target": {"selector": {"matchLabels": {"app": "web"}}},
+                   "mtls": {"mode": "Permissive"}, "defaultAction": "Deny",
+                   "rules": [{"action": "Allow", "from": [{"serviceAccounts": [{"name": "client-sa"}]}],
+                              "to": [{"paths": [{"prefix": "/api"}]}]}]}),
+        ),
+    );
+    let inbound = i.view(&key("shop", "web-a")).unwrap().inbound.unwrap();
+    assert_eq!(inbound.mtls, Some(MtlsMode::Permissive));
+    assert_eq!(inbound.authorization.len(), 1);
+    assert_eq!(inbound.authorization[0].name, "shop/web-in");
+    assert_eq!(
+        inbound.authorization[0].rules[0].from[0].identities,
+        ["spiffe://cluster.local/ns/shop/sa/client-sa"]
+    );
+    assert_eq!(proxy_accepts(&i, &key("shop", "web-a")), Ok(()));
+    // The client pod is not selected: nothing inbound.
+    assert_eq!(i.view(&key("shop", "client")).unwrap().inbound, None);
+
+    // A second Policy through the Service, Strict and allowing everything: Strict wins,
+    // and an allow-all authorization is not sent.
+    apply(
+        &mut i,
+        weft(
+            Kind::Policy,
+            "shop",
+            "by-svc",
+            1,
+            "2026-01-02T00:00:00Z",
+            json!({"target": {"service": "web"}, "mtls": {"mode": "Strict"},
+                   "defaultAction": "Allow"}),
+        ),
+    );
+    let inbound = i.view(&key("shop", "web-a")).unwrap().inbound.unwrap();
+    assert_eq!(inbound.mtls, Some(MtlsMode::Strict));
+    let names: Vec<&str> = inbound
+        .authorization
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(names, ["shop/web-in"]);
+}
+
+#[test]
+fn a_disabled_mode_strips_the_pods_identity_from_every_clients_view() {
+    let mut i = shop();
+    let identity = |i: &Index| {
+        i.view(&key("shop", "client"))
+            .unwrap()
+            .services
+            .get("web.shop.80")
+            .unwrap()
+            .endpoints[0]
+            .identity
+            .clone()
+    };
+    assert!(identity(&i).is_some());
+    apply(
+        &mut i,
+        weft(
+            Kind::Policy,
+            "shop",
+            "plain",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"target": {"service": "web"}, "mtls": {"mode": "Disabled"},
+                   "defaultAction": "Allow"}),
+        ),
+    );
+    assert_eq!(identity(&i), None, "no client originates mTLS to it");
+    // A stricter Policy on the same pod brings it back.
+    apply(
+        &mut i,
+        weft(
+            Kind::Policy,
+            "shop",
+            "tls",
+            1,
+            "2026-01-02T00:00:00Z",
+            json!({"target": {"selector": {"matchLabels": {"app": "web"}}},
+                   "mtls": {"mode": "Permissive"}, "defaultAction": "Allow"}),
+        ),
+    );
+    assert!(identity(&i).is_some());
+    i.delete(Kind::Policy, &key("shop", "tls"));
+    assert_eq!(identity(&i), None);
+}
+
 /// The config a proxy of `pod` would validate, or the proxy's reasons to reject it.
 fn proxy_accepts(i: &Index, pod: &ObjectKey) -> Result<(), String> {
     let view = i.view(pod).unwrap();

@@ -39,16 +39,27 @@ pub fn breaker(key: &ObjectKey, spec: &BreakerSpec) -> Result<(), Vec<String>> {
     weft_proxy::breaker::BreakerSpec::from_wire(&compile::breaker(key, spec), "spec").map(drop)
 }
 
-/// Problems a proxy would find in a Policy's rate limit (its other parts are not sent to
-/// proxies yet).
+/// Problems a proxy would find in a Policy's rate limit and authorization (the trust
+/// domain does not change validity: any valid one is used).
 pub fn policy(key: &ObjectKey, spec: &PolicySpec) -> Result<(), Vec<String>> {
-    match &spec.rate_limit {
-        Some(limit) => weft_proxy::ratelimit::RateLimiter::from_wire(
+    let mut problems = Vec::new();
+    if let Some(limit) = &spec.rate_limit
+        && let Err(p) = weft_proxy::ratelimit::RateLimiter::from_wire(
             &compile::rate_limit(key, limit),
             "spec.rateLimit",
         )
-        .map(drop),
-        None => Ok(()),
+    {
+        problems.extend(p);
+    }
+    let authz = compile::authorization(key, spec, "cluster.local");
+    if let Err(p) = weft_proxy::authz::Authorizer::from_wire(std::slice::from_ref(&authz), "spec") {
+        // The proxy names `spec[0].rules[..]`; the Policy's own field is `spec.rules[..]`.
+        problems.extend(p.into_iter().map(|p| p.replacen("spec[0].", "spec.", 1)));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
     }
 }
 
@@ -87,6 +98,30 @@ mod tests {
             problems
                 .iter()
                 .any(|p| p.starts_with("spec.rules[1].requestHeaders")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_policy_path_the_proxy_refuses_is_named_by_field() {
+        let key = ObjectKey::new("shop", "web");
+        let ok: PolicySpec = serde_json::from_value(serde_json::json!({
+            "target": {"service": "web"},
+            "rules": [{"action": "Allow", "from": [{"namespaces": ["shop"]}],
+                       "to": [{"paths": [{"prefix": "/api"}]}]}]
+        }))
+        .unwrap();
+        assert_eq!(policy(&key, &ok), Ok(()));
+        let bad: PolicySpec = serde_json::from_value(serde_json::json!({
+            "target": {"service": "web"},
+            "rules": [{"action": "Deny", "to": [{"paths": [{"regex": "(unclosed"}]}]}]
+        }))
+        .unwrap();
+        let problems = policy(&key, &bad).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("spec.rules[0].to[0].paths[0].regex")),
             "{problems:?}"
         );
     }

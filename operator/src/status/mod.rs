@@ -528,11 +528,12 @@ mod tests {
                     Kind::Policy,
                     "rules",
                     json!({"target": {"selector": {"matchLabels": {"app": "client"}}},
-                           "mtls": {"mode": "Disabled"}, "defaultAction": "Allow",
+                           "mtls": {"mode": "Permissive"}, "defaultAction": "Allow",
                            "rules": [{"action": "Deny", "to": [{"paths": [{"prefix": "/admin"}]}]}],
                            "rateLimit": {"requestsPerSecond": 10}}),
                 ),
-                "spec.rules: not enforced by weft-proxy",
+                // Rules and the rate limit are enforced; the mode waits for mTLS.
+                "spec.mtls.mode: not enforced by weft-proxy",
             ),
             (
                 object(
@@ -540,7 +541,7 @@ mod tests {
                     "strict",
                     json!({"target": {"selector": {"matchLabels": {"app": "client"}}}}),
                 ),
-                "spec.mtls.mode, spec.defaultAction: not enforced by weft-proxy",
+                "spec.mtls.mode: not enforced by weft-proxy",
             ),
         ];
         for ((key, object), want) in cases {

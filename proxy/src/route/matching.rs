@@ -36,7 +36,7 @@ pub const MAX_PATH_LEN: usize = 1024;
 pub const MAX_VALUE_MATCHES: usize = 16;
 
 /// The methods a route may match on (Gateway API's `HTTPMethod`).
-const METHODS: [Method; 9] = [
+pub(crate) const METHODS: [Method; 9] = [
     Method::GET,
     Method::HEAD,
     Method::POST,
