@@ -572,12 +572,13 @@ fn rule_steps(
                 .collect();
             let _ = writeln!(
                 w,
-                "   up to {} attempt(s) on {}; backoff {}",
+                "   up to {} retries after the first attempt, on {}; backoff {}",
                 rt.attempts,
                 on.join(", "),
-                rt.backoff
-                    .as_ref()
-                    .map_or("default".to_owned(), |b| format!("{} to {}", b.base, b.max))
+                rt.backoff.as_ref().map_or(
+                    "the proxy's default (25ms to 250ms)".to_owned(),
+                    |b| format!("{} to {}", b.base, b.max)
+                )
             );
             let (budget, whose) = match (&rt.budget, &svc.retry_budget) {
                 (Some(b), _) => (Some(b), "the rule's"),
