@@ -170,6 +170,9 @@ pub fn service_prefix(namespace: &str, name: &str) -> String {
     format!("{name}.{namespace}.")
 }
 
+/// Each pod's (`namespace/name`) scrape, or why it failed.
+type Scrapes = BTreeMap<String, anyhow::Result<Vec<Sample>>>;
+
 /// One pod's two scrapes.
 #[derive(Clone, Debug, Default)]
 pub struct PodScrapes {
@@ -232,15 +235,14 @@ pub fn compute(pods: &[&PodScrapes], view: &View, window: Duration) -> Stats {
     for p in pods {
         for s in deltas(p) {
             match s.name.as_str() {
-                ROUTE_EVENTS => {
-                    if view.route.as_deref() == Some(s.label("route")) {
-                        *rules
-                            .entry(s.label("rule").to_owned())
-                            .or_default()
-                            .entry(s.label("event").to_owned())
-                            .or_default() += s.value;
-                    }
+                ROUTE_EVENTS if view.route.as_deref() == Some(s.label("route")) => {
+                    *rules
+                        .entry(s.label("rule").to_owned())
+                        .or_default()
+                        .entry(s.label("event").to_owned())
+                        .or_default() += s.value;
                 }
+                ROUTE_EVENTS => {}
                 _ if !view.takes(&s) => {}
                 REQUESTS => requests += s.value,
                 RESPONSES => {
@@ -348,7 +350,7 @@ pub async fn run(args: StatArgs) -> anyhow::Result<()> {
         bail!("--window must be at least 100ms");
     }
     let rounds = if args.watch { args.count } else { Some(1) };
-    let mut previous: Option<(Instant, BTreeMap<String, anyhow::Result<Vec<Sample>>>)> = None;
+    let mut previous: Option<(Instant, Scrapes)> = None;
     let mut done = 0u32;
     while rounds.is_none_or(|n| done < n) {
         let plans = plan(
@@ -399,12 +401,7 @@ pub async fn run(args: StatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn row(
-    p: &Plan,
-    before: &BTreeMap<String, anyhow::Result<Vec<Sample>>>,
-    after: &BTreeMap<String, anyhow::Result<Vec<Sample>>>,
-    window: Duration,
-) -> Row {
+fn row(p: &Plan, before: &Scrapes, after: &Scrapes, window: Duration) -> Row {
     let mut unreachable = BTreeMap::new();
     let mut scrapes = Vec::new();
     for pod in &p.read {
@@ -454,7 +451,7 @@ async fn scrape_all(
     urls: &AdminUrls,
     port: u16,
     pods: &BTreeSet<String>,
-) -> BTreeMap<String, anyhow::Result<Vec<Sample>>> {
+) -> Scrapes {
     let mut out = BTreeMap::new();
     // One at a time: a handful of pods is the common case, and it keeps the load on the
     // API server's proxy bounded.
