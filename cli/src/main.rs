@@ -6,6 +6,8 @@
 //! kubectl weft uninject -f injected.yaml
 //! kubectl weft inject --offline -f deploy.yaml            # no cluster: built-in defaults
 //! kubectl weft inject --config settings.yaml -f deploy.yaml
+//! kubectl weft stat deploy/web -n shop --window 10s
+//! kubectl weft explain client-7d9 http://web.shop/api -n shop -H x-user=1
 //! ```
 
 use std::{
@@ -49,6 +51,12 @@ enum Cmd {
     /// Each meshed pod's proxy: the config version it runs, whether it is in sync, when
     /// the operator last heard from it.
     ProxyStatus(kubectl_weft::proxy_status::ProxyStatusArgs),
+    /// Success rate, requests per second and latency of deployments, pods, Services and
+    /// Routes, from the proxies' own metrics (two scrapes, `--window` apart).
+    Stat(kubectl_weft::stat::StatArgs),
+    /// What a pod's proxy does with a request to DESTINATION, step by step, from its
+    /// active config.
+    Explain(kubectl_weft::explain::ExplainArgs),
 }
 
 #[derive(Args)]
@@ -100,6 +108,18 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(kubectl_weft::proxy_status::run(args));
+        }
+        Cmd::Stat(args) => {
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(kubectl_weft::stat::run(args));
+        }
+        Cmd::Explain(args) => {
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(kubectl_weft::explain::run(args));
         }
         Cmd::Inject(args) => {
             let (mut cfg, source) = inject_settings(&args)?;

@@ -1,0 +1,365 @@
+//! `kubectl weft stat` and `kubectl weft explain` against the test bed: a real API server, a
+//! `weft-operator` process and `weft-proxy` processes carrying HTTP traffic to a backend on
+//! a test host, under a Route whose first rule aborts `/fail` with 503.
+//!
+//! `stat`'s numbers must equal, exactly, the requests the test sent during its window
+//! (count and status mix), per view: a Deployment's inbound requests, its outbound requests
+//! to a Service, and a Route with the events of each rule. `explain`'s output is compared
+//! with golden files (`tests/golden/`, rewritten with `WEFT_UPDATE_GOLDEN=1`), volatile
+//! parts (namespace, addresses, versions) masked.
+//!
+//! The proxies' admin endpoints are read with `--admin-url`: the bed has no kubelet and its
+//! pod IPs are only API fields, and the API server's pod proxy refuses loopback pod IPs
+//! ("address not allowed": `pkg/registry/core/pod/strategy.go` admits global unicast
+//! addresses only), so the pod-proxy path itself is not exercised here.
+//!
+//! Needs the `weft-proxy` and `kubectl-weft` binaries: `cargo build -p weft-proxy -p
+//! kubectl-weft` first when testing this package alone.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{net::SocketAddr, process::Stdio, time::Duration};
+
+use anyhow::ensure;
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service, discovery::v1::EndpointSlice};
+use kube::api::PostParams;
+use serde_json::{Value, json};
+use support::{mesh::*, processes::*};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use weft_e2e::shared::{self, eventually};
+
+/// A Service `name` (port 80) without a selector, whose one endpoint is `backend`.
+async fn service_to(bed: &Bed, name: &str, backend: SocketAddr) {
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"ports": [{"name": "http", "port": 80}]}
+    }))
+    .unwrap();
+    bed.api::<Service>()
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": format!("{name}-1"), "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "weft-test"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": backend.port()}],
+        "endpoints": [{"addresses": [backend.ip().to_string()], "conditions": {"ready": true}}],
+    }))
+    .unwrap();
+    bed.api::<EndpointSlice>()
+        .create(&PostParams::default(), &slice)
+        .await
+        .unwrap();
+}
+
+/// A Deployment selecting `app` (the bed runs no controllers: its pods are the test's).
+async fn deployment(bed: &Bed, name: &str, app: &str) {
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"selector": {"matchLabels": {"app": app}},
+                 "template": {"metadata": {"labels": {"app": app}},
+                              "spec": {"containers": [{"name": "app", "image": "weft.invalid/app:1"}]}}}
+    }))
+    .unwrap();
+    bed.api::<Deployment>()
+        .create(&PostParams::default(), &d)
+        .await
+        .unwrap();
+}
+
+/// `kubectl-weft` with the bed's kubeconfig.
+fn kubectl_weft(args: &[String]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(sibling_binary("kubectl-weft"));
+    cmd.env("KUBECONFIG", shared::testbed().kubeconfig())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A running `stat`, after its first scrape.
+struct Stat {
+    child: tokio::process::Child,
+    stderr: String,
+}
+
+impl Stat {
+    /// Starts `kubectl weft stat ARGS` and waits for it to say it took its first scrape.
+    async fn start(args: Vec<String>) -> Stat {
+        let mut child = kubectl_weft(&args).spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut stderr = String::new();
+        let first = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                stderr.push_str(&line);
+                stderr.push('\n');
+                if line.starts_with("scraped") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(
+            matches!(first, Ok(true)),
+            "stat {args:?} did not scrape: {stderr}"
+        );
+        Stat { child, stderr }
+    }
+
+    async fn output(mut self) -> String {
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .await
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "stat failed: {}\n{out}", self.stderr);
+        out
+    }
+}
+
+/// `n` GETs of `path` through `addr`, each answered with `status`.
+async fn send(addr: SocketAddr, path: &str, n: usize, status: u16) {
+    for _ in 0..n {
+        let r = http_request(addr, path).await.unwrap();
+        assert_eq!(r.status, status, "{path}: {r:?}");
+    }
+}
+
+/// Compares `actual` with the golden file `name`, or rewrites it with
+/// `WEFT_UPDATE_GOLDEN=1`.
+fn golden(name: &str, actual: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (WEFT_UPDATE_GOLDEN=1 writes it)", path.display()));
+    assert_eq!(
+        actual, expected,
+        "{name} differs from the golden file (WEFT_UPDATE_GOLDEN=1 rewrites it)"
+    );
+}
+
+/// `text` with each of `volatile` replaced by its mask.
+fn mask(text: &str, volatile: &[(String, &str)]) -> String {
+    let mut out = text.to_owned();
+    for (v, m) in volatile {
+        out = out.replace(v.as_str(), m);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
+    let bed = Bed::new("operating").await;
+    let ns = bed.ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (push, op_admin) = (free_addr(), free_addr());
+    let operator = start_operator(&bed, push, op_admin, dir.path(), 1);
+    let (backend, _host) = backend().await;
+    service_to(&bed, "web", backend).await;
+    deployment(&bed, "client", "client").await;
+    deployment(&bed, "web", "web").await;
+    let svc = format!("web.{ns}.80");
+    let mut proxies = Vec::new();
+    for (name, app, ip, inbound) in [
+        ("client-0", "client", "198.18.240.70", None),
+        ("client-1", "client", "198.18.240.71", None),
+        ("web-0", "web", "198.18.240.72", Some(backend)),
+    ] {
+        bed.service_account(name).await;
+        let pod = bed.pod(name, name, app, ip).await;
+        let p = ProxyProc::start_with_app(&bed, push, &pod, &svc, dir.path(), inbound).await;
+        eventually(WAIT, || async {
+            let (status, body) = http_get(p.forward, "/").await?;
+            ensure!(status == 200 && body == "hello", "{status} {body}");
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", p.proc.log_tail(), operator.log_tail()));
+        proxies.push((name, p));
+    }
+    bed.route(
+        "web",
+        json!({"service": {"name": "web"}, "rules": [
+            {"name": "fail", "matches": [{"path": {"prefix": "/fail"}}],
+             "backends": [{"name": "web"}],
+             "fault": {"abort": {"httpStatus": 503, "percentage": 100}}},
+            {"name": "rest", "backends": [{"name": "web"}], "timeout": "3s",
+             "retries": {"attempts": 2, "retryOn": ["5xx"]}}]}),
+    )
+    .await;
+    for (_, p) in &proxies {
+        eventually(WAIT, || async {
+            let r = http_request(p.forward, "/fail").await?;
+            ensure!(r.status == 503, "{r:?}");
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+    bed.route_programmed("web", 3).await;
+
+    let admin_urls: Vec<String> = proxies
+        .iter()
+        .flat_map(|(name, p)| {
+            [
+                "--admin-url".to_owned(),
+                format!("{ns}/{name}=http://{}", p.admin),
+            ]
+        })
+        .collect();
+    let stat = |target: &str, extra: &[&str]| {
+        let mut args: Vec<String> = ["stat", target, "-n", &ns, "--window", "6s"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args.extend(admin_urls.iter().cloned());
+        Stat::start(args)
+    };
+    // Three views, measured over the same traffic.
+    let outbound = stat("deploy/client", &["--to", "svc/web", "-o", "json"]).await;
+    let inbound = stat("deploy/web", &["-o", "json"]).await;
+    let route = stat("route/web", &["--from", "deploy/client"]).await;
+    let (c0, c1, w0) = (&proxies[0].1, &proxies[1].1, &proxies[2].1);
+    send(c0.forward, "/", 30, 200).await;
+    send(c0.forward, "/fail/now", 10, 503).await;
+    send(c1.forward, "/", 20, 200).await;
+    send(w0.inbound.unwrap(), "/", 25, 200).await;
+
+    let out: Value = serde_json::from_str(&outbound.output().await).unwrap();
+    let row = &out["rows"][0];
+    assert_eq!(row["name"], "client", "{out:#}");
+    assert_eq!(row["direction"], "outbound", "{out:#}");
+    assert_eq!(row["meshed"], 2, "{out:#}");
+    let s = &row["stats"];
+    assert_eq!(s["requests"], 60, "{out:#}");
+    assert_eq!(s["responses"], json!({"2xx": 50, "5xx": 10}), "{out:#}");
+    assert_eq!(s["success_rate"].as_f64().unwrap(), 50.0 / 60.0, "{out:#}");
+    let window = out["window_seconds"].as_f64().unwrap();
+    assert!((6.0..8.0).contains(&window), "{out:#}");
+    assert!(
+        (s["rps"].as_f64().unwrap() - 60.0 / window).abs() < 1e-9,
+        "{out:#}"
+    );
+    let (p50, p99) = (
+        s["p50_seconds"].as_f64().unwrap(),
+        s["p99_seconds"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p99 && p99 < 5.0, "{out:#}");
+
+    let out: Value = serde_json::from_str(&inbound.output().await).unwrap();
+    let s = &out["rows"][0]["stats"];
+    assert_eq!(out["rows"][0]["direction"], "inbound", "{out:#}");
+    assert_eq!(s["requests"], 25, "{out:#}");
+    assert_eq!(s["responses"], json!({"2xx": 25}), "{out:#}");
+    assert_eq!(s["success_rate"], 1.0, "{out:#}");
+
+    let table = route.output().await;
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    let cells: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        (cells[1], cells[2], cells[4], cells[6]),
+        ("route/web", "outbound", "83.33%", "60"),
+        "{table}"
+    );
+    assert_eq!(
+        lines[2], "route/web rule fail: fault_injected=10",
+        "{table}"
+    );
+
+    // explain, from client-0's proxy, for a request the first rule takes and one it does not.
+    let explain = |dest: &str, extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "explain",
+            "client-0",
+            dest,
+            "-n",
+            &ns,
+            "--admin-url",
+            &format!("http://{}", c0.admin),
+            "--operator-url",
+            &format!("http://{op_admin}"),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        async move {
+            let out = kubectl_weft(&args).output().await.unwrap();
+            assert!(
+                out.status.success(),
+                "explain {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let config: Value =
+        serde_json::from_str(&http_get(c0.admin, "/config").await.unwrap().1).unwrap();
+    let cluster_ip = bed
+        .api::<Service>()
+        .get("web")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .cluster_ip
+        .unwrap();
+    let volatile = [
+        (backend.to_string(), "BACKEND"),
+        (format!("{cluster_ip}:80"), "CLUSTER_IP:80"),
+        (
+            format!(
+                "version {} (generation",
+                config["version"].as_str().unwrap()
+            ),
+            "version V (generation",
+        ),
+        (
+            format!("(generation {} of", config["generation"]),
+            "(generation G of",
+        ),
+        (ns.clone(), "NS"),
+    ];
+    let mut text = explain(&format!("http://web.{ns}/fail/now"), &[]).await;
+    text.push_str("---\n");
+    text.push_str(&explain("web:80", &["--path", "/api?x=1", "-X", "post"]).await);
+    // The operator's versions move with the bed's other resources: mask them too.
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("operator: acked version") {
+                let state = l.rsplit_once(": ").map_or("", |(_, s)| s);
+                format!("operator: acked version A, desired D: {state}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    golden("explain.txt", &mask(&text, &volatile));
+
+    drop(proxies);
+    drop(operator);
+    bed.cleanup().await;
+}
