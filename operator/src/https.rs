@@ -97,7 +97,10 @@ pub async fn serve<H: Handler>(
         .await
         .is_err()
     {
-        tracing::warn!(server = name, "connections still open after the drain timeout");
+        tracing::warn!(
+            server = name,
+            "connections still open after the drain timeout"
+        );
     }
     connections.abort_all();
 }

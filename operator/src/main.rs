@@ -197,7 +197,10 @@ fn main() -> anyhow::Result<()> {
     }
     for (flag, v) in [
         ("--identity-rate", id.identity_rate),
-        ("--identity-reviews-per-source", id.identity_reviews_per_source),
+        (
+            "--identity-reviews-per-source",
+            id.identity_reviews_per_source,
+        ),
     ] {
         if !(v.is_finite() && v > 0.0) {
             anyhow::bail!("{flag} must be a positive number");
@@ -337,16 +340,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             handles.metrics.clone(),
         ))
     });
-    let identity_task = identity_server.zip(identity_listener).map(|(server, listener)| {
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(error) =
-                identity::serve(listener, server, serving, token.cancelled_owned()).await
-            {
-                tracing::error!(%error, "the identity endpoint stopped");
-            }
-        })
-    });
+    let identity_task = identity_server
+        .zip(identity_listener)
+        .map(|(server, listener)| {
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(error) =
+                    identity::serve(listener, server, serving, token.cancelled_owned()).await
+                {
+                    tracing::error!(%error, "the identity endpoint stopped");
+                }
+            })
+        });
     let webhook_metrics = WebhookMetrics::default();
     let webhook_task = webhook_listener.map(|listener| {
         let (client, token) = (client.clone(), shutdown.clone());

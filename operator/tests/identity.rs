@@ -133,7 +133,11 @@ async fn send(addr: SocketAddr, bundle: &str, ask: Ask<'_>) -> (StatusCode, Byte
         .unwrap()
         .with_root_certificates(roots(bundle))
         .with_no_client_auth();
-    config.alpn_protocols = vec![if ask.h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+    config.alpn_protocols = vec![if ask.h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
     let tcp = TcpStream::connect(addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
@@ -147,13 +151,16 @@ async fn send(addr: SocketAddr, bundle: &str, ask: Ask<'_>) -> (StatusCode, Byte
     }
     let req = req.body(Full::new(Bytes::from(ask.body))).unwrap();
     let resp = if ask.h2 {
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
         tokio::spawn(conn);
         sender.send_request(req).await.unwrap()
     } else {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
         tokio::spawn(conn);
         sender.send_request(req).await.unwrap()
     };
@@ -173,14 +180,25 @@ fn body(csr: String, identity: Option<String>) -> Vec<u8> {
 
 /// A token for ServiceAccount `sa` with `audiences`, bound to `pod`.
 async fn token_for(bed: &Bed, pod: &Pod, audiences: &[&str]) -> String {
-    let sa = pod.spec.as_ref().unwrap().service_account_name.clone().unwrap();
+    let sa = pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .service_account_name
+        .clone()
+        .unwrap();
     let req: TokenRequest = serde_json::from_value(json!({
         "spec": {"audiences": audiences, "expirationSeconds": 3600,
                  "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.name_any(), "uid": pod.uid().unwrap()}}
     }))
     .unwrap();
     bed.api::<ServiceAccount>()
-        .create_subresource::<TokenRequest, TokenRequest>("token", &sa, &PostParams::default(), &req)
+        .create_subresource::<TokenRequest, TokenRequest>(
+            "token",
+            &sa,
+            &PostParams::default(),
+            &req,
+        )
         .await
         .unwrap()
         .status
@@ -249,23 +267,38 @@ async fn a_projected_token_gets_a_chain_for_its_service_account_that_verifies_ag
             pod: &who,
             // The subject and a DNS name in the CSR are ignored, never copied.
             body: body(
-                csr(&key, vec![SanType::DnsName("evil.example".try_into().unwrap())]),
+                csr(
+                    &key,
+                    vec![SanType::DnsName("evil.example".try_into().unwrap())],
+                ),
                 Some(want.clone()),
             ),
             h2,
         };
         let (status, answer) = send(ep.addr, &bundle, ask).await;
-        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer));
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
         let r: CertifyResponse = serde_json::from_slice(&answer).unwrap();
         assert_eq!(r.identity, want);
         assert_eq!(r.trust_bundle, bundle);
-        assert_eq!(verify(&r.certificate_chain, &r.trust_bundle), vec![want.clone()]);
+        assert_eq!(
+            verify(&r.certificate_chain, &r.trust_bundle),
+            vec![want.clone()]
+        );
         let leaf = CertificateDer::pem_slice_iter(r.certificate_chain.as_bytes())
             .next()
             .unwrap()
             .unwrap();
         let (_, leaf) = X509Certificate::from_der(&leaf).unwrap();
-        assert_eq!(leaf.public_key().raw, key.subject_public_key_info().as_slice(), "the proxy's own key");
+        assert_eq!(
+            leaf.public_key().raw,
+            key.subject_public_key_info().as_slice(),
+            "the proxy's own key"
+        );
         let eku = leaf.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.client_auth && eku.server_auth);
         let now = std::time::SystemTime::now()
@@ -285,13 +318,26 @@ async fn a_projected_token_gets_a_chain_for_its_service_account_that_verifies_ag
     let (status, answer) = send(
         ep.addr,
         &bundle,
-        Ask { token: Some(&token), pod: &who, body: body(csr(&key, vec![]), None), h2: true },
+        Ask {
+            token: Some(&token),
+            pod: &who,
+            body: body(csr(&key, vec![]), None),
+            h2: true,
+        },
     )
     .await;
-    assert_eq!(refused(status, &answer), (StatusCode::TOO_MANY_REQUESTS, reason::RATE_LIMITED.to_owned()));
+    assert_eq!(
+        refused(status, &answer),
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            reason::RATE_LIMITED.to_owned()
+        )
+    );
     assert_eq!(ep.refusals(reason::RATE_LIMITED), 1.0);
     assert!(
-        ep.metrics.encode().contains("weft_operator_identity_request_duration_seconds_count 3"),
+        ep.metrics
+            .encode()
+            .contains("weft_operator_identity_request_duration_seconds_count 3"),
         "every answer is timed"
     );
     ep.stop.cancel();
@@ -319,10 +365,19 @@ async fn each_refusal_has_its_reason_status_and_count() {
     let db_token = bed.token(&db).await;
     let other_audience = token_for(&bed, &web, &["other"]).await;
     let gone_token = bed.token(&gone).await;
-    bed.api::<ServiceAccount>().delete("gone", &DeleteParams::default()).await.unwrap();
+    bed.api::<ServiceAccount>()
+        .delete("gone", &DeleteParams::default())
+        .await
+        .unwrap();
     let dead_token = bed.token(&dead).await;
     bed.api::<Pod>()
-        .delete("dead-1", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+        .delete(
+            "dead-1",
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     let web_pod = format!("{ns}/web-1");
@@ -431,7 +486,10 @@ async fn each_refusal_has_its_reason_status_and_count() {
         }
         let (got, got_code) = refused(got, &answer);
         if (got, got_code.as_str()) != (status, code) {
-            failures.push(format!("{what}: {got} {got_code}, want {status} {code}: {}", String::from_utf8_lossy(&answer)));
+            failures.push(format!(
+                "{what}: {got} {got_code}, want {status} {code}: {}",
+                String::from_utf8_lossy(&answer)
+            ));
         } else if ep.refusals(code) != before + 1.0 {
             failures.push(format!("{what}: not counted under {code}"));
         }
@@ -442,10 +500,26 @@ async fn each_refusal_has_its_reason_status_and_count() {
     let (status, answer) = send(
         ep.addr,
         &bundle,
-        Ask { token: Some(&web_token), pod: &web_pod, body: body(csr(&key, vec![SanType::URI(web_id.as_str().try_into().unwrap())]), Some(web_id.clone())), h2: true },
+        Ask {
+            token: Some(&web_token),
+            pod: &web_pod,
+            body: body(
+                csr(
+                    &key,
+                    vec![SanType::URI(web_id.as_str().try_into().unwrap())],
+                ),
+                Some(web_id.clone()),
+            ),
+            h2: true,
+        },
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
     ep.stop.cancel();
     bed.cleanup().await;
 }
@@ -470,11 +544,25 @@ async fn two_operators_racing_on_a_missing_secret_issue_chains_from_one_root() {
         let (status, answer) = send(
             ep.addr,
             ep.ca.trust_bundle(),
-            Ask { token: Some(&token), pod: &who, body: body(csr(&key, vec![]), None), h2: true },
+            Ask {
+                token: Some(&token),
+                pod: &who,
+                body: body(csr(&key, vec![]), None),
+                h2: true,
+            },
         )
         .await;
-        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer));
-        chains.push(serde_json::from_slice::<CertifyResponse>(&answer).unwrap().certificate_chain);
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        chains.push(
+            serde_json::from_slice::<CertifyResponse>(&answer)
+                .unwrap()
+                .certificate_chain,
+        );
     }
     // Each replica derives its own issuing CA: the chains differ, the root is shared.
     assert_ne!(chains[0], chains[1]);

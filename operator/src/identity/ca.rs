@@ -203,8 +203,7 @@ fn der_to_pem(der: &[u8]) -> String {
 fn pem_block(tag: &str, der: &[u8]) -> String {
     // rcgen's `pem` dependency is not ours; this is the whole of PEM armouring.
     use std::fmt::Write as _;
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
     for chunk in der.chunks(3) {
         let n = chunk
@@ -278,11 +277,12 @@ impl IdentityCa {
         let key = KeyPair::generate()?;
         let key_pem = key.serialize_pem();
         let cert = params.self_signed(&key)?;
-        let ca = Self::from_pem(&cert.pem(), Some(&key_pem), None)
-            .map_err(|problem| IdentityCaError::Malformed {
+        let ca = Self::from_pem(&cert.pem(), Some(&key_pem), None).map_err(|problem| {
+            IdentityCaError::Malformed {
                 secret: "(generated)".to_owned(),
                 problem,
-            })?;
+            }
+        })?;
         Ok((ca, key_pem))
     }
 
@@ -305,10 +305,7 @@ impl IdentityCa {
                     );
                 }
                 let root_pem = der_to_pem(&roots[0]);
-                Some(
-                    Issuer::from_ca_cert_pem(&root_pem, key)
-                        .map_err(|e| format!("ca.crt: {e}"))?,
-                )
+                Some(Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| format!("ca.crt: {e}"))?)
             }
             None => None,
         };
@@ -322,7 +319,10 @@ impl IdentityCa {
                 }
                 for pair in chain.windows(2) {
                     if !signed_by(&pair[0], &pair[1]) {
-                        return Err("tls.crt is not a chain: a certificate is not signed by the next".into());
+                        return Err(
+                            "tls.crt is not a chain: a certificate is not signed by the next"
+                                .into(),
+                        );
                     }
                 }
                 let top = &chain[chain.len() - 1];
@@ -444,7 +444,10 @@ impl IdentityCa {
         let mut dn = DistinguishedName::new();
         dn.push(
             DnType::CommonName,
-            dns_names.first().map(String::as_str).unwrap_or("weft-operator"),
+            dns_names
+                .first()
+                .map(String::as_str)
+                .unwrap_or("weft-operator"),
         );
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
@@ -556,7 +559,11 @@ pub async fn load_or_create(
     }
 }
 
-fn from_secret(secret: &Secret, namespace: &str, name: &str) -> Result<IdentityCa, IdentityCaError> {
+fn from_secret(
+    secret: &Secret,
+    namespace: &str,
+    name: &str,
+) -> Result<IdentityCa, IdentityCaError> {
     let malformed = |problem: String| IdentityCaError::Malformed {
         secret: format!("{namespace}/{name}"),
         problem,
@@ -599,21 +606,32 @@ mod tests {
     fn a_leaf_carries_only_the_identity_and_chains_to_the_root() {
         let (ca, _) = IdentityCa::generate().unwrap();
         let key = KeyPair::generate().unwrap();
-        let csr = Csr::from_pem(&csr_for(&key, vec![SanType::DnsName("evil.example".try_into().unwrap())])).unwrap();
+        let csr = Csr::from_pem(&csr_for(
+            &key,
+            vec![SanType::DnsName("evil.example".try_into().unwrap())],
+        ))
+        .unwrap();
         let id = "spiffe://cluster.local/ns/a/sa/b";
         let issued = ca.issue(&csr, id, Duration::from_secs(3600)).unwrap();
         let chain = pem_certs(&issued.chain_pem).unwrap();
         assert_eq!(chain.len(), 2, "leaf and issuer");
         let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
         let sans = leaf.subject_alternative_name().unwrap().unwrap();
-        assert_eq!(sans.value.general_names.len(), 1, "the CSR's DNS name is dropped");
+        assert_eq!(
+            sans.value.general_names.len(),
+            1,
+            "the CSR's DNS name is dropped"
+        );
         assert!(
             matches!(sans.value.general_names[0], x509_parser::extensions::GeneralName::URI(u) if u == id),
             "{:?}",
             sans.value.general_names
         );
         assert!(sans.critical, "an empty subject makes the SAN critical");
-        assert_eq!(leaf.public_key().raw, key.subject_public_key_info().as_slice());
+        assert_eq!(
+            leaf.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
         let roots = pem_certs(ca.trust_bundle()).unwrap();
         assert!(signed_by(&chain[0], &chain[1]) && signed_by(&chain[1], &roots[0]));
     }
@@ -621,22 +639,34 @@ mod tests {
     #[test]
     fn a_csr_with_a_bad_signature_or_another_identity_is_refused() {
         let key = KeyPair::generate().unwrap();
-        let pem = csr_for(&key, vec![SanType::URI("spiffe://cluster.local/ns/x/sa/y".try_into().unwrap())]);
+        let pem = csr_for(
+            &key,
+            vec![SanType::URI(
+                "spiffe://cluster.local/ns/x/sa/y".try_into().unwrap(),
+            )],
+        );
         let csr = Csr::from_pem(&pem).unwrap();
         assert!(matches!(
             csr.check_identity("spiffe://cluster.local/ns/a/sa/b"),
             Err(CsrError::OtherIdentity { .. })
         ));
-        assert!(csr.check_identity("spiffe://cluster.local/ns/x/sa/y").is_ok());
+        assert!(
+            csr.check_identity("spiffe://cluster.local/ns/x/sa/y")
+                .is_ok()
+        );
         // Flip one bit of the signature (the DER's last byte).
-        let mut der = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
-            .unwrap()
-            .as_ref()
-            .to_vec();
+        let mut der =
+            rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec();
         let last = der.len() - 1;
         der[last] ^= 1;
         let tampered = pem_block("CERTIFICATE REQUEST", &der);
-        assert!(matches!(Csr::from_pem(&tampered), Err(CsrError::Invalid(_))));
+        assert!(matches!(
+            Csr::from_pem(&tampered),
+            Err(CsrError::Invalid(_))
+        ));
         assert!(Csr::from_pem("not a csr").is_err());
     }
 
@@ -654,16 +684,27 @@ mod tests {
         .unwrap();
         let key = KeyPair::generate().unwrap();
         let csr = Csr::from_pem(&csr_for(&key, vec![])).unwrap();
-        let issued = supplied.issue(&csr, "spiffe://td/ns/a/sa/b", Duration::from_secs(60)).unwrap();
-        assert!(issued.chain_pem.ends_with(&issuer.chain_pem), "the supplied chain, as is");
+        let issued = supplied
+            .issue(&csr, "spiffe://td/ns/a/sa/b", Duration::from_secs(60))
+            .unwrap();
+        assert!(
+            issued.chain_pem.ends_with(&issuer.chain_pem),
+            "the supplied chain, as is"
+        );
         // Another root's bundle: refused at load.
         let (other, _) = IdentityCa::generate().unwrap();
-        let e = IdentityCa::from_pem(other.trust_bundle(), None, Some((&issuer.chain_pem, &issuer_key)))
-            .err()
-            .unwrap();
+        let e = IdentityCa::from_pem(
+            other.trust_bundle(),
+            None,
+            Some((&issuer.chain_pem, &issuer_key)),
+        )
+        .err()
+        .unwrap();
         assert!(e.contains("does not chain"), "{e}");
         // A key that is not the root's.
-        let e = IdentityCa::from_pem(other.trust_bundle(), Some(&root_key), None).err().unwrap();
+        let e = IdentityCa::from_pem(other.trust_bundle(), Some(&root_key), None)
+            .err()
+            .unwrap();
         assert!(e.contains("not the key"), "{e}");
     }
 
@@ -672,7 +713,13 @@ mod tests {
         let (ca, _) = IdentityCa::generate().unwrap();
         let key = KeyPair::generate().unwrap();
         let csr = Csr::from_pem(&csr_for(&key, vec![])).unwrap();
-        let issued = ca.issue(&csr, "spiffe://td/ns/a/sa/b", Duration::from_secs(10 * 365 * 24 * 3600)).unwrap();
+        let issued = ca
+            .issue(
+                &csr,
+                "spiffe://td/ns/a/sa/b",
+                Duration::from_secs(10 * 365 * 24 * 3600),
+            )
+            .unwrap();
         assert_eq!(issued.not_after, ca.issuer_not_after());
     }
 

@@ -262,8 +262,9 @@ impl IdentityServer {
                 format!("the body is not a CertifyRequest: {e}"),
             )
         })?;
-        let csr = Csr::from_pem(&request.csr)
-            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, e.to_string()))?;
+        let csr = Csr::from_pem(&request.csr).map_err(|e| {
+            Refusal::new(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, e.to_string())
+        })?;
 
         let id = self
             .reviewer

@@ -138,9 +138,7 @@ impl AuthError {
             AuthError::NoToken
             | AuthError::Rejected(_)
             | AuthError::NotForUs(_)
-            | AuthError::CachedRejection(_) => {
-                StatusCode::UNAUTHORIZED
-            }
+            | AuthError::CachedRejection(_) => StatusCode::UNAUTHORIZED,
             AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             AuthError::Busy | AuthError::Review(_) | AuthError::ReviewTimeout => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -405,7 +403,9 @@ fn identity(out: TokenReview) -> Verdict {
     let user = status.user.unwrap_or_default();
     let username = user.username.unwrap_or_default();
     let Some(rest) = username.strip_prefix("system:serviceaccount:") else {
-        return Err(AuthError::NotForUs(format!("{username} is not a ServiceAccount")));
+        return Err(AuthError::NotForUs(format!(
+            "{username} is not a ServiceAccount"
+        )));
     };
     let Some((namespace, sa)) = rest.split_once(':') else {
         return Err(AuthError::Rejected(format!("malformed user {username}")));

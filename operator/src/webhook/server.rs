@@ -245,5 +245,12 @@ pub async fn serve(
     handler: Arc<Handler>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    crate::https::serve("webhook", listener, certs.server_config(), handler, shutdown).await
+    crate::https::serve(
+        "webhook",
+        listener,
+        certs.server_config(),
+        handler,
+        shutdown,
+    )
+    .await
 }
