@@ -348,6 +348,7 @@ mod docs_tests {
         operator.token_review("allowed");
         operator.push_refusal("forbidden");
         operator.push_stall();
+        operator.identity_refusal("bad_request");
         let webhook = crate::webhook::server::WebhookMetrics::default();
         webhook.count("injected");
         let mut registry = prometheus_client::registry::Registry::default();
