@@ -13,6 +13,26 @@
 //!   ◀──── 4xx/5xx IdentityError { reason, message }
 //! ```
 //!
+//! Exactly, as the operator serves it (`weft-operator --identity-addr`, default port 15012):
+//!
+//! - TLS 1.3 only, ALPN `h2` or `http/1.1`; the serving certificate chains to the trust
+//!   root (a proxy verifies it against the trust bundle it was given, e.g. at injection)
+//!   and names the operator Service (`weft-operator.<ns>.svc` and variants by default).
+//! - `POST` [`CERTIFY_PATH`], headers `authorization: Bearer <token>` (required) and
+//!   `weft-pod: <namespace>/<name>` ([`crate::push::POD_HEADER`], required), body JSON
+//!   [`CertifyRequest`] of at most [`MAX_REQUEST_BYTES`].
+//! - 200 with [`CertifyResponse`]; any other status with [`IdentityError`]: 400
+//!   `bad_request` (also 404 for another method or path), 401 `token_invalid`, 403
+//!   `not_a_service_account` or `identity_mismatch`, 413 `too_large`, 429 `rate_limited`
+//!   (with `Retry-After` in seconds), 503 `unavailable`. Retry 429 and 503 with backoff;
+//!   the others will not change by retrying with the same request.
+//! - The token's namespace must be `weft-pod`'s, and a token bound to a pod must be bound
+//!   to `weft-pod`'s pod. The CSR's self-signature must verify; its subject and DNS/IP
+//!   names are ignored, but a URI SAN it asks for must be the token's SPIFFE ID.
+//! - The leaf has an empty subject, that SPIFFE ID as its only (critical) SAN, EKU client
+//!   and server auth, and lives the operator's `--identity-lifetime` (24 h by default), or
+//!   less if the issuing CA expires sooner: read `not_after`, not the lifetime.
+//!
 //! The identity of a ServiceAccount `sa` in namespace `ns` is
 //! `spiffe://<trust domain>/ns/<ns>/sa/<sa>` ([`spiffe_id`]), carried as the certificate's
 //! only URI SAN.
@@ -41,8 +61,8 @@ pub fn spiffe_id(trust_domain: &str, ns: &str, sa: &str) -> String {
 #[serde(rename_all = "camelCase")]
 pub struct CertifyRequest {
     /// A PKCS#10 certificate signing request in PEM, for the key the proxy generated. Its
-    /// subject and extensions are ignored: the operator issues for the identity the token
-    /// proves.
+    /// subject and extensions are ignored (the operator issues for the identity the token
+    /// proves), except that a URI SAN in it must be that identity (`identity_mismatch`).
     pub csr: String,
     /// The SPIFFE ID the proxy expects, when it knows it: refused (`identity_mismatch`)
     /// if it is not the token's.

@@ -7,10 +7,13 @@
 //! ```
 
 pub mod ca;
+pub mod https;
+pub mod identity;
 pub mod index;
 pub mod mesh;
 pub mod metrics;
 pub mod push;
+pub mod rate;
 pub mod status;
 pub mod webhook;
 

@@ -1,7 +1,7 @@
 //! `weft-operator`: the control plane binary. Flags and environment are read here, once;
 //! everything else lives in the library ([`weft_operator::mesh::run`]).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -11,6 +11,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use weft_operator::{
+    identity,
     inject::InjectConfig,
     mesh::{self, Settings},
     push::{AuthLimits, Authenticator},
@@ -64,6 +65,46 @@ struct Args {
     log: String,
     #[command(flatten)]
     webhook: WebhookArgs,
+    #[command(flatten)]
+    identity_ca: IdentityArgs,
+}
+
+/// The identity CA and its endpoint.
+#[derive(clap::Args, Debug)]
+struct IdentityArgs {
+    /// Where proxies get their certificates (HTTP/2 or HTTP/1.1 over TLS 1.3,
+    /// `weft.identity.v1`).
+    #[arg(long, env = "WEFT_IDENTITY_ADDR", default_value = "0.0.0.0:15012")]
+    identity_addr: SocketAddr,
+    /// Do not serve the identity endpoint (nor read or create the identity Secret).
+    #[arg(long, env = "WEFT_NO_IDENTITY")]
+    no_identity: bool,
+    /// The Secret (in the operator's namespace) holding the mesh's trust root; generated
+    /// if absent. Layout in docs/identity.md.
+    #[arg(long, env = "WEFT_IDENTITY_SECRET", default_value = "weft-identity")]
+    identity_secret: String,
+    /// Lifetime of proxies' certificates (at most the issuing CA's remaining life).
+    #[arg(long, env = "WEFT_IDENTITY_LIFETIME", default_value = "24h")]
+    identity_lifetime: weft_api::Duration,
+    /// DNS names of the endpoint's serving certificate, comma-separated (default: the
+    /// operator Service's names, `<service>.<namespace>.svc` and its variants).
+    #[arg(long, env = "WEFT_IDENTITY_DNS_NAMES", value_delimiter = ',')]
+    identity_dns_names: Vec<String>,
+    /// Certificate requests answered at once; more wait up to 2s, then get 429.
+    #[arg(long, env = "WEFT_IDENTITY_IN_FLIGHT", default_value = "256", value_parser = clap::value_parser!(u32).range(1..))]
+    identity_in_flight: u32,
+    /// Certificates one identity (per pod) may get per second, sustained.
+    #[arg(long, env = "WEFT_IDENTITY_RATE", default_value = "0.1")]
+    identity_rate: f64,
+    /// Certificates one identity (per pod) may get in a burst.
+    #[arg(long, env = "WEFT_IDENTITY_BURST", default_value = "10", value_parser = clap::value_parser!(u32).range(1..))]
+    identity_burst: u32,
+    /// TokenReviews one source address may cause per second at the identity endpoint.
+    #[arg(long, env = "WEFT_IDENTITY_REVIEWS_PER_SOURCE", default_value = "20")]
+    identity_reviews_per_source: f64,
+    /// TokenReviews one source address may cause in a burst at the identity endpoint.
+    #[arg(long, env = "WEFT_IDENTITY_REVIEW_BURST", default_value = "200", value_parser = clap::value_parser!(u32).range(1..))]
+    identity_review_burst: u32,
 }
 
 /// The push server's limits.
@@ -150,6 +191,28 @@ fn main() -> anyhow::Result<()> {
     if args.push.push_ack_timeout.as_std() < Duration::from_secs(1) {
         anyhow::bail!("--push-ack-timeout must be at least 1s");
     }
+    let id = &args.identity_ca;
+    if id.identity_lifetime.as_std() < Duration::from_secs(60) {
+        anyhow::bail!("--identity-lifetime must be at least 1m");
+    }
+    for (flag, v) in [
+        ("--identity-rate", id.identity_rate),
+        (
+            "--identity-reviews-per-source",
+            id.identity_reviews_per_source,
+        ),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            anyhow::bail!("{flag} must be a positive number");
+        }
+    }
+    if let Some(bad) = id
+        .identity_dns_names
+        .iter()
+        .find(|n| rustls::pki_types::ServerName::try_from(n.as_str()).is_err())
+    {
+        anyhow::bail!("--identity-dns-names: {bad:?} is not a DNS name");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("weft-operator")
         .enable_all()
@@ -183,6 +246,33 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 })?,
         ),
     };
+    let identity_listener = match args.identity_ca.no_identity {
+        true => None,
+        false => Some(
+            TcpListener::bind(args.identity_ca.identity_addr)
+                .await
+                .with_context(|| {
+                    format!(
+                        "bind the identity listener on {}",
+                        args.identity_ca.identity_addr
+                    )
+                })?,
+        ),
+    };
+    // Before anything serves: a Secret that holds no usable root stops the operator here,
+    // with the reason, rather than leaving proxies without certificates.
+    let identity_ca = match identity_listener {
+        None => None,
+        Some(_) => Some(Arc::new(
+            identity::ca::load_or_create(
+                client.clone(),
+                &args.lease_namespace,
+                &args.identity_ca.identity_secret,
+            )
+            .await
+            .context("load the identity trust root")?,
+        )),
+    };
     let mut webhook_settings =
         webhook_settings(&args.webhook, &args.lease_namespace, &args.trust_domain);
     if !args.webhook.no_webhook {
@@ -198,6 +288,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         webhook_settings.registration.excluded_namespaces =
             webhook_settings.inject.excluded_namespaces.clone();
     }
+    let (trust_domain, audience) = (args.trust_domain.clone(), args.token_audience.clone());
+    let serving = identity::ServingSettings {
+        dns_names: match args.identity_ca.identity_dns_names.is_empty() {
+            false => args.identity_ca.identity_dns_names.clone(),
+            true => service_names(&args.webhook.webhook_service, &args.lease_namespace),
+        },
+        lifetime: Duration::from_secs(24 * 3600),
+    };
     let settings = Settings {
         push,
         admin: Some(admin),
@@ -220,6 +318,40 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let whole_cluster = settings.namespace.is_none();
     let (handles, done) = mesh::run(client.clone(), settings, shutdown.clone());
+    let identity_server = identity_ca.map(|ca| {
+        let id = &args.identity_ca;
+        Arc::new(identity::IdentityServer::new(
+            ca,
+            client.clone(),
+            audience,
+            trust_domain,
+            id.identity_lifetime.as_std(),
+            identity::IdentityLimits {
+                max_in_flight: id.identity_in_flight as usize,
+                per_identity_rate: id.identity_rate,
+                per_identity_burst: id.identity_burst,
+                auth: AuthLimits {
+                    source_rate: id.identity_reviews_per_source,
+                    source_burst: id.identity_review_burst,
+                    ..identity::IdentityLimits::default().auth
+                },
+                ..identity::IdentityLimits::default()
+            },
+            handles.metrics.clone(),
+        ))
+    });
+    let identity_task = identity_server
+        .zip(identity_listener)
+        .map(|(server, listener)| {
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(error) =
+                    identity::serve(listener, server, serving, token.cancelled_owned()).await
+                {
+                    tracing::error!(%error, "the identity endpoint stopped");
+                }
+            })
+        });
     let webhook_metrics = WebhookMetrics::default();
     let webhook_task = webhook_listener.map(|listener| {
         let (client, token) = (client.clone(), shutdown.clone());
@@ -257,6 +389,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
     if let Some(task) = webhook_task {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    if let Some(task) = identity_task {
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
     Ok(())
@@ -332,6 +467,15 @@ fn lease_config(args: &Args, identity: String) -> anyhow::Result<LeaseConfig> {
         anyhow::anyhow!("--lease-duration, --lease-renew-deadline, --lease-retry-period: {e}")
     })?;
     Ok(lease)
+}
+
+/// The DNS names of the operator's Service `service` in `namespace`.
+fn service_names(service: &str, namespace: &str) -> Vec<String> {
+    vec![
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+    ]
 }
 
 fn webhook_settings(args: &WebhookArgs, namespace: &str, trust_domain: &str) -> WebhookSettings {

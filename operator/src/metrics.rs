@@ -11,6 +11,9 @@
 //! | `weft_operator_change_to_ack_seconds` | from a cluster change seen by the operator to a proxy's ACK of the version containing it |
 //! | `weft_operator_token_reviews_total{result}` | TokenReviews the push server asked for: `authenticated`, `rejected`, `error` |
 //! | `weft_operator_push_refusals_total{reason}` | subscriptions refused, by reason (see [`crate::push::auth::AuthError::reason`] and the push server) |
+//! | `weft_operator_identity_issued_total` | certificates the identity endpoint issued |
+//! | `weft_operator_identity_refusals_total{reason}` | certificate requests refused, by [`weft_api::identity::reason`] |
+//! | `weft_operator_identity_request_duration_seconds` | time to answer one certificate request (issued or refused) |
 //! | `weft_operator_push_stalls_total` | streams closed because the proxy did not take or acknowledge an update within the ACK timeout |
 
 use prometheus_client::{
@@ -52,6 +55,9 @@ pub struct Metrics {
     token_reviews: Family<ResultLabel, Counter>,
     push_refusals: Family<ReasonLabel, Counter>,
     push_stalls: Counter,
+    identity_issued: Counter,
+    identity_refusals: Family<ReasonLabel, Counter>,
+    identity_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -123,8 +129,32 @@ impl Metrics {
             "Push streams closed because the proxy did not take or acknowledge an update in time",
             push_stalls.clone(),
         );
+        let identity_issued = Counter::default();
+        registry.register(
+            "identity_issued",
+            "Certificates the identity endpoint issued",
+            identity_issued.clone(),
+        );
+        let identity_refusals = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "identity_refusals",
+            "Certificate requests the identity endpoint refused, by reason",
+            identity_refusals.clone(),
+        );
+        // 250 µs to ~8 s.
+        let identity_latency = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.00025, 2.0, 16),
+        );
+        registry.register(
+            "identity_request_duration_seconds",
+            "Time to answer one certificate request, issued or refused",
+            identity_latency.clone(),
+        );
         Metrics {
             registry,
+            identity_issued,
+            identity_refusals,
+            identity_latency,
             token_reviews,
             push_refusals,
             push_stalls,
@@ -195,6 +225,23 @@ impl Metrics {
     /// Counts one stream closed for a stall.
     pub fn push_stall(&self) {
         self.push_stalls.inc();
+    }
+
+    /// Counts one certificate issued.
+    pub fn identity_issued(&self) {
+        self.identity_issued.inc();
+    }
+
+    /// Counts one refused certificate request, by its [`weft_api::identity::reason`].
+    pub fn identity_refusal(&self, reason: &'static str) {
+        self.identity_refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Records the time to answer one certificate request.
+    pub fn identity_answered(&self, elapsed: std::time::Duration) {
+        self.identity_latency.observe(elapsed.as_secs_f64());
     }
 
     /// The metrics in OpenMetrics text format.
@@ -303,6 +350,7 @@ mod docs_tests {
         operator.token_review("allowed");
         operator.push_refusal("forbidden");
         operator.push_stall();
+        operator.identity_refusal("bad_request");
         let webhook = crate::webhook::server::WebhookMetrics::default();
         webhook.count("injected");
         let mut registry = prometheus_client::registry::Registry::default();

@@ -647,6 +647,7 @@ fn operator_exit(ns: &str) -> std::process::Output {
         .env("KUBECONFIG", shared::testbed().kubeconfig())
         .args(["--push-addr", &free(), "--admin-addr", &free()])
         .args(["--webhook-addr", &free(), "--lease-namespace", ns])
+        .args(["--identity-addr", &free()])
         .args([
             "--watch-namespace",
             ns,

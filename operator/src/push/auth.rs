@@ -30,7 +30,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
 use tokio::sync::{OnceCell, Semaphore};
 
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, rate::KeyedBuckets};
 
 /// The `extra` key in which the API server names the pod a token is bound to.
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
@@ -98,6 +98,9 @@ pub enum AuthError {
     /// The API server did not authenticate the token.
     #[error("token not authenticated: {0}")]
     Rejected(String),
+    /// The token is valid but not a ServiceAccount's, or not for the audience asked for.
+    #[error("token not accepted: {0}")]
+    NotForUs(String),
     /// The API server refused this token moments ago; it is not asked again yet.
     #[error("token not authenticated (cached verdict): {0}")]
     CachedRejection(String),
@@ -120,7 +123,7 @@ impl AuthError {
     pub fn reason(&self) -> &'static str {
         match self {
             AuthError::NoToken => "no_token",
-            AuthError::Rejected(_) => "token_rejected",
+            AuthError::Rejected(_) | AuthError::NotForUs(_) => "token_rejected",
             AuthError::CachedRejection(_) => "token_rejected_cached",
             AuthError::RateLimited => "rate_limited",
             AuthError::Busy => "reviews_busy",
@@ -132,9 +135,10 @@ impl AuthError {
     /// the proxy should retry later.
     pub fn status(&self) -> StatusCode {
         match self {
-            AuthError::NoToken | AuthError::Rejected(_) | AuthError::CachedRejection(_) => {
-                StatusCode::UNAUTHORIZED
-            }
+            AuthError::NoToken
+            | AuthError::Rejected(_)
+            | AuthError::NotForUs(_)
+            | AuthError::CachedRejection(_) => StatusCode::UNAUTHORIZED,
             AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             AuthError::Busy | AuthError::Review(_) | AuthError::ReviewTimeout => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -201,13 +205,6 @@ impl Authenticator {
 
 type Verdict = Result<TokenIdentity, AuthError>;
 
-/// A token bucket for one source address.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
 /// The TokenReview authenticator and its caches and limits.
 pub struct TokenReviewer {
     client: Client,
@@ -224,7 +221,8 @@ pub struct TokenReviewer {
     /// Reviews in progress, by the token itself: concurrent subscriptions with one token
     /// wait for one verdict.
     in_progress: Mutex<HashMap<String, Arc<OnceCell<Verdict>>>>,
-    sources: Mutex<HashMap<IpAddr, Bucket>>,
+    /// TokenReviews left per source address (see [`bucket_key`]).
+    sources: KeyedBuckets<IpAddr>,
     in_flight: Semaphore,
 }
 
@@ -244,8 +242,10 @@ fn make_room<K, V>(map: &mut HashMap<K, (V, Instant)>, max: usize, ttl: Duration
 }
 
 impl TokenReviewer {
-    fn new(client: Client, audiences: Vec<String>, limits: AuthLimits) -> Self {
+    /// A reviewer asking for `audiences`, within `limits`.
+    pub fn new(client: Client, audiences: Vec<String>, limits: AuthLimits) -> Self {
         TokenReviewer {
+            sources: KeyedBuckets::new(limits.source_rate, limits.source_burst, SOURCES_MAX),
             client,
             audiences,
             in_flight: Semaphore::new(limits.max_in_flight.max(1)),
@@ -254,11 +254,12 @@ impl TokenReviewer {
             refused: Mutex::new(HashMap::new()),
             hasher: RandomState::new(),
             in_progress: Mutex::new(HashMap::new()),
-            sources: Mutex::new(HashMap::new()),
         }
     }
 
-    async fn authenticate(
+    /// The identity `token` proves; `source` is the caller's address, for the per-source
+    /// limit. TokenReviews are counted in `metrics`.
+    pub async fn authenticate(
         &self,
         token: Option<&str>,
         source: IpAddr,
@@ -274,11 +275,14 @@ impl TokenReviewer {
         if let Some((error, at)) = lock(&self.refused).get(&key)
             && at.elapsed() < self.limits.refused_ttl
         {
-            let reason = match error {
-                AuthError::Rejected(r) | AuthError::CachedRejection(r) => r.clone(),
-                other => other.to_string(),
-            };
-            return Err(AuthError::CachedRejection(reason));
+            return Err(match error {
+                // Still the same kind of refusal, for callers that tell them apart.
+                AuthError::NotForUs(r) => AuthError::NotForUs(r.clone()),
+                AuthError::Rejected(r) | AuthError::CachedRejection(r) => {
+                    AuthError::CachedRejection(r.clone())
+                }
+                other => AuthError::CachedRejection(other.to_string()),
+            });
         }
         // Keyed by the token itself, not its hash: waiters take the reviewer's identity,
         // which must never be another token's. (It is held only while the review runs.)
@@ -363,34 +367,7 @@ impl TokenReviewer {
 
     /// Takes one token from `source`'s bucket; false when it is empty.
     fn take_source_token(&self, source: IpAddr) -> bool {
-        let source = bucket_key(source);
-        let now = Instant::now();
-        let (rate, burst) = (
-            self.limits.source_rate.max(0.0),
-            f64::from(self.limits.source_burst.max(1)),
-        );
-        let refill =
-            |b: &Bucket| (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
-        let mut sources = lock(&self.sources);
-        if sources.len() >= SOURCES_MAX && !sources.contains_key(&source) {
-            // Full buckets are sources that have been quiet: forgetting them loses nothing.
-            sources.retain(|_, b| refill(b) < burst);
-            if sources.len() >= SOURCES_MAX {
-                sources.clear();
-            }
-        }
-        let bucket = sources.entry(source).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
-        bucket.tokens = refill(bucket);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.sources.take(bucket_key(source))
     }
 }
 
@@ -413,14 +390,20 @@ fn bucket_key(source: IpAddr) -> IpAddr {
 fn identity(out: TokenReview) -> Verdict {
     let status = out.status.unwrap_or_default();
     if status.authenticated != Some(true) {
-        return Err(AuthError::Rejected(
-            status.error.unwrap_or_else(|| "not authenticated".into()),
-        ));
+        let error = status.error.unwrap_or_else(|| "not authenticated".into());
+        // The API server authenticates a token for another audience no differently from
+        // garbage, and says so only in this message ("token audiences [...] is invalid for
+        // the target audiences [...]"); it only changes the reason reported.
+        return Err(if error.contains("is invalid for the target audiences") {
+            AuthError::NotForUs(error)
+        } else {
+            AuthError::Rejected(error)
+        });
     }
     let user = status.user.unwrap_or_default();
     let username = user.username.unwrap_or_default();
     let Some(rest) = username.strip_prefix("system:serviceaccount:") else {
-        return Err(AuthError::Rejected(format!(
+        return Err(AuthError::NotForUs(format!(
             "{username} is not a ServiceAccount"
         )));
     };

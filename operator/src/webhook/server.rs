@@ -2,13 +2,12 @@
 //! AdmissionReviews, `GET /healthz`, `GET /metrics` (also merged into the operator's admin
 //! `/metrics`). Bodies are capped; every request gets an answer.
 
-use std::{collections::BTreeMap, convert::Infallible, sync::Arc, time::Instant};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client,
@@ -21,7 +20,6 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use super::{review, tls::CertStore};
 use crate::{
@@ -31,8 +29,6 @@ use crate::{
 
 /// The largest AdmissionReview accepted (the API server's own request limit is 3 MiB).
 const MAX_BODY: usize = 8 * 1024 * 1024;
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Label set of the admission counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -234,8 +230,11 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     resp
 }
 
-/// How long in-flight admissions may take to finish after shutdown begins.
-const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+impl crate::https::Handler for Handler {
+    async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Full<Bytes>> {
+        Handler::handle(self, req).await
+    }
+}
 
 /// Serves the webhook on `listener` until `shutdown` completes, then closes every
 /// connection gracefully (in-flight admissions are answered, idle keep-alive connections
@@ -246,63 +245,12 @@ pub async fn serve(
     handler: Arc<Handler>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(certs.server_config());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut connections = tokio::task::JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(error) => {
-                    tracing::warn!(%error, "accepting a webhook connection");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        // Answers are small and latency-bound: do not let Nagle hold them back.
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, %peer, "setting TCP_NODELAY");
-        }
-        let acceptor = acceptor.clone();
-        let handler = handler.clone();
-        let watcher = graceful.watcher();
-        connections.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, %peer, "webhook TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "webhook TLS handshake timed out");
-                    return;
-                }
-            };
-            let service = service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler.handle(req).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder
-                .serve_connection(TokioIo::new(tls), service)
-                .into_owned();
-            if let Err(error) = watcher.watch(conn).await {
-                tracing::debug!(%error, %peer, "webhook connection ended with an error");
-            }
-        });
-        // Forget connections that have finished, so the set does not grow forever.
-        while connections.try_join_next().is_some() {}
-    }
-    // Ask every connection to finish its in-flight requests and close, then drop any
-    // that do not (or are still in their TLS handshake, holding no request).
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("webhook connections still open after the drain timeout");
-    }
-    connections.abort_all();
+    crate::https::serve(
+        "webhook",
+        listener,
+        certs.server_config(),
+        handler,
+        shutdown,
+    )
+    .await
 }

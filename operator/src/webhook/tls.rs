@@ -47,9 +47,21 @@ impl CertStore {
 
     /// A rustls server config resolving to this store, offering HTTP/2 and HTTP/1.1.
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.server_config_with(rustls::DEFAULT_VERSIONS)
+    }
+
+    /// As [`CertStore::server_config`], TLS 1.3 only (the identity endpoint's).
+    pub fn server_config_tls13(&self) -> Arc<rustls::ServerConfig> {
+        self.server_config_with(&[&rustls::version::TLS13])
+    }
+
+    fn server_config_with(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<rustls::ServerConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = match rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
         {
             Ok(b) => b
                 .with_no_client_auth()

@@ -96,6 +96,8 @@ pub fn start_operator(bed: &Bed, push: SocketAddr, admin: SocketAddr, dir: &Path
     cmd.env("KUBECONFIG", shared::testbed().kubeconfig())
         .args(["--push-addr", &push.to_string()])
         .args(["--admin-addr", &admin.to_string()])
+        // Never the default 0.0.0.0:15012: replicas in one test would collide on it.
+        .args(["--identity-addr", &free_addr().to_string()])
         .args(["--lease-namespace", &bed.ns])
         .args(["--identity", &format!("operator-{n}")])
         .args(["--lease-duration", "5s"])

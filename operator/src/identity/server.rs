@@ -1,0 +1,348 @@
+//! The identity endpoint: `POST /weft.identity.v1/certify` (see [`weft_api::identity`]).
+//!
+//! ```text
+//!  request ─▶ in-flight slot (≤ max_in_flight, wait ≤ in_flight_wait) ─full─▶ 429
+//!     └─▶ body ≤ MAX_REQUEST_BYTES ─▶ CertifyRequest ─▶ CSR parses, self-signature ok
+//!     └─▶ weft-pod header ─▶ TokenReview (push::auth: caches, per-source limit)
+//!     └─▶ token's namespace = weft-pod's, token's pod = weft-pod's (if bound),
+//!         identity asked (request, CSR URI SANs) = the token's SPIFFE ID
+//!     └─▶ per-identity bucket (SPIFFE ID and pod) ─empty─▶ 429
+//!     └─▶ IdentityCa::issue ─▶ 200 CertifyResponse
+//! ```
+//!
+//! Cheap checks come before the TokenReview, so garbage costs the API server nothing.
+//! Every answer is counted: issued, or refused by reason, and its latency.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tokio::sync::Semaphore;
+use weft_api::identity::{
+    CERTIFY_PATH, CertifyRequest, CertifyResponse, IdentityError, MAX_REQUEST_BYTES, reason,
+    spiffe_id,
+};
+use weft_api::push::POD_HEADER;
+
+use super::ca::{Csr, IdentityCa};
+use crate::{
+    index::ObjectKey,
+    metrics::Metrics,
+    push::auth::{AuthError, AuthLimits, TokenReviewer},
+    rate::KeyedBuckets,
+};
+
+/// Identities whose issuance rate is remembered at most (idle ones are forgotten first).
+const IDENTITIES_MAX: usize = 100_000;
+
+/// The endpoint's bounds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdentityLimits {
+    /// Requests being answered at once.
+    pub max_in_flight: usize,
+    /// How long a request waits for a slot before it is refused (429).
+    pub in_flight_wait: Duration,
+    /// Certificates one identity (per pod, for pod-bound tokens) may get per second,
+    /// sustained.
+    pub per_identity_rate: f64,
+    /// Certificates one identity may get in a burst.
+    pub per_identity_burst: u32,
+    /// The TokenReview caches and limits (per source address, in flight).
+    pub auth: AuthLimits,
+}
+
+impl Default for IdentityLimits {
+    fn default() -> Self {
+        IdentityLimits {
+            max_in_flight: 256,
+            in_flight_wait: Duration::from_secs(2),
+            // A proxy asks once at start and renews at ~70 % of 24 h; a few retries on
+            // start-up failures fit in the burst, a loop does not.
+            per_identity_rate: 0.1,
+            per_identity_burst: 10,
+            auth: AuthLimits {
+                // A node's pods restarting together (up to ~110) behind one address.
+                source_rate: 20.0,
+                source_burst: 200,
+                max_in_flight: 32,
+                ..AuthLimits::default()
+            },
+        }
+    }
+}
+
+/// Answers certificate requests.
+pub struct IdentityServer {
+    ca: Arc<IdentityCa>,
+    reviewer: TokenReviewer,
+    trust_domain: String,
+    lifetime: Duration,
+    in_flight: Semaphore,
+    in_flight_wait: Duration,
+    per_identity: KeyedBuckets<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for IdentityServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityServer")
+            .field("trust_domain", &self.trust_domain)
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
+}
+
+/// A refusal: the status, the reason code and what happened.
+struct Refusal {
+    status: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+fn from_auth(error: AuthError) -> Refusal {
+    let (status, code) = match &error {
+        AuthError::NoToken | AuthError::Rejected(_) | AuthError::CachedRejection(_) => {
+            (StatusCode::UNAUTHORIZED, reason::TOKEN_INVALID)
+        }
+        AuthError::NotForUs(_) => (StatusCode::FORBIDDEN, reason::NOT_A_SERVICE_ACCOUNT),
+        AuthError::RateLimited => (StatusCode::TOO_MANY_REQUESTS, reason::RATE_LIMITED),
+        AuthError::Busy | AuthError::Review(_) | AuthError::ReviewTimeout => {
+            (StatusCode::SERVICE_UNAVAILABLE, reason::UNAVAILABLE)
+        }
+    };
+    Refusal::new(status, code, error.to_string())
+}
+
+impl IdentityServer {
+    /// An endpoint issuing from `ca` for `trust_domain`, certificates valid `lifetime`,
+    /// tokens reviewed with `client` for `audience`; counted in `metrics`.
+    pub fn new(
+        ca: Arc<IdentityCa>,
+        client: kube::Client,
+        audience: String,
+        trust_domain: String,
+        lifetime: Duration,
+        limits: IdentityLimits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        IdentityServer {
+            ca,
+            reviewer: TokenReviewer::new(client, vec![audience], limits.auth),
+            trust_domain,
+            lifetime,
+            in_flight: Semaphore::new(limits.max_in_flight.max(1)),
+            in_flight_wait: limits.in_flight_wait,
+            per_identity: KeyedBuckets::new(
+                limits.per_identity_rate,
+                limits.per_identity_burst,
+                IDENTITIES_MAX,
+            ),
+            metrics,
+        }
+    }
+
+    /// The CA this endpoint issues from.
+    pub fn ca(&self) -> &Arc<IdentityCa> {
+        &self.ca
+    }
+
+    /// Answers one request from `peer`.
+    pub async fn answer(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let answer = self.certify(req, peer).await;
+        self.metrics.identity_answered(started.elapsed());
+        match answer {
+            Ok(resp) => {
+                self.metrics.identity_issued();
+                json(StatusCode::OK, &resp)
+            }
+            Err(refusal) => {
+                self.metrics.identity_refusal(refusal.reason);
+                // A flood is counted by the metric, not logged line by line.
+                if refusal.reason == reason::RATE_LIMITED || refusal.reason == reason::TOO_LARGE {
+                    tracing::debug!(%peer, reason = refusal.reason, message = %refusal.message, "certificate refused");
+                } else {
+                    tracing::warn!(%peer, reason = refusal.reason, message = %refusal.message, "certificate refused");
+                }
+                let mut resp = json(
+                    refusal.status,
+                    &IdentityError {
+                        reason: refusal.reason.to_owned(),
+                        message: refusal.message,
+                    },
+                );
+                if refusal.status == StatusCode::TOO_MANY_REQUESTS {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                }
+                resp
+            }
+        }
+    }
+
+    async fn certify(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<CertifyResponse, Refusal> {
+        if req.method() != Method::POST || req.uri().path() != CERTIFY_PATH {
+            return Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                reason::BAD_REQUEST,
+                format!("only POST {CERTIFY_PATH} is served here"),
+            ));
+        }
+        let Ok(Ok(_slot)) =
+            tokio::time::timeout(self.in_flight_wait, self.in_flight.acquire()).await
+        else {
+            return Err(Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                reason::RATE_LIMITED,
+                "too many certificate requests in progress; retry later",
+            ));
+        };
+        let too_large = || {
+            Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                reason::TOO_LARGE,
+                format!("the request body is larger than {MAX_REQUEST_BYTES} bytes"),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_REQUEST_BYTES as u64) {
+            return Err(too_large());
+        }
+        let pod = req
+            .headers()
+            .get(POD_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(ObjectKey::parse)
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    reason::BAD_REQUEST,
+                    format!("the {POD_HEADER} header must name the pod as namespace/name"),
+                )
+            })?;
+        let token = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
+        let body = Limited::new(req.into_body(), MAX_REQUEST_BYTES)
+            .collect()
+            .await
+            .map_err(|_| too_large())?
+            .to_bytes();
+        let request: CertifyRequest = serde_json::from_slice(&body).map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                reason::BAD_REQUEST,
+                format!("the body is not a CertifyRequest: {e}"),
+            )
+        })?;
+        let csr = Csr::from_pem(&request.csr).map_err(|e| {
+            Refusal::new(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, e.to_string())
+        })?;
+
+        let id = self
+            .reviewer
+            .authenticate(token.as_deref(), peer.ip(), &self.metrics)
+            .await
+            .map_err(from_auth)?;
+        let mismatch =
+            |m: String| Refusal::new(StatusCode::FORBIDDEN, reason::IDENTITY_MISMATCH, m);
+        if id.namespace != pod.namespace {
+            return Err(mismatch(format!(
+                "the token is for namespace {}, {POD_HEADER} names {pod}",
+                id.namespace
+            )));
+        }
+        if let Some(bound) = &id.pod
+            && *bound != pod.name
+        {
+            return Err(mismatch(format!(
+                "the token is bound to pod {bound}, {POD_HEADER} names {pod}"
+            )));
+        }
+        let identity = spiffe_id(&self.trust_domain, &id.namespace, &id.service_account);
+        if let Some(asked) = &request.identity
+            && *asked != identity
+        {
+            return Err(mismatch(format!(
+                "the request asks for {asked}, the token proves {identity}"
+            )));
+        }
+        csr.check_identity(&identity)
+            .map_err(|e| mismatch(e.to_string()))?;
+        let key = match &id.pod {
+            Some(p) => format!("{identity}#{p}"),
+            None => identity.clone(),
+        };
+        if !self.per_identity.take(key) {
+            return Err(Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                reason::RATE_LIMITED,
+                format!("too many certificates for {identity} ({pod}); retry later"),
+            ));
+        }
+        let issued = self.ca.issue(&csr, &identity, self.lifetime).map_err(|e| {
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                reason::UNAVAILABLE,
+                format!("signing failed: {e}"),
+            )
+        })?;
+        let not_after = issued
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        tracing::info!(%identity, %pod, serial = %issued.serial, not_after, "issued a certificate");
+        Ok(CertifyResponse {
+            identity,
+            certificate_chain: issued.chain_pem,
+            trust_bundle: self.ca.trust_bundle().to_owned(),
+            not_after,
+        })
+    }
+}
+
+impl crate::https::Handler for IdentityServer {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        self.answer(req, peer).await
+    }
+}
+
+fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    // These types always serialize; an empty body would still carry the status.
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

@@ -1,0 +1,579 @@
+//! The identity endpoint against the test bed's real API server: a real projected token
+//! gets a chain that verifies (rustls/webpki) against the trust bundle and carries exactly
+//! the token's SPIFFE ID; each way of asking for another identity, or with a bad token or
+//! body, is refused with its reason and counted; two operators share one root.
+//!
+//! Not covered: an expired token. The API server refuses TokenRequests shorter than 10
+//! minutes, so the bed cannot mint one that expires during a test; a token bound to a
+//! deleted pod (refused the same way, `token_invalid`) stands in for it.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::{
+    authentication::v1::TokenRequest,
+    core::v1::{Pod, ServiceAccount},
+};
+use kube::{
+    ResourceExt,
+    api::{DeleteParams, PostParams},
+};
+use rcgen::{CertificateParams, KeyPair, PublicKeyData, SanType};
+use rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+    server::WebPkiClientVerifier,
+};
+use serde_json::json;
+use support::mesh::Bed;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use weft_api::identity::{
+    CERTIFY_PATH, CertifyRequest, CertifyResponse, IdentityError, MAX_REQUEST_BYTES, reason,
+    spiffe_id,
+};
+use weft_operator::{
+    identity::{self, IdentityCa, IdentityLimits, IdentityServer, ServingSettings},
+    metrics::Metrics,
+};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+const SERVER_NAME: &str = "weft-operator.weft-system.svc";
+
+/// One identity endpoint on loopback, as `weft-operator --identity-addr` runs it.
+struct Endpoint {
+    addr: SocketAddr,
+    ca: Arc<IdentityCa>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+}
+
+impl Endpoint {
+    async fn start(bed: &Bed, secret: &str, limits: IdentityLimits) -> Endpoint {
+        let ca = Arc::new(
+            identity::ca::load_or_create(bed.client.clone(), &bed.ns, secret)
+                .await
+                .unwrap(),
+        );
+        let metrics = Arc::new(Metrics::new());
+        let server = Arc::new(IdentityServer::new(
+            ca.clone(),
+            bed.client.clone(),
+            "weft".to_owned(),
+            "cluster.local".to_owned(),
+            Duration::from_secs(24 * 3600),
+            limits,
+            metrics.clone(),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let serving = ServingSettings {
+            dns_names: vec![SERVER_NAME.to_owned()],
+            lifetime: Duration::from_secs(3600),
+        };
+        tokio::spawn(identity::serve(
+            listener,
+            server,
+            serving,
+            stop.clone().cancelled_owned(),
+        ));
+        Endpoint {
+            addr,
+            ca,
+            metrics,
+            stop,
+        }
+    }
+
+    fn count(&self, sample: &str) -> f64 {
+        self.metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn refusals(&self, reason: &str) -> f64 {
+        self.count(&format!(
+            "weft_operator_identity_refusals_total{{reason=\"{reason}\"}}"
+        ))
+    }
+}
+
+fn roots(bundle: &str) -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    roots
+}
+
+/// What one request sends.
+struct Ask<'a> {
+    token: Option<&'a str>,
+    pod: &'a str,
+    body: Vec<u8>,
+    h2: bool,
+}
+
+/// Sends one certificate request over TLS (verifying the endpoint against `bundle`).
+async fn send(addr: SocketAddr, bundle: &str, ask: Ask<'_>) -> (StatusCode, Bytes) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots(bundle))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![if ask.h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut req = http::Request::post(format!("https://{SERVER_NAME}{CERTIFY_PATH}"))
+        .header(weft_api::push::POD_HEADER, ask.pod)
+        .header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(t) = ask.token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req.body(Full::new(Bytes::from(ask.body))).unwrap();
+    let resp = if ask.h2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        sender.send_request(req).await.unwrap()
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender.send_request(req).await.unwrap()
+    };
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+fn csr(key: &KeyPair, sans: Vec<SanType>) -> String {
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = sans;
+    params.serialize_request(key).unwrap().pem().unwrap()
+}
+
+fn body(csr: String, identity: Option<String>) -> Vec<u8> {
+    serde_json::to_vec(&CertifyRequest { csr, identity }).unwrap()
+}
+
+/// A token for ServiceAccount `sa` with `audiences`, bound to `pod`.
+async fn token_for(bed: &Bed, pod: &Pod, audiences: &[&str]) -> String {
+    let sa = pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .service_account_name
+        .clone()
+        .unwrap();
+    let req: TokenRequest = serde_json::from_value(json!({
+        "spec": {"audiences": audiences, "expirationSeconds": 3600,
+                 "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.name_any(), "uid": pod.uid().unwrap()}}
+    }))
+    .unwrap();
+    bed.api::<ServiceAccount>()
+        .create_subresource::<TokenRequest, TokenRequest>(
+            "token",
+            &sa,
+            &PostParams::default(),
+            &req,
+        )
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+}
+
+fn refused(status: StatusCode, body: &Bytes) -> (StatusCode, String) {
+    let e: IdentityError = serde_json::from_slice(body)
+        .unwrap_or_else(|_| panic!("not an IdentityError: {}", String::from_utf8_lossy(body)));
+    assert!(!e.message.is_empty());
+    (status, e.reason)
+}
+
+/// Verifies `chain` against `bundle` as a proxy verifying a client would, and returns the
+/// leaf's URI SANs.
+fn verify(chain: &str, bundle: &str) -> Vec<String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(bundle)),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    verifier
+        .verify_client_cert(&certs[0], &certs[1..], UnixTime::now())
+        .expect("the chain verifies against the trust bundle");
+    let (_, leaf) = X509Certificate::from_der(&certs[0]).unwrap();
+    let sans = leaf.subject_alternative_name().unwrap().unwrap();
+    sans.value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::URI(u) => u.to_string(),
+            other => panic!("a name other than the URI: {other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projected_token_gets_a_chain_for_its_service_account_that_verifies_against_the_bundle() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-ok").await;
+    bed.service_account("web").await;
+    let pod = bed.pod("web-1", "web", "web", "198.18.240.11").await;
+    let token = bed.token(&pod).await;
+    let ep = Endpoint::start(
+        &bed,
+        "weft-identity",
+        IdentityLimits {
+            per_identity_burst: 2,
+            per_identity_rate: 0.001,
+            ..IdentityLimits::default()
+        },
+    )
+    .await;
+    let want = spiffe_id("cluster.local", &bed.ns, "web");
+    let who = format!("{}/web-1", bed.ns);
+    let bundle = ep.ca.trust_bundle().to_owned();
+    for h2 in [true, false] {
+        let key = KeyPair::generate().unwrap();
+        let ask = Ask {
+            token: Some(&token),
+            pod: &who,
+            // The subject and a DNS name in the CSR are ignored, never copied.
+            body: body(
+                csr(
+                    &key,
+                    vec![SanType::DnsName("evil.example".try_into().unwrap())],
+                ),
+                Some(want.clone()),
+            ),
+            h2,
+        };
+        let (status, answer) = send(ep.addr, &bundle, ask).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        let r: CertifyResponse = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(r.identity, want);
+        assert_eq!(r.trust_bundle, bundle);
+        assert_eq!(
+            verify(&r.certificate_chain, &r.trust_bundle),
+            vec![want.clone()]
+        );
+        let leaf = CertificateDer::pem_slice_iter(r.certificate_chain.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let (_, leaf) = X509Certificate::from_der(&leaf).unwrap();
+        assert_eq!(
+            leaf.public_key().raw,
+            key.subject_public_key_info().as_slice(),
+            "the proxy's own key"
+        );
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && eku.server_auth);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            (now + 24 * 3600 - 60..=now + 24 * 3600 + 60).contains(&r.not_after),
+            "24 h: {} vs {now}",
+            r.not_after
+        );
+        assert_eq!(leaf.validity().not_after.timestamp() as u64, r.not_after);
+    }
+    assert_eq!(ep.count("weft_operator_identity_issued_total"), 2.0);
+    // The same pod asking a third time within its burst of 2: 429 with Retry-After.
+    let key = KeyPair::generate().unwrap();
+    let (status, answer) = send(
+        ep.addr,
+        &bundle,
+        Ask {
+            token: Some(&token),
+            pod: &who,
+            body: body(csr(&key, vec![]), None),
+            h2: true,
+        },
+    )
+    .await;
+    assert_eq!(
+        refused(status, &answer),
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            reason::RATE_LIMITED.to_owned()
+        )
+    );
+    assert_eq!(ep.refusals(reason::RATE_LIMITED), 1.0);
+    assert!(
+        ep.metrics
+            .encode()
+            .contains("weft_operator_identity_request_duration_seconds_count 3"),
+        "every answer is timed"
+    );
+    ep.stop.cancel();
+    bed.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_refusal_has_its_reason_status_and_count() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-refused").await;
+    bed.service_account("web").await;
+    bed.service_account("db").await;
+    bed.service_account("gone").await;
+    let web = bed.pod("web-1", "web", "web", "198.18.240.12").await;
+    let db = bed.pod("db-1", "db", "db", "198.18.240.13").await;
+    let gone = bed.pod("gone-1", "gone", "gone", "198.18.240.14").await;
+    let dead = bed.pod("dead-1", "web", "web", "198.18.240.15").await;
+    let ep = Endpoint::start(&bed, "weft-identity", IdentityLimits::default()).await;
+    let bundle = ep.ca.trust_bundle().to_owned();
+    let ns = bed.ns.clone();
+    let key = KeyPair::generate().unwrap();
+    let plain = || body(csr(&key, vec![]), None);
+
+    let web_token = bed.token(&web).await;
+    let db_token = bed.token(&db).await;
+    let other_audience = token_for(&bed, &web, &["other"]).await;
+    let gone_token = bed.token(&gone).await;
+    bed.api::<ServiceAccount>()
+        .delete("gone", &DeleteParams::default())
+        .await
+        .unwrap();
+    let dead_token = bed.token(&dead).await;
+    bed.api::<Pod>()
+        .delete(
+            "dead-1",
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let web_pod = format!("{ns}/web-1");
+    let (db_pod, gone_pod, dead_pod) = (
+        format!("{ns}/db-1"),
+        format!("{ns}/gone-1"),
+        format!("{ns}/dead-1"),
+    );
+    let web_id = spiffe_id("cluster.local", &ns, "web");
+
+    let cases: Vec<(&str, Ask<'_>, StatusCode, &str)> = vec![
+        (
+            "a token for another audience",
+            Ask { token: Some(&other_audience), pod: &web_pod, body: plain(), h2: true },
+            StatusCode::FORBIDDEN,
+            reason::NOT_A_SERVICE_ACCOUNT,
+        ),
+        (
+            "no token",
+            Ask { token: None, pod: &web_pod, body: plain(), h2: true },
+            StatusCode::UNAUTHORIZED,
+            reason::TOKEN_INVALID,
+        ),
+        (
+            "a token that is not one",
+            Ask { token: Some("garbage"), pod: &web_pod, body: plain(), h2: true },
+            StatusCode::UNAUTHORIZED,
+            reason::TOKEN_INVALID,
+        ),
+        (
+            "the token of a deleted ServiceAccount",
+            Ask { token: Some(&gone_token), pod: &gone_pod, body: plain(), h2: true },
+            StatusCode::UNAUTHORIZED,
+            reason::TOKEN_INVALID,
+        ),
+        (
+            "the token of a deleted pod",
+            Ask { token: Some(&dead_token), pod: &dead_pod, body: plain(), h2: true },
+            StatusCode::UNAUTHORIZED,
+            reason::TOKEN_INVALID,
+        ),
+        (
+            "db's token asking for web's identity",
+            Ask { token: Some(&db_token), pod: &db_pod, body: body(csr(&key, vec![]), Some(web_id.clone())), h2: true },
+            StatusCode::FORBIDDEN,
+            reason::IDENTITY_MISMATCH,
+        ),
+        (
+            "db's token presented for web's pod",
+            Ask { token: Some(&db_token), pod: &web_pod, body: plain(), h2: true },
+            StatusCode::FORBIDDEN,
+            reason::IDENTITY_MISMATCH,
+        ),
+        (
+            "a CSR asking for web in another namespace",
+            Ask {
+                token: Some(&web_token),
+                pod: &web_pod,
+                body: body(
+                    csr(&key, vec![SanType::URI(spiffe_id("cluster.local", "kube-system", "web").try_into().unwrap())]),
+                    None,
+                ),
+                h2: true,
+            },
+            StatusCode::FORBIDDEN,
+            reason::IDENTITY_MISMATCH,
+        ),
+        (
+            "a pod header naming another namespace",
+            Ask { token: Some(&web_token), pod: "kube-system/web-1", body: plain(), h2: true },
+            StatusCode::FORBIDDEN,
+            reason::IDENTITY_MISMATCH,
+        ),
+        (
+            "a garbage body",
+            Ask { token: Some(&web_token), pod: &web_pod, body: b"\x00not json".to_vec(), h2: false },
+            StatusCode::BAD_REQUEST,
+            reason::BAD_REQUEST,
+        ),
+        (
+            "a CSR that is not one",
+            Ask { token: Some(&web_token), pod: &web_pod, body: body("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(), None), h2: true },
+            StatusCode::BAD_REQUEST,
+            reason::BAD_REQUEST,
+        ),
+        (
+            "no pod header",
+            Ask { token: Some(&web_token), pod: "web-1", body: plain(), h2: true },
+            StatusCode::BAD_REQUEST,
+            reason::BAD_REQUEST,
+        ),
+        (
+            "a body over the limit",
+            Ask { token: Some(&web_token), pod: &web_pod, body: vec![b' '; MAX_REQUEST_BYTES + 1], h2: true },
+            StatusCode::PAYLOAD_TOO_LARGE,
+            reason::TOO_LARGE,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, ask, status, code) in cases {
+        let before = ep.refusals(code);
+        let (got, answer) = send(ep.addr, &bundle, ask).await;
+        if got == StatusCode::OK {
+            failures.push(format!("{what}: issued"));
+            continue;
+        }
+        let (got, got_code) = refused(got, &answer);
+        if (got, got_code.as_str()) != (status, code) {
+            failures.push(format!(
+                "{what}: {got} {got_code}, want {status} {code}: {}",
+                String::from_utf8_lossy(&answer)
+            ));
+        } else if ep.refusals(code) != before + 1.0 {
+            failures.push(format!("{what}: not counted under {code}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(ep.count("weft_operator_identity_issued_total"), 0.0);
+    // And web's own request, after all that, is issued.
+    let (status, answer) = send(
+        ep.addr,
+        &bundle,
+        Ask {
+            token: Some(&web_token),
+            pod: &web_pod,
+            body: body(
+                csr(
+                    &key,
+                    vec![SanType::URI(web_id.as_str().try_into().unwrap())],
+                ),
+                Some(web_id.clone()),
+            ),
+            h2: true,
+        },
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    ep.stop.cancel();
+    bed.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operators_racing_on_a_missing_secret_issue_chains_from_one_root() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-ha").await;
+    bed.service_account("web").await;
+    let pod = bed.pod("web-1", "web", "web", "198.18.240.16").await;
+    let token = bed.token(&pod).await;
+    let (a, b) = tokio::join!(
+        Endpoint::start(&bed, "weft-identity", IdentityLimits::default()),
+        Endpoint::start(&bed, "weft-identity", IdentityLimits::default()),
+    );
+    assert_eq!(a.ca.root_fingerprint(), b.ca.root_fingerprint());
+    assert_eq!(a.ca.trust_bundle(), b.ca.trust_bundle());
+    let who = format!("{}/web-1", bed.ns);
+    let mut chains = Vec::new();
+    for ep in [&a, &b] {
+        let key = KeyPair::generate().unwrap();
+        let (status, answer) = send(
+            ep.addr,
+            ep.ca.trust_bundle(),
+            Ask {
+                token: Some(&token),
+                pod: &who,
+                body: body(csr(&key, vec![]), None),
+                h2: true,
+            },
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        chains.push(
+            serde_json::from_slice::<CertifyResponse>(&answer)
+                .unwrap()
+                .certificate_chain,
+        );
+    }
+    // Each replica derives its own issuing CA: the chains differ, the root is shared.
+    assert_ne!(chains[0], chains[1]);
+    let want = vec![spiffe_id("cluster.local", &bed.ns, "web")];
+    assert_eq!(verify(&chains[0], b.ca.trust_bundle()), want);
+    assert_eq!(verify(&chains[1], a.ca.trust_bundle()), want);
+    // A third start reads the Secret the race left behind.
+    let c = Endpoint::start(&bed, "weft-identity", IdentityLimits::default()).await;
+    assert_eq!(c.ca.root_fingerprint(), a.ca.root_fingerprint());
+    for ep in [a, b, c] {
+        ep.stop.cancel();
+    }
+    bed.cleanup().await;
+}
