@@ -459,6 +459,13 @@ impl TestHost {
         host
     }
 
+    /// This namespace's end of the veth pair (`.1`): an address of this machine that the
+    /// API server accepts in EndpointSlices, where processes of the test can listen.
+    pub fn near(&self) -> std::net::Ipv4Addr {
+        let [a, b, c, _] = self.addr.octets();
+        std::net::Ipv4Addr::new(a, b, c, 1)
+    }
+
     /// A listener bound inside the test host, served by this process's runtime.
     pub fn listen(&self) -> std::net::TcpListener {
         let path = format!("/var/run/netns/{}", self.name);

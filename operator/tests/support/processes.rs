@@ -92,18 +92,54 @@ impl Drop for Proc {
 
 /// The operator as its own process, watching only the test's namespace.
 pub fn start_operator(bed: &Bed, push: SocketAddr, admin: SocketAddr, dir: &Path, n: u32) -> Proc {
+    start_operator_with(bed, push, admin, free_addr(), dir, n, &[])
+}
+
+/// Like [`start_operator`], serving the identity endpoint on `identity` (loopback), with
+/// `extra` arguments after the rig's own. Its trust root Secret is in the bed's namespace
+/// (`--lease-namespace`).
+pub fn start_operator_with(
+    bed: &Bed,
+    push: SocketAddr,
+    admin: SocketAddr,
+    identity: SocketAddr,
+    dir: &Path,
+    n: u32,
+    extra: &[&str],
+) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_weft-operator"));
     cmd.env("KUBECONFIG", shared::testbed().kubeconfig())
         .args(["--push-addr", &push.to_string()])
         .args(["--admin-addr", &admin.to_string()])
         // Never the default 0.0.0.0:15012: replicas in one test would collide on it.
-        .args(["--identity-addr", &free_addr().to_string()])
+        .args(["--identity-addr", &identity.to_string()])
         .args(["--lease-namespace", &bed.ns])
         .args(["--identity", &format!("operator-{n}")])
         .args(["--lease-duration", "5s"])
         .args(["--watch-namespace", &bed.ns])
-        .arg("--no-webhook");
+        .arg("--no-webhook")
+        .args(extra);
     Proc::spawn(&format!("operator-{n}"), cmd, dir)
+}
+
+/// The identity flags of a proxy process: the operator's identity endpoint, the DNS name
+/// its certificate carries, and the trust root file (PEM) it is verified against.
+#[derive(Clone, Debug)]
+pub struct ProxyIdentity {
+    pub addr: SocketAddr,
+    pub server_name: String,
+    pub trust_root: PathBuf,
+}
+
+/// Optional parts of a [`ProxyProc`].
+#[derive(Clone, Debug, Default)]
+pub struct ProxyOptions {
+    /// An inbound listener (`--inbound-forward`) to this application address.
+    pub app: Option<SocketAddr>,
+    /// Where that inbound listener listens (default: a free loopback address).
+    pub inbound_listen: Option<SocketAddr>,
+    /// Identity on (`--identity-addr` and friends): mutual TLS with meshed peers.
+    pub identity: Option<ProxyIdentity>,
 }
 
 /// A `weft-proxy` process for `pod`, subscribed to the operator at `push`, with a forward
@@ -134,6 +170,22 @@ impl ProxyProc {
         dir: &Path,
         app: Option<SocketAddr>,
     ) -> Self {
+        let options = ProxyOptions {
+            app,
+            ..ProxyOptions::default()
+        };
+        Self::start_with(bed, push, pod, service, dir, &options).await
+    }
+
+    /// Like [`ProxyProc::start`], with `options`.
+    pub async fn start_with(
+        bed: &Bed,
+        push: SocketAddr,
+        pod: &Pod,
+        service: &str,
+        dir: &Path,
+        options: &ProxyOptions,
+    ) -> Self {
         let name = pod.name_any();
         let token = dir.join(format!("token-{name}"));
         std::fs::write(&token, bed.token(pod).await).unwrap();
@@ -148,11 +200,17 @@ impl ProxyProc {
             .arg("--no-transparent")
             .args(["--forward", &format!("{forward}={service}")])
             .args(["--admin-addr", &admin.to_string()]);
-        let inbound = app.map(|app| {
-            let listen = free_addr();
+        let inbound = options.app.map(|app| {
+            let listen = options.inbound_listen.unwrap_or_else(free_addr);
             cmd.args(["--inbound-forward", &format!("{listen}={app}")]);
             listen
         });
+        if let Some(id) = &options.identity {
+            cmd.args(["--identity-addr", &id.addr.to_string()])
+                .args(["--identity-server-name", &id.server_name])
+                .arg("--trust-root-file")
+                .arg(&id.trust_root);
+        }
         let proc = Proc::spawn(&format!("proxy-{name}"), cmd, dir);
         ProxyProc {
             proc,
