@@ -42,11 +42,7 @@ fn the_cli_does_not_link_the_operator_or_any_server() {
     );
     let forbidden: Vec<&str> = tree
         .lines()
-        .filter(|l| {
-            l.starts_with("weft-operator ")
-                || l.starts_with("kube-runtime ")
-                || l.starts_with("weft-e2e ")
-        })
+        .filter(|l| l.starts_with("weft-operator ") || l.starts_with("weft-e2e "))
         .collect();
     assert!(
         forbidden.is_empty(),

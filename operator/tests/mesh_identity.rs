@@ -247,7 +247,7 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     let web_id = format!("spiffe://cluster.local/ns/{ns}/sa/web");
     ready_with_identity(&client, &client_id, &operator).await;
     ready_with_identity(&web, &web_id, &operator).await;
-    // Without a certificate a proxy is not ready, though it has its config: one whose
+    // Without a certificate a proxy is not ready and takes no config: one whose
     // identity endpoint does not answer stays 503 and says why.
     let orphan_pod = bed.pod("orphan", "client", "client", "198.18.240.12").await;
     let orphan = ProxyProc::start_with(
@@ -266,11 +266,10 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     )
     .await;
     eventually(WAIT, || async {
-        let (status, body) = http_get(orphan.admin, "/config").await?;
-        ensure!(
-            status == 200 && body.contains(&service),
-            "/config {status}: {body}"
-        );
+        // It does not even subscribe for its config before it has a certificate: every
+        // ACK reports what it enforces, and without one it cannot enforce an mTLS mode.
+        let (status, _) = http_get(orphan.admin, "/config").await?;
+        ensure!(status != 200, "/config {status} before any certificate");
         let (status, body) = http_get(orphan.admin, "/ready").await?;
         ensure!(
             status == 503 && body.starts_with("no certificate yet"),
@@ -407,20 +406,14 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
         .condition::<Policy>("web-strict", "Accepted", "True")
         .await;
     eprintln!("Accepted: {msg}");
-    // What the proxy reports today: it enforces the rules, and (as above) refuses plain
-    // text, but does not claim `policy.mtls`, so the Policy is not `Programmed`. Whether
-    // it may claim it is the lead's call; this pins the status until then.
-    let (reason, msg) = bed
-        .condition::<Policy>("web-strict", "Programmed", "False")
+    // A proxy with a mesh certificate enforces the mode as well as the rules (it refused
+    // plain text above and admitted the client's mutual TLS): the Policy is Programmed.
+    let (_, msg) = bed
+        .condition::<Policy>("web-strict", "Programmed", "True")
         .await;
-    eprintln!("Programmed: False {reason}: {msg}");
-    assert_eq!(reason, "NotEnforced", "{msg}");
     assert_eq!(
-        msg,
-        format!(
-            "generation 1 acknowledged by 1 of 1 proxies; enforced by 0 of 1; spec.mtls.mode: not enforced by weft-proxy {} (1 proxy: {ns}/web)",
-            env!("CARGO_PKG_VERSION")
-        )
+        msg, "generation 1 acknowledged by 1 of 1 proxies, and enforced by all",
+        "{msg}"
     );
 
     // Deleting the Policy restores access.

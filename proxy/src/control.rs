@@ -385,7 +385,10 @@ impl ControlClient {
                 });
                 ClientMessage::Ack(Ack {
                     version,
-                    enforcement: Some(enforce::report(resources.iter())),
+                    enforcement: Some(enforce::report_with_identity(
+                        resources.iter(),
+                        self.store.has_identity(),
+                    )),
                 })
             }
             Err(e) => rejected(e.to_string()),

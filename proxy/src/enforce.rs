@@ -19,8 +19,9 @@ pub const PROXY_AGENT: &str = concat!("weft-proxy ", env!("CARGO_PKG_VERSION"));
 /// The enforcement features this proxy has: every part of a Route (matching, weighted
 /// backends, timeouts, retries under a budget, faults, mirrors, header edits, rewrites), a
 /// Breaker's outlier ejection and pool limits, and a Policy's rate limit and authorization
-/// rules. Not yet: a Policy's mTLS mode, which needs the proxies to speak mutual TLS (the
-/// proxy refuses plain text under `strict`, but no client originates mTLS yet).
+/// rules. A Policy's mTLS mode is enforced only by a proxy with a mesh certificate
+/// ([`report_with_identity`]): without one it cannot terminate mutual TLS, so `strict`
+/// would refuse every client rather than admit meshed ones.
 pub const FEATURES: &[&str] = &[
     feature::ROUTE_BACKENDS,
     feature::ROUTE_TIMEOUT,
@@ -45,8 +46,18 @@ pub fn has(feature: &str) -> bool {
 
 /// What this proxy enforces of `resources`: a resource is enforced when this proxy has the
 /// feature of every one of its requirements; otherwise its unmet requirements' fields are
-/// listed.
+/// listed. For a proxy without a mesh certificate.
 pub fn report<'a>(resources: impl IntoIterator<Item = &'a ResourceRef>) -> Enforcement {
+    report_with_identity(resources, false)
+}
+
+/// [`report`], for a proxy that holds a mesh certificate when `identity` is true: it then
+/// also enforces a Policy's mTLS mode (it terminates mutual TLS, refuses plain text under
+/// `strict`, and originates mTLS to meshed endpoints).
+pub fn report_with_identity<'a>(
+    resources: impl IntoIterator<Item = &'a ResourceRef>,
+    identity: bool,
+) -> Enforcement {
     let mut out = Enforcement {
         proxy: PROXY_AGENT.to_owned(),
         ..Enforcement::default()
@@ -55,7 +66,7 @@ pub fn report<'a>(resources: impl IntoIterator<Item = &'a ResourceRef>) -> Enfor
         let fields: Vec<String> = r
             .requires
             .iter()
-            .filter(|req| !has(&req.feature))
+            .filter(|req| !(has(&req.feature) || identity && req.feature == feature::POLICY_MTLS))
             .map(|req| req.field.clone())
             .collect();
         if fields.is_empty() {
@@ -156,5 +167,23 @@ mod tests {
                 .all(|n| n.resource.requires.is_empty()),
             "references come back bare"
         );
+    }
+
+    #[test]
+    fn the_mtls_mode_is_enforced_only_by_a_proxy_with_a_certificate() {
+        let strict = resource(
+            "Policy",
+            "strict",
+            &[
+                (feature::POLICY_MTLS, "spec.mtls.mode"),
+                (feature::POLICY_AUTHORIZATION, "spec.rules"),
+            ],
+        );
+        let without = report_with_identity([&strict], false);
+        assert!(without.enforced.is_empty());
+        assert_eq!(without.not_enforced[0].fields, ["spec.mtls.mode"]);
+        let with = report_with_identity([&strict], true);
+        assert_eq!(with.enforced, vec![strict.bare()]);
+        assert!(with.not_enforced.is_empty());
     }
 }

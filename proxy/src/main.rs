@@ -460,7 +460,7 @@ async fn serve(
         let l = bind(*listen, "inbound forward").await?;
         inbound.spawn(l, ListenerKind::InboundTo(*app), proxy.clone());
     }
-    let identity_task = match (identity, store) {
+    let identity_task = match (identity, store.clone()) {
         (Some(config), Some(store)) => {
             tracing::info!(addr = %config.addr, "identity on: mutual TLS with meshed peers");
             let client = weft_proxy::identity::client::IdentityClient::new(
@@ -508,7 +508,23 @@ async fn serve(
             );
             control.token_file = args.token_file.clone();
             let client = weft_proxy::control::ControlClient::new(control, proxy.store.clone());
-            tokio::spawn(client.run(admin_stop.clone()))
+            let stop = admin_stop.clone();
+            let certificate = store.clone();
+            tokio::spawn(async move {
+                // With identity on, subscribe once the first certificate is in: every ACK
+                // reports what the proxy enforces, and before its certificate it cannot
+                // enforce a Policy's mTLS mode (an earlier ACK would say so until the next
+                // update, however long that takes).
+                if let Some(identity) = certificate {
+                    while identity.current().is_none() {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                        }
+                    }
+                }
+                client.run(stop).await
+            })
         }
     };
 

@@ -604,6 +604,13 @@ impl ConfigStore {
         self
     }
 
+    /// Whether this proxy holds a mesh certificate now (it then speaks mutual TLS).
+    pub fn has_identity(&self) -> bool {
+        self.identity
+            .as_ref()
+            .is_some_and(|i| i.current().is_some())
+    }
+
     /// Gives endpoints built from now on mutual TLS with this identity, when the config
     /// says they are meshed.
     pub fn with_identity(mut self, identity: Option<Arc<IdentityStore>>) -> Self {
