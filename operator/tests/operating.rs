@@ -24,36 +24,12 @@ mod support;
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use anyhow::ensure;
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service};
 use kube::api::PostParams;
 use serde_json::{Value, json};
 use support::{mesh::*, processes::*};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use weft_e2e::shared::{self, eventually};
-
-/// A Service `name` (port 80) without a selector, whose one endpoint is `backend`.
-async fn service_to(bed: &Bed, name: &str, backend: SocketAddr) {
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"ports": [{"name": "http", "port": 80}]}
-    }))
-    .unwrap();
-    bed.api::<Service>()
-        .create(&PostParams::default(), &svc)
-        .await
-        .unwrap();
-    let slice: EndpointSlice = serde_json::from_value(json!({
-        "metadata": {"name": format!("{name}-1"), "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "weft-test"}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": backend.port()}],
-        "endpoints": [{"addresses": [backend.ip().to_string()], "conditions": {"ready": true}}],
-    }))
-    .unwrap();
-    bed.api::<EndpointSlice>()
-        .create(&PostParams::default(), &slice)
-        .await
-        .unwrap();
-}
 
 /// A Deployment selecting `app` (the bed runs no controllers: its pods are the test's).
 async fn deployment(bed: &Bed, name: &str, app: &str) {

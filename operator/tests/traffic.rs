@@ -24,8 +24,7 @@ use std::{
 };
 
 use anyhow::ensure;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
 use support::{mesh::*, processes::*};
 use weft_crds::{Breaker, Policy, Route};
@@ -33,30 +32,6 @@ use weft_e2e::shared::eventually;
 
 /// How soon after `apply` (or delete) the proxies must act on a change.
 const PROMPTLY: Duration = Duration::from_secs(1);
-
-/// A Service `name` (port 80) without a selector, whose one endpoint is `backend`.
-async fn service_to(bed: &Bed, name: &str, backend: SocketAddr) {
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"ports": [{"name": "http", "port": 80}]}
-    }))
-    .unwrap();
-    bed.api::<Service>()
-        .create(&PostParams::default(), &svc)
-        .await
-        .unwrap();
-    let slice: EndpointSlice = serde_json::from_value(json!({
-        "metadata": {"name": format!("{name}-1"), "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "weft-test"}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": backend.port()}],
-        "endpoints": [{"addresses": [backend.ip().to_string()], "conditions": {"ready": true}}],
-    }))
-    .unwrap();
-    bed.api::<EndpointSlice>()
-        .create(&PostParams::default(), &slice)
-        .await
-        .unwrap();
-}
 
 /// The operator process and a temporary directory for logs and tokens.
 struct Rig {

@@ -13,8 +13,12 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::ResourceExt;
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{ResourceExt, api::PostParams};
+use serde_json::json;
 use weft_e2e::{
     process::{self, Lifetime},
     shared,
@@ -219,4 +223,28 @@ impl ProxyProc {
             inbound,
         }
     }
+}
+
+/// A Service `name` (port 80) without a selector, whose one endpoint is `backend`.
+pub async fn service_to(bed: &Bed, name: &str, backend: SocketAddr) {
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"ports": [{"name": "http", "port": 80}]}
+    }))
+    .unwrap();
+    bed.api::<Service>()
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": format!("{name}-1"), "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "weft-test"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": backend.port()}],
+        "endpoints": [{"addresses": [backend.ip().to_string()], "conditions": {"ready": true}}],
+    }))
+    .unwrap();
+    bed.api::<EndpointSlice>()
+        .create(&PostParams::default(), &slice)
+        .await
+        .unwrap();
 }
