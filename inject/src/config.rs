@@ -27,6 +27,21 @@ pub struct InjectConfig {
     pub token_expiration_seconds: i64,
     /// The proxy's log filter.
     pub log_level: String,
+    /// Where injected proxies get their mesh certificate; `None`: they run without one
+    /// (plain text only).
+    pub identity: Option<InjectIdentity>,
+}
+
+/// What an injected proxy needs to obtain its certificate from the operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectIdentity {
+    /// `host:port` of the operator's identity endpoint.
+    pub addr: String,
+    /// The DNS name on that endpoint's certificate.
+    pub server_name: String,
+    /// The mesh trust root(s), PEM: the endpoint's certificate and peers' are verified
+    /// against them.
+    pub trust_roots: String,
 }
 
 /// The proxy's listening ports.
@@ -102,6 +117,7 @@ impl Default for InjectConfig {
             excluded_namespaces: vec!["kube-system".to_owned(), "weft-system".to_owned()],
             token_expiration_seconds: 3600,
             log_level: "info".to_owned(),
+            identity: None,
         }
     }
 }

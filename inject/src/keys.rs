@@ -70,6 +70,12 @@ pub mod env {
     pub const LOG: &str = "WEFT_LOG";
     /// The proxy's access-log format (`json` or `text`).
     pub const ACCESS_LOG: &str = "WEFT_ACCESS_LOG";
+    /// The operator's identity endpoint (`host:port`).
+    pub const IDENTITY_ADDR: &str = "WEFT_IDENTITY_ADDR";
+    /// The DNS name on the identity endpoint's certificate.
+    pub const IDENTITY_SERVER_NAME: &str = "WEFT_IDENTITY_SERVER_NAME";
+    /// The mesh trust root(s), PEM.
+    pub const TRUST_ROOTS: &str = "WEFT_TRUST_ROOTS";
     /// Where the proxy's outbound listener binds: the port `init` redirects outbound to.
     pub const OUTBOUND_ADDR: &str = "WEFT_OUTBOUND_ADDR";
     /// Where the proxy's inbound listener binds: the port `init` redirects inbound to.

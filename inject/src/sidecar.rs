@@ -147,6 +147,14 @@ pub fn proxy_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
     if let Some(format) = opts.access_log {
         env.push(value(keys::env::ACCESS_LOG, format.to_owned()));
     }
+    if let Some(id) = &cfg.identity {
+        env.push(value(keys::env::IDENTITY_ADDR, id.addr.clone()));
+        env.push(value(
+            keys::env::IDENTITY_SERVER_NAME,
+            id.server_name.clone(),
+        ));
+        env.push(value(keys::env::TRUST_ROOTS, id.trust_roots.clone()));
+    }
     let r = &opts.resources;
     Container {
         name: keys::PROXY_CONTAINER.to_owned(),
@@ -284,5 +292,27 @@ mod tests {
         // Without the annotations, neither list is set (the proxy's defaults: none).
         let plain = proxy_container(&cfg, &PodOptions::default()).env.unwrap();
         assert_eq!(plain.len(), 8);
+
+        // With the operator's identity endpoint, the proxy gets where and what to trust.
+        let meshed = InjectConfig {
+            identity: Some(crate::InjectIdentity {
+                addr: "weft-operator.weft-system.svc:15012".into(),
+                server_name: "weft-operator.weft-system.svc".into(),
+                trust_roots: "-----BEGIN CERTIFICATE-----\n...".into(),
+            }),
+            ..InjectConfig::default()
+        };
+        let env = proxy_container(&meshed, &PodOptions::default())
+            .env
+            .unwrap();
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names[8..],
+            [
+                keys::env::IDENTITY_ADDR,
+                keys::env::IDENTITY_SERVER_NAME,
+                keys::env::TRUST_ROOTS
+            ]
+        );
     }
 }

@@ -296,6 +296,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         },
         lifetime: Duration::from_secs(24 * 3600),
     };
+    // Injected proxies get their certificates from this operator: where, under which
+    // name, and the root to trust (public; it travels in the pod spec as Linkerd's does).
+    if let (Some(ca), Some(name)) = (&identity_ca, serving.dns_names.first()) {
+        webhook_settings.inject.identity = Some(weft_operator::inject::InjectIdentity {
+            addr: format!("{name}:{}", args.identity_ca.identity_addr.port()),
+            server_name: name.clone(),
+            trust_roots: ca.trust_bundle().to_owned(),
+        });
+    }
     let settings = Settings {
         push,
         admin: Some(admin),

@@ -181,6 +181,7 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
         addr: op_identity,
         server_name: IDENTITY_NAME.to_owned(),
         trust_root,
+        inline: false,
     };
 
     // Pods, ServiceAccounts, and Service web whose one endpoint is web's proxy.
@@ -235,7 +236,11 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
         &service,
         dir.path(),
         &ProxyOptions {
-            identity: Some(identity.clone()),
+            // The client takes the root as the injector gives it, in `WEFT_TRUST_ROOTS`.
+            identity: Some(ProxyIdentity {
+                inline: true,
+                ..identity.clone()
+            }),
             ..ProxyOptions::default()
         },
     )

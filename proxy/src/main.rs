@@ -103,16 +103,20 @@ struct RunArgs {
     #[arg(long, env = "WEFT_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// The operator's identity endpoint (`host:port`): turns on the proxy's identity and
-    /// mutual TLS. Without it the proxy speaks plain text only. Needs --trust-root-file
-    /// and --identity-server-name.
-    #[arg(long, env = "WEFT_IDENTITY_ADDR", requires_all = ["trust_root_file", "identity_server_name"])]
+    /// mutual TLS. Without it the proxy speaks plain text only. Needs
+    /// --identity-server-name, and --trust-root-file or --trust-roots.
+    #[arg(long, env = "WEFT_IDENTITY_ADDR", requires = "identity_server_name")]
     identity_addr: Option<String>,
     /// The DNS name the identity endpoint's certificate carries.
     #[arg(long, env = "WEFT_IDENTITY_SERVER_NAME")]
     identity_server_name: Option<String>,
     /// The mesh trust root (PEM) the identity endpoint's certificate is verified against.
-    #[arg(long, env = "WEFT_TRUST_ROOT_FILE")]
+    #[arg(long, env = "WEFT_TRUST_ROOT_FILE", conflicts_with = "trust_roots")]
     trust_root_file: Option<PathBuf>,
+    /// The mesh trust root as PEM text (the injector sets it from the operator's trust
+    /// bundle), instead of --trust-root-file.
+    #[arg(long, env = "WEFT_TRUST_ROOTS")]
+    trust_roots: Option<String>,
     /// The SPIFFE ID this proxy asks for; the operator refuses a request whose token is
     /// another ServiceAccount's.
     #[arg(long, env = "WEFT_IDENTITY")]
@@ -365,12 +369,21 @@ fn identity_config(
     let Some(addr) = &args.identity_addr else {
         return Ok(None);
     };
-    let (Some(name), Some(root)) = (&args.identity_server_name, &args.trust_root_file) else {
-        anyhow::bail!("--identity-addr needs --identity-server-name and --trust-root-file");
+    let Some(name) = &args.identity_server_name else {
+        anyhow::bail!("--identity-addr needs --identity-server-name");
     };
     let server_name = rustls::pki_types::ServerName::try_from(name.clone())
         .with_context(|| format!("--identity-server-name {name:?}"))?;
-    let trust_roots = weft_proxy::identity::client::IdentityClientConfig::read_trust_roots(root)?;
+    use weft_proxy::identity::client::IdentityClientConfig as Client;
+    let trust_roots = match (&args.trust_root_file, &args.trust_roots) {
+        (Some(file), _) => Client::read_trust_roots(file)?,
+        (None, Some(pem)) => {
+            Client::parse_trust_roots(pem.as_bytes(), std::path::Path::new("WEFT_TRUST_ROOTS"))?
+        }
+        (None, None) => {
+            anyhow::bail!("--identity-addr needs --trust-root-file or --trust-roots")
+        }
+    };
     Ok(Some(weft_proxy::identity::client::IdentityClientConfig {
         addr: addr.clone(),
         server_name,

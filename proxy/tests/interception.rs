@@ -424,6 +424,9 @@ fn every_variable_the_injector_sets_is_a_proxy_setting() {
         "WEFT_OPAQUE_PORTS",
         "WEFT_INBOUND_LOOPBACK_PORTS",
         "WEFT_ACCESS_LOG",
+        "WEFT_IDENTITY_ADDR",
+        "WEFT_IDENTITY_SERVER_NAME",
+        "WEFT_TRUST_ROOTS",
     ] {
         assert!(
             help.contains(&format!("[env: {var}=")),

@@ -133,6 +133,8 @@ pub struct ProxyIdentity {
     pub addr: SocketAddr,
     pub server_name: String,
     pub trust_root: PathBuf,
+    /// Pass the root's PEM in `WEFT_TRUST_ROOTS`, as the injector does, instead of the file.
+    pub inline: bool,
 }
 
 /// Optional parts of a [`ProxyProc`].
@@ -211,9 +213,15 @@ impl ProxyProc {
         });
         if let Some(id) = &options.identity {
             cmd.args(["--identity-addr", &id.addr.to_string()])
-                .args(["--identity-server-name", &id.server_name])
-                .arg("--trust-root-file")
-                .arg(&id.trust_root);
+                .args(["--identity-server-name", &id.server_name]);
+            if id.inline {
+                cmd.env(
+                    "WEFT_TRUST_ROOTS",
+                    std::fs::read_to_string(&id.trust_root).unwrap(),
+                );
+            } else {
+                cmd.arg("--trust-root-file").arg(&id.trust_root);
+            }
         }
         let proc = Proc::spawn(&format!("proxy-{name}"), cmd, dir);
         ProxyProc {

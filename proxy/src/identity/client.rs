@@ -110,13 +110,25 @@ pub enum ClientError {
 impl IdentityClientConfig {
     /// Reads the trust root PEM file.
     pub fn read_trust_roots(path: &std::path::Path) -> Result<RootCertStore, ClientError> {
-        let bad = |why: String| ClientError::TrustRoot {
+        let pem = std::fs::read(path).map_err(|e| ClientError::TrustRoot {
             path: path.to_owned(),
+            why: e.to_string(),
+        })?;
+        Self::parse_trust_roots(&pem, path)
+    }
+
+    /// The trust roots in `pem` (certificates in PEM); `from` names where they came from
+    /// in errors (a file, or the environment variable that carried them).
+    pub fn parse_trust_roots(
+        pem: &[u8],
+        from: &std::path::Path,
+    ) -> Result<RootCertStore, ClientError> {
+        let bad = |why: String| ClientError::TrustRoot {
+            path: from.to_owned(),
             why,
         };
-        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
         let mut roots = RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
             roots
                 .add(cert.map_err(|e| bad(e.to_string()))?)
                 .map_err(|e| bad(e.to_string()))?;
