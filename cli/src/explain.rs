@@ -430,11 +430,11 @@ pub fn explain(
             route.rules.len()
         );
         let found = c.find(&input);
-        let chosen = found.map(|(rule, _)| &*rule.label);
+        let chosen = found.map(|(_, rule, _)| &*rule.label);
         for (ri, r) in route.rules.iter().enumerate() {
             let name = rule_name(r, ri);
             if Some(name.as_str()) == chosen {
-                match found.and_then(|(_, m)| m) {
+                match found.and_then(|(_, _, m)| m) {
                     None => {
                         let _ =
                             writeln!(w, "   rule {name}: MATCHES (no conditions: every request)");
@@ -463,12 +463,12 @@ pub fn explain(
                         "   ({later} later rule(s) not considered: the first match wins)"
                     );
                 }
-                let prefix = found.and_then(|(rule, m)| {
+                let prefix = found.and_then(|(_, rule, m)| {
                     m.and_then(|m| rule.matches.get(m))
                         .and_then(|m| m.prefix().map(str::to_owned))
                 });
                 let rewrite = found
-                    .and_then(|(rule, _)| rule.rewrite.as_ref())
+                    .and_then(|(_, rule, _)| rule.rewrite.as_ref())
                     .map(|rw| rw.apply(&normalized, prefix.as_deref()));
                 rule_steps(w, &mut next, &dump.config, svc, r, &name, rewrite);
                 return Ok(o);
@@ -483,16 +483,17 @@ pub fn explain(
                 let _ = writeln!(w, "     entry {e}: fails {}", failed.join(", "));
             }
         }
+        // As the pipeline does: a request no rule takes goes on as if there were no Route.
         let _ = writeln!(
             w,
-            "   no rule matches: the proxy answers 404 route_not_found"
+            "   no rule matches: the request goes to the service's own endpoints, as without a Route"
         );
-        return Ok(o);
+    } else {
+        let _ = writeln!(
+            w,
+            "   no Route: every request goes to the service's own endpoints"
+        );
     }
-    let _ = writeln!(
-        w,
-        "   no Route: every request goes to the service's own endpoints"
-    );
     next(w, "timeouts and retries");
     let timeout = svc
         .timeout

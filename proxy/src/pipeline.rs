@@ -308,15 +308,7 @@ impl HttpConn {
                 method: req.method(),
                 headers: req.headers(),
             };
-            route.spec.find(&input).map(|(rule, m)| {
-                let index = route
-                    .spec
-                    .rules
-                    .iter()
-                    .position(|r| std::ptr::eq(r, rule))
-                    .unwrap_or(0);
-                (index, rule, m)
-            })
+            route.spec.find(&input)
         };
         let Some((index, rule, matched)) = found else {
             return self.send(Attempts::plain(service, x.start), req, x).await;

@@ -119,11 +119,11 @@ impl Route {
         })
     }
 
-    /// The rule that takes a request, and the index of the match entry that matched it
-    /// (`None` for a rule without matches); `None` when no rule does.
-    pub fn find(&self, input: &MatchInput<'_>) -> Option<(&Rule, Option<usize>)> {
+    /// The rule that takes a request with its index, and the index of the match entry
+    /// that matched it (`None` for a rule without matches); `None` when no rule does.
+    pub fn find(&self, input: &MatchInput<'_>) -> Option<(usize, &Rule, Option<usize>)> {
         let (i, m) = first_match(self.rules.iter().map(|r| r.matches.as_slice()), input)?;
-        self.rules.get(i).map(|r| (r, m))
+        self.rules.get(i).map(|r| (i, r, m))
     }
 }
 
