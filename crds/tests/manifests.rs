@@ -34,7 +34,10 @@ fn the_chart_carries_the_same_manifests() {
         .map(|(f, _)| f.to_owned())
         .collect();
     ours.sort();
-    assert_eq!(in_chart, ours, "charts/weft/crds/ holds other files than crds/");
+    assert_eq!(
+        in_chart, ours,
+        "charts/weft/crds/ holds other files than crds/"
+    );
     for file in &ours {
         let top = fs::read(dir.join(file)).unwrap();
         let copy = fs::read(chart.join(file)).unwrap();

@@ -98,7 +98,10 @@ fn build(go: &Path, dir: &Path) -> anyhow::Result<()> {
             " -X {HELM_MODULE}/{pkg}.k8sVersionMajor={major} -X {HELM_MODULE}/{pkg}.k8sVersionMinor={minor}"
         ));
     }
-    tracing::info!(version = HELM_VERSION, "building helm from the Go module proxy (cold: a few minutes)");
+    tracing::info!(
+        version = HELM_VERSION,
+        "building helm from the Go module proxy (cold: a few minutes)"
+    );
     let status = Command::new(go)
         .current_dir(dir)
         .env("GOBIN", &gobin)

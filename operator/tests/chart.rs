@@ -212,10 +212,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         let docs = documents(&rendered);
         // Without prometheus-operator's CRDs the API server would refuse a ServiceMonitor:
         // it is off unless asked for.
-        assert!(
-            docs.iter().all(|d| d["kind"] != "ServiceMonitor"),
-            "{name}"
-        );
+        assert!(docs.iter().all(|d| d["kind"] != "ServiceMonitor"), "{name}");
         let file = dir.path().join(format!("{name}.yaml"));
         std::fs::write(&file, &rendered).unwrap();
         let mut kubectl = shared::testbed().kubectl();
@@ -449,11 +446,23 @@ async fn install_runs_the_operator_with_chart_rbac_then_upgrade_and_uninstall() 
     let t = std::time::Instant::now();
     run(helm_cmd(
         dir.path(),
-        &["install", "weft", chart, "-n", &ns, "-f", v1.to_str().unwrap()],
+        &[
+            "install",
+            "weft",
+            chart,
+            "-n",
+            &ns,
+            "-f",
+            v1.to_str().unwrap(),
+        ],
     ))
     .unwrap();
     eprintln!("helm install: {:?}", t.elapsed());
-    let manifest_text = run(helm_cmd(dir.path(), &["get", "manifest", "weft", "-n", &ns])).unwrap();
+    let manifest_text = run(helm_cmd(
+        dir.path(),
+        &["get", "manifest", "weft", "-n", &ns],
+    ))
+    .unwrap();
     let manifest = dir.path().join("manifest.yaml");
     std::fs::write(&manifest, &manifest_text).unwrap();
     let docs = documents(&manifest_text);
@@ -507,7 +516,8 @@ async fn install_runs_the_operator_with_chart_rbac_then_upgrade_and_uninstall() 
         .unwrap()
         .token;
     let kubeconfig = token_kubeconfig(dir.path(), &token);
-    let operator = start_rendered_operator(&deployment, &ns, "weft-operator-a", &kubeconfig, dir.path());
+    let operator =
+        start_rendered_operator(&deployment, &ns, "weft-operator-a", &kubeconfig, dir.path());
     ready(ports.admin, &operator).await;
 
     // The webhook is registered: the chart's object, with the operator's caBundle, and
@@ -605,7 +615,15 @@ async fn install_runs_the_operator_with_chart_rbac_then_upgrade_and_uninstall() 
     let t = std::time::Instant::now();
     run(helm_cmd(
         dir.path(),
-        &["upgrade", "weft", chart, "-n", &ns, "-f", v2.to_str().unwrap()],
+        &[
+            "upgrade",
+            "weft",
+            chart,
+            "-n",
+            &ns,
+            "-f",
+            v2.to_str().unwrap(),
+        ],
     ))
     .unwrap();
     eprintln!("helm upgrade: {:?}", t.elapsed());
@@ -628,7 +646,8 @@ async fn install_runs_the_operator_with_chart_rbac_then_upgrade_and_uninstall() 
     // The rollout, by hand: the old replica stops, a new one starts from the new template.
     drop(proxy);
     drop(operator);
-    let operator = start_rendered_operator(&upgraded, &ns, "weft-operator-b", &kubeconfig, dir.path());
+    let operator =
+        start_rendered_operator(&upgraded, &ns, "weft-operator-b", &kubeconfig, dir.path());
     ready(ports.admin, &operator).await;
     let pod = create_pod(&client, &mesh.ns, "app-2").await;
     assert_eq!(
@@ -670,5 +689,8 @@ async fn install_runs_the_operator_with_chart_rbac_then_upgrade_and_uninstall() 
     let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns);
     secrets.get("weft-identity").await.unwrap();
     secrets.get("weft-ca").await.unwrap();
-    eprintln!("chart install/upgrade/uninstall test: {:?}", started.elapsed());
+    eprintln!(
+        "chart install/upgrade/uninstall test: {:?}",
+        started.elapsed()
+    );
 }
