@@ -243,21 +243,100 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             assert_eq!(mwc["webhooks"].as_array().unwrap().len(), 2);
         }
     }
-    // The ServiceMonitor renders when asked for (it is not applied: no such CRD here).
+    // The monitoring objects render when asked for. The dashboard's ConfigMap is applied;
+    // the ServiceMonitor and PodMonitor are not (no prometheus-operator CRDs here).
     let rendered = run(helm_cmd(
         dir.path(),
         &[
             "template",
             "weft",
             chart.to_str().unwrap(),
+            "--namespace",
+            &ns,
             "--set",
-            "metrics.serviceMonitor.enabled=true",
+            "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,metrics.grafanaDashboard.enabled=true",
         ],
     ))
     .unwrap();
     let docs = documents(&rendered);
     let sm = find(&docs, "ServiceMonitor");
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "http-metrics");
+    let pm = find(&docs, "PodMonitor");
+    assert_eq!(
+        pm["spec"]["selector"]["matchLabels"][weft_operator::inject::keys::MESHED_LABEL],
+        "true"
+    );
+    let dashboard = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .expect("the dashboard ConfigMap");
+    let json: Value =
+        serde_json::from_str(dashboard["data"]["weft-mesh.json"].as_str().unwrap()).unwrap();
+    assert_eq!(json["uid"], "weft-mesh");
+    let file = dir.path().join("dashboard.yaml");
+    std::fs::write(&file, serde_json::to_string(dashboard).unwrap()).unwrap();
+    let mut kubectl = shared::testbed().kubectl();
+    kubectl
+        .args(["apply", "--dry-run=server", "-n", &ns, "-f"])
+        .arg(&file);
+    run(kubectl).unwrap();
+}
+
+/// A dashboard panel that queries a metric nobody exports shows "No data" forever: every
+/// metric the dashboard names is in docs/metrics.md (which the crates' tests keep true),
+/// or is the kubelet's cAdvisor metric of the proxy container.
+#[test]
+fn every_dashboard_query_uses_an_exported_metric() {
+    let text = std::fs::read_to_string(chart().join("dashboards/weft-mesh.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    let documented =
+        std::fs::read_to_string(weft_e2e::repo_root().join("docs/metrics.md")).unwrap();
+    let cadvisor = [
+        "container_cpu_usage_seconds_total",
+        "container_memory_working_set_bytes",
+    ];
+    let mut exprs = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(e)) = m.get("expr") {
+                    out.push(e.clone());
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 15, "{} queries", exprs.len());
+    let mut names = std::collections::BTreeSet::new();
+    for e in &exprs {
+        for word in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("weft_") || word.starts_with("container_") {
+                names.insert(word.to_owned());
+            }
+        }
+        if e.contains("container_") {
+            assert!(
+                e.contains(&format!(
+                    "container=\"{}\"",
+                    weft_operator::inject::keys::PROXY_CONTAINER
+                )),
+                "{e}"
+            );
+        }
+    }
+    for name in &names {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        assert!(
+            documented.contains(&format!("`{base}`")) || cadvisor.contains(&name.as_str()),
+            "the dashboard queries {name}, which docs/metrics.md does not list"
+        );
+    }
 }
 
 /// The loopback ports the operator process listens on, given to the chart as its ports.
