@@ -16,8 +16,9 @@
 //! Services). A "rollout" is the test stopping that process and starting one from the
 //! upgraded Deployment.
 //!
-//! `weft-proxy` is another package's binary: `cargo test --workspace` builds it (run
-//! `cargo build -p weft-proxy` first when testing this package alone).
+//! `weft-proxy` and `kubectl-weft` are other packages' binaries: `cargo test --workspace`
+//! builds them (run `cargo build -p weft-proxy -p kubectl-weft` first when testing this
+//! package alone).
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -200,7 +201,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     for (name, values) in [("default", None), ("non-default", Some(&other))] {
         let mut args = vec![
             "template",
-            "weft",
+            "dry",
             chart.to_str().unwrap(),
             "--namespace",
             &ns,
@@ -249,7 +250,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         dir.path(),
         &[
             "template",
-            "weft",
+            "dry",
             chart.to_str().unwrap(),
             "--namespace",
             &ns,
@@ -362,7 +363,12 @@ fn install_values(ports: &Ports, scope: &str, proxy_tag: &str, failure_policy: &
             "namespaceSelector": {"key": "weft.dev/chart-test", "value": scope},
             "failurePolicy": failure_policy
         },
-        "proxy": {"image": {"repository": "registry.example/weft-proxy", "tag": proxy_tag}}
+        "proxy": {
+            "image": {"repository": "registry.example/weft-proxy", "tag": proxy_tag},
+            "logLevel": "weft_proxy=debug",
+            "resources": {"cpuLimit": "500m", "memoryLimit": "96Mi"},
+            "ports": {"admin": 15121}
+        }
     })
 }
 
@@ -384,6 +390,15 @@ fn token_kubeconfig(dir: &Path, token: &str) -> PathBuf {
     path
 }
 
+/// The `weft-operator` binary: this package's, or `$WEFT_TEST_OPERATOR_BIN` (a copy taken
+/// right after building, where several checkouts share one target directory and its
+/// `target/debug/weft-operator` is whoever built last).
+fn operator_bin() -> PathBuf {
+    std::env::var_os("WEFT_TEST_OPERATOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_weft-operator")))
+}
+
 /// Starts `weft-operator` as the rendered Deployment's container would run: its args and
 /// env (fieldRefs resolved as the kubelet would for pod `pod`), listeners on loopback, and
 /// the API credentials of `kubeconfig`.
@@ -401,7 +416,19 @@ fn start_rendered_operator(
         container.command.is_none(),
         "the chart runs the image's entrypoint (weft-operator)"
     );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weft-operator"));
+    // The operator ignores environment variables it does not know: a misspelt one in the
+    // chart would silently do nothing. Every variable the chart sets is one of its flags'.
+    let mut help = Command::new(operator_bin());
+    help.arg("--help");
+    let help = run(help).unwrap();
+    for var in container.env.iter().flatten() {
+        assert!(
+            help.contains(&format!("[env: {}=", var.name)),
+            "the chart sets {}, which weft-operator does not read (or target/debug/weft-operator is another branch's build: rebuild it)",
+            var.name
+        );
+    }
+    let mut cmd = Command::new(operator_bin());
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("KUBECONFIG", kubeconfig)
@@ -477,15 +504,20 @@ async fn create_pod(client: &kube::Client, ns: &str, name: &str) -> Pod {
         .unwrap()
 }
 
-fn proxy_image(pod: &Pod) -> Option<String> {
+fn proxy_container(pod: &Pod) -> k8s_openapi::api::core::v1::Container {
     pod.spec
-        .as_ref()?
-        .init_containers
-        .as_ref()?
-        .iter()
-        .find(|c| c.name == weft_operator::inject::keys::PROXY_CONTAINER)?
-        .image
-        .clone()
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c.name == weft_operator::inject::keys::PROXY_CONTAINER)
+        })
+        .cloned()
+        .expect("no proxy container")
+}
+
+fn proxy_image(pod: &Pod) -> Option<String> {
+    proxy_container(pod).image
 }
 
 #[tokio::test]
@@ -627,6 +659,35 @@ async fn install_runs_the_operator_with_chart_rbac_then_upgrade_and_uninstall() 
         proxy_image(&pod).as_deref(),
         Some("registry.example/weft-proxy:t1")
     );
+    // The other proxy values reach the injected container too.
+    let proxy = proxy_container(&pod);
+    let env: Vec<(String, Option<String>)> = proxy
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
+    assert!(
+        env.contains(&("WEFT_LOG".to_owned(), Some("weft_proxy=debug".to_owned()))),
+        "{env:?}"
+    );
+    let limits = proxy.resources.as_ref().unwrap().limits.clone().unwrap();
+    assert_eq!(limits["cpu"].0, "500m");
+    assert_eq!(limits["memory"].0, "96Mi");
+    assert_eq!(proxy.ports.as_ref().unwrap()[0].container_port, 15121);
+    // What NOTES.txt tells users to run passes against this install.
+    let mut check = Command::new(sibling_binary("kubectl-weft"));
+    check
+        .env("KUBECONFIG", shared::testbed().kubeconfig())
+        .args([
+            "check",
+            "--operator-namespace",
+            &ns,
+            "--webhook",
+            "weft-injector",
+        ]);
+    let report = run(check).unwrap();
+    assert!(!report.contains("FAIL"), "{report}");
 
     // Status written (by the Lease holder), Events recorded, and a proxy subscribed with a
     // pod-bound token (TokenReview) reported in this replica's ACK report ConfigMap.
