@@ -19,6 +19,36 @@ fn committed_manifests_match_the_types() {
 }
 
 #[test]
+fn the_chart_carries_the_same_manifests() {
+    // Helm installs the chart's copy; `kubectl apply -f crds/` the top-level one. Users of
+    // either must get the same schema.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chart = dir.join("../charts/weft/crds");
+    let mut in_chart: Vec<String> = fs::read_dir(&chart)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    in_chart.sort();
+    let mut ours: Vec<String> = weft_crds::all()
+        .into_iter()
+        .map(|(f, _)| f.to_owned())
+        .collect();
+    ours.sort();
+    assert_eq!(
+        in_chart, ours,
+        "charts/weft/crds/ holds other files than crds/"
+    );
+    for file in &ours {
+        let top = fs::read(dir.join(file)).unwrap();
+        let copy = fs::read(chart.join(file)).unwrap();
+        assert!(
+            top == copy,
+            "charts/weft/crds/{file} differs from crds/{file}: run `cargo run -p weft-crds --bin weft-crdgen`"
+        );
+    }
+}
+
+#[test]
 fn every_schema_field_is_documented() {
     // `kubectl explain` prints these descriptions; an undocumented field is a user stuck.
     fn walk(path: &str, schema: &serde_json::Value, missing: &mut Vec<String>) {

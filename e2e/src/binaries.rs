@@ -86,7 +86,8 @@ pub fn cache_root() -> PathBuf {
     base.join("weft/testbed")
 }
 
-fn go_command() -> PathBuf {
+/// The `go` command: `$GO`, else `/usr/local/go/bin/go`, else `go` on `PATH`.
+pub(crate) fn go_command() -> PathBuf {
     if let Some(go) = std::env::var_os("GO") {
         return PathBuf::from(go);
     }

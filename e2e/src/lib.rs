@@ -12,11 +12,13 @@
 
 pub mod binaries;
 pub mod certs;
+pub mod helm;
 pub mod process;
 pub mod shared;
 pub mod testbed;
 
 pub use binaries::{Binaries, KUBERNETES_VERSION};
+pub use helm::{HELM_VERSION, Helm};
 pub use testbed::{Mode, TestBed};
 
 use std::path::PathBuf;

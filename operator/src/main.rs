@@ -172,6 +172,18 @@ struct WebhookArgs {
     /// `host:port` injected proxies subscribe to (default: the Service, port 8090).
     #[arg(long, env = "WEFT_INJECT_OPERATOR_ADDR")]
     inject_operator_addr: Option<String>,
+    /// Serve only namespaces carrying this label, as `key=value` (default: every
+    /// namespace that opted in), so that the API server never calls this webhook for others.
+    #[arg(long, env = "WEFT_WEBHOOK_NAMESPACE_SCOPE", value_parser = parse_label)]
+    webhook_namespace_scope: Option<(String, String)>,
+}
+
+/// A `key=value` label with a non-empty key.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -517,7 +529,7 @@ fn webhook_settings(args: &WebhookArgs, namespace: &str, trust_domain: &str) -> 
             timeout_seconds: args.webhook_timeout,
             annotation_opt_in: args.webhook_annotation_opt_in,
             excluded_namespaces,
-            namespace_scope: None,
+            namespace_scope: args.webhook_namespace_scope.clone(),
         },
         ca_namespace: namespace.to_owned(),
         ca_secret: args.ca_secret.clone(),

@@ -1,7 +1,7 @@
 //! `weft-testbed`: start and stop a real Kubernetes control plane on loopback.
 //!
 //! ```text
-//! weft-testbed build           # build (or find cached) Kubernetes binaries
+//! weft-testbed build           # build (or find cached) Kubernetes binaries and Helm
 //! weft-testbed up              # start; writes .testbed/kubeconfig and .testbed/env
 //! source .testbed/env          # KUBECONFIG and a matching kubectl on PATH
 //! weft-testbed down            # stop everything and remove .testbed/
@@ -11,7 +11,7 @@ use std::{fs, path::PathBuf, time::Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use weft_e2e::{Binaries, KUBERNETES_VERSION, TestBed, testbed::stop_dir};
+use weft_e2e::{Binaries, HELM_VERSION, Helm, KUBERNETES_VERSION, TestBed, testbed::stop_dir};
 
 #[derive(Parser)]
 #[command(
@@ -32,7 +32,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build the Kubernetes binaries (or find them in the cache) and print their directory.
+    /// Build the Kubernetes binaries and Helm (or find them in the cache) and print where.
     Build,
     /// Start the control plane in the background and wait until it is ready.
     Up,
@@ -56,6 +56,13 @@ fn main() -> anyhow::Result<()> {
             eprintln!(
                 "Kubernetes {KUBERNETES_VERSION} binaries in {} ({:.1?})",
                 bins.dir().display(),
+                started.elapsed()
+            );
+            let started = Instant::now();
+            let helm = Helm::ensure()?;
+            eprintln!(
+                "Helm {HELM_VERSION} at {} ({:.1?})",
+                helm.path().display(),
                 started.elapsed()
             );
         }
