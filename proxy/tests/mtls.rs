@@ -581,7 +581,7 @@ async fn rotation_under_constant_load_loses_no_request() {
         client_id.install_pem(&c.chain, &c.key, &ca.pem).unwrap();
         serials.push(server_id.current().unwrap().not_after_unix());
         let mut cfg = meshed_config(server.addr, SERVER_ID, false);
-        cfg["services"][0]["connectTimeout"] = serde_json::json!(format!("{}ms", 1000 + i));
+        cfg["services"][0]["connectTimeout"] = serde_json::json!(format!("{}ms", 1001 + i));
         let before = metric(
             &metrics_of(&server),
             "weft_tls_sessions_total",
