@@ -147,7 +147,10 @@ mod tests {
             assert_eq!(req.version(), Version::HTTP_2);
             assert_eq!(req.uri().authority().unwrap().as_str(), host);
             assert_eq!(req.uri().scheme(), Some(&Scheme::HTTP));
-            assert!(req.headers().get(HOST).is_none(), "Host travels as :authority");
+            assert!(
+                req.headers().get(HOST).is_none(),
+                "Host travels as :authority"
+            );
             assert_eq!(req.headers()[ORIG_PROTO], "HTTP/1.1");
             assert!(restore(&mut req));
             assert_eq!(req.version(), Version::HTTP_11);

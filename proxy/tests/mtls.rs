@@ -672,33 +672,37 @@ impl H1App {
             while let Ok((s, _)) = listener.accept().await {
                 let record = record.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let record = record.clone();
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let body = body.collect().await.unwrap().to_bytes();
-                            record.lock().unwrap().push(H1Seen {
-                                version: parts.version,
-                                target: parts.uri.to_string(),
-                                headers: parts.headers.clone(),
-                                body: body.clone(),
-                            });
-                            let resp = if parts.uri.path() == "/chunked" {
-                                let frames = ["one ", "two ", "three"].map(|c| {
-                                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
-                                        bytes::Bytes::from_static(c.as_bytes()),
-                                    ))
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let record = record.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let body = body.collect().await.unwrap().to_bytes();
+                                record.lock().unwrap().push(H1Seen {
+                                    version: parts.version,
+                                    target: parts.uri.to_string(),
+                                    headers: parts.headers.clone(),
+                                    body: body.clone(),
                                 });
-                                http::Response::new(
-                                    http_body_util::StreamBody::new(futures::stream::iter(frames))
+                                let resp = if parts.uri.path() == "/chunked" {
+                                    let frames = ["one ", "two ", "three"].map(|c| {
+                                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                            bytes::Bytes::from_static(c.as_bytes()),
+                                        ))
+                                    });
+                                    http::Response::new(
+                                        http_body_util::StreamBody::new(futures::stream::iter(
+                                            frames,
+                                        ))
                                         .boxed(),
-                                )
-                            } else {
-                                http::Response::new(full(body))
-                            };
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
+                                    )
+                                } else {
+                                    http::Response::new(full(body))
+                                };
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
                         .await;
@@ -966,12 +970,17 @@ async fn a_websocket_upgrade_works_end_to_end_through_two_proxies() {
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert!(
-        head.contains(&format!("sec-websocket-accept: {}", WS_ACCEPT.to_lowercase())),
+        head.contains(&format!(
+            "sec-websocket-accept: {}",
+            WS_ACCEPT.to_lowercase()
+        )),
         "{head}"
     );
     // A masked text frame "Hello" (RFC 6455 §5.7), and binary noise: echoed as they are.
     for msg in [
-        &[0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58][..],
+        &[
+            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ][..],
         b"\x00\x01\x02 not http",
     ] {
         echo_roundtrip(&mut s, msg).await;
@@ -1097,15 +1106,17 @@ async fn peers_that_offer_no_mux_alpn_still_work() {
 
     // An HTTP/1 session (weft-http1): the request reaches the application as HTTP/1.1.
     let tls = old_peer_session(server.addr, &ca, &leaf, b"weft-http1").await;
-    let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Body>(
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let (resp, body) = send_h1(
         &mut send,
-        http::Request::get("/old").header("host", "cart").body(full("")).unwrap(),
+        http::Request::get("/old")
+            .header("host", "cart")
+            .body(full(""))
+            .unwrap(),
     )
     .await;
     assert_eq!(resp.status, 200, "{body:?}");
@@ -1135,4 +1146,41 @@ async fn peers_that_offer_no_mux_alpn_still_work() {
     let names = resp.headers()["x-seen-headers"].to_str().unwrap();
     assert!(!names.contains("weft-orig-proto"), "{names}");
     assert!(names.contains("x-forwarded-client-cert"), "{names}");
+}
+
+#[tokio::test]
+async fn a_breakers_connection_limits_count_mux_connections_and_their_streams() {
+    let ca = Ca::new("mesh root");
+    let app = H1App::start().await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
+    let mut cfg = meshed_config(server.addr, SERVER_ID, false);
+    cfg["services"][0]["breaker"] = serde_json::json!({
+        "name": "shop/web",
+        "connectionPool": {"maxConnections": 1, "maxRequestsPerConnection": 5}
+    });
+    let client = TestProxy::start_kind(
+        proxy_with(Some(ca.store(CLIENT_ID))),
+        ListenerKind::Forward(Arc::from("web")),
+        cfg,
+    );
+    let mut c = h1_conn(client.addr).await;
+    for i in 0..12 {
+        let (resp, _) = send_h1(
+            &mut c,
+            http::Request::get(format!("/{i}"))
+                .header("host", "cart")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(resp.status, 200, "request {i}");
+    }
+    // 12 HTTP/1 requests, 5 streams per mux connection: three connections, one at a time.
+    assert_eq!(app.seen().len(), 12);
+    let m = metrics_of(&server);
+    assert_eq!(
+        metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
+        3,
+        "{m}"
+    );
 }
