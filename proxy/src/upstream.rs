@@ -5,6 +5,9 @@
 //! One [`Upstream`] lives in each endpoint's runtime state and survives config swaps that
 //! keep the endpoint, so pooled connections are reused across reloads.
 //!
+//! To a meshed endpoint (mutual TLS), HTTP/1 requests share the HTTP/2 connection too
+//! ([`crate::mux`]); only upgrades and `CONNECT` use the HTTP/1 pool there.
+//!
 //! The endpoints of a service with a Breaker's connection-pool limits have pools of their
 //! own, which share one [`ServicePool`]: `maxConnections` counts their connections (a
 //! request finding none free waits, as one of at most `maxPendingRequests`, for an idle
