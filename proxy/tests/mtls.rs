@@ -650,6 +650,7 @@ struct H1Seen {
     target: String,
     headers: http::HeaderMap,
     body: bytes::Bytes,
+    trailers: Option<http::HeaderMap>,
 }
 
 /// An application that speaks HTTP/1.1 only (hyper's HTTP/1 server: an HTTP/2 preface
@@ -677,14 +678,37 @@ impl H1App {
                             let record = record.clone();
                             async move {
                                 let (parts, body) = req.into_parts();
-                                let body = body.collect().await.unwrap().to_bytes();
+                                let collected = body.collect().await.unwrap();
+                                let trailers = collected.trailers().cloned();
+                                let body = collected.to_bytes();
                                 record.lock().unwrap().push(H1Seen {
                                     version: parts.version,
                                     target: parts.uri.to_string(),
                                     headers: parts.headers.clone(),
                                     body: body.clone(),
+                                    trailers,
                                 });
-                                let resp = if parts.uri.path() == "/chunked" {
+                                let resp = if parts.uri.path() == "/trailers" {
+                                    let mut t = http::HeaderMap::new();
+                                    t.insert("x-sum", http::HeaderValue::from_static("42"));
+                                    let frames = vec![
+                                        Ok::<_, std::convert::Infallible>(
+                                            hyper::body::Frame::data(bytes::Bytes::from_static(
+                                                b"with trailers",
+                                            )),
+                                        ),
+                                        Ok(hyper::body::Frame::trailers(t)),
+                                    ];
+                                    let mut r = http::Response::new(
+                                        http_body_util::StreamBody::new(futures::stream::iter(
+                                            frames,
+                                        ))
+                                        .boxed(),
+                                    );
+                                    r.headers_mut()
+                                        .insert("trailer", http::HeaderValue::from_static("x-sum"));
+                                    r
+                                } else if parts.uri.path() == "/chunked" {
                                     let frames = ["one ", "two ", "three"].map(|c| {
                                         Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
                                             bytes::Bytes::from_static(c.as_bytes()),
@@ -754,6 +778,65 @@ async fn send_h1(
         .unwrap();
     let (parts, body) = resp.into_parts();
     (parts, body.collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn chunked_trailers_cross_the_mux_both_ways_and_none_appear_where_there_were_none() {
+    use http_body_util::BodyExt;
+    let ca = Ca::new("mesh root");
+    let app = H1App::start().await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
+    let client = client_sidecar(Some(ca.store(CLIENT_ID)), server.addr, SERVER_ID);
+    let mut c = h1_conn(client.addr).await;
+
+    // Request trailers (a chunked body, announced in `Trailer`) reach the HTTP/1 app.
+    let mut t = http::HeaderMap::new();
+    t.insert("x-checksum", http::HeaderValue::from_static("abc"));
+    let frames = vec![
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from_static(
+            b"body",
+        ))),
+        Ok(hyper::body::Frame::trailers(t)),
+    ];
+    c.ready().await.unwrap();
+    let resp = c
+        .send_request(
+            http::Request::post("/trailers")
+                .header("host", "cart")
+                .header("trailer", "x-checksum")
+                .header("te", "trailers")
+                .body(http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let seen = app.seen().pop().unwrap();
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(&seen.body[..], b"body");
+    assert_eq!(seen.headers["transfer-encoding"], "chunked");
+    assert_eq!(seen.trailers.unwrap()["x-checksum"], "abc");
+    // And the app's response trailers reach the HTTP/1 client (which sent `TE: trailers`).
+    assert_eq!(resp.headers()["transfer-encoding"], "chunked");
+    let got = resp.into_body().collect().await.unwrap();
+    assert_eq!(got.trailers().unwrap()["x-sum"], "42");
+    assert_eq!(&got.to_bytes()[..], b"with trailers");
+
+    // A chunked body without trailers gets none on the way.
+    c.ready().await.unwrap();
+    let resp = c
+        .send_request(
+            http::Request::post("/chunked")
+                .header("host", "cart")
+                .body(chunked(&["no ", "trailers"]))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let got = resp.into_body().collect().await.unwrap();
+    assert!(got.trailers().is_none());
+    let seen = app.seen().pop().unwrap();
+    assert_eq!(&seen.body[..], b"no trailers");
+    assert!(seen.trailers.is_none(), "{:?}", seen.trailers);
 }
 
 #[tokio::test]
