@@ -322,8 +322,17 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
         sessions >= 1.0,
         "web's proxy counts {sessions} inbound TLS sessions"
     );
-    // (The client's proxy counts no outbound sessions: only the terminating side counts
-    // them today, as docs/metrics.md says.)
+    // The client's proxy counts the session it originated.
+    let (_, client_metrics) = http_get(client.admin, "/metrics").await.unwrap();
+    let outbound = sample(
+        &client_metrics,
+        r#"weft_tls_sessions_total{direction="outbound"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(
+        outbound >= 1.0,
+        "the client's proxy counts {outbound} outbound TLS sessions"
+    );
     // Plain text straight to web's listener is accepted without a Policy (Permissive),
     // as unauthenticated: a forged identity header does not reach the application.
     let forged = get_with_header(

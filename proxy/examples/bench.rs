@@ -14,7 +14,18 @@
 //!
 //! To iterate on one figure, `WEFT_BENCH_PARTS` selects parts (comma-separated, from
 //! `rtt,open,max,rss`; default all) and `WEFT_BENCH_PATHS` selects paths by name (from
-//! `direct,weft,baseline,chain,haproxy`; default all). The output format stays the same.
+//! `direct,weft,baseline,chain,chain-in,mtls,haproxy`; default all). The output format
+//! stays the same.
+//!
+//! `chain-in` and `mtls` are the sidecar chain as it runs in a cluster: a client sidecar
+//! (forward listener) → a server sidecar's inbound listener (`--inbound-forward`) → the
+//! backend. Both paths go through the same server sidecar, which has a mesh certificate
+//! (and so accepts plain text and mutual TLS on one port); `chain-in`'s client sidecar
+//! has no identity and speaks plain text, `mtls`'s has one and its endpoint is meshed.
+//! The certificates come from an identity endpoint the harness serves itself (a test CA,
+//! `/weft.identity.v1/certify` over TLS, no token check). `WEFT_BENCH_PROXY=/path` runs
+//! every proxy from that binary instead of the one beside the harness (to measure an
+//! older proxy with this harness).
 //!
 //! The `overload` part measures a Breaker's `maxRequests` under 2× overload: a backend
 //! with a fixed 20 ms service time behind a proxy with `maxRequests: 20` (capacity
@@ -594,13 +605,16 @@ async fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("weft-proxy");
+    let bin = match std::env::var_os("WEFT_BENCH_PROXY") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("weft-proxy"),
+    };
     assert!(
         bin.exists(),
         "build it first: cargo build --release -p weft-proxy --bin weft-proxy"
@@ -678,6 +692,37 @@ async fn main() {
     let (chain2, chain2_addr) = start_weft(&bin, &single_cfg, "web").await;
     let hop_cfg = write_cfg(dir.path(), "hop.yaml", &cfg_yaml(&[("hop", chain2_addr)]));
     let (chain1, chain1_addr) = start_weft(&bin, &hop_cfg, "hop").await;
+    // The sidecar chain, plain and mutual TLS, through one server sidecar with identity.
+    let mesh = mesh::Mesh::start(dir.path()).await;
+    let empty_cfg = write_cfg(
+        dir.path(),
+        "empty.yaml",
+        "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices: []\n",
+    );
+    let (server_sidecar, server_in) = mesh
+        .start_inbound(&bin, &empty_cfg, backend, mesh::SERVER_ID)
+        .await;
+    let plain_hop = write_cfg(
+        dir.path(),
+        "hop-plain.yaml",
+        &cfg_yaml(&[("hop", server_in)]),
+    );
+    let (plain_client, plain_client_addr) = start_weft(&bin, &plain_hop, "hop").await;
+    let mtls_hop = write_cfg(
+        dir.path(),
+        "hop-mtls.yaml",
+        &format!(
+            "{}    identity: {}\n",
+            cfg_yaml(&[("hop", server_in)]),
+            mesh::SERVER_ID
+        ),
+    );
+    let (mtls_client, mtls_client_addr) = mesh
+        .start_forward(&bin, &mtls_hop, "hop", mesh::CLIENT_ID)
+        .await;
+    for addr in [plain_client_addr, mtls_client_addr] {
+        mesh::wait_serving(addr).await;
+    }
     let haproxy = start_haproxy(dir.path(), backend).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let haproxy_idle = haproxy.as_ref().map(|(p, _, _)| rss_kib(p.child.id()));
@@ -690,15 +735,18 @@ async fn main() {
             targets.push(("baseline", proto, *addr));
         }
         targets.push(("weft chain (2 proxies)", proto, chain1_addr));
+        targets.push(("sidecar chain, plain", proto, plain_client_addr));
+        targets.push(("sidecar chain, mTLS", proto, mtls_client_addr));
         if let Some((_, h1, h2)) = &haproxy {
             targets.push(("haproxy", proto, if proto == Proto::H1 { *h1 } else { *h2 }));
         }
     }
     targets.retain(|(name, _, _)| {
-        let short = if name.starts_with("weft chain") {
-            "chain"
-        } else {
-            name
+        let short = match *name {
+            n if n.starts_with("weft chain") => "chain",
+            "sidecar chain, plain" => "chain-in",
+            "sidecar chain, mTLS" => "mtls",
+            n => n,
         };
         selected("WEFT_BENCH_PATHS", short)
     });
@@ -773,6 +821,7 @@ async fn main() {
 
     if !selected("WEFT_BENCH_PARTS", "rss") {
         drop((chain1, chain2, single, baseline));
+        drop((plain_client, mtls_client, server_sidecar, mesh));
         return;
     }
     // RSS with 1,000 open connections, each having carried one HTTP/1.1 request.
@@ -812,4 +861,229 @@ async fn main() {
     print!("{haproxy_rss}");
     drop(held);
     drop((chain1, chain2, single, baseline));
+    drop((plain_client, mtls_client, server_sidecar, mesh));
+}
+
+/// The mesh of the sidecar-chain paths: a test CA and an identity endpoint that issues
+/// its certificates to the proxies.
+mod mesh {
+    use std::{
+        net::SocketAddr,
+        path::{Path, PathBuf},
+        process::{Command, Stdio},
+        sync::Arc,
+        time::Duration,
+    };
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    use tokio::net::TcpListener;
+    use weft_api::identity::{CertifyRequest, CertifyResponse};
+
+    use super::{Proc, free_addr, wait_listening};
+
+    /// The client sidecar's identity.
+    pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
+    /// The server sidecar's identity.
+    pub const SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
+    /// The name the identity endpoint's certificate carries.
+    const SERVER_NAME: &str = "identity.bench";
+
+    pub struct Mesh {
+        addr: SocketAddr,
+        root: PathBuf,
+        _task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Mesh {
+        /// A CA (its root written to `dir`) and the identity endpoint, on loopback.
+        pub async fn start(dir: &Path) -> Mesh {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "bench mesh root");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let root_pem = params.self_signed(&key).unwrap().pem();
+            let root = dir.join("mesh-root.pem");
+            std::fs::write(&root, &root_pem).unwrap();
+            let issuer = Arc::new(Issuer::new(params, key));
+
+            // The endpoint's own certificate, for SERVER_NAME.
+            let serving_key = KeyPair::generate().unwrap();
+            let serving = CertificateParams::new(vec![SERVER_NAME.to_owned()])
+                .unwrap()
+                .signed_by(&serving_key, &issuer)
+                .unwrap();
+            let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![serving.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(serving_key.serialize_der().into()),
+            )
+            .unwrap();
+            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let task = tokio::spawn(async move {
+                while let Ok((s, _)) = listener.accept().await {
+                    let (acceptor, issuer, root_pem) =
+                        (acceptor.clone(), issuer.clone(), root_pem.clone());
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(s).await else {
+                            return;
+                        };
+                        let svc = hyper::service::service_fn(move |req| {
+                            certify(req, issuer.clone(), root_pem.clone())
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), svc)
+                            .await;
+                    });
+                }
+            });
+            Mesh {
+                addr,
+                root,
+                _task: task,
+            }
+        }
+
+        fn identity_args(&self, id: &str) -> Vec<String> {
+            vec![
+                "--identity-addr".into(),
+                self.addr.to_string(),
+                "--identity-server-name".into(),
+                SERVER_NAME.into(),
+                "--trust-root-file".into(),
+                self.root.display().to_string(),
+                "--identity".into(),
+                id.into(),
+            ]
+        }
+
+        /// A server sidecar with identity `id`: an inbound listener in front of `app`.
+        pub async fn start_inbound(
+            &self,
+            bin: &Path,
+            cfg: &Path,
+            app: SocketAddr,
+            id: &str,
+        ) -> (Proc, SocketAddr) {
+            let listen = free_addr().await;
+            let admin = free_addr().await;
+            let child = Command::new(bin)
+                .args(["run", "--no-transparent", "--log", "warn", "--workers", "1"])
+                .arg("--config")
+                .arg(cfg)
+                .arg("--inbound-forward")
+                .arg(format!("{listen}={app}"))
+                .arg("--admin-addr")
+                .arg(admin.to_string())
+                .args(self.identity_args(id))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            wait_listening(listen).await;
+            wait_ready(admin).await;
+            (Proc { child }, listen)
+        }
+
+        /// A client sidecar with identity `id`: a forward listener for `service`.
+        pub async fn start_forward(
+            &self,
+            bin: &Path,
+            cfg: &Path,
+            service: &str,
+            id: &str,
+        ) -> (Proc, SocketAddr) {
+            super::start_weft_with(bin, cfg, service, &self.identity_args(id)).await
+        }
+    }
+
+    /// Waits until `/ready` answers 200 (the proxy has its certificate).
+    async fn wait_ready(admin: SocketAddr) {
+        wait_listening(admin).await;
+        for _ in 0..200 {
+            let s = tokio::net::TcpStream::connect(admin).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = http::Request::get("/ready")
+                .header("host", "admin")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            if send
+                .send_request(req)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("{admin}: never ready");
+    }
+
+    /// Waits until a request through `addr` succeeds (the chain is up end to end).
+    pub async fn wait_serving(addr: SocketAddr) {
+        for _ in 0..200 {
+            if let super::Conn::H1(mut send) = super::connect(addr, super::Proto::H1).await
+                && super::h1_once(&mut send).await
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("{addr}: no request got through");
+    }
+
+    /// Issues a certificate for the identity a request asks for (nothing is checked: the
+    /// harness trusts its own proxies).
+    async fn certify(
+        req: http::Request<hyper::body::Incoming>,
+        issuer: Arc<Issuer<'static, KeyPair>>,
+        root_pem: String,
+    ) -> Result<http::Response<Full<Bytes>>, std::convert::Infallible> {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let ask: CertifyRequest = serde_json::from_slice(&body).unwrap();
+        let id = ask.identity.unwrap();
+        let csr = CertificateSigningRequestParams::from_pem(&ask.csr).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.clone().try_into().unwrap())];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let now_t = time::OffsetDateTime::from_unix_timestamp(now as i64).unwrap();
+        params.not_before = now_t - time::Duration::minutes(5);
+        params.not_after = now_t + time::Duration::hours(24);
+        let cert = params.signed_by(&csr.public_key, &issuer).unwrap();
+        let answer = CertifyResponse {
+            identity: id,
+            certificate_chain: cert.pem(),
+            trust_bundle: root_pem,
+            not_after: now + 24 * 3600,
+        };
+        Ok(http::Response::new(Full::new(Bytes::from(
+            serde_json::to_vec(&answer).unwrap(),
+        ))))
+    }
 }

@@ -99,6 +99,9 @@ pub struct HttpConn {
     /// Whether the connection arrived over mutual TLS from a peer proxy (with or without
     /// a client certificate): a Strict policy refuses plain text.
     pub client_tls: bool,
+    /// Whether the connection is a peer proxy's mux session ([`crate::mux`]): its HTTP/1
+    /// requests, carried as HTTP/2, are restored to HTTP/1 before the application.
+    pub mux: bool,
 }
 
 impl HttpConn {
@@ -124,6 +127,7 @@ impl HttpConn {
             client_identity: None,
             access_log: None,
             client_tls: false,
+            mux: false,
         }
     }
 
@@ -144,6 +148,12 @@ impl HttpConn {
     pub fn with_tls(mut self, identity: Option<Arc<str>>) -> Self {
         self.client_tls = true;
         self.client_identity = identity;
+        self
+    }
+
+    /// The same, for a peer proxy's mux session (ALPN `weft-mux`).
+    pub fn with_mux(mut self) -> Self {
+        self.mux = true;
         self
     }
 
@@ -506,6 +516,12 @@ impl HttpConn {
         let labels = self.request_metrics(&dest);
         labels.request();
         if self.direction == Direction::Inbound {
+            if self.mux {
+                crate::mux::restore(&mut req);
+            } else {
+                // Honoured from peer proxies' mux sessions only.
+                req.headers_mut().remove(crate::mux::ORIG_PROTO);
+            }
             self.forward_client_identity(&mut req);
         }
         if let Err(refusal) = check_request(&req, &self.limits) {

@@ -37,6 +37,7 @@ pub mod identity;
 pub mod init;
 pub mod limits;
 pub mod metrics;
+pub mod mux;
 pub mod orig_dst;
 pub mod pipeline;
 pub mod ratelimit;
@@ -125,6 +126,9 @@ impl Proxy {
         identity: Option<Arc<identity::IdentityStore>>,
     ) -> Arc<Self> {
         let metrics = Arc::new(metrics::Metrics::new());
+        if let Some(id) = &identity {
+            id.count_outbound_sessions(metrics.tls.sessions_counter(metrics::Direction::Outbound));
+        }
         Arc::new(Proxy {
             store: Arc::new(
                 store::ConfigStore::new(metrics.clone())

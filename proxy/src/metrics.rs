@@ -243,6 +243,14 @@ impl TlsMetrics {
             .inc();
     }
 
+    /// The session counter of `direction`, for whoever establishes those sessions (the
+    /// outbound handshakes happen in the endpoints' connectors, which hold no metrics).
+    pub fn sessions_counter(&self, direction: Direction) -> Counter {
+        self.sessions
+            .get_or_create(&[("direction", direction.as_str())])
+            .clone()
+    }
+
     /// Counts a refused or failed handshake.
     pub fn refused(&self, direction: Direction, failure: crate::identity::TlsFailure) {
         self.refused

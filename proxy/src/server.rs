@@ -194,7 +194,7 @@ async fn handle(
                 _ if opaque => Some(Protocol::Opaque),
                 Some(Inner::Tcp) => Some(Protocol::Opaque),
                 Some(Inner::Http1) => Some(Protocol::Http1),
-                Some(Inner::H2) => Some(Protocol::Http2),
+                Some(Inner::H2 | Inner::Mux) => Some(Protocol::Http2),
                 None => None,
             };
             conn.serve(*tls, protocol, Some(info)).await;
@@ -292,6 +292,9 @@ impl Conn {
                     conn = conn.with_access_log(log.clone());
                 }
                 if let Some(tls) = tls {
+                    if tls.inner == Some(Inner::Mux) {
+                        conn = conn.with_mux();
+                    }
                     conn = conn.with_tls(tls.identity);
                 }
                 let conn = Arc::new(conn);

@@ -5,6 +5,9 @@
 //! One [`Upstream`] lives in each endpoint's runtime state and survives config swaps that
 //! keep the endpoint, so pooled connections are reused across reloads.
 //!
+//! To a meshed endpoint (mutual TLS), HTTP/1 requests share the HTTP/2 connection too
+//! ([`crate::mux`]); only upgrades and `CONNECT` use the HTTP/1 pool there.
+//!
 //! The endpoints of a service with a Breaker's connection-pool limits have pools of their
 //! own, which share one [`ServicePool`]: `maxConnections` counts their connections (a
 //! request finding none free waits, as one of at most `maxPendingRequests`, for an idle
@@ -390,12 +393,37 @@ impl Upstream {
     /// be in the form an origin server expects (origin-form target, `Host` set), an
     /// HTTP/2 request must have an absolute URI; the returned [`Lease`] must be released
     /// once the response body has ended, to reuse its connection.
+    ///
+    /// To a meshed endpoint, HTTP/1 requests other than upgrades and `CONNECT` travel on
+    /// the endpoint's one HTTP/2 connection too ([`crate::mux`]), and their responses come
+    /// back as HTTP/1.1; a request not sent (connect failed) comes back in HTTP/1 form.
     pub async fn send(
         &self,
-        req: http::Request<UpstreamBody>,
+        mut req: http::Request<UpstreamBody>,
     ) -> Result<(http::Response<Incoming>, Option<Lease>), SendError> {
         if req.version() == http::Version::HTTP_2 {
+            if self.tls.is_some() {
+                // Only this proxy may say a request was HTTP/1.
+                req.headers_mut().remove(crate::mux::ORIG_PROTO);
+            }
             Ok((Http2Conn::send(&self.http2, req).await?, None))
+        } else if self.tls.is_some() && crate::mux::can_mux(&req) {
+            let addr = self.addr;
+            crate::mux::to_mux(&mut req, &|| crate::mux::authority_of(addr));
+            match Http2Conn::send(&self.http2, req).await {
+                Ok(mut resp) => {
+                    crate::mux::response_to_http1(&mut resp);
+                    Ok((resp, None))
+                }
+                Err(mut error) => {
+                    // Another endpoint may take it, and may not be meshed.
+                    if let Some(mut unsent) = error.take_unsent() {
+                        crate::mux::restore(&mut unsent);
+                        error = error.with_unsent(unsent);
+                    }
+                    Err(error)
+                }
+            }
         } else {
             let (resp, lease) = Http1Pool::send(&self.http1, req).await?;
             Ok((resp, Some(lease)))
@@ -523,7 +551,8 @@ impl Http2Conn {
             self.source,
             self.connect_timeout,
             self.tls.as_deref(),
-            Inner::H2,
+            // Both HTTP versions share it (see `crate::mux`).
+            Inner::Mux,
         )
         .await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())

@@ -195,12 +195,18 @@ async fn mtls_between_two_sidecars_carries_the_client_identity_to_the_backend() 
             vec![format!("URI={CLIENT_ID}")]
         );
     }
-    // Both sides counted the sessions: one per upstream connection (HTTP/1, HTTP/2).
+    // Both sides counted the session: one, which the HTTP/1 and HTTP/2 requests shared.
     let m = metrics_of(&server);
     assert_eq!(
         metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
-        2,
+        1,
         "{m}"
+    );
+    let c = metrics_of(&client);
+    assert_eq!(
+        metric(&c, "weft_tls_sessions_total", &["direction=\"outbound\""]),
+        1,
+        "{c}"
     );
     assert_eq!(
         metric(&m, "weft_tls_refused_total", &[]),
@@ -257,10 +263,15 @@ async fn opaque_tcp_travels_inside_the_tls_session() {
         metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
         1
     );
+    let m = metrics_of(&client);
+    assert_eq!(
+        metric(&m, "weft_tls_sessions_total", &["direction=\"outbound\""]),
+        1
+    );
 }
 
 /// A peer that is not a Weft proxy: a bare TLS 1.3 server presenting `leaf`, answering
-/// every HTTP/1 request with 200.
+/// every request with 200 (HTTP/2 in a `weft-mux` session, HTTP/1 otherwise).
 async fn bare_tls_server(leaf: &Leaf, ca_pem: &str) -> SocketAddr {
     let mut chain = vec![leaf.der.clone()];
     chain.extend(rustls_pemfile::certs(&mut ca_pem.as_bytes()).map(|c| c.unwrap()));
@@ -272,7 +283,11 @@ async fn bare_tls_server(leaf: &Leaf, ca_pem: &str) -> SocketAddr {
     .with_no_client_auth()
     .with_single_cert(chain, leaf.key())
     .unwrap();
-    config.alpn_protocols = vec![b"weft-http1".to_vec(), b"weft-h2".to_vec()];
+    config.alpn_protocols = vec![
+        b"weft-mux".to_vec(),
+        b"weft-http1".to_vec(),
+        b"weft-h2".to_vec(),
+    ];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -280,13 +295,25 @@ async fn bare_tls_server(leaf: &Leaf, ca_pem: &str) -> SocketAddr {
         while let Ok((s, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                if let Ok(mut tls) = acceptor.accept(s).await {
-                    let mut buf = [0u8; 1024];
-                    let _ = tls.read(&mut buf).await;
-                    let _ = tls
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(b"weft-mux") {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(full("ok")))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+                    return;
                 }
+                let mut buf = [0u8; 1024];
+                let _ = tls.read(&mut buf).await;
+                let _ = tls
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
             });
         }
     });
@@ -554,8 +581,19 @@ async fn rotation_under_constant_load_loses_no_request() {
         client_id.install_pem(&c.chain, &c.key, &ca.pem).unwrap();
         serials.push(server_id.current().unwrap().not_after_unix());
         let mut cfg = meshed_config(server.addr, SERVER_ID, false);
-        cfg["services"][0]["connectTimeout"] = serde_json::json!(format!("{}ms", 1000 + i));
+        cfg["services"][0]["connectTimeout"] = serde_json::json!(format!("{}ms", 1001 + i));
+        let before = metric(
+            &metrics_of(&server),
+            "weft_tls_sessions_total",
+            &["direction=\"inbound\""],
+        );
         client.apply(cfg);
+        // The new pool's one mux connection handshakes with the new certificates.
+        eventually(Duration::from_secs(5), "a new session", || {
+            let m = metrics_of(&server);
+            async move { metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]) > before }
+        })
+        .await;
     }
     stop.cancel();
     for t in load {
@@ -569,7 +607,7 @@ async fn rotation_under_constant_load_loses_no_request() {
         "weft_tls_sessions_total",
         &["direction=\"inbound\""],
     );
-    assert!(sessions >= 20, "new handshakes during rotation: {sessions}");
+    assert!(sessions > 20, "new handshakes during rotation: {sessions}");
 }
 
 #[tokio::test]
@@ -603,4 +641,629 @@ async fn ready_waits_for_the_first_certificate_and_says_why() {
         "{body}"
     );
     stop.cancel();
+}
+
+/// One request as an HTTP/1-only application received it.
+#[derive(Clone, Debug)]
+struct H1Seen {
+    version: http::Version,
+    target: String,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+    trailers: Option<http::HeaderMap>,
+}
+
+/// An application that speaks HTTP/1.1 only (hyper's HTTP/1 server: an HTTP/2 preface
+/// would be a parse error). It records each request; `/chunked` answers a body of unknown
+/// length (sent chunked), anything else echoes the request body with a length.
+struct H1App {
+    addr: SocketAddr,
+    seen: Arc<std::sync::Mutex<Vec<H1Seen>>>,
+    _task: Task,
+}
+
+impl H1App {
+    async fn start() -> H1App {
+        use http_body_util::BodyExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<std::sync::Mutex<Vec<H1Seen>>> = Arc::default();
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let record = record.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let collected = body.collect().await.unwrap();
+                                let trailers = collected.trailers().cloned();
+                                let body = collected.to_bytes();
+                                record.lock().unwrap().push(H1Seen {
+                                    version: parts.version,
+                                    target: parts.uri.to_string(),
+                                    headers: parts.headers.clone(),
+                                    body: body.clone(),
+                                    trailers,
+                                });
+                                let resp = if parts.uri.path() == "/trailers" {
+                                    let mut t = http::HeaderMap::new();
+                                    t.insert("x-sum", http::HeaderValue::from_static("42"));
+                                    let frames = vec![
+                                        Ok::<_, std::convert::Infallible>(
+                                            hyper::body::Frame::data(bytes::Bytes::from_static(
+                                                b"with trailers",
+                                            )),
+                                        ),
+                                        Ok(hyper::body::Frame::trailers(t)),
+                                    ];
+                                    let mut r = http::Response::new(
+                                        http_body_util::StreamBody::new(futures::stream::iter(
+                                            frames,
+                                        ))
+                                        .boxed(),
+                                    );
+                                    r.headers_mut()
+                                        .insert("trailer", http::HeaderValue::from_static("x-sum"));
+                                    r
+                                } else if parts.uri.path() == "/chunked" {
+                                    let frames = ["one ", "two ", "three"].map(|c| {
+                                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                            bytes::Bytes::from_static(c.as_bytes()),
+                                        ))
+                                    });
+                                    http::Response::new(
+                                        http_body_util::StreamBody::new(futures::stream::iter(
+                                            frames,
+                                        ))
+                                        .boxed(),
+                                    )
+                                } else {
+                                    http::Response::new(full(body))
+                                };
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        H1App {
+            addr,
+            seen,
+            _task: Task(task),
+        }
+    }
+
+    fn seen(&self) -> Vec<H1Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// An HTTP/1.1 connection of hyper's own client to `addr`, to see responses' framing.
+async fn h1_conn(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Body> {
+    let (send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(connect(addr).await))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// A request body of unknown length: hyper's HTTP/1 client sends it chunked.
+fn chunked(parts: &'static [&'static str]) -> Body {
+    use http_body_util::BodyExt;
+    let frames = parts.iter().map(|c| {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from_static(
+            c.as_bytes(),
+        )))
+    });
+    http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed()
+}
+
+async fn send_h1(
+    send: &mut hyper::client::conn::http1::SendRequest<Body>,
+    req: http::Request<Body>,
+) -> (http::response::Parts, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    send.ready().await.unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    (parts, body.collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn chunked_trailers_cross_the_mux_both_ways_and_none_appear_where_there_were_none() {
+    use http_body_util::BodyExt;
+    let ca = Ca::new("mesh root");
+    let app = H1App::start().await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
+    let client = client_sidecar(Some(ca.store(CLIENT_ID)), server.addr, SERVER_ID);
+    let mut c = h1_conn(client.addr).await;
+
+    // Request trailers (a chunked body, announced in `Trailer`) reach the HTTP/1 app.
+    let mut t = http::HeaderMap::new();
+    t.insert("x-checksum", http::HeaderValue::from_static("abc"));
+    let frames = vec![
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from_static(
+            b"body",
+        ))),
+        Ok(hyper::body::Frame::trailers(t)),
+    ];
+    c.ready().await.unwrap();
+    let resp = c
+        .send_request(
+            http::Request::post("/trailers")
+                .header("host", "cart")
+                .header("trailer", "x-checksum")
+                .header("te", "trailers")
+                .body(http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let seen = app.seen().pop().unwrap();
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(&seen.body[..], b"body");
+    assert_eq!(seen.headers["transfer-encoding"], "chunked");
+    assert_eq!(seen.trailers.unwrap()["x-checksum"], "abc");
+    // And the app's response trailers reach the HTTP/1 client (which sent `TE: trailers`).
+    assert_eq!(resp.headers()["transfer-encoding"], "chunked");
+    let got = resp.into_body().collect().await.unwrap();
+    assert_eq!(got.trailers().unwrap()["x-sum"], "42");
+    assert_eq!(&got.to_bytes()[..], b"with trailers");
+
+    // A chunked body without trailers gets none on the way.
+    c.ready().await.unwrap();
+    let resp = c
+        .send_request(
+            http::Request::post("/chunked")
+                .header("host", "cart")
+                .body(chunked(&["no ", "trailers"]))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let got = resp.into_body().collect().await.unwrap();
+    assert!(got.trailers().is_none());
+    let seen = app.seen().pop().unwrap();
+    assert_eq!(&seen.body[..], b"no trailers");
+    assert!(seen.trailers.is_none(), "{:?}", seen.trailers);
+}
+
+#[tokio::test]
+async fn http1_through_the_mux_reaches_an_http1_app_as_http1_with_its_framing() {
+    let ca = Ca::new("mesh root");
+    let app = H1App::start().await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
+    let client = client_sidecar(Some(ca.store(CLIENT_ID)), server.addr, SERVER_ID);
+    let mut c = h1_conn(client.addr).await;
+
+    // A body with a length keeps its length.
+    let (resp, body) = send_h1(
+        &mut c,
+        http::Request::post("/len?q=1")
+            .header("host", "cart.shop:8080")
+            .header("x-app", "a")
+            .header("x-app", "b")
+            .header("content-length", "5")
+            .body(full("hello"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.version, http::Version::HTTP_11);
+    assert_eq!(&body[..], b"hello");
+    assert_eq!(resp.headers["content-length"], "5");
+    let seen = app.seen().pop().unwrap();
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(seen.target, "/len?q=1");
+    assert_eq!(seen.headers["host"], "cart.shop:8080");
+    assert_eq!(seen.headers["content-length"], "5");
+    assert!(seen.headers.get("transfer-encoding").is_none());
+    assert_eq!(
+        seen.headers
+            .get_all("x-app")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["a", "b"],
+        "repeated fields keep their order"
+    );
+    assert_eq!(
+        seen.headers["x-forwarded-client-cert"],
+        format!("URI={CLIENT_ID}").as_str(),
+        "the client identity reaches the application"
+    );
+    assert!(
+        seen.headers.get("weft-orig-proto").is_none(),
+        "the marker stops at the inbound proxy"
+    );
+
+    // A chunked body stays chunked, both ways.
+    let (resp, body) = send_h1(
+        &mut c,
+        http::Request::post("/chunked")
+            .header("host", "cart")
+            .body(chunked(&["stream", "ed ", "body"]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(&body[..], b"one two three");
+    assert_eq!(resp.headers["transfer-encoding"], "chunked");
+    assert!(resp.headers.get("content-length").is_none());
+    let seen = app.seen().pop().unwrap();
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(&seen.body[..], b"streamed body");
+    assert_eq!(seen.headers["transfer-encoding"], "chunked");
+    assert!(seen.headers.get("content-length").is_none());
+
+    // Hop-by-hop fields stay on their hop; a client's own marker is not trusted.
+    let (resp, _) = send_h1(
+        &mut c,
+        http::Request::get("/hop")
+            .header("host", "cart")
+            .header("connection", "x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    let seen = app.seen().pop().unwrap();
+    for hop in ["x-hop", "keep-alive", "connection", "weft-orig-proto"] {
+        assert!(seen.headers.get(hop).is_none(), "{hop}: {:?}", seen.headers);
+    }
+    assert!(seen.headers.get("content-length").is_none() && seen.body.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_http1_connections_share_one_tls_connection_between_the_proxies() {
+    let ca = Ca::new("mesh root");
+    let app = H1App::start().await;
+    // Counts the TCP connections the server sidecar accepts, in front of it.
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
+    let (front, accepted) = counting_forwarder(server.addr).await;
+    let client = client_sidecar(Some(ca.store(CLIENT_ID)), front, SERVER_ID);
+
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let addr = client.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut c = h1_conn(addr).await;
+            for j in 0..10 {
+                let (resp, body) = send_h1(
+                    &mut c,
+                    http::Request::post("/x")
+                        .header("host", "cart")
+                        .body(full(format!("{i}-{j}")))
+                        .unwrap(),
+                )
+                .await;
+                assert_eq!(resp.status, 200);
+                assert_eq!(body, format!("{i}-{j}"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seen = app.seen();
+    assert_eq!(seen.len(), 80);
+    assert!(seen.iter().all(|s| s.version == http::Version::HTTP_11));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "8 client connections, 80 requests, one connection between the proxies"
+    );
+    let m = metrics_of(&server);
+    assert_eq!(
+        metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
+        1
+    );
+}
+
+/// A TCP forwarder to `to` that counts the connections it accepts.
+async fn counting_forwarder(to: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut up = TcpStream::connect(to).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// RFC 6455 §1.3's example handshake.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// A WebSocket server on raw TCP: checks the opening handshake, answers 101 with the
+/// accept key, then echoes frames' bytes.
+async fn websocket_app() -> (SocketAddr, Task) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                let ok = head.starts_with("get /chat http/1.1")
+                    && head.contains("upgrade: websocket")
+                    && head.contains(&format!("sec-websocket-key: {}", WS_KEY.to_lowercase()))
+                    && head.contains("sec-websocket-version: 13");
+                if !ok {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"
+                );
+                s.write_all(answer.as_bytes()).await.unwrap();
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, Task(task))
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_works_end_to_end_through_two_proxies() {
+    let ca = Ca::new("mesh root");
+    let (app, _task) = websocket_app().await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app);
+    let client = client_sidecar(Some(ca.store(CLIENT_ID)), server.addr, SERVER_ID);
+    // An ordinary request first (the application refuses it): the mux connection exists
+    // when the upgrade comes.
+    let (resp, _) = get(&h1_client(), &client.url("/chat")).await;
+    assert_eq!(resp.status(), 400);
+    let mut s = connect(client.addr).await;
+    s.write_all(
+        format!(
+            "GET /chat HTTP/1.1\r\nHost: cart\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "sec-websocket-accept: {}",
+            WS_ACCEPT.to_lowercase()
+        )),
+        "{head}"
+    );
+    // A masked text frame "Hello" (RFC 6455 §5.7), and binary noise: echoed as they are.
+    for msg in [
+        &[
+            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ][..],
+        b"\x00\x01\x02 not http",
+    ] {
+        echo_roundtrip(&mut s, msg).await;
+    }
+    // The upgrade has a TLS session of its own, beside the mux one, as documented.
+    let m = metrics_of(&server);
+    assert_eq!(
+        metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
+        2
+    );
+}
+
+#[tokio::test]
+async fn http2_and_grpc_clients_work_through_the_mux() {
+    use tonic_health::{
+        ServingStatus,
+        pb::{HealthCheckRequest, health_client::HealthClient},
+    };
+    let ca = Ca::new("mesh root");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Cart", ServingStatus::Serving)
+        .await;
+    let _server = Task(tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await;
+    }));
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app);
+    let client = client_sidecar(Some(ca.store(CLIENT_ID)), server.addr, SERVER_ID);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", client.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = HealthClient::new(channel);
+    let resp = grpc
+        .check(HealthCheckRequest {
+            service: "shop.Cart".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(resp.into_inner().status, ServingStatus::Serving as i32);
+    let err = grpc
+        .check(HealthCheckRequest {
+            service: "shop.Nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "grpc-status in trailers");
+    let mut watch = grpc
+        .watch(HealthCheckRequest {
+            service: "shop.Cart".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    reporter
+        .set_service_status("shop.Cart", ServingStatus::NotServing)
+        .await;
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    let m = metrics_of(&server);
+    assert_eq!(
+        metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
+        1
+    );
+}
+
+/// A bare TLS client offering only `alpn` (what a proxy older than the mux offered),
+/// presenting `leaf`.
+async fn old_peer_session(
+    addr: SocketAddr,
+    ca: &Ca,
+    leaf: &Leaf,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca.pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyServer(
+        rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
+            .build()
+            .unwrap(),
+    )))
+    .with_client_auth_cert(vec![leaf.der.clone()], leaf.key())
+    .unwrap();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    connector
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn peers_that_offer_no_mux_alpn_still_work() {
+    let ca = Ca::new("mesh root");
+    let backend = Backend::start("127.0.0.1", "cart").await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), backend.addr);
+    let leaf = ca.issue(CLIENT_ID);
+
+    // An HTTP/1 session (weft-http1): the request reaches the application as HTTP/1.1.
+    let tls = old_peer_session(server.addr, &ca, &leaf, b"weft-http1").await;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (resp, body) = send_h1(
+        &mut send,
+        http::Request::get("/old")
+            .header("host", "cart")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{body:?}");
+    assert_eq!(resp.headers["x-seen-version"], "HTTP/1.1");
+
+    // An HTTP/2 session (weft-h2): its HTTP/2 requests reach the application as HTTP/2,
+    // and a marker it sends is not honoured (only mux sessions may restore HTTP/1).
+    let tls = old_peer_session(server.addr, &ca, &leaf, b"weft-h2").await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            http::Request::get("http://cart/old2")
+                .header("weft-orig-proto", "HTTP/1.1")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-seen-version"], "HTTP/2.0");
+    let names = resp.headers()["x-seen-headers"].to_str().unwrap();
+    assert!(!names.contains("weft-orig-proto"), "{names}");
+    assert!(names.contains("x-forwarded-client-cert"), "{names}");
+}
+
+#[tokio::test]
+async fn a_breakers_connection_limits_count_mux_connections_and_their_streams() {
+    let ca = Ca::new("mesh root");
+    let app = H1App::start().await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
+    let mut cfg = meshed_config(server.addr, SERVER_ID, false);
+    cfg["services"][0]["breaker"] = serde_json::json!({
+        "name": "shop/web",
+        "connectionPool": {"maxConnections": 1, "maxRequestsPerConnection": 5}
+    });
+    let client = TestProxy::start_kind(
+        proxy_with(Some(ca.store(CLIENT_ID))),
+        ListenerKind::Forward(Arc::from("web")),
+        cfg,
+    );
+    let mut c = h1_conn(client.addr).await;
+    for i in 0..12 {
+        let (resp, _) = send_h1(
+            &mut c,
+            http::Request::get(format!("/{i}"))
+                .header("host", "cart")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(resp.status, 200, "request {i}");
+    }
+    // 12 HTTP/1 requests, 5 streams per mux connection: three connections, one at a time.
+    assert_eq!(app.seen().len(), 12);
+    let m = metrics_of(&server);
+    assert_eq!(
+        metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
+        3,
+        "{m}"
+    );
 }

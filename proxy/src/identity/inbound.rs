@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use super::{ALPN_ALL, ALPN_H2, ALPN_HTTP1, ALPN_TCP, IdentityStore, Inner, TlsFailure};
+use super::{ALPN_ALL, ALPN_H2, ALPN_HTTP1, ALPN_MUX, ALPN_TCP, IdentityStore, Inner, TlsFailure};
 use crate::detect::PrefixedIo;
 
 /// The largest ClientHello read before deciding: one full TLS record.
@@ -146,6 +146,7 @@ pub async fn sniff<I: AsyncRead + AsyncWrite + Unpin>(
             .and_then(|c| c.first())
             .and_then(super::peer_identity),
         inner: match session.alpn_protocol() {
+            Some(p) if p == ALPN_MUX => Some(Inner::Mux),
             Some(p) if p == ALPN_HTTP1 => Some(Inner::Http1),
             Some(p) if p == ALPN_H2 => Some(Inner::H2),
             Some(p) if p == ALPN_TCP => Some(Inner::Tcp),

@@ -15,8 +15,8 @@
 //!
 //! TLS 1.3 only, ring provider, no session resumption (every connection presents and
 //! verifies a certificate, so a rotated trust bundle applies to the next connection).
-//! ALPN says what travels inside the session ([`ALPN_HTTP1`], [`ALPN_H2`], [`ALPN_TCP`]);
-//! see `docs/protocol.md`.
+//! ALPN says what travels inside the session ([`ALPN_MUX`], [`ALPN_HTTP1`], [`ALPN_H2`],
+//! [`ALPN_TCP`]); see `docs/protocol.md` and [`crate::mux`].
 
 use std::{
     io,
@@ -26,6 +26,7 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
+use prometheus_client::metrics::counter::Counter;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError,
     OtherError, RootCertStore, ServerConfig, SignatureScheme,
@@ -48,15 +49,21 @@ use tokio::net::TcpStream;
 pub mod client;
 pub mod inbound;
 
-/// ALPN of a session carrying one HTTP/1.1 connection.
+/// ALPN of a session carrying one HTTP/2 connection that multiplexes every HTTP/1 and
+/// HTTP/2 request to the peer; an HTTP/1 request carries its version in
+/// [`crate::mux::ORIG_PROTO`] so that the far side restores it (see [`crate::mux`]).
+pub const ALPN_MUX: &[u8] = b"weft-mux";
+/// ALPN of a session carrying one HTTP/1.1 connection (upgrades and `CONNECT`, which
+/// become byte streams, and peers older than [`ALPN_MUX`]).
 pub const ALPN_HTTP1: &[u8] = b"weft-http1";
-/// ALPN of a session carrying one HTTP/2 connection (prior knowledge, no upgrade).
+/// ALPN of a session carrying one HTTP/2 connection of the client's own HTTP/2 requests
+/// (prior knowledge): what peers older than [`ALPN_MUX`] send; still accepted inbound.
 pub const ALPN_H2: &[u8] = b"weft-h2";
 /// ALPN of a session carrying opaque TCP bytes.
 pub const ALPN_TCP: &[u8] = b"weft-tcp";
 /// Every ALPN protocol of the mesh; a ClientHello offering none of them is not a peer
 /// proxy's (an application's own TLS), and passes through untouched.
-pub const ALPN_ALL: [&[u8]; 3] = [ALPN_H2, ALPN_HTTP1, ALPN_TCP];
+pub const ALPN_ALL: [&[u8]; 4] = [ALPN_MUX, ALPN_H2, ALPN_HTTP1, ALPN_TCP];
 
 /// Why a certificate, key or trust bundle could not be installed.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +141,9 @@ pub struct IdentityStore {
     current: Arc<ArcSwapOption<Certified>>,
     provider: Arc<CryptoProvider>,
     server: Arc<ServerConfig>,
+    /// Counts outbound sessions established (`weft_tls_sessions_total{direction="outbound"}`),
+    /// once the proxy's metrics hand it over.
+    outbound_sessions: std::sync::OnceLock<Counter>,
     /// Why the last attempt to get a certificate failed, for `/ready`.
     last_error: Mutex<Option<String>>,
 }
@@ -175,8 +185,15 @@ impl IdentityStore {
             current,
             provider,
             server: Arc::new(server),
+            outbound_sessions: std::sync::OnceLock::new(),
             last_error: Mutex::new(None),
         }))
+    }
+
+    /// Counts each outbound session established from now on in `counter`; the first
+    /// counter given wins (a store belongs to one proxy).
+    pub fn count_outbound_sessions(&self, counter: Counter) {
+        let _ = self.outbound_sessions.set(counter);
     }
 
     /// The certified key in use, if any.
@@ -326,8 +343,10 @@ impl IdentityStore {
             identity: expected,
             http1: config(ALPN_HTTP1)?,
             h2: config(ALPN_H2)?,
+            mux: config(ALPN_MUX)?,
             tcp: config(ALPN_TCP)?,
             current: self.current.clone(),
+            sessions: self.outbound_sessions.get().cloned(),
         }))
     }
 }
@@ -337,8 +356,10 @@ impl IdentityStore {
 pub enum Inner {
     /// One HTTP/1.1 connection.
     Http1,
-    /// One HTTP/2 connection.
+    /// One HTTP/2 connection of HTTP/2 requests only (peers older than [`ALPN_MUX`]).
     H2,
+    /// One HTTP/2 connection multiplexing HTTP/1 and HTTP/2 requests ([`ALPN_MUX`]).
+    Mux,
     /// Opaque TCP.
     Tcp,
 }
@@ -350,8 +371,10 @@ pub struct ClientTls {
     pub identity: Arc<str>,
     http1: Arc<ClientConfig>,
     h2: Arc<ClientConfig>,
+    mux: Arc<ClientConfig>,
     tcp: Arc<ClientConfig>,
     current: Arc<ArcSwapOption<Certified>>,
+    sessions: Option<Counter>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -395,13 +418,19 @@ impl ClientTls {
         let config = match inner {
             Inner::Http1 => &self.http1,
             Inner::H2 => &self.h2,
+            Inner::Mux => &self.mux,
             Inner::Tcp => &self.tcp,
         };
         let connector = tokio_rustls::TlsConnector::from(config.clone());
         // The verifier checks the URI SAN, not this name; an IP name sends no SNI.
         let name = ServerName::IpAddress(addr.ip().into());
         match tokio::time::timeout(timeout, connector.connect(name, stream)).await {
-            Ok(Ok(s)) => Ok(s),
+            Ok(Ok(s)) => {
+                if let Some(c) = &self.sessions {
+                    c.inc();
+                }
+                Ok(s)
+            }
             Ok(Err(source)) => Err(HandshakeError {
                 addr,
                 failure: TlsFailure::of_io(&source),
