@@ -434,7 +434,9 @@ pub fn reap_stale(root: &Path) {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A loopback port free right now (a race with other binders is accepted: ports come from
+/// the ephemeral range and each start picks new ones).
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
     Ok(listener.local_addr()?.port())
 }

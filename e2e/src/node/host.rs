@@ -333,9 +333,12 @@ pub fn kill_shims(root: &Path) {
     }
 }
 
-/// Removes what CNI keeps outside the node's directory: results cached by libcni for the
-/// node's network.
+/// Removes what CNI and containerd keep outside the node's directory: results cached by
+/// libcni for the node's network, and containerd's shim socket directory once empty.
 pub fn remove_cni_leftovers(network: &str) {
+    let _ = fs::remove_dir("/run/containerd/s");
+    let _ = fs::remove_dir("/run/containerd/runc");
+    let _ = fs::remove_dir("/run/containerd");
     if let Ok(entries) = fs::read_dir("/var/lib/cni/results") {
         for e in entries.flatten() {
             if e.file_name()
@@ -343,6 +346,49 @@ pub fn remove_cni_leftovers(network: &str) {
                 .starts_with(&format!("{network}-"))
             {
                 let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Removes every iptables and ip6tables chain whose name starts with one of `prefixes`
+/// (kube-proxy's and the kubelet's `KUBE-*`, the portmap plugin's `CNI-*`), with the
+/// jumps to them from the built-in chains.
+pub fn remove_chains(prefixes: &[&str]) {
+    let ours = |name: &str| prefixes.iter().any(|p| name.starts_with(p));
+    for program in ["iptables", "ip6tables"] {
+        for table in ["filter", "nat", "mangle", "raw"] {
+            let Ok(rules) = sh(program, &["-w", "-t", table, "-S"]) else {
+                continue;
+            };
+            let mut chains = Vec::new();
+            for line in rules.lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words.as_slice() {
+                    ["-N", chain] if ours(chain) => chains.push(chain.to_string()),
+                    ["-A", chain, rest @ ..] if !ours(chain) => {
+                        let jumps_to_ours = rest
+                            .windows(2)
+                            .any(|w| (w[0] == "-j" || w[0] == "-g") && ours(w[1]));
+                        if jumps_to_ours {
+                            // `iptables -S` quotes as the shell would; deleting by the
+                            // same words works for the rules these tools write.
+                            let args: Vec<String> = std::iter::once("-D".to_owned())
+                                .chain(words[1..].iter().map(|w| w.trim_matches('"').to_owned()))
+                                .collect();
+                            let mut full = vec!["-w", "-t", table];
+                            full.extend(args.iter().map(String::as_str));
+                            sh_quiet(program, &full);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for chain in &chains {
+                sh_quiet(program, &["-w", "-t", table, "-F", chain]);
+            }
+            for chain in &chains {
+                sh_quiet(program, &["-w", "-t", table, "-X", chain]);
             }
         }
     }

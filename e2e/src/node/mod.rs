@@ -454,6 +454,10 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
 
 [plugins.'io.containerd.cri.v1.runtime']
   enable_selinux = false
+  # Pod sandboxes ask for oom_score_adj -998; this machine refuses lowering it ("nsexec:
+  # failed to update /proc/self/oom_score_adj: Permission denied"). Restricted, containerd
+  # clamps it to its own.
+  restrict_oom_score_adj = true
   # Keeps pods' network namespaces under the state directory, so `down` finds them all.
   netns_mounts_under_state_dir = true
   [plugins.'io.containerd.cri.v1.runtime'.containerd]
@@ -462,6 +466,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
       runtime_type = "io.containerd.runc.v2"
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
         BinaryName = "{runc}"
+        Root = "{root}/containerd/runc"
         SystemdCgroup = false
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = ["{cni}"]
@@ -472,7 +477,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 "#,
-            runc = build::RUNC,
+            runc = self.bins.path("runc").display(),
             cni = build::CNI_BIN_DIR,
         );
         fs::write(self.root.join("containerd/config.toml"), containerd)?;
@@ -565,8 +570,8 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
             "hostnameOverride": NODE_NAME,
             "clusterCIDR": POD_CIDR,
             "bindAddress": HOST_IP,
-            "healthzBindAddress": "127.0.0.1:0",
-            "metricsBindAddress": "127.0.0.1:0",
+            "healthzBindAddress": format!("127.0.0.1:{}", crate::testbed::free_port()?),
+            "metricsBindAddress": format!("127.0.0.1:{}", crate::testbed::free_port()?),
             // NodePorts only on the node's bridge address, never on an external interface.
             "nodePortAddresses": [format!("{HOST_IP}/32")],
             // Leave the machine's conntrack sysctls alone.
@@ -715,6 +720,7 @@ pub fn sweep(root: &Path) -> anyhow::Result<()> {
             .args(["--cleanup", "--v=0"])
             .output();
     }
+    host::remove_chains(&["KUBE-", "CNI-"]);
     host::remove_cni_leftovers(CNI_NETWORK);
     host::remove_bridge();
     host::remove_guard();

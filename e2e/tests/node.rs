@@ -1,0 +1,311 @@
+//! The test bed's real node: a pod built from an image made here runs, `kubectl logs` and
+//! `exec` reach it, a Service resolves by short name through CoreDNS and kube-proxy routes
+//! to it, and nothing is left on the machine afterwards. Needs root (as CI runs).
+//!
+//! All of it is one test: there is one node per machine, and bringing one up takes tens
+//! of seconds.
+
+use std::{
+    io::Write,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use weft_e2e::{
+    node::{self, Node, TEST_IMAGE, host},
+    shared::init_tracing,
+};
+
+/// Runs `cmd`, returning stdout, or failing with both streams.
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().context("spawning")?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed ({}):\nstdout: {}\nstderr: {}",
+            cmd,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn kubectl_apply(node: &Node, yaml: &str) -> anyhow::Result<()> {
+    let mut child = node
+        .testbed()
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("kubectl stdin")?
+        .write_all(yaml.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Retries `f` every 500 ms for up to `timeout`.
+fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() > timeout => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+fn pod_manifest(ns: &str, name: &str, labels: &str, script: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{{labels}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {TEST_IMAGE}
+    imagePullPolicy: Never
+    command: ["sh", "-c", {script:?}]
+"#
+    )
+}
+
+#[test]
+fn a_pod_runs_serves_through_a_service_by_short_name_and_down_leaves_nothing() -> anyhow::Result<()> {
+    init_tracing();
+    let started = Instant::now();
+    let node = Node::start_attached()?;
+    eprintln!("node up in {:.1?}", started.elapsed());
+
+    // The guard is in place (the node installs it before anything else starts).
+    let guard = run(Command::new("iptables").args(["-w", "-t", "mangle", "-S", host::GUARD_CHAIN]))?;
+    for dev in host::external_interfaces()? {
+        assert!(
+            guard.contains(&format!("-d {} -o {dev} ", node::GUARDED_RANGE)),
+            "no guard rule for {dev}:\n{guard}"
+        );
+    }
+    let postrouting = run(Command::new("iptables").args(["-w", "-t", "mangle", "-S", "POSTROUTING"]))?;
+    assert!(
+        postrouting.contains(&format!("-A POSTROUTING -j {}", host::GUARD_CHAIN)),
+        "{postrouting}"
+    );
+
+    let ns = format!("node-{:08x}", rand::random::<u32>());
+    run(node.testbed().kubectl().args(["create", "namespace", &ns]))?;
+    kubectl_apply(
+        &node,
+        &pod_manifest(
+            &ns,
+            "web",
+            "app: web",
+            "mkdir -p /www && echo hello-from-web > /www/index.html && echo web-started && exec httpd -f -v -p 8080 -h /www",
+        ),
+    )?;
+    kubectl_apply(
+        &node,
+        &format!(
+            r#"apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: {ns}
+spec:
+  selector: {{app: web}}
+  ports:
+  - port: 80
+    targetPort: 8080
+"#
+        ),
+    )?;
+    kubectl_apply(
+        &node,
+        &pod_manifest(&ns, "client", "app: client", "exec sleep 3600"),
+    )?;
+    for pod in ["web", "client"] {
+        run(node.testbed().kubectl().args([
+            "-n",
+            &ns,
+            "wait",
+            "--for=condition=Ready",
+            &format!("pod/{pod}"),
+            "--timeout=120s",
+        ]))
+        .with_context(|| {
+            format!(
+                "pod {pod} not ready; kubelet log:\n{}",
+                node.testbed().log_tail("kubelet", 30)
+            )
+        })?;
+    }
+
+    // kubectl logs and exec reach the container through the API server and the kubelet.
+    let logs = eventually(Duration::from_secs(20), || {
+        let logs = run(node.testbed().kubectl().args(["-n", &ns, "logs", "web"]))?;
+        if logs.contains("web-started") {
+            Ok(logs)
+        } else {
+            bail!("no start line yet: {logs}")
+        }
+    })?;
+    assert!(logs.contains("web-started"), "{logs}");
+    let page = run(node.testbed().kubectl().args([
+        "-n", &ns, "exec", "web", "--", "cat", "/www/index.html",
+    ]))?;
+    assert_eq!(page.trim(), "hello-from-web");
+
+    // From another pod: the short name resolves through CoreDNS to the Service's cluster
+    // IP, and kube-proxy carries the request to the web pod.
+    let cluster_ip = run(node.testbed().kubectl().args([
+        "-n",
+        &ns,
+        "get",
+        "service",
+        "web",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]))?;
+    let lookup = eventually(Duration::from_secs(30), || {
+        run(node.testbed().kubectl().args(["-n", &ns, "exec", "client", "--", "nslookup", "web"]))
+    })?;
+    assert!(
+        lookup.contains(cluster_ip.trim()),
+        "nslookup web gave:\n{lookup}\nexpected {cluster_ip}"
+    );
+    let body = eventually(Duration::from_secs(30), || {
+        run(node.testbed().kubectl().args([
+            "-n", &ns, "exec", "client", "--", "wget", "-q", "-T", "3", "-O", "-", "http://web/",
+        ]))
+    })?;
+    assert_eq!(body.trim(), "hello-from-web");
+    // The web server saw the request come from the client pod.
+    let logs = run(node.testbed().kubectl().args(["-n", &ns, "logs", "web"]))?;
+    assert!(logs.contains("GET /"), "{logs}");
+
+    // CoreDNS forwards nothing: a name outside the cluster does not resolve.
+    let outside = node
+        .testbed()
+        .kubectl()
+        .args(["-n", &ns, "exec", "client", "--", "nslookup", "example.com"])
+        .output()?;
+    assert!(
+        !outside.status.success(),
+        "example.com resolved: {}",
+        String::from_utf8_lossy(&outside.stdout)
+    );
+
+    let root = node.root().to_path_buf();
+    let bed_dir = node.testbed().dir().to_path_buf();
+    drop(node);
+    assert_nothing_left(&root, &bed_dir)
+}
+
+/// Checks that the node left nothing on this machine.
+fn assert_nothing_left(root: &Path, bed_dir: &Path) -> anyhow::Result<()> {
+    assert!(!root.exists(), "{} remains", root.display());
+    assert!(!bed_dir.exists(), "{} remains", bed_dir.display());
+    let link = Command::new("ip").args(["link", "show", node::BRIDGE]).output()?;
+    assert!(!link.status.success(), "the bridge {} remains", node::BRIDGE);
+    let chain = Command::new("iptables")
+        .args(["-w", "-t", "mangle", "-S", host::GUARD_CHAIN])
+        .output()?;
+    assert!(!chain.status.success(), "the guard chain remains");
+    let nat = run(Command::new("iptables").args(["-w", "-t", "nat", "-S"]))?;
+    assert!(!nat.contains("KUBE-SERVICES"), "kube-proxy's chains remain:\n{nat}");
+    let routes = run(Command::new("ip").args(["route", "show"]))?;
+    assert!(!routes.contains(node::SERVICE_CIDR), "routes remain:\n{routes}");
+    assert!(!routes.contains(node::GUARDED_RANGE), "routes remain:\n{routes}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    assert!(
+        !mounts.contains(&root.display().to_string()),
+        "mounts under {} remain",
+        root.display()
+    );
+    for h in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+        let dir = h.path().join(node::CGROUP_ROOT);
+        assert!(!dir.exists(), "cgroup {} remains", dir.display());
+    }
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            assert!(
+                !(cmdline.contains("containerd-shim") && cmdline.contains(&root.display().to_string())),
+                "a shim remains: {cmdline}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The guard's rules, installed in a throwaway network namespace whose only way out is a
+/// dummy interface (which sends nothing anywhere): a packet to the guarded range is
+/// refused, one to another address is not.
+#[test]
+fn the_guard_drops_the_guarded_range_leaving_an_external_interface() -> anyhow::Result<()> {
+    init_tracing();
+    let ns = format!("weft-guard-{:08x}", rand::random::<u32>());
+    run(Command::new("ip").args(["netns", "add", &ns]))?;
+    let result = (|| -> anyhow::Result<()> {
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec!["link", "add", "ext0", "type", "dummy"],
+            vec!["addr", "add", "198.51.100.2/24", "dev", "ext0"],
+            vec!["link", "set", "ext0", "up"],
+            vec!["route", "add", "default", "via", "198.51.100.1", "dev", "ext0"],
+        ] {
+            run(Command::new("ip").args(["-n", &ns]).args(&args))?;
+        }
+        host::install_guard(Some(&ns), &["ext0".to_owned()])?;
+        // Installing twice leaves one rule and one jump.
+        host::install_guard(Some(&ns), &["ext0".to_owned()])?;
+        let send = |addr: &str| {
+            Command::new("ip")
+                .args(["netns", "exec", &ns, "bash", "-c"])
+                .arg(format!("echo probe > /dev/udp/{addr}/9"))
+                .output()
+        };
+        let guarded = send("198.18.239.254")?;
+        assert!(!guarded.status.success(), "a packet to the guarded range was sent");
+        assert!(
+            String::from_utf8_lossy(&guarded.stderr).contains("Operation not permitted"),
+            "{}",
+            String::from_utf8_lossy(&guarded.stderr)
+        );
+        let other = send("198.51.100.9")?;
+        assert!(
+            other.status.success(),
+            "a packet outside the guarded range was refused too: {}",
+            String::from_utf8_lossy(&other.stderr)
+        );
+        let counters = run(Command::new("ip").args([
+            "netns", "exec", &ns, "iptables", "-w", "-t", "mangle", "-L", host::GUARD_CHAIN,
+            "-v", "-x", "-n",
+        ]))?;
+        let drops: Vec<&str> = counters.lines().filter(|l| l.contains("DROP")).collect();
+        assert_eq!(drops.len(), 1, "{counters}");
+        let packets = drops[0].split_whitespace().next().unwrap_or("");
+        assert_eq!(packets, "1", "{counters}");
+        let jumps = run(Command::new("ip").args([
+            "netns", "exec", &ns, "iptables", "-w", "-t", "mangle", "-S", "POSTROUTING",
+        ]))?;
+        assert_eq!(jumps.matches(host::GUARD_CHAIN).count(), 1, "{jumps}");
+        Ok(())
+    })();
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    result
+}
