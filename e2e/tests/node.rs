@@ -86,21 +86,24 @@ spec:
 }
 
 #[test]
-fn a_pod_runs_serves_through_a_service_by_short_name_and_down_leaves_nothing() -> anyhow::Result<()> {
+fn a_pod_runs_serves_through_a_service_by_short_name_and_down_leaves_nothing() -> anyhow::Result<()>
+{
     init_tracing();
     let started = Instant::now();
     let node = Node::start_attached()?;
     eprintln!("node up in {:.1?}", started.elapsed());
 
     // The guard is in place (the node installs it before anything else starts).
-    let guard = run(Command::new("iptables").args(["-w", "-t", "mangle", "-S", host::GUARD_CHAIN]))?;
+    let guard =
+        run(Command::new("iptables").args(["-w", "-t", "mangle", "-S", host::GUARD_CHAIN]))?;
     for dev in host::external_interfaces()? {
         assert!(
             guard.contains(&format!("-d {} -o {dev} ", node::GUARDED_RANGE)),
             "no guard rule for {dev}:\n{guard}"
         );
     }
-    let postrouting = run(Command::new("iptables").args(["-w", "-t", "mangle", "-S", "POSTROUTING"]))?;
+    let postrouting =
+        run(Command::new("iptables").args(["-w", "-t", "mangle", "-S", "POSTROUTING"]))?;
     assert!(
         postrouting.contains(&format!("-A POSTROUTING -j {}", host::GUARD_CHAIN)),
         "{postrouting}"
@@ -165,7 +168,13 @@ spec:
     })?;
     assert!(logs.contains("web-started"), "{logs}");
     let page = run(node.testbed().kubectl().args([
-        "-n", &ns, "exec", "web", "--", "cat", "/www/index.html",
+        "-n",
+        &ns,
+        "exec",
+        "web",
+        "--",
+        "cat",
+        "/www/index.html",
     ]))?;
     assert_eq!(page.trim(), "hello-from-web");
 
@@ -195,7 +204,10 @@ spec:
             bail!("nslookup web gave:\n{text}\nexpected {cluster_ip}")
         }
     })?;
-    assert!(lookup.contains(&format!("web.{ns}.svc.cluster.local")), "{lookup}");
+    assert!(
+        lookup.contains(&format!("web.{ns}.svc.cluster.local")),
+        "{lookup}"
+    );
     // Debian's busybox is linked statically against glibc: its wget crashes (SIGSEGV,
     // in a chroot as in a pod) without glibc's NSS libraries, so the request is written
     // with nc, to the address the short name resolved to (nslookup above used the pod's
@@ -205,16 +217,20 @@ spec:
         cluster_ip.trim()
     );
     let response = eventually(Duration::from_secs(30), || {
-        let text = run(node.testbed().kubectl().args([
-            "-n", &ns, "exec", "client", "--", "sh", "-c", &request,
-        ]))?;
+        let text = run(node
+            .testbed()
+            .kubectl()
+            .args(["-n", &ns, "exec", "client", "--", "sh", "-c", &request]))?;
         if text.contains("200 OK") {
             Ok(text)
         } else {
             bail!("no 200 yet: {text}")
         }
     })?;
-    assert!(response.trim_end().ends_with("hello-from-web"), "{response}");
+    assert!(
+        response.trim_end().ends_with("hello-from-web"),
+        "{response}"
+    );
     // The web server saw the request come from the client pod's own address.
     let client_ip = run(node.testbed().kubectl().args([
         "-n",
@@ -235,7 +251,16 @@ spec:
     let outside = node
         .testbed()
         .kubectl()
-        .args(["-n", &ns, "exec", "client", "--", "nslookup", "-type=a", "example.com."])
+        .args([
+            "-n",
+            &ns,
+            "exec",
+            "client",
+            "--",
+            "nslookup",
+            "-type=a",
+            "example.com.",
+        ])
         .output()?;
     let text = String::from_utf8_lossy(&outside.stdout);
     assert!(
@@ -253,17 +278,32 @@ spec:
 fn assert_nothing_left(root: &Path, bed_dir: &Path) -> anyhow::Result<()> {
     assert!(!root.exists(), "{} remains", root.display());
     assert!(!bed_dir.exists(), "{} remains", bed_dir.display());
-    let link = Command::new("ip").args(["link", "show", node::BRIDGE]).output()?;
-    assert!(!link.status.success(), "the bridge {} remains", node::BRIDGE);
+    let link = Command::new("ip")
+        .args(["link", "show", node::BRIDGE])
+        .output()?;
+    assert!(
+        !link.status.success(),
+        "the bridge {} remains",
+        node::BRIDGE
+    );
     let chain = Command::new("iptables")
         .args(["-w", "-t", "mangle", "-S", host::GUARD_CHAIN])
         .output()?;
     assert!(!chain.status.success(), "the guard chain remains");
     let nat = run(Command::new("iptables").args(["-w", "-t", "nat", "-S"]))?;
-    assert!(!nat.contains("KUBE-SERVICES"), "kube-proxy's chains remain:\n{nat}");
+    assert!(
+        !nat.contains("KUBE-SERVICES"),
+        "kube-proxy's chains remain:\n{nat}"
+    );
     let routes = run(Command::new("ip").args(["route", "show"]))?;
-    assert!(!routes.contains(node::SERVICE_CIDR), "routes remain:\n{routes}");
-    assert!(!routes.contains(node::GUARDED_RANGE), "routes remain:\n{routes}");
+    assert!(
+        !routes.contains(node::SERVICE_CIDR),
+        "routes remain:\n{routes}"
+    );
+    assert!(
+        !routes.contains(node::GUARDED_RANGE),
+        "routes remain:\n{routes}"
+    );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
     assert!(
         !mounts.contains(&root.display().to_string()),
@@ -278,7 +318,8 @@ fn assert_nothing_left(root: &Path, bed_dir: &Path) -> anyhow::Result<()> {
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
             let cmdline = String::from_utf8_lossy(&cmdline);
             assert!(
-                !(cmdline.contains("containerd-shim") && cmdline.contains(&root.display().to_string())),
+                !(cmdline.contains("containerd-shim")
+                    && cmdline.contains(&root.display().to_string())),
                 "a shim remains: {cmdline}"
             );
         }
@@ -299,11 +340,21 @@ fn the_guard_drops_the_guarded_range_leaving_an_external_interface() -> anyhow::
         for args in [
             vec!["link", "set", "lo", "up"],
             // Both ends of the pair stay in the namespace (no dummy driver here).
-            vec!["link", "add", "ext0", "type", "veth", "peer", "name", "ext0peer"],
+            vec![
+                "link", "add", "ext0", "type", "veth", "peer", "name", "ext0peer",
+            ],
             vec!["addr", "add", "198.51.100.2/24", "dev", "ext0"],
             vec!["link", "set", "ext0", "up"],
             vec!["link", "set", "ext0peer", "up"],
-            vec!["route", "add", "default", "via", "198.51.100.1", "dev", "ext0"],
+            vec![
+                "route",
+                "add",
+                "default",
+                "via",
+                "198.51.100.1",
+                "dev",
+                "ext0",
+            ],
         ] {
             run(Command::new("ip").args(["-n", &ns]).args(&args))?;
         }
@@ -317,7 +368,10 @@ fn the_guard_drops_the_guarded_range_leaving_an_external_interface() -> anyhow::
                 .output()
         };
         let guarded = send("198.18.239.254")?;
-        assert!(!guarded.status.success(), "a packet to the guarded range was sent");
+        assert!(
+            !guarded.status.success(),
+            "a packet to the guarded range was sent"
+        );
         assert!(
             String::from_utf8_lossy(&guarded.stderr).contains("Operation not permitted"),
             "{}",
@@ -330,15 +384,33 @@ fn the_guard_drops_the_guarded_range_leaving_an_external_interface() -> anyhow::
             String::from_utf8_lossy(&other.stderr)
         );
         let counters = run(Command::new("ip").args([
-            "netns", "exec", &ns, "iptables", "-w", "-t", "mangle", "-L", host::GUARD_CHAIN,
-            "-v", "-x", "-n",
+            "netns",
+            "exec",
+            &ns,
+            "iptables",
+            "-w",
+            "-t",
+            "mangle",
+            "-L",
+            host::GUARD_CHAIN,
+            "-v",
+            "-x",
+            "-n",
         ]))?;
         let drops: Vec<&str> = counters.lines().filter(|l| l.contains("DROP")).collect();
         assert_eq!(drops.len(), 1, "{counters}");
         let packets = drops[0].split_whitespace().next().unwrap_or("");
         assert_eq!(packets, "1", "{counters}");
         let jumps = run(Command::new("ip").args([
-            "netns", "exec", &ns, "iptables", "-w", "-t", "mangle", "-S", "POSTROUTING",
+            "netns",
+            "exec",
+            &ns,
+            "iptables",
+            "-w",
+            "-t",
+            "mangle",
+            "-S",
+            "POSTROUTING",
         ]))?;
         assert_eq!(jumps.matches(host::GUARD_CHAIN).count(), 1, "{jumps}");
         Ok(())

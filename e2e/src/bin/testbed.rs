@@ -1,7 +1,7 @@
 //! `weft-testbed`: start and stop a real Kubernetes control plane on loopback.
 //!
 //! ```text
-//! weft-testbed build           # build (or find cached) Kubernetes binaries and Helm
+//! weft-testbed build           # build (or find cached) Kubernetes and node binaries, Helm
 //! weft-testbed up              # start; writes .testbed/kubeconfig and .testbed/env
 //! weft-testbed up --node       # the same, plus a real node (kubelet, containerd, CoreDNS)
 //! source .testbed/env          # KUBECONFIG and a matching kubectl on PATH
@@ -37,7 +37,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build the Kubernetes binaries and Helm (or find them in the cache) and print where.
+    /// Build the Kubernetes binaries, the node's binaries and Helm (or find them in the
+    /// cache) and print where.
     Build,
     /// Start the control plane in the background and wait until it is ready.
     Up {
@@ -67,6 +68,13 @@ fn main() -> anyhow::Result<()> {
             eprintln!(
                 "Kubernetes {KUBERNETES_VERSION} binaries in {} ({:.1?})",
                 bins.dir().display(),
+                started.elapsed()
+            );
+            let started = Instant::now();
+            let node_bins = node::NodeBinaries::ensure()?;
+            eprintln!(
+                "node binaries (containerd, runc, crictl, CoreDNS, pause) in {} ({:.1?})",
+                node_bins.dir().display(),
                 started.elapsed()
             );
             let started = Instant::now();
@@ -102,7 +110,11 @@ fn main() -> anyhow::Result<()> {
             );
             let env_file = dir.join("env");
             fs::write(&env_file, env).with_context(|| format!("writing {}", env_file.display()))?;
-            let what = if node { "test bed with node" } else { "test bed" };
+            let what = if node {
+                "test bed with node"
+            } else {
+                "test bed"
+            };
             eprintln!(
                 "{what} up at {} in {:.1?} (Kubernetes {KUBERNETES_VERSION})\n  source {}   # sets KUBECONFIG and puts kubectl on PATH\n  logs: {}/*.log",
                 bed.server(),

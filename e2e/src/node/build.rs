@@ -42,7 +42,8 @@ struct Target {
 }
 
 fn targets() -> Vec<Target> {
-    let containerd = |cmd: &str| format!("github.com/containerd/containerd/v2/cmd/{cmd}@{CONTAINERD_VERSION}");
+    let containerd =
+        |cmd: &str| format!("github.com/containerd/containerd/v2/cmd/{cmd}@{CONTAINERD_VERSION}");
     // The btrfs, devmapper and zfs snapshotters need C headers; the node uses overlayfs.
     let ctd_tags = "no_btrfs no_devmapper no_zfs";
     vec![
@@ -113,7 +114,13 @@ impl NodeBinaries {
             let mut cmd = Command::new(&go);
             cmd.env("GOBIN", &gobin)
                 .env("CGO_ENABLED", if target.cgo { "1" } else { "0" })
-                .args(["install", "-trimpath", "-buildvcs=false", "-ldflags", "-s -w"]);
+                .args([
+                    "install",
+                    "-trimpath",
+                    "-buildvcs=false",
+                    "-ldflags",
+                    "-s -w",
+                ]);
             if !target.tags.is_empty() {
                 cmd.args(["-tags", target.tags]);
             }
@@ -127,7 +134,14 @@ impl NodeBinaries {
             let mut cmd = Command::new(&go);
             cmd.current_dir(&pause_src)
                 .env("CGO_ENABLED", "0")
-                .args(["build", "-trimpath", "-buildvcs=false", "-ldflags", "-s -w", "-o"])
+                .args([
+                    "build",
+                    "-trimpath",
+                    "-buildvcs=false",
+                    "-ldflags",
+                    "-s -w",
+                    "-o",
+                ])
                 .arg(&tmp)
                 .arg(".");
             run(&mut cmd, "pause")?;

@@ -207,10 +207,10 @@ fn cgroup_hierarchies() -> Vec<PathBuf> {
             continue;
         };
         let fstype = right.split_whitespace().next().unwrap_or("");
-        if fstype == "cgroup" || fstype == "cgroup2" {
-            if let Some(mount) = left.split_whitespace().nth(4) {
-                dirs.push(PathBuf::from(mount));
-            }
+        if (fstype == "cgroup" || fstype == "cgroup2")
+            && let Some(mount) = left.split_whitespace().nth(4)
+        {
+            dirs.push(PathBuf::from(mount));
         }
     }
     dirs
@@ -320,7 +320,11 @@ pub fn kill_shims(root: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {

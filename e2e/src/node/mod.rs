@@ -140,7 +140,14 @@ impl Node {
         tracing::info!(guarded = ?external, range = GUARDED_RANGE, "egress guard installed");
         host::setup_bridge()?;
         host::create_cgroup_root()?;
-        for sub in ["containerd", "cni/net.d", "cni/ipam", "kubelet", "pod-logs", "images"] {
+        for sub in [
+            "containerd",
+            "cni/net.d",
+            "cni/ipam",
+            "kubelet",
+            "pod-logs",
+            "images",
+        ] {
             fs::create_dir_all(root.join(sub))?;
         }
         let owner = match dir {
@@ -199,18 +206,22 @@ impl Node {
 
         let kubeconfig = self.testbed().kubeconfig();
         let mut scheduler = Command::new(kube_bins.component("kube-scheduler"));
-        scheduler.arg(format!("--kubeconfig={}", kubeconfig.display())).args([
-            "--leader-elect=false",
-            "--secure-port=0",
-            "--v=1",
-        ]);
+        scheduler
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args(["--leader-elect=false", "--secure-port=0", "--v=1"]);
         self.spawn("kube-scheduler", scheduler)?;
 
         let mut kubelet = Command::new(kube_bins.component("kubelet"));
         kubelet
-            .arg(format!("--config={}", self.root.join("kubelet.json").display()))
+            .arg(format!(
+                "--config={}",
+                self.root.join("kubelet.json").display()
+            ))
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .arg(format!("--root-dir={}", self.root.join("kubelet").display()))
+            .arg(format!(
+                "--root-dir={}",
+                self.root.join("kubelet").display()
+            ))
             .arg(format!("--hostname-override={NODE_NAME}"))
             .arg(format!("--node-ip={HOST_IP}"))
             .arg("--v=1")
@@ -228,18 +239,17 @@ impl Node {
                 .find(|c| c.type_ == "Ready");
             match ready {
                 Some(c) if c.status == "True" => Ok(()),
-                Some(c) => bail!(
-                    "Ready={} ({})",
-                    c.status,
-                    c.message.unwrap_or_default()
-                ),
+                Some(c) => bail!("Ready={} ({})", c.status, c.message.unwrap_or_default()),
                 None => bail!("no Ready condition yet"),
             }
         })?;
 
         let mut proxy = Command::new(kube_bins.component("kube-proxy"));
         proxy
-            .arg(format!("--config={}", self.root.join("kube-proxy.json").display()))
+            .arg(format!(
+                "--config={}",
+                self.root.join("kube-proxy.json").display()
+            ))
             .arg("--v=1")
             .env("PATH", self.path_env());
         self.spawn("kube-proxy", proxy)?;
@@ -417,7 +427,12 @@ impl Node {
         }
         let out = self
             .ctr()
-            .args(["images", "label", reference, "io.cri-containerd.pinned=pinned"])
+            .args([
+                "images",
+                "label",
+                reference,
+                "io.cri-containerd.pinned=pinned",
+            ])
             .output()?;
         if !out.status.success() {
             bail!(
@@ -618,7 +633,6 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
             let _ = child.wait();
         }
     }
-
 }
 
 impl Drop for Node {
@@ -632,8 +646,13 @@ impl Drop for Node {
 fn crictl(bins: &NodeBinaries, socket: &Path) -> Command {
     let mut cmd = Command::new(bins.path("crictl"));
     let endpoint = format!("unix://{}", socket.display());
-    cmd.args(["--runtime-endpoint", &endpoint, "--image-endpoint", &endpoint])
-        .args(["--timeout", "30s"]);
+    cmd.args([
+        "--runtime-endpoint",
+        &endpoint,
+        "--image-endpoint",
+        &endpoint,
+    ])
+    .args(["--timeout", "30s"]);
     cmd
 }
 
@@ -641,7 +660,9 @@ fn crictl(bins: &NodeBinaries, socket: &Path) -> Command {
 /// and veths before containerd stops.
 fn remove_pods(bins: &NodeBinaries, socket: &Path) {
     if socket.exists() {
-        let _ = crictl(bins, socket).args(["rmp", "--all", "--force"]).output();
+        let _ = crictl(bins, socket)
+            .args(["rmp", "--all", "--force"])
+            .output();
     }
 }
 
