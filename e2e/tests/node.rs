@@ -178,6 +178,16 @@ spec:
     ]))?;
     assert_eq!(page.trim(), "hello-from-web");
 
+    // kubectl port-forward: a local port on this machine reaches the pod's port.
+    let page = port_forward_get(&node, &ns).with_context(|| {
+        format!(
+            "port-forward: {}\ncontainerd: {}",
+            node.testbed().log_tail("port-forward", 10),
+            node.testbed().log_tail("containerd", 10)
+        )
+    })?;
+    assert!(page.trim_end().ends_with("hello-from-web"), "{page}");
+
     // From another pod: the short name resolves through CoreDNS to the Service's cluster
     // IP, and kube-proxy carries the request to the web pod.
     let cluster_ip = run(node.testbed().kubectl().args([
@@ -272,6 +282,62 @@ spec:
     let bed_dir = node.testbed().dir().to_path_buf();
     drop(node);
     assert_nothing_left(&root, &bed_dir)
+}
+
+/// Runs `kubectl port-forward pod/web :8080`, sends one HTTP request through the local
+/// port it prints, and returns the response.
+fn port_forward_get(node: &Node, ns: &str) -> anyhow::Result<String> {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = node
+        .testbed()
+        .kubectl()
+        .args([
+            "-n",
+            ns,
+            "port-forward",
+            "pod/web",
+            ":8080",
+            "--address=127.0.0.1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(
+            node.testbed().dir().join("port-forward.log"),
+        )?)
+        .spawn()?;
+    let result = (|| {
+        let stdout = child.stdout.take().context("port-forward stdout")?;
+        let mut line = String::new();
+        // Kept open until the request is done: kubectl prints a line per connection and
+        // dies of SIGPIPE when nobody reads them.
+        let mut lines = BufReader::new(stdout);
+        lines.read_line(&mut line)?;
+        // "Forwarding from 127.0.0.1:40123 -> 8080"
+        let port: u16 = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("no port in {line:?}"))?;
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        conn.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        // The forwarded stream may end in a reset after the answer; keep what arrived.
+        let mut response = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => response.extend_from_slice(&buf[..n]),
+                Err(e) if response.is_empty() => return Err(e.into()),
+                Err(_) => break,
+            }
+        }
+        drop(lines);
+        Ok(String::from_utf8_lossy(&response).into_owned())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 /// Checks that the node left nothing on this machine.
