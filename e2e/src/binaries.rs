@@ -1,7 +1,7 @@
 //! Locating, and building when missing, the test bed's Kubernetes binaries.
 //!
 //! One multi-call Go binary (`e2e/testbed`) holds etcd, kube-apiserver,
-//! kube-controller-manager and kubectl. It is cached outside the clone, under a key
+//! kube-controller-manager, kubectl and the node's kube-scheduler, kubelet and kube-proxy. It is cached outside the clone, under a key
 //! derived from the Go sources and the Go version, so a fresh clone on a warm machine
 //! does not rebuild, and a change to the pinned version does.
 
@@ -19,10 +19,13 @@ use anyhow::{Context, bail};
 pub const KUBERNETES_VERSION: &str = "v1.34.4";
 
 /// The components the multi-call binary answers to, each linked beside it.
-const COMPONENTS: [&str; 4] = [
+const COMPONENTS: [&str; 7] = [
     "etcd",
     "kube-apiserver",
     "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kube-proxy",
     "kubectl",
 ];
 
@@ -67,8 +70,8 @@ impl Binaries {
         &self.dir
     }
 
-    /// The path of one component: `etcd`, `kube-apiserver`, `kube-controller-manager` or
-    /// `kubectl`.
+    /// The path of one component: `etcd`, `kube-apiserver`, `kube-controller-manager`,
+    /// `kube-scheduler`, `kubelet`, `kube-proxy` or `kubectl`.
     pub fn component(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }

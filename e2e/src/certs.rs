@@ -27,6 +27,10 @@ pub mod files {
     pub const SA_KEY: &str = "sa.key";
     /// The service-account token verification key.
     pub const SA_PUB: &str = "sa.pub";
+    /// The kubelet's serving certificate (for `kubectl logs`/`exec` through the API server).
+    pub const KUBELET_CERT: &str = "kubelet.crt";
+    /// The kubelet's serving key.
+    pub const KUBELET_KEY: &str = "kubelet.key";
 }
 
 /// The PEM text of the CA and admin credentials, for kubeconfigs.
@@ -60,7 +64,9 @@ pub fn write_pki(dir: &Path) -> anyhow::Result<Pki> {
         "kubernetes.default.svc".to_owned(),
         "kubernetes.default.svc.cluster.local".to_owned(),
     ])?;
-    for ip in ["127.0.0.1", "::1", "198.19.0.1"] {
+    // The node's host address is where pods reach the API server (the `kubernetes`
+    // Service's endpoint), so the certificate names it whether or not a node runs.
+    for ip in ["127.0.0.1", "::1", "198.19.0.1", crate::node::HOST_IP] {
         let ip: IpAddr = ip.parse().context("parsing a fixed address")?;
         serving.subject_alt_names.push(SanType::IpAddress(ip));
     }
@@ -74,6 +80,16 @@ pub fn write_pki(dir: &Path) -> anyhow::Result<Pki> {
     admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let admin_key = KeyPair::generate()?;
     let admin_cert = admin.signed_by(&admin_key, &ca)?;
+
+    let mut kubelet = CertificateParams::new(vec![crate::node::NODE_NAME.to_owned()])?;
+    let host_ip: IpAddr = crate::node::HOST_IP
+        .parse()
+        .context("parsing the node address")?;
+    kubelet.subject_alt_names.push(SanType::IpAddress(host_ip));
+    kubelet.distinguished_name = dn(crate::node::NODE_NAME, None);
+    kubelet.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let kubelet_key = KeyPair::generate()?;
+    let kubelet_cert = kubelet.signed_by(&kubelet_key, &ca)?;
 
     let sa_key = KeyPair::generate()?;
 
@@ -91,6 +107,8 @@ pub fn write_pki(dir: &Path) -> anyhow::Result<Pki> {
         (files::ADMIN_KEY, pki.admin_key.clone()),
         (files::SA_KEY, sa_key.serialize_pem()),
         (files::SA_PUB, sa_key.public_key_pem()),
+        (files::KUBELET_CERT, kubelet_cert.pem()),
+        (files::KUBELET_KEY, kubelet_key.serialize_pem()),
     ] {
         let path = dir.join(name);
         fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;

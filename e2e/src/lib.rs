@@ -1,6 +1,7 @@
 //! Weft's test bed: a real Kubernetes control plane (etcd, kube-apiserver and
-//! kube-controller-manager, built from the official Go modules) on loopback, and helpers
-//! for the end-to-end tests that run against it.
+//! kube-controller-manager, built from the official Go modules) on loopback, optionally a
+//! real single node beside it ([`node`]), and helpers for the end-to-end tests that run
+//! against them.
 //!
 //! ```text
 //!  e2e/testbed (Go)  ──go build──▶  ~/.cache/weft/testbed/<key>/testbed  (multi-call binary)
@@ -13,6 +14,7 @@
 pub mod binaries;
 pub mod certs;
 pub mod helm;
+pub mod node;
 pub mod process;
 pub mod shared;
 pub mod testbed;

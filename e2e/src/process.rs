@@ -137,3 +137,25 @@ fn reap(pid: i32) {
         libc::waitpid(pid, &mut status, libc::WNOHANG);
     }
 }
+
+/// Sends SIGKILL to one process (the node's leftovers: shims, container processes).
+pub fn kill(pid: i32) {
+    if pid <= 1 {
+        return;
+    }
+    // SAFETY: signalling a pid; a stale one yields ESRCH, ignored.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+/// Detaches the mount at `path` (lazy unmount: it goes once nothing uses it).
+pub fn unmount_detach(path: &Path) {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    unsafe {
+        libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+    }
+}

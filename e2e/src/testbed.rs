@@ -31,6 +31,15 @@ const PIDS_FILE: &str = "pids";
 /// File in the state directory naming the process that owns an attached test bed.
 const OWNER_FILE: &str = "owner";
 
+/// Where the API server listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Serve {
+    /// `127.0.0.1` only: enough for tests without a node.
+    Loopback,
+    /// The node's host address ([`crate::node::HOST_IP`]), reachable from pods.
+    NodeHost,
+}
+
 /// A running test bed. Dropping it stops every process it started (unless detached).
 pub struct TestBed {
     dir: PathBuf,
@@ -47,6 +56,16 @@ impl TestBed {
     /// Starts a test bed whose state lives in a fresh directory under the system temp dir,
     /// stopped when dropped or when this process dies.
     pub fn start_attached() -> anyhow::Result<Self> {
+        Self::start_attached_as(Serve::Loopback)
+    }
+
+    /// As [`TestBed::start_attached`], with the API server serving on the node's host
+    /// address instead of loopback, so that a node's pods can reach it (see [`crate::node`]).
+    pub fn start_attached_for_node() -> anyhow::Result<Self> {
+        Self::start_attached_as(Serve::NodeHost)
+    }
+
+    fn start_attached_as(serve: Serve) -> anyhow::Result<Self> {
         let root = attached_root();
         fs::create_dir_all(&root)?;
         reap_stale(&root);
@@ -59,7 +78,7 @@ impl TestBed {
         let dir = root.join(name);
         fs::rename(&staging, &dir)?;
         let keep = std::env::var_os("WEFT_TESTBED_KEEP").is_some();
-        let mut bed = Self::start_in(dir, Mode::Attached)?;
+        let mut bed = Self::start_in(dir, Mode::Attached, serve)?;
         bed.remove_dir = !keep;
         Ok(bed)
     }
@@ -69,17 +88,29 @@ impl TestBed {
     pub fn start_detached(dir: &Path) -> anyhow::Result<Self> {
         stop_dir(dir)?;
         fs::create_dir_all(dir)?;
-        Self::start_in(dir.to_path_buf(), Mode::Detached)
+        Self::start_in(dir.to_path_buf(), Mode::Detached, Serve::Loopback)
     }
 
-    fn start_in(dir: PathBuf, mode: Mode) -> anyhow::Result<Self> {
+    /// As [`TestBed::start_detached`], serving on the node's host address (see
+    /// [`TestBed::start_attached_for_node`]).
+    pub fn start_detached_for_node(dir: &Path) -> anyhow::Result<Self> {
+        stop_dir(dir)?;
+        fs::create_dir_all(dir)?;
+        Self::start_in(dir.to_path_buf(), Mode::Detached, Serve::NodeHost)
+    }
+
+    fn start_in(dir: PathBuf, mode: Mode, serve: Serve) -> anyhow::Result<Self> {
         let binaries = Binaries::ensure()?;
         let started = Instant::now();
         certs::write_pki(&dir)?;
         let etcd_client = free_port()?;
         let etcd_peer = free_port()?;
         let api_port = free_port()?;
-        let server = format!("https://127.0.0.1:{api_port}");
+        let host = match serve {
+            Serve::Loopback => "127.0.0.1",
+            Serve::NodeHost => crate::node::HOST_IP,
+        };
+        let server = format!("https://{host}:{api_port}");
         write_kubeconfig(&dir, &server)?;
 
         let mut bed = TestBed {
@@ -105,8 +136,8 @@ impl TestBed {
         )?;
         bed.apiserver_args = vec![
             format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={host}"),
+            format!("--advertise-address={host}"),
             format!("--secure-port={api_port}"),
             format!("--cert-dir={}", p("apiserver-certs")),
             format!("--tls-cert-file={}", p(files::SERVING_CERT)),
@@ -119,9 +150,23 @@ impl TestBed {
             "--authorization-mode=Node,RBAC".into(),
             "--allow-privileged=true".into(),
             "--profiling=false".into(),
-            "--endpoint-reconciler-type=none".into(),
             "--v=1".into(),
         ];
+        match serve {
+            // No pod network: the `kubernetes` Service gets no endpoints.
+            Serve::Loopback => bed
+                .apiserver_args
+                .push("--endpoint-reconciler-type=none".into()),
+            // Pods reach the API server through the `kubernetes` Service; the API server
+            // reaches the kubelet (logs, exec, port-forward) with the admin credentials and
+            // checks the kubelet's serving certificate against the test bed's CA.
+            Serve::NodeHost => bed.apiserver_args.extend([
+                format!("--kubelet-client-certificate={}", p(files::ADMIN_CERT)),
+                format!("--kubelet-client-key={}", p(files::ADMIN_KEY)),
+                format!("--kubelet-certificate-authority={}", p(files::CA_CERT)),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+            ]),
+        }
         bed.spawn(
             "kube-apiserver",
             "kube-apiserver",
@@ -389,7 +434,9 @@ pub fn reap_stale(root: &Path) {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A loopback port free right now (a race with other binders is accepted: ports come from
+/// the ephemeral range and each start picks new ones).
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
     Ok(listener.local_addr()?.port())
 }

@@ -1,12 +1,14 @@
-// Command testbed is a multi-call binary holding the real Kubernetes control-plane
-// components that Weft's test bed runs: etcd (embedded), kube-apiserver,
-// kube-controller-manager and kubectl, all built from the official Go modules at the
-// version pinned in go.mod. It is test infrastructure only; no Weft product code is Go.
+// Command testbed is a multi-call binary holding the real Kubernetes components that
+// Weft's test bed runs: etcd (embedded), kube-apiserver, kube-controller-manager,
+// kubectl, and for the single node kube-scheduler, kubelet and kube-proxy, all built from
+// the official Go modules at the version pinned in go.mod. It is test infrastructure
+// only; no Weft product code is Go.
 //
-// Usage: testbed <etcd|kube-apiserver|kube-controller-manager|kubectl> [flags...]
+// Usage: testbed <component> [flags...]
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -21,6 +23,9 @@ import (
 	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 
 	_ "k8s.io/client-go/plugin/pkg/client/auth"
 )
@@ -31,7 +36,7 @@ func main() {
 	args := os.Args
 	if name == "testbed" {
 		if len(os.Args) < 2 {
-			fmt.Fprintln(os.Stderr, "usage: testbed <etcd|kube-apiserver|kube-controller-manager|kubectl> [flags...]")
+			fmt.Fprintln(os.Stderr, "usage: testbed <etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubelet|kube-proxy|kubectl> [flags...]")
 			os.Exit(2)
 		}
 		name = os.Args[1]
@@ -46,6 +51,12 @@ func main() {
 		os.Exit(cli.Run(apiserver.NewAPIServerCommand()))
 	case "kube-controller-manager":
 		os.Exit(cli.Run(controllermanager.NewControllerManagerCommand()))
+	case "kube-scheduler":
+		os.Exit(cli.Run(scheduler.NewSchedulerCommand()))
+	case "kubelet":
+		os.Exit(cli.Run(kubelet.NewKubeletCommand(context.Background())))
+	case "kube-proxy":
+		os.Exit(cli.Run(proxy.NewProxyCommand()))
 	case "kubectl":
 		logs.GlogSetter(kubectlcmd.GetLogVerbosity(os.Args)) // nolint:errcheck
 		command := kubectlcmd.NewDefaultKubectlCommand()

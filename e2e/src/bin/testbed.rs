@@ -1,8 +1,9 @@
 //! `weft-testbed`: start and stop a real Kubernetes control plane on loopback.
 //!
 //! ```text
-//! weft-testbed build           # build (or find cached) Kubernetes binaries and Helm
+//! weft-testbed build           # build (or find cached) Kubernetes and node binaries, Helm
 //! weft-testbed up              # start; writes .testbed/kubeconfig and .testbed/env
+//! weft-testbed up --node       # the same, plus a real node (kubelet, containerd, CoreDNS)
 //! source .testbed/env          # KUBECONFIG and a matching kubectl on PATH
 //! weft-testbed down            # stop everything and remove .testbed/
 //! ```
@@ -11,7 +12,11 @@ use std::{fs, path::PathBuf, time::Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use weft_e2e::{Binaries, HELM_VERSION, Helm, KUBERNETES_VERSION, TestBed, testbed::stop_dir};
+use weft_e2e::{
+    Binaries, HELM_VERSION, Helm, KUBERNETES_VERSION, TestBed,
+    node::{self, Node},
+    testbed::stop_dir,
+};
 
 #[derive(Parser)]
 #[command(
@@ -32,11 +37,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build the Kubernetes binaries and Helm (or find them in the cache) and print where.
+    /// Build the Kubernetes binaries, the node's binaries and Helm (or find them in the
+    /// cache) and print where.
     Build,
     /// Start the control plane in the background and wait until it is ready.
-    Up,
-    /// Stop the control plane and remove its state.
+    Up {
+        /// Also run a real node (kubelet, kube-proxy, kube-scheduler, containerd, CoreDNS):
+        /// needs root; one per machine.
+        #[arg(long)]
+        node: bool,
+    },
+    /// Stop the control plane (and the node, if one runs) and remove their state.
     Down,
 }
 
@@ -49,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+
     match cli.command {
         Cmd::Build => {
             let started = Instant::now();
@@ -59,6 +71,13 @@ fn main() -> anyhow::Result<()> {
                 started.elapsed()
             );
             let started = Instant::now();
+            let node_bins = node::NodeBinaries::ensure()?;
+            eprintln!(
+                "node binaries (containerd, runc, crictl, CoreDNS, pause) in {} ({:.1?})",
+                node_bins.dir().display(),
+                started.elapsed()
+            );
+            let started = Instant::now();
             let helm = Helm::ensure()?;
             eprintln!(
                 "Helm {HELM_VERSION} at {} ({:.1?})",
@@ -66,10 +85,24 @@ fn main() -> anyhow::Result<()> {
                 started.elapsed()
             );
         }
-        Cmd::Up => {
+        Cmd::Up { node } => {
             let dir = std::path::absolute(&cli.dir)?;
             let started = Instant::now();
-            let bed = TestBed::start_detached(&dir)?;
+            // Detached: what these hold keeps running after this process exits.
+            let node_handle = if node {
+                Some(Node::start_detached(&dir)?)
+            } else {
+                None
+            };
+            let bed_handle = match node_handle {
+                Some(_) => None,
+                None => Some(TestBed::start_detached(&dir)?),
+            };
+            let bed = node_handle
+                .as_ref()
+                .map(Node::testbed)
+                .or(bed_handle.as_ref())
+                .context("no test bed was started")?;
             let env = format!(
                 "export KUBECONFIG={}\nexport PATH={}:$PATH\n",
                 bed.kubeconfig().display(),
@@ -77,8 +110,13 @@ fn main() -> anyhow::Result<()> {
             );
             let env_file = dir.join("env");
             fs::write(&env_file, env).with_context(|| format!("writing {}", env_file.display()))?;
+            let what = if node {
+                "test bed with node"
+            } else {
+                "test bed"
+            };
             eprintln!(
-                "test bed up at {} in {:.1?} (Kubernetes {KUBERNETES_VERSION})\n  source {}   # sets KUBECONFIG and puts kubectl on PATH\n  logs: {}/*.log",
+                "{what} up at {} in {:.1?} (Kubernetes {KUBERNETES_VERSION})\n  source {}   # sets KUBECONFIG and puts kubectl on PATH\n  logs: {}/*.log",
                 bed.server(),
                 started.elapsed(),
                 env_file.display(),
@@ -86,7 +124,12 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Cmd::Down => {
-            stop_dir(&std::path::absolute(&cli.dir)?)?;
+            let dir = std::path::absolute(&cli.dir)?;
+            if node::node_root().exists() {
+                node::down(Some(&dir))?;
+            } else {
+                stop_dir(&dir)?;
+            }
             eprintln!("test bed down");
         }
     }

@@ -1,0 +1,3 @@
+module weft.dev/e2e/pause
+
+go 1.24.0
