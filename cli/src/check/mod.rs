@@ -558,6 +558,17 @@ async fn webhook_serving(
                 ),
             )
         }
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            told.push(format!(
+                "not asked to inject: you may not create pods in namespace {}, even as a dry run",
+                args.probe_namespace
+            ));
+            Finding::warn(
+                names::WEBHOOK_SERVING,
+                told.join("\n"),
+                "run as a user who may, or pass --probe-namespace NS (nothing is created)",
+            )
+        }
         Err(e) => {
             told.push(format!(
                 "the API server refused a dry-run pod in namespace {}: {e}",

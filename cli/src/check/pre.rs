@@ -89,6 +89,13 @@ async fn native_sidecars(client: &Client, namespace: &str) -> Finding {
         .create(&params, &pod)
         .await
     {
+        Err(kube::Error::Api(e)) if e.code == 403 => Finding::warn(
+            names::NATIVE_SIDECARS,
+            format!(
+                "not checked: you may not create pods in namespace {namespace}, even as a dry run"
+            ),
+            "run as a user who may, or pass --probe-namespace NS (nothing is created)",
+        ),
         Err(e) => Finding::fail(
             names::NATIVE_SIDECARS,
             format!(
