@@ -1136,6 +1136,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_breakers_live_state_comes_from_the_proxys_counters() {
+        let metrics = "# TYPE weft_breaker_ejected_endpoints gauge\n\
+            weft_breaker_ejected_endpoints{service=\"db.shop.5432\"} 2\n\
+            weft_breaker_ejected_endpoints{service=\"web.shop.80\"} 0\n\
+            weft_breaker_overloaded_total{service=\"db.shop.5432\",limit=\"max_requests\"} 7\n";
+        let live: Metrics = Ok(crate::prom::parse(metrics).unwrap());
+        let mut w = String::new();
+        breaker_live(&mut w, &live, "db.shop.5432", 3);
+        assert_eq!(
+            w,
+            "     now: 2 of 3 endpoint(s) ejected by outlier detection (which ones, the proxy does not expose)\n\
+             \x20    refused by pool limits since the proxy started: max_requests=7\n"
+        );
+        let mut w = String::new();
+        breaker_live(&mut w, &Err("connect refused".into()), "db.shop.5432", 3);
+        assert_eq!(w, "     live state not read (connect refused)\n");
+    }
+
+    #[test]
     fn destinations_parse_as_service_host_port_or_url() {
         let r = Request::from_args("web", "GET", &[], None).unwrap();
         assert_eq!(
