@@ -567,7 +567,18 @@ fn explain_text(
                     .and_then(|(_, rule, _)| rule.rewrite.as_ref())
                     .map(|rw| rw.apply(&normalized, prefix.as_deref()));
                 let path = rewrite.clone().unwrap_or_else(|| normalized.clone());
-                let first = rule_steps(w, &mut next, &dump.config, svc, r, &name, rewrite, live);
+                let first = rule_steps(
+                    w,
+                    &mut next,
+                    Read {
+                        raw: &dump.config,
+                        live,
+                    },
+                    svc,
+                    r,
+                    &name,
+                    rewrite,
+                );
                 let reach = reach_of(path, &req.method, first);
                 at_destination(w, step.get() + 1, &reach);
                 return Ok(o);
@@ -602,7 +613,16 @@ fn explain_text(
         w,
         "   response timeout {timeout} (the service's); no retries without a Route"
     );
-    let first = backends_and_breaker(w, &mut next, &dump.config, svc, None, live);
+    let first = backends_and_breaker(
+        w,
+        &mut next,
+        Read {
+            raw: &dump.config,
+            live,
+        },
+        svc,
+        None,
+    );
     let reach = reach_of(normalized, &req.method, first);
     at_destination(w, step.get() + 1, &reach);
     Ok(o)
@@ -627,15 +647,21 @@ fn reach_of(path: String, method: &Method, first: Option<(String, Option<String>
 }
 
 /// The stages of the matched rule `r`, in the order a request meets them.
+/// What the proxy said: its config, and its counters.
+#[derive(Clone, Copy)]
+struct Read<'a> {
+    raw: &'a ProxyConfig,
+    live: &'a Metrics,
+}
+
 fn rule_steps(
     w: &mut String,
     next: &mut impl FnMut(&mut String, &str),
-    raw: &ProxyConfig,
+    read: Read<'_>,
     svc: &ServiceConfig,
     r: &RuleConfig,
     name: &str,
     rewrite: Option<String>,
-    live: &Metrics,
 ) -> Option<(String, Option<String>)> {
     if let Some(f) = &r.fault {
         next(w, "fault injection");
@@ -726,7 +752,7 @@ fn rule_steps(
             }
         }
     }
-    let first = backends_and_breaker(w, next, raw, svc, Some(r), live);
+    let first = backends_and_breaker(w, next, read, svc, Some(r));
     if let Some(m) = &r.mirror {
         next(w, "mirror");
         let _ = writeln!(
@@ -760,11 +786,11 @@ fn edits(w: &mut String, what: &str, h: &weft_api::traffic::HeaderEditsConfig) {
 fn backends_and_breaker(
     w: &mut String,
     next: &mut impl FnMut(&mut String, &str),
-    raw: &ProxyConfig,
+    read: Read<'_>,
     svc: &ServiceConfig,
     rule: Option<&RuleConfig>,
-    live: &Metrics,
 ) -> Option<(String, Option<String>)> {
+    let (raw, live) = (read.raw, read.live);
     next(w, "backends");
     // The services requests go to: the rule's backends, or the service itself.
     let mut targets: Vec<&ServiceConfig> = Vec::new();
