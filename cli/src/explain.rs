@@ -7,6 +7,9 @@
 //!   DESTINATION, --method, --header, --path ─▶ MatchInput ─▶ Route::find (and each earlier
 //!                                              rule's entries, condition by condition)
 //! operator /proxies (optional) ─▶ is the proxy in sync, what it does not enforce
+//! proxy /metrics ─▶ each Breaker's ejected endpoints and pool refusals now
+//! destination pod's proxy /config (--to-pod, or by endpoint address) ─▶ destination::decide
+//!   (mTLS mode, every Policy's authorization, the rate limit)
 //! ```
 //!
 //! The proxy answers `/config` to loopback peers only (it names every service, endpoint
