@@ -32,4 +32,16 @@ pub struct ProxyRow {
     /// `None` when it does not report what it enforces (then none counts as enforced).
     #[serde(default)]
     pub not_enforced: Option<Vec<String>>,
+    /// The proxy's name and version as it reported them with its latest ACK
+    /// (`weft-proxy 0.1.0`); `None` when it has not reported them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
+}
+
+/// What the operator's admin endpoint `GET /version` answers: the operator's own version,
+/// which `kubectl weft check` compares with each proxy's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OperatorVersion {
+    /// The operator's package version (`0.1.0`).
+    pub version: String,
 }

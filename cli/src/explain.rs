@@ -7,6 +7,9 @@
 //!   DESTINATION, --method, --header, --path ─▶ MatchInput ─▶ Route::find (and each earlier
 //!                                              rule's entries, condition by condition)
 //! operator /proxies (optional) ─▶ is the proxy in sync, what it does not enforce
+//! proxy /metrics ─▶ each Breaker's ejected endpoints and pool refusals now
+//! destination pod's proxy /config (--to-pod, or by endpoint address) ─▶ destination::decide
+//!   (mTLS mode, every Policy's authorization, the rate limit)
 //! ```
 //!
 //! The proxy answers `/config` to loopback peers only (it names every service, endpoint
@@ -19,6 +22,7 @@
 use std::{fmt::Write as _, process::Stdio, time::Duration};
 
 use anyhow::{Context, anyhow, bail};
+use destination::{Decision, DestinationView, Reach};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -34,6 +38,8 @@ use weft_proxy::{
         normalize::normalize_path,
     },
 };
+
+pub mod destination;
 
 /// Flags of `kubectl weft explain`.
 #[derive(Debug, clap::Args)]
@@ -71,6 +77,28 @@ pub struct ExplainArgs {
     /// Read the operator's admin endpoint directly (`http://host:port`) instead.
     #[arg(long)]
     pub operator_url: Option<String>,
+    /// The destination pod whose proxy decides (mTLS, Policy, rate limit), in the
+    /// destination's namespace (default: the pod whose address is the service's first
+    /// endpoint, when one is found).
+    #[arg(long, value_name = "POD")]
+    pub to_pod: Option<String>,
+    /// Read the destination proxy's `/config` from here (`http://127.0.0.1:PORT`) instead
+    /// of running `kubectl port-forward`.
+    #[arg(long, value_name = "URL")]
+    pub to_admin_url: Option<String>,
+    /// `text` or `json`.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: crate::check::Output,
+}
+
+/// The proxy's own certificate, as `/config` reports it.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct IdentityDump {
+    /// Its SPIFFE ID; `None` while the proxy holds no certificate.
+    pub identity: Option<String>,
+    /// Why it holds none.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// `/config` as the proxy's admin serves it.
@@ -82,6 +110,9 @@ pub struct ConfigDump {
     pub generation: u64,
     /// The active config, as received.
     pub config: ProxyConfig,
+    /// The proxy's certificate; `None` when identity is off (no `--identity-addr`).
+    #[serde(default)]
+    pub identity: Option<IdentityDump>,
 }
 
 /// The request to explain.
@@ -301,13 +332,81 @@ fn json(v: &impl serde::Serialize) -> String {
 /// What the operator says of the proxy, if it could be asked.
 pub type OperatorView = Result<Option<ProxyRow>, String>;
 
-/// The explanation, as text: one numbered step per stage a request meets.
+/// The source proxy's counters (its `/metrics`), for live breaker state; `Err` says why
+/// they were not read.
+pub type Metrics = Result<Vec<crate::prom::Sample>, String>;
+
+/// What `explain` found: the text, and the destination's decision when it was computed.
+#[derive(Debug)]
+pub struct Explanation {
+    /// The explanation, one numbered step per stage.
+    pub text: String,
+    /// The destination proxy's decision (mTLS, authorization, rate limit).
+    pub destination: Option<Decision>,
+}
+
+/// The explanation: one numbered step per stage a request meets, ending with what the
+/// destination's proxy decides when `dest` was read.
 pub fn explain(
     pod: &str,
     namespace: &str,
     dump: &ConfigDump,
     req: &Request,
     operator: &OperatorView,
+    dest: &DestinationView,
+    live: &Metrics,
+) -> Result<Explanation, String> {
+    let mut decision = None;
+    let text = explain_text(
+        pod,
+        namespace,
+        dump,
+        req,
+        operator,
+        live,
+        &mut |w, step, reach| {
+            let _ = writeln!(w, "{step}. at the destination");
+            match dest {
+                DestinationView::NotRead(why) => {
+                    let _ = writeln!(
+                        w,
+                        "   not read ({why}): what its Policy decides is not shown"
+                    );
+                }
+                DestinationView::Read { pod, dump: d } => {
+                    match destination::decide(dump, pod, d, reach) {
+                        Ok(dec) => {
+                            for l in &dec.lines {
+                                let _ = writeln!(w, "   {l}");
+                            }
+                            decision = Some(dec);
+                        }
+                        Err(e) => {
+                            let _ = writeln!(w, "   {e}");
+                        }
+                    }
+                }
+            }
+        },
+    )?;
+    Ok(Explanation {
+        text,
+        destination: decision,
+    })
+}
+
+/// A destination step writer: given the output, the step number and how the request
+/// reaches the destination.
+type DestinationStep<'a> = dyn FnMut(&mut String, usize, &Reach) + 'a;
+
+fn explain_text(
+    pod: &str,
+    namespace: &str,
+    dump: &ConfigDump,
+    req: &Request,
+    operator: &OperatorView,
+    live: &Metrics,
+    at_destination: &mut DestinationStep<'_>,
 ) -> Result<String, String> {
     let cfg = Config::validate(&dump.config).map_err(|e| format!("the proxy's active config does not validate with this CLI's proxy code (versions differ?): {e}"))?;
     let mut o = String::new();
@@ -379,10 +478,10 @@ pub fn explain(
             );
         }
     }
-    let mut step = 0;
+    let step = std::cell::Cell::new(0usize);
     let mut next = |w: &mut String, title: &str| {
-        step += 1;
-        let _ = writeln!(w, "{step}. {title}");
+        step.set(step.get() + 1);
+        let _ = writeln!(w, "{}. {title}", step.get());
     };
     next(w, "destination");
     let (i, why) = match resolve(&cfg, &dump.config, namespace, req) {
@@ -470,7 +569,21 @@ pub fn explain(
                 let rewrite = found
                     .and_then(|(_, rule, _)| rule.rewrite.as_ref())
                     .map(|rw| rw.apply(&normalized, prefix.as_deref()));
-                rule_steps(w, &mut next, &dump.config, svc, r, &name, rewrite);
+                let path = rewrite.clone().unwrap_or_else(|| normalized.clone());
+                let first = rule_steps(
+                    w,
+                    &mut next,
+                    Read {
+                        raw: &dump.config,
+                        live,
+                    },
+                    svc,
+                    r,
+                    &name,
+                    rewrite,
+                );
+                let reach = reach_of(path, &req.method, first);
+                at_destination(w, step.get() + 1, &reach);
                 return Ok(o);
             }
             let _ = writeln!(w, "   rule {name}: no match");
@@ -503,20 +616,56 @@ pub fn explain(
         w,
         "   response timeout {timeout} (the service's); no retries without a Route"
     );
-    backends_and_breaker(w, &mut next, &dump.config, svc, None);
+    let first = backends_and_breaker(
+        w,
+        &mut next,
+        Read {
+            raw: &dump.config,
+            live,
+        },
+        svc,
+        None,
+    );
+    let reach = reach_of(normalized, &req.method, first);
+    at_destination(w, step.get() + 1, &reach);
     Ok(o)
 }
 
+/// How the request reaches its first endpoint (the port authorization sees, and the
+/// identity the client expects there).
+fn reach_of(path: String, method: &Method, first: Option<(String, Option<String>)>) -> Reach {
+    let (port, endpoint_identity) = match first {
+        Some((addr, id)) => (
+            addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port()),
+            id,
+        ),
+        None => (None, None),
+    };
+    Reach {
+        path,
+        method: method.clone(),
+        port,
+        endpoint_identity,
+    }
+}
+
 /// The stages of the matched rule `r`, in the order a request meets them.
+/// What the proxy said: its config, and its counters.
+#[derive(Clone, Copy)]
+struct Read<'a> {
+    raw: &'a ProxyConfig,
+    live: &'a Metrics,
+}
+
 fn rule_steps(
     w: &mut String,
     next: &mut impl FnMut(&mut String, &str),
-    raw: &ProxyConfig,
+    read: Read<'_>,
     svc: &ServiceConfig,
     r: &RuleConfig,
     name: &str,
     rewrite: Option<String>,
-) {
+) -> Option<(String, Option<String>)> {
     if let Some(f) = &r.fault {
         next(w, "fault injection");
         if let Some(d) = &f.delay {
@@ -606,7 +755,7 @@ fn rule_steps(
             }
         }
     }
-    backends_and_breaker(w, next, raw, svc, Some(r));
+    let first = backends_and_breaker(w, next, read, svc, Some(r));
     if let Some(m) = &r.mirror {
         next(w, "mirror");
         let _ = writeln!(
@@ -622,6 +771,7 @@ fn rule_steps(
         next(w, "response edits");
         edits(w, "response", h);
     }
+    first
 }
 
 fn edits(w: &mut String, what: &str, h: &weft_api::traffic::HeaderEditsConfig) {
@@ -639,10 +789,11 @@ fn edits(w: &mut String, what: &str, h: &weft_api::traffic::HeaderEditsConfig) {
 fn backends_and_breaker(
     w: &mut String,
     next: &mut impl FnMut(&mut String, &str),
-    raw: &ProxyConfig,
+    read: Read<'_>,
     svc: &ServiceConfig,
     rule: Option<&RuleConfig>,
-) {
+) -> Option<(String, Option<String>)> {
+    let (raw, live) = (read.raw, read.live);
     next(w, "backends");
     // The services requests go to: the rule's backends, or the service itself.
     let mut targets: Vec<&ServiceConfig> = Vec::new();
@@ -732,12 +883,51 @@ fn backends_and_breaker(
                 if let Some(cp) = &b.connection_pool {
                     let _ = writeln!(w, "     connection pool {}", json(cp));
                 }
-                let _ = writeln!(
-                    w,
-                    "     (endpoints ejected now: weft_breaker_ejected_endpoints in /metrics)"
-                );
+                breaker_live(w, live, &t.name, t.endpoints.len());
             }
         }
+    }
+    targets
+        .iter()
+        .flat_map(|t| t.endpoints.iter())
+        .next()
+        .map(|e| (e.address.clone(), e.identity.clone()))
+}
+
+/// The Breaker's state now, from the proxy's counters: how many endpoints outlier
+/// detection has ejected, and what the pool limits refused. The proxy counts ejections
+/// per service; which endpoints they are, it does not expose.
+fn breaker_live(w: &mut String, live: &Metrics, service: &str, endpoints: usize) {
+    let samples = match live {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(w, "     live state not read ({e})");
+            return;
+        }
+    };
+    let ejected = samples
+        .iter()
+        .find(|s| s.name == "weft_breaker_ejected_endpoints" && s.label("service") == service)
+        .map_or(0.0, |s| s.value);
+    let _ = writeln!(
+        w,
+        "     now: {ejected} of {endpoints} endpoint(s) ejected by outlier detection (which ones, the proxy does not expose)"
+    );
+    let refused: Vec<String> = samples
+        .iter()
+        .filter(|s| {
+            s.name == "weft_breaker_overloaded_total"
+                && s.label("service") == service
+                && s.value > 0.0
+        })
+        .map(|s| format!("{}={}", s.label("limit"), s.value))
+        .collect();
+    if !refused.is_empty() {
+        let _ = writeln!(
+            w,
+            "     refused by pool limits since the proxy started: {}",
+            refused.join(", ")
+        );
     }
 }
 
@@ -749,11 +939,19 @@ pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
         &args.headers,
         args.path.as_deref(),
     )?;
-    let text = match &args.admin_url {
-        Some(url) => crate::admin::get_direct(url, "/config").await?,
-        None => via_port_forward(&args.namespace, &args.pod, args.admin_port).await?,
-    };
+    let [text, metrics] = read_admin(
+        &args.namespace,
+        &args.pod,
+        args.admin_port,
+        args.admin_url.as_deref(),
+        ["/config", "/metrics"],
+    )
+    .await?;
+    let text = text?;
     let dump: ConfigDump = serde_json::from_str(&text).context("the proxy's /config answer")?;
+    let live: Metrics = metrics
+        .map_err(|e| format!("{e:#}"))
+        .and_then(|m| crate::prom::parse(&m).map_err(|e| e.to_string()));
     let pod_key = format!("{}/{}", args.namespace, args.pod);
     let operator: OperatorView = async {
         let rows = match &args.operator_url {
@@ -774,15 +972,154 @@ pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
     }
     .await
     .map_err(|e| format!("{e:#}"));
-    let out =
-        explain(&args.pod, &args.namespace, &dump, &req, &operator).map_err(|e| anyhow!(e))?;
-    std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes())?;
+    let dest = destination_view(&args, &dump, &req).await;
+    let out = explain(
+        &args.pod,
+        &args.namespace,
+        &dump,
+        &req,
+        &operator,
+        &dest,
+        &live,
+    )
+    .map_err(|e| anyhow!(e))?;
+    let printed = match args.output {
+        crate::check::Output::Text => out.text,
+        crate::check::Output::Json => to_json(&args, &req, &dump, &out),
+    };
+    std::io::Write::write_all(&mut std::io::stdout(), printed.as_bytes())?;
     Ok(())
 }
 
-/// Reads `/config` through `kubectl port-forward`, which connects from the pod's loopback
-/// (the only peers the proxy shows its config to). The child is killed when done.
-async fn via_port_forward(namespace: &str, pod: &str, port: u16) -> anyhow::Result<String> {
+/// The destination pod's proxy config: `--to-pod` (in the destination's namespace), or
+/// the pod whose address is the first endpoint of the service the request goes to.
+async fn destination_view(args: &ExplainArgs, dump: &ConfigDump, req: &Request) -> DestinationView {
+    let work = async {
+        let host_ns = req
+            .host
+            .trim_end_matches('.')
+            .trim_end_matches(".cluster.local")
+            .trim_end_matches(".svc")
+            .split_once('.')
+            .map(|(_, ns)| ns.to_owned());
+        let (ns, pod) = match &args.to_pod {
+            Some(p) => (host_ns.unwrap_or_else(|| args.namespace.clone()), p.clone()),
+            None => {
+                let cfg = Config::validate(&dump.config).map_err(|e| anyhow!("{e}"))?;
+                let (i, _) = resolve(&cfg, &dump.config, &args.namespace, req)
+                    .map_err(|e| anyhow!("{e}"))?;
+                let endpoint = dump.config.services[i]
+                    .endpoints
+                    .first()
+                    .ok_or_else(|| anyhow!("the service has no endpoint"))?;
+                let ip = endpoint
+                    .address
+                    .parse::<std::net::SocketAddr>()
+                    .map(|a| a.ip().to_string())
+                    .map_err(|_| anyhow!("endpoint address {}", endpoint.address))?;
+                let client = kube::Client::try_default().await?;
+                let pods = kube::Api::<k8s_openapi::api::core::v1::Pod>::all(client)
+                    .list(&kube::api::ListParams::default().fields(&format!("status.podIP={ip}")))
+                    .await?;
+                let found = pods
+                    .items
+                    .into_iter()
+                    .find(|p| {
+                        p.metadata
+                            .labels
+                            .as_ref()
+                            .is_some_and(|l| l.contains_key(weft_inject::keys::MESHED_LABEL))
+                    })
+                    .ok_or_else(|| {
+                        anyhow!("no meshed pod has the endpoint's address {ip}; pass --to-pod")
+                    })?;
+                (
+                    found.metadata.namespace.unwrap_or_default(),
+                    found.metadata.name.unwrap_or_default(),
+                )
+            }
+        };
+        let [text] = read_admin(
+            &ns,
+            &pod,
+            args.admin_port,
+            args.to_admin_url.as_deref(),
+            ["/config"],
+        )
+        .await?;
+        let d: ConfigDump =
+            serde_json::from_str(&text?).context("the destination proxy's /config answer")?;
+        anyhow::Ok(DestinationView::Read {
+            pod: format!("{ns}/{pod}"),
+            dump: Box::new(d),
+        })
+    };
+    work.await
+        .unwrap_or_else(|e| DestinationView::NotRead(format!("{e:#}")))
+}
+
+#[derive(serde::Serialize)]
+struct JsonStep {
+    step: usize,
+    title: String,
+    lines: Vec<String>,
+}
+
+/// The explanation as one JSON document: the request, the proxy's version, the header
+/// lines, each step with its lines, and the destination's decision.
+fn to_json(args: &ExplainArgs, req: &Request, dump: &ConfigDump, out: &Explanation) -> String {
+    let mut header = Vec::new();
+    let mut steps: Vec<JsonStep> = Vec::new();
+    for line in out.text.lines() {
+        let numbered = line
+            .split_once(". ")
+            .filter(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        match (numbered, steps.last_mut()) {
+            (Some((n, title)), _) => steps.push(JsonStep {
+                step: n.parse().unwrap_or(0),
+                title: title.to_owned(),
+                lines: Vec::new(),
+            }),
+            (None, Some(step)) => step.lines.push(line.trim().to_owned()),
+            (None, None) => header.push(line.to_owned()),
+        }
+    }
+    let doc = serde_json::json!({
+        "schemaVersion": 1,
+        "pod": format!("{}/{}", args.namespace, args.pod),
+        "request": {
+            "method": req.method.as_str(),
+            "host": req.host,
+            "port": req.port,
+            "path": req.path,
+            "query": req.query,
+        },
+        "configVersion": dump.version,
+        "generation": dump.generation,
+        "header": header,
+        "steps": steps,
+        "destination": out.destination,
+    });
+    serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+}
+
+/// GETs `paths` from pod `namespace/name`'s admin endpoint: from `url` when given, else
+/// through one `kubectl port-forward`, which connects from the pod's loopback (the only
+/// peers the proxy shows its config to). The child is killed when done.
+async fn read_admin<const N: usize>(
+    namespace: &str,
+    pod: &str,
+    port: u16,
+    url: Option<&str>,
+    paths: [&str; N],
+) -> anyhow::Result<[anyhow::Result<String>; N]> {
+    if let Some(url) = url {
+        let mut out = Vec::with_capacity(N);
+        for p in paths {
+            out.push(crate::admin::get_direct(url, p).await);
+        }
+        return out.try_into().map_err(|_| anyhow!("admin answers"));
+    }
     let mut child = tokio::process::Command::new("kubectl")
         .args([
             "port-forward",
@@ -814,14 +1151,37 @@ async fn via_port_forward(namespace: &str, pod: &str, port: u16) -> anyhow::Resu
     })
     .await
     .map_err(|_| anyhow!("kubectl port-forward did not start forwarding within 15s"))??;
-    let text = crate::admin::get_direct(&format!("http://127.0.0.1:{local}"), "/config").await;
+    let url = format!("http://127.0.0.1:{local}");
+    let mut out = Vec::with_capacity(N);
+    for p in paths {
+        out.push(crate::admin::get_direct(&url, p).await);
+    }
     let _ = child.kill().await;
-    text
+    out.try_into().map_err(|_| anyhow!("admin answers"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_breakers_live_state_comes_from_the_proxys_counters() {
+        let metrics = "# TYPE weft_breaker_ejected_endpoints gauge\n\
+            weft_breaker_ejected_endpoints{service=\"db.shop.5432\"} 2\n\
+            weft_breaker_ejected_endpoints{service=\"web.shop.80\"} 0\n\
+            weft_breaker_overloaded_total{service=\"db.shop.5432\",limit=\"max_requests\"} 7\n";
+        let live: Metrics = Ok(crate::prom::parse(metrics).unwrap());
+        let mut w = String::new();
+        breaker_live(&mut w, &live, "db.shop.5432", 3);
+        assert_eq!(
+            w,
+            "     now: 2 of 3 endpoint(s) ejected by outlier detection (which ones, the proxy does not expose)\n\
+             \x20    refused by pool limits since the proxy started: max_requests=7\n"
+        );
+        let mut w = String::new();
+        breaker_live(&mut w, &Err("connect refused".into()), "db.shop.5432", 3);
+        assert_eq!(w, "     live state not read (connect refused)\n");
+    }
 
     #[test]
     fn destinations_parse_as_service_host_port_or_url() {

@@ -8,6 +8,8 @@
 //! kubectl weft inject --config settings.yaml -f deploy.yaml
 //! kubectl weft stat deploy/web -n shop --window 10s
 //! kubectl weft explain client-7d9 http://web.shop/api -n shop -H x-user=1
+//! kubectl weft check --pre                                # before installing
+//! kubectl weft check -o json                              # after
 //! ```
 
 use std::{
@@ -39,15 +41,9 @@ enum Cmd {
     Inject(InjectArgs),
     /// Remove what `inject` (or the webhook) added.
     Uninject(FileArgs),
-    /// Check the installation, and list pods that opted in but run without the proxy.
-    Check {
-        /// Name of the operator's MutatingWebhookConfiguration.
-        #[arg(long, default_value = "weft-injector")]
-        webhook: String,
-        /// The operator's namespace (where its injection settings live).
-        #[arg(long, env = "WEFT_NAMESPACE", default_value = "weft-system")]
-        operator_namespace: String,
-    },
+    /// Check the cluster before installing (`--pre`), or the installed mesh: each check
+    /// passes, warns or fails with a hint; exits 1 when one fails.
+    Check(kubectl_weft::check::CheckArgs),
     /// Each meshed pod's proxy: the config version it runs, whether it is in sync, when
     /// the operator last heard from it.
     ProxyStatus(kubectl_weft::proxy_status::ProxyStatusArgs),
@@ -99,10 +95,7 @@ struct InjectArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (files, action, cfg) = match cli.command {
-        Cmd::Check {
-            webhook,
-            operator_namespace,
-        } => return check(&webhook, &operator_namespace),
+        Cmd::Check(args) => return check(&args),
         Cmd::ProxyStatus(args) => {
             return tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -190,7 +183,8 @@ fn inject_settings(args: &InjectArgs) -> anyhow::Result<(InjectConfig, Source)> 
     })
 }
 
-fn check(webhook: &str, operator_namespace: &str) -> anyhow::Result<()> {
+fn check(args: &kubectl_weft::check::CheckArgs) -> anyhow::Result<()> {
+    use kubectl_weft::check::Output;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -198,15 +192,18 @@ fn check(webhook: &str, operator_namespace: &str) -> anyhow::Result<()> {
         let client = kube::Client::try_default()
             .await
             .context("connecting to the cluster (KUBECONFIG)")?;
-        anyhow::Ok(kubectl_weft::check::run(client, webhook, operator_namespace).await)
+        anyhow::Ok(kubectl_weft::check::run(&client, args).await)
     })?;
-    std::io::stdout().write_all(report.text.as_bytes())?;
-    if report.failures > 0 {
-        anyhow::bail!(
-            "{} check(s) failed, {} warning(s)",
-            report.failures,
-            report.warnings
-        );
+    let text = match args.output {
+        Output::Text => report.to_text(),
+        Output::Json => report.to_json(if args.pre { "pre" } else { "post" }),
+    };
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()?;
+    if report.failures() > 0 {
+        // The report said what failed; the exit code is for scripts.
+        std::process::exit(1);
     }
     Ok(())
 }

@@ -228,6 +228,7 @@ mod tests {
             last_seen: 990,
             resources: 3,
             not_enforced: Some(vec!["Breaker shop/db".to_owned()]),
+            proxy: Some("weft-proxy 0.1.0".to_owned()),
         }
     }
 

@@ -26,7 +26,7 @@ struct Args {
     /// Where proxies subscribe to their config (HTTP/2, `weft.push.v1`).
     #[arg(long, env = "WEFT_PUSH_ADDR", default_value = "0.0.0.0:8090")]
     push_addr: SocketAddr,
-    /// Admin listener: /healthz, /readyz, /metrics, /proxies.
+    /// Admin listener: /healthz, /readyz, /metrics, /proxies, /version.
     #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     admin_addr: SocketAddr,
     /// The SPIFFE trust domain of workload identities.

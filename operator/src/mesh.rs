@@ -6,7 +6,7 @@
 //!            ┌── index::watch (7 watches) ──▶ SharedIndex ◀── push::serve (proxies)
 //! run(..) ───┼── status::lease ──leader──▶ status::StatusWriter ◀── Peers
 //!            ├── status::reports: publish this replica's ACKs, watch the peers' ──┘
-//!            └── admin: /healthz /readyz /metrics /proxies
+//!            └── admin: /healthz /readyz /metrics /proxies /version
 //! ```
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
@@ -36,7 +36,7 @@ use crate::{
 pub struct Settings {
     /// The push server's listener.
     pub push: TcpListener,
-    /// The admin listener (`/healthz`, `/readyz`, `/metrics`, `/proxies`).
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`, `/proxies`, `/version`).
     pub admin: Option<TcpListener>,
     /// The SPIFFE trust domain of endpoint identities.
     pub trust_domain: String,
@@ -193,6 +193,7 @@ pub fn proxy_rows(handles: &Handles) -> Vec<ProxyRow> {
                     .map(|n| format!("version {}: {}", n.version, n.reason)),
                 last_seen: s.last_seen,
                 resources: s.acked_resources.len(),
+                proxy: s.enforcement.as_ref().map(|e| e.proxy.clone()),
                 not_enforced: s.enforcement.map(|e| {
                     e.not_enforced
                         .iter()
@@ -245,6 +246,14 @@ async fn serve_admin(
                             StatusCode::OK,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                             metrics.encode(),
+                        ),
+                        "/version" => (
+                            StatusCode::OK,
+                            "application/json",
+                            serde_json::to_string(&weft_api::proxy_status::OperatorVersion {
+                                version: env!("CARGO_PKG_VERSION").to_owned(),
+                            })
+                            .unwrap_or_default(),
                         ),
                         "/proxies" => (
                             StatusCode::OK,

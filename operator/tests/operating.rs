@@ -314,11 +314,83 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
             format!("(generation {} of", config["generation"]),
             "(generation G of",
         ),
+        (backend.ip().to_string(), "BACKEND_IP"),
         (ns.clone(), "NS"),
     ];
     let mut text = explain(&format!("http://web.{ns}/fail/now"), &[]).await;
     text.push_str("---\n");
     text.push_str(&explain("web:80", &["--path", "/api?x=1", "-X", "post"]).await);
+
+    // The destination's side: a Policy on web's pods closes /admin and limits the rate;
+    // explain reads web-0's proxy's config and runs its authorization.
+    let policy: weft_crds::Policy = serde_json::from_value(json!({
+        "metadata": {"name": "web-admin"},
+        "spec": {"target": {"selector": {"matchLabels": {"app": "web"}}},
+                 "mtls": {"mode": "Permissive"},
+                 "defaultAction": "Allow",
+                 "rules": [{"action": "Deny", "to": [{"paths": [{"prefix": "/admin"}]}]}],
+                 "rateLimit": {"requestsPerSecond": 500, "burst": 1000}}
+    }))
+    .unwrap();
+    bed.api::<weft_crds::Policy>()
+        .patch(
+            "web-admin",
+            &kube::api::PatchParams::apply("weft-test").force(),
+            &kube::api::Patch::Apply(&policy),
+        )
+        .await
+        .unwrap();
+    eventually(WAIT, || async {
+        let (_, body) = http_get(w0.admin, "/config").await?;
+        ensure!(body.contains(&format!("{ns}/web-admin")), "{body}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let w0_config: Value =
+        serde_json::from_str(&http_get(w0.admin, "/config").await.unwrap().1).unwrap();
+    let to_web0 = [
+        "--to-pod",
+        "web-0",
+        "--to-admin-url",
+        &format!("http://{}", w0.admin),
+    ];
+    let denied = explain(&format!("http://web.{ns}/admin/users"), &to_web0).await;
+    text.push_str("---\n");
+    text.push_str(&denied);
+    let mut json_args = to_web0.to_vec();
+    json_args.extend(["-o", "json"]);
+    let allowed: Value =
+        serde_json::from_str(&explain(&format!("http://web.{ns}/api"), &json_args).await).unwrap();
+    let d = &allowed["destination"];
+    assert_eq!(d["pod"], format!("{ns}/web-0"), "{allowed:#}");
+    assert_eq!(d["verdict"], "allowed", "{allowed:#}");
+    assert_eq!(
+        d["policies"],
+        json!([format!("{ns}/web-admin")]),
+        "{allowed:#}"
+    );
+    assert_eq!(d["mtlsMode"], "permissive", "{allowed:#}");
+    assert!(
+        d["rateLimit"]
+            .as_str()
+            .unwrap()
+            .contains("500 requests/s, burst 1000"),
+        "{allowed:#}"
+    );
+    assert_eq!(allowed["schemaVersion"], 1);
+    assert_eq!(allowed["steps"][0]["title"], "destination", "{allowed:#}");
+    // What explain says, the destination proxy does.
+    let r = http_request(w0.inbound.unwrap(), "/admin/users")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.header("weft-error")),
+        (403, Some("forbidden")),
+        "{r:?}"
+    );
+    let r = http_request(w0.inbound.unwrap(), "/api").await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
     // The operator's versions move with the bed's other resources: mask them too.
     let text: String = text
         .lines()
@@ -333,6 +405,13 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
         .collect::<Vec<_>>()
         .join("\n")
         + "\n";
+    let text = text.replace(
+        &format!(
+            "(proxy config version {})",
+            w0_config["version"].as_str().unwrap()
+        ),
+        "(proxy config version W)",
+    );
     golden("explain.txt", &mask(&text, &volatile));
 
     drop(proxies);

@@ -1,0 +1,242 @@
+//! The judging half of `check`, over objects as the API server would return them.
+
+use k8s_openapi::{
+    ByteString,
+    api::{apps::v1::Deployment, coordination::v1::Lease, core::v1::Secret},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+};
+use serde_json::json;
+use weft_api::proxy_status::ProxyRow;
+
+use super::*;
+
+const NOW: i64 = 1_800_000_000;
+const DAY: i64 = 86_400;
+
+fn established(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    crd.status = Some(
+        serde_json::from_value(json!({"conditions": [
+            {"type": "Established", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z", "reason": "InitialNamesAccepted", "message": ""}
+        ]}))
+        .unwrap(),
+    );
+    crd
+}
+
+fn pairs() -> Vec<(CustomResourceDefinition, Option<CustomResourceDefinition>)> {
+    weft_crds::all()
+        .into_iter()
+        .map(|(_, c)| (c.clone(), Some(established(c))))
+        .collect()
+}
+
+#[test]
+fn crds_as_built_pass_and_a_version_not_served_or_a_missing_crd_fails() {
+    let healthy = evaluate_crds(&pairs());
+    assert_eq!(healthy.status, Status::Ok, "{healthy:?}");
+    assert!(healthy.message.contains("serving v1alpha1"), "{healthy:?}");
+
+    let mut p = pairs();
+    p[0].1.as_mut().unwrap().spec.versions[0].served = false;
+    p[2].1 = None;
+    let f = evaluate_crds(&p);
+    assert_eq!(f.status, Status::Fail);
+    assert_eq!(
+        f.message,
+        "routes.weft.dev does not serve version v1alpha1\nbreakers.weft.dev is missing"
+    );
+    assert!(f.hint.unwrap().starts_with("kubectl apply -f crds/"));
+
+    let mut p = pairs();
+    p[1].1.as_mut().unwrap().spec.versions[0].schema = None;
+    let f = evaluate_crds(&p);
+    assert_eq!(f.status, Status::Warn, "{f:?}");
+    assert!(f.message.contains("policies.weft.dev v1alpha1"), "{f:?}");
+}
+
+fn deployment(replicas: i32, ready: Option<i32>) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": "weft-operator", "namespace": "weft-system"},
+        "spec": {"replicas": replicas, "selector": {}, "template": {}},
+        "status": {"readyReplicas": ready}
+    }))
+    .unwrap()
+}
+
+#[test]
+fn replicas_all_ready_pass_some_warn_none_fail() {
+    let at = "weft-system/weft-operator";
+    assert_eq!(
+        evaluate_replicas(at, Some(&deployment(2, Some(2)))).status,
+        Status::Ok
+    );
+    assert_eq!(
+        evaluate_replicas(at, Some(&deployment(2, Some(1)))).status,
+        Status::Warn
+    );
+    let none = evaluate_replicas(at, Some(&deployment(2, None)));
+    assert_eq!(none.status, Status::Fail);
+    assert_eq!(
+        none.message,
+        "Deployment weft-system/weft-operator: 0 of 2 replicas ready"
+    );
+    assert_eq!(evaluate_replicas(at, None).status, Status::Fail);
+}
+
+fn lease(holder: Option<&str>, renewed: i64) -> Lease {
+    let mut l: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "weft-operator"},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15}
+    }))
+    .unwrap();
+    l.spec.as_mut().unwrap().renew_time = Some(MicroTime(
+        k8s_openapi::jiff::Timestamp::from_second(renewed).unwrap(),
+    ));
+    l
+}
+
+#[test]
+fn a_lease_renewed_within_its_duration_is_live_and_a_stale_one_fails() {
+    let at = "weft-system/weft-operator";
+    assert_eq!(
+        evaluate_lease(at, Some(&lease(Some("op-1"), NOW - 3)), NOW).status,
+        Status::Ok
+    );
+    let stale = evaluate_lease(at, Some(&lease(Some("op-1"), NOW - 60)), NOW);
+    assert_eq!(stale.status, Status::Fail);
+    assert!(stale.message.contains("last renewed 60s ago"), "{stale:?}");
+    assert_eq!(
+        evaluate_lease(at, Some(&lease(None, NOW)), NOW).status,
+        Status::Fail
+    );
+    assert_eq!(evaluate_lease(at, None, NOW).status, Status::Fail);
+}
+
+fn root_pem(not_after: i64) -> String {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "weft identity root");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.not_before = time_of(NOW - DAY);
+    p.not_after = time_of(not_after);
+    p.self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap()
+        .pem()
+}
+
+fn time_of(secs: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(secs).unwrap()
+}
+
+fn secret(ca: &str) -> Secret {
+    Secret {
+        data: Some([("ca.crt".to_owned(), ByteString(ca.as_bytes().to_vec()))].into()),
+        ..Secret::default()
+    }
+}
+
+#[test]
+fn a_trust_root_under_60_days_fails_and_one_beyond_passes() {
+    let at = "weft-system/weft-identity";
+    let long = evaluate_trust_root(at, Some(&secret(&root_pem(NOW + 400 * DAY))), NOW);
+    assert_eq!(long.status, Status::Ok, "{long:?}");
+    assert!(long.message.contains("(400 days)"), "{long:?}");
+    let soon = evaluate_trust_root(at, Some(&secret(&root_pem(NOW + 30 * DAY))), NOW);
+    assert_eq!(soon.status, Status::Fail);
+    assert!(
+        soon.message.contains("expires in 30 days") && soon.message.contains("under 60"),
+        "{soon:?}"
+    );
+    let gone = evaluate_trust_root(at, Some(&secret(&root_pem(NOW - 1))), NOW);
+    assert_eq!(gone.status, Status::Fail);
+    assert!(gone.message.contains("expired on"), "{gone:?}");
+    assert_eq!(evaluate_trust_root(at, None, NOW).status, Status::Warn);
+    assert_eq!(
+        evaluate_trust_root(at, Some(&secret("junk")), NOW).status,
+        Status::Fail
+    );
+}
+
+fn row(pod: &str, acked: u64, desired: u64, proxy: Option<&str>) -> ProxyRow {
+    ProxyRow {
+        pod: pod.into(),
+        connected: true,
+        desired_version: Some(desired),
+        acked_version: Some(acked),
+        in_sync: acked == desired,
+        rejected: None,
+        last_seen: 0,
+        resources: 0,
+        not_enforced: Some(vec![]),
+        proxy: proxy.map(str::to_owned),
+    }
+}
+
+#[test]
+fn each_meshed_pod_needs_a_proxy_in_sync_and_not_older_than_the_operator() {
+    let pods = vec!["shop/a".to_owned(), "shop/b".to_owned()];
+    let current = Some("weft-proxy 0.2.0");
+    let ok = evaluate_proxies(
+        &pods,
+        &[row("shop/a", 3, 3, current), row("shop/b", 4, 4, current)],
+        "0.2.0",
+    );
+    assert_eq!(ok.status, Status::Ok, "{ok:?}");
+
+    let stale = evaluate_proxies(
+        &pods,
+        &[
+            row("shop/a", 3, 5, current),
+            row("shop/b", 4, 4, Some("weft-proxy 0.1.9")),
+        ],
+        "0.2.0",
+    );
+    assert_eq!(stale.status, Status::Fail);
+    assert_eq!(
+        stale.message,
+        "1 proxy(ies) older than the operator: shop/b (weft-proxy 0.1.9)\n\
+         1 proxy(ies) out of sync: shop/a (runs version 3, the operator wants 5)"
+    );
+
+    let missing = evaluate_proxies(&pods, &[row("shop/a", 3, 3, current)], "0.2.0");
+    assert_eq!(missing.status, Status::Fail);
+    assert!(
+        missing
+            .message
+            .contains("not connected to the operator: shop/b"),
+        "{missing:?}"
+    );
+
+    let mut rejected = row("shop/b", 4, 5, current);
+    rejected.rejected = Some("version 5: bad regex".to_owned());
+    let f = evaluate_proxies(&pods, &[row("shop/a", 3, 3, current), rejected], "0.2.0");
+    assert!(
+        f.message
+            .contains("rejected its config: shop/b (version 5: bad regex)"),
+        "{f:?}"
+    );
+
+    let silent = evaluate_proxies(
+        &pods,
+        &[row("shop/a", 3, 3, current), row("shop/b", 4, 4, None)],
+        "0.2.0",
+    );
+    assert_eq!(silent.status, Status::Warn, "{silent:?}");
+}
+
+#[test]
+fn webhook_urls_split_into_host_and_port() {
+    assert_eq!(
+        split_https_url("https://127.0.0.1:8443/inject"),
+        Some(("127.0.0.1".to_owned(), 8443))
+    );
+    assert_eq!(
+        split_https_url("https://[::1]:9443/inject"),
+        Some(("[::1]".to_owned(), 9443))
+    );
+    assert_eq!(
+        split_https_url("https://hooks.example/inject"),
+        Some(("hooks.example".to_owned(), 443))
+    );
+    assert_eq!(split_https_url("http://x/inject"), None);
+}
