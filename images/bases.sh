@@ -2,10 +2,10 @@
 # Dockerfile names by default (no registry is reachable from the machines this project is
 # built on). Sourced by images/build, which defines `bah` (buildah on the project's own
 # storage), STATE, SUITE and MIRROR. Any change to this file rebuilds the bases: its hash
-# is part of their recipe label.
+# is part of their recipe annotation.
 #
 #   debootstrap --variant=minbase ─▶ weft-base/debian:bookworm-slim  (PROXY_BASE)
-#                                     ├─ + gcc, libc6-dev, ca-certificates
+#                                     ├─ + gcc, libc6-dev, ca-certificates (+ the host's extra CAs)
 #                                     │  + the host's Rust toolchain ─▶ weft-base/rust:1.95-bookworm (BUILDER_IMAGE)
 #                                     └─ files of libc6, libgcc-s1, ca-certificates, tzdata,
 #                                        netbase, base-files; nonroot user ─▶ weft-base/distroless-cc:bookworm (OPERATOR_BASE)
@@ -13,7 +13,9 @@
 BASE_SLIM=localhost/weft-base/debian:bookworm-slim
 BASE_RUST=localhost/weft-base/rust:1.95-bookworm
 BASE_CC=localhost/weft-base/distroless-cc:bookworm
-RECIPE_LABEL=dev.weft.base.recipe
+# An annotation, not a label: labels are inherited by every image built FROM a base.
+RECIPE_ANNOTATION=dev.weft.base.recipe
+HOST_EXTRA_CAS=/usr/local/share/ca-certificates
 
 # The recipe of the bases: this file, the suite, and the Rust toolchain copied in.
 base_recipe() {
@@ -21,12 +23,13 @@ base_recipe() {
     sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1
     echo "$SUITE $MIRROR"
     rustc --version --verbose
+    cat "$HOST_EXTRA_CAS"/*.crt 2>/dev/null || true
   } | sha256sum | cut -c1-16
 }
 
 # The recipe label of a local image, or nothing when it does not exist.
 image_recipe() {
-  bah inspect --type image --format "{{index .OCIv1.Config.Labels \"$RECIPE_LABEL\"}}" "$1" 2>/dev/null || true
+  bah inspect --type image --format "{{index .ImageAnnotations \"$RECIPE_ANNOTATION\"}}" "$1" 2>/dev/null || true
 }
 
 # Commits the rootfs directory $1 as image $2 (config: $3...).
@@ -38,7 +41,7 @@ commit_rootfs() {
   mnt=$(bah mount "$ctr")
   tar -C "$rootfs" -c --numeric-owner . | tar -C "$mnt" -x --numeric-owner
   bah umount "$ctr" >/dev/null
-  bah config --os linux --arch amd64 --label "$RECIPE_LABEL=$RECIPE" "$@" "$ctr"
+  bah config --os linux --arch amd64 --annotation "$RECIPE_ANNOTATION=$RECIPE" "$@" "$ctr"
   bah commit --quiet --rm "$ctr" "$name" >/dev/null
 }
 
@@ -141,7 +144,7 @@ build_bases() {
   # writes the bundle); slim itself has none, like debian:bookworm-slim.
   local ctr mnt sysroot
   ctr=$(bah from --pull=never "$BASE_SLIM")
-  bah run --isolation chroot "$ctr" -- sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ca-certificates >/dev/null'
+  bah run --isolation chroot "$ctr" -- sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ca-certificates netbase tzdata >/dev/null'
   mnt=$(bah mount "$ctr")
   make_cc_rootfs "$mnt" "$work/cc"
   bah umount "$ctr" >/dev/null
@@ -156,6 +159,13 @@ build_bases() {
   bah run --isolation chroot "$ctr" -- sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev ca-certificates >/dev/null && rm -rf /var/lib/apt/lists/*'
   sysroot=$(rustc --print sysroot)
   mnt=$(bah mount "$ctr")
+  # This machine's extra trust anchors (a TLS-inspecting egress proxy's CA, say), so
+  # that cargo in the builder reaches crates.io as cargo on the host does. The builder
+  # only: no runtime image carries them.
+  if compgen -G "$HOST_EXTRA_CAS/*.crt" >/dev/null; then
+    cp "$HOST_EXTRA_CAS"/*.crt "$mnt/usr/local/share/ca-certificates/"
+    bah run --isolation chroot "$ctr" -- update-ca-certificates >/dev/null
+  fi
   mkdir -p "$mnt/usr/local/rust" "$mnt/usr/local/cargo/bin"
   cp -a "$sysroot/bin" "$sysroot/lib" "$sysroot/libexec" "$mnt/usr/local/rust/"
   rm -rf "$mnt/usr/local/rust/lib/rustlib/"*.toml "$mnt/usr/local/rust/lib/rustlib/manifest-rust-docs"*
@@ -163,7 +173,7 @@ build_bases() {
     ln -s "../../rust/bin/$tool" "$mnt/usr/local/cargo/bin/$tool"
   done
   bah umount "$ctr" >/dev/null
-  bah config --label "$RECIPE_LABEL=$RECIPE" \
+  bah config --annotation "$RECIPE_ANNOTATION=$RECIPE" \
     --env CARGO_HOME=/usr/local/cargo \
     --env PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     "$ctr"
