@@ -23,7 +23,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::OnceLock,
     time::{Duration, Instant},
 };
@@ -128,6 +128,17 @@ fn image_id(image: &str) -> String {
         .to_owned()
 }
 
+/// The image config's `Env`, as a runtime starts a container with it.
+fn image_env(config: &Value) -> BTreeMap<String, String> {
+    strings(&config["Env"])
+        .into_iter()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .unwrap_or_else(|| panic!("{v} is not an array"))
@@ -161,6 +172,29 @@ impl Rootfs {
             .env_clear()
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
         cmd
+    }
+
+    /// Starts `argv` in the rootfs as a container runtime would: as `uid`, with only `env`,
+    /// the root file system read-only (as the injector and the chart set it), `/proc` and
+    /// `/dev` mounted; in a mount namespace of its own. The child is `argv[0]` itself (the
+    /// shell and chroot exec), so a signal to it reaches the binary.
+    fn spawn(&self, uid: u32, argv: &[String], env: &BTreeMap<String, String>) -> Child {
+        let script = format!(
+            "set -e; R='{root}'; mount --bind \"$R\" \"$R\"; mount -o remount,bind,ro \"$R\"\n\
+             {CONTAINER_MOUNTS}\
+             exec chroot --userspec={uid}:{uid} \"$R\" {argv}",
+            root = self.path.display(),
+            argv = shell_words(argv)
+        );
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(&script)
+            .env_clear()
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 
     fn exists(&self, path: &str) -> bool {
@@ -379,6 +413,20 @@ fn injected_init_container_installs_the_redirect_with_the_images_iptables() {
     assert!(lo.contains("inet6 ::6/128"), "lo:\n{lo}");
 }
 
+/// SIGTERM, then the process's standard error (SIGKILL if it outlives 10 s).
+fn stop(mut child: Child) -> String {
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Still ours: not reaped yet, so the pid cannot have been reused.
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A free loopback port (the proxy binds it; a race with another binder is possible but
 /// only on a busy machine, and shows as a bind error in the failure message).
 fn free_port() -> u16 {
@@ -416,13 +464,7 @@ fn proxy_serves_from_a_read_only_image_as_its_user() {
     let (_, container) = injected();
     let mut argv = strings(&config["Entrypoint"]);
     argv.extend(container.args.unwrap());
-    let mut env: BTreeMap<String, String> = strings(&config["Env"])
-        .into_iter()
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap();
-            (k.to_owned(), v.to_owned())
-        })
-        .collect();
+    let mut env = image_env(&config);
     for var in container.env.unwrap() {
         let value = var.value.unwrap_or_else(|| "images-test".to_owned());
         env.insert(var.name, value);
@@ -436,23 +478,7 @@ fn proxy_serves_from_a_read_only_image_as_its_user() {
         assert!(env.contains_key(name), "the injector sets {name}");
         env.insert(name.to_owned(), value);
     }
-    let script = format!(
-        "set -e; R='{root}'; mount --bind \"$R\" \"$R\"; mount -o remount,bind,ro \"$R\"\n\
-         {CONTAINER_MOUNTS}\
-         exec chroot --userspec={uid}:{uid} \"$R\" {argv}",
-        root = rootfs.path.display(),
-        uid = cfg.proxy_uid,
-        argv = shell_words(&argv)
-    );
-    let mut child = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(&script)
-        .env_clear()
-        .envs(&env)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = rootfs.spawn(u32::try_from(cfg.proxy_uid).unwrap(), &argv, &env);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut live = None;
     while Instant::now() < deadline {
@@ -466,11 +492,7 @@ fn proxy_serves_from_a_read_only_image_as_its_user() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let running = child.try_wait().unwrap().is_none();
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
+    let log = stop(child);
     assert!(running, "the proxy exited early:\n{log}");
     let live = live.unwrap_or_else(|| panic!("no answer on /live within 20 s:\n{log}"));
     assert!(live.starts_with("HTTP/1.1 200"), "{live}\n{log}");
@@ -510,4 +532,70 @@ fn a_second_build_with_nothing_changed_changes_nothing() {
         written,
         "the archive was rewritten"
     );
+}
+
+#[test]
+#[ignore = "builds images: needs root, buildah and the network; run with `make images-test`"]
+fn operator_from_its_image_reaches_the_api_server_and_takes_the_lease() {
+    let bed = weft_e2e::shared::testbed();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (client, ns) = rt.block_on(async {
+        let client = weft_e2e::shared::client().await.unwrap();
+        weft_e2e::shared::install_crds(&client).await.unwrap();
+        let ns = weft_e2e::shared::namespace(&client, "images")
+            .await
+            .unwrap();
+        (client, ns)
+    });
+    let image = operator_image();
+    let config = config(&image);
+    let rootfs = Rootfs::of(&image);
+    // A self-contained kubeconfig (certificates inline) the image's user can read, in the
+    // container's own writable layer, as a mounted Secret would be.
+    let kubeconfig = stdout(bed.kubectl().args(["config", "view", "--raw", "--flatten"]));
+    let home = rootfs.path.join("home/nonroot");
+    std::fs::write(home.join("kubeconfig"), kubeconfig).unwrap();
+    run(Command::new("chown")
+        .arg(format!("{OPERATOR_UID}:{OPERATOR_UID}"))
+        .arg(home.join("kubeconfig")));
+
+    let admin = free_port();
+    let mut argv = strings(&config["Entrypoint"]);
+    argv.extend([
+        format!("--push-addr=127.0.0.1:{}", free_port()),
+        format!("--admin-addr=127.0.0.1:{admin}"),
+        format!("--identity-addr=127.0.0.1:{}", free_port()),
+        format!("--lease-namespace={ns}"),
+        format!("--watch-namespace={ns}"),
+        "--identity=from-image".to_owned(),
+        "--no-webhook".to_owned(),
+    ]);
+    let mut env = image_env(&config);
+    env.insert(
+        "KUBECONFIG".to_owned(),
+        "/home/nonroot/kubeconfig".to_owned(),
+    );
+    let child = rootfs.spawn(OPERATOR_UID, &argv, &env);
+
+    // The status writer's Lease, held by this process: it authenticated to the API server
+    // over TLS with the image's own libraries, as the image's user, on a read-only root.
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(client, &ns);
+    let held = rt.block_on(weft_e2e::shared::eventually(
+        Duration::from_secs(60),
+        || {
+            let leases = leases.clone();
+            async move {
+                let lease = leases.get("weft-operator").await?;
+                let holder = lease.spec.and_then(|s| s.holder_identity);
+                anyhow::ensure!(holder.as_deref() == Some("from-image"), "holder {holder:?}");
+                Ok(())
+            }
+        },
+    ));
+    let ready = get(admin, "/readyz");
+    let log = stop(child);
+    held.unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{log}"));
+    let ready = ready.unwrap_or_else(|| panic!("no answer on /readyz\n{log}"));
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}\n{log}");
 }
