@@ -123,9 +123,16 @@ fn config(image: &str) -> Value {
 
 fn image_id(image: &str) -> String {
     built();
-    buildah(&["inspect", "--type", "image", "--format", "{{.FromImageID}}", image])
-        .trim()
-        .to_owned()
+    buildah(&[
+        "inspect",
+        "--type",
+        "image",
+        "--format",
+        "{{.FromImageID}}",
+        image,
+    ])
+    .trim()
+    .to_owned()
 }
 
 /// The image config's `Env`, as a runtime starts a container with it.
@@ -170,7 +177,10 @@ impl Rootfs {
             .arg(&self.path)
             .args(argv)
             .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            );
         cmd
     }
 
@@ -288,7 +298,12 @@ fn proxy_image_runs_as_the_uid_the_injector_exempts() {
     let (init, proxy) = injected();
     for c in [&init, &proxy] {
         assert_eq!(c.command, None, "{}", c.name);
-        assert_eq!(c.image.as_deref(), Some(proxy_image().as_str()), "{}", c.name);
+        assert_eq!(
+            c.image.as_deref(),
+            Some(proxy_image().as_str()),
+            "{}",
+            c.name
+        );
     }
     assert_labels(&config, "weft-proxy");
 }
@@ -313,7 +328,10 @@ fn binaries_run_from_their_images_as_the_images_users() {
     let proxy = Rootfs::of(&proxy_image());
     let out = stdout(&mut proxy.command(
         u32::try_from(cfg.proxy_uid).unwrap(),
-        &["/usr/local/bin/weft-proxy".to_owned(), "--version".to_owned()],
+        &[
+            "/usr/local/bin/weft-proxy".to_owned(),
+            "--version".to_owned(),
+        ],
     ));
     assert_eq!(out.trim(), format!("weft-proxy {version}"));
 
@@ -387,7 +405,15 @@ fn injected_init_container_installs_the_redirect_with_the_images_iptables() {
     );
     let out = String::from_utf8(
         run(Command::new("unshare")
-            .args(["--net", "--mount", "--propagation", "private", "--", "sh", "-c"])
+            .args([
+                "--net",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+            ])
             .arg(&script))
         .stdout,
     )
@@ -471,9 +497,18 @@ fn proxy_serves_from_a_read_only_image_as_its_user() {
     }
     for (name, value) in [
         (keys::env::ADMIN_ADDR, format!("127.0.0.1:{admin}")),
-        (keys::env::OUTBOUND_ADDR, format!("127.0.0.1:{}", free_port())),
-        (keys::env::INBOUND_ADDR, format!("127.0.0.1:{}", free_port())),
-        (keys::env::OPERATOR_ADDR, format!("127.0.0.1:{}", free_port())),
+        (
+            keys::env::OUTBOUND_ADDR,
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        (
+            keys::env::INBOUND_ADDR,
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        (
+            keys::env::OPERATOR_ADDR,
+            format!("127.0.0.1:{}", free_port()),
+        ),
     ] {
         assert!(env.contains_key(name), "the injector sets {name}");
         env.insert(name.to_owned(), value);
@@ -507,9 +542,14 @@ fn archives_name_the_images_for_ctr_import() {
     ] {
         let id = image_id(&image);
         let archive = state_dir().join("out").join(file);
-        let manifest = stdout(Command::new("tar").arg("-xOf").arg(&archive).arg("manifest.json"));
+        let manifest = stdout(
+            Command::new("tar")
+                .arg("-xOf")
+                .arg(&archive)
+                .arg("manifest.json"),
+        );
         let manifest: Value = serde_json::from_str(&manifest).unwrap();
-        assert_eq!(strings(&manifest[0]["RepoTags"]), [image.clone()]);
+        assert_eq!(strings(&manifest[0]["RepoTags"]), vec![image.clone()]);
         // The archive holds this build's image, not an older one.
         assert_eq!(manifest[0]["Config"], format!("{id}.json"), "{image}");
     }
