@@ -1,0 +1,13 @@
+# Commands that are not a plain cargo invocation. The tests remain `cargo test --workspace`.
+
+.PHONY: images images-test
+
+# The proxy and operator images from the Dockerfile, with buildah (no daemon, no
+# registry); cached when nothing changed. See docs/images.md.
+images:
+	images/build
+
+# Builds the images (cached) and checks them: image config, binaries run from each
+# image's file system, the injected init container in a network namespace, archives.
+images-test:
+	cargo test -p weft-e2e --test images --locked -- --ignored
