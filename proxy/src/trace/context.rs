@@ -134,6 +134,10 @@ impl Incoming {
             incoming.ids = Some((trace, span));
             incoming.sampled = sampled;
             incoming.w3c = true;
+            // W3C has no debug flag: B3's, when it came along, is kept.
+            if sampled == Sampled::Yes && b3_debug(headers) {
+                incoming.sampled = Sampled::Debug;
+            }
             return incoming;
         }
         if b3_single && let Some((ids, sampled)) = headers.get(B3).and_then(|v| parse_b3(v.as_bytes())) {
@@ -317,6 +321,15 @@ fn parse_b3(v: &[u8]) -> Option<B3Context> {
     Some((Some((trace, span)), sampled))
 }
 
+/// Whether B3 headers carry the debug flag.
+fn b3_debug(headers: &HeaderMap) -> bool {
+    let single = headers
+        .get(B3)
+        .and_then(|v| parse_b3(v.as_bytes()))
+        .is_some_and(|(_, s)| s == Sampled::Debug);
+    single || headers.get(B3_FLAGS).is_some_and(|v| v == "1")
+}
+
 fn b3_state(s: &str) -> Option<Sampled> {
     match s {
         "1" => Some(Sampled::Yes),
@@ -385,4 +398,170 @@ fn hex(bytes: &[u8]) -> String {
     let mut out = vec![0u8; bytes.len() * 2];
     hex_into(bytes, &mut out);
     String::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn reads_traceparent() {
+        let i = Incoming::read(&headers(&[("traceparent", TP)]));
+        let (t, s) = i.ids.unwrap();
+        assert_eq!(t.to_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(s.to_hex(), "00f067aa0ba902b7");
+        assert_eq!(i.sampled, Sampled::Yes);
+        assert!(i.w3c);
+        let i = Incoming::read(&headers(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        )]));
+        assert_eq!(i.sampled, Sampled::No);
+        // A later version may add fields.
+        let i = Incoming::read(&headers(&[(
+            "traceparent",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        )]));
+        assert!(i.ids.is_some());
+    }
+
+    #[test]
+    fn malformed_traceparents_are_ignored() {
+        for bad in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            let i = Incoming::read(&headers(&[("traceparent", bad)]));
+            assert_eq!(i.ids, None, "{bad}");
+            assert!(!i.w3c, "{bad}");
+        }
+    }
+
+    #[test]
+    fn reads_b3_single_and_multi() {
+        let i = Incoming::read(&headers(&[(
+            "b3",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90",
+        )]));
+        assert_eq!(
+            i.ids.unwrap().0.to_hex(),
+            "80f198ee56343ba864fe8b2a57d3eff7"
+        );
+        assert_eq!(i.sampled, Sampled::Yes);
+        assert!(i.b3_single && !i.b3_multi && !i.w3c);
+        assert_eq!(Incoming::read(&headers(&[("b3", "0")])).sampled, Sampled::No);
+        assert_eq!(Incoming::read(&headers(&[("b3", "d")])).ids, None);
+        let i = Incoming::read(&headers(&[("b3", "463ac35c9f6413ad-e457b5a2e4d86bd1")]));
+        assert_eq!(i.sampled, Sampled::Deferred);
+        assert_eq!(
+            i.ids.unwrap().0.to_hex(),
+            "0000000000000000463ac35c9f6413ad"
+        );
+
+        let i = Incoming::read(&headers(&[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-flags", "1"),
+        ]));
+        assert_eq!(i.ids.unwrap().1.to_hex(), "a2fb4a1d1a96d312");
+        assert_eq!(i.sampled, Sampled::Debug);
+        assert!(i.b3_multi);
+        let i = Incoming::read(&headers(&[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "false"),
+        ]));
+        assert_eq!(i.sampled, Sampled::No);
+    }
+
+    #[test]
+    fn traceparent_wins_over_b3() {
+        let i = Incoming::read(&headers(&[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("traceparent", TP),
+        ]));
+        assert_eq!(
+            i.ids.unwrap().0.to_hex(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert!(i.w3c && i.b3_multi);
+    }
+
+    #[test]
+    fn decisions_hold_and_the_rate_decides_the_rest() {
+        let mut rng = rand::rng();
+        let sampled = Incoming::read(&headers(&[("traceparent", TP)]));
+        assert!(Hop::continue_or_start(&sampled, 0.0, &mut rng).sampled);
+        let none = Incoming::read(&HeaderMap::new());
+        assert!(!Hop::continue_or_start(&none, 0.0, &mut rng).sampled);
+        assert!(Hop::continue_or_start(&none, 1.0, &mut rng).sampled);
+        let n = (0..10_000)
+            .filter(|_| Hop::continue_or_start(&none, 0.1, &mut rng).sampled)
+            .count();
+        assert!((700..1300).contains(&n), "{n} of 10000 at 0.1");
+        let hop = Hop::continue_or_start(&sampled, 0.0, &mut rng);
+        assert_eq!(hop.parent.unwrap().to_hex(), "00f067aa0ba902b7");
+        assert_ne!(hop.span_id, hop.parent.unwrap());
+    }
+
+    #[test]
+    fn writes_traceparent_and_the_b3_forms_that_came_in() {
+        let mut h = headers(&[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "1"),
+            ("tracestate", "stale=1"),
+        ]);
+        let i = Incoming::read(&h);
+        let hop = Hop::continue_or_start(&i, 0.0, &mut rand::rng());
+        hop.write(&i, &mut h);
+        let span = hop.span_id.to_hex();
+        assert_eq!(
+            h["traceparent"],
+            format!("00-0000000000000000463ac35c9f6413ad-{span}-01").as_str()
+        );
+        assert_eq!(h["x-b3-traceid"], "463ac35c9f6413ad");
+        assert_eq!(h["x-b3-spanid"], span.as_str());
+        assert_eq!(h["x-b3-parentspanid"], "a2fb4a1d1a96d312");
+        assert_eq!(h["x-b3-sampled"], "1");
+        assert!(!h.contains_key("b3"));
+        // Not from a valid traceparent: the vendor state does not belong to this trace.
+        assert!(!h.contains_key("tracestate"));
+
+        let mut h = headers(&[("traceparent", TP), ("tracestate", "v=1"), ("b3", "1")]);
+        let i = Incoming::read(&h);
+        let hop = Hop::continue_or_start(&i, 0.0, &mut rand::rng());
+        hop.write(&i, &mut h);
+        assert_eq!(h["tracestate"], "v=1");
+        assert_eq!(
+            h["b3"],
+            format!(
+                "4bf92f3577b34da6a3ce929d0e0e4736-{}-1-00f067aa0ba902b7",
+                hop.span_id
+            )
+            .as_str()
+        );
+        // What the proxy writes, it reads back as the same context.
+        let again = Incoming::read(&h);
+        assert_eq!(again.ids, Some((hop.trace_id, hop.span_id)));
+    }
 }

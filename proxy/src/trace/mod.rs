@@ -410,4 +410,36 @@ mod tests {
             assert!(bad.parse::<Collector>().is_err(), "{bad}");
         }
     }
+
+    /// With the export task stalled (never run here), spans beyond the queue are
+    /// dropped and counted, and finishing a span returns at once.
+    #[test]
+    fn a_full_queue_costs_spans_not_waiting() {
+        let metrics = TraceMetrics::default();
+        let (tracer, _exporter) = Tracer::new(
+            TraceConfig {
+                collector: "127.0.0.1:4317".parse().unwrap(),
+                sampling: Sampling(1.0),
+                resource: Vec::new(),
+            },
+            metrics.clone(),
+        );
+        let started = Instant::now();
+        for _ in 0..SPAN_QUEUE + 10 {
+            let (_, hop) = tracer.begin(&HeaderMap::new());
+            OpenSpan::new(
+                tracer.clone(),
+                hop,
+                Direction::Outbound,
+                SystemTime::now(),
+                Instant::now(),
+                Method::GET,
+                "web".into(),
+                "/".into(),
+            )
+            .finish();
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(metrics.dropped_total(DropReason::QueueFull), 10);
+    }
 }
