@@ -11,6 +11,7 @@ use tokio::{
     sync::Notify,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use weft_proxy::{
     LocalPorts, Proxy,
     config::PortSet,
@@ -482,7 +483,11 @@ async fn serve(
             );
             let _ = proxy.tracer.set(tracer);
             tracing::info!(%collector, sampling = %args.trace_sampling, "tracing on");
-            Some(tokio::spawn(exporter.run(admin_stop.clone())))
+            Some(tokio::spawn(
+                exporter
+                    .run(admin_stop.clone())
+                    .instrument(tracing::info_span!("trace_export")),
+            ))
         }
         None => None,
     };
@@ -593,8 +598,8 @@ async fn serve(
         let _ = t.await;
     }
     if let Some(t) = trace_task {
-        // The last spans go out once, within the export timeout.
-        let _ = t.await;
+        // The last spans go out once, within one export timeout.
+        let _ = tokio::time::timeout(weft_proxy::trace::export::EXPORT_TIMEOUT, t).await;
     }
     Ok(())
 }
