@@ -88,7 +88,8 @@ pub struct Entry {
     /// The `weft-error` reason, when the proxy answered itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The W3C `traceparent` trace id, or B3's `x-b3-traceid`.
+    /// The request's trace: with tracing on, the one the proxy continued or started;
+    /// otherwise the W3C `traceparent` trace id, or B3's `x-b3-traceid`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
 }

@@ -89,7 +89,7 @@ impl Receiver {
     }
 
     /// The spans once there are at least `n` (within 10 s), then after one more export
-    /// interval, so that a span too many would have arrived too.
+    /// interval and a second, so that a span too many would have arrived too.
     async fn settled(&self, n: usize) -> Vec<Span> {
         let r = self.clone();
         eventually(Duration::from_secs(10), &format!("{n} spans exported"), || {
@@ -97,7 +97,7 @@ impl Receiver {
             async move { r.spans().len() >= n }
         })
         .await;
-        tokio::time::sleep(weft_proxy::trace::FLUSH_INTERVAL + Duration::from_millis(300)).await;
+        tokio::time::sleep(weft_proxy::trace::FLUSH_INTERVAL + Duration::from_secs(1)).await;
         self.spans()
     }
 }
@@ -352,7 +352,7 @@ async fn sampling_zero_exports_nothing_unless_the_caller_sampled() {
     );
     let (trace_id, _, flags) = traceparent(&m.app.last().header_values("traceparent")[0]);
     assert_eq!((trace_id.as_str(), flags.as_str()), ("11111111111111111111111111111111", "00"));
-    tokio::time::sleep(2 * weft_proxy::trace::FLUSH_INTERVAL + Duration::from_millis(300)).await;
+    tokio::time::sleep(2 * weft_proxy::trace::FLUSH_INTERVAL + Duration::from_secs(1)).await;
     assert!(receiver.spans().is_empty(), "{:#?}", receiver.spans());
 
     // A caller that sampled: one span per hop.
@@ -501,5 +501,42 @@ async fn a_dead_collector_leaves_requests_unaffected() {
     assert!(
         text.contains("weft_trace_spans_dropped_total{reason=\"export_failed\"} 50"),
         "{text}"
+    );
+}
+
+/// The binary's flags: `--trace-collector`, `--trace-sampling` and
+/// `--trace-service-name` turn tracing on as the in-process tests do, and the spans'
+/// resource names the service.
+#[tokio::test]
+async fn the_proxy_binary_exports_with_its_flags() {
+    let (receiver, collector, _rx) = Receiver::start().await;
+    let app = Scripted::ok("127.0.0.3", "app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    write_config(&path, &config(&[("web", &[app.addr])]));
+    let child = ChildProxy::start(
+        &path,
+        &[
+            "--trace-collector",
+            &collector.to_string(),
+            "--trace-sampling",
+            "1",
+            "--trace-service-name",
+            "checkout",
+        ],
+    )
+    .await;
+    let resp = send(&format!("http://{}/cart", child.forward), &[]).await;
+    assert_eq!(resp.status(), 200);
+    let (trace_id, parent, _) = traceparent(&app.last().header_values("traceparent")[0]);
+    let spans = receiver.settled(1).await;
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!(hex(&spans[0].trace_id), trace_id);
+    assert_eq!(hex(&spans[0].span_id), parent);
+    assert_eq!(*receiver.services.lock().unwrap(), ["checkout"]);
+    let metrics = child.metrics().await;
+    assert!(
+        metrics.contains("weft_trace_spans_exported_total 1"),
+        "{metrics}"
     );
 }
