@@ -115,7 +115,10 @@ fn trace(
     sampling: Option<&str>,
 ) -> Result<Option<TraceOptions>, InjectError> {
     if let Some(p) = sampling
-        && !p.trim().parse::<f64>().is_ok_and(|p| (0.0..=1.0).contains(&p))
+        && !p
+            .trim()
+            .parse::<f64>()
+            .is_ok_and(|p| (0.0..=1.0).contains(&p))
     {
         return Err(InjectError::BadAnnotation {
             key: keys::TRACE_SAMPLING,

@@ -305,9 +305,15 @@ mod tests {
             Some("9090")
         );
         assert_eq!(value(keys::env::ACCESS_LOG).as_deref(), Some("json"));
-        assert_eq!(value(keys::env::TRACE_COLLECTOR).as_deref(), Some("otel:4317"));
+        assert_eq!(
+            value(keys::env::TRACE_COLLECTOR).as_deref(),
+            Some("otel:4317")
+        );
         assert_eq!(value(keys::env::TRACE_SAMPLING).as_deref(), Some("0.5"));
-        assert_eq!(value(keys::env::TRACE_SERVICE_NAME).as_deref(), Some("shop"));
+        assert_eq!(
+            value(keys::env::TRACE_SERVICE_NAME).as_deref(),
+            Some("shop")
+        );
 
         // Without the annotations, neither list is set (the proxy's defaults: none).
         let plain = proxy_container(&cfg, &PodOptions::default()).env.unwrap();

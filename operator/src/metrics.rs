@@ -314,8 +314,7 @@ mod docs_tests {
         m.traffic
             .authz_denied("shop/web", None, Some("/admin"), Some("GET"));
         m.trace.exported(1);
-        m.trace
-            .dropped(weft_proxy::trace::DropReason::QueueFull, 1);
+        m.trace.dropped(weft_proxy::trace::DropReason::QueueFull, 1);
         m
     }
 

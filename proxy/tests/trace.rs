@@ -92,10 +92,14 @@ impl Receiver {
     /// interval and a second, so that a span too many would have arrived too.
     async fn settled(&self, n: usize) -> Vec<Span> {
         let r = self.clone();
-        eventually(Duration::from_secs(10), &format!("{n} spans exported"), || {
-            let r = r.clone();
-            async move { r.spans().len() >= n }
-        })
+        eventually(
+            Duration::from_secs(10),
+            &format!("{n} spans exported"),
+            || {
+                let r = r.clone();
+                async move { r.spans().len() >= n }
+            },
+        )
         .await;
         tokio::time::sleep(weft_proxy::trace::FLUSH_INTERVAL + Duration::from_secs(1)).await;
         self.spans()
@@ -130,11 +134,7 @@ async fn mesh(collector: SocketAddr, sampling: &str) -> Mesh {
     let app = Scripted::ok("127.0.0.3", "app").await;
     let inbound = Proxy::new();
     let t1 = trace(&inbound, collector, sampling, "web");
-    let inbound = TestProxy::start_kind(
-        inbound,
-        ListenerKind::InboundTo(app.addr),
-        config(&[]),
-    );
+    let inbound = TestProxy::start_kind(inbound, ListenerKind::InboundTo(app.addr), config(&[]));
     let outbound = Proxy::new();
     let t2 = trace(&outbound, collector, sampling, "client");
     let outbound = TestProxy::start_with(outbound, "web", config(&[("web", &[inbound.addr])]));
@@ -351,7 +351,10 @@ async fn sampling_zero_exports_nothing_unless_the_caller_sampled() {
         200
     );
     let (trace_id, _, flags) = traceparent(&m.app.last().header_values("traceparent")[0]);
-    assert_eq!((trace_id.as_str(), flags.as_str()), ("11111111111111111111111111111111", "00"));
+    assert_eq!(
+        (trace_id.as_str(), flags.as_str()),
+        ("11111111111111111111111111111111", "00")
+    );
     tokio::time::sleep(2 * weft_proxy::trace::FLUSH_INTERVAL + Duration::from_secs(1)).await;
     assert!(receiver.spans().is_empty(), "{:#?}", receiver.spans());
 
@@ -365,9 +368,11 @@ async fn sampling_zero_exports_nothing_unless_the_caller_sampled() {
     );
     let spans = receiver.settled(2).await;
     assert_eq!(spans.len(), 2, "{spans:#?}");
-    assert!(spans
-        .iter()
-        .all(|s| hex(&s.trace_id) == "33333333333333333333333333333333"));
+    assert!(
+        spans
+            .iter()
+            .all(|s| hex(&s.trace_id) == "33333333333333333333333333333333")
+    );
 }
 
 #[tokio::test]
@@ -489,7 +494,11 @@ async fn a_dead_collector_leaves_requests_unaffected() {
         assert_eq!(body, "hello from app");
     }
     // Fifty requests on loopback: far below one export timeout, so nothing waited on it.
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(app.requests(), 50);
     eventually(Duration::from_secs(10), "spans counted as dropped", || {
         let m = metrics.clone();

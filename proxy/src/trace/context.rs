@@ -140,7 +140,9 @@ impl Incoming {
             }
             return incoming;
         }
-        if b3_single && let Some((ids, sampled)) = headers.get(B3).and_then(|v| parse_b3(v.as_bytes())) {
+        if b3_single
+            && let Some((ids, sampled)) = headers.get(B3).and_then(|v| parse_b3(v.as_bytes()))
+        {
             incoming.ids = ids;
             incoming.sampled = sampled;
             return incoming;
@@ -236,7 +238,10 @@ impl Hop {
             if let Ok(v) = HeaderValue::from_str(&span) {
                 headers.insert(B3_SPAN_ID, v);
             }
-            match self.parent.and_then(|p| HeaderValue::from_str(&p.to_hex()).ok()) {
+            match self
+                .parent
+                .and_then(|p| HeaderValue::from_str(&p.to_hex()).ok())
+            {
                 Some(v) => {
                     headers.insert(B3_PARENT_SPAN_ID, v);
                 }
@@ -274,8 +279,7 @@ fn parse_traceparent(v: &[u8]) -> Option<(TraceId, SpanId, Sampled)> {
         return None;
     }
     let version = unhex::<1>(&v[0..2])?;
-    if version[0] == 0xff || (version[0] == 0 && v.len() != 55) || (v.len() > 55 && v[55] != b'-')
-    {
+    if version[0] == 0xff || (version[0] == 0 && v.len() != 55) || (v.len() > 55 && v[55] != b'-') {
         return None;
     }
     if v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
@@ -467,7 +471,10 @@ mod tests {
         );
         assert_eq!(i.sampled, Sampled::Yes);
         assert!(i.b3_single && !i.b3_multi && !i.w3c);
-        assert_eq!(Incoming::read(&headers(&[("b3", "0")])).sampled, Sampled::No);
+        assert_eq!(
+            Incoming::read(&headers(&[("b3", "0")])).sampled,
+            Sampled::No
+        );
         assert_eq!(Incoming::read(&headers(&[("b3", "d")])).ids, None);
         let i = Incoming::read(&headers(&[("b3", "463ac35c9f6413ad-e457b5a2e4d86bd1")]));
         assert_eq!(i.sampled, Sampled::Deferred);

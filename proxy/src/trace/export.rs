@@ -34,7 +34,11 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    pub(super) fn new(rx: Receiver<SpanRecord>, config: TraceConfig, metrics: TraceMetrics) -> Self {
+    pub(super) fn new(
+        rx: Receiver<SpanRecord>,
+        config: TraceConfig,
+        metrics: TraceMetrics,
+    ) -> Self {
         Exporter {
             rx,
             config,
@@ -85,8 +89,7 @@ impl Exporter {
                         ..ResourceSpans::default()
                     }],
                 };
-                let sent =
-                    tokio::time::timeout(EXPORT_TIMEOUT, client.export(request)).await;
+                let sent = tokio::time::timeout(EXPORT_TIMEOUT, client.export(request)).await;
                 match sent {
                     Ok(Ok(resp)) => {
                         let rejected = resp

@@ -409,7 +409,13 @@ mod tests {
         assert_eq!(c.uri().to_string(), "http://otel:4317/");
         let c: Collector = "http://127.0.0.1:4317".parse().unwrap();
         assert_eq!(c.uri().authority().unwrap().as_str(), "127.0.0.1:4317");
-        for bad in ["otel", "https://otel:4317", "otel:0", "otel:4317/v1/traces", ":4317"] {
+        for bad in [
+            "otel",
+            "https://otel:4317",
+            "otel:0",
+            "otel:4317/v1/traces",
+            ":4317",
+        ] {
             assert!(bad.parse::<Collector>().is_err(), "{bad}");
         }
     }
