@@ -22,6 +22,19 @@ pub struct PodOptions {
     pub resources: super::ProxyResources,
     /// The access-log format (`json` or `text`), when the pod asks for one.
     pub access_log: Option<&'static str>,
+    /// Tracing, when the pod names a collector.
+    pub trace: Option<TraceOptions>,
+}
+
+/// What a pod asks of the proxy's tracing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceOptions {
+    /// The OTLP/gRPC collector, `host:port` (or `http://host:port`).
+    pub collector: String,
+    /// The sampling probability as written (validated: 0 to 1).
+    pub sampling: Option<String>,
+    /// The spans' `service.name`: the pod's application label, when it has one.
+    pub service_name: Option<String>,
 }
 
 /// A port or an inclusive range of ports.
@@ -90,8 +103,57 @@ impl PodOptions {
                     });
                 }
             },
+            trace: trace(get(keys::TRACE_COLLECTOR), get(keys::TRACE_SAMPLING))?,
         })
     }
+}
+
+/// The tracing annotations: a collector `[http://]host:port`, and a sampling
+/// probability that means nothing without one.
+fn trace(
+    collector: Option<&str>,
+    sampling: Option<&str>,
+) -> Result<Option<TraceOptions>, InjectError> {
+    if let Some(p) = sampling
+        && !p
+            .trim()
+            .parse::<f64>()
+            .is_ok_and(|p| (0.0..=1.0).contains(&p))
+    {
+        return Err(InjectError::BadAnnotation {
+            key: keys::TRACE_SAMPLING,
+            reason: format!("{p:?} is not a probability from 0 to 1, such as 0.01"),
+        });
+    }
+    let Some(collector) = collector else {
+        if sampling.is_some() {
+            return Err(InjectError::BadAnnotation {
+                key: keys::TRACE_SAMPLING,
+                reason: format!("needs {} (where spans go)", keys::TRACE_COLLECTOR),
+            });
+        }
+        return Ok(None);
+    };
+    let bad = |reason: String| InjectError::BadAnnotation {
+        key: keys::TRACE_COLLECTOR,
+        reason,
+    };
+    let address = collector.strip_prefix("http://").unwrap_or(collector);
+    let port = address
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty() && !host.contains(['/', ' ']))
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .filter(|p| *p > 0);
+    if address.contains("://") || port.is_none() {
+        return Err(bad(format!(
+            "{collector:?} is not host:port (plain-text OTLP/gRPC), such as otel-collector.observability:4317"
+        )));
+    }
+    Ok(Some(TraceOptions {
+        collector: collector.to_owned(),
+        sampling: sampling.map(|s| s.trim().to_owned()),
+        service_name: None,
+    }))
 }
 
 /// Joins ranges as `a,b-c`, the format `weft-proxy init` and the proxy read.
@@ -222,6 +284,11 @@ mod tests {
             (keys::OPAQUE_PORTS, "mysql"),
             (keys::INBOUND_LOOPBACK_PORTS, "0"),
             (keys::ACCESS_LOG, "yaml"),
+            (keys::TRACE_COLLECTOR, "https://otel:4317"),
+            (keys::TRACE_COLLECTOR, "otel"),
+            (keys::TRACE_COLLECTOR, "otel:4317/v1/traces"),
+            (keys::TRACE_SAMPLING, "1.5"),
+            (keys::TRACE_SAMPLING, "0.1"),
         ] {
             let err = opts(&[(key, value)]).unwrap_err();
             assert!(
@@ -229,6 +296,21 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn tracing_needs_a_collector_and_takes_a_sampling_probability() {
+        assert_eq!(opts(&[]).unwrap().trace, None);
+        let o = opts(&[
+            (keys::TRACE_COLLECTOR, "otel-collector.observability:4317"),
+            (keys::TRACE_SAMPLING, "0.25"),
+        ])
+        .unwrap();
+        let t = o.trace.unwrap();
+        assert_eq!(t.collector, "otel-collector.observability:4317");
+        assert_eq!(t.sampling.as_deref(), Some("0.25"));
+        let o = opts(&[(keys::TRACE_COLLECTOR, "http://10.0.0.9:4317")]).unwrap();
+        assert_eq!(o.trace.unwrap().sampling, None);
     }
 
     #[test]

@@ -29,6 +29,18 @@ pub const INBOUND_LOOPBACK_PORTS: &str = "weft.dev/inbound-loopback-ports";
 /// Pod annotation: `json` or `text` turns on the proxy's access log (one line per HTTP
 /// request on its stdout); absent, no access log.
 pub const ACCESS_LOG: &str = "weft.dev/access-log";
+/// Pod annotation: an OTLP/gRPC collector (`host:port`) turns on the proxy's tracing
+/// (trace context propagated, spans exported there); absent, no tracing.
+pub const TRACE_COLLECTOR: &str = "weft.dev/trace-collector";
+/// Pod annotation: the probability (0 to 1) that the proxy records a trace it starts
+/// (needs [`TRACE_COLLECTOR`]); absent, the proxy's default (0.01).
+pub const TRACE_SAMPLING: &str = "weft.dev/trace-sampling";
+/// Pod label naming the application (Kubernetes' recommended label): the
+/// `service.name` of the proxy's spans.
+pub const APP_NAME_LABEL: &str = "app.kubernetes.io/name";
+/// Pod label naming the application, the older convention, used when
+/// [`APP_NAME_LABEL`] is absent.
+pub const APP_LABEL: &str = "app";
 
 /// Pod annotation: the proxy's CPU request (a Kubernetes quantity).
 pub const PROXY_CPU_REQUEST: &str = "weft.dev/proxy-cpu-request";
@@ -70,6 +82,12 @@ pub mod env {
     pub const LOG: &str = "WEFT_LOG";
     /// The proxy's access-log format (`json` or `text`).
     pub const ACCESS_LOG: &str = "WEFT_ACCESS_LOG";
+    /// The OTLP/gRPC collector the proxy sends spans to.
+    pub const TRACE_COLLECTOR: &str = "WEFT_TRACE_COLLECTOR";
+    /// The probability of recording a trace the proxy starts.
+    pub const TRACE_SAMPLING: &str = "WEFT_TRACE_SAMPLING";
+    /// The `service.name` of the proxy's spans.
+    pub const TRACE_SERVICE_NAME: &str = "WEFT_TRACE_SERVICE_NAME";
     /// The operator's identity endpoint (`host:port`).
     pub const IDENTITY_ADDR: &str = "WEFT_IDENTITY_ADDR";
     /// The DNS name on the identity endpoint's certificate.

@@ -186,7 +186,14 @@ pub fn inject(
     cfg: &InjectConfig,
 ) -> Result<(), InjectError> {
     check_conflicts(spec, cfg)?;
-    let options = annotations::PodOptions::from_annotations(meta.annotations.as_ref(), cfg)?;
+    let mut options = annotations::PodOptions::from_annotations(meta.annotations.as_ref(), cfg)?;
+    if let Some(trace) = options.trace.as_mut() {
+        // A trace view groups spans by service: the application's name, as its labels
+        // give it, rather than one "weft-proxy" for every pod.
+        trace.service_name = lookup(&meta.labels, keys::APP_NAME_LABEL)
+            .or_else(|| lookup(&meta.labels, keys::APP_LABEL))
+            .map(str::to_owned);
+    }
 
     let init = sidecar::init_container(cfg, &options);
     let proxy = sidecar::proxy_container(cfg, &options);
@@ -294,4 +301,66 @@ fn check_conflicts(spec: &PodSpec, cfg: &InjectConfig) -> Result<(), InjectError
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(spec: &PodSpec) -> BTreeMap<String, String> {
+        spec.init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.name == keys::PROXY_CONTAINER)
+            .and_then(|c| c.env.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect()
+    }
+
+    /// With tracing on, the spans' service is the application's name from its labels
+    /// (the recommended label first); without a label, the proxy's own default.
+    #[test]
+    fn traced_pods_name_their_service_from_their_labels() {
+        let map = |pairs: &[(&str, &str)]| -> Option<BTreeMap<String, String>> {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            )
+        };
+        let traced = map(&[(keys::TRACE_COLLECTOR, "otel:4317")]);
+        for (labels, want) in [
+            (
+                map(&[(keys::APP_NAME_LABEL, "checkout"), (keys::APP_LABEL, "old")]),
+                Some("checkout"),
+            ),
+            (map(&[(keys::APP_LABEL, "cart")]), Some("cart")),
+            (None, None),
+        ] {
+            let mut meta = ObjectMeta {
+                annotations: traced.clone(),
+                labels,
+                ..ObjectMeta::default()
+            };
+            let mut spec = PodSpec::default();
+            inject(&mut meta, &mut spec, &InjectConfig::default()).unwrap();
+            let env = env_of(&spec);
+            assert_eq!(
+                env.get(keys::env::TRACE_SERVICE_NAME).map(String::as_str),
+                want
+            );
+            assert_eq!(env[keys::env::TRACE_COLLECTOR], "otel:4317");
+        }
+        // No collector, no tracing variables at all.
+        let mut meta = ObjectMeta {
+            labels: map(&[(keys::APP_LABEL, "cart")]),
+            ..ObjectMeta::default()
+        };
+        let mut spec = PodSpec::default();
+        inject(&mut meta, &mut spec, &InjectConfig::default()).unwrap();
+        assert!(env_of(&spec).keys().all(|k| !k.starts_with("WEFT_TRACE")));
+    }
 }

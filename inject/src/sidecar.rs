@@ -147,6 +147,15 @@ pub fn proxy_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
     if let Some(format) = opts.access_log {
         env.push(value(keys::env::ACCESS_LOG, format.to_owned()));
     }
+    if let Some(trace) = &opts.trace {
+        env.push(value(keys::env::TRACE_COLLECTOR, trace.collector.clone()));
+        if let Some(p) = &trace.sampling {
+            env.push(value(keys::env::TRACE_SAMPLING, p.clone()));
+        }
+        if let Some(name) = &trace.service_name {
+            env.push(value(keys::env::TRACE_SERVICE_NAME, name.clone()));
+        }
+    }
     if let Some(id) = &cfg.identity {
         env.push(value(keys::env::IDENTITY_ADDR, id.addr.clone()));
         env.push(value(
@@ -254,11 +263,16 @@ mod tests {
             (keys::OPAQUE_PORTS, "3306"),
             (keys::INBOUND_LOOPBACK_PORTS, "9090"),
             (keys::ACCESS_LOG, "json"),
+            (keys::TRACE_COLLECTOR, "otel:4317"),
+            (keys::TRACE_SAMPLING, "0.5"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-        let opts = PodOptions::from_annotations(Some(&annotations), &cfg).unwrap();
+        let mut opts = PodOptions::from_annotations(Some(&annotations), &cfg).unwrap();
+        if let Some(t) = opts.trace.as_mut() {
+            t.service_name = Some("shop".into());
+        }
         let env = proxy_container(&cfg, &opts).env.unwrap();
         let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(
@@ -275,6 +289,9 @@ mod tests {
                 keys::env::OPAQUE_PORTS,
                 keys::env::INBOUND_LOOPBACK_PORTS,
                 keys::env::ACCESS_LOG,
+                keys::env::TRACE_COLLECTOR,
+                keys::env::TRACE_SAMPLING,
+                keys::env::TRACE_SERVICE_NAME,
             ]
         );
         let value = |name: &str| {
@@ -288,6 +305,15 @@ mod tests {
             Some("9090")
         );
         assert_eq!(value(keys::env::ACCESS_LOG).as_deref(), Some("json"));
+        assert_eq!(
+            value(keys::env::TRACE_COLLECTOR).as_deref(),
+            Some("otel:4317")
+        );
+        assert_eq!(value(keys::env::TRACE_SAMPLING).as_deref(), Some("0.5"));
+        assert_eq!(
+            value(keys::env::TRACE_SERVICE_NAME).as_deref(),
+            Some("shop")
+        );
 
         // Without the annotations, neither list is set (the proxy's defaults: none).
         let plain = proxy_container(&cfg, &PodOptions::default()).env.unwrap();

@@ -313,6 +313,8 @@ mod docs_tests {
         );
         m.traffic
             .authz_denied("shop/web", None, Some("/admin"), Some("GET"));
+        m.trace.exported(1);
+        m.trace.dropped(weft_proxy::trace::DropReason::QueueFull, 1);
         m
     }
 

@@ -48,6 +48,13 @@
 //! log on (lines written to a discarded stdout); with `WEFT_BENCH_BASELINE` set to the same
 //! binary, `baseline` is the same proxy with the log off, measured in the same run.
 //!
+//! `WEFT_BENCH_TRACE=P` (a sampling probability, 0 to 1) runs the `weft` path's proxy with
+//! tracing on, exporting to an OTLP/gRPC sink in this process that counts and discards
+//! the spans (its count is printed at the end); the load sends no trace headers, so `P`
+//! is the share of requests whose span is recorded and exported, and `0` measures
+//! propagation alone. With `WEFT_BENCH_BASELINE` set to the same binary, `baseline` is the
+//! same proxy with tracing off, measured in the same run.
+//!
 //! `WEFT_BENCH_ROUTE=N` (1 to 32) gives the single proxy's service a Route of N rules that
 //! all send to the service itself. Rule `i` matches on the path regex
 //! `^/api/v[0-9]+/(orders|rI)/[0-9]+$` and the exact header `x-bench-rule: rI`, and the
@@ -568,6 +575,52 @@ async fn start_weft_with(
     (Proc { child }, listen)
 }
 
+/// An OTLP/gRPC collector that counts the spans it receives and keeps none of them.
+async fn span_sink() -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    };
+    struct Sink(Arc<std::sync::atomic::AtomicU64>);
+    #[tonic::async_trait]
+    impl TraceService for Sink {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let n: usize = request
+                .get_ref()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.0
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let service = TraceServiceServer::new(Sink(count.clone()));
+    // On its own thread: the load generator's runtime must not serve it.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener.into_std().unwrap()).unwrap();
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await;
+        });
+    });
+    (addr, count)
+}
+
 async fn start_haproxy(dir: &Path, backend: SocketAddr) -> Option<(Proc, SocketAddr, SocketAddr)> {
     let h1 = free_addr().await;
     let h2 = free_addr().await;
@@ -678,9 +731,22 @@ async fn main() {
     };
     // `WEFT_BENCH_ACCESS_LOG=json|text` turns the access log on for the `weft` path only,
     // so that `baseline` pointing at the same binary measures it off in the same run.
-    let access_log: Vec<String> = std::env::var("WEFT_BENCH_ACCESS_LOG")
+    let mut access_log: Vec<String> = std::env::var("WEFT_BENCH_ACCESS_LOG")
         .map(|f| vec!["--access-log".to_owned(), f])
         .unwrap_or_default();
+    let spans = match std::env::var("WEFT_BENCH_TRACE") {
+        Ok(p) => {
+            let (sink, count) = span_sink().await;
+            access_log.extend([
+                "--trace-collector".to_owned(),
+                sink.to_string(),
+                "--trace-sampling".to_owned(),
+                p,
+            ]);
+            Some(count)
+        }
+        Err(_) => None,
+    };
     let (single, single_addr) = start_weft_with(&bin, &single_cfg, "web", &access_log).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss = rss_kib(single.child.id());
@@ -819,6 +885,14 @@ async fn main() {
         );
     }
 
+    if let Some(count) = &spans {
+        // The last export waits for the proxy's next flush.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        println!(
+            "\nspans received by the OTLP sink: {}",
+            count.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     if !selected("WEFT_BENCH_PARTS", "rss") {
         drop((chain1, chain2, single, baseline));
         drop((plain_client, mtls_client, server_sidecar, mesh));

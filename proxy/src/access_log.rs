@@ -88,7 +88,8 @@ pub struct Entry {
     /// The `weft-error` reason, when the proxy answered itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The W3C `traceparent` trace id, or B3's `x-b3-traceid`.
+    /// The request's trace: with tracing on, the one the proxy continued or started;
+    /// otherwise the W3C `traceparent` trace id, or B3's `x-b3-traceid`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
 }
@@ -312,7 +313,7 @@ fn write_lines(rx: Receiver<Entry>, format: Format, out: Box<dyn Write + Send>, 
     }
 }
 
-/// What a request's path learns for its log line while it runs.
+/// What a request's path learns for its log line and its span while it runs.
 #[derive(Debug, Default)]
 pub struct Trail {
     /// Attempts sent upstream.
@@ -321,30 +322,43 @@ pub struct Trail {
     pub upstream: Option<SocketAddr>,
     /// The identity that endpoint is expected to have.
     pub destination_identity: Option<String>,
+    /// The Route and rule the request matched (for the span).
+    pub route: Option<(Arc<str>, Arc<str>)>,
+    /// Each attempt, when the request's span is recorded.
+    pub events: Option<Vec<crate::trace::AttemptEvent>>,
+    /// The trace context to write into the request once it has passed the checks.
+    pub propagate: Option<crate::trace::Propagate>,
 }
 
-/// A line waiting for the end of its response body, for `bytes_out` and the duration.
+/// What waits for the end of a response body: the log line (for `bytes_out` and the
+/// duration) and the span.
 #[derive(Debug)]
 pub struct Pending {
-    /// The line so far.
-    pub entry: Entry,
+    /// The line so far, and where it goes, with an access log.
+    pub line: Option<(Entry, Arc<AccessLog>)>,
+    /// The span, when the request is sampled.
+    pub span: Option<crate::trace::OpenSpan>,
     /// When the request arrived.
     pub started: std::time::Instant,
-    /// Where the line goes.
-    pub log: Arc<AccessLog>,
     /// Request body bytes, counted while the upstream reads them.
     pub bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Pending {
-    /// Completes and queues the line, with `bytes_out` response body bytes sent.
-    pub fn finish(mut self, bytes_out: u64) {
-        self.entry.bytes_out = bytes_out;
-        self.entry.duration_ms = elapsed_ms(self.started.elapsed());
-        if let Some(n) = &self.bytes_in {
-            self.entry.bytes_in = n.load(std::sync::atomic::Ordering::Relaxed);
+    /// Completes and queues the line, with `bytes_out` response body bytes sent, and
+    /// ends the span.
+    pub fn finish(self, bytes_out: u64) {
+        if let Some((mut entry, log)) = self.line {
+            entry.bytes_out = bytes_out;
+            entry.duration_ms = elapsed_ms(self.started.elapsed());
+            if let Some(n) = &self.bytes_in {
+                entry.bytes_in = n.load(std::sync::atomic::Ordering::Relaxed);
+            }
+            log.log(entry);
         }
-        self.log.log(self.entry);
+        if let Some(span) = self.span {
+            span.finish();
+        }
     }
 }
 

@@ -102,6 +102,8 @@ pub struct HttpConn {
     /// Whether the connection is a peer proxy's mux session ([`crate::mux`]): its HTTP/1
     /// requests, carried as HTTP/2, are restored to HTTP/1 before the application.
     pub mux: bool,
+    /// The tracer, when the pod sends spans to a collector.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 impl HttpConn {
@@ -128,6 +130,7 @@ impl HttpConn {
             access_log: None,
             client_tls: false,
             mux: false,
+            tracer: None,
         }
     }
 
@@ -439,21 +442,28 @@ impl HttpConn {
 
     /// Proxies one request: the checks every request gets, then the stages of
     /// [`crate::pipeline`]; with an access log, one line per request once its response
-    /// body has been sent.
+    /// body has been sent; with a tracer, the request carries this hop's trace context
+    /// upstream and, when sampled, one span per request ends with its response body.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let Some(log) = &self.access_log else {
+        if self.access_log.is_none() && self.tracer.is_none() {
             return self.handle_request(req, None).await;
-        };
+        }
+        self.handle_observed(req).await
+    }
+
+    /// [`HttpConn::handle`] with an access log or a tracer.
+    async fn handle_observed(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
+        let now = std::time::SystemTime::now();
+        let mut trail = access_log::Trail::default();
+        let hop = self.tracer.as_ref().map(|tracer| {
+            let (incoming, hop) = tracer.begin(req.headers());
+            trail.propagate = Some(crate::trace::Propagate { incoming, hop });
+            hop
+        });
         let uri = req.uri();
-        let entry = access_log::Entry {
-            start: access_log::Timestamp(std::time::SystemTime::now()),
-            direction: self.direction.as_str(),
-            source_identity: self.client_identity.clone(),
-            source_addr: self.client,
-            method: req.method().to_string(),
-            authority: uri
-                .authority()
+        let authority = || {
+            uri.authority()
                 .map(|a| a.as_str().to_owned())
                 .or_else(|| {
                     req.headers()
@@ -461,31 +471,79 @@ impl HttpConn {
                         .and_then(|h| h.to_str().ok())
                         .map(str::to_owned)
                 })
-                .unwrap_or_default(),
-            path: uri.path().to_owned(),
-            trace_id: access_log::trace_id(req.headers()),
-            ..access_log::Entry::default()
+                .unwrap_or_default()
         };
-        let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut trail = access_log::Trail::default();
+        let span = match (&self.tracer, hop) {
+            (Some(tracer), Some(hop)) if hop.sampled => {
+                trail.events = Some(Vec::new());
+                Some(crate::trace::OpenSpan::new(
+                    tracer.clone(),
+                    hop,
+                    self.direction,
+                    now,
+                    started,
+                    req.method().clone(),
+                    authority(),
+                    uri.path().to_owned(),
+                ))
+            }
+            _ => None,
+        };
+        let line = self.access_log.as_ref().map(|log| {
+            let entry = access_log::Entry {
+                start: access_log::Timestamp(now),
+                direction: self.direction.as_str(),
+                source_identity: self.client_identity.clone(),
+                source_addr: self.client,
+                method: req.method().to_string(),
+                authority: authority(),
+                path: uri.path().to_owned(),
+                trace_id: match hop {
+                    Some(hop) => Some(hop.trace_id.to_hex()),
+                    None => access_log::trace_id(req.headers()),
+                },
+                ..access_log::Entry::default()
+            };
+            (entry, log.clone())
+        });
+        let bytes_in = line
+            .is_some()
+            .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
         let mut resp = self
             .handle_request(req, Some((&mut trail, bytes_in.clone())))
             .await;
-        let mut pending = access_log::Pending {
-            entry,
-            started,
-            log: log.clone(),
-            bytes_in: Some(bytes_in),
-        };
-        pending.entry.status = resp.status().as_u16();
-        pending.entry.reason = resp
+        let status = resp.status().as_u16();
+        let reason = resp
             .headers()
             .get(ERROR_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        pending.entry.attempts = trail.attempts;
-        pending.entry.upstream = trail.upstream;
-        pending.entry.destination_identity = trail.destination_identity;
+        let mut pending = access_log::Pending {
+            line,
+            span,
+            started,
+            bytes_in,
+        };
+        if let Some(span) = &mut pending.span {
+            let r = &mut span.record;
+            r.status = status;
+            r.reason.clone_from(&reason);
+            r.attempts = trail.attempts;
+            r.upstream = trail.upstream;
+            r.peer_identity = match self.direction {
+                Direction::Inbound => self.client_identity.as_deref().map(str::to_owned),
+                Direction::Outbound => trail.destination_identity.clone(),
+            };
+            r.route = trail.route.take();
+            r.events = trail.events.take().unwrap_or_default();
+        }
+        if let Some((entry, _)) = &mut pending.line {
+            entry.status = status;
+            entry.reason = reason;
+            entry.attempts = trail.attempts;
+            entry.upstream = trail.upstream;
+            entry.destination_identity = trail.destination_identity;
+        }
         match resp.body_mut() {
             Either::Left(tracked) => tracked.log = Some(Box::new(pending)),
             Either::Right(full) => pending.finish(full.size_hint().exact().unwrap_or(0)),
@@ -493,14 +551,18 @@ impl HttpConn {
         resp
     }
 
-    /// [`HttpConn::handle`] without the access log; `trail` collects what the line needs.
+    /// [`HttpConn::handle`] without the access log and span; `trail` collects what they
+    /// need, and carries the trace context to write into the request.
     async fn handle_request(
         &self,
         mut req: Request<Incoming>,
-        trail: Option<(&mut access_log::Trail, Arc<std::sync::atomic::AtomicU64>)>,
+        trail: Option<(
+            &mut access_log::Trail,
+            Option<Arc<std::sync::atomic::AtomicU64>>,
+        )>,
     ) -> Response<ProxyBody> {
-        let (trail, bytes_in) = match trail {
-            Some((t, n)) => (Some(t), Some(n)),
+        let (mut trail, bytes_in) = match trail {
+            Some((t, n)) => (Some(t), n),
             None => (None, None),
         };
         let start = Instant::now();
@@ -537,6 +599,11 @@ impl HttpConn {
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }
             return resp;
+        }
+        // After the checks, so that the fields the proxy adds never push a request over
+        // a limit.
+        if let Some(propagate) = trail.as_deref_mut().and_then(|t| t.propagate.take()) {
+            propagate.write(req.headers_mut());
         }
         if let Some(refused) = self.authorize(&mut req, labels, grpc, start) {
             return refused;
@@ -842,7 +909,7 @@ pub struct TrackedBody {
     /// The request's deadline, when its service has a timeout (one allocation then, none
     /// otherwise), with what counts its expiry.
     pub(crate) deadline: Option<(Pin<Box<tokio::time::Sleep>>, Arc<Metrics>, Direction)>,
-    /// The request's access-log line, written when the body ends or is dropped.
+    /// The request's access-log line and span, finished when the body ends or is dropped.
     pub(crate) log: Option<Box<access_log::Pending>>,
     /// Body bytes sent so far (counted only with an access log).
     pub(crate) bytes: u64,

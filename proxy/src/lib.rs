@@ -16,7 +16,7 @@
 //! [`route`] (the routing stages: normalize, match, rewrite, edit headers, split, fault),
 //! [`retry`] (retry policy, backoff and budget), [`ratelimit`] (inbound token buckets),
 //! [`identity`] (the proxy's certificate and mutual TLS between proxies), [`authz`]
-//! (inbound authorization and the mTLS mode).
+//! (inbound authorization and the mTLS mode), [`trace`] (trace context and span export).
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -48,6 +48,7 @@ pub mod server;
 pub mod shutdown;
 pub mod source;
 pub mod store;
+pub mod trace;
 pub mod traffic_metrics;
 pub mod upstream;
 
@@ -86,6 +87,8 @@ pub struct Proxy {
     pub limits: limits::Limits,
     /// The access log, when this pod asked for one (set once, at startup).
     pub access_log: std::sync::OnceLock<Arc<access_log::AccessLog>>,
+    /// The tracer, when this pod sends spans to a collector (set once, at startup).
+    pub tracer: std::sync::OnceLock<Arc<trace::Tracer>>,
     /// The proxy's mesh identity, when configured (`--identity-addr`): inbound TLS from
     /// peer proxies is terminated and outbound connections to meshed endpoints use mTLS.
     pub identity: Option<Arc<identity::IdentityStore>>,
@@ -143,6 +146,7 @@ impl Proxy {
             before_config_logged: AtomicBool::new(false),
             limits,
             access_log: std::sync::OnceLock::new(),
+            tracer: std::sync::OnceLock::new(),
         })
     }
 }

@@ -11,6 +11,7 @@ use tokio::{
     sync::Notify,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use weft_proxy::{
     LocalPorts, Proxy,
     config::PortSet,
@@ -160,6 +161,19 @@ struct RunArgs {
     /// when unset. Set by the injector from the pod annotation `weft.dev/access-log`.
     #[arg(long, env = "WEFT_ACCESS_LOG")]
     access_log: Option<weft_proxy::access_log::Format>,
+    /// An OTLP/gRPC collector (`host:port`, plain-text HTTP/2) to send spans to: turns on
+    /// tracing (trace context propagated, one span per request). Off when unset. Set by
+    /// the injector from the pod annotation `weft.dev/trace-collector`.
+    #[arg(long, env = "WEFT_TRACE_COLLECTOR")]
+    trace_collector: Option<weft_proxy::trace::Collector>,
+    /// The probability (0 to 1) of recording a trace the proxy starts; a request that
+    /// carries a sampling decision keeps it. Set by the injector from the pod annotation
+    /// `weft.dev/trace-sampling`.
+    #[arg(long, env = "WEFT_TRACE_SAMPLING", default_value_t = weft_proxy::trace::Sampling::default())]
+    trace_sampling: weft_proxy::trace::Sampling,
+    /// The `service.name` of this proxy's spans.
+    #[arg(long, env = "WEFT_TRACE_SERVICE_NAME", default_value = "weft-proxy")]
+    trace_service_name: String,
     /// Runtime worker threads. Every pod pays for them; one suits most sidecars.
     #[arg(long, env = "WEFT_WORKERS", default_value = "1")]
     workers: NonZeroUsize,
@@ -450,6 +464,33 @@ async fn serve(
     }
 
     let admin_stop = CancellationToken::new();
+    let trace_task = match &args.trace_collector {
+        Some(collector) => {
+            let mut resource = vec![("service.name", args.trace_service_name.clone())];
+            if let Some(ns) = &args.pod_namespace {
+                resource.push(("k8s.namespace.name", ns.clone()));
+            }
+            if let Some(pod) = &args.pod_name {
+                resource.push(("k8s.pod.name", pod.clone()));
+            }
+            let (tracer, exporter) = weft_proxy::trace::Tracer::new(
+                weft_proxy::trace::TraceConfig {
+                    collector: collector.clone(),
+                    sampling: args.trace_sampling,
+                    resource,
+                },
+                proxy.metrics.trace.clone(),
+            );
+            let _ = proxy.tracer.set(tracer);
+            tracing::info!(%collector, sampling = %args.trace_sampling, "tracing on");
+            Some(tokio::spawn(
+                exporter
+                    .run(admin_stop.clone())
+                    .instrument(tracing::info_span!("trace_export")),
+            ))
+        }
+        None => None,
+    };
     let admin = bind(args.admin_addr, "admin").await?;
     let mut inbound = ListenerGroup::new();
     let mut outbound = ListenerGroup::new();
@@ -555,6 +596,10 @@ async fn serve(
     let _ = watch_task.await;
     if let Some(t) = identity_task {
         let _ = t.await;
+    }
+    if let Some(t) = trace_task {
+        // The last spans go out once, within one export timeout.
+        let _ = tokio::time::timeout(weft_proxy::trace::export::EXPORT_TIMEOUT, t).await;
     }
     Ok(())
 }

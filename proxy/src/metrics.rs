@@ -191,6 +191,8 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     /// The proxy's certificate and its mutual TLS sessions.
     pub tls: TlsMetrics,
+    /// Spans exported and dropped.
+    pub trace: crate::trace::TraceMetrics,
 }
 
 /// The proxy's certificate and its mutual TLS sessions. Labels are bounded: `direction`,
@@ -300,6 +302,7 @@ impl Metrics {
             access_log_dropped: Counter::default(),
             dry_run_decisions,
             tls: TlsMetrics::default(),
+            trace: crate::trace::TraceMetrics::default(),
             config_generation: Gauge::default(),
             config_last_update: Gauge::default(),
             config_info: Family::default(),
@@ -308,6 +311,7 @@ impl Metrics {
         };
         m.traffic.register(&mut registry);
         m.tls.register(&mut registry);
+        m.trace.register(&mut registry);
         registry.register(
             "access_log_lines",
             "Access-log lines written",

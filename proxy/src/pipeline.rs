@@ -318,6 +318,9 @@ impl HttpConn {
             route: &route.spec.name,
             rule: &rule.label,
         };
+        if let Some(trail) = x.trail.as_deref_mut() {
+            trail.route = Some((route.spec.name.clone(), rule.label.clone()));
+        }
         let deadline = deadline(x.start, rule.timeout.or(service.spec.response_timeout));
 
         if let Some(fault) = &rule.fault {
@@ -603,10 +606,25 @@ impl HttpConn {
                 (None, Some(p)) => Some(tokio::time::Instant::from_std(sent) + p),
                 (Some(d), Some(p)) => Some(d.min(tokio::time::Instant::from_std(sent) + p)),
             };
+            let at = x
+                .trail
+                .as_ref()
+                .is_some_and(|t| t.events.is_some())
+                .then(std::time::SystemTime::now);
             let result = match try_deadline {
                 Some(d) => tokio::time::timeout_at(d, endpoint.upstream.send(req)).await,
                 None => Ok(endpoint.upstream.send(req).await),
             };
+            if let Some(at) = at
+                && let Some(events) = x.trail.as_deref_mut().and_then(|t| t.events.as_mut())
+            {
+                events.push(crate::trace::AttemptEvent {
+                    at,
+                    took: sent.elapsed(),
+                    endpoint: endpoint.addr,
+                    outcome: attempt_outcome(&result),
+                });
+            }
             // What ended the attempt, when it was not a response to hand on.
             let (failure, code) = match result {
                 Err(_) => {
@@ -859,6 +877,21 @@ fn edit_request(req: &mut Request<RequestBody>, rule: &Rule, matched: Option<usi
             .and_then(|m| m.prefix());
         let path = rewrite.apply(req.uri().path(), prefix);
         set_path(req, &path);
+    }
+}
+
+/// How an attempt ended, for its span event.
+fn attempt_outcome<T>(
+    result: &Result<Result<(Response<Incoming>, T), SendError>, tokio::time::error::Elapsed>,
+) -> crate::trace::AttemptOutcome {
+    use crate::trace::AttemptOutcome::{Failed, Status};
+    match result {
+        Ok(Ok((resp, _))) => Status(resp.status().as_u16()),
+        Err(_) => Failed("timeout"),
+        Ok(Err(SendError::Overloaded(_))) => Failed(ErrorCode::Overloaded.as_str()),
+        Ok(Err(e)) if e.is_connect_timeout() => Failed(ErrorCode::ConnectTimeout.as_str()),
+        Ok(Err(e)) if e.is_connect() => Failed(ErrorCode::ConnectFailed.as_str()),
+        Ok(Err(_)) => Failed(ErrorCode::UpstreamFailed.as_str()),
     }
 }
 

@@ -291,6 +291,9 @@ impl Conn {
                 if let Some(log) = proxy.access_log.get() {
                     conn = conn.with_access_log(log.clone());
                 }
+                if let Some(tracer) = proxy.tracer.get() {
+                    conn.tracer = Some(tracer.clone());
+                }
                 if let Some(tls) = tls {
                     if tls.inner == Some(Inner::Mux) {
                         conn = conn.with_mux();

@@ -365,6 +365,16 @@ fn bad_local_port_lists_stop_the_proxy_at_startup() {
             "'--inbound-loopback-ports <INBOUND_LOOPBACK_PORTS>': \"9010-9000\": the range's start is after its end",
         ),
         ("WEFT_INBOUND_LOOPBACK_PORTS", "0", "\"0\" is not a port"),
+        (
+            "WEFT_TRACE_SAMPLING",
+            "1.5",
+            "\"1.5\": expected a probability from 0 to 1",
+        ),
+        (
+            "WEFT_TRACE_COLLECTOR",
+            "https://otel:4317",
+            "only plain-text OTLP/gRPC (http://) is supported",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.yaml");
@@ -424,6 +434,9 @@ fn every_variable_the_injector_sets_is_a_proxy_setting() {
         "WEFT_OPAQUE_PORTS",
         "WEFT_INBOUND_LOOPBACK_PORTS",
         "WEFT_ACCESS_LOG",
+        "WEFT_TRACE_COLLECTOR",
+        "WEFT_TRACE_SAMPLING",
+        "WEFT_TRACE_SERVICE_NAME",
         "WEFT_IDENTITY_ADDR",
         "WEFT_IDENTITY_SERVER_NAME",
         "WEFT_TRUST_ROOTS",
