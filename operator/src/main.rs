@@ -23,7 +23,9 @@ use weft_operator::{
 #[derive(Parser, Debug)]
 #[command(name = "weft-operator", version, about)]
 struct Args {
-    /// Where proxies subscribe to their config (HTTP/2, `weft.push.v1`).
+    /// Where proxies subscribe to their config (HTTP/2, `weft.push.v1`): over TLS 1.3
+    /// with a certificate from the mesh trust root whenever the identity endpoint is on,
+    /// in plain text only with --no-identity.
     #[arg(long, env = "WEFT_PUSH_ADDR", default_value = "0.0.0.0:8090")]
     push_addr: SocketAddr,
     /// Admin listener: /healthz, /readyz, /metrics, /proxies, /version.
@@ -76,7 +78,8 @@ struct IdentityArgs {
     /// `weft.identity.v1`).
     #[arg(long, env = "WEFT_IDENTITY_ADDR", default_value = "0.0.0.0:15012")]
     identity_addr: SocketAddr,
-    /// Do not serve the identity endpoint (nor read or create the identity Secret).
+    /// Do not serve the identity endpoint (nor read or create the identity Secret). The
+    /// push server then serves plain text, and injected proxies get no trust root.
     #[arg(long, env = "WEFT_NO_IDENTITY")]
     no_identity: bool,
     /// The Secret (in the operator's namespace) holding the mesh's trust root; generated
@@ -317,8 +320,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             trust_roots: ca.trust_bundle().to_owned(),
         });
     }
+    // One serving certificate from the mesh CA, for the operator Service's names, serves
+    // both the identity endpoint and the push server: proxies verify both against the
+    // trust root they were given.
+    let serving_certs = match &identity_ca {
+        Some(ca) => Some(
+            identity::serving_store(ca, &serving)
+                .context("issue the operator's serving certificate")?,
+        ),
+        None => None,
+    };
+    let push_tls = serving_certs.as_ref().map(identity::push_tls);
     let settings = Settings {
         push,
+        push_tls,
         admin: Some(admin),
         trust_domain: args.trust_domain,
         auth: Authenticator::token_review_with(
@@ -361,18 +376,19 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             handles.metrics.clone(),
         ))
     });
-    let identity_task = identity_server
-        .zip(identity_listener)
-        .map(|(server, listener)| {
+    let identity_task = match (identity_server, identity_listener, serving_certs) {
+        (Some(server), Some(listener), Some(certs)) => {
             let token = shutdown.clone();
-            tokio::spawn(async move {
-                if let Err(error) =
-                    identity::serve(listener, server, serving, token.cancelled_owned()).await
-                {
-                    tracing::error!(%error, "the identity endpoint stopped");
+            Some(tokio::spawn(async move {
+                let renew = identity::renew_serving(server.ca().clone(), certs.clone(), serving.clone());
+                tokio::select! {
+                    () = identity::serve_with(listener, server, &certs, &serving, token.cancelled_owned()) => {}
+                    () = renew => {}
                 }
-            })
-        });
+            }))
+        }
+        _ => None,
+    };
     let webhook_metrics = WebhookMetrics::default();
     let webhook_task = webhook_listener.map(|listener| {
         let (client, token) = (client.clone(), shutdown.clone());

@@ -36,6 +36,10 @@ use crate::{
 pub struct Settings {
     /// The push server's listener.
     pub push: TcpListener,
+    /// The push server's TLS (a serving certificate from the mesh CA,
+    /// [`crate::identity::push_tls`]); `None` serves plain text, only for an operator
+    /// without identity.
+    pub push_tls: Option<Arc<rustls::ServerConfig>>,
     /// The admin listener (`/healthz`, `/readyz`, `/metrics`, `/proxies`, `/version`).
     pub admin: Option<TcpListener>,
     /// The SPIFFE trust domain of endpoint identities.
@@ -102,10 +106,16 @@ pub fn run(
         auth: settings.auth,
         ack_timeout: settings.push_ack_timeout,
     });
-    tracker.spawn(
-        push::serve(settings.push, server, shutdown.clone())
-            .instrument(tracing::info_span!("push")),
-    );
+    let push_task = {
+        let shutdown = shutdown.clone();
+        async move {
+            match settings.push_tls {
+                Some(tls) => push::serve_tls(settings.push, server, tls, shutdown).await,
+                None => push::serve(settings.push, server, shutdown).await,
+            }
+        }
+    };
+    tracker.spawn(push_task.instrument(tracing::info_span!("push")));
     if let Some(lease_config) = settings.lease {
         let (leader_tx, leader_rx) = watch::channel(false);
         let instance = lease_config.identity.clone();

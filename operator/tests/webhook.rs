@@ -200,6 +200,7 @@ async fn beside_the_operator_the_webhook_reads_namespace_labels_from_its_index()
     let stop = tokio_util::sync::CancellationToken::new();
     let settings = Settings {
         push: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        push_tls: None,
         admin: None,
         trust_domain: "cluster.local".into(),
         auth: Authenticator::token_review(client.clone(), vec!["weft".into()]),
