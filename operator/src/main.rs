@@ -34,6 +34,13 @@ struct Args {
     /// The SPIFFE trust domain of workload identities.
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
+    /// The mesh-wide mTLS mode, for pods no Policy selects: `permissive` (plain text and
+    /// mutual TLS accepted inbound; clients originate mTLS to meshed pods), `strict`
+    /// (plain text refused inbound; needs the identity endpoint) or `disabled` (clients
+    /// never originate mTLS). A namespace-wide Policy (`target.selector: {}`) overrides it
+    /// in its namespace, and a workload's Policy overrides both.
+    #[arg(long, env = "WEFT_MESH_MTLS_MODE", value_enum, default_value = "permissive")]
+    mesh_mtls_mode: MeshMtlsMode,
     /// The audience proxies' projected ServiceAccount tokens must carry.
     #[arg(long, env = "WEFT_TOKEN_AUDIENCE", default_value = "weft")]
     token_audience: String,
@@ -69,6 +76,24 @@ struct Args {
     webhook: WebhookArgs,
     #[command(flatten)]
     identity_ca: IdentityArgs,
+}
+
+/// `--mesh-mtls-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum MeshMtlsMode {
+    Strict,
+    Permissive,
+    Disabled,
+}
+
+impl From<MeshMtlsMode> for weft_api::proxy_config::MtlsMode {
+    fn from(m: MeshMtlsMode) -> Self {
+        match m {
+            MeshMtlsMode::Strict => Self::Strict,
+            MeshMtlsMode::Permissive => Self::Permissive,
+            MeshMtlsMode::Disabled => Self::Disabled,
+        }
+    }
 }
 
 /// The identity CA and its endpoint.
@@ -207,6 +232,11 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("--push-ack-timeout must be at least 1s");
     }
     let id = &args.identity_ca;
+    if args.mesh_mtls_mode == MeshMtlsMode::Strict && id.no_identity {
+        anyhow::bail!(
+            "--mesh-mtls-mode strict needs the identity endpoint: without certificates every proxy would refuse all traffic (drop --no-identity)"
+        );
+    }
     if id.identity_lifetime.as_std() < Duration::from_secs(60) {
         anyhow::bail!("--identity-lifetime must be at least 1m");
     }
@@ -336,6 +366,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         push_tls,
         admin: Some(admin),
         trust_domain: args.trust_domain,
+        mesh_mtls: args.mesh_mtls_mode.into(),
         auth: Authenticator::token_review_with(
             client.clone(),
             vec![args.token_audience],
@@ -351,6 +382,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         lease: Some(lease),
         namespace: args.watch_namespace,
     };
+    tracing::info!(mode = ?settings.mesh_mtls, "mesh-wide mTLS default (namespace-wide and workload Policies override it)");
     let shutdown = CancellationToken::new();
     let whole_cluster = settings.namespace.is_none();
     let (handles, done) = mesh::run(client.clone(), settings, shutdown.clone());

@@ -44,6 +44,9 @@ pub struct Settings {
     pub admin: Option<TcpListener>,
     /// The SPIFFE trust domain of endpoint identities.
     pub trust_domain: String,
+    /// The mesh-wide mTLS mode: that of pods no Policy selects (namespace-wide and
+    /// workload Policies override it).
+    pub mesh_mtls: weft_api::proxy_config::MtlsMode,
     /// How subscribers are authenticated.
     pub auth: Authenticator,
     /// How long a proxy may take to receive and answer an update before its connection
@@ -77,7 +80,10 @@ pub fn run(
     shutdown: CancellationToken,
 ) -> (Handles, tokio::task::JoinHandle<()>) {
     let metrics = Arc::new(Metrics::new());
-    let index = SharedIndex::new(Index::new(settings.trust_domain.clone()), metrics.clone());
+    let index = SharedIndex::new(
+        Index::new(settings.trust_domain.clone()).with_mesh_mtls(settings.mesh_mtls),
+        metrics.clone(),
+    );
     let registry = Arc::new(Registry::default());
     let peers = Arc::new(match &settings.lease {
         // A replica that has not rewritten its report for two Lease durations is gone.

@@ -203,6 +203,7 @@ async fn beside_the_operator_the_webhook_reads_namespace_labels_from_its_index()
         push_tls: None,
         admin: None,
         trust_domain: "cluster.local".into(),
+        mesh_mtls: Default::default(),
         auth: Authenticator::token_review(client.clone(), vec!["weft".into()]),
         push_ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
         lease: None,

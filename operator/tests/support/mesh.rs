@@ -338,6 +338,7 @@ impl Operator {
             push_tls: None,
             admin: Some(admin),
             trust_domain: "cluster.local".into(),
+            mesh_mtls: Default::default(),
             auth: Authenticator::token_review(bed.client.clone(), vec!["weft".into()]),
             push_ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
             lease: Some(LeaseConfig::new(
