@@ -591,3 +591,121 @@ async fn the_config_stream_is_tls_from_the_mesh_root_and_nothing_else_gets_confi
     drop((good, stranger, misnamed, plain, operator));
     bed.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_policy_permits_it() {
+    let bed = Bed::new("mesh-strict").await;
+    let ns = bed.ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (push, op_admin, op_identity) = (free_addr(), free_addr(), free_addr());
+    let operator = start_operator_with(
+        &bed,
+        push,
+        op_admin,
+        op_identity,
+        dir.path(),
+        1,
+        &[
+            "--identity-dns-names",
+            IDENTITY_NAME,
+            "--mesh-mtls-mode",
+            "strict",
+        ],
+    );
+    let secrets = bed.api::<Secret>();
+    let ca = eventually(WAIT, || async {
+        let s = secrets.get("weft-identity").await?;
+        Ok(s.data
+            .and_then(|d| d.get("ca.crt").cloned())
+            .context("no ca.crt")?
+            .0)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
+    let trust_root = dir.path().join("ca.crt");
+    std::fs::write(&trust_root, &ca).unwrap();
+    bed.service_account("web").await;
+    let web_pod = bed.pod("web", "web", "web", "198.18.240.31").await;
+    let app = echo_app().await;
+    let web = ProxyProc::start_with(
+        &bed,
+        push,
+        &web_pod,
+        &format!("web.{ns}.80"),
+        dir.path(),
+        &ProxyOptions {
+            app: Some(app),
+            identity: Some(ProxyIdentity {
+                addr: op_identity,
+                server_name: IDENTITY_NAME.to_owned(),
+                trust_root,
+                inline: false,
+            }),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    ready_with_identity(&web, &format!("spiffe://cluster.local/ns/{ns}/sa/web"), &operator).await;
+    let inbound = web.inbound.unwrap();
+    let plain_answers = |want: u16, error: Option<&'static str>| async move {
+        eventually(SOON, || async {
+            let r = http_request(inbound, "/x").await?;
+            ensure!(
+                r.status == want && r.header("weft-error") == error,
+                "plain text: {} {:?} {}",
+                r.status,
+                r.header("weft-error"),
+                r.body
+            );
+            Ok(())
+        })
+        .await
+    };
+
+    // No Policy anywhere: the mesh default (Strict) refuses plain text.
+    plain_answers(403, Some("mtls_required"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", web.proc.log_tail(), operator.log_tail()));
+
+    // A namespace-wide Permissive Policy overrides the mesh default in its namespace.
+    let apply = |name: &'static str, spec: serde_json::Value| {
+        let policies = bed.api::<Policy>();
+        async move {
+            let p: Policy =
+                serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap();
+            policies
+                .patch(name, &PatchParams::apply("weft-test").force(), &Patch::Apply(&p))
+                .await
+                .unwrap();
+        }
+    };
+    apply(
+        "namespace",
+        json!({"target": {"selector": {}}, "mtls": {"mode": "Permissive"}, "defaultAction": "Allow"}),
+    )
+    .await;
+    plain_answers(200, None)
+        .await
+        .unwrap_or_else(|e| panic!("the namespace Policy did not act: {e:#}\n{}", web.proc.log_tail()));
+    // The API server kept the empty selector (it is what makes the Policy namespace-wide).
+    let stored = bed.api::<Policy>().get("namespace").await.unwrap();
+    assert!(stored.spec.target.selector.is_some(), "{:?}", stored.spec.target);
+
+    // A workload Policy overrides the namespace's.
+    apply(
+        "web",
+        json!({"target": {"selector": {"matchLabels": {"app": "web"}}}, "mtls": {"mode": "Strict"},
+               "defaultAction": "Allow"}),
+    )
+    .await;
+    plain_answers(403, Some("mtls_required"))
+        .await
+        .unwrap_or_else(|e| panic!("the workload Policy did not act: {e:#}\n{}", web.proc.log_tail()));
+    bed.api::<Policy>()
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    plain_answers(200, None).await.unwrap();
+    drop((web, operator));
+    bed.cleanup().await;
+}
