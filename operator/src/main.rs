@@ -39,7 +39,12 @@ struct Args {
     /// (plain text refused inbound; needs the identity endpoint) or `disabled` (clients
     /// never originate mTLS). A namespace-wide Policy (`target.selector: {}`) overrides it
     /// in its namespace, and a workload's Policy overrides both.
-    #[arg(long, env = "WEFT_MESH_MTLS_MODE", value_enum, default_value = "permissive")]
+    #[arg(
+        long,
+        env = "WEFT_MESH_MTLS_MODE",
+        value_enum,
+        default_value = "permissive"
+    )]
     mesh_mtls_mode: MeshMtlsMode,
     /// The audience proxies' projected ServiceAccount tokens must carry.
     #[arg(long, env = "WEFT_TOKEN_AUDIENCE", default_value = "weft")]
@@ -412,7 +417,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         (Some(server), Some(listener), Some(certs)) => {
             let token = shutdown.clone();
             Some(tokio::spawn(async move {
-                let renew = identity::renew_serving(server.ca().clone(), certs.clone(), serving.clone());
+                let renew =
+                    identity::renew_serving(server.ca().clone(), certs.clone(), serving.clone());
                 tokio::select! {
                     () = identity::serve_with(listener, server, &certs, &serving, token.cancelled_owned()) => {}
                     () = renew => {}

@@ -501,21 +501,25 @@ async fn the_config_stream_is_tls_from_the_mesh_root_and_nothing_else_gets_confi
     bed.service_account("client").await;
     service_to(&bed, "web", "198.18.240.99:8080".parse().unwrap()).await;
     let service = format!("web.{ns}.80");
-    let start = |name: &'static str,
-                 ip: &'static str,
-                 root: Option<(std::path::PathBuf, &'static str)>| {
-        let (bed, dir, service) = (&bed, dir.path(), service.clone());
-        async move {
-            let pod = bed.pod(name, "client", "client", ip).await;
-            let options = ProxyOptions {
-                operator_root: root.map(|(r, n)| (r, n.to_owned())),
-                ..ProxyOptions::default()
-            };
-            ProxyProc::start_with(bed, push, &pod, &service, dir, &options).await
-        }
-    };
+    let start =
+        |name: &'static str, ip: &'static str, root: Option<(std::path::PathBuf, &'static str)>| {
+            let (bed, dir, service) = (&bed, dir.path(), service.clone());
+            async move {
+                let pod = bed.pod(name, "client", "client", ip).await;
+                let options = ProxyOptions {
+                    operator_root: root.map(|(r, n)| (r, n.to_owned())),
+                    ..ProxyOptions::default()
+                };
+                ProxyProc::start_with(bed, push, &pod, &service, dir, &options).await
+            }
+        };
     let good = start("good", "198.18.240.20", Some((root.clone(), IDENTITY_NAME))).await;
-    let stranger = start("stranger", "198.18.240.21", Some((other_root, IDENTITY_NAME))).await;
+    let stranger = start(
+        "stranger",
+        "198.18.240.21",
+        Some((other_root, IDENTITY_NAME)),
+    )
+    .await;
     let misnamed = start(
         "misnamed",
         "198.18.240.22",
@@ -527,7 +531,10 @@ async fn the_config_stream_is_tls_from_the_mesh_root_and_nothing_else_gets_confi
     // The proxy holding the mesh root for the operator's name syncs over TLS.
     eventually(WAIT, || async {
         let (status, body) = http_get(good.admin, "/config").await?;
-        ensure!(status == 200 && body.contains(&service), "/config {status}: {body}");
+        ensure!(
+            status == 200 && body.contains(&service),
+            "/config {status}: {body}"
+        );
         Ok(())
     })
     .await
@@ -547,7 +554,9 @@ async fn the_config_stream_is_tls_from_the_mesh_root_and_nothing_else_gets_confi
             ensure!(refused >= 1.0, "{reason} failures: {refused}");
             let log = std::fs::read_to_string(&p.proc.log)?;
             ensure!(
-                log.contains(&format!("TLS with the operator at {push} failed ({reason})")),
+                log.contains(&format!(
+                    "TLS with the operator at {push} failed ({reason})"
+                )),
                 "no clear log line"
             );
             Ok(())
@@ -645,7 +654,12 @@ async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_pol
         },
     )
     .await;
-    ready_with_identity(&web, &format!("spiffe://cluster.local/ns/{ns}/sa/web"), &operator).await;
+    ready_with_identity(
+        &web,
+        &format!("spiffe://cluster.local/ns/{ns}/sa/web"),
+        &operator,
+    )
+    .await;
     let inbound = web.inbound.unwrap();
     let plain_answers = |want: u16, error: Option<&'static str>| async move {
         eventually(SOON, || async {
@@ -674,7 +688,11 @@ async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_pol
             let p: Policy =
                 serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap();
             policies
-                .patch(name, &PatchParams::apply("weft-test").force(), &Patch::Apply(&p))
+                .patch(
+                    name,
+                    &PatchParams::apply("weft-test").force(),
+                    &Patch::Apply(&p),
+                )
                 .await
                 .unwrap();
         }
@@ -684,12 +702,19 @@ async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_pol
         json!({"target": {"selector": {}}, "mtls": {"mode": "Permissive"}, "defaultAction": "Allow"}),
     )
     .await;
-    plain_answers(200, None)
-        .await
-        .unwrap_or_else(|e| panic!("the namespace Policy did not act: {e:#}\n{}", web.proc.log_tail()));
+    plain_answers(200, None).await.unwrap_or_else(|e| {
+        panic!(
+            "the namespace Policy did not act: {e:#}\n{}",
+            web.proc.log_tail()
+        )
+    });
     // The API server kept the empty selector (it is what makes the Policy namespace-wide).
     let stored = bed.api::<Policy>().get("namespace").await.unwrap();
-    assert!(stored.spec.target.selector.is_some(), "{:?}", stored.spec.target);
+    assert!(
+        stored.spec.target.selector.is_some(),
+        "{:?}",
+        stored.spec.target
+    );
 
     // A workload Policy overrides the namespace's.
     apply(
@@ -700,7 +725,12 @@ async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_pol
     .await;
     plain_answers(403, Some("mtls_required"))
         .await
-        .unwrap_or_else(|e| panic!("the workload Policy did not act: {e:#}\n{}", web.proc.log_tail()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "the workload Policy did not act: {e:#}\n{}",
+                web.proc.log_tail()
+            )
+        });
     bed.api::<Policy>()
         .delete("web", &DeleteParams::default())
         .await

@@ -152,10 +152,7 @@ fn raw_server_config(c: &Certs) -> Arc<rustls::ServerConfig> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![c.server.der.clone(), c.ca_der.clone()],
-            c.server.key(),
-        )
+        .with_single_cert(vec![c.server.der.clone(), c.ca_der.clone()], c.server.key())
         .unwrap();
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
@@ -168,10 +165,7 @@ fn raw_client_config(c: &Certs) -> Arc<rustls::ClientConfig> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_root_certificates(roots(c))
-        .with_client_auth_cert(
-            vec![c.client.der.clone(), c.ca_der.clone()],
-            c.client.key(),
-        )
+        .with_client_auth_cert(vec![c.client.der.clone(), c.ca_der.clone()], c.client.key())
         .unwrap();
     config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = vec![b"weft-http1".to_vec()];
@@ -266,8 +260,7 @@ async fn app() -> SocketAddr {
                     }
                     while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                         seen.drain(..end + 4);
-                        if s
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                             .await
                             .is_err()
                         {
@@ -653,7 +646,11 @@ fn main() {
                 .arg(dir.path())
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let text = String::from_utf8_lossy(&out.stdout);
             let (before, with) = text.trim().split_once(' ').unwrap();
             let (before, with): (f64, f64) = (before.parse().unwrap(), with.parse().unwrap());

@@ -531,7 +531,13 @@ fn tls_reason(error: &std::io::Error) -> &'static str {
 /// returned guard is dropped.
 async fn handshake<IO>(
     io: TokioIo<IO>,
-) -> Result<(hyper::client::conn::http2::SendRequest<ChannelBody>, AbortOnDrop), ControlError>
+) -> Result<
+    (
+        hyper::client::conn::http2::SendRequest<ChannelBody>,
+        AbortOnDrop,
+    ),
+    ControlError,
+>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

@@ -121,7 +121,9 @@ pub async fn renew_serving(ca: Arc<IdentityCa>, certs: CertStore, serving: Servi
             .and_then(|leaf| Ok(certs.replace(&leaf.chain_pem, &leaf.key_pem)?));
         match renewed {
             Ok(()) => {
-                tracing::info!("renewed the operator's serving certificate (identity endpoint, push server)");
+                tracing::info!(
+                    "renewed the operator's serving certificate (identity endpoint, push server)"
+                );
                 wait = serving.lifetime * 2 / 3;
             }
             Err(error) => {

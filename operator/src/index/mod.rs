@@ -622,12 +622,10 @@ impl Index {
         let identity = self.identity(ns, pod)?;
         let key = ObjectKey::new(ns, pod?.clone());
         let selecting = self.policies_for(&key);
-        let specs = selecting
-            .iter()
-            .filter_map(|k| match self.policies.get(k) {
-                Some((_, Parsed::Valid(spec))) => Some(spec),
-                _ => None,
-            });
+        let specs = selecting.iter().filter_map(|k| match self.policies.get(k) {
+            Some((_, Parsed::Valid(spec))) => Some(spec),
+            _ => None,
+        });
         (compile::mtls(self.mesh_mtls, specs) != MtlsMode::Disabled).then_some(identity)
     }
 

@@ -581,10 +581,18 @@ fn a_disabled_mode_strips_the_pods_identity_from_every_clients_view() {
 /// The inbound mTLS mode the proxy of `pod` is sent (`None`: no inbound settings, so the
 /// proxy's own default, Permissive).
 fn inbound_mode(i: &Index, pod: &str) -> Option<MtlsMode> {
-    i.view(&key("shop", pod)).unwrap().inbound.and_then(|b| b.mtls)
+    i.view(&key("shop", pod))
+        .unwrap()
+        .inbound
+        .and_then(|b| b.mtls)
 }
 
-fn policy_with_mode(name: &str, created: &str, target: serde_json::Value, mode: &str) -> (ObjectKey, Object) {
+fn policy_with_mode(
+    name: &str,
+    created: &str,
+    target: serde_json::Value,
+    mode: &str,
+) -> (ObjectKey, Object) {
     weft(
         Kind::Policy,
         "shop",
@@ -612,7 +620,12 @@ fn the_mesh_default_applies_where_no_policy_selects_and_a_namespace_policy_overr
     // with a laxer mode.
     apply(
         &mut i,
-        policy_with_mode("ns-wide", "2026-01-01T00:00:00Z", json!({"selector": {}}), "Permissive"),
+        policy_with_mode(
+            "ns-wide",
+            "2026-01-01T00:00:00Z",
+            json!({"selector": {}}),
+            "Permissive",
+        ),
     );
     assert_eq!(inbound_mode(&i, "web-a"), Some(MtlsMode::Permissive));
     assert_eq!(inbound_mode(&i, "client"), Some(MtlsMode::Permissive));
@@ -631,13 +644,21 @@ fn the_mesh_default_applies_where_no_policy_selects_and_a_namespace_policy_overr
     assert_eq!(inbound_mode(&i, "client"), Some(MtlsMode::Permissive));
     // ...and a Disabled workload is one no client originates mTLS to.
     let web = i.view(&key("shop", "client")).unwrap();
-    assert_eq!(web.services.get("web.shop.80").unwrap().endpoints[0].identity, None);
+    assert_eq!(
+        web.services.get("web.shop.80").unwrap().endpoints[0].identity,
+        None
+    );
 
     // ...stricter there, through a Service.
     i.delete(Kind::Policy, &key("shop", "web-plain"));
     apply(
         &mut i,
-        policy_with_mode("web-strict", "2026-01-03T00:00:00Z", json!({"service": "web"}), "Strict"),
+        policy_with_mode(
+            "web-strict",
+            "2026-01-03T00:00:00Z",
+            json!({"service": "web"}),
+            "Strict",
+        ),
     );
     assert_eq!(inbound_mode(&i, "web-a"), Some(MtlsMode::Strict));
     assert_eq!(inbound_mode(&i, "client"), Some(MtlsMode::Permissive));
@@ -665,7 +686,12 @@ fn a_disabled_mesh_default_originates_no_mtls_until_a_namespace_policy_asks_for_
     assert_eq!(inbound_mode(&i, "web-a"), Some(MtlsMode::Disabled));
     apply(
         &mut i,
-        policy_with_mode("ns-wide", "2026-01-01T00:00:00Z", json!({"selector": {}}), "Permissive"),
+        policy_with_mode(
+            "ns-wide",
+            "2026-01-01T00:00:00Z",
+            json!({"selector": {}}),
+            "Permissive",
+        ),
     );
     assert_eq!(
         identity(&i).as_deref(),
@@ -699,7 +725,10 @@ fn only_an_empty_selector_is_namespace_wide() {
         )
         .unwrap(),
     );
-    assert_eq!(compile::mtls(MtlsMode::Disabled, [&lax, &strict]), MtlsMode::Strict);
+    assert_eq!(
+        compile::mtls(MtlsMode::Disabled, [&lax, &strict]),
+        MtlsMode::Strict
+    );
     let workload = serde_json::from_value::<weft_crds::PolicySpec>(
         json!({"target": {"service": "web"}, "mtls": {"mode": "Disabled"}}),
     )
