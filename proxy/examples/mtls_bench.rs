@@ -24,8 +24,9 @@
 //! the proxy's inbound listener and a small application; a child process (this binary,
 //! `rss-client`) opens the connections and holds them, so the child's own memory is not
 //! counted. RSS (`VmRSS`) is read after 1 s of quiet, before and with N connections open:
-//! plain text with one HTTP/1.1 request each (the existing figure), mutual TLS after the
-//! handshake only, and mutual TLS with one request each.
+//! plain text with one HTTP/1.1 request each, mutual TLS after the handshake only, and
+//! mutual TLS with one request each; and, as the floor, a bare rustls server (tokio-rustls,
+//! the same certificates and configs as `raw rustls` above) holding handshake-only sessions.
 //!
 //! Only loopback addresses are used.
 #![allow(
@@ -576,13 +577,46 @@ fn main() {
             .unwrap();
         let app_addr: SocketAddr = line.trim().parse().unwrap();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let server = Side::spawn("proxy", move |stop| async move {
-            addr_tx
-                .send(proxy_inbound(Some(server_store), Some(app_addr), stop).await)
+        let raw = args[2].starts_with("raw-");
+        let raw_config = raw.then(|| {
+            let der = |f: &str| {
+                rustls_pemfile::certs(&mut read(f).as_bytes())
+                    .next()
+                    .unwrap()
+                    .unwrap()
+            };
+            let key = rustls_pemfile::private_key(&mut read("server.key").as_bytes())
+                .unwrap()
                 .unwrap();
+            let c = Certs {
+                ca_pem: read("ca.crt"),
+                ca_der: der("ca.crt"),
+                client: Leaf {
+                    chain_pem: String::new(),
+                    key_pem: String::new(),
+                    der: der("ca.crt"),
+                    key_der: Vec::new(),
+                },
+                server: Leaf {
+                    chain_pem: read("server.crt"),
+                    key_pem: read("server.key"),
+                    der: der("server.crt"),
+                    key_der: key.secret_der().to_vec(),
+                },
+            };
+            raw_server_config(&c)
+        });
+        let server = Side::spawn("proxy", move |stop| async move {
+            let addr = match raw_config {
+                // The floor: a bare rustls server holding the same sessions.
+                Some(config) => raw_server(config, stop).await,
+                None => proxy_inbound(Some(server_store), Some(app_addr), stop).await,
+            };
+            addr_tx.send(addr).unwrap();
         });
         let addr = addr_rx.recv().unwrap();
-        let (before, with) = rss_with(dir, addr, args[3].parse().unwrap(), &args[2]);
+        let mode = args[2].strip_prefix("raw-").unwrap_or(&args[2]);
+        let (before, with) = rss_with(dir, addr, args[3].parse().unwrap(), mode);
         println!("{before} {with}");
         drop(server);
         drop(app_proc.stdin.take());
@@ -638,6 +672,10 @@ fn main() {
             ("plain text, one HTTP/1.1 request each", "plain"),
             ("mutual TLS, handshake only", "mtls-idle"),
             ("mutual TLS, one HTTP/1.1 request each", "mtls-request"),
+            (
+                "reference: a bare rustls server (same certificates), handshake only",
+                "raw-mtls-idle",
+            ),
         ] {
             // Each in a fresh process: memory freed by an earlier mode would otherwise be
             // reused and hide part of the growth.
