@@ -113,9 +113,12 @@ pub fn start_operator_with(
     n: u32,
     extra: &[&str],
 ) -> Proc {
-    // Beside the test like weft-proxy (the same file as `CARGO_BIN_EXE_weft-operator` in a
-    // plain `cargo test`), so a test binary run from elsewhere takes the operator next to it.
-    let mut cmd = Command::new(sibling_binary("weft-operator"));
+    // `WEFT_TEST_OPERATOR_BIN` overrides it, as in tests/chart.rs: in a target dir shared
+    // by several worktrees, `target/debug/weft-operator` is whoever built last.
+    let bin = std::env::var_os("WEFT_TEST_OPERATOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_weft-operator")));
+    let mut cmd = Command::new(bin);
     cmd.env("KUBECONFIG", shared::testbed().kubeconfig())
         .args(["--push-addr", &push.to_string()])
         .args(["--admin-addr", &admin.to_string()])
