@@ -37,7 +37,7 @@ pub struct InjectConfig {
 pub struct InjectIdentity {
     /// `host:port` of the operator's identity endpoint.
     pub addr: String,
-    /// The DNS name on that endpoint's certificate.
+    /// The DNS name on that endpoint's certificate, which the push server's carries too.
     pub server_name: String,
     /// The mesh trust root(s), PEM: the endpoint's certificate and peers' are verified
     /// against them.

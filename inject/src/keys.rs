@@ -94,6 +94,9 @@ pub mod env {
     pub const IDENTITY_SERVER_NAME: &str = "WEFT_IDENTITY_SERVER_NAME";
     /// The mesh trust root(s), PEM.
     pub const TRUST_ROOTS: &str = "WEFT_TRUST_ROOTS";
+    /// The DNS name on the operator's push server certificate (the config stream is TLS
+    /// verified against the trust root whenever the proxy has one).
+    pub const OPERATOR_SERVER_NAME: &str = "WEFT_OPERATOR_SERVER_NAME";
     /// Where the proxy's outbound listener binds: the port `init` redirects outbound to.
     pub const OUTBOUND_ADDR: &str = "WEFT_OUTBOUND_ADDR";
     /// Where the proxy's inbound listener binds: the port `init` redirects inbound to.

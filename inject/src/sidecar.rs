@@ -163,6 +163,12 @@ pub fn proxy_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
             id.server_name.clone(),
         ));
         env.push(value(keys::env::TRUST_ROOTS, id.trust_roots.clone()));
+        // The operator serves the config stream with the same certificate as the identity
+        // endpoint; the proxy, holding the root, verifies it for this name.
+        env.push(value(
+            keys::env::OPERATOR_SERVER_NAME,
+            id.server_name.clone(),
+        ));
     }
     let r = &opts.resources;
     Container {
@@ -337,7 +343,8 @@ mod tests {
             [
                 keys::env::IDENTITY_ADDR,
                 keys::env::IDENTITY_SERVER_NAME,
-                keys::env::TRUST_ROOTS
+                keys::env::TRUST_ROOTS,
+                keys::env::OPERATOR_SERVER_NAME
             ]
         );
     }

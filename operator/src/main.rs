@@ -23,7 +23,9 @@ use weft_operator::{
 #[derive(Parser, Debug)]
 #[command(name = "weft-operator", version, about)]
 struct Args {
-    /// Where proxies subscribe to their config (HTTP/2, `weft.push.v1`).
+    /// Where proxies subscribe to their config (HTTP/2, `weft.push.v1`): over TLS 1.3
+    /// with a certificate from the mesh trust root whenever the identity endpoint is on,
+    /// in plain text only with --no-identity.
     #[arg(long, env = "WEFT_PUSH_ADDR", default_value = "0.0.0.0:8090")]
     push_addr: SocketAddr,
     /// Admin listener: /healthz, /readyz, /metrics, /proxies, /version.
@@ -32,6 +34,18 @@ struct Args {
     /// The SPIFFE trust domain of workload identities.
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
+    /// The mesh-wide mTLS mode, for pods no Policy selects: `permissive` (plain text and
+    /// mutual TLS accepted inbound; clients originate mTLS to meshed pods), `strict`
+    /// (plain text refused inbound; needs the identity endpoint) or `disabled` (clients
+    /// never originate mTLS). A namespace-wide Policy (`target.selector: {}`) overrides it
+    /// in its namespace, and a workload's Policy overrides both.
+    #[arg(
+        long,
+        env = "WEFT_MESH_MTLS_MODE",
+        value_enum,
+        default_value = "permissive"
+    )]
+    mesh_mtls_mode: MeshMtlsMode,
     /// The audience proxies' projected ServiceAccount tokens must carry.
     #[arg(long, env = "WEFT_TOKEN_AUDIENCE", default_value = "weft")]
     token_audience: String,
@@ -69,6 +83,24 @@ struct Args {
     identity_ca: IdentityArgs,
 }
 
+/// `--mesh-mtls-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum MeshMtlsMode {
+    Strict,
+    Permissive,
+    Disabled,
+}
+
+impl From<MeshMtlsMode> for weft_api::proxy_config::MtlsMode {
+    fn from(m: MeshMtlsMode) -> Self {
+        match m {
+            MeshMtlsMode::Strict => Self::Strict,
+            MeshMtlsMode::Permissive => Self::Permissive,
+            MeshMtlsMode::Disabled => Self::Disabled,
+        }
+    }
+}
+
 /// The identity CA and its endpoint.
 #[derive(clap::Args, Debug)]
 struct IdentityArgs {
@@ -76,7 +108,8 @@ struct IdentityArgs {
     /// `weft.identity.v1`).
     #[arg(long, env = "WEFT_IDENTITY_ADDR", default_value = "0.0.0.0:15012")]
     identity_addr: SocketAddr,
-    /// Do not serve the identity endpoint (nor read or create the identity Secret).
+    /// Do not serve the identity endpoint (nor read or create the identity Secret). The
+    /// push server then serves plain text, and injected proxies get no trust root.
     #[arg(long, env = "WEFT_NO_IDENTITY")]
     no_identity: bool,
     /// The Secret (in the operator's namespace) holding the mesh's trust root; generated
@@ -204,6 +237,11 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("--push-ack-timeout must be at least 1s");
     }
     let id = &args.identity_ca;
+    if args.mesh_mtls_mode == MeshMtlsMode::Strict && id.no_identity {
+        anyhow::bail!(
+            "--mesh-mtls-mode strict needs the identity endpoint: without certificates every proxy would refuse all traffic (drop --no-identity)"
+        );
+    }
     if id.identity_lifetime.as_std() < Duration::from_secs(60) {
         anyhow::bail!("--identity-lifetime must be at least 1m");
     }
@@ -317,10 +355,23 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             trust_roots: ca.trust_bundle().to_owned(),
         });
     }
+    // One serving certificate from the mesh CA, for the operator Service's names, serves
+    // both the identity endpoint and the push server: proxies verify both against the
+    // trust root they were given.
+    let serving_certs = match &identity_ca {
+        Some(ca) => Some(
+            identity::serving_store(ca, &serving)
+                .context("issue the operator's serving certificate")?,
+        ),
+        None => None,
+    };
+    let push_tls = serving_certs.as_ref().map(identity::push_tls);
     let settings = Settings {
         push,
+        push_tls,
         admin: Some(admin),
         trust_domain: args.trust_domain,
+        mesh_mtls: args.mesh_mtls_mode.into(),
         auth: Authenticator::token_review_with(
             client.clone(),
             vec![args.token_audience],
@@ -336,6 +387,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         lease: Some(lease),
         namespace: args.watch_namespace,
     };
+    tracing::info!(mode = ?settings.mesh_mtls, "mesh-wide mTLS default (namespace-wide and workload Policies override it)");
     let shutdown = CancellationToken::new();
     let whole_cluster = settings.namespace.is_none();
     let (handles, done) = mesh::run(client.clone(), settings, shutdown.clone());
@@ -361,18 +413,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             handles.metrics.clone(),
         ))
     });
-    let identity_task = identity_server
-        .zip(identity_listener)
-        .map(|(server, listener)| {
+    let identity_task = match (identity_server, identity_listener, serving_certs) {
+        (Some(server), Some(listener), Some(certs)) => {
             let token = shutdown.clone();
-            tokio::spawn(async move {
-                if let Err(error) =
-                    identity::serve(listener, server, serving, token.cancelled_owned()).await
-                {
-                    tracing::error!(%error, "the identity endpoint stopped");
+            Some(tokio::spawn(async move {
+                let renew =
+                    identity::renew_serving(server.ca().clone(), certs.clone(), serving.clone());
+                tokio::select! {
+                    () = identity::serve_with(listener, server, &certs, &serving, token.cancelled_owned()) => {}
+                    () = renew => {}
                 }
-            })
-        });
+            }))
+        }
+        _ => None,
+    };
     let webhook_metrics = WebhookMetrics::default();
     let webhook_task = webhook_listener.map(|listener| {
         let (client, token) = (client.clone(), shutdown.clone());

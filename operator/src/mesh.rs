@@ -36,10 +36,17 @@ use crate::{
 pub struct Settings {
     /// The push server's listener.
     pub push: TcpListener,
+    /// The push server's TLS (a serving certificate from the mesh CA,
+    /// [`crate::identity::push_tls`]); `None` serves plain text, only for an operator
+    /// without identity.
+    pub push_tls: Option<Arc<rustls::ServerConfig>>,
     /// The admin listener (`/healthz`, `/readyz`, `/metrics`, `/proxies`, `/version`).
     pub admin: Option<TcpListener>,
     /// The SPIFFE trust domain of endpoint identities.
     pub trust_domain: String,
+    /// The mesh-wide mTLS mode: that of pods no Policy selects (namespace-wide and
+    /// workload Policies override it).
+    pub mesh_mtls: weft_api::proxy_config::MtlsMode,
     /// How subscribers are authenticated.
     pub auth: Authenticator,
     /// How long a proxy may take to receive and answer an update before its connection
@@ -73,7 +80,10 @@ pub fn run(
     shutdown: CancellationToken,
 ) -> (Handles, tokio::task::JoinHandle<()>) {
     let metrics = Arc::new(Metrics::new());
-    let index = SharedIndex::new(Index::new(settings.trust_domain.clone()), metrics.clone());
+    let index = SharedIndex::new(
+        Index::new(settings.trust_domain.clone()).with_mesh_mtls(settings.mesh_mtls),
+        metrics.clone(),
+    );
     let registry = Arc::new(Registry::default());
     let peers = Arc::new(match &settings.lease {
         // A replica that has not rewritten its report for two Lease durations is gone.
@@ -102,10 +112,16 @@ pub fn run(
         auth: settings.auth,
         ack_timeout: settings.push_ack_timeout,
     });
-    tracker.spawn(
-        push::serve(settings.push, server, shutdown.clone())
-            .instrument(tracing::info_span!("push")),
-    );
+    let push_task = {
+        let shutdown = shutdown.clone();
+        async move {
+            match settings.push_tls {
+                Some(tls) => push::serve_tls(settings.push, server, tls, shutdown).await,
+                None => push::serve(settings.push, server, shutdown).await,
+            }
+        }
+    };
+    tracker.spawn(push_task.instrument(tracing::info_span!("push")));
     if let Some(lease_config) = settings.lease {
         let (leader_tx, leader_rx) = watch::channel(false);
         let instance = lease_config.identity.clone();

@@ -295,6 +295,7 @@ mod docs_tests {
         drop(m.connection(Direction::Inbound));
         m.config_applied(1, "1", [(web.clone(), 1)].into_iter());
         m.config_rejected();
+        m.control_stream_failure("tls_untrusted");
         let b = m.breaker(&web);
         b.set_ejected(0);
         b.ejection();

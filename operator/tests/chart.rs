@@ -706,7 +706,28 @@ async fn install_runs_the_operator_with_chart_rbac_then_upgrade_and_uninstall() 
     mesh.route_condition("ghost", "ResolvedRefs", "False").await;
     mesh.service_account("web").await;
     let proxied = mesh.pod("web-1", "web", "web", "192.0.2.10").await;
-    let proxy = ProxyProc::start(&mesh, ports.push, &proxied, "web", dir.path()).await;
+    // The operator serves identity, so its push port is TLS: the proxy takes the trust
+    // root and the operator's name as the injector gave them to app-1's proxy.
+    let injected = |name: &str| {
+        env.iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{name} not injected: {env:?}"))
+    };
+    let root = dir.path().join("trust-root.pem");
+    std::fs::write(&root, injected("WEFT_TRUST_ROOTS")).unwrap();
+    let proxy = ProxyProc::start_with(
+        &mesh,
+        ports.push,
+        &proxied,
+        "web",
+        dir.path(),
+        &ProxyOptions {
+            operator_root: Some((root, injected("WEFT_OPERATOR_SERVER_NAME"))),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
     let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
     eventually(WAIT, || {
         let configmaps = configmaps.clone();

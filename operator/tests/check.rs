@@ -314,11 +314,30 @@ async fn check_passes_a_healthy_install_and_fails_exactly_what_is_broken() {
     let (backend, _host) = backend().await;
     service_to(&bed, "web", backend).await;
     let svc = format!("web.{ns}.80");
+    // The operator serves identity, so its push port is TLS from the mesh root: proxies
+    // take the root from the identity Secret and verify the operator's default name (its
+    // Service's, `weft-operator.<namespace>.svc`).
+    let secrets = bed.api::<Secret>();
+    let root_pem = eventually(WAIT, || async {
+        let s = secrets.get("weft-identity").await?;
+        Ok(s.data
+            .and_then(|d| d.get("ca.crt").cloned())
+            .context("no ca.crt")?
+            .0)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
+    let root = dir.path().join("trust-root.pem");
+    std::fs::write(&root, &root_pem).unwrap();
+    let options = ProxyOptions {
+        operator_root: Some((root, format!("weft-operator.{ns}.svc"))),
+        ..ProxyOptions::default()
+    };
     let mut proxies = Vec::new();
     for (name, ip) in [("client-0", "198.18.241.70"), ("client-1", "198.18.241.71")] {
         bed.service_account(name).await;
         let pod = bed.pod(name, name, "client", ip).await;
-        let p = ProxyProc::start(&bed, push, &pod, &svc, dir.path()).await;
+        let p = ProxyProc::start_with(&bed, push, &pod, &svc, dir.path(), &options).await;
         eventually(WAIT, || async {
             let (status, body) = http_get(p.forward, "/").await?;
             ensure!(status == 200 && body == "hello", "{status} {body}");

@@ -226,6 +226,7 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
             app: Some(app),
             inbound_listen: Some(web_inbound),
             identity: Some(identity.clone()),
+            ..ProxyOptions::default()
         },
     )
     .await;
@@ -452,5 +453,289 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     eprintln!("the Policy acted {took:?} after apply");
 
     drop((client, web, operator));
+    bed.cleanup().await;
+}
+
+/// The proxy at `admin`'s count of config streams that ended for `reason`.
+async fn stream_failures(admin: SocketAddr, reason: &str) -> f64 {
+    let (_, metrics) = http_get(admin, "/metrics").await.unwrap_or_default();
+    sample(
+        &metrics,
+        &format!(r#"weft_control_stream_failures_total{{reason="{reason}"}}"#),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_stream_is_tls_from_the_mesh_root_and_nothing_else_gets_config() {
+    let bed = Bed::new("push-tls").await;
+    let ns = bed.ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (push, op_admin, op_identity) = (free_addr(), free_addr(), free_addr());
+    let operator = start_operator_with(
+        &bed,
+        push,
+        op_admin,
+        op_identity,
+        dir.path(),
+        1,
+        &["--identity-dns-names", IDENTITY_NAME],
+    );
+    let secrets = bed.api::<Secret>();
+    let ca = eventually(WAIT, || async {
+        let s = secrets.get("weft-identity").await?;
+        Ok(s.data
+            .and_then(|d| d.get("ca.crt").cloned())
+            .context("no ca.crt")?
+            .0)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
+    let root = dir.path().join("ca.crt");
+    std::fs::write(&root, &ca).unwrap();
+    // Another mesh's root: a valid CA, just not this operator's.
+    let (other, _) = weft_operator::identity::IdentityCa::generate().unwrap();
+    let other_root = dir.path().join("other.crt");
+    std::fs::write(&other_root, other.trust_bundle()).unwrap();
+
+    bed.service_account("client").await;
+    service_to(&bed, "web", "198.18.240.99:8080".parse().unwrap()).await;
+    let service = format!("web.{ns}.80");
+    let start =
+        |name: &'static str, ip: &'static str, root: Option<(std::path::PathBuf, &'static str)>| {
+            let (bed, dir, service) = (&bed, dir.path(), service.clone());
+            async move {
+                let pod = bed.pod(name, "client", "client", ip).await;
+                let options = ProxyOptions {
+                    operator_root: root.map(|(r, n)| (r, n.to_owned())),
+                    ..ProxyOptions::default()
+                };
+                ProxyProc::start_with(bed, push, &pod, &service, dir, &options).await
+            }
+        };
+    let good = start("good", "198.18.240.20", Some((root.clone(), IDENTITY_NAME))).await;
+    let stranger = start(
+        "stranger",
+        "198.18.240.21",
+        Some((other_root, IDENTITY_NAME)),
+    )
+    .await;
+    let misnamed = start(
+        "misnamed",
+        "198.18.240.22",
+        Some((root.clone(), "weft-operator.elsewhere.test")),
+    )
+    .await;
+    let plain = start("plain", "198.18.240.23", None).await;
+
+    // The proxy holding the mesh root for the operator's name syncs over TLS.
+    eventually(WAIT, || async {
+        let (status, body) = http_get(good.admin, "/config").await?;
+        ensure!(
+            status == 200 && body.contains(&service),
+            "/config {status}: {body}"
+        );
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", good.proc.log_tail(), operator.log_tail()));
+    let log = std::fs::read_to_string(&good.proc.log).unwrap();
+    assert!(
+        log.contains("config stream over TLS 1.3") && log.contains("subscribed to the operator"),
+        "{}",
+        good.proc.log_tail()
+    );
+
+    // A proxy with another root, or expecting another name, refuses the operator: it says
+    // why in its log, counts it, and takes no config.
+    for (p, reason) in [(&stranger, "tls_untrusted"), (&misnamed, "tls_wrong_name")] {
+        eventually(WAIT, || async {
+            let refused = stream_failures(p.admin, reason).await;
+            ensure!(refused >= 1.0, "{reason} failures: {refused}");
+            let log = std::fs::read_to_string(&p.proc.log)?;
+            ensure!(
+                log.contains(&format!(
+                    "TLS with the operator at {push} failed ({reason})"
+                )),
+                "no clear log line"
+            );
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", p.proc.log_tail()));
+        let (status, _) = http_get(p.admin, "/config").await.unwrap();
+        assert_ne!(status, 200, "{} took a config", p.proc.name);
+    }
+
+    // A proxy without a root speaks plain text, which an operator with identity does not
+    // serve: it gets nothing, and the operator counts the failed handshakes.
+    eventually(WAIT, || async {
+        let (_, m) = http_get(op_admin, "/metrics").await?;
+        let refused = sample(
+            &m,
+            r#"weft_operator_push_refusals_total{reason="tls_handshake"}"#,
+        )
+        .unwrap_or(0.0);
+        ensure!(refused >= 1.0, "tls_handshake refusals: {refused}");
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
+    eventually(WAIT, || async {
+        let (status, _) = http_get(plain.admin, "/config").await?;
+        ensure!(status != 200, "a plain-text proxy took a config");
+        let log = std::fs::read_to_string(&plain.proc.log)?;
+        ensure!(log.contains("config stream in plain text"), "no log line");
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", plain.proc.log_tail()));
+
+    // Only the good proxy is known to the operator.
+    let (_, proxies) = http_get(op_admin, "/proxies").await.unwrap();
+    assert!(proxies.contains(&format!("{ns}/good")), "{proxies}");
+    for name in ["stranger", "misnamed", "plain"] {
+        assert!(!proxies.contains(&format!("{ns}/{name}")), "{proxies}");
+    }
+    drop((good, stranger, misnamed, plain, operator));
+    bed.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_policy_permits_it() {
+    let bed = Bed::new("mesh-strict").await;
+    let ns = bed.ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (push, op_admin, op_identity) = (free_addr(), free_addr(), free_addr());
+    let operator = start_operator_with(
+        &bed,
+        push,
+        op_admin,
+        op_identity,
+        dir.path(),
+        1,
+        &[
+            "--identity-dns-names",
+            IDENTITY_NAME,
+            "--mesh-mtls-mode",
+            "strict",
+        ],
+    );
+    let secrets = bed.api::<Secret>();
+    let ca = eventually(WAIT, || async {
+        let s = secrets.get("weft-identity").await?;
+        Ok(s.data
+            .and_then(|d| d.get("ca.crt").cloned())
+            .context("no ca.crt")?
+            .0)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
+    let trust_root = dir.path().join("ca.crt");
+    std::fs::write(&trust_root, &ca).unwrap();
+    bed.service_account("web").await;
+    let web_pod = bed.pod("web", "web", "web", "198.18.240.31").await;
+    let app = echo_app().await;
+    let web = ProxyProc::start_with(
+        &bed,
+        push,
+        &web_pod,
+        &format!("web.{ns}.80"),
+        dir.path(),
+        &ProxyOptions {
+            app: Some(app),
+            identity: Some(ProxyIdentity {
+                addr: op_identity,
+                server_name: IDENTITY_NAME.to_owned(),
+                trust_root,
+                inline: false,
+            }),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    ready_with_identity(
+        &web,
+        &format!("spiffe://cluster.local/ns/{ns}/sa/web"),
+        &operator,
+    )
+    .await;
+    let inbound = web.inbound.unwrap();
+    let plain_answers = |want: u16, error: Option<&'static str>| async move {
+        eventually(SOON, || async {
+            let r = http_request(inbound, "/x").await?;
+            ensure!(
+                r.status == want && r.header("weft-error") == error,
+                "plain text: {} {:?} {}",
+                r.status,
+                r.header("weft-error"),
+                r.body
+            );
+            Ok(())
+        })
+        .await
+    };
+
+    // No Policy anywhere: the mesh default (Strict) refuses plain text.
+    plain_answers(403, Some("mtls_required"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", web.proc.log_tail(), operator.log_tail()));
+
+    // A namespace-wide Permissive Policy overrides the mesh default in its namespace.
+    let apply = |name: &'static str, spec: serde_json::Value| {
+        let policies = bed.api::<Policy>();
+        async move {
+            let p: Policy =
+                serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap();
+            policies
+                .patch(
+                    name,
+                    &PatchParams::apply("weft-test").force(),
+                    &Patch::Apply(&p),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    apply(
+        "namespace",
+        json!({"target": {"selector": {}}, "mtls": {"mode": "Permissive"}, "defaultAction": "Allow"}),
+    )
+    .await;
+    plain_answers(200, None).await.unwrap_or_else(|e| {
+        panic!(
+            "the namespace Policy did not act: {e:#}\n{}",
+            web.proc.log_tail()
+        )
+    });
+    // The API server kept the empty selector (it is what makes the Policy namespace-wide).
+    let stored = bed.api::<Policy>().get("namespace").await.unwrap();
+    assert!(
+        stored.spec.target.selector.is_some(),
+        "{:?}",
+        stored.spec.target
+    );
+
+    // A workload Policy overrides the namespace's.
+    apply(
+        "web",
+        json!({"target": {"selector": {"matchLabels": {"app": "web"}}}, "mtls": {"mode": "Strict"},
+               "defaultAction": "Allow"}),
+    )
+    .await;
+    plain_answers(403, Some("mtls_required"))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the workload Policy did not act: {e:#}\n{}",
+                web.proc.log_tail()
+            )
+        });
+    bed.api::<Policy>()
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    plain_answers(200, None).await.unwrap();
+    drop((web, operator));
     bed.cleanup().await;
 }

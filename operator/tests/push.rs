@@ -348,7 +348,18 @@ async fn two_conflicting_routes_are_both_told_and_the_older_wins() {
 
 #[tokio::test]
 async fn a_rejected_config_shows_in_status_and_the_proxy_keeps_its_last_good_version() {
-    let bed = Bed::new("push-nack").await;
+    rejected_config_flow("push-nack", None).await;
+}
+
+/// The same flow as above, with the config stream over TLS from a mesh root (an operator
+/// with identity): ACK, NACK, status and recovery do not depend on the transport.
+#[tokio::test]
+async fn over_tls_from_the_mesh_root_acks_nacks_and_status_flow_the_same() {
+    rejected_config_flow("push-nack-tls", Some(PushTls::generate())).await;
+}
+
+async fn rejected_config_flow(prefix: &str, tls: Option<PushTls>) {
+    let bed = Bed::new(prefix).await;
     let ns = bed.ns.clone();
     bed.service_account("client").await;
     bed.service("web", "web").await;
@@ -360,9 +371,11 @@ async fn a_rejected_config_shows_in_status_and_the_proxy_keeps_its_last_good_ver
     .await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let op = Operator::start(&bed, listener).await;
+    let server_tls = tls.as_ref().map(|t| t.server.clone());
+    let op = Operator::start_with(&bed, listener, "op-nack", |s| s.push_tls = server_tls).await;
     // This proxy accepts one service at most.
-    let proxy = TestProxy::start(&bed, &addr, &pod, Some(1)).await;
+    let client_tls = tls.as_ref().map(|t| t.client(PUSH_SERVER_NAME));
+    let proxy = TestProxy::start_tls(&bed, &addr, &pod, Some(1), client_tls).await;
     let good = proxy.acked().await;
     bed.route_programmed("web", 1).await;
 

@@ -200,8 +200,10 @@ async fn beside_the_operator_the_webhook_reads_namespace_labels_from_its_index()
     let stop = tokio_util::sync::CancellationToken::new();
     let settings = Settings {
         push: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        push_tls: None,
         admin: None,
         trust_domain: "cluster.local".into(),
+        mesh_mtls: Default::default(),
         auth: Authenticator::token_review(client.clone(), vec!["weft".into()]),
         push_ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
         lease: None,

@@ -1,7 +1,9 @@
 //! The operator as config source: a `weft.push.v1` subscription (see `docs/protocol.md`).
 //!
 //! ```text
-//! operator ──HTTP/2 stream of Update frames──▶ ControlClient
+//! operator ──TLS 1.3 (verified against the mesh trust root and the operator's name;
+//!            plain text only for a proxy given no trust root)──HTTP/2 stream of Update
+//!            frames──▶ ControlClient
 //!     full / delta ─▶ received services (the operator's view of this stream)
 //!                  ─▶ ProxyConfig ─▶ ConfigStore::apply (the file source's validation + swap)
 //!                        ok  ─▶ Ack {version, enforcement: what it enforces of the resources}
@@ -31,7 +33,52 @@ use weft_api::{
     },
 };
 
-use crate::{enforce, store::ConfigStore};
+use crate::{enforce, identity::TlsFailure, store::ConfigStore};
+
+/// How long the TLS handshake with the operator may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the proxy verifies the operator's push server: TLS 1.3 only, the certificate
+/// checked against the mesh trust root and for the operator Service's DNS name, the same
+/// checks as at the identity endpoint. A proxy that has one never subscribes in plain
+/// text.
+#[derive(Clone)]
+pub struct OperatorTls {
+    config: Arc<rustls::ClientConfig>,
+    server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for OperatorTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OperatorTls {
+    /// Verifies the operator against `roots` (the mesh trust root) and `server_name`.
+    pub fn new(
+        roots: rustls::RootCertStore,
+        server_name: rustls::pki_types::ServerName<'static>,
+    ) -> Result<Self, rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(OperatorTls {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
+
+    /// The name the operator's certificate must carry.
+    pub fn server_name(&self) -> &rustls::pki_types::ServerName<'static> {
+        &self.server_name
+    }
+}
 
 /// Where and as whom to subscribe.
 #[derive(Clone, Debug)]
@@ -50,6 +97,9 @@ pub struct ControlConfig {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// TLS with the operator; `None` subscribes in plain text (an operator without
+    /// identity).
+    pub tls: Option<OperatorTls>,
 }
 
 impl ControlConfig {
@@ -62,6 +112,7 @@ impl ControlConfig {
             max_services: None,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -87,6 +138,20 @@ pub enum ControlError {
     Connect {
         /// The operator's address.
         addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake with the operator failed: its certificate does not lead to this
+    /// proxy's trust root, does not carry the expected name, or the handshake broke.
+    #[error(
+        "TLS with the operator at {addr} failed ({reason}): is the trust root the mesh's, and the operator's server name on its certificate?"
+    )]
+    Tls {
+        /// The operator's address.
+        addr: String,
+        /// What failed, as the metric's label ([`tls_reason`]).
+        reason: &'static str,
         /// The cause.
         #[source]
         source: std::io::Error,
@@ -128,6 +193,23 @@ pub enum ControlError {
     UnknownService(String),
 }
 
+impl ControlError {
+    /// The `reason` label of `weft_control_stream_failures_total`.
+    pub const fn reason(&self) -> &'static str {
+        match self {
+            ControlError::Connect { .. } => "connect",
+            ControlError::Tls { reason, .. } => reason,
+            ControlError::Http(_) => "http",
+            ControlError::Refused { .. } => "refused",
+            ControlError::Token { .. } => "token",
+            ControlError::Protocol(_) => "protocol",
+            ControlError::Closed => "closed",
+            ControlError::Unreadable(_) => "unreadable",
+            ControlError::UnknownService(_) => "unknown_service",
+        }
+    }
+}
+
 /// Subscribes to the operator and applies what it sends.
 #[derive(Debug)]
 pub struct ControlClient {
@@ -166,6 +248,7 @@ impl ControlClient {
                 Ok(()) => ControlError::Closed,
                 Err(e) => e,
             };
+            self.store.metrics().control_stream_failure(error.reason());
             // A stream that lived a while was a success: start the backoff over.
             if started.elapsed() > self.config.backoff_max {
                 attempt = 0;
@@ -207,24 +290,44 @@ impl ControlClient {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(20)))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .handshake(TokioIo::new(tcp))
-            .await?;
-        let conn_task = tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%error, "operator connection ended");
+        let (mut sender, _conn) = match &self.config.tls {
+            None => handshake(TokioIo::new(tcp)).await?,
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let tls_err = |source| ControlError::Tls {
+                    addr: addr.clone(),
+                    reason: tls_reason(&source),
+                    source,
+                };
+                let stream = match tokio::time::timeout(
+                    TLS_HANDSHAKE_TIMEOUT,
+                    connector.connect(tls.server_name.clone(), tcp),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return Err(tls_err(e)),
+                    Err(_) => {
+                        return Err(tls_err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "TLS handshake timed out",
+                        )));
+                    }
+                };
+                handshake(TokioIo::new(stream)).await?
             }
-        });
-        let _abort = AbortOnDrop(conn_task);
+        };
 
         // Answers are small and one per update; 16 leaves room for a burst while the
         // operator reads slowly, and the client waits rather than drop one.
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let body = ChannelBody(rx);
-        let mut req = Request::post(format!("http://{addr}{SUBSCRIBE_PATH}"))
+        let scheme = if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut req = Request::post(format!("{scheme}://{addr}{SUBSCRIBE_PATH}"))
             .header(POD_HEADER, &self.config.pod)
             .header(
                 FEATURES_HEADER,
@@ -252,7 +355,7 @@ impl ControlClient {
             s.connected = true;
             s.connects += 1;
         });
-        tracing::info!(operator = %addr, "subscribed to the operator");
+        tracing::info!(operator = %addr, tls = self.config.tls.is_some(), "subscribed to the operator");
         let mut body = resp.into_body();
         let mut decoder = FrameDecoder::default();
         let mut received = Received::default();
@@ -404,6 +507,52 @@ struct Received {
     resources: Vec<ResourceRef>,
     /// The inbound settings, as the latest update that carried them said.
     inbound: Option<InboundConfig>,
+}
+
+/// The label of a failed TLS handshake with the operator: `tls_wrong_name` when the
+/// certificate is trusted but not for the operator's name, else by [`TlsFailure`].
+fn tls_reason(error: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    match error.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )) => "tls_wrong_name",
+        _ => match TlsFailure::of_io(error) {
+            TlsFailure::Untrusted => "tls_untrusted",
+            TlsFailure::Expired => "tls_expired",
+            TlsFailure::NotYetValid => "tls_not_yet_valid",
+            TlsFailure::ProtocolVersion => "tls_protocol_version",
+            _ => "tls_handshake",
+        },
+    }
+}
+
+/// The HTTP/2 handshake over `io`; the connection is driven by a task that ends when the
+/// returned guard is dropped.
+async fn handshake<IO>(
+    io: TokioIo<IO>,
+) -> Result<
+    (
+        hyper::client::conn::http2::SendRequest<ChannelBody>,
+        AbortOnDrop,
+    ),
+    ControlError,
+>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .handshake(io)
+        .await?;
+    let task = tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::debug!(%error, "operator connection ended");
+        }
+    });
+    Ok((sender, AbortOnDrop(task)))
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -111,7 +111,13 @@ struct RunArgs {
     /// The DNS name the identity endpoint's certificate carries.
     #[arg(long, env = "WEFT_IDENTITY_SERVER_NAME")]
     identity_server_name: Option<String>,
-    /// The mesh trust root (PEM) the identity endpoint's certificate is verified against.
+    /// The DNS name the operator's push server certificate carries (default:
+    /// --identity-server-name). With a trust root, the config stream is TLS 1.3 verified
+    /// against it and this name, never plain text.
+    #[arg(long, env = "WEFT_OPERATOR_SERVER_NAME")]
+    operator_server_name: Option<String>,
+    /// The mesh trust root (PEM) the operator's certificates (identity endpoint, push
+    /// server) are verified against.
     #[arg(long, env = "WEFT_TRUST_ROOT_FILE", conflicts_with = "trust_roots")]
     trust_root_file: Option<PathBuf>,
     /// The mesh trust root as PEM text (the injector sets it from the operator's trust
@@ -345,7 +351,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("--reload-interval must be greater than zero");
     }
     let limits = args.limits.limits()?;
-    let identity = identity_config(&args)?;
+    let roots = trust_roots(&args)?;
+    let identity = identity_config(&args, roots.as_ref())?;
+    let operator_tls = operator_tls(&args, roots.as_ref())?;
 
     // Validate the config before binding anything, so a bad file fails fast and clearly.
     let initial = match &args.config {
@@ -373,12 +381,52 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the runtime")?;
-    runtime.block_on(serve(args, initial, limits, identity))
+    runtime.block_on(serve(args, initial, limits, identity, operator_tls))
+}
+
+/// The mesh trust root, from --trust-root-file or --trust-roots, if given.
+fn trust_roots(args: &RunArgs) -> anyhow::Result<Option<rustls::RootCertStore>> {
+    use weft_proxy::identity::client::IdentityClientConfig as Client;
+    Ok(match (&args.trust_root_file, &args.trust_roots) {
+        (Some(file), _) => Some(Client::read_trust_roots(file)?),
+        (None, Some(pem)) => Some(Client::parse_trust_roots(
+            pem.as_bytes(),
+            std::path::Path::new("WEFT_TRUST_ROOTS"),
+        )?),
+        (None, None) => None,
+    })
+}
+
+/// How the config stream verifies the operator: with a trust root, TLS for the operator's
+/// name; without one, plain text (an operator without identity).
+fn operator_tls(
+    args: &RunArgs,
+    roots: Option<&rustls::RootCertStore>,
+) -> anyhow::Result<Option<weft_proxy::control::OperatorTls>> {
+    let (Some(_), Some(roots)) = (&args.operator_addr, roots) else {
+        return Ok(None);
+    };
+    let Some(name) = args
+        .operator_server_name
+        .as_ref()
+        .or(args.identity_server_name.as_ref())
+    else {
+        anyhow::bail!(
+            "--operator-addr with a trust root needs --operator-server-name (or --identity-server-name): a proxy given the mesh root subscribes only over TLS"
+        );
+    };
+    let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+        .with_context(|| format!("--operator-server-name {name:?}"))?;
+    Ok(Some(
+        weft_proxy::control::OperatorTls::new(roots.clone(), server_name)
+            .context("the TLS settings of the config stream")?,
+    ))
 }
 
 /// The identity client's settings, validated before anything is bound.
 fn identity_config(
     args: &RunArgs,
+    roots: Option<&rustls::RootCertStore>,
 ) -> anyhow::Result<Option<weft_proxy::identity::client::IdentityClientConfig>> {
     let Some(addr) = &args.identity_addr else {
         return Ok(None);
@@ -388,15 +436,8 @@ fn identity_config(
     };
     let server_name = rustls::pki_types::ServerName::try_from(name.clone())
         .with_context(|| format!("--identity-server-name {name:?}"))?;
-    use weft_proxy::identity::client::IdentityClientConfig as Client;
-    let trust_roots = match (&args.trust_root_file, &args.trust_roots) {
-        (Some(file), _) => Client::read_trust_roots(file)?,
-        (None, Some(pem)) => {
-            Client::parse_trust_roots(pem.as_bytes(), std::path::Path::new("WEFT_TRUST_ROOTS"))?
-        }
-        (None, None) => {
-            anyhow::bail!("--identity-addr needs --trust-root-file or --trust-roots")
-        }
+    let Some(trust_roots) = roots.cloned() else {
+        anyhow::bail!("--identity-addr needs --trust-root-file or --trust-roots")
     };
     Ok(Some(weft_proxy::identity::client::IdentityClientConfig {
         addr: addr.clone(),
@@ -435,6 +476,7 @@ async fn serve(
     initial: Option<weft_api::proxy_config::ProxyConfig>,
     limits: Limits,
     identity: Option<weft_proxy::identity::client::IdentityClientConfig>,
+    operator_tls: Option<weft_proxy::control::OperatorTls>,
 ) -> anyhow::Result<()> {
     tracing::info!(
         opaque_ports = ?args.opaque_ports,
@@ -561,6 +603,16 @@ async fn serve(
                 ),
             );
             control.token_file = args.token_file.clone();
+            match &operator_tls {
+                Some(tls) => tracing::info!(
+                    server_name = ?tls.server_name(),
+                    "config stream over TLS 1.3, verified against the mesh trust root"
+                ),
+                None => tracing::warn!(
+                    "config stream in plain text (no trust root given): only for an operator without identity"
+                ),
+            }
+            control.tls = operator_tls;
             let client = weft_proxy::control::ControlClient::new(control, proxy.store.clone());
             let stop = admin_stop.clone();
             let certificate = store.clone();

@@ -183,6 +183,7 @@ pub struct Metrics {
     config_last_update: Gauge<f64, AtomicU64>,
     config_info: Family<VersionLabels, Gauge>,
     config_rejected: Counter,
+    control_failures: Family<[(&'static str, &'static str); 1], Counter>,
     /// What Routes, retry budgets, faults, mirrors and rate limits did.
     pub traffic: TrafficMetrics,
     /// Access-log lines written.
@@ -307,6 +308,7 @@ impl Metrics {
             config_last_update: Gauge::default(),
             config_info: Family::default(),
             config_rejected: Counter::default(),
+            control_failures: Family::default(),
             registry: Registry::default(),
         };
         m.traffic.register(&mut registry);
@@ -422,6 +424,11 @@ impl Metrics {
             "Configs rejected as invalid",
             m.config_rejected.clone(),
         );
+        registry.register(
+            "control_stream_failures",
+            "Config streams to the operator that failed or ended, by reason (tls_untrusted: the operator's certificate does not verify against the trust root)",
+            m.control_failures.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -518,7 +525,15 @@ impl Metrics {
             .set(1);
     }
 
-    /// Counts a rejected config.
+    /// Counts a config stream to the operator that failed or ended, by `reason`
+    /// ([`crate::control::ControlError::reason`]).
+    pub fn control_stream_failure(&self, reason: &'static str) {
+        self.control_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// Counts a config rejected as invalid.
     pub fn config_rejected(&self) {
         self.config_rejected.inc();
     }

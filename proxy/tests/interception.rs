@@ -440,6 +440,7 @@ fn every_variable_the_injector_sets_is_a_proxy_setting() {
         "WEFT_IDENTITY_ADDR",
         "WEFT_IDENTITY_SERVER_NAME",
         "WEFT_TRUST_ROOTS",
+        "WEFT_OPERATOR_SERVER_NAME",
     ] {
         assert!(
             help.contains(&format!("[env: {var}=")),

@@ -3,6 +3,7 @@
 //! ```text
 //!  start: Secret (ca.crt, ca.key | tls.crt + tls.key) ─▶ ca::IdentityCa ─▶ serving cert
 //!         for the operator's Service names (renewed at 2/3 of its life) ─▶ CertStore
+//!         (shared with the push server: push_tls)
 //!  serve: proxy ──TLS 1.3 (h2 | http/1.1)──▶ https::serve ─▶ server::IdentityServer
 //!            token ─▶ TokenReview ─▶ checks ─▶ IdentityCa::issue ─▶ chain + trust bundle
 //! ```
@@ -56,6 +57,15 @@ pub fn serving_store(
     Ok(CertStore::new(&leaf.chain_pem, &leaf.key_pem)?)
 }
 
+/// The push server's TLS config over `certs`: TLS 1.3 only, ALPN `h2` only (the
+/// subscription is HTTP/2). Proxies verify the certificate against the mesh trust root
+/// and the operator Service's name, as they do at the identity endpoint.
+pub fn push_tls(certs: &CertStore) -> Arc<rustls::ServerConfig> {
+    let mut config = (*certs.server_config_tls13()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
 /// Serves `server` on `listener` until `shutdown`, renewing the serving certificate
 /// before it expires.
 pub async fn serve(
@@ -65,21 +75,43 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), IdentityStartError> {
     let certs = serving_store(server.ca(), &serving)?;
+    let renew = renew_serving(server.ca().clone(), certs.clone(), serving.clone());
+    tokio::select! {
+        () = serve_with(listener, server, &certs, &serving, shutdown) => {}
+        () = renew => {}
+    }
+    Ok(())
+}
+
+/// Serves `server` on `listener` with the serving certificate in `certs` (issued for
+/// `serving`), until `shutdown`; renewing `certs` is the caller's ([`renew_serving`]), so
+/// the push server can share them.
+pub async fn serve_with(
+    listener: TcpListener,
+    server: Arc<IdentityServer>,
+    certs: &CertStore,
+    serving: &ServingSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     tracing::info!(
         addr = ?listener.local_addr().ok(),
         root_fingerprint = %server.ca().root_fingerprint(),
         dns_names = ?serving.dns_names,
         "identity endpoint serving"
     );
-    let renew = renew_forever(server.ca().clone(), certs.clone(), serving);
-    tokio::select! {
-        _ = crate::https::serve("identity", listener, certs.server_config_tls13(), server, shutdown) => {}
-        _ = renew => {}
-    }
-    Ok(())
+    crate::https::serve(
+        "identity",
+        listener,
+        certs.server_config_tls13(),
+        server,
+        shutdown,
+    )
+    .await
 }
 
-async fn renew_forever(ca: Arc<IdentityCa>, certs: CertStore, serving: ServingSettings) {
+/// Renews the serving certificate in `certs` from `ca` at two thirds of its lifetime
+/// (retrying failures every few seconds), forever.
+pub async fn renew_serving(ca: Arc<IdentityCa>, certs: CertStore, serving: ServingSettings) {
     let mut wait = serving.lifetime * 2 / 3;
     loop {
         tokio::time::sleep(wait).await;
@@ -89,11 +121,13 @@ async fn renew_forever(ca: Arc<IdentityCa>, certs: CertStore, serving: ServingSe
             .and_then(|leaf| Ok(certs.replace(&leaf.chain_pem, &leaf.key_pem)?));
         match renewed {
             Ok(()) => {
-                tracing::info!("renewed the identity endpoint's serving certificate");
+                tracing::info!(
+                    "renewed the operator's serving certificate (identity endpoint, push server)"
+                );
                 wait = serving.lifetime * 2 / 3;
             }
             Err(error) => {
-                tracing::warn!(%error, "renewing the identity endpoint's serving certificate");
+                tracing::warn!(%error, "renewing the operator's serving certificate");
                 wait = Duration::from_secs(5).min(serving.lifetime / 10);
             }
         }

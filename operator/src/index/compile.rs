@@ -9,6 +9,8 @@
 //! RateLimit   ──rate_limit──────▶ RateLimitConfig
 //! PolicySpec  ──authorization───▶ AuthorizationConfig (ServiceAccounts and namespaces
 //!                                  as SPIFFE IDs and prefixes in the trust domain)
+//! PolicySpecs ──mtls(mesh)──────▶ MtlsMode (workload Policies > namespace-wide Policies
+//!                                  > the mesh default)
 //! ```
 //!
 //! Plain functions of the spec: the index decides which resource wins and resolves
@@ -31,6 +33,41 @@ use weft_crds::{
 };
 
 use super::model::ObjectKey;
+
+/// Whether a Policy applies to its whole namespace: its target is a selector with no
+/// labels and no expressions, which selects every pod there. Such a Policy sets the
+/// namespace's mTLS mode, below any Policy that targets a workload.
+pub fn namespace_wide(spec: &PolicySpec) -> bool {
+    spec.target.service.is_none()
+        && spec.target.selector.as_ref().is_some_and(|s| {
+            s.match_labels.as_ref().is_none_or(|l| l.is_empty())
+                && s.match_expressions.as_ref().is_none_or(|e| e.is_empty())
+        })
+}
+
+/// The mTLS mode of a pod selected by `policies` (valid Policies of its namespace), where
+/// the mesh-wide default is `mesh`: the workload Policies' mode if any selects it, else the
+/// namespace-wide Policies', else `mesh`. Among Policies of one level, the strictest mode
+/// wins (a Policy that omits `mtls` is `Strict`).
+pub fn mtls<'a>(
+    mesh: weft_api::proxy_config::MtlsMode,
+    policies: impl IntoIterator<Item = &'a PolicySpec>,
+) -> weft_api::proxy_config::MtlsMode {
+    let (mut workload, mut namespace) = (None, None);
+    for spec in policies {
+        let level = if namespace_wide(spec) {
+            &mut namespace
+        } else {
+            &mut workload
+        };
+        let mode = super::mtls_mode(spec.mtls.mode);
+        *level = Some(match *level {
+            Some(m) if super::strictness(m) >= super::strictness(mode) => m,
+            _ => mode,
+        });
+    }
+    workload.or(namespace).unwrap_or(mesh)
+}
 
 /// Compiles the rules of `spec` (Route `key`) for the Service port `port`: every rule up to
 /// and including the first one without `matches`, since no request gets past it.

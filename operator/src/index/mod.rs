@@ -176,6 +176,8 @@ pub struct ResourceState {
 #[derive(Debug)]
 pub struct Index {
     trust_domain: String,
+    /// The mode of pods no Policy selects ([`Index::with_mesh_mtls`]).
+    mesh_mtls: MtlsMode,
     namespaces: HashMap<String, NamespaceModel>,
     services: BTreeMap<ObjectKey, ServiceModel>,
     slices: BTreeMap<ObjectKey, SliceModel>,
@@ -210,6 +212,7 @@ impl Index {
     pub fn new(trust_domain: impl Into<String>) -> Self {
         Index {
             trust_domain: trust_domain.into(),
+            mesh_mtls: MtlsMode::Permissive,
             namespaces: HashMap::new(),
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
@@ -224,6 +227,14 @@ impl Index {
             version: 0,
             deferred: None,
         }
+    }
+
+    /// Sets the mesh-wide mTLS mode: that of pods no Policy selects, below namespace-wide
+    /// and workload Policies (`Permissive` unless set). Set before anything is applied:
+    /// views built earlier keep the old default.
+    pub fn with_mesh_mtls(mut self, mode: MtlsMode) -> Self {
+        self.mesh_mtls = mode;
+        self
     }
 
     /// The version of the latest change; views carry the version they changed at.
@@ -604,25 +615,18 @@ impl Index {
         ))
     }
 
-    /// The identity clients expect of an endpoint's pod, or `None` when the Policies
-    /// that select the pod set `mtls.mode: Disabled` (and none sets a stricter mode), so
+    /// The identity clients expect of an endpoint's pod, or `None` when the pod's mTLS
+    /// mode ([`compile::mtls`]: its Policies', else the mesh default) is `Disabled`, so
     /// that no client originates mutual TLS to it.
     fn endpoint_identity(&self, ns: &str, pod: Option<&String>) -> Option<String> {
         let identity = self.identity(ns, pod)?;
         let key = ObjectKey::new(ns, pod?.clone());
-        let modes: Vec<weft_api::proxy_config::MtlsMode> = self
-            .policies_for(&key)
-            .iter()
-            .filter_map(|k| match self.policies.get(k) {
-                Some((_, Parsed::Valid(spec))) => Some(mtls_mode(spec.mtls.mode)),
-                _ => None,
-            })
-            .collect();
-        let disabled = !modes.is_empty()
-            && modes
-                .iter()
-                .all(|m| *m == weft_api::proxy_config::MtlsMode::Disabled);
-        (!disabled).then_some(identity)
+        let selecting = self.policies_for(&key);
+        let specs = selecting.iter().filter_map(|k| match self.policies.get(k) {
+            Some((_, Parsed::Valid(spec))) => Some(spec),
+            _ => None,
+        });
+        (compile::mtls(self.mesh_mtls, specs) != MtlsMode::Disabled).then_some(identity)
     }
 
     /// The ready endpoints of one Service port, by address.
@@ -808,13 +812,15 @@ impl Index {
             view.resources
                 .insert(resource_ref("Policy", key, meta.generation, requires));
         }
-        view.inbound = (!selecting.is_empty()).then(|| InboundConfig {
+        // A pod no Policy selects gets the mesh default, sent only when it is not the
+        // proxy's own (Permissive).
+        let inbound = !selecting.is_empty() || self.mesh_mtls != MtlsMode::Permissive;
+        view.inbound = inbound.then(|| InboundConfig {
             rate_limit: limit.map(|(key, _, rl)| compile::rate_limit(key, rl)),
-            // Several Policies on one pod: the strictest mode wins.
-            mtls: selecting
-                .iter()
-                .map(|(_, _, spec)| mtls_mode(spec.mtls.mode))
-                .max_by_key(|m| strictness(*m)),
+            mtls: Some(compile::mtls(
+                self.mesh_mtls,
+                selecting.iter().map(|(_, _, spec)| *spec),
+            )),
             // Every Policy applies (deny wins across them); one that allows everything
             // and denies nothing changes no decision and is not sent.
             authorization: selecting

@@ -98,7 +98,11 @@ fn key(ns: &str, name: &str) -> ObjectKey {
 /// A namespace `shop` with Service web (2 ready, 1 not ready, 1 terminating endpoints) and a
 /// meshed client pod.
 fn shop() -> Index {
-    let mut i = Index::new("cluster.local");
+    shop_with(Index::new("cluster.local"))
+}
+
+/// The `shop` namespace of [`shop`] in `i`.
+fn shop_with(mut i: Index) -> Index {
     apply(&mut i, svc("shop", "web", "10.96.0.10"));
     apply(
         &mut i,
@@ -572,6 +576,168 @@ fn a_disabled_mode_strips_the_pods_identity_from_every_clients_view() {
     assert!(identity(&i).is_some());
     i.delete(Kind::Policy, &key("shop", "tls"));
     assert_eq!(identity(&i), None);
+}
+
+/// The inbound mTLS mode the proxy of `pod` is sent (`None`: no inbound settings, so the
+/// proxy's own default, Permissive).
+fn inbound_mode(i: &Index, pod: &str) -> Option<MtlsMode> {
+    i.view(&key("shop", pod))
+        .unwrap()
+        .inbound
+        .and_then(|b| b.mtls)
+}
+
+fn policy_with_mode(
+    name: &str,
+    created: &str,
+    target: serde_json::Value,
+    mode: &str,
+) -> (ObjectKey, Object) {
+    weft(
+        Kind::Policy,
+        "shop",
+        name,
+        1,
+        created,
+        json!({"target": target, "mtls": {"mode": mode}, "defaultAction": "Allow"}),
+    )
+}
+
+#[test]
+fn the_mesh_default_applies_where_no_policy_selects_and_a_namespace_policy_overrides_it() {
+    // The default mesh (Permissive) sends nothing: the proxy's own default is the same.
+    let i = shop();
+    assert_eq!(inbound_mode(&i, "web-a"), None);
+    assert_eq!(inbound_mode(&i, "client"), None);
+
+    // A Strict mesh: every pod is told, though no Policy exists.
+    let mut i = shop_with(Index::new("cluster.local").with_mesh_mtls(MtlsMode::Strict));
+    assert_eq!(inbound_mode(&i, "web-a"), Some(MtlsMode::Strict));
+    assert_eq!(inbound_mode(&i, "client"), Some(MtlsMode::Strict));
+    assert_eq!(proxy_accepts(&i, &key("shop", "client")), Ok(()));
+
+    // A namespace-wide Policy (empty selector) overrides the mesh in its namespace, even
+    // with a laxer mode.
+    apply(
+        &mut i,
+        policy_with_mode(
+            "ns-wide",
+            "2026-01-01T00:00:00Z",
+            json!({"selector": {}}),
+            "Permissive",
+        ),
+    );
+    assert_eq!(inbound_mode(&i, "web-a"), Some(MtlsMode::Permissive));
+    assert_eq!(inbound_mode(&i, "client"), Some(MtlsMode::Permissive));
+
+    // A workload Policy overrides the namespace's, in either direction: laxer here...
+    apply(
+        &mut i,
+        policy_with_mode(
+            "web-plain",
+            "2026-01-02T00:00:00Z",
+            json!({"selector": {"matchLabels": {"app": "web"}}}),
+            "Disabled",
+        ),
+    );
+    assert_eq!(inbound_mode(&i, "web-a"), Some(MtlsMode::Disabled));
+    assert_eq!(inbound_mode(&i, "client"), Some(MtlsMode::Permissive));
+    // ...and a Disabled workload is one no client originates mTLS to.
+    let web = i.view(&key("shop", "client")).unwrap();
+    assert_eq!(
+        web.services.get("web.shop.80").unwrap().endpoints[0].identity,
+        None
+    );
+
+    // ...stricter there, through a Service.
+    i.delete(Kind::Policy, &key("shop", "web-plain"));
+    apply(
+        &mut i,
+        policy_with_mode(
+            "web-strict",
+            "2026-01-03T00:00:00Z",
+            json!({"service": "web"}),
+            "Strict",
+        ),
+    );
+    assert_eq!(inbound_mode(&i, "web-a"), Some(MtlsMode::Strict));
+    assert_eq!(inbound_mode(&i, "client"), Some(MtlsMode::Permissive));
+
+    // Without the namespace Policy, the mesh default is back where no Policy selects.
+    i.delete(Kind::Policy, &key("shop", "ns-wide"));
+    assert_eq!(inbound_mode(&i, "client"), Some(MtlsMode::Strict));
+    assert_eq!(inbound_mode(&i, "web-a"), Some(MtlsMode::Strict));
+}
+
+#[test]
+fn a_disabled_mesh_default_originates_no_mtls_until_a_namespace_policy_asks_for_it() {
+    let identity = |i: &Index| {
+        i.view(&key("shop", "client"))
+            .unwrap()
+            .services
+            .get("web.shop.80")
+            .unwrap()
+            .endpoints[0]
+            .identity
+            .clone()
+    };
+    let mut i = shop_with(Index::new("cluster.local").with_mesh_mtls(MtlsMode::Disabled));
+    assert_eq!(identity(&i), None);
+    assert_eq!(inbound_mode(&i, "web-a"), Some(MtlsMode::Disabled));
+    apply(
+        &mut i,
+        policy_with_mode(
+            "ns-wide",
+            "2026-01-01T00:00:00Z",
+            json!({"selector": {}}),
+            "Permissive",
+        ),
+    );
+    assert_eq!(
+        identity(&i).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web-sa")
+    );
+}
+
+#[test]
+fn only_an_empty_selector_is_namespace_wide() {
+    let spec = |target: serde_json::Value| -> weft_crds::PolicySpec {
+        serde_json::from_value(json!({"target": target})).unwrap()
+    };
+    assert!(compile::namespace_wide(&spec(json!({"selector": {}}))));
+    assert!(compile::namespace_wide(&spec(
+        json!({"selector": {"matchLabels": {}, "matchExpressions": []}})
+    )));
+    assert!(!compile::namespace_wide(&spec(
+        json!({"selector": {"matchLabels": {"app": "web"}}})
+    )));
+    assert!(!compile::namespace_wide(&spec(json!({"selector": {
+        "matchExpressions": [{"key": "app", "operator": "Exists"}]}}))));
+    assert!(!compile::namespace_wide(&spec(json!({"service": "web"}))));
+    // Of two namespace-wide Policies the strictest wins; a workload one beats both.
+    let (strict, lax) = (
+        serde_json::from_value::<weft_crds::PolicySpec>(
+            json!({"target": {"selector": {}}, "mtls": {"mode": "Strict"}}),
+        )
+        .unwrap(),
+        serde_json::from_value::<weft_crds::PolicySpec>(
+            json!({"target": {"selector": {}}, "mtls": {"mode": "Permissive"}}),
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        compile::mtls(MtlsMode::Disabled, [&lax, &strict]),
+        MtlsMode::Strict
+    );
+    let workload = serde_json::from_value::<weft_crds::PolicySpec>(
+        json!({"target": {"service": "web"}, "mtls": {"mode": "Disabled"}}),
+    )
+    .unwrap();
+    assert_eq!(
+        compile::mtls(MtlsMode::Strict, [&strict, &workload]),
+        MtlsMode::Disabled
+    );
+    assert_eq!(compile::mtls(MtlsMode::Strict, []), MtlsMode::Strict);
 }
 
 /// The config a proxy of `pod` would validate, or the proxy's reasons to reject it.

@@ -1,7 +1,8 @@
 //! The config distribution server (`weft.push.v1`, see `docs/protocol.md`).
 //!
 //! ```text
-//!  proxy ──HTTP/2 POST /weft.push.v1/subscribe (bearer token, weft-pod: ns/name)──▶ serve
+//!  proxy ──TLS 1.3 (serve_tls; plain text with identity off: serve)──▶ HTTP/2
+//!        POST /weft.push.v1/subscribe (bearer token, weft-pod: ns/name)
 //!     auth::Authenticator (TokenReview) ─▶ SharedIndex::subscribe(pod) ─▶ watch::Receiver
 //!     session: loop {
 //!        view changed?  ─▶ diff against what this stream sent ─▶ Update frame (full first)
@@ -176,12 +177,51 @@ fn plain(status: StatusCode, text: impl Into<String>) -> Response<Body> {
     r
 }
 
-/// Serves subscriptions on `listener` (HTTP/2 without TLS until the identity work moves
-/// authentication onto client certificates) until `shutdown`, which also ends every
-/// stream so proxies reconnect elsewhere.
+/// How long a proxy may take to finish the TLS handshake on the push listener.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves subscriptions on `listener` in plain-text HTTP/2 until `shutdown`, which also
+/// ends every stream so proxies reconnect elsewhere. Only for an operator that serves no
+/// identity: with a mesh CA the operator uses [`serve_tls`], and proxies given the trust
+/// root never fall back to plain text.
 pub async fn serve(listener: TcpListener, server: Arc<PushServer>, shutdown: CancellationToken) {
+    tracing::warn!(
+        addr = ?listener.local_addr().ok(),
+        "push server listening in plain text (identity is off): config streams are neither encrypted nor verified"
+    );
+    serve_with(listener, server, None, shutdown).await
+}
+
+/// Serves subscriptions as [`serve`] does, over TLS (`tls`: TLS 1.3, ALPN `h2`, a
+/// serving certificate from the mesh CA; see [`crate::identity::push_tls`]). A connection
+/// whose handshake fails or takes longer than 10 s is closed and counted
+/// (`weft_operator_push_refusals_total{reason="tls_handshake"}`).
+pub async fn serve_tls(
+    listener: TcpListener,
+    server: Arc<PushServer>,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) {
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        "push server listening over TLS 1.3 with a certificate from the mesh trust root"
+    );
+    serve_with(
+        listener,
+        server,
+        Some(tokio_rustls::TlsAcceptor::from(tls)),
+        shutdown,
+    )
+    .await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    server: Arc<PushServer>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
-    tracing::info!(addr = ?listener.local_addr().ok(), "push server listening");
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -197,45 +237,30 @@ pub async fn serve(listener: TcpListener, server: Arc<PushServer>, shutdown: Can
         let _ = stream.set_nodelay(true);
         let server = server.clone();
         let shutdown = shutdown.clone();
-        // Cancelled by a session that finds its stream stalled: the connection is dropped.
-        let stalled = CancellationToken::new();
+        let tls = tls.clone();
         tracker.spawn(
             async move {
-                let svc = hyper::service::service_fn({
-                    let shutdown = shutdown.clone();
-                    let stalled = stalled.clone();
-                    move |req| {
-                        let conn = Conn {
-                            server: server.clone(),
-                            shutdown: shutdown.clone(),
-                            stalled: stalled.clone(),
-                            source: peer.ip(),
+                match tls {
+                    None => serve_conn(TokioIo::new(stream), peer, server, shutdown).await,
+                    Some(acceptor) => {
+                        let handshake = tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            r = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => r,
                         };
-                        async move { Ok::<_, Infallible>(handle(req, conn).await) }
-                    }
-                });
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(Some(Duration::from_secs(20)))
-                    .keep_alive_timeout(Duration::from_secs(20))
-                    .serve_connection(TokioIo::new(stream), svc);
-                tokio::pin!(conn);
-                let r = tokio::select! {
-                    r = conn.as_mut() => r,
-                    () = stalled.cancelled() => {
-                        tracing::warn!("closing a stalled push connection");
-                        return;
-                    }
-                    () = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        tokio::select! {
-                            r = conn => r,
-                            () = stalled.cancelled() => return,
+                        match handshake {
+                            Ok(Ok(tls)) => {
+                                serve_conn(TokioIo::new(tls), peer, server, shutdown).await
+                            }
+                            Ok(Err(error)) => {
+                                server.index.metrics().push_refusal("tls_handshake");
+                                tracing::debug!(%error, "TLS handshake failed");
+                            }
+                            Err(_) => {
+                                server.index.metrics().push_refusal("tls_handshake");
+                                tracing::debug!("TLS handshake timed out");
+                            }
                         }
                     }
-                };
-                if let Err(error) = r {
-                    tracing::debug!(%error, "push connection ended");
                 }
             }
             .instrument(tracing::info_span!("push_conn", %peer)),
@@ -243,6 +268,55 @@ pub async fn serve(listener: TcpListener, server: Arc<PushServer>, shutdown: Can
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Serves one connection's HTTP/2 until it ends, stalls or `shutdown`.
+async fn serve_conn<IO>(
+    io: TokioIo<IO>,
+    peer: std::net::SocketAddr,
+    server: Arc<PushServer>,
+    shutdown: CancellationToken,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // Cancelled by a session that finds its stream stalled: the connection is dropped.
+    let stalled = CancellationToken::new();
+    let svc = hyper::service::service_fn({
+        let shutdown = shutdown.clone();
+        let stalled = stalled.clone();
+        move |req| {
+            let conn = Conn {
+                server: server.clone(),
+                shutdown: shutdown.clone(),
+                stalled: stalled.clone(),
+                source: peer.ip(),
+            };
+            async move { Ok::<_, Infallible>(handle(req, conn).await) }
+        }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .serve_connection(io, svc);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stalled.cancelled() => {
+            tracing::warn!("closing a stalled push connection");
+            return;
+        }
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn => r,
+                () = stalled.cancelled() => return,
+            }
+        }
+    };
+    if let Err(error) = r {
+        tracing::debug!(%error, "push connection ended");
+    }
 }
 
 /// What a request needs to know about its connection.

@@ -265,6 +265,47 @@ impl Bed {
     }
 }
 
+/// The DNS name of the test push server's certificate.
+pub const PUSH_SERVER_NAME: &str = "weft-operator.push.test";
+
+/// A mesh root generated for one test, and the push server TLS that an operator with
+/// identity serves with it (a serving certificate from that root, as `weft-operator` issues).
+pub struct PushTls {
+    /// The operator's side ([`Settings::push_tls`]).
+    pub server: Arc<rustls::ServerConfig>,
+    /// The root's PEM, as proxies are given it.
+    pub root_pem: String,
+}
+
+impl PushTls {
+    pub fn generate() -> PushTls {
+        let (ca, _) = weft_operator::identity::IdentityCa::generate().unwrap();
+        let serving = weft_operator::identity::ServingSettings {
+            dns_names: vec![PUSH_SERVER_NAME.to_owned()],
+            lifetime: Duration::from_secs(3600),
+        };
+        let certs = weft_operator::identity::serving_store(&ca, &serving).unwrap();
+        PushTls {
+            server: weft_operator::identity::push_tls(&certs),
+            root_pem: ca.trust_bundle().to_owned(),
+        }
+    }
+
+    /// A proxy's side: verifying the operator against this root for `server_name`.
+    pub fn client(&self, server_name: &str) -> weft_proxy::control::OperatorTls {
+        let roots = weft_proxy::identity::client::IdentityClientConfig::parse_trust_roots(
+            self.root_pem.as_bytes(),
+            std::path::Path::new("test root"),
+        )
+        .unwrap();
+        weft_proxy::control::OperatorTls::new(
+            roots,
+            rustls::pki_types::ServerName::try_from(server_name.to_owned()).unwrap(),
+        )
+        .unwrap()
+    }
+}
+
 pub struct Operator {
     pub handles: Handles,
     pub admin: std::net::SocketAddr,
@@ -294,8 +335,10 @@ impl Operator {
         let admin_addr = admin.local_addr().unwrap();
         let mut settings = Settings {
             push,
+            push_tls: None,
             admin: Some(admin),
             trust_domain: "cluster.local".into(),
+            mesh_mtls: Default::default(),
             auth: Authenticator::token_review(bed.client.clone(), vec!["weft".into()]),
             push_ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
             lease: Some(LeaseConfig::new(
@@ -334,6 +377,17 @@ pub struct TestProxy {
 
 impl TestProxy {
     pub async fn start(bed: &Bed, operator: &str, pod: &Pod, max_services: Option<usize>) -> Self {
+        Self::start_tls(bed, operator, pod, max_services, None).await
+    }
+
+    /// As [`TestProxy::start`], subscribing over TLS when `tls` is given.
+    pub async fn start_tls(
+        bed: &Bed,
+        operator: &str,
+        pod: &Pod,
+        max_services: Option<usize>,
+        tls: Option<weft_proxy::control::OperatorTls>,
+    ) -> Self {
         let token = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(token.path(), bed.token(pod).await).unwrap();
         let proxy = Proxy::new();
@@ -342,6 +396,7 @@ impl TestProxy {
         config.max_services = max_services;
         config.backoff_base = Duration::from_millis(50);
         config.backoff_max = Duration::from_millis(500);
+        config.tls = tls;
         let client = ControlClient::new(config, proxy.store.clone());
         let status = client.status();
         let stop = CancellationToken::new();

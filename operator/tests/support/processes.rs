@@ -94,12 +94,14 @@ impl Drop for Proc {
     }
 }
 
-/// The operator as its own process, watching only the test's namespace.
+/// The operator as its own process, watching only the test's namespace, without identity:
+/// its push server speaks plain text, for proxies given no trust root.
 pub fn start_operator(bed: &Bed, push: SocketAddr, admin: SocketAddr, dir: &Path, n: u32) -> Proc {
-    start_operator_with(bed, push, admin, free_addr(), dir, n, &[])
+    start_operator_with(bed, push, admin, free_addr(), dir, n, &["--no-identity"])
 }
 
-/// Like [`start_operator`], serving the identity endpoint on `identity` (loopback), with
+/// Like [`start_operator`] with identity on: serving the identity endpoint on `identity`
+/// (loopback) and the push server over TLS from the mesh root, with
 /// `extra` arguments after the rig's own. Its trust root Secret is in the bed's namespace
 /// (`--lease-namespace`).
 pub fn start_operator_with(
@@ -111,7 +113,12 @@ pub fn start_operator_with(
     n: u32,
     extra: &[&str],
 ) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weft-operator"));
+    // `WEFT_TEST_OPERATOR_BIN` overrides it, as in tests/chart.rs: in a target dir shared
+    // by several worktrees, `target/debug/weft-operator` is whoever built last.
+    let bin = std::env::var_os("WEFT_TEST_OPERATOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_weft-operator")));
+    let mut cmd = Command::new(bin);
     cmd.env("KUBECONFIG", shared::testbed().kubeconfig())
         .args(["--push-addr", &push.to_string()])
         .args(["--admin-addr", &admin.to_string()])
@@ -146,6 +153,9 @@ pub struct ProxyOptions {
     pub inbound_listen: Option<SocketAddr>,
     /// Identity on (`--identity-addr` and friends): mutual TLS with meshed peers.
     pub identity: Option<ProxyIdentity>,
+    /// Without identity, a trust root file and the operator's server name
+    /// (`--trust-root-file`, `--operator-server-name`): the config stream over TLS only.
+    pub operator_root: Option<(PathBuf, String)>,
 }
 
 /// A `weft-proxy` process for `pod`, subscribed to the operator at `push`, with a forward
@@ -222,6 +232,11 @@ impl ProxyProc {
             } else {
                 cmd.arg("--trust-root-file").arg(&id.trust_root);
             }
+        }
+        if let Some((root, server_name)) = &options.operator_root {
+            cmd.arg("--trust-root-file")
+                .arg(root)
+                .args(["--operator-server-name", server_name]);
         }
         let proc = Proc::spawn(&format!("proxy-{name}"), cmd, dir);
         ProxyProc {
