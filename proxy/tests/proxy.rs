@@ -227,6 +227,24 @@ async fn connect_is_forwarded_to_the_destination_and_tunnels_bytes_both_ways() {
 }
 
 #[tokio::test]
+async fn an_http1_client_that_half_closes_after_its_request_still_gets_the_response() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[backend.addr])])).await;
+    let mut s = connect(proxy.addr).await;
+    s.write_all(b"GET /hello HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(out.ends_with("hello from a"), "{out}");
+}
+
+#[tokio::test]
 async fn opaque_tcp_honours_half_close() {
     let (backend, _t) = tcp_backend("127.0.0.2", "echo-until-eof").await;
     let proxy = TestProxy::start("web", config(&[("web", &[backend])])).await;
