@@ -1400,6 +1400,14 @@ async fn request_series_carry_the_route_rule_that_handled_each_request() {
         }
     }
     assert_eq!(api.requests(), 9, "7 requests, 2 retries");
+    // A request refused before any rule could take it (HTTP/1.1 without `Host`) is the
+    // service's, under no rule.
+    let mut s = connect(proxy.addr).await;
+    s.write_all(b"GET /api/items HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 400"), "{head}");
 
     let text = proxy.proxy.metrics.encode().unwrap();
     let series = |s: &str| series_value(&text, s).unwrap_or_else(|| panic!("no {s} in\n{text}"));
@@ -1419,7 +1427,13 @@ async fn request_series_carry_the_route_rule_that_handled_each_request() {
         series(&format!("weft_requests_total{{{}}}", rule("2"))),
         2.0
     );
-    assert_eq!(series(&format!("weft_requests_total{{{plain}}}")), 4.0);
+    assert_eq!(series(&format!("weft_requests_total{{{plain}}}")), 5.0);
+    assert_eq!(
+        series(&format!(
+            r#"weft_responses_total{{{plain},status_class="4xx"}}"#
+        )),
+        1.0
+    );
     assert_eq!(
         series(&format!(
             r#"weft_responses_total{{{},status_class="2xx"}}"#,
@@ -1453,7 +1467,7 @@ async fn request_series_carry_the_route_rule_that_handled_each_request() {
     for (labels, n) in [
         (rule("api"), 7.0),
         (rule("broken"), 3.0),
-        (plain.to_owned(), 4.0),
+        (plain.to_owned(), 5.0),
     ] {
         assert_eq!(
             series(&format!("weft_request_duration_seconds_count{{{labels}}}")),
@@ -1471,6 +1485,6 @@ async fn request_series_carry_the_route_rule_that_handled_each_request() {
     // The labels add up: the service's requests are the sum over its rules and the rest.
     assert_eq!(
         metric_sum(&text, &["weft_requests_total{", r#"service="web""#]),
-        16.0
+        17.0
     );
 }
