@@ -17,10 +17,12 @@
 //! | `deploy/X --to svc/Y` | X's pods | `direction="outbound"`, service Y |
 //! | `deploy/X --from deploy/Z` | Z's pods | outbound, to the Services selecting X's pods |
 //! | `svc/Y` `[--from deploy/Z]` | meshed pods of the namespace (or Z's) | outbound, service Y |
-//! | `route/R` | as `svc/<R's service>` | the same, plus `weft_route_events_total{route="ns/R"}` per rule |
+//! | `route/R` | as `svc/<R's service>` | the same, and per rule the series labelled `route="ns/R", rule=…`, with `weft_route_events_total{route="ns/R"}` |
 //!
-//! The proxies label requests by service and direction only: per rule there are the
-//! Route's events (retries, timeouts, faults, mirrors), not per-rule request counts.
+//! The proxies label a request's series with the Route rule that handled it (`route`,
+//! `rule`; absent when none did), so a Route's row is its Service's, and each rule's row
+//! is the part of it that rule handled. Requests no rule matched are in the Route's row
+//! and in no rule's.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -150,8 +152,11 @@ pub struct View {
     pub direction: &'static str,
     /// Outbound: the service labels' prefixes (`web.shop.`) to count; `None`: every one.
     pub services: Option<Vec<String>>,
-    /// The Route (`namespace/name`) whose rules' events to report.
+    /// The Route (`namespace/name`) whose rules to report.
     pub route: Option<String>,
+    /// That Route's rules' labels (name, or index) in its order, so that each gets a row,
+    /// traffic or not.
+    pub rules: Vec<String>,
 }
 
 impl View {
@@ -195,18 +200,9 @@ fn deltas(p: &PodScrapes) -> Vec<Sample> {
         .collect()
 }
 
-/// What one rule of a Route did during the window.
+/// The golden signals of one set of series over one window.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct RuleStats {
-    /// The rule's name or index.
-    pub rule: String,
-    /// Events by name (`retry`, `fault_injected`, …), with how many.
-    pub events: BTreeMap<String, u64>,
-}
-
-/// The golden signals of one row over one window.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Stats {
+pub struct Signals {
     /// Requests the proxies received.
     pub requests: u64,
     /// Responses by status class (`2xx`, `5xx`, …).
@@ -221,65 +217,138 @@ pub struct Stats {
     pub p95_seconds: Option<f64>,
     /// 99th percentile.
     pub p99_seconds: Option<f64>,
+}
+
+/// What one rule of a Route handled during the window.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RuleStats {
+    /// The rule's name or index.
+    pub rule: String,
+    /// The signals of the requests this rule handled.
+    #[serde(flatten)]
+    pub signals: Signals,
+    /// Events by name (`retry`, `fault_injected`, …), with how many.
+    pub events: BTreeMap<String, u64>,
+}
+
+/// The golden signals of one row over one window.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Stats {
+    /// The signals of every request in the row's view.
+    #[serde(flatten)]
+    pub signals: Signals,
     /// Per rule of the row's Route, when it has one.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RuleStats>,
 }
 
-/// Sums the pods' increases that `view` takes into the row's signals.
+/// The increases of one set of request series, summed over pods.
+#[derive(Debug, Default)]
+struct Tally {
+    requests: f64,
+    responses: BTreeMap<String, f64>,
+    /// Cumulative counts keyed by the bound's bits: the proxies all use the same bounds.
+    buckets: BTreeMap<u64, (f64, f64)>,
+}
+
+impl Tally {
+    fn add(&mut self, s: &Sample) {
+        match s.name.as_str() {
+            REQUESTS => self.requests += s.value,
+            RESPONSES => {
+                *self
+                    .responses
+                    .entry(s.label("status_class").to_owned())
+                    .or_default() += s.value;
+            }
+            LATENCY_BUCKETS => {
+                if let Some(le) = prom_le(s.label("le")) {
+                    self.buckets.entry(le.to_bits()).or_insert((le, 0.0)).1 += s.value;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn signals(&self, window: Duration) -> Signals {
+        let buckets: Vec<(f64, f64)> = self.buckets.values().copied().collect();
+        let total: f64 = self.responses.values().sum();
+        let failed = self.responses.get("5xx").copied().unwrap_or(0.0);
+        Signals {
+            requests: count(self.requests),
+            success_rate: (total > 0.0).then(|| (total - failed) / total),
+            responses: self
+                .responses
+                .iter()
+                .map(|(k, v)| (k.clone(), count(*v)))
+                .collect(),
+            rps: self.requests / window.as_secs_f64().max(f64::EPSILON),
+            p50_seconds: prom::quantile(0.5, &buckets),
+            p95_seconds: prom::quantile(0.95, &buckets),
+            p99_seconds: prom::quantile(0.99, &buckets),
+        }
+    }
+}
+
+/// A counter's increase as the whole number it is (sums of floats may be off by a hair).
+fn count(v: f64) -> u64 {
+    v.round() as u64
+}
+
+/// Sums the pods' increases that `view` takes into the row's signals and, for a Route,
+/// each rule's: its request series labelled with the Route and the rule, and its events.
 pub fn compute(pods: &[&PodScrapes], view: &View, window: Duration) -> Stats {
-    let mut requests = 0.0;
-    let mut responses: BTreeMap<String, f64> = BTreeMap::new();
-    let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-    let mut rules: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    let mut row = Tally::default();
+    let mut rules: BTreeMap<String, (Tally, BTreeMap<String, f64>)> = BTreeMap::new();
+    let route = view.route.as_deref();
     for p in pods {
         for s in deltas(p) {
-            match s.name.as_str() {
-                ROUTE_EVENTS if view.route.as_deref() == Some(s.label("route")) => {
+            if s.name == ROUTE_EVENTS {
+                if route == Some(s.label("route")) {
                     *rules
                         .entry(s.label("rule").to_owned())
                         .or_default()
+                        .1
                         .entry(s.label("event").to_owned())
                         .or_default() += s.value;
                 }
-                ROUTE_EVENTS => {}
-                _ if !view.takes(&s) => {}
-                REQUESTS => requests += s.value,
-                RESPONSES => {
-                    *responses
-                        .entry(s.label("status_class").to_owned())
-                        .or_default() += s.value;
-                }
-                LATENCY_BUCKETS => {
-                    let Some(le) = prom_le(s.label("le")) else {
-                        continue;
-                    };
-                    // Keyed by the bound's bits: the proxies all use the same bounds.
-                    buckets.entry(le.to_bits()).or_insert((le, 0.0)).1 += s.value;
-                }
-                _ => {}
+                continue;
+            }
+            if !view.takes(&s) {
+                continue;
+            }
+            row.add(&s);
+            if route.is_some() && route == Some(s.label("route")) {
+                rules
+                    .entry(s.label("rule").to_owned())
+                    .or_default()
+                    .0
+                    .add(&s);
             }
         }
     }
-    let buckets: Vec<(f64, f64)> = buckets.into_values().collect();
-    let total: f64 = responses.values().sum();
-    let failed = responses.get("5xx").copied().unwrap_or(0.0);
-    let count = |v: f64| v.round() as u64;
+    // The Route's rules in its order, then any the proxies still count that it no longer
+    // has (the Route changed during the window).
+    let mut ordered: Vec<RuleStats> = Vec::new();
+    let mut take = |rule: String, (tally, events): (Tally, BTreeMap<String, f64>)| {
+        ordered.push(RuleStats {
+            signals: tally.signals(window),
+            events: events.into_iter().map(|(k, v)| (k, count(v))).collect(),
+            rule,
+        });
+    };
+    if route.is_some() {
+        for rule in &view.rules {
+            let found = rules.remove(rule).unwrap_or_default();
+            take(rule.clone(), found);
+        }
+    }
+    for (rule, found) in rules {
+        take(rule, found);
+    }
     Stats {
-        requests: count(requests),
-        success_rate: (total > 0.0).then(|| (total - failed) / total),
-        responses: responses.into_iter().map(|(k, v)| (k, count(v))).collect(),
-        rps: requests / window.as_secs_f64().max(f64::EPSILON),
-        p50_seconds: prom::quantile(0.5, &buckets),
-        p95_seconds: prom::quantile(0.95, &buckets),
-        p99_seconds: prom::quantile(0.99, &buckets),
-        rules: rules
-            .into_iter()
-            .map(|(rule, events)| RuleStats {
-                rule,
-                events: events.into_iter().map(|(k, v)| (k, count(v))).collect(),
-            })
-            .collect(),
+        signals: row.signals(window),
+        rules: ordered,
     }
 }
 
@@ -616,6 +685,7 @@ async fn plan(
                             direction: "inbound",
                             services: None,
                             route: None,
+                            rules: Vec::new(),
                         },
                     ),
                     (None, Some(to)) => {
@@ -626,6 +696,7 @@ async fn plan(
                                 direction: "outbound",
                                 services: Some(vec![service_prefix(ns, &svc)]),
                                 route: None,
+                                rules: Vec::new(),
                             },
                         )
                     }
@@ -638,6 +709,7 @@ async fn plan(
                                 direction: "outbound",
                                 services: Some(prefixes),
                                 route: None,
+                                rules: Vec::new(),
                             },
                         )
                     }
@@ -657,7 +729,9 @@ async fn plan(
                 bail!("--to applies to deploy and pod targets; for a Service, use --from");
             }
             let read = clients(client, ns, from).await?;
-            let named: Vec<(String, String, Option<String>)> = match target.kind {
+            // (row name, Service, Route `ns/name` and its rules' labels)
+            type Named = (String, String, Option<(String, Vec<String>)>);
+            let named: Vec<Named> = match target.kind {
                 Kind::Service => {
                     let api = Api::<Service>::namespaced(client.clone(), ns);
                     match &target.name {
@@ -692,13 +766,14 @@ async fn plan(
                             (
                                 r.name_any(),
                                 r.spec.service.name.clone(),
-                                Some(format!("{ns}/{}", r.name_any())),
+                                Some((format!("{ns}/{}", r.name_any()), rule_labels(r))),
                             )
                         })
                         .collect()
                 }
             };
             for (name, svc, route) in named {
+                let (route, rules) = route.map_or((None, Vec::new()), |(r, l)| (Some(r), l));
                 plans.push(Plan {
                     kind: target.kind,
                     namespace: ns.to_owned(),
@@ -709,12 +784,24 @@ async fn plan(
                         direction: "outbound",
                         services: Some(vec![service_prefix(ns, &svc)]),
                         route,
+                        rules,
                     },
                 });
             }
         }
     }
     Ok(plans)
+}
+
+/// The `rule` label the proxies give each of `route`'s rules: its name, else its index.
+pub fn rule_labels(route: &weft_crds::Route) -> Vec<String> {
+    route
+        .spec
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| r.name.clone().unwrap_or_else(|| i.to_string()))
+        .collect()
 }
 
 fn pct(v: Option<f64>) -> String {
@@ -732,7 +819,20 @@ fn ms(v: Option<f64>) -> String {
     })
 }
 
-/// The table: one line per row, then, for Routes, one line per rule with its events.
+/// The cells of one line's numbers.
+fn number_cells(s: &Signals) -> [String; 6] {
+    [
+        pct(s.success_rate),
+        format!("{:.1}", s.rps),
+        s.requests.to_string(),
+        ms(s.p50_seconds),
+        ms(s.p95_seconds),
+        ms(s.p99_seconds),
+    ]
+}
+
+/// The table: one line per row and, under a Route's, one per rule (`  rule/NAME`); then
+/// notes: proxies not read, and what each rule's events were.
 pub fn render(report: &Report) -> String {
     let mut lines = vec![
         [
@@ -761,37 +861,41 @@ pub fn render(report: &Report) -> String {
             Kind::Deployment | Kind::Pod => format!("{}/{}", r.meshed, r.selected),
             Kind::Service | Kind::Route => "-".to_owned(),
         };
-        let cells = match &r.stats {
-            None => [
+        let line = |name: String, meshed: String, numbers: Option<&Signals>| {
+            let [a, b, c, d, e, f] =
+                numbers.map_or_else(|| ["-"; 6].map(str::to_owned), number_cells);
+            [
                 r.namespace.clone(),
-                name.clone(),
+                name,
                 r.direction.to_owned(),
                 meshed,
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-            ],
-            Some(s) => [
-                r.namespace.clone(),
-                name.clone(),
-                r.direction.to_owned(),
-                meshed,
-                pct(s.success_rate),
-                format!("{:.1}", s.rps),
-                s.requests.to_string(),
-                ms(s.p50_seconds),
-                ms(s.p95_seconds),
-                ms(s.p99_seconds),
-            ],
+                a,
+                b,
+                c,
+                d,
+                e,
+                f,
+            ]
         };
-        lines.push(cells);
+        lines.push(line(
+            name.clone(),
+            meshed,
+            r.stats.as_ref().map(|s| &s.signals),
+        ));
+        for rule in r.stats.iter().flat_map(|s| &s.rules) {
+            lines.push(line(
+                format!("  rule/{}", rule.rule),
+                "-".to_owned(),
+                Some(&rule.signals),
+            ));
+        }
         for (pod, why) in &r.unreachable {
             let _ = writeln!(notes, "{name}: proxy of {pod} not read: {why}");
         }
         for rule in r.stats.iter().flat_map(|s| &s.rules) {
+            if rule.events.is_empty() {
+                continue;
+            }
             let events: Vec<String> = rule
                 .events
                 .iter()
@@ -856,6 +960,11 @@ weft_requests_total{direction="outbound",service="web-b.shop.80"} 7
 weft_request_duration_seconds_bucket{direction="outbound",service="web.shop.80",le="0.001"} 5
 weft_request_duration_seconds_bucket{direction="outbound",service="web.shop.80",le="0.002"} 5
 weft_request_duration_seconds_bucket{direction="outbound",service="web.shop.80",le="+Inf"} 5
+weft_requests_total{direction="outbound",service="web.shop.80",route="shop/web",rule="1"} 5
+weft_responses_total{direction="outbound",service="web.shop.80",route="shop/web",rule="1",status_class="2xx"} 5
+weft_request_duration_seconds_bucket{le="0.001",direction="outbound",service="web.shop.80",route="shop/web",rule="1"} 5
+weft_request_duration_seconds_bucket{le="0.002",direction="outbound",service="web.shop.80",route="shop/web",rule="1"} 5
+weft_request_duration_seconds_bucket{le="+Inf",direction="outbound",service="web.shop.80",route="shop/web",rule="1"} 5
 "#,
         );
         let after = scrape(
@@ -869,6 +978,16 @@ weft_request_duration_seconds_bucket{direction="outbound",service="web.shop.80",
 weft_request_duration_seconds_bucket{direction="outbound",service="web.shop.80",le="+Inf"} 45
 weft_route_events_total{service="web.shop.80",route="shop/web",rule="fail",event="fault_injected"} 10
 weft_route_events_total{service="web.shop.80",route="shop/other",rule="x",event="retry"} 3
+weft_requests_total{direction="outbound",service="web.shop.80",route="shop/web",rule="fail"} 10
+weft_responses_total{direction="outbound",service="web.shop.80",route="shop/web",rule="fail",status_class="5xx"} 10
+weft_request_duration_seconds_bucket{le="0.001",direction="outbound",service="web.shop.80",route="shop/web",rule="fail"} 10
+weft_request_duration_seconds_bucket{le="0.002",direction="outbound",service="web.shop.80",route="shop/web",rule="fail"} 10
+weft_request_duration_seconds_bucket{le="+Inf",direction="outbound",service="web.shop.80",route="shop/web",rule="fail"} 10
+weft_requests_total{direction="outbound",service="web.shop.80",route="shop/web",rule="1"} 25
+weft_responses_total{direction="outbound",service="web.shop.80",route="shop/web",rule="1",status_class="2xx"} 25
+weft_request_duration_seconds_bucket{le="0.001",direction="outbound",service="web.shop.80",route="shop/web",rule="1"} 5
+weft_request_duration_seconds_bucket{le="0.002",direction="outbound",service="web.shop.80",route="shop/web",rule="1"} 25
+weft_request_duration_seconds_bucket{le="+Inf",direction="outbound",service="web.shop.80",route="shop/web",rule="1"} 25
 "#,
         );
         let pod = PodScrapes { before, after };
@@ -876,22 +995,96 @@ weft_route_events_total{service="web.shop.80",route="shop/other",rule="x",event=
             direction: "outbound",
             services: Some(vec![service_prefix("shop", "web")]),
             route: Some("shop/web".into()),
+            rules: vec!["fail".into(), "1".into(), "idle".into()],
         };
-        let s = compute(&[&pod, &pod], &view, Duration::from_secs(4));
+        let stats = compute(&[&pod, &pod], &view, Duration::from_secs(4));
+        let s = &stats.signals;
+        // Unlabelled: 40 per pod; rule fail: 10, rule 1: 20 (25 − 5).
         assert_eq!(
-            s.requests, 80,
-            "two pods, 40 each; web-b and inbound not counted"
+            s.requests, 140,
+            "two pods, 70 each; web-b and inbound not counted"
         );
-        assert_eq!(s.responses["2xx"], 60);
-        assert_eq!(s.responses["5xx"], 20);
-        assert_eq!(s.success_rate, Some(0.75));
-        assert_eq!(s.rps, 20.0);
-        // 40 of 80 in (0, 1ms], 40 in (1ms, 2ms]: the median is at 1ms.
-        assert_eq!(s.p50_seconds, Some(0.001));
-        assert!((s.p95_seconds.unwrap() - 0.0019).abs() < 1e-12, "{s:?}");
-        assert_eq!(s.rules.len(), 1);
-        assert_eq!(s.rules[0].rule, "fail");
-        assert_eq!(s.rules[0].events["fault_injected"], 20);
+        assert_eq!(s.responses["2xx"], 100);
+        assert_eq!(s.responses["5xx"], 40);
+        assert_eq!(s.success_rate, Some(100.0 / 140.0));
+        assert_eq!(s.rps, 35.0);
+        assert!(
+            s.p50_seconds.unwrap() > 0.001 && s.p95_seconds.unwrap() <= 0.002,
+            "{s:?}"
+        );
+        // The rules in the Route's order, one without traffic included.
+        let names: Vec<&str> = stats.rules.iter().map(|r| r.rule.as_str()).collect();
+        assert_eq!(names, ["fail", "1", "idle"]);
+        let fail = &stats.rules[0];
+        assert_eq!(fail.events["fault_injected"], 20);
+        assert_eq!(fail.signals.requests, 20);
+        assert_eq!(fail.signals.responses, BTreeMap::from([("5xx".into(), 20)]));
+        assert_eq!(fail.signals.success_rate, Some(0.0));
+        assert_eq!(fail.signals.rps, 5.0);
+        assert!((fail.signals.p99_seconds.unwrap() - 0.00099).abs() < 1e-12);
+        let rest = &stats.rules[1];
+        assert_eq!(rest.signals.requests, 40);
+        assert_eq!(rest.signals.success_rate, Some(1.0));
+        assert!(rest.events.is_empty());
+        // 0 of 40 at or under 1ms (5 before, 5 after), all 40 under 2ms: p50 is 1.5ms.
+        assert!((rest.signals.p50_seconds.unwrap() - 0.0015).abs() < 1e-12);
+        let idle = &stats.rules[2];
+        assert_eq!(idle.signals.requests, 0);
+        assert_eq!(idle.signals.success_rate, None);
+        assert_eq!(idle.signals.p50_seconds, None);
+
+        let report = Report {
+            window_seconds: 4.0,
+            rows: vec![Row {
+                kind: Kind::Route,
+                namespace: "shop".into(),
+                name: "web".into(),
+                direction: "outbound",
+                pods: vec![],
+                meshed: 0,
+                selected: 0,
+                unreachable: BTreeMap::new(),
+                stats: Some(stats.clone()),
+            }],
+        };
+        let table = render(&report);
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(lines.len(), 6, "{table}");
+        assert_eq!(
+            lines[1][1..7],
+            ["route/web", "outbound", "-", "71.43%", "35.0", "140"],
+            "{table}"
+        );
+        assert_eq!(
+            lines[2][1..7],
+            ["rule/fail", "outbound", "-", "0.00%", "5.0", "20"],
+            "{table}"
+        );
+        assert_eq!(
+            lines[3][1..7],
+            ["rule/1", "outbound", "-", "100.00%", "10.0", "40"],
+            "{table}"
+        );
+        assert_eq!(
+            lines[4][1..],
+            ["rule/idle", "outbound", "-", "-", "0.0", "0", "-", "-", "-"],
+            "{table}"
+        );
+        assert_eq!(
+            lines[5].join(" "),
+            "route/web rule fail: fault_injected=20",
+            "{table}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        let fail = &json["rows"][0]["stats"]["rules"][0];
+        assert_eq!(fail["rule"], "fail", "{json:#}");
+        assert_eq!(fail["requests"], 20, "{json:#}");
+        assert_eq!(fail["success_rate"], 0.0, "{json:#}");
+        assert_eq!(fail["events"]["fault_injected"], 20, "{json:#}");
+        assert_eq!(json["rows"][0]["stats"]["requests"], 140, "{json:#}");
     }
 
     #[test]
@@ -901,11 +1094,13 @@ weft_route_events_total{service="web.shop.80",route="shop/other",rule="x",event=
             direction: "inbound",
             services: None,
             route: None,
+            rules: Vec::new(),
         };
         let s = compute(&[&pod], &view, Duration::from_secs(1));
-        assert_eq!(s.requests, 0);
-        assert_eq!(s.success_rate, None);
-        assert_eq!(s.p99_seconds, None);
+        assert_eq!(s.signals.requests, 0);
+        assert_eq!(s.signals.success_rate, None);
+        assert_eq!(s.signals.p99_seconds, None);
+        assert!(s.rules.is_empty());
         let report = Report {
             window_seconds: 1.0,
             rows: vec![Row {

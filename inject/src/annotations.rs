@@ -103,55 +103,87 @@ impl PodOptions {
                     });
                 }
             },
-            trace: trace(get(keys::TRACE_COLLECTOR), get(keys::TRACE_SAMPLING))?,
+            trace: trace(
+                get(keys::TRACE_COLLECTOR),
+                get(keys::TRACE_SAMPLING),
+                cfg.tracing.as_ref(),
+            )?,
         })
     }
 }
 
-/// The tracing annotations: a collector `[http://]host:port`, and a sampling
-/// probability that means nothing without one.
-fn trace(
-    collector: Option<&str>,
-    sampling: Option<&str>,
-) -> Result<Option<TraceOptions>, InjectError> {
-    if let Some(p) = sampling
-        && !p
-            .trim()
-            .parse::<f64>()
-            .is_ok_and(|p| (0.0..=1.0).contains(&p))
-    {
-        return Err(InjectError::BadAnnotation {
-            key: keys::TRACE_SAMPLING,
-            reason: format!("{p:?} is not a probability from 0 to 1, such as 0.01"),
-        });
-    }
-    let Some(collector) = collector else {
-        if sampling.is_some() {
-            return Err(InjectError::BadAnnotation {
-                key: keys::TRACE_SAMPLING,
-                reason: format!("needs {} (where spans go)", keys::TRACE_COLLECTOR),
-            });
-        }
-        return Ok(None);
-    };
-    let bad = |reason: String| InjectError::BadAnnotation {
-        key: keys::TRACE_COLLECTOR,
-        reason,
-    };
+/// Why `p` is not a sampling probability, if it is not (the annotation's and the mesh
+/// setting's rule).
+pub fn sampling_problem(p: &str) -> Option<String> {
+    let ok = p
+        .trim()
+        .parse::<f64>()
+        .is_ok_and(|p| (0.0..=1.0).contains(&p));
+    (!ok).then(|| format!("{p:?} is not a probability from 0 to 1, such as 0.01"))
+}
+
+/// Why `collector` is not a collector address the proxy accepts, if it is not: plain-text
+/// OTLP/gRPC at `[http://]host:port` (the annotation's and the mesh setting's rule).
+pub fn collector_problem(collector: &str) -> Option<String> {
     let address = collector.strip_prefix("http://").unwrap_or(collector);
     let port = address
         .rsplit_once(':')
         .filter(|(host, _)| !host.is_empty() && !host.contains(['/', ' ']))
         .and_then(|(_, port)| port.parse::<u16>().ok())
         .filter(|p| *p > 0);
-    if address.contains("://") || port.is_none() {
-        return Err(bad(format!(
+    (address.contains("://") || port.is_none()).then(|| {
+        format!(
             "{collector:?} is not host:port (plain-text OTLP/gRPC), such as otel-collector.observability:4317"
-        )));
+        )
+    })
+}
+
+/// The tracing annotations over the mesh's default: each of the collector
+/// (`[http://]host:port`, or `disabled` to turn the mesh default off for this pod) and the
+/// sampling probability is the pod's when it sets it, else the mesh's; a sampling
+/// probability with no collector from either means nothing and is refused.
+fn trace(
+    collector: Option<&str>,
+    sampling: Option<&str>,
+    mesh: Option<&crate::InjectTracing>,
+) -> Result<Option<TraceOptions>, InjectError> {
+    if let Some(p) = sampling
+        && let Some(reason) = sampling_problem(p)
+    {
+        return Err(InjectError::BadAnnotation {
+            key: keys::TRACE_SAMPLING,
+            reason,
+        });
     }
+    if collector.map(str::trim) == Some(keys::DISABLED) {
+        return Ok(None);
+    }
+    if let Some(c) = collector
+        && let Some(reason) = collector_problem(c)
+    {
+        return Err(InjectError::BadAnnotation {
+            key: keys::TRACE_COLLECTOR,
+            reason,
+        });
+    }
+    let Some(collector) = collector.or(mesh.map(|m| m.collector.as_str())) else {
+        if sampling.is_some() {
+            return Err(InjectError::BadAnnotation {
+                key: keys::TRACE_SAMPLING,
+                reason: format!(
+                    "needs {} (where spans go), or a mesh-wide traceCollector",
+                    keys::TRACE_COLLECTOR
+                ),
+            });
+        }
+        return Ok(None);
+    };
+    let sampling = sampling
+        .map(|s| s.trim().to_owned())
+        .or_else(|| mesh.and_then(|m| m.sampling.clone()));
     Ok(Some(TraceOptions {
         collector: collector.to_owned(),
-        sampling: sampling.map(|s| s.trim().to_owned()),
+        sampling,
         service_name: None,
     }))
 }
@@ -311,6 +343,49 @@ mod tests {
         assert_eq!(t.sampling.as_deref(), Some("0.25"));
         let o = opts(&[(keys::TRACE_COLLECTOR, "http://10.0.0.9:4317")]).unwrap();
         assert_eq!(o.trace.unwrap().sampling, None);
+    }
+
+    #[test]
+    fn the_mesh_default_traces_every_pod_and_each_annotation_overrides_its_part() {
+        let mesh = InjectConfig {
+            tracing: Some(crate::InjectTracing {
+                collector: "otel.observability:4317".into(),
+                sampling: Some("0.05".into()),
+            }),
+            ..InjectConfig::default()
+        };
+        let with = |pairs: &[(&str, &str)]| {
+            let map: BTreeMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            PodOptions::from_annotations(Some(&map), &mesh).map(|o| o.trace)
+        };
+        let t = |collector: &str, sampling: Option<&str>| {
+            Some(TraceOptions {
+                collector: collector.into(),
+                sampling: sampling.map(str::to_owned),
+                service_name: None,
+            })
+        };
+        assert_eq!(with(&[]), Ok(t("otel.observability:4317", Some("0.05"))));
+        assert_eq!(
+            with(&[(keys::TRACE_COLLECTOR, "mine:4317")]),
+            Ok(t("mine:4317", Some("0.05")))
+        );
+        assert_eq!(
+            with(&[(keys::TRACE_SAMPLING, "1")]),
+            Ok(t("otel.observability:4317", Some("1")))
+        );
+        assert_eq!(with(&[(keys::TRACE_COLLECTOR, "disabled")]), Ok(None));
+        // A bad annotation is refused, mesh default or not.
+        assert!(with(&[(keys::TRACE_COLLECTOR, "otel")]).is_err());
+        assert!(with(&[(keys::TRACE_SAMPLING, "2")]).is_err());
+        // Without a mesh default, `disabled` is simply no tracing.
+        assert_eq!(
+            opts(&[(keys::TRACE_COLLECTOR, "disabled")]).unwrap().trace,
+            None
+        );
     }
 
     #[test]

@@ -30,6 +30,19 @@ pub struct InjectConfig {
     /// Where injected proxies get their mesh certificate; `None`: they run without one
     /// (plain text only).
     pub identity: Option<InjectIdentity>,
+    /// The mesh-wide tracing default: every injected proxy exports spans to this collector
+    /// unless its pod's annotations say otherwise; `None`: tracing only where pods ask.
+    pub tracing: Option<InjectTracing>,
+}
+
+/// Where injected proxies send spans, mesh-wide (pods override either part by annotation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectTracing {
+    /// The OTLP/gRPC collector, `host:port` (or `http://host:port`), validated as the
+    /// `weft.dev/trace-collector` annotation is.
+    pub collector: String,
+    /// The sampling probability as written (0 to 1); `None`: the proxy's default.
+    pub sampling: Option<String>,
 }
 
 /// What an injected proxy needs to obtain its certificate from the operator.
@@ -118,6 +131,7 @@ impl Default for InjectConfig {
             token_expiration_seconds: 3600,
             log_level: "info".to_owned(),
             identity: None,
+            tracing: None,
         }
     }
 }

@@ -30,10 +30,12 @@ pub const INBOUND_LOOPBACK_PORTS: &str = "weft.dev/inbound-loopback-ports";
 /// request on its stdout); absent, no access log.
 pub const ACCESS_LOG: &str = "weft.dev/access-log";
 /// Pod annotation: an OTLP/gRPC collector (`host:port`) turns on the proxy's tracing
-/// (trace context propagated, spans exported there); absent, no tracing.
+/// (trace context propagated, spans exported there); absent, the mesh-wide
+/// `traceCollector` setting if any, else no tracing; `disabled`, no tracing.
 pub const TRACE_COLLECTOR: &str = "weft.dev/trace-collector";
 /// Pod annotation: the probability (0 to 1) that the proxy records a trace it starts
-/// (needs [`TRACE_COLLECTOR`]); absent, the proxy's default (0.01).
+/// (needs a collector, the pod's or the mesh's); absent, the mesh-wide `traceSampling`
+/// setting if any, else the proxy's default (0.01).
 pub const TRACE_SAMPLING: &str = "weft.dev/trace-sampling";
 /// Pod label naming the application (Kubernetes' recommended label): the
 /// `service.name` of the proxy's spans.

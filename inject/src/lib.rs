@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-pub use config::{InjectConfig, InjectIdentity, ProxyPorts, ProxyResources};
+pub use config::{InjectConfig, InjectIdentity, InjectTracing, ProxyPorts, ProxyResources};
 
 /// Why a pod is left as it is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

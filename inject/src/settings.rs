@@ -52,9 +52,16 @@ pub const EXCLUDED_NAMESPACES: &str = "excludedNamespaces";
 pub const TOKEN_EXPIRATION_SECONDS: &str = "tokenExpirationSeconds";
 /// The proxy's log filter (`WEFT_LOG`).
 pub const LOG_LEVEL: &str = "logLevel";
+/// The mesh-wide OTLP/gRPC collector (`host:port`) every injected proxy sends spans to,
+/// unless its pod's `weft.dev/trace-collector` says otherwise; empty: none.
+pub const TRACE_COLLECTOR: &str = "traceCollector";
+/// The mesh-wide sampling probability (0 to 1) of the traces proxies start, unless a
+/// pod's `weft.dev/trace-sampling` says otherwise; empty: the proxy's default (0.01).
+/// Needs [`TRACE_COLLECTOR`].
+pub const TRACE_SAMPLING: &str = "traceSampling";
 
 /// Every key [`apply`] understands, for error messages and docs.
-pub const KEYS: [&str; 16] = [
+pub const KEYS: [&str; 18] = [
     PROXY_IMAGE,
     PROXY_VERSION,
     IMAGE_PULL_POLICY,
@@ -71,6 +78,8 @@ pub const KEYS: [&str; 16] = [
     EXCLUDED_NAMESPACES,
     TOKEN_EXPIRATION_SECONDS,
     LOG_LEVEL,
+    TRACE_COLLECTOR,
+    TRACE_SAMPLING,
 ];
 
 /// A setting that cannot be used. Injecting with a half-read configuration would give
@@ -99,6 +108,9 @@ pub fn apply(
     data: &BTreeMap<String, String>,
 ) -> Result<InjectConfig, SettingsError> {
     let mut cfg = base.clone();
+    // The two tracing keys make one setting: read both, then combine.
+    let mut trace_collector: Option<Option<String>> = None;
+    let mut trace_sampling: Option<Option<String>> = None;
     for (key, value) in data {
         let value = value.trim();
         match key.as_str() {
@@ -171,8 +183,48 @@ pub fn apply(
                     })?;
             }
             LOG_LEVEL => cfg.log_level = required(LOG_LEVEL, value)?,
+            TRACE_COLLECTOR => {
+                if let Some(reason) = crate::annotations::collector_problem(value)
+                    && !value.is_empty()
+                {
+                    return Err(invalid(TRACE_COLLECTOR, reason));
+                }
+                trace_collector = Some((!value.is_empty()).then(|| value.to_owned()));
+            }
+            TRACE_SAMPLING => {
+                if let Some(reason) = crate::annotations::sampling_problem(value)
+                    && !value.is_empty()
+                {
+                    return Err(invalid(TRACE_SAMPLING, reason));
+                }
+                trace_sampling = Some((!value.is_empty()).then(|| value.to_owned()));
+            }
             _ => return Err(SettingsError::Unknown { key: key.clone() }),
         }
+    }
+    if trace_collector.is_some() || trace_sampling.is_some() {
+        let base = cfg.tracing.take();
+        let collector = match trace_collector {
+            Some(c) => c,
+            None => base.as_ref().map(|t| t.collector.clone()),
+        };
+        let sampling = match trace_sampling {
+            Some(p) => p,
+            None => base.and_then(|t| t.sampling),
+        };
+        cfg.tracing = match (collector, sampling) {
+            (Some(collector), sampling) => Some(crate::InjectTracing {
+                collector,
+                sampling,
+            }),
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(invalid(
+                    TRACE_SAMPLING,
+                    format!("needs {TRACE_COLLECTOR} (where spans go)"),
+                ));
+            }
+        };
     }
     Ok(cfg)
 }
@@ -259,6 +311,10 @@ mod tests {
             (PROXY_MEMORY_REQUEST, "lots"),
             (IMAGE_PULL_POLICY, "Sometimes"),
             (TOKEN_EXPIRATION_SECONDS, "60"),
+            (TRACE_COLLECTOR, "https://otel:4317"),
+            (TRACE_COLLECTOR, "otel"),
+            (TRACE_SAMPLING, "1.5"),
+            (TRACE_SAMPLING, "0.1"),
         ] {
             let err = apply(&base, &data(&[(key, value)])).unwrap_err();
             assert!(
@@ -273,6 +329,34 @@ mod tests {
                 key: "proxyImg".to_owned()
             }
         );
+    }
+
+    #[test]
+    fn the_tracing_keys_make_one_mesh_wide_default() {
+        let base = InjectConfig::default();
+        assert_eq!(base.tracing, None);
+        let cfg = apply(
+            &base,
+            &data(&[
+                (TRACE_COLLECTOR, "otel.observability:4317"),
+                (TRACE_SAMPLING, "0.2"),
+            ]),
+        )
+        .unwrap();
+        let tracing = crate::InjectTracing {
+            collector: "otel.observability:4317".into(),
+            sampling: Some("0.2".into()),
+        };
+        assert_eq!(cfg.tracing.as_ref(), Some(&tracing));
+        let cfg = apply(
+            &base,
+            &data(&[(TRACE_COLLECTOR, "otel:4317"), (TRACE_SAMPLING, "")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.tracing.unwrap().sampling, None);
+        // Empty values, as the chart renders its defaults: no tracing.
+        let cfg = apply(&base, &data(&[(TRACE_COLLECTOR, ""), (TRACE_SAMPLING, "")])).unwrap();
+        assert_eq!(cfg.tracing, None);
     }
 
     #[test]
@@ -295,6 +379,8 @@ mod tests {
             base.excluded_namespaces.join(","),
             base.token_expiration_seconds.to_string(),
             base.log_level.clone(),
+            String::new(),
+            String::new(),
         ];
         let all: BTreeMap<String, String> =
             KEYS.iter().map(|k| (*k).to_owned()).zip(defaults).collect();

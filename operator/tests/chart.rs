@@ -146,7 +146,8 @@ fn non_default_values() -> Value {
             "ports": {"outbound": 16001, "inbound": 16006, "admin": 16021},
             "uid": 7000,
             "tokenExpirationSeconds": 7200,
-            "excludedNamespaces": ["monitoring"]
+            "excludedNamespaces": ["monitoring"],
+            "tracing": {"collector": "otel-collector.observability:4317", "sampling": 0.25}
         },
         "metrics": {"service": {"enabled": false}}
     })
@@ -176,6 +177,15 @@ fn a_wrong_value_fails_at_install_time_with_a_message() {
         ("proxy.imgae.tag=1", "imgae"),
         ("proxy.resources.cpuLimit=lots", "/proxy/resources/cpuLimit"),
         ("operator.runAsUser=0", "/operator/runAsUser"),
+        ("proxy.tracing.collector=otel", "/proxy/tracing/collector"),
+        (
+            "proxy.tracing.collector=https://otel:4317",
+            "/proxy/tracing/collector",
+        ),
+        (
+            "proxy.tracing.sampling=0.5",
+            "proxy.tracing.sampling needs proxy.tracing.collector",
+        ),
         (
             "identity.trustRoot.caCrt=not-alone",
             "caCrt needs caKey, or tlsCrt and tlsKey",
@@ -226,7 +236,24 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             docs.len(),
             "{name}: every object accepted:\n{out}"
         );
+        // The injection settings the chart renders are ones the operator accepts.
+        let cm = find(&docs, "ConfigMap");
+        let data: std::collections::BTreeMap<String, String> =
+            serde_json::from_value(cm["data"].clone()).unwrap();
+        let base = weft_operator::inject::InjectConfig::default();
+        let settings = weft_operator::inject::settings::apply(&base, &data)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        if values.is_none() {
+            assert_eq!(settings.tracing, None, "no tracing unless asked for");
+        }
         if values.is_some() {
+            assert_eq!(
+                settings.tracing,
+                Some(weft_operator::inject::InjectTracing {
+                    collector: "otel-collector.observability:4317".to_owned(),
+                    sampling: Some("0.25".to_owned()),
+                })
+            );
             let dep = find(&docs, "Deployment");
             assert_eq!(dep["spec"]["replicas"], 3);
             let cm = find(&docs, "ConfigMap");
@@ -367,7 +394,8 @@ fn install_values(ports: &Ports, scope: &str, proxy_tag: &str, failure_policy: &
             "image": {"repository": "registry.example/weft-proxy", "tag": proxy_tag},
             "logLevel": "weft_proxy=debug",
             "resources": {"cpuLimit": "500m", "memoryLimit": "96Mi"},
-            "ports": {"admin": 15121}
+            "ports": {"admin": 15121},
+            "tracing": {"collector": "otel.observability:4317", "sampling": 0.1}
         }
     })
 }
@@ -671,6 +699,16 @@ async fn install_runs_the_operator_with_chart_rbac_then_upgrade_and_uninstall() 
         env.contains(&("WEFT_LOG".to_owned(), Some("weft_proxy=debug".to_owned()))),
         "{env:?}"
     );
+    // The mesh-wide tracing values, on a pod without tracing annotations.
+    for (name, value) in [
+        ("WEFT_TRACE_COLLECTOR", "otel.observability:4317"),
+        ("WEFT_TRACE_SAMPLING", "0.1"),
+    ] {
+        assert!(
+            env.contains(&(name.to_owned(), Some(value.to_owned()))),
+            "{name}: {env:?}"
+        );
+    }
     let limits = proxy.resources.as_ref().unwrap().limits.clone().unwrap();
     assert_eq!(limits["cpu"].0, "500m");
     assert_eq!(limits["memory"].0, "96Mi");

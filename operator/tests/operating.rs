@@ -4,9 +4,9 @@
 //!
 //! `stat`'s numbers must equal, exactly, the requests the test sent during its window
 //! (count and status mix), per view: a Deployment's inbound requests, its outbound requests
-//! to a Service, and a Route with the events of each rule. `explain`'s output is compared
-//! with golden files (`tests/golden/`, rewritten with `WEFT_UPDATE_GOLDEN=1`), volatile
-//! parts (namespace, addresses, versions) masked.
+//! to a Service, and a Route with, per rule, its requests, status mix, rates and events.
+//! `explain`'s output is compared with golden files (`tests/golden/`, rewritten with
+//! `WEFT_UPDATE_GOLDEN=1`), volatile parts (namespace, addresses, versions) masked.
 //!
 //! The proxies' admin endpoints are read with `--admin-url`: the bed has no kubelet and its
 //! pod IPs are only API fields, and the API server's pod proxy refuses loopback pod IPs
@@ -214,6 +214,7 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
     let outbound = stat("deploy/client", &["--to", "svc/web", "-o", "json"]).await;
     let inbound = stat("deploy/web", &["-o", "json"]).await;
     let route = stat("route/web", &["--from", "deploy/client"]).await;
+    let route_json = stat("route/web", &["--from", "deploy/client", "-o", "json"]).await;
     let (c0, c1, w0) = (&proxies[0].1, &proxies[1].1, &proxies[2].1);
     send(c0.forward, "/", 30, 200).await;
     send(c0.forward, "/fail/now", 10, 503).await;
@@ -248,17 +249,62 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
     assert_eq!(s["responses"], json!({"2xx": 25}), "{out:#}");
     assert_eq!(s["success_rate"], 1.0, "{out:#}");
 
+    // The Route's row, then one per rule: `fail` took the 10 requests to /fail/now (all
+    // aborted with 503), `rest` the 50 others.
     let table = route.output().await;
     let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines.len(), 3, "{table}");
-    let cells: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(lines.len(), 5, "{table}");
+    let cells = |i: usize| -> Vec<&str> { lines[i].split_whitespace().collect() };
     assert_eq!(
-        (cells[1], cells[2], cells[4], cells[6]),
-        ("route/web", "outbound", "83.33%", "60"),
+        [cells(1)[1], cells(1)[2], cells(1)[4], cells(1)[6]],
+        ["route/web", "outbound", "83.33%", "60"],
         "{table}"
     );
     assert_eq!(
-        lines[2], "route/web rule fail: fault_injected=10",
+        lines[4], "route/web rule fail: fault_injected=10",
+        "{table}"
+    );
+    let out: Value = serde_json::from_str(&route_json.output().await).unwrap();
+    let s = &out["rows"][0]["stats"];
+    assert_eq!(s["requests"], 60, "{out:#}");
+    let window = out["window_seconds"].as_f64().unwrap();
+    let rules = s["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 2, "{out:#}");
+    for (rule, name, requests, responses, success, events) in [
+        (
+            &rules[0],
+            "fail",
+            10,
+            json!({"5xx": 10}),
+            0.0,
+            json!({"fault_injected": 10}),
+        ),
+        (&rules[1], "rest", 50, json!({"2xx": 50}), 1.0, json!({})),
+    ] {
+        assert_eq!(rule["rule"], name, "{out:#}");
+        assert_eq!(rule["requests"], requests, "{out:#}");
+        assert_eq!(rule["responses"], responses, "{out:#}");
+        assert_eq!(rule["success_rate"], success, "{out:#}");
+        assert_eq!(rule["events"], events, "{out:#}");
+        assert!(
+            (rule["rps"].as_f64().unwrap() - f64::from(requests) / window).abs() < 1e-9,
+            "{out:#}"
+        );
+        let (p50, p99) = (
+            rule["p50_seconds"].as_f64().unwrap(),
+            rule["p99_seconds"].as_f64().unwrap(),
+        );
+        assert!(0.0 < p50 && p50 <= p99 && p99 < 5.0, "{out:#}");
+    }
+    // The table's rule rows say the same.
+    assert_eq!(
+        [cells(2)[1], cells(2)[4], cells(2)[6]],
+        ["rule/fail", "0.00%", "10"],
+        "{table}"
+    );
+    assert_eq!(
+        [cells(3)[1], cells(3)[4], cells(3)[6]],
+        ["rule/rest", "100.00%", "50"],
         "{table}"
     );
 

@@ -562,6 +562,8 @@ async fn the_webhook_injects_with_the_settings_in_the_clusters_configmap() {
             settings::PROXY_IMAGE: "registry.test/weft-proxy:from-cluster",
             settings::LOG_LEVEL: "debug",
             settings::INBOUND_PORT: "16006",
+            settings::TRACE_COLLECTOR: "otel.observability:4317",
+            settings::TRACE_SAMPLING: "0.05",
         }
     }))
     .unwrap();
@@ -576,14 +578,80 @@ async fn the_webhook_injects_with_the_settings_in_the_clusters_configmap() {
 
     let ns = scoped_namespace(&client, "inject-settings", None).await;
     let hook = start_webhook_injecting(&client, &ns, loaded.config).await;
-    let created = Api::<Pod>::namespaced(client.clone(), &ns)
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let created = pods
         .create(
             &PostParams::default(),
             &pod("web", json!({"weft.dev/inject": "enabled"})),
         )
         .await
         .unwrap();
+    // The mesh-wide tracing default, and pods overriding it by annotation.
+    let own_collector = pods
+        .create(
+            &PostParams::default(),
+            &pod(
+                "own-collector",
+                json!({"weft.dev/inject": "enabled",
+                       keys::TRACE_COLLECTOR: "tempo.tracing:4317"}),
+            ),
+        )
+        .await
+        .unwrap();
+    let own_sampling = pods
+        .create(
+            &PostParams::default(),
+            &pod(
+                "own-sampling",
+                json!({"weft.dev/inject": "enabled", keys::TRACE_SAMPLING: "1"}),
+            ),
+        )
+        .await
+        .unwrap();
+    let untraced = pods
+        .create(
+            &PostParams::default(),
+            &pod(
+                "untraced",
+                json!({"weft.dev/inject": "enabled", keys::TRACE_COLLECTOR: "disabled"}),
+            ),
+        )
+        .await
+        .unwrap();
     hook.stop().await;
+    let tracing_env = |p: &Pod| {
+        let inits = p.spec.as_ref().unwrap().init_containers.as_ref().unwrap();
+        let proxy = inits
+            .iter()
+            .find(|c| c.name == keys::PROXY_CONTAINER)
+            .unwrap();
+        let get = |name: &str| {
+            proxy
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        (
+            get(keys::env::TRACE_COLLECTOR),
+            get(keys::env::TRACE_SAMPLING),
+        )
+    };
+    let expect = |c: Option<&str>, s: Option<&str>| (c.map(str::to_owned), s.map(str::to_owned));
+    assert_eq!(
+        tracing_env(&created),
+        expect(Some("otel.observability:4317"), Some("0.05"))
+    );
+    assert_eq!(
+        tracing_env(&own_collector),
+        expect(Some("tempo.tracing:4317"), Some("0.05"))
+    );
+    assert_eq!(
+        tracing_env(&own_sampling),
+        expect(Some("otel.observability:4317"), Some("1"))
+    );
+    assert_eq!(tracing_env(&untraced), expect(None, None));
     let inits = created.spec.unwrap().init_containers.unwrap();
     let (init, proxy) = (&inits[0], &inits[1]);
     assert_eq!(

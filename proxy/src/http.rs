@@ -580,7 +580,17 @@ impl HttpConn {
             }
         };
         let labels = self.request_metrics(&dest);
-        labels.request();
+        // A request a Route may take is counted once its rule is known, under that rule
+        // (`outbound`); one refused before then, here, under the service.
+        let routed = matches!(&dest, Dest::Service(_, s) if s.route.is_some());
+        let count_refused = || {
+            if routed {
+                labels.request();
+            }
+        };
+        if !routed {
+            labels.request();
+        }
         if self.direction == Direction::Inbound {
             if self.mux {
                 crate::mux::restore(&mut req);
@@ -595,6 +605,7 @@ impl HttpConn {
             if let Some(limit) = refusal.limit {
                 self.metrics.limit_refused(limit);
             }
+            count_refused();
             let mut resp = self.fail(labels, refusal.code, grpc, start);
             if req.version() <= Version::HTTP_11 {
                 // After a request the proxy would not forward, its framing cannot be
@@ -610,9 +621,11 @@ impl HttpConn {
             propagate.write(req.headers_mut());
         }
         if let Some(refused) = self.authorize(&mut req, labels, grpc, start) {
+            count_refused();
             return refused;
         }
         if let Some(refused) = self.rate_limit(labels, grpc, start) {
+            count_refused();
             return refused;
         }
 

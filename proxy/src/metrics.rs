@@ -1,7 +1,8 @@
 //! Prometheus metrics, registered once and shared by every listener. Labels are bounded:
 //! `direction` (two values), `service` (configured service names, or `passthrough` /
-//! `local`), `status_class` (`1xx`…`5xx`), `reason` ([`ErrorCode`]). No path, no client
-//! address.
+//! `local`), `route` and `rule` (the Route rule that handled a request: at most
+//! [`crate::rules::MAX_RULES`] per service, and absent when none did), `status_class`
+//! (`1xx`…`5xx`), `reason` ([`ErrorCode`]). No path, no client address.
 
 use std::{
     fmt::Write as _,
@@ -9,7 +10,9 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
+    encoding::{
+        EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder, text::encode,
+    },
     metrics::{
         counter::Counter,
         family::Family,
@@ -71,6 +74,29 @@ impl EncodeLabelValue for ServiceLabel {
     }
 }
 
+/// The Route rule that handled a request: the `route` (`namespace/name`) and `rule` (the
+/// rule's name, or its index) labels, or neither when no rule did (no Route, or no rule
+/// matched). Absent rather than empty, so that a request no rule handled keeps the
+/// series it had before Routes existed; Prometheus reads an absent label as `""`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RouteRuleLabel(Option<(Arc<str>, Arc<str>)>);
+
+impl RouteRuleLabel {
+    /// Rule `rule` of Route `route`.
+    pub fn new(route: Arc<str>, rule: Arc<str>) -> Self {
+        RouteRuleLabel(Some((route, rule)))
+    }
+}
+
+impl EncodeLabelSet for RouteRuleLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        match &self.0 {
+            Some((route, rule)) => [("route", &**route), ("rule", &**rule)].encode(encoder),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Labels of request counters and latency.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -78,6 +104,9 @@ pub struct RequestLabels {
     pub direction: Direction,
     /// The destination service.
     pub service: ServiceLabel,
+    /// The Route rule that handled the request, when one did.
+    #[prometheus(flatten)]
+    pub rule: RouteRuleLabel,
 }
 
 /// Labels of response counters.
@@ -87,6 +116,9 @@ pub struct ResponseLabels {
     pub direction: Direction,
     /// The destination service.
     pub service: ServiceLabel,
+    /// The Route rule that handled the request, when one did.
+    #[prometheus(flatten)]
+    pub rule: RouteRuleLabel,
     /// `1xx` to `5xx`.
     pub status_class: &'static str,
 }
@@ -443,9 +475,21 @@ impl Metrics {
     /// path keep the result (per service, per connection) rather than calling this per
     /// request: each call hashes the label set under the families' locks.
     pub fn for_requests(&self, direction: Direction, service: &ServiceLabel) -> RequestMetrics {
+        self.for_rule_requests(direction, service, RouteRuleLabel::default())
+    }
+
+    /// The series that requests of `direction` to `service` handled by Route rule `rule`
+    /// update; kept per rule as [`Metrics::for_requests`]' result is per service.
+    pub fn for_rule_requests(
+        &self,
+        direction: Direction,
+        service: &ServiceLabel,
+        rule: RouteRuleLabel,
+    ) -> RequestMetrics {
         let labels = RequestLabels {
             direction,
             service: service.clone(),
+            rule,
         };
         RequestMetrics {
             requests: self.requests.get_or_create(&labels).clone(),
@@ -639,6 +683,7 @@ impl RequestMetrics {
                     .get_or_create(&ResponseLabels {
                         direction: self.labels.direction,
                         service: self.labels.service.clone(),
+                        rule: self.labels.rule.clone(),
                         status_class: class,
                     })
                     .clone()

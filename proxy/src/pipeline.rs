@@ -288,13 +288,15 @@ impl HttpConn {
         }
     }
 
-    /// The outbound stages for a request to `service`.
-    pub(crate) async fn outbound(
+    /// The outbound stages for a request to `service`. A service with a Route has its
+    /// requests counted here (not on receipt): under the rule that takes one, or under
+    /// the service alone when none does.
+    pub(crate) async fn outbound<'a>(
         &self,
         snapshot: &Snapshot,
-        service: &ServiceState,
+        service: &'a ServiceState,
         mut req: Request<RequestBody>,
-        x: &mut Exchange<'_>,
+        x: &mut Exchange<'a>,
     ) -> Response<ProxyBody> {
         let Some(route) = &service.route else {
             return self.send(Attempts::plain(service, x.start), req, x).await;
@@ -311,8 +313,15 @@ impl HttpConn {
             route.spec.find(&input)
         };
         let Some((index, rule, matched)) = found else {
+            x.labels.request();
             return self.send(Attempts::plain(service, x.start), req, x).await;
         };
+        if let Some(series) =
+            route.rule_metrics(index, &self.metrics, self.direction, &service.label)
+        {
+            x.labels = series;
+        }
+        x.labels.request();
         let labels = RuleLabels {
             service,
             route: &route.spec.name,

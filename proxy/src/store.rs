@@ -55,7 +55,7 @@ use crate::{
     breaker::{EndpointOutlier, Outcome, Overloaded, RequestPermit, ServiceBreaker},
     config::{Config, ConfigError, Service},
     identity::{ClientTls, IdentityStore},
-    metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
+    metrics::{Direction, Metrics, RequestMetrics, RouteRuleLabel, ServiceLabel},
     ratelimit::RateLimiter,
     retry::{BudgetSpec, RetryBudget},
     upstream::Upstream,
@@ -240,6 +240,38 @@ pub struct RouteState {
     pub spec: Arc<crate::rules::Route>,
     /// Per rule, its own retry budget (`None`: the service's).
     pub budgets: Vec<Option<Arc<RetryBudget>>>,
+    /// Per rule, its request series per direction (inbound, outbound), looked up on the
+    /// rule's first request as [`ServiceState`]'s are.
+    rule_metrics: Vec<[OnceLock<RequestMetrics>; 2]>,
+}
+
+impl RouteState {
+    /// The request series of rule `index` of this Route, for requests of `direction` to
+    /// `service`; `None` for an index the Route does not have.
+    pub fn rule_metrics(
+        &self,
+        index: usize,
+        metrics: &Metrics,
+        direction: Direction,
+        service: &ServiceLabel,
+    ) -> Option<&RequestMetrics> {
+        let rule = self.spec.rules.get(index)?;
+        let slot = self.rule_metrics.get(index)?;
+        Some(slot[direction_index(direction)].get_or_init(|| {
+            metrics.for_rule_requests(
+                direction,
+                service,
+                RouteRuleLabel::new(self.spec.name.clone(), rule.label.clone()),
+            )
+        }))
+    }
+}
+
+fn direction_index(direction: Direction) -> usize {
+    match direction {
+        Direction::Inbound => 0,
+        Direction::Outbound => 1,
+    }
 }
 
 /// Runtime state of one service in one snapshot.
@@ -268,11 +300,8 @@ pub struct ServiceState {
 impl ServiceState {
     /// The request series of this service for `direction`.
     pub fn request_metrics(&self, metrics: &Metrics, direction: Direction) -> &RequestMetrics {
-        let i = match direction {
-            Direction::Inbound => 0,
-            Direction::Outbound => 1,
-        };
-        self.request_metrics[i].get_or_init(|| metrics.for_requests(direction, &self.label))
+        self.request_metrics[direction_index(direction)]
+            .get_or_init(|| metrics.for_requests(direction, &self.label))
     }
 
     /// Picks an endpoint for one request or connection, avoiding `exclude` (an index that
@@ -513,6 +542,7 @@ impl Snapshot {
                                 .map(|b| budget(&spec.name, Some(&rule.label), b))
                         })
                         .collect(),
+                    rule_metrics: r.rules.iter().map(|_| Default::default()).collect(),
                 });
                 Arc::new(ServiceState {
                     label: ServiceLabel(Arc::from(spec.name.as_str())),

@@ -1359,3 +1359,132 @@ async fn removing_the_route_restores_plain_balancing() {
     assert_eq!(counts.get("own-b"), Some(&10), "{counts:?}");
     assert_eq!(v2.requests(), 10);
 }
+
+// ---------------------------------------------------------------------------------------
+// Golden metrics per Route rule
+// ---------------------------------------------------------------------------------------
+
+/// The value of the one series written exactly `series` (name and labels), `None` when the
+/// exposition has no such line.
+fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn request_series_carry_the_route_rule_that_handled_each_request() {
+    let own = Scripted::ok("127.0.0.2", "own").await;
+    let api = Scripted::start("127.0.0.2", "api", 2, Misbehave::Status(503)).await;
+    let rules = json!([
+        {"name": "api", "matches": [{"path": {"prefix": "/api"}}],
+         "backends": [to("web-api", 1)], "retries": retries(2, &["5xx"])},
+        {"name": "broken", "matches": [{"path": {"prefix": "/broken"}}],
+         "fault": {"abort": {"httpStatus": 503, "percentage": 100}}},
+        {"matches": [{"path": {"exact": "/third"}}]},
+    ]);
+    let proxy = TestProxy::start(
+        "web",
+        routed(&[("web", &[own.addr]), ("web-api", &[api.addr])], rules),
+    )
+    .await;
+    // 7 to the first rule (its first request is retried twice before it succeeds),
+    // 3 to the second, 2 to the third (unnamed: labelled by its index), 4 to no rule.
+    for (path, n, answer) in [
+        ("/api/items", 7, "api"),
+        ("/broken", 3, "error:fault_injected"),
+        ("/third", 2, "own"),
+        ("/other", 4, "own"),
+    ] {
+        for _ in 0..n {
+            assert_eq!(who(&get_with(&proxy, path, &[]).await), answer, "{path}");
+        }
+    }
+    assert_eq!(api.requests(), 9, "7 requests, 2 retries");
+    // A request refused before any rule could take it (HTTP/1.1 without `Host`) is the
+    // service's, under no rule.
+    let mut s = connect(proxy.addr).await;
+    s.write_all(b"GET /api/items HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 400"), "{head}");
+
+    let text = proxy.proxy.metrics.encode().unwrap();
+    let series = |s: &str| series_value(&text, s).unwrap_or_else(|| panic!("no {s} in\n{text}"));
+    let rule =
+        |r: &str| format!(r#"direction="outbound",service="web",route="shop/web",rule="{r}""#);
+    let plain = r#"direction="outbound",service="web""#;
+    // Requests as the client sent them, once each, retries not counted again.
+    assert_eq!(
+        series(&format!("weft_requests_total{{{}}}", rule("api"))),
+        7.0
+    );
+    assert_eq!(
+        series(&format!("weft_requests_total{{{}}}", rule("broken"))),
+        3.0
+    );
+    assert_eq!(
+        series(&format!("weft_requests_total{{{}}}", rule("2"))),
+        2.0
+    );
+    assert_eq!(series(&format!("weft_requests_total{{{plain}}}")), 5.0);
+    assert_eq!(
+        series(&format!(
+            r#"weft_responses_total{{{plain},status_class="4xx"}}"#
+        )),
+        1.0
+    );
+    assert_eq!(
+        series(&format!(
+            r#"weft_responses_total{{{},status_class="2xx"}}"#,
+            rule("api")
+        )),
+        7.0
+    );
+    assert_eq!(
+        series(&format!(
+            r#"weft_responses_total{{{},status_class="5xx"}}"#,
+            rule("broken")
+        )),
+        3.0
+    );
+    assert_eq!(
+        series_value(
+            &text,
+            &format!(
+                r#"weft_responses_total{{{},status_class="2xx"}}"#,
+                rule("broken")
+            )
+        ),
+        None
+    );
+    assert_eq!(
+        series(&format!(
+            r#"weft_responses_total{{{plain},status_class="2xx"}}"#
+        )),
+        4.0
+    );
+    for (labels, n) in [
+        (rule("api"), 7.0),
+        (rule("broken"), 3.0),
+        (plain.to_owned(), 5.0),
+    ] {
+        assert_eq!(
+            series(&format!("weft_request_duration_seconds_count{{{labels}}}")),
+            n,
+            "{labels}"
+        );
+        assert_eq!(
+            series(&format!(
+                r#"weft_request_duration_seconds_bucket{{le="+Inf",{labels}}}"#
+            )),
+            n,
+            "{labels}"
+        );
+    }
+    // The labels add up: the service's requests are the sum over its rules and the rest.
+    assert_eq!(
+        metric_sum(&text, &["weft_requests_total{", r#"service="web""#]),
+        17.0
+    );
+}
