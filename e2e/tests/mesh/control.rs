@@ -87,10 +87,12 @@ pub fn helm_uninstall_leaves_workloads_serving(ctx: &Ctx) -> anyhow::Result<()> 
     let before = kube.pods(&ns, "app in (web,client)")?;
 
     install::uninstall_weft(ctx)?;
-    ensure!(
-        kube.pods(NAMESPACE, OPERATOR_SELECTOR)?.is_empty(),
-        "operator pods remain after helm uninstall"
-    );
+    // `helm uninstall --wait` waits for the Deployment; its pod takes its grace period.
+    eventually(Duration::from_secs(60), || {
+        let left = kube.pods(NAMESPACE, OPERATOR_SELECTOR)?;
+        ensure!(left.is_empty(), "{} operator pods remain after helm uninstall", left.len());
+        Ok(())
+    })?;
     let hooks = kube.run(&["get", "mutatingwebhookconfigurations", "-o", "name"])?;
     ensure!(hooks.trim().is_empty(), "webhooks remain: {hooks}");
 
