@@ -2,6 +2,7 @@
 #
 #   docker build --target proxy    -t ghcr.io/weft-mesh/weft-proxy:0.1.0 .
 #   docker build --target operator -t ghcr.io/weft-mesh/weft-operator:0.1.0 .
+#   docker build --target demo-app -t ghcr.io/weft-mesh/weft-demo-app:0.1.0 .   (the demo's app)
 #
 # `make images` builds both with buildah (no daemon, no registry) from base images it makes
 # out of Debian packages; docs/images.md explains the build, the layout and the arguments.
@@ -19,7 +20,7 @@ ARG PROXY_BASE=docker.io/library/debian:bookworm-slim
 ARG OPERATOR_BASE=gcr.io/distroless/cc-debian12:nonroot
 
 # ---------------------------------------------------------------------------------------
-# build: both release binaries in one cargo invocation (they share most dependencies).
+# build: the release binaries in one cargo invocation (they share most dependencies).
 #
 # The cargo registry and the target directory are cache mounts: compiled dependencies
 # survive between builds, so a source change recompiles Weft's own crates only, and the
@@ -34,11 +35,11 @@ COPY . .
 # machines, and a builder image's own Rust (>= rust-version in Cargo.toml) is what builds.
 RUN --mount=type=cache,id=weft-cargo-registry,target=/usr/local/cargo/registry \
     --mount=type=cache,id=weft-target,target=/src/target \
-    cargo build --release --locked -p weft-proxy -p weft-operator \
-        --bin weft-proxy --bin weft-operator \
+    cargo build --release --locked -p weft-proxy -p weft-operator -p weft-demo-app \
+        --bin weft-proxy --bin weft-operator --bin weft-demo-app \
     && mkdir -p /out \
-    && cp target/release/weft-proxy target/release/weft-operator /out/ \
-    && strip --strip-debug /out/weft-proxy /out/weft-operator
+    && cp target/release/weft-proxy target/release/weft-operator target/release/weft-demo-app /out/ \
+    && strip --strip-debug /out/weft-proxy /out/weft-operator /out/weft-demo-app
 # The release profile's line tables make the binaries four times larger (94 MB for the
 # operator); --strip-debug drops them and keeps the symbols, so a panic's backtrace still
 # names its functions.
@@ -81,6 +82,22 @@ ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="weft-operator" \
       org.opencontainers.image.description="Weft's control plane: controllers, admission webhook, identity CA and config push" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://example.invalid/weft"
+
+# ---------------------------------------------------------------------------------------
+# demo-app: the demo's and the node tests' application (`weft-demo-app serve|load|fail|
+# recover`, demo/app). Not part of the mesh; no shell, so `kubectl exec` runs the binary.
+FROM ${OPERATOR_BASE} AS demo-app
+COPY --from=build /out/weft-demo-app /usr/local/bin/weft-demo-app
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/weft-demo-app"]
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="weft-demo-app" \
+      org.opencontainers.image.description="Weft's demo application: an HTTP server that can be made to fail, and a load generator" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \

@@ -14,6 +14,7 @@
 pub mod binaries;
 pub mod certs;
 pub mod helm;
+pub mod mesh;
 pub mod node;
 pub mod process;
 pub mod shared;

@@ -66,6 +66,13 @@ fn operator_image() -> String {
 }
 
 /// The init and proxy containers the injector adds to a pod, with default settings.
+fn demo_app_image() -> String {
+    format!(
+        "ghcr.io/weft-mesh/weft-demo-app:{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
 fn injected() -> (Container, Container) {
     let mut meta = ObjectMeta::default();
     let mut spec = PodSpec {
@@ -322,6 +329,30 @@ fn operator_image_runs_as_nonroot() {
 
 #[test]
 #[ignore = "builds images: needs root, buildah and the network; run with `make images-test`"]
+fn demo_app_image_runs_its_binary_as_nonroot() {
+    let config = config(&demo_app_image());
+    assert_eq!(config["User"], format!("{OPERATOR_UID}:{OPERATOR_UID}"));
+    assert_eq!(
+        strings(&config["Entrypoint"]),
+        ["/usr/local/bin/weft-demo-app"]
+    );
+    assert_labels(&config, "weft-demo-app");
+    let rootfs = Rootfs::of(&demo_app_image());
+    let out = stdout(&mut rootfs.command(
+        OPERATOR_UID,
+        &[
+            "/usr/local/bin/weft-demo-app".to_owned(),
+            "--version".to_owned(),
+        ],
+    ));
+    assert_eq!(
+        out.trim(),
+        format!("weft-demo-app {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+#[ignore = "builds images: needs root, buildah and the network; run with `make images-test`"]
 fn binaries_run_from_their_images_as_the_images_users() {
     let version = env!("CARGO_PKG_VERSION");
     let cfg = InjectConfig::default();
@@ -539,6 +570,7 @@ fn archives_name_the_images_for_ctr_import() {
     for (image, file) in [
         (proxy_image(), "weft-proxy.tar"),
         (operator_image(), "weft-operator.tar"),
+        (demo_app_image(), "weft-demo-app.tar"),
     ] {
         let id = image_id(&image);
         let archive = state_dir().join("out").join(file);

@@ -1,0 +1,111 @@
+//! `serve`: an HTTP/1.1 server that says who answered and fails on demand.
+
+use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+/// How long a connection may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Who this server is, as reported in every answer.
+struct Identity {
+    name: String,
+    pod: String,
+    fail_file: PathBuf,
+}
+
+/// Serves until the process is stopped (SIGTERM ends it: the kubelet's way).
+pub async fn run(listen: SocketAddr, name: String, fail_file: PathBuf) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
+    let id = Arc::new(Identity {
+        name,
+        pod: pod_name(),
+        fail_file,
+    });
+    tracing::info!(%listen, name = %id.name, pod = %id.pod, "serving");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping");
+                return Ok(());
+            }
+        };
+        let id = id.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| answer(id.clone(), req));
+            if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn answer(
+    id: Arc<Identity>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, body) = if req.uri().path() == "/healthz" {
+        (StatusCode::OK, "ok\n".to_owned())
+    } else if let Some(status) = failing(&id.fail_file).await {
+        (status, "failing\n".to_owned())
+    } else {
+        (StatusCode::OK, format!("{} {}\n", id.name, id.pod))
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    for (name, value) in [("x-demo-server", &id.name), ("x-demo-pod", &id.pod)] {
+        if let Ok(value) = value.parse() {
+            headers.insert(name, value);
+        }
+    }
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    Ok(response)
+}
+
+/// The status to fail with, when the fail file exists.
+async fn failing(file: &std::path::Path) -> Option<StatusCode> {
+    let text = tokio::fs::read_to_string(file).await.ok()?;
+    Some(
+        text.trim()
+            .parse::<u16>()
+            .ok()
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .filter(|s| s.is_server_error())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    )
+}
+
+/// The pod's name: Kubernetes sets `HOSTNAME` to it.
+fn pod_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}

@@ -1,0 +1,144 @@
+//! The demo application as its users drive it: `serve` on loopback, `load` against it,
+//! `fail` and `recover` switching the server's answers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft-demo-app");
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn serve(name: &str, port: u16, fail_file: &std::path::Path) -> Server {
+    let child = Command::new(BIN)
+        .args(["serve", "--name", name, "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--fail-file")
+        .arg(fail_file)
+        .env("HOSTNAME", format!("{name}-pod"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "serve did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server(child)
+}
+
+/// Runs `load` to completion; returns its exit code and its report lines.
+fn load(port: u16, extra: &[&str]) -> (i32, Vec<Value>) {
+    let out = Command::new(BIN)
+        .args([
+            "load",
+            "--rps",
+            "200",
+            "--report-every",
+            "100ms",
+            "--target",
+        ])
+        .arg(format!("http://127.0.0.1:{port}/hello"))
+        .args(extra)
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let lines = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    (out.status.code().unwrap_or(-1), lines)
+}
+
+#[test]
+fn load_counts_what_serve_answered_and_fail_switches_it_to_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail_file = dir.path().join("fail");
+    let port = free_port();
+    let _server = serve("web-v1", port, &fail_file);
+
+    let (code, lines) = load(port, &["--count", "40"]);
+    assert_eq!(code, 0, "{lines:?}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "final", "{lines:?}");
+    let total = &last["total"];
+    assert_eq!(total["sent"], 40, "{total}");
+    assert_eq!(total["ok"], 40, "{total}");
+    assert_eq!(total["status"]["200"], 40, "{total}");
+    assert_eq!(total["servers"]["web-v1"], 40, "{total}");
+    assert_eq!(total["pods"]["web-v1-pod"], 40, "{total}");
+    // Every line but the last is a periodic report, and the windows add up to the total.
+    let windows: u64 = lines.iter().map(|l| l["sent"].as_u64().unwrap()).sum();
+    assert_eq!(windows, 40, "{lines:?}");
+
+    let status = Command::new(BIN)
+        .args(["fail", "--status", "503", "--fail-file"])
+        .arg(&fail_file)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, lines) = load(port, &["--count", "10"]);
+    assert_eq!(code, 1, "a run with failures exits 1: {lines:?}");
+    let total = &lines.last().unwrap()["total"];
+    assert_eq!(total["status"]["503"], 10, "{total}");
+    assert_eq!(total["ok"], 0, "{total}");
+
+    let status = Command::new(BIN)
+        .args(["recover", "--fail-file"])
+        .arg(&fail_file)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, lines) = load(port, &["--count", "5"]);
+    assert_eq!(code, 0, "{lines:?}");
+}
+
+#[test]
+fn nothing_listening_is_a_connect_error_not_a_hang() {
+    let port = free_port();
+    let started = Instant::now();
+    let (code, lines) = load(port, &["--count", "5"]);
+    assert_eq!(code, 1);
+    let total = &lines.last().unwrap()["total"];
+    assert_eq!(total["errors"]["connect"], 5, "{total}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn bad_arguments_are_refused_with_a_reason() {
+    for args in [
+        &["load", "--target", "https://web"][..],
+        &["load", "--target", "http://web", "--rps", "0"],
+        &["load", "--target", "http://web", "--report-every", "5"],
+        &["fail", "--status", "200"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?}: no message");
+    }
+}
