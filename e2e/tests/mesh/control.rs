@@ -31,7 +31,7 @@ pub fn traffic_flows_without_the_operator_and_config_arrives_after(
         "before: {l:?}"
     );
 
-    let operator = format!("deploy/{}-operator", install::RELEASE);
+    let operator = install::operator_deployment();
     let result = (|| -> anyhow::Result<()> {
         kube.run(&["-n", NAMESPACE, "scale", &operator, "--replicas=0"])?;
         eventually(Duration::from_secs(60), || {

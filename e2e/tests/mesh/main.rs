@@ -109,7 +109,7 @@ fn weft_on_a_real_node() -> anyhow::Result<()> {
         .ok()
         .map(|s| s.split(',').map(|s| s.trim().to_owned()).collect());
     let run_started = Instant::now();
-    let archives = install::ImageArchives::find()?;
+    let archives = weft_e2e::mesh::ImageArchives::find()?;
     let helm = Helm::ensure()?;
 
     let t = Instant::now();
@@ -129,7 +129,7 @@ fn weft_on_a_real_node() -> anyhow::Result<()> {
     };
 
     let t = Instant::now();
-    install::import_images(&node, &archives)?;
+    weft_e2e::mesh::import_images(&node, &archives)?;
     let imported = t.elapsed();
     let t = Instant::now();
     install::install_weft(&ctx)?;
