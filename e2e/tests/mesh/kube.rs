@@ -242,7 +242,7 @@ impl Kube {
                 &pod,
                 "-c",
                 "weft-proxy",
-                "--tail=15",
+                "--tail=40",
             ]) {
                 text.push_str(&format!(
                     "--- {pod} weft-proxy ---\n{}",

@@ -96,6 +96,7 @@ const SCENARIOS: &[Scenario] = &[
     ("retries", traffic::retries_hide_a_failing_pod),
     ("breaker", traffic::a_breaker_ejects_a_failing_pod),
     ("policy", traffic::a_policy_denies_and_allows_as_written),
+    ("policy-probes", traffic::a_policy_keeps_the_kubelets_probes_passing),
     ("rolling-update", traffic::a_rolling_update_under_load_loses_no_request),
     ("operator-down", control::traffic_flows_without_the_operator_and_config_arrives_after),
     ("uninstall", control::helm_uninstall_leaves_workloads_serving),
@@ -166,6 +167,19 @@ fn weft_on_a_real_node() -> anyhow::Result<()> {
                 "\n=== weft-system ===\n{}",
                 ctx.kube.dump(install::NAMESPACE)
             ));
+            let operator = install::operator_deployment();
+            if let Ok(out) = ctx.kube.output(&[
+                "-n",
+                install::NAMESPACE,
+                "logs",
+                &operator,
+                "--tail=40",
+            ]) {
+                text.push_str(&format!(
+                    "--- operator ---\n{}",
+                    String::from_utf8_lossy(&out.stdout)
+                ));
+            }
             text
         });
         match &failure {
