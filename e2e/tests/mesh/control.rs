@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, ensure};
+use anyhow::{Context, bail, ensure};
 
 use crate::{
     Ctx,
@@ -61,14 +61,18 @@ pub fn traffic_flows_without_the_operator_and_config_arrives_after(
     kube.rollout(NAMESPACE, &operator, Duration::from_secs(120))?;
     result?;
 
-    // Back: the proxies resubscribe and get the Route as it is now.
-    wait_programmed(kube, &ns, "route/web")?;
+    // Back: the proxies resubscribe (their backoff tops out at 10 s) and get the Route as
+    // it is now.
+    let back = std::time::Instant::now();
     let l = eventually(Duration::from_secs(30), || {
         let l = load(kube, &ns, "client", "http://web/opdown", &["--count", "20", "--rps", "20"])?;
         ensure!(l.from("web-v2") == l.sent, "not all web-v2 yet: {l:?}");
         Ok(l)
-    })?;
+    })
+    .context("the Route changed while the operator was down did not arrive once it was back")?;
     ensure!(l.ok == l.sent, "{l:?}");
+    tracing::info!(after = ?back.elapsed(), "the changed Route arrived once the operator was back");
+    wait_programmed(kube, &ns, "route/web")?;
     Ok(())
 }
 

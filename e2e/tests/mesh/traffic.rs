@@ -250,8 +250,9 @@ impl Drop for Background {
     }
 }
 
-/// Waits until the operator reports `kind/name` Programmed (every proxy that needs it
-/// acknowledged it) for its current generation.
+/// Waits until the operator reports `kind/name` Programmed for its current generation by
+/// at least one connected proxy (the operator also says Programmed, vacuously, when no
+/// connected proxy needs the resource: "no connected proxy needs this Route").
 pub fn wait_programmed(kube: &Kube, ns: &str, what: &str) -> anyhow::Result<()> {
     eventually(Duration::from_secs(60), || {
         let obj = kube.json(&["-n", ns, "get", what])?;
@@ -261,7 +262,11 @@ pub fn wait_programmed(kube: &Kube, ns: &str, what: &str) -> anyhow::Result<()> 
             .as_array()
             .into_iter()
             .flatten()
-            .any(|c| c["type"] == "Programmed" && c["status"] == "True");
+            .any(|c| {
+                c["type"] == "Programmed"
+                    && c["status"] == "True"
+                    && c["message"].as_str().is_some_and(|m| m.contains("acknowledged by"))
+            });
         if st["observedGeneration"] == *generation && programmed {
             Ok(())
         } else {
