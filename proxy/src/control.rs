@@ -638,7 +638,11 @@ mod tests {
             matches!(&error, ControlError::Connect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut),
             "{error:?}"
         );
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(error.reason(), "connect");
         drop(listener);
     }

@@ -291,7 +291,9 @@ spec:
 /// An RFC 3339 timestamp of a container state, in whole seconds since the epoch (the
 /// precision the kubelet reports).
 fn seconds(v: &Value) -> anyhow::Result<i64> {
-    let text = v.as_str().with_context(|| format!("not a timestamp: {v}"))?;
+    let text = v
+        .as_str()
+        .with_context(|| format!("not a timestamp: {v}"))?;
     // 2026-11-30T16:40:12Z
     let (date, time) = text
         .trim_end_matches('Z')
@@ -320,7 +322,12 @@ pub fn proxy_starts_before_and_stops_after_the_app(ctx: &Ctx) -> anyhow::Result<
     kube.apply(&web(&ns))?;
     kube.wait_ready(&ns, "app=web", READY)?;
     // The Job's first command is its request: no retry, no wait.
-    kube.apply(&job(&ns, "first", "client", &get_web_once("/first-request")))?;
+    kube.apply(&job(
+        &ns,
+        "first",
+        "client",
+        &get_web_once("/first-request"),
+    ))?;
     wait_job(kube, &ns, "first", Duration::from_secs(90))?;
 
     let pod = one_pod(kube, &ns, "job=first")?;
@@ -401,7 +408,11 @@ pub fn mtls_between_pods_with_their_identities(ctx: &Ctx) -> anyhow::Result<()> 
 
     let sessions = |kube: &Kube| -> anyhow::Result<f64> {
         let text = kube.proxy_admin(&ns, &web_pod, "/metrics")?;
-        Ok(metric(&text, "weft_tls_sessions_total", &[("direction", "inbound")]))
+        Ok(metric(
+            &text,
+            "weft_tls_sessions_total",
+            &[("direction", "inbound")],
+        ))
     };
     let before = sessions(kube)?;
     let answer = kube.http_get(&ns, "client", "web", 80, "/mtls-check")?;

@@ -65,7 +65,13 @@ pub fn traffic_flows_without_the_operator_and_config_arrives_after(
     // it is now.
     let back = std::time::Instant::now();
     let l = eventually(Duration::from_secs(30), || {
-        let l = load(kube, &ns, "client", "http://web/opdown", &["--count", "20", "--rps", "20"])?;
+        let l = load(
+            kube,
+            &ns,
+            "client",
+            "http://web/opdown",
+            &["--count", "20", "--rps", "20"],
+        )?;
         ensure!(l.from("web-v2") == l.sent, "not all web-v2 yet: {l:?}");
         Ok(l)
     })
@@ -94,7 +100,11 @@ pub fn helm_uninstall_leaves_workloads_serving(ctx: &Ctx) -> anyhow::Result<()> 
     // `helm uninstall --wait` waits for the Deployment; its pod takes its grace period.
     eventually(Duration::from_secs(60), || {
         let left = kube.pods(NAMESPACE, OPERATOR_SELECTOR)?;
-        ensure!(left.is_empty(), "{} operator pods remain after helm uninstall", left.len());
+        ensure!(
+            left.is_empty(),
+            "{} operator pods remain after helm uninstall",
+            left.len()
+        );
         Ok(())
     })?;
     let hooks = kube.run(&["get", "mutatingwebhookconfigurations", "-o", "name"])?;
@@ -150,7 +160,8 @@ pub fn helm_uninstall_leaves_workloads_serving(ctx: &Ctx) -> anyhow::Result<()> 
     kube.wait_ready(&ns, "app=late", READY)?;
     let late = kube.pods(&ns, "app=late")?;
     ensure!(
-        late.first().is_some_and(|p| p["spec"]["initContainers"].is_null()),
+        late.first()
+            .is_some_and(|p| p["spec"]["initContainers"].is_null()),
         "a pod created after uninstall was injected"
     );
     let answer = kube.http_get(&ns, "late", "web", 80, "/")?;

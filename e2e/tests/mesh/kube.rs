@@ -223,7 +223,14 @@ impl Kube {
     pub fn dump(&self, ns: &str) -> String {
         let mut text = String::new();
         for args in [
-            vec!["-n", ns, "get", "pods,svc,endpointslices,jobs", "-o", "wide"],
+            vec![
+                "-n",
+                ns,
+                "get",
+                "pods,svc,endpointslices,jobs",
+                "-o",
+                "wide",
+            ],
             vec!["-n", ns, "get", "events", "--sort-by=.lastTimestamp"],
         ] {
             match self.output(&args) {
@@ -235,15 +242,8 @@ impl Kube {
             }
         }
         for pod in self.pod_names(ns, "weft.dev/meshed").unwrap_or_default() {
-            if let Ok(out) = self.output(&[
-                "-n",
-                ns,
-                "logs",
-                &pod,
-                "-c",
-                "weft-proxy",
-                "--tail=40",
-            ]) {
+            if let Ok(out) = self.output(&["-n", ns, "logs", &pod, "-c", "weft-proxy", "--tail=40"])
+            {
                 text.push_str(&format!(
                     "--- {pod} weft-proxy ---\n{}",
                     String::from_utf8_lossy(&out.stdout)

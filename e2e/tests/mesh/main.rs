@@ -88,18 +88,36 @@ type Scenario = (&'static str, fn(&Ctx) -> anyhow::Result<()>);
 
 /// In priority order; the ones that disturb the whole mesh last.
 const SCENARIOS: &[Scenario] = &[
-    ("injection", basic::injection_into_deployment_statefulset_and_job),
-    ("ordering", basic::proxy_starts_before_and_stops_after_the_app),
+    (
+        "injection",
+        basic::injection_into_deployment_statefulset_and_job,
+    ),
+    (
+        "ordering",
+        basic::proxy_starts_before_and_stops_after_the_app,
+    ),
     ("mtls", basic::mtls_between_pods_with_their_identities),
     ("opt-out", basic::a_pod_annotated_disabled_bypasses_the_mesh),
     ("split", traffic::a_route_splits_within_tolerance),
     ("retries", traffic::retries_hide_a_failing_pod),
     ("breaker", traffic::a_breaker_ejects_a_failing_pod),
     ("policy", traffic::a_policy_denies_and_allows_as_written),
-    ("policy-probes", traffic::a_policy_keeps_the_kubelets_probes_passing),
-    ("rolling-update", traffic::a_rolling_update_under_load_loses_no_request),
-    ("operator-down", control::traffic_flows_without_the_operator_and_config_arrives_after),
-    ("uninstall", control::helm_uninstall_leaves_workloads_serving),
+    (
+        "policy-probes",
+        traffic::a_policy_keeps_the_kubelets_probes_passing,
+    ),
+    (
+        "rolling-update",
+        traffic::a_rolling_update_under_load_loses_no_request,
+    ),
+    (
+        "operator-down",
+        control::traffic_flows_without_the_operator_and_config_arrives_after,
+    ),
+    (
+        "uninstall",
+        control::helm_uninstall_leaves_workloads_serving,
+    ),
 ];
 
 #[test]
@@ -168,13 +186,10 @@ fn weft_on_a_real_node() -> anyhow::Result<()> {
                 ctx.kube.dump(install::NAMESPACE)
             ));
             let operator = install::operator_deployment();
-            if let Ok(out) = ctx.kube.output(&[
-                "-n",
-                install::NAMESPACE,
-                "logs",
-                &operator,
-                "--tail=40",
-            ]) {
+            if let Ok(out) =
+                ctx.kube
+                    .output(&["-n", install::NAMESPACE, "logs", &operator, "--tail=40"])
+            {
                 text.push_str(&format!(
                     "--- operator ---\n{}",
                     String::from_utf8_lossy(&out.stdout)
@@ -188,7 +203,9 @@ fn weft_on_a_real_node() -> anyhow::Result<()> {
         }
         // The scenario's pods would otherwise compete for the node's two cores.
         for ns in ctx.scenario_namespaces() {
-            let _ = ctx.kube.output(&["delete", "namespace", &ns, "--wait=false"]);
+            let _ = ctx
+                .kube
+                .output(&["delete", "namespace", &ns, "--wait=false"]);
         }
         timings.push(((*name).to_owned(), elapsed, failure));
     }
@@ -211,7 +228,11 @@ fn weft_on_a_real_node() -> anyhow::Result<()> {
         run_started.elapsed()
     ));
     eprintln!("{summary}");
-    assert!(!root.exists(), "{} remains after the node went", root.display());
+    assert!(
+        !root.exists(),
+        "{} remains after the node went",
+        root.display()
+    );
 
     let failed: Vec<String> = timings
         .into_iter()

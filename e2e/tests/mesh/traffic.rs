@@ -77,7 +77,13 @@ spec:
 /// The demo: `web-v1` (×`v1`) and `web-v2` (×`v2`) as ServiceAccount `web`, Services
 /// `web` (both), `web-v1` and `web-v2`, and one client Deployment per ServiceAccount in
 /// `clients` (named after it, label `app: <sa>`); waits until every pod is Ready.
-pub fn deploy_demo(kube: &Kube, ns: &str, v1: u32, v2: u32, clients: &[&str]) -> anyhow::Result<()> {
+pub fn deploy_demo(
+    kube: &Kube,
+    ns: &str,
+    v1: u32,
+    v2: u32,
+    clients: &[&str],
+) -> anyhow::Result<()> {
     let mut yaml = service_account(ns, "web");
     yaml.push_str("---\n");
     yaml.push_str(&demo_deployment(ns, "web-v1", "web", "web", v1));
@@ -135,8 +141,12 @@ impl Load {
                 .collect()
         };
         Ok(Load {
-            sent: t["sent"].as_u64().with_context(|| format!("no sent in {line}"))?,
-            ok: t["ok"].as_u64().with_context(|| format!("no ok in {line}"))?,
+            sent: t["sent"]
+                .as_u64()
+                .with_context(|| format!("no sent in {line}"))?,
+            ok: t["ok"]
+                .as_u64()
+                .with_context(|| format!("no ok in {line}"))?,
             status: map(&t["status"]),
             errors: map(&t["errors"]),
             servers: map(&t["servers"]),
@@ -185,7 +195,17 @@ pub fn load(
 ) -> anyhow::Result<Load> {
     let pod = client_pod(kube, ns, client)?;
     let mut all = vec![
-        "-n", ns, "exec", &pod, "-c", "app", "--", "weft-demo-app", "load", "--target", target,
+        "-n",
+        ns,
+        "exec",
+        &pod,
+        "-c",
+        "app",
+        "--",
+        "weft-demo-app",
+        "load",
+        "--target",
+        target,
     ];
     all.extend(args);
     let out = kube.output(&all)?;
@@ -214,7 +234,16 @@ impl Background {
     ) -> anyhow::Result<Self> {
         let pod = client_pod(&ctx.kube, ns, client)?;
         let mut all = vec![
-            "-n", ns, "exec", &pod, "-c", "app", "--", "weft-demo-app", "load", "--target",
+            "-n",
+            ns,
+            "exec",
+            &pod,
+            "-c",
+            "app",
+            "--",
+            "weft-demo-app",
+            "load",
+            "--target",
             target,
         ];
         all.extend(args);
@@ -258,15 +287,13 @@ pub fn wait_programmed(kube: &Kube, ns: &str, what: &str) -> anyhow::Result<()> 
         let obj = kube.json(&["-n", ns, "get", what])?;
         let generation = &obj["metadata"]["generation"];
         let st = &obj["status"];
-        let programmed = st["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| {
-                c["type"] == "Programmed"
-                    && c["status"] == "True"
-                    && c["message"].as_str().is_some_and(|m| m.contains("acknowledged by"))
-            });
+        let programmed = st["conditions"].as_array().into_iter().flatten().any(|c| {
+            c["type"] == "Programmed"
+                && c["status"] == "True"
+                && c["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("acknowledged by"))
+        });
         if st["observedGeneration"] == *generation && programmed {
             Ok(())
         } else {
@@ -324,7 +351,15 @@ pub fn a_route_splits_within_tolerance(ctx: &Ctx) -> anyhow::Result<()> {
     deploy_demo(kube, &ns, 1, 1, &["client"])?;
     // 400 requests: the web-v2 count is binomial, σ = 1.5 points at 10 %, 2.5 at 50 %;
     // the tolerances below are over 3 σ.
-    let run = |kube: &Kube| load(kube, &ns, "client", "http://web/split", &["--count", "400", "--rps", "80"]);
+    let run = |kube: &Kube| {
+        load(
+            kube,
+            &ns,
+            "client",
+            "http://web/split",
+            &["--count", "400", "--rps", "80"],
+        )
+    };
 
     kube.apply(&split_route(&ns, 90, 10, ""))?;
     wait_programmed(kube, &ns, "route/web")?;
@@ -435,7 +470,11 @@ spec:
         after > before,
         "every request succeeded but the client's proxy counted no retry ({before} → {after})"
     );
-    tracing::info!(sent = l.sent, retries = after - before, "with retries: every request 2xx");
+    tracing::info!(
+        sent = l.sent,
+        retries = after - before,
+        "with retries: every request 2xx"
+    );
     Ok(())
 }
 
@@ -472,7 +511,13 @@ spec:
     let started = std::time::Instant::now();
     let mut errors = 0;
     eventually(Duration::from_secs(90), || {
-        let l = load(kube, &ns, "client", "http://web/breaker", &["--duration", "5s", "--rps", "20"])?;
+        let l = load(
+            kube,
+            &ns,
+            "client",
+            "http://web/breaker",
+            &["--duration", "5s", "--rps", "20"],
+        )?;
         errors += l.status.get("500").copied().unwrap_or(0);
         let text = client_metrics(kube, &ns, "client")?;
         ensure!(
@@ -482,11 +527,20 @@ spec:
         );
         Ok(())
     })?;
-    ensure!(errors >= 3, "ejected after only {errors} 500s (threshold 3)");
+    ensure!(
+        errors >= 3,
+        "ejected after only {errors} 500s (threshold 3)"
+    );
     tracing::info!(errors, elapsed = ?started.elapsed(), "failing pod ejected");
     // Ejected for 5 minutes: 20 s of traffic all to web-v1, all 2xx. Without the
     // ejection the balancer would have tried the failing pod again within that time.
-    let l = load(kube, &ns, "client", "http://web/breaker", &["--duration", "20s", "--rps", "20"])?;
+    let l = load(
+        kube,
+        &ns,
+        "client",
+        "http://web/breaker",
+        &["--duration", "20s", "--rps", "20"],
+    )?;
     all_ok(&l, "after the ejection")?;
     ensure!(
         !l.pods.contains_key(&failing) && l.from("web-v1") == l.sent,
@@ -542,7 +596,10 @@ pub fn a_policy_denies_and_allows_as_written(ctx: &Ctx) -> anyhow::Result<()> {
     deploy_demo(kube, &ns, 1, 0, &["client", "intruder"])?;
     let args = ["--count", "20", "--rps", "20"];
     // Before the Policy both may call.
-    all_ok(&load(kube, &ns, "intruder", "http://web/allowed/x", &args)?, "intruder, no Policy")?;
+    all_ok(
+        &load(kube, &ns, "intruder", "http://web/allowed/x", &args)?,
+        "intruder, no Policy",
+    )?;
 
     kube.apply(&web_policy(&ns, true))?;
     wait_programmed(kube, &ns, "policy/web")?;
@@ -557,8 +614,14 @@ pub fn a_policy_denies_and_allows_as_written(ctx: &Ctx) -> anyhow::Result<()> {
         );
         Ok(())
     };
-    denied(&load(kube, &ns, "client", "http://web/other", &args)?, "client GET /other")?;
-    denied(&load(kube, &ns, "intruder", "http://web/allowed/x", &args)?, "intruder GET /allowed/x")?;
+    denied(
+        &load(kube, &ns, "client", "http://web/other", &args)?,
+        "client GET /other",
+    )?;
+    denied(
+        &load(kube, &ns, "intruder", "http://web/allowed/x", &args)?,
+        "intruder GET /allowed/x",
+    )?;
 
     let web = kube.pod_names(&ns, "app=web")?.remove(0);
     let text = kube.proxy_admin(&ns, &web, "/metrics")?;
@@ -585,15 +648,29 @@ pub fn a_policy_keeps_the_kubelets_probes_passing(ctx: &Ctx) -> anyhow::Result<(
     // Readiness probes run every second and fail after 3; give them 10 s.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline {
-        kube.wait_ready(&ns, "app=web", Duration::from_secs(0)).with_context(|| {
-            let events = kube
-                .run(&["-n", &ns, "get", "events", "--field-selector", "reason=Unhealthy"])
-                .unwrap_or_default();
-            format!("web went unready under the Policy:\n{events}")
-        })?;
+        kube.wait_ready(&ns, "app=web", Duration::from_secs(0))
+            .with_context(|| {
+                let events = kube
+                    .run(&[
+                        "-n",
+                        &ns,
+                        "get",
+                        "events",
+                        "--field-selector",
+                        "reason=Unhealthy",
+                    ])
+                    .unwrap_or_default();
+                format!("web went unready under the Policy:\n{events}")
+            })?;
         std::thread::sleep(Duration::from_secs(1));
     }
-    let l = load(kube, &ns, "client", "http://web/allowed/x", &["--count", "20", "--rps", "20"])?;
+    let l = load(
+        kube,
+        &ns,
+        "client",
+        "http://web/allowed/x",
+        &["--count", "20", "--rps", "20"],
+    )?;
     all_ok(&l, "client GET /allowed/x")
 }
 
@@ -621,7 +698,11 @@ pub fn a_rolling_update_under_load_loses_no_request(ctx: &Ctx) -> anyhow::Result
         .filter(|p| !old.contains(p))
         .collect();
     let l = bg.finish()?;
-    ensure!(l.sent >= 800, "the load sent only {} requests: {l:?}", l.sent);
+    ensure!(
+        l.sent >= 800,
+        "the load sent only {} requests: {l:?}",
+        l.sent
+    );
     all_ok(&l, "during the rolling update")?;
     ensure!(
         old.iter().any(|p| l.pods.contains_key(p)) && new.iter().any(|p| l.pods.contains_key(p)),
