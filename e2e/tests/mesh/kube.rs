@@ -3,41 +3,35 @@
 //! scenarios read as the commands a user would type.
 
 use std::{
-    io::Write as _,
-    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use serde_json::Value;
+use weft_e2e::mesh::Cluster;
 
 /// The admin port the injector gives proxies (charts/weft values `proxy.ports.admin`).
 pub const ADMIN_PORT: u16 = 15021;
 /// The chart's trust domain (values `trustDomain`).
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
-/// kubectl against one cluster.
+/// kubectl against one cluster: `weft_e2e::mesh::Cluster`'s commands, plus what the
+/// scenarios read (JSON, pods, exec, the pod proxy, logs, a dump on failure).
 #[derive(Clone, Debug)]
 pub struct Kube {
-    kubectl: PathBuf,
-    kubeconfig: PathBuf,
+    cluster: Cluster,
 }
 
 impl Kube {
-    /// kubectl at `kubectl`, talking to the cluster of `kubeconfig`.
-    pub fn new(kubectl: PathBuf, kubeconfig: PathBuf) -> Self {
-        Kube {
-            kubectl,
-            kubeconfig,
-        }
+    /// kubectl for `cluster`.
+    pub fn new(cluster: Cluster) -> Self {
+        Kube { cluster }
     }
 
-    /// A kubectl command with the kubeconfig set.
+    /// A kubectl command for the cluster.
     pub fn cmd(&self) -> Command {
-        let mut cmd = Command::new(&self.kubectl);
-        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
-        cmd
+        self.cluster.kubectl()
     }
 
     /// Runs kubectl with `args`: its stdout, or an error with both streams.
@@ -76,26 +70,9 @@ impl Kube {
 
     /// `kubectl apply -f -` of `yaml`.
     pub fn apply(&self, yaml: &str) -> anyhow::Result<()> {
-        let mut child = self
-            .cmd()
-            .args(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("kubectl stdin")?
-            .write_all(yaml.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl apply failed: {}\n--- manifest ---\n{yaml}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        self.cluster
+            .apply(yaml)
+            .with_context(|| format!("--- manifest ---\n{yaml}"))
     }
 
     /// `kubectl get ... -o json`, parsed.
@@ -104,18 +81,6 @@ impl Kube {
         all.extend(["-o", "json"]);
         let text = self.run(&all)?;
         serde_json::from_str(&text).context("kubectl printed no JSON")
-    }
-
-    /// Creates namespace `name`, labelled for injection when `inject`.
-    pub fn namespace(&self, name: &str, inject: bool) -> anyhow::Result<()> {
-        let labels = if inject {
-            "\n  labels:\n    weft.dev/inject: enabled"
-        } else {
-            ""
-        };
-        self.apply(&format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n"
-        ))
     }
 
     /// The pods of `ns` matching `selector`, as JSON objects.
@@ -161,15 +126,7 @@ impl Kube {
 
     /// `kubectl rollout status` of `what` (such as `deploy/web`).
     pub fn rollout(&self, ns: &str, what: &str, timeout: Duration) -> anyhow::Result<()> {
-        self.run(&[
-            "-n",
-            ns,
-            "rollout",
-            "status",
-            what,
-            &format!("--timeout={}s", timeout.as_secs()),
-        ])
-        .map(drop)
+        self.cluster.wait_rollout(ns, what, timeout)
     }
 
     /// Runs `cmd` in container `container` of `pod`: its stdout, or an error.

@@ -134,10 +134,7 @@ fn weft_on_a_real_node() -> anyhow::Result<()> {
     let t = Instant::now();
     let node = Node::start_attached()?;
     let node_up = t.elapsed();
-    let kube = Kube::new(
-        node.testbed().binaries().component("kubectl"),
-        node.testbed().kubeconfig(),
-    );
+    let kube = Kube::new(weft_e2e::mesh::Cluster::of_node(&node));
     let helm_home = node.testbed().dir().join("helm-home");
     let ctx = Ctx {
         node: &node,
