@@ -698,6 +698,7 @@ pub fn a_rolling_update_under_load_loses_no_request(ctx: &Ctx) -> anyhow::Result
         .filter(|p| !old.contains(p))
         .collect();
     let l = bg.finish()?;
+    tracing::info!(sent = l.sent, ok = l.ok, "load through the rolling update");
     ensure!(
         l.sent >= 800,
         "the load sent only {} requests: {l:?}",
