@@ -1,6 +1,6 @@
 # Commands that are not a plain cargo invocation. The tests remain `cargo test --workspace`.
 
-.PHONY: images images-test
+.PHONY: images images-test node-test
 
 # The proxy and operator images from the Dockerfile, with buildah (no daemon, no
 # registry); cached when nothing changed. See docs/images.md.
@@ -11,3 +11,9 @@ images:
 # image's file system, the injected init container in a network namespace, archives.
 images-test:
 	cargo test -p weft-e2e --test images --locked -- --ignored
+
+# Weft on the test bed's real node (root; the images from `make images`): helm install,
+# then every end-to-end scenario with real pods and traffic, on one node. See
+# docs/testbed.md. WEFT_MESH_SCENARIOS=mtls,policy runs only those scenarios.
+node-test: images
+	cargo test -p weft-e2e --test mesh --locked -- --ignored --nocapture

@@ -97,13 +97,19 @@ pub struct ControlConfig {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// How long one TCP connect to the operator may take. Without it a connect to an
+    /// address that silently drops packets (a Service still routing to a deleted
+    /// operator pod) waits for the kernel's SYN retries, over a minute, during which the
+    /// proxy neither reconnects nor gets config.
+    pub connect_timeout: Duration,
     /// TLS with the operator; `None` subscribes in plain text (an operator without
     /// identity).
     pub tls: Option<OperatorTls>,
 }
 
 impl ControlConfig {
-    /// A config with the default backoff (100 ms doubling to 10 s) and no service limit.
+    /// A config with the default backoff (100 ms doubling to 10 s), a 5 s connect timeout
+    /// and no service limit.
     pub fn new(operator_addr: impl Into<String>, pod: impl Into<String>) -> Self {
         ControlConfig {
             operator_addr: operator_addr.into(),
@@ -112,6 +118,7 @@ impl ControlConfig {
             max_services: None,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
             tls: None,
         }
     }
@@ -283,12 +290,18 @@ impl ControlClient {
                     .to_owned(),
             ),
         };
-        let tcp = tokio::net::TcpStream::connect(addr.as_str())
-            .await
-            .map_err(|source| ControlError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
+        let connect = tokio::net::TcpStream::connect(addr.as_str());
+        let tcp = match tokio::time::timeout(self.config.connect_timeout, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect timed out after {:?}", self.config.connect_timeout),
+            )),
+        }
+        .map_err(|source| ControlError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
         let _ = tcp.set_nodelay(true);
         let (mut sender, _conn) = match &self.config.tls {
             None => handshake(TokioIo::new(tcp)).await?,
@@ -590,6 +603,48 @@ mod tests {
             ControlConfig::new("127.0.0.1:1", "shop/a"),
             crate::Proxy::new().store.clone(),
         )
+    }
+
+    /// Found on the test bed's node: with the operator's pod deleted, a reconnect went to
+    /// an address that dropped its SYNs and hung for 38 s, so config changed meanwhile
+    /// arrived half a minute after the operator was back. A listener whose accept queue
+    /// is full drops SYNs the same way.
+    #[tokio::test]
+    async fn a_connect_that_hangs_fails_after_the_connect_timeout() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Fill the accept queue (never accepted) until a connect no longer completes.
+        let mut held = Vec::new();
+        for _ in 0..16 {
+            match tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(Ok(s)) => held.push(s),
+                _ => break,
+            }
+        }
+        assert!(held.len() < 16, "the accept queue never filled");
+        let mut config = ControlConfig::new(addr.to_string(), "shop/a");
+        config.connect_timeout = Duration::from_millis(300);
+        let client = ControlClient::new(config, crate::Proxy::new().store.clone());
+        let started = std::time::Instant::now();
+        let error = client.stream().await.unwrap_err();
+        assert!(
+            matches!(&error, ControlError::Connect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut),
+            "{error:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(error.reason(), "connect");
+        drop(listener);
     }
 
     fn update(json: serde_json::Value) -> Update {

@@ -1,0 +1,518 @@
+//! Injection, the sidecar's lifecycle, mutual TLS and opting out, with the node's busybox
+//! image: `web` is busybox's httpd behind a Service, clients send with nc.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use serde_json::Value;
+use weft_e2e::node::TEST_IMAGE;
+
+use crate::{
+    Ctx,
+    kube::{Kube, access_log, eventually, metric, spiffe},
+};
+
+/// How long pods may take to become Ready (image already imported; the proxy's startup
+/// probe waits for its config and certificate).
+pub const READY: Duration = Duration::from_secs(120);
+
+/// A ServiceAccount.
+pub fn service_account(ns: &str, name: &str) -> String {
+    format!("apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {name}\n  namespace: {ns}\n")
+}
+
+/// The pod template of a busybox httpd answering `/` with `body`, on port 8080, run as
+/// ServiceAccount `sa`, its proxy writing a JSON access log.
+fn httpd_template(labels: &str, sa: &str, body: &str) -> String {
+    format!(
+        r#"    metadata:
+      labels: {{{labels}}}
+      annotations:
+        weft.dev/access-log: json
+    spec:
+      serviceAccountName: {sa}
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: main
+        image: {TEST_IMAGE}
+        imagePullPolicy: Never
+        command: ["sh", "-c", "mkdir -p /www && echo {body} > /www/index.html && cp /www/index.html /www/first-request && exec httpd -f -p 8080 -h /www"]
+        ports:
+        - containerPort: 8080
+        readinessProbe:
+          tcpSocket: {{port: 8080}}
+          periodSeconds: 1
+"#
+    )
+}
+
+/// ServiceAccount `web`, a one-replica Deployment `web` (busybox httpd answering
+/// `hello-from-web`) and Service `web` (port 80).
+pub fn web(ns: &str) -> String {
+    format!(
+        r#"{sa}---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: {ns}
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {{app: web}}
+  template:
+{template}---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: {ns}
+spec:
+  selector: {{app: web}}
+  ports:
+  - port: 80
+    targetPort: 8080
+"#,
+        sa = service_account(ns, "web"),
+        template = httpd_template("app: web", "web", "hello-from-web"),
+    )
+}
+
+/// A long-running busybox pod `name` (container `main`) as ServiceAccount `sa`, with extra
+/// pod annotations, its proxy (if any) writing a JSON access log.
+pub fn client(ns: &str, name: &str, sa: &str, annotations: &str) -> String {
+    format!(
+        r#"{sa_yaml}---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{app: {name}}}
+  annotations:
+    weft.dev/access-log: json{annotations}
+spec:
+  serviceAccountName: {sa}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {TEST_IMAGE}
+    imagePullPolicy: Never
+    command: ["sh", "-c", "exec sleep 3600"]
+"#,
+        sa_yaml = service_account(ns, sa),
+    )
+}
+
+/// The names of a pod's init containers, in order.
+fn init_names(pod: &Value) -> Vec<String> {
+    pod["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Checks that `pod` carries the injected init container and native-sidecar proxy.
+fn assert_injected(pod: &Value) -> anyhow::Result<()> {
+    let name = &pod["metadata"]["name"];
+    let inits = init_names(pod);
+    ensure!(
+        inits == ["weft-init", "weft-proxy"],
+        "pod {name}: init containers {inits:?}, expected weft-init then weft-proxy"
+    );
+    let proxy = &pod["spec"]["initContainers"][1];
+    ensure!(
+        proxy["restartPolicy"] == "Always",
+        "pod {name}: weft-proxy is not a native sidecar: {proxy}"
+    );
+    ensure!(
+        pod["metadata"]["labels"]["weft.dev/meshed"].is_string(),
+        "pod {name} has no weft.dev/meshed label: {}",
+        pod["metadata"]["labels"]
+    );
+    Ok(())
+}
+
+/// The status of the container `name` among a pod's init or app containers.
+fn status<'a>(pod: &'a Value, name: &str) -> anyhow::Result<&'a Value> {
+    pod["status"]["initContainerStatuses"]
+        .as_array()
+        .into_iter()
+        .chain(pod["status"]["containerStatuses"].as_array())
+        .flatten()
+        .find(|s| s["name"] == name)
+        .with_context(|| format!("no status for container {name}: {}", pod["status"]))
+}
+
+/// The one pod of `ns` matching `selector`.
+fn one_pod(kube: &Kube, ns: &str, selector: &str) -> anyhow::Result<Value> {
+    let pods = kube.pods(ns, selector)?;
+    match pods.as_slice() {
+        [pod] => Ok(pod.clone()),
+        _ => bail!("{} pods match {selector} in {ns}, expected one", pods.len()),
+    }
+}
+
+/// A Job `name` in `ns` whose container `main` (ServiceAccount `sa`) runs `script` once.
+fn job(ns: &str, name: &str, sa: &str, script: &str) -> String {
+    format!(
+        r#"{sa_yaml}---
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: {name}
+  namespace: {ns}
+spec:
+  backoffLimit: 0
+  template:
+    metadata:
+      labels: {{job: {name}}}
+    spec:
+      serviceAccountName: {sa}
+      restartPolicy: Never
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: main
+        image: {TEST_IMAGE}
+        imagePullPolicy: Never
+        command: ["sh", "-c", {script:?}]
+"#,
+        sa_yaml = service_account(ns, sa),
+    )
+}
+
+/// A shell line sending one GET of `path` to `web` and exiting 0 only on a 200.
+fn get_web_once(path: &str) -> String {
+    format!(
+        "out=$( (printf 'GET {path} HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n\\r\\n'; sleep 2) | nc web 80 ); echo \"$out\"; echo \"$out\" | grep -q '200 OK'"
+    )
+}
+
+/// Waits until Job `name` succeeded; fails at once if it failed (a failed Job stays so).
+fn wait_job(kube: &Kube, ns: &str, name: &str, timeout: Duration) -> anyhow::Result<()> {
+    eventually(timeout, || {
+        let job = kube.json(&["-n", ns, "get", "job", name])?;
+        let st = &job["status"];
+        if st["succeeded"].as_i64() == Some(1) {
+            return Ok(Ok(()));
+        }
+        if st["failed"].as_i64().unwrap_or(0) > 0 {
+            return Ok(Err(anyhow::anyhow!("job {name} failed: {st}")));
+        }
+        bail!("job {name} has not completed: {st}")
+    })?
+}
+
+/// 1. The webhook injects Deployment, StatefulSet and Job pods; they run with the proxy,
+///    and the Job completes (the native sidecar does not keep it alive).
+pub fn injection_into_deployment_statefulset_and_job(ctx: &Ctx) -> anyhow::Result<()> {
+    let kube = &ctx.kube;
+    let ns = ctx.namespace("inject", true)?;
+    kube.apply(&web(&ns))?;
+    kube.apply(&format!(
+        r#"{sa}---
+apiVersion: v1
+kind: Service
+metadata:
+  name: db
+  namespace: {ns}
+spec:
+  clusterIP: None
+  selector: {{app: db}}
+  ports:
+  - port: 8080
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: db
+  namespace: {ns}
+spec:
+  serviceName: db
+  replicas: 1
+  selector:
+    matchLabels: {{app: db}}
+  template:
+{template}"#,
+        sa = service_account(&ns, "db"),
+        template = httpd_template("app: db", "db", "hello-from-db"),
+    ))?;
+    kube.wait_ready(&ns, "app=web", READY)?;
+    kube.wait_ready(&ns, "app=db", READY)?;
+    // The Job calls web through the mesh, then ends.
+    kube.apply(&job(&ns, "once", "client", &get_web_once("/")))?;
+    wait_job(kube, &ns, "once", Duration::from_secs(90))?;
+
+    for selector in ["app=web", "app=db", "job=once"] {
+        let pod = one_pod(kube, &ns, selector)?;
+        assert_injected(&pod)?;
+    }
+    // The running workloads' proxies are up and ready.
+    for selector in ["app=web", "app=db"] {
+        let pod = one_pod(kube, &ns, selector)?;
+        let proxy = status(&pod, "weft-proxy")?;
+        ensure!(
+            proxy["ready"] == true && proxy["state"]["running"].is_object(),
+            "{selector}: weft-proxy not running and ready: {proxy}"
+        );
+    }
+    // The Job's pod succeeded, its proxy stopped with it, and its request was answered.
+    let pod = one_pod(kube, &ns, "job=once")?;
+    ensure!(
+        pod["status"]["phase"] == "Succeeded",
+        "job pod phase {}",
+        pod["status"]["phase"]
+    );
+    let proxy = status(&pod, "weft-proxy")?;
+    ensure!(
+        proxy["state"]["terminated"].is_object(),
+        "the Job's proxy did not stop: {proxy}"
+    );
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let log = kube.logs(&ns, name, "main")?;
+    ensure!(
+        log.contains("200 OK") && log.contains("hello-from-web"),
+        "the Job's request: {log}"
+    );
+    // The StatefulSet's pod answers through its proxy too, by its stable name.
+    let client = kube.pod_names(&ns, "app=web")?;
+    let web_pod = client.first().context("no web pod")?;
+    let answer = eventually(Duration::from_secs(20), || {
+        let text = kube.http_get(&ns, web_pod, &format!("db-0.db.{ns}"), 8080, "/")?;
+        ensure!(text.contains("200 OK"), "db-0 answered: {text}");
+        Ok(text)
+    })?;
+    ensure!(answer.contains("hello-from-db"), "{answer}");
+    Ok(())
+}
+
+/// An RFC 3339 timestamp of a container state, in whole seconds since the epoch (the
+/// precision the kubelet reports).
+fn seconds(v: &Value) -> anyhow::Result<i64> {
+    let text = v
+        .as_str()
+        .with_context(|| format!("not a timestamp: {v}"))?;
+    // 2026-11-30T16:40:12Z
+    let (date, time) = text
+        .trim_end_matches('Z')
+        .split_once('T')
+        .with_context(|| format!("not a timestamp: {text}"))?;
+    let d: Vec<i64> = date.split('-').filter_map(|p| p.parse().ok()).collect();
+    let t: Vec<i64> = time.split(':').filter_map(|p| p.parse().ok()).collect();
+    ensure!(d.len() == 3 && t.len() == 3, "not a timestamp: {text}");
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m, day) = (d[0] - i64::from(d[1] <= 2), d[1], d[2]);
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok(days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2])
+}
+
+/// 2. The proxy starts before the application and stops after it: the init container
+///    finished before the proxy started, the proxy started before the app, the app's
+///    very first request went out through the proxy with mutual TLS (so interception was
+///    in place when it started), and the app finished before the proxy did.
+pub fn proxy_starts_before_and_stops_after_the_app(ctx: &Ctx) -> anyhow::Result<()> {
+    let kube = &ctx.kube;
+    let ns = ctx.namespace("order", true)?;
+    kube.apply(&web(&ns))?;
+    kube.wait_ready(&ns, "app=web", READY)?;
+    // The Job's first command is its request: no retry, no wait.
+    kube.apply(&job(
+        &ns,
+        "first",
+        "client",
+        &get_web_once("/first-request"),
+    ))?;
+    wait_job(kube, &ns, "first", Duration::from_secs(90))?;
+
+    let pod = one_pod(kube, &ns, "job=first")?;
+    let init = status(&pod, "weft-init")?;
+    let proxy = status(&pod, "weft-proxy")?;
+    let app = status(&pod, "main")?;
+    let init_done = &init["state"]["terminated"];
+    ensure!(init_done["exitCode"] == 0, "weft-init: {init}");
+    let proxy_end = &proxy["state"]["terminated"];
+    let app_end = &app["state"]["terminated"];
+    ensure!(app_end["exitCode"] == 0, "the app: {app}");
+    ensure!(proxy_end.is_object(), "the proxy did not stop: {proxy}");
+    let (init_finished, proxy_started, app_started, app_finished, proxy_finished) = (
+        seconds(&init_done["finishedAt"])?,
+        seconds(&proxy_end["startedAt"])?,
+        seconds(&app_end["startedAt"])?,
+        seconds(&app_end["finishedAt"])?,
+        seconds(&proxy_end["finishedAt"])?,
+    );
+    ensure!(
+        init_finished <= proxy_started
+            && proxy_started <= app_started
+            && app_finished <= proxy_finished,
+        "order (seconds): init finished {init_finished}, proxy started {proxy_started}, app \
+         started {app_started}, app finished {app_finished}, proxy finished {proxy_finished}"
+    );
+    // The kubelet started the app only once the proxy's startup probe passed: the app's
+    // first request was already the proxy's, sent over mutual TLS as ServiceAccount
+    // client (the web proxy's access log says who called).
+    let web_pod = one_pod(kube, &ns, "app=web")?;
+    let web_name = web_pod["metadata"]["name"].as_str().unwrap_or_default();
+    let lines = access_log(&kube.logs(&ns, web_name, "weft-proxy")?);
+    let first = lines
+        .iter()
+        .find(|l| l["path"] == "/first-request")
+        .with_context(|| format!("web's proxy logged no /first-request: {lines:?}"))?;
+    ensure!(
+        first["source_identity"] == spiffe(&ns, "client") && first["status"] == 200,
+        "the Job's first request did not arrive over mTLS from its proxy: {first}"
+    );
+
+    // And for a Deployment's pod: the proxy started before the app, and on deletion the
+    // app stops first (the proxy is still running when the app has exited).
+    let proxy = status(&web_pod, "weft-proxy")?;
+    let app = status(&web_pod, "main")?;
+    let (proxy_started, app_started) = (
+        seconds(&proxy["state"]["running"]["startedAt"])?,
+        seconds(&app["state"]["running"]["startedAt"])?,
+    );
+    ensure!(
+        proxy_started <= app_started,
+        "web: proxy started {proxy_started}, app {app_started}"
+    );
+    Ok(())
+}
+
+/// 3. Two meshed pods talk over mutual TLS with their ServiceAccounts' identities, seen in
+///    the server proxy's metrics (through the API server's pod proxy) and both proxies'
+///    access logs; a client in a namespace without injection reaches the same server in
+///    plain text.
+pub fn mtls_between_pods_with_their_identities(ctx: &Ctx) -> anyhow::Result<()> {
+    let kube = &ctx.kube;
+    let ns = ctx.namespace("mtls", true)?;
+    let plain_ns = ctx.namespace("plain", false)?;
+    kube.apply(&web(&ns))?;
+    kube.apply(&client(&ns, "client", "client", ""))?;
+    kube.apply(&client(&plain_ns, "outsider", "outsider", ""))?;
+    kube.wait_ready(&ns, "app=web", READY)?;
+    kube.wait_ready(&ns, "app=client", READY)?;
+    kube.wait_ready(&plain_ns, "app=outsider", READY)?;
+    let outsider = one_pod(kube, &plain_ns, "app=outsider")?;
+    ensure!(
+        init_names(&outsider).is_empty(),
+        "a pod in a namespace without injection got {:?}",
+        init_names(&outsider)
+    );
+    let web_pod = kube.pod_names(&ns, "app=web")?.remove(0);
+
+    let sessions = |kube: &Kube| -> anyhow::Result<f64> {
+        let text = kube.proxy_admin(&ns, &web_pod, "/metrics")?;
+        Ok(metric(
+            &text,
+            "weft_tls_sessions_total",
+            &[("direction", "inbound")],
+        ))
+    };
+    let before = sessions(kube)?;
+    let answer = kube.http_get(&ns, "client", "web", 80, "/mtls-check")?;
+    ensure!(answer.contains("404") || answer.contains("200"), "{answer}");
+    let answer = kube.http_get(&ns, "client", "web", 80, "/")?;
+    ensure!(
+        answer.contains("200 OK") && answer.contains("hello-from-web"),
+        "client → web: {answer}"
+    );
+    let after = sessions(kube)?;
+    ensure!(
+        after > before,
+        "web's proxy counted no new inbound mTLS session ({before} → {after})"
+    );
+
+    // Each side knows the other's identity.
+    let server_log = access_log(&kube.logs(&ns, &web_pod, "weft-proxy")?);
+    let line = server_log
+        .iter()
+        .find(|l| l["path"] == "/mtls-check" && l["direction"] == "inbound")
+        .with_context(|| format!("web's proxy logged no /mtls-check: {server_log:?}"))?;
+    ensure!(
+        line["source_identity"] == spiffe(&ns, "client"),
+        "web saw the client as {}",
+        line["source_identity"]
+    );
+    let client_log = access_log(&kube.logs(&ns, "client", "weft-proxy")?);
+    let line = client_log
+        .iter()
+        .find(|l| l["path"] == "/mtls-check" && l["direction"] == "outbound")
+        .with_context(|| format!("client's proxy logged no /mtls-check: {client_log:?}"))?;
+    ensure!(
+        line["destination_identity"] == spiffe(&ns, "web"),
+        "the client expected web as {}",
+        line["destination_identity"]
+    );
+
+    // A client outside the mesh: plain text, no identity, no TLS session.
+    let before = sessions(kube)?;
+    let answer = kube.http_get(
+        &plain_ns,
+        "outsider",
+        &format!("web.{ns}.svc.cluster.local"),
+        80,
+        "/plain-check",
+    )?;
+    ensure!(answer.contains("HTTP/1.1 404"), "outsider → web: {answer}");
+    let after = sessions(kube)?;
+    ensure!(
+        after == before,
+        "a plain-text client counted as an mTLS session ({before} → {after})"
+    );
+    let server_log = access_log(&kube.logs(&ns, &web_pod, "weft-proxy")?);
+    let line = server_log
+        .iter()
+        .find(|l| l["path"] == "/plain-check")
+        .with_context(|| format!("web's proxy logged no /plain-check: {server_log:?}"))?;
+    ensure!(
+        line["source_identity"].is_null(),
+        "a plain-text client had an identity: {line}"
+    );
+    Ok(())
+}
+
+/// 4. A pod annotated `weft.dev/inject: disabled` in an injected namespace runs without
+///    the proxy, and its requests reach meshed pods in plain text.
+pub fn a_pod_annotated_disabled_bypasses_the_mesh(ctx: &Ctx) -> anyhow::Result<()> {
+    let kube = &ctx.kube;
+    let ns = ctx.namespace("optout", true)?;
+    kube.apply(&web(&ns))?;
+    kube.apply(&client(
+        &ns,
+        "bypass",
+        "bypass",
+        "\n    weft.dev/inject: disabled",
+    ))?;
+    kube.wait_ready(&ns, "app=web", READY)?;
+    kube.wait_ready(&ns, "app=bypass", READY)?;
+    let pod = one_pod(kube, &ns, "app=bypass")?;
+    ensure!(
+        init_names(&pod).is_empty()
+            && pod["spec"]["containers"].as_array().map(Vec::len) == Some(1),
+        "the opted-out pod was injected: {}",
+        pod["spec"]
+    );
+    ensure!(
+        pod["metadata"]["labels"]["weft.dev/meshed"].is_null(),
+        "the opted-out pod is labelled meshed"
+    );
+    let answer = kube.http_get(&ns, "bypass", "web", 80, "/bypass-check")?;
+    ensure!(answer.contains("HTTP/1.1 404"), "bypass → web: {answer}");
+    let web_pod = kube.pod_names(&ns, "app=web")?.remove(0);
+    let log = access_log(&kube.logs(&ns, &web_pod, "weft-proxy")?);
+    let line = log
+        .iter()
+        .find(|l| l["path"] == "/bypass-check")
+        .with_context(|| format!("web's proxy logged no /bypass-check: {log:?}"))?;
+    ensure!(
+        line["source_identity"].is_null() && line["direction"] == "inbound",
+        "the opted-out pod's request arrived with an identity: {line}"
+    );
+    Ok(())
+}
