@@ -271,7 +271,10 @@ mod tests {
             o.keys().collect::<Vec<_>>(),
             ["web/livez", "web/readyz", "worker/startupz"]
         );
-        assert_eq!((o["web/readyz"].port, &*o["web/readyz"].path), (8080, "/healthz"));
+        assert_eq!(
+            (o["web/readyz"].port, &*o["web/readyz"].path),
+            (8080, "/healthz")
+        );
         assert_eq!(
             (o["web/livez"].port, &*o["web/livez"].path),
             (8081, "/live?deep=1")

@@ -331,7 +331,9 @@ mod tests {
         );
 
         // Without the annotations, neither list is set (the proxy's defaults: none).
-        let plain = proxy_container(&cfg, &PodOptions::default(), None).env.unwrap();
+        let plain = proxy_container(&cfg, &PodOptions::default(), None)
+            .env
+            .unwrap();
         assert_eq!(plain.len(), 8);
 
         // With the operator's identity endpoint, the proxy gets where and what to trust.

@@ -185,7 +185,10 @@ async fn an_injected_pods_http_probes_point_at_the_admin_port() {
             Some("HTTP")
         )
     );
-    assert_eq!((ready.period_seconds, ready.timeout_seconds), (Some(2), Some(3)));
+    assert_eq!(
+        (ready.period_seconds, ready.timeout_seconds),
+        (Some(2), Some(3))
+    );
     let live = app.liveness_probe.clone().unwrap().http_get.unwrap();
     assert_eq!(live.path.as_deref(), Some("/app-health/app/livez"));
     let startup = app.startup_probe.clone().unwrap();

@@ -160,7 +160,10 @@ async fn app_health(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Byt
         .check(req.headers().get(http::header::USER_AGENT))
         .await
     {
-        Ok(status) => text(status, format!("application answered {}\n", status.as_u16())),
+        Ok(status) => text(
+            status,
+            format!("application answered {}\n", status.as_u16()),
+        ),
         Err(error) => {
             tracing::debug!(%path, %error, "application probe failed");
             text(StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n"))

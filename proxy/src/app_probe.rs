@@ -23,7 +23,8 @@ use std::{collections::HashMap, net::Ipv4Addr, num::NonZeroU16, str::FromStr, ti
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header::HOST, uri::PathAndQuery,
+    HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header::HOST,
+    uri::PathAndQuery,
 };
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;

@@ -510,7 +510,10 @@ async fn serve(
         proxy.store.apply(initial)?;
     }
     if !args.app_probes.is_empty() {
-        tracing::info!(probes = args.app_probes.len(), "application probes on the admin port");
+        tracing::info!(
+            probes = args.app_probes.len(),
+            "application probes on the admin port"
+        );
         let _ = proxy.app_probes.set(Arc::new(args.app_probes.clone()));
     }
 
