@@ -63,6 +63,72 @@ use weft_proxy::{
     server::{BeforeConfig, ListenerKind},
 };
 
+/// The system allocator, counting live heap bytes and live allocations by size (in 16-byte
+/// classes up to 64 KiB, one class above), so that the memory part can say how much of
+/// the RSS growth is heap and which allocations each connection holds
+/// (`WEFT_BENCH_HEAP=1` prints those).
+struct Counting;
+
+const CLASSES: usize = 4097;
+static LIVE_BYTES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+static LIVE_BY_CLASS: [std::sync::atomic::AtomicI64; CLASSES] =
+    [const { std::sync::atomic::AtomicI64::new(0) }; CLASSES];
+static BYTES_BY_CLASS: [std::sync::atomic::AtomicI64; CLASSES] =
+    [const { std::sync::atomic::AtomicI64::new(0) }; CLASSES];
+
+fn class(size: usize) -> usize {
+    (size.div_ceil(16)).min(CLASSES - 1)
+}
+
+fn count(size: usize, sign: i64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    LIVE_BYTES.fetch_add(sign * size as i64, Relaxed);
+    LIVE_BY_CLASS[class(size)].fetch_add(sign, Relaxed);
+    BYTES_BY_CLASS[class(size)].fetch_add(sign * size as i64, Relaxed);
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counters change.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count(layout.size(), 1);
+        // SAFETY: the caller's contract is passed on as is.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count(layout.size(), 1);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        count(layout.size(), -1);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        count(layout.size(), -1);
+        count(new, 1);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Live heap: total bytes, and (count, bytes) per size class.
+fn heap() -> (i64, Vec<(i64, i64)>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (
+        LIVE_BYTES.load(Relaxed),
+        LIVE_BY_CLASS
+            .iter()
+            .zip(BYTES_BY_CLASS.iter())
+            .map(|(c, b)| (c.load(Relaxed), b.load(Relaxed)))
+            .collect(),
+    )
+}
+
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
 const SERVER_DNS: &str = "server.bench.test";
@@ -439,10 +505,19 @@ fn vm_rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// What one memory measurement saw: RSS (KiB) and live heap (bytes) before and with the
+/// connections, and the heap by size class before and with.
+struct Growth {
+    rss: (u64, u64),
+    heap: (i64, i64),
+    classes: (Vec<(i64, i64)>, Vec<(i64, i64)>),
+}
+
 /// The proxy's RSS growth (KiB) with `n` connections of `mode` held open by a child.
-fn rss_with(dir: &Path, addr: SocketAddr, n: usize, mode: &str) -> (u64, u64) {
+fn rss_with(dir: &Path, addr: SocketAddr, n: usize, mode: &str) -> Growth {
     std::thread::sleep(Duration::from_secs(1));
     let before = vm_rss_kib(std::process::id());
+    let heap_before = heap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["rss-client", &addr.to_string(), &n.to_string(), mode])
         .arg(dir)
@@ -457,9 +532,14 @@ fn rss_with(dir: &Path, addr: SocketAddr, n: usize, mode: &str) -> (u64, u64) {
     assert_eq!(line.trim(), "ready", "the client said {line:?}");
     std::thread::sleep(Duration::from_secs(1));
     let with = vm_rss_kib(std::process::id());
+    let heap_with = heap();
     drop(child.stdin.take());
     let _ = child.wait();
-    (before, with)
+    Growth {
+        rss: (before, with),
+        heap: (heap_before.0, heap_with.0),
+        classes: (heap_before.1, heap_with.1),
+    }
 }
 
 /// The child: opens `n` connections to `addr` as `mode` says, prints `ready`, and holds
@@ -485,6 +565,41 @@ fn rss_client(addr: SocketAddr, n: usize, mode: &str, dir: &Path) {
                     request(&mut s).await;
                     held.push(Box::new(s));
                 }
+                "mux-idle" | "mux-request" => {
+                    let s = tls
+                        .handshake(tcp, addr, Inner::Mux, Duration::from_secs(10))
+                        .await
+                        .unwrap();
+                    // As the outbound proxy does: one HTTP/2 connection (hyper's client
+                    // defaults) in the session.
+                    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .handshake(hyper_util::rt::TokioIo::new(s))
+                    .await
+                    .unwrap();
+                    tokio::spawn(conn);
+                    if mode == "mux-request" {
+                        let mut req = http::Request::get("/")
+                            .header(http::header::HOST, "app")
+                            .body(http_body_util::Empty::<bytes::Bytes>::new())
+                            .unwrap();
+                        weft_proxy::mux::to_mux(&mut req, &|| None);
+                        let resp = sender.send_request(req).await.unwrap();
+                        assert_eq!(resp.status(), 200);
+                        let body = http_body_util::BodyExt::collect(resp.into_body())
+                            .await
+                            .unwrap()
+                            .to_bytes();
+                        assert_eq!(&body[..], b"ok");
+                    } else {
+                        // The server's SETTINGS and its ack of ours: let them pass.
+                        sender.ready().await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    held.push(Box::new(sender));
+                }
                 "mtls-idle" | "mtls-request" => {
                     let mut s = tls
                         .handshake(tcp, addr, Inner::Http1, Duration::from_secs(10))
@@ -507,8 +622,15 @@ fn rss_client(addr: SocketAddr, n: usize, mode: &str, dir: &Path) {
     });
     println!("ready");
     std::io::stdout().flush().unwrap();
-    let mut buf = [0u8; 1];
-    let _ = std::io::Read::read(&mut std::io::stdin(), &mut buf);
+    // The runtime keeps running (HTTP/2 connections answer the server's pings) until
+    // stdin closes.
+    rt.block_on(async {
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut buf = [0u8; 1];
+            let _ = std::io::Read::read(&mut std::io::stdin(), &mut buf);
+        })
+        .await;
+    });
     drop(held);
     drop(rt);
 }
@@ -616,8 +738,22 @@ fn main() {
         });
         let addr = addr_rx.recv().unwrap();
         let mode = args[2].strip_prefix("raw-").unwrap_or(&args[2]);
-        let (before, with) = rss_with(dir, addr, args[3].parse().unwrap(), mode);
-        println!("{before} {with}");
+        let n: i64 = args[3].parse().unwrap();
+        let g = rss_with(dir, addr, n as usize, mode);
+        println!("{} {} {} {}", g.rss.0, g.rss.1, g.heap.0, g.heap.1);
+        // The size classes that grew by at least half an allocation per connection:
+        // what each connection holds.
+        for (i, ((c0, b0), (c1, b1))) in g.classes.0.iter().zip(&g.classes.1).enumerate() {
+            if (c1 - c0) * 2 >= n {
+                println!(
+                    "class {}-{} B: {:.2} per connection, {:.0} B per connection",
+                    i.saturating_sub(1) * 16 + 1,
+                    if i == CLASSES - 1 { usize::MAX } else { i * 16 },
+                    (c1 - c0) as f64 / n as f64,
+                    (b1 - b0) as f64 / n as f64
+                );
+            }
+        }
         drop(server);
         drop(app_proc.stdin.take());
         let _ = app_proc.wait();
@@ -666,17 +802,26 @@ fn main() {
         std::fs::write(dir.path().join("server.crt"), &c.server.chain_pem).unwrap();
         std::fs::write(dir.path().join("server.key"), &c.server.key_pem).unwrap();
         println!("\n## Proxy RSS with {conns} inbound connections held open by another process\n");
-        println!("| connections | RSS before (KiB) | RSS with them (KiB) | per connection (KiB) |");
-        println!("| --- | ---: | ---: | ---: |");
+        println!(
+            "| connections | RSS before (KiB) | RSS with them (KiB) | RSS per connection (KiB) | heap per connection (KiB) |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        let mut details = Vec::new();
         for (label, mode) in [
             ("plain text, one HTTP/1.1 request each", "plain"),
             ("mutual TLS, handshake only", "mtls-idle"),
             ("mutual TLS, one HTTP/1.1 request each", "mtls-request"),
+            ("mutual TLS mux (weft-mux, HTTP/2), idle", "mux-idle"),
+            ("mutual TLS mux, one request each", "mux-request"),
             (
                 "reference: a bare rustls server (same certificates), handshake only",
                 "raw-mtls-idle",
             ),
-        ] {
+        ]
+        .into_iter()
+        .filter(|(_, m)| {
+            std::env::var("WEFT_BENCH_MODES").map_or(true, |only| only.split(',').any(|o| o == *m))
+        }) {
             // Each in a fresh process: memory freed by an earlier mode would otherwise be
             // reused and hide part of the growth.
             let out = Command::new(std::env::current_exe().unwrap())
@@ -690,12 +835,29 @@ fn main() {
                 String::from_utf8_lossy(&out.stderr)
             );
             let text = String::from_utf8_lossy(&out.stdout);
-            let (before, with) = text.trim().split_once(' ').unwrap();
-            let (before, with): (f64, f64) = (before.parse().unwrap(), with.parse().unwrap());
+            let mut lines = text.lines();
+            let f: Vec<f64> = lines
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect();
             println!(
-                "| {label} | {before} | {with} | {:.1} |",
-                (with - before) / conns as f64
+                "| {label} | {} | {} | {:.1} | {:.1} |",
+                f[0],
+                f[1],
+                (f[1] - f[0]) / conns as f64,
+                (f[3] - f[2]) / 1024.0 / conns as f64
             );
+            details.push((label, lines.map(str::to_owned).collect::<Vec<_>>()));
+        }
+        if std::env::var_os("WEFT_BENCH_HEAP").is_some() {
+            for (label, lines) in details {
+                println!("\n{label}: live allocations per connection, by size");
+                for l in lines {
+                    println!("  {l}");
+                }
+            }
         }
     }
     println!("\nload average: {}", load().trim());

@@ -180,13 +180,24 @@ async fn handle(
         Direction::Inbound => conn.proxy.identity.clone(),
         Direction::Outbound => None,
     };
+    // The futures below are boxed, each where it starts: this task then holds only the
+    // state of the stage the connection is in (an idle connection keeps its HTTP server
+    // and TLS session, not room for the handshake, detection and the other protocol's
+    // server), which is most of the memory of an idle connection.
     let Some(identity) = identity else {
         let protocol = opaque.then_some(Protocol::Opaque);
-        return conn.serve(io, protocol, None).await;
+        return Box::pin(conn.serve(io, protocol, None)).await;
     };
     // A peer proxy's mutual TLS and plain text share the port: the first bytes tell.
     let handshake_timeout = detect_timeout.max(TLS_HANDSHAKE_TIMEOUT);
-    match inbound::sniff(io, &identity, detect_timeout, handshake_timeout).await {
+    let sniffed = Box::pin(inbound::sniff(
+        io,
+        &identity,
+        detect_timeout,
+        handshake_timeout,
+    ))
+    .await;
+    match sniffed {
         Ok(Sniffed::Tls(tls, info)) => {
             conn.proxy.metrics.tls.session(direction);
             tracing::debug!(client_identity = ?info.identity, inner = ?info.inner, "mutual TLS");
@@ -197,12 +208,12 @@ async fn handle(
                 Some(Inner::H2 | Inner::Mux) => Some(Protocol::Http2),
                 None => None,
             };
-            conn.serve(*tls, protocol, Some(info)).await;
+            Box::pin(conn.serve(tls, protocol, Some(info))).await;
         }
         Ok(Sniffed::Plain { io, silent }) => {
             // A client that sent nothing within the detect timeout speaks second.
             let protocol = (opaque || silent).then_some(Protocol::Opaque);
-            conn.serve(io, protocol, None).await;
+            Box::pin(conn.serve(io, protocol, None)).await;
         }
         Err(SniffError::Refused { failure, source }) => {
             conn.proxy.metrics.tls.refused(direction, failure);
@@ -308,7 +319,7 @@ impl Conn {
                 if direction == Direction::Inbound && !admit_opaque(&proxy, &route, identity) {
                     return;
                 }
-                proxy_opaque(io, route, connect_timeout, &proxy, direction).await
+                Box::pin(proxy_opaque(io, route, connect_timeout, &proxy, direction)).await
             }
         }
     }
@@ -885,3 +896,4 @@ mod tests {
         assert_eq!(t.addr, addr("10.0.0.7:9091"));
     }
 }
+
