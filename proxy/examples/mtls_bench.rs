@@ -92,6 +92,7 @@ fn count(size: usize, sign: i64) {
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         count(layout.size(), 1);
+        trace(layout.size());
         // SAFETY: the caller's contract is passed on as is.
         unsafe { std::alloc::System.alloc(layout) }
     }
@@ -111,6 +112,40 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
         // SAFETY: as above.
         unsafe { std::alloc::System.realloc(ptr, layout, new) }
     }
+}
+
+thread_local!(static INSIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+
+/// With `WEFT_BENCH_TRACE_SIZE=N`, the first three allocations of exactly N bytes print
+/// their backtrace (to find who holds a size class `WEFT_BENCH_HEAP` lists).
+#[inline(never)]
+fn trace(size: usize) {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    static WANTED: AtomicUsize = AtomicUsize::new(usize::MAX);
+    static PRINTED: AtomicUsize = AtomicUsize::new(0);
+    let wanted = WANTED.load(Relaxed);
+    if wanted == 0 || (wanted != usize::MAX && wanted != size) {
+        return;
+    }
+    if INSIDE.with(|i| i.replace(true)) {
+        return;
+    }
+    if wanted == usize::MAX {
+        let n = std::env::var("WEFT_BENCH_TRACE_SIZE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        WANTED.store(n, Relaxed);
+        INSIDE.with(|i| i.set(false));
+        return;
+    }
+    if PRINTED.fetch_add(1, Relaxed) < 3 {
+        eprintln!(
+            "allocation of {size} B:\n{}",
+            std::backtrace::Backtrace::force_capture()
+        );
+    }
+    INSIDE.with(|i| i.set(false));
 }
 
 #[global_allocator]
@@ -834,6 +869,9 @@ fn main() {
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            if std::env::var_os("WEFT_BENCH_TRACE_SIZE").is_some() {
+                eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+            }
             let text = String::from_utf8_lossy(&out.stdout);
             let mut lines = text.lines();
             let f: Vec<f64> = lines

@@ -270,7 +270,9 @@ where
     // Taken out of the slot first: the guard must not be held across the splice.
     let tunnel = shared.tunnel_slot().take();
     if let Some(tunnel) = tunnel {
-        tunnel.splice().await;
+        // Boxed: the splice's state (both upgrades, the copy and its idle timer) is
+        // needed by upgraded connections only, not held in every connection's task.
+        Box::pin(tunnel.splice()).await;
     }
 }
 

@@ -262,7 +262,8 @@ impl Conn {
         } = self;
         let (protocol, prefix) = match protocol {
             Some(p) => (p, bytes::Bytes::new()),
-            None => match detect::detect(&mut io, detect_timeout).await {
+            // Boxed: its buffer and timer live only until the protocol is known.
+            None => match Box::pin(detect::detect(&mut io, detect_timeout)).await {
                 Ok(d) => d,
                 Err(error) => {
                     tracing::debug!(%error, "connection failed during detection");
