@@ -546,6 +546,8 @@ struct Growth {
     rss: (u64, u64),
     heap: (i64, i64),
     classes: (Vec<(i64, i64)>, Vec<(i64, i64)>),
+    /// The client process's RSS (KiB) and heap (bytes), before and with.
+    client: Vec<i64>,
 }
 
 /// The proxy's RSS growth (KiB) with `n` connections of `mode` held open by a child.
@@ -564,7 +566,10 @@ fn rss_with(dir: &Path, addr: SocketAddr, n: usize, mode: &str) -> Growth {
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line.trim(), "ready", "the client said {line:?}");
+    let client: Vec<i64> = match line.trim().strip_prefix("ready ") {
+        Some(rest) => rest.split_whitespace().map(|v| v.parse().unwrap()).collect(),
+        None => panic!("the client said {line:?}"),
+    };
     std::thread::sleep(Duration::from_secs(1));
     let with = vm_rss_kib(std::process::id());
     let heap_with = heap();
@@ -574,6 +579,7 @@ fn rss_with(dir: &Path, addr: SocketAddr, n: usize, mode: &str) -> Growth {
         rss: (before, with),
         heap: (heap_before.0, heap_with.0),
         classes: (heap_before.1, heap_with.1),
+        client,
     }
 }
 
@@ -584,6 +590,11 @@ fn rss_client(addr: SocketAddr, n: usize, mode: &str, dir: &Path) {
         .enable_all()
         .build()
         .unwrap();
+    // The client's own growth too: it holds the other end of each connection (for the
+    // mux modes: a TLS session and hyper's HTTP/2 client with the outbound proxy's
+    // settings, though not the proxy's pool around them).
+    let rss_before = vm_rss_kib(std::process::id());
+    let heap_before = heap().0;
     let held = rt.block_on(async {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
         let store = IdentityStore::new().unwrap();
@@ -655,7 +666,13 @@ fn rss_client(addr: SocketAddr, n: usize, mode: &str, dir: &Path) {
         }
         held
     });
-    println!("ready");
+    // Let the last SETTINGS acks and pings pass, as the server side waits 1 s too.
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(1)).await });
+    println!(
+        "ready {rss_before} {} {heap_before} {}",
+        vm_rss_kib(std::process::id()),
+        heap().0
+    );
     std::io::stdout().flush().unwrap();
     // The runtime keeps running (HTTP/2 connections answer the server's pings) until
     // stdin closes.
@@ -775,7 +792,10 @@ fn main() {
         let mode = args[2].strip_prefix("raw-").unwrap_or(&args[2]);
         let n: i64 = args[3].parse().unwrap();
         let g = rss_with(dir, addr, n as usize, mode);
-        println!("{} {} {} {}", g.rss.0, g.rss.1, g.heap.0, g.heap.1);
+        println!(
+            "{} {} {} {} {} {} {} {}",
+            g.rss.0, g.rss.1, g.heap.0, g.heap.1, g.client[0], g.client[1], g.client[2], g.client[3]
+        );
         // The size classes that grew by at least half an allocation per connection:
         // what each connection holds.
         for (i, ((c0, b0), (c1, b1))) in g.classes.0.iter().zip(&g.classes.1).enumerate() {
@@ -838,9 +858,9 @@ fn main() {
         std::fs::write(dir.path().join("server.key"), &c.server.key_pem).unwrap();
         println!("\n## Proxy RSS with {conns} inbound connections held open by another process\n");
         println!(
-            "| connections | RSS before (KiB) | RSS with them (KiB) | RSS per connection (KiB) | heap per connection (KiB) |"
+            "| connections | RSS before (KiB) | RSS with them (KiB) | RSS per connection (KiB) | heap per connection (KiB) | client process: RSS / heap per connection (KiB) |"
         );
-        println!("| --- | ---: | ---: | ---: | ---: |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
         let mut details = Vec::new();
         for (label, mode) in [
             ("plain text, one HTTP/1.1 request each", "plain"),
@@ -881,11 +901,13 @@ fn main() {
                 .map(|v| v.parse().unwrap())
                 .collect();
             println!(
-                "| {label} | {} | {} | {:.1} | {:.1} |",
+                "| {label} | {} | {} | {:.1} | {:.1} | {:.1} / {:.1} |",
                 f[0],
                 f[1],
                 (f[1] - f[0]) / conns as f64,
-                (f[3] - f[2]) / 1024.0 / conns as f64
+                (f[3] - f[2]) / 1024.0 / conns as f64,
+                (f[5] - f[4]) / conns as f64,
+                (f[7] - f[6]) / 1024.0 / conns as f64
             );
             details.push((label, lines.map(str::to_owned).collect::<Vec<_>>()));
         }
