@@ -24,9 +24,15 @@
 //! the proxy's inbound listener and a small application; a child process (this binary,
 //! `rss-client`) opens the connections and holds them, so the child's own memory is not
 //! counted. RSS (`VmRSS`) is read after 1 s of quiet, before and with N connections open:
-//! plain text with one HTTP/1.1 request each, mutual TLS after the handshake only, and
-//! mutual TLS with one request each; and, as the floor, a bare rustls server (tokio-rustls,
-//! the same certificates and configs as `raw rustls` above) holding handshake-only sessions.
+//! plain text with one HTTP/1.1 request each, mutual TLS (`weft-http1`) after the handshake
+//! only and with one request each, the `weft-mux` session two proxies hold (hyper's HTTP/2
+//! client, as the outbound proxy opens it) idle and after one multiplexed HTTP/1 request;
+//! and, as the floor, a bare rustls server (tokio-rustls, the same certificates and configs
+//! as `raw rustls` above) holding handshake-only sessions. Beside RSS, the live heap (this
+//! example counts allocations in its global allocator) of the server and of the client
+//! process. `WEFT_BENCH_MODES=plain,mux-idle,...` picks rows; `WEFT_BENCH_HEAP=1` lists the
+//! allocation sizes each connection holds; `WEFT_BENCH_TRACE_SIZE=<bytes>` prints the
+//! backtrace of the first allocations of that size (who holds it).
 //!
 //! Only loopback addresses are used.
 #![allow(
@@ -151,8 +157,11 @@ fn trace(size: usize) {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
+/// Live allocations and bytes per size class.
+type Classes = Vec<(i64, i64)>;
+
 /// Live heap: total bytes, and (count, bytes) per size class.
-fn heap() -> (i64, Vec<(i64, i64)>) {
+fn heap() -> (i64, Classes) {
     use std::sync::atomic::Ordering::Relaxed;
     (
         LIVE_BYTES.load(Relaxed),
@@ -545,7 +554,7 @@ fn vm_rss_kib(pid: u32) -> u64 {
 struct Growth {
     rss: (u64, u64),
     heap: (i64, i64),
-    classes: (Vec<(i64, i64)>, Vec<(i64, i64)>),
+    classes: (Classes, Classes),
     /// The client process's RSS (KiB) and heap (bytes), before and with.
     client: Vec<i64>,
 }
@@ -567,7 +576,10 @@ fn rss_with(dir: &Path, addr: SocketAddr, n: usize, mode: &str) -> Growth {
         .read_line(&mut line)
         .unwrap();
     let client: Vec<i64> = match line.trim().strip_prefix("ready ") {
-        Some(rest) => rest.split_whitespace().map(|v| v.parse().unwrap()).collect(),
+        Some(rest) => rest
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect(),
         None => panic!("the client said {line:?}"),
     };
     std::thread::sleep(Duration::from_secs(1));
@@ -794,7 +806,14 @@ fn main() {
         let g = rss_with(dir, addr, n as usize, mode);
         println!(
             "{} {} {} {} {} {} {} {}",
-            g.rss.0, g.rss.1, g.heap.0, g.heap.1, g.client[0], g.client[1], g.client[2], g.client[3]
+            g.rss.0,
+            g.rss.1,
+            g.heap.0,
+            g.heap.1,
+            g.client[0],
+            g.client[1],
+            g.client[2],
+            g.client[3]
         );
         // The size classes that grew by at least half an allocation per connection:
         // what each connection holds.

@@ -897,4 +897,3 @@ mod tests {
         assert_eq!(t.addr, addr("10.0.0.7:9091"));
     }
 }
-
