@@ -854,6 +854,31 @@ impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Activity<'_, T> {
 mod tests {
     use super::*;
 
+    /// Every open connection holds its task's future, which is as large as its largest
+    /// state: each stage is boxed where it starts so that an idle connection does not
+    /// carry room for the handshake, detection and both HTTP servers (22.9 KiB per
+    /// connection before, see docs/benchmarks.md). The bound has room for small growth.
+    #[tokio::test]
+    async fn an_accepted_connections_task_stays_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let proxy = Proxy::with_identity(
+            crate::limits::Limits::default(),
+            BeforeConfig::default(),
+            LocalPorts::default(),
+            Some(crate::identity::IdentityStore::new().unwrap()),
+        );
+        let task = handle(
+            stream,
+            ListenerKind::InboundTo(addr),
+            proxy,
+            CancellationToken::new(),
+        );
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1024, "the connection task's future is {size} bytes");
+    }
+
     #[test]
     fn before_config_parses_its_two_values_and_names_them_on_error() {
         for v in [BeforeConfig::Passthrough, BeforeConfig::Refuse] {
