@@ -110,6 +110,7 @@ fn non_default_values() -> Value {
     json!({
         "fullnameOverride": "mesh",
         "trustDomain": "example.org",
+        "mesh": {"mtlsMode": "Strict"},
         "operator": {
             "replicas": 3,
             "image": {"repository": "registry.example/weft-operator", "tag": "9.9.9", "pullPolicy": "Always"},
@@ -190,6 +191,11 @@ fn a_wrong_value_fails_at_install_time_with_a_message() {
             "identity.trustRoot.caCrt=not-alone",
             "caCrt needs caKey, or tlsCrt and tlsKey",
         ),
+        ("mesh.mtlsMode=strict", "/mesh/mtlsMode"),
+        (
+            "mesh.mtlsMode=Strict,identity.enabled=false",
+            "mesh.mtlsMode Strict needs identity.enabled",
+        ),
     ] {
         let err = run(helm_cmd(
             dir.path(),
@@ -198,6 +204,45 @@ fn a_wrong_value_fails_at_install_time_with_a_message() {
         .unwrap_err()
         .to_string();
         assert!(err.contains(says), "--set {set}: {err}");
+    }
+}
+
+/// The value of the operator container's environment variable `name` in `deployment`.
+fn operator_env<'a>(deployment: &'a Value, name: &str) -> Option<&'a Value> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .map(|e| &e["value"])
+}
+
+#[test]
+fn the_mesh_mtls_mode_reaches_the_operator_as_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let chart = chart();
+    let chart = chart.to_str().unwrap();
+    for (set, flag) in [
+        (None, "permissive"),
+        (Some("mesh.mtlsMode=Permissive"), "permissive"),
+        (Some("mesh.mtlsMode=Strict"), "strict"),
+        // Disabled needs no certificates, so it renders without the identity endpoint too.
+        (
+            Some("mesh.mtlsMode=Disabled,identity.enabled=false"),
+            "disabled",
+        ),
+    ] {
+        let mut args = vec!["template", "weft", chart];
+        if let Some(set) = set {
+            args.extend(["--set", set]);
+        }
+        let docs = documents(&run(helm_cmd(dir.path(), &args)).unwrap());
+        let dep = find(&docs, "Deployment");
+        // The value `weft-operator --mesh-mtls-mode` takes (clap's lower-case names).
+        assert_eq!(
+            operator_env(dep, "WEFT_MESH_MTLS_MODE"),
+            Some(&json!(flag)),
+            "--set {set:?}"
+        );
     }
 }
 
@@ -256,6 +301,10 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             );
             let dep = find(&docs, "Deployment");
             assert_eq!(dep["spec"]["replicas"], 3);
+            assert_eq!(
+                operator_env(dep, "WEFT_MESH_MTLS_MODE"),
+                Some(&json!("strict"))
+            );
             let cm = find(&docs, "ConfigMap");
             assert_eq!(
                 cm["data"]["proxyImage"],

@@ -24,9 +24,15 @@
 //! the proxy's inbound listener and a small application; a child process (this binary,
 //! `rss-client`) opens the connections and holds them, so the child's own memory is not
 //! counted. RSS (`VmRSS`) is read after 1 s of quiet, before and with N connections open:
-//! plain text with one HTTP/1.1 request each, mutual TLS after the handshake only, and
-//! mutual TLS with one request each; and, as the floor, a bare rustls server (tokio-rustls,
-//! the same certificates and configs as `raw rustls` above) holding handshake-only sessions.
+//! plain text with one HTTP/1.1 request each, mutual TLS (`weft-http1`) after the handshake
+//! only and with one request each, the `weft-mux` session two proxies hold (hyper's HTTP/2
+//! client, as the outbound proxy opens it) idle and after one multiplexed HTTP/1 request;
+//! and, as the floor, a bare rustls server (tokio-rustls, the same certificates and configs
+//! as `raw rustls` above) holding handshake-only sessions. Beside RSS, the live heap (this
+//! example counts allocations in its global allocator) of the server and of the client
+//! process. `WEFT_BENCH_MODES=plain,mux-idle,...` picks rows; `WEFT_BENCH_HEAP=1` lists the
+//! allocation sizes each connection holds; `WEFT_BENCH_TRACE_SIZE=<bytes>` prints the
+//! backtrace of the first allocations of that size (who holds it).
 //!
 //! Only loopback addresses are used.
 #![allow(
@@ -62,6 +68,110 @@ use weft_proxy::{
     limits::Limits,
     server::{BeforeConfig, ListenerKind},
 };
+
+/// The system allocator, counting live heap bytes and live allocations by size (in 16-byte
+/// classes up to 64 KiB, one class above), so that the memory part can say how much of
+/// the RSS growth is heap and which allocations each connection holds
+/// (`WEFT_BENCH_HEAP=1` prints those).
+struct Counting;
+
+const CLASSES: usize = 4097;
+static LIVE_BYTES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+static LIVE_BY_CLASS: [std::sync::atomic::AtomicI64; CLASSES] =
+    [const { std::sync::atomic::AtomicI64::new(0) }; CLASSES];
+static BYTES_BY_CLASS: [std::sync::atomic::AtomicI64; CLASSES] =
+    [const { std::sync::atomic::AtomicI64::new(0) }; CLASSES];
+
+fn class(size: usize) -> usize {
+    (size.div_ceil(16)).min(CLASSES - 1)
+}
+
+fn count(size: usize, sign: i64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    LIVE_BYTES.fetch_add(sign * size as i64, Relaxed);
+    LIVE_BY_CLASS[class(size)].fetch_add(sign, Relaxed);
+    BYTES_BY_CLASS[class(size)].fetch_add(sign * size as i64, Relaxed);
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counters change.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count(layout.size(), 1);
+        trace(layout.size());
+        // SAFETY: the caller's contract is passed on as is.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count(layout.size(), 1);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        count(layout.size(), -1);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        count(layout.size(), -1);
+        count(new, 1);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+thread_local!(static INSIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+
+/// With `WEFT_BENCH_TRACE_SIZE=N`, the first three allocations of exactly N bytes print
+/// their backtrace (to find who holds a size class `WEFT_BENCH_HEAP` lists).
+#[inline(never)]
+fn trace(size: usize) {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    static WANTED: AtomicUsize = AtomicUsize::new(usize::MAX);
+    static PRINTED: AtomicUsize = AtomicUsize::new(0);
+    let wanted = WANTED.load(Relaxed);
+    if wanted == 0 || (wanted != usize::MAX && wanted != size) {
+        return;
+    }
+    if INSIDE.with(|i| i.replace(true)) {
+        return;
+    }
+    if wanted == usize::MAX {
+        let n = std::env::var("WEFT_BENCH_TRACE_SIZE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        WANTED.store(n, Relaxed);
+        INSIDE.with(|i| i.set(false));
+        return;
+    }
+    if PRINTED.fetch_add(1, Relaxed) < 3 {
+        eprintln!(
+            "allocation of {size} B:\n{}",
+            std::backtrace::Backtrace::force_capture()
+        );
+    }
+    INSIDE.with(|i| i.set(false));
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Live allocations and bytes per size class.
+type Classes = Vec<(i64, i64)>;
+
+/// Live heap: total bytes, and (count, bytes) per size class.
+fn heap() -> (i64, Classes) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (
+        LIVE_BYTES.load(Relaxed),
+        LIVE_BY_CLASS
+            .iter()
+            .zip(BYTES_BY_CLASS.iter())
+            .map(|(c, b)| (c.load(Relaxed), b.load(Relaxed)))
+            .collect(),
+    )
+}
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
@@ -439,10 +549,21 @@ fn vm_rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// What one memory measurement saw: RSS (KiB) and live heap (bytes) before and with the
+/// connections, and the heap by size class before and with.
+struct Growth {
+    rss: (u64, u64),
+    heap: (i64, i64),
+    classes: (Classes, Classes),
+    /// The client process's RSS (KiB) and heap (bytes), before and with.
+    client: Vec<i64>,
+}
+
 /// The proxy's RSS growth (KiB) with `n` connections of `mode` held open by a child.
-fn rss_with(dir: &Path, addr: SocketAddr, n: usize, mode: &str) -> (u64, u64) {
+fn rss_with(dir: &Path, addr: SocketAddr, n: usize, mode: &str) -> Growth {
     std::thread::sleep(Duration::from_secs(1));
     let before = vm_rss_kib(std::process::id());
+    let heap_before = heap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["rss-client", &addr.to_string(), &n.to_string(), mode])
         .arg(dir)
@@ -454,12 +575,24 @@ fn rss_with(dir: &Path, addr: SocketAddr, n: usize, mode: &str) -> (u64, u64) {
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line.trim(), "ready", "the client said {line:?}");
+    let client: Vec<i64> = match line.trim().strip_prefix("ready ") {
+        Some(rest) => rest
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect(),
+        None => panic!("the client said {line:?}"),
+    };
     std::thread::sleep(Duration::from_secs(1));
     let with = vm_rss_kib(std::process::id());
+    let heap_with = heap();
     drop(child.stdin.take());
     let _ = child.wait();
-    (before, with)
+    Growth {
+        rss: (before, with),
+        heap: (heap_before.0, heap_with.0),
+        classes: (heap_before.1, heap_with.1),
+        client,
+    }
 }
 
 /// The child: opens `n` connections to `addr` as `mode` says, prints `ready`, and holds
@@ -469,6 +602,11 @@ fn rss_client(addr: SocketAddr, n: usize, mode: &str, dir: &Path) {
         .enable_all()
         .build()
         .unwrap();
+    // The client's own growth too: it holds the other end of each connection (for the
+    // mux modes: a TLS session and hyper's HTTP/2 client with the outbound proxy's
+    // settings, though not the proxy's pool around them).
+    let rss_before = vm_rss_kib(std::process::id());
+    let heap_before = heap().0;
     let held = rt.block_on(async {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
         let store = IdentityStore::new().unwrap();
@@ -484,6 +622,41 @@ fn rss_client(addr: SocketAddr, n: usize, mode: &str, dir: &Path) {
                     let mut s = tcp;
                     request(&mut s).await;
                     held.push(Box::new(s));
+                }
+                "mux-idle" | "mux-request" => {
+                    let s = tls
+                        .handshake(tcp, addr, Inner::Mux, Duration::from_secs(10))
+                        .await
+                        .unwrap();
+                    // As the outbound proxy does: one HTTP/2 connection (hyper's client
+                    // defaults) in the session.
+                    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .handshake(hyper_util::rt::TokioIo::new(s))
+                    .await
+                    .unwrap();
+                    tokio::spawn(conn);
+                    if mode == "mux-request" {
+                        let mut req = http::Request::get("/")
+                            .header(http::header::HOST, "app")
+                            .body(http_body_util::Empty::<bytes::Bytes>::new())
+                            .unwrap();
+                        weft_proxy::mux::to_mux(&mut req, &|| None);
+                        let resp = sender.send_request(req).await.unwrap();
+                        assert_eq!(resp.status(), 200);
+                        let body = http_body_util::BodyExt::collect(resp.into_body())
+                            .await
+                            .unwrap()
+                            .to_bytes();
+                        assert_eq!(&body[..], b"ok");
+                    } else {
+                        // The server's SETTINGS and its ack of ours: let them pass.
+                        sender.ready().await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    held.push(Box::new(sender));
                 }
                 "mtls-idle" | "mtls-request" => {
                     let mut s = tls
@@ -505,10 +678,23 @@ fn rss_client(addr: SocketAddr, n: usize, mode: &str, dir: &Path) {
         }
         held
     });
-    println!("ready");
+    // Let the last SETTINGS acks and pings pass, as the server side waits 1 s too.
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(1)).await });
+    println!(
+        "ready {rss_before} {} {heap_before} {}",
+        vm_rss_kib(std::process::id()),
+        heap().0
+    );
     std::io::stdout().flush().unwrap();
-    let mut buf = [0u8; 1];
-    let _ = std::io::Read::read(&mut std::io::stdin(), &mut buf);
+    // The runtime keeps running (HTTP/2 connections answer the server's pings) until
+    // stdin closes.
+    rt.block_on(async {
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut buf = [0u8; 1];
+            let _ = std::io::Read::read(&mut std::io::stdin(), &mut buf);
+        })
+        .await;
+    });
     drop(held);
     drop(rt);
 }
@@ -616,8 +802,32 @@ fn main() {
         });
         let addr = addr_rx.recv().unwrap();
         let mode = args[2].strip_prefix("raw-").unwrap_or(&args[2]);
-        let (before, with) = rss_with(dir, addr, args[3].parse().unwrap(), mode);
-        println!("{before} {with}");
+        let n: i64 = args[3].parse().unwrap();
+        let g = rss_with(dir, addr, n as usize, mode);
+        println!(
+            "{} {} {} {} {} {} {} {}",
+            g.rss.0,
+            g.rss.1,
+            g.heap.0,
+            g.heap.1,
+            g.client[0],
+            g.client[1],
+            g.client[2],
+            g.client[3]
+        );
+        // The size classes that grew by at least half an allocation per connection:
+        // what each connection holds.
+        for (i, ((c0, b0), (c1, b1))) in g.classes.0.iter().zip(&g.classes.1).enumerate() {
+            if (c1 - c0) * 2 >= n {
+                println!(
+                    "class {}-{} B: {:.2} per connection, {:.0} B per connection",
+                    i.saturating_sub(1) * 16 + 1,
+                    if i == CLASSES - 1 { usize::MAX } else { i * 16 },
+                    (c1 - c0) as f64 / n as f64,
+                    (b1 - b0) as f64 / n as f64
+                );
+            }
+        }
         drop(server);
         drop(app_proc.stdin.take());
         let _ = app_proc.wait();
@@ -666,17 +876,26 @@ fn main() {
         std::fs::write(dir.path().join("server.crt"), &c.server.chain_pem).unwrap();
         std::fs::write(dir.path().join("server.key"), &c.server.key_pem).unwrap();
         println!("\n## Proxy RSS with {conns} inbound connections held open by another process\n");
-        println!("| connections | RSS before (KiB) | RSS with them (KiB) | per connection (KiB) |");
-        println!("| --- | ---: | ---: | ---: |");
+        println!(
+            "| connections | RSS before (KiB) | RSS with them (KiB) | RSS per connection (KiB) | heap per connection (KiB) | client process: RSS / heap per connection (KiB) |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        let mut details = Vec::new();
         for (label, mode) in [
             ("plain text, one HTTP/1.1 request each", "plain"),
             ("mutual TLS, handshake only", "mtls-idle"),
             ("mutual TLS, one HTTP/1.1 request each", "mtls-request"),
+            ("mutual TLS mux (weft-mux, HTTP/2), idle", "mux-idle"),
+            ("mutual TLS mux, one request each", "mux-request"),
             (
                 "reference: a bare rustls server (same certificates), handshake only",
                 "raw-mtls-idle",
             ),
-        ] {
+        ]
+        .into_iter()
+        .filter(|(_, m)| {
+            std::env::var("WEFT_BENCH_MODES").map_or(true, |only| only.split(',').any(|o| o == *m))
+        }) {
             // Each in a fresh process: memory freed by an earlier mode would otherwise be
             // reused and hide part of the growth.
             let out = Command::new(std::env::current_exe().unwrap())
@@ -689,13 +908,35 @@ fn main() {
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            if std::env::var_os("WEFT_BENCH_TRACE_SIZE").is_some() {
+                eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+            }
             let text = String::from_utf8_lossy(&out.stdout);
-            let (before, with) = text.trim().split_once(' ').unwrap();
-            let (before, with): (f64, f64) = (before.parse().unwrap(), with.parse().unwrap());
+            let mut lines = text.lines();
+            let f: Vec<f64> = lines
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect();
             println!(
-                "| {label} | {before} | {with} | {:.1} |",
-                (with - before) / conns as f64
+                "| {label} | {} | {} | {:.1} | {:.1} | {:.1} / {:.1} |",
+                f[0],
+                f[1],
+                (f[1] - f[0]) / conns as f64,
+                (f[3] - f[2]) / 1024.0 / conns as f64,
+                (f[5] - f[4]) / conns as f64,
+                (f[7] - f[6]) / 1024.0 / conns as f64
             );
+            details.push((label, lines.map(str::to_owned).collect::<Vec<_>>()));
+        }
+        if std::env::var_os("WEFT_BENCH_HEAP").is_some() {
+            for (label, lines) in details {
+                println!("\n{label}: live allocations per connection, by size");
+                for l in lines {
+                    println!("  {l}");
+                }
+            }
         }
     }
     println!("\nload average: {}", load().trim());

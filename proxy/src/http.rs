@@ -217,7 +217,10 @@ where
                 .max_pending_accept_reset_streams(limits.http2_max_pending_accept_reset_streams)
                 .max_local_error_reset_streams(limits.http2_max_local_error_reset_streams)
                 .serve_connection(io, svc);
-            tokio::pin!(c);
+            // Boxed, as the HTTP/1 one below: the connection's task then holds only the
+            // server of the version it speaks (each is several KiB), for as long as the
+            // connection stays open.
+            let mut c = Box::pin(c);
             tokio::select! {
                 r = c.as_mut() => r,
                 () = shutdown.cancelled() => {
@@ -241,8 +244,7 @@ where
             if limits.max_request_headers_count > HYPER_H1_MAX_HEADERS {
                 builder.max_headers(limits.max_request_headers_count);
             }
-            let c = builder.serve_connection(io, svc).with_upgrades();
-            tokio::pin!(c);
+            let mut c = Box::pin(builder.serve_connection(io, svc).with_upgrades());
             tokio::select! {
                 r = c.as_mut() => r,
                 () = shutdown.cancelled() => {
@@ -268,7 +270,9 @@ where
     // Taken out of the slot first: the guard must not be held across the splice.
     let tunnel = shared.tunnel_slot().take();
     if let Some(tunnel) = tunnel {
-        tunnel.splice().await;
+        // Boxed: the splice's state (both upgrades, the copy and its idle timer) is
+        // needed by upgraded connections only, not held in every connection's task.
+        Box::pin(tunnel.splice()).await;
     }
 }
 

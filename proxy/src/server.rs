@@ -180,13 +180,24 @@ async fn handle(
         Direction::Inbound => conn.proxy.identity.clone(),
         Direction::Outbound => None,
     };
+    // The futures below are boxed, each where it starts: this task then holds only the
+    // state of the stage the connection is in (an idle connection keeps its HTTP server
+    // and TLS session, not room for the handshake, detection and the other protocol's
+    // server), which is most of the memory of an idle connection.
     let Some(identity) = identity else {
         let protocol = opaque.then_some(Protocol::Opaque);
-        return conn.serve(io, protocol, None).await;
+        return Box::pin(conn.serve(io, protocol, None)).await;
     };
     // A peer proxy's mutual TLS and plain text share the port: the first bytes tell.
     let handshake_timeout = detect_timeout.max(TLS_HANDSHAKE_TIMEOUT);
-    match inbound::sniff(io, &identity, detect_timeout, handshake_timeout).await {
+    let sniffed = Box::pin(inbound::sniff(
+        io,
+        &identity,
+        detect_timeout,
+        handshake_timeout,
+    ))
+    .await;
+    match sniffed {
         Ok(Sniffed::Tls(tls, info)) => {
             conn.proxy.metrics.tls.session(direction);
             tracing::debug!(client_identity = ?info.identity, inner = ?info.inner, "mutual TLS");
@@ -197,12 +208,12 @@ async fn handle(
                 Some(Inner::H2 | Inner::Mux) => Some(Protocol::Http2),
                 None => None,
             };
-            conn.serve(*tls, protocol, Some(info)).await;
+            Box::pin(conn.serve(tls, protocol, Some(info))).await;
         }
         Ok(Sniffed::Plain { io, silent }) => {
             // A client that sent nothing within the detect timeout speaks second.
             let protocol = (opaque || silent).then_some(Protocol::Opaque);
-            conn.serve(io, protocol, None).await;
+            Box::pin(conn.serve(io, protocol, None)).await;
         }
         Err(SniffError::Refused { failure, source }) => {
             conn.proxy.metrics.tls.refused(direction, failure);
@@ -251,7 +262,8 @@ impl Conn {
         } = self;
         let (protocol, prefix) = match protocol {
             Some(p) => (p, bytes::Bytes::new()),
-            None => match detect::detect(&mut io, detect_timeout).await {
+            // Boxed: its buffer and timer live only until the protocol is known.
+            None => match Box::pin(detect::detect(&mut io, detect_timeout)).await {
                 Ok(d) => d,
                 Err(error) => {
                     tracing::debug!(%error, "connection failed during detection");
@@ -308,7 +320,7 @@ impl Conn {
                 if direction == Direction::Inbound && !admit_opaque(&proxy, &route, identity) {
                     return;
                 }
-                proxy_opaque(io, route, connect_timeout, &proxy, direction).await
+                Box::pin(proxy_opaque(io, route, connect_timeout, &proxy, direction)).await
             }
         }
     }
@@ -841,6 +853,31 @@ impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Activity<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every open connection holds its task's future, which is as large as its largest
+    /// state: each stage is boxed where it starts so that an idle connection does not
+    /// carry room for the handshake, detection and both HTTP servers (22.9 KiB per
+    /// connection before, see docs/benchmarks.md). The bound has room for small growth.
+    #[tokio::test]
+    async fn an_accepted_connections_task_stays_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let proxy = Proxy::with_identity(
+            crate::limits::Limits::default(),
+            BeforeConfig::default(),
+            LocalPorts::default(),
+            Some(crate::identity::IdentityStore::new().unwrap()),
+        );
+        let task = handle(
+            stream,
+            ListenerKind::InboundTo(addr),
+            proxy,
+            CancellationToken::new(),
+        );
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1024, "the connection task's future is {size} bytes");
+    }
 
     #[test]
     fn before_config_parses_its_two_values_and_names_them_on_error() {
