@@ -13,9 +13,9 @@
 //!  kubelet ◀── the app's status (503 when unreachable) ──────────────────────────┘
 //! ```
 //!
-//! Kept as they are: `exec`, `tcpSocket` and `grpc` probes, `httpGet` probes with
-//! `scheme: HTTPS` or a `host` (see docs/injection.md, "Probes"), and probes of the pod's
-//! own init containers. The originals travel in one environment variable
+//! Kept as they are: `exec`, `tcpSocket` and `grpc` probes, `httpGet` probes with a
+//! `host` (see docs/injection.md, "Probes"), and probes of the pod's own init containers.
+//! `scheme: HTTPS` probes are rewritten too: the proxy probes over TLS. The originals travel in one environment variable
 //! ([`keys::env::APP_PROBES`]) as JSON, which [`uninject`](crate::uninject) reads back to
 //! restore them.
 
@@ -49,6 +49,10 @@ pub struct AppProbe {
     pub headers: Vec<ProbeHeader>,
     /// The probe's `timeoutSeconds`: the proxy waits no longer for the application.
     pub timeout_seconds: u32,
+    /// `HTTPS` when the probe uses TLS (the proxy does, without verifying, as the kubelet
+    /// does); absent for HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
     /// The probe's `httpGet` as written, so that uninjection restores it exactly; the
     /// proxy ignores it.
     pub original: HTTPGetAction,
@@ -94,12 +98,15 @@ pub fn rewrite(spec: &mut PodSpec, admin_port: u16) -> Option<String> {
                 continue;
             };
             let path = admin_path(&name, kind);
-            let is_https = get
-                .scheme
-                .as_deref()
-                .is_some_and(|s| !s.eq_ignore_ascii_case("HTTP"));
+            let scheme = match get.scheme.as_deref() {
+                None => None,
+                Some(s) if s.eq_ignore_ascii_case("HTTP") => None,
+                Some(s) if s.eq_ignore_ascii_case("HTTPS") => Some("HTTPS".to_owned()),
+                // Not a scheme the kubelet knows: the API server refuses such a pod.
+                Some(_) => continue,
+            };
             let has_host = get.host.as_deref().is_some_and(|h| !h.is_empty());
-            if is_https || has_host || get.path.as_deref() == Some(path.as_str()) {
+            if has_host || get.path.as_deref() == Some(path.as_str()) {
                 continue;
             }
             let port = match &get.port {
@@ -135,6 +142,7 @@ pub fn rewrite(spec: &mut PodSpec, admin_port: u16) -> Option<String> {
                         })
                         .collect(),
                     timeout_seconds: u32::try_from(timeout.max(1)).unwrap_or(1),
+                    scheme,
                     original,
                 },
             );
@@ -312,7 +320,7 @@ mod tests {
         );
     }
 
-    /// exec, tcpSocket, grpc, HTTPS and host-bound probes, and unresolvable named ports,
+    /// exec, tcpSocket, grpc and host-bound probes, and unresolvable named ports,
     /// are left as written; with nothing rewritten there is no variable.
     #[test]
     fn other_probes_are_untouched() {
@@ -344,13 +352,6 @@ mod tests {
         };
         let https = Container {
             name: "tls".into(),
-            readiness_probe: probe(|p| {
-                p.http_get = Some(HTTPGetAction {
-                    port: IntOrString::Int(8443),
-                    scheme: Some("HTTPS".into()),
-                    ..HTTPGetAction::default()
-                })
-            }),
             liveness_probe: probe(|p| {
                 p.http_get = Some(HTTPGetAction {
                     port: IntOrString::Int(8080),
@@ -373,6 +374,34 @@ mod tests {
         let before = spec.clone();
         assert_eq!(rewrite(&mut spec, 15021), None);
         assert_eq!(spec, before);
+    }
+
+    /// An HTTPS probe goes to the admin port in plain text; the proxy learns the scheme.
+    #[test]
+    fn https_probes_are_rewritten_with_their_scheme() {
+        let mut spec = PodSpec {
+            containers: vec![Container {
+                name: "tls".into(),
+                readiness_probe: Some(Probe {
+                    http_get: Some(HTTPGetAction {
+                        path: Some("/ready".into()),
+                        port: IntOrString::Int(8443),
+                        scheme: Some("HTTPS".into()),
+                        ..HTTPGetAction::default()
+                    }),
+                    ..Probe::default()
+                }),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        };
+        let json = rewrite(&mut spec, 15021).unwrap();
+        let g = get(&spec.containers[0].readiness_probe);
+        assert_eq!(g.scheme.as_deref(), Some("HTTP"));
+        assert_eq!(g.port, IntOrString::Int(15021));
+        let o = originals(&json);
+        assert_eq!(o["tls/readyz"].scheme.as_deref(), Some("HTTPS"));
+        assert_eq!(o["tls/readyz"].port, 8443);
     }
 
     /// A second pass finds the probes already rewritten and changes nothing.

@@ -15,11 +15,19 @@
 //! ```
 //!
 //! The connection goes from the proxy's UID, which `init` exempts from the redirect, so
-//! it reaches the application directly. Redirects are never followed (a 3xx is the
+//! it reaches the application directly. A probe with `scheme: HTTPS` is sent over TLS
+//! (1.2 or 1.3) without verifying the application's certificate, as the kubelet does. Redirects are never followed (a 3xx is the
 //! answer, which the kubelet counts as success, as it does a redirect off the pod), and
 //! the response body is never read: only its head, bounded like the admin listener's.
 
-use std::{collections::HashMap, net::Ipv4Addr, num::NonZeroU16, str::FromStr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    num::NonZeroU16,
+    str::FromStr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{
@@ -28,8 +36,17 @@ use http::{
 };
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, ServerName, UnixTime},
+};
 use serde::Deserialize;
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 
 use crate::limits::ADMIN_MAX_HEADER_BYTES;
 
@@ -51,6 +68,14 @@ pub enum AppProbesError {
     /// The port is 0.
     #[error("probe {0:?}: port 0")]
     Port(String),
+    /// The scheme is neither HTTP nor HTTPS.
+    #[error("probe {key:?}: scheme {scheme:?} is not HTTP or HTTPS")]
+    Scheme {
+        /// The probe.
+        key: String,
+        /// The scheme.
+        scheme: String,
+    },
     /// The path is not an HTTP path (and query).
     #[error("probe {key:?}: path {path:?} is not an absolute HTTP path")]
     Path {
@@ -80,6 +105,8 @@ struct Wire {
     headers: Vec<WireHeader>,
     #[serde(default)]
     timeout_seconds: Option<u32>,
+    #[serde(default)]
+    scheme: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +126,8 @@ pub struct AppProbe {
     pub headers: HeaderMap,
     /// How long the application may take to answer.
     pub timeout: Duration,
+    /// Over TLS (`scheme: HTTPS`), the application's certificate unverified.
+    pub https: bool,
 }
 
 /// Every probe of this pod, by `<container>/<kind>`, from `WEFT_APP_PROBES`.
@@ -142,6 +171,17 @@ impl FromStr for AppProbes {
                     _ => return Err(AppProbesError::Header { key, name: h.name }),
                 }
             }
+            let https = match w.scheme.as_deref() {
+                None => false,
+                Some(s) if s.eq_ignore_ascii_case("HTTP") => false,
+                Some(s) if s.eq_ignore_ascii_case("HTTPS") => true,
+                Some(other) => {
+                    return Err(AppProbesError::Scheme {
+                        key,
+                        scheme: other.to_owned(),
+                    });
+                }
+            };
             let timeout = w
                 .timeout_seconds
                 .filter(|s| *s > 0)
@@ -153,6 +193,7 @@ impl FromStr for AppProbes {
                     path,
                     headers,
                     timeout,
+                    https,
                 },
             );
         }
@@ -194,6 +235,12 @@ pub enum ProbeError {
     /// The application did not answer within the probe's timeout.
     #[error("the application did not answer within {0:?}")]
     Timeout(Duration),
+    /// The TLS handshake with the application failed (`scheme: HTTPS`).
+    #[error("TLS with the application: {0}")]
+    Tls(#[source] std::io::Error),
+    /// The TLS client could not be set up (cannot happen with ring's provider).
+    #[error("TLS client: {0}")]
+    TlsConfig(#[source] rustls::Error),
     /// The application answered something other than an HTTP/1 response head.
     #[error("the application's answer is not HTTP: {0}")]
     Http(#[from] hyper::Error),
@@ -230,9 +277,29 @@ impl AppProbe {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| ProbeError::Connect { addr, source })?;
+        if !self.https {
+            return self.exchange(stream, ip, user_agent).await;
+        }
+        let tls = tokio_rustls::TlsConnector::from(insecure_tls().map_err(ProbeError::TlsConfig)?)
+            .connect(ServerName::from(IpAddr::V4(ip)), stream)
+            .await
+            .map_err(ProbeError::Tls)?;
+        self.exchange(tls, ip, user_agent).await
+    }
+
+    /// One request on `io` (plain or TLS); the response's status.
+    async fn exchange<I>(
+        &self,
+        io: I,
+        ip: Ipv4Addr,
+        user_agent: Option<&HeaderValue>,
+    ) -> Result<StatusCode, ProbeError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(ADMIN_MAX_HEADER_BYTES.max(8192))
-            .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
             .await?;
         // Driven here rather than spawned, so that the timeout above, dropping this
         // future, closes the connection too.
@@ -267,6 +334,74 @@ impl AppProbe {
     }
 }
 
+/// The TLS client of HTTPS probes: TLS 1.2 or 1.3, any certificate (the kubelet does not
+/// verify its probes' certificates either: the application's certificate is for its
+/// clients, and a probe only asks whether it answers).
+fn insecure_tls() -> Result<Arc<ClientConfig>, rustls::Error> {
+    static CONFIG: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+    if let Some(c) = CONFIG.get() {
+        return Ok(c.clone());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // TLS 1.3 and 1.2, as the kubelet offers.
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(CONFIG.get_or_init(|| Arc::new(config)).clone())
+}
+
+/// Accepts any server certificate, still checking the handshake's signature with it.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +419,7 @@ mod tests {
         assert_eq!(p.path.as_str(), "/ready");
         assert_eq!(p.headers["x-probe"], "kubelet");
         assert_eq!(p.timeout, Duration::from_secs(1));
+        assert!(!p.https);
         assert!(probes.for_path("/app-health/app/livez").is_none());
         assert!(probes.for_path("/app-health/app").is_none());
         assert!("".parse::<AppProbes>().unwrap().is_empty());
@@ -299,6 +435,10 @@ mod tests {
             (r#"{"app/readyz":{"port":70000,"path":"/"}}"#, "JSON"),
             (r#"{"app/readyz":{"port":1,"path":"healthz"}}"#, "path"),
             (r#"{"app/readyz":{"port":1,"path":"/a b"}}"#, "path"),
+            (
+                r#"{"app/readyz":{"port":1,"path":"/","scheme":"FTP"}}"#,
+                "scheme",
+            ),
             (
                 r#"{"app/readyz":{"port":1,"path":"/","headers":[{"name":"a b","value":"x"}]}}"#,
                 "header",

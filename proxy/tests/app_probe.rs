@@ -168,6 +168,70 @@ async fn the_admin_port_answers_the_kubelet_with_the_applications_status() {
     stop.cancel();
 }
 
+/// An application serving HTTPS with a self-signed certificate: the probe goes over TLS
+/// and, like the kubelet's, does not verify the certificate; a plain-HTTP app behind an
+/// HTTPS probe is a 503 naming TLS.
+#[tokio::test]
+async fn https_probes_go_over_tls_without_verifying() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["app.invalid".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    if req.uri().path() != "/secure" {
+                        *r.status_mut() = StatusCode::NOT_FOUND;
+                    }
+                    Ok::<_, Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let (plain, _) = app().await;
+    let json = format!(
+        r#"{{
+        "tls/readyz": {{"port": {port}, "path": "/secure", "scheme": "HTTPS"}},
+        "tls/livez": {{"port": {port}, "path": "/missing", "scheme": "HTTPS"}},
+        "plain/readyz": {{"port": {}, "path": "/ok", "scheme": "HTTPS"}}
+    }}"#,
+        plain.port()
+    );
+    let (admin, stop) = admin(&json).await;
+    let (status, _, body) = probe(admin, "GET", "/app-health/tls/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _, _) = probe(admin, "GET", "/app-health/tls/livez").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, body) = probe(admin, "GET", "/app-health/plain/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("TLS with the application"), "{body}");
+    stop.cancel();
+}
+
 /// A proxy without application probes answers 404 on their paths and serves the rest.
 #[tokio::test]
 async fn without_probes_the_paths_are_not_found() {
