@@ -24,6 +24,8 @@ pub struct PodOptions {
     pub access_log: Option<&'static str>,
     /// Tracing, when the pod names a collector.
     pub trace: Option<TraceOptions>,
+    /// The pod said `weft.dev/rewrite-probes: "false"`: its HTTP probes stay as written.
+    pub keep_probes: bool,
 }
 
 /// What a pod asks of the proxy's tracing.
@@ -108,6 +110,16 @@ impl PodOptions {
                 get(keys::TRACE_SAMPLING),
                 cfg.tracing.as_ref(),
             )?,
+            keep_probes: match get(keys::REWRITE_PROBES) {
+                None | Some("true") => false,
+                Some("false") => true,
+                Some(other) => {
+                    return Err(InjectError::BadAnnotation {
+                        key: keys::REWRITE_PROBES,
+                        reason: format!("{other:?} is not \"true\" or \"false\""),
+                    });
+                }
+            },
         })
     }
 }

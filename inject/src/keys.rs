@@ -44,6 +44,11 @@ pub const APP_NAME_LABEL: &str = "app.kubernetes.io/name";
 /// [`APP_NAME_LABEL`] is absent.
 pub const APP_LABEL: &str = "app";
 
+/// Pod annotation: `"false"` keeps the application's HTTP probes as written instead of
+/// pointing them at the proxy's admin port (see [`crate::probes`]); `"true"` or absent,
+/// they are rewritten.
+pub const REWRITE_PROBES: &str = "weft.dev/rewrite-probes";
+
 /// Pod annotation: the proxy's CPU request (a Kubernetes quantity).
 pub const PROXY_CPU_REQUEST: &str = "weft.dev/proxy-cpu-request";
 /// Pod annotation: the proxy's CPU limit.
@@ -105,4 +110,7 @@ pub mod env {
     pub const INBOUND_ADDR: &str = "WEFT_INBOUND_ADDR";
     /// Where the proxy's admin listener binds: the port the probes use.
     pub const ADMIN_ADDR: &str = "WEFT_ADMIN_ADDR";
+    /// The application's original HTTP probes (JSON), which the proxy's admin port
+    /// repeats against the application for `/app-health/<container>/<kind>`.
+    pub const APP_PROBES: &str = "WEFT_APP_PROBES";
 }

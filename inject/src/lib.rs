@@ -15,12 +15,14 @@
 //!        volumes:        [... , weft-token (projected SA token, audience "weft")]
 //!        annotations:    weft.dev/proxy-version, kubectl default-container
 //!        labels:         weft.dev/meshed=true
+//!        app containers: HTTP probes pointed at the proxy's admin port ([`probes`])
 //! ```
 
 pub mod annotations;
 pub mod audit;
 pub mod config;
 pub mod keys;
+pub mod probes;
 pub mod settings;
 mod sidecar;
 
@@ -196,7 +198,13 @@ pub fn inject(
     }
 
     let init = sidecar::init_container(cfg, &options);
-    let proxy = sidecar::proxy_container(cfg, &options);
+    // Last of the fallible steps above, so an error leaves the pod untouched.
+    let app_probes = if options.keep_probes {
+        None
+    } else {
+        probes::rewrite(spec, cfg.ports.admin)
+    };
+    let proxy = sidecar::proxy_container(cfg, &options, app_probes);
     let mut inits = vec![init, proxy];
     inits.extend(spec.init_containers.take().unwrap_or_default());
     spec.init_containers = Some(inits);
@@ -219,7 +227,8 @@ pub fn inject(
 
 /// Removes everything [`inject`] added. Returns whether anything was removed.
 pub fn uninject(meta: &mut ObjectMeta, spec: &mut PodSpec) -> bool {
-    let mut changed = false;
+    // Reads the originals from the proxy container, so before removing it.
+    let mut changed = probes::restore(spec);
     if let Some(inits) = spec.init_containers.as_mut() {
         let before = inits.len();
         inits.retain(|c| c.name != keys::PROXY_CONTAINER && c.name != keys::INIT_CONTAINER);
@@ -362,5 +371,102 @@ mod tests {
         let mut spec = PodSpec::default();
         inject(&mut meta, &mut spec, &InjectConfig::default()).unwrap();
         assert!(env_of(&spec).keys().all(|k| !k.starts_with("WEFT_TRACE")));
+    }
+
+    fn probed_pod(annotation: Option<&str>) -> (ObjectMeta, PodSpec) {
+        use k8s_openapi::{
+            api::core::v1::{Container, ContainerPort, ExecAction, HTTPGetAction, Probe},
+            apimachinery::pkg::util::intstr::IntOrString,
+        };
+        let meta = ObjectMeta {
+            annotations: annotation.map(|v| {
+                [(keys::REWRITE_PROBES.to_owned(), v.to_owned())]
+                    .into_iter()
+                    .collect()
+            }),
+            ..ObjectMeta::default()
+        };
+        let spec = PodSpec {
+            containers: vec![Container {
+                name: "web".into(),
+                ports: Some(vec![ContainerPort {
+                    name: Some("http".into()),
+                    container_port: 8080,
+                    ..ContainerPort::default()
+                }]),
+                readiness_probe: Some(Probe {
+                    http_get: Some(HTTPGetAction {
+                        path: Some("/healthz".into()),
+                        port: IntOrString::String("http".into()),
+                        ..HTTPGetAction::default()
+                    }),
+                    ..Probe::default()
+                }),
+                liveness_probe: Some(Probe {
+                    exec: Some(ExecAction {
+                        command: Some(vec!["true".into()]),
+                    }),
+                    ..Probe::default()
+                }),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        };
+        (meta, spec)
+    }
+
+    /// Injection points the HTTP readiness probe at the admin port and tells the proxy
+    /// the original; the exec probe stays; uninjection restores the pod exactly.
+    #[test]
+    fn injection_rewrites_http_probes_and_uninjection_restores_them() {
+        let (meta0, spec0) = probed_pod(None);
+        let (mut meta, mut spec) = (meta0.clone(), spec0.clone());
+        inject(&mut meta, &mut spec, &InjectConfig::default()).unwrap();
+        let web = &spec.containers[0];
+        let get = web
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap();
+        assert_eq!(
+            (get.port.clone(), get.path.as_deref()),
+            (
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15021),
+                Some("/app-health/web/readyz")
+            )
+        );
+        assert_eq!(web.liveness_probe, spec0.containers[0].liveness_probe);
+        let json = &env_of(&spec)[keys::env::APP_PROBES];
+        assert!(json.contains(r#""port":8080,"path":"/healthz""#), "{json}");
+
+        // The webhook never re-injects an injected pod, so the probes are not rewritten
+        // twice.
+        assert_eq!(
+            decide(&meta, &spec, "shop", true, &InjectConfig::default()),
+            Err(Skip::AlreadyInjected)
+        );
+        assert!(uninject(&mut meta, &mut spec));
+        assert_eq!((meta, spec), (meta0, spec0));
+    }
+
+    /// `weft.dev/rewrite-probes: "false"` keeps the probes as written; a value other
+    /// than true or false is refused.
+    #[test]
+    fn the_rewrite_probes_annotation_opts_out() {
+        let (mut meta, mut spec) = probed_pod(Some("false"));
+        let before = spec.containers.clone();
+        inject(&mut meta, &mut spec, &InjectConfig::default()).unwrap();
+        assert_eq!(spec.containers, before);
+        assert!(!env_of(&spec).contains_key(keys::env::APP_PROBES));
+
+        let (mut meta, mut spec) = probed_pod(Some("true"));
+        inject(&mut meta, &mut spec, &InjectConfig::default()).unwrap();
+        assert!(env_of(&spec).contains_key(keys::env::APP_PROBES));
+
+        let (mut meta, mut spec) = probed_pod(Some("no"));
+        let err = inject(&mut meta, &mut spec, &InjectConfig::default()).unwrap_err();
+        assert!(
+            matches!(err, InjectError::BadAnnotation { key, .. } if key == keys::REWRITE_PROBES)
+        );
     }
 }

@@ -81,7 +81,12 @@ pub fn init_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
 
 /// The proxy as a native sidecar: an init container with `restartPolicy: Always`, so it
 /// starts before the app (gated by its startup probe) and does not hold Jobs open.
-pub fn proxy_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
+/// `app_probes` is the JSON of the application's rewritten probes, if any.
+pub fn proxy_container(
+    cfg: &InjectConfig,
+    opts: &PodOptions,
+    app_probes: Option<String>,
+) -> Container {
     let admin = IntOrString::Int(i32::from(cfg.ports.admin));
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
@@ -155,6 +160,9 @@ pub fn proxy_container(cfg: &InjectConfig, opts: &PodOptions) -> Container {
         if let Some(name) = &trace.service_name {
             env.push(value(keys::env::TRACE_SERVICE_NAME, name.clone()));
         }
+    }
+    if let Some(json) = app_probes {
+        env.push(value(keys::env::APP_PROBES, json));
     }
     if let Some(id) = &cfg.identity {
         env.push(value(keys::env::IDENTITY_ADDR, id.addr.clone()));
@@ -279,7 +287,7 @@ mod tests {
         if let Some(t) = opts.trace.as_mut() {
             t.service_name = Some("shop".into());
         }
-        let env = proxy_container(&cfg, &opts).env.unwrap();
+        let env = proxy_container(&cfg, &opts, Some("{}".into())).env.unwrap();
         let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(
             names,
@@ -298,6 +306,7 @@ mod tests {
                 keys::env::TRACE_COLLECTOR,
                 keys::env::TRACE_SAMPLING,
                 keys::env::TRACE_SERVICE_NAME,
+                keys::env::APP_PROBES,
             ]
         );
         let value = |name: &str| {
@@ -322,7 +331,9 @@ mod tests {
         );
 
         // Without the annotations, neither list is set (the proxy's defaults: none).
-        let plain = proxy_container(&cfg, &PodOptions::default()).env.unwrap();
+        let plain = proxy_container(&cfg, &PodOptions::default(), None)
+            .env
+            .unwrap();
         assert_eq!(plain.len(), 8);
 
         // With the operator's identity endpoint, the proxy gets where and what to trust.
@@ -334,7 +345,7 @@ mod tests {
             }),
             ..InjectConfig::default()
         };
-        let env = proxy_container(&meshed, &PodOptions::default())
+        let env = proxy_container(&meshed, &PodOptions::default(), None)
             .env
             .unwrap();
         let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();

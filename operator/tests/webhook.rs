@@ -136,6 +136,105 @@ async fn an_annotated_pod_gets_the_sidecar_the_init_container_and_the_token() {
     hook.stop().await;
 }
 
+/// The real API server stores the injected pod with its HTTP probes pointed at the
+/// proxy's admin port (so that a Strict Policy cannot fail them) and the originals in the
+/// proxy's environment; a tcpSocket probe and an opted-out pod's probes stay as written.
+#[tokio::test]
+async fn an_injected_pods_http_probes_point_at_the_admin_port() {
+    let client = shared::client().await.unwrap();
+    let ns = scoped_namespace(&client, "inject-probes", None).await;
+    let (hook, _port) = start_webhook_with(
+        &client,
+        &ns,
+        FailurePolicy::Ignore,
+        Duration::from_secs(3600),
+    )
+    .await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let probed = |name: &str, annotations: serde_json::Value| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {"containers": [{
+                "name": "app",
+                "image": "weft.invalid/app:1",
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 2, "timeoutSeconds": 3},
+                "livenessProbe": {"httpGet": {"path": "/live", "port": 8081}},
+                "startupProbe": {"tcpSocket": {"port": 8080}},
+            }]}
+        }))
+        .unwrap()
+    };
+
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &probed("web", json!({"weft.dev/inject": "enabled"})),
+        )
+        .await
+        .unwrap();
+    let spec = created.spec.clone().unwrap();
+    let app = &spec.containers[0];
+    let ready = app.readiness_probe.clone().unwrap();
+    let get = ready.http_get.clone().unwrap();
+    assert_eq!(
+        (get.port, get.path.as_deref(), get.scheme.as_deref()),
+        (
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15021),
+            Some("/app-health/app/readyz"),
+            Some("HTTP")
+        )
+    );
+    assert_eq!(
+        (ready.period_seconds, ready.timeout_seconds),
+        (Some(2), Some(3))
+    );
+    let live = app.liveness_probe.clone().unwrap().http_get.unwrap();
+    assert_eq!(live.path.as_deref(), Some("/app-health/app/livez"));
+    let startup = app.startup_probe.clone().unwrap();
+    assert!(startup.http_get.is_none() && startup.tcp_socket.is_some());
+    let proxy = spec
+        .init_containers
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == keys::PROXY_CONTAINER)
+        .unwrap();
+    let probes = proxy
+        .env
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == keys::env::APP_PROBES)
+        .and_then(|e| e.value)
+        .unwrap();
+    let probes: serde_json::Value = serde_json::from_str(&probes).unwrap();
+    assert_eq!(probes["app/readyz"]["port"], 8080, "{probes}");
+    assert_eq!(probes["app/readyz"]["path"], "/healthz", "{probes}");
+    assert_eq!(probes["app/livez"]["port"], 8081, "{probes}");
+    assert!(probes.get("app/startupz").is_none(), "{probes}");
+
+    let kept = pods
+        .create(
+            &PostParams::default(),
+            &probed(
+                "kept",
+                json!({"weft.dev/inject": "enabled", "weft.dev/rewrite-probes": "false"}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(has_proxy(&kept));
+    let app = &kept.spec.unwrap().containers[0];
+    let get = app.readiness_probe.clone().unwrap().http_get.unwrap();
+    assert_eq!(
+        (get.port, get.path.as_deref()),
+        (
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("http".into()),
+            Some("/healthz")
+        )
+    );
+    hook.stop().await;
+}
+
 #[tokio::test]
 async fn a_labelled_namespace_injects_deployment_pods_but_honours_opt_out() {
     let client = shared::client().await.unwrap();

@@ -6,12 +6,15 @@
 //! | `/ready` | 200 once a config is active (and, with identity on, a valid certificate installed), 503 before that (the body says why) and while draining |
 //! | `/metrics` | Prometheus/OpenMetrics text |
 //! | `/config` | the active config as JSON, with its version and generation (loopback only) |
+//! | `/app-health/<container>/<livez\|readyz\|startupz>` | the application's own HTTP probe, repeated against it on loopback: its status code, or 503 with the reason it did not answer ([`crate::app_probe`]); 404 for a probe the pod does not have |
 //!
 //! The listener binds every address so that the kubelet and Prometheus reach it, which
 //! makes it reachable from every pod too: what reveals the mesh's topology (`/config`
 //! names every service, endpoint and identity) is answered only to loopback peers
-//! (`kubectl port-forward`, `kubectl exec`), 403 otherwise. Connections are bounded in
-//! number, in head size and in how long their head may take.
+//! (`kubectl port-forward`, `kubectl exec`), 403 otherwise. The application probes are
+//! answered to anyone, as the kubelet is remote: they send only the fixed requests the
+//! pod's spec wrote, to the pod's own application, and return only a status code.
+//! Connections are bounded in number, in head size and in how long their head may take.
 
 use std::{
     convert::Infallible,
@@ -28,7 +31,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    Proxy,
+    Proxy, app_probe,
     limits::{ADMIN_MAX_HEADER_BYTES, Limit},
 };
 
@@ -70,7 +73,12 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
             let header_read_timeout = proxy.limits.admin_header_read_timeout;
             let svc = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(route(&proxy, local, &req)) }
+                async move {
+                    if req.uri().path().starts_with(app_probe::PATH_PREFIX) {
+                        return Ok::<_, Infallible>(app_health(&proxy, &req).await);
+                    }
+                    Ok(route(&proxy, local, &req))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -135,6 +143,30 @@ impl Peer {
             Peer::Loopback
         } else {
             Peer::Remote
+        }
+    }
+}
+
+/// `/app-health/<container>/<kind>`: the application's answer to its own probe.
+async fn app_health(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    let path = req.uri().path();
+    let Some(probe) = proxy.app_probes.get().and_then(|p| p.for_path(path)) else {
+        return text(StatusCode::NOT_FOUND, "no such application probe\n");
+    };
+    match probe
+        .check(req.headers().get(http::header::USER_AGENT))
+        .await
+    {
+        Ok(status) => text(
+            status,
+            format!("application answered {}\n", status.as_u16()),
+        ),
+        Err(error) => {
+            tracing::debug!(%path, %error, "application probe failed");
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n"))
         }
     }
 }

@@ -6,7 +6,7 @@
 //! peers ──▶ inbound :15006 ──┘               └──▶ opaque TCP ──▶ destination
 //!
 //!  config file / SIGHUP ──▶ source ──▶ store (validate, swap Arc<Snapshot>)
-//!  admin :15021 ──▶ /live /ready /metrics /config
+//!  admin :15021 ──▶ /live /ready /metrics /config /app-health/<container>/<kind>
 //! ```
 //!
 //! Modules, one concern each: [`config`] (validation), [`store`] (active snapshot),
@@ -16,7 +16,8 @@
 //! [`route`] (the routing stages: normalize, match, rewrite, edit headers, split, fault),
 //! [`retry`] (retry policy, backoff and budget), [`ratelimit`] (inbound token buckets),
 //! [`identity`] (the proxy's certificate and mutual TLS between proxies), [`authz`]
-//! (inbound authorization and the mTLS mode), [`trace`] (trace context and span export).
+//! (inbound authorization and the mTLS mode), [`trace`] (trace context and span export),
+//! [`app_probe`] (the application's HTTP probes, repeated on the admin port).
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod access_log;
 pub mod admin;
+pub mod app_probe;
 pub mod authz;
 pub mod balance;
 pub mod breaker;
@@ -89,6 +91,9 @@ pub struct Proxy {
     pub access_log: std::sync::OnceLock<Arc<access_log::AccessLog>>,
     /// The tracer, when this pod sends spans to a collector (set once, at startup).
     pub tracer: std::sync::OnceLock<Arc<trace::Tracer>>,
+    /// The application's HTTP probes the admin listener repeats for the kubelet
+    /// (`WEFT_APP_PROBES`, set once, at startup); none when unset.
+    pub app_probes: std::sync::OnceLock<Arc<app_probe::AppProbes>>,
     /// The proxy's mesh identity, when configured (`--identity-addr`): inbound TLS from
     /// peer proxies is terminated and outbound connections to meshed endpoints use mTLS.
     pub identity: Option<Arc<identity::IdentityStore>>,
@@ -147,6 +152,7 @@ impl Proxy {
             limits,
             access_log: std::sync::OnceLock::new(),
             tracer: std::sync::OnceLock::new(),
+            app_probes: std::sync::OnceLock::new(),
         })
     }
 }

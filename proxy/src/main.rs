@@ -180,6 +180,11 @@ struct RunArgs {
     /// The `service.name` of this proxy's spans.
     #[arg(long, env = "WEFT_TRACE_SERVICE_NAME", default_value = "weft-proxy")]
     trace_service_name: String,
+    /// The application's HTTP probes (JSON, written by the injector), which the admin
+    /// listener repeats against the application on loopback for
+    /// `/app-health/<container>/<livez|readyz|startupz>`. Validated at startup.
+    #[arg(long, env = "WEFT_APP_PROBES", default_value = "")]
+    app_probes: weft_proxy::app_probe::AppProbes,
     /// Runtime worker threads. Every pod pays for them; one suits most sidecars.
     #[arg(long, env = "WEFT_WORKERS", default_value = "1")]
     workers: NonZeroUsize,
@@ -503,6 +508,13 @@ async fn serve(
     }
     if let Some(initial) = initial {
         proxy.store.apply(initial)?;
+    }
+    if !args.app_probes.is_empty() {
+        tracing::info!(
+            probes = args.app_probes.len(),
+            "application probes on the admin port"
+        );
+        let _ = proxy.app_probes.set(Arc::new(args.app_probes.clone()));
     }
 
     let admin_stop = CancellationToken::new();

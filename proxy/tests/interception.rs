@@ -375,6 +375,11 @@ fn bad_local_port_lists_stop_the_proxy_at_startup() {
             "https://otel:4317",
             "only plain-text OTLP/gRPC (http://) is supported",
         ),
+        (
+            "WEFT_APP_PROBES",
+            r#"{"web/readyz":{"port":0,"path":"/healthz"}}"#,
+            "probe \"web/readyz\": port 0",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.yaml");
@@ -441,6 +446,7 @@ fn every_variable_the_injector_sets_is_a_proxy_setting() {
         "WEFT_IDENTITY_SERVER_NAME",
         "WEFT_TRUST_ROOTS",
         "WEFT_OPERATOR_SERVER_NAME",
+        "WEFT_APP_PROBES",
     ] {
         assert!(
             help.contains(&format!("[env: {var}=")),

@@ -1,0 +1,248 @@
+//! The kubelet's probes through the admin listener: a real admin listener, a real
+//! application on loopback, and the JSON the injector writes. Each probe's answer is the
+//! application's status; an application that is down or too slow is a 503 with the
+//! reason, in time for the kubelet; a probe the pod does not have is a 404.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioIo},
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use weft_proxy::{Proxy, app_probe::AppProbes};
+
+/// An application that answers by path, and records the headers it saw.
+async fn app() -> (SocketAddr, Arc<Mutex<Vec<HeaderMap>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    log.lock().unwrap().push(req.headers().clone());
+                    async move {
+                        let mut r = Response::new(Full::new(Bytes::from_static(b"body\n")));
+                        match req.uri().path() {
+                            "/ok" => {}
+                            "/fail" => *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
+                            "/redirect" => {
+                                *r.status_mut() = StatusCode::FOUND;
+                                r.headers_mut().insert(
+                                    http::header::LOCATION,
+                                    "http://198.18.0.1/elsewhere".parse().unwrap(),
+                                );
+                            }
+                            "/slow" => tokio::time::sleep(Duration::from_secs(10)).await,
+                            _ => *r.status_mut() = StatusCode::NOT_FOUND,
+                        }
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A port nothing listens on.
+async fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The admin listener of a proxy holding these probes.
+async fn admin(json: &str) -> (SocketAddr, CancellationToken) {
+    let proxy = Proxy::new();
+    proxy
+        .app_probes
+        .set(Arc::new(json.parse::<AppProbes>().unwrap()))
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(weft_proxy::admin::serve(listener, proxy, stop.clone()));
+    (addr, stop)
+}
+
+/// What the kubelet gets for `path`, as the kubelet asks (GET, its User-Agent).
+async fn probe(admin: SocketAddr, method: &str, path: &str) -> (StatusCode, HeaderMap, String) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("http://{admin}{path}"))
+        .header(http::header::USER_AGENT, "kube-probe/1.34")
+        .body(Empty::new())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn the_admin_port_answers_the_kubelet_with_the_applications_status() {
+    let (app, seen) = app().await;
+    let down = closed_port().await;
+    let port = app.port();
+    let json = format!(
+        r#"{{
+        "web/readyz": {{"port": {port}, "path": "/ok", "headers": [{{"name": "X-Probe", "value": "kubelet"}}], "timeoutSeconds": 1}},
+        "web/livez": {{"port": {port}, "path": "/fail", "timeoutSeconds": 1}},
+        "web/startupz": {{"port": {port}, "path": "/slow", "timeoutSeconds": 1}},
+        "down/readyz": {{"port": {down}, "path": "/ok"}},
+        "moved/readyz": {{"port": {port}, "path": "/redirect", "timeoutSeconds": 1}}
+    }}"#
+    );
+    let (admin, stop) = admin(&json).await;
+
+    // 200 passes through, with the probe's headers, the kubelet's User-Agent and a Host
+    // naming the application's port.
+    let (status, _, _) = probe(admin, "GET", "/app-health/web/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    let headers = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(headers["x-probe"], "kubelet");
+    assert_eq!(headers["user-agent"], "kube-probe/1.34");
+    assert_eq!(headers["host"], format!("127.0.0.1:{port}").as_str());
+
+    // 500 passes through as 500: the kubelet sees the application failing.
+    let (status, _, _) = probe(admin, "GET", "/app-health/web/livez").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+
+    // A redirect is not followed, and where it points is not passed on.
+    let requests = seen.lock().unwrap().len();
+    let (status, headers, _) = probe(admin, "GET", "/app-health/moved/readyz").await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert!(!headers.contains_key(http::header::LOCATION));
+    assert_eq!(seen.lock().unwrap().len(), requests + 1);
+
+    // The application down: 503 with the reason.
+    let (status, _, body) = probe(admin, "GET", "/app-health/down/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("connect to the application"), "{body}");
+
+    // Too slow: 503 once the probe's timeout (1 s) has passed, not when the app answers.
+    let started = Instant::now();
+    let (status, _, body) = probe(admin, "GET", "/app-health/web/startupz").await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("did not answer within 1s"), "{body}");
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_millis(1500),
+        "answered after {took:?}"
+    );
+
+    // Probes the pod does not have, and methods the kubelet does not use.
+    for path in [
+        "/app-health/other/readyz",
+        "/app-health/web/healthz",
+        "/app-health/web",
+        "/app-health/",
+    ] {
+        let (status, _, _) = probe(admin, "GET", path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    let (status, _, _) = probe(admin, "POST", "/app-health/web/readyz").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    stop.cancel();
+}
+
+/// An application serving HTTPS with a self-signed certificate: the probe goes over TLS
+/// and, like the kubelet's, does not verify the certificate; a plain-HTTP app behind an
+/// HTTPS probe is a 503 naming TLS.
+#[tokio::test]
+async fn https_probes_go_over_tls_without_verifying() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["app.invalid".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    if req.uri().path() != "/secure" {
+                        *r.status_mut() = StatusCode::NOT_FOUND;
+                    }
+                    Ok::<_, Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let (plain, _) = app().await;
+    let json = format!(
+        r#"{{
+        "tls/readyz": {{"port": {port}, "path": "/secure", "scheme": "HTTPS"}},
+        "tls/livez": {{"port": {port}, "path": "/missing", "scheme": "HTTPS"}},
+        "plain/readyz": {{"port": {}, "path": "/ok", "scheme": "HTTPS"}}
+    }}"#,
+        plain.port()
+    );
+    let (admin, stop) = admin(&json).await;
+    let (status, _, body) = probe(admin, "GET", "/app-health/tls/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _, _) = probe(admin, "GET", "/app-health/tls/livez").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, body) = probe(admin, "GET", "/app-health/plain/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("TLS with the application"), "{body}");
+    stop.cancel();
+}
+
+/// A proxy without application probes answers 404 on their paths and serves the rest.
+#[tokio::test]
+async fn without_probes_the_paths_are_not_found() {
+    let proxy = Proxy::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(weft_proxy::admin::serve(listener, proxy, stop.clone()));
+    let (status, _, _) = probe(addr, "GET", "/app-health/web/readyz").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = probe(addr, "GET", "/live").await;
+    assert_eq!(status, StatusCode::OK);
+    stop.cancel();
+}
