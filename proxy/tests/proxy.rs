@@ -450,6 +450,60 @@ async fn peak_ewma_gives_equal_endpoints_their_weighted_share() {
 }
 
 #[tokio::test]
+async fn peak_ewma_steers_away_from_an_endpoint_failing_fast_and_back_once_it_recovers() {
+    // "bad" answers 503 at once, "good" answers 200 after 3 ms. On latency alone "bad"
+    // looks the faster and got most requests (the test bed's node saw 68-96 %); failures
+    // in a row now multiply its estimate, so it gets a few requests, then one probe per
+    // ~14 s. No retry policy: every request that reaches "bad" fails at the client.
+    let bad = ControlledBackend::start("127.0.0.2", 0).await;
+    bad.fail(true);
+    let good = Backend::start_slow("127.0.0.3", "good", 3).await;
+    let proxy = TestProxy::start("web", config(&[("web", &[bad.addr, good.addr])])).await;
+    let client = h1_client();
+    let n = 400;
+    let mut failed = 0;
+    for _ in 0..n {
+        let status = get(&client, &proxy.url("/")).await.0.status();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            failed += 1;
+        } else {
+            assert_eq!(status, StatusCode::OK);
+        }
+    }
+    assert_eq!(failed, bad.hits());
+    assert_eq!(good.hits() + bad.hits(), n);
+    eprintln!("failing endpoint: {failed} of {n} requests");
+    assert!(failed <= n / 20, "the failing endpoint got {failed} of {n}");
+
+    // Recovered, it is tried again once its penalty has decayed below "good"'s estimate:
+    // ~14 s after its last probe, up to ~35 s when that probe multiplied the 30 ms seed
+    // (DEFAULT_DECAY × ln(4 × 30 ms / 3 ms)).
+    bad.fail(false);
+    let (recovered, before) = (Instant::now(), bad.hits());
+    while bad.hits() == before {
+        assert!(
+            recovered.elapsed() < Duration::from_secs(50),
+            "the recovered endpoint got no request in 50 s"
+        );
+        let status = get(&client, &proxy.url("/")).await.0.status();
+        assert_eq!(status, StatusCode::OK);
+    }
+    eprintln!(
+        "recovered endpoint tried again after {:?}",
+        recovered.elapsed()
+    );
+    // One success ends its run of failures: it has a share again, not one probe per 14 s
+    // (29 of 100 measured: the two estimates are close and move on DEFAULT_DECAY's scale).
+    let before = bad.hits();
+    for _ in 0..200 {
+        let status = get(&client, &proxy.url("/")).await.0.status();
+        assert_eq!(status, StatusCode::OK);
+    }
+    let back = bad.hits() - before;
+    assert!(back >= 20, "the recovered endpoint got {back} of 200");
+}
+
+#[tokio::test]
 async fn endpoint_removed_mid_traffic_loses_no_request() {
     let a = Backend::start("127.0.0.2", "a").await;
     let b = Backend::start("127.0.0.3", "b").await;
