@@ -20,10 +20,12 @@
 //! own latency, never more than [`FAILURE_PENALTY`] from the multiplying). Repeated, the
 //! estimate climbs geometrically until the endpoint loses its comparisons, whatever the
 //! latency scale; from then on it is tried again only when its estimate has decayed below
-//! the competition (about `DEFAULT_DECAY × ln FAILURE_FACTOR` ≈ 14 s later), and one success
-//! brings it back. A lone failure between successes costs nothing beyond its latency, so an
-//! application's occasional 500 does not inflate every endpoint's estimate. This only biases
-//! the choice; ejecting an endpoint is the Breaker's outlier detection.
+//! the competition (about `DEFAULT_DECAY × ln FAILURE_FACTOR` ≈ 14 s later; longer when
+//! the penalty multiplied the seed), and one success brings it back. A lone failure between
+//! successes costs nothing beyond its latency, so an application's occasional 500 does not
+//! inflate every endpoint's estimate. With unequal weights a failing endpoint, like a slow
+//! one, keeps the picks where it is drawn twice (below). This only biases the choice;
+//! ejecting an endpoint is the Breaker's outlier detection.
 //!
 //! # Power of two choices, with weights
 //!
