@@ -537,7 +537,11 @@ mod tests {
                 e.observe(ms(5), t);
             }
         }
-        assert!(e.estimate_ns(t0 + ms(1000)) <= 5.0e6, "{}", e.estimate_ns(t0));
+        assert!(
+            e.estimate_ns(t0 + ms(1000)) <= 5.0e6,
+            "{}",
+            e.estimate_ns(t0)
+        );
     }
 
     #[test]
@@ -545,10 +549,16 @@ mod tests {
         use http::{HeaderMap, HeaderValue, StatusCode};
         let none = HeaderMap::new();
         for code in [500, 501, 502, 503, 504, 599] {
-            assert!(is_failure(StatusCode::from_u16(code).unwrap(), &none), "{code}");
+            assert!(
+                is_failure(StatusCode::from_u16(code).unwrap(), &none),
+                "{code}"
+            );
         }
         for code in [200, 204, 301, 404, 429] {
-            assert!(!is_failure(StatusCode::from_u16(code).unwrap(), &none), "{code}");
+            assert!(
+                !is_failure(StatusCode::from_u16(code).unwrap(), &none),
+                "{code}"
+            );
         }
         let grpc = |status: &'static str| {
             let mut h = HeaderMap::new();
