@@ -424,18 +424,19 @@ async fn peak_ewma_gives_equal_endpoints_their_weighted_share() {
     // (the 30 ms seed, decaying with the 10 s constant) makes its endpoint "clearly
     // slower" for longer than the test, and then latency, not weight, decides (the light
     // one gets 1 % or 19 %). On a loaded machine a CPU stall does that: with the test
-    // suite and three busy loops on two cores, 3 runs of 5 gave the light one 14-16 % from
-    // one client. A run in which the one client saw such a response proves nothing about
-    // weights, so it is repeated with fresh estimates, at most three times. (From eight
-    // clients, the in-flight term pulls shares back, and the clients' own latency, which
-    // includes waiting for each other, would flag nearly every loaded run: 9.6-12 % seen.)
-    for run in 1..=3 {
+    // suite and three busy loops on two cores, 3 suites of 5 gave the light one 14-16 %
+    // from one client. A run in which the one client saw such a response proves nothing
+    // about weights, so it is repeated with fresh estimates, at most five times (under
+    // the same load, 1 suite of 10 then had three such runs in a row). From eight
+    // clients the in-flight term pulls shares back, and the clients' own latency, which
+    // includes waiting for each other, would flag nearly every loaded run (9.6-12 % seen).
+    for run in 1..=5 {
         match weighted_share_run().await {
             Ok(()) => return,
             Err(stall) => eprintln!("run {run}: {stall}; weights not tested, again"),
         }
     }
-    panic!("three runs in a row had a request slow enough to decide by latency");
+    panic!("five runs in a row had a request slow enough to decide by latency");
 }
 
 /// One run of [`peak_ewma_gives_equal_endpoints_their_weighted_share`]: `Err` when a
