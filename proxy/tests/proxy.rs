@@ -441,6 +441,7 @@ async fn peak_ewma_gives_equal_endpoints_their_weighted_share() {
 
 /// One run of [`peak_ewma_gives_equal_endpoints_their_weighted_share`]: `Err` when a
 /// request from the one client took long enough to put its endpoint outside the 2× band.
+#[allow(clippy::unwrap_used)]
 async fn weighted_share_run() -> Result<(), String> {
     let heavy = Backend::start("127.0.0.2", "heavy").await;
     let light = Backend::start("127.0.0.3", "light").await;
