@@ -10,6 +10,23 @@
 //! once to any slower observation and decays toward faster ones with time constant
 //! [`DEFAULT_DECAY`]; a new endpoint starts at [`DEFAULT_SEED`].
 //!
+//! # Failures cost
+//!
+//! Latency alone makes an endpoint that fails fast look like the best one: a pod answering
+//! 500 in 0.2 ms beats one answering 200 in 5 ms, and P2C sends it most requests. So a
+//! failure ([`is_failure`]: a 5xx, a gRPC error status of the 5xx kind, a reset, a per-try
+//! timeout) that is at least the [`FAILURES_BEFORE_PENALTY`]th in a row is recorded as
+//! [`FAILURE_FACTOR`] times the endpoint's current estimate (never less than the failure's
+//! own latency, never more than [`FAILURE_PENALTY`] from the multiplying). Repeated, the
+//! estimate climbs geometrically until the endpoint loses its comparisons, whatever the
+//! latency scale; from then on it is tried again only when its estimate has decayed below
+//! the competition (about `DEFAULT_DECAY × ln FAILURE_FACTOR` ≈ 14 s later; longer when
+//! the penalty multiplied the seed), and one success brings it back. A lone failure between
+//! successes costs nothing beyond its latency, so an application's occasional 500 does not
+//! inflate every endpoint's estimate. With unequal weights a failing endpoint, like a slow
+//! one, keeps the picks where it is drawn twice (below). This only biases the choice;
+//! ejecting an endpoint is the Breaker's outlier detection.
+//!
 //! # Power of two choices, with weights
 //!
 //! P2C draws two candidates and sends the request to the cheaper. Weights must decide the
@@ -49,8 +66,31 @@ pub const DEFAULT_SEED: Duration = Duration::from_millis(30);
 /// The EWMA time constant: older observations weigh `e^(-age/decay)` (Linkerd's default).
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
 /// The latency recorded for an endpoint whose connection failed, so that P2C avoids it
-/// until the penalty decays.
+/// until the penalty decays; also the most a failed response's penalty multiplies up to.
 pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+/// How many times its current estimate a penalised failure counts as. Above
+/// [`WEIGHTED_LATENCY_BAND`], so that a penalised endpoint leaves the band in which weights
+/// decide; small, so that it is tried again within `DEFAULT_DECAY × ln 4` ≈ 14 s.
+pub const FAILURE_FACTOR: f64 = 4.0;
+/// Consecutive failures before a failure costs more than its latency: the first of a run
+/// may be the request's fault (a 500 for a bad input), a second in a row hints at the pod.
+pub const FAILURES_BEFORE_PENALTY: u32 = 2;
+
+/// Whether a response counts as a failure for the latency estimate: any 5xx (as for the
+/// Breaker's outlier detection), or a trailers-only gRPC response whose `grpc-status` is
+/// one gRPC maps to a 5xx (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL,
+/// UNAVAILABLE, DATA_LOSS). A status in trailers after a body is not seen: the estimate is
+/// updated when the response head arrives.
+pub fn is_failure(status: http::StatusCode, headers: &http::HeaderMap) -> bool {
+    if status.is_server_error() {
+        return true;
+    }
+    let grpc = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    matches!(grpc, Some(2 | 4 | 12 | 13 | 14 | 15))
+}
 
 /// A peak-sensitive exponentially weighted moving average of latency.
 #[derive(Debug, Clone)]
@@ -58,6 +98,8 @@ pub struct PeakEwma {
     estimate_ns: f64,
     stamp: Instant,
     decay_ns: f64,
+    /// Failures since the last success.
+    failures: u32,
 }
 
 impl PeakEwma {
@@ -67,12 +109,44 @@ impl PeakEwma {
             estimate_ns: seed.as_nanos() as f64,
             stamp: now,
             decay_ns: decay.as_nanos().max(1) as f64,
+            failures: 0,
         }
     }
 
-    /// Records one observed latency.
+    /// Records the latency of a successful request.
     pub fn observe(&mut self, rtt: Duration, now: Instant) {
+        self.failures = 0;
+        self.record(rtt.as_nanos() as f64, now);
+    }
+
+    /// Records a request that failed after `rtt` (see the module documentation).
+    pub fn observe_failure(&mut self, rtt: Duration, now: Instant) {
+        self.failures = self.failures.saturating_add(1);
         let rtt = rtt.as_nanos() as f64;
+        if self.failures < FAILURES_BEFORE_PENALTY {
+            self.record(rtt, now);
+            return;
+        }
+        let current = self.estimate_ns(now);
+        let penalty = (current * FAILURE_FACTOR)
+            .min(FAILURE_PENALTY.as_nanos() as f64)
+            .max(rtt);
+        if penalty > current {
+            self.estimate_ns = penalty;
+            self.stamp = self.stamp.max(now);
+        } else {
+            // Already above the cap: the failure counts as its latency.
+            self.record(rtt, now);
+        }
+    }
+
+    /// Records a failed connection: the estimate jumps to [`FAILURE_PENALTY`].
+    pub fn observe_connect_failure(&mut self, now: Instant) {
+        self.failures = self.failures.saturating_add(1);
+        self.record(FAILURE_PENALTY.as_nanos() as f64, now);
+    }
+
+    fn record(&mut self, rtt: f64, now: Instant) {
         if rtt > self.estimate_ns {
             self.estimate_ns = rtt;
         } else {
@@ -428,6 +502,147 @@ mod tests {
         assert!((e.estimate_ns(t1) - expect).abs() < 1e3);
         // Idle, it decays toward zero.
         assert!(e.estimate_ns(t1 + DEFAULT_DECAY * 5) < expect / 100.0);
+    }
+
+    #[test]
+    fn a_run_of_failures_multiplies_the_estimate_and_a_success_ends_it() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut e = PeakEwma::new(ms(1), DEFAULT_DECAY, t0);
+        // The first failure of a run counts as its latency only.
+        e.observe_failure(Duration::from_micros(200), t0);
+        assert!(e.estimate_ns(t0) < 1.1e6, "{}", e.estimate_ns(t0));
+        // From the second on, each one multiplies the estimate.
+        let before = e.estimate_ns(t0);
+        e.observe_failure(Duration::from_micros(200), t0);
+        assert!((e.estimate_ns(t0) - before * FAILURE_FACTOR).abs() < 1.0);
+        for _ in 0..20 {
+            e.observe_failure(Duration::from_micros(200), t0);
+        }
+        assert_eq!(
+            e.estimate_ns(t0),
+            FAILURE_PENALTY.as_nanos() as f64,
+            "capped, not overflowing"
+        );
+        // A failure slower than the cap counts as what it took.
+        e.observe_failure(Duration::from_secs(3), t0);
+        assert_eq!(e.estimate_ns(t0), 3e9);
+        // After a success, a lone failure costs nothing beyond its latency again.
+        let mut e = PeakEwma::new(ms(5), DEFAULT_DECAY, t0);
+        for i in 0..100u32 {
+            let t = t0 + ms(10) * i;
+            if i % 10 == 0 {
+                e.observe_failure(Duration::from_micros(200), t);
+            } else {
+                e.observe(ms(5), t);
+            }
+        }
+        assert!(
+            e.estimate_ns(t0 + ms(1000)) <= 5.0e6,
+            "{}",
+            e.estimate_ns(t0)
+        );
+    }
+
+    #[test]
+    fn failures_are_5xx_and_5xx_kind_grpc_statuses() {
+        use http::{HeaderMap, HeaderValue, StatusCode};
+        let none = HeaderMap::new();
+        for code in [500, 501, 502, 503, 504, 599] {
+            assert!(
+                is_failure(StatusCode::from_u16(code).unwrap(), &none),
+                "{code}"
+            );
+        }
+        for code in [200, 204, 301, 404, 429] {
+            assert!(
+                !is_failure(StatusCode::from_u16(code).unwrap(), &none),
+                "{code}"
+            );
+        }
+        let grpc = |status: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", HeaderValue::from_static(status));
+            is_failure(StatusCode::OK, &h)
+        };
+        for status in ["2", "4", "12", "13", "14", "15"] {
+            assert!(grpc(status), "grpc-status {status}");
+        }
+        for status in ["0", "1", "3", "5", "7", "8", "16", "x"] {
+            assert!(!grpc(status), "grpc-status {status}");
+        }
+    }
+
+    /// One client sending requests back to back for `secs` simulated seconds: endpoint 0
+    /// answers in `took[0]`, the others in `took[1]`, and
+    /// `fails(t)` says whether endpoint 0 fails at `t`. Returns the picks and when
+    /// endpoint 0 was picked.
+    fn simulate(
+        weights: &[u32],
+        took: [Duration; 2],
+        fails: impl Fn(Duration) -> bool,
+        secs: u64,
+    ) -> (usize, Vec<Duration>) {
+        let p = Picker::p2c(weights);
+        let mut rng = StdRng::seed_from_u64(21);
+        let t0 = Instant::now();
+        let mut ewma: Vec<PeakEwma> = weights
+            .iter()
+            .map(|_| PeakEwma::new(DEFAULT_SEED, DEFAULT_DECAY, t0))
+            .collect();
+        let (mut t, mut picks, mut to_first) = (Duration::ZERO, 0, Vec::new());
+        while t < Duration::from_secs(secs) {
+            let now = t0 + t;
+            let i = p
+                .pick(&mut rng, None, |i| Load {
+                    estimate_ns: ewma[i].estimate_ns(now),
+                    in_flight: 0,
+                })
+                .unwrap();
+            let took = took[i.min(1)];
+            t += took;
+            if i == 0 {
+                to_first.push(t);
+                if fails(t) {
+                    ewma[0].observe_failure(took, t0 + t);
+                    picks += 1;
+                    continue;
+                }
+            }
+            ewma[i].observe(took, t0 + t);
+            picks += 1;
+        }
+        (picks, to_first)
+    }
+
+    #[test]
+    fn p2c_steers_away_from_an_endpoint_that_fails_fast_and_back_when_it_recovers() {
+        // Equal weights only: with unequal ones a failing endpoint keeps the picks where it
+        // is drawn twice, (wᵢ / Σw)² (see the module documentation).
+        let (fast, slow) = (Duration::from_micros(200), Duration::from_millis(5));
+        for weights in [&[1u32, 1][..], &[1, 1, 1]] {
+            // Failing for 60 s: a few requests while its estimate climbs, then one probe
+            // every ~14 s.
+            let (total, failing) = simulate(weights, [fast, slow], |_| true, 60);
+            assert!(
+                failing.len() <= 20,
+                "{weights:?}: the failing endpoint got {} of {total}",
+                failing.len()
+            );
+            // Recovered at 30 s, just after a probe: it is tried again DEFAULT_DECAY × ln 4
+            // (≈ 14 s) after that probe, a little later while the healthy endpoint's
+            // estimate is still falling from the seed (15.7 s here); then, being faster,
+            // it takes most requests.
+            let recovered = Duration::from_secs(30);
+            let (_, picked) = simulate(weights, [fast, slow], |t| t < recovered, 60);
+            let back = picked.iter().find(|t| **t >= recovered).copied();
+            assert!(
+                back.is_some_and(|t| t - recovered <= Duration::from_secs(20)),
+                "{weights:?}: first request after recovery at {back:?}"
+            );
+            let after = picked.iter().filter(|t| **t >= recovered).count();
+            assert!(after > 1000, "{weights:?}: {after} requests after recovery");
+        }
     }
 
     #[test]

@@ -639,7 +639,7 @@ impl HttpConn {
                 Err(_) => {
                     // Dropping the attempt's future cancelled it upstream (stream reset or
                     // connection closed).
-                    endpoint.observe(sent.elapsed());
+                    endpoint.observe_failure_at(sent.elapsed(), Instant::now());
                     record(index, Outcome::ServerError);
                     let overall = plan
                         .deadline
@@ -659,7 +659,12 @@ impl HttpConn {
                 }
                 Ok(Ok((resp, lease))) => {
                     let done = Instant::now();
-                    endpoint.observe_at(done.saturating_duration_since(sent), done);
+                    let took = done.saturating_duration_since(sent);
+                    if crate::balance::is_failure(resp.status(), resp.headers()) {
+                        endpoint.observe_failure_at(took, done);
+                    } else {
+                        endpoint.observe_at(took, done);
+                    }
                     record(index, Outcome::of_status(resp.status()));
                     let retry = retries < max_retries
                         && head.is_some()
@@ -717,6 +722,7 @@ impl HttpConn {
                         return self.fail(x.labels, ErrorCode::RequestBodyTimeout, x.grpc, x.start);
                     }
                     record(index, Outcome::ServerError);
+                    endpoint.observe_failure_at(sent.elapsed(), Instant::now());
                     let failure = if refused_stream(&error) {
                         Failure::RefusedStream
                     } else {

@@ -51,7 +51,7 @@ use arc_swap::ArcSwapOption;
 use weft_api::proxy_config::{self as wire, ProxyConfig};
 
 use crate::{
-    balance::{DEFAULT_DECAY, DEFAULT_SEED, FAILURE_PENALTY, Load, PeakEwma, Picker},
+    balance::{DEFAULT_DECAY, DEFAULT_SEED, Load, PeakEwma, Picker},
     breaker::{EndpointOutlier, Outcome, Overloaded, RequestPermit, ServiceBreaker},
     config::{Config, ConfigError, Service},
     identity::{ClientTls, IdentityStore},
@@ -178,22 +178,32 @@ impl EndpointState {
         InFlight(self.clone(), None)
     }
 
-    /// Records a latency observation.
+    /// Records the latency of a successful request.
     pub fn observe(&self, rtt: Duration) {
         self.observe_at(rtt, Instant::now());
     }
 
-    /// Records a latency observation made at `now` (for a caller that has read the clock
-    /// already).
+    /// Records the latency of a successful request, made at `now` (for a caller that has
+    /// read the clock already).
     pub fn observe_at(&self, rtt: Duration, now: Instant) {
         if let Ok(mut e) = self.ewma.lock() {
             e.observe(rtt, now);
         }
     }
 
+    /// Records a request that failed after `rtt` (a 5xx, a reset, a per-try timeout): a run
+    /// of them raises the estimate so that P2C steers away (see [`crate::balance`]).
+    pub fn observe_failure_at(&self, rtt: Duration, now: Instant) {
+        if let Ok(mut e) = self.ewma.lock() {
+            e.observe_failure(rtt, now);
+        }
+    }
+
     /// Records a connect failure as a latency penalty.
     pub fn penalize(&self) {
-        self.observe(FAILURE_PENALTY);
+        if let Ok(mut e) = self.ewma.lock() {
+            e.observe_connect_failure(Instant::now());
+        }
     }
 
     /// The requests in flight to this endpoint.

@@ -418,11 +418,37 @@ async fn peak_ewma_sends_most_requests_to_the_faster_endpoint() {
 async fn peak_ewma_gives_equal_endpoints_their_weighted_share() {
     // Two equally fast backends weighted 9 : 1: the light one gets its 10 %, from one
     // client and from eight keep-alive clients (before the fix it got 0 to 7 %).
+    //
+    // Only while the proxy sees them as equally fast. From one client (nothing in flight
+    // to even things out), one response slower than twice the other endpoint's estimate
+    // (the 30 ms seed, decaying with the 10 s constant) makes its endpoint "clearly
+    // slower" for longer than the test, and then latency, not weight, decides (the light
+    // one gets 1 % or 19 %). On a loaded machine a CPU stall does that: with the test
+    // suite and three busy loops on two cores, 3 suites of 5 gave the light one 14-16 %
+    // from one client. A run in which the one client saw such a response proves nothing
+    // about weights, so it is repeated with fresh estimates, at most five times (under
+    // the same load, 1 suite of 10 then had three such runs in a row). From eight
+    // clients the in-flight term pulls shares back, and the clients' own latency, which
+    // includes waiting for each other, would flag nearly every loaded run (9.6-12 % seen).
+    for run in 1..=5 {
+        match weighted_share_run().await {
+            Ok(()) => return,
+            Err(stall) => eprintln!("run {run}: {stall}; weights not tested, again"),
+        }
+    }
+    panic!("five runs in a row had a request slow enough to decide by latency");
+}
+
+/// One run of [`peak_ewma_gives_equal_endpoints_their_weighted_share`]: `Err` when a
+/// request from the one client took long enough to put its endpoint outside the 2× band.
+#[allow(clippy::unwrap_used)]
+async fn weighted_share_run() -> Result<(), String> {
     let heavy = Backend::start("127.0.0.2", "heavy").await;
     let light = Backend::start("127.0.0.3", "light").await;
     let mut cfg = config(&[("web", &[heavy.addr, light.addr])]);
     cfg["services"][0]["endpoints"][0]["weight"] = 9.into();
     let proxy = TestProxy::start("web", cfg).await;
+    let started = Instant::now();
     for (clients, requests) in [(1, 1000), (8, 2000)] {
         let before = (heavy.hits(), light.hits());
         let mut workers = Vec::new();
@@ -430,23 +456,97 @@ async fn peak_ewma_gives_equal_endpoints_their_weighted_share() {
             let url = proxy.url("/");
             workers.push(tokio::spawn(async move {
                 let client = h1_client();
+                let mut stalls = Vec::new();
                 for _ in 0..requests / clients {
+                    let sent = Instant::now();
                     assert_eq!(get(&client, &url).await.0.status(), StatusCode::OK);
+                    // Twice the other endpoint's lowest possible estimate by now: the
+                    // seed decayed for the time since the proxy started (the client's
+                    // latency includes the proxy's, so this errs toward "stalled").
+                    let at = sent.duration_since(started).as_secs_f64();
+                    let band = Duration::from_millis(60).mul_f64((-at / 10.0).exp());
+                    if clients == 1 && sent.elapsed() >= band {
+                        stalls.push((sent.elapsed(), at));
+                    }
                 }
+                stalls
             }));
         }
+        let mut stalls = Vec::new();
         for w in workers {
-            w.await.unwrap();
+            stalls.extend(w.await.unwrap());
         }
         let (h, l) = (heavy.hits() - before.0, light.hits() - before.1);
         assert_eq!(h + l, requests);
         let share = l as f64 / requests as f64;
+        if let Some((took, at)) = stalls.first() {
+            return Err(format!(
+                "{clients} clients: a request took {took:?} at {at:.2} s (light got {:.1} %)",
+                share * 100.0
+            ));
+        }
         assert!(
             (0.07..=0.13).contains(&share),
             "{clients} clients: light got {:.1} % of {requests}",
             share * 100.0
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn peak_ewma_steers_away_from_an_endpoint_failing_fast_and_back_once_it_recovers() {
+    // "bad" answers 503 at once, "good" answers 200 after 3 ms. On latency alone "bad"
+    // looks the faster and got most requests (the test bed's node saw 68-96 %); failures
+    // in a row now multiply its estimate, so it gets a few requests, then one probe per
+    // ~14 s. No retry policy: every request that reaches "bad" fails at the client.
+    let bad = ControlledBackend::start("127.0.0.2", 0).await;
+    bad.fail(true);
+    let good = Backend::start_slow("127.0.0.3", "good", 3).await;
+    let proxy = TestProxy::start("web", config(&[("web", &[bad.addr, good.addr])])).await;
+    let client = h1_client();
+    let n = 400;
+    let mut failed = 0;
+    for _ in 0..n {
+        let status = get(&client, &proxy.url("/")).await.0.status();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            failed += 1;
+        } else {
+            assert_eq!(status, StatusCode::OK);
+        }
+    }
+    assert_eq!(failed, bad.hits());
+    assert_eq!(good.hits() + bad.hits(), n);
+    eprintln!("failing endpoint: {failed} of {n} requests");
+    assert!(failed <= n / 20, "the failing endpoint got {failed} of {n}");
+
+    // Recovered, it is tried again once its penalty has decayed below "good"'s estimate:
+    // ~14 s after its last probe, ~35 s when that probe multiplied the 30 ms seed
+    // (DEFAULT_DECAY × ln(4 × 30 ms / 3 ms)), and never later than the decay from the
+    // 1 s cap takes (DEFAULT_DECAY × ln(1 s / 3 ms) ≈ 58 s).
+    bad.fail(false);
+    let (recovered, before) = (Instant::now(), bad.hits());
+    while bad.hits() == before {
+        assert!(
+            recovered.elapsed() < Duration::from_secs(60),
+            "the recovered endpoint got no request in 60 s"
+        );
+        let status = get(&client, &proxy.url("/")).await.0.status();
+        assert_eq!(status, StatusCode::OK);
+    }
+    eprintln!(
+        "recovered endpoint tried again after {:?}",
+        recovered.elapsed()
+    );
+    // One success ends its run of failures: it has a share again, not one probe per 14 s
+    // (29 of 100 measured: the two estimates are close and move on DEFAULT_DECAY's scale).
+    let before = bad.hits();
+    for _ in 0..200 {
+        let status = get(&client, &proxy.url("/")).await.0.status();
+        assert_eq!(status, StatusCode::OK);
+    }
+    let back = bad.hits() - before;
+    assert!(back >= 20, "the recovered endpoint got {back} of 200");
 }
 
 #[tokio::test]
