@@ -1,11 +1,7 @@
 //! The demo (`make demo`): its manifests pass the real API server's validation, and the
 //! whole demo, run against the test bed's node, shows what it says it shows.
 
-use std::{
-    path::Path,
-    process::Command,
-    time::Instant,
-};
+use std::{path::Path, process::Command, time::Instant};
 
 use anyhow::{Context, bail};
 use weft_e2e::{
@@ -42,7 +38,11 @@ async fn the_demo_manifests_pass_the_api_servers_validation() -> anyhow::Result<
     // The namespace and ServiceAccounts for real: the dry run of objects in the namespace
     // needs it to exist, and of a pod its ServiceAccount.
     for file in ["app/00-namespace.yaml", "app/10-serviceaccounts.yaml"] {
-        run(bed.kubectl().arg("apply").arg("-f").arg(manifests.join(file)))?;
+        run(bed
+            .kubectl()
+            .arg("apply")
+            .arg("-f")
+            .arg(manifests.join(file)))?;
     }
     let dry_run = |path: &Path| {
         run(bed
@@ -125,7 +125,9 @@ fn the_demo_runs_on_the_node_and_shows_what_it_says() -> anyhow::Result<()> {
     let mut narrator = Narrator::new(Box::new(std::io::stderr()));
     let demo_started = Instant::now();
     demo::install(&mut narrator, &cluster, &helm, &helm_home, &[])?;
-    let report = Demo::new(&cluster, &mut narrator, Some(kubectl_weft)).run();
+    let report = Demo::new(&cluster, &mut narrator, Some(kubectl_weft))
+        .with_kubectl_dir(node.testbed().binaries().dir().to_path_buf())
+        .run();
     let report = match report {
         Ok(r) => r,
         Err(e) => {
@@ -186,7 +188,10 @@ fn the_demo_runs_on_the_node_and_shows_what_it_says() -> anyhow::Result<()> {
         Some(p.intruder.sent),
         "{p:?}"
     );
-    assert!(p.client.sent >= 150 && p.client.ok == p.client.sent, "{p:?}");
+    assert!(
+        p.client.sent >= 150 && p.client.ok == p.client.sent,
+        "{p:?}"
+    );
     assert!(p.denials_counted >= p.intruder.sent as f64, "{p:?}");
     // Golden metrics name the demo's deployments.
     let stat = report.stat.as_deref().unwrap_or_default();

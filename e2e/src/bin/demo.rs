@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
     narrator.progress("preparing Helm (built from the Go module proxy once, then cached)");
     let helm = Helm::ensure()?;
     // Keep the node (a detached one outlives this process) while the demo runs.
-    let (cluster, _node, local) = match &cli.kubeconfig {
+    let (cluster, node, local) = match &cli.kubeconfig {
         Some(kubeconfig) => {
             narrator.step("Your cluster (KUBECONFIG)");
             narrator.say(&format!(
@@ -134,7 +134,11 @@ fn main() -> anyhow::Result<()> {
         )?;
     }
 
-    let report = Demo::new(&cluster, &mut narrator, kubectl_weft).run()?;
+    let mut demo = Demo::new(&cluster, &mut narrator, kubectl_weft);
+    if let Some(node) = &node {
+        demo = demo.with_kubectl_dir(node.testbed().binaries().dir().to_path_buf());
+    }
+    let report = demo.run()?;
     finish(&mut narrator, &report, local, &cli, started);
     if !report.problems.is_empty() {
         std::process::exit(1);
@@ -179,7 +183,8 @@ fn finish(narrator: &mut Narrator, report: &Report, local: bool, cli: &Cli, star
     if let Some(setup) = narrator.kubectl_setup.clone() {
         narrator.see(&setup);
     }
-    narrator.see("kubectl -n weft-demo get pods,routes.weft.dev,breakers.weft.dev,policies.weft.dev");
+    narrator
+        .see("kubectl -n weft-demo get pods,routes.weft.dev,breakers.weft.dev,policies.weft.dev");
     narrator.see("kubectl -n weft-demo logs deploy/client -c app -f");
     narrator.see("kubectl delete -f demo/manifests/policy.yaml   # and watch the intruder get in");
     narrator.see("kubectl weft stat deploy -n weft-demo --watch");

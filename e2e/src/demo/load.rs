@@ -28,10 +28,10 @@ pub struct LoadReport {
     pub pods: BTreeMap<String, u64>,
     /// Answers carrying a `weft-error` header, by its value (the proxy answered itself).
     pub weft_errors: BTreeMap<String, u64>,
-    /// Median latency in the window, in milliseconds.
-    pub p50_ms: f64,
+    /// Median latency in the window, in milliseconds (none when nothing was answered).
+    pub p50_ms: Option<f64>,
     /// 99th percentile latency in the window, in milliseconds.
-    pub p99_ms: f64,
+    pub p99_ms: Option<f64>,
 }
 
 impl LoadReport {
@@ -64,8 +64,9 @@ impl LoadReport {
             add(&mut total.servers, &r.servers);
             add(&mut total.pods, &r.pods);
             add(&mut total.weft_errors, &r.weft_errors);
-            total.p50_ms = total.p50_ms.max(r.p50_ms);
-            total.p99_ms = total.p99_ms.max(r.p99_ms);
+            // Percentiles do not add up: the sum keeps the worst window's.
+            total.p50_ms = max_of(total.p50_ms, r.p50_ms);
+            total.p99_ms = max_of(total.p99_ms, r.p99_ms);
         }
         total
     }
@@ -87,6 +88,13 @@ impl LoadReport {
     /// Answers served by this version (`web-v1`).
     pub fn served_by(&self, server: &str) -> u64 {
         self.servers.get(server).copied().unwrap_or(0)
+    }
+}
+
+fn max_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -150,7 +158,7 @@ mod tests {
 {"type":"report","window_s":5.0,"sent":100,"ok":97,"status":{"200":97,"500":3},"errors":{"connect":0,"timeout":0,"other":0},"servers":{"web-v1":90,"web-v2":10},"pods":{"web-v1-a":90,"web-v2-b":7,"web-v2-c":3},"p50_ms":1.2,"p99_ms":4.5,"total":{"sent":100}}
 not json at all
 {"type":"report","sent":100,"ok":100,"status":{"200":100},"servers":{"web-v1":88,"web-v2":12},"weft_errors":{},"p50_ms":2.0,"p99_ms":3.0}
-{"type":"final","sent":20,"ok":0,"status":{"403":20},"weft_errors":{"forbidden":20}}
+{"type":"final","sent":20,"ok":0,"status":{"403":20},"weft_errors":{"forbidden":20},"p50_ms":null}
 "#;
 
     #[test]

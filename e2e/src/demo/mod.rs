@@ -16,9 +16,10 @@
 pub mod load;
 
 use std::{
+    io::Read,
     io::Write,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -86,6 +87,12 @@ const SPLIT_WINDOWS: usize = 6;
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a Weft resource may take to be acknowledged and enforced by every proxy.
 const PROGRAMMED_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a kubectl-weft command may take (they read a few proxies' admin endpoints).
+const KUBECTL_WEFT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The operator's admin endpoint as the chart exposes it (the Service and port name
+/// kubectl-weft reads `/proxies` from; its own default, `weft-operator:admin`, is not
+/// a port of the chart's Services).
+const OPERATOR_SERVICE: &str = "weft-operator-metrics:http-metrics";
 /// How long the client's proxy may take to eject a failing web-v2 pod.
 const EJECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -256,6 +263,7 @@ pub struct Demo<'a> {
     cluster: &'a Cluster,
     narrator: &'a mut Narrator,
     kubectl_weft: Option<PathBuf>,
+    kubectl_dir: Option<PathBuf>,
     problems: Vec<String>,
 }
 
@@ -271,8 +279,16 @@ impl<'a> Demo<'a> {
             cluster,
             narrator,
             kubectl_weft,
+            kubectl_dir: None,
             problems: Vec::new(),
         }
+    }
+
+    /// Puts `dir` first on the `PATH` of kubectl-weft, which runs `kubectl port-forward`
+    /// (the test bed's kubectl, matching its API server).
+    pub fn with_kubectl_dir(mut self, dir: PathBuf) -> Self {
+        self.kubectl_dir = Some(dir);
+        self
     }
 
     /// Runs every step in turn. A step that cannot go on (a wait that timed out) fails
@@ -326,7 +342,9 @@ impl<'a> Demo<'a> {
                 "--wait=true",
                 "--timeout=120s",
             ])
-            .context("the namespace weft-demo from an earlier run was not deleted within 2 minutes")?;
+            .context(
+                "the namespace weft-demo from an earlier run was not deleted within 2 minutes",
+            )?;
         }
         let all: Vec<&str> = APP_MANIFESTS.iter().map(|(_, y)| *y).collect();
         self.cluster.apply(&all.join("\n---\n"))?;
@@ -379,7 +397,10 @@ impl<'a> Demo<'a> {
                 continue;
             }
             injected.push(InjectedPod {
-                pod: pod["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+                pod: pod["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
                 init_containers: names(&pod["spec"]["initContainers"]),
                 containers: names(&pod["spec"]["containers"]),
             });
@@ -531,17 +552,20 @@ impl<'a> Demo<'a> {
         let windows = self.windows_after(mark, 2)?;
         let sum = LoadReport::sum(&windows);
         self.narrator.say(&format!(
-            "The client's proxy balances requests to `web` over its three pods:\n  \
-             {} requests, {} ok; web-v1 {}, web-v2 {}; p99 {:.1} ms",
+            "The client's proxy picks one of `web`'s three pods per request, by power of two\n\
+             choices over each pod's latency (peak EWMA), so the faster pods get more:\n  \
+             {} requests, {} ok; web-v1 {}, web-v2 {}; p99 {:.1} ms (worst window)",
             sum.sent,
             sum.ok,
             sum.served_by("web-v1"),
             sum.served_by("web-v2"),
-            sum.p99_ms
+            sum.p99_ms.unwrap_or(0.0)
         ));
-        self.narrator.say("The client's report lines, one every 5 s:");
         self.narrator
-            .see(&format!("kubectl -n {NAMESPACE} logs deploy/client -c app -f"));
+            .say("The client's report lines, one every 5 s:");
+        self.narrator.see(&format!(
+            "kubectl -n {NAMESPACE} logs deploy/client -c app -f"
+        ));
         Ok(sum)
     }
 
@@ -588,9 +612,12 @@ impl<'a> Demo<'a> {
             (1.0 - expected_v2) * 100.0,
             expected_v2 * 100.0
         );
+        self.narrator.step(&format!(
+            "{}. A Route splitting {label}",
+            5 + (expected_v2 > 0.2) as u8
+        ));
         self.narrator
-            .step(&format!("{}. A Route splitting {label}", 5 + (expected_v2 > 0.2) as u8));
-        self.narrator.see(&format!("kubectl apply -f demo/manifests/{file}"));
+            .see(&format!("kubectl apply -f demo/manifests/{file}"));
         self.cluster.apply(yaml)?;
         self.wait_programmed("routes.weft.dev", "web")?;
         let mark = self.reports()?.len();
@@ -646,7 +673,8 @@ impl<'a> Demo<'a> {
 
     fn breaker(&mut self) -> anyhow::Result<BreakerOutcome> {
         self.narrator.step("7. A Breaker ejecting a failing pod");
-        self.narrator.see("kubectl apply -f demo/manifests/breaker.yaml");
+        self.narrator
+            .see("kubectl apply -f demo/manifests/breaker.yaml");
         self.cluster.apply(BREAKER)?;
         self.wait_programmed("breakers.weft.dev", "web-v2")?;
         let client = self.pod("app=client")?;
@@ -658,8 +686,10 @@ impl<'a> Demo<'a> {
             &prefix,
         );
         let mark = self.reports()?.len();
-        let fail_cmd = format!("kubectl -n {NAMESPACE} exec {failing} -c app -- weft-demo-app fail");
-        self.narrator.say(&format!("Making {failing} answer 500 to every request:"));
+        let fail_cmd =
+            format!("kubectl -n {NAMESPACE} exec {failing} -c app -- weft-demo-app fail");
+        self.narrator
+            .say(&format!("Making {failing} answer 500 to every request:"));
         self.narrator.see(&fail_cmd);
         self.kubectl(&[
             "-n",
@@ -733,13 +763,15 @@ impl<'a> Demo<'a> {
             "http://web-v2/",
             "-n",
             NAMESPACE,
+            "--operator-service",
+            OPERATOR_SERVICE,
         ]) {
             for line in explain.lines().filter(|l| l.contains("eject")) {
                 self.narrator.say(line.trim());
             }
         }
         self.narrator.see(&format!(
-            "kubectl weft explain {client} http://web-v2/ -n {NAMESPACE}"
+            "kubectl weft explain {client} http://web-v2/ -n {NAMESPACE} --operator-service {OPERATOR_SERVICE}"
         ));
         // The pod recovers; the proxy lets it back in when its ejection time is up.
         self.kubectl(&[
@@ -760,8 +792,10 @@ impl<'a> Demo<'a> {
     }
 
     fn policy(&mut self) -> anyhow::Result<PolicyOutcome> {
-        self.narrator.step("8. A Policy refusing an unauthorized client");
-        self.narrator.see("kubectl apply -f demo/manifests/policy.yaml");
+        self.narrator
+            .step("8. A Policy refusing an unauthorized client");
+        self.narrator
+            .see("kubectl apply -f demo/manifests/policy.yaml");
         self.cluster.apply(POLICY)?;
         self.wait_programmed("policies.weft.dev", "web")?;
         let mark = self.reports()?.len();
@@ -774,7 +808,8 @@ impl<'a> Demo<'a> {
             "--ignore-not-found",
             "--wait=true",
         ]);
-        self.narrator.see("kubectl apply -f demo/manifests/intruder.yaml");
+        self.narrator
+            .see("kubectl apply -f demo/manifests/intruder.yaml");
         self.cluster.apply(INTRUDER)?;
         self.narrator
             .progress("waiting for the intruder pod to send its 20 requests and exit");
@@ -882,35 +917,83 @@ impl<'a> Demo<'a> {
         self.narrator.see(&format!(
             "kubectl weft stat deploy/client -n {NAMESPACE} --to svc/web --watch"
         ));
-        self.narrator.see(&format!("kubectl weft proxy-status -n {NAMESPACE}"));
+        self.narrator.see(&format!(
+            "kubectl weft proxy-status -n {NAMESPACE} --operator-service {OPERATOR_SERVICE}"
+        ));
         Ok(out)
     }
 
-    /// Runs the kubectl-weft binary against the cluster; `None` (with the reason said)
-    /// when it is missing or fails.
+    /// Runs the kubectl-weft binary against the cluster, for at most
+    /// [`KUBECTL_WEFT_TIMEOUT`]; `None` (with the reason said) when it is missing, fails or
+    /// takes longer.
     fn kubectl_weft_output(&mut self, args: &[&str]) -> Option<String> {
         let bin = self.kubectl_weft.clone()?;
-        let out = Command::new(&bin)
-            .args(args)
+        let mut cmd = Command::new(&bin);
+        cmd.args(args)
             .env("KUBECONFIG", self.cluster.kubeconfig())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
-            Ok(o) => {
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(dir) = &self.kubectl_dir {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let mut dirs = vec![dir.clone()];
+            dirs.extend(std::env::split_paths(&path));
+            if let Ok(joined) = std::env::join_paths(dirs) {
+                cmd.env("PATH", joined);
+            }
+        }
+        let what = format!("kubectl weft {}", args.join(" "));
+        match run_bounded(cmd, KUBECTL_WEFT_TIMEOUT) {
+            Ok(out) if out.status.success() => {
+                Some(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+            Ok(out) => {
                 self.narrator.say(&format!(
-                    "kubectl weft {} failed: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&o.stderr).trim()
+                    "{what} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
                 ));
                 None
             }
             Err(e) => {
-                self.narrator
-                    .say(&format!("running {}: {e}", bin.display()));
+                self.narrator.say(&format!("{what}: {e:#}"));
                 None
             }
         }
     }
+}
+
+/// Runs `cmd` (its output piped) for at most `timeout`, killing it after that.
+fn run_bounded(mut cmd: Command, timeout: Duration) -> anyhow::Result<Output> {
+    let mut child = cmd.spawn().context("spawning")?;
+    // Drained on threads, so a child that writes much cannot block on a full pipe.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("no answer within {timeout:?}; stopped");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
 }
 
 /// The identity in a proxy's `certificate installed identity=spiffe://…` log line.
@@ -1012,7 +1095,10 @@ mod tests {
             2.0
         );
         assert_eq!(metric_sum(text, "weft_authz_denials_total", ""), 20.0);
-        assert_eq!(metric_sum(text, "weft_breaker_ejected_endpoints", "web-v2."), 0.0);
+        assert_eq!(
+            metric_sum(text, "weft_breaker_ejected_endpoints", "web-v2."),
+            0.0
+        );
     }
 
     #[test]
@@ -1023,7 +1109,10 @@ mod tests {
             .copied()
             .chain([("intruder.yaml", INTRUDER)])
         {
-            for line in yaml.lines().filter(|l| l.trim_start().starts_with("image:")) {
+            for line in yaml
+                .lines()
+                .filter(|l| l.trim_start().starts_with("image:"))
+            {
                 assert_eq!(line.trim(), format!("image: {image}"), "{name}");
             }
         }
