@@ -596,13 +596,57 @@ impl<'a> Demo<'a> {
                 );
                 if c["status"] == "True" && observed == generation {
                     self.narrator.say(&last);
-                    return Ok(());
+                    return self.wait_in_sync();
                 }
             }
             std::thread::sleep(Duration::from_millis(500));
         }
         bail!(
             "{kind} {name} in {NAMESPACE} was not programmed within {PROGRAMMED_TIMEOUT:?}: {last}; see `kubectl -n {NAMESPACE} describe {kind} {name}`"
+        )
+    }
+
+    /// Waits until every proxy in the namespace has acknowledged the operator's latest
+    /// config for it (the operator's `/proxies`, as `kubectl weft proxy-status` reads it).
+    /// `Programmed` alone is not enough: right after a resource is created it can say
+    /// "no connected proxy needs this …" before the proxies have it.
+    fn wait_in_sync(&mut self) -> anyhow::Result<()> {
+        let path = format!(
+            "/api/v1/namespaces/{}/services/{OPERATOR_SERVICE}/proxy/proxies",
+            crate::mesh::NAMESPACE
+        );
+        let started = Instant::now();
+        let mut last = String::new();
+        while started.elapsed() < PROGRAMMED_TIMEOUT {
+            match self.kubectl(&["get", "--raw", &path]) {
+                Ok(text) => {
+                    let rows: Vec<Value> = serde_json::from_str(&text).unwrap_or_default();
+                    let ours: Vec<&Value> = rows
+                        .iter()
+                        .filter(|r| {
+                            r["pod"]
+                                .as_str()
+                                .is_some_and(|p| p.starts_with(&format!("{NAMESPACE}/")))
+                        })
+                        .collect();
+                    let synced = ours
+                        .iter()
+                        .filter(|r| r["connected"] == true && r["inSync"] == true)
+                        .count();
+                    last = format!("{synced} of {} proxies in sync", ours.len());
+                    if !ours.is_empty() && synced == ours.len() {
+                        self.narrator.say(&format!(
+                            "all {synced} proxies in {NAMESPACE} acknowledged the operator's latest config"
+                        ));
+                        return Ok(());
+                    }
+                }
+                Err(e) => last = format!("{e:#}"),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        bail!(
+            "the proxies in {NAMESPACE} did not all acknowledge the operator's latest config within {PROGRAMMED_TIMEOUT:?} ({last}); see `kubectl weft proxy-status -n {NAMESPACE} --operator-service {OPERATOR_SERVICE}`"
         )
     }
 
