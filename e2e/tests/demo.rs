@@ -170,7 +170,7 @@ fn the_demo_runs_on_the_node_and_shows_what_it_says() -> anyhow::Result<()> {
             split.expected_v2 * 100.0,
             split.describe()
         );
-        assert!(split.v1 + split.v2 >= 500, "{split:?}");
+        assert!(split.v1 + split.v2 >= 700, "{split:?}");
     }
     // The failing pod hurt the client, was ejected, and the client recovered.
     let b = &report.breaker;
