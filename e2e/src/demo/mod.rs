@@ -254,7 +254,10 @@ pub fn install(
     narrator.progress(
         "helm install weft charts/weft -n weft-system --create-namespace --wait (the operator's 2 replicas and the webhook)",
     );
-    crate::mesh::install_weft(cluster, helm, helm_home, set)?;
+    crate::mesh::install_weft(cluster, helm, helm_home, set).context(
+        "installing Weft: see `kubectl -n weft-system get pods` and `kubectl -n weft-system logs deploy/weft-operator` \
+         (an operator image older than charts/weft can refuse the chart's settings: rebuild with `make images`)",
+    )?;
     narrator.progress("Weft installed");
     narrator.see("helm list -n weft-system");
     narrator.see("kubectl -n weft-system get pods");
