@@ -96,7 +96,7 @@ const KUBECTL_WEFT_TIMEOUT: Duration = Duration::from_secs(30);
 const OPERATOR_SERVICE: &str = "weft-operator-metrics:http-metrics";
 /// How long the client's proxy may take to eject a failing web-v2 pod: it needs 5 failed
 /// answers from that pod, and its balancer steers away from a pod that fails (counting
-/// its failures), so they can take a while (7–12 s in runs here).
+/// its failures), so they can take a while (7–36 s in runs here).
 const EJECTION_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Writes the demo's narration: step headers, what was observed, and the commands that
