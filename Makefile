@@ -1,6 +1,6 @@
 # Commands that are not a plain cargo invocation. The tests remain `cargo test --workspace`.
 
-.PHONY: images images-test node-test
+.PHONY: images images-test node-test demo
 
 # The proxy and operator images from the Dockerfile, with buildah (no daemon, no
 # registry); cached when nothing changed. See docs/images.md.
@@ -17,3 +17,11 @@ images-test:
 # docs/testbed.md. WEFT_MESH_SCENARIOS=mtls,policy runs only those scenarios.
 node-test: images
 	cargo test -p weft-e2e --test mesh --locked -- --ignored --nocapture
+
+# The demo a newcomer runs first (docs/demo.md): the images (cached), the kubectl plugin,
+# then the demo on the test bed's node (needs root), or on the cluster in KUBECONFIG.
+# The node stays up for exploring: `cargo run -p weft-e2e --bin weft-testbed -- down`.
+demo:
+	images/build
+	cargo build -p kubectl-weft
+	cargo run -p weft-e2e --bin weft-demo

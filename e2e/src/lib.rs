@@ -13,6 +13,7 @@
 
 pub mod binaries;
 pub mod certs;
+pub mod demo;
 pub mod helm;
 pub mod mesh;
 pub mod node;
