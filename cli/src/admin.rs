@@ -12,6 +12,10 @@
 
 use std::collections::BTreeMap;
 
+/// The operator's admin endpoint as the chart exposes it: Service `weft-operator-metrics`,
+/// port `http-metrics` (reached through the API server's service proxy).
+pub const DEFAULT_OPERATOR_SERVICE: &str = "weft-operator-metrics:http-metrics";
+
 use anyhow::{Context, anyhow, bail};
 use kube::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

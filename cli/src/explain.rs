@@ -72,7 +72,7 @@ pub struct ExplainArgs {
     #[arg(long, default_value = "weft-system")]
     pub operator_namespace: String,
     /// The operator's Service and admin port name, through the API server's service proxy.
-    #[arg(long, default_value = "weft-operator:admin")]
+    #[arg(long, default_value = crate::admin::DEFAULT_OPERATOR_SERVICE)]
     pub operator_service: String,
     /// Read the operator's admin endpoint directly (`http://host:port`) instead.
     #[arg(long)]

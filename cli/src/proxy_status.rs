@@ -31,7 +31,7 @@ pub struct ProxyStatusArgs {
     pub operator_namespace: String,
     /// The operator's Service and admin port name, reached through the API server's
     /// service proxy.
-    #[arg(long, default_value = "weft-operator:admin")]
+    #[arg(long, default_value = crate::admin::DEFAULT_OPERATOR_SERVICE)]
     pub operator_service: String,
     /// Read the operator's admin endpoint directly (`http://host:port`) instead.
     #[arg(long)]

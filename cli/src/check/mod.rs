@@ -108,7 +108,7 @@ pub struct CheckArgs {
     #[arg(long, default_value = "weft-identity")]
     pub identity_secret: String,
     /// The operator's Service and admin port name, through the API server's service proxy.
-    #[arg(long, default_value = "weft-operator:admin")]
+    #[arg(long, default_value = crate::admin::DEFAULT_OPERATOR_SERVICE)]
     pub operator_service: String,
     /// Read the operator's admin endpoint directly (`http://host:port`) instead.
     #[arg(long)]

@@ -91,8 +91,8 @@ const PROGRAMMED_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a kubectl-weft command may take (they read a few proxies' admin endpoints).
 const KUBECTL_WEFT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The operator's admin endpoint as the chart exposes it (the Service and port name
-/// kubectl-weft reads `/proxies` from; its own default, `weft-operator:admin`, is not
-/// a port of the chart's Services).
+/// kubectl-weft reads `/proxies` from; passed explicitly so that the commands the demo
+/// prints say where it is).
 const OPERATOR_SERVICE: &str = "weft-operator-metrics:http-metrics";
 /// How long the client's proxy may take to eject a failing web-v2 pod: it needs 5 failed
 /// answers from that pod, and its balancer steers away from a pod that fails (counting
