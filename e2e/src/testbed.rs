@@ -100,6 +100,31 @@ impl TestBed {
     }
 
     fn start_in(dir: PathBuf, mode: Mode, serve: Serve) -> anyhow::Result<Self> {
+        // Ports are found free here and bound by the components a moment later; a test
+        // running beside this one can take one in between (seen in CI: etcd's peer port).
+        // A start that lost that race starts again, with new ports.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(dir.clone(), mode, serve) {
+                Err(e)
+                    if attempt < START_ATTEMPTS
+                        && format!("{e:#}").contains("address already in use") =>
+                {
+                    tracing::warn!(
+                        attempt,
+                        error = %format!("{e:#}"),
+                        "a port was taken before a component bound it; starting again with new ports"
+                    );
+                    stop_dir(&dir)?;
+                    fs::create_dir_all(&dir)?;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(dir: PathBuf, mode: Mode, serve: Serve) -> anyhow::Result<Self> {
         let binaries = Binaries::ensure()?;
         let started = Instant::now();
         certs::write_pki(&dir)?;
@@ -433,6 +458,9 @@ pub fn reap_stale(root: &Path) {
         }
     }
 }
+
+/// How many times a start that lost a race for a port is tried in all.
+const START_ATTEMPTS: u32 = 3;
 
 /// A loopback port free right now (a race with other binders is accepted: ports come from
 /// the ephemeral range and each start picks new ones).
