@@ -117,6 +117,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Inject(args) => {
             let (mut cfg, source) = inject_settings(&args)?;
             writeln!(std::io::stderr(), "{source}")?;
+            let from_cluster = !args.offline && args.config.is_none();
+            writeln!(
+                std::io::stderr(),
+                "{}",
+                settings::identity_line(
+                    &cfg,
+                    from_cluster.then_some(args.operator_namespace.as_str())
+                )
+            )?;
             if let Some(v) = args.proxy_image {
                 cfg.proxy_image = v;
             }

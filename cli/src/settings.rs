@@ -6,6 +6,7 @@
 //! --offline            built-in defaults ─┐
 //! --config FILE        defaults + FILE ───┼─▶ + explicit flags (--proxy-image …) ─▶ InjectConfig
 //! (default) cluster    defaults + ConfigMap ┘
+//!                      + identity from ConfigMap weft-identity-bundle (cluster only)
 //! ```
 
 use std::{collections::BTreeMap, path::Path};
@@ -13,7 +14,7 @@ use std::{collections::BTreeMap, path::Path};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{Api, Client};
 use weft_inject::{
-    InjectConfig,
+    InjectConfig, InjectIdentity, identity_bundle,
     settings::{self, SettingsError},
 };
 
@@ -94,16 +95,57 @@ pub async fn from_cluster(
             at: at.clone(),
             source,
         })?;
-    let Some(cm) = found else {
-        return Ok((base, Source::NoConfigMap(at)));
+    let (mut cfg, source) = match found {
+        None => (base, Source::NoConfigMap(at)),
+        Some(cm) => {
+            let cfg = settings::apply(&base, &cm.data.unwrap_or_default()).map_err(|source| {
+                LoadError::Invalid {
+                    at: at.clone(),
+                    source,
+                }
+            })?;
+            (cfg, Source::ConfigMap(at))
+        }
     };
-    let cfg = settings::apply(&base, &cm.data.unwrap_or_default()).map_err(|source| {
-        LoadError::Invalid {
+    cfg.identity = identity_from_cluster(client, namespace).await?;
+    Ok((cfg, source))
+}
+
+/// The identity the operator published ([`identity_bundle`]), or `None` when it serves
+/// none (or is older than the bundle).
+async fn identity_from_cluster(
+    client: &Client,
+    namespace: &str,
+) -> Result<Option<InjectIdentity>, LoadError> {
+    let at = format!("{namespace}/{}", identity_bundle::CONFIG_MAP);
+    let found = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .get_opt(identity_bundle::CONFIG_MAP)
+        .await
+        .map_err(|source| LoadError::Cluster {
             at: at.clone(),
             source,
-        }
-    })?;
-    Ok((cfg, Source::ConfigMap(at)))
+        })?;
+    found
+        .map(|cm| identity_bundle::from_data(&cm.data.unwrap_or_default()))
+        .transpose()
+        .map_err(|source| LoadError::Invalid { at, source })
+}
+
+/// One line for stderr saying whether injected proxies will get a mesh certificate.
+pub fn identity_line(cfg: &InjectConfig, namespace: Option<&str>) -> String {
+    match (&cfg.identity, namespace) {
+        (Some(id), Some(ns)) => format!(
+            "identity: proxies get certificates from {} (ConfigMap {ns}/{}) and speak mutual TLS",
+            id.addr,
+            identity_bundle::CONFIG_MAP
+        ),
+        (Some(id), None) => format!("identity: proxies get certificates from {}", id.addr),
+        (None, Some(ns)) => format!(
+            "no identity: ConfigMap {ns}/{} is absent (the operator serves no identity, or is older), so injected proxies speak plain text only",
+            identity_bundle::CONFIG_MAP
+        ),
+        (None, None) => "no identity: injected without the cluster's trust bundle, so proxies speak plain text only; inject against the cluster for mutual TLS".to_owned(),
+    }
 }
 
 /// Reads the settings from a file: the ConfigMap itself (as `kubectl get configmap -o yaml`

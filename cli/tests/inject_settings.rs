@@ -17,7 +17,7 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 use weft_e2e::shared;
-use weft_inject::{InjectConfig, settings};
+use weft_inject::{InjectConfig, identity_bundle, settings};
 
 const POD: &str = "apiVersion: v1
 kind: Pod
@@ -73,9 +73,13 @@ fn env(c: &Container, name: &str) -> String {
 }
 
 async fn config_map(client: &Client, ns: &str, data: &[(&str, &str)]) {
+    named_config_map(client, ns, settings::CONFIG_MAP, data).await;
+}
+
+async fn named_config_map(client: &Client, ns: &str, name: &str, data: &[(&str, &str)]) {
     let cm = ConfigMap {
         metadata: ObjectMeta {
-            name: Some(settings::CONFIG_MAP.to_owned()),
+            name: Some(name.to_owned()),
             ..Default::default()
         },
         data: Some(
@@ -198,6 +202,36 @@ async fn a_missing_configmap_means_defaults_and_a_bad_one_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("unknown setting \"proxyImg\""),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "nothing is written on error");
+
+    // The operator's identity bundle is checked as strictly: a proxy given an unusable one
+    // would never get a certificate.
+    let bad_bundle = shared::namespace(&client, "weft-op-bundle").await.unwrap();
+    named_config_map(
+        &client,
+        &bad_bundle,
+        identity_bundle::CONFIG_MAP,
+        &[
+            (
+                identity_bundle::TRUST_ROOTS,
+                "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+            ),
+            (identity_bundle::ADDR, "weft-operator"),
+            (
+                identity_bundle::SERVER_NAME,
+                "weft-operator.weft-system.svc",
+            ),
+        ],
+    )
+    .await;
+    let out = inject(&["--operator-namespace", &bad_bundle], kubeconfig);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains(&format!("{bad_bundle}/{}", identity_bundle::CONFIG_MAP))
+            && stderr.contains("identityAddr"),
         "{stderr}"
     );
     assert!(out.stdout.is_empty(), "nothing is written on error");

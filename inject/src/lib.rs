@@ -21,6 +21,7 @@
 pub mod annotations;
 pub mod audit;
 pub mod config;
+pub mod identity_bundle;
 pub mod keys;
 pub mod probes;
 pub mod settings;

@@ -355,6 +355,25 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             trust_roots: ca.trust_bundle().to_owned(),
         });
     }
+    // Not fatal: without it only `kubectl weft inject` lacks identity, and says so.
+    match identity::bundle::publish(
+        &client,
+        &args.lease_namespace,
+        webhook_settings.inject.identity.as_ref(),
+    )
+    .await
+    {
+        Ok(()) => tracing::info!(
+            configmap = weft_operator::inject::identity_bundle::CONFIG_MAP,
+            identity = webhook_settings.inject.identity.is_some(),
+            "published the identity bundle for kubectl weft inject"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            configmap = weft_operator::inject::identity_bundle::CONFIG_MAP,
+            "could not publish the identity bundle; kubectl weft inject will inject without identity"
+        ),
+    }
     // One serving certificate from the mesh CA, for the operator Service's names, serves
     // both the identity endpoint and the push server: proxies verify both against the
     // trust root they were given.

@@ -11,6 +11,7 @@
 //! The protocol is [`weft_api::identity`]; the Secret layout, limits and rotation are in
 //! `docs/identity.md`.
 
+pub mod bundle;
 pub mod ca;
 pub mod server;
 
