@@ -637,6 +637,39 @@ where
     })
 }
 
+/// Waits until the `K` named `name` is `Programmed=True` for its current generation with a
+/// message containing `want`.
+async fn programmed_by<K>(bed: &Bed, name: &str, want: &str)
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    let api = bed.api::<K>();
+    eventually(WAIT, || {
+        let api = api.clone();
+        async move {
+            let object = serde_json::to_value(api.get(name).await?)?;
+            let generation = &object["metadata"]["generation"];
+            let c = object["status"]["conditions"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "Programmed"))
+                .ok_or_else(|| anyhow!("no Programmed condition in {}", object["status"]))?;
+            ensure!(
+                c["observedGeneration"] == *generation
+                    && c["status"] == "True"
+                    && c["message"].as_str().is_some_and(|m| m.contains(want)),
+                "{name}: {c} (generation {generation})"
+            );
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// The bug the node tests found: right after a Route, Breaker or Policy was created, its
 /// `Programmed` read True ("no connected proxy needs this Route", or "acknowledged by 1 of
 /// 1 proxies" where four proxies needed it) before the proxies had it. Here four proxies
@@ -711,10 +744,7 @@ async fn programmed_is_never_true_before_every_proxy_that_needs_a_new_resource_h
                 match (kind, name) {
                     ("Route", "web") => svc.is_some_and(|s| s.route.is_some()),
                     ("Breaker", "web") => svc.is_some_and(|s| s.breaker.is_some()),
-                    ("Policy", _) => raw
-                        .inbound
-                        .as_ref()
-                        .is_some_and(|i| i.rate_limit.is_some()),
+                    ("Policy", _) => raw.inbound.as_ref().is_some_and(|i| i.rate_limit.is_some()),
                     _ => true,
                 }
             })
@@ -758,12 +788,8 @@ async fn programmed_is_never_true_before_every_proxy_that_needs_a_new_resource_h
 
     let all = "acknowledged by 4 of 4 proxies, and enforced by all";
     bed.route_programmed("web", 4).await;
-    let (_, msg) = bed.condition::<Breaker>("web", "Programmed", "True").await;
-    assert!(msg.contains(all), "{msg}");
-    let (_, msg) = bed
-        .condition::<Policy>("client-limit", "Programmed", "True")
-        .await;
-    assert!(msg.contains(all), "{msg}");
+    programmed_by::<Breaker>(&bed, "web", all).await;
+    programmed_by::<Policy>(&bed, "client-limit", all).await;
     // Writes after the last True would be seen late otherwise.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();
@@ -774,7 +800,12 @@ async fn programmed_is_never_true_before_every_proxy_that_needs_a_new_resource_h
     let seen = seen.lock().unwrap().clone();
     let ours: Vec<&Written> = seen
         .iter()
-        .filter(|w| matches!((w.kind, w.name.as_str()), ("Route", "web") | ("Breaker", "web") | ("Policy", "client-limit")))
+        .filter(|w| {
+            matches!(
+                (w.kind, w.name.as_str()),
+                ("Route", "web") | ("Breaker", "web") | ("Policy", "client-limit")
+            )
+        })
         .collect();
     let dump = || {
         ours.iter()
@@ -782,7 +813,11 @@ async fn programmed_is_never_true_before_every_proxy_that_needs_a_new_resource_h
             .collect::<Vec<_>>()
             .join("\n")
     };
-    for (kind, name) in [("Route", "web"), ("Breaker", "web"), ("Policy", "client-limit")] {
+    for (kind, name) in [
+        ("Route", "web"),
+        ("Breaker", "web"),
+        ("Policy", "client-limit"),
+    ] {
         assert!(
             ours.iter()
                 .any(|w| w.kind == kind && w.name == name && w.status == "True"),
@@ -799,6 +834,7 @@ async fn programmed_is_never_true_before_every_proxy_that_needs_a_new_resource_h
                 dump()
             );
         }
+        assert_eq!(w.generation, 1, "a new resource's first generation: {w:?}");
         if w.status == "True" {
             assert!(
                 w.message.contains(all) && w.reason == "Programmed",
@@ -824,7 +860,9 @@ async fn programmed_is_never_true_before_every_proxy_that_needs_a_new_resource_h
         .create(&Default::default(), &nobody)
         .await
         .unwrap();
-    let (reason, msg) = bed.condition::<Policy>("nobody", "Programmed", "False").await;
+    let (reason, msg) = bed
+        .condition::<Policy>("nobody", "Programmed", "False")
+        .await;
     assert_eq!(reason, "NoProxies", "{msg}");
     assert!(
         msg.starts_with("no connected proxy needs this Policy, so nothing enforces it yet"),
