@@ -580,13 +580,16 @@ struct Written {
     held_by_all: bool,
 }
 
+/// Whether every test proxy holds the resource of this kind and name right now.
+type Held = std::sync::Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
 /// Records the `Programmed` condition of every write to `K` objects in the bed's namespace
 /// until `stop`; `held` says whether every proxy holds the named object right now.
 fn record_programmed<K>(
     bed: &Bed,
     kind: &'static str,
     seen: std::sync::Arc<std::sync::Mutex<Vec<Written>>>,
-    held: std::sync::Arc<dyn Fn(&str, &str) -> bool + Send + Sync>,
+    held: Held,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()>
 where
@@ -733,22 +736,21 @@ async fn programmed_is_never_true_before_every_proxy_that_needs_a_new_resource_h
     // What each proxy holds, looked at when a status write is seen.
     let stores: Vec<_> = proxies.iter().map(|p| p.proxy.store.clone()).collect();
     let web = format!("web.{ns}.80");
-    let held: std::sync::Arc<dyn Fn(&str, &str) -> bool + Send + Sync> =
-        std::sync::Arc::new(move |kind: &str, name: &str| {
-            stores.iter().all(|store| {
-                let Some(active) = store.load() else {
-                    return false;
-                };
-                let raw = &active.raw;
-                let svc = raw.services.iter().find(|s| s.name == web);
-                match (kind, name) {
-                    ("Route", "web") => svc.is_some_and(|s| s.route.is_some()),
-                    ("Breaker", "web") => svc.is_some_and(|s| s.breaker.is_some()),
-                    ("Policy", _) => raw.inbound.as_ref().is_some_and(|i| i.rate_limit.is_some()),
-                    _ => true,
-                }
-            })
-        });
+    let held: Held = std::sync::Arc::new(move |kind: &str, name: &str| {
+        stores.iter().all(|store| {
+            let Some(active) = store.load() else {
+                return false;
+            };
+            let raw = &active.raw;
+            let svc = raw.services.iter().find(|s| s.name == web);
+            match (kind, name) {
+                ("Route", "web") => svc.is_some_and(|s| s.route.is_some()),
+                ("Breaker", "web") => svc.is_some_and(|s| s.breaker.is_some()),
+                ("Policy", _) => raw.inbound.as_ref().is_some_and(|i| i.rate_limit.is_some()),
+                _ => true,
+            }
+        })
+    });
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let stop = CancellationToken::new();
     let watchers = vec![
