@@ -815,6 +815,7 @@ async fn programmed_is_never_true_before_every_proxy_that_needs_a_new_resource_h
             .collect::<Vec<_>>()
             .join("\n")
     };
+    tracing::info!(writes = %dump(), "every Programmed written");
     for (kind, name) in [
         ("Route", "web"),
         ("Breaker", "web"),
