@@ -565,3 +565,315 @@ async fn two_replicas_serve_proxies_one_writes_status_counting_both_and_the_othe
     op.stop().await;
     bed.cleanup().await;
 }
+
+/// One status write the test saw: which object, at which generation, and its `Programmed`
+/// condition.
+#[derive(Debug, Clone)]
+struct Written {
+    kind: &'static str,
+    name: String,
+    generation: i64,
+    status: String,
+    reason: String,
+    message: String,
+    /// Whether each of the test's proxies held the resource when the write was seen.
+    held_by_all: bool,
+}
+
+/// Whether every test proxy holds the resource of this kind and name right now.
+type Held = std::sync::Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
+/// Records the `Programmed` condition of every write to `K` objects in the bed's namespace
+/// until `stop`; `held` says whether every proxy holds the named object right now.
+fn record_programmed<K>(
+    bed: &Bed,
+    kind: &'static str,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Written>>>,
+    held: Held,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
+{
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let api = bed.api::<K>();
+    tokio::spawn(async move {
+        // Every write is an event: the watch does not coalesce them.
+        let stream = watcher::watcher(api, watcher::Config::default()).applied_objects();
+        futures::pin_mut!(stream);
+        loop {
+            let object = tokio::select! {
+                () = stop.cancelled() => return,
+                o = stream.next() => match o {
+                    Some(Ok(o)) => o,
+                    Some(Err(e)) => panic!("watching {kind}: {e}"),
+                    None => return,
+                },
+            };
+            let name = object.meta().name.clone().unwrap_or_default();
+            let held_now = held(kind, &name);
+            let v = serde_json::to_value(&object).unwrap();
+            let Some(c) = v["status"]["conditions"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "Programmed"))
+            else {
+                continue;
+            };
+            let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            seen.lock().unwrap().push(Written {
+                kind,
+                name,
+                generation: c["observedGeneration"].as_i64().unwrap_or(-1),
+                status: text("status"),
+                reason: text("reason"),
+                message: text("message"),
+                held_by_all: held_now,
+            });
+        }
+    })
+}
+
+/// Waits until the `K` named `name` is `Programmed=True` for its current generation with a
+/// message containing `want`.
+async fn programmed_by<K>(bed: &Bed, name: &str, want: &str)
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    let api = bed.api::<K>();
+    eventually(WAIT, || {
+        let api = api.clone();
+        async move {
+            let object = serde_json::to_value(api.get(name).await?)?;
+            let generation = &object["metadata"]["generation"];
+            let c = object["status"]["conditions"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "Programmed"))
+                .ok_or_else(|| anyhow!("no Programmed condition in {}", object["status"]))?;
+            ensure!(
+                c["observedGeneration"] == *generation
+                    && c["status"] == "True"
+                    && c["message"].as_str().is_some_and(|m| m.contains(want)),
+                "{name}: {c} (generation {generation})"
+            );
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// The bug the node tests found: right after a Route, Breaker or Policy was created, its
+/// `Programmed` read True ("no connected proxy needs this Route", or "acknowledged by 1 of
+/// 1 proxies" where four proxies needed it) before the proxies had it. Here four proxies
+/// need every resource, one streaming from the status writer and three from the other
+/// replica, and every `Programmed` the operator ever writes is recorded: none may be True
+/// before all four acknowledged and enforce the resource, and none may count fewer than
+/// the four proxies that need it. A resource no connected proxy needs is not Programmed.
+#[tokio::test]
+async fn programmed_is_never_true_before_every_proxy_that_needs_a_new_resource_has_it() {
+    let bed = Bed::new("push-programmed").await;
+    let ns = bed.ns.clone();
+    bed.service_account("client").await;
+    bed.service("web", "web").await;
+    bed.service("api", "api").await;
+
+    // Replica a writes status (it takes the Lease before replica b starts).
+    let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr_a = la.local_addr().unwrap().to_string();
+    let a = Operator::start_as(&bed, la, "replica-a").await;
+    let leases = bed.api::<Lease>();
+    eventually(WAIT, || async {
+        let holder = leases
+            .get_opt("weft-operator")
+            .await?
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity);
+        ensure!(holder.as_deref() == Some("replica-a"), "holder {holder:?}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr_b = lb.local_addr().unwrap().to_string();
+    let b = Operator::start_as(&bed, lb, "replica-b").await;
+
+    bed.route(
+        "early",
+        json!({"service": {"name": "api"}, "rules": [{"backends": [{"name": "api"}]}]}),
+    )
+    .await;
+
+    // Four meshed client pods: one proxy streams from the writer, three from the other.
+    let mut proxies = Vec::new();
+    for i in 0..4 {
+        let pod = bed
+            .pod(
+                &format!("client-{i}"),
+                "client",
+                "client",
+                &format!("198.18.240.6{i}"),
+            )
+            .await;
+        let addr = if i == 0 { &addr_a } else { &addr_b };
+        let proxy = TestProxy::start(&bed, addr, &pod, None).await;
+        proxy.acked().await;
+        proxies.push(proxy);
+    }
+    // The early Route is programmed on all four once they are connected.
+    bed.route_programmed("early", 4).await;
+
+    // What each proxy holds, looked at when a status write is seen.
+    let stores: Vec<_> = proxies.iter().map(|p| p.proxy.store.clone()).collect();
+    let web = format!("web.{ns}.80");
+    let held: Held = std::sync::Arc::new(move |kind: &str, name: &str| {
+        stores.iter().all(|store| {
+            let Some(active) = store.load() else {
+                return false;
+            };
+            let raw = &active.raw;
+            let svc = raw.services.iter().find(|s| s.name == web);
+            match (kind, name) {
+                ("Route", "web") => svc.is_some_and(|s| s.route.is_some()),
+                ("Breaker", "web") => svc.is_some_and(|s| s.breaker.is_some()),
+                ("Policy", _) => raw.inbound.as_ref().is_some_and(|i| i.rate_limit.is_some()),
+                _ => true,
+            }
+        })
+    });
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = CancellationToken::new();
+    let watchers = vec![
+        record_programmed::<Route>(&bed, "Route", seen.clone(), held.clone(), stop.clone()),
+        record_programmed::<Breaker>(&bed, "Breaker", seen.clone(), held.clone(), stop.clone()),
+        record_programmed::<Policy>(&bed, "Policy", seen.clone(), held.clone(), stop.clone()),
+    ];
+    // Let the watches start before anything is created.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    bed.route(
+        "web",
+        json!({"service": {"name": "web"}, "rules": [{"backends": [{"name": "web"}], "timeout": "3s"}]}),
+    )
+    .await;
+    let breaker: Breaker = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"service": {"name": "web"}, "connectionPool": {"maxConnections": 50}}
+    }))
+    .unwrap();
+    bed.api::<Breaker>()
+        .create(&Default::default(), &breaker)
+        .await
+        .unwrap();
+    // Plain text and allow-all: the rate limit is what this Policy asks of the proxies.
+    let policy: Policy = serde_json::from_value(json!({
+        "metadata": {"name": "client-limit"},
+        "spec": {"target": {"selector": {"matchLabels": {"app": "client"}}},
+                 "mtls": {"mode": "Disabled"}, "defaultAction": "Allow",
+                 "rateLimit": {"requestsPerSecond": 100}}
+    }))
+    .unwrap();
+    bed.api::<Policy>()
+        .create(&Default::default(), &policy)
+        .await
+        .unwrap();
+
+    let all = "acknowledged by 4 of 4 proxies, and enforced by all";
+    bed.route_programmed("web", 4).await;
+    programmed_by::<Breaker>(&bed, "web", all).await;
+    programmed_by::<Policy>(&bed, "client-limit", all).await;
+    // Writes after the last True would be seen late otherwise.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    for w in watchers {
+        w.await.unwrap();
+    }
+
+    let seen = seen.lock().unwrap().clone();
+    let ours: Vec<&Written> = seen
+        .iter()
+        .filter(|w| {
+            matches!(
+                (w.kind, w.name.as_str()),
+                ("Route", "web") | ("Breaker", "web") | ("Policy", "client-limit")
+            )
+        })
+        .collect();
+    let dump = || {
+        ours.iter()
+            .map(|w| format!("{w:?}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    tracing::info!(writes = %dump(), "every Programmed written");
+    for (kind, name) in [
+        ("Route", "web"),
+        ("Breaker", "web"),
+        ("Policy", "client-limit"),
+    ] {
+        assert!(
+            ours.iter()
+                .any(|w| w.kind == kind && w.name == name && w.status == "True"),
+            "{kind} {name} never written Programmed=True:\n{}",
+            dump()
+        );
+    }
+    for w in &ours {
+        // Never a count of fewer proxies than need the resource.
+        if let Some(rest) = w.message.split(" of ").nth(1) {
+            assert!(
+                rest.starts_with("4 proxies"),
+                "a write counted fewer than the 4 proxies that need it: {w:?}\nall writes:\n{}",
+                dump()
+            );
+        }
+        assert_eq!(w.generation, 1, "a new resource's first generation: {w:?}");
+        if w.status == "True" {
+            assert!(
+                w.message.contains(all) && w.reason == "Programmed",
+                "Programmed=True before every proxy acknowledged: {w:?}\nall writes:\n{}",
+                dump()
+            );
+            assert!(
+                w.held_by_all,
+                "Programmed=True while a proxy did not hold the resource: {w:?}\nall writes:\n{}",
+                dump()
+            );
+        }
+    }
+
+    // A Policy that selects no pod is needed by no proxy: that is not a success.
+    let nobody: Policy = serde_json::from_value(json!({
+        "metadata": {"name": "nobody"},
+        "spec": {"target": {"selector": {"matchLabels": {"app": "none"}}},
+                 "mtls": {"mode": "Disabled"}, "defaultAction": "Allow"}
+    }))
+    .unwrap();
+    bed.api::<Policy>()
+        .create(&Default::default(), &nobody)
+        .await
+        .unwrap();
+    let (reason, msg) = bed
+        .condition::<Policy>("nobody", "Programmed", "False")
+        .await;
+    assert_eq!(reason, "NoProxies", "{msg}");
+    assert!(
+        msg.starts_with("no connected proxy needs this Policy, so nothing enforces it yet"),
+        "{msg}"
+    );
+
+    drop(proxies);
+    b.stop().await;
+    a.stop().await;
+    bed.cleanup().await;
+}

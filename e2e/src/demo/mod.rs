@@ -614,8 +614,11 @@ impl<'a> Demo<'a> {
 
     /// Waits until every proxy in the namespace has acknowledged the operator's latest
     /// config for it (the operator's `/proxies`, as `kubectl weft proxy-status` reads it).
-    /// `Programmed` alone is not enough: right after a resource is created it can say
-    /// "no connected proxy needs this …" before the proxies have it.
+    /// Kept from when `Programmed` could read True right after a resource was created,
+    /// before the proxies streaming from the other replica had it; the operator no longer
+    /// does (operator/tests/push.rs,
+    /// `programmed_is_never_true_before_every_proxy_that_needs_a_new_resource_has_it`), so
+    /// this wait can go once the demo has run on the node without needing it.
     fn wait_in_sync(&mut self) -> anyhow::Result<()> {
         let path = format!(
             "/api/v1/namespaces/{}/services/{OPERATOR_SERVICE}/proxy/proxies",

@@ -280,8 +280,8 @@ impl Drop for Background {
 }
 
 /// Waits until the operator reports `kind/name` Programmed for its current generation by
-/// at least one connected proxy (the operator also says Programmed, vacuously, when no
-/// connected proxy needs the resource: "no connected proxy needs this Route").
+/// at least one connected proxy (operators before the `NoProxies` reason also said
+/// Programmed, vacuously, when no connected proxy needed the resource).
 pub fn wait_programmed(kube: &Kube, ns: &str, what: &str) -> anyhow::Result<()> {
     eventually(Duration::from_secs(60), || {
         let obj = kube.json(&["-n", ns, "get", what])?;

@@ -150,6 +150,9 @@ pub mod reasons {
     pub const PROGRAMMED: &str = "Programmed";
     /// Programmed=False: some proxies have not acknowledged the generation yet.
     pub const PENDING: &str = "Pending";
+    /// Programmed=False: no connected proxy needs the resource, so no data plane enforces
+    /// it (not a success a user should read as one; no Event: nothing is wrong).
+    pub const NO_PROXIES: &str = "NoProxies";
     /// Programmed=False: a proxy rejected the config.
     pub const REJECTED: &str = "Rejected";
     /// Programmed=False: the proxies acknowledged the generation but do not enforce all

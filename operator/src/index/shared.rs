@@ -144,6 +144,34 @@ impl SharedIndex {
             .collect()
     }
 
+    /// Reads the index together with the view each of `pods` should run, all at one
+    /// instant (under the index lock): the status writer compares a resource's generation
+    /// with the proxies that need it, and the two must come from the same index state, or a
+    /// resource just created reads as needed by nobody. A subscribed pod's view is its
+    /// channel's (kept equal to [`Index::view`] under this lock); another pod's, such as
+    /// one streaming from another replica, is computed. `None`: the index does not know
+    /// the pod.
+    pub fn read_with_views<T>(
+        &self,
+        pods: impl IntoIterator<Item = ObjectKey>,
+        f: impl FnOnce(&Index, Vec<(ObjectKey, Option<ProxyView>)>) -> T,
+    ) -> T {
+        let index = lock(&self.index);
+        let views = {
+            let subscribers = lock(&self.subscribers);
+            pods.into_iter()
+                .map(|pod| {
+                    let view = match subscribers.get(&pod) {
+                        Some(tx) => tx.borrow().clone(),
+                        None => index.view(&pod),
+                    };
+                    (pod, view)
+                })
+                .collect()
+        };
+        f(&index, views)
+    }
+
     /// Reads the index.
     pub fn read<T>(&self, f: impl FnOnce(&Index) -> T) -> T {
         f(&lock(&self.index))
@@ -170,5 +198,79 @@ impl SharedIndex {
     /// change: a proxy acknowledged or rejected a version.
     pub fn notify(&self) {
         self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::index::{Kind, model};
+
+    fn pod(name: &str) -> (ObjectKey, super::super::Object) {
+        let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": "client"}},
+            "spec": {"serviceAccountName": "client", "containers": []}
+        }))
+        .unwrap();
+        model::pod(&p)
+    }
+
+    /// The views read with the index are those of the same index state: a Route just
+    /// applied is in the views of subscribed pods and of pods that are not (a peer's),
+    /// at the generation the index holds, never a view from before it.
+    #[test]
+    fn views_read_with_the_index_carry_the_generation_it_holds() {
+        let shared = SharedIndex::new(Index::new("cluster.local"), Arc::new(Metrics::new()));
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                     "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80}]}
+        }))
+        .unwrap();
+        shared.update(|i| {
+            let (k, o) = model::service(&svc);
+            i.apply(k, o)
+        });
+        let (a, pa) = pod("a");
+        let (b, pb) = pod("b");
+        shared.update(|i| i.apply(a.clone(), pa));
+        shared.update(|i| i.apply(b.clone(), pb));
+        let _rx = shared.subscribe(&a);
+        for generation in [1, 2] {
+            let route: kube::api::DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "weft.dev/v1alpha1", "kind": "Route",
+                "metadata": {"name": "web", "namespace": "shop", "generation": generation},
+                "spec": {"service": {"name": "web"}, "rules": [{"backends": [{"name": "web"}]}]},
+            }))
+            .unwrap();
+            shared.update(|i| {
+                let (k, o) = model::weft_resource(Kind::Route, &route);
+                i.apply(k, o)
+            });
+            let unknown = ObjectKey::new("shop", "gone");
+            let (held, views) =
+                shared.read_with_views([a.clone(), b.clone(), unknown.clone()], |i, views| {
+                    let state = i.resource_state(Kind::Route, &ObjectKey::new("shop", "web"));
+                    (state.map(|s| s.generation), views)
+                });
+            assert_eq!(held, Some(generation));
+            for (pod, view) in &views {
+                if *pod == unknown {
+                    assert!(view.is_none(), "{pod}: {view:?}");
+                    continue;
+                }
+                let gens: Vec<i64> = view
+                    .as_ref()
+                    .unwrap()
+                    .resources
+                    .iter()
+                    .filter(|r| r.kind == "Route" && r.name == "web")
+                    .map(|r| r.generation)
+                    .collect();
+                assert_eq!(gens, vec![generation], "{pod}");
+            }
+        }
     }
 }

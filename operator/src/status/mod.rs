@@ -10,12 +10,15 @@
 //! ```
 //!
 //! `Programmed` counts the connected proxies that need the resource (their config carries
-//! it), how many of them acknowledged a version carrying its current generation, and how
+//! it, as this replica's index says in the same read as the resource's generation, so a
+//! resource just created is never needed by nobody for a moment), how many of them
+//! acknowledged a version carrying its current generation, and how
 //! many of those reported in their ACK that they *enforce* it (the proxy decides, from the
 //! requirements sent with the resource: see [`crate::index::requires`]) — on every
 //! replica: proxies streaming from other replicas are known from their ACK reports
 //! ([`reports`]). Acknowledged but not enforced is `Programmed=False`, reason
-//! `NotEnforced`: the resource is accepted, but no data plane applies it.
+//! `NotEnforced`: the resource is accepted, but no data plane applies it. A resource no
+//! connected proxy needs is `Programmed=False`, reason `NoProxies`: nothing enforces it.
 
 pub mod lease;
 pub mod reports;
@@ -46,7 +49,7 @@ use weft_crds::{
 };
 
 use crate::{
-    index::{CondState, Kind, ObjectKey, ProxyView, reasons, shared::SharedIndex},
+    index::{CondState, Kind, ObjectKey, ProxyView, ResourceState, reasons, shared::SharedIndex},
     push::{ProxyState, Registry},
 };
 use reports::Peers;
@@ -61,6 +64,7 @@ const NAMED: usize = 3;
 /// needs it acknowledged a version carrying this generation *and* reported that it enforces
 /// it. A proxy that acknowledged it without enforcing all of it (it lacks a feature the
 /// resource uses, or does not report enforcement) makes it `NotEnforced`, naming the fields.
+/// When no connected proxy needs it, False (`NoProxies`): nothing enforces it.
 pub fn programmed(
     kind: Kind,
     key: &ObjectKey,
@@ -117,10 +121,18 @@ pub fn programmed(
         }
     }
     if need == 0 {
+        // Vacuously every proxy has it, but nothing enforces it: True would read as
+        // "in force" to whoever waits for it.
+        let who = match kind {
+            Kind::Policy => "the meshed pods it selects".to_owned(),
+            _ => format!("meshed pods that see namespace {}", key.namespace),
+        };
         return CondState {
-            ok: true,
-            reason: reasons::PROGRAMMED,
-            message: format!("no connected proxy needs this {kind_name}"),
+            ok: false,
+            reason: reasons::NO_PROXIES,
+            message: format!(
+                "no connected proxy needs this {kind_name}, so nothing enforces it yet; it is sent to the proxies of {who} and is Programmed once they acknowledge it"
+            ),
         };
     }
     let acked = need - lagging.len() - rejected.len();
@@ -186,6 +198,8 @@ pub struct Computed {
 }
 
 /// Computes the status of one resource, or `None` when the index does not hold it.
+/// `views` must have been read with the index in the state `index` is in now (see
+/// [`SharedIndex::read_with_views`]); the status writer reads both at once.
 pub fn compute(
     index: &SharedIndex,
     kind: Kind,
@@ -194,6 +208,18 @@ pub fn compute(
     proxies: &BTreeMap<ObjectKey, ProxyState>,
 ) -> Option<Computed> {
     let state = index.read(|i| i.resource_state(kind, key))?;
+    Some(compute_from(kind, key, state, views, proxies))
+}
+
+/// The status of one resource in `state` (`Accepted`, `ResolvedRefs` and the generation,
+/// read with `views` from one index state).
+pub fn compute_from(
+    kind: Kind,
+    key: &ObjectKey,
+    state: ResourceState,
+    views: &[(ObjectKey, Option<ProxyView>)],
+    proxies: &BTreeMap<ObjectKey, ProxyState>,
+) -> Computed {
     let programmed = if state.accepted.ok {
         programmed(kind, key, state.generation, views, proxies)
     } else {
@@ -203,7 +229,7 @@ pub fn compute(
             message: format!("not programmed: {}", state.accepted.message),
         }
     };
-    Some(Computed {
+    Computed {
         generation: state.generation,
         rule_count: state.rule_count,
         conditions: vec![
@@ -211,7 +237,7 @@ pub fn compute(
             (RESOLVED_REFS, state.resolved_refs),
             (PROGRAMMED, programmed),
         ],
-    })
+    }
 }
 
 /// Kubernetes conditions for `computed`, keeping `lastTransitionTime` of conditions whose
@@ -314,36 +340,65 @@ impl StatusWriter {
         }
     }
 
+    /// Reads what every proxy acknowledged, then the index at one instant: each
+    /// resource's generation together with what every connected proxy (on this replica or
+    /// another) should run per this index, and writes what changed.
     async fn pass(&mut self) {
-        let mut views = self.index.desired_views();
+        // Acknowledgements first: one that arrives after this read is counted next pass,
+        // and none can be for a generation the index read below has not reached.
         let mut proxies = self.registry.snapshot();
-        self.peers.merge_now(&mut proxies, &mut views);
+        let mut reported = Vec::new();
+        self.peers.merge_now(&mut proxies, &mut reported);
+        let reported: HashMap<ObjectKey, Option<ProxyView>> = reported.into_iter().collect();
+        let connected: Vec<ObjectKey> = proxies
+            .iter()
+            .filter(|(_, s)| s.streams > 0)
+            .map(|(k, _)| k.clone())
+            .collect();
+        // What a peer's proxy needs comes from this index, not from the peer's report: the
+        // report is rewritten a second or more after a change, and until then it would
+        // leave a new resource's proxies uncounted ("1 of 1" where 4 need it). A pod this
+        // index does not know yet keeps what its replica reported.
+        let (views, states) = self.index.read_with_views(connected, |i, mut views| {
+            for (pod, view) in &mut views {
+                if view.is_none()
+                    && let Some(r) = reported.get(pod)
+                {
+                    view.clone_from(r);
+                }
+            }
+            let mut states = Vec::new();
+            for kind in [Kind::Route, Kind::Policy, Kind::Breaker] {
+                for key in i.resource_keys(kind) {
+                    if let Some(state) = i.resource_state(kind, &key) {
+                        states.push((kind, key, state));
+                    }
+                }
+            }
+            (views, states)
+        });
         let index = self.index.clone();
         self.registry
             .retain_disconnected(|pod| index.read(|i| i.pod_service_account(pod).is_some()));
         let mut seen = Vec::new();
-        for kind in [Kind::Route, Kind::Policy, Kind::Breaker] {
-            for key in self.index.read(|i| i.resource_keys(kind)) {
-                let Some(computed) = compute(&self.index, kind, &key, &views, &proxies) else {
-                    continue;
-                };
-                seen.push((kind, key.clone()));
-                if self.written.get(&(kind, key.clone())) == Some(&computed) {
-                    continue;
+        for (kind, key, state) in states {
+            let computed = compute_from(kind, &key, state, &views, &proxies);
+            seen.push((kind, key.clone()));
+            if self.written.get(&(kind, key.clone())) == Some(&computed) {
+                continue;
+            }
+            // Leadership can end during a pass (the renew deadline passed): not one
+            // more write after that.
+            if !*self.leader.borrow() {
+                return;
+            }
+            match self.write(kind, &key, &computed).await {
+                Ok(true) => {
+                    self.written.insert((kind, key), computed);
                 }
-                // Leadership can end during a pass (the renew deadline passed): not one
-                // more write after that.
-                if !*self.leader.borrow() {
-                    return;
-                }
-                match self.write(kind, &key, &computed).await {
-                    Ok(true) => {
-                        self.written.insert((kind, key), computed);
-                    }
-                    Ok(false) => {}
-                    Err(error) => {
-                        tracing::warn!(kind = kind.as_str(), %key, %error, "status write failed")
-                    }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(kind = kind.as_str(), %key, %error, "status write failed")
                 }
             }
         }
@@ -406,6 +461,7 @@ impl StatusWriter {
                 || was_false
                 || c.reason == reasons::PENDING
                 || c.reason == reasons::NOT_ACCEPTED
+                || c.reason == reasons::NO_PROXIES
             {
                 continue;
             }
@@ -635,6 +691,39 @@ mod tests {
         let c = programmed(Kind::Route, &key, 2, &views, &proxies);
         assert!(c.ok, "{c:?}");
         assert!(c.message.contains("3 of 3"), "{}", c.message);
+    }
+
+    #[test]
+    fn a_resource_no_connected_proxy_needs_is_not_programmed() {
+        let key = ObjectKey::new("shop", "web");
+        let a = ObjectKey::new("shop", "a");
+        // A connected proxy whose view does not carry the Route, and a pod that needs it
+        // but whose proxy is not connected: nobody that needs it is connected.
+        let views = vec![
+            (a.clone(), view(&[])),
+            (ObjectKey::new("shop", "b"), view(&[r("web", 2)])),
+        ];
+        let proxies = BTreeMap::from([
+            (a, proxy(&[], None, 1)),
+            (ObjectKey::new("shop", "b"), proxy(&[], None, 0)),
+        ]);
+        let c = programmed(Kind::Route, &key, 2, &views, &proxies);
+        assert!(!c.ok, "{c:?}");
+        assert_eq!(c.reason, reasons::NO_PROXIES);
+        assert!(
+            c.message.starts_with(
+                "no connected proxy needs this Route, so nothing enforces it yet; it is sent to the proxies of meshed pods that see namespace shop"
+            ),
+            "{}",
+            c.message
+        );
+        let c = programmed(Kind::Policy, &key, 2, &[], &BTreeMap::new());
+        assert_eq!(c.reason, reasons::NO_PROXIES);
+        assert!(
+            c.message.contains("the meshed pods it selects"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]

@@ -65,8 +65,10 @@ pub struct ReportedProxy {
     /// What the proxy runs, as the replica serving it knows.
     #[serde(flatten)]
     pub state: ProxyState,
-    /// The Weft resources (with generations) that replica wants the proxy to run: the
-    /// proxies that need a resource are the ones that count towards `Programmed`.
+    /// The Weft resources (with generations) that replica wants the proxy to run. The
+    /// status writer computes what a proxy needs from its own index, in the same read as
+    /// each resource's generation (this report lags a change by a second or more); it uses
+    /// these only for a pod its index does not know yet.
     pub needs: BTreeSet<ResourceRef>,
 }
 

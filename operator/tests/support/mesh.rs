@@ -409,9 +409,8 @@ impl TestProxy {
         }
     }
 
-    /// Waits for the first version this proxy acknowledged. `Programmed=True` alone does not
-    /// say the proxy is connected: with no connected proxy it reads "no connected proxy needs
-    /// this Route".
+    /// Waits for the first version this proxy acknowledged (`Programmed` counts connected
+    /// proxies only: before this one connects, it does not wait for it).
     pub async fn acked(&self) -> u64 {
         let mut status = self.status.clone();
         let acked = tokio::time::timeout(WAIT, status.wait_for(|s| s.acked.is_some()))
