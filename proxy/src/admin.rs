@@ -217,6 +217,8 @@ fn route(proxy: &Proxy, peer: Peer, req: &Request<Incoming>) -> Response<Full<By
                         "identity": &*c.identity,
                         "notAfter": c.not_after_unix(),
                         "renewAt": c.renew_at().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                        "chainRoot": &c.chain_root,
+                        "trustRoots": &c.trust_roots,
                     }),
                     None => serde_json::json!({ "identity": null, "error": i.readiness().err() }),
                 });

@@ -1,8 +1,9 @@
 //! The operator as config source: a `weft.push.v1` subscription (see `docs/protocol.md`).
 //!
 //! ```text
-//! operator ──TLS 1.3 (verified against the mesh trust root and the operator's name;
-//!            plain text only for a proxy given no trust root)──HTTP/2 stream of Update
+//! operator ──TLS 1.3 (verified against the mesh trust root, the latest certificate
+//!            answer's bundle with identity on, and the operator's name; plain text only
+//!            for a proxy given no trust root)──HTTP/2 stream of Update
 //!            frames──▶ ControlClient
 //!     full / delta ─▶ received services (the operator's view of this stream)
 //!                  ─▶ ProxyConfig ─▶ ConfigStore::apply (the file source's validation + swap)
@@ -63,9 +64,25 @@ impl OperatorTls {
         server_name: rustls::pki_types::ServerName<'static>,
     ) -> Result<Self, rustls::Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        Self::with_verifier(verifier, server_name)
+    }
+
+    /// Verifies the operator with `verifier` and for `server_name`: with identity on,
+    /// [`crate::identity::IdentityStore::operator_verifier`], so that the config stream
+    /// follows the trust bundle of each certificate answer (a root rotation).
+    pub fn with_verifier(
+        verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+        server_name: rustls::pki_types::ServerName<'static>,
+    ) -> Result<Self, rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(OperatorTls {

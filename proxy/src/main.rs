@@ -358,7 +358,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let limits = args.limits.limits()?;
     let roots = trust_roots(&args)?;
     let identity = identity_config(&args, roots.as_ref())?;
-    let operator_tls = operator_tls(&args, roots.as_ref())?;
+    let store = match &identity {
+        Some(_) => Some(weft_proxy::identity::IdentityStore::new()?),
+        None => None,
+    };
+    let operator_tls = operator_tls(&args, roots.as_ref(), store.as_deref())?;
 
     // Validate the config before binding anything, so a bad file fails fast and clearly.
     let initial = match &args.config {
@@ -386,7 +390,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the runtime")?;
-    runtime.block_on(serve(args, initial, limits, identity, operator_tls))
+    runtime.block_on(serve(args, initial, limits, identity, store, operator_tls))
 }
 
 /// The mesh trust root, from --trust-root-file or --trust-roots, if given.
@@ -403,10 +407,12 @@ fn trust_roots(args: &RunArgs) -> anyhow::Result<Option<rustls::RootCertStore>> 
 }
 
 /// How the config stream verifies the operator: with a trust root, TLS for the operator's
-/// name; without one, plain text (an operator without identity).
+/// name (with identity on, against the latest certificate answer's bundle once there is
+/// one); without one, plain text (an operator without identity).
 fn operator_tls(
     args: &RunArgs,
     roots: Option<&rustls::RootCertStore>,
+    identity: Option<&weft_proxy::identity::IdentityStore>,
 ) -> anyhow::Result<Option<weft_proxy::control::OperatorTls>> {
     let (Some(_), Some(roots)) = (&args.operator_addr, roots) else {
         return Ok(None);
@@ -422,10 +428,14 @@ fn operator_tls(
     };
     let server_name = rustls::pki_types::ServerName::try_from(name.clone())
         .with_context(|| format!("--operator-server-name {name:?}"))?;
-    Ok(Some(
-        weft_proxy::control::OperatorTls::new(roots.clone(), server_name)
-            .context("the TLS settings of the config stream")?,
-    ))
+    let tls = match identity {
+        Some(store) => weft_proxy::control::OperatorTls::with_verifier(
+            store.operator_verifier(roots.clone())?,
+            server_name,
+        ),
+        None => weft_proxy::control::OperatorTls::new(roots.clone(), server_name),
+    };
+    Ok(Some(tls.context("the TLS settings of the config stream")?))
 }
 
 /// The identity client's settings, validated before anything is bound.
@@ -481,6 +491,7 @@ async fn serve(
     initial: Option<weft_api::proxy_config::ProxyConfig>,
     limits: Limits,
     identity: Option<weft_proxy::identity::client::IdentityClientConfig>,
+    store: Option<Arc<weft_proxy::identity::IdentityStore>>,
     operator_tls: Option<weft_proxy::control::OperatorTls>,
 ) -> anyhow::Result<()> {
     tracing::info!(
@@ -491,10 +502,6 @@ async fn serve(
     let local = LocalPorts {
         opaque: args.opaque_ports.clone(),
         loopback: args.inbound_loopback_ports.clone(),
-    };
-    let store = match &identity {
-        Some(_) => Some(weft_proxy::identity::IdentityStore::new()?),
-        None => None,
     };
     let proxy = Proxy::with_identity(limits, args.before_config, local, store.clone());
     if let Some(format) = args.access_log {

@@ -206,7 +206,12 @@ impl ProxyProc {
         let token = dir.join(format!("token-{name}"));
         std::fs::write(&token, bed.token(pod).await).unwrap();
         let (forward, admin) = (free_addr(), free_addr());
-        let mut cmd = Command::new(sibling_binary("weft-proxy"));
+        // `WEFT_TEST_PROXY_BIN` overrides it, like `WEFT_TEST_OPERATOR_BIN`: in a target
+        // dir shared by several worktrees, `target/debug/weft-proxy` is whoever built last.
+        let bin = std::env::var_os("WEFT_TEST_PROXY_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| sibling_binary("weft-proxy"));
+        let mut cmd = Command::new(bin);
         cmd.arg("run")
             .args(["--operator-addr", &push.to_string()])
             .args(["--pod-namespace", &bed.ns])

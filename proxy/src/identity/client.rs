@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! key pair (ECDSA P-256, generated here, never sent) ─▶ CSR ─▶ POST /weft.identity.v1/certify
-//!   over TLS verified against --trust-root-file, Bearer <ServiceAccount token>
+//!   over TLS verified against the last answer's trust bundle (before the first:
+//!   --trust-root-file / --trust-roots), Bearer <ServiceAccount token>
 //!   ─▶ CertifyResponse ─▶ IdentityStore::install (swap) ─▶ sleep until 70 % of the lifetime
 //!   on failure: jittered exponential backoff; the old certificate stays until it expires
 //! ```
@@ -41,7 +42,8 @@ pub struct IdentityClientConfig {
     pub addr: String,
     /// The name the endpoint's certificate must carry.
     pub server_name: ServerName<'static>,
-    /// The roots the endpoint's certificate is verified against (the mesh trust root).
+    /// The roots the endpoint's certificate is verified against (the mesh trust root)
+    /// until the first answer; from then on, the latest answer's trust bundle.
     pub trust_roots: RootCertStore,
     /// The projected ServiceAccount token, read afresh for every request (it rotates).
     pub token_file: Option<PathBuf>,
@@ -155,10 +157,14 @@ impl IdentityClient {
         store: Arc<IdentityStore>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ClientError> {
+        // The endpoint is verified against the latest answer's bundle once there is one:
+        // after a root rotation's "sign with B" step the operator serves from B.
+        let verifier = store.operator_verifier(config.trust_roots.clone())?;
         let mut tls = ClientConfig::builder_with_provider(super::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| ClientError::BadResponse(e.to_string()))?
-            .with_root_certificates(config.trust_roots.clone())
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(IdentityClient {

@@ -17,6 +17,12 @@
 //! verifies a certificate, so a rotated trust bundle applies to the next connection).
 //! ALPN says what travels inside the session ([`ALPN_MUX`], [`ALPN_HTTP1`], [`ALPN_H2`],
 //! [`ALPN_TCP`]); see `docs/protocol.md` and [`crate::mux`].
+//!
+//! The trust bundle of each certificate answer replaces the proxy's trust roots
+//! everywhere: peers in both directions, and the operator itself (identity endpoint and
+//! config stream, [`IdentityStore::operator_verifier`]); the roots the proxy was started
+//! with (`--trust-roots`) serve only until the first answer. That is what lets a root
+//! rotation (`docs/identity.md`) reach running proxies without restarting them.
 
 use std::{
     io,
@@ -31,7 +37,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError,
     OtherError, RootCertStore, ServerConfig, SignatureScheme,
     client::{
-        ResolvesClientCert, Resumption,
+        ResolvesClientCert, Resumption, WebPkiServerVerifier,
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
         verify_server_cert_signed_by_trust_anchor,
     },
@@ -103,9 +109,19 @@ pub struct Certified {
     pub not_before: SystemTime,
     /// End of the leaf's validity.
     pub not_after: SystemTime,
+    /// When this proxy installed it: renewal is timed from here, not from `not_before`,
+    /// which the operator backdates for clock skew.
+    pub installed_at: SystemTime,
+    /// SHA-256 fingerprint of the bundle's root the chain leads to (colon-separated hex,
+    /// as `openssl x509 -fingerprint -sha256` prints it): which root this proxy is on.
+    pub chain_root: String,
+    /// SHA-256 fingerprints of every root of the trust bundle, in the answer's order.
+    pub trust_roots: Vec<String>,
     key: Arc<CertifiedKey>,
     roots: Arc<RootCertStore>,
     client_verifier: Arc<dyn ClientCertVerifier>,
+    /// Verifies the operator (by DNS name) against this bundle.
+    operator_verifier: Arc<WebPkiServerVerifier>,
 }
 
 impl std::fmt::Debug for Certified {
@@ -125,13 +141,13 @@ impl Certified {
             .map_or(0, |d| d.as_secs())
     }
 
-    /// When to renew: at 70 % of the lifetime.
+    /// When to renew: at 70 % of the lifetime, counted from when it was installed if
+    /// that is later than `not_before` (the operator backdates certificates by minutes,
+    /// which for a short lifetime would put 70 % in the past and renew in a loop).
     pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life.mul_f64(0.7)
+        let start = self.not_before.max(self.installed_at);
+        let life = self.not_after.duration_since(start).unwrap_or_default();
+        start + life.mul_f64(0.7)
     }
 }
 
@@ -214,10 +230,13 @@ impl IdentityStore {
             .collect::<Result<_, _>>()
             .map_err(CertError::Pem)?;
         let leaf = chain.first().ok_or(CertError::NoCertificate)?;
+        let bundle: Vec<CertificateDer<'static>> =
+            rustls_pemfile::certs(&mut bundle_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(CertError::Pem)?;
         let mut roots = RootCertStore::empty();
-        for root in rustls_pemfile::certs(&mut bundle_pem.as_bytes()) {
-            let root = root.map_err(CertError::Pem)?;
-            roots.add(root).map_err(|source| CertError::Tls {
+        for root in &bundle {
+            roots.add(root.clone()).map_err(|source| CertError::Tls {
                 what: "trust bundle",
                 source,
             })?;
@@ -231,17 +250,34 @@ impl IdentityStore {
             what: "certificate",
             source,
         })?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &roots,
-            &chain[1..],
-            UnixTime::now(),
-            self.provider.signature_verification_algorithms.all,
-        )
-        .map_err(|source| CertError::Tls {
+        let now = UnixTime::now();
+        let verify = |roots: &RootCertStore| {
+            verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                roots,
+                &chain[1..],
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )
+        };
+        verify(&roots).map_err(|source| CertError::Tls {
             what: "the certificate does not verify against the trust bundle",
             source,
         })?;
+        // Which root it leads to, for `/config`: during a rotation the bundle holds two.
+        let chain_root = bundle
+            .iter()
+            .find(|root| {
+                let mut one = RootCertStore::empty();
+                one.add((*root).clone()).is_ok() && verify(&one).is_ok()
+            })
+            .map(|root| fingerprint(root))
+            .unwrap_or_default();
+        let trust_roots = bundle.iter().map(|r| fingerprint(r)).collect();
+        let operator_verifier =
+            WebPkiServerVerifier::builder_with_provider(roots.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| CertError::Certificate(format!("operator verifier: {e}")))?;
         let signer = self
             .provider
             .key_provider
@@ -259,9 +295,13 @@ impl IdentityStore {
             identity,
             not_before,
             not_after,
+            installed_at: SystemTime::now(),
+            chain_root,
+            trust_roots,
             key: Arc::new(CertifiedKey::new(chain, signer)),
             roots,
             client_verifier,
+            operator_verifier,
         });
         self.current.store(Some(certified.clone()));
         *self.error_slot() = None;
@@ -315,6 +355,24 @@ impl IdentityStore {
     /// certificate requested (not required) and verified against the current bundle.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server.clone()
+    }
+
+    /// A verifier for the operator's own certificate (identity endpoint, config stream):
+    /// against the trust bundle of the certificate in use, or `bootstrap` (the roots the
+    /// proxy was started with) until the first is installed. So once a rotation's bundle
+    /// has arrived, the operator may serve a certificate from the new root.
+    pub fn operator_verifier(
+        &self,
+        bootstrap: RootCertStore,
+    ) -> Result<Arc<OperatorVerifier>, CertError> {
+        let bootstrap =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(bootstrap), self.provider.clone())
+                .build()
+                .map_err(|e| CertError::Certificate(format!("operator verifier: {e}")))?;
+        Ok(Arc::new(OperatorVerifier {
+            current: self.current.clone(),
+            bootstrap,
+        }))
     }
 
     /// The outbound side's TLS configs for an endpoint that must present `expected`.
@@ -668,6 +726,71 @@ impl ServerCertVerifier for MeshServerVerifier {
     }
 }
 
+/// Verifies the operator's certificate (a DNS name, webpki rules) against the trust bundle
+/// of the certificate in use, or the roots the proxy started with before it has one; see
+/// [`IdentityStore::operator_verifier`].
+#[derive(Debug)]
+pub struct OperatorVerifier {
+    current: Arc<ArcSwapOption<Certified>>,
+    bootstrap: Arc<WebPkiServerVerifier>,
+}
+
+impl OperatorVerifier {
+    fn verifier(&self) -> Arc<WebPkiServerVerifier> {
+        match self.current.load().as_ref() {
+            Some(c) => c.operator_verifier.clone(),
+            None => self.bootstrap.clone(),
+        }
+    }
+}
+
+impl ServerCertVerifier for OperatorVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        self.verifier()
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.bootstrap.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.bootstrap.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.bootstrap.supported_verify_schemes()
+    }
+}
+
+/// SHA-256 of a certificate, colon-separated upper-case hex (as `openssl x509
+/// -fingerprint -sha256` and the operator's log print it).
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// Verifies a client certificate (optional) against the current bundle, and requires a
 /// SPIFFE ID in it.
 #[derive(Debug)]
@@ -741,5 +864,136 @@ impl ClientCertVerifier for MeshClientVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: a failed unwrap is a failed test.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+
+    use super::*;
+
+    /// The DNS name the operator's certificates carry in these tests.
+    const OPERATOR: &str = "weft-operator.test";
+
+    struct Ca {
+        params: CertificateParams,
+        key: KeyPair,
+        pem: String,
+        der: CertificateDer<'static>,
+    }
+
+    impl Ca {
+        fn new(name: &str) -> Ca {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            let cert = params.self_signed(&key).unwrap();
+            Ca {
+                pem: cert.pem(),
+                der: cert.der().clone(),
+                params,
+                key,
+            }
+        }
+
+        /// A leaf with `san`, valid from `from` to `until` seconds from now: (chain, key).
+        fn issue(&self, san: SanType, from: i64, until: i64) -> (String, String) {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = vec![san];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now + time::Duration::seconds(from);
+            params.not_after = now + time::Duration::seconds(until);
+            let cert = params
+                .signed_by(&key, &Issuer::from_params(&self.params, &self.key))
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        }
+
+        /// Installs a mesh certificate from this CA with trust bundle `bundle`.
+        fn install(&self, store: &IdentityStore, bundle: &str) -> Arc<Certified> {
+            let id = SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap());
+            let (chain, key) = self.issue(id, -60, 3600);
+            store.install_pem(&chain, &key, bundle).unwrap()
+        }
+
+        /// The operator's serving certificate, from this CA.
+        fn operator_cert(&self) -> CertificateDer<'static> {
+            let (chain, _) = self.issue(SanType::DnsName(OPERATOR.try_into().unwrap()), -60, 3600);
+            rustls_pemfile::certs(&mut chain.as_bytes())
+                .next()
+                .unwrap()
+                .unwrap()
+        }
+    }
+
+    fn trusts_operator(verifier: &OperatorVerifier, ca: &Ca) -> bool {
+        verifier
+            .verify_server_cert(
+                &ca.operator_cert(),
+                &[],
+                &ServerName::try_from(OPERATOR).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .is_ok()
+    }
+
+    #[test]
+    fn the_operator_is_verified_against_the_latest_bundle_once_there_is_one() {
+        let (a, b) = (Ca::new("root A"), Ca::new("root B"));
+        let store = IdentityStore::new().unwrap();
+        let mut bootstrap = RootCertStore::empty();
+        bootstrap.add(a.der.clone()).unwrap();
+        let verifier = store.operator_verifier(bootstrap).unwrap();
+        // Before any certificate: the roots the proxy was started with.
+        assert!(trusts_operator(&verifier, &a));
+        assert!(!trusts_operator(&verifier, &b));
+        // Rotation step 1: the answer's bundle holds A and B.
+        a.install(&store, &format!("{}{}", a.pem, b.pem));
+        assert!(trusts_operator(&verifier, &a));
+        assert!(trusts_operator(&verifier, &b), "B trusted from the bundle");
+        // Step 3: B alone; A is no longer trusted, though the proxy started with it.
+        b.install(&store, &b.pem);
+        assert!(trusts_operator(&verifier, &b));
+        assert!(!trusts_operator(&verifier, &a), "A dropped with the bundle");
+    }
+
+    #[test]
+    fn a_certificate_names_the_root_its_chain_leads_to_and_the_bundle() {
+        let (a, b) = (Ca::new("root A"), Ca::new("root B"));
+        let store = IdentityStore::new().unwrap();
+        let c = b.install(&store, &format!("{}{}", a.pem, b.pem));
+        assert_eq!(c.chain_root, fingerprint(&b.der));
+        assert_eq!(c.trust_roots, [fingerprint(&a.der), fingerprint(&b.der)]);
+        assert_eq!(c.chain_root.len(), 32 * 3 - 1, "{}", c.chain_root);
+    }
+
+    #[test]
+    fn a_backdated_short_certificate_is_renewed_at_70_percent_of_what_is_left() {
+        let a = Ca::new("root A");
+        let store = IdentityStore::new().unwrap();
+        // What the operator issues for a 1-minute lifetime: valid from 5 minutes ago.
+        let id = SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap());
+        let (chain, key) = a.issue(id, -300, 60);
+        let c = store.install_pem(&chain, &key, &a.pem).unwrap();
+        let wait = c.renew_at().duration_since(SystemTime::now()).unwrap();
+        assert!(
+            wait > Duration::from_secs(38) && wait <= Duration::from_secs(42),
+            "renews in {wait:?}"
+        );
     }
 }
