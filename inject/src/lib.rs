@@ -391,47 +391,50 @@ mod tests {
             ..ObjectMeta::default()
         };
         let spec = PodSpec {
-            containers: vec![Container {
-                name: "web".into(),
-                ports: Some(vec![ContainerPort {
-                    name: Some("http".into()),
-                    container_port: 8080,
-                    ..ContainerPort::default()
-                }]),
-                readiness_probe: Some(Probe {
-                    http_get: Some(HTTPGetAction {
-                        path: Some("/healthz".into()),
-                        port: IntOrString::String("http".into()),
-                        ..HTTPGetAction::default()
+            containers: vec![
+                Container {
+                    name: "web".into(),
+                    ports: Some(vec![ContainerPort {
+                        name: Some("http".into()),
+                        container_port: 8080,
+                        ..ContainerPort::default()
+                    }]),
+                    readiness_probe: Some(Probe {
+                        http_get: Some(HTTPGetAction {
+                            path: Some("/healthz".into()),
+                            port: IntOrString::String("http".into()),
+                            ..HTTPGetAction::default()
+                        }),
+                        ..Probe::default()
                     }),
-                    ..Probe::default()
-                }),
-                liveness_probe: Some(Probe {
-                    exec: Some(ExecAction {
-                        command: Some(vec!["true".into()]),
+                    liveness_probe: Some(Probe {
+                        exec: Some(ExecAction {
+                            command: Some(vec!["true".into()]),
+                        }),
+                        ..Probe::default()
                     }),
-                    ..Probe::default()
-                }),
-                startup_probe: Some(Probe {
-                    tcp_socket: Some(TCPSocketAction {
-                        port: IntOrString::String("http".into()),
-                        ..TCPSocketAction::default()
+                    startup_probe: Some(Probe {
+                        tcp_socket: Some(TCPSocketAction {
+                            port: IntOrString::String("http".into()),
+                            ..TCPSocketAction::default()
+                        }),
+                        timeout_seconds: Some(4),
+                        ..Probe::default()
                     }),
-                    timeout_seconds: Some(4),
-                    ..Probe::default()
-                }),
-                ..Container::default()
-            }, Container {
-                name: "api".into(),
-                readiness_probe: Some(Probe {
-                    grpc: Some(GRPCAction {
-                        port: 9090,
-                        service: Some("shop.Cart".into()),
+                    ..Container::default()
+                },
+                Container {
+                    name: "api".into(),
+                    readiness_probe: Some(Probe {
+                        grpc: Some(GRPCAction {
+                            port: 9090,
+                            service: Some("shop.Cart".into()),
+                        }),
+                        ..Probe::default()
                     }),
-                    ..Probe::default()
-                }),
-                ..Container::default()
-            }],
+                    ..Container::default()
+                },
+            ],
             ..PodSpec::default()
         };
         (meta, spec)
@@ -491,7 +494,10 @@ mod tests {
             "{json}"
         );
         assert_eq!(
-            (&json["api/readyz"]["handler"], &json["api/readyz"]["service"]),
+            (
+                &json["api/readyz"]["handler"],
+                &json["api/readyz"]["service"]
+            ),
             (&"grpc".into(), &"shop.Cart".into()),
             "{json}"
         );

@@ -152,7 +152,11 @@ fn resolve_port(port: &IntOrString, ports: &[ContainerPort]) -> Option<u16> {
 /// What the proxy does for `probe` (its port and handler), or `None` to leave the probe
 /// as written: `exec`, a `host` elsewhere, a port nothing resolves, a probe already
 /// pointing at `admin_path`.
-fn handler_of(probe: &Probe, ports: &[ContainerPort], admin_path: &str) -> Option<(u16, ProbeHandler)> {
+fn handler_of(
+    probe: &Probe,
+    ports: &[ContainerPort],
+    admin_path: &str,
+) -> Option<(u16, ProbeHandler)> {
     if let Some(get) = probe.http_get.as_ref() {
         let scheme = match get.scheme.as_deref() {
             None => None,

@@ -525,7 +525,10 @@ async fn grpc_health(
             code: status.code(),
             // A transport failure (an application that is not HTTP/2) is only
             // "transport error" without its causes.
-            message: causes(status.message().to_owned(), std::error::Error::source(&status)),
+            message: causes(
+                status.message().to_owned(),
+                std::error::Error::source(&status),
+            ),
         })?;
     match ServingStatus::try_from(response.get_ref().status) {
         Ok(ServingStatus::Serving) => Ok(Passed::Serving),
@@ -668,7 +671,10 @@ mod tests {
         );
         assert!(matches!(&ready.check, Check::Grpc { service } if service == "shop.Cart"));
         let live = probes.for_path("/app-health/app/livez").unwrap();
-        assert_eq!((live.port.get(), live.timeout), (5432, Duration::from_secs(1)));
+        assert_eq!(
+            (live.port.get(), live.timeout),
+            (5432, Duration::from_secs(1))
+        );
         assert!(matches!(live.check, Check::Tcp));
         // No service asks about the whole server.
         let whole: AppProbes = r#"{"a/readyz":{"port":1,"handler":"grpc"}}"#.parse().unwrap();
@@ -679,9 +685,10 @@ mod tests {
     /// JSON written before the `handler` tag existed holds HTTP probes.
     #[test]
     fn json_without_a_handler_is_http() {
-        let probes: AppProbes = r#"{"app/readyz":{"port":8080,"path":"/ready","timeoutSeconds":3}}"#
-            .parse()
-            .unwrap();
+        let probes: AppProbes =
+            r#"{"app/readyz":{"port":8080,"path":"/ready","timeoutSeconds":3}}"#
+                .parse()
+                .unwrap();
         let p = probes.for_path("/app-health/app/readyz").unwrap();
         assert_eq!(http(p).path.as_str(), "/ready");
         assert_eq!(p.timeout, Duration::from_secs(3));
@@ -694,7 +701,10 @@ mod tests {
             (r#"{"app/ready":{"port":1,"path":"/"}}"#, "key"),
             (r#"{"/readyz":{"port":1,"path":"/"}}"#, "key"),
             (r#"{"app/readyz":{"port":0,"path":"/"}}"#, "port 0"),
-            (r#"{"app/readyz":{"port":0,"handler":"tcpSocket"}}"#, "port 0"),
+            (
+                r#"{"app/readyz":{"port":0,"handler":"tcpSocket"}}"#,
+                "port 0",
+            ),
             (r#"{"app/readyz":{"port":70000,"path":"/"}}"#, "JSON"),
             (r#"{"app/readyz":{"port":1,"path":"healthz"}}"#, "path"),
             (r#"{"app/readyz":{"port":1,"path":"/a b"}}"#, "path"),

@@ -441,9 +441,7 @@ async fn tcp_probes_pass_only_while_the_application_accepts() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("accepted"), "{body}");
     // The connection reached the application itself, not something in front of it.
-    assert!(
-        eventually(|| async { accepted.load(std::sync::atomic::Ordering::SeqCst) == 1 }).await
-    );
+    assert!(eventually(|| async { accepted.load(std::sync::atomic::Ordering::SeqCst) == 1 }).await);
 
     let started = Instant::now();
     let (status, _, body) = probe(admin, "GET", "/app-health/full/readyz").await;
