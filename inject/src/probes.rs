@@ -742,4 +742,113 @@ mod tests {
         spec.init_containers = None;
         assert_eq!(spec, original);
     }
+
+    /// Any probe of the handlers the kubelet knows, on a numeric or named port (declared
+    /// or not), perhaps bound to another host, with any timeout.
+    fn any_probe() -> impl proptest::strategy::Strategy<Value = Option<Probe>> {
+        use proptest::prelude::*;
+        let port = prop_oneof![
+            (0i32..70_000).prop_map(IntOrString::Int),
+            prop_oneof![Just("http"), Just("grpc"), Just("undeclared")]
+                .prop_map(|s| IntOrString::String(s.to_owned())),
+        ];
+        let host = proptest::option::of(prop_oneof![Just(""), Just("db.internal")])
+            .prop_map(|h| h.map(str::to_owned));
+        let handler = prop_oneof![
+            (port.clone(), host.clone(), "(/[a-z]{0,5}){0,2}").prop_map(|(port, host, path)| {
+                Probe {
+                    http_get: Some(HTTPGetAction {
+                        port,
+                        host,
+                        path: Some(path),
+                        ..HTTPGetAction::default()
+                    }),
+                    ..Probe::default()
+                }
+            }),
+            (0i32..70_000, proptest::option::of("[a-z.]{0,8}")).prop_map(|(port, service)| {
+                Probe {
+                    grpc: Some(GRPCAction { port, service }),
+                    ..Probe::default()
+                }
+            }),
+            (port, host).prop_map(|(port, host)| Probe {
+                tcp_socket: Some(TCPSocketAction { port, host }),
+                ..Probe::default()
+            }),
+            Just(Probe {
+                exec: Some(ExecAction {
+                    command: Some(vec!["true".into()]),
+                }),
+                ..Probe::default()
+            }),
+        ];
+        proptest::option::of((handler, proptest::option::of(-1i32..100)).prop_map(
+            |(mut p, timeout)| {
+                p.timeout_seconds = timeout;
+                p
+            },
+        ))
+    }
+
+    proptest::proptest! {
+        /// Whatever the probes, uninjection's restore gives back the pod as written, a
+        /// second rewrite changes nothing, and every rewritten probe points at its own
+        /// admin path with nothing but that `httpGet` left.
+        #[test]
+        fn restore_undoes_rewrite(
+            live in any_probe(),
+            ready in any_probe(),
+            startup in any_probe(),
+        ) {
+            let original = PodSpec {
+                containers: vec![Container {
+                    name: "app".into(),
+                    ports: Some(vec![
+                        ContainerPort {
+                            name: Some("http".into()),
+                            container_port: 8080,
+                            ..ContainerPort::default()
+                        },
+                        ContainerPort {
+                            name: Some("grpc".into()),
+                            container_port: 9090,
+                            ..ContainerPort::default()
+                        },
+                    ]),
+                    liveness_probe: live,
+                    readiness_probe: ready,
+                    startup_probe: startup,
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            };
+            let mut spec = original.clone();
+            let json = rewrite(&mut spec, 15021);
+            let once = spec.clone();
+            proptest::prop_assert_eq!(rewrite(&mut spec, 15021), None);
+            proptest::prop_assert_eq!(&spec, &once);
+            let c = &spec.containers[0];
+            let rewritten = json.as_deref().map(originals).unwrap_or_default();
+            for (kind, probe) in [
+                ("livez", &c.liveness_probe),
+                ("readyz", &c.readiness_probe),
+                ("startupz", &c.startup_probe),
+            ] {
+                if let Some(o) = rewritten.get(&format!("app/{kind}")) {
+                    let p = probe.as_ref().unwrap();
+                    proptest::prop_assert!(p.grpc.is_none() && p.tcp_socket.is_none());
+                    let g = p.http_get.as_ref().unwrap();
+                    proptest::prop_assert_eq!(g.path.clone(), Some(admin_path("app", kind)));
+                    proptest::prop_assert!(o.port != 0 && o.timeout_seconds >= 1);
+                }
+            }
+            if let Some(json) = json {
+                with_proxy_env(&mut spec, json);
+                proptest::prop_assert!(restore(&mut spec));
+                spec.init_containers = None;
+            }
+            proptest::prop_assert_eq!(spec, original);
+        }
+    }
 }
