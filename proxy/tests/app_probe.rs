@@ -249,6 +249,9 @@ async fn without_probes_the_paths_are_not_found() {
     stop.cancel();
 }
 
+/// The User-Agents a gRPC application saw.
+type SeenAgents = Arc<Mutex<Vec<String>>>;
+
 /// A tonic gRPC server with the standard health service on loopback; `shop.Cart` starts
 /// SERVING, `shop.Down` NOT_SERVING (the whole server, `""`, is SERVING). Dropping the
 /// returned sender stops the server.
@@ -256,6 +259,7 @@ async fn grpc_app() -> (
     SocketAddr,
     tonic_health::server::HealthReporter,
     tokio::sync::oneshot::Sender<()>,
+    SeenAgents,
 ) {
     use tonic_health::ServingStatus;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -268,8 +272,19 @@ async fn grpc_app() -> (
         .set_service_status("shop.Down", ServingStatus::NotServing)
         .await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agents = SeenAgents::default();
+    let log = agents.clone();
+    let record = move |req: tonic::Request<()>| {
+        if let Some(ua) = req.metadata().get("user-agent") {
+            log.lock()
+                .unwrap()
+                .push(ua.to_str().unwrap_or_default().to_owned());
+        }
+        Ok(req)
+    };
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(record))
             .add_service(health)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener),
@@ -279,7 +294,7 @@ async fn grpc_app() -> (
             )
             .await;
     });
-    (addr, reporter, stop)
+    (addr, reporter, stop, agents)
 }
 
 /// A listener that accepts connections and never says anything.
@@ -300,7 +315,7 @@ async fn mute_app() -> u16 {
 /// that is not gRPC, one that never answers and one that is down are 503 with the reason.
 #[tokio::test]
 async fn grpc_probes_pass_only_for_serving() {
-    let (grpc, reporter, stop) = grpc_app().await;
+    let (grpc, reporter, stop, agents) = grpc_app().await;
     let (http_only, _) = app().await;
     let mute = mute_app().await;
     let down = closed_port().await;
@@ -322,6 +337,13 @@ async fn grpc_probes_pass_only_for_serving() {
     let (status, _, body) = probe(admin, "GET", "/app-health/api/readyz").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("SERVING"), "{body}");
+    // The application sees the kubelet's User-Agent first (tonic appends its own, as
+    // grpc-go does to the kubelet's).
+    let seen = agents.lock().unwrap().clone();
+    assert!(
+        seen.len() == 1 && seen[0].starts_with("kube-probe/1.34"),
+        "{seen:?}"
+    );
     // No service: the whole server's health.
     let (status, _, body) = probe(admin, "GET", "/app-health/api/livez").await;
     assert_eq!(status, StatusCode::OK, "{body}");
