@@ -376,7 +376,10 @@ mod tests {
 
     fn probed_pod(annotation: Option<&str>) -> (ObjectMeta, PodSpec) {
         use k8s_openapi::{
-            api::core::v1::{Container, ContainerPort, ExecAction, HTTPGetAction, Probe},
+            api::core::v1::{
+                Container, ContainerPort, ExecAction, GRPCAction, HTTPGetAction, Probe,
+                TCPSocketAction,
+            },
             apimachinery::pkg::util::intstr::IntOrString,
         };
         let meta = ObjectMeta {
@@ -388,38 +391,59 @@ mod tests {
             ..ObjectMeta::default()
         };
         let spec = PodSpec {
-            containers: vec![Container {
-                name: "web".into(),
-                ports: Some(vec![ContainerPort {
-                    name: Some("http".into()),
-                    container_port: 8080,
-                    ..ContainerPort::default()
-                }]),
-                readiness_probe: Some(Probe {
-                    http_get: Some(HTTPGetAction {
-                        path: Some("/healthz".into()),
-                        port: IntOrString::String("http".into()),
-                        ..HTTPGetAction::default()
+            containers: vec![
+                Container {
+                    name: "web".into(),
+                    ports: Some(vec![ContainerPort {
+                        name: Some("http".into()),
+                        container_port: 8080,
+                        ..ContainerPort::default()
+                    }]),
+                    readiness_probe: Some(Probe {
+                        http_get: Some(HTTPGetAction {
+                            path: Some("/healthz".into()),
+                            port: IntOrString::String("http".into()),
+                            ..HTTPGetAction::default()
+                        }),
+                        ..Probe::default()
                     }),
-                    ..Probe::default()
-                }),
-                liveness_probe: Some(Probe {
-                    exec: Some(ExecAction {
-                        command: Some(vec!["true".into()]),
+                    liveness_probe: Some(Probe {
+                        exec: Some(ExecAction {
+                            command: Some(vec!["true".into()]),
+                        }),
+                        ..Probe::default()
                     }),
-                    ..Probe::default()
-                }),
-                ..Container::default()
-            }],
+                    startup_probe: Some(Probe {
+                        tcp_socket: Some(TCPSocketAction {
+                            port: IntOrString::String("http".into()),
+                            ..TCPSocketAction::default()
+                        }),
+                        timeout_seconds: Some(4),
+                        ..Probe::default()
+                    }),
+                    ..Container::default()
+                },
+                Container {
+                    name: "api".into(),
+                    readiness_probe: Some(Probe {
+                        grpc: Some(GRPCAction {
+                            port: 9090,
+                            service: Some("shop.Cart".into()),
+                        }),
+                        ..Probe::default()
+                    }),
+                    ..Container::default()
+                },
+            ],
             ..PodSpec::default()
         };
         (meta, spec)
     }
 
-    /// Injection points the HTTP readiness probe at the admin port and tells the proxy
-    /// the original; the exec probe stays; uninjection restores the pod exactly.
+    /// Injection points the HTTP, TCP and gRPC probes at the admin port and tells the
+    /// proxy the originals; the exec probe stays; uninjection restores the pod exactly.
     #[test]
-    fn injection_rewrites_http_probes_and_uninjection_restores_them() {
+    fn injection_rewrites_http_grpc_and_tcp_probes_and_uninjection_restores_them() {
         let (meta0, spec0) = probed_pod(None);
         let (mut meta, mut spec) = (meta0.clone(), spec0.clone());
         inject(&mut meta, &mut spec, &InjectConfig::default()).unwrap();
@@ -437,8 +461,47 @@ mod tests {
             )
         );
         assert_eq!(web.liveness_probe, spec0.containers[0].liveness_probe);
-        let json = &env_of(&spec)[keys::env::APP_PROBES];
-        assert!(json.contains(r#""port":8080,"path":"/healthz""#), "{json}");
+        let startup = web.startup_probe.as_ref().unwrap();
+        assert_eq!(
+            startup.http_get.as_ref().and_then(|g| g.path.as_deref()),
+            Some("/app-health/web/startupz")
+        );
+        assert!(startup.tcp_socket.is_none());
+        let api = spec.containers[1].readiness_probe.as_ref().unwrap();
+        assert_eq!(
+            api.http_get.as_ref().and_then(|g| g.path.as_deref()),
+            Some("/app-health/api/readyz")
+        );
+        assert!(api.grpc.is_none());
+        let json: serde_json::Value =
+            serde_json::from_str(&env_of(&spec)[keys::env::APP_PROBES]).unwrap();
+        assert_eq!(
+            (
+                &json["web/readyz"]["handler"],
+                &json["web/readyz"]["port"],
+                &json["web/readyz"]["path"]
+            ),
+            (&"httpGet".into(), &8080.into(), &"/healthz".into()),
+            "{json}"
+        );
+        assert_eq!(
+            (
+                &json["web/startupz"]["handler"],
+                &json["web/startupz"]["port"],
+                &json["web/startupz"]["timeoutSeconds"]
+            ),
+            (&"tcpSocket".into(), &8080.into(), &4.into()),
+            "{json}"
+        );
+        assert_eq!(
+            (
+                &json["api/readyz"]["handler"],
+                &json["api/readyz"]["service"]
+            ),
+            (&"grpc".into(), &"shop.Cart".into()),
+            "{json}"
+        );
+        assert!(json.get("web/livez").is_none(), "{json}");
 
         // The webhook never re-injects an injected pod, so the probes are not rewritten
         // twice.
@@ -450,8 +513,8 @@ mod tests {
         assert_eq!((meta, spec), (meta0, spec0));
     }
 
-    /// `weft.dev/rewrite-probes: "false"` keeps the probes as written; a value other
-    /// than true or false is refused.
+    /// `weft.dev/rewrite-probes: "false"` keeps every probe (HTTP, TCP, gRPC) as
+    /// written; a value other than true or false is refused.
     #[test]
     fn the_rewrite_probes_annotation_opts_out() {
         let (mut meta, mut spec) = probed_pod(Some("false"));

@@ -136,9 +136,10 @@ async fn an_annotated_pod_gets_the_sidecar_the_init_container_and_the_token() {
     hook.stop().await;
 }
 
-/// The real API server stores the injected pod with its HTTP probes pointed at the
-/// proxy's admin port (so that a Strict Policy cannot fail them) and the originals in the
-/// proxy's environment; a tcpSocket probe and an opted-out pod's probes stay as written.
+/// The real API server stores the injected pod with its HTTP, TCP and gRPC probes pointed
+/// at the proxy's admin port (so that a Strict Policy cannot fail them, nor the proxy
+/// pass a TCP probe for a dead application) and the originals in the proxy's
+/// environment; an opted-out pod's probes stay as written.
 #[tokio::test]
 async fn an_injected_pods_http_probes_point_at_the_admin_port() {
     let client = shared::client().await.unwrap();
@@ -160,7 +161,11 @@ async fn an_injected_pods_http_probes_point_at_the_admin_port() {
                 "ports": [{"name": "http", "containerPort": 8080}],
                 "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 2, "timeoutSeconds": 3},
                 "livenessProbe": {"httpGet": {"path": "/live", "port": 8081}},
-                "startupProbe": {"tcpSocket": {"port": 8080}},
+                "startupProbe": {"tcpSocket": {"port": "http"}, "timeoutSeconds": 4},
+            }, {
+                "name": "api",
+                "image": "weft.invalid/api:1",
+                "readinessProbe": {"grpc": {"port": 9090, "service": "shop.Cart"}},
             }]}
         }))
         .unwrap()
@@ -192,7 +197,17 @@ async fn an_injected_pods_http_probes_point_at_the_admin_port() {
     let live = app.liveness_probe.clone().unwrap().http_get.unwrap();
     assert_eq!(live.path.as_deref(), Some("/app-health/app/livez"));
     let startup = app.startup_probe.clone().unwrap();
-    assert!(startup.http_get.is_none() && startup.tcp_socket.is_some());
+    assert!(startup.tcp_socket.is_none(), "{startup:?}");
+    assert_eq!(
+        startup.http_get.unwrap().path.as_deref(),
+        Some("/app-health/app/startupz")
+    );
+    let api = spec.containers[1].readiness_probe.clone().unwrap();
+    assert!(api.grpc.is_none(), "{api:?}");
+    assert_eq!(
+        api.http_get.unwrap().path.as_deref(),
+        Some("/app-health/api/readyz")
+    );
     let proxy = spec
         .init_containers
         .unwrap()
@@ -210,7 +225,11 @@ async fn an_injected_pods_http_probes_point_at_the_admin_port() {
     assert_eq!(probes["app/readyz"]["port"], 8080, "{probes}");
     assert_eq!(probes["app/readyz"]["path"], "/healthz", "{probes}");
     assert_eq!(probes["app/livez"]["port"], 8081, "{probes}");
-    assert!(probes.get("app/startupz").is_none(), "{probes}");
+    assert_eq!(probes["app/startupz"]["handler"], "tcpSocket", "{probes}");
+    assert_eq!(probes["app/startupz"]["port"], 8080, "{probes}");
+    assert_eq!(probes["app/startupz"]["timeoutSeconds"], 4, "{probes}");
+    assert_eq!(probes["api/readyz"]["handler"], "grpc", "{probes}");
+    assert_eq!(probes["api/readyz"]["service"], "shop.Cart", "{probes}");
 
     let kept = pods
         .create(
@@ -232,6 +251,7 @@ async fn an_injected_pods_http_probes_point_at_the_admin_port() {
             Some("/healthz")
         )
     );
+    assert!(app.startup_probe.as_ref().unwrap().tcp_socket.is_some());
     hook.stop().await;
 }
 

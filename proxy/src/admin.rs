@@ -6,14 +6,14 @@
 //! | `/ready` | 200 once a config is active (and, with identity on, a valid certificate installed), 503 before that (the body says why) and while draining |
 //! | `/metrics` | Prometheus/OpenMetrics text |
 //! | `/config` | the active config as JSON, with its version and generation (loopback only) |
-//! | `/app-health/<container>/<livez\|readyz\|startupz>` | the application's own HTTP probe, repeated against it on loopback: its status code, or 503 with the reason it did not answer ([`crate::app_probe`]); 404 for a probe the pod does not have |
+//! | `/app-health/<container>/<livez\|readyz\|startupz>` | the application's own probe, performed against it on loopback: for `httpGet` its status code, for `grpc` 200 when the health service answers `SERVING`, for `tcpSocket` 200 when it accepts a connection; 503 with the reason otherwise ([`crate::app_probe`]); 404 for a probe the pod does not have |
 //!
 //! The listener binds every address so that the kubelet and Prometheus reach it, which
 //! makes it reachable from every pod too: what reveals the mesh's topology (`/config`
 //! names every service, endpoint and identity) is answered only to loopback peers
 //! (`kubectl port-forward`, `kubectl exec`), 403 otherwise. The application probes are
-//! answered to anyone, as the kubelet is remote: they send only the fixed requests the
-//! pod's spec wrote, to the pod's own application, and return only a status code.
+//! answered to anyone, as the kubelet is remote: they perform only the fixed probes the
+//! pod's spec wrote, against the pod's own application, and return only a verdict.
 //! Connections are bounded in number, in head size and in how long their head may take.
 
 use std::{
@@ -160,10 +160,7 @@ async fn app_health(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Byt
         .check(req.headers().get(http::header::USER_AGENT))
         .await
     {
-        Ok(status) => text(
-            status,
-            format!("application answered {}\n", status.as_u16()),
-        ),
+        Ok(passed) => text(passed.status(), format!("{passed}\n")),
         Err(error) => {
             tracing::debug!(%path, %error, "application probe failed");
             text(StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n"))

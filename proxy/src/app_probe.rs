@@ -1,24 +1,30 @@
-//! The application's HTTP probes, repeated by the admin listener for the kubelet.
+//! The application's probes, performed by the admin listener for the kubelet.
 //!
-//! Injection points each application container's `httpGet` probe at the admin port
-//! (`/app-health/<container>/<livez|readyz|startupz>`) and hands the original to the
-//! proxy in `WEFT_APP_PROBES`, so that a `Strict` Policy, which refuses the kubelet's
-//! plain-text, identity-less requests on the inbound listener, does not make the pod
-//! unready. The admin port is outside the redirect and outside Policy; what it answers
-//! here is fixed by the pod's own spec: one request per probe, to the application on
-//! loopback, whose status code (and nothing else) goes back.
+//! Injection points each application container's `httpGet`, `grpc` and `tcpSocket` probe
+//! at the admin port (`/app-health/<container>/<livez|readyz|startupz>`) and hands the
+//! original to the proxy in `WEFT_APP_PROBES`, so that a `Strict` Policy, which refuses
+//! the kubelet's plain-text, identity-less requests on the inbound listener, does not
+//! make the pod unready, and so that a TCP probe, which the inbound proxy would accept
+//! itself, says whether the *application* accepts connections. The admin port is outside
+//! the redirect and outside Policy; what it answers here is fixed by the pod's own spec:
+//! one probe, to the application on loopback, whose verdict (and nothing else) goes back.
 //!
 //! ```text
 //!  WEFT_APP_PROBES (JSON) ──parse once──▶ AppProbes ──▶ Proxy::app_probes
-//!  kubelet ─GET /app-health/web/readyz─▶ admin ─▶ AppProbe::check ─GET 127.0.0.1:8080/healthz─▶ app
-//!          ◀── the app's status, or 503 + reason (refused, timed out, not HTTP) ──┘
+//!  kubelet ─GET /app-health/web/readyz─▶ admin ─▶ AppProbe::check ─▶ app on 127.0.0.1:<port>
+//!     httpGet    GET <path>                      → the app's status code
+//!     grpc       grpc.health.v1.Health/Check     → 200 only for SERVING
+//!     tcpSocket  connect                         → 200 once accepted
+//!          ◀── or 503 + reason (refused, timed out, not HTTP, not SERVING) ──┘
 //! ```
 //!
 //! The connection goes from the proxy's UID, which `init` exempts from the redirect, so
 //! it reaches the application directly. A probe with `scheme: HTTPS` is sent over TLS
-//! (1.2 or 1.3) without verifying the application's certificate, as the kubelet does. Redirects are never followed (a 3xx is the
-//! answer, which the kubelet counts as success, as it does a redirect off the pod), and
-//! the response body is never read: only its head, bounded like the admin listener's.
+//! (1.2 or 1.3) without verifying the application's certificate, as the kubelet does; a
+//! gRPC probe is plain-text HTTP/2, as the kubelet's is. Redirects are never followed (a
+//! 3xx is the answer, which the kubelet counts as success, as it does a redirect off the
+//! pod), and an HTTP response body is never read: only its head, bounded like the admin
+//! listener's.
 
 use std::{
     collections::HashMap,
@@ -68,6 +74,14 @@ pub enum AppProbesError {
     /// The port is 0.
     #[error("probe {0:?}: port 0")]
     Port(String),
+    /// The handler is none the proxy performs.
+    #[error("probe {key:?}: handler {handler:?} is not httpGet, grpc or tcpSocket")]
+    Handler {
+        /// The probe.
+        key: String,
+        /// The handler.
+        handler: String,
+    },
     /// The scheme is neither HTTP nor HTTPS.
     #[error("probe {key:?}: scheme {scheme:?} is not HTTP or HTTPS")]
     Scheme {
@@ -95,18 +109,24 @@ pub enum AppProbesError {
 }
 
 /// The JSON shape the injector writes (`inject/src/probes.rs`, `AppProbe`); fields only
-/// the injector needs (`original`) are ignored.
+/// the injector needs (`original`) are ignored. `handler` absent is `httpGet` (JSON
+/// written before gRPC and TCP probes were rewritten).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Wire {
     port: u16,
-    path: String,
     #[serde(default)]
-    headers: Vec<WireHeader>,
+    handler: Option<String>,
     #[serde(default)]
     timeout_seconds: Option<u32>,
     #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    headers: Vec<WireHeader>,
+    #[serde(default)]
     scheme: Option<String>,
+    #[serde(default)]
+    service: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -120,12 +140,34 @@ struct WireHeader {
 pub struct AppProbe {
     /// The application's port on loopback.
     pub port: NonZeroU16,
+    /// How long the application may take to answer (for TCP: to accept).
+    pub timeout: Duration,
+    /// What to do on that port.
+    pub check: Check,
+}
+
+/// What a probe does, one per Kubernetes probe handler the injector rewrites.
+#[derive(Clone, Debug)]
+pub enum Check {
+    /// `httpGet`: one request; the application's status is the answer.
+    Http(HttpCheck),
+    /// `grpc`: `grpc.health.v1.Health/Check` for this service (`""`: the whole server);
+    /// 200 only for `SERVING`.
+    Grpc {
+        /// The service name asked about.
+        service: String,
+    },
+    /// `tcpSocket`: 200 when the application accepts a connection in time.
+    Tcp,
+}
+
+/// An `httpGet` probe's request.
+#[derive(Clone, Debug)]
+pub struct HttpCheck {
     /// What to request.
     pub path: PathAndQuery,
     /// Headers the probe sets; a `Host` among them replaces the default.
     pub headers: HeaderMap,
-    /// How long the application may take to answer.
-    pub timeout: Duration,
     /// Over TLS (`scheme: HTTPS`), the application's certificate unverified.
     pub https: bool,
 }
@@ -155,49 +197,82 @@ impl FromStr for AppProbes {
             let Some(port) = NonZeroU16::new(w.port) else {
                 return Err(AppProbesError::Port(key));
             };
-            let path = match PathAndQuery::from_str(&w.path) {
-                Ok(p) if w.path.starts_with('/') => p,
-                _ => return Err(AppProbesError::Path { key, path: w.path }),
-            };
-            let mut headers = HeaderMap::new();
-            for h in w.headers {
-                match (
-                    HeaderName::from_bytes(h.name.as_bytes()),
-                    HeaderValue::from_str(&h.value),
-                ) {
-                    (Ok(n), Ok(v)) => {
-                        headers.append(n, v);
-                    }
-                    _ => return Err(AppProbesError::Header { key, name: h.name }),
-                }
-            }
-            let https = match w.scheme.as_deref() {
-                None => false,
-                Some(s) if s.eq_ignore_ascii_case("HTTP") => false,
-                Some(s) if s.eq_ignore_ascii_case("HTTPS") => true,
-                Some(other) => {
-                    return Err(AppProbesError::Scheme {
-                        key,
-                        scheme: other.to_owned(),
-                    });
-                }
-            };
             let timeout = w
                 .timeout_seconds
                 .filter(|s| *s > 0)
                 .map_or(DEFAULT_TIMEOUT, |s| Duration::from_secs(u64::from(s)));
+            let check = match w.handler.as_deref() {
+                None | Some("httpGet") => Check::Http(HttpCheck::parse(&key, w)?),
+                Some("grpc") => Check::Grpc {
+                    service: w.service.unwrap_or_default(),
+                },
+                Some("tcpSocket") => Check::Tcp,
+                Some(other) => {
+                    return Err(AppProbesError::Handler {
+                        handler: other.to_owned(),
+                        key,
+                    });
+                }
+            };
             probes.insert(
                 key,
                 AppProbe {
                     port,
-                    path,
-                    headers,
                     timeout,
-                    https,
+                    check,
                 },
             );
         }
         Ok(AppProbes { probes })
+    }
+}
+
+impl HttpCheck {
+    /// The request of an `httpGet` probe, validated.
+    fn parse(key: &str, w: Wire) -> Result<Self, AppProbesError> {
+        let raw = w.path.unwrap_or_default();
+        let path = match PathAndQuery::from_str(&raw) {
+            Ok(p) if raw.starts_with('/') => p,
+            _ => {
+                return Err(AppProbesError::Path {
+                    key: key.to_owned(),
+                    path: raw,
+                });
+            }
+        };
+        let mut headers = HeaderMap::new();
+        for h in w.headers {
+            match (
+                HeaderName::from_bytes(h.name.as_bytes()),
+                HeaderValue::from_str(&h.value),
+            ) {
+                (Ok(n), Ok(v)) => {
+                    headers.append(n, v);
+                }
+                _ => {
+                    return Err(AppProbesError::Header {
+                        key: key.to_owned(),
+                        name: h.name,
+                    });
+                }
+            }
+        }
+        let https = match w.scheme.as_deref() {
+            None => false,
+            Some(s) if s.eq_ignore_ascii_case("HTTP") => false,
+            Some(s) if s.eq_ignore_ascii_case("HTTPS") => true,
+            Some(other) => {
+                return Err(AppProbesError::Scheme {
+                    key: key.to_owned(),
+                    scheme: other.to_owned(),
+                });
+            }
+        };
+        Ok(HttpCheck {
+            path,
+            headers,
+            https,
+        })
     }
 }
 
@@ -219,8 +294,40 @@ impl AppProbes {
     }
 }
 
-/// Why a probe got no answer from the application: the admin listener answers 503 with
-/// this as the body.
+/// A probe the application passed; the admin listener answers with [`Passed::status`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Passed {
+    /// `httpGet`: the application's own status (the kubelet judges it, 2xx and 3xx
+    /// passing).
+    Http(StatusCode),
+    /// `grpc`: the health service answered `SERVING`.
+    Serving,
+    /// `tcpSocket`: the application accepted the connection.
+    Accepted,
+}
+
+impl Passed {
+    /// The status the kubelet gets.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Passed::Http(status) => status,
+            Passed::Serving | Passed::Accepted => StatusCode::OK,
+        }
+    }
+}
+
+impl std::fmt::Display for Passed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Passed::Http(status) => write!(f, "application answered {}", status.as_u16()),
+            Passed::Serving => f.write_str("application is SERVING"),
+            Passed::Accepted => f.write_str("application accepted the connection"),
+        }
+    }
+}
+
+/// Why a probe got no answer from the application, or not the one that passes: the admin
+/// listener answers 503 with this as the body.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     /// Nothing accepted the connection.
@@ -247,13 +354,29 @@ pub enum ProbeError {
     /// The request could not be built (cannot happen with validated probes).
     #[error("building the probe request: {0}")]
     Request(#[from] http::Error),
+    /// No HTTP/2 connection could be set up with the application (`grpc`); the text is
+    /// tonic's error with its causes.
+    #[error("gRPC connection with the application: {0}")]
+    GrpcConnect(String),
+    /// The health call failed: no health service (`Unimplemented`), an unknown service
+    /// (`NotFound`), or the application does not speak gRPC.
+    #[error("gRPC health check failed: {code:?}: {message}")]
+    GrpcStatus {
+        /// The call's gRPC status code.
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+    },
+    /// The health service answered, with a status other than `SERVING`.
+    #[error("gRPC health status {0}")]
+    NotServing(&'static str),
 }
 
 impl AppProbe {
-    /// Sends the probe to the application on `127.0.0.1` and returns its status code.
-    /// `user_agent` is the kubelet's, passed on so that the application sees what it
-    /// would without the mesh.
-    pub async fn check(&self, user_agent: Option<&HeaderValue>) -> Result<StatusCode, ProbeError> {
+    /// Performs the probe against the application on `127.0.0.1`. `user_agent` is the
+    /// kubelet's, passed on (HTTP and gRPC) so that the application sees what it would
+    /// without the mesh.
+    pub async fn check(&self, user_agent: Option<&HeaderValue>) -> Result<Passed, ProbeError> {
         self.check_at(Ipv4Addr::LOCALHOST, user_agent).await
     }
 
@@ -261,30 +384,44 @@ impl AppProbe {
         &self,
         ip: Ipv4Addr,
         user_agent: Option<&HeaderValue>,
-    ) -> Result<StatusCode, ProbeError> {
-        match tokio::time::timeout(self.timeout, self.request(ip, user_agent)).await {
+    ) -> Result<Passed, ProbeError> {
+        let probe = async {
+            let addr = std::net::SocketAddr::from((ip, self.port.get()));
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|source| ProbeError::Connect { addr, source })?;
+            match &self.check {
+                Check::Http(http) => http.request(stream, ip, self.port, user_agent).await,
+                Check::Grpc { service } => grpc_health(stream, addr, service, user_agent).await,
+                // Connected is the answer; dropping the stream closes it, as the
+                // kubelet's probe does.
+                Check::Tcp => Ok(Passed::Accepted),
+            }
+        };
+        match tokio::time::timeout(self.timeout, probe).await {
             Ok(r) => r,
             Err(_) => Err(ProbeError::Timeout(self.timeout)),
         }
     }
+}
 
+impl HttpCheck {
+    /// The request on a connected `stream`, over TLS for HTTPS probes.
     async fn request(
         &self,
+        stream: TcpStream,
         ip: Ipv4Addr,
+        port: NonZeroU16,
         user_agent: Option<&HeaderValue>,
-    ) -> Result<StatusCode, ProbeError> {
-        let addr = std::net::SocketAddr::from((ip, self.port.get()));
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ProbeError::Connect { addr, source })?;
+    ) -> Result<Passed, ProbeError> {
         if !self.https {
-            return self.exchange(stream, ip, user_agent).await;
+            return self.exchange(stream, ip, port, user_agent).await;
         }
         let tls = tokio_rustls::TlsConnector::from(insecure_tls().map_err(ProbeError::TlsConfig)?)
             .connect(ServerName::from(IpAddr::V4(ip)), stream)
             .await
             .map_err(ProbeError::Tls)?;
-        self.exchange(tls, ip, user_agent).await
+        self.exchange(tls, ip, port, user_agent).await
     }
 
     /// One request on `io` (plain or TLS); the response's status.
@@ -292,8 +429,9 @@ impl AppProbe {
         &self,
         io: I,
         ip: Ipv4Addr,
+        port: NonZeroU16,
         user_agent: Option<&HeaderValue>,
-    ) -> Result<StatusCode, ProbeError>
+    ) -> Result<Passed, ProbeError>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -307,7 +445,7 @@ impl AppProbe {
         let mut req = Request::builder()
             .method(Method::GET)
             .uri(self.path.clone())
-            .header(HOST, format!("{ip}:{}", self.port))
+            .header(HOST, format!("{ip}:{port}"))
             .header(http::header::ACCEPT, "*/*")
             .header(http::header::CONNECTION, "close");
         if let Some(ua) = user_agent {
@@ -324,14 +462,101 @@ impl AppProbe {
         // (the application closing it after its answer) before the response is picked
         // up; if it finished without one, the request fails with hyper's reason.
         let mut send = std::pin::pin!(sender.send_request(req));
-        tokio::select! {
-            r = send.as_mut() => Ok(r?.status()),
+        let status = tokio::select! {
+            r = send.as_mut() => r?.status(),
             r = conn.as_mut() => {
                 r?;
-                Ok(send.await?.status())
+                send.await?.status()
             }
-        }
+        };
+        Ok(Passed::Http(status))
     }
+}
+
+/// `grpc.health.v1.Health/Check` for `service` over the connected `stream`, in plain-text
+/// HTTP/2 as the kubelet calls it. The connection is handed to tonic as the only one its
+/// channel may use, so that a refused connection is reported like the other probes' and
+/// the channel never dials anything else.
+async fn grpc_health(
+    stream: TcpStream,
+    addr: std::net::SocketAddr,
+    service: &str,
+    user_agent: Option<&HeaderValue>,
+) -> Result<Passed, ProbeError> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    let mut endpoint = tonic::transport::Endpoint::from(
+        http::Uri::builder()
+            .scheme("http")
+            .authority(addr.to_string())
+            .path_and_query("/")
+            .build()?,
+    );
+    if let Some(ua) = user_agent {
+        // A User-Agent that is a valid header value is a valid user agent for tonic.
+        endpoint = endpoint
+            .user_agent(ua.clone())
+            .map_err(|e| ProbeError::GrpcConnect(chain(&e)))?;
+    }
+    let mut stream = Some(stream);
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let taken = stream.take();
+        async move {
+            taken.map(TokioIo::new).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "the probe's one connection is closed",
+                )
+            })
+        }
+    });
+    let channel = endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| ProbeError::GrpcConnect(chain(&e)))?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map_err(|status| ProbeError::GrpcStatus {
+            code: status.code(),
+            // A transport failure (an application that is not HTTP/2) is only
+            // "transport error" without its causes.
+            message: causes(
+                status.message().to_owned(),
+                std::error::Error::source(&status),
+            ),
+        })?;
+    match ServingStatus::try_from(response.get_ref().status) {
+        Ok(ServingStatus::Serving) => Ok(Passed::Serving),
+        Ok(other) => Err(ProbeError::NotServing(other.as_str_name())),
+        Err(_) => Err(ProbeError::NotServing("(not a known status)")),
+    }
+}
+
+/// An error and its causes on one line (tonic's transport errors say little on their
+/// own).
+fn chain(error: &dyn std::error::Error) -> String {
+    causes(error.to_string(), error.source())
+}
+
+/// `text` followed by `cause` and its own causes, each once (tonic repeats "transport
+/// error" at two levels).
+fn causes(mut text: String, mut cause: Option<&dyn std::error::Error>) -> String {
+    let mut last = text.clone();
+    while let Some(e) = cause {
+        let part = e.to_string();
+        if part != last {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        last = part;
+        cause = e.source();
+    }
+    text
 }
 
 /// The TLS client of HTTPS probes: TLS 1.2 or 1.3, any certificate (the kubelet does not
@@ -408,7 +633,18 @@ mod tests {
 
     /// The JSON `inject/src/probes.rs` writes (its test
     /// `the_proxy_gets_port_path_headers_and_timeout` asserts this exact string).
-    const FROM_INJECTOR: &str = r#"{"app/readyz":{"port":8080,"path":"/ready","headers":[{"name":"X-Probe","value":"kubelet"}],"timeoutSeconds":1,"original":{"httpHeaders":[{"name":"X-Probe","value":"kubelet"}],"path":"/ready","port":8080}}}"#;
+    const FROM_INJECTOR: &str = r#"{"app/readyz":{"port":8080,"timeoutSeconds":1,"handler":"httpGet","path":"/ready","headers":[{"name":"X-Probe","value":"kubelet"}],"original":{"httpHeaders":[{"name":"X-Probe","value":"kubelet"}],"path":"/ready","port":8080}}}"#;
+
+    /// gRPC and TCP probes as `inject/src/probes.rs` writes them (its test
+    /// `the_proxy_gets_grpc_service_and_tcp_port` asserts this exact string).
+    const GRPC_AND_TCP_FROM_INJECTOR: &str = r#"{"app/livez":{"port":5432,"timeoutSeconds":1,"handler":"tcpSocket","original":{"port":"db"}},"app/readyz":{"port":9090,"timeoutSeconds":2,"handler":"grpc","service":"shop.Cart","original":{"port":9090,"service":"shop.Cart"}}}"#;
+
+    fn http(p: &AppProbe) -> &HttpCheck {
+        match &p.check {
+            Check::Http(h) => h,
+            other => panic!("not HTTP: {other:?}"),
+        }
+    }
 
     #[test]
     fn parses_what_the_injector_writes() {
@@ -416,13 +652,46 @@ mod tests {
         assert_eq!(probes.len(), 1);
         let p = probes.for_path("/app-health/app/readyz").unwrap();
         assert_eq!(p.port.get(), 8080);
-        assert_eq!(p.path.as_str(), "/ready");
-        assert_eq!(p.headers["x-probe"], "kubelet");
+        assert_eq!(http(p).path.as_str(), "/ready");
+        assert_eq!(http(p).headers["x-probe"], "kubelet");
         assert_eq!(p.timeout, Duration::from_secs(1));
-        assert!(!p.https);
+        assert!(!http(p).https);
         assert!(probes.for_path("/app-health/app/livez").is_none());
         assert!(probes.for_path("/app-health/app").is_none());
         assert!("".parse::<AppProbes>().unwrap().is_empty());
+    }
+
+    #[test]
+    fn parses_grpc_and_tcp_probes() {
+        let probes: AppProbes = GRPC_AND_TCP_FROM_INJECTOR.parse().unwrap();
+        let ready = probes.for_path("/app-health/app/readyz").unwrap();
+        assert_eq!(
+            (ready.port.get(), ready.timeout),
+            (9090, Duration::from_secs(2))
+        );
+        assert!(matches!(&ready.check, Check::Grpc { service } if service == "shop.Cart"));
+        let live = probes.for_path("/app-health/app/livez").unwrap();
+        assert_eq!(
+            (live.port.get(), live.timeout),
+            (5432, Duration::from_secs(1))
+        );
+        assert!(matches!(live.check, Check::Tcp));
+        // No service asks about the whole server.
+        let whole: AppProbes = r#"{"a/readyz":{"port":1,"handler":"grpc"}}"#.parse().unwrap();
+        let p = whole.for_path("/app-health/a/readyz").unwrap();
+        assert!(matches!(&p.check, Check::Grpc { service } if service.is_empty()));
+    }
+
+    /// JSON written before the `handler` tag existed holds HTTP probes.
+    #[test]
+    fn json_without_a_handler_is_http() {
+        let probes: AppProbes =
+            r#"{"app/readyz":{"port":8080,"path":"/ready","timeoutSeconds":3}}"#
+                .parse()
+                .unwrap();
+        let p = probes.for_path("/app-health/app/readyz").unwrap();
+        assert_eq!(http(p).path.as_str(), "/ready");
+        assert_eq!(p.timeout, Duration::from_secs(3));
     }
 
     #[test]
@@ -432,9 +701,15 @@ mod tests {
             (r#"{"app/ready":{"port":1,"path":"/"}}"#, "key"),
             (r#"{"/readyz":{"port":1,"path":"/"}}"#, "key"),
             (r#"{"app/readyz":{"port":0,"path":"/"}}"#, "port 0"),
+            (
+                r#"{"app/readyz":{"port":0,"handler":"tcpSocket"}}"#,
+                "port 0",
+            ),
             (r#"{"app/readyz":{"port":70000,"path":"/"}}"#, "JSON"),
             (r#"{"app/readyz":{"port":1,"path":"healthz"}}"#, "path"),
             (r#"{"app/readyz":{"port":1,"path":"/a b"}}"#, "path"),
+            (r#"{"app/readyz":{"port":1}}"#, "path"),
+            (r#"{"app/readyz":{"port":1,"handler":"exec"}}"#, "handler"),
             (
                 r#"{"app/readyz":{"port":1,"path":"/","scheme":"FTP"}}"#,
                 "scheme",

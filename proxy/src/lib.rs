@@ -17,7 +17,7 @@
 //! [`retry`] (retry policy, backoff and budget), [`ratelimit`] (inbound token buckets),
 //! [`identity`] (the proxy's certificate and mutual TLS between proxies), [`authz`]
 //! (inbound authorization and the mTLS mode), [`trace`] (trace context and span export),
-//! [`app_probe`] (the application's HTTP probes, repeated on the admin port).
+//! [`app_probe`] (the application's HTTP, gRPC and TCP probes, performed on the admin port).
 
 use std::sync::{Arc, atomic::AtomicBool};
 

@@ -180,8 +180,8 @@ struct RunArgs {
     /// The `service.name` of this proxy's spans.
     #[arg(long, env = "WEFT_TRACE_SERVICE_NAME", default_value = "weft-proxy")]
     trace_service_name: String,
-    /// The application's HTTP probes (JSON, written by the injector), which the admin
-    /// listener repeats against the application on loopback for
+    /// The application's HTTP, gRPC and TCP probes (JSON, written by the injector), which
+    /// the admin listener performs against the application on loopback for
     /// `/app-health/<container>/<livez|readyz|startupz>`. Validated at startup.
     #[arg(long, env = "WEFT_APP_PROBES", default_value = "")]
     app_probes: weft_proxy::app_probe::AppProbes,

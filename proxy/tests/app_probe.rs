@@ -1,6 +1,8 @@
 //! The kubelet's probes through the admin listener: a real admin listener, a real
-//! application on loopback, and the JSON the injector writes. Each probe's answer is the
-//! application's status; an application that is down or too slow is a 503 with the
+//! application on loopback (an HTTP server, a tonic gRPC health server, a bare TCP
+//! listener), and the JSON the injector writes. An HTTP probe's answer is the
+//! application's status; a gRPC probe passes only for `SERVING`; a TCP probe only while
+//! the application accepts; an application that is down or too slow is a 503 with the
 //! reason, in time for the kubelet; a probe the pod does not have is a 404.
 
 // Test code: a failed unwrap is a failed test.
@@ -244,5 +246,241 @@ async fn without_probes_the_paths_are_not_found() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _, _) = probe(addr, "GET", "/live").await;
     assert_eq!(status, StatusCode::OK);
+    stop.cancel();
+}
+
+/// The User-Agents a gRPC application saw.
+type SeenAgents = Arc<Mutex<Vec<String>>>;
+
+/// A tonic gRPC server with the standard health service on loopback; `shop.Cart` starts
+/// SERVING, `shop.Down` NOT_SERVING (the whole server, `""`, is SERVING). Dropping the
+/// returned sender stops the server.
+async fn grpc_app() -> (
+    SocketAddr,
+    tonic_health::server::HealthReporter,
+    tokio::sync::oneshot::Sender<()>,
+    SeenAgents,
+) {
+    use tonic_health::ServingStatus;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Cart", ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status("shop.Down", ServingStatus::NotServing)
+        .await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agents = SeenAgents::default();
+    let log = agents.clone();
+    let record = move |req: tonic::Request<()>| {
+        if let Some(ua) = req.metadata().get("user-agent") {
+            log.lock()
+                .unwrap()
+                .push(ua.to_str().unwrap_or_default().to_owned());
+        }
+        Ok(req)
+    };
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(record))
+            .add_service(health)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await;
+    });
+    (addr, reporter, stop, agents)
+}
+
+/// A listener that accepts connections and never says anything.
+async fn mute_app() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    port
+}
+
+/// gRPC probes: 200 only while the health service says SERVING (for the probe's service,
+/// or the whole server without one); NOT_SERVING, an unknown service, an application
+/// that is not gRPC, one that never answers and one that is down are 503 with the reason.
+#[tokio::test]
+async fn grpc_probes_pass_only_for_serving() {
+    let (grpc, reporter, stop, agents) = grpc_app().await;
+    let (http_only, _) = app().await;
+    let mute = mute_app().await;
+    let down = closed_port().await;
+    let port = grpc.port();
+    let json = format!(
+        r#"{{
+        "api/readyz": {{"port": {port}, "handler": "grpc", "service": "shop.Cart", "timeoutSeconds": 1}},
+        "api/livez": {{"port": {port}, "handler": "grpc", "timeoutSeconds": 1}},
+        "api/startupz": {{"port": {port}, "handler": "grpc", "service": "shop.Down", "timeoutSeconds": 1}},
+        "nope/readyz": {{"port": {port}, "handler": "grpc", "service": "shop.Nope"}},
+        "http/readyz": {{"port": {http}, "handler": "grpc"}},
+        "mute/readyz": {{"port": {mute}, "handler": "grpc", "timeoutSeconds": 1}},
+        "down/readyz": {{"port": {down}, "handler": "grpc"}}
+    }}"#,
+        http = http_only.port(),
+    );
+    let (admin, admin_stop) = admin(&json).await;
+
+    let (status, _, body) = probe(admin, "GET", "/app-health/api/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("SERVING"), "{body}");
+    // The application sees the kubelet's User-Agent first (tonic appends its own, as
+    // grpc-go does to the kubelet's).
+    let seen = agents.lock().unwrap().clone();
+    assert!(
+        seen.len() == 1 && seen[0].starts_with("kube-probe/1.34"),
+        "{seen:?}"
+    );
+    // No service: the whole server's health.
+    let (status, _, body) = probe(admin, "GET", "/app-health/api/livez").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let (status, _, body) = probe(admin, "GET", "/app-health/api/startupz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("NOT_SERVING"), "{body}");
+    let (status, _, body) = probe(admin, "GET", "/app-health/nope/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("NotFound"), "{body}");
+    let (status, _, body) = probe(admin, "GET", "/app-health/http/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("gRPC health check failed"), "{body}");
+    let (status, _, body) = probe(admin, "GET", "/app-health/down/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("connect to the application"), "{body}");
+
+    // Accepted but never answered: 503 once the probe's timeout has passed.
+    let started = Instant::now();
+    let (status, _, body) = probe(admin, "GET", "/app-health/mute/readyz").await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("did not answer within 1s"), "{body}");
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_millis(1500),
+        "answered after {took:?}"
+    );
+
+    // The application changes its mind, and the next probe sees it.
+    reporter
+        .set_service_status("shop.Cart", tonic_health::ServingStatus::NotServing)
+        .await;
+    let (status, _, body) = probe(admin, "GET", "/app-health/api/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("NOT_SERVING"), "{body}");
+    reporter
+        .set_service_status("shop.Cart", tonic_health::ServingStatus::Serving)
+        .await;
+    let (status, _, _) = probe(admin, "GET", "/app-health/api/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The application goes down: the probe that passed a moment ago fails.
+    drop(stop);
+    let mut last = (StatusCode::OK, String::new());
+    for _ in 0..100 {
+        let (status, _, body) = probe(admin, "GET", "/app-health/api/readyz").await;
+        last = (status, body);
+        if status != StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last.0, StatusCode::SERVICE_UNAVAILABLE, "{}", last.1);
+    assert!(last.1.contains("connect to the application"), "{}", last.1);
+    admin_stop.cancel();
+}
+
+/// Polls `check` every 50 ms for at most 5 s; whether it held once.
+async fn eventually<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// TCP probes: 200 while the application accepts connections on its port, 503 once it
+/// stops listening (where the inbound proxy, accepting the kubelet's connection itself,
+/// would have said Ready), and 503 when the connection is not accepted within the
+/// probe's timeout.
+#[tokio::test]
+async fn tcp_probes_pass_only_while_the_application_accepts() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let app = tokio::spawn(async move {
+        while let Ok((_stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+
+    // A listener whose accept queue is full: the kernel drops further SYNs, so a
+    // connection is never accepted (the backlog of 1 is filled below).
+    let full = tokio::net::TcpSocket::new_v4().unwrap();
+    full.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full_port = full.local_addr().unwrap().port();
+    let full = full.listen(1).unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(("127.0.0.1", full_port)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+    }
+
+    let json = format!(
+        r#"{{
+        "db/readyz": {{"port": {port}, "handler": "tcpSocket", "timeoutSeconds": 1}},
+        "full/readyz": {{"port": {full_port}, "handler": "tcpSocket", "timeoutSeconds": 1}}
+    }}"#
+    );
+    let (admin, stop) = admin(&json).await;
+
+    let (status, _, body) = probe(admin, "GET", "/app-health/db/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("accepted"), "{body}");
+    // The connection reached the application itself, not something in front of it.
+    assert!(eventually(|| async { accepted.load(std::sync::atomic::Ordering::SeqCst) == 1 }).await);
+
+    let started = Instant::now();
+    let (status, _, body) = probe(admin, "GET", "/app-health/full/readyz").await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("did not answer within 1s"), "{body}");
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_millis(1500),
+        "answered after {took:?}"
+    );
+
+    // The application dies: its port closes, and the probe says so.
+    app.abort();
+    let _ = app.await;
+    let (status, _, body) = probe(admin, "GET", "/app-health/db/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("connect to the application"), "{body}");
+    drop((full, fillers));
     stop.cancel();
 }
