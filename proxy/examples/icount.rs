@@ -8,7 +8,7 @@
 //! ```
 //!
 //! For each proxy binary, protocol (HTTP/1.1, HTTP/2) and config (no Route; a Route of one
-//! rule, as `WEFT_BENCH_ROUTE=1` in `bench.rs`), it starts the proxy under callgrind with a
+//! rule, as `WEFT_BENCH_ROUTE=1` in `bench.rs`; an inbound listener), it starts the proxy under callgrind with a
 //! 1 KiB backend of its own, warms it up with 1,000 requests, zeroes the counters
 //! (`callgrind_control -z`), sends `REQUESTS` requests one after the other over one
 //! connection (HTTP/2: one stream at a time), dumps the counters (`callgrind_control -d`)
@@ -23,7 +23,8 @@
 //! counts syscalls, context switches and CPU time (task-clock) per request with
 //! `perf stat` instead: the kernel's share, which callgrind does not see.
 //!
-//! `WEFT_ICOUNT_CONFIGS` selects configs (`plain,route`; default both) and
+//! `WEFT_ICOUNT_CONFIGS` selects configs (`plain,route,inbound`; default all; `inbound` is
+//! an `--inbound-forward` listener to the backend, plain text) and
 //! `WEFT_ICOUNT_PROTOS` protocols (`h1,h2`; default both). Only loopback addresses are used.
 #![allow(
     clippy::unwrap_used,
@@ -48,6 +49,18 @@ use tokio::net::{TcpListener, TcpStream};
 /// What the load requests under the Route: the path its rule's regex matches.
 const ROUTE_PATH: &str = "/api/v1/orders/12345";
 const WARMUP: usize = 1000;
+
+/// What the proxy is set up as.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Setup {
+    /// A forward listener to service `web`, no Route.
+    Plain,
+    /// The same with a one-rule Route.
+    Route,
+    /// An inbound listener to the backend (`--inbound-forward`), as a server sidecar's
+    /// for plain-text clients.
+    Inbound,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Proto {
@@ -212,7 +225,10 @@ fn callgrind_control(flag: &str, pid: u32) {
 fn total_ir(path: &Path) -> u64 {
     let text = std::fs::read_to_string(path).unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")))
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no total in {}", path.display()))
@@ -236,11 +252,12 @@ async fn measure(
     out_dir: &Path,
     label: &str,
     proto: Proto,
-    route: bool,
+    setup: Setup,
     n: usize,
 ) -> Vec<f64> {
     let backend = start_backend();
     let cfg = out_dir.join(format!("{label}.json"));
+    let route = setup == Setup::Route;
     std::fs::write(&cfg, config(backend, route)).unwrap();
     let listen = free_addr().await;
     let admin = free_addr().await;
@@ -259,8 +276,13 @@ async fn measure(
         .args(["run", "--no-transparent", "--log", "warn", "--workers", "1"])
         .arg("--config")
         .arg(&cfg)
-        .arg("--forward")
-        .arg(format!("{listen}=web"))
+        .args(match setup {
+            Setup::Inbound => [
+                "--inbound-forward".to_owned(),
+                format!("{listen}={backend}"),
+            ],
+            _ => ["--forward".to_owned(), format!("{listen}=web")],
+        })
         .arg("--admin-addr")
         .arg(admin.to_string())
         .stdin(Stdio::null())
@@ -413,13 +435,17 @@ async fn main() {
         if !selected("WEFT_ICOUNT_PROTOS", pname) {
             continue;
         }
-        for (cname, route) in [("plain", false), ("route", true)] {
+        for (cname, setup) in [
+            ("plain", Setup::Plain),
+            ("route", Setup::Route),
+            ("inbound", Setup::Inbound),
+        ] {
             if !selected("WEFT_ICOUNT_CONFIGS", cname) {
                 continue;
             }
             for (i, bin) in bins.iter().enumerate() {
                 let label = format!("{i}-{pname}-{cname}");
-                let per = measure(tool, bin, &out_dir, &label, proto, route, n).await;
+                let per = measure(tool, bin, &out_dir, &label, proto, setup, n).await;
                 let cols: Vec<String> = match tool {
                     Tool::Callgrind => vec![format!("{:.0}", per[0])],
                     Tool::Perf => vec![

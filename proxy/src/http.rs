@@ -67,7 +67,7 @@ pub enum HttpTarget {
 }
 
 /// The header carrying a verified client's identity to the application (inbound).
-pub const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
+pub const FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// What every request of one downstream connection shares.
 #[derive(Debug)]
