@@ -76,6 +76,10 @@ pub const FAILURE_FACTOR: f64 = 4.0;
 /// may be the request's fault (a 500 for a bad input), a second in a row hints at the pod.
 pub const FAILURES_BEFORE_PENALTY: u32 = 2;
 
+/// The gRPC status field, as a parsed name: looked up on every response, and a `&str` key
+/// is parsed (and lowercased) again on each lookup.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// Whether a response counts as a failure for the latency estimate: any 5xx (as for the
 /// Breaker's outlier detection), or a trailers-only gRPC response whose `grpc-status` is
 /// one gRPC maps to a 5xx (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL,
@@ -86,7 +90,7 @@ pub fn is_failure(status: http::StatusCode, headers: &http::HeaderMap) -> bool {
         return true;
     }
     let grpc = headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u32>().ok());
     matches!(grpc, Some(2 | 4 | 12 | 13 | 14 | 15))

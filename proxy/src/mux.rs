@@ -26,7 +26,7 @@
 use std::str::FromStr;
 
 use http::{
-    HeaderValue, Method, Request, Response, Uri, Version,
+    HeaderName, HeaderValue, Method, Request, Response, Uri, Version,
     header::{HOST, UPGRADE},
     uri::{Authority, PathAndQuery, Scheme},
 };
@@ -34,7 +34,7 @@ use http::{
 /// The request header that carries an HTTP/1 request's version across the mux
 /// connection: `HTTP/1.1` or `HTTP/1.0`. The inbound side honours it only on a
 /// [`crate::identity::ALPN_MUX`] session and removes it before the application.
-pub const ORIG_PROTO: &str = "weft-orig-proto";
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("weft-orig-proto");
 
 /// Whether an HTTP/1 request may travel multiplexed: anything but an upgrade or a
 /// `CONNECT`, whose connection becomes a tunnel.

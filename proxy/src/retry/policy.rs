@@ -19,7 +19,7 @@
 //! headers only: a trailers-only response is the one gRPC failure a proxy can retry
 //! before it has streamed any of the body to the client.
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, StatusCode};
 use weft_api::traffic::{self as wire, RetryOn};
 
 use super::{Backoff, BudgetSpec};
@@ -27,8 +27,9 @@ use super::{Backoff, BudgetSpec};
 /// The most retries a rule may ask for.
 pub const MAX_ATTEMPTS: u32 = 10;
 
-/// The gRPC response header carrying the call's status code.
-const GRPC_STATUS: &str = "grpc-status";
+/// The gRPC response header carrying the call's status code (a parsed name: a `&str`
+/// key is parsed again on every lookup).
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// gRPC `UNAVAILABLE`.
 const GRPC_UNAVAILABLE: u32 = 14;
 /// gRPC `RESOURCE_EXHAUSTED`.

@@ -1,0 +1,465 @@
+//! Instructions per request through one `weft-proxy`, counted by valgrind's callgrind: a
+//! figure that stays the same however busy the machine is, unlike CPU time (see
+//! `docs/benchmarks.md`).
+//!
+//! ```sh
+//! cargo build --release -p weft-proxy --bin weft-proxy --example icount
+//! target/release/examples/icount [REQUESTS] [PROXY_BINARY...]   # 20000; the one beside
+//! ```
+//!
+//! For each proxy binary, protocol (HTTP/1.1, HTTP/2) and config (no Route; a Route of one
+//! rule, as `WEFT_BENCH_ROUTE=1` in `bench.rs`; an inbound listener), it starts the proxy under callgrind with a
+//! 1 KiB backend of its own, warms it up with 1,000 requests, zeroes the counters
+//! (`callgrind_control -z`), sends `REQUESTS` requests one after the other over one
+//! connection (HTTP/2: one stream at a time), dumps the counters (`callgrind_control -d`)
+//! and prints the instructions counted between zero and dump divided by `REQUESTS`. The
+//! dumps stay in a directory it prints, for `callgrind_annotate`. One connection and one
+//! request at a time keep the count repeatable: with more in flight, how many requests
+//! one wake-up serves depends on timing, and so does the count.
+//!
+//! `WEFT_ICOUNT_CONNECTIONS=C` spreads the requests over C connections loaded at once (as
+//! `bench.rs`'s closed loop does with 16), for counts that depend on timing: how many
+//! requests one wake-up serves. `WEFT_ICOUNT_TOOL=perf` runs the proxy natively and
+//! counts syscalls, context switches and CPU time (task-clock) per request with
+//! `perf stat` instead: the kernel's share, which callgrind does not see.
+//!
+//! `WEFT_ICOUNT_CONFIGS` selects configs (`plain,route,inbound`; default all; `inbound` is
+//! an `--inbound-forward` listener to the backend, plain text) and
+//! `WEFT_ICOUNT_PROTOS` protocols (`h1,h2`; default both). Only loopback addresses are used.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    missing_docs
+)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the load requests under the Route: the path its rule's regex matches.
+const ROUTE_PATH: &str = "/api/v1/orders/12345";
+const WARMUP: usize = 1000;
+
+/// What the proxy is set up as.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Setup {
+    /// A forward listener to service `web`, no Route.
+    Plain,
+    /// The same with a one-rule Route.
+    Route,
+    /// An inbound listener to the backend (`--inbound-forward`), as a server sidecar's
+    /// for plain-text clients.
+    Inbound,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Proto {
+    H1,
+    H2,
+}
+
+/// The backend: 1 KiB for any request, HTTP/1.1 and HTTP/2, on its own thread.
+fn start_backend() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            let body = Bytes::from(vec![b'x'; 1024]);
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let _ = s.set_nodelay(true);
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let body = body.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body)))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// The proxy's config: service `web` on the backend, with a one-rule Route when `route`
+/// (the same Route as `bench.rs`'s `WEFT_BENCH_ROUTE=1`). JSON, which the proxy reads as
+/// YAML: YAML would spell the path match's enum as a tag.
+fn config(backend: SocketAddr, route: bool) -> String {
+    let route = if route {
+        r#", "route": {"name": "bench/route", "rules": [{"matches": [{"path": {"regex": "^/api/v[0-9]+/(orders|r1)/[0-9]+$"}, "headers": [{"name": "x-bench-rule", "value": "r1"}]}], "backends": [{"service": "web", "weight": 1}]}]}"#
+    } else {
+        ""
+    };
+    format!(
+        r#"{{"apiVersion": "weft.dev/proxy/v1alpha1", "kind": "ProxyConfig", "services": [{{"name": "web", "endpoints": [{{"address": "{backend}"}}]{route}}}]}}"#
+    )
+}
+
+fn request(proto: Proto, route: bool) -> Request<Empty<Bytes>> {
+    let path = if route { ROUTE_PATH } else { "/" };
+    let builder = match proto {
+        Proto::H1 => Request::get(path).header("host", "web"),
+        Proto::H2 => Request::get(format!("http://web{path}")).version(http::Version::HTTP_2),
+    };
+    let builder = if route {
+        builder.header("x-bench-rule", "r1")
+    } else {
+        builder
+    };
+    builder.body(Empty::new()).unwrap()
+}
+
+/// Sends `n` requests one after the other over `conn`; panics on any failure, since a
+/// failed request would make the count meaningless.
+async fn send(conn: &mut Conn, proto: Proto, route: bool, n: usize) {
+    for _ in 0..n {
+        let resp = match conn {
+            Conn::H1(s) => {
+                s.ready().await.unwrap();
+                s.send_request(request(proto, route)).await.unwrap()
+            }
+            Conn::H2(s) => {
+                s.ready().await.unwrap();
+                s.send_request(request(proto, route)).await.unwrap()
+            }
+        };
+        assert!(resp.status().is_success(), "status {}", resp.status());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 1024);
+    }
+}
+
+/// Sends `n` requests spread evenly over `conns`, each connection one request at a time,
+/// all connections at once.
+async fn load(conns: &mut [Conn], proto: Proto, route: bool, n: usize) {
+    let each = n / conns.len();
+    futures::future::join_all(conns.iter_mut().map(|c| send(c, proto, route, each))).await;
+}
+
+/// `WEFT_ICOUNT_CONNECTIONS`: how many connections carry the load at once (default 1).
+fn connections() -> usize {
+    std::env::var("WEFT_ICOUNT_CONNECTIONS")
+        .map(|c| c.parse().unwrap())
+        .unwrap_or(1)
+}
+
+enum Conn {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+async fn connect(addr: SocketAddr, proto: Proto) -> Conn {
+    let s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let io = TokioIo::new(s);
+    match proto {
+        Proto::H1 => {
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            Conn::H1(send)
+        }
+        Proto::H2 => {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            Conn::H2(send)
+        }
+    }
+}
+
+async fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A child process, killed when dropped.
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn callgrind_control(flag: &str, pid: u32) {
+    let out = Command::new("callgrind_control")
+        .arg(flag)
+        .arg(pid.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "callgrind_control {flag}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The total instruction count (`summary:` or `totals:` line) of a callgrind dump.
+fn total_ir(path: &Path) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no total in {}", path.display()))
+}
+
+/// What is counted per request.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tool {
+    /// Instructions in user space, by callgrind.
+    Callgrind,
+    /// Syscalls, context switches and CPU time (task-clock) by `perf stat`, the proxy
+    /// running natively: what callgrind does not see (the kernel's share).
+    Perf,
+}
+
+/// One measurement: the proxy (under callgrind, or native and watched by `perf stat`),
+/// warm-up, `n` requests counted, counts divided by `n`.
+async fn measure(
+    tool: Tool,
+    bin: &Path,
+    out_dir: &Path,
+    label: &str,
+    proto: Proto,
+    setup: Setup,
+    n: usize,
+) -> Vec<f64> {
+    let backend = start_backend();
+    let cfg = out_dir.join(format!("{label}.json"));
+    let route = setup == Setup::Route;
+    std::fs::write(&cfg, config(backend, route)).unwrap();
+    let listen = free_addr().await;
+    let admin = free_addr().await;
+    let out_file = out_dir.join(format!("callgrind.{label}"));
+    let mut cmd = match tool {
+        Tool::Callgrind => {
+            let mut c = Command::new("valgrind");
+            c.arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}", out_file.display()))
+                .arg(bin);
+            c
+        }
+        Tool::Perf => Command::new(bin),
+    };
+    let child = cmd
+        .args(["run", "--no-transparent", "--log", "warn", "--workers", "1"])
+        .arg("--config")
+        .arg(&cfg)
+        .args(match setup {
+            Setup::Inbound => [
+                "--inbound-forward".to_owned(),
+                format!("{listen}={backend}"),
+            ],
+            _ => ["--forward".to_owned(), format!("{listen}=web")],
+        })
+        .arg("--admin-addr")
+        .arg(admin.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(out_dir.join(format!("{label}.stderr"))).unwrap())
+        .spawn()
+        .unwrap();
+    let proc = Proc { child };
+    let pid = proc.child.id();
+    // Under valgrind the proxy takes seconds to start.
+    let mut listening = false;
+    for _ in 0..600 {
+        if TcpStream::connect(listen).await.is_ok() {
+            listening = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(listening, "{label}: the proxy never listened on {listen}");
+    let mut conns = Vec::new();
+    for _ in 0..connections() {
+        conns.push(connect(listen, proto).await);
+    }
+    load(&mut conns, proto, route, WARMUP).await;
+    let per = match tool {
+        Tool::Callgrind => {
+            callgrind_control("-z", pid);
+            load(&mut conns, proto, route, n).await;
+            callgrind_control("-d", pid);
+            let dump = PathBuf::from(format!("{}.1", out_file.display()));
+            vec![total_ir(&dump) as f64 / n as f64]
+        }
+        Tool::Perf => {
+            let stat_file = out_dir.join(format!("perf.{label}"));
+            let perf = Command::new("perf")
+                .args(["stat", "-x", ",", "-e", PERF_EVENTS, "-p"])
+                .arg(pid.to_string())
+                .arg("-o")
+                .arg(&stat_file)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            // With `WEFT_ICOUNT_RECORD` set, `perf record` samples where the CPU time goes
+            // (software clock: this VM has no hardware counters), for `perf report`.
+            let record = std::env::var_os("WEFT_ICOUNT_RECORD").map(|_| {
+                let child = Command::new("perf")
+                    .args(["record", "-e", "cpu-clock", "-F", "4000", "-p"])
+                    .arg(pid.to_string())
+                    .arg("-o")
+                    .arg(out_dir.join(format!("perf.data.{label}")))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                Proc { child }
+            });
+            // perf attaches asynchronously; counting a little idle time is harmless.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            load(&mut conns, proto, route, n).await;
+            if let Some(mut record) = record {
+                interrupt(&mut record);
+            }
+            let mut perf = Proc { child: perf };
+            interrupt(&mut perf);
+            perf_counts(&stat_file)
+                .into_iter()
+                .map(|c| c / n as f64)
+                .collect()
+        }
+    };
+    drop(conns);
+    drop(proc);
+    per
+}
+
+/// Stops a `perf` child with SIGINT, on which it writes what it counted, and waits for it.
+fn interrupt(perf: &mut Proc) {
+    let killed = Command::new("kill")
+        .args(["-INT", &perf.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let _ = perf.child.wait();
+}
+
+/// `perf stat`'s events, in the order [`perf_counts`] returns them.
+const PERF_EVENTS: &str = "raw_syscalls:sys_enter,context-switches,task-clock";
+
+/// The counts of a `perf stat -x ,` output file, in [`PERF_EVENTS`]'s order (task-clock
+/// in µs).
+fn perf_counts(path: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(path).unwrap();
+    PERF_EVENTS
+        .split(',')
+        .map(|ev| {
+            let line = text
+                .lines()
+                .find(|l| l.split(',').nth(2).is_some_and(|e| e == ev))
+                .unwrap_or_else(|| panic!("no {ev} in {}", path.display()));
+            let v: f64 = line.split(',').next().unwrap().parse().unwrap();
+            // task-clock is in milliseconds.
+            if ev == "task-clock" { v * 1000.0 } else { v }
+        })
+        .collect()
+}
+
+fn selected(var: &str, name: &str) -> bool {
+    match std::env::var(var) {
+        Ok(list) => list.split(',').any(|p| p.trim() == name),
+        Err(_) => true,
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().map(|a| a.parse().unwrap()).unwrap_or(20_000);
+    let mut bins: Vec<PathBuf> = args.map(PathBuf::from).collect();
+    if bins.is_empty() {
+        let me = std::env::current_exe().unwrap();
+        bins.push(me.parent().unwrap().parent().unwrap().join("weft-proxy"));
+    }
+    let out_dir = std::env::temp_dir().join(format!("weft-icount-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    println!("callgrind dumps in {}\n", out_dir.display());
+    let tool = match std::env::var("WEFT_ICOUNT_TOOL").as_deref() {
+        Ok("perf") => Tool::Perf,
+        Ok("callgrind") | Err(_) => Tool::Callgrind,
+        Ok(other) => panic!("WEFT_ICOUNT_TOOL is callgrind or perf, not {other}"),
+    };
+    match tool {
+        Tool::Callgrind => {
+            println!(
+                "## Instructions per request, {n} requests one at a time over one connection\n"
+            );
+            println!("| proxy | protocol | config | instructions/request |");
+            println!("| --- | --- | --- | --- |");
+        }
+        Tool::Perf => {
+            println!("## Per request, {n} requests one at a time over one connection\n");
+            println!(
+                "| proxy | protocol | config | syscalls/request | context switches/request | CPU µs/request |"
+            );
+            println!("| --- | --- | --- | --- | --- | --- |");
+        }
+    }
+    for proto in [Proto::H1, Proto::H2] {
+        let pname = if proto == Proto::H1 { "h1" } else { "h2" };
+        if !selected("WEFT_ICOUNT_PROTOS", pname) {
+            continue;
+        }
+        for (cname, setup) in [
+            ("plain", Setup::Plain),
+            ("route", Setup::Route),
+            ("inbound", Setup::Inbound),
+        ] {
+            if !selected("WEFT_ICOUNT_CONFIGS", cname) {
+                continue;
+            }
+            for (i, bin) in bins.iter().enumerate() {
+                let label = format!("{i}-{pname}-{cname}");
+                let per = measure(tool, bin, &out_dir, &label, proto, setup, n).await;
+                let cols: Vec<String> = match tool {
+                    Tool::Callgrind => vec![format!("{:.0}", per[0])],
+                    Tool::Perf => vec![
+                        format!("{:.2}", per[0]),
+                        format!("{:.2}", per[1]),
+                        format!("{:.1}", per[2]),
+                    ],
+                };
+                println!(
+                    "| {} | {proto:?} | {cname} | {} |",
+                    bin.display(),
+                    cols.join(" | ")
+                );
+            }
+        }
+    }
+}
