@@ -464,3 +464,143 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
     drop(operator);
     bed.cleanup().await;
 }
+
+/// A Service of `ports` (`[{"name": ..., "port": ...}]`) selecting `selector` (none: its
+/// endpoints are the test's).
+async fn plain_service(bed: &Bed, name: &str, selector: Option<Value>, ports: Value) {
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"selector": selector, "ports": ports}
+    }))
+    .unwrap();
+    bed.api::<Service>()
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+}
+
+/// With the operator's admin Service unable to answer, `explain` and `proxy-status` come
+/// back within their 10 s bound and name the Service and the command to check it, instead
+/// of waiting on the API server's service proxy: a Service without endpoints (no operator
+/// pod Ready: the API server answers 503, which the Kubernetes client would retry for
+/// minutes), and one whose only endpoint accepts connections but never answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_and_proxy_status_give_up_on_an_operator_service_that_does_not_answer() {
+    let bed = Bed::new("no-operator").await;
+    let ns = bed.ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (push, op_admin) = (free_addr(), free_addr());
+    let operator = start_operator(&bed, push, op_admin, dir.path(), 1);
+    let (backend, _host) = backend().await;
+    service_to(&bed, "web", backend).await;
+    bed.service_account("client-0").await;
+    let pod = bed
+        .pod("client-0", "client-0", "client", "198.18.240.80")
+        .await;
+    let proxy = ProxyProc::start(&bed, push, &pod, &format!("web.{ns}.80"), dir.path()).await;
+    eventually(WAIT, || async {
+        let (status, body) = http_get(proxy.forward, "/").await?;
+        ensure!(status == 200 && body == "hello", "{status} {body}");
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", proxy.proc.log_tail(), operator.log_tail()));
+
+    let admin_port = json!([{"name": "http-metrics", "port": 80, "targetPort": 9090}]);
+    plain_service(
+        &bed,
+        "no-endpoints",
+        Some(json!({"app": "nobody"})),
+        admin_port.clone(),
+    )
+    .await;
+    // Accepted by the kernel (the listen backlog), never read nor answered. On a test
+    // host's near end: the API server refuses loopback endpoints.
+    let host = TestHost::new();
+    let silent = std::net::TcpListener::bind((host.near(), 0)).unwrap();
+    plain_service(&bed, "silent", None, admin_port).await;
+    let endpoints: k8s_openapi::api::core::v1::Endpoints = serde_json::from_value(json!({
+        "metadata": {"name": "silent"},
+        "subsets": [{"addresses": [{"ip": host.near().to_string()}],
+                     "ports": [{"name": "http-metrics", "port": silent.local_addr().unwrap().port()}]}]
+    }))
+    .unwrap();
+    bed.api::<k8s_openapi::api::core::v1::Endpoints>()
+        .create(&PostParams::default(), &endpoints)
+        .await
+        .unwrap();
+
+    // The bound is 10 s; a process start and the proxy's /config read come on top.
+    let limit = Duration::from_secs(20);
+    for (service, why) in [
+        ("no-endpoints", "refused /proxies"),
+        ("silent", "did not answer /proxies within 10s"),
+    ] {
+        let operator_flags = [
+            "--operator-namespace".to_owned(),
+            ns.clone(),
+            "--operator-service".to_owned(),
+            format!("{service}:http-metrics"),
+        ];
+        let hint = format!("`kubectl -n {ns} get endpoints {service}`");
+        let said = format!("Service {ns}/{service}:http-metrics");
+
+        let mut args: Vec<String> = ["explain", "client-0", "web:80", "-n", &ns, "--admin-url"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.push(format!("http://{}", proxy.admin));
+        args.extend(operator_flags.iter().cloned());
+        let started = std::time::Instant::now();
+        let out = tokio::time::timeout(limit * 2, kubectl_weft(&args).output())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("explain against {service} still runs after {:?}", limit * 2)
+            })
+            .unwrap();
+        let took = started.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "explain: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("operator: not asked"))
+            .unwrap_or_else(|| panic!("explain says nothing of the operator:\n{stdout}"));
+        assert!(
+            line.contains(&said) && line.contains(why) && line.contains(&hint),
+            "explain against {service}: {line}"
+        );
+        assert!(took < limit, "explain against {service} took {took:?}");
+        eprintln!("explain against {service}: {took:.1?}: {line}");
+
+        let mut args = vec!["proxy-status".to_owned(), "-n".to_owned(), ns.clone()];
+        args.extend(operator_flags.iter().cloned());
+        let started = std::time::Instant::now();
+        let out = tokio::time::timeout(limit * 2, kubectl_weft(&args).output())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "proxy-status against {service} still runs after {:?}",
+                    limit * 2
+                )
+            })
+            .unwrap();
+        let took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "proxy-status against {service} succeeded"
+        );
+        assert!(
+            stderr.contains(&said) && stderr.contains(why) && stderr.contains(&hint),
+            "proxy-status against {service}: {stderr}"
+        );
+        assert!(took < limit, "proxy-status against {service} took {took:?}");
+        eprintln!("proxy-status against {service}: {took:.1?}");
+    }
+    drop((proxy, operator, silent, host));
+    bed.cleanup().await;
+}
