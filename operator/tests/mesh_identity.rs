@@ -25,10 +25,7 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use k8s_openapi::api::{
-    core::v1::{Secret, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::{mesh::*, processes::*};
@@ -151,38 +148,11 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     let bed = Bed::new("mesh-identity").await;
     let ns = bed.ns.clone();
     let dir = tempfile::tempdir().unwrap();
-    let (push, op_admin, op_identity) = (free_addr(), free_addr(), free_addr());
-    let operator = start_operator_with(
-        &bed,
-        push,
-        op_admin,
-        op_identity,
-        dir.path(),
-        1,
-        &["--identity-dns-names", IDENTITY_NAME],
-    );
-
     // The trust root proxies verify the identity endpoint against: the operator's
     // generated root, read from its Secret as an installer would.
-    let secrets = bed.api::<Secret>();
-    let ca = eventually(WAIT, || async {
-        let s = secrets.get("weft-identity").await?;
-        let ca = s
-            .data
-            .and_then(|d| d.get("ca.crt").cloned())
-            .context("no ca.crt")?;
-        Ok(ca.0)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
-    let trust_root = dir.path().join("ca.crt");
-    std::fs::write(&trust_root, &ca).unwrap();
-    let identity = ProxyIdentity {
-        addr: op_identity,
-        server_name: IDENTITY_NAME.to_owned(),
-        trust_root,
-        inline: false,
-    };
+    let op = IdentityOperator::start(&bed, dir.path(), IDENTITY_NAME, &[]).await;
+    let (push, op_admin, operator) = (op.push, op.admin, &op.proc);
+    let identity = op.proxy_identity(IDENTITY_NAME);
 
     // Pods, ServiceAccounts, and Service web whose one endpoint is web's proxy.
     let host = TestHost::new();
@@ -251,8 +221,8 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     // ServiceAccount.
     let client_id = format!("spiffe://cluster.local/ns/{ns}/sa/client");
     let web_id = format!("spiffe://cluster.local/ns/{ns}/sa/web");
-    ready_with_identity(&client, &client_id, &operator).await;
-    ready_with_identity(&web, &web_id, &operator).await;
+    ready_with_identity(&client, &client_id, operator).await;
+    ready_with_identity(&web, &web_id, operator).await;
     // Without a certificate a proxy is not ready and takes no config: one whose
     // identity endpoint does not answer stays 503 and says why.
     let orphan_pod = bed.pod("orphan", "client", "client", "198.18.240.12").await;
@@ -452,7 +422,7 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     .unwrap_or_else(|e| panic!("the Policy outlived its deletion: {e:#}"));
     eprintln!("the Policy acted {took:?} after apply");
 
-    drop((client, web, operator));
+    drop((client, web, op));
     bed.cleanup().await;
 }
 
@@ -471,28 +441,9 @@ async fn the_config_stream_is_tls_from_the_mesh_root_and_nothing_else_gets_confi
     let bed = Bed::new("push-tls").await;
     let ns = bed.ns.clone();
     let dir = tempfile::tempdir().unwrap();
-    let (push, op_admin, op_identity) = (free_addr(), free_addr(), free_addr());
-    let operator = start_operator_with(
-        &bed,
-        push,
-        op_admin,
-        op_identity,
-        dir.path(),
-        1,
-        &["--identity-dns-names", IDENTITY_NAME],
-    );
-    let secrets = bed.api::<Secret>();
-    let ca = eventually(WAIT, || async {
-        let s = secrets.get("weft-identity").await?;
-        Ok(s.data
-            .and_then(|d| d.get("ca.crt").cloned())
-            .context("no ca.crt")?
-            .0)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
-    let root = dir.path().join("ca.crt");
-    std::fs::write(&root, &ca).unwrap();
+    let op = IdentityOperator::start(&bed, dir.path(), IDENTITY_NAME, &[]).await;
+    let (push, op_admin, operator) = (op.push, op.admin, &op.proc);
+    let root = op.trust_root.clone();
     // Another mesh's root: a valid CA, just not this operator's.
     let (other, _) = weft_operator::identity::IdentityCa::generate().unwrap();
     let other_root = dir.path().join("other.crt");
@@ -597,7 +548,7 @@ async fn the_config_stream_is_tls_from_the_mesh_root_and_nothing_else_gets_confi
     for name in ["stranger", "misnamed", "plain"] {
         assert!(!proxies.contains(&format!("{ns}/{name}")), "{proxies}");
     }
-    drop((good, stranger, misnamed, plain, operator));
+    drop((good, stranger, misnamed, plain, op));
     bed.cleanup().await;
 }
 
@@ -606,33 +557,14 @@ async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_pol
     let bed = Bed::new("mesh-strict").await;
     let ns = bed.ns.clone();
     let dir = tempfile::tempdir().unwrap();
-    let (push, op_admin, op_identity) = (free_addr(), free_addr(), free_addr());
-    let operator = start_operator_with(
+    let op = IdentityOperator::start(
         &bed,
-        push,
-        op_admin,
-        op_identity,
         dir.path(),
-        1,
-        &[
-            "--identity-dns-names",
-            IDENTITY_NAME,
-            "--mesh-mtls-mode",
-            "strict",
-        ],
-    );
-    let secrets = bed.api::<Secret>();
-    let ca = eventually(WAIT, || async {
-        let s = secrets.get("weft-identity").await?;
-        Ok(s.data
-            .and_then(|d| d.get("ca.crt").cloned())
-            .context("no ca.crt")?
-            .0)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
-    let trust_root = dir.path().join("ca.crt");
-    std::fs::write(&trust_root, &ca).unwrap();
+        IDENTITY_NAME,
+        &["--mesh-mtls-mode", "strict"],
+    )
+    .await;
+    let (push, operator) = (op.push, &op.proc);
     bed.service_account("web").await;
     let web_pod = bed.pod("web", "web", "web", "198.18.240.31").await;
     let app = echo_app().await;
@@ -644,12 +576,7 @@ async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_pol
         dir.path(),
         &ProxyOptions {
             app: Some(app),
-            identity: Some(ProxyIdentity {
-                addr: op_identity,
-                server_name: IDENTITY_NAME.to_owned(),
-                trust_root,
-                inline: false,
-            }),
+            identity: Some(op.proxy_identity(IDENTITY_NAME)),
             ..ProxyOptions::default()
         },
     )
@@ -657,7 +584,7 @@ async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_pol
     ready_with_identity(
         &web,
         &format!("spiffe://cluster.local/ns/{ns}/sa/web"),
-        &operator,
+        operator,
     )
     .await;
     let inbound = web.inbound.unwrap();
@@ -736,7 +663,7 @@ async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_pol
         .await
         .unwrap();
     plain_answers(200, None).await.unwrap();
-    drop((web, operator));
+    drop((web, op));
     bed.cleanup().await;
 }
 
