@@ -179,7 +179,11 @@ impl OperatorAdmin {
                     let req = http::Request::get(&at)
                         .body(Vec::new())
                         .map_err(|e| e.to_string())?;
-                    client.request_text(req).await.map_err(|e| e.to_string())
+                    client.request_text(req).await.map_err(|e| match e {
+                        // The API server's own words, without the Status dump.
+                        kube::Error::Api(status) => format!("{} {}", status.code, status.message),
+                        other => other.to_string(),
+                    })
                 };
                 match tokio::time::timeout(timeout, answer).await {
                     Err(_) => Err(OperatorAdminError::ServiceTimedOut {

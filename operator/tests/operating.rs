@@ -465,6 +465,45 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
     bed.cleanup().await;
 }
 
+/// Runs `kubectl weft ARGS` for at most `limit`: its exit code (`None`: killed at the
+/// limit), stdout and stderr (through files, so a killed run still shows what it said),
+/// and how long it ran.
+async fn kubectl_weft_within(
+    args: &[String],
+    dir: &std::path::Path,
+    limit: Duration,
+) -> (Option<i32>, String, String, Duration) {
+    let (out, err) = (dir.join("kubectl-weft.out"), dir.join("kubectl-weft.err"));
+    let mut child = kubectl_weft(args)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let code = match tokio::time::timeout(limit, child.wait()).await {
+        Ok(status) => Some(status.unwrap().code().unwrap_or(-1)),
+        Err(_) => {
+            let pid = child.id().unwrap_or_default();
+            let ss = std::process::Command::new("ss")
+                .args(["-tnp"])
+                .output()
+                .unwrap();
+            let mine: Vec<String> = String::from_utf8_lossy(&ss.stdout)
+                .lines()
+                .filter(|l| l.contains(&format!("pid={pid},")))
+                .map(str::to_owned)
+                .collect();
+            // Where it was waiting, for the failure message's reader.
+            eprintln!("kubectl-weft (pid {pid}) killed at {limit:?}; its sockets: {mine:#?}");
+            child.kill().await.unwrap();
+            None
+        }
+    };
+    let took = started.elapsed();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    (code, read(&out), read(&err), took)
+}
+
 /// A Service of `ports` (`[{"name": ..., "port": ...}]`) selecting `selector` (none: its
 /// endpoints are the test's).
 async fn plain_service(bed: &Bed, name: &str, selector: Option<Value>, ports: Value) {
@@ -515,13 +554,22 @@ async fn explain_and_proxy_status_give_up_on_an_operator_service_that_does_not_a
     )
     .await;
     // Accepted by the kernel (the listen backlog), never read nor answered. On a test
-    // host's near end: the API server refuses loopback endpoints.
+    // host's near end: the API server refuses loopback endpoints, and proxies only to an
+    // address of the pod an endpoint's targetRef names.
     let host = TestHost::new();
     let silent = std::net::TcpListener::bind((host.near(), 0)).unwrap();
+    bed.pod(
+        "silent-operator",
+        "client-0",
+        "silent-operator",
+        &host.near().to_string(),
+    )
+    .await;
     plain_service(&bed, "silent", None, admin_port).await;
     let endpoints: k8s_openapi::api::core::v1::Endpoints = serde_json::from_value(json!({
         "metadata": {"name": "silent"},
-        "subsets": [{"addresses": [{"ip": host.near().to_string()}],
+        "subsets": [{"addresses": [{"ip": host.near().to_string(),
+                                    "targetRef": {"kind": "Pod", "name": "silent-operator", "namespace": ns}}],
                      "ports": [{"name": "http-metrics", "port": silent.local_addr().unwrap().port()}]}]
     }))
     .unwrap();
@@ -551,19 +599,11 @@ async fn explain_and_proxy_status_give_up_on_an_operator_service_that_does_not_a
             .collect();
         args.push(format!("http://{}", proxy.admin));
         args.extend(operator_flags.iter().cloned());
-        let started = std::time::Instant::now();
-        let out = tokio::time::timeout(limit * 2, kubectl_weft(&args).output())
-            .await
-            .unwrap_or_else(|_| {
-                panic!("explain against {service} still runs after {:?}", limit * 2)
-            })
-            .unwrap();
-        let took = started.elapsed();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "explain: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let (code, stdout, stderr, took) = kubectl_weft_within(&args, dir.path(), limit * 2).await;
+        assert_eq!(
+            code,
+            Some(0),
+            "explain against {service} ({took:?}):\n{stdout}\n{stderr}"
         );
         let line = stdout
             .lines()
@@ -578,21 +618,10 @@ async fn explain_and_proxy_status_give_up_on_an_operator_service_that_does_not_a
 
         let mut args = vec!["proxy-status".to_owned(), "-n".to_owned(), ns.clone()];
         args.extend(operator_flags.iter().cloned());
-        let started = std::time::Instant::now();
-        let out = tokio::time::timeout(limit * 2, kubectl_weft(&args).output())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "proxy-status against {service} still runs after {:?}",
-                    limit * 2
-                )
-            })
-            .unwrap();
-        let took = started.elapsed();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (code, _, stderr, took) = kubectl_weft_within(&args, dir.path(), limit * 2).await;
         assert!(
-            !out.status.success(),
-            "proxy-status against {service} succeeded"
+            code.is_some_and(|c| c != 0),
+            "proxy-status against {service} ({code:?}, {took:?}): {stderr}"
         );
         assert!(
             stderr.contains(&said) && stderr.contains(why) && stderr.contains(&hint),

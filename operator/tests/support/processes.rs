@@ -27,8 +27,14 @@ use weft_e2e::{
 
 use super::mesh::{Bed, WAIT};
 
-/// A binary built by another package of the workspace, in this target dir.
+/// A binary built by another package of the workspace, in this target dir, unless
+/// `WEFT_TEST_BIN_<NAME>` (`WEFT_TEST_BIN_KUBECTL_WEFT`) names another: in a target dir
+/// shared by several worktrees, `target/debug/<name>` is whoever built last.
 pub fn sibling_binary(name: &str) -> PathBuf {
+    let var = format!("WEFT_TEST_BIN_{}", name.replace('-', "_").to_uppercase());
+    if let Some(path) = std::env::var_os(var) {
+        return PathBuf::from(path);
+    }
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let path = exe.parent().unwrap().parent().unwrap().join(name);
