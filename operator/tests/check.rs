@@ -320,13 +320,7 @@ async fn check_passes_a_healthy_install_and_fails_exactly_what_is_broken() {
         bed.service_account(name).await;
         let pod = bed.pod(name, name, "client", ip).await;
         let p = ProxyProc::start_with(&bed, push, &pod, &svc, dir.path(), &options).await;
-        eventually(WAIT, || async {
-            let (status, body) = http_get(p.forward, "/").await?;
-            ensure!(status == 200 && body == "hello", "{status} {body}");
-            Ok(())
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", p.proc.log_tail(), operator.log_tail()));
+        p.until_answered("hello", &operator).await;
         proxies.push(p);
     }
     let logs = [&operator, &proxies[0].proc, &proxies[1].proc];

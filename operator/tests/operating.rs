@@ -146,10 +146,8 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
     let bed = Bed::new("operating").await;
     let ns = bed.ns.clone();
     let dir = tempfile::tempdir().unwrap();
-    let (push, op_admin) = (free_addr(), free_addr());
-    let operator = start_operator(&bed, push, op_admin, dir.path(), 1);
-    let (backend, _host) = backend().await;
-    service_to(&bed, "web", backend).await;
+    let mesh = PlainMesh::start(&bed, dir.path()).await;
+    let (push, op_admin, backend, operator) = (mesh.push, mesh.admin, mesh.backend, &mesh.operator);
     deployment(&bed, "client", "client").await;
     deployment(&bed, "web", "web").await;
     let svc = format!("web.{ns}.80");
@@ -162,13 +160,7 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
         bed.service_account(name).await;
         let pod = bed.pod(name, name, app, ip).await;
         let p = ProxyProc::start_with_app(&bed, push, &pod, &svc, dir.path(), inbound).await;
-        eventually(WAIT, || async {
-            let (status, body) = http_get(p.forward, "/").await?;
-            ensure!(status == 200 && body == "hello", "{status} {body}");
-            Ok(())
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", p.proc.log_tail(), operator.log_tail()));
+        p.until_answered("hello", operator).await;
         proxies.push((name, p));
     }
     bed.route(
@@ -461,7 +453,7 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
     golden("explain.txt", &mask(&text, &volatile));
 
     drop(proxies);
-    drop(operator);
+    drop(mesh);
     bed.cleanup().await;
 }
 
@@ -528,22 +520,14 @@ async fn explain_and_proxy_status_give_up_on_an_operator_service_that_does_not_a
     let bed = Bed::new("no-operator").await;
     let ns = bed.ns.clone();
     let dir = tempfile::tempdir().unwrap();
-    let (push, op_admin) = (free_addr(), free_addr());
-    let operator = start_operator(&bed, push, op_admin, dir.path(), 1);
-    let (backend, _host) = backend().await;
-    service_to(&bed, "web", backend).await;
+    let mesh = PlainMesh::start(&bed, dir.path()).await;
+    let operator = &mesh.operator;
     bed.service_account("client-0").await;
     let pod = bed
         .pod("client-0", "client-0", "client", "198.18.240.80")
         .await;
-    let proxy = ProxyProc::start(&bed, push, &pod, &format!("web.{ns}.80"), dir.path()).await;
-    eventually(WAIT, || async {
-        let (status, body) = http_get(proxy.forward, "/").await?;
-        ensure!(status == 200 && body == "hello", "{status} {body}");
-        Ok(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", proxy.proc.log_tail(), operator.log_tail()));
+    let proxy = ProxyProc::start(&bed, mesh.push, &pod, &format!("web.{ns}.80"), dir.path()).await;
+    proxy.until_answered("hello", operator).await;
 
     let admin_port = json!([{"name": "http-metrics", "port": 80, "targetPort": 9090}]);
     plain_service(
@@ -630,6 +614,6 @@ async fn explain_and_proxy_status_give_up_on_an_operator_service_that_does_not_a
         assert!(took < limit, "proxy-status against {service} took {took:?}");
         eprintln!("proxy-status against {service}: {took:.1?}");
     }
-    drop((proxy, operator, silent, host));
+    drop((proxy, mesh, silent, host));
     bed.cleanup().await;
 }

@@ -337,6 +337,52 @@ impl ProxyProc {
     }
 }
 
+impl ProxyProc {
+    /// Waits until a request to the proxy's forward listener gets 200 `body` from the
+    /// backend; on failure, panics with the proxy's and `operator`'s last log lines.
+    pub async fn until_answered(&self, body: &str, operator: &Proc) {
+        eventually(WAIT, || async {
+            let (status, got) = super::mesh::http_get(self.forward, "/").await?;
+            anyhow::ensure!(status == 200 && got == body, "{status} {got}");
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", self.proc.log_tail(), operator.log_tail()));
+    }
+}
+
+/// An operator process without identity (plain-text push) in the bed's namespace, and
+/// Service `web` whose one endpoint is a backend answering `hello` on a test host.
+pub struct PlainMesh {
+    /// The operator (killed on drop).
+    pub operator: Proc,
+    /// Its push server.
+    pub push: SocketAddr,
+    /// Its admin endpoint.
+    pub admin: SocketAddr,
+    /// Service web's one endpoint.
+    pub backend: SocketAddr,
+    /// Where the backend lives (removed on drop).
+    pub host: super::mesh::TestHost,
+}
+
+impl PlainMesh {
+    /// Starts operator 1 (its log in `dir`), the backend and Service `web`.
+    pub async fn start(bed: &Bed, dir: &Path) -> PlainMesh {
+        let (push, admin) = (free_addr(), free_addr());
+        let operator = start_operator(bed, push, admin, dir, 1);
+        let (backend, host) = super::mesh::backend().await;
+        service_to(bed, "web", backend).await;
+        PlainMesh {
+            operator,
+            push,
+            admin,
+            backend,
+            host,
+        }
+    }
+}
+
 /// A Service `name` (port 80) without a selector, whose one endpoint is `backend`.
 pub async fn service_to(bed: &Bed, name: &str, backend: SocketAddr) {
     let svc: Service = serde_json::from_value(json!({
