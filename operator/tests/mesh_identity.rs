@@ -25,7 +25,10 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Secret, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::{mesh::*, processes::*};
@@ -123,6 +126,98 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The two proxies of the identity tests and what they run on.
+struct ClientAndWeb {
+    client: ProxyProc,
+    web: ProxyProc,
+    /// Web's inbound listener: Service web's one endpoint.
+    web_inbound: SocketAddr,
+    /// The proxies' name for Service web (`web.<ns>.80`).
+    service: String,
+    /// Where web's inbound listener is (removed on drop).
+    host: TestHost,
+}
+
+/// Proxies `client` and `web` (ServiceAccounts of those names, pods at `ips`) for Service
+/// `web`, whose one endpoint is web's inbound listener on a test host (a `targetRef` to
+/// pod `web`, so clients expect web's identity), web forwarding to an echo app. The client
+/// takes the root as the injector gives it, in `WEFT_TRUST_ROOTS`; web from the file.
+async fn client_and_web(
+    bed: &Bed,
+    push: SocketAddr,
+    dir: &std::path::Path,
+    identity: &ProxyIdentity,
+    ips: [&str; 2],
+) -> ClientAndWeb {
+    let ns = &bed.ns;
+    let host = TestHost::new();
+    let web_inbound = free_addr_on(host.near());
+    let app = echo_app().await;
+    for sa in ["client", "web"] {
+        bed.service_account(sa).await;
+    }
+    let client_pod = bed.pod("client", "client", "client", ips[0]).await;
+    let web_pod = bed.pod("web", "web", "web", ips[1]).await;
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"ports": [{"name": "http", "port": 80}]}
+    }))
+    .unwrap();
+    bed.api::<Service>()
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "weft-test"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": web_inbound.port()}],
+        "endpoints": [{"addresses": [web_inbound.ip().to_string()], "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "name": "web", "namespace": ns}}],
+    }))
+    .unwrap();
+    bed.api::<EndpointSlice>()
+        .create(&PostParams::default(), &slice)
+        .await
+        .unwrap();
+    let service = format!("web.{ns}.80");
+    let web = ProxyProc::start_with(
+        bed,
+        push,
+        &web_pod,
+        &service,
+        dir,
+        &ProxyOptions {
+            app: Some(app),
+            inbound_listen: Some(web_inbound),
+            identity: Some(identity.clone()),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let client = ProxyProc::start_with(
+        bed,
+        push,
+        &client_pod,
+        &service,
+        dir,
+        &ProxyOptions {
+            identity: Some(ProxyIdentity {
+                inline: true,
+                ..identity.clone()
+            }),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    ClientAndWeb {
+        client,
+        web,
+        web_inbound,
+        service,
+        host,
+    }
+}
+
 /// Waits until the proxy at `admin` is ready with a certificate for `id`.
 async fn ready_with_identity(p: &ProxyProc, id: &str, operator: &Proc) {
     eventually(WAIT, || async {
@@ -155,65 +250,18 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     let identity = op.proxy_identity(IDENTITY_NAME);
 
     // Pods, ServiceAccounts, and Service web whose one endpoint is web's proxy.
-    let host = TestHost::new();
-    let web_inbound = free_addr_on(host.near());
-    let app = echo_app().await;
-    for sa in ["client", "web"] {
-        bed.service_account(sa).await;
-    }
-    let client_pod = bed.pod("client", "client", "client", "198.18.240.10").await;
-    let web_pod = bed.pod("web", "web", "web", "198.18.240.11").await;
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {"ports": [{"name": "http", "port": 80}]}
-    }))
-    .unwrap();
-    bed.api::<Service>()
-        .create(&PostParams::default(), &svc)
-        .await
-        .unwrap();
-    let slice: EndpointSlice = serde_json::from_value(json!({
-        "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "weft-test"}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": web_inbound.port()}],
-        "endpoints": [{"addresses": [web_inbound.ip().to_string()], "conditions": {"ready": true},
-                       "targetRef": {"kind": "Pod", "name": "web", "namespace": ns}}],
-    }))
-    .unwrap();
-    bed.api::<EndpointSlice>()
-        .create(&PostParams::default(), &slice)
-        .await
-        .unwrap();
-
-    let service = format!("web.{ns}.80");
-    let web = ProxyProc::start_with(
+    let ClientAndWeb {
+        client,
+        web,
+        web_inbound,
+        service,
+        host: _host,
+    } = client_and_web(
         &bed,
         push,
-        &web_pod,
-        &service,
         dir.path(),
-        &ProxyOptions {
-            app: Some(app),
-            inbound_listen: Some(web_inbound),
-            identity: Some(identity.clone()),
-            ..ProxyOptions::default()
-        },
-    )
-    .await;
-    let client = ProxyProc::start_with(
-        &bed,
-        push,
-        &client_pod,
-        &service,
-        dir.path(),
-        &ProxyOptions {
-            // The client takes the root as the injector gives it, in `WEFT_TRUST_ROOTS`.
-            identity: Some(ProxyIdentity {
-                inline: true,
-                ..identity.clone()
-            }),
-            ..ProxyOptions::default()
-        },
+        &identity,
+        ["198.18.240.10", "198.18.240.11"],
     )
     .await;
 
@@ -1013,63 +1061,18 @@ impl Mesh {
             inline: false,
         };
 
-        let host = TestHost::new();
-        let web_inbound = free_addr_on(host.near());
-        let app = echo_app().await;
-        for sa in ["client", "web"] {
-            bed.service_account(sa).await;
-        }
-        let client_pod = bed.pod("client", "client", "client", "198.18.240.40").await;
-        let web_pod = bed.pod("web", "web", "web", "198.18.240.41").await;
-        let svc: Service = serde_json::from_value(json!({
-            "metadata": {"name": "web"},
-            "spec": {"ports": [{"name": "http", "port": 80}]}
-        }))
-        .unwrap();
-        bed.api::<Service>()
-            .create(&PostParams::default(), &svc)
-            .await
-            .unwrap();
-        let slice: EndpointSlice = serde_json::from_value(json!({
-            "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "weft-test"}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": web_inbound.port()}],
-            "endpoints": [{"addresses": [web_inbound.ip().to_string()], "conditions": {"ready": true},
-                           "targetRef": {"kind": "Pod", "name": "web", "namespace": ns}}],
-        }))
-        .unwrap();
-        bed.api::<EndpointSlice>()
-            .create(&PostParams::default(), &slice)
-            .await
-            .unwrap();
-        let service = format!("web.{ns}.80");
-        let web = ProxyProc::start_with(
+        let ClientAndWeb {
+            client,
+            web,
+            web_inbound,
+            service,
+            host,
+        } = client_and_web(
             &bed,
             push,
-            &web_pod,
-            &service,
             dir.path(),
-            &ProxyOptions {
-                app: Some(app),
-                inbound_listen: Some(web_inbound),
-                identity: Some(identity.clone()),
-                ..ProxyOptions::default()
-            },
-        )
-        .await;
-        let client = ProxyProc::start_with(
-            &bed,
-            push,
-            &client_pod,
-            &service,
-            dir.path(),
-            &ProxyOptions {
-                identity: Some(ProxyIdentity {
-                    inline: true,
-                    ..identity.clone()
-                }),
-                ..ProxyOptions::default()
-            },
+            &identity,
+            ["198.18.240.40", "198.18.240.41"],
         )
         .await;
         let client_id = format!("spiffe://cluster.local/ns/{ns}/sa/client");
