@@ -621,9 +621,19 @@ pub fn a_policy_keeps_the_kubelets_probes_passing(ctx: &Ctx) -> anyhow::Result<(
 ///     deleting the Policy lets the unmeshed client through again.
 pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result<()> {
     let demo = Demo::deploy(ctx, "strict", 1, 0, &[])?;
-    let meshed = Demo::clients_only(ctx, "meshed", true, &["client"])?;
-    let plain = Demo::clients_only(ctx, "plain", false, &["client"])?;
     let ns = &demo.ns;
+    // A proxy receives the Services of its own namespace and of those its Namespace's
+    // `weft.dev/visible-namespaces` lists (docs/operator.md): without it the meshed
+    // client's proxy passes the request to web through, in plain text.
+    let meshed = Demo::in_new_namespace(ctx, "meshed", true)?;
+    meshed.kube.run(&[
+        "annotate",
+        "namespace",
+        &meshed.ns,
+        &format!("weft.dev/visible-namespaces={ns}"),
+    ])?;
+    meshed.add_clients(&["client"])?;
+    let plain = Demo::clients_only(ctx, "plain", false, &["client"])?;
     let target = format!("http://web.{ns}/strict");
     // Under the mesh default (Permissive) plain text is admitted.
     all_ok(
