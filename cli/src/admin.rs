@@ -9,16 +9,201 @@
 //! treats it as remote: `/metrics` is served, `/config` is not (it reveals the mesh's
 //! topology and is loopback-only). `explain` therefore reads `/config` through a port-forward,
 //! whose connections arrive on the pod's loopback; see `explain`.
+//!
+//! The operator's admin endpoint (`/proxies`, `/version`) is read by [`OperatorAdmin`],
+//! every call bounded by [`OPERATOR_TIMEOUT`]:
+//!
+//! ```text
+//! default         API server ─▶ /api/v1/namespaces/NS/services/NAME:PORT/proxy/PATH ─▶ an endpoint
+//! --operator-url  http://host:port/PATH directly
+//! ```
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 /// The operator's admin endpoint as the chart exposes it: Service `weft-operator-metrics`,
 /// port `http-metrics` (reached through the API server's service proxy).
 pub const DEFAULT_OPERATOR_SERVICE: &str = "weft-operator-metrics:http-metrics";
 
+/// How long one call to the operator's admin endpoint may take. Through the API server, a
+/// Service without endpoints answers 503, which the Kubernetes client would retry with
+/// backoff for minutes; an endpoint that accepts but never answers would hold the call
+/// as long.
+pub const OPERATOR_TIMEOUT: Duration = Duration::from_secs(10);
+
 use anyhow::{Context, anyhow, bail};
 use kube::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where the operator's admin endpoint is, and a client to reach it.
+#[derive(Clone)]
+pub enum OperatorAdmin {
+    /// Through the API server's service proxy.
+    Service {
+        /// A client that does not retry (a 503 is an answer here, not a hiccup).
+        client: Client,
+        /// The operator's namespace.
+        namespace: String,
+        /// `NAME` or `NAME:PORT` as given (`--operator-service`).
+        service: String,
+    },
+    /// Directly at `http://host:port` (`--operator-url`).
+    Url(String),
+}
+
+/// Why the operator's admin endpoint gave no answer; the message says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorAdminError {
+    /// No Kubernetes client could be built (no kubeconfig, or a broken one).
+    #[error("no Kubernetes client for the operator's admin endpoint (KUBECONFIG): {0}")]
+    Client(String),
+    /// The call through the API server's service proxy did not finish in time.
+    #[error(
+        "the operator's admin endpoint (Service {namespace}/{service} through the API server's service proxy) did not answer {path} within {}s: {}",
+        .timeout.as_secs(),
+        service_hint(.namespace, .service)
+    )]
+    ServiceTimedOut {
+        /// The operator's namespace.
+        namespace: String,
+        /// `NAME` or `NAME:PORT`.
+        service: String,
+        /// The path asked for.
+        path: String,
+        /// The bound that passed.
+        timeout: Duration,
+    },
+    /// The API server answered with an error (a 503 when the Service has no endpoints).
+    #[error(
+        "the operator's admin endpoint (Service {namespace}/{service} through the API server's service proxy) refused {path}: {cause}; {}",
+        service_hint(.namespace, .service)
+    )]
+    ServiceFailed {
+        /// The operator's namespace.
+        namespace: String,
+        /// `NAME` or `NAME:PORT`.
+        service: String,
+        /// The path asked for.
+        path: String,
+        /// What the API server said.
+        cause: String,
+    },
+    /// `--operator-url` did not answer in time.
+    #[error(
+        "the operator's admin endpoint {url} did not answer {path} within {}s: check the address given with --operator-url",
+        .timeout.as_secs()
+    )]
+    UrlTimedOut {
+        /// `--operator-url`.
+        url: String,
+        /// The path asked for.
+        path: String,
+        /// The bound that passed.
+        timeout: Duration,
+    },
+    /// `--operator-url` answered with an error, or not at all.
+    #[error("the operator's admin endpoint {url}: {cause}")]
+    UrlFailed {
+        /// `--operator-url`.
+        url: String,
+        /// What went wrong.
+        cause: String,
+    },
+}
+
+/// What to check when the operator's Service does not answer.
+fn service_hint(namespace: &str, service: &str) -> String {
+    let name = service.split_once(':').map_or(service, |(name, _)| name);
+    format!(
+        "check that the Service has ready endpoints with `kubectl -n {namespace} get endpoints {name}` (none means no operator pod is Ready: `kubectl -n {namespace} get pods`), or pass --operator-url"
+    )
+}
+
+impl OperatorAdmin {
+    /// The operator's admin endpoint at `url` when given, else Service `service`
+    /// (`NAME` or `NAME:PORT`) in `namespace` through the API server (client from
+    /// KUBECONFIG, without the client's retries of 503).
+    pub async fn new(
+        namespace: &str,
+        service: &str,
+        url: Option<&str>,
+    ) -> Result<Self, OperatorAdminError> {
+        if let Some(url) = url {
+            return Ok(OperatorAdmin::Url(url.trim_end_matches('/').to_owned()));
+        }
+        let mut config = kube::Config::infer()
+            .await
+            .map_err(|e| OperatorAdminError::Client(e.to_string()))?;
+        config.default_retry = false;
+        let client =
+            Client::try_from(config).map_err(|e| OperatorAdminError::Client(e.to_string()))?;
+        Ok(OperatorAdmin::Service {
+            client,
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+        })
+    }
+
+    /// GETs `path` (`/proxies`) within [`OPERATOR_TIMEOUT`]: the body of a 2xx.
+    pub async fn get(&self, path: &str) -> Result<String, OperatorAdminError> {
+        self.get_within(path, OPERATOR_TIMEOUT).await
+    }
+
+    /// GETs `path` within `timeout`.
+    pub async fn get_within(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<String, OperatorAdminError> {
+        match self {
+            OperatorAdmin::Url(url) => {
+                match tokio::time::timeout(timeout, get_direct(url, path)).await {
+                    Err(_) => Err(OperatorAdminError::UrlTimedOut {
+                        url: url.clone(),
+                        path: path.to_owned(),
+                        timeout,
+                    }),
+                    Ok(Err(e)) => Err(OperatorAdminError::UrlFailed {
+                        url: url.clone(),
+                        cause: format!("{e:#}"),
+                    }),
+                    Ok(Ok(body)) => Ok(body),
+                }
+            }
+            OperatorAdmin::Service {
+                client,
+                namespace,
+                service,
+            } => {
+                let at = format!("/api/v1/namespaces/{namespace}/services/{service}/proxy{path}");
+                let answer = async {
+                    let req = http::Request::get(&at)
+                        .body(Vec::new())
+                        .map_err(|e| e.to_string())?;
+                    client.request_text(req).await.map_err(|e| match e {
+                        // The API server's own words, without the Status dump.
+                        kube::Error::Api(status) => format!("{} {}", status.code, status.message),
+                        other => other.to_string(),
+                    })
+                };
+                match tokio::time::timeout(timeout, answer).await {
+                    Err(_) => Err(OperatorAdminError::ServiceTimedOut {
+                        namespace: namespace.clone(),
+                        service: service.clone(),
+                        path: path.to_owned(),
+                        timeout,
+                    }),
+                    Ok(Err(cause)) => Err(OperatorAdminError::ServiceFailed {
+                        namespace: namespace.clone(),
+                        service: service.clone(),
+                        path: path.to_owned(),
+                        cause,
+                    }),
+                    Ok(Ok(body)) => Ok(body),
+                }
+            }
+        }
+    }
+}
 
 /// The largest admin answer read (a `/config` of thousands of services fits).
 const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
@@ -107,4 +292,44 @@ pub async fn get_direct(url: &str, path: &str) -> anyhow::Result<String> {
     }
     // The admin listener answers with content-length; chunked answers are not expected.
     Ok(body.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_that_does_not_answer_is_named_with_what_to_check() {
+        let e = OperatorAdminError::ServiceTimedOut {
+            namespace: "weft-system".to_owned(),
+            service: "weft-operator-metrics:http-metrics".to_owned(),
+            path: "/proxies".to_owned(),
+            timeout: Duration::from_secs(10),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("Service weft-system/weft-operator-metrics:http-metrics")
+                && text.contains("within 10s")
+                && text.contains("`kubectl -n weft-system get endpoints weft-operator-metrics`"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_operator_url_that_never_answers_gives_up_within_the_bound() {
+        // Accepted by the kernel (the backlog), never answered: the call must end anyway.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let admin = OperatorAdmin::new("weft-system", DEFAULT_OPERATOR_SERVICE, Some(&url))
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let e = admin
+            .get_within("/proxies", Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{e}");
+        assert!(matches!(e, OperatorAdminError::UrlTimedOut { .. }), "{e}");
+        assert!(e.to_string().contains("--operator-url"), "{e}");
+    }
 }

@@ -954,20 +954,12 @@ pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
         .and_then(|m| crate::prom::parse(&m).map_err(|e| e.to_string()));
     let pod_key = format!("{}/{}", args.namespace, args.pod);
     let operator: OperatorView = async {
-        let rows = match &args.operator_url {
-            Some(url) => crate::proxy_status::fetch_direct(url).await?,
-            None => {
-                let client = kube::Client::try_default().await?;
-                let path = format!(
-                    "/api/v1/namespaces/{}/services/{}/proxy/proxies",
-                    args.operator_namespace, args.operator_service
-                );
-                let text = client
-                    .request_text(http::Request::get(&path).body(Vec::new())?)
-                    .await?;
-                serde_json::from_str::<Vec<ProxyRow>>(&text)?
-            }
-        };
+        let rows = crate::proxy_status::fetch_from(
+            &args.operator_namespace,
+            &args.operator_service,
+            args.operator_url.as_deref(),
+        )
+        .await?;
         anyhow::Ok(rows.into_iter().find(|r| r.pod == pod_key))
     }
     .await

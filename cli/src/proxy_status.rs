@@ -13,12 +13,13 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, ResourceExt, api::ListParams};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_api::proxy_status::ProxyRow;
 use weft_inject::keys::MESHED_LABEL;
+
+use crate::admin::OperatorAdmin;
 
 /// Flags of `kubectl weft proxy-status`.
 #[derive(Debug, clap::Args)]
@@ -43,10 +44,12 @@ pub async fn run(args: ProxyStatusArgs) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("build a Kubernetes client (KUBECONFIG)")?;
-    let rows = match &args.operator_url {
-        Some(url) => fetch_direct(url).await?,
-        None => fetch_via_api_server(&client, &args).await?,
-    };
+    let rows = fetch_from(
+        &args.operator_namespace,
+        &args.operator_service,
+        args.operator_url.as_deref(),
+    )
+    .await?;
     let pods = meshed_pods(&client, args.namespace.as_deref()).await?;
     let table = render(&pods, &rows, now_secs());
     std::io::Write::write_all(&mut std::io::stdout(), table.as_bytes())?;
@@ -70,49 +73,20 @@ pub async fn meshed_pods(client: &Client, namespace: Option<&str>) -> anyhow::Re
         .collect())
 }
 
-async fn fetch_via_api_server(
-    client: &Client,
-    args: &ProxyStatusArgs,
+/// The operator's `/proxies` at `url` when given, else through Service `service`
+/// (`NAME` or `NAME:PORT`) in `namespace`: the flags every command shares.
+pub async fn fetch_from(
+    namespace: &str,
+    service: &str,
+    url: Option<&str>,
 ) -> anyhow::Result<Vec<ProxyRow>> {
-    let path = format!(
-        "/api/v1/namespaces/{}/services/{}/proxy/proxies",
-        args.operator_namespace, args.operator_service
-    );
-    let req = http::Request::get(&path).body(Vec::new())?;
-    let text = client
-        .request_text(req)
-        .await
-        .with_context(|| format!("GET {path} (is the operator running?)"))?;
-    serde_json::from_str(&text).context("the operator's /proxies answer")
+    fetch(&OperatorAdmin::new(namespace, service, url).await?).await
 }
 
-/// GETs `<url>/proxies` over plain HTTP/1.1.
-pub async fn fetch_direct(url: &str) -> anyhow::Result<Vec<ProxyRow>> {
-    let authority = url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("--operator-url must start with http://"))?
-        .trim_end_matches('/');
-    let mut s = tokio::net::TcpStream::connect(authority)
-        .await
-        .with_context(|| format!("connect to {authority}"))?;
-    s.write_all(
-        format!("GET /proxies HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await?;
-    let text = String::from_utf8_lossy(&out);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("malformed answer from {authority}"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(anyhow!(
-            "{authority} answered {}",
-            head.lines().next().unwrap_or_default()
-        ));
-    }
-    serde_json::from_str(body).context("the operator's /proxies answer")
+/// The operator's `/proxies`: what it knows of each connected proxy.
+pub async fn fetch(admin: &OperatorAdmin) -> anyhow::Result<Vec<ProxyRow>> {
+    let text = admin.get("/proxies").await?;
+    serde_json::from_str(&text).context("the operator's /proxies answer")
 }
 
 fn now_secs() -> u64 {

@@ -91,6 +91,27 @@ pub fn import_images(node: &Node, archives: &ImageArchives) -> anyhow::Result<()
     Ok(())
 }
 
+/// A Service `name` in `ns`, port 80 (named `http`) to port 8080 of the pods matching
+/// `selector` (flow-style YAML without braces: `app: web, version: web-v1`), ending in
+/// `---` so manifests can follow.
+pub fn service_manifest(ns: &str, name: &str, selector: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: {ns}
+spec:
+  selector: {{{selector}}}
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+---
+"#
+    )
+}
+
 /// A cluster reached through a kubeconfig and a `kubectl` binary.
 #[derive(Clone, Debug)]
 pub struct Cluster {

@@ -14,11 +14,13 @@ use std::{
 
 use anyhow::{Context, bail};
 use weft_e2e::{
+    mesh::{Cluster, service_manifest},
     node::{self, Node, TEST_IMAGE, host},
     shared::init_tracing,
 };
 
-/// Runs `cmd`, returning stdout, or failing with both streams.
+/// Runs `cmd` (ip, iptables: kubectl goes through [`Cluster`]), returning stdout, or
+/// failing with both streams.
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().context("spawning")?;
     if !out.status.success() {
@@ -31,27 +33,6 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn kubectl_apply(node: &Node, yaml: &str) -> anyhow::Result<()> {
-    let mut child = node
-        .testbed()
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("kubectl stdin")?
-        .write_all(yaml.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
 }
 
 /// Retries `f` every 500 ms for up to `timeout`.
@@ -92,6 +73,7 @@ fn a_pod_runs_serves_through_a_service_by_short_name_and_down_leaves_nothing() -
     let started = Instant::now();
     let node = Node::start_attached()?;
     eprintln!("node up in {:.1?}", started.elapsed());
+    let cluster = Cluster::of_node(&node);
 
     // The guard is in place (the node installs it before anything else starts).
     let guard =
@@ -110,56 +92,42 @@ fn a_pod_runs_serves_through_a_service_by_short_name_and_down_leaves_nothing() -
     );
 
     let ns = format!("node-{:08x}", rand::random::<u32>());
-    run(node.testbed().kubectl().args(["create", "namespace", &ns]))?;
-    kubectl_apply(
-        &node,
-        &pod_manifest(
+    cluster.run(&["create", "namespace", &ns])?;
+    cluster.apply(&pod_manifest(
             &ns,
             "web",
             "app: web",
             "mkdir -p /www && echo hello-from-web > /www/index.html && echo web-started && exec httpd -f -v -p 8080 -h /www",
         ),
     )?;
-    kubectl_apply(
-        &node,
-        &format!(
-            r#"apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: {ns}
-spec:
-  selector: {{app: web}}
-  ports:
-  - port: 80
-    targetPort: 8080
-"#
-        ),
-    )?;
-    kubectl_apply(
-        &node,
-        &pod_manifest(&ns, "client", "app: client", "exec sleep 3600"),
-    )?;
+    cluster.apply(&service_manifest(&ns, "web", "app: web"))?;
+    cluster.apply(&pod_manifest(
+        &ns,
+        "client",
+        "app: client",
+        "exec sleep 3600",
+    ))?;
     for pod in ["web", "client"] {
-        run(node.testbed().kubectl().args([
-            "-n",
-            &ns,
-            "wait",
-            "--for=condition=Ready",
-            &format!("pod/{pod}"),
-            "--timeout=120s",
-        ]))
-        .with_context(|| {
-            format!(
-                "pod {pod} not ready; kubelet log:\n{}",
-                node.testbed().log_tail("kubelet", 30)
-            )
-        })?;
+        cluster
+            .run(&[
+                "-n",
+                &ns,
+                "wait",
+                "--for=condition=Ready",
+                &format!("pod/{pod}"),
+                "--timeout=120s",
+            ])
+            .with_context(|| {
+                format!(
+                    "pod {pod} not ready; kubelet log:\n{}",
+                    node.testbed().log_tail("kubelet", 30)
+                )
+            })?;
     }
 
     // kubectl logs and exec reach the container through the API server and the kubelet.
     let logs = eventually(Duration::from_secs(20), || {
-        let logs = run(node.testbed().kubectl().args(["-n", &ns, "logs", "web"]))?;
+        let logs = cluster.run(&["-n", &ns, "logs", "web"])?;
         if logs.contains("web-started") {
             Ok(logs)
         } else {
@@ -167,19 +135,11 @@ spec:
         }
     })?;
     assert!(logs.contains("web-started"), "{logs}");
-    let page = run(node.testbed().kubectl().args([
-        "-n",
-        &ns,
-        "exec",
-        "web",
-        "--",
-        "cat",
-        "/www/index.html",
-    ]))?;
+    let page = cluster.run(&["-n", &ns, "exec", "web", "--", "cat", "/www/index.html"])?;
     assert_eq!(page.trim(), "hello-from-web");
 
     // kubectl port-forward: a local port on this machine reaches the pod's port.
-    let page = port_forward_get(&node, &ns).with_context(|| {
+    let page = port_forward_get(&node, &cluster, &ns).with_context(|| {
         format!(
             "port-forward: {}\ncontainerd: {}",
             node.testbed().log_tail("port-forward", 10),
@@ -190,7 +150,7 @@ spec:
 
     // From another pod: the short name resolves through CoreDNS to the Service's cluster
     // IP, and kube-proxy carries the request to the web pod.
-    let cluster_ip = run(node.testbed().kubectl().args([
+    let cluster_ip = cluster.run(&[
         "-n",
         &ns,
         "get",
@@ -198,12 +158,11 @@ spec:
         "web",
         "-o",
         "jsonpath={.spec.clusterIP}",
-    ]))?;
+    ])?;
     // busybox's nslookup also asks for AAAA records along the search path and exits 1
     // when those find nothing, so the answer is read from its output.
     let lookup = eventually(Duration::from_secs(30), || {
-        let out = node
-            .testbed()
+        let out = cluster
             .kubectl()
             .args(["-n", &ns, "exec", "client", "--", "nslookup", "web"])
             .output()?;
@@ -227,10 +186,7 @@ spec:
         cluster_ip.trim()
     );
     let response = eventually(Duration::from_secs(30), || {
-        let text = run(node
-            .testbed()
-            .kubectl()
-            .args(["-n", &ns, "exec", "client", "--", "sh", "-c", &request]))?;
+        let text = cluster.run(&["-n", &ns, "exec", "client", "--", "sh", "-c", &request])?;
         if text.contains("200 OK") {
             Ok(text)
         } else {
@@ -242,7 +198,7 @@ spec:
         "{response}"
     );
     // The web server saw the request come from the client pod's own address.
-    let client_ip = run(node.testbed().kubectl().args([
+    let client_ip = cluster.run(&[
         "-n",
         &ns,
         "get",
@@ -250,16 +206,15 @@ spec:
         "client",
         "-o",
         "jsonpath={.status.podIP}",
-    ]))?;
-    let logs = run(node.testbed().kubectl().args(["-n", &ns, "logs", "web"]))?;
+    ])?;
+    let logs = cluster.run(&["-n", &ns, "logs", "web"])?;
     assert!(
         logs.contains(&format!("{}]", client_ip.trim())) && logs.contains("response:200"),
         "web's log does not show the client's ({client_ip}) request:\n{logs}"
     );
 
     // CoreDNS forwards nothing: a name outside the cluster does not resolve.
-    let outside = node
-        .testbed()
+    let outside = cluster
         .kubectl()
         .args([
             "-n",
@@ -286,10 +241,9 @@ spec:
 
 /// Runs `kubectl port-forward pod/web :8080`, sends one HTTP request through the local
 /// port it prints, and returns the response.
-fn port_forward_get(node: &Node, ns: &str) -> anyhow::Result<String> {
+fn port_forward_get(node: &Node, cluster: &Cluster, ns: &str) -> anyhow::Result<String> {
     use std::io::{BufRead, BufReader, Read};
-    let mut child = node
-        .testbed()
+    let mut child = cluster
         .kubectl()
         .args([
             "-n",

@@ -53,16 +53,8 @@ fn start_operator_with_webhook(
     webhook: SocketAddr,
     dir: &Path,
 ) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weft-operator"));
-    cmd.env("KUBECONFIG", shared::testbed().kubeconfig())
-        .args(["--push-addr", &push.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--identity-addr", &free_addr().to_string()])
-        .args(["--lease-namespace", &bed.ns])
-        .args(["--identity", "operator-1"])
-        .args(["--lease-duration", "5s"])
-        .args(["--watch-namespace", &bed.ns])
-        .args(["--webhook-addr", &webhook.to_string()])
+    let mut cmd = operator_command(&bed.ns, push, admin, free_addr(), 1);
+    cmd.args(["--webhook-addr", &webhook.to_string()])
         .args(["--webhook-url", &format!("https://{webhook}/inject")])
         .args(["--webhook-name", &webhook_name(bed)]);
     Proc::spawn("operator-1", cmd, dir)
@@ -317,18 +309,8 @@ async fn check_passes_a_healthy_install_and_fails_exactly_what_is_broken() {
     // The operator serves identity, so its push port is TLS from the mesh root: proxies
     // take the root from the identity Secret and verify the operator's default name (its
     // Service's, `weft-operator.<namespace>.svc`).
-    let secrets = bed.api::<Secret>();
-    let root_pem = eventually(WAIT, || async {
-        let s = secrets.get("weft-identity").await?;
-        Ok(s.data
-            .and_then(|d| d.get("ca.crt").cloned())
-            .context("no ca.crt")?
-            .0)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
     let root = dir.path().join("trust-root.pem");
-    std::fs::write(&root, &root_pem).unwrap();
+    write_trust_root(&bed, &operator, &root).await;
     let options = ProxyOptions {
         operator_root: Some((root, format!("weft-operator.{ns}.svc"))),
         ..ProxyOptions::default()
@@ -338,13 +320,7 @@ async fn check_passes_a_healthy_install_and_fails_exactly_what_is_broken() {
         bed.service_account(name).await;
         let pod = bed.pod(name, name, "client", ip).await;
         let p = ProxyProc::start_with(&bed, push, &pod, &svc, dir.path(), &options).await;
-        eventually(WAIT, || async {
-            let (status, body) = http_get(p.forward, "/").await?;
-            ensure!(status == 200 && body == "hello", "{status} {body}");
-            Ok(())
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", p.proc.log_tail(), operator.log_tail()));
+        p.until_answered("hello", &operator).await;
         proxies.push(p);
     }
     let logs = [&operator, &proxies[0].proc, &proxies[1].proc];

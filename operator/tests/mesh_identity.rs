@@ -126,6 +126,98 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The two proxies of the identity tests and what they run on.
+struct ClientAndWeb {
+    client: ProxyProc,
+    web: ProxyProc,
+    /// Web's inbound listener: Service web's one endpoint.
+    web_inbound: SocketAddr,
+    /// The proxies' name for Service web (`web.<ns>.80`).
+    service: String,
+    /// Where web's inbound listener is (removed on drop).
+    host: TestHost,
+}
+
+/// Proxies `client` and `web` (ServiceAccounts of those names, pods at `ips`) for Service
+/// `web`, whose one endpoint is web's inbound listener on a test host (a `targetRef` to
+/// pod `web`, so clients expect web's identity), web forwarding to an echo app. The client
+/// takes the root as the injector gives it, in `WEFT_TRUST_ROOTS`; web from the file.
+async fn client_and_web(
+    bed: &Bed,
+    push: SocketAddr,
+    dir: &std::path::Path,
+    identity: &ProxyIdentity,
+    ips: [&str; 2],
+) -> ClientAndWeb {
+    let ns = &bed.ns;
+    let host = TestHost::new();
+    let web_inbound = free_addr_on(host.near());
+    let app = echo_app().await;
+    for sa in ["client", "web"] {
+        bed.service_account(sa).await;
+    }
+    let client_pod = bed.pod("client", "client", "client", ips[0]).await;
+    let web_pod = bed.pod("web", "web", "web", ips[1]).await;
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"ports": [{"name": "http", "port": 80}]}
+    }))
+    .unwrap();
+    bed.api::<Service>()
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "weft-test"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": web_inbound.port()}],
+        "endpoints": [{"addresses": [web_inbound.ip().to_string()], "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "name": "web", "namespace": ns}}],
+    }))
+    .unwrap();
+    bed.api::<EndpointSlice>()
+        .create(&PostParams::default(), &slice)
+        .await
+        .unwrap();
+    let service = format!("web.{ns}.80");
+    let web = ProxyProc::start_with(
+        bed,
+        push,
+        &web_pod,
+        &service,
+        dir,
+        &ProxyOptions {
+            app: Some(app),
+            inbound_listen: Some(web_inbound),
+            identity: Some(identity.clone()),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let client = ProxyProc::start_with(
+        bed,
+        push,
+        &client_pod,
+        &service,
+        dir,
+        &ProxyOptions {
+            identity: Some(ProxyIdentity {
+                inline: true,
+                ..identity.clone()
+            }),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    ClientAndWeb {
+        client,
+        web,
+        web_inbound,
+        service,
+        host,
+    }
+}
+
 /// Waits until the proxy at `admin` is ready with a certificate for `id`.
 async fn ready_with_identity(p: &ProxyProc, id: &str, operator: &Proc) {
     eventually(WAIT, || async {
@@ -151,99 +243,25 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     let bed = Bed::new("mesh-identity").await;
     let ns = bed.ns.clone();
     let dir = tempfile::tempdir().unwrap();
-    let (push, op_admin, op_identity) = (free_addr(), free_addr(), free_addr());
-    let operator = start_operator_with(
-        &bed,
-        push,
-        op_admin,
-        op_identity,
-        dir.path(),
-        1,
-        &["--identity-dns-names", IDENTITY_NAME],
-    );
-
     // The trust root proxies verify the identity endpoint against: the operator's
     // generated root, read from its Secret as an installer would.
-    let secrets = bed.api::<Secret>();
-    let ca = eventually(WAIT, || async {
-        let s = secrets.get("weft-identity").await?;
-        let ca = s
-            .data
-            .and_then(|d| d.get("ca.crt").cloned())
-            .context("no ca.crt")?;
-        Ok(ca.0)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
-    let trust_root = dir.path().join("ca.crt");
-    std::fs::write(&trust_root, &ca).unwrap();
-    let identity = ProxyIdentity {
-        addr: op_identity,
-        server_name: IDENTITY_NAME.to_owned(),
-        trust_root,
-        inline: false,
-    };
+    let op = IdentityOperator::start(&bed, dir.path(), IDENTITY_NAME, &[]).await;
+    let (push, op_admin, operator) = (op.push, op.admin, &op.proc);
+    let identity = op.proxy_identity(IDENTITY_NAME);
 
     // Pods, ServiceAccounts, and Service web whose one endpoint is web's proxy.
-    let host = TestHost::new();
-    let web_inbound = free_addr_on(host.near());
-    let app = echo_app().await;
-    for sa in ["client", "web"] {
-        bed.service_account(sa).await;
-    }
-    let client_pod = bed.pod("client", "client", "client", "198.18.240.10").await;
-    let web_pod = bed.pod("web", "web", "web", "198.18.240.11").await;
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {"ports": [{"name": "http", "port": 80}]}
-    }))
-    .unwrap();
-    bed.api::<Service>()
-        .create(&PostParams::default(), &svc)
-        .await
-        .unwrap();
-    let slice: EndpointSlice = serde_json::from_value(json!({
-        "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "weft-test"}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": web_inbound.port()}],
-        "endpoints": [{"addresses": [web_inbound.ip().to_string()], "conditions": {"ready": true},
-                       "targetRef": {"kind": "Pod", "name": "web", "namespace": ns}}],
-    }))
-    .unwrap();
-    bed.api::<EndpointSlice>()
-        .create(&PostParams::default(), &slice)
-        .await
-        .unwrap();
-
-    let service = format!("web.{ns}.80");
-    let web = ProxyProc::start_with(
+    let ClientAndWeb {
+        client,
+        web,
+        web_inbound,
+        service,
+        host: _host,
+    } = client_and_web(
         &bed,
         push,
-        &web_pod,
-        &service,
         dir.path(),
-        &ProxyOptions {
-            app: Some(app),
-            inbound_listen: Some(web_inbound),
-            identity: Some(identity.clone()),
-            ..ProxyOptions::default()
-        },
-    )
-    .await;
-    let client = ProxyProc::start_with(
-        &bed,
-        push,
-        &client_pod,
-        &service,
-        dir.path(),
-        &ProxyOptions {
-            // The client takes the root as the injector gives it, in `WEFT_TRUST_ROOTS`.
-            identity: Some(ProxyIdentity {
-                inline: true,
-                ..identity.clone()
-            }),
-            ..ProxyOptions::default()
-        },
+        &identity,
+        ["198.18.240.10", "198.18.240.11"],
     )
     .await;
 
@@ -251,8 +269,8 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     // ServiceAccount.
     let client_id = format!("spiffe://cluster.local/ns/{ns}/sa/client");
     let web_id = format!("spiffe://cluster.local/ns/{ns}/sa/web");
-    ready_with_identity(&client, &client_id, &operator).await;
-    ready_with_identity(&web, &web_id, &operator).await;
+    ready_with_identity(&client, &client_id, operator).await;
+    ready_with_identity(&web, &web_id, operator).await;
     // Without a certificate a proxy is not ready and takes no config: one whose
     // identity endpoint does not answer stays 503 and says why.
     let orphan_pod = bed.pod("orphan", "client", "client", "198.18.240.12").await;
@@ -452,7 +470,7 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     .unwrap_or_else(|e| panic!("the Policy outlived its deletion: {e:#}"));
     eprintln!("the Policy acted {took:?} after apply");
 
-    drop((client, web, operator));
+    drop((client, web, op));
     bed.cleanup().await;
 }
 
@@ -471,28 +489,9 @@ async fn the_config_stream_is_tls_from_the_mesh_root_and_nothing_else_gets_confi
     let bed = Bed::new("push-tls").await;
     let ns = bed.ns.clone();
     let dir = tempfile::tempdir().unwrap();
-    let (push, op_admin, op_identity) = (free_addr(), free_addr(), free_addr());
-    let operator = start_operator_with(
-        &bed,
-        push,
-        op_admin,
-        op_identity,
-        dir.path(),
-        1,
-        &["--identity-dns-names", IDENTITY_NAME],
-    );
-    let secrets = bed.api::<Secret>();
-    let ca = eventually(WAIT, || async {
-        let s = secrets.get("weft-identity").await?;
-        Ok(s.data
-            .and_then(|d| d.get("ca.crt").cloned())
-            .context("no ca.crt")?
-            .0)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
-    let root = dir.path().join("ca.crt");
-    std::fs::write(&root, &ca).unwrap();
+    let op = IdentityOperator::start(&bed, dir.path(), IDENTITY_NAME, &[]).await;
+    let (push, op_admin, operator) = (op.push, op.admin, &op.proc);
+    let root = op.trust_root.clone();
     // Another mesh's root: a valid CA, just not this operator's.
     let (other, _) = weft_operator::identity::IdentityCa::generate().unwrap();
     let other_root = dir.path().join("other.crt");
@@ -597,7 +596,7 @@ async fn the_config_stream_is_tls_from_the_mesh_root_and_nothing_else_gets_confi
     for name in ["stranger", "misnamed", "plain"] {
         assert!(!proxies.contains(&format!("{ns}/{name}")), "{proxies}");
     }
-    drop((good, stranger, misnamed, plain, operator));
+    drop((good, stranger, misnamed, plain, op));
     bed.cleanup().await;
 }
 
@@ -606,33 +605,14 @@ async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_pol
     let bed = Bed::new("mesh-strict").await;
     let ns = bed.ns.clone();
     let dir = tempfile::tempdir().unwrap();
-    let (push, op_admin, op_identity) = (free_addr(), free_addr(), free_addr());
-    let operator = start_operator_with(
+    let op = IdentityOperator::start(
         &bed,
-        push,
-        op_admin,
-        op_identity,
         dir.path(),
-        1,
-        &[
-            "--identity-dns-names",
-            IDENTITY_NAME,
-            "--mesh-mtls-mode",
-            "strict",
-        ],
-    );
-    let secrets = bed.api::<Secret>();
-    let ca = eventually(WAIT, || async {
-        let s = secrets.get("weft-identity").await?;
-        Ok(s.data
-            .and_then(|d| d.get("ca.crt").cloned())
-            .context("no ca.crt")?
-            .0)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
-    let trust_root = dir.path().join("ca.crt");
-    std::fs::write(&trust_root, &ca).unwrap();
+        IDENTITY_NAME,
+        &["--mesh-mtls-mode", "strict"],
+    )
+    .await;
+    let (push, operator) = (op.push, &op.proc);
     bed.service_account("web").await;
     let web_pod = bed.pod("web", "web", "web", "198.18.240.31").await;
     let app = echo_app().await;
@@ -644,12 +624,7 @@ async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_pol
         dir.path(),
         &ProxyOptions {
             app: Some(app),
-            identity: Some(ProxyIdentity {
-                addr: op_identity,
-                server_name: IDENTITY_NAME.to_owned(),
-                trust_root,
-                inline: false,
-            }),
+            identity: Some(op.proxy_identity(IDENTITY_NAME)),
             ..ProxyOptions::default()
         },
     )
@@ -657,7 +632,7 @@ async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_pol
     ready_with_identity(
         &web,
         &format!("spiffe://cluster.local/ns/{ns}/sa/web"),
-        &operator,
+        operator,
     )
     .await;
     let inbound = web.inbound.unwrap();
@@ -736,7 +711,7 @@ async fn under_a_strict_mesh_default_plain_text_is_refused_until_a_namespace_pol
         .await
         .unwrap();
     plain_answers(200, None).await.unwrap();
-    drop((web, operator));
+    drop((web, op));
     bed.cleanup().await;
 }
 
@@ -1086,63 +1061,18 @@ impl Mesh {
             inline: false,
         };
 
-        let host = TestHost::new();
-        let web_inbound = free_addr_on(host.near());
-        let app = echo_app().await;
-        for sa in ["client", "web"] {
-            bed.service_account(sa).await;
-        }
-        let client_pod = bed.pod("client", "client", "client", "198.18.240.40").await;
-        let web_pod = bed.pod("web", "web", "web", "198.18.240.41").await;
-        let svc: Service = serde_json::from_value(json!({
-            "metadata": {"name": "web"},
-            "spec": {"ports": [{"name": "http", "port": 80}]}
-        }))
-        .unwrap();
-        bed.api::<Service>()
-            .create(&PostParams::default(), &svc)
-            .await
-            .unwrap();
-        let slice: EndpointSlice = serde_json::from_value(json!({
-            "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "weft-test"}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": web_inbound.port()}],
-            "endpoints": [{"addresses": [web_inbound.ip().to_string()], "conditions": {"ready": true},
-                           "targetRef": {"kind": "Pod", "name": "web", "namespace": ns}}],
-        }))
-        .unwrap();
-        bed.api::<EndpointSlice>()
-            .create(&PostParams::default(), &slice)
-            .await
-            .unwrap();
-        let service = format!("web.{ns}.80");
-        let web = ProxyProc::start_with(
+        let ClientAndWeb {
+            client,
+            web,
+            web_inbound,
+            service,
+            host,
+        } = client_and_web(
             &bed,
             push,
-            &web_pod,
-            &service,
             dir.path(),
-            &ProxyOptions {
-                app: Some(app),
-                inbound_listen: Some(web_inbound),
-                identity: Some(identity.clone()),
-                ..ProxyOptions::default()
-            },
-        )
-        .await;
-        let client = ProxyProc::start_with(
-            &bed,
-            push,
-            &client_pod,
-            &service,
-            dir.path(),
-            &ProxyOptions {
-                identity: Some(ProxyIdentity {
-                    inline: true,
-                    ..identity.clone()
-                }),
-                ..ProxyOptions::default()
-            },
+            &identity,
+            ["198.18.240.40", "198.18.240.41"],
         )
         .await;
         let client_id = format!("spiffe://cluster.local/ns/{ns}/sa/client");

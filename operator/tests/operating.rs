@@ -146,10 +146,8 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
     let bed = Bed::new("operating").await;
     let ns = bed.ns.clone();
     let dir = tempfile::tempdir().unwrap();
-    let (push, op_admin) = (free_addr(), free_addr());
-    let operator = start_operator(&bed, push, op_admin, dir.path(), 1);
-    let (backend, _host) = backend().await;
-    service_to(&bed, "web", backend).await;
+    let mesh = PlainMesh::start(&bed, dir.path()).await;
+    let (push, op_admin, backend, operator) = (mesh.push, mesh.admin, mesh.backend, &mesh.operator);
     deployment(&bed, "client", "client").await;
     deployment(&bed, "web", "web").await;
     let svc = format!("web.{ns}.80");
@@ -162,13 +160,7 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
         bed.service_account(name).await;
         let pod = bed.pod(name, name, app, ip).await;
         let p = ProxyProc::start_with_app(&bed, push, &pod, &svc, dir.path(), inbound).await;
-        eventually(WAIT, || async {
-            let (status, body) = http_get(p.forward, "/").await?;
-            ensure!(status == 200 && body == "hello", "{status} {body}");
-            Ok(())
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", p.proc.log_tail(), operator.log_tail()));
+        p.until_answered("hello", operator).await;
         proxies.push((name, p));
     }
     bed.route(
@@ -461,6 +453,167 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
     golden("explain.txt", &mask(&text, &volatile));
 
     drop(proxies);
-    drop(operator);
+    drop(mesh);
+    bed.cleanup().await;
+}
+
+/// Runs `kubectl weft ARGS` for at most `limit`: its exit code (`None`: killed at the
+/// limit), stdout and stderr (through files, so a killed run still shows what it said),
+/// and how long it ran.
+async fn kubectl_weft_within(
+    args: &[String],
+    dir: &std::path::Path,
+    limit: Duration,
+) -> (Option<i32>, String, String, Duration) {
+    let (out, err) = (dir.join("kubectl-weft.out"), dir.join("kubectl-weft.err"));
+    let mut child = kubectl_weft(args)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let code = match tokio::time::timeout(limit, child.wait()).await {
+        Ok(status) => Some(status.unwrap().code().unwrap_or(-1)),
+        Err(_) => {
+            let pid = child.id().unwrap_or_default();
+            let ss = std::process::Command::new("ss")
+                .args(["-tnp"])
+                .output()
+                .unwrap();
+            let mine: Vec<String> = String::from_utf8_lossy(&ss.stdout)
+                .lines()
+                .filter(|l| l.contains(&format!("pid={pid},")))
+                .map(str::to_owned)
+                .collect();
+            // Where it was waiting, for the failure message's reader.
+            eprintln!("kubectl-weft (pid {pid}) killed at {limit:?}; its sockets: {mine:#?}");
+            child.kill().await.unwrap();
+            None
+        }
+    };
+    let took = started.elapsed();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    (code, read(&out), read(&err), took)
+}
+
+/// A Service of `ports` (`[{"name": ..., "port": ...}]`) selecting `selector` (none: its
+/// endpoints are the test's).
+async fn plain_service(bed: &Bed, name: &str, selector: Option<Value>, ports: Value) {
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"selector": selector, "ports": ports}
+    }))
+    .unwrap();
+    bed.api::<Service>()
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+}
+
+/// With the operator's admin Service unable to answer, `explain` and `proxy-status` come
+/// back within their 10 s bound and name the Service and the command to check it, instead
+/// of waiting on the API server's service proxy: a Service without endpoints (no operator
+/// pod Ready: the API server answers 503, which the Kubernetes client would retry for
+/// minutes), and one whose only endpoint accepts connections but never answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_and_proxy_status_give_up_on_an_operator_service_that_does_not_answer() {
+    let bed = Bed::new("no-operator").await;
+    let ns = bed.ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = PlainMesh::start(&bed, dir.path()).await;
+    let operator = &mesh.operator;
+    bed.service_account("client-0").await;
+    let pod = bed
+        .pod("client-0", "client-0", "client", "198.18.240.80")
+        .await;
+    let proxy = ProxyProc::start(&bed, mesh.push, &pod, &format!("web.{ns}.80"), dir.path()).await;
+    proxy.until_answered("hello", operator).await;
+
+    let admin_port = json!([{"name": "http-metrics", "port": 80, "targetPort": 9090}]);
+    plain_service(
+        &bed,
+        "no-endpoints",
+        Some(json!({"app": "nobody"})),
+        admin_port.clone(),
+    )
+    .await;
+    // Accepted by the kernel (the listen backlog), never read nor answered. On a test
+    // host's near end: the API server refuses loopback endpoints, and proxies only to an
+    // address of the pod an endpoint's targetRef names.
+    let host = TestHost::new();
+    let silent = std::net::TcpListener::bind((host.near(), 0)).unwrap();
+    bed.pod(
+        "silent-operator",
+        "client-0",
+        "silent-operator",
+        &host.near().to_string(),
+    )
+    .await;
+    plain_service(&bed, "silent", None, admin_port).await;
+    let endpoints: k8s_openapi::api::core::v1::Endpoints = serde_json::from_value(json!({
+        "metadata": {"name": "silent"},
+        "subsets": [{"addresses": [{"ip": host.near().to_string(),
+                                    "targetRef": {"kind": "Pod", "name": "silent-operator", "namespace": ns}}],
+                     "ports": [{"name": "http-metrics", "port": silent.local_addr().unwrap().port()}]}]
+    }))
+    .unwrap();
+    bed.api::<k8s_openapi::api::core::v1::Endpoints>()
+        .create(&PostParams::default(), &endpoints)
+        .await
+        .unwrap();
+
+    // The bound is 10 s; a process start and the proxy's /config read come on top.
+    let limit = Duration::from_secs(20);
+    for (service, why) in [
+        ("no-endpoints", "refused /proxies"),
+        ("silent", "did not answer /proxies within 10s"),
+    ] {
+        let operator_flags = [
+            "--operator-namespace".to_owned(),
+            ns.clone(),
+            "--operator-service".to_owned(),
+            format!("{service}:http-metrics"),
+        ];
+        let hint = format!("`kubectl -n {ns} get endpoints {service}`");
+        let said = format!("Service {ns}/{service}:http-metrics");
+
+        let mut args: Vec<String> = ["explain", "client-0", "web:80", "-n", &ns, "--admin-url"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.push(format!("http://{}", proxy.admin));
+        args.extend(operator_flags.iter().cloned());
+        let (code, stdout, stderr, took) = kubectl_weft_within(&args, dir.path(), limit * 2).await;
+        assert_eq!(
+            code,
+            Some(0),
+            "explain against {service} ({took:?}):\n{stdout}\n{stderr}"
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("operator: not asked"))
+            .unwrap_or_else(|| panic!("explain says nothing of the operator:\n{stdout}"));
+        assert!(
+            line.contains(&said) && line.contains(why) && line.contains(&hint),
+            "explain against {service}: {line}"
+        );
+        assert!(took < limit, "explain against {service} took {took:?}");
+        eprintln!("explain against {service}: {took:.1?}: {line}");
+
+        let mut args = vec!["proxy-status".to_owned(), "-n".to_owned(), ns.clone()];
+        args.extend(operator_flags.iter().cloned());
+        let (code, _, stderr, took) = kubectl_weft_within(&args, dir.path(), limit * 2).await;
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "proxy-status against {service} ({code:?}, {took:?}): {stderr}"
+        );
+        assert!(
+            stderr.contains(&said) && stderr.contains(why) && stderr.contains(&hint),
+            "proxy-status against {service}: {stderr}"
+        );
+        assert!(took < limit, "proxy-status against {service} took {took:?}");
+        eprintln!("proxy-status against {service}: {took:.1?}");
+    }
+    drop((proxy, mesh, silent, host));
     bed.cleanup().await;
 }

@@ -85,13 +85,7 @@ impl Rig {
         let p =
             ProxyProc::start_with_app(&self.bed, self.push, &pod, &config, self.dir.path(), local)
                 .await;
-        eventually(WAIT, || async {
-            let (status, body) = http_get(p.forward, "/").await?;
-            ensure!(status == 200 && body == expect, "{status} {body}");
-            Ok(())
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", p.proc.log_tail(), self.operator.log_tail()));
+        p.until_answered(expect, &self.operator).await;
         p
     }
 

@@ -22,8 +22,7 @@ use serde_json::json;
 use weft_e2e::shared::{self, eventually};
 use weft_operator::{
     inject::{InjectConfig, keys},
-    mesh::{self, Settings},
-    push::Authenticator,
+    mesh,
     webhook::FailurePolicy,
 };
 
@@ -33,24 +32,8 @@ use support::*;
 
 #[tokio::test]
 async fn an_annotated_pod_gets_the_sidecar_the_init_container_and_the_token() {
-    let client = shared::client().await.unwrap();
-    let ns = scoped_namespace(&client, "inject-pod", None).await;
-    let (hook, port) = start_webhook_with(
-        &client,
-        &ns,
-        FailurePolicy::Ignore,
-        Duration::from_secs(3600),
-    )
-    .await;
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-
-    let created = pods
-        .create(
-            &PostParams::default(),
-            &pod("web", json!({"weft.dev/inject": "enabled"})),
-        )
-        .await
-        .unwrap();
+    let t = Injecting::start("inject-pod", FailurePolicy::Ignore).await;
+    let created = t.create("web", json!({"weft.dev/inject": "enabled"})).await;
     let spec = created.spec.clone().unwrap();
     let inits = spec.init_containers.clone().unwrap();
     assert_eq!(init_names(&created), ["weft-init", "weft-proxy"]);
@@ -127,13 +110,13 @@ async fn an_annotated_pod_gets_the_sidecar_the_init_container_and_the_token() {
         created.labels().get(keys::MESHED_LABEL).map(String::as_str),
         Some("true")
     );
-    assert!(hook.metrics.count("injected") >= 1);
-    let metrics = https_get(&client, port, "/metrics").await;
+    assert!(t.hook.metrics.count("injected") >= 1);
+    let metrics = https_get(&t.client, t.port, "/metrics").await;
     assert!(
         metrics.contains("weft_webhook_admissions_total{outcome=\"injected\"}"),
         "{metrics}"
     );
-    hook.stop().await;
+    t.hook.stop().await;
 }
 
 /// The real API server stores the injected pod with its HTTP, TCP and gRPC probes pointed
@@ -142,16 +125,7 @@ async fn an_annotated_pod_gets_the_sidecar_the_init_container_and_the_token() {
 /// environment; an opted-out pod's probes stay as written.
 #[tokio::test]
 async fn an_injected_pods_http_probes_point_at_the_admin_port() {
-    let client = shared::client().await.unwrap();
-    let ns = scoped_namespace(&client, "inject-probes", None).await;
-    let (hook, _port) = start_webhook_with(
-        &client,
-        &ns,
-        FailurePolicy::Ignore,
-        Duration::from_secs(3600),
-    )
-    .await;
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let t = Injecting::start("inject-probes", FailurePolicy::Ignore).await;
     let probed = |name: &str, annotations: serde_json::Value| -> Pod {
         serde_json::from_value(json!({
             "metadata": {"name": name, "annotations": annotations},
@@ -171,11 +145,8 @@ async fn an_injected_pods_http_probes_point_at_the_admin_port() {
         .unwrap()
     };
 
-    let created = pods
-        .create(
-            &PostParams::default(),
-            &probed("web", json!({"weft.dev/inject": "enabled"})),
-        )
+    let created = t
+        .create_pod(&probed("web", json!({"weft.dev/inject": "enabled"})))
         .await
         .unwrap();
     let spec = created.spec.clone().unwrap();
@@ -231,14 +202,11 @@ async fn an_injected_pods_http_probes_point_at_the_admin_port() {
     assert_eq!(probes["api/readyz"]["handler"], "grpc", "{probes}");
     assert_eq!(probes["api/readyz"]["service"], "shop.Cart", "{probes}");
 
-    let kept = pods
-        .create(
-            &PostParams::default(),
-            &probed(
-                "kept",
-                json!({"weft.dev/inject": "enabled", "weft.dev/rewrite-probes": "false"}),
-            ),
-        )
+    let kept = t
+        .create_pod(&probed(
+            "kept",
+            json!({"weft.dev/inject": "enabled", "weft.dev/rewrite-probes": "false"}),
+        ))
         .await
         .unwrap();
     assert!(has_proxy(&kept));
@@ -252,7 +220,7 @@ async fn an_injected_pods_http_probes_point_at_the_admin_port() {
         )
     );
     assert!(app.startup_probe.as_ref().unwrap().tcp_socket.is_some());
-    hook.stop().await;
+    t.hook.stop().await;
 }
 
 #[tokio::test]
@@ -317,17 +285,10 @@ async fn beside_the_operator_the_webhook_reads_namespace_labels_from_its_index()
     shared::install_crds(&client).await.unwrap();
     // The operator's index over the whole cluster, as `weft-operator` runs it.
     let stop = tokio_util::sync::CancellationToken::new();
-    let settings = Settings {
-        push: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        push_tls: None,
-        admin: None,
-        trust_domain: "cluster.local".into(),
-        mesh_mtls: Default::default(),
-        auth: Authenticator::token_review(client.clone(), vec!["weft".into()]),
-        push_ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
-        lease: None,
-        namespace: None,
-    };
+    let settings = support::mesh::operator_settings(
+        &client,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    );
     let (handles, done) = mesh::run(client.clone(), settings, stop.clone());
     eventually(Duration::from_secs(30), || async {
         ensure!(handles.index.is_synced(), "index not synced");
@@ -388,30 +349,20 @@ async fn beside_the_operator_the_webhook_reads_namespace_labels_from_its_index()
 
 #[tokio::test]
 async fn pods_that_did_not_opt_in_or_cannot_be_meshed_are_left_alone() {
-    let client = shared::client().await.unwrap();
-    let ns = scoped_namespace(&client, "inject-skip", None).await;
-    let hook = start_webhook(&client, &ns, FailurePolicy::Ignore).await;
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-
-    let plain = pods
-        .create(&PostParams::default(), &pod("plain", json!({})))
-        .await
-        .unwrap();
+    let t = Injecting::start("inject-skip", FailurePolicy::Ignore).await;
+    let plain = t.create("plain", json!({})).await;
     assert!(!has_proxy(&plain));
 
     let mut host = pod("host", json!({"weft.dev/inject": "enabled"}));
     host.spec.as_mut().unwrap().host_network = Some(true);
-    let host = pods.create(&PostParams::default(), &host).await.unwrap();
+    let host = t.create_pod(&host).await.unwrap();
     assert!(!has_proxy(&host), "hostNetwork pods are never injected");
-    hook.stop().await;
+    t.hook.stop().await;
 }
 
 #[tokio::test]
 async fn injection_is_idempotent_and_keeps_existing_init_containers_and_volumes() {
-    let client = shared::client().await.unwrap();
-    let ns = scoped_namespace(&client, "inject-idem", None).await;
-    let hook = start_webhook(&client, &ns, FailurePolicy::Ignore).await;
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let t = Injecting::start("inject-idem", FailurePolicy::Ignore).await;
 
     let mut with_init: Pod = serde_json::from_value(json!({
         "metadata": {"name": "migrate", "annotations": {"weft.dev/inject": "enabled"}},
@@ -422,10 +373,7 @@ async fn injection_is_idempotent_and_keeps_existing_init_containers_and_volumes(
         }
     }))
     .unwrap();
-    let created = pods
-        .create(&PostParams::default(), &with_init)
-        .await
-        .unwrap();
+    let created = t.create_pod(&with_init).await.unwrap();
     assert_eq!(
         init_names(&created),
         ["weft-init", "weft-proxy", "migrate-db"]
@@ -453,10 +401,7 @@ async fn injection_is_idempotent_and_keeps_existing_init_containers_and_volumes(
         spec: Some(spec),
         status: None,
     };
-    let created = pods
-        .create(&PostParams::default(), &pre_injected)
-        .await
-        .unwrap();
+    let created = t.create_pod(&pre_injected).await.unwrap();
     let names = init_names(&created);
     assert_eq!(
         names.iter().filter(|n| *n == "weft-proxy").count(),
@@ -468,22 +413,19 @@ async fn injection_is_idempotent_and_keeps_existing_init_containers_and_volumes(
         1,
         "{names:?}"
     );
-    assert!(hook.metrics.count("already_injected") >= 1);
-    hook.stop().await;
+    assert!(t.hook.metrics.count("already_injected") >= 1);
+    t.hook.stop().await;
 }
 
 #[tokio::test]
 async fn a_pod_whose_port_clashes_with_the_proxy_is_rejected_with_the_reason() {
-    let client = shared::client().await.unwrap();
-    let ns = scoped_namespace(&client, "inject-clash", None).await;
-    let hook = start_webhook(&client, &ns, FailurePolicy::Ignore).await;
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let t = Injecting::start("inject-clash", FailurePolicy::Ignore).await;
     let clash: Pod = serde_json::from_value(json!({
         "metadata": {"name": "clash", "annotations": {"weft.dev/inject": "enabled"}},
         "spec": {"containers": [{"name": "app", "image": "weft.invalid/app:1", "ports": [{"containerPort": 15006}]}]}
     }))
     .unwrap();
-    match pods.create(&PostParams::default(), &clash).await {
+    match t.create_pod(&clash).await {
         Err(kube::Error::Api(e)) => {
             assert!(e.message.contains("15006"), "{}", e.message);
             assert!(
@@ -498,7 +440,7 @@ async fn a_pod_whose_port_clashes_with_the_proxy_is_rejected_with_the_reason() {
         "bad",
         json!({"weft.dev/inject": "enabled", "weft.dev/skip-outbound-ports": "http"}),
     );
-    match pods.create(&PostParams::default(), &bad_annotation).await {
+    match t.create_pod(&bad_annotation).await {
         Err(kube::Error::Api(e)) => assert!(
             e.message.contains("weft.dev/skip-outbound-ports"),
             "{}",
@@ -506,7 +448,7 @@ async fn a_pod_whose_port_clashes_with_the_proxy_is_rejected_with_the_reason() {
         ),
         other => panic!("want a rejection, got {other:?}"),
     }
-    hook.stop().await;
+    t.hook.stop().await;
 }
 
 #[tokio::test]
@@ -629,15 +571,12 @@ async fn https_get(client: &Client, port: u16, path: &str) -> String {
 
 #[tokio::test]
 async fn the_serving_certificate_is_renewed_before_it_expires() {
-    let client = shared::client().await.unwrap();
-    let ns = scoped_namespace(&client, "inject-renew", None).await;
     // Renewed at two thirds of its life: after 4 s of a 6 s certificate.
-    let (hook, port) =
-        start_webhook_with(&client, &ns, FailurePolicy::Fail, Duration::from_secs(6)).await;
-    let first = served_certificate(&client, port).await;
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let t =
+        Injecting::start_with("inject-renew", FailurePolicy::Fail, Duration::from_secs(6)).await;
+    let first = served_certificate(&t.client, t.port).await;
     let renewed = eventually(Duration::from_secs(10), || async {
-        let now = served_certificate(&client, port).await;
+        let now = served_certificate(&t.client, t.port).await;
         ensure!(now != first, "same certificate still served");
         Ok(now)
     })
@@ -647,15 +586,11 @@ async fn the_serving_certificate_is_renewed_before_it_expires() {
     // Past the first certificate's expiry, with failurePolicy Fail, injection still works:
     // the API server's new connections trust the renewed certificate through the same CA.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let created = pods
-        .create(
-            &PostParams::default(),
-            &pod("after-renewal", json!({"weft.dev/inject": "enabled"})),
-        )
-        .await
-        .unwrap();
+    let created = t
+        .create("after-renewal", json!({"weft.dev/inject": "enabled"}))
+        .await;
     assert!(has_proxy(&created));
-    hook.stop().await;
+    t.hook.stop().await;
 }
 
 #[tokio::test]
@@ -695,49 +630,28 @@ async fn the_webhook_injects_with_the_settings_in_the_clusters_configmap() {
         .unwrap();
     assert!(loaded.found);
 
-    let ns = scoped_namespace(&client, "inject-settings", None).await;
-    let hook = start_webhook_injecting(&client, &ns, loaded.config).await;
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    let created = pods
-        .create(
-            &PostParams::default(),
-            &pod("web", json!({"weft.dev/inject": "enabled"})),
-        )
-        .await
-        .unwrap();
+    let t = Injecting::start_injecting("inject-settings", loaded.config).await;
+    let created = t.create("web", json!({"weft.dev/inject": "enabled"})).await;
     // The mesh-wide tracing default, and pods overriding it by annotation.
-    let own_collector = pods
+    let own_collector = t
         .create(
-            &PostParams::default(),
-            &pod(
-                "own-collector",
-                json!({"weft.dev/inject": "enabled",
-                       keys::TRACE_COLLECTOR: "tempo.tracing:4317"}),
-            ),
+            "own-collector",
+            json!({"weft.dev/inject": "enabled", keys::TRACE_COLLECTOR: "tempo.tracing:4317"}),
         )
-        .await
-        .unwrap();
-    let own_sampling = pods
+        .await;
+    let own_sampling = t
         .create(
-            &PostParams::default(),
-            &pod(
-                "own-sampling",
-                json!({"weft.dev/inject": "enabled", keys::TRACE_SAMPLING: "1"}),
-            ),
+            "own-sampling",
+            json!({"weft.dev/inject": "enabled", keys::TRACE_SAMPLING: "1"}),
         )
-        .await
-        .unwrap();
-    let untraced = pods
+        .await;
+    let untraced = t
         .create(
-            &PostParams::default(),
-            &pod(
-                "untraced",
-                json!({"weft.dev/inject": "enabled", keys::TRACE_COLLECTOR: "disabled"}),
-            ),
+            "untraced",
+            json!({"weft.dev/inject": "enabled", keys::TRACE_COLLECTOR: "disabled"}),
         )
-        .await
-        .unwrap();
-    hook.stop().await;
+        .await;
+    t.hook.stop().await;
     let tracing_env = |p: &Pod| {
         let inits = p.spec.as_ref().unwrap().init_containers.as_ref().unwrap();
         let proxy = inits
@@ -823,26 +737,13 @@ async fn the_webhook_injects_with_the_settings_in_the_clusters_configmap() {
 
 /// Runs the operator binary with its webhook, in `ns`, until it exits (at most 30 s).
 fn operator_exit(ns: &str) -> std::process::Output {
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
 
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .to_string()
-    };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weft-operator"))
-        .env("KUBECONFIG", shared::testbed().kubeconfig())
-        .args(["--push-addr", &free(), "--admin-addr", &free()])
-        .args(["--webhook-addr", &free(), "--lease-namespace", ns])
-        .args(["--identity-addr", &free()])
-        .args([
-            "--watch-namespace",
-            ns,
-            "--webhook-name",
-            &format!("weft-{ns}"),
-        ])
+    use support::processes::{free_addr, operator_command};
+
+    let mut child = operator_command(ns, free_addr(), free_addr(), free_addr(), 1)
+        .args(["--webhook-addr", &free_addr().to_string()])
+        .args(["--webhook-name", &format!("weft-{ns}")])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -23,6 +23,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use anyhow::Context;
 use k8s_openapi::{
     api::{
         admissionregistration::v1::MutatingWebhookConfiguration, apps::v1::Deployment,
@@ -747,20 +748,6 @@ fn date(secs: i64) -> String {
 // ---------------------------------------------------------------------------------------
 // Proxies
 
-async fn operator_get(client: &Client, args: &CheckArgs, path: &str) -> anyhow::Result<String> {
-    match &args.operator_url {
-        Some(url) => crate::admin::get_direct(url, path).await,
-        None => {
-            let at = format!(
-                "/api/v1/namespaces/{}/services/{}/proxy{path}",
-                args.operator_namespace, args.operator_service
-            );
-            let req = http::Request::get(&at).body(Vec::new())?;
-            Ok(client.request_text(req).await?)
-        }
-    }
-}
-
 async fn proxies(client: &Client, args: &CheckArgs) -> Finding {
     let pods = match crate::proxy_status::meshed_pods(client, args.namespace.as_deref()).await {
         Ok(p) => p,
@@ -773,10 +760,15 @@ async fn proxies(client: &Client, args: &CheckArgs) -> Finding {
         }
     };
     let fetched = async {
-        let rows: Vec<ProxyRow> =
-            serde_json::from_str(&operator_get(client, args, "/proxies").await?)?;
-        let version: OperatorVersion =
-            serde_json::from_str(&operator_get(client, args, "/version").await?)?;
+        let admin = crate::admin::OperatorAdmin::new(
+            &args.operator_namespace,
+            &args.operator_service,
+            args.operator_url.as_deref(),
+        )
+        .await?;
+        let rows = crate::proxy_status::fetch(&admin).await?;
+        let version: OperatorVersion = serde_json::from_str(&admin.get("/version").await?)
+            .context("the operator's /version answer")?;
         anyhow::Ok((rows, version.version))
     }
     .await;

@@ -45,6 +45,17 @@ impl LoadReport {
             .collect()
     }
 
+    /// The whole run's counts from the stdout of a `weft-demo-app load` that ended (every
+    /// window added up: each request is counted in exactly one); `None` when the run
+    /// printed no final line, that is, did not finish.
+    pub fn run_total(stdout: &str) -> Option<LoadReport> {
+        let reports = LoadReport::parse_log(stdout);
+        reports
+            .iter()
+            .any(|r| r.kind == "final")
+            .then(|| LoadReport::sum(&reports))
+    }
+
     /// The counts of several windows added up.
     pub fn sum<'a>(reports: impl IntoIterator<Item = &'a LoadReport>) -> LoadReport {
         let mut total = LoadReport {
@@ -83,6 +94,16 @@ impl LoadReport {
     /// Answers with this HTTP status.
     pub fn status_count(&self, status: u16) -> u64 {
         self.status.get(&status.to_string()).copied().unwrap_or(0)
+    }
+
+    /// Requests that got no answer at all (refused connections, timeouts, skipped).
+    pub fn unanswered(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// Answers carrying `weft-error: <code>` (the proxy answered itself).
+    pub fn weft_error_count(&self, code: &str) -> u64 {
+        self.weft_errors.get(code).copied().unwrap_or(0)
     }
 
     /// Answers served by this version (`web-v1`).
@@ -181,7 +202,21 @@ not json at all
         assert_eq!((split.v1, split.v2), (178, 22));
         assert!(split.within_tolerance(), "{}", split.describe());
         assert!(!Split::observe(&sum, 0.5, 0.05).within_tolerance());
+        assert_eq!(sum.unanswered(), 0);
         // Nothing observed is never "within tolerance".
         assert!(!Split::observe(&LoadReport::default(), 0.0, 0.05).within_tolerance());
+    }
+
+    #[test]
+    fn a_finished_runs_total_adds_up_every_window_and_an_unfinished_run_has_none() {
+        let total = LoadReport::run_total(LOG).unwrap();
+        assert_eq!((total.sent, total.ok), (220, 197));
+        assert_eq!(total.status_count(403), 20);
+        assert_eq!(total.weft_error_count("forbidden"), 20);
+        assert_eq!(total.served_by("web-v2"), 22);
+        let unfinished: String = LOG.lines().take(3).map(|l| format!("{l}\n")).collect();
+        assert_eq!(LoadReport::run_total(&unfinished), None);
+        let refused = r#"{"type":"final","sent":3,"ok":0,"errors":{"connect":2,"timeout":1}}"#;
+        assert_eq!(LoadReport::run_total(refused).unwrap().unanswered(), 3);
     }
 }

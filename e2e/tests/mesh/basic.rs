@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
-use weft_e2e::node::TEST_IMAGE;
+use weft_e2e::{mesh::service_manifest, node::TEST_IMAGE};
 
 use crate::{
     Ctx,
@@ -62,19 +62,10 @@ spec:
     matchLabels: {{app: web}}
   template:
 {template}---
-apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: {ns}
-spec:
-  selector: {{app: web}}
-  ports:
-  - port: 80
-    targetPort: 8080
-"#,
+{service}"#,
         sa = service_account(ns, "web"),
         template = httpd_template("app: web", "web", "hello-from-web"),
+        service = service_manifest(ns, "web", "app: web"),
     )
 }
 

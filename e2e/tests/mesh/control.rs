@@ -10,7 +10,7 @@ use crate::{
     basic::{READY, client, web},
     install::{self, NAMESPACE, OPERATOR_SELECTOR},
     kube::{access_log, eventually, spiffe},
-    traffic::{deploy_demo, load, split_route, wait_programmed},
+    traffic::{Demo, split_route, wait_programmed},
 };
 
 /// 7. With the operator's pod deleted (its Deployment scaled to zero, so it stays gone),
@@ -19,15 +19,13 @@ use crate::{
 pub fn traffic_flows_without_the_operator_and_config_arrives_after(
     ctx: &Ctx,
 ) -> anyhow::Result<()> {
-    let kube = &ctx.kube;
-    let ns = ctx.namespace("opdown", true)?;
-    deploy_demo(kube, &ns, 1, 1, &["client"])?;
-    kube.apply(&split_route(&ns, 1, 0, ""))?;
-    wait_programmed(kube, &ns, "route/web")?;
+    let demo = Demo::deploy(ctx, "opdown", 1, 1, &["client"])?;
+    let (kube, ns) = (demo.kube, &demo.ns);
+    demo.apply_programmed(&split_route(ns, 1, 0, ""), "route/web")?;
     let args = ["--count", "100", "--rps", "50"];
-    let l = load(kube, &ns, "client", "http://web/opdown", &args)?;
+    let l = demo.load("client", "http://web/opdown", &args)?;
     ensure!(
-        l.ok == l.sent && l.from("web-v1") == l.sent,
+        l.ok == l.sent && l.served_by("web-v1") == l.sent,
         "before: {l:?}"
     );
 
@@ -44,15 +42,15 @@ pub fn traffic_flows_without_the_operator_and_config_arrives_after(
             }
         })?;
         // The Route now says web-v2 only; nobody can tell the proxies.
-        kube.apply(&split_route(&ns, 0, 1, ""))?;
+        kube.apply(&split_route(ns, 0, 1, ""))?;
         std::thread::sleep(Duration::from_secs(3));
-        let l = load(kube, &ns, "client", "http://web/opdown", &args)?;
+        let l = demo.load("client", "http://web/opdown", &args)?;
         ensure!(
             l.ok == l.sent && l.unanswered() == 0,
             "traffic without the operator: {l:?}"
         );
         ensure!(
-            l.from("web-v1") == l.sent,
+            l.served_by("web-v1") == l.sent,
             "the proxies changed config with no operator running: {l:?}"
         );
         Ok(())
@@ -65,20 +63,18 @@ pub fn traffic_flows_without_the_operator_and_config_arrives_after(
     // it is now.
     let back = std::time::Instant::now();
     let l = eventually(Duration::from_secs(30), || {
-        let l = load(
-            kube,
-            &ns,
+        let l = demo.load(
             "client",
             "http://web/opdown",
             &["--count", "20", "--rps", "20"],
         )?;
-        ensure!(l.from("web-v2") == l.sent, "not all web-v2 yet: {l:?}");
+        ensure!(l.served_by("web-v2") == l.sent, "not all web-v2 yet: {l:?}");
         Ok(l)
     })
     .context("the Route changed while the operator was down did not arrive once it was back")?;
     ensure!(l.ok == l.sent, "{l:?}");
     tracing::info!(after = ?back.elapsed(), "the changed Route arrived once the operator was back");
-    wait_programmed(kube, &ns, "route/web")?;
+    wait_programmed(kube, ns, "route/web")?;
     Ok(())
 }
 

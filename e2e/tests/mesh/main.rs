@@ -107,6 +107,10 @@ const SCENARIOS: &[Scenario] = &[
         traffic::a_policy_keeps_the_kubelets_probes_passing,
     ),
     (
+        "strict-namespace",
+        traffic::a_strict_namespace_policy_refuses_plain_text,
+    ),
+    (
         "rolling-update",
         traffic::a_rolling_update_under_load_loses_no_request,
     ),

@@ -1,17 +1,20 @@
 //! Traffic policy on real pods, with the demo application: `web-v1` and `web-v2`
 //! Deployments behind `web` (and a Service each), and a client pod whose
 //! `weft-demo-app load` sends through its proxy and counts what came back, by status and
-//! by the server (`x-demo-server`) and pod (`x-demo-pod`) that answered.
+//! by the server (`x-demo-server`) and pod (`x-demo-pod`) that answered: its report lines
+//! are read with `weft_e2e::demo::LoadReport`, as the demo reads them.
 
 use std::{
-    collections::BTreeMap,
     io::{BufRead, BufReader},
     process::Child,
     time::Duration,
 };
 
 use anyhow::{Context, bail, ensure};
-use serde_json::Value;
+use weft_e2e::{
+    demo::{LoadReport, Split},
+    mesh::service_manifest,
+};
 
 use crate::{
     Ctx,
@@ -55,187 +58,106 @@ spec:
     )
 }
 
-/// A Service `name` on port 80 to port 8080 of the pods matching `selector`.
-fn service(ns: &str, name: &str, selector: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: {ns}
-spec:
-  selector: {{{selector}}}
-  ports:
-  - name: http
-    port: 80
-    targetPort: 8080
----
-"#
-    )
+/// The demo application in one scenario's namespace: what every traffic scenario does to
+/// it (deploy, send load from a client's pod, apply a resource and wait for the proxies
+/// to have it, make a pod fail, read a client's proxy's metrics).
+pub struct Demo<'a> {
+    /// kubectl for the node's cluster.
+    pub kube: &'a Kube,
+    /// The namespace the demo runs in.
+    pub ns: String,
 }
 
-/// The demo: `web-v1` (×`v1`) and `web-v2` (×`v2`) as ServiceAccount `web`, Services
-/// `web` (both), `web-v1` and `web-v2`, and one client Deployment per ServiceAccount in
-/// `clients` (named after it, label `app: <sa>`); waits until every pod is Ready.
-pub fn deploy_demo(
-    kube: &Kube,
-    ns: &str,
-    v1: u32,
-    v2: u32,
-    clients: &[&str],
-) -> anyhow::Result<()> {
-    let mut yaml = service_account(ns, "web");
-    yaml.push_str("---\n");
-    yaml.push_str(&demo_deployment(ns, "web-v1", "web", "web", v1));
-    if v2 > 0 {
-        yaml.push_str(&demo_deployment(ns, "web-v2", "web", "web", v2));
-    }
-    yaml.push_str(&service(ns, "web", "app: web"));
-    yaml.push_str(&service(ns, "web-v1", "app: web, version: web-v1"));
-    yaml.push_str(&service(ns, "web-v2", "app: web, version: web-v2"));
-    for sa in clients {
-        yaml.push_str(&service_account(ns, sa));
+impl<'a> Demo<'a> {
+    /// A new injected namespace `<prefix>-<random>` with the demo in it: `web-v1`
+    /// (×`v1`) and `web-v2` (×`v2`) as ServiceAccount `web`, Services `web` (both),
+    /// `web-v1` and `web-v2`, and one client Deployment per ServiceAccount in `clients`
+    /// (see [`Demo::add_clients`]); returns once every pod is Ready.
+    pub fn deploy(
+        ctx: &'a Ctx,
+        prefix: &str,
+        v1: u32,
+        v2: u32,
+        clients: &[&str],
+    ) -> anyhow::Result<Self> {
+        let demo = Demo::in_new_namespace(ctx, prefix, true)?;
+        let ns = &demo.ns;
+        let mut yaml = service_account(ns, "web");
         yaml.push_str("---\n");
-        yaml.push_str(&demo_deployment(ns, sa, sa, sa, 1));
+        yaml.push_str(&demo_deployment(ns, "web-v1", "web", "web", v1));
+        if v2 > 0 {
+            yaml.push_str(&demo_deployment(ns, "web-v2", "web", "web", v2));
+        }
+        yaml.push_str(&service_manifest(ns, "web", "app: web"));
+        yaml.push_str(&service_manifest(ns, "web-v1", "app: web, version: web-v1"));
+        yaml.push_str(&service_manifest(ns, "web-v2", "app: web, version: web-v2"));
+        demo.kube.apply(&yaml)?;
+        demo.add_clients(clients)?;
+        demo.kube.wait_ready(ns, "app=web", READY)?;
+        Ok(demo)
     }
-    kube.apply(&yaml)?;
-    kube.wait_ready(ns, "app=web", READY)?;
-    for sa in clients {
-        kube.wait_ready(ns, &format!("app={sa}"), READY)?;
+
+    /// A new namespace `<prefix>-<random>` (injected when `inject`) holding only the
+    /// client Deployments of `clients`, Ready: clients of another namespace's `web`.
+    pub fn clients_only(
+        ctx: &'a Ctx,
+        prefix: &str,
+        inject: bool,
+        clients: &[&str],
+    ) -> anyhow::Result<Self> {
+        let demo = Demo::in_new_namespace(ctx, prefix, inject)?;
+        demo.add_clients(clients)?;
+        Ok(demo)
     }
-    Ok(())
-}
 
-/// What one `weft-demo-app load` run counted (its final line's totals).
-#[derive(Debug)]
-pub struct Load {
-    /// Requests sent.
-    pub sent: u64,
-    /// Requests answered 2xx.
-    pub ok: u64,
-    /// Answers by status code.
-    pub status: BTreeMap<String, u64>,
-    /// Requests that got no answer, by kind.
-    pub errors: BTreeMap<String, u64>,
-    /// Answers by `x-demo-server`.
-    pub servers: BTreeMap<String, u64>,
-    /// Answers by `x-demo-pod`.
-    pub pods: BTreeMap<String, u64>,
-    /// Proxy answers by `weft-error` code.
-    pub weft_errors: BTreeMap<String, u64>,
-}
-
-impl Load {
-    /// The totals of a final (or report) line.
-    fn parse(line: &Value) -> anyhow::Result<Self> {
-        let t = if line["total"].is_object() {
-            &line["total"]
-        } else {
-            line
-        };
-        let map = |v: &Value| -> BTreeMap<String, u64> {
-            v.as_object()
-                .into_iter()
-                .flatten()
-                .filter_map(|(k, v)| v.as_u64().map(|n| (k.clone(), n)))
-                .collect()
-        };
-        Ok(Load {
-            sent: t["sent"]
-                .as_u64()
-                .with_context(|| format!("no sent in {line}"))?,
-            ok: t["ok"]
-                .as_u64()
-                .with_context(|| format!("no ok in {line}"))?,
-            status: map(&t["status"]),
-            errors: map(&t["errors"]),
-            servers: map(&t["servers"]),
-            pods: map(&t["pods"]),
-            weft_errors: map(&t["weft_errors"]),
+    /// Nothing deployed yet, in a new namespace `<prefix>-<random>` of the scenario.
+    fn in_new_namespace(ctx: &'a Ctx, prefix: &str, inject: bool) -> anyhow::Result<Self> {
+        Ok(Demo {
+            kube: &ctx.kube,
+            ns: ctx.namespace(prefix, inject)?,
         })
     }
 
-    /// Answers from `server`.
-    pub fn from(&self, server: &str) -> u64 {
-        self.servers.get(server).copied().unwrap_or(0)
+    /// One client Deployment per ServiceAccount in `clients` (named after it, label
+    /// `app: <sa>`, the demo app idling as a server); returns once they are Ready.
+    pub fn add_clients(&self, clients: &[&str]) -> anyhow::Result<()> {
+        if clients.is_empty() {
+            return Ok(());
+        }
+        let mut yaml = String::new();
+        for sa in clients {
+            yaml.push_str(&service_account(&self.ns, sa));
+            yaml.push_str("---\n");
+            yaml.push_str(&demo_deployment(&self.ns, sa, sa, sa, 1));
+        }
+        self.kube.apply(&yaml)?;
+        for sa in clients {
+            self.kube
+                .wait_ready(&self.ns, &format!("app={sa}"), READY)?;
+        }
+        Ok(())
     }
 
-    /// Requests without an answer.
-    pub fn unanswered(&self) -> u64 {
-        self.errors.values().sum()
+    /// The first pod of Deployment `client` (label `app: <client>`).
+    fn client_pod(&self, client: &str) -> anyhow::Result<String> {
+        self.kube
+            .pod_names(&self.ns, &format!("app={client}"))?
+            .into_iter()
+            .next()
+            .with_context(|| format!("no {client} pod in {}", self.ns))
     }
-}
 
-/// The final line among `weft-demo-app load`'s stdout.
-fn final_line(stdout: &str) -> anyhow::Result<Load> {
-    let line = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["type"] == "final")
-        .with_context(|| format!("load printed no final line:\n{stdout}"))?;
-    Load::parse(&line)
-}
-
-/// The first pod of Deployment `client` (label `app: <client>`).
-fn client_pod(kube: &Kube, ns: &str, client: &str) -> anyhow::Result<String> {
-    kube.pod_names(ns, &format!("app={client}"))?
-        .into_iter()
-        .next()
-        .with_context(|| format!("no {client} pod"))
-}
-
-/// Runs `weft-demo-app load --target <target> <args>` in `client`'s pod and returns its
-/// totals, whatever its exit status (1 when an answer was not 2xx).
-pub fn load(
-    kube: &Kube,
-    ns: &str,
-    client: &str,
-    target: &str,
-    args: &[&str],
-) -> anyhow::Result<Load> {
-    let pod = client_pod(kube, ns, client)?;
-    let mut all = vec![
-        "-n",
-        ns,
-        "exec",
-        &pod,
-        "-c",
-        "app",
-        "--",
-        "weft-demo-app",
-        "load",
-        "--target",
-        target,
-    ];
-    all.extend(args);
-    let out = kube.output(&all)?;
-    final_line(&String::from_utf8_lossy(&out.stdout)).with_context(|| {
-        format!(
-            "kubectl exec load ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-/// A `load` running in the background (`kubectl exec` of it).
-pub struct Background {
-    child: Child,
-}
-
-impl Background {
-    /// Starts `weft-demo-app load --target <target> <args>` in `client`'s pod.
-    pub fn start(
-        ctx: &Ctx,
-        ns: &str,
+    /// `kubectl exec` of `weft-demo-app load --target <target> <args>` in `client`'s pod.
+    fn load_command(
+        &self,
         client: &str,
         target: &str,
         args: &[&str],
-    ) -> anyhow::Result<Self> {
-        let pod = client_pod(&ctx.kube, ns, client)?;
-        let mut all = vec![
+    ) -> anyhow::Result<Vec<String>> {
+        let pod = self.client_pod(client)?;
+        let mut all: Vec<String> = [
             "-n",
-            ns,
+            &self.ns,
             "exec",
             &pod,
             "-c",
@@ -245,22 +167,91 @@ impl Background {
             "load",
             "--target",
             target,
-        ];
-        all.extend(args);
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        all.extend(args.iter().map(|s| (*s).to_owned()));
+        Ok(all)
+    }
+
+    /// Runs `weft-demo-app load --target <target> <args>` in `client`'s pod and returns
+    /// the run's totals, whatever its exit status (1 when an answer was not 2xx).
+    pub fn load(&self, client: &str, target: &str, args: &[&str]) -> anyhow::Result<LoadReport> {
+        let command = self.load_command(client, target, args)?;
+        let out = self
+            .kube
+            .output(&command.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        LoadReport::run_total(&stdout).with_context(|| {
+            format!(
+                "load printed no final line ({}):\n{stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Starts `weft-demo-app load --target <target> <args>` in `client`'s pod in the
+    /// background (its stderr goes to the test bed's directory).
+    pub fn start_load(
+        &self,
+        ctx: &Ctx,
+        client: &str,
+        target: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Background> {
+        let command = self.load_command(client, target, args)?;
         let stderr = std::fs::File::create(
             ctx.node
                 .testbed()
                 .dir()
-                .join(format!("load-{ns}-{client}.log")),
+                .join(format!("load-{}-{client}.log", self.ns)),
         )?;
         Ok(Background {
-            child: ctx.kube.spawn(&all, stderr)?,
+            child: self.kube.spawn(
+                &command.iter().map(String::as_str).collect::<Vec<_>>(),
+                stderr,
+            )?,
         })
     }
 
+    /// `kubectl apply` of `yaml`, then waits until the operator reports `what`
+    /// (`route/web`) Programmed by a connected proxy: see [`wait_programmed`].
+    pub fn apply_programmed(&self, yaml: &str, what: &str) -> anyhow::Result<()> {
+        self.kube.apply(yaml)?;
+        wait_programmed(self.kube, &self.ns, what)
+    }
+
+    /// Makes the one pod of `deploy` answer 500 to everything but probes; returns its name.
+    pub fn make_fail(&self, deploy: &str) -> anyhow::Result<String> {
+        let pods = self
+            .kube
+            .pod_names(&self.ns, &format!("version={deploy}"))?;
+        let [pod] = pods.as_slice() else {
+            bail!("{deploy} has {} pods, expected one", pods.len());
+        };
+        self.kube
+            .exec(&self.ns, pod, "app", &["weft-demo-app", "fail"])?;
+        Ok(pod.clone())
+    }
+
+    /// The metrics of `client`'s proxy.
+    pub fn client_metrics(&self, client: &str) -> anyhow::Result<String> {
+        let pod = self.client_pod(client)?;
+        self.kube.proxy_admin(&self.ns, &pod, "/metrics")
+    }
+}
+
+/// A `load` running in the background (`kubectl exec` of it).
+pub struct Background {
+    child: Child,
+}
+
+impl Background {
     /// Waits for the run to end (it must have been given `--count` or `--duration`) and
     /// returns its totals.
-    pub fn finish(mut self) -> anyhow::Result<Load> {
+    pub fn finish(mut self) -> anyhow::Result<LoadReport> {
         let stdout = self.child.stdout.take().context("load stdout")?;
         let mut text = String::new();
         for line in BufReader::new(stdout).lines() {
@@ -268,7 +259,7 @@ impl Background {
             text.push('\n');
         }
         let _ = self.child.wait();
-        final_line(&text)
+        LoadReport::run_total(&text).with_context(|| format!("load printed no final line:\n{text}"))
     }
 }
 
@@ -305,17 +296,11 @@ pub fn wait_programmed(kube: &Kube, ns: &str, what: &str) -> anyhow::Result<()> 
 /// A Route of `web` (port 80) sending `v1`:`v2` to web-v1 and web-v2, with `extra` YAML
 /// appended to its one rule.
 pub fn split_route(ns: &str, v1: u32, v2: u32, extra: &str) -> String {
-    format!(
-        r#"apiVersion: weft.dev/v1alpha1
-kind: Route
-metadata:
-  name: web
-  namespace: {ns}
-spec:
-  service:
-    name: web
-    port: 80
-  rules:
+    for_web(
+        "Route",
+        ns,
+        &format!(
+            r#"  rules:
   - name: split
     backends:
     - name: web-v1
@@ -325,16 +310,29 @@ spec:
       port: 80
       weight: {v2}
 {extra}"#
+        ),
     )
 }
 
-/// The share of `load`'s answers that came from web-v2.
-fn v2_share(load: &Load) -> f64 {
-    load.from("web-v2") as f64 / load.sent.max(1) as f64
+/// A Weft resource of `kind` named `web` for Service `web` (port 80), the rest of its
+/// spec `rest` (YAML indented by two spaces).
+fn for_web(kind: &str, ns: &str, rest: &str) -> String {
+    format!(
+        r#"apiVersion: weft.dev/v1alpha1
+kind: {kind}
+metadata:
+  name: web
+  namespace: {ns}
+spec:
+  service:
+    name: web
+    port: 80
+{rest}"#
+    )
 }
 
 /// A `load` run that must have got a 2xx for every request.
-fn all_ok(load: &Load, what: &str) -> anyhow::Result<()> {
+pub fn all_ok(load: &LoadReport, what: &str) -> anyhow::Result<()> {
     ensure!(
         load.sent > 0 && load.ok == load.sent && load.unanswered() == 0,
         "{what}: {} of {} answered 2xx: {load:?}",
@@ -344,102 +342,71 @@ fn all_ok(load: &Load, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 5a. A Route splits 90/10, then 50/50, and the answers follow within tolerance.
-pub fn a_route_splits_within_tolerance(ctx: &Ctx) -> anyhow::Result<()> {
-    let kube = &ctx.kube;
-    let ns = ctx.namespace("split", true)?;
-    deploy_demo(kube, &ns, 1, 1, &["client"])?;
-    // 400 requests: the web-v2 count is binomial, σ = 1.5 points at 10 %, 2.5 at 50 %;
-    // the tolerances below are over 3 σ.
-    let run = |kube: &Kube| {
-        load(
-            kube,
-            &ns,
-            "client",
-            "http://web/split",
-            &["--count", "400", "--rps", "80"],
-        )
-    };
-
-    kube.apply(&split_route(&ns, 90, 10, ""))?;
-    wait_programmed(kube, &ns, "route/web")?;
-    let l = run(kube)?;
-    all_ok(&l, "90/10")?;
+/// A `load` run whose every request the proxy refused itself with `status` and
+/// `weft-error: <code>`.
+fn all_refused(load: &LoadReport, status: u16, code: &str, what: &str) -> anyhow::Result<()> {
     ensure!(
-        l.from("web-v1") + l.from("web-v2") == l.sent,
-        "answers from neither web-v1 nor web-v2: {l:?}"
-    );
-    let share = v2_share(&l);
-    tracing::info!(sent = l.sent, web_v2 = l.from("web-v2"), "90/10");
-    ensure!(
-        (0.05..=0.15).contains(&share),
-        "90/10 split sent {:.1} % to web-v2: {l:?}",
-        share * 100.0
-    );
-
-    kube.apply(&split_route(&ns, 50, 50, ""))?;
-    wait_programmed(kube, &ns, "route/web")?;
-    let l = run(kube)?;
-    all_ok(&l, "50/50")?;
-    let share = v2_share(&l);
-    tracing::info!(sent = l.sent, web_v2 = l.from("web-v2"), "50/50");
-    ensure!(
-        (0.40..=0.60).contains(&share),
-        "50/50 split sent {:.1} % to web-v2: {l:?}",
-        share * 100.0
+        load.sent > 0
+            && load.status_count(status) == load.sent
+            && load.weft_error_count(code) == load.sent,
+        "{what}: expected every request refused {status} {code}: {load:?}"
     );
     Ok(())
 }
 
-/// Makes the one pod of `deploy` answer 500 to everything but probes.
-fn make_fail(kube: &Kube, ns: &str, deploy: &str) -> anyhow::Result<String> {
-    let pods = kube.pod_names(ns, &format!("version={deploy}"))?;
-    let [pod] = pods.as_slice() else {
-        bail!("{deploy} has {} pods, expected one", pods.len());
-    };
-    kube.exec(ns, pod, "app", &["weft-demo-app", "fail"])?;
-    Ok(pod.clone())
-}
-
-/// The client proxy's metrics.
-fn client_metrics(kube: &Kube, ns: &str, client: &str) -> anyhow::Result<String> {
-    let pod = client_pod(kube, ns, client)?;
-    kube.proxy_admin(ns, &pod, "/metrics")
+/// 5a. A Route splits 90/10, then 50/50, and the answers follow within tolerance.
+pub fn a_route_splits_within_tolerance(ctx: &Ctx) -> anyhow::Result<()> {
+    let demo = Demo::deploy(ctx, "split", 1, 1, &["client"])?;
+    // 400 requests: the web-v2 count is binomial, σ = 1.5 points at 10 %, 2.5 at 50 %;
+    // the tolerances below are over 3 σ.
+    for (v1, v2, tolerance) in [(90, 10, 0.05), (50, 50, 0.10)] {
+        let what = format!("{v1}/{v2}");
+        demo.apply_programmed(&split_route(&demo.ns, v1, v2, ""), "route/web")?;
+        let l = demo.load(
+            "client",
+            "http://web/split",
+            &["--count", "400", "--rps", "80"],
+        )?;
+        all_ok(&l, &what)?;
+        ensure!(
+            l.served_by("web-v1") + l.served_by("web-v2") == l.sent,
+            "{what}: answers from neither web-v1 nor web-v2: {l:?}"
+        );
+        let split = Split::observe(&l, f64::from(v2) / 100.0, tolerance);
+        tracing::info!(sent = l.sent, split = %split.describe(), "{what}");
+        ensure!(
+            split.within_tolerance(),
+            "{what} split: {}: {l:?}",
+            split.describe()
+        );
+    }
+    Ok(())
 }
 
 /// 5b. With one of web's two pods failing, a Route's retries hide the failures: without
 ///     them some requests get 500; with them every request gets a 2xx, and the client's
 ///     proxy counted the retries it made.
 pub fn retries_hide_a_failing_pod(ctx: &Ctx) -> anyhow::Result<()> {
-    let kube = &ctx.kube;
-    let ns = ctx.namespace("retry", true)?;
-    deploy_demo(kube, &ns, 1, 1, &["client"])?;
-    make_fail(kube, &ns, "web-v2")?;
+    let demo = Demo::deploy(ctx, "retry", 1, 1, &["client"])?;
+    demo.make_fail("web-v2")?;
     // Long enough runs for the balancer to try the failing pod several times: P2C
     // prefers the endpoint with the lower latency estimate, and the failing one is
     // tried again only as its estimate decays (10 s time constant).
     let args = ["--duration", "20s", "--rps", "20"];
 
     // No Route: the failing pod's 500s reach the client.
-    let l = load(kube, &ns, "client", "http://web/retry", &args)?;
-    let leaked = l.status.get("500").copied().unwrap_or(0);
+    let l = demo.load("client", "http://web/retry", &args)?;
+    let leaked = l.status_count(500);
     ensure!(
         leaked > 0,
         "the failing pod's errors did not show without retries: {l:?}"
     );
     tracing::info!(sent = l.sent, errors = leaked, "without retries");
 
-    let route = format!(
-        r#"apiVersion: weft.dev/v1alpha1
-kind: Route
-metadata:
-  name: web
-  namespace: {ns}
-spec:
-  service:
-    name: web
-    port: 80
-  rules:
+    let route = for_web(
+        "Route",
+        &demo.ns,
+        r#"  rules:
   - name: retry
     backends:
     - name: web
@@ -450,22 +417,20 @@ spec:
       budget:
         percent: 100
         minRetriesPerSecond: 100
-"#
+"#,
     );
-    kube.apply(&route)?;
-    wait_programmed(kube, &ns, "route/web")?;
-    let before = metric(
-        &client_metrics(kube, &ns, "client")?,
-        "weft_route_events_total",
-        &[("event", "retry")],
-    );
-    let l = load(kube, &ns, "client", "http://web/retry", &args)?;
+    demo.apply_programmed(&route, "route/web")?;
+    let retries = || -> anyhow::Result<f64> {
+        Ok(metric(
+            &demo.client_metrics("client")?,
+            "weft_route_events_total",
+            &[("event", "retry")],
+        ))
+    };
+    let before = retries()?;
+    let l = demo.load("client", "http://web/retry", &args)?;
     all_ok(&l, "with retries")?;
-    let after = metric(
-        &client_metrics(kube, &ns, "client")?,
-        "weft_route_events_total",
-        &[("event", "retry")],
-    );
+    let after = retries()?;
     ensure!(
         after > before,
         "every request succeeded but the client's proxy counted no retry ({before} → {after})"
@@ -482,44 +447,35 @@ spec:
 ///     request goes to the healthy pod and gets a 2xx, for longer than the balancer
 ///     alone would keep away from the failing pod.
 pub fn a_breaker_ejects_a_failing_pod(ctx: &Ctx) -> anyhow::Result<()> {
-    let kube = &ctx.kube;
-    let ns = ctx.namespace("breaker", true)?;
-    deploy_demo(kube, &ns, 1, 1, &["client"])?;
-    kube.apply(&format!(
-        r#"apiVersion: weft.dev/v1alpha1
-kind: Breaker
-metadata:
-  name: web
-  namespace: {ns}
-spec:
-  service:
-    name: web
-    port: 80
-  outlierDetection:
+    let demo = Demo::deploy(ctx, "breaker", 1, 1, &["client"])?;
+    demo.apply_programmed(
+        &for_web(
+            "Breaker",
+            &demo.ns,
+            r#"  outlierDetection:
     consecutive5xx: 3
     interval: 10s
     baseEjectionTime: 5m
     maxEjectionTime: 10m
     maxEjectedPercent: 50
-"#
-    ))?;
-    wait_programmed(kube, &ns, "breaker/web")?;
-    let failing = make_fail(kube, &ns, "web-v2")?;
+"#,
+        ),
+        "breaker/web",
+    )?;
+    let failing = demo.make_fail("web-v2")?;
 
     // Traffic until the failing pod has answered 500 three times in a row. The balancer
     // (P2C over latency) tries it only now and then, so this takes a few seconds.
     let started = std::time::Instant::now();
     let mut errors = 0;
     eventually(Duration::from_secs(90), || {
-        let l = load(
-            kube,
-            &ns,
+        let l = demo.load(
             "client",
             "http://web/breaker",
             &["--duration", "5s", "--rps", "20"],
         )?;
-        errors += l.status.get("500").copied().unwrap_or(0);
-        let text = client_metrics(kube, &ns, "client")?;
+        errors += l.status_count(500);
+        let text = demo.client_metrics("client")?;
         ensure!(
             metric(&text, "weft_breaker_ejections_total", &[]) >= 1.0
                 && metric(&text, "weft_breaker_ejected_endpoints", &[]) == 1.0,
@@ -534,16 +490,14 @@ spec:
     tracing::info!(errors, elapsed = ?started.elapsed(), "failing pod ejected");
     // Ejected for 5 minutes: 20 s of traffic all to web-v1, all 2xx. Without the
     // ejection the balancer would have tried the failing pod again within that time.
-    let l = load(
-        kube,
-        &ns,
+    let l = demo.load(
         "client",
         "http://web/breaker",
         &["--duration", "20s", "--rps", "20"],
     )?;
     all_ok(&l, "after the ejection")?;
     ensure!(
-        !l.pods.contains_key(&failing) && l.from("web-v1") == l.sent,
+        !l.pods.contains_key(&failing) && l.served_by("web-v1") == l.sent,
         "the ejected pod {failing} still got requests: {l:?}"
     );
     Ok(())
@@ -586,52 +540,47 @@ spec:
     )
 }
 
+/// 20 requests at 20 per second: enough to see every one refused or answered.
+const BURST: [&str; 4] = ["--count", "20", "--rps", "20"];
+
 /// 5d. A Policy on web allows ServiceAccount `client` to GET under `/allowed` and denies
 ///     everything else: the client's other paths and another ServiceAccount get 403 with
 ///     `weft-error: forbidden`, and web's proxy counts the denials. (The Policy also
 ///     admits the kubelet's probes explicitly: see `policy_keeps_probes_passing`.)
 pub fn a_policy_denies_and_allows_as_written(ctx: &Ctx) -> anyhow::Result<()> {
-    let kube = &ctx.kube;
-    let ns = ctx.namespace("policy", true)?;
-    deploy_demo(kube, &ns, 1, 0, &["client", "intruder"])?;
-    let args = ["--count", "20", "--rps", "20"];
+    let demo = Demo::deploy(ctx, "policy", 1, 0, &["client", "intruder"])?;
+    let (kube, ns) = (demo.kube, &demo.ns);
     // Before the Policy both may call.
     all_ok(
-        &load(kube, &ns, "intruder", "http://web/allowed/x", &args)?,
+        &demo.load("intruder", "http://web/allowed/x", &BURST)?,
         "intruder, no Policy",
     )?;
 
-    kube.apply(&web_policy(&ns, true))?;
-    wait_programmed(kube, &ns, "policy/web")?;
+    demo.apply_programmed(&web_policy(ns, true), "policy/web")?;
 
-    let l = load(kube, &ns, "client", "http://web/allowed/x", &args)?;
+    let l = demo.load("client", "http://web/allowed/x", &BURST)?;
     all_ok(&l, "client GET /allowed/x")?;
-    let denied = |l: &Load, what: &str| -> anyhow::Result<()> {
-        ensure!(
-            l.status.get("403").copied() == Some(l.sent)
-                && l.weft_errors.get("forbidden").copied() == Some(l.sent),
-            "{what}: expected every request refused 403 forbidden: {l:?}"
-        );
-        Ok(())
-    };
-    denied(
-        &load(kube, &ns, "client", "http://web/other", &args)?,
-        "client GET /other",
-    )?;
-    denied(
-        &load(kube, &ns, "intruder", "http://web/allowed/x", &args)?,
-        "intruder GET /allowed/x",
-    )?;
+    for (client, target) in [
+        ("client", "http://web/other"),
+        ("intruder", "http://web/allowed/x"),
+    ] {
+        all_refused(
+            &demo.load(client, target, &BURST)?,
+            403,
+            "forbidden",
+            &format!("{client} GET {target}"),
+        )?;
+    }
 
-    let web = kube.pod_names(&ns, "app=web")?.remove(0);
-    let text = kube.proxy_admin(&ns, &web, "/metrics")?;
+    let web = kube.pod_names(ns, "app=web")?.remove(0);
+    let text = kube.proxy_admin(ns, &web, "/metrics")?;
     let denials = metric(&text, "weft_authz_denials_total", &[]);
     ensure!(
         denials >= 40.0,
         "web's proxy counted {denials} denials, expected at least 40"
     );
     // The pod stayed in service throughout.
-    kube.wait_ready(&ns, "app=web", Duration::from_secs(1))?;
+    kube.wait_ready(ns, "app=web", Duration::from_secs(1))?;
     Ok(())
 }
 
@@ -640,20 +589,18 @@ pub fn a_policy_denies_and_allows_as_written(ctx: &Ctx) -> anyhow::Result<()> {
 ///     readiness probes, plain text from the node, still pass, as they do under Linkerd's
 ///     and Istio's policies.
 pub fn a_policy_keeps_the_kubelets_probes_passing(ctx: &Ctx) -> anyhow::Result<()> {
-    let kube = &ctx.kube;
-    let ns = ctx.namespace("probes", true)?;
-    deploy_demo(kube, &ns, 1, 0, &["client"])?;
-    kube.apply(&web_policy(&ns, false))?;
-    wait_programmed(kube, &ns, "policy/web")?;
+    let demo = Demo::deploy(ctx, "probes", 1, 0, &["client"])?;
+    let (kube, ns) = (demo.kube, &demo.ns);
+    demo.apply_programmed(&web_policy(ns, false), "policy/web")?;
     // Readiness probes run every second and fail after 3; give them 10 s.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline {
-        kube.wait_ready(&ns, "app=web", Duration::from_secs(0))
+        kube.wait_ready(ns, "app=web", Duration::from_secs(0))
             .with_context(|| {
                 let events = kube
                     .run(&[
                         "-n",
-                        &ns,
+                        ns,
                         "get",
                         "events",
                         "--field-selector",
@@ -664,36 +611,92 @@ pub fn a_policy_keeps_the_kubelets_probes_passing(ctx: &Ctx) -> anyhow::Result<(
             })?;
         std::thread::sleep(Duration::from_secs(1));
     }
-    let l = load(
-        kube,
-        &ns,
-        "client",
-        "http://web/allowed/x",
-        &["--count", "20", "--rps", "20"],
-    )?;
+    let l = demo.load("client", "http://web/allowed/x", &BURST)?;
     all_ok(&l, "client GET /allowed/x")
+}
+
+/// 5f. A namespace-wide Policy (`target.selector: {}`, no workload named) in `Strict`
+///     mode refuses an unmeshed client's plain text (403 `mtls_required` from web's
+///     proxy) while a meshed client in another namespace, over mTLS, still gets 200;
+///     deleting the Policy lets the unmeshed client through again.
+pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result<()> {
+    let demo = Demo::deploy(ctx, "strict", 1, 0, &[])?;
+    let ns = &demo.ns;
+    // A proxy receives the Services of its own namespace and of those its Namespace's
+    // `weft.dev/visible-namespaces` lists (docs/operator.md): without it the meshed
+    // client's proxy passes the request to web through, in plain text.
+    let meshed = Demo::in_new_namespace(ctx, "meshed", true)?;
+    meshed.kube.run(&[
+        "annotate",
+        "namespace",
+        &meshed.ns,
+        &format!("weft.dev/visible-namespaces={ns}"),
+    ])?;
+    meshed.add_clients(&["client"])?;
+    let plain = Demo::clients_only(ctx, "plain", false, &["client"])?;
+    let target = format!("http://web.{ns}/strict");
+    // Under the mesh default (Permissive) plain text is admitted.
+    all_ok(
+        &plain.load("client", &target, &BURST)?,
+        "unmeshed client, no Policy",
+    )?;
+
+    let policy = format!(
+        r#"apiVersion: weft.dev/v1alpha1
+kind: Policy
+metadata:
+  name: namespace-strict
+  namespace: {ns}
+spec:
+  target:
+    selector: {{}}
+  mtls:
+    mode: Strict
+  defaultAction: Allow
+"#
+    );
+    demo.apply_programmed(&policy, "policy/namespace-strict")?;
+    all_refused(
+        &plain.load("client", &target, &BURST)?,
+        403,
+        "mtls_required",
+        "unmeshed client under the namespace's Strict Policy",
+    )?;
+    all_ok(
+        &meshed.load("client", &target, &BURST)?,
+        "meshed client of another namespace under the Strict Policy",
+    )?;
+
+    demo.kube
+        .run(&["-n", ns, "delete", "policy", "namespace-strict"])?;
+    // The operator pushes web's proxy its mode without the Policy (the mesh default).
+    eventually(Duration::from_secs(30), || {
+        all_ok(
+            &plain.load("client", &target, &BURST)?,
+            "unmeshed client after the Policy's deletion",
+        )
+    })?;
+    Ok(())
 }
 
 /// 6. A rolling update of web under constant load loses no request: every request the
 ///    load generator sent during the rollout got a 2xx, and both old and new pods
 ///    answered.
 pub fn a_rolling_update_under_load_loses_no_request(ctx: &Ctx) -> anyhow::Result<()> {
-    let kube = &ctx.kube;
-    let ns = ctx.namespace("rollout", true)?;
-    deploy_demo(kube, &ns, 2, 0, &["client"])?;
-    let old: Vec<String> = kube.pod_names(&ns, "app=web")?;
-    let bg = Background::start(
+    let demo = Demo::deploy(ctx, "rollout", 2, 0, &["client"])?;
+    let (kube, ns) = (demo.kube, &demo.ns);
+    let old: Vec<String> = kube.pod_names(ns, "app=web")?;
+    let bg = demo.start_load(
         ctx,
-        &ns,
         "client",
         "http://web/rollout",
         &["--duration", "45s", "--rps", "20"],
     )?;
     std::thread::sleep(Duration::from_secs(5));
-    kube.run(&["-n", &ns, "rollout", "restart", "deploy/web-v1"])?;
-    kube.rollout(&ns, "deploy/web-v1", Duration::from_secs(120))?;
+    kube.run(&["-n", ns, "rollout", "restart", "deploy/web-v1"])?;
+    kube.rollout(ns, "deploy/web-v1", Duration::from_secs(120))?;
     let new: Vec<String> = kube
-        .pod_names(&ns, "app=web")?
+        .pod_names(ns, "app=web")?
         .into_iter()
         .filter(|p| !old.contains(p))
         .collect();

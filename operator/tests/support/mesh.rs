@@ -306,6 +306,22 @@ impl PushTls {
     }
 }
 
+/// The in-process operator's settings as `weft-operator` defaults them, pushing on `push`:
+/// no TLS, no admin endpoint, no Lease, the whole cluster watched.
+pub fn operator_settings(client: &Client, push: TcpListener) -> Settings {
+    Settings {
+        push,
+        push_tls: None,
+        admin: None,
+        trust_domain: "cluster.local".into(),
+        mesh_mtls: Default::default(),
+        auth: Authenticator::token_review(client.clone(), vec!["weft".into()]),
+        push_ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
+        lease: None,
+        namespace: None,
+    }
+}
+
 pub struct Operator {
     pub handles: Handles,
     pub admin: std::net::SocketAddr,
@@ -334,13 +350,7 @@ impl Operator {
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();
         let mut settings = Settings {
-            push,
-            push_tls: None,
             admin: Some(admin),
-            trust_domain: "cluster.local".into(),
-            mesh_mtls: Default::default(),
-            auth: Authenticator::token_review(bed.client.clone(), vec!["weft".into()]),
-            push_ack_timeout: weft_operator::push::DEFAULT_ACK_TIMEOUT,
             lease: Some(LeaseConfig::new(
                 bed.ns.clone(),
                 "weft-operator".into(),
@@ -348,6 +358,7 @@ impl Operator {
                 Duration::from_secs(6),
             )),
             namespace: Some(bed.ns.clone()),
+            ..operator_settings(&bed.client, push)
         };
         configure(&mut settings);
         let (handles, done) = mesh::run(bed.client.clone(), settings, stop.clone());

@@ -41,6 +41,79 @@ impl Webhook {
     }
 }
 
+/// A test's own namespace served by its own webhook, and the API for the namespace's pods:
+/// what most webhook tests start with.
+pub struct Injecting {
+    /// A client of the test bed (this test's runtime).
+    pub client: Client,
+    /// The namespace only this webhook serves.
+    pub ns: String,
+    /// The webhook.
+    pub hook: Webhook,
+    /// The webhook's port on loopback.
+    pub port: u16,
+    /// The namespace's pods.
+    pub pods: Api<Pod>,
+}
+
+impl Injecting {
+    /// A namespace `<prefix>-…` (not labelled for injection) and a webhook with a one-hour
+    /// certificate and failure policy `policy`, called by the API server.
+    pub async fn start(prefix: &str, policy: FailurePolicy) -> Injecting {
+        Injecting::start_with(prefix, policy, Duration::from_secs(3600)).await
+    }
+
+    /// As [`Injecting::start`], with the webhook's certificate living `cert_lifetime`.
+    pub async fn start_with(
+        prefix: &str,
+        policy: FailurePolicy,
+        cert_lifetime: Duration,
+    ) -> Injecting {
+        let client = shared::client().await.unwrap();
+        let ns = scoped_namespace(&client, prefix, None).await;
+        let (hook, port) = start_webhook_with(&client, &ns, policy, cert_lifetime).await;
+        Injecting::of(client, ns, hook, port)
+    }
+
+    /// As [`Injecting::start`] (failure policy Fail), injecting with `inject` instead of
+    /// the tests' settings.
+    pub async fn start_injecting(prefix: &str, inject: InjectConfig) -> Injecting {
+        let client = shared::client().await.unwrap();
+        let ns = scoped_namespace(&client, prefix, None).await;
+        let (hook, port) = start_webhook_full(
+            &client,
+            &ns,
+            FailurePolicy::Fail,
+            Duration::from_secs(3600),
+            None,
+            Some(inject),
+        )
+        .await;
+        Injecting::of(client, ns, hook, port)
+    }
+
+    fn of(client: Client, ns: String, hook: Webhook, port: u16) -> Injecting {
+        let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+        Injecting {
+            client,
+            ns,
+            hook,
+            port,
+            pods,
+        }
+    }
+
+    /// Creates pod `name` (see [`pod`]) with `annotations`, as the API server admits it.
+    pub async fn create(&self, name: &str, annotations: serde_json::Value) -> Pod {
+        self.create_pod(&pod(name, annotations)).await.unwrap()
+    }
+
+    /// Creates `pod`: as the API server admitted it, or its refusal.
+    pub async fn create_pod(&self, pod: &Pod) -> Result<Pod, kube::Error> {
+        self.pods.create(&PostParams::default(), pod).await
+    }
+}
+
 /// A fresh namespace, labelled so that only this test's webhook serves it.
 pub async fn scoped_namespace(client: &Client, prefix: &str, inject_label: Option<&str>) -> String {
     let ns = shared::namespace(client, prefix).await.unwrap();
@@ -114,20 +187,6 @@ pub async fn start_webhook_with(
     cert_lifetime: Duration,
 ) -> (Webhook, u16) {
     start_webhook_full(client, ns, policy, cert_lifetime, None, None).await
-}
-
-/// Like [`start_webhook`], injecting with `inject` instead of the tests' settings.
-pub async fn start_webhook_injecting(client: &Client, ns: &str, inject: InjectConfig) -> Webhook {
-    start_webhook_full(
-        client,
-        ns,
-        FailurePolicy::Fail,
-        Duration::from_secs(3600),
-        None,
-        Some(inject),
-    )
-    .await
-    .0
 }
 
 /// Like [`start_webhook`], reading namespace labels from the operator's `index`.

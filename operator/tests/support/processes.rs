@@ -13,21 +13,28 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context;
 use k8s_openapi::api::{
-    core::v1::{Pod, Service},
+    core::v1::{Pod, Secret, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{ResourceExt, api::PostParams};
 use serde_json::json;
 use weft_e2e::{
     process::{self, Lifetime},
-    shared,
+    shared::{self, eventually},
 };
 
-use super::mesh::Bed;
+use super::mesh::{Bed, WAIT};
 
-/// A binary built by another package of the workspace, in this target dir.
+/// A binary built by another package of the workspace, in this target dir, unless
+/// `WEFT_TEST_BIN_<NAME>` (`WEFT_TEST_BIN_KUBECTL_WEFT`) names another: in a target dir
+/// shared by several worktrees, `target/debug/<name>` is whoever built last.
 pub fn sibling_binary(name: &str) -> PathBuf {
+    let var = format!("WEFT_TEST_BIN_{}", name.replace('-', "_").to_uppercase());
+    if let Some(path) = std::env::var_os(var) {
+        return PathBuf::from(path);
+    }
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let path = exe.parent().unwrap().parent().unwrap().join(name);
@@ -100,6 +107,35 @@ pub fn start_operator(bed: &Bed, push: SocketAddr, admin: SocketAddr, dir: &Path
     start_operator_with(bed, push, admin, free_addr(), dir, n, &["--no-identity"])
 }
 
+/// The `weft-operator` command every operator process of these tests starts from: the
+/// bed's kubeconfig, push, admin and identity endpoints on the given loopback addresses
+/// (never the default 0.0.0.0:15012: replicas in one test would collide on it), its Lease
+/// (identity `operator-<n>`) and its watch in namespace `ns`. The webhook flags are the
+/// caller's.
+pub fn operator_command(
+    ns: &str,
+    push: SocketAddr,
+    admin: SocketAddr,
+    identity: SocketAddr,
+    n: u32,
+) -> Command {
+    // `WEFT_TEST_OPERATOR_BIN` overrides it, as in tests/chart.rs: in a target dir shared
+    // by several worktrees, `target/debug/weft-operator` is whoever built last.
+    let bin = std::env::var_os("WEFT_TEST_OPERATOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_weft-operator")));
+    let mut cmd = Command::new(bin);
+    cmd.env("KUBECONFIG", shared::testbed().kubeconfig())
+        .args(["--push-addr", &push.to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .args(["--identity-addr", &identity.to_string()])
+        .args(["--lease-namespace", ns])
+        .args(["--identity", &format!("operator-{n}")])
+        .args(["--lease-duration", "5s"])
+        .args(["--watch-namespace", ns]);
+    cmd
+}
+
 /// Like [`start_operator`] with identity on: serving the identity endpoint on `identity`
 /// (loopback) and the push server over TLS from the mesh root, with
 /// `extra` arguments after the rig's own. Its trust root Secret is in the bed's namespace
@@ -113,24 +149,72 @@ pub fn start_operator_with(
     n: u32,
     extra: &[&str],
 ) -> Proc {
-    // `WEFT_TEST_OPERATOR_BIN` overrides it, as in tests/chart.rs: in a target dir shared
-    // by several worktrees, `target/debug/weft-operator` is whoever built last.
-    let bin = std::env::var_os("WEFT_TEST_OPERATOR_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_weft-operator")));
-    let mut cmd = Command::new(bin);
-    cmd.env("KUBECONFIG", shared::testbed().kubeconfig())
-        .args(["--push-addr", &push.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        // Never the default 0.0.0.0:15012: replicas in one test would collide on it.
-        .args(["--identity-addr", &identity.to_string()])
-        .args(["--lease-namespace", &bed.ns])
-        .args(["--identity", &format!("operator-{n}")])
-        .args(["--lease-duration", "5s"])
-        .args(["--watch-namespace", &bed.ns])
-        .arg("--no-webhook")
-        .args(extra);
+    let mut cmd = operator_command(&bed.ns, push, admin, identity, n);
+    cmd.arg("--no-webhook").args(extra);
     Proc::spawn(&format!("operator-{n}"), cmd, dir)
+}
+
+/// Waits for the mesh's trust root that `operator` generated (`ca.crt` of its Secret
+/// `weft-identity` in the bed's namespace), as an installer reads it, and writes it to
+/// `path` for proxies to verify the operator against.
+pub async fn write_trust_root(bed: &Bed, operator: &Proc, path: &Path) {
+    let secrets = bed.api::<Secret>();
+    let ca = eventually(WAIT, || async {
+        let s = secrets.get("weft-identity").await?;
+        Ok(s.data
+            .and_then(|d| d.get("ca.crt").cloned())
+            .context("no ca.crt")?
+            .0)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
+    std::fs::write(path, &ca).unwrap();
+}
+
+/// An operator process with identity on, the addresses it serves, and the mesh's trust
+/// root written to a file.
+pub struct IdentityOperator {
+    /// The process (killed on drop).
+    pub proc: Proc,
+    /// Its push server (TLS from the mesh root).
+    pub push: SocketAddr,
+    /// Its admin endpoint.
+    pub admin: SocketAddr,
+    /// Its identity endpoint.
+    pub identity: SocketAddr,
+    /// The mesh's trust root (PEM), `ca.crt` in the test's directory.
+    pub trust_root: PathBuf,
+}
+
+impl IdentityOperator {
+    /// Starts operator 1 with its identity endpoint certified for `dns_name` and `extra`
+    /// flags, and waits for its trust root.
+    pub async fn start(bed: &Bed, dir: &Path, dns_name: &str, extra: &[&str]) -> Self {
+        let (push, admin, identity) = (free_addr(), free_addr(), free_addr());
+        let mut flags = vec!["--identity-dns-names", dns_name];
+        flags.extend(extra);
+        let proc = start_operator_with(bed, push, admin, identity, dir, 1, &flags);
+        let trust_root = dir.join("ca.crt");
+        write_trust_root(bed, &proc, &trust_root).await;
+        IdentityOperator {
+            proc,
+            push,
+            admin,
+            identity,
+            trust_root,
+        }
+    }
+
+    /// Proxy flags to get certificates from this operator's identity endpoint, verified
+    /// as `dns_name` against the trust root file.
+    pub fn proxy_identity(&self, dns_name: &str) -> ProxyIdentity {
+        ProxyIdentity {
+            addr: self.identity,
+            server_name: dns_name.to_owned(),
+            trust_root: self.trust_root.clone(),
+            inline: false,
+        }
+    }
 }
 
 /// The identity flags of a proxy process: the operator's identity endpoint, the DNS name
@@ -249,6 +333,52 @@ impl ProxyProc {
             forward,
             admin,
             inbound,
+        }
+    }
+}
+
+impl ProxyProc {
+    /// Waits until a request to the proxy's forward listener gets 200 `body` from the
+    /// backend; on failure, panics with the proxy's and `operator`'s last log lines.
+    pub async fn until_answered(&self, body: &str, operator: &Proc) {
+        eventually(WAIT, || async {
+            let (status, got) = super::mesh::http_get(self.forward, "/").await?;
+            anyhow::ensure!(status == 200 && got == body, "{status} {got}");
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", self.proc.log_tail(), operator.log_tail()));
+    }
+}
+
+/// An operator process without identity (plain-text push) in the bed's namespace, and
+/// Service `web` whose one endpoint is a backend answering `hello` on a test host.
+pub struct PlainMesh {
+    /// The operator (killed on drop).
+    pub operator: Proc,
+    /// Its push server.
+    pub push: SocketAddr,
+    /// Its admin endpoint.
+    pub admin: SocketAddr,
+    /// Service web's one endpoint.
+    pub backend: SocketAddr,
+    /// Where the backend lives (removed on drop).
+    pub host: super::mesh::TestHost,
+}
+
+impl PlainMesh {
+    /// Starts operator 1 (its log in `dir`), the backend and Service `web`.
+    pub async fn start(bed: &Bed, dir: &Path) -> PlainMesh {
+        let (push, admin) = (free_addr(), free_addr());
+        let operator = start_operator(bed, push, admin, dir, 1);
+        let (backend, host) = super::mesh::backend().await;
+        service_to(bed, "web", backend).await;
+        PlainMesh {
+            operator,
+            push,
+            admin,
+            backend,
+            host,
         }
     }
 }
