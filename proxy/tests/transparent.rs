@@ -437,7 +437,11 @@ async fn before_the_first_config_traffic_passes_through_or_is_refused_and_counte
         "for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null && { echo up; exit 0; }; sleep 0.05; done; echo down",
     )
     .await;
-    assert_eq!(up.trim(), "up", "the pod's application never listened on 8080");
+    assert_eq!(
+        up.trim(),
+        "up",
+        "the pod's application never listened on 8080"
+    );
 
     // Default (passthrough): the application reaches the destination it dialled, and
     // other pods reach the application, while /ready stays 503 until a first config.
