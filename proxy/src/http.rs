@@ -13,9 +13,9 @@
 //! already refuse (conflicting `Content-Length`, `Transfer-Encoding` that is not chunked,
 //! invalid field names and values) is not checked twice.
 //!
-//! Failures the proxy answers itself carry a `weft-error` header ([`ErrorCode`]). A request
-//! without a body whose connect failed is sent once more to another endpoint; nothing
-//! else is retried.
+//! Failures the proxy answers itself carry a `weft-error` header ([`ErrorCode`]). Without a
+//! Route's retry policy, a request whose connect failed (so it was never sent) goes to
+//! another endpoint, at most twice; nothing else is retried.
 
 use std::{
     convert::Infallible,

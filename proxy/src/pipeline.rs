@@ -10,9 +10,9 @@
 //!             ─▶ edit response
 //! ```
 //!
-//! A service without a Route skips the stages before `send`, whose only retry is then
-//! the one that is always safe: a request that could not be connected goes once to
-//! another endpoint (under the service's retry budget).
+//! A service without a Route skips the stages before `send`, whose only retries are then
+//! the ones that are always safe: a request that could not be connected goes to another
+//! endpoint, at most twice (under the service's retry budget).
 
 use std::{
     str::FromStr,
@@ -558,11 +558,15 @@ impl HttpConn {
         x: &mut Exchange<'_>,
     ) -> Response<ProxyBody> {
         let head = matches!(replay, Replay::Copy(_)).then(|| Head::of(&req));
-        // Without a policy, the one retry that is always safe: a request that was never
-        // sent, because no connection could be made, to another endpoint.
+        // Without a policy, the retries that are always safe: a request that was never
+        // sent, because no connection could be made, goes to another endpoint, at most
+        // twice (Istio's default attempts). During a rolling update several endpoints can
+        // be gone before the proxy hears of it.
         let max_retries = match (&plan.target, plan.retry) {
             (_, Some(policy)) => policy.attempts(),
-            (Pick::Service(s), None) if s.endpoints.len() > 1 => 1,
+            (Pick::Service(s), None) => {
+                u32::try_from(s.endpoints.len().saturating_sub(1)).map_or(0, |n| n.min(2))
+            }
             _ => 0,
         };
         if max_retries > 0

@@ -292,11 +292,12 @@ async fn no_endpoints_is_503_with_a_reason() {
 }
 
 #[tokio::test]
-async fn refused_connection_is_502_and_a_bodyless_request_tries_another_endpoint() {
-    let refused = {
-        let l = tokio::net::TcpListener::bind("127.0.0.5:0").await.unwrap();
+async fn refused_connection_is_502_and_an_unsent_request_tries_up_to_two_other_endpoints() {
+    let closed_port = |ip: &'static str| async move {
+        let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         l.local_addr().unwrap()
     };
+    let refused = closed_port("127.0.0.5").await;
     let only_refused = TestProxy::start("web", config(&[("web", &[refused])])).await;
     let (resp, _) = get(&h1_client(), &only_refused.url("/")).await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
@@ -310,6 +311,18 @@ async fn refused_connection_is_502_and_a_bodyless_request_tries_another_endpoint
     for _ in 0..10 {
         let (resp, body) = get(&client, &mixed.url("/")).await;
         assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body, "hello from good");
+    }
+
+    // Two endpoints gone at once (a rolling update the proxy has not heard of yet): round
+    // robin tries both before the live one, so every request needs two retries.
+    let also_refused = closed_port("127.0.0.6").await;
+    let mut cfg = config(&[("web", &[refused, also_refused, good.addr])]);
+    cfg["services"][0]["balancer"] = "roundRobin".into();
+    let two_gone = TestProxy::start("web", cfg).await;
+    for _ in 0..6 {
+        let (resp, body) = get(&client, &two_gone.url("/")).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{body}");
         assert_eq!(body, "hello from good");
     }
 }
