@@ -9,3 +9,4 @@ pub mod prom;
 pub mod proxy_status;
 pub mod settings;
 pub mod stat;
+pub mod table;

@@ -171,20 +171,7 @@ pub fn render(pods: &[String], rows: &[ProxyRow], now: u64) -> String {
         };
         lines.push(line);
     }
-    let widths: Vec<usize> = (0..7)
-        .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for l in lines {
-        let cells: Vec<String> = l
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        out.push_str(cells.join("   ").trim_end());
-        out.push('\n');
-    }
-    out
+    crate::table::render(&lines)
 }
 
 #[cfg(test)]

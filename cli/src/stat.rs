@@ -904,19 +904,7 @@ pub fn render(report: &Report) -> String {
             let _ = writeln!(notes, "{name} rule {}: {}", rule.rule, events.join(" "));
         }
     }
-    let widths: Vec<usize> = (0..10)
-        .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for l in lines {
-        let cells: Vec<String> = l
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        out.push_str(cells.join("   ").trim_end());
-        out.push('\n');
-    }
+    let mut out = crate::table::render(&lines);
     out.push_str(&notes);
     out
 }
