@@ -113,4 +113,6 @@ pub mod env {
     /// The application's original HTTP probes (JSON), which the proxy's admin port
     /// repeats against the application for `/app-health/<container>/<kind>`.
     pub const APP_PROBES: &str = "WEFT_APP_PROBES";
+    /// The pod's own address (`status.podIP`), where the application's probes go.
+    pub const POD_IP: &str = "WEFT_POD_IP";
 }

@@ -163,6 +163,12 @@ pub fn proxy_container(
     }
     if let Some(json) = app_probes {
         env.push(value(keys::env::APP_PROBES, json));
+        // Where the kubelet's probes went before they were rewritten.
+        env.push(EnvVar {
+            name: keys::env::POD_IP.to_owned(),
+            value_from: field("status.podIP"),
+            ..Default::default()
+        });
     }
     if let Some(id) = &cfg.identity {
         env.push(value(keys::env::IDENTITY_ADDR, id.addr.clone()));
@@ -307,6 +313,7 @@ mod tests {
                 keys::env::TRACE_SAMPLING,
                 keys::env::TRACE_SERVICE_NAME,
                 keys::env::APP_PROBES,
+                keys::env::POD_IP,
             ]
         );
         let value = |name: &str| {

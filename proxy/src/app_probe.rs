@@ -7,11 +7,17 @@
 //! make the pod unready, and so that a TCP probe, which the inbound proxy would accept
 //! itself, says whether the *application* accepts connections. The admin port is outside
 //! the redirect and outside Policy; what it answers here is fixed by the pod's own spec:
-//! one probe, to the application on loopback, whose verdict (and nothing else) goes back.
+//! one probe, to the application, whose verdict (and nothing else) goes back.
+//!
+//! The probe goes where the kubelet's would: to the pod's own address (`WEFT_POD_IP`, from
+//! the downward API), so an application listening on that address alone passes and one
+//! listening on localhost alone fails, as without the mesh. A port the pod opted in to
+//! `weft.dev/inbound-loopback-ports` is probed on loopback, as the inbound proxy forwards
+//! it there; without `WEFT_POD_IP` (a proxy run by hand) every probe goes to loopback.
 //!
 //! ```text
 //!  WEFT_APP_PROBES (JSON) ──parse once──▶ AppProbes ──▶ Proxy::app_probes
-//!  kubelet ─GET /app-health/web/readyz─▶ admin ─▶ AppProbe::check ─▶ app on 127.0.0.1:<port>
+//!  kubelet ─GET /app-health/web/readyz─▶ admin ─▶ AppProbe::check ─▶ app on <pod IP>:<port>
 //!     httpGet    GET <path>                      → the app's status code
 //!     grpc       grpc.health.v1.Health/Check     → 200 only for SERVING
 //!     tcpSocket  connect                         → 200 once accepted
@@ -28,7 +34,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     num::NonZeroU16,
     str::FromStr,
     sync::{Arc, OnceLock},
@@ -54,7 +60,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::limits::ADMIN_MAX_HEADER_BYTES;
+use crate::{config::PortSet, limits::ADMIN_MAX_HEADER_BYTES};
 
 /// The admin path prefix of rewritten probes (the injector's `probes::PATH_PREFIX`).
 pub const PATH_PREFIX: &str = "/app-health/";
@@ -138,8 +144,11 @@ struct WireHeader {
 /// One application probe, validated.
 #[derive(Clone, Debug)]
 pub struct AppProbe {
-    /// The application's port on loopback.
+    /// The application's port.
     pub port: NonZeroU16,
+    /// The address the application is probed on: the pod's, or loopback (see the module
+    /// documentation); loopback until [`AppProbes::aimed_at`] says otherwise.
+    pub ip: IpAddr,
     /// How long the application may take to answer (for TCP: to accept).
     pub timeout: Duration,
     /// What to do on that port.
@@ -218,6 +227,7 @@ impl FromStr for AppProbes {
                 key,
                 AppProbe {
                     port,
+                    ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
                     timeout,
                     check,
                 },
@@ -277,6 +287,21 @@ impl HttpCheck {
 }
 
 impl AppProbes {
+    /// Aims every probe at the pod's address `pod_ip`, where the kubelet's probe would
+    /// go, except those on `loopback` ports (the pod's `inbound-loopback-ports`), which
+    /// go to loopback of the same family, as the inbound proxy forwards them. Without
+    /// `pod_ip` all go to 127.0.0.1.
+    pub fn aimed_at(mut self, pod_ip: Option<IpAddr>, loopback: &PortSet) -> Self {
+        for probe in self.probes.values_mut() {
+            probe.ip = match pod_ip {
+                Some(ip) if !loopback.contains(probe.port.get()) => ip,
+                Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            };
+        }
+        self
+    }
+
     /// The probe an admin path names (`/app-health/<container>/<kind>`), if any.
     pub fn for_path(&self, path: &str) -> Option<&AppProbe> {
         path.strip_prefix(PATH_PREFIX)
@@ -373,18 +398,11 @@ pub enum ProbeError {
 }
 
 impl AppProbe {
-    /// Performs the probe against the application on `127.0.0.1`. `user_agent` is the
-    /// kubelet's, passed on (HTTP and gRPC) so that the application sees what it would
+    /// Performs the probe against the application at [`AppProbe::ip`]. `user_agent` is
+    /// the kubelet's, passed on (HTTP and gRPC) so that the application sees what it would
     /// without the mesh.
     pub async fn check(&self, user_agent: Option<&HeaderValue>) -> Result<Passed, ProbeError> {
-        self.check_at(Ipv4Addr::LOCALHOST, user_agent).await
-    }
-
-    async fn check_at(
-        &self,
-        ip: Ipv4Addr,
-        user_agent: Option<&HeaderValue>,
-    ) -> Result<Passed, ProbeError> {
+        let ip = self.ip;
         let probe = async {
             let addr = std::net::SocketAddr::from((ip, self.port.get()));
             let stream = TcpStream::connect(addr)
@@ -410,7 +428,7 @@ impl HttpCheck {
     async fn request(
         &self,
         stream: TcpStream,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         port: NonZeroU16,
         user_agent: Option<&HeaderValue>,
     ) -> Result<Passed, ProbeError> {
@@ -418,7 +436,7 @@ impl HttpCheck {
             return self.exchange(stream, ip, port, user_agent).await;
         }
         let tls = tokio_rustls::TlsConnector::from(insecure_tls().map_err(ProbeError::TlsConfig)?)
-            .connect(ServerName::from(IpAddr::V4(ip)), stream)
+            .connect(ServerName::from(ip), stream)
             .await
             .map_err(ProbeError::Tls)?;
         self.exchange(tls, ip, port, user_agent).await
@@ -428,7 +446,7 @@ impl HttpCheck {
     async fn exchange<I>(
         &self,
         io: I,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         port: NonZeroU16,
         user_agent: Option<&HeaderValue>,
     ) -> Result<Passed, ProbeError>
@@ -445,7 +463,7 @@ impl HttpCheck {
         let mut req = Request::builder()
             .method(Method::GET)
             .uri(self.path.clone())
-            .header(HOST, format!("{ip}:{port}"))
+            .header(HOST, std::net::SocketAddr::new(ip, port.get()).to_string())
             .header(http::header::ACCEPT, "*/*")
             .header(http::header::CONNECTION, "close");
         if let Some(ua) = user_agent {

@@ -181,10 +181,15 @@ struct RunArgs {
     #[arg(long, env = "WEFT_TRACE_SERVICE_NAME", default_value = "weft-proxy")]
     trace_service_name: String,
     /// The application's HTTP, gRPC and TCP probes (JSON, written by the injector), which
-    /// the admin listener performs against the application on loopback for
+    /// the admin listener performs against the application for
     /// `/app-health/<container>/<livez|readyz|startupz>`. Validated at startup.
     #[arg(long, env = "WEFT_APP_PROBES", default_value = "")]
     app_probes: weft_proxy::app_probe::AppProbes,
+    /// The pod's own address (the downward API's `status.podIP`), where the application's
+    /// probes go, as the kubelet's would; ports in `--inbound-loopback-ports` are probed
+    /// on loopback. Unset: every probe goes to 127.0.0.1. Set by the injector.
+    #[arg(long, env = "WEFT_POD_IP")]
+    pod_ip: Option<std::net::IpAddr>,
     /// Runtime worker threads. Every pod pays for them; one suits most sidecars.
     #[arg(long, env = "WEFT_WORKERS", default_value = "1")]
     workers: NonZeroUsize,
@@ -519,9 +524,14 @@ async fn serve(
     if !args.app_probes.is_empty() {
         tracing::info!(
             probes = args.app_probes.len(),
+            pod_ip = ?args.pod_ip,
             "application probes on the admin port"
         );
-        let _ = proxy.app_probes.set(Arc::new(args.app_probes.clone()));
+        let probes = args
+            .app_probes
+            .clone()
+            .aimed_at(args.pod_ip, &args.inbound_loopback_ports);
+        let _ = proxy.app_probes.set(Arc::new(probes));
     }
 
     let admin_stop = CancellationToken::new();

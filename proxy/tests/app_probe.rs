@@ -27,9 +27,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use weft_proxy::{Proxy, app_probe::AppProbes};
 
-/// An application that answers by path, and records the headers it saw.
+/// An application on 127.0.0.1 that answers by path, and records the headers it saw.
 async fn app() -> (SocketAddr, Arc<Mutex<Vec<HeaderMap>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    app_on("127.0.0.1").await
+}
+
+/// The same application, listening on `ip` only.
+async fn app_on(ip: &str) -> (SocketAddr, Arc<Mutex<Vec<HeaderMap>>>) {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
@@ -73,13 +78,15 @@ async fn closed_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-/// The admin listener of a proxy holding these probes.
+/// The admin listener of a proxy holding these probes, aimed at loopback (no pod address).
 async fn admin(json: &str) -> (SocketAddr, CancellationToken) {
+    admin_with(json.parse::<AppProbes>().unwrap()).await
+}
+
+/// The admin listener of a proxy holding `probes`.
+async fn admin_with(probes: AppProbes) -> (SocketAddr, CancellationToken) {
     let proxy = Proxy::new();
-    proxy
-        .app_probes
-        .set(Arc::new(json.parse::<AppProbes>().unwrap()))
-        .unwrap();
+    proxy.app_probes.set(Arc::new(probes)).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -482,5 +489,57 @@ async fn tcp_probes_pass_only_while_the_application_accepts() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("connect to the application"), "{body}");
     drop((full, fillers));
+    stop.cancel();
+}
+
+/// With the pod's address known (as injection sets `WEFT_POD_IP`), a probe goes where the
+/// kubelet's would have: an application listening on the pod's address alone passes, one
+/// listening on localhost alone fails, unless its port is one of the pod's
+/// `inbound-loopback-ports`, which the inbound proxy also forwards to loopback. Here
+/// 127.0.0.2 plays the pod's address.
+#[tokio::test]
+async fn probes_go_to_the_pods_address_as_the_kubelets_would() {
+    let (pod_only, seen) = app_on("127.0.0.2").await;
+    let (local_only, _) = app_on("127.0.0.1").await;
+    let (local_opted_in, _) = app_on("127.0.0.1").await;
+    let json = format!(
+        r#"{{
+        "pod/readyz": {{"port": {}, "path": "/ok", "timeoutSeconds": 1}},
+        "local/readyz": {{"port": {}, "path": "/ok", "timeoutSeconds": 1}},
+        "opted/readyz": {{"handler": "tcpSocket", "port": {}, "timeoutSeconds": 1}}
+    }}"#,
+        pod_only.port(),
+        local_only.port(),
+        local_opted_in.port()
+    );
+    let loopback = local_opted_in.port().to_string().parse().unwrap();
+    let probes = json
+        .parse::<AppProbes>()
+        .unwrap()
+        .aimed_at(Some("127.0.0.2".parse().unwrap()), &loopback);
+    let (aimed, stop) = admin_with(probes).await;
+
+    let (status, _, body) = probe(aimed, "GET", "/app-health/pod/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let headers = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        headers["host"],
+        format!("127.0.0.2:{}", pod_only.port()).as_str()
+    );
+
+    let (status, _, body) = probe(aimed, "GET", "/app-health/local/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("127.0.0.2"), "{body}");
+
+    let (status, _, body) = probe(aimed, "GET", "/app-health/opted/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    stop.cancel();
+
+    // Without the pod's address (a proxy run by hand), loopback, as before.
+    let (plain, stop) = admin(&json).await;
+    let (status, _, _) = probe(plain, "GET", "/app-health/pod/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _, _) = probe(plain, "GET", "/app-health/local/readyz").await;
+    assert_eq!(status, StatusCode::OK);
     stop.cancel();
 }

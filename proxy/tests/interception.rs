@@ -447,6 +447,7 @@ fn every_variable_the_injector_sets_is_a_proxy_setting() {
         "WEFT_TRUST_ROOTS",
         "WEFT_OPERATOR_SERVER_NAME",
         "WEFT_APP_PROBES",
+        "WEFT_POD_IP",
     ] {
         assert!(
             help.contains(&format!("[env: {var}=")),
