@@ -11,8 +11,12 @@
 //!
 //! The probe goes where the kubelet's would: to the pod's own address (`WEFT_POD_IP`, from
 //! the downward API), so an application listening on that address alone passes and one
-//! listening on localhost alone fails, as without the mesh. A port the pod opted in to
-//! `weft.dev/inbound-loopback-ports` is probed on loopback, as the inbound proxy forwards
+//! listening on localhost alone fails, as without the mesh. It is dialled exactly as the
+//! inbound side hands a connection to the application ([`crate::server::inbound_target`]):
+//! from `127.0.0.6` (`::6`), which the redirect lets through, so it reaches the
+//! application and not the inbound listener (which would accept a TCP probe itself, and
+//! refuse a plain-text one under `Strict`). A port the pod opted in to
+//! `weft.dev/inbound-loopback-ports` is probed on loopback, as the inbound side forwards
 //! it there; without `WEFT_POD_IP` (a proxy run by hand) every probe goes to loopback.
 //!
 //! ```text
@@ -34,7 +38,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     num::NonZeroU16,
     str::FromStr,
     sync::{Arc, OnceLock},
@@ -60,7 +64,12 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{config::PortSet, limits::ADMIN_MAX_HEADER_BYTES};
+use crate::{
+    LocalPorts,
+    limits::ADMIN_MAX_HEADER_BYTES,
+    server::{Dial, inbound_target},
+    upstream::{ConnectError, connect_from},
+};
 
 /// The admin path prefix of rewritten probes (the injector's `probes::PATH_PREFIX`).
 pub const PATH_PREFIX: &str = "/app-health/";
@@ -146,9 +155,10 @@ struct WireHeader {
 pub struct AppProbe {
     /// The application's port.
     pub port: NonZeroU16,
-    /// The address the application is probed on: the pod's, or loopback (see the module
-    /// documentation); loopback until [`AppProbes::aimed_at`] says otherwise.
-    pub ip: IpAddr,
+    /// Where the application is probed and from where: the pod's address, or loopback
+    /// (see the module documentation); loopback until [`AppProbes::aimed_at`] says
+    /// otherwise.
+    pub dial: Dial,
     /// How long the application may take to answer (for TCP: to accept).
     pub timeout: Duration,
     /// What to do on that port.
@@ -227,7 +237,10 @@ impl FromStr for AppProbes {
                 key,
                 AppProbe {
                     port,
-                    ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    dial: Dial::direct(SocketAddr::new(
+                        IpAddr::V4(Ipv4Addr::LOCALHOST),
+                        port.get(),
+                    )),
                     timeout,
                     check,
                 },
@@ -288,16 +301,14 @@ impl HttpCheck {
 
 impl AppProbes {
     /// Aims every probe at the pod's address `pod_ip`, where the kubelet's probe would
-    /// go, except those on `loopback` ports (the pod's `inbound-loopback-ports`), which
-    /// go to loopback of the same family, as the inbound proxy forwards them. Without
-    /// `pod_ip` all go to 127.0.0.1.
-    pub fn aimed_at(mut self, pod_ip: Option<IpAddr>, loopback: &PortSet) -> Self {
-        for probe in self.probes.values_mut() {
-            probe.ip = match pod_ip {
-                Some(ip) if !loopback.contains(probe.port.get()) => ip,
-                Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-                _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            };
+    /// go, dialled as the inbound side dials the application (from its relay source, or
+    /// to loopback for the pod's `inbound-loopback-ports`). Without `pod_ip` all go to
+    /// 127.0.0.1.
+    pub fn aimed_at(mut self, pod_ip: Option<IpAddr>, local: &LocalPorts) -> Self {
+        if let Some(ip) = pod_ip {
+            for probe in self.probes.values_mut() {
+                probe.dial = inbound_target(SocketAddr::new(ip, probe.port.get()), local);
+            }
         }
         self
     }
@@ -398,16 +409,21 @@ pub enum ProbeError {
 }
 
 impl AppProbe {
-    /// Performs the probe against the application at [`AppProbe::ip`]. `user_agent` is
+    /// Performs the probe against the application as [`AppProbe::dial`] says. `user_agent` is
     /// the kubelet's, passed on (HTTP and gRPC) so that the application sees what it would
     /// without the mesh.
     pub async fn check(&self, user_agent: Option<&HeaderValue>) -> Result<Passed, ProbeError> {
-        let ip = self.ip;
+        let Dial { addr, source } = self.dial;
+        let ip = addr.ip();
         let probe = async {
-            let addr = std::net::SocketAddr::from((ip, self.port.get()));
-            let stream = TcpStream::connect(addr)
-                .await
-                .map_err(|source| ProbeError::Connect { addr, source })?;
+            let stream = match connect_from(addr, source, self.timeout).await {
+                Ok(s) => s,
+                Err(ConnectError::Io { addr, source }) => {
+                    return Err(ProbeError::Connect { addr, source });
+                }
+                // Timed out; a plain connect has no TLS to fail.
+                Err(_) => return Err(ProbeError::Timeout(self.timeout)),
+            };
             match &self.check {
                 Check::Http(http) => http.request(stream, ip, self.port, user_agent).await,
                 Check::Grpc { service } => grpc_health(stream, addr, service, user_agent).await,

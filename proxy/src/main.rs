@@ -527,10 +527,7 @@ async fn serve(
             pod_ip = ?args.pod_ip,
             "application probes on the admin port"
         );
-        let probes = args
-            .app_probes
-            .clone()
-            .aimed_at(args.pod_ip, &args.inbound_loopback_ports);
+        let probes = args.app_probes.clone().aimed_at(args.pod_ip, &proxy.local);
         let _ = proxy.app_probes.set(Arc::new(probes));
     }
 

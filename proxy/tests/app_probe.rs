@@ -25,7 +25,7 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use weft_proxy::{Proxy, app_probe::AppProbes};
+use weft_proxy::{LocalPorts, Proxy, app_probe::AppProbes};
 
 /// An application on 127.0.0.1 that answers by path, and records the headers it saw.
 async fn app() -> (SocketAddr, Arc<Mutex<Vec<HeaderMap>>>) {
@@ -512,11 +512,14 @@ async fn probes_go_to_the_pods_address_as_the_kubelets_would() {
         local_only.port(),
         local_opted_in.port()
     );
-    let loopback = local_opted_in.port().to_string().parse().unwrap();
+    let local = LocalPorts {
+        opaque: Default::default(),
+        loopback: local_opted_in.port().to_string().parse().unwrap(),
+    };
     let probes = json
         .parse::<AppProbes>()
         .unwrap()
-        .aimed_at(Some("127.0.0.2".parse().unwrap()), &loopback);
+        .aimed_at(Some("127.0.0.2".parse().unwrap()), &local);
     let (aimed, stop) = admin_with(probes).await;
 
     let (status, _, body) = probe(aimed, "GET", "/app-health/pod/readyz").await;

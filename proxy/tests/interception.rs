@@ -62,6 +62,11 @@ fn main() -> ExitCode {
             run: a_declared_opaque_port_lets_the_app_speak_first,
         },
         Test {
+            name: "rewritten_probes_reach_the_app_on_the_pod_address_not_the_inbound_listener",
+            netns: true,
+            run: rewritten_probes_reach_the_app_on_the_pod_address_not_the_inbound_listener,
+        },
+        Test {
             name: "every_variable_the_injector_sets_is_a_proxy_setting",
             netns: false,
             run: every_variable_the_injector_sets_is_a_proxy_setting,
@@ -313,6 +318,48 @@ fn inbound_reaches_only_what_the_app_serves_on_the_pod_address() {
     assert_ok_from(&out, "private dst=[::1]:8081 src=[::1]:");
     let out = get(&pair, &peer_ns, POD4, 8080);
     assert_ok_from(&out, &format!("app dst={POD4}:8080 src=127.0.0.6:"));
+}
+
+/// The kubelet's probes, rewritten to the admin port, go from the proxy to the pod's own
+/// address as the kubelet's would (`WEFT_POD_IP`), past the redirect: a TCP probe of a
+/// port nothing listens on fails (the inbound listener, had the redirect caught it, would
+/// have accepted it), an HTTP probe gets the application's answer, and neither counts as
+/// an inbound request.
+fn rewritten_probes_reach_the_app_on_the_pod_address_not_the_inbound_listener() {
+    let (mut pair, dir) = pod();
+    let pod_ns = pair.pod.clone();
+    pair.spawn_listener(&pod_ns, "app/http=8080;private/http=127.0.0.1:8081");
+    let probes = r#"{
+        "app/readyz": {"handler": "httpGet", "port": 8080, "path": "/"},
+        "app/livez": {"handler": "tcpSocket", "port": 8080},
+        "gone/readyz": {"handler": "tcpSocket", "port": 8090},
+        "private/readyz": {"handler": "tcpSocket", "port": 8081}
+    }"#;
+    let _sidecar = Sidecar::start(
+        &pair,
+        dir.path(),
+        &[("WEFT_APP_PROBES", probes), ("WEFT_POD_IP", POD4)],
+    );
+    let probe = |path: &str| {
+        pair.bash_once(&pod_ns, None, &http_get("127.0.0.1", 15021, path))
+            .0
+    };
+    let out = probe("/app-health/app/readyz");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let out = probe("/app-health/app/livez");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let out = probe("/app-health/gone/readyz");
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(out.contains(&format!("{POD4}:8090")), "{out}");
+    // Listening on localhost only: the kubelet's probe of the pod address would fail too.
+    let out = probe("/app-health/private/readyz");
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    let m = metrics(&pair);
+    assert!(
+        !m.lines()
+            .any(|l| l.starts_with("weft_requests_total{") && l.contains(r#"direction="inbound""#)),
+        "a probe went through the inbound listener:\n{m}"
+    );
 }
 
 fn a_declared_opaque_port_lets_the_app_speak_first() {
