@@ -21,6 +21,10 @@ use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 // 16 MB "sane default" taken from golang http2
 const DEFAULT_SETTINGS_MAX_HEADER_LIST_SIZE: usize = 16 << 20;
 
+/// weft-patch: the read buffer's size when it is allocated again after a release: tokio-util's
+/// `FramedRead` starts with this (`INITIAL_CAPACITY`).
+const READ_BUFFER_CAPACITY: usize = 8 * 1024;
+
 #[derive(Debug)]
 pub struct FramedRead<T> {
     inner: InnerFramedRead<T, LengthDelimitedCodec>,
@@ -100,6 +104,16 @@ impl<T> FramedRead<T> {
     #[inline]
     pub fn set_header_table_size(&mut self, val: usize) {
         self.decoder.set_header_table_size(val);
+    }
+
+    /// weft-patch: frees the read buffer if it holds no unread bytes, and the HPACK
+    /// decoder's scratch buffer, so that an idle connection holds neither (8 KiB and 4 KiB);
+    /// `poll_next` and the HPACK decoder allocate them again when next needed.
+    pub(crate) fn release_idle_buffers(&mut self) {
+        if self.inner.read_buffer().is_empty() {
+            *self.inner.read_buffer_mut() = BytesMut::new();
+        }
+        self.decoder.hpack.release_buffer();
     }
 }
 
@@ -419,6 +433,13 @@ where
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let span = tracing::trace_span!("FramedRead::poll_next");
         let _e = span.enter();
+        // weft-patch: allocate a released read buffer before reading. tokio-util's
+        // `reserve(1)` would grow an empty `BytesMut::new()` to 8 bytes (and, once shared,
+        // to just what each read needs): a buffer made by `with_capacity` keeps reading
+        // into 8 KiB at a time, as upstream's does.
+        if self.inner.read_buffer().capacity() == 0 {
+            *self.inner.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER_CAPACITY);
+        }
         loop {
             tracing::trace!("poll");
             let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {

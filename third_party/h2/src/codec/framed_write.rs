@@ -93,7 +93,8 @@ where
             final_flush_done: false,
             encoder: Encoder {
                 hpack: hpack::Encoder::default(),
-                buf: Cursor::new(BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY)),
+                // weft-patch: allocated by the first `buffer` (see `release_idle_buffer`).
+                buf: Cursor::new(BytesMut::new()),
                 next: None,
                 last_data_frame: None,
                 max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
@@ -176,6 +177,14 @@ where
         Poll::Ready(Ok(()))
     }
 
+    /// weft-patch: frees the write buffer if nothing is left in it to write, so that an
+    /// idle connection does not hold 16 KiB; the next `buffer` allocates it again.
+    pub(crate) fn release_idle_buffer(&mut self) {
+        if self.encoder.is_empty() && self.encoder.next.is_none() {
+            self.encoder.buf = Cursor::new(BytesMut::new());
+        }
+    }
+
     /// Close the codec
     pub fn shutdown(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         if !self.final_flush_done {
@@ -223,6 +232,11 @@ where
     fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
         // Ensure that we have enough capacity to accept the write.
         assert!(self.has_capacity());
+        // weft-patch: (re)allocate a released buffer. `with_capacity`, as the upstream
+        // constructor does, so that the buffer keeps growing from this size.
+        if self.buf.get_ref().capacity() == 0 {
+            self.buf = Cursor::new(BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY));
+        }
         let span = tracing::trace_span!("FramedWrite::buffer", frame = ?item);
         let _e = span.enter();
 
@@ -307,9 +321,11 @@ where
     }
 
     fn has_capacity(&self) -> bool {
+        // weft-patch: a released (zero-capacity) buffer has room: `buffer` allocates it.
         self.next.is_none()
-            && (self.buf.get_ref().capacity() - self.buf.get_ref().len()
-                >= self.min_buffer_capacity)
+            && (self.buf.get_ref().capacity() == 0
+                || self.buf.get_ref().capacity() - self.buf.get_ref().len()
+                    >= self.min_buffer_capacity)
     }
 
     fn is_empty(&self) -> bool {

@@ -152,6 +152,14 @@ where
         self.framed_write().buffer(item)
     }
 
+    /// weft-patch: frees the buffers an idle connection does not need (the write buffer if
+    /// empty, the read buffer if empty, the HPACK decoder's scratch buffer); each is
+    /// allocated again, at its upstream size, when next used.
+    pub(crate) fn release_idle_buffers(&mut self) {
+        self.inner.release_idle_buffers();
+        self.framed_write().release_idle_buffer();
+    }
+
     /// Flush buffered data to the wire
     pub fn flush(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         self.framed_write().flush(cx)

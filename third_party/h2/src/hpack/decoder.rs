@@ -149,6 +149,10 @@ struct StringMarker {
     string: Option<Bytes>,
 }
 
+/// weft-patch: the size of the scratch buffer Huffman-coded strings are decoded into (as
+/// upstream's `Decoder::new` allocated it).
+const SCRATCH_CAPACITY: usize = 4096;
+
 // ===== impl Decoder =====
 
 impl Decoder {
@@ -158,8 +162,15 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // weft-patch: allocated by the first Huffman-coded string (`try_decode_string`).
+            buffer: BytesMut::new(),
         }
+    }
+
+    /// weft-patch: drops this decoder's handle on its scratch buffer (strings decoded into
+    /// it keep their part alive), so that an idle connection does not hold 4 KiB.
+    pub(crate) fn release_buffer(&mut self) {
+        self.buffer = BytesMut::new();
     }
 
     /// Queues a potential size update
@@ -333,6 +344,11 @@ impl Decoder {
 
         let offset = (buf.position() - old_pos) as usize;
         if huff {
+            // weft-patch: (re)allocate a released scratch buffer, `with_capacity` as upstream
+            // did, so that it is refilled 4 KiB at a time once used up.
+            if self.buffer.capacity() == 0 {
+                self.buffer = BytesMut::with_capacity(SCRATCH_CAPACITY);
+            }
             let ret = {
                 let raw = &buf.chunk()[..len];
                 huffman::decode(raw, &mut self.buffer).map(|buf| StringMarker {

@@ -332,6 +332,14 @@ where
                                 continue;
                             }
 
+                            // weft-patch: everything is flushed and the connection waits
+                            // for the peer; with no stream open it is idle, so it gives back
+                            // its buffers (each only if empty) until the next frame. With
+                            // streams open it keeps them: no allocation per frame.
+                            if !self.inner.streams.has_streams() {
+                                self.codec.release_idle_buffers();
+                            }
+
                             return Poll::Pending;
                         }
                     };
