@@ -23,9 +23,13 @@
 //! counts syscalls, context switches and CPU time (task-clock) per request with
 //! `perf stat` instead: the kernel's share, which callgrind does not see.
 //!
-//! `WEFT_ICOUNT_CONFIGS` selects configs (`plain,route,inbound`; default all; `inbound` is
-//! an `--inbound-forward` listener to the backend, plain text) and
-//! `WEFT_ICOUNT_PROTOS` protocols (`h1,h2`; default both). Only loopback addresses are used.
+//! `WEFT_ICOUNT_CONFIGS` selects configs (`plain,route,inbound,mux`; default all;
+//! `inbound` is an `--inbound-forward` listener to the backend, plain text; `mux` is the
+//! sidecar chain with mutual TLS: a client sidecar (forward listener) → the `weft-mux`
+//! session → a server sidecar (inbound listener) → the backend, both proxies under
+//! callgrind with certificates from an identity endpoint this harness serves, and the
+//! count is given for each and both) and `WEFT_ICOUNT_PROTOS` protocols (`h1,h2`; default
+//! both). Only loopback addresses are used.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -60,6 +64,9 @@ enum Setup {
     /// An inbound listener to the backend (`--inbound-forward`), as a server sidecar's
     /// for plain-text clients.
     Inbound,
+    /// Two proxies: a client sidecar whose endpoint is meshed, the `weft-mux` session,
+    /// a server sidecar in front of the backend (callgrind only).
+    Mux,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -439,12 +446,26 @@ async fn main() {
             ("plain", Setup::Plain),
             ("route", Setup::Route),
             ("inbound", Setup::Inbound),
+            ("mux", Setup::Mux),
         ] {
             if !selected("WEFT_ICOUNT_CONFIGS", cname) {
                 continue;
             }
+            if setup == Setup::Mux && tool == Tool::Perf {
+                println!("(mux: callgrind only)");
+                continue;
+            }
             for (i, bin) in bins.iter().enumerate() {
                 let label = format!("{i}-{pname}-{cname}");
+                if setup == Setup::Mux {
+                    let [client, server] = mux::measure(bin, &out_dir, &label, proto, n).await;
+                    println!(
+                        "| {} | {proto:?} | {cname} | {:.0} (client sidecar {client:.0} + server sidecar {server:.0}) |",
+                        bin.display(),
+                        client + server
+                    );
+                    continue;
+                }
                 let per = measure(tool, bin, &out_dir, &label, proto, setup, n).await;
                 let cols: Vec<String> = match tool {
                     Tool::Callgrind => vec![format!("{:.0}", per[0])],
@@ -461,5 +482,253 @@ async fn main() {
                 );
             }
         }
+    }
+}
+
+/// The `mux` setup: two proxies under callgrind with mutual TLS between them, and the
+/// identity endpoint that issues their certificates (a test CA; nothing is checked: the
+/// harness trusts its own proxies).
+mod mux {
+    use std::{
+        net::SocketAddr,
+        path::{Path, PathBuf},
+        process::{Command, Stdio},
+        sync::Arc,
+        time::Duration,
+    };
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    use tokio::net::{TcpListener, TcpStream};
+    use weft_api::identity::{CertifyRequest, CertifyResponse};
+
+    use super::{
+        Conn, Proc, Proto, WARMUP, callgrind_control, connect, free_addr, load, start_backend,
+        total_ir,
+    };
+
+    const CLIENT_ID: &str = "spiffe://cluster.local/ns/icount/sa/client";
+    const SERVER_ID: &str = "spiffe://cluster.local/ns/icount/sa/server";
+    /// The name the identity endpoint's certificate carries.
+    const SERVER_NAME: &str = "identity.icount";
+
+    /// Instructions per request in the client sidecar and in the server sidecar.
+    pub async fn measure(
+        bin: &Path,
+        out_dir: &Path,
+        label: &str,
+        proto: Proto,
+        n: usize,
+    ) -> [f64; 2] {
+        let backend = start_backend();
+        let (identity, root) = identity_endpoint(out_dir, label).await;
+        let id_args = |id: &str| {
+            vec![
+                "--identity-addr".to_owned(),
+                identity.to_string(),
+                "--identity-server-name".to_owned(),
+                SERVER_NAME.to_owned(),
+                "--trust-root-file".to_owned(),
+                root.display().to_string(),
+                "--identity".to_owned(),
+                id.to_owned(),
+            ]
+        };
+        let empty = out_dir.join(format!("{label}-server.json"));
+        std::fs::write(
+            &empty,
+            r#"{"apiVersion": "weft.dev/proxy/v1alpha1", "kind": "ProxyConfig", "services": []}"#,
+        )
+        .unwrap();
+        let server_in = free_addr().await;
+        let mut args = vec![
+            "--inbound-forward".to_owned(),
+            format!("{server_in}={backend}"),
+        ];
+        args.extend(id_args(SERVER_ID));
+        let (server, server_out) =
+            start(bin, out_dir, &format!("{label}-server"), &empty, &args).await;
+        let cfg = out_dir.join(format!("{label}-client.json"));
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"{{"apiVersion": "weft.dev/proxy/v1alpha1", "kind": "ProxyConfig", "services": [{{"name": "web", "endpoints": [{{"address": "{server_in}", "identity": "{SERVER_ID}"}}]}}]}}"#
+            ),
+        )
+        .unwrap();
+        let listen = free_addr().await;
+        let mut args = vec!["--forward".to_owned(), format!("{listen}=web")];
+        args.extend(id_args(CLIENT_ID));
+        let (client, client_out) =
+            start(bin, out_dir, &format!("{label}-client"), &cfg, &args).await;
+        wait_listening(listen).await;
+        wait_listening(server_in).await;
+        // Both proxies fetch a certificate first (slow under valgrind): until then the
+        // client sidecar answers 503. Fresh connections until one request gets through.
+        let mut through = false;
+        for _ in 0..600 {
+            let mut c = connect(listen, proto).await;
+            let ok = match &mut c {
+                Conn::H1(s) => s.send_request(super::request(proto, false)).await,
+                Conn::H2(s) => s.send_request(super::request(proto, false)).await,
+            }
+            .is_ok_and(|r| r.status().is_success());
+            if ok {
+                through = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(through, "{label}: no request got through the two proxies");
+        let mut conns = Vec::new();
+        for _ in 0..super::connections() {
+            conns.push(connect(listen, proto).await);
+        }
+        load(&mut conns, proto, false, WARMUP).await;
+        let (cpid, spid) = (client.child.id(), server.child.id());
+        callgrind_control("-z", cpid);
+        callgrind_control("-z", spid);
+        load(&mut conns, proto, false, n).await;
+        callgrind_control("-d", cpid);
+        callgrind_control("-d", spid);
+        let per =
+            |out: &PathBuf| total_ir(Path::new(&format!("{}.1", out.display()))) as f64 / n as f64;
+        let counts = [per(&client_out), per(&server_out)];
+        drop(conns);
+        drop((client, server));
+        counts
+    }
+
+    /// Starts `bin run` under callgrind with `cfg` and `args`; returns it and its dump path.
+    async fn start(
+        bin: &Path,
+        out_dir: &Path,
+        label: &str,
+        cfg: &Path,
+        args: &[String],
+    ) -> (Proc, PathBuf) {
+        let out_file = out_dir.join(format!("callgrind.{label}"));
+        let admin = free_addr().await;
+        let child = Command::new("valgrind")
+            .arg("--tool=callgrind")
+            .arg(format!("--callgrind-out-file={}", out_file.display()))
+            .arg(bin)
+            .args(["run", "--no-transparent", "--log", "warn", "--workers", "1"])
+            .arg("--config")
+            .arg(cfg)
+            .args(args)
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(out_dir.join(format!("{label}.stderr"))).unwrap())
+            .spawn()
+            .unwrap();
+        (Proc { child }, out_file)
+    }
+
+    async fn wait_listening(addr: SocketAddr) {
+        // Under valgrind a proxy takes seconds to start.
+        for _ in 0..600 {
+            if TcpStream::connect(addr).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("nothing listens on {addr}");
+    }
+
+    /// A CA (its root written to `out_dir`) and the identity endpoint on loopback, serving
+    /// `/weft.identity.v1/certify` over TLS.
+    async fn identity_endpoint(out_dir: &Path, label: &str) -> (SocketAddr, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "icount mesh root");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let root_pem = params.self_signed(&key).unwrap().pem();
+        let root = out_dir.join(format!("{label}-root.pem"));
+        std::fs::write(&root, &root_pem).unwrap();
+        let issuer = Arc::new(Issuer::new(params, key));
+        let serving_key = KeyPair::generate().unwrap();
+        let serving = CertificateParams::new(vec![SERVER_NAME.to_owned()])
+            .unwrap()
+            .signed_by(&serving_key, &issuer)
+            .unwrap();
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![serving.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(serving_key.serialize_der().into()),
+        )
+        .unwrap();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (acceptor, issuer, root_pem) =
+                    (acceptor.clone(), issuer.clone(), root_pem.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |req| {
+                        certify(req, issuer.clone(), root_pem.clone())
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, root)
+    }
+
+    /// Issues a certificate for the identity a request asks for.
+    async fn certify(
+        req: http::Request<hyper::body::Incoming>,
+        issuer: Arc<Issuer<'static, KeyPair>>,
+        root_pem: String,
+    ) -> Result<http::Response<Full<Bytes>>, std::convert::Infallible> {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let ask: CertifyRequest = serde_json::from_slice(&body).unwrap();
+        let id = ask.identity.unwrap();
+        let csr = CertificateSigningRequestParams::from_pem(&ask.csr).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.clone().try_into().unwrap())];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let now_t = time::OffsetDateTime::from_unix_timestamp(now as i64).unwrap();
+        params.not_before = now_t - time::Duration::minutes(5);
+        params.not_after = now_t + time::Duration::hours(24);
+        let cert = params.signed_by(&csr.public_key, &issuer).unwrap();
+        let answer = CertifyResponse {
+            identity: id,
+            certificate_chain: cert.pem(),
+            trust_bundle: root_pem,
+            not_after: now + 24 * 3600,
+        };
+        Ok(http::Response::new(Full::new(Bytes::from(
+            serde_json::to_vec(&answer).unwrap(),
+        ))))
     }
 }
