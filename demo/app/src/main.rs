@@ -41,6 +41,11 @@ enum Cmd {
         /// it holds (500 when empty).
         #[arg(long, default_value = FAIL_FILE)]
         fail_file: PathBuf,
+        /// How long to go on serving after SIGTERM before exiting, while the pod's removal
+        /// from its Service reaches the clients (keep it under the pod's
+        /// `terminationGracePeriodSeconds`).
+        #[arg(long, default_value = "3s", value_parser = duration::parse)]
+        drain: std::time::Duration,
     },
     /// Make the `serve` in this container fail (create the fail file).
     Fail {
@@ -75,7 +80,8 @@ fn main() -> ExitCode {
             listen,
             name,
             fail_file,
-        } => runtime().and_then(|rt| rt.block_on(serve::run(listen, name, fail_file))),
+            drain,
+        } => runtime().and_then(|rt| rt.block_on(serve::run(listen, name, fail_file, drain))),
         Cmd::Fail { status, fail_file } => std::fs::write(&fail_file, status.to_string())
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", fail_file.display())),
         Cmd::Recover { fail_file } => match std::fs::remove_file(&fail_file) {

@@ -19,8 +19,17 @@ struct Identity {
     fail_file: PathBuf,
 }
 
-/// Serves until the process is stopped (SIGTERM ends it: the kubelet's way).
-pub async fn run(listen: SocketAddr, name: String, fail_file: PathBuf) -> anyhow::Result<()> {
+/// Serves until the process is stopped: after SIGTERM (the kubelet's way) it goes on
+/// serving for `drain`, then exits. A pod's removal from its Service's endpoints reaches
+/// clients (kube-proxy, or a mesh's proxies) a moment after the kubelet's SIGTERM, so an
+/// application that exits at once refuses the requests sent in that moment; Kubernetes'
+/// advice is to keep serving briefly, as this does.
+pub async fn run(
+    listen: SocketAddr,
+    name: String,
+    fail_file: PathBuf,
+    drain: Duration,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
@@ -31,7 +40,14 @@ pub async fn run(listen: SocketAddr, name: String, fail_file: PathBuf) -> anyhow
     });
     tracing::info!(%listen, name = %id.name, pod = %id.pod, "serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut stop_at = None;
     loop {
+        let drained = async {
+            match stop_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -41,8 +57,13 @@ pub async fn run(listen: SocketAddr, name: String, fail_file: PathBuf) -> anyhow
                     continue;
                 }
             },
-            _ = term.recv() => {
-                tracing::info!("SIGTERM: stopping");
+            _ = term.recv(), if stop_at.is_none() => {
+                tracing::info!(?drain, "SIGTERM: serving on while clients learn the pod is going, then stopping");
+                stop_at = Some(tokio::time::Instant::now() + drain);
+                continue;
+            }
+            () = drained => {
+                tracing::info!("stopping");
                 return Ok(());
             }
         };
