@@ -149,7 +149,6 @@ fn start_backend() -> SocketAddr {
     rx.recv().unwrap()
 }
 
-/// A TCP echo server for the raw round-trip floor.
 /// A backend that answers after `delay`, as a service with a fixed service time and room
 /// for any concurrency, on its own thread.
 fn start_slow_backend(delay: Duration) -> SocketAddr {
@@ -216,24 +215,33 @@ async fn overload(bin: &Path, dir: &Path, secs: u64) {
     println!();
 }
 
-async fn start_echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut b = [0u8; 1];
-                while s.read_exact(&mut b).await.is_ok() {
-                    if s.write_all(&b).await.is_err() {
-                        return;
+/// A TCP echo server for the raw round-trip floor, on its own thread as the backend is,
+/// so a round trip crosses threads as a request's hops cross processes.
+fn start_echo() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut b = [0u8; 1];
+                    while s.read_exact(&mut b).await.is_ok() {
+                        if s.write_all(&b).await.is_err() {
+                            return;
+                        }
                     }
-                }
-            });
-        }
+                });
+            }
+        });
     });
-    addr
+    rx.recv().unwrap()
 }
 
 async fn raw_rtt(addr: SocketAddr, n: usize) -> Histogram<u64> {
@@ -384,17 +392,7 @@ async fn open_loop(addr: SocketAddr, proto: Proto, rate: u64, secs: u64) -> Open
             }
         }));
     }
-    let start = Instant::now() + Duration::from_millis(10);
-    let pacer = std::thread::spawn(move || {
-        for i in 0..total {
-            let intended = start + interval.mul_f64(i as f64);
-            let now = Instant::now();
-            if intended > now {
-                std::thread::sleep(intended - now);
-            }
-            let _ = queues[(i as usize) % CONNECTIONS].send(intended);
-        }
-    });
+    let (start, pacer) = pace(queues, total, interval);
     for w in workers {
         w.await.unwrap();
     }
@@ -407,6 +405,65 @@ async fn open_loop(addr: SocketAddr, proto: Proto, rate: u64, secs: u64) -> Open
         sent: total,
         elapsed,
     }
+}
+
+/// Starts the open loop's schedule on its own OS thread: `total` start instants `interval`
+/// apart, dealt round-robin to `queues`. Returns the first instant and the thread.
+fn pace(
+    queues: Vec<tokio::sync::mpsc::UnboundedSender<Instant>>,
+    total: u64,
+    interval: Duration,
+) -> (Instant, std::thread::JoinHandle<()>) {
+    let start = Instant::now() + Duration::from_millis(10);
+    let pacer = std::thread::spawn(move || {
+        for i in 0..total {
+            let intended = start + interval.mul_f64(i as f64);
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            let _ = queues[(i as usize) % queues.len()].send(intended);
+        }
+    });
+    (start, pacer)
+}
+
+/// The raw loopback round trip paced as the open loop's requests are: 1 byte over each
+/// of 16 connections to the echo server, `rate` per second for `secs`. Returns the round
+/// trips measured from each write, so each one starts with both ends idle, as a
+/// request's hops do at these rates.
+async fn paced_rtt(addr: SocketAddr, rate: u64, secs: u64) -> Histogram<u64> {
+    let hist = Arc::new(Mutex::new(hist()));
+    let mut queues = Vec::new();
+    let mut workers = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        queues.push(tx);
+        let hist = hist.clone();
+        workers.push(tokio::spawn(async move {
+            let mut local = self::hist();
+            let mut b = [7u8; 1];
+            while rx.recv().await.is_some() {
+                let t = Instant::now();
+                s.write_all(&b).await.unwrap();
+                s.read_exact(&mut b).await.unwrap();
+                local.record(t.elapsed().as_micros().max(1) as u64).unwrap();
+            }
+            hist.lock().unwrap().add(local).unwrap();
+        }));
+    }
+    let (_, pacer) = pace(
+        queues,
+        rate * secs,
+        Duration::from_secs_f64(1.0 / rate as f64),
+    );
+    for w in workers {
+        w.await.unwrap();
+    }
+    pacer.join().unwrap();
+    hist.lock().unwrap().clone()
 }
 
 /// Closed loop: as many requests as 16 connections (HTTP/2: 4 streams each) complete in
@@ -682,7 +739,7 @@ async fn main() {
     }
 
     let backend = start_backend();
-    let echo = start_echo().await;
+    let echo = start_echo();
 
     if selected("WEFT_BENCH_PARTS", "rtt") {
         let rtt = raw_rtt(echo, 20_000).await;
@@ -828,6 +885,15 @@ async fn main() {
         &[]
     };
     for &rate in open_rates {
+        let _ = paced_rtt(echo, rate, 1).await;
+        let rtt = paced_rtt(echo, rate, secs).await;
+        println!(
+            "| raw loopback round trip, 1 byte, paced | TCP | {rate} | {} | {} | {} | {} | 0 |",
+            ms(rtt.value_at_quantile(0.5)),
+            ms(rtt.value_at_quantile(0.99)),
+            ms(rtt.value_at_quantile(0.999)),
+            ms(rtt.max()),
+        );
         for (name, proto, addr) in &targets {
             // Warm up pools and estimates, then measure.
             let _ = open_loop(*addr, *proto, rate, 1).await;

@@ -26,9 +26,9 @@
 //! `WEFT_ICOUNT_CONFIGS` selects configs (`plain,route,inbound,mux`; default all;
 //! `inbound` is an `--inbound-forward` listener to the backend, plain text; `mux` is the
 //! sidecar chain with mutual TLS: a client sidecar (forward listener) → the `weft-mux`
-//! session → a server sidecar (inbound listener) → the backend, both proxies under
-//! callgrind with certificates from an identity endpoint this harness serves, and the
-//! count is given for each and both) and `WEFT_ICOUNT_PROTOS` protocols (`h1,h2`; default
+//! session → a server sidecar (inbound listener) → the backend, both proxies with
+//! certificates from an identity endpoint this harness serves, counted each on its own
+//! line) and `WEFT_ICOUNT_PROTOS` protocols (`h1,h2`; default
 //! both). Only loopback addresses are used.
 #![allow(
     clippy::unwrap_used,
@@ -65,7 +65,7 @@ enum Setup {
     /// for plain-text clients.
     Inbound,
     /// Two proxies: a client sidecar whose endpoint is meshed, the `weft-mux` session,
-    /// a server sidecar in front of the backend (callgrind only).
+    /// a server sidecar in front of the backend.
     Mux,
 }
 
@@ -324,15 +324,7 @@ async fn measure(
         }
         Tool::Perf => {
             let stat_file = out_dir.join(format!("perf.{label}"));
-            let perf = Command::new("perf")
-                .args(["stat", "-x", ",", "-e", PERF_EVENTS, "-p"])
-                .arg(pid.to_string())
-                .arg("-o")
-                .arg(&stat_file)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
+            let mut perf = perf_stat(pid, &stat_file);
             // With `WEFT_ICOUNT_RECORD` set, `perf record` samples where the CPU time goes
             // (software clock: this VM has no hardware counters), for `perf report`.
             let record = std::env::var_os("WEFT_ICOUNT_RECORD").map(|_| {
@@ -353,7 +345,6 @@ async fn measure(
             if let Some(mut record) = record {
                 interrupt(&mut record);
             }
-            let mut perf = Proc { child: perf };
             interrupt(&mut perf);
             perf_counts(&stat_file)
                 .into_iter()
@@ -364,6 +355,20 @@ async fn measure(
     drop(conns);
     drop(proc);
     per
+}
+
+/// Starts `perf stat` counting [`PERF_EVENTS`] in process `pid` into `file`.
+fn perf_stat(pid: u32, file: &Path) -> Proc {
+    let child = Command::new("perf")
+        .args(["stat", "-x", ",", "-e", PERF_EVENTS, "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc { child }
 }
 
 /// Stops a `perf` child with SIGINT, on which it writes what it counted, and waits for it.
@@ -451,42 +456,41 @@ async fn main() {
             if !selected("WEFT_ICOUNT_CONFIGS", cname) {
                 continue;
             }
-            if setup == Setup::Mux && tool == Tool::Perf {
-                println!("(mux: callgrind only)");
-                continue;
-            }
             for (i, bin) in bins.iter().enumerate() {
                 let label = format!("{i}-{pname}-{cname}");
                 if setup == Setup::Mux {
-                    let [client, server] = mux::measure(bin, &out_dir, &label, proto, n).await;
-                    println!(
-                        "| {} | {proto:?} | {cname} | {:.0} (client sidecar {client:.0} + server sidecar {server:.0}) |",
-                        bin.display(),
-                        client + server
-                    );
+                    let [client, server] =
+                        mux::measure(tool, bin, &out_dir, &label, proto, n).await;
+                    for (side, per) in [("client sidecar", client), ("server sidecar", server)] {
+                        println!(
+                            "| {} | {proto:?} | {cname}: {side} | {} |",
+                            bin.display(),
+                            columns(tool, &per)
+                        );
+                    }
                     continue;
                 }
                 let per = measure(tool, bin, &out_dir, &label, proto, setup, n).await;
-                let cols: Vec<String> = match tool {
-                    Tool::Callgrind => vec![format!("{:.0}", per[0])],
-                    Tool::Perf => vec![
-                        format!("{:.2}", per[0]),
-                        format!("{:.2}", per[1]),
-                        format!("{:.1}", per[2]),
-                    ],
-                };
                 println!(
                     "| {} | {proto:?} | {cname} | {} |",
                     bin.display(),
-                    cols.join(" | ")
+                    columns(tool, &per)
                 );
             }
         }
     }
 }
 
-/// The `mux` setup: two proxies under callgrind with mutual TLS between them, and the
-/// identity endpoint that issues their certificates (a test CA; nothing is checked: the
+/// One row's figures, as the table's header for `tool` names them.
+fn columns(tool: Tool, per: &[f64]) -> String {
+    match tool {
+        Tool::Callgrind => format!("{:.0}", per[0]),
+        Tool::Perf => format!("{:.2} | {:.2} | {:.1}", per[0], per[1], per[2]),
+    }
+}
+
+/// The `mux` setup: two proxies (under callgrind, or native for `perf`) with mutual TLS
+/// between them, and the identity endpoint that issues their certificates (a test CA; nothing is checked: the
 /// harness trusts its own proxies).
 mod mux {
     use std::{
@@ -508,8 +512,8 @@ mod mux {
     use weft_api::identity::{CertifyRequest, CertifyResponse};
 
     use super::{
-        Conn, Proc, Proto, WARMUP, callgrind_control, connect, free_addr, load, start_backend,
-        total_ir,
+        Conn, Proc, Proto, Tool, WARMUP, callgrind_control, connect, free_addr, interrupt, load,
+        perf_counts, perf_stat, start_backend, total_ir,
     };
 
     const CLIENT_ID: &str = "spiffe://cluster.local/ns/icount/sa/client";
@@ -517,14 +521,16 @@ mod mux {
     /// The name the identity endpoint's certificate carries.
     const SERVER_NAME: &str = "identity.icount";
 
-    /// Instructions per request in the client sidecar and in the server sidecar.
+    /// Counts per request in the client sidecar and in the server sidecar, as
+    /// [`super::measure`] gives them for one proxy.
     pub async fn measure(
+        tool: Tool,
         bin: &Path,
         out_dir: &Path,
         label: &str,
         proto: Proto,
         n: usize,
-    ) -> [f64; 2] {
+    ) -> [Vec<f64>; 2] {
         let backend = start_backend();
         let (identity, root) = identity_endpoint(out_dir, label).await;
         let id_args = |id: &str| {
@@ -551,8 +557,15 @@ mod mux {
             format!("{server_in}={backend}"),
         ];
         args.extend(id_args(SERVER_ID));
-        let (server, server_out) =
-            start(bin, out_dir, &format!("{label}-server"), &empty, &args).await;
+        let (server, server_out) = start(
+            tool,
+            bin,
+            out_dir,
+            &format!("{label}-server"),
+            &empty,
+            &args,
+        )
+        .await;
         let cfg = out_dir.join(format!("{label}-client.json"));
         std::fs::write(
             &cfg,
@@ -565,7 +578,7 @@ mod mux {
         let mut args = vec!["--forward".to_owned(), format!("{listen}=web")];
         args.extend(id_args(CLIENT_ID));
         let (client, client_out) =
-            start(bin, out_dir, &format!("{label}-client"), &cfg, &args).await;
+            start(tool, bin, out_dir, &format!("{label}-client"), &cfg, &args).await;
         wait_listening(listen).await;
         wait_listening(server_in).await;
         // Both proxies fetch a certificate first (slow under valgrind): until then the
@@ -591,21 +604,42 @@ mod mux {
         }
         load(&mut conns, proto, false, WARMUP).await;
         let (cpid, spid) = (client.child.id(), server.child.id());
-        callgrind_control("-z", cpid);
-        callgrind_control("-z", spid);
-        load(&mut conns, proto, false, n).await;
-        callgrind_control("-d", cpid);
-        callgrind_control("-d", spid);
-        let per =
-            |out: &PathBuf| total_ir(Path::new(&format!("{}.1", out.display()))) as f64 / n as f64;
-        let counts = [per(&client_out), per(&server_out)];
+        let counts = match tool {
+            Tool::Callgrind => {
+                callgrind_control("-z", cpid);
+                callgrind_control("-z", spid);
+                load(&mut conns, proto, false, n).await;
+                callgrind_control("-d", cpid);
+                callgrind_control("-d", spid);
+                let per = |out: &PathBuf| {
+                    vec![total_ir(Path::new(&format!("{}.1", out.display()))) as f64 / n as f64]
+                };
+                [per(&client_out), per(&server_out)]
+            }
+            Tool::Perf => {
+                let files = [
+                    out_dir.join(format!("perf.{label}-client")),
+                    out_dir.join(format!("perf.{label}-server")),
+                ];
+                let mut perfs = [perf_stat(cpid, &files[0]), perf_stat(spid, &files[1])];
+                // perf attaches asynchronously; counting a little idle time is harmless.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                load(&mut conns, proto, false, n).await;
+                for p in &mut perfs {
+                    interrupt(p);
+                }
+                files.map(|f| perf_counts(&f).into_iter().map(|c| c / n as f64).collect())
+            }
+        };
         drop(conns);
         drop((client, server));
         counts
     }
 
-    /// Starts `bin run` under callgrind with `cfg` and `args`; returns it and its dump path.
+    /// Starts `bin run` with `cfg` and `args`, under callgrind or natively for `perf`;
+    /// returns it and its callgrind dump path.
     async fn start(
+        tool: Tool,
         bin: &Path,
         out_dir: &Path,
         label: &str,
@@ -614,10 +648,17 @@ mod mux {
     ) -> (Proc, PathBuf) {
         let out_file = out_dir.join(format!("callgrind.{label}"));
         let admin = free_addr().await;
-        let child = Command::new("valgrind")
-            .arg("--tool=callgrind")
-            .arg(format!("--callgrind-out-file={}", out_file.display()))
-            .arg(bin)
+        let mut cmd = match tool {
+            Tool::Callgrind => {
+                let mut c = Command::new("valgrind");
+                c.arg("--tool=callgrind")
+                    .arg(format!("--callgrind-out-file={}", out_file.display()))
+                    .arg(bin);
+                c
+            }
+            Tool::Perf => Command::new(bin),
+        };
+        let child = cmd
             .args(["run", "--no-transparent", "--log", "warn", "--workers", "1"])
             .arg("--config")
             .arg(cfg)
