@@ -24,7 +24,10 @@ use std::{
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::OnceLock,
+    sync::{
+        OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -169,8 +172,16 @@ struct Rootfs {
 
 impl Rootfs {
     fn of(image: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
         built();
-        let container = buildah(&["from", "--pull=never", "--quiet", image])
+        // The name tells images/build, which removes working containers left behind, that
+        // this one belongs to a live test.
+        let name = format!(
+            "weft-image-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let container = buildah(&["from", "--pull=never", "--quiet", "--name", &name, image])
             .trim()
             .to_owned();
         let path = PathBuf::from(buildah(&["mount", &container]).trim());
