@@ -2,7 +2,9 @@
 //! with latency measured from each request's intended start (no coordinated omission),
 //! against a 1 KiB backend directly, through one `weft-proxy`, through two in a chain, and
 //! through HAProxy as a reference; plus closed-loop maximum throughput, proxy CPU time per
-//! request, RSS idle and with 1,000 open connections, and the raw loopback TCP round trip.
+//! request, RSS idle and with 1,000 open connections, and the raw loopback TCP round trip
+//! to an echo server on its own thread (back to back, and paced as each open-loop run's
+//! load: the reference for the chain's added latency).
 //!
 //! ```sh
 //! cargo build --release -p weft-proxy --bin weft-proxy --example bench
