@@ -74,6 +74,8 @@
     missing_docs
 )]
 
+mod support;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -81,6 +83,7 @@ use std::{
     sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
+use support::{serve_on_own_thread, start_backend, start_echo};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -118,69 +121,20 @@ fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()
 }
 
-/// The backend: 1 KiB for any request, HTTP/1.1 and HTTP/2, on its own thread.
-fn start_backend() -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
-            let body = Bytes::from(vec![b'x'; 1024]);
-            loop {
-                let (s, _) = l.accept().await.unwrap();
-                let _ = s.set_nodelay(true);
-                let body = body.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req| {
-                        let body = body.clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body)))
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-    });
-    rx.recv().unwrap()
-}
-
 /// A backend that answers after `delay`, as a service with a fixed service time and room
 /// for any concurrency, on its own thread.
 fn start_slow_backend(delay: Duration) -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
-            loop {
-                let (s, _) = l.accept().await.unwrap();
-                let _ = s.set_nodelay(true);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req| async move {
-                        tokio::time::sleep(delay).await;
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                            Bytes::from_static(b"ok"),
-                        )))
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
+    serve_on_own_thread(move |s| async move {
+        let svc = hyper::service::service_fn(move |_req| async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                b"ok",
+            ))))
         });
-    });
-    rx.recv().unwrap()
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(s), svc)
+            .await;
+    })
 }
 
 /// The `overload` part: admitted latency and refused share at N/2 and 2N offered
@@ -215,35 +169,6 @@ async fn overload(bin: &Path, dir: &Path, secs: u64) {
         );
     }
     println!();
-}
-
-/// A TCP echo server for the raw round-trip floor, on its own thread as the backend is,
-/// so a round trip crosses threads as a request's hops cross processes.
-fn start_echo() -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                let _ = s.set_nodelay(true);
-                tokio::spawn(async move {
-                    let mut b = [0u8; 1];
-                    while s.read_exact(&mut b).await.is_ok() {
-                        if s.write_all(&b).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-    });
-    rx.recv().unwrap()
 }
 
 async fn raw_rtt(addr: SocketAddr, n: usize) -> Histogram<u64> {

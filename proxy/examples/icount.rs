@@ -37,16 +37,19 @@
     missing_docs
 )]
 
+mod support;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
+use support::start_backend;
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -73,39 +76,6 @@ enum Setup {
 enum Proto {
     H1,
     H2,
-}
-
-/// The backend: 1 KiB for any request, HTTP/1.1 and HTTP/2, on its own thread.
-fn start_backend() -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
-            let body = Bytes::from(vec![b'x'; 1024]);
-            loop {
-                let (s, _) = l.accept().await.unwrap();
-                let _ = s.set_nodelay(true);
-                let body = body.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req| {
-                        let body = body.clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body)))
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-    });
-    rx.recv().unwrap()
 }
 
 /// The proxy's config: service `web` on the backend, with a one-rule Route when `route`
@@ -269,18 +239,7 @@ async fn measure(
     let listen = free_addr().await;
     let admin = free_addr().await;
     let out_file = out_dir.join(format!("callgrind.{label}"));
-    let mut cmd = match tool {
-        Tool::Callgrind => {
-            let mut c = Command::new("valgrind");
-            c.arg("--tool=callgrind")
-                .arg(format!("--callgrind-out-file={}", out_file.display()))
-                .arg(bin);
-            c
-        }
-        Tool::Perf => Command::new(bin),
-    };
-    let child = cmd
-        .args(["run", "--no-transparent", "--log", "warn", "--workers", "1"])
+    let child = proxy_command(tool, bin, &out_file)
         .arg("--config")
         .arg(&cfg)
         .args(match setup {
@@ -355,6 +314,23 @@ async fn measure(
     drop(conns);
     drop(proc);
     per
+}
+
+/// `bin run` on one worker thread, under callgrind (dumping to `out_file`) or natively
+/// for `perf`; the caller adds the listeners and config.
+fn proxy_command(tool: Tool, bin: &Path, out_file: &Path) -> Command {
+    let mut cmd = match tool {
+        Tool::Callgrind => {
+            let mut c = Command::new("valgrind");
+            c.arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}", out_file.display()))
+                .arg(bin);
+            c
+        }
+        Tool::Perf => Command::new(bin),
+    };
+    cmd.args(["run", "--no-transparent", "--log", "warn", "--workers", "1"]);
+    cmd
 }
 
 /// Starts `perf stat` counting [`PERF_EVENTS`] in process `pid` into `file`.
@@ -496,7 +472,7 @@ mod mux {
     use std::{
         net::SocketAddr,
         path::{Path, PathBuf},
-        process::{Command, Stdio},
+        process::Stdio,
         sync::Arc,
         time::Duration,
     };
@@ -648,18 +624,7 @@ mod mux {
     ) -> (Proc, PathBuf) {
         let out_file = out_dir.join(format!("callgrind.{label}"));
         let admin = free_addr().await;
-        let mut cmd = match tool {
-            Tool::Callgrind => {
-                let mut c = Command::new("valgrind");
-                c.arg("--tool=callgrind")
-                    .arg(format!("--callgrind-out-file={}", out_file.display()))
-                    .arg(bin);
-                c
-            }
-            Tool::Perf => Command::new(bin),
-        };
-        let child = cmd
-            .args(["run", "--no-transparent", "--log", "warn", "--workers", "1"])
+        let child = super::proxy_command(tool, bin, &out_file)
             .arg("--config")
             .arg(cfg)
             .args(args)
