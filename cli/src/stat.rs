@@ -1076,6 +1076,34 @@ weft_request_duration_seconds_bucket{le="+Inf",direction="outbound",service="web
     }
 
     #[test]
+    fn inbound_series_of_each_client_identity_add_up() {
+        let after = scrape(
+            r#"weft_requests_total{direction="inbound",service="local"} 4
+weft_responses_total{direction="inbound",service="local",status_class="2xx"} 4
+weft_requests_total{direction="inbound",service="local",client_id="spiffe://cluster.local/ns/shop/sa/web"} 10
+weft_responses_total{direction="inbound",service="local",client_id="spiffe://cluster.local/ns/shop/sa/web",status_class="2xx"} 9
+weft_responses_total{direction="inbound",service="local",client_id="spiffe://cluster.local/ns/shop/sa/web",status_class="5xx"} 1
+weft_requests_total{direction="inbound",service="local",client_id="spiffe://cluster.local/ns/ops/sa/probe"} 6
+weft_responses_total{direction="inbound",service="local",client_id="spiffe://cluster.local/ns/ops/sa/probe",status_class="2xx"} 6
+"#,
+        );
+        let pod = PodScrapes {
+            before: Vec::new(),
+            after,
+        };
+        let view = View {
+            direction: "inbound",
+            services: None,
+            route: None,
+            rules: Vec::new(),
+        };
+        let s = compute(&[&pod], &view, Duration::from_secs(2)).signals;
+        assert_eq!(s.requests, 20, "plain text and both identities");
+        assert_eq!(s.responses["2xx"], 19);
+        assert_eq!(s.success_rate, Some(19.0 / 20.0));
+    }
+
+    #[test]
     fn no_requests_means_no_rates_to_claim() {
         let pod = PodScrapes::default();
         let view = View {

@@ -46,7 +46,7 @@ use crate::{
     detect::Protocol,
     errors::{ERROR_HEADER, ErrorCode},
     limits::{Limit, Limits},
-    metrics::{Direction, Metrics, RequestMetrics, ServiceLabel},
+    metrics::{ClientLabel, Direction, Metrics, RequestMetrics, ServiceLabel},
     pipeline::{Attempts, Exchange},
     store::{ConfigStore, EndpointState, InFlight, ServiceState, Snapshot},
     upstream::Lease,
@@ -444,9 +444,16 @@ impl HttpConn {
     fn request_metrics<'a>(&'a self, dest: &'a Dest) -> &'a RequestMetrics {
         match dest {
             Dest::Service(_, s) => s.request_metrics(&self.metrics, self.direction),
-            Dest::Fixed(_) => self
-                .fixed_metrics
-                .get_or_init(|| self.metrics.for_requests(self.direction, &self.fixed_label)),
+            Dest::Fixed(_) => {
+                self.fixed_metrics
+                    .get_or_init(|| match (self.direction, &self.client_identity) {
+                        (Direction::Inbound, Some(id)) => self.metrics.for_client_requests(
+                            &self.fixed_label,
+                            ClientLabel::identified(id.clone()),
+                        ),
+                        _ => self.metrics.for_requests(self.direction, &self.fixed_label),
+                    })
+            }
         }
     }
 

@@ -97,6 +97,28 @@ impl EncodeLabelSet for RouteRuleLabel {
     }
 }
 
+/// The client's mesh identity on an inbound request that came over mutual TLS: the
+/// `client_id` label (its SPIFFE ID). Absent on plain-text inbound requests and on
+/// outbound ones, which keep the series they had before identities existed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientLabel(Option<Arc<str>>);
+
+impl ClientLabel {
+    /// The client identified as `identity` (a SPIFFE ID).
+    pub fn identified(identity: Arc<str>) -> Self {
+        ClientLabel(Some(identity))
+    }
+}
+
+impl EncodeLabelSet for ClientLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        match &self.0 {
+            Some(id) => [("client_id", &**id)].encode(encoder),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Labels of request counters and latency.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -107,6 +129,9 @@ pub struct RequestLabels {
     /// The Route rule that handled the request, when one did.
     #[prometheus(flatten)]
     pub rule: RouteRuleLabel,
+    /// Inbound over mutual TLS: the client's identity.
+    #[prometheus(flatten)]
+    pub client: ClientLabel,
 }
 
 /// Labels of response counters.
@@ -119,6 +144,9 @@ pub struct ResponseLabels {
     /// The Route rule that handled the request, when one did.
     #[prometheus(flatten)]
     pub rule: RouteRuleLabel,
+    /// Inbound over mutual TLS: the client's identity.
+    #[prometheus(flatten)]
+    pub client: ClientLabel,
     /// `1xx` to `5xx`.
     pub status_class: &'static str,
 }
@@ -486,11 +514,30 @@ impl Metrics {
         service: &ServiceLabel,
         rule: RouteRuleLabel,
     ) -> RequestMetrics {
-        let labels = RequestLabels {
+        self.series(RequestLabels {
             direction,
             service: service.clone(),
             rule,
-        };
+            client: ClientLabel::default(),
+        })
+    }
+
+    /// The series that inbound requests to `service` from `client` update; kept per
+    /// connection, whose client is one for its life.
+    pub fn for_client_requests(
+        &self,
+        service: &ServiceLabel,
+        client: ClientLabel,
+    ) -> RequestMetrics {
+        self.series(RequestLabels {
+            direction: Direction::Inbound,
+            service: service.clone(),
+            rule: RouteRuleLabel::default(),
+            client,
+        })
+    }
+
+    fn series(&self, labels: RequestLabels) -> RequestMetrics {
         RequestMetrics {
             requests: self.requests.get_or_create(&labels).clone(),
             latency: OnceLock::new(),
@@ -684,6 +731,7 @@ impl RequestMetrics {
                         direction: self.labels.direction,
                         service: self.labels.service.clone(),
                         rule: self.labels.rule.clone(),
+                        client: self.labels.client.clone(),
                         status_class: class,
                     })
                     .clone()

@@ -213,6 +213,25 @@ async fn mtls_between_two_sidecars_carries_the_client_identity_to_the_backend() 
         0,
         "no refusal: {m}"
     );
+    // The server side counts the requests, their responses and latency under the
+    // client's verified identity; the client side's series carry none.
+    let from_client = format!("client_id=\"{CLIENT_ID}\"");
+    for (name, n) in [
+        ("weft_requests_total{", 2),
+        ("weft_responses_total{", 2),
+        ("weft_request_duration_seconds_count{", 2),
+    ] {
+        assert_eq!(
+            metric(&m, name, &["direction=\"inbound\"", &from_client]),
+            n,
+            "{name}: {m}"
+        );
+    }
+    assert_eq!(
+        metric(&m, "weft_requests_total{", &["direction=\"inbound\""]),
+        2
+    );
+    assert!(!c.contains("client_id="), "{c}");
 }
 
 #[tokio::test]
@@ -237,6 +256,14 @@ async fn plain_text_is_still_accepted_inbound_and_cannot_claim_an_identity() {
             .header_values("x-forwarded-client-cert")
             .is_empty()
     );
+    // Counted, under no identity.
+    let m = metrics_of(&server);
+    assert_eq!(
+        metric(&m, "weft_requests_total{", &["direction=\"inbound\""]),
+        1,
+        "{m}"
+    );
+    assert!(!m.contains("client_id="), "{m}");
 }
 
 #[tokio::test]
