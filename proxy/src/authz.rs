@@ -31,6 +31,7 @@ use std::sync::Arc;
 use http::{HeaderMap, Method};
 use weft_api::traffic::{self as wire, AuthzAction, MtlsMode};
 
+use crate::errors::ErrorCode;
 use crate::route::{
     matching::{METHODS, MatchInput, RequestMatch},
     normalize::normalize_path,
@@ -437,6 +438,17 @@ fn destination(
 /// Which transports the inbound side accepts, and what a client gets when refused.
 pub fn mtls_refuses(mode: MtlsMode, identity: Option<&str>) -> bool {
     mode == MtlsMode::Strict && identity.is_none()
+}
+
+/// Why the workload's mTLS mode refuses a client, if it does: under `strict`, a client
+/// without a mesh identity is refused, as `mtls_required` when it spoke plain text and as
+/// `client_certificate_required` when it spoke TLS without a certificate (`tls`).
+pub fn mtls_refusal(mode: MtlsMode, tls: bool, identity: Option<&str>) -> Option<ErrorCode> {
+    match mtls_refuses(mode, identity) {
+        false => None,
+        true if tls => Some(ErrorCode::ClientCertificateRequired),
+        true => Some(ErrorCode::MtlsRequired),
+    }
 }
 
 /// The normalized path of a request target, for [`Subject::http`].

@@ -72,11 +72,14 @@ pub enum ErrorCode {
     /// The workload's mTLS mode is `strict` and the client spoke plain text, without a
     /// mesh identity (403; gRPC `UNAUTHENTICATED`).
     MtlsRequired,
+    /// The workload's mTLS mode is `strict` and the client spoke TLS but presented no
+    /// client certificate, so it has no mesh identity (403; gRPC `UNAUTHENTICATED`).
+    ClientCertificateRequired,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::NoEndpoints,
         ErrorCode::ServiceNotFound,
         ErrorCode::ConnectFailed,
@@ -100,6 +103,7 @@ impl ErrorCode {
         ErrorCode::TlsHandshakeFailed,
         ErrorCode::Forbidden,
         ErrorCode::MtlsRequired,
+        ErrorCode::ClientCertificateRequired,
     ];
 
     /// The stable text sent in the `weft-error` header and used as the metric label.
@@ -128,6 +132,7 @@ impl ErrorCode {
             ErrorCode::TlsHandshakeFailed => "tls_handshake_failed",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::MtlsRequired => "mtls_required",
+            ErrorCode::ClientCertificateRequired => "client_certificate_required",
         }
     }
 
@@ -141,7 +146,9 @@ impl ErrorCode {
             | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::BackendNotFound => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::Forbidden | ErrorCode::MtlsRequired => StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden
+            | ErrorCode::MtlsRequired
+            | ErrorCode::ClientCertificateRequired => StatusCode::FORBIDDEN,
             ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::RequestTargetTooLong => StatusCode::URI_TOO_LONG,
             ErrorCode::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -172,7 +179,7 @@ impl ErrorCode {
             // PERMISSION_DENIED, as gRPC maps HTTP 403.
             ErrorCode::Forbidden => 7,
             // UNAUTHENTICATED: the client presented no identity at all.
-            ErrorCode::MtlsRequired => 16,
+            ErrorCode::MtlsRequired | ErrorCode::ClientCertificateRequired => 16,
             // INTERNAL: a configuration error, not worth a client's retry.
             ErrorCode::BackendNotFound => 13,
             // INTERNAL, as gRPC maps HTTP 400.

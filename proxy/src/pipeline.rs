@@ -171,7 +171,8 @@ impl RuleLabels<'_> {
 
 impl HttpConn {
     /// The inbound mTLS mode and authorization: `Some` refusal when the workload's mode is
-    /// `strict` and the client has no mesh identity (403 `mtls_required`), or when a
+    /// `strict` and the client has no mesh identity (403 `mtls_required`, or
+    /// `client_certificate_required` over TLS without a certificate), or when a
     /// Policy denies the request (403 `forbidden`, naming it in `weft-policy`). With
     /// authorization, the request's path is normalized first, and the application gets
     /// the path that was judged.
@@ -187,12 +188,15 @@ impl HttpConn {
         }
         let snapshot = self.store.load()?;
         let identity = self.client_identity.as_deref();
-        if crate::authz::mtls_refuses(snapshot.config.inbound_mtls, identity) {
+        if let Some(code) =
+            crate::authz::mtls_refusal(snapshot.config.inbound_mtls, self.client_tls, identity)
+        {
             tracing::debug!(
                 path = req.uri().path(),
-                "plain-text client refused: mTLS is strict"
+                reason = code.as_str(),
+                "client without a mesh identity refused: mTLS is strict"
             );
-            return Some(self.fail(labels, ErrorCode::MtlsRequired, grpc, start));
+            return Some(self.fail(labels, code, grpc, start));
         }
         let authz = snapshot.config.authorization.as_ref()?;
         normalize(req);

@@ -317,7 +317,9 @@ impl Conn {
             }
             Protocol::Opaque => {
                 let identity = tls.as_ref().and_then(|t| t.identity.as_deref());
-                if direction == Direction::Inbound && !admit_opaque(&proxy, &route, identity) {
+                if direction == Direction::Inbound
+                    && !admit_opaque(&proxy, &route, tls.is_some(), identity)
+                {
                     return;
                 }
                 Box::pin(proxy_opaque(io, route, connect_timeout, &proxy, direction)).await
@@ -326,20 +328,22 @@ impl Conn {
     }
 }
 
-/// Whether an inbound opaque TCP connection from `identity` to the application may open
+/// Whether an inbound opaque TCP connection from `identity` (over TLS: `tls`) to the
+/// application may open
 /// under the workload's mTLS mode and authorization; a refused one is closed, counted
 /// (`weft_errors_total{reason}`, and `weft_authz_denials_total{policy}` for a Policy's
 /// denial) and logged.
-fn admit_opaque(proxy: &Proxy, route: &Route, identity: Option<&str>) -> bool {
+fn admit_opaque(proxy: &Proxy, route: &Route, tls: bool, identity: Option<&str>) -> bool {
     let Some(snapshot) = proxy.store.load() else {
         return true;
     };
     let config = &snapshot.config;
-    if crate::authz::mtls_refuses(config.inbound_mtls, identity) {
-        tracing::debug!("plain-text opaque connection closed: mTLS is strict");
-        proxy
-            .metrics
-            .error(Direction::Inbound, ErrorCode::MtlsRequired);
+    if let Some(code) = crate::authz::mtls_refusal(config.inbound_mtls, tls, identity) {
+        tracing::debug!(
+            reason = code.as_str(),
+            "opaque connection without a mesh identity closed: mTLS is strict"
+        );
+        proxy.metrics.error(Direction::Inbound, code);
         return false;
     }
     let Some(authz) = &config.authorization else {

@@ -433,6 +433,19 @@ async fn bare_tls_client(
     leaf: Option<&Leaf>,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> bool {
+    bare_tls_get(addr, trust, leaf, versions)
+        .await
+        .is_some_and(|head| head.starts_with("HTTP/1.1 200"))
+}
+
+/// The same request; the start of the response, or `None` when the handshake or the
+/// exchange failed.
+async fn bare_tls_get(
+    addr: SocketAddr,
+    trust: &str,
+    leaf: Option<&Leaf>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Option<String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut trust.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -458,21 +471,15 @@ async fn bare_tls_client(
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = ServerName::IpAddress(addr.ip().into());
-    let Ok(mut tls) = connector.connect(name, tcp).await else {
-        return false;
-    };
-    if tls
-        .write_all(b"GET / HTTP/1.1\r\nhost: cart\r\n\r\n")
+    let mut tls = connector.connect(name, tcp).await.ok()?;
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: cart\r\n\r\n")
         .await
-        .is_err()
-    {
-        return false;
+        .ok()?;
+    let mut buf = [0u8; 512];
+    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        _ => None,
     }
-    let mut buf = [0u8; 64];
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await,
-        Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1 200")
-    )
 }
 
 /// Accepts any server certificate: what is under test is the sidecar's check of the
@@ -510,6 +517,56 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.supported_verify_schemes()
     }
+}
+
+#[tokio::test]
+async fn strict_refuses_tls_without_a_client_certificate_with_its_own_reason() {
+    let mesh = Ca::new("mesh root");
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    let mut strict = config(&[]);
+    strict["inbound"] = serde_json::json!({"mtls": "strict"});
+    let server = TestProxy::start_kind(
+        proxy_with(Some(mesh.store(SERVER_ID))),
+        ListenerKind::InboundTo(backend.addr),
+        strict,
+    );
+    let tls13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+    let good = mesh.issue(CLIENT_ID);
+    assert!(bare_tls_client(server.addr, &mesh.pem, Some(&good), tls13).await);
+    let head = bare_tls_get(server.addr, &mesh.pem, None, tls13)
+        .await
+        .expect("the handshake succeeds: the refusal is the request's");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("weft-error: client_certificate_required"),
+        "{head}"
+    );
+    // Plain text keeps its own reason.
+    let resp = h1_client()
+        .request(http::Request::get(server.url("/")).body(full("")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.headers()["weft-error"], "mtls_required");
+    let m = metrics_of(&server);
+    for reason in ["client_certificate_required", "mtls_required"] {
+        assert_eq!(
+            metric(
+                &m,
+                "weft_errors_total",
+                &["direction=\"inbound\"", &format!("reason=\"{reason}\"")]
+            ),
+            1,
+            "{reason}: {m}"
+        );
+    }
+    assert_eq!(
+        backend.seen().len(),
+        1,
+        "only the client with a certificate got through"
+    );
 }
 
 #[tokio::test]
