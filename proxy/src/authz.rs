@@ -183,6 +183,16 @@ impl Authorizer {
             method,
             headers: &headers,
         });
+        // Deny rules judge the path without regard to ASCII case (see `destination`);
+        // lowercased once, and only when it has capitals.
+        let lower = subject
+            .http
+            .filter(|(path, _)| path.bytes().any(|b| b.is_ascii_uppercase()))
+            .map(|(path, _)| path.to_ascii_lowercase());
+        let deny_input = match (&input, &lower) {
+            (Some(i), Some(lower)) => Some(MatchInput { path: lower, ..*i }),
+            _ => input,
+        };
         // One pass over every policy, enforcing and dry-run alike.
         let mut deny: Option<&Arc<str>> = None;
         let mut dry_deny: Option<&Arc<str>> = None;
@@ -197,7 +207,14 @@ impl Authorizer {
                     } else {
                         deny.is_some()
                     })
-                    || !r.matches(subject, input.as_ref())
+                    || !r.matches(
+                        subject,
+                        if r.deny {
+                            deny_input.as_ref()
+                        } else {
+                            input.as_ref()
+                        },
+                    )
                 {
                     continue;
                 }
@@ -296,16 +313,13 @@ fn rule(w: &wire::AuthzRuleConfig, at: &str, problems: &mut Vec<String>) -> Opti
         .enumerate()
         .map(|(k, s)| source(s, &format!("{at}.from[{k}]"), problems))
         .collect();
+    let deny = w.action == AuthzAction::Deny;
     let to: Vec<Destination> =
         w.to.iter()
             .enumerate()
-            .map(|(k, d)| destination(d, &format!("{at}.to[{k}]"), problems))
+            .map(|(k, d)| destination(d, deny, &format!("{at}.to[{k}]"), problems))
             .collect();
-    (problems.len() == before).then_some(Rule {
-        deny: w.action == AuthzAction::Deny,
-        from,
-        to,
-    })
+    (problems.len() == before).then_some(Rule { deny, from, to })
 }
 
 /// A SPIFFE ID (`spiffe://<trust domain>/<path>`) as the identity CA issues them: ASCII,
@@ -379,8 +393,14 @@ fn source(w: &wire::AuthzSourceConfig, at: &str, problems: &mut Vec<String>) -> 
     }
 }
 
+/// A rule's destination. A deny rule's paths match without regard to ASCII case (exact
+/// and prefix paths lowercased, matched against the lowercased request path; regular
+/// expressions with `(?i)`), so an application that treats `/ADMIN` as `/admin` cannot be
+/// reached past a rule that denies `/admin`. Allow rules stay case-sensitive: they open
+/// exactly the paths they name.
 fn destination(
     w: &wire::AuthzDestinationConfig,
+    deny: bool,
     at: &str,
     problems: &mut Vec<String>,
 ) -> Destination {
@@ -401,8 +421,20 @@ fn destination(
         .iter()
         .enumerate()
         .filter_map(|(k, p)| {
+            let path = match (deny, p) {
+                (false, p) => p.clone(),
+                (true, wire::PathMatchConfig::Exact(x)) => {
+                    wire::PathMatchConfig::Exact(x.to_ascii_lowercase())
+                }
+                (true, wire::PathMatchConfig::Prefix(x)) => {
+                    wire::PathMatchConfig::Prefix(x.to_ascii_lowercase())
+                }
+                (true, wire::PathMatchConfig::Regex(x)) => {
+                    wire::PathMatchConfig::Regex(format!("(?i){x}"))
+                }
+            };
             let entry = wire::MatchConfig {
-                path: Some(p.clone()),
+                path: Some(path),
                 ..wire::MatchConfig::default()
             };
             // The matcher names the field `<at>.paths[k].path.<kind>`; say `<at>.paths[k]`.

@@ -180,14 +180,20 @@ fn normalization_bypasses_get_through_zero_times() {
         "/%2E%2E/admin",
         "/admin/",
         "/admin;x",
+        "/ADMIN",
+        "/Admin/users",
+        "/%41DMIN",
+        "//ADMIN/./x",
     ];
     let mut bypasses = Vec::new();
     for path in attempts {
         let normal = normalize_path(path);
         // Every spelling that means /admin (or below) must meet the deny rule; the one
         // that means something else must not be allowed by the /api rule either.
+        let lower = normal.to_ascii_lowercase();
+        // An application may treat paths without regard to case: /ADMIN counts as /admin.
         if allowed(&a, Some(WEB), 8080, Method::GET, path)
-            && (normal == "/admin" || normal.starts_with("/admin/"))
+            && (lower == "/admin" || lower.starts_with("/admin/"))
         {
             bypasses.push(path);
         }
@@ -198,17 +204,41 @@ fn normalization_bypasses_get_through_zero_times() {
     // `%2F` is data, not a separator (docs/policy.md says so): `..%2F..` is one segment
     // under /api, which is what the proxy judges and what the application receives.
     assert_eq!(normalize_path("/api/..%2F../admin"), "/api/..%2F../admin");
-    // Case-sensitive: /ADMIN is another path, which no allow rule takes either.
+    // A deny rule meets every case of its paths, even where nothing else would deny.
+    let open = authz(serde_json::json!([{"name": "a/b", "defaultAction": "allow",
+    "rules": [
+        {"action": "deny", "to": [{"paths": [{"exact": "/admin"}]}]},
+        {"action": "deny", "to": [{"paths": [{"prefix": "/Internal"}]}]},
+        {"action": "deny", "to": [{"paths": [{"regex": "/debug/[a-z]+"}]}]}
+    ]}]));
+    for path in [
+        "/admin",
+        "//admin",
+        "/./admin",
+        "/%61dmin",
+        "/x/../admin",
+        "/ADMIN",
+        "/aDmIn",
+        "/internal/x",
+        "/INTERNAL",
+        "/Debug/Vars",
+        "/DEBUG/pprof",
+    ] {
+        assert_eq!(
+            http(&open, Some(WEB), 80, Method::GET, path),
+            deny("a/b"),
+            "{path}"
+        );
+    }
+    for path in ["/admins", "/internals", "/debug/", "/debug/x1"] {
+        assert!(allowed(&open, Some(WEB), 80, Method::GET, path), "{path}");
+    }
+    // An allow rule opens exactly what it names: /API is not /api.
+    assert!(allowed(&a, Some(WEB), 8080, Method::GET, "/api/orders"));
     assert_eq!(
-        http(&a, Some(WEB), 8080, Method::GET, "/ADMIN"),
+        http(&a, Some(WEB), 8080, Method::GET, "/API/orders"),
         deny("shop/api")
     );
-    let open = authz(serde_json::json!([{"name": "a/b", "defaultAction": "allow",
-        "rules": [{"action": "deny", "to": [{"paths": [{"exact": "/admin"}]}]}]}]));
-    assert!(allowed(&open, Some(WEB), 80, Method::GET, "/ADMIN"));
-    for path in ["/admin", "//admin", "/./admin", "/%61dmin", "/x/../admin"] {
-        assert!(!allowed(&open, Some(WEB), 80, Method::GET, path), "{path}");
-    }
 }
 
 #[test]
