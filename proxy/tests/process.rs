@@ -376,3 +376,103 @@ async fn tunnels_still_open_when_the_grace_period_ends_are_closed() {
     let status = t.exit_status(Duration::from_secs(5)).await;
     assert!(status.success(), "{status:?}");
 }
+
+/// Authorization denials, as an operator reads them from the proxy's log: one structured
+/// line naming the Policy, the client, path and method, at most once a second however
+/// many requests are denied, while the metric counts every one.
+#[tokio::test]
+async fn denials_are_logged_as_one_json_line_a_second_and_counted_each() {
+    let app = Backend::start("127.0.0.2", "app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    // YAML spells the path match's kind as a tag.
+    let yaml = [
+        "apiVersion: weft.dev/proxy/v1alpha1",
+        "kind: ProxyConfig",
+        "services: []",
+        "inbound:",
+        "  authorization:",
+        "  - name: shop/no-admin",
+        "    defaultAction: allow",
+        "    rules:",
+        "    - action: deny",
+        "      to:",
+        "      - paths: [!prefix /admin]",
+    ];
+    std::fs::write(&path, yaml.join("\n")).unwrap();
+    let inbound: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .args(["--no-transparent", "--log", "info", "--log-format", "json"])
+        .arg("--inbound-forward")
+        .arg(format!("{inbound}={}", app.addr))
+        .arg("--admin-addr")
+        .arg(admin.to_string())
+        .stdin(std::process::Stdio::null())
+        .stderr(log.try_clone().unwrap())
+        .stdout(log)
+        .spawn()
+        .unwrap();
+    let client = h1_client();
+    eventually(
+        Duration::from_secs(10),
+        "the inbound listener serves",
+        || {
+            let client = client.clone();
+            async move {
+                client
+                    .request(
+                        Request::get(format!("http://{inbound}/"))
+                            .body(full(""))
+                            .unwrap(),
+                    )
+                    .await
+                    .is_ok_and(|r| r.status() == StatusCode::OK)
+            }
+        },
+    )
+    .await;
+
+    // 200 denials as fast as they go: well under two seconds here.
+    let started = Instant::now();
+    for i in 0..200 {
+        let (resp, _) = get(&client, &format!("http://{inbound}/admin/{i}")).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let (_, metrics) = get(&client, &format!("http://{admin}/metrics")).await;
+    let _ = child.kill();
+    let _ = child.wait();
+
+    assert!(
+        metrics.contains("weft_authz_denials_total{policy=\"shop/no-admin\"} 200"),
+        "{metrics}"
+    );
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.contains("authorization denied"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        !lines.is_empty() && lines.len() as u64 <= seconds + 1,
+        "{} lines in about {seconds} s:\n{text}",
+        lines.len()
+    );
+    let fields = &lines[0]["fields"];
+    assert_eq!(fields["policy"], "shop/no-admin", "{}", lines[0]);
+    assert_eq!(fields["client"], "unauthenticated", "{}", lines[0]);
+    assert_eq!(fields["method"], "GET", "{}", lines[0]);
+    assert!(
+        fields["path"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("/admin/")),
+        "{}",
+        lines[0]
+    );
+}
