@@ -235,6 +235,35 @@ async fn mtls_between_two_sidecars_carries_the_client_identity_to_the_backend() 
 }
 
 #[tokio::test]
+async fn a_per_client_rate_limit_keys_on_the_identity_of_the_mtls_session() {
+    let ca = Ca::new("mesh root");
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    let mut limited = config(&[]);
+    limited["inbound"] = serde_json::json!({"rateLimit": {"name": "shop/cart",
+        "requestsPerSecond": 1, "burst": 2, "per": "client"}});
+    let server = TestProxy::start_kind(
+        proxy_with(Some(ca.store(SERVER_ID))),
+        ListenerKind::InboundTo(backend.addr),
+        limited,
+    );
+    // Two callers on the same loopback address, told apart only by their certificates.
+    let frontend = client_sidecar(Some(ca.store(CLIENT_ID)), server.addr, SERVER_ID);
+    let other_id = "spiffe://cluster.local/ns/shop/sa/checkout";
+    let checkout = client_sidecar(Some(ca.store(other_id)), server.addr, SERVER_ID);
+    let c = h1_client();
+    for _ in 0..2 {
+        assert_eq!(get(&c, &frontend.url("/")).await.0.status(), 200);
+    }
+    let (resp, _) = get(&c, &frontend.url("/")).await;
+    assert_eq!(resp.status(), 429, "frontend's burst of 2 is spent");
+    // checkout has a bucket of its own.
+    for _ in 0..2 {
+        assert_eq!(get(&c, &checkout.url("/")).await.0.status(), 200);
+    }
+    assert_eq!(backend.seen().len(), 4);
+}
+
+#[tokio::test]
 async fn plain_text_is_still_accepted_inbound_and_cannot_claim_an_identity() {
     let ca = Ca::new("mesh root");
     let backend = Scripted::ok("127.0.0.1", "cart").await;
