@@ -541,7 +541,10 @@ mod mux {
         };
         let mut endpoints = format!(r#"{{"address": "{server_in}", "identity": "{SERVER_ID}"}}"#);
         if let Some(second) = second {
-            args.extend(["--inbound-forward".to_owned(), format!("{second}={backend}")]);
+            args.extend([
+                "--inbound-forward".to_owned(),
+                format!("{second}={backend}"),
+            ]);
             endpoints.push_str(&format!(
                 r#", {{"address": "{second}", "identity": "{SERVER_ID}"}}"#
             ));

@@ -293,7 +293,11 @@ mod tests {
             .collect();
         assert_eq!(
             never,
-            ["connect_failed", "connect_timeout", "upstream_connection_limit"]
+            [
+                "connect_failed",
+                "connect_timeout",
+                "upstream_connection_limit"
+            ]
         );
     }
 

@@ -712,7 +712,8 @@ impl HttpConn {
                             && again.is_some()
                             && self.may_retry(&plan)
                         {
-                            self.metrics.error(self.direction, peer_code(resp.headers()));
+                            self.metrics
+                                .error(self.direction, peer_code(resp.headers()));
                             drop(resp);
                             drop(in_flight);
                             retries += 1;

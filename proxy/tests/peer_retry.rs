@@ -262,9 +262,19 @@ async fn a_bodiless_request_the_peer_never_sent_goes_to_another_endpoint() {
             assert_eq!(resp.status, 200, "{body}");
         }
     }
-    assert_eq!(failed, 2, "every other streamed request went to the dead endpoint");
+    assert_eq!(
+        failed, 2,
+        "every other streamed request went to the dead endpoint"
+    );
     assert_eq!(live.requests(), sent + 2);
     assert_eq!(inbound_connect_failures(&dead), sent as u64 + 2);
+
+    // A plain-text client of the server sidecar gets its answer without the signal, which
+    // only a peer proxy over mutual TLS would trust.
+    let (resp, _) = get(&h1_client(), &dead.url("/items")).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(header(&resp, "weft-error"), "connect_failed");
+    assert_eq!(header(&resp, UNSENT), "");
 }
 
 #[tokio::test]
