@@ -112,6 +112,14 @@ fn server_sidecar(ca: &Ca, app: SocketAddr) -> TestProxy {
 /// (round robin, in this order); an endpoint with `meshed` is expected to be
 /// [`SERVER_ID`], the others are plain text.
 fn client_sidecar(ca: &Ca, endpoints: &[(SocketAddr, bool)]) -> TestProxy {
+    TestProxy::start_kind(
+        proxy_with(ca.store(CLIENT_ID)),
+        ListenerKind::Forward(Arc::from("web")),
+        client_config(endpoints),
+    )
+}
+
+fn client_config(endpoints: &[(SocketAddr, bool)]) -> serde_json::Value {
     let addrs: Vec<SocketAddr> = endpoints.iter().map(|(a, _)| *a).collect();
     let mut c = config(&[("web", &addrs)]);
     c["services"][0]["balancer"] = "roundRobin".into();
@@ -120,11 +128,20 @@ fn client_sidecar(ca: &Ca, endpoints: &[(SocketAddr, bool)]) -> TestProxy {
             c["services"][0]["endpoints"][i]["identity"] = SERVER_ID.into();
         }
     }
-    TestProxy::start_kind(
-        proxy_with(ca.store(CLIENT_ID)),
-        ListenerKind::Forward(Arc::from("web")),
-        c,
-    )
+    c
+}
+
+/// The client sidecar's config with a Route whose one rule retries failed connects only
+/// (not 5xx responses), so that it keeps a copy of every small request.
+fn with_connect_retries(ca: &Ca, endpoints: &[(SocketAddr, bool)]) -> TestProxy {
+    let client = client_sidecar(ca, endpoints);
+    let mut cfg = client_config(endpoints);
+    cfg["services"][0]["route"] = serde_json::json!({"name": "shop/web", "rules": [{
+        "retries": {"attempts": 2, "retryOn": ["connect-failure"],
+                    "backoff": {"base": "1ms", "max": "1ms"}}
+    }]});
+    client.apply(cfg);
+    client
 }
 
 fn metric(p: &TestProxy, name: &str, labels: &[&str]) -> u64 {
@@ -278,6 +295,27 @@ async fn a_bodiless_request_the_peer_never_sent_goes_to_another_endpoint() {
 }
 
 #[tokio::test]
+async fn a_request_whose_body_a_retry_policy_copied_is_sent_again_whole() {
+    let ca = Ca::new();
+    let live = Scripted::ok("127.0.0.1", "cart").await;
+    let dead = server_sidecar(&ca, refused_addr("127.0.0.1").await);
+    let alive = server_sidecar(&ca, live.addr);
+    let client = with_connect_retries(&ca, &[(dead.addr, true), (alive.addr, true)]);
+
+    let c = h1_client();
+    for i in 0..4 {
+        let req = http::Request::post(client.url("/orders"))
+            .body(full(format!("order {i}")))
+            .unwrap();
+        let (resp, body) = send(&c, req).await;
+        assert_eq!(resp.status, 200, "{body}");
+        assert_eq!(live.last().body, format!("order {i}"));
+    }
+    assert_eq!(live.requests(), 4, "each order reached the application once");
+    assert!(inbound_connect_failures(&dead) >= 1);
+}
+
+#[tokio::test]
 async fn retries_of_requests_the_peer_never_sent_stop_where_connect_retries_do() {
     let ca = Ca::new();
     let mut dead = Vec::new();
@@ -334,21 +372,28 @@ async fn a_plain_text_endpoint_cannot_ask_for_a_retry() {
     let ca = Ca::new();
     let (forging, forged, _task) = forger().await;
     let live = Scripted::ok("127.0.0.1", "cart").await;
-    let client = client_sidecar(&ca, &[(forging, false), (live.addr, false)]);
-
-    let c = h1_client();
-    let mut refused = 0;
-    for _ in 0..4 {
-        let (resp, body) = get(&c, &client.url("/pay")).await;
-        assert_eq!(header(&resp, UNSENT), "", "the signal reached the client");
-        if resp.status() == 502 {
-            assert_eq!(body, "forged");
-            refused += 1;
-        } else {
-            assert_eq!(resp.status(), 200, "{body}");
+    let endpoints = [(forging, false), (live.addr, false)];
+    // Without a Route, and with one whose retry policy keeps a copy of each request.
+    for client in [
+        client_sidecar(&ca, &endpoints),
+        with_connect_retries(&ca, &endpoints),
+    ] {
+        let (forged_before, live_before) = (forged.load(Ordering::SeqCst), live.requests());
+        let c = h1_client();
+        let mut refused = 0;
+        for _ in 0..4 {
+            let (resp, body) = get(&c, &client.url("/pay")).await;
+            assert_eq!(header(&resp, UNSENT), "", "the signal reached the client");
+            if resp.status() == 502 {
+                assert_eq!(body, "forged");
+                refused += 1;
+            } else {
+                assert_eq!(resp.status(), 200, "{body}");
+            }
         }
+        // Every request was delivered once: the 502s are the application's own.
+        assert!(refused >= 1);
+        assert_eq!(forged.load(Ordering::SeqCst) - forged_before, refused);
+        assert_eq!(live.requests() - live_before, 4 - refused);
     }
-    assert_eq!(refused, 2);
-    assert_eq!(forged.load(Ordering::SeqCst), 2);
-    assert_eq!(live.requests(), 2);
 }
