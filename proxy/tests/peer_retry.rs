@@ -311,7 +311,11 @@ async fn a_request_whose_body_a_retry_policy_copied_is_sent_again_whole() {
         assert_eq!(resp.status, 200, "{body}");
         assert_eq!(live.last().body, format!("order {i}"));
     }
-    assert_eq!(live.requests(), 4, "each order reached the application once");
+    assert_eq!(
+        live.requests(),
+        4,
+        "each order reached the application once"
+    );
     assert!(inbound_connect_failures(&dead) >= 1);
 }
 
