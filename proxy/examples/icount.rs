@@ -29,7 +29,9 @@
 //! session → a server sidecar (inbound listener) → the backend, both proxies with
 //! certificates from an identity endpoint this harness serves, counted each on its own
 //! line) and `WEFT_ICOUNT_PROTOS` protocols (`h1,h2`; default
-//! both). Only loopback addresses are used.
+//! both). `WEFT_ICOUNT_MUX_ENDPOINTS=2` gives the `mux` client sidecar's service two meshed
+//! endpoints (two inbound listeners of the same server sidecar), as a service that can
+//! retry has. Only loopback addresses are used.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -532,6 +534,21 @@ mod mux {
             "--inbound-forward".to_owned(),
             format!("{server_in}={backend}"),
         ];
+        let second = match std::env::var("WEFT_ICOUNT_MUX_ENDPOINTS").as_deref() {
+            Err(_) | Ok("1") => None,
+            Ok("2") => Some(free_addr().await),
+            Ok(other) => panic!("WEFT_ICOUNT_MUX_ENDPOINTS is 1 or 2, not {other}"),
+        };
+        let mut endpoints = format!(r#"{{"address": "{server_in}", "identity": "{SERVER_ID}"}}"#);
+        if let Some(second) = second {
+            args.extend([
+                "--inbound-forward".to_owned(),
+                format!("{second}={backend}"),
+            ]);
+            endpoints.push_str(&format!(
+                r#", {{"address": "{second}", "identity": "{SERVER_ID}"}}"#
+            ));
+        }
         args.extend(id_args(SERVER_ID));
         let (server, server_out) = start(
             tool,
@@ -546,7 +563,7 @@ mod mux {
         std::fs::write(
             &cfg,
             format!(
-                r#"{{"apiVersion": "weft.dev/proxy/v1alpha1", "kind": "ProxyConfig", "services": [{{"name": "web", "endpoints": [{{"address": "{server_in}", "identity": "{SERVER_ID}"}}]}}]}}"#
+                r#"{{"apiVersion": "weft.dev/proxy/v1alpha1", "kind": "ProxyConfig", "services": [{{"name": "web", "endpoints": [{endpoints}]}}]}}"#
             ),
         )
         .unwrap();
@@ -557,6 +574,9 @@ mod mux {
             start(tool, bin, out_dir, &format!("{label}-client"), &cfg, &args).await;
         wait_listening(listen).await;
         wait_listening(server_in).await;
+        if let Some(second) = second {
+            wait_listening(second).await;
+        }
         // Both proxies fetch a certificate first (slow under valgrind): until then the
         // client sidecar answers 503. Fresh connections until one request gets through.
         let mut through = false;

@@ -8,6 +8,14 @@ use http::StatusCode;
 
 /// The response header that carries [`ErrorCode::as_str`] on responses the proxy generated.
 pub const ERROR_HEADER: &str = "weft-error";
+/// The response header by which an inbound proxy tells the peer proxy that sent a request
+/// over mutual TLS that the request never reached the application: the connect to it
+/// failed, timed out or hit the connection limit ([`ErrorCode::never_sent`]). The inbound
+/// proxy sets it on those answers of its own only, and removes it from every response of
+/// the application, so that the application cannot forge it; the outbound proxy trusts
+/// it only from a meshed endpoint and removes it from every response, so that no
+/// application sees it. Its value is `1`; its presence is what counts.
+pub const UNSENT_HEADER: http::HeaderName = http::HeaderName::from_static("weft-unsent");
 /// The response header naming the Policy (`namespace/name`) that denied a request
 /// ([`ErrorCode::Forbidden`]).
 pub const POLICY_HEADER: &str = "weft-policy";
@@ -168,6 +176,19 @@ impl ErrorCode {
 }
 
 impl ErrorCode {
+    /// Whether the proxy answers with this code because it could not hand the request to
+    /// any connection (refused, timed out, or the endpoint's connection limit left none):
+    /// nothing of it was sent, so any endpoint may take it. (The `tls_*` codes mean that
+    /// too, but arise only between proxies, never in front of an application.)
+    pub const fn never_sent(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::ConnectFailed
+                | ErrorCode::ConnectTimeout
+                | ErrorCode::UpstreamConnectionLimit
+        )
+    }
+
     /// The gRPC status code sent (as `grpc-status`) when the request was gRPC: gRPC
     /// clients read errors from `grpc-status`, not from the HTTP status.
     pub const fn grpc_status(self) -> u8 {
@@ -259,6 +280,25 @@ mod tests {
                 "no test in proxy/tests checks for {code}"
             );
         }
+    }
+
+    /// Only the codes of a connect that never happened let a peer proxy send the request
+    /// elsewhere; a broken connection or a timeout after sending does not.
+    #[test]
+    fn never_sent_means_no_connection_was_made() {
+        let never: Vec<&str> = ErrorCode::ALL
+            .into_iter()
+            .filter(|c| c.never_sent())
+            .map(ErrorCode::as_str)
+            .collect();
+        assert_eq!(
+            never,
+            [
+                "connect_failed",
+                "connect_timeout",
+                "upstream_connection_limit"
+            ]
+        );
     }
 
     #[test]

@@ -13,6 +13,13 @@
 //! A service without a Route skips the stages before `send`, whose only retries are then
 //! the ones that are always safe: a request that could not be connected goes to another
 //! endpoint, at most twice (under the service's retry budget).
+//!
+//! A request a meshed endpoint's proxy could not hand to its application (its answer
+//! carries [`UNSENT_HEADER`], trusted over mutual TLS only) was never sent either, and
+//! goes to another endpoint under the same rules, when the proxy still has the request:
+//! a bodiless one (its head is copied before sending to a meshed endpoint) or one whose
+//! body a retry policy copied. Inbound, the proxy marks its own such answers to a peer
+//! proxy, and removes the header from every response of the application.
 
 use std::{
     str::FromStr,
@@ -30,7 +37,7 @@ use hyper::body::Incoming;
 
 use crate::{
     breaker::Outcome,
-    errors::ErrorCode,
+    errors::{ErrorCode, UNSENT_HEADER},
     http::{
         HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel, caused_by_body_timeout,
         error_response, grpc_error_response, strip_hop_by_hop,
@@ -592,6 +599,14 @@ impl HttpConn {
                 s.record(index, outcome);
             }
         };
+        // Whether a peer proxy's "never sent" answer may be retried: as a failed connect.
+        let unsent_retries = max_retries > 0
+            && plan
+                .retry
+                .is_none_or(|p| p.retry_on_failure(Failure::ConnectFailed));
+        // The head of a bodiless request, copied before it goes to a meshed endpoint that
+        // may answer that it never sent it (a request with a copied body has `head`).
+        let mut bodiless: Option<Head> = None;
         let mut next = Some(req);
         let mut exclude = None;
         let mut retries = 0u32;
@@ -615,6 +630,16 @@ impl HttpConn {
                     }
                     Pick::Fixed(_) => None,
                 };
+            }
+            // Only a meshed endpoint's proxy is trusted to say it never sent the request.
+            let meshed = endpoint.upstream.tls().is_some();
+            if meshed
+                && unsent_retries
+                && head.is_none()
+                && bodiless.is_none()
+                && req.body().is_end_stream()
+            {
+                bodiless = Some(Head::of(&req));
             }
             let in_flight = endpoint.start();
             let sent = Instant::now();
@@ -665,16 +690,50 @@ impl HttpConn {
                     }
                     (Failure::PerTryTimeout, ErrorCode::PerTryTimeout)
                 }
-                Ok(Ok((resp, lease))) => {
-                    let done = Instant::now();
-                    let took = done.saturating_duration_since(sent);
-                    if crate::balance::is_failure(resp.status(), resp.headers()) {
-                        endpoint.observe_failure_at(took, done);
+                Ok(Ok((mut resp, lease))) => {
+                    // Removed from every response: only an inbound proxy's own answers
+                    // carry it (it removes the header from its application's), and no
+                    // application is to see it.
+                    let unsent = resp.headers_mut().remove(UNSENT_HEADER).is_some() && meshed;
+                    let mut tried = false;
+                    if unsent {
+                        // The peer could not connect to its application: a failed connect,
+                        // for the balancer and the Breaker as for retries.
+                        tracing::debug!(endpoint = %endpoint.addr, "peer proxy never sent the request");
+                        endpoint.penalize();
+                        record(index, Outcome::ConnectFailure);
+                        tried = unsent_retries;
+                        let again = match &head {
+                            Some(h) => replay.copy().map(|b| h.request(b)),
+                            None => bodiless.as_ref().map(|h| h.request(Bytes::new())),
+                        };
+                        if unsent_retries
+                            && retries < max_retries
+                            && again.is_some()
+                            && self.may_retry(&plan)
+                        {
+                            self.metrics
+                                .error(self.direction, peer_code(resp.headers()));
+                            drop(resp);
+                            drop(in_flight);
+                            retries += 1;
+                            exclude = Some(index);
+                            next = again;
+                            self.backoff(&plan, retries).await;
+                            continue;
+                        }
                     } else {
-                        endpoint.observe_at(took, done);
+                        let done = Instant::now();
+                        let took = done.saturating_duration_since(sent);
+                        if crate::balance::is_failure(resp.status(), resp.headers()) {
+                            endpoint.observe_failure_at(took, done);
+                        } else {
+                            endpoint.observe_at(took, done);
+                        }
+                        record(index, Outcome::of_status(resp.status()));
                     }
-                    record(index, Outcome::of_status(resp.status()));
-                    let retry = retries < max_retries
+                    let retry = !tried
+                        && retries < max_retries
                         && head.is_some()
                         && plan
                             .retry
@@ -753,7 +812,16 @@ impl HttpConn {
                 self.backoff(&plan, retries).await;
                 continue;
             }
-            return self.fail(x.labels, code, x.grpc, x.start);
+            let mut resp = self.fail(x.labels, code, x.grpc, x.start);
+            if self.direction == crate::metrics::Direction::Inbound
+                && self.client_tls
+                && code.never_sent()
+            {
+                // The peer proxy may send it elsewhere (see the module documentation).
+                resp.headers_mut()
+                    .insert(UNSENT_HEADER, HeaderValue::from_static("1"));
+            }
+            return resp;
         }
     }
 
@@ -916,6 +984,19 @@ fn attempt_outcome<T>(
         Ok(Err(e)) if e.is_connect() => Failed(ErrorCode::ConnectFailed.as_str()),
         Ok(Err(_)) => Failed(ErrorCode::UpstreamFailed.as_str()),
     }
+}
+
+/// The code a peer proxy gave (in `weft-error`) for a request it never sent, for this
+/// proxy's count of the retry; `connect_failed` when it names no such code.
+fn peer_code(headers: &HeaderMap) -> ErrorCode {
+    headers
+        .get(crate::errors::ERROR_HEADER)
+        .and_then(|v| {
+            ErrorCode::ALL
+                .into_iter()
+                .find(|c| c.never_sent() && c.as_str().as_bytes() == v.as_bytes())
+        })
+        .unwrap_or(ErrorCode::ConnectFailed)
 }
 
 /// Whether an HTTP/2 upstream refused the stream before processing it.
