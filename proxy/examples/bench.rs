@@ -7,7 +7,8 @@
 //! load: the reference for the chain's added latency).
 //!
 //! ```sh
-//! cargo build --release -p weft-proxy --bin weft-proxy --example bench
+//! cargo build --release -p weft-proxy --bin weft-proxy   # alone, or it gets tokio's test-util
+//! cargo build --release -p weft-proxy --example bench
 //! target/release/examples/bench [SECONDS_PER_RUN]      # default 10
 //! ```
 //!

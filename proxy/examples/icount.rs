@@ -3,7 +3,8 @@
 //! `docs/benchmarks.md`).
 //!
 //! ```sh
-//! cargo build --release -p weft-proxy --bin weft-proxy --example icount
+//! cargo build --release -p weft-proxy --bin weft-proxy   # alone, or it gets tokio's test-util
+//! cargo build --release -p weft-proxy --example icount
 //! target/release/examples/icount [REQUESTS] [PROXY_BINARY...]   # 20000; the one beside
 //! ```
 //!
