@@ -49,11 +49,11 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_util::sync::CancellationToken;
-use weft_e2e::shared::eventually;
 use weft_api::identity::{
     CERTIFY_PATH, CertifyRequest, CertifyResponse, IdentityError, MAX_REQUEST_BYTES, reason,
     spiffe_id,
 };
+use weft_e2e::shared::eventually;
 use weft_operator::{
     identity::{self, IdentityCa, IdentityLimits, IdentityServer, ServingSettings},
     metrics::Metrics,
@@ -209,8 +209,26 @@ fn csr(key: &KeyPair, sans: Vec<SanType>) -> String {
     params.serialize_request(key).unwrap().pem().unwrap()
 }
 
+/// `token`'s request for `pod` (namespace/name) over HTTP/2, a CSR with `key` naming
+/// nothing.
+fn plain_ask<'a>(token: &'a str, pod: &'a str, key: &KeyPair) -> Ask<'a> {
+    Ask {
+        token: Some(token),
+        pod,
+        body: body(csr(key, vec![]), None),
+        h2: true,
+    }
+}
+
 fn body(csr: String, identity: Option<String>) -> Vec<u8> {
     serde_json::to_vec(&CertifyRequest { csr, identity }).unwrap()
+}
+
+/// The projected token of pod `web-1` (at `ip`) of ServiceAccount `web`, both created.
+async fn web_token(bed: &Bed, ip: &str) -> String {
+    bed.service_account("web").await;
+    let pod = bed.pod("web-1", "web", "web", ip).await;
+    bed.token(&pod).await
 }
 
 /// A token for ServiceAccount `sa` with `audiences`, bound to `pod`.
@@ -222,23 +240,30 @@ async fn token_for(bed: &Bed, pod: &Pod, audiences: &[&str]) -> String {
         .service_account_name
         .clone()
         .unwrap();
-    let req: TokenRequest = serde_json::from_value(json!({
-        "spec": {"audiences": audiences, "expirationSeconds": 3600,
-                 "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.name_any(), "uid": pod.uid().unwrap()}}
-    }))
-    .unwrap();
+    request_token(
+        bed,
+        &sa,
+        json!({"audiences": audiences, "expirationSeconds": 3600,
+               "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.name_any(), "uid": pod.uid().unwrap()}}),
+    )
+    .await
+}
+
+/// A token for ServiceAccount `sa` of the bed's namespace, by a TokenRequest with `spec`.
+async fn request_token(bed: &Bed, sa: &str, spec: serde_json::Value) -> String {
+    let req: TokenRequest = serde_json::from_value(json!({ "spec": spec })).unwrap();
     bed.api::<ServiceAccount>()
-        .create_subresource::<TokenRequest, TokenRequest>(
-            "token",
-            &sa,
-            &PostParams::default(),
-            &req,
-        )
+        .create_subresource::<TokenRequest, TokenRequest>("token", sa, &PostParams::default(), &req)
         .await
         .unwrap()
         .status
         .unwrap()
         .token
+}
+
+/// Asserts that the answer is a refusal with `want` status and `code`.
+fn assert_refused(status: StatusCode, body: &Bytes, want: StatusCode, code: &str) {
+    assert_eq!(refused(status, body), (want, code.to_owned()));
 }
 
 fn refused(status: StatusCode, body: &Bytes) -> (StatusCode, String) {
@@ -279,9 +304,7 @@ fn verify(chain: &str, bundle: &str) -> Vec<String> {
 async fn a_projected_token_gets_a_chain_for_its_service_account_that_verifies_against_the_bundle() {
     weft_e2e::shared::init_tracing();
     let bed = Bed::new("identity-ok").await;
-    bed.service_account("web").await;
-    let pod = bed.pod("web-1", "web", "web", "198.18.240.11").await;
-    let token = bed.token(&pod).await;
+    let token = web_token(&bed, "198.18.240.11").await;
     let ep = Endpoint::start(
         &bed,
         "weft-identity",
@@ -361,12 +384,11 @@ async fn a_projected_token_gets_a_chain_for_its_service_account_that_verifies_ag
         },
     )
     .await;
-    assert_eq!(
-        refused(status, &answer),
-        (
-            StatusCode::TOO_MANY_REQUESTS,
-            reason::RATE_LIMITED.to_owned()
-        )
+    assert_refused(
+        status,
+        &answer,
+        StatusCode::TOO_MANY_REQUESTS,
+        reason::RATE_LIMITED,
     );
     assert_eq!(ep.refusals(reason::RATE_LIMITED), 1.0);
     assert!(
@@ -617,30 +639,20 @@ async fn two_operators_racing_on_a_missing_secret_issue_chains_from_one_root() {
 async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_429_after_2s() {
     weft_e2e::shared::init_tracing();
     let bed = Bed::new("identity-busy").await;
-    bed.service_account("web").await;
-    let pod = bed.pod("web-1", "web", "web", "198.18.240.17").await;
-    let token = bed.token(&pod).await;
+    let token = web_token(&bed, "198.18.240.17").await;
     let dir = tempfile::tempdir().unwrap();
     // The operator process, as deployed, with `--identity-in-flight 1`.
-    let op = IdentityOperator::start(
-        &bed,
-        dir.path(),
-        SERVER_NAME,
-        &["--identity-in-flight", "1"],
-    )
-    .await;
+    let one_slot = ["--identity-in-flight", "1"];
+    let op = IdentityOperator::start(&bed, dir.path(), SERVER_NAME, &one_slot).await;
     let bundle = std::fs::read_to_string(&op.trust_root).unwrap();
-    eventually(WAIT, || async { Ok(TcpStream::connect(op.identity).await?) })
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", op.proc.log_tail()));
+    eventually(WAIT, || async {
+        Ok(TcpStream::connect(op.identity).await?)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.proc.log_tail()));
     let who = format!("{}/web-1", bed.ns);
     let key = KeyPair::generate().unwrap();
-    let ask = || Ask {
-        token: Some(&token),
-        pod: &who,
-        body: body(csr(&key, vec![]), None),
-        h2: true,
-    };
+    let ask = || plain_ask(&token, &who, &key);
     let metrics = || async {
         let (_, m) = http_get(op.admin, "/metrics").await.unwrap();
         m
@@ -706,7 +718,11 @@ async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_
         "{}",
         String::from_utf8_lossy(&answer)
     );
-    assert!(asked.elapsed() < Duration::from_secs(2), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
     eventually(WAIT, || async {
         let m = metrics().await;
         ensure!(count(&m, reason::BAD_REQUEST) == 1.0, "bad_request: {m}");
@@ -737,27 +753,12 @@ async fn client_with_token(token: String) -> kube::Client {
 async fn without_rbac_for_tokenreviews_the_endpoint_answers_unavailable_until_granted() {
     weft_e2e::shared::init_tracing();
     let bed = Bed::new("identity-norbac").await;
-    bed.service_account("web").await;
+    let token = web_token(&bed, "198.18.240.18").await;
     bed.service_account("weft-operator").await;
-    let pod = bed.pod("web-1", "web", "web", "198.18.240.18").await;
-    let token = bed.token(&pod).await;
     // The operator's ServiceAccount bound to no role (a chart whose RBAC lacks
     // tokenreviews): the API server refuses its TokenReviews.
-    let req: TokenRequest =
-        serde_json::from_value(json!({"spec": {"expirationSeconds": 3600}})).unwrap();
-    let operator_token = bed
-        .api::<ServiceAccount>()
-        .create_subresource::<TokenRequest, TokenRequest>(
-            "token",
-            "weft-operator",
-            &PostParams::default(),
-            &req,
-        )
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token;
+    let operator_token =
+        request_token(&bed, "weft-operator", json!({"expirationSeconds": 3600})).await;
     let ep = Endpoint::start_reviewing(
         &bed,
         "weft-identity",
@@ -768,19 +769,13 @@ async fn without_rbac_for_tokenreviews_the_endpoint_answers_unavailable_until_gr
     let bundle = ep.ca.trust_bundle().to_owned();
     let who = format!("{}/web-1", bed.ns);
     let key = KeyPair::generate().unwrap();
-    let ask = || Ask {
-        token: Some(&token),
-        pod: &who,
-        body: body(csr(&key, vec![]), None),
-        h2: true,
-    };
+    let ask = || plain_ask(&token, &who, &key);
     let (status, answer) = send(ep.addr, &bundle, ask()).await;
-    assert_eq!(
-        refused(status, &answer),
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            reason::UNAVAILABLE.to_owned()
-        )
+    assert_refused(
+        status,
+        &answer,
+        StatusCode::SERVICE_UNAVAILABLE,
+        reason::UNAVAILABLE,
     );
     assert_eq!(ep.refusals(reason::UNAVAILABLE), 1.0);
     assert_eq!(

@@ -142,6 +142,34 @@ struct ClientAndWeb {
     host: TestHost,
 }
 
+/// What the proxy in front of a served application needs: the application, the inbound
+/// listener clients reach it through, and the operator's identity endpoint.
+struct ServedBy<'a> {
+    app: SocketAddr,
+    inbound: SocketAddr,
+    identity: &'a ProxyIdentity,
+}
+
+impl ServedBy<'_> {
+    /// The proxy of `pod`, which serves the application and forwards to `service`.
+    async fn proxy(
+        &self,
+        bed: &Bed,
+        push: SocketAddr,
+        pod: &k8s_openapi::api::core::v1::Pod,
+        service: &str,
+        dir: &std::path::Path,
+    ) -> ProxyProc {
+        let options = ProxyOptions {
+            app: Some(self.app),
+            inbound_listen: Some(self.inbound),
+            identity: Some(self.identity.clone()),
+            ..ProxyOptions::default()
+        };
+        ProxyProc::start_with(bed, push, pod, service, dir, &options).await
+    }
+}
+
 /// Proxies `client` and `web` (ServiceAccounts of those names, pods at `ips`) for Service
 /// `web`, whose one endpoint is web's inbound listener on a test host (a `targetRef` to
 /// pod `web`, so clients expect web's identity), web forwarding to an echo app. The client
@@ -184,19 +212,12 @@ async fn client_and_web(
         .await
         .unwrap();
     let service = format!("web.{ns}.80");
-    let web = ProxyProc::start_with(
-        bed,
-        push,
-        &web_pod,
-        &service,
-        dir,
-        &ProxyOptions {
-            app: Some(app),
-            inbound_listen: Some(web_inbound),
-            identity: Some(identity.clone()),
-            ..ProxyOptions::default()
-        },
-    )
+    let web = ServedBy {
+        app,
+        inbound: web_inbound,
+        identity,
+    }
+    .proxy(bed, push, &web_pod, &service, dir)
     .await;
     let client = ProxyProc::start_with(
         bed,
@@ -284,9 +305,12 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
         .find(|l| l.contains("generated a NEW identity trust root"))
         .unwrap_or_else(|| panic!("no line about the new root\n{}", operator.log_tail()));
     assert!(generated.contains("WARN"), "{generated}");
-    let presented = presented_not_after(web_inbound, &std::fs::read_to_string(&op.trust_root).unwrap())
-        .await
-        .unwrap();
+    let presented = presented_not_after(
+        web_inbound,
+        &std::fs::read_to_string(&op.trust_root).unwrap(),
+    )
+    .await
+    .unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -517,7 +541,9 @@ impl Caller<'_> {
     async fn call(self, method: &str, path: &str) -> anyhow::Result<(u16, Option<String>)> {
         let reply = |r: Reply| (r.status, r.header("weft-error").map(str::to_owned));
         Ok(match self {
-            Caller::Proxy(addr) | Caller::Plain(addr) => reply(http_call(addr, method, path).await?),
+            Caller::Proxy(addr) | Caller::Plain(addr) => {
+                reply(http_call(addr, method, path).await?)
+            }
             Caller::Peer(addr, root, leaf) => {
                 (peer_call(addr, root, Some(leaf), method, path).await?, None)
             }
@@ -541,11 +567,12 @@ async fn listen_on_loopback_port(port: u16) -> TcpListener {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applying_the_strict_example_policy_changes_who_may_call_and_it_is_programmed() {
-    let bed = Bed::new("policy-example").await;
-    let ns = bed.ns.clone();
-    let dir = tempfile::tempdir().unwrap();
+    let (bed, dir) = (
+        Bed::new("policy-example").await,
+        tempfile::tempdir().unwrap(),
+    );
     let op = IdentityOperator::start(&bed, dir.path(), IDENTITY_NAME, &[]).await;
-    let (push, operator) = (op.push, &op.proc);
+    let (ns, push, operator) = (bed.ns.clone(), op.push, &op.proc);
     let identity = op.proxy_identity(IDENTITY_NAME);
 
     // payments: its application on 8443, the port the example's first rule names; its
@@ -563,30 +590,23 @@ async fn applying_the_strict_example_policy_changes_who_may_call_and_it_is_progr
         .await;
     let web_pod = bed.pod("web", "web", "web", "198.18.240.50").await;
     let other_pod = bed.pod("other", "other", "other", "198.18.240.51").await;
-    let svc: Service = serde_json::from_value(json!({
+    let service = format!("payments.{ns}.80");
+    let svc = json!({
         "metadata": {"name": "payments"},
         "spec": {"selector": {"app": "payments"},
                  "ports": [{"name": "http", "port": 80, "targetPort": payments_inbound.port()}]}
-    }))
-    .unwrap();
+    });
+    let svc: Service = serde_json::from_value(svc).unwrap();
     bed.api::<Service>()
         .create(&PostParams::default(), &svc)
         .await
         .unwrap();
-    let service = format!("payments.{ns}.80");
-    let payments = ProxyProc::start_with(
-        &bed,
-        push,
-        &payments_pod,
-        &service,
-        dir.path(),
-        &ProxyOptions {
-            app: Some(app),
-            inbound_listen: Some(payments_inbound),
-            identity: Some(identity.clone()),
-            ..ProxyOptions::default()
-        },
-    )
+    let payments = ServedBy {
+        app,
+        inbound: payments_inbound,
+        identity: &identity,
+    }
+    .proxy(&bed, push, &payments_pod, &service, dir.path())
     .await;
     let client = |pod| {
         let options = ProxyOptions {
@@ -599,19 +619,21 @@ async fn applying_the_strict_example_policy_changes_who_may_call_and_it_is_progr
     let web = client(&web_pod).await;
     let other = client(&other_pod).await;
     for (p, sa) in [(&payments, "payments"), (&web, "web"), (&other, "other")] {
-        ready_with_identity(p, &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"), operator)
-            .await;
+        ready_with_identity(
+            p,
+            &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+            operator,
+        )
+        .await;
     }
     // A peer of the monitoring namespace (the example's second rule): a certificate from
     // the mesh root for an identity there, presented straight to payments' listener.
-    let root_key = bed.api::<Secret>().get("weft-identity").await.unwrap().data.unwrap()
-        ["ca.key"]
-        .0
-        .clone();
+    let secret = bed.api::<Secret>().get("weft-identity").await.unwrap();
+    let root_key = String::from_utf8(secret.data.unwrap()["ca.key"].0.clone()).unwrap();
     let root_pem = std::fs::read_to_string(&op.trust_root).unwrap();
     let monitoring = leaf_from(
         &root_pem,
-        &String::from_utf8(root_key).unwrap(),
+        &root_key,
         "spiffe://cluster.local/ns/monitoring/sa/prometheus",
     );
     let logs = || {
@@ -623,30 +645,34 @@ async fn applying_the_strict_example_policy_changes_who_may_call_and_it_is_progr
         )
     };
 
-    // Who calls what: (caller, method, path, before the Policy, after it).
-    let ok = (200, None);
-    let forbidden = (403, Some("forbidden".to_owned()));
+    // Who calls what, and the answer (status, `weft-error`) once the Policy is in; before
+    // it, every call gets 200.
     let peer = Caller::Peer(payments_inbound, &root_pem, (&monitoring.0, &monitoring.1));
+    let (w, o) = (Caller::Proxy(web.forward), Caller::Proxy(other.forward));
+    let plain = Caller::Plain(payments_inbound);
+    let (forbidden, mtls) = (Some("forbidden"), Some("mtls_required"));
     let matrix = [
-        ("web", Caller::Proxy(web.forward), "POST", "/charge", ok.clone(), ok.clone()),
-        ("web", Caller::Proxy(web.forward), "GET", "/charge", ok.clone(), forbidden.clone()),
-        ("web", Caller::Proxy(web.forward), "POST", "/refund", ok.clone(), forbidden.clone()),
-        ("other", Caller::Proxy(other.forward), "POST", "/charge", ok.clone(), forbidden.clone()),
-        ("other", Caller::Proxy(other.forward), "GET", "/metrics", ok.clone(), forbidden.clone()),
-        ("monitoring", peer, "GET", "/metrics", ok.clone(), ok.clone()),
+        ("web", w, "POST", "/charge", 200, None),
+        ("web", w, "GET", "/charge", 403, forbidden),
+        ("web", w, "POST", "/refund", 403, forbidden),
+        ("other", o, "POST", "/charge", 403, forbidden),
+        ("other", o, "GET", "/metrics", 403, forbidden),
+        ("monitoring", peer, "GET", "/metrics", 200, None),
         // The peer reads the status only.
-        ("monitoring", peer, "POST", "/charge", ok.clone(), (403, None)),
-        ("plain text", Caller::Plain(payments_inbound), "GET", "/metrics", ok.clone(),
-         (403, Some("mtls_required".to_owned()))),
+        ("monitoring", peer, "POST", "/charge", 403, None),
+        ("plain text", plain, "GET", "/metrics", 403, mtls),
     ];
     let check = |after: bool| {
         let matrix = &matrix;
         async move {
             let mut wrong = Vec::new();
-            for (who, caller, method, path, before_want, after_want) in matrix {
-                let want = if after { after_want } else { before_want };
+            for (who, caller, method, path, status, error) in matrix {
+                let want = match after {
+                    true => (*status, error.map(str::to_owned)),
+                    false => (200, None),
+                };
                 let got = caller.call(method, path).await?;
-                if got != *want {
+                if got != want {
                     wrong.push(format!("{who} {method} {path}: {got:?}, want {want:?}"));
                 }
             }
@@ -1178,8 +1204,10 @@ async fn peer_call(
         .await
         .context("handshake")?;
     tls.write_all(
-        format!("{method} {path} HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await?;
     let mut out = Vec::new();
@@ -1233,7 +1261,12 @@ async fn presented_not_after(addr: SocketAddr, roots_pem: &str) -> anyhow::Resul
 /// in `/config` and in `weft_identity_expiry_timestamp_seconds` (within 1 s).
 async fn assert_expiry_shown(p: &ProxyProc, not_after: u64) {
     let id = identity_of(p.admin).await.unwrap();
-    assert_eq!(id["notAfter"], json!(not_after), "{}: /config {id}", p.proc.name);
+    assert_eq!(
+        id["notAfter"],
+        json!(not_after),
+        "{}: /config {id}",
+        p.proc.name
+    );
     let metric = expiry_metric(p).await;
     assert!(
         (metric - not_after as f64).abs() <= 1.0,
