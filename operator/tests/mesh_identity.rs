@@ -1174,6 +1174,33 @@ async fn peer_call(
     method: &str,
     path: &str,
 ) -> anyhow::Result<u16> {
+    let mut tls = peer_connect(addr, roots_pem, leaf).await?;
+    tls.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut out = Vec::new();
+    // A client certificate the server refuses is answered with an alert after the
+    // client's side of the handshake has completed: it shows up here.
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out))
+        .await
+        .context("response timed out")?
+        .context("after the handshake")?;
+    let text = String::from_utf8_lossy(&out);
+    Ok(text.get(9..12).context("no status line")?.parse()?)
+}
+
+/// A TLS 1.3 connection as a peer proxy opens it to a proxy's inbound listener (ALPN
+/// `weft-http1`), presenting `leaf` (chain PEM, key PEM) if given, and accepting the
+/// proxy's certificate only if it chains to `roots_pem`.
+async fn peer_connect(
+    addr: SocketAddr,
+    roots_pem: &str,
+    leaf: Option<(&str, &str)>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     use std::sync::Arc;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut roots_pem.as_bytes()) {
@@ -1196,57 +1223,19 @@ async fn peer_call(
     };
     config.alpn_protocols = vec![b"weft-http1".to_vec()];
     let tcp = TcpStream::connect(addr).await?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(
             rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
             tcp,
         )
         .await
-        .context("handshake")?;
-    tls.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await?;
-    let mut out = Vec::new();
-    // A client certificate the server refuses is answered with an alert after the
-    // client's side of the handshake has completed: it shows up here.
-    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out))
-        .await
-        .context("response timed out")?
-        .context("after the handshake")?;
-    let text = String::from_utf8_lossy(&out);
-    Ok(text.get(9..12).context("no status line")?.parse()?)
+        .context("handshake")
 }
 
 /// The notAfter (Unix seconds) of the leaf certificate the proxy listening on `addr`
 /// presents in a TLS handshake, verified against `roots_pem`.
 async fn presented_not_after(addr: SocketAddr, roots_pem: &str) -> anyhow::Result<u64> {
-    use std::sync::Arc;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut roots_pem.as_bytes()) {
-        roots.add(c?)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ChainsTo {
-            roots: Arc::new(roots),
-            provider,
-        }))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"weft-http1".to_vec()];
-    let tcp = TcpStream::connect(addr).await?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(
-            rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
-            tcp,
-        )
-        .await
-        .context("handshake")?;
+    let tls = peer_connect(addr, roots_pem, None).await?;
     let leaf = tls
         .get_ref()
         .1
