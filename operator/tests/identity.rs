@@ -12,7 +12,13 @@
 
 mod support;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::ensure;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -21,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::{
     authentication::v1::TokenRequest,
     core::v1::{Pod, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 use kube::{
     ResourceExt,
@@ -33,13 +40,20 @@ use rustls::{
     server::WebPkiClientVerifier,
 };
 use serde_json::json;
-use support::mesh::Bed;
-use tokio::net::{TcpListener, TcpStream};
+use support::{
+    mesh::{Bed, WAIT, http_get},
+    processes::IdentityOperator,
+};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+};
 use tokio_util::sync::CancellationToken;
 use weft_api::identity::{
     CERTIFY_PATH, CertifyRequest, CertifyResponse, IdentityError, MAX_REQUEST_BYTES, reason,
     spiffe_id,
 };
+use weft_e2e::shared::eventually;
 use weft_operator::{
     identity::{self, IdentityCa, IdentityLimits, IdentityServer, ServingSettings},
     metrics::Metrics,
@@ -58,6 +72,17 @@ struct Endpoint {
 
 impl Endpoint {
     async fn start(bed: &Bed, secret: &str, limits: IdentityLimits) -> Endpoint {
+        Endpoint::start_reviewing(bed, secret, limits, bed.client.clone()).await
+    }
+
+    /// As [`Endpoint::start`], with TokenReviews sent as `reviewer` authenticates (the
+    /// trust root is still read and written as the bed's administrator).
+    async fn start_reviewing(
+        bed: &Bed,
+        secret: &str,
+        limits: IdentityLimits,
+        reviewer: kube::Client,
+    ) -> Endpoint {
         let ca = Arc::new(
             identity::ca::load_or_create(bed.client.clone(), &bed.ns, secret)
                 .await
@@ -66,7 +91,7 @@ impl Endpoint {
         let metrics = Arc::new(Metrics::new());
         let server = Arc::new(IdentityServer::new(
             ca.clone(),
-            bed.client.clone(),
+            reviewer,
             "weft".to_owned(),
             "cluster.local".to_owned(),
             Duration::from_secs(24 * 3600),
@@ -125,24 +150,34 @@ struct Ask<'a> {
     h2: bool,
 }
 
-/// Sends one certificate request over TLS (verifying the endpoint against `bundle`).
-async fn send(addr: SocketAddr, bundle: &str, ask: Ask<'_>) -> (StatusCode, Bytes) {
+/// A TLS connection to the endpoint at `addr` (verified against `bundle`), speaking
+/// HTTP/2 if `h2`, else HTTP/1.1.
+async fn connect(
+    addr: SocketAddr,
+    bundle: &str,
+    h2: bool,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_root_certificates(roots(bundle))
         .with_no_client_auth();
-    config.alpn_protocols = vec![if ask.h2 {
+    config.alpn_protocols = vec![if h2 {
         b"h2".to_vec()
     } else {
         b"http/1.1".to_vec()
     }];
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Sends one certificate request over TLS (verifying the endpoint against `bundle`).
+async fn send(addr: SocketAddr, bundle: &str, ask: Ask<'_>) -> (StatusCode, Bytes) {
+    let tls = connect(addr, bundle, ask.h2).await;
     let mut req = http::Request::post(format!("https://{SERVER_NAME}{CERTIFY_PATH}"))
         .header(weft_api::push::POD_HEADER, ask.pod)
         .header(http::header::CONTENT_TYPE, "application/json");
@@ -174,8 +209,26 @@ fn csr(key: &KeyPair, sans: Vec<SanType>) -> String {
     params.serialize_request(key).unwrap().pem().unwrap()
 }
 
+/// `token`'s request for `pod` (namespace/name) over HTTP/2, a CSR with `key` naming
+/// nothing.
+fn plain_ask<'a>(token: &'a str, pod: &'a str, key: &KeyPair) -> Ask<'a> {
+    Ask {
+        token: Some(token),
+        pod,
+        body: body(csr(key, vec![]), None),
+        h2: true,
+    }
+}
+
 fn body(csr: String, identity: Option<String>) -> Vec<u8> {
     serde_json::to_vec(&CertifyRequest { csr, identity }).unwrap()
+}
+
+/// The projected token of pod `web-1` (at `ip`) of ServiceAccount `web`, both created.
+async fn web_token(bed: &Bed, ip: &str) -> String {
+    bed.service_account("web").await;
+    let pod = bed.pod("web-1", "web", "web", ip).await;
+    bed.token(&pod).await
 }
 
 /// A token for ServiceAccount `sa` with `audiences`, bound to `pod`.
@@ -187,23 +240,30 @@ async fn token_for(bed: &Bed, pod: &Pod, audiences: &[&str]) -> String {
         .service_account_name
         .clone()
         .unwrap();
-    let req: TokenRequest = serde_json::from_value(json!({
-        "spec": {"audiences": audiences, "expirationSeconds": 3600,
-                 "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.name_any(), "uid": pod.uid().unwrap()}}
-    }))
-    .unwrap();
+    request_token(
+        bed,
+        &sa,
+        json!({"audiences": audiences, "expirationSeconds": 3600,
+               "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.name_any(), "uid": pod.uid().unwrap()}}),
+    )
+    .await
+}
+
+/// A token for ServiceAccount `sa` of the bed's namespace, by a TokenRequest with `spec`.
+async fn request_token(bed: &Bed, sa: &str, spec: serde_json::Value) -> String {
+    let req: TokenRequest = serde_json::from_value(json!({ "spec": spec })).unwrap();
     bed.api::<ServiceAccount>()
-        .create_subresource::<TokenRequest, TokenRequest>(
-            "token",
-            &sa,
-            &PostParams::default(),
-            &req,
-        )
+        .create_subresource::<TokenRequest, TokenRequest>("token", sa, &PostParams::default(), &req)
         .await
         .unwrap()
         .status
         .unwrap()
         .token
+}
+
+/// Asserts that the answer is a refusal with `want` status and `code`.
+fn assert_refused(status: StatusCode, body: &Bytes, want: StatusCode, code: &str) {
+    assert_eq!(refused(status, body), (want, code.to_owned()));
 }
 
 fn refused(status: StatusCode, body: &Bytes) -> (StatusCode, String) {
@@ -244,9 +304,7 @@ fn verify(chain: &str, bundle: &str) -> Vec<String> {
 async fn a_projected_token_gets_a_chain_for_its_service_account_that_verifies_against_the_bundle() {
     weft_e2e::shared::init_tracing();
     let bed = Bed::new("identity-ok").await;
-    bed.service_account("web").await;
-    let pod = bed.pod("web-1", "web", "web", "198.18.240.11").await;
-    let token = bed.token(&pod).await;
+    let token = web_token(&bed, "198.18.240.11").await;
     let ep = Endpoint::start(
         &bed,
         "weft-identity",
@@ -326,12 +384,11 @@ async fn a_projected_token_gets_a_chain_for_its_service_account_that_verifies_ag
         },
     )
     .await;
-    assert_eq!(
-        refused(status, &answer),
-        (
-            StatusCode::TOO_MANY_REQUESTS,
-            reason::RATE_LIMITED.to_owned()
-        )
+    assert_refused(
+        status,
+        &answer,
+        StatusCode::TOO_MANY_REQUESTS,
+        reason::RATE_LIMITED,
     );
     assert_eq!(ep.refusals(reason::RATE_LIMITED), 1.0);
     assert!(
@@ -575,5 +632,191 @@ async fn two_operators_racing_on_a_missing_secret_issue_chains_from_one_root() {
     for ep in [a, b, c] {
         ep.stop.cancel();
     }
+    bed.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_429_after_2s() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-busy").await;
+    let token = web_token(&bed, "198.18.240.17").await;
+    let dir = tempfile::tempdir().unwrap();
+    // The operator process, as deployed, with `--identity-in-flight 1`.
+    let one_slot = ["--identity-in-flight", "1"];
+    let op = IdentityOperator::start(&bed, dir.path(), SERVER_NAME, &one_slot).await;
+    let bundle = std::fs::read_to_string(&op.trust_root).unwrap();
+    eventually(WAIT, || async {
+        Ok(TcpStream::connect(op.identity).await?)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.proc.log_tail()));
+    let who = format!("{}/web-1", bed.ns);
+    let key = KeyPair::generate().unwrap();
+    let ask = || plain_ask(&token, &who, &key);
+    let metrics = || async {
+        let (_, m) = http_get(op.admin, "/metrics").await.unwrap();
+        m
+    };
+    let count = |m: &str, reason: &str| {
+        let series = format!("weft_operator_identity_refusals_total{{reason=\"{reason}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+
+    // A slow client: the headers and the first byte of a 1 KiB body, then nothing. Its
+    // request holds the one slot while the endpoint waits for the rest.
+    let mut slow = connect(op.identity, &bundle, false).await;
+    slow.write_all(
+        format!(
+            "POST {CERTIFY_PATH} HTTP/1.1\r\nhost: {SERVER_NAME}\r\n{}: {who}\r\n\
+             content-type: application/json\r\ncontent-length: 1024\r\n\r\n{{",
+            weft_api::push::POD_HEADER
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    slow.flush().await.unwrap();
+
+    // A proxy's request now waits for the slot, then is refused with its reason. (The
+    // first try can win the race with the slow client's request and be issued.)
+    let (waited, message) = eventually(WAIT, || async {
+        let asked = Instant::now();
+        let (status, answer) = send(op.identity, &bundle, ask()).await;
+        let waited = asked.elapsed();
+        ensure!(
+            status == StatusCode::TOO_MANY_REQUESTS,
+            "{status}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        let e: IdentityError = serde_json::from_slice(&answer)?;
+        ensure!(e.reason == reason::RATE_LIMITED, "reason {}", e.reason);
+        Ok((waited, e.message))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.proc.log_tail()));
+    assert!(
+        message.contains("in progress"),
+        "refused for the slot, not the identity's rate: {message}"
+    );
+    assert!(
+        (Duration::from_secs(2)..Duration::from_secs(5)).contains(&waited),
+        "refused after {waited:?}, the documented wait is 2 s"
+    );
+    let m = metrics().await;
+    assert_eq!(count(&m, reason::RATE_LIMITED), 1.0, "{m}");
+
+    // The slow client gives up: the slot is free, the same request is issued at once,
+    // and the abandoned body is a bad request, not one over the size limit.
+    drop(slow);
+    let asked = Instant::now();
+    let (status, answer) = send(op.identity, &bundle, ask()).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    eventually(WAIT, || async {
+        let m = metrics().await;
+        ensure!(count(&m, reason::BAD_REQUEST) == 1.0, "bad_request: {m}");
+        ensure!(count(&m, reason::TOO_LARGE) == 0.0, "too_large: {m}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    drop(op);
+    bed.cleanup().await;
+}
+
+/// A client of the test bed's API server authenticated by `token` only.
+async fn client_with_token(token: String) -> kube::Client {
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(weft_e2e::shared::testbed().kubeconfig()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.into()),
+        ..Default::default()
+    };
+    kube::Client::try_from(config).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_rbac_for_tokenreviews_the_endpoint_answers_unavailable_until_granted() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-norbac").await;
+    let token = web_token(&bed, "198.18.240.18").await;
+    bed.service_account("weft-operator").await;
+    // The operator's ServiceAccount bound to no role (a chart whose RBAC lacks
+    // tokenreviews): the API server refuses its TokenReviews.
+    let operator_token =
+        request_token(&bed, "weft-operator", json!({"expirationSeconds": 3600})).await;
+    let ep = Endpoint::start_reviewing(
+        &bed,
+        "weft-identity",
+        IdentityLimits::default(),
+        client_with_token(operator_token).await,
+    )
+    .await;
+    let bundle = ep.ca.trust_bundle().to_owned();
+    let who = format!("{}/web-1", bed.ns);
+    let key = KeyPair::generate().unwrap();
+    let ask = || plain_ask(&token, &who, &key);
+    let (status, answer) = send(ep.addr, &bundle, ask()).await;
+    assert_refused(
+        status,
+        &answer,
+        StatusCode::SERVICE_UNAVAILABLE,
+        reason::UNAVAILABLE,
+    );
+    assert_eq!(ep.refusals(reason::UNAVAILABLE), 1.0);
+    assert_eq!(
+        ep.count(r#"weft_operator_token_reviews_total{result="error"}"#),
+        1.0
+    );
+
+    // Granted what the chart grants: the same token is issued (the failure was not
+    // remembered as a refusal of the token).
+    let name = format!("weft-test-reviews-{}", bed.ns);
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "rules": [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]
+    }))
+    .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": "weft-operator", "namespace": bed.ns}]
+    }))
+    .unwrap();
+    let roles = kube::Api::<ClusterRole>::all(bed.client.clone());
+    let bindings = kube::Api::<ClusterRoleBinding>::all(bed.client.clone());
+    roles.create(&PostParams::default(), &role).await.unwrap();
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let issued = eventually(WAIT, || async {
+        let (status, answer) = send(ep.addr, &bundle, ask()).await;
+        ensure!(
+            status == StatusCode::OK,
+            "{status}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        Ok(())
+    })
+    .await;
+    let _ = bindings.delete(&name, &DeleteParams::default()).await;
+    let _ = roles.delete(&name, &DeleteParams::default()).await;
+    issued.unwrap();
+    ep.stop.cancel();
     bed.cleanup().await;
 }

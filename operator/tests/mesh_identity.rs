@@ -49,7 +49,11 @@ const IDENTITY_NAME: &str = "weft-operator.identity.test";
 /// `path=<path> xfcc=<x-forwarded-client-cert or ->`, so the test sees what the proxy
 /// passed on.
 async fn echo_app() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_app_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+}
+
+/// [`echo_app`] on listener `l`.
+fn echo_app_on(l: TcpListener) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -138,6 +142,34 @@ struct ClientAndWeb {
     host: TestHost,
 }
 
+/// What the proxy in front of a served application needs: the application, the inbound
+/// listener clients reach it through, and the operator's identity endpoint.
+struct ServedBy<'a> {
+    app: SocketAddr,
+    inbound: SocketAddr,
+    identity: &'a ProxyIdentity,
+}
+
+impl ServedBy<'_> {
+    /// The proxy of `pod`, which serves the application and forwards to `service`.
+    async fn proxy(
+        &self,
+        bed: &Bed,
+        push: SocketAddr,
+        pod: &k8s_openapi::api::core::v1::Pod,
+        service: &str,
+        dir: &std::path::Path,
+    ) -> ProxyProc {
+        let options = ProxyOptions {
+            app: Some(self.app),
+            inbound_listen: Some(self.inbound),
+            identity: Some(self.identity.clone()),
+            ..ProxyOptions::default()
+        };
+        ProxyProc::start_with(bed, push, pod, service, dir, &options).await
+    }
+}
+
 /// Proxies `client` and `web` (ServiceAccounts of those names, pods at `ips`) for Service
 /// `web`, whose one endpoint is web's inbound listener on a test host (a `targetRef` to
 /// pod `web`, so clients expect web's identity), web forwarding to an echo app. The client
@@ -180,19 +212,12 @@ async fn client_and_web(
         .await
         .unwrap();
     let service = format!("web.{ns}.80");
-    let web = ProxyProc::start_with(
-        bed,
-        push,
-        &web_pod,
-        &service,
-        dir,
-        &ProxyOptions {
-            app: Some(app),
-            inbound_listen: Some(web_inbound),
-            identity: Some(identity.clone()),
-            ..ProxyOptions::default()
-        },
-    )
+    let web = ServedBy {
+        app,
+        inbound: web_inbound,
+        identity,
+    }
+    .proxy(bed, push, &web_pod, &service, dir)
     .await;
     let client = ProxyProc::start_with(
         bed,
@@ -271,6 +296,30 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     let web_id = format!("spiffe://cluster.local/ns/{ns}/sa/web");
     ready_with_identity(&client, &client_id, operator).await;
     ready_with_identity(&web, &web_id, operator).await;
+    // The defaults of an operator started without identity flags: it generated the root,
+    // saying so at WARN, and issues for 24 h; web's proxy shows its leaf's expiry in
+    // `/config` and as a metric.
+    let log = std::fs::read_to_string(&operator.log).unwrap();
+    let generated = log
+        .lines()
+        .find(|l| l.contains("generated a NEW identity trust root"))
+        .unwrap_or_else(|| panic!("no line about the new root\n{}", operator.log_tail()));
+    assert!(generated.contains("WARN"), "{generated}");
+    let presented = presented_not_after(
+        web_inbound,
+        &std::fs::read_to_string(&op.trust_root).unwrap(),
+    )
+    .await
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (now + 24 * 3600 - 120..=now + 24 * 3600).contains(&presented),
+        "web's leaf expires at {presented}, now is {now}: not 24 h"
+    );
+    assert_expiry_shown(&web, presented).await;
     // Without a certificate a proxy is not ready and takes no config: one whose
     // identity endpoint does not answer stays 503 and says why.
     let orphan_pod = bed.pod("orphan", "client", "client", "198.18.240.12").await;
@@ -471,6 +520,201 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     eprintln!("the Policy acted {took:?} after apply");
 
     drop((client, web, op));
+    bed.cleanup().await;
+}
+
+/// Who calls `payments` in the example-Policy test, and how.
+#[derive(Clone, Copy, Debug)]
+enum Caller<'a> {
+    /// Through this client proxy's forward listener (mutual TLS from its certificate).
+    Proxy(SocketAddr),
+    /// Straight to payments' inbound listener over TLS, presenting this leaf (chain PEM,
+    /// key PEM), verifying payments against the trust root (PEM).
+    Peer(SocketAddr, &'a str, (&'a str, &'a str)),
+    /// Straight to payments' inbound listener in plain text.
+    Plain(SocketAddr),
+}
+
+impl Caller<'_> {
+    /// The answer's status and `weft-error` (none for [`Caller::Peer`], which reads the
+    /// status only).
+    async fn call(self, method: &str, path: &str) -> anyhow::Result<(u16, Option<String>)> {
+        let reply = |r: Reply| (r.status, r.header("weft-error").map(str::to_owned));
+        Ok(match self {
+            Caller::Proxy(addr) | Caller::Plain(addr) => {
+                reply(http_call(addr, method, path).await?)
+            }
+            Caller::Peer(addr, root, leaf) => {
+                (peer_call(addr, root, Some(leaf), method, path).await?, None)
+            }
+        })
+    }
+}
+
+/// A listener on port `port` of some loopback address (127.x.y.z, tried until one is free):
+/// the application port a Policy names, which the test cannot pick.
+async fn listen_on_loopback_port(port: u16) -> TcpListener {
+    let seed = std::process::id();
+    for i in 0..50u32 {
+        let n = seed.wrapping_add(i.wrapping_mul(7919));
+        let ip = std::net::Ipv4Addr::new(127, 10 + (n % 200) as u8, (n / 200 % 250) as u8, 2);
+        if let Ok(l) = TcpListener::bind((ip, port)).await {
+            return l;
+        }
+    }
+    panic!("no loopback address with port {port} free");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applying_the_strict_example_policy_changes_who_may_call_and_it_is_programmed() {
+    let (bed, dir) = (
+        Bed::new("policy-example").await,
+        tempfile::tempdir().unwrap(),
+    );
+    let op = IdentityOperator::start(&bed, dir.path(), IDENTITY_NAME, &[]).await;
+    let (ns, push, operator) = (bed.ns.clone(), op.push, &op.proc);
+    let identity = op.proxy_identity(IDENTITY_NAME);
+
+    // payments: its application on 8443, the port the example's first rule names; its
+    // proxy's inbound listener is its pod address (a test host's near end), which the
+    // EndpointSlice controller publishes for Service payments (selector app=payments)
+    // with a targetRef to the pod, so clients expect payments' identity.
+    let app = echo_app_on(listen_on_loopback_port(8443).await);
+    let host = TestHost::new();
+    let payments_inbound = free_addr_on(host.near());
+    for sa in ["payments", "web", "other"] {
+        bed.service_account(sa).await;
+    }
+    let payments_pod = bed
+        .pod("payments", "payments", "payments", &host.near().to_string())
+        .await;
+    let web_pod = bed.pod("web", "web", "web", "198.18.240.50").await;
+    let other_pod = bed.pod("other", "other", "other", "198.18.240.51").await;
+    let service = format!("payments.{ns}.80");
+    let svc = json!({
+        "metadata": {"name": "payments"},
+        "spec": {"selector": {"app": "payments"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": payments_inbound.port()}]}
+    });
+    let svc: Service = serde_json::from_value(svc).unwrap();
+    bed.api::<Service>()
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+    let payments = ServedBy {
+        app,
+        inbound: payments_inbound,
+        identity: &identity,
+    }
+    .proxy(&bed, push, &payments_pod, &service, dir.path())
+    .await;
+    let client = |pod| {
+        let options = ProxyOptions {
+            identity: Some(identity.clone()),
+            ..ProxyOptions::default()
+        };
+        let (bed, dir, service) = (&bed, dir.path(), &service);
+        async move { ProxyProc::start_with(bed, push, pod, service, dir, &options).await }
+    };
+    let web = client(&web_pod).await;
+    let other = client(&other_pod).await;
+    for (p, sa) in [(&payments, "payments"), (&web, "web"), (&other, "other")] {
+        ready_with_identity(
+            p,
+            &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+            operator,
+        )
+        .await;
+    }
+    // A peer of the monitoring namespace (the example's second rule): a certificate from
+    // the mesh root for an identity there, presented straight to payments' listener.
+    let secret = bed.api::<Secret>().get("weft-identity").await.unwrap();
+    let root_key = String::from_utf8(secret.data.unwrap()["ca.key"].0.clone()).unwrap();
+    let root_pem = std::fs::read_to_string(&op.trust_root).unwrap();
+    let monitoring = leaf_from(
+        &root_pem,
+        &root_key,
+        "spiffe://cluster.local/ns/monitoring/sa/prometheus",
+    );
+    let logs = || {
+        format!(
+            "{}\n{}\n{}",
+            payments.proc.log_tail(),
+            web.proc.log_tail(),
+            operator.log_tail()
+        )
+    };
+
+    // Who calls what, and the answer (status, `weft-error`) once the Policy is in; before
+    // it, every call gets 200.
+    let peer = Caller::Peer(payments_inbound, &root_pem, (&monitoring.0, &monitoring.1));
+    let (w, o) = (Caller::Proxy(web.forward), Caller::Proxy(other.forward));
+    let plain = Caller::Plain(payments_inbound);
+    let (forbidden, mtls) = (Some("forbidden"), Some("mtls_required"));
+    let matrix = [
+        ("web", w, "POST", "/charge", 200, None),
+        ("web", w, "GET", "/charge", 403, forbidden),
+        ("web", w, "POST", "/refund", 403, forbidden),
+        ("other", o, "POST", "/charge", 403, forbidden),
+        ("other", o, "GET", "/metrics", 403, forbidden),
+        ("monitoring", peer, "GET", "/metrics", 200, None),
+        // The peer reads the status only.
+        ("monitoring", peer, "POST", "/charge", 403, None),
+        ("plain text", plain, "GET", "/metrics", 403, mtls),
+    ];
+    let check = |after: bool| {
+        let matrix = &matrix;
+        async move {
+            let mut wrong = Vec::new();
+            for (who, caller, method, path, status, error) in matrix {
+                let want = match after {
+                    true => (*status, error.map(str::to_owned)),
+                    false => (200, None),
+                };
+                let got = caller.call(method, path).await?;
+                if got != want {
+                    wrong.push(format!("{who} {method} {path}: {got:?}, want {want:?}"));
+                }
+            }
+            ensure!(wrong.is_empty(), "{wrong:#?}");
+            Ok(())
+        }
+    };
+    // Before: no Policy, everyone may call (mesh default Permissive, no rules).
+    eventually(WAIT, || check(false))
+        .await
+        .unwrap_or_else(|e| panic!("before the Policy: {e:#}\n{}", logs()));
+
+    // The example as written: it names no namespace, so it lands in the test's, and it
+    // targets Service payments.
+    let name = bed.apply_example::<Policy>("policy-strict.yaml").await;
+    assert_eq!(name, "payments");
+    let applied = Instant::now();
+    eventually(SOON, || check(true))
+        .await
+        .unwrap_or_else(|e| panic!("after the Policy: {e:#}\n{}", logs()));
+    let took = applied.elapsed();
+    // The denial names the Policy, and web's allowed call reaches payments as web.
+    let r = http_call(other.forward, "POST", "/charge").await.unwrap();
+    assert_eq!(
+        r.header("weft-policy"),
+        Some(format!("{ns}/payments").as_str()),
+        "{r:?}"
+    );
+    let r = http_call(web.forward, "POST", "/charge").await.unwrap();
+    assert_eq!(
+        r.body,
+        format!("path=/charge xfcc=URI=spiffe://cluster.local/ns/{ns}/sa/web")
+    );
+
+    bed.condition::<Policy>(&name, "Accepted", "True").await;
+    let (_, msg) = bed.condition::<Policy>(&name, "Programmed", "True").await;
+    assert_eq!(
+        msg, "generation 1 acknowledged by 1 of 1 proxies, and enforced by all",
+        "{msg}"
+    );
+    eprintln!("the example Policy acted {took:?} after apply: {msg}");
+    drop((payments, web, other, op));
     bed.cleanup().await;
 }
 
@@ -919,6 +1163,44 @@ async fn peer_get(
     roots_pem: &str,
     leaf: Option<(&str, &str)>,
 ) -> anyhow::Result<u16> {
+    peer_call(addr, roots_pem, leaf, "GET", "/peer").await
+}
+
+/// As [`peer_get`], with `method` and `path`.
+async fn peer_call(
+    addr: SocketAddr,
+    roots_pem: &str,
+    leaf: Option<(&str, &str)>,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<u16> {
+    let mut tls = peer_connect(addr, roots_pem, leaf).await?;
+    tls.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut out = Vec::new();
+    // A client certificate the server refuses is answered with an alert after the
+    // client's side of the handshake has completed: it shows up here.
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out))
+        .await
+        .context("response timed out")?
+        .context("after the handshake")?;
+    let text = String::from_utf8_lossy(&out);
+    Ok(text.get(9..12).context("no status line")?.parse()?)
+}
+
+/// A TLS 1.3 connection as a peer proxy opens it to a proxy's inbound listener (ALPN
+/// `weft-http1`), presenting `leaf` (chain PEM, key PEM) if given, and accepting the
+/// proxy's certificate only if it chains to `roots_pem`.
+async fn peer_connect(
+    addr: SocketAddr,
+    roots_pem: &str,
+    leaf: Option<(&str, &str)>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     use std::sync::Arc;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut roots_pem.as_bytes()) {
@@ -941,24 +1223,52 @@ async fn peer_get(
     };
     config.alpn_protocols = vec![b"weft-http1".to_vec()];
     let tcp = TcpStream::connect(addr).await?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(
             rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
             tcp,
         )
         .await
-        .context("handshake")?;
-    tls.write_all(b"GET /peer HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
-        .await?;
-    let mut out = Vec::new();
-    // A client certificate the server refuses is answered with an alert after the
-    // client's side of the handshake has completed: it shows up here.
-    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out))
-        .await
-        .context("response timed out")?
-        .context("after the handshake")?;
-    let text = String::from_utf8_lossy(&out);
-    Ok(text.get(9..12).context("no status line")?.parse()?)
+        .context("handshake")
+}
+
+/// The notAfter (Unix seconds) of the leaf certificate the proxy listening on `addr`
+/// presents in a TLS handshake, verified against `roots_pem`.
+async fn presented_not_after(addr: SocketAddr, roots_pem: &str) -> anyhow::Result<u64> {
+    let tls = peer_connect(addr, roots_pem, None).await?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .context("no certificate presented")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)?;
+    Ok(u64::try_from(cert.validity().not_after.timestamp())?)
+}
+
+/// Asserts that the proxy `p` shows `not_after` (Unix seconds) as its certificate's expiry,
+/// in `/config` and in `weft_identity_expiry_timestamp_seconds` (within 1 s).
+async fn assert_expiry_shown(p: &ProxyProc, not_after: u64) {
+    let id = identity_of(p.admin).await.unwrap();
+    assert_eq!(
+        id["notAfter"],
+        json!(not_after),
+        "{}: /config {id}",
+        p.proc.name
+    );
+    let metric = expiry_metric(p).await;
+    assert!(
+        (metric - not_after as f64).abs() <= 1.0,
+        "{}: expiry metric {metric}, leaf's notAfter {not_after}",
+        p.proc.name
+    );
+}
+
+/// The proxy's `weft_identity_expiry_timestamp_seconds`.
+async fn expiry_metric(p: &ProxyProc) -> f64 {
+    let (_, m) = http_get(p.admin, "/metrics").await.unwrap();
+    sample(&m, "weft_identity_expiry_timestamp_seconds")
+        .unwrap_or_else(|| panic!("{}: no expiry metric", p.proc.name))
 }
 
 /// A leaf for `id` signed directly by the root `root_pem` with key `key_pem`: what a peer
@@ -1378,6 +1688,13 @@ async fn with_the_operator_down_proxies_keep_their_certificate_until_it_expires_
         identity_of(mesh.client.admin).await.unwrap(),
         identity_of(mesh.web.admin).await.unwrap(),
     );
+    let first_expiry = expiry_metric(&mesh.web).await;
+    let first_not_after = first.1["notAfter"].as_u64().unwrap();
+    assert!(
+        (first_expiry - first_not_after as f64).abs() <= 1.0,
+        "expiry metric {first_expiry}, /config {}",
+        first.1
+    );
     let (client_id, web_id) = eventually(RENEWAL_WAIT, || async {
         let now = (
             identity_of(mesh.client.admin).await?,
@@ -1393,6 +1710,16 @@ async fn with_the_operator_down_proxies_keep_their_certificate_until_it_expires_
     })
     .await
     .unwrap_or_else(|e| panic!("{e:#}\n{}", mesh.logs()));
+    // The metric follows the renewal: it is the notAfter of the leaf web now presents.
+    let presented = presented_not_after(mesh.web_inbound, &mesh.root_a.0)
+        .await
+        .unwrap();
+    assert_eq!(json!(presented), web_id["notAfter"]);
+    assert_expiry_shown(&mesh.web, presented).await;
+    assert!(
+        presented > first_not_after,
+        "renewed leaf expires at {presented}, the first at {first_not_after}"
+    );
     mesh.operator.take().unwrap().kill();
     let down = Instant::now();
     let unix = |v: &serde_json::Value| v.as_u64().unwrap();

@@ -21,7 +21,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 use weft_api::identity::{
@@ -253,7 +253,15 @@ impl IdentityServer {
         let body = Limited::new(req.into_body(), MAX_REQUEST_BYTES)
             .collect()
             .await
-            .map_err(|_| too_large())?
+            .map_err(|e| match e.downcast_ref::<LengthLimitError>() {
+                Some(_) => too_large(),
+                // A client that went away mid-body sent nothing too large.
+                None => Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    reason::BAD_REQUEST,
+                    format!("reading the body: {e}"),
+                ),
+            })?
             .to_bytes();
         let request: CertifyRequest = serde_json::from_slice(&body).map_err(|e| {
             Refusal::new(

@@ -635,9 +635,28 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<
 
 /// A GET over HTTP/1.1 on loopback, with the response's headers; times out after 5 s.
 pub async fn http_request(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<Reply> {
+    http_call(addr, "GET", path).await
+}
+
+/// A `method` request without a body over HTTP/1.1 on loopback, with the response's
+/// headers; times out after 5 s.
+pub async fn http_call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<Reply> {
+    // GETs go out as before this helper took a method: without a content-length.
+    let length = if method == "GET" {
+        ""
+    } else {
+        "content-length: 0\r\n"
+    };
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nhost: t\r\n{length}connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
         .await
