@@ -2,7 +2,7 @@
 //! tokio-rustls, HTTP/2 or HTTP/1.1 by ALPN, a bounded handshake, graceful shutdown.
 //!
 //! ```text
-//!  listener ─accept─▶ TLS handshake (≤ 10 s) ─▶ hyper auto (h2 | http/1.1) ─▶ Handler
+//!  listener ─accept─▶ TLS handshake (≤ 10 s) ─▶ hyper auto (h2 | http/1.1; headers ≤ 10 s) ─▶ Handler
 //!  shutdown ─▶ stop accepting ─▶ in-flight requests answered (≤ 5 s) ─▶ connections dropped
 //! ```
 
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -20,6 +20,9 @@ use tokio_rustls::TlsAcceptor;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight requests may take to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an HTTP/1.1 client may take to send a request's headers (a client trickling
+/// them would otherwise hold its connection open for ever).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Answers one request; `peer` is the client's address.
 pub trait Handler: Send + Sync + 'static {
@@ -80,7 +83,11 @@ pub async fn serve<H: Handler>(
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler.handle(req, peer).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
             let conn = builder
                 .serve_connection(TokioIo::new(tls), service)
                 .into_owned();

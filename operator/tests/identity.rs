@@ -45,7 +45,7 @@ use support::{
     processes::IdentityOperator,
 };
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 use tokio_util::sync::CancellationToken;
@@ -731,6 +731,33 @@ async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_
     })
     .await
     .unwrap();
+
+    // A slow client that stays holds the slot only until the body's deadline (10 s),
+    // then gets 408.
+    let mut slow = connect(op.identity, &bundle, false).await;
+    let started = Instant::now();
+    slow.write_all(
+        format!(
+            "POST {CERTIFY_PATH} HTTP/1.1\r\nhost: {SERVER_NAME}\r\n{}: {who}\r\n\
+             content-type: application/json\r\ncontent-length: 1024\r\n\r\n{{",
+            weft_api::push::POD_HEADER
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    slow.flush().await.unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(15), slow.read_exact(&mut head))
+        .await
+        .expect("an answer within 15 s")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 408", "{}", String::from_utf8_lossy(&head));
+    assert!(
+        (Duration::from_secs(10)..Duration::from_secs(13)).contains(&started.elapsed()),
+        "answered after {:?}",
+        started.elapsed()
+    );
     drop(op);
     bed.cleanup().await;
 }

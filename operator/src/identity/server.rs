@@ -40,6 +40,8 @@ use crate::{
 
 /// Identities whose issuance rate is remembered at most (idle ones are forgotten first).
 const IDENTITIES_MAX: usize = 100_000;
+/// How long a client may take to send its request body once it holds an in-flight slot.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The endpoint's bounds.
 #[derive(Clone, Debug, PartialEq)]
@@ -250,19 +252,33 @@ impl IdentityServer {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_owned);
-        let body = Limited::new(req.into_body(), MAX_REQUEST_BYTES)
-            .collect()
-            .await
-            .map_err(|e| match e.downcast_ref::<LengthLimitError>() {
-                Some(_) => too_large(),
-                // A client that went away mid-body sent nothing too large.
-                None => Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    reason::BAD_REQUEST,
-                    format!("reading the body: {e}"),
+        // The in-flight slot is held while the body arrives: a client trickling it gets
+        // BODY_TIMEOUT, not the slot for as long as it likes.
+        let body = tokio::time::timeout(
+            BODY_TIMEOUT,
+            Limited::new(req.into_body(), MAX_REQUEST_BYTES).collect(),
+        )
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                reason::BAD_REQUEST,
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
                 ),
-            })?
-            .to_bytes();
+            )
+        })?
+        .map_err(|e| match e.downcast_ref::<LengthLimitError>() {
+            Some(_) => too_large(),
+            // A client that went away mid-body sent nothing too large.
+            None => Refusal::new(
+                StatusCode::BAD_REQUEST,
+                reason::BAD_REQUEST,
+                format!("reading the body: {e}"),
+            ),
+        })?
+        .to_bytes();
         let request: CertifyRequest = serde_json::from_slice(&body).map_err(|e| {
             Refusal::new(
                 StatusCode::BAD_REQUEST,
