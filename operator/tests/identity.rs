@@ -666,17 +666,13 @@ async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_
 
     // A slow client: the headers and the first byte of a 1 KiB body, then nothing. Its
     // request holds the one slot while the endpoint waits for the rest.
+    let slow_request = format!(
+        "POST {CERTIFY_PATH} HTTP/1.1\r\nhost: {SERVER_NAME}\r\n{}: {who}\r\n\
+         content-type: application/json\r\ncontent-length: 1024\r\n\r\n{{",
+        weft_api::push::POD_HEADER
+    );
     let mut slow = connect(op.identity, &bundle, false).await;
-    slow.write_all(
-        format!(
-            "POST {CERTIFY_PATH} HTTP/1.1\r\nhost: {SERVER_NAME}\r\n{}: {who}\r\n\
-             content-type: application/json\r\ncontent-length: 1024\r\n\r\n{{",
-            weft_api::push::POD_HEADER
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    slow.write_all(slow_request.as_bytes()).await.unwrap();
     slow.flush().await.unwrap();
 
     // A proxy's request now waits for the slot, then is refused with its reason. (The
@@ -736,16 +732,7 @@ async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_
     // then gets 408.
     let mut slow = connect(op.identity, &bundle, false).await;
     let started = Instant::now();
-    slow.write_all(
-        format!(
-            "POST {CERTIFY_PATH} HTTP/1.1\r\nhost: {SERVER_NAME}\r\n{}: {who}\r\n\
-             content-type: application/json\r\ncontent-length: 1024\r\n\r\n{{",
-            weft_api::push::POD_HEADER
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    slow.write_all(slow_request.as_bytes()).await.unwrap();
     slow.flush().await.unwrap();
     let mut head = [0u8; 12];
     tokio::time::timeout(Duration::from_secs(15), slow.read_exact(&mut head))

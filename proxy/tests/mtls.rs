@@ -14,14 +14,11 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
+use support::ca::{Ca, Leaf};
 use support::*;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -36,90 +33,6 @@ use weft_proxy::{
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/cart";
-
-/// A test certificate authority.
-struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            params,
-            key,
-        }
-    }
-
-    /// A leaf for `id`, valid from `from` to `until` (relative to now, in seconds).
-    fn issue_at(&self, id: &str, from: i64, until: i64) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let now = time_now();
-        params.not_before = now + time::Duration::seconds(from);
-        params.not_after = now + time::Duration::seconds(until);
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        Leaf {
-            chain: cert.pem(),
-            key: key.serialize_pem(),
-            der: cert.der().clone(),
-            key_der: key.serialize_der(),
-        }
-    }
-
-    fn issue(&self, id: &str) -> Leaf {
-        self.issue_at(id, -60, 3600)
-    }
-
-    /// An identity store holding a fresh certificate for `id`.
-    fn store(&self, id: &str) -> Arc<IdentityStore> {
-        let store = IdentityStore::new().unwrap();
-        self.install(&store, id);
-        store
-    }
-
-    fn install(&self, store: &IdentityStore, id: &str) {
-        let leaf = self.issue(id);
-        store
-            .install_pem(&leaf.chain, &leaf.key, &self.pem)
-            .unwrap();
-    }
-}
-
-fn time_now() -> time::OffsetDateTime {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap()
-}
-
-struct Leaf {
-    chain: String,
-    key: String,
-    der: CertificateDer<'static>,
-    key_der: Vec<u8>,
-}
-
-impl Leaf {
-    fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(self.key_der.clone().into())
-    }
-}
 
 fn proxy_with(identity: Option<Arc<IdentityStore>>) -> Arc<Proxy> {
     Proxy::with_identity(

@@ -21,11 +21,9 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use support::ca::Ca;
 use support::*;
 use tokio::net::TcpListener;
 use weft_proxy::{
@@ -38,57 +36,6 @@ use weft_proxy::{
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/cart";
 const UNSENT: &str = "weft-unsent";
-
-/// A test certificate authority.
-struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
-    pem: String,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "mesh root");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            params,
-            key,
-        }
-    }
-
-    /// An identity store holding a certificate for `id`, valid for the next hour.
-    fn store(&self, id: &str) -> Arc<IdentityStore> {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let now = time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap();
-        params.not_before = now - time::Duration::seconds(60);
-        params.not_after = now + time::Duration::seconds(3600);
-        let cert = params
-            .signed_by(&key, &Issuer::from_params(&self.params, &self.key))
-            .unwrap();
-        let store = IdentityStore::new().unwrap();
-        store
-            .install_pem(&cert.pem(), &key.serialize_pem(), &self.pem)
-            .unwrap();
-        store
-    }
-}
 
 fn proxy_with(identity: Arc<IdentityStore>) -> Arc<Proxy> {
     Proxy::with_identity(
@@ -225,7 +172,7 @@ async fn forger() -> (SocketAddr, Arc<AtomicUsize>, Task) {
 
 #[tokio::test]
 async fn a_bodiless_request_the_peer_never_sent_goes_to_another_endpoint() {
-    let ca = Ca::new();
+    let ca = Ca::new("mesh root");
     let live = Scripted::ok("127.0.0.1", "cart").await;
     let dead = server_sidecar(&ca, refused_addr("127.0.0.1").await);
     let alive = server_sidecar(&ca, live.addr);
@@ -296,7 +243,7 @@ async fn a_bodiless_request_the_peer_never_sent_goes_to_another_endpoint() {
 
 #[tokio::test]
 async fn a_request_whose_body_a_retry_policy_copied_is_sent_again_whole() {
-    let ca = Ca::new();
+    let ca = Ca::new("mesh root");
     let live = Scripted::ok("127.0.0.1", "cart").await;
     let dead = server_sidecar(&ca, refused_addr("127.0.0.1").await);
     let alive = server_sidecar(&ca, live.addr);
@@ -321,7 +268,7 @@ async fn a_request_whose_body_a_retry_policy_copied_is_sent_again_whole() {
 
 #[tokio::test]
 async fn retries_of_requests_the_peer_never_sent_stop_where_connect_retries_do() {
-    let ca = Ca::new();
+    let ca = Ca::new("mesh root");
     let mut dead = Vec::new();
     for _ in 0..4 {
         dead.push(server_sidecar(&ca, refused_addr("127.0.0.1").await));
@@ -339,19 +286,12 @@ async fn retries_of_requests_the_peer_never_sent_stop_where_connect_retries_do()
     assert!(attempts.iter().all(|&n| n <= 1), "{attempts:?}");
 }
 
-#[tokio::test]
-async fn an_application_cannot_ask_for_a_retry_through_its_proxy() {
-    let ca = Ca::new();
-    let (forging, forged, _task) = forger().await;
-    let live = Scripted::ok("127.0.0.1", "cart").await;
-    let forger_sidecar = server_sidecar(&ca, forging);
-    let alive = server_sidecar(&ca, live.addr);
-    let client = client_sidecar(&ca, &[(forger_sidecar.addr, true), (alive.addr, true)]);
-
-    let c = h1_client();
+/// Sends 4 requests through `client`: how many got the forging application's own 502
+/// (the rest must be 200), none of them carrying the signal.
+async fn forged_refusals(c: &Client<HttpConnector, Body>, client: &TestProxy) -> usize {
     let mut refused = 0;
     for _ in 0..4 {
-        let (resp, body) = get(&c, &client.url("/pay")).await;
+        let (resp, body) = get(c, &client.url("/pay")).await;
         assert_eq!(header(&resp, UNSENT), "", "the signal reached the client");
         if resp.status() == 502 {
             assert_eq!(body, "forged");
@@ -360,6 +300,20 @@ async fn an_application_cannot_ask_for_a_retry_through_its_proxy() {
             assert_eq!(resp.status(), 200, "{body}");
         }
     }
+    refused
+}
+
+#[tokio::test]
+async fn an_application_cannot_ask_for_a_retry_through_its_proxy() {
+    let ca = Ca::new("mesh root");
+    let (forging, forged, _task) = forger().await;
+    let live = Scripted::ok("127.0.0.1", "cart").await;
+    let forger_sidecar = server_sidecar(&ca, forging);
+    let alive = server_sidecar(&ca, live.addr);
+    let client = client_sidecar(&ca, &[(forger_sidecar.addr, true), (alive.addr, true)]);
+
+    let c = h1_client();
+    let refused = forged_refusals(&c, &client).await;
     // The application's 502s were its answers: each request was delivered once.
     assert_eq!(refused, 2);
     assert_eq!(forged.load(Ordering::SeqCst), 2);
@@ -373,7 +327,7 @@ async fn an_application_cannot_ask_for_a_retry_through_its_proxy() {
 
 #[tokio::test]
 async fn a_plain_text_endpoint_cannot_ask_for_a_retry() {
-    let ca = Ca::new();
+    let ca = Ca::new("mesh root");
     let (forging, forged, _task) = forger().await;
     let live = Scripted::ok("127.0.0.1", "cart").await;
     let endpoints = [(forging, false), (live.addr, false)];
@@ -383,18 +337,7 @@ async fn a_plain_text_endpoint_cannot_ask_for_a_retry() {
         with_connect_retries(&ca, &endpoints),
     ] {
         let (forged_before, live_before) = (forged.load(Ordering::SeqCst), live.requests());
-        let c = h1_client();
-        let mut refused = 0;
-        for _ in 0..4 {
-            let (resp, body) = get(&c, &client.url("/pay")).await;
-            assert_eq!(header(&resp, UNSENT), "", "the signal reached the client");
-            if resp.status() == 502 {
-                assert_eq!(body, "forged");
-                refused += 1;
-            } else {
-                assert_eq!(resp.status(), 200, "{body}");
-            }
-        }
+        let refused = forged_refusals(&h1_client(), &client).await;
         // Every request was delivered once: the 502s are the application's own.
         assert!(refused >= 1);
         assert_eq!(forged.load(Ordering::SeqCst) - forged_before, refused);

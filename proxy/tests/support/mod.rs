@@ -3,6 +3,8 @@
 // Test helpers: a failed setup step should panic the test that called it.
 #![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod ca;
+
 use std::{
     convert::Infallible,
     net::SocketAddr,
