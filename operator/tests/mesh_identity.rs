@@ -414,6 +414,27 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
         (forged.status, forged.body.as_str()),
         (200, "path=/allowed xfcc=-")
     );
+    // Web's proxy counts the requests by who made them: the client's over mutual TLS
+    // under its identity, the plain-text one under none (a forged header names nobody).
+    let (_, web_metrics) = http_get(web.admin, "/metrics").await.unwrap();
+    let inbound_requests = |by: Option<&str>| -> f64 {
+        web_metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("weft_requests_total{") && l.contains("direction=\"inbound\"")
+            })
+            .filter(|l| match by {
+                Some(id) => l.contains(&format!("client_id=\"{id}\"")),
+                None => !l.contains("client_id="),
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        inbound_requests(Some(&client_id)) >= 1.0,
+        "no inbound request counted under {client_id}:\n{web_metrics}"
+    );
+    assert_eq!(inbound_requests(None), 1.0, "{web_metrics}");
 
     // 3. A Strict Policy: only the client's ServiceAccount, only GET /allowed.
     let policy: Policy = serde_json::from_value(json!({
