@@ -30,7 +30,11 @@ pub enum Readiness {
     Http,
     /// `grpc: {port: 8081}` to `serve --grpc-health-listen` (SERVING, NOT_SERVING while
     /// `weft-demo-app fail`ing), unready after 2 failures.
-    Grpc,
+    Grpc {
+        /// `false`: the pod is annotated `weft.dev/rewrite-probes: "false"`, so the
+        /// kubelet calls the app's port itself, through the inbound listener.
+        rewrite: bool,
+    },
 }
 
 /// The demo app's gRPC health port under [`Readiness::Grpc`].
@@ -59,11 +63,17 @@ pub fn demo_deployment_probed(
             String::new(),
             "httpGet: {path: /healthz, port: 8080}".to_owned(),
         ),
-        Readiness::Grpc => (
+        Readiness::Grpc { .. } => (
             format!(r#", "--grpc-health-listen", "0.0.0.0:{p}""#),
             format!("\n        - containerPort: {p}"),
             format!("grpc: {{port: {p}}}\n          failureThreshold: 2"),
         ),
+    };
+    let annotations = match readiness {
+        Readiness::Grpc { rewrite: false } => {
+            "\n      annotations: {weft.dev/rewrite-probes: \"false\"}"
+        }
+        _ => "",
     };
     format!(
         r#"apiVersion: apps/v1
@@ -77,7 +87,7 @@ spec:
     matchLabels: {{app: {app}, version: {name}}}
   template:
     metadata:
-      labels: {{app: {app}, version: {name}}}
+      labels: {{app: {app}, version: {name}}}{annotations}
     spec:
       serviceAccountName: {sa}
       terminationGracePeriodSeconds: 5
@@ -700,13 +710,31 @@ const APP_READYZ: &str = "/app-health/app/readyz";
 const READINESS_FLIP: Duration = Duration::from_secs(15);
 
 /// 5e'. A gRPC readiness probe works through the injected proxy under a namespace's
-///     Strict Policy: injection rewrote it to the proxy's admin port (the kubelet's own
-///     plain-text HTTP/2 to the app's port would be refused by the inbound listener), the
-///     pod stays Ready, and the proxy's `grpc.health.v1.Health/Check` follows the app:
+///     Strict Policy: injection rewrote it to the proxy's admin port, the pod stays
+///     Ready, and the proxy's `grpc.health.v1.Health/Check` follows the app:
 ///     `weft-demo-app fail` (NOT_SERVING) makes the pod NotReady, `recover` Ready again.
+///     The same probe left as written (`weft.dev/rewrite-probes: "false"`), the kubelet's
+///     plain-text HTTP/2 to the app's port, passes under the mesh default and fails
+///     under Strict: what the rewrite is for.
 pub fn grpc_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Result<()> {
-    let demo = Demo::deploy_probed(ctx, "grpc-probes", 1, 0, &[], Readiness::Grpc)?;
+    let demo = Demo::deploy_probed(
+        ctx,
+        "grpc-probes",
+        1,
+        0,
+        &[],
+        Readiness::Grpc { rewrite: true },
+    )?;
     let (kube, ns) = (demo.kube, &demo.ns);
+    kube.apply(&demo_deployment_probed(
+        ns,
+        "as-written",
+        "as-written",
+        "web",
+        1,
+        Readiness::Grpc { rewrite: false },
+    ))?;
+    kube.wait_ready(ns, "app=as-written", READY)?;
     let pods = kube.pod_names(ns, "app=web")?;
     let [pod] = pods.as_slice() else {
         bail!("web has {} pods, expected one", pods.len());
@@ -715,6 +743,17 @@ pub fn grpc_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Re
     grpc_probe_rewritten(&spec["spec"])?;
 
     demo.apply_programmed(&namespace_strict_policy(ns), NAMESPACE_STRICT)?;
+    // The probe left as written now reaches the inbound listener in plain text, refused.
+    eventually(READINESS_FLIP, || {
+        for p in kube.pods(ns, "app=as-written")? {
+            ensure!(
+                !is_ready(&p),
+                "{} still Ready under Strict",
+                p["metadata"]["name"]
+            );
+        }
+        Ok(())
+    })?;
     // Two probes fail in 2 s: 5 s under Strict is enough for a refused probe to show.
     web_stays_ready(kube, ns, Duration::from_secs(5))?;
     let verdict = kube.proxy_admin(ns, pod, APP_READYZ)?;
