@@ -15,12 +15,18 @@
 //! The request's `service` (the probe's `grpc.service`, `""` when it sets none) is read
 //! and logged but does not change the answer: the whole server and every named service
 //! are SERVING or NOT_SERVING together, as the fail file says (no `SERVICE_UNKNOWN`).
+//! The first answer and every change of answer are logged at `info` with the caller's
+//! `User-Agent` (the kubelet's `kube-probe/<version>`, passed on by Weft's proxy), so the
+//! log shows whose probe reached the application and what it was told.
 
 use std::{
     convert::Infallible,
     path::PathBuf,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -66,7 +72,18 @@ impl ServingStatus {
             Self::Serving
         }
     }
+
+    /// The name in `health.proto`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Serving => "SERVING",
+            Self::NotServing => "NOT_SERVING",
+        }
+    }
 }
+
+/// The last status answered (`0` before the first), so that changes are logged once.
+type LastAnswer = Arc<AtomicU8>;
 
 /// The gRPC message `HealthCheckResponse{status}` in its length-prefixed frame: no
 /// compression, length 2, then field 1 (tag `0x08`: number 1, varint) with the status.
@@ -105,6 +122,7 @@ pub fn requested_service(body: &[u8]) -> Result<String, BadRequest> {
 /// Serves the health service on `listener` until the process ends, answering from
 /// whether `fail_file` exists.
 pub async fn run(listener: TcpListener, fail_file: Arc<PathBuf>) {
+    let last = LastAnswer::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -114,9 +132,9 @@ pub async fn run(listener: TcpListener, fail_file: Arc<PathBuf>) {
                 continue;
             }
         };
-        let fail_file = fail_file.clone();
+        let (fail_file, last) = (fail_file.clone(), last.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req| answer(fail_file.clone(), req));
+            let service = service_fn(move |req| answer(fail_file.clone(), last.clone(), req));
             if let Err(e) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -130,6 +148,7 @@ pub async fn run(listener: TcpListener, fail_file: Arc<PathBuf>) {
 
 async fn answer(
     fail_file: Arc<PathBuf>,
+    last: LastAnswer,
     req: Request<Incoming>,
 ) -> Result<Response<GrpcBody>, Infallible> {
     if req.method() != Method::POST || req.uri().path() != CHECK_PATH {
@@ -140,6 +159,7 @@ async fn answer(
             "only grpc.health.v1.Health/Check is served",
         ));
     }
+    let user_agent = req.headers().get(http::header::USER_AGENT).cloned();
     let body = match Limited::new(req.into_body(), MAX_REQUEST_BYTES)
         .collect()
         .await
@@ -162,7 +182,14 @@ async fn answer(
         }
     };
     let status = ServingStatus::of(crate::serve::failing(&fail_file).await.is_some());
-    tracing::debug!(%service, ?status, "gRPC health check");
+    let user_agent = user_agent
+        .as_ref()
+        .map(|ua| String::from_utf8_lossy(ua.as_bytes()));
+    if last.swap(status as u8, Ordering::Relaxed) != status as u8 {
+        tracing::info!(%service, status = status.name(), ?user_agent, "gRPC health: answer changed");
+    } else {
+        tracing::debug!(%service, status = status.name(), ?user_agent, "gRPC health check");
+    }
     Ok(grpc_response(Some(check_response(status)), GRPC_OK, ""))
 }
 

@@ -31,10 +31,16 @@ fn free_port() -> u16 {
 }
 
 fn serve(name: &str, port: u16, fail_file: &std::path::Path) -> Server {
-    serve_with(name, port, fail_file, &[])
+    serve_with(name, port, fail_file, &[], Stdio::null())
 }
 
-fn serve_with(name: &str, port: u16, fail_file: &std::path::Path, extra: &[&str]) -> Server {
+fn serve_with(
+    name: &str,
+    port: u16,
+    fail_file: &std::path::Path,
+    extra: &[&str],
+    log: Stdio,
+) -> Server {
     let child = Command::new(BIN)
         .args(["serve", "--name", name, "--listen"])
         .arg(format!("127.0.0.1:{port}"))
@@ -42,7 +48,7 @@ fn serve_with(name: &str, port: u16, fail_file: &std::path::Path, extra: &[&str]
         .arg(fail_file)
         .args(extra)
         .env("HOSTNAME", format!("{name}-pod"))
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     let start = Instant::now();
@@ -140,7 +146,7 @@ fn the_grpc_health_check_answers_serving_then_not_serving_while_failing() {
     };
 
     let dir = tempfile::tempdir().unwrap();
-    let fail_file = dir.path().join("fail");
+    let (fail_file, log) = (dir.path().join("fail"), dir.path().join("serve.log"));
     let (port, grpc_port) = (free_port(), free_port());
     let grpc_addr = format!("127.0.0.1:{grpc_port}");
     let _server = serve_with(
@@ -148,6 +154,7 @@ fn the_grpc_health_check_answers_serving_then_not_serving_while_failing() {
         port,
         &fail_file,
         &["--grpc-health-listen", &grpc_addr],
+        std::fs::File::create(&log).unwrap().into(),
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -188,6 +195,13 @@ fn the_grpc_health_check_answers_serving_then_not_serving_while_failing() {
     // The HTTP server beside it is unchanged.
     let (code, lines) = load(port, &["--count", "5"]);
     assert_eq!(code, 0, "{lines:?}");
+    // The first answer and each change are logged, with the caller's User-Agent.
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(log.matches("answer changed").count(), 3, "{log}");
+    assert!(
+        log.contains("NOT_SERVING") && log.contains("tonic/"),
+        "{log}"
+    );
 }
 
 #[test]

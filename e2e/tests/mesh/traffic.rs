@@ -770,12 +770,19 @@ pub fn grpc_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Re
         Ok(())
     })?;
     let unready_after = failed.elapsed();
-    let refused = kube
-        .proxy_admin(ns, pod, APP_READYZ)
-        .map_or_else(|e| format!("{e:#}"), |ok| format!("answered: {ok}"));
+    // The app logs each change of answer with the caller's User-Agent: the kubelet's
+    // probe, performed by the proxy, reached it and was told NOT_SERVING (the API
+    // server's pod proxy does not pass the admin port's 503 body on to kubectl).
+    let log = kube.logs(ns, pod, "app")?;
+    let told = log
+        .lines()
+        .filter(|l| l.contains("answer changed"))
+        .collect::<Vec<_>>();
     ensure!(
-        refused.contains("NOT_SERVING"),
-        "the proxy's gRPC check of the failing app: {refused}"
+        told.len() == 2
+            && told[1].contains("NOT_SERVING")
+            && told.iter().all(|l| l.contains("kube-probe/")),
+        "the app's gRPC health answers (SERVING, then NOT_SERVING to the kubelet's probe):\n{log}"
     );
 
     kube.exec(ns, pod, "app", &["weft-demo-app", "recover"])?;
