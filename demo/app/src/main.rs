@@ -2,11 +2,13 @@
 //!
 //! - `serve` answers every request with its own name and pod, and fails on demand (a file
 //!   that `fail` creates and `recover` removes, so `kubectl exec` can switch it in an image
-//!   without a shell);
+//!   without a shell), and optionally answers the gRPC health check a `grpc` probe calls
+//!   (`--grpc-health-listen`: SERVING, NOT_SERVING while failing);
 //! - `load` sends GETs at a steady rate and prints one JSON report line per interval: status
 //!   codes, which server and pod answered, Weft's error reasons, latency.
 
 mod duration;
+mod grpc_health;
 mod load;
 mod serve;
 
@@ -46,6 +48,11 @@ enum Cmd {
         /// `terminationGracePeriodSeconds`).
         #[arg(long, default_value = "3s", value_parser = duration::parse)]
         drain: std::time::Duration,
+        /// Also serve `grpc.health.v1.Health/Check` on this address, in plain-text HTTP/2
+        /// as the kubelet's `grpc` probe calls it: SERVING, NOT_SERVING while the fail file
+        /// exists, whatever service the request names. Off when not given.
+        #[arg(long)]
+        grpc_health_listen: Option<SocketAddr>,
     },
     /// Make the `serve` in this container fail (create the fail file).
     Fail {
@@ -81,7 +88,18 @@ fn main() -> ExitCode {
             name,
             fail_file,
             drain,
-        } => runtime().and_then(|rt| rt.block_on(serve::run(listen, name, fail_file, drain))),
+            grpc_health_listen,
+        } => runtime().and_then(|rt| {
+            rt.block_on(serve::run(
+                serve::Listen {
+                    http: listen,
+                    grpc_health: grpc_health_listen,
+                },
+                name,
+                fail_file,
+                drain,
+            ))
+        }),
         Cmd::Fail { status, fail_file } => std::fs::write(&fail_file, status.to_string())
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", fail_file.display())),
         Cmd::Recover { fail_file } => match std::fs::remove_file(&fail_file) {

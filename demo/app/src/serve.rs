@@ -1,4 +1,5 @@
-//! `serve`: an HTTP/1.1 server that says who answered and fails on demand.
+//! `serve`: an HTTP/1.1 server that says who answered and fails on demand, and
+//! optionally the gRPC health service of [`crate::grpc_health`] beside it.
 
 use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -8,15 +9,24 @@ use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 /// How long a connection may take to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where `serve` listens.
+pub struct Listen {
+    /// The HTTP/1.1 server's address.
+    pub http: SocketAddr,
+    /// The gRPC health service's address, when it is wanted.
+    pub grpc_health: Option<SocketAddr>,
+}
 
 /// Who this server is, as reported in every answer.
 struct Identity {
     name: String,
     pod: String,
-    fail_file: PathBuf,
+    fail_file: Arc<PathBuf>,
 }
 
 /// Serves until the process is stopped: after SIGTERM (the kubelet's way) it goes on
@@ -25,20 +35,29 @@ struct Identity {
 /// application that exits at once refuses the requests sent in that moment; Kubernetes'
 /// advice is to keep serving briefly, as this does.
 pub async fn run(
-    listen: SocketAddr,
+    listen: Listen,
     name: String,
     fail_file: PathBuf,
     drain: Duration,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
+    let listener = bind(listen.http).await?;
+    let grpc_health = match listen.grpc_health {
+        Some(addr) => Some((addr, bind(addr).await?)),
+        None => None,
+    };
     let id = Arc::new(Identity {
         name,
         pod: pod_name(),
-        fail_file,
+        fail_file: Arc::new(fail_file),
     });
-    tracing::info!(%listen, name = %id.name, pod = %id.pod, "serving");
+    if let Some((addr, listener)) = grpc_health {
+        tracing::info!(listen = %addr, "serving gRPC health checks");
+        tokio::spawn(
+            crate::grpc_health::run(listener, id.fail_file.clone())
+                .instrument(tracing::info_span!("grpc_health", listen = %addr)),
+        );
+    }
+    tracing::info!(listen = %listen.http, name = %id.name, pod = %id.pod, "serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut stop_at = None;
     loop {
@@ -82,6 +101,12 @@ pub async fn run(
     }
 }
 
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))
+}
+
 async fn answer(
     id: Arc<Identity>,
     req: Request<Incoming>,
@@ -109,7 +134,7 @@ async fn answer(
 }
 
 /// The status to fail with, when the fail file exists.
-async fn failing(file: &std::path::Path) -> Option<StatusCode> {
+pub async fn failing(file: &std::path::Path) -> Option<StatusCode> {
     let text = tokio::fs::read_to_string(file).await.ok()?;
     Some(
         text.trim()

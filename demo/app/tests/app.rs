@@ -31,13 +31,24 @@ fn free_port() -> u16 {
 }
 
 fn serve(name: &str, port: u16, fail_file: &std::path::Path) -> Server {
+    serve_with(name, port, fail_file, &[], Stdio::null())
+}
+
+fn serve_with(
+    name: &str,
+    port: u16,
+    fail_file: &std::path::Path,
+    extra: &[&str],
+    log: Stdio,
+) -> Server {
     let child = Command::new(BIN)
         .args(["serve", "--name", name, "--listen"])
         .arg(format!("127.0.0.1:{port}"))
         .arg("--fail-file")
         .arg(fail_file)
+        .args(extra)
         .env("HOSTNAME", format!("{name}-pod"))
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     let start = Instant::now();
@@ -116,6 +127,81 @@ fn load_counts_what_serve_answered_and_fail_switches_it_to_500() {
     assert!(status.success());
     let (code, lines) = load(port, &["--count", "5"]);
     assert_eq!(code, 0, "{lines:?}");
+}
+
+/// `fail` or `recover` with `fail_file`.
+fn switch(cmd: &str, fail_file: &std::path::Path) {
+    let status = Command::new(BIN)
+        .args([cmd, "--fail-file"])
+        .arg(fail_file)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{cmd}");
+}
+
+#[test]
+fn the_grpc_health_check_answers_serving_then_not_serving_while_failing() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let (fail_file, log) = (dir.path().join("fail"), dir.path().join("serve.log"));
+    let (port, grpc_port) = (free_port(), free_port());
+    let grpc_addr = format!("127.0.0.1:{grpc_port}");
+    let _server = serve_with(
+        "web-v1",
+        port,
+        &fail_file,
+        &["--grpc-health-listen", &grpc_addr],
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // The client the proxy performs rewritten `grpc` probes with (plain-text HTTP/2).
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = HealthClient::new(channel);
+        let check = |service: &str| HealthCheckRequest {
+            service: service.to_owned(),
+        };
+        // The whole server ("") and any named service answer alike, as the fail file says.
+        for (switched, expected) in [
+            (None, ServingStatus::Serving),
+            (Some("fail"), ServingStatus::NotServing),
+            (Some("recover"), ServingStatus::Serving),
+        ] {
+            if let Some(cmd) = switched {
+                switch(cmd, &fail_file);
+            }
+            for service in ["", "shop.Cart"] {
+                let answer = client.check(check(service)).await.unwrap().into_inner();
+                assert_eq!(answer.status, expected as i32, "{switched:?} {service:?}");
+            }
+        }
+
+        // Any other method is UNIMPLEMENTED (in the trailers, after the response's head),
+        // as a gRPC server without it answers.
+        let mut watch = client.watch(check("")).await.unwrap().into_inner();
+        let watched = watch.message().await.unwrap_err();
+        assert_eq!(watched.code(), tonic::Code::Unimplemented, "{watched:?}");
+    });
+    // The HTTP server beside it is unchanged.
+    let (code, lines) = load(port, &["--count", "5"]);
+    assert_eq!(code, 0, "{lines:?}");
+    // The first answer and each change are logged, with the caller's User-Agent.
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(log.matches("answer changed").count(), 3, "{log}");
+    assert!(
+        log.contains("NOT_SERVING") && log.contains("tonic/"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -107,12 +107,7 @@ impl Kube {
                 bail!("no pod matches {selector} in {ns}");
             }
             for p in &pods {
-                let ready = p["status"]["conditions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
-                if !ready {
+                if !is_ready(p) {
                     bail!(
                         "pod {} is not Ready: {}",
                         p["metadata"]["name"],
@@ -209,6 +204,15 @@ impl Kube {
         }
         text
     }
+}
+
+/// Whether a pod (its JSON) has the condition `Ready` true.
+pub fn is_ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
 
 /// Retries `f` every 500 ms until it succeeds or `timeout` passes, then returns its last

@@ -107,6 +107,10 @@ const SCENARIOS: &[Scenario] = &[
         traffic::a_policy_keeps_the_kubelets_probes_passing,
     ),
     (
+        "grpc-probes",
+        traffic::grpc_probes_pass_under_strict_and_follow_the_app,
+    ),
+    (
         "strict-namespace",
         traffic::a_strict_namespace_policy_refuses_plain_text,
     ),

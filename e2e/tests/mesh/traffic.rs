@@ -7,7 +7,7 @@
 use std::{
     io::{BufRead, BufReader},
     process::Child,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail, ensure};
@@ -20,13 +20,61 @@ use crate::{
     Ctx,
     basic::{READY, service_account},
     install::image_ref,
-    kube::{Kube, eventually, metric},
+    kube::{ADMIN_PORT, Kube, eventually, is_ready, metric},
 };
 
+/// How the demo app's pods tell the kubelet they are ready (every second).
+#[derive(Clone, Copy, Debug)]
+pub enum Readiness {
+    /// `httpGet: {path: /healthz, port: 8080}`: passes whenever the server runs.
+    Http,
+    /// `grpc: {port: 8081}` to `serve --grpc-health-listen` (SERVING, NOT_SERVING while
+    /// `weft-demo-app fail`ing), unready after 2 failures.
+    Grpc {
+        /// `false`: the pod is annotated `weft.dev/rewrite-probes: "false"`, so the
+        /// kubelet calls the app's port itself, through the inbound listener.
+        rewrite: bool,
+    },
+}
+
+/// The demo app's gRPC health port under [`Readiness::Grpc`].
+pub const GRPC_HEALTH_PORT: u16 = 8081;
+
 /// A Deployment `name` of the demo app serving as `name`, labelled `app: <app>` and
-/// `version: <name>`, run as ServiceAccount `sa`.
+/// `version: <name>`, run as ServiceAccount `sa`, with an HTTP readiness probe.
 pub fn demo_deployment(ns: &str, name: &str, app: &str, sa: &str, replicas: u32) -> String {
+    demo_deployment_probed(ns, name, app, sa, replicas, Readiness::Http)
+}
+
+/// [`demo_deployment`] with the readiness probe `readiness`.
+pub fn demo_deployment_probed(
+    ns: &str,
+    name: &str,
+    app: &str,
+    sa: &str,
+    replicas: u32,
+    readiness: Readiness,
+) -> String {
     let image = image_ref("weft-demo-app");
+    let p = GRPC_HEALTH_PORT;
+    let (grpc_args, grpc_port, probe) = match readiness {
+        Readiness::Http => (
+            String::new(),
+            String::new(),
+            "httpGet: {path: /healthz, port: 8080}".to_owned(),
+        ),
+        Readiness::Grpc { .. } => (
+            format!(r#", "--grpc-health-listen", "0.0.0.0:{p}""#),
+            format!("\n        - containerPort: {p}"),
+            format!("grpc: {{port: {p}}}\n          failureThreshold: 2"),
+        ),
+    };
+    let annotations = match readiness {
+        Readiness::Grpc { rewrite: false } => {
+            "\n      annotations: {weft.dev/rewrite-probes: \"false\"}"
+        }
+        _ => "",
+    };
     format!(
         r#"apiVersion: apps/v1
 kind: Deployment
@@ -39,7 +87,7 @@ spec:
     matchLabels: {{app: {app}, version: {name}}}
   template:
     metadata:
-      labels: {{app: {app}, version: {name}}}
+      labels: {{app: {app}, version: {name}}}{annotations}
     spec:
       serviceAccountName: {sa}
       terminationGracePeriodSeconds: 5
@@ -47,11 +95,11 @@ spec:
       - name: app
         image: {image}
         imagePullPolicy: Never
-        args: ["serve", "--listen", "0.0.0.0:8080", "--name", "{name}"]
+        args: ["serve", "--listen", "0.0.0.0:8080", "--name", "{name}"{grpc_args}]
         ports:
-        - containerPort: 8080
+        - containerPort: 8080{grpc_port}
         readinessProbe:
-          httpGet: {{path: /healthz, port: 8080}}
+          {probe}
           periodSeconds: 1
 ---
 "#
@@ -80,13 +128,29 @@ impl<'a> Demo<'a> {
         v2: u32,
         clients: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::deploy_probed(ctx, prefix, v1, v2, clients, Readiness::Http)
+    }
+
+    /// [`Demo::deploy`] with web's pods probed for readiness as `readiness` says.
+    pub fn deploy_probed(
+        ctx: &'a Ctx,
+        prefix: &str,
+        v1: u32,
+        v2: u32,
+        clients: &[&str],
+        readiness: Readiness,
+    ) -> anyhow::Result<Self> {
         let demo = Demo::in_new_namespace(ctx, prefix, true)?;
         let ns = &demo.ns;
         let mut yaml = service_account(ns, "web");
         yaml.push_str("---\n");
-        yaml.push_str(&demo_deployment(ns, "web-v1", "web", "web", v1));
+        yaml.push_str(&demo_deployment_probed(
+            ns, "web-v1", "web", "web", v1, readiness,
+        ));
         if v2 > 0 {
-            yaml.push_str(&demo_deployment(ns, "web-v2", "web", "web", v2));
+            yaml.push_str(&demo_deployment_probed(
+                ns, "web-v2", "web", "web", v2, readiness,
+            ));
         }
         yaml.push_str(&service_manifest(ns, "web", "app: web"));
         yaml.push_str(&service_manifest(ns, "web-v1", "app: web, version: web-v1"));
@@ -476,7 +540,7 @@ pub fn a_breaker_ejects_a_failing_pod(ctx: &Ctx) -> anyhow::Result<()> {
 
     // Traffic until the failing pod has answered 500 three times in a row. The balancer
     // (P2C over latency) tries it only now and then, so this takes a few seconds.
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let mut errors = 0;
     eventually(Duration::from_secs(90), || {
         let l = demo.load(
@@ -603,26 +667,194 @@ pub fn a_policy_keeps_the_kubelets_probes_passing(ctx: &Ctx) -> anyhow::Result<(
     let (kube, ns) = (demo.kube, &demo.ns);
     demo.apply_programmed(&web_policy(ns, false), "policy/web")?;
     // Readiness probes run every second and fail after 3; give them 10 s.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
+    web_stays_ready(kube, ns, Duration::from_secs(10))?;
+    let l = demo.load("client", "http://web/allowed/x", &BURST)?;
+    all_ok(&l, "client GET /allowed/x")
+}
+
+/// Checks every second for `time` that web's pods stay Ready; fails with the kubelet's
+/// `Unhealthy` events when one is not.
+fn web_stays_ready(kube: &Kube, ns: &str, time: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + time;
+    while Instant::now() < deadline {
         kube.wait_ready(ns, "app=web", Duration::from_secs(0))
             .with_context(|| {
-                let events = kube
-                    .run(&[
-                        "-n",
-                        ns,
-                        "get",
-                        "events",
-                        "--field-selector",
-                        "reason=Unhealthy",
-                    ])
-                    .unwrap_or_default();
-                format!("web went unready under the Policy:\n{events}")
+                format!(
+                    "web went unready under the Policy:\n{}",
+                    unhealthy_events(kube, ns)
+                )
             })?;
         std::thread::sleep(Duration::from_secs(1));
     }
-    let l = demo.load("client", "http://web/allowed/x", &BURST)?;
-    all_ok(&l, "client GET /allowed/x")
+    Ok(())
+}
+
+/// The kubelet's `Unhealthy` events (failed probes) in `ns`, as `kubectl get` prints them.
+fn unhealthy_events(kube: &Kube, ns: &str) -> String {
+    kube.run(&[
+        "-n",
+        ns,
+        "get",
+        "events",
+        "--field-selector",
+        "reason=Unhealthy",
+    ])
+    .unwrap_or_default()
+}
+
+/// The admin path the injector points the app container's readiness probe at.
+const APP_READYZ: &str = "/app-health/app/readyz";
+
+/// How long a readiness change may take to show: the probes run every second and 2
+/// failures (1 success) flip it; the rest is the kubelet's and the API server's pace.
+const READINESS_FLIP: Duration = Duration::from_secs(15);
+
+/// 5e'. A gRPC readiness probe works through the injected proxy under a namespace's
+///     Strict Policy: injection rewrote it to the proxy's admin port, the pod stays
+///     Ready, and the proxy's `grpc.health.v1.Health/Check` follows the app:
+///     `weft-demo-app fail` (NOT_SERVING) makes the pod NotReady, `recover` Ready again.
+///     The same probe left as written (`weft.dev/rewrite-probes: "false"`), the kubelet's
+///     plain-text HTTP/2 to the app's port, passes under the mesh default and fails
+///     under Strict: what the rewrite is for.
+pub fn grpc_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Result<()> {
+    let demo = Demo::deploy_probed(
+        ctx,
+        "grpc-probes",
+        1,
+        0,
+        &[],
+        Readiness::Grpc { rewrite: true },
+    )?;
+    let (kube, ns) = (demo.kube, &demo.ns);
+    kube.apply(&demo_deployment_probed(
+        ns,
+        "as-written",
+        "as-written",
+        "web",
+        1,
+        Readiness::Grpc { rewrite: false },
+    ))?;
+    kube.wait_ready(ns, "app=as-written", READY)?;
+    let pods = kube.pod_names(ns, "app=web")?;
+    let [pod] = pods.as_slice() else {
+        bail!("web has {} pods, expected one", pods.len());
+    };
+    let spec = kube.json(&["-n", ns, "get", "pod", pod])?;
+    grpc_probe_rewritten(&spec["spec"])?;
+
+    demo.apply_programmed(&namespace_strict_policy(ns), NAMESPACE_STRICT)?;
+    // The probe left as written now reaches the inbound listener in plain text, refused.
+    eventually(READINESS_FLIP, || {
+        for p in kube.pods(ns, "app=as-written")? {
+            ensure!(
+                !is_ready(&p),
+                "{} still Ready under Strict",
+                p["metadata"]["name"]
+            );
+        }
+        Ok(())
+    })?;
+    // Two probes fail in 2 s: 5 s under Strict is enough for a refused probe to show.
+    web_stays_ready(kube, ns, Duration::from_secs(5))?;
+    let verdict = kube.proxy_admin(ns, pod, APP_READYZ)?;
+    ensure!(
+        verdict.contains("application is SERVING"),
+        "the proxy's gRPC check of the app: {verdict}"
+    );
+
+    kube.exec(ns, pod, "app", &["weft-demo-app", "fail"])?;
+    let failed = Instant::now();
+    eventually(READINESS_FLIP, || {
+        let p = kube.json(&["-n", ns, "get", "pod", pod])?;
+        ensure!(!is_ready(&p), "{pod} still Ready after `fail`");
+        Ok(())
+    })?;
+    let unready_after = failed.elapsed();
+    // The app logs each change of answer with the caller's User-Agent: the kubelet's
+    // probe, performed by the proxy, reached it and was told NOT_SERVING (the API
+    // server's pod proxy does not pass the admin port's 503 body on to kubectl).
+    let log = kube.logs(ns, pod, "app")?;
+    let told = log
+        .lines()
+        .filter(|l| l.contains("answer changed"))
+        .collect::<Vec<_>>();
+    ensure!(
+        told.len() == 2
+            && told[1].contains("NOT_SERVING")
+            && told.iter().all(|l| l.contains("kube-probe/")),
+        "the app's gRPC health answers (SERVING, then NOT_SERVING to the kubelet's probe):\n{log}"
+    );
+
+    kube.exec(ns, pod, "app", &["weft-demo-app", "recover"])?;
+    let recovered = Instant::now();
+    kube.wait_ready(ns, "app=web", READINESS_FLIP)
+        .with_context(|| unhealthy_events(kube, ns))?;
+    let ready_after = recovered.elapsed();
+    tracing::info!(
+        ?unready_after,
+        ?ready_after,
+        "the gRPC readiness probe followed the app"
+    );
+    Ok(())
+}
+
+/// Checks that injection pointed the app container's `grpc` readiness probe at the
+/// proxy's admin port (no `grpc` handler left for the kubelet to call the app's port
+/// with) and handed the original to the proxy in `WEFT_APP_PROBES`, thresholds kept.
+fn grpc_probe_rewritten(spec: &serde_json::Value) -> anyhow::Result<()> {
+    let app = spec["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "app")
+        .context("no app container")?;
+    let probe = &app["readinessProbe"];
+    ensure!(
+        probe["grpc"].is_null()
+            && probe["httpGet"]["path"] == APP_READYZ
+            && probe["httpGet"]["port"] == ADMIN_PORT
+            && probe["periodSeconds"] == 1
+            && probe["failureThreshold"] == 2,
+        "the app's readiness probe as injected: {probe}"
+    );
+    let originals = spec["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == "weft-proxy")
+        .flat_map(|c| c["env"].as_array().into_iter().flatten())
+        .find(|e| e["name"] == "WEFT_APP_PROBES")
+        .and_then(|e| e["value"].as_str())
+        .context("the proxy has no WEFT_APP_PROBES")?;
+    let originals: serde_json::Value = serde_json::from_str(originals)?;
+    let original = &originals["app/readyz"];
+    ensure!(
+        original["handler"] == "grpc" && original["port"] == GRPC_HEALTH_PORT,
+        "WEFT_APP_PROBES: {originals}"
+    );
+    Ok(())
+}
+
+/// The Policy of [`namespace_strict_policy`].
+const NAMESPACE_STRICT: &str = "policy/namespace-strict";
+
+/// A Policy for every pod of `ns` (`target.selector: {}`, no workload named) refusing
+/// plain text (`mtls.mode: Strict`) and allowing every authenticated caller.
+fn namespace_strict_policy(ns: &str) -> String {
+    format!(
+        r#"apiVersion: weft.dev/v1alpha1
+kind: Policy
+metadata:
+  name: namespace-strict
+  namespace: {ns}
+spec:
+  target:
+    selector: {{}}
+  mtls:
+    mode: Strict
+  defaultAction: Allow
+"#
+    )
 }
 
 /// 5f. A namespace-wide Policy (`target.selector: {}`, no workload named) in `Strict`
@@ -651,21 +883,7 @@ pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result
         "unmeshed client, no Policy",
     )?;
 
-    let policy = format!(
-        r#"apiVersion: weft.dev/v1alpha1
-kind: Policy
-metadata:
-  name: namespace-strict
-  namespace: {ns}
-spec:
-  target:
-    selector: {{}}
-  mtls:
-    mode: Strict
-  defaultAction: Allow
-"#
-    );
-    demo.apply_programmed(&policy, "policy/namespace-strict")?;
+    demo.apply_programmed(&namespace_strict_policy(ns), NAMESPACE_STRICT)?;
     all_refused(
         &plain.load("client", &target, &BURST)?,
         403,
@@ -677,8 +895,7 @@ spec:
         "meshed client of another namespace under the Strict Policy",
     )?;
 
-    demo.kube
-        .run(&["-n", ns, "delete", "policy", "namespace-strict"])?;
+    demo.kube.run(&["-n", ns, "delete", NAMESPACE_STRICT])?;
     // The operator pushes web's proxy its mode without the Policy (the mesh default).
     eventually(Duration::from_secs(30), || {
         all_ok(
