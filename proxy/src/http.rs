@@ -94,6 +94,9 @@ pub struct HttpConn {
     /// The client's mesh identity (SPIFFE ID) when the connection is mutual TLS with a
     /// verified client certificate; `None` for plain text (an unauthenticated client).
     pub client_identity: Option<Arc<str>>,
+    /// `x-forwarded-client-cert` for [`Self::client_identity`], built once per connection
+    /// rather than formatted on every request.
+    forwarded_client_cert: Option<HeaderValue>,
     /// Where each request's access-log line goes, when the pod asked for them.
     pub access_log: Option<Arc<AccessLog>>,
     /// Whether the connection arrived over mutual TLS from a peer proxy (with or without
@@ -127,6 +130,7 @@ impl HttpConn {
             tunnel: Mutex::new(None),
             client: None,
             client_identity: None,
+            forwarded_client_cert: None,
             access_log: None,
             client_tls: false,
             mux: false,
@@ -142,7 +146,7 @@ impl HttpConn {
 
     /// The same, for a client that presented mesh identity `identity` over mutual TLS.
     pub fn with_client_identity(mut self, identity: Arc<str>) -> Self {
-        self.client_identity = Some(identity);
+        self.set_client_identity(Some(identity));
         self
     }
 
@@ -150,8 +154,15 @@ impl HttpConn {
     /// identity if it presented a certificate.
     pub fn with_tls(mut self, identity: Option<Arc<str>>) -> Self {
         self.client_tls = true;
-        self.client_identity = identity;
+        self.set_client_identity(identity);
         self
+    }
+
+    fn set_client_identity(&mut self, identity: Option<Arc<str>>) {
+        self.forwarded_client_cert = identity
+            .as_ref()
+            .and_then(|id| HeaderValue::from_str(&format!("URI={id}")).ok());
+        self.client_identity = identity;
     }
 
     /// The same, for a peer proxy's mux session (ALPN `weft-mux`).
@@ -171,10 +182,8 @@ impl HttpConn {
     /// client sent itself, so the application can trust it.
     fn forward_client_identity<B>(&self, req: &mut Request<B>) {
         req.headers_mut().remove(FORWARDED_CLIENT_CERT);
-        if let Some(id) = &self.client_identity
-            && let Ok(v) = HeaderValue::from_str(&format!("URI={id}"))
-        {
-            req.headers_mut().insert(FORWARDED_CLIENT_CERT, v);
+        if let Some(v) = &self.forwarded_client_cert {
+            req.headers_mut().insert(FORWARDED_CLIENT_CERT, v.clone());
         }
     }
 
