@@ -13,7 +13,7 @@
 mod support;
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -46,7 +46,7 @@ use support::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
 };
 use tokio_util::sync::CancellationToken;
 use weft_api::identity::{
@@ -61,6 +61,11 @@ use weft_operator::{
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 const SERVER_NAME: &str = "weft-operator.weft-system.svc";
+
+/// Where the test's clients connect from, unless a test says otherwise.
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Another client address on loopback (Linux routes all of 127.0.0.0/8 to `lo`).
+const OTHER_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 /// One identity endpoint on loopback, as `weft-operator --identity-addr` runs it.
 struct Endpoint {
@@ -157,6 +162,16 @@ async fn connect(
     bundle: &str,
     h2: bool,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    connect_from(LOCALHOST, addr, bundle, h2).await
+}
+
+/// [`connect`] from the loopback address `source`.
+async fn connect_from(
+    source: IpAddr,
+    addr: SocketAddr,
+    bundle: &str,
+    h2: bool,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -168,7 +183,9 @@ async fn connect(
     } else {
         b"http/1.1".to_vec()
     }];
-    let tcp = TcpStream::connect(addr).await.unwrap();
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
         .await
@@ -177,7 +194,17 @@ async fn connect(
 
 /// Sends one certificate request over TLS (verifying the endpoint against `bundle`).
 async fn send(addr: SocketAddr, bundle: &str, ask: Ask<'_>) -> (StatusCode, Bytes) {
-    let tls = connect(addr, bundle, ask.h2).await;
+    send_from(LOCALHOST, addr, bundle, ask).await
+}
+
+/// [`send`] from the loopback address `source`.
+async fn send_from(
+    source: IpAddr,
+    addr: SocketAddr,
+    bundle: &str,
+    ask: Ask<'_>,
+) -> (StatusCode, Bytes) {
+    let tls = connect_from(source, addr, bundle, ask.h2).await;
     let mut req = http::Request::post(format!("https://{SERVER_NAME}{CERTIFY_PATH}"))
         .header(weft_api::push::POD_HEADER, ask.pod)
         .header(http::header::CONTENT_TYPE, "application/json");
@@ -641,8 +668,14 @@ async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_
     let bed = Bed::new("identity-busy").await;
     let token = web_token(&bed, "198.18.240.17").await;
     let dir = tempfile::tempdir().unwrap();
-    // The operator process, as deployed, with `--identity-in-flight 1`.
-    let one_slot = ["--identity-in-flight", "1"];
+    // The operator process, as deployed, with `--identity-in-flight 1` and one request in
+    // flight per source address.
+    let one_slot = [
+        "--identity-in-flight",
+        "1",
+        "--identity-in-flight-per-source",
+        "1",
+    ];
     let op = IdentityOperator::start(&bed, dir.path(), SERVER_NAME, &one_slot).await;
     let bundle = std::fs::read_to_string(&op.trust_root).unwrap();
     eventually(WAIT, || async {
@@ -664,22 +697,18 @@ async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_
             .unwrap_or(0.0)
     };
 
-    // A slow client: the headers and the first byte of a 1 KiB body, then nothing. Its
-    // request holds the one slot while the endpoint waits for the rest.
-    let slow_request = format!(
-        "POST {CERTIFY_PATH} HTTP/1.1\r\nhost: {SERVER_NAME}\r\n{}: {who}\r\n\
-         content-type: application/json\r\ncontent-length: 1024\r\n\r\n{{",
-        weft_api::push::POD_HEADER
-    );
+    // A slow client: its request holds the one slot while the endpoint waits for the body.
+    let slow_request = slow_request(&who);
     let mut slow = connect(op.identity, &bundle, false).await;
     slow.write_all(slow_request.as_bytes()).await.unwrap();
     slow.flush().await.unwrap();
 
-    // A proxy's request now waits for the slot, then is refused with its reason. (The
-    // first try can win the race with the slow client's request and be issued.)
+    // A proxy's request (from another address: the slow client's has its one place per
+    // source) now waits for the slot, then is refused with its reason. (The first try
+    // can win the race with the slow client's request and be issued.)
     let (waited, message) = eventually(WAIT, || async {
         let asked = Instant::now();
-        let (status, answer) = send(op.identity, &bundle, ask()).await;
+        let (status, answer) = send_from(OTHER_SOURCE, op.identity, &bundle, ask()).await;
         let waited = asked.elapsed();
         ensure!(
             status == StatusCode::TOO_MANY_REQUESTS,
@@ -701,6 +730,24 @@ async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_
         "refused after {waited:?}, the documented wait is 2 s"
     );
     let m = metrics().await;
+    assert_eq!(count(&m, reason::RATE_LIMITED), 1.0, "{m}");
+    // From the slow client's own address, with `--identity-in-flight-per-source 1`:
+    // refused at once, with the per-source reason, not after the wait for a slot.
+    let asked = Instant::now();
+    let (status, answer) = send(op.identity, &bundle, ask()).await;
+    assert_refused(
+        status,
+        &answer,
+        StatusCode::TOO_MANY_REQUESTS,
+        reason::SOURCE_IN_FLIGHT,
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    let m = metrics().await;
+    assert_eq!(count(&m, reason::SOURCE_IN_FLIGHT), 1.0, "{m}");
     assert_eq!(count(&m, reason::RATE_LIMITED), 1.0, "{m}");
 
     // The slow client gives up: the slot is free, the same request is issued at once,
@@ -746,6 +793,105 @@ async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_
         started.elapsed()
     );
     drop(op);
+    bed.cleanup().await;
+}
+
+/// A slow client's request for `who`'s certificate: the headers and the first byte of a
+/// 1 KiB body, then nothing, so it holds its place at the endpoint until the body's
+/// deadline (10 s).
+fn slow_request(who: &str) -> String {
+    format!(
+        "POST {CERTIFY_PATH} HTTP/1.1\r\nhost: {SERVER_NAME}\r\n{}: {who}\r\n\
+         content-type: application/json\r\ncontent-length: 1024\r\n\r\n{{",
+        weft_api::push::POD_HEADER
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_holding_four_slow_requests_is_refused_at_once_while_another_address_is_issued() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-source").await;
+    let token = web_token(&bed, "198.18.240.19").await;
+    // The defaults, as `weft-operator` runs without flags.
+    let limits = IdentityLimits::default();
+    let per_source = limits.max_in_flight_per_source.map_or(0, |n| n.get());
+    assert_eq!(per_source, 4, "the documented default");
+    let ep = Endpoint::start(&bed, "weft-identity", limits).await;
+    let bundle = ep.ca.trust_bundle().to_owned();
+    let who = format!("{}/web-1", bed.ns);
+    let key = KeyPair::generate().unwrap();
+
+    // Four slow clients on 127.0.0.1, each on its own connection: every request holds
+    // its place (and a slot of the 256) while the endpoint waits for its body.
+    let mut slow = Vec::new();
+    for _ in 0..per_source {
+        let mut c = connect(ep.addr, &bundle, false).await;
+        c.write_all(slow_request(&who).as_bytes()).await.unwrap();
+        c.flush().await.unwrap();
+        slow.push(c);
+    }
+    // Until the endpoint has read all four, a probe without a token can get in (and is
+    // refused 401 at once); then the source is full.
+    eventually(WAIT, || async {
+        let probe = Ask {
+            token: None,
+            ..plain_ask("", &who, &key)
+        };
+        let (status, answer) = send(ep.addr, &bundle, probe).await;
+        let (status, code) = refused(status, &answer);
+        ensure!(code == reason::SOURCE_IN_FLIGHT, "{status} {code}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+
+    // A proxy's request from that address: refused at once (not after the 2 s wait for
+    // a slot, of which 252 are free), with its own reason, and counted under it.
+    let before = ep.refusals(reason::SOURCE_IN_FLIGHT);
+    let asked = Instant::now();
+    let (status, answer) = send(ep.addr, &bundle, plain_ask(&token, &who, &key)).await;
+    let took = asked.elapsed();
+    assert_refused(
+        status,
+        &answer,
+        StatusCode::TOO_MANY_REQUESTS,
+        reason::SOURCE_IN_FLIGHT,
+    );
+    assert!(took < Duration::from_secs(2), "refused after {took:?}");
+    assert_eq!(ep.refusals(reason::SOURCE_IN_FLIGHT), before + 1.0);
+    assert_eq!(ep.refusals(reason::RATE_LIMITED), 0.0);
+
+    // The same request from another address is issued: one source cannot starve others.
+    let (status, answer) = send_from(
+        OTHER_SOURCE,
+        ep.addr,
+        &bundle,
+        plain_ask(&token, &who, &key),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // One slow client goes away: its place is freed, and its address is issued again.
+    drop(slow.pop());
+    eventually(WAIT, || async {
+        let (status, answer) = send(ep.addr, &bundle, plain_ask(&token, &who, &key)).await;
+        ensure!(
+            status == StatusCode::OK,
+            "{status}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(ep.count("weft_operator_identity_issued_total"), 2.0);
+    drop(slow);
+    ep.stop.cancel();
     bed.cleanup().await;
 }
 
