@@ -3,9 +3,10 @@
 //! the token's SPIFFE ID; each way of asking for another identity, or with a bad token or
 //! body, is refused with its reason and counted; two operators share one root.
 //!
-//! Not covered: an expired token. The API server refuses TokenRequests shorter than 10
-//! minutes, so the bed cannot mint one that expires during a test; a token bound to a
-//! deleted pod (refused the same way, `token_invalid`) stands in for it.
+//! An expired token: the API server mints none shorter than 10 minutes, so the test signs
+//! one itself with the test bed's service-account signing key, with the claims of a token
+//! the API server minted, and shows first that the same construction with a future expiry
+//! is issued.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -19,6 +20,8 @@ use std::{
 };
 
 use anyhow::ensure;
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -36,7 +39,7 @@ use kube::{
 use rcgen::{CertificateParams, KeyPair, PublicKeyData, SanType};
 use rustls::{
     RootCertStore,
-    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
     server::WebPkiClientVerifier,
 };
 use serde_json::json;
@@ -891,6 +894,129 @@ async fn a_source_holding_four_slow_requests_is_refused_at_once_while_another_ad
     .unwrap();
     assert_eq!(ep.count("weft_operator_identity_issued_total"), 2.0);
     drop(slow);
+    ep.stop.cancel();
+    bed.cleanup().await;
+}
+
+/// The header and claims of the JWT `token`.
+fn jwt_parts(token: &str) -> (serde_json::Value, serde_json::Value) {
+    let mut parts = token.split('.').map(|p| {
+        let json = URL_SAFE_NO_PAD.decode(p).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&json).unwrap()
+    });
+    (parts.next().unwrap(), parts.next().unwrap())
+}
+
+/// A JWT with `header` and `claims`, signed as the test bed's API server signs
+/// service-account tokens: with its `--service-account-signing-key-file`, an ECDSA P-256
+/// key (ES256, the signature as r ‖ s).
+fn sign_as_the_api_server(header: &serde_json::Value, claims: &serde_json::Value) -> String {
+    assert_eq!(
+        header["alg"], "ES256",
+        "the bed's signing key is ECDSA P-256 (e2e/src/certs.rs)"
+    );
+    let path = weft_e2e::shared::testbed()
+        .dir()
+        .join(weft_e2e::certs::files::SA_KEY);
+    let pem = std::fs::read(&path).unwrap();
+    let PrivateKeyDer::Pkcs8(der) = PrivateKeyDer::from_pem_slice(&pem).unwrap() else {
+        panic!("{} is not PKCS#8", path.display());
+    };
+    let rng = ring::rand::SystemRandom::new();
+    let key = EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        der.secret_pkcs8_der(),
+        &rng,
+    )
+    .unwrap();
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(header).unwrap()),
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap())
+    );
+    let signature = key.sign(&rng, input.as_bytes()).unwrap();
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_signed_as_the_api_server_signs_is_issued_before_its_expiry_and_refused_after() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-expired").await;
+    bed.service_account("web").await;
+    let pod = bed.pod("web-1", "web", "web", "198.18.240.20").await;
+    // A token the API server minted for the pod, as the kubelet projects it: its header
+    // (alg, kid) and claims (iss, aud, sub, the ServiceAccount's and pod's names and
+    // uids) are copied; only the times (and the token's id) are the test's.
+    let (header, minted) = jwt_parts(&bed.token(&pod).await);
+    let sa_uid = bed
+        .api::<ServiceAccount>()
+        .get("web")
+        .await
+        .unwrap()
+        .uid()
+        .unwrap();
+    assert_eq!(minted["kubernetes.io"]["serviceaccount"]["uid"], sa_uid);
+    assert_eq!(minted["kubernetes.io"]["pod"]["uid"], pod.uid().unwrap());
+    assert_eq!(minted["aud"], json!(["weft"]));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signed = |iat: u64, exp: u64, jti: &str| {
+        let mut claims = minted.clone();
+        claims["iat"] = json!(iat);
+        claims["nbf"] = json!(iat);
+        claims["exp"] = json!(exp);
+        claims["jti"] = json!(jti);
+        sign_as_the_api_server(&header, &claims)
+    };
+    // Valid for 10 more minutes; and one that expired an hour ago (well past the API
+    // server's leeway of a minute), issued two hours ago.
+    let valid = signed(now - 60, now + 600, "3c1f0a3e-weft-test-valid");
+    let expired = signed(now - 7200, now - 3600, "3c1f0a3e-weft-test-expired");
+
+    let ep = Endpoint::start(&bed, "weft-identity", IdentityLimits::default()).await;
+    let bundle = ep.ca.trust_bundle().to_owned();
+    let who = format!("{}/web-1", bed.ns);
+    let key = KeyPair::generate().unwrap();
+
+    // The construction is right: the real TokenReview accepts the test's own token, and
+    // it gets web's certificate.
+    let (status, answer) = send(ep.addr, &bundle, plain_ask(&valid, &who, &key)).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the self-signed token with a future expiry: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    let r: CertifyResponse = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(
+        verify(&r.certificate_chain, &r.trust_bundle),
+        vec![spiffe_id("cluster.local", &bed.ns, "web")]
+    );
+
+    // The same token expired: the API server does not authenticate it, and the endpoint
+    // refuses it as an invalid token, counted.
+    let (status, answer) = send(ep.addr, &bundle, plain_ask(&expired, &who, &key)).await;
+    assert_refused(
+        status,
+        &answer,
+        StatusCode::UNAUTHORIZED,
+        reason::TOKEN_INVALID,
+    );
+    let e: IdentityError = serde_json::from_slice(&answer).unwrap();
+    assert!(
+        e.message.contains("expired"),
+        "refused for its expiry, not its signature or claims: {}",
+        e.message
+    );
+    assert_eq!(ep.refusals(reason::TOKEN_INVALID), 1.0);
+    assert_eq!(
+        ep.count(r#"weft_operator_token_reviews_total{result="rejected"}"#),
+        1.0,
+        "refused by the API server's TokenReview"
+    );
+    assert_eq!(ep.count("weft_operator_identity_issued_total"), 1.0);
     ep.stop.cancel();
     bed.cleanup().await;
 }
