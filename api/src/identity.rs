@@ -23,8 +23,8 @@
 //!   [`CertifyRequest`] of at most [`MAX_REQUEST_BYTES`].
 //! - 200 with [`CertifyResponse`]; any other status with [`IdentityError`]: 400
 //!   `bad_request` (also 404 for another method or path), 401 `token_invalid`, 403
-//!   `not_a_service_account` or `identity_mismatch`, 413 `too_large`, 429 `rate_limited`
-//!   (with `Retry-After` in seconds), 503 `unavailable`. Retry 429 and 503 with backoff;
+//!   `not_a_service_account` or `identity_mismatch`, 413 `too_large`, 429 `rate_limited` or
+//!   `source_in_flight` (with `Retry-After` in seconds), 503 `unavailable`. Retry 429 and 503 with backoff;
 //!   the others will not change by retrying with the same request.
 //! - The token's namespace must be `weft-pod`'s, and a token bound to a pod must be bound
 //!   to `weft-pod`'s pod. The CSR's self-signature must verify; its subject and DNS/IP
@@ -109,6 +109,9 @@ pub mod reason {
     pub const TOO_LARGE: &str = "too_large";
     /// Too many requests for this identity, or in flight (429, with `Retry-After`).
     pub const RATE_LIMITED: &str = "rate_limited";
+    /// This source address already has as many requests in flight as it may (429, with
+    /// `Retry-After`, at once): the operator's `--identity-in-flight-per-source`.
+    pub const SOURCE_IN_FLIGHT: &str = "source_in_flight";
     /// The TokenReview or the signing failed (503): retry with backoff.
     pub const UNAVAILABLE: &str = "unavailable";
 }

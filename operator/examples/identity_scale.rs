@@ -14,7 +14,10 @@
 //! issuances per CPU-second of the endpoint alone (the API server's TokenReview work is a
 //! separate process and not included). Clients generate their keys and CSRs before the
 //! clock starts. Per-identity and per-source limits are lifted (all clients share one
-//! address and one ServiceAccount); the in-flight bounds are the defaults. The reference
+//! address and one ServiceAccount): the per-identity rate, the TokenReviews per source
+//! and the in-flight requests per source (`--identity-in-flight-per-source 0`; its
+//! default of 4 would refuse all but 4 of the N at once); the total in-flight bounds are
+//! the defaults. The reference
 //! in the same run is the bare CA: the same CSRs parsed and signed on one thread, without
 //! TLS, HTTP, token checks or limits.
 
@@ -176,6 +179,8 @@ fn main() {
             per_identity_rate: 1e9,
             per_identity_burst: u32::MAX,
             in_flight_wait: Duration::from_secs(60),
+            // Every client is 127.0.0.1: a per-source bound would measure refusals.
+            max_in_flight_per_source: None,
             auth: AuthLimits {
                 source_rate: 1e9,
                 source_burst: u32::MAX,
@@ -216,7 +221,8 @@ fn main() {
 
     println!(
         "identity_scale: {n} concurrent requests, each on its own TLS 1.3 connection; \
-         endpoint limits: {} in flight, {} TokenReviews in flight",
+         endpoint limits: {} in flight, {} TokenReviews in flight, no per-source bound \
+         (all clients are 127.0.0.1)",
         defaults.max_in_flight, defaults.auth.max_in_flight
     );
     // The reference, in the same run: the bare CA on this thread, parsing each CSR and

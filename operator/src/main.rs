@@ -126,6 +126,11 @@ struct IdentityArgs {
     /// Certificate requests answered at once; more wait up to 2s, then get 429.
     #[arg(long, env = "WEFT_IDENTITY_IN_FLIGHT", default_value = "256", value_parser = clap::value_parser!(u32).range(1..))]
     identity_in_flight: u32,
+    /// Certificate requests one source address may have in progress at once (a proxy
+    /// sends one at a time); more are refused at once with 429 `source_in_flight`. 0: no
+    /// per-source bound (clients behind one NAT address, a load test from one host).
+    #[arg(long, env = "WEFT_IDENTITY_IN_FLIGHT_PER_SOURCE", default_value = "4")]
+    identity_in_flight_per_source: u32,
     /// Certificates one identity (per pod) may get per second, sustained.
     #[arg(long, env = "WEFT_IDENTITY_RATE", default_value = "0.1")]
     identity_rate: f64,
@@ -420,6 +425,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             id.identity_lifetime.as_std(),
             identity::IdentityLimits {
                 max_in_flight: id.identity_in_flight as usize,
+                max_in_flight_per_source: std::num::NonZeroUsize::new(
+                    id.identity_in_flight_per_source as usize,
+                ),
                 per_identity_rate: id.identity_rate,
                 per_identity_burst: id.identity_burst,
                 auth: AuthLimits {

@@ -1,10 +1,12 @@
 //! Token buckets by key, bounded in the keys they remember: the push port limits
 //! TokenReviews per source address with them, the identity endpoint limits issuances per
-//! identity.
+//! identity. And slots by key ([`KeyedSlots`]): the identity endpoint bounds the requests
+//! one source address has in flight with them.
 
 use std::{
     collections::HashMap,
     hash::Hash,
+    num::NonZeroUsize,
     sync::{Mutex, MutexGuard},
     time::Instant,
 };
@@ -70,9 +72,100 @@ impl<K: Hash + Eq> KeyedBuckets<K> {
     }
 }
 
+/// At most `max` holders at once per key, each holding a [`KeyedSlot`] until it drops it.
+///
+/// Only keys with a holder are remembered (a key is forgotten when its last slot is
+/// dropped), so the table is never larger than the number of slots held, which the
+/// caller's own bound on concurrent work limits.
+#[derive(Debug)]
+pub struct KeyedSlots<K> {
+    max: NonZeroUsize,
+    held: Mutex<HashMap<K, usize>>,
+}
+
+/// One held slot of a [`KeyedSlots`]; dropping it frees the slot.
+#[derive(Debug)]
+pub struct KeyedSlot<'a, K: Hash + Eq> {
+    slots: &'a KeyedSlots<K>,
+    key: Option<K>,
+}
+
+impl<K: Hash + Eq> KeyedSlots<K> {
+    /// At most `max` slots held at once per key.
+    pub fn new(max: NonZeroUsize) -> Self {
+        KeyedSlots {
+            max,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, usize>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for `key`, or `None` (at once, without waiting) when `key` holds `max`.
+    pub fn try_hold(&self, key: K) -> Option<KeyedSlot<'_, K>>
+    where
+        K: Clone,
+    {
+        let mut held = self.lock();
+        let n = held.entry(key.clone()).or_insert(0);
+        if *n >= self.max.get() {
+            return None;
+        }
+        *n += 1;
+        Some(KeyedSlot {
+            slots: self,
+            key: Some(key),
+        })
+    }
+
+    /// The most slots one key may hold.
+    pub fn max(&self) -> usize {
+        self.max.get()
+    }
+
+    /// How many slots `key` holds.
+    pub fn held(&self, key: &K) -> usize {
+        self.lock().get(key).copied().unwrap_or(0)
+    }
+
+    /// How many keys hold a slot.
+    pub fn keys(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl<K: Hash + Eq> Drop for KeyedSlot<'_, K> {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let mut held = self.slots.lock();
+        if let Some(n) = held.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_holds_at_most_max_slots_and_is_forgotten_when_it_holds_none() {
+        let slots = KeyedSlots::new(NonZeroUsize::new(2).unwrap());
+        let a1 = slots.try_hold("a").unwrap();
+        let a2 = slots.try_hold("a").unwrap();
+        assert!(slots.try_hold("a").is_none(), "a holds its 2");
+        let b = slots.try_hold("b").expect("b is not limited by a");
+        assert_eq!((slots.held(&"a"), slots.held(&"b")), (2, 1));
+        drop(a1);
+        let a3 = slots.try_hold("a").expect("a freed one");
+        drop((a2, a3, b));
+        assert_eq!(slots.keys(), 0, "no key is remembered without a slot");
+    }
 
     #[test]
     fn a_full_table_forgets_quiet_keys_before_busy_ones() {

@@ -3,9 +3,10 @@
 //! the token's SPIFFE ID; each way of asking for another identity, or with a bad token or
 //! body, is refused with its reason and counted; two operators share one root.
 //!
-//! Not covered: an expired token. The API server refuses TokenRequests shorter than 10
-//! minutes, so the bed cannot mint one that expires during a test; a token bound to a
-//! deleted pod (refused the same way, `token_invalid`) stands in for it.
+//! An expired token: the API server mints none shorter than 10 minutes, so the test signs
+//! one itself with the test bed's service-account signing key, with the claims of a token
+//! the API server minted, and shows first that the same construction with a future expiry
+//! is issued.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -13,12 +14,14 @@
 mod support;
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::ensure;
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -36,7 +39,7 @@ use kube::{
 use rcgen::{CertificateParams, KeyPair, PublicKeyData, SanType};
 use rustls::{
     RootCertStore,
-    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
     server::WebPkiClientVerifier,
 };
 use serde_json::json;
@@ -46,7 +49,7 @@ use support::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
 };
 use tokio_util::sync::CancellationToken;
 use weft_api::identity::{
@@ -61,6 +64,11 @@ use weft_operator::{
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 const SERVER_NAME: &str = "weft-operator.weft-system.svc";
+
+/// Where the test's clients connect from, unless a test says otherwise.
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Another client address on loopback (Linux routes all of 127.0.0.0/8 to `lo`).
+const OTHER_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 /// One identity endpoint on loopback, as `weft-operator --identity-addr` runs it.
 struct Endpoint {
@@ -157,6 +165,16 @@ async fn connect(
     bundle: &str,
     h2: bool,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    connect_from(LOCALHOST, addr, bundle, h2).await
+}
+
+/// [`connect`] from the loopback address `source`.
+async fn connect_from(
+    source: IpAddr,
+    addr: SocketAddr,
+    bundle: &str,
+    h2: bool,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -168,7 +186,9 @@ async fn connect(
     } else {
         b"http/1.1".to_vec()
     }];
-    let tcp = TcpStream::connect(addr).await.unwrap();
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
         .await
@@ -177,7 +197,17 @@ async fn connect(
 
 /// Sends one certificate request over TLS (verifying the endpoint against `bundle`).
 async fn send(addr: SocketAddr, bundle: &str, ask: Ask<'_>) -> (StatusCode, Bytes) {
-    let tls = connect(addr, bundle, ask.h2).await;
+    send_from(LOCALHOST, addr, bundle, ask).await
+}
+
+/// [`send`] from the loopback address `source`.
+async fn send_from(
+    source: IpAddr,
+    addr: SocketAddr,
+    bundle: &str,
+    ask: Ask<'_>,
+) -> (StatusCode, Bytes) {
+    let tls = connect_from(source, addr, bundle, ask.h2).await;
     let mut req = http::Request::post(format!("https://{SERVER_NAME}{CERTIFY_PATH}"))
         .header(weft_api::push::POD_HEADER, ask.pod)
         .header(http::header::CONTENT_TYPE, "application/json");
@@ -641,8 +671,14 @@ async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_
     let bed = Bed::new("identity-busy").await;
     let token = web_token(&bed, "198.18.240.17").await;
     let dir = tempfile::tempdir().unwrap();
-    // The operator process, as deployed, with `--identity-in-flight 1`.
-    let one_slot = ["--identity-in-flight", "1"];
+    // The operator process, as deployed, with `--identity-in-flight 1` and one request in
+    // flight per source address.
+    let one_slot = [
+        "--identity-in-flight",
+        "1",
+        "--identity-in-flight-per-source",
+        "1",
+    ];
     let op = IdentityOperator::start(&bed, dir.path(), SERVER_NAME, &one_slot).await;
     let bundle = std::fs::read_to_string(&op.trust_root).unwrap();
     eventually(WAIT, || async {
@@ -664,22 +700,18 @@ async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_
             .unwrap_or(0.0)
     };
 
-    // A slow client: the headers and the first byte of a 1 KiB body, then nothing. Its
-    // request holds the one slot while the endpoint waits for the rest.
-    let slow_request = format!(
-        "POST {CERTIFY_PATH} HTTP/1.1\r\nhost: {SERVER_NAME}\r\n{}: {who}\r\n\
-         content-type: application/json\r\ncontent-length: 1024\r\n\r\n{{",
-        weft_api::push::POD_HEADER
-    );
+    // A slow client: its request holds the one slot while the endpoint waits for the body.
+    let slow_request = slow_request(&who);
     let mut slow = connect(op.identity, &bundle, false).await;
     slow.write_all(slow_request.as_bytes()).await.unwrap();
     slow.flush().await.unwrap();
 
-    // A proxy's request now waits for the slot, then is refused with its reason. (The
-    // first try can win the race with the slow client's request and be issued.)
+    // A proxy's request (from another address: the slow client's has its one place per
+    // source) now waits for the slot, then is refused with its reason. (The first try
+    // can win the race with the slow client's request and be issued.)
     let (waited, message) = eventually(WAIT, || async {
         let asked = Instant::now();
-        let (status, answer) = send(op.identity, &bundle, ask()).await;
+        let (status, answer) = send_from(OTHER_SOURCE, op.identity, &bundle, ask()).await;
         let waited = asked.elapsed();
         ensure!(
             status == StatusCode::TOO_MANY_REQUESTS,
@@ -701,6 +733,24 @@ async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_
         "refused after {waited:?}, the documented wait is 2 s"
     );
     let m = metrics().await;
+    assert_eq!(count(&m, reason::RATE_LIMITED), 1.0, "{m}");
+    // From the slow client's own address, with `--identity-in-flight-per-source 1`:
+    // refused at once, with the per-source reason, not after the wait for a slot.
+    let asked = Instant::now();
+    let (status, answer) = send(op.identity, &bundle, ask()).await;
+    assert_refused(
+        status,
+        &answer,
+        StatusCode::TOO_MANY_REQUESTS,
+        reason::SOURCE_IN_FLIGHT,
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    let m = metrics().await;
+    assert_eq!(count(&m, reason::SOURCE_IN_FLIGHT), 1.0, "{m}");
     assert_eq!(count(&m, reason::RATE_LIMITED), 1.0, "{m}");
 
     // The slow client gives up: the slot is free, the same request is issued at once,
@@ -746,6 +796,228 @@ async fn with_its_one_in_flight_slot_held_by_a_slow_client_the_endpoint_answers_
         started.elapsed()
     );
     drop(op);
+    bed.cleanup().await;
+}
+
+/// A slow client's request for `who`'s certificate: the headers and the first byte of a
+/// 1 KiB body, then nothing, so it holds its place at the endpoint until the body's
+/// deadline (10 s).
+fn slow_request(who: &str) -> String {
+    format!(
+        "POST {CERTIFY_PATH} HTTP/1.1\r\nhost: {SERVER_NAME}\r\n{}: {who}\r\n\
+         content-type: application/json\r\ncontent-length: 1024\r\n\r\n{{",
+        weft_api::push::POD_HEADER
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_holding_four_slow_requests_is_refused_at_once_while_another_address_is_issued() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-source").await;
+    let token = web_token(&bed, "198.18.240.19").await;
+    // The defaults, as `weft-operator` runs without flags.
+    let limits = IdentityLimits::default();
+    let per_source = limits.max_in_flight_per_source.map_or(0, |n| n.get());
+    assert_eq!(per_source, 4, "the documented default");
+    let ep = Endpoint::start(&bed, "weft-identity", limits).await;
+    let bundle = ep.ca.trust_bundle().to_owned();
+    let who = format!("{}/web-1", bed.ns);
+    let key = KeyPair::generate().unwrap();
+
+    // Four slow clients on 127.0.0.1, each on its own connection: every request holds
+    // its place (and a slot of the 256) while the endpoint waits for its body.
+    let mut slow = Vec::new();
+    for _ in 0..per_source {
+        let mut c = connect(ep.addr, &bundle, false).await;
+        c.write_all(slow_request(&who).as_bytes()).await.unwrap();
+        c.flush().await.unwrap();
+        slow.push(c);
+    }
+    // Until the endpoint has read all four, a probe without a token can get in (and is
+    // refused 401 at once); then the source is full.
+    eventually(WAIT, || async {
+        let probe = Ask {
+            token: None,
+            ..plain_ask("", &who, &key)
+        };
+        let (status, answer) = send(ep.addr, &bundle, probe).await;
+        let (status, code) = refused(status, &answer);
+        ensure!(code == reason::SOURCE_IN_FLIGHT, "{status} {code}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+
+    // A proxy's request from that address: refused at once (not after the 2 s wait for
+    // a slot, of which 252 are free), with its own reason, and counted under it.
+    let before = ep.refusals(reason::SOURCE_IN_FLIGHT);
+    let asked = Instant::now();
+    let (status, answer) = send(ep.addr, &bundle, plain_ask(&token, &who, &key)).await;
+    let took = asked.elapsed();
+    assert_refused(
+        status,
+        &answer,
+        StatusCode::TOO_MANY_REQUESTS,
+        reason::SOURCE_IN_FLIGHT,
+    );
+    assert!(took < Duration::from_secs(2), "refused after {took:?}");
+    assert_eq!(ep.refusals(reason::SOURCE_IN_FLIGHT), before + 1.0);
+    assert_eq!(ep.refusals(reason::RATE_LIMITED), 0.0);
+
+    // The same request from another address is issued: one source cannot starve others.
+    let (status, answer) = send_from(
+        OTHER_SOURCE,
+        ep.addr,
+        &bundle,
+        plain_ask(&token, &who, &key),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // One slow client goes away: its place is freed, and its address is issued again.
+    drop(slow.pop());
+    eventually(WAIT, || async {
+        let (status, answer) = send(ep.addr, &bundle, plain_ask(&token, &who, &key)).await;
+        ensure!(
+            status == StatusCode::OK,
+            "{status}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(ep.count("weft_operator_identity_issued_total"), 2.0);
+    drop(slow);
+    ep.stop.cancel();
+    bed.cleanup().await;
+}
+
+/// The header and claims of the JWT `token`.
+fn jwt_parts(token: &str) -> (serde_json::Value, serde_json::Value) {
+    let mut parts = token.split('.').map(|p| {
+        let json = URL_SAFE_NO_PAD.decode(p).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&json).unwrap()
+    });
+    (parts.next().unwrap(), parts.next().unwrap())
+}
+
+/// A JWT with `header` and `claims`, signed as the test bed's API server signs
+/// service-account tokens: with its `--service-account-signing-key-file`, an ECDSA P-256
+/// key (ES256, the signature as r ‖ s).
+fn sign_as_the_api_server(header: &serde_json::Value, claims: &serde_json::Value) -> String {
+    assert_eq!(
+        header["alg"], "ES256",
+        "the bed's signing key is ECDSA P-256 (e2e/src/certs.rs)"
+    );
+    let path = weft_e2e::shared::testbed()
+        .dir()
+        .join(weft_e2e::certs::files::SA_KEY);
+    let pem = std::fs::read(&path).unwrap();
+    let PrivateKeyDer::Pkcs8(der) = PrivateKeyDer::from_pem_slice(&pem).unwrap() else {
+        panic!("{} is not PKCS#8", path.display());
+    };
+    let rng = ring::rand::SystemRandom::new();
+    let key = EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        der.secret_pkcs8_der(),
+        &rng,
+    )
+    .unwrap();
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(header).unwrap()),
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap())
+    );
+    let signature = key.sign(&rng, input.as_bytes()).unwrap();
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_signed_as_the_api_server_signs_is_issued_before_its_expiry_and_refused_after() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-expired").await;
+    bed.service_account("web").await;
+    let pod = bed.pod("web-1", "web", "web", "198.18.240.20").await;
+    // A token the API server minted for the pod, as the kubelet projects it: its header
+    // (alg, kid) and claims (iss, aud, sub, the ServiceAccount's and pod's names and
+    // uids) are copied; only the times (and the token's id) are the test's.
+    let (header, minted) = jwt_parts(&bed.token(&pod).await);
+    let sa_uid = bed
+        .api::<ServiceAccount>()
+        .get("web")
+        .await
+        .unwrap()
+        .uid()
+        .unwrap();
+    assert_eq!(minted["kubernetes.io"]["serviceaccount"]["uid"], sa_uid);
+    assert_eq!(minted["kubernetes.io"]["pod"]["uid"], pod.uid().unwrap());
+    assert_eq!(minted["aud"], json!(["weft"]));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signed = |iat: u64, exp: u64, jti: &str| {
+        let mut claims = minted.clone();
+        claims["iat"] = json!(iat);
+        claims["nbf"] = json!(iat);
+        claims["exp"] = json!(exp);
+        claims["jti"] = json!(jti);
+        sign_as_the_api_server(&header, &claims)
+    };
+    // Valid for 10 more minutes; and one that expired an hour ago (well past the API
+    // server's leeway of a minute), issued two hours ago.
+    let valid = signed(now - 60, now + 600, "3c1f0a3e-weft-test-valid");
+    let expired = signed(now - 7200, now - 3600, "3c1f0a3e-weft-test-expired");
+
+    let ep = Endpoint::start(&bed, "weft-identity", IdentityLimits::default()).await;
+    let bundle = ep.ca.trust_bundle().to_owned();
+    let who = format!("{}/web-1", bed.ns);
+    let key = KeyPair::generate().unwrap();
+
+    // The construction is right: the real TokenReview accepts the test's own token, and
+    // it gets web's certificate.
+    let (status, answer) = send(ep.addr, &bundle, plain_ask(&valid, &who, &key)).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the self-signed token with a future expiry: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    let r: CertifyResponse = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(
+        verify(&r.certificate_chain, &r.trust_bundle),
+        vec![spiffe_id("cluster.local", &bed.ns, "web")]
+    );
+
+    // The same token expired: the API server does not authenticate it, and the endpoint
+    // refuses it as an invalid token, counted.
+    let (status, answer) = send(ep.addr, &bundle, plain_ask(&expired, &who, &key)).await;
+    assert_refused(
+        status,
+        &answer,
+        StatusCode::UNAUTHORIZED,
+        reason::TOKEN_INVALID,
+    );
+    let e: IdentityError = serde_json::from_slice(&answer).unwrap();
+    assert!(
+        e.message.contains("expired"),
+        "refused for its expiry, not its signature or claims: {}",
+        e.message
+    );
+    assert_eq!(ep.refusals(reason::TOKEN_INVALID), 1.0);
+    assert_eq!(
+        ep.count(r#"weft_operator_token_reviews_total{result="rejected"}"#),
+        1.0,
+        "refused by the API server's TokenReview"
+    );
+    assert_eq!(ep.count("weft_operator_identity_issued_total"), 1.0);
+    ep.stop.cancel();
     bed.cleanup().await;
 }
 

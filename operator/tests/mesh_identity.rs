@@ -739,6 +739,218 @@ async fn applying_the_strict_example_policy_changes_who_may_call_and_it_is_progr
     bed.cleanup().await;
 }
 
+/// The `Programmed` condition of Policy `name` once it is `status` with exactly `message`
+/// (and `observedGeneration` current); panics with the last one seen after [`WAIT`].
+async fn programmed_as(bed: &Bed, name: &str, status: &str, message: &str, logs: &str) {
+    let policies = bed.api::<Policy>();
+    eventually(WAIT, || async {
+        let object = serde_json::to_value(policies.get(name).await?)?;
+        ensure!(
+            object["status"]["observedGeneration"] == object["metadata"]["generation"],
+            "observedGeneration: {}",
+            object["status"]
+        );
+        let c = object["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Programmed"))
+            .with_context(|| format!("no Programmed in {}", object["status"]))?;
+        ensure!(
+            c["status"] == status && c["message"] == message,
+            "Programmed: {c}"
+        );
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{logs}"));
+}
+
+/// The proxy's `weft_authz_denials_total{policy}` for `policy` (namespace/name).
+async fn denials(p: &ProxyProc, policy: &str) -> f64 {
+    let (_, m) = http_get(p.admin, "/metrics").await.unwrap_or_default();
+    sample(
+        &m,
+        &format!(r#"weft_authz_denials_total{{policy="{policy}"}}"#),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_on_three_proxies_is_programmed_3_of_3_each_enforces_it_and_the_count_follows_a_killed_proxy()
+ {
+    let (bed, dir) = (
+        Bed::new("policy-n-of-n").await,
+        tempfile::tempdir().unwrap(),
+    );
+    let op = IdentityOperator::start(&bed, dir.path(), IDENTITY_NAME, &[]).await;
+    let (ns, push, operator) = (bed.ns.clone(), op.push, &op.proc);
+    let identity = op.proxy_identity(IDENTITY_NAME);
+    bed.service_account("payments").await;
+    let app = echo_app().await;
+    let service = format!("payments.{ns}.80");
+
+    // Three pods of `payments` (app=payments), each with its own proxy process
+    // subscribed with its pod's token, serving the application on its own inbound
+    // listener.
+    let start = |i: usize| {
+        let (bed, dir, service, identity) = (&bed, dir.path(), &service, &identity);
+        async move {
+            let name = format!("payments-{i}");
+            let pod = match bed
+                .api::<k8s_openapi::api::core::v1::Pod>()
+                .get_opt(&name)
+                .await
+                .unwrap()
+            {
+                Some(pod) => pod,
+                None => {
+                    bed.pod(
+                        &name,
+                        "payments",
+                        "payments",
+                        &format!("198.18.240.{}", 60 + i),
+                    )
+                    .await
+                }
+            };
+            ServedBy {
+                app,
+                inbound: free_addr(),
+                identity,
+            }
+            .proxy(bed, push, &pod, service, dir)
+            .await
+        }
+    };
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        proxies.push(start(i).await);
+    }
+    let payments_id = format!("spiffe://cluster.local/ns/{ns}/sa/payments");
+    for p in &proxies {
+        ready_with_identity(p, &payments_id, operator).await;
+    }
+    let logs = |proxies: &[ProxyProc]| {
+        let mut out: Vec<String> = proxies.iter().map(|p| p.proc.log_tail()).collect();
+        out.push(operator.log_tail());
+        out.join("\n")
+    };
+
+    // Two peers with certificates from the mesh root, calling each proxy's inbound
+    // listener straight: web (allowed) and other (denied once the Policy is in).
+    let secret = bed.api::<Secret>().get("weft-identity").await.unwrap();
+    let root_key = String::from_utf8(secret.data.unwrap()["ca.key"].0.clone()).unwrap();
+    let root_pem = std::fs::read_to_string(&op.trust_root).unwrap();
+    let web = leaf_from(
+        &root_pem,
+        &root_key,
+        &format!("spiffe://cluster.local/ns/{ns}/sa/web"),
+    );
+    let other = leaf_from(
+        &root_pem,
+        &root_key,
+        &format!("spiffe://cluster.local/ns/{ns}/sa/other"),
+    );
+    // Each proxy's answers to (web, other).
+    let answers = |proxies: &[ProxyProc], want: (u16, u16)| {
+        let inbounds: Vec<SocketAddr> = proxies.iter().map(|p| p.inbound.unwrap()).collect();
+        let (root_pem, web, other) = (&root_pem, &web, &other);
+        async move {
+            let mut wrong = Vec::new();
+            for (i, inbound) in inbounds.iter().enumerate() {
+                let (web, other) = (
+                    (web.0.as_str(), web.1.as_str()),
+                    (other.0.as_str(), other.1.as_str()),
+                );
+                let got = (
+                    peer_call(*inbound, root_pem, Some(web), "GET", "/charge").await?,
+                    peer_call(*inbound, root_pem, Some(other), "GET", "/charge").await?,
+                );
+                if got != want {
+                    wrong.push(format!("proxy {i}: (web, other) {got:?}, want {want:?}"));
+                }
+            }
+            ensure!(wrong.is_empty(), "{wrong:#?}");
+            Ok(())
+        }
+    };
+    eventually(WAIT, || answers(&proxies, (200, 200)))
+        .await
+        .unwrap_or_else(|e| panic!("before the Policy: {e:#}\n{}", logs(&proxies)));
+
+    // A Policy on app=payments denying ServiceAccount other.
+    let name = "payments-deny-other";
+    let policy: Policy = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"target": {"selector": {"matchLabels": {"app": "payments"}}},
+                 "defaultAction": "Allow",
+                 "rules": [{"action": "Deny", "from": [{"serviceAccounts": [{"name": "other"}]}]}]}
+    }))
+    .unwrap();
+    bed.api::<Policy>()
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let policy_key = format!("{ns}/{name}");
+    eventually(SOON, || answers(&proxies, (200, 403)))
+        .await
+        .unwrap_or_else(|e| panic!("after the Policy: {e:#}\n{}", logs(&proxies)));
+    programmed_as(
+        &bed,
+        name,
+        "True",
+        "generation 1 acknowledged by 3 of 3 proxies, and enforced by all",
+        &logs(&proxies),
+    )
+    .await;
+    // Each proxy counts its own denial: one more denied call to each is one more there.
+    for (i, p) in proxies.iter().enumerate() {
+        let before = denials(p, &policy_key).await;
+        assert!(before >= 1.0, "proxy {i} counted no denial");
+        let leaf = (other.0.as_str(), other.1.as_str());
+        let status = peer_call(p.inbound.unwrap(), &root_pem, Some(leaf), "POST", "/x")
+            .await
+            .unwrap();
+        assert_eq!(status, 403, "proxy {i}");
+        assert_eq!(denials(p, &policy_key).await, before + 1.0, "proxy {i}");
+    }
+
+    // One proxy is killed (SIGKILL, its pod stays): `Programmed` counts the connected
+    // proxies that need the Policy, so it reads 2 of 2, and the other two still deny.
+    let killed = proxies.pop().unwrap();
+    let killed_inbound = killed.inbound.unwrap();
+    killed.proc.kill();
+    programmed_as(
+        &bed,
+        name,
+        "True",
+        "generation 1 acknowledged by 2 of 2 proxies, and enforced by all",
+        &logs(&proxies),
+    )
+    .await;
+    answers(&proxies, (200, 403)).await.unwrap();
+    assert!(
+        TcpStream::connect(killed_inbound).await.is_err(),
+        "the killed proxy's listener is gone"
+    );
+
+    // Its pod's proxy starts again: 3 of 3, and it denies too.
+    proxies.push(start(2).await);
+    ready_with_identity(&proxies[2], &payments_id, operator).await;
+    eventually(SOON, || answers(&proxies, (200, 403)))
+        .await
+        .unwrap_or_else(|e| panic!("after the restart: {e:#}\n{}", logs(&proxies)));
+    programmed_as(
+        &bed,
+        name,
+        "True",
+        "generation 1 acknowledged by 3 of 3 proxies, and enforced by all",
+        &logs(&proxies),
+    )
+    .await;
+    drop((proxies, op));
+    bed.cleanup().await;
+}
+
 /// The proxy at `admin`'s count of config streams that ended for `reason`.
 async fn stream_failures(admin: SocketAddr, reason: &str) -> f64 {
     let (_, metrics) = http_get(admin, "/metrics").await.unwrap_or_default();

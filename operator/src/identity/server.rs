@@ -1,7 +1,8 @@
 //! The identity endpoint: `POST /weft.identity.v1/certify` (see [`weft_api::identity`]).
 //!
 //! ```text
-//!  request ─▶ in-flight slot (≤ max_in_flight, wait ≤ in_flight_wait) ─full─▶ 429
+//!  request ─▶ source's place (≤ max_in_flight_per_source per address) ─full─▶ 429 at once
+//!     └─▶ in-flight slot (≤ max_in_flight, wait ≤ in_flight_wait) ─full─▶ 429
 //!     └─▶ body ≤ MAX_REQUEST_BYTES ─▶ CertifyRequest ─▶ CSR parses, self-signature ok
 //!     └─▶ weft-pod header ─▶ TokenReview (push::auth: caches, per-source limit)
 //!     └─▶ token's namespace = weft-pod's, token's pod = weft-pod's (if bound),
@@ -14,7 +15,8 @@
 //! Every answer is counted: issued, or refused by reason, and its latency.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
+    num::NonZeroUsize,
     sync::Arc,
     time::{Duration, Instant, UNIX_EPOCH},
 };
@@ -35,7 +37,7 @@ use crate::{
     index::ObjectKey,
     metrics::Metrics,
     push::auth::{AuthError, AuthLimits, TokenReviewer},
-    rate::KeyedBuckets,
+    rate::{KeyedBuckets, KeyedSlots},
 };
 
 /// Identities whose issuance rate is remembered at most (idle ones are forgotten first).
@@ -48,6 +50,9 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct IdentityLimits {
     /// Requests being answered at once.
     pub max_in_flight: usize,
+    /// Requests one source address may have in flight (waiting for a slot included);
+    /// more are refused at once. `None`: no per-source bound.
+    pub max_in_flight_per_source: Option<NonZeroUsize>,
     /// How long a request waits for a slot before it is refused (429).
     pub in_flight_wait: Duration,
     /// Certificates one identity (per pod, for pod-bound tokens) may get per second,
@@ -63,6 +68,11 @@ impl Default for IdentityLimits {
     fn default() -> Self {
         IdentityLimits {
             max_in_flight: 256,
+            // A proxy sends one request at a time (it retries only after an answer), so
+            // one pod address has one in flight; 4 leaves room for a restarted container's
+            // request racing its predecessor's, and keeps one client opening many slow
+            // requests from holding more than 4 of the 256 slots.
+            max_in_flight_per_source: NonZeroUsize::new(4),
             in_flight_wait: Duration::from_secs(2),
             // A proxy asks once at start and renews at ~70 % of 24 h; a few retries on
             // start-up failures fit in the burst, a loop does not.
@@ -87,6 +97,7 @@ pub struct IdentityServer {
     lifetime: Duration,
     in_flight: Semaphore,
     in_flight_wait: Duration,
+    per_source: Option<KeyedSlots<IpAddr>>,
     per_identity: KeyedBuckets<String>,
     metrics: Arc<Metrics>,
 }
@@ -150,6 +161,7 @@ impl IdentityServer {
             lifetime,
             in_flight: Semaphore::new(limits.max_in_flight.max(1)),
             in_flight_wait: limits.in_flight_wait,
+            per_source: limits.max_in_flight_per_source.map(KeyedSlots::new),
             per_identity: KeyedBuckets::new(
                 limits.per_identity_rate,
                 limits.per_identity_burst,
@@ -177,7 +189,10 @@ impl IdentityServer {
             Err(refusal) => {
                 self.metrics.identity_refusal(refusal.reason);
                 // A flood is counted by the metric, not logged line by line.
-                if refusal.reason == reason::RATE_LIMITED || refusal.reason == reason::TOO_LARGE {
+                if matches!(
+                    refusal.reason,
+                    reason::RATE_LIMITED | reason::SOURCE_IN_FLIGHT | reason::TOO_LARGE
+                ) {
                     tracing::debug!(%peer, reason = refusal.reason, message = %refusal.message, "certificate refused");
                 } else {
                     tracing::warn!(%peer, reason = refusal.reason, message = %refusal.message, "certificate refused");
@@ -210,6 +225,24 @@ impl IdentityServer {
                 format!("only POST {CERTIFY_PATH} is served here"),
             ));
         }
+        // Refused at once, not after the wait: a source over its share is the flood the
+        // bound is for, and waiting would let it hold the queue.
+        let source = peer.ip().to_canonical();
+        let _source_slot = match &self.per_source {
+            None => None,
+            Some(slots) => Some(slots.try_hold(source).ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    reason::SOURCE_IN_FLIGHT,
+                    format!(
+                        "{} already has {} certificate requests in progress, as many as one \
+                         source may; retry later",
+                        source,
+                        slots.max()
+                    ),
+                )
+            })?),
+        };
         let Ok(Ok(_slot)) =
             tokio::time::timeout(self.in_flight_wait, self.in_flight.acquire()).await
         else {
