@@ -938,42 +938,65 @@ fn sign_as_the_api_server(header: &serde_json::Value, claims: &serde_json::Value
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()))
 }
 
+/// Tokens for one pod signed as the test bed's API server signs them
+/// ([`sign_as_the_api_server`]), with the header (alg, kid) and claims (iss, aud, sub, the
+/// ServiceAccount's and pod's names and uids) of a token the API server minted for the
+/// pod, as the kubelet projects it: only the times (and the token's id) are the test's.
+struct PodTokens {
+    header: serde_json::Value,
+    minted: serde_json::Value,
+}
+
+impl PodTokens {
+    /// Copies a token the API server mints for `pod` (audience `weft`).
+    async fn new(bed: &Bed, pod: &Pod) -> PodTokens {
+        let (header, minted) = jwt_parts(&bed.token(pod).await);
+        let sa = pod.spec.as_ref().unwrap().service_account_name.as_ref();
+        let sa_uid = bed
+            .api::<ServiceAccount>()
+            .get(sa.unwrap())
+            .await
+            .unwrap()
+            .uid()
+            .unwrap();
+        assert_eq!(minted["kubernetes.io"]["serviceaccount"]["uid"], sa_uid);
+        assert_eq!(minted["kubernetes.io"]["pod"]["uid"], pod.uid().unwrap());
+        assert_eq!(minted["aud"], json!(["weft"]));
+        PodTokens { header, minted }
+    }
+
+    /// A token issued (and valid from) `iat`, expiring at `exp` (seconds since the
+    /// epoch), with the id `jti`.
+    fn sign(&self, iat: u64, exp: u64, jti: &str) -> String {
+        let mut claims = self.minted.clone();
+        claims["iat"] = json!(iat);
+        claims["nbf"] = json!(iat);
+        claims["exp"] = json!(exp);
+        claims["jti"] = json!(jti);
+        sign_as_the_api_server(&self.header, &claims)
+    }
+}
+
+/// The wall clock in whole seconds since the epoch, as JWT times count.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_signed_as_the_api_server_signs_is_issued_before_its_expiry_and_refused_after() {
     weft_e2e::shared::init_tracing();
     let bed = Bed::new("identity-expired").await;
     bed.service_account("web").await;
     let pod = bed.pod("web-1", "web", "web", "198.18.240.20").await;
-    // A token the API server minted for the pod, as the kubelet projects it: its header
-    // (alg, kid) and claims (iss, aud, sub, the ServiceAccount's and pod's names and
-    // uids) are copied; only the times (and the token's id) are the test's.
-    let (header, minted) = jwt_parts(&bed.token(&pod).await);
-    let sa_uid = bed
-        .api::<ServiceAccount>()
-        .get("web")
-        .await
-        .unwrap()
-        .uid()
-        .unwrap();
-    assert_eq!(minted["kubernetes.io"]["serviceaccount"]["uid"], sa_uid);
-    assert_eq!(minted["kubernetes.io"]["pod"]["uid"], pod.uid().unwrap());
-    assert_eq!(minted["aud"], json!(["weft"]));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let signed = |iat: u64, exp: u64, jti: &str| {
-        let mut claims = minted.clone();
-        claims["iat"] = json!(iat);
-        claims["nbf"] = json!(iat);
-        claims["exp"] = json!(exp);
-        claims["jti"] = json!(jti);
-        sign_as_the_api_server(&header, &claims)
-    };
+    let tokens = PodTokens::new(&bed, &pod).await;
+    let now = unix_now();
     // Valid for 10 more minutes; and one that expired an hour ago (well past the API
     // server's leeway of a minute), issued two hours ago.
-    let valid = signed(now - 60, now + 600, "3c1f0a3e-weft-test-valid");
-    let expired = signed(now - 7200, now - 3600, "3c1f0a3e-weft-test-expired");
+    let valid = tokens.sign(now - 60, now + 600, "3c1f0a3e-weft-test-valid");
+    let expired = tokens.sign(now - 7200, now - 3600, "3c1f0a3e-weft-test-expired");
 
     let ep = Endpoint::start(&bed, "weft-identity", IdentityLimits::default()).await;
     let bundle = ep.ca.trust_bundle().to_owned();
@@ -1017,6 +1040,75 @@ async fn a_token_signed_as_the_api_server_signs_is_issued_before_its_expiry_and_
         "refused by the API server's TokenReview"
     );
     assert_eq!(ep.count("weft_operator_identity_issued_total"), 1.0);
+    ep.stop.cancel();
+    bed.cleanup().await;
+}
+
+/// The accepted-token cache keeps a token no longer than its `exp`. The API server itself
+/// accepts a service-account token until a minute past its `exp` (go-jose's leeway) and
+/// answers a token it accepted from its own cache for 10 s, so the refusal is shown with
+/// a token in that minute: accepted now, expired for the API server 10 s later, when the
+/// operator's 60 s would still have answered it from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_token_is_not_answered_from_the_cache_past_its_expiry() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-cache-exp").await;
+    bed.service_account("web").await;
+    let pod = bed.pod("web-1", "web", "web", "198.18.240.21").await;
+    let tokens = PodTokens::new(&bed, &pod).await;
+    let ep = Endpoint::start(&bed, "weft-identity", IdentityLimits::default()).await;
+    let bundle = ep.ca.trust_bundle().to_owned();
+    let who = format!("{}/web-1", bed.ns);
+    let key = KeyPair::generate().unwrap();
+    let reviews = |result: &str| {
+        ep.count(&format!(
+            r#"weft_operator_token_reviews_total{{result="{result}"}}"#
+        ))
+    };
+
+    let now = unix_now();
+    // Expires in 4 s. And one that expired 50 s ago: the API server accepts it for 10 s
+    // more.
+    let expiring = tokens.sign(now - 60, now + 4, "5e2d7c41-weft-test-expiring");
+    let lapsing = tokens.sign(now - 120, now - 50, "5e2d7c41-weft-test-lapsing");
+    for token in [&expiring, &lapsing] {
+        let (status, answer) = send(ep.addr, &bundle, plain_ask(token, &who, &key)).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer));
+    }
+    let asked = Instant::now();
+    assert_eq!(reviews("authenticated"), 2.0);
+
+    // Past the expiring token's exp, the lapsing one's minute of leeway, and the 10 s the
+    // API server remembers its own verdicts; well within the operator's 60 s cache.
+    let wall_wait = Duration::from_secs(now + 11).saturating_sub(Duration::from_secs_f64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64(),
+    ));
+    let api_cache_wait = Duration::from_millis(10_500).saturating_sub(asked.elapsed());
+    tokio::time::sleep(wall_wait.max(api_cache_wait)).await;
+
+    // Expired for the cache: reviewed again, and accepted (the API server's leeway).
+    let (status, answer) = send(ep.addr, &bundle, plain_ask(&expiring, &who, &key)).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(
+        reviews("authenticated"),
+        3.0,
+        "asked the API server again, not answered from the cache"
+    );
+    // Expired for the API server too: refused, not answered from the cache.
+    let (status, answer) = send(ep.addr, &bundle, plain_ask(&lapsing, &who, &key)).await;
+    assert_refused(
+        status,
+        &answer,
+        StatusCode::UNAUTHORIZED,
+        reason::TOKEN_INVALID,
+    );
+    let e: IdentityError = serde_json::from_slice(&answer).unwrap();
+    assert!(e.message.contains("expired"), "{}", e.message);
+    assert_eq!(reviews("rejected"), 1.0, "refused by the API server");
+    assert_eq!(ep.count("weft_operator_identity_issued_total"), 3.0);
     ep.stop.cancel();
     bed.cleanup().await;
 }
