@@ -417,10 +417,16 @@ impl TokenReviewer {
             self.limits.accepted_ttl,
             token_expiry(token),
         );
-        if let Some(until) = until {
-            let mut accepted = lock(&self.accepted);
-            make_room(&mut accepted, self.limits.cache_max, now);
-            accepted.insert(token.to_owned(), (id.clone(), until));
+        let mut accepted = lock(&self.accepted);
+        match until {
+            Some(until) => {
+                make_room(&mut accepted, self.limits.cache_max, now);
+                accepted.insert(token.to_owned(), (id.clone(), until));
+            }
+            // An entry from before its expiry is dead weight now.
+            None => {
+                accepted.remove(token);
+            }
         }
     }
 
@@ -573,13 +579,19 @@ mod tests {
     fn the_expiry_is_read_from_the_claims_and_none_without_a_readable_one() {
         let at = |secs: u64| Some(UNIX_EPOCH + Duration::from_secs(secs));
         let exp = |claims| token_expiry(&jwt(claims));
-        assert_eq!(exp(serde_json::json!({"exp": 1_700_000_000})), at(1_700_000_000));
+        assert_eq!(
+            exp(serde_json::json!({"exp": 1_700_000_000})),
+            at(1_700_000_000)
+        );
         assert_eq!(
             exp(serde_json::json!({"exp": 1.5})),
             Some(UNIX_EPOCH + Duration::from_millis(1500))
         );
         // A legacy secret-based token: no `exp`.
-        assert_eq!(exp(serde_json::json!({"sub": "system:serviceaccount:a:b"})), None);
+        assert_eq!(
+            exp(serde_json::json!({"sub": "system:serviceaccount:a:b"})),
+            None
+        );
         for unreadable in [
             serde_json::json!({"exp": "1700000000"}),
             serde_json::json!({"exp": -1}),
@@ -588,7 +600,14 @@ mod tests {
         ] {
             assert_eq!(exp(unreadable.clone()), None, "{unreadable}");
         }
-        for not_a_jwt in ["", "opaque", "a.b", "a.!!!.c", "a.e30.c.d", "a.bm90IGpzb24.c"] {
+        for not_a_jwt in [
+            "",
+            "opaque",
+            "a.b",
+            "a.!!!.c",
+            "a.e30.c.d",
+            "a.bm90IGpzb24.c",
+        ] {
             assert_eq!(token_expiry(not_a_jwt), None, "{not_a_jwt}");
         }
     }
@@ -636,7 +655,10 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(400)).await;
         let e = answer(&expiring).await.unwrap_err();
-        assert!(matches!(e, AuthError::Review(_)), "past its exp: asked again, {e}");
+        assert!(
+            matches!(e, AuthError::Review(_)),
+            "past its exp: asked again, {e}"
+        );
         for token in [&lasting, &legacy] {
             assert_eq!(answer(token).await.unwrap(), id, "still from the cache");
         }
