@@ -6,7 +6,8 @@
 //! An expired token: the API server mints none shorter than 10 minutes, so the test signs
 //! one itself with the test bed's service-account signing key, with the claims of a token
 //! the API server minted, and shows first that the same construction with a future expiry
-//! is issued.
+//! is issued. The same construction shows that the accepted-token cache keeps no token
+//! past its expiry.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -938,87 +939,187 @@ fn sign_as_the_api_server(header: &serde_json::Value, claims: &serde_json::Value
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_signed_as_the_api_server_signs_is_issued_before_its_expiry_and_refused_after() {
-    weft_e2e::shared::init_tracing();
-    let bed = Bed::new("identity-expired").await;
-    bed.service_account("web").await;
-    let pod = bed.pod("web-1", "web", "web", "198.18.240.20").await;
-    // A token the API server minted for the pod, as the kubelet projects it: its header
-    // (alg, kid) and claims (iss, aud, sub, the ServiceAccount's and pod's names and
-    // uids) are copied; only the times (and the token's id) are the test's.
-    let (header, minted) = jwt_parts(&bed.token(&pod).await);
-    let sa_uid = bed
-        .api::<ServiceAccount>()
-        .get("web")
-        .await
-        .unwrap()
-        .uid()
-        .unwrap();
-    assert_eq!(minted["kubernetes.io"]["serviceaccount"]["uid"], sa_uid);
-    assert_eq!(minted["kubernetes.io"]["pod"]["uid"], pod.uid().unwrap());
-    assert_eq!(minted["aud"], json!(["weft"]));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let signed = |iat: u64, exp: u64, jti: &str| {
-        let mut claims = minted.clone();
+/// The pod `web-1` (ServiceAccount `web`) in a fresh namespace, an identity endpoint with
+/// the default limits, and tokens for the pod signed as the test bed's API server signs
+/// them ([`sign_as_the_api_server`]): with the header (alg, kid) and claims (iss, aud, sub,
+/// the ServiceAccount's and pod's names and uids) of a token the API server minted for
+/// the pod, as the kubelet projects it; only the times (and the token's id) are the test's.
+struct SelfSignedPod {
+    bed: Bed,
+    ep: Endpoint,
+    bundle: String,
+    who: String,
+    key: KeyPair,
+    header: serde_json::Value,
+    minted: serde_json::Value,
+}
+
+impl SelfSignedPod {
+    /// In a namespace named after `prefix`, the pod at `ip`.
+    async fn start(prefix: &str, ip: &str) -> SelfSignedPod {
+        weft_e2e::shared::init_tracing();
+        let bed = Bed::new(prefix).await;
+        bed.service_account("web").await;
+        let pod = bed.pod("web-1", "web", "web", ip).await;
+        let (header, minted) = jwt_parts(&bed.token(&pod).await);
+        let sa_uid = bed
+            .api::<ServiceAccount>()
+            .get("web")
+            .await
+            .unwrap()
+            .uid()
+            .unwrap();
+        assert_eq!(minted["kubernetes.io"]["serviceaccount"]["uid"], sa_uid);
+        assert_eq!(minted["kubernetes.io"]["pod"]["uid"], pod.uid().unwrap());
+        assert_eq!(minted["aud"], json!(["weft"]));
+        let ep = Endpoint::start(&bed, "weft-identity", IdentityLimits::default()).await;
+        SelfSignedPod {
+            bundle: ep.ca.trust_bundle().to_owned(),
+            who: format!("{}/web-1", bed.ns),
+            key: KeyPair::generate().unwrap(),
+            bed,
+            ep,
+            header,
+            minted,
+        }
+    }
+
+    /// A token issued (and valid from) `iat` and expiring at `exp`, in seconds from now,
+    /// with the id `jti`.
+    fn sign(&self, iat: i64, exp: i64, jti: &str) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let now = i64::try_from(now).unwrap();
+        let (iat, exp) = (now + iat, now + exp);
+        let mut claims = self.minted.clone();
         claims["iat"] = json!(iat);
         claims["nbf"] = json!(iat);
         claims["exp"] = json!(exp);
         claims["jti"] = json!(jti);
-        sign_as_the_api_server(&header, &claims)
-    };
-    // Valid for 10 more minutes; and one that expired an hour ago (well past the API
-    // server's leeway of a minute), issued two hours ago.
-    let valid = signed(now - 60, now + 600, "3c1f0a3e-weft-test-valid");
-    let expired = signed(now - 7200, now - 3600, "3c1f0a3e-weft-test-expired");
+        sign_as_the_api_server(&self.header, &claims)
+    }
 
-    let ep = Endpoint::start(&bed, "weft-identity", IdentityLimits::default()).await;
-    let bundle = ep.ca.trust_bundle().to_owned();
-    let who = format!("{}/web-1", bed.ns);
-    let key = KeyPair::generate().unwrap();
+    /// Asks the endpoint for `web-1`'s certificate with `token`.
+    async fn ask(&self, token: &str) -> (StatusCode, Bytes) {
+        send(
+            self.ep.addr,
+            &self.bundle,
+            plain_ask(token, &self.who, &self.key),
+        )
+        .await
+    }
 
-    // The construction is right: the real TokenReview accepts the test's own token, and
-    // it gets web's certificate.
-    let (status, answer) = send(ep.addr, &bundle, plain_ask(&valid, &who, &key)).await;
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "the self-signed token with a future expiry: {}",
-        String::from_utf8_lossy(&answer)
-    );
-    let r: CertifyResponse = serde_json::from_slice(&answer).unwrap();
-    assert_eq!(
-        verify(&r.certificate_chain, &r.trust_bundle),
-        vec![spiffe_id("cluster.local", &bed.ns, "web")]
-    );
+    /// Asks with `token` and asserts a certificate is issued.
+    async fn issued(&self, token: &str) -> CertifyResponse {
+        let (status, answer) = self.ask(token).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "not issued: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        serde_json::from_slice(&answer).unwrap()
+    }
 
-    // The same token expired: the API server does not authenticate it, and the endpoint
-    // refuses it as an invalid token, counted.
-    let (status, answer) = send(ep.addr, &bundle, plain_ask(&expired, &who, &key)).await;
+    /// `weft_operator_token_reviews_total{result}`.
+    fn reviews(&self, result: &str) -> f64 {
+        self.ep.count(&format!(
+            r#"weft_operator_token_reviews_total{{result="{result}"}}"#
+        ))
+    }
+
+    /// Stops the endpoint and deletes the namespace.
+    async fn stop(self) {
+        self.ep.stop.cancel();
+        self.bed.cleanup().await;
+    }
+}
+
+/// Asserts the answer refuses a token as expired (`token_invalid`, 401, "expired").
+fn assert_refused_as_expired(status: StatusCode, answer: &Bytes) {
     assert_refused(
         status,
-        &answer,
+        answer,
         StatusCode::UNAUTHORIZED,
         reason::TOKEN_INVALID,
     );
-    let e: IdentityError = serde_json::from_slice(&answer).unwrap();
+    let e: IdentityError = serde_json::from_slice(answer).unwrap();
     assert!(
         e.message.contains("expired"),
         "refused for its expiry, not its signature or claims: {}",
         e.message
     );
-    assert_eq!(ep.refusals(reason::TOKEN_INVALID), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_signed_as_the_api_server_signs_is_issued_before_its_expiry_and_refused_after() {
+    let web = SelfSignedPod::start("identity-expired", "198.18.240.20").await;
+    // Valid for 10 more minutes; and one that expired an hour ago (well past the API
+    // server's leeway of a minute), issued two hours ago.
+    let valid = web.sign(-60, 600, "3c1f0a3e-weft-test-valid");
+    let expired = web.sign(-7200, -3600, "3c1f0a3e-weft-test-expired");
+
+    // The construction is right: the real TokenReview accepts the test's own token, and
+    // it gets web's certificate.
+    let r = web.issued(&valid).await;
     assert_eq!(
-        ep.count(r#"weft_operator_token_reviews_total{result="rejected"}"#),
+        verify(&r.certificate_chain, &r.trust_bundle),
+        vec![spiffe_id("cluster.local", &web.bed.ns, "web")]
+    );
+
+    // The same token expired: the API server does not authenticate it, and the endpoint
+    // refuses it as an invalid token, counted.
+    let (status, answer) = web.ask(&expired).await;
+    assert_refused_as_expired(status, &answer);
+    assert_eq!(web.ep.refusals(reason::TOKEN_INVALID), 1.0);
+    assert_eq!(
+        web.reviews("rejected"),
         1.0,
         "refused by the API server's TokenReview"
     );
-    assert_eq!(ep.count("weft_operator_identity_issued_total"), 1.0);
-    ep.stop.cancel();
-    bed.cleanup().await;
+    assert_eq!(web.ep.count("weft_operator_identity_issued_total"), 1.0);
+    web.stop().await;
+}
+
+/// The accepted-token cache keeps a token no longer than its `exp`. The API server itself
+/// accepts a service-account token until a minute past its `exp` (go-jose's leeway) and
+/// answers a token it accepted from its own cache for 10 s, so the refusal is shown with
+/// a token in that minute: accepted now, expired for the API server 10 s later, when the
+/// operator's 60 s would still have answered it from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_token_is_not_answered_from_the_cache_past_its_expiry() {
+    let web = SelfSignedPod::start("identity-cache-exp", "198.18.240.21").await;
+    let expiring = web.sign(-60, 4, "5e2d7c41-weft-test-expiring");
+    // Expired 50 s ago: the API server accepts it for 10 s more.
+    let lapsing = web.sign(-120, -50, "5e2d7c41-weft-test-lapsing");
+    let signed = Instant::now();
+    for token in [&expiring, &lapsing] {
+        web.issued(token).await;
+    }
+    let asked = Instant::now();
+    assert_eq!(web.reviews("authenticated"), 2.0);
+
+    // Past the expiring token's exp, the lapsing one's minute of leeway, and the 10 s the
+    // API server remembers its own verdicts; well within the operator's 60 s cache.
+    // (Token times are whole seconds, rounded down: a second of margin.)
+    let until = (signed + Duration::from_secs(11)).max(asked + Duration::from_millis(10_500));
+    tokio::time::sleep_until(until.into()).await;
+
+    // Expired for the cache: reviewed again, and accepted (the API server's leeway).
+    web.issued(&expiring).await;
+    assert_eq!(
+        web.reviews("authenticated"),
+        3.0,
+        "asked the API server again, not answered from the cache"
+    );
+    // Expired for the API server too: refused, not answered from the cache.
+    let (status, answer) = web.ask(&lapsing).await;
+    assert_refused_as_expired(status, &answer);
+    assert_eq!(web.reviews("rejected"), 1.0, "refused by the API server");
+    assert_eq!(web.ep.count("weft_operator_identity_issued_total"), 3.0);
+    web.stop().await;
 }
 
 /// A client of the test bed's API server authenticated by `token` only.

@@ -6,13 +6,17 @@
 //! requests into TokenReviews without limit:
 //!
 //! ```text
-//! token ─▶ accepted cache (1 min) ─hit─▶ identity
+//! token ─▶ accepted cache (1 min, never past the token's exp) ─hit─▶ identity
 //!    └──▶ refusal cache (hash of the token, 10 s) ─hit─▶ 401, no TokenReview
 //!    └──▶ one review per token at a time (others wait for its verdict)
 //!           └──▶ per-source token bucket ─empty─▶ 429
 //!           └──▶ in-flight TokenReviews (semaphore) ─full for 1 s─▶ 503
 //!           └──▶ TokenReview ─▶ verdict cached (accepted or refused)
 //! ```
+//!
+//! An accepted token is remembered until its own `exp` if that comes first: a token the
+//! API server accepted moments before its expiry must be asked about again once expired
+//! (the API server still allows its minute of leeway; the cache adds none).
 //!
 //! Every refusal is counted by reason (`weft_operator_push_refusals_total`), every
 //! TokenReview by result (`weft_operator_token_reviews_total`).
@@ -22,9 +26,10 @@ use std::{
     hash::{BuildHasher, RandomState},
     net::IpAddr,
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use http::StatusCode;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
@@ -42,7 +47,8 @@ const SOURCES_MAX: usize = 65_536;
 /// operator's (`docs/operator.md` lists the flags that change them).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AuthLimits {
-    /// How long an accepted token's identity is reused.
+    /// How long an accepted token's identity is reused, at most: never past the token's
+    /// own `exp`.
     pub accepted_ttl: Duration,
     /// How long a refused token is refused without asking the API server again.
     pub refused_ttl: Duration,
@@ -210,11 +216,13 @@ pub struct TokenReviewer {
     client: Client,
     audiences: Vec<String>,
     limits: AuthLimits,
-    /// Accepted tokens, by the token itself: a hash collision here would let one token
-    /// pass for another.
+    /// Accepted tokens, by the token itself (a hash collision here would let one token
+    /// pass for another), each with the instant it stops being answered from here
+    /// ([`accepted_until`]).
     accepted: Mutex<HashMap<String, (TokenIdentity, Instant)>>,
     /// Refused tokens, by a keyed hash of the token (no token kept in memory for
-    /// attackers' garbage; a collision only delays a genuine token by `refused_ttl`).
+    /// attackers' garbage; a collision only delays a genuine token by `refused_ttl`),
+    /// each with the instant it stops being answered from here.
     refused: Mutex<HashMap<u64, (AuthError, Instant)>>,
     /// The key of that hash, random per process.
     hasher: RandomState,
@@ -230,15 +238,54 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Makes room in a cache that reached `max`: expired entries go, then everything.
-fn make_room<K, V>(map: &mut HashMap<K, (V, Instant)>, max: usize, ttl: Duration) {
+/// Makes room in a cache that reached `max`: entries whose deadline is not after `now`
+/// go, then everything.
+fn make_room<K, V>(map: &mut HashMap<K, (V, Instant)>, max: usize, now: Instant) {
     if map.len() < max {
         return;
     }
-    map.retain(|_, (_, at)| at.elapsed() < ttl);
+    map.retain(|_, (_, until)| now < *until);
     if map.len() >= max {
         map.clear();
     }
+}
+
+/// The `exp` claim of the JWT `token`, its signature unchecked: read only from tokens the
+/// API server has just accepted, whose claims are therefore authentic. `None` when there
+/// is no readable `exp` (legacy secret-based tokens carry none).
+fn token_expiry(token: &str) -> Option<SystemTime> {
+    let mut parts = token.split('.');
+    let (Some(_), Some(payload), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let json = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    // A NumericDate, which RFC 7519 allows to be fractional.
+    let exp = claims.as_object()?.get("exp")?.as_f64()?;
+    UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(exp).ok()?)
+}
+
+/// Until when a token accepted at `now` (`wall` on the wall clock) is answered from the
+/// cache: `ttl` at most, and never past its `exp`. `None`, not cached, when it has already
+/// expired: the API server accepts a token until a minute past its `exp`, and each such
+/// use is asked about again.
+fn accepted_until(
+    now: Instant,
+    wall: SystemTime,
+    ttl: Duration,
+    exp: Option<SystemTime>,
+) -> Option<Instant> {
+    let left = match exp {
+        None => ttl,
+        // An `exp` at or before `wall` leaves nothing (an error for one before it).
+        Some(exp) => exp.duration_since(wall).ok()?.min(ttl),
+    };
+    if left.is_zero() {
+        return None;
+    }
+    now.checked_add(left)
 }
 
 impl TokenReviewer {
@@ -266,14 +313,14 @@ impl TokenReviewer {
         metrics: &Metrics,
     ) -> Verdict {
         let token = token.ok_or(AuthError::NoToken)?;
-        if let Some((id, at)) = lock(&self.accepted).get(token)
-            && at.elapsed() < self.limits.accepted_ttl
+        if let Some((id, until)) = lock(&self.accepted).get(token)
+            && Instant::now() < *until
         {
             return Ok(id.clone());
         }
         let key = self.hasher.hash_one(token);
-        if let Some((error, at)) = lock(&self.refused).get(&key)
-            && at.elapsed() < self.limits.refused_ttl
+        if let Some((error, until)) = lock(&self.refused).get(&key)
+            && Instant::now() < *until
         {
             return Err(match error {
                 // Still the same kind of refusal, for callers that tell them apart.
@@ -347,22 +394,40 @@ impl TokenReviewer {
             "rejected"
         });
         match &verdict {
-            Ok(id) => {
-                let mut accepted = lock(&self.accepted);
-                make_room(
-                    &mut accepted,
-                    self.limits.cache_max,
-                    self.limits.accepted_ttl,
-                );
-                accepted.insert(token.to_owned(), (id.clone(), Instant::now()));
-            }
+            Ok(id) => self.remember_accepted(token, id),
             Err(error) => {
-                let mut refused = lock(&self.refused);
-                make_room(&mut refused, self.limits.cache_max, self.limits.refused_ttl);
-                refused.insert(key, (error.clone(), Instant::now()));
+                let now = Instant::now();
+                if let Some(until) = now.checked_add(self.limits.refused_ttl) {
+                    let mut refused = lock(&self.refused);
+                    make_room(&mut refused, self.limits.cache_max, now);
+                    refused.insert(key, (error.clone(), until));
+                }
             }
         }
         verdict
+    }
+
+    /// Caches `id`, which the API server has just accepted `token` for, until
+    /// [`accepted_until`].
+    fn remember_accepted(&self, token: &str, id: &TokenIdentity) {
+        let now = Instant::now();
+        let until = accepted_until(
+            now,
+            SystemTime::now(),
+            self.limits.accepted_ttl,
+            token_expiry(token),
+        );
+        let mut accepted = lock(&self.accepted);
+        match until {
+            Some(until) => {
+                make_room(&mut accepted, self.limits.cache_max, now);
+                accepted.insert(token.to_owned(), (id.clone(), until));
+            }
+            // An entry from before its expiry is dead weight now.
+            None => {
+                accepted.remove(token);
+            }
+        }
     }
 
     /// Takes one token from `source`'s bucket; false when it is empty.
@@ -460,7 +525,8 @@ mod tests {
         let r = reviewer(AuthLimits::default());
         let metrics = Metrics::new();
         let key = r.hasher.hash_one("bad");
-        lock(&r.refused).insert(key, (AuthError::Rejected("expired".into()), Instant::now()));
+        let until = Instant::now() + Duration::from_secs(10);
+        lock(&r.refused).insert(key, (AuthError::Rejected("expired".into()), until));
         let source: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..100 {
             let e = r
@@ -483,14 +549,134 @@ mod tests {
 
     #[test]
     fn a_full_cache_drops_expired_entries_first() {
-        let ttl = Duration::from_secs(10);
-        let old = Instant::now().checked_sub(Duration::from_secs(60)).unwrap();
+        let now = Instant::now();
+        let (past, later) = (now - Duration::from_secs(1), now + Duration::from_secs(10));
         let mut map: HashMap<u64, ((), Instant)> = (0..4)
-            .map(|i| (i, ((), if i < 2 { old } else { Instant::now() })))
+            .map(|i| (i, ((), if i < 2 { past } else { later })))
             .collect();
-        make_room(&mut map, 4, ttl);
+        make_room(&mut map, 4, now);
         assert_eq!(map.len(), 2);
-        make_room(&mut map, 2, ttl);
+        make_room(&mut map, 2, now);
         assert!(map.is_empty(), "nothing expired: cleared");
+    }
+
+    /// A JWT with `claims` (the header and signature do not matter to the cache).
+    fn jwt(claims: serde_json::Value) -> String {
+        let claims = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+        format!("eyJhbGciOiJFUzI1NiJ9.{claims}.c2ln")
+    }
+
+    /// Seconds since the epoch, `offset` from now.
+    fn unix(offset: f64) -> f64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+            + offset
+    }
+
+    #[test]
+    fn the_expiry_is_read_from_the_claims_and_none_without_a_readable_one() {
+        let at = |secs: u64| Some(UNIX_EPOCH + Duration::from_secs(secs));
+        let exp = |claims| token_expiry(&jwt(claims));
+        assert_eq!(
+            exp(serde_json::json!({"exp": 1_700_000_000})),
+            at(1_700_000_000)
+        );
+        assert_eq!(
+            exp(serde_json::json!({"exp": 1.5})),
+            Some(UNIX_EPOCH + Duration::from_millis(1500))
+        );
+        // A legacy secret-based token: no `exp`.
+        assert_eq!(
+            exp(serde_json::json!({"sub": "system:serviceaccount:a:b"})),
+            None
+        );
+        for unreadable in [
+            serde_json::json!({"exp": "1700000000"}),
+            serde_json::json!({"exp": -1}),
+            serde_json::json!({"exp": 1e300}),
+            serde_json::json!([1]),
+        ] {
+            assert_eq!(exp(unreadable.clone()), None, "{unreadable}");
+        }
+        for not_a_jwt in [
+            "",
+            "opaque",
+            "a.b",
+            "a.!!!.c",
+            "a.e30.c.d",
+            "a.bm90IGpzb24.c",
+        ] {
+            assert_eq!(token_expiry(not_a_jwt), None, "{not_a_jwt}");
+        }
+    }
+
+    #[test]
+    fn an_accepted_token_is_cached_for_the_ttl_or_until_its_exp_whichever_is_sooner() {
+        let (now, wall, ttl) = (Instant::now(), SystemTime::now(), Duration::from_secs(60));
+        let s = Duration::from_secs;
+        let until = |exp: Option<SystemTime>| accepted_until(now, wall, ttl, exp);
+        assert_eq!(until(Some(wall + s(4))), Some(now + s(4)), "exp first");
+        assert_eq!(until(Some(wall + s(600))), Some(now + ttl), "the ttl first");
+        assert_eq!(until(None), Some(now + ttl), "no exp: the ttl");
+        assert_eq!(until(Some(wall)), None, "expired this instant: not cached");
+        assert_eq!(until(Some(wall - s(30))), None, "expired: not cached");
+    }
+
+    #[tokio::test]
+    async fn an_accepted_token_is_answered_from_the_cache_until_its_exp_and_then_reviewed() {
+        // Every review fails: nothing listens on the discard port.
+        let r = reviewer(AuthLimits::default());
+        let metrics = Metrics::new();
+        let source: IpAddr = "127.0.0.1".parse().unwrap();
+        let id = TokenIdentity {
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            pod: Some("web-1".into()),
+        };
+        let lasting = jwt(serde_json::json!({"exp": unix(600.0)}));
+        let legacy = jwt(serde_json::json!({"sub": "system:serviceaccount:shop:web"}));
+        let expiring = jwt(serde_json::json!({"exp": unix(0.3)}));
+        let expired = jwt(serde_json::json!({"exp": unix(-10.0)}));
+        for token in [&lasting, &legacy, &expiring, &expired] {
+            r.remember_accepted(token, &id);
+        }
+        let answer = |token: &str| {
+            let token = token.to_owned();
+            let (r, metrics) = (&r, &metrics);
+            async move { r.authenticate(Some(&token), source, metrics).await }
+        };
+        // Accepted (by the API server, in its minute of leeway) after its exp: asked again.
+        let e = answer(&expired).await.unwrap_err();
+        assert!(matches!(e, AuthError::Review(_)), "{e}");
+        for token in [&lasting, &legacy, &expiring] {
+            assert_eq!(answer(token).await.unwrap(), id, "from the cache");
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let e = answer(&expiring).await.unwrap_err();
+        assert!(
+            matches!(e, AuthError::Review(_)),
+            "past its exp: asked again, {e}"
+        );
+        for token in [&lasting, &legacy] {
+            assert_eq!(answer(token).await.unwrap(), id, "still from the cache");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_token_is_read_without_panic(token in ".{0,200}") {
+            let _ = token_expiry(&token);
+        }
+
+        #[test]
+        fn any_whole_second_exp_is_read_back(secs in 0u64..=u64::from(u32::MAX) * 4) {
+            let token = jwt(serde_json::json!({"exp": secs, "aud": ["weft"]}));
+            proptest::prop_assert_eq!(
+                token_expiry(&token),
+                Some(UNIX_EPOCH + Duration::from_secs(secs))
+            );
+        }
     }
 }
