@@ -344,3 +344,196 @@ async fn a_plain_text_endpoint_cannot_ask_for_a_retry() {
         assert_eq!(live.requests() - live_before, 4 - refused);
     }
 }
+
+/// An address on `ip` whose connects hang: a listener that never accepts, its accept queue
+/// filled first, so the kernel drops further SYNs. Keep the returned listener and
+/// connections alive for as long as the address must hang.
+async fn hanging_addr(
+    ip: &str,
+) -> (
+    SocketAddr,
+    tokio::net::TcpListener,
+    Vec<tokio::net::TcpStream>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => held.push(s),
+            Ok(Err(e)) => panic!("unexpected connect error {e}"),
+            Err(_) => return (addr, listener, held),
+        }
+    }
+    panic!("the accept queue never filled");
+}
+
+/// The answers an inbound proxy gave for itself with `code`.
+fn inbound_errors(p: &TestProxy, code: &str) -> u64 {
+    metric(
+        p,
+        "weft_errors_total",
+        &["direction=\"inbound\"", &format!("reason=\"{code}\"")],
+    )
+}
+
+/// The retries the client sidecar counted for the peer's reason `code`.
+fn outbound_errors(p: &TestProxy, code: &str) -> u64 {
+    metric(
+        p,
+        "weft_errors_total",
+        &["direction=\"outbound\"", &format!("reason=\"{code}\"")],
+    )
+}
+
+#[tokio::test]
+async fn a_request_whose_peer_timed_out_connecting_goes_to_another_endpoint() {
+    let ca = Ca::new("mesh root");
+    let live = Scripted::ok("127.0.0.1", "cart").await;
+    let (hung_app, _listener, _queued) = hanging_addr("127.0.0.7").await;
+    // The server sidecar gives up connecting to its application after 200 ms.
+    let mut cfg = config(&[]);
+    cfg["connectTimeout"] = "200ms".into();
+    let hung = TestProxy::start_kind(
+        proxy_with(ca.store(SERVER_ID)),
+        ListenerKind::InboundTo(hung_app),
+        cfg,
+    );
+    let alive = server_sidecar(&ca, live.addr);
+    let client = client_sidecar(&ca, &[(hung.addr, true), (alive.addr, true)]);
+
+    // What the hung endpoint answers by itself (to a plain-text client: no signal).
+    let started = std::time::Instant::now();
+    let (resp, _) = get(&h1_client(), &hung.url("/items")).await;
+    assert_eq!(resp.status(), 504);
+    assert_eq!(header(&resp, "weft-error"), "connect_timeout");
+    assert_eq!(header(&resp, UNSENT), "");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let before = inbound_errors(&hung, "connect_timeout");
+    assert_eq!(before, 1);
+
+    let mut sent = 0;
+    for c in [h1_client(), h2_client()] {
+        for method in [http::Method::GET, http::Method::DELETE] {
+            let req = http::Request::builder()
+                .method(method.clone())
+                .uri(client.url("/items"))
+                .body(full(""))
+                .unwrap();
+            let started = std::time::Instant::now();
+            let (resp, body) = send(&c, req).await;
+            assert_eq!(resp.status, 200, "{method}: {body} {:?}", resp.headers);
+            assert_eq!(body, "hello from cart");
+            assert!(resp.headers.get(UNSENT).is_none());
+            // One connect timeout at the peer, then the other endpoint.
+            let took = started.elapsed();
+            assert!(took >= Duration::from_millis(190), "{method}: {took:?}");
+            assert!(took < Duration::from_secs(2), "{method}: {took:?}");
+            sent += 1;
+        }
+    }
+    // Each request reached an application once, after the peer's connect timed out.
+    assert_eq!(live.requests(), sent);
+    assert_eq!(
+        inbound_errors(&hung, "connect_timeout") - before,
+        sent as u64
+    );
+    // The client sidecar counts the retry with the peer's reason.
+    assert_eq!(outbound_errors(&client, "connect_timeout"), sent as u64);
+    assert_eq!(outbound_errors(&client, "connect_failed"), 0);
+}
+
+#[tokio::test]
+async fn a_request_the_peer_had_no_connection_for_goes_to_another_endpoint() {
+    let ca = Ca::new("mesh root");
+    // Its first request takes a second: it holds the one connection its sidecar may open.
+    let busy = Scripted::start(
+        "127.0.0.1",
+        "busy",
+        1,
+        Misbehave::Delay(Duration::from_secs(1)),
+    )
+    .await;
+    let live = Scripted::ok("127.0.0.1", "cart").await;
+    let limits = Limits {
+        max_http1_connections_per_endpoint: 1,
+        ..Limits::default()
+    };
+    let full_sidecar = TestProxy::start_kind(
+        Proxy::with_identity(
+            limits,
+            BeforeConfig::default(),
+            LocalPorts::default(),
+            Some(ca.store(SERVER_ID)),
+        ),
+        ListenerKind::InboundTo(busy.addr),
+        config(&[]),
+    );
+    let alive = server_sidecar(&ca, live.addr);
+    // Round robin: the 1st and 3rd requests go to the busy endpoint first.
+    let client = client_sidecar(&ca, &[(full_sidecar.addr, true), (alive.addr, true)]);
+
+    let held = {
+        let url = client.url("/slow");
+        tokio::spawn(async move { get(&h1_client(), &url).await })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the slow request reached busy",
+        || async { busy.requests() == 1 },
+    )
+    .await;
+    let c = h1_client();
+    let (resp, body) = get(&c, &client.url("/turn")).await;
+    assert_eq!(
+        (resp.status().as_u16(), body.as_str()),
+        (200, "hello from cart")
+    );
+    assert_eq!(live.requests(), 1);
+
+    let started = std::time::Instant::now();
+    let req = http::Request::post(client.url("/orders"))
+        .body(full(""))
+        .unwrap();
+    let (resp, body) = send(&c, req).await;
+    assert_eq!(resp.status, 200, "{body} {:?}", resp.headers);
+    assert_eq!(body, "hello from cart");
+    assert!(resp.headers.get(UNSENT).is_none());
+    assert_eq!(live.last().target, "/orders");
+    assert_eq!(live.requests(), 2, "delivered once");
+    assert_eq!(busy.requests(), 1, "the busy application never got it");
+    // Answered before the slow request ended: the peer refused at once.
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!held.is_finished());
+    assert_eq!(
+        inbound_errors(&full_sidecar, "upstream_connection_limit"),
+        1
+    );
+    assert_eq!(outbound_errors(&client, "upstream_connection_limit"), 1);
+
+    // The request that held the connection completes.
+    let (resp, body) = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (resp.status().as_u16(), body.as_str()),
+        (200, "hello from busy")
+    );
+    assert_eq!(busy.requests(), 1);
+}
