@@ -537,3 +537,85 @@ async fn a_request_the_peer_had_no_connection_for_goes_to_another_endpoint() {
     );
     assert_eq!(busy.requests(), 1);
 }
+
+/// A real gRPC application (tonic, the standard health service, `shop.Cart` SERVING) on
+/// loopback; counts the calls it received.
+async fn grpc_app() -> (SocketAddr, Arc<AtomicUsize>, Task) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Cart", tonic_health::ServingStatus::Serving)
+        .await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let count = calls.clone();
+    let record = move |req: tonic::Request<()>| {
+        count.fetch_add(1, Ordering::SeqCst);
+        Ok(req)
+    };
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(record))
+            .add_service(health)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await;
+    });
+    (addr, calls, Task(task))
+}
+
+/// A tonic health client of the service behind `client` (HTTP/2 prior knowledge).
+async fn health_client(
+    client: &TestProxy,
+) -> tonic_health::pb::health_client::HealthClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", client.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+}
+
+#[tokio::test]
+async fn a_grpc_call_the_peer_never_sent_goes_to_another_endpoint() {
+    use tonic_health::pb::HealthCheckRequest;
+    let ca = Ca::new("mesh root");
+    let (app, calls, _task) = grpc_app().await;
+    let dead = server_sidecar(&ca, refused_addr("127.0.0.1").await);
+    let alive = server_sidecar(&ca, app);
+
+    // The peer's own answer, as a gRPC client gets it when there is nowhere else to go.
+    let only_dead = client_sidecar(&ca, &[(dead.addr, true)]);
+    let err = health_client(&only_dead)
+        .await
+        .check(HealthCheckRequest {
+            service: "shop.Cart".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(err.metadata().get("weft-error").unwrap(), "connect_failed");
+    assert!(err.metadata().get(UNSENT).is_none());
+    assert_eq!(inbound_connect_failures(&dead), 1);
+
+    let client = client_sidecar(&ca, &[(dead.addr, true), (alive.addr, true)]);
+    let mut grpc = health_client(&client).await;
+    for i in 1..=4 {
+        let started = std::time::Instant::now();
+        let resp = grpc
+            .check(HealthCheckRequest {
+                service: "shop.Cart".into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e:?}"));
+        assert!(resp.metadata().get(UNSENT).is_none());
+        assert_eq!(
+            resp.into_inner().status,
+            tonic_health::ServingStatus::Serving as i32
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Delivered once: the dead endpoint's proxy never sent it to anyone.
+        assert_eq!(calls.load(Ordering::SeqCst), i);
+        assert_eq!(inbound_connect_failures(&dead), 1 + i as u64);
+    }
+    assert_eq!(outbound_errors(&client, "connect_failed"), 4);
+}
