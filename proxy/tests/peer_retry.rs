@@ -539,13 +539,16 @@ async fn a_request_the_peer_had_no_connection_for_goes_to_another_endpoint() {
 }
 
 /// A real gRPC application (tonic, the standard health service, `shop.Cart` SERVING) on
-/// loopback; counts the calls it received.
+/// loopback (`shop.Down` NOT_SERVING); counts the calls it received.
 async fn grpc_app() -> (SocketAddr, Arc<AtomicUsize>, Task) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("shop.Cart", tonic_health::ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status("shop.Down", tonic_health::ServingStatus::NotServing)
         .await;
     let calls = Arc::new(AtomicUsize::new(0));
     let count = calls.clone();
@@ -617,5 +620,61 @@ async fn a_grpc_call_the_peer_never_sent_goes_to_another_endpoint() {
         assert_eq!(calls.load(Ordering::SeqCst), i);
         assert_eq!(inbound_connect_failures(&dead), 1 + i as u64);
     }
-    assert_eq!(outbound_errors(&client, "connect_failed"), 4);
+    // The message itself arrived: the application answered for the service it names.
+    let resp = grpc
+        .check(HealthCheckRequest {
+            service: "shop.Down".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.into_inner().status,
+        tonic_health::ServingStatus::NotServing as i32
+    );
+    let err = grpc
+        .check(HealthCheckRequest {
+            service: "shop.Nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(err.metadata().get("weft-error").is_none(), "{err:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 6);
+    assert_eq!(inbound_connect_failures(&dead), 7);
+    assert_eq!(outbound_errors(&client, "connect_failed"), 6);
+}
+
+#[tokio::test]
+async fn a_grpc_stream_still_open_when_the_peer_answers_is_not_sent_again() {
+    let ca = Ca::new("mesh root");
+    let live = Scripted::ok("127.0.0.1", "cart").await;
+    let dead = server_sidecar(&ca, refused_addr("127.0.0.1").await);
+    let alive = server_sidecar(&ca, live.addr);
+    let client = client_sidecar(&ca, &[(dead.addr, true), (alive.addr, true)]);
+
+    // A client-streaming call: one message sent, the stream left open.
+    let (mut tx, rx) = futures::channel::mpsc::channel::<
+        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+    >(1);
+    tx.try_send(Ok(hyper::body::Frame::data(Bytes::from_static(
+        b"\0\0\0\0\x02\x08\x01",
+    ))))
+    .unwrap();
+    let req = http::Request::post(client.url("/shop.Cart/Upload"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::StreamBody::new(rx).boxed())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), h2_client().request(req))
+        .await
+        .expect("answered while the stream is open")
+        .unwrap();
+    // The peer's own answer, passed on: nothing else could be sent.
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "14");
+    assert_eq!(resp.headers()["weft-error"], "connect_failed");
+    assert!(resp.headers().get(UNSENT).is_none());
+    assert_eq!(live.requests(), 0);
+    assert_eq!(inbound_connect_failures(&dead), 1);
+    drop(tx);
 }
