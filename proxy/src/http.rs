@@ -1284,6 +1284,47 @@ impl Body for RequestBody {
 mod tests {
     use super::*;
 
+    fn copy(limit: u64) -> BodyCopy {
+        BodyCopy {
+            limit,
+            state: Mutex::new(CopyState::Reading {
+                chunks: Vec::new(),
+                len: 0,
+            }),
+        }
+    }
+
+    fn data(b: &'static [u8]) -> Result<Frame<Bytes>, hyper::Error> {
+        Ok(Frame::data(Bytes::from_static(b)))
+    }
+
+    /// A teed body's copy is whole only once the body ended, within the limit, without
+    /// trailers: anything less would send another request than the client's.
+    #[test]
+    fn a_body_copy_is_whole_only_when_the_body_ended_within_the_limit() {
+        let c = copy(8);
+        c.record(Some(&data(b"abc")), false);
+        assert_eq!(c.whole(), None, "still reading");
+        c.record(Some(&data(b"de")), false);
+        c.record(None, true);
+        assert_eq!(c.whole().as_deref(), Some(&b"abcde"[..]));
+
+        // The end seen with the last data frame (HTTP/2 END_STREAM on DATA).
+        let c = copy(8);
+        c.record(Some(&data(b"abc")), true);
+        assert_eq!(c.whole().as_deref(), Some(&b"abc"[..]));
+
+        let c = copy(4);
+        c.record(Some(&data(b"abc")), false);
+        c.record(Some(&data(b"de")), true);
+        assert_eq!(c.whole(), None, "over the limit");
+
+        let c = copy(8);
+        c.record(Some(&data(b"abc")), false);
+        c.record(Some(&Ok(Frame::trailers(HeaderMap::new()))), true);
+        assert_eq!(c.whole(), None, "trailers");
+    }
+
     #[test]
     fn strips_hop_by_hop_fields_and_the_ones_connection_names() {
         let mut h = HeaderMap::new();
