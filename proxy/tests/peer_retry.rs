@@ -457,12 +457,12 @@ async fn a_request_whose_peer_timed_out_connecting_goes_to_another_endpoint() {
 #[tokio::test]
 async fn a_request_the_peer_had_no_connection_for_goes_to_another_endpoint() {
     let ca = Ca::new("mesh root");
-    // Its first request takes a second: it holds the one connection its sidecar may open.
+    // Its first request takes 1.5 s: it holds the one connection its sidecar may open.
     let busy = Scripted::start(
         "127.0.0.1",
         "busy",
         1,
-        Misbehave::Delay(Duration::from_secs(1)),
+        Misbehave::Delay(Duration::from_millis(1500)),
     )
     .await;
     let live = Scripted::ok("127.0.0.1", "cart").await;
@@ -513,13 +513,9 @@ async fn a_request_the_peer_had_no_connection_for_goes_to_another_endpoint() {
     assert_eq!(live.last().target, "/orders");
     assert_eq!(live.requests(), 2, "delivered once");
     assert_eq!(busy.requests(), 1, "the busy application never got it");
-    // Answered before the slow request ended: the peer refused at once.
-    assert!(
-        started.elapsed() < Duration::from_millis(800),
-        "{:?}",
-        started.elapsed()
-    );
-    assert!(!held.is_finished());
+    // Answered while the slow request still held the connection: the peer refused at
+    // once rather than waiting for it.
+    assert!(!held.is_finished(), "{:?}", started.elapsed());
     assert_eq!(
         inbound_errors(&full_sidecar, "upstream_connection_limit"),
         1
@@ -538,8 +534,8 @@ async fn a_request_the_peer_had_no_connection_for_goes_to_another_endpoint() {
     assert_eq!(busy.requests(), 1);
 }
 
-/// A real gRPC application (tonic, the standard health service, `shop.Cart` SERVING) on
-/// loopback (`shop.Down` NOT_SERVING); counts the calls it received.
+/// A real gRPC application on loopback (tonic, the standard health service: `shop.Cart`
+/// SERVING, `shop.Down` NOT_SERVING); counts the calls it received.
 async fn grpc_app() -> (SocketAddr, Arc<AtomicUsize>, Task) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
