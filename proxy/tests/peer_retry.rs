@@ -28,7 +28,7 @@ use support::*;
 use tokio::net::TcpListener;
 use weft_proxy::{
     LocalPorts, Proxy,
-    identity::IdentityStore,
+    identity::{IdentityStore, Inner},
     limits::Limits,
     server::{BeforeConfig, ListenerKind},
 };
@@ -582,6 +582,47 @@ async fn a_grpc_call_the_peer_never_sent_goes_to_another_endpoint() {
     let dead = server_sidecar(&ca, refused_addr("127.0.0.1").await);
     let alive = server_sidecar(&ca, app);
 
+    // The peer's answer on the wire, to a peer proxy's mux session: trailers-only.
+    let tls = ca
+        .store(CLIENT_ID)
+        .client_tls(Arc::from(SERVER_ID))
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(dead.addr).await.unwrap();
+    let session = tls
+        .handshake(tcp, dead.addr, Inner::Mux, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (mut mux, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+        TokioExecutor::new(),
+        TokioIo::new(session),
+    )
+    .await
+    .unwrap();
+    let _conn = Task(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+    let resp = mux
+        .send_request(
+            http::Request::post("http://cart/grpc.health.v1.Health/Check")
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header("te", "trailers")
+                .body(full(&b"\0\0\0\0\x0b\x0a\x09shop.Cart"[..]))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    assert_eq!(resp.headers()["grpc-status"], "14");
+    assert_eq!(resp.headers()["weft-error"], "connect_failed");
+    assert_eq!(resp.headers()[UNSENT], "1");
+    assert!(
+        hyper::body::Body::is_end_stream(resp.body()),
+        "trailers-only: no body, no trailers"
+    );
+    assert_eq!(inbound_connect_failures(&dead), 1);
+    drop(mux);
+
     // The peer's own answer, as a gRPC client gets it when there is nowhere else to go.
     let only_dead = client_sidecar(&ca, &[(dead.addr, true)]);
     let err = health_client(&only_dead)
@@ -594,7 +635,7 @@ async fn a_grpc_call_the_peer_never_sent_goes_to_another_endpoint() {
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert_eq!(err.metadata().get("weft-error").unwrap(), "connect_failed");
     assert!(err.metadata().get(UNSENT).is_none());
-    assert_eq!(inbound_connect_failures(&dead), 1);
+    assert_eq!(inbound_connect_failures(&dead), 2);
 
     let client = client_sidecar(&ca, &[(dead.addr, true), (alive.addr, true)]);
     let mut grpc = health_client(&client).await;
@@ -614,7 +655,7 @@ async fn a_grpc_call_the_peer_never_sent_goes_to_another_endpoint() {
         assert!(started.elapsed() < Duration::from_secs(2));
         // Delivered once: the dead endpoint's proxy never sent it to anyone.
         assert_eq!(calls.load(Ordering::SeqCst), i);
-        assert_eq!(inbound_connect_failures(&dead), 1 + i as u64);
+        assert_eq!(inbound_connect_failures(&dead), 2 + i as u64);
     }
     // The message itself arrived: the application answered for the service it names.
     let resp = grpc
@@ -636,7 +677,7 @@ async fn a_grpc_call_the_peer_never_sent_goes_to_another_endpoint() {
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     assert!(err.metadata().get("weft-error").is_none(), "{err:?}");
     assert_eq!(calls.load(Ordering::SeqCst), 6);
-    assert_eq!(inbound_connect_failures(&dead), 7);
+    assert_eq!(inbound_connect_failures(&dead), 8);
     assert_eq!(outbound_errors(&client, "connect_failed"), 6);
 }
 
