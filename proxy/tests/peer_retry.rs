@@ -397,15 +397,8 @@ fn outbound_errors(p: &TestProxy, code: &str) -> u64 {
 async fn a_request_whose_peer_timed_out_connecting_goes_to_another_endpoint() {
     let ca = Ca::new("mesh root");
     let live = Scripted::ok("127.0.0.1", "cart").await;
-    let (hung_app, _listener, _queued) = hanging_addr("127.0.0.7").await;
     // The server sidecar gives up connecting to its application after 200 ms.
-    let mut cfg = config(&[]);
-    cfg["connectTimeout"] = "200ms".into();
-    let hung = TestProxy::start_kind(
-        proxy_with(ca.store(SERVER_ID)),
-        ListenerKind::InboundTo(hung_app),
-        cfg,
-    );
+    let (hung, _guard) = hung_sidecar(&ca, "200ms").await;
     let alive = server_sidecar(&ca, live.addr);
     let client = client_sidecar(&ca, &[(hung.addr, true), (alive.addr, true)]);
 
@@ -681,37 +674,95 @@ async fn a_grpc_call_the_peer_never_sent_goes_to_another_endpoint() {
     assert_eq!(outbound_errors(&client, "connect_failed"), 6);
 }
 
-#[tokio::test]
-async fn a_grpc_stream_still_open_when_the_peer_answers_is_not_sent_again() {
-    let ca = Ca::new("mesh root");
-    let live = Scripted::ok("127.0.0.1", "cart").await;
-    let dead = server_sidecar(&ca, refused_addr("127.0.0.1").await);
-    let alive = server_sidecar(&ca, live.addr);
-    let client = client_sidecar(&ca, &[(dead.addr, true), (alive.addr, true)]);
+/// A server sidecar whose application's connects hang, and which gives up on them after
+/// `connect_timeout` (answering `connect_timeout`); keep the guard for as long.
+async fn hung_sidecar(
+    ca: &Ca,
+    connect_timeout: &str,
+) -> (
+    TestProxy,
+    (tokio::net::TcpListener, Vec<tokio::net::TcpStream>),
+) {
+    let (app, listener, queued) = hanging_addr("127.0.0.7").await;
+    let mut cfg = config(&[]);
+    cfg["connectTimeout"] = connect_timeout.into();
+    let sidecar = TestProxy::start_kind(
+        proxy_with(ca.store(SERVER_ID)),
+        ListenerKind::InboundTo(app),
+        cfg,
+    );
+    (sidecar, (listener, queued))
+}
 
-    // A client-streaming call: one message sent, the stream left open.
-    let (mut tx, rx) = futures::channel::mpsc::channel::<
-        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
-    >(1);
-    tx.try_send(Ok(hyper::body::Frame::data(Bytes::from_static(
-        b"\0\0\0\0\x02\x08\x01",
-    ))))
-    .unwrap();
+type FrameTx =
+    futures::channel::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>;
+
+/// Starts a client-streaming gRPC call through `client` (HTTP/2); its messages are sent
+/// on the returned channel, and dropping it ends the stream.
+fn grpc_stream(
+    client: &TestProxy,
+) -> (
+    FrameTx,
+    tokio::task::JoinHandle<http::Response<hyper::body::Incoming>>,
+) {
+    let (tx, rx) = futures::channel::mpsc::channel(4);
     let req = http::Request::post(client.url("/shop.Cart/Upload"))
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header("te", "trailers")
         .body(http_body_util::StreamBody::new(rx).boxed())
         .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), h2_client().request(req))
-        .await
-        .expect("answered while the stream is open")
-        .unwrap();
-    // The peer's own answer, passed on: nothing else could be sent.
+    let call = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(5), h2_client().request(req))
+            .await
+            .expect("answered within 5 s")
+            .unwrap()
+    });
+    (tx, call)
+}
+
+fn message(bytes: &'static [u8]) -> Result<hyper::body::Frame<Bytes>, std::convert::Infallible> {
+    Ok(hyper::body::Frame::data(Bytes::from_static(bytes)))
+}
+
+#[tokio::test]
+async fn a_grpc_stream_is_sent_again_only_if_it_had_ended_when_the_peer_answered() {
+    use futures::SinkExt;
+    let ca = Ca::new("mesh root");
+    let live = Scripted::ok("127.0.0.1", "cart").await;
+    // The peer answers 300 ms after the call's headers: the client sidecar has read what
+    // the call sent by then.
+    let (hung, _guard) = hung_sidecar(&ca, "300ms").await;
+    let alive = server_sidecar(&ca, live.addr);
+    let client = client_sidecar(&ca, &[(hung.addr, true), (alive.addr, true)]);
+
+    // Two messages, the second 20 ms after the first, then the end: sent again whole.
+    let (mut tx, call) = grpc_stream(&client);
+    tx.send(message(b"\0\0\0\0\x02\x08\x01")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tx.send(message(b"\0\0\0\0\x02\x08\x02")).await.unwrap();
+    drop(tx);
+    let resp = call.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "0");
+    assert_eq!(resp.headers()["x-backend"], "cart");
+    assert!(resp.headers().get(UNSENT).is_none());
+    assert_eq!(live.requests(), 1, "delivered once");
+    assert_eq!(
+        live.last().body,
+        Bytes::from_static(b"\0\0\0\0\x02\x08\x01\0\0\0\0\x02\x08\x02")
+    );
+    assert_eq!(inbound_errors(&hung, "connect_timeout"), 1);
+
+    // One message, the stream still open when the peer answers: the peer's answer is
+    // passed on, since the proxy does not have the whole request to send again.
+    let (mut tx, call) = grpc_stream(&client);
+    tx.send(message(b"\0\0\0\0\x02\x08\x03")).await.unwrap();
+    let resp = call.await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["grpc-status"], "14");
-    assert_eq!(resp.headers()["weft-error"], "connect_failed");
+    assert_eq!(resp.headers()["weft-error"], "connect_timeout");
     assert!(resp.headers().get(UNSENT).is_none());
-    assert_eq!(live.requests(), 0);
-    assert_eq!(inbound_connect_failures(&dead), 1);
+    assert_eq!(live.requests(), 1, "not sent again");
+    assert_eq!(inbound_errors(&hung, "connect_timeout"), 2);
     drop(tx);
 }
