@@ -17,8 +17,9 @@
 //! A request a meshed endpoint's proxy could not hand to its application (its answer
 //! carries [`UNSENT_HEADER`], trusted over mutual TLS only) was never sent either, and
 //! goes to another endpoint under the same rules, when the proxy still has the request:
-//! a bodiless one (its head is copied before sending to a meshed endpoint) or one whose
-//! body a retry policy copied. Inbound, the proxy marks its own such answers to a peer
+//! a bodiless one (its head is copied before sending to a meshed endpoint), one whose
+//! body a retry policy copied, or a gRPC one whose body ended, within [`REPLAY_LIMIT`],
+//! before the answer (its body is teed as it streams, since gRPC sends no length). Inbound, the proxy marks its own such answers to a peer
 //! proxy, and removes the header from every response of the application.
 
 use std::{
