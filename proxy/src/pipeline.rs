@@ -19,8 +19,9 @@
 //! goes to another endpoint under the same rules, when the proxy still has the request:
 //! a bodiless one (its head is copied before sending to a meshed endpoint), one whose
 //! body a retry policy copied, or a gRPC one whose body ended, within [`REPLAY_LIMIT`],
-//! before the answer (its body is teed as it streams, since gRPC sends no length). Inbound, the proxy marks its own such answers to a peer
-//! proxy, and removes the header from every response of the application.
+//! before the answer (its body is teed as it streams, since gRPC sends no length).
+//! Inbound, the proxy marks its own such answers to a peer proxy, and removes the header
+//! from every response of the application.
 
 use std::{
     str::FromStr,
