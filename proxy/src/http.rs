@@ -1045,6 +1045,75 @@ enum BodyInner {
     Stream(Incoming),
     /// The whole body, until it is sent; `None` once sent (or when empty).
     Buffered(Option<Bytes>),
+    /// Streamed, keeping a copy of what it read ([`RequestBody::tee`]).
+    Tee(Incoming, Arc<BodyCopy>),
+}
+
+/// What a teed request body ([`RequestBody::tee`]) read from its client, so that the
+/// request can be sent again when a peer proxy answers that it never sent it, although its
+/// body streamed (a gRPC client sends no `content-length`).
+#[derive(Debug)]
+pub(crate) struct BodyCopy {
+    limit: u64,
+    state: Mutex<CopyState>,
+}
+
+#[derive(Debug)]
+enum CopyState {
+    /// The body is still being read; its data so far.
+    Reading { chunks: Vec<Bytes>, len: u64 },
+    /// The body ended: all of its data.
+    Whole(Bytes),
+    /// No copy: the body outgrew the limit, carried trailers, or failed.
+    Abandoned,
+}
+
+impl BodyCopy {
+    /// The whole body, once it has ended within the limit.
+    pub(crate) fn whole(&self) -> Option<Bytes> {
+        match &*self.state.lock().unwrap_or_else(|p| p.into_inner()) {
+            CopyState::Whole(b) => Some(b.clone()),
+            CopyState::Reading { .. } | CopyState::Abandoned => None,
+        }
+    }
+
+    /// Records what one poll of the body gave; `ended` when the body has no more frames.
+    fn record(&self, frame: Option<&Result<Frame<Bytes>, hyper::Error>>, ended: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let CopyState::Reading { chunks, len } = &mut *state else {
+            return;
+        };
+        match frame {
+            Some(Ok(f)) => match f.data_ref() {
+                Some(data) => {
+                    *len = len.saturating_add(data.len() as u64);
+                    if *len > self.limit {
+                        *state = CopyState::Abandoned;
+                        return;
+                    }
+                    chunks.push(data.clone());
+                }
+                // Trailers: a copy of the data alone would not be the same request.
+                None => {
+                    *state = CopyState::Abandoned;
+                    return;
+                }
+            },
+            Some(Err(_)) => {
+                *state = CopyState::Abandoned;
+                return;
+            }
+            None => {}
+        }
+        if ended || frame.is_none() {
+            let whole = match chunks.as_slice() {
+                [] => Bytes::new(),
+                [one] => one.clone(),
+                many => Bytes::from(many.concat()),
+            };
+            *state = CopyState::Whole(whole);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -1077,6 +1146,29 @@ impl RequestBody {
     pub fn counting(mut self, n: Arc<std::sync::atomic::AtomicU64>) -> Self {
         self.counted = Some(n);
         self
+    }
+
+    /// The same body, keeping a copy of the data it streams while that stays within
+    /// `limit` bytes: [`BodyCopy::whole`] gives it once the body has ended.
+    pub(crate) fn tee(mut self, limit: u64) -> (Self, Arc<BodyCopy>) {
+        let copy = Arc::new(BodyCopy {
+            limit,
+            state: Mutex::new(CopyState::Reading {
+                chunks: Vec::new(),
+                len: 0,
+            }),
+        });
+        self.inner = match self.inner {
+            BodyInner::Stream(inner) => BodyInner::Tee(inner, copy.clone()),
+            BodyInner::Buffered(bytes) => {
+                if let Ok(mut state) = copy.state.lock() {
+                    *state = CopyState::Whole(bytes.clone().unwrap_or_default());
+                }
+                BodyInner::Buffered(bytes)
+            }
+            tee @ BodyInner::Tee(..) => tee,
+        };
+        (self, copy)
     }
 
     /// A body that was read whole.
@@ -1121,13 +1213,20 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = &mut *self;
-        let inner = match &mut this.inner {
+        let polled = match &mut this.inner {
             BodyInner::Buffered(bytes) => {
                 return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b))));
             }
-            BodyInner::Stream(inner) => inner,
+            BodyInner::Stream(inner) => Pin::new(inner).poll_frame(cx),
+            BodyInner::Tee(inner, copy) => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                if let Poll::Ready(frame) = &polled {
+                    copy.record(frame.as_ref(), inner.is_end_stream());
+                }
+                polled
+            }
         };
-        match Pin::new(inner).poll_frame(cx) {
+        match polled {
             Poll::Ready(frame) => {
                 if let Some(idle) = this.idle.as_mut() {
                     idle.armed = false;
@@ -1166,14 +1265,14 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            BodyInner::Stream(inner) => inner.is_end_stream(),
+            BodyInner::Stream(inner) | BodyInner::Tee(inner, _) => inner.is_end_stream(),
             BodyInner::Buffered(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            BodyInner::Stream(inner) => inner.size_hint(),
+            BodyInner::Stream(inner) | BodyInner::Tee(inner, _) => inner.size_hint(),
             BodyInner::Buffered(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
@@ -1184,6 +1283,47 @@ impl Body for RequestBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn copy(limit: u64) -> BodyCopy {
+        BodyCopy {
+            limit,
+            state: Mutex::new(CopyState::Reading {
+                chunks: Vec::new(),
+                len: 0,
+            }),
+        }
+    }
+
+    fn data(b: &'static [u8]) -> Result<Frame<Bytes>, hyper::Error> {
+        Ok(Frame::data(Bytes::from_static(b)))
+    }
+
+    /// A teed body's copy is whole only once the body ended, within the limit, without
+    /// trailers: anything less would send another request than the client's.
+    #[test]
+    fn a_body_copy_is_whole_only_when_the_body_ended_within_the_limit() {
+        let c = copy(8);
+        c.record(Some(&data(b"abc")), false);
+        assert_eq!(c.whole(), None, "still reading");
+        c.record(Some(&data(b"de")), false);
+        c.record(None, true);
+        assert_eq!(c.whole().as_deref(), Some(&b"abcde"[..]));
+
+        // The end seen with the last data frame (HTTP/2 END_STREAM on DATA).
+        let c = copy(8);
+        c.record(Some(&data(b"abc")), true);
+        assert_eq!(c.whole().as_deref(), Some(&b"abc"[..]));
+
+        let c = copy(4);
+        c.record(Some(&data(b"abc")), false);
+        c.record(Some(&data(b"de")), true);
+        assert_eq!(c.whole(), None, "over the limit");
+
+        let c = copy(8);
+        c.record(Some(&data(b"abc")), false);
+        c.record(Some(&Ok(Frame::trailers(HeaderMap::new()))), true);
+        assert_eq!(c.whole(), None, "trailers");
+    }
 
     #[test]
     fn strips_hop_by_hop_fields_and_the_ones_connection_names() {

@@ -17,9 +17,11 @@
 //! A request a meshed endpoint's proxy could not hand to its application (its answer
 //! carries [`UNSENT_HEADER`], trusted over mutual TLS only) was never sent either, and
 //! goes to another endpoint under the same rules, when the proxy still has the request:
-//! a bodiless one (its head is copied before sending to a meshed endpoint) or one whose
-//! body a retry policy copied. Inbound, the proxy marks its own such answers to a peer
-//! proxy, and removes the header from every response of the application.
+//! a bodiless one (its head is copied before sending to a meshed endpoint), one whose
+//! body a retry policy copied, or a gRPC one whose body ended, within [`REPLAY_LIMIT`],
+//! before the answer (its body is teed as it streams, since gRPC sends no length).
+//! Inbound, the proxy marks its own such answers to a peer proxy, and removes the header
+//! from every response of the application.
 
 use std::{
     str::FromStr,
@@ -39,7 +41,7 @@ use crate::{
     breaker::Outcome,
     errors::{ErrorCode, UNSENT_HEADER},
     http::{
-        HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel, caused_by_body_timeout,
+        BodyCopy, HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel, caused_by_body_timeout,
         error_response, grpc_error_response, strip_hop_by_hop,
     },
     limits::Limit,
@@ -607,11 +609,15 @@ impl HttpConn {
         // The head of a bodiless request, copied before it goes to a meshed endpoint that
         // may answer that it never sent it (a request with a copied body has `head`).
         let mut bodiless: Option<Head> = None;
+        // The head of a gRPC request and the copy of its body kept as it streams: gRPC
+        // clients send no `content-length`, so no retry policy copies their bodies, yet a
+        // unary call's message has usually been read whole by the time the peer answers.
+        let mut teed: Option<(Head, Arc<BodyCopy>)> = None;
         let mut next = Some(req);
         let mut exclude = None;
         let mut retries = 0u32;
         loop {
-            let Some(req) = next.take() else {
+            let Some(mut req) = next.take() else {
                 return self.fail(x.labels, ErrorCode::UpstreamFailed, x.grpc, x.start);
             };
             let (index, endpoint) = match plan.target {
@@ -633,13 +639,15 @@ impl HttpConn {
             }
             // Only a meshed endpoint's proxy is trusted to say it never sent the request.
             let meshed = endpoint.upstream.tls().is_some();
-            if meshed
-                && unsent_retries
-                && head.is_none()
-                && bodiless.is_none()
-                && req.body().is_end_stream()
-            {
-                bodiless = Some(Head::of(&req));
+            if meshed && unsent_retries && head.is_none() && bodiless.is_none() && teed.is_none() {
+                if req.body().is_end_stream() {
+                    bodiless = Some(Head::of(&req));
+                } else if x.grpc && !longer_than(&req, REPLAY_LIMIT) {
+                    let (parts, body) = req.into_parts();
+                    let (body, copy) = body.tee(REPLAY_LIMIT);
+                    req = Request::from_parts(parts, body);
+                    teed = Some((Head::of(&req), copy));
+                }
             }
             let in_flight = endpoint.start();
             let sent = Instant::now();
@@ -703,9 +711,13 @@ impl HttpConn {
                         endpoint.penalize();
                         record(index, Outcome::ConnectFailure);
                         tried = unsent_retries;
-                        let again = match &head {
-                            Some(h) => replay.copy().map(|b| h.request(b)),
-                            None => bodiless.as_ref().map(|h| h.request(Bytes::new())),
+                        let again = match (&head, &bodiless, &teed) {
+                            (Some(h), _, _) => replay.copy().map(|b| h.request(b)),
+                            (None, Some(h), _) => Some(h.request(Bytes::new())),
+                            // Only when the body had ended (within the limit) before the
+                            // answer came: a part of it would not be the same request.
+                            (None, None, Some((h, copy))) => copy.whole().map(|b| h.request(b)),
+                            (None, None, None) => None,
                         };
                         if unsent_retries
                             && retries < max_retries
@@ -997,6 +1009,15 @@ fn peer_code(headers: &HeaderMap) -> ErrorCode {
                 .find(|c| c.never_sent() && c.as_str().as_bytes() == v.as_bytes())
         })
         .unwrap_or(ErrorCode::ConnectFailed)
+}
+
+/// Whether the request's `content-length` says its body is longer than `limit` bytes.
+fn longer_than<B>(req: &Request<B>, limit: u64) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > limit)
 }
 
 /// Whether an HTTP/2 upstream refused the stream before processing it.

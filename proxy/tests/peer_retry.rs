@@ -28,7 +28,7 @@ use support::*;
 use tokio::net::TcpListener;
 use weft_proxy::{
     LocalPorts, Proxy,
-    identity::IdentityStore,
+    identity::{IdentityStore, Inner},
     limits::Limits,
     server::{BeforeConfig, ListenerKind},
 };
@@ -343,4 +343,426 @@ async fn a_plain_text_endpoint_cannot_ask_for_a_retry() {
         assert_eq!(forged.load(Ordering::SeqCst) - forged_before, refused);
         assert_eq!(live.requests() - live_before, 4 - refused);
     }
+}
+
+/// An address on `ip` whose connects hang: a listener that never accepts, its accept queue
+/// filled first, so the kernel drops further SYNs. Keep the returned listener and
+/// connections alive for as long as the address must hang.
+async fn hanging_addr(
+    ip: &str,
+) -> (
+    SocketAddr,
+    tokio::net::TcpListener,
+    Vec<tokio::net::TcpStream>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => held.push(s),
+            Ok(Err(e)) => panic!("unexpected connect error {e}"),
+            Err(_) => return (addr, listener, held),
+        }
+    }
+    panic!("the accept queue never filled");
+}
+
+/// The answers an inbound proxy gave for itself with `code`.
+fn inbound_errors(p: &TestProxy, code: &str) -> u64 {
+    metric(
+        p,
+        "weft_errors_total",
+        &["direction=\"inbound\"", &format!("reason=\"{code}\"")],
+    )
+}
+
+/// The retries the client sidecar counted for the peer's reason `code`.
+fn outbound_errors(p: &TestProxy, code: &str) -> u64 {
+    metric(
+        p,
+        "weft_errors_total",
+        &["direction=\"outbound\"", &format!("reason=\"{code}\"")],
+    )
+}
+
+#[tokio::test]
+async fn a_request_whose_peer_timed_out_connecting_goes_to_another_endpoint() {
+    let ca = Ca::new("mesh root");
+    let live = Scripted::ok("127.0.0.1", "cart").await;
+    // The server sidecar gives up connecting to its application after 200 ms.
+    let (hung, _guard) = hung_sidecar(&ca, "200ms").await;
+    let alive = server_sidecar(&ca, live.addr);
+    let client = client_sidecar(&ca, &[(hung.addr, true), (alive.addr, true)]);
+
+    // What the hung endpoint answers by itself (to a plain-text client: no signal).
+    let started = std::time::Instant::now();
+    let (resp, _) = get(&h1_client(), &hung.url("/items")).await;
+    assert_eq!(resp.status(), 504);
+    assert_eq!(header(&resp, "weft-error"), "connect_timeout");
+    assert_eq!(header(&resp, UNSENT), "");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let before = inbound_errors(&hung, "connect_timeout");
+    assert_eq!(before, 1);
+
+    let mut sent = 0;
+    for c in [h1_client(), h2_client()] {
+        for method in [http::Method::GET, http::Method::DELETE] {
+            let req = http::Request::builder()
+                .method(method.clone())
+                .uri(client.url("/items"))
+                .body(full(""))
+                .unwrap();
+            let started = std::time::Instant::now();
+            let (resp, body) = send(&c, req).await;
+            assert_eq!(resp.status, 200, "{method}: {body} {:?}", resp.headers);
+            assert_eq!(body, "hello from cart");
+            assert!(resp.headers.get(UNSENT).is_none());
+            // One connect timeout at the peer, then the other endpoint.
+            let took = started.elapsed();
+            assert!(took >= Duration::from_millis(190), "{method}: {took:?}");
+            assert!(took < Duration::from_secs(2), "{method}: {took:?}");
+            sent += 1;
+        }
+    }
+    // Each request reached an application once, after the peer's connect timed out.
+    assert_eq!(live.requests(), sent);
+    assert_eq!(
+        inbound_errors(&hung, "connect_timeout") - before,
+        sent as u64
+    );
+    // The client sidecar counts the retry with the peer's reason.
+    assert_eq!(outbound_errors(&client, "connect_timeout"), sent as u64);
+    assert_eq!(outbound_errors(&client, "connect_failed"), 0);
+}
+
+#[tokio::test]
+async fn a_request_the_peer_had_no_connection_for_goes_to_another_endpoint() {
+    let ca = Ca::new("mesh root");
+    // Its first request takes 1.5 s: it holds the one connection its sidecar may open.
+    let busy = Scripted::start(
+        "127.0.0.1",
+        "busy",
+        1,
+        Misbehave::Delay(Duration::from_millis(1500)),
+    )
+    .await;
+    let live = Scripted::ok("127.0.0.1", "cart").await;
+    let limits = Limits {
+        max_http1_connections_per_endpoint: 1,
+        ..Limits::default()
+    };
+    let full_sidecar = TestProxy::start_kind(
+        Proxy::with_identity(
+            limits,
+            BeforeConfig::default(),
+            LocalPorts::default(),
+            Some(ca.store(SERVER_ID)),
+        ),
+        ListenerKind::InboundTo(busy.addr),
+        config(&[]),
+    );
+    let alive = server_sidecar(&ca, live.addr);
+    // Round robin: the 1st and 3rd requests go to the busy endpoint first.
+    let client = client_sidecar(&ca, &[(full_sidecar.addr, true), (alive.addr, true)]);
+
+    let held = {
+        let url = client.url("/slow");
+        tokio::spawn(async move { get(&h1_client(), &url).await })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the slow request reached busy",
+        || async { busy.requests() == 1 },
+    )
+    .await;
+    let c = h1_client();
+    let (resp, body) = get(&c, &client.url("/turn")).await;
+    assert_eq!(
+        (resp.status().as_u16(), body.as_str()),
+        (200, "hello from cart")
+    );
+    assert_eq!(live.requests(), 1);
+
+    let started = std::time::Instant::now();
+    let req = http::Request::post(client.url("/orders"))
+        .body(full(""))
+        .unwrap();
+    let (resp, body) = send(&c, req).await;
+    assert_eq!(resp.status, 200, "{body} {:?}", resp.headers);
+    assert_eq!(body, "hello from cart");
+    assert!(resp.headers.get(UNSENT).is_none());
+    assert_eq!(live.last().target, "/orders");
+    assert_eq!(live.requests(), 2, "delivered once");
+    assert_eq!(busy.requests(), 1, "the busy application never got it");
+    // Answered while the slow request still held the connection: the peer refused at
+    // once rather than waiting for it.
+    assert!(!held.is_finished(), "{:?}", started.elapsed());
+    assert_eq!(
+        inbound_errors(&full_sidecar, "upstream_connection_limit"),
+        1
+    );
+    assert_eq!(outbound_errors(&client, "upstream_connection_limit"), 1);
+
+    // The request that held the connection completes.
+    let (resp, body) = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (resp.status().as_u16(), body.as_str()),
+        (200, "hello from busy")
+    );
+    assert_eq!(busy.requests(), 1);
+}
+
+/// A real gRPC application on loopback (tonic, the standard health service: `shop.Cart`
+/// SERVING, `shop.Down` NOT_SERVING); counts the calls it received.
+async fn grpc_app() -> (SocketAddr, Arc<AtomicUsize>, Task) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Cart", tonic_health::ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status("shop.Down", tonic_health::ServingStatus::NotServing)
+        .await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let count = calls.clone();
+    let record = move |req: tonic::Request<()>| {
+        count.fetch_add(1, Ordering::SeqCst);
+        Ok(req)
+    };
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(record))
+            .add_service(health)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await;
+    });
+    (addr, calls, Task(task))
+}
+
+/// A tonic health client of the service behind `client` (HTTP/2 prior knowledge).
+async fn health_client(
+    client: &TestProxy,
+) -> tonic_health::pb::health_client::HealthClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", client.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+}
+
+#[tokio::test]
+async fn a_grpc_call_the_peer_never_sent_goes_to_another_endpoint() {
+    use tonic_health::pb::HealthCheckRequest;
+    let ca = Ca::new("mesh root");
+    let (app, calls, _task) = grpc_app().await;
+    let dead = server_sidecar(&ca, refused_addr("127.0.0.1").await);
+    let alive = server_sidecar(&ca, app);
+
+    // The peer's answer on the wire, to a peer proxy's mux session: trailers-only.
+    let tls = ca
+        .store(CLIENT_ID)
+        .client_tls(Arc::from(SERVER_ID))
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(dead.addr).await.unwrap();
+    let session = tls
+        .handshake(tcp, dead.addr, Inner::Mux, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (mut mux, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+        TokioExecutor::new(),
+        TokioIo::new(session),
+    )
+    .await
+    .unwrap();
+    let _conn = Task(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+    let resp = mux
+        .send_request(
+            http::Request::post("http://cart/grpc.health.v1.Health/Check")
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header("te", "trailers")
+                .body(full(&b"\0\0\0\0\x0b\x0a\x09shop.Cart"[..]))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    assert_eq!(resp.headers()["grpc-status"], "14");
+    assert_eq!(resp.headers()["weft-error"], "connect_failed");
+    assert_eq!(resp.headers()[UNSENT], "1");
+    assert!(
+        hyper::body::Body::is_end_stream(resp.body()),
+        "trailers-only: no body, no trailers"
+    );
+    assert_eq!(inbound_connect_failures(&dead), 1);
+    drop(mux);
+
+    // The peer's own answer, as a gRPC client gets it when there is nowhere else to go.
+    let only_dead = client_sidecar(&ca, &[(dead.addr, true)]);
+    let err = health_client(&only_dead)
+        .await
+        .check(HealthCheckRequest {
+            service: "shop.Cart".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(err.metadata().get("weft-error").unwrap(), "connect_failed");
+    assert!(err.metadata().get(UNSENT).is_none());
+    assert_eq!(inbound_connect_failures(&dead), 2);
+
+    let client = client_sidecar(&ca, &[(dead.addr, true), (alive.addr, true)]);
+    let mut grpc = health_client(&client).await;
+    for i in 1..=4 {
+        let started = std::time::Instant::now();
+        let resp = grpc
+            .check(HealthCheckRequest {
+                service: "shop.Cart".into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e:?}"));
+        assert!(resp.metadata().get(UNSENT).is_none());
+        assert_eq!(
+            resp.into_inner().status,
+            tonic_health::ServingStatus::Serving as i32
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Delivered once: the dead endpoint's proxy never sent it to anyone.
+        assert_eq!(calls.load(Ordering::SeqCst), i);
+        assert_eq!(inbound_connect_failures(&dead), 2 + i as u64);
+    }
+    // The message itself arrived: the application answered for the service it names.
+    let resp = grpc
+        .check(HealthCheckRequest {
+            service: "shop.Down".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.into_inner().status,
+        tonic_health::ServingStatus::NotServing as i32
+    );
+    let err = grpc
+        .check(HealthCheckRequest {
+            service: "shop.Nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(err.metadata().get("weft-error").is_none(), "{err:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 6);
+    assert_eq!(inbound_connect_failures(&dead), 8);
+    assert_eq!(outbound_errors(&client, "connect_failed"), 6);
+}
+
+/// A server sidecar whose application's connects hang, and which gives up on them after
+/// `connect_timeout` (answering `connect_timeout`); keep the guard for as long.
+async fn hung_sidecar(
+    ca: &Ca,
+    connect_timeout: &str,
+) -> (
+    TestProxy,
+    (tokio::net::TcpListener, Vec<tokio::net::TcpStream>),
+) {
+    let (app, listener, queued) = hanging_addr("127.0.0.7").await;
+    let mut cfg = config(&[]);
+    cfg["connectTimeout"] = connect_timeout.into();
+    let sidecar = TestProxy::start_kind(
+        proxy_with(ca.store(SERVER_ID)),
+        ListenerKind::InboundTo(app),
+        cfg,
+    );
+    (sidecar, (listener, queued))
+}
+
+type FrameTx =
+    futures::channel::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>;
+
+/// Starts a client-streaming gRPC call through `client` (HTTP/2); its messages are sent
+/// on the returned channel, and dropping it ends the stream.
+fn grpc_stream(
+    client: &TestProxy,
+) -> (
+    FrameTx,
+    tokio::task::JoinHandle<http::Response<hyper::body::Incoming>>,
+) {
+    let (tx, rx) = futures::channel::mpsc::channel(4);
+    let req = http::Request::post(client.url("/shop.Cart/Upload"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::StreamBody::new(rx).boxed())
+        .unwrap();
+    let call = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(5), h2_client().request(req))
+            .await
+            .expect("answered within 5 s")
+            .unwrap()
+    });
+    (tx, call)
+}
+
+fn message(bytes: &'static [u8]) -> Result<hyper::body::Frame<Bytes>, std::convert::Infallible> {
+    Ok(hyper::body::Frame::data(Bytes::from_static(bytes)))
+}
+
+#[tokio::test]
+async fn a_grpc_stream_is_sent_again_only_if_it_had_ended_when_the_peer_answered() {
+    use futures::SinkExt;
+    let ca = Ca::new("mesh root");
+    let live = Scripted::ok("127.0.0.1", "cart").await;
+    // The peer answers 300 ms after the call's headers: the client sidecar has read what
+    // the call sent by then.
+    let (hung, _guard) = hung_sidecar(&ca, "300ms").await;
+    let alive = server_sidecar(&ca, live.addr);
+    let client = client_sidecar(&ca, &[(hung.addr, true), (alive.addr, true)]);
+
+    // Two messages, the second 20 ms after the first, then the end: sent again whole.
+    let (mut tx, call) = grpc_stream(&client);
+    tx.send(message(b"\0\0\0\0\x02\x08\x01")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tx.send(message(b"\0\0\0\0\x02\x08\x02")).await.unwrap();
+    drop(tx);
+    let resp = call.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "0");
+    assert_eq!(resp.headers()["x-backend"], "cart");
+    assert!(resp.headers().get(UNSENT).is_none());
+    assert_eq!(live.requests(), 1, "delivered once");
+    assert_eq!(
+        live.last().body,
+        Bytes::from_static(b"\0\0\0\0\x02\x08\x01\0\0\0\0\x02\x08\x02")
+    );
+    assert_eq!(inbound_errors(&hung, "connect_timeout"), 1);
+
+    // One message, the stream still open when the peer answers: the peer's answer is
+    // passed on, since the proxy does not have the whole request to send again.
+    let (mut tx, call) = grpc_stream(&client);
+    tx.send(message(b"\0\0\0\0\x02\x08\x03")).await.unwrap();
+    let resp = call.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "14");
+    assert_eq!(resp.headers()["weft-error"], "connect_timeout");
+    assert!(resp.headers().get(UNSENT).is_none());
+    assert_eq!(live.requests(), 1, "not sent again");
+    assert_eq!(inbound_errors(&hung, "connect_timeout"), 2);
+    drop(tx);
 }
