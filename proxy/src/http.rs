@@ -1213,6 +1213,16 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = &mut *self;
+        // Once the pipeline has let go of the copy (a real answer came), nobody will ask
+        // for it: a stream that keeps sending after the answer (bidirectional gRPC) streams
+        // on without one, and what was copied is freed.
+        if let BodyInner::Tee(_, copy) = &this.inner
+            && Arc::strong_count(copy) == 1
+            && let BodyInner::Tee(inner, _) =
+                std::mem::replace(&mut this.inner, BodyInner::Buffered(None))
+        {
+            this.inner = BodyInner::Stream(inner);
+        }
         let polled = match &mut this.inner {
             BodyInner::Buffered(bytes) => {
                 return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b))));
