@@ -228,3 +228,113 @@ fn bad_arguments_are_refused_with_a_reason() {
         assert!(!out.stderr.is_empty(), "{args:?}: no message");
     }
 }
+
+/// Connects to `addr` every 20 ms until `connected(result)` holds, for at most 3 s (the
+/// port follows the fail file within 200 ms); returns how long that took.
+fn until_connect(
+    addr: &str,
+    what: &str,
+    connected: impl Fn(&std::io::Result<std::net::TcpStream>) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let attempt = std::net::TcpStream::connect(addr);
+        if connected(&attempt) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{what}: last attempt {attempt:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `line` on a new connection to `addr` and returns what came back.
+fn echoed(addr: &str, line: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(line.as_bytes()).unwrap();
+    let mut got = vec![0; line.len()];
+    stream.read_exact(&mut got).unwrap();
+    String::from_utf8(got).unwrap()
+}
+
+#[test]
+fn the_tcp_port_echoes_and_is_closed_while_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fail_file, log) = (dir.path().join("fail"), dir.path().join("serve.log"));
+    let (port, tcp_port) = (free_port(), free_port());
+    let tcp_addr = format!("127.0.0.1:{tcp_port}");
+    let _server = serve_with(
+        "web-v1",
+        port,
+        &fail_file,
+        &["--tcp-listen", &tcp_addr],
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    // Bound before `serve` listens on HTTP: open at once.
+    assert_eq!(echoed(&tcp_addr, "hello\n"), "hello\n");
+    // A connection made before `fail` keeps working after the port closes.
+    let mut before = std::net::TcpStream::connect(&tcp_addr).unwrap();
+
+    switch("fail", &fail_file);
+    let closed_after = until_connect(&tcp_addr, "closed after fail", |r| {
+        r.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    });
+    // Still closed a while later: the port stays shut while the file exists.
+    std::thread::sleep(Duration::from_millis(500));
+    let refused = std::net::TcpStream::connect(&tcp_addr).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    {
+        use std::io::{Read, Write};
+        before
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        before.write_all(b"still\n").unwrap();
+        let mut got = [0; 6];
+        before.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"still\n");
+    }
+    // The HTTP server fails as before (not refused).
+    let (code, lines) = load(port, &["--count", "2"]);
+    assert_eq!(code, 1, "{lines:?}");
+    assert_eq!(lines.last().unwrap()["total"]["status"]["500"], 2);
+
+    switch("recover", &fail_file);
+    let open_after = until_connect(&tcp_addr, "open after recover", |r| r.is_ok());
+    assert_eq!(echoed(&tcp_addr, "again\n"), "again\n");
+    // Both within the bound of the file's polling (200 ms), with room for a slow machine.
+    assert!(
+        closed_after < Duration::from_secs(1) && open_after < Duration::from_secs(1),
+        "closed after {closed_after:?}, open after {open_after:?}"
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(log.matches("tcp port open").count(), 2, "{log}");
+    assert_eq!(log.matches("tcp port closed: failing").count(), 1, "{log}");
+}
+
+#[test]
+fn the_tcp_port_starts_closed_when_serve_starts_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail_file = dir.path().join("fail");
+    switch("fail", &fail_file);
+    let (port, tcp_port) = (free_port(), free_port());
+    let tcp_addr = format!("127.0.0.1:{tcp_port}");
+    let _server = serve_with(
+        "web-v1",
+        port,
+        &fail_file,
+        &["--tcp-listen", &tcp_addr],
+        Stdio::null(),
+    );
+    let refused = std::net::TcpStream::connect(&tcp_addr).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    switch("recover", &fail_file);
+    until_connect(&tcp_addr, "open after recover", |r| r.is_ok());
+    assert_eq!(echoed(&tcp_addr, "up\n"), "up\n");
+}
