@@ -139,23 +139,56 @@ fn switch(cmd: &str, fail_file: &std::path::Path) {
     assert!(status.success(), "{cmd}");
 }
 
+/// `serve` on a free loopback port with `flag` opening another listener on another
+/// (`addr`), its fail file (created first when `failing`) and log in a temporary directory.
+struct Beside {
+    _server: Server,
+    fail_file: std::path::PathBuf,
+    log: std::path::PathBuf,
+    port: u16,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+fn serve_beside(flag: &str, failing: bool) -> Beside {
+    let dir = tempfile::tempdir().unwrap();
+    let (fail_file, log) = (dir.path().join("fail"), dir.path().join("serve.log"));
+    if failing {
+        switch("fail", &fail_file);
+    }
+    let (port, other) = (free_port(), free_port());
+    let addr = format!("127.0.0.1:{other}");
+    let server = serve_with(
+        "web-v1",
+        port,
+        &fail_file,
+        &[flag, &addr],
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    Beside {
+        _server: server,
+        fail_file,
+        log,
+        port,
+        addr,
+        _dir: dir,
+    }
+}
+
 #[test]
 fn the_grpc_health_check_answers_serving_then_not_serving_while_failing() {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
 
-    let dir = tempfile::tempdir().unwrap();
-    let (fail_file, log) = (dir.path().join("fail"), dir.path().join("serve.log"));
-    let (port, grpc_port) = (free_port(), free_port());
-    let grpc_addr = format!("127.0.0.1:{grpc_port}");
-    let _server = serve_with(
-        "web-v1",
+    let Beside {
+        fail_file,
+        log,
         port,
-        &fail_file,
-        &["--grpc-health-listen", &grpc_addr],
-        std::fs::File::create(&log).unwrap().into(),
-    );
+        addr: grpc_addr,
+        ..
+    } = &serve_beside("--grpc-health-listen", false);
+    let port = *port;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -265,17 +298,14 @@ fn echoed(addr: &str, line: &str) -> String {
 
 #[test]
 fn the_tcp_port_echoes_and_is_closed_while_failing() {
-    let dir = tempfile::tempdir().unwrap();
-    let (fail_file, log) = (dir.path().join("fail"), dir.path().join("serve.log"));
-    let (port, tcp_port) = (free_port(), free_port());
-    let tcp_addr = format!("127.0.0.1:{tcp_port}");
-    let _server = serve_with(
-        "web-v1",
+    let Beside {
+        fail_file,
+        log,
         port,
-        &fail_file,
-        &["--tcp-listen", &tcp_addr],
-        std::fs::File::create(&log).unwrap().into(),
-    );
+        addr: tcp_addr,
+        ..
+    } = &serve_beside("--tcp-listen", false);
+    let port = *port;
     // Bound before `serve` listens on HTTP: open at once.
     assert_eq!(echoed(&tcp_addr, "hello\n"), "hello\n");
     // A connection made before `fail` keeps working after the port closes.
@@ -320,18 +350,11 @@ fn the_tcp_port_echoes_and_is_closed_while_failing() {
 
 #[test]
 fn the_tcp_port_starts_closed_when_serve_starts_failing() {
-    let dir = tempfile::tempdir().unwrap();
-    let fail_file = dir.path().join("fail");
-    switch("fail", &fail_file);
-    let (port, tcp_port) = (free_port(), free_port());
-    let tcp_addr = format!("127.0.0.1:{tcp_port}");
-    let _server = serve_with(
-        "web-v1",
-        port,
-        &fail_file,
-        &["--tcp-listen", &tcp_addr],
-        Stdio::null(),
-    );
+    let Beside {
+        fail_file,
+        addr: tcp_addr,
+        ..
+    } = &serve_beside("--tcp-listen", true);
     let refused = std::net::TcpStream::connect(&tcp_addr).unwrap_err();
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     switch("recover", &fail_file);
