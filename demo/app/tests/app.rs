@@ -181,14 +181,9 @@ fn the_grpc_health_check_answers_serving_then_not_serving_while_failing() {
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
 
-    let Beside {
-        fail_file,
-        log,
-        port,
-        addr: grpc_addr,
-        ..
-    } = &serve_beside("--grpc-health-listen", false);
-    let port = *port;
+    let served = serve_beside("--grpc-health-listen", false);
+    let (fail_file, log, port, grpc_addr) =
+        (&served.fail_file, &served.log, served.port, &served.addr);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -298,14 +293,9 @@ fn echoed(addr: &str, line: &str) -> String {
 
 #[test]
 fn the_tcp_port_echoes_and_is_closed_while_failing() {
-    let Beside {
-        fail_file,
-        log,
-        port,
-        addr: tcp_addr,
-        ..
-    } = &serve_beside("--tcp-listen", false);
-    let port = *port;
+    let served = serve_beside("--tcp-listen", false);
+    let (fail_file, log, port, tcp_addr) =
+        (&served.fail_file, &served.log, served.port, &served.addr);
     // Bound before `serve` listens on HTTP: open at once.
     assert_eq!(echoed(&tcp_addr, "hello\n"), "hello\n");
     // A connection made before `fail` keeps working after the port closes.
@@ -350,11 +340,8 @@ fn the_tcp_port_echoes_and_is_closed_while_failing() {
 
 #[test]
 fn the_tcp_port_starts_closed_when_serve_starts_failing() {
-    let Beside {
-        fail_file,
-        addr: tcp_addr,
-        ..
-    } = &serve_beside("--tcp-listen", true);
+    let served = serve_beside("--tcp-listen", true);
+    let (fail_file, tcp_addr) = (&served.fail_file, &served.addr);
     let refused = std::net::TcpStream::connect(&tcp_addr).unwrap_err();
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     switch("recover", &fail_file);
