@@ -206,7 +206,7 @@ fn the_grpc_health_check_answers_serving_then_not_serving_while_failing() {
             (Some("recover"), ServingStatus::Serving),
         ] {
             if let Some(cmd) = switched {
-                switch(cmd, &fail_file);
+                switch(cmd, fail_file);
             }
             for service in ["", "shop.Cart"] {
                 let answer = client.check(check(service)).await.unwrap().into_inner();
@@ -224,7 +224,7 @@ fn the_grpc_health_check_answers_serving_then_not_serving_while_failing() {
     let (code, lines) = load(port, &["--count", "5"]);
     assert_eq!(code, 0, "{lines:?}");
     // The first answer and each change are logged, with the caller's User-Agent.
-    let log = std::fs::read_to_string(&log).unwrap();
+    let log = std::fs::read_to_string(log).unwrap();
     assert_eq!(log.matches("answer changed").count(), 3, "{log}");
     assert!(
         log.contains("NOT_SERVING") && log.contains("tonic/"),
@@ -297,18 +297,18 @@ fn the_tcp_port_echoes_and_is_closed_while_failing() {
     let (fail_file, log, port, tcp_addr) =
         (&served.fail_file, &served.log, served.port, &served.addr);
     // Bound before `serve` listens on HTTP: open at once.
-    assert_eq!(echoed(&tcp_addr, "hello\n"), "hello\n");
+    assert_eq!(echoed(tcp_addr, "hello\n"), "hello\n");
     // A connection made before `fail` keeps working after the port closes.
-    let mut before = std::net::TcpStream::connect(&tcp_addr).unwrap();
+    let mut before = std::net::TcpStream::connect(tcp_addr).unwrap();
 
-    switch("fail", &fail_file);
-    let closed_after = until_connect(&tcp_addr, "closed after fail", |r| {
+    switch("fail", fail_file);
+    let closed_after = until_connect(tcp_addr, "closed after fail", |r| {
         r.as_ref()
             .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
     });
     // Still closed a while later: the port stays shut while the file exists.
     std::thread::sleep(Duration::from_millis(500));
-    let refused = std::net::TcpStream::connect(&tcp_addr).unwrap_err();
+    let refused = std::net::TcpStream::connect(tcp_addr).unwrap_err();
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     {
         use std::io::{Read, Write};
@@ -325,15 +325,15 @@ fn the_tcp_port_echoes_and_is_closed_while_failing() {
     assert_eq!(code, 1, "{lines:?}");
     assert_eq!(lines.last().unwrap()["total"]["status"]["500"], 2);
 
-    switch("recover", &fail_file);
-    let open_after = until_connect(&tcp_addr, "open after recover", |r| r.is_ok());
-    assert_eq!(echoed(&tcp_addr, "again\n"), "again\n");
+    switch("recover", fail_file);
+    let open_after = until_connect(tcp_addr, "open after recover", |r| r.is_ok());
+    assert_eq!(echoed(tcp_addr, "again\n"), "again\n");
     // Both within the bound of the file's polling (200 ms), with room for a slow machine.
     assert!(
         closed_after < Duration::from_secs(1) && open_after < Duration::from_secs(1),
         "closed after {closed_after:?}, open after {open_after:?}"
     );
-    let log = std::fs::read_to_string(&log).unwrap();
+    let log = std::fs::read_to_string(log).unwrap();
     assert_eq!(log.matches("tcp port open").count(), 2, "{log}");
     assert_eq!(log.matches("tcp port closed: failing").count(), 1, "{log}");
 }
@@ -342,9 +342,9 @@ fn the_tcp_port_echoes_and_is_closed_while_failing() {
 fn the_tcp_port_starts_closed_when_serve_starts_failing() {
     let served = serve_beside("--tcp-listen", true);
     let (fail_file, tcp_addr) = (&served.fail_file, &served.addr);
-    let refused = std::net::TcpStream::connect(&tcp_addr).unwrap_err();
+    let refused = std::net::TcpStream::connect(tcp_addr).unwrap_err();
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
-    switch("recover", &fail_file);
-    until_connect(&tcp_addr, "open after recover", |r| r.is_ok());
-    assert_eq!(echoed(&tcp_addr, "up\n"), "up\n");
+    switch("recover", fail_file);
+    until_connect(tcp_addr, "open after recover", |r| r.is_ok());
+    assert_eq!(echoed(tcp_addr, "up\n"), "up\n");
 }
