@@ -889,10 +889,12 @@ pub fn tcp_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Res
     // The control's app closes its port first, so it has been closed at least as long
     // as web's takes to show.
     kube.exec(ns, &control, "app", &["weft-demo-app", "fail"])?;
+    let control_failed = Instant::now();
     let unready_after = switch_until(kube, ns, pod, "fail", false)?;
     // Five more probe periods, more than twice the failure threshold.
     stays_ready(kube, ns, "app=as-written", Duration::from_secs(5))
         .context("the unrewritten TCP probe with its app's port closed")?;
+    let control_closed_for = control_failed.elapsed();
     // Both apps really closed their port (no listening socket: connect refused).
     let mut logs = Vec::new();
     for p in [pod, control.as_str()] {
@@ -903,6 +905,15 @@ pub fn tcp_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Res
         );
         logs.push(log);
     }
+    // Web's app was connected to from the proxy's hand-off address (the rewritten probe),
+    // not from the node.
+    ensure!(
+        logs[0]
+            .lines()
+            .any(|l| l.contains("first connection since it opened") && l.contains("=127.0.0.6:")),
+        "web's app log, without the proxy's probe connection:\n{}",
+        logs[0]
+    );
 
     // What the control's proxy made of the kubelet's connections, for the reader.
     let control_proxy = kube
@@ -914,6 +925,7 @@ pub fn tcp_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Res
     tracing::info!(
         ?unready_after,
         ?ready_after,
+        ?control_closed_for,
         web_app_log = %logs[0],
         control_app_log = %logs[1],
         %control_proxy,
