@@ -910,7 +910,7 @@ pub fn tcp_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Res
     ensure!(
         logs[0]
             .lines()
-            .any(|l| l.contains("first connection since it opened") && l.contains("=127.0.0.6:")),
+            .any(|l| l.contains("first connection since it opened") && l.contains("127.0.0.6:")),
         "web's app log, without the proxy's probe connection:\n{}",
         logs[0]
     );
