@@ -915,11 +915,6 @@ pub fn tcp_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Res
         logs[0]
     );
 
-    // What the control's proxy made of the kubelet's connections, for the reader.
-    let control_proxy = kube
-        .run(&["-n", ns, "logs", &control, "-c", "weft-proxy", "--tail=12"])
-        .unwrap_or_default();
-
     let ready_after = switch_until(kube, ns, pod, "recover", true)?;
     kube.exec(ns, &control, "app", &["weft-demo-app", "recover"])?;
     tracing::info!(
@@ -928,7 +923,6 @@ pub fn tcp_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Res
         ?control_closed_for,
         web_app_log = %logs[0],
         control_app_log = %logs[1],
-        %control_proxy,
         "the TCP readiness probe followed the app; the unrewritten one stayed Ready"
     );
     Ok(())
