@@ -3,7 +3,8 @@
 //! - `serve` answers every request with its own name and pod, and fails on demand (a file
 //!   that `fail` creates and `recover` removes, so `kubectl exec` can switch it in an image
 //!   without a shell), and optionally answers the gRPC health check a `grpc` probe calls
-//!   (`--grpc-health-listen`: SERVING, NOT_SERVING while failing);
+//!   (`--grpc-health-listen`: SERVING, NOT_SERVING while failing), and optionally echoes on a
+//!   TCP port that is closed while failing, for a `tcpSocket` probe (`--tcp-listen`);
 //! - `load` sends GETs at a steady rate and prints one JSON report line per interval: status
 //!   codes, which server and pod answered, Weft's error reasons, latency.
 
@@ -11,6 +12,7 @@ mod duration;
 mod grpc_health;
 mod load;
 mod serve;
+mod tcp_echo;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
@@ -53,6 +55,11 @@ enum Cmd {
         /// exists, whatever service the request names. Off when not given.
         #[arg(long)]
         grpc_health_listen: Option<SocketAddr>,
+        /// Also echo back what TCP connections send on this address, for a `tcpSocket`
+        /// probe: the listening socket is closed (connect refused) while the fail file
+        /// exists and reopened once it is gone, each within 200 ms. Off when not given.
+        #[arg(long)]
+        tcp_listen: Option<SocketAddr>,
     },
     /// Make the `serve` in this container fail (create the fail file).
     Fail {
@@ -89,11 +96,13 @@ fn main() -> ExitCode {
             fail_file,
             drain,
             grpc_health_listen,
+            tcp_listen,
         } => runtime().and_then(|rt| {
             rt.block_on(serve::run(
                 serve::Listen {
                     http: listen,
                     grpc_health: grpc_health_listen,
+                    tcp: tcp_listen,
                 },
                 name,
                 fail_file,

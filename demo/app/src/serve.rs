@@ -1,5 +1,6 @@
 //! `serve`: an HTTP/1.1 server that says who answered and fails on demand, and
-//! optionally the gRPC health service of [`crate::grpc_health`] beside it.
+//! optionally the gRPC health service of [`crate::grpc_health`] and the TCP echo port of
+//! [`crate::tcp_echo`] beside it.
 
 use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -20,6 +21,8 @@ pub struct Listen {
     pub http: SocketAddr,
     /// The gRPC health service's address, when it is wanted.
     pub grpc_health: Option<SocketAddr>,
+    /// The TCP echo port's address (closed while failing), when it is wanted.
+    pub tcp: Option<SocketAddr>,
 }
 
 /// Who this server is, as reported in every answer.
@@ -45,11 +48,26 @@ pub async fn run(
         Some(addr) => Some((addr, bind(addr).await?)),
         None => None,
     };
+    // Bound now, so that a bad address stops `serve` before it says it serves; not while
+    // the fail file exists (the port is closed then).
+    let fail_file = Arc::new(fail_file);
+    let tcp = match listen.tcp {
+        Some(addr) if failing(&fail_file).await.is_some() => Some((addr, None)),
+        Some(addr) => Some((addr, Some(bind(addr).await?))),
+        None => None,
+    };
     let id = Arc::new(Identity {
         name,
         pod: pod_name(),
-        fail_file: Arc::new(fail_file),
+        fail_file,
     });
+    if let Some((addr, listener)) = tcp {
+        tracing::info!(listen = %addr, "serving TCP echo");
+        tokio::spawn(
+            crate::tcp_echo::run(addr, listener, id.fail_file.clone())
+                .instrument(tracing::info_span!("tcp_echo", listen = %addr)),
+        );
+    }
     if let Some((addr, listener)) = grpc_health {
         tracing::info!(listen = %addr, "serving gRPC health checks");
         tokio::spawn(

@@ -139,23 +139,51 @@ fn switch(cmd: &str, fail_file: &std::path::Path) {
     assert!(status.success(), "{cmd}");
 }
 
+/// `serve` on a free loopback port with `flag` opening another listener on another
+/// (`addr`), its fail file (created first when `failing`) and log in a temporary directory.
+struct Beside {
+    _server: Server,
+    fail_file: std::path::PathBuf,
+    log: std::path::PathBuf,
+    port: u16,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+fn serve_beside(flag: &str, failing: bool) -> Beside {
+    let dir = tempfile::tempdir().unwrap();
+    let (fail_file, log) = (dir.path().join("fail"), dir.path().join("serve.log"));
+    if failing {
+        switch("fail", &fail_file);
+    }
+    let (port, other) = (free_port(), free_port());
+    let addr = format!("127.0.0.1:{other}");
+    let server = serve_with(
+        "web-v1",
+        port,
+        &fail_file,
+        &[flag, &addr],
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    Beside {
+        _server: server,
+        fail_file,
+        log,
+        port,
+        addr,
+        _dir: dir,
+    }
+}
+
 #[test]
 fn the_grpc_health_check_answers_serving_then_not_serving_while_failing() {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
 
-    let dir = tempfile::tempdir().unwrap();
-    let (fail_file, log) = (dir.path().join("fail"), dir.path().join("serve.log"));
-    let (port, grpc_port) = (free_port(), free_port());
-    let grpc_addr = format!("127.0.0.1:{grpc_port}");
-    let _server = serve_with(
-        "web-v1",
-        port,
-        &fail_file,
-        &["--grpc-health-listen", &grpc_addr],
-        std::fs::File::create(&log).unwrap().into(),
-    );
+    let served = serve_beside("--grpc-health-listen", false);
+    let (fail_file, log, port, grpc_addr) =
+        (&served.fail_file, &served.log, served.port, &served.addr);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -178,7 +206,7 @@ fn the_grpc_health_check_answers_serving_then_not_serving_while_failing() {
             (Some("recover"), ServingStatus::Serving),
         ] {
             if let Some(cmd) = switched {
-                switch(cmd, &fail_file);
+                switch(cmd, fail_file);
             }
             for service in ["", "shop.Cart"] {
                 let answer = client.check(check(service)).await.unwrap().into_inner();
@@ -196,7 +224,7 @@ fn the_grpc_health_check_answers_serving_then_not_serving_while_failing() {
     let (code, lines) = load(port, &["--count", "5"]);
     assert_eq!(code, 0, "{lines:?}");
     // The first answer and each change are logged, with the caller's User-Agent.
-    let log = std::fs::read_to_string(&log).unwrap();
+    let log = std::fs::read_to_string(log).unwrap();
     assert_eq!(log.matches("answer changed").count(), 3, "{log}");
     assert!(
         log.contains("NOT_SERVING") && log.contains("tonic/"),
@@ -227,4 +255,96 @@ fn bad_arguments_are_refused_with_a_reason() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(!out.stderr.is_empty(), "{args:?}: no message");
     }
+}
+
+/// Connects to `addr` every 20 ms until `connected(result)` holds, for at most 3 s (the
+/// port follows the fail file within 200 ms); returns how long that took.
+fn until_connect(
+    addr: &str,
+    what: &str,
+    connected: impl Fn(&std::io::Result<std::net::TcpStream>) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let attempt = std::net::TcpStream::connect(addr);
+        if connected(&attempt) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{what}: last attempt {attempt:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `line` on a new connection to `addr` and returns what came back.
+fn echoed(addr: &str, line: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(line.as_bytes()).unwrap();
+    let mut got = vec![0; line.len()];
+    stream.read_exact(&mut got).unwrap();
+    String::from_utf8(got).unwrap()
+}
+
+#[test]
+fn the_tcp_port_echoes_and_is_closed_while_failing() {
+    let served = serve_beside("--tcp-listen", false);
+    let (fail_file, log, port, tcp_addr) =
+        (&served.fail_file, &served.log, served.port, &served.addr);
+    // Bound before `serve` listens on HTTP: open at once.
+    assert_eq!(echoed(tcp_addr, "hello\n"), "hello\n");
+    // A connection made before `fail` keeps working after the port closes.
+    let mut before = std::net::TcpStream::connect(tcp_addr).unwrap();
+
+    switch("fail", fail_file);
+    let closed_after = until_connect(tcp_addr, "closed after fail", |r| {
+        r.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    });
+    // Still closed a while later: the port stays shut while the file exists.
+    std::thread::sleep(Duration::from_millis(500));
+    let refused = std::net::TcpStream::connect(tcp_addr).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    {
+        use std::io::{Read, Write};
+        before
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        before.write_all(b"still\n").unwrap();
+        let mut got = [0; 6];
+        before.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"still\n");
+    }
+    // The HTTP server fails as before (not refused).
+    let (code, lines) = load(port, &["--count", "2"]);
+    assert_eq!(code, 1, "{lines:?}");
+    assert_eq!(lines.last().unwrap()["total"]["status"]["500"], 2);
+
+    switch("recover", fail_file);
+    let open_after = until_connect(tcp_addr, "open after recover", |r| r.is_ok());
+    assert_eq!(echoed(tcp_addr, "again\n"), "again\n");
+    // Both within the bound of the file's polling (200 ms), with room for a slow machine.
+    assert!(
+        closed_after < Duration::from_secs(1) && open_after < Duration::from_secs(1),
+        "closed after {closed_after:?}, open after {open_after:?}"
+    );
+    let log = std::fs::read_to_string(log).unwrap();
+    assert_eq!(log.matches("tcp port open").count(), 2, "{log}");
+    assert_eq!(log.matches("tcp port closed: failing").count(), 1, "{log}");
+}
+
+#[test]
+fn the_tcp_port_starts_closed_when_serve_starts_failing() {
+    let served = serve_beside("--tcp-listen", true);
+    let (fail_file, tcp_addr) = (&served.fail_file, &served.addr);
+    let refused = std::net::TcpStream::connect(tcp_addr).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    switch("recover", fail_file);
+    until_connect(tcp_addr, "open after recover", |r| r.is_ok());
+    assert_eq!(echoed(tcp_addr, "up\n"), "up\n");
 }

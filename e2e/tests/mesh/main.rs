@@ -111,6 +111,10 @@ const SCENARIOS: &[Scenario] = &[
         traffic::grpc_probes_pass_under_strict_and_follow_the_app,
     ),
     (
+        "tcp-probes",
+        traffic::tcp_probes_pass_under_strict_and_follow_the_app,
+    ),
+    (
         "strict-namespace",
         traffic::a_strict_namespace_policy_refuses_plain_text,
     ),

@@ -35,10 +35,49 @@ pub enum Readiness {
         /// kubelet calls the app's port itself, through the inbound listener.
         rewrite: bool,
     },
+    /// `tcpSocket: {port: 8082}` to `serve --tcp-listen` (an echo port, closed while
+    /// `weft-demo-app fail`ing), unready after 2 failures.
+    Tcp {
+        /// `false`: annotated `weft.dev/rewrite-probes: "false"`, as for [`Readiness::Grpc`].
+        rewrite: bool,
+    },
 }
 
 /// The demo app's gRPC health port under [`Readiness::Grpc`].
 pub const GRPC_HEALTH_PORT: u16 = 8081;
+
+/// The demo app's TCP echo port under [`Readiness::Tcp`].
+pub const TCP_PORT: u16 = 8082;
+
+/// A readiness probe of a port `serve` opens only when asked (gRPC and TCP).
+struct PortProbe {
+    /// `serve`'s flag opening the port.
+    flag: &'static str,
+    port: u16,
+    /// The probe's handler as Kubernetes and `WEFT_APP_PROBES` name it.
+    handler: &'static str,
+    /// `false`: the pod opts out of the probe rewrite.
+    rewrite: bool,
+}
+
+impl Readiness {
+    /// The port probe this readiness uses, `None` for the HTTP one on the server's port.
+    fn port_probe(self) -> Option<PortProbe> {
+        let (flag, port, handler, rewrite) = match self {
+            Readiness::Http => return None,
+            Readiness::Grpc { rewrite } => {
+                ("--grpc-health-listen", GRPC_HEALTH_PORT, "grpc", rewrite)
+            }
+            Readiness::Tcp { rewrite } => ("--tcp-listen", TCP_PORT, "tcpSocket", rewrite),
+        };
+        Some(PortProbe {
+            flag,
+            port,
+            handler,
+            rewrite,
+        })
+    }
+}
 
 /// A Deployment `name` of the demo app serving as `name`, labelled `app: <app>` and
 /// `version: <name>`, run as ServiceAccount `sa`, with an HTTP readiness probe.
@@ -56,24 +95,28 @@ pub fn demo_deployment_probed(
     readiness: Readiness,
 ) -> String {
     let image = image_ref("weft-demo-app");
-    let p = GRPC_HEALTH_PORT;
-    let (grpc_args, grpc_port, probe) = match readiness {
-        Readiness::Http => (
+    let (args, port, probe, annotations) = match readiness.port_probe() {
+        None => (
             String::new(),
             String::new(),
             "httpGet: {path: /healthz, port: 8080}".to_owned(),
+            "",
         ),
-        Readiness::Grpc { .. } => (
-            format!(r#", "--grpc-health-listen", "0.0.0.0:{p}""#),
-            format!("\n        - containerPort: {p}"),
-            format!("grpc: {{port: {p}}}\n          failureThreshold: 2"),
+        Some(PortProbe {
+            flag,
+            port,
+            handler,
+            rewrite,
+        }) => (
+            format!(r#", "{flag}", "0.0.0.0:{port}""#),
+            format!("\n        - containerPort: {port}"),
+            format!("{handler}: {{port: {port}}}\n          failureThreshold: 2"),
+            if rewrite {
+                ""
+            } else {
+                "\n      annotations: {weft.dev/rewrite-probes: \"false\"}"
+            },
         ),
-    };
-    let annotations = match readiness {
-        Readiness::Grpc { rewrite: false } => {
-            "\n      annotations: {weft.dev/rewrite-probes: \"false\"}"
-        }
-        _ => "",
     };
     format!(
         r#"apiVersion: apps/v1
@@ -95,9 +138,9 @@ spec:
       - name: app
         image: {image}
         imagePullPolicy: Never
-        args: ["serve", "--listen", "0.0.0.0:8080", "--name", "{name}"{grpc_args}]
+        args: ["serve", "--listen", "0.0.0.0:8080", "--name", "{name}"{args}]
         ports:
-        - containerPort: 8080{grpc_port}
+        - containerPort: 8080{port}
         readinessProbe:
           {probe}
           periodSeconds: 1
@@ -667,20 +710,20 @@ pub fn a_policy_keeps_the_kubelets_probes_passing(ctx: &Ctx) -> anyhow::Result<(
     let (kube, ns) = (demo.kube, &demo.ns);
     demo.apply_programmed(&web_policy(ns, false), "policy/web")?;
     // Readiness probes run every second and fail after 3; give them 10 s.
-    web_stays_ready(kube, ns, Duration::from_secs(10))?;
+    stays_ready(kube, ns, "app=web", Duration::from_secs(10))?;
     let l = demo.load("client", "http://web/allowed/x", &BURST)?;
     all_ok(&l, "client GET /allowed/x")
 }
 
-/// Checks every second for `time` that web's pods stay Ready; fails with the kubelet's
-/// `Unhealthy` events when one is not.
-fn web_stays_ready(kube: &Kube, ns: &str, time: Duration) -> anyhow::Result<()> {
+/// Checks every second for `time` that the pods of `ns` matching `selector` stay Ready;
+/// fails with the kubelet's `Unhealthy` events when one is not.
+fn stays_ready(kube: &Kube, ns: &str, selector: &str, time: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + time;
     while Instant::now() < deadline {
-        kube.wait_ready(ns, "app=web", Duration::from_secs(0))
+        kube.wait_ready(ns, selector, Duration::from_secs(0))
             .with_context(|| {
                 format!(
-                    "web went unready under the Policy:\n{}",
+                    "{selector} went unready under the Policy:\n{}",
                     unhealthy_events(kube, ns)
                 )
             })?;
@@ -709,6 +752,65 @@ const APP_READYZ: &str = "/app-health/app/readyz";
 /// failures (1 success) flip it; the rest is the kubelet's and the API server's pace.
 const READINESS_FLIP: Duration = Duration::from_secs(15);
 
+/// What the probe scenarios start from: in a new namespace `<prefix>-<random>`, web (one
+/// pod) and `as-written` (one pod, the control) probed with `probed(true)` and
+/// `probed(false)` (the probe left as written), both Ready; web's probe as injected
+/// checked ([`probe_rewritten`]); then the namespace-wide Strict Policy Programmed.
+/// Returns the demo and web's pod.
+fn probes_under_strict<'a>(
+    ctx: &'a Ctx,
+    prefix: &str,
+    probed: fn(bool) -> Readiness,
+) -> anyhow::Result<(Demo<'a>, String)> {
+    let demo = Demo::deploy_probed(ctx, prefix, 1, 0, &[], probed(true))?;
+    let (kube, ns) = (demo.kube, &demo.ns);
+    kube.apply(&demo_deployment_probed(
+        ns,
+        "as-written",
+        "as-written",
+        "web",
+        1,
+        probed(false),
+    ))?;
+    kube.wait_ready(ns, "app=as-written", READY)?;
+    let pod = only_pod(kube, ns, "app=web")?;
+    let spec = kube.json(&["-n", ns, "get", "pod", &pod])?;
+    probe_rewritten(&spec["spec"], probed(true))?;
+    demo.apply_programmed(&namespace_strict_policy(ns), NAMESPACE_STRICT)?;
+    Ok((demo, pod))
+}
+
+/// The one pod of `ns` matching `selector`.
+fn only_pod(kube: &Kube, ns: &str, selector: &str) -> anyhow::Result<String> {
+    let mut pods = kube.pod_names(ns, selector)?;
+    ensure!(pods.len() == 1, "{selector}: {pods:?}, expected one pod");
+    Ok(pods.remove(0))
+}
+
+/// Runs `weft-demo-app <cmd>` (`fail`, `recover`) in `pod`'s app container and waits
+/// until the pod is Ready (`ready`) or NotReady; returns how long that took.
+fn switch_until(
+    kube: &Kube,
+    ns: &str,
+    pod: &str,
+    cmd: &str,
+    ready: bool,
+) -> anyhow::Result<Duration> {
+    kube.exec(ns, pod, "app", &["weft-demo-app", cmd])?;
+    let switched = Instant::now();
+    eventually(READINESS_FLIP, || {
+        let p = kube.json(&["-n", ns, "get", "pod", pod])?;
+        ensure!(
+            is_ready(&p) == ready,
+            "{pod} not {} after `{cmd}`:\n{}",
+            if ready { "Ready" } else { "NotReady" },
+            unhealthy_events(kube, ns)
+        );
+        Ok(())
+    })?;
+    Ok(switched.elapsed())
+}
+
 /// 5e'. A gRPC readiness probe works through the injected proxy under a namespace's
 ///     Strict Policy: injection rewrote it to the proxy's admin port, the pod stays
 ///     Ready, and the proxy's `grpc.health.v1.Health/Check` follows the app:
@@ -717,32 +819,9 @@ const READINESS_FLIP: Duration = Duration::from_secs(15);
 ///     plain-text HTTP/2 to the app's port, passes under the mesh default and fails
 ///     under Strict: what the rewrite is for.
 pub fn grpc_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Result<()> {
-    let demo = Demo::deploy_probed(
-        ctx,
-        "grpc-probes",
-        1,
-        0,
-        &[],
-        Readiness::Grpc { rewrite: true },
-    )?;
-    let (kube, ns) = (demo.kube, &demo.ns);
-    kube.apply(&demo_deployment_probed(
-        ns,
-        "as-written",
-        "as-written",
-        "web",
-        1,
-        Readiness::Grpc { rewrite: false },
-    ))?;
-    kube.wait_ready(ns, "app=as-written", READY)?;
-    let pods = kube.pod_names(ns, "app=web")?;
-    let [pod] = pods.as_slice() else {
-        bail!("web has {} pods, expected one", pods.len());
-    };
-    let spec = kube.json(&["-n", ns, "get", "pod", pod])?;
-    grpc_probe_rewritten(&spec["spec"])?;
-
-    demo.apply_programmed(&namespace_strict_policy(ns), NAMESPACE_STRICT)?;
+    let (demo, pod) =
+        probes_under_strict(ctx, "grpc-probes", |rewrite| Readiness::Grpc { rewrite })?;
+    let (kube, ns, pod) = (demo.kube, &demo.ns, pod.as_str());
     // The probe left as written now reaches the inbound listener in plain text, refused.
     eventually(READINESS_FLIP, || {
         for p in kube.pods(ns, "app=as-written")? {
@@ -755,21 +834,14 @@ pub fn grpc_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Re
         Ok(())
     })?;
     // Two probes fail in 2 s: 5 s under Strict is enough for a refused probe to show.
-    web_stays_ready(kube, ns, Duration::from_secs(5))?;
+    stays_ready(kube, ns, "app=web", Duration::from_secs(5))?;
     let verdict = kube.proxy_admin(ns, pod, APP_READYZ)?;
     ensure!(
         verdict.contains("application is SERVING"),
         "the proxy's gRPC check of the app: {verdict}"
     );
 
-    kube.exec(ns, pod, "app", &["weft-demo-app", "fail"])?;
-    let failed = Instant::now();
-    eventually(READINESS_FLIP, || {
-        let p = kube.json(&["-n", ns, "get", "pod", pod])?;
-        ensure!(!is_ready(&p), "{pod} still Ready after `fail`");
-        Ok(())
-    })?;
-    let unready_after = failed.elapsed();
+    let unready_after = switch_until(kube, ns, pod, "fail", false)?;
     // The app logs each change of answer with the caller's User-Agent: the kubelet's
     // probe, performed by the proxy, reached it and was told NOT_SERVING (the API
     // server's pod proxy does not pass the admin port's 503 body on to kubectl).
@@ -785,11 +857,7 @@ pub fn grpc_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Re
         "the app's gRPC health answers (SERVING, then NOT_SERVING to the kubelet's probe):\n{log}"
     );
 
-    kube.exec(ns, pod, "app", &["weft-demo-app", "recover"])?;
-    let recovered = Instant::now();
-    kube.wait_ready(ns, "app=web", READINESS_FLIP)
-        .with_context(|| unhealthy_events(kube, ns))?;
-    let ready_after = recovered.elapsed();
+    let ready_after = switch_until(kube, ns, pod, "recover", true)?;
     tracing::info!(
         ?unready_after,
         ?ready_after,
@@ -798,10 +866,76 @@ pub fn grpc_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Re
     Ok(())
 }
 
-/// Checks that injection pointed the app container's `grpc` readiness probe at the
-/// proxy's admin port (no `grpc` handler left for the kubelet to call the app's port
-/// with) and handed the original to the proxy in `WEFT_APP_PROBES`, thresholds kept.
-fn grpc_probe_rewritten(spec: &serde_json::Value) -> anyhow::Result<()> {
+/// 5e''. A TCP readiness probe works through the injected proxy under a namespace's
+///      Strict Policy: injection rewrote it to the proxy's admin port, whose check
+///      connects to the app's port; `weft-demo-app fail` (the port closed) makes the pod
+///      NotReady, `recover` Ready again. The control, the same probe left as written
+///      (`weft.dev/rewrite-probes: "false"`), stays Ready under Strict and even with its
+///      app's port closed: the redirect hands the kubelet's connect to the proxy's
+///      inbound listener, which accepts it, and a TCP probe asks nothing more. That lie is
+///      what the rewrite is for.
+pub fn tcp_probes_pass_under_strict_and_follow_the_app(ctx: &Ctx) -> anyhow::Result<()> {
+    let (demo, pod) = probes_under_strict(ctx, "tcp-probes", |rewrite| Readiness::Tcp { rewrite })?;
+    let (kube, ns, pod) = (demo.kube, &demo.ns, pod.as_str());
+    let control = only_pod(kube, ns, "app=as-written")?;
+    // A connect carries no bytes for Strict to refuse: both stay Ready.
+    stays_ready(kube, ns, "app in (web, as-written)", Duration::from_secs(5))?;
+    let verdict = kube.proxy_admin(ns, pod, APP_READYZ)?;
+    ensure!(
+        verdict.contains("application accepted the connection"),
+        "the proxy's TCP check of the app: {verdict}"
+    );
+
+    // The control's app closes its port first, so it has been closed at least as long
+    // as web's takes to show.
+    kube.exec(ns, &control, "app", &["weft-demo-app", "fail"])?;
+    let control_failed = Instant::now();
+    let unready_after = switch_until(kube, ns, pod, "fail", false)?;
+    // Five more probe periods, more than twice the failure threshold.
+    stays_ready(kube, ns, "app=as-written", Duration::from_secs(5))
+        .context("the unrewritten TCP probe with its app's port closed")?;
+    let control_closed_for = control_failed.elapsed();
+    // Both apps really closed their port (no listening socket: connect refused).
+    let mut logs = Vec::new();
+    for p in [pod, control.as_str()] {
+        let log = kube.logs(ns, p, "app")?;
+        ensure!(
+            log.contains("tcp port closed: failing"),
+            "{p}'s app did not close its TCP port:\n{log}"
+        );
+        logs.push(log);
+    }
+    // Web's app was connected to from the proxy's hand-off address (the rewritten probe),
+    // not from the node.
+    ensure!(
+        logs[0]
+            .lines()
+            .any(|l| l.contains("first connection since it opened") && l.contains("127.0.0.6:")),
+        "web's app log, without the proxy's probe connection:\n{}",
+        logs[0]
+    );
+
+    let ready_after = switch_until(kube, ns, pod, "recover", true)?;
+    kube.exec(ns, &control, "app", &["weft-demo-app", "recover"])?;
+    tracing::info!(
+        ?unready_after,
+        ?ready_after,
+        ?control_closed_for,
+        web_app_log = %logs[0],
+        control_app_log = %logs[1],
+        "the TCP readiness probe followed the app; the unrewritten one stayed Ready"
+    );
+    Ok(())
+}
+
+/// Checks that injection pointed the app container's readiness probe (`readiness`'s port
+/// probe) at the proxy's admin port, with no handler left for the kubelet to reach the
+/// app's port with, and handed the original to the proxy in `WEFT_APP_PROBES`,
+/// thresholds kept.
+fn probe_rewritten(spec: &serde_json::Value, readiness: Readiness) -> anyhow::Result<()> {
+    let PortProbe { handler, port, .. } = readiness
+        .port_probe()
+        .context("only port probes are checked")?;
     let app = spec["containers"]
         .as_array()
         .into_iter()
@@ -810,7 +944,7 @@ fn grpc_probe_rewritten(spec: &serde_json::Value) -> anyhow::Result<()> {
         .context("no app container")?;
     let probe = &app["readinessProbe"];
     ensure!(
-        probe["grpc"].is_null()
+        probe[handler].is_null()
             && probe["httpGet"]["path"] == APP_READYZ
             && probe["httpGet"]["port"] == ADMIN_PORT
             && probe["periodSeconds"] == 1
@@ -829,7 +963,7 @@ fn grpc_probe_rewritten(spec: &serde_json::Value) -> anyhow::Result<()> {
     let originals: serde_json::Value = serde_json::from_str(originals)?;
     let original = &originals["app/readyz"];
     ensure!(
-        original["handler"] == "grpc" && original["port"] == GRPC_HEALTH_PORT,
+        original["handler"] == handler && original["port"] == port,
         "WEFT_APP_PROBES: {originals}"
     );
     Ok(())
