@@ -106,7 +106,7 @@ fn init_names(pod: &Value) -> Vec<String> {
 }
 
 /// Checks that `pod` carries the injected init container and native-sidecar proxy.
-fn assert_injected(pod: &Value) -> anyhow::Result<()> {
+pub fn assert_injected(pod: &Value) -> anyhow::Result<()> {
     let name = &pod["metadata"]["name"];
     let inits = init_names(pod);
     ensure!(

@@ -1,19 +1,128 @@
-//! The data plane without its control plane: the operator gone for a while, then Weft
-//! uninstalled. These disturb every namespace, so they run last.
+//! The data plane through changes of its control plane: the operator rolled by `helm
+//! upgrade`, gone for a while, then Weft uninstalled. These disturb every namespace, so
+//! they run last.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
 use crate::{
     Ctx,
-    basic::{READY, client, web},
+    basic::{READY, assert_injected, client, web},
     install::{self, NAMESPACE, OPERATOR_SELECTOR},
-    kube::{access_log, eventually, spiffe},
-    traffic::{Demo, split_route, wait_programmed},
+    kube::{access_log, eventually, metric, spiffe},
+    traffic::{Demo, all_ok, split_route, wait_programmed},
 };
 
-/// 7. With the operator's pod deleted (its Deployment scaled to zero, so it stays gone),
+/// 7. `helm upgrade` rolls the operator under constant meshed load (to two replicas with
+///    a changed pod template, then back to one): no request fails, the proxies reconnect
+///    to the new replicas (a Route changed after the roll reaches them and is Programmed),
+///    and a pod created after it is injected and calls over mutual TLS with its identity.
+///    The images stay the same: this is the chart's roll, not a change of version.
+pub fn helm_upgrade_rolls_the_operator_without_a_lost_request(ctx: &Ctx) -> anyhow::Result<()> {
+    let demo = Demo::deploy(ctx, "upgrade", 1, 1, &["client"])?;
+    let (kube, ns) = (demo.kube, &demo.ns);
+    demo.apply_programmed(&split_route(ns, 1, 0, ""), "route/web")?;
+    let before = kube.pod_names(NAMESPACE, OPERATOR_SELECTOR)?;
+    let bg = demo.start_load(
+        ctx,
+        "client",
+        "http://web/upgrade",
+        &["--duration", "60s", "--rps", "20"],
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+
+    let t = Instant::now();
+    let result = (|| -> anyhow::Result<()> {
+        install::upgrade_weft(
+            ctx,
+            &[
+                "operator.replicas=2",
+                "operator.podAnnotations.e2e-upgrade=rolled",
+            ],
+        )?;
+        let rolled = t.elapsed();
+        let after = kube.pod_names(NAMESPACE, OPERATOR_SELECTOR)?;
+        ensure!(
+            after.len() == 2 && after.iter().all(|p| !before.contains(p)),
+            "operator pods before the upgrade {before:?}, after {after:?}"
+        );
+        tracing::info!(?rolled, ?after, "helm upgrade rolled the operator");
+
+        // Only a proxy that reconnected to a new replica can learn of this change.
+        demo.apply_programmed(&split_route(ns, 0, 1, ""), "route/web")?;
+        eventually(Duration::from_secs(30), || {
+            let l = demo.load(
+                "client",
+                "http://web/upgrade",
+                &["--count", "20", "--rps", "20"],
+            )?;
+            ensure!(l.served_by("web-v2") == l.sent, "not all web-v2 yet: {l:?}");
+            ensure!(l.ok == l.sent, "{l:?}");
+            Ok(())
+        })
+        .context("a Route changed after the upgrade did not reach the client's proxy")?;
+        Ok(())
+    })();
+    let l = bg.finish()?;
+    result?;
+    tracing::info!(
+        sent = l.sent,
+        ok = l.ok,
+        "load through the operator's upgrade"
+    );
+    ensure!(
+        l.sent >= 1000,
+        "the load sent only {} requests: {l:?}",
+        l.sent
+    );
+    all_ok(&l, "during the operator's upgrade")?;
+
+    // A pod created after the roll: injected by the new replicas' webhook, and certified
+    // by their identity endpoint (web's proxy counts its requests under its identity).
+    demo.add_clients(&["late"])?;
+    let late = kube.pods(ns, "app=late")?;
+    let [late] = late.as_slice() else {
+        bail!("expected one late pod, got {}", late.len());
+    };
+    assert_injected(late)?;
+    let l = demo.load(
+        "late",
+        "http://web/upgrade",
+        &["--count", "20", "--rps", "20"],
+    )?;
+    ensure!(l.ok == l.sent, "the pod created after the upgrade: {l:?}");
+    let web_pod = kube
+        .pod_names(ns, "version=web-v2")?
+        .into_iter()
+        .next()
+        .context("no web-v2 pod")?;
+    let id = spiffe(ns, "late");
+    let seen = metric(
+        &kube.proxy_admin(ns, &web_pod, "/metrics")?,
+        "weft_requests_total",
+        &[("client_id", id.as_str())],
+    );
+    ensure!(
+        seen >= 20.0,
+        "web-v2's proxy counted {seen} requests from {id}, expected the 20 sent"
+    );
+
+    // Back to the node's one replica, rolled again under load.
+    let bg = demo.start_load(
+        ctx,
+        "client",
+        "http://web/upgrade",
+        &["--duration", "40s", "--rps", "20"],
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    install::install_weft(ctx)?;
+    let l = bg.finish()?;
+    all_ok(&l, "during the upgrade back to one replica")?;
+    Ok(())
+}
+
+/// 8. With the operator's pod deleted (its Deployment scaled to zero, so it stays gone),
 ///    meshed traffic keeps flowing on the proxies' last config and a Route changed
 ///    meanwhile does not apply; once the operator is back the change arrives.
 pub fn traffic_flows_without_the_operator_and_config_arrives_after(
@@ -78,7 +187,7 @@ pub fn traffic_flows_without_the_operator_and_config_arrives_after(
     Ok(())
 }
 
-/// 8. `helm uninstall` removes the operator and the webhook but leaves meshed workloads
+/// 9. `helm uninstall` removes the operator and the webhook but leaves meshed workloads
 ///    running and serving each other over mutual TLS on their last config; a pod created
 ///    afterwards in the labelled namespace starts without the proxy and still reaches them.
 pub fn helm_uninstall_leaves_workloads_serving(ctx: &Ctx) -> anyhow::Result<()> {

@@ -19,16 +19,19 @@ pub fn operator_deployment() -> String {
 /// `helm install` of charts/weft; returns once the operator is available and the webhook
 /// has its caBundle.
 pub fn install_weft(ctx: &Ctx) -> anyhow::Result<()> {
-    mesh::install_weft(
-        &cluster(ctx),
-        &ctx.helm,
-        &ctx.helm_home,
-        &[
-            "operator.image.pullPolicy=Never",
-            "proxy.image.pullPolicy=Never",
-            "operator.replicas=1",
-        ],
-    )
+    upgrade_weft(ctx, &[])
+}
+
+/// `helm upgrade` of the release to the node's values plus `set` (later `--set`s win, and
+/// values not given return to the chart's defaults); returns as [`install_weft`] does.
+pub fn upgrade_weft(ctx: &Ctx, set: &[&str]) -> anyhow::Result<()> {
+    let mut values = vec![
+        "operator.image.pullPolicy=Never",
+        "proxy.image.pullPolicy=Never",
+        "operator.replicas=1",
+    ];
+    values.extend_from_slice(set);
+    mesh::install_weft(&cluster(ctx), &ctx.helm, &ctx.helm_home, &values)
 }
 
 /// `helm uninstall` of the release.

@@ -123,6 +123,10 @@ const SCENARIOS: &[Scenario] = &[
         traffic::a_rolling_update_under_load_loses_no_request,
     ),
     (
+        "operator-upgrade",
+        control::helm_upgrade_rolls_the_operator_without_a_lost_request,
+    ),
+    (
         "operator-down",
         control::traffic_flows_without_the_operator_and_config_arrives_after,
     ),
