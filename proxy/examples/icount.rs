@@ -33,6 +33,14 @@
 //! both). `WEFT_ICOUNT_MUX_ENDPOINTS=2` gives the `mux` client sidecar's service two meshed
 //! endpoints (two inbound listeners of the same server sidecar), as a service that can
 //! retry has. Only loopback addresses are used.
+//!
+//! `WEFT_ICOUNT_GRPC=1` makes each request a unary gRPC call, as a gRPC client sends it:
+//! HTTP/2 `POST` with `content-type: application/grpc` and `te: trailers`, a body of one
+//! 50-byte message (5-byte prefix included) and no `content-length`; the backend
+//! answers 200 with one message (1 KiB of body) and `grpc-status: 0` in trailers, which
+//! the harness checks. gRPC is HTTP/2 only, so this skips the H1 rows. With `mux` and
+//! `WEFT_ICOUNT_MUX_ENDPOINTS=2`, the client sidecar keeps a copy of such a call's head
+//! and body for a peer retry (`pipeline.rs`, `teed`); with one endpoint it does not.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -48,17 +56,37 @@ use std::{
     process::{Child, Command, Stdio},
     time::Duration,
 };
-use support::start_backend;
+use support::{Frames, frames, grpc_message, start_backend};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Empty};
+use http_body::Frame;
+use http_body_util::{BodyExt, Either, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
 /// What the load requests under the Route: the path its rule's regex matches.
 const ROUTE_PATH: &str = "/api/v1/orders/12345";
 const WARMUP: usize = 1000;
+/// The path of the gRPC calls (`WEFT_ICOUNT_GRPC`) when no Route is to match.
+const GRPC_PATH: &str = "/icount.v1.Echo/Call";
+/// The length of a gRPC call's message after its 5-byte prefix: 50 bytes in all.
+const GRPC_MESSAGE: u32 = 45;
+
+/// A request's body: none (`GET`), or a gRPC call's message streamed with no length
+/// announced.
+type ReqBody = Either<Empty<Bytes>, Frames>;
+
+/// `WEFT_ICOUNT_GRPC`: whether each request is a unary gRPC call (read once: it is asked
+/// for every request).
+fn grpc() -> bool {
+    static GRPC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GRPC.get_or_init(|| match std::env::var("WEFT_ICOUNT_GRPC").as_deref() {
+        Err(_) | Ok("0") => false,
+        Ok("1") => true,
+        Ok(other) => panic!("WEFT_ICOUNT_GRPC is 0 or 1, not {other}"),
+    })
+}
 
 /// What the proxy is set up as.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -95,8 +123,13 @@ fn config(backend: SocketAddr, route: bool) -> String {
     )
 }
 
-fn request(proto: Proto, route: bool) -> Request<Empty<Bytes>> {
-    let path = if route { ROUTE_PATH } else { "/" };
+fn request(proto: Proto, route: bool) -> Request<ReqBody> {
+    let grpc = grpc();
+    let path = match (route, grpc) {
+        (true, _) => ROUTE_PATH,
+        (false, true) => GRPC_PATH,
+        (false, false) => "/",
+    };
     let builder = match proto {
         Proto::H1 => Request::get(path).header("host", "web"),
         Proto::H2 => Request::get(format!("http://web{path}")).version(http::Version::HTTP_2),
@@ -106,7 +139,18 @@ fn request(proto: Proto, route: bool) -> Request<Empty<Bytes>> {
     } else {
         builder
     };
-    builder.body(Empty::new()).unwrap()
+    if grpc {
+        assert_eq!(proto, Proto::H2, "gRPC is HTTP/2 only");
+        return builder
+            .method(http::Method::POST)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Either::Right(frames(vec![Frame::data(grpc_message(
+                GRPC_MESSAGE,
+            ))])))
+            .unwrap();
+    }
+    builder.body(Either::Left(Empty::new())).unwrap()
 }
 
 /// Sends `n` requests one after the other over `conn`; panics on any failure, since a
@@ -124,8 +168,12 @@ async fn send(conn: &mut Conn, proto: Proto, route: bool, n: usize) {
             }
         };
         assert!(resp.status().is_success(), "status {}", resp.status());
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(body.len(), 1024);
+        let body = resp.into_body().collect().await.unwrap();
+        if grpc() {
+            let status = body.trailers().and_then(|t| t.get("grpc-status"));
+            assert_eq!(status.map(|s| s.as_bytes()), Some(&b"0"[..]), "grpc-status");
+        }
+        assert_eq!(body.to_bytes().len(), 1024);
     }
 }
 
@@ -144,8 +192,8 @@ fn connections() -> usize {
 }
 
 enum Conn {
-    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
-    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+    H1(hyper::client::conn::http1::SendRequest<ReqBody>),
+    H2(hyper::client::conn::http2::SendRequest<ReqBody>),
 }
 
 async fn connect(addr: SocketAddr, proto: Proto) -> Conn {
@@ -423,7 +471,8 @@ async fn main() {
     }
     for proto in [Proto::H1, Proto::H2] {
         let pname = if proto == Proto::H1 { "h1" } else { "h2" };
-        if !selected("WEFT_ICOUNT_PROTOS", pname) {
+        // gRPC runs over HTTP/2 only.
+        if !selected("WEFT_ICOUNT_PROTOS", pname) || (grpc() && proto == Proto::H1) {
             continue;
         }
         for (cname, setup) in [
@@ -435,6 +484,11 @@ async fn main() {
             if !selected("WEFT_ICOUNT_CONFIGS", cname) {
                 continue;
             }
+            let shown = if grpc() {
+                "H2 gRPC".to_owned()
+            } else {
+                format!("{proto:?}")
+            };
             for (i, bin) in bins.iter().enumerate() {
                 let label = format!("{i}-{pname}-{cname}");
                 if setup == Setup::Mux {
@@ -442,7 +496,7 @@ async fn main() {
                         mux::measure(tool, bin, &out_dir, &label, proto, n).await;
                     for (side, per) in [("client sidecar", client), ("server sidecar", server)] {
                         println!(
-                            "| {} | {proto:?} | {cname}: {side} | {} |",
+                            "| {} | {shown} | {cname}: {side} | {} |",
                             bin.display(),
                             columns(tool, &per)
                         );
@@ -451,7 +505,7 @@ async fn main() {
                 }
                 let per = measure(tool, bin, &out_dir, &label, proto, setup, n).await;
                 println!(
-                    "| {} | {proto:?} | {cname} | {} |",
+                    "| {} | {shown} | {cname} | {} |",
                     bin.display(),
                     columns(tool, &per)
                 );

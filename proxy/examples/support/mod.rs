@@ -2,10 +2,12 @@
 //! the proxy against, each on a thread and runtime of its own as a separate process would
 //! be. Only loopback addresses are used.
 
-use std::{future::Future, net::SocketAddr};
+use std::{convert::Infallible, future::Future, net::SocketAddr};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Frame;
+use http_body_util::{BodyExt, Either, Full, StreamBody};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -38,21 +40,78 @@ where
     rx.recv().unwrap()
 }
 
-/// The backend: 1 KiB for any request, HTTP/1.1 and HTTP/2.
+/// A body of the frames given, of no known size (so HTTP/2 sends no `content-length`), as
+/// a gRPC peer streams its messages and trailers.
+pub type Frames =
+    StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+/// A body of `frames`.
+pub fn frames(frames: Vec<Frame<Bytes>>) -> Frames {
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = frames.into_iter().map(Ok).collect();
+    StreamBody::new(futures::stream::iter(frames))
+}
+
+/// One gRPC message of `len` bytes after its 5-byte prefix (not compressed, big-endian
+/// length), as gRPC frames messages in an HTTP/2 body.
+pub fn grpc_message(len: u32) -> Bytes {
+    let mut m = Vec::with_capacity(5 + len as usize);
+    m.push(0);
+    m.extend_from_slice(&len.to_be_bytes());
+    m.resize(5 + len as usize, b'x');
+    Bytes::from(m)
+}
+
+/// The backend: 1 KiB for any request, HTTP/1.1 and HTTP/2. A gRPC request
+/// (`content-type: application/grpc`) is read whole and answered as a gRPC server answers
+/// a unary call: one message (1 KiB of body with its prefix) and `grpc-status` trailers,
+/// `0` when the request's body was one whole message, `3` (INVALID_ARGUMENT) when not.
 pub fn start_backend() -> SocketAddr {
     let body = Bytes::from(vec![b'x'; 1024]);
     serve_on_own_thread(move |s| {
         let body = body.clone();
         async move {
-            let svc = hyper::service::service_fn(move |_req| {
-                let body = body.clone();
-                async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body))) }
-            });
+            let svc = hyper::service::service_fn(move |req| answer(req, body.clone()));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(s), svc)
                 .await;
         }
     })
+}
+
+async fn answer(
+    req: Request<hyper::body::Incoming>,
+    body: Bytes,
+) -> Result<Response<Either<Full<Bytes>, Frames>>, Infallible> {
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc {
+        return Ok(Response::new(Either::Left(Full::new(body))));
+    }
+    let whole = match req.into_body().collect().await {
+        Ok(b) => {
+            let b = b.to_bytes();
+            b.len() >= 5
+                && b[0] == 0
+                && u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize == b.len() - 5
+        }
+        Err(_) => false,
+    };
+    let mut trailers = HeaderMap::new();
+    trailers.insert(
+        "grpc-status",
+        HeaderValue::from_static(if whole { "0" } else { "3" }),
+    );
+    let mut resp = Response::new(Either::Right(frames(vec![
+        Frame::data(grpc_message(body.len() as u32 - 5)),
+        Frame::trailers(trailers),
+    ])));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    Ok(resp)
 }
 
 /// A TCP echo server, one byte at a time: the raw round trip's other end.
