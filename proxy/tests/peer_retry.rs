@@ -345,36 +345,6 @@ async fn a_plain_text_endpoint_cannot_ask_for_a_retry() {
     }
 }
 
-/// An address on `ip` whose connects hang: a listener that never accepts, its accept queue
-/// filled first, so the kernel drops further SYNs. Keep the returned listener and
-/// connections alive for as long as the address must hang.
-async fn hanging_addr(
-    ip: &str,
-) -> (
-    SocketAddr,
-    tokio::net::TcpListener,
-    Vec<tokio::net::TcpStream>,
-) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
-    let listener = socket.listen(1).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut held = Vec::new();
-    for _ in 0..16 {
-        match tokio::time::timeout(
-            Duration::from_millis(200),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            Ok(Ok(s)) => held.push(s),
-            Ok(Err(e)) => panic!("unexpected connect error {e}"),
-            Err(_) => return (addr, listener, held),
-        }
-    }
-    panic!("the accept queue never filled");
-}
-
 /// The answers an inbound proxy gave for itself with `code`.
 fn inbound_errors(p: &TestProxy, code: &str) -> u64 {
     metric(

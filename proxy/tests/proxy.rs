@@ -719,30 +719,7 @@ async fn an_upstream_that_answers_garbage_is_502_upstream_failed() {
 
 #[tokio::test]
 async fn connect_timeout_is_504() {
-    // A listener that never accepts, with its accept queue filled: the kernel drops
-    // further SYNs, so connecting hangs, all on loopback.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.6:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(1).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut held = Vec::new();
-    let mut saturated = false;
-    for _ in 0..16 {
-        match tokio::time::timeout(
-            Duration::from_millis(200),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            Ok(Ok(s)) => held.push(s),
-            Ok(Err(e)) => panic!("unexpected connect error {e}"),
-            Err(_) => {
-                saturated = true;
-                break;
-            }
-        }
-    }
-    assert!(saturated, "accept queue never filled");
+    let (addr, listener, _held) = hanging_addr("127.0.0.6").await;
     let mut cfg = config(&[("web", &[addr])]);
     cfg["services"][0]["connectTimeout"] = "150ms".into();
     let proxy = TestProxy::start("web", cfg).await;
