@@ -606,13 +606,12 @@ impl HttpConn {
             && plan
                 .retry
                 .is_none_or(|p| p.retry_on_failure(Failure::ConnectFailed));
-        // The head of a bodiless request, copied before it goes to a meshed endpoint that
-        // may answer that it never sent it (a request with a copied body has `head`).
-        let mut bodiless: Option<Head> = None;
-        // The head of a gRPC request and the copy of its body kept as it streams: gRPC
-        // clients send no `content-length`, so no retry policy copies their bodies, yet a
-        // unary call's message has usually been read whole by the time the peer answers.
-        let mut teed: Option<(Head, Arc<BodyCopy>)> = None;
+        // What is kept, beyond `head`, to send the request again if a meshed endpoint
+        // answers that it never sent it: the head of a bodiless request, or the head of a
+        // gRPC request with the copy of its body kept as it streams (gRPC clients send no
+        // `content-length`, so no retry policy copies their bodies, yet a unary call's
+        // message has usually been read whole by the time the peer answers).
+        let mut unsent_copy: Option<(Head, Option<Arc<BodyCopy>>)> = None;
         let mut next = Some(req);
         let mut exclude = None;
         let mut retries = 0u32;
@@ -639,14 +638,14 @@ impl HttpConn {
             }
             // Only a meshed endpoint's proxy is trusted to say it never sent the request.
             let meshed = endpoint.upstream.tls().is_some();
-            if meshed && unsent_retries && head.is_none() && bodiless.is_none() && teed.is_none() {
+            if meshed && unsent_retries && head.is_none() && unsent_copy.is_none() {
                 if req.body().is_end_stream() {
-                    bodiless = Some(Head::of(&req));
+                    unsent_copy = Some((Head::of(&req), None));
                 } else if x.grpc && !longer_than(&req, REPLAY_LIMIT) {
                     let (parts, body) = req.into_parts();
                     let (body, copy) = body.tee(REPLAY_LIMIT);
                     req = Request::from_parts(parts, body);
-                    teed = Some((Head::of(&req), copy));
+                    unsent_copy = Some((Head::of(&req), Some(copy)));
                 }
             }
             let in_flight = endpoint.start();
@@ -711,13 +710,13 @@ impl HttpConn {
                         endpoint.penalize();
                         record(index, Outcome::ConnectFailure);
                         tried = unsent_retries;
-                        let again = match (&head, &bodiless, &teed) {
-                            (Some(h), _, _) => replay.copy().map(|b| h.request(b)),
-                            (None, Some(h), _) => Some(h.request(Bytes::new())),
+                        let again = match (&head, &unsent_copy) {
+                            (Some(h), _) => replay.copy().map(|b| h.request(b)),
+                            (None, Some((h, None))) => Some(h.request(Bytes::new())),
                             // Only when the body had ended (within the limit) before the
                             // answer came: a part of it would not be the same request.
-                            (None, None, Some((h, copy))) => copy.whole().map(|b| h.request(b)),
-                            (None, None, None) => None,
+                            (None, Some((h, Some(copy)))) => copy.whole().map(|b| h.request(b)),
+                            (None, None) => None,
                         };
                         if unsent_retries
                             && retries < max_retries
