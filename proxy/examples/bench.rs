@@ -68,6 +68,15 @@
 //! first, so only the last rule's regex runs). `WEFT_BENCH_ROUTE=N:none` sends
 //! `x-bench-rule: none` instead: no rule takes the request, which goes to the service's
 //! own endpoints.
+//!
+//! `WEFT_BENCH_PARTS=rounds` (only when named) measures issue 9's chain-latency targets with the drift of a
+//! shared machine spread evenly over the paths: `WEFT_BENCH_ROUNDS` rounds (default 10)
+//! at 1,000 requests/s, each round measuring, per protocol, the back-to-back and paced
+//! round trips and the paths `direct`, `chain-in` and `mtls` (as selected) for
+//! `SECONDS_PER_RUN` each after 1 s of warm-up, in an order rotated every round. It prints
+//! each round's p50s, the added p50 of both chains in multiples of that round's paced
+//! round trip, and mTLS − plain; then the median and range over the rounds, and the p50,
+//! p99 and p99.9 of all rounds' samples together.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -625,6 +634,164 @@ async fn start_haproxy(dir: &Path, backend: SocketAddr) -> Option<(Proc, SocketA
     Some((Proc { child }, h1, h2))
 }
 
+/// One protocol's figures from [`chain_rounds`]: per round the round trips and each path's
+/// p50 (µs), and each path's samples of all rounds together.
+#[derive(Default)]
+struct Rounds {
+    rtt_b2b: Vec<u64>,
+    rtt_paced: Vec<u64>,
+    p50: std::collections::BTreeMap<&'static str, Vec<u64>>,
+    all: std::collections::BTreeMap<&'static str, Histogram<u64>>,
+    errors: u64,
+}
+
+/// The median and range of `v`, formatted with `f`.
+fn spread(v: &[f64], f: impl Fn(f64) -> String) -> String {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match (v.first(), v.last()) {
+        (Some(lo), Some(hi)) => {
+            let n = v.len();
+            let median = if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            };
+            format!("{} ({} – {})", f(median), f(*lo), f(*hi))
+        }
+        _ => String::new(),
+    }
+}
+
+/// `WEFT_BENCH_PARTS=rounds`: the chain-latency figures of issue 9, interleaved (see the
+/// module docs).
+async fn chain_rounds(
+    echo: SocketAddr,
+    targets: &[(&'static str, Proto, SocketAddr)],
+    rounds: usize,
+    secs: u64,
+) {
+    const RATE: u64 = 1000;
+    const PATHS: [(&str, &str); 3] = [
+        ("direct", "direct"),
+        ("sidecar chain, plain", "plain"),
+        ("sidecar chain, mTLS", "mTLS"),
+    ];
+    let mut by_proto = [Rounds::default(), Rounds::default()];
+    for round in 0..rounds {
+        for (p, proto) in [Proto::H1, Proto::H2].into_iter().enumerate() {
+            let figures = &mut by_proto[p];
+            figures
+                .rtt_b2b
+                .push(raw_rtt(echo, 5_000).await.value_at_quantile(0.5));
+            // Slot 0 is the paced round trip; the rest are the paths, in a rotated order.
+            let mut slots: Vec<Option<(&'static str, SocketAddr)>> = vec![None];
+            for (name, _) in PATHS {
+                if let Some((n, _, addr)) =
+                    targets.iter().find(|(n, pr, _)| *n == name && *pr == proto)
+                {
+                    slots.push(Some((*n, *addr)));
+                }
+            }
+            let len = slots.len();
+            slots.rotate_left(round % len);
+            for slot in slots {
+                match slot {
+                    None => {
+                        let _ = paced_rtt(echo, RATE, 1).await;
+                        let h = paced_rtt(echo, RATE, secs).await;
+                        figures.rtt_paced.push(h.value_at_quantile(0.5));
+                    }
+                    Some((name, addr)) => {
+                        let _ = open_loop(addr, proto, RATE, 1).await;
+                        let r = open_loop(addr, proto, RATE, secs).await;
+                        figures.errors += r.errors;
+                        figures
+                            .p50
+                            .entry(name)
+                            .or_default()
+                            .push(r.hist.value_at_quantile(0.5));
+                        figures
+                            .all
+                            .entry(name)
+                            .or_insert_with(hist)
+                            .add(&r.hist)
+                            .unwrap();
+                    }
+                }
+            }
+        }
+    }
+
+    println!(
+        "## Chain latency in {rounds} interleaved rounds, {RATE} requests/s, {CONNECTIONS} connections, {secs} s per path and round\n"
+    );
+    for (proto, figures) in [Proto::H1, Proto::H2].iter().zip(&by_proto) {
+        let p50 = |name: &str, r: usize| figures.p50.get(name).map(|v| v[r] as f64);
+        println!("### {proto:?}\n");
+        println!(
+            "| round | RTT back to back | RTT paced | direct | plain | mTLS | plain added × paced RTT | mTLS added × paced RTT | mTLS added × back-to-back RTT | mTLS − plain µs |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let (mut plain_x, mut mtls_x, mut mtls_b2b_x, mut diff) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in 0..rounds {
+            let (b2b, paced) = (figures.rtt_b2b[r] as f64, figures.rtt_paced[r] as f64);
+            let direct = p50("direct", r);
+            let plain = p50("sidecar chain, plain", r);
+            let mtls = p50("sidecar chain, mTLS", r);
+            let cell = |v: Option<f64>| v.map(|v| format!("{:.3}", v / 1000.0)).unwrap_or_default();
+            let ratio = |v: Option<f64>, rtt: f64| match (v, direct) {
+                (Some(v), Some(d)) => Some((v - d) / rtt),
+                _ => None,
+            };
+            let x = |v: Option<f64>| v.map(|v| format!("{v:.1} ×")).unwrap_or_default();
+            let (px, mx, mbx) = (ratio(plain, paced), ratio(mtls, paced), ratio(mtls, b2b));
+            let d = plain.zip(mtls).map(|(p, m)| m - p);
+            plain_x.extend(px);
+            mtls_x.extend(mx);
+            mtls_b2b_x.extend(mbx);
+            diff.extend(d);
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r + 1,
+                cell(Some(b2b)),
+                cell(Some(paced)),
+                cell(direct),
+                cell(plain),
+                cell(mtls),
+                x(px),
+                x(mx),
+                x(mbx),
+                d.map(|d| format!("{d:+.0}")).unwrap_or_default(),
+            );
+        }
+        let times = |v: f64| format!("{v:.1} ×");
+        println!(
+            "\nMedian (range) over the rounds: plain added {} and mTLS added {} the paced round trip; mTLS added {} the back-to-back round trip; mTLS − plain {} µs. Errors: {}.\n",
+            spread(&plain_x, times),
+            spread(&mtls_x, times),
+            spread(&mtls_b2b_x, times),
+            spread(&diff, |v| format!("{v:+.0}")),
+            figures.errors,
+        );
+        println!("| path | p50 ms | p99 ms | p99.9 ms | samples |");
+        println!("| --- | --- | --- | --- | --- |");
+        for (name, short) in PATHS {
+            if let Some(h) = figures.all.get(name) {
+                println!(
+                    "| {short} | {} | {} | {} | {} |",
+                    ms(h.value_at_quantile(0.5)),
+                    ms(h.value_at_quantile(0.99)),
+                    ms(h.value_at_quantile(0.999)),
+                    h.len()
+                );
+            }
+        }
+        println!();
+    }
+}
+
 /// Whether `name` is selected by the comma-separated list in env `var` (unset: all).
 fn selected(var: &str, name: &str) -> bool {
     match std::env::var(var) {
@@ -801,6 +968,14 @@ async fn main() {
         };
         selected("WEFT_BENCH_PATHS", short)
     });
+
+    if std::env::var("WEFT_BENCH_PARTS").is_ok_and(|l| l.split(',').any(|p| p.trim() == "rounds")) {
+        let rounds = std::env::var("WEFT_BENCH_ROUNDS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(10);
+        chain_rounds(echo, &targets, rounds, secs).await;
+    }
 
     let open_rates: &[u64] = if selected("WEFT_BENCH_PARTS", "open") {
         println!("## Open loop, {CONNECTIONS} connections, 1 KiB responses, {secs} s per run\n");
