@@ -163,6 +163,12 @@ struct RunArgs {
     /// `weft.dev/inbound-loopback-ports`.
     #[arg(long, env = "WEFT_INBOUND_LOOPBACK_PORTS", default_value = "")]
     inbound_loopback_ports: PortSet,
+    /// How HTTP/1 requests travel to meshed endpoints: `multiplexed` (the default: on the
+    /// one HTTP/2 connection to each endpoint) or `sessions` (HTTP/1.1 in pooled TLS
+    /// sessions of their own: less latency and CPU per request, one connection per
+    /// request in flight). Set by the injector from the pod annotation `weft.dev/mesh-http1`.
+    #[arg(long, env = "WEFT_MESH_HTTP1", default_value = "multiplexed")]
+    mesh_http1: weft_proxy::identity::Http1Transport,
     /// Writes one access-log line per HTTP request to stdout, as `json` or `text`. Off
     /// when unset. Set by the injector from the pod annotation `weft.dev/access-log`.
     #[arg(long, env = "WEFT_ACCESS_LOG")]
@@ -364,7 +370,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let roots = trust_roots(&args)?;
     let identity = identity_config(&args, roots.as_ref())?;
     let store = match &identity {
-        Some(_) => Some(weft_proxy::identity::IdentityStore::new()?),
+        Some(_) => Some(weft_proxy::identity::IdentityStore::with_http1(
+            args.mesh_http1,
+        )?),
         None => None,
     };
     let operator_tls = operator_tls(&args, roots.as_ref(), store.as_deref())?;

@@ -6,7 +6,8 @@
 //! keep the endpoint, so pooled connections are reused across reloads.
 //!
 //! To a meshed endpoint (mutual TLS), HTTP/1 requests share the HTTP/2 connection too
-//! ([`crate::mux`]); only upgrades and `CONNECT` use the HTTP/1 pool there.
+//! ([`crate::mux`]); only upgrades and `CONNECT` use the HTTP/1 pool there, unless the
+//! proxy carries HTTP/1 in sessions of its own ([`crate::identity::Http1Transport`]).
 //!
 //! The endpoints of a service with a Breaker's connection-pool limits have pools of their
 //! own, which share one [`ServicePool`]: `maxConnections` counts their connections (a
@@ -397,6 +398,8 @@ impl Upstream {
     /// To a meshed endpoint, HTTP/1 requests other than upgrades and `CONNECT` travel on
     /// the endpoint's one HTTP/2 connection too ([`crate::mux`]), and their responses come
     /// back as HTTP/1.1; a request not sent (connect failed) comes back in HTTP/1 form.
+    /// With [`crate::identity::Http1Transport::Sessions`] they take the HTTP/1 pool, in
+    /// TLS sessions of their own.
     pub async fn send(
         &self,
         mut req: http::Request<UpstreamBody>,
@@ -407,7 +410,9 @@ impl Upstream {
                 req.headers_mut().remove(crate::mux::ORIG_PROTO);
             }
             Ok((Http2Conn::send(&self.http2, req).await?, None))
-        } else if self.tls.is_some() && crate::mux::can_mux(&req) {
+        } else if self.tls.as_ref().is_some_and(|t| t.multiplexes_http1())
+            && crate::mux::can_mux(&req)
+        {
             let addr = self.addr;
             crate::mux::to_mux(&mut req, &|| crate::mux::authority_of(addr));
             match Http2Conn::send(&self.http2, req).await {

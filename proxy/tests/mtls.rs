@@ -26,7 +26,7 @@ use tokio::{
 };
 use weft_proxy::{
     LocalPorts, Proxy,
-    identity::IdentityStore,
+    identity::{Http1Transport, IdentityStore},
     limits::Limits,
     server::{BeforeConfig, ListenerKind},
 };
@@ -996,6 +996,123 @@ async fn many_http1_connections_share_one_tls_connection_between_the_proxies() {
     assert_eq!(
         metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
         1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mesh_http1_sessions_http1_takes_pooled_tls_sessions_of_its_own() {
+    use http_body_util::BodyExt;
+    let ca = Ca::new("mesh root");
+    let app = H1App::start().await;
+    let mut server_config = config(&[]);
+    // Only the client's identity may call `/`; the Policy applies on these sessions too.
+    server_config["inbound"] = serde_json::json!({"mtls": "strict", "authorization": [{
+        "name": "shop/cart",
+        "defaultAction": "deny",
+        "rules": [{"action": "allow", "from": [{"identities": [CLIENT_ID]}],
+                   "to": [{"paths": [{"prefix": "/ok"}]}]}]
+    }]});
+    let server = TestProxy::start_kind(
+        proxy_with(Some(ca.store(SERVER_ID))),
+        ListenerKind::InboundTo(app.addr),
+        server_config,
+    );
+    let (front, accepted) = counting_forwarder(server.addr).await;
+    let client_store = IdentityStore::with_http1(Http1Transport::Sessions).unwrap();
+    ca.install(&client_store, CLIENT_ID);
+    let client = client_sidecar(Some(client_store), front, SERVER_ID);
+
+    // Request A holds a session: its body stays open until B has its answer.
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    tx.unbounded_send(Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+        bytes::Bytes::from_static(b"first "),
+    )))
+    .unwrap();
+    let mut a = h1_conn(client.addr).await;
+    let held = tokio::spawn(async move {
+        send_h1(
+            &mut a,
+            http::Request::post("/ok/a")
+                .header("host", "cart")
+                .body(http_body_util::StreamBody::new(rx).boxed())
+                .unwrap(),
+        )
+        .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while accepted.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never reached the server sidecar"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut b = h1_conn(client.addr).await;
+    let (resp, body) = send_h1(
+        &mut b,
+        http::Request::post("/ok/b")
+            .header("host", "cart")
+            .body(full("second"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((resp.status.as_u16(), &body[..]), (200, &b"second"[..]));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a request in flight holds its session, so the next one opens another"
+    );
+    tx.unbounded_send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+        b"done",
+    ))))
+    .unwrap();
+    drop(tx);
+    let (resp, body) = held.await.unwrap();
+    assert_eq!((resp.status.as_u16(), &body[..]), (200, &b"first done"[..]));
+
+    // Sessions are kept alive and pooled: ten more requests open none.
+    for i in 0..10 {
+        let (resp, body) = send_h1(
+            &mut b,
+            http::Request::post("/ok/more")
+                .header("host", "cart")
+                .body(full(format!("{i}")))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (resp.status.as_u16(), body),
+            (200, bytes::Bytes::from(format!("{i}")))
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    // The Policy still decides, by the session's identity.
+    let (resp, _) = send_h1(
+        &mut b,
+        http::Request::get("/admin")
+            .header("host", "cart")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status, 403);
+    assert_eq!(resp.headers["weft-error"], "forbidden");
+
+    let seen = app.seen();
+    assert_eq!(seen.len(), 12, "the denied request never reached the app");
+    for s in &seen {
+        assert_eq!(s.version, http::Version::HTTP_11);
+        assert!(s.headers.get("weft-orig-proto").is_none());
+        assert_eq!(
+            s.headers["x-forwarded-client-cert"],
+            format!("URI={CLIENT_ID}").as_str()
+        );
+    }
+    let m = metrics_of(&server);
+    assert_eq!(
+        metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
+        2
     );
 }
 

@@ -160,6 +160,8 @@ pub struct IdentityStore {
     /// Counts outbound sessions established (`weft_tls_sessions_total{direction="outbound"}`),
     /// once the proxy's metrics hand it over.
     outbound_sessions: std::sync::OnceLock<Counter>,
+    /// How HTTP/1 requests travel to meshed endpoints.
+    http1: Http1Transport,
     /// Why the last attempt to get a certificate failed, for `/ready`.
     last_error: Mutex<Option<String>>,
 }
@@ -179,8 +181,15 @@ fn provider() -> Arc<CryptoProvider> {
 
 impl IdentityStore {
     /// A store without a certificate: inbound TLS handshakes fail and outbound ones are
-    /// not attempted until [`IdentityStore::install`].
+    /// not attempted until [`IdentityStore::install`]. HTTP/1 requests to meshed
+    /// endpoints are multiplexed.
     pub fn new() -> Result<Arc<Self>, CertError> {
+        Self::with_http1(Http1Transport::Multiplexed)
+    }
+
+    /// A store as [`IdentityStore::new`] makes it, whose outbound HTTP/1 requests to
+    /// meshed endpoints travel as `http1` says.
+    pub fn with_http1(http1: Http1Transport) -> Result<Arc<Self>, CertError> {
         let provider = provider();
         let current: Arc<ArcSwapOption<Certified>> = Arc::new(ArcSwapOption::const_empty());
         let mut server = ServerConfig::builder_with_provider(provider.clone())
@@ -202,6 +211,7 @@ impl IdentityStore {
             provider,
             server: Arc::new(server),
             outbound_sessions: std::sync::OnceLock::new(),
+            http1,
             last_error: Mutex::new(None),
         }))
     }
@@ -405,6 +415,7 @@ impl IdentityStore {
             tcp: config(ALPN_TCP)?,
             current: self.current.clone(),
             sessions: self.outbound_sessions.get().cloned(),
+            http1_transport: self.http1,
         }))
     }
 }
@@ -433,6 +444,33 @@ pub struct ClientTls {
     tcp: Arc<ClientConfig>,
     current: Arc<ArcSwapOption<Certified>>,
     sessions: Option<Counter>,
+    http1_transport: Http1Transport,
+}
+
+/// How a proxy's HTTP/1 requests (other than upgrades and `CONNECT`, which always have a
+/// TLS session of their own) travel to meshed endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Http1Transport {
+    /// On the one HTTP/2 connection to the endpoint, with its HTTP/2 requests
+    /// ([`ALPN_MUX`]); restored to HTTP/1 at the far side.
+    #[default]
+    Multiplexed,
+    /// As HTTP/1.1 in TLS sessions of their own ([`ALPN_HTTP1`]), pooled and kept alive
+    /// like plain-text connections: less work per request, one connection per request
+    /// in flight.
+    Sessions,
+}
+
+impl std::str::FromStr for Http1Transport {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "multiplexed" => Ok(Http1Transport::Multiplexed),
+            "sessions" => Ok(Http1Transport::Sessions),
+            other => Err(format!("{other:?} is not multiplexed or sessions")),
+        }
+    }
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -457,6 +495,11 @@ pub struct HandshakeError {
 }
 
 impl ClientTls {
+    /// Whether HTTP/1 requests to this endpoint share its HTTP/2 connection.
+    pub fn multiplexes_http1(&self) -> bool {
+        self.http1_transport == Http1Transport::Multiplexed
+    }
+
     /// Runs the TLS handshake over `stream` (already connected to `addr`), announcing
     /// `inner`, within `timeout`.
     pub async fn handshake(
