@@ -22,6 +22,9 @@ pub struct PodOptions {
     pub resources: super::ProxyResources,
     /// The access-log format (`json` or `text`), when the pod asks for one.
     pub access_log: Option<&'static str>,
+    /// How the proxy carries HTTP/1 to meshed endpoints (`multiplexed` or `sessions`),
+    /// when the pod says.
+    pub mesh_http1: Option<&'static str>,
     /// Tracing, when the pod names a collector.
     pub trace: Option<TraceOptions>,
     /// The pod said `weft.dev/rewrite-probes: "false"`: its HTTP probes stay as written.
@@ -102,6 +105,17 @@ impl PodOptions {
                     return Err(InjectError::BadAnnotation {
                         key: keys::ACCESS_LOG,
                         reason: format!("{other:?} is not json or text"),
+                    });
+                }
+            },
+            mesh_http1: match get(keys::MESH_HTTP1) {
+                None => None,
+                Some("multiplexed") => Some("multiplexed"),
+                Some("sessions") => Some("sessions"),
+                Some(other) => {
+                    return Err(InjectError::BadAnnotation {
+                        key: keys::MESH_HTTP1,
+                        reason: format!("{other:?} is not multiplexed or sessions"),
                     });
                 }
             },
@@ -328,6 +342,7 @@ mod tests {
             (keys::OPAQUE_PORTS, "mysql"),
             (keys::INBOUND_LOOPBACK_PORTS, "0"),
             (keys::ACCESS_LOG, "yaml"),
+            (keys::MESH_HTTP1, "mux"),
             (keys::TRACE_COLLECTOR, "https://otel:4317"),
             (keys::TRACE_COLLECTOR, "otel"),
             (keys::TRACE_COLLECTOR, "otel:4317/v1/traces"),

@@ -29,6 +29,10 @@ pub const INBOUND_LOOPBACK_PORTS: &str = "weft.dev/inbound-loopback-ports";
 /// Pod annotation: `json` or `text` turns on the proxy's access log (one line per HTTP
 /// request on its stdout); absent, no access log.
 pub const ACCESS_LOG: &str = "weft.dev/access-log";
+/// Pod annotation: how the proxy carries the pod's HTTP/1 requests to meshed endpoints:
+/// `multiplexed` (the default: on one HTTP/2 connection per endpoint) or `sessions`
+/// (HTTP/1.1 in pooled mutual TLS sessions of their own).
+pub const MESH_HTTP1: &str = "weft.dev/mesh-http1";
 /// Pod annotation: an OTLP/gRPC collector (`host:port`) turns on the proxy's tracing
 /// (trace context propagated, spans exported there); absent, the mesh-wide
 /// `traceCollector` setting if any, else no tracing; `disabled`, no tracing.
@@ -89,6 +93,8 @@ pub mod env {
     pub const LOG: &str = "WEFT_LOG";
     /// The proxy's access-log format (`json` or `text`).
     pub const ACCESS_LOG: &str = "WEFT_ACCESS_LOG";
+    /// How the proxy carries HTTP/1 to meshed endpoints (`multiplexed` or `sessions`).
+    pub const MESH_HTTP1: &str = "WEFT_MESH_HTTP1";
     /// The OTLP/gRPC collector the proxy sends spans to.
     pub const TRACE_COLLECTOR: &str = "WEFT_TRACE_COLLECTOR";
     /// The probability of recording a trace the proxy starts.

@@ -152,6 +152,9 @@ pub fn proxy_container(
     if let Some(format) = opts.access_log {
         env.push(value(keys::env::ACCESS_LOG, format.to_owned()));
     }
+    if let Some(transport) = opts.mesh_http1 {
+        env.push(value(keys::env::MESH_HTTP1, transport.to_owned()));
+    }
     if let Some(trace) = &opts.trace {
         env.push(value(keys::env::TRACE_COLLECTOR, trace.collector.clone()));
         if let Some(p) = &trace.sampling {
@@ -283,6 +286,7 @@ mod tests {
             (keys::OPAQUE_PORTS, "3306"),
             (keys::INBOUND_LOOPBACK_PORTS, "9090"),
             (keys::ACCESS_LOG, "json"),
+            (keys::MESH_HTTP1, "sessions"),
             (keys::TRACE_COLLECTOR, "otel:4317"),
             (keys::TRACE_SAMPLING, "0.5"),
         ]
@@ -309,6 +313,7 @@ mod tests {
                 keys::env::OPAQUE_PORTS,
                 keys::env::INBOUND_LOOPBACK_PORTS,
                 keys::env::ACCESS_LOG,
+                keys::env::MESH_HTTP1,
                 keys::env::TRACE_COLLECTOR,
                 keys::env::TRACE_SAMPLING,
                 keys::env::TRACE_SERVICE_NAME,
@@ -327,6 +332,7 @@ mod tests {
             Some("9090")
         );
         assert_eq!(value(keys::env::ACCESS_LOG).as_deref(), Some("json"));
+        assert_eq!(value(keys::env::MESH_HTTP1).as_deref(), Some("sessions"));
         assert_eq!(
             value(keys::env::TRACE_COLLECTOR).as_deref(),
             Some("otel:4317")

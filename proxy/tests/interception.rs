@@ -427,6 +427,11 @@ fn bad_local_port_lists_stop_the_proxy_at_startup() {
             r#"{"web/readyz":{"port":0,"path":"/healthz"}}"#,
             "probe \"web/readyz\": port 0",
         ),
+        (
+            "WEFT_MESH_HTTP1",
+            "mux",
+            "\"mux\" is not multiplexed or sessions",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.yaml");
@@ -486,6 +491,7 @@ fn every_variable_the_injector_sets_is_a_proxy_setting() {
         "WEFT_OPAQUE_PORTS",
         "WEFT_INBOUND_LOOPBACK_PORTS",
         "WEFT_ACCESS_LOG",
+        "WEFT_MESH_HTTP1",
         "WEFT_TRACE_COLLECTOR",
         "WEFT_TRACE_SAMPLING",
         "WEFT_TRACE_SERVICE_NAME",
