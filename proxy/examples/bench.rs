@@ -28,7 +28,9 @@
 //! The certificates come from an identity endpoint the harness serves itself (a test CA,
 //! `/weft.identity.v1/certify` over TLS, no token check). `WEFT_BENCH_PROXY=/path` runs
 //! every proxy from that binary instead of the one beside the harness (to measure an
-//! older proxy with this harness).
+//! older proxy with this harness). `mtls-sessions`, only when named in `WEFT_BENCH_PATHS`,
+//! is `mtls` with a client sidecar run with `--mesh-http1 sessions` (HTTP/1 in TLS
+//! sessions of its own rather than on the mux).
 //!
 //! The `overload` part measures a Breaker's `maxRequests` under 2× overload: a backend
 //! with a fixed 20 ms service time behind a proxy with `maxRequests: 20` (capacity
@@ -72,7 +74,7 @@
 //! `WEFT_BENCH_PARTS=rounds` (only when named) measures issue 9's chain-latency targets with the drift of a
 //! shared machine spread evenly over the paths: `WEFT_BENCH_ROUNDS` rounds (default 10)
 //! at 1,000 requests/s, each round measuring, per protocol, the back-to-back and paced
-//! round trips and the paths `direct`, `chain-in` and `mtls` (as selected) for
+//! round trips and the paths `direct`, `chain-in`, `mtls` and `mtls-sessions` (as selected) for
 //! `SECONDS_PER_RUN` each after 1 s of warm-up, in an order rotated every round. It prints
 //! each round's p50s, the added p50 of both chains in multiples of that round's paced
 //! round trip, and mTLS − plain; then the median and range over the rounds, and the p50,
@@ -672,10 +674,14 @@ async fn chain_rounds(
     secs: u64,
 ) {
     const RATE: u64 = 1000;
-    const PATHS: [(&str, &str); 3] = [
+    const PATHS: [(&str, &str); 4] = [
         ("direct", "direct"),
         ("sidecar chain, plain", "plain"),
         ("sidecar chain, mTLS", "mTLS"),
+        (
+            "sidecar chain, mTLS, HTTP/1 sessions",
+            "mTLS, HTTP/1 sessions",
+        ),
     ];
     let mut by_proto = [Rounds::default(), Rounds::default()];
     for round in 0..rounds {
@@ -727,57 +733,91 @@ async fn chain_rounds(
         "## Chain latency in {rounds} interleaved rounds, {RATE} requests/s, {CONNECTIONS} connections, {secs} s per path and round\n"
     );
     for (proto, figures) in [Proto::H1, Proto::H2].iter().zip(&by_proto) {
+        // The paths measured, and the chains among them (all but `direct`).
+        let paths: Vec<(&str, &str)> = PATHS
+            .into_iter()
+            .filter(|(name, _)| figures.p50.contains_key(name))
+            .collect();
+        let chains = &paths[paths.iter().position(|(n, _)| *n != "direct").unwrap_or(0)..];
         let p50 = |name: &str, r: usize| figures.p50.get(name).map(|v| v[r] as f64);
+        let mtls_paths: Vec<(&str, &str)> = chains
+            .iter()
+            .copied()
+            .filter(|(n, _)| n.contains("mTLS"))
+            .collect();
         println!("### {proto:?}\n");
+        let mut head = String::from("| round | RTT back to back | RTT paced |");
+        for (_, short) in &paths {
+            head.push_str(&format!(" {short} |"));
+        }
+        for (_, short) in chains {
+            head.push_str(&format!(" {short} added × paced RTT |"));
+        }
+        for (_, short) in &mtls_paths {
+            head.push_str(&format!(" {short} − plain µs |"));
+        }
+        println!("{head}");
         println!(
-            "| round | RTT back to back | RTT paced | direct | plain | mTLS | plain added × paced RTT | mTLS added × paced RTT | mTLS added × back-to-back RTT | mTLS − plain µs |"
+            "|{}",
+            " --- |".repeat(3 + paths.len() + chains.len() + mtls_paths.len())
         );
-        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-        let (mut plain_x, mut mtls_x, mut mtls_b2b_x, mut diff) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // Per chain: its added p50 in paced round trips, its added p50 in back-to-back
+        // round trips, and (mTLS chains) its difference from the plain chain.
+        let mut added: Vec<Vec<f64>> = vec![Vec::new(); chains.len()];
+        let mut added_b2b: Vec<Vec<f64>> = vec![Vec::new(); chains.len()];
+        let mut diff: Vec<Vec<f64>> = vec![Vec::new(); mtls_paths.len()];
         for r in 0..rounds {
             let (b2b, paced) = (figures.rtt_b2b[r] as f64, figures.rtt_paced[r] as f64);
-            let direct = p50("direct", r);
-            let plain = p50("sidecar chain, plain", r);
-            let mtls = p50("sidecar chain, mTLS", r);
-            let cell = |v: Option<f64>| v.map(|v| format!("{:.3}", v / 1000.0)).unwrap_or_default();
-            let ratio = |v: Option<f64>, rtt: f64| match (v, direct) {
-                (Some(v), Some(d)) => Some((v - d) / rtt),
-                _ => None,
-            };
-            let x = |v: Option<f64>| v.map(|v| format!("{v:.1} ×")).unwrap_or_default();
-            let (px, mx, mbx) = (ratio(plain, paced), ratio(mtls, paced), ratio(mtls, b2b));
-            let d = plain.zip(mtls).map(|(p, m)| m - p);
-            plain_x.extend(px);
-            mtls_x.extend(mx);
-            mtls_b2b_x.extend(mbx);
-            diff.extend(d);
-            println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            let mut row = format!(
+                "| {} | {:.3} | {:.3} |",
                 r + 1,
-                cell(Some(b2b)),
-                cell(Some(paced)),
-                cell(direct),
-                cell(plain),
-                cell(mtls),
-                x(px),
-                x(mx),
-                x(mbx),
-                d.map(|d| format!("{d:+.0}")).unwrap_or_default(),
+                b2b / 1000.0,
+                paced / 1000.0
             );
+            for (name, _) in &paths {
+                row.push_str(&format!(" {:.3} |", p50(name, r).unwrap_or(0.0) / 1000.0));
+            }
+            let direct = p50("direct", r);
+            for (i, (name, _)) in chains.iter().enumerate() {
+                match (p50(name, r), direct) {
+                    (Some(v), Some(d)) => {
+                        added[i].push((v - d) / paced);
+                        added_b2b[i].push((v - d) / b2b);
+                        row.push_str(&format!(" {:.1} × |", (v - d) / paced));
+                    }
+                    _ => row.push_str(" |"),
+                }
+            }
+            for (i, (name, _)) in mtls_paths.iter().enumerate() {
+                match (p50(name, r), p50("sidecar chain, plain", r)) {
+                    (Some(m), Some(p)) => {
+                        diff[i].push(m - p);
+                        row.push_str(&format!(" {:+.0} |", m - p));
+                    }
+                    _ => row.push_str(" |"),
+                }
+            }
+            println!("{row}");
         }
         let times = |v: f64| format!("{v:.1} ×");
-        println!(
-            "\nMedian (range) over the rounds: plain added {} and mTLS added {} the paced round trip; mTLS added {} the back-to-back round trip; mTLS − plain {} µs. Errors: {}.\n",
-            spread(&plain_x, times),
-            spread(&mtls_x, times),
-            spread(&mtls_b2b_x, times),
-            spread(&diff, |v| format!("{v:+.0}")),
-            figures.errors,
-        );
+        println!("\nMedian (range) over the rounds:\n");
+        for (i, (_, short)) in chains.iter().enumerate() {
+            println!(
+                "- {short}: adds {} the paced round trip, {} the back-to-back one",
+                spread(&added[i], times),
+                spread(&added_b2b[i], times)
+            );
+        }
+        for (i, (_, short)) in mtls_paths.iter().enumerate() {
+            println!(
+                "- {short} − plain: {} µs",
+                spread(&diff[i], |v| format!("{v:+.0}"))
+            );
+        }
+        println!("- errors: {}\n", figures.errors);
         println!("| path | p50 ms | p99 ms | p99.9 ms | samples |");
         println!("| --- | --- | --- | --- | --- |");
-        for (name, short) in PATHS {
+        for (name, short) in &paths {
             if let Some(h) = figures.all.get(name) {
                 println!(
                     "| {short} | {} | {} | {} | {} |",
@@ -790,6 +830,11 @@ async fn chain_rounds(
         }
         println!();
     }
+}
+
+/// Whether the comma-separated list in env `var` names `name` (unset: no).
+fn named(var: &str, name: &str) -> bool {
+    std::env::var(var).is_ok_and(|list| list.split(',').any(|p| p.trim() == name))
 }
 
 /// Whether `name` is selected by the comma-separated list in env `var` (unset: all).
@@ -938,7 +983,25 @@ async fn main() {
     let (mtls_client, mtls_client_addr) = mesh
         .start_forward(&bin, &mtls_hop, "hop", mesh::CLIENT_ID)
         .await;
-    for addr in [plain_client_addr, mtls_client_addr] {
+    // Only when named: a proxy from before `--mesh-http1` would not start.
+    let sessions_client = if named("WEFT_BENCH_PATHS", "mtls-sessions") {
+        Some(
+            mesh.start_forward_with(
+                &bin,
+                &mtls_hop,
+                "hop",
+                mesh::CLIENT_ID,
+                &["--mesh-http1", "sessions"],
+            )
+            .await,
+        )
+    } else {
+        None
+    };
+    for addr in [plain_client_addr, mtls_client_addr]
+        .into_iter()
+        .chain(sessions_client.as_ref().map(|(_, a)| *a))
+    {
         mesh::wait_serving(addr).await;
     }
     let haproxy = start_haproxy(dir.path(), backend).await;
@@ -955,6 +1018,9 @@ async fn main() {
         targets.push(("weft chain (2 proxies)", proto, chain1_addr));
         targets.push(("sidecar chain, plain", proto, plain_client_addr));
         targets.push(("sidecar chain, mTLS", proto, mtls_client_addr));
+        if let Some((_, addr)) = &sessions_client {
+            targets.push(("sidecar chain, mTLS, HTTP/1 sessions", proto, *addr));
+        }
         if let Some((_, h1, h2)) = &haproxy {
             targets.push(("haproxy", proto, if proto == Proto::H1 { *h1 } else { *h2 }));
         }
@@ -964,12 +1030,13 @@ async fn main() {
             n if n.starts_with("weft chain") => "chain",
             "sidecar chain, plain" => "chain-in",
             "sidecar chain, mTLS" => "mtls",
+            "sidecar chain, mTLS, HTTP/1 sessions" => "mtls-sessions",
             n => n,
         };
         selected("WEFT_BENCH_PATHS", short)
     });
 
-    if std::env::var("WEFT_BENCH_PARTS").is_ok_and(|l| l.split(',').any(|p| p.trim() == "rounds")) {
+    if named("WEFT_BENCH_PARTS", "rounds") {
         let rounds = std::env::var("WEFT_BENCH_ROUNDS")
             .ok()
             .and_then(|n| n.parse().ok())
@@ -1064,7 +1131,13 @@ async fn main() {
     }
     if !selected("WEFT_BENCH_PARTS", "rss") {
         drop((chain1, chain2, single, baseline));
-        drop((plain_client, mtls_client, server_sidecar, mesh));
+        drop((
+            plain_client,
+            mtls_client,
+            sessions_client,
+            server_sidecar,
+            mesh,
+        ));
         return;
     }
     // RSS with 1,000 open connections, each having carried one HTTP/1.1 request.
@@ -1104,7 +1177,13 @@ async fn main() {
     print!("{haproxy_rss}");
     drop(held);
     drop((chain1, chain2, single, baseline));
-    drop((plain_client, mtls_client, server_sidecar, mesh));
+    drop((
+        plain_client,
+        mtls_client,
+        sessions_client,
+        server_sidecar,
+        mesh,
+    ));
 }
 
 /// The mesh of the sidecar-chain paths: a test CA and an identity endpoint that issues
@@ -1252,7 +1331,21 @@ mod mesh {
             service: &str,
             id: &str,
         ) -> (Proc, SocketAddr) {
-            super::start_weft_with(bin, cfg, service, &self.identity_args(id)).await
+            self.start_forward_with(bin, cfg, service, id, &[]).await
+        }
+
+        /// A client sidecar as [`Mesh::start_forward`] starts it, with `extra` arguments.
+        pub async fn start_forward_with(
+            &self,
+            bin: &Path,
+            cfg: &Path,
+            service: &str,
+            id: &str,
+            extra: &[&str],
+        ) -> (Proc, SocketAddr) {
+            let mut args = self.identity_args(id);
+            args.extend(extra.iter().map(|a| (*a).to_owned()));
+            super::start_weft_with(bin, cfg, service, &args).await
         }
     }
 
