@@ -23,7 +23,7 @@ pub struct PodOptions {
     /// The access-log format (`json` or `text`), when the pod asks for one.
     pub access_log: Option<&'static str>,
     /// How the proxy carries HTTP/1 to meshed endpoints (`multiplexed` or `sessions`),
-    /// when the pod says.
+    /// when the pod or the mesh-wide setting says.
     pub mesh_http1: Option<&'static str>,
     /// Tracing, when the pod names a collector.
     pub trace: Option<TraceOptions>,
@@ -109,15 +109,11 @@ impl PodOptions {
                 }
             },
             mesh_http1: match get(keys::MESH_HTTP1) {
-                None => None,
-                Some("multiplexed") => Some("multiplexed"),
-                Some("sessions") => Some("sessions"),
-                Some(other) => {
-                    return Err(InjectError::BadAnnotation {
-                        key: keys::MESH_HTTP1,
-                        reason: format!("{other:?} is not multiplexed or sessions"),
-                    });
-                }
+                None => cfg.mesh_http1,
+                Some(v) => Some(mesh_http1(v).map_err(|reason| InjectError::BadAnnotation {
+                    key: keys::MESH_HTTP1,
+                    reason,
+                })?),
             },
             trace: trace(
                 get(keys::TRACE_COLLECTOR),
@@ -135,6 +131,16 @@ impl PodOptions {
                 }
             },
         })
+    }
+}
+
+/// `v` as a value of `--mesh-http1` (the annotation's and the mesh setting's rule), or why
+/// it is not one.
+pub fn mesh_http1(v: &str) -> Result<&'static str, String> {
+    match v {
+        "multiplexed" => Ok("multiplexed"),
+        "sessions" => Ok("sessions"),
+        other => Err(format!("{other:?} is not multiplexed or sessions")),
     }
 }
 
@@ -370,6 +376,28 @@ mod tests {
         assert_eq!(t.sampling.as_deref(), Some("0.25"));
         let o = opts(&[(keys::TRACE_COLLECTOR, "http://10.0.0.9:4317")]).unwrap();
         assert_eq!(o.trace.unwrap().sampling, None);
+    }
+
+    #[test]
+    fn mesh_http1_comes_from_the_pod_else_the_mesh_setting() {
+        let mesh = InjectConfig {
+            mesh_http1: Some("sessions"),
+            ..InjectConfig::default()
+        };
+        let with = |pairs: &[(&str, &str)], cfg: &InjectConfig| {
+            let map: BTreeMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            PodOptions::from_annotations(Some(&map), cfg).map(|o| o.mesh_http1)
+        };
+        assert_eq!(with(&[], &InjectConfig::default()), Ok(None));
+        assert_eq!(with(&[], &mesh), Ok(Some("sessions")));
+        assert_eq!(
+            with(&[(keys::MESH_HTTP1, "multiplexed")], &mesh),
+            Ok(Some("multiplexed"))
+        );
+        assert!(with(&[(keys::MESH_HTTP1, "Sessions")], &mesh).is_err());
     }
 
     #[test]

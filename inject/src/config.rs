@@ -33,6 +33,10 @@ pub struct InjectConfig {
     /// The mesh-wide tracing default: every injected proxy exports spans to this collector
     /// unless its pod's annotations say otherwise; `None`: tracing only where pods ask.
     pub tracing: Option<InjectTracing>,
+    /// The mesh-wide way injected proxies carry HTTP/1 to meshed endpoints
+    /// (`multiplexed` or `sessions`), unless a pod's `weft.dev/mesh-http1` says otherwise;
+    /// `None`: the proxy's default (`multiplexed`).
+    pub mesh_http1: Option<&'static str>,
 }
 
 /// Where injected proxies send spans, mesh-wide (pods override either part by annotation).
@@ -132,6 +136,7 @@ impl Default for InjectConfig {
             log_level: "info".to_owned(),
             identity: None,
             tracing: None,
+            mesh_http1: None,
         }
     }
 }

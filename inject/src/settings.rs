@@ -59,9 +59,13 @@ pub const TRACE_COLLECTOR: &str = "traceCollector";
 /// pod's `weft.dev/trace-sampling` says otherwise; empty: the proxy's default (0.01).
 /// Needs [`TRACE_COLLECTOR`].
 pub const TRACE_SAMPLING: &str = "traceSampling";
+/// How every injected proxy carries HTTP/1 to meshed endpoints, `multiplexed` or
+/// `sessions`, unless its pod's `weft.dev/mesh-http1` says otherwise; empty: the proxy's
+/// default (`multiplexed`).
+pub const MESH_HTTP1: &str = "meshHttp1";
 
 /// Every key [`apply`] understands, for error messages and docs.
-pub const KEYS: [&str; 18] = [
+pub const KEYS: [&str; 19] = [
     PROXY_IMAGE,
     PROXY_VERSION,
     IMAGE_PULL_POLICY,
@@ -80,6 +84,7 @@ pub const KEYS: [&str; 18] = [
     LOG_LEVEL,
     TRACE_COLLECTOR,
     TRACE_SAMPLING,
+    MESH_HTTP1,
 ];
 
 /// A setting that cannot be used. Injecting with a half-read configuration would give
@@ -199,6 +204,14 @@ pub fn apply(
                 }
                 trace_sampling = Some((!value.is_empty()).then(|| value.to_owned()));
             }
+            MESH_HTTP1 => {
+                cfg.mesh_http1 = match value {
+                    "" => None,
+                    v => Some(
+                        crate::annotations::mesh_http1(v).map_err(|r| invalid(MESH_HTTP1, r))?,
+                    ),
+                };
+            }
             _ => return Err(SettingsError::Unknown { key: key.clone() }),
         }
     }
@@ -315,6 +328,7 @@ mod tests {
             (TRACE_COLLECTOR, "otel"),
             (TRACE_SAMPLING, "1.5"),
             (TRACE_SAMPLING, "0.1"),
+            (MESH_HTTP1, "mux"),
         ] {
             let err = apply(&base, &data(&[(key, value)])).unwrap_err();
             assert!(
@@ -360,6 +374,16 @@ mod tests {
     }
 
     #[test]
+    fn mesh_http1_sets_the_mesh_wide_transport_and_empty_keeps_the_proxy_default() {
+        let base = InjectConfig::default();
+        assert_eq!(base.mesh_http1, None);
+        let cfg = apply(&base, &data(&[(MESH_HTTP1, "sessions")])).unwrap();
+        assert_eq!(cfg.mesh_http1, Some("sessions"));
+        let cfg = apply(&cfg, &data(&[(MESH_HTTP1, "")])).unwrap();
+        assert_eq!(cfg.mesh_http1, None);
+    }
+
+    #[test]
     fn every_listed_key_is_understood() {
         let base = InjectConfig::default();
         let defaults = [
@@ -379,6 +403,7 @@ mod tests {
             base.excluded_namespaces.join(","),
             base.token_expiration_seconds.to_string(),
             base.log_level.clone(),
+            String::new(),
             String::new(),
             String::new(),
         ];

@@ -148,7 +148,8 @@ fn non_default_values() -> Value {
             "uid": 7000,
             "tokenExpirationSeconds": 7200,
             "excludedNamespaces": ["monitoring"],
-            "tracing": {"collector": "otel-collector.observability:4317", "sampling": 0.25}
+            "tracing": {"collector": "otel-collector.observability:4317", "sampling": 0.25},
+            "meshHttp1": "sessions"
         },
         "metrics": {"service": {"enabled": false}}
     })
@@ -192,6 +193,7 @@ fn a_wrong_value_fails_at_install_time_with_a_message() {
             "caCrt needs caKey, or tlsCrt and tlsKey",
         ),
         ("mesh.mtlsMode=strict", "/mesh/mtlsMode"),
+        ("proxy.meshHttp1=mux", "/proxy/meshHttp1"),
         (
             "mesh.mtlsMode=Strict,identity.enabled=false",
             "mesh.mtlsMode Strict needs identity.enabled",
@@ -290,6 +292,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         if values.is_none() {
             assert_eq!(settings.tracing, None, "no tracing unless asked for");
+            assert_eq!(settings.mesh_http1, None, "the proxy's default transport");
         }
         if values.is_some() {
             assert_eq!(
@@ -299,6 +302,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
                     sampling: Some("0.25".to_owned()),
                 })
             );
+            assert_eq!(settings.mesh_http1, Some("sessions"));
             let dep = find(&docs, "Deployment");
             assert_eq!(dep["spec"]["replicas"], 3);
             assert_eq!(
