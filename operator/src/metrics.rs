@@ -307,7 +307,8 @@ mod docs_tests {
         m.traffic.rate_limited("shop/limit");
         m.traffic.dry_run(&web, DryRun::RateLimit);
         m.tls.renewal(true, Some(1));
-        m.tls.session(Direction::Inbound);
+        m.tls
+            .session(Direction::Inbound, Some(weft_proxy::identity::Inner::Mux));
         m.tls.refused(
             Direction::Inbound,
             weft_proxy::identity::TlsFailure::Untrusted,

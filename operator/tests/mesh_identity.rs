@@ -383,7 +383,7 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     let (_, web_metrics) = http_get(web.admin, "/metrics").await.unwrap();
     let sessions = sample(
         &web_metrics,
-        r#"weft_tls_sessions_total{direction="inbound"}"#,
+        r#"weft_tls_sessions_total{direction="inbound",protocol="mux"}"#,
     )
     .unwrap_or(0.0);
     assert!(
@@ -394,7 +394,7 @@ async fn proxies_get_certificates_from_the_operator_speak_mutual_tls_and_a_stric
     let (_, client_metrics) = http_get(client.admin, "/metrics").await.unwrap();
     let outbound = sample(
         &client_metrics,
-        r#"weft_tls_sessions_total{direction="outbound"}"#,
+        r#"weft_tls_sessions_total{direction="outbound",protocol="mux"}"#,
     )
     .unwrap_or(0.0);
     assert!(
@@ -1311,7 +1311,11 @@ const RENEWAL_WAIT: Duration = Duration::from_secs(90);
 /// Inbound TLS sessions web's proxy has accepted so far.
 async fn inbound_sessions(admin: SocketAddr) -> f64 {
     let (_, m) = http_get(admin, "/metrics").await.unwrap_or_default();
-    sample(&m, r#"weft_tls_sessions_total{direction="inbound"}"#).unwrap_or(0.0)
+    sample(
+        &m,
+        r#"weft_tls_sessions_total{direction="inbound",protocol="mux"}"#,
+    )
+    .unwrap_or(0.0)
 }
 
 /// Waits until web's proxy accepts a new TLS session (the client's proxy replaces its

@@ -135,7 +135,11 @@ impl Proxy {
     ) -> Arc<Self> {
         let metrics = Arc::new(metrics::Metrics::new());
         if let Some(id) = &identity {
-            id.count_outbound_sessions(metrics.tls.sessions_counter(metrics::Direction::Outbound));
+            id.count_outbound_sessions(|inner| {
+                metrics
+                    .tls
+                    .sessions_counter(metrics::Direction::Outbound, inner)
+            });
         }
         Arc::new(Proxy {
             store: Arc::new(

@@ -257,12 +257,13 @@ pub struct Metrics {
 }
 
 /// The proxy's certificate and its mutual TLS sessions. Labels are bounded: `direction`,
-/// `result` (`ok`, `error`) and `reason` ([`crate::identity::TlsFailure::as_str`]).
+/// `protocol` ([`crate::identity::Inner::as_str`]), `result` (`ok`, `error`) and `reason`
+/// ([`crate::identity::TlsFailure::as_str`]).
 #[derive(Clone, Debug, Default)]
 pub struct TlsMetrics {
     expiry: Gauge,
     renewals: Family<[(&'static str, &'static str); 1], Counter>,
-    sessions: Family<[(&'static str, &'static str); 1], Counter>,
+    sessions: Family<[(&'static str, &'static str); 2], Counter>,
     refused: Family<[(&'static str, &'static str); 2], Counter>,
 }
 
@@ -280,7 +281,7 @@ impl TlsMetrics {
         );
         registry.register(
             "tls_sessions",
-            "Mutual TLS sessions established with peer proxies",
+            "Mutual TLS sessions established with peer proxies, by what they carry",
             self.sessions.clone(),
         );
         registry.register(
@@ -299,18 +300,29 @@ impl TlsMetrics {
         }
     }
 
-    /// Counts an established session.
-    pub fn session(&self, direction: Direction) {
+    /// Counts an established session that carries `inner` (`None`: no ALPN agreed, the
+    /// label `none`).
+    pub fn session(&self, direction: Direction, inner: Option<crate::identity::Inner>) {
         self.sessions
-            .get_or_create(&[("direction", direction.as_str())])
+            .get_or_create(&[
+                ("direction", direction.as_str()),
+                (
+                    "protocol",
+                    inner.map_or("none", crate::identity::Inner::as_str),
+                ),
+            ])
             .inc();
     }
 
-    /// The session counter of `direction`, for whoever establishes those sessions (the
-    /// outbound handshakes happen in the endpoints' connectors, which hold no metrics).
-    pub fn sessions_counter(&self, direction: Direction) -> Counter {
+    /// The counter of sessions of `direction` that carry `inner`, for whoever establishes
+    /// those sessions (the outbound handshakes happen in the endpoints' connectors, which
+    /// hold no metrics).
+    pub fn sessions_counter(&self, direction: Direction, inner: crate::identity::Inner) -> Counter {
         self.sessions
-            .get_or_create(&[("direction", direction.as_str())])
+            .get_or_create(&[
+                ("direction", direction.as_str()),
+                ("protocol", inner.as_str()),
+            ])
             .clone()
     }
 

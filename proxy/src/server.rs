@@ -199,7 +199,7 @@ async fn handle(
     .await;
     match sniffed {
         Ok(Sniffed::Tls(tls, info)) => {
-            conn.proxy.metrics.tls.session(direction);
+            conn.proxy.metrics.tls.session(direction, info.inner);
             tracing::debug!(client_identity = ?info.identity, inner = ?info.inner, "mutual TLS");
             let protocol = match info.inner {
                 _ if opaque => Some(Protocol::Opaque),

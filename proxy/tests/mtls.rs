@@ -994,7 +994,11 @@ async fn many_http1_connections_share_one_tls_connection_between_the_proxies() {
     );
     let m = metrics_of(&server);
     assert_eq!(
-        metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
+        metric(
+            &m,
+            "weft_tls_sessions_total",
+            &["direction=\"inbound\"", "protocol=\"mux\""]
+        ),
         1
     );
 }
@@ -1111,7 +1115,24 @@ async fn with_mesh_http1_sessions_http1_takes_pooled_tls_sessions_of_its_own() {
     }
     let m = metrics_of(&server);
     assert_eq!(
-        metric(&m, "weft_tls_sessions_total", &["direction=\"inbound\""]),
+        metric(
+            &m,
+            "weft_tls_sessions_total",
+            &["direction=\"inbound\"", "protocol=\"http1\""]
+        ),
+        2
+    );
+    assert_eq!(
+        metric(&m, "weft_tls_sessions_total", &["protocol=\"mux\""]),
+        0
+    );
+    let m = metrics_of(&client);
+    assert_eq!(
+        metric(
+            &m,
+            "weft_tls_sessions_total",
+            &["direction=\"outbound\"", "protocol=\"http1\""]
+        ),
         2
     );
 }

@@ -158,8 +158,8 @@ pub struct IdentityStore {
     provider: Arc<CryptoProvider>,
     server: Arc<ServerConfig>,
     /// Counts outbound sessions established (`weft_tls_sessions_total{direction="outbound"}`),
-    /// once the proxy's metrics hand it over.
-    outbound_sessions: std::sync::OnceLock<Counter>,
+    /// once the proxy's metrics hand their counters over.
+    outbound_sessions: std::sync::OnceLock<SessionCounters>,
     /// How HTTP/1 requests travel to meshed endpoints.
     http1: Http1Transport,
     /// Why the last attempt to get a certificate failed, for `/ready`.
@@ -216,10 +216,16 @@ impl IdentityStore {
         }))
     }
 
-    /// Counts each outbound session established from now on in `counter`; the first
-    /// counter given wins (a store belongs to one proxy).
-    pub fn count_outbound_sessions(&self, counter: Counter) {
-        let _ = self.outbound_sessions.set(counter);
+    /// Counts each outbound session established from now on in the counter `counter`
+    /// gives for what it carries; the first counters given win (a store belongs to one
+    /// proxy).
+    pub fn count_outbound_sessions(&self, counter: impl Fn(Inner) -> Counter) {
+        let _ = self.outbound_sessions.set(SessionCounters {
+            http1: counter(Inner::Http1),
+            h2: counter(Inner::H2),
+            mux: counter(Inner::Mux),
+            tcp: counter(Inner::Tcp),
+        });
     }
 
     /// The certified key in use, if any.
@@ -433,6 +439,18 @@ pub enum Inner {
     Tcp,
 }
 
+impl Inner {
+    /// The `protocol` label of `weft_tls_sessions_total`: `mux`, `http1`, `h2` or `tcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Inner::Http1 => "http1",
+            Inner::H2 => "h2",
+            Inner::Mux => "mux",
+            Inner::Tcp => "tcp",
+        }
+    }
+}
+
 /// The outbound TLS configs of one meshed endpoint, one per ALPN protocol, sharing the
 /// verifier that requires the endpoint's identity.
 pub struct ClientTls {
@@ -443,8 +461,17 @@ pub struct ClientTls {
     mux: Arc<ClientConfig>,
     tcp: Arc<ClientConfig>,
     current: Arc<ArcSwapOption<Certified>>,
-    sessions: Option<Counter>,
+    sessions: Option<SessionCounters>,
     http1_transport: Http1Transport,
+}
+
+/// One session counter per [`Inner`].
+#[derive(Clone, Debug)]
+struct SessionCounters {
+    http1: Counter,
+    h2: Counter,
+    mux: Counter,
+    tcp: Counter,
 }
 
 /// How a proxy's HTTP/1 requests (other than upgrades and `CONNECT`, which always have a
@@ -528,7 +555,13 @@ impl ClientTls {
         match tokio::time::timeout(timeout, connector.connect(name, stream)).await {
             Ok(Ok(s)) => {
                 if let Some(c) = &self.sessions {
-                    c.inc();
+                    match inner {
+                        Inner::Http1 => &c.http1,
+                        Inner::H2 => &c.h2,
+                        Inner::Mux => &c.mux,
+                        Inner::Tcp => &c.tcp,
+                    }
+                    .inc();
                 }
                 Ok(s)
             }
