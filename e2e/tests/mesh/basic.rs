@@ -377,17 +377,25 @@ pub fn proxy_starts_before_and_stops_after_the_app(ctx: &Ctx) -> anyhow::Result<
 
 /// 3. Two meshed pods talk over mutual TLS with their ServiceAccounts' identities, seen in
 ///    the server proxy's metrics (through the API server's pod proxy) and both proxies'
-///    access logs; a client in a namespace without injection reaches the same server in
-///    plain text.
+///    access logs; a client annotated `weft.dev/mesh-http1: sessions` reaches the same
+///    server in a `weft-http1` session rather than on the mux; a client in a namespace
+///    without injection reaches the same server in plain text.
 pub fn mtls_between_pods_with_their_identities(ctx: &Ctx) -> anyhow::Result<()> {
     let kube = &ctx.kube;
     let ns = ctx.namespace("mtls", true)?;
     let plain_ns = ctx.namespace("plain", false)?;
     kube.apply(&web(&ns))?;
     kube.apply(&client(&ns, "client", "client", ""))?;
+    kube.apply(&client(
+        &ns,
+        "sessions",
+        "client",
+        "\n    weft.dev/mesh-http1: sessions",
+    ))?;
     kube.apply(&client(&plain_ns, "outsider", "outsider", ""))?;
     kube.wait_ready(&ns, "app=web", READY)?;
     kube.wait_ready(&ns, "app=client", READY)?;
+    kube.wait_ready(&ns, "app=sessions", READY)?;
     kube.wait_ready(&plain_ns, "app=outsider", READY)?;
     let outsider = one_pod(kube, &plain_ns, "app=outsider")?;
     ensure!(
@@ -397,15 +405,15 @@ pub fn mtls_between_pods_with_their_identities(ctx: &Ctx) -> anyhow::Result<()> 
     );
     let web_pod = kube.pod_names(&ns, "app=web")?.remove(0);
 
-    let sessions = |kube: &Kube| -> anyhow::Result<f64> {
+    // Inbound mTLS sessions web's proxy has accepted, all or of one `protocol`.
+    let sessions_of = |kube: &Kube, protocol: Option<&str>| -> anyhow::Result<f64> {
         let text = kube.proxy_admin(&ns, &web_pod, "/metrics")?;
-        Ok(metric(
-            &text,
-            "weft_tls_sessions_total",
-            &[("direction", "inbound")],
-        ))
+        let mut labels = vec![("direction", "inbound")];
+        labels.extend(protocol.map(|p| ("protocol", p)));
+        Ok(metric(&text, "weft_tls_sessions_total", &labels))
     };
-    let before = sessions(kube)?;
+    let sessions = |kube: &Kube| sessions_of(kube, None);
+    let before = sessions_of(kube, Some("mux"))?;
     let answer = kube.http_get(&ns, "client", "web", 80, "/mtls-check")?;
     ensure!(answer.contains("404") || answer.contains("200"), "{answer}");
     let answer = kube.http_get(&ns, "client", "web", 80, "/")?;
@@ -413,10 +421,51 @@ pub fn mtls_between_pods_with_their_identities(ctx: &Ctx) -> anyhow::Result<()> 
         answer.contains("200 OK") && answer.contains("hello-from-web"),
         "client → web: {answer}"
     );
-    let after = sessions(kube)?;
+    let after = sessions_of(kube, Some("mux"))?;
     ensure!(
         after > before,
-        "web's proxy counted no new inbound mTLS session ({before} → {after})"
+        "web's proxy counted no new inbound mTLS mux session ({before} → {after})"
+    );
+
+    // The annotated client's HTTP/1 takes a `weft-http1` session of its own.
+    let sessions_pod = one_pod(kube, &ns, "app=sessions")?;
+    let transport = sessions_pod["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == "weft-proxy")
+        .flat_map(|c| c["env"].as_array().into_iter().flatten())
+        .find(|e| e["name"] == "WEFT_MESH_HTTP1")
+        .and_then(|e| e["value"].as_str())
+        .map(str::to_owned);
+    ensure!(
+        transport.as_deref() == Some("sessions"),
+        "the annotated pod's proxy got WEFT_MESH_HTTP1 {transport:?}"
+    );
+    let (mux_before, http1_before) = (
+        sessions_of(kube, Some("mux"))?,
+        sessions_of(kube, Some("http1"))?,
+    );
+    let answer = kube.http_get(&ns, "sessions", "web", 80, "/sessions-check")?;
+    ensure!(answer.contains("HTTP/1.1 404"), "sessions → web: {answer}");
+    let (mux_after, http1_after) = (
+        sessions_of(kube, Some("mux"))?,
+        sessions_of(kube, Some("http1"))?,
+    );
+    ensure!(
+        http1_after > http1_before && mux_after == mux_before,
+        "the annotated client's request: http1 sessions {http1_before} → {http1_after}, \
+         mux sessions {mux_before} → {mux_after}"
+    );
+    let server_log = access_log(&kube.logs(&ns, &web_pod, "weft-proxy")?);
+    let line = server_log
+        .iter()
+        .find(|l| l["path"] == "/sessions-check")
+        .with_context(|| format!("web's proxy logged no /sessions-check: {server_log:?}"))?;
+    ensure!(
+        line["source_identity"] == spiffe(&ns, "client"),
+        "web saw the annotated client as {}",
+        line["source_identity"]
     );
 
     // Each side knows the other's identity.
