@@ -9,7 +9,7 @@ use weft_e2e::{mesh::service_manifest, node::TEST_IMAGE};
 
 use crate::{
     Ctx,
-    kube::{Kube, access_log, eventually, metric, spiffe},
+    kube::{Kube, access_log, eventually, metric, proxy_env, spiffe},
 };
 
 /// How long pods may take to become Ready (image already imported; the proxy's startup
@@ -429,17 +429,9 @@ pub fn mtls_between_pods_with_their_identities(ctx: &Ctx) -> anyhow::Result<()> 
 
     // The annotated client's HTTP/1 takes a `weft-http1` session of its own.
     let sessions_pod = one_pod(kube, &ns, "app=sessions")?;
-    let transport = sessions_pod["spec"]["initContainers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["name"] == "weft-proxy")
-        .flat_map(|c| c["env"].as_array().into_iter().flatten())
-        .find(|e| e["name"] == "WEFT_MESH_HTTP1")
-        .and_then(|e| e["value"].as_str())
-        .map(str::to_owned);
+    let transport = proxy_env(&sessions_pod["spec"], "WEFT_MESH_HTTP1");
     ensure!(
-        transport.as_deref() == Some("sessions"),
+        transport == Some("sessions"),
         "the annotated pod's proxy got WEFT_MESH_HTTP1 {transport:?}"
     );
     let (mux_before, http1_before) = (

@@ -255,6 +255,18 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// The value of the injected proxy's environment variable `name` in a pod's `spec`.
+pub fn proxy_env<'a>(spec: &'a Value, name: &str) -> Option<&'a str> {
+    spec["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == "weft-proxy")
+        .flat_map(|c| c["env"].as_array().into_iter().flatten())
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str())
+}
+
 /// The SPIFFE ID of ServiceAccount `sa` in namespace `ns`.
 pub fn spiffe(ns: &str, sa: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{sa}")

@@ -20,7 +20,7 @@ use crate::{
     Ctx,
     basic::{READY, service_account},
     install::image_ref,
-    kube::{ADMIN_PORT, Kube, eventually, is_ready, metric},
+    kube::{ADMIN_PORT, Kube, eventually, is_ready, metric, proxy_env},
 };
 
 /// How the demo app's pods tell the kubelet they are ready (every second).
@@ -951,15 +951,8 @@ fn probe_rewritten(spec: &serde_json::Value, readiness: Readiness) -> anyhow::Re
             && probe["failureThreshold"] == 2,
         "the app's readiness probe as injected: {probe}"
     );
-    let originals = spec["initContainers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["name"] == "weft-proxy")
-        .flat_map(|c| c["env"].as_array().into_iter().flatten())
-        .find(|e| e["name"] == "WEFT_APP_PROBES")
-        .and_then(|e| e["value"].as_str())
-        .context("the proxy has no WEFT_APP_PROBES")?;
+    let originals =
+        proxy_env(spec, "WEFT_APP_PROBES").context("the proxy has no WEFT_APP_PROBES")?;
     let originals: serde_json::Value = serde_json::from_str(originals)?;
     let original = &originals["app/readyz"];
     ensure!(
