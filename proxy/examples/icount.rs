@@ -216,8 +216,13 @@ async fn connect(addr: SocketAddr, proto: Proto) -> Conn {
     }
 }
 
+/// A port free now on a loopback address of this run's own, 127.0.0.2 to 127.0.0.251 by
+/// process id. The proxy binds it a moment later, so another process could take the port
+/// in between; off 127.0.0.1 that is far less likely, since other tests' listeners and the
+/// source ends of their loopback connections sit on 127.0.0.1.
 async fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
+    let host = std::net::Ipv4Addr::new(127, 0, 0, 2 + (std::process::id() % 250) as u8);
+    TcpListener::bind((host, 0))
         .await
         .unwrap()
         .local_addr()
