@@ -71,14 +71,15 @@
 //! `x-bench-rule: none` instead: no rule takes the request, which goes to the service's
 //! own endpoints.
 //!
-//! `WEFT_BENCH_PARTS=rounds` (only when named) measures issue 9's chain-latency targets with the drift of a
-//! shared machine spread evenly over the paths: `WEFT_BENCH_ROUNDS` rounds (default 10)
-//! at 1,000 requests/s, each round measuring, per protocol, the back-to-back and paced
-//! round trips and the paths `direct`, `chain-in`, `mtls` and `mtls-sessions` (as selected) for
-//! `SECONDS_PER_RUN` each after 1 s of warm-up, in an order rotated every round. It prints
-//! each round's p50s, the added p50 of both chains in multiples of that round's paced
-//! round trip, and mTLS − plain; then the median and range over the rounds, and the p50,
-//! p99 and p99.9 of all rounds' samples together.
+//! `WEFT_BENCH_PARTS=rounds` (only when named) measures issue 9's chain-latency targets
+//! with the drift of a shared machine spread evenly over the paths: `WEFT_BENCH_ROUNDS`
+//! rounds (default 10) at 1,000 requests/s, each round measuring, per protocol, the
+//! back-to-back and paced round trips and the paths `direct`, `chain-in`, `mtls` and
+//! `mtls-sessions` (as selected) for `SECONDS_PER_RUN` each after 1 s of warm-up, in an
+//! order rotated every round. It prints each round's p50s, each chain's added p50 in
+//! multiples of that round's paced round trip, and each mTLS chain's p50 minus the plain
+//! chain's; then the median and range over the rounds, and the p50, p99 and p99.9 of all
+//! rounds' samples together.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
