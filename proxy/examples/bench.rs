@@ -1130,53 +1130,44 @@ async fn main() {
             count.load(std::sync::atomic::Ordering::Relaxed)
         );
     }
-    if !selected("WEFT_BENCH_PARTS", "rss") {
-        drop((chain1, chain2, single, baseline));
-        drop((
-            plain_client,
-            mtls_client,
-            sessions_client,
-            server_sidecar,
-            mesh,
-        ));
-        return;
-    }
-    // RSS with 1,000 open connections, each having carried one HTTP/1.1 request.
-    let mut held = Vec::new();
-    for _ in 0..1000 {
-        if let Conn::H1(mut send) = connect(single_addr, Proto::H1).await {
-            assert!(h1_once(&mut send).await);
-            held.push(send);
-        }
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let busy_rss = rss_kib(weft_pid);
-    let mut haproxy_rss = String::new();
-    if let (Some((p, h1, _)), Some(idle)) = (&haproxy, haproxy_idle) {
-        let mut held_h = Vec::new();
+    if selected("WEFT_BENCH_PARTS", "rss") {
+        // RSS with 1,000 open connections, each having carried one HTTP/1.1 request.
+        let mut held = Vec::new();
         for _ in 0..1000 {
-            if let Conn::H1(mut send) = connect(*h1, Proto::H1).await {
+            if let Conn::H1(mut send) = connect(single_addr, Proto::H1).await {
                 assert!(h1_once(&mut send).await);
-                held_h.push(send);
+                held.push(send);
             }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        haproxy_rss = format!(
-            "| haproxy | {:.1} | {:.1} |\n",
-            idle as f64 / 1024.0,
-            rss_kib(p.child.id()) as f64 / 1024.0
+        let busy_rss = rss_kib(weft_pid);
+        let mut haproxy_rss = String::new();
+        if let (Some((p, h1, _)), Some(idle)) = (&haproxy, haproxy_idle) {
+            let mut held_h = Vec::new();
+            for _ in 0..1000 {
+                if let Conn::H1(mut send) = connect(*h1, Proto::H1).await {
+                    assert!(h1_once(&mut send).await);
+                    held_h.push(send);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            haproxy_rss = format!(
+                "| haproxy | {:.1} | {:.1} |\n",
+                idle as f64 / 1024.0,
+                rss_kib(p.child.id()) as f64 / 1024.0
+            );
+        }
+        println!("\n## Resident memory (MiB)\n");
+        println!("| process | idle (after start) | after the runs, with 1,000 open connections |");
+        println!("| --- | --- | --- |");
+        println!(
+            "| weft-proxy | {:.1} | {:.1} |",
+            idle_rss as f64 / 1024.0,
+            busy_rss as f64 / 1024.0
         );
+        print!("{haproxy_rss}");
+        drop(held);
     }
-    println!("\n## Resident memory (MiB)\n");
-    println!("| process | idle (after start) | after the runs, with 1,000 open connections |");
-    println!("| --- | --- | --- |");
-    println!(
-        "| weft-proxy | {:.1} | {:.1} |",
-        idle_rss as f64 / 1024.0,
-        busy_rss as f64 / 1024.0
-    );
-    print!("{haproxy_rss}");
-    drop(held);
     drop((chain1, chain2, single, baseline));
     drop((
         plain_client,

@@ -135,11 +135,7 @@ impl Proxy {
     ) -> Arc<Self> {
         let metrics = Arc::new(metrics::Metrics::new());
         if let Some(id) = &identity {
-            id.count_outbound_sessions(|inner| {
-                metrics
-                    .tls
-                    .sessions_counter(metrics::Direction::Outbound, inner)
-            });
+            id.count_outbound_sessions(metrics.tls.clone());
         }
         Arc::new(Proxy {
             store: Arc::new(

@@ -314,18 +314,6 @@ impl TlsMetrics {
             .inc();
     }
 
-    /// The counter of sessions of `direction` that carry `inner`, for whoever establishes
-    /// those sessions (the outbound handshakes happen in the endpoints' connectors, which
-    /// hold no metrics).
-    pub fn sessions_counter(&self, direction: Direction, inner: crate::identity::Inner) -> Counter {
-        self.sessions
-            .get_or_create(&[
-                ("direction", direction.as_str()),
-                ("protocol", inner.as_str()),
-            ])
-            .clone()
-    }
-
     /// Counts a refused or failed handshake.
     pub fn refused(&self, direction: Direction, failure: crate::identity::TlsFailure) {
         self.refused

@@ -32,7 +32,6 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
-use prometheus_client::metrics::counter::Counter;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError,
     OtherError, RootCertStore, ServerConfig, SignatureScheme,
@@ -158,8 +157,8 @@ pub struct IdentityStore {
     provider: Arc<CryptoProvider>,
     server: Arc<ServerConfig>,
     /// Counts outbound sessions established (`weft_tls_sessions_total{direction="outbound"}`),
-    /// once the proxy's metrics hand their counters over.
-    outbound_sessions: std::sync::OnceLock<SessionCounters>,
+    /// once the proxy's metrics are handed over.
+    outbound_sessions: std::sync::OnceLock<crate::metrics::TlsMetrics>,
     /// How HTTP/1 requests travel to meshed endpoints.
     http1: Http1Transport,
     /// Why the last attempt to get a certificate failed, for `/ready`.
@@ -216,16 +215,10 @@ impl IdentityStore {
         }))
     }
 
-    /// Counts each outbound session established from now on in the counter `counter`
-    /// gives for what it carries; the first counters given win (a store belongs to one
-    /// proxy).
-    pub fn count_outbound_sessions(&self, counter: impl Fn(Inner) -> Counter) {
-        let _ = self.outbound_sessions.set(SessionCounters {
-            http1: counter(Inner::Http1),
-            h2: counter(Inner::H2),
-            mux: counter(Inner::Mux),
-            tcp: counter(Inner::Tcp),
-        });
+    /// Counts each outbound session established from now on in `metrics`; the first
+    /// metrics given win (a store belongs to one proxy).
+    pub fn count_outbound_sessions(&self, metrics: crate::metrics::TlsMetrics) {
+        let _ = self.outbound_sessions.set(metrics);
     }
 
     /// The certified key in use, if any.
@@ -461,17 +454,8 @@ pub struct ClientTls {
     mux: Arc<ClientConfig>,
     tcp: Arc<ClientConfig>,
     current: Arc<ArcSwapOption<Certified>>,
-    sessions: Option<SessionCounters>,
+    sessions: Option<crate::metrics::TlsMetrics>,
     http1_transport: Http1Transport,
-}
-
-/// One session counter per [`Inner`].
-#[derive(Clone, Debug)]
-struct SessionCounters {
-    http1: Counter,
-    h2: Counter,
-    mux: Counter,
-    tcp: Counter,
 }
 
 /// How a proxy's HTTP/1 requests (other than upgrades and `CONNECT`, which always have a
@@ -554,14 +538,8 @@ impl ClientTls {
         let name = ServerName::IpAddress(addr.ip().into());
         match tokio::time::timeout(timeout, connector.connect(name, stream)).await {
             Ok(Ok(s)) => {
-                if let Some(c) = &self.sessions {
-                    match inner {
-                        Inner::Http1 => &c.http1,
-                        Inner::H2 => &c.h2,
-                        Inner::Mux => &c.mux,
-                        Inner::Tcp => &c.tcp,
-                    }
-                    .inc();
+                if let Some(m) = &self.sessions {
+                    m.session(crate::metrics::Direction::Outbound, Some(inner));
                 }
                 Ok(s)
             }
