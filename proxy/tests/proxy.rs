@@ -498,8 +498,12 @@ async fn weighted_share_run() -> Result<(), String> {
                 share * 100.0
             ));
         }
+        // Eight clients' share drifts up under load (14.1 % once, in a CI run sharing
+        // the cores with a release build and callgrind): the upper bound is wider there.
+        // The bug this guards against gave the light endpoint too little (0 to 7 %).
+        let most = if clients == 1 { 0.13 } else { 0.16 };
         assert!(
-            (0.07..=0.13).contains(&share),
+            (0.07..=most).contains(&share),
             "{clients} clients: light got {:.1} % of {requests}",
             share * 100.0
         );
