@@ -2,9 +2,9 @@
 //! with latency measured from each request's intended start (no coordinated omission),
 //! against a 1 KiB backend directly, through one `weft-proxy`, through two in a chain, and
 //! through HAProxy as a reference; plus closed-loop maximum throughput, proxy CPU time per
-//! request, RSS idle and with 1,000 open connections, and the raw loopback TCP round trip
-//! to an echo server on its own thread (back to back, and paced as each open-loop run's
-//! load: the reference for the chain's added latency).
+//! request (a chain's proxies together), RSS idle and with 1,000 open connections, and the
+//! raw loopback TCP round trip to an echo server on its own thread (back to back, and paced
+//! as each open-loop run's load: the reference for the chain's added latency).
 //!
 //! ```sh
 //! cargo build --release -p weft-proxy --bin weft-proxy   # alone, or it gets tokio's test-util
@@ -92,11 +92,11 @@ mod support;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
-use support::{serve_on_own_thread, start_backend, start_echo};
+use support::{Proc, free_addr, serve_on_own_thread, start_backend, start_echo};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -105,7 +105,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 use weft_api::traffic::{
     BackendConfig, MatchConfig, PathMatchConfig, RouteConfig, RuleConfig, ValueMatchConfig,
@@ -465,26 +465,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
-}
-
-async fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// A child process, killed when dropped.
-struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn wait_listening(addr: SocketAddr) {
@@ -1092,29 +1072,39 @@ async fn main() {
     } else {
         &[]
     };
-    let weft_pid = single.child.id();
-    let haproxy_pid = haproxy.as_ref().map(|(p, _, _)| p.child.id());
-    let baseline_pid = baseline.as_ref().map(|(p, _)| p.child.id());
+    // The processes whose CPU a path's requests cost: a chain's proxies together.
+    let server_pid = server_sidecar.child.id();
+    let path_pids = |name: &str| -> Vec<u32> {
+        match name {
+            "weft" => vec![single.child.id()],
+            "baseline" => baseline.iter().map(|(p, _)| p.child.id()).collect(),
+            "haproxy" => haproxy.iter().map(|(p, _, _)| p.child.id()).collect(),
+            n if n.starts_with("weft chain") => vec![chain1.child.id(), chain2.child.id()],
+            "sidecar chain, plain" => vec![plain_client.child.id(), server_pid],
+            "sidecar chain, mTLS" => vec![mtls_client.child.id(), server_pid],
+            "sidecar chain, mTLS, HTTP/1 sessions" => sessions_client
+                .iter()
+                .map(|(p, _)| p.child.id())
+                .chain([server_pid])
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
     for (name, proto, addr) in max_targets {
-        let pid = match *name {
-            "weft" => Some(weft_pid),
-            "baseline" => baseline_pid,
-            "haproxy" => haproxy_pid,
-            _ => None,
-        };
-        let cpu0 = pid.map(cpu_seconds);
+        let pids = path_pids(name);
+        let cpu = || pids.iter().map(|&pid| cpu_seconds(pid)).sum::<f64>();
+        let cpu0 = cpu();
         let t = Instant::now();
         let n = max_throughput(*addr, *proto, secs).await;
         let wall = t.elapsed().as_secs_f64();
-        let (per_req, util) = match (pid, cpu0) {
-            (Some(pid), Some(c0)) => {
-                let cpu = cpu_seconds(pid) - c0;
-                (
-                    format!("{:.1}", cpu * 1e6 / n as f64),
-                    format!("{:.2}", cpu / wall),
-                )
-            }
-            _ => ("".into(), "".into()),
+        let (per_req, util) = if pids.is_empty() {
+            ("".into(), "".into())
+        } else {
+            let used = cpu() - cpu0;
+            (
+                format!("{:.1}", used * 1e6 / n as f64),
+                format!("{:.2}", used / wall),
+            )
         };
         println!(
             "| {name} | {proto:?} | {:.0} | {per_req} | {util} |",
@@ -1140,7 +1130,7 @@ async fn main() {
             }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let busy_rss = rss_kib(weft_pid);
+        let busy_rss = rss_kib(single.child.id());
         let mut haproxy_rss = String::new();
         if let (Some((p, h1, _)), Some(idle)) = (&haproxy, haproxy_idle) {
             let mut held_h = Vec::new();

@@ -53,17 +53,17 @@ mod support;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
-use support::{Frames, frames, grpc_message, start_backend};
+use support::{Frames, Proc, frames, free_addr, grpc_message, start_backend};
 
 use bytes::Bytes;
 use http::Request;
 use http_body::Frame;
 use http_body_util::{BodyExt, Either, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// What the load requests under the Route: the path its rule's regex matches.
 const ROUTE_PATH: &str = "/api/v1/orders/12345";
@@ -213,31 +213,6 @@ async fn connect(addr: SocketAddr, proto: Proto) -> Conn {
             tokio::spawn(conn);
             Conn::H2(send)
         }
-    }
-}
-
-/// A port free now on a loopback address of this run's own, 127.0.0.2 to 127.0.0.251 by
-/// process id. The proxy binds it a moment later, so another process could take the port
-/// in between; off 127.0.0.1 that is far less likely, since other tests' listeners and the
-/// source ends of their loopback connections sit on 127.0.0.1.
-async fn free_addr() -> SocketAddr {
-    let host = std::net::Ipv4Addr::new(127, 0, 0, 2 + (std::process::id() % 250) as u8);
-    TcpListener::bind((host, 0))
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// A child process, killed when dropped.
-struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

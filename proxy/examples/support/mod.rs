@@ -2,7 +2,7 @@
 //! the proxy against, each on a thread and runtime of its own as a separate process would
 //! be. Only loopback addresses are used.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr};
+use std::{convert::Infallible, future::Future, net::SocketAddr, process::Child};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -125,4 +125,30 @@ pub fn start_echo() -> SocketAddr {
             }
         }
     })
+}
+
+/// A port free now on a loopback address of this run's own, 127.0.0.2 to 127.0.0.251 by
+/// process id. The proxy binds it a moment later, so another process could take the port
+/// in between; off 127.0.0.1 that is far less likely, since other tests' listeners and the
+/// source ends of their loopback connections sit on 127.0.0.1.
+pub async fn free_addr() -> SocketAddr {
+    let host = std::net::Ipv4Addr::new(127, 0, 0, 2 + (std::process::id() % 250) as u8);
+    TcpListener::bind((host, 0))
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A child process, killed when dropped.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
