@@ -1,6 +1,7 @@
 //! What the benchmark harnesses (`bench.rs`, `icount.rs`) share: the servers they measure
 //! the proxy against, each on a thread and runtime of its own as a separate process would
-//! be. Only loopback addresses are used.
+//! be, and the ports and process handles of the proxies they start. Only loopback
+//! addresses are used.
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, process::Child};
 
