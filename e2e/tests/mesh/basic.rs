@@ -9,7 +9,7 @@ use weft_e2e::{mesh::service_manifest, node::TEST_IMAGE};
 
 use crate::{
     Ctx,
-    kube::{Kube, access_log, eventually, metric, proxy_env, spiffe},
+    kube::{Kube, eventually, metric, proxy_env, spiffe},
 };
 
 /// How long pods may take to become Ready (image already imported; the proxy's startup
@@ -350,11 +350,7 @@ pub fn proxy_starts_before_and_stops_after_the_app(ctx: &Ctx) -> anyhow::Result<
     // client (the web proxy's access log says who called).
     let web_pod = one_pod(kube, &ns, "app=web")?;
     let web_name = web_pod["metadata"]["name"].as_str().unwrap_or_default();
-    let lines = access_log(&kube.logs(&ns, web_name, "weft-proxy")?);
-    let first = lines
-        .iter()
-        .find(|l| l["path"] == "/first-request")
-        .with_context(|| format!("web's proxy logged no /first-request: {lines:?}"))?;
+    let first = kube.logged_request(&ns, web_name, "/first-request", None)?;
     ensure!(
         first["source_identity"] == spiffe(&ns, "client") && first["status"] == 200,
         "the Job's first request did not arrive over mTLS from its proxy: {first}"
@@ -449,11 +445,7 @@ pub fn mtls_between_pods_with_their_identities(ctx: &Ctx) -> anyhow::Result<()> 
         "the annotated client's request: http1 sessions {http1_before} → {http1_after}, \
          mux sessions {mux_before} → {mux_after}"
     );
-    let server_log = access_log(&kube.logs(&ns, &web_pod, "weft-proxy")?);
-    let line = server_log
-        .iter()
-        .find(|l| l["path"] == "/sessions-check")
-        .with_context(|| format!("web's proxy logged no /sessions-check: {server_log:?}"))?;
+    let line = kube.logged_request(&ns, &web_pod, "/sessions-check", None)?;
     ensure!(
         line["source_identity"] == spiffe(&ns, "client"),
         "web saw the annotated client as {}",
@@ -461,21 +453,13 @@ pub fn mtls_between_pods_with_their_identities(ctx: &Ctx) -> anyhow::Result<()> 
     );
 
     // Each side knows the other's identity.
-    let server_log = access_log(&kube.logs(&ns, &web_pod, "weft-proxy")?);
-    let line = server_log
-        .iter()
-        .find(|l| l["path"] == "/mtls-check" && l["direction"] == "inbound")
-        .with_context(|| format!("web's proxy logged no /mtls-check: {server_log:?}"))?;
+    let line = kube.logged_request(&ns, &web_pod, "/mtls-check", Some("inbound"))?;
     ensure!(
         line["source_identity"] == spiffe(&ns, "client"),
         "web saw the client as {}",
         line["source_identity"]
     );
-    let client_log = access_log(&kube.logs(&ns, "client", "weft-proxy")?);
-    let line = client_log
-        .iter()
-        .find(|l| l["path"] == "/mtls-check" && l["direction"] == "outbound")
-        .with_context(|| format!("client's proxy logged no /mtls-check: {client_log:?}"))?;
+    let line = kube.logged_request(&ns, "client", "/mtls-check", Some("outbound"))?;
     ensure!(
         line["destination_identity"] == spiffe(&ns, "web"),
         "the client expected web as {}",
@@ -497,11 +481,7 @@ pub fn mtls_between_pods_with_their_identities(ctx: &Ctx) -> anyhow::Result<()> 
         after == before,
         "a plain-text client counted as an mTLS session ({before} → {after})"
     );
-    let server_log = access_log(&kube.logs(&ns, &web_pod, "weft-proxy")?);
-    let line = server_log
-        .iter()
-        .find(|l| l["path"] == "/plain-check")
-        .with_context(|| format!("web's proxy logged no /plain-check: {server_log:?}"))?;
+    let line = kube.logged_request(&ns, &web_pod, "/plain-check", None)?;
     ensure!(
         line["source_identity"].is_null(),
         "a plain-text client had an identity: {line}"
@@ -537,11 +517,7 @@ pub fn a_pod_annotated_disabled_bypasses_the_mesh(ctx: &Ctx) -> anyhow::Result<(
     let answer = kube.http_get(&ns, "bypass", "web", 80, "/bypass-check")?;
     ensure!(answer.contains("HTTP/1.1 404"), "bypass → web: {answer}");
     let web_pod = kube.pod_names(&ns, "app=web")?.remove(0);
-    let log = access_log(&kube.logs(&ns, &web_pod, "weft-proxy")?);
-    let line = log
-        .iter()
-        .find(|l| l["path"] == "/bypass-check")
-        .with_context(|| format!("web's proxy logged no /bypass-check: {log:?}"))?;
+    let line = kube.logged_request(&ns, &web_pod, "/bypass-check", None)?;
     ensure!(
         line["source_identity"].is_null() && line["direction"] == "inbound",
         "the opted-out pod's request arrived with an identity: {line}"

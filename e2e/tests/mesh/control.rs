@@ -10,7 +10,7 @@ use crate::{
     Ctx,
     basic::{READY, assert_injected, client, web},
     install::{self, NAMESPACE, OPERATOR_SELECTOR},
-    kube::{access_log, eventually, metric, spiffe},
+    kube::{eventually, metric, spiffe},
     traffic::{Demo, all_ok, split_route, wait_programmed},
 };
 
@@ -223,11 +223,7 @@ pub fn helm_uninstall_leaves_workloads_serving(ctx: &Ctx) -> anyhow::Result<()> 
     let answer = kube.http_get(&ns, "client", "web", 80, "/after-uninstall")?;
     ensure!(answer.contains("HTTP/1.1 404"), "after uninstall: {answer}");
     let web_pod = kube.pod_names(&ns, "app=web")?.remove(0);
-    let log = access_log(&kube.logs(&ns, &web_pod, "weft-proxy")?);
-    let line = log
-        .iter()
-        .find(|l| l["path"] == "/after-uninstall")
-        .ok_or_else(|| anyhow::anyhow!("web's proxy did not log /after-uninstall"))?;
+    let line = kube.logged_request(&ns, &web_pod, "/after-uninstall", None)?;
     ensure!(
         line["source_identity"] == spiffe(&ns, "client"),
         "after uninstall the request arrived as {}",

@@ -170,6 +170,23 @@ impl Kube {
         self.run(&["-n", ns, "logs", pod, "-c", container])
     }
 
+    /// The access-log line `pod`'s proxy wrote for a request to `path`, in `direction`
+    /// (`inbound` or `outbound`) when given; an error listing the log when there is none.
+    pub fn logged_request(
+        &self,
+        ns: &str,
+        pod: &str,
+        path: &str,
+        direction: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        let lines = access_log(&self.logs(ns, pod, "weft-proxy")?);
+        lines
+            .iter()
+            .find(|l| l["path"] == path && direction.is_none_or(|d| l["direction"] == d))
+            .cloned()
+            .with_context(|| format!("{pod}'s proxy logged no {path}: {lines:?}"))
+    }
+
     /// What a failing scenario leaves for its reader: pods, events and the proxies' last
     /// log lines in `ns`.
     pub fn dump(&self, ns: &str) -> String {
