@@ -18,7 +18,8 @@
 //! To iterate on one figure, `WEFT_BENCH_PARTS` selects parts (comma-separated, from
 //! `rtt,open,max,rss`; default all) and `WEFT_BENCH_PATHS` selects paths by name (from
 //! `direct,weft,baseline,chain,chain-in,mtls,haproxy`; default all). The output format
-//! stays the same.
+//! stays the same. `WEFT_BENCH_CONNECTIONS` sets how many connections the open and closed
+//! loops use (default 16).
 //!
 //! `chain-in` and `mtls` are the sidecar chain as it runs in a cluster: a client sidecar
 //! (forward listener) → a server sidecar's inbound listener (`--inbound-forward`) → the
@@ -112,7 +113,14 @@ use weft_api::traffic::{
     ValueMatchKind,
 };
 
-const CONNECTIONS: usize = 16;
+/// Connections the open and closed loops use: `WEFT_BENCH_CONNECTIONS`, default 16.
+static CONNECTIONS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+    std::env::var("WEFT_BENCH_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(16)
+});
 
 /// What the load requests with `WEFT_BENCH_ROUTE`: a path every rule's regex matches.
 const ROUTE_PATH: &str = "/api/v1/orders/12345";
@@ -276,7 +284,7 @@ struct OpenLoop {
     elapsed: Duration,
 }
 
-/// Sends `rate` requests per second for `secs` over 16 connections; each request's latency
+/// Sends `rate` requests per second for `secs` over [`CONNECTIONS`] connections; each request's latency
 /// counts from when it should have started (no coordinated omission). A dedicated OS
 /// thread paces the schedule with `nanosleep`, since the runtime's timer only has
 /// millisecond resolution and would add its own lateness to every sample.
@@ -287,7 +295,7 @@ async fn open_loop(addr: SocketAddr, proto: Proto, rate: u64, secs: u64) -> Open
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut queues = Vec::new();
     let mut workers = Vec::new();
-    for _ in 0..CONNECTIONS {
+    for _ in 0..*CONNECTIONS {
         let conn = connect(addr, proto).await;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
         queues.push(tx);
@@ -369,14 +377,14 @@ fn pace(
 }
 
 /// The raw loopback round trip paced as the open loop's requests are: 1 byte over each
-/// of 16 connections to the echo server, `rate` per second for `secs`. Returns the round
+/// of [`CONNECTIONS`] connections to the echo server, `rate` per second for `secs`. Returns the round
 /// trips measured from each write, so each one starts with both ends idle, as a
 /// request's hops do at these rates.
 async fn paced_rtt(addr: SocketAddr, rate: u64, secs: u64) -> Histogram<u64> {
     let hist = Arc::new(Mutex::new(hist()));
     let mut queues = Vec::new();
     let mut workers = Vec::new();
-    for _ in 0..CONNECTIONS {
+    for _ in 0..*CONNECTIONS {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.set_nodelay(true).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
@@ -406,13 +414,13 @@ async fn paced_rtt(addr: SocketAddr, rate: u64, secs: u64) -> Histogram<u64> {
     hist.lock().unwrap().clone()
 }
 
-/// Closed loop: as many requests as 16 connections (HTTP/2: 4 streams each) complete in
+/// Closed loop: as many requests as [`CONNECTIONS`] connections (HTTP/2: 4 streams each) complete in
 /// `secs`. Returns completed requests.
 async fn max_throughput(addr: SocketAddr, proto: Proto, secs: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..CONNECTIONS {
+    for _ in 0..*CONNECTIONS {
         match connect(addr, proto).await {
             Conn::H1(mut send) => {
                 let done = done.clone();
@@ -711,7 +719,8 @@ async fn chain_rounds(
     }
 
     println!(
-        "## Chain latency in {rounds} interleaved rounds, {RATE} requests/s, {CONNECTIONS} connections, {secs} s per path and round\n"
+        "## Chain latency in {rounds} interleaved rounds, {RATE} requests/s, {} connections, {secs} s per path and round\n",
+        *CONNECTIONS
     );
     for (proto, figures) in [Proto::H1, Proto::H2].iter().zip(&by_proto) {
         // The paths measured, and the chains among them (all but `direct`).
@@ -1026,7 +1035,10 @@ async fn main() {
     }
 
     let open_rates: &[u64] = if selected("WEFT_BENCH_PARTS", "open") {
-        println!("## Open loop, {CONNECTIONS} connections, 1 KiB responses, {secs} s per run\n");
+        println!(
+            "## Open loop, {} connections, 1 KiB responses, {secs} s per run\n",
+            *CONNECTIONS
+        );
         println!(
             "| path | protocol | rate (req/s) | p50 ms | p99 ms | p99.9 ms | max ms | errors |"
         );
