@@ -479,10 +479,19 @@ impl HttpConn {
     /// body has been sent; with a tracer, the request carries this hop's trace context
     /// upstream and, when sampled, one span per request ends with its response body.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        if self.access_log.is_none() && self.tracer.is_none() {
-            return self.handle_request(req, None).await;
+        let mut resp = if self.access_log.is_none() && self.tracer.is_none() {
+            self.handle_request(req, None).await
+        } else {
+            self.handle_observed(req).await
+        };
+        // A proxy answers in its own HTTP version (RFC 9110, section 6.2): an HTTP/1.0
+        // application's answer reaches an HTTP/1.1 client as HTTP/1.1, so a body of
+        // unknown length is chunked on a connection that stays open, rather than ended by
+        // closing it. hyper still answers an HTTP/1.0 client in HTTP/1.0.
+        if resp.version() == Version::HTTP_10 {
+            *resp.version_mut() = Version::HTTP_11;
         }
-        self.handle_observed(req).await
+        resp
     }
 
     /// [`HttpConn::handle`] with an access log or a tracer.

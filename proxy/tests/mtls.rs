@@ -953,6 +953,215 @@ async fn http1_through_the_mux_reaches_an_http1_app_as_http1_with_its_framing() 
     assert!(seen.headers.get("content-length").is_none() && seen.body.is_empty());
 }
 
+/// Reads a request head up to its blank line, lower-cased; `None` once the peer closes.
+async fn read_request_head(s: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).to_lowercase())
+}
+
+/// An HTTP/1.1 application that writes its answers byte by byte, for the framing hyper's
+/// own server would not show: a `HEAD` answer with a length and no body, 204 and 304, a
+/// body ended by closing the connection (`/close`, an HTTP/1.0 answer), and an interim
+/// `100 Continue` before it reads a body (`/continue`). It records each request line.
+async fn raw_h1_app() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>, Task) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let record = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                while let Some(head) = read_request_head(&mut s).await {
+                    let line = head.lines().next().unwrap_or_default().to_string();
+                    record.lock().unwrap().push(line.clone());
+                    let answer: &[u8] = match line.split(' ').nth(1).unwrap_or_default() {
+                        "/head" => b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n",
+                        "/204" => b"HTTP/1.1 204 No Content\r\n\r\n",
+                        "/304" => b"HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\n\r\n",
+                        "/close" => {
+                            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nuntil close").await;
+                            return;
+                        }
+                        "/continue" => {
+                            assert!(head.contains("expect: 100-continue"), "{head}");
+                            s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
+                            let mut body = [0u8; 5];
+                            s.read_exact(&mut body).await.unwrap();
+                            assert_eq!(&body, b"hello");
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\ngot"
+                        }
+                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen, Task(task))
+}
+
+/// Reads `n` body bytes within 5 s.
+async fn read_exactly(s: &mut TcpStream, n: usize) -> String {
+    let mut body = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut body))
+        .await
+        .expect("body within 5 s")
+        .unwrap();
+    String::from_utf8(body).unwrap()
+}
+
+/// Reads until the peer closes, within 5 s.
+async fn read_to_close(s: &mut TcpStream) -> String {
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut body))
+        .await
+        .expect("close within 5 s")
+        .unwrap();
+    String::from_utf8(body).unwrap()
+}
+
+/// Reads a chunked body to its last chunk, within 5 s, and returns it decoded.
+async fn read_chunked(s: &mut TcpStream) -> String {
+    let mut body = String::new();
+    loop {
+        let mut size_line = Vec::new();
+        while !size_line.ends_with(b"\r\n") {
+            size_line.push(read_exactly(s, 1).await.into_bytes()[0]);
+        }
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&size_line).unwrap().trim(), 16).unwrap();
+        let chunk = read_exactly(s, size + 2).await;
+        if size == 0 {
+            assert_eq!(chunk, "\r\n", "no trailers");
+            return body;
+        }
+        body.push_str(&chunk[..size]);
+    }
+}
+
+/// `GET /next` on `s`, answered `ok` with a length: the connection is still in step.
+async fn still_in_step(s: &mut TcpStream, after: &str) {
+    s.write_all(b"GET /next HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(s).await;
+    assert!(head.starts_with("http/1.1 200"), "after {after}: {head}");
+    assert_eq!(read_exactly(s, 2).await, "ok", "after {after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_answers_without_a_body_or_a_length_keep_their_framing_across_the_mesh() {
+    let ca = Ca::new("mesh root");
+    let (app, seen, _app) = raw_h1_app().await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app);
+    // On the mux, in TLS sessions of their own, and in plain text.
+    let mut clients = Vec::new();
+    for transport in [Http1Transport::Multiplexed, Http1Transport::Sessions] {
+        let store = IdentityStore::with_http1(transport).unwrap();
+        ca.install(&store, CLIENT_ID);
+        let client = client_sidecar(Some(store), server.addr, SERVER_ID);
+        clients.push((format!("{transport:?}"), client));
+    }
+    let plain = TestProxy::start_kind(
+        proxy_with(None),
+        ListenerKind::Forward(Arc::from("web")),
+        config(&[("web", &[server.addr])]),
+    );
+    clients.push(("plain text".to_string(), plain));
+    for (transport, client) in &clients {
+        seen.lock().unwrap().clear();
+        let mut c = connect(client.addr).await;
+
+        // A HEAD answer carries the length of the body it does not send: waiting for
+        // that body would stall the connection.
+        c.write_all(b"HEAD /head HTTP/1.1\r\nhost: cart\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut c).await;
+        assert!(head.starts_with("http/1.1 200"), "{transport}: {head}");
+        assert!(
+            head.contains("content-length: 1000\r\n"),
+            "{transport}: {head}"
+        );
+        still_in_step(&mut c, "HEAD").await;
+        assert!(
+            seen.lock()
+                .unwrap()
+                .contains(&"head /head http/1.1".to_string()),
+            "{transport}: the application is asked HEAD, not GET"
+        );
+
+        // 204 and 304 have no body, and gain no length or chunked framing on the way.
+        for (path, status) in [("/204", "204"), ("/304", "304")] {
+            c.write_all(format!("GET {path} HTTP/1.1\r\nhost: cart\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let head = read_head(&mut c).await;
+            assert!(
+                head.starts_with(&format!("http/1.1 {status}")),
+                "{transport}: {head}"
+            );
+            assert!(
+                !head.contains("transfer-encoding") && !head.contains("content-length: "),
+                "{transport}: {head}"
+            );
+            if status == "304" {
+                assert!(head.contains("etag: \"v1\"\r\n"), "{transport}: {head}");
+            }
+            still_in_step(&mut c, path).await;
+        }
+
+        // `Expect: 100-continue`: the client hears `100 Continue` before it sends the
+        // body, and the application gets the body after its own `100 Continue`.
+        c.write_all(
+            b"POST /continue HTTP/1.1\r\nhost: cart\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut c).await;
+        assert!(head.starts_with("http/1.1 100"), "{transport}: {head}");
+        c.write_all(b"hello").await.unwrap();
+        let head = read_head(&mut c).await;
+        assert!(head.starts_with("http/1.1 200"), "{transport}: {head}");
+        assert_eq!(read_exactly(&mut c, 3).await, "got");
+        still_in_step(&mut c, "100-continue").await;
+
+        // A body the application ends by closing: an HTTP/1.1 client gets it chunked on
+        // a connection that stays open, an HTTP/1.0 client gets it up to the close.
+        c.write_all(b"GET /close HTTP/1.1\r\nhost: cart\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut c).await;
+        assert!(
+            head.starts_with("http/1.1 200") && head.contains("transfer-encoding: chunked"),
+            "{transport}: {head}"
+        );
+        assert_eq!(read_chunked(&mut c).await, "until close");
+        still_in_step(&mut c, "a close-delimited body").await;
+
+        let mut c10 = connect(client.addr).await;
+        c10.write_all(b"GET /close HTTP/1.0\r\nhost: cart\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut c10).await;
+        assert!(
+            head.starts_with("http/1.0 200") && !head.contains("transfer-encoding"),
+            "{transport}: {head}"
+        );
+        assert_eq!(read_to_close(&mut c10).await, "until close");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_http1_connections_share_one_tls_connection_between_the_proxies() {
     let ca = Ca::new("mesh root");
