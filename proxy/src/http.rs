@@ -254,10 +254,11 @@ where
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .max_header_size(limits.http1_hard_head_bytes())
-                // A client may shut down its sending side once its request is out (`nc`,
-                // some RPC clients): that is not a cancellation, and the request it sent
-                // is still answered.
-                .half_close(true);
+                // A client that closes while its request waits for the answer cancels
+                // it upstream (Linkerd, Envoy and nginx do the same). hyper's default:
+                // shutting down only the sending side (`nc`) reads as the same end of
+                // stream, so such a client gets no answer, as with those proxies.
+                .half_close(false);
             // Above hyper's 100 the field array moves from the stack to the heap, which
             // costs every request: only then is it raised.
             if limits.max_request_headers_count > HYPER_H1_MAX_HEADERS {

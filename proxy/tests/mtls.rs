@@ -1162,6 +1162,40 @@ async fn http1_answers_without_a_body_or_a_length_keep_their_framing_across_the_
     }
 }
 
+/// A client that goes away while its request waits cancels it at the application behind
+/// the server sidecar too: on the mux the client sidecar resets the stream, in TLS
+/// sessions of their own and in plain text it closes the connection, and either way the
+/// server sidecar closes its connection to the application.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_cancels_its_request_at_the_far_application() {
+    let ca = Ca::new("mesh root");
+    let app = HangingApp::start("127.0.0.1").await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
+    let mut clients = Vec::new();
+    for transport in [Http1Transport::Multiplexed, Http1Transport::Sessions] {
+        let store = IdentityStore::with_http1(transport).unwrap();
+        ca.install(&store, CLIENT_ID);
+        let client = client_sidecar(Some(store), server.addr, SERVER_ID);
+        clients.push((format!("{transport:?}"), client));
+    }
+    let plain = TestProxy::start_kind(
+        proxy_with(None),
+        ListenerKind::Forward(Arc::from("web")),
+        config(&[("web", &[server.addr])]),
+    );
+    clients.push(("plain text".to_string(), plain));
+    for (n, (transport, client)) in clients.iter().enumerate() {
+        let mut s = connect(client.addr).await;
+        s.write_all(b"GET /long-poll HTTP/1.1\r\nhost: cart\r\n\r\n")
+            .await
+            .unwrap();
+        app.wait_held(n + 1).await;
+        drop(s);
+        app.wait_closed(n + 1, &format!("{transport}: cancelled at the application"))
+            .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_http1_connections_share_one_tls_connection_between_the_proxies() {
     let ca = Ca::new("mesh root");

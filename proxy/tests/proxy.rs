@@ -226,22 +226,35 @@ async fn connect_is_forwarded_to_the_destination_and_tunnels_bytes_both_ways() {
     assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
 }
 
+/// A client that closes while its request waits for an answer cancels it upstream, as with
+/// Linkerd, Envoy and nginx: the application's connection closes at once, rather than
+/// holding the request (and a pooled connection) until it answers. Shutting down only the
+/// sending side looks the same on the wire (end of stream), so it cancels too.
 #[tokio::test]
-async fn an_http1_client_that_half_closes_after_its_request_still_gets_the_response() {
-    let backend = Backend::start("127.0.0.2", "a").await;
-    let proxy = TestProxy::start("web", config(&[("web", &[backend.addr])])).await;
-    let mut s = connect(proxy.addr).await;
-    s.write_all(b"GET /hello HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    s.shutdown().await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
-    assert!(out.ends_with("hello from a"), "{out}");
+async fn an_http1_client_that_goes_away_cancels_its_request_upstream() {
+    let app = HangingApp::start("127.0.0.2").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[app.addr])])).await;
+    for (n, how) in [(1, "closed"), (2, "shut down its sending side")] {
+        let mut s = connect(proxy.addr).await;
+        s.write_all(b"GET /long-poll HTTP/1.1\r\nhost: web\r\n\r\n")
+            .await
+            .unwrap();
+        app.wait_held(n).await;
+        if n == 1 {
+            drop(s);
+        } else {
+            s.shutdown().await.unwrap();
+            assert!(
+                closed_within(&mut s, Duration::from_secs(2)).await,
+                "{how}: the client is not answered"
+            );
+        }
+        app.wait_closed(
+            n,
+            &format!("a client that {how}: the request is cancelled upstream"),
+        )
+        .await;
+    }
 }
 
 #[tokio::test]

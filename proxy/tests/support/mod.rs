@@ -225,6 +225,76 @@ pub async fn tcp_backend(ip: &str, mode: &'static str) -> (SocketAddr, Task) {
     (addr, Task(task))
 }
 
+/// An HTTP/1 application that reads each request head and never answers: it counts the
+/// requests it holds and the connections that close under them, to see a cancellation
+/// reach it.
+pub struct HangingApp {
+    pub addr: SocketAddr,
+    /// Request heads read.
+    pub held: Arc<AtomicUsize>,
+    /// Connections closed (end of stream or error) while holding a request.
+    pub closed: Arc<AtomicUsize>,
+    _task: Task,
+}
+
+impl HangingApp {
+    pub async fn start(ip: &str) -> HangingApp {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held: Arc<AtomicUsize> = Arc::default();
+        let closed: Arc<AtomicUsize> = Arc::default();
+        let (h, c) = (held.clone(), closed.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (held, closed) = (h.clone(), c.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if !matches!(s.read(&mut byte).await, Ok(1)) {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    held.fetch_add(1, Ordering::SeqCst);
+                    let _ = s.read(&mut byte).await;
+                    closed.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        HangingApp {
+            addr,
+            held,
+            closed,
+            _task: Task(task),
+        }
+    }
+
+    /// Waits until the application holds `n` requests in all.
+    pub async fn wait_held(&self, n: usize) {
+        let held = self.held.clone();
+        eventually(
+            Duration::from_secs(5),
+            "the application holds the request",
+            || {
+                let held = held.clone();
+                async move { held.load(Ordering::SeqCst) >= n }
+            },
+        )
+        .await;
+    }
+
+    /// Waits until `n` of the connections holding a request have closed in all.
+    pub async fn wait_closed(&self, n: usize, what: &str) {
+        let closed = self.closed.clone();
+        eventually(Duration::from_secs(2), what, || {
+            let closed = closed.clone();
+            async move { closed.load(Ordering::SeqCst) >= n }
+        })
+        .await;
+    }
+}
+
 /// A proxy config with one service per `(name, endpoints)`.
 pub fn config(services: &[(&str, &[SocketAddr])]) -> serde_json::Value {
     serde_json::json!({
