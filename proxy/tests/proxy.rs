@@ -255,6 +255,11 @@ async fn an_http1_client_that_goes_away_cancels_its_request_upstream() {
         )
         .await;
     }
+    // Counted as requests, with no response.
+    let metrics = proxy.proxy.metrics.encode().unwrap();
+    let needle = r#"weft_requests_total{direction="outbound",service="web"} 2"#;
+    assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    assert!(!metrics.contains("weft_responses_total{"), "{metrics}");
 }
 
 #[tokio::test]
