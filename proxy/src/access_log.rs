@@ -72,7 +72,7 @@ pub struct Entry {
     pub authority: String,
     /// The path, without the query string (which may carry secrets).
     pub path: String,
-    /// The status sent to the client.
+    /// The status sent to the client; 0 when none was (the client went away first).
     pub status: u16,
     /// From the request's arrival to the end of its response body, in milliseconds.
     pub duration_ms: f64,
@@ -328,6 +328,42 @@ pub struct Trail {
     pub events: Option<Vec<crate::trace::AttemptEvent>>,
     /// The trace context to write into the request once it has passed the checks.
     pub propagate: Option<crate::trace::Propagate>,
+}
+
+/// A request's [`Trail`] and its [`Pending`] line and span while it waits for its answer.
+/// Dropped with the pending part still in it, the client went away first (and the request
+/// was cancelled upstream): the line is written with status 0 and the span ended, with
+/// the attempts made so far.
+#[derive(Debug)]
+pub struct Waiting {
+    /// Filled in by the request's stages.
+    pub trail: Trail,
+    /// Taken out once the answer is there.
+    pub pending: Option<Pending>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let Some(mut pending) = self.pending.take() else {
+            return;
+        };
+        let trail = &mut self.trail;
+        if let Some(span) = &mut pending.span {
+            let r = &mut span.record;
+            r.status = 0;
+            r.attempts = trail.attempts;
+            r.upstream = trail.upstream;
+            r.route = trail.route.take();
+            r.events = trail.events.take().unwrap_or_default();
+        }
+        if let Some((entry, _)) = &mut pending.line {
+            entry.status = 0;
+            entry.attempts = trail.attempts;
+            entry.upstream = trail.upstream;
+            entry.destination_identity = trail.destination_identity.take();
+        }
+        pending.finish(0);
+    }
 }
 
 /// What waits for the end of a response body: the log line (for `bytes_out` and the

@@ -553,21 +553,30 @@ impl HttpConn {
         let bytes_in = line
             .is_some()
             .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
+        // Owns what the line and the span need while the request waits for its answer,
+        // so that a client going away (which drops this future) still leaves them.
+        let mut waiting = access_log::Waiting {
+            trail,
+            pending: Some(access_log::Pending {
+                line,
+                span,
+                started,
+                bytes_in: bytes_in.clone(),
+            }),
+        };
         let mut resp = self
-            .handle_request(req, Some((&mut trail, bytes_in.clone())))
+            .handle_request(req, Some((&mut waiting.trail, bytes_in)))
             .await;
+        let Some(mut pending) = waiting.pending.take() else {
+            return resp;
+        };
+        let trail = &mut waiting.trail;
         let status = resp.status().as_u16();
         let reason = resp
             .headers()
             .get(ERROR_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let mut pending = access_log::Pending {
-            line,
-            span,
-            started,
-            bytes_in,
-        };
         if let Some(span) = &mut pending.span {
             let r = &mut span.record;
             r.status = status;
@@ -586,7 +595,7 @@ impl HttpConn {
             entry.reason = reason;
             entry.attempts = trail.attempts;
             entry.upstream = trail.upstream;
-            entry.destination_identity = trail.destination_identity;
+            entry.destination_identity = trail.destination_identity.take();
         }
         match resp.body_mut() {
             Either::Left(tracked) => tracked.log = Some(Box::new(pending)),

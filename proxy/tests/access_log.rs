@@ -133,6 +133,30 @@ async fn an_answer_of_the_proxy_carries_its_reason_and_no_attempt() {
     }
 }
 
+/// A client that goes away before its answer still leaves a line: status 0 (no answer was
+/// sent), with the attempt that was on its way.
+#[tokio::test]
+async fn a_request_whose_client_went_away_is_logged_with_status_0() {
+    use tokio::io::AsyncWriteExt;
+    let app = HangingApp::start("127.0.0.2").await;
+    let (proxy, sink) = logging_proxy(Format::Json);
+    let proxy = TestProxy::start_with(proxy, "web", config(&[("web", &[app.addr])]));
+    let mut s = connect(proxy.addr).await;
+    s.write_all(b"GET /long-poll HTTP/1.1\r\nhost: web\r\n\r\n")
+        .await
+        .unwrap();
+    app.wait_held(1).await;
+    drop(s);
+    let lines = sink.lines(1).await;
+    let line: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(line["status"], 0, "{line}");
+    assert_eq!(line["path"], "/long-poll", "{line}");
+    assert_eq!(line["attempts"], 1, "{line}");
+    assert_eq!(line["upstream"], app.addr.to_string(), "{line}");
+    assert!(line.get("reason").is_none(), "{line}");
+    app.wait_closed(1, "cancelled upstream").await;
+}
+
 #[tokio::test]
 async fn the_inbound_side_logs_its_requests_to_the_application() {
     let app = Scripted::ok("127.0.0.2", "app").await;

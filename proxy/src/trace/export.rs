@@ -172,13 +172,16 @@ pub fn to_otlp(r: &SpanRecord) -> Span {
         string("http.request.method", r.method.as_str().to_owned()),
         string("server.address", r.authority.clone()),
         string("url.path", r.path.clone()),
-        attr(
-            "http.response.status_code",
-            Value::IntValue(i64::from(r.status)),
-        ),
         string("weft.direction", r.direction.as_str().to_owned()),
         attr("weft.attempts", Value::IntValue(i64::from(r.attempts))),
     ];
+    // Status 0: the client went away before an answer, so there is none to record.
+    if r.status != 0 {
+        attributes.push(attr(
+            "http.response.status_code",
+            Value::IntValue(i64::from(r.status)),
+        ));
+    }
     if let Some(reason) = &r.reason {
         attributes.push(string("weft.error", reason.clone()));
     }
