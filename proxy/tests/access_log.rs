@@ -137,16 +137,10 @@ async fn an_answer_of_the_proxy_carries_its_reason_and_no_attempt() {
 /// sent), with the attempt that was on its way.
 #[tokio::test]
 async fn a_request_whose_client_went_away_is_logged_with_status_0() {
-    use tokio::io::AsyncWriteExt;
     let app = HangingApp::start("127.0.0.2").await;
     let (proxy, sink) = logging_proxy(Format::Json);
     let proxy = TestProxy::start_with(proxy, "web", config(&[("web", &[app.addr])]));
-    let mut s = connect(proxy.addr).await;
-    s.write_all(b"GET /long-poll HTTP/1.1\r\nhost: web\r\n\r\n")
-        .await
-        .unwrap();
-    app.wait_held(1).await;
-    drop(s);
+    app.request_and_go_away(proxy.addr, 1).await;
     let lines = sink.lines(1).await;
     let line: Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(line["status"], 0, "{line}");

@@ -1059,25 +1059,31 @@ async fn still_in_step(s: &mut TcpStream, after: &str) {
     assert_eq!(read_exactly(s, 2).await, "ok", "after {after}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http1_answers_without_a_body_or_a_length_keep_their_framing_across_the_mesh() {
-    let ca = Ca::new("mesh root");
-    let (app, seen, _app) = raw_h1_app().await;
-    let server = server_sidecar(Some(ca.store(SERVER_ID)), app);
-    // On the mux, in TLS sessions of their own, and in plain text.
+/// Client sidecars in front of the server sidecar at `server`, named by how they carry
+/// HTTP/1: on the mux, in TLS sessions of their own, and in plain text.
+fn every_client_transport(ca: &Ca, server: SocketAddr) -> Vec<(String, TestProxy)> {
     let mut clients = Vec::new();
     for transport in [Http1Transport::Multiplexed, Http1Transport::Sessions] {
         let store = IdentityStore::with_http1(transport).unwrap();
         ca.install(&store, CLIENT_ID);
-        let client = client_sidecar(Some(store), server.addr, SERVER_ID);
+        let client = client_sidecar(Some(store), server, SERVER_ID);
         clients.push((format!("{transport:?}"), client));
     }
     let plain = TestProxy::start_kind(
         proxy_with(None),
         ListenerKind::Forward(Arc::from("web")),
-        config(&[("web", &[server.addr])]),
+        config(&[("web", &[server])]),
     );
     clients.push(("plain text".to_string(), plain));
+    clients
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_answers_without_a_body_or_a_length_keep_their_framing_across_the_mesh() {
+    let ca = Ca::new("mesh root");
+    let (app, seen, _app) = raw_h1_app().await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app);
+    let clients = every_client_transport(&ca, server.addr);
     for (transport, client) in &clients {
         seen.lock().unwrap().clear();
         let mut c = connect(client.addr).await;
@@ -1171,26 +1177,9 @@ async fn a_client_that_goes_away_cancels_its_request_at_the_far_application() {
     let ca = Ca::new("mesh root");
     let app = HangingApp::start("127.0.0.1").await;
     let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
-    let mut clients = Vec::new();
-    for transport in [Http1Transport::Multiplexed, Http1Transport::Sessions] {
-        let store = IdentityStore::with_http1(transport).unwrap();
-        ca.install(&store, CLIENT_ID);
-        let client = client_sidecar(Some(store), server.addr, SERVER_ID);
-        clients.push((format!("{transport:?}"), client));
-    }
-    let plain = TestProxy::start_kind(
-        proxy_with(None),
-        ListenerKind::Forward(Arc::from("web")),
-        config(&[("web", &[server.addr])]),
-    );
-    clients.push(("plain text".to_string(), plain));
+    let clients = every_client_transport(&ca, server.addr);
     for (n, (transport, client)) in clients.iter().enumerate() {
-        let mut s = connect(client.addr).await;
-        s.write_all(b"GET /long-poll HTTP/1.1\r\nhost: cart\r\n\r\n")
-            .await
-            .unwrap();
-        app.wait_held(n + 1).await;
-        drop(s);
+        app.request_and_go_away(client.addr, n + 1).await;
         app.wait_closed(n + 1, &format!("{transport}: cancelled at the application"))
             .await;
     }

@@ -437,18 +437,12 @@ async fn a_refusal_is_a_failed_span_with_its_reason() {
 /// attempt on its way and no response status.
 #[tokio::test]
 async fn a_request_whose_client_went_away_ends_its_span_without_a_status() {
-    use tokio::io::AsyncWriteExt;
     let (receiver, collector, _rx) = Receiver::start().await;
     let app = HangingApp::start("127.0.0.3").await;
     let proxy = Proxy::new();
     let _t = trace(&proxy, collector, "1", "client");
     let proxy = TestProxy::start_with(proxy, "web", config(&[("web", &[app.addr])]));
-    let mut s = connect(proxy.addr).await;
-    s.write_all(b"GET /long-poll HTTP/1.1\r\nhost: web\r\n\r\n")
-        .await
-        .unwrap();
-    app.wait_held(1).await;
-    drop(s);
+    app.request_and_go_away(proxy.addr, 1).await;
     let spans = receiver.settled(1).await;
     assert_eq!(spans.len(), 1);
     let a = attrs(&spans[0]);

@@ -284,6 +284,17 @@ impl HangingApp {
         .await;
     }
 
+    /// Sends a GET through `front` on a connection of its own, waits until the
+    /// application holds it (its `n`th in all), and closes the connection.
+    pub async fn request_and_go_away(&self, front: SocketAddr, n: usize) {
+        let mut s = connect(front).await;
+        s.write_all(b"GET /long-poll HTTP/1.1\r\nhost: web\r\n\r\n")
+            .await
+            .unwrap();
+        self.wait_held(n).await;
+        drop(s);
+    }
+
     /// Waits until `n` of the connections holding a request have closed in all.
     pub async fn wait_closed(&self, n: usize, what: &str) {
         let closed = self.closed.clone();
