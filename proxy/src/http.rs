@@ -477,8 +477,9 @@ impl HttpConn {
 
     /// Proxies one request: the checks every request gets, then the stages of
     /// [`crate::pipeline`]; with an access log, one line per request once its response
-    /// body has been sent; with a tracer, the request carries this hop's trace context
-    /// upstream and, when sampled, one span per request ends with its response body.
+    /// body has been sent (or its client went away); with a tracer, the request carries
+    /// this hop's trace context upstream and, when sampled, one span per request ends
+    /// with its response body.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let mut resp = if self.access_log.is_none() && self.tracer.is_none() {
             self.handle_request(req, None).await
