@@ -262,6 +262,63 @@ async fn an_http1_client_that_goes_away_cancels_its_request_upstream() {
     assert!(!metrics.contains("weft_responses_total{"), "{metrics}");
 }
 
+/// An HTTP/2 client that resets its stream while the request waits cancels it upstream
+/// too: the proxy resets its stream to the application, whose handler is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_resets_its_stream_cancels_the_request_upstream() {
+    // An HTTP/2 application that holds each request and counts handlers dropped unanswered.
+    let held: Arc<AtomicUsize> = Arc::default();
+    let dropped: Arc<AtomicUsize> = Arc::default();
+    struct Unanswered(Arc<AtomicUsize>);
+    impl Drop for Unanswered {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let (h, d) = (held.clone(), dropped.clone());
+    let _app = Task(tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let (h, d) = (h.clone(), d.clone());
+            let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                let (h, d) = (h.clone(), d.clone());
+                async move {
+                    let _unanswered = Unanswered(d);
+                    h.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    Ok::<_, Infallible>(http::Response::new(full("too late")))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc),
+            );
+        }
+    }));
+    let proxy = TestProxy::start("web", config(&[("web", &[app])])).await;
+    let client = h2_client();
+    let url = proxy.url("/long-poll");
+    let request = tokio::spawn(async move { client.get(url.parse().unwrap()).await });
+    let held_now = held.clone();
+    eventually(Duration::from_secs(5), "the application holds it", || {
+        let held = held_now.clone();
+        async move { held.load(Ordering::SeqCst) == 1 }
+    })
+    .await;
+    // Dropping the client's response future resets its stream.
+    request.abort();
+    eventually(
+        Duration::from_secs(2),
+        "the application's handler is dropped",
+        || {
+            let dropped = dropped.clone();
+            async move { dropped.load(Ordering::SeqCst) == 1 }
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn opaque_tcp_honours_half_close() {
     let (backend, _t) = tcp_backend("127.0.0.2", "echo-until-eof").await;
