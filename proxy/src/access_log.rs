@@ -344,25 +344,10 @@ pub struct Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        let Some(mut pending) = self.pending.take() else {
-            return;
-        };
-        let trail = &mut self.trail;
-        if let Some(span) = &mut pending.span {
-            let r = &mut span.record;
-            r.status = 0;
-            r.attempts = trail.attempts;
-            r.upstream = trail.upstream;
-            r.route = trail.route.take();
-            r.events = trail.events.take().unwrap_or_default();
+        if let Some(mut pending) = self.pending.take() {
+            pending.record(&mut self.trail, 0, None, None);
+            pending.finish(0);
         }
-        if let Some((entry, _)) = &mut pending.line {
-            entry.status = 0;
-            entry.attempts = trail.attempts;
-            entry.upstream = trail.upstream;
-            entry.destination_identity = trail.destination_identity.take();
-        }
-        pending.finish(0);
     }
 }
 
@@ -381,6 +366,35 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Records the answer (`status` 0: none, the client went away first), its `weft-error`
+    /// reason and the peer's identity, and what the request's stages left in `trail`, into
+    /// the line and the span.
+    pub fn record(
+        &mut self,
+        trail: &mut Trail,
+        status: u16,
+        reason: Option<String>,
+        peer_identity: Option<String>,
+    ) {
+        if let Some(span) = &mut self.span {
+            let r = &mut span.record;
+            r.status = status;
+            r.reason.clone_from(&reason);
+            r.attempts = trail.attempts;
+            r.upstream = trail.upstream;
+            r.peer_identity = peer_identity;
+            r.route = trail.route.take();
+            r.events = trail.events.take().unwrap_or_default();
+        }
+        if let Some((entry, _)) = &mut self.line {
+            entry.status = status;
+            entry.reason = reason;
+            entry.attempts = trail.attempts;
+            entry.upstream = trail.upstream;
+            entry.destination_identity = trail.destination_identity.take();
+        }
+    }
+
     /// Completes and queues the line, with `bytes_out` response body bytes sent, and
     /// ends the span.
     pub fn finish(self, bytes_out: u64) {

@@ -571,33 +571,18 @@ impl HttpConn {
         let Some(mut pending) = waiting.pending.take() else {
             return resp;
         };
-        let trail = &mut waiting.trail;
         let status = resp.status().as_u16();
         let reason = resp
             .headers()
             .get(ERROR_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        if let Some(span) = &mut pending.span {
-            let r = &mut span.record;
-            r.status = status;
-            r.reason.clone_from(&reason);
-            r.attempts = trail.attempts;
-            r.upstream = trail.upstream;
-            r.peer_identity = match self.direction {
-                Direction::Inbound => self.client_identity.as_deref().map(str::to_owned),
-                Direction::Outbound => trail.destination_identity.clone(),
-            };
-            r.route = trail.route.take();
-            r.events = trail.events.take().unwrap_or_default();
-        }
-        if let Some((entry, _)) = &mut pending.line {
-            entry.status = status;
-            entry.reason = reason;
-            entry.attempts = trail.attempts;
-            entry.upstream = trail.upstream;
-            entry.destination_identity = trail.destination_identity.take();
-        }
+        // Only the span records it.
+        let peer_identity = pending.span.as_ref().and_then(|_| match self.direction {
+            Direction::Inbound => self.client_identity.as_deref().map(str::to_owned),
+            Direction::Outbound => waiting.trail.destination_identity.clone(),
+        });
+        pending.record(&mut waiting.trail, status, reason, peer_identity);
         match resp.body_mut() {
             Either::Left(tracked) => tracked.log = Some(Box::new(pending)),
             Either::Right(full) => pending.finish(full.size_hint().exact().unwrap_or(0)),
