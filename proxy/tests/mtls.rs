@@ -953,19 +953,6 @@ async fn http1_through_the_mux_reaches_an_http1_app_as_http1_with_its_framing() 
     assert!(seen.headers.get("content-length").is_none() && seen.body.is_empty());
 }
 
-/// Reads a request head up to its blank line, lower-cased; `None` once the peer closes.
-async fn read_request_head(s: &mut TcpStream) -> Option<String> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            _ => return None,
-        }
-    }
-    Some(String::from_utf8_lossy(&head).to_lowercase())
-}
-
 /// An HTTP/1.1 application that writes its answers byte by byte, for the framing hyper's
 /// own server would not show: a `HEAD` answer with a length and no body, 204 and 304, a
 /// body ended by closing the connection (`/close`, an HTTP/1.0 answer), and an interim

@@ -248,16 +248,11 @@ impl HangingApp {
             while let Ok((mut s, _)) = listener.accept().await {
                 let (held, closed) = (h.clone(), c.clone());
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if !matches!(s.read(&mut byte).await, Ok(1)) {
-                            return;
-                        }
-                        head.push(byte[0]);
+                    if read_request_head(&mut s).await.is_none() {
+                        return;
                     }
                     held.fetch_add(1, Ordering::SeqCst);
-                    let _ = s.read(&mut byte).await;
+                    let _ = s.read(&mut [0u8; 1]).await;
                     closed.fetch_add(1, Ordering::SeqCst);
                 });
             }
@@ -545,6 +540,19 @@ pub async fn read_head(s: &mut TcpStream) -> String {
         head.push(byte[0]);
     }
     String::from_utf8_lossy(&head).to_lowercase()
+}
+
+/// Reads a request head up to its blank line, lower-cased; `None` once the peer closes.
+pub async fn read_request_head(s: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).to_lowercase())
 }
 
 /// Opens a connection to `addr` and switches it to the backend's echo protocol with an
