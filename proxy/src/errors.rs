@@ -47,6 +47,10 @@ pub enum ErrorCode {
     RequestHeadersTooLarge,
     /// The client paused in the middle of the request body for longer than allowed (408).
     RequestBodyTimeout,
+    /// The client's request body broke off: its framing was malformed (a bad chunk), or the
+    /// client's connection or stream failed before the body ended (400). The failed
+    /// attempt is the client's doing: it is neither retried nor held against the endpoint.
+    RequestBodyIncomplete,
     /// The Route rule picked a backend whose Service does not exist (500), as Gateway API
     /// answers a backend reference that does not resolve.
     BackendNotFound,
@@ -87,7 +91,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::NoEndpoints,
         ErrorCode::ServiceNotFound,
         ErrorCode::ConnectFailed,
@@ -99,6 +103,7 @@ impl ErrorCode {
         ErrorCode::RequestTargetTooLong,
         ErrorCode::RequestHeadersTooLarge,
         ErrorCode::RequestBodyTimeout,
+        ErrorCode::RequestBodyIncomplete,
         ErrorCode::BackendNotFound,
         ErrorCode::FaultInjected,
         ErrorCode::RateLimited,
@@ -128,6 +133,7 @@ impl ErrorCode {
             ErrorCode::RequestTargetTooLong => "request_target_too_long",
             ErrorCode::RequestHeadersTooLarge => "request_headers_too_large",
             ErrorCode::RequestBodyTimeout => "request_body_timeout",
+            ErrorCode::RequestBodyIncomplete => "request_body_incomplete",
             ErrorCode::BackendNotFound => "backend_not_found",
             ErrorCode::FaultInjected => "fault_injected",
             ErrorCode::RateLimited => "rate_limited",
@@ -157,7 +163,7 @@ impl ErrorCode {
             ErrorCode::Forbidden
             | ErrorCode::MtlsRequired
             | ErrorCode::ClientCertificateRequired => StatusCode::FORBIDDEN,
-            ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest | ErrorCode::RequestBodyIncomplete => StatusCode::BAD_REQUEST,
             ErrorCode::RequestTargetTooLong => StatusCode::URI_TOO_LONG,
             ErrorCode::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorCode::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -204,7 +210,7 @@ impl ErrorCode {
             // INTERNAL: a configuration error, not worth a client's retry.
             ErrorCode::BackendNotFound => 13,
             // INTERNAL, as gRPC maps HTTP 400.
-            ErrorCode::InvalidRequest => 13,
+            ErrorCode::InvalidRequest | ErrorCode::RequestBodyIncomplete => 13,
             // RESOURCE_EXHAUSTED
             ErrorCode::RequestTargetTooLong
             | ErrorCode::RequestHeadersTooLarge

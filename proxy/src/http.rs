@@ -683,7 +683,8 @@ impl HttpConn {
         let exempt = grpc && parts.version == Version::HTTP_2;
         let idle = (!exempt && !body.is_end_stream())
             .then(|| (self.limits.request_body_idle_timeout, self.metrics.clone()));
-        let mut body = RequestBody::new(body, idle);
+        let body_fault = (!body.is_end_stream()).then(BodyFault::default);
+        let mut body = RequestBody::new(body, idle, body_fault.clone());
         if let Some(n) = bytes_in {
             body = body.counting(n);
         }
@@ -696,6 +697,7 @@ impl HttpConn {
             connect,
             on_upgrade,
             trail,
+            body_fault,
         };
         match &dest {
             Dest::Fixed(endpoint) => {
@@ -1043,6 +1045,37 @@ pub struct RequestBody {
     idle: Option<IdleTimer>,
     /// Data bytes read from the client, for the access log.
     counted: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Where the body says how it failed, for the pipeline.
+    fault: Option<BodyFault>,
+}
+
+/// How a request body failed, shared between the body and the pipeline. The upstream's
+/// client reads the body, so its error reaches the pipeline as an upstream failure, and
+/// over HTTP/2 without the body's error as its cause; this tells the pipeline the client
+/// is to blame, so that it neither retries nor holds the failure against the endpoint.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct BodyFault(Arc<std::sync::atomic::AtomicU8>);
+
+impl BodyFault {
+    const TIMEOUT: u8 = 1;
+    const CLIENT: u8 = 2;
+
+    fn set(&self, error: &RequestBodyError) {
+        let v = match error {
+            RequestBodyError::IdleTimeout => Self::TIMEOUT,
+            RequestBodyError::Client(_) => Self::CLIENT,
+        };
+        self.0.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The answer owed for the body's failure, once it has failed.
+    pub(crate) fn code(&self) -> Option<ErrorCode> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            Self::TIMEOUT => Some(ErrorCode::RequestBodyTimeout),
+            Self::CLIENT => Some(ErrorCode::RequestBodyIncomplete),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -1133,8 +1166,12 @@ struct IdleTimer {
 
 impl RequestBody {
     /// Wraps `inner`; with `idle`, a pause longer than its duration ends the body, counted
-    /// in the metrics given.
-    pub fn new(inner: Incoming, idle: Option<(std::time::Duration, Arc<Metrics>)>) -> Self {
+    /// in the metrics given; a failure is noted in `fault`.
+    pub(crate) fn new(
+        inner: Incoming,
+        idle: Option<(std::time::Duration, Arc<Metrics>)>,
+        fault: Option<BodyFault>,
+    ) -> Self {
         RequestBody {
             inner: BodyInner::Stream(inner),
             idle: idle.map(|(timeout, metrics)| IdleTimer {
@@ -1144,6 +1181,7 @@ impl RequestBody {
                 armed: false,
             }),
             counted: None,
+            fault,
         }
     }
 
@@ -1182,7 +1220,16 @@ impl RequestBody {
             inner: BodyInner::Buffered((!bytes.is_empty()).then_some(bytes)),
             idle: None,
             counted: None,
+            fault: None,
         }
+    }
+
+    /// Notes `error` in the shared fault, and returns it.
+    fn failed(&self, error: RequestBodyError) -> RequestBodyError {
+        if let Some(f) = &self.fault {
+            f.set(&error);
+        }
+        error
     }
 }
 
@@ -1250,7 +1297,7 @@ impl Body for RequestBody {
                     let len = f.data_ref().map_or(0, |d| d.len() as u64);
                     n.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
                 }
-                Poll::Ready(frame.map(|f| f.map_err(RequestBodyError::Client)))
+                Poll::Ready(frame.map(|f| f.map_err(|e| this.failed(RequestBodyError::Client(e)))))
             }
             Poll::Pending => {
                 let Some(idle) = this.idle.as_mut() else {
@@ -1270,7 +1317,7 @@ impl Body for RequestBody {
                         tracing::debug!(timeout = ?idle.timeout, "request body idle; cutting it");
                         // Stop the timer: the body has ended for good.
                         this.idle = None;
-                        Poll::Ready(Some(Err(RequestBodyError::IdleTimeout)))
+                        Poll::Ready(Some(Err(this.failed(RequestBodyError::IdleTimeout))))
                     }
                     Poll::Pending => Poll::Pending,
                 }

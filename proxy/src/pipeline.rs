@@ -41,8 +41,8 @@ use crate::{
     breaker::Outcome,
     errors::{ErrorCode, UNSENT_HEADER},
     http::{
-        BodyCopy, HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel, caused_by_body_timeout,
-        error_response, grpc_error_response, strip_hop_by_hop,
+        BodyCopy, BodyFault, HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel,
+        caused_by_body_timeout, error_response, grpc_error_response, strip_hop_by_hop,
     },
     limits::Limit,
     metrics::RequestMetrics,
@@ -76,6 +76,8 @@ pub(crate) struct Exchange<'a> {
     pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
     /// What the access log needs to know of the attempts, when there is one.
     pub trail: Option<&'a mut crate::access_log::Trail>,
+    /// How the client's request body failed, if it did; `None` for a request without one.
+    pub body_fault: Option<BodyFault>,
 }
 
 /// Where attempts go and under which rules.
@@ -445,7 +447,7 @@ impl HttpConn {
                 return Err(if caused_by_body_timeout(&error) {
                     ErrorCode::RequestBodyTimeout
                 } else {
-                    ErrorCode::InvalidRequest
+                    ErrorCode::RequestBodyIncomplete
                 });
             }
         };
@@ -671,7 +673,7 @@ impl HttpConn {
                     at,
                     took: sent.elapsed(),
                     endpoint: endpoint.addr,
-                    outcome: attempt_outcome(&result),
+                    outcome: attempt_outcome(&result, x.body_fault.as_ref()),
                 });
             }
             // What ended the attempt, when it was not a response to hand on.
@@ -796,8 +798,9 @@ impl HttpConn {
                 }
                 Ok(Err(error)) => {
                     tracing::debug!(endpoint = %endpoint.addr, error = %error, "upstream failed");
-                    if caused_by_body_timeout(&error) {
-                        return self.fail(x.labels, ErrorCode::RequestBodyTimeout, x.grpc, x.start);
+                    if let Some(code) = x.body_fault.as_ref().and_then(BodyFault::code) {
+                        // The client broke its body off: the upstream only saw it cut short.
+                        return self.fail(x.labels, code, x.grpc, x.start);
                     }
                     record(index, Outcome::ServerError);
                     endpoint.observe_failure_at(sent.elapsed(), Instant::now());
@@ -985,6 +988,7 @@ fn edit_request(req: &mut Request<RequestBody>, rule: &Rule, matched: Option<usi
 /// How an attempt ended, for its span event.
 fn attempt_outcome<T>(
     result: &Result<Result<(Response<Incoming>, T), SendError>, tokio::time::error::Elapsed>,
+    body_fault: Option<&BodyFault>,
 ) -> crate::trace::AttemptOutcome {
     use crate::trace::AttemptOutcome::{Failed, Status};
     match result {
@@ -993,7 +997,12 @@ fn attempt_outcome<T>(
         Ok(Err(SendError::Overloaded(_))) => Failed(ErrorCode::Overloaded.as_str()),
         Ok(Err(e)) if e.is_connect_timeout() => Failed(ErrorCode::ConnectTimeout.as_str()),
         Ok(Err(e)) if e.is_connect() => Failed(ErrorCode::ConnectFailed.as_str()),
-        Ok(Err(_)) => Failed(ErrorCode::UpstreamFailed.as_str()),
+        Ok(Err(_)) => Failed(
+            body_fault
+                .and_then(BodyFault::code)
+                .unwrap_or(ErrorCode::UpstreamFailed)
+                .as_str(),
+        ),
     }
 }
 

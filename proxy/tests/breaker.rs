@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{ControlledBackend, TestProxy, get, h1_client, h2_client, header};
+use support::{
+    ControlledBackend, Scripted, TestProxy, connect, get, h1_client, h2_client, header, read_head,
+};
+use tokio::io::AsyncWriteExt;
 
 /// A config with service `web` over `endpoints`, balanced round robin (so that shares are
 /// exact), with `breaker`.
@@ -84,6 +87,69 @@ async fn a_failing_endpoint_among_three_is_ejected_after_five_5xx_and_returns_af
         metrics(&proxy).contains("weft_breaker_ejected_endpoints{service=\"web\"} 0"),
         "{}",
         metrics(&proxy)
+    );
+}
+
+#[tokio::test]
+async fn request_bodies_their_clients_break_off_eject_no_endpoint() {
+    let backends = [
+        Scripted::ok("127.0.0.1", "a").await,
+        Scripted::ok("127.0.0.1", "b").await,
+    ];
+    let proxy = TestProxy::start(
+        "web",
+        config(
+            &[backends[0].addr, backends[1].addr],
+            serde_json::json!({"name": "shop/web", "outlierDetection": {
+                "consecutive5xx": 2, "consecutiveConnectFailures": 2, "interval": "10s",
+                "baseEjectionTime": "30s", "maxEjectionTime": "60s", "maxEjectedPercent": 50}}),
+        ),
+    )
+    .await;
+    // Round robin gives each endpoint two of each kind: with the failures held against
+    // the endpoints, both would pass `consecutive5xx`.
+    for i in 0..8 {
+        let mut c = connect(proxy.addr).await;
+        c.write_all(b"POST /upload HTTP/1.1\r\nhost: web\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await
+            .unwrap();
+        // The request is on its way upstream before the body breaks off.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if i % 2 == 0 {
+            c.write_all(b"zz\r\n").await.unwrap();
+            let head = read_head(&mut c).await;
+            assert!(head.starts_with("http/1.1 400"), "{head}");
+            assert!(
+                head.contains("weft-error: request_body_incomplete\r\n"),
+                "{head}"
+            );
+        } else {
+            // A client that goes away mid-upload.
+            drop(c);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(
+        backends[0].requests() + backends[1].requests(),
+        8,
+        "every upload reached an endpoint"
+    );
+    let text = metrics(&proxy);
+    assert!(!text.contains("weft_breaker_ejections_total{"), "{text}");
+    assert!(
+        text.contains("weft_breaker_ejected_endpoints{service=\"web\"} 0"),
+        "{text}"
+    );
+    assert!(!text.contains("reason=\"upstream_failed\""), "{text}");
+    let client = h1_client();
+    for _ in 0..4 {
+        let (resp, _) = get(&client, &proxy.url("/")).await;
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(
+        backends[0].requests(),
+        6,
+        "both endpoints still take requests"
     );
 }
 

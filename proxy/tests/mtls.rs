@@ -1650,3 +1650,62 @@ async fn a_breakers_connection_limits_count_mux_connections_and_their_streams() 
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_the_client_breaks_off_is_its_fault_on_every_hop() {
+    let ca = Ca::new("mesh root");
+    let app = Scripted::ok("127.0.0.1", "cart").await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
+    let clients = every_client_transport(&ca, server.addr);
+    for (transport, client) in &clients {
+        let before = app.requests();
+        let server_before = metric(
+            &metrics_of(&server),
+            "weft_errors_total",
+            &["request_body_incomplete"],
+        );
+        let mut c = connect(client.addr).await;
+        c.write_all(b"POST /upload HTTP/1.1\r\nhost: cart\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await
+            .unwrap();
+        eventually(
+            Duration::from_secs(2),
+            "the upload reaches the app",
+            || async { app.requests() > before },
+        )
+        .await;
+        c.write_all(b"zz\r\n").await.unwrap();
+        let head = read_head(&mut c).await;
+        assert!(head.starts_with("http/1.1 400"), "{transport}: {head}");
+        assert!(
+            head.contains("weft-error: request_body_incomplete\r\n"),
+            "{transport}: {head}"
+        );
+        // The server sidecar saw its client's connection break (in sessions and in plain
+        // text) and answers the same; on the mux the client sidecar resets the stream,
+        // which may cancel the request there before its body fails. Either way neither
+        // hop counts the upstream as failed.
+        let mux = transport == "Multiplexed";
+        eventually(
+            Duration::from_secs(2),
+            &format!("{transport}: the server sidecar answers request_body_incomplete"),
+            || async {
+                mux || metric(
+                    &metrics_of(&server),
+                    "weft_errors_total",
+                    &["request_body_incomplete"],
+                ) > server_before
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for (side, p) in [("client", client), ("server", &server)] {
+            let text = metrics_of(p);
+            assert_eq!(
+                metric(&text, "weft_errors_total", &["upstream_failed"]),
+                0,
+                "{transport}, {side} sidecar: {text}"
+            );
+        }
+    }
+}
