@@ -51,16 +51,21 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
         // "PRI" could still become an h2 preface (or, in theory, an HTTP/1 PRI request).
         return None;
     }
-    // An HTTP/1 request line: method SP request-target SP HTTP/1.x CRLF.
+    // An HTTP/1 request line: method SP request-target SP HTTP-version CRLF, where a bare
+    // LF ends a line too (RFC 9112 §2.2 lets a recipient accept it, and hyper does).
     let method_end = bytes.iter().position(|b| *b == b' ');
     let method = &bytes[..method_end.unwrap_or(bytes.len())];
     if method.is_empty() || method.len() > 16 || !method.iter().all(|b| is_tchar(*b)) {
         return Some(Protocol::Opaque);
     }
-    match bytes.windows(2).position(|w| w == b"\r\n") {
+    match bytes.iter().position(|b| *b == b'\n') {
         Some(eol) => {
             let line = &bytes[..eol];
-            if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            // Any `HTTP/d.d`, so that the HTTP path answers a version it does not serve
+            // (400) rather than passing the request to the application as bytes, past
+            // every HTTP rule.
+            if is_http_version(line.get(line.len().saturating_sub(9)..).unwrap_or(line)) {
                 Some(Protocol::Http1)
             } else {
                 Some(Protocol::Opaque)
@@ -79,6 +84,12 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
         }
         None => None,
     }
+}
+
+/// Whether `tail` is ` HTTP/d.d`.
+fn is_http_version(tail: &[u8]) -> bool {
+    matches!(tail, [b' ', b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+        if major.is_ascii_digit() && minor.is_ascii_digit())
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -201,6 +212,18 @@ mod tests {
             "Redis"
         );
         assert_eq!(classify(b"GET / SPDY/3\r\n"), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\nHost: a\n"),
+            Some(Protocol::Http1),
+            "bare LF"
+        );
+        assert_eq!(
+            classify(b"GET / HTTP/1.2\r\n"),
+            Some(Protocol::Http1),
+            "a version the HTTP path refuses"
+        );
+        assert_eq!(classify(b"GET / HTTP/1.1x\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"GET /\n"), Some(Protocol::Opaque), "HTTP/0.9");
         assert_eq!(classify(b""), None);
     }
 

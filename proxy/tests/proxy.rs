@@ -776,6 +776,44 @@ async fn metrics_count_requests_errors_and_connections() {
 }
 
 #[tokio::test]
+async fn request_lines_ended_by_a_bare_lf_or_naming_another_http_version_take_the_http_path() {
+    let app = Scripted::ok("127.0.0.2", "a").await;
+    let proxy = TestProxy::start("web", config(&[("web", &[app.addr])])).await;
+    let requests = || {
+        let text = proxy.proxy.metrics.encode().unwrap();
+        text.lines()
+            .find(|l| l.starts_with(r#"weft_requests_total{direction="outbound",service="web"}"#))
+            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    // Bare LFs (RFC 9112 §2.2 lets a recipient accept them, as hyper and most servers
+    // do): proxied as HTTP, not passed through as opaque bytes after the detect timeout.
+    let mut c = connect(proxy.addr).await;
+    c.write_all(b"GET /bare HTTP/1.1\nhost: web\n\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut c).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(app.last().target, "/bare");
+    assert_eq!(requests(), "1", "counted as an HTTP request");
+    // A version the proxy does not serve is refused by the proxy, not handed to the
+    // application past every HTTP rule.
+    for version in ["HTTP/1.2", "HTTP/2.0"] {
+        let mut c = connect(proxy.addr).await;
+        c.write_all(format!("GET /v {version}\r\nhost: web\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let head = read_head(&mut c).await;
+        assert!(head.starts_with("http/1.1 400"), "{version}: {head}");
+    }
+    assert_eq!(
+        app.requests(),
+        1,
+        "the application saw only the first request"
+    );
+}
+
+#[tokio::test]
 async fn an_upstream_that_answers_garbage_is_502_upstream_failed() {
     // A port that does not speak HTTP: it reads the request and answers with nonsense.
     let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
