@@ -858,7 +858,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in ["keep-alive", "proxy-connection"] {
         headers.remove(name);
     }
-    headers.remove(TRANSFER_ENCODING);
+    if headers.remove(TRANSFER_ENCODING).is_some() {
+        // A message framed by Transfer-Encoding that names a length too is read as
+        // chunked; an intermediary removes the length before forwarding it (RFC 9112
+        // §6.3). hyper's server does so for requests, its client not for responses.
+        headers.remove(http::header::CONTENT_LENGTH);
+    }
     if let Some(te) = headers.get(TE)
         && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
     {

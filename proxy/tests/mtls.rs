@@ -955,8 +955,9 @@ async fn http1_through_the_mux_reaches_an_http1_app_as_http1_with_its_framing() 
 
 /// An HTTP/1.1 application that writes its answers byte by byte, for the framing hyper's
 /// own server would not show: a `HEAD` answer with a length and no body, 204 and 304, a
-/// body ended by closing the connection (`/close`, an HTTP/1.0 answer), and an interim
-/// `100 Continue` before it reads a body (`/continue`). It records each request line.
+/// body ended by closing the connection (`/close`, an HTTP/1.0 answer), an interim
+/// `100 Continue` before it reads a body (`/continue`), and a body framed both chunked and
+/// by a length (`/clte`). It records each request line.
 async fn raw_h1_app() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>, Task) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -973,6 +974,7 @@ async fn raw_h1_app() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>, Task) 
                         "/head" => b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n",
                         "/204" => b"HTTP/1.1 204 No Content\r\n\r\n",
                         "/304" => b"HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\n\r\n",
+                        "/clte" => b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
                         "/close" => {
                             let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nuntil close").await;
                             return;
@@ -1113,6 +1115,19 @@ async fn http1_answers_without_a_body_or_a_length_keep_their_framing_across_the_
             }
             still_in_step(&mut c, path).await;
         }
+
+        // An answer framed by both `Transfer-Encoding` and `Content-Length` is read as
+        // chunked, and the length it also names is not passed on (RFC 9112 §6.3).
+        c.write_all(b"GET /clte HTTP/1.1\r\nhost: cart\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut c).await;
+        assert!(
+            head.starts_with("http/1.1 200") && !head.contains("content-length"),
+            "{transport}: {head}"
+        );
+        assert_eq!(read_chunked(&mut c).await, "ok", "{transport}");
+        still_in_step(&mut c, "an answer framed twice").await;
 
         // `Expect: 100-continue`: the client hears `100 Continue` before it sends the
         // body, and the application gets the body after its own `100 Continue`.
