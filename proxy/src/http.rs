@@ -216,6 +216,17 @@ where
 {
     let shared = conn.clone();
     let limits = conn.limits;
+    // A peer proxy's mux session carries the requests its application would have sent on
+    // connections of their own: it may hold as many at once as the listener would accept
+    // connections, not the stream limit of one client's HTTP/2 connection, or the
+    // requests past that limit would wait in the peer for a stream to end (a long poll
+    // may hold one for minutes).
+    let max_streams = if conn.mux {
+        let per_listener = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+        limits.http2_max_concurrent_streams.max(per_listener)
+    } else {
+        limits.http2_max_concurrent_streams
+    };
     let metrics = conn.metrics.clone();
     let direction = conn.direction;
     let svc = hyper::service::service_fn(move |req| {
@@ -229,7 +240,7 @@ where
         Protocol::Http2 => {
             let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .max_concurrent_streams(limits.http2_max_concurrent_streams)
+                .max_concurrent_streams(max_streams)
                 .max_header_list_size(limits.http2_header_list_size())
                 .keep_alive_interval(limits.http2_keepalive_interval)
                 .keep_alive_timeout(limits.http2_keepalive_timeout)

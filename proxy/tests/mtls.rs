@@ -1724,3 +1724,46 @@ async fn a_request_body_the_client_breaks_off_is_its_fault_on_every_hop() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mux_session_carries_more_requests_at_once_than_one_clients_stream_limit() {
+    let ca = Ca::new("mesh root");
+    let app = HangingApp::start("127.0.0.1").await;
+    // An HTTP/2 client of the server sidecar may open 2 streams at once; the listener
+    // takes 8 connections.
+    let limits = Limits {
+        http2_max_concurrent_streams: 2,
+        max_connections: 8,
+        ..Limits::default()
+    };
+    let server = TestProxy::start_kind(
+        Proxy::with_identity(
+            limits,
+            BeforeConfig::default(),
+            LocalPorts::default(),
+            Some(ca.store(SERVER_ID)),
+        ),
+        ListenerKind::InboundTo(app.addr),
+        config(&[]),
+    );
+    let store = IdentityStore::with_http1(Http1Transport::Multiplexed).unwrap();
+    ca.install(&store, CLIENT_ID);
+    let client = client_sidecar(Some(store), server.addr, SERVER_ID);
+    // Five long polls from five client connections share one mux session: none waits
+    // in the client sidecar for another to end.
+    let mut polls = Vec::new();
+    for _ in 0..5 {
+        let mut s = connect(client.addr).await;
+        s.write_all(b"GET /long-poll HTTP/1.1\r\nhost: web\r\n\r\n")
+            .await
+            .unwrap();
+        polls.push(s);
+    }
+    app.wait_held(5).await;
+    let text = metrics_of(&server);
+    assert_eq!(
+        metric(&text, "weft_tls_sessions_total", &["mux"]),
+        1,
+        "one mux session: {text}"
+    );
+}
