@@ -153,7 +153,8 @@ pub struct EndpointConfig {
     /// Free-form labels such as `zone`; carried for locality-aware features.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// The identity (SPIFFE ID) this endpoint is expected to present once mutual TLS is on.
+    /// The identity (SPIFFE ID) this endpoint's proxy must present: set when the endpoint
+    /// is meshed, and then the outbound proxy speaks mutual TLS to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
     /// Fields this reader does not know, by name, kept so that validation rejects them.

@@ -492,8 +492,8 @@ pub enum RateLimitPer {
     /// All clients share one bucket.
     #[default]
     Workload,
-    /// One bucket per client: its identity once mTLS exists, its source address until
-    /// then.
+    /// One bucket per client: its verified mesh identity over mutual TLS, else its source
+    /// address.
     Client,
 }
 

@@ -364,7 +364,8 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
 }
 
 /// A dashboard panel that queries a metric nobody exports shows "No data" forever: every
-/// metric the dashboard names is in docs/metrics.md (which the crates' tests keep true),
+/// metric the dashboard names is in docs/metrics.md (which a test of the operator's
+/// metrics keeps true),
 /// or is the kubelet's cAdvisor metric of the proxy container.
 #[test]
 fn every_dashboard_query_uses_an_exported_metric() {

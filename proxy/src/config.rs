@@ -92,7 +92,7 @@ pub struct Endpoint {
     pub weight: NonZeroU32,
     /// Free-form labels, such as `zone`.
     pub labels: BTreeMap<String, String>,
-    /// The identity the endpoint is expected to present (used once mTLS exists).
+    /// The identity the endpoint must present over mutual TLS; `None`: not meshed, plain text.
     pub identity: Option<String>,
 }
 
