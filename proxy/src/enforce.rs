@@ -109,7 +109,10 @@ mod tests {
             assert!(has(f), "{f}");
         }
         assert!(has(feature::POLICY_AUTHORIZATION));
-        assert!(!has(feature::POLICY_MTLS), "not until proxies speak mTLS");
+        assert!(
+            !has(feature::POLICY_MTLS),
+            "only with a mesh certificate (report_with_identity)"
+        );
     }
 
     #[test]

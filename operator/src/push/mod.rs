@@ -479,11 +479,14 @@ fn strip_traffic_policy(cfg: &ServiceConfig) -> ServiceConfig {
 
 /// A resource as a proxy without [`FEATURE_TRAFFIC_POLICY`] is told it: the parts that
 /// need the stripped fields require that feature instead, which such a proxy does not
-/// have, so it reports them not enforced and `Programmed` does not count it.
+/// have, so it reports them not enforced and `Programmed` does not count it. A Policy's
+/// mTLS mode and authorization travel in the stripped `inbound` too.
 fn without_traffic_policy(r: &ResourceRef) -> ResourceRef {
     let mut r = r.clone();
+    let inbound = [feature::POLICY_MTLS, feature::POLICY_AUTHORIZATION];
     for req in &mut r.requires {
-        if feature::TRAFFIC_POLICY.contains(&req.feature.as_str()) {
+        let f = req.feature.as_str();
+        if feature::TRAFFIC_POLICY.contains(&f) || inbound.contains(&f) {
             req.feature = FEATURE_TRAFFIC_POLICY.to_owned();
         }
     }
@@ -1057,7 +1060,7 @@ mod tests {
             .iter()
             .map(|r| r.feature.as_str())
             .collect();
-        assert_eq!(features, [FEATURE_TRAFFIC_POLICY, feature::POLICY_MTLS]);
+        assert_eq!(features, [FEATURE_TRAFFIC_POLICY, FEATURE_TRAFFIC_POLICY]);
         let report = weft_proxy::enforce::report(&resources);
         assert!(report.enforced.is_empty(), "{report:?}");
         // A change in stripped fields alone sends nothing.
