@@ -813,6 +813,63 @@ async fn request_lines_ended_by_a_bare_lf_or_naming_another_http_version_take_th
     );
 }
 
+/// An application that answers every request `413` at once, without reading its body,
+/// and closes half a second later, as a server that refuses an upload does.
+#[allow(clippy::unwrap_used)] // a test that cannot set up fails here
+async fn early_refuser() -> (std::net::SocketAddr, Task) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = Task(tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_request_head(&mut s).await.is_some() {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbig")
+                        .await;
+                    let _ = s.shutdown().await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            });
+        }
+    }));
+    (addr, task)
+}
+
+#[tokio::test]
+async fn an_early_answer_to_an_upload_reaches_the_client_that_is_still_sending() {
+    let (app, _app) = early_refuser().await;
+    let proxy = TestProxy::start("web", config(&[("web", &[app])])).await;
+    let c = connect(proxy.addr).await;
+    let (mut rd, mut wr) = c.into_split();
+    // The client sends its 64 MiB as fast as it can and reads only afterwards, as
+    // a client that does not watch for an early answer does. The proxy, which closes
+    // the connection after the answer, must not reset it while bytes are arriving:
+    // a reset would destroy the answer before the client reads it. (hyper's server
+    // gets this right; this pins it.)
+    let writer = tokio::spawn(async move {
+        let _ = wr
+            .write_all(b"POST /upload HTTP/1.1\r\nhost: web\r\ncontent-length: 67108864\r\n\r\n")
+            .await;
+        let chunk = vec![b'x'; 65536];
+        for _ in 0..1024 {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut answer))
+        .await
+        .expect("the proxy closes within 5 s");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "{read:?}, after {text:?}");
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.ends_with("big"), "{text}");
+    drop(writer);
+}
+
 #[tokio::test]
 async fn an_upstream_that_answers_garbage_is_502_upstream_failed() {
     // A port that does not speak HTTP: it reads the request and answers with nonsense.
