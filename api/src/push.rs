@@ -262,7 +262,9 @@ pub mod feature {
 
     /// The features whose settings travel in the fields [`super::FEATURE_TRAFFIC_POLICY`]
     /// guards (a service's `route` and `breaker`, and `inbound`): only a proxy that lists
-    /// that protocol feature can have them.
+    /// that protocol feature can have them. [`POLICY_MTLS`] and [`POLICY_AUTHORIZATION`]
+    /// travel in `inbound` too but are not listed: a proxy enforces the first only with
+    /// a mesh certificate, and the operator treats both as needing the feature.
     pub const TRAFFIC_POLICY: [&str; 13] = [
         ROUTE_BACKENDS,
         ROUTE_TIMEOUT,

@@ -31,7 +31,8 @@ pub const MAX_DETECT_BYTES: usize = 8 * 1024;
 /// What a connection speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
-    /// HTTP/1.0 or HTTP/1.1.
+    /// An HTTP/1 request line (`HTTP/d.d`): 1.0 and 1.1 are served, other versions
+    /// refused by the HTTP path.
     Http1,
     /// HTTP/2 with prior knowledge (h2c), including gRPC.
     Http2,

@@ -217,10 +217,10 @@ where
     let shared = conn.clone();
     let limits = conn.limits;
     // A peer proxy's mux session carries the requests its application would have sent on
-    // connections of their own: it may hold as many at once as the listener would accept
-    // connections, not the stream limit of one client's HTTP/2 connection, or the
-    // requests past that limit would wait in the peer for a stream to end (a long poll
-    // may hold one for minutes).
+    // connections of their own: each session may hold as many at once as the listener
+    // accepts connections (per session, not in all), not only the stream limit of one
+    // client's HTTP/2 connection, or the requests past that limit would wait in the peer
+    // for a stream to end (a long poll may hold one for minutes).
     let max_streams = if conn.mux {
         let per_listener = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
         limits.http2_max_concurrent_streams.max(per_listener)

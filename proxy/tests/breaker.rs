@@ -12,7 +12,8 @@ use std::{
 };
 
 use support::{
-    ControlledBackend, Scripted, TestProxy, connect, get, h1_client, h2_client, header, read_head,
+    ControlledBackend, Scripted, TestProxy, connect, eventually, get, h1_client, h2_client, header,
+    read_head,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -106,15 +107,21 @@ async fn request_bodies_their_clients_break_off_eject_no_endpoint() {
         ),
     )
     .await;
-    // Round robin gives each endpoint two of each kind: with the failures held against
-    // the endpoints, both would pass `consecutive5xx`.
+    // Round robin sends the four malformed bodies to one endpoint and the four abandoned
+    // uploads to the other: with the failures held against the endpoints, each would
+    // pass `consecutive5xx`.
     for i in 0..8 {
         let mut c = connect(proxy.addr).await;
         c.write_all(b"POST /upload HTTP/1.1\r\nhost: web\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
             .await
             .unwrap();
-        // The request is on its way upstream before the body breaks off.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The request reaches the endpoint before the body breaks off.
+        eventually(
+            Duration::from_secs(2),
+            "the upload reaches an endpoint",
+            || async { backends[0].requests() + backends[1].requests() > i },
+        )
+        .await;
         if i % 2 == 0 {
             c.write_all(b"zz\r\n").await.unwrap();
             let head = read_head(&mut c).await;

@@ -807,14 +807,20 @@ async fn request_lines_ended_by_a_bare_lf_or_naming_another_http_version_take_th
         assert!(head.starts_with("http/1.1 400"), "{version}: {head}");
     }
     assert_eq!(
-        app.requests(),
+        app.connections(),
         1,
         "the application saw only the first request"
+    );
+    let text = proxy.proxy.metrics.encode().unwrap();
+    assert!(
+        text.contains(r#"weft_errors_total{direction="outbound",reason="invalid_request"} 2"#),
+        "refused by the proxy: {text}"
     );
 }
 
 /// An application that answers every request `413` at once, without reading its body,
-/// and closes half a second later, as a server that refuses an upload does.
+/// stops writing, and closes half a second later, as a server that refuses an upload
+/// does.
 #[allow(clippy::unwrap_used)] // a test that cannot set up fails here
 async fn early_refuser() -> (std::net::SocketAddr, Task) {
     let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
