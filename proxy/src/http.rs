@@ -1070,27 +1070,12 @@ pub struct RequestBody {
 /// over HTTP/2 without the body's error as its cause; this tells the pipeline the client
 /// is to blame, so that it neither retries nor holds the failure against the endpoint.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct BodyFault(Arc<std::sync::atomic::AtomicU8>);
+pub(crate) struct BodyFault(Arc<OnceLock<ErrorCode>>);
 
 impl BodyFault {
-    const TIMEOUT: u8 = 1;
-    const CLIENT: u8 = 2;
-
-    fn set(&self, error: &RequestBodyError) {
-        let v = match error {
-            RequestBodyError::IdleTimeout => Self::TIMEOUT,
-            RequestBodyError::Client(_) => Self::CLIENT,
-        };
-        self.0.store(v, std::sync::atomic::Ordering::Relaxed);
-    }
-
     /// The answer owed for the body's failure, once it has failed.
     pub(crate) fn code(&self) -> Option<ErrorCode> {
-        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
-            Self::TIMEOUT => Some(ErrorCode::RequestBodyTimeout),
-            Self::CLIENT => Some(ErrorCode::RequestBodyIncomplete),
-            _ => None,
-        }
+        self.0.get().copied()
     }
 }
 
@@ -1243,7 +1228,7 @@ impl RequestBody {
     /// Notes `error` in the shared fault, and returns it.
     fn failed(&self, error: RequestBodyError) -> RequestBodyError {
         if let Some(f) = &self.fault {
-            f.set(&error);
+            let _ = f.0.set(error.code());
         }
         error
     }
@@ -1260,16 +1245,14 @@ pub enum RequestBodyError {
     Client(#[source] hyper::Error),
 }
 
-/// Whether an upstream failure was the request body's idle timeout.
-pub(crate) fn caused_by_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if matches!(e.downcast_ref(), Some(RequestBodyError::IdleTimeout)) {
-            return true;
+impl RequestBodyError {
+    /// The proxy's answer to a request whose body failed this way.
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            RequestBodyError::IdleTimeout => ErrorCode::RequestBodyTimeout,
+            RequestBodyError::Client(_) => ErrorCode::RequestBodyIncomplete,
         }
-        cause = e.source();
     }
-    false
 }
 
 impl Body for RequestBody {

@@ -41,8 +41,8 @@ use crate::{
     breaker::Outcome,
     errors::{ErrorCode, UNSENT_HEADER},
     http::{
-        BodyCopy, BodyFault, HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel,
-        caused_by_body_timeout, error_response, grpc_error_response, strip_hop_by_hop,
+        BodyCopy, BodyFault, HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel, error_response,
+        grpc_error_response, strip_hop_by_hop,
     },
     limits::Limit,
     metrics::RequestMetrics,
@@ -444,11 +444,7 @@ impl HttpConn {
             Ok(c) => c.to_bytes(),
             Err(error) => {
                 tracing::debug!(%error, "reading the request body to keep a copy");
-                return Err(if caused_by_body_timeout(&error) {
-                    ErrorCode::RequestBodyTimeout
-                } else {
-                    ErrorCode::RequestBodyIncomplete
-                });
+                return Err(error.code());
             }
         };
         Ok((
