@@ -10,7 +10,8 @@ use http::StatusCode;
 pub const ERROR_HEADER: &str = "weft-error";
 /// The response header by which an inbound proxy tells the peer proxy that sent a request
 /// over mutual TLS that the request never reached the application: the connect to it
-/// failed, timed out or hit the connection limit ([`ErrorCode::never_sent`]). The inbound
+/// failed, timed out or hit the connection limit, or the application refused its stream
+/// ([`ErrorCode::never_sent`]). The inbound
 /// proxy sets it on those answers of its own only, and removes it from every response of
 /// the application, so that the application cannot forge it; the outbound proxy trusts
 /// it only from a meshed endpoint and removes it from every response, so that no
@@ -38,6 +39,9 @@ pub enum ErrorCode {
     UpstreamFailed,
     /// The endpoint has as many HTTP/1 connections as allowed, all busy (503).
     UpstreamConnectionLimit,
+    /// The HTTP/2 upstream did not process the request (503): it refused the stream
+    /// (`REFUSED_STREAM`) or was going away (`GOAWAY`) and left it out.
+    UpstreamRefused,
     /// The request breaks a rule of RFC 9110/9112/9113 a proxy must enforce, such as a
     /// missing, repeated or invalid `Host` (400).
     InvalidRequest,
@@ -91,7 +95,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::NoEndpoints,
         ErrorCode::ServiceNotFound,
         ErrorCode::ConnectFailed,
@@ -99,6 +103,7 @@ impl ErrorCode {
         ErrorCode::ResponseTimeout,
         ErrorCode::UpstreamFailed,
         ErrorCode::UpstreamConnectionLimit,
+        ErrorCode::UpstreamRefused,
         ErrorCode::InvalidRequest,
         ErrorCode::RequestTargetTooLong,
         ErrorCode::RequestHeadersTooLarge,
@@ -129,6 +134,7 @@ impl ErrorCode {
             ErrorCode::ResponseTimeout => "response_timeout",
             ErrorCode::UpstreamFailed => "upstream_failed",
             ErrorCode::UpstreamConnectionLimit => "upstream_connection_limit",
+            ErrorCode::UpstreamRefused => "upstream_refused",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::RequestTargetTooLong => "request_target_too_long",
             ErrorCode::RequestHeadersTooLarge => "request_headers_too_large",
@@ -156,6 +162,7 @@ impl ErrorCode {
             ErrorCode::NoEndpoints
             | ErrorCode::ServiceNotFound
             | ErrorCode::UpstreamConnectionLimit
+            | ErrorCode::UpstreamRefused
             | ErrorCode::FaultInjected
             | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::BackendNotFound => StatusCode::INTERNAL_SERVER_ERROR,
@@ -182,16 +189,18 @@ impl ErrorCode {
 }
 
 impl ErrorCode {
-    /// Whether the proxy answers with this code because it could not hand the request to
-    /// any connection (refused, timed out, or the endpoint's connection limit left none):
-    /// nothing of it was sent, so any endpoint may take it. (The `tls_*` codes mean that
-    /// too, but arise only between proxies, never in front of an application.)
+    /// Whether the proxy answers with this code because the request never reached the
+    /// application: no connection could be had (refused, timed out, or the endpoint's
+    /// connection limit left none), or the HTTP/2 application refused its stream unread.
+    /// Any endpoint may take it. (The `tls_*` codes mean that too, but arise only between
+    /// proxies, never in front of an application.)
     pub const fn never_sent(self) -> bool {
         matches!(
             self,
             ErrorCode::ConnectFailed
                 | ErrorCode::ConnectTimeout
                 | ErrorCode::UpstreamConnectionLimit
+                | ErrorCode::UpstreamRefused
         )
     }
 
@@ -222,6 +231,7 @@ impl ErrorCode {
             | ErrorCode::ConnectTimeout
             | ErrorCode::UpstreamFailed
             | ErrorCode::UpstreamConnectionLimit
+            | ErrorCode::UpstreamRefused
             | ErrorCode::FaultInjected
             | ErrorCode::Overloaded
             | ErrorCode::TlsPeerUntrusted
@@ -288,10 +298,11 @@ mod tests {
         }
     }
 
-    /// Only the codes of a connect that never happened let a peer proxy send the request
-    /// elsewhere; a broken connection or a timeout after sending does not.
+    /// Only the codes of a connect that never happened, or of a stream the application
+    /// never processed, let a peer proxy send the request elsewhere; a broken connection
+    /// or a timeout after sending does not.
     #[test]
-    fn never_sent_means_no_connection_was_made() {
+    fn never_sent_means_the_application_never_processed_it() {
         let never: Vec<&str> = ErrorCode::ALL
             .into_iter()
             .filter(|c| c.never_sent())
@@ -302,7 +313,8 @@ mod tests {
             [
                 "connect_failed",
                 "connect_timeout",
-                "upstream_connection_limit"
+                "upstream_connection_limit",
+                "upstream_refused"
             ]
         );
     }

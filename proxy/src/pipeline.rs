@@ -11,15 +11,17 @@
 //! ```
 //!
 //! A service without a Route skips the stages before `send`, whose only retries are then
-//! the ones that are always safe: a request that could not be connected goes to another
-//! endpoint, at most twice (under the service's retry budget).
+//! the ones that are always safe: a request that could not be connected, or whose HTTP/2
+//! stream the upstream did not process (refused, or left out as it went away), goes to
+//! another endpoint, at most twice (under the service's retry budget).
 //!
 //! A request a meshed endpoint's proxy could not hand to its application (its answer
 //! carries [`UNSENT_HEADER`], trusted over mutual TLS only) was never sent either, and
-//! goes to another endpoint under the same rules, when the proxy still has the request:
-//! a bodiless one (its head is copied before sending to a meshed endpoint), one whose
-//! body a retry policy copied, or a gRPC one whose body ended, within [`REPLAY_LIMIT`],
-//! before the answer (its body is teed as it streams, since gRPC sends no length).
+//! goes to another endpoint under the same rules. After that answer or a refused stream,
+//! the proxy must still have the request: a bodiless one (its head is copied before
+//! sending to a meshed endpoint or over HTTP/2), one whose body a retry policy copied,
+//! or a gRPC one whose body ended, within [`REPLAY_LIMIT`], before the answer (its body
+//! is teed as it streams, since gRPC sends no length).
 //! Inbound, the proxy marks its own such answers to a peer proxy, and removes the header
 //! from every response of the application.
 
@@ -604,11 +606,18 @@ impl HttpConn {
             && plan
                 .retry
                 .is_none_or(|p| p.retry_on_failure(Failure::ConnectFailed));
+        // Whether a stream an HTTP/2 upstream refused, or left unprocessed as it went
+        // away, may be retried: like a failed connect, it never reached the application.
+        let refused_retries = max_retries > 0
+            && plan
+                .retry
+                .is_none_or(|p| p.retry_on_failure(Failure::RefusedStream));
         // What is kept, beyond `head`, to send the request again if a meshed endpoint
-        // answers that it never sent it: the head of a bodiless request, or the head of a
-        // gRPC request with the copy of its body kept as it streams (gRPC clients send no
-        // `content-length`, so no retry policy copies their bodies, yet a unary call's
-        // message has usually been read whole by the time the peer answers).
+        // answers that it never sent it, or an HTTP/2 upstream refuses its stream: the
+        // head of a bodiless request, or the head of a gRPC request with the copy of its
+        // body kept as it streams (gRPC clients send no `content-length`, so no retry
+        // policy copies their bodies, yet a unary call's message has usually been read
+        // whole by the time the peer answers).
         let mut unsent_copy: Option<(Head, Option<Arc<BodyCopy>>)> = None;
         let mut next = Some(req);
         let mut exclude = None;
@@ -636,7 +645,9 @@ impl HttpConn {
             }
             // Only a meshed endpoint's proxy is trusted to say it never sent the request.
             let meshed = endpoint.upstream.tls().is_some();
-            if meshed && unsent_retries && head.is_none() && unsent_copy.is_none() {
+            let keep =
+                (meshed && unsent_retries) || (refused_retries && req.version() == Version::HTTP_2);
+            if keep && head.is_none() && unsent_copy.is_none() {
                 if req.body().is_end_stream() {
                     unsent_copy = Some((Head::of(&req), None));
                 } else if x.grpc && !longer_than(&req, REPLAY_LIMIT) {
@@ -708,14 +719,7 @@ impl HttpConn {
                         endpoint.penalize();
                         record(index, Outcome::ConnectFailure);
                         tried = unsent_retries;
-                        let again = match (&head, &unsent_copy) {
-                            (Some(h), _) => replay.copy().map(|b| h.request(b)),
-                            (None, Some((h, None))) => Some(h.request(Bytes::new())),
-                            // Only when the body had ended (within the limit) before the
-                            // answer came: a part of it would not be the same request.
-                            (None, Some((h, Some(copy)))) => copy.whole().map(|b| h.request(b)),
-                            (None, None) => None,
-                        };
+                        let again = unsent_again(head.as_ref(), &replay, unsent_copy.as_ref());
                         if unsent_retries
                             && retries < max_retries
                             && again.is_some()
@@ -800,12 +804,13 @@ impl HttpConn {
                     }
                     record(index, Outcome::ServerError);
                     endpoint.observe_failure_at(sent.elapsed(), Instant::now());
-                    let failure = if refused_stream(&error) {
-                        Failure::RefusedStream
+                    if refused_stream(&error) {
+                        // Never processed (RFC 9113 §8.7): it may go elsewhere as it is.
+                        next = unsent_again(head.as_ref(), &replay, unsent_copy.as_ref());
+                        (Failure::RefusedStream, ErrorCode::UpstreamRefused)
                     } else {
-                        Failure::Reset
-                    };
-                    (failure, ErrorCode::UpstreamFailed)
+                        (Failure::Reset, ErrorCode::UpstreamFailed)
+                    }
                 }
             };
             if next.is_none() {
@@ -813,7 +818,7 @@ impl HttpConn {
             }
             let allowed = match plan.retry {
                 Some(p) => p.retry_on_failure(failure),
-                None => failure == Failure::ConnectFailed,
+                None => matches!(failure, Failure::ConnectFailed | Failure::RefusedStream),
             };
             if retries < max_retries && allowed && next.is_some() && self.may_retry(&plan) {
                 self.metrics.error(self.direction, code);
@@ -993,6 +998,7 @@ fn attempt_outcome<T>(
         Ok(Err(SendError::Overloaded(_))) => Failed(ErrorCode::Overloaded.as_str()),
         Ok(Err(e)) if e.is_connect_timeout() => Failed(ErrorCode::ConnectTimeout.as_str()),
         Ok(Err(e)) if e.is_connect() => Failed(ErrorCode::ConnectFailed.as_str()),
+        Ok(Err(e)) if refused_stream(e) => Failed(ErrorCode::UpstreamRefused.as_str()),
         Ok(Err(_)) => Failed(
             body_fault
                 .and_then(BodyFault::code)
@@ -1024,12 +1030,32 @@ fn longer_than<B>(req: &Request<B>, limit: u64) -> bool {
         .is_some_and(|n| n > limit)
 }
 
-/// Whether an HTTP/2 upstream refused the stream before processing it.
+/// The request again, to send it elsewhere after an answer that it was never sent or
+/// processed: from the retry policy's copy, or from what was kept for this case (a
+/// bodiless request's head; a gRPC body only if it had ended, within the limit, before
+/// the answer came, since a part of it would not be the same request).
+fn unsent_again(
+    head: Option<&Head>,
+    replay: &Replay,
+    kept: Option<&(Head, Option<Arc<BodyCopy>>)>,
+) -> Option<Request<RequestBody>> {
+    match (head, kept) {
+        (Some(h), _) => replay.copy().map(|b| h.request(b)),
+        (None, Some((h, None))) => Some(h.request(Bytes::new())),
+        (None, Some((h, Some(copy)))) => copy.whole().map(|b| h.request(b)),
+        (None, None) => None,
+    }
+}
+
+/// Whether an HTTP/2 upstream did not process the stream (RFC 9113 §8.7): it refused it
+/// (`REFUSED_STREAM`), or its `GOAWAY` named a last stream below it, or had already
+/// closed the connection to new streams when this one was to be opened.
 fn refused_stream(error: &SendError) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = cause {
         if let Some(h2) = e.downcast_ref::<h2::Error>()
-            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+            && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote()))
         {
             return true;
         }

@@ -5,6 +5,10 @@
 //!
 //! The signal is `weft-unsent`: trusted only over mutual TLS from a meshed endpoint, set by
 //! an inbound proxy on its own answers only, and never seen by an application.
+//!
+//! A request whose HTTP/2 stream the upstream did not process (`REFUSED_STREAM`, or left
+//! out by a `GOAWAY`) is sent elsewhere the same way, whether the upstream is the proxy's
+//! own or the peer proxy's application.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -735,4 +739,165 @@ async fn a_grpc_stream_is_sent_again_only_if_it_had_ended_when_the_peer_answered
     assert_eq!(live.requests(), 1, "not sent again");
     assert_eq!(inbound_errors(&hung, "connect_timeout"), 2);
     drop(tx);
+}
+
+/// How an HTTP/2 application leaves a stream unprocessed.
+#[derive(Clone, Copy, Debug)]
+enum Unprocessed {
+    /// It resets every stream with `REFUSED_STREAM`.
+    Refused,
+    /// It answers a connection's first request with `GOAWAY` naming no stream as
+    /// processed (a server shutting down as the request arrives), then closes.
+    GoingAway,
+}
+
+/// An HTTP/2 application on 127.0.0.1 that processes no request, as `how` says; counts
+/// the requests it left unprocessed.
+async fn unprocessing_app(how: Unprocessed) -> (SocketAddr, Arc<AtomicUsize>, Task) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                match how {
+                    Unprocessed::Refused => refuse_streams(stream, count).await,
+                    Unprocessed::GoingAway => go_away_at_first_request(stream, count).await,
+                }
+            });
+        }
+    });
+    (addr, seen, Task(task))
+}
+
+async fn refuse_streams(stream: tokio::net::TcpStream, count: Arc<AtomicUsize>) {
+    let Ok(mut conn) = h2::server::handshake(stream).await else {
+        return;
+    };
+    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+        count.fetch_add(1, Ordering::SeqCst);
+        respond.send_reset(h2::Reason::REFUSED_STREAM);
+    }
+}
+
+/// Raw frames, since h2's own server always counts a stream it received as processed.
+async fn go_away_at_first_request(mut stream: tokio::net::TcpStream, count: Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    const SETTINGS_ACK: [u8; 9] = [0, 0, 0, 4, 1, 0, 0, 0, 0];
+    // GOAWAY, last stream 0, NO_ERROR.
+    const GOAWAY: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    const PREFACE: usize = 24;
+    if stream.write_all(&SETTINGS).await.is_err() {
+        return;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let mut acked = false;
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+        if !acked && got.len() > PREFACE {
+            acked = stream.write_all(&SETTINGS_ACK).await.is_ok();
+        }
+        let mut at = PREFACE;
+        let mut headers = false;
+        while at + 9 <= got.len() {
+            let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+            headers |= got[at + 3] == 1;
+            at += 9 + len;
+        }
+        if headers {
+            count.fetch_add(1, Ordering::SeqCst);
+            let _ = stream.write_all(&GOAWAY).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_the_upstream_did_not_process_goes_to_another_endpoint() {
+    use tonic_health::pb::HealthCheckRequest;
+    let ca = Ca::new("mesh root");
+    for how in [Unprocessed::Refused, Unprocessed::GoingAway] {
+        let (bad, left, _bad_task) = unprocessing_app(how).await;
+        let live = Scripted::ok("127.0.0.1", "cart").await;
+        // Round robin from the bad endpoint, without a Route: only the always-safe retries.
+        let client = client_sidecar(&ca, &[(bad, false), (live.addr, false)]);
+        let c = h2_client();
+        for _ in 0..4 {
+            let (resp, body) = get(&c, &client.url("/items")).await;
+            assert_eq!(resp.status(), 200, "{how:?}: {body}");
+            assert_eq!(body, "hello from cart");
+        }
+        let left = left.load(Ordering::SeqCst);
+        assert!(left >= 2, "{how:?}: the bad endpoint got {left} requests");
+        assert_eq!(live.requests(), 4, "{how:?}: each request processed once");
+        assert_eq!(outbound_errors(&client, "upstream_refused"), left as u64);
+
+        // A gRPC call's message is kept as it streams, and sent again whole.
+        let (app, calls, _app_task) = grpc_app().await;
+        let client = client_sidecar(&ca, &[(bad, false), (app, false)]);
+        let mut health = health_client(&client).await;
+        for _ in 0..4 {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: "shop.Cart".into(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{how:?}: {e:?}"))
+                .into_inner()
+                .status;
+            assert_eq!(status, tonic_health::ServingStatus::Serving as i32);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+
+        // A retry policy decides: one that retries only gRPC `unavailable` leaves the
+        // refused stream to the client, with the proxy's reason.
+        let client = client_sidecar(&ca, &[(bad, false), (live.addr, false)]);
+        let mut cfg = client_config(&[(bad, false), (live.addr, false)]);
+        cfg["services"][0]["route"] = serde_json::json!({"name": "shop/web", "rules": [{
+            "retries": {"attempts": 2, "retryOn": ["unavailable"],
+                        "backoff": {"base": "1ms", "max": "1ms"}}
+        }]});
+        client.apply(cfg);
+        let (resp, body) = get(&c, &client.url("/items")).await;
+        assert_eq!(resp.status(), 503, "{how:?}: {body}");
+        assert_eq!(header(&resp, "weft-error"), "upstream_refused");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_the_peers_application_did_not_process_goes_to_another_endpoint() {
+    let ca = Ca::new("mesh root");
+    for how in [Unprocessed::Refused, Unprocessed::GoingAway] {
+        let (bad, left, _bad_task) = unprocessing_app(how).await;
+        let live = Scripted::ok("127.0.0.1", "cart").await;
+        let refusing = server_sidecar(&ca, bad);
+        let alive = server_sidecar(&ca, live.addr);
+        let client = client_sidecar(&ca, &[(refusing.addr, true), (alive.addr, true)]);
+        let c = h2_client();
+        for _ in 0..4 {
+            let (resp, body) = get(&c, &client.url("/items")).await;
+            assert_eq!(resp.status(), 200, "{how:?}: {body}");
+            assert_eq!(body, "hello from cart");
+            assert_eq!(header(&resp, UNSENT), "");
+        }
+        let left = left.load(Ordering::SeqCst) as u64;
+        assert!(left >= 2, "{how:?}: the refusing application got {left}");
+        assert_eq!(live.requests(), 4, "{how:?}: each request processed once");
+        assert_eq!(inbound_errors(&refusing, "upstream_refused"), left);
+        assert_eq!(outbound_errors(&client, "upstream_refused"), left);
+
+        // The peer's own client, in plain text, gets the answer without the signal.
+        let (resp, _) = get(&c, &refusing.url("/items")).await;
+        assert_eq!(resp.status(), 503);
+        assert_eq!(header(&resp, "weft-error"), "upstream_refused");
+        assert_eq!(header(&resp, UNSENT), "");
+    }
 }
