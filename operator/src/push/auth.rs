@@ -228,7 +228,7 @@ pub struct TokenReviewer {
     hasher: RandomState,
     /// Reviews in progress, by the token itself: concurrent subscriptions with one token
     /// wait for one verdict.
-    in_progress: Mutex<HashMap<String, Arc<OnceCell<Verdict>>>>,
+    in_progress: InProgress,
     /// TokenReviews left per source address (see [`bucket_key`]).
     sources: KeyedBuckets<IpAddr>,
     in_flight: Semaphore,
@@ -236,6 +236,60 @@ pub struct TokenReviewer {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type InProgress = Mutex<HashMap<String, Arc<OnceCell<Verdict>>>>;
+
+/// One caller waiting for the verdict on a token in [`TokenReviewer::in_progress`]. The
+/// entry goes when the verdict is in or the last waiter goes, however it goes: a caller
+/// dropped mid-review (its HTTP/2 stream reset, its connection closed) must not leave its
+/// token in the map for ever.
+struct Waiter<'a> {
+    in_progress: &'a InProgress,
+    token: &'a str,
+    /// `None` only while dropping. Every clone of the map's `Arc` is made and dropped
+    /// with the map locked, so its strong count, read under the lock, counts the waiters.
+    cell: Option<Arc<OnceCell<Verdict>>>,
+}
+
+impl<'a> Waiter<'a> {
+    /// Joins the review of `token` in `in_progress`, starting its entry if there is none.
+    fn join(in_progress: &'a InProgress, token: &'a str) -> Self {
+        let cell = lock(in_progress)
+            .entry(token.to_owned())
+            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .clone();
+        Waiter {
+            in_progress,
+            token,
+            cell: Some(cell),
+        }
+    }
+
+    fn cell(&self) -> &OnceCell<Verdict> {
+        // Set from `join` until `drop`.
+        self.cell.as_deref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut in_progress = lock(self.in_progress);
+        let Some(cell) = self.cell.take() else {
+            return;
+        };
+        // The map's reference and this one: no one else is waiting. Or the verdict is
+        // in: later callers find it in the caches, or review again.
+        if in_progress
+            .get(self.token)
+            .is_some_and(|c| Arc::ptr_eq(c, &cell))
+            && (cell.initialized() || Arc::strong_count(&cell) == 2)
+        {
+            in_progress.remove(self.token);
+        }
+        // Dropped with the map locked (see `cell`).
+        drop(cell);
+    }
 }
 
 /// Makes room in a cache that reached `max`: entries whose deadline is not after `now`
@@ -333,24 +387,12 @@ impl TokenReviewer {
         }
         // Keyed by the token itself, not its hash: waiters take the reviewer's identity,
         // which must never be another token's. (It is held only while the review runs.)
-        let cell = lock(&self.in_progress)
-            .entry(token.to_owned())
-            .or_insert_with(|| Arc::new(OnceCell::new()))
-            .clone();
-        let verdict = cell
+        let waiter = Waiter::join(&self.in_progress, token);
+        waiter
+            .cell()
             .get_or_init(|| self.review(token, key, source, metrics))
             .await
-            .clone();
-        {
-            let mut in_progress = lock(&self.in_progress);
-            if in_progress
-                .get(token)
-                .is_some_and(|c| Arc::ptr_eq(c, &cell))
-            {
-                in_progress.remove(token);
-            }
-        }
-        verdict
+            .clone()
     }
 
     /// Asks the API server, within the limits, and caches the verdict.
@@ -510,6 +552,49 @@ mod tests {
         assert!(r.take_source_token(b), "another source has its own bucket");
         std::thread::sleep(Duration::from_millis(5));
         assert!(r.take_source_token(a), "the bucket refills at the rate");
+    }
+
+    #[tokio::test]
+    async fn callers_that_give_up_during_a_review_leave_no_token_behind() {
+        // An API server address that takes connections and never answers: every review
+        // hangs until its caller gives up. (This checks the map of reviews in progress,
+        // not Kubernetes.)
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let config = kube::Config::new(url.parse().unwrap());
+        let r = TokenReviewer::new(
+            Client::try_from(config).unwrap(),
+            vec![],
+            AuthLimits {
+                source_rate: 1e6,
+                source_burst: 1_000_000,
+                max_in_flight: 1000,
+                ..AuthLimits::default()
+            },
+        );
+        let metrics = Metrics::new();
+        let source: IpAddr = "192.0.2.1".parse().unwrap();
+        let give_up = Duration::from_millis(50);
+        // Distinct tokens, each dropped mid-review (as a reset HTTP/2 stream drops it).
+        let tokens: Vec<String> = (0..200).map(|i| format!("token-{i}")).collect();
+        let asks = tokens
+            .iter()
+            .map(|t| tokio::time::timeout(give_up, r.authenticate(Some(t), source, &metrics)));
+        for answer in futures::future::join_all(asks).await {
+            assert!(answer.is_err(), "the review never answers: {answer:?}");
+        }
+        assert_eq!(lock(&r.in_progress).len(), 0, "entries left behind");
+
+        // Two waiters on one token: the first gives up, the second still waits on the
+        // same review, whose entry stays until the second goes too.
+        let mut second = Box::pin(r.authenticate(Some("shared"), source, &metrics));
+        let first = tokio::time::timeout(give_up, r.authenticate(Some("shared"), source, &metrics));
+        let (first, second_waits) =
+            tokio::join!(first, tokio::time::timeout(give_up * 2, second.as_mut()));
+        assert!(first.is_err() && second_waits.is_err());
+        assert_eq!(lock(&r.in_progress).len(), 1, "the second still waits");
+        drop(second);
+        assert_eq!(lock(&r.in_progress).len(), 0, "the last waiter is gone");
     }
 
     #[test]
