@@ -23,7 +23,7 @@ use weft_e2e::shared::{self, eventually};
 use weft_operator::{
     inject::{InjectConfig, keys},
     mesh,
-    webhook::FailurePolicy,
+    webhook::{FailurePolicy, WebhookMetrics},
 };
 
 mod support;
@@ -516,6 +516,106 @@ async fn with_the_operator_down_failure_policy_decides() {
         "names the webhook: {}",
         err.message
     );
+}
+
+/// A namespace the webhook has not seen, whose labels the API will not give it (here: its
+/// client may not read namespaces), gets an HTTP 500 answer, so the registration's failure
+/// policy decides: `Fail` refuses the pod of an opted-in namespace (never "not opted in,
+/// let it through unmeshed"), `Ignore` admits it without the proxy.
+#[tokio::test]
+async fn a_namespace_whose_labels_cannot_be_read_leaves_it_to_the_failure_policy() {
+    use kube::runtime::reflector;
+    use weft_operator::{ca, webhook::server};
+
+    let client = shared::client().await.unwrap();
+    let ns = scoped_namespace(&client, "inject-unread", Some("enabled")).await;
+    ensure_namespace(&client, "weft-system").await;
+    // A client the API server refuses namespace reads: an impersonated user without roles.
+    let kubeconfig = kube::config::Kubeconfig::read_from(shared::testbed().kubeconfig()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    config.auth_info.impersonate = Some("weft-test-nobody".to_owned());
+    let nobody = Client::try_from(config).unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut settings = settings(&ns, port, FailurePolicy::Fail);
+    let ca = ca::load_or_create(client.clone(), &settings.ca_namespace, &settings.ca_secret)
+        .await
+        .unwrap();
+    let leaf = ca
+        .issue_serving(&settings.dns_names, &settings.ips, settings.cert_lifetime)
+        .unwrap();
+    let certs = weft_operator::webhook::CertStore::new(&leaf.cert_pem, &leaf.key_pem).unwrap();
+    // An empty store: the webhook has not seen the namespace yet.
+    let (store, _writer) = reflector::store();
+    let metrics = WebhookMetrics::default();
+    let handler = std::sync::Arc::new(server::Handler::new(
+        settings.inject.clone(),
+        server::NamespaceLabels::Store(store),
+        nobody,
+        metrics.clone(),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server::serve(listener, certs, handler, async {
+        let _ = stopped.await;
+    }));
+    settings
+        .registration
+        .apply(client.clone(), ca.cert_pem())
+        .await
+        .unwrap();
+
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let called = || metrics.count("namespace_unreadable") + metrics.count("not_opted_in");
+    // Dry runs until the API server calls this webhook (it picks up registrations late).
+    eventually(Duration::from_secs(30), || async {
+        let params = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let _ = pods.create(&params, &pod("probe", json!({}))).await;
+        ensure!(called() >= 1, "webhook not called yet");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let refused = pods
+        .create(&PostParams::default(), &pod("unread", json!({})))
+        .await;
+    match refused {
+        Err(kube::Error::Api(e)) => assert!(
+            e.message.contains("inject.weft.dev"),
+            "names the webhook: {}",
+            e.message
+        ),
+        Ok(p) => panic!(
+            "admitted with failurePolicy Fail (proxy: {}): the lookup failed open",
+            has_proxy(&p)
+        ),
+        Err(e) => panic!("{e}"),
+    }
+    assert!(metrics.count("namespace_unreadable") >= 1);
+
+    // Ignore: the same failure admits the pod, without the proxy.
+    settings.registration.failure_policy = FailurePolicy::Ignore;
+    settings
+        .registration
+        .apply(client.clone(), ca.cert_pem())
+        .await
+        .unwrap();
+    let admitted = eventually(Duration::from_secs(30), || async {
+        Ok(pods
+            .create(&PostParams::default(), &pod("ignored", json!({})))
+            .await?)
+    })
+    .await
+    .unwrap();
+    assert!(!has_proxy(&admitted));
+    settings.registration.delete(client.clone()).await.unwrap();
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
 }
 
 /// A TLS connection to the webhook, verified against the CA in the operator's Secret.

@@ -85,6 +85,19 @@ impl WebhookMetrics {
     }
 }
 
+/// The outcome label of an admission answered with HTTP 500 because the pod's namespace
+/// could not be read.
+const NAMESPACE_UNREADABLE: &str = "namespace_unreadable";
+
+/// A namespace that neither the index (or store) nor the API could tell about.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the labels of namespace {namespace}: {source}")]
+pub struct NamespaceLookupError {
+    namespace: String,
+    #[source]
+    source: kube::Error,
+}
+
 /// Where the webhook reads namespaces' injection labels.
 #[derive(Clone)]
 pub enum NamespaceLabels {
@@ -119,7 +132,10 @@ impl Handler {
         }
     }
 
-    async fn namespace_opted_in(&self, name: &str) -> bool {
+    /// Whether namespace `name` opted in, from the index or store, else from the API. An
+    /// API read that fails is an error, never "not opted in": the caller answers it so that
+    /// the registration's failure policy decides.
+    async fn namespace_opted_in(&self, name: &str) -> Result<bool, NamespaceLookupError> {
         let known = match &self.namespaces {
             NamespaceLabels::Store(store) => store
                 .get(&ObjectRef::new(name))
@@ -138,35 +154,38 @@ impl Handler {
             {
                 Ok(Some(ns)) => ns.metadata.labels,
                 Ok(None) => None,
-                Err(error) => {
-                    tracing::warn!(%error, namespace = %name, "reading namespace labels");
-                    None
+                Err(source) => {
+                    return Err(NamespaceLookupError {
+                        namespace: name.to_owned(),
+                        source,
+                    });
                 }
             },
         };
-        crate::inject::namespace_opted_in(labels.as_ref())
+        Ok(crate::inject::namespace_opted_in(labels.as_ref()))
     }
 
-    /// Answers one AdmissionReview body with the JSON review to send back.
-    pub async fn review(&self, body: &[u8]) -> Vec<u8> {
+    /// Answers one AdmissionReview body with the JSON review to send back, or with the
+    /// error to answer as HTTP 500 when the pod's namespace could not be read (so that the
+    /// API server applies the registration's failure policy: `Fail` refuses the pod,
+    /// `Ignore` admits it without the proxy).
+    pub async fn review(&self, body: &[u8]) -> Result<Vec<u8>, NamespaceLookupError> {
         let started = Instant::now();
         let (answer, outcome) = match review::parse(body) {
             Err(answer) => *answer,
             Ok(req) => {
                 let ns = review::namespace(&req);
-                let opted_in = self.namespace_opted_in(&ns).await;
-                review::admit(&req, opted_in, &self.inject)
+                match self.namespace_opted_in(&ns).await {
+                    Ok(opted_in) => review::admit(&req, opted_in, &self.inject),
+                    Err(error) => {
+                        self.count(NAMESPACE_UNREADABLE, started);
+                        tracing::warn!(%error, "answering an admission with an error");
+                        return Err(error);
+                    }
+                }
             }
         };
-        self.metrics
-            .admissions
-            .get_or_create(&OutcomeLabels {
-                outcome: outcome.as_str(),
-            })
-            .inc();
-        self.metrics
-            .latency
-            .observe(started.elapsed().as_secs_f64());
+        self.count(outcome.as_str(), started);
         match &outcome {
             review::Outcome::Denied(e) => {
                 tracing::info!(reason = %e, "denied a pod that cannot be injected")
@@ -175,7 +194,17 @@ impl Handler {
             other => tracing::debug!(outcome = other.as_str(), "admission"),
         }
         // An AdmissionReview always serializes; an empty body would still be answered.
-        serde_json::to_vec(&answer).unwrap_or_default()
+        Ok(serde_json::to_vec(&answer).unwrap_or_default())
+    }
+
+    fn count(&self, outcome: &'static str, started: Instant) {
+        self.metrics
+            .admissions
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.metrics
+            .latency
+            .observe(started.elapsed().as_secs_f64());
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -203,11 +232,16 @@ impl Handler {
                 let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                     Ok(b) => b.to_bytes(),
                     Err(e) => {
-                        let answer = self.review(format!("body: {e}").as_bytes()).await;
-                        return json(StatusCode::PAYLOAD_TOO_LARGE, answer);
+                        return match self.review(format!("body: {e}").as_bytes()).await {
+                            Ok(answer) => json(StatusCode::PAYLOAD_TOO_LARGE, answer),
+                            Err(e) => error(e),
+                        };
                     }
                 };
-                json(StatusCode::OK, self.review(&body).await)
+                match self.review(&body).await {
+                    Ok(answer) => json(StatusCode::OK, answer),
+                    Err(e) => error(e),
+                }
             }
             _ => text(StatusCode::NOT_FOUND, "not found"),
         }
@@ -217,6 +251,14 @@ impl Handler {
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
+    resp
+}
+
+/// An HTTP 500 with the reason: to the API server, a failed call, which the registration's
+/// failure policy decides.
+fn error(e: NamespaceLookupError) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(e.to_string())));
+    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
     resp
 }
 
