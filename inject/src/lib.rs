@@ -167,13 +167,17 @@ pub fn namespace_opted_in(labels: Option<&BTreeMap<String, String>>) -> bool {
         .is_some_and(|v| v == keys::ENABLED)
 }
 
-/// Whether a pod already carries Weft's proxy.
+/// Whether a pod already carries Weft's proxy: the version annotation, or a container
+/// named `weft-proxy` of either kind (a regular container of that name is the proxy as an
+/// old-style sidecar, or a name injection could not add again: either way the pod is left
+/// as it is).
 pub fn is_injected(meta: &ObjectMeta, spec: &PodSpec) -> bool {
     lookup(&meta.annotations, keys::PROXY_VERSION).is_some()
         || spec
             .init_containers
             .iter()
             .flatten()
+            .chain(&spec.containers)
             .any(|c| c.name == keys::PROXY_CONTAINER)
 }
 
@@ -327,6 +331,39 @@ mod tests {
             .into_iter()
             .filter_map(|e| Some((e.name, e.value?)))
             .collect()
+    }
+
+    /// A pod whose regular container is named `weft-proxy` is left as it is (as
+    /// docs/injection.md promises), never given a second `weft-proxy`, which the API server
+    /// would refuse as a duplicate container name.
+    #[test]
+    fn a_regular_container_named_weft_proxy_leaves_the_pod_as_it_is() {
+        use k8s_openapi::api::core::v1::Container;
+        let meta = ObjectMeta {
+            annotations: Some(BTreeMap::from([(
+                keys::INJECT.to_owned(),
+                keys::ENABLED.to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        };
+        let spec = PodSpec {
+            containers: vec![
+                Container {
+                    name: "web".to_owned(),
+                    ..Container::default()
+                },
+                Container {
+                    name: keys::PROXY_CONTAINER.to_owned(),
+                    ..Container::default()
+                },
+            ],
+            ..PodSpec::default()
+        };
+        assert!(is_injected(&meta, &spec));
+        assert_eq!(
+            decide(&meta, &spec, "shop", true, &InjectConfig::default()),
+            Err(Skip::AlreadyInjected)
+        );
     }
 
     /// With tracing on, the spans' service is the application's name from its labels
