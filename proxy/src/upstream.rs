@@ -209,6 +209,13 @@ pub async fn connect_from(
 /// How long an upstream connection may sit unused in a pool before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// The largest response head an HTTP/2 upstream (an application, or a peer proxy's mux)
+/// may send, as HTTP/2 counts it (names and values plus 32 bytes a field). It is above
+/// what hyper's HTTP/1 client reads (a 408 KiB buffer, 100 fields), so that a head the
+/// proxy passes on over HTTP/1 is not refused when it crosses HTTP/2: hyper's own
+/// default, 16 KiB, answered heads with large cookies or policies 502.
+pub const MAX_RESPONSE_HEADER_LIST_SIZE: u32 = 512 * 1024;
+
 /// Why a request could not be sent upstream or got no response.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -562,6 +569,7 @@ impl Http2Conn {
         .await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_header_list_size(MAX_RESPONSE_HEADER_LIST_SIZE)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|error| SendError::Failed(Box::new(error)))?;

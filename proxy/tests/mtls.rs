@@ -1767,3 +1767,60 @@ async fn a_mux_session_carries_more_requests_at_once_than_one_clients_stream_lim
         "one mux session: {text}"
     );
 }
+
+/// An application (HTTP/1 and HTTP/2) answering `GET /big/N` with a header `x-big` of N
+/// bytes.
+async fn big_head_app() -> (SocketAddr, Task) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let n = req.uri().path().trim_start_matches("/big/").parse();
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("x-big", "a".repeat(n.unwrap_or(0)))
+                                .body(full("ok"))
+                                .unwrap(),
+                        )
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+            });
+        }
+    });
+    (addr, Task(task))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_heads_past_16_kib_cross_every_hop_as_they_cross_http1() {
+    let (app, _app) = big_head_app().await;
+    let ca = Ca::new("mesh root");
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app);
+    // HTTP/2 clients that take heads as large as HTTP/1 clients do (hyper's default is
+    // 16 KiB; Go's and gRPC's take megabytes).
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .http2_max_header_list_size(1 << 20)
+        .build_http::<Body>();
+    for (transport, client) in &every_client_transport(&ca, server.addr) {
+        for (version, c) in [("HTTP/1", h1_client()), ("HTTP/2", h2.clone())] {
+            // hyper's HTTP/1 client, behind the server sidecar, reads up to 408 KiB.
+            for n in [17_000, 200_000, 390_000] {
+                let (resp, body) = get(&c, &client.url(&format!("/big/{n}"))).await;
+                assert_eq!(
+                    resp.status(),
+                    200,
+                    "{transport}, {version}, {n} bytes: {body}"
+                );
+                assert_eq!(header(&resp, "x-big").len(), n, "{transport}, {version}");
+            }
+        }
+    }
+}
