@@ -901,3 +901,78 @@ async fn a_stream_the_peers_application_did_not_process_goes_to_another_endpoint
         assert_eq!(header(&resp, UNSENT), "");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_sidecar_that_drains_under_load_loses_no_request() {
+    use weft_proxy::shutdown;
+    let ca = Ca::new("mesh root");
+    // Answers take 20 ms, so that requests are in flight when the drain begins.
+    let leaving_app = Backend::start_slow("127.0.0.1", "leaving", 20).await;
+    let staying_app = Backend::start_slow("127.0.0.1", "staying", 20).await;
+    let leaving = proxy_with(ca.store(SERVER_ID));
+    leaving
+        .store
+        .apply(serde_json::from_value(config(&[])).unwrap())
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let leaving_addr = listener.local_addr().unwrap();
+    let mut inbound = shutdown::ListenerGroup::new();
+    inbound.spawn(
+        listener,
+        ListenerKind::InboundTo(leaving_app.addr),
+        leaving.clone(),
+    );
+    let staying = server_sidecar(&ca, staying_app.addr);
+    // The client sidecar keeps the leaving endpoint, as it does until the Endpoints
+    // update reaches it in a rolling update.
+    let client = client_sidecar(&ca, &[(leaving_addr, true), (staying.addr, true)]);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for i in 0..8 {
+        let (url, stop) = (client.url("/items"), stop.clone());
+        // HTTP/1 (on the mux) and HTTP/2 clients, four each.
+        let c = if i % 2 == 0 { h1_client() } else { h2_client() };
+        load.push(tokio::spawn(async move {
+            let mut failed = Vec::new();
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                let req = http::Request::get(&url).body(full("")).unwrap();
+                match tokio::time::timeout(Duration::from_secs(5), c.request(req)).await {
+                    Ok(Ok(r)) if r.status() == 200 => {}
+                    Ok(Ok(r)) => failed.push(format!("{} {:?}", r.status(), r.headers())),
+                    Ok(Err(e)) => failed.push(format!("{e:?}")),
+                    Err(_) => failed.push("no answer within 5 s".to_string()),
+                }
+            }
+            failed
+        }));
+    }
+    eventually(Duration::from_secs(5), "both endpoints serve", || {
+        let n = leaving_app.hits().min(staying_app.hits());
+        async move { n >= 10 }
+    })
+    .await;
+    let drained = shutdown::drain(
+        &leaving,
+        inbound,
+        shutdown::ListenerGroup::new(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        drained,
+        "in-flight requests finished within the grace period"
+    );
+    let after_drain = staying_app.hits();
+    eventually(Duration::from_secs(5), "the load goes on", || {
+        let n = staying_app.hits();
+        async move { n >= after_drain + 20 }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for task in load {
+        let failed = task.await.unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+    }
+}
