@@ -1,12 +1,15 @@
 //! Finding pods that opted in but run without the proxy: created while the webhook was
-//! unreachable (with `failurePolicy: Ignore`), or before their namespace opted in. Works
-//! on metadata alone, so it can scan a cluster cheaply.
+//! unreachable (with `failurePolicy: Ignore`), or before their namespace opted in. A pod
+//! counts only if the webhook would inject it now: the registration selects it (the same
+//! selectors, [`selection`]) and the webhook's own `decide` says inject, so the audit
+//! never flags a host-network pod, or a pod the API server never sends to the webhook.
+//! Works on metadata alone, so it can scan a cluster cheaply.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::{api::core::v1::PodSpec, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
-use super::{InjectConfig, OptIn, keys};
+use super::{InjectConfig, OptIn, selection};
 
 /// A pod that should carry the proxy and does not.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,27 +22,31 @@ pub struct Unmeshed {
     pub opted_in_by: &'static str,
 }
 
-/// Pods (by metadata) that opted in, are not excluded, and have no proxy.
-/// `namespace_labels` maps each namespace to its labels.
+/// Pods (by metadata) that the webhook would have injected and that have no proxy: the
+/// registration selects them ([`selection::selected`] over `entries`) and the webhook's own
+/// [`decide`](super::decide) says inject. `namespace_labels` maps each namespace to its
+/// labels. The pods must be ones that do not use the host network (the webhook never
+/// injects those; [`scan`] lists only such pods): metadata does not say.
 pub fn unmeshed<'a>(
     pods: impl IntoIterator<Item = &'a ObjectMeta>,
     namespace_labels: &BTreeMap<String, BTreeMap<String, String>>,
+    entries: &[selection::Entry],
     cfg: &InjectConfig,
 ) -> Vec<Unmeshed> {
     let mut out = Vec::new();
+    // Not host-network, no containers known: decide() then judges by metadata alone
+    // (exclusion, the version annotation, opt-in), as the webhook does.
+    let spec = PodSpec::default();
     for meta in pods {
         let namespace = meta.namespace.clone().unwrap_or_default();
-        if cfg.excluded_namespaces.contains(&namespace) {
+        let labels = namespace_labels.get(&namespace);
+        if !selection::selected(entries, &namespace, labels, meta.labels.as_ref()) {
             continue;
         }
-        if meta
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key(keys::PROXY_VERSION))
-        {
+        let ns_in = super::namespace_opted_in(labels);
+        if super::decide(meta, &spec, &namespace, ns_in, cfg).is_err() {
             continue;
         }
-        let ns_in = super::namespace_opted_in(namespace_labels.get(&namespace));
         let opted_in_by = match super::opt_in(meta, ns_in) {
             OptIn::Pod => "pod",
             OptIn::Namespace => "namespace",
@@ -54,11 +61,17 @@ pub fn unmeshed<'a>(
     out
 }
 
-/// Lists the pods (metadata only, in pages of 500 so that one answer stays small on a large
-/// cluster) and namespaces of the cluster and returns those that opted in but run without
-/// the proxy. Used by the operator's audit loop and by `kubectl weft check`.
+/// Lists the pods that do not use the host network (metadata only, field selector
+/// `spec.hostNetwork=false`, in pages of 500 so that one answer stays small on a large
+/// cluster) and the namespaces of the cluster, and returns those that the webhook, as
+/// registered with `annotation_opt_in`, would have injected but run without the proxy.
+/// Used by the operator's audit loop and by `kubectl weft check`.
 #[cfg(feature = "cluster")]
-pub async fn scan(client: &kube::Client, cfg: &InjectConfig) -> Result<Vec<Unmeshed>, kube::Error> {
+pub async fn scan(
+    client: &kube::Client,
+    cfg: &InjectConfig,
+    annotation_opt_in: bool,
+) -> Result<Vec<Unmeshed>, kube::Error> {
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use kube::{
         Api,
@@ -75,7 +88,9 @@ pub async fn scan(client: &kube::Client, cfg: &InjectConfig) -> Result<Vec<Unmes
         .collect();
     let pods = Api::<PartialObjectMeta<Pod>>::all(client.clone());
     let mut metas = Vec::new();
-    let mut params = ListParams::default().limit(500);
+    let mut params = ListParams::default()
+        .fields("spec.hostNetwork=false")
+        .limit(500);
     loop {
         let page = pods.list(&params).await?;
         metas.extend(page.items.into_iter().map(|p| p.metadata));
@@ -84,12 +99,14 @@ pub async fn scan(client: &kube::Client, cfg: &InjectConfig) -> Result<Vec<Unmes
             _ => break,
         }
     }
-    Ok(unmeshed(&metas, &labels, cfg))
+    let entries = selection::entries(annotation_opt_in, &cfg.excluded_namespaces);
+    Ok(unmeshed(&metas, &labels, &entries, cfg))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys;
 
     fn meta(
         ns: &str,
@@ -132,7 +149,8 @@ mod tests {
             ),
             ("plain".to_owned(), BTreeMap::new()),
         ]);
-        let found: Vec<(String, &str)> = unmeshed(&pods, &ns, &InjectConfig::default())
+        let entries = selection::entries(true, &InjectConfig::default().excluded_namespaces);
+        let found: Vec<(String, &str)> = unmeshed(&pods, &ns, &entries, &InjectConfig::default())
             .into_iter()
             .map(|u| (format!("{}/{}", u.namespace, u.name), u.opted_in_by))
             .collect();
@@ -144,5 +162,34 @@ mod tests {
                 ("plain/labelled".to_owned(), "pod"),
             ]
         );
+    }
+
+    /// The pods the webhook is never asked about are not flagged: an annotated pod in a
+    /// namespace labelled `disabled` (annotations cannot be selected on), and any pod
+    /// opted in by annotation alone when the registration has no annotation entry.
+    #[test]
+    fn pods_the_webhook_is_never_sent_are_not_flagged() {
+        let pods = [
+            meta("off", "annotated", &[(keys::INJECT, keys::ENABLED)], &[]),
+            meta("off", "labelled", &[], &[(keys::INJECT, keys::ENABLED)]),
+            meta("plain", "annotated", &[(keys::INJECT, keys::ENABLED)], &[]),
+        ];
+        let ns = BTreeMap::from([
+            (
+                "off".to_owned(),
+                BTreeMap::from([(keys::INJECT.to_owned(), keys::DISABLED.to_owned())]),
+            ),
+            ("plain".to_owned(), BTreeMap::new()),
+        ]);
+        let cfg = InjectConfig::default();
+        let names = |annotation_opt_in: bool| -> Vec<String> {
+            let entries = selection::entries(annotation_opt_in, &cfg.excluded_namespaces);
+            unmeshed(&pods, &ns, &entries, &cfg)
+                .into_iter()
+                .map(|u| format!("{}/{}", u.namespace, u.name))
+                .collect()
+        };
+        assert_eq!(names(true), ["off/labelled", "plain/annotated"]);
+        assert_eq!(names(false), ["off/labelled"]);
     }
 }

@@ -24,6 +24,7 @@ pub mod config;
 pub mod identity_bundle;
 pub mod keys;
 pub mod probes;
+pub mod selection;
 pub mod settings;
 mod sidecar;
 

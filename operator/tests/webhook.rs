@@ -618,6 +618,74 @@ async fn a_namespace_whose_labels_cannot_be_read_leaves_it_to_the_failure_policy
     let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
 }
 
+/// The unmeshed-pod audit agrees with the webhook and its registration, on the real API
+/// server: a host-network pod in an opted-in namespace (the webhook skips it) and an
+/// annotated pod in a namespace labelled `disabled` (the API server never sends it) are
+/// created without the proxy and not flagged; a pod created while the webhook is down is.
+#[tokio::test]
+async fn the_audit_flags_only_pods_the_webhook_would_have_injected() {
+    let client = shared::client().await.unwrap();
+    let on = scoped_namespace(&client, "audit-on", Some("enabled")).await;
+    // Served by the same webhook as `on`: the same scope label.
+    let off = shared::namespace(&client, "audit-off").await.unwrap();
+    let patch = json!({"metadata": {"labels": {(SCOPE_LABEL): on, (keys::INJECT): "disabled"}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(&off, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let hook = start_webhook(&client, &on, FailurePolicy::Ignore).await;
+    let create = |ns: &str, pod: serde_json::Value| {
+        let api = Api::<Pod>::namespaced(client.clone(), ns);
+        let pod: Pod = serde_json::from_value(pod).unwrap();
+        async move { api.create(&PostParams::default(), &pod).await.unwrap() }
+    };
+    let host = create(
+        &on,
+        json!({
+            "metadata": {"name": "host"},
+            "spec": {"hostNetwork": true, "containers": [{"name": "app", "image": "weft.invalid/app:1"}]}
+        }),
+    )
+    .await;
+    let annotated = create(
+        &off,
+        serde_json::to_value(pod("annotated", json!({"weft.dev/inject": "enabled"}))).unwrap(),
+    )
+    .await;
+    let meshed = create(&on, serde_json::to_value(pod("meshed", json!({}))).unwrap()).await;
+    assert!(
+        !has_proxy(&host) && !has_proxy(&annotated),
+        "the webhook left them alone"
+    );
+    assert!(has_proxy(&meshed));
+    assert_eq!(hook.metrics.count("host_network"), 1);
+
+    // The positive control: opted in, created while the webhook is down.
+    hook.stop().await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &on);
+    eventually(Duration::from_secs(20), || async {
+        let p = pods
+            .create(&PostParams::default(), &pod("missed", json!({})))
+            .await?;
+        if has_proxy(&p) {
+            pods.delete("missed", &Default::default()).await?;
+            return Err(anyhow!("webhook still answering"));
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let found: Vec<String> =
+        weft_operator::inject::audit::scan(&client, &InjectConfig::default(), true)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|u| u.namespace == on || u.namespace == off)
+            .map(|u| format!("{}/{}", u.namespace, u.name))
+            .collect();
+    assert_eq!(found, [format!("{on}/missed")]);
+}
+
 /// A TLS connection to the webhook, verified against the CA in the operator's Secret.
 async fn connect(
     client: &Client,

@@ -156,7 +156,17 @@ pub async fn run(client: &Client, args: &CheckArgs) -> Report {
     };
     report.push(trust_root(client, args, now).await);
     report.push(proxies(client, args).await);
-    report.push(unmeshed(client, args, &cfg).await);
+    // Judged against the registration as it is: without one, as the chart registers it
+    // (pods may opt in by annotation).
+    let annotation_opt_in = match &hook {
+        Ok(Some(hook)) => hook
+            .webhooks
+            .iter()
+            .flatten()
+            .any(|w| w.name == weft_inject::selection::ANNOTATION_ENTRY),
+        _ => true,
+    };
+    report.push(unmeshed(client, args, &cfg, annotation_opt_in).await);
     report
 }
 
@@ -893,8 +903,13 @@ pub fn evaluate_proxies(pods: &[String], rows: &[ProxyRow], operator_version: &s
 // ---------------------------------------------------------------------------------------
 // Unmeshed pods
 
-async fn unmeshed(client: &Client, args: &CheckArgs, cfg: &InjectConfig) -> Finding {
-    match weft_inject::audit::scan(client, cfg).await {
+async fn unmeshed(
+    client: &Client,
+    args: &CheckArgs,
+    cfg: &InjectConfig,
+    annotation_opt_in: bool,
+) -> Finding {
+    match weft_inject::audit::scan(client, cfg, annotation_opt_in).await {
         Err(e) => Finding::fail(
             names::UNMESHED_PODS,
             format!("listing pods: {e}"),

@@ -164,7 +164,13 @@ async fn renew_forever(ca: ca::Ca, certs: CertStore, settings: WebhookSettings) 
 async fn audit_forever(client: Client, settings: WebhookSettings, metrics: WebhookMetrics) {
     let mut reported = std::collections::BTreeSet::new();
     loop {
-        match crate::inject::audit::scan(&client, &settings.inject).await {
+        match crate::inject::audit::scan(
+            &client,
+            &settings.inject,
+            settings.registration.annotation_opt_in,
+        )
+        .await
+        {
             Ok(found) => {
                 metrics
                     .unmeshed

@@ -2,7 +2,8 @@
 //! which CA bundle, for which pods, and what happens when the operator is down.
 //!
 //! Three entries, disjoint by construction, so that the API server only calls the
-//! webhook for pods that may have opted in:
+//! webhook for pods that may have opted in (their selectors are
+//! `weft_inject::selection::entries`, which the unmeshed-pod audit evaluates too):
 //!
 //! | entry | namespaces | pods |
 //! | --- | --- | --- |
@@ -29,7 +30,7 @@ use kube::{
     api::{ObjectMeta, Patch, PatchParams},
 };
 
-use crate::inject::keys;
+use crate::inject::selection;
 
 /// The field manager the operator applies its objects with.
 pub const FIELD_MANAGER: &str = "weft-operator";
@@ -104,21 +105,14 @@ impl Registration {
                 service: None,
             },
         };
-        let req = |key: &str, op: &str, values: &[&str]| LabelSelectorRequirement {
-            key: key.to_owned(),
-            operator: op.to_owned(),
-            values: (!values.is_empty()).then(|| values.iter().map(|v| (*v).to_owned()).collect()),
-        };
-        let excluded: Vec<&str> = self
-            .excluded_namespaces
-            .iter()
-            .map(String::as_str)
-            .collect();
-        let not_excluded = req("kubernetes.io/metadata.name", "NotIn", &excluded);
         let scope = self
             .namespace_scope
             .as_ref()
-            .map(|(k, v)| req(k, "In", &[v.as_str()]));
+            .map(|(k, v)| LabelSelectorRequirement {
+                key: k.clone(),
+                operator: "In".to_owned(),
+                values: Some(vec![v.clone()]),
+            });
         let entry = |name: &str, mut ns: Vec<LabelSelectorRequirement>, pods: LabelSelector| {
             MutatingWebhook {
                 name: name.to_owned(),
@@ -153,43 +147,10 @@ impl Registration {
                 ..Default::default()
             }
         };
-        let mut webhooks = vec![
-            entry(
-                "namespace.inject.weft.dev",
-                vec![
-                    req(keys::INJECT, "In", &[keys::ENABLED]),
-                    not_excluded.clone(),
-                ],
-                LabelSelector {
-                    match_expressions: Some(vec![req(keys::INJECT, "NotIn", &[keys::DISABLED])]),
-                    ..Default::default()
-                },
-            ),
-            entry(
-                "pod-label.inject.weft.dev",
-                vec![
-                    req(keys::INJECT, "NotIn", &[keys::ENABLED]),
-                    not_excluded.clone(),
-                ],
-                LabelSelector {
-                    match_labels: Some(BTreeMap::from([(
-                        keys::INJECT.to_owned(),
-                        keys::ENABLED.to_owned(),
-                    )])),
-                    ..Default::default()
-                },
-            ),
-        ];
-        if self.annotation_opt_in {
-            webhooks.push(entry(
-                "pod-annotation.inject.weft.dev",
-                vec![req(keys::INJECT, "DoesNotExist", &[]), not_excluded],
-                LabelSelector {
-                    match_expressions: Some(vec![req(keys::INJECT, "DoesNotExist", &[])]),
-                    ..Default::default()
-                },
-            ));
-        }
+        let webhooks = selection::entries(self.annotation_opt_in, &self.excluded_namespaces)
+            .into_iter()
+            .map(|e| entry(e.name, e.namespaces, e.pods))
+            .collect();
         MutatingWebhookConfiguration {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
