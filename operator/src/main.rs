@@ -131,6 +131,12 @@ struct IdentityArgs {
     /// per-source bound (clients behind one NAT address, a load test from one host).
     #[arg(long, env = "WEFT_IDENTITY_IN_FLIGHT_PER_SOURCE", default_value = "4")]
     identity_in_flight_per_source: u32,
+    /// Connections the identity endpoint holds open at once (TLS handshakes included);
+    /// more are closed as soon as accepted, counted in
+    /// `weft_operator_identity_connections_refused_total`. Connections with no request in
+    /// progress are closed after 10 s.
+    #[arg(long, env = "WEFT_IDENTITY_MAX_CONNECTIONS", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..))]
+    identity_max_connections: u32,
     /// Certificates one identity (per pod) may get per second, sustained.
     #[arg(long, env = "WEFT_IDENTITY_RATE", default_value = "0.1")]
     identity_rate: f64,
@@ -430,6 +436,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 ),
                 per_identity_rate: id.identity_rate,
                 per_identity_burst: id.identity_burst,
+                max_connections: id.identity_max_connections as usize,
                 auth: AuthLimits {
                     source_rate: id.identity_reviews_per_source,
                     source_burst: id.identity_review_burst,

@@ -14,6 +14,8 @@
 //! | `weft_operator_identity_issued_total` | certificates the identity endpoint issued |
 //! | `weft_operator_identity_refusals_total{reason}` | certificate requests refused, by [`weft_api::identity::reason`] |
 //! | `weft_operator_identity_request_duration_seconds` | time to answer one certificate request (issued or refused) |
+//! | `weft_operator_identity_connections` | connections open to the identity endpoint (TLS handshakes included) |
+//! | `weft_operator_identity_connections_refused_total` | connections the identity endpoint closed at accept, holding `--identity-max-connections` already |
 //! | `weft_operator_push_stalls_total` | streams closed because the proxy did not take or acknowledge an update within the ACK timeout |
 
 use prometheus_client::{
@@ -58,6 +60,7 @@ pub struct Metrics {
     identity_issued: Counter,
     identity_refusals: Family<ReasonLabel, Counter>,
     identity_latency: Histogram,
+    identity_connections: crate::https::ConnMetrics,
 }
 
 impl Default for Metrics {
@@ -150,8 +153,11 @@ impl Metrics {
             "Time to answer one certificate request, issued or refused",
             identity_latency.clone(),
         );
+        let identity_connections = crate::https::ConnMetrics::default();
+        identity_connections.register(&mut registry, "identity");
         Metrics {
             registry,
+            identity_connections,
             identity_issued,
             identity_refusals,
             identity_latency,
@@ -230,6 +236,11 @@ impl Metrics {
     /// Counts one certificate issued.
     pub fn identity_issued(&self) {
         self.identity_issued.inc();
+    }
+
+    /// The identity endpoint's connection counts.
+    pub fn identity_connections(&self) -> crate::https::ConnMetrics {
+        self.identity_connections.clone()
     }
 
     /// Counts one refused certificate request, by its [`weft_api::identity::reason`].

@@ -176,6 +176,16 @@ async fn connect_from(
     bundle: &str,
     h2: bool,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    try_connect_from(source, addr, bundle, h2).await.unwrap()
+}
+
+/// [`connect_from`], or why the TLS handshake failed.
+async fn try_connect_from(
+    source: IpAddr,
+    addr: SocketAddr,
+    bundle: &str,
+    h2: bool,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -193,7 +203,6 @@ async fn connect_from(
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
         .await
-        .unwrap()
 }
 
 /// Sends one certificate request over TLS (verifying the endpoint against `bundle`).
@@ -209,6 +218,14 @@ async fn send_from(
     ask: Ask<'_>,
 ) -> (StatusCode, Bytes) {
     let tls = connect_from(source, addr, bundle, ask.h2).await;
+    request_on(tls, ask).await
+}
+
+/// Sends one certificate request on the TLS connection `tls` (HTTP/2 if `ask.h2`).
+async fn request_on(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    ask: Ask<'_>,
+) -> (StatusCode, Bytes) {
     let mut req = http::Request::post(format!("https://{SERVER_NAME}{CERTIFY_PATH}"))
         .header(weft_api::push::POD_HEADER, ask.pod)
         .header(http::header::CONTENT_TYPE, "application/json");
@@ -895,6 +912,170 @@ async fn a_source_holding_four_slow_requests_is_refused_at_once_while_another_ad
     .unwrap();
     assert_eq!(ep.count("weft_operator_identity_issued_total"), 2.0);
     drop(slow);
+    ep.stop.cancel();
+    bed.cleanup().await;
+}
+
+/// Reads from `conn` until the endpoint closes it (end of stream or an error), for at
+/// most `within`; how long that took, or `None` if it stayed open.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    mut conn: S,
+    within: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return started.elapsed(),
+                // A GOAWAY, SETTINGS or an answer: not yet closed.
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_send_nothing_after_the_tls_handshake_are_closed_after_10s() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-idle").await;
+    let ep = Endpoint::start(&bed, "weft-identity", IdentityLimits::default()).await;
+    let bundle = ep.ca.trust_bundle().to_owned();
+    let who = format!("{}/web-1", bed.ns);
+    let key = KeyPair::generate().unwrap();
+    // The documented bound: 10 s without a request in progress, and the close itself.
+    let (bound, slack) = (Duration::from_secs(10), Duration::from_secs(2));
+
+    // After the handshake: nothing at all (HTTP/2 by ALPN, and HTTP/1.1); the HTTP/2
+    // preface and SETTINGS but no request; half a request head.
+    let silent_h2 = connect(ep.addr, &bundle, true).await;
+    let silent_h1 = connect(ep.addr, &bundle, false).await;
+    let mut preface_only = connect(ep.addr, &bundle, true).await;
+    preface_only
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    preface_only.flush().await.unwrap();
+    let mut half_head = connect(ep.addr, &bundle, false).await;
+    half_head
+        .write_all(format!("POST {CERTIFY_PATH} HTTP/1.1\r\nhost: x\r\n").as_bytes())
+        .await
+        .unwrap();
+    half_head.flush().await.unwrap();
+    let within = bound + slack + Duration::from_secs(3);
+    let closed = futures::future::join_all([
+        closed_within(silent_h2, within),
+        closed_within(silent_h1, within),
+        closed_within(preface_only, within),
+        closed_within(half_head, within),
+    ])
+    .await;
+
+    let names = [
+        "silent h2",
+        "silent http/1.1",
+        "preface only",
+        "half a head",
+    ];
+    for (name, closed) in names.iter().zip(&closed) {
+        let took = closed.unwrap_or_else(|| panic!("{name}: still open after {within:?}"));
+        assert!(
+            took >= bound - Duration::from_millis(500) && took < bound + slack,
+            "{name}: closed after {took:?}"
+        );
+    }
+
+    // An HTTP/2 connection left idle after an answer (a refusal: no token) is closed too.
+    let tls = connect(ep.addr, &bundle, true).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::post(format!("https://{SERVER_NAME}{CERTIFY_PATH}"))
+        .header(weft_api::push::POD_HEADER, &who)
+        .body(Full::new(Bytes::from(body(csr(&key, vec![]), None))))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let answered = Instant::now();
+    tokio::time::timeout(within, conn)
+        .await
+        .expect("the idle HTTP/2 connection is closed")
+        .unwrap()
+        .ok();
+    let idle_h2 = answered.elapsed();
+
+    assert!(
+        idle_h2 >= bound - Duration::from_millis(500) && idle_h2 < bound + slack,
+        "idle h2: closed after {idle_h2:?}"
+    );
+    eventually(WAIT, || async {
+        let open = ep.count("weft_operator_identity_connections");
+        ensure!(open == 0.0, "{open} connections still counted open");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    ep.stop.cancel();
+    bed.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_closed_at_once_while_open_ones_still_work() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-conns").await;
+    let token = web_token(&bed, "198.18.240.20").await;
+    let ep = Endpoint::start(
+        &bed,
+        "weft-identity",
+        IdentityLimits {
+            max_connections: 3,
+            ..IdentityLimits::default()
+        },
+    )
+    .await;
+    let bundle = ep.ca.trust_bundle().to_owned();
+    let who = format!("{}/web-1", bed.ns);
+    let key = KeyPair::generate().unwrap();
+
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect(ep.addr, &bundle, true).await);
+    }
+    assert_eq!(ep.count("weft_operator_identity_connections"), 3.0);
+    // A fourth: closed as soon as accepted, before any TLS, and counted.
+    let fourth = try_connect_from(LOCALHOST, ep.addr, &bundle, true).await;
+    assert!(fourth.is_err(), "a fourth connection completed TLS");
+    assert_eq!(
+        ep.count("weft_operator_identity_connections_refused_total"),
+        1.0
+    );
+    // The three still work: one asks and is issued.
+    let (status, answer) = request_on(held.pop().unwrap(), plain_ask(&token, &who, &key)).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Once one goes, a new connection is taken again.
+    drop(held.pop());
+    let (status, answer) = eventually(WAIT, || async {
+        let tls = try_connect_from(LOCALHOST, ep.addr, &bundle, true).await?;
+        Ok(request_on(tls, plain_ask(&token, &who, &key)).await)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(held);
     ep.stop.cancel();
     bed.cleanup().await;
 }

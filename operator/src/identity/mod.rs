@@ -100,11 +100,14 @@ pub async fn serve_with(
         dns_names = ?serving.dns_names,
         "identity endpoint serving"
     );
-    crate::https::serve(
+    let (limits, metrics) = (server.conn_limits(), server.conn_metrics());
+    crate::https::serve_with(
         "identity",
         listener,
         certs.server_config_tls13(),
         server,
+        limits,
+        metrics,
         shutdown,
     )
     .await

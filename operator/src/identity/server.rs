@@ -62,6 +62,9 @@ pub struct IdentityLimits {
     pub per_identity_burst: u32,
     /// The TokenReview caches and limits (per source address, in flight).
     pub auth: AuthLimits,
+    /// Connections open at once; more are closed as soon as accepted (see
+    /// [`crate::https`], which also closes connections idle for 10 s).
+    pub max_connections: usize,
 }
 
 impl Default for IdentityLimits {
@@ -85,6 +88,7 @@ impl Default for IdentityLimits {
                 max_in_flight: 32,
                 ..AuthLimits::default()
             },
+            max_connections: crate::https::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -99,6 +103,7 @@ pub struct IdentityServer {
     in_flight_wait: Duration,
     per_source: Option<KeyedSlots<IpAddr>>,
     per_identity: KeyedBuckets<String>,
+    max_connections: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -167,6 +172,7 @@ impl IdentityServer {
                 limits.per_identity_burst,
                 IDENTITIES_MAX,
             ),
+            max_connections: limits.max_connections,
             metrics,
         }
     }
@@ -174,6 +180,19 @@ impl IdentityServer {
     /// The CA this endpoint issues from.
     pub fn ca(&self) -> &Arc<IdentityCa> {
         &self.ca
+    }
+
+    /// How the endpoint's server bounds its connections.
+    pub fn conn_limits(&self) -> crate::https::ConnLimits {
+        crate::https::ConnLimits {
+            max_connections: self.max_connections,
+            ..crate::https::ConnLimits::default()
+        }
+    }
+
+    /// The endpoint's connection counts.
+    pub fn conn_metrics(&self) -> crate::https::ConnMetrics {
+        self.metrics.identity_connections()
     }
 
     /// Answers one request from `peer`.
