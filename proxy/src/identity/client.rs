@@ -233,9 +233,15 @@ impl IdentityClient {
             .await
             .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))??;
         let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let certified =
-            self.store
-                .install(&answer.certificate_chain, key_der, &answer.trust_bundle)?;
+        // The identity asked for, else the one the operator says it issued: a chain for
+        // another, or for another key than `key`, is refused and asked for again.
+        let want = self.config.expected.as_deref().unwrap_or(&answer.identity);
+        let certified = self.store.install_for(
+            Some(want),
+            &answer.certificate_chain,
+            key_der,
+            &answer.trust_bundle,
+        )?;
         self.metrics
             .tls
             .renewal(true, Some(certified.not_after_unix()));

@@ -88,6 +88,18 @@ pub enum CertError {
     /// The certificate does not parse, or carries no single SPIFFE ID.
     #[error("certificate: {0}")]
     Certificate(String),
+    /// The certificate names another identity than the one asked for.
+    #[error("the certificate is for {got}, not {want} as asked")]
+    WrongIdentity {
+        /// The SPIFFE ID in the certificate.
+        got: String,
+        /// The SPIFFE ID asked for.
+        want: String,
+    },
+    /// The certificate's public key is not the private key's: it could never complete
+    /// a handshake.
+    #[error("the certificate's public key is not the key it was asked for")]
+    KeyMismatch,
     /// rustls refused the key, or the chain does not verify against the bundle.
     #[error("{what}")]
     Tls {
@@ -227,10 +239,22 @@ impl IdentityStore {
     }
 
     /// Verifies and swaps in a certificate chain (PEM, leaf first), its private key and
-    /// the trust bundle (PEM). The chain must verify against the bundle now and carry one
-    /// SPIFFE ID; on error nothing changes.
+    /// the trust bundle (PEM). The chain must verify against the bundle now, carry one
+    /// SPIFFE ID and certify `key`'s public key; on error nothing changes.
     pub fn install(
         &self,
+        chain_pem: &str,
+        key: PrivateKeyDer<'static>,
+        bundle_pem: &str,
+    ) -> Result<Arc<Certified>, CertError> {
+        self.install_for(None, chain_pem, key, bundle_pem)
+    }
+
+    /// [`IdentityStore::install`] of a certificate asked for as `want`: one for another
+    /// SPIFFE ID is refused ([`CertError::WrongIdentity`]).
+    pub fn install_for(
+        &self,
+        want: Option<&str>,
         chain_pem: &str,
         key: PrivateKeyDer<'static>,
         bundle_pem: &str,
@@ -255,6 +279,14 @@ impl IdentityStore {
         }
         let roots = Arc::new(roots);
         let (identity, not_before, not_after) = describe(leaf)?;
+        if let Some(want) = want
+            && *identity != *want
+        {
+            return Err(CertError::WrongIdentity {
+                got: identity.to_string(),
+                want: want.to_owned(),
+            });
+        }
         let parsed = ParsedCertificate::try_from(leaf).map_err(|source| CertError::Tls {
             what: "certificate",
             source,
@@ -295,6 +327,19 @@ impl IdentityStore {
                 what: "private key",
                 source,
             })?;
+        let key = CertifiedKey::new(chain, signer);
+        match key.keys_match() {
+            // A signer that cannot tell its public key (none of the ring provider's) is
+            // let through: the handshake would then be the first to tell.
+            Ok(()) | Err(TlsError::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(TlsError::InconsistentKeys(_)) => return Err(CertError::KeyMismatch),
+            Err(source) => {
+                return Err(CertError::Tls {
+                    what: "certificate",
+                    source,
+                });
+            }
+        }
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), self.provider.clone())
                 .allow_unauthenticated()
@@ -307,7 +352,7 @@ impl IdentityStore {
             installed_at: SystemTime::now(),
             chain_root,
             trust_roots,
-            key: Arc::new(CertifiedKey::new(chain, signer)),
+            key: Arc::new(key),
             roots,
             client_verifier,
             operator_verifier,
@@ -1034,6 +1079,49 @@ mod tests {
         assert_eq!(c.chain_root, fingerprint(&b.der));
         assert_eq!(c.trust_roots, [fingerprint(&a.der), fingerprint(&b.der)]);
         assert_eq!(c.chain_root.len(), 32 * 3 - 1, "{}", c.chain_root);
+    }
+
+    #[test]
+    fn an_answer_for_another_key_or_identity_is_refused_and_the_certificate_in_use_kept() {
+        let a = Ca::new("root A");
+        let store = IdentityStore::new().unwrap();
+        let asked = "spiffe://cluster.local/ns/a/sa/b";
+        let kept = a.install(&store, &a.pem);
+        let id = || SanType::URI(asked.try_into().unwrap());
+        let (chain, key) = a.issue(id(), -60, 3600);
+        let key_der = |pem: &str| {
+            rustls_pemfile::private_key(&mut pem.as_bytes())
+                .unwrap()
+                .unwrap()
+        };
+        // A chain for another key pair than the one the proxy generated.
+        let (_, other_key) = a.issue(id(), -60, 3600);
+        let e = store
+            .install_for(Some(asked), &chain, key_der(&other_key), &a.pem)
+            .err()
+            .unwrap();
+        assert!(matches!(e, CertError::KeyMismatch), "{e}");
+        // A chain for another identity than the one asked for.
+        let other = "spiffe://cluster.local/ns/a/sa/c";
+        let (chain_c, key_c) = a.issue(SanType::URI(other.try_into().unwrap()), -60, 3600);
+        let e = store
+            .install_for(Some(asked), &chain_c, key_der(&key_c), &a.pem)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&e, CertError::WrongIdentity { got, want } if got == other && want == asked),
+            "{e}"
+        );
+        let current = store.current().unwrap();
+        assert!(
+            Arc::ptr_eq(&current, &kept),
+            "the certificate in use is kept"
+        );
+        // Its own key and identity: installed.
+        let c = store
+            .install_for(Some(asked), &chain, key_der(&key), &a.pem)
+            .unwrap();
+        assert_eq!(&*c.identity, asked);
     }
 
     #[test]
