@@ -142,6 +142,11 @@ pub mod reasons {
     /// Accepted=False: the Service the Route or Breaker governs does not exist (or lacks
     /// the port), so there is nothing to program.
     pub const SERVICE_NOT_FOUND: &str = "ServiceNotFound";
+    /// Accepted=False: the Service the Route or Breaker governs is headless
+    /// (`clusterIP: None`) or ExternalName. It has no cluster IP, so no proxy has it as a
+    /// service: connections to it go to pod addresses (or another name) that no Route or
+    /// Breaker is attached to. As in Linkerd, and Gateway API's GEP-1426 for mesh routes.
+    pub const UNSUPPORTED_SERVICE: &str = "UnsupportedService";
     /// ResolvedRefs=True.
     pub const RESOLVED_REFS: &str = "ResolvedRefs";
     /// ResolvedRefs=False.
@@ -456,7 +461,9 @@ impl Index {
         let mut resources = BTreeSet::new();
         for (key, (meta, spec)) in in_ns(&self.routes, ns) {
             if let Parsed::Valid(spec) = spec
-                && self.governed_service_missing(ns, &spec.service).is_none()
+                && self
+                    .governed_problem(ns, &spec.service, Kind::Route)
+                    .is_none()
                 && conflict::conflict(&self.routes, key).is_none()
             {
                 resources.insert(resource_ref(
@@ -469,7 +476,9 @@ impl Index {
         }
         for (key, (meta, spec)) in in_ns(&self.breakers, ns) {
             if let Parsed::Valid(spec) = spec
-                && self.governed_service_missing(ns, &spec.service).is_none()
+                && self
+                    .governed_problem(ns, &spec.service, Kind::Breaker)
+                    .is_none()
                 && conflict::conflict(&self.breakers, key).is_none()
             {
                 resources.insert(resource_ref(
@@ -594,11 +603,35 @@ impl Index {
         }
     }
 
-    /// Why the Service a Route or Breaker governs is missing, if it is.
-    fn governed_service_missing(&self, ns: &str, service: &ServiceRef) -> Option<String> {
-        self.missing_services(ns, &[(service.name.clone(), service.port)])
+    /// Why a Route or Breaker (`kind`) governing `service` in `ns` governs nothing, as its
+    /// `Accepted=False` condition, if it does not: the Service (or its port) does not
+    /// exist, or it has no cluster IP (headless, ExternalName), so that no proxy has a
+    /// service config for it to attach to ([`Index::service_configs`]).
+    fn governed_problem(&self, ns: &str, service: &ServiceRef, kind: Kind) -> Option<CondState> {
+        let kind_name = kind.as_str();
+        if let Some(missing) = self
+            .missing_services(ns, &[(service.name.clone(), service.port)])
             .into_iter()
             .next()
+        {
+            return Some(CondState::no(
+                reasons::SERVICE_NOT_FOUND,
+                format!("{missing}: there is nothing for this {kind_name} to govern"),
+            ));
+        }
+        let svc = self
+            .services
+            .get(&ObjectKey::new(ns, service.name.clone()))?;
+        if svc.cluster_ips.is_empty() {
+            return Some(CondState::no(
+                reasons::UNSUPPORTED_SERVICE,
+                format!(
+                    "Service {ns}/{} is headless (clusterIP: None) or ExternalName: it has no cluster IP, so clients connect to pod addresses (or another name) directly and no proxy applies a {kind_name} to it; give the Service a cluster IP, or point the {kind_name} at one that has one",
+                    service.name
+                ),
+            ));
+        }
+        None
     }
 
     /// The config name of Service `name`'s `port` in `ns`, when proxies that see `ns` have
@@ -946,14 +979,11 @@ impl Index {
         let kind_name = kind.as_str();
         let accepted = if let Some(e) = invalid {
             CondState::no(reasons::INVALID, e)
-        } else if let Some(missing) = governed
+        } else if let Some(problem) = governed
             .as_ref()
-            .and_then(|s| self.governed_service_missing(ns, s))
+            .and_then(|s| self.governed_problem(ns, s, kind))
         {
-            CondState::no(
-                reasons::SERVICE_NOT_FOUND,
-                format!("{missing}: there is nothing for this {kind_name} to govern"),
-            )
+            problem
         } else if let Some(winner) = self.conflict(kind, key) {
             CondState::no(
                 reasons::CONFLICTED,

@@ -361,6 +361,68 @@ fn a_route_or_breaker_whose_own_service_does_not_exist_is_not_accepted() {
 }
 
 #[test]
+fn a_route_or_breaker_on_a_headless_or_external_name_service_is_not_accepted() {
+    let mut i = shop();
+    apply(&mut i, svc("shop", "headless", "None"));
+    let external: Service = serde_json::from_value(json!({
+        "metadata": {"name": "external", "namespace": "shop"},
+        "spec": {"type": "ExternalName", "externalName": "db.example.com",
+                 "ports": [{"name": "http", "port": 80}]}
+    }))
+    .unwrap();
+    apply(&mut i, model::service(&external));
+    for (n, service) in ["headless", "external"].into_iter().enumerate() {
+        apply(
+            &mut i,
+            route(
+                "shop",
+                &format!("r-{service}"),
+                "2026-01-01T00:00:00Z",
+                service,
+                json!([{"name": "web"}]),
+            ),
+        );
+        apply(
+            &mut i,
+            weft(
+                Kind::Breaker,
+                "shop",
+                &format!("b-{service}"),
+                1,
+                &format!("2026-01-01T00:00:0{n}Z"),
+                json!({"service": {"name": service}, "connectionPool": {"maxRequests": 1}}),
+            ),
+        );
+    }
+    for (kind, name) in [
+        (Kind::Route, "r-headless"),
+        (Kind::Route, "r-external"),
+        (Kind::Breaker, "b-headless"),
+        (Kind::Breaker, "b-external"),
+    ] {
+        let state = i.resource_state(kind, &key("shop", name)).unwrap();
+        assert!(!state.accepted.ok, "{name}: {state:?}");
+        assert_eq!(
+            state.accepted.reason,
+            reasons::UNSUPPORTED_SERVICE,
+            "{name}: {state:?}"
+        );
+        assert!(
+            state.accepted.message.contains("no cluster IP"),
+            "{name}: {}",
+            state.accepted.message
+        );
+    }
+    let view = client_view(&i);
+    assert!(
+        view.resources.is_empty(),
+        "no proxy carries them, so none counts toward Programmed: {:?}",
+        view.resources
+    );
+    assert!(view.services.get("headless.shop.80").is_none());
+}
+
+#[test]
 fn of_two_routes_for_one_port_the_older_is_compiled_until_it_goes() {
     let mut i = shop();
     apply(
