@@ -147,6 +147,11 @@ pub mod reasons {
     /// service: connections to it go to pod addresses (or another name) that no Route or
     /// Breaker is attached to. As in Linkerd, and Gateway API's GEP-1426 for mesh routes.
     pub const UNSUPPORTED_SERVICE: &str = "UnsupportedService";
+    /// Accepted=False: every port the Route or Breaker governs is opaque (`appProtocol:
+    /// tcp`, or listed in `weft.dev/opaque-ports`). Proxies forward an opaque port's
+    /// connections as bytes, with no request to route, split or limit, so neither a Route
+    /// nor a Breaker applies there; none is sent for such a port.
+    pub const OPAQUE_PORT: &str = "OpaquePort";
     /// ResolvedRefs=True.
     pub const RESOLVED_REFS: &str = "ResolvedRefs";
     /// ResolvedRefs=False.
@@ -631,7 +636,39 @@ impl Index {
                 ),
             ));
         }
+        let opaque = self.opaque_ports(ns, service);
+        let governed = svc
+            .ports
+            .iter()
+            .filter(|p| service.port.is_none_or(|port| port == p.port))
+            .count();
+        if !opaque.is_empty() && opaque.len() == governed {
+            return Some(CondState::no(
+                reasons::OPAQUE_PORT,
+                format!(
+                    "Service {ns}/{} {} {} opaque (appProtocol tcp or weft.dev/opaque, or the weft.dev/opaque-ports annotation): proxies forward its connections as bytes, with no request to route or limit, so no {kind_name} applies there",
+                    service.name,
+                    ports_phrase(&opaque),
+                    if opaque.len() == 1 { "is" } else { "are" },
+                ),
+            ));
+        }
         None
+    }
+
+    /// The opaque ports among those a Route or Breaker governing `service` governs: no
+    /// Route or Breaker is sent for them ([`Index::service_configs`]).
+    fn opaque_ports(&self, ns: &str, service: &ServiceRef) -> Vec<u16> {
+        self.services
+            .get(&ObjectKey::new(ns, service.name.clone()))
+            .map(|svc| {
+                svc.ports
+                    .iter()
+                    .filter(|p| p.opaque && service.port.is_none_or(|port| port == p.port))
+                    .map(|p| p.port)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The config name of Service `name`'s `port` in `ns`, when proxies that see `ns` have
@@ -710,12 +747,17 @@ impl Index {
         svc.ports
             .iter()
             .map(|p| {
-                let route = conflict::winner(&self.routes, ns, &key.name, p.port).map(|(rk, r)| {
-                    compile::route(rk, r, p.port, |name, port| {
-                        self.service_port_config(ns, name, port)
-                    })
-                });
+                // An opaque port's connections are forwarded as bytes: the proxy applies
+                // no Route or Breaker there, so none is sent (and status says so).
+                let route = conflict::winner(&self.routes, ns, &key.name, p.port)
+                    .filter(|_| !p.opaque)
+                    .map(|(rk, r)| {
+                        compile::route(rk, r, p.port, |name, port| {
+                            self.service_port_config(ns, name, port)
+                        })
+                    });
                 let breaker = conflict::winner(&self.breakers, ns, &key.name, p.port)
+                    .filter(|_| !p.opaque)
                     .map(|(bk, b)| compile::breaker(bk, b));
                 ServiceConfig {
                     name: config_name(key, p.port),
@@ -994,7 +1036,7 @@ impl Index {
             )
         } else {
             let losers = self.losers(kind, key);
-            let msg = if losers.is_empty() {
+            let mut msg = if losers.is_empty() {
                 format!("{kind_name} is valid")
             } else {
                 let names: Vec<&str> = losers.iter().map(|k| k.name.as_str()).collect();
@@ -1003,6 +1045,16 @@ impl Index {
                     names.join(", ")
                 )
             };
+            if let Some(s) = &governed {
+                let opaque = self.opaque_ports(ns, s);
+                if !opaque.is_empty() {
+                    msg.push_str(&format!(
+                        "; not applied on the opaque {} of Service {ns}/{} (forwarded as bytes)",
+                        ports_phrase(&opaque),
+                        s.name,
+                    ));
+                }
+            }
             CondState::yes(reasons::ACCEPTED, msg)
         };
         let missing = self.missing_services(ns, &refs);
@@ -1039,6 +1091,13 @@ impl Index {
 enum Visible {
     All,
     Some(BTreeSet<String>),
+}
+
+/// `port 5432` or `ports 5432, 6379`.
+fn ports_phrase(ports: &[u16]) -> String {
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let s = if list.len() == 1 { "" } else { "s" };
+    format!("port{s} {}", list.join(", "))
 }
 
 /// The proxy config name of one Service port: `<service>.<namespace>.<port>`.

@@ -423,6 +423,127 @@ fn a_route_or_breaker_on_a_headless_or_external_name_service_is_not_accepted() {
 }
 
 #[test]
+fn a_route_or_breaker_on_an_opaque_port_is_not_accepted_there_and_not_sent() {
+    let mut i = shop();
+    let db: Service = serde_json::from_value(json!({
+        "metadata": {"name": "db", "namespace": "shop",
+                     "annotations": {"weft.dev/opaque-ports": "5432"}},
+        "spec": {"clusterIP": "10.96.0.30", "clusterIPs": ["10.96.0.30"],
+                 "ports": [{"name": "sql", "port": 5432}, {"name": "http", "port": 80},
+                           {"name": "raw", "port": 7000, "appProtocol": "tcp"}]}
+    }))
+    .unwrap();
+    apply(&mut i, model::service(&db));
+    let on = |port: Option<u16>| match port {
+        Some(p) => json!({"name": "db", "port": p}),
+        None => json!({"name": "db"}),
+    };
+    // On one opaque port each, by annotation and by appProtocol.
+    for (name, port) in [("sql", 5432), ("raw", 7000)] {
+        apply(
+            &mut i,
+            weft(
+                Kind::Route,
+                "shop",
+                &format!("r-{name}"),
+                1,
+                "2026-01-01T00:00:00Z",
+                json!({"service": on(Some(port)), "rules": [{"backends": [{"name": "web"}]}]}),
+            ),
+        );
+        apply(
+            &mut i,
+            weft(
+                Kind::Breaker,
+                "shop",
+                &format!("b-{name}"),
+                1,
+                "2026-01-01T00:00:00Z",
+                json!({"service": on(Some(port)), "connectionPool": {"maxConnections": 1}}),
+            ),
+        );
+    }
+    for (kind, name, port) in [
+        (Kind::Route, "r-sql", "port 5432"),
+        (Kind::Route, "r-raw", "port 7000"),
+        (Kind::Breaker, "b-sql", "port 5432"),
+        (Kind::Breaker, "b-raw", "port 7000"),
+    ] {
+        let state = i.resource_state(kind, &key("shop", name)).unwrap();
+        assert!(!state.accepted.ok, "{name}: {state:?}");
+        assert_eq!(state.accepted.reason, reasons::OPAQUE_PORT, "{name}");
+        assert!(
+            state
+                .accepted
+                .message
+                .contains(&format!("Service shop/db {port} is opaque")),
+            "{name}: {}",
+            state.accepted.message
+        );
+    }
+    let view = client_view(&i);
+    assert!(view.resources.is_empty(), "{:?}", view.resources);
+    for port in [5432, 7000] {
+        let c = view.services.get(&format!("db.shop.{port}")).unwrap();
+        assert_eq!((c.route.is_some(), c.breaker.is_some()), (false, false));
+    }
+
+    // On every port: it applies on port 80 only, and says so.
+    apply(
+        &mut i,
+        weft(
+            Kind::Route,
+            "shop",
+            "r-all",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"service": on(None), "rules": [{"backends": [{"name": "web"}]}]}),
+        ),
+    );
+    apply(
+        &mut i,
+        weft(
+            Kind::Breaker,
+            "shop",
+            "b-all",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"service": on(None), "connectionPool": {"maxConnections": 1}}),
+        ),
+    );
+    for (kind, name) in [(Kind::Route, "r-all"), (Kind::Breaker, "b-all")] {
+        let state = i.resource_state(kind, &key("shop", name)).unwrap();
+        assert!(state.accepted.ok, "{name}: {state:?}");
+        assert!(
+            state.accepted.message.ends_with(
+                "not applied on the opaque ports 5432, 7000 of Service shop/db (forwarded as bytes)"
+            ),
+            "{name}: {}",
+            state.accepted.message
+        );
+    }
+    let view = client_view(&i);
+    let db80 = view.services.get("db.shop.80").unwrap();
+    assert_eq!(
+        db80.route.as_ref().map(|r| r.name.as_str()),
+        Some("shop/r-all")
+    );
+    assert_eq!(
+        db80.breaker.as_ref().map(|b| b.name.as_str()),
+        Some("shop/b-all")
+    );
+    for port in [5432, 7000] {
+        let c = view.services.get(&format!("db.shop.{port}")).unwrap();
+        assert_eq!(
+            (c.route.is_some(), c.breaker.is_some()),
+            (false, false),
+            "{port}"
+        );
+    }
+    assert_eq!(proxy_accepts(&i, &key("shop", "client")), Ok(()));
+}
+
+#[test]
 fn of_two_routes_for_one_port_the_older_is_compiled_until_it_goes() {
     let mut i = shop();
     apply(
