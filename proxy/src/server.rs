@@ -568,7 +568,12 @@ enum Route {
 fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let local = stream.local_addr().ok()?;
     match orig_dst::original_dst(stream, local) {
-        Ok(orig) if orig == local => {
+        // A listener on `[::]` sees an IPv4 client at an IPv4-mapped address, while the
+        // original destination is plain IPv4: both are the same address.
+        Ok(orig)
+            if orig.port() == local.port()
+                && orig.ip().to_canonical() == local.ip().to_canonical() =>
+        {
             // Dialled the proxy's own port directly: forwarding would loop.
             tracing::debug!(%orig, "connection was not redirected; closing");
             None

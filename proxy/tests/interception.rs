@@ -67,6 +67,11 @@ fn main() -> ExitCode {
             run: rewritten_probes_reach_the_app_on_the_pod_address_not_the_inbound_listener,
         },
         Test {
+            name: "a_connection_dialled_straight_to_a_proxy_port_is_closed_not_looped",
+            netns: true,
+            run: a_connection_dialled_straight_to_a_proxy_port_is_closed_not_looped,
+        },
+        Test {
             name: "every_variable_the_injector_sets_is_a_proxy_setting",
             netns: false,
             run: every_variable_the_injector_sets_is_a_proxy_setting,
@@ -316,6 +321,56 @@ fn inbound_reaches_only_what_the_app_serves_on_the_pod_address() {
     assert_ok_from(&out, "private dst=127.0.0.1:8081 src=127.0.0.1:");
     let out = get(&pair, &peer_ns, POD6, 8081);
     assert_ok_from(&out, "private dst=[::1]:8081 src=[::1]:");
+    let out = get(&pair, &peer_ns, POD4, 8080);
+    assert_ok_from(&out, &format!("app dst={POD4}:8080 src=127.0.0.6:"));
+}
+
+/// A connection dialled to a listener's own port was not redirected: its original
+/// destination is the listener itself, and passing it on would reach the same listener
+/// again, without end. The listeners bind `[::]`, so an IPv4 connection's local address is
+/// IPv4-mapped while its original destination is plain IPv4; both forms are the same
+/// address. From the application (`127.0.0.1:15001`, as a misconfigured `http_proxy`
+/// would) and from the peer (the pod's address on either listener port), each connection
+/// is closed at once, and the proxy opens no more.
+fn a_connection_dialled_straight_to_a_proxy_port_is_closed_not_looped() {
+    let (mut pair, dir) = pod();
+    let (pod_ns, peer_ns) = (pair.pod.clone(), pair.peer.clone());
+    pair.spawn_listener(&pod_ns, "app/http=8080");
+    let _sidecar = Sidecar::start(&pair, dir.path(), &[]);
+
+    let dials = [
+        (pod_ns.as_str(), "127.0.0.1", 15001),
+        (pod_ns.as_str(), "::1", 15001),
+        (peer_ns.as_str(), POD4, 15006),
+        (peer_ns.as_str(), POD6, 15006),
+    ];
+    for (ns, host, port) in dials {
+        let started = Instant::now();
+        let out = get(&pair, ns, host, port);
+        assert!(out.is_empty(), "{host}:{port}: {out}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{host}:{port}: closed after {:?}",
+            started.elapsed()
+        );
+    }
+    // The peer dialling the outbound port: redirected to the inbound listener, which hands
+    // it to "the application" on that port, which is the outbound listener, from the
+    // inbound source, so not redirected: closed there, and answered 502.
+    let out = get(&pair, &peer_ns, POD4, 15001);
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    // Let a loop, had one started, run on.
+    thread::sleep(Duration::from_millis(500));
+    let m = metrics(&pair);
+    let opened = series(
+        &m,
+        r#"weft_tcp_connections_opened_total{direction="outbound"}"#,
+    ) + series(
+        &m,
+        r#"weft_tcp_connections_opened_total{direction="inbound"}"#,
+    );
+    assert!(opened <= 6, "{opened} connections opened for 5 dials:\n{m}");
+    // The proxy still serves.
     let out = get(&pair, &peer_ns, POD4, 8080);
     assert_ok_from(&out, &format!("app dst={POD4}:8080 src=127.0.0.6:"));
 }
