@@ -14,6 +14,7 @@
 //! | `weft_operator_identity_issued_total` | certificates the identity endpoint issued |
 //! | `weft_operator_identity_refusals_total{reason}` | certificate requests refused, by [`weft_api::identity::reason`] |
 //! | `weft_operator_identity_request_duration_seconds` | time to answer one certificate request (issued or refused) |
+//! | `weft_operator_identity_abandoned_total{step}` | certificate requests whose client went away before the answer, by the step they were at: `slot`, `body`, `token_review`, `issue` |
 //! | `weft_operator_identity_connections` | connections open to the identity endpoint (TLS handshakes included) |
 //! | `weft_operator_identity_connections_refused_total` | connections the identity endpoint closed at accept, holding `--identity-max-connections` already |
 //! | `weft_operator_push_stalls_total` | streams closed because the proxy did not take or acknowledge an update within the ACK timeout |
@@ -34,6 +35,11 @@ struct KindLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabel {
+    step: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,6 +66,7 @@ pub struct Metrics {
     identity_issued: Counter,
     identity_refusals: Family<ReasonLabel, Counter>,
     identity_latency: Histogram,
+    identity_abandoned: Family<StepLabel, Counter>,
     identity_connections: crate::https::ConnMetrics,
 }
 
@@ -153,11 +160,18 @@ impl Metrics {
             "Time to answer one certificate request, issued or refused",
             identity_latency.clone(),
         );
+        let identity_abandoned = Family::<StepLabel, Counter>::default();
+        registry.register(
+            "identity_abandoned",
+            "Certificate requests whose client went away before the answer, by the step they were at",
+            identity_abandoned.clone(),
+        );
         let identity_connections = crate::https::ConnMetrics::default();
         identity_connections.register(&mut registry, "identity");
         Metrics {
             registry,
             identity_connections,
+            identity_abandoned,
             identity_issued,
             identity_refusals,
             identity_latency,
@@ -236,6 +250,13 @@ impl Metrics {
     /// Counts one certificate issued.
     pub fn identity_issued(&self) {
         self.identity_issued.inc();
+    }
+
+    /// Counts one certificate request abandoned by its client at `step`.
+    pub fn identity_abandoned(&self, step: &'static str) {
+        self.identity_abandoned
+            .get_or_create(&StepLabel { step })
+            .inc();
     }
 
     /// The identity endpoint's connection counts.

@@ -1080,6 +1080,168 @@ async fn connections_beyond_the_cap_are_closed_at_once_while_open_ones_still_wor
     bed.cleanup().await;
 }
 
+/// A TCP relay to the test bed's API server that can hold every byte it relays, as a
+/// network partition between the operator and the API server would: open, TokenReviews
+/// reach the real API server; held, they hang.
+struct Relay {
+    url: String,
+    open: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Relay {
+    async fn start() -> Relay {
+        let server: http::Uri = weft_e2e::shared::testbed().server().parse().unwrap();
+        let upstream = format!("{}:{}", server.host().unwrap(), server.port_u16().unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let open = Arc::new(tokio::sync::watch::Sender::new(true));
+        let gate = open.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(Relay::pump(client_read, server_write, gate.subscribe()));
+                tokio::spawn(Relay::pump(server_read, client_write, gate.subscribe()));
+            }
+        });
+        Relay { url, open }
+    }
+
+    /// Copies `from` to `to`, holding what it read while the relay is held.
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut open: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if open.wait_for(|open| *open).await.is_err() || to.write_all(&buf[..n]).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    fn hold(&self) {
+        self.open.send_replace(false);
+    }
+
+    fn release(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// A client of the API server through this relay, as the bed's administrator.
+    async fn client(&self) -> kube::Client {
+        let kubeconfig =
+            kube::config::Kubeconfig::read_from(weft_e2e::shared::testbed().kubeconfig()).unwrap();
+        let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap();
+        config.cluster_url = self.url.parse().unwrap();
+        kube::Client::try_from(config).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_api_server_unreachable_a_proxy_is_answered_unavailable_before_its_timeout() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-partition").await;
+    bed.service_account("web").await;
+    let pod = bed.pod("web-1", "web", "web", "198.18.240.21").await;
+    let relay = Relay::start().await;
+    let ep = Endpoint::start_reviewing(
+        &bed,
+        "weft-identity",
+        IdentityLimits::default(),
+        relay.client().await,
+    )
+    .await;
+    let bundle = ep.ca.trust_bundle().to_owned();
+    let who = format!("{}/web-1", bed.ns);
+    // weft-proxy's own identity client, with its 10 s request timeout; each step with a
+    // fresh token, so that none is answered from the accepted-token cache.
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let proxy = weft_proxy::identity::client::IdentityClient::new(
+        weft_proxy::identity::client::IdentityClientConfig {
+            addr: ep.addr.to_string(),
+            server_name: ServerName::try_from(SERVER_NAME).unwrap(),
+            trust_roots: roots(&bundle),
+            token_file: Some(token_file.clone()),
+            pod: who.clone(),
+            expected: None,
+        },
+        weft_proxy::identity::IdentityStore::new().unwrap(),
+        Arc::new(weft_proxy::metrics::Metrics::new()),
+    )
+    .unwrap();
+    let fresh_token = || async { std::fs::write(&token_file, bed.token(&pod).await).unwrap() };
+
+    // Through the relay, open: the real API server reviews the token.
+    fresh_token().await;
+    proxy.certify_once().await.unwrap();
+
+    // The API server unreachable: the proxy gets `unavailable` and its reason before its
+    // own timeout, and the refusal is counted.
+    relay.hold();
+    fresh_token().await;
+    let asked = Instant::now();
+    let e = proxy.certify_once().await.err().unwrap();
+    let took = asked.elapsed();
+    match &e {
+        weft_proxy::identity::client::ClientError::Refused {
+            status,
+            reason,
+            message,
+        } => {
+            assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(reason, reason::UNAVAILABLE);
+            assert!(message.contains("timed out"), "{message}");
+        }
+        other => panic!("not the operator's answer: {other}"),
+    }
+    assert!(took < Duration::from_secs(9), "answered after {took:?}");
+    assert_eq!(ep.refusals(reason::UNAVAILABLE), 1.0);
+
+    // A client that gives up while the review hangs (its HTTP/2 stream reset) is still
+    // counted, at the step it gave up at.
+    let abandoned = r#"weft_operator_identity_abandoned_total{step="token_review"}"#;
+    let token = bed.token(&pod).await;
+    let key = KeyPair::generate().unwrap();
+    let gave_up = tokio::time::timeout(
+        Duration::from_secs(1),
+        send(ep.addr, &bundle, plain_ask(&token, &who, &key)),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "answered while the API server is unreachable"
+    );
+    eventually(WAIT, || async {
+        ensure!(ep.count(abandoned) == 1.0, "{}", ep.metrics.encode());
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(ep.refusals(reason::UNAVAILABLE), 1.0);
+
+    // The API server reachable again: issued.
+    relay.release();
+    fresh_token().await;
+    eventually(WAIT, || async { Ok(proxy.certify_once().await?) })
+        .await
+        .unwrap();
+    ep.stop.cancel();
+    bed.cleanup().await;
+}
+
 /// The header and claims of the JWT `token`.
 fn jwt_parts(token: &str) -> (serde_json::Value, serde_json::Value) {
     let mut parts = token.split('.').map(|p| {

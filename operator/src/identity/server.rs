@@ -12,7 +12,13 @@
 //! ```
 //!
 //! Cheap checks come before the TokenReview, so garbage costs the API server nothing.
-//! Every answer is counted: issued, or refused by reason, and its latency.
+//! Every answer is counted: issued, or refused by reason, and its latency; a request its
+//! client gives up on before the answer is counted too, by the step it was at.
+//!
+//! Every wait is bounded so that a proxy, which gives up after its own 10 s
+//! (`REQUEST_TIMEOUT` in `weft-proxy`'s identity client), gets the answer and its reason:
+//! at most 2 s for a slot, 1 s for a TokenReview slot and 5 s for the TokenReview, 8 s in
+//! all (plus the time the client itself takes to send its body).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -86,6 +92,10 @@ impl Default for IdentityLimits {
                 source_rate: 20.0,
                 source_burst: 200,
                 max_in_flight: 32,
+                // The slot wait (2 s), the review slot wait (1 s) and this make 8 s, under
+                // the proxy's 10 s, so a slow API server is answered `unavailable` with
+                // its reason rather than left to the proxy's timeout.
+                review_timeout: Duration::from_secs(5),
                 ..AuthLimits::default()
             },
             max_connections: crate::https::DEFAULT_MAX_CONNECTIONS,
@@ -113,6 +123,57 @@ impl std::fmt::Debug for IdentityServer {
             .field("trust_domain", &self.trust_domain)
             .field("lifetime", &self.lifetime)
             .finish()
+    }
+}
+
+/// The step a request is at, for a request abandoned there by its client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Waiting for its source's place or an in-flight slot.
+    Slot,
+    /// Reading the body.
+    Body,
+    /// Waiting for the TokenReview (or another request's review of the same token).
+    Review,
+    /// Past the review: the identity checks and signing (no await: never abandoned).
+    Issue,
+}
+
+impl Step {
+    /// The label of `weft_operator_identity_abandoned_total{step}`.
+    fn as_str(self) -> &'static str {
+        match self {
+            Step::Slot => "slot",
+            Step::Body => "body",
+            Step::Review => "token_review",
+            Step::Issue => "issue",
+        }
+    }
+}
+
+/// A request being answered: if it is dropped before its answer (its client reset the
+/// stream or closed the connection), the step it was at is counted and logged.
+struct Pending<'a> {
+    metrics: &'a Metrics,
+    peer: SocketAddr,
+    started: Instant,
+    step: Step,
+    answered: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let (peer, step, waited) = (self.peer, self.step.as_str(), self.started.elapsed());
+        self.metrics.identity_abandoned(step);
+        // A slow API server shows here; a client going away early is its own business.
+        if self.step == Step::Review {
+            tracing::warn!(%peer, step, ?waited, "certificate request abandoned by the client");
+        } else {
+            tracing::debug!(%peer, step, ?waited, "certificate request abandoned by the client");
+        }
     }
 }
 
@@ -198,7 +259,15 @@ impl IdentityServer {
     /// Answers one request from `peer`.
     pub async fn answer(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let started = Instant::now();
-        let answer = self.certify(req, peer).await;
+        let mut pending = Pending {
+            metrics: &self.metrics,
+            peer,
+            started,
+            step: Step::Slot,
+            answered: false,
+        };
+        let answer = self.certify(req, peer, &mut pending.step).await;
+        pending.answered = true;
         self.metrics.identity_answered(started.elapsed());
         match answer {
             Ok(resp) => {
@@ -232,10 +301,12 @@ impl IdentityServer {
         }
     }
 
+    /// The answer to `req`; `step` follows its progress.
     async fn certify(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        step: &mut Step,
     ) -> Result<CertifyResponse, Refusal> {
         if req.method() != Method::POST || req.uri().path() != CERTIFY_PATH {
             return Err(Refusal::new(
@@ -306,6 +377,7 @@ impl IdentityServer {
             .map(str::to_owned);
         // The in-flight slot is held while the body arrives: a client trickling it gets
         // BODY_TIMEOUT, not the slot for as long as it likes.
+        *step = Step::Body;
         let body = tokio::time::timeout(
             BODY_TIMEOUT,
             Limited::new(req.into_body(), MAX_REQUEST_BYTES).collect(),
@@ -342,11 +414,13 @@ impl IdentityServer {
             Refusal::new(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, e.to_string())
         })?;
 
+        *step = Step::Review;
         let id = self
             .reviewer
             .authenticate(token.as_deref(), peer.ip(), &self.metrics)
             .await
             .map_err(from_auth)?;
+        *step = Step::Issue;
         let mismatch =
             |m: String| Refusal::new(StatusCode::FORBIDDEN, reason::IDENTITY_MISMATCH, m);
         if id.namespace != pod.namespace {
