@@ -14,6 +14,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod push;
 pub mod rate;
+pub mod readiness;
 pub mod status;
 pub mod webhook;
 

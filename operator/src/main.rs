@@ -468,20 +468,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         // The index watches every namespace unless --watch-namespace narrows it; then the
         // webhook needs a Namespace watch of its own.
         let index = whole_cluster.then(|| handles.index.clone());
-        tokio::spawn(async move {
-            if let Err(error) = webhook::run_with(
-                client,
-                webhook_settings,
-                index,
-                listener,
-                metrics,
-                token.cancelled_owned(),
-            )
-            .await
-            {
-                tracing::error!(%error, "the injection webhook stopped");
-            }
-        })
+        // `/readyz` says 503 until the webhook serves: its start-up is retried with backoff.
+        let gate = handles.readiness.gate("webhook");
+        tokio::spawn(webhook::run_retrying(
+            client,
+            webhook_settings,
+            index,
+            listener,
+            metrics,
+            gate,
+            token.cancelled_owned(),
+        ))
     });
     if webhook_task.is_some() {
         let mut registry = prometheus_client::registry::Registry::default();

@@ -6,7 +6,7 @@
 //!            ┌── index::watch (7 watches) ──▶ SharedIndex ◀── push::serve (proxies)
 //! run(..) ───┼── status::lease ──leader──▶ status::StatusWriter ◀── Peers
 //!            ├── status::reports: publish this replica's ACKs, watch the peers' ──┘
-//!            └── admin: /healthz /readyz /metrics /proxies /version
+//!            └── admin: /healthz /readyz (index synced, no readiness gate pending) /metrics /proxies /version
 //! ```
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
@@ -25,6 +25,7 @@ use crate::{
     index::{Index, ObjectKey, shared::SharedIndex},
     metrics::Metrics,
     push::{self, Authenticator, PushServer, Registry},
+    readiness::Readiness,
     status::{
         StatusWriter, lease,
         reports::{self, Peers},
@@ -70,6 +71,8 @@ pub struct Handles {
     pub metrics: Arc<Metrics>,
     /// The other replicas' proxies, from their ACK reports.
     pub peers: Arc<Peers>,
+    /// Parts besides the index that `/readyz` waits for (the webhook takes a gate).
+    pub readiness: Arc<Readiness>,
 }
 
 /// Starts the control plane; it runs until `shutdown`, and the returned task ends when
@@ -95,6 +98,7 @@ pub fn run(
         registry: registry.clone(),
         metrics: metrics.clone(),
         peers: peers.clone(),
+        readiness: Arc::new(Readiness::default()),
     };
     let tracker = TaskTracker::new();
     tracker.spawn(
@@ -250,14 +254,21 @@ async fn serve_admin(
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let (status, ctype, body) = match req.uri().path() {
                         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-                        "/readyz" if handles.index.is_synced() => {
-                            (StatusCode::OK, "text/plain", "ok\n".to_owned())
-                        }
-                        "/readyz" => (
+                        "/readyz" if !handles.index.is_synced() => (
                             StatusCode::SERVICE_UNAVAILABLE,
                             "text/plain",
                             "index not synced\n".to_owned(),
                         ),
+                        "/readyz" => match handles.readiness.waiting_for() {
+                            waiting if waiting.is_empty() => {
+                                (StatusCode::OK, "text/plain", "ok\n".to_owned())
+                            }
+                            waiting => (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "text/plain",
+                                format!("not serving yet: {}\n", waiting.join(", ")),
+                            ),
+                        },
                         "/metrics" => (
                             StatusCode::OK,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -197,3 +197,84 @@ async fn proxy_processes_lose_no_request_while_the_operator_process_is_killed_an
     drop(operator);
     bed.cleanup().await;
 }
+
+/// An operator whose webhook cannot start (here its CA Secret is malformed; a refused
+/// registration or an API server blip fails the same start-up) is not ready and says why,
+/// keeps its webhook listener and retries; once the cause is fixed (the Secret deleted, so
+/// the operator creates a new CA) the webhook registers and serves, and the operator is
+/// ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_whose_webhook_cannot_start_is_not_ready_until_it_does() {
+    use k8s_openapi::api::{
+        admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret,
+    };
+
+    let bed = Bed::new("proc-hook").await;
+    let dir = tempfile::tempdir().unwrap();
+    let broken: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "weft-ca"},
+        "stringData": {"tls.crt": "not a certificate", "tls.key": "not a key"}
+    }))
+    .unwrap();
+    let secrets = bed.api::<Secret>();
+    secrets
+        .create(&PostParams::default(), &broken)
+        .await
+        .unwrap();
+    let (push, admin, identity, hook) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let name = format!("weft-injector-{}", bed.ns);
+    let mut cmd = operator_command(&bed.ns, push, admin, identity, 1);
+    cmd.arg("--no-identity")
+        .args(["--webhook-addr", &hook.to_string()])
+        .args(["--webhook-name", &name])
+        .args(["--webhook-url", &format!("https://{hook}/inject")])
+        // Scoped to a label no namespace carries: the API server calls it for nobody.
+        .args([
+            "--webhook-namespace-scope",
+            &format!("e2e.weft.dev/webhook={}", bed.ns),
+        ]);
+    let operator = Proc::spawn("operator-1", cmd, dir.path());
+
+    let not_ready = || async {
+        let (status, body) = http_get(admin, "/readyz").await?;
+        ensure!(
+            status == 503 && body.contains("webhook"),
+            "/readyz {status}: {body}"
+        );
+        Ok(())
+    };
+    eventually(Duration::from_secs(30), not_ready)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
+    // Not a moment before the index synced: it stays unready while the webhook cannot start.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    not_ready()
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
+    let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
+    assert!(
+        log.matches("the injection webhook could not start").count() >= 2,
+        "retried: {}",
+        operator.log_tail()
+    );
+
+    secrets
+        .delete("weft-ca", &Default::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(45), || async {
+        let (status, body) = http_get(admin, "/readyz").await?;
+        ensure!(status == 200, "/readyz {status}: {body}");
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
+    let webhooks = kube::Api::<MutatingWebhookConfiguration>::all(bed.client.clone());
+    assert!(webhooks.get_opt(&name).await.unwrap().is_some());
+    // The listener it kept serves.
+    tokio::net::TcpStream::connect(hook).await.unwrap();
+
+    drop(operator);
+    let _ = webhooks.delete(&name, &Default::default()).await;
+    bed.cleanup().await;
+}

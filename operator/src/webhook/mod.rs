@@ -4,6 +4,7 @@
 //! ```text
 //!  start: CA Secret ──▶ serving cert (renewed at 2/3 of its life) ──▶ CertStore
 //!         registration (MutatingWebhookConfiguration with caBundle = CA)
+//!         (in the operator: retried with backoff until it succeeds; readiness gate opens)
 //!  serve: API server ──TLS──▶ server ──▶ review::parse ─▶ namespace labels ─▶ review::admit
 //! ```
 
@@ -78,7 +79,8 @@ pub async fn run(
 }
 
 /// As [`run`]; with `index` (the operator's, watching every namespace), namespace labels
-/// are read from it instead of a second Namespace watch.
+/// are read from it instead of a second Namespace watch. A start-up that fails is returned
+/// as the error ([`run_retrying`] retries it instead).
 pub async fn run_with(
     client: Client,
     settings: WebhookSettings,
@@ -87,6 +89,74 @@ pub async fn run_with(
     metrics: WebhookMetrics,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), WebhookError> {
+    let (ca, certs) = start(&client, &settings).await?;
+    serve_started(
+        client, settings, index, listener, metrics, ca, certs, shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+/// The wait before start-up try `attempt + 1` after `attempt` failed ones: 1 s, doubling,
+/// at most [`START_BACKOFF_MAX`].
+pub fn start_backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.min(5)).min(START_BACKOFF_MAX)
+}
+
+/// The longest wait between two start-up tries of [`run_retrying`].
+pub const START_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// As [`run_with`], for the operator: a start-up that fails (the CA Secret cannot be read
+/// or is malformed, the registration is refused, the API server blips) is logged and
+/// retried after [`start_backoff`], keeping `listener`, until it succeeds or `shutdown`
+/// completes. `gate` is opened once the webhook serves, and dropped (pending again) when
+/// it stops, so the operator's `/readyz` says whether the webhook is serving.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_retrying(
+    client: Client,
+    settings: WebhookSettings,
+    index: Option<Arc<SharedIndex>>,
+    listener: TcpListener,
+    metrics: WebhookMetrics,
+    gate: crate::readiness::Gate,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown.fuse());
+    let mut attempt = 0u32;
+    let (ca, certs) = loop {
+        let result = tokio::select! {
+            () = &mut shutdown => return,
+            r = start(&client, &settings) => r,
+        };
+        match result {
+            Ok(started) => break started,
+            Err(error) => {
+                attempt = attempt.saturating_add(1);
+                let retry_in = start_backoff(attempt - 1);
+                tracing::error!(%error, attempt, ?retry_in, "the injection webhook could not start");
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    () = tokio::time::sleep(retry_in) => {}
+                }
+            }
+        }
+    };
+    if attempt > 0 {
+        tracing::info!(attempt = attempt + 1, "the injection webhook started");
+    }
+    gate.open();
+    serve_started(
+        client, settings, index, listener, metrics, ca, certs, shutdown,
+    )
+    .await;
+    drop(gate);
+}
+
+/// Loads the CA, issues a serving certificate and registers the webhook.
+async fn start(
+    client: &Client,
+    settings: &WebhookSettings,
+) -> Result<(ca::Ca, CertStore), WebhookError> {
     let ca =
         ca::load_or_create(client.clone(), &settings.ca_namespace, &settings.ca_secret).await?;
     let leaf = ca.issue_serving(&settings.dns_names, &settings.ips, settings.cert_lifetime)?;
@@ -96,7 +166,21 @@ pub async fn run_with(
         .apply(client.clone(), ca.cert_pem())
         .await
         .map_err(WebhookError::Register)?;
+    Ok((ca, certs))
+}
 
+/// Serves a started webhook until `shutdown` (or one of its parts ends).
+#[allow(clippy::too_many_arguments)]
+async fn serve_started(
+    client: Client,
+    settings: WebhookSettings,
+    index: Option<Arc<SharedIndex>>,
+    listener: TcpListener,
+    metrics: WebhookMetrics,
+    ca: ca::Ca,
+    certs: CertStore,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let (labels, namespaces) = match index {
         Some(index) => (
             NamespaceLabels::Index(index),
@@ -133,7 +217,6 @@ pub async fn run_with(
         _ = renew => {}
         _ = audit => {}
     }
-    Ok(())
 }
 
 /// Re-issues the serving certificate at two thirds of its lifetime, forever. A failed
@@ -187,5 +270,17 @@ async fn audit_forever(client: Client, settings: WebhookSettings, metrics: Webho
             Err(error) => tracing::warn!(%error, "scanning pods for unmeshed ones"),
         }
         tokio::time::sleep(settings.audit_interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_tries_back_off_from_one_second_to_at_most_thirty() {
+        let waits: Vec<u64> = (0..8).map(|a| start_backoff(a).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(start_backoff(u32::MAX), START_BACKOFF_MAX);
     }
 }
