@@ -56,6 +56,8 @@ pub struct Config {
     pub authorization: Option<Arc<crate::authz::Authorizer>>,
     by_name: HashMap<String, usize>,
     by_addr: HashMap<SocketAddr, usize>,
+    /// Meshed endpoint addresses: (service, endpoint) of the first service listing each.
+    by_meshed_endpoint: HashMap<SocketAddr, (usize, usize)>,
 }
 
 /// A validated service.
@@ -251,6 +253,14 @@ impl Config {
             }
         }
         let services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
+        let mut by_meshed_endpoint = HashMap::new();
+        for (i, s) in services.iter().enumerate() {
+            for (j, e) in s.endpoints.iter().enumerate() {
+                if e.identity.is_some() {
+                    by_meshed_endpoint.entry(e.addr).or_insert((i, j));
+                }
+            }
+        }
         let inbound_mtls = raw
             .inbound
             .as_ref()
@@ -289,6 +299,7 @@ impl Config {
             authorization,
             by_name,
             by_addr,
+            by_meshed_endpoint,
         })
     }
 
@@ -296,6 +307,12 @@ impl Config {
     pub fn service_for_addr(&self, addr: SocketAddr) -> Option<(usize, &Arc<Service>)> {
         let i = *self.by_addr.get(&addr)?;
         self.services.get(i).map(|s| (i, s))
+    }
+
+    /// The meshed endpoint at this address, as indices of its service and of it there: the
+    /// first service listing it (every service gives a pod the same identity).
+    pub fn meshed_endpoint(&self, addr: SocketAddr) -> Option<(usize, usize)> {
+        self.by_meshed_endpoint.get(&addr).copied()
     }
 
     /// The service with this name, if any.
@@ -455,6 +472,27 @@ pub(crate) mod tests {
             assert!(c.is_opaque_port(p));
         }
         assert!(!c.is_opaque_port(80));
+    }
+
+    #[test]
+    fn meshed_endpoints_are_found_by_address_in_the_first_service_listing_them() {
+        let c = parse(&format!(
+            "{HEADER}services:\n\
+             - name: kafka\n  addresses: ['198.19.0.10:9092']\n  endpoints:\n\
+             \x20 - {{address: '198.18.0.5:9092', identity: 'spiffe://cluster.local/ns/q/sa/kafka'}}\n\
+             \x20 - {{address: '198.18.0.6:9092'}}\n\
+             - name: kafka-admin\n  addresses: ['198.19.0.11:9092']\n  endpoints:\n\
+             \x20 - {{address: '198.18.0.7:9092', identity: 'spiffe://cluster.local/ns/q/sa/kafka'}}\n\
+             \x20 - {{address: '198.18.0.5:9092', identity: 'spiffe://cluster.local/ns/q/sa/kafka'}}\n"
+        ))
+        .unwrap();
+        let at = |a: &str| c.meshed_endpoint(a.parse().unwrap());
+        assert_eq!(at("198.18.0.5:9092"), Some((0, 0)));
+        assert_eq!(at("198.18.0.7:9092"), Some((1, 0)));
+        // Not meshed, another port of a meshed pod, a service's own address.
+        assert_eq!(at("198.18.0.6:9092"), None);
+        assert_eq!(at("198.18.0.5:9093"), None);
+        assert_eq!(at("198.19.0.10:9092"), None);
     }
 
     #[test]

@@ -288,6 +288,7 @@ impl Conn {
                         label,
                     ),
                     Route::Missing(name) => (HttpTarget::Named(name.clone()), ServiceLabel(name)),
+                    Route::Endpoint(e) => (HttpTarget::Fixed(e), ServiceLabel::passthrough()),
                 };
                 let mut conn = HttpConn::new(
                     proxy.store.clone(),
@@ -351,7 +352,7 @@ fn admit_opaque(proxy: &Proxy, route: &Route, tls: bool, identity: Option<&str>)
     };
     let port = match route {
         Route::Addr(dial, _) => dial.addr.port(),
-        Route::Service(..) | Route::Missing(_) => 0,
+        Route::Service(..) | Route::Missing(_) | Route::Endpoint(_) => 0,
     };
     match authz.decide(&crate::authz::Subject {
         identity,
@@ -407,11 +408,17 @@ fn plan(
                     Route::Service(svc.clone(), HttpTarget::ClusterAddr(orig)),
                     svc.spec.opaque || config.is_opaque_port(orig.port()),
                 ),
-                // Nobody claims it: forward unchanged.
-                None => (
-                    Route::Addr(Dial::direct(orig), ServiceLabel::passthrough()),
-                    true,
-                ),
+                None => match snapshot.meshed_endpoint_for_addr(orig) {
+                    // A meshed pod dialled by its address (a headless Service's name, a
+                    // StatefulSet peer, the pod itself): mutual TLS, as to a service's
+                    // endpoint, so that a `Strict` pod takes it; the bytes are opaque.
+                    Some(endpoint) => (Route::Endpoint(endpoint.clone()), true),
+                    // Nobody claims it: forward unchanged.
+                    None => (
+                        Route::Addr(Dial::direct(orig), ServiceLabel::passthrough()),
+                        true,
+                    ),
+                },
             }
         }
         ListenerKind::Inbound => {
@@ -438,7 +445,7 @@ fn plan(
     };
     let connect_timeout = match &route {
         Route::Service(s, _) => s.spec.connect_timeout,
-        Route::Addr(..) | Route::Missing(_) => config.connect_timeout,
+        Route::Addr(..) | Route::Missing(_) | Route::Endpoint(_) => config.connect_timeout,
     };
     Some(Plan {
         route,
@@ -561,6 +568,9 @@ enum Route {
     Service(Arc<ServiceState>, HttpTarget),
     /// A fixed address: passthrough, or the application in this pod.
     Addr(Dial, ServiceLabel),
+    /// A meshed endpoint dialled by its own address, not a service's: opaque bytes over
+    /// mutual TLS to the identity the config gives it.
+    Endpoint(Arc<EndpointState>),
     /// A forward listener's service that is not in the config.
     Missing(Arc<str>),
 }
@@ -654,6 +664,21 @@ async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
                 Ok(s) => (upstream::UpstreamIo::Plain(s), None),
                 Err(error) => {
                     tracing::debug!(%error, "opaque connect failed");
+                    proxy.metrics.error(direction, connect_code(&error));
+                    return;
+                }
+            }
+        }
+        Route::Endpoint(endpoint) => {
+            let in_flight = endpoint.start();
+            match endpoint.upstream.connect_opaque().await {
+                Ok(s) => (s, Some(in_flight)),
+                Err(error) => {
+                    endpoint.penalize();
+                    tracing::debug!(%error, "opaque connect to a meshed endpoint failed");
+                    if let Some(failure) = error.tls_failure() {
+                        proxy.metrics.tls.refused(direction, failure);
+                    }
                     proxy.metrics.error(direction, connect_code(&error));
                     return;
                 }

@@ -598,6 +598,13 @@ impl Snapshot {
         self.services.get(i)
     }
 
+    /// The meshed endpoint at an address, as a service lists it (for a pod dialled by its
+    /// address rather than a service's).
+    pub fn meshed_endpoint_for_addr(&self, addr: SocketAddr) -> Option<&Arc<EndpointState>> {
+        let (i, j) = self.config.meshed_endpoint(addr)?;
+        self.services.get(i)?.endpoints.get(j)
+    }
+
     /// The service with a name.
     pub fn service_by_name(&self, name: &str) -> Option<&Arc<ServiceState>> {
         let (i, _) = self.config.service_by_name(name)?;

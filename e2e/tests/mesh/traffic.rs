@@ -986,8 +986,9 @@ spec:
 
 /// 5f. A namespace-wide Policy (`target.selector: {}`, no workload named) in `Strict`
 ///     mode refuses an unmeshed client's plain text (403 `mtls_required` from web's
-///     proxy) while a meshed client in another namespace, over mTLS, still gets 200;
-///     deleting the Policy lets the unmeshed client through again.
+///     proxy) while a meshed client in another namespace, over mTLS, still gets 200, by
+///     web's Service and by web's pod address; deleting the Policy lets the unmeshed
+///     client through again.
 pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result<()> {
     let demo = Demo::deploy(ctx, "strict", 1, 0, &[])?;
     let ns = &demo.ns;
@@ -1020,6 +1021,27 @@ pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result
     all_ok(
         &meshed.load("client", &target, &BURST)?,
         "meshed client of another namespace under the Strict Policy",
+    )?;
+    // The same client dialling web's pod by its address, as through a headless Service's
+    // name or to a StatefulSet peer: its proxy knows the address as a meshed endpoint of
+    // web and originates mutual TLS to it too, so Strict takes it.
+    let web = only_pod(demo.kube, ns, "app=web")?;
+    let ip = demo.kube.run(&[
+        "-n",
+        ns,
+        "get",
+        "pod",
+        &web,
+        "-o",
+        "jsonpath={.status.podIP}",
+    ])?;
+    all_ok(
+        &meshed.load(
+            "client",
+            &format!("http://{}:8080/strict", ip.trim()),
+            &BURST,
+        )?,
+        "meshed client dialling web's pod address under the Strict Policy",
     )?;
 
     demo.kube.run(&["-n", ns, "delete", NAMESPACE_STRICT])?;
