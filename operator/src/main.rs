@@ -204,7 +204,7 @@ struct WebhookArgs {
     /// Let pods opt in by annotation (costs one webhook call per pod in unlabelled namespaces).
     #[arg(long, env = "WEFT_WEBHOOK_ANNOTATION_OPT_IN", default_value = "true", action = clap::ArgAction::Set)]
     webhook_annotation_opt_in: bool,
-    /// Lifetime of the webhook's serving certificate (renewed at two thirds).
+    /// Lifetime of the webhook's serving certificate (renewed at two thirds); at least 1m.
     #[arg(long, env = "WEFT_WEBHOOK_CERT_LIFETIME", default_value = "24h")]
     webhook_cert_lifetime: weft_api::Duration,
     /// The Secret (in the operator's namespace) holding the mesh CA; created if absent.
@@ -246,6 +246,11 @@ fn main() -> anyhow::Result<()> {
     }
     if args.push.push_ack_timeout.as_std() < Duration::from_secs(1) {
         anyhow::bail!("--push-ack-timeout must be at least 1s");
+    }
+    if args.webhook.webhook_cert_lifetime.as_std() < webhook::MIN_CERT_LIFETIME {
+        anyhow::bail!(
+            "--webhook-cert-lifetime must be at least 1m (the serving certificate is renewed at two thirds of it)"
+        );
     }
     let id = &args.identity_ca;
     if args.mesh_mtls_mode == MeshMtlsMode::Strict && id.no_identity {

@@ -980,3 +980,34 @@ async fn the_operator_refuses_to_start_with_injection_settings_nobody_chose() {
         "{stderr}"
     );
 }
+
+/// A serving-certificate lifetime too short to renew sanely (renewal at two thirds of
+/// `0s` is a loop issuing keys without pause) is refused at start-up, before any port is
+/// bound or the API server is called.
+#[test]
+fn the_operator_refuses_a_webhook_certificate_lifetime_under_a_minute() {
+    let bin = std::env::var_os("WEFT_TEST_OPERATOR_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_weft-operator").into());
+    for lifetime in ["0s", "59s"] {
+        let out = std::process::Command::new(&bin)
+            // No cluster: without the check the operator fails later, for another reason.
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .args(["--webhook-cert-lifetime", lifetime])
+            .args(["--push-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args([
+                "--webhook-addr",
+                "127.0.0.1:0",
+                "--identity-addr",
+                "127.0.0.1:0",
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("--webhook-cert-lifetime must be at least 1m"),
+            "{lifetime}: {stderr}"
+        );
+    }
+}

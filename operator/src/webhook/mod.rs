@@ -51,6 +51,11 @@ pub struct WebhookSettings {
     pub audit_interval: Duration,
 }
 
+/// The shortest serving-certificate lifetime the operator accepts
+/// (`--webhook-cert-lifetime`): the certificate is renewed at two thirds of it, so a
+/// shorter one would have the webhook issue keys almost without pause.
+pub const MIN_CERT_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Why the webhook could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
@@ -236,7 +241,10 @@ async fn renew_forever(ca: ca::Ca, certs: CertStore, settings: WebhookSettings) 
             }
             Err(error) => {
                 tracing::warn!(%error, "renewing the webhook's serving certificate");
-                wait = Duration::from_secs(5).min(settings.cert_lifetime / 10);
+                // Never a busy loop, whatever lifetime a caller gave.
+                wait = Duration::from_secs(5)
+                    .min(settings.cert_lifetime / 10)
+                    .max(Duration::from_millis(100));
             }
         }
     }
