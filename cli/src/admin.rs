@@ -10,6 +10,9 @@
 //! topology and is loopback-only). `explain` therefore reads `/config` through a port-forward,
 //! whose connections arrive on the pod's loopback; see `explain`.
 //!
+//! Reads through the pod proxy use a client without retries ([`pod_proxy_client`]) and are
+//! bounded by [`POD_TIMEOUT`].
+//!
 //! The operator's admin endpoint (`/proxies`, `/version`) is read by [`OperatorAdmin`],
 //! every call bounded by [`OPERATOR_TIMEOUT`]:
 //!
@@ -236,8 +239,23 @@ impl AdminUrls {
     }
 }
 
+/// How long one read of a pod's admin endpoint may take. Through the API server, an
+/// unreachable pod answers 503 or 504, which the Kubernetes client would retry with
+/// backoff for minutes, and a pod that accepts but never answers would hold the call as
+/// long; the same bound as [`OPERATOR_TIMEOUT`].
+pub const POD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client for reads through the API server's pod proxy, built from `config`: without the
+/// client's retries of 429/503/504 (the answer is the pod's, not a hiccup of the API
+/// server's), as [`OperatorAdmin`]'s.
+pub fn pod_proxy_client(mut config: kube::Config) -> anyhow::Result<Client> {
+    config.default_retry = false;
+    Client::try_from(config).context("build a Kubernetes client for the pod proxy")
+}
+
 /// GETs `path` from the admin endpoint of pod `namespace/name`: the override if there is
-/// one, else through the API server's pod proxy to `port`.
+/// one, else through the API server's pod proxy to `port`, with `client` (one from
+/// [`pod_proxy_client`], so that nothing is retried). Bounded by [`POD_TIMEOUT`].
 pub async fn get(
     client: &Client,
     urls: &AdminUrls,
@@ -246,15 +264,31 @@ pub async fn get(
     port: u16,
     path: &str,
 ) -> anyhow::Result<String> {
+    get_within(client, urls, namespace, name, port, path, POD_TIMEOUT).await
+}
+
+/// As [`get`], bounded by `timeout`.
+pub async fn get_within(
+    client: &Client,
+    urls: &AdminUrls,
+    namespace: &str,
+    name: &str,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     if let Some(url) = urls.get(namespace, name) {
         return get_direct(url, path).await;
     }
     let at = format!("/api/v1/namespaces/{namespace}/pods/{name}:{port}/proxy{path}");
     let req = http::Request::get(&at).body(Vec::new())?;
-    client
-        .request_text(req)
-        .await
-        .with_context(|| format!("GET {at} (the API server's pod proxy)"))
+    match tokio::time::timeout(timeout, client.request_text(req)).await {
+        Err(_) => bail!(
+            "GET {at} (the API server's pod proxy): no answer within {}s",
+            timeout.as_secs_f64()
+        ),
+        Ok(answer) => answer.with_context(|| format!("GET {at} (the API server's pod proxy)")),
+    }
 }
 
 /// GETs `path` from `url` (`http://host:port`) over plain HTTP/1.1; the body of a 200.
@@ -313,6 +347,80 @@ mod tests {
                 && text.contains("`kubectl -n weft-system get endpoints weft-operator-metrics`"),
             "{text}"
         );
+    }
+
+    /// Through the API server's pod proxy: a 503 (the pod unreachable) is answered at once,
+    /// after one request (no retries), and an API server that never answers gives up
+    /// within the bound.
+    #[tokio::test]
+    async fn a_pod_read_through_the_api_server_is_neither_retried_nor_unbounded() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        };
+        use tokio::io::AsyncWriteExt;
+
+        let unavailable = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = unavailable.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = unavailable.accept().await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+                let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"no endpoints","reason":"ServiceUnavailable","code":503}"#;
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            }
+        });
+        let client =
+            pod_proxy_client(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+        let urls = AdminUrls::default();
+        let started = std::time::Instant::now();
+        let e = get_within(
+            &client,
+            &urls,
+            "shop",
+            "web-0",
+            15021,
+            "/metrics",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("503"), "{e:#}");
+        assert_eq!(requests.load(Ordering::SeqCst), 1, "retried");
+        assert!(started.elapsed() < Duration::from_secs(2));
+
+        // Accepted by the kernel (the backlog), never answered.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let client = pod_proxy_client(kube::Config::new(url.parse().unwrap())).unwrap();
+        let started = std::time::Instant::now();
+        let e = get_within(
+            &client,
+            &urls,
+            "shop",
+            "web-0",
+            15021,
+            "/metrics",
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("no answer within"), "{e:#}");
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 
     #[tokio::test]

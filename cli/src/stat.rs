@@ -407,9 +407,12 @@ pub struct Report {
 
 /// Runs the command.
 pub async fn run(args: StatArgs) -> anyhow::Result<()> {
-    let client = Client::try_default()
+    let config = kube::Config::infer()
         .await
         .context("build a Kubernetes client (KUBECONFIG)")?;
+    let client = Client::try_from(config.clone()).context("build a Kubernetes client")?;
+    // Scrapes through the API server's pod proxy: no retries, each bounded.
+    let scraper = admin::pod_proxy_client(config)?;
     let target: Target = args.target.parse()?;
     let from = args.from.as_deref().map(str::parse::<Target>).transpose()?;
     let to = args.to.as_deref().map(str::parse::<Target>).transpose()?;
@@ -435,7 +438,7 @@ pub async fn run(args: StatArgs) -> anyhow::Result<()> {
             Some(p) => p,
             None => {
                 let t0 = Instant::now();
-                let before = scrape_all(&client, &urls, args.admin_port, &pods).await;
+                let before = scrape_all(&scraper, &urls, args.admin_port, &pods).await;
                 let ok = before.values().filter(|r| r.is_ok()).count();
                 eprintln!(
                     "scraped {ok} of {} proxies; measuring for {}",
@@ -447,7 +450,7 @@ pub async fn run(args: StatArgs) -> anyhow::Result<()> {
         };
         tokio::time::sleep_until((t0 + window).into()).await;
         let t1 = Instant::now();
-        let after = scrape_all(&client, &urls, args.admin_port, &pods).await;
+        let after = scrape_all(&scraper, &urls, args.admin_port, &pods).await;
         let elapsed = t1 - t0;
         let report = Report {
             window_seconds: elapsed.as_secs_f64(),
