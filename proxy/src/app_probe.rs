@@ -250,11 +250,31 @@ impl FromStr for AppProbes {
     }
 }
 
+/// A probe's path as the kubelet sends it: a space, a control character, a non-ASCII
+/// character (each UTF-8 byte) or a character a URI may not hold is percent-encoded, the
+/// rest (`?`, `%`, `/` among them) is kept. The kubelet accepts such paths, so refusing
+/// them would keep the proxy, and with it the pod, from starting.
+fn escape_path(raw: &str) -> std::borrow::Cow<'_, str> {
+    let keep = |b: u8| b.is_ascii_graphic() && !b"\"<>\\^`{|}".contains(&b);
+    if raw.bytes().all(keep) {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    let mut out = String::with_capacity(raw.len() + 8);
+    for b in raw.bytes() {
+        if keep(b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 impl HttpCheck {
     /// The request of an `httpGet` probe, validated.
     fn parse(key: &str, w: Wire) -> Result<Self, AppProbesError> {
         let raw = w.path.unwrap_or_default();
-        let path = match PathAndQuery::from_str(&raw) {
+        let path = match PathAndQuery::from_str(&escape_path(&raw)) {
             Ok(p) if raw.starts_with('/') => p,
             _ => {
                 return Err(AppProbesError::Path {
@@ -267,7 +287,8 @@ impl HttpCheck {
         for h in w.headers {
             match (
                 HeaderName::from_bytes(h.name.as_bytes()),
-                HeaderValue::from_str(&h.value),
+                // The kubelet sends a value's UTF-8 bytes as they are (obs-text).
+                HeaderValue::from_bytes(h.value.as_bytes()),
             ) {
                 (Ok(n), Ok(v)) => {
                     headers.append(n, v);
@@ -695,6 +716,29 @@ mod tests {
         assert!("".parse::<AppProbes>().unwrap().is_empty());
     }
 
+    /// What the kubelet accepts and sends, percent-encoded where a URI needs it, rather
+    /// than a refusal that would keep the sidecar from starting.
+    #[test]
+    fn paths_and_header_values_the_kubelet_accepts_are_taken() {
+        let probes: AppProbes = r#"{"a/readyz":{"port":8080,"handler":"httpGet","path":"/health check/é?x=a b","headers":[{"name":"X-Who","value":"kübelet"}]}}"#
+            .parse()
+            .unwrap();
+        let p = probes.for_path("/app-health/a/readyz").unwrap();
+        assert_eq!(http(p).path.as_str(), "/health%20check/%C3%A9?x=a%20b");
+        assert_eq!(http(p).headers["x-who"].as_bytes(), "kübelet".as_bytes());
+        // Already encoded, or plain: unchanged.
+        assert_eq!(escape_path("/a%20b?c=d&e=/f"), "/a%20b?c=d&e=/f");
+        // Still refused: a path that is not absolute, a header name that is not a token.
+        assert!(
+            r#"{"a/readyz":{"port":1,"handler":"httpGet","path":"ready"}}"#
+                .parse::<AppProbes>()
+                .is_err()
+        );
+        assert!(r#"{"a/readyz":{"port":1,"handler":"httpGet","path":"/","headers":[{"name":"a b","value":"c"}]}}"#
+            .parse::<AppProbes>()
+            .is_err());
+    }
+
     #[test]
     fn parses_grpc_and_tcp_probes() {
         let probes: AppProbes = GRPC_AND_TCP_FROM_INJECTOR.parse().unwrap();
@@ -741,7 +785,6 @@ mod tests {
             ),
             (r#"{"app/readyz":{"port":70000,"path":"/"}}"#, "JSON"),
             (r#"{"app/readyz":{"port":1,"path":"healthz"}}"#, "path"),
-            (r#"{"app/readyz":{"port":1,"path":"/a b"}}"#, "path"),
             (r#"{"app/readyz":{"port":1}}"#, "path"),
             (r#"{"app/readyz":{"port":1,"handler":"exec"}}"#, "handler"),
             (
