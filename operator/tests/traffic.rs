@@ -251,6 +251,50 @@ async fn a_second_route_for_the_service_is_conflicted_and_one_for_a_missing_serv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_deleted_and_recreated_under_its_name_gets_its_own_status_at_once() {
+    let rig = Rig::new("traffic-recreate").await;
+    let spec = json!({"service": {"name": "nope"}, "rules": [{"backends": [{"name": "nope"}]}]});
+    rig.bed.route("orphan", spec.clone()).await;
+    let (reason, _) = rig
+        .bed
+        .condition::<Route>("orphan", "Accepted", "False")
+        .await;
+    assert_eq!(reason, "ServiceNotFound");
+    let routes = rig.bed.api::<Route>();
+    let old = routes.get("orphan").await.unwrap().metadata.uid;
+
+    // Back to back: the new object computes to the same conditions at the same generation.
+    routes
+        .delete("orphan", &DeleteParams::default())
+        .await
+        .unwrap();
+    rig.bed.route("orphan", spec).await;
+    let new = routes.get("orphan").await.unwrap().metadata.uid;
+    assert_ne!(old, new, "a new object");
+    let seen = eventually(Duration::from_secs(5), || {
+        let routes = routes.clone();
+        let new = new.clone();
+        async move {
+            let r = routes.get("orphan").await?;
+            ensure!(r.metadata.uid == new, "uid {:?}", r.metadata.uid);
+            let st = r.status.clone().unwrap_or_default();
+            let accepted = st.conditions.0.iter().find(|c| c.type_ == "Accepted");
+            ensure!(
+                accepted.is_some_and(|c| c.status == "False" && c.reason == "ServiceNotFound"),
+                "status of the re-created Route: {st:?}"
+            );
+            Ok(st.observed_generation)
+        }
+    })
+    .await;
+    if seen.is_err() {
+        eprintln!("operator log:\n{}", rig.operator.log_tail());
+    }
+    assert_eq!(seen.unwrap(), Some(1));
+    rig.done().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_breaker_pool_limit_answers_overloaded_under_concurrency_until_it_is_deleted() {
     let rig = Rig::new("traffic-breaker").await;
     // Each request is held for half a second, so concurrent ones overlap.

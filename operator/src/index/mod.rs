@@ -175,6 +175,9 @@ pub mod reasons {
 /// The `Accepted` and `ResolvedRefs` state of one resource at one generation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResourceState {
+    /// The object described (`metadata.uid`): one re-created under the same name is
+    /// another object, whose generation starts over.
+    pub uid: Option<String>,
     /// The generation described.
     pub generation: i64,
     /// Rules in the spec (Routes only).
@@ -1018,6 +1021,11 @@ impl Index {
             }
             _ => return None,
         };
+        let uid = match kind {
+            Kind::Route => self.routes.get(key).and_then(|(m, _)| m.uid.clone()),
+            Kind::Policy => self.policies.get(key).and_then(|(m, _)| m.uid.clone()),
+            _ => self.breakers.get(key).and_then(|(m, _)| m.uid.clone()),
+        };
         let kind_name = kind.as_str();
         let accepted = if let Some(e) = invalid {
             CondState::no(reasons::INVALID, e)
@@ -1064,6 +1072,7 @@ impl Index {
             CondState::no(reasons::BACKEND_NOT_FOUND, missing.join("; "))
         };
         Some(ResourceState {
+            uid,
             generation,
             rule_count,
             accepted,

@@ -179,6 +179,9 @@ pub struct ResourceMeta {
     pub generation: i64,
     /// `metadata.creationTimestamp`: the older of two conflicting Routes wins.
     pub created: Option<Time>,
+    /// `metadata.uid`: tells an object from one deleted and re-created under its name,
+    /// whose generation starts over (the status writer must not take one for the other).
+    pub uid: Option<String>,
 }
 
 /// A Weft resource's spec, or why it could not be read.
@@ -381,6 +384,7 @@ pub fn weft_resource(kind: Kind, obj: &kube::api::DynamicObject) -> (ObjectKey, 
     let meta = ResourceMeta {
         generation: obj.metadata.generation.unwrap_or(0),
         created: obj.metadata.creation_timestamp.clone(),
+        uid: obj.metadata.uid.clone(),
     };
     let spec = obj.data.get("spec").cloned().unwrap_or_default();
     fn parse<T: for<'de> serde::Deserialize<'de>>(v: serde_json::Value) -> Parsed<T> {

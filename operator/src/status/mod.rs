@@ -19,6 +19,10 @@
 //! ([`reports`]). Acknowledged but not enforced is `Programmed=False`, reason
 //! `NotEnforced`: the resource is accepted, but no data plane applies it. A resource no
 //! connected proxy needs is `Programmed=False`, reason `NoProxies`: nothing enforces it.
+//!
+//! A resource deleted and re-created under its name is another object: what was written
+//! is keyed by its UID too, and acknowledgements of the deleted object do not count for
+//! the new one ([`Incarnation`]).
 
 pub mod lease;
 pub mod reports;
@@ -26,7 +30,7 @@ pub mod reports;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::{
@@ -72,6 +76,21 @@ pub fn programmed(
     views: &[(ObjectKey, Option<ProxyView>)],
     proxies: &BTreeMap<ObjectKey, ProxyState>,
 ) -> CondState {
+    programmed_with(kind, key, generation, views, proxies, &|_, _| false)
+}
+
+/// [`programmed`], where a proxy for which `stale(pod, state)` holds has not acknowledged
+/// this object yet, whatever it acknowledged: its acknowledgements predate the object (one
+/// deleted and re-created under the same name, whose generation starts over, is another
+/// object; see [`Incarnation`]).
+pub fn programmed_with(
+    kind: Kind,
+    key: &ObjectKey,
+    generation: i64,
+    views: &[(ObjectKey, Option<ProxyView>)],
+    proxies: &BTreeMap<ObjectKey, ProxyState>,
+    stale: &dyn Fn(&ObjectKey, &ProxyState) -> bool,
+) -> CondState {
     let kind_name = kind.as_str();
     let this = |r: &ResourceRef| {
         r.kind == kind_name
@@ -98,7 +117,7 @@ pub fn programmed(
             continue;
         }
         need += 1;
-        if !state.acked_resources.iter().any(this) {
+        if !state.acked_resources.iter().any(this) || stale(pod, state) {
             match &state.nack {
                 Some(n) => rejected.push(format!("{pod} ({})", n.reason)),
                 None => lagging.push(pod.to_string()),
@@ -189,6 +208,9 @@ pub fn programmed(
 /// The status the operator wants one resource to have.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Computed {
+    /// The object described (`metadata.uid`): a re-created object gets its own status
+    /// even when it computes to the same conditions as the deleted one.
+    pub uid: Option<String>,
     /// The generation described.
     pub generation: i64,
     /// Rules (Routes only).
@@ -208,7 +230,9 @@ pub fn compute(
     proxies: &BTreeMap<ObjectKey, ProxyState>,
 ) -> Option<Computed> {
     let state = index.read(|i| i.resource_state(kind, key))?;
-    Some(compute_from(kind, key, state, views, proxies))
+    Some(compute_from(kind, key, state, views, proxies, &|_, _| {
+        false
+    }))
 }
 
 /// The status of one resource in `state` (`Accepted`, `ResolvedRefs` and the generation,
@@ -219,9 +243,10 @@ pub fn compute_from(
     state: ResourceState,
     views: &[(ObjectKey, Option<ProxyView>)],
     proxies: &BTreeMap<ObjectKey, ProxyState>,
+    stale: &dyn Fn(&ObjectKey, &ProxyState) -> bool,
 ) -> Computed {
     let programmed = if state.accepted.ok {
-        programmed(kind, key, state.generation, views, proxies)
+        programmed_with(kind, key, state.generation, views, proxies, stale)
     } else {
         CondState {
             ok: false,
@@ -230,6 +255,7 @@ pub fn compute_from(
         }
     };
     Computed {
+        uid: state.uid,
         generation: state.generation,
         rule_count: state.rule_count,
         conditions: vec![
@@ -273,6 +299,94 @@ fn api_resource(kind: Kind) -> ApiResource {
     }
 }
 
+/// How long the writer remembers which object a deleted resource's name last named, so
+/// that one re-created under that name a pass or more later is still told apart.
+const REMEMBER_GONE: Duration = Duration::from_secs(600);
+
+/// Which object (`metadata.uid`) a resource name last named and, once it was re-created,
+/// which proxies' acknowledgements predate the new object.
+///
+/// Proxies acknowledge resources by kind, name and generation (the wire carries no UID),
+/// and a re-created object starts over at generation 1, so an acknowledgement of the
+/// deleted object would count for its successor. When the writer sees a new UID for a
+/// name, it notes for each connected proxy what its acknowledgement must reach before it
+/// counts ([`Floor`]); until then the proxy is waited for (`Pending`).
+#[derive(Debug)]
+struct Incarnation {
+    uid: Option<String>,
+    /// When a pass last saw the resource.
+    seen: Instant,
+    /// Proxies whose acknowledgements do not count for this object yet.
+    floors: HashMap<ObjectKey, Floor>,
+}
+
+/// What a proxy must acknowledge before its acknowledgements count for a re-created
+/// resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Floor {
+    /// A proxy streaming from this replica: the version of the view this replica sends it
+    /// now, which carries the new object (this replica's versions, which its
+    /// acknowledgements use too), or a later one.
+    AtLeast(u64),
+    /// A proxy streaming from another replica, whose versions this replica cannot compare
+    /// with its own: any version other than the one it had acknowledged.
+    Past(Option<u64>),
+}
+
+impl Floor {
+    fn reached(self, acked: Option<u64>) -> bool {
+        match self {
+            Floor::AtLeast(v) => acked.is_some_and(|a| a >= v),
+            Floor::Past(v) => acked != v,
+        }
+    }
+}
+
+/// Notes which object `key` names now (see [`Incarnation`]) and returns its record; on a
+/// new UID, every connected proxy gets a floor. `local` holds the (streams, last seen) of
+/// this replica's own proxies, to tell them from peers' in `proxies`.
+fn note_incarnation<'a>(
+    incarnations: &'a mut HashMap<(Kind, ObjectKey), Incarnation>,
+    id: (Kind, ObjectKey),
+    uid: Option<&String>,
+    views: &[(ObjectKey, Option<ProxyView>)],
+    proxies: &BTreeMap<ObjectKey, ProxyState>,
+    local: &HashMap<ObjectKey, (u32, u64)>,
+) -> &'a Incarnation {
+    let now = Instant::now();
+    let inc = incarnations.entry(id).or_insert_with(|| Incarnation {
+        uid: uid.cloned(),
+        seen: now,
+        floors: HashMap::new(),
+    });
+    inc.seen = now;
+    if inc.uid.as_ref() != uid {
+        inc.uid = uid.cloned();
+        let sent: HashMap<&ObjectKey, u64> = views
+            .iter()
+            .filter_map(|(pod, v)| v.as_ref().map(|v| (pod, v.version)))
+            .collect();
+        inc.floors = proxies
+            .iter()
+            .filter(|(_, s)| s.streams > 0)
+            .map(|(pod, s)| {
+                let mine = local.get(pod) == Some(&(s.streams, s.last_seen));
+                let floor = match sent.get(pod) {
+                    Some(v) if mine => Floor::AtLeast(*v),
+                    _ => Floor::Past(s.acked_version),
+                };
+                (pod.clone(), floor)
+            })
+            .collect();
+    }
+    inc.floors.retain(|pod, floor| {
+        proxies
+            .get(pod)
+            .is_some_and(|s| s.streams > 0 && !floor.reached(s.acked_version))
+    });
+    inc
+}
+
 /// Writes status while this replica holds the Lease.
 pub struct StatusWriter {
     client: Client,
@@ -281,7 +395,10 @@ pub struct StatusWriter {
     peers: Arc<Peers>,
     leader: watch::Receiver<bool>,
     recorder: Recorder,
+    /// What was last written, by resource; the object's UID is part of it.
     written: HashMap<(Kind, ObjectKey), Computed>,
+    /// Which object each resource name names (see [`Incarnation`]).
+    incarnations: HashMap<(Kind, ObjectKey), Incarnation>,
 }
 
 impl StatusWriter {
@@ -310,6 +427,7 @@ impl StatusWriter {
             leader,
             recorder,
             written: HashMap::new(),
+            incarnations: HashMap::new(),
         }
     }
 
@@ -347,6 +465,10 @@ impl StatusWriter {
         // Acknowledgements first: one that arrives after this read is counted next pass,
         // and none can be for a generation the index read below has not reached.
         let mut proxies = self.registry.snapshot();
+        let local: HashMap<ObjectKey, (u32, u64)> = proxies
+            .iter()
+            .map(|(k, s)| (k.clone(), (s.streams, s.last_seen)))
+            .collect();
         let mut reported = Vec::new();
         self.peers.merge_now(&mut proxies, &mut reported);
         let reported: HashMap<ObjectKey, Option<ProxyView>> = reported.into_iter().collect();
@@ -382,7 +504,20 @@ impl StatusWriter {
             .retain_disconnected(|pod| index.read(|i| i.pod_service_account(pod).is_some()));
         let mut seen = Vec::new();
         for (kind, key, state) in states {
-            let computed = compute_from(kind, &key, state, &views, &proxies);
+            let inc = note_incarnation(
+                &mut self.incarnations,
+                (kind, key.clone()),
+                state.uid.as_ref(),
+                &views,
+                &proxies,
+                &local,
+            );
+            let stale = |pod: &ObjectKey, s: &ProxyState| {
+                inc.floors
+                    .get(pod)
+                    .is_some_and(|f| !f.reached(s.acked_version))
+            };
+            let computed = compute_from(kind, &key, state, &views, &proxies, &stale);
             seen.push((kind, key.clone()));
             if self.written.get(&(kind, key.clone())) == Some(&computed) {
                 continue;
@@ -404,6 +539,8 @@ impl StatusWriter {
         }
         let seen: std::collections::HashSet<_> = seen.into_iter().collect();
         self.written.retain(|k, _| seen.contains(k));
+        self.incarnations
+            .retain(|_, inc| inc.seen.elapsed() < REMEMBER_GONE);
     }
 
     /// Writes one status; `Ok(false)` when the object changed meanwhile (a newer
@@ -419,7 +556,9 @@ impl StatusWriter {
         let Some(obj) = api.get_opt(&key.name).await? else {
             return Ok(false);
         };
-        if obj.metadata.generation != Some(computed.generation) {
+        if obj.metadata.generation != Some(computed.generation)
+            || (computed.uid.is_some() && obj.metadata.uid != computed.uid)
+        {
             return Ok(false);
         }
         let previous: Vec<Condition> = obj
@@ -727,6 +866,90 @@ mod tests {
     }
 
     #[test]
+    fn acks_of_a_deleted_object_do_not_count_for_one_recreated_under_its_name() {
+        let key = ObjectKey::new("shop", "web");
+        // `a` streams from this replica, which sends it version 7; `b` from another.
+        let (a, b) = (ObjectKey::new("shop", "a"), ObjectKey::new("shop", "b"));
+        let mut views = vec![
+            (a.clone(), view(&[r("web", 1)])),
+            (b.clone(), view(&[r("web", 1)])),
+        ];
+        if let Some(v) = views[0].1.as_mut() {
+            v.version = 7;
+        }
+        let acked = |version: u64, last_seen: u64| ProxyState {
+            acked_version: Some(version),
+            last_seen,
+            ..proxy(&[r("web", 1)], None, 1)
+        };
+        let mut proxies = BTreeMap::from([(a.clone(), acked(5, 10)), (b.clone(), acked(40, 11))]);
+        let local = HashMap::from([(a.clone(), (1, 10))]);
+        let mut incarnations = HashMap::new();
+        let id = (Kind::Route, key.clone());
+        let (old, new) = ("uid-old".to_owned(), "uid-new".to_owned());
+        let counted = |inc: &Incarnation, proxies: &BTreeMap<ObjectKey, ProxyState>| {
+            let stale = |pod: &ObjectKey, s: &ProxyState| {
+                inc.floors
+                    .get(pod)
+                    .is_some_and(|f| !f.reached(s.acked_version))
+            };
+            programmed_with(Kind::Route, &key, 1, &views, proxies, &stale)
+        };
+
+        let inc = note_incarnation(
+            &mut incarnations,
+            id.clone(),
+            Some(&old),
+            &views,
+            &proxies,
+            &local,
+        );
+        assert!(
+            counted(inc, &proxies).ok,
+            "the object first seen: its acks count"
+        );
+
+        // Deleted and re-created at generation 1: the acks of the old one do not count.
+        let inc = note_incarnation(
+            &mut incarnations,
+            id.clone(),
+            Some(&new),
+            &views,
+            &proxies,
+            &local,
+        );
+        let c = counted(inc, &proxies);
+        assert_eq!(c.reason, reasons::PENDING, "{c:?}");
+        assert!(
+            c.message.contains("acknowledged by 0 of 2"),
+            "{}",
+            c.message
+        );
+
+        // `a` acknowledges the view carrying the new object; `b` a newer version.
+        proxies.insert(a.clone(), acked(7, 10));
+        let inc = note_incarnation(
+            &mut incarnations,
+            id.clone(),
+            Some(&new),
+            &views,
+            &proxies,
+            &local,
+        );
+        let c = counted(inc, &proxies);
+        assert!(
+            c.message.contains("acknowledged by 1 of 2")
+                && c.message.contains("waiting for 1: shop/b"),
+            "{}",
+            c.message
+        );
+        proxies.insert(b.clone(), acked(41, 12));
+        let inc = note_incarnation(&mut incarnations, id, Some(&new), &views, &proxies, &local);
+        assert!(inc.floors.is_empty());
+        assert!(counted(inc, &proxies).ok);
+    }
+
+    #[test]
     fn transition_times_survive_unchanged_conditions() {
         let t0 = Timestamp::from_second(1_700_000_000).unwrap();
         let t1 = Timestamp::from_second(1_800_000_000).unwrap();
@@ -736,6 +959,7 @@ mod tests {
             message: "m".into(),
         };
         let first = Computed {
+            uid: None,
             generation: 1,
             rule_count: None,
             conditions: vec![(ACCEPTED, ok(true)), (PROGRAMMED, ok(false))],
