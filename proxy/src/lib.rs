@@ -48,6 +48,7 @@ pub mod route;
 pub mod rules;
 pub mod server;
 pub mod shutdown;
+pub mod sockopt;
 pub mod source;
 pub mod store;
 pub mod trace;

@@ -2,7 +2,7 @@
 //! table), read with `getsockopt(SO_ORIGINAL_DST)` for IPv4 and
 //! `getsockopt(IP6T_SO_ORIGINAL_DST)` for IPv6.
 //!
-//! This is the crate's only unsafe code: libc's `getsockopt` writes a `sockaddr_in` /
+//! With [`crate::sockopt`], this is the crate's only unsafe code: libc's `getsockopt` writes a `sockaddr_in` /
 //! `sockaddr_in6` through a raw pointer. Each call passes a properly sized, zeroed,
 //! stack-owned struct and its exact length, and the fd is borrowed from a live socket for
 //! the duration of the call.

@@ -190,6 +190,12 @@ pub async fn connect_from(
                 } else {
                     TcpSocket::new_v6()?
                 };
+                // All hand-offs to the application leave from one source address: a port
+                // picked at `bind` must be free for every destination, so ports left in
+                // `TIME_WAIT` where the proxy closed first would run it out of ports.
+                if let Err(error) = crate::sockopt::bind_address_no_port(&socket) {
+                    tracing::debug!(%error, "IP_BIND_ADDRESS_NO_PORT not set");
+                }
                 socket.bind(SocketAddr::new(ip, 0))?;
                 socket.connect(addr).await
             }
