@@ -970,11 +970,48 @@ impl Index {
         missing
     }
 
+    /// The ports a Route governing `service` routes: the Service's ports it names that are
+    /// not opaque, or the port it names when the Service does not exist. A backend without
+    /// a port is sent each of them ([`compile::route`]).
+    fn routed_ports(&self, ns: &str, service: &ServiceRef) -> Vec<u16> {
+        match self.services.get(&ObjectKey::new(ns, service.name.clone())) {
+            Some(svc) => svc
+                .ports
+                .iter()
+                .filter(|p| !p.opaque && service.port.is_none_or(|port| port == p.port))
+                .map(|p| p.port)
+                .collect(),
+            None => service.port.into_iter().collect(),
+        }
+    }
+
+    /// Why a backend (or mirror) Service `name`, sent `ports`, does not resolve to a proxy
+    /// config ([`Index::service_port_config`]), one line per problem: the Service does not
+    /// exist, has no cluster IP, or lacks one of the ports. A proxy answers such a
+    /// backend's share 500 `backend_not_found`.
+    fn unresolved_backend(&self, ns: &str, name: &str, ports: &[u16]) -> Vec<String> {
+        let Some(svc) = self.services.get(&ObjectKey::new(ns, name)) else {
+            return vec![format!("Service {ns}/{name} not found")];
+        };
+        if svc.cluster_ips.is_empty() {
+            return vec![format!(
+                "Service {ns}/{name} is headless or ExternalName: it has no cluster IP for proxies to send to"
+            )];
+        }
+        ports
+            .iter()
+            .filter(|port| !svc.ports.iter().any(|p| p.port == **port))
+            .map(|port| format!("Service {ns}/{name} has no port {port}"))
+            .collect()
+    }
+
     /// `Accepted` and `ResolvedRefs` for a Weft resource, or `None` when it is unknown.
     pub fn resource_state(&self, kind: Kind, key: &ObjectKey) -> Option<ResourceState> {
         let ns = key.namespace.as_str();
         // The Service a Route or Breaker governs: without it the resource is not accepted.
         let mut governed: Option<ServiceRef> = None;
+        // A Route's backends and mirrors, resolved as the proxy config resolves them.
+        let mut backends: Vec<(&String, Option<u16>)> = Vec::new();
         let (generation, invalid, refs, rule_count) = match kind {
             Kind::Route => {
                 let (meta, spec) = self.routes.get(key)?;
@@ -982,11 +1019,11 @@ impl Index {
                     Parsed::Invalid(e) => (meta.generation, Some(e.clone()), Vec::new(), None),
                     Parsed::Valid(s) => {
                         governed = Some(s.service.clone());
-                        let mut refs = vec![(s.service.name.clone(), s.service.port)];
+                        let refs = vec![(s.service.name.clone(), s.service.port)];
                         for rule in &s.rules {
-                            refs.extend(rule.backends.iter().map(|b| (b.name.clone(), b.port)));
+                            backends.extend(rule.backends.iter().map(|b| (&b.name, b.port)));
                             if let Some(m) = &rule.mirror {
-                                refs.push((m.service.name.clone(), m.service.port));
+                                backends.push((&m.service.name, m.service.port));
                             }
                         }
                         let count = u32::try_from(s.rules.len()).ok();
@@ -1065,7 +1102,21 @@ impl Index {
             }
             CondState::yes(reasons::ACCEPTED, msg)
         };
-        let missing = self.missing_services(ns, &refs);
+        let mut missing = self.missing_services(ns, &refs);
+        if let Some(governed) = &governed {
+            let routed = self.routed_ports(ns, governed);
+            for (name, port) in backends {
+                let ports = match port {
+                    Some(p) => vec![p],
+                    None => routed.clone(),
+                };
+                for m in self.unresolved_backend(ns, name, &ports) {
+                    if !missing.contains(&m) {
+                        missing.push(m);
+                    }
+                }
+            }
+        }
         let resolved_refs = if missing.is_empty() {
             CondState::yes(reasons::RESOLVED_REFS, "every referenced Service exists")
         } else {

@@ -304,6 +304,63 @@ fn a_missing_backend_is_compiled_unresolved_and_the_others_keep_their_weights() 
 }
 
 #[test]
+fn a_backend_that_never_resolves_is_named_in_resolved_refs() {
+    let mut i = shop();
+    // web-81 exists but lacks the routed port 80; headless has no cluster IP.
+    apply(&mut i, svc_ports("shop", "web-81", "10.96.0.81", &[81]));
+    apply(&mut i, svc("shop", "headless", "None"));
+    apply(
+        &mut i,
+        route(
+            "shop",
+            "r",
+            "2026-01-01T00:00:00Z",
+            "web",
+            json!([
+                {"name": "web", "weight": 80},
+                {"name": "web-81", "weight": 10},
+                {"name": "headless", "weight": 10}
+            ]),
+        ),
+    );
+    let state = i.resource_state(Kind::Route, &key("shop", "r")).unwrap();
+    assert!(state.accepted.ok, "{state:?}");
+    assert!(!state.resolved_refs.ok, "{state:?}");
+    assert_eq!(state.resolved_refs.reason, reasons::BACKEND_NOT_FOUND);
+    for missing in [
+        "Service shop/web-81 has no port 80",
+        "Service shop/headless is headless or ExternalName",
+    ] {
+        assert!(
+            state.resolved_refs.message.contains(missing),
+            "{missing}: {}",
+            state.resolved_refs.message
+        );
+    }
+    // As the proxy config has it: both shares are unresolved.
+    let compiled = service_route(&i, "web.shop.80").unwrap();
+    assert_eq!(compiled.rules[0].backends[1].service, None);
+    assert_eq!(compiled.rules[0].backends[2].service, None);
+
+    // With the port given, web-81 resolves; only the headless one is named.
+    apply(
+        &mut i,
+        route(
+            "shop",
+            "r",
+            "2026-01-01T00:00:00Z",
+            "web",
+            json!([{"name": "web-81", "port": 81}, {"name": "headless"}]),
+        ),
+    );
+    let state = i.resource_state(Kind::Route, &key("shop", "r")).unwrap();
+    assert_eq!(
+        state.resolved_refs.message,
+        "Service shop/headless is headless or ExternalName: it has no cluster IP for proxies to send to"
+    );
+}
+
+#[test]
 fn a_route_or_breaker_whose_own_service_does_not_exist_is_not_accepted() {
     let mut i = shop();
     apply(
