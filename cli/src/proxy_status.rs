@@ -51,7 +51,11 @@ pub async fn run(args: ProxyStatusArgs) -> anyhow::Result<()> {
     )
     .await?;
     let pods = meshed_pods(&client, args.namespace.as_deref()).await?;
-    let table = render(&pods, &rows, now_secs());
+    let table = render(
+        &pods,
+        &in_namespace(rows, args.namespace.as_deref()),
+        now_secs(),
+    );
     std::io::Write::write_all(&mut std::io::stdout(), table.as_bytes())?;
     Ok(())
 }
@@ -71,6 +75,18 @@ pub async fn meshed_pods(client: &Client, namespace: Option<&str>) -> anyhow::Re
         .iter()
         .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
         .collect())
+}
+
+/// The operator's rows of proxies in `namespace` (all with `None`): `/proxies` lists
+/// every namespace's, and `-n` must limit them as it limits the meshed pods.
+pub fn in_namespace(rows: Vec<ProxyRow>, namespace: Option<&str>) -> Vec<ProxyRow> {
+    match namespace {
+        None => rows,
+        Some(ns) => rows
+            .into_iter()
+            .filter(|r| r.pod.split_once('/').is_some_and(|(n, _)| n == ns))
+            .collect(),
+    }
 }
 
 /// The operator's `/proxies` at `url` when given, else through Service `service`
@@ -191,6 +207,23 @@ mod tests {
             not_enforced: Some(vec!["Breaker shop/db".to_owned()]),
             proxy: Some("weft-proxy 0.1.0".to_owned()),
         }
+    }
+
+    /// `-n shop` lists shop's proxies only, though the operator reports every namespace's
+    /// (a connected proxy whose pod is not listed still gets a line, so the rows must be
+    /// limited too, not only the pods).
+    #[test]
+    fn a_namespace_limits_the_operators_rows_too() {
+        let rows = vec![
+            row("shop/a", 4, 4, None),
+            row("other/b", 4, 4, None),
+            row("shopping/c", 4, 4, None),
+        ];
+        let pods = vec!["shop/a".to_owned()];
+        let out = render(&pods, &in_namespace(rows.clone(), Some("shop")), 1000);
+        assert!(out.contains("shop ") && out.contains(" a "), "{out}");
+        assert!(!out.contains("other") && !out.contains("shopping"), "{out}");
+        assert_eq!(in_namespace(rows, None).len(), 3);
     }
 
     #[test]
