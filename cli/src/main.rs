@@ -142,8 +142,10 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Uninject(args) => (args.files, Action::Uninject, InjectConfig::default()),
     };
-    let mut stdout = std::io::stdout().lock();
-    let mut stderr = std::io::stderr().lock();
+    // Every file is processed before anything is written: an error in any file leaves
+    // stdout empty, so `... > out.yaml` never holds half an answer.
+    let mut output = String::new();
+    let mut report = String::new();
     for (i, file) in files.iter().enumerate() {
         let input = if file.as_os_str() == "-" {
             let mut s = String::new();
@@ -154,16 +156,18 @@ fn main() -> anyhow::Result<()> {
         } else {
             fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
         };
-        let (output, reports) = manifest::process(&input, action, &cfg)
+        let (out, reports) = manifest::process(&input, action, &cfg)
             .with_context(|| format!("{}", file.display()))?;
-        if i > 0 && !output.starts_with("---") {
-            writeln!(stdout, "---")?;
+        if i > 0 && !out.starts_with("---") {
+            output.push_str("---\n");
         }
-        stdout.write_all(output.as_bytes())?;
+        output.push_str(&out);
         for r in reports {
-            writeln!(stderr, "{} {}", r.object, r.result)?;
+            report.push_str(&format!("{} {}\n", r.object, r.result));
         }
     }
+    std::io::stdout().lock().write_all(output.as_bytes())?;
+    std::io::stderr().lock().write_all(report.as_bytes())?;
     Ok(())
 }
 

@@ -236,3 +236,34 @@ async fn a_missing_configmap_means_defaults_and_a_bad_one_is_refused() {
     );
     assert!(out.stdout.is_empty(), "nothing is written on error");
 }
+
+/// With several files, an error in any of them writes nothing to stdout: not the
+/// injected first file, so that `kubectl weft inject -f a.yaml -f bad.yaml > out.yaml`
+/// never leaves half an answer.
+#[test]
+fn a_bad_file_among_several_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("a.yaml");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&good, POD).unwrap();
+    std::fs::write(&bad, "kind: Pod\nmetadata: [not, a, map\n").unwrap();
+    let run = |files: &[&std::path::Path]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubectl-weft"));
+        cmd.args(["inject", "--offline"]);
+        for f in files {
+            cmd.arg("-f").arg(f);
+        }
+        cmd.env_remove("WEFT_PROXY_IMAGE").output().unwrap()
+    };
+    let ok = run(&[&good]);
+    assert!(ok.status.success() && !ok.stdout.is_empty());
+    let out = run(&[&good, &bad]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("bad.yaml"), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "wrote {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
