@@ -983,17 +983,27 @@ pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The destination pod's proxy config: `--to-pod` (in the destination's namespace), or
+/// The namespace a destination host names: `shop` of `web.shop`, `web.shop.svc` or
+/// `web.shop.svc.cluster.local`; none for a single name (`web`) or an IP address, which
+/// say nothing of a namespace.
+fn host_namespace(host: &str) -> Option<String> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    host.trim_end_matches('.')
+        .trim_end_matches(".cluster.local")
+        .trim_end_matches(".svc")
+        .split_once('.')
+        .map(|(_, ns)| ns.to_owned())
+}
+
+/// The destination pod's proxy config: `--to-pod` (in the destination's namespace, or
+/// the source's `-n` when the host does not name one, as an IP does), or
 /// the pod whose address is the first endpoint of the service the request goes to.
 async fn destination_view(args: &ExplainArgs, dump: &ConfigDump, req: &Request) -> DestinationView {
     let work = async {
-        let host_ns = req
-            .host
-            .trim_end_matches('.')
-            .trim_end_matches(".cluster.local")
-            .trim_end_matches(".svc")
-            .split_once('.')
-            .map(|(_, ns)| ns.to_owned());
+        let host_ns = host_namespace(&req.host);
         let (ns, pod) = match &args.to_pod {
             Some(p) => (host_ns.unwrap_or_else(|| args.namespace.clone()), p.clone()),
             None => {
@@ -1155,6 +1165,25 @@ async fn read_admin<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--to-pod` looks in the namespace the host names; an IP names none (`10.96.4.2`
+    /// is not in namespace `96.4.2`), so the source's `-n` is used.
+    #[test]
+    fn the_destination_namespace_comes_from_a_name_never_from_an_ip() {
+        for (host, want) in [
+            ("web.shop", Some("shop")),
+            ("web.shop.svc", Some("shop")),
+            ("web.shop.svc.cluster.local", Some("shop")),
+            ("web.shop.svc.cluster.local.", Some("shop")),
+            ("web", None),
+            ("10.96.4.2", None),
+            ("198.19.0.10", None),
+            ("fd00::10", None),
+            ("[fd00::10]", None),
+        ] {
+            assert_eq!(host_namespace(host).as_deref(), want, "{host}");
+        }
+    }
 
     #[test]
     fn a_breakers_live_state_comes_from_the_proxys_counters() {
