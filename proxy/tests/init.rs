@@ -80,6 +80,11 @@ fn main() -> ExitCode {
             run: plain_iptables_names_serve_when_the_suffixed_ones_are_missing,
         },
         Test {
+            name: "ipv6_turned_off_by_sysctl_keeps_the_rules_and_skips_the_loopback_address",
+            netns: true,
+            run: ipv6_turned_off_by_sysctl_keeps_the_rules_and_skips_the_loopback_address,
+        },
+        Test {
             name: "dry_run_prints_the_rules_and_changes_nothing",
             netns: true,
             run: dry_run_prints_the_rules_and_changes_nothing,
@@ -213,6 +218,37 @@ fn the_legacy_backend_redirects_too() {
     assert_landed(&pair.app_dials(PEER6, 80), "outbound", &v6(PEER6, 80));
     assert_landed(&pair.proxy_dials(PEER4, 80), "peer", "none");
     assert_landed(&pair.app_dials(FAR4, 80), "peer", "none");
+}
+
+/// Some runtimes turn IPv6 off with a sysctl rather than at boot: `ip6tables` still works,
+/// but `lo` refuses `::6` with "Permission denied", which init used to report as missing
+/// capabilities, failing the pod. Now it succeeds, installs the IPv6 rules (IPv6 traffic
+/// still may not go past the proxy) and warns.
+fn ipv6_turned_off_by_sysctl_keeps_the_rules_and_skips_the_loopback_address() {
+    let pair = Pair::new();
+    sh_ok(&[
+        "ip",
+        "netns",
+        "exec",
+        &pair.pod,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=1",
+    ]);
+    let out = pair.init(&[], INIT_FLAGS);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("IPv6 is disabled on lo"), "{stderr}");
+    let rules = pair.save("nft");
+    assert!(
+        rules.contains("-A PREROUTING -p tcp -j WEFT_INBOUND"),
+        "{rules}"
+    );
+    // The IPv6 rules: only they name the IPv6 network skipped outbound.
+    assert!(
+        rules.contains("-A WEFT_OUTBOUND -d fd00:77:1::/64 -p tcp -j RETURN"),
+        "{rules}"
+    );
 }
 
 fn a_second_run_changes_nothing() {

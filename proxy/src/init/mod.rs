@@ -185,7 +185,14 @@ pub fn run(args: &InitArgs) -> Result<(), InitError> {
             continue;
         }
         install(&redirect, backend, family)?;
-        if family == Family::V6 {
+        if family == Family::V6 && !ipv6_on_loopback() {
+            // The rules stand (IPv6 traffic is still caught, not let past the proxy), but
+            // `lo` takes no IPv6 address; the kernel refuses it as if for permission.
+            tracing::warn!(
+                "IPv6 is disabled on lo (net.ipv6.conf.lo.disable_ipv6=1); ::6 not added, \
+                 so the inbound side cannot hand IPv6 connections to the application"
+            );
+        } else if family == Family::V6 {
             let source = crate::server::INBOUND_SOURCE_V6;
             iptables::add_loopback_v6(source).map_err(|e| {
                 if e.is_permission_denied() {
@@ -209,6 +216,13 @@ fn legacy_nat_exists() -> bool {
 /// Whether the kernel has IPv6 (the `ipv6.disable=1` boot flag removes this file).
 fn ipv6_enabled() -> bool {
     std::path::Path::new("/proc/net/if_inet6").exists()
+}
+
+/// Whether `lo` takes IPv6 addresses in this network namespace: some runtimes and CNI
+/// plugins turn IPv6 off with `net.ipv6.conf.all.disable_ipv6=1` rather than at boot.
+fn ipv6_on_loopback() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6")
+        .map_or(true, |v| v.trim() != "1")
 }
 
 /// The backend to use: the one asked for, or with `auto` the one whose IPv4 nat table
