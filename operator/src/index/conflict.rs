@@ -5,7 +5,9 @@
 //!
 //! ```text
 //! resources of one kind in a namespace ──claimants(service)──▶ oldest first
-//!         conflict(key)  : the older overlapping one `key` loses to, if any
+//!         settle(applies): skips those that govern nothing; each other one loses to
+//!                          the oldest older *winner* it overlaps, if any
+//!         conflict(key)  : the older overlapping winner `key` loses to, if any
 //!         losers(key)    : the newer overlapping ones `key` wins over
 //!         winner(port)   : the one that applies to a port
 //! ```
@@ -73,31 +75,66 @@ pub fn claimants<'a, T: Governs>(
     out
 }
 
+/// Whether a resource governing this Service (port) governs anything at all: its Service
+/// and port exist, with a cluster IP, and not every port it governs is opaque. One that
+/// governs nothing neither wins nor loses a conflict.
+pub type Applies<'a> = &'a dyn Fn(&ServiceRef) -> bool;
+
+/// Settles the resources that govern `service` in `ns`, oldest first: each that governs
+/// something (`applies`), with the older one it loses to, if any. Only a resource that
+/// wins (governs something and loses to nobody) can beat a newer one: an older one that
+/// governs nothing, or lost itself, takes nothing from it.
+fn settle<'a, T: Governs>(
+    map: &'a Resources<T>,
+    ns: &str,
+    service: &str,
+    applies: Applies<'_>,
+) -> Vec<(&'a ObjectKey, &'a T, Option<&'a ObjectKey>)> {
+    let mut winners: Vec<(&ObjectKey, &T)> = Vec::new();
+    let mut out = Vec::new();
+    for (k, _, s) in claimants(map, ns, service) {
+        if !applies(s.governs()) {
+            continue;
+        }
+        let lost_to = winners
+            .iter()
+            .find(|(_, w)| ports_overlap(w.governs().port, s.governs().port))
+            .map(|(w, _)| *w);
+        if lost_to.is_none() {
+            winners.push((k, s));
+        }
+        out.push((k, s, lost_to));
+    }
+    out
+}
+
 /// The older resource that `key` conflicts with (and loses to), if any.
-pub fn conflict<T: Governs>(map: &Resources<T>, key: &ObjectKey) -> Option<ObjectKey> {
+pub fn conflict<T: Governs>(
+    map: &Resources<T>,
+    key: &ObjectKey,
+    applies: Applies<'_>,
+) -> Option<ObjectKey> {
     let (_, Parsed::Valid(spec)) = map.get(key)? else {
         return None;
     };
-    let mine = spec.governs();
-    for (other, _, o) in claimants(map, &key.namespace, &mine.name) {
-        if other == key {
-            return None;
-        }
-        if ports_overlap(o.governs().port, mine.port) {
-            return Some(other.clone());
-        }
-    }
-    None
+    settle(map, &key.namespace, &spec.governs().name, applies)
+        .into_iter()
+        .find(|(k, _, _)| *k == key)
+        .and_then(|(_, _, lost_to)| lost_to.cloned())
 }
 
 /// The newer resources that lose to `key`.
-pub fn losers<T: Governs>(map: &Resources<T>, key: &ObjectKey) -> Vec<ObjectKey> {
+pub fn losers<T: Governs>(
+    map: &Resources<T>,
+    key: &ObjectKey,
+    applies: Applies<'_>,
+) -> Vec<ObjectKey> {
     let Some((_, Parsed::Valid(spec))) = map.get(key) else {
         return Vec::new();
     };
-    claimants(map, &key.namespace, &spec.governs().name)
+    settle(map, &key.namespace, &spec.governs().name, applies)
         .into_iter()
-        .filter(|(k, _, _)| *k != key && conflict(map, k).as_ref() == Some(key))
+        .filter(|(_, _, lost_to)| *lost_to == Some(key))
         .map(|(k, _, _)| k.clone())
         .collect()
 }
@@ -109,12 +146,10 @@ pub fn winner<'a, T: Governs>(
     ns: &str,
     service: &str,
     port: u16,
+    applies: Applies<'_>,
 ) -> Option<(&'a ObjectKey, &'a T)> {
-    claimants(map, ns, service)
+    settle(map, ns, service, applies)
         .into_iter()
-        .filter(|(k, _, s)| {
-            s.governs().port.is_none_or(|p| p == port) && conflict(map, k).is_none()
-        })
-        .map(|(k, _, s)| (k, s))
-        .next()
+        .find(|(_, s, lost_to)| lost_to.is_none() && s.governs().port.is_none_or(|p| p == port))
+        .map(|(k, s, _)| (k, s))
 }

@@ -469,10 +469,8 @@ impl Index {
         let mut resources = BTreeSet::new();
         for (key, (meta, spec)) in in_ns(&self.routes, ns) {
             if let Parsed::Valid(spec) = spec
-                && self
-                    .governed_problem(ns, &spec.service, Kind::Route)
-                    .is_none()
-                && conflict::conflict(&self.routes, key).is_none()
+                && self.governs(ns, &spec.service)
+                && conflict::conflict(&self.routes, key, &|s| self.governs(ns, s)).is_none()
             {
                 resources.insert(resource_ref(
                     "Route",
@@ -484,10 +482,8 @@ impl Index {
         }
         for (key, (meta, spec)) in in_ns(&self.breakers, ns) {
             if let Parsed::Valid(spec) = spec
-                && self
-                    .governed_problem(ns, &spec.service, Kind::Breaker)
-                    .is_none()
-                && conflict::conflict(&self.breakers, key).is_none()
+                && self.governs(ns, &spec.service)
+                && conflict::conflict(&self.breakers, key, &|s| self.governs(ns, s)).is_none()
             {
                 resources.insert(resource_ref(
                     "Breaker",
@@ -595,20 +591,28 @@ impl Index {
     /// The older resource of the same kind that `key` conflicts with (a Route or Breaker
     /// governing the same Service port), if any; see [`conflict`].
     pub fn conflict(&self, kind: Kind, key: &ObjectKey) -> Option<ObjectKey> {
+        let ns = key.namespace.as_str();
         match kind {
-            Kind::Route => conflict::conflict(&self.routes, key),
-            Kind::Breaker => conflict::conflict(&self.breakers, key),
+            Kind::Route => conflict::conflict(&self.routes, key, &|s| self.governs(ns, s)),
+            Kind::Breaker => conflict::conflict(&self.breakers, key, &|s| self.governs(ns, s)),
             _ => None,
         }
     }
 
     /// The newer resources of the same kind that lose to `key`.
     pub fn losers(&self, kind: Kind, key: &ObjectKey) -> Vec<ObjectKey> {
+        let ns = key.namespace.as_str();
         match kind {
-            Kind::Route => conflict::losers(&self.routes, key),
-            Kind::Breaker => conflict::losers(&self.breakers, key),
+            Kind::Route => conflict::losers(&self.routes, key, &|s| self.governs(ns, s)),
+            Kind::Breaker => conflict::losers(&self.breakers, key, &|s| self.governs(ns, s)),
             _ => Vec::new(),
         }
+    }
+
+    /// Whether a Route or Breaker governing `service` in `ns` governs anything (see
+    /// [`Index::governed_problem`]).
+    fn governs(&self, ns: &str, service: &ServiceRef) -> bool {
+        self.governed_problem(ns, service, Kind::Route).is_none()
     }
 
     /// Why a Route or Breaker (`kind`) governing `service` in `ns` governs nothing, as its
@@ -747,19 +751,20 @@ impl Index {
             return Vec::new();
         }
         let ns = key.namespace.as_str();
+        let applies: conflict::Applies<'_> = &|s| self.governs(ns, s);
         svc.ports
             .iter()
             .map(|p| {
                 // An opaque port's connections are forwarded as bytes: the proxy applies
                 // no Route or Breaker there, so none is sent (and status says so).
-                let route = conflict::winner(&self.routes, ns, &key.name, p.port)
+                let route = conflict::winner(&self.routes, ns, &key.name, p.port, applies)
                     .filter(|_| !p.opaque)
                     .map(|(rk, r)| {
                         compile::route(rk, r, p.port, |name, port| {
                             self.service_port_config(ns, name, port)
                         })
                     });
-                let breaker = conflict::winner(&self.breakers, ns, &key.name, p.port)
+                let breaker = conflict::winner(&self.breakers, ns, &key.name, p.port, applies)
                     .filter(|_| !p.opaque)
                     .map(|(bk, b)| compile::breaker(bk, b));
                 ServiceConfig {

@@ -641,6 +641,128 @@ fn of_two_routes_for_one_port_the_older_is_compiled_until_it_goes() {
 }
 
 #[test]
+fn an_older_route_or_breaker_that_governs_nothing_takes_nothing_from_a_newer_one() {
+    let mut i = shop();
+    let on = |kind: Kind, name: &str, created: &str, service: serde_json::Value| {
+        let spec = match kind {
+            Kind::Route => json!({"service": service, "rules": [{"backends": [{"name": "web"}]}]}),
+            _ => json!({"service": service, "connectionPool": {"maxRequests": 1}}),
+        };
+        weft(kind, "shop", name, 1, created, spec)
+    };
+    for kind in [Kind::Route, Kind::Breaker] {
+        // The older one names a port web does not have: ServiceNotFound, governs nothing.
+        apply(
+            &mut i,
+            on(
+                kind,
+                "a",
+                "2026-01-01T00:00:00Z",
+                json!({"name": "web", "port": 9090}),
+            ),
+        );
+        apply(
+            &mut i,
+            on(kind, "b", "2026-01-02T00:00:00Z", json!({"name": "web"})),
+        );
+        let a = i.resource_state(kind, &key("shop", "a")).unwrap();
+        assert_eq!(a.accepted.reason, reasons::SERVICE_NOT_FOUND, "{kind:?}");
+        let b = i.resource_state(kind, &key("shop", "b")).unwrap();
+        assert!(b.accepted.ok, "{kind:?}: {b:?}");
+        assert!(
+            !b.accepted.message.contains("wins over"),
+            "{}",
+            b.accepted.message
+        );
+    }
+    let web = client_view(&i)
+        .services
+        .get("web.shop.80")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        web.route.as_ref().map(|r| r.name.clone()),
+        Some("shop/b".to_owned())
+    );
+    assert_eq!(
+        web.breaker.as_ref().map(|b| b.name.clone()),
+        Some("shop/b".to_owned())
+    );
+
+    // One that lost a conflict takes nothing either: c (port 81) overlaps only the
+    // loser b (every port), not the winner a (port 80).
+    apply(&mut i, svc_ports("shop", "api", "10.96.0.50", &[80, 81]));
+    for kind in [Kind::Route, Kind::Breaker] {
+        apply(
+            &mut i,
+            on(
+                kind,
+                "api-a",
+                "2026-01-01T00:00:00Z",
+                json!({"name": "api", "port": 80}),
+            ),
+        );
+        apply(
+            &mut i,
+            on(
+                kind,
+                "api-b",
+                "2026-01-02T00:00:00Z",
+                json!({"name": "api"}),
+            ),
+        );
+        apply(
+            &mut i,
+            on(
+                kind,
+                "api-c",
+                "2026-01-03T00:00:00Z",
+                json!({"name": "api", "port": 81}),
+            ),
+        );
+        let b = i.resource_state(kind, &key("shop", "api-b")).unwrap();
+        assert_eq!(b.accepted.reason, reasons::CONFLICTED, "{kind:?}");
+        assert!(
+            b.accepted
+                .message
+                .contains(&format!("{} api-a", kind.as_str())),
+            "{}",
+            b.accepted.message
+        );
+        let c = i.resource_state(kind, &key("shop", "api-c")).unwrap();
+        assert!(c.accepted.ok, "{kind:?}: {c:?}");
+        let a = i.resource_state(kind, &key("shop", "api-a")).unwrap();
+        assert!(
+            a.accepted.message.ends_with("api-b (older ones win)"),
+            "{}",
+            a.accepted.message
+        );
+    }
+    let view = client_view(&i);
+    let api81 = view.services.get("api.shop.81").cloned().unwrap();
+    assert_eq!(
+        api81.route.as_ref().map(|r| r.name.clone()),
+        Some("shop/api-c".to_owned())
+    );
+    assert_eq!(
+        api81.breaker.as_ref().map(|b| b.name.clone()),
+        Some("shop/api-c".to_owned())
+    );
+    let api80 = view.services.get("api.shop.80").cloned().unwrap();
+    assert_eq!(
+        api80.route.as_ref().map(|r| r.name.clone()),
+        Some("shop/api-a".to_owned())
+    );
+    let names: Vec<&str> = view.resources.iter().map(|r| r.name.as_str()).collect();
+    // Breakers first, then Routes, each by name.
+    assert_eq!(
+        names,
+        ["api-a", "api-c", "b", "api-a", "api-c", "b"],
+        "{names:?}"
+    );
+}
+
+#[test]
 fn breakers_compile_per_service_port_and_the_older_of_two_wins() {
     let mut i = shop();
     apply(&mut i, svc_ports("shop", "api", "10.96.0.50", &[80, 81]));
