@@ -884,15 +884,26 @@ impl Index {
             .iter()
             .filter_map(|(k, meta, spec)| spec.rate_limit.as_ref().map(|rl| (*k, *meta, rl)))
             .min_by(|a, b| conflict::age_order((a.0, a.1), (b.0, b.1)));
+        // The mode this pod runs, and whether workload Policies decide it (over
+        // namespace-wide ones): see `compile::mtls`.
+        let mode = compile::mtls(self.mesh_mtls, selecting.iter().map(|(_, _, spec)| *spec));
+        let workload_decides = selecting
+            .iter()
+            .any(|(_, _, spec)| !compile::namespace_wide(spec));
         for (key, meta, spec) in &selecting {
             let mut requires = requires::policy(spec);
-            if limit.is_some_and(|(winner, _, _)| winner != *key) {
-                // An overridden limit is not applied on this pod: its requirement names
-                // a feature no proxy has, so `Programmed` does not claim it.
-                for r in &mut requires {
-                    if r.feature == weft_api::push::feature::POLICY_RATE_LIMIT {
-                        r.feature = requires::OVERRIDDEN.to_owned();
-                    }
+            // An overridden part is not applied on this pod: its requirement names a
+            // feature no proxy has, so `Programmed` does not claim it. A rate limit is
+            // overridden by an older Policy's; a mode by a workload Policy (for a
+            // namespace-wide one) or a stricter one of its level.
+            let limit_overridden = limit.is_some_and(|(winner, _, _)| winner != *key);
+            let mode_overridden = compile::namespace_wide(spec) == workload_decides
+                || mtls_mode(spec.mtls.mode) != mode;
+            for r in &mut requires {
+                if (r.feature == weft_api::push::feature::POLICY_RATE_LIMIT && limit_overridden)
+                    || (r.feature == weft_api::push::feature::POLICY_MTLS && mode_overridden)
+                {
+                    r.feature = requires::OVERRIDDEN.to_owned();
                 }
             }
             view.resources
@@ -903,10 +914,7 @@ impl Index {
         let inbound = !selecting.is_empty() || self.mesh_mtls != MtlsMode::Permissive;
         view.inbound = inbound.then(|| InboundConfig {
             rate_limit: limit.map(|(key, _, rl)| compile::rate_limit(key, rl)),
-            mtls: Some(compile::mtls(
-                self.mesh_mtls,
-                selecting.iter().map(|(_, _, spec)| *spec),
-            )),
+            mtls: Some(mode),
             // Every Policy applies (deny wins across them); one that allows everything
             // and denies nothing changes no decision and is not sent.
             authorization: selecting

@@ -669,6 +669,79 @@ fn the_mesh_default_applies_where_no_policy_selects_and_a_namespace_policy_overr
     assert_eq!(inbound_mode(&i, "web-a"), Some(MtlsMode::Strict));
 }
 
+/// The feature each Policy's `spec.mtls.mode` requires on `pod`, by Policy name.
+fn mode_features(i: &Index, pod: &str) -> Vec<(String, String)> {
+    i.view(&key("shop", pod))
+        .unwrap()
+        .resources
+        .iter()
+        .filter(|r| r.kind == "Policy")
+        .flat_map(|r| {
+            r.requires
+                .iter()
+                .filter(|q| q.field == "spec.mtls.mode")
+                .map(|q| (r.name.clone(), q.feature.clone()))
+        })
+        .collect()
+}
+
+#[test]
+fn an_overridden_mode_is_not_claimed_as_enforced_on_the_pods_where_it_is_overridden() {
+    let mut i = shop();
+    apply(
+        &mut i,
+        policy_with_mode(
+            "ns-wide",
+            "2026-01-01T00:00:00Z",
+            json!({"selector": {}}),
+            "Permissive",
+        ),
+    );
+    apply(
+        &mut i,
+        policy_with_mode(
+            "web-strict",
+            "2026-01-02T00:00:00Z",
+            json!({"selector": {"matchLabels": {"app": "web"}}}),
+            "Strict",
+        ),
+    );
+    let mtls = weft_api::push::feature::POLICY_MTLS.to_owned();
+    let overridden = requires::OVERRIDDEN.to_owned();
+    // On web-a the workload Policy decides: the namespace's mode is not applied there.
+    assert_eq!(
+        mode_features(&i, "web-a"),
+        [
+            ("ns-wide".to_owned(), overridden.clone()),
+            ("web-strict".to_owned(), mtls.clone())
+        ]
+    );
+    // On the client the namespace's mode is the one applied.
+    assert_eq!(
+        mode_features(&i, "client"),
+        [("ns-wide".to_owned(), mtls.clone())]
+    );
+
+    // Of two workload Policies, the laxer mode is overridden by the stricter.
+    apply(
+        &mut i,
+        policy_with_mode(
+            "web-lax",
+            "2026-01-03T00:00:00Z",
+            json!({"service": "web"}),
+            "Permissive",
+        ),
+    );
+    assert_eq!(
+        mode_features(&i, "web-a"),
+        [
+            ("ns-wide".to_owned(), overridden.clone()),
+            ("web-lax".to_owned(), overridden),
+            ("web-strict".to_owned(), mtls),
+        ]
+    );
+}
+
 #[test]
 fn a_disabled_mesh_default_originates_no_mtls_until_a_namespace_policy_asks_for_it() {
     let identity = |i: &Index| {
