@@ -139,6 +139,11 @@ pub mod reasons {
     pub const INVALID: &str = "Invalid";
     /// Accepted=False: an older Route (or Breaker) governs the same Service port.
     pub const CONFLICTED: &str = "Conflicted";
+    /// Accepted=False: a pod this Policy selects is already selected by as many Policies
+    /// that send authorization (rules, a `Deny` default or `dryRun`) as a proxy accepts
+    /// (`weft_proxy::authz::MAX_POLICIES`), all older; the proxy would refuse its whole
+    /// config, so this Policy is not applied anywhere.
+    pub const TOO_MANY_POLICIES: &str = "TooManyPolicies";
     /// Accepted=False: the Service the Route or Breaker governs does not exist (or lacks
     /// the port), so there is nothing to program.
     pub const SERVICE_NOT_FOUND: &str = "ServiceNotFound";
@@ -203,6 +208,10 @@ pub struct Index {
     breakers: BTreeMap<ObjectKey, BreakerModel>,
     outbound: BTreeMap<String, NsServices>,
     ns_resources: BTreeMap<String, BTreeSet<ResourceRef>>,
+    /// Per namespace, the Policies refused because a pod they select already has as many
+    /// authorization policies as a proxy accepts ([`reasons::TOO_MANY_POLICIES`]), each
+    /// with that pod. Empty unless a namespace has that many such Policies.
+    refused_policies: BTreeMap<String, BTreeMap<ObjectKey, ObjectKey>>,
     /// Cluster addresses claimed by services of more than one namespace, with those
     /// namespaces (stale state only: a cluster IP belongs to one Service). Empty in a
     /// consistent cluster, so views pay nothing for it.
@@ -238,6 +247,7 @@ impl Index {
             breakers: BTreeMap::new(),
             outbound: BTreeMap::new(),
             ns_resources: BTreeMap::new(),
+            refused_policies: BTreeMap::new(),
             contested: BTreeMap::new(),
             claims: HashMap::new(),
             version: 0,
@@ -515,7 +525,52 @@ impl Index {
         } else {
             self.ns_resources.insert(ns.to_owned(), resources);
         }
-        services_changed || resources_changed
+        let refused = self.too_many_policies(ns);
+        let refused_changed = self.refused_policies.get(ns).unwrap_or(&BTreeMap::new()) != &refused;
+        if refused.is_empty() {
+            self.refused_policies.remove(ns);
+        } else {
+            self.refused_policies.insert(ns.to_owned(), refused);
+        }
+        // Refusing a Policy changes the views of every pod it selects: all in `ns`.
+        services_changed || resources_changed || refused_changed
+    }
+
+    /// The Policies of `ns` that a proxy could not take: oldest first (creation time, then
+    /// name), each Policy that sends authorization is accepted unless a pod it selects
+    /// already has `MAX_POLICIES` accepted ones; each refused one with that pod.
+    fn too_many_policies(&self, ns: &str) -> BTreeMap<ObjectKey, ObjectKey> {
+        let max = weft_proxy::authz::MAX_POLICIES;
+        let mut sending: Vec<(&ObjectKey, &model::ResourceMeta, &weft_crds::PolicySpec)> =
+            in_ns(&self.policies, ns)
+                .filter_map(|(k, (meta, spec))| match spec {
+                    Parsed::Valid(p) if sends_authorization(p) => Some((k, meta, p)),
+                    _ => None,
+                })
+                .collect();
+        let mut refused = BTreeMap::new();
+        if sending.len() <= max {
+            return refused;
+        }
+        sending.sort_by(|a, b| conflict::age_order((a.0, a.1), (b.0, b.1)));
+        let mut counts: HashMap<&ObjectKey, usize> = HashMap::new();
+        for (key, _, spec) in sending {
+            let pods: Vec<&ObjectKey> = in_ns(&self.pods, ns)
+                .filter(|(pk, pod)| self.selects(spec, pk, pod))
+                .map(|(pk, _)| pk)
+                .collect();
+            if let Some(full) = pods
+                .iter()
+                .find(|p| counts.get(*p).is_some_and(|n| *n >= max))
+            {
+                refused.insert(key.clone(), (*full).clone());
+                continue;
+            }
+            for p in pods {
+                *counts.entry(p).or_default() += 1;
+            }
+        }
+        refused
     }
 
     /// Records which cluster addresses namespace `ns` claims now.
@@ -919,9 +974,7 @@ impl Index {
             // and denies nothing changes no decision and is not sent.
             authorization: selecting
                 .iter()
-                .filter(|(_, _, spec)| {
-                    spec.dry_run || !spec.rules.is_empty() || spec.default_action == Action::Deny
-                })
+                .filter(|(_, _, spec)| sends_authorization(spec))
                 .map(|(key, _, spec)| compile::authorization(key, spec, &self.trust_domain))
                 .collect(),
         });
@@ -934,23 +987,32 @@ impl Index {
         let Some(pod) = self.pods.get(pod_key) else {
             return Vec::new();
         };
+        let refused = self.refused_policies.get(&pod_key.namespace);
         in_ns(&self.policies, &pod_key.namespace)
-            .filter(|(_, (_, spec))| match spec {
-                Parsed::Valid(p) => match (&p.target.selector, &p.target.service) {
-                    (Some(sel), _) => selector_matches(sel, &pod.labels),
-                    (None, Some(svc)) => self
-                        .services
-                        .get(&ObjectKey::new(pod_key.namespace.clone(), svc.clone()))
-                        .and_then(|s| s.selector.as_ref())
-                        .is_some_and(|sel| {
-                            !sel.is_empty() && sel.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
-                        }),
-                    (None, None) => false,
-                },
+            .filter(|(k, (_, spec))| match spec {
+                Parsed::Valid(p) => {
+                    self.selects(p, pod_key, pod) && !refused.is_some_and(|r| r.contains_key(*k))
+                }
                 Parsed::Invalid(_) => false,
             })
             .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// Whether Policy `p` selects `pod` (by label selector, or through a Service whose
+    /// selector matches the pod).
+    fn selects(&self, p: &weft_crds::PolicySpec, pod_key: &ObjectKey, pod: &PodModel) -> bool {
+        match (&p.target.selector, &p.target.service) {
+            (Some(sel), _) => selector_matches(sel, &pod.labels),
+            (None, Some(svc)) => self
+                .services
+                .get(&ObjectKey::new(pod_key.namespace.clone(), svc.clone()))
+                .and_then(|s| s.selector.as_ref())
+                .is_some_and(|sel| {
+                    !sel.is_empty() && sel.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+                }),
+            (None, None) => false,
+        }
     }
 
     /// The keys of every resource of a Weft kind.
@@ -1084,6 +1146,19 @@ impl Index {
             .and_then(|s| self.governed_problem(ns, s, kind))
         {
             problem
+        } else if let Some(pod) = self
+            .refused_policies
+            .get(ns)
+            .and_then(|r| r.get(key))
+            .filter(|_| kind == Kind::Policy)
+        {
+            CondState::no(
+                reasons::TOO_MANY_POLICIES,
+                format!(
+                    "pod {pod} is already selected by {} older Policies that send authorization (rules, a Deny default or dryRun), as many as a proxy accepts; this Policy is not applied anywhere (older ones win, creation time then name)",
+                    weft_proxy::authz::MAX_POLICIES
+                ),
+            )
         } else if let Some(winner) = self.conflict(kind, key) {
             CondState::no(
                 reasons::CONFLICTED,
@@ -1164,6 +1239,12 @@ impl Index {
 enum Visible {
     All,
     Some(BTreeSet<String>),
+}
+
+/// Whether a Policy is sent as an authorization policy: one that allows everything and
+/// denies nothing, not in dry run, changes no decision and is not.
+fn sends_authorization(spec: &weft_crds::PolicySpec) -> bool {
+    spec.dry_run || !spec.rules.is_empty() || spec.default_action == Action::Deny
 }
 
 /// `port 5432` or `ports 5432, 6379`.

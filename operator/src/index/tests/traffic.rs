@@ -1047,3 +1047,72 @@ fn deleting_a_route_breaker_or_rate_limit_restores_every_view() {
         }
     }
 }
+
+#[test]
+fn policies_beyond_what_a_proxy_accepts_for_one_pod_are_refused_newest_first() {
+    let max = weft_proxy::authz::MAX_POLICIES;
+    let mut i = shop();
+    let created = |n: usize| format!("2026-01-01T{:02}:{:02}:00Z", n / 60, n % 60);
+    let deny_admin = json!({"target": {"selector": {"matchLabels": {"app": "client"}}},
+                            "mtls": {"mode": "Permissive"},
+                            "rules": [{"action": "Deny", "to": [{"paths": [{"prefix": "/admin"}]}]}]});
+    for n in 0..max + 2 {
+        apply(
+            &mut i,
+            policy(&format!("p{n:03}"), &created(n), deny_admin.clone()),
+        );
+    }
+    // One that sends no authorization costs the proxy nothing: never refused.
+    apply(
+        &mut i,
+        policy(
+            "mode-only",
+            &created(max + 5),
+            json!({"target": {"selector": {"matchLabels": {"app": "client"}}},
+                   "mtls": {"mode": "Permissive"}, "defaultAction": "Allow"}),
+        ),
+    );
+    for n in 0..max + 2 {
+        let state = i
+            .resource_state(Kind::Policy, &key("shop", &format!("p{n:03}")))
+            .unwrap();
+        if n < max {
+            assert!(state.accepted.ok, "p{n:03}: {state:?}");
+        } else {
+            assert_eq!(state.accepted.reason, reasons::TOO_MANY_POLICIES, "p{n:03}");
+            assert!(
+                state.accepted.message.contains("pod shop/client"),
+                "{}",
+                state.accepted.message
+            );
+        }
+    }
+    let mode_only = i
+        .resource_state(Kind::Policy, &key("shop", "mode-only"))
+        .unwrap();
+    assert!(mode_only.accepted.ok, "{mode_only:?}");
+    let view = client_view(&i);
+    assert_eq!(view.inbound.as_ref().unwrap().authorization.len(), max);
+    assert!(
+        !view
+            .resources
+            .iter()
+            .any(|r| r.name == format!("p{max:03}"))
+    );
+    assert_eq!(proxy_accepts(&i, &key("shop", "client")), Ok(()));
+
+    // An older one goes: the oldest refused one takes its place.
+    i.delete(Kind::Policy, &key("shop", "p000"));
+    let state = i
+        .resource_state(Kind::Policy, &key("shop", &format!("p{max:03}")))
+        .unwrap();
+    assert!(state.accepted.ok, "{state:?}");
+    assert_eq!(
+        i.resource_state(Kind::Policy, &key("shop", &format!("p{:03}", max + 1)))
+            .unwrap()
+            .accepted
+            .reason,
+        reasons::TOO_MANY_POLICIES
+    );
+    assert_eq!(proxy_accepts(&i, &key("shop", "client")), Ok(()));
+}
