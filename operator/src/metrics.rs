@@ -387,6 +387,7 @@ mod docs_tests {
         operator.push_refusal("forbidden");
         operator.push_stall();
         operator.identity_refusal("bad_request");
+        operator.identity_abandoned("slot");
         let webhook = crate::webhook::server::WebhookMetrics::default();
         webhook.count("injected");
         let mut registry = prometheus_client::registry::Registry::default();
