@@ -411,8 +411,12 @@ fn plan(
                 None => match snapshot.meshed_endpoint_for_addr(orig) {
                     // A meshed pod dialled by its address (a headless Service's name, a
                     // StatefulSet peer, the pod itself): mutual TLS, as to a service's
-                    // endpoint, so that a `Strict` pod takes it; the bytes are opaque.
-                    Some(endpoint) => (Route::Endpoint(endpoint.clone()), true),
+                    // endpoint, so that a `Strict` pod takes it. HTTP is detected as for
+                    // the service, so the peer's per-request policy still applies.
+                    Some((svc, endpoint)) => (
+                        Route::Endpoint(endpoint.clone()),
+                        svc.spec.opaque || config.is_opaque_port(orig.port()),
+                    ),
                     // Nobody claims it: forward unchanged.
                     None => (
                         Route::Addr(Dial::direct(orig), ServiceLabel::passthrough()),
@@ -568,8 +572,8 @@ enum Route {
     Service(Arc<ServiceState>, HttpTarget),
     /// A fixed address: passthrough, or the application in this pod.
     Addr(Dial, ServiceLabel),
-    /// A meshed endpoint dialled by its own address, not a service's: opaque bytes over
-    /// mutual TLS to the identity the config gives it.
+    /// A meshed endpoint dialled by its own address, not a service's: over mutual TLS to
+    /// the identity the config gives it (HTTP on the mux, else opaque bytes).
     Endpoint(Arc<EndpointState>),
     /// A forward listener's service that is not in the config.
     Missing(Arc<str>),

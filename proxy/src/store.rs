@@ -598,11 +598,15 @@ impl Snapshot {
         self.services.get(i)
     }
 
-    /// The meshed endpoint at an address, as a service lists it (for a pod dialled by its
-    /// address rather than a service's).
-    pub fn meshed_endpoint_for_addr(&self, addr: SocketAddr) -> Option<&Arc<EndpointState>> {
+    /// The meshed endpoint at an address, with the service that lists it (for a pod dialled
+    /// by its address rather than a service's).
+    pub fn meshed_endpoint_for_addr(
+        &self,
+        addr: SocketAddr,
+    ) -> Option<(&Arc<ServiceState>, &Arc<EndpointState>)> {
         let (i, j) = self.config.meshed_endpoint(addr)?;
-        self.services.get(i)?.endpoints.get(j)
+        let service = self.services.get(i)?;
+        Some((service, service.endpoints.get(j)?))
     }
 
     /// The service with a name.
