@@ -935,7 +935,8 @@ async fn a_server_sidecar_that_drains_under_load_loses_no_request() {
         let c = if i % 2 == 0 { h1_client() } else { h2_client() };
         load.push(tokio::spawn(async move {
             let mut failed = Vec::new();
-            let until = std::time::Instant::now() + Duration::from_secs(5);
+            // Stops when told; the bound only keeps a broken test from running forever.
+            let until = std::time::Instant::now() + Duration::from_secs(60);
             while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < until {
                 let req = http::Request::get(&url).body(full("")).unwrap();
                 match tokio::time::timeout(Duration::from_secs(5), c.request(req)).await {
