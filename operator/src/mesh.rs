@@ -6,7 +6,7 @@
 //!            ┌── index::watch (7 watches) ──▶ SharedIndex ◀── push::serve (proxies)
 //! run(..) ───┼── status::lease ──leader──▶ status::StatusWriter ◀── Peers
 //!            ├── status::reports: publish this replica's ACKs, watch the peers' ──┘
-//!            └── admin: /healthz /readyz (index synced, no readiness gate pending) /metrics /proxies /version
+//!            └── admin: /healthz /readyz (index synced) /readyz/webhook /metrics /proxies /version
 //! ```
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
@@ -259,16 +259,28 @@ async fn serve_admin(
                             "text/plain",
                             "index not synced\n".to_owned(),
                         ),
+                        // The Service carrying config push and identity follows this:
+                        // a webhook that cannot start must not take those out too.
                         "/readyz" => match handles.readiness.waiting_for() {
                             waiting if waiting.is_empty() => {
                                 (StatusCode::OK, "text/plain", "ok\n".to_owned())
                             }
                             waiting => (
-                                StatusCode::SERVICE_UNAVAILABLE,
+                                StatusCode::OK,
                                 "text/plain",
-                                format!("not serving yet: {}\n", waiting.join(", ")),
+                                format!("ok; not serving yet: {}\n", waiting.join(", ")),
                             ),
                         },
+                        "/readyz/webhook"
+                            if handles.readiness.waiting_for().contains(&"webhook") =>
+                        {
+                            (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "text/plain",
+                                "webhook not serving\n".to_owned(),
+                            )
+                        }
+                        "/readyz/webhook" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
                         "/metrics" => (
                             StatusCode::OK,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",

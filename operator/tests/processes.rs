@@ -199,12 +199,12 @@ async fn proxy_processes_lose_no_request_while_the_operator_process_is_killed_an
 }
 
 /// An operator whose webhook cannot start (here its CA Secret is malformed; a refused
-/// registration or an API server blip fails the same start-up) is not ready and says why,
-/// keeps its webhook listener and retries; once the cause is fixed (the Secret deleted, so
-/// the operator creates a new CA) the webhook registers and serves, and the operator is
-/// ready.
+/// registration or an API server blip fails the same start-up) says so on
+/// `/readyz/webhook`, keeps its webhook listener and retries; `/readyz`, which the Service
+/// carrying config push and identity follows, stays ready. Once the cause is fixed (the
+/// Secret deleted, so the operator creates a new CA) the webhook registers and serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_whose_webhook_cannot_start_is_not_ready_until_it_does() {
+async fn an_operator_whose_webhook_cannot_start_says_so_and_retries() {
     use k8s_openapi::api::{
         admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret,
     };
@@ -236,9 +236,11 @@ async fn an_operator_whose_webhook_cannot_start_is_not_ready_until_it_does() {
     let operator = Proc::spawn("operator-1", cmd, dir.path());
 
     let not_ready = || async {
+        let (status, body) = http_get(admin, "/readyz/webhook").await?;
+        ensure!(status == 503, "/readyz/webhook {status}: {body}");
         let (status, body) = http_get(admin, "/readyz").await?;
         ensure!(
-            status == 503 && body.contains("webhook"),
+            status == 200 && body.contains("not serving yet: webhook"),
             "/readyz {status}: {body}"
         );
         Ok(())
@@ -246,7 +248,7 @@ async fn an_operator_whose_webhook_cannot_start_is_not_ready_until_it_does() {
     eventually(Duration::from_secs(30), not_ready)
         .await
         .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
-    // Not a moment before the index synced: it stays unready while the webhook cannot start.
+    // Not a passing state: it stays so while the webhook cannot start.
     tokio::time::sleep(Duration::from_secs(2)).await;
     not_ready()
         .await
@@ -263,8 +265,10 @@ async fn an_operator_whose_webhook_cannot_start_is_not_ready_until_it_does() {
         .await
         .unwrap();
     eventually(Duration::from_secs(45), || async {
+        let (status, body) = http_get(admin, "/readyz/webhook").await?;
+        ensure!(status == 200, "/readyz/webhook {status}: {body}");
         let (status, body) = http_get(admin, "/readyz").await?;
-        ensure!(status == 200, "/readyz {status}: {body}");
+        ensure!(status == 200 && body == "ok\n", "/readyz {status}: {body}");
         Ok(())
     })
     .await
