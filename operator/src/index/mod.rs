@@ -152,8 +152,9 @@ pub mod reasons {
     /// service: connections to it go to pod addresses (or another name) that no Route or
     /// Breaker is attached to. As in Linkerd, and Gateway API's GEP-1426 for mesh routes.
     pub const UNSUPPORTED_SERVICE: &str = "UnsupportedService";
-    /// Accepted=False: every port the Route or Breaker governs is opaque (`appProtocol:
-    /// tcp`, or listed in `weft.dev/opaque-ports`). Proxies forward an opaque port's
+    /// Accepted=False: every port the Route or Breaker governs is opaque (one of the
+    /// proxies' default opaque ports, `appProtocol: tcp`, or listed in
+    /// `weft.dev/opaque-ports`). Proxies forward an opaque port's
     /// connections as bytes, with no request to route, split or limit, so neither a Route
     /// nor a Breaker applies there; none is sent for such a port.
     pub const OPAQUE_PORT: &str = "OpaquePort";
@@ -708,7 +709,7 @@ impl Index {
             return Some(CondState::no(
                 reasons::OPAQUE_PORT,
                 format!(
-                    "Service {ns}/{} {} {} opaque (appProtocol tcp or weft.dev/opaque, or the weft.dev/opaque-ports annotation): proxies forward its connections as bytes, with no request to route or limit, so no {kind_name} applies there",
+                    "Service {ns}/{} {} {} opaque (a port proxies treat as opaque by default, appProtocol tcp or weft.dev/opaque, or the weft.dev/opaque-ports annotation): proxies forward its connections as bytes, with no request to route or limit, so no {kind_name} applies there",
                     service.name,
                     ports_phrase(&opaque),
                     if opaque.len() == 1 { "is" } else { "are" },

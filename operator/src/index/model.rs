@@ -14,6 +14,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{LabelSelector, Time},
 };
 use kube::ResourceExt;
+use weft_api::proxy_config::DEFAULT_OPAQUE_PORTS;
 use weft_crds::{BreakerSpec, PolicySpec, RouteSpec};
 
 /// Pod label that marks a pod as meshed (set by the injector). The Pod watch selects on
@@ -120,9 +121,10 @@ pub struct ServicePort {
     pub name: String,
     /// The Service port.
     pub port: u16,
-    /// Whether connections skip protocol detection: the port's `appProtocol` is one of
-    /// [`OPAQUE_APP_PROTOCOLS`], or the Service's `weft.dev/opaque-ports` annotation lists
-    /// it.
+    /// Whether connections skip protocol detection: the port is one of the
+    /// [`DEFAULT_OPAQUE_PORTS`] every proxy treats as opaque (the operator sends no
+    /// `opaquePorts` of its own), its `appProtocol` is one of [`OPAQUE_APP_PROTOCOLS`], or
+    /// the Service's `weft.dev/opaque-ports` annotation lists it.
     pub opaque: bool,
 }
 
@@ -267,16 +269,17 @@ pub fn service(svc: &Service) -> (ObjectKey, Object) {
         .into_iter()
         .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
         .filter_map(|p| {
+            let port = u16::try_from(p.port).ok().filter(|p| *p != 0)?;
             Some(ServicePort {
                 name: p.name.unwrap_or_default(),
-                port: u16::try_from(p.port).ok().filter(|p| *p != 0)?,
-                opaque: p
-                    .app_protocol
-                    .as_deref()
-                    .is_some_and(|a| OPAQUE_APP_PROTOCOLS.contains(&a))
-                    || annotated
-                        .iter()
-                        .any(|r| (r.start..=r.end).contains(&u16::try_from(p.port).unwrap_or(0))),
+                port,
+                // The operator sends no `opaquePorts`, so every proxy also forwards the
+                // default ones as bytes, whatever the Service says.
+                opaque: DEFAULT_OPAQUE_PORTS.contains(&port)
+                    || p.app_protocol
+                        .as_deref()
+                        .is_some_and(|a| OPAQUE_APP_PROTOCOLS.contains(&a))
+                    || annotated.iter().any(|r| (r.start..=r.end).contains(&port)),
             })
         })
         .collect();

@@ -601,6 +601,62 @@ fn a_route_or_breaker_on_an_opaque_port_is_not_accepted_there_and_not_sent() {
 }
 
 #[test]
+fn a_route_or_breaker_on_a_port_proxies_treat_as_opaque_by_default_is_not_accepted_there() {
+    // Redis's 6379 is among the ports every proxy forwards as bytes unless told otherwise
+    // (`DEFAULT_OPAQUE_PORTS`): no appProtocol or annotation is needed for that.
+    let mut i = shop();
+    let cache: Service = serde_json::from_value(json!({
+        "metadata": {"name": "cache", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.31", "clusterIPs": ["10.96.0.31"],
+                 "ports": [{"name": "redis", "port": 6379}]}
+    }))
+    .unwrap();
+    apply(&mut i, model::service(&cache));
+    let on = json!({"name": "cache", "port": 6379});
+    apply(
+        &mut i,
+        weft(
+            Kind::Route,
+            "shop",
+            "r-redis",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"service": on, "rules": [{"backends": [{"name": "web"}]}]}),
+        ),
+    );
+    apply(
+        &mut i,
+        weft(
+            Kind::Breaker,
+            "shop",
+            "b-redis",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"service": on, "connectionPool": {"maxConnections": 1}}),
+        ),
+    );
+    for (kind, name) in [(Kind::Route, "r-redis"), (Kind::Breaker, "b-redis")] {
+        let state = i.resource_state(kind, &key("shop", name)).unwrap();
+        assert!(!state.accepted.ok, "{name}: {state:?}");
+        assert_eq!(state.accepted.reason, reasons::OPAQUE_PORT, "{name}");
+        assert!(
+            state
+                .accepted
+                .message
+                .contains("Service shop/cache port 6379 is opaque"),
+            "{name}: {}",
+            state.accepted.message
+        );
+    }
+    let view = client_view(&i);
+    assert!(view.resources.is_empty(), "{:?}", view.resources);
+    let c = view.services.get("cache.shop.6379").unwrap();
+    assert_eq!((c.route.is_some(), c.breaker.is_some()), (false, false));
+    assert_eq!(c.protocol, Protocol::Opaque);
+    assert_eq!(proxy_accepts(&i, &key("shop", "client")), Ok(()));
+}
+
+#[test]
 fn of_two_routes_for_one_port_the_older_is_compiled_until_it_goes() {
     let mut i = shop();
     apply(
