@@ -64,13 +64,14 @@ pub fn unmeshed<'a>(
 /// Lists the pods that do not use the host network (metadata only, field selector
 /// `spec.hostNetwork=false`, in pages of 500 so that one answer stays small on a large
 /// cluster) and the namespaces of the cluster, and returns those that the webhook, as
-/// registered with `annotation_opt_in`, would have injected but run without the proxy.
-/// Used by the operator's audit loop and by `kubectl weft check`.
+/// registered with `entries` ([`selection::entries`], or a live registration's), would
+/// have injected but run without the proxy. Used by the operator's audit loop and by
+/// `kubectl weft check`.
 #[cfg(feature = "cluster")]
 pub async fn scan(
     client: &kube::Client,
     cfg: &InjectConfig,
-    annotation_opt_in: bool,
+    entries: &[selection::Entry],
 ) -> Result<Vec<Unmeshed>, kube::Error> {
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use kube::{
@@ -99,8 +100,7 @@ pub async fn scan(
             _ => break,
         }
     }
-    let entries = selection::entries(annotation_opt_in, &cfg.excluded_namespaces);
-    Ok(unmeshed(&metas, &labels, &entries, cfg))
+    Ok(unmeshed(&metas, &labels, entries, cfg))
 }
 
 #[cfg(test)]
@@ -149,7 +149,7 @@ mod tests {
             ),
             ("plain".to_owned(), BTreeMap::new()),
         ]);
-        let entries = selection::entries(true, &InjectConfig::default().excluded_namespaces);
+        let entries = selection::entries(true, &InjectConfig::default().excluded_namespaces, None);
         let found: Vec<(String, &str)> = unmeshed(&pods, &ns, &entries, &InjectConfig::default())
             .into_iter()
             .map(|u| (format!("{}/{}", u.namespace, u.name), u.opted_in_by))
@@ -183,7 +183,7 @@ mod tests {
         ]);
         let cfg = InjectConfig::default();
         let names = |annotation_opt_in: bool| -> Vec<String> {
-            let entries = selection::entries(annotation_opt_in, &cfg.excluded_namespaces);
+            let entries = selection::entries(annotation_opt_in, &cfg.excluded_namespaces, None);
             unmeshed(&pods, &ns, &entries, &cfg)
                 .into_iter()
                 .map(|u| format!("{}/{}", u.namespace, u.name))

@@ -10,6 +10,9 @@
 //! | `namespace.inject.weft.dev` | labelled `weft.dev/inject=enabled` | not labelled `weft.dev/inject=disabled` |
 //! | `pod-label.inject.weft.dev` | not labelled enabled, not excluded | labelled `weft.dev/inject=enabled` |
 //! | `pod-annotation.inject.weft.dev` (optional) | not labelled, not excluded | no `weft.dev/inject` label |
+//!
+//! With a namespace scope (the operator's `--webhook-namespace-scope`), every entry also
+//! requires the namespace to carry that label, so the audit never flags a pod outside it.
 
 use std::collections::BTreeMap;
 
@@ -24,21 +27,26 @@ pub const ANNOTATION_ENTRY: &str = "pod-annotation.inject.weft.dev";
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
     /// The webhook entry's name.
-    pub name: &'static str,
-    /// Its namespace selector (before an operator's own namespace scope is added).
+    pub name: String,
+    /// Its namespace selector, the namespace scope included.
     pub namespaces: Vec<LabelSelectorRequirement>,
     /// Its object selector, on the pod's labels.
     pub pods: LabelSelector,
 }
 
 /// The registration's entries: with `annotation_opt_in`, the third one too; namespaces
-/// in `excluded` are never selected.
-pub fn entries(annotation_opt_in: bool, excluded: &[String]) -> Vec<Entry> {
+/// in `excluded` are never selected, and with `scope` (a label key and value) only
+/// namespaces labelled with it are.
+pub fn entries(
+    annotation_opt_in: bool,
+    excluded: &[String],
+    scope: Option<(&str, &str)>,
+) -> Vec<Entry> {
     let excluded: Vec<&str> = excluded.iter().map(String::as_str).collect();
     let not_excluded = req("kubernetes.io/metadata.name", "NotIn", &excluded);
     let mut out = vec![
         Entry {
-            name: "namespace.inject.weft.dev",
+            name: "namespace.inject.weft.dev".to_owned(),
             namespaces: vec![
                 req(keys::INJECT, "In", &[keys::ENABLED]),
                 not_excluded.clone(),
@@ -49,7 +57,7 @@ pub fn entries(annotation_opt_in: bool, excluded: &[String]) -> Vec<Entry> {
             },
         },
         Entry {
-            name: "pod-label.inject.weft.dev",
+            name: "pod-label.inject.weft.dev".to_owned(),
             namespaces: vec![
                 req(keys::INJECT, "NotIn", &[keys::ENABLED]),
                 not_excluded.clone(),
@@ -65,13 +73,18 @@ pub fn entries(annotation_opt_in: bool, excluded: &[String]) -> Vec<Entry> {
     ];
     if annotation_opt_in {
         out.push(Entry {
-            name: ANNOTATION_ENTRY,
+            name: ANNOTATION_ENTRY.to_owned(),
             namespaces: vec![req(keys::INJECT, "DoesNotExist", &[]), not_excluded],
             pods: LabelSelector {
                 match_expressions: Some(vec![req(keys::INJECT, "DoesNotExist", &[])]),
                 ..Default::default()
             },
         });
+    }
+    if let Some((key, value)) = scope {
+        for e in &mut out {
+            e.namespaces.push(req(key, "In", &[value]));
+        }
     }
     out
 }
@@ -146,8 +159,8 @@ mod tests {
 
     #[test]
     fn the_entries_select_what_the_module_table_says() {
-        let all = entries(true, &["kube-system".to_owned()]);
-        let labels_only = entries(false, &["kube-system".to_owned()]);
+        let all = entries(true, &["kube-system".to_owned()], None);
+        let labels_only = entries(false, &["kube-system".to_owned()], None);
         let enabled = labels(&[(keys::INJECT, keys::ENABLED)]);
         let disabled = labels(&[(keys::INJECT, keys::DISABLED)]);
         let none = labels(&[]);
@@ -180,5 +193,37 @@ mod tests {
             );
             assert_eq!(got, (want_all, want_labels), "{ns} {ns_labels:?} {pod:?}");
         }
+    }
+
+    #[test]
+    fn with_a_scope_only_namespaces_carrying_its_label_are_selected() {
+        let scoped = entries(true, &[], Some(("team", "a")));
+        let enabled = labels(&[(keys::INJECT, keys::ENABLED)]);
+        let enabled_in_a = labels(&[(keys::INJECT, keys::ENABLED), ("team", "a")]);
+        let in_b = labels(&[("team", "b")]);
+        let in_a = labels(&[("team", "a")]);
+        let pod_enabled = labels(&[(keys::INJECT, keys::ENABLED)]);
+        let none = labels(&[]);
+        assert!(selected(
+            &scoped,
+            "shop",
+            enabled_in_a.as_ref(),
+            none.as_ref()
+        ));
+        assert!(selected(
+            &scoped,
+            "shop",
+            in_a.as_ref(),
+            pod_enabled.as_ref()
+        ));
+        assert!(selected(&scoped, "shop", in_a.as_ref(), none.as_ref()));
+        assert!(!selected(&scoped, "shop", enabled.as_ref(), none.as_ref()));
+        assert!(!selected(
+            &scoped,
+            "shop",
+            in_b.as_ref(),
+            pod_enabled.as_ref()
+        ));
+        assert!(!selected(&scoped, "shop", none.as_ref(), none.as_ref()));
     }
 }

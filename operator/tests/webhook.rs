@@ -675,8 +675,11 @@ async fn the_audit_flags_only_pods_the_webhook_would_have_injected() {
     })
     .await
     .unwrap();
+    let entries = settings(&on, 0, FailurePolicy::Ignore)
+        .registration
+        .entries();
     let found: Vec<String> =
-        weft_operator::inject::audit::scan(&client, &InjectConfig::default(), true)
+        weft_operator::inject::audit::scan(&client, &InjectConfig::default(), &entries)
             .await
             .unwrap()
             .into_iter()
@@ -684,6 +687,57 @@ async fn the_audit_flags_only_pods_the_webhook_would_have_injected() {
             .map(|u| format!("{}/{}", u.namespace, u.name))
             .collect();
     assert_eq!(found, [format!("{on}/missed")]);
+}
+
+/// With `--webhook-namespace-scope`, the webhook is never sent pods outside the scope, so
+/// the audit does not flag them: restarting one would not mesh it.
+#[tokio::test]
+async fn the_audit_of_a_scoped_webhook_flags_no_pod_outside_its_scope() {
+    let client = shared::client().await.unwrap();
+    // No webhook runs: an opted-in pod created in either namespace runs without the proxy.
+    let inside = scoped_namespace(&client, "audit-in", Some("enabled")).await;
+    let outside = shared::namespace(&client, "audit-out").await.unwrap();
+    let patch = json!({"metadata": {"labels": {(keys::INJECT): "enabled"}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(&outside, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    for ns in [&inside, &outside] {
+        let p = Api::<Pod>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &pod("missed", json!({})))
+            .await
+            .unwrap();
+        assert!(!has_proxy(&p), "{ns}: no webhook serves it");
+    }
+    let cfg = InjectConfig::default();
+    let flagged = |entries: Vec<weft_operator::inject::selection::Entry>| {
+        let client = client.clone();
+        let cfg = cfg.clone();
+        let (inside, outside) = (inside.clone(), outside.clone());
+        async move {
+            weft_operator::inject::audit::scan(&client, &cfg, &entries)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|u| u.namespace == inside || u.namespace == outside)
+                .map(|u| format!("{}/{}", u.namespace, u.name))
+                .collect::<Vec<String>>()
+        }
+    };
+
+    // The control: a webhook without a scope would have been sent both.
+    let unscoped = weft_operator::inject::selection::entries(true, &cfg.excluded_namespaces, None);
+    let mut both = [format!("{inside}/missed"), format!("{outside}/missed")];
+    both.sort();
+    let mut found = flagged(unscoped).await;
+    found.sort();
+    assert_eq!(found, both);
+
+    // Scoped to `inside`, as the registration the operator applies.
+    let scoped = settings(&inside, 0, FailurePolicy::Ignore)
+        .registration
+        .entries();
+    assert_eq!(flagged(scoped).await, [format!("{inside}/missed")]);
 }
 
 /// A TLS connection to the webhook, verified against the CA in the operator's Secret.

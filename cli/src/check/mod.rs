@@ -30,6 +30,7 @@ use k8s_openapi::{
         coordination::v1::Lease, core::v1::Pod, core::v1::Secret,
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement,
 };
 use kube::{Api, Client, api::PostParams};
 use weft_api::proxy_status::{OperatorVersion, ProxyRow};
@@ -156,17 +157,13 @@ pub async fn run(client: &Client, args: &CheckArgs) -> Report {
     };
     report.push(trust_root(client, args, now).await);
     report.push(proxies(client, args).await);
-    // Judged against the registration as it is: without one, as the chart registers it
-    // (pods may opt in by annotation).
-    let annotation_opt_in = match &hook {
-        Ok(Some(hook)) => hook
-            .webhooks
-            .iter()
-            .flatten()
-            .any(|w| w.name == weft_inject::selection::ANNOTATION_ENTRY),
-        _ => true,
+    // Judged against the registration as it is (its selectors, so an operator's namespace
+    // scope too): without one, as the chart registers it (pods may opt in by annotation).
+    let entries = match &hook {
+        Ok(Some(hook)) => live_entries(hook),
+        _ => weft_inject::selection::entries(true, &cfg.excluded_namespaces, None),
     };
-    report.push(unmeshed(client, args, &cfg, annotation_opt_in).await);
+    report.push(unmeshed(client, args, &cfg, &entries).await);
     report
 }
 
@@ -903,13 +900,41 @@ pub fn evaluate_proxies(pods: &[String], rows: &[ProxyRow], operator_version: &s
 // ---------------------------------------------------------------------------------------
 // Unmeshed pods
 
+/// The selectors of a live registration's entries, as the API server applies them: its
+/// namespace selector's labels and expressions, and its object selector.
+pub fn live_entries(hook: &MutatingWebhookConfiguration) -> Vec<weft_inject::selection::Entry> {
+    hook.webhooks
+        .iter()
+        .flatten()
+        .map(|w| {
+            let selector = w.namespace_selector.clone().unwrap_or_default();
+            let namespaces = selector
+                .match_labels
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(key, value)| LabelSelectorRequirement {
+                    key,
+                    operator: "In".to_owned(),
+                    values: Some(vec![value]),
+                })
+                .chain(selector.match_expressions.unwrap_or_default())
+                .collect();
+            weft_inject::selection::Entry {
+                name: w.name.clone(),
+                namespaces,
+                pods: w.object_selector.clone().unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
 async fn unmeshed(
     client: &Client,
     args: &CheckArgs,
     cfg: &InjectConfig,
-    annotation_opt_in: bool,
+    entries: &[weft_inject::selection::Entry],
 ) -> Finding {
-    match weft_inject::audit::scan(client, cfg, annotation_opt_in).await {
+    match weft_inject::audit::scan(client, cfg, entries).await {
         Err(e) => Finding::fail(
             names::UNMESHED_PODS,
             format!("listing pods: {e}"),

@@ -240,3 +240,41 @@ fn webhook_urls_split_into_host_and_port() {
     );
     assert_eq!(split_https_url("http://x/inject"), None);
 }
+
+#[test]
+fn unmeshed_pods_are_judged_by_the_live_registrations_selectors_scope_included() {
+    use weft_inject::selection::selected;
+    let hook: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": "weft-injector"},
+        "webhooks": [{
+            "name": "namespace.inject.weft.dev",
+            "clientConfig": {"url": "https://weft.invalid/inject"},
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "namespaceSelector": {
+                "matchLabels": {"team": "a"},
+                "matchExpressions": [{"key": "weft.dev/inject", "operator": "In", "values": ["enabled"]}]
+            },
+            "objectSelector": {"matchExpressions": [{"key": "weft.dev/inject", "operator": "NotIn", "values": ["disabled"]}]}
+        }]
+    }))
+    .unwrap();
+    let entries = live_entries(&hook);
+    let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    let in_scope = labels(&[("weft.dev/inject", "enabled"), ("team", "a")]);
+    let out_of_scope = labels(&[("weft.dev/inject", "enabled")]);
+    assert!(selected(&entries, "shop", Some(&in_scope), None));
+    assert!(!selected(&entries, "shop", Some(&out_of_scope), None));
+    let disabled = labels(&[("weft.dev/inject", "disabled")]);
+    assert!(!selected(
+        &entries,
+        "shop",
+        Some(&in_scope),
+        Some(&disabled)
+    ));
+}

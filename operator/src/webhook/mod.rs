@@ -254,14 +254,10 @@ async fn renew_forever(ca: ca::Ca, certs: CertStore, settings: WebhookSettings) 
 /// the `weft_unmeshed_pods` gauge, and logs each newly found one once.
 async fn audit_forever(client: Client, settings: WebhookSettings, metrics: WebhookMetrics) {
     let mut reported = std::collections::BTreeSet::new();
+    // The registration's own selectors, scope included: a pod it never sends is not missed.
+    let entries = settings.registration.entries();
     loop {
-        match crate::inject::audit::scan(
-            &client,
-            &settings.inject,
-            settings.registration.annotation_opt_in,
-        )
-        .await
-        {
+        match crate::inject::audit::scan(&client, &settings.inject, &entries).await {
             Ok(found) => {
                 metrics
                     .unmeshed

@@ -82,6 +82,18 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// The entries' selectors, namespace scope included: the registration is built from
+    /// them, and the unmeshed-pod audit judges pods by them.
+    pub fn entries(&self) -> Vec<selection::Entry> {
+        selection::entries(
+            self.annotation_opt_in,
+            &self.excluded_namespaces,
+            self.namespace_scope
+                .as_ref()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+    }
+
     /// The object to apply, with `ca_bundle` (PEM) as the trust root for the webhook.
     pub fn object(&self, ca_bundle: &str) -> MutatingWebhookConfiguration {
         let client_config = match &self.target {
@@ -105,16 +117,8 @@ impl Registration {
                 service: None,
             },
         };
-        let scope = self
-            .namespace_scope
-            .as_ref()
-            .map(|(k, v)| LabelSelectorRequirement {
-                key: k.clone(),
-                operator: "In".to_owned(),
-                values: Some(vec![v.clone()]),
-            });
-        let entry = |name: &str, mut ns: Vec<LabelSelectorRequirement>, pods: LabelSelector| {
-            MutatingWebhook {
+        let entry =
+            |name: &str, ns: Vec<LabelSelectorRequirement>, pods: LabelSelector| MutatingWebhook {
                 name: name.to_owned(),
                 client_config: client_config.clone(),
                 admission_review_versions: vec!["v1".to_owned()],
@@ -137,19 +141,16 @@ impl Registration {
                     scope: Some("Namespaced".to_owned()),
                 }]),
                 namespace_selector: Some(LabelSelector {
-                    match_expressions: Some({
-                        ns.extend(scope.clone());
-                        ns
-                    }),
+                    match_expressions: Some(ns),
                     ..Default::default()
                 }),
                 object_selector: Some(pods),
                 ..Default::default()
-            }
-        };
-        let webhooks = selection::entries(self.annotation_opt_in, &self.excluded_namespaces)
+            };
+        let webhooks = self
+            .entries()
             .into_iter()
-            .map(|e| entry(e.name, e.namespaces, e.pods))
+            .map(|e| entry(&e.name, e.namespaces, e.pods))
             .collect();
         MutatingWebhookConfiguration {
             metadata: ObjectMeta {
