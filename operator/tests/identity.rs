@@ -917,17 +917,17 @@ async fn a_source_holding_four_slow_requests_is_refused_at_once_while_another_ad
 }
 
 /// Reads from `conn` until the endpoint closes it (end of stream or an error), for at
-/// most `within`; how long that took, or `None` if it stayed open.
+/// most `within`; how long after `since` (its handshake, when the endpoint's idle timer
+/// started) that was, or `None` if it stayed open.
 async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
-    mut conn: S,
+    (mut conn, since): (S, Instant),
     within: Duration,
 ) -> Option<Duration> {
-    let started = Instant::now();
     let mut buf = [0u8; 4096];
     tokio::time::timeout(within, async {
         loop {
             match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return started.elapsed(),
+                Ok(0) | Err(_) => return since.elapsed(),
                 // A GOAWAY, SETTINGS or an answer: not yet closed.
                 Ok(_) => {}
             }
@@ -946,30 +946,38 @@ async fn connections_that_send_nothing_after_the_tls_handshake_are_closed_after_
     let who = format!("{}/web-1", bed.ns);
     let key = KeyPair::generate().unwrap();
     // The documented bound: 10 s without a request in progress, and the close itself.
-    let (bound, slack) = (Duration::from_secs(10), Duration::from_secs(2));
+    // Each connection is timed from its own handshake; the bounds leave a loaded 2-core
+    // runner room for scheduling, and the preface-only close (~11 s) room above.
+    let bound = Duration::from_secs(10);
+    let (earliest, latest) = (
+        bound - Duration::from_secs(1),
+        bound + Duration::from_secs(4),
+    );
 
     // After the handshake: nothing at all (HTTP/2 by ALPN, and HTTP/1.1); the HTTP/2
     // preface and SETTINGS but no request; half a request head.
-    let silent_h2 = connect(ep.addr, &bundle, true).await;
-    let silent_h1 = connect(ep.addr, &bundle, false).await;
+    let silent_h2 = (connect(ep.addr, &bundle, true).await, Instant::now());
+    let silent_h1 = (connect(ep.addr, &bundle, false).await, Instant::now());
     let mut preface_only = connect(ep.addr, &bundle, true).await;
+    let preface_since = Instant::now();
     preface_only
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         .await
         .unwrap();
     preface_only.flush().await.unwrap();
     let mut half_head = connect(ep.addr, &bundle, false).await;
+    let half_head_since = Instant::now();
     half_head
         .write_all(format!("POST {CERTIFY_PATH} HTTP/1.1\r\nhost: x\r\n").as_bytes())
         .await
         .unwrap();
     half_head.flush().await.unwrap();
-    let within = bound + slack + Duration::from_secs(3);
+    let within = latest + Duration::from_secs(3);
     let closed = futures::future::join_all([
         closed_within(silent_h2, within),
         closed_within(silent_h1, within),
-        closed_within(preface_only, within),
-        closed_within(half_head, within),
+        closed_within((preface_only, preface_since), within),
+        closed_within((half_head, half_head_since), within),
     ])
     .await;
 
@@ -982,7 +990,7 @@ async fn connections_that_send_nothing_after_the_tls_handshake_are_closed_after_
     for (name, closed) in names.iter().zip(&closed) {
         let took = closed.unwrap_or_else(|| panic!("{name}: still open after {within:?}"));
         assert!(
-            took >= bound - Duration::from_millis(500) && took < bound + slack,
+            took >= earliest && took < latest,
             "{name}: closed after {took:?}"
         );
     }
@@ -1009,7 +1017,7 @@ async fn connections_that_send_nothing_after_the_tls_handshake_are_closed_after_
     let idle_h2 = answered.elapsed();
 
     assert!(
-        idle_h2 >= bound - Duration::from_millis(500) && idle_h2 < bound + slack,
+        idle_h2 >= earliest && idle_h2 < latest,
         "idle h2: closed after {idle_h2:?}"
     );
     eventually(WAIT, || async {
