@@ -218,7 +218,7 @@ async fn programmed_is_true_only_for_what_the_proxies_enforce() {
         ("frontend", 8080),
         ("frontend-v1", 8080),
         ("frontend-v2", 8080),
-        ("legacy-db-proxy", 5432),
+        ("legacy-db-proxy", 8080),
     ] {
         let svc: Service = serde_json::from_value(json!({
             "metadata": {"name": name},
