@@ -208,9 +208,26 @@ pub fn resolve(
         let addr = std::net::SocketAddr::new(ip, port);
         return match cfg.service_for_addr(addr) {
             Some((i, _)) => Ok((i, format!("cluster address {addr} belongs to it"))),
-            None => Err(format!(
-                "no service of this proxy claims {addr}: the request is passed through to {addr} as is (label `passthrough`), without Route, retries or Breaker"
-            )),
+            None => Err(
+                match cfg
+                    .meshed_endpoint(addr)
+                    .and_then(|(i, j)| cfg.services.get(i).map(|s| (s, s.endpoints.get(j))))
+                {
+                    Some((svc, endpoint)) => format!(
+                        "no service of this proxy claims {addr}, but it is a meshed endpoint of service {} (identity {}): the connection goes over mutual TLS to that pod alone, {}, without Route, balancing, retries or Breaker",
+                        svc.name,
+                        endpoint.and_then(|e| e.identity.as_deref()).unwrap_or("-"),
+                        if svc.opaque {
+                            "as opaque TCP"
+                        } else {
+                            "HTTP detected as for that service"
+                        }
+                    ),
+                    None => format!(
+                        "no service of this proxy claims {addr}: the request is passed through to {addr} as is (label `passthrough`), without Route, retries or Breaker"
+                    ),
+                },
+            ),
         };
     }
     let host = req
@@ -236,6 +253,9 @@ pub fn resolve(
         .map(|(i, _)| i)
         .collect();
     match candidates.as_slice() {
+        [i] if raw.services[*i].addresses.is_empty() => Err(format!(
+            "Service {ns}/{name} is headless: its name resolves to pod addresses, which the application dials itself, without balancing, Route, retries or Breaker; give one pod's address as the host to see how it is reached"
+        )),
         [i] => Ok((
             *i,
             format!(
@@ -1183,6 +1203,37 @@ mod tests {
         ] {
             assert_eq!(host_namespace(host).as_deref(), want, "{host}");
         }
+    }
+
+    /// A pod dialled by address (as through a headless Service's name) is no service's
+    /// cluster address, yet not passed through in plain text when it is meshed.
+    #[test]
+    fn a_meshed_pods_address_is_explained_as_mutual_tls_to_it_alone() {
+        let raw: ProxyConfig = serde_json::from_value(serde_json::json!({
+            "apiVersion": weft_api::proxy_config::PROXY_CONFIG_API_VERSION,
+            "kind": weft_api::proxy_config::PROXY_CONFIG_KIND,
+            "services": [{
+                "name": "db.shop.5432", "addresses": [], "protocol": "opaque",
+                "endpoints": [{"address": "198.18.1.5:5432",
+                               "identity": "spiffe://cluster.local/ns/shop/sa/db"}]
+            }]
+        }))
+        .unwrap();
+        let cfg = Config::validate(&raw).unwrap();
+        let req = |host: &str, port: u16| {
+            Request::from_args(&format!("{host}:{port}"), "GET", &[], None).unwrap()
+        };
+        let why = resolve(&cfg, &raw, "shop", &req("198.18.1.5", 5432)).unwrap_err();
+        assert!(
+            why.contains("meshed endpoint of service db.shop.5432")
+                && why.contains("spiffe://cluster.local/ns/shop/sa/db")
+                && why.contains("opaque TCP"),
+            "{why}"
+        );
+        let why = resolve(&cfg, &raw, "shop", &req("198.18.1.6", 5432)).unwrap_err();
+        assert!(why.contains("passed through"), "{why}");
+        let why = resolve(&cfg, &raw, "shop", &req("db.shop", 5432)).unwrap_err();
+        assert!(why.contains("headless"), "{why}");
     }
 
     #[test]

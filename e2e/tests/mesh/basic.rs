@@ -490,7 +490,9 @@ pub fn mtls_between_pods_with_their_identities(ctx: &Ctx) -> anyhow::Result<()> 
 }
 
 /// 4. A pod annotated `weft.dev/inject: disabled` in an injected namespace runs without
-///    the proxy, and its requests reach meshed pods in plain text.
+///    the proxy, and its requests reach meshed pods in plain text; a meshed pod's port
+///    that `weft.dev/skip-inbound-ports` leaves to its application is reached in plain
+///    text by meshed clients.
 pub fn a_pod_annotated_disabled_bypasses_the_mesh(ctx: &Ctx) -> anyhow::Result<()> {
     let kube = &ctx.kube;
     let ns = ctx.namespace("optout", true)?;
@@ -521,6 +523,39 @@ pub fn a_pod_annotated_disabled_bypasses_the_mesh(ctx: &Ctx) -> anyhow::Result<(
     ensure!(
         line["source_identity"].is_null() && line["direction"] == "inbound",
         "the opted-out pod's request arrived with an identity: {line}"
+    );
+
+    // A meshed pod whose application answers a port itself (skip-inbound-ports): a meshed
+    // client's proxy must reach it in plain text, as no proxy there speaks mutual TLS.
+    kube.apply(&format!(
+        r#"{sa}---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: skipper
+  namespace: {ns}
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {{app: skipper}}
+  template:
+{template}---
+{service}"#,
+        sa = service_account(&ns, "skipper"),
+        template = httpd_template("app: skipper", "skipper", "hello-from-skipper").replace(
+            "weft.dev/access-log: json",
+            "weft.dev/access-log: json\n        weft.dev/skip-inbound-ports: \"8080\"",
+        ),
+        service = service_manifest(&ns, "skipper", "app: skipper"),
+    ))?;
+    kube.apply(&client(&ns, "caller", "caller", ""))?;
+    kube.wait_ready(&ns, "app=skipper", READY)?;
+    kube.wait_ready(&ns, "app=caller", READY)?;
+    assert_injected(&one_pod(kube, &ns, "app=skipper")?)?;
+    let answer = kube.http_get(&ns, "caller", "skipper", 80, "/")?;
+    ensure!(
+        answer.contains("HTTP/1.1 200") && answer.contains("hello-from-skipper"),
+        "meshed caller → skipper's skipped port: {answer}"
     );
     Ok(())
 }

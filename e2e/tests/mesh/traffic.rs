@@ -987,8 +987,8 @@ spec:
 /// 5f. A namespace-wide Policy (`target.selector: {}`, no workload named) in `Strict`
 ///     mode refuses an unmeshed client's plain text (403 `mtls_required` from web's
 ///     proxy) while a meshed client in another namespace, over mTLS, still gets 200, by
-///     web's Service and by web's pod address; deleting the Policy lets the unmeshed
-///     client through again.
+///     web's Service and by web's pod address, also once only a headless Service lists
+///     the pod; deleting the Policy lets the unmeshed client through again.
 pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result<()> {
     let demo = Demo::deploy(ctx, "strict", 1, 0, &[])?;
     let ns = &demo.ns;
@@ -1043,12 +1043,26 @@ pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result
         )?,
         "meshed client dialling web's pod address under the Strict Policy",
     )?;
+    // With only a headless Service left to list web's pod (a StatefulSet's usual
+    // Service), the client's proxy still knows the address as meshed.
+    let by_ip = format!("http://{}:8080/strict", ip.trim());
+    demo.kube.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web-peers\n  namespace: {ns}\nspec:\n  clusterIP: None\n  selector: {{app: web}}\n  ports:\n  - name: http\n    port: 8080\n"
+    ))?;
+    demo.kube
+        .run(&["-n", ns, "delete", "service", "web", "web-v1", "web-v2"])?;
+    eventually(Duration::from_secs(30), || {
+        all_ok(
+            &meshed.load("client", &by_ip, &BURST)?,
+            "meshed client dialling web's pod address, listed by a headless Service alone, under the Strict Policy",
+        )
+    })?;
 
     demo.kube.run(&["-n", ns, "delete", NAMESPACE_STRICT])?;
     // The operator pushes web's proxy its mode without the Policy (the mesh default).
     eventually(Duration::from_secs(30), || {
         all_ok(
-            &plain.load("client", &target, &BURST)?,
+            &plain.load("client", &by_ip, &BURST)?,
             "unmeshed client after the Policy's deletion",
         )
     })?;

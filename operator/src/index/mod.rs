@@ -751,12 +751,16 @@ impl Index {
         ))
     }
 
-    /// The identity clients expect of an endpoint's pod, or `None` when the pod's mTLS
-    /// mode ([`compile::mtls`]: its Policies', else the mesh default) is `Disabled`, so
-    /// that no client originates mutual TLS to it.
-    fn endpoint_identity(&self, ns: &str, pod: Option<&String>) -> Option<String> {
-        let identity = self.identity(ns, pod)?;
+    /// The identity clients expect of an endpoint's pod at `port`, or `None` when no
+    /// client may originate mutual TLS there: the pod's redirect skips `port` (no proxy
+    /// answers), or its mTLS mode ([`compile::mtls`]: its Policies', else the mesh
+    /// default) is `Disabled`.
+    fn endpoint_identity(&self, ns: &str, pod: Option<&String>, port: u16) -> Option<String> {
         let key = ObjectKey::new(ns, pod?.clone());
+        if !self.pods.get(&key)?.intercepts(port) {
+            return None;
+        }
+        let identity = self.identity(ns, pod)?;
         let selecting = self.policies_for(&key);
         let specs = selecting.iter().filter_map(|k| match self.policies.get(k) {
             Some((_, Parsed::Valid(spec))) => Some(spec),
@@ -792,7 +796,7 @@ impl Index {
                                 .iter()
                                 .map(|z| ("zone".to_owned(), z.clone()))
                                 .collect(),
-                            identity: self.endpoint_identity(ns, ep.pod.as_ref()),
+                            identity: self.endpoint_identity(ns, ep.pod.as_ref(), *target),
                             unknown: BTreeMap::new(),
                         },
                     );
@@ -804,7 +808,7 @@ impl Index {
 
     fn service_configs(&self, key: &ObjectKey, svc: &ServiceModel) -> Vec<ServiceConfig> {
         if svc.cluster_ips.is_empty() {
-            return Vec::new();
+            return self.headless_configs(key, svc);
         }
         let ns = key.namespace.as_str();
         let applies: conflict::Applies<'_> = &|s| self.governs(ns, s);
@@ -851,6 +855,42 @@ impl Index {
                     breaker,
                     unknown: BTreeMap::new(),
                 }
+            })
+            .collect()
+    }
+
+    /// The configs of a Service without cluster IPs (headless): no addresses, and only its
+    /// meshed endpoints. Clients reach such pods by their own addresses (a StatefulSet's
+    /// peers, a headless name's DNS answers); listing them lets a proxy originate mutual
+    /// TLS there, as to a cluster IP's endpoints. No Route or Breaker applies (status says
+    /// `UnsupportedService`); a Service with no ports gives no address to key them by.
+    fn headless_configs(&self, key: &ObjectKey, svc: &ServiceModel) -> Vec<ServiceConfig> {
+        let ns = key.namespace.as_str();
+        svc.ports
+            .iter()
+            .filter_map(|p| {
+                let endpoints: Vec<EndpointConfig> = self
+                    .endpoints(ns, &key.name, p.port)
+                    .into_values()
+                    .filter(|e| e.identity.is_some())
+                    .collect();
+                (!endpoints.is_empty()).then(|| ServiceConfig {
+                    name: config_name(key, p.port),
+                    addresses: Vec::new(),
+                    protocol: if p.opaque {
+                        Protocol::Opaque
+                    } else {
+                        Protocol::Detect
+                    },
+                    balancer: Balancer::default(),
+                    timeout: None,
+                    connect_timeout: None,
+                    endpoints,
+                    route: None,
+                    retry_budget: None,
+                    breaker: None,
+                    unknown: BTreeMap::new(),
+                })
             })
             .collect()
     }

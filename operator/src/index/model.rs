@@ -172,6 +172,20 @@ pub struct PodModel {
     pub labels: BTreeMap<String, String>,
     /// The value of [`VISIBLE_NAMESPACES_ANNOTATION`], if set.
     pub visible: Option<String>,
+    /// Inbound ports the pod's redirect leaves to the application (the proxy's admin port
+    /// and `weft.dev/skip-inbound-ports`): no proxy answers there, so no client may
+    /// originate mutual TLS to them.
+    pub skip_inbound: Vec<crate::inject::annotations::PortRange>,
+}
+
+impl PodModel {
+    /// Whether connections to the pod's `port` reach its proxy (are not skipped).
+    pub fn intercepts(&self, port: u16) -> bool {
+        !self
+            .skip_inbound
+            .iter()
+            .any(|r| (r.start..=r.end).contains(&port))
+    }
 }
 
 /// Metadata the index keeps of a Weft resource.
@@ -371,14 +385,40 @@ pub fn pod(pod: &Pod) -> (ObjectKey, Object) {
         Object::Pod(PodModel {
             service_account: spec
                 .service_account_name
+                .clone()
                 .unwrap_or_else(|| "default".to_owned()),
             labels: pod.labels().clone(),
             visible: pod
                 .annotations()
                 .get(VISIBLE_NAMESPACES_ANNOTATION)
                 .cloned(),
+            skip_inbound: skipped_inbound_ports(&key_of(pod), &spec),
         }),
     )
+}
+
+/// The inbound ports the pod's init container was told to skip. They are read from its
+/// arguments, not the pod's annotation: the rules were installed from them when the pod
+/// started, and unlike annotations a pod's containers cannot change afterwards.
+fn skipped_inbound_ports(
+    key: &ObjectKey,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+) -> Vec<crate::inject::annotations::PortRange> {
+    const FLAG: &str = "--skip-inbound-ports=";
+    let value = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .filter(|c| c.name == crate::inject::keys::INIT_CONTAINER)
+        .flat_map(|c| c.args.iter().flatten())
+        .find_map(|a| a.strip_prefix(FLAG));
+    match crate::inject::annotations::ports(crate::inject::keys::SKIP_INBOUND_PORTS, value) {
+        Ok(ranges) => ranges,
+        Err(error) => {
+            tracing::warn!(pod = %key, %error, "unreadable --skip-inbound-ports on the pod's init container; clients will originate mutual TLS to every port");
+            Vec::new()
+        }
+    }
 }
 
 /// Converts a Weft resource read as a dynamic object: a spec that does not deserialize

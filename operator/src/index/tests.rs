@@ -815,6 +815,11 @@ fn only_an_empty_selector_is_namespace_wide() {
 
 /// The config a proxy of `pod` would validate, or the proxy's reasons to reject it.
 fn proxy_accepts(i: &Index, pod: &ObjectKey) -> Result<(), String> {
+    proxy_config(i, pod).map(|_| ())
+}
+
+/// The config a proxy of `pod` would run, or its reasons to reject it.
+fn proxy_config(i: &Index, pod: &ObjectKey) -> Result<weft_proxy::config::Config, String> {
     let view = i.view(pod).unwrap();
     let raw = weft_api::proxy_config::ProxyConfig {
         api_version: weft_api::proxy_config::PROXY_CONFIG_API_VERSION.into(),
@@ -826,9 +831,7 @@ fn proxy_accepts(i: &Index, pod: &ObjectKey) -> Result<(), String> {
         services: view.services.values().map(|s| (**s).clone()).collect(),
         inbound: view.inbound.clone(),
     };
-    weft_proxy::config::Config::validate(&raw)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    weft_proxy::config::Config::validate(&raw).map_err(|e| e.to_string())
 }
 
 #[test]
@@ -1032,3 +1035,136 @@ mod properties {
 }
 
 mod traffic;
+
+/// A meshed pod whose init container was told to skip `skip` inbound, as injection writes it.
+fn pod_skipping(
+    ns: &str,
+    name: &str,
+    sa: &str,
+    labels: serde_json::Value,
+    skip: &str,
+) -> (ObjectKey, Object) {
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"serviceAccountName": sa, "containers": [],
+                 "initContainers": [{"name": "weft-init", "args": [
+                     "init", "--inbound-port=15006", format!("--skip-inbound-ports={skip}")]}]}
+    }))
+    .unwrap();
+    model::pod(&p)
+}
+
+#[test]
+fn no_client_originates_mtls_to_a_port_its_pod_leaves_to_the_application() {
+    // web-a's redirect skips 8080, the port web's endpoints listen on: its application
+    // answers there itself, so a client's TLS would reach it as garbage.
+    let mut i = shop();
+    let web_identity = |i: &Index| {
+        let view = i.view(&key("shop", "client")).unwrap();
+        let web = view.services.get("web.shop.80").unwrap();
+        assert_eq!(web.endpoints[0].address, "10.0.0.1:8080");
+        web.endpoints[0].identity.clone()
+    };
+    apply(
+        &mut i,
+        pod_skipping(
+            "shop",
+            "web-a",
+            "web-sa",
+            json!({"app": "web"}),
+            "15021,8000-8080",
+        ),
+    );
+    assert_eq!(web_identity(&i), None, "8080 is skipped: plain text");
+    apply(
+        &mut i,
+        pod_skipping(
+            "shop",
+            "web-a",
+            "web-sa",
+            json!({"app": "web"}),
+            "15021,9000",
+        ),
+    );
+    assert_eq!(
+        web_identity(&i).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web-sa"),
+        "8080 reaches the proxy: mutual TLS"
+    );
+    // Unreadable flags leave mutual TLS on (the proxy's rules could not have been
+    // installed from them either).
+    apply(
+        &mut i,
+        pod_skipping("shop", "web-a", "web-sa", json!({"app": "web"}), "8080-80"),
+    );
+    assert!(web_identity(&i).is_some());
+}
+
+#[test]
+fn meshed_pods_behind_a_headless_service_are_known_by_address_for_mtls() {
+    // A StatefulSet's pods behind a headless Service alone: clients dial pod addresses,
+    // which no cluster IP's endpoints list.
+    let mut i = shop();
+    apply(&mut i, svc("shop", "db", "None"));
+    apply(
+        &mut i,
+        slice(
+            "shop",
+            "db-1",
+            "db",
+            &[
+                ("10.0.1.1", true, false, Some("db-0")),
+                ("10.0.1.2", true, false, None),
+            ],
+        ),
+    );
+    let client = key("shop", "client");
+    assert!(
+        i.view(&client)
+            .unwrap()
+            .services
+            .get("db.shop.80")
+            .is_none(),
+        "no meshed endpoint yet: nothing to send"
+    );
+    apply(&mut i, pod("shop", "db-0", "db-sa", json!({"app": "db"})));
+    let view = i.view(&client).unwrap();
+    let db = view.services.get("db.shop.80").unwrap();
+    assert!(db.addresses.is_empty(), "{db:?}");
+    assert!(db.route.is_none() && db.breaker.is_none());
+    let listed: Vec<_> = db
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.identity.as_deref()))
+        .collect();
+    assert_eq!(
+        listed,
+        [(
+            "10.0.1.1:8080",
+            Some("spiffe://cluster.local/ns/shop/sa/db-sa")
+        )],
+        "only meshed endpoints"
+    );
+    let cfg = proxy_config(&i, &client).unwrap();
+    assert!(
+        cfg.meshed_endpoint("10.0.1.1:8080".parse().unwrap())
+            .is_some()
+    );
+    assert!(
+        cfg.meshed_endpoint("10.0.1.2:8080".parse().unwrap())
+            .is_none()
+    );
+    assert!(
+        cfg.service_for_addr("10.0.1.1:8080".parse().unwrap())
+            .is_none()
+    );
+
+    i.delete(Kind::Pod, &key("shop", "db-0"));
+    assert!(
+        i.view(&client)
+            .unwrap()
+            .services
+            .get("db.shop.80")
+            .is_none()
+    );
+}
