@@ -43,6 +43,29 @@ pub fn breaker(key: &ObjectKey, spec: &BreakerSpec) -> Result<(), Vec<String>> {
 /// domain does not change validity: any valid one is used).
 pub fn policy(key: &ObjectKey, spec: &PolicySpec) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
+    let expressions = spec
+        .target
+        .selector
+        .iter()
+        .flat_map(|s| s.match_expressions.iter().flatten());
+    for (i, e) in expressions.enumerate() {
+        let at = format!("spec.target.selector.matchExpressions[{i}]");
+        let values = e.values.as_deref().unwrap_or_default();
+        match (e.operator.as_str(), values.is_empty()) {
+            ("In" | "NotIn", false) | ("Exists" | "DoesNotExist", true) => {}
+            ("In" | "NotIn", true) => problems.push(format!(
+                "{at}: operator {} needs at least one value",
+                e.operator
+            )),
+            ("Exists" | "DoesNotExist", false) => problems.push(format!(
+                "{at}: operator {} takes no values",
+                e.operator
+            )),
+            (other, _) => problems.push(format!(
+                "{at}.operator: {other:?} is not In, NotIn, Exists or DoesNotExist (a selector the API server would refuse elsewhere; it would select no pod)"
+            )),
+        }
+    }
     if let Some(limit) = &spec.rate_limit
         && let Err(p) = weft_proxy::ratelimit::RateLimiter::from_wire(
             &compile::rate_limit(key, limit),
@@ -124,5 +147,40 @@ mod tests {
                 .any(|p| p.starts_with("spec.rules[0].to[0].paths[0].regex")),
             "{problems:?}"
         );
+    }
+
+    /// A selector the API server refuses on a Deployment (a misspelt operator, `In`
+    /// without values) selected no pod, silently, while the Policy read `Accepted`.
+    #[test]
+    fn a_policy_selector_kubernetes_would_refuse_is_named_by_field() {
+        let key = ObjectKey::new("shop", "web");
+        let with = |exprs: serde_json::Value| -> PolicySpec {
+            serde_json::from_value(serde_json::json!({
+                "target": {"selector": {"matchExpressions": exprs}},
+                "mtls": {"mode": "Strict"}
+            }))
+            .unwrap()
+        };
+        let ok = with(serde_json::json!([
+            {"key": "app", "operator": "In", "values": ["web"]},
+            {"key": "tier", "operator": "NotIn", "values": ["batch"]},
+            {"key": "team", "operator": "Exists"},
+            {"key": "legacy", "operator": "DoesNotExist", "values": []}
+        ]));
+        assert_eq!(policy(&key, &ok), Ok(()));
+        let bad = with(serde_json::json!([
+            {"key": "app", "operator": "in", "values": ["web"]},
+            {"key": "app", "operator": "In"},
+            {"key": "team", "operator": "Exists", "values": ["x"]}
+        ]));
+        let problems = policy(&key, &bad).unwrap_err();
+        let at = |i: usize| format!("spec.target.selector.matchExpressions[{i}]");
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].starts_with(&format!("{}.operator", at(0))),
+            "{problems:?}"
+        );
+        assert!(problems[1].starts_with(&at(1)) && problems[1].contains("needs"));
+        assert!(problems[2].starts_with(&at(2)) && problems[2].contains("no values"));
     }
 }
