@@ -816,6 +816,61 @@ async fn the_serving_certificate_is_renewed_before_it_expires() {
 }
 
 #[tokio::test]
+async fn a_registration_whose_ca_bundle_another_client_removed_is_restored_but_never_recreated() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let t = Injecting::start("inject-restore", FailurePolicy::Fail).await;
+    let api = Api::<MutatingWebhookConfiguration>::all(t.client.clone());
+    let name = format!("weft-injector-{}", t.ns);
+    let bundles = |c: &MutatingWebhookConfiguration| -> Vec<Option<Vec<u8>>> {
+        c.webhooks
+            .iter()
+            .flatten()
+            .map(|w| w.client_config.ca_bundle.clone().map(|b| b.0))
+            .collect()
+    };
+    let before = api.get(&name).await.unwrap();
+    let want = bundles(&before);
+    assert!(
+        want.iter()
+            .all(|b| b.as_ref().is_some_and(|b| !b.is_empty()))
+    );
+    // As a GitOps sync of the chart's manifest (which has no bundle) would leave it.
+    let ops: Vec<serde_json::Value> = (0..want.len())
+        .map(|i| json!({"op": "remove", "path": format!("/webhooks/{i}/clientConfig/caBundle")}))
+        .collect();
+    let patch: json_patch::Patch = serde_json::from_value(json!(ops)).unwrap();
+    api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), || async {
+        let now = bundles(&api.get(&name).await?);
+        ensure!(now == want, "bundle not restored yet: {now:?}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    // With failurePolicy Fail, a pod is admitted (and injected) again.
+    let created = eventually(Duration::from_secs(15), || async {
+        Ok(
+            t.create_pod(&pod("after-restore", json!({"weft.dev/inject": "enabled"})))
+                .await?,
+        )
+    })
+    .await
+    .unwrap();
+    assert!(has_proxy(&created));
+
+    // Deleted (as `helm uninstall` does), it stays deleted while the webhook runs on.
+    api.delete(&name, &Default::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        api.get_opt(&name).await.unwrap().is_none(),
+        "the operator re-created a registration that was deleted"
+    );
+    t.hook.stop().await;
+}
+
+#[tokio::test]
 async fn the_webhook_injects_with_the_settings_in_the_clusters_configmap() {
     use weft_operator::{inject::settings, webhook::settings as webhook_settings};
 

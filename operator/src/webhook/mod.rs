@@ -207,6 +207,7 @@ async fn serve_started(
             (NamespaceLabels::Store(store), watch.boxed())
         }
     };
+    let registered = keep_registered(client.clone(), settings.clone(), ca.cert_pem().to_owned());
     let renew = renew_forever(ca, certs.clone(), settings.clone());
     let audit = audit_forever(client.clone(), settings.clone(), metrics.clone());
     let handler = Arc::new(Handler::new(
@@ -221,6 +222,55 @@ async fn serve_started(
         _ = namespaces => tracing::warn!("namespace watch ended"),
         _ = renew => {}
         _ = audit => {}
+        _ = registered => {}
+    }
+}
+
+/// The least time between two repairs of the registration, so that another controller
+/// that keeps rewriting it is not fought in a tight loop.
+const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Watches the MutatingWebhookConfiguration and restores it when another client replaced
+/// its CA bundle or removed one of its webhooks: as Istio's webhook patcher does, since a
+/// GitOps sync of the chart (whose manifest has no bundle) would otherwise leave the API
+/// server unable to call the webhook until the operator restarts. A deleted configuration
+/// is left deleted.
+async fn keep_registered(client: Client, settings: WebhookSettings, ca_bundle: String) {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let registration = &settings.registration;
+    let api = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", registration.name));
+    let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
+    let mut last_repair: Option<tokio::time::Instant> = None;
+    while let Some(event) = events.next().await {
+        let live = match event {
+            Ok(watcher::Event::Apply(live) | watcher::Event::InitApply(live)) => live,
+            Ok(_) => continue,
+            Err(error) => {
+                tracing::warn!(%error, "watching the webhook's registration");
+                continue;
+            }
+        };
+        if registration.is_current(&live, &ca_bundle) {
+            continue;
+        }
+        if let Some(at) = last_repair {
+            tokio::time::sleep_until(at + REPAIR_INTERVAL).await;
+        }
+        last_repair = Some(tokio::time::Instant::now());
+        let Some(version) = live.metadata.resource_version.as_deref() else {
+            continue;
+        };
+        tracing::warn!(name = %registration.name, "the webhook's registration lost its CA bundle or a webhook (changed by another client); restoring it");
+        match registration
+            .repair(client.clone(), &ca_bundle, version)
+            .await
+        {
+            Ok(()) => {}
+            // A newer version (its own event follows) or a deletion: nothing to restore.
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+            Err(error) => tracing::warn!(%error, "restoring the webhook's registration"),
+        }
     }
 }
 

@@ -185,6 +185,48 @@ impl Registration {
         Ok(())
     }
 
+    /// Whether `live` still carries every one of this registration's webhooks with
+    /// `ca_bundle`: another client (a GitOps sync of the chart's manifest, which has no
+    /// bundle, or a hand edit) may have replaced it, after which the API server can no
+    /// longer call the webhook.
+    pub fn is_current(&self, live: &MutatingWebhookConfiguration, ca_bundle: &str) -> bool {
+        let want = self.object(ca_bundle);
+        let live = live.webhooks.as_deref().unwrap_or_default();
+        want.webhooks.iter().flatten().all(|w| {
+            live.iter()
+                .any(|l| l.name == w.name && l.client_config.ca_bundle == w.client_config.ca_bundle)
+        })
+    }
+
+    /// Applies the configuration over the version `resource_version` of it, and only over
+    /// it: unlike [`Registration::apply`], never re-creates an object that was deleted
+    /// (`helm uninstall` deletes it, and a webhook left behind with `failurePolicy: Fail`
+    /// would block pod creation).
+    pub async fn repair(
+        &self,
+        client: Client,
+        ca_bundle: &str,
+        resource_version: &str,
+    ) -> Result<(), kube::Error> {
+        let api = Api::<MutatingWebhookConfiguration>::all(client);
+        let mut obj = self.object(ca_bundle);
+        obj.metadata.managed_fields = None;
+        obj.metadata.resource_version = Some(resource_version.to_owned());
+        let body = serde_json::json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": obj.metadata,
+            "webhooks": obj.webhooks,
+        });
+        api.patch(
+            &self.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Removes the configuration (so pods are created without calling a webhook that is
     /// gone for good).
     pub async fn delete(&self, client: Client) -> Result<(), kube::Error> {
