@@ -1040,6 +1040,37 @@ impl Index {
             .collect()
     }
 
+    /// What a Policy's `Accepted` message says of the ports its pods leave to their
+    /// applications (`weft.dev/skip-inbound-ports`), where no proxy enforces it: empty
+    /// when none of its pods skips one.
+    fn skipped_ports_phrase(&self, p: &weft_crds::PolicySpec, ns: &str) -> String {
+        const SHOWN: usize = 5;
+        let pods: Vec<String> = in_ns(&self.pods, ns)
+            .filter(|(k, pod)| self.selects(p, k, pod))
+            .filter_map(|(k, pod)| {
+                let ports: Vec<String> = pod.app_skipped().map(ToString::to_string).collect();
+                (!ports.is_empty()).then(|| format!("{} ({})", k.name, ports.join(", ")))
+            })
+            .collect();
+        if pods.is_empty() {
+            return String::new();
+        }
+        let more = pods.len().saturating_sub(SHOWN);
+        format!(
+            "; not enforced on ports pods leave to their application (weft.dev/skip-inbound-ports), which no proxy sees: {}{}",
+            pods.iter()
+                .take(SHOWN)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            if more > 0 {
+                format!(" and {more} more pod(s)")
+            } else {
+                String::new()
+            }
+        )
+    }
+
     /// Whether Policy `p` selects `pod` (by label selector, or through a Service whose
     /// selector matches the pod).
     fn selects(&self, p: &weft_crds::PolicySpec, pod_key: &ObjectKey, pod: &PodModel) -> bool {
@@ -1219,6 +1250,14 @@ impl Index {
                     names.join(", ")
                 )
             };
+            if let Some(Parsed::Valid(p)) = self
+                .policies
+                .get(key)
+                .map(|(_, p)| p)
+                .filter(|_| kind == Kind::Policy)
+            {
+                msg.push_str(&self.skipped_ports_phrase(p, ns));
+            }
             if let Some(s) = &governed {
                 let opaque = self.opaque_ports(ns, s);
                 if !opaque.is_empty() {

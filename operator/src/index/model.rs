@@ -176,6 +176,8 @@ pub struct PodModel {
     /// and `weft.dev/skip-inbound-ports`): no proxy answers there, so no client may
     /// originate mutual TLS to them.
     pub skip_inbound: Vec<crate::inject::annotations::PortRange>,
+    /// The proxy's admin port (`WEFT_ADMIN_ADDR` of its container), always skipped.
+    pub admin_port: Option<u16>,
 }
 
 impl PodModel {
@@ -185,6 +187,14 @@ impl PodModel {
             .skip_inbound
             .iter()
             .any(|r| (r.start..=r.end).contains(&port))
+    }
+
+    /// The skipped ports that are the application's (all but the proxy's admin port):
+    /// there, neither the pod's mTLS mode nor its authorization applies.
+    pub fn app_skipped(&self) -> impl Iterator<Item = &crate::inject::annotations::PortRange> {
+        self.skip_inbound
+            .iter()
+            .filter(|r| !(r.start == r.end && Some(r.start) == self.admin_port))
     }
 }
 
@@ -393,8 +403,22 @@ pub fn pod(pod: &Pod) -> (ObjectKey, Object) {
                 .get(VISIBLE_NAMESPACES_ANNOTATION)
                 .cloned(),
             skip_inbound: skipped_inbound_ports(&key_of(pod), &spec),
+            admin_port: admin_port(&spec),
         }),
     )
+}
+
+/// The admin port the pod's proxy listens on, from its container's environment.
+fn admin_port(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<u16> {
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .filter(|c| c.name == crate::inject::keys::PROXY_CONTAINER)
+        .flat_map(|c| c.env.iter().flatten())
+        .find(|e| e.name == crate::inject::keys::env::ADMIN_ADDR)
+        .and_then(|e| e.value.as_deref()?.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.port())
 }
 
 /// The inbound ports the pod's init container was told to skip. They are read from its

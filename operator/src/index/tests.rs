@@ -1047,8 +1047,11 @@ fn pod_skipping(
     let p: Pod = serde_json::from_value(json!({
         "metadata": {"name": name, "namespace": ns, "labels": labels},
         "spec": {"serviceAccountName": sa, "containers": [],
-                 "initContainers": [{"name": "weft-init", "args": [
-                     "init", "--inbound-port=15006", format!("--skip-inbound-ports={skip}")]}]}
+                 "initContainers": [
+                     {"name": "weft-init", "args": [
+                         "init", "--inbound-port=15006", format!("--skip-inbound-ports={skip}")]},
+                     {"name": "weft-proxy", "restartPolicy": "Always",
+                      "env": [{"name": "WEFT_ADMIN_ADDR", "value": "[::]:15021"}]}]}
     }))
     .unwrap();
     model::pod(&p)
@@ -1167,4 +1170,61 @@ fn meshed_pods_behind_a_headless_service_are_known_by_address_for_mtls() {
             .get("db.shop.80")
             .is_none()
     );
+}
+
+#[test]
+fn a_policys_status_names_the_ports_its_pods_leave_to_their_application() {
+    let mut i = shop();
+    apply(
+        &mut i,
+        weft(
+            Kind::Policy,
+            "shop",
+            "strict-web",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"target": {"selector": {"matchLabels": {"app": "web"}}},
+                   "mtls": {"mode": "Strict"}}),
+        ),
+    );
+    let message = |i: &Index| {
+        let state = i
+            .resource_state(Kind::Policy, &key("shop", "strict-web"))
+            .unwrap();
+        assert!(state.accepted.ok, "{state:?}");
+        state.accepted.message
+    };
+    // The admin port alone is the proxy's, skipped on every pod: nothing to say.
+    apply(
+        &mut i,
+        pod_skipping("shop", "web-a", "web-sa", json!({"app": "web"}), "15021"),
+    );
+    assert!(!message(&i).contains("not enforced"), "{}", message(&i));
+    apply(
+        &mut i,
+        pod_skipping(
+            "shop",
+            "web-a",
+            "web-sa",
+            json!({"app": "web"}),
+            "15021,8080,9000-9010",
+        ),
+    );
+    let m = message(&i);
+    assert!(
+        m.contains("not enforced on ports") && m.contains("web-a (8080, 9000-9010)"),
+        "{m}"
+    );
+    // A pod the Policy does not select is not named.
+    apply(
+        &mut i,
+        pod_skipping(
+            "shop",
+            "client",
+            "client-sa",
+            json!({"app": "client"}),
+            "15021,7000",
+        ),
+    );
+    assert!(!message(&i).contains("client"), "{}", message(&i));
 }
