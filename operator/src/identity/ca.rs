@@ -50,6 +50,9 @@ pub const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const DERIVED_ISSUER_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Slack for clocks that disagree: certificates are valid from this long ago.
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// The lifetime of the certificate issued (and thrown away) at load to check that the
+/// chain verifies.
+const PROBE_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Why the identity CA could not be loaded or could not sign.
 #[derive(Debug, thiserror::Error)]
@@ -68,9 +71,13 @@ pub enum IdentityCaError {
         /// What is wrong with it.
         problem: String,
     },
-    /// The issuing CA has expired and cannot be re-derived (no root key).
+    /// The issuing CA (or a certificate above it) has expired and cannot be re-derived
+    /// (no root key).
     #[error("the issuing CA expired; supply a new one in the identity Secret")]
     IssuerExpired,
+    /// The trust root has expired: no issuing CA derived from it would be valid.
+    #[error("the trust root expired; rotate it (docs/identity.md, Rotating the root)")]
+    RootExpired,
 }
 
 /// Why a certificate signing request was not acceptable.
@@ -79,6 +86,10 @@ pub enum CsrError {
     /// Not PEM, not a CSR, a bad self-signature, or an extension rcgen does not know.
     #[error("the CSR does not parse or its signature does not verify: {0}")]
     Invalid(#[source] rcgen::Error),
+    /// The CSR's key, or the algorithm its self-signature uses with it, is not one the
+    /// mesh's peers (rustls with ring) would accept in a certificate.
+    #[error("the CSR's key is not one the mesh accepts: {0}; {ACCEPTED_KEYS}")]
+    UnsupportedKey(String),
     /// The CSR asks for a URI SAN that is not the identity the token proves.
     #[error("the CSR asks for {asked}, the token proves {proven}")]
     OtherIdentity {
@@ -89,15 +100,115 @@ pub enum CsrError {
     },
 }
 
+/// The keys a CSR may carry, as [`CsrError::UnsupportedKey`] tells a requester.
+const ACCEPTED_KEYS: &str = "accepted: ECDSA P-256 signed with SHA-256 (what weft-proxy sends), \
+     ECDSA P-384 with SHA-384, Ed25519, RSA of 2048 to 8192 bits with SHA-256/384/512";
+
+/// RSA moduli rustls's verifiers (ring, through webpki) accept, in bits.
+const RSA_BITS: std::ops::RangeInclusive<usize> = 2048..=8192;
+
+/// Checks that the CSR's key is one a certificate may carry for the mesh's peers, and that
+/// its self-signature uses the hash that goes with it. rcgen labels the certificate's key
+/// by the CSR's signature algorithm, so a P-384 key signed with SHA-256 would come back
+/// labelled P-256: a certificate no peer can use.
+fn check_key(der: &[u8]) -> Result<(), CsrError> {
+    use x509_parser::{
+        certification_request::X509CertificationRequest,
+        oid_registry::{
+            OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+            OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
+            OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ED25519,
+        },
+        public_key::PublicKey,
+    };
+    let Ok((_, csr)) = X509CertificationRequest::from_der(der) else {
+        // rcgen says why.
+        return Ok(());
+    };
+    let spki = &csr.certification_request_info.subject_pki;
+    let key = &spki.algorithm.algorithm;
+    let sig = &csr.signature_algorithm.algorithm;
+    let hash = |sig: &x509_parser::der_parser::oid::Oid<'_>| {
+        if *sig == OID_SIG_ECDSA_WITH_SHA256 || *sig == OID_PKCS1_SHA256WITHRSA {
+            "SHA-256".to_owned()
+        } else if *sig == OID_SIG_ECDSA_WITH_SHA384 || *sig == OID_PKCS1_SHA384WITHRSA {
+            "SHA-384".to_owned()
+        } else if *sig == OID_PKCS1_SHA512WITHRSA {
+            "SHA-512".to_owned()
+        } else {
+            format!("signature algorithm {sig}")
+        }
+    };
+    let unsupported = |what: String| Err(CsrError::UnsupportedKey(what));
+    if *key == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        let (name, want) = match curve {
+            Some(c) if c == OID_EC_P256 => ("P-256", OID_SIG_ECDSA_WITH_SHA256),
+            Some(c) if c == OID_NIST_EC_P384 => ("P-384", OID_SIG_ECDSA_WITH_SHA384),
+            Some(c) => return unsupported(format!("an EC key on curve {c}")),
+            None => return unsupported("an EC key without a named curve".to_owned()),
+        };
+        if *sig != want {
+            return unsupported(format!("a {name} key signed with {}", hash(sig)));
+        }
+        return Ok(());
+    }
+    if *key == OID_SIG_ED25519 {
+        return match *sig == OID_SIG_ED25519 {
+            true => Ok(()),
+            false => unsupported(format!("an Ed25519 key signed with {}", hash(sig))),
+        };
+    }
+    if *key == OID_PKCS1_RSAENCRYPTION {
+        let bits = match spki.parsed() {
+            Ok(PublicKey::RSA(rsa)) => rsa.key_size(),
+            _ => return unsupported("an RSA key that does not parse".to_owned()),
+        };
+        if !RSA_BITS.contains(&bits) {
+            return unsupported(format!("an RSA key of {bits} bits"));
+        }
+        if ![
+            OID_PKCS1_SHA256WITHRSA,
+            OID_PKCS1_SHA384WITHRSA,
+            OID_PKCS1_SHA512WITHRSA,
+        ]
+        .contains(sig)
+        {
+            return unsupported(format!("an RSA key signed with {}", hash(sig)));
+        }
+        return Ok(());
+    }
+    unsupported(format!("a key of algorithm {key}"))
+}
+
 /// A parsed, signature-checked certificate signing request.
 pub struct Csr(CertificateSigningRequestParams);
 
 impl Csr {
-    /// Parses a PEM CSR and checks its self-signature (proof the requester holds the key).
+    /// Parses a PEM CSR, checks that its key is one the mesh's peers accept (with the
+    /// signature algorithm that goes with it) and its self-signature (proof the requester
+    /// holds the key).
     pub fn from_pem(pem: &str) -> Result<Self, CsrError> {
-        CertificateSigningRequestParams::from_pem(pem)
-            .map(Csr)
-            .map_err(CsrError::Invalid)
+        let der =
+            rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+                .map_err(|_| CsrError::Invalid(rcgen::Error::CouldNotParseCertificationRequest))?;
+        check_key(der.as_ref())?;
+        let params = CertificateSigningRequestParams::from_der(&der).map_err(CsrError::Invalid)?;
+        // What the certificate will carry must be the key asked for, byte for byte.
+        let asked =
+            x509_parser::certification_request::X509CertificationRequest::from_der(der.as_ref())
+                .map(|(_, csr)| csr.certification_request_info.subject_pki.raw.to_vec())
+                .unwrap_or_default();
+        if params.public_key.subject_public_key_info() != asked {
+            return Err(CsrError::UnsupportedKey(
+                "a key the certificate would not carry as it is".to_owned(),
+            ));
+        }
+        Ok(Csr(params))
     }
 
     /// Checks that every URI SAN the CSR asks for is `identity`. The subject and other
@@ -144,6 +255,9 @@ struct Signer {
     issuer: Issuer<'static, KeyPair>,
     /// The issuing certificate and any intermediates above it, PEM.
     chain_pem: String,
+    /// When the first of the issuing certificate, the intermediates above it and the root
+    /// they lead to expires: a certificate it issues ends then at the latest, since no
+    /// verifier accepts the chain past it.
     not_after: SystemTime,
 }
 
@@ -152,6 +266,9 @@ pub struct IdentityCa {
     trust_bundle: String,
     /// The root's signing key, when the issuing CA is derived (and re-derived) from it.
     root: Option<Issuer<'static, KeyPair>>,
+    /// When the root the issuing chain leads to expires: no issuing CA derived from it,
+    /// and no certificate, lasts longer.
+    root_not_after: SystemTime,
     signer: RwLock<Arc<Signer>>,
     root_fingerprint: String,
 }
@@ -232,15 +349,28 @@ struct CaFacts {
     spki: Vec<u8>,
 }
 
+/// Reads a CA certificate that must be in its validity period now: proxies (and any
+/// other verifier) would refuse every chain through it otherwise, so a CA out of its
+/// period is an error at start, as a supplied `cacerts` that does not verify is to Istio.
 fn ca_facts(der: &[u8], what: &str) -> Result<CaFacts, String> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("{what}: {e}"))?;
     if !cert.is_ca() {
         return Err(format!("{what} is not a CA certificate"));
     }
-    let not_after = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
-    if not_after <= SystemTime::now() {
-        return Err(format!("{what} expired"));
+    let validity = cert.validity();
+    let at = |t: &x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+    };
+    let (not_before, not_after) = (at(&validity.not_before), at(&validity.not_after));
+    let now = SystemTime::now();
+    if not_after <= now {
+        return Err(format!("{what} expired at {}", validity.not_after));
+    }
+    if not_before > now {
+        return Err(format!(
+            "{what} is not valid before {} (is this machine's clock right?)",
+            validity.not_before
+        ));
     }
     Ok(CaFacts {
         not_after,
@@ -295,6 +425,7 @@ impl IdentityCa {
     ) -> Result<Self, String> {
         let roots = pem_certs(trust_bundle).map_err(|e| format!("{}: {e}", keys::TRUST_BUNDLE))?;
         let root_facts = ca_facts(&roots[0], "the first certificate of ca.crt")?;
+        let mut root_not_after = root_facts.not_after;
         let root_fingerprint = fingerprint(&roots[0]);
         let root = match root_key {
             Some(key_pem) => {
@@ -317,6 +448,13 @@ impl IdentityCa {
                 if key.der_bytes() != facts.spki.as_slice() {
                     return Err("tls.key is not the key of the first certificate of tls.crt".into());
                 }
+                // Every certificate above the issuer must be valid too: a chain is only
+                // as good as its first certificate to expire.
+                let mut not_after = facts.not_after;
+                for (i, cert) in chain.iter().enumerate().skip(1) {
+                    let what = format!("certificate {} of tls.crt", i + 1);
+                    not_after = not_after.min(ca_facts(cert, &what)?.not_after);
+                }
                 for pair in chain.windows(2) {
                     if !signed_by(&pair[0], &pair[1]) {
                         return Err(
@@ -326,15 +464,22 @@ impl IdentityCa {
                     }
                 }
                 let top = &chain[chain.len() - 1];
-                if !roots.iter().any(|r| signed_by(top, r)) {
+                let Some(above) = roots.iter().position(|r| signed_by(top, r)) else {
                     return Err("tls.crt does not chain to a root in ca.crt".into());
+                };
+                if above != 0 {
+                    let what = format!(
+                        "certificate {} of ca.crt (the root tls.crt leads to)",
+                        above + 1
+                    );
+                    root_not_after = ca_facts(&roots[above], &what)?.not_after;
                 }
                 let issuer = Issuer::from_ca_cert_der(&chain[0], key)
                     .map_err(|e| format!("tls.crt: {e}"))?;
                 Signer {
                     issuer,
                     chain_pem: chain.iter().map(|c| der_to_pem(c)).collect(),
-                    not_after: facts.not_after,
+                    not_after: not_after.min(root_not_after),
                 }
             }
             (None, Some(root)) => derive(root, root_facts.not_after).map_err(|e| e.to_string())?,
@@ -342,12 +487,20 @@ impl IdentityCa {
                 return Err("neither ca.key nor tls.crt and tls.key: nothing to sign with".into());
             }
         };
-        Ok(IdentityCa {
+        for (i, other) in roots.iter().enumerate().skip(1) {
+            if let Err(problem) = ca_facts(other, &format!("certificate {} of ca.crt", i + 1)) {
+                tracing::warn!(%problem, "a root of the trust bundle is not usable; the bundle is answered as it is");
+            }
+        }
+        let ca = IdentityCa {
             trust_bundle: roots.iter().map(|c| der_to_pem(c)).collect(),
             root,
+            root_not_after,
             signer: RwLock::new(Arc::new(signer)),
             root_fingerprint,
-        })
+        };
+        ca.probe()?;
+        Ok(ca)
     }
 
     /// The trust bundle (PEM), answered with every certificate.
@@ -360,9 +513,45 @@ impl IdentityCa {
         &self.root_fingerprint
     }
 
-    /// When the current issuing CA expires.
+    /// When the current issuing chain stops being valid: the first of the issuing CA, the
+    /// intermediates above it and the root to expire. No certificate outlives it.
     pub fn issuer_not_after(&self) -> SystemTime {
         self.signer().not_after
+    }
+
+    /// Checks that a certificate issued now verifies against the trust bundle as the
+    /// proxies verify it (rustls, webpki): path lengths, key usages, every signature and
+    /// validity on the way, so a Secret whose chain peers would refuse stops the operator
+    /// at start rather than failing every handshake in the mesh.
+    fn probe(&self) -> Result<(), String> {
+        let verify = || -> Result<(), String> {
+            let key = KeyPair::generate().map_err(|e| e.to_string())?;
+            let signer = self.current().map_err(|e| e.to_string())?;
+            let (params, _) = leaf_params(&signer, "spiffe://weft.invalid/probe", PROBE_LIFETIME)
+                .map_err(|e| e.to_string())?;
+            let leaf = params
+                .signed_by(&key, &signer.issuer)
+                .map_err(|e| e.to_string())?;
+            let chain = pem_certs(&signer.chain_pem)?;
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(pem_certs(&self.trust_bundle)?);
+            let leaf_der = CertificateDer::from(leaf.der().to_vec());
+            let parsed = rustls::server::ParsedCertificate::try_from(&leaf_der)
+                .map_err(|e| e.to_string())?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                &roots,
+                &chain,
+                rustls::pki_types::UnixTime::now(),
+                rustls::crypto::ring::default_provider()
+                    .signature_verification_algorithms
+                    .all,
+            )
+            .map_err(|e| e.to_string())
+        };
+        verify().map_err(|e| {
+            format!("a certificate issued now would not verify as peers verify it: {e}")
+        })
     }
 
     fn signer(&self) -> Arc<Signer> {
@@ -372,32 +561,35 @@ impl IdentityCa {
         }
     }
 
-    /// The issuing CA to sign with: re-derived from the root when past half its life.
+    /// The issuing CA to sign with: re-derived from the root when past half its life,
+    /// unless the root ends first (a new one would end with it: no better).
     fn current(&self) -> Result<Arc<Signer>, IdentityCaError> {
         let signer = self.signer();
         let now = SystemTime::now();
-        let Some(root) = &self.root else {
-            return match signer.not_after > now {
-                true => Ok(signer),
-                false => Err(IdentityCaError::IssuerExpired),
-            };
-        };
-        let left = signer.not_after.duration_since(now).unwrap_or_default();
-        if left > DERIVED_ISSUER_LIFETIME / 2 {
-            return Ok(signer);
+        if let Some(root) = &self.root {
+            let left = signer.not_after.duration_since(now).unwrap_or_default();
+            if self.root_not_after <= now {
+                return Err(IdentityCaError::RootExpired);
+            }
+            if left <= DERIVED_ISSUER_LIFETIME / 2 && self.root_not_after > signer.not_after {
+                let fresh = Arc::new(derive(root, self.root_not_after)?);
+                tracing::info!("derived a new issuing CA from the trust root");
+                match self.signer.write() {
+                    Ok(mut slot) => *slot = fresh.clone(),
+                    Err(p) => *p.into_inner() = fresh.clone(),
+                }
+                return Ok(fresh);
+            }
         }
-        let fresh = Arc::new(derive(root, SystemTime::now() + ROOT_LIFETIME)?);
-        tracing::info!("derived a new issuing CA from the trust root");
-        match self.signer.write() {
-            Ok(mut slot) => *slot = fresh.clone(),
-            Err(p) => *p.into_inner() = fresh.clone(),
+        match signer.not_after > now {
+            true => Ok(signer),
+            false => Err(IdentityCaError::IssuerExpired),
         }
-        Ok(fresh)
     }
 
     /// Signs a certificate for `csr`'s key carrying `identity` (a SPIFFE ID) as its only
     /// name, for client and server authentication, valid for `lifetime` (less if the
-    /// issuing CA expires sooner).
+    /// issuing CA, an intermediate above it or the root expires sooner).
     pub fn issue(
         &self,
         csr: &Csr,
@@ -405,31 +597,17 @@ impl IdentityCa {
         lifetime: Duration,
     ) -> Result<Issued, IdentityCaError> {
         let signer = self.current()?;
-        let mut params = CertificateParams::default();
-        // An empty subject: the name is the URI SAN (which rcgen then marks critical).
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(identity)?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let serial = random_serial();
-        params.serial_number = Some(serial.clone());
-        let now = SystemTime::now();
-        let not_after = (now + lifetime).min(signer.not_after);
-        params.not_before = offset(now - BACKDATE);
-        params.not_after = offset(not_after);
+        let (params, not_after) = leaf_params(&signer, identity, lifetime)?;
+        let serial = params
+            .serial_number
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         let cert = params.signed_by(&csr.0.public_key, &signer.issuer)?;
         Ok(Issued {
             chain_pem: format!("{}{}", cert.pem(), signer.chain_pem),
             not_after,
-            serial: serial.to_string(),
+            serial,
         })
     }
 
@@ -455,9 +633,8 @@ impl IdentityCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
-        let now = SystemTime::now();
-        let not_after = (now + lifetime).min(signer.not_after);
-        params.not_before = offset(now - BACKDATE);
+        let (not_before, not_after) = validity(&signer, lifetime)?;
+        params.not_before = offset(not_before);
         params.not_after = offset(not_after);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &signer.issuer)?;
@@ -467,6 +644,52 @@ impl IdentityCa {
             not_after,
         })
     }
+}
+
+/// The validity of a certificate `signer` issues now for `lifetime`: from [`BACKDATE`]
+/// ago, until `lifetime` from now or until the first certificate of the issuing chain (or
+/// the root it leads to) expires, whichever is sooner.
+fn validity(
+    signer: &Signer,
+    lifetime: Duration,
+) -> Result<(SystemTime, SystemTime), IdentityCaError> {
+    let now = SystemTime::now();
+    let not_after = now
+        .checked_add(lifetime)
+        .map_or(signer.not_after, |t| t.min(signer.not_after));
+    if not_after <= now {
+        return Err(IdentityCaError::IssuerExpired);
+    }
+    Ok((now - BACKDATE, not_after))
+}
+
+/// The parameters of a proxy's certificate for `identity`: an empty subject, the SPIFFE ID
+/// as the only URI SAN, client and server authentication, a random serial, valid as
+/// [`validity`] says. Returns them and the end of its validity.
+fn leaf_params(
+    signer: &Signer,
+    identity: &str,
+    lifetime: Duration,
+) -> Result<(CertificateParams, SystemTime), IdentityCaError> {
+    let mut params = CertificateParams::default();
+    // An empty subject: the name is the URI SAN (which rcgen then marks critical).
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(identity)?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    let (not_before, not_after) = validity(signer, lifetime)?;
+    params.not_before = offset(not_before);
+    params.not_after = offset(not_after);
+    Ok((params, not_after))
 }
 
 /// A fresh issuing CA signed by `root`, valid for [`DERIVED_ISSUER_LIFETIME`] or until
@@ -721,6 +944,325 @@ mod tests {
             )
             .unwrap();
         assert_eq!(issued.not_after, ca.issuer_not_after());
+    }
+
+    /// A P-384 key whose CSR is signed with SHA-256 (`openssl req -sha256`).
+    const CSR_P384_SHA256: &str = "\
+-----BEGIN CERTIFICATE REQUEST-----\n\
+MIH4MH8CAQAwADB2MBAGByqGSM49AgEGBSuBBAAiA2IABMa0POIghGfbEfVTKtC7\n\
+io5+MtP4E9CT4MFaYcFn9yHFnkHHBjVgChSH89vPBijMfl2LVly8nS74L5lYjvsH\n\
+PLCvtz7sa4gjCspHNBe7+WtWnk5ZDkUcylYtXcDb9UsQT6AAMAoGCCqGSM49BAMC\n\
+A2kAMGYCMQCz5r7RjulVGlcp1z5wYMagZlo5yAJKlYk0JVaoLGDjB4hLK9d7xZMk\n\
+IMjLwKr+ihwCMQDPBjrF9KY7YjiHKTzLvryqxxziyS/WQyd7layBTCNoC+w8lZ16\n\
+YjgyIC2JwNDUcf4=\n\
+-----END CERTIFICATE REQUEST-----\n\
+";
+    /// A P-256 key whose CSR is signed with SHA-384.
+    const CSR_P256_SHA384: &str = "\
+-----BEGIN CERTIFICATE REQUEST-----\n\
+MIG6MGICAQAwADBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABCdb9QKixkEQKQ+K\n\
+yXBEMi3TSt2pg6kbgn3zZDqE/gCkYsgH1KWdIo52FuzGBLSIsy0Fs6U7QnYvOS7A\n\
+sgmVpEegADAKBggqhkjOPQQDAwNIADBFAiA93QtGJMm041uaPgYtIepgmhpgjmyt\n\
+hf0of6tD3QnXJwIhALG0RdlPtONTc/vaGkY9ncb+JCK7hQZ+FJoLZdGOjQFI\n\
+-----END CERTIFICATE REQUEST-----\n\
+";
+    /// An RSA key of 1024 bits, SHA-256.
+    const CSR_RSA_1024: &str = "\
+-----BEGIN CERTIFICATE REQUEST-----\n\
+MIIBPzCBqQIBADAAMIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQC4K3i2pHRP\n\
+r33Wp4X1kisB9t9ED6Xrlk/uBEJYYi7CEh3GsWeZgZ/gU6GWLfVdhHoWb41KwSgP\n\
+Q7OtYbJcVPYE09AfWEh9kUjTX0xD1PwdmZnMGDVR7NPLPwRd8ATz8Wuohfi/w8/X\n\
+rWMeKSQlEXHCFRmlT4v3LhTkChjFcozwVQIDAQABoAAwDQYJKoZIhvcNAQELBQAD\n\
+gYEAXgwScOSEfd/RzojpZRJYhoF3FXJ5iwBLGESX1BhQRIHU4s5VjZ/pqNKOrh+y\n\
+ujC7mKPFL8SjZOdGTa+uBSG8DPBLiF/UkMreoAMMvKKV8yAjFdgiIRN8G2ucuBX9\n\
+uYWVXi7Yh+rJcSmPvy3/umU4J6a4rEDWyx5w6wwe0bn+lS0=\n\
+-----END CERTIFICATE REQUEST-----\n\
+";
+    /// An RSA key of 2048 bits, SHA-256.
+    const CSR_RSA_2048: &str = "\
+-----BEGIN CERTIFICATE REQUEST-----\n\
+MIICRTCCAS0CAQAwADCCASIwDQYJKoZIhvcNAQEBBQADggEPADCCAQoCggEBANMC\n\
+0elkjf2YJgxYHjaMoK6GzcToqGGo4z+30moWCgW7AuF6bJw4n04+j0HHz/bA7bAn\n\
+Z5PBlJL5nPOtVALCiQeF9ZqPX+tBm/+9H85h/BfrRpJXZ8/aKYFlWj/K3pGquE2f\n\
+Cuvp96tOvqSJbemjV2pQnZZXFl3QdCMV0LGeJYD2kQfRk1M+GKiq24OqL1LIjEM1\n\
+Y2zcjo91YuDwpgD39wbD0pkDthoyG85gihBHw+v3Y/gzl+2UesioKsDBq/Yff7ie\n\
+HE1IOd9sQB+qu11SZNGZvOh+zaaRSsGg4jf9kjgU5VLxsdJF7Zz94voM/ZAbgZDW\n\
+jYd8d8YpLow2Yi812/0CAwEAAaAAMA0GCSqGSIb3DQEBCwUAA4IBAQCf9t+lwRN2\n\
+wB0GguPgC2/4G+tk9ZRH48c3mBGVKQCQRwEun2ueMYfKrxCLHVB3DG8rx2BwXdNa\n\
+XX52TLPI41vERCRLzy7p7B/qhnd5KKdtZlZVpMgmRi32y5DhzA/NgUFtdRUZO7Gq\n\
+6Mjc0w1+V1dvYsu9wd5Q/qixVLvUc5hClWFa2lfrSln/MBOR82cVLOA2GgQqKa7L\n\
+UyLoiHEHfGup4UuufHFX0gxHzN7tieN0WOgTz1Pc60mUN2qtzP8tp/gWPosbk444\n\
+XR8rkttmBEaVXTMkpYHlnr+BMXpt563GqSBg7Oy3Vo4uS//9fI7laJLu+oD2FDG1\n\
+VR+a5CG5g6vH\n\
+-----END CERTIFICATE REQUEST-----\n\
+";
+    /// A P-521 key, SHA-512.
+    const CSR_P521: &str = "\
+-----BEGIN CERTIFICATE REQUEST-----\n\
+MIIBQjCBpQIBADAAMIGbMBAGByqGSM49AgEGBSuBBAAjA4GGAAQAXjO1XYOpZNvH\n\
+CkzfTe57UBquaTk9yvYwjVBFtzTvbODvfwXbOvXpiczwfDuDjPF6S86RKzwZI1MY\n\
+8M+6E6iOCaABRsx5lF51cJAYY8xHJ4YmGHcxlfUlqbouZN+JF3d2JGACAM0Ekj3m\n\
+DpbOKMo5QNERAzxc60tlYCtA1MamH9NHaCqgADAKBggqhkjOPQQDBAOBiwAwgYcC\n\
+QS0PkwyIz+jet7y5E4yYxipJSuqjFIfPaiE5LkJTkYuQYeQpokWWpt6MmijdvRZe\n\
+Rm7mdZgdJfwcDBdgu826nK+gAkIBn4ulBjJi660dPOQnS828Uhkp52tlS5Jvqmol\n\
+svQAvww69goic0HKwYvkoh00DXC5auzPvVxGER5916N+Xg5gy3c=\n\
+-----END CERTIFICATE REQUEST-----\n\
+";
+    /// A secp256k1 key, SHA-256.
+    const CSR_SECP256K1: &str = "\
+-----BEGIN CERTIFICATE REQUEST-----\n\
+MIG4MF8CAQAwADBWMBAGByqGSM49AgEGBSuBBAAKA0IABLMfsI65ujnl8XIBahyp\n\
+WvpR44o+u6oWBmrzw4Bn0hKFgBw1cXftteJt3qzPJKRChV6zwCi20g7PaLrcTFfu\n\
++q6gADAKBggqhkjOPQQDAgNJADBGAiEAvtZqegiS51Od7IkJfdjlG2IITk1ee8i+\n\
+bqTuwY8kb7kCIQD5rkRmPpfh1ZvdNLyaQSbjHS6p44cllcSqQvfyUTcMfg==\n\
+-----END CERTIFICATE REQUEST-----\n\
+";
+
+    /// A CA certificate valid from `from` to `until` (seconds from now), with path length
+    /// `pathlen`, self-signed or signed by `parent`; its PEM, key PEM and issuer.
+    fn ca_cert(
+        name: &str,
+        pathlen: u8,
+        from: i64,
+        until: i64,
+        parent: Option<&Issuer<'static, KeyPair>>,
+    ) -> (String, String, Issuer<'static, KeyPair>) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(pathlen));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = parent.is_some();
+        params.serial_number = Some(random_serial());
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::seconds(from);
+        params.not_after = now + time::Duration::seconds(until);
+        let key = KeyPair::generate().unwrap();
+        let key_pem = key.serialize_pem();
+        let cert = match parent {
+            Some(p) => params.signed_by(&key, p).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        (cert.pem(), key_pem, Issuer::new(params, key))
+    }
+
+    const DAY: i64 = 24 * 3600;
+
+    fn not_after_of(pem: &str) -> SystemTime {
+        let der = pem_certs(pem).unwrap();
+        let (_, cert) = X509Certificate::from_der(&der[0]).unwrap();
+        SystemTime::UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp() as u64)
+    }
+
+    fn leaf_csr() -> Csr {
+        Csr::from_pem(&csr_for(&KeyPair::generate().unwrap(), vec![])).unwrap()
+    }
+
+    /// The leaf of `issued`, as rustls/webpki sees it: it must verify against `bundle`.
+    fn verifies(issued: &Issued, bundle: &str) -> Result<(), rustls::Error> {
+        let chain = pem_certs(&issued.chain_pem).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(pem_certs(bundle).unwrap());
+        let parsed = rustls::server::ParsedCertificate::try_from(&chain[0])?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &chain[1..],
+            rustls::pki_types::UnixTime::now(),
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .all,
+        )
+    }
+
+    #[test]
+    fn a_leaf_never_outlives_a_certificate_above_its_supplied_issuer() {
+        let (root, _, root_issuer) = ca_cert("root", 2, -60, 3650 * DAY, None);
+        // An upper intermediate that ends in an hour, the issuer under it in 30 days.
+        let (upper, _, upper_issuer) = ca_cert("upper", 1, -60, 3600, Some(&root_issuer));
+        let (issuer, issuer_key, _) = ca_cert("issuer", 0, -60, 30 * DAY, Some(&upper_issuer));
+        let ca = IdentityCa::from_pem(
+            &root,
+            None,
+            Some((&format!("{issuer}{upper}"), &issuer_key)),
+        )
+        .unwrap();
+        let issued = ca
+            .issue(
+                &leaf_csr(),
+                "spiffe://td/ns/a/sa/b",
+                Duration::from_secs(24 * 3600),
+            )
+            .unwrap();
+        assert!(
+            issued.not_after <= not_after_of(&upper),
+            "the leaf ends at {:?}, after the intermediate above its issuer ({:?})",
+            issued.not_after,
+            not_after_of(&upper)
+        );
+        assert_eq!(not_after_of(&issued.chain_pem), issued.not_after);
+        // The root ending first caps it too.
+        let (root, _, root_issuer) = ca_cert("root", 2, -60, 2 * 3600, None);
+        let (issuer, issuer_key, _) = ca_cert("issuer", 0, -60, 30 * DAY, Some(&root_issuer));
+        let ca = IdentityCa::from_pem(&root, None, Some((&issuer, &issuer_key))).unwrap();
+        let issued = ca
+            .issue(
+                &leaf_csr(),
+                "spiffe://td/ns/a/sa/b",
+                Duration::from_secs(24 * 3600),
+            )
+            .unwrap();
+        assert!(
+            issued.not_after <= not_after_of(&root),
+            "{:?}",
+            issued.not_after
+        );
+    }
+
+    #[test]
+    fn an_issuer_derived_again_never_outlives_the_root_nor_is_derived_on_every_request() {
+        // A root with 10 days left: less than half a derived issuer's 30 days.
+        let (root, root_key, _) = ca_cert("root", 2, -60, 10 * DAY, None);
+        let ca = IdentityCa::from_pem(&root, Some(&root_key), None).unwrap();
+        let id = "spiffe://td/ns/a/sa/b";
+        let first = ca
+            .issue(&leaf_csr(), id, Duration::from_secs(20 * 24 * 3600))
+            .unwrap();
+        assert!(
+            first.not_after <= not_after_of(&root),
+            "the leaf ends at {:?}, after the root ({:?})",
+            first.not_after,
+            not_after_of(&root)
+        );
+        let second = ca
+            .issue(&leaf_csr(), id, Duration::from_secs(3600))
+            .unwrap();
+        let issuer_of = |i: &Issued| pem_certs(&i.chain_pem).unwrap()[1].clone();
+        assert_eq!(
+            issuer_of(&first),
+            issuer_of(&second),
+            "a new issuing CA for every certificate"
+        );
+        verifies(&second, ca.trust_bundle()).unwrap();
+    }
+
+    #[test]
+    fn a_supplied_chain_with_a_certificate_out_of_its_validity_is_refused_at_load() {
+        let (root, _, root_issuer) = ca_cert("root", 2, -60, 3650 * DAY, None);
+        // An upper intermediate that expired yesterday.
+        let (upper, _, upper_issuer) = ca_cert("upper", 1, -2 * DAY, -DAY, Some(&root_issuer));
+        let (issuer, issuer_key, _) = ca_cert("issuer", 0, -60, 30 * DAY, Some(&upper_issuer));
+        let e = IdentityCa::from_pem(
+            &root,
+            None,
+            Some((&format!("{issuer}{upper}"), &issuer_key)),
+        )
+        .expect_err("an expired intermediate is refused");
+        assert!(
+            e.contains("certificate 2 of tls.crt") && e.contains("expired"),
+            "{e}"
+        );
+        // An upper intermediate valid only from tomorrow.
+        let (upper, _, upper_issuer) = ca_cert("upper", 1, DAY, 30 * DAY, Some(&root_issuer));
+        let (issuer, issuer_key, _) = ca_cert("issuer", 0, -60, 30 * DAY, Some(&upper_issuer));
+        let e = IdentityCa::from_pem(
+            &root,
+            None,
+            Some((&format!("{issuer}{upper}"), &issuer_key)),
+        )
+        .expect_err("a not-yet-valid intermediate is refused");
+        assert!(
+            e.contains("certificate 2 of tls.crt") && e.contains("not valid before"),
+            "{e}"
+        );
+        // The issuer itself valid only from tomorrow.
+        let (issuer, issuer_key, _) = ca_cert("issuer", 0, DAY, 30 * DAY, Some(&root_issuer));
+        let e = IdentityCa::from_pem(&root, None, Some((&issuer, &issuer_key)))
+            .expect_err("a not-yet-valid issuer is refused");
+        assert!(e.contains("not valid before"), "{e}");
+        // An intermediate whose path length leaves no room for the issuer below it:
+        // peers would refuse every leaf, so the operator refuses the chain.
+        let (upper, _, upper_issuer) = ca_cert("upper", 0, -60, 30 * DAY, Some(&root_issuer));
+        let (issuer, issuer_key, _) = ca_cert("issuer", 0, -60, 30 * DAY, Some(&upper_issuer));
+        let e = IdentityCa::from_pem(
+            &root,
+            None,
+            Some((&format!("{issuer}{upper}"), &issuer_key)),
+        )
+        .expect_err("a chain peers would not verify is refused");
+        assert!(e.contains("would not verify"), "{e}");
+        // A root not valid yet, with its key.
+        let (later, later_key, _) = ca_cert("root", 2, DAY, 3650 * DAY, None);
+        let e = IdentityCa::from_pem(&later, Some(&later_key), None)
+            .expect_err("a root not valid yet is refused");
+        assert!(e.contains("not valid before"), "{e}");
+    }
+
+    /// The SubjectPublicKeyInfo of the first certificate or request in `pem`.
+    fn spki_of_csr(pem: &str) -> Vec<u8> {
+        let der = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+            .unwrap();
+        let (_, csr) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(der.as_ref())
+                .unwrap();
+        csr.certification_request_info.subject_pki.raw.to_vec()
+    }
+
+    #[test]
+    fn a_csr_whose_key_peers_would_not_accept_is_refused_with_why() {
+        let (ca, _) = IdentityCa::generate().unwrap();
+        let id = "spiffe://td/ns/a/sa/b";
+        // Accepted: what rustls peers verify, issued for exactly the key asked for.
+        let rsa = CSR_RSA_2048.to_owned();
+        let p256 = csr_for(
+            &KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+            vec![],
+        );
+        let p384 = csr_for(
+            &KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap(),
+            vec![],
+        );
+        let ed = csr_for(
+            &KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap(),
+            vec![],
+        );
+        for pem in [&p256, &p384, &ed, &rsa] {
+            let issued = ca
+                .issue(&Csr::from_pem(pem).unwrap(), id, Duration::from_secs(3600))
+                .unwrap();
+            let leaf = pem_certs(&issued.chain_pem).unwrap();
+            let (_, leaf) = X509Certificate::from_der(&leaf[0]).unwrap();
+            assert_eq!(leaf.public_key().raw, spki_of_csr(pem).as_slice(), "{pem}");
+            verifies(&issued, ca.trust_bundle()).unwrap();
+        }
+        // Refused with the reason: a curve signed with another curve's hash (rcgen would
+        // label the key with the hash's curve: a certificate no peer can use), keys rustls
+        // does not verify.
+        for (pem, why) in [
+            (CSR_P384_SHA256, "P-384 key signed with SHA-256"),
+            (CSR_P256_SHA384, "P-256 key signed with SHA-384"),
+            (CSR_RSA_1024, "RSA key of 1024 bits"),
+            (CSR_P521, "curve 1.3.132.0.35"),
+            (CSR_SECP256K1, "curve 1.3.132.0.10"),
+        ] {
+            match Csr::from_pem(pem) {
+                Err(e) => assert!(e.to_string().contains(why), "{why}: {e}"),
+                Ok(csr) => {
+                    let issued = ca.issue(&csr, id, Duration::from_secs(3600)).unwrap();
+                    let leaf = pem_certs(&issued.chain_pem).unwrap();
+                    let (_, leaf) = X509Certificate::from_der(&leaf[0]).unwrap();
+                    panic!(
+                        "{why}: accepted, and issued a leaf whose key is {} the CSR's",
+                        if leaf.public_key().raw == spki_of_csr(pem).as_slice() {
+                            "exactly"
+                        } else {
+                            "NOT"
+                        }
+                    );
+                }
+            }
+        }
     }
 
     #[test]
