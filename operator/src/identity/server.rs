@@ -38,13 +38,21 @@ use weft_api::identity::{
 };
 use weft_api::push::POD_HEADER;
 
-use super::ca::{Csr, IdentityCa};
+use super::ca::{Csr, CsrError, IdentityCa};
 use crate::{
     index::ObjectKey,
     metrics::Metrics,
     push::auth::{AuthError, AuthLimits, TokenReviewer},
     rate::{KeyedBuckets, KeyedSlots},
 };
+
+/// Reason: the CSR's key, or the hash its self-signature uses with it, is not one the
+/// mesh's peers accept (400). A code of [`weft_api::identity::reason`]'s kind, kept here
+/// because that module belongs to the wire crate.
+pub const UNSUPPORTED_KEY: &str = "unsupported_key";
+/// Reason: no TokenReview slot came within its wait, so many reviews are in flight (503,
+/// with `Retry-After`); the push port counts the same refusal under the same name.
+pub const REVIEWS_BUSY: &str = "reviews_busy";
 
 /// Identities whose issuance rate is remembered at most (idle ones are forgotten first).
 const IDENTITIES_MAX: usize = 100_000;
@@ -201,11 +209,20 @@ fn from_auth(error: AuthError) -> Refusal {
         }
         AuthError::NotForUs(_) => (StatusCode::FORBIDDEN, reason::NOT_A_SERVICE_ACCOUNT),
         AuthError::RateLimited => (StatusCode::TOO_MANY_REQUESTS, reason::RATE_LIMITED),
-        AuthError::Busy | AuthError::Review(_) | AuthError::ReviewTimeout => {
+        AuthError::Busy => (StatusCode::SERVICE_UNAVAILABLE, REVIEWS_BUSY),
+        AuthError::Review(_) | AuthError::ReviewTimeout => {
             (StatusCode::SERVICE_UNAVAILABLE, reason::UNAVAILABLE)
         }
     };
     Refusal::new(status, code, error.to_string())
+}
+
+fn from_csr(error: CsrError) -> Refusal {
+    let code = match &error {
+        CsrError::UnsupportedKey(_) => UNSUPPORTED_KEY,
+        CsrError::Invalid(_) | CsrError::OtherIdentity { .. } => reason::BAD_REQUEST,
+    };
+    Refusal::new(StatusCode::BAD_REQUEST, code, error.to_string())
 }
 
 impl IdentityServer {
@@ -279,7 +296,10 @@ impl IdentityServer {
                 // A flood is counted by the metric, not logged line by line.
                 if matches!(
                     refusal.reason,
-                    reason::RATE_LIMITED | reason::SOURCE_IN_FLIGHT | reason::TOO_LARGE
+                    reason::RATE_LIMITED
+                        | reason::SOURCE_IN_FLIGHT
+                        | reason::TOO_LARGE
+                        | REVIEWS_BUSY
                 ) {
                     tracing::debug!(%peer, reason = refusal.reason, message = %refusal.message, "certificate refused");
                 } else {
@@ -292,7 +312,8 @@ impl IdentityServer {
                         message: refusal.message,
                     },
                 );
-                if refusal.status == StatusCode::TOO_MANY_REQUESTS {
+                if refusal.status == StatusCode::TOO_MANY_REQUESTS || refusal.reason == REVIEWS_BUSY
+                {
                     resp.headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 }
@@ -410,9 +431,7 @@ impl IdentityServer {
                 format!("the body is not a CertifyRequest: {e}"),
             )
         })?;
-        let csr = Csr::from_pem(&request.csr).map_err(|e| {
-            Refusal::new(StatusCode::BAD_REQUEST, reason::BAD_REQUEST, e.to_string())
-        })?;
+        let csr = Csr::from_pem(&request.csr).map_err(from_csr)?;
 
         *step = Step::Review;
         let id = self
@@ -495,4 +514,46 @@ fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_reviewer_is_its_own_reason_not_unavailable() {
+        let busy = from_auth(AuthError::Busy);
+        assert_eq!(
+            (busy.status, busy.reason),
+            (StatusCode::SERVICE_UNAVAILABLE, REVIEWS_BUSY)
+        );
+        assert_eq!(
+            busy.reason,
+            AuthError::Busy.reason(),
+            "the push port's label for it"
+        );
+        let failed = from_auth(AuthError::ReviewTimeout);
+        assert_eq!(
+            (failed.status, failed.reason),
+            (StatusCode::SERVICE_UNAVAILABLE, reason::UNAVAILABLE)
+        );
+    }
+
+    #[test]
+    fn a_key_peers_would_not_accept_is_its_own_reason() {
+        let unsupported = from_csr(CsrError::UnsupportedKey("an RSA key of 1024 bits".into()));
+        assert_eq!(
+            (unsupported.status, unsupported.reason),
+            (StatusCode::BAD_REQUEST, UNSUPPORTED_KEY)
+        );
+        assert!(
+            unsupported.message.contains("1024 bits"),
+            "{}",
+            unsupported.message
+        );
+        let garbage = from_csr(CsrError::Invalid(
+            rcgen::Error::CouldNotParseCertificationRequest,
+        ));
+        assert_eq!(garbage.reason, reason::BAD_REQUEST);
+    }
 }
