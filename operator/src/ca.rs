@@ -42,6 +42,9 @@ pub enum CaError {
 pub struct Ca {
     cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
+    /// When the CA certificate expires: no leaf it signs lasts longer (the API server
+    /// would refuse it past then anyway).
+    not_after: SystemTime,
 }
 
 /// A signed leaf certificate and its key, in PEM.
@@ -72,6 +75,7 @@ impl Ca {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(3650);
+        let not_after = SystemTime::from(params.not_after);
         let key = KeyPair::generate()?;
         let key_pem = key.serialize_pem();
         let cert = params.self_signed(&key)?;
@@ -80,6 +84,7 @@ impl Ca {
             Ca {
                 issuer: Issuer::new(params, key),
                 cert_pem,
+                not_after,
             },
             key_pem,
         ))
@@ -87,10 +92,20 @@ impl Ca {
 
     /// Loads a CA from its certificate and key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
         let key = KeyPair::from_pem(key_pem)?;
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+        let not_after = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                u64::try_from(x509.validity().not_after.timestamp()).unwrap_or(0),
+            );
         Ok(Ca {
-            issuer: Issuer::from_ca_cert_pem(cert_pem, key)?,
+            issuer: Issuer::from_ca_cert_der(&der, key)?,
             cert_pem: cert_pem.to_owned(),
+            not_after,
         })
     }
 
@@ -121,17 +136,20 @@ impl Ca {
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let now = time::OffsetDateTime::now_utc();
+        let now = SystemTime::now();
         // A little slack for clocks that disagree.
-        params.not_before = now - time::Duration::minutes(5);
-        let lifetime_t = time::Duration::try_from(lifetime).unwrap_or(time::Duration::days(1));
-        params.not_after = now + lifetime_t;
+        params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(5 * 60));
+        // Never past the CA's own expiry: the API server would refuse the leaf from then.
+        let not_after = now
+            .checked_add(lifetime)
+            .map_or(self.not_after, |t| t.min(self.not_after));
+        params.not_after = time::OffsetDateTime::from(not_after);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Leaf {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
-            not_after: SystemTime::now() + lifetime,
+            not_after,
         })
     }
 }
@@ -188,4 +206,45 @@ fn from_secret(secret: &Secret, name: &str) -> Result<Ca, CaError> {
     };
     Ca::from_pem(&field(CERT_KEY)?, &field(KEY_KEY)?)
         .map_err(|_| CaError::Malformed(name.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_serving_certificate_never_outlives_its_ca() {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::hours(2);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let ca = Ca::from_pem(&cert.pem(), &key.serialize_pem()).unwrap();
+        let leaf = ca
+            .issue_serving(
+                &["weft.test".to_owned()],
+                &[],
+                Duration::from_secs(24 * 3600),
+            )
+            .unwrap();
+        let ca_end = SystemTime::from(params.not_after);
+        assert!(
+            leaf.not_after <= ca_end,
+            "{:?} > {ca_end:?}",
+            leaf.not_after
+        );
+        let der = rustls_pemfile::certs(&mut leaf.cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(
+            x509.validity().not_after.timestamp(),
+            params.not_after.unix_timestamp(),
+            "the certificate says what Leaf::not_after says"
+        );
+    }
 }
