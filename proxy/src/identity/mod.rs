@@ -118,7 +118,9 @@ pub struct Certified {
     pub identity: Arc<str>,
     /// Start of the leaf's validity.
     pub not_before: SystemTime,
-    /// End of the leaf's validity.
+    /// When the chain stops verifying: the end of the validity of the leaf, or of an
+    /// intermediate or the root it leads to if one ends first. Renewal and readiness
+    /// follow it.
     pub not_after: SystemTime,
     /// When this proxy installed it: renewal is timed from here, not from `not_before`,
     /// which the operator backdates for clock skew.
@@ -278,7 +280,7 @@ impl IdentityStore {
             return Err(CertError::NoRoots);
         }
         let roots = Arc::new(roots);
-        let (identity, not_before, not_after) = describe(leaf)?;
+        let (identity, not_before, leaf_not_after) = describe(leaf)?;
         if let Some(want) = want
             && *identity != *want
         {
@@ -315,6 +317,13 @@ impl IdentityStore {
             .map(|root| fingerprint(root))
             .unwrap_or_default();
         let trust_roots = bundle.iter().map(|r| fingerprint(r)).collect();
+        // The chain verifies until its first certificate expires: an intermediate (or the
+        // root) ending before the leaf ends it, and renewal is timed by it.
+        let not_after = chain[1..]
+            .iter()
+            .chain(bundle.iter().find(|r| fingerprint(r) == chain_root))
+            .filter_map(expiry)
+            .fold(leaf_not_after, SystemTime::min);
         let operator_verifier =
             WebPkiServerVerifier::builder_with_provider(roots.clone(), self.provider.clone())
                 .build()
@@ -706,6 +715,13 @@ fn describe(cert: &CertificateDer<'_>) -> Result<(Arc<str>, SystemTime, SystemTi
         UNIX_EPOCH + Duration::from_secs(secs)
     };
     Ok((identity, at(&validity.not_before), at(&validity.not_after)))
+}
+
+/// When a certificate expires, if it parses.
+fn expiry(cert: &CertificateDer<'_>) -> Option<SystemTime> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let secs = u64::try_from(x509.validity().not_after.timestamp()).unwrap_or(0);
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 fn spiffe_id_of(x509: &x509_parser::certificate::X509Certificate<'_>) -> Option<Arc<str>> {
@@ -1122,6 +1138,44 @@ mod tests {
             .install_for(Some(asked), &chain, key_der(&key), &a.pem)
             .unwrap();
         assert_eq!(&*c.identity, asked);
+    }
+
+    #[test]
+    fn a_certificate_whose_intermediate_ends_first_lasts_and_renews_by_the_intermediate() {
+        let root = Ca::new("root A");
+        // An intermediate valid for 10 minutes more, and a leaf from it for an hour: the
+        // chain stops verifying with the intermediate.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "issuer");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::seconds(60);
+        params.not_after = now + time::Duration::seconds(600);
+        let cert = params
+            .signed_by(&key, &Issuer::from_params(&root.params, &root.key))
+            .unwrap();
+        let issuer = Ca {
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            params,
+            key,
+        };
+        let id = SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap());
+        let (leaf, leaf_key) = issuer.issue(id, -60, 3600);
+        let store = IdentityStore::new().unwrap();
+        let c = store
+            .install_pem(&format!("{leaf}{}", issuer.pem), &leaf_key, &root.pem)
+            .unwrap();
+        let ends = UNIX_EPOCH
+            + Duration::from_secs((now + time::Duration::seconds(600)).unix_timestamp() as u64);
+        assert_eq!(c.not_after, ends, "the chain ends with its intermediate");
+        let wait = c.renew_at().duration_since(SystemTime::now()).unwrap();
+        assert!(
+            wait > Duration::from_secs(400) && wait <= Duration::from_secs(420),
+            "renews in {wait:?}, at 70 % of what the intermediate leaves"
+        );
     }
 
     #[test]
