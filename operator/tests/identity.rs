@@ -71,6 +71,19 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// Another client address on loopback (Linux routes all of 127.0.0.0/8 to `lo`).
 const OTHER_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
+/// A P-384 key whose CSR is signed with SHA-256 (`openssl req -sha256`): a certificate
+/// for it would label the key P-256, so it is refused `unsupported_key`.
+const CSR_P384_SHA256: &str = "\
+-----BEGIN CERTIFICATE REQUEST-----\n\
+MIH4MH8CAQAwADB2MBAGByqGSM49AgEGBSuBBAAiA2IABMa0POIghGfbEfVTKtC7\n\
+io5+MtP4E9CT4MFaYcFn9yHFnkHHBjVgChSH89vPBijMfl2LVly8nS74L5lYjvsH\n\
+PLCvtz7sa4gjCspHNBe7+WtWnk5ZDkUcylYtXcDb9UsQT6AAMAoGCCqGSM49BAMC\n\
+A2kAMGYCMQCz5r7RjulVGlcp1z5wYMagZlo5yAJKlYk0JVaoLGDjB4hLK9d7xZMk\n\
+IMjLwKr+ihwCMQDPBjrF9KY7YjiHKTzLvryqxxziyS/WQyd7layBTCNoC+w8lZ16\n\
+YjgyIC2JwNDUcf4=\n\
+-----END CERTIFICATE REQUEST-----\n\
+";
+
 /// One identity endpoint on loopback, as `weft-operator --identity-addr` runs it.
 struct Endpoint {
     addr: SocketAddr,
@@ -567,6 +580,12 @@ async fn each_refusal_has_its_reason_status_and_count() {
             Ask { token: Some(&web_token), pod: &web_pod, body: body("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(), None), h2: true },
             StatusCode::BAD_REQUEST,
             reason::BAD_REQUEST,
+        ),
+        (
+            "a P-384 key signed with SHA-256",
+            Ask { token: Some(&web_token), pod: &web_pod, body: body(CSR_P384_SHA256.into(), None), h2: true },
+            StatusCode::BAD_REQUEST,
+            identity::server::UNSUPPORTED_KEY,
         ),
         (
             "no pod header",
@@ -1556,5 +1575,101 @@ async fn without_rbac_for_tokenreviews_the_endpoint_answers_unavailable_until_gr
     let _ = roles.delete(&name, &DeleteParams::default()).await;
     issued.unwrap();
     ep.stop.cancel();
+    bed.cleanup().await;
+}
+
+/// A CA certificate valid from `from` to `until` (seconds from now), with path length
+/// `pathlen`, self-signed or signed by `parent`: its PEM, key PEM and issuer.
+fn ca_cert(
+    name: &str,
+    pathlen: u8,
+    from: i64,
+    until: i64,
+    parent: Option<&rcgen::Issuer<'static, KeyPair>>,
+) -> (String, String, rcgen::Issuer<'static, KeyPair>) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(pathlen));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now + time::Duration::seconds(from);
+    params.not_after = now + time::Duration::seconds(until);
+    let key = KeyPair::generate().unwrap();
+    let key_pem = key.serialize_pem();
+    let cert = match parent {
+        Some(p) => params.signed_by(&key, p).unwrap(),
+        None => params.self_signed(&key).unwrap(),
+    };
+    (cert.pem(), key_pem, rcgen::Issuer::new(params, key))
+}
+
+/// A Secret whose supplied chain (`tls.crt`) holds an intermediate that has expired stops
+/// the operator at load, naming the certificate: every chain through it would fail at the
+/// proxies. The same chain with the intermediate valid loads, and its certificates end
+/// with the intermediate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supplied_chain_with_an_expired_intermediate_stops_the_operator_at_load() {
+    use k8s_openapi::{ByteString, api::core::v1::Secret};
+    use std::collections::BTreeMap;
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-chain").await;
+    const DAY: i64 = 24 * 3600;
+    let (root, _, root_issuer) = ca_cert("root", 2, -60, 3650 * DAY, None);
+    let secret = |name: &str, chain: String, key: &str| Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([
+            ("ca.crt".to_owned(), ByteString(root.clone().into_bytes())),
+            ("tls.crt".to_owned(), ByteString(chain.into_bytes())),
+            ("tls.key".to_owned(), ByteString(key.as_bytes().to_vec())),
+        ])),
+        ..Default::default()
+    };
+    let secrets = bed.api::<Secret>();
+    // Expired yesterday, above an issuer valid for 30 days.
+    let (upper, _, upper_issuer) = ca_cert("upper", 1, -2 * DAY, -DAY, Some(&root_issuer));
+    let (issuer, issuer_key, _) = ca_cert("issuer", 0, -60, 30 * DAY, Some(&upper_issuer));
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("expired", format!("{issuer}{upper}"), &issuer_key),
+        )
+        .await
+        .unwrap();
+    let e = identity::ca::load_or_create(bed.client.clone(), &bed.ns, "expired")
+        .await
+        .expect_err("an expired intermediate stops the operator");
+    let e = e.to_string();
+    assert!(
+        e.contains(&format!("Secret {}/expired", bed.ns))
+            && e.contains("certificate 2 of tls.crt expired at"),
+        "{e}"
+    );
+    // Valid for an hour more: loaded, and no certificate outlives it.
+    let (upper, _, upper_issuer) = ca_cert("upper", 1, -60, 3600, Some(&root_issuer));
+    let (issuer, issuer_key, _) = ca_cert("issuer", 0, -60, 30 * DAY, Some(&upper_issuer));
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("valid", format!("{issuer}{upper}"), &issuer_key),
+        )
+        .await
+        .unwrap();
+    let ca = identity::ca::load_or_create(bed.client.clone(), &bed.ns, "valid")
+        .await
+        .unwrap();
+    let ends = std::time::SystemTime::now() + Duration::from_secs(3600);
+    assert!(
+        ca.issuer_not_after() <= ends,
+        "{:?} is after the intermediate's end",
+        ca.issuer_not_after()
+    );
     bed.cleanup().await;
 }
