@@ -1042,32 +1042,23 @@ impl Index {
 
     /// What a Policy's `Accepted` message says of the ports its pods leave to their
     /// applications (`weft.dev/skip-inbound-ports`), where no proxy enforces it: empty
-    /// when none of its pods skips one.
+    /// when none of its pods skips one. Ports only, not pod names, so that the message
+    /// (and the status write) does not change with every rollout.
     fn skipped_ports_phrase(&self, p: &weft_crds::PolicySpec, ns: &str) -> String {
-        const SHOWN: usize = 5;
-        let pods: Vec<String> = in_ns(&self.pods, ns)
+        let ranges: BTreeSet<(u16, u16)> = in_ns(&self.pods, ns)
             .filter(|(k, pod)| self.selects(p, k, pod))
-            .filter_map(|(k, pod)| {
-                let ports: Vec<String> = pod.app_skipped().map(ToString::to_string).collect();
-                (!ports.is_empty()).then(|| format!("{} ({})", k.name, ports.join(", ")))
-            })
+            .flat_map(|(_, pod)| pod.app_skipped().map(|r| (r.start, r.end)))
             .collect();
-        if pods.is_empty() {
+        if ranges.is_empty() {
             return String::new();
         }
-        let more = pods.len().saturating_sub(SHOWN);
+        let list: Vec<String> = ranges
+            .iter()
+            .map(|&(start, end)| crate::inject::annotations::PortRange { start, end }.to_string())
+            .collect();
         format!(
-            "; not enforced on ports pods leave to their application (weft.dev/skip-inbound-ports), which no proxy sees: {}{}",
-            pods.iter()
-                .take(SHOWN)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
-            if more > 0 {
-                format!(" and {more} more pod(s)")
-            } else {
-                String::new()
-            }
+            "; not enforced on the ports its pods leave to their application (weft.dev/skip-inbound-ports), which no proxy sees: {}",
+            list.join(", ")
         )
     }
 
