@@ -694,8 +694,8 @@ impl HttpConn {
         let exempt = grpc && parts.version == Version::HTTP_2;
         let idle = (!exempt && !body.is_end_stream())
             .then(|| (self.limits.request_body_idle_timeout, self.metrics.clone()));
-        let body_fault = (!body.is_end_stream()).then(BodyFault::default);
-        let mut body = RequestBody::new(body, idle, body_fault.clone());
+        let body_watch = (!body.is_end_stream()).then(BodyWatch::default);
+        let mut body = RequestBody::new(body, idle, body_watch.clone());
         if let Some(n) = bytes_in {
             body = body.counting(n);
         }
@@ -708,7 +708,7 @@ impl HttpConn {
             connect,
             on_upgrade,
             trail,
-            body_fault,
+            body_watch,
         };
         match &dest {
             Dest::Fixed(endpoint) => {
@@ -1061,21 +1061,57 @@ pub struct RequestBody {
     idle: Option<IdleTimer>,
     /// Data bytes read from the client, for the access log.
     counted: Option<Arc<std::sync::atomic::AtomicU64>>,
-    /// Where the body says how it failed, for the pipeline.
-    fault: Option<BodyFault>,
+    /// Where the body says how it fails and how far it got, for the pipeline and the pool.
+    watch: Option<BodyWatch>,
 }
 
-/// How a request body failed, shared between the body and the pipeline. The upstream's
-/// client reads the body, so its error reaches the pipeline as an upstream failure, and
-/// over HTTP/2 without the body's error as its cause; this tells the pipeline the client
-/// is to blame, so that it neither retries nor holds the failure against the endpoint.
+/// How a client's request body is doing, shared between the body (which the upstream's
+/// client reads, out of the pipeline's sight) and those who judge an attempt or a
+/// connection by it:
+///
+/// - its failure: the body's error reaches the pipeline as an upstream failure, and over
+///   HTTP/2 without the body's error as its cause; this tells the pipeline the client is to
+///   blame, so that it neither retries nor holds the failure against the endpoint;
+/// - whether it has ended: an HTTP/1 connection whose application answered before the
+///   body was all sent (an early `401`, `413` or `417`) is still busy sending it, and must
+///   not be lent to another request meanwhile.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct BodyFault(Arc<OnceLock<ErrorCode>>);
+pub(crate) struct BodyWatch(Arc<BodyState>);
 
-impl BodyFault {
+#[derive(Debug, Default)]
+struct BodyState {
+    fault: OnceLock<ErrorCode>,
+    /// What the body's last poll saw: [`BodyWatch::FLOWING`], [`BodyWatch::AWAITING_CLIENT`]
+    /// or [`BodyWatch::ENDED`].
+    progress: std::sync::atomic::AtomicU8,
+}
+
+impl BodyWatch {
+    /// The last poll gave a frame, and more is to come (or nothing was polled yet).
+    const FLOWING: u8 = 0;
+    /// The last poll found nothing: the proxy waits on the client for the next frame.
+    const AWAITING_CLIENT: u8 = 1;
+    /// The client's body has been read to its end.
+    const ENDED: u8 = 2;
+
     /// The answer owed for the body's failure, once it has failed.
     pub(crate) fn code(&self) -> Option<ErrorCode> {
-        self.0.get().copied()
+        self.0.fault.get().copied()
+    }
+
+    /// Whether the body is over: read to its end, or failed.
+    pub(crate) fn over(&self) -> bool {
+        self.progress() == Self::ENDED || self.code().is_some()
+    }
+
+    fn progress(&self) -> u8 {
+        self.0.progress.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set(&self, progress: u8) {
+        self.0
+            .progress
+            .store(progress, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -1167,11 +1203,11 @@ struct IdleTimer {
 
 impl RequestBody {
     /// Wraps `inner`; with `idle`, a pause longer than its duration ends the body, counted
-    /// in the metrics given; a failure is noted in `fault`.
+    /// in the metrics given; how it fares is noted in `watch`.
     pub(crate) fn new(
         inner: Incoming,
         idle: Option<(std::time::Duration, Arc<Metrics>)>,
-        fault: Option<BodyFault>,
+        watch: Option<BodyWatch>,
     ) -> Self {
         RequestBody {
             inner: BodyInner::Stream(inner),
@@ -1182,7 +1218,7 @@ impl RequestBody {
                 armed: false,
             }),
             counted: None,
-            fault,
+            watch,
         }
     }
 
@@ -1221,14 +1257,20 @@ impl RequestBody {
             inner: BodyInner::Buffered((!bytes.is_empty()).then_some(bytes)),
             idle: None,
             counted: None,
-            fault: None,
+            watch: None,
         }
     }
 
-    /// Notes `error` in the shared fault, and returns it.
+    /// How the body fares, when it is the client's and had not ended on arrival (`None`
+    /// for a body read whole, or empty: nothing of it waits on the client).
+    pub(crate) fn watch(&self) -> Option<&BodyWatch> {
+        self.watch.as_ref()
+    }
+
+    /// Notes `error` in the shared watch, and returns it.
     fn failed(&self, error: RequestBodyError) -> RequestBodyError {
-        if let Some(f) = &self.fault {
-            let _ = f.0.set(error.code());
+        if let Some(w) = &self.watch {
+            let _ = w.0.fault.set(error.code());
         }
         error
     }
@@ -1296,9 +1338,21 @@ impl Body for RequestBody {
                     let len = f.data_ref().map_or(0, |d| d.len() as u64);
                     n.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
                 }
+                if let Some(w) = &this.watch {
+                    // A reader may stop at a frame after which the body says it has ended.
+                    let ended = frame.is_none() || this.is_end_stream();
+                    w.set(if ended {
+                        BodyWatch::ENDED
+                    } else {
+                        BodyWatch::FLOWING
+                    });
+                }
                 Poll::Ready(frame.map(|f| f.map_err(|e| this.failed(RequestBodyError::Client(e)))))
             }
             Poll::Pending => {
+                if let Some(w) = &this.watch {
+                    w.set(BodyWatch::AWAITING_CLIENT);
+                }
                 let Some(idle) = this.idle.as_mut() else {
                     return Poll::Pending;
                 };

@@ -43,7 +43,7 @@ use crate::{
     breaker::Outcome,
     errors::{ErrorCode, UNSENT_HEADER},
     http::{
-        BodyCopy, BodyFault, HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel, error_response,
+        BodyCopy, BodyWatch, HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel, error_response,
         grpc_error_response, strip_hop_by_hop,
     },
     limits::Limit,
@@ -78,8 +78,9 @@ pub(crate) struct Exchange<'a> {
     pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
     /// What the access log needs to know of the attempts, when there is one.
     pub trail: Option<&'a mut crate::access_log::Trail>,
-    /// How the client's request body failed, if it did; `None` for a request without one.
-    pub body_fault: Option<BodyFault>,
+    /// How the client's request body fares (whether it failed, whether the proxy waits on
+    /// the client for more of it); `None` for a request without one.
+    pub body_watch: Option<BodyWatch>,
 }
 
 /// Where attempts go and under which rules.
@@ -680,7 +681,7 @@ impl HttpConn {
                     at,
                     took: sent.elapsed(),
                     endpoint: endpoint.addr,
-                    outcome: attempt_outcome(&result, x.body_fault.as_ref()),
+                    outcome: attempt_outcome(&result, x.body_watch.as_ref()),
                 });
             }
             // What ended the attempt, when it was not a response to hand on.
@@ -798,7 +799,7 @@ impl HttpConn {
                 }
                 Ok(Err(error)) => {
                     tracing::debug!(endpoint = %endpoint.addr, error = %error, "upstream failed");
-                    if let Some(code) = x.body_fault.as_ref().and_then(BodyFault::code) {
+                    if let Some(code) = x.body_watch.as_ref().and_then(BodyWatch::code) {
                         // The client broke its body off: the upstream only saw it cut short.
                         return self.fail(x.labels, code, x.grpc, x.start);
                     }
@@ -989,7 +990,7 @@ fn edit_request(req: &mut Request<RequestBody>, rule: &Rule, matched: Option<usi
 /// How an attempt ended, for its span event.
 fn attempt_outcome<T>(
     result: &Result<Result<(Response<Incoming>, T), SendError>, tokio::time::error::Elapsed>,
-    body_fault: Option<&BodyFault>,
+    body_watch: Option<&BodyWatch>,
 ) -> crate::trace::AttemptOutcome {
     use crate::trace::AttemptOutcome::{Failed, Status};
     match result {
@@ -1000,8 +1001,8 @@ fn attempt_outcome<T>(
         Ok(Err(e)) if e.is_connect() => Failed(ErrorCode::ConnectFailed.as_str()),
         Ok(Err(e)) if refused_stream(e) => Failed(ErrorCode::UpstreamRefused.as_str()),
         Ok(Err(_)) => Failed(
-            body_fault
-                .and_then(BodyFault::code)
+            body_watch
+                .and_then(BodyWatch::code)
                 .unwrap_or(ErrorCode::UpstreamFailed)
                 .as_str(),
         ),

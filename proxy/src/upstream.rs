@@ -644,9 +644,10 @@ async fn run_http2_connection(
 /// HTTP/1.1 keep-alive connections to one endpoint.
 ///
 /// A connection is lent to one request at a time and comes back ([`Lease::release`]) when
-/// that request's response body has ended; a connection lent while a body still streams
-/// would hold the next request behind it. Idle connections are reused most recently used
-/// first, and each closes itself after [`IDLE_TIMEOUT`] unused.
+/// that request's response body has ended, provided its request body has been sent too;
+/// a connection lent while either body still streams would hold the next request behind
+/// it. Idle connections are reused most recently used first, and each closes itself after
+/// [`IDLE_TIMEOUT`] unused.
 ///
 /// Connections are bounded ([`crate::limits::Limits::max_http1_connections_per_endpoint`]):
 /// each holds a permit of `slots` until its task ends, and a request finding no idle
@@ -693,6 +694,7 @@ impl Http1Pool {
                     Err(error) => return Err(error.with_unsent(req)),
                 },
             };
+            lease.body = req.body().watch().cloned();
             match lease.sender.try_send_request(req).await {
                 Ok(resp) => {
                     lease.uses = lease.uses.saturating_add(1);
@@ -793,6 +795,7 @@ impl Http1Pool {
             clock,
             pool: Arc::downgrade(self),
             uses: 0,
+            body: None,
         })
     }
 }
@@ -878,13 +881,21 @@ pub struct Lease {
     pool: Weak<Http1Pool>,
     /// Requests sent on the connection, for `maxRequestsPerConnection`.
     uses: u32,
+    /// The client's body of the request the connection carries, when it streams: the
+    /// connection is busy until that body is all sent, whenever the response ends.
+    body: Option<crate::http::BodyWatch>,
 }
 
 impl Lease {
     /// Returns the connection to its pool; call only once the response body has ended
     /// (otherwise drop the lease, which closes the connection once the request is done).
+    ///
+    /// A connection whose request body is still streaming (the application answered
+    /// before reading it all, as with an early `401`, `413` or `417`) is not returned: the
+    /// next request would wait on it until that client finished its body, which may be
+    /// never. Dropped, it closes once the body is sent (or cut).
     pub fn release(self) {
-        if self.sender.is_closed() {
+        if self.sender.is_closed() || self.body.as_ref().is_some_and(|b| !b.over()) {
             return;
         }
         if let Some(pool) = self.pool.upgrade() {

@@ -1,0 +1,308 @@
+//! What happens between a request's head and the end of its response, on the wire and
+//! across every client transport (the mux, TLS sessions of their own, plain text): a client
+//! sidecar (forward listener) → a server sidecar (inbound listener) → an application that
+//! writes its answers byte by byte.
+//!
+//! - `Expect: 100-continue`, answered `100` by the application, or early with a final
+//!   status it sends before reading the body (and then keeps or closes its connection);
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use support::ca::Ca;
+use support::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use weft_proxy::{
+    LocalPorts, Proxy,
+    identity::{Http1Transport, IdentityStore},
+    limits::Limits,
+    server::{BeforeConfig, ListenerKind},
+};
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/cart";
+
+fn proxy_with(identity: Option<Arc<IdentityStore>>) -> Arc<Proxy> {
+    Proxy::with_identity(
+        Limits::default(),
+        BeforeConfig::default(),
+        LocalPorts::default(),
+        identity,
+    )
+}
+
+/// A server sidecar: an inbound listener in front of `app`.
+fn server_sidecar(ca: &Ca, app: SocketAddr) -> TestProxy {
+    TestProxy::start_kind(
+        proxy_with(Some(ca.store(SERVER_ID))),
+        ListenerKind::InboundTo(app),
+        config(&[]),
+    )
+}
+
+/// Client sidecars for service `web`, whose one endpoint is the server sidecar at
+/// `server`, named by how they carry HTTP/1: on the mux, in TLS sessions of their own, and
+/// in plain text. `edit` changes the service's config (a Route, a Breaker).
+fn every_client_transport(
+    ca: &Ca,
+    server: SocketAddr,
+    edit: impl Fn(&mut serde_json::Value),
+) -> Vec<(String, TestProxy)> {
+    let mut clients = Vec::new();
+    for transport in [Http1Transport::Multiplexed, Http1Transport::Sessions] {
+        let store = IdentityStore::with_http1(transport).unwrap();
+        ca.install(&store, CLIENT_ID);
+        let mut c = config(&[("web", &[server])]);
+        c["services"][0]["endpoints"][0]["identity"] = serde_json::json!(SERVER_ID);
+        edit(&mut c["services"][0]);
+        let client = TestProxy::start_kind(
+            proxy_with(Some(store)),
+            ListenerKind::Forward(Arc::from("web")),
+            c,
+        );
+        clients.push((format!("{transport:?}"), client));
+    }
+    let mut c = config(&[("web", &[server])]);
+    edit(&mut c["services"][0]);
+    let plain = TestProxy::start_kind(proxy_with(None), ListenerKind::Forward(Arc::from("web")), c);
+    clients.push(("plain text".to_string(), plain));
+    clients
+}
+
+fn content_length(head: &str) -> Option<usize> {
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Request lines an application received, lower-cased.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// An HTTP/1.1 application that writes its answers byte by byte, by path:
+///
+/// - `/continue`: `100 Continue`, reads the body, `200 got`;
+/// - `/417` and `/401`: answers `417` or `401` at once, then reads the body and discards
+///   it, keeping the connection (as RFC 9110 §10.1.1 lets a server do);
+/// - `/413`: answers `413` with `connection: close` at once and closes without reading;
+/// - `/early-hints`: `103 Early Hints`, then `200 ok`; `/interim-100`: an unasked `100
+///   Continue`, then `200 ok`; `/switch`: `101 Switching Protocols` to a plain `GET`;
+/// - `/slow`: `200 ok` after 300 ms;
+/// - `/short`: a head with `content-length: 100`, 7 bytes, and a close; `/short-chunked`:
+///   one chunk and a close;
+/// - `/upload`: reads a chunked body to its end, then `200 ok`;
+/// - anything else: `200 ok`.
+async fn raw_app() -> (SocketAddr, Seen, Task) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Seen = Arc::default();
+    let record = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                while let Some(head) = read_request_head(&mut s).await {
+                    let line = head.lines().next().unwrap_or_default().to_string();
+                    record.lock().unwrap().push(line.clone());
+                    let len = content_length(&head).unwrap_or(0);
+                    let path = line.split(' ').nth(1).unwrap_or_default().to_string();
+                    let answer: &[u8] = match path.as_str() {
+                        "/continue" => {
+                            s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
+                            let mut body = vec![0u8; len];
+                            if s.read_exact(&mut body).await.is_err() {
+                                return;
+                            }
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\ngot"
+                        }
+                        "/417" | "/401" => {
+                            let answer: &[u8] = if path == "/417" {
+                                b"HTTP/1.1 417 Expectation Failed\r\ncontent-length: 4\r\n\r\nnope"
+                            } else {
+                                b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 4\r\n\r\nwho?"
+                            };
+                            s.write_all(answer).await.unwrap();
+                            let mut body = vec![0u8; len];
+                            if s.read_exact(&mut body).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        "/413" => {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 413 Content Too Large\r\nconnection: close\r\ncontent-length: 8\r\n\r\ntoo big\n")
+                                .await;
+                            return;
+                        }
+                        "/early-hints" => {
+                            s.write_all(
+                                b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n",
+                            )
+                            .await
+                            .unwrap();
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        }
+                        "/interim-100" => {
+                            s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        }
+                        "/switch" => {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: foo\r\nconnection: upgrade\r\n\r\n")
+                                .await;
+                            // Holds the connection, as an application that switched would.
+                            let _ = s.read(&mut [0u8; 1]).await;
+                            return;
+                        }
+                        "/slow" => {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        }
+                        "/short" => {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+                                .await;
+                            return;
+                        }
+                        "/short-chunked" => {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7\r\npartial\r\n")
+                                .await;
+                            return;
+                        }
+                        "/upload" => {
+                            let mut body = Vec::new();
+                            let mut byte = [0u8; 1];
+                            while !body.ends_with(b"0\r\n\r\n") {
+                                if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                                    return;
+                                }
+                                body.push(byte[0]);
+                            }
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        }
+                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen, Task(task))
+}
+
+/// Reads `n` body bytes within 5 s.
+async fn read_exactly(s: &mut TcpStream, n: usize) -> String {
+    let mut body = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut body))
+        .await
+        .expect("body within 5 s")
+        .unwrap();
+    String::from_utf8(body).unwrap()
+}
+
+/// `GET /next` on `s`, answered `ok`: the connection is still in step.
+async fn still_in_step(s: &mut TcpStream, after: &str) {
+    s.write_all(b"GET /next HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(s).await;
+    assert!(head.starts_with("http/1.1 200"), "after {after}: {head}");
+    assert_eq!(read_exactly(s, 2).await, "ok", "after {after}");
+}
+
+/// A `POST` of 5 bytes with `Expect: 100-continue`: the head, then (as a client does once
+/// it hears `100 Continue`) the body; returns the final answer's head and body.
+async fn post_expecting(c: &mut TcpStream, path: &str, transport: &str) -> (String, String) {
+    c.write_all(
+        format!("POST {path} HTTP/1.1\r\nhost: cart\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(c).await;
+    assert!(
+        head.starts_with("http/1.1 100"),
+        "{transport} {path}: {head}"
+    );
+    c.write_all(b"hello").await.unwrap();
+    let head = read_head(c).await;
+    let body = read_exactly(c, content_length(&head).unwrap_or(0)).await;
+    (head, body)
+}
+
+fn posts(seen: &Seen, path: &str) -> usize {
+    let line = format!("post {path} http/1.1");
+    seen.lock().unwrap().iter().filter(|l| **l == line).count()
+}
+
+/// `Expect: 100-continue`: the client gets the application's final answer, whether the
+/// application said `100` first or answered before reading the body; each request reaches
+/// the application once; and the client's connection stays in step. An application that
+/// answers early leaves its connection busy with a body the client still owes: another
+/// client's request must not wait behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_gets_the_applications_answer_early_or_late() {
+    let ca = Ca::new("mesh root");
+    let (app, seen, _app) = raw_app().await;
+    let server = server_sidecar(&ca, app);
+    for (transport, client) in &every_client_transport(&ca, server.addr, |_| {}) {
+        seen.lock().unwrap().clear();
+        let mut c = connect(client.addr).await;
+
+        let (head, body) = post_expecting(&mut c, "/continue", transport).await;
+        assert!(head.starts_with("http/1.1 200"), "{transport}: {head}");
+        assert_eq!(body, "got", "{transport}");
+        still_in_step(&mut c, "a 100 from the application").await;
+
+        // Answered before the body was read, and the connection kept.
+        let (head, body) = post_expecting(&mut c, "/417", transport).await;
+        assert!(head.starts_with("http/1.1 417"), "{transport}: {head}");
+        assert_eq!(body, "nope", "{transport}");
+        still_in_step(&mut c, "an early 417").await;
+
+        // Answered before the body was read, and the connection closed.
+        let (head, body) = post_expecting(&mut c, "/413", transport).await;
+        assert!(head.starts_with("http/1.1 413"), "{transport}: {head}");
+        assert_eq!(body, "too big\n", "{transport}");
+        still_in_step(&mut c, "an early 413 and a close").await;
+
+        // Answered before the body was sent at all: the client heard `100 Continue` from
+        // its proxy and owes the body, but has not sent it yet.
+        let mut owing = connect(client.addr).await;
+        owing
+            .write_all(b"POST /401 HTTP/1.1\r\nhost: cart\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_head(&mut owing).await.starts_with("http/1.1 100"));
+        let head = read_head(&mut owing).await;
+        assert!(head.starts_with("http/1.1 401"), "{transport}: {head}");
+        assert_eq!(read_exactly(&mut owing, 4).await, "who?");
+        let started = Instant::now();
+        let mut other = connect(client.addr).await;
+        still_in_step(&mut other, "another client's early 401").await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{transport}: another client waited {:?} behind a body it does not send",
+            started.elapsed()
+        );
+        owing.write_all(b"hello").await.unwrap();
+        still_in_step(&mut owing, "its own early 401").await;
+
+        for path in ["/continue", "/417", "/413", "/401"] {
+            assert_eq!(posts(&seen, path), 1, "{transport} {path}: sent once");
+        }
+    }
+}
