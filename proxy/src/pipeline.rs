@@ -707,6 +707,16 @@ impl HttpConn {
                     }
                     (Failure::PerTryTimeout, ErrorCode::PerTryTimeout)
                 }
+                Ok(Ok((resp, _))) if unsolicited_switch(&resp, x.upgrade) => {
+                    // hyper's HTTP/1 client takes any 101 as the end of HTTP on its
+                    // connection; passed on, it would reach a client that asked for no new
+                    // protocol (over HTTP/2, where 101 does not exist, a malformed stream).
+                    // The application answered wrongly: a broken answer, like a reset.
+                    tracing::debug!(endpoint = %endpoint.addr, "101 Switching Protocols to a request that asked for no upgrade");
+                    record(index, Outcome::ServerError);
+                    endpoint.observe_failure_at(sent.elapsed(), Instant::now());
+                    (Failure::Reset, ErrorCode::UpstreamFailed)
+                }
                 Ok(Ok((mut resp, lease))) => {
                     // Removed from every response: only an inbound proxy's own answers
                     // carry it (it removes the header from its application's), and no
@@ -1007,6 +1017,13 @@ fn attempt_outcome<T>(
                 .as_str(),
         ),
     }
+}
+
+/// Whether `resp` switches protocols (`101`) although its request asked for no upgrade.
+/// hyper's HTTP/1 client passes other `1xx` answers over (and HTTP/2's skips them all), so
+/// a final response is never another `1xx`.
+fn unsolicited_switch<B>(resp: &Response<B>, upgrade: bool) -> bool {
+    resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrade
 }
 
 /// The code a peer proxy gave (in `weft-error`) for a request it never sent, for this

@@ -5,6 +5,8 @@
 //!
 //! - `Expect: 100-continue`, answered `100` by the application, or early with a final
 //!   status it sends before reading the body (and then keeps or closes its connection);
+//! - interim answers (`103 Early Hints`, a `100` nobody asked for) and a `101` to a
+//!   request that asked for no upgrade;
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,6 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use http_body_util::BodyExt as _;
 use support::ca::Ca;
 use support::*;
 use tokio::{
@@ -305,4 +308,133 @@ async fn expect_100_continue_gets_the_applications_answer_early_or_late() {
             assert_eq!(posts(&seen, path), 1, "{transport} {path}: sent once");
         }
     }
+}
+
+/// Interim answers are not passed on, and break nothing: `103 Early Hints` (from an
+/// HTTP/1 and an HTTP/2 application) and an unasked `100` leave the final answer intact.
+/// A `101 Switching Protocols` to a request that asked for no upgrade is the
+/// application's error (502 `upstream_failed`), never a switch the client did not ask
+/// for, and on the mux it costs only its own stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_answers_are_dropped_and_an_unasked_switch_is_a_bad_gateway() {
+    let ca = Ca::new("mesh root");
+    let (app, _seen, _app) = raw_app().await;
+    let server = server_sidecar(&ca, app);
+    let (h2_app, _h2_app) = h2_app().await;
+    let h2_server = server_sidecar(&ca, h2_app);
+    let h2_clients = every_client_transport(&ca, h2_server.addr, |_| {});
+    let clients = every_client_transport(&ca, server.addr, |_| {});
+    for (transport, client) in &clients {
+        let mut c = connect(client.addr).await;
+        for path in ["/early-hints", "/interim-100"] {
+            c.write_all(format!("GET {path} HTTP/1.1\r\nhost: cart\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let head = read_head(&mut c).await;
+            assert!(
+                head.starts_with("http/1.1 200"),
+                "{transport} {path}: {head}"
+            );
+            assert_eq!(read_exactly(&mut c, 2).await, "ok", "{transport} {path}");
+        }
+        still_in_step(&mut c, "interim answers").await;
+
+        // A request in flight on the same mux connection while the switch happens.
+        let slow = tokio::spawn(slow_get(client.addr));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut c = connect(client.addr).await;
+        c.write_all(b"GET /switch HTTP/1.1\r\nhost: cart\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut c).await;
+        assert!(
+            head.starts_with("http/1.1 502") && head.contains("weft-error: upstream_failed"),
+            "{transport}: {head}"
+        );
+        assert_eq!(
+            slow.await.unwrap(),
+            "ok",
+            "{transport}: the other request finished"
+        );
+    }
+    for (transport, client) in &h2_clients {
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            h2_client().request(
+                http::Request::get(client.url("/early-hints"))
+                    .body(full(""))
+                    .unwrap(),
+            ),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(resp.status(), 200, "{transport}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok", "{transport}");
+    }
+}
+
+/// `GET /slow` on a connection of its own to `front`; its body.
+async fn slow_get(front: SocketAddr) -> String {
+    let mut c = connect(front).await;
+    c.write_all(b"GET /slow HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut c).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    read_exactly(&mut c, 2).await
+}
+
+/// An HTTP/2 application: `/early-hints` sends `103` before `200 ok`; `/short-reset`
+/// sends 7 of the 100 bytes its `content-length` promises and resets the stream;
+/// `/short-eos` ends the stream after those 7 bytes; anything else is `200 ok`.
+async fn h2_app() -> (SocketAddr, Task) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let head = |len: usize| {
+                            http::Response::builder()
+                                .header("content-length", len)
+                                .body(())
+                                .unwrap()
+                        };
+                        let partial = bytes::Bytes::from_static(b"partial");
+                        match req.uri().path() {
+                            "/short-reset" => {
+                                let mut s = respond.send_response(head(100), false).unwrap();
+                                s.send_data(partial, false).unwrap();
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                s.send_reset(h2::Reason::INTERNAL_ERROR);
+                            }
+                            "/short-eos" => {
+                                let mut s = respond.send_response(head(100), false).unwrap();
+                                let _ = s.send_data(partial, true);
+                            }
+                            path => {
+                                if path == "/early-hints" {
+                                    let hint = http::Response::builder()
+                                        .status(103)
+                                        .header("link", "</a.css>; rel=preload")
+                                        .body(())
+                                        .unwrap();
+                                    respond.send_informational(hint).unwrap();
+                                }
+                                let mut s = respond.send_response(head(2), false).unwrap();
+                                let _ = s.send_data(bytes::Bytes::from_static(b"ok"), true);
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, Task(task))
 }
