@@ -1072,6 +1072,8 @@ pub struct RequestBody {
 /// - its failure: the body's error reaches the pipeline as an upstream failure, and over
 ///   HTTP/2 without the body's error as its cause; this tells the pipeline the client is to
 ///   blame, so that it neither retries nor holds the failure against the endpoint;
+/// - whether the proxy is waiting on the client for more of it: an attempt that times out
+///   then timed out on the client, not on the endpoint;
 /// - whether it has ended: an HTTP/1 connection whose application answered before the
 ///   body was all sent (an early `401`, `413` or `417`) is still busy sending it, and must
 ///   not be lent to another request meanwhile.
@@ -1097,6 +1099,12 @@ impl BodyWatch {
     /// The answer owed for the body's failure, once it has failed.
     pub(crate) fn code(&self) -> Option<ErrorCode> {
         self.0.fault.get().copied()
+    }
+
+    /// Whether the body's reader is waiting for the client to send more of it (rather
+    /// than for the upstream to take what was read, or for nothing at all).
+    pub(crate) fn awaiting_client(&self) -> bool {
+        self.progress() == Self::AWAITING_CLIENT && self.code().is_none()
     }
 
     /// Whether the body is over: read to its end, or failed.

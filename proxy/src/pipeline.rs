@@ -688,9 +688,19 @@ impl HttpConn {
             let (failure, code) = match result {
                 Err(_) => {
                     // Dropping the attempt's future cancelled it upstream (stream reset or
-                    // connection closed).
-                    endpoint.observe_failure_at(sent.elapsed(), Instant::now());
-                    record(index, Outcome::ServerError);
+                    // connection closed). When the attempt was waiting on the client to
+                    // send more of its body, the endpoint had nothing to answer yet: the
+                    // timeout is no sign of its health, for the balancer or the Breaker.
+                    let client_stalled = x
+                        .body_watch
+                        .as_ref()
+                        .is_some_and(BodyWatch::awaiting_client);
+                    if client_stalled {
+                        tracing::debug!(endpoint = %endpoint.addr, "timed out waiting for the client's request body");
+                    } else {
+                        endpoint.observe_failure_at(sent.elapsed(), Instant::now());
+                        record(index, Outcome::ServerError);
+                    }
                     let overall = plan
                         .deadline
                         .is_some_and(|d| tokio::time::Instant::now() >= d);

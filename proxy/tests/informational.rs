@@ -7,6 +7,7 @@
 //!   status it sends before reading the body (and then keeps or closes its connection);
 //! - interim answers (`103 Early Hints`, a `100` nobody asked for) and a `101` to a
 //!   request that asked for no upgrade;
+//! - a per-try timeout while the client's own body stalls.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -437,4 +438,54 @@ async fn h2_app() -> (SocketAddr, Task) {
         }
     });
     (addr, Task(task))
+}
+
+/// A per-try timeout that passes while the proxy waits for the client's own request body
+/// is the client's stall, not the endpoint's failure: the Breaker ejects nothing, and the
+/// endpoint keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_try_timeout_on_a_stalled_request_body_is_not_the_endpoints_failure() {
+    let ca = Ca::new("mesh root");
+    let (app, seen, _app) = raw_app().await;
+    let server = server_sidecar(&ca, app);
+    let clients = every_client_transport(&ca, server.addr, |service| {
+        service["route"] =
+            serde_json::json!({"name": "shop/web", "rules": [{"perTryTimeout": "200ms"}]});
+        service["breaker"] = serde_json::json!({"name": "shop/web", "outlierDetection": {
+            "consecutive5xx": 2, "consecutiveConnectFailures": 2, "interval": "10s",
+            "baseEjectionTime": "30s", "maxEjectionTime": "60s", "maxEjectedPercent": 100}});
+    });
+    for (transport, client) in &clients {
+        for _ in 0..3 {
+            let mut c = connect(client.addr).await;
+            c.write_all(b"POST /upload HTTP/1.1\r\nhost: cart\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .await
+                .unwrap();
+            let head = read_head(&mut c).await;
+            assert!(
+                head.starts_with("http/1.1 504") && head.contains("weft-error: per_try_timeout"),
+                "{transport}: {head}"
+            );
+        }
+        assert_eq!(
+            posts(&seen, "/upload"),
+            3,
+            "{transport}: each reached the app"
+        );
+        seen.lock().unwrap().clear();
+        let text = client.proxy.metrics.encode().unwrap();
+        assert!(
+            !text.contains("weft_breaker_ejections_total{"),
+            "{transport}: {text}"
+        );
+
+        // A body the client finishes in time is answered.
+        let mut c = connect(client.addr).await;
+        c.write_all(b"POST /upload HTTP/1.1\r\nhost: cart\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut c).await;
+        assert!(head.starts_with("http/1.1 200"), "{transport}: {head}");
+        seen.lock().unwrap().clear();
+    }
 }
