@@ -7,6 +7,7 @@
 //!   status it sends before reading the body (and then keeps or closes its connection);
 //! - interim answers (`103 Early Hints`, a `100` nobody asked for) and a `101` to a
 //!   request that asked for no upgrade;
+//! - a response that ends before its declared length;
 //! - a per-try timeout while the client's own body stalls.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -215,6 +216,19 @@ async fn read_exactly(s: &mut TcpStream, n: usize) -> String {
         .expect("body within 5 s")
         .unwrap();
     String::from_utf8(body).unwrap()
+}
+
+/// Reads whatever arrives until the peer closes, within 5 s.
+async fn read_to_close(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Err(_) => panic!("no close within 5 s: {:?}", String::from_utf8_lossy(&got)),
+            Ok(Ok(0) | Err(_)) => return String::from_utf8_lossy(&got).to_lowercase(),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
 }
 
 /// `GET /next` on `s`, answered `ok`: the connection is still in step.
@@ -438,6 +452,62 @@ async fn h2_app() -> (SocketAddr, Task) {
         }
     });
     (addr, Task(task))
+}
+
+/// An answer whose application stops before its body's declared end reaches the client
+/// as a broken body (HTTP/1: the connection closes short of the length, or of the last
+/// chunk; HTTP/2: the stream is reset or refused), never as a complete shorter body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_short_is_an_error_never_a_shorter_body() {
+    let ca = Ca::new("mesh root");
+    let (app, _seen, _app) = raw_app().await;
+    let server = server_sidecar(&ca, app);
+    let (h2_app, _h2_app) = h2_app().await;
+    let h2_server = server_sidecar(&ca, h2_app);
+    let h2_clients = every_client_transport(&ca, h2_server.addr, |_| {});
+    for (transport, client) in &every_client_transport(&ca, server.addr, |_| {}) {
+        for path in ["/short", "/short-chunked"] {
+            let mut c = connect(client.addr).await;
+            c.write_all(format!("GET {path} HTTP/1.1\r\nhost: cart\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let got = read_to_close(&mut c).await;
+            // Nothing at all (the head had not gone out yet) is an error too.
+            if let Some((head, body)) = got.split_once("\r\n\r\n") {
+                assert!(
+                    head.starts_with("http/1.1 200"),
+                    "{transport} {path}: {got}"
+                );
+                match content_length(head) {
+                    Some(n) => assert!(body.len() < n, "{transport} {path}: {got}"),
+                    None => {
+                        assert!(head.contains("transfer-encoding: chunked"), "{got}");
+                        assert!(!body.ends_with("0\r\n\r\n"), "{transport} {path}: {got}");
+                    }
+                }
+            }
+        }
+    }
+    for (transport, client) in &h2_clients {
+        for path in ["/short-reset", "/short-eos"] {
+            let sent = tokio::time::timeout(
+                Duration::from_secs(5),
+                h2_client().request(http::Request::get(client.url(path)).body(full("")).unwrap()),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            if sent.status() == 502 {
+                // Refused before its head went on.
+                assert_eq!(header(&sent.map(|_| ()), "weft-error"), "upstream_failed");
+                continue;
+            }
+            let body = tokio::time::timeout(Duration::from_secs(5), sent.into_body().collect())
+                .await
+                .unwrap();
+            assert!(body.is_err(), "{transport} {path}: {body:?}");
+        }
+    }
 }
 
 /// A per-try timeout that passes while the proxy waits for the client's own request body
