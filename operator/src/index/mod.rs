@@ -45,7 +45,7 @@ use std::{
 
 use weft_api::proxy_config::MtlsMode;
 use weft_api::{
-    proxy_config::{Balancer, EndpointConfig, InboundConfig, Protocol, ServiceConfig},
+    proxy_config::{Balancer, EndpointConfig, InboundConfig, ServiceConfig},
     push::ResourceRef,
 };
 use weft_crds::{common::ServiceRef, policy::Action};
@@ -834,11 +834,7 @@ impl Index {
                         .iter()
                         .map(|ip| SocketAddr::new(*ip, p.port).to_string())
                         .collect(),
-                    protocol: if p.opaque {
-                        Protocol::Opaque
-                    } else {
-                        Protocol::Detect
-                    },
+                    protocol: p.protocol(),
                     // A Route's split is the proxy's weighted backend stage, before
                     // balancing, so the endpoints stay the Service's own and latency-aware.
                     balancer: Balancer::default(),
@@ -877,11 +873,7 @@ impl Index {
                 (!endpoints.is_empty()).then(|| ServiceConfig {
                     name: config_name(key, p.port),
                     addresses: Vec::new(),
-                    protocol: if p.opaque {
-                        Protocol::Opaque
-                    } else {
-                        Protocol::Detect
-                    },
+                    protocol: p.protocol(),
                     balancer: Balancer::default(),
                     timeout: None,
                     connect_timeout: None,

@@ -128,6 +128,17 @@ pub struct ServicePort {
     pub opaque: bool,
 }
 
+impl ServicePort {
+    /// How proxies treat the port's connections.
+    pub fn protocol(&self) -> weft_api::proxy_config::Protocol {
+        if self.opaque {
+            weft_api::proxy_config::Protocol::Opaque
+        } else {
+            weft_api::proxy_config::Protocol::Detect
+        }
+    }
+}
+
 /// What the index keeps of a Service.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceModel {

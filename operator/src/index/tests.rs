@@ -4,6 +4,7 @@ use k8s_openapi::api::{
 };
 use kube::api::DynamicObject;
 use serde_json::json;
+use weft_api::proxy_config::Protocol;
 
 use super::*;
 

@@ -167,9 +167,21 @@ impl Registration {
 
     /// Applies the configuration (server-side apply; repeating it is harmless).
     pub async fn apply(&self, client: Client, ca_bundle: &str) -> Result<(), kube::Error> {
+        self.apply_over(client, ca_bundle, None).await
+    }
+
+    /// Server-side applies the configuration; with `resource_version`, only over that
+    /// version of it (the API server refuses otherwise, and refuses to create it).
+    async fn apply_over(
+        &self,
+        client: Client,
+        ca_bundle: &str,
+        resource_version: Option<&str>,
+    ) -> Result<(), kube::Error> {
         let api = Api::<MutatingWebhookConfiguration>::all(client);
         let mut obj = self.object(ca_bundle);
         obj.metadata.managed_fields = None;
+        obj.metadata.resource_version = resource_version.map(str::to_owned);
         let body = serde_json::json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "MutatingWebhookConfiguration",
@@ -208,23 +220,8 @@ impl Registration {
         ca_bundle: &str,
         resource_version: &str,
     ) -> Result<(), kube::Error> {
-        let api = Api::<MutatingWebhookConfiguration>::all(client);
-        let mut obj = self.object(ca_bundle);
-        obj.metadata.managed_fields = None;
-        obj.metadata.resource_version = Some(resource_version.to_owned());
-        let body = serde_json::json!({
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": obj.metadata,
-            "webhooks": obj.webhooks,
-        });
-        api.patch(
-            &self.name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
-        Ok(())
+        self.apply_over(client, ca_bundle, Some(resource_version))
+            .await
     }
 
     /// Removes the configuration (so pods are created without calling a webhook that is
