@@ -27,7 +27,8 @@ use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::{
-    metrics::{counter::Counter, gauge::Gauge},
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::{
@@ -89,6 +90,43 @@ pub struct ConnMetrics {
     pub open: Gauge,
     /// Connections closed at accept because `max_connections` were open.
     pub refused: Counter,
+    /// TLS handshakes that failed, by [`handshake_failure`] reason.
+    pub handshake_failures: Family<ReasonLabel, Counter>,
+}
+
+/// The `reason` label of a failed TLS handshake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// See [`handshake_failure`].
+    pub reason: &'static str,
+}
+
+/// Why a TLS handshake failed, as a metric label: `timeout` (no handshake within
+/// 10 s), `closed` (the client went away, as a TCP probe does),
+/// `certificate` (a client certificate was refused or missing), `incompatible` (no
+/// common TLS version, cipher suite or ALPN protocol: a client below TLS 1.3, say), or
+/// `other` (not TLS, or a malformed message).
+pub fn handshake_failure(error: &std::io::Error) -> &'static str {
+    if let Some(tls) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        return match tls {
+            rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+                "certificate"
+            }
+            rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol => {
+                "incompatible"
+            }
+            _ => "other",
+        };
+    }
+    match error.kind() {
+        std::io::ErrorKind::UnexpectedEof
+        | std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::BrokenPipe => "closed",
+        _ => "other",
+    }
 }
 
 impl ConnMetrics {
@@ -103,6 +141,11 @@ impl ConnMetrics {
             format!("{prefix}_connections_refused"),
             "Connections closed at accept because the server held as many as it may",
             self.refused.clone(),
+        );
+        registry.register(
+            format!("{prefix}_tls_handshake_failures"),
+            "TLS handshakes that failed, by reason: timeout, closed, certificate, incompatible, other",
+            self.handshake_failures.clone(),
         );
     }
 }
@@ -178,6 +221,7 @@ pub async fn serve_with<H: Handler>(
             stop: stop.clone(),
             _slot: slot,
             _open: Open::new(&metrics.open),
+            handshake_failures: metrics.handshake_failures.clone(),
         };
         connections.spawn(conn.serve(tcp, handler.clone()));
         // Forget connections that have finished, so the set does not grow forever.
@@ -284,6 +328,7 @@ struct Connection {
     /// Its place among the server's `max_connections`.
     _slot: OwnedSemaphorePermit,
     _open: Open,
+    handshake_failures: Family<ReasonLabel, Counter>,
 }
 
 impl Connection {
@@ -296,10 +341,17 @@ impl Connection {
         let tls = match tls {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
-                tracing::debug!(server = name, %error, %peer, "TLS handshake failed");
+                let reason = handshake_failure(&error);
+                self.handshake_failures
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc();
+                tracing::debug!(server = name, %error, reason, %peer, "TLS handshake failed");
                 return;
             }
             Err(_) => {
+                self.handshake_failures
+                    .get_or_create(&ReasonLabel { reason: "timeout" })
+                    .inc();
                 tracing::debug!(server = name, %peer, "TLS handshake timed out");
                 return;
             }

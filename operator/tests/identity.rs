@@ -1107,6 +1107,61 @@ async fn connections_beyond_the_cap_are_closed_at_once_while_open_ones_still_wor
     bed.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_tls_handshakes_at_the_endpoint_are_counted_by_reason() {
+    use tokio::io::AsyncWriteExt;
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-handshakes").await;
+    let ep = Endpoint::start(&bed, "weft-identity", IdentityLimits::default()).await;
+    let bundle = ep.ca.trust_bundle().to_owned();
+    let failures = |reason: &str| {
+        ep.count(&format!(
+            "weft_operator_identity_tls_handshake_failures_total{{reason=\"{reason}\"}}"
+        ))
+    };
+
+    // A TCP probe: connects and goes.
+    drop(TcpStream::connect(ep.addr).await.unwrap());
+    // Plain text HTTP to the TLS port.
+    let mut plain = TcpStream::connect(ep.addr).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // A client that speaks TLS 1.2 only.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let old = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots(&bundle))
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(ep.addr).await.unwrap();
+    let refused = tokio_rustls::TlsConnector::from(Arc::new(old))
+        .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
+        .await;
+    assert!(refused.is_err(), "a TLS 1.2 client completed a handshake");
+    eventually(WAIT, || async {
+        let seen = [
+            failures("closed"),
+            failures("other"),
+            failures("incompatible"),
+        ];
+        ensure!(
+            seen == [1.0, 1.0, 1.0],
+            "closed, other, incompatible: {seen:?}"
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
+    drop(plain);
+    // A good client still gets through, and counts as no failure.
+    drop(connect(ep.addr, &bundle, true).await);
+    assert_eq!(failures("certificate") + failures("timeout"), 0.0);
+    ep.stop.cancel();
+    bed.cleanup().await;
+}
+
 /// A TCP relay to the test bed's API server that can hold every byte it relays, as a
 /// network partition between the operator and the API server would: open, TokenReviews
 /// reach the real API server; held, they hang.
