@@ -389,6 +389,11 @@ mod docs_tests {
         operator.push_stall();
         operator.identity_refusal("bad_request");
         operator.identity_abandoned("slot");
+        operator
+            .identity_connections()
+            .handshake_failures
+            .get_or_create(&crate::https::ReasonLabel { reason: "closed" })
+            .inc();
         let webhook = crate::webhook::server::WebhookMetrics::default();
         webhook.count("injected");
         let mut registry = prometheus_client::registry::Registry::default();
