@@ -696,6 +696,10 @@ impl HttpConn {
             .then(|| (self.limits.request_body_idle_timeout, self.metrics.clone()));
         let body_watch = (!body.is_end_stream()).then(BodyWatch::default);
         let mut body = RequestBody::new(body, idle, body_watch.clone());
+        // A peer proxy's mux session is HTTP/2 below the HTTP/1 requests it restores.
+        if parts.version <= Version::HTTP_11 && !self.mux {
+            body = body.discarding_the_rest();
+        }
         if let Some(n) = bytes_in {
             body = body.counting(n);
         }
@@ -1063,7 +1067,19 @@ pub struct RequestBody {
     counted: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// Where the body says how it fails and how far it got, for the pipeline and the pool.
     watch: Option<BodyWatch>,
+    /// Whether what the upstream leaves unread of the client's body is read and discarded
+    /// ([`RequestBody::discarding_the_rest`]).
+    discard: bool,
 }
+
+/// The most of a client's HTTP/1 request body the proxy reads and discards, once the
+/// upstream stopped taking it, to keep the client's connection in step (Go's `net/http`
+/// reads the same amount of a body its handler left, for the same reason); past it, the
+/// connection closes after the answer.
+pub const DISCARD_LIMIT: u64 = 256 * 1024;
+
+/// How long the proxy keeps reading a request body it discards ([`DISCARD_LIMIT`]).
+pub const DISCARD_TIME: Duration = Duration::from_secs(10);
 
 /// How a client's request body is doing, shared between the body (which the upstream's
 /// client reads, out of the pipeline's sight) and those who judge an attempt or a
@@ -1227,7 +1243,20 @@ impl RequestBody {
             }),
             counted: None,
             watch,
+            discard: false,
         }
+    }
+
+    /// The same body, whose rest, if the upstream lets go of it before its end (the
+    /// application answered early and closed, or the attempt was given up), is read from
+    /// the client and discarded, up to [`DISCARD_LIMIT`] within [`DISCARD_TIME`]: an
+    /// HTTP/1 client that was told `100 Continue`, or was already sending, sends its body
+    /// anyway, and hyper closes a connection whose request body was left unread, so that
+    /// client's next request on it would fail. For an HTTP/1 client connection only (an
+    /// HTTP/2 stream's rest is refused by a reset, which costs the connection nothing).
+    pub(crate) fn discarding_the_rest(mut self) -> Self {
+        self.discard = true;
+        self
     }
 
     /// The same body, adding the data bytes it reads from the client to `n`.
@@ -1246,7 +1275,7 @@ impl RequestBody {
                 len: 0,
             }),
         });
-        self.inner = match self.inner {
+        self.inner = match std::mem::replace(&mut self.inner, BodyInner::Buffered(None)) {
             BodyInner::Stream(inner) => BodyInner::Tee(inner, copy.clone()),
             BodyInner::Buffered(bytes) => {
                 if let Ok(mut state) = copy.state.lock() {
@@ -1266,6 +1295,7 @@ impl RequestBody {
             idle: None,
             counted: None,
             watch: None,
+            discard: false,
         }
     }
 
@@ -1281,6 +1311,55 @@ impl RequestBody {
             let _ = w.0.fault.set(error.code());
         }
         error
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if !self.discard {
+            return;
+        }
+        let (BodyInner::Stream(inner) | BodyInner::Tee(inner, _)) =
+            std::mem::replace(&mut self.inner, BodyInner::Buffered(None))
+        else {
+            return;
+        };
+        if inner.is_end_stream() || self.watch.as_ref().is_some_and(BodyWatch::over) {
+            return;
+        }
+        // More than the limit still to come: not worth reading, the connection closes.
+        if inner.size_hint().lower() > DISCARD_LIMIT {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let span = tracing::debug_span!("discard_request_body");
+        runtime.spawn(tracing::Instrument::instrument(discard(inner), span));
+    }
+}
+
+/// Reads the rest of a request body nobody will send on, within [`DISCARD_LIMIT`] and
+/// [`DISCARD_TIME`]; dropping it earlier (too long, too slow, failed) lets hyper close the
+/// client's connection after its answer.
+async fn discard(mut body: Incoming) {
+    use http_body_util::BodyExt as _;
+    let reading = async {
+        let mut read = 0u64;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return false;
+            };
+            read = read.saturating_add(frame.data_ref().map_or(0, |d| d.len() as u64));
+            if read > DISCARD_LIMIT {
+                return false;
+            }
+        }
+        true
+    };
+    match tokio::time::timeout(DISCARD_TIME, reading).await {
+        Ok(true) => tracing::debug!("discarded the rest of a request body"),
+        Ok(false) | Err(_) => tracing::debug!("request body not discarded; its connection closes"),
     }
 }
 
