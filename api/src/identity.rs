@@ -114,4 +114,10 @@ pub mod reason {
     pub const SOURCE_IN_FLIGHT: &str = "source_in_flight";
     /// The TokenReview or the signing failed (503): retry with backoff.
     pub const UNAVAILABLE: &str = "unavailable";
+    /// The CSR's key, or the hash its self-signature uses with it, is not one the mesh's
+    /// peers accept (400): ECDSA P-256/SHA-256, P-384/SHA-384, Ed25519, RSA 2048-8192.
+    pub const UNSUPPORTED_KEY: &str = "unsupported_key";
+    /// So many TokenReviews are in flight that no slot came within its wait (503, with
+    /// `Retry-After`): retry.
+    pub const REVIEWS_BUSY: &str = "reviews_busy";
 }

@@ -585,7 +585,7 @@ async fn each_refusal_has_its_reason_status_and_count() {
             "a P-384 key signed with SHA-256",
             Ask { token: Some(&web_token), pod: &web_pod, body: body(CSR_P384_SHA256.into(), None), h2: true },
             StatusCode::BAD_REQUEST,
-            identity::server::UNSUPPORTED_KEY,
+            weft_api::identity::reason::UNSUPPORTED_KEY,
         ),
         (
             "no pod header",

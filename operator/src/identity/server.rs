@@ -46,13 +46,6 @@ use crate::{
     rate::{KeyedBuckets, KeyedSlots},
 };
 
-/// Reason: the CSR's key, or the hash its self-signature uses with it, is not one the
-/// mesh's peers accept (400). A code of [`weft_api::identity::reason`]'s kind, kept here
-/// because that module belongs to the wire crate.
-pub const UNSUPPORTED_KEY: &str = "unsupported_key";
-/// Reason: no TokenReview slot came within its wait, so many reviews are in flight (503,
-/// with `Retry-After`); the push port counts the same refusal under the same name.
-pub const REVIEWS_BUSY: &str = "reviews_busy";
 
 /// Identities whose issuance rate is remembered at most (idle ones are forgotten first).
 const IDENTITIES_MAX: usize = 100_000;
@@ -209,7 +202,7 @@ fn from_auth(error: AuthError) -> Refusal {
         }
         AuthError::NotForUs(_) => (StatusCode::FORBIDDEN, reason::NOT_A_SERVICE_ACCOUNT),
         AuthError::RateLimited => (StatusCode::TOO_MANY_REQUESTS, reason::RATE_LIMITED),
-        AuthError::Busy => (StatusCode::SERVICE_UNAVAILABLE, REVIEWS_BUSY),
+        AuthError::Busy => (StatusCode::SERVICE_UNAVAILABLE, reason::REVIEWS_BUSY),
         AuthError::Review(_) | AuthError::ReviewTimeout => {
             (StatusCode::SERVICE_UNAVAILABLE, reason::UNAVAILABLE)
         }
@@ -219,7 +212,7 @@ fn from_auth(error: AuthError) -> Refusal {
 
 fn from_csr(error: CsrError) -> Refusal {
     let code = match &error {
-        CsrError::UnsupportedKey(_) => UNSUPPORTED_KEY,
+        CsrError::UnsupportedKey(_) => reason::UNSUPPORTED_KEY,
         CsrError::Invalid(_) | CsrError::OtherIdentity { .. } => reason::BAD_REQUEST,
     };
     Refusal::new(StatusCode::BAD_REQUEST, code, error.to_string())
@@ -299,7 +292,7 @@ impl IdentityServer {
                     reason::RATE_LIMITED
                         | reason::SOURCE_IN_FLIGHT
                         | reason::TOO_LARGE
-                        | REVIEWS_BUSY
+                        | reason::REVIEWS_BUSY
                 ) {
                     tracing::debug!(%peer, reason = refusal.reason, message = %refusal.message, "certificate refused");
                 } else {
@@ -312,7 +305,7 @@ impl IdentityServer {
                         message: refusal.message,
                     },
                 );
-                if refusal.status == StatusCode::TOO_MANY_REQUESTS || refusal.reason == REVIEWS_BUSY
+                if refusal.status == StatusCode::TOO_MANY_REQUESTS || refusal.reason == reason::REVIEWS_BUSY
                 {
                     resp.headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -525,7 +518,7 @@ mod tests {
         let busy = from_auth(AuthError::Busy);
         assert_eq!(
             (busy.status, busy.reason),
-            (StatusCode::SERVICE_UNAVAILABLE, REVIEWS_BUSY)
+            (StatusCode::SERVICE_UNAVAILABLE, reason::REVIEWS_BUSY)
         );
         assert_eq!(
             busy.reason,
@@ -544,7 +537,7 @@ mod tests {
         let unsupported = from_csr(CsrError::UnsupportedKey("an RSA key of 1024 bits".into()));
         assert_eq!(
             (unsupported.status, unsupported.reason),
-            (StatusCode::BAD_REQUEST, UNSUPPORTED_KEY)
+            (StatusCode::BAD_REQUEST, reason::UNSUPPORTED_KEY)
         );
         assert!(
             unsupported.message.contains("1024 bits"),
