@@ -36,6 +36,19 @@ pub enum CaError {
     /// The Secret exists but does not hold a usable CA.
     #[error("Secret {0} does not hold a CA certificate and key in tls.crt and tls.key")]
     Malformed(String),
+    /// The Secret's CA is outside its validity: every certificate it signed would be
+    /// refused by the API server.
+    #[error(
+        "Secret {name}: its CA certificate is valid from {not_before} to {not_after}, not now; delete the Secret for the operator to generate a new CA (the webhook's caBundle follows), or supply a valid one (check this machine's clock too)"
+    )]
+    OutOfValidity {
+        /// The Secret's name.
+        name: String,
+        /// The certificate's notBefore (RFC 3339).
+        not_before: String,
+        /// The certificate's notAfter (RFC 3339).
+        not_after: String,
+    },
 }
 
 /// A CA that can sign leaf certificates.
@@ -45,6 +58,8 @@ pub struct Ca {
     /// When the CA certificate expires: no leaf it signs lasts longer (the API server
     /// would refuse it past then anyway).
     not_after: SystemTime,
+    /// When the CA certificate starts being valid.
+    not_before: SystemTime,
 }
 
 /// A signed leaf certificate and its key, in PEM.
@@ -76,6 +91,7 @@ impl Ca {
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(3650);
         let not_after = SystemTime::from(params.not_after);
+        let not_before = SystemTime::from(params.not_before);
         let key = KeyPair::generate()?;
         let key_pem = key.serialize_pem();
         let cert = params.self_signed(&key)?;
@@ -85,6 +101,7 @@ impl Ca {
                 issuer: Issuer::new(params, key),
                 cert_pem,
                 not_after,
+                not_before,
             },
             key_pem,
         ))
@@ -98,14 +115,33 @@ impl Ca {
             .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
         let (_, x509) = x509_parser::parse_x509_certificate(&der)
             .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
-        let not_after = SystemTime::UNIX_EPOCH
-            + Duration::from_secs(
-                u64::try_from(x509.validity().not_after.timestamp()).unwrap_or(0),
-            );
+        let at = |t: &x509_parser::time::ASN1Time| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+        };
+        let not_after = at(&x509.validity().not_after);
+        let not_before = at(&x509.validity().not_before);
         Ok(Ca {
             issuer: Issuer::from_ca_cert_der(&der, key)?,
             cert_pem: cert_pem.to_owned(),
             not_after,
+            not_before,
+        })
+    }
+
+    /// Refuses a CA outside its validity at `now`, naming Secret `name`.
+    fn check_validity(&self, name: &str, now: SystemTime) -> Result<(), CaError> {
+        if self.not_before <= now && now < self.not_after {
+            return Ok(());
+        }
+        let rfc3339 = |t: SystemTime| {
+            time::OffsetDateTime::from(t)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| format!("{t:?}"))
+        };
+        Err(CaError::OutOfValidity {
+            name: name.to_owned(),
+            not_before: rfc3339(self.not_before),
+            not_after: rfc3339(self.not_after),
         })
     }
 
@@ -204,13 +240,46 @@ fn from_secret(secret: &Secret, name: &str) -> Result<Ca, CaError> {
             .and_then(|b| String::from_utf8(b.0.clone()).ok())
             .ok_or_else(|| CaError::Malformed(name.to_owned()))
     };
-    Ca::from_pem(&field(CERT_KEY)?, &field(KEY_KEY)?)
-        .map_err(|_| CaError::Malformed(name.to_owned()))
+    let ca = Ca::from_pem(&field(CERT_KEY)?, &field(KEY_KEY)?)
+        .map_err(|_| CaError::Malformed(name.to_owned()))?;
+    ca.check_validity(name, SystemTime::now())?;
+    Ok(ca)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CA that expired (or is not valid yet) signs serving certificates the API server
+    /// refuses: the webhook would start and inject nothing. It is refused at load, with
+    /// the way out.
+    #[test]
+    fn a_ca_outside_its_validity_is_refused_at_load_with_the_way_out() {
+        let ca = |from: time::Duration, to: time::Duration| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now + from;
+            params.not_after = now + to;
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            Ca::from_pem(&cert.pem(), &key.serialize_pem()).unwrap()
+        };
+        let now = SystemTime::now();
+        let hour = time::Duration::hours(1);
+        assert!(ca(-hour, hour).check_validity("weft-ca", now).is_ok());
+        for (from, to) in [(-2 * hour, -hour), (hour, 2 * hour)] {
+            let error = ca(from, to).check_validity("weft-ca", now).unwrap_err();
+            let text = error.to_string();
+            assert!(
+                matches!(error, CaError::OutOfValidity { .. })
+                    && text.contains("Secret weft-ca")
+                    && text.contains("delete the Secret"),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn a_serving_certificate_never_outlives_its_ca() {
