@@ -46,7 +46,6 @@ use crate::{
     rate::{KeyedBuckets, KeyedSlots},
 };
 
-
 /// Identities whose issuance rate is remembered at most (idle ones are forgotten first).
 const IDENTITIES_MAX: usize = 100_000;
 /// How long a client may take to send its request body once it holds an in-flight slot.
@@ -305,7 +304,8 @@ impl IdentityServer {
                         message: refusal.message,
                     },
                 );
-                if refusal.status == StatusCode::TOO_MANY_REQUESTS || refusal.reason == reason::REVIEWS_BUSY
+                if refusal.status == StatusCode::TOO_MANY_REQUESTS
+                    || refusal.reason == reason::REVIEWS_BUSY
                 {
                     resp.headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
