@@ -817,6 +817,7 @@ async fn the_serving_certificate_is_renewed_before_it_expires() {
 
 #[tokio::test]
 async fn a_registration_whose_ca_bundle_another_client_removed_is_restored_but_never_recreated() {
+    use base64::Engine as _;
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     let t = Injecting::start("inject-restore", FailurePolicy::Fail).await;
     let api = Api::<MutatingWebhookConfiguration>::all(t.client.clone());
@@ -859,6 +860,27 @@ async fn a_registration_whose_ca_bundle_another_client_removed_is_restored_but_n
     .await
     .unwrap();
     assert!(has_proxy(&created));
+
+    // Another CA's bundle (another replica's, after the CA Secret was regenerated) is not
+    // fought over.
+    let other = ["-----BEGIN CERTIFICATE-----\nb3RoZXI=\n-----END CERTIFICATE-----\n"];
+    let ops: Vec<serde_json::Value> = (0..want.len())
+        .map(|i| {
+            json!({"op": "replace", "path": format!("/webhooks/{i}/clientConfig/caBundle"),
+                        "value": base64::engine::general_purpose::STANDARD.encode(other[0])})
+        })
+        .collect();
+    let patch: json_patch::Patch = serde_json::from_value(json!(ops)).unwrap();
+    api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now = bundles(&api.get(&name).await.unwrap());
+    assert!(
+        now.iter()
+            .all(|b| b.as_deref() == Some(other[0].as_bytes())),
+        "another CA's bundle was overwritten: {now:?}"
+    );
 
     // Deleted (as `helm uninstall` does), it stays deleted while the webhook runs on.
     api.delete(&name, &Default::default()).await.unwrap();

@@ -230,11 +230,11 @@ async fn serve_started(
 /// that keeps rewriting it is not fought in a tight loop.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Watches the MutatingWebhookConfiguration and restores it when another client replaced
-/// its CA bundle or removed one of its webhooks: as Istio's webhook patcher does, since a
-/// GitOps sync of the chart (whose manifest has no bundle) would otherwise leave the API
-/// server unable to call the webhook until the operator restarts. A deleted configuration
-/// is left deleted.
+/// Watches the MutatingWebhookConfiguration and writes the CA bundle back into its
+/// webhooks when another client removed it: as Istio's webhook patcher does, since a GitOps
+/// sync of the chart (whose manifest has no bundle) would otherwise leave the API server
+/// unable to call the webhook until the operator restarts. A deleted configuration is left
+/// deleted, and a bundle of another CA (another replica's) is left as it is.
 async fn keep_registered(client: Client, settings: WebhookSettings, ca_bundle: String) {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     let registration = &settings.registration;
@@ -251,24 +251,24 @@ async fn keep_registered(client: Client, settings: WebhookSettings, ca_bundle: S
                 continue;
             }
         };
-        if registration.is_current(&live, &ca_bundle) {
+        let missing = registration.missing_bundles(&live);
+        let Some(uid) = live.metadata.uid.as_deref().filter(|_| !missing.is_empty()) else {
             continue;
-        }
+        };
         if let Some(at) = last_repair {
             tokio::time::sleep_until(at + REPAIR_INTERVAL).await;
         }
         last_repair = Some(tokio::time::Instant::now());
-        let Some(version) = live.metadata.resource_version.as_deref() else {
-            continue;
-        };
-        tracing::warn!(name = %registration.name, "the webhook's registration lost its CA bundle or a webhook (changed by another client); restoring it");
+        tracing::warn!(name = %registration.name, webhooks = missing.len(), "the webhook's registration lost its CA bundle (rewritten by another client); restoring it");
         match registration
-            .repair(client.clone(), &ca_bundle, version)
+            .restore_bundles(client.clone(), &ca_bundle, uid, &missing)
             .await
         {
             Ok(()) => {}
-            // A newer version (its own event follows) or a deletion: nothing to restore.
-            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+            // Deleted, or changed since (its own event follows): nothing to restore here.
+            Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409 | 422) => {
+                tracing::debug!(error = %e, "the registration changed before its bundle was restored");
+            }
             Err(error) => tracing::warn!(%error, "restoring the webhook's registration"),
         }
     }

@@ -167,21 +167,9 @@ impl Registration {
 
     /// Applies the configuration (server-side apply; repeating it is harmless).
     pub async fn apply(&self, client: Client, ca_bundle: &str) -> Result<(), kube::Error> {
-        self.apply_over(client, ca_bundle, None).await
-    }
-
-    /// Server-side applies the configuration; with `resource_version`, only over that
-    /// version of it (the API server refuses otherwise, and refuses to create it).
-    async fn apply_over(
-        &self,
-        client: Client,
-        ca_bundle: &str,
-        resource_version: Option<&str>,
-    ) -> Result<(), kube::Error> {
         let api = Api::<MutatingWebhookConfiguration>::all(client);
         let mut obj = self.object(ca_bundle);
         obj.metadata.managed_fields = None;
-        obj.metadata.resource_version = resource_version.map(str::to_owned);
         let body = serde_json::json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "MutatingWebhookConfiguration",
@@ -197,31 +185,68 @@ impl Registration {
         Ok(())
     }
 
-    /// Whether `live` still carries every one of this registration's webhooks with
-    /// `ca_bundle`: another client (a GitOps sync of the chart's manifest, which has no
-    /// bundle, or a hand edit) may have replaced it, after which the API server can no
-    /// longer call the webhook.
-    pub fn is_current(&self, live: &MutatingWebhookConfiguration, ca_bundle: &str) -> bool {
-        let want = self.object(ca_bundle);
-        let live = live.webhooks.as_deref().unwrap_or_default();
-        want.webhooks.iter().flatten().all(|w| {
-            live.iter()
-                .any(|l| l.name == w.name && l.client_config.ca_bundle == w.client_config.ca_bundle)
-        })
+    /// The indices, in `live`, of this registration's webhooks that have lost their CA
+    /// bundle (none, or empty): what another client leaves when it rewrites the object
+    /// without one (a GitOps sync of the chart's manifest, which has no bundle, or a hand
+    /// edit), after which the API server can no longer call the webhook. A bundle of
+    /// another CA is not counted: it is another replica's, and replicas that held
+    /// different CAs must not rewrite each other's without end.
+    pub fn missing_bundles(&self, live: &MutatingWebhookConfiguration) -> Vec<usize> {
+        let ours: Vec<String> = self
+            .object("")
+            .webhooks
+            .into_iter()
+            .flatten()
+            .map(|w| w.name)
+            .collect();
+        live.webhooks
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, w)| {
+                ours.contains(&w.name)
+                    && w.client_config
+                        .ca_bundle
+                        .as_ref()
+                        .is_none_or(|b| b.0.is_empty())
+            })
+            .map(|(i, _)| i)
+            .collect()
     }
 
-    /// Applies the configuration over the version `resource_version` of it, and only over
-    /// it: unlike [`Registration::apply`], never re-creates an object that was deleted
-    /// (`helm uninstall` deletes it, and a webhook left behind with `failurePolicy: Fail`
-    /// would block pod creation).
-    pub async fn repair(
+    /// Writes `ca_bundle` into the webhooks at `indices` of the object whose UID is `uid`,
+    /// by a JSON patch that tests the UID first: it fails (404, or 422 on a changed
+    /// object) rather than re-create an object that was deleted (`helm uninstall` deletes
+    /// it, and a webhook left behind with `failurePolicy: Fail` would block pod creation),
+    /// which a server-side apply would do whatever `resourceVersion` it carries.
+    pub async fn restore_bundles(
         &self,
         client: Client,
         ca_bundle: &str,
-        resource_version: &str,
+        uid: &str,
+        indices: &[usize],
     ) -> Result<(), kube::Error> {
-        self.apply_over(client, ca_bundle, Some(resource_version))
-            .await
+        use base64::Engine as _;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(ca_bundle);
+        let mut ops =
+            vec![serde_json::json!({"op": "test", "path": "/metadata/uid", "value": uid})];
+        ops.extend(indices.iter().map(|i| {
+            serde_json::json!({
+                "op": "add",
+                "path": format!("/webhooks/{i}/clientConfig/caBundle"),
+                "value": encoded,
+            })
+        }));
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+            .map_err(kube::Error::SerdeError)?;
+        Api::<MutatingWebhookConfiguration>::all(client)
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Json::<()>(patch),
+            )
+            .await?;
+        Ok(())
     }
 
     /// Removes the configuration (so pods are created without calling a webhook that is
