@@ -48,21 +48,20 @@ pub fn policy(key: &ObjectKey, spec: &PolicySpec) -> Result<(), Vec<String>> {
         .selector
         .iter()
         .flat_map(|s| s.match_expressions.iter().flatten());
+    // Only what already selected no pod is invalid: a misspelt operator, `In` without
+    // values. `NotIn` without values and `Exists` with values, which Kubernetes refuses
+    // elsewhere, have always matched here, so refusing them now would lift a Policy that
+    // enforces on upgrade.
     for (i, e) in expressions.enumerate() {
         let at = format!("spec.target.selector.matchExpressions[{i}]");
-        let values = e.values.as_deref().unwrap_or_default();
-        match (e.operator.as_str(), values.is_empty()) {
-            ("In" | "NotIn", false) | ("Exists" | "DoesNotExist", true) => {}
-            ("In" | "NotIn", true) => problems.push(format!(
-                "{at}: operator {} needs at least one value",
-                e.operator
+        let no_values = e.values.as_deref().unwrap_or_default().is_empty();
+        match e.operator.as_str() {
+            "In" if no_values => problems.push(format!(
+                "{at}: operator In needs at least one value (as written it selects no pod)"
             )),
-            ("Exists" | "DoesNotExist", false) => problems.push(format!(
-                "{at}: operator {} takes no values",
-                e.operator
-            )),
-            (other, _) => problems.push(format!(
-                "{at}.operator: {other:?} is not In, NotIn, Exists or DoesNotExist (a selector the API server would refuse elsewhere; it would select no pod)"
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => problems.push(format!(
+                "{at}.operator: {other:?} is not In, NotIn, Exists or DoesNotExist (as written it selects no pod)"
             )),
         }
     }
@@ -149,10 +148,10 @@ mod tests {
         );
     }
 
-    /// A selector the API server refuses on a Deployment (a misspelt operator, `In`
-    /// without values) selected no pod, silently, while the Policy read `Accepted`.
+    /// A selector that selects no pod as written (a misspelt operator, `In` without values)
+    /// read `Accepted`; it is named now. What has always matched is left valid.
     #[test]
-    fn a_policy_selector_kubernetes_would_refuse_is_named_by_field() {
+    fn a_policy_selector_that_selects_nothing_as_written_is_named_by_field() {
         let key = ObjectKey::new("shop", "web");
         let with = |exprs: serde_json::Value| -> PolicySpec {
             serde_json::from_value(serde_json::json!({
@@ -165,22 +164,22 @@ mod tests {
             {"key": "app", "operator": "In", "values": ["web"]},
             {"key": "tier", "operator": "NotIn", "values": ["batch"]},
             {"key": "team", "operator": "Exists"},
-            {"key": "legacy", "operator": "DoesNotExist", "values": []}
+            {"key": "legacy", "operator": "DoesNotExist", "values": []},
+            {"key": "zone", "operator": "NotIn"},
+            {"key": "owner", "operator": "Exists", "values": ["x"]}
         ]));
         assert_eq!(policy(&key, &ok), Ok(()));
         let bad = with(serde_json::json!([
             {"key": "app", "operator": "in", "values": ["web"]},
-            {"key": "app", "operator": "In"},
-            {"key": "team", "operator": "Exists", "values": ["x"]}
+            {"key": "app", "operator": "In"}
         ]));
         let problems = policy(&key, &bad).unwrap_err();
         let at = |i: usize| format!("spec.target.selector.matchExpressions[{i}]");
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(
             problems[0].starts_with(&format!("{}.operator", at(0))),
             "{problems:?}"
         );
         assert!(problems[1].starts_with(&at(1)) && problems[1].contains("needs"));
-        assert!(problems[2].starts_with(&at(2)) && problems[2].contains("no values"));
     }
 }
