@@ -253,8 +253,13 @@ impl Config {
             }
         }
         let services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
+        // A service with cluster addresses first: it is where the pod's port is declared
+        // opaque or not, and where its Breaker's state lives; an address-less (headless)
+        // one only lists pods that no other service does.
         let mut by_meshed_endpoint = HashMap::new();
-        for (i, s) in services.iter().enumerate() {
+        let mut ordered: Vec<(usize, &Arc<Service>)> = services.iter().enumerate().collect();
+        ordered.sort_by_key(|(_, s)| s.addresses.is_empty());
+        for (i, s) in ordered {
             for (j, e) in s.endpoints.iter().enumerate() {
                 if e.identity.is_some() {
                     by_meshed_endpoint.entry(e.addr).or_insert((i, j));
@@ -493,6 +498,23 @@ pub(crate) mod tests {
         assert_eq!(at("198.18.0.6:9092"), None);
         assert_eq!(at("198.18.0.5:9093"), None);
         assert_eq!(at("198.19.0.10:9092"), None);
+    }
+
+    #[test]
+    fn a_headless_service_lists_a_meshed_endpoint_only_where_no_service_with_addresses_does() {
+        // `kafka-headless.q.9092` sorts before `kafka.q.9092`, as the operator sends them.
+        let c = parse(&format!(
+            "{HEADER}services:\n\
+             - name: kafka-headless.q.9092\n  addresses: []\n  endpoints:\n\
+             \x20 - {{address: '198.18.0.5:9092', identity: 'spiffe://cluster.local/ns/q/sa/kafka'}}\n\
+             \x20 - {{address: '198.18.0.8:9092', identity: 'spiffe://cluster.local/ns/q/sa/kafka'}}\n\
+             - name: kafka.q.9092\n  addresses: ['198.19.0.10:9092']\n  protocol: opaque\n  endpoints:\n\
+             \x20 - {{address: '198.18.0.5:9092', identity: 'spiffe://cluster.local/ns/q/sa/kafka'}}\n"
+        ))
+        .unwrap();
+        let at = |a: &str| c.meshed_endpoint(a.parse().unwrap());
+        assert_eq!(at("198.18.0.5:9092"), Some((1, 0)), "the cluster IP's service");
+        assert_eq!(at("198.18.0.8:9092"), Some((0, 1)), "listed by the headless one alone");
     }
 
     #[test]

@@ -769,8 +769,15 @@ impl Index {
         (compile::mtls(self.mesh_mtls, specs) != MtlsMode::Disabled).then_some(identity)
     }
 
-    /// The ready endpoints of one Service port, by address.
-    fn endpoints(&self, ns: &str, service: &str, port: u16) -> BTreeMap<String, EndpointConfig> {
+    /// The endpoints of one Service port, by address: the ready ones, or with `all` those
+    /// not ready and terminating too.
+    fn endpoints(
+        &self,
+        ns: &str,
+        service: &str,
+        port: u16,
+        all: bool,
+    ) -> BTreeMap<String, EndpointConfig> {
         let mut out = BTreeMap::new();
         let key = ObjectKey::new(ns, service);
         let Some(svc) = self.services.get(&key) else {
@@ -783,7 +790,7 @@ impl Index {
             let Some((_, target)) = slice.ports.iter().find(|(name, _)| *name == sp.name) else {
                 continue;
             };
-            for ep in slice.endpoints.iter().filter(|e| e.ready) {
+            for ep in slice.endpoints.iter().filter(|e| all || e.ready) {
                 for ip in &ep.addresses {
                     let address = SocketAddr::new(*ip, *target).to_string();
                     out.insert(
@@ -842,7 +849,7 @@ impl Index {
                     timeout: None,
                     connect_timeout: None,
                     endpoints: self
-                        .endpoints(ns, &key.name, p.port)
+                        .endpoints(ns, &key.name, p.port, false)
                         .into_values()
                         .collect(),
                     route,
@@ -865,8 +872,11 @@ impl Index {
         svc.ports
             .iter()
             .filter_map(|p| {
+                // Not ready or terminating too: a pod's identity does not depend on its
+                // readiness, and StatefulSet peers dial each other while bootstrapping or
+                // draining, when a Strict peer would refuse their plain text.
                 let endpoints: Vec<EndpointConfig> = self
-                    .endpoints(ns, &key.name, p.port)
+                    .endpoints(ns, &key.name, p.port, true)
                     .into_values()
                     .filter(|e| e.identity.is_some())
                     .collect();

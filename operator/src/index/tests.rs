@@ -1119,6 +1119,8 @@ fn meshed_pods_behind_a_headless_service_are_known_by_address_for_mtls() {
             &[
                 ("10.0.1.1", true, false, Some("db-0")),
                 ("10.0.1.2", true, false, None),
+                ("10.0.1.3", false, false, Some("db-1")),
+                ("10.0.1.4", false, true, Some("db-2")),
             ],
         ),
     );
@@ -1131,7 +1133,9 @@ fn meshed_pods_behind_a_headless_service_are_known_by_address_for_mtls() {
             .is_none(),
         "no meshed endpoint yet: nothing to send"
     );
-    apply(&mut i, pod("shop", "db-0", "db-sa", json!({"app": "db"})));
+    for p in ["db-0", "db-1", "db-2"] {
+        apply(&mut i, pod("shop", p, "db-sa", json!({"app": "db"})));
+    }
     let view = i.view(&client).unwrap();
     let db = view.services.get("db.shop.80").unwrap();
     assert!(db.addresses.is_empty(), "{db:?}");
@@ -1141,13 +1145,15 @@ fn meshed_pods_behind_a_headless_service_are_known_by_address_for_mtls() {
         .iter()
         .map(|e| (e.address.as_str(), e.identity.as_deref()))
         .collect();
+    let db_sa = Some("spiffe://cluster.local/ns/shop/sa/db-sa");
     assert_eq!(
         listed,
-        [(
-            "10.0.1.1:8080",
-            Some("spiffe://cluster.local/ns/shop/sa/db-sa")
-        )],
-        "only meshed endpoints"
+        [
+            ("10.0.1.1:8080", db_sa),
+            ("10.0.1.3:8080", db_sa),
+            ("10.0.1.4:8080", db_sa)
+        ],
+        "only meshed endpoints, ready or not: peers dial them while they bootstrap or drain"
     );
     let cfg = proxy_config(&i, &client).unwrap();
     assert!(
@@ -1163,7 +1169,9 @@ fn meshed_pods_behind_a_headless_service_are_known_by_address_for_mtls() {
             .is_none()
     );
 
-    i.delete(Kind::Pod, &key("shop", "db-0"));
+    for p in ["db-0", "db-1", "db-2"] {
+        i.delete(Kind::Pod, &key("shop", p));
+    }
     assert!(
         i.view(&client)
             .unwrap()
