@@ -103,7 +103,8 @@ pub struct ReasonLabel {
 
 /// Why a TLS handshake failed, as a metric label: `timeout` (no handshake within
 /// 10 s), `closed` (the client went away, as a TCP probe does),
-/// `certificate` (a client certificate was refused or missing), `incompatible` (no
+/// `certificate` (the client refused this server's certificate, as one trusting another
+/// root does, or a client certificate was refused or missing), `incompatible` (no
 /// common TLS version, cipher suite or ALPN protocol: a client below TLS 1.3, say), or
 /// `other` (not TLS, or a malformed message).
 pub fn handshake_failure(error: &std::io::Error) -> &'static str {
@@ -111,13 +112,27 @@ pub fn handshake_failure(error: &std::io::Error) -> &'static str {
         .get_ref()
         .and_then(|e| e.downcast_ref::<rustls::Error>())
     {
+        use rustls::AlertDescription as Alert;
         return match tls {
             rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
                 "certificate"
             }
-            rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol => {
-                "incompatible"
-            }
+            // The client refused this server's certificate: it trusts another root (a
+            // trust-root rotation gone wrong), or the certificate expired.
+            rustls::Error::AlertReceived(
+                Alert::BadCertificate
+                | Alert::UnknownCA
+                | Alert::CertificateUnknown
+                | Alert::CertificateExpired
+                | Alert::CertificateRevoked
+                | Alert::UnsupportedCertificate
+                | Alert::DecryptError,
+            ) => "certificate",
+            rustls::Error::PeerIncompatible(_)
+            | rustls::Error::NoApplicationProtocol
+            | rustls::Error::AlertReceived(
+                Alert::ProtocolVersion | Alert::HandshakeFailure | Alert::NoApplicationProtocol,
+            ) => "incompatible",
             _ => "other",
         };
     }

@@ -1140,15 +1140,28 @@ async fn failed_tls_handshakes_at_the_endpoint_are_counted_by_reason() {
         .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
         .await;
     assert!(refused.is_err(), "a TLS 1.2 client completed a handshake");
+    // A client that trusts another root, as after a trust-root rotation gone wrong.
+    let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other = other
+        .self_signed(&KeyPair::generate().unwrap())
+        .unwrap()
+        .pem();
+    let refused = try_connect_from(LOCALHOST, ep.addr, &other, true).await;
+    assert!(
+        refused.is_err(),
+        "a client of another root trusted the endpoint"
+    );
     eventually(WAIT, || async {
         let seen = [
             failures("closed"),
             failures("other"),
             failures("incompatible"),
+            failures("certificate"),
         ];
         ensure!(
-            seen == [1.0, 1.0, 1.0],
-            "closed, other, incompatible: {seen:?}"
+            seen == [1.0, 1.0, 1.0, 1.0],
+            "closed, other, incompatible, certificate: {seen:?}"
         );
         Ok(())
     })
@@ -1157,7 +1170,8 @@ async fn failed_tls_handshakes_at_the_endpoint_are_counted_by_reason() {
     drop(plain);
     // A good client still gets through, and counts as no failure.
     drop(connect(ep.addr, &bundle, true).await);
-    assert_eq!(failures("certificate") + failures("timeout"), 0.0);
+    assert_eq!(failures("certificate"), 1.0);
+    assert_eq!(failures("timeout"), 0.0);
     ep.stop.cancel();
     bed.cleanup().await;
 }
