@@ -49,6 +49,14 @@ pub enum CaError {
         /// The certificate's notAfter (RFC 3339).
         not_after: String,
     },
+    /// The CA expired while the operator ran: nothing it signs is valid any more.
+    #[error(
+        "the CA certificate expired at {not_after}; delete its Secret and restart the operator for a new CA, or supply a valid one"
+    )]
+    Expired {
+        /// The certificate's notAfter (RFC 3339).
+        not_after: String,
+    },
 }
 
 /// A CA that can sign leaf certificates.
@@ -133,11 +141,6 @@ impl Ca {
         if self.not_before <= now && now < self.not_after {
             return Ok(());
         }
-        let rfc3339 = |t: SystemTime| {
-            time::OffsetDateTime::from(t)
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_else(|_| format!("{t:?}"))
-        };
         Err(CaError::OutOfValidity {
             name: name.to_owned(),
             not_before: rfc3339(self.not_before),
@@ -150,13 +153,24 @@ impl Ca {
         &self.cert_pem
     }
 
-    /// Signs a TLS serving certificate for these names and addresses.
+    /// When the CA certificate expires: no certificate it signs lasts longer.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// Signs a TLS serving certificate for these names and addresses; refused once the CA
+    /// has expired (the certificate would be expired too).
     pub fn issue_serving(
         &self,
         dns_names: &[String],
         ips: &[IpAddr],
         lifetime: Duration,
     ) -> Result<Leaf, CaError> {
+        if SystemTime::now() >= self.not_after {
+            return Err(CaError::Expired {
+                not_after: rfc3339(self.not_after),
+            });
+        }
         let mut params = CertificateParams::new(dns_names.to_vec())?;
         params
             .subject_alt_names
@@ -188,6 +202,13 @@ impl Ca {
             not_after,
         })
     }
+}
+
+/// `t` as RFC 3339, for messages.
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| format!("{t:?}"))
 }
 
 /// Loads the CA from Secret `namespace/name`, creating it first if it does not exist.
@@ -269,6 +290,15 @@ mod tests {
         let now = SystemTime::now();
         let hour = time::Duration::hours(1);
         assert!(ca(-hour, hour).check_validity("weft-ca", now).is_ok());
+        // One that expires while the operator runs signs nothing more.
+        assert!(matches!(
+            ca(-2 * hour, -hour).issue_serving(
+                &["weft.test".to_owned()],
+                &[],
+                Duration::from_secs(60)
+            ),
+            Err(CaError::Expired { .. })
+        ));
         for (from, to) in [(-2 * hour, -hour), (hour, 2 * hour)] {
             let error = ca(from, to).check_validity("weft-ca", now).unwrap_err();
             let text = error.to_string();

@@ -274,10 +274,20 @@ async fn keep_registered(client: Client, settings: WebhookSettings, ca_bundle: S
     }
 }
 
+/// When to renew a serving certificate of `lifetime` issued now by a CA that expires at
+/// `ca_not_after`: at two thirds of what the certificate really lasts, which the CA's
+/// expiry may cut short.
+fn renewal_wait(lifetime: Duration, ca_not_after: std::time::SystemTime) -> Duration {
+    let left = ca_not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    lifetime.min(left) * 2 / 3
+}
+
 /// Re-issues the serving certificate at two thirds of its lifetime, forever. A failed
 /// renewal is retried every few seconds while the old certificate is still valid.
 async fn renew_forever(ca: ca::Ca, certs: CertStore, settings: WebhookSettings) {
-    let mut wait = settings.cert_lifetime * 2 / 3;
+    let mut wait = renewal_wait(settings.cert_lifetime, ca.not_after());
     loop {
         tokio::time::sleep(wait).await;
         match ca
@@ -287,7 +297,7 @@ async fn renew_forever(ca: ca::Ca, certs: CertStore, settings: WebhookSettings) 
         {
             Ok(()) => {
                 tracing::info!("renewed the webhook's serving certificate");
-                wait = settings.cert_lifetime * 2 / 3;
+                wait = renewal_wait(settings.cert_lifetime, ca.not_after());
             }
             Err(error) => {
                 tracing::warn!(%error, "renewing the webhook's serving certificate");
@@ -330,6 +340,16 @@ async fn audit_forever(client: Client, settings: WebhookSettings, metrics: Webho
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_the_cas_expiry_cuts_short_is_renewed_by_its_real_end() {
+        let hour = Duration::from_secs(3600);
+        let now = std::time::SystemTime::now();
+        assert_eq!(renewal_wait(3 * hour, now + 365 * 24 * hour), 2 * hour);
+        let cut = renewal_wait(3 * hour, now + 30 * 60 * Duration::from_secs(1));
+        assert!(cut <= 20 * Duration::from_secs(60) && cut > 19 * Duration::from_secs(60));
+        assert_eq!(renewal_wait(3 * hour, now - hour), Duration::ZERO);
+    }
 
     #[test]
     fn start_up_tries_back_off_from_one_second_to_at_most_thirty() {
