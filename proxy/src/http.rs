@@ -680,6 +680,12 @@ impl HttpConn {
         // a 2xx answer turns both connections into one tunnel, as a 101 does for Upgrade.
         let connect = req.method() == Method::CONNECT && req.version() <= Version::HTTP_11;
         let on_upgrade = (upgrade || connect).then(|| hyper::upgrade::on(&mut req));
+        // Read before `Connection` goes: a client that closes after this request needs no
+        // body discarded to keep its connection in step (see below).
+        let keep_in_step = req.version() == Version::HTTP_11
+            && !self.mux
+            && !req.body().is_end_stream()
+            && !connection_has(req.headers(), "close");
         strip_hop_by_hop(req.headers_mut(), upgrade);
         if req.version() == Version::HTTP_2 {
             absolutize(&mut req, || self.fallback_authority());
@@ -696,9 +702,15 @@ impl HttpConn {
             .then(|| (self.limits.request_body_idle_timeout, self.metrics.clone()));
         let body_watch = (!body.is_end_stream()).then(BodyWatch::default);
         let mut body = RequestBody::new(body, idle, body_watch.clone());
-        // A peer proxy's mux session is HTTP/2 below the HTTP/1 requests it restores.
-        if parts.version <= Version::HTTP_11 && !self.mux {
-            body = body.discarding_the_rest();
+        // A peer proxy's mux session is HTTP/2 below the HTTP/1 requests it restores. A
+        // connection the client closes after this request keeps nothing in step, and a
+        // body that had ended on arrival leaves nothing to discard.
+        if keep_in_step {
+            let expects_continue = parts
+                .headers
+                .get(http::header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            body = body.discarding_the_rest(expects_continue);
         }
         if let Some(n) = bytes_in {
             body = body.counting(n);
@@ -1070,6 +1082,11 @@ pub struct RequestBody {
     /// Whether what the upstream leaves unread of the client's body is read and discarded
     /// ([`RequestBody::discarding_the_rest`]).
     discard: bool,
+    /// The client waits for `100 Continue` before it sends the body: if nothing read it,
+    /// the client was never told to send it, and there is nothing to discard.
+    expects_continue: bool,
+    /// Whether anything polled the body yet.
+    polled: bool,
 }
 
 /// The most of a client's HTTP/1 request body the proxy reads and discards, once the
@@ -1244,6 +1261,8 @@ impl RequestBody {
             counted: None,
             watch,
             discard: false,
+            expects_continue: false,
+            polled: false,
         }
     }
 
@@ -1254,8 +1273,12 @@ impl RequestBody {
     /// anyway, and hyper closes a connection whose request body was left unread, so that
     /// client's next request on it would fail. For an HTTP/1 client connection only (an
     /// HTTP/2 stream's rest is refused by a reset, which costs the connection nothing).
-    pub(crate) fn discarding_the_rest(mut self) -> Self {
+    /// With `expects_continue` (the request asked `Expect: 100-continue`), only once
+    /// something read the body: before that, hyper never told the client to send it, and
+    /// closing the connection after the answer is what RFC 9110 expects.
+    pub(crate) fn discarding_the_rest(mut self, expects_continue: bool) -> Self {
         self.discard = true;
+        self.expects_continue = expects_continue;
         self
     }
 
@@ -1296,6 +1319,8 @@ impl RequestBody {
             counted: None,
             watch: None,
             discard: false,
+            expects_continue: false,
+            polled: false,
         }
     }
 
@@ -1316,7 +1341,7 @@ impl RequestBody {
 
 impl Drop for RequestBody {
     fn drop(&mut self) {
-        if !self.discard {
+        if !self.discard || (self.expects_continue && !self.polled) {
             return;
         }
         let (BodyInner::Stream(inner) | BodyInner::Tee(inner, _)) =
@@ -1393,6 +1418,7 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = &mut *self;
+        this.polled = true;
         // Once the pipeline has let go of the copy (a real answer came), nobody will ask
         // for it: a stream that keeps sending after the answer (bidirectional gRPC) streams
         // on without one, and what was copied is freed.
@@ -1426,8 +1452,11 @@ impl Body for RequestBody {
                     n.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
                 }
                 if let Some(w) = &this.watch {
-                    // A reader may stop at a frame after which the body says it has ended.
-                    let ended = frame.is_none() || this.is_end_stream();
+                    // A reader may stop at a frame after which the body says it has ended,
+                    // and hyper's HTTP/1 client stops at trailers, the body's last frame.
+                    let ended = frame.is_none()
+                        || matches!(&frame, Some(Ok(f)) if f.is_trailers())
+                        || this.is_end_stream();
                     w.set(if ended {
                         BodyWatch::ENDED
                     } else {
