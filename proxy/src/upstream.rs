@@ -893,9 +893,15 @@ impl Lease {
     /// A connection whose request body is still streaming (the application answered
     /// before reading it all, as with an early `401`, `413` or `417`) is not returned: the
     /// next request would wait on it until that client finished its body, which may be
-    /// never. Dropped, it closes once the body is sent (or cut).
+    /// never. Dropped, it closes once the body is sent (or cut), or, should neither the
+    /// client finish nor the application read or close, when its idle timer
+    /// ([`IDLE_TIMEOUT`]) runs out, as for an idle pooled connection.
     pub fn release(self) {
-        if self.sender.is_closed() || self.body.as_ref().is_some_and(|b| !b.over()) {
+        if self.sender.is_closed() {
+            return;
+        }
+        if self.body.as_ref().is_some_and(|b| !b.over()) {
+            self.clock.idle();
             return;
         }
         if let Some(pool) = self.pool.upgrade() {
