@@ -513,8 +513,16 @@ pub(crate) mod tests {
         ))
         .unwrap();
         let at = |a: &str| c.meshed_endpoint(a.parse().unwrap());
-        assert_eq!(at("198.18.0.5:9092"), Some((1, 0)), "the cluster IP's service");
-        assert_eq!(at("198.18.0.8:9092"), Some((0, 1)), "listed by the headless one alone");
+        assert_eq!(
+            at("198.18.0.5:9092"),
+            Some((1, 0)),
+            "the cluster IP's service"
+        );
+        assert_eq!(
+            at("198.18.0.8:9092"),
+            Some((0, 1)),
+            "listed by the headless one alone"
+        );
     }
 
     #[test]
