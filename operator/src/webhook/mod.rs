@@ -252,16 +252,16 @@ async fn keep_registered(client: Client, settings: WebhookSettings, ca_bundle: S
             }
         };
         let missing = registration.missing_bundles(&live);
-        let Some(uid) = live.metadata.uid.as_deref().filter(|_| !missing.is_empty()) else {
+        if missing.is_empty() || live.metadata.uid.is_none() {
             continue;
-        };
+        }
         if let Some(at) = last_repair {
             tokio::time::sleep_until(at + REPAIR_INTERVAL).await;
         }
         last_repair = Some(tokio::time::Instant::now());
         tracing::warn!(name = %registration.name, webhooks = missing.len(), "the webhook's registration lost its CA bundle (rewritten by another client); restoring it");
         match registration
-            .restore_bundles(client.clone(), &ca_bundle, uid, &missing)
+            .restore_bundles(client.clone(), &ca_bundle, &live, &missing)
             .await
         {
             Ok(()) => {}

@@ -214,22 +214,26 @@ impl Registration {
             .collect()
     }
 
-    /// Writes `ca_bundle` into the webhooks at `indices` of the object whose UID is `uid`,
-    /// by a JSON patch that tests the UID first: it fails (404, or 422 on a changed
-    /// object) rather than re-create an object that was deleted (`helm uninstall` deletes
-    /// it, and a webhook left behind with `failurePolicy: Fail` would block pod creation),
-    /// which a server-side apply would do whatever `resourceVersion` it carries.
+    /// Writes `ca_bundle` into the webhooks at `indices` of `live`, by a JSON patch that
+    /// first tests its UID and resource version: it fails (404, or 422 on a changed
+    /// object, whose indices may no longer be the same webhooks) rather than re-create an
+    /// object that was deleted (`helm uninstall` deletes it, and a webhook left behind
+    /// with `failurePolicy: Fail` would block pod creation), which a server-side apply
+    /// would do whatever `resourceVersion` it carries.
     pub async fn restore_bundles(
         &self,
         client: Client,
         ca_bundle: &str,
-        uid: &str,
+        live: &MutatingWebhookConfiguration,
         indices: &[usize],
     ) -> Result<(), kube::Error> {
         use base64::Engine as _;
         let encoded = base64::engine::general_purpose::STANDARD.encode(ca_bundle);
-        let mut ops =
-            vec![serde_json::json!({"op": "test", "path": "/metadata/uid", "value": uid})];
+        let mut ops = vec![
+            serde_json::json!({"op": "test", "path": "/metadata/uid", "value": live.metadata.uid}),
+            serde_json::json!({"op": "test", "path": "/metadata/resourceVersion",
+                               "value": live.metadata.resource_version}),
+        ];
         ops.extend(indices.iter().map(|i| {
             serde_json::json!({
                 "op": "add",
