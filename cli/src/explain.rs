@@ -214,7 +214,7 @@ pub fn resolve(
                     .and_then(|(i, j)| cfg.services.get(i).map(|s| (s, s.endpoints.get(j))))
                 {
                     Some((svc, endpoint)) => format!(
-                        "no service of this proxy claims {addr}, but it is a meshed endpoint of service {} (identity {}): the connection goes over mutual TLS to that pod alone, {}, without Route, balancing, retries or Breaker",
+                        "no service of this proxy claims {addr}, but it is a meshed endpoint of service {} (identity {}): the connection goes to that pod alone, over mutual TLS when this proxy holds a certificate, {}, without Route, balancing, retries or Breaker",
                         svc.name,
                         endpoint.and_then(|e| e.identity.as_deref()).unwrap_or("-"),
                         if svc.opaque {

@@ -439,14 +439,29 @@ fn skipped_inbound_ports(
     key: &ObjectKey,
     spec: &k8s_openapi::api::core::v1::PodSpec,
 ) -> Vec<crate::inject::annotations::PortRange> {
-    const FLAG: &str = "--skip-inbound-ports=";
-    let value = spec
+    const FLAG: &str = "--skip-inbound-ports";
+    const ENV: &str = "WEFT_INIT_SKIP_INBOUND_PORTS";
+    let init = spec
         .init_containers
         .iter()
         .flatten()
-        .filter(|c| c.name == crate::inject::keys::INIT_CONTAINER)
-        .flat_map(|c| c.args.iter().flatten())
-        .find_map(|a| a.strip_prefix(FLAG));
+        .find(|c| c.name == crate::inject::keys::INIT_CONTAINER);
+    // As `weft-proxy init` reads it: `--flag=value`, `--flag value`, else its variable.
+    let args = init.and_then(|c| c.args.as_deref()).unwrap_or_default();
+    let value = args
+        .iter()
+        .enumerate()
+        .find_map(|(i, a)| match a.strip_prefix(FLAG)? {
+            "" => args.get(i + 1).map(String::as_str),
+            rest => rest.strip_prefix('='),
+        })
+        .or_else(|| {
+            init.and_then(|c| c.env.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .find(|e| e.name == ENV)
+                .and_then(|e| e.value.as_deref())
+        });
     match crate::inject::annotations::ports(crate::inject::keys::SKIP_INBOUND_PORTS, value) {
         Ok(ranges) => ranges,
         Err(error) => {

@@ -1095,6 +1095,20 @@ fn no_client_originates_mtls_to_a_port_its_pod_leaves_to_the_application() {
         Some("spiffe://cluster.local/ns/shop/sa/web-sa"),
         "8080 reaches the proxy: mutual TLS"
     );
+    // The other forms `weft-proxy init` reads: `--flag value`, and its variable.
+    for init in [
+        json!({"name": "weft-init", "args": ["init", "--skip-inbound-ports", "8080"]}),
+        json!({"name": "weft-init", "args": ["init"],
+               "env": [{"name": "WEFT_INIT_SKIP_INBOUND_PORTS", "value": "8080"}]}),
+    ] {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-a", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {"serviceAccountName": "web-sa", "containers": [], "initContainers": [init]}
+        }))
+        .unwrap();
+        apply(&mut i, model::pod(&p));
+        assert_eq!(web_identity(&i), None, "{:?}", p.spec);
+    }
     // Unreadable flags leave mutual TLS on (the proxy's rules could not have been
     // installed from them either).
     apply(
