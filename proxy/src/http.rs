@@ -1081,12 +1081,19 @@ pub struct RequestBody {
     watch: Option<BodyWatch>,
     /// Whether what the upstream leaves unread of the client's body is read and discarded
     /// ([`RequestBody::discarding_the_rest`]).
-    discard: bool,
-    /// The client waits for `100 Continue` before it sends the body: if nothing read it,
-    /// the client was never told to send it, and there is nothing to discard.
-    expects_continue: bool,
-    /// Whether anything polled the body yet.
-    polled: bool,
+    discard: Discard,
+}
+
+/// When a request body's unread rest is discarded on drop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Discard {
+    /// Never: the connection closes, or needs nothing read (HTTP/2, the mux).
+    Never,
+    /// Whatever was read of it.
+    Always,
+    /// Only once something read it: the client waits for `100 Continue` before it sends
+    /// the body, and if nothing read it, hyper never told the client to send it.
+    OnceRead,
 }
 
 /// The most of a client's HTTP/1 request body the proxy reads and discards, once the
@@ -1116,14 +1123,16 @@ pub(crate) struct BodyWatch(Arc<BodyState>);
 #[derive(Debug, Default)]
 struct BodyState {
     fault: OnceLock<ErrorCode>,
-    /// What the body's last poll saw: [`BodyWatch::FLOWING`], [`BodyWatch::AWAITING_CLIENT`]
-    /// or [`BodyWatch::ENDED`].
+    /// What the body's last poll saw: [`BodyWatch::UNREAD`] (none yet),
+    /// [`BodyWatch::FLOWING`], [`BodyWatch::AWAITING_CLIENT`] or [`BodyWatch::ENDED`].
     progress: std::sync::atomic::AtomicU8,
 }
 
 impl BodyWatch {
-    /// The last poll gave a frame, and more is to come (or nothing was polled yet).
-    const FLOWING: u8 = 0;
+    /// Nothing polled the body yet.
+    const UNREAD: u8 = 0;
+    /// The last poll gave a frame, and more is to come.
+    const FLOWING: u8 = 3;
     /// The last poll found nothing: the proxy waits on the client for the next frame.
     const AWAITING_CLIENT: u8 = 1;
     /// The client's body has been read to its end.
@@ -1143,6 +1152,11 @@ impl BodyWatch {
     /// Whether the body is over: read to its end, or failed.
     pub(crate) fn over(&self) -> bool {
         self.progress() == Self::ENDED || self.code().is_some()
+    }
+
+    /// Whether anything polled the body yet.
+    fn read(&self) -> bool {
+        self.progress() != Self::UNREAD
     }
 
     fn progress(&self) -> u8 {
@@ -1260,9 +1274,7 @@ impl RequestBody {
             }),
             counted: None,
             watch,
-            discard: false,
-            expects_continue: false,
-            polled: false,
+            discard: Discard::Never,
         }
     }
 
@@ -1277,8 +1289,11 @@ impl RequestBody {
     /// something read the body: before that, hyper never told the client to send it, and
     /// closing the connection after the answer is what RFC 9110 expects.
     pub(crate) fn discarding_the_rest(mut self, expects_continue: bool) -> Self {
-        self.discard = true;
-        self.expects_continue = expects_continue;
+        self.discard = if expects_continue {
+            Discard::OnceRead
+        } else {
+            Discard::Always
+        };
         self
     }
 
@@ -1318,9 +1333,7 @@ impl RequestBody {
             idle: None,
             counted: None,
             watch: None,
-            discard: false,
-            expects_continue: false,
-            polled: false,
+            discard: Discard::Never,
         }
     }
 
@@ -1341,8 +1354,11 @@ impl RequestBody {
 
 impl Drop for RequestBody {
     fn drop(&mut self) {
-        if !self.discard || (self.expects_continue && !self.polled) {
-            return;
+        let unread = || !self.watch.as_ref().is_some_and(BodyWatch::read);
+        match self.discard {
+            Discard::Never => return,
+            Discard::OnceRead if unread() => return,
+            Discard::OnceRead | Discard::Always => {}
         }
         let (BodyInner::Stream(inner) | BodyInner::Tee(inner, _)) =
             std::mem::replace(&mut self.inner, BodyInner::Buffered(None))
@@ -1418,7 +1434,6 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = &mut *self;
-        this.polled = true;
         // Once the pipeline has let go of the copy (a real answer came), nobody will ask
         // for it: a stream that keeps sending after the answer (bidirectional gRPC) streams
         // on without one, and what was copied is freed.

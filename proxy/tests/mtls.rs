@@ -999,16 +999,6 @@ async fn raw_h1_app() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>, Task) 
     (addr, seen, Task(task))
 }
 
-/// Reads `n` body bytes within 5 s.
-async fn read_exactly(s: &mut TcpStream, n: usize) -> String {
-    let mut body = vec![0u8; n];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut body))
-        .await
-        .expect("body within 5 s")
-        .unwrap();
-    String::from_utf8(body).unwrap()
-}
-
 /// Reads until the peer closes, within 5 s.
 async fn read_to_close(s: &mut TcpStream) -> String {
     let mut body = Vec::new();

@@ -526,6 +526,16 @@ pub fn write_config(path: &std::path::Path, value: &serde_json::Value) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Reads `n` body bytes within 5 s.
+pub async fn read_exactly(s: &mut TcpStream, n: usize) -> String {
+    let mut body = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut body))
+        .await
+        .expect("body within 5 s")
+        .unwrap();
+    String::from_utf8(body).unwrap()
+}
+
 /// Reads an HTTP/1 response head (up to the blank line) byte by byte, so that nothing
 /// after it (tunnelled bytes) is consumed; lower-cased.
 pub async fn read_head(s: &mut TcpStream) -> String {
