@@ -676,7 +676,18 @@ fn operator_from_its_image_reaches_the_api_server_and_takes_the_lease() {
             }
         },
     ));
-    let ready = get(admin, "/readyz");
+    // Readiness follows the last watch's first list, which may land just after the Lease.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        let answer = get(admin, "/readyz");
+        let ok = answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("HTTP/1.1 200"));
+        if ok || std::time::Instant::now() >= deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let log = stop(child);
     held.unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{log}"));
     let ready = ready.unwrap_or_else(|| panic!("no answer on /readyz\n{log}"));
