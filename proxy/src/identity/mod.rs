@@ -100,7 +100,7 @@ pub enum CertError {
     /// a handshake.
     #[error("the certificate's public key is not the key it was asked for")]
     KeyMismatch,
-    /// rustls refused the key, or the chain does not verify against the bundle.
+    /// rustls refused the key or a root of the bundle.
     #[error("{what}")]
     Tls {
         /// What was being done.
@@ -109,6 +109,10 @@ pub enum CertError {
         #[source]
         source: TlsError,
     },
+    /// The chain does not lead from the leaf to a root of the bundle, or a certificate
+    /// on the way does not parse, is not valid now or is not for TLS.
+    #[error("the certificate does not verify against the trust bundle")]
+    Untrusted(#[source] webpki::Error),
 }
 
 /// A certified key: the leaf and chain the operator issued, the key generated here, and
@@ -289,40 +293,37 @@ impl IdentityStore {
                 want: want.to_owned(),
             });
         }
-        let parsed = ParsedCertificate::try_from(leaf).map_err(|source| CertError::Tls {
-            what: "certificate",
-            source,
-        })?;
-        let now = UnixTime::now();
-        let verify = |roots: &RootCertStore| {
-            verify_server_cert_signed_by_trust_anchor(
-                &parsed,
-                roots,
-                &chain[1..],
-                now,
+        // webpki's verified path says which root the chain leads to (during a rotation
+        // the bundle holds two) and which certificates of the PEM are on it: one left in
+        // the PEM but off the path (an old intermediate) must not time renewal.
+        let end_entity = webpki::EndEntityCert::try_from(leaf).map_err(CertError::Untrusted)?;
+        let path = end_entity
+            .verify_for_usage(
                 self.provider.signature_verification_algorithms.all,
+                &roots.roots,
+                &chain[1..],
+                UnixTime::now(),
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
             )
-        };
-        verify(&roots).map_err(|source| CertError::Tls {
-            what: "the certificate does not verify against the trust bundle",
-            source,
-        })?;
-        // Which root it leads to, for `/config`: during a rotation the bundle holds two.
-        let chain_root = bundle
-            .iter()
-            .find(|root| {
-                let mut one = RootCertStore::empty();
-                one.add((*root).clone()).is_ok() && verify(&one).is_ok()
+            .map_err(CertError::Untrusted)?;
+        let anchor = path.anchor();
+        let root = bundle.iter().find(|root| {
+            webpki::anchor_from_trusted_cert(root).is_ok_and(|a| {
+                a.subject == anchor.subject
+                    && a.subject_public_key_info == anchor.subject_public_key_info
             })
-            .map(|root| fingerprint(root))
-            .unwrap_or_default();
+        });
+        let chain_root = root.map(|root| fingerprint(root)).unwrap_or_default();
         let trust_roots = bundle.iter().map(|r| fingerprint(r)).collect();
-        // The chain verifies until its first certificate expires: an intermediate (or the
-        // root) ending before the leaf ends it, and renewal is timed by it.
-        let not_after = chain[1..]
-            .iter()
-            .chain(bundle.iter().find(|r| fingerprint(r) == chain_root))
-            .filter_map(expiry)
+        // The chain verifies until the first certificate on its path expires: an
+        // intermediate (or the root) ending before the leaf ends it, and renewal is timed
+        // by it.
+        let not_after = path
+            .intermediate_certificates()
+            .filter_map(|cert| expiry(&cert.der()))
+            .chain(root.and_then(expiry))
             .fold(leaf_not_after, SystemTime::min);
         let operator_verifier =
             WebPkiServerVerifier::builder_with_provider(roots.clone(), self.provider.clone())
@@ -1038,6 +1039,34 @@ mod tests {
             (cert.pem(), key.serialize_pem())
         }
 
+        /// An intermediate CA named `name` signed by this one, valid from a minute ago to
+        /// `until` seconds from now.
+        fn intermediate(&self, name: &str, until: i64) -> Ca {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::seconds(60);
+            params.not_after = now + time::Duration::seconds(until);
+            let cert = params
+                .signed_by(&key, &Issuer::from_params(&self.params, &self.key))
+                .unwrap();
+            Ca {
+                pem: cert.pem(),
+                der: cert.der().clone(),
+                params,
+                key,
+            }
+        }
+
+        /// The end of this CA's validity.
+        fn not_after(&self) -> SystemTime {
+            let secs = self.params.not_after.unix_timestamp();
+            UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap())
+        }
+
         /// Installs a mesh certificate from this CA with trust bundle `bundle`.
         fn install(&self, store: &IdentityStore, bundle: &str) -> Arc<Certified> {
             let id = SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap());
@@ -1145,37 +1174,47 @@ mod tests {
         let root = Ca::new("root A");
         // An intermediate valid for 10 minutes more, and a leaf from it for an hour: the
         // chain stops verifying with the intermediate.
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, "issuer");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::seconds(60);
-        params.not_after = now + time::Duration::seconds(600);
-        let cert = params
-            .signed_by(&key, &Issuer::from_params(&root.params, &root.key))
-            .unwrap();
-        let issuer = Ca {
-            pem: cert.pem(),
-            der: cert.der().clone(),
-            params,
-            key,
-        };
+        let issuer = root.intermediate("issuer", 600);
         let id = SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap());
         let (leaf, leaf_key) = issuer.issue(id, -60, 3600);
         let store = IdentityStore::new().unwrap();
         let c = store
             .install_pem(&format!("{leaf}{}", issuer.pem), &leaf_key, &root.pem)
             .unwrap();
-        let ends = UNIX_EPOCH
-            + Duration::from_secs((now + time::Duration::seconds(600)).unix_timestamp() as u64);
+        let ends = issuer.not_after();
         assert_eq!(c.not_after, ends, "the chain ends with its intermediate");
         let wait = c.renew_at().duration_since(SystemTime::now()).unwrap();
         assert!(
             wait > Duration::from_secs(400) && wait <= Duration::from_secs(420),
             "renews in {wait:?}, at 70 % of what the intermediate leaves"
         );
+    }
+
+    #[test]
+    fn certificates_in_the_pem_but_off_the_verified_path_do_not_end_the_chain() {
+        let root = Ca::new("root A");
+        let issuer = root.intermediate("issuer", 1800);
+        // Left in the PEM, each ending within 5 minutes: the intermediate the issuer
+        // replaced (same name, same root, another key: it did not sign the leaf), and a CA
+        // the chain has nothing to do with.
+        let old_issuer = root.intermediate("issuer", 300);
+        let unrelated = Ca::new("root B").intermediate("other", 240);
+        let id = SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap());
+        let (leaf, leaf_key) = issuer.issue(id, -60, 3600);
+        let store = IdentityStore::new().unwrap();
+        let c = store
+            .install_pem(
+                &format!("{leaf}{}{}{}", old_issuer.pem, issuer.pem, unrelated.pem),
+                &leaf_key,
+                &root.pem,
+            )
+            .unwrap();
+        assert_eq!(
+            c.not_after,
+            issuer.not_after(),
+            "the chain ends with the intermediate on its path"
+        );
+        assert_eq!(c.chain_root, fingerprint(&root.der));
     }
 
     #[test]
