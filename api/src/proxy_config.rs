@@ -34,6 +34,12 @@ pub const PROXY_CONFIG_KIND: &str = "ProxyConfig";
 /// the proxy never waits for a client's first bytes on them.
 pub const DEFAULT_OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
 
+/// The prefix of a namespace's configs of meshed pods that no Service lists
+/// (`pods.<namespace>`, and `pods.<namespace>.opaque` for their opaque ports):
+/// address-less, found by their endpoints' addresses. Every Service's config is named
+/// `<service>.<namespace>.<port>`, ending in a number, so none can equal them.
+pub const PODS_CONFIG_PREFIX: &str = "pods.";
+
 /// One complete configuration of one proxy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -214,8 +214,18 @@ pub fn resolve(
                     .and_then(|(i, j)| cfg.services.get(i).map(|s| (s, s.endpoints.get(j))))
                 {
                     Some((svc, endpoint)) => format!(
-                        "no service of this proxy claims {addr}, but it is a meshed endpoint of service {} (identity {}): the connection goes to that pod alone, over mutual TLS when this proxy holds a certificate, {}, without Route, balancing, retries or Breaker",
-                        svc.name,
+                        "no service of this proxy claims {addr}, but it is {} (identity {}): the connection goes to that pod alone, over mutual TLS when this proxy holds a certificate, {}, without Route, balancing, retries or Breaker",
+                        match svc
+                            .name
+                            .strip_prefix(weft_api::proxy_config::PODS_CONFIG_PREFIX)
+                            .map(|rest| rest.strip_suffix(".opaque").unwrap_or(rest))
+                            .filter(|ns| !ns.contains('.'))
+                        {
+                            Some(ns) => format!(
+                                "a meshed pod of namespace {ns} declaring port {port}, which no Service lists"
+                            ),
+                            None => format!("a meshed endpoint of service {}", svc.name),
+                        },
                         endpoint.and_then(|e| e.identity.as_deref()).unwrap_or("-"),
                         if svc.opaque {
                             "as opaque TCP"
@@ -1216,6 +1226,10 @@ mod tests {
                 "name": "db.shop.5432", "addresses": [], "protocol": "opaque",
                 "endpoints": [{"address": "198.18.1.5:5432",
                                "identity": "spiffe://cluster.local/ns/shop/sa/db"}]
+            }, {
+                "name": "pods.shop", "addresses": [], "protocol": "detect",
+                "endpoints": [{"address": "198.18.1.7:9000",
+                               "identity": "spiffe://cluster.local/ns/shop/sa/job"}]
             }]
         }))
         .unwrap();
@@ -1228,6 +1242,12 @@ mod tests {
             why.contains("meshed endpoint of service db.shop.5432")
                 && why.contains("spiffe://cluster.local/ns/shop/sa/db")
                 && why.contains("opaque TCP"),
+            "{why}"
+        );
+        let why = resolve(&cfg, &raw, "shop", &req("198.18.1.7", 9000)).unwrap_err();
+        assert!(
+            why.contains("a meshed pod of namespace shop declaring port 9000")
+                && why.contains("spiffe://cluster.local/ns/shop/sa/job"),
             "{why}"
         );
         let why = resolve(&cfg, &raw, "shop", &req("198.18.1.6", 5432)).unwrap_err();

@@ -988,7 +988,7 @@ spec:
 ///     mode refuses an unmeshed client's plain text (403 `mtls_required` from web's
 ///     proxy) while a meshed client in another namespace, over mTLS, still gets 200, by
 ///     web's Service and by web's pod address, also once only a headless Service lists
-///     the pod; deleting the Policy lets the unmeshed client through again.
+///     the pod and once no Service does; deleting the Policy lets the unmeshed client through again.
 pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result<()> {
     let demo = Demo::deploy(ctx, "strict", 1, 0, &[])?;
     let ns = &demo.ns;
@@ -1055,6 +1055,16 @@ pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result
         all_ok(
             &meshed.load("client", &by_ip, &BURST)?,
             "meshed client dialling web's pod address, listed by a headless Service alone, under the Strict Policy",
+        )
+    })?;
+    // With no Service at all (a Job's workers, a driver's executors), the client's proxy
+    // knows web's pod by the port it declares (`containerPort: 8080`).
+    demo.kube
+        .run(&["-n", ns, "delete", "service", "web-peers"])?;
+    eventually(Duration::from_secs(30), || {
+        all_ok(
+            &meshed.load("client", &by_ip, &BURST)?,
+            "meshed client dialling web's pod address, listed by no Service, under the Strict Policy",
         )
     })?;
 

@@ -38,14 +38,14 @@ pub mod validate;
 pub mod watch;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, btree_map},
     net::SocketAddr,
     sync::Arc,
 };
 
 use weft_api::proxy_config::MtlsMode;
 use weft_api::{
-    proxy_config::{Balancer, EndpointConfig, InboundConfig, ServiceConfig},
+    proxy_config::{Balancer, EndpointConfig, InboundConfig, Protocol, ServiceConfig},
     push::ResourceRef,
 };
 use weft_crds::{common::ServiceRef, policy::Action};
@@ -477,6 +477,13 @@ impl Index {
                 fresh.insert(config.name.clone(), config);
             }
         }
+        for config in self.pods_configs(ns, &fresh) {
+            let config = match old.and_then(|o| o.get(&config.name)) {
+                Some(prev) if **prev == config => prev.clone(),
+                _ => Arc::new(config),
+            };
+            fresh.insert(config.name.clone(), config);
+        }
         let mut resources = BTreeSet::new();
         for (key, (meta, spec)) in in_ns(&self.routes, ns) {
             if let Parsed::Valid(spec) = spec
@@ -893,6 +900,85 @@ impl Index {
                     breaker: None,
                     unknown: BTreeMap::new(),
                 })
+            })
+            .collect()
+    }
+
+    /// The meshed pods of `ns` at the ports they declare and no Service of `configs`
+    /// lists, as address-less configs ([`pods_config_name`]: one for the ports their
+    /// proxies detect, one for those they take as opaque): a client's proxy finds them by
+    /// address, as a headless Service's pods, and originates mutual TLS, so a pod dialled
+    /// straight at its address (a Job's workers, a driver and its executors) is reached as
+    /// a Strict pod requires. An address two pods claim (one of them stale) is left out:
+    /// which identity it has is not known.
+    fn pods_configs(
+        &self,
+        ns: &str,
+        configs: &BTreeMap<String, Arc<ServiceConfig>>,
+    ) -> Vec<ServiceConfig> {
+        let listed: HashSet<&str> = configs
+            .values()
+            .flat_map(|c| &c.endpoints)
+            .filter(|e| e.identity.is_some())
+            .map(|e| e.address.as_str())
+            .collect();
+        // address → (opaque, endpoint), or `None` once a second pod claims it.
+        let mut found: BTreeMap<String, Option<(bool, EndpointConfig)>> = BTreeMap::new();
+        for (key, pod) in in_ns(&self.pods, ns) {
+            let mut ports = pod.ports.iter().copied().filter(|p| pod.intercepts(*p));
+            let Some(first) = ports.next() else { continue };
+            if pod.ips.is_empty() {
+                continue;
+            }
+            let Some(identity) = self.endpoint_identity(ns, Some(&key.name), first) else {
+                continue;
+            };
+            for port in std::iter::once(first).chain(ports) {
+                for ip in &pod.ips {
+                    let address = SocketAddr::new(*ip, port).to_string();
+                    if listed.contains(address.as_str()) {
+                        continue;
+                    }
+                    let endpoint = EndpointConfig {
+                        address: address.clone(),
+                        weight: None,
+                        labels: BTreeMap::new(),
+                        identity: Some(identity.clone()),
+                        unknown: BTreeMap::new(),
+                    };
+                    match found.entry(address) {
+                        btree_map::Entry::Vacant(v) => {
+                            v.insert(Some((pod.is_opaque(port), endpoint)));
+                        }
+                        btree_map::Entry::Occupied(mut o) => {
+                            tracing::warn!(
+                                address = %o.key(),
+                                pod = %key,
+                                "two meshed pods claim one address; it is left out until one goes"
+                            );
+                            o.insert(None);
+                        }
+                    }
+                }
+            }
+        }
+        let (opaque, detected): (Vec<_>, Vec<_>) =
+            found.into_values().flatten().partition(|(o, _)| *o);
+        [(Protocol::Detect, detected), (Protocol::Opaque, opaque)]
+            .into_iter()
+            .filter(|(_, endpoints)| !endpoints.is_empty())
+            .map(|(protocol, endpoints)| ServiceConfig {
+                name: pods_config_name(ns, protocol),
+                addresses: Vec::new(),
+                protocol,
+                balancer: Balancer::default(),
+                timeout: None,
+                connect_timeout: None,
+                endpoints: endpoints.into_iter().map(|(_, e)| e).collect(),
+                route: None,
+                retry_budget: None,
+                breaker: None,
+                unknown: BTreeMap::new(),
             })
             .collect()
     }
@@ -1330,6 +1416,16 @@ fn ports_phrase(ports: &[u16]) -> String {
 /// The proxy config name of one Service port: `<service>.<namespace>.<port>`.
 pub fn config_name(key: &ObjectKey, port: u16) -> String {
     format!("{}.{}.{port}", key.name, key.namespace)
+}
+
+/// The name of namespace `ns`'s config of meshed pods that no Service lists, at the
+/// ports their proxies detect (`pods.<ns>`) or take as opaque (`pods.<ns>.opaque`).
+pub fn pods_config_name(ns: &str, protocol: Protocol) -> String {
+    let prefix = weft_api::proxy_config::PODS_CONFIG_PREFIX;
+    match protocol {
+        Protocol::Detect => format!("{prefix}{ns}"),
+        Protocol::Opaque => format!("{prefix}{ns}.opaque"),
+    }
 }
 
 fn resource_ref(

@@ -189,6 +189,15 @@ pub struct PodModel {
     pub skip_inbound: Vec<crate::inject::annotations::PortRange>,
     /// The proxy's admin port (`WEFT_ADMIN_ADDR` of its container), always skipped.
     pub admin_port: Option<u16>,
+    /// The pod's own addresses while it holds them: none on the host's network or once
+    /// it has finished, when its address may already be another pod's.
+    pub ips: Vec<IpAddr>,
+    /// The TCP ports its application's containers declare (`containerPort`), where
+    /// meshed clients dialling the pod by address originate mutual TLS.
+    pub ports: Vec<u16>,
+    /// The ports its proxy takes as opaque TCP inbound (`weft.dev/opaque-ports`), which
+    /// clients dialling the pod by address then forward without detection too.
+    pub opaque: Vec<crate::inject::annotations::PortRange>,
 }
 
 impl PodModel {
@@ -196,6 +205,13 @@ impl PodModel {
     pub fn intercepts(&self, port: u16) -> bool {
         !self
             .skip_inbound
+            .iter()
+            .any(|r| (r.start..=r.end).contains(&port))
+    }
+
+    /// Whether the pod's proxy takes connections to `port` as opaque TCP.
+    pub fn is_opaque(&self, port: u16) -> bool {
+        self.opaque
             .iter()
             .any(|r| (r.start..=r.end).contains(&port))
     }
@@ -415,21 +431,93 @@ pub fn pod(pod: &Pod) -> (ObjectKey, Object) {
                 .cloned(),
             skip_inbound: skipped_inbound_ports(&key_of(pod), &spec),
             admin_port: admin_port(&spec),
+            ips: pod_ips(pod, &spec),
+            ports: declared_ports(&spec),
+            opaque: opaque_ports(&key_of(pod), &spec),
         }),
     )
 }
 
+/// The pod's addresses, or none when they are not its own: on the host's network (the
+/// node's), or once the pod has finished and its address is free for another pod.
+fn pod_ips(pod: &Pod, spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    if finished || spec.host_network == Some(true) {
+        return Vec::new();
+    }
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .chain(status.pod_ip.as_deref())
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    ips.sort_unstable();
+    ips.dedup();
+    ips
+}
+
+/// The TCP ports the pod's application containers declare, sorted and without repeats;
+/// the proxy's own are left out.
+fn declared_ports(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<u16> {
+    let mut ports: Vec<u16> = spec
+        .containers
+        .iter()
+        // Sidecars (init containers that keep running) serve; other init containers
+        // have exited by the time anyone dials the pod.
+        .chain(
+            spec.init_containers
+                .iter()
+                .flatten()
+                .filter(|c| c.restart_policy.as_deref() == Some("Always")),
+        )
+        .filter(|c| c.name != crate::inject::keys::PROXY_CONTAINER)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+        .filter_map(|p| u16::try_from(p.container_port).ok().filter(|p| *p != 0))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 /// The admin port the pod's proxy listens on, from its container's environment.
 fn admin_port(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<u16> {
+    proxy_env(spec, crate::inject::keys::env::ADMIN_ADDR)
+        .and_then(|v| v.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.port())
+}
+
+/// The ports the pod's proxy was told to take as opaque inbound, from its container's
+/// environment (which, unlike the annotation it was written from, cannot change).
+fn opaque_ports(
+    key: &ObjectKey,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+) -> Vec<crate::inject::annotations::PortRange> {
+    let value = proxy_env(spec, crate::inject::keys::env::OPAQUE_PORTS);
+    match crate::inject::annotations::ports(crate::inject::keys::OPAQUE_PORTS, value) {
+        Ok(ranges) => ranges,
+        Err(error) => {
+            tracing::warn!(pod = %key, %error, "unreadable opaque ports on the pod's proxy; clients dialling it by address will detect every port");
+            Vec::new()
+        }
+    }
+}
+
+/// The value of variable `name` in the pod's proxy container.
+fn proxy_env<'a>(spec: &'a k8s_openapi::api::core::v1::PodSpec, name: &str) -> Option<&'a str> {
     spec.init_containers
         .iter()
         .flatten()
         .chain(&spec.containers)
         .filter(|c| c.name == crate::inject::keys::PROXY_CONTAINER)
         .flat_map(|c| c.env.iter().flatten())
-        .find(|e| e.name == crate::inject::keys::env::ADMIN_ADDR)
-        .and_then(|e| e.value.as_deref()?.parse::<std::net::SocketAddr>().ok())
-        .map(|a| a.port())
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
 }
 
 /// The inbound ports the pod's init container was told to skip. They are read from its

@@ -1251,3 +1251,158 @@ fn a_policys_status_names_the_ports_its_pods_leave_to_their_application() {
     );
     assert!(!message(&i).contains("7000"), "{}", message(&i));
 }
+
+/// A meshed pod at `ips`, declaring `ports` in an application container (and 15090 in the
+/// proxy's), whose init container skips `skip` inbound (with the admin port 15021, as
+/// injection writes it) and whose proxy takes 7078 as opaque, in `phase`.
+fn pod_at(name: &str, ips: &[&str], ports: &[u16], skip: &str, phase: &str) -> (ObjectKey, Object) {
+    let ports: Vec<_> = ports.iter().map(|p| json!({"containerPort": p})).collect();
+    let ips: Vec<_> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "shop", "labels": {"app": name}},
+        "spec": {"serviceAccountName": format!("{name}-sa"),
+                 "containers": [
+                     {"name": "app", "ports": ports},
+                     {"name": "udp", "ports": [{"containerPort": 5353, "protocol": "UDP"}]}],
+                 "initContainers": [
+                     {"name": "weft-init", "args": ["init", format!("--skip-inbound-ports={skip}")]},
+                     {"name": "weft-proxy", "restartPolicy": "Always",
+                      "ports": [{"containerPort": 15090}],
+                      "env": [{"name": "WEFT_ADMIN_ADDR", "value": "[::]:15021"},
+                              {"name": "WEFT_OPAQUE_PORTS", "value": "7078"}]}]},
+        "status": {"phase": phase, "podIPs": ips}
+    }))
+    .unwrap();
+    model::pod(&p)
+}
+
+#[test]
+fn meshed_pods_no_service_lists_are_known_by_address_at_the_ports_they_declare() {
+    // A Job's workers, a Spark driver's executors: dialled straight at their addresses,
+    // behind no Service, yet meshed and perhaps Strict.
+    let mut i = shop();
+    apply(
+        &mut i,
+        pod_at(
+            "worker",
+            &["198.18.2.1", "fd00::21"],
+            &[7077, 7078, 15021, 9000],
+            "15021,9000",
+            "Running",
+        ),
+    );
+    let client = key("shop", "client");
+    let pods = |i: &Index| {
+        let view = i.view(&client).unwrap();
+        view.services.get("pods.shop").map(|c| {
+            assert!(c.addresses.is_empty() && c.route.is_none(), "{c:?}");
+            c.endpoints
+                .iter()
+                .map(|e| (e.address.clone(), e.identity.clone()))
+                .collect::<Vec<_>>()
+        })
+    };
+    let worker = Some("spiffe://cluster.local/ns/shop/sa/worker-sa".to_owned());
+    assert_eq!(
+        pods(&i).unwrap(),
+        [
+            ("198.18.2.1:7077".to_owned(), worker.clone()),
+            ("[fd00::21]:7077".to_owned(), worker.clone()),
+        ],
+        "the declared TCP ports its proxy intercepts: not the skipped one, the admin port, \
+         the proxy's own or a UDP one"
+    );
+    // A port its proxy takes as opaque is forwarded without detection by clients too.
+    let view = i.view(&client).unwrap();
+    let opaque = view.services.get("pods.shop.opaque").unwrap();
+    assert_eq!(opaque.protocol, Protocol::Opaque);
+    assert_eq!(
+        opaque
+            .endpoints
+            .iter()
+            .map(|e| e.address.as_str())
+            .collect::<Vec<_>>(),
+        ["198.18.2.1:7078", "[fd00::21]:7078"]
+    );
+    assert_eq!(
+        view.services.get("pods.shop").unwrap().protocol,
+        Protocol::Detect
+    );
+    let cfg = proxy_config(&i, &client).unwrap();
+    assert!(
+        cfg.meshed_endpoint("198.18.2.1:7077".parse().unwrap())
+            .is_some()
+    );
+    assert!(
+        cfg.meshed_endpoint("198.18.2.1:9000".parse().unwrap())
+            .is_none()
+    );
+
+    // Once a Service lists the address, its config carries it and this one does not.
+    apply(&mut i, svc("shop", "worker", "None"));
+    let s: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "worker-1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "worker"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 7077}],
+        "endpoints": [{"addresses": ["198.18.2.1"], "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "name": "worker", "namespace": "shop"}}],
+    }))
+    .unwrap();
+    apply(&mut i, model::endpoint_slice(&s));
+    assert_eq!(
+        pods(&i).unwrap(),
+        [("[fd00::21]:7077".to_owned(), worker.clone())]
+    );
+    i.delete(Kind::EndpointSlice, &key("shop", "worker-1"));
+
+    // A Disabled pod is reached in plain text: nothing to list.
+    apply(
+        &mut i,
+        weft(
+            Kind::Policy,
+            "shop",
+            "off",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"target": {"selector": {"matchLabels": {"app": "worker"}}},
+                   "mtls": {"mode": "Disabled"}}),
+        ),
+    );
+    assert_eq!(pods(&i), None);
+    i.delete(Kind::Policy, &key("shop", "off"));
+    assert!(pods(&i).is_some());
+
+    // A finished pod's address may be another's already.
+    apply(
+        &mut i,
+        pod_at("worker", &["198.18.2.1"], &[7077], "15021", "Succeeded"),
+    );
+    assert_eq!(pods(&i), None);
+
+    // Two pods claiming one address (one stale): which identity it has is not known.
+    apply(
+        &mut i,
+        pod_at("worker", &["198.18.2.1"], &[7077], "15021", "Running"),
+    );
+    apply(
+        &mut i,
+        pod_at(
+            "other",
+            &["198.18.2.1", "198.18.2.2"],
+            &[7077],
+            "15021",
+            "Running",
+        ),
+    );
+    assert_eq!(
+        pods(&i).unwrap(),
+        [(
+            "198.18.2.2:7077".to_owned(),
+            Some("spiffe://cluster.local/ns/shop/sa/other-sa".to_owned())
+        )]
+    );
+    i.delete(Kind::Pod, &key("shop", "other"));
+    i.delete(Kind::Pod, &key("shop", "worker"));
+    assert_eq!(pods(&i), None);
+}
