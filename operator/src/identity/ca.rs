@@ -676,10 +676,9 @@ fn leaf_params(
     params.distinguished_name = DistinguishedName::new();
     params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(identity)?)];
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    // Signing only: under TLS 1.3 no key, RSA included, encrypts a key exchange, and an
+    // EC key must not claim keyEncipherment (RFC 5480, section 3).
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -851,6 +850,11 @@ mod tests {
             sans.value.general_names
         );
         assert!(sans.critical, "an empty subject makes the SAN critical");
+        let usage = leaf.key_usage().unwrap().unwrap().value;
+        assert!(
+            usage.digital_signature() && !usage.key_encipherment() && !usage.key_cert_sign(),
+            "{usage}"
+        );
         assert_eq!(
             leaf.public_key().raw,
             key.subject_public_key_info().as_slice()
