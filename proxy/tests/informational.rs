@@ -8,7 +8,9 @@
 //! - interim answers (`103 Early Hints`, a `100` nobody asked for) and a `101` to a
 //!   request that asked for no upgrade;
 //! - a response that ends before its declared length;
-//! - a per-try timeout while the client's own body stalls.
+//! - a per-try timeout while the client's own body stalls;
+//! - the rest of a request body after an early answer and a close: read and discarded
+//!   within 256 KiB and 10 s (per proxy on the way), else the client's connection closes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,6 +31,7 @@ use tokio::{
 };
 use weft_proxy::{
     LocalPorts, Proxy,
+    http::{DISCARD_LIMIT, DISCARD_TIME},
     identity::{Http1Transport, IdentityStore},
     limits::Limits,
     server::{BeforeConfig, ListenerKind},
@@ -63,6 +66,20 @@ fn every_client_transport(
     server: SocketAddr,
     edit: impl Fn(&mut serde_json::Value),
 ) -> Vec<(String, TestProxy)> {
+    every_client_transport_on(ca, server, edit, || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        TcpListener::from_std(listener).unwrap()
+    })
+}
+
+/// [`every_client_transport`], each client sidecar listening on a listener from `listen`.
+fn every_client_transport_on(
+    ca: &Ca,
+    server: SocketAddr,
+    edit: impl Fn(&mut serde_json::Value),
+    listen: impl Fn() -> TcpListener,
+) -> Vec<(String, TestProxy)> {
     let mut clients = Vec::new();
     for transport in [Http1Transport::Multiplexed, Http1Transport::Sessions] {
         let store = IdentityStore::with_http1(transport).unwrap();
@@ -70,7 +87,8 @@ fn every_client_transport(
         let mut c = config(&[("web", &[server])]);
         c["services"][0]["endpoints"][0]["identity"] = serde_json::json!(SERVER_ID);
         edit(&mut c["services"][0]);
-        let client = TestProxy::start_kind(
+        let client = TestProxy::start_kind_on(
+            listen(),
             proxy_with(Some(store)),
             ListenerKind::Forward(Arc::from("web")),
             c,
@@ -79,7 +97,12 @@ fn every_client_transport(
     }
     let mut c = config(&[("web", &[server])]);
     edit(&mut c["services"][0]);
-    let plain = TestProxy::start_kind(proxy_with(None), ListenerKind::Forward(Arc::from("web")), c);
+    let plain = TestProxy::start_kind_on(
+        listen(),
+        proxy_with(None),
+        ListenerKind::Forward(Arc::from("web")),
+        c,
+    );
     clients.push(("plain text".to_string(), plain));
     clients
 }
@@ -595,4 +618,198 @@ async fn a_request_with_trailers_leaves_its_connection_to_the_pool() {
         "{} connections to the app for 15 sequential requests",
         app.connections()
     );
+}
+
+/// Sends `POST /413` framed by `framing` (a `content-length` or `transfer-encoding`
+/// header) with no body yet, and reads the application's early `413`: the client owes a
+/// body that the application, which closed, will never read.
+async fn answered_early(c: &mut TcpStream, framing: &str, transport: &str) {
+    c.write_all(format!("POST /413 HTTP/1.1\r\nhost: cart\r\n{framing}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(c).await;
+    assert!(head.starts_with("http/1.1 413"), "{transport}: {head}");
+    assert_eq!(read_exactly(c, 8).await, "too big\n", "{transport}");
+}
+
+/// `len` bytes of body in chunks of 16 KiB, each framed as a chunk when `chunked` (the
+/// last chunk included); each piece with the data bytes it carries.
+fn body_pieces(len: usize, chunked: bool) -> Vec<(Vec<u8>, usize)> {
+    let mut pieces = Vec::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(16 * 1024);
+        let data = vec![b'x'; n];
+        pieces.push(if chunked {
+            (
+                [format!("{n:x}\r\n").as_bytes(), &data, b"\r\n"].concat(),
+                n,
+            )
+        } else {
+            (data, n)
+        });
+        left -= n;
+    }
+    if chunked {
+        pieces.push((b"0\r\n\r\n".to_vec(), 0));
+    }
+    pieces
+}
+
+/// Writes `pieces` on `c` until one fails; the data bytes written before, and whether
+/// one failed (the proxy closed the connection). A piece that cannot be written within
+/// 5 s fails the test: the proxy neither reads nor closes.
+async fn send_until_refused(c: &mut TcpStream, pieces: &[(Vec<u8>, usize)]) -> (usize, bool) {
+    let mut sent = 0;
+    for (piece, data) in pieces {
+        match tokio::time::timeout(Duration::from_secs(5), c.write_all(piece)).await {
+            Err(_) => panic!("after {sent} bytes, the proxy neither reads nor closes"),
+            Ok(Err(_)) => return (sent, true),
+            Ok(Ok(())) => sent += data,
+        }
+    }
+    (sent, false)
+}
+
+/// A connection to `addr` whose send buffer is small (about 8 KiB), so that what it
+/// manages to write is close to what the proxy read.
+async fn connect_small(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// A listener whose connections have a small receive buffer (about 8 KiB, no autotuning),
+/// so that what a client manages to write is close to what the proxy read.
+fn small_buffer_listener() -> TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    socket.listen(128).unwrap()
+}
+
+/// How many proxies on the way from a client of `transport` to the application read and
+/// discard the rest of a body the application left, each within its own 256 KiB and 10 s:
+/// on the mux only the client sidecar (the server sidecar's side of a stream is HTTP/2,
+/// whose rest a reset refuses); over an HTTP/1 session or plain text also the server
+/// sidecar, after which the client sidecar, whose upstream connection then closes, starts
+/// its own.
+fn discarding_hops(transport: &str) -> u32 {
+    if transport == "Multiplexed" { 1 } else { 2 }
+}
+
+/// An application answers early and closes while the client still owes 100 KiB of its
+/// body (with a `content-length`, or chunked): the proxy reads that rest and discards
+/// it, so the client's next request on the same connection is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_within_256_kib_is_discarded_and_the_connection_serves_the_next_request() {
+    let ca = Ca::new("mesh root");
+    let (app, seen, _app) = raw_app().await;
+    let server = server_sidecar(&ca, app);
+    for (transport, client) in &every_client_transport(&ca, server.addr, |_| {}) {
+        let mut c = connect(client.addr).await;
+        for chunked in [false, true] {
+            let framing = if chunked {
+                "transfer-encoding: chunked".to_string()
+            } else {
+                format!("content-length: {}", 100 * 1024)
+            };
+            answered_early(&mut c, &framing, transport).await;
+            let (sent, refused) =
+                send_until_refused(&mut c, &body_pieces(100 * 1024, chunked)).await;
+            assert!(
+                !refused,
+                "{transport} {framing}: refused after {sent} bytes"
+            );
+            still_in_step(
+                &mut c,
+                &format!("{transport}: 100 KiB discarded ({framing})"),
+            )
+            .await;
+        }
+        assert_eq!(posts(&seen, "/413"), 2, "{transport}: each sent once");
+        seen.lock().unwrap().clear();
+    }
+}
+
+/// Past 256 KiB the proxy stops reading the rest of a body the application left, and
+/// closes the client's connection: a chunked 1 MiB is cut after about 256 KiB, and a
+/// `content-length` of 1 MiB, more than the bound, is not read at all. The next request
+/// takes a new connection. The client's send buffer and the proxy's receive buffer are
+/// small, so that what the client manages to write is about what the proxy read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_256_kib_the_rest_is_not_read_and_the_connection_closes() {
+    const MIB: usize = 1024 * 1024;
+    let ca = Ca::new("mesh root");
+    let (app, _seen, _app) = raw_app().await;
+    let server = server_sidecar(&ca, app);
+    let clients = every_client_transport_on(&ca, server.addr, |_| {}, small_buffer_listener);
+    for (transport, client) in &clients {
+        for chunked in [true, false] {
+            let framing = if chunked {
+                "transfer-encoding: chunked".to_string()
+            } else {
+                format!("content-length: {MIB}")
+            };
+            let mut c = connect_small(client.addr).await;
+            answered_early(&mut c, &framing, transport).await;
+            let (sent, refused) = send_until_refused(&mut c, &body_pieces(MIB, chunked)).await;
+            assert!(refused, "{transport} {framing}: all {sent} bytes taken");
+            // What the buffers on the way hold besides: measured at less than one 16 KiB
+            // piece.
+            let slack = 128 * 1024;
+            let bound = if chunked {
+                discarding_hops(transport) as usize * DISCARD_LIMIT as usize + slack
+            } else {
+                slack
+            };
+            assert!(
+                sent <= bound,
+                "{transport} {framing}: {sent} bytes taken, more than {bound}"
+            );
+            assert!(
+                closed_within(&mut c, Duration::from_secs(5)).await,
+                "{transport} {framing}: still open"
+            );
+            let mut fresh = connect(client.addr).await;
+            still_in_step(&mut fresh, &format!("{transport}: a closed connection")).await;
+        }
+    }
+}
+
+/// A client that stalls the rest of a body the application left is not waited for
+/// forever: each proxy discarding it gives up after 10 s, and the client's connection
+/// closes ([`discarding_hops`]). SLOW: `DISCARD_TIME` is a constant, so this test waits
+/// for it, 20 s (every transport at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_rest_closes_the_connection_after_10_s_per_discarding_proxy() {
+    let ca = Ca::new("mesh root");
+    let (app, _seen, _app) = raw_app().await;
+    let server = server_sidecar(&ca, app);
+    let clients = every_client_transport(&ca, server.addr, |_| {});
+    let stalls = clients.iter().map(|(transport, client)| async move {
+        let mut c = connect(client.addr).await;
+        answered_early(
+            &mut c,
+            &format!("content-length: {}", 100 * 1024),
+            transport,
+        )
+        .await;
+        let started = Instant::now();
+        let (sent, refused) = send_until_refused(&mut c, &body_pieces(10 * 1024, false)).await;
+        assert!(!refused, "{transport}: refused after {sent} bytes");
+        let closed = closed_within(&mut c, Duration::from_secs(30)).await;
+        (transport, closed, started.elapsed())
+    });
+    for (transport, closed, after) in futures::future::join_all(stalls).await {
+        let bound = DISCARD_TIME * discarding_hops(transport);
+        assert!(closed, "{transport}: still open after {after:?}");
+        assert!(
+            after >= bound - Duration::from_millis(500) && after < bound + Duration::from_secs(5),
+            "{transport}: closed after {after:?}, not about {bound:?}"
+        );
+    }
 }

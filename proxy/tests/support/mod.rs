@@ -337,13 +337,24 @@ impl TestProxy {
         kind: ListenerKind,
         config: serde_json::Value,
     ) -> TestProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        Self::start_kind_on(listener, proxy, kind, config)
+    }
+
+    /// Like [`TestProxy::start_kind`], serving a listener the caller bound (with socket
+    /// options of its own, say).
+    pub fn start_kind_on(
+        listener: TcpListener,
+        proxy: Arc<Proxy>,
+        kind: ListenerKind,
+        config: serde_json::Value,
+    ) -> TestProxy {
         proxy
             .store
             .apply(serde_json::from_value(config).unwrap())
             .unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let listener = TcpListener::from_std(listener).unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::serve(
