@@ -2,7 +2,9 @@
 //! absent), it signs the webhook's serving certificate and, later, proxies' identities.
 //!
 //! Several replicas may start at once: each tries to create the Secret, and whoever loses
-//! the race reads the winner's, so all replicas share one CA.
+//! the race reads the winner's, so all replicas share one CA. While the webhook serves it
+//! keeps watching the Secret (`webhook::rotation`), which reads it with [`from_secret`] and
+//! re-creates a deleted one with [`create`], under the same race.
 
 use std::{
     collections::BTreeMap,
@@ -34,8 +36,16 @@ pub enum CaError {
     #[error("reading or writing the CA Secret: {0}")]
     Kube(#[from] kube::Error),
     /// The Secret exists but does not hold a usable CA.
-    #[error("Secret {0} does not hold a CA certificate and key in tls.crt and tls.key")]
-    Malformed(String),
+    #[error(
+        "Secret {name} does not hold a usable CA certificate and key in tls.crt and tls.key: {reason}"
+    )]
+    Malformed {
+        /// The Secret's name.
+        name: String,
+        /// What is wrong with it.
+        #[source]
+        reason: Unusable,
+    },
     /// The Secret's CA is outside its validity: every certificate it signed would be
     /// refused by the API server.
     #[error(
@@ -51,7 +61,7 @@ pub enum CaError {
     },
     /// The CA expired while the operator ran: nothing it signs is valid any more.
     #[error(
-        "the CA certificate expired at {not_after}; delete its Secret and restart the operator for a new CA, or supply a valid one"
+        "the CA certificate expired at {not_after}; delete its Secret for the operator to generate a new CA, or supply a valid one"
     )]
     Expired {
         /// The certificate's notAfter (RFC 3339).
@@ -59,9 +69,36 @@ pub enum CaError {
     },
 }
 
+/// What is wrong with a certificate and key offered as a CA: each would have the webhook
+/// serve certificates the API server cannot verify.
+#[derive(Debug, thiserror::Error)]
+pub enum Unusable {
+    /// A field is missing or is not text.
+    #[error("{0} is missing or not PEM text")]
+    Missing(&'static str),
+    /// The certificate does not parse.
+    #[error("tls.crt holds no certificate that parses")]
+    Certificate,
+    /// The key does not parse.
+    #[error("tls.key holds no private key that parses: {0}")]
+    Key(#[source] rcgen::Error),
+    /// The key is another certificate's: what it signs would not chain to this one.
+    #[error("tls.key is not the private key of the certificate in tls.crt")]
+    KeyMismatch,
+    /// The certificate may not sign others (no `basicConstraints` CA:TRUE).
+    #[error("the certificate in tls.crt is not a CA")]
+    NotCa,
+    /// rcgen could not use the certificate as an issuer.
+    #[error("the certificate cannot issue: {0}")]
+    Issuer(#[source] rcgen::Error),
+}
+
 /// A CA that can sign leaf certificates.
 pub struct Ca {
     cert_pem: String,
+    /// The certificate itself, to tell whether a Secret holds this CA or another one
+    /// whatever its PEM's line breaks.
+    cert_der: Vec<u8>,
     issuer: Issuer<'static, KeyPair>,
     /// When the CA certificate expires: no leaf it signs lasts longer (the API server
     /// would refuse it past then anyway).
@@ -104,10 +141,12 @@ impl Ca {
         let key_pem = key.serialize_pem();
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
+        let cert_der = cert.der().to_vec();
         Ok((
             Ca {
                 issuer: Issuer::new(params, key),
                 cert_pem,
+                cert_der,
                 not_after,
                 not_before,
             },
@@ -115,25 +154,39 @@ impl Ca {
         ))
     }
 
-    /// Loads a CA from its certificate and key.
-    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+    /// Loads a CA from its certificate and key, refusing a certificate that is no CA or a
+    /// key that is not its own (validity is [`from_secret`]'s to check, against the clock).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, Unusable> {
         use rustls::pki_types::{CertificateDer, pem::PemObject};
-        let key = KeyPair::from_pem(key_pem)?;
         let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
-        let (_, x509) = x509_parser::parse_x509_certificate(&der)
-            .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+            .map_err(|_| Unusable::Certificate)?;
+        let key = KeyPair::from_pem(key_pem).map_err(Unusable::Key)?;
+        let (_, x509) =
+            x509_parser::parse_x509_certificate(&der).map_err(|_| Unusable::Certificate)?;
+        if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(Unusable::KeyMismatch);
+        }
+        if !x509.is_ca() {
+            return Err(Unusable::NotCa);
+        }
         let at = |t: &x509_parser::time::ASN1Time| {
             SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
         };
         let not_after = at(&x509.validity().not_after);
         let not_before = at(&x509.validity().not_before);
         Ok(Ca {
-            issuer: Issuer::from_ca_cert_der(&der, key)?,
+            issuer: Issuer::from_ca_cert_der(&der, key).map_err(Unusable::Issuer)?,
             cert_pem: cert_pem.to_owned(),
+            cert_der: der.to_vec(),
             not_after,
             not_before,
         })
+    }
+
+    /// Whether `other` is the same CA certificate (the key is the certificate's, checked
+    /// at load).
+    pub fn same_certificate(&self, other: &Ca) -> bool {
+        self.cert_der == other.cert_der
     }
 
     /// Refuses a CA outside its validity at `now`, naming Secret `name`.
@@ -205,7 +258,7 @@ impl Ca {
 }
 
 /// `t` as RFC 3339, for messages.
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| format!("{t:?}"))
@@ -213,10 +266,17 @@ fn rfc3339(t: SystemTime) -> String {
 
 /// Loads the CA from Secret `namespace/name`, creating it first if it does not exist.
 pub async fn load_or_create(client: Client, namespace: &str, name: &str) -> Result<Ca, CaError> {
-    let secrets = Api::<Secret>::namespaced(client, namespace);
+    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
     if let Some(secret) = secrets.get_opt(name).await? {
         return from_secret(&secret, name);
     }
+    create(client, namespace, name).await
+}
+
+/// Generates a CA into a new Secret `namespace/name`; when another replica created the
+/// Secret first (409), its CA is read and returned instead, so that all share one.
+pub async fn create(client: Client, namespace: &str, name: &str) -> Result<Ca, CaError> {
+    let secrets = Api::<Secret>::namespaced(client, namespace);
     let (ca, key_pem) = Ca::generate("weft-root-ca")?;
     let secret = Secret {
         metadata: ObjectMeta {
@@ -252,17 +312,24 @@ pub async fn load_or_create(client: Client, namespace: &str, name: &str) -> Resu
     }
 }
 
-fn from_secret(secret: &Secret, name: &str) -> Result<Ca, CaError> {
-    let field = |k: &str| {
+/// The CA held by Secret `name`, checked as at start: both fields present, the key the
+/// certificate's, the certificate a CA and valid now.
+pub fn from_secret(secret: &Secret, name: &str) -> Result<Ca, CaError> {
+    let malformed = |reason| CaError::Malformed {
+        name: name.to_owned(),
+        reason,
+    };
+    let field = |k: &'static str| {
         secret
             .data
             .as_ref()
             .and_then(|d| d.get(k))
             .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .ok_or_else(|| CaError::Malformed(name.to_owned()))
+            .ok_or(Unusable::Missing(k))
     };
-    let ca = Ca::from_pem(&field(CERT_KEY)?, &field(KEY_KEY)?)
-        .map_err(|_| CaError::Malformed(name.to_owned()))?;
+    let cert_pem = field(CERT_KEY).map_err(malformed)?;
+    let key_pem = field(KEY_KEY).map_err(malformed)?;
+    let ca = Ca::from_pem(&cert_pem, &key_pem).map_err(malformed)?;
     ca.check_validity(name, SystemTime::now())?;
     Ok(ca)
 }
@@ -345,5 +412,63 @@ mod tests {
             params.not_after.unix_timestamp(),
             "the certificate says what Leaf::not_after says"
         );
+    }
+
+    /// A Secret with these fields, as the API server would return it.
+    fn secret(fields: &[(&str, &str)]) -> Secret {
+        Secret {
+            data: Some(
+                fields
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    /// What the watch of the Secret accepts is what start-up accepts: a certificate that
+    /// is a CA, its own key, valid now. Anything else names the Secret and why.
+    #[test]
+    fn a_secret_is_read_only_with_a_ca_certificate_and_its_own_key() {
+        let (ca, key) = Ca::generate("weft-root-ca").unwrap();
+        let read = from_secret(
+            &secret(&[(CERT_KEY, ca.cert_pem()), (KEY_KEY, &key)]),
+            "weft-ca",
+        )
+        .unwrap();
+        assert!(read.same_certificate(&ca));
+        let (other, other_key) = Ca::generate("another").unwrap();
+        assert!(!other.same_certificate(&ca));
+
+        let leaf = ca
+            .issue_serving(&["weft.test".to_owned()], &[], Duration::from_secs(600))
+            .unwrap();
+        let refused = [
+            (vec![(CERT_KEY, "garbage"), (KEY_KEY, "garbage")], "tls.crt"),
+            (vec![(CERT_KEY, ca.cert_pem())], "tls.key is missing"),
+            (
+                vec![(CERT_KEY, ca.cert_pem()), (KEY_KEY, "garbage")],
+                "tls.key",
+            ),
+            (
+                vec![(CERT_KEY, ca.cert_pem()), (KEY_KEY, &other_key)],
+                "not the private key",
+            ),
+            (
+                vec![(CERT_KEY, &leaf.cert_pem), (KEY_KEY, &leaf.key_pem)],
+                "not a CA",
+            ),
+        ];
+        for (fields, why) in refused {
+            let error = from_secret(&secret(&fields), "weft-ca").err().unwrap();
+            let text = error.to_string();
+            assert!(
+                matches!(error, CaError::Malformed { .. })
+                    && text.contains("Secret weft-ca")
+                    && text.contains(why),
+                "{why}: {text}"
+            );
+        }
     }
 }

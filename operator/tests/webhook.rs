@@ -1142,3 +1142,273 @@ fn the_operator_refuses_a_webhook_certificate_lifetime_under_a_minute() {
         );
     }
 }
+
+/// A webhook (failure policy Fail) whose CA lives in Secret `weft-ca` of the test's own
+/// namespace, so that replacing or deleting it touches no other test's webhook.
+async fn injecting_with_own_ca(prefix: &str) -> Injecting {
+    let client = shared::client().await.unwrap();
+    let ns = scoped_namespace(&client, prefix, None).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut settings = settings(&ns, port, FailurePolicy::Fail);
+    settings.ca_namespace = ns.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = WebhookMetrics::default();
+    let task = tokio::spawn({
+        let (client, metrics) = (client.clone(), metrics.clone());
+        async move {
+            weft_operator::webhook::run_with(client, settings, None, listener, metrics, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        }
+    });
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let t = Injecting {
+        client,
+        ns,
+        hook: Webhook {
+            stop: Some(stop),
+            task,
+            metrics,
+        },
+        port,
+        pods,
+    };
+    eventually(Duration::from_secs(30), || t.admitted("probe"))
+        .await
+        .unwrap();
+    t
+}
+
+impl Injecting {
+    /// Dry-runs an opted-in pod `name`: admitted by the API server only through the webhook
+    /// (failure policy Fail), so only when it trusts the certificate the webhook serves.
+    async fn admitted(&self, name: &str) -> anyhow::Result<()> {
+        let created = self
+            .pods
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &pod(name, json!({"weft.dev/inject": "enabled"})),
+            )
+            .await?;
+        ensure!(has_proxy(&created), "not injected");
+        Ok(())
+    }
+
+    /// The CA Secret of a webhook from [`injecting_with_own_ca`].
+    fn ca_secrets(&self) -> Api<k8s_openapi::api::core::v1::Secret> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// The certificate (PEM) in the CA Secret.
+    async fn secret_ca(&self) -> anyhow::Result<String> {
+        let secret = self.ca_secrets().get("weft-ca").await?;
+        let data = secret.data.unwrap_or_default();
+        let pem = data.get("tls.crt").ok_or_else(|| anyhow!("no tls.crt"))?;
+        Ok(String::from_utf8(pem.0.clone())?)
+    }
+
+    /// Puts `cert` and `key` (PEM) into the CA Secret, as a user replacing the CA does.
+    async fn put_ca(&self, cert: &str, key: &str) {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let patch = json!({"data": {"tls.crt": b64(cert), "tls.key": b64(key)}});
+        self.ca_secrets()
+            .patch("weft-ca", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
+    /// The registration's bundle of each of its webhooks.
+    async fn bundles(&self) -> anyhow::Result<Vec<String>> {
+        use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+        let name = format!("weft-injector-{}", self.ns);
+        let live = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .get(&name)
+            .await?;
+        Ok(live
+            .webhooks
+            .unwrap_or_default()
+            .into_iter()
+            .map(|w| {
+                String::from_utf8_lossy(&w.client_config.ca_bundle.unwrap_or_default().0)
+                    .into_owned()
+            })
+            .collect())
+    }
+}
+
+/// A TLS connection to the webhook on `port` trusting `ca_pem` alone: it succeeds only when
+/// the webhook serves a certificate chaining to that CA.
+async fn connect_trusting(
+    port: u16,
+    ca_pem: &str,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    Ok(connector
+        .connect(ServerName::try_from("127.0.0.1")?, tcp)
+        .await?)
+}
+
+/// The certificate a fresh connection gets, verified against `ca_pem`.
+async fn served_by(port: u16, ca_pem: &str) -> anyhow::Result<Vec<u8>> {
+    let tls = connect_trusting(port, ca_pem).await?;
+    let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
+    Ok(certs.first().map(|c| c.to_vec()).unwrap_or_default())
+}
+
+/// A GET of `/metrics` over `tls` (HTTP/1.1, connection closed after): the status line.
+async fn status_over(mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Waits until the webhook serves from `ca_pem` and the registration trusts it, and
+/// returns the bundles.
+async fn follows(t: &Injecting, ca_pem: &str) -> Vec<String> {
+    eventually(Duration::from_secs(20), || async {
+        served_by(t.port, ca_pem).await?;
+        let bundles = t.bundles().await?;
+        ensure!(
+            !bundles.is_empty() && bundles.iter().all(|b| b.contains(ca_pem.trim_end())),
+            "the bundle does not trust the new CA yet"
+        );
+        Ok(bundles)
+    })
+    .await
+    .unwrap()
+}
+
+/// A user replaces the CA in its Secret: the running webhook serves a certificate from the
+/// new CA within seconds, without a restart, and the registration trusts both CAs (a
+/// replica that has not switched yet still verifies). A connection opened before the
+/// switch is not dropped, and the API server (failure policy Fail) still calls the webhook.
+#[tokio::test]
+async fn a_replaced_ca_is_served_from_and_trusted_without_a_restart() {
+    let t = injecting_with_own_ca("ca-replace").await;
+    let old_pem = t.secret_ca().await.unwrap();
+    let before = connect_trusting(t.port, &old_pem).await.unwrap();
+
+    let (new, new_key) = weft_operator::ca::Ca::generate("a user's CA").unwrap();
+    t.put_ca(new.cert_pem(), &new_key).await;
+    let bundles = follows(&t, new.cert_pem()).await;
+    for bundle in &bundles {
+        assert!(
+            bundle.contains(old_pem.trim_end()),
+            "the old CA left the bundle: {bundle}"
+        );
+        assert!(
+            bundle.find(new.cert_pem().trim_end()) < bundle.find(old_pem.trim_end()),
+            "the new CA first: {bundle}"
+        );
+    }
+    assert!(
+        connect_trusting(t.port, &old_pem).await.is_err(),
+        "a new connection still gets the old CA's certificate"
+    );
+    assert!(
+        status_over(before).await.contains("200"),
+        "the connection opened before the switch was dropped"
+    );
+    eventually(Duration::from_secs(15), || t.admitted("after-replace"))
+        .await
+        .unwrap();
+    t.hook.stop().await;
+}
+
+/// The documented way out of an expired CA: delete the Secret. The running webhook
+/// generates a new CA into a new Secret and serves from it, and the registration trusts
+/// it, without a restart.
+#[tokio::test]
+async fn a_deleted_ca_secret_is_generated_again_and_served_from() {
+    let t = injecting_with_own_ca("ca-delete").await;
+    let old_pem = t.secret_ca().await.unwrap();
+    t.ca_secrets()
+        .delete("weft-ca", &Default::default())
+        .await
+        .unwrap();
+    let new_pem = eventually(Duration::from_secs(20), || async {
+        let pem = t.secret_ca().await?;
+        ensure!(pem != old_pem, "still the old CA");
+        Ok(pem)
+    })
+    .await
+    .unwrap();
+    follows(&t, &new_pem).await;
+    eventually(Duration::from_secs(15), || t.admitted("after-delete"))
+        .await
+        .unwrap();
+    t.hook.stop().await;
+}
+
+/// A Secret that holds no usable CA (garbage, an expired CA, a key not the certificate's)
+/// is refused: the webhook serves the certificate it served, and the bundle is unchanged.
+/// A usable CA after them is still followed.
+#[tokio::test]
+async fn an_unusable_ca_secret_leaves_the_webhook_serving_as_before() {
+    let t = injecting_with_own_ca("ca-garbage").await;
+    let old_pem = t.secret_ca().await.unwrap();
+    let served = served_by(t.port, &old_pem).await.unwrap();
+    let bundles = t.bundles().await.unwrap();
+
+    let expired = {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(2);
+        params.not_after = now - time::Duration::days(1);
+        let key = KeyPair::generate().unwrap();
+        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    };
+    let (other, other_key) = weft_operator::ca::Ca::generate("another").unwrap();
+    let (mismatched, _) = weft_operator::ca::Ca::generate("mismatched").unwrap();
+    for (what, cert, key) in [
+        ("garbage", "not a certificate", "not a key"),
+        ("an expired CA", expired.0.as_str(), expired.1.as_str()),
+        ("another key", mismatched.cert_pem(), other_key.as_str()),
+    ] {
+        t.put_ca(cert, key).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            served_by(t.port, &old_pem).await.unwrap(),
+            served,
+            "{what}: the webhook changed its certificate"
+        );
+        assert_eq!(
+            t.bundles().await.unwrap(),
+            bundles,
+            "{what}: bundle changed"
+        );
+        t.admitted("after-refusal").await.unwrap();
+    }
+
+    t.put_ca(other.cert_pem(), &other_key).await;
+    follows(&t, other.cert_pem()).await;
+    t.hook.stop().await;
+}

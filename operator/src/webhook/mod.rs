@@ -6,10 +6,13 @@
 //!         registration (MutatingWebhookConfiguration with caBundle = CA)
 //!         (in the operator: retried with backoff until it succeeds; readiness gate opens)
 //!  serve: API server ──TLS──▶ server ──▶ review::parse ─▶ namespace labels ─▶ review::admit
+//!         watch of the CA Secret ──▶ rotation: caBundle = new + old CA, then CertStore
+//!         from the new CA (renewal and the bundle repair follow it)
 //! ```
 
 pub mod registration;
 pub mod review;
+mod rotation;
 pub mod server;
 pub mod settings;
 pub mod tls;
@@ -71,8 +74,8 @@ pub enum WebhookError {
 }
 
 /// Loads the CA, issues a serving certificate, registers the webhook and serves it on
-/// `listener` until `shutdown`, renewing the certificate before it expires. Namespace
-/// labels come from a watch of its own.
+/// `listener` until `shutdown`, renewing the certificate before it expires and following
+/// the CA Secret when it changes. Namespace labels come from a watch of its own.
 pub async fn run(
     client: Client,
     settings: WebhookSettings,
@@ -207,8 +210,10 @@ async fn serve_started(
             (NamespaceLabels::Store(store), watch.boxed())
         }
     };
-    let registered = keep_registered(client.clone(), settings.clone(), ca.cert_pem().to_owned());
-    let renew = renew_forever(ca, certs.clone(), settings.clone());
+    let (trust, trusted) = tokio::sync::watch::channel(rotation::Trust::new(ca));
+    let registered = keep_registered(client.clone(), settings.clone(), trusted.clone());
+    let renew = renew_forever(trusted, certs.clone(), settings.clone());
+    let rotate = rotation::watch_ca(client.clone(), settings.clone(), trust, certs.clone());
     let audit = audit_forever(client.clone(), settings.clone(), metrics.clone());
     let handler = Arc::new(Handler::new(
         settings.inject.clone(),
@@ -223,6 +228,7 @@ async fn serve_started(
         _ = renew => {}
         _ = audit => {}
         _ = registered => {}
+        _ = rotate => tracing::warn!("the CA Secret's watch ended"),
     }
 }
 
@@ -234,8 +240,13 @@ const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
 /// webhooks when another client removed it: as Istio's webhook patcher does, since a GitOps
 /// sync of the chart (whose manifest has no bundle) would otherwise leave the API server
 /// unable to call the webhook until the operator restarts. A deleted configuration is left
-/// deleted, and a bundle of another CA (another replica's) is left as it is.
-async fn keep_registered(client: Client, settings: WebhookSettings, ca_bundle: String) {
+/// deleted, and a bundle of another CA (another replica's, or one a rotation wrote with
+/// two CAs) is left as it is; the bundle restored is the current one of `trust`.
+async fn keep_registered(
+    client: Client,
+    settings: WebhookSettings,
+    trust: tokio::sync::watch::Receiver<rotation::Trust>,
+) {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     let registration = &settings.registration;
     let api = Api::<MutatingWebhookConfiguration>::all(client.clone());
@@ -260,6 +271,7 @@ async fn keep_registered(client: Client, settings: WebhookSettings, ca_bundle: S
         }
         last_repair = Some(tokio::time::Instant::now());
         tracing::warn!(name = %registration.name, webhooks = missing.len(), "the webhook's registration lost its CA bundle (rewritten by another client); restoring it");
+        let ca_bundle = trust.borrow().bundle(std::time::SystemTime::now());
         match registration
             .restore_bundles(client.clone(), &ca_bundle, &live, &missing)
             .await
@@ -284,12 +296,32 @@ fn renewal_wait(lifetime: Duration, ca_not_after: std::time::SystemTime) -> Dura
     lifetime.min(left) * 2 / 3
 }
 
-/// Re-issues the serving certificate at two thirds of its lifetime, forever. A failed
-/// renewal is retried every few seconds while the old certificate is still valid.
-async fn renew_forever(ca: ca::Ca, certs: CertStore, settings: WebhookSettings) {
-    let mut wait = renewal_wait(settings.cert_lifetime, ca.not_after());
+/// Re-issues the serving certificate at two thirds of its lifetime, forever, from the CA
+/// `trust` holds now. A failed renewal is retried every few seconds while the old
+/// certificate is still valid; a rotation (which issues a certificate of its own) starts
+/// the count again.
+async fn renew_forever(
+    mut trust: tokio::sync::watch::Receiver<rotation::Trust>,
+    certs: CertStore,
+    settings: WebhookSettings,
+) {
+    let ca_not_after =
+        |t: &tokio::sync::watch::Receiver<rotation::Trust>| t.borrow().ca.not_after();
+    let mut wait = renewal_wait(settings.cert_lifetime, ca_not_after(&trust));
+    let mut rotations = true;
     loop {
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            changed = trust.changed(), if rotations => {
+                match changed {
+                    Ok(()) => wait = renewal_wait(settings.cert_lifetime, ca_not_after(&trust)),
+                    // No more rotations: renew on the timer alone.
+                    Err(_) => rotations = false,
+                }
+                continue;
+            }
+        }
+        let ca = trust.borrow().ca.clone();
         match ca
             .issue_serving(&settings.dns_names, &settings.ips, settings.cert_lifetime)
             .map_err(WebhookError::from)

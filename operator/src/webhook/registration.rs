@@ -185,6 +185,72 @@ impl Registration {
         Ok(())
     }
 
+    /// The indices, in `live`, of this registration's webhooks whose bundle is not
+    /// `ca_bundle`: what a change of CA rewrites.
+    pub fn stale_bundles(
+        &self,
+        live: &MutatingWebhookConfiguration,
+        ca_bundle: &str,
+    ) -> Vec<usize> {
+        let ours = self.webhook_names();
+        live.webhooks
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, w)| {
+                ours.contains(&w.name)
+                    && w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice())
+                        != Some(ca_bundle.as_bytes())
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Writes `ca_bundle` into every one of this registration's webhooks whose bundle
+    /// differs, as [`Registration::restore_bundles`] does: a deleted registration stays
+    /// deleted (nothing to do), and one changed under the write is read again and retried.
+    pub async fn replace_bundles(
+        &self,
+        client: Client,
+        ca_bundle: &str,
+    ) -> Result<(), kube::Error> {
+        let api = Api::<MutatingWebhookConfiguration>::all(client.clone());
+        // Each try loses only to another writer; replicas rotating together converge in a
+        // few, and more would mean a writer that never stops.
+        const TRIES: u32 = 5;
+        for attempt in 1..=TRIES {
+            let Some(live) = api.get_opt(&self.name).await? else {
+                return Ok(());
+            };
+            let stale = self.stale_bundles(&live, ca_bundle);
+            if stale.is_empty() {
+                return Ok(());
+            }
+            match self
+                .restore_bundles(client.clone(), ca_bundle, &live, &stale)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+                Err(kube::Error::Api(e)) if matches!(e.code, 409 | 422) && attempt < TRIES => {
+                    tracing::debug!(error = %e, attempt, "the registration changed under the bundle's write; reading it again");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The names of this registration's webhooks.
+    fn webhook_names(&self) -> Vec<String> {
+        self.object("")
+            .webhooks
+            .into_iter()
+            .flatten()
+            .map(|w| w.name)
+            .collect()
+    }
+
     /// The indices, in `live`, of this registration's webhooks that have lost their CA
     /// bundle (none, or empty): what another client leaves when it rewrites the object
     /// without one (a GitOps sync of the chart's manifest, which has no bundle, or a hand
@@ -192,13 +258,7 @@ impl Registration {
     /// another CA is not counted: it is another replica's, and replicas that held
     /// different CAs must not rewrite each other's without end.
     pub fn missing_bundles(&self, live: &MutatingWebhookConfiguration) -> Vec<usize> {
-        let ours: Vec<String> = self
-            .object("")
-            .webhooks
-            .into_iter()
-            .flatten()
-            .map(|w| w.name)
-            .collect();
+        let ours = self.webhook_names();
         live.webhooks
             .iter()
             .flatten()
@@ -262,5 +322,45 @@ impl Registration {
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registration() -> Registration {
+        Registration {
+            name: "weft-injector".to_owned(),
+            target: Target::Url("https://127.0.0.1:8443/inject".to_owned()),
+            failure_policy: FailurePolicy::Ignore,
+            timeout_seconds: 3,
+            annotation_opt_in: true,
+            excluded_namespaces: Vec::new(),
+            namespace_scope: None,
+        }
+    }
+
+    /// A change of CA rewrites every bundle of ours that is not the new one, empty ones
+    /// included, and never a webhook another party added to the object; the repair after
+    /// a GitOps sync counts only the empty ones, so it never undoes a two-CA bundle.
+    #[test]
+    fn a_new_bundle_replaces_each_of_ours_that_differs_and_the_repair_only_empty_ones() {
+        let r = registration();
+        let mut live = r.object("old");
+        let webhooks = live.webhooks.as_mut().unwrap();
+        let ours = webhooks.len();
+        webhooks[0].client_config.ca_bundle = None;
+        webhooks[1].client_config.ca_bundle = Some(ByteString(b"new+old".to_vec()));
+        let mut foreign = webhooks[0].clone();
+        foreign.name = "someone-else.example.com".to_owned();
+        webhooks.push(foreign);
+
+        let mut stale = vec![0];
+        stale.extend(2..ours);
+        assert_eq!(r.stale_bundles(&live, "new+old"), stale);
+        assert_eq!(r.missing_bundles(&live), [0]);
+        let fresh = r.object("new+old");
+        assert!(r.stale_bundles(&fresh, "new+old").is_empty());
     }
 }

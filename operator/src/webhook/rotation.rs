@@ -1,0 +1,360 @@
+//! Re-reads the webhook's CA Secret while the webhook serves, so that a CA regenerated
+//! (the Secret deleted) or replaced by a user reaches every running replica, not only the
+//! ones started after: otherwise the registration's `caBundle` would match some replicas
+//! and the API server's calls to the others would fail TLS until they restart.
+//!
+//! ```text
+//!  watch of the Secret (by name) ─▶ ca::from_secret ─▶ step(current, observed)
+//!     Keep     the same CA (or a relist): nothing
+//!     Refuse   garbage, expired, key not the certificate's: warn once, keep serving
+//!     Create   deleted: ca::create (a replica that loses the race reads the winner's)
+//!     Rotate   another CA: caBundle := new + old (JSON patch; a deleted registration
+//!              stays deleted) ─▶ serving certificate re-issued from the new CA
+//!              ─▶ Trust sent to the renewal (follows the new CA) and the bundle repair
+//! ```
+//!
+//! The bundle keeps the CA served before the rotation beside the new one until that CA
+//! expires, or until this replica restarts (it then applies its own CA alone): a replica
+//! that has not yet seen the change, or a connection the API server opened before it,
+//! still verifies. Only the one previous CA is kept.
+
+use std::{sync::Arc, time::SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, watcher},
+};
+use tokio::{sync::watch, time::Instant};
+
+use super::{CertStore, WebhookSettings, start_backoff};
+use crate::ca::{self, Ca, CaError};
+
+/// Between writing a new bundle and serving from the new CA: the API server reads its
+/// webhook configurations through an informer, so it trusts the new CA a moment after the
+/// write returns; serving from it before then would fail its calls to this replica.
+const BUNDLE_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The CAs the webhook trusts: the one it serves from, and the one it served from before
+/// the last rotation.
+#[derive(Clone)]
+pub(super) struct Trust {
+    /// Signs the serving certificate, now and at each renewal.
+    pub(super) ca: Arc<Ca>,
+    /// The CA before the last rotation, kept in the bundle for replicas still serving from
+    /// it.
+    pub(super) previous: Option<Arc<Ca>>,
+}
+
+impl Trust {
+    /// Trust in `ca` alone, as at start.
+    pub(super) fn new(ca: Ca) -> Self {
+        Trust {
+            ca: Arc::new(ca),
+            previous: None,
+        }
+    }
+
+    /// The `caBundle` (PEM): the current CA first, then the previous one unless it has
+    /// expired by `now` (nothing it signed verifies any more) or is the same certificate.
+    pub(super) fn bundle(&self, now: SystemTime) -> String {
+        let mut bundle = pem_line(self.ca.cert_pem());
+        if let Some(old) = &self.previous
+            && now < old.not_after()
+            && !old.same_certificate(&self.ca)
+        {
+            bundle.push_str(&pem_line(old.cert_pem()));
+        }
+        bundle
+    }
+
+    /// The trust after rotating to `next`: the CA served until now becomes the previous.
+    fn rotated(&self, next: Ca) -> Self {
+        Trust {
+            ca: Arc::new(next),
+            previous: Some(self.ca.clone()),
+        }
+    }
+}
+
+/// `pem` ending with one newline, so that two concatenate into a valid bundle.
+fn pem_line(pem: &str) -> String {
+    let mut s = pem.trim_end().to_owned();
+    s.push('\n');
+    s
+}
+
+/// What the Secret was seen to hold.
+enum Observed {
+    /// No Secret by that name.
+    Absent,
+    /// A Secret, read by [`ca::from_secret`] (boxed: a CA is large beside an absence).
+    Read(Box<Result<Ca, CaError>>),
+}
+
+/// What to do about what was observed.
+enum Step {
+    /// The CA served already: nothing.
+    Keep,
+    /// Not a usable CA: say why, and keep serving from the current one.
+    Refuse(CaError),
+    /// Deleted: generate a new one, as at start.
+    Create,
+    /// Another CA: trust it beside the current one, then serve from it.
+    Rotate(Box<Ca>),
+}
+
+/// The step for `observed` while serving from `current`.
+fn step(current: &Ca, observed: Observed) -> Step {
+    match observed {
+        Observed::Absent => Step::Create,
+        Observed::Read(read) => match *read {
+            Err(error) => Step::Refuse(error),
+            Ok(ca) if ca.same_certificate(current) => Step::Keep,
+            Ok(ca) => Step::Rotate(Box::new(ca)),
+        },
+    }
+}
+
+/// Why a rotation did not complete; it is tried again.
+#[derive(Debug, thiserror::Error)]
+enum RotateError {
+    /// The new CA could not issue, or a new Secret could not be created.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The issued certificate was unusable.
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
+    /// The registration's bundle could not be written.
+    #[error("writing the webhook's caBundle: {0}")]
+    Bundle(#[source] kube::Error),
+}
+
+/// Watches Secret `settings.ca_namespace/ca_secret` and acts on each change as the module
+/// docs say, forever. `trust` holds the current CAs; `certs` is what the webhook serves.
+pub(super) async fn watch_ca(
+    client: Client,
+    settings: WebhookSettings,
+    trust: watch::Sender<Trust>,
+    certs: CertStore,
+) {
+    let (namespace, name) = (settings.ca_namespace.as_str(), settings.ca_secret.as_str());
+    let api = Api::<Secret>::namespaced(client.clone(), namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = std::pin::pin!(watcher::watcher(api.clone(), config).default_backoff());
+    // Whether the current listing found the Secret: a relist after a dropped watch reports
+    // a deletion it missed only as an absence.
+    let mut listed = false;
+    // The resource version last refused, so that a relist does not repeat the warning.
+    let mut refused: Option<String> = None;
+    // A step that failed (the API server, the registration) is retried from a fresh read.
+    let mut retry: Option<(Instant, u32)> = None;
+    loop {
+        let observed = tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(watcher::Event::Init)) => { listed = false; continue }
+                Some(Ok(watcher::Event::InitApply(s))) => { listed = true; Some(s) }
+                Some(Ok(watcher::Event::Apply(s))) => Some(s),
+                Some(Ok(watcher::Event::InitDone)) if listed => continue,
+                Some(Ok(watcher::Event::InitDone | watcher::Event::Delete(_))) => None,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, %namespace, secret = %name, "watching the webhook's CA Secret");
+                    continue;
+                }
+                None => return,
+            },
+            () = until(retry.map(|(at, _)| at)) => match api.get_opt(name).await {
+                Ok(s) => s,
+                Err(error) => {
+                    tracing::warn!(%error, %namespace, secret = %name, "reading the webhook's CA Secret");
+                    retry = retry.map(|(_, n)| (Instant::now() + start_backoff(n), n.saturating_add(1)));
+                    continue;
+                }
+            },
+        };
+        let version = observed
+            .as_ref()
+            .and_then(|s| s.metadata.resource_version.clone());
+        let current = trust.borrow().ca.clone();
+        let outcome = match step(&current, read(observed.as_ref(), name)) {
+            Step::Keep => Ok(()),
+            Step::Refuse(error) => {
+                if refused != version {
+                    tracing::warn!(%error, %namespace, secret = %name, "the webhook's CA Secret holds no usable CA; serving from the current CA");
+                    refused = version;
+                }
+                Ok(())
+            }
+            Step::Create => {
+                tracing::warn!(%namespace, secret = %name, "the webhook's CA Secret was deleted; generating a new CA");
+                match ca::create(client.clone(), namespace, name).await {
+                    Ok(ca) if ca.same_certificate(&current) => Ok(()),
+                    Ok(ca) => rotate(&client, &settings, &trust, &certs, ca).await,
+                    Err(error) => Err(RotateError::Ca(error)),
+                }
+            }
+            Step::Rotate(ca) => rotate(&client, &settings, &trust, &certs, *ca).await,
+        };
+        retry = match outcome {
+            Ok(()) => None,
+            Err(error) => {
+                let n = retry.map_or(0, |(_, n)| n);
+                let wait = start_backoff(n);
+                tracing::warn!(%error, %namespace, secret = %name, retry_in = ?wait, "could not follow the webhook's CA Secret; still serving from the current CA");
+                Some((Instant::now() + wait, n.saturating_add(1)))
+            }
+        };
+    }
+}
+
+/// Completes at `at`, or never.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What `secret` (named `name`) holds.
+fn read(secret: Option<&Secret>, name: &str) -> Observed {
+    match secret {
+        None => Observed::Absent,
+        Some(s) => Observed::Read(Box::new(ca::from_secret(s, name))),
+    }
+}
+
+/// Moves the webhook to `next`: the bundle first trusts both CAs, then the serving
+/// certificate comes from `next`. Nothing changes when `next` cannot issue.
+async fn rotate(
+    client: &Client,
+    settings: &WebhookSettings,
+    trust: &watch::Sender<Trust>,
+    certs: &CertStore,
+    next: Ca,
+) -> Result<(), RotateError> {
+    let leaf = next.issue_serving(&settings.dns_names, &settings.ips, settings.cert_lifetime)?;
+    let rotated = trust.borrow().rotated(next);
+    let bundle = rotated.bundle(SystemTime::now());
+    settings
+        .registration
+        .replace_bundles(client.clone(), &bundle)
+        .await
+        .map_err(RotateError::Bundle)?;
+    tokio::time::sleep(BUNDLE_SETTLE).await;
+    certs.replace(&leaf.cert_pem, &leaf.key_pem)?;
+    let previous_expires = rotated
+        .previous
+        .as_ref()
+        .map(|p| ca::rfc3339(p.not_after()));
+    trust.send_replace(rotated);
+    tracing::info!(
+        namespace = %settings.ca_namespace,
+        secret = %settings.ca_secret,
+        previous_trusted_until = ?previous_expires,
+        "the webhook's CA changed; serving from the new CA, caBundle trusts both"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+
+    use super::*;
+
+    /// A CA valid from `from` to `to` around now.
+    fn ca_between(from: time::Duration, to: time::Duration) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + from;
+        params.not_after = now + to;
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Ca::from_pem(&cert.pem(), &key.serialize_pem()).unwrap()
+    }
+
+    fn generated() -> Ca {
+        Ca::generate("test").unwrap().0
+    }
+
+    /// The same CA as `ca`, loaded again (as the watch reads it back from the Secret).
+    fn again(ca: &Ca, key_pem: &str) -> Ca {
+        Ca::from_pem(ca.cert_pem(), key_pem).unwrap()
+    }
+
+    #[test]
+    fn the_same_ca_is_kept_another_rotated_to_and_a_deleted_one_recreated() {
+        let (current, key) = Ca::generate("current").unwrap();
+        assert!(matches!(
+            step(
+                &current,
+                Observed::Read(Box::new(Ok(again(&current, &key))))
+            ),
+            Step::Keep
+        ));
+        assert!(matches!(
+            step(&current, Observed::Read(Box::new(Ok(generated())))),
+            Step::Rotate(_)
+        ));
+        assert!(matches!(step(&current, Observed::Absent), Step::Create));
+        let refused = CaError::Malformed {
+            name: "weft-ca".to_owned(),
+            reason: ca::Unusable::Certificate,
+        };
+        assert!(matches!(
+            step(&current, Observed::Read(Box::new(Err(refused)))),
+            Step::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn after_a_rotation_the_bundle_trusts_the_new_ca_first_and_the_old_one() {
+        let start = Trust::new(generated());
+        let now = SystemTime::now();
+        assert_eq!(start.bundle(now), pem_line(start.ca.cert_pem()));
+        let next = generated();
+        let next_pem = next.cert_pem().to_owned();
+        let rotated = start.rotated(next);
+        assert_eq!(
+            rotated.bundle(now),
+            format!("{}{}", pem_line(&next_pem), pem_line(start.ca.cert_pem()))
+        );
+        // Two certificates that both parse: a valid bundle.
+        let parsed = rustls_pemfile::certs(&mut rotated.bundle(now).as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        assert_eq!(parsed.len(), 2);
+        // Only the one previous CA: a second rotation drops the first.
+        let third = rotated.rotated(generated());
+        let bundle = third.bundle(now);
+        assert!(bundle.contains(next_pem.trim_end()));
+        assert!(!bundle.contains(start.ca.cert_pem().trim_end()));
+    }
+
+    #[test]
+    fn an_expired_previous_ca_leaves_the_bundle() {
+        let hour = time::Duration::hours(1);
+        let old = Trust::new(ca_between(-hour, hour));
+        let rotated = old.rotated(generated());
+        let now = SystemTime::now();
+        assert!(rotated.bundle(now).contains(old.ca.cert_pem().trim_end()));
+        let later = now + Duration::from_secs(2 * 3600);
+        assert_eq!(rotated.bundle(later), pem_line(rotated.ca.cert_pem()));
+    }
+
+    #[test]
+    fn rotating_to_the_same_certificate_lists_it_once() {
+        let (ca, key) = Ca::generate("same").unwrap();
+        let trust = Trust::new(again(&ca, &key));
+        let rotated = trust.rotated(ca);
+        assert_eq!(
+            rotated.bundle(SystemTime::now()),
+            pem_line(rotated.ca.cert_pem())
+        );
+    }
+}
