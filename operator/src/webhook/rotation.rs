@@ -187,7 +187,7 @@ pub(super) async fn watch_ca(
                 Ok(())
             }
             Step::Create => {
-                tracing::warn!(%namespace, secret = %name, "the webhook's CA Secret was deleted; generating a new CA");
+                tracing::warn!(%namespace, secret = %name, "the webhook's CA Secret is gone (deleted); generating a new CA");
                 match ca::create(client.clone(), namespace, name).await {
                     Ok(ca) if ca.same_certificate(&current) => Ok(()),
                     Ok(ca) => rotate(&client, &settings, &trust, &certs, ca).await,
