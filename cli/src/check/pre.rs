@@ -229,6 +229,14 @@ const NEEDED: &[Needed] = &[
         resource: "secrets",
         namespaced: true,
     },
+    // The chart's Role lets the operator watch its webhook CA Secret; granting that takes
+    // holding it.
+    Needed {
+        verb: "watch",
+        group: "",
+        resource: "secrets",
+        namespaced: true,
+    },
     Needed {
         verb: "create",
         group: "coordination.k8s.io",
