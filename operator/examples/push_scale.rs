@@ -18,6 +18,8 @@
 //!
 //! Mesh: 10 namespaces × 100 Services × 1 EndpointSlice of 10 endpoints (1,000 Services,
 //! 10,000 endpoints); subscribers spread evenly over the namespaces, each seeing its own.
+//! `WEFT_PUSH_SCALE_POD_ADDRESSES=1` gives every subscriber's pod an address and a
+//! declared port that no Service lists (so each is sent by address to its namespace).
 
 #![allow(
     clippy::unwrap_used,
@@ -116,12 +118,21 @@ fn objects(subscribers: usize) -> (Objects, Objects, Objects) {
             slices.push(model::endpoint_slice(&slice(ns, svc, 1)));
         }
     }
+    // With WEFT_PUSH_SCALE_POD_ADDRESSES set, each subscriber's pod has an address and
+    // declares port 8080, which no Service lists: every one of them is then in its
+    // namespace's `pods.<ns>` config, the most that config can carry.
+    let addressed = std::env::var_os("WEFT_PUSH_SCALE_POD_ADDRESSES").is_some();
     for i in 0..subscribers {
-        let p: Pod = serde_json::from_value(json!({
+        let mut p = json!({
             "metadata": {"name": format!("pod{i}"), "namespace": format!("ns{}", i % NAMESPACES)},
             "spec": {"serviceAccountName": "app", "containers": []}
-        }))
-        .unwrap();
+        });
+        if addressed {
+            p["spec"]["containers"] = json!([{"name": "app", "ports": [{"containerPort": 8080}]}]);
+            p["status"] = json!({"phase": "Running",
+                                 "podIPs": [{"ip": format!("198.18.{}.{}", i / 250, i % 250 + 1)}]});
+        }
+        let p: Pod = serde_json::from_value(p).unwrap();
         pods.push(model::pod(&p));
     }
     (services, slices, pods)
