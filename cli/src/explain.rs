@@ -195,6 +195,14 @@ impl Request {
     }
 }
 
+/// The namespace of the operator's config of meshed pods that no Service lists
+/// (`pods.<ns>` or `pods.<ns>.opaque`), if `name` is one.
+fn pods_config_namespace(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix(weft_api::proxy_config::PODS_CONFIG_PREFIX)?;
+    let ns = rest.strip_suffix(".opaque").unwrap_or(rest);
+    (!ns.contains('.')).then_some(ns)
+}
+
 /// The index of the service the proxy sends `req` to, and how it was found; `Err` says
 /// why none.
 pub fn resolve(
@@ -215,19 +223,14 @@ pub fn resolve(
                 {
                     Some((svc, endpoint)) => format!(
                         "no service of this proxy claims {addr}, but it is {} (identity {}): the connection goes to that pod alone, over mutual TLS when this proxy holds a certificate, {}, without Route, balancing, retries or Breaker",
-                        match svc
-                            .name
-                            .strip_prefix(weft_api::proxy_config::PODS_CONFIG_PREFIX)
-                            .map(|rest| rest.strip_suffix(".opaque").unwrap_or(rest))
-                            .filter(|ns| !ns.contains('.'))
-                        {
+                        match pods_config_namespace(&svc.name) {
                             Some(ns) => format!(
                                 "a meshed pod of namespace {ns} declaring port {port}, which no Service lists"
                             ),
                             None => format!("a meshed endpoint of service {}", svc.name),
                         },
                         endpoint.and_then(|e| e.identity.as_deref()).unwrap_or("-"),
-                        if svc.opaque {
+                        if svc.opaque || cfg.is_opaque_port(port) {
                             "as opaque TCP"
                         } else {
                             "HTTP detected as for that service"
@@ -251,6 +254,7 @@ pub fn resolve(
         .services
         .iter()
         .enumerate()
+        .filter(|(_, s)| pods_config_namespace(&s.name).is_none())
         .filter(|(_, s)| match req.port {
             Some(p) => s.name == format!("{base}.{p}"),
             None => {
@@ -1229,6 +1233,8 @@ mod tests {
             }, {
                 "name": "pods.shop", "addresses": [], "protocol": "detect",
                 "endpoints": [{"address": "198.18.1.7:9000",
+                               "identity": "spiffe://cluster.local/ns/shop/sa/job"},
+                              {"address": "198.18.1.7:6379",
                                "identity": "spiffe://cluster.local/ns/shop/sa/job"}]
             }]
         }))
@@ -1250,6 +1256,13 @@ mod tests {
                 && why.contains("spiffe://cluster.local/ns/shop/sa/job"),
             "{why}"
         );
+        // A port every proxy takes as opaque is forwarded so, whatever the config's protocol.
+        let why = resolve(&cfg, &raw, "shop", &req("198.18.1.7", 6379)).unwrap_err();
+        assert!(why.contains("as opaque TCP"), "{why}");
+        // The pods' config is no Service's, whatever its name looks like.
+        let bare = Request::from_args("pods.shop", "GET", &[], None).unwrap();
+        let why = resolve(&cfg, &raw, "shop", &bare).unwrap_err();
+        assert!(why.contains("has no service pods.shop"), "{why}");
         let why = resolve(&cfg, &raw, "shop", &req("198.18.1.6", 5432)).unwrap_err();
         assert!(why.contains("passed through"), "{why}");
         let why = resolve(&cfg, &raw, "shop", &req("db.shop", 5432)).unwrap_err();

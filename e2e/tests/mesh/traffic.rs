@@ -1051,6 +1051,13 @@ pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result
     ))?;
     demo.kube
         .run(&["-n", ns, "delete", "service", "web", "web-v1", "web-v2"])?;
+    // Load only once the client's proxy has the new config: before it, web's Service
+    // still gives mutual TLS, and the step would pass without testing the headless one.
+    client_has_only(
+        &meshed,
+        &format!("web-peers.{ns}."),
+        &["web", "web-v1", "web-v2"].map(|s| format!("{s}.{ns}.")),
+    )?;
     eventually(Duration::from_secs(30), || {
         all_ok(
             &meshed.load("client", &by_ip, &BURST)?,
@@ -1061,6 +1068,11 @@ pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result
     // knows web's pod by the port it declares (`containerPort: 8080`).
     demo.kube
         .run(&["-n", ns, "delete", "service", "web-peers"])?;
+    client_has_only(
+        &meshed,
+        &format!("pods.{ns}\""),
+        &[format!("web-peers.{ns}.")],
+    )?;
     eventually(Duration::from_secs(30), || {
         all_ok(
             &meshed.load("client", &by_ip, &BURST)?,
@@ -1077,6 +1089,26 @@ pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result
         )
     })?;
     Ok(())
+}
+
+/// Waits until `demo`'s client proxy has a service whose label starts with `present`
+/// and none starting with any of `gone` (by its `weft_service_endpoints` gauges).
+fn client_has_only(demo: &Demo, present: &str, gone: &[String]) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(30), || {
+        let metrics = demo.client_metrics("client")?;
+        let services: Vec<&str> = metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("weft_service_endpoints{service=\""))
+            .collect();
+        ensure!(
+            services.iter().any(|s| s.starts_with(present))
+                && !services
+                    .iter()
+                    .any(|s| gone.iter().any(|g| s.starts_with(g.as_str()))),
+            "the client's proxy has services {services:?}: waiting for {present}… and none of {gone:?}"
+        );
+        Ok(())
+    })
 }
 
 /// 6. A rolling update of web under constant load loses no request: every request the

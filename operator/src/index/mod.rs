@@ -38,8 +38,8 @@ pub mod validate;
 pub mod watch;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet, btree_map},
-    net::SocketAddr,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
@@ -219,6 +219,9 @@ pub struct Index {
     contested: BTreeMap<String, BTreeSet<String>>,
     /// Which namespaces' services claim each cluster address.
     claims: HashMap<String, BTreeSet<String>>,
+    /// Which meshed pods hold each pod address: more than one only in stale state (a
+    /// pod gone unseen whose address another pod already has), when no one's is sent.
+    pod_addresses: HashMap<IpAddr, BTreeSet<ObjectKey>>,
     version: u64,
     /// During [`Index::replace`]: namespaces to rebuild once at the end.
     deferred: Option<BTreeSet<String>>,
@@ -251,6 +254,7 @@ impl Index {
             refused_policies: BTreeMap::new(),
             contested: BTreeMap::new(),
             claims: HashMap::new(),
+            pod_addresses: HashMap::new(),
             version: 0,
             deferred: None,
         }
@@ -323,8 +327,15 @@ impl Index {
                 if self.pods.get(&key) == Some(&m) {
                     return Affected::default();
                 }
+                let old = self
+                    .pods
+                    .get(&key)
+                    .map(|p| p.ips.clone())
+                    .unwrap_or_default();
+                let others = self.move_pod_addresses(&key, &old, &m.ips);
                 pods.insert(key.clone());
                 self.pods.insert(key, m);
+                return self.finish(std::iter::once(ns).chain(others), pods);
             }
             Object::Route(m) => {
                 if self.routes.get(&key) == Some(&m) {
@@ -367,8 +378,12 @@ impl Index {
             }
             Kind::EndpointSlice => self.slices.remove(key).is_some(),
             Kind::Pod => {
+                let Some(removed) = self.pods.remove(key) else {
+                    return Affected::default();
+                };
+                let others = self.move_pod_addresses(key, &removed.ips, &[]);
                 pods.insert(key.clone());
-                self.pods.remove(key).is_some()
+                return self.finish(std::iter::once(ns).chain(others), pods);
             }
             Kind::Route => self.routes.remove(key).is_some(),
             Kind::Policy => {
@@ -424,19 +439,58 @@ impl Index {
         affected
     }
 
-    fn finish(&mut self, ns: Option<String>, pods: BTreeSet<ObjectKey>) -> Affected {
+    /// Records that pod `key` holds `new` addresses instead of `old`; returns the other
+    /// namespaces whose pods share any of them, whose configs change with it.
+    fn move_pod_addresses(
+        &mut self,
+        key: &ObjectKey,
+        old: &[IpAddr],
+        new: &[IpAddr],
+    ) -> BTreeSet<String> {
+        let mut touched = BTreeSet::new();
+        for ip in old.iter().filter(|ip| !new.contains(ip)) {
+            if let Some(holders) = self.pod_addresses.get_mut(ip) {
+                holders.remove(key);
+                touched.extend(holders.iter().map(|k| k.namespace.clone()));
+                if holders.is_empty() {
+                    self.pod_addresses.remove(ip);
+                }
+            }
+        }
+        for ip in new.iter().filter(|ip| !old.contains(ip)) {
+            let holders = self.pod_addresses.entry(*ip).or_default();
+            if let Some(other) = holders.iter().next() {
+                tracing::warn!(
+                    address = %ip,
+                    pod = %key,
+                    holder = %other,
+                    "two meshed pods hold one address; neither is sent by it until one goes"
+                );
+            }
+            touched.extend(holders.iter().map(|k| k.namespace.clone()));
+            holders.insert(key.clone());
+        }
+        touched.remove(&key.namespace);
+        touched
+    }
+
+    fn finish(
+        &mut self,
+        namespaces: impl IntoIterator<Item = String>,
+        pods: BTreeSet<ObjectKey>,
+    ) -> Affected {
         let mut affected = Affected {
             pods,
             ..Affected::default()
         };
         if let Some(deferred) = self.deferred.as_mut() {
-            deferred.extend(ns);
+            deferred.extend(namespaces);
             return affected;
         }
-        if let Some(ns) = ns
-            && self.rebuild(&ns)
-        {
-            affected.namespaces.insert(ns);
+        for ns in namespaces.into_iter().collect::<BTreeSet<_>>() {
+            if self.rebuild(&ns) {
+                affected.namespaces.insert(ns);
+            }
         }
         if !affected.is_empty() {
             self.version += 1;
@@ -909,8 +963,8 @@ impl Index {
     /// proxies detect, one for those they take as opaque): a client's proxy finds them by
     /// address, as a headless Service's pods, and originates mutual TLS, so a pod dialled
     /// straight at its address (a Job's workers, a driver and its executors) is reached as
-    /// a Strict pod requires. An address two pods claim (one of them stale) is left out:
-    /// which identity it has is not known.
+    /// a Strict pod requires. An address two meshed pods hold, in any namespaces (one of
+    /// them stale), is left out at every port: which identity it has is not known.
     fn pods_configs(
         &self,
         ns: &str,
@@ -922,19 +976,45 @@ impl Index {
             .filter(|e| e.identity.is_some())
             .map(|e| e.address.as_str())
             .collect();
-        // address → (opaque, endpoint), or `None` once a second pod claims it.
-        let mut found: BTreeMap<String, Option<(bool, EndpointConfig)>> = BTreeMap::new();
+        // A port that a Service declares opaque stays opaque while that Service does not
+        // list the pod (not ready): a server-speaks-first protocol must not wait out
+        // detection by turns.
+        let mut service_opaque: HashSet<String> = HashSet::new();
+        for (_, slice) in in_ns(&self.slices, ns) {
+            let Some(svc) = self
+                .services
+                .get(&ObjectKey::new(ns, slice.service.clone()))
+            else {
+                continue;
+            };
+            for port in svc.ports.iter().filter(|p| p.opaque) {
+                let Some((_, target)) = slice.ports.iter().find(|(name, _)| *name == port.name)
+                else {
+                    continue;
+                };
+                for ip in slice.endpoints.iter().flat_map(|e| &e.addresses) {
+                    service_opaque.insert(SocketAddr::new(*ip, *target).to_string());
+                }
+            }
+        }
+        let mut found: BTreeMap<String, (bool, EndpointConfig)> = BTreeMap::new();
         for (key, pod) in in_ns(&self.pods, ns) {
             let mut ports = pod.ports.iter().copied().filter(|p| pod.intercepts(*p));
             let Some(first) = ports.next() else { continue };
-            if pod.ips.is_empty() {
+            let ips: Vec<IpAddr> = pod
+                .ips
+                .iter()
+                .copied()
+                .filter(|ip| self.pod_addresses.get(ip).is_none_or(|h| h.len() == 1))
+                .collect();
+            if ips.is_empty() {
                 continue;
             }
             let Some(identity) = self.endpoint_identity(ns, Some(&key.name), first) else {
                 continue;
             };
             for port in std::iter::once(first).chain(ports) {
-                for ip in &pod.ips {
+                for ip in &ips {
                     let address = SocketAddr::new(*ip, port).to_string();
                     if listed.contains(address.as_str()) {
                         continue;
@@ -946,24 +1026,12 @@ impl Index {
                         identity: Some(identity.clone()),
                         unknown: BTreeMap::new(),
                     };
-                    match found.entry(address) {
-                        btree_map::Entry::Vacant(v) => {
-                            v.insert(Some((pod.is_opaque(port), endpoint)));
-                        }
-                        btree_map::Entry::Occupied(mut o) => {
-                            tracing::warn!(
-                                address = %o.key(),
-                                pod = %key,
-                                "two meshed pods claim one address; it is left out until one goes"
-                            );
-                            o.insert(None);
-                        }
-                    }
+                    let opaque = pod.is_opaque(port) || service_opaque.contains(&address);
+                    found.insert(address, (opaque, endpoint));
                 }
             }
         }
-        let (opaque, detected): (Vec<_>, Vec<_>) =
-            found.into_values().flatten().partition(|(o, _)| *o);
+        let (opaque, detected): (Vec<_>, Vec<_>) = found.into_values().partition(|(o, _)| *o);
         [(Protocol::Detect, detected), (Protocol::Opaque, opaque)]
             .into_iter()
             .filter(|(_, endpoints)| !endpoints.is_empty())

@@ -1402,7 +1402,54 @@ fn meshed_pods_no_service_lists_are_known_by_address_at_the_ports_they_declare()
             Some("spiffe://cluster.local/ns/shop/sa/other-sa".to_owned())
         )]
     );
-    i.delete(Kind::Pod, &key("shop", "other"));
-    i.delete(Kind::Pod, &key("shop", "worker"));
+    // ... in any namespace: a pod of `cart` given 198.18.2.2 takes it out of `shop`'s
+    // config, at every port, until it goes.
+    let cart: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "stale", "namespace": "cart"},
+        "spec": {"containers": [{"name": "app", "ports": [{"containerPort": 9999}]}]},
+        "status": {"phase": "Running", "podIPs": [{"ip": "198.18.2.2"}]}
+    }))
+    .unwrap();
+    let affected = i.apply(model::pod(&cart).0, model::pod(&cart).1);
+    assert!(affected.namespaces.contains("shop"), "{affected:?}");
     assert_eq!(pods(&i), None);
+    let affected = i.delete(Kind::Pod, &key("cart", "stale"));
+    assert!(affected.namespaces.contains("shop"), "{affected:?}");
+    assert_eq!(pods(&i).unwrap().len(), 1);
+    i.delete(Kind::Pod, &key("shop", "worker"));
+    assert_eq!(
+        pods(&i).unwrap().len(),
+        2,
+        "the address is other's alone again"
+    );
+    i.delete(Kind::Pod, &key("shop", "other"));
+    assert_eq!(pods(&i), None);
+
+    // A port a Service declares opaque stays opaque while that Service does not list the
+    // pod (not ready): not detected by turns with readiness.
+    let s: Service = serde_json::from_value(json!({
+        "metadata": {"name": "broker", "namespace": "shop"},
+        "spec": {"clusterIP": "198.19.0.9", "clusterIPs": ["198.19.0.9"],
+                 "ports": [{"name": "amqp", "port": 5672, "appProtocol": "tcp"}]}
+    }))
+    .unwrap();
+    apply(&mut i, model::service(&s));
+    let s: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "broker-1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "broker"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "amqp", "port": 7077}],
+        "endpoints": [{"addresses": ["198.18.2.1"], "conditions": {"ready": false},
+                       "targetRef": {"kind": "Pod", "name": "worker", "namespace": "shop"}}],
+    }))
+    .unwrap();
+    apply(&mut i, model::endpoint_slice(&s));
+    apply(
+        &mut i,
+        pod_at("worker", &["198.18.2.1"], &[7077], "15021", "Running"),
+    );
+    let view = i.view(&client).unwrap();
+    assert!(view.services.get("pods.shop").is_none());
+    let opaque = view.services.get("pods.shop.opaque").unwrap();
+    assert_eq!(opaque.endpoints[0].address, "198.18.2.1:7077");
 }
