@@ -309,12 +309,17 @@ impl IdentityStore {
             )
             .map_err(CertError::Untrusted)?;
         let anchor = path.anchor();
-        let root = bundle.iter().find(|root| {
-            webpki::anchor_from_trusted_cert(root).is_ok_and(|a| {
-                a.subject == anchor.subject
-                    && a.subject_public_key_info == anchor.subject_public_key_info
+        // Of two copies of the root (one re-issued with a later end), the later counts:
+        // webpki trusts the anchor, not the copy's dates.
+        let root = bundle
+            .iter()
+            .filter(|root| {
+                webpki::anchor_from_trusted_cert(root).is_ok_and(|a| {
+                    a.subject == anchor.subject
+                        && a.subject_public_key_info == anchor.subject_public_key_info
+                })
             })
-        });
+            .max_by_key(|root| expiry(root));
         let chain_root = root.map(|root| fingerprint(root)).unwrap_or_default();
         let trust_roots = bundle.iter().map(|r| fingerprint(r)).collect();
         // The chain verifies until the first certificate on its path expires: an
@@ -1215,6 +1220,27 @@ mod tests {
             "the chain ends with the intermediate on its path"
         );
         assert_eq!(c.chain_root, fingerprint(&root.der));
+    }
+
+    #[test]
+    fn of_two_copies_of_the_root_the_later_one_times_the_chain() {
+        let root = Ca::new("root A");
+        // The same root (name and key) as first issued, ending in 10 minutes, left in the
+        // bundle before its re-issued copy.
+        let mut params = root.params.clone();
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(600);
+        let first = params.self_signed(&root.key).unwrap();
+        let id = SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap());
+        let (leaf, leaf_key) = root.issue(id, -60, 3600);
+        let store = IdentityStore::new().unwrap();
+        let c = store
+            .install_pem(&leaf, &leaf_key, &format!("{}{}", first.pem(), root.pem))
+            .unwrap();
+        let left = c.not_after.duration_since(SystemTime::now()).unwrap();
+        assert!(
+            left > Duration::from_secs(3000),
+            "the leaf's end, not the old copy's: {left:?}"
+        );
     }
 
     #[test]
