@@ -49,15 +49,18 @@ pub enum CaError {
     /// The Secret's CA is outside its validity: every certificate it signed would be
     /// refused by the API server.
     #[error(
-        "Secret {name}: its CA certificate is valid from {not_before} to {not_after}, not now; delete the Secret for the operator to generate a new CA (the webhook's caBundle follows), or supply a valid one (check this machine's clock too)"
+        "Secret {name}: its CA certificate is valid from {} to {}, not now; delete the Secret for the operator to generate a new CA (the webhook's caBundle follows), or supply a valid one (check this machine's clock too)",
+        rfc3339(*.not_before),
+        rfc3339(*.not_after)
     )]
     OutOfValidity {
         /// The Secret's name.
         name: String,
-        /// The certificate's notBefore (RFC 3339).
-        not_before: String,
-        /// The certificate's notAfter (RFC 3339).
-        not_after: String,
+        /// The certificate's notBefore: a CA refused for starting later becomes usable
+        /// then, without a change of the Secret.
+        not_before: SystemTime,
+        /// The certificate's notAfter.
+        not_after: SystemTime,
     },
     /// The CA expired while the operator ran: nothing it signs is valid any more.
     #[error(
@@ -196,8 +199,8 @@ impl Ca {
         }
         Err(CaError::OutOfValidity {
             name: name.to_owned(),
-            not_before: rfc3339(self.not_before),
-            not_after: rfc3339(self.not_after),
+            not_before: self.not_before,
+            not_after: self.not_after,
         })
     }
 

@@ -7,7 +7,8 @@
 //!         (in the operator: retried with backoff until it succeeds; readiness gate opens)
 //!  serve: API server ──TLS──▶ server ──▶ review::parse ─▶ namespace labels ─▶ review::admit
 //!         watch of the CA Secret ──▶ rotation: caBundle = new + old CA, then CertStore
-//!         from the new CA (renewal and the bundle repair follow it)
+//!         from the new CA (renewal and the bundle repair follow it); caBundle = new CA
+//!         alone once the old one expires
 //! ```
 
 pub mod registration;
@@ -241,7 +242,9 @@ const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
 /// sync of the chart (whose manifest has no bundle) would otherwise leave the API server
 /// unable to call the webhook until the operator restarts. A deleted configuration is left
 /// deleted, and a bundle of another CA (another replica's, or one a rotation wrote with
-/// two CAs) is left as it is; the bundle restored is the current one of `trust`.
+/// two CAs) is left as it is; the bundle restored is the current one of `trust` (a
+/// rotation checks the bundle again once it publishes a new one, as this may have
+/// restored the one before).
 async fn keep_registered(
     client: Client,
     settings: WebhookSettings,

@@ -6,19 +6,26 @@
 //! ```text
 //!  watch of the Secret (by name) ─▶ ca::from_secret ─▶ step(current, observed)
 //!     Keep     the same CA (or a relist): nothing
-//!     Refuse   garbage, expired, key not the certificate's: warn once, keep serving
+//!     Refuse   garbage, expired, key not the certificate's: warn once, keep serving;
+//!              a CA not valid yet on this clock is read again once it is
 //!     Create   deleted: ca::create (a replica that loses the race reads the winner's)
 //!     Rotate   another CA: caBundle := new + old (JSON patch; a deleted registration
 //!              stays deleted) ─▶ serving certificate re-issued from the new CA
 //!              ─▶ Trust sent to the renewal (follows the new CA) and the bundle repair
+//!              ─▶ caBundle checked again (the repair may have written the old Trust's)
+//!  timer at the old CA's expiry ─▶ caBundle := new alone
 //! ```
 //!
 //! The bundle keeps the CA served before the rotation beside the new one until that CA
-//! expires, or until this replica restarts (it then applies its own CA alone): a replica
-//! that has not yet seen the change, or a connection the API server opened before it,
-//! still verifies. Only the one previous CA is kept.
+//! expires, when every replica that rotated rewrites it without (each computes the same
+//! bundle, so they agree), or until a replica restarts (it then applies its own CA alone):
+//! a replica that has not yet seen the change, or a connection the API server opened
+//! before it, still verifies. Only the one previous CA is kept.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -28,13 +35,17 @@ use kube::{
 };
 use tokio::{sync::watch, time::Instant};
 
-use super::{CertStore, WebhookSettings, start_backoff};
+use super::{CertStore, START_BACKOFF_MAX, WebhookSettings, start_backoff};
 use crate::ca::{self, Ca, CaError};
 
 /// Between writing a new bundle and serving from the new CA: the API server reads its
 /// webhook configurations through an informer, so it trusts the new CA a moment after the
 /// write returns; serving from it before then would fail its calls to this replica.
-const BUNDLE_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+const BUNDLE_SETTLE: Duration = Duration::from_secs(1);
+
+/// Past a certificate's edge of validity before acting on it: the timer and the wall clock
+/// differ, and tokio rounds a deadline up only to the millisecond.
+const CLOCK_MARGIN: Duration = Duration::from_secs(1);
 
 /// The CAs the webhook trusts: the one it serves from, and the one it served from before
 /// the last rotation.
@@ -61,12 +72,24 @@ impl Trust {
     pub(super) fn bundle(&self, now: SystemTime) -> String {
         let mut bundle = pem_line(self.ca.cert_pem());
         if let Some(old) = &self.previous
-            && now < old.not_after()
-            && !old.same_certificate(&self.ca)
+            && self.previous_left(now).is_some()
         {
             bundle.push_str(&pem_line(old.cert_pem()));
         }
         bundle
+    }
+
+    /// How long from `now` the previous CA stays in [`Trust::bundle`]: `None` when it is
+    /// not there (none kept, the same certificate as the current, or expired).
+    fn previous_left(&self, now: SystemTime) -> Option<Duration> {
+        let old = self.previous.as_ref()?;
+        if old.same_certificate(&self.ca) {
+            return None;
+        }
+        old.not_after()
+            .duration_since(now)
+            .ok()
+            .filter(|left| !left.is_zero())
     }
 
     /// The trust after rotating to `next`: the CA served until now becomes the previous.
@@ -131,6 +154,37 @@ enum RotateError {
     Bundle(#[source] kube::Error),
 }
 
+/// When to read the Secret again after refusing what it holds, measured from `now`: a CA
+/// refused only for starting later (cert-manager does not backdate, and this node's clock
+/// may lag the issuer's by a second) becomes usable without the Secret changing, so it is
+/// read again once valid, at most [`START_BACKOFF_MAX`] apart as start-up tries. Anything
+/// else waits for the Secret to change.
+fn refused_retry(error: &CaError, now: SystemTime) -> Option<Duration> {
+    match error {
+        CaError::OutOfValidity {
+            not_before,
+            not_after,
+            ..
+        } if now < *not_after && not_before < not_after => Some(
+            not_before
+                .duration_since(now)
+                .unwrap_or_default()
+                .saturating_add(CLOCK_MARGIN)
+                .min(START_BACKOFF_MAX),
+        ),
+        _ => None,
+    }
+}
+
+/// When to check the bundle again after it was made to match `trust` at `now`: once the
+/// previous CA it holds has expired, so that it is rewritten without it (nothing else
+/// writes the bundle while the CA stays the same); never when it holds no previous CA.
+fn recheck_after(trust: &Trust, now: SystemTime) -> Option<Duration> {
+    trust
+        .previous_left(now)
+        .map(|left| left.saturating_add(CLOCK_MARGIN))
+}
+
 /// Watches Secret `settings.ca_namespace/ca_secret` and acts on each change as the module
 /// docs say, forever. `trust` holds the current CAs; `certs` is what the webhook serves.
 pub(super) async fn watch_ca(
@@ -148,8 +202,12 @@ pub(super) async fn watch_ca(
     let mut listed = false;
     // The resource version last refused, so that a relist does not repeat the warning.
     let mut refused: Option<String> = None;
-    // A step that failed (the API server, the registration) is retried from a fresh read.
+    // A step that failed (the API server, the registration) is retried from a fresh read;
+    // so is a CA refused for not being valid yet.
     let mut retry: Option<(Instant, u32)> = None;
+    // When to make the bundle match `trust` again (right after a rotation, then when the
+    // previous CA expires), and the failed writes since the last one that succeeded.
+    let mut recheck: Option<(Instant, u32)> = None;
     loop {
         let observed = tokio::select! {
             event = events.next() => match event {
@@ -164,6 +222,19 @@ pub(super) async fn watch_ca(
                 }
                 None => return,
             },
+            () = until(recheck.map(|(at, _)| at)) => {
+                let failures = recheck.map_or(0, |(_, n)| n);
+                recheck = match check_bundle(&client, &settings, &trust).await {
+                    // A CA may claim to last millennia: past what an Instant holds, never.
+                    Ok(next) => next.and_then(|wait| Instant::now().checked_add(wait)).map(|at| (at, 0)),
+                    Err(error) => {
+                        let wait = start_backoff(failures);
+                        tracing::warn!(%error, webhook = %settings.registration.name, retry_in = ?wait, "writing the webhook's caBundle");
+                        Some((Instant::now() + wait, failures.saturating_add(1)))
+                    }
+                };
+                continue;
+            }
             () = until(retry.map(|(at, _)| at)) => match api.get_opt(name).await {
                 Ok(s) => s,
                 Err(error) => {
@@ -178,18 +249,19 @@ pub(super) async fn watch_ca(
             .and_then(|s| s.metadata.resource_version.clone());
         let current = trust.borrow().ca.clone();
         let outcome = match step(&current, read(observed.as_ref(), name)) {
-            Step::Keep => Ok(()),
+            Step::Keep => Ok(Followed::Nothing),
             Step::Refuse(error) => {
                 if refused != version {
                     tracing::warn!(%error, %namespace, secret = %name, "the webhook's CA Secret holds no usable CA; serving from the current CA");
                     refused = version;
                 }
-                Ok(())
+                Ok(refused_retry(&error, SystemTime::now())
+                    .map_or(Followed::Nothing, Followed::ReadAgain))
             }
             Step::Create => {
                 tracing::warn!(%namespace, secret = %name, "the webhook's CA Secret is gone (deleted); generating a new CA");
                 match ca::create(client.clone(), namespace, name).await {
-                    Ok(ca) if ca.same_certificate(&current) => Ok(()),
+                    Ok(ca) if ca.same_certificate(&current) => Ok(Followed::Nothing),
                     Ok(ca) => rotate(&client, &settings, &trust, &certs, ca).await,
                     Err(error) => Err(RotateError::Ca(error)),
                 }
@@ -197,7 +269,15 @@ pub(super) async fn watch_ca(
             Step::Rotate(ca) => rotate(&client, &settings, &trust, &certs, *ca).await,
         };
         retry = match outcome {
-            Ok(()) => None,
+            Ok(Followed::Nothing) => None,
+            Ok(Followed::ReadAgain(wait)) => Some((Instant::now() + wait, 0)),
+            Ok(Followed::Rotated) => {
+                // While the rotation waited for the bundle to settle, the repair of an
+                // emptied bundle wrote the Trust of then (the old CA alone), and this
+                // replica now serves from the new one: check the bundle again at once.
+                recheck = Some((Instant::now(), 0));
+                None
+            }
             Err(error) => {
                 let n = retry.map_or(0, |(_, n)| n);
                 let wait = start_backoff(n);
@@ -206,6 +286,45 @@ pub(super) async fn watch_ca(
             }
         };
     }
+}
+
+/// What following the Secret did, when it did not fail.
+enum Followed {
+    /// Nothing to do, or nothing more until the Secret changes.
+    Nothing,
+    /// Refused a CA that becomes usable by itself: read the Secret again after this.
+    ReadAgain(Duration),
+    /// Serving from a new CA.
+    Rotated,
+}
+
+/// Writes the bundle `trust` holds now into the registration if it differs, and returns
+/// when to do so again (see [`recheck_after`]).
+async fn check_bundle(
+    client: &Client,
+    settings: &WebhookSettings,
+    trust: &watch::Sender<Trust>,
+) -> Result<Option<Duration>, kube::Error> {
+    let now = SystemTime::now();
+    // Cloned out: the channel's lock is not held across the write.
+    let current = trust.borrow().clone();
+    settings
+        .registration
+        .replace_bundles(client.clone(), &current.bundle(now))
+        .await?;
+    let next = recheck_after(&current, now);
+    if let Some(old) = &current.previous
+        && next.is_none()
+        && old.not_after() <= now
+    {
+        tracing::info!(
+            namespace = %settings.ca_namespace,
+            secret = %settings.ca_secret,
+            expired = %ca::rfc3339(old.not_after()),
+            "the webhook's previous CA expired; caBundle holds the current CA alone"
+        );
+    }
+    Ok(next)
 }
 
 /// Completes at `at`, or never.
@@ -232,7 +351,7 @@ async fn rotate(
     trust: &watch::Sender<Trust>,
     certs: &CertStore,
     next: Ca,
-) -> Result<(), RotateError> {
+) -> Result<Followed, RotateError> {
     let leaf = next.issue_serving(&settings.dns_names, &settings.ips, settings.cert_lifetime)?;
     let rotated = trust.borrow().rotated(next);
     let bundle = rotated.bundle(SystemTime::now());
@@ -254,7 +373,7 @@ async fn rotate(
         previous_trusted_until = ?previous_expires,
         "the webhook's CA changed; serving from the new CA, caBundle trusts both"
     );
-    Ok(())
+    Ok(Followed::Rotated)
 }
 
 #[cfg(test)]
@@ -345,6 +464,60 @@ mod tests {
         assert!(rotated.bundle(now).contains(old.ca.cert_pem().trim_end()));
         let later = now + Duration::from_secs(2 * 3600);
         assert_eq!(rotated.bundle(later), pem_line(rotated.ca.cert_pem()));
+    }
+
+    /// A CA refused only for starting a moment later on this clock is read again once it
+    /// has started (no change of the Secret would wake the watch), at most 30 s apart as at
+    /// start-up; an expired or malformed one waits for the Secret to change.
+    #[test]
+    fn a_ca_not_valid_yet_is_read_again_once_it_is_and_nothing_else_is() {
+        let now = SystemTime::now();
+        let year = Duration::from_secs(365 * 86_400);
+        let out_of_validity = |not_before, not_after| CaError::OutOfValidity {
+            name: "weft-ca".to_owned(),
+            not_before,
+            not_after,
+        };
+        let early = out_of_validity(now + Duration::from_millis(500), now + year);
+        assert_eq!(
+            refused_retry(&early, now),
+            Some(Duration::from_millis(1500))
+        );
+        // Valid since it was refused: read again after the margin alone.
+        let started = out_of_validity(now - Duration::from_secs(1), now + year);
+        assert_eq!(refused_retry(&started, now), Some(CLOCK_MARGIN));
+        let next_year = out_of_validity(now + year, now + 2 * year);
+        assert_eq!(refused_retry(&next_year, now), Some(START_BACKOFF_MAX));
+        let expired = out_of_validity(now - year, now - Duration::from_secs(1));
+        assert_eq!(refused_retry(&expired, now), None);
+        let inverted = out_of_validity(now + year, now + Duration::from_secs(1));
+        assert_eq!(refused_retry(&inverted, now), None);
+        let malformed = CaError::Malformed {
+            name: "weft-ca".to_owned(),
+            reason: ca::Unusable::NotCa,
+        };
+        assert_eq!(refused_retry(&malformed, now), None);
+    }
+
+    /// After a rotation the bundle is checked again when the previous CA expires, so that
+    /// it leaves the bundle then; with no previous CA in the bundle, never.
+    #[test]
+    fn the_bundle_is_checked_again_when_the_previous_ca_expires() {
+        let hour = time::Duration::hours(1);
+        let start = Trust::new(ca_between(-hour, hour));
+        let now = SystemTime::now();
+        assert_eq!(recheck_after(&start, now), None);
+        let rotated = start.rotated(generated());
+        let wait = recheck_after(&rotated, now).unwrap();
+        let expiry = start.ca.not_after().duration_since(now).unwrap();
+        assert_eq!(wait, expiry + CLOCK_MARGIN);
+        // At that time the bundle no longer holds it, and nothing more is due.
+        let then = now + wait;
+        assert_eq!(rotated.bundle(then), pem_line(rotated.ca.cert_pem()));
+        assert_eq!(recheck_after(&rotated, then), None);
+        let (ca, key) = Ca::generate("same").unwrap();
+        let same = Trust::new(again(&ca, &key)).rotated(ca);
+        assert_eq!(recheck_after(&same, now), None);
     }
 
     #[test]
