@@ -400,6 +400,8 @@ pub fn evaluate_lease(at: &str, lease: Option<&Lease>, now: i64) -> Finding {
 // The webhook
 
 /// Judges the webhook's registration: present, with a caBundle of certificates valid now.
+/// An expired certificate beside one that is not only warns: it is the CA served before a
+/// rotation, which a running operator drops from the bundle when it expires.
 pub fn evaluate_webhook_registration(
     name: &str,
     got: &Result<Option<MutatingWebhookConfiguration>, kube::Error>,
@@ -430,6 +432,8 @@ pub fn evaluate_webhook_registration(
             "restart the operator: it rewrites the configuration at start",
         );
     }
+    // Expired certificates kept beside a valid one, as "webhook: subject".
+    let mut lingering = Vec::new();
     for h in &hooks {
         let bundle = h
             .client_config
@@ -456,18 +460,37 @@ pub fn evaluate_webhook_registration(
                 );
             }
             Ok(infos) => {
-                if let Some(expired) = infos.iter().find(|c| c.not_after < now) {
+                let (expired, valid): (Vec<_>, Vec<_>) =
+                    infos.iter().partition(|c| c.not_after < now);
+                if valid.is_empty()
+                    && let Some(expired) = expired.first()
+                {
                     return Finding::fail(
                         names::WEBHOOK_REGISTERED,
                         format!(
-                            "the caBundle of webhook {} of {name} holds an expired certificate ({})",
+                            "the caBundle of webhook {} of {name} holds only expired certificates ({})",
                             h.name, expired.subject
                         ),
                         "delete Secret weft-ca in the operator's namespace and restart the operator: it creates a new CA and rewrites caBundle",
                     );
                 }
+                lingering.extend(
+                    expired
+                        .iter()
+                        .map(|c| format!("webhook {}: {}", h.name, c.subject)),
+                );
             }
         }
+    }
+    if !lingering.is_empty() {
+        return Finding::warn(
+            names::WEBHOOK_REGISTERED,
+            format!(
+                "the caBundle of {name} holds an expired certificate beside a valid one ({}): the CA served before the last change of weft-ca, harmless since the API server verifies against the valid one",
+                lingering.join(", ")
+            ),
+            "it leaves at the bundle's next rewrite: a running operator drops it a second after it expires; if it stays, restart the operator (kubectl rollout restart deployment/weft-operator), which rewrites caBundle with its CA alone (no need for a new CA)",
+        );
     }
     let policy = hooks[0].failure_policy.clone().unwrap_or_default();
     Finding::ok(

@@ -229,8 +229,14 @@ const NEEDED: &[Needed] = &[
         resource: "secrets",
         namespaced: true,
     },
-    // The chart's Role lets the operator watch its webhook CA Secret; granting that takes
-    // holding it.
+    // The chart's Role lets the operator list and watch its webhook CA Secret; granting
+    // that takes holding both.
+    Needed {
+        verb: "list",
+        group: "",
+        resource: "secrets",
+        namespaced: true,
+    },
     Needed {
         verb: "watch",
         group: "",

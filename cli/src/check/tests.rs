@@ -124,6 +124,68 @@ fn root_pem(not_after: i64) -> String {
         .pem()
 }
 
+/// A registration whose every webhook has `bundle` as its caBundle.
+fn registration_with(bundle: &str) -> MutatingWebhookConfiguration {
+    use k8s_openapi::api::admissionregistration::v1::{MutatingWebhook, WebhookClientConfig};
+    let webhook = |name: &str| MutatingWebhook {
+        name: name.to_owned(),
+        client_config: WebhookClientConfig {
+            url: Some("https://weft.invalid/inject".to_owned()),
+            ca_bundle: Some(ByteString(bundle.as_bytes().to_vec())),
+            service: None,
+        },
+        admission_review_versions: vec!["v1".to_owned()],
+        side_effects: "None".to_owned(),
+        ..Default::default()
+    };
+    MutatingWebhookConfiguration {
+        metadata: Default::default(),
+        webhooks: Some(vec![
+            webhook("a.inject.weft.dev"),
+            webhook("b.inject.weft.dev"),
+        ]),
+    }
+}
+
+/// After a change of the webhook's CA the bundle holds the new CA and the one before; once
+/// that one expires, and until the operator rewrites the bundle without it, the API server
+/// still verifies against the new one: a warning that needs no action, not a failure whose
+/// way out (a new CA) would be one more change. A bundle of expired certificates only
+/// fails.
+#[test]
+fn an_expired_ca_beside_a_valid_one_in_the_webhook_bundle_warns_and_alone_fails() {
+    let name = "weft-injector";
+    let judge = |bundle: &str| {
+        evaluate_webhook_registration(name, &Ok(Some(registration_with(bundle))), NOW)
+    };
+    let valid = root_pem(NOW + DAY);
+    let expired = root_pem(NOW - 60);
+
+    assert_eq!(judge(&valid).status, Status::Ok);
+    let both = judge(&format!("{valid}{expired}"));
+    assert_eq!(both.status, Status::Warn, "{both:?}");
+    assert!(
+        both.message
+            .contains("expired certificate beside a valid one"),
+        "{both:?}"
+    );
+    let hint = both.hint.as_deref().unwrap_or_default();
+    assert!(
+        hint.contains("restart the operator") && !hint.contains("delete Secret weft-ca"),
+        "{both:?}"
+    );
+    let alone = judge(&expired);
+    assert_eq!(alone.status, Status::Fail, "{alone:?}");
+    assert!(
+        alone
+            .hint
+            .as_deref()
+            .unwrap_or_default()
+            .contains("delete Secret weft-ca"),
+        "{alone:?}"
+    );
+}
+
 fn time_of(secs: i64) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(secs).unwrap()
 }
