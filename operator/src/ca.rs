@@ -338,25 +338,28 @@ pub fn from_secret(secret: &Secret, name: &str) -> Result<Ca, CaError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A CA valid from `from` to `to` around now.
+    pub(crate) fn ca_between(from: time::Duration, to: time::Duration) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + from;
+        params.not_after = now + to;
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Ca::from_pem(&cert.pem(), &key.serialize_pem()).unwrap()
+    }
 
     /// A CA that expired (or is not valid yet) signs serving certificates the API server
     /// refuses: the webhook would start and inject nothing. It is refused at load, with
     /// the way out.
     #[test]
     fn a_ca_outside_its_validity_is_refused_at_load_with_the_way_out() {
-        let ca = |from: time::Duration, to: time::Duration| {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-            let now = time::OffsetDateTime::now_utc();
-            params.not_before = now + from;
-            params.not_after = now + to;
-            let key = KeyPair::generate().unwrap();
-            let cert = params.self_signed(&key).unwrap();
-            Ca::from_pem(&cert.pem(), &key.serialize_pem()).unwrap()
-        };
+        let ca = ca_between;
         let now = SystemTime::now();
         let hour = time::Duration::hours(1);
         assert!(ca(-hour, hour).check_validity("weft-ca", now).is_ok());

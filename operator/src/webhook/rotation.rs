@@ -380,22 +380,9 @@ async fn rotate(
 mod tests {
     use std::time::Duration;
 
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
-
     use super::*;
 
-    /// A CA valid from `from` to `to` around now.
-    fn ca_between(from: time::Duration, to: time::Duration) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now + from;
-        params.not_after = now + to;
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca::from_pem(&cert.pem(), &key.serialize_pem()).unwrap()
-    }
+    use crate::ca::tests::ca_between;
 
     fn generated() -> Ca {
         Ca::generate("test").unwrap().0
