@@ -288,7 +288,7 @@ impl Conn {
                         label,
                     ),
                     Route::Missing(name) => (HttpTarget::Named(name.clone()), ServiceLabel(name)),
-                    Route::Endpoint(e) => (HttpTarget::Fixed(e), ServiceLabel::passthrough()),
+                    Route::Endpoint(e, label) => (HttpTarget::Fixed(e), label),
                 };
                 let mut conn = HttpConn::new(
                     proxy.store.clone(),
@@ -352,7 +352,7 @@ fn admit_opaque(proxy: &Proxy, route: &Route, tls: bool, identity: Option<&str>)
     };
     let port = match route {
         Route::Addr(dial, _) => dial.addr.port(),
-        Route::Service(..) | Route::Missing(_) | Route::Endpoint(_) => 0,
+        Route::Service(..) | Route::Missing(_) | Route::Endpoint(..) => 0,
     };
     match authz.decide(&crate::authz::Subject {
         identity,
@@ -413,8 +413,10 @@ fn plan(
                     // StatefulSet peer, the pod itself): mutual TLS, as to a service's
                     // endpoint, so that a `Strict` pod takes it. HTTP is detected as for
                     // the service, so the peer's per-request policy still applies.
+                    // Its requests count under the config listing it (a Service's, or
+                    // `pods.<namespace>`), not as passthrough: they are meshed traffic.
                     Some((svc, endpoint)) => (
-                        Route::Endpoint(endpoint.clone()),
+                        Route::Endpoint(endpoint.clone(), svc.label.clone()),
                         svc.spec.opaque || config.is_opaque_port(orig.port()),
                     ),
                     // Nobody claims it: forward unchanged.
@@ -449,7 +451,7 @@ fn plan(
     };
     let connect_timeout = match &route {
         Route::Service(s, _) => s.spec.connect_timeout,
-        Route::Addr(..) | Route::Missing(_) | Route::Endpoint(_) => config.connect_timeout,
+        Route::Addr(..) | Route::Missing(_) | Route::Endpoint(..) => config.connect_timeout,
     };
     Some(Plan {
         route,
@@ -573,8 +575,9 @@ enum Route {
     /// A fixed address: passthrough, or the application in this pod.
     Addr(Dial, ServiceLabel),
     /// A meshed endpoint dialled by its own address, not a service's: over mutual TLS to
-    /// the identity the config gives it (HTTP on the mux, else opaque bytes).
-    Endpoint(Arc<EndpointState>),
+    /// the identity the config gives it (HTTP on the mux, else opaque bytes), labelled in
+    /// metrics by the config that lists it.
+    Endpoint(Arc<EndpointState>, ServiceLabel),
     /// A forward listener's service that is not in the config.
     Missing(Arc<str>),
 }
@@ -673,7 +676,7 @@ async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
-        Route::Endpoint(endpoint) => {
+        Route::Endpoint(endpoint, _) => {
             let in_flight = endpoint.start();
             match endpoint.upstream.connect_opaque().await {
                 Ok(s) => (s, Some(in_flight)),

@@ -1064,6 +1064,8 @@ pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result
             "meshed client dialling web's pod address, listed by a headless Service alone, under the Strict Policy",
         )
     })?;
+    // Counted as meshed traffic to the config that lists the pod, not as passthrough.
+    client_counted(&meshed, &format!("web-peers.{ns}."))?;
     // With no Service at all (a Job's workers, a driver's executors), the client's proxy
     // knows web's pod by the port it declares (`containerPort: 8080`).
     demo.kube
@@ -1079,6 +1081,7 @@ pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result
             "meshed client dialling web's pod address, listed by no Service, under the Strict Policy",
         )
     })?;
+    client_counted(&meshed, &format!("pods.{ns}\""))?;
 
     demo.kube.run(&["-n", ns, "delete", NAMESPACE_STRICT])?;
     // The operator pushes web's proxy its mode without the Policy (the mesh default).
@@ -1109,6 +1112,23 @@ fn client_has_only(demo: &Demo, present: &str, gone: &[String]) -> anyhow::Resul
         );
         Ok(())
     })
+}
+
+/// Checks that `demo`'s client proxy counted outbound requests under a service label
+/// starting with `label`.
+fn client_counted(demo: &Demo, label: &str) -> anyhow::Result<()> {
+    let metrics = demo.client_metrics("client")?;
+    let counted: f64 = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("weft_requests_total{direction=\"outbound\",service=\""))
+        .filter(|l| l.starts_with(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    ensure!(
+        counted > 0.0,
+        "the client's proxy counted no outbound request under service {label}…"
+    );
+    Ok(())
 }
 
 /// 6. A rolling update of web under constant load loses no request: every request the
