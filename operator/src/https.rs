@@ -2,7 +2,8 @@
 //! tokio-rustls, HTTP/2 or HTTP/1.1 by ALPN, bounded connections, graceful shutdown.
 //!
 //! ```text
-//!  listener ─accept─▶ connection slot (≤ max_connections, else closed at once, counted)
+//!  listener ─accept─▶ address's place (≤ max_connections_per_address, if set)
+//!     └─▶ connection slot (≤ max_connections; either full: closed at once, counted)
 //!     └─▶ TLS handshake (≤ 10 s) ─▶ hyper auto (h2 | http/1.1; headers ≤ 10 s) ─▶ Handler
 //!     └─▶ no request in progress for IDLE_TIMEOUT (10 s: before the first, between them)
 //!           ─▶ closed gracefully (GOAWAY / no keep-alive), dropped ≤ 1 s later
@@ -16,7 +17,8 @@
 use std::{
     convert::Infallible,
     future::Future,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
+    num::NonZeroUsize,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -37,6 +39,8 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+
+use crate::rate::{KeyedSlots, OwnedKeyedSlot};
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,6 +74,10 @@ pub struct ConnLimits {
     /// Connections open at once (TLS handshakes included); more are closed as soon as
     /// accepted, and counted.
     pub max_connections: usize,
+    /// Connections one client address holds at once, so that one client cannot take
+    /// every slot; more from it are closed as soon as accepted, and counted. `None`: no
+    /// bound per address.
+    pub max_connections_per_address: Option<NonZeroUsize>,
     /// See [`IDLE_TIMEOUT`].
     pub idle_timeout: Duration,
 }
@@ -78,6 +86,7 @@ impl Default for ConnLimits {
     fn default() -> Self {
         ConnLimits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: None,
             idle_timeout: IDLE_TIMEOUT,
         }
     }
@@ -90,6 +99,9 @@ pub struct ConnMetrics {
     pub open: Gauge,
     /// Connections closed at accept because `max_connections` were open.
     pub refused: Counter,
+    /// Connections closed at accept because their address held
+    /// `max_connections_per_address`.
+    pub refused_per_address: Counter,
     /// TLS handshakes that failed, by [`handshake_failure`] reason.
     pub handshake_failures: Family<ReasonLabel, Counter>,
 }
@@ -158,6 +170,11 @@ impl ConnMetrics {
             self.refused.clone(),
         );
         registry.register(
+            format!("{prefix}_connections_refused_per_address"),
+            "Connections closed at accept because their client address held as many as one may",
+            self.refused_per_address.clone(),
+        );
+        registry.register(
             format!("{prefix}_tls_handshake_failures"),
             "TLS handshakes that failed, by reason: timeout, closed, certificate, incompatible, other",
             self.handshake_failures.clone(),
@@ -202,8 +219,12 @@ pub async fn serve_with<H: Handler>(
 ) {
     let acceptor = TlsAcceptor::from(config);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_address = limits
+        .max_connections_per_address
+        .map(|max| Arc::new(KeyedSlots::new(max)));
     let stop = CancellationToken::new();
     let mut refused = RefusedLog::default();
+    let mut refused_per_address = RefusedLog::default();
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -218,10 +239,37 @@ pub async fn serve_with<H: Handler>(
                 }
             },
         };
+        // Checked first, so that an address over its share never takes a server slot.
+        let address_slot = match &per_address {
+            None => None,
+            Some(places) => match places.try_hold_owned(peer.ip().to_canonical()) {
+                Some(place) => Some(place),
+                None => {
+                    metrics.refused_per_address.inc();
+                    if let Some(n) = refused_per_address.refused() {
+                        tracing::warn!(
+                            server = name,
+                            refused = n,
+                            address = %peer.ip(),
+                            max_connections_per_address = places.max(),
+                            "connection limit per address reached: closing its new connections"
+                        );
+                    }
+                    continue;
+                }
+            },
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             // Closed before any TLS work: a flood of connections costs an accept each.
             metrics.refused.inc();
-            refused.refused(name, limits.max_connections);
+            if let Some(n) = refused.refused() {
+                tracing::warn!(
+                    server = name,
+                    refused = n,
+                    max_connections = limits.max_connections,
+                    "connection limit reached: closing new connections"
+                );
+            }
             continue;
         };
         // Answers are small and latency-bound: do not let Nagle hold them back.
@@ -235,6 +283,7 @@ pub async fn serve_with<H: Handler>(
             idle_timeout: limits.idle_timeout,
             stop: stop.clone(),
             _slot: slot,
+            _address_slot: address_slot,
             _open: Open::new(&metrics.open),
             handshake_failures: metrics.handshake_failures.clone(),
         };
@@ -258,7 +307,8 @@ pub async fn serve_with<H: Handler>(
     connections.abort_all();
 }
 
-/// Logs refused connections at most every [`REFUSED_LOG_INTERVAL`], with how many.
+/// Spaces the logging of refused connections to at most one line every
+/// [`REFUSED_LOG_INTERVAL`], which says how many.
 #[derive(Default)]
 struct RefusedLog {
     last: Option<Instant>,
@@ -266,22 +316,17 @@ struct RefusedLog {
 }
 
 impl RefusedLog {
-    fn refused(&mut self, name: &'static str, max: usize) {
+    /// Counts one refusal; `Some(n)` when a line is due, `n` refusals since the last.
+    fn refused(&mut self) -> Option<u64> {
         self.unlogged += 1;
         if self
             .last
             .is_some_and(|at| at.elapsed() < REFUSED_LOG_INTERVAL)
         {
-            return;
+            return None;
         }
-        tracing::warn!(
-            server = name,
-            refused = self.unlogged,
-            max_connections = max,
-            "connection limit reached: closing new connections"
-        );
         self.last = Some(Instant::now());
-        self.unlogged = 0;
+        Some(std::mem::take(&mut self.unlogged))
     }
 }
 
@@ -342,6 +387,8 @@ struct Connection {
     stop: CancellationToken,
     /// Its place among the server's `max_connections`.
     _slot: OwnedSemaphorePermit,
+    /// Its place among its address's `max_connections_per_address`, if bounded.
+    _address_slot: Option<OwnedKeyedSlot<IpAddr>>,
     _open: Open,
     handshake_failures: Family<ReasonLabel, Counter>,
 }

@@ -137,6 +137,16 @@ struct IdentityArgs {
     /// progress are closed after 10 s.
     #[arg(long, env = "WEFT_IDENTITY_MAX_CONNECTIONS", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..))]
     identity_max_connections: u32,
+    /// Connections one client address may hold open at the identity endpoint at once;
+    /// more from it are closed as soon as accepted, counted in
+    /// `weft_operator_identity_connections_refused_per_address_total`. 0: no bound per
+    /// address.
+    #[arg(
+        long,
+        env = "WEFT_IDENTITY_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value = "64"
+    )]
+    identity_max_connections_per_address: u32,
     /// Certificates one identity (per pod) may get per second, sustained.
     #[arg(long, env = "WEFT_IDENTITY_RATE", default_value = "0.1")]
     identity_rate: f64,
@@ -442,6 +452,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 per_identity_rate: id.identity_rate,
                 per_identity_burst: id.identity_burst,
                 max_connections: id.identity_max_connections as usize,
+                max_connections_per_address: std::num::NonZeroUsize::new(
+                    id.identity_max_connections_per_address as usize,
+                ),
                 auth: AuthLimits {
                     source_rate: id.identity_reviews_per_source,
                     source_burst: id.identity_review_burst,

@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     hash::Hash,
     num::NonZeroUsize,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::Instant,
 };
 
@@ -120,6 +120,30 @@ impl<K: Hash + Eq> KeyedSlots<K> {
         })
     }
 
+    /// [`KeyedSlots::try_hold`] for a holder that cannot borrow the slots (a spawned
+    /// connection task): the slot keeps them alive.
+    pub fn try_hold_owned(self: &Arc<Self>, key: K) -> Option<OwnedKeyedSlot<K>>
+    where
+        K: Clone,
+    {
+        let slot = self.try_hold(key)?;
+        Some(OwnedKeyedSlot {
+            key: slot.forget(),
+            slots: self.clone(),
+        })
+    }
+
+    /// Gives back one slot of `key`, forgetting the key once it holds none.
+    fn release(&self, key: &K) {
+        let mut held = self.lock();
+        if let Some(n) = held.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(key);
+            }
+        }
+    }
+
     /// The most slots one key may hold.
     pub fn max(&self) -> usize {
         self.max.get()
@@ -136,15 +160,33 @@ impl<K: Hash + Eq> KeyedSlots<K> {
     }
 }
 
+impl<K: Hash + Eq> KeyedSlot<'_, K> {
+    /// The key, the slot staying held: its new owner releases it.
+    fn forget(mut self) -> Option<K> {
+        self.key.take()
+    }
+}
+
 impl<K: Hash + Eq> Drop for KeyedSlot<'_, K> {
     fn drop(&mut self) {
-        let Some(key) = self.key.take() else { return };
-        let mut held = self.slots.lock();
-        if let Some(n) = held.get_mut(&key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                held.remove(&key);
-            }
+        if let Some(key) = self.key.take() {
+            self.slots.release(&key);
+        }
+    }
+}
+
+/// One held slot of a shared [`KeyedSlots`] ([`KeyedSlots::try_hold_owned`]); dropping
+/// it frees the slot.
+#[derive(Debug)]
+pub struct OwnedKeyedSlot<K: Hash + Eq> {
+    slots: Arc<KeyedSlots<K>>,
+    key: Option<K>,
+}
+
+impl<K: Hash + Eq> Drop for OwnedKeyedSlot<K> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.slots.release(&key);
         }
     }
 }
@@ -165,6 +207,17 @@ mod tests {
         let a3 = slots.try_hold("a").expect("a freed one");
         drop((a2, a3, b));
         assert_eq!(slots.keys(), 0, "no key is remembered without a slot");
+    }
+
+    #[test]
+    fn an_owned_slot_counts_and_frees_as_a_borrowed_one() {
+        let slots = Arc::new(KeyedSlots::new(NonZeroUsize::new(1).unwrap()));
+        let a = slots.try_hold_owned("a").unwrap();
+        assert!(slots.try_hold("a").is_none(), "a holds its one");
+        assert!(slots.try_hold_owned("a").is_none(), "a holds its one");
+        drop(a);
+        assert_eq!(slots.keys(), 0, "no key is remembered without a slot");
+        assert!(slots.try_hold_owned("a").is_some(), "a freed its one");
     }
 
     #[test]

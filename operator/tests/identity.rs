@@ -1108,6 +1108,69 @@ async fn connections_beyond_the_cap_are_closed_at_once_while_open_ones_still_wor
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_more_than_its_share_of_connections() {
+    weft_e2e::shared::init_tracing();
+    let bed = Bed::new("identity-conns-per-address").await;
+    let token = web_token(&bed, "198.18.240.21").await;
+    let ep = Endpoint::start(
+        &bed,
+        "weft-identity",
+        IdentityLimits {
+            max_connections: 10,
+            max_connections_per_address: std::num::NonZeroUsize::new(2),
+            ..IdentityLimits::default()
+        },
+    )
+    .await;
+    let bundle = ep.ca.trust_bundle().to_owned();
+    let who = format!("{}/web-1", bed.ns);
+    let key = KeyPair::generate().unwrap();
+    let other: IpAddr = "127.0.0.2".parse().unwrap();
+
+    let mut held = vec![
+        connect(ep.addr, &bundle, true).await,
+        connect(ep.addr, &bundle, true).await,
+    ];
+    // A third from the same address: closed at accept, before any TLS, and counted
+    // apart from the server-wide cap, which is far from full.
+    let third = try_connect_from(LOCALHOST, ep.addr, &bundle, true).await;
+    assert!(
+        third.is_err(),
+        "a third connection from one address completed TLS"
+    );
+    assert_eq!(
+        ep.count("weft_operator_identity_connections_refused_per_address_total"),
+        1.0
+    );
+    assert_eq!(
+        ep.count("weft_operator_identity_connections_refused_total"),
+        0.0
+    );
+    // Another address is not held back by it, and is issued.
+    let tls = try_connect_from(other, ep.addr, &bundle, true)
+        .await
+        .unwrap();
+    let (status, answer) = request_on(tls, plain_ask(&token, &who, &key)).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Once one of the first address's goes, it may connect again.
+    drop(held.pop());
+    eventually(WAIT, || async {
+        try_connect_from(LOCALHOST, ep.addr, &bundle, true).await?;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    drop(held);
+    ep.stop.cancel();
+    bed.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_tls_handshakes_at_the_endpoint_are_counted_by_reason() {
     use tokio::io::AsyncWriteExt;
     weft_e2e::shared::init_tracing();

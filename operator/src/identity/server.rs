@@ -71,6 +71,9 @@ pub struct IdentityLimits {
     /// Connections open at once; more are closed as soon as accepted (see
     /// [`crate::https`], which also closes connections idle for 10 s).
     pub max_connections: usize,
+    /// Connections one address holds open at once; more from it are closed as soon as
+    /// accepted. `None`: no bound per address.
+    pub max_connections_per_address: Option<NonZeroUsize>,
 }
 
 impl Default for IdentityLimits {
@@ -99,6 +102,10 @@ impl Default for IdentityLimits {
                 ..AuthLimits::default()
             },
             max_connections: crate::https::DEFAULT_MAX_CONNECTIONS,
+            // A proxy holds one connection while it asks, so one pod address needs one;
+            // 64 leaves room for a node's pods restarting together behind one NATed
+            // address, while one client can no longer take all 1024.
+            max_connections_per_address: NonZeroUsize::new(64),
         }
     }
 }
@@ -114,6 +121,7 @@ pub struct IdentityServer {
     per_source: Option<KeyedSlots<IpAddr>>,
     per_identity: KeyedBuckets<String>,
     max_connections: usize,
+    max_connections_per_address: Option<NonZeroUsize>,
     metrics: Arc<Metrics>,
 }
 
@@ -243,6 +251,7 @@ impl IdentityServer {
                 IDENTITIES_MAX,
             ),
             max_connections: limits.max_connections,
+            max_connections_per_address: limits.max_connections_per_address,
             metrics,
         }
     }
@@ -256,6 +265,7 @@ impl IdentityServer {
     pub fn conn_limits(&self) -> crate::https::ConnLimits {
         crate::https::ConnLimits {
             max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
             ..crate::https::ConnLimits::default()
         }
     }
