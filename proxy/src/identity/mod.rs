@@ -23,6 +23,12 @@
 //! config stream, [`IdentityStore::operator_verifier`]); the roots the proxy was started
 //! with (`--trust-roots`) serve only until the first answer. That is what lets a root
 //! rotation (`docs/identity.md`) reach running proxies without restarting them.
+//!
+//! Only the roots of the bundle within their own validity at a handshake's time are
+//! trusted by it (webpki does not check a trust anchor's dates; Go and BoringSSL do): an
+//! old root left in the bundle after a rotation stops anchoring chains at its end, and a
+//! root not valid yet starts when it is. The set trusted is kept with the interval of
+//! time it holds for ([`TrustBundle`]); a handshake outside that interval rebuilds it.
 
 use std::{
     io,
@@ -31,7 +37,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError,
     OtherError, RootCertStore, ServerConfig, SignatureScheme,
@@ -41,7 +47,7 @@ use rustls::{
         verify_server_cert_signed_by_trust_anchor,
     },
     crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime},
     server::{
         ClientHello, NoServerSessionStorage, ParsedCertificate, ResolvesServerCert,
         WebPkiClientVerifier,
@@ -85,6 +91,10 @@ pub enum CertError {
     /// The trust bundle holds no usable root.
     #[error("the trust bundle has no usable root")]
     NoRoots,
+    /// Every root of the trust bundle has expired or is not valid yet: no chain can be
+    /// trusted now.
+    #[error("no root of the trust bundle is valid now (each has expired or is not valid yet)")]
+    NoValidRoot,
     /// The certificate does not parse, or carries no single SPIFFE ID.
     #[error("certificate: {0}")]
     Certificate(String),
@@ -109,8 +119,8 @@ pub enum CertError {
         #[source]
         source: TlsError,
     },
-    /// The chain does not lead from the leaf to a root of the bundle, or a certificate
-    /// on the way does not parse, is not valid now or is not for TLS.
+    /// The chain does not lead from the leaf to a root of the bundle valid now, or a
+    /// certificate on the way does not parse, is not valid now or is not for TLS.
     #[error("the certificate does not verify against the trust bundle")]
     Untrusted(#[source] webpki::Error),
 }
@@ -135,10 +145,9 @@ pub struct Certified {
     /// SHA-256 fingerprints of every root of the trust bundle, in the answer's order.
     pub trust_roots: Vec<String>,
     key: Arc<CertifiedKey>,
-    roots: Arc<RootCertStore>,
-    client_verifier: Arc<dyn ClientCertVerifier>,
-    /// Verifies the operator (by DNS name) against this bundle.
-    operator_verifier: Arc<WebPkiServerVerifier>,
+    /// The bundle's roots, and the verifiers of peers and of the operator built on those
+    /// of them valid at the latest handshake.
+    trust: TrustBundle,
 }
 
 impl std::fmt::Debug for Certified {
@@ -166,6 +175,132 @@ impl Certified {
         let life = self.not_after.duration_since(start).unwrap_or_default();
         start + life.mul_f64(0.7)
     }
+}
+
+/// One root of a trust bundle, with its validity (seconds since the Unix epoch, both
+/// ends included, as webpki judges certificates).
+struct BundleRoot {
+    anchor: TrustAnchor<'static>,
+    not_before: u64,
+    not_after: u64,
+}
+
+impl BundleRoot {
+    fn valid_at(&self, now: u64) -> bool {
+        self.not_before <= now && now <= self.not_after
+    }
+}
+
+/// A certificate answer's trust bundle: every root with its validity, and the set of
+/// them trusted at the latest handshake. A certificate stays installed for hours, during
+/// which a root may expire or become valid; so each handshake asks [`TrustBundle::at`]
+/// for its own `now`, which answers the current set with two comparisons while `now`
+/// stays within the interval it holds for, and otherwise rebuilds it.
+struct TrustBundle {
+    roots: Vec<BundleRoot>,
+    provider: Arc<CryptoProvider>,
+    trusted: ArcSwap<Trusted>,
+}
+
+impl TrustBundle {
+    /// The roots trusted at `now`, and the verifiers built on them.
+    fn at(&self, now: UnixTime) -> Result<Arc<Trusted>, TlsError> {
+        let now = now.as_secs();
+        let current = self.trusted.load();
+        if current.holds_at(now) {
+            return Ok(arc_swap::Guard::into_inner(current));
+        }
+        let fresh = Arc::new(
+            Trusted::at(&self.roots, now, &self.provider)
+                .map_err(|e| TlsError::General(format!("trust bundle verifiers: {e}")))?,
+        );
+        tracing::info!(
+            trusted = fresh.roots.len(),
+            bundle = self.roots.len(),
+            "trusted roots of the bundle changed"
+        );
+        // Handshakes racing over a change each build the set of their own `now`, and use
+        // it: which of them stays stored only decides who rebuilds next.
+        self.trusted.store(fresh.clone());
+        Ok(fresh)
+    }
+}
+
+/// The roots of a bundle valid from `from` until before `until` (seconds since the Unix
+/// epoch), and the verifiers built on them; none when no root is valid then (rustls
+/// refuses to build a verifier without a root).
+struct Trusted {
+    from: u64,
+    until: u64,
+    roots: Arc<RootCertStore>,
+    client: Option<Arc<dyn ClientCertVerifier>>,
+    /// Verifies the operator (by DNS name).
+    operator: Option<Arc<WebPkiServerVerifier>>,
+}
+
+impl Trusted {
+    /// The roots of `bundle` valid at `now`, over the longest interval around `now`
+    /// without a root's start or end.
+    fn at(
+        bundle: &[BundleRoot],
+        now: u64,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Trusted, rustls::server::VerifierBuilderError> {
+        let (mut from, mut until) = (0, u64::MAX);
+        let mut roots = RootCertStore::empty();
+        for root in bundle {
+            if root.valid_at(now) {
+                roots.roots.push(root.anchor.clone());
+                from = from.max(root.not_before);
+                until = until.min(root.not_after.saturating_add(1));
+            } else if now < root.not_before {
+                until = until.min(root.not_before);
+            } else {
+                from = from.max(root.not_after.saturating_add(1));
+            }
+        }
+        let roots = Arc::new(roots);
+        let (client, operator) = if roots.is_empty() {
+            (None, None)
+        } else {
+            let client =
+                WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                    .allow_unauthenticated()
+                    .build()?;
+            let operator =
+                WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+                    .build()?;
+            (Some(client), Some(operator))
+        };
+        Ok(Trusted {
+            from,
+            until,
+            roots,
+            client,
+            operator,
+        })
+    }
+
+    fn holds_at(&self, now: u64) -> bool {
+        self.from <= now && now < self.until
+    }
+}
+
+/// No root of the bundle is valid at the handshake's time.
+#[derive(thiserror::Error)]
+#[error("no root of the trust bundle is valid now (each has expired or is not valid yet)")]
+struct NoValidRoot;
+
+impl std::fmt::Debug for NoValidRoot {
+    // rustls prints a `CertificateError::Other` by its `Debug`: this is what logs show.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// Refuses the peer for [`NoValidRoot`]: classified `untrusted` by [`TlsFailure::of`].
+fn no_valid_root() -> TlsError {
+    TlsError::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(NoValidRoot))))
 }
 
 /// The proxy's current certified key, swapped atomically by renewal and read by every
@@ -273,17 +408,28 @@ impl IdentityStore {
             rustls_pemfile::certs(&mut bundle_pem.as_bytes())
                 .collect::<Result<_, _>>()
                 .map_err(CertError::Pem)?;
-        let mut roots = RootCertStore::empty();
-        for root in &bundle {
-            roots.add(root.clone()).map_err(|source| CertError::Tls {
+        let mut roots = Vec::with_capacity(bundle.len());
+        for der in &bundle {
+            let mut one = RootCertStore::empty();
+            one.add(der.clone()).map_err(|source| CertError::Tls {
                 what: "trust bundle",
                 source,
             })?;
+            let (not_before, not_after) = validity(der).ok_or_else(|| {
+                CertError::Certificate("a root of the trust bundle does not parse".to_owned())
+            })?;
+            roots.extend(one.roots.into_iter().map(|anchor| BundleRoot {
+                anchor,
+                not_before,
+                not_after,
+            }));
         }
         if roots.is_empty() {
             return Err(CertError::NoRoots);
         }
-        let roots = Arc::new(roots);
+        let now = UnixTime::now();
+        let trusted = Trusted::at(&roots, now.as_secs(), &self.provider)
+            .map_err(|e| CertError::Certificate(format!("verifiers: {e}")))?;
         let (identity, not_before, leaf_not_after) = describe(leaf)?;
         if let Some(want) = want
             && *identity != *want
@@ -293,16 +439,20 @@ impl IdentityStore {
                 want: want.to_owned(),
             });
         }
+        if trusted.roots.is_empty() {
+            return Err(CertError::NoValidRoot);
+        }
         // webpki's verified path says which root the chain leads to (during a rotation
         // the bundle holds two) and which certificates of the PEM are on it: one left in
-        // the PEM but off the path (an old intermediate) must not time renewal.
+        // the PEM but off the path (an old intermediate) must not time renewal. Only the
+        // roots valid now are offered: webpki does not check an anchor's dates.
         let end_entity = webpki::EndEntityCert::try_from(leaf).map_err(CertError::Untrusted)?;
         let path = end_entity
             .verify_for_usage(
                 self.provider.signature_verification_algorithms.all,
-                &roots.roots,
+                &trusted.roots.roots,
                 &chain[1..],
-                UnixTime::now(),
+                now,
                 webpki::KeyUsage::server_auth(),
                 None,
                 None,
@@ -310,7 +460,7 @@ impl IdentityStore {
             .map_err(CertError::Untrusted)?;
         let anchor = path.anchor();
         // Of two copies of the root (one re-issued with a later end), the later counts:
-        // webpki trusts the anchor, not the copy's dates.
+        // the path names the anchor, not which copy of it.
         let root = bundle
             .iter()
             .filter(|root| {
@@ -330,10 +480,6 @@ impl IdentityStore {
             .filter_map(|cert| expiry(&cert.der()))
             .chain(root.and_then(expiry))
             .fold(leaf_not_after, SystemTime::min);
-        let operator_verifier =
-            WebPkiServerVerifier::builder_with_provider(roots.clone(), self.provider.clone())
-                .build()
-                .map_err(|e| CertError::Certificate(format!("operator verifier: {e}")))?;
         let signer = self
             .provider
             .key_provider
@@ -355,11 +501,6 @@ impl IdentityStore {
                 });
             }
         }
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), self.provider.clone())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| CertError::Certificate(format!("client verifier: {e}")))?;
         let certified = Arc::new(Certified {
             identity,
             not_before,
@@ -368,9 +509,11 @@ impl IdentityStore {
             chain_root,
             trust_roots,
             key: Arc::new(key),
-            roots,
-            client_verifier,
-            operator_verifier,
+            trust: TrustBundle {
+                roots,
+                provider: self.provider.clone(),
+                trusted: ArcSwap::from_pointee(trusted),
+            },
         });
         self.current.store(Some(certified.clone()));
         *self.error_slot() = None;
@@ -723,6 +866,15 @@ fn describe(cert: &CertificateDer<'_>) -> Result<(Arc<str>, SystemTime, SystemTi
     Ok((identity, at(&validity.not_before), at(&validity.not_after)))
 }
 
+/// A certificate's validity in seconds since the Unix epoch (a time before it counts as
+/// the epoch), if it parses.
+fn validity(cert: &CertificateDer<'_>) -> Option<(u64, u64)> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let secs = |t: &x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0);
+    let v = x509.validity();
+    Some((secs(&v.not_before), secs(&v.not_after)))
+}
+
 /// When a certificate expires, if it parses.
 fn expiry(cert: &CertificateDer<'_>) -> Option<SystemTime> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
@@ -794,10 +946,14 @@ impl ServerCertVerifier for MeshServerVerifier {
             .current
             .load_full()
             .ok_or_else(|| TlsError::General("no trust bundle yet".to_owned()))?;
+        let trusted = current.trust.at(now)?;
+        if trusted.roots.is_empty() {
+            return Err(no_valid_root());
+        }
         let parsed = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &current.roots,
+            &trusted.roots,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
@@ -857,10 +1013,11 @@ pub struct OperatorVerifier {
 }
 
 impl OperatorVerifier {
-    fn verifier(&self) -> Arc<WebPkiServerVerifier> {
+    /// The verifier of the roots trusted at `now`.
+    fn verifier(&self, now: UnixTime) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
         match self.current.load().as_ref() {
-            Some(c) => c.operator_verifier.clone(),
-            None => self.bootstrap.clone(),
+            Some(c) => c.trust.at(now)?.operator.clone().ok_or_else(no_valid_root),
+            None => Ok(self.bootstrap.clone()),
         }
     }
 }
@@ -874,7 +1031,7 @@ impl ServerCertVerifier for OperatorVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        self.verifier()
+        self.verifier(now)?
             .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
     }
 
@@ -945,7 +1102,11 @@ impl ClientCertVerifier for MeshClientVerifier {
             .load_full()
             .ok_or_else(|| TlsError::General("no trust bundle yet".to_owned()))?;
         current
-            .client_verifier
+            .trust
+            .at(now)?
+            .client
+            .as_ref()
+            .ok_or_else(no_valid_root)?
             .verify_client_cert(end_entity, intermediates, now)?;
         match peer_identity(end_entity) {
             Some(_) => Ok(ClientCertVerified::assertion()),
@@ -1012,11 +1173,27 @@ mod tests {
 
     impl Ca {
         fn new(name: &str) -> Ca {
-            let key = KeyPair::generate().unwrap();
             let mut params = CertificateParams::default();
             params.distinguished_name.push(DnType::CommonName, name);
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            Ca::self_signed(params)
+        }
+
+        /// A root named `name`, valid from `from` to `until` seconds from now.
+        fn valid_between(name: &str, from: i64, until: i64) -> Ca {
+            let mut params = CertificateParams::default();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now + time::Duration::seconds(from);
+            params.not_after = now + time::Duration::seconds(until);
+            Ca::self_signed(params)
+        }
+
+        fn self_signed(params: CertificateParams) -> Ca {
+            let key = KeyPair::generate().unwrap();
             let cert = params.self_signed(&key).unwrap();
             Ca {
                 pem: cert.pem(),
@@ -1099,6 +1276,184 @@ mod tests {
                 UnixTime::now(),
             )
             .is_ok()
+    }
+
+    /// The SPIFFE ID of the peers in these tests.
+    const PEER: &str = "spiffe://cluster.local/ns/a/sa/peer";
+
+    /// A time `secs` from now, as rustls hands it to verifiers.
+    fn in_secs(secs: i64) -> UnixTime {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let secs = now.as_secs().checked_add_signed(secs).unwrap();
+        UnixTime::since_unix_epoch(Duration::from_secs(secs))
+    }
+
+    /// The three verifiers of peers and of the operator that trust `store`'s bundle.
+    struct Verifiers {
+        server: MeshServerVerifier,
+        client: MeshClientVerifier,
+        operator: Arc<OperatorVerifier>,
+    }
+
+    impl Verifiers {
+        fn of(store: &IdentityStore) -> Verifiers {
+            // The proxy's start-up roots: a root nobody's certificate chains to.
+            let mut bootstrap = RootCertStore::empty();
+            bootstrap.add(Ca::new("bootstrap").der).unwrap();
+            Verifiers {
+                server: MeshServerVerifier {
+                    expected: Arc::from(PEER),
+                    current: store.current.clone(),
+                    provider: store.provider.clone(),
+                },
+                client: MeshClientVerifier {
+                    current: store.current.clone(),
+                    provider: store.provider.clone(),
+                },
+                operator: store.operator_verifier(bootstrap).unwrap(),
+            }
+        }
+
+        /// What each verifier (outbound peer, inbound peer, operator) says at `now` of a
+        /// certificate from `ca`, valid from a minute ago for an hour.
+        fn verdicts(&self, ca: &Ca, now: UnixTime) -> [Result<(), TlsError>; 3] {
+            let (chain, _) = ca.issue(SanType::URI(PEER.try_into().unwrap()), -60, 3600);
+            let peer = rustls_pemfile::certs(&mut chain.as_bytes())
+                .next()
+                .unwrap()
+                .unwrap();
+            let ip = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+            let operator = ServerName::try_from(OPERATOR).unwrap();
+            [
+                self.server
+                    .verify_server_cert(&peer, &[], &ip, &[], now)
+                    .map(drop),
+                self.client.verify_client_cert(&peer, &[], now).map(drop),
+                self.operator
+                    .verify_server_cert(&ca.operator_cert(), &[], &operator, &[], now)
+                    .map(drop),
+            ]
+        }
+
+        /// Whether all three verifiers trust a certificate from `ca` at `now`; panics if
+        /// they disagree, or refuse it for another reason than an untrusted chain.
+        fn trust(&self, ca: &Ca, now: UnixTime) -> bool {
+            let verdicts = self.verdicts(ca, now);
+            for v in &verdicts {
+                if let Err(e) = v {
+                    assert_eq!(TlsFailure::of(e), TlsFailure::Untrusted, "{e}");
+                }
+            }
+            let ok = verdicts.iter().map(Result::is_ok).collect::<Vec<_>>();
+            assert!(ok.iter().all(|&o| o == ok[0]), "{verdicts:?}");
+            ok[0]
+        }
+    }
+
+    #[test]
+    fn a_root_of_the_bundle_outside_its_validity_anchors_no_peer() {
+        let current = Ca::new("root current");
+        // Left in the bundle after a rotation, ended an hour ago; and one not valid for
+        // another hour. Peers' own certificates from both are valid now.
+        let old = Ca::valid_between("root old", -7200, -3600);
+        let next = Ca::valid_between("root next", 3600, 7200);
+        let store = IdentityStore::new().unwrap();
+        current.install(&store, &format!("{}{}{}", current.pem, old.pem, next.pem));
+        let v = Verifiers::of(&store);
+        let now = UnixTime::now();
+        assert!(v.trust(&current, now), "a peer of the current root");
+        assert!(!v.trust(&old, now), "a peer of the expired root");
+        assert!(!v.trust(&next, now), "a peer of the root not valid yet");
+        for e in v.verdicts(&old, now) {
+            assert!(
+                matches!(
+                    e,
+                    Err(TlsError::InvalidCertificate(
+                        CertificateError::UnknownIssuer
+                    ))
+                ),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn roots_are_trusted_by_their_validity_at_each_handshakes_time() {
+        let current = Ca::new("root current");
+        // Ends in 10 minutes; starts in 5.
+        let ending = Ca::valid_between("root ending", -3600, 600);
+        let starting = Ca::valid_between("root starting", 300, 7200);
+        let store = IdentityStore::new().unwrap();
+        let c = current.install(
+            &store,
+            &format!("{}{}{}", current.pem, ending.pem, starting.pem),
+        );
+        let v = Verifiers::of(&store);
+        let trusted = |now: UnixTime| {
+            [
+                v.trust(&current, now),
+                v.trust(&ending, now),
+                v.trust(&starting, now),
+            ]
+        };
+        assert_eq!(trusted(in_secs(0)), [true, true, false], "at install");
+        assert_eq!(trusted(in_secs(400)), [true, true, true], "both");
+        assert_eq!(trusted(in_secs(700)), [true, false, true], "ending ended");
+        // A clock set back is judged by its own time too.
+        assert_eq!(trusted(in_secs(0)), [true, true, false], "back at install");
+        // The certificate in use, its roots and its timing are the installed ones.
+        assert!(Arc::ptr_eq(&store.current().unwrap(), &c));
+        assert_eq!(c.chain_root, fingerprint(&current.der));
+        assert_eq!(c.trust_roots.len(), 3);
+    }
+
+    #[test]
+    fn when_no_root_is_valid_any_more_handshakes_fail_with_a_clear_error() {
+        let root = Ca::valid_between("root A", -3600, 600);
+        let store = IdentityStore::new().unwrap();
+        root.install(&store, &root.pem);
+        let v = Verifiers::of(&store);
+        assert!(v.trust(&root, in_secs(0)));
+        let later = in_secs(700);
+        assert!(!v.trust(&root, later));
+        for e in v.verdicts(&root, later) {
+            let e = e.unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("no root of the trust bundle is valid now"),
+                "{e}"
+            );
+        }
+        assert!(v.trust(&root, in_secs(0)), "until its end it was trusted");
+    }
+
+    #[test]
+    fn an_install_needs_its_chain_to_lead_to_a_root_valid_now() {
+        let current = Ca::new("root current");
+        let old = Ca::valid_between("root old", -7200, -3600);
+        let next = Ca::valid_between("root next", 3600, 7200);
+        let store = IdentityStore::new().unwrap();
+        let id = || SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap());
+        let both = format!("{}{}", current.pem, old.pem);
+        // A chain to the expired root: webpki would take its anchor whatever its dates.
+        let (chain, key) = old.issue(id(), -60, 3600);
+        let e = store.install_pem(&chain, &key, &both).unwrap_err();
+        assert!(
+            matches!(e, CertError::Untrusted(webpki::Error::UnknownIssuer)),
+            "{e:?}"
+        );
+        // A bundle of which no root is valid now.
+        for (ca, bundle) in [
+            (&old, &old.pem),
+            (&next, &format!("{}{}", old.pem, next.pem)),
+        ] {
+            let (chain, key) = ca.issue(id(), -60, 3600);
+            let e = store.install_pem(&chain, &key, bundle).unwrap_err();
+            assert!(matches!(e, CertError::NoValidRoot), "{e:?}");
+        }
+        assert!(store.current().is_none(), "nothing installed");
+        let c = current.install(&store, &both);
+        assert_eq!(c.chain_root, fingerprint(&current.der));
     }
 
     #[test]
