@@ -341,6 +341,74 @@ async fn outbound_refuses_a_peer_certificate_not_valid_yet() {
 }
 
 #[tokio::test]
+async fn a_root_left_in_the_bundle_past_its_end_anchors_no_peer_either_way() {
+    let mesh = Ca::new("mesh root");
+    // The root before a rotation, left in the bundle, ended an hour ago; whoever still
+    // holds its key mints peer certificates valid now.
+    let old = Ca::valid_between("old mesh root", -7200, -3600);
+    let bundle = format!("{}{}", mesh.pem, old.pem);
+    let tls13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+    // Outbound: a client sidecar to a server presenting a certificate from the old root.
+    let send = async |peer: SocketAddr| {
+        let client = client_sidecar(
+            Some(mesh.store_with_bundle(CLIENT_ID, &bundle)),
+            peer,
+            SERVER_ID,
+        );
+        let (resp, _) = get(&h1_client(), &client.url("/")).await;
+        (
+            resp.status(),
+            header(&resp, "weft-error").to_owned(),
+            metrics_of(&client),
+        )
+    };
+    let good = bare_tls_server(&mesh.issue(SERVER_ID), &mesh.pem).await;
+    assert_eq!(send(good).await.0, 200, "control: the current root's peer");
+    // Its chain without the root, as the operator issues chains.
+    let stale = old.issue(SERVER_ID);
+    let peer = bare_tls_server(&stale, "").await;
+    let (status, reason, m) = send(peer).await;
+    assert_eq!((status.as_u16(), &*reason), (502, "tls_peer_untrusted"));
+    assert_eq!(
+        metric(
+            &m,
+            "weft_tls_refused_total",
+            &["direction=\"outbound\"", "reason=\"untrusted\""]
+        ),
+        1,
+        "{m}"
+    );
+    // With the root in the chain, webpki judges it as an intermediate, by its dates.
+    let peer = bare_tls_server(&stale, &old.pem).await;
+    let (status, reason, _) = send(peer).await;
+    assert_eq!((status.as_u16(), &*reason), (502, "tls_peer_expired"));
+
+    // Inbound: a server sidecar, a client presenting a certificate from the old root.
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    let server = server_sidecar(
+        Some(mesh.store_with_bundle(SERVER_ID, &bundle)),
+        backend.addr,
+    );
+    let good = mesh.issue(CLIENT_ID);
+    assert!(bare_tls_client(server.addr, &mesh.pem, Some(&good), tls13).await);
+    let stale = old.issue(CLIENT_ID);
+    assert!(!bare_tls_client(server.addr, &mesh.pem, Some(&stale), tls13).await);
+    eventually(Duration::from_secs(5), "inbound untrusted", || {
+        let m = metrics_of(&server);
+        async move {
+            metric(
+                &m,
+                "weft_tls_refused_total",
+                &["direction=\"inbound\"", "reason=\"untrusted\""],
+            ) == 1
+        }
+    })
+    .await;
+    assert_eq!(backend.requests(), 1, "only the current root's client");
+}
+
+#[tokio::test]
 async fn outbound_refuses_a_trusted_peer_with_another_identity_and_never_falls_back() {
     let mesh = Ca::new("mesh root");
     let backend = Scripted::ok("127.0.0.1", "cart").await;

@@ -21,11 +21,29 @@ pub struct Ca {
 impl Ca {
     /// A fresh self-signed root named `name`.
     pub fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
+        Ca::self_signed(Ca::root_params(name))
+    }
+
+    /// A fresh self-signed root named `name`, valid from `from` to `until` (relative to
+    /// now, in seconds).
+    pub fn valid_between(name: &str, from: i64, until: i64) -> Ca {
+        let mut params = Ca::root_params(name);
+        let now = time_now();
+        params.not_before = now + time::Duration::seconds(from);
+        params.not_after = now + time::Duration::seconds(until);
+        Ca::self_signed(params)
+    }
+
+    fn root_params(name: &str) -> CertificateParams {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params
+    }
+
+    fn self_signed(params: CertificateParams) -> Ca {
+        let key = KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         Ca {
             pem: cert.pem(),
@@ -70,10 +88,20 @@ impl Ca {
 
     /// Installs a fresh certificate for `id` in `store`.
     pub fn install(&self, store: &IdentityStore, id: &str) {
-        let leaf = self.issue(id);
+        self.install_with_bundle(store, id, &self.pem);
+    }
+
+    /// An identity store holding a fresh certificate for `id`, with trust bundle `bundle`
+    /// (PEM, which must hold this root).
+    pub fn store_with_bundle(&self, id: &str, bundle: &str) -> Arc<IdentityStore> {
+        let store = IdentityStore::new().unwrap();
+        self.install_with_bundle(&store, id, bundle);
         store
-            .install_pem(&leaf.chain, &leaf.key, &self.pem)
-            .unwrap();
+    }
+
+    fn install_with_bundle(&self, store: &IdentityStore, id: &str, bundle: &str) {
+        let leaf = self.issue(id);
+        store.install_pem(&leaf.chain, &leaf.key, bundle).unwrap();
     }
 }
 
