@@ -192,18 +192,7 @@ impl Registration {
         live: &MutatingWebhookConfiguration,
         ca_bundle: &str,
     ) -> Vec<usize> {
-        let ours = self.webhook_names();
-        live.webhooks
-            .iter()
-            .flatten()
-            .enumerate()
-            .filter(|(_, w)| {
-                ours.contains(&w.name)
-                    && w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice())
-                        != Some(ca_bundle.as_bytes())
-            })
-            .map(|(i, _)| i)
-            .collect()
+        self.ours_where(live, |bundle| bundle != Some(ca_bundle.as_bytes()))
     }
 
     /// Writes `ca_bundle` into every one of this registration's webhooks whose bundle
@@ -258,6 +247,17 @@ impl Registration {
     /// another CA is not counted: it is another replica's, and replicas that held
     /// different CAs must not rewrite each other's without end.
     pub fn missing_bundles(&self, live: &MutatingWebhookConfiguration) -> Vec<usize> {
+        self.ours_where(live, |bundle| bundle.is_none_or(<[u8]>::is_empty))
+    }
+
+    /// The indices, in `live`, of this registration's webhooks whose bundle (`None` when
+    /// the field is absent) meets `pick`; another party's webhooks in the object are never
+    /// counted.
+    fn ours_where(
+        &self,
+        live: &MutatingWebhookConfiguration,
+        pick: impl Fn(Option<&[u8]>) -> bool,
+    ) -> Vec<usize> {
         let ours = self.webhook_names();
         live.webhooks
             .iter()
@@ -265,10 +265,7 @@ impl Registration {
             .enumerate()
             .filter(|(_, w)| {
                 ours.contains(&w.name)
-                    && w.client_config
-                        .ca_bundle
-                        .as_ref()
-                        .is_none_or(|b| b.0.is_empty())
+                    && pick(w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()))
             })
             .map(|(i, _)| i)
             .collect()
