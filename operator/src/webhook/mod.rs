@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 
 use crate::{ca, index::shared::SharedIndex, inject::InjectConfig};
 pub use registration::{FailurePolicy, Registration, Target};
-pub use server::{Handler, NamespaceLabels, WebhookMetrics};
+pub use server::{CaChange, Handler, NamespaceLabels, WebhookMetrics};
 pub use tls::CertStore;
 
 /// Everything the webhook needs to run.
@@ -214,7 +214,13 @@ async fn serve_started(
     let (trust, trusted) = tokio::sync::watch::channel(rotation::Trust::new(ca));
     let registered = keep_registered(client.clone(), settings.clone(), trusted.clone());
     let renew = renew_forever(trusted, certs.clone(), settings.clone());
-    let rotate = rotation::watch_ca(client.clone(), settings.clone(), trust, certs.clone());
+    let rotate = rotation::watch_ca(
+        client.clone(),
+        settings.clone(),
+        trust,
+        certs.clone(),
+        metrics.clone(),
+    );
     let audit = audit_forever(client.clone(), settings.clone(), metrics.clone());
     let handler = Arc::new(Handler::new(
         settings.inject.clone(),

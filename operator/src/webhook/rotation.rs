@@ -16,6 +16,10 @@
 //!  timer at the old CA's expiry ─▶ caBundle := new alone
 //! ```
 //!
+//! Each replica counts what it did in `weft_webhook_ca_changes_total{result}`: `refused`
+//! (once per version of the Secret), and, once the webhook serves from the new CA,
+//! `generated` (after Create) or `followed` (after Rotate).
+//!
 //! The bundle keeps the CA served before the rotation beside the new one until that CA
 //! expires, when every replica that rotated rewrites it without (each computes the same
 //! bundle, so they agree), or until a replica restarts (it then applies its own CA alone):
@@ -35,7 +39,9 @@ use kube::{
 };
 use tokio::{sync::watch, time::Instant};
 
-use super::{CertStore, START_BACKOFF_MAX, WebhookSettings, start_backoff};
+use super::{
+    CaChange, CertStore, START_BACKOFF_MAX, WebhookMetrics, WebhookSettings, start_backoff,
+};
 use crate::ca::{self, Ca, CaError};
 
 /// Between writing a new bundle and serving from the new CA: the API server reads its
@@ -186,12 +192,14 @@ fn recheck_after(trust: &Trust, now: SystemTime) -> Option<Duration> {
 }
 
 /// Watches Secret `settings.ca_namespace/ca_secret` and acts on each change as the module
-/// docs say, forever. `trust` holds the current CAs; `certs` is what the webhook serves.
+/// docs say, forever. `trust` holds the current CAs; `certs` is what the webhook serves;
+/// each rotation done and each version refused is counted in `metrics`.
 pub(super) async fn watch_ca(
     client: Client,
     settings: WebhookSettings,
     trust: watch::Sender<Trust>,
     certs: CertStore,
+    metrics: WebhookMetrics,
 ) {
     let (namespace, name) = (settings.ca_namespace.as_str(), settings.ca_secret.as_str());
     let api = Api::<Secret>::namespaced(client.clone(), namespace);
@@ -253,6 +261,7 @@ pub(super) async fn watch_ca(
             Step::Refuse(error) => {
                 if refused != version {
                     tracing::warn!(%error, %namespace, secret = %name, "the webhook's CA Secret holds no usable CA; serving from the current CA");
+                    metrics.ca_changed(CaChange::Refused);
                     refused = version;
                 }
                 Ok(refused_retry(&error, SystemTime::now())
@@ -262,11 +271,15 @@ pub(super) async fn watch_ca(
                 tracing::warn!(%namespace, secret = %name, "the webhook's CA Secret is gone (deleted); generating a new CA");
                 match ca::create(client.clone(), namespace, name).await {
                     Ok(ca) if ca.same_certificate(&current) => Ok(Followed::Nothing),
-                    Ok(ca) => rotate(&client, &settings, &trust, &certs, ca).await,
+                    Ok(ca) => rotate(&client, &settings, &trust, &certs, ca)
+                        .await
+                        .inspect(|_| metrics.ca_changed(CaChange::Generated)),
                     Err(error) => Err(RotateError::Ca(error)),
                 }
             }
-            Step::Rotate(ca) => rotate(&client, &settings, &trust, &certs, *ca).await,
+            Step::Rotate(ca) => rotate(&client, &settings, &trust, &certs, *ca)
+                .await
+                .inspect(|_| metrics.ca_changed(CaChange::Followed)),
         };
         retry = match outcome {
             Ok(Followed::Nothing) => None,

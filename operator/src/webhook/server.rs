@@ -36,10 +36,43 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+/// Label set of the CA-change counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// What the webhook did about a change of its CA Secret while serving: the `result` of
+/// `weft_webhook_ca_changes_total`. Each replica counts what it did itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaChange {
+    /// Another CA replaced the one served from: the bundle trusts both, and the webhook
+    /// serves from the new one.
+    Followed,
+    /// The Secret was deleted: a new CA was generated (by this replica, or by another that
+    /// created the Secret first, whose CA it took) and the webhook serves from it.
+    Generated,
+    /// The Secret held no usable CA: the webhook kept serving from the one it had. Counted
+    /// once per version of the Secret.
+    Refused,
+}
+
+impl CaChange {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaChange::Followed => "followed",
+            CaChange::Generated => "generated",
+            CaChange::Refused => "refused",
+        }
+    }
+}
+
 /// The webhook's metrics.
 #[derive(Clone, Debug)]
 pub struct WebhookMetrics {
     admissions: Family<OutcomeLabels, Counter>,
+    ca_changes: Family<ResultLabels, Counter>,
     latency: Histogram,
     /// Pods that opted in but run without the proxy (see `inject::audit`).
     pub unmeshed: Gauge,
@@ -47,8 +80,16 @@ pub struct WebhookMetrics {
 
 impl Default for WebhookMetrics {
     fn default() -> Self {
+        // Every result from the start, at zero: an alert on its increase sees the first.
+        let ca_changes = Family::<ResultLabels, Counter>::default();
+        for change in [CaChange::Followed, CaChange::Generated, CaChange::Refused] {
+            drop(ca_changes.get_or_create(&ResultLabels {
+                result: change.as_str(),
+            }));
+        }
         WebhookMetrics {
             admissions: Family::default(),
+            ca_changes,
             latency: Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
             ]),
@@ -75,6 +116,11 @@ impl WebhookMetrics {
             "Pods that opted in to the mesh but run without the proxy (created while the webhook was unreachable); restart them",
             self.unmeshed.clone(),
         );
+        registry.register(
+            "weft_webhook_ca_changes",
+            "Changes of the webhook's CA Secret acted on, by result: followed (another CA), generated (a new CA after a deletion), refused (no usable CA)",
+            self.ca_changes.clone(),
+        );
     }
 
     /// How many admissions ended with this outcome label.
@@ -82,6 +128,24 @@ impl WebhookMetrics {
         self.admissions
             .get_or_create(&OutcomeLabels { outcome })
             .get()
+    }
+
+    /// How many changes of the CA Secret ended with `change`.
+    pub fn ca_changes(&self, change: CaChange) -> u64 {
+        self.ca_changes
+            .get_or_create(&ResultLabels {
+                result: change.as_str(),
+            })
+            .get()
+    }
+
+    /// Counts one change of the CA Secret that ended with `change`.
+    pub(crate) fn ca_changed(&self, change: CaChange) {
+        self.ca_changes
+            .get_or_create(&ResultLabels {
+                result: change.as_str(),
+            })
+            .inc();
     }
 }
 
