@@ -23,7 +23,7 @@ use weft_e2e::shared::{self, eventually};
 use weft_operator::{
     inject::{InjectConfig, keys},
     mesh,
-    webhook::{FailurePolicy, WebhookMetrics},
+    webhook::{CaChange, FailurePolicy, WebhookMetrics},
 };
 
 mod support;
@@ -1152,6 +1152,28 @@ async fn injecting_with_own_ca(prefix: &str) -> Injecting {
     let port = listener.local_addr().unwrap().port();
     let mut settings = settings(&ns, port, FailurePolicy::Fail);
     settings.ca_namespace = ns.clone();
+    let hook = spawn_webhook(&client, settings, listener);
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let t = Injecting {
+        client,
+        ns,
+        hook,
+        port,
+        pods,
+    };
+    eventually(Duration::from_secs(30), || t.admitted("probe"))
+        .await
+        .unwrap();
+    t
+}
+
+/// Runs a webhook with `settings` on `listener`, as one replica of the operator does, until
+/// stopped.
+fn spawn_webhook(
+    client: &Client,
+    settings: weft_operator::webhook::WebhookSettings,
+    listener: tokio::net::TcpListener,
+) -> Webhook {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics = WebhookMetrics::default();
     let task = tokio::spawn({
@@ -1164,22 +1186,11 @@ async fn injecting_with_own_ca(prefix: &str) -> Injecting {
             .unwrap();
         }
     });
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    let t = Injecting {
-        client,
-        ns,
-        hook: Webhook {
-            stop: Some(stop),
-            task,
-            metrics,
-        },
-        port,
-        pods,
-    };
-    eventually(Duration::from_secs(30), || t.admitted("probe"))
-        .await
-        .unwrap();
-    t
+    Webhook {
+        stop: Some(stop),
+        task,
+        metrics,
+    }
 }
 
 impl Injecting {
@@ -1198,6 +1209,14 @@ impl Injecting {
             .await?;
         ensure!(has_proxy(&created), "not injected");
         Ok(())
+    }
+
+    /// As [`Injecting::admitted`], within 15 s (the API server reads a new bundle a moment
+    /// after it is written).
+    async fn admits(&self, name: &str) {
+        eventually(Duration::from_secs(15), || self.admitted(name))
+            .await
+            .unwrap();
     }
 
     /// The CA Secret of a webhook from [`injecting_with_own_ca`].
@@ -1289,6 +1308,13 @@ async fn http1_over(
 async fn status_on(
     sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
 ) -> anyhow::Result<http::StatusCode> {
+    Ok(metrics_on(sender).await?.0)
+}
+
+/// The status and body of a GET of `/metrics` on `sender`'s connection.
+async fn metrics_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+) -> anyhow::Result<(http::StatusCode, String)> {
     use http_body_util::BodyExt as _;
     sender.ready().await?;
     let req = http::Request::get("/metrics")
@@ -1297,8 +1323,8 @@ async fn status_on(
     let resp = sender.send_request(req).await?;
     let status = resp.status();
     // Read to the end, so that the connection is free for the next request.
-    resp.into_body().collect().await?;
-    Ok(status)
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// The bundle of `pems` in this order, as the operator writes it (one newline after each).
@@ -1322,8 +1348,18 @@ fn ca_valid(from: time::Duration, to: time::Duration) -> (String, String) {
 /// Waits until the webhook serves from `ca_pem` and the registration trusts it, and
 /// returns the bundles.
 async fn follows(t: &Injecting, ca_pem: &str) -> Vec<String> {
+    all_follow(t, &[t.port], ca_pem).await
+}
+
+/// Waits until the webhook on each of `ports` (replicas sharing `t`'s registration) serves
+/// from `ca_pem` and the registration trusts it, and returns the bundles.
+async fn all_follow(t: &Injecting, ports: &[u16], ca_pem: &str) -> Vec<String> {
     eventually(Duration::from_secs(20), || async {
-        served_by(t.port, ca_pem).await?;
+        for port in ports {
+            served_by(*port, ca_pem)
+                .await
+                .map_err(|e| e.context(format!("the webhook on port {port}")))?;
+        }
         let bundles = t.bundles().await?;
         ensure!(
             !bundles.is_empty() && bundles.iter().all(|b| b.contains(ca_pem.trim_end())),
@@ -1333,6 +1369,24 @@ async fn follows(t: &Injecting, ca_pem: &str) -> Vec<String> {
     })
     .await
     .unwrap()
+}
+
+/// Checks that each of `bundles` (one per webhook of the registration) is exactly `pems`,
+/// in this order, as the operator writes them; `when` names the moment in a failure.
+#[track_caller]
+fn assert_bundles(bundles: &[String], pems: &[&str], when: &str) {
+    assert!(
+        !bundles.is_empty(),
+        "{when}: the registration has no webhooks"
+    );
+    for bundle in bundles {
+        assert_eq!(
+            bundle,
+            &bundle_of(pems),
+            "{when}: the bundle is not the {} certificate(s) expected, in order",
+            pems.len()
+        );
+    }
 }
 
 /// A user replaces the CA in its Secret: the running webhook serves a certificate from the
@@ -1364,13 +1418,11 @@ async fn a_replaced_ca_is_served_from_and_trusted_without_a_restart() {
             }
         }
     };
-    for bundle in &bundles {
-        assert_eq!(
-            bundle,
-            &bundle_of(&[new.cert_pem(), &old_pem]),
-            "the new CA, then the old one"
-        );
-    }
+    assert_bundles(
+        &bundles,
+        &[new.cert_pem(), &old_pem],
+        "the new CA, then the old one",
+    );
     assert!(
         connect_trusting(t.port, &old_pem).await.is_err(),
         "a new connection still gets the old CA's certificate"
@@ -1380,9 +1432,19 @@ async fn a_replaced_ca_is_served_from_and_trusted_without_a_restart() {
         200,
         "the connection opened before the switch was dropped"
     );
-    eventually(Duration::from_secs(15), || t.admitted("after-replace"))
-        .await
-        .unwrap();
+    t.admits("after-replace").await;
+    // Counted once, and served at /metrics.
+    let mut after = http1_over(connect_trusting(t.port, new.cert_pem()).await.unwrap()).await;
+    let (status, metrics) = metrics_on(&mut after).await.unwrap();
+    assert_eq!(status, 200);
+    for (result, n) in [("followed", 1), ("generated", 0), ("refused", 0)] {
+        let line = format!("weft_webhook_ca_changes_total{{result=\"{result}\"}} {n}\n");
+        assert!(
+            metrics.contains(&line),
+            "no `{}` in:\n{metrics}",
+            line.trim_end()
+        );
+    }
     t.hook.stop().await;
 }
 
@@ -1404,10 +1466,14 @@ async fn a_deleted_ca_secret_is_generated_again_and_served_from() {
     })
     .await
     .unwrap();
-    follows(&t, &new_pem).await;
-    eventually(Duration::from_secs(15), || t.admitted("after-delete"))
-        .await
-        .unwrap();
+    assert_bundles(
+        &follows(&t, &new_pem).await,
+        &[&new_pem, &old_pem],
+        "the generated CA, then the deleted one",
+    );
+    t.admits("after-delete").await;
+    assert_eq!(t.hook.metrics.ca_changes(CaChange::Generated), 1);
+    assert_eq!(t.hook.metrics.ca_changes(CaChange::Followed), 0);
     t.hook.stop().await;
 }
 
@@ -1420,9 +1486,7 @@ async fn a_deleted_ca_secret_is_generated_again_and_served_from() {
 async fn an_unusable_ca_secret_leaves_the_webhook_serving_as_before() {
     let t = injecting_with_own_ca("ca-garbage").await;
     let mut served_pem = t.secret_ca().await.unwrap();
-    for bundle in t.bundles().await.unwrap() {
-        assert_eq!(bundle, bundle_of(&[&served_pem]));
-    }
+    assert_bundles(&t.bundles().await.unwrap(), &[&served_pem], "at start");
 
     let expired = ca_valid(-time::Duration::days(2), -time::Duration::days(1));
     let (mismatched, _) = weft_operator::ca::Ca::generate("mismatched").unwrap();
@@ -1435,17 +1499,15 @@ async fn an_unusable_ca_secret_leaves_the_webhook_serving_as_before() {
         t.put_ca(cert, key).await;
         let (next, next_key) = weft_operator::ca::Ca::generate("next").unwrap();
         t.put_ca(next.cert_pem(), &next_key).await;
+        // The bundle after it is the next CA and the one served before.
         let bundles = follows(&t, next.cert_pem()).await;
-        for bundle in &bundles {
-            assert_eq!(
-                bundle,
-                &bundle_of(&[next.cert_pem(), &served_pem]),
-                "{what}: the bundle after it is the next CA and the one served before"
-            );
-        }
+        assert_bundles(&bundles, &[next.cert_pem(), &served_pem], what);
         t.admitted("after-refusal").await.unwrap();
         served_pem = next.cert_pem().to_owned();
     }
+    // Each refused once, each CA after it followed once.
+    assert_eq!(t.hook.metrics.ca_changes(CaChange::Refused), 3);
+    assert_eq!(t.hook.metrics.ca_changes(CaChange::Followed), 3);
     t.hook.stop().await;
 }
 
@@ -1458,13 +1520,15 @@ async fn a_ca_not_valid_yet_is_followed_once_it_is() {
     let old_pem = t.secret_ca().await.unwrap();
     let early = ca_valid(time::Duration::seconds(3), time::Duration::hours(1));
     t.put_ca(&early.0, &early.1).await;
-    let bundles = follows(&t, &early.0).await;
-    for bundle in &bundles {
-        assert_eq!(bundle, &bundle_of(&[&early.0, &old_pem]));
-    }
-    eventually(Duration::from_secs(15), || t.admitted("after-early"))
-        .await
-        .unwrap();
+    assert_bundles(
+        &follows(&t, &early.0).await,
+        &[&early.0, &old_pem],
+        "once valid",
+    );
+    t.admits("after-early").await;
+    // Refused once (not at each read until valid), then followed.
+    assert_eq!(t.hook.metrics.ca_changes(CaChange::Refused), 1);
+    assert_eq!(t.hook.metrics.ca_changes(CaChange::Followed), 1);
     t.hook.stop().await;
 }
 
@@ -1475,6 +1539,7 @@ async fn a_ca_not_valid_yet_is_followed_once_it_is() {
 #[tokio::test]
 async fn the_previous_ca_leaves_the_bundle_when_it_expires() {
     let t = injecting_with_own_ca("ca-expiry").await;
+    let first_pem = t.secret_ca().await.unwrap();
     let lifetime = Duration::from_secs(15);
     let short = ca_valid(
         -time::Duration::hours(1),
@@ -1482,15 +1547,17 @@ async fn the_previous_ca_leaves_the_bundle_when_it_expires() {
     );
     let expires = std::time::Instant::now() + lifetime;
     t.put_ca(&short.0, &short.1).await;
-    follows(&t, &short.0).await;
+    assert_bundles(
+        &follows(&t, &short.0).await,
+        &[&short.0, &first_pem],
+        "the short-lived CA",
+    );
     let (new, new_key) = weft_operator::ca::Ca::generate("successor").unwrap();
     t.put_ca(new.cert_pem(), &new_key).await;
     let bundles = follows(&t, new.cert_pem()).await;
     // Read before the short CA's end (with a margin for the read itself): it is still in.
     if std::time::Instant::now() + Duration::from_secs(2) < expires {
-        for bundle in &bundles {
-            assert_eq!(bundle, &bundle_of(&[new.cert_pem(), &short.0]));
-        }
+        assert_bundles(&bundles, &[new.cert_pem(), &short.0], "before it expires");
     }
     eventually(lifetime + Duration::from_secs(20), || async {
         let bundles = t.bundles().await?;
@@ -1544,12 +1611,178 @@ async fn a_bundle_emptied_during_a_rotation_ends_trusting_the_new_ca() {
     api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
         .await
         .unwrap();
-    let bundles = follows(&t, new.cert_pem()).await;
-    for bundle in &bundles {
-        assert_eq!(bundle, &bundle_of(&[new.cert_pem(), &old_pem]));
+    assert_bundles(
+        &follows(&t, new.cert_pem()).await,
+        &[new.cert_pem(), &old_pem],
+        "after the race",
+    );
+    t.admits("after-race").await;
+    t.hook.stop().await;
+}
+
+/// A TCP switch on loopback standing in for the webhook's Service in front of several
+/// replicas: the registration's URL leads here, and each connection is relayed to the
+/// replica chosen last. Choosing another closes the connections relayed so far, so that
+/// the API server's next call opens one to the replica chosen. Stops when dropped.
+struct Switch {
+    port: u16,
+    to: tokio::sync::watch::Sender<u16>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Switch {
+    async fn start() -> Switch {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (to, chosen) = tokio::sync::watch::channel(0u16);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut chosen = chosen.clone();
+                let target = *chosen.borrow_and_update();
+                // Ends with its connection, at the next choice, or when the switch drops.
+                tokio::spawn(async move {
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = chosen.changed() => {}
+                    }
+                });
+            }
+        });
+        Switch { port, to, task }
     }
-    eventually(Duration::from_secs(15), || t.admitted("after-race"))
+
+    /// Sends new connections to the webhook on `port`, and closes the others.
+    fn route_to(&self, port: u16) {
+        self.to.send_replace(port);
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Checks that the API server (failure policy Fail) admits pod `name` through the replica
+/// `hook` on `port` alone: the switch sends it there, and that replica counts the injection.
+async fn admits_through(t: &Injecting, switch: &Switch, hook: &Webhook, port: u16, name: &str) {
+    switch.route_to(port);
+    let before = hook.metrics.count("injected");
+    eventually(Duration::from_secs(15), || async {
+        t.admitted(name).await?;
+        ensure!(
+            hook.metrics.count("injected") > before,
+            "admitted through another replica"
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
+}
+
+/// Two replicas, as the chart runs them: one CA Secret, one MutatingWebhookConfiguration,
+/// and a URL that leads (as the Service would) to either replica. Both start at once (one
+/// creates the Secret, the other reads it). A user replaces the CA: both end serving from
+/// the new CA, the bundle holds the new CA then the old one, and the API server admits
+/// through each. The Secret is deleted: both end on the one CA that was created first
+/// (the Secret holds it still), the bundle holds it then the one before, and the API
+/// server admits through each. Each replica counts each change once.
+#[tokio::test]
+async fn two_replicas_sharing_a_ca_secret_end_on_the_same_ca_after_a_replacement_and_a_deletion() {
+    let client = shared::client().await.unwrap();
+    let ns = scoped_namespace(&client, "ca-replicas", None).await;
+    let switch = Switch::start().await;
+    let mut settings = settings(&ns, switch.port, FailurePolicy::Fail);
+    settings.ca_namespace = ns.clone();
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let (first, second) = (bind().await.unwrap(), bind().await.unwrap());
+    let ports = [
+        first.local_addr().unwrap().port(),
+        second.local_addr().unwrap().port(),
+    ];
+    switch.route_to(ports[0]);
+    // `t` holds the first replica, `other` the second.
+    let t = Injecting {
+        hook: spawn_webhook(&client, settings.clone(), first),
+        pods: Api::<Pod>::namespaced(client.clone(), &ns),
+        client,
+        ns,
+        port: ports[0],
+    };
+    let other = spawn_webhook(&t.client, settings, second);
+    let hooks = [&t.hook, &other];
+    let created_pem = eventually(Duration::from_secs(30), || t.secret_ca())
         .await
         .unwrap();
+    assert_bundles(
+        &all_follow(&t, &ports, &created_pem).await,
+        &[&created_pem],
+        "at start",
+    );
+    for (i, (hook, port)) in hooks.into_iter().zip(ports).enumerate() {
+        admits_through(&t, &switch, hook, port, &format!("start-{i}")).await;
+    }
+
+    let (replaced, replaced_key) = weft_operator::ca::Ca::generate("a user's CA").unwrap();
+    t.put_ca(replaced.cert_pem(), &replaced_key).await;
+    assert_bundles(
+        &all_follow(&t, &ports, replaced.cert_pem()).await,
+        &[replaced.cert_pem(), &created_pem],
+        "after the replacement: the new CA, then the old one",
+    );
+    for (i, (hook, port)) in hooks.into_iter().zip(ports).enumerate() {
+        assert!(
+            connect_trusting(port, &created_pem).await.is_err(),
+            "replica {i} still serves from the replaced CA"
+        );
+        admits_through(&t, &switch, hook, port, &format!("replaced-{i}")).await;
+        assert_eq!(
+            hook.metrics.ca_changes(CaChange::Followed),
+            1,
+            "replica {i}"
+        );
+    }
+
+    t.ca_secrets()
+        .delete("weft-ca", &Default::default())
+        .await
+        .unwrap();
+    let generated_pem = eventually(Duration::from_secs(20), || async {
+        let pem = t.secret_ca().await?;
+        ensure!(pem != replaced.cert_pem(), "still the replaced CA");
+        Ok(pem)
+    })
+    .await
+    .unwrap();
+    assert_bundles(
+        &all_follow(&t, &ports, &generated_pem).await,
+        &[&generated_pem, replaced.cert_pem()],
+        "after the deletion: the generated CA, then the deleted one",
+    );
+    for (i, (hook, port)) in hooks.into_iter().zip(ports).enumerate() {
+        admits_through(&t, &switch, hook, port, &format!("generated-{i}")).await;
+        assert_eq!(
+            hook.metrics.ca_changes(CaChange::Generated),
+            1,
+            "replica {i}"
+        );
+        assert_eq!(
+            hook.metrics.ca_changes(CaChange::Followed),
+            1,
+            "replica {i}"
+        );
+        assert_eq!(hook.metrics.ca_changes(CaChange::Refused), 0, "replica {i}");
+    }
+    assert_eq!(
+        t.secret_ca().await.unwrap(),
+        generated_pem,
+        "a second CA replaced the one created first"
+    );
+    other.stop().await;
     t.hook.stop().await;
 }
