@@ -1631,6 +1631,7 @@ struct Switch {
 }
 
 impl Switch {
+    /// A switch on a free loopback port, relaying nowhere until [`Switch::route_to`].
     async fn start() -> Switch {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
