@@ -17,6 +17,7 @@
 //! | `weft_operator_identity_abandoned_total{step}` | certificate requests whose client went away before the answer, by the step they were at: `slot`, `body`, `token_review`, `issue` |
 //! | `weft_operator_identity_connections` | connections open to the identity endpoint (TLS handshakes included) |
 //! | `weft_operator_identity_connections_refused_total` | connections the identity endpoint closed at accept, holding `--identity-max-connections` already |
+//! | `weft_operator_identity_connections_refused_per_address_total` | connections the identity endpoint closed at accept, their address holding `--identity-max-connections-per-address` already |
 //! | `weft_operator_identity_tls_handshake_failures_total{reason}` | TLS handshakes at the identity endpoint that failed, by [`crate::https::handshake_failure`] |
 //! | `weft_operator_push_stalls_total` | streams closed because the proxy did not take or acknowledge an update within the ACK timeout |
 
