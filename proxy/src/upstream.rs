@@ -24,7 +24,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use hyper::body::Incoming;
@@ -624,7 +624,7 @@ async fn run_http2_connection(
             }
             () = sleep.as_mut(), if shared => {
                 let now = tokio::time::Instant::now();
-                let since = last_used.idle_since().map_or(now, tokio::time::Instant::from_std);
+                let since = last_used.idle_since().unwrap_or(now);
                 if now.saturating_duration_since(since) >= IDLE_TIMEOUT {
                     if let Some(owner) = owner.upgrade() {
                         let mut current = owner.lock();
@@ -826,11 +826,11 @@ async fn run_http1_connection(
             () = sleep.as_mut() => {
                 let now = tokio::time::Instant::now();
                 match clock.idle_since() {
-                    Some(since) if now.into_std().saturating_duration_since(since) >= IDLE_TIMEOUT => {
+                    Some(since) if now.saturating_duration_since(since) >= IDLE_TIMEOUT => {
                         tracing::debug!("closing idle upstream connection");
                         return;
                     }
-                    Some(since) => sleep.as_mut().reset(tokio::time::Instant::from_std(since) + IDLE_TIMEOUT),
+                    Some(since) => sleep.as_mut().reset(since + IDLE_TIMEOUT),
                     None => sleep.as_mut().reset(now + IDLE_TIMEOUT),
                 }
             }
@@ -840,9 +840,10 @@ async fn run_http1_connection(
 
 /// When a pooled connection became idle (HTTP/1) or was last used (HTTP/2), shared between
 /// the pool and the connection's task (which lets it go once idle too long) without a lock.
+/// On tokio's clock, as the connection's timer is.
 #[derive(Debug)]
 struct IdleClock {
-    base: Instant,
+    base: tokio::time::Instant,
     /// Nanoseconds after `base` plus one when the connection became idle; 0 while lent.
     idle_since: AtomicU64,
 }
@@ -850,7 +851,7 @@ struct IdleClock {
 impl IdleClock {
     fn new() -> Self {
         IdleClock {
-            base: Instant::now(),
+            base: tokio::time::Instant::now(),
             idle_since: AtomicU64::new(0),
         }
     }
@@ -864,7 +865,7 @@ impl IdleClock {
         self.idle_since.store(nanos + 1, Ordering::Relaxed);
     }
 
-    fn idle_since(&self) -> Option<Instant> {
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
         match self.idle_since.load(Ordering::Relaxed) {
             0 => None,
             n => Some(self.base + Duration::from_nanos(n - 1)),
@@ -928,5 +929,135 @@ impl Lease {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .push(self);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: a failed unwrap is a failed test.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+        sync::mpsc,
+        time::Instant,
+    };
+
+    use super::*;
+
+    /// A backend that reports each connection it accepts and, by the paused clock, when
+    /// each one is closed by the proxy: HTTP/2 by hyper, HTTP/1 answering every request
+    /// `200` with an empty body.
+    async fn backend(http2: bool) -> (SocketAddr, mpsc::UnboundedReceiver<Event>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tx.send(Event::Accepted).unwrap();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if http2 {
+                        let service = hyper::service::service_fn(|_req| async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Empty::<Bytes>::new(),
+                            ))
+                        });
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tcp), service)
+                            .await;
+                    } else {
+                        answer_http1(tcp).await;
+                    }
+                    let _ = tx.send(Event::Closed(Instant::now()));
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    #[derive(Debug)]
+    enum Event {
+        Accepted,
+        Closed(Instant),
+    }
+
+    /// Answers each HTTP/1 request head on `tcp` until the client closes it.
+    async fn answer_http1(mut tcp: TcpStream) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                buf.drain(..end + 4);
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                if tcp.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends one bodiless request to `upstream`, reads its response to the end and
+    /// returns its connection to the pool.
+    async fn get(upstream: &Upstream, version: http::Version) {
+        let uri = if version == http::Version::HTTP_2 {
+            format!("http://{}/", upstream.addr)
+        } else {
+            "/".to_owned()
+        };
+        let req = http::Request::builder()
+            .version(version)
+            .uri(uri)
+            .header(http::header::HOST, upstream.addr.to_string())
+            .body(UpstreamBody::buffered(Bytes::new()))
+            .unwrap();
+        let (resp, lease) = upstream.send(req).await.unwrap();
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        resp.into_body().collect().await.unwrap();
+        if let Some(lease) = lease {
+            lease.release();
+        }
+    }
+
+    /// A connection left unused in its pool is closed [`IDLE_TIMEOUT`] after its last
+    /// request, and a request before then keeps it (the clock is paused: no real wait).
+    async fn an_unused_connection_closes_after_the_idle_timeout(version: http::Version) {
+        let (addr, mut events) = backend(version == http::Version::HTTP_2).await;
+        let upstream = Upstream::new(addr, Duration::from_secs(1), 8);
+        get(&upstream, version).await;
+        assert!(matches!(events.recv().await, Some(Event::Accepted)));
+        tokio::time::sleep(IDLE_TIMEOUT - Duration::from_secs(30)).await;
+        get(&upstream, version).await;
+        let last_used = Instant::now();
+        let closed = tokio::time::timeout(IDLE_TIMEOUT * 3, events.recv())
+            .await
+            .expect("the idle connection is never closed");
+        let Some(Event::Closed(at)) = closed else {
+            panic!("{closed:?}: the second request did not reuse the first connection");
+        };
+        let idle = at - last_used;
+        assert!(
+            idle >= IDLE_TIMEOUT && idle < IDLE_TIMEOUT + Duration::from_secs(2),
+            "{version:?}: closed {idle:?} after its last request, expected {IDLE_TIMEOUT:?}"
+        );
+        drop(upstream);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unused_http1_connection_closes_after_the_idle_timeout() {
+        an_unused_connection_closes_after_the_idle_timeout(http::Version::HTTP_11).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unused_http2_connection_closes_after_the_idle_timeout() {
+        an_unused_connection_closes_after_the_idle_timeout(http::Version::HTTP_2).await;
     }
 }
