@@ -157,7 +157,9 @@ pub fn handshake_failure(error: &std::io::Error) -> &'static str {
 }
 
 impl ConnMetrics {
-    /// Registers `<prefix>_connections` and `<prefix>_connections_refused(_total)`.
+    /// Registers `<prefix>_connections`, `<prefix>_connections_refused(_total)`,
+    /// `<prefix>_connections_refused_per_address(_total)` and
+    /// `<prefix>_tls_handshake_failures(_total){reason}`.
     pub fn register(&self, registry: &mut Registry, prefix: &str) {
         registry.register(
             format!("{prefix}_connections"),
@@ -242,22 +244,27 @@ pub async fn serve_with<H: Handler>(
         // Checked first, so that an address over its share never takes a server slot.
         let address_slot = match &per_address {
             None => None,
-            Some(places) => match places.try_hold_owned(peer.ip().to_canonical()) {
-                Some(place) => Some(place),
-                None => {
-                    metrics.refused_per_address.inc();
-                    if let Some(n) = refused_per_address.refused() {
-                        tracing::warn!(
-                            server = name,
-                            refused = n,
-                            address = %peer.ip(),
-                            max_connections_per_address = places.max(),
-                            "connection limit per address reached: closing its new connections"
-                        );
+            Some(places) => {
+                let address = peer.ip().to_canonical();
+                match places.try_hold_owned(address) {
+                    Some(place) => Some(place),
+                    None => {
+                        metrics.refused_per_address.inc();
+                        if let Some(n) = refused_per_address.refused() {
+                            tracing::warn!(
+                                server = name,
+                                refused = n,
+                                latest = %address,
+                                max_connections_per_address = places.max(),
+                                "connections refused from addresses holding their share \
+                                 (refused: since the last line, from any address; latest: \
+                                 the address refused now)"
+                            );
+                        }
+                        continue;
                     }
-                    continue;
                 }
-            },
+            }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             // Closed before any TLS work: a flood of connections costs an accept each.

@@ -1125,7 +1125,6 @@ async fn one_address_cannot_hold_more_than_its_share_of_connections() {
     let bundle = ep.ca.trust_bundle().to_owned();
     let who = format!("{}/web-1", bed.ns);
     let key = KeyPair::generate().unwrap();
-    let other: IpAddr = "127.0.0.2".parse().unwrap();
 
     let mut held = vec![
         connect(ep.addr, &bundle, true).await,
@@ -1147,7 +1146,7 @@ async fn one_address_cannot_hold_more_than_its_share_of_connections() {
         0.0
     );
     // Another address is not held back by it, and is issued.
-    let tls = try_connect_from(other, ep.addr, &bundle, true)
+    let tls = try_connect_from(OTHER_SOURCE, ep.addr, &bundle, true)
         .await
         .unwrap();
     let (status, answer) = request_on(tls, plain_ask(&token, &who, &key)).await;
@@ -1157,14 +1156,39 @@ async fn one_address_cannot_hold_more_than_its_share_of_connections() {
         "{}",
         String::from_utf8_lossy(&answer)
     );
-    // Once one of the first address's goes, it may connect again.
+    // A connection that fails its handshake gives its place back too: with one of the
+    // two held, garbage instead of TLS, then a TLS connection that must be taken.
     drop(held.pop());
     eventually(WAIT, || async {
-        try_connect_from(LOCALHOST, ep.addr, &bundle, true).await?;
+        ensure!(ep.count("weft_operator_identity_connections") == 1.0);
         Ok(())
     })
     .await
     .unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = TcpStream::connect(ep.addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest)).await;
+    }
+    // Once it has gone, the address has a place again: the one its closed connection
+    // and the one its failed handshake held were both given back.
+    eventually(WAIT, || async {
+        ensure!(ep.count("weft_operator_identity_connections") == 1.0);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    held.push(
+        try_connect_from(LOCALHOST, ep.addr, &bundle, true)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        ep.count("weft_operator_identity_connections_refused_per_address_total"),
+        1.0
+    );
     drop(held);
     ep.stop.cancel();
     bed.cleanup().await;

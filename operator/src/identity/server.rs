@@ -102,9 +102,10 @@ impl Default for IdentityLimits {
                 ..AuthLimits::default()
             },
             max_connections: crate::https::DEFAULT_MAX_CONNECTIONS,
-            // A proxy holds one connection while it asks, so one pod address needs one;
-            // 64 leaves room for a node's pods restarting together behind one NATed
-            // address, while one client can no longer take all 1024.
+            // A proxy holds one connection while it asks, so one pod address needs one.
+            // Behind one NATed address a node's proxies are bounded first by the 4
+            // requests in flight per source; this caps connections that sit open, so
+            // that one client can no longer take all 1024.
             max_connections_per_address: NonZeroUsize::new(64),
         }
     }
