@@ -1058,6 +1058,7 @@ pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result
         &format!("web-peers.{ns}."),
         &["web", "web-v1", "web-v2"].map(|s| format!("{s}.{ns}.")),
     )?;
+    let before = outbound_requests(&meshed.client_metrics("client")?, "passthrough\"");
     eventually(Duration::from_secs(30), || {
         all_ok(
             &meshed.load("client", &by_ip, &BURST)?,
@@ -1065,7 +1066,7 @@ pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result
         )
     })?;
     // Counted as meshed traffic to the config that lists the pod, not as passthrough.
-    client_counted(&meshed, &format!("web-peers.{ns}."))?;
+    client_counted(&meshed, &format!("web-peers.{ns}."), before)?;
     // With no Service at all (a Job's workers, a driver's executors), the client's proxy
     // knows web's pod by the port it declares (`containerPort: 8080`).
     demo.kube
@@ -1075,13 +1076,14 @@ pub fn a_strict_namespace_policy_refuses_plain_text(ctx: &Ctx) -> anyhow::Result
         &format!("pods.{ns}\""),
         &[format!("web-peers.{ns}.")],
     )?;
+    let before = outbound_requests(&meshed.client_metrics("client")?, "passthrough\"");
     eventually(Duration::from_secs(30), || {
         all_ok(
             &meshed.load("client", &by_ip, &BURST)?,
             "meshed client dialling web's pod address, listed by no Service, under the Strict Policy",
         )
     })?;
-    client_counted(&meshed, &format!("pods.{ns}\""))?;
+    client_counted(&meshed, &format!("pods.{ns}\""), before)?;
 
     demo.kube.run(&["-n", ns, "delete", NAMESPACE_STRICT])?;
     // The operator pushes web's proxy its mode without the Policy (the mesh default).
@@ -1115,20 +1117,34 @@ fn client_has_only(demo: &Demo, present: &str, gone: &[String]) -> anyhow::Resul
 }
 
 /// Checks that `demo`'s client proxy counted outbound requests under a service label
-/// starting with `label`.
-fn client_counted(demo: &Demo, label: &str) -> anyhow::Result<()> {
+/// starting with `label`, and no more as passthrough than the `passthrough` it had
+/// counted before.
+fn client_counted(demo: &Demo, label: &str, passthrough: f64) -> anyhow::Result<()> {
     let metrics = demo.client_metrics("client")?;
-    let counted: f64 = metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("weft_requests_total{direction=\"outbound\",service=\""))
-        .filter(|l| l.starts_with(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let counted = outbound_requests(&metrics, label);
+    let now = outbound_requests(&metrics, "passthrough\"");
     ensure!(
-        counted > 0.0,
-        "the client's proxy counted no outbound request under service {label}…"
+        counted > 0.0 && now == passthrough,
+        "the client's proxy counted {counted} outbound requests under service {label}… and \
+         {} more as passthrough",
+        now - passthrough
     );
     Ok(())
+}
+
+/// The outbound requests a proxy's `metrics` count under service labels starting with
+/// `label`, whatever the order of the labels.
+fn outbound_requests(metrics: &str, label: &str) -> f64 {
+    let service = format!("service=\"{label}");
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("weft_requests_total{")
+                && l.contains("direction=\"outbound\"")
+                && l.contains(&service)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// 6. A rolling update of web under constant load loses no request: every request the
