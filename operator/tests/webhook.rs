@@ -1345,16 +1345,34 @@ fn ca_valid(from: time::Duration, to: time::Duration) -> (String, String) {
     (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
 }
 
+/// How long [`follows`] and [`all_follow`] wait for a change of CA to be followed.
+const FOLLOW_WITHIN: Duration = Duration::from_secs(20);
+
 /// Waits until the webhook serves from `ca_pem` and the registration trusts it, and
 /// returns the bundles.
 async fn follows(t: &Injecting, ca_pem: &str) -> Vec<String> {
-    all_follow(t, &[t.port], ca_pem).await
+    follows_within(t, ca_pem, FOLLOW_WITHIN).await
+}
+
+/// As [`follows`], within `timeout`.
+async fn follows_within(t: &Injecting, ca_pem: &str, timeout: Duration) -> Vec<String> {
+    all_follow_within(t, &[t.port], ca_pem, timeout).await
 }
 
 /// Waits until the webhook on each of `ports` (replicas sharing `t`'s registration) serves
 /// from `ca_pem` and the registration trusts it, and returns the bundles.
 async fn all_follow(t: &Injecting, ports: &[u16], ca_pem: &str) -> Vec<String> {
-    eventually(Duration::from_secs(20), || async {
+    all_follow_within(t, ports, ca_pem, FOLLOW_WITHIN).await
+}
+
+/// As [`all_follow`], within `timeout`.
+async fn all_follow_within(
+    t: &Injecting,
+    ports: &[u16],
+    ca_pem: &str,
+    timeout: Duration,
+) -> Vec<String> {
+    eventually(timeout, || async {
         for port in ports {
             served_by(*port, ca_pem)
                 .await
@@ -1518,10 +1536,36 @@ async fn an_unusable_ca_secret_leaves_the_webhook_serving_as_before() {
 async fn a_ca_not_valid_yet_is_followed_once_it_is() {
     let t = injecting_with_own_ca("ca-early").await;
     let old_pem = t.secret_ca().await.unwrap();
-    let early = ca_valid(time::Duration::seconds(3), time::Duration::hours(1));
+    // Valid 9 to 10 s from now (X.509 times are whole seconds): long enough that the
+    // webhook reads it before, however loaded the machine.
+    let lead = Duration::from_secs(10);
+    let valid_at = std::time::Instant::now() + lead - Duration::from_secs(1);
+    let early = ca_valid(
+        time::Duration::try_from(lead).unwrap(),
+        time::Duration::hours(1),
+    );
     t.put_ca(&early.0, &early.1).await;
+    // Refused while not valid yet, the webhook still serving from the old CA.
+    eventually(lead / 2, || async {
+        ensure!(
+            t.hook.metrics.ca_changes(CaChange::Refused) == 1,
+            "not refused yet"
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert!(
+        std::time::Instant::now() < valid_at,
+        "refused only once valid: the test proves nothing"
+    );
+    served_by(t.port, &old_pem)
+        .await
+        .expect("serving from the old CA while the new one is not valid yet");
+    assert_eq!(t.hook.metrics.ca_changes(CaChange::Followed), 0);
+    // Read again about a second after it starts, then a rotation (a second's settle).
     assert_bundles(
-        &follows(&t, &early.0).await,
+        &follows_within(&t, &early.0, lead + FOLLOW_WITHIN).await,
         &[&early.0, &old_pem],
         "once valid",
     );
