@@ -18,7 +18,8 @@
 //!
 //! Each replica counts what it did in `weft_webhook_ca_changes_total{result}`: `refused`
 //! (once per version of the Secret), and, once the webhook serves from the new CA,
-//! `generated` (after Create) or `followed` (after Rotate).
+//! `generated` (the CA a Create put into the Secret or found there, also when the rotation
+//! to it failed once and succeeded from a later read) or `followed` (any other CA).
 //!
 //! The bundle keeps the CA served before the rotation beside the new one until that CA
 //! expires, when every replica that rotated rewrites it without (each computes the same
@@ -99,9 +100,9 @@ impl Trust {
     }
 
     /// The trust after rotating to `next`: the CA served until now becomes the previous.
-    fn rotated(&self, next: Ca) -> Self {
+    fn rotated(&self, next: impl Into<Arc<Ca>>) -> Self {
         Trust {
-            ca: Arc::new(next),
+            ca: next.into(),
             previous: Some(self.ca.clone()),
         }
     }
@@ -216,6 +217,10 @@ pub(super) async fn watch_ca(
     // When to make the bundle match `trust` again (right after a rotation, then when the
     // previous CA expires), and the failed writes since the last one that succeeded.
     let mut recheck: Option<(Instant, u32)> = None;
+    // The CA a Create put into the Secret (or found there, created by another replica),
+    // until the webhook serves from it: a rotation to it that failed is retried from a
+    // fresh read, which finds it as another CA (Rotate), and is still counted `generated`.
+    let mut created: Option<Arc<Ca>> = None;
     loop {
         let observed = tokio::select! {
             event = events.next() => match event {
@@ -257,7 +262,11 @@ pub(super) async fn watch_ca(
             .and_then(|s| s.metadata.resource_version.clone());
         let current = trust.borrow().ca.clone();
         let outcome = match step(&current, read(observed.as_ref(), name)) {
-            Step::Keep => Ok(Followed::Nothing),
+            Step::Keep => {
+                // The Secret holds the CA served again: no creation is pending any more.
+                created = None;
+                Ok(Followed::Nothing)
+            }
             Step::Refuse(error) => {
                 if refused != version {
                     tracing::warn!(%error, %namespace, secret = %name, "the webhook's CA Secret holds no usable CA; serving from the current CA");
@@ -271,16 +280,20 @@ pub(super) async fn watch_ca(
                 tracing::warn!(%namespace, secret = %name, "the webhook's CA Secret is gone (deleted); generating a new CA");
                 match ca::create(client.clone(), namespace, name).await {
                     Ok(ca) if ca.same_certificate(&current) => Ok(Followed::Nothing),
-                    Ok(ca) => rotate(&client, &settings, &trust, &certs, ca)
-                        .await
-                        .inspect(|_| metrics.ca_changed(CaChange::Generated)),
+                    Ok(ca) => {
+                        let ca = Arc::new(ca);
+                        created = Some(ca.clone());
+                        rotate(&client, &settings, &trust, &certs, ca).await
+                    }
                     Err(error) => Err(RotateError::Ca(error)),
                 }
             }
-            Step::Rotate(ca) => rotate(&client, &settings, &trust, &certs, *ca)
-                .await
-                .inspect(|_| metrics.ca_changed(CaChange::Followed)),
+            Step::Rotate(ca) => rotate(&client, &settings, &trust, &certs, Arc::new(*ca)).await,
         };
+        if let Ok(Followed::Rotated) = &outcome {
+            let served = trust.borrow().ca.clone();
+            metrics.ca_changed(change_counted(created.take().as_deref(), &served));
+        }
         retry = match outcome {
             Ok(Followed::Nothing) => None,
             Ok(Followed::ReadAgain(wait)) => Some((Instant::now() + wait, 0)),
@@ -298,6 +311,16 @@ pub(super) async fn watch_ca(
                 Some((Instant::now() + wait, n.saturating_add(1)))
             }
         };
+    }
+}
+
+/// How a rotation that ended serving from `served` is counted: `generated` when it is the
+/// CA the last Create put into (or found in) the Secret, whichever read of the Secret the
+/// rotation that succeeded started from; `followed` otherwise.
+fn change_counted(created: Option<&Ca>, served: &Ca) -> CaChange {
+    match created {
+        Some(created) if created.same_certificate(served) => CaChange::Generated,
+        _ => CaChange::Followed,
     }
 }
 
@@ -363,7 +386,7 @@ async fn rotate(
     settings: &WebhookSettings,
     trust: &watch::Sender<Trust>,
     certs: &CertStore,
-    next: Ca,
+    next: Arc<Ca>,
 ) -> Result<Followed, RotateError> {
     let leaf = next.issue_serving(&settings.dns_names, &settings.ips, settings.cert_lifetime)?;
     let rotated = trust.borrow().rotated(next);
@@ -518,6 +541,27 @@ mod tests {
         let (ca, key) = Ca::generate("same").unwrap();
         let same = Trust::new(again(&ca, &key)).rotated(ca);
         assert_eq!(recheck_after(&same, now), None);
+    }
+
+    /// A rotation to the CA a Create wrote counts `generated` whichever read it succeeded
+    /// from (a failed first try is retried from the Secret, read as another CA); to any
+    /// other CA, `followed`.
+    #[test]
+    fn a_rotation_to_the_created_ca_counts_generated_and_any_other_followed() {
+        let (created, key) = Ca::generate("created").unwrap();
+        let read_back = again(&created, &key);
+        assert!(matches!(
+            change_counted(Some(&created), &read_back),
+            CaChange::Generated
+        ));
+        assert!(matches!(
+            change_counted(Some(&created), &generated()),
+            CaChange::Followed
+        ));
+        assert!(matches!(
+            change_counted(None, &read_back),
+            CaChange::Followed
+        ));
     }
 
     #[test]
