@@ -29,6 +29,8 @@
 //! old root left in the bundle after a rotation stops anchoring chains at its end, and a
 //! root not valid yet starts when it is. The set trusted is kept with the interval of
 //! time it holds for ([`TrustBundle`]); a handshake outside that interval rebuilds it.
+//! When no root is valid, the operator alone is verified against every root of the bundle
+//! whatever its dates, so that a renewal can still bring a valid one.
 
 use std::{
     io,
@@ -234,8 +236,12 @@ struct Trusted {
     until: u64,
     roots: Arc<RootCertStore>,
     client: Option<Arc<dyn ClientCertVerifier>>,
-    /// Verifies the operator (by DNS name).
-    operator: Option<Arc<WebPkiServerVerifier>>,
+    /// Verifies the operator (by DNS name): against `roots`, or when none is valid then,
+    /// against every root of the bundle whatever its dates ([`OperatorVerifier`]).
+    operator: Arc<WebPkiServerVerifier>,
+    /// Whether `operator` is that fallback; `warned` once it was used for this set.
+    operator_unchecked: bool,
+    warned: std::sync::atomic::AtomicBool,
 }
 
 impl Trusted {
@@ -260,24 +266,33 @@ impl Trusted {
             }
         }
         let roots = Arc::new(roots);
-        let (client, operator) = if roots.is_empty() {
-            (None, None)
+        let operator_unchecked = roots.is_empty();
+        let (client, operator_roots) = if operator_unchecked {
+            // With no root valid, the operator is still verified (by every root, as
+            // before roots' dates were checked), so that a renewal can bring a bundle
+            // with a valid root: otherwise the proxy could never reach it again.
+            let all = RootCertStore {
+                roots: bundle.iter().map(|root| root.anchor.clone()).collect(),
+            };
+            (None, Arc::new(all))
         } else {
             let client =
                 WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
                     .allow_unauthenticated()
                     .build()?;
-            let operator =
-                WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
-                    .build()?;
-            (Some(client), Some(operator))
+            (Some(client), roots.clone())
         };
+        let operator =
+            WebPkiServerVerifier::builder_with_provider(operator_roots, provider.clone())
+                .build()?;
         Ok(Trusted {
             from,
             until,
             roots,
             client,
             operator,
+            operator_unchecked,
+            warned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -1013,12 +1028,27 @@ pub struct OperatorVerifier {
 }
 
 impl OperatorVerifier {
-    /// The verifier of the roots trusted at `now`.
+    /// The verifier of the roots trusted at `now`; when no root of the bundle is valid
+    /// then, of every root of the bundle (with a WARN once per such set), so that the
+    /// proxy can still renew: peers keep the strict rule.
     fn verifier(&self, now: UnixTime) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
-        match self.current.load().as_ref() {
-            Some(c) => c.trust.at(now)?.operator.clone().ok_or_else(no_valid_root),
-            None => Ok(self.bootstrap.clone()),
+        let Some(c) = self.current.load_full() else {
+            return Ok(self.bootstrap.clone());
+        };
+        let trusted = c.trust.at(now)?;
+        if trusted.operator_unchecked
+            && !trusted
+                .warned
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                bundle = c.trust.roots.len(),
+                "no root of the trust bundle is valid now (each has expired or is not valid \
+                 yet): the operator is verified against every root of the bundle whatever its \
+                 dates, until a renewal brings a valid root; peers are refused"
+            );
         }
+        Ok(trusted.operator.clone())
     }
 }
 
@@ -1408,15 +1438,15 @@ mod tests {
     }
 
     #[test]
-    fn when_no_root_is_valid_any_more_handshakes_fail_with_a_clear_error() {
+    fn when_no_root_is_valid_any_more_peers_are_refused_and_the_operator_verified_by_every_root() {
         let root = Ca::valid_between("root A", -3600, 600);
         let store = IdentityStore::new().unwrap();
         root.install(&store, &root.pem);
         let v = Verifiers::of(&store);
         assert!(v.trust(&root, in_secs(0)));
         let later = in_secs(700);
-        assert!(!v.trust(&root, later));
-        for e in v.verdicts(&root, later) {
+        let [server, client, operator] = v.verdicts(&root, later);
+        for e in [server, client] {
             let e = e.unwrap_err();
             assert!(
                 e.to_string()
@@ -1424,6 +1454,22 @@ mod tests {
                 "{e}"
             );
         }
+        // The operator is still verified, against the expired root, so that a renewal can
+        // bring a bundle with a valid one (the admin re-issuing A with later dates); a
+        // certificate from another root is still refused.
+        operator.expect("the operator, from the only root, past its end");
+        let other = Ca::new("root B");
+        let e = v
+            .operator
+            .verify_server_cert(
+                &other.operator_cert(),
+                &[],
+                &ServerName::try_from(OPERATOR).unwrap(),
+                &[],
+                later,
+            )
+            .unwrap_err();
+        assert_eq!(TlsFailure::of(&e), TlsFailure::Untrusted, "{e}");
         assert!(v.trust(&root, in_secs(0)), "until its end it was trusted");
     }
 
