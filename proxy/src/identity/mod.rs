@@ -313,7 +313,9 @@ impl std::fmt::Debug for NoValidRoot {
     }
 }
 
-/// Refuses the peer for [`NoValidRoot`]: classified `untrusted` by [`TlsFailure::of`].
+/// Refuses the peer for [`NoValidRoot`]: classified `no_local_identity` by
+/// [`TlsFailure::of`], as the fault is this proxy's (its bundle or its clock), not the
+/// peer's.
 fn no_valid_root() -> TlsError {
     TlsError::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(NoValidRoot))))
 }
@@ -790,7 +792,9 @@ pub enum TlsFailure {
     NoPeerIdentity,
     /// The peer offered no TLS version this side accepts (below 1.3).
     ProtocolVersion,
-    /// This proxy has no certificate yet.
+    /// This proxy cannot do mutual TLS now: it has no certificate yet, or no root of its
+    /// trust bundle is valid now (all expired, or its clock is before their start), so it
+    /// would refuse every peer; the peer is not to blame.
     NoIdentity,
     /// Anything else: an alert from the peer, a broken connection, a timeout.
     Handshake,
@@ -832,6 +836,7 @@ impl TlsFailure {
                 CertificateError::Other(OtherError(e)) => match e.downcast_ref::<PeerIdentity>() {
                     Some(PeerIdentity::Mismatch { .. }) => TlsFailure::IdentityMismatch,
                     Some(PeerIdentity::Missing) => TlsFailure::NoPeerIdentity,
+                    None if e.is::<NoValidRoot>() => TlsFailure::NoIdentity,
                     None => TlsFailure::Untrusted,
                 },
                 _ => TlsFailure::Untrusted,
@@ -1452,6 +1457,13 @@ mod tests {
                 e.to_string()
                     .contains("no root of the trust bundle is valid now"),
                 "{e}"
+            );
+            // This proxy's fault, not the peer's: `no_local_identity`, outbound
+            // `tls_handshake_failed`, not `untrusted`.
+            assert_eq!(TlsFailure::of(&e), TlsFailure::NoIdentity, "{e}");
+            assert_eq!(
+                TlsFailure::of(&e).code(),
+                crate::errors::ErrorCode::TlsHandshakeFailed
             );
         }
         // The operator is still verified, against the expired root, so that a renewal can
