@@ -1730,13 +1730,86 @@ async fn admits_through(t: &Injecting, switch: &Switch, hook: &Webhook, port: u1
     .unwrap();
 }
 
+/// What [`probing_while`] saw: per replica, the admissions it sent there that passed, and
+/// every one that failed.
+struct Probes {
+    passed: [u64; 2],
+    failed: Vec<String>,
+}
+
+/// Runs `work` while dry-running opted-in pods through the switch, sending each to the
+/// other replica of `hooks` (on `ports`) than the one before, until `work` ends (and at
+/// most 2000 of them): with failure policy Fail, any that the API server denies is a pod
+/// that a real cluster would have failed to create. Checks that none failed, that each
+/// replica answered some, and that each answered exactly those sent to it (so the switch
+/// did send each where it was told); `when` names the moment in a failure.
+async fn probing_while<T>(
+    t: &Injecting,
+    switch: &Switch,
+    hooks: [&Webhook; 2],
+    ports: [u16; 2],
+    when: &str,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let done = std::cell::Cell::new(false);
+    let injected = hooks.map(|h| h.metrics.count("injected"));
+    let (out, probes) = tokio::join!(
+        async {
+            let out = work.await;
+            done.set(true);
+            out
+        },
+        async {
+            let mut probes = Probes {
+                passed: [0; 2],
+                failed: Vec::new(),
+            };
+            for i in 0..2000 {
+                if done.get() {
+                    break;
+                }
+                let r = i % 2;
+                switch.route_to(ports[r]);
+                // The API server's idle connection to the replica before is closed by the
+                // switch: a moment for it to see so before the next call.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                match t.admitted(&format!("probe-{i}")).await {
+                    Ok(()) => probes.passed[r] += 1,
+                    Err(e) => probes
+                        .failed
+                        .push(format!("probe {i} to replica {r}: {e:#}")),
+                }
+            }
+            probes
+        }
+    );
+    assert!(
+        probes.failed.is_empty(),
+        "{when}: {} of {} admissions failed, the first: {:#?}",
+        probes.failed.len(),
+        probes.failed.len() as u64 + probes.passed.iter().sum::<u64>(),
+        &probes.failed[..probes.failed.len().min(3)]
+    );
+    for (r, hook) in hooks.into_iter().enumerate() {
+        assert!(probes.passed[r] > 0, "{when}: nothing sent to replica {r}");
+        assert_eq!(
+            hook.metrics.count("injected") - injected[r],
+            probes.passed[r],
+            "{when}: replica {r} did not answer exactly the admissions sent to it"
+        );
+    }
+    out
+}
+
 /// Two replicas, as the chart runs them: one CA Secret, one MutatingWebhookConfiguration,
 /// and a URL that leads (as the Service would) to either replica. Both start at once (one
 /// creates the Secret, the other reads it). A user replaces the CA: both end serving from
 /// the new CA, the bundle holds the new CA then the old one, and the API server admits
 /// through each. The Secret is deleted: both end on the one CA that was created first
 /// (the Secret holds it still), the bundle holds it then the one before, and the API
-/// server admits through each. Each replica counts each change once.
+/// server admits through each. Each replica counts each change once. From just before each
+/// change until both replicas serve the new CA, the API server admits every pod sent to
+/// either replica: no moment trusts only one of the CAs served.
 #[tokio::test]
 async fn two_replicas_sharing_a_ca_secret_end_on_the_same_ca_after_a_replacement_and_a_deletion() {
     let client = shared::client().await.unwrap();
@@ -1774,9 +1847,14 @@ async fn two_replicas_sharing_a_ca_secret_end_on_the_same_ca_after_a_replacement
     }
 
     let (replaced, replaced_key) = weft_operator::ca::Ca::generate("a user's CA").unwrap();
-    t.put_ca(replaced.cert_pem(), &replaced_key).await;
+    let when = "during the replacement";
+    let bundles = probing_while(&t, &switch, hooks, ports, when, async {
+        t.put_ca(replaced.cert_pem(), &replaced_key).await;
+        all_follow(&t, &ports, replaced.cert_pem()).await
+    })
+    .await;
     assert_bundles(
-        &all_follow(&t, &ports, replaced.cert_pem()).await,
+        &bundles,
         &[replaced.cert_pem(), &created_pem],
         "after the replacement: the new CA, then the old one",
     );
@@ -1793,19 +1871,25 @@ async fn two_replicas_sharing_a_ca_secret_end_on_the_same_ca_after_a_replacement
         );
     }
 
-    t.ca_secrets()
-        .delete("weft-ca", &Default::default())
-        .await
-        .unwrap();
-    let generated_pem = eventually(Duration::from_secs(20), || async {
-        let pem = t.secret_ca().await?;
-        ensure!(pem != replaced.cert_pem(), "still the replaced CA");
-        Ok(pem)
-    })
-    .await
-    .unwrap();
+    let (generated_pem, bundles) =
+        probing_while(&t, &switch, hooks, ports, "during the deletion", async {
+            t.ca_secrets()
+                .delete("weft-ca", &Default::default())
+                .await
+                .unwrap();
+            let generated_pem = eventually(Duration::from_secs(20), || async {
+                let pem = t.secret_ca().await?;
+                ensure!(pem != replaced.cert_pem(), "still the replaced CA");
+                Ok(pem)
+            })
+            .await
+            .unwrap();
+            let bundles = all_follow(&t, &ports, &generated_pem).await;
+            (generated_pem, bundles)
+        })
+        .await;
     assert_bundles(
-        &all_follow(&t, &ports, &generated_pem).await,
+        &bundles,
         &[&generated_pem, replaced.cert_pem()],
         "after the deletion: the generated CA, then the deleted one",
     );
