@@ -476,9 +476,10 @@ impl IdentityStore {
             )
             .map_err(CertError::Untrusted)?;
         let anchor = path.anchor();
-        // Of two copies of the root (one re-issued with a later end), the later counts:
-        // the path names the anchor, not which copy of it.
-        let root = bundle
+        // Of two copies of the root (one re-issued with a later end), the later of those
+        // valid now counts: the path names the anchor, not which copy of it, and a copy
+        // not valid yet does not make the chain last (none valid now: of them all).
+        let copies = bundle
             .iter()
             .filter(|root| {
                 webpki::anchor_from_trusted_cert(root).is_ok_and(|a| {
@@ -486,7 +487,22 @@ impl IdentityStore {
                         && a.subject_public_key_info == anchor.subject_public_key_info
                 })
             })
-            .max_by_key(|root| expiry(root));
+            .collect::<Vec<_>>();
+        let valid_now = copies
+            .iter()
+            .copied()
+            .filter(|root| {
+                validity(root)
+                    .is_some_and(|(from, until)| from <= now.as_secs() && now.as_secs() <= until)
+            })
+            .collect::<Vec<_>>();
+        let root = if valid_now.is_empty() {
+            copies
+        } else {
+            valid_now
+        }
+        .into_iter()
+        .max_by_key(|root| expiry(root));
         let chain_root = root.map(|root| fingerprint(root)).unwrap_or_default();
         let trust_roots = bundle.iter().map(|r| fingerprint(r)).collect();
         // The chain verifies until the first certificate on its path expires: an
@@ -1653,6 +1669,31 @@ mod tests {
         assert!(
             left > Duration::from_secs(3000),
             "the leaf's end, not the old copy's: {left:?}"
+        );
+        assert_eq!(c.chain_root, fingerprint(&root.der), "the later copy");
+    }
+
+    #[test]
+    fn a_copy_of_the_root_not_valid_yet_does_not_time_the_chain() {
+        let root = Ca::valid_between("root A", -3600, 600);
+        // The same root (name and key) re-issued ahead of the current copy's end, valid
+        // from 5 minutes on for 10 hours: until it starts, the current copy ends the chain.
+        let mut params = root.params.clone();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::seconds(300);
+        params.not_after = now + time::Duration::seconds(36000);
+        let next = params.self_signed(&root.key).unwrap();
+        let id = SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap());
+        let (leaf, leaf_key) = root.issue(id, -60, 3600);
+        let store = IdentityStore::new().unwrap();
+        let c = store
+            .install_pem(&leaf, &leaf_key, &format!("{}{}", next.pem(), root.pem))
+            .unwrap();
+        assert_eq!(c.chain_root, fingerprint(&root.der), "the copy valid now");
+        let left = c.not_after.duration_since(SystemTime::now()).unwrap();
+        assert!(
+            left <= Duration::from_secs(600),
+            "the current copy's end, not the re-issued one's: {left:?}"
         );
     }
 
