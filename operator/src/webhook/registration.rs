@@ -61,6 +61,11 @@ pub enum FailurePolicy {
     Fail,
 }
 
+/// Writes of a bundle [`Registration::replace_bundles`] tries: each loses only to another
+/// writer, replicas rotating together converge in a few, and more would mean a writer that
+/// never stops.
+const REPLACE_TRIES: u32 = 5;
+
 /// Settings of the webhook registration.
 #[derive(Clone, Debug)]
 pub struct Registration {
@@ -198,16 +203,18 @@ impl Registration {
     /// Writes `ca_bundle` into every one of this registration's webhooks whose bundle
     /// differs, as [`Registration::restore_bundles`] does: a deleted registration stays
     /// deleted (nothing to do), and one changed under the write is read again and retried.
+    /// `Ok` only when the bundles are `ca_bundle` (or the registration is gone): after
+    /// [`REPLACE_TRIES`] writes lost to another writer, the last conflict is the error, and
+    /// the caller tries again later.
     pub async fn replace_bundles(
         &self,
         client: Client,
         ca_bundle: &str,
     ) -> Result<(), kube::Error> {
         let api = Api::<MutatingWebhookConfiguration>::all(client.clone());
-        // Each try loses only to another writer; replicas rotating together converge in a
-        // few, and more would mean a writer that never stops.
-        const TRIES: u32 = 5;
-        for attempt in 1..=TRIES {
+        let mut attempt = 1;
+        // No way out but a return: a loop that ran out of tries cannot fall into an `Ok`.
+        loop {
             let Some(live) = api.get_opt(&self.name).await? else {
                 return Ok(());
             };
@@ -221,13 +228,15 @@ impl Registration {
             {
                 Ok(()) => return Ok(()),
                 Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
-                Err(kube::Error::Api(e)) if matches!(e.code, 409 | 422) && attempt < TRIES => {
+                Err(kube::Error::Api(e))
+                    if matches!(e.code, 409 | 422) && attempt < REPLACE_TRIES =>
+                {
                     tracing::debug!(error = %e, attempt, "the registration changed under the bundle's write; reading it again");
+                    attempt += 1;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
     }
 
     /// The names of this registration's webhooks.
@@ -336,6 +345,75 @@ mod tests {
             excluded_namespaces: Vec::new(),
             namespace_scope: None,
         }
+    }
+
+    /// A registration that changes under every write of the bundle (each patch answered
+    /// 422, as a failed `test` of the resource version is): `replace_bundles` reads and
+    /// writes it [`REPLACE_TRIES`] times, then fails with the last conflict, rather than
+    /// report a bundle written that was not.
+    #[tokio::test]
+    async fn a_bundle_that_loses_every_write_is_an_error_not_a_success() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicU32, Ordering},
+        };
+
+        use bytes::Bytes;
+        use http_body_util::Full;
+        use hyper_util::rt::TokioIo;
+
+        let r = registration();
+        let mut live = r.object("old");
+        live.metadata.uid = Some("0d6e5d4c-uid".to_owned());
+        live.metadata.resource_version = Some("7".to_owned());
+        let live = serde_json::to_string(&live).unwrap();
+        let conflict = serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "the server rejected our request due to an error in our request",
+            "reason": "Invalid", "code": 422,
+        })
+        .to_string();
+        let (gets, patches) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn({
+            let (gets, patches) = (gets.clone(), patches.clone());
+            async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let (live, conflict) = (live.clone(), conflict.clone());
+                    let (gets, patches) = (gets.clone(), patches.clone());
+                    let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                        let (status, body) = if req.method() == http::Method::PATCH {
+                            patches.fetch_add(1, Ordering::SeqCst);
+                            (422, conflict.clone())
+                        } else {
+                            gets.fetch_add(1, Ordering::SeqCst);
+                            (200, live.clone())
+                        };
+                        let resp = http::Response::builder()
+                            .status(status)
+                            .header(http::header::CONTENT_TYPE, "application/json")
+                            .body(Full::new(Bytes::from(body)));
+                        async move { resp }
+                    });
+                    tokio::spawn(
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc),
+                    );
+                }
+            }
+        });
+        let config = kube::Config::new(url.parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+
+        let result = r.replace_bundles(client, "new").await;
+        server.abort();
+        match result {
+            Err(kube::Error::Api(e)) => assert_eq!(e.code, 422),
+            other => panic!("expected the last conflict, got {other:?}"),
+        }
+        assert_eq!(patches.load(Ordering::SeqCst), REPLACE_TRIES);
+        assert_eq!(gets.load(Ordering::SeqCst), REPLACE_TRIES);
     }
 
     /// A change of CA rewrites every bundle of ours that is not the new one, empty ones
