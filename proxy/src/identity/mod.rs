@@ -208,23 +208,48 @@ impl TrustBundle {
     /// The roots trusted at `now`, and the verifiers built on them.
     fn at(&self, now: UnixTime) -> Result<Arc<Trusted>, TlsError> {
         let now = now.as_secs();
-        let current = self.trusted.load();
-        if current.holds_at(now) {
-            return Ok(arc_swap::Guard::into_inner(current));
+        let loaded = self.trusted.load_full();
+        if loaded.holds_at(now) {
+            return Ok(loaded);
         }
         let fresh = Arc::new(
             Trusted::at(&self.roots, now, &self.provider)
                 .map_err(|e| TlsError::General(format!("trust bundle verifiers: {e}")))?,
         );
-        tracing::info!(
-            trusted = fresh.roots.len(),
-            bundle = self.roots.len(),
-            "trusted roots of the bundle changed"
-        );
-        // Handshakes racing over a change each build the set of their own `now`, and use
-        // it: which of them stays stored only decides who rebuilds next.
-        self.trusted.store(fresh.clone());
-        Ok(fresh)
+        Ok(self.keep(loaded, fresh, now).0)
+    }
+
+    /// Stores `fresh`, the set at `now`, in place of `loaded`, the set found not to hold
+    /// then, unless handshakes racing over a boundary stored another meanwhile: one that
+    /// holds at `now` is kept and used; one of a later time than `now` is kept, and
+    /// `fresh` serves this handshake only (so a handshake whose `now` was read before the
+    /// boundary does not put back the stale set); one of an earlier time is replaced.
+    /// Answers the set to use, and whether the stored roots changed (then logged).
+    fn keep(&self, loaded: Arc<Trusted>, fresh: Arc<Trusted>, now: u64) -> (Arc<Trusted>, bool) {
+        let mut expected = loaded;
+        loop {
+            let stored = arc_swap::Guard::into_inner(
+                self.trusted.compare_and_swap(&expected, fresh.clone()),
+            );
+            if Arc::ptr_eq(&stored, &expected) {
+                let changed = stored.roots.roots != fresh.roots.roots;
+                if changed {
+                    tracing::info!(
+                        trusted = fresh.roots.len(),
+                        bundle = self.roots.len(),
+                        "trusted roots of the bundle changed"
+                    );
+                }
+                return (fresh, changed);
+            }
+            if stored.holds_at(now) {
+                return (stored, false);
+            }
+            if stored.from > now {
+                return (fresh, false);
+            }
+            expected = stored;
+        }
     }
 }
 
@@ -1499,6 +1524,59 @@ mod tests {
             .unwrap_err();
         assert_eq!(TlsFailure::of(&e), TlsFailure::Untrusted, "{e}");
         assert!(v.trust(&root, in_secs(0)), "until its end it was trusted");
+    }
+
+    #[test]
+    fn handshakes_racing_over_a_boundary_keep_the_set_of_the_present_and_log_a_change_once() {
+        let current = Ca::new("root current");
+        let ending = Ca::valid_between("root ending", -3600, 600);
+        let store = IdentityStore::new().unwrap();
+        let c = current.install(&store, &format!("{}{}", current.pem, ending.pem));
+        let trust = &c.trust;
+        let secs = |t: i64| in_secs(t).as_secs();
+        let build = |t: i64| Arc::new(Trusted::at(&trust.roots, secs(t), &trust.provider).unwrap());
+        // Three handshakes loaded the set of install, which does not hold after the end.
+        let at_install = trust.trusted.load_full();
+        let after = build(700);
+        let (used, changed) = trust.keep(at_install.clone(), after.clone(), secs(700));
+        assert!(
+            Arc::ptr_eq(&used, &after) && changed,
+            "the first stores and logs"
+        );
+        // The second, at the same time, uses the set stored: no rebuild stored, no log.
+        let (used, changed) = trust.keep(at_install.clone(), build(700), secs(700));
+        assert!(Arc::ptr_eq(&used, &after) && !changed, "the second uses it");
+        // The third read its time before the end: its own set serves it, the set of the
+        // present stays stored.
+        let before = build(500);
+        let (used, changed) = trust.keep(at_install, before.clone(), secs(500));
+        assert!(
+            Arc::ptr_eq(&used, &before) && !changed,
+            "the third uses its own"
+        );
+        assert!(
+            Arc::ptr_eq(&trust.trusted.load_full(), &after),
+            "present kept"
+        );
+    }
+
+    #[test]
+    fn crossing_a_boundary_that_leaves_the_trusted_roots_the_same_logs_no_change() {
+        let current = Ca::new("root current");
+        // Valid only from 5 to 6 minutes after install: at install and at +500 s the
+        // trusted roots are the same, over two intervals.
+        let brief = Ca::valid_between("root brief", 300, 360);
+        let store = IdentityStore::new().unwrap();
+        let c = current.install(&store, &format!("{}{}", current.pem, brief.pem));
+        let trust = &c.trust;
+        let now = in_secs(500).as_secs();
+        let loaded = trust.trusted.load_full();
+        assert!(!loaded.holds_at(now));
+        let fresh = Arc::new(Trusted::at(&trust.roots, now, &trust.provider).unwrap());
+        let (used, changed) = trust.keep(loaded, fresh.clone(), now);
+        assert!(Arc::ptr_eq(&used, &fresh), "rebuilt and stored");
+        assert!(!changed, "the same roots: no INFO line");
+        assert!(Arc::ptr_eq(&trust.trusted.load_full(), &fresh));
     }
 
     #[test]
