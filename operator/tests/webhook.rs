@@ -1893,6 +1893,11 @@ async fn two_replicas_sharing_a_ca_secret_end_on_the_same_ca_after_a_replacement
         &[&generated_pem, replaced.cert_pem()],
         "after the deletion: the generated CA, then the deleted one",
     );
+    // Exact for each replica, the loser of the creation's race too: each watch sees the
+    // deletion (only a watch made to relist after it, its resource version expired, would
+    // see the new CA alone, counted `followed`), and a rotation to the created CA
+    // that fails (both replicas patch the one registration) and succeeds from a later read
+    // of the Secret still counts `generated`.
     for (i, (hook, port)) in hooks.into_iter().zip(ports).enumerate() {
         admits_through(&t, &switch, hook, port, &format!("generated-{i}")).await;
         assert_eq!(
