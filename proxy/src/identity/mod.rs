@@ -1580,6 +1580,43 @@ mod tests {
     }
 
     #[test]
+    fn a_root_is_trusted_from_its_not_before_to_its_not_after_both_included() {
+        let current = Ca::new("root current");
+        let ending = Ca::valid_between("root ending", -3600, 600);
+        let starting = Ca::valid_between("root starting", 300, 7200);
+        let store = IdentityStore::new().unwrap();
+        current.install(
+            &store,
+            &format!("{}{}{}", current.pem, ending.pem, starting.pem),
+        );
+        let v = Verifiers::of(&store);
+        let (_, not_after) = validity(&ending.der).unwrap();
+        let (not_before, _) = validity(&starting.der).unwrap();
+        let at = |secs: u64| UnixTime::since_unix_epoch(Duration::from_secs(secs));
+        // In this order both the rebuilt set and the one kept between boundaries judge
+        // each second.
+        assert!(!v.trust(&starting, at(not_before - 1)), "not_before - 1 s");
+        assert!(v.trust(&starting, at(not_before)), "not_before");
+        assert!(v.trust(&ending, at(not_after)), "not_after");
+        assert!(!v.trust(&ending, at(not_after + 1)), "not_after + 1 s");
+        // And each on a set rebuilt from the other side.
+        assert!(v.trust(&ending, at(not_after)), "not_after, back");
+        assert!(
+            !v.trust(&starting, at(not_before - 1)),
+            "not_before - 1 s, back"
+        );
+        assert!(v.trust(&starting, at(not_before)), "not_before, again");
+        assert!(
+            !v.trust(&ending, at(not_after + 1)),
+            "not_after + 1 s, again"
+        );
+        assert!(
+            v.trust(&current, at(not_after + 1)),
+            "the current root throughout"
+        );
+    }
+
+    #[test]
     fn an_install_needs_its_chain_to_lead_to_a_root_valid_now() {
         let current = Ca::new("root current");
         let old = Ca::valid_between("root old", -7200, -3600);
