@@ -409,6 +409,64 @@ async fn a_root_left_in_the_bundle_past_its_end_anchors_no_peer_either_way() {
 }
 
 #[tokio::test]
+async fn with_no_root_of_its_bundle_valid_a_proxy_blames_itself_not_its_peers() {
+    // The whole bundle: a root ending 2 seconds from now. Both sidecars install a
+    // certificate from it while it is valid; then it ends.
+    let brief = Ca::valid_between("brief mesh root", -60, 2);
+    let client_store = brief.store_with_bundle(CLIENT_ID, &brief.pem);
+    let server_store = brief.store_with_bundle(SERVER_ID, &brief.pem);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let tls13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+    // Outbound: not `tls_peer_untrusted` (the peer is not to blame) but this proxy's
+    // failure, counted `no_local_identity`.
+    let peer = bare_tls_server(&brief.issue(SERVER_ID), "").await;
+    let client = client_sidecar(Some(client_store), peer, SERVER_ID);
+    let (resp, _) = get(&h1_client(), &client.url("/")).await;
+    assert_eq!(
+        (resp.status().as_u16(), header(&resp, "weft-error")),
+        (502, "tls_handshake_failed")
+    );
+    let m = metrics_of(&client);
+    let outbound = |reason: &str| {
+        metric(
+            &m,
+            "weft_tls_refused_total",
+            &["direction=\"outbound\"", &format!("reason=\"{reason}\"")],
+        )
+    };
+    assert_eq!(
+        (outbound("no_local_identity"), outbound("untrusted")),
+        (1, 0),
+        "{m}"
+    );
+
+    // Inbound: a client presenting a certificate from the same root is refused, counted
+    // `no_local_identity`, not `untrusted`.
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    let server = server_sidecar(Some(server_store), backend.addr);
+    let leaf = brief.issue(CLIENT_ID);
+    assert!(!bare_tls_client(server.addr, &brief.pem, Some(&leaf), tls13).await);
+    eventually(Duration::from_secs(5), "inbound no_local_identity", || {
+        let m = metrics_of(&server);
+        async move {
+            metric(
+                &m,
+                "weft_tls_refused_total",
+                &["direction=\"inbound\"", "reason=\"no_local_identity\""],
+            ) == 1
+                && metric(
+                    &m,
+                    "weft_tls_refused_total",
+                    &["direction=\"inbound\"", "reason=\"untrusted\""],
+                ) == 0
+        }
+    })
+    .await;
+    assert_eq!(backend.requests(), 0);
+}
+
+#[tokio::test]
 async fn outbound_refuses_a_trusted_peer_with_another_identity_and_never_falls_back() {
     let mesh = Ca::new("mesh root");
     let backend = Scripted::ok("127.0.0.1", "cart").await;
