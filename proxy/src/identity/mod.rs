@@ -202,7 +202,16 @@ struct TrustBundle {
     roots: Vec<BundleRoot>,
     provider: Arc<CryptoProvider>,
     trusted: ArcSwap<Trusted>,
+    /// Whether the operator's fallback to every root ([`OperatorVerifier`]) was warned
+    /// about since the proxy entered that state: one WARN per entry, whichever sets the
+    /// handshakes built meanwhile.
+    fallback_warned: std::sync::atomic::AtomicBool,
 }
+
+/// How far ahead of a handshake's `now` a stored set may start and still be taken for one
+/// stored by a handshake racing over the same boundary (kept, not replaced); a set
+/// starting further ahead means the clock went back, and is replaced.
+const RACE_WINDOW_SECS: u64 = 5;
 
 impl TrustBundle {
     /// The roots trusted at `now`, and the verifiers built on them.
@@ -226,8 +235,12 @@ impl TrustBundle {
     /// boundary does not put back the stale set); one of an earlier time is replaced.
     /// Answers the set to use, and whether the stored roots changed (then logged).
     fn keep(&self, loaded: Arc<Trusted>, fresh: Arc<Trusted>, now: u64) -> (Arc<Trusted>, bool) {
+        let later = |set: &Trusted| set.from > now && set.from - now <= RACE_WINDOW_SECS;
         let mut expected = loaded;
         loop {
+            if later(&expected) {
+                return (fresh, false);
+            }
             let stored = arc_swap::Guard::into_inner(
                 self.trusted.compare_and_swap(&expected, fresh.clone()),
             );
@@ -245,9 +258,6 @@ impl TrustBundle {
             if stored.holds_at(now) {
                 return (stored, false);
             }
-            if stored.from > now {
-                return (fresh, false);
-            }
             expected = stored;
         }
     }
@@ -264,9 +274,8 @@ struct Trusted {
     /// Verifies the operator (by DNS name): against `roots`, or when none is valid then,
     /// against every root of the bundle whatever its dates ([`OperatorVerifier`]).
     operator: Arc<WebPkiServerVerifier>,
-    /// Whether `operator` is that fallback; `warned` once it was used for this set.
+    /// Whether `operator` is that fallback.
     operator_unchecked: bool,
-    warned: std::sync::atomic::AtomicBool,
 }
 
 impl Trusted {
@@ -317,7 +326,6 @@ impl Trusted {
             client,
             operator,
             operator_unchecked,
-            warned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -571,6 +579,7 @@ impl IdentityStore {
                 roots,
                 provider: self.provider.clone(),
                 trusted: ArcSwap::from_pointee(trusted),
+                fallback_warned: std::sync::atomic::AtomicBool::new(false),
             },
         });
         self.current.store(Some(certified.clone()));
@@ -1075,18 +1084,17 @@ pub struct OperatorVerifier {
 
 impl OperatorVerifier {
     /// The verifier of the roots trusted at `now`; when no root of the bundle is valid
-    /// then, of every root of the bundle (with a WARN once per such set), so that the
-    /// proxy can still renew: peers keep the strict rule.
+    /// then, of every root of the bundle (with a WARN once each time the proxy enters
+    /// that state), so that the proxy can still renew: peers keep the strict rule.
     fn verifier(&self, now: UnixTime) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
         let Some(c) = self.current.load_full() else {
             return Ok(self.bootstrap.clone());
         };
         let trusted = c.trust.at(now)?;
-        if trusted.operator_unchecked
-            && !trusted
-                .warned
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
+        let warned = &c.trust.fallback_warned;
+        if !trusted.operator_unchecked {
+            warned.store(false, std::sync::atomic::Ordering::Relaxed);
+        } else if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(
                 bundle = c.trust.roots.len(),
                 "no root of the trust bundle is valid now (each has expired or is not valid \
@@ -1546,10 +1554,10 @@ mod tests {
         // The second, at the same time, uses the set stored: no rebuild stored, no log.
         let (used, changed) = trust.keep(at_install.clone(), build(700), secs(700));
         assert!(Arc::ptr_eq(&used, &after) && !changed, "the second uses it");
-        // The third read its time before the end: its own set serves it, the set of the
-        // present stays stored.
-        let before = build(500);
-        let (used, changed) = trust.keep(at_install, before.clone(), secs(500));
+        // The third read its time just before the end: its own set serves it, the set
+        // of the present stays stored.
+        let before = build(599);
+        let (used, changed) = trust.keep(at_install.clone(), before.clone(), secs(599));
         assert!(
             Arc::ptr_eq(&used, &before) && !changed,
             "the third uses its own"
@@ -1558,6 +1566,18 @@ mod tests {
             Arc::ptr_eq(&trust.trusted.load_full(), &after),
             "present kept"
         );
+        // Also when the set of the present was loaded first, before its CAS.
+        let (used, changed) = trust.keep(after.clone(), build(599), secs(599));
+        assert!(!Arc::ptr_eq(&used, &after) && !changed, "its own again");
+        assert!(
+            Arc::ptr_eq(&trust.trusted.load_full(), &after),
+            "kept again"
+        );
+        // A time further back than a race allows is a clock set back: its set replaces.
+        let back = build(500);
+        let (used, changed) = trust.keep(at_install, back.clone(), secs(500));
+        assert!(Arc::ptr_eq(&used, &back) && changed, "the clock went back");
+        assert!(Arc::ptr_eq(&trust.trusted.load_full(), &back), "stored");
     }
 
     #[test]
