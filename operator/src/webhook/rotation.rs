@@ -279,7 +279,11 @@ pub(super) async fn watch_ca(
             Step::Create => {
                 tracing::warn!(%namespace, secret = %name, "the webhook's CA Secret is gone (deleted); generating a new CA");
                 match ca::create(client.clone(), namespace, name).await {
-                    Ok(ca) if ca.same_certificate(&current) => Ok(Followed::Nothing),
+                    Ok(ca) if ca.same_certificate(&current) => {
+                        // Already served: nothing is pending.
+                        created = None;
+                        Ok(Followed::Nothing)
+                    }
                     Ok(ca) => {
                         let ca = Arc::new(ca);
                         created = Some(ca.clone());
