@@ -274,8 +274,6 @@ struct Trusted {
     /// Verifies the operator (by DNS name): against `roots`, or when none is valid then,
     /// against every root of the bundle whatever its dates ([`OperatorVerifier`]).
     operator: Arc<WebPkiServerVerifier>,
-    /// Whether `operator` is that fallback.
-    operator_unchecked: bool,
 }
 
 impl Trusted {
@@ -300,8 +298,7 @@ impl Trusted {
             }
         }
         let roots = Arc::new(roots);
-        let operator_unchecked = roots.is_empty();
-        let (client, operator_roots) = if operator_unchecked {
+        let (client, operator_roots) = if roots.is_empty() {
             // With no root valid, the operator is still verified (by every root, as
             // before roots' dates were checked), so that a renewal can bring a bundle
             // with a valid root: otherwise the proxy could never reach it again.
@@ -325,8 +322,12 @@ impl Trusted {
             roots,
             client,
             operator,
-            operator_unchecked,
         })
+    }
+
+    /// Whether `operator` is the fallback to every root of the bundle: none is valid.
+    fn operator_unchecked(&self) -> bool {
+        self.roots.is_empty()
     }
 
     fn holds_at(&self, now: u64) -> bool {
@@ -1092,7 +1093,7 @@ impl OperatorVerifier {
         };
         let trusted = c.trust.at(now)?;
         let warned = &c.trust.fallback_warned;
-        if !trusted.operator_unchecked {
+        if !trusted.operator_unchecked() {
             warned.store(false, std::sync::atomic::Ordering::Relaxed);
         } else if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(
