@@ -141,6 +141,9 @@ pub struct Certified {
     /// When this proxy installed it: renewal is timed from here, not from `not_before`,
     /// which the operator backdates for clock skew.
     pub installed_at: SystemTime,
+    /// The share of the lifetime after which to renew, drawn at install from
+    /// [`RENEW_FRACTION`], so that proxies given certificates at once do not renew at once.
+    renew_fraction: f64,
     /// SHA-256 fingerprint of the bundle's root the chain leads to (colon-separated hex,
     /// as `openssl x509 -fingerprint -sha256` prints it): which root this proxy is on.
     pub chain_root: String,
@@ -169,15 +172,22 @@ impl Certified {
             .map_or(0, |d| d.as_secs())
     }
 
-    /// When to renew: at 70 % of the lifetime, counted from when it was installed if
-    /// that is later than `not_before` (the operator backdates certificates by minutes,
-    /// which for a short lifetime would put 70 % in the past and renew in a loop).
+    /// When to renew: at 65–75 % of the lifetime (drawn once per certificate), counted
+    /// from when it was installed if that is later than `not_before` (the operator
+    /// backdates certificates by minutes, which for a short lifetime would put the
+    /// renewal in the past and renew in a loop).
     pub fn renew_at(&self) -> SystemTime {
         let start = self.not_before.max(self.installed_at);
         let life = self.not_after.duration_since(start).unwrap_or_default();
-        start + life.mul_f64(0.7)
+        start + life.mul_f64(self.renew_fraction)
     }
 }
+
+/// The range the share of a certificate's lifetime after which it is renewed is drawn
+/// from. Without the spread, pods started together (a rollout, a node's restart) renew
+/// together, and every certificate capped at one issuer's end renews in the same second;
+/// Istio spreads renewals the same way.
+pub const RENEW_FRACTION: std::ops::RangeInclusive<f64> = 0.65..=0.75;
 
 /// One root of a trust bundle, with its validity (seconds since the Unix epoch, both
 /// ends included, as webpki judges certificates).
@@ -573,6 +583,7 @@ impl IdentityStore {
             not_before,
             not_after,
             installed_at: SystemTime::now(),
+            renew_fraction: rand::random_range(RENEW_FRACTION),
             chain_root,
             trust_roots,
             key: Arc::new(key),
@@ -1755,8 +1766,8 @@ mod tests {
         assert_eq!(c.not_after, ends, "the chain ends with its intermediate");
         let wait = c.renew_at().duration_since(SystemTime::now()).unwrap();
         assert!(
-            wait > Duration::from_secs(400) && wait <= Duration::from_secs(420),
-            "renews in {wait:?}, at 70 % of what the intermediate leaves"
+            wait > Duration::from_secs(385) && wait <= Duration::from_secs(450),
+            "renews in {wait:?}, at 65–75 % of what the intermediate leaves"
         );
     }
 
@@ -1834,7 +1845,7 @@ mod tests {
     }
 
     #[test]
-    fn a_backdated_short_certificate_is_renewed_at_70_percent_of_what_is_left() {
+    fn a_backdated_short_certificate_is_renewed_at_65_to_75_percent_of_what_is_left() {
         let a = Ca::new("root A");
         let store = IdentityStore::new().unwrap();
         // What the operator issues for a 1-minute lifetime: valid from 5 minutes ago.
@@ -1843,8 +1854,42 @@ mod tests {
         let c = store.install_pem(&chain, &key, &a.pem).unwrap();
         let wait = c.renew_at().duration_since(SystemTime::now()).unwrap();
         assert!(
-            wait > Duration::from_secs(38) && wait <= Duration::from_secs(42),
+            wait > Duration::from_secs(37) && wait <= Duration::from_secs(45),
             "renews in {wait:?}"
+        );
+    }
+
+    #[test]
+    fn proxies_given_the_same_chain_at_once_renew_at_different_times() {
+        let a = Ca::new("root A");
+        // Certificates capped at one issuer's end all end in the same second.
+        let issuer = a.intermediate("issuer", 1000);
+        let id = SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap());
+        let (chain, key) = issuer.issue(id, -60, 3600);
+        let chain = format!("{chain}{}", issuer.pem);
+        let renewals: Vec<Duration> = (0..40)
+            .map(|_| {
+                let c = IdentityStore::new()
+                    .unwrap()
+                    .install_pem(&chain, &key, &a.pem)
+                    .unwrap();
+                let life = c.not_after.duration_since(c.installed_at).unwrap();
+                let wait = c.renew_at().duration_since(c.installed_at).unwrap();
+                assert!(
+                    wait >= life.mul_f64(0.65) && wait <= life.mul_f64(0.75),
+                    "{wait:?} of {life:?}"
+                );
+                wait
+            })
+            .collect();
+        let first = renewals.iter().min().unwrap();
+        let last = renewals.iter().max().unwrap();
+        // 40 draws from 100 s of spread: all within 30 s of each other has a chance
+        // below 1e-17.
+        assert!(
+            *last - *first > Duration::from_secs(30),
+            "renewals spread over {:?}",
+            *last - *first
         );
     }
 }
