@@ -1303,9 +1303,9 @@ async fn renewed_onto(p: &ProxyProc, root: &str, bundle: &[&str], operator: &Pro
 }
 
 /// Certificate lifetime of the rotation tests: the operator's minimum. Proxies renew at
-/// 70 % of it, every 42 s.
+/// 65–75 % of it, every 39–45 s.
 const LIFETIME: &str = "1m";
-/// How long one renewal may take to happen: a renewal interval (42 s) plus backoff slack.
+/// How long one renewal may take to happen: a renewal interval (at most 45 s) plus backoff slack.
 const RENEWAL_WAIT: Duration = Duration::from_secs(90);
 
 /// Inbound TLS sessions web's proxy has accepted so far.

@@ -86,7 +86,7 @@ impl Default for IdentityLimits {
             // requests from holding more than 4 of the 256 slots.
             max_in_flight_per_source: NonZeroUsize::new(4),
             in_flight_wait: Duration::from_secs(2),
-            // A proxy asks once at start and renews at ~70 % of 24 h; a few retries on
+            // A proxy asks once at start and renews at 65–75 % of 24 h; a few retries on
             // start-up failures fit in the burst, a loop does not.
             per_identity_rate: 0.1,
             per_identity_burst: 10,

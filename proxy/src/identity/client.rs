@@ -4,7 +4,7 @@
 //! key pair (ECDSA P-256, generated here, never sent) ─▶ CSR ─▶ POST /weft.identity.v1/certify
 //!   over TLS verified against the last answer's trust bundle (before the first:
 //!   --trust-root-file / --trust-roots), Bearer <ServiceAccount token>
-//!   ─▶ CertifyResponse ─▶ IdentityStore::install (swap) ─▶ sleep until 70 % of the lifetime
+//!   ─▶ CertifyResponse ─▶ IdentityStore::install (swap) ─▶ sleep until 65–75 % of the lifetime
 //!   on failure: jittered exponential backoff; the old certificate stays until it expires
 //! ```
 
@@ -175,7 +175,7 @@ impl IdentityClient {
         })
     }
 
-    /// Gets a certificate, renews it at about 70 % of its lifetime, and retries failures
+    /// Gets a certificate, renews it at 65–75 % of its lifetime, and retries failures
     /// with jittered backoff, until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
