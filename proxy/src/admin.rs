@@ -6,7 +6,7 @@
 //! | `/ready` | 200 once a config is active (and, with identity on, a valid certificate installed), 503 before that (the body says why) and while draining |
 //! | `/metrics` | Prometheus/OpenMetrics text |
 //! | `/config` | the active config as JSON, with its version and generation (loopback only) |
-//! | `/app-health/<container>/<livez\|readyz\|startupz>` | the application's own probe, performed against it on loopback: for `httpGet` its status code, for `grpc` 200 when the health service answers `SERVING`, for `tcpSocket` 200 when it accepts a connection; 503 with the reason otherwise ([`crate::app_probe`]); 404 for a probe the pod does not have |
+//! | `/app-health/<container>/<livez\|readyz\|startupz>` | the application's own probe, performed against the pod's address (`WEFT_POD_IP`; loopback for a port of `weft.dev/inbound-loopback-ports`, or when unset): for `httpGet` its status code, for `grpc` 200 when the health service answers `SERVING`, for `tcpSocket` 200 when it accepts a connection; 503 with the reason otherwise ([`crate::app_probe`]); 404 for a probe the pod does not have |
 //!
 //! The listener binds every address so that the kubelet and Prometheus reach it, which
 //! makes it reachable from every pod too: what reveals the mesh's topology (`/config`
