@@ -258,13 +258,15 @@ pub struct Metrics {
 
 /// The proxy's certificate and its mutual TLS sessions. Labels are bounded: `direction`,
 /// `protocol` ([`crate::identity::Inner::as_str`]), `result` (`ok`, `error`) and `reason`
-/// ([`crate::identity::TlsFailure::as_str`]).
+/// ([`crate::identity::TlsFailure::as_str`], or for sessions ended
+/// [`crate::identity::session::EndReason::as_str`]).
 #[derive(Clone, Debug, Default)]
 pub struct TlsMetrics {
     expiry: Gauge,
     renewals: Family<[(&'static str, &'static str); 1], Counter>,
     sessions: Family<[(&'static str, &'static str); 2], Counter>,
     refused: Family<[(&'static str, &'static str); 2], Counter>,
+    ended: Family<[(&'static str, &'static str); 2], Counter>,
 }
 
 impl TlsMetrics {
@@ -289,6 +291,11 @@ impl TlsMetrics {
             "Mutual TLS handshakes refused or failed, by direction and reason",
             self.refused.clone(),
         );
+        registry.register(
+            "tls_sessions_ended",
+            "Established mutual TLS sessions ended by this proxy because the peer's certificate chain stopped verifying, by direction and reason",
+            self.ended.clone(),
+        );
     }
 
     /// Records a certificate request's outcome, and the expiry of the certificate in use.
@@ -310,6 +317,16 @@ impl TlsMetrics {
                     "protocol",
                     inner.map_or("none", crate::identity::Inner::as_str),
                 ),
+            ])
+            .inc();
+    }
+
+    /// Counts a session ended because its peer's chain stopped verifying.
+    pub fn ended(&self, direction: Direction, reason: crate::identity::session::EndReason) {
+        self.ended
+            .get_or_create(&[
+                ("direction", direction.as_str()),
+                ("reason", reason.as_str()),
             ])
             .inc();
     }

@@ -46,6 +46,7 @@ use crate::{
     identity::{
         Inner,
         inbound::{self, InboundTls, SniffError, Sniffed},
+        session::{PeerSession, session_end},
     },
     limits::Limit,
     metrics::{ConnectionGuard, Direction, ServiceLabel},
@@ -186,7 +187,7 @@ async fn handle(
     // server), which is most of the memory of an idle connection.
     let Some(identity) = identity else {
         let protocol = opaque.then_some(Protocol::Opaque);
-        return Box::pin(conn.serve(io, protocol, None)).await;
+        return Box::pin(conn.serve(io, protocol, None, None)).await;
     };
     // A peer proxy's mutual TLS and plain text share the port: the first bytes tell.
     let handshake_timeout = detect_timeout.max(TLS_HANDSHAKE_TIMEOUT);
@@ -208,12 +209,17 @@ async fn handle(
                 Some(Inner::H2 | Inner::Mux) => Some(Protocol::Http2),
                 None => None,
             };
-            Box::pin(conn.serve(tls, protocol, Some(info))).await;
+            // The session lives while the client's chain verifies (boxed: the task of an
+            // accepted connection stays small whatever it carries).
+            let life = identity
+                .peer_session(direction, tls.get_ref().1.peer_certificates())
+                .map(Box::new);
+            Box::pin(conn.serve(tls, protocol, Some(info), life)).await;
         }
         Ok(Sniffed::Plain { io, silent }) => {
             // A client that sent nothing within the detect timeout speaks second.
             let protocol = (opaque || silent).then_some(Protocol::Opaque);
-            Box::pin(conn.serve(io, protocol, None)).await;
+            Box::pin(conn.serve(io, protocol, None, None)).await;
         }
         Err(SniffError::Refused { failure, source }) => {
             conn.proxy.metrics.tls.refused(direction, failure);
@@ -246,9 +252,15 @@ struct Conn {
 
 impl Conn {
     /// Detects the protocol unless known, and serves the connection; `tls` is the
-    /// inbound mutual TLS session the bytes arrived in, if any.
-    async fn serve<I>(self, mut io: I, protocol: Option<Protocol>, tls: Option<InboundTls>)
-    where
+    /// inbound mutual TLS session the bytes arrived in, if any, and `life` how long its
+    /// client's certificate chain lets it live.
+    async fn serve<I>(
+        self,
+        mut io: I,
+        protocol: Option<Protocol>,
+        tls: Option<InboundTls>,
+        life: Option<Box<PeerSession>>,
+    ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let Conn {
@@ -314,7 +326,12 @@ impl Conn {
                     conn = conn.with_tls(tls.identity);
                 }
                 let conn = Arc::new(conn);
-                crate::http::serve(io, protocol, conn, shutdown).await;
+                match life {
+                    None => crate::http::serve(io, protocol, conn, shutdown).await,
+                    Some(life) => {
+                        serve_http_session(io, protocol, conn, shutdown, *life, &proxy).await;
+                    }
+                }
             }
             Protocol::Opaque => {
                 let identity = tls.as_ref().and_then(|t| t.identity.as_deref());
@@ -323,9 +340,54 @@ impl Conn {
                 {
                     return;
                 }
-                Box::pin(proxy_opaque(io, route, connect_timeout, &proxy, direction)).await
+                let life = life.map(|l| *l);
+                Box::pin(proxy_opaque(
+                    io,
+                    route,
+                    connect_timeout,
+                    &proxy,
+                    direction,
+                    life,
+                ))
+                .await
             }
         }
+    }
+}
+
+/// Serves an HTTP connection that arrived in a mutual TLS session until it ends, or until
+/// the client's certificate chain stops verifying (`life`): then, as at shutdown, hyper
+/// stops it gracefully (HTTP/2: GOAWAY, streams in flight finish; HTTP/1: closed after
+/// the response in progress), and whatever is still in flight
+/// [`crate::shutdown::SESSION_END_GRACE`] later is cut.
+async fn serve_http_session<I>(
+    io: I,
+    protocol: Protocol,
+    conn: Arc<HttpConn>,
+    shutdown: CancellationToken,
+    life: PeerSession,
+    proxy: &Proxy,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // A token of its own, cancelled by the proxy's shutdown or by this session's end.
+    let stop = shutdown.child_token();
+    let serving = crate::http::serve(io, protocol, conn, stop.clone());
+    tokio::pin!(serving);
+    let mut life = Some(life);
+    let reason = tokio::select! {
+        () = serving.as_mut() => return,
+        reason = session_end(&mut life) => reason,
+    };
+    if let Some(l) = &life {
+        l.record(reason, Some(&proxy.metrics.tls));
+    }
+    stop.cancel();
+    if tokio::time::timeout(crate::shutdown::SESSION_END_GRACE, serving)
+        .await
+        .is_err()
+    {
+        tracing::debug!("closing a mutual TLS session still busy past its end's grace");
     }
 }
 
@@ -653,14 +715,18 @@ pub fn inbound_target(orig: SocketAddr, local: &LocalPorts) -> Dial {
 
 /// Proxies bytes both ways; when one side shuts down its write half, the other side's
 /// write half is shut down too (half-close), and the connection ends when both have.
+///
+/// A mutual TLS session on either side (`life` inbound, the upstream's outbound) is closed
+/// when its peer's chain stops verifying: opaque bytes have no graceful end.
 async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
     mut io: I,
     route: Route,
     connect_timeout: Duration,
     proxy: &Proxy,
     direction: Direction,
+    life: Option<PeerSession>,
 ) {
-    let (mut upstream, _in_flight) = match route {
+    let (mut upstream, _in_flight, upstream_life) = match route {
         Route::Missing(name) => {
             tracing::debug!(service = %name, "service not in the config; closing");
             proxy.metrics.error(direction, ErrorCode::ServiceNotFound);
@@ -668,7 +734,7 @@ async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
         }
         Route::Addr(dial, _) => {
             match upstream::connect_from(dial.addr, dial.source, connect_timeout).await {
-                Ok(s) => (upstream::UpstreamIo::Plain(s), None),
+                Ok(s) => (upstream::UpstreamIo::Plain(s), None, None),
                 Err(error) => {
                     tracing::debug!(%error, "opaque connect failed");
                     proxy.metrics.error(direction, connect_code(&error));
@@ -679,7 +745,7 @@ async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
         Route::Endpoint(endpoint, _) => {
             let in_flight = endpoint.start();
             match endpoint.upstream.connect_opaque().await {
-                Ok(s) => (s, Some(in_flight)),
+                Ok((s, l)) => (s, Some(in_flight), l),
                 Err(error) => {
                     endpoint.penalize();
                     tracing::debug!(%error, "opaque connect to a meshed endpoint failed");
@@ -702,8 +768,8 @@ async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
                 };
                 let in_flight = endpoint.start();
                 match endpoint.upstream.connect_opaque().await {
-                    Ok(s) => {
-                        connected = Some((s, Some(in_flight)));
+                    Ok((s, l)) => {
+                        connected = Some((s, Some(in_flight), l));
                         break;
                     }
                     Err(error) => {
@@ -726,7 +792,19 @@ async fn proxy_opaque<I: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    match splice_until_idle(&mut io, &mut upstream, proxy.limits.opaque_idle_timeout).await {
+    // At most one side is a mutual TLS session: inbound, the client's; outbound, the
+    // endpoint's.
+    let mut life = life.or(upstream_life);
+    let spliced = tokio::select! {
+        r = splice_until_idle(&mut io, &mut upstream, proxy.limits.opaque_idle_timeout) => r,
+        reason = session_end(&mut life) => {
+            if let Some(l) = &life {
+                l.record(reason, Some(&proxy.metrics.tls));
+            }
+            return;
+        }
+    };
+    match spliced {
         Ok(Some((up, down))) => tracing::debug!(up, down, "opaque connection closed"),
         Ok(None) => {
             proxy.metrics.limit_refused(Limit::OpaqueIdleTimeout);

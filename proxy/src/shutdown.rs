@@ -76,3 +76,9 @@ pub async fn drain(
         false
     }
 }
+
+/// How long the HTTP work in flight on a mutual TLS session may go on after the session
+/// had to end ([`crate::identity::session`]: its peer's certificate expired, or its trust
+/// was withdrawn) before the connection is closed: the default of the drain's grace
+/// (`--shutdown-grace`), which is not handed to the listeners.
+pub const SESSION_END_GRACE: Duration = Duration::from_secs(30);

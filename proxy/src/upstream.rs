@@ -40,7 +40,11 @@ use crate::{
         Overloaded, ServicePool,
         pool::{IdleConnections, Slot},
     },
-    identity::{ClientTls, HandshakeError, Inner, TlsFailure},
+    identity::{
+        ClientTls, HandshakeError, Inner, TlsFailure,
+        session::{PeerSession, session_end},
+    },
+    shutdown::SESSION_END_GRACE,
 };
 
 /// The request body sent upstream: the client's, streamed, with its idle timeout.
@@ -150,20 +154,23 @@ impl tokio::io::AsyncWrite for UpstreamIo {
 }
 
 /// Connects to `addr` (from `source` when given) and, for a meshed endpoint, runs the
-/// mutual TLS handshake announcing `inner`; each step within `timeout`.
+/// mutual TLS handshake announcing `inner`; each step within `timeout`. A mutual TLS
+/// connection comes with its session's life: the caller ends it when
+/// [`PeerSession::ended`] says so.
 pub async fn connect_io(
     addr: SocketAddr,
     source: Option<IpAddr>,
     timeout: Duration,
     tls: Option<&ClientTls>,
     inner: Inner,
-) -> Result<UpstreamIo, ConnectError> {
+) -> Result<(UpstreamIo, Option<PeerSession>), ConnectError> {
     let stream = connect_from(addr, source, timeout).await?;
     match tls {
-        None => Ok(UpstreamIo::Plain(stream)),
+        None => Ok((UpstreamIo::Plain(stream), None)),
         Some(tls) => {
             let s = tls.handshake(stream, addr, inner, timeout).await?;
-            Ok(UpstreamIo::Tls(Box::new(s)))
+            let session = tls.peer_session(&s);
+            Ok((UpstreamIo::Tls(Box::new(s)), session))
         }
     }
 }
@@ -391,8 +398,9 @@ impl Upstream {
         self.tls.as_ref()
     }
 
-    /// A connection for opaque TCP: mutual TLS (announcing opaque bytes) when meshed.
-    pub async fn connect_opaque(&self) -> Result<UpstreamIo, ConnectError> {
+    /// A connection for opaque TCP: mutual TLS (announcing opaque bytes) when meshed, with
+    /// its session's life, which the caller must close the connection at.
+    pub async fn connect_opaque(&self) -> Result<(UpstreamIo, Option<PeerSession>), ConnectError> {
         connect_io(
             self.addr,
             None,
@@ -485,6 +493,20 @@ impl Http2Conn {
                     Err(error) => return Err(error.with_unsent(req)),
                 },
             };
+            if shared.last_used.over() {
+                // The session's peer chain no longer verifies (its task may not have
+                // run yet): no new request on it. A fresh one already over raced a
+                // trust change; nothing was sent, so the request may go elsewhere.
+                this.forget(&shared);
+                if reused {
+                    continue;
+                }
+                return Err(SendError::Connect {
+                    timeout: false,
+                    source: "the new session's peer certificate chain no longer verifies".into(),
+                    unsent: Some(Box::new(req)),
+                });
+            }
             shared.last_used.idle();
             if let Some(max) = this
                 .service
@@ -564,7 +586,7 @@ impl Http2Conn {
             Some((_, Slot::Free(permit))) => permit,
             Some((s, Slot::Full)) => return Err(s.refuse_connection().into()),
         };
-        let stream = connect_io(
+        let (stream, session) = connect_io(
             self.addr,
             self.source,
             self.connect_timeout,
@@ -584,6 +606,9 @@ impl Http2Conn {
             last_used: Arc::new(IdleClock::new()),
             streams: Arc::default(),
         };
+        if let Some(s) = &session {
+            shared.last_used.end_at(s.deadline_instant());
+        }
         let span = tracing::debug_span!("upstream", addr = %self.addr, protocol = "h2");
         tokio::spawn(
             run_http2_connection(
@@ -591,6 +616,7 @@ impl Http2Conn {
                 shared.last_used.clone(),
                 Arc::downgrade(self),
                 service_slot,
+                session,
             )
             .instrument(span),
         );
@@ -602,17 +628,34 @@ impl Http2Conn {
 /// Drives one upstream HTTP/2 connection until it ends. After [`IDLE_TIMEOUT`] without a
 /// new request it stops being the endpoint's shared connection; hyper then closes it
 /// once its last stream (and its last sender) is gone.
+///
+/// A mutual TLS session also stops being shared when its peer's chain stops verifying
+/// (`session`): new requests then open a new session (a fresh handshake), while those
+/// on it finish, for at most [`SESSION_END_GRACE`], after which it is closed.
 async fn run_http2_connection(
     conn: hyper::client::conn::http2::Connection<TokioIo<UpstreamIo>, UpstreamBody, TokioExecutor>,
     last_used: Arc<IdleClock>,
     owner: Weak<Http2Conn>,
     // Held until the connection ends: it counts against the service's maxConnections.
     _service_slot: Option<OwnedSemaphorePermit>,
+    mut session: Option<PeerSession>,
 ) {
     tokio::pin!(conn);
     let sleep = tokio::time::sleep(IDLE_TIMEOUT);
     tokio::pin!(sleep);
     let mut shared = true;
+    let unshare = |owner: &Weak<Http2Conn>| {
+        if let Some(owner) = owner.upgrade() {
+            let mut current = owner.lock();
+            if current
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(&s.last_used, &last_used))
+            {
+                *current = None;
+            }
+        }
+    };
+    let mut ended = false;
     loop {
         tokio::select! {
             biased;
@@ -622,16 +665,26 @@ async fn run_http2_connection(
                 }
                 return;
             }
+            reason = session_end(&mut session), if !ended => {
+                last_used.end_now();
+                unshare(&owner);
+                if let Some(s) = &session {
+                    let metrics = owner.upgrade().and_then(|o| o.tls.as_ref().and_then(|t| t.metrics().cloned()));
+                    s.record(reason, metrics.as_ref());
+                }
+                ended = true;
+                shared = true;
+                sleep.as_mut().reset(tokio::time::Instant::now() + SESSION_END_GRACE);
+            }
             () = sleep.as_mut(), if shared => {
+                if ended {
+                    tracing::debug!("closing a mutual TLS session still busy past its end's grace");
+                    return;
+                }
                 let now = tokio::time::Instant::now();
                 let since = last_used.idle_since().unwrap_or(now);
                 if now.saturating_duration_since(since) >= IDLE_TIMEOUT {
-                    if let Some(owner) = owner.upgrade() {
-                        let mut current = owner.lock();
-                        if current.as_ref().is_some_and(|s| Arc::ptr_eq(&s.last_used, &last_used)) {
-                            *current = None;
-                        }
-                    }
+                    unshare(&owner);
                     shared = false;
                 } else {
                     sleep.as_mut().reset(since + IDLE_TIMEOUT);
@@ -722,7 +775,8 @@ impl Http1Pool {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .pop()?;
-            if lease.sender.is_closed() {
+            if lease.sender.is_closed() || lease.clock.over() {
+                // Dropped: an ended session closes with its only sender.
                 continue;
             }
             // A connection released at the end of a response body becomes ready once its
@@ -774,7 +828,7 @@ impl Http1Pool {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Err(SendError::ConnectionLimit { unsent: None });
         };
-        let stream = connect_io(
+        let (stream, session) = connect_io(
             self.addr,
             self.source,
             self.connect_timeout,
@@ -786,9 +840,19 @@ impl Http1Pool {
             .await
             .map_err(|error| SendError::Failed(Box::new(error)))?;
         let clock = Arc::new(IdleClock::new());
+        if let Some(s) = &session {
+            clock.end_at(s.deadline_instant());
+        }
+        let metrics = self.tls.as_ref().and_then(|t| t.metrics().cloned());
         let span = tracing::debug_span!("upstream", addr = %self.addr);
         tokio::spawn(
-            run_http1_connection(conn, clock.clone(), (slot, service_slot)).instrument(span),
+            run_http1_connection(
+                conn,
+                clock.clone(),
+                (slot, service_slot),
+                session.map(|s| (s, metrics)),
+            )
+            .instrument(span),
         );
         Ok(Lease {
             sender,
@@ -802,18 +866,30 @@ impl Http1Pool {
 
 /// Drives one upstream HTTP/1 connection until it ends, or until it has been idle in its
 /// pool for [`IDLE_TIMEOUT`].
+///
+/// A mutual TLS session (`session`, with the metrics its end counts into) also ends when
+/// its peer's chain stops verifying: closed then if idle; otherwise its request finishes
+/// (the lease is not taken back, so the connection closes after it), within
+/// [`SESSION_END_GRACE`]. An upgraded connection (a tunnel) has left this task and is not
+/// cut by it.
 async fn run_http1_connection(
     conn: hyper::client::conn::http1::Connection<TokioIo<UpstreamIo>, UpstreamBody>,
     clock: Arc<IdleClock>,
     // Held until the connection ends: it counts against the endpoint's limit (and the
     // service's maxConnections) till then.
     _slots: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    session: Option<(PeerSession, Option<crate::metrics::TlsMetrics>)>,
 ) {
     // Upgrades (101 Switching Protocols) hand the socket to the request that asked.
     let conn = conn.with_upgrades();
     tokio::pin!(conn);
     let sleep = tokio::time::sleep(IDLE_TIMEOUT);
     tokio::pin!(sleep);
+    let (mut session, metrics) = match session {
+        Some((s, m)) => (Some(s), m),
+        None => (None, None),
+    };
+    let mut ended = false;
     loop {
         tokio::select! {
             biased;
@@ -823,7 +899,22 @@ async fn run_http1_connection(
                 }
                 return;
             }
+            reason = session_end(&mut session), if !ended => {
+                clock.end_now();
+                if let Some(s) = &session {
+                    s.record(reason, metrics.as_ref());
+                }
+                if clock.idle_since().is_some() {
+                    return;
+                }
+                ended = true;
+                sleep.as_mut().reset(tokio::time::Instant::now() + SESSION_END_GRACE);
+            }
             () = sleep.as_mut() => {
+                if ended {
+                    tracing::debug!("closing a mutual TLS session still busy past its end's grace");
+                    return;
+                }
                 let now = tokio::time::Instant::now();
                 match clock.idle_since() {
                     Some(since) if now.saturating_duration_since(since) >= IDLE_TIMEOUT => {
@@ -846,6 +937,11 @@ struct IdleClock {
     base: tokio::time::Instant,
     /// Nanoseconds after `base` plus one when the connection became idle; 0 while lent.
     idle_since: AtomicU64,
+    /// Nanoseconds after `base` at which the connection's mutual TLS session ends (its
+    /// peer's chain stops verifying); `u64::MAX` for none. Checked before each request
+    /// (one clock read, sessions only), so none goes out on an ended session even before
+    /// its task's timer has run.
+    ends_at: AtomicU64,
 }
 
 impl IdleClock {
@@ -853,6 +949,28 @@ impl IdleClock {
         IdleClock {
             base: tokio::time::Instant::now(),
             idle_since: AtomicU64::new(0),
+            ends_at: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// The session ends at `at`.
+    fn end_at(&self, at: tokio::time::Instant) {
+        let nanos = u64::try_from(at.saturating_duration_since(self.base).as_nanos())
+            .unwrap_or(u64::MAX - 1);
+        self.ends_at.store(nanos, Ordering::Relaxed);
+    }
+
+    /// The session has ended.
+    fn end_now(&self) {
+        self.ends_at.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether the session has ended: no new request may go on it.
+    fn over(&self) -> bool {
+        match self.ends_at.load(Ordering::Relaxed) {
+            u64::MAX => false,
+            0 => true,
+            n => self.base.elapsed().as_nanos() >= u128::from(n),
         }
     }
 
@@ -898,7 +1016,8 @@ impl Lease {
     /// client finish nor the application read or close, when its idle timer
     /// ([`IDLE_TIMEOUT`]) runs out, as for an idle pooled connection.
     pub fn release(self) {
-        if self.sender.is_closed() {
+        if self.sender.is_closed() || self.clock.over() {
+            // An ended session is not taken back: dropped, it closes.
             return;
         }
         if self.body.as_ref().is_some_and(|b| !b.over()) {

@@ -1940,3 +1940,244 @@ async fn response_heads_past_16_kib_cross_every_hop_as_they_cross_http1() {
         }
     }
 }
+
+// Established sessions end when the certificates that admitted them stop being valid, or
+// when the trust that admitted them is withdrawn (docs/identity.md, "Established
+// sessions end with their peer's chain").
+
+/// Requests through `url` from `tasks` concurrent clients until `stop`: (ok, failed).
+fn steady_load(
+    url: String,
+    tasks: usize,
+    stop: tokio_util::sync::CancellationToken,
+) -> (
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..tasks {
+        let (url, ok, failed, stop) = (url.clone(), ok.clone(), failed.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let c = h1_client();
+            while !stop.is_cancelled() {
+                let (resp, _) = get(&c, &url).await;
+                if resp.status() == 200 {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    (ok, failed, load)
+}
+
+fn sessions(p: &TestProxy, direction: &str) -> u64 {
+    metric(
+        &metrics_of(p),
+        "weft_tls_sessions_total",
+        &[&format!("direction=\"{direction}\"")],
+    )
+}
+
+fn ended(p: &TestProxy, direction: &str, reason: &str) -> u64 {
+    metric(
+        &metrics_of(p),
+        "weft_tls_sessions_ended_total",
+        &[
+            &format!("direction=\"{direction}\""),
+            &format!("reason=\"{reason}\""),
+        ],
+    )
+}
+
+/// One side's certificate expires under a busy mux session, after a renewal gave it a new
+/// one: the session that certificate admitted ends at its expiry (on the side named
+/// `ends`), the next requests take a new session (a new handshake), and none fails.
+async fn a_busy_mux_session_ends_at_the_peer_certificates_expiry(short_lived_server: bool) {
+    let ca = Ca::new("mesh root");
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    let (server_id, client_id) = (ca.store(SERVER_ID), ca.store(CLIENT_ID));
+    let (short, id) = if short_lived_server {
+        (&server_id, SERVER_ID)
+    } else {
+        (&client_id, CLIENT_ID)
+    };
+    let leaf = ca.issue_at(id, -60, 3);
+    short.install_pem(&leaf.chain, &leaf.key, &ca.pem).unwrap();
+    let expiry = std::time::SystemTime::now() + Duration::from_secs(3);
+    let server = server_sidecar(Some(server_id.clone()), backend.addr);
+    let client = client_sidecar(Some(client_id.clone()), server.addr, SERVER_ID);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (ok, failed, load) = steady_load(client.url("/"), 4, stop.clone());
+    eventually(Duration::from_secs(5), "requests flow", || {
+        let n = ok.load(Ordering::Relaxed);
+        async move { n > 10 }
+    })
+    .await;
+    assert_eq!(sessions(&server, "inbound"), 1, "one mux session");
+    // Renewed before the expiry, as the identity client does: new sessions verify.
+    let renewed = ca.issue(id);
+    short
+        .install_pem(&renewed.chain, &renewed.key, &ca.pem)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sessions(&server, "inbound"), 1, "a renewal ends nothing");
+
+    let (direction, proxy) = if short_lived_server {
+        ("outbound", &client)
+    } else {
+        ("inbound", &server)
+    };
+    eventually(
+        Duration::from_secs(8),
+        "the session ends at the expiry",
+        || {
+            let n = ended(proxy, direction, "peer_certificate_expired");
+            async move { n == 1 }
+        },
+    )
+    .await;
+    let late = std::time::SystemTime::now()
+        .duration_since(expiry)
+        .expect("not before the certificate's end");
+    assert!(
+        late < Duration::from_secs(3),
+        "ended {late:?} after the expiry"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "a new session carries the load",
+        || {
+            let n = sessions(&server, "inbound");
+            async move { n == 2 }
+        },
+    )
+    .await;
+    let before = ok.load(Ordering::Relaxed);
+    eventually(
+        Duration::from_secs(5),
+        "requests flow on the new session",
+        || {
+            let n = ok.load(Ordering::Relaxed);
+            async move { n > before + 10 }
+        },
+    )
+    .await;
+    stop.cancel();
+    for t in load {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert_eq!(sessions(&server, "inbound"), 2, "exactly one new handshake");
+    assert_eq!(sessions(&client, "outbound"), 2);
+    let other = if short_lived_server {
+        ("inbound", &server)
+    } else {
+        ("outbound", &client)
+    };
+    assert_eq!(ended(other.1, other.0, "peer_certificate_expired"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_a_busy_mux_session_ends_at_the_servers_certificate_expiry_losing_no_request() {
+    a_busy_mux_session_ends_at_the_peer_certificates_expiry(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_a_busy_mux_session_ends_at_the_clients_certificate_expiry_losing_no_request() {
+    a_busy_mux_session_ends_at_the_peer_certificates_expiry(false).await;
+}
+
+#[tokio::test]
+async fn an_opaque_tcp_stream_over_mtls_is_closed_at_the_peer_certificates_expiry() {
+    let ca = Ca::new("mesh root");
+    let (app, _task) = tcp_backend("127.0.0.1", "banner").await;
+    let server_id = ca.store(SERVER_ID);
+    let leaf = ca.issue_at(SERVER_ID, -60, 3);
+    server_id
+        .install_pem(&leaf.chain, &leaf.key, &ca.pem)
+        .unwrap();
+    let expiry = std::time::SystemTime::now() + Duration::from_secs(3);
+    let server = server_sidecar(Some(server_id), app);
+    let client = TestProxy::start_kind(
+        proxy_with(Some(ca.store(CLIENT_ID))),
+        ListenerKind::Forward(Arc::from("web")),
+        meshed_config(server.addr, SERVER_ID, true),
+    );
+    let mut s = connect(client.addr).await;
+    let banner = read_exactly(&mut s, 26).await;
+    assert!(banner.starts_with("220 hello"), "{banner}");
+    echo_roundtrip(&mut s, b"still open").await;
+    assert!(
+        closed_within(&mut s, Duration::from_secs(8)).await,
+        "not closed at the expiry"
+    );
+    let late = std::time::SystemTime::now()
+        .duration_since(expiry)
+        .expect("not closed before the certificate's end");
+    assert!(
+        late < Duration::from_secs(3),
+        "closed {late:?} after the expiry"
+    );
+    assert_eq!(ended(&client, "outbound", "peer_certificate_expired"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawn_trust_ends_the_sessions_it_admitted_and_only_those() {
+    let (a, b) = (Ca::new("root A"), Ca::new("root B"));
+    let both = format!("{}{}", a.pem, b.pem);
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    let server_id = a.store_with_bundle(SERVER_ID, &both);
+    let server = server_sidecar(Some(server_id.clone()), backend.addr);
+    // One client on each root, both trusting both.
+    let on_b = client_sidecar(
+        Some(b.store_with_bundle(CLIENT_ID, &both)),
+        server.addr,
+        SERVER_ID,
+    );
+    let on_a = client_sidecar(
+        Some(a.store_with_bundle(CLIENT_ID, &both)),
+        server.addr,
+        SERVER_ID,
+    );
+    let (c_b, c_a) = (h1_client(), h1_client());
+    assert_eq!(get(&c_b, &on_b.url("/")).await.0.status(), 200);
+    assert_eq!(get(&c_a, &on_a.url("/")).await.0.status(), 200);
+    assert_eq!(sessions(&server, "inbound"), 2);
+
+    // The server's renewal brings a bundle without B (root rotation step 3, or B's key
+    // leaked): B's session ends at once, A's is untouched.
+    let renewed = a.issue(SERVER_ID);
+    server_id
+        .install_pem(&renewed.chain, &renewed.key, &a.pem)
+        .unwrap();
+    eventually(Duration::from_secs(3), "B's session ended", || {
+        let n = ended(&server, "inbound", "untrusted");
+        async move { n == 1 }
+    })
+    .await;
+    // B's client's next request needs a new session, which the server refuses.
+    let (resp, _) = get(&c_b, &on_b.url("/")).await;
+    assert_ne!(resp.status(), 200, "B's client is no longer admitted");
+    let refused = metric(
+        &metrics_of(&server),
+        "weft_tls_refused_total",
+        &["direction=\"inbound\"", "reason=\"untrusted\""],
+    );
+    assert!(refused >= 1, "refused as untrusted");
+    // A's session goes on: no new handshake for its requests.
+    for _ in 0..5 {
+        assert_eq!(get(&c_a, &on_a.url("/")).await.0.status(), 200);
+    }
+    assert_eq!(sessions(&server, "inbound"), 2, "no new session for A");
+    assert_eq!(sessions(&on_a, "outbound"), 1);
+    assert_eq!(ended(&server, "inbound", "untrusted"), 1);
+    assert_eq!(ended(&on_a, "outbound", "untrusted"), 0);
+}

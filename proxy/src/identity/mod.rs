@@ -61,6 +61,7 @@ use tokio::net::TcpStream;
 
 pub mod client;
 pub mod inbound;
+pub mod session;
 
 /// ALPN of a session carrying one HTTP/2 connection that multiplexes every HTTP/1 and
 /// HTTP/2 request to the peer; an HTTP/1 request carries its version in
@@ -375,6 +376,9 @@ pub struct IdentityStore {
     outbound_sessions: std::sync::OnceLock<crate::metrics::TlsMetrics>,
     /// How HTTP/1 requests travel to meshed endpoints.
     http1: Http1Transport,
+    /// Bumped when an install changes the bundle's roots: open sessions re-verify their
+    /// peer then ([`session::PeerSession::ended`]).
+    trust_changes: tokio::sync::watch::Sender<u64>,
     /// Why the last attempt to get a certificate failed, for `/ready`.
     last_error: Mutex<Option<String>>,
 }
@@ -425,6 +429,7 @@ impl IdentityStore {
             server: Arc::new(server),
             outbound_sessions: std::sync::OnceLock::new(),
             http1,
+            trust_changes: tokio::sync::watch::Sender::new(0),
             last_error: Mutex::new(None),
         }))
     }
@@ -594,7 +599,12 @@ impl IdentityStore {
                 fallback_warned: std::sync::atomic::AtomicBool::new(false),
             },
         });
-        self.current.store(Some(certified.clone()));
+        let previous = self.current.swap(Some(certified.clone()));
+        // Stored first, then told: a session re-verifying reads the new bundle. Only a
+        // change of roots can withdraw trust; a renewal under the same bundle wakes none.
+        if previous.is_some_and(|p| !same_roots(&p.trust_roots, &certified.trust_roots)) {
+            self.trust_changes.send_modify(|g| *g = g.wrapping_add(1));
+        }
         *self.error_slot() = None;
         Ok(certified)
     }
@@ -640,6 +650,25 @@ impl IdentityStore {
                     .unwrap_or("first request in progress")
             )),
         }
+    }
+
+    /// What sessions re-verify their peer against, and the subscription that wakes them.
+    fn trust_watch(&self) -> session::TrustWatch {
+        session::TrustWatch {
+            current: self.current.clone(),
+            provider: self.provider.clone(),
+            changes: self.trust_changes.subscribe(),
+        }
+    }
+
+    /// The life of an inbound session whose client presented `chain` (leaf first): until
+    /// the chain stops verifying ([`session::PeerSession`]); none without a certificate.
+    pub fn peer_session(
+        &self,
+        direction: crate::metrics::Direction,
+        chain: Option<&[CertificateDer<'_>]>,
+    ) -> Option<session::PeerSession> {
+        session::PeerSession::new(direction, chain, None, self.trust_watch())
     }
 
     /// The inbound side's TLS config: TLS 1.3, the current certificate, a client
@@ -697,6 +726,7 @@ impl IdentityStore {
             current: self.current.clone(),
             sessions: self.outbound_sessions.get().cloned(),
             http1_transport: self.http1,
+            trust: self.trust_watch(),
         }))
     }
 }
@@ -738,6 +768,8 @@ pub struct ClientTls {
     current: Arc<ArcSwapOption<Certified>>,
     sessions: Option<crate::metrics::TlsMetrics>,
     http1_transport: Http1Transport,
+    /// What its sessions re-verify the endpoint against.
+    trust: session::TrustWatch,
 }
 
 /// How a proxy's HTTP/1 requests (other than upgrades and `CONNECT`, which always have a
@@ -788,6 +820,25 @@ pub struct HandshakeError {
 }
 
 impl ClientTls {
+    /// The life of a session this side established over `stream`: until the endpoint's
+    /// chain stops verifying for its expected identity ([`session::PeerSession`]).
+    pub fn peer_session(
+        &self,
+        stream: &tokio_rustls::client::TlsStream<TcpStream>,
+    ) -> Option<session::PeerSession> {
+        session::PeerSession::new(
+            crate::metrics::Direction::Outbound,
+            stream.get_ref().1.peer_certificates(),
+            Some(self.identity.clone()),
+            self.trust.clone(),
+        )
+    }
+
+    /// The metrics its sessions count into, once the proxy's are handed over.
+    pub fn metrics(&self) -> Option<&crate::metrics::TlsMetrics> {
+        self.sessions.as_ref()
+    }
+
     /// Whether HTTP/1 requests to this endpoint share its HTTP/2 connection.
     pub fn multiplexes_http1(&self) -> bool {
         self.http1_transport == Http1Transport::Multiplexed
@@ -932,6 +983,17 @@ enum PeerIdentity {
     Mismatch { expected: Arc<str>, got: Arc<str> },
     #[error("the peer's certificate carries no SPIFFE ID")]
     Missing,
+}
+
+/// Whether two bundles (their roots' fingerprints) hold the same roots, whatever the order.
+fn same_roots(a: &[String], b: &[String]) -> bool {
+    let sorted = |x: &[String]| {
+        let mut v = x.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    sorted(a) == sorted(b)
 }
 
 /// The SPIFFE ID (the single `spiffe://` URI SAN) and validity of a certificate.

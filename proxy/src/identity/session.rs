@@ -1,0 +1,577 @@
+//! How long an established mutual TLS session may live: until the peer's verified chain
+//! stops verifying, by time or by a change of what this proxy trusts.
+//!
+//! ```text
+//! handshake ─▶ PeerSession::new: verify the peer's chain now ─▶ deadline = earliest notAfter
+//!                                                                (leaf, intermediates on the
+//!                                                                 path, bundle root) + 1 s
+//!   session task: select { serve, PeerSession::ended() }
+//!                                   ├ deadline reached ─────────────▶ peer_certificate_expired
+//!                                   └ trust changed (install of a bundle with other roots)
+//!                                        └ re-verify now: ok ─▶ new deadline, keep waiting
+//!                                                         err ─▶ untrusted
+//! ```
+//!
+//! Each side judges its peer: the inbound side the client's chain (any mesh identity), the
+//! outbound side the server's (the identity the config expects). What a session does when
+//! [`PeerSession::ended`] answers is its owner's business: HTTP sessions end gracefully
+//! within [`crate::shutdown::SESSION_END_GRACE`], opaque TCP is closed.
+//!
+//! Cost: the chain the peer presented is kept per session (about a kilobyte) to re-verify
+//! it; the wait is one timer and one `watch` receiver per session; nothing per request.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwapOption;
+use rustls::{
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, UnixTime},
+};
+use tokio::sync::watch;
+
+use super::{Certified, peer_identity, validity};
+use crate::metrics::{Direction, TlsMetrics};
+
+/// Why an established session was ended; the `reason` label of
+/// `weft_tls_sessions_ended_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// A certificate of the peer's verified chain (leaf, intermediate or the bundle root it
+    /// leads to) reached its end.
+    PeerCertificateExpired,
+    /// A newly installed trust bundle no longer trusts the peer's chain.
+    Untrusted,
+}
+
+impl EndReason {
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EndReason::PeerCertificateExpired => "peer_certificate_expired",
+            EndReason::Untrusted => "untrusted",
+        }
+    }
+}
+
+/// What a session needs to re-verify its peer: the certificate in use (its trust bundle),
+/// the crypto provider and a subscription to changes of the trusted roots.
+#[derive(Clone)]
+pub(crate) struct TrustWatch {
+    pub(crate) current: Arc<ArcSwapOption<Certified>>,
+    pub(crate) provider: Arc<CryptoProvider>,
+    pub(crate) changes: watch::Receiver<u64>,
+}
+
+/// One established session's peer: its chain, and when that chain stops verifying.
+pub struct PeerSession {
+    /// The chain the peer presented, leaf first.
+    chain: Box<[CertificateDer<'static>]>,
+    /// Outbound: the identity the peer must present (and server-auth usage); inbound: none
+    /// (any mesh identity, client-auth usage), as the handshake's verifiers judge.
+    expected: Option<Arc<str>>,
+    /// The peer's SPIFFE ID, for the log line.
+    identity: Option<Arc<str>>,
+    /// The first time the chain no longer verifies.
+    deadline: SystemTime,
+    direction: Direction,
+    trust: TrustWatch,
+    /// Set when the chain did not verify even at the session's start (a trust change
+    /// raced the handshake): [`PeerSession::ended`] answers at once.
+    ended: Option<EndReason>,
+    /// The store was dropped: no more trust changes, only the deadline.
+    store_gone: bool,
+}
+
+impl std::fmt::Debug for PeerSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerSession")
+            .field("identity", &self.identity)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerSession {
+    /// The session of a peer that presented `chain` (leaf first); `expected` as for
+    /// [`PeerSession::expected`]. `None` when the peer presented no certificate (nothing
+    /// to expire or withdraw).
+    pub(crate) fn new(
+        direction: Direction,
+        chain: Option<&[CertificateDer<'_>]>,
+        expected: Option<Arc<str>>,
+        mut trust: TrustWatch,
+    ) -> Option<PeerSession> {
+        let chain: Box<[CertificateDer<'static>]> = chain
+            .filter(|c| !c.is_empty())?
+            .iter()
+            .map(|c| c.clone().into_owned())
+            .collect();
+        // Seen before verifying: a change from now on wakes the session, and the check
+        // below already uses whatever was installed before.
+        trust.changes.borrow_and_update();
+        let identity = chain.first().and_then(peer_identity);
+        let mut session = PeerSession {
+            chain,
+            expected,
+            identity,
+            deadline: SystemTime::now(),
+            direction,
+            trust,
+            ended: None,
+            store_gone: false,
+        };
+        match session.verify(UnixTime::now()) {
+            Ok(deadline) => session.deadline = deadline,
+            Err(reason) => session.ended = Some(reason),
+        }
+        Some(session)
+    }
+
+    /// The peer's SPIFFE ID.
+    pub fn identity(&self) -> Option<&Arc<str>> {
+        self.identity.as_ref()
+    }
+
+    /// The first time the peer's chain no longer verifies.
+    pub fn deadline(&self) -> SystemTime {
+        self.deadline
+    }
+
+    /// The deadline on tokio's clock, for a timer.
+    pub fn deadline_instant(&self) -> tokio::time::Instant {
+        let left = self
+            .deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::Instant::now() + left
+    }
+
+    /// Verifies the chain against the trust of the certificate in use at `now`, by the
+    /// handshake's rules; answers the new deadline.
+    fn verify(&self, now: UnixTime) -> Result<SystemTime, EndReason> {
+        let current = self.trust.current.load_full().ok_or(EndReason::Untrusted)?;
+        verify_chain(
+            &current,
+            &self.trust.provider,
+            &self.chain,
+            self.expected.as_deref(),
+            now,
+        )
+        .map(|last| UNIX_EPOCH + Duration::from_secs(last.saturating_add(1)))
+    }
+
+    /// Waits until the session must end, and says why: the deadline passed, or the
+    /// trusted roots changed and the chain no longer verifies (a change it survives may
+    /// move the deadline). Cancel-safe: its state lives in `self`.
+    pub async fn ended(&mut self) -> EndReason {
+        if let Some(reason) = self.ended {
+            return reason;
+        }
+        // Bounded: each turn waits for the deadline or a change of trust.
+        loop {
+            let at = self.deadline_instant();
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => {
+                    // Rechecked by the wall clock, which certificates follow: set back
+                    // meanwhile, the chain is still valid and the wait goes on.
+                    if SystemTime::now() >= self.deadline {
+                        self.ended = Some(EndReason::PeerCertificateExpired);
+                        return EndReason::PeerCertificateExpired;
+                    }
+                }
+                changed = self.trust.changes.changed(), if !self.store_gone => {
+                    if changed.is_err() {
+                        self.store_gone = true;
+                        continue;
+                    }
+                    match self.verify(UnixTime::now()) {
+                        Ok(deadline) => self.deadline = deadline,
+                        Err(reason) => {
+                            self.ended = Some(reason);
+                            return reason;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts the session's end in `metrics` and logs it (INFO, at most
+    /// [`LOG_LINES_PER_SECOND`] lines a second across the proxy: a withdrawn root can end
+    /// thousands at once).
+    pub fn record(&self, reason: EndReason, metrics: Option<&TlsMetrics>) {
+        if let Some(m) = metrics {
+            m.ended(self.direction, reason);
+        }
+        if let Some(suppressed) = LOG_LIMIT.admit() {
+            tracing::info!(
+                direction = self.direction.as_str(),
+                peer_identity = self.identity.as_deref().unwrap_or("-"),
+                reason = reason.as_str(),
+                suppressed,
+                "mutual TLS session ended: its peer's certificate chain no longer verifies"
+            );
+        } else {
+            tracing::debug!(
+                direction = self.direction.as_str(),
+                peer_identity = self.identity.as_deref().unwrap_or("-"),
+                reason = reason.as_str(),
+                "mutual TLS session ended"
+            );
+        }
+    }
+}
+
+/// Waits for `session` to end; never, when there is none (a plain-text connection, or a
+/// peer without a certificate).
+pub async fn session_end(session: &mut Option<PeerSession>) -> EndReason {
+    match session {
+        Some(s) => s.ended().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How many session-end lines are logged at INFO per second; the rest go to DEBUG and
+/// the next INFO line says how many were left out.
+pub const LOG_LINES_PER_SECOND: u64 = 5;
+
+static LOG_LIMIT: LogLimit = LogLimit {
+    second: AtomicU64::new(0),
+    count: AtomicU64::new(0),
+    suppressed: AtomicU64::new(0),
+};
+
+/// A per-second budget of log lines, without a lock.
+struct LogLimit {
+    second: AtomicU64,
+    count: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogLimit {
+    /// `Some(lines left out since the last admitted one)` when a line may be logged now.
+    fn admit(&self) -> Option<u64> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.second.swap(now, Ordering::Relaxed) != now {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        if self.count.fetch_add(1, Ordering::Relaxed) < LOG_LINES_PER_SECOND {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Verifies `chain` (leaf first) against the roots of `certified`'s bundle trusted at
+/// `now`, as the handshake's verifiers do: server-auth and exactly `expected` when given
+/// (outbound), client-auth and any SPIFFE ID otherwise (inbound). Answers the last second
+/// (Unix) at which the chain verifies: the earliest end of the leaf, the intermediates on
+/// the verified path, and the bundle root it leads to.
+pub(crate) fn verify_chain(
+    certified: &Certified,
+    provider: &CryptoProvider,
+    chain: &[CertificateDer<'_>],
+    expected: Option<&str>,
+    now: UnixTime,
+) -> Result<u64, EndReason> {
+    let (leaf, intermediates) = chain.split_first().ok_or(EndReason::Untrusted)?;
+    let trusted = certified.trust.at(now).map_err(|_| EndReason::Untrusted)?;
+    let end_entity = webpki::EndEntityCert::try_from(leaf).map_err(|_| EndReason::Untrusted)?;
+    let usage = if expected.is_some() {
+        webpki::KeyUsage::server_auth()
+    } else {
+        webpki::KeyUsage::client_auth()
+    };
+    let path = end_entity
+        .verify_for_usage(
+            provider.signature_verification_algorithms.all,
+            &trusted.roots.roots,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| match e {
+            webpki::Error::CertExpired { .. } => EndReason::PeerCertificateExpired,
+            _ => EndReason::Untrusted,
+        })?;
+    match (peer_identity(leaf), expected) {
+        (None, _) => return Err(EndReason::Untrusted),
+        (Some(got), Some(want)) if *got != *want => return Err(EndReason::Untrusted),
+        _ => {}
+    }
+    // The path names the anchor, not which copy of it: of the bundle's copies valid now
+    // (one re-issued with a later end), the chain verifies until the last one ends, as
+    // the trusted set is rebuilt at each root's end.
+    let anchor = path.anchor();
+    let secs = now.as_secs();
+    let root_end = certified
+        .trust
+        .roots
+        .iter()
+        .filter(|r| {
+            r.valid_at(secs)
+                && r.anchor.subject == anchor.subject
+                && r.anchor.subject_public_key_info == anchor.subject_public_key_info
+        })
+        .map(|r| r.not_after)
+        .max();
+    let leaf_end = validity(leaf).map(|(_, until)| until);
+    let ends = path
+        .intermediate_certificates()
+        .filter_map(|c| validity(&c.der()).map(|(_, until)| until));
+    Ok(earliest_end(leaf_end, ends, root_end))
+}
+
+/// The earliest of the ends given (a certificate that does not parse counts as none:
+/// webpki verified it, so it has an end, which its parse failing cannot tell).
+fn earliest_end(
+    leaf: Option<u64>,
+    intermediates: impl Iterator<Item = u64>,
+    root: Option<u64>,
+) -> u64 {
+    leaf.into_iter()
+        .chain(intermediates)
+        .chain(root)
+        .min()
+        .unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: a failed unwrap is a failed test.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+
+    use super::*;
+    use crate::identity::IdentityStore;
+
+    const PEER: &str = "spiffe://cluster.local/ns/a/sa/peer";
+
+    struct Ca {
+        params: CertificateParams,
+        key: KeyPair,
+        pem: String,
+        der: CertificateDer<'static>,
+    }
+
+    fn now_plus(secs: i64) -> time::OffsetDateTime {
+        time::OffsetDateTime::now_utc() + time::Duration::seconds(secs)
+    }
+
+    fn unix(t: time::OffsetDateTime) -> u64 {
+        u64::try_from(t.unix_timestamp()).unwrap()
+    }
+
+    impl Ca {
+        fn root(name: &str, until: i64) -> Ca {
+            Ca::made(name, until, None, IsCa::Ca(BasicConstraints::Unconstrained))
+        }
+
+        fn intermediate(&self, name: &str, until: i64) -> Ca {
+            Ca::made(
+                name,
+                until,
+                Some(self),
+                IsCa::Ca(BasicConstraints::Constrained(0)),
+            )
+        }
+
+        fn made(name: &str, until: i64, issuer: Option<&Ca>, ca: IsCa) -> Ca {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = ca;
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            params.not_before = now_plus(-60);
+            params.not_after = now_plus(until);
+            let cert = match issuer {
+                Some(i) => params
+                    .signed_by(&key, &Issuer::from_params(&i.params, &i.key))
+                    .unwrap(),
+                None => params.self_signed(&key).unwrap(),
+            };
+            Ca {
+                pem: cert.pem(),
+                der: cert.der().clone(),
+                params,
+                key,
+            }
+        }
+
+        /// A leaf for `id` valid `until` seconds from now: (PEM, DER, key PEM).
+        fn leaf(&self, id: &str, until: i64) -> (String, CertificateDer<'static>, String) {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            params.not_before = now_plus(-60);
+            params.not_after = now_plus(until);
+            let cert = params
+                .signed_by(&key, &Issuer::from_params(&self.params, &self.key))
+                .unwrap();
+            (cert.pem(), cert.der().clone(), key.serialize_pem())
+        }
+    }
+
+    /// A store trusting `bundle`, with a certificate of its own from `own`.
+    fn store(own: &Ca, bundle: &str) -> Arc<IdentityStore> {
+        let store = IdentityStore::new().unwrap();
+        let (pem, _, key) = own.leaf("spiffe://cluster.local/ns/a/sa/me", 3600);
+        store.install_pem(&pem, &key, bundle).unwrap();
+        store
+    }
+
+    fn end(store: &IdentityStore, chain: &[CertificateDer<'_>], expected: Option<&str>) -> u64 {
+        let c = store.current().unwrap();
+        verify_chain(&c, &store.provider, chain, expected, UnixTime::now()).unwrap()
+    }
+
+    #[test]
+    fn the_chain_ends_with_the_first_of_leaf_intermediate_and_root_to_end() {
+        let root = Ca::root("root", 900);
+        let issuer = root.intermediate("issuer", 600);
+        let s = store(&root, &root.pem);
+        // The leaf first.
+        let (_, leaf, _) = issuer.leaf(PEER, 300);
+        let chain = [leaf, issuer.der.clone()];
+        assert_eq!(end(&s, &chain, Some(PEER)), unix(now_plus(300)));
+        assert_eq!(end(&s, &chain, None), unix(now_plus(300)), "inbound alike");
+        // The intermediate first.
+        let (_, leaf, _) = issuer.leaf(PEER, 3600);
+        let chain = [leaf, issuer.der.clone()];
+        assert_eq!(end(&s, &chain, Some(PEER)), issuer_end(&issuer));
+        // The root first.
+        let short = Ca::root("short root", 120);
+        let s = store(&short, &short.pem);
+        let (_, leaf, _) = short.leaf(PEER, 3600);
+        assert_eq!(end(&s, &[leaf], Some(PEER)), unix(now_plus(120)));
+    }
+
+    fn issuer_end(ca: &Ca) -> u64 {
+        unix(ca.params.not_after)
+    }
+
+    #[test]
+    fn an_intermediate_off_the_verified_path_does_not_end_the_chain() {
+        let root = Ca::root("root", 3600);
+        let issuer = root.intermediate("issuer", 1800);
+        // Same name, another key, ending sooner: sent along, but it signed nothing here.
+        let stale = root.intermediate("issuer", 60);
+        let s = store(&root, &root.pem);
+        let (_, leaf, _) = issuer.leaf(PEER, 3000);
+        let chain = [leaf, stale.der.clone(), issuer.der.clone()];
+        assert_eq!(end(&s, &chain, Some(PEER)), issuer_end(&issuer));
+    }
+
+    #[test]
+    fn a_chain_is_refused_as_the_handshake_would_refuse_it() {
+        let (a, b) = (Ca::root("root A", 3600), Ca::root("root B", 3600));
+        let s = store(&a, &a.pem);
+        let c = s.current().unwrap();
+        let verify = |chain: &[CertificateDer<'_>], expected: Option<&str>| {
+            verify_chain(&c, &s.provider, chain, expected, UnixTime::now())
+        };
+        let (_, from_b, _) = b.leaf(PEER, 3600);
+        assert_eq!(verify(&[from_b], None), Err(EndReason::Untrusted));
+        let (_, from_a, _) = a.leaf(PEER, 3600);
+        assert!(verify(std::slice::from_ref(&from_a), Some(PEER)).is_ok());
+        assert_eq!(
+            verify(
+                std::slice::from_ref(&from_a),
+                Some("spiffe://cluster.local/ns/a/sa/other")
+            ),
+            Err(EndReason::Untrusted),
+            "outbound: the expected identity only"
+        );
+        let later = UnixTime::since_unix_epoch(Duration::from_secs(unix(now_plus(7200))));
+        assert_eq!(
+            verify_chain(&c, &s.provider, &[from_a], None, later),
+            Err(EndReason::PeerCertificateExpired),
+            "past the chain's end"
+        );
+        assert_eq!(verify(&[], None), Err(EndReason::Untrusted));
+        let _ = a.der;
+    }
+
+    #[tokio::test]
+    async fn a_session_ends_when_an_install_withdraws_its_root_and_not_otherwise() {
+        let (a, b) = (Ca::root("root A", 3600), Ca::root("root B", 3600));
+        let s = store(&a, &format!("{}{}", a.pem, b.pem));
+        let (_, from_a, _) = a.leaf(PEER, 3600);
+        let (_, from_b, _) = b.leaf(PEER, 3600);
+        let mut on_a = s.peer_session(Direction::Inbound, Some(&[from_a])).unwrap();
+        let mut on_b = s.peer_session(Direction::Inbound, Some(&[from_b])).unwrap();
+        assert_eq!(
+            on_a.deadline(),
+            UNIX_EPOCH + Duration::from_secs(unix(now_plus(3600)) + 1)
+        );
+        // A renewal with the same bundle: nothing to re-verify.
+        let (pem, _, key) = a.leaf("spiffe://cluster.local/ns/a/sa/me", 3600);
+        s.install_pem(&pem, &key, &format!("{}{}", a.pem, b.pem))
+            .unwrap();
+        let quick = Duration::from_millis(100);
+        assert!(tokio::time::timeout(quick, on_a.ended()).await.is_err());
+        // Step 3 of a rotation: B alone.
+        let (pem, _, key) = b.leaf("spiffe://cluster.local/ns/a/sa/me", 3600);
+        s.install_pem(&pem, &key, &b.pem).unwrap();
+        let ended = tokio::time::timeout(quick, on_a.ended()).await;
+        assert_eq!(ended.ok(), Some(EndReason::Untrusted));
+        assert!(
+            tokio::time::timeout(quick, on_b.ended()).await.is_err(),
+            "B's peer stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_session_ends_at_its_deadline() {
+        let root = Ca::root("root", 3600);
+        let s = store(&root, &root.pem);
+        let (_, leaf, _) = root.leaf(PEER, 1);
+        let mut session = s.peer_session(Direction::Outbound, Some(&[leaf])).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(4), session.ended()).await;
+        assert_eq!(ended.ok(), Some(EndReason::PeerCertificateExpired));
+        assert!(SystemTime::now() >= session.deadline());
+    }
+
+    #[test]
+    fn earliest_end_takes_the_minimum_of_what_is_known() {
+        assert_eq!(earliest_end(Some(5), [7, 3].into_iter(), Some(9)), 3);
+        assert_eq!(earliest_end(Some(5), std::iter::empty(), None), 5);
+        assert_eq!(earliest_end(None, std::iter::empty(), Some(2)), 2);
+        assert_eq!(earliest_end(None, std::iter::empty(), None), u64::MAX);
+    }
+
+    #[test]
+    fn at_most_a_few_lines_a_second_are_logged() {
+        let limit = LogLimit {
+            second: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        };
+        let admitted = (0..100).filter(|_| limit.admit().is_some()).count() as u64;
+        // Two seconds may have begun meanwhile.
+        assert!(
+            (LOG_LINES_PER_SECOND..=2 * LOG_LINES_PER_SECOND).contains(&admitted),
+            "{admitted}"
+        );
+    }
+}
