@@ -8,7 +8,8 @@
 //! ```
 //!
 //! A renewal swaps a new [`Certified`] in: handshakes from then on use it, connections
-//! already established keep going. Peers are verified against the trust bundle of the
+//! already established keep going until their peer's chain stops verifying, by time or
+//! because the new bundle no longer trusts it ([`session`]). Peers are verified against the trust bundle of the
 //! certificate in use, and by their SPIFFE ID (the certificate's one URI SAN): outbound,
 //! exactly the identity the config says the endpoint has ([`ClientTls`]); inbound, any
 //! mesh identity, which authorization then reads.
