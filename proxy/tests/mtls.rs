@@ -2077,6 +2077,15 @@ async fn a_busy_mux_session_ends_at_the_peer_certificates_expiry(short_lived_ser
     assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
     assert_eq!(sessions(&server, "inbound"), 2, "exactly one new handshake");
     assert_eq!(sessions(&client, "outbound"), 2);
+    eventually(
+        Duration::from_secs(5),
+        "the old session's connection closed",
+        || {
+            let m = metrics_of(&server);
+            async move { metric(&m, "weft_tcp_connections_open{", &["direction=\"inbound\""]) == 1 }
+        },
+    )
+    .await;
     let other = if short_lived_server {
         ("inbound", &server)
     } else {
@@ -2180,4 +2189,78 @@ async fn withdrawn_trust_ends_the_sessions_it_admitted_and_only_those() {
     assert_eq!(sessions(&on_a, "outbound"), 1);
     assert_eq!(ended(&server, "inbound", "untrusted"), 1);
     assert_eq!(ended(&on_a, "outbound", "untrusted"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_http1_sessions_end_at_the_servers_certificate_expiry_losing_no_request() {
+    let ca = Ca::new("mesh root");
+    let backend = Scripted::ok("127.0.0.1", "cart").await;
+    let server_id = ca.store(SERVER_ID);
+    let leaf = ca.issue_at(SERVER_ID, -60, 3);
+    server_id
+        .install_pem(&leaf.chain, &leaf.key, &ca.pem)
+        .unwrap();
+    let expiry = std::time::SystemTime::now() + Duration::from_secs(3);
+    let server = server_sidecar(Some(server_id.clone()), backend.addr);
+    let client_id = IdentityStore::with_http1(Http1Transport::Sessions).unwrap();
+    ca.install(&client_id, CLIENT_ID);
+    let client = client_sidecar(Some(client_id), server.addr, SERVER_ID);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (ok, failed, load) = steady_load(client.url("/"), 3, stop.clone());
+    eventually(Duration::from_secs(5), "requests flow", || {
+        let n = ok.load(Ordering::Relaxed);
+        async move { n > 10 }
+    })
+    .await;
+    // Read before the renewal: every one of these verified the certificate that expires.
+    let before_expiry = sessions(&client, "outbound");
+    let renewed = ca.issue(SERVER_ID);
+    server_id
+        .install_pem(&renewed.chain, &renewed.key, &ca.pem)
+        .unwrap();
+    assert!((1..=3).contains(&before_expiry), "{before_expiry} sessions");
+    // Every session opened before the renewal ends at the expiry; new ones carry the load.
+    eventually(Duration::from_secs(8), "each old session ended", || {
+        // More may have opened meanwhile (the load's concurrency varies): those end too.
+        let n = ended(&client, "outbound", "peer_certificate_expired");
+        async move { n >= before_expiry }
+    })
+    .await;
+    let late = std::time::SystemTime::now()
+        .duration_since(expiry)
+        .expect("not before the certificate's end");
+    assert!(
+        late < Duration::from_secs(3),
+        "ended {late:?} after the expiry"
+    );
+    let before = ok.load(Ordering::Relaxed);
+    eventually(
+        Duration::from_secs(5),
+        "requests flow on new sessions",
+        || {
+            let n = ok.load(Ordering::Relaxed);
+            async move { n > before + 10 }
+        },
+    )
+    .await;
+    stop.cancel();
+    for t in load {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert!(
+        sessions(&client, "outbound") > before_expiry,
+        "new handshakes"
+    );
+    assert_eq!(
+        metric(
+            &metrics_of(&client),
+            "weft_tls_sessions_total",
+            &["direction=\"outbound\"", "protocol=\"http1\""],
+        ),
+        sessions(&client, "outbound"),
+        "HTTP/1 in sessions of its own"
+    );
 }
