@@ -27,11 +27,18 @@
 //! their backends, the pods behind the endpoints) lives in the Service's own namespace, so a
 //! change to one object rebuilds that namespace only and reports it as affected only when
 //! some config really changed.
+//!
+//! Which Policies select which pods is kept in [`selection`], updated by the one pod, Policy
+//! or Service that changed, so that a rebuild and each view look it up instead of
+//! evaluating every Policy of the namespace against every pod there. A Policy change
+//! reports the pods it selected or selects; the whole namespace only when the rebuild finds
+//! a config changed (a Disabled mode strips identities, a Policy is refused).
 
 pub mod compile;
 pub mod conflict;
 pub mod model;
 pub mod requires;
+pub mod selection;
 pub mod services;
 pub mod shared;
 pub mod validate;
@@ -222,6 +229,10 @@ pub struct Index {
     /// Which meshed pods hold each pod address: more than one only in stale state (a
     /// pod gone unseen whose address another pod already has), when no one's is sent.
     pod_addresses: HashMap<IpAddr, BTreeSet<ObjectKey>>,
+    /// Which valid Policies select which pods, updated by the change that alters it: a
+    /// namespace's rebuild and each view read it, where evaluating every Policy against
+    /// every pod of the namespace made one change cost pods × Policies.
+    selection: selection::Selection,
     version: u64,
     /// During [`Index::replace`]: namespaces to rebuild once at the end.
     deferred: Option<BTreeSet<String>>,
@@ -255,6 +266,7 @@ impl Index {
             contested: BTreeMap::new(),
             claims: HashMap::new(),
             pod_addresses: HashMap::new(),
+            selection: selection::Selection::default(),
             version: 0,
             deferred: None,
         }
@@ -314,7 +326,8 @@ impl Index {
                 if self.services.get(&key) == Some(&m) {
                     return Affected::default();
                 }
-                self.services.insert(key, m);
+                self.services.insert(key.clone(), m);
+                self.reselect_service(&key);
                 pods.extend(in_ns(&self.pods, &ns).map(|(k, _)| k.clone()));
             }
             Object::EndpointSlice(m) => {
@@ -334,7 +347,8 @@ impl Index {
                     .unwrap_or_default();
                 let others = self.move_pod_addresses(&key, &old, &m.ips);
                 pods.insert(key.clone());
-                self.pods.insert(key, m);
+                self.pods.insert(key.clone(), m);
+                self.reselect_pod(&key);
                 return self.finish(std::iter::once(ns).chain(others), pods);
             }
             Object::Route(m) => {
@@ -347,8 +361,11 @@ impl Index {
                 if self.policies.get(&key) == Some(&m) {
                     return Affected::default();
                 }
-                self.policies.insert(key, m);
-                pods.extend(in_ns(&self.pods, &ns).map(|(k, _)| k.clone()));
+                self.policies.insert(key.clone(), m);
+                // Only the pods it selected or selects now see it in their views; should
+                // refusing it (or its mTLS mode in their identities) change more, the
+                // namespace's rebuild reports the whole namespace.
+                pods = self.reselect_policy(&key);
             }
             Object::Breaker(m) => {
                 if self.breakers.get(&key) == Some(&m) {
@@ -374,7 +391,11 @@ impl Index {
             }
             Kind::Service => {
                 pods.extend(in_ns(&self.pods, &ns).map(|(k, _)| k.clone()));
-                self.services.remove(key).is_some()
+                let removed = self.services.remove(key).is_some();
+                if removed {
+                    self.reselect_service(key);
+                }
+                removed
             }
             Kind::EndpointSlice => self.slices.remove(key).is_some(),
             Kind::Pod => {
@@ -382,13 +403,15 @@ impl Index {
                     return Affected::default();
                 };
                 let others = self.move_pod_addresses(key, &removed.ips, &[]);
+                self.selection.remove_pod(key);
                 pods.insert(key.clone());
                 return self.finish(std::iter::once(ns).chain(others), pods);
             }
             Kind::Route => self.routes.remove(key).is_some(),
             Kind::Policy => {
-                pods.extend(in_ns(&self.pods, &ns).map(|(k, _)| k.clone()));
-                self.policies.remove(key).is_some()
+                let removed = self.policies.remove(key).is_some();
+                pods = self.selection.remove_policy(key);
+                removed
             }
             Kind::Breaker => self.breakers.remove(key).is_some(),
         };
@@ -616,11 +639,8 @@ impl Index {
         }
         sending.sort_by(|a, b| conflict::age_order((a.0, a.1), (b.0, b.1)));
         let mut counts: HashMap<&ObjectKey, usize> = HashMap::new();
-        for (key, _, spec) in sending {
-            let pods: Vec<&ObjectKey> = in_ns(&self.pods, ns)
-                .filter(|(pk, pod)| self.selects(spec, pk, pod))
-                .map(|(pk, _)| pk)
-                .collect();
+        for (key, _, _) in sending {
+            let pods: Vec<&ObjectKey> = self.selection.pods(key).collect();
             if let Some(full) = pods
                 .iter()
                 .find(|p| counts.get(*p).is_some_and(|n| *n >= max))
@@ -822,11 +842,7 @@ impl Index {
             return None;
         }
         let identity = self.identity(ns, pod)?;
-        let selecting = self.policies_for(&key);
-        let specs = selecting.iter().filter_map(|k| match self.policies.get(k) {
-            Some((_, Parsed::Valid(spec))) => Some(spec),
-            _ => None,
-        });
+        let specs = self.selecting(&key).map(|(_, _, spec)| spec);
         (compile::mtls(self.mesh_mtls, specs) != MtlsMode::Disabled).then_some(identity)
     }
 
@@ -1124,14 +1140,8 @@ impl Index {
         }
         // Of the Policies that rate-limit this pod, the oldest wins (creation time, then
         // name), as conflicting Routes do.
-        let selecting: Vec<(&ObjectKey, &model::ResourceMeta, &weft_crds::PolicySpec)> = self
-            .policies_for(pod_key)
-            .iter()
-            .filter_map(|k| match self.policies.get_key_value(k) {
-                Some((k, (meta, Parsed::Valid(spec)))) => Some((k, meta, spec)),
-                _ => None,
-            })
-            .collect();
+        let selecting: Vec<(&ObjectKey, &model::ResourceMeta, &weft_crds::PolicySpec)> =
+            self.selecting(pod_key).collect();
         let limit = selecting
             .iter()
             .filter_map(|(k, meta, spec)| spec.rate_limit.as_ref().map(|rl| (*k, *meta, rl)))
@@ -1181,29 +1191,92 @@ impl Index {
     /// The valid Policies that select a pod (by label selector, or through a Service whose
     /// selector matches the pod).
     pub fn policies_for(&self, pod_key: &ObjectKey) -> Vec<ObjectKey> {
-        let Some(pod) = self.pods.get(pod_key) else {
-            return Vec::new();
-        };
+        self.selecting(pod_key).map(|(k, _, _)| k.clone()).collect()
+    }
+
+    /// The Policies [`Index::policies_for`] lists, with their metadata and specs, without
+    /// copying a key: each endpoint's identity and each view read them.
+    fn selecting<'a>(
+        &'a self,
+        pod_key: &ObjectKey,
+    ) -> impl Iterator<
+        Item = (
+            &'a ObjectKey,
+            &'a model::ResourceMeta,
+            &'a weft_crds::PolicySpec,
+        ),
+    > + use<'a> {
         let refused = self.refused_policies.get(&pod_key.namespace);
-        in_ns(&self.policies, &pod_key.namespace)
-            .filter(|(k, (_, spec))| match spec {
-                Parsed::Valid(p) => {
-                    self.selects(p, pod_key, pod) && !refused.is_some_and(|r| r.contains_key(*k))
-                }
-                Parsed::Invalid(_) => false,
+        self.selection
+            .policies(pod_key)
+            .filter(move |k| !refused.is_some_and(|r| r.contains_key(*k)))
+            .filter_map(|k| match self.policies.get_key_value(k) {
+                Some((k, (meta, Parsed::Valid(spec)))) => Some((k, meta, spec)),
+                _ => None,
+            })
+    }
+
+    /// Re-evaluates which Policies select pod `key`, after it was applied: its own
+    /// namespace's Policies, against it alone.
+    fn reselect_pod(&mut self, key: &ObjectKey) {
+        self.selection.remove_pod(key);
+        let Some(pod) = self.pods.get(key) else {
+            return;
+        };
+        let selecting: Vec<ObjectKey> = in_ns(&self.policies, &key.namespace)
+            .filter(|(_, (_, spec))| matches!(spec, Parsed::Valid(p) if self.selects(p, key, pod)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for policy in &selecting {
+            self.selection.insert(policy, key);
+        }
+    }
+
+    /// Re-evaluates which pods Policy `key` selects, after it was applied: it alone,
+    /// against its namespace's pods. Returns the pods it selected before or selects now,
+    /// whose views it may change.
+    fn reselect_policy(&mut self, key: &ObjectKey) -> BTreeSet<ObjectKey> {
+        let mut touched = self.selection.remove_policy(key);
+        let Some((_, Parsed::Valid(spec))) = self.policies.get(key) else {
+            return touched;
+        };
+        let selected: Vec<ObjectKey> = in_ns(&self.pods, &key.namespace)
+            .filter(|(k, pod)| self.selects(spec, k, pod))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for pod in selected {
+            self.selection.insert(key, &pod);
+            touched.insert(pod);
+        }
+        touched
+    }
+
+    /// Re-evaluates the Policies that select pods through Service `key` (a `service`
+    /// target without a selector), after the Service was applied or deleted: its selector
+    /// decides which pods they select.
+    fn reselect_service(&mut self, key: &ObjectKey) {
+        let targeting: Vec<ObjectKey> = in_ns(&self.policies, &key.namespace)
+            .filter(|(_, (_, spec))| {
+                matches!(spec, Parsed::Valid(p)
+                    if p.target.selector.is_none() && p.target.service.as_deref() == Some(key.name.as_str()))
             })
             .map(|(k, _)| k.clone())
-            .collect()
+            .collect();
+        for policy in &targeting {
+            self.reselect_policy(policy);
+        }
     }
 
     /// What a Policy's `Accepted` message says of the ports its pods leave to their
     /// applications (`weft.dev/skip-inbound-ports`), where no proxy enforces it: empty
     /// when none of its pods skips one. Ports only, not pod names, so that the message
     /// (and the status write) does not change with every rollout.
-    fn skipped_ports_phrase(&self, p: &weft_crds::PolicySpec, ns: &str) -> String {
-        let ranges: BTreeSet<(u16, u16)> = in_ns(&self.pods, ns)
-            .filter(|(k, pod)| self.selects(p, k, pod))
-            .flat_map(|(_, pod)| pod.app_skipped().map(|r| (r.start, r.end)))
+    fn skipped_ports_phrase(&self, policy: &ObjectKey) -> String {
+        let ranges: BTreeSet<(u16, u16)> = self
+            .selection
+            .pods(policy)
+            .filter_map(|k| self.pods.get(k))
+            .flat_map(|pod| pod.app_skipped().map(|r| (r.start, r.end)))
             .collect();
         if ranges.is_empty() {
             return String::new();
@@ -1397,13 +1470,9 @@ impl Index {
                     names.join(", ")
                 )
             };
-            if let Some(Parsed::Valid(p)) = self
-                .policies
-                .get(key)
-                .map(|(_, p)| p)
-                .filter(|_| kind == Kind::Policy)
-            {
-                msg.push_str(&self.skipped_ports_phrase(p, ns));
+            if kind == Kind::Policy {
+                // Only valid Policies select pods, so an invalid one gets no phrase.
+                msg.push_str(&self.skipped_ports_phrase(key));
             }
             if let Some(s) = &governed {
                 let opaque = self.opaque_ports(ns, s);

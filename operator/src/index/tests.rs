@@ -1035,6 +1035,7 @@ mod properties {
     }
 }
 
+mod selection;
 mod traffic;
 
 /// A meshed pod whose init container was told to skip `skip` inbound, as injection writes it.

@@ -1,0 +1,384 @@
+//! Which Policies select which pods, as the index keeps it from change to change
+//! (`selection.rs`): always what evaluating every Policy against every pod gives, the same
+//! views and statuses as the same objects listed into a fresh index, and every pod whose
+//! view a change alters reported as affected by it.
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// A meshed pod with labels `app`/`tier`, an address, and a declared port 8080 (so that
+/// its identity, which its Policies' mTLS mode decides, is in `pods.<ns>`).
+fn labelled_pod(ns: &str, name: &str, app: &str, tier: &str, ip: &str) -> (ObjectKey, Object) {
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": app, "tier": tier}},
+        "spec": {"serviceAccountName": "sa",
+                 "containers": [{"name": "app", "ports": [{"containerPort": 8080}]}]},
+        "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+    }))
+    .unwrap();
+    model::pod(&p)
+}
+
+/// Service `name` selecting `app` (none: no selector).
+fn selecting_svc(ns: &str, name: &str, ip: &str, app: Option<&str>) -> (ObjectKey, Object) {
+    let mut spec =
+        json!({"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80}]});
+    if let Some(app) = app {
+        spec["selector"] = json!({"app": app});
+    }
+    let s: Service =
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}, "spec": spec}))
+            .unwrap();
+    model::service(&s)
+}
+
+/// The Policies selecting `pod`, by evaluating each Policy of its namespace.
+fn naive_policies_for(i: &Index, pod: &ObjectKey) -> Vec<ObjectKey> {
+    let Some(model) = i.pods.get(pod) else {
+        return Vec::new();
+    };
+    let refused = i.refused_policies.get(&pod.namespace);
+    in_ns(&i.policies, &pod.namespace)
+        .filter(|(k, (_, spec))| match spec {
+            Parsed::Valid(p) => {
+                i.selects(p, pod, model) && !refused.is_some_and(|r| r.contains_key(*k))
+            }
+            Parsed::Invalid(_) => false,
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+#[test]
+fn a_policy_change_touches_the_pods_it_selected_or_selects() {
+    let mut i = Index::new("cluster.local");
+    for (name, app, ip) in [
+        ("web-a", "web", "10.0.0.1"),
+        ("client", "client", "10.0.0.2"),
+    ] {
+        apply(&mut i, labelled_pod("shop", name, app, "t0", ip));
+    }
+    let policy = |app: &str, gen_: i64| {
+        weft(
+            Kind::Policy,
+            "shop",
+            "p",
+            gen_,
+            "2026-01-01T00:00:00Z",
+            json!({"target": {"selector": {"matchLabels": {"app": app}}}, "defaultAction": "Allow"}),
+        )
+    };
+    let a = apply(&mut i, policy("web", 1));
+    assert_eq!(a.pods, BTreeSet::from([key("shop", "web-a")]));
+    // Strict (the default) keeps every identity: no config of the namespace changed.
+    assert!(a.namespaces.is_empty(), "{a:?}");
+    assert_eq!(
+        i.policies_for(&key("shop", "web-a")),
+        vec![key("shop", "p")]
+    );
+    // Moved to the client: both views change, and both are told.
+    let a = apply(&mut i, policy("client", 2));
+    assert_eq!(
+        a.pods,
+        BTreeSet::from([key("shop", "client"), key("shop", "web-a")])
+    );
+    assert!(i.policies_for(&key("shop", "web-a")).is_empty());
+    assert_eq!(
+        i.policies_for(&key("shop", "client")),
+        vec![key("shop", "p")]
+    );
+    // Disabled strips the client's identity from the namespace's configs: every
+    // subscriber that sees the namespace is told.
+    let a = apply(
+        &mut i,
+        weft(
+            Kind::Policy,
+            "shop",
+            "p",
+            3,
+            "2026-01-01T00:00:00Z",
+            json!({"target": {"selector": {"matchLabels": {"app": "client"}}}, "mtls": {"mode": "Disabled"}, "defaultAction": "Allow"}),
+        ),
+    );
+    assert_eq!(a.namespaces, BTreeSet::from(["shop".to_owned()]));
+    let a = i.delete(Kind::Policy, &key("shop", "p"));
+    assert!(a.pods.contains(&key("shop", "client")));
+    assert!(i.policies_for(&key("shop", "client")).is_empty());
+}
+
+#[test]
+fn a_service_and_a_pod_change_reselect_the_policies_they_bear_on() {
+    let mut i = Index::new("cluster.local");
+    apply(
+        &mut i,
+        labelled_pod("shop", "web-a", "web", "t0", "10.0.0.1"),
+    );
+    apply(
+        &mut i,
+        labelled_pod("shop", "client", "client", "t0", "10.0.0.2"),
+    );
+    apply(
+        &mut i,
+        selecting_svc("shop", "web", "10.96.0.10", Some("web")),
+    );
+    apply(
+        &mut i,
+        weft(
+            Kind::Policy,
+            "shop",
+            "by-svc",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"target": {"service": "web"}, "defaultAction": "Allow"}),
+        ),
+    );
+    let by_svc = vec![key("shop", "by-svc")];
+    assert_eq!(i.policies_for(&key("shop", "web-a")), by_svc);
+    // The Service now selects the client's pods instead.
+    apply(
+        &mut i,
+        selecting_svc("shop", "web", "10.96.0.10", Some("client")),
+    );
+    assert!(i.policies_for(&key("shop", "web-a")).is_empty());
+    assert_eq!(i.policies_for(&key("shop", "client")), by_svc);
+    // The pod's labels change, and so does what selects it.
+    apply(
+        &mut i,
+        labelled_pod("shop", "web-a", "client", "t0", "10.0.0.1"),
+    );
+    assert_eq!(i.policies_for(&key("shop", "web-a")), by_svc);
+    // Without the Service, the Policy selects nothing.
+    i.delete(Kind::Service, &key("shop", "web"));
+    assert!(i.policies_for(&key("shop", "web-a")).is_empty());
+    assert!(i.policies_for(&key("shop", "client")).is_empty());
+    // A pod gone is selected by nothing, and one back is evaluated again.
+    apply(
+        &mut i,
+        selecting_svc("shop", "web", "10.96.0.10", Some("client")),
+    );
+    i.delete(Kind::Pod, &key("shop", "client"));
+    assert!(i.policies_for(&key("shop", "client")).is_empty());
+    assert_eq!(i.selection.pods(&key("shop", "by-svc")).count(), 1);
+    apply(
+        &mut i,
+        labelled_pod("shop", "client", "client", "t0", "10.0.0.2"),
+    );
+    assert_eq!(i.policies_for(&key("shop", "client")), by_svc);
+}
+
+/// The namespaces of the property test.
+const NAMESPACES: [&str; 2] = ["shop", "other"];
+
+/// What a Policy of the property test targets.
+#[derive(Clone, Debug)]
+enum Target {
+    /// `app: a<n>`.
+    Labels(u8),
+    /// `tier In (t<n>)`.
+    Tier(u8),
+    /// Every pod of the namespace.
+    Wide,
+    /// Service `s<n>`'s pods.
+    Service(u8),
+    /// A spec that does not deserialize.
+    Invalid,
+}
+
+/// One change, as the watches would deliver it.
+#[derive(Clone, Debug)]
+enum Step {
+    Pod {
+        ns: usize,
+        name: u8,
+        app: u8,
+        tier: u8,
+        ip: u8,
+    },
+    Service {
+        ns: usize,
+        name: u8,
+        app: Option<u8>,
+    },
+    Policy {
+        ns: usize,
+        name: u8,
+        created: u8,
+        target: Target,
+        rules: bool,
+        mode: u8,
+        rate: Option<u32>,
+    },
+    /// Deletes the `n`th object present (modulo their number).
+    Delete(usize),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let ns = 0usize..2;
+    let target = prop_oneof![
+        3 => (0u8..3).prop_map(Target::Labels),
+        1 => (0u8..2).prop_map(Target::Tier),
+        1 => Just(Target::Wide),
+        2 => (0u8..3).prop_map(Target::Service),
+        1 => Just(Target::Invalid),
+    ];
+    prop_oneof![
+        4 => (ns.clone(), 0u8..5, 0u8..3, 0u8..2, 0u8..6)
+            .prop_map(|(ns, name, app, tier, ip)| Step::Pod { ns, name, app, tier, ip }),
+        2 => (ns.clone(), 0u8..3, proptest::option::of(0u8..3))
+            .prop_map(|(ns, name, app)| Step::Service { ns, name, app }),
+        4 => (ns, 0u8..4, 0u8..3, target, any::<bool>(), 0u8..3, proptest::option::of(1u32..4))
+            .prop_map(|(ns, name, created, target, rules, mode, rate)| Step::Policy {
+                ns, name, created, target, rules, mode, rate,
+            }),
+        2 => any::<usize>().prop_map(Step::Delete),
+    ]
+}
+
+/// The object a step applies (`None` for a deletion); `generation` numbers Policies'
+/// specs, so that each one applied is a new generation.
+fn object(step: &Step, generation: i64) -> Option<(ObjectKey, Object)> {
+    Some(match step {
+        Step::Pod {
+            ns,
+            name,
+            app,
+            tier,
+            ip,
+        } => labelled_pod(
+            NAMESPACES[*ns],
+            &format!("pod{name}"),
+            &format!("a{app}"),
+            &format!("t{tier}"),
+            &format!("10.0.{ns}.{ip}"),
+        ),
+        Step::Service { ns, name, app } => selecting_svc(
+            NAMESPACES[*ns],
+            &format!("s{name}"),
+            &format!("10.96.{ns}.{name}"),
+            app.map(|a| format!("a{a}")).as_deref(),
+        ),
+        Step::Policy {
+            ns,
+            name,
+            created,
+            target,
+            rules,
+            mode,
+            rate,
+        } => {
+            let ns_name = NAMESPACES[*ns];
+            let mut spec = match target {
+                Target::Labels(a) => {
+                    json!({"target": {"selector": {"matchLabels": {"app": format!("a{a}")}}}})
+                }
+                Target::Tier(t) => json!({"target": {"selector": {"matchExpressions": [
+                    {"key": "tier", "operator": "In", "values": [format!("t{t}")]}]}}}),
+                Target::Wide => json!({"target": {"selector": {}}}),
+                Target::Service(s) => json!({"target": {"service": format!("s{s}")}}),
+                Target::Invalid => json!({"target": 5}),
+            };
+            let mode = ["Strict", "Permissive", "Disabled"][usize::from(*mode)];
+            spec["mtls"] = json!({ "mode": mode });
+            spec["defaultAction"] = json!("Allow");
+            if *rules {
+                spec["rules"] = json!([{"action": "Deny", "from": [{"namespaces": ["other"]}]}]);
+            }
+            if let Some(rps) = rate {
+                spec["rateLimit"] = json!({"requestsPerSecond": rps});
+            }
+            weft(
+                Kind::Policy,
+                ns_name,
+                &format!("p{name}"),
+                generation,
+                &format!("2026-01-01T00:00:0{created}Z"),
+                spec,
+            )
+        }
+        Step::Delete(_) => return None,
+    })
+}
+
+/// Every pod's view, by pod.
+fn views(i: &Index, pods: &BTreeSet<ObjectKey>) -> BTreeMap<ObjectKey, Option<ProxyView>> {
+    pods.iter().map(|p| (p.clone(), i.view(p))).collect()
+}
+
+fn same(a: Option<&ProxyView>, b: Option<&ProxyView>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.same_content(b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn the_kept_selection_is_what_evaluating_every_policy_gives(
+        steps in proptest::collection::vec(step(), 1..24),
+    ) {
+        let mut i = Index::new("cluster.local");
+        let mut present: BTreeMap<(Kind, ObjectKey), Object> = BTreeMap::new();
+        // Every pod ever applied, so that one deleted is checked too.
+        let mut pods: BTreeSet<ObjectKey> = BTreeSet::new();
+        for (n, step) in steps.iter().enumerate() {
+            let before = views(&i, &pods);
+            let affected = match object(step, n as i64 + 1) {
+                Some((k, o)) => {
+                    if o.kind() == Kind::Pod {
+                        pods.insert(k.clone());
+                    }
+                    present.insert((o.kind(), k.clone()), o.clone());
+                    i.apply(k, o)
+                }
+                None => {
+                    let Step::Delete(which) = step else { unreachable!() };
+                    if present.is_empty() {
+                        continue;
+                    }
+                    let (kind, k) = present.keys().nth(which % present.len()).unwrap().clone();
+                    present.remove(&(kind, k.clone()));
+                    i.delete(kind, &k)
+                }
+            };
+            let after = views(&i, &pods);
+            for pod in &pods {
+                prop_assert_eq!(i.policies_for(pod), naive_policies_for(&i, pod), "{} after {:?}", pod, step);
+                // The shared index recomputes only the views of affected subscribers: any
+                // other whose view changed would keep a stale one.
+                // A pod not seen before had no view.
+                let was = before.get(pod).and_then(Option::as_ref);
+                if !same(was, after.get(pod).and_then(Option::as_ref)) {
+                    prop_assert!(
+                        affected.pods.contains(pod) || i.is_affected(pod, &affected),
+                        "{}'s view changed but {:?} does not touch it, after {:?}", pod, affected, step
+                    );
+                }
+            }
+        }
+        // The same objects listed into a fresh index, Policies first: the same views and
+        // statuses.
+        let mut fresh = Index::new("cluster.local");
+        for kind in [Kind::Policy, Kind::Service, Kind::Pod] {
+            let objects: Vec<(ObjectKey, Object)> = present
+                .iter()
+                .filter(|((k, _), _)| *k == kind)
+                .map(|((_, key), o)| (key.clone(), o.clone()))
+                .collect();
+            fresh.replace(kind, objects);
+        }
+        for pod in &pods {
+            prop_assert!(same(i.view(pod).as_ref(), fresh.view(pod).as_ref()), "{}", pod);
+        }
+        for key in i.resource_keys(Kind::Policy) {
+            prop_assert_eq!(
+                i.resource_state(Kind::Policy, &key),
+                fresh.resource_state(Kind::Policy, &key),
+                "{}", key
+            );
+        }
+    }
+}
