@@ -42,7 +42,7 @@ use crate::{
     },
     identity::{
         ClientTls, HandshakeError, Inner, TlsFailure,
-        session::{PeerSession, session_end},
+        session::{PeerSession, session_end_with},
     },
     shutdown::SESSION_END_GRACE,
 };
@@ -535,7 +535,16 @@ impl Http2Conn {
                         this.forget(&shared);
                         req = unsent;
                     }
-                    _ => return Err(SendError::Failed(Box::new(error.into_error()))),
+                    _ => {
+                        let error = error.into_error();
+                        if went_away(&error) {
+                            // The peer is going away (its shutdown, or the end of the
+                            // session's certificate): the stream was refused unprocessed,
+                            // and a retry of it must take a new session, not this one.
+                            this.forget(&shared);
+                        }
+                        return Err(SendError::Failed(Box::new(error)));
+                    }
                 },
             }
         }
@@ -609,6 +618,7 @@ impl Http2Conn {
         if let Some(s) = &session {
             shared.last_used.end_at(s.deadline_instant());
         }
+        let metrics = self.tls.as_ref().and_then(|t| t.metrics().cloned());
         let span = tracing::debug_span!("upstream", addr = %self.addr, protocol = "h2");
         tokio::spawn(
             run_http2_connection(
@@ -616,13 +626,28 @@ impl Http2Conn {
                 shared.last_used.clone(),
                 Arc::downgrade(self),
                 service_slot,
-                session,
+                session.map(|s| (s, metrics)),
             )
             .instrument(span),
         );
         *self.lock() = Some(shared.clone());
         Ok((shared, false))
     }
+}
+
+/// Whether `error` says the HTTP/2 peer sent GOAWAY and left this stream out of it.
+fn went_away(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>()
+            && h2.is_go_away()
+            && h2.is_remote()
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Drives one upstream HTTP/2 connection until it ends. After [`IDLE_TIMEOUT`] without a
@@ -638,12 +663,17 @@ async fn run_http2_connection(
     owner: Weak<Http2Conn>,
     // Held until the connection ends: it counts against the service's maxConnections.
     _service_slot: Option<OwnedSemaphorePermit>,
-    mut session: Option<PeerSession>,
+    session: Option<(PeerSession, Option<crate::metrics::TlsMetrics>)>,
 ) {
     tokio::pin!(conn);
+    // The idle timer while shared; once the session has ended, its grace.
     let sleep = tokio::time::sleep(IDLE_TIMEOUT);
     tokio::pin!(sleep);
     let mut shared = true;
+    let (mut session, metrics) = match session {
+        Some((s, m)) => (Some(s), m),
+        None => (None, None),
+    };
     let unshare = |owner: &Weak<Http2Conn>| {
         if let Some(owner) = owner.upgrade() {
             let mut current = owner.lock();
@@ -663,20 +693,20 @@ async fn run_http2_connection(
                 if let Err(error) = result {
                     tracing::debug!(%error, "upstream connection ended with an error");
                 }
+                record_unseen_end(&session, ended, &last_used, metrics.as_ref());
                 return;
             }
-            reason = session_end(&mut session), if !ended => {
+            reason = session_end_with(&mut session, |at| last_used.end_at(at)), if !ended => {
                 last_used.end_now();
                 unshare(&owner);
                 if let Some(s) = &session {
-                    let metrics = owner.upgrade().and_then(|o| o.tls.as_ref().and_then(|t| t.metrics().cloned()));
                     s.record(reason, metrics.as_ref());
                 }
                 ended = true;
-                shared = true;
+                shared = false;
                 sleep.as_mut().reset(tokio::time::Instant::now() + SESSION_END_GRACE);
             }
-            () = sleep.as_mut(), if shared => {
+            () = sleep.as_mut(), if shared || ended => {
                 if ended {
                     tracing::debug!("closing a mutual TLS session still busy past its end's grace");
                     return;
@@ -691,6 +721,24 @@ async fn run_http2_connection(
                 }
             }
         }
+    }
+}
+
+/// Counts and logs the end of a session that closed because the request path saw its
+/// deadline pass ([`IdleClock::over`]: a retired lease dropped, the pooled session let go)
+/// before its task's timer fired.
+fn record_unseen_end(
+    session: &Option<PeerSession>,
+    recorded: bool,
+    clock: &IdleClock,
+    metrics: Option<&crate::metrics::TlsMetrics>,
+) {
+    if let Some(s) = session
+        && !recorded
+        && clock.over()
+    {
+        // Only the deadline makes `over` true before the task has recorded an end.
+        s.record(s.due_reason(), metrics);
     }
 }
 
@@ -897,9 +945,10 @@ async fn run_http1_connection(
                 if let Err(error) = result {
                     tracing::debug!(%error, "upstream connection ended with an error");
                 }
+                record_unseen_end(&session, ended, &clock, metrics.as_ref());
                 return;
             }
-            reason = session_end(&mut session), if !ended => {
+            reason = session_end_with(&mut session, |at| clock.end_at(at)), if !ended => {
                 clock.end_now();
                 if let Some(s) = &session {
                     s.record(reason, metrics.as_ref());

@@ -1968,6 +1968,11 @@ fn steady_load(
                     ok.fetch_add(1, Ordering::Relaxed);
                 } else {
                     failed.fetch_add(1, Ordering::Relaxed);
+                    eprintln!(
+                        "request failed: {} weft-error={}",
+                        resp.status(),
+                        header(&resp, "weft-error")
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -1996,8 +2001,9 @@ fn ended(p: &TestProxy, direction: &str, reason: &str) -> u64 {
 }
 
 /// One side's certificate expires under a busy mux session, after a renewal gave it a new
-/// one: the session that certificate admitted ends at its expiry (on the side named
-/// `ends`), the next requests take a new session (a new handshake), and none fails.
+/// one: the outbound side retires the session (at the server's certificate's end, or
+/// 2 s before its own), the next requests take a new session (a new handshake), and none
+/// fails.
 async fn a_busy_mux_session_ends_at_the_peer_certificates_expiry(short_lived_server: bool) {
     let ca = Ca::new("mesh root");
     let backend = Scripted::ok("127.0.0.1", "cart").await;
@@ -2029,23 +2035,25 @@ async fn a_busy_mux_session_ends_at_the_peer_certificates_expiry(short_lived_ser
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sessions(&server, "inbound"), 1, "a renewal ends nothing");
 
-    let (direction, proxy) = if short_lived_server {
-        ("outbound", &client)
+    // The client's own certificate: retired before the server's GOAWAY could race it.
+    let (reason, due) = if short_lived_server {
+        ("peer_certificate_expired", expiry)
     } else {
-        ("inbound", &server)
+        ("local_certificate_expired", expiry - Duration::from_secs(2))
     };
     eventually(
         Duration::from_secs(8),
         "the session ends at the expiry",
         || {
-            let n = ended(proxy, direction, "peer_certificate_expired");
-            async move { n == 1 }
+            let n = ended(&client, "outbound", reason);
+            async move { n >= 1 }
         },
     )
     .await;
+    assert_eq!(ended(&client, "outbound", reason), 1);
     let late = std::time::SystemTime::now()
-        .duration_since(expiry)
-        .expect("not before the certificate's end");
+        .duration_since(due)
+        .expect("not before it is due");
     assert!(
         late < Duration::from_secs(3),
         "ended {late:?} after the expiry"
@@ -2086,12 +2094,10 @@ async fn a_busy_mux_session_ends_at_the_peer_certificates_expiry(short_lived_ser
         },
     )
     .await;
-    let other = if short_lived_server {
-        ("inbound", &server)
-    } else {
-        ("outbound", &client)
-    };
-    assert_eq!(ended(other.1, other.0, "peer_certificate_expired"), 0);
+    // The server judges the client's certificate only, and it was not expired.
+    if short_lived_server {
+        assert_eq!(ended(&server, "inbound", "peer_certificate_expired"), 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2100,8 +2106,73 @@ async fn outbound_a_busy_mux_session_ends_at_the_servers_certificate_expiry_losi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inbound_a_busy_mux_session_ends_at_the_clients_certificate_expiry_losing_no_request() {
+async fn outbound_retires_a_busy_mux_session_before_its_own_certificate_ends_losing_no_request() {
     a_busy_mux_session_ends_at_the_peer_certificates_expiry(false).await;
+}
+
+/// The inbound side's own enforcement, against a client that does not retire its session
+/// (hyper's HTTP/2 client over the client end of a `weft-mux` session): at the client's
+/// certificate's end the server sends GOAWAY, the request in flight finishes, and the
+/// connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_a_mux_session_ends_gracefully_at_the_clients_certificate_expiry() {
+    let ca = Ca::new("mesh root");
+    // Each request takes 2.5 s: the one sent at 1.5 s is in flight at the expiry.
+    let backend = Scripted::always(
+        "127.0.0.1",
+        "cart",
+        Misbehave::Delay(Duration::from_millis(2500)),
+    )
+    .await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), backend.addr);
+    let client_id = IdentityStore::new().unwrap();
+    let leaf = ca.issue_at(CLIENT_ID, -60, 3);
+    client_id
+        .install_pem(&leaf.chain, &leaf.key, &ca.pem)
+        .unwrap();
+    let expiry = std::time::SystemTime::now() + Duration::from_secs(3);
+    let tls = client_id.client_tls(Arc::from(SERVER_ID)).unwrap();
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let session = tls
+        .handshake(
+            tcp,
+            server.addr,
+            weft_proxy::identity::Inner::Mux,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(session),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut req = http::Request::get("/")
+        .header(http::header::HOST, "cart")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    weft_proxy::mux::to_mux(&mut req, &|| None);
+    let resp = tokio::time::timeout(Duration::from_secs(8), sender.send_request(req))
+        .await
+        .expect("answered")
+        .expect("the request in flight at the expiry finishes");
+    assert_eq!(resp.status(), 200);
+    assert!(
+        std::time::SystemTime::now() > expiry,
+        "the answer came after the expiry"
+    );
+    assert_eq!(ended(&server, "inbound", "peer_certificate_expired"), 1);
+    // GOAWAY, then closed once its last stream ended.
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the server closed the session")
+        .unwrap()
+        .unwrap();
+    assert!(sender.is_closed());
+    assert_eq!(sessions(&server, "inbound"), 1);
 }
 
 #[tokio::test]
@@ -2172,15 +2243,23 @@ async fn withdrawn_trust_ends_the_sessions_it_admitted_and_only_those() {
         async move { n == 1 }
     })
     .await;
-    // B's client's next request needs a new session, which the server refuses.
-    let (resp, _) = get(&c_b, &on_b.url("/")).await;
-    assert_ne!(resp.status(), 200, "B's client is no longer admitted");
-    let refused = metric(
-        &metrics_of(&server),
-        "weft_tls_refused_total",
-        &["direction=\"inbound\"", "reason=\"untrusted\""],
-    );
-    assert!(refused >= 1, "refused as untrusted");
+    // B's client's next requests need a new session, which the server refuses (counted
+    // once the server's side of the handshake has ended, maybe after the client's).
+    for _ in 0..2 {
+        let (resp, _) = get(&c_b, &on_b.url("/")).await;
+        assert_ne!(resp.status(), 200, "B's client is no longer admitted");
+    }
+    eventually(Duration::from_secs(2), "refused as untrusted", || {
+        let m = metrics_of(&server);
+        async move {
+            metric(
+                &m,
+                "weft_tls_refused_total",
+                &["direction=\"inbound\"", "reason=\"untrusted\""],
+            ) >= 1
+        }
+    })
+    .await;
     // A's session goes on: no new handshake for its requests.
     for _ in 0..5 {
         assert_eq!(get(&c_a, &on_a.url("/")).await.0.status(), 200);

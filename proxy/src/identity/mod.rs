@@ -662,8 +662,9 @@ impl IdentityStore {
         }
     }
 
-    /// The life of an inbound session whose client presented `chain` (leaf first): until
-    /// the chain stops verifying ([`session::PeerSession`]); none without a certificate.
+    /// The life of a session whose peer presented `chain` (leaf first), judged as the
+    /// inbound verifier judges clients (any mesh identity): until the chain stops
+    /// verifying ([`session::PeerSession`]); none without a certificate.
     pub fn peer_session(
         &self,
         direction: crate::metrics::Direction,

@@ -47,6 +47,10 @@ pub enum EndReason {
     PeerCertificateExpired,
     /// A newly installed trust bundle no longer trusts the peer's chain.
     Untrusted,
+    /// Outbound only: the certificate this proxy presented in the session is about to end
+    /// ([`LOCAL_END_MARGIN`] before the peer ends the session for it), so the session is
+    /// retired first and no request races the peer's GOAWAY.
+    LocalCertificateExpired,
 }
 
 impl EndReason {
@@ -55,6 +59,7 @@ impl EndReason {
         match self {
             EndReason::PeerCertificateExpired => "peer_certificate_expired",
             EndReason::Untrusted => "untrusted",
+            EndReason::LocalCertificateExpired => "local_certificate_expired",
         }
     }
 }
@@ -79,6 +84,9 @@ pub struct PeerSession {
     identity: Option<Arc<str>>,
     /// The first time the chain no longer verifies.
     deadline: SystemTime,
+    /// Outbound: when to retire the session because of this proxy's own certificate (see
+    /// [`EndReason::LocalCertificateExpired`]).
+    local_end: Option<SystemTime>,
     direction: Direction,
     trust: TrustWatch,
     /// Set when the chain did not verify even at the session's start (a trust change
@@ -107,6 +115,15 @@ impl PeerSession {
         expected: Option<Arc<str>>,
         mut trust: TrustWatch,
     ) -> Option<PeerSession> {
+        // The end of the certificate this side presented (outbound: the peer ends the
+        // session then). Already within the margin, it is not used: the new session must
+        // carry requests until the peer ends it (no renewal came in time).
+        let local_end = expected
+            .as_ref()
+            .and_then(|_| trust.current.load().as_ref().map(|c| c.not_after))
+            .map(|end| end + Duration::from_secs(1))
+            .and_then(|end| end.checked_sub(LOCAL_END_MARGIN))
+            .filter(|end| *end > SystemTime::now());
         let chain: Box<[CertificateDer<'static>]> = chain
             .filter(|c| !c.is_empty())?
             .iter()
@@ -121,6 +138,7 @@ impl PeerSession {
             expected,
             identity,
             deadline: SystemTime::now(),
+            local_end,
             direction,
             trust,
             ended: None,
@@ -143,10 +161,25 @@ impl PeerSession {
         self.deadline
     }
 
-    /// The deadline on tokio's clock, for a timer.
+    /// Why the session ends at [`PeerSession::deadline_instant`] (or has ended).
+    pub fn due_reason(&self) -> EndReason {
+        self.ended.unwrap_or(self.end().1)
+    }
+
+    /// When the session ends and why, if nothing changes: the peer's chain's end, or
+    /// earlier the retirement for this side's own certificate.
+    fn end(&self) -> (SystemTime, EndReason) {
+        match self.local_end {
+            Some(local) if local < self.deadline => (local, EndReason::LocalCertificateExpired),
+            _ => (self.deadline, EndReason::PeerCertificateExpired),
+        }
+    }
+
+    /// When the session ends, on tokio's clock, for a timer.
     pub fn deadline_instant(&self) -> tokio::time::Instant {
         let left = self
-            .deadline
+            .end()
+            .0
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         tokio::time::Instant::now() + left
@@ -170,6 +203,13 @@ impl PeerSession {
     /// trusted roots changed and the chain no longer verifies (a change it survives may
     /// move the deadline). Cancel-safe: its state lives in `self`.
     pub async fn ended(&mut self) -> EndReason {
+        self.ended_with(|_| {}).await
+    }
+
+    /// [`PeerSession::ended`], calling `moved` with the new deadline (on tokio's clock)
+    /// each time a change of trust the chain survives moves it: for an owner that also
+    /// checks the deadline itself.
+    pub async fn ended_with(&mut self, mut moved: impl FnMut(tokio::time::Instant)) -> EndReason {
         if let Some(reason) = self.ended {
             return reason;
         }
@@ -180,9 +220,10 @@ impl PeerSession {
                 () = tokio::time::sleep_until(at) => {
                     // Rechecked by the wall clock, which certificates follow: set back
                     // meanwhile, the chain is still valid and the wait goes on.
-                    if SystemTime::now() >= self.deadline {
-                        self.ended = Some(EndReason::PeerCertificateExpired);
-                        return EndReason::PeerCertificateExpired;
+                    let (end, reason) = self.end();
+                    if SystemTime::now() >= end {
+                        self.ended = Some(reason);
+                        return reason;
                     }
                 }
                 changed = self.trust.changes.changed(), if !self.store_gone => {
@@ -191,7 +232,12 @@ impl PeerSession {
                         continue;
                     }
                     match self.verify(UnixTime::now()) {
-                        Ok(deadline) => self.deadline = deadline,
+                        Ok(deadline) => {
+                            if deadline != self.deadline {
+                                self.deadline = deadline;
+                                moved(self.deadline_instant());
+                            }
+                        }
                         Err(reason) => {
                             self.ended = Some(reason);
                             return reason;
@@ -215,7 +261,7 @@ impl PeerSession {
                 peer_identity = self.identity.as_deref().unwrap_or("-"),
                 reason = reason.as_str(),
                 suppressed,
-                "mutual TLS session ended: its peer's certificate chain no longer verifies"
+                "mutual TLS session ended: a certificate that admitted it is no longer valid"
             );
         } else {
             tracing::debug!(
@@ -231,11 +277,24 @@ impl PeerSession {
 /// Waits for `session` to end; never, when there is none (a plain-text connection, or a
 /// peer without a certificate).
 pub async fn session_end(session: &mut Option<PeerSession>) -> EndReason {
+    session_end_with(session, |_| {}).await
+}
+
+/// [`session_end`] with [`PeerSession::ended_with`]'s `moved`.
+pub async fn session_end_with(
+    session: &mut Option<PeerSession>,
+    moved: impl FnMut(tokio::time::Instant),
+) -> EndReason {
     match session {
-        Some(s) => s.ended().await,
+        Some(s) => s.ended_with(moved).await,
         None => std::future::pending().await,
     }
 }
+
+/// How long before this proxy's own certificate ends its outbound sessions are retired
+/// ([`EndReason::LocalCertificateExpired`]): room for the clocks of two nodes to differ,
+/// so that the peer's GOAWAY at that end finds the session already out of the pool.
+pub const LOCAL_END_MARGIN: Duration = Duration::from_secs(2);
 
 /// How many session-end lines are logged at INFO per second; the rest go to DEBUG and
 /// the next INFO line says how many were left out.
@@ -550,6 +609,33 @@ mod tests {
         let ended = tokio::time::timeout(Duration::from_secs(4), session.ended()).await;
         assert_eq!(ended.ok(), Some(EndReason::PeerCertificateExpired));
         assert!(SystemTime::now() >= session.deadline());
+    }
+
+    #[test]
+    fn outbound_a_session_is_retired_before_this_sides_own_certificate_ends() {
+        let root = Ca::root("root", 3600);
+        let (_, peer, _) = root.leaf(PEER, 3600);
+        let outbound = |own_until: i64| {
+            let store = IdentityStore::new().unwrap();
+            let (pem, _, key) = root.leaf("spiffe://cluster.local/ns/a/sa/me", own_until);
+            store.install_pem(&pem, &key, &root.pem).unwrap();
+            let expected = Some(Arc::from(PEER));
+            let trust = store.trust_watch();
+            PeerSession::new(Direction::Outbound, Some(&[peer.clone()]), expected, trust).unwrap()
+        };
+        let s = outbound(600);
+        let (at, reason) = s.end();
+        assert_eq!(reason, EndReason::LocalCertificateExpired);
+        let own_end = UNIX_EPOCH + Duration::from_secs(unix(now_plus(600)) + 1);
+        assert_eq!(at, own_end - LOCAL_END_MARGIN);
+        // Within the margin already: the peer ends the session, not this side.
+        assert_eq!(outbound(1).end().1, EndReason::PeerCertificateExpired);
+        // Inbound sessions are judged by the peer's chain only.
+        let store = store(&root, &root.pem);
+        let s = store
+            .peer_session(Direction::Inbound, Some(&[peer]))
+            .unwrap();
+        assert_eq!(s.end().1, EndReason::PeerCertificateExpired);
     }
 
     #[test]
