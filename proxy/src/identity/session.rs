@@ -621,7 +621,13 @@ mod tests {
             store.install_pem(&pem, &key, &root.pem).unwrap();
             let expected = Some(Arc::from(PEER));
             let trust = store.trust_watch();
-            PeerSession::new(Direction::Outbound, Some(&[peer.clone()]), expected, trust).unwrap()
+            PeerSession::new(
+                Direction::Outbound,
+                Some(std::slice::from_ref(&peer)),
+                expected,
+                trust,
+            )
+            .unwrap()
         };
         let s = outbound(600);
         let (at, reason) = s.end();
