@@ -293,7 +293,7 @@ impl TlsMetrics {
         );
         registry.register(
             "tls_sessions_ended",
-            "Established mutual TLS sessions ended by this proxy because the peer's certificate chain stopped verifying, by direction and reason",
+            "Established mutual TLS sessions ended by this proxy because a certificate that admitted them is no longer valid (or is about to end, for its own), by direction and reason",
             self.ended.clone(),
         );
     }
@@ -321,7 +321,7 @@ impl TlsMetrics {
             .inc();
     }
 
-    /// Counts a session ended because its peer's chain stopped verifying.
+    /// Counts a session ended because a certificate that admitted it is no longer valid.
     pub fn ended(&self, direction: Direction, reason: crate::identity::session::EndReason) {
         self.ended
             .get_or_create(&[
