@@ -7,13 +7,17 @@
 //!                                                                 path, bundle root) + 1 s
 //!   session task: select { serve, PeerSession::ended() }
 //!                                   ├ deadline reached ─────────────▶ peer_certificate_expired
+//!                                   ├ outbound: own certificate's end − 2 s ─▶ local_certificate_expired
 //!                                   └ trust changed (install of a bundle with other roots)
 //!                                        └ re-verify now: ok ─▶ new deadline, keep waiting
 //!                                                         err ─▶ untrusted
 //! ```
 //!
 //! Each side judges its peer: the inbound side the client's chain (any mesh identity), the
-//! outbound side the server's (the identity the config expects). What a session does when
+//! outbound side the server's (the identity the config expects). The outbound side also
+//! retires a session shortly before the certificate it presented ends, which is when the
+//! inbound side ends it: so its pool has moved to a new session before the peer's GOAWAY,
+//! and no request races it. What a session does when
 //! [`PeerSession::ended`] answers is its owner's business: HTTP sessions end gracefully
 //! within [`crate::shutdown::SESSION_END_GRACE`], opaque TCP is closed.
 //!
