@@ -191,6 +191,8 @@ async fn handle(
     };
     // A peer proxy's mutual TLS and plain text share the port: the first bytes tell.
     let handshake_timeout = detect_timeout.max(TLS_HANDSHAKE_TIMEOUT);
+    // Before the handshake: a change of trust during it wakes the session at once.
+    let trust = identity.trust_watch();
     let sniffed = Box::pin(inbound::sniff(
         io,
         &identity,
@@ -212,7 +214,7 @@ async fn handle(
             // The session lives while the client's chain verifies (boxed: the task of an
             // accepted connection stays small whatever it carries).
             let life = identity
-                .peer_session(direction, tls.get_ref().1.peer_certificates())
+                .peer_session(direction, tls.get_ref().1.peer_certificates(), trust)
                 .map(Box::new);
             Box::pin(conn.serve(tls, protocol, Some(info), life)).await;
         }

@@ -168,8 +168,9 @@ pub async fn connect_io(
     match tls {
         None => Ok((UpstreamIo::Plain(stream), None)),
         Some(tls) => {
+            let trust = tls.trust_watch();
             let s = tls.handshake(stream, addr, inner, timeout).await?;
-            let session = tls.peer_session(&s);
+            let session = tls.peer_session(&s, trust);
             Ok((UpstreamIo::Tls(Box::new(s)), session))
         }
     }
@@ -616,7 +617,7 @@ impl Http2Conn {
             streams: Arc::default(),
         };
         if let Some(s) = &session {
-            shared.last_used.end_at(s.deadline_instant());
+            shared.last_used.end_at(s.known_end());
         }
         let metrics = self.tls.as_ref().and_then(|t| t.metrics().cloned());
         let span = tracing::debug_span!("upstream", addr = %self.addr, protocol = "h2");
@@ -889,7 +890,7 @@ impl Http1Pool {
             .map_err(|error| SendError::Failed(Box::new(error)))?;
         let clock = Arc::new(IdleClock::new());
         if let Some(s) = &session {
-            clock.end_at(s.deadline_instant());
+            clock.end_at(s.known_end());
         }
         let metrics = self.tls.as_ref().and_then(|t| t.metrics().cloned());
         let span = tracing::debug_span!("upstream", addr = %self.addr);
@@ -1002,10 +1003,12 @@ impl IdleClock {
         }
     }
 
-    /// The session ends at `at`.
-    fn end_at(&self, at: tokio::time::Instant) {
-        let nanos = u64::try_from(at.saturating_duration_since(self.base).as_nanos())
-            .unwrap_or(u64::MAX - 1);
+    /// The session ends at `at` (`None`: no end known).
+    fn end_at(&self, at: Option<tokio::time::Instant>) {
+        let nanos = at.map_or(u64::MAX, |at| {
+            u64::try_from(at.saturating_duration_since(self.base).as_nanos())
+                .unwrap_or(u64::MAX - 1)
+        });
         self.ends_at.store(nanos, Ordering::Relaxed);
     }
 

@@ -653,8 +653,9 @@ impl IdentityStore {
         }
     }
 
-    /// What sessions re-verify their peer against, and the subscription that wakes them.
-    fn trust_watch(&self) -> session::TrustWatch {
+    /// What sessions re-verify their peer against, and the subscription that wakes them,
+    /// having seen the trust as it is now: take it before the handshake.
+    pub(crate) fn trust_watch(&self) -> session::TrustWatch {
         session::TrustWatch {
             current: self.current.clone(),
             provider: self.provider.clone(),
@@ -665,12 +666,14 @@ impl IdentityStore {
     /// The life of a session whose peer presented `chain` (leaf first), judged as the
     /// inbound verifier judges clients (any mesh identity): until the chain stops
     /// verifying ([`session::PeerSession`]); none without a certificate.
-    pub fn peer_session(
+    /// `trust` is [`IdentityStore::trust_watch`] taken before the handshake.
+    pub(crate) fn peer_session(
         &self,
         direction: crate::metrics::Direction,
         chain: Option<&[CertificateDer<'_>]>,
+        trust: session::TrustWatch,
     ) -> Option<session::PeerSession> {
-        session::PeerSession::new(direction, chain, None, self.trust_watch())
+        session::PeerSession::new(direction, chain, None, trust)
     }
 
     /// The inbound side's TLS config: TLS 1.3, the current certificate, a client
@@ -824,16 +827,24 @@ pub struct HandshakeError {
 impl ClientTls {
     /// The life of a session this side established over `stream`: until the endpoint's
     /// chain stops verifying for its expected identity ([`session::PeerSession`]).
-    pub fn peer_session(
+    /// `trust` is [`ClientTls::trust_watch`] taken before the handshake.
+    pub(crate) fn peer_session(
         &self,
         stream: &tokio_rustls::client::TlsStream<TcpStream>,
+        trust: session::TrustWatch,
     ) -> Option<session::PeerSession> {
         session::PeerSession::new(
             crate::metrics::Direction::Outbound,
             stream.get_ref().1.peer_certificates(),
             Some(self.identity.clone()),
-            self.trust.clone(),
+            trust,
         )
+    }
+
+    /// What a session re-verifies its peer against, having seen the trust as it is now:
+    /// take it before the handshake.
+    pub(crate) fn trust_watch(&self) -> session::TrustWatch {
+        self.trust.seen_now()
     }
 
     /// The metrics its sessions count into, once the proxy's are handed over.

@@ -2,10 +2,13 @@
 //! stops verifying, by time or by a change of what this proxy trusts.
 //!
 //! ```text
-//! handshake ─▶ PeerSession::new: verify the peer's chain now ─▶ deadline = earliest notAfter
-//!                                                                (leaf, intermediates on the
-//!                                                                 path, bundle root) + 1 s
+//! trust watch taken ─▶ handshake (rustls verifies) ─▶ PeerSession::new: deadline = a lower
+//!                                    bound (leaf, presented intermediates and bundle roots
+//!                                    valid now: parsing, no signature)
 //!   session task: select { serve, PeerSession::ended() }
+//!                                   ├ lower bound reached ─▶ verify the chain now: ok ─▶
+//!                                   │     deadline = earliest notAfter on the path (leaf,
+//!                                   │     intermediates, bundle root) + 1 s; keep waiting
 //!                                   ├ deadline reached ─────────────▶ peer_certificate_expired
 //!                                   ├ outbound: own certificate's end − 2 s ─▶ local_certificate_expired
 //!                                   └ trust changed (install of a bundle with other roots)
@@ -22,7 +25,9 @@
 //! within [`crate::shutdown::SESSION_END_GRACE`], opaque TCP is closed.
 //!
 //! Cost: the chain the peer presented is kept per session (about a kilobyte) to re-verify
-//! it; the wait is one timer and one `watch` receiver per session; nothing per request.
+//! it; the wait is one timer and one `watch` receiver per session; nothing per request
+//! beyond an atomic load and a clock read; no signature check at the handshake beyond
+//! rustls's own (the path is verified when the lower bound comes, or trust changes).
 
 use std::{
     sync::{
@@ -77,6 +82,17 @@ pub(crate) struct TrustWatch {
     pub(crate) changes: watch::Receiver<u64>,
 }
 
+impl TrustWatch {
+    /// This watch, having seen the trust as it is now. Taken before a handshake and given
+    /// to [`PeerSession::new`] after it, so that a change of trust in between (which the
+    /// handshake's verifier may not have seen) wakes the session to re-verify at once.
+    pub(crate) fn seen_now(&self) -> TrustWatch {
+        let mut watch = self.clone();
+        watch.changes.borrow_and_update();
+        watch
+    }
+}
+
 /// One established session's peer: its chain, and when that chain stops verifying.
 pub struct PeerSession {
     /// The chain the peer presented, leaf first.
@@ -86,8 +102,12 @@ pub struct PeerSession {
     expected: Option<Arc<str>>,
     /// The peer's SPIFFE ID, for the log line.
     identity: Option<Arc<str>>,
-    /// The first time the chain no longer verifies.
+    /// The first time the chain no longer verifies (`exact`), or a time no later than
+    /// that: the earliest end among the certificates the chain may pass through.
     deadline: SystemTime,
+    /// Whether `deadline` comes from a verification of the chain; until then it is a
+    /// lower bound, at which the chain is verified to learn the real one.
+    exact: bool,
     /// Outbound: when to retire the session because of this proxy's own certificate (see
     /// [`EndReason::LocalCertificateExpired`]).
     local_end: Option<SystemTime>,
@@ -110,14 +130,21 @@ impl std::fmt::Debug for PeerSession {
 }
 
 impl PeerSession {
-    /// The session of a peer that presented `chain` (leaf first); `expected` as for
-    /// [`PeerSession::expected`]. `None` when the peer presented no certificate (nothing
-    /// to expire or withdraw).
+    /// The session of a peer that presented `chain` (leaf first) in a handshake that just
+    /// verified it; `expected` as for [`PeerSession::expected`]; `trust` taken before that
+    /// handshake ([`TrustWatch::seen_now`]). `None` when the peer presented no certificate
+    /// (nothing to expire or withdraw).
+    ///
+    /// The handshake verified the chain, but rustls does not say by which path, so the
+    /// deadline starts as a lower bound, the earliest end of the leaf, of the presented
+    /// intermediates valid now and of the bundle's roots valid now, and the chain is
+    /// verified only when that comes (usually the leaf's own end): a second verification
+    /// here would cost each handshake a signature check (about 15 % of its CPU).
     pub(crate) fn new(
         direction: Direction,
         chain: Option<&[CertificateDer<'_>]>,
         expected: Option<Arc<str>>,
-        mut trust: TrustWatch,
+        trust: TrustWatch,
     ) -> Option<PeerSession> {
         // The end of the certificate this side presented (outbound: the peer ends the
         // session then). Already within the margin, it is not used: the new session must
@@ -133,26 +160,28 @@ impl PeerSession {
             .iter()
             .map(|c| c.clone().into_owned())
             .collect();
-        // Seen before verifying: a change from now on wakes the session, and the check
-        // below already uses whatever was installed before.
-        trust.changes.borrow_and_update();
         let identity = chain.first().and_then(peer_identity);
-        let mut session = PeerSession {
+        let current = trust.current.load_full();
+        let now = UnixTime::now().as_secs();
+        let (deadline, ended) = match &current {
+            Some(c) => (
+                UNIX_EPOCH + Duration::from_secs(lower_bound(c, &chain, now).saturating_add(1)),
+                None,
+            ),
+            None => (SystemTime::now(), Some(EndReason::Untrusted)),
+        };
+        Some(PeerSession {
             chain,
             expected,
             identity,
-            deadline: SystemTime::now(),
+            deadline,
+            exact: false,
             local_end,
             direction,
             trust,
-            ended: None,
+            ended,
             store_gone: false,
-        };
-        match session.verify(UnixTime::now()) {
-            Ok(deadline) => session.deadline = deadline,
-            Err(reason) => session.ended = Some(reason),
-        }
-        Some(session)
+        })
     }
 
     /// The peer's SPIFFE ID.
@@ -160,7 +189,8 @@ impl PeerSession {
         self.identity.as_ref()
     }
 
-    /// The first time the peer's chain no longer verifies.
+    /// The first time the peer's chain no longer verifies, or until the chain has been
+    /// verified, a time no later than that ([`PeerSession::new`]).
     pub fn deadline(&self) -> SystemTime {
         self.deadline
     }
@@ -179,14 +209,22 @@ impl PeerSession {
         }
     }
 
-    /// When the session ends, on tokio's clock, for a timer.
-    pub fn deadline_instant(&self) -> tokio::time::Instant {
-        let left = self
-            .end()
-            .0
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        tokio::time::Instant::now() + left
+    /// When to look at the session again, on tokio's clock: its end, or the lower bound
+    /// at which its chain is verified.
+    fn wake_instant(&self) -> tokio::time::Instant {
+        instant_of(self.end().0)
+    }
+
+    /// When the session is known to end, on tokio's clock, for an owner that also checks
+    /// before each request: this side's retirement, or the peer's chain's verified end;
+    /// `None` while neither is known. Never later than the session's task ends it.
+    pub fn known_end(&self) -> Option<tokio::time::Instant> {
+        let peer = self.exact.then_some(self.deadline);
+        let end = match (self.local_end, peer) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        end.map(instant_of)
     }
 
     /// Verifies the chain against the trust of the certificate in use at `now`, by the
@@ -213,22 +251,43 @@ impl PeerSession {
     /// [`PeerSession::ended`], calling `moved` with the new deadline (on tokio's clock)
     /// each time a change of trust the chain survives moves it: for an owner that also
     /// checks the deadline itself.
-    pub async fn ended_with(&mut self, mut moved: impl FnMut(tokio::time::Instant)) -> EndReason {
+    pub async fn ended_with(
+        &mut self,
+        mut moved: impl FnMut(Option<tokio::time::Instant>),
+    ) -> EndReason {
         if let Some(reason) = self.ended {
             return reason;
         }
         // Bounded: each turn waits for the deadline or a change of trust.
         loop {
-            let at = self.deadline_instant();
+            let at = self.wake_instant();
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {
                     // Rechecked by the wall clock, which certificates follow: set back
                     // meanwhile, the chain is still valid and the wait goes on.
                     let (end, reason) = self.end();
-                    if SystemTime::now() >= end {
-                        self.ended = Some(reason);
-                        return reason;
+                    if SystemTime::now() < end {
+                        continue;
                     }
+                    if reason == EndReason::PeerCertificateExpired && !self.exact {
+                        // The lower bound came: the chain's real end is learnt now. Trust
+                        // did not change (that wakes the other branch), so a chain that no
+                        // longer verifies does so by a certificate's end.
+                        match self.verify(UnixTime::now()) {
+                            Ok(deadline) => {
+                                self.deadline = deadline;
+                                self.exact = true;
+                                moved(self.known_end());
+                                continue;
+                            }
+                            Err(_) => {
+                                self.ended = Some(reason);
+                                return reason;
+                            }
+                        }
+                    }
+                    self.ended = Some(reason);
+                    return reason;
                 }
                 changed = self.trust.changes.changed(), if !self.store_gone => {
                     if changed.is_err() {
@@ -237,9 +296,10 @@ impl PeerSession {
                     }
                     match self.verify(UnixTime::now()) {
                         Ok(deadline) => {
-                            if deadline != self.deadline {
+                            if deadline != self.deadline || !self.exact {
                                 self.deadline = deadline;
-                                moved(self.deadline_instant());
+                                self.exact = true;
+                                moved(self.known_end());
                             }
                         }
                         Err(reason) => {
@@ -287,7 +347,7 @@ pub async fn session_end(session: &mut Option<PeerSession>) -> EndReason {
 /// [`session_end`] with [`PeerSession::ended_with`]'s `moved`.
 pub async fn session_end_with(
     session: &mut Option<PeerSession>,
-    moved: impl FnMut(tokio::time::Instant),
+    moved: impl FnMut(Option<tokio::time::Instant>),
 ) -> EndReason {
     match session {
         Some(s) => s.ended_with(moved).await,
@@ -395,6 +455,33 @@ pub(crate) fn verify_chain(
         .intermediate_certificates()
         .filter_map(|c| validity(&c.der()).map(|(_, until)| until));
     Ok(earliest_end(leaf_end, ends, root_end))
+}
+
+/// `at` on tokio's clock (now, if it has passed).
+fn instant_of(at: SystemTime) -> tokio::time::Instant {
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::Instant::now() + left
+}
+
+/// A time (the last second, Unix) no later than the end of any path by which `chain`
+/// (leaf first) verifies against `certified`'s bundle at `now`: the earliest end of the
+/// leaf, of each presented certificate valid now (one that is not cannot be on a path
+/// verified now) and of each root of the bundle valid now (the trusted set). Parsing
+/// only, no signature: what a path is made of is learnt when this time comes.
+fn lower_bound(certified: &Certified, chain: &[CertificateDer<'_>], now: u64) -> u64 {
+    let mut certs = chain.iter().filter_map(validity);
+    let leaf = certs.next().map(|(_, until)| until);
+    let intermediates = certs
+        .filter(|(from, until)| *from <= now && now <= *until)
+        .map(|(_, until)| until);
+    let root = certified
+        .trust
+        .roots
+        .iter()
+        .filter(|r| r.valid_at(now))
+        .map(|r| r.not_after)
+        .min();
+    earliest_end(leaf, intermediates, root)
 }
 
 /// The earliest of the ends given (a certificate that does not parse counts as none:
@@ -581,8 +668,12 @@ mod tests {
         let s = store(&a, &format!("{}{}", a.pem, b.pem));
         let (_, from_a, _) = a.leaf(PEER, 3600);
         let (_, from_b, _) = b.leaf(PEER, 3600);
-        let mut on_a = s.peer_session(Direction::Inbound, Some(&[from_a])).unwrap();
-        let mut on_b = s.peer_session(Direction::Inbound, Some(&[from_b])).unwrap();
+        let mut on_a = s
+            .peer_session(Direction::Inbound, Some(&[from_a]), s.trust_watch())
+            .unwrap();
+        let mut on_b = s
+            .peer_session(Direction::Inbound, Some(&[from_b]), s.trust_watch())
+            .unwrap();
         assert_eq!(
             on_a.deadline(),
             UNIX_EPOCH + Duration::from_secs(unix(now_plus(3600)) + 1)
@@ -609,7 +700,9 @@ mod tests {
         let root = Ca::root("root", 3600);
         let s = store(&root, &root.pem);
         let (_, leaf, _) = root.leaf(PEER, 1);
-        let mut session = s.peer_session(Direction::Outbound, Some(&[leaf])).unwrap();
+        let mut session = s
+            .peer_session(Direction::Outbound, Some(&[leaf]), s.trust_watch())
+            .unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(4), session.ended()).await;
         assert_eq!(ended.ok(), Some(EndReason::PeerCertificateExpired));
         assert!(SystemTime::now() >= session.deadline());
@@ -643,9 +736,59 @@ mod tests {
         // Inbound sessions are judged by the peer's chain only.
         let store = store(&root, &root.pem);
         let s = store
-            .peer_session(Direction::Inbound, Some(&[peer]))
+            .peer_session(Direction::Inbound, Some(&[peer]), store.trust_watch())
             .unwrap();
         assert_eq!(s.end().1, EndReason::PeerCertificateExpired);
+    }
+
+    #[tokio::test]
+    async fn a_root_ending_before_the_leaf_that_the_chain_does_not_pass_through_ends_nothing() {
+        // A, ending in 2 s, is still in the bundle beside B, by which the peer's chain
+        // verifies: the session's first deadline is A's end, where its chain is verified
+        // and its real end (the leaf's) learnt.
+        let (a, b) = (Ca::root("root A", 2), Ca::root("root B", 3600));
+        let s = store(&b, &format!("{}{}", a.pem, b.pem));
+        let (_, from_b, _) = b.leaf(PEER, 600);
+        let leaf_end = UNIX_EPOCH + Duration::from_secs(unix(now_plus(600)) + 1);
+        let mut session = s
+            .peer_session(Direction::Inbound, Some(&[from_b]), s.trust_watch())
+            .unwrap();
+        assert!(session.deadline() <= UNIX_EPOCH + Duration::from_secs(unix(now_plus(2)) + 1));
+        assert_eq!(session.known_end(), None, "not verified yet");
+        let mut moved = Vec::new();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(5),
+            session.ended_with(|at| moved.push(at)),
+        )
+        .await;
+        assert!(waited.is_err(), "ended at A's end: {waited:?}");
+        let error = session
+            .deadline()
+            .duration_since(leaf_end)
+            .unwrap_or_else(|e| e.duration());
+        assert!(
+            error <= Duration::from_secs(1),
+            "the leaf's end, once verified: {:?}",
+            session.deadline()
+        );
+        assert!(session.known_end().is_some());
+        assert_eq!(moved.len(), 1, "the owner told once");
+    }
+
+    #[tokio::test]
+    async fn a_trust_change_during_the_handshake_wakes_the_session_at_once() {
+        let (a, b) = (Ca::root("root A", 3600), Ca::root("root B", 3600));
+        let s = store(&a, &a.pem);
+        let (_, from_a, _) = a.leaf(PEER, 3600);
+        // Taken before the handshake; B alone installed before the session starts.
+        let before = s.trust_watch();
+        let (pem, _, key) = b.leaf("spiffe://cluster.local/ns/a/sa/me", 3600);
+        s.install_pem(&pem, &key, &b.pem).unwrap();
+        let mut session = s
+            .peer_session(Direction::Inbound, Some(&[from_a]), before)
+            .unwrap();
+        let ended = tokio::time::timeout(Duration::from_millis(500), session.ended()).await;
+        assert_eq!(ended.ok(), Some(EndReason::Untrusted));
     }
 
     #[test]
