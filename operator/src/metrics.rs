@@ -347,6 +347,10 @@ mod docs_tests {
             Direction::Inbound,
             weft_proxy::identity::TlsFailure::Untrusted,
         );
+        m.tls.ended(
+            Direction::Inbound,
+            weft_proxy::identity::session::EndReason::Untrusted,
+        );
         m.traffic
             .authz_denied("shop/web", None, Some("/admin"), Some("GET"));
         m.trace.exported(1);
