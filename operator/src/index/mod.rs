@@ -524,6 +524,17 @@ impl Index {
     /// Recomputes one namespace's outbound configs and resources; returns whether any
     /// changed. Unchanged configs keep their `Arc`, so comparisons downstream are cheap.
     fn rebuild(&mut self, ns: &str) -> bool {
+        // Which Policies are refused first: each endpoint's identity below (its mTLS mode)
+        // and every view read the Policies that are not, so with the refusal set of before
+        // this change a Policy refused by it (or accepted again) would still count (or
+        // not) until the namespace's next rebuild. It reads only Policies and selection.
+        let refused = self.too_many_policies(ns);
+        let refused_changed = self.refused_policies.get(ns).unwrap_or(&BTreeMap::new()) != &refused;
+        if refused.is_empty() {
+            self.refused_policies.remove(ns);
+        } else {
+            self.refused_policies.insert(ns.to_owned(), refused);
+        }
         let mut fresh: BTreeMap<String, Arc<ServiceConfig>> = BTreeMap::new();
         let old = self.outbound.get(ns);
         // A proxy rejects a whole config in which two services claim one address, so a
@@ -609,13 +620,6 @@ impl Index {
             self.ns_resources.remove(ns);
         } else {
             self.ns_resources.insert(ns.to_owned(), resources);
-        }
-        let refused = self.too_many_policies(ns);
-        let refused_changed = self.refused_policies.get(ns).unwrap_or(&BTreeMap::new()) != &refused;
-        if refused.is_empty() {
-            self.refused_policies.remove(ns);
-        } else {
-            self.refused_policies.insert(ns.to_owned(), refused);
         }
         // Refusing a Policy changes the views of every pod it selects: all in `ns`.
         services_changed || resources_changed || refused_changed

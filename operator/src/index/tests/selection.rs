@@ -167,6 +167,103 @@ fn a_service_and_a_pod_change_reselect_the_policies_they_bear_on() {
     assert_eq!(i.policies_for(&key("shop", "client")), by_svc);
 }
 
+/// Web-0's identity as `client`'s view lists it in Service `web`'s config (`pods.shop`
+/// lists an address only where no Service lists it with an identity).
+fn web_0_identity(i: &Index) -> Option<String> {
+    let view = i.view(&key("shop", "client")).unwrap();
+    let web = view.services.get("web.shop.80").unwrap();
+    assert_eq!(web.endpoints.len(), 1, "{web:?}");
+    web.endpoints[0].identity.clone()
+}
+
+#[test]
+fn a_policy_refused_by_the_change_that_applies_it_counts_in_no_identity() {
+    let max = weft_proxy::authz::MAX_POLICIES;
+    let mut i = Index::new("cluster.local");
+    apply(
+        &mut i,
+        labelled_pod("shop", "web-0", "web", "t0", "10.0.0.1"),
+    );
+    apply(
+        &mut i,
+        labelled_pod("shop", "client", "client", "t0", "10.0.0.2"),
+    );
+    apply(
+        &mut i,
+        selecting_svc("shop", "web", "10.96.0.10", Some("web")),
+    );
+    apply(
+        &mut i,
+        slice(
+            "shop",
+            "web-1",
+            "web",
+            &[("10.0.0.1", true, false, Some("web-0"))],
+        ),
+    );
+    let created = |n: usize| format!("2026-01-01T{:02}:{:02}:00Z", n / 60, n % 60);
+    for n in 0..max {
+        apply(
+            &mut i,
+            weft(
+                Kind::Policy,
+                "shop",
+                &format!("wide{n:03}"),
+                1,
+                &created(n),
+                json!({"target": {"selector": {}}, "mtls": {"mode": "Strict"},
+                       "defaultAction": "Deny"}),
+            ),
+        );
+    }
+    let strict = Some("spiffe://cluster.local/ns/shop/sa/sa".to_owned());
+    assert_eq!(web_0_identity(&i), strict);
+    // Newer, so refused: web-0 already has as many authorization policies as a proxy
+    // takes. Its Disabled mode must not strip the identity web-0's proxy still asks for.
+    let plain = weft(
+        Kind::Policy,
+        "shop",
+        "plain",
+        1,
+        &created(max),
+        json!({"target": {"selector": {"matchLabels": {"app": "web"}}},
+               "mtls": {"mode": "Disabled"}, "defaultAction": "Allow",
+               "rules": [{"action": "Deny", "from": [{"namespaces": ["other"]}]}]}),
+    );
+    apply(&mut i, plain.clone());
+    let state = i
+        .resource_state(Kind::Policy, &key("shop", "plain"))
+        .unwrap();
+    assert_eq!(state.accepted.reason, reasons::TOO_MANY_POLICIES);
+    let web_0 = i.view(&key("shop", "web-0")).unwrap();
+    assert_eq!(web_0.inbound.and_then(|b| b.mtls), Some(MtlsMode::Strict));
+    assert_eq!(web_0_identity(&i), strict);
+    // An older one goes and it is accepted: web-0 runs Disabled, so no client may expect
+    // its identity any more.
+    i.delete(Kind::Policy, &key("shop", "wide000"));
+    let state = i
+        .resource_state(Kind::Policy, &key("shop", "plain"))
+        .unwrap();
+    assert!(state.accepted.ok, "{state:?}");
+    let web_0 = i.view(&key("shop", "web-0")).unwrap();
+    assert_eq!(web_0.inbound.and_then(|b| b.mtls), Some(MtlsMode::Disabled));
+    assert_eq!(web_0_identity(&i), None);
+    // And back, by a Policy as old as the first.
+    apply(
+        &mut i,
+        weft(
+            Kind::Policy,
+            "shop",
+            "wide000",
+            1,
+            &created(0),
+            json!({"target": {"selector": {}}, "mtls": {"mode": "Strict"},
+                   "defaultAction": "Deny"}),
+        ),
+    );
+    assert_eq!(web_0_identity(&i), strict);
+}
+
 /// The namespaces of the property test.
 const NAMESPACES: [&str; 2] = ["shop", "other"];
 
