@@ -88,17 +88,22 @@ impl ProxyView {
 }
 
 /// What a change touched: subscribers that see one of `namespaces`, or whose pod is in
-/// `pods`, may need a new view; nobody else does.
+/// `pods`, may need a new view; nobody else does. With `statuses`, some Weft resource's
+/// status may have changed even where no view did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Affected {
     /// Namespaces whose outbound services or resources changed.
     pub namespaces: BTreeSet<String>,
     /// Pods whose own view inputs (labels, visibility, Policies) may have changed.
     pub pods: BTreeSet<ObjectKey>,
+    /// Whether a Route, Policy or Breaker was added, changed or removed. Its status may
+    /// change where no proxy's view does (one that does not parse, a Policy that selects
+    /// no pod), so the status writer is woken for it while no config is pushed.
+    pub statuses: bool,
 }
 
 impl Affected {
-    /// Whether nothing changed.
+    /// Whether no proxy's view may have changed (`statuses` aside).
     pub fn is_empty(&self) -> bool {
         self.namespaces.is_empty() && self.pods.is_empty()
     }
@@ -107,6 +112,7 @@ impl Affected {
     pub fn merge(&mut self, other: Affected) {
         self.namespaces.extend(other.namespaces);
         self.pods.extend(other.pods);
+        self.statuses |= other.statuses;
     }
 }
 
@@ -306,6 +312,7 @@ impl Index {
     /// Adds or replaces one object.
     pub fn apply(&mut self, key: ObjectKey, object: Object) -> Affected {
         let ns = key.namespace.clone();
+        let statuses = object.kind().is_weft();
         let mut pods = BTreeSet::new();
         match object {
             Object::Namespace(m) => {
@@ -374,7 +381,10 @@ impl Index {
                 self.breakers.insert(key, m);
             }
         }
-        self.finish(Some(ns), pods)
+        Affected {
+            statuses,
+            ..self.finish(Some(ns), pods)
+        }
     }
 
     /// Removes one object.
@@ -418,7 +428,10 @@ impl Index {
         if !removed {
             return Affected::default();
         }
-        self.finish(Some(ns), pods)
+        Affected {
+            statuses: kind.is_weft(),
+            ..self.finish(Some(ns), pods)
+        }
     }
 
     /// Replaces every object of `kind` with `objects` (after a watch's re-list): objects

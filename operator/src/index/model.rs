@@ -91,6 +91,12 @@ impl Kind {
         Kind::Breaker,
     ];
 
+    /// Whether this is one of Weft's own resources (Route, Policy, Breaker), which carry a
+    /// status the operator writes.
+    pub fn is_weft(self) -> bool {
+        matches!(self, Kind::Route | Kind::Policy | Kind::Breaker)
+    }
+
     /// The Kubernetes kind name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -61,7 +61,8 @@ impl SharedIndex {
         &self.metrics
     }
 
-    /// Changes the index and wakes the subscribers whose view changed.
+    /// Changes the index and wakes the subscribers whose view changed, and whoever
+    /// follows [`SharedIndex::changes`] when a view or a Weft resource's status may have.
     pub fn update(&self, change: impl FnOnce(&mut Index) -> Affected) {
         let index = &mut *lock(&self.index);
         let affected = change(index);
@@ -69,6 +70,12 @@ impl SharedIndex {
             self.metrics.index_objects(kind, index.len(kind));
         }
         if affected.is_empty() {
+            // No view changed, but a Route, Policy or Breaker did (one that does not parse,
+            // or selects nothing): its status is written on this wake, not the status
+            // writer's timer.
+            if affected.statuses {
+                self.notify();
+            }
             return;
         }
         {
@@ -215,6 +222,50 @@ mod tests {
         }))
         .unwrap();
         model::pod(&p)
+    }
+
+    fn policy(name: &str, spec: serde_json::Value) -> (ObjectKey, super::super::Object) {
+        let o: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "Policy",
+            "metadata": {"name": name, "namespace": "shop", "generation": 1},
+            "spec": spec,
+        }))
+        .unwrap();
+        model::weft_resource(Kind::Policy, &o)
+    }
+
+    /// A Policy whose change alters no proxy's view (it does not parse, or selects no
+    /// pod) still wakes the status writer, which has its status to write, and pushes
+    /// nothing; the same object applied again wakes nobody.
+    #[test]
+    fn a_weft_resource_change_no_view_sees_wakes_the_status_writer_only() {
+        let shared = SharedIndex::new(Index::new("cluster.local"), Arc::new(Metrics::new()));
+        let (a, pa) = pod("a");
+        shared.update(|i| i.apply(a.clone(), pa));
+        let mut view = shared.subscribe(&a);
+        let mut changes = shared.changes();
+        let version = shared.read(Index::version);
+        let invalid = policy("invalid", json!({"target": 5}));
+        let none = policy(
+            "none",
+            json!({"target": {"selector": {"matchLabels": {"app": "nobody"}}},
+                   "mtls": {"mode": "Disabled"}, "defaultAction": "Deny"}),
+        );
+        let mut changes_of = |change: &dyn Fn(&mut Index) -> Affected| {
+            changes.borrow_and_update();
+            view.borrow_and_update();
+            shared.update(change);
+            (changes.has_changed().unwrap(), view.has_changed().unwrap())
+        };
+        for (k, o) in [invalid, none] {
+            let apply = |i: &mut Index| i.apply(k.clone(), o.clone());
+            assert_eq!(changes_of(&apply), (true, false), "{k} applied");
+            assert_eq!(changes_of(&apply), (false, false), "{k} applied again");
+            let delete = |i: &mut Index| i.delete(Kind::Policy, &k);
+            assert_eq!(changes_of(&delete), (true, false), "{k} deleted");
+            assert_eq!(changes_of(&delete), (false, false), "{k} deleted again");
+        }
+        assert_eq!(shared.read(Index::version), version, "no config changed");
     }
 
     /// The views read with the index are those of the same index state: a Route just
