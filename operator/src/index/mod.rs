@@ -213,6 +213,10 @@ pub struct Index {
     trust_domain: String,
     /// The mode of pods no Policy selects ([`Index::with_mesh_mtls`]).
     mesh_mtls: MtlsMode,
+    /// How many Policies that send authorization a proxy accepts for its pod
+    /// (`weft_proxy::authz::MAX_POLICIES`); smaller only in tests, so that a property test
+    /// of a few objects reaches [`reasons::TOO_MANY_POLICIES`].
+    max_policies: usize,
     namespaces: HashMap<String, NamespaceModel>,
     services: BTreeMap<ObjectKey, ServiceModel>,
     slices: BTreeMap<ObjectKey, SliceModel>,
@@ -259,6 +263,7 @@ impl Index {
         Index {
             trust_domain: trust_domain.into(),
             mesh_mtls: MtlsMode::Permissive,
+            max_policies: weft_proxy::authz::MAX_POLICIES,
             namespaces: HashMap::new(),
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
@@ -283,6 +288,14 @@ impl Index {
     /// views built earlier keep the old default.
     pub fn with_mesh_mtls(mut self, mode: MtlsMode) -> Self {
         self.mesh_mtls = mode;
+        self
+    }
+
+    /// Refuses Policies beyond `max` per pod instead of the proxy's limit. Set before
+    /// anything is applied.
+    #[cfg(test)]
+    fn with_max_policies(mut self, max: usize) -> Self {
+        self.max_policies = max;
         self
     }
 
@@ -640,9 +653,9 @@ impl Index {
 
     /// The Policies of `ns` that a proxy could not take: oldest first (creation time, then
     /// name), each Policy that sends authorization is accepted unless a pod it selects
-    /// already has `MAX_POLICIES` accepted ones; each refused one with that pod.
+    /// already has as many accepted ones as a proxy takes; each refused one with that pod.
     fn too_many_policies(&self, ns: &str) -> BTreeMap<ObjectKey, ObjectKey> {
-        let max = weft_proxy::authz::MAX_POLICIES;
+        let max = self.max_policies;
         let mut sending: Vec<(&ObjectKey, &model::ResourceMeta, &weft_crds::PolicySpec)> =
             in_ns(&self.policies, ns)
                 .filter_map(|(k, (meta, spec))| match spec {
@@ -1465,7 +1478,7 @@ impl Index {
                 reasons::TOO_MANY_POLICIES,
                 format!(
                     "pod {pod} is already selected by {} older Policies that send authorization (rules, a Deny default or dryRun), as many as a proxy accepts; this Policy is not applied anywhere (older ones win, creation time then name)",
-                    weft_proxy::authz::MAX_POLICIES
+                    self.max_policies
                 ),
             )
         } else if let Some(winner) = self.conflict(kind, key) {

@@ -63,6 +63,16 @@ impl Selection {
         self.by_policy.entry(policy).or_default().insert(pod);
     }
 
+    /// The pods some Policy selects, and the Policies that select some pod: the keys of
+    /// both directions, for tests to hold against the index's live objects.
+    #[cfg(test)]
+    pub fn keys(&self) -> (BTreeSet<&ObjectKey>, BTreeSet<&ObjectKey>) {
+        (
+            self.by_pod.keys().map(|k| &**k).collect(),
+            self.by_policy.keys().map(|k| &**k).collect(),
+        )
+    }
+
     /// Forgets every Policy selecting `pod`; returns them.
     pub fn remove_pod(&mut self, pod: &ObjectKey) -> BTreeSet<ObjectKey> {
         let policies = self.by_pod.remove(pod).unwrap_or_default();

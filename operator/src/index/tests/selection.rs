@@ -1,7 +1,8 @@
 //! Which Policies select which pods, as the index keeps it from change to change
-//! (`selection.rs`): always what evaluating every Policy against every pod gives, the same
-//! views and statuses as the same objects listed into a fresh index, and every pod whose
-//! view a change alters reported as affected by it.
+//! (`selection.rs`), and which it refuses for `TooManyPolicies`: always what evaluating
+//! every Policy against every pod gives, after single changes and re-lists alike, the
+//! same views and statuses as the same objects listed into a fresh index, and every pod
+//! whose view a change alters reported as affected by it.
 
 use proptest::prelude::*;
 
@@ -33,21 +34,152 @@ fn selecting_svc(ns: &str, name: &str, ip: &str, app: Option<&str>) -> (ObjectKe
     model::service(&s)
 }
 
-/// The Policies selecting `pod`, by evaluating each Policy of its namespace.
-fn naive_policies_for(i: &Index, pod: &ObjectKey) -> Vec<ObjectKey> {
+/// The valid Policies of `pod`'s namespace that select it, by evaluating each (refused or
+/// not).
+fn naive_selecting(i: &Index, pod: &ObjectKey) -> Vec<ObjectKey> {
     let Some(model) = i.pods.get(pod) else {
         return Vec::new();
     };
-    let refused = i.refused_policies.get(&pod.namespace);
     in_ns(&i.policies, &pod.namespace)
-        .filter(|(k, (_, spec))| match spec {
-            Parsed::Valid(p) => {
-                i.selects(p, pod, model) && !refused.is_some_and(|r| r.contains_key(*k))
-            }
-            Parsed::Invalid(_) => false,
-        })
+        .filter(|(_, (_, spec))| matches!(spec, Parsed::Valid(p) if i.selects(p, pod, model)))
         .map(|(k, _)| k.clone())
         .collect()
+}
+
+/// The Policies selecting `pod` that are not `refused`.
+fn naive_policies_for(
+    i: &Index,
+    pod: &ObjectKey,
+    refused: &BTreeMap<String, BTreeMap<ObjectKey, ObjectKey>>,
+) -> Vec<ObjectKey> {
+    let refused = refused.get(&pod.namespace);
+    naive_selecting(i, pod)
+        .into_iter()
+        .filter(|k| !refused.is_some_and(|r| r.contains_key(k)))
+        .collect()
+}
+
+/// The Policies refused for `TooManyPolicies`, per namespace, each with the first pod (by
+/// key) that already had `max`: oldest first, a Policy that sends authorization counts
+/// on every pod it selects unless one of them is full. Evaluates each Policy against each
+/// pod, without the index's selection or refusal set.
+fn naive_refused(i: &Index, max: usize) -> BTreeMap<String, BTreeMap<ObjectKey, ObjectKey>> {
+    let mut out = BTreeMap::new();
+    for ns in NAMESPACES {
+        let mut sending: Vec<(&ObjectKey, &model::ResourceMeta, &weft_crds::PolicySpec)> =
+            in_ns(&i.policies, ns)
+                .filter_map(|(k, (meta, spec))| match spec {
+                    Parsed::Valid(p) if sends_authorization(p) => Some((k, meta, p)),
+                    _ => None,
+                })
+                .collect();
+        sending.sort_by(|a, b| conflict::age_order((a.0, a.1), (b.0, b.1)));
+        let mut counts: BTreeMap<&ObjectKey, usize> = BTreeMap::new();
+        let mut refused = BTreeMap::new();
+        for (key, _, spec) in sending {
+            let selected: Vec<&ObjectKey> = in_ns(&i.pods, ns)
+                .filter(|(pod, model)| i.selects(spec, pod, model))
+                .map(|(pod, _)| pod)
+                .collect();
+            match selected.iter().find(|p| counts.get(*p) >= Some(&max)) {
+                Some(full) => {
+                    refused.insert(key.clone(), (*full).clone());
+                }
+                None => {
+                    for pod in selected {
+                        *counts.entry(pod).or_default() += 1;
+                    }
+                }
+            }
+        }
+        if !refused.is_empty() {
+            out.insert(ns.to_owned(), refused);
+        }
+    }
+    out
+}
+
+/// Checks what the index keeps against what evaluating every Policy gives: the refused
+/// set, each pod's Policies both ways, and no key of a pod gone or a Policy gone or
+/// invalid left in the selection; and that clients expect mutual TLS of each pod exactly
+/// when its proxy does not run `Disabled` (its address in `pods.<ns>` has its identity,
+/// else is absent: no Service here lists a pod).
+fn check_selection(
+    i: &Index,
+    pods: &BTreeSet<ObjectKey>,
+    max: usize,
+    step: &Step,
+) -> Result<(), TestCaseError> {
+    let refused = naive_refused(i, max);
+    prop_assert_eq!(&i.refused_policies, &refused, "after {:?}", step);
+    for pod in pods {
+        prop_assert_eq!(
+            i.policies_for(pod),
+            naive_policies_for(i, pod, &refused),
+            "{} after {:?}",
+            pod,
+            step
+        );
+    }
+    let (selected, selecting) = i.selection.keys();
+    for pod in selected {
+        prop_assert!(
+            i.pods.contains_key(pod),
+            "gone {} kept, after {:?}",
+            pod,
+            step
+        );
+    }
+    for policy in selecting {
+        prop_assert!(
+            matches!(i.policies.get(policy), Some((_, Parsed::Valid(_)))),
+            "gone or invalid {} kept, after {:?}",
+            policy,
+            step
+        );
+        let naive: BTreeSet<&ObjectKey> = i
+            .pods
+            .keys()
+            .filter(|p| naive_selecting(i, p).contains(policy))
+            .collect();
+        prop_assert_eq!(
+            i.selection.pods(policy).collect::<BTreeSet<_>>(),
+            naive,
+            "{} after {:?}",
+            policy,
+            step
+        );
+    }
+    for (pod, model) in &i.pods {
+        let ip = model.ips[0];
+        if i.pod_addresses.get(&ip).is_some_and(|h| h.len() > 1) {
+            continue;
+        }
+        let view = i.view(pod).unwrap();
+        let mode = view
+            .inbound
+            .as_ref()
+            .and_then(|b| b.mtls)
+            .unwrap_or(MtlsMode::Permissive);
+        let address = format!("{ip}:8080");
+        let expected = view
+            .services
+            .get(&format!("pods.{}", pod.namespace))
+            .is_some_and(|c| {
+                c.endpoints
+                    .iter()
+                    .any(|e| e.address == address && e.identity.is_some())
+            });
+        prop_assert_eq!(
+            expected,
+            mode != MtlsMode::Disabled,
+            "{} runs {:?}, after {:?}",
+            pod,
+            mode,
+            step
+        );
+    }
+    Ok(())
 }
 
 #[test]
@@ -308,9 +440,23 @@ enum Step {
     },
     /// Deletes the `n`th object present (modulo their number).
     Delete(usize),
+    /// The watch of `kind` re-lists after losing its stream: `missed`, its steps of that
+    /// kind (a deletion: of the `n`th object of that kind), happened meanwhile, and the
+    /// index learns them from the list alone ([`Index::replace`]).
+    Relist { kind: Kind, missed: Vec<Step> },
 }
 
 fn step() -> impl Strategy<Value = Step> {
+    let kind = prop_oneof![Just(Kind::Pod), Just(Kind::Service), Just(Kind::Policy)];
+    prop_oneof![
+        10 => change(),
+        1 => (kind, proptest::collection::vec(change(), 0..4))
+            .prop_map(|(kind, missed)| Step::Relist { kind, missed }),
+    ]
+}
+
+/// A step the watches deliver one by one.
+fn change() -> impl Strategy<Value = Step> {
     let ns = 0usize..2;
     let target = prop_oneof![
         3 => (0u8..3).prop_map(Target::Labels),
@@ -393,7 +539,7 @@ fn object(step: &Step, generation: i64) -> Option<(ObjectKey, Object)> {
                 spec,
             )
         }
-        Step::Delete(_) => return None,
+        Step::Delete(_) | Step::Relist { .. } => return None,
     })
 }
 
@@ -410,29 +556,38 @@ fn same(a: Option<&ProxyView>, b: Option<&ProxyView>) -> bool {
     }
 }
 
+/// The present objects of `kind`.
+fn of_kind(present: &BTreeMap<(Kind, ObjectKey), Object>, kind: Kind) -> Vec<(ObjectKey, Object)> {
+    present
+        .iter()
+        .filter(|((k, _), _)| *k == kind)
+        .map(|((_, key), o)| (key.clone(), o.clone()))
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
+    /// With `max` (the proxy's limit, or one a few Policies reach), after each step.
     #[test]
     fn the_kept_selection_is_what_evaluating_every_policy_gives(
         steps in proptest::collection::vec(step(), 1..24),
+        max in prop_oneof![Just(1usize), Just(2), Just(weft_proxy::authz::MAX_POLICIES)],
     ) {
-        let mut i = Index::new("cluster.local");
+        let mut i = Index::new("cluster.local").with_max_policies(max);
         let mut present: BTreeMap<(Kind, ObjectKey), Object> = BTreeMap::new();
         // Every pod ever applied, so that one deleted is checked too.
         let mut pods: BTreeSet<ObjectKey> = BTreeSet::new();
-        for (n, step) in steps.iter().enumerate() {
+        // Numbers Policies' specs: each one applied is a new generation.
+        let mut generation = 0;
+        let mut next = |step: &Step| {
+            generation += 1;
+            object(step, generation)
+        };
+        for step in &steps {
             let before = views(&i, &pods);
-            let affected = match object(step, n as i64 + 1) {
-                Some((k, o)) => {
-                    if o.kind() == Kind::Pod {
-                        pods.insert(k.clone());
-                    }
-                    present.insert((o.kind(), k.clone()), o.clone());
-                    i.apply(k, o)
-                }
-                None => {
-                    let Step::Delete(which) = step else { unreachable!() };
+            let affected = match step {
+                Step::Delete(which) => {
                     if present.is_empty() {
                         continue;
                     }
@@ -440,10 +595,35 @@ proptest! {
                     present.remove(&(kind, k.clone()));
                     i.delete(kind, &k)
                 }
+                Step::Relist { kind, missed } => {
+                    for m in missed {
+                        if let Step::Delete(which) = m {
+                            let keys: Vec<ObjectKey> =
+                                of_kind(&present, *kind).into_iter().map(|(k, _)| k).collect();
+                            if !keys.is_empty() {
+                                present.remove(&(*kind, keys[which % keys.len()].clone()));
+                            }
+                        } else if let Some((k, o)) = next(m).filter(|(_, o)| o.kind() == *kind) {
+                            if *kind == Kind::Pod {
+                                pods.insert(k.clone());
+                            }
+                            present.insert((*kind, k), o);
+                        }
+                    }
+                    i.replace(*kind, of_kind(&present, *kind))
+                }
+                _ => {
+                    let (k, o) = next(step).unwrap();
+                    if o.kind() == Kind::Pod {
+                        pods.insert(k.clone());
+                    }
+                    present.insert((o.kind(), k.clone()), o.clone());
+                    i.apply(k, o)
+                }
             };
+            check_selection(&i, &pods, max, step)?;
             let after = views(&i, &pods);
             for pod in &pods {
-                prop_assert_eq!(i.policies_for(pod), naive_policies_for(&i, pod), "{} after {:?}", pod, step);
                 // The shared index recomputes only the views of affected subscribers: any
                 // other whose view changed would keep a stale one.
                 // A pod not seen before had no view.
@@ -458,14 +638,9 @@ proptest! {
         }
         // The same objects listed into a fresh index, Policies first: the same views and
         // statuses.
-        let mut fresh = Index::new("cluster.local");
+        let mut fresh = Index::new("cluster.local").with_max_policies(max);
         for kind in [Kind::Policy, Kind::Service, Kind::Pod] {
-            let objects: Vec<(ObjectKey, Object)> = present
-                .iter()
-                .filter(|((k, _), _)| *k == kind)
-                .map(|((_, key), o)| (key.clone(), o.clone()))
-                .collect();
-            fresh.replace(kind, objects);
+            fresh.replace(kind, of_kind(&present, kind));
         }
         for pod in &pods {
             prop_assert!(same(i.view(pod).as_ref(), fresh.view(pod).as_ref()), "{}", pod);
