@@ -2015,7 +2015,7 @@ async fn a_busy_mux_session_ends_at_the_peer_certificates_expiry(short_lived_ser
     };
     let leaf = ca.issue_at(id, -60, 3);
     short.install_pem(&leaf.chain, &leaf.key, &ca.pem).unwrap();
-    let expiry = std::time::SystemTime::now() + Duration::from_secs(3);
+    let expiry = leaf.ends();
     let server = server_sidecar(Some(server_id.clone()), backend.addr);
     let client = client_sidecar(Some(client_id.clone()), server.addr, SERVER_ID);
 
@@ -2130,7 +2130,7 @@ async fn inbound_a_mux_session_ends_gracefully_at_the_clients_certificate_expiry
     client_id
         .install_pem(&leaf.chain, &leaf.key, &ca.pem)
         .unwrap();
-    let expiry = std::time::SystemTime::now() + Duration::from_secs(3);
+    let expiry = leaf.ends();
     let tls = client_id.client_tls(Arc::from(SERVER_ID)).unwrap();
     let tcp = TcpStream::connect(server.addr).await.unwrap();
     let session = tls
@@ -2184,7 +2184,7 @@ async fn an_opaque_tcp_stream_over_mtls_is_closed_at_the_peer_certificates_expir
     server_id
         .install_pem(&leaf.chain, &leaf.key, &ca.pem)
         .unwrap();
-    let expiry = std::time::SystemTime::now() + Duration::from_secs(3);
+    let expiry = leaf.ends();
     let server = server_sidecar(Some(server_id), app);
     let client = TestProxy::start_kind(
         proxy_with(Some(ca.store(CLIENT_ID))),
@@ -2279,7 +2279,7 @@ async fn pooled_http1_sessions_end_at_the_servers_certificate_expiry_losing_no_r
     server_id
         .install_pem(&leaf.chain, &leaf.key, &ca.pem)
         .unwrap();
-    let expiry = std::time::SystemTime::now() + Duration::from_secs(3);
+    let expiry = leaf.ends();
     let server = server_sidecar(Some(server_id.clone()), backend.addr);
     let client_id = IdentityStore::with_http1(Http1Transport::Sessions).unwrap();
     ca.install(&client_id, CLIENT_ID);

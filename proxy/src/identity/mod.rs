@@ -660,6 +660,7 @@ impl IdentityStore {
             current: self.current.clone(),
             provider: self.provider.clone(),
             changes: self.trust_changes.subscribe(),
+            own_end: self.current.load().as_ref().map(|c| c.not_after),
         }
     }
 

@@ -80,6 +80,9 @@ pub(crate) struct TrustWatch {
     pub(crate) current: Arc<ArcSwapOption<Certified>>,
     pub(crate) provider: Arc<CryptoProvider>,
     pub(crate) changes: watch::Receiver<u64>,
+    /// The end of this side's certificate when the watch was taken (before the
+    /// handshake): the certificate the handshake presented, or a later one.
+    pub(crate) own_end: Option<SystemTime>,
 }
 
 impl TrustWatch {
@@ -89,6 +92,7 @@ impl TrustWatch {
     pub(crate) fn seen_now(&self) -> TrustWatch {
         let mut watch = self.clone();
         watch.changes.borrow_and_update();
+        watch.own_end = self.current.load().as_ref().map(|c| c.not_after);
         watch
     }
 }
@@ -149,9 +153,16 @@ impl PeerSession {
         // The end of the certificate this side presented (outbound: the peer ends the
         // session then). Already within the margin, it is not used: the new session must
         // carry requests until the peer ends it (no renewal came in time).
+        // Read before the handshake too: a renewal during it must not move the end of the
+        // certificate it presented later.
+        let now_own = trust.current.load().as_ref().map(|c| c.not_after);
+        let own = match (trust.own_end, now_own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let local_end = expected
             .as_ref()
-            .and_then(|_| trust.current.load().as_ref().map(|c| c.not_after))
+            .and(own)
             .map(|end| end + Duration::from_secs(1))
             .and_then(|end| end.checked_sub(LOCAL_END_MARGIN))
             .filter(|end| *end > SystemTime::now());
@@ -165,12 +176,13 @@ impl PeerSession {
         let now = UnixTime::now().as_secs();
         let (deadline, ended) = match &current {
             Some(c) => (
-                UNIX_EPOCH + Duration::from_secs(lower_bound(c, &chain, now).saturating_add(1)),
+                // No end known (nothing parsed): verified at once, which tells.
+                time_after(lower_bound(c, &chain, now)).unwrap_or_else(SystemTime::now),
                 None,
             ),
             None => (SystemTime::now(), Some(EndReason::Untrusted)),
         };
-        Some(PeerSession {
+        let mut session = PeerSession {
             chain,
             expected,
             identity,
@@ -181,7 +193,19 @@ impl PeerSession {
             trust,
             ended,
             store_gone: false,
-        })
+        };
+        // Trust changed during the handshake (rare): judged now, before any request.
+        if session.ended.is_none() && session.trust.changes.has_changed().unwrap_or(false) {
+            session.trust.changes.borrow_and_update();
+            match session.verify(UnixTime::now()) {
+                Ok(deadline) => {
+                    session.deadline = deadline;
+                    session.exact = true;
+                }
+                Err(reason) => session.ended = Some(reason),
+            }
+        }
+        Some(session)
     }
 
     /// The peer's SPIFFE ID.
@@ -219,6 +243,9 @@ impl PeerSession {
     /// before each request: this side's retirement, or the peer's chain's verified end;
     /// `None` while neither is known. Never later than the session's task ends it.
     pub fn known_end(&self) -> Option<tokio::time::Instant> {
+        if self.ended.is_some() {
+            return Some(tokio::time::Instant::now());
+        }
         let peer = self.exact.then_some(self.deadline);
         let end = match (self.local_end, peer) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -238,7 +265,7 @@ impl PeerSession {
             self.expected.as_deref(),
             now,
         )
-        .map(|last| UNIX_EPOCH + Duration::from_secs(last.saturating_add(1)))
+        .map(|last| time_after(last).unwrap_or_else(no_end))
     }
 
     /// Waits until the session must end, and says why: the deadline passed, or the
@@ -325,7 +352,7 @@ impl PeerSession {
                 peer_identity = self.identity.as_deref().unwrap_or("-"),
                 reason = reason.as_str(),
                 suppressed,
-                "mutual TLS session ended: a certificate that admitted it is no longer valid"
+                "mutual TLS session ended (see reason)"
             );
         } else {
             tracing::debug!(
@@ -457,6 +484,19 @@ pub(crate) fn verify_chain(
     Ok(earliest_end(leaf_end, ends, root_end))
 }
 
+/// The second after `last` (Unix seconds), when a chain verifying until `last` stops;
+/// `None` when that is beyond what the clock can hold (no end known).
+fn time_after(last: u64) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(Duration::from_secs(last.checked_add(1)?))
+}
+
+/// The deadline of a chain that verifies but whose end cannot be read (year 2106).
+fn no_end() -> SystemTime {
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(u64::from(u32::MAX)))
+        .unwrap_or(UNIX_EPOCH)
+}
+
 /// `at` on tokio's clock (now, if it has passed).
 fn instant_of(at: SystemTime) -> tokio::time::Instant {
     let left = at.duration_since(SystemTime::now()).unwrap_or_default();
@@ -526,6 +566,16 @@ mod tests {
 
     fn unix(t: time::OffsetDateTime) -> u64 {
         u64::try_from(t.unix_timestamp()).unwrap()
+    }
+
+    fn unix_of(t: SystemTime) -> u64 {
+        t.duration_since(UNIX_EPOCH).unwrap().as_secs()
+    }
+
+    /// Times computed from "now" after a certificate was made may be a second later than
+    /// those it carries (a second may begin in between).
+    fn assert_near(got: u64, want: u64) {
+        assert!(got.abs_diff(want) <= 1, "{got} is not {want}");
     }
 
     impl Ca {
@@ -603,8 +653,8 @@ mod tests {
         // The leaf first.
         let (_, leaf, _) = issuer.leaf(PEER, 300);
         let chain = [leaf, issuer.der.clone()];
-        assert_eq!(end(&s, &chain, Some(PEER)), unix(now_plus(300)));
-        assert_eq!(end(&s, &chain, None), unix(now_plus(300)), "inbound alike");
+        assert_near(end(&s, &chain, Some(PEER)), unix(now_plus(300)));
+        assert_near(end(&s, &chain, None), unix(now_plus(300)));
         // The intermediate first.
         let (_, leaf, _) = issuer.leaf(PEER, 3600);
         let chain = [leaf, issuer.der.clone()];
@@ -613,7 +663,7 @@ mod tests {
         let short = Ca::root("short root", 120);
         let s = store(&short, &short.pem);
         let (_, leaf, _) = short.leaf(PEER, 3600);
-        assert_eq!(end(&s, &[leaf], Some(PEER)), unix(now_plus(120)));
+        assert_near(end(&s, &[leaf], Some(PEER)), unix(now_plus(120)));
     }
 
     fn issuer_end(ca: &Ca) -> u64 {
@@ -674,10 +724,7 @@ mod tests {
         let mut on_b = s
             .peer_session(Direction::Inbound, Some(&[from_b]), s.trust_watch())
             .unwrap();
-        assert_eq!(
-            on_a.deadline(),
-            UNIX_EPOCH + Duration::from_secs(unix(now_plus(3600)) + 1)
-        );
+        assert_near(unix_of(on_a.deadline()), unix(now_plus(3600)) + 1);
         // A renewal with the same bundle: nothing to re-verify.
         let (pem, _, key) = a.leaf("spiffe://cluster.local/ns/a/sa/me", 3600);
         s.install_pem(&pem, &key, &format!("{}{}", a.pem, b.pem))
@@ -729,8 +776,8 @@ mod tests {
         let s = outbound(600);
         let (at, reason) = s.end();
         assert_eq!(reason, EndReason::LocalCertificateExpired);
-        let own_end = UNIX_EPOCH + Duration::from_secs(unix(now_plus(600)) + 1);
-        assert_eq!(at, own_end - LOCAL_END_MARGIN);
+        let own_end = unix(now_plus(600)) + 1;
+        assert_near(unix_of(at + LOCAL_END_MARGIN), own_end);
         // Within the margin already: the peer ends the session, not this side.
         assert_eq!(outbound(1).end().1, EndReason::PeerCertificateExpired);
         // Inbound sessions are judged by the peer's chain only.

@@ -125,4 +125,13 @@ impl Leaf {
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key_der.clone().into())
     }
+
+    /// When the leaf stops verifying: a second after its `notAfter` (X.509 times are whole
+    /// seconds, and webpki accepts `notAfter` itself), read from the certificate rather
+    /// than computed from when it was asked for, which may be most of a second off.
+    pub fn ends(&self) -> std::time::SystemTime {
+        let (_, x509) = x509_parser::parse_x509_certificate(&self.der).unwrap();
+        let secs = u64::try_from(x509.validity().not_after.timestamp()).unwrap();
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs + 1)
+    }
 }
