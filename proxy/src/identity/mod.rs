@@ -1,7 +1,7 @@
 //! The proxy's mesh identity and mutual TLS between proxies.
 //!
 //! ```text
-//!  operator ──certify──▶ client (renews at ~70 %) ──install──▶ IdentityStore (ArcSwap<Certified>)
+//!  operator ──certify──▶ client (renews at 65–75 %) ──install──▶ IdentityStore (ArcSwap<Certified>)
 //!                                                                │ read per handshake
 //!        outbound: ClientTls (one per meshed endpoint) ◀────────┤ cert resolver, trust bundle
 //!        inbound:  server_config() (one per proxy)     ◀────────┘ cert resolver, client verifier
