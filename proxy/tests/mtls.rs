@@ -1981,6 +1981,29 @@ fn steady_load(
     (ok, failed, load)
 }
 
+/// Waits for [`steady_load`]'s requests to keep flowing (`what`), stops the load and
+/// asserts that none of its requests failed.
+async fn keeps_flowing_then_stops(
+    ok: &AtomicUsize,
+    failed: &AtomicUsize,
+    load: Vec<tokio::task::JoinHandle<()>>,
+    stop: &tokio_util::sync::CancellationToken,
+    what: &str,
+) {
+    let before = ok.load(Ordering::Relaxed);
+    eventually(Duration::from_secs(5), what, || {
+        let n = ok.load(Ordering::Relaxed);
+        async move { n > before + 10 }
+    })
+    .await;
+    stop.cancel();
+    for t in load {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+}
+
 fn sessions(p: &TestProxy, direction: &str) -> u64 {
     metric(
         &metrics_of(p),
@@ -2067,22 +2090,14 @@ async fn a_busy_mux_session_ends_at_the_peer_certificates_expiry(short_lived_ser
         },
     )
     .await;
-    let before = ok.load(Ordering::Relaxed);
-    eventually(
-        Duration::from_secs(5),
+    keeps_flowing_then_stops(
+        &ok,
+        &failed,
+        load,
+        &stop,
         "requests flow on the new session",
-        || {
-            let n = ok.load(Ordering::Relaxed);
-            async move { n > before + 10 }
-        },
     )
     .await;
-    stop.cancel();
-    for t in load {
-        t.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
     assert_eq!(sessions(&server, "inbound"), 2, "exactly one new handshake");
     assert_eq!(sessions(&client, "outbound"), 2);
     eventually(
@@ -2313,22 +2328,7 @@ async fn pooled_http1_sessions_end_at_the_servers_certificate_expiry_losing_no_r
         late < Duration::from_secs(3),
         "ended {late:?} after the expiry"
     );
-    let before = ok.load(Ordering::Relaxed);
-    eventually(
-        Duration::from_secs(5),
-        "requests flow on new sessions",
-        || {
-            let n = ok.load(Ordering::Relaxed);
-            async move { n > before + 10 }
-        },
-    )
-    .await;
-    stop.cancel();
-    for t in load {
-        t.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    keeps_flowing_then_stops(&ok, &failed, load, &stop, "requests flow on new sessions").await;
     assert!(
         sessions(&client, "outbound") > before_expiry,
         "new handshakes"
