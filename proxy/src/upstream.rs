@@ -21,7 +21,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -42,7 +42,7 @@ use crate::{
     },
     identity::{
         ClientTls, HandshakeError, Inner, TlsFailure,
-        session::{PeerSession, session_end_with},
+        session::{PeerSession, session_end},
     },
     shutdown::SESSION_END_GRACE,
 };
@@ -616,8 +616,8 @@ impl Http2Conn {
             last_used: Arc::new(IdleClock::new()),
             streams: Arc::default(),
         };
-        if let Some(s) = &session {
-            shared.last_used.end_at(s.known_end());
+        if session.as_ref().is_some_and(PeerSession::has_ended) {
+            shared.last_used.end_now();
         }
         let metrics = self.tls.as_ref().and_then(|t| t.metrics().cloned());
         let span = tracing::debug_span!("upstream", addr = %self.addr, protocol = "h2");
@@ -697,7 +697,7 @@ async fn run_http2_connection(
                 record_unseen_end(&session, ended, &last_used, metrics.as_ref());
                 return;
             }
-            reason = session_end_with(&mut session, |at| last_used.end_at(at)), if !ended => {
+            reason = session_end(&mut session), if !ended => {
                 last_used.end_now();
                 unshare(&owner);
                 if let Some(s) = &session {
@@ -725,9 +725,9 @@ async fn run_http2_connection(
     }
 }
 
-/// Counts and logs the end of a session that closed because the request path saw its
-/// deadline pass ([`IdleClock::over`]: a retired lease dropped, the pooled session let go)
-/// before its task's timer fired.
+/// Counts and logs the end of a session that closed before its task recorded the end:
+/// one that had ended at its start ([`PeerSession::has_ended`]), which the request path
+/// let go ([`IdleClock::over`]) and whose connection then finished first.
 fn record_unseen_end(
     session: &Option<PeerSession>,
     recorded: bool,
@@ -738,7 +738,7 @@ fn record_unseen_end(
         && !recorded
         && clock.over()
     {
-        // Only the deadline makes `over` true before the task has recorded an end.
+        // Only an end at the start makes `over` true before the task has recorded one.
         s.record(s.due_reason(), metrics);
     }
 }
@@ -889,8 +889,8 @@ impl Http1Pool {
             .await
             .map_err(|error| SendError::Failed(Box::new(error)))?;
         let clock = Arc::new(IdleClock::new());
-        if let Some(s) = &session {
-            clock.end_at(s.known_end());
+        if session.as_ref().is_some_and(PeerSession::has_ended) {
+            clock.end_now();
         }
         let metrics = self.tls.as_ref().and_then(|t| t.metrics().cloned());
         let span = tracing::debug_span!("upstream", addr = %self.addr);
@@ -949,7 +949,7 @@ async fn run_http1_connection(
                 record_unseen_end(&session, ended, &clock, metrics.as_ref());
                 return;
             }
-            reason = session_end_with(&mut session, |at| clock.end_at(at)), if !ended => {
+            reason = session_end(&mut session), if !ended => {
                 clock.end_now();
                 if let Some(s) = &session {
                     s.record(reason, metrics.as_ref());
@@ -987,11 +987,10 @@ struct IdleClock {
     base: tokio::time::Instant,
     /// Nanoseconds after `base` plus one when the connection became idle; 0 while lent.
     idle_since: AtomicU64,
-    /// Nanoseconds after `base` at which the connection's mutual TLS session ends (its
-    /// peer's chain stops verifying); `u64::MAX` for none. Checked before each request
-    /// (one clock read, sessions only), so none goes out on an ended session even before
-    /// its task's timer has run.
-    ends_at: AtomicU64,
+    /// Set when the connection's mutual TLS session has ended (its task saw the end, or
+    /// trust changed during its handshake): checked before each request, one load. The
+    /// outbound retirement's 2 s margin covers the moment until its task's timer runs.
+    ended: AtomicBool,
 }
 
 impl IdleClock {
@@ -999,31 +998,18 @@ impl IdleClock {
         IdleClock {
             base: tokio::time::Instant::now(),
             idle_since: AtomicU64::new(0),
-            ends_at: AtomicU64::new(u64::MAX),
+            ended: AtomicBool::new(false),
         }
-    }
-
-    /// The session ends at `at` (`None`: no end known).
-    fn end_at(&self, at: Option<tokio::time::Instant>) {
-        let nanos = at.map_or(u64::MAX, |at| {
-            u64::try_from(at.saturating_duration_since(self.base).as_nanos())
-                .unwrap_or(u64::MAX - 1)
-        });
-        self.ends_at.store(nanos, Ordering::Relaxed);
     }
 
     /// The session has ended.
     fn end_now(&self) {
-        self.ends_at.store(0, Ordering::Relaxed);
+        self.ended.store(true, Ordering::Relaxed);
     }
 
     /// Whether the session has ended: no new request may go on it.
     fn over(&self) -> bool {
-        match self.ends_at.load(Ordering::Relaxed) {
-            u64::MAX => false,
-            0 => true,
-            n => self.base.elapsed().as_nanos() >= u128::from(n),
-        }
+        self.ended.load(Ordering::Relaxed)
     }
 
     fn busy(&self) {

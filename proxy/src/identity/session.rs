@@ -26,7 +26,7 @@
 //!
 //! Cost: the chain the peer presented is kept per session (about a kilobyte) to re-verify
 //! it; the wait is one timer and one `watch` receiver per session; nothing per request
-//! beyond an atomic load and a clock read; no signature check at the handshake beyond
+//! beyond the owner's one atomic load; no signature check at the handshake beyond
 //! rustls's own (the path is verified when the lower bound comes, or trust changes).
 
 use std::{
@@ -239,19 +239,10 @@ impl PeerSession {
         instant_of(self.end().0)
     }
 
-    /// When the session is known to end, on tokio's clock, for an owner that also checks
-    /// before each request: this side's retirement, or the peer's chain's verified end;
-    /// `None` while neither is known. Never later than the session's task ends it.
-    pub fn known_end(&self) -> Option<tokio::time::Instant> {
-        if self.ended.is_some() {
-            return Some(tokio::time::Instant::now());
-        }
-        let peer = self.exact.then_some(self.deadline);
-        let end = match (self.local_end, peer) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        end.map(instant_of)
+    /// Whether the session had to end before it began (trust changed during its
+    /// handshake): its owner must not send on it.
+    pub fn has_ended(&self) -> bool {
+        self.ended.is_some()
     }
 
     /// Verifies the chain against the trust of the certificate in use at `now`, by the
@@ -272,16 +263,6 @@ impl PeerSession {
     /// trusted roots changed and the chain no longer verifies (a change it survives may
     /// move the deadline). Cancel-safe: its state lives in `self`.
     pub async fn ended(&mut self) -> EndReason {
-        self.ended_with(|_| {}).await
-    }
-
-    /// [`PeerSession::ended`], calling `moved` with the new deadline (on tokio's clock)
-    /// each time a change of trust the chain survives moves it: for an owner that also
-    /// checks the deadline itself.
-    pub async fn ended_with(
-        &mut self,
-        mut moved: impl FnMut(Option<tokio::time::Instant>),
-    ) -> EndReason {
         if let Some(reason) = self.ended {
             return reason;
         }
@@ -304,7 +285,6 @@ impl PeerSession {
                             Ok(deadline) => {
                                 self.deadline = deadline;
                                 self.exact = true;
-                                moved(self.known_end());
                                 continue;
                             }
                             Err(_) => {
@@ -326,7 +306,6 @@ impl PeerSession {
                             if deadline != self.deadline || !self.exact {
                                 self.deadline = deadline;
                                 self.exact = true;
-                                moved(self.known_end());
                             }
                         }
                         Err(reason) => {
@@ -368,16 +347,8 @@ impl PeerSession {
 /// Waits for `session` to end; never, when there is none (a plain-text connection, or a
 /// peer without a certificate).
 pub async fn session_end(session: &mut Option<PeerSession>) -> EndReason {
-    session_end_with(session, |_| {}).await
-}
-
-/// [`session_end`] with [`PeerSession::ended_with`]'s `moved`.
-pub async fn session_end_with(
-    session: &mut Option<PeerSession>,
-    moved: impl FnMut(Option<tokio::time::Instant>),
-) -> EndReason {
     match session {
-        Some(s) => s.ended_with(moved).await,
+        Some(s) => s.ended().await,
         None => std::future::pending().await,
     }
 }
@@ -801,13 +772,8 @@ mod tests {
             .peer_session(Direction::Inbound, Some(&[from_b]), s.trust_watch())
             .unwrap();
         assert!(session.deadline() <= UNIX_EPOCH + Duration::from_secs(unix(now_plus(2)) + 1));
-        assert_eq!(session.known_end(), None, "not verified yet");
-        let mut moved = Vec::new();
-        let waited = tokio::time::timeout(
-            Duration::from_secs(5),
-            session.ended_with(|at| moved.push(at)),
-        )
-        .await;
+        assert!(!session.exact, "not verified yet");
+        let waited = tokio::time::timeout(Duration::from_secs(5), session.ended()).await;
         assert!(waited.is_err(), "ended at A's end: {waited:?}");
         let error = session
             .deadline()
@@ -818,8 +784,7 @@ mod tests {
             "the leaf's end, once verified: {:?}",
             session.deadline()
         );
-        assert!(session.known_end().is_some());
-        assert_eq!(moved.len(), 1, "the owner told once");
+        assert!(session.exact, "verified");
     }
 
     #[tokio::test]
