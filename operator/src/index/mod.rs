@@ -96,9 +96,11 @@ pub struct Affected {
     pub namespaces: BTreeSet<String>,
     /// Pods whose own view inputs (labels, visibility, Policies) may have changed.
     pub pods: BTreeSet<ObjectKey>,
-    /// Whether a Route, Policy or Breaker was added, changed or removed. Its status may
-    /// change where no proxy's view does (one that does not parse, a Policy that selects
-    /// no pod), so the status writer is woken for it while no config is pushed.
+    /// Whether a Route, Policy or Breaker was added, changed or removed, or a Service one
+    /// of them names (governs, targets, sends to or mirrors to). Its status may change
+    /// where no proxy's view does (one that does not parse, a Policy that selects no pod,
+    /// a Route whose headless Service appears in a namespace without pods), so the status
+    /// writer is woken for it while no config is pushed.
     pub statuses: bool,
 }
 
@@ -325,7 +327,7 @@ impl Index {
     /// Adds or replaces one object.
     pub fn apply(&mut self, key: ObjectKey, object: Object) -> Affected {
         let ns = key.namespace.clone();
-        let statuses = object.kind().is_weft();
+        let mut statuses = object.kind().is_weft();
         let mut pods = BTreeSet::new();
         match object {
             Object::Namespace(m) => {
@@ -346,6 +348,10 @@ impl Index {
                 if self.services.get(&key) == Some(&m) {
                     return Affected::default();
                 }
+                // A resource's status can change with the Service where no config does (a
+                // headless Service its Route governs appears), e.g. in a namespace with
+                // no pods, where nothing else would wake the status writer.
+                statuses = self.names_service(&key);
                 self.services.insert(key.clone(), m);
                 self.reselect_service(&key);
                 pods.extend(in_ns(&self.pods, &ns).map(|(k, _)| k.clone()));
@@ -441,8 +447,10 @@ impl Index {
         if !removed {
             return Affected::default();
         }
+        // As in `apply`: the statuses of the resources that name a Service read it.
+        let statuses = kind.is_weft() || (kind == Kind::Service && self.names_service(key));
         Affected {
-            statuses: kind.is_weft(),
+            statuses,
             ..self.finish(Some(ns), pods)
         }
     }
@@ -1279,6 +1287,33 @@ impl Index {
             touched.insert(pod);
         }
         touched
+    }
+
+    /// Whether a valid Route, Breaker or Policy of `key`'s namespace names Service `key`
+    /// (as the Service it governs or targets, a backend or a mirror): the resources whose
+    /// status ([`Index::resource_state`]) reads that Service, since references never
+    /// leave their namespace and an invalid resource reads none. (A Service's selector
+    /// also moves which pods Policies select, and so their refusals and skipped-port
+    /// phrases, but only where the namespace has pods, which the change reports anyway.)
+    fn names_service(&self, key: &ObjectKey) -> bool {
+        let ns = key.namespace.as_str();
+        let name = key.name.as_str();
+        let routes = in_ns(&self.routes, ns).any(|(_, (_, spec))| match spec {
+            Parsed::Valid(r) => {
+                r.service.name == name
+                    || r.rules.iter().any(|rule| {
+                        rule.backends.iter().any(|b| b.name == name)
+                            || rule.mirror.as_ref().is_some_and(|m| m.service.name == name)
+                    })
+            }
+            Parsed::Invalid(_) => false,
+        });
+        routes
+            || in_ns(&self.breakers, ns)
+                .any(|(_, (_, spec))| matches!(spec, Parsed::Valid(b) if b.service.name == name))
+            || in_ns(&self.policies, ns).any(|(_, (_, spec))| {
+                matches!(spec, Parsed::Valid(p) if p.target.service.as_deref() == Some(name))
+            })
     }
 
     /// Re-evaluates the Policies that select pods through Service `key` (a `service`

@@ -71,8 +71,8 @@ impl SharedIndex {
         }
         if affected.is_empty() {
             // No view changed, but a Route, Policy or Breaker did (one that does not parse,
-            // or selects nothing): its status is written on this wake, not the status
-            // writer's timer.
+            // or selects nothing), or a Service one names: its status is written on this
+            // wake, not the status writer's timer.
             if affected.statuses {
                 self.notify();
             }
@@ -266,6 +266,48 @@ mod tests {
             assert_eq!(changes_of(&delete), (false, false), "{k} deleted again");
         }
         assert_eq!(shared.read(Index::version), version, "no config changed");
+    }
+
+    /// A Service change that alters no view but a Route's status (its headless Service
+    /// appears in a namespace without pods: `ServiceNotFound` becomes
+    /// `UnsupportedService`) wakes the status writer at once; one that no resource names
+    /// does not.
+    #[test]
+    fn a_service_change_only_a_status_sees_wakes_the_status_writer() {
+        let shared = SharedIndex::new(Index::new("cluster.local"), Arc::new(Metrics::new()));
+        let route: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "Route",
+            "metadata": {"name": "r", "namespace": "empty", "generation": 1},
+            "spec": {"service": {"name": "db"}, "rules": [{"backends": [{"name": "db"}]}]},
+        }))
+        .unwrap();
+        shared.update(|i| {
+            let (k, o) = model::weft_resource(Kind::Route, &route);
+            i.apply(k, o)
+        });
+        let headless = |name: &str| {
+            let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "empty"},
+                "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80}]}
+            }))
+            .unwrap();
+            model::service(&svc)
+        };
+        let reason = || {
+            shared.read(|i| {
+                i.resource_state(Kind::Route, &ObjectKey::new("empty", "r"))
+                    .map(|s| s.accepted.reason)
+            })
+        };
+        assert_eq!(reason(), Some(super::super::reasons::SERVICE_NOT_FOUND));
+        let mut changes = shared.changes();
+        for (name, wakes) in [("other", false), ("db", true)] {
+            changes.borrow_and_update();
+            let (k, o) = headless(name);
+            shared.update(|i| i.apply(k, o));
+            assert_eq!(changes.has_changed().unwrap(), wakes, "{name}");
+        }
+        assert_eq!(reason(), Some(super::super::reasons::UNSUPPORTED_SERVICE));
     }
 
     /// The views read with the index are those of the same index state: a Route just

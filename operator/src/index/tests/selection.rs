@@ -556,6 +556,17 @@ fn same(a: Option<&ProxyView>, b: Option<&ProxyView>) -> bool {
     }
 }
 
+/// Every Policy's `Accepted` and `ResolvedRefs`, by key.
+fn policy_states(i: &Index) -> BTreeMap<ObjectKey, Option<ResourceState>> {
+    i.resource_keys(Kind::Policy)
+        .into_iter()
+        .map(|k| {
+            let state = i.resource_state(Kind::Policy, &k);
+            (k, state)
+        })
+        .collect()
+}
+
 /// The present objects of `kind`.
 fn of_kind(present: &BTreeMap<(Kind, ObjectKey), Object>, kind: Kind) -> Vec<(ObjectKey, Object)> {
     present
@@ -586,6 +597,7 @@ proptest! {
         };
         for step in &steps {
             let before = views(&i, &pods);
+            let statuses_before = policy_states(&i);
             let affected = match step {
                 Step::Delete(which) => {
                     if present.is_empty() {
@@ -622,6 +634,14 @@ proptest! {
                 }
             };
             check_selection(&i, &pods, max, step)?;
+            // The status writer is woken by a change that alters a status, not only by
+            // one that alters a view: else the status waits for its timer.
+            if policy_states(&i) != statuses_before {
+                prop_assert!(
+                    affected.statuses || !affected.is_empty(),
+                    "a status changed but {:?} wakes no one, after {:?}", affected, step
+                );
+            }
             let after = views(&i, &pods);
             for pod in &pods {
                 // The shared index recomputes only the views of affected subscribers: any

@@ -479,6 +479,87 @@ fn a_route_or_breaker_on_a_headless_or_external_name_service_is_not_accepted() {
     assert!(view.services.get("headless.shop.80").is_none());
 }
 
+/// Every Weft resource's `Accepted` and `ResolvedRefs`, by kind and key.
+fn states(i: &Index) -> BTreeMap<(Kind, ObjectKey), ResourceState> {
+    [Kind::Route, Kind::Policy, Kind::Breaker]
+        .into_iter()
+        .flat_map(|kind| {
+            i.resource_keys(kind)
+                .into_iter()
+                .filter_map(move |k| Some(((kind, k.clone()), i.resource_state(kind, &k)?)))
+        })
+        .collect()
+}
+
+/// In a namespace without pods, creating or deleting a headless Service changes no
+/// proxy's view, yet a Route or Breaker governing it goes from `ServiceNotFound` to
+/// `UnsupportedService` (and back), and a Route sending or mirroring to it, or a Policy
+/// targeting it, gets another `ResolvedRefs` message: the change must wake the status
+/// writer (`statuses`), or the status is written only on its timer. A Service that no
+/// resource names wakes nobody.
+#[test]
+fn a_service_change_that_changes_only_a_status_wakes_the_status_writer() {
+    let mut i = Index::new("cluster.local");
+    apply(
+        &mut i,
+        weft(
+            Kind::Route,
+            "empty",
+            "r",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"service": {"name": "db"}, "rules": [{"backends": [{"name": "cache"}],
+                   "mirror": {"service": {"name": "audit"}}}]}),
+        ),
+    );
+    apply(
+        &mut i,
+        weft(
+            Kind::Breaker,
+            "empty",
+            "b",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"service": {"name": "db"}, "connectionPool": {"maxRequests": 1}}),
+        ),
+    );
+    apply(
+        &mut i,
+        weft(
+            Kind::Policy,
+            "empty",
+            "p",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"target": {"service": "target"}, "defaultAction": "Deny"}),
+        ),
+    );
+    let headless = |name: &str| svc("empty", name, "None");
+    let changes = ["db", "cache", "audit", "target"]
+        .map(|name| (name, true))
+        .into_iter()
+        .chain(["db", "cache", "audit", "target"].map(|name| (name, false)));
+    for (name, create) in changes {
+        let before = states(&i);
+        let affected = if create {
+            apply(&mut i, headless(name))
+        } else {
+            i.delete(Kind::Service, &key("empty", name))
+        };
+        let what = format!("{name} {}", if create { "created" } else { "deleted" });
+        assert_ne!(states(&i), before, "{what}: some status changes");
+        assert!(affected.is_empty(), "{what}: no view changes: {affected:?}");
+        assert!(affected.statuses, "{what}: the status writer is woken");
+    }
+    let r = i.resource_state(Kind::Route, &key("empty", "r")).unwrap();
+    assert_eq!(r.accepted.reason, reasons::SERVICE_NOT_FOUND, "{r:?}");
+    assert_eq!(apply(&mut i, headless("other")), Affected::default());
+    assert_eq!(
+        i.delete(Kind::Service, &key("empty", "other")),
+        Affected::default()
+    );
+}
+
 #[test]
 fn a_route_or_breaker_on_an_opaque_port_is_not_accepted_there_and_not_sent() {
     let mut i = shop();
