@@ -11,6 +11,9 @@
 //!                                enforcing it takes (requires::route / breaker / policy)
 //!                                      │
 //!                  Affected { namespaces, pods } ──▶ only subscribers that see one of them
+//!                  Affected { statuses } ─────────▶ the status writer, woken even where no
+//!                                      │            view changed (a Weft resource changed,
+//!                                      │            or a Service one names)
 //!                                      ▼
 //!                 Index::view(pod) ─▶ ProxyView (services it may call + resources it runs)
 //! ```
@@ -27,6 +30,12 @@
 //! their backends, the pods behind the endpoints) lives in the Service's own namespace, so a
 //! change to one object rebuilds that namespace only and reports it as affected only when
 //! some config really changed.
+//!
+//! A resource's status ([`Index::resource_state`]) is read by the status writer, which
+//! [`shared::SharedIndex::update`] wakes for any change that may alter a view, and for
+//! one that alters none but sets [`Affected::statuses`]: a Route, Policy or Breaker added,
+//! changed or removed, or a Service one of them names (its status reads that Service even
+//! where no proxy has it, e.g. a headless one). Otherwise the writer runs on its 5 s timer.
 //!
 //! Which Policies select which pods is kept in [`selection`], updated by the one pod, Policy
 //! or Service that changed, so that a rebuild and each view look it up instead of
