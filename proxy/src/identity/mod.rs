@@ -197,6 +197,12 @@ struct BundleRoot {
     anchor: TrustAnchor<'static>,
     not_before: u64,
     not_after: u64,
+    /// The root's subject as its certificate encodes it, which a chain's issuer names
+    /// must equal byte for byte ([`session`] finds paths by name).
+    subject: Box<[u8]>,
+    /// What makes copies of one root the same anchor (subject, key and name
+    /// constraints), hashed: sessions keep it instead of their peer's chain.
+    key: session::RootKey,
 }
 
 impl BundleRoot {
@@ -482,10 +488,14 @@ impl IdentityStore {
                 what: "trust bundle",
                 source,
             })?;
-            let (not_before, not_after) = validity(der).ok_or_else(|| {
-                CertError::Certificate("a root of the trust bundle does not parse".to_owned())
-            })?;
+            let unparsed =
+                || CertError::Certificate("a root of the trust bundle does not parse".to_owned());
+            let (_, x509) = x509_parser::parse_x509_certificate(der).map_err(|_| unparsed())?;
+            let (not_before, not_after) = dates(&x509);
+            let subject: Box<[u8]> = x509.subject().as_raw().into();
             roots.extend(one.roots.into_iter().map(|anchor| BundleRoot {
+                key: session::RootKey::of(&anchor),
+                subject: subject.clone(),
                 anchor,
                 not_before,
                 not_after,
@@ -1028,9 +1038,14 @@ fn describe(cert: &CertificateDer<'_>) -> Result<(Arc<str>, SystemTime, SystemTi
 /// the epoch), if it parses.
 fn validity(cert: &CertificateDer<'_>) -> Option<(u64, u64)> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(dates(&x509))
+}
+
+/// A parsed certificate's validity, as [`validity`] answers it.
+fn dates(x509: &x509_parser::certificate::X509Certificate<'_>) -> (u64, u64) {
     let secs = |t: &x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0);
     let v = x509.validity();
-    Some((secs(&v.not_before), secs(&v.not_after)))
+    (secs(&v.not_before), secs(&v.not_after))
 }
 
 /// When a certificate expires, if it parses.

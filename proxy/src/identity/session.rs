@@ -2,19 +2,29 @@
 //! stops verifying, by time or by a change of what this proxy trusts.
 //!
 //! ```text
-//! trust watch taken ─▶ handshake (rustls verifies) ─▶ PeerSession::new: deadline = a lower
-//!                                    bound (leaf, presented intermediates and bundle roots
-//!                                    valid now: parsing, no signature)
+//! trust watch taken ─▶ handshake (rustls verifies) ─▶ PeerSession::new: parse the chain once
+//!   one path by names (leaf ▸ presented issuer ▸ … ▸ one bundle root):   Peer::Path
+//!       keeps the root's key and the path's end: deadline = earliest end (leaf,
+//!       intermediates, root) + 1 s, exact
+//!   several (a rotation's two roots of one name, an old intermediate sent along): Peer::Chain
+//!       keeps the chain: deadline = a lower bound (leaf, presented certificates and
+//!       bundle roots valid now), the chain verified when it comes
 //!   session task: select { serve, PeerSession::ended() }
-//!                                   ├ lower bound reached ─▶ verify the chain now: ok ─▶
-//!                                   │     deadline = earliest notAfter on the path (leaf,
-//!                                   │     intermediates, bundle root) + 1 s; keep waiting
-//!                                   ├ deadline reached ─────────────▶ peer_certificate_expired
-//!                                   ├ outbound: own certificate's end − 2 s ─▶ local_certificate_expired
-//!                                   └ trust changed (install of a bundle with other roots)
-//!                                        └ re-verify now: ok ─▶ new deadline, keep waiting
-//!                                                         err ─▶ untrusted
+//!        ├ deadline reached ─▶ judged again: later end (a root re-issued) ─▶ keep waiting
+//!        │                                   none ─▶ peer_certificate_expired
+//!        ├ outbound: own certificate's end − 2 s ─▶ local_certificate_expired
+//!        └ trust changed (install of a bundle with other roots) ─▶ judged again:
+//!             Path: its root still trusted ─▶ keep waiting; Chain: verified ─▶ ok / untrusted
 //! ```
+//!
+//! A chain verified by rustls passes through certificates whose names link it: each
+//! certificate's issuer is the subject of the next, up to a root of the bundle. Where
+//! only one such path exists among the certificates presented and the roots trusted, it is
+//! the path rustls verified, and the session needs of the chain only that path's end and
+//! its root's key (32 bytes): while a root with that key stays trusted, the chain still
+//! verifies. Where several exist (rustls does not say which one it took), the chain is kept
+//! and verified again when that matters, as a second verification at the handshake would
+//! cost it a signature check (about 15 % of its CPU).
 //!
 //! Each side judges its peer: the inbound side the client's chain (any mesh identity), the
 //! outbound side the server's (the identity the config expects). The outbound side also
@@ -24,10 +34,9 @@
 //! [`PeerSession::ended`] answers is its owner's business: HTTP sessions end gracefully
 //! within [`crate::shutdown::SESSION_END_GRACE`], opaque TCP is closed.
 //!
-//! Cost: the chain the peer presented is kept per session (about a kilobyte) to re-verify
-//! it; the wait is one timer and one `watch` receiver per session; nothing per request
-//! beyond the owner's one atomic load; no signature check at the handshake beyond
-//! rustls's own (the path is verified when the lower bound comes, or trust changes).
+//! Cost: each presented certificate parsed once at the handshake; per session a root's key
+//! (or, with several paths, the chain: about a kilobyte), one timer and one `watch`
+//! receiver; nothing per request beyond the owner's one atomic load.
 
 use std::{
     sync::{
@@ -40,11 +49,12 @@ use std::{
 use arc_swap::ArcSwapOption;
 use rustls::{
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, UnixTime},
+    pki_types::{CertificateDer, TrustAnchor, UnixTime},
 };
 use tokio::sync::watch;
+use x509_parser::certificate::X509Certificate;
 
-use super::{Certified, peer_identity, validity};
+use super::{BundleRoot, Certified, dates, peer_identity, spiffe_id_of, validity};
 use crate::metrics::{Direction, TlsMetrics};
 
 /// Why an established session was ended; the `reason` label of
@@ -73,6 +83,31 @@ impl EndReason {
     }
 }
 
+/// What makes two copies of a root one trust anchor for webpki (its subject, key and name
+/// constraints), as a SHA-256 digest: what a session keeps of the root its peer's chain
+/// leads to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RootKey([u8; 32]);
+
+impl RootKey {
+    /// The key of `anchor`.
+    pub(crate) fn of(anchor: &TrustAnchor<'_>) -> RootKey {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        // Each part with its length, so that no two different anchors hash the same bytes.
+        for part in [
+            anchor.subject.as_ref(),
+            anchor.subject_public_key_info.as_ref(),
+            anchor.name_constraints.as_deref().unwrap_or_default(),
+        ] {
+            digest.update(&(part.len() as u64).to_be_bytes());
+            digest.update(part);
+        }
+        let mut key = [0; 32];
+        key.copy_from_slice(digest.finish().as_ref());
+        RootKey(key)
+    }
+}
+
 /// What a session needs to re-verify its peer: the certificate in use (its trust bundle),
 /// the crypto provider and a subscription to changes of the trusted roots.
 #[derive(Clone)]
@@ -97,21 +132,32 @@ impl TrustWatch {
     }
 }
 
-/// One established session's peer: its chain, and when that chain stops verifying.
+/// What a session keeps of its peer's chain to judge it again.
+enum Peer {
+    /// The only path the chain can take by names: its end without the root (last second,
+    /// Unix), and the root it leads to.
+    Path { last: u64, root: RootKey },
+    /// Several paths were possible: the chain (leaf first), verified when the deadline (a
+    /// lower bound until `exact`) comes or trust changes.
+    Chain {
+        chain: Box<[CertificateDer<'static>]>,
+        /// Outbound: the identity the peer must present (and server-auth usage); inbound:
+        /// none (any mesh identity, client-auth usage), as the handshake's verifiers judge.
+        expected: Option<Arc<str>>,
+        /// Whether the deadline comes from a verification of the chain.
+        exact: bool,
+    },
+}
+
+/// One established session's peer: what is kept of its chain, and when that chain stops
+/// verifying.
 pub struct PeerSession {
-    /// The chain the peer presented, leaf first.
-    chain: Box<[CertificateDer<'static>]>,
-    /// Outbound: the identity the peer must present (and server-auth usage); inbound: none
-    /// (any mesh identity, client-auth usage), as the handshake's verifiers judge.
-    expected: Option<Arc<str>>,
+    peer: Peer,
     /// The peer's SPIFFE ID, for the log line.
     identity: Option<Arc<str>>,
-    /// The first time the chain no longer verifies (`exact`), or a time no later than
-    /// that: the earliest end among the certificates the chain may pass through.
+    /// The first time the chain no longer verifies, or (a [`Peer::Chain`] not verified
+    /// yet) a time no later than that.
     deadline: SystemTime,
-    /// Whether `deadline` comes from a verification of the chain; until then it is a
-    /// lower bound, at which the chain is verified to learn the real one.
-    exact: bool,
     /// Outbound: when to retire the session because of this proxy's own certificate (see
     /// [`EndReason::LocalCertificateExpired`]).
     local_end: Option<SystemTime>,
@@ -135,15 +181,9 @@ impl std::fmt::Debug for PeerSession {
 
 impl PeerSession {
     /// The session of a peer that presented `chain` (leaf first) in a handshake that just
-    /// verified it; `expected` as for [`PeerSession::expected`]; `trust` taken before that
+    /// verified it; `expected` as for [`Peer::Chain`]; `trust` taken before that
     /// handshake ([`TrustWatch::seen_now`]). `None` when the peer presented no certificate
     /// (nothing to expire or withdraw).
-    ///
-    /// The handshake verified the chain, but rustls does not say by which path, so the
-    /// deadline starts as a lower bound, the earliest end of the leaf, of the presented
-    /// intermediates valid now and of the bundle's roots valid now, and the chain is
-    /// verified only when that comes (usually the leaf's own end): a second verification
-    /// here would cost each handshake a signature check (about 15 % of its CPU).
     pub(crate) fn new(
         direction: Direction,
         chain: Option<&[CertificateDer<'_>]>,
@@ -166,28 +206,54 @@ impl PeerSession {
             .map(|end| end + Duration::from_secs(1))
             .and_then(|end| end.checked_sub(LOCAL_END_MARGIN))
             .filter(|end| *end > SystemTime::now());
-        let chain: Box<[CertificateDer<'static>]> = chain
-            .filter(|c| !c.is_empty())?
+        let chain = chain.filter(|c| !c.is_empty())?;
+        let parsed: Vec<Option<X509Certificate<'_>>> = chain
             .iter()
-            .map(|c| c.clone().into_owned())
+            .map(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, x)| x))
             .collect();
-        let identity = chain.first().and_then(peer_identity);
+        let identity = parsed.first()?.as_ref().and_then(spiffe_id_of);
         let current = trust.current.load_full();
         let now = UnixTime::now().as_secs();
-        let (deadline, ended) = match &current {
-            Some(c) => (
-                // No end known (nothing parsed): verified at once, which tells.
-                time_after(lower_bound(c, &chain, now)).unwrap_or_else(SystemTime::now),
-                None,
+        let path = current
+            .as_ref()
+            .and_then(|c| only_path(&parsed, &c.trust.roots, now));
+        let (peer, deadline, ended) = match (&current, path) {
+            (None, _) => (
+                Peer::Path {
+                    last: 0,
+                    root: RootKey([0; 32]),
+                },
+                SystemTime::now(),
+                Some(EndReason::Untrusted),
             ),
-            None => (SystemTime::now(), Some(EndReason::Untrusted)),
+            (Some(c), Some((last, root))) => {
+                let peer = Peer::Path { last, root };
+                match judge_path(c, last, root, now) {
+                    Ok(deadline) => (peer, deadline, None),
+                    Err(reason) => (peer, SystemTime::now(), Some(reason)),
+                }
+            }
+            (Some(c), None) => {
+                let bound = lower_bound(c, &parsed, now);
+                let chain: Box<[CertificateDer<'static>]> =
+                    chain.iter().map(|c| c.clone().into_owned()).collect();
+                (
+                    Peer::Chain {
+                        chain,
+                        expected,
+                        exact: false,
+                    },
+                    // No end known (nothing parsed): verified at once, which tells.
+                    time_after(bound).unwrap_or_else(SystemTime::now),
+                    None,
+                )
+            }
         };
+        drop(parsed);
         let mut session = PeerSession {
-            chain,
-            expected,
+            peer,
             identity,
             deadline,
-            exact: false,
             local_end,
             direction,
             trust,
@@ -197,13 +263,7 @@ impl PeerSession {
         // Trust changed during the handshake (rare): judged now, before any request.
         if session.ended.is_none() && session.trust.changes.has_changed().unwrap_or(false) {
             session.trust.changes.borrow_and_update();
-            match session.verify(UnixTime::now()) {
-                Ok(deadline) => {
-                    session.deadline = deadline;
-                    session.exact = true;
-                }
-                Err(reason) => session.ended = Some(reason),
-            }
+            session.judge_now();
         }
         Some(session)
     }
@@ -213,13 +273,13 @@ impl PeerSession {
         self.identity.as_ref()
     }
 
-    /// The first time the peer's chain no longer verifies, or until the chain has been
-    /// verified, a time no later than that ([`PeerSession::new`]).
+    /// The first time the peer's chain no longer verifies, or until a chain kept whole has
+    /// been verified, a time no later than that ([`PeerSession::new`]).
     pub fn deadline(&self) -> SystemTime {
         self.deadline
     }
 
-    /// Why the session ends at [`PeerSession::deadline_instant`] (or has ended).
+    /// Why the session ends at [`PeerSession::deadline`] (or has ended).
     pub fn due_reason(&self) -> EndReason {
         self.ended.unwrap_or(self.end().1)
     }
@@ -234,7 +294,7 @@ impl PeerSession {
     }
 
     /// When to look at the session again, on tokio's clock: its end, or the lower bound
-    /// at which its chain is verified.
+    /// at which a kept chain is verified.
     fn wake_instant(&self) -> tokio::time::Instant {
         instant_of(self.end().0)
     }
@@ -245,29 +305,49 @@ impl PeerSession {
         self.ended.is_some()
     }
 
-    /// Verifies the chain against the trust of the certificate in use at `now`, by the
-    /// handshake's rules; answers the new deadline.
-    fn verify(&self, now: UnixTime) -> Result<SystemTime, EndReason> {
-        let current = self.trust.current.load_full().ok_or(EndReason::Untrusted)?;
-        verify_chain(
-            &current,
-            &self.trust.provider,
-            &self.chain,
-            self.expected.as_deref(),
-            now,
-        )
-        .map(|last| time_after(last).unwrap_or_else(no_end))
+    /// Judges the peer's chain again against the trust of the certificate in use, now:
+    /// sets the new deadline, or why the session ends.
+    fn judge_now(&mut self) {
+        let Some(current) = self.trust.current.load_full() else {
+            self.ended = Some(EndReason::Untrusted);
+            return;
+        };
+        let now = UnixTime::now();
+        let judged = match &mut self.peer {
+            Peer::Path { last, root } => judge_path(&current, *last, *root, now.as_secs()),
+            Peer::Chain {
+                chain,
+                expected,
+                exact,
+            } => {
+                let judged = verify_chain(
+                    &current,
+                    &self.trust.provider,
+                    chain,
+                    expected.as_deref(),
+                    now,
+                )
+                .map(|last| time_after(last).unwrap_or_else(no_end));
+                *exact = judged.is_ok();
+                judged
+            }
+        };
+        match judged {
+            Ok(deadline) => self.deadline = deadline,
+            Err(reason) => self.ended = Some(reason),
+        }
     }
 
     /// Waits until the session must end, and says why: the deadline passed, or the
     /// trusted roots changed and the chain no longer verifies (a change it survives may
     /// move the deadline). Cancel-safe: its state lives in `self`.
     pub async fn ended(&mut self) -> EndReason {
-        if let Some(reason) = self.ended {
-            return reason;
-        }
-        // Bounded: each turn waits for the deadline or a change of trust.
+        // Bounded: each turn waits for the deadline or a change of trust, and ends the
+        // session unless judging it again moves the deadline later.
         loop {
+            if let Some(reason) = self.ended {
+                return reason;
+            }
             let at = self.wake_instant();
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {
@@ -277,42 +357,26 @@ impl PeerSession {
                     if SystemTime::now() < end {
                         continue;
                     }
-                    if reason == EndReason::PeerCertificateExpired && !self.exact {
-                        // The lower bound came: the chain's real end is learnt now. Trust
-                        // did not change (that wakes the other branch), so a chain that no
-                        // longer verifies does so by a certificate's end.
-                        match self.verify(UnixTime::now()) {
-                            Ok(deadline) => {
-                                self.deadline = deadline;
-                                self.exact = true;
-                                continue;
-                            }
-                            Err(_) => {
-                                self.ended = Some(reason);
-                                return reason;
-                            }
-                        }
+                    if reason == EndReason::LocalCertificateExpired {
+                        self.ended = Some(reason);
+                        continue;
                     }
-                    self.ended = Some(reason);
-                    return reason;
+                    // The deadline came: a root re-issued meanwhile with a later end, or
+                    // (a kept chain) the lower bound's own end being off the path, may
+                    // carry the chain on; a chain that no longer verifies does so by a
+                    // certificate's end (a change of trust wakes the other branch).
+                    let before = self.deadline;
+                    self.judge_now();
+                    if self.ended.is_some() || self.deadline <= before {
+                        self.ended = Some(EndReason::PeerCertificateExpired);
+                    }
                 }
                 changed = self.trust.changes.changed(), if !self.store_gone => {
                     if changed.is_err() {
                         self.store_gone = true;
                         continue;
                     }
-                    match self.verify(UnixTime::now()) {
-                        Ok(deadline) => {
-                            if deadline != self.deadline || !self.exact {
-                                self.deadline = deadline;
-                                self.exact = true;
-                            }
-                        }
-                        Err(reason) => {
-                            self.ended = Some(reason);
-                            return reason;
-                        }
-                    }
+                    self.judge_now();
                 }
             }
         }
@@ -435,24 +499,104 @@ pub(crate) fn verify_chain(
     // The path names the anchor, not which copy of it: of the bundle's copies valid now
     // (one re-issued with a later end), the chain verifies until the last one ends, as
     // the trusted set is rebuilt at each root's end.
-    let anchor = path.anchor();
-    let secs = now.as_secs();
-    let root_end = certified
-        .trust
-        .roots
-        .iter()
-        .filter(|r| {
-            r.valid_at(secs)
-                && r.anchor.subject == anchor.subject
-                && r.anchor.subject_public_key_info == anchor.subject_public_key_info
-        })
-        .map(|r| r.not_after)
-        .max();
+    let root_end = latest_copy_end(
+        &certified.trust.roots,
+        RootKey::of(path.anchor()),
+        now.as_secs(),
+    );
     let leaf_end = validity(leaf).map(|(_, until)| until);
     let ends = path
         .intermediate_certificates()
         .filter_map(|c| validity(&c.der()).map(|(_, until)| until));
     Ok(earliest_end(leaf_end, ends, root_end))
+}
+
+/// The end (last second, Unix) of the latest-ending copy of the root `key` among `roots`
+/// valid at `now`; none when no copy is.
+fn latest_copy_end(roots: &[BundleRoot], key: RootKey, now: u64) -> Option<u64> {
+    roots
+        .iter()
+        .filter(|r| r.key == key && r.valid_at(now))
+        .map(|r| r.not_after)
+        .max()
+}
+
+/// The only path by names from `chain`'s leaf (parsed, leaf first; `None` where a
+/// certificate does not parse) through its other certificates valid at `now` to a root of
+/// `roots` valid then, if there is exactly one: the earliest end (last second, Unix) of the
+/// leaf and the intermediates on it, and the root's key. rustls verified some such path,
+/// so when only one exists it is that one. `None` when at some step several certificates
+/// or roots (copies of one root count once) could be next, or none could.
+fn only_path(
+    chain: &[Option<X509Certificate<'_>>],
+    roots: &[BundleRoot],
+    now: u64,
+) -> Option<(u64, RootKey)> {
+    let (leaf, presented) = chain.split_first()?;
+    let leaf = leaf.as_ref()?;
+    // One that does not parse could be next at any step.
+    if presented.iter().any(Option::is_none) {
+        return None;
+    }
+    let valid_now = |c: &X509Certificate<'_>| {
+        let (from, until) = dates(c);
+        from <= now && now <= until
+    };
+    let mut last = dates(leaf).1;
+    let mut issuer = leaf.issuer().as_raw();
+    // Each step but the last takes a presented certificate: more steps than there are
+    // certificates is a loop.
+    for _ in 0..=presented.len() {
+        let mut next_roots = roots
+            .iter()
+            .filter(|r| r.valid_at(now) && *r.subject == *issuer);
+        let root = next_roots.next().map(|r| r.key);
+        if root.is_some_and(|key| next_roots.any(|r| r.key != key)) {
+            return None;
+        }
+        let mut next_certs = presented
+            .iter()
+            .flatten()
+            .filter(|c| c.subject().as_raw() == issuer && valid_now(c));
+        let cert = next_certs.next();
+        if next_certs.next().is_some() {
+            return None;
+        }
+        match (root, cert) {
+            (Some(key), None) => return Some((last, key)),
+            (None, Some(c)) => {
+                last = last.min(dates(c).1);
+                issuer = c.issuer().as_raw();
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// When a chain whose only path ([`only_path`]) ends at `last` without its root and leads
+/// to `root` stops verifying against `certified`'s bundle, judged at `now`: the second
+/// after the earlier of `last` and the end of the root's latest copy valid now. Why it
+/// already has: no copy of the root trusted now (untrusted; or expired, when the bundle
+/// still holds one), or `last` past.
+fn judge_path(
+    certified: &Certified,
+    last: u64,
+    root: RootKey,
+    now: u64,
+) -> Result<SystemTime, EndReason> {
+    let roots = &certified.trust.roots;
+    let Some(root_end) = latest_copy_end(roots, root, now) else {
+        return Err(if roots.iter().any(|r| r.key == root) {
+            EndReason::PeerCertificateExpired
+        } else {
+            EndReason::Untrusted
+        });
+    };
+    if last < now {
+        return Err(EndReason::PeerCertificateExpired);
+    }
+    Ok(time_after(last.min(root_end)).unwrap_or_else(no_end))
 }
 
 /// The second after `last` (Unix seconds), when a chain verifying until `last` stops;
@@ -475,14 +619,15 @@ fn instant_of(at: SystemTime) -> tokio::time::Instant {
 }
 
 /// A time (the last second, Unix) no later than the end of any path by which `chain`
-/// (leaf first) verifies against `certified`'s bundle at `now`: the earliest end of the
-/// leaf, of each presented certificate valid now (one that is not cannot be on a path
+/// (parsed, leaf first) verifies against `certified`'s bundle at `now`: the earliest end of
+/// the leaf, of each presented certificate valid now (one that is not cannot be on a path
 /// verified now) and of each root of the bundle valid now (the trusted set). Parsing
 /// only, no signature: what a path is made of is learnt when this time comes.
-fn lower_bound(certified: &Certified, chain: &[CertificateDer<'_>], now: u64) -> u64 {
-    let mut certs = chain.iter().filter_map(validity);
-    let leaf = certs.next().map(|(_, until)| until);
+fn lower_bound(certified: &Certified, chain: &[Option<X509Certificate<'_>>], now: u64) -> u64 {
+    let mut certs = chain.iter().map(|c| c.as_ref().map(dates));
+    let leaf = certs.next().flatten().map(|(_, until)| until);
     let intermediates = certs
+        .flatten()
         .filter(|(from, until)| *from <= now && now <= *until)
         .map(|(_, until)| until);
     let root = certified
@@ -642,18 +787,6 @@ mod tests {
     }
 
     #[test]
-    fn an_intermediate_off_the_verified_path_does_not_end_the_chain() {
-        let root = Ca::root("root", 3600);
-        let issuer = root.intermediate("issuer", 1800);
-        // Same name, another key, ending sooner: sent along, but it signed nothing here.
-        let stale = root.intermediate("issuer", 60);
-        let s = store(&root, &root.pem);
-        let (_, leaf, _) = issuer.leaf(PEER, 3000);
-        let chain = [leaf, stale.der.clone(), issuer.der.clone()];
-        assert_eq!(end(&s, &chain, Some(PEER)), issuer_end(&issuer));
-    }
-
-    #[test]
     fn a_chain_is_refused_as_the_handshake_would_refuse_it() {
         let (a, b) = (Ca::root("root A", 3600), Ca::root("root B", 3600));
         let s = store(&a, &a.pem);
@@ -759,32 +892,144 @@ mod tests {
         assert_eq!(s.end().1, EndReason::PeerCertificateExpired);
     }
 
+    fn kept_chain(session: &PeerSession) -> Option<bool> {
+        match &session.peer {
+            Peer::Path { .. } => None,
+            Peer::Chain { exact, .. } => Some(*exact),
+        }
+    }
+
+    fn near_time(got: SystemTime, want_unix: u64) {
+        assert_near(unix_of(got), want_unix);
+    }
+
+    #[test]
+    fn with_one_path_by_names_a_session_keeps_its_roots_key_and_ends_with_the_path() {
+        let root = Ca::root("root", 900);
+        let issuer = root.intermediate("issuer", 600);
+        let s = store(&root, &root.pem);
+        let session = |chain: &[CertificateDer<'_>]| {
+            s.peer_session(Direction::Inbound, Some(chain), s.trust_watch())
+                .unwrap()
+        };
+        // The leaf ends first.
+        let (_, leaf, _) = issuer.leaf(PEER, 300);
+        let one = session(&[leaf, issuer.der.clone()]);
+        assert_eq!(kept_chain(&one), None, "one path: the chain is not kept");
+        near_time(one.deadline(), unix(now_plus(300)) + 1);
+        // The intermediate ends first.
+        let (_, leaf, _) = issuer.leaf(PEER, 3600);
+        let one = session(&[leaf.clone(), issuer.der.clone()]);
+        assert_eq!(kept_chain(&one), None);
+        assert_eq!(unix_of(one.deadline()), issuer_end(&issuer) + 1);
+        // Sent along with its root: the root is a second way up, so the chain is kept.
+        let with_root = session(&[leaf, issuer.der.clone(), root.der.clone()]);
+        assert_eq!(kept_chain(&with_root), Some(false));
+        // The root ends first.
+        let short = Ca::root("short root", 120);
+        let s = store(&short, &short.pem);
+        let (_, leaf, _) = short.leaf(PEER, 3600);
+        let one = s
+            .peer_session(Direction::Inbound, Some(&[leaf]), s.trust_watch())
+            .unwrap();
+        assert_eq!(kept_chain(&one), None);
+        near_time(one.deadline(), unix(now_plus(120)) + 1);
+    }
+
+    #[tokio::test]
+    async fn an_old_intermediate_of_the_same_name_sent_along_keeps_the_chain_and_ends_nothing() {
+        let root = Ca::root("root", 3600);
+        let issuer = root.intermediate("issuer", 1800);
+        // Same name, another key, ending in 2 s: sent along, but it signed nothing here.
+        let stale = root.intermediate("issuer", 2);
+        let s = store(&root, &root.pem);
+        let (_, leaf, _) = issuer.leaf(PEER, 3000);
+        let chain = [leaf, stale.der.clone(), issuer.der.clone()];
+        let mut session = s
+            .peer_session(Direction::Inbound, Some(&chain), s.trust_watch())
+            .unwrap();
+        assert_eq!(
+            kept_chain(&session),
+            Some(false),
+            "two paths: the chain is kept"
+        );
+        assert!(
+            unix_of(session.deadline()) <= issuer_end(&stale) + 1,
+            "the lower bound"
+        );
+        let waited = tokio::time::timeout(Duration::from_secs(5), session.ended()).await;
+        assert!(
+            waited.is_err(),
+            "ended at the old intermediate's end: {waited:?}"
+        );
+        assert_eq!(unix_of(session.deadline()), issuer_end(&issuer) + 1);
+        assert_eq!(kept_chain(&session), Some(true), "verified");
+    }
+
     #[tokio::test]
     async fn a_root_ending_before_the_leaf_that_the_chain_does_not_pass_through_ends_nothing() {
-        // A, ending in 2 s, is still in the bundle beside B, by which the peer's chain
-        // verifies: the session's first deadline is A's end, where its chain is verified
-        // and its real end (the leaf's) learnt.
+        // During a rotation the bundle holds two roots of one name; the old one, ending
+        // in 2 s, is not the one the peer's chain verifies by. Two paths by names: the
+        // session's first deadline is the old root's end, where its chain is verified and
+        // its real end (the leaf's) learnt.
+        let (old, new) = (Ca::root("root", 2), Ca::root("root", 3600));
+        let s = store(&new, &format!("{}{}", old.pem, new.pem));
+        let (_, from_new, _) = new.leaf(PEER, 600);
+        let leaf_end = unix(now_plus(600)) + 1;
+        let mut session = s
+            .peer_session(Direction::Inbound, Some(&[from_new]), s.trust_watch())
+            .unwrap();
+        assert!(unix_of(session.deadline()) <= unix(now_plus(2)) + 1);
+        assert_eq!(kept_chain(&session), Some(false), "not verified yet");
+        let waited = tokio::time::timeout(Duration::from_secs(5), session.ended()).await;
+        assert!(waited.is_err(), "ended at the old root's end: {waited:?}");
+        near_time(session.deadline(), leaf_end);
+        assert_eq!(kept_chain(&session), Some(true), "verified");
+        // Roots of different names: one path, its end known at once.
         let (a, b) = (Ca::root("root A", 2), Ca::root("root B", 3600));
         let s = store(&b, &format!("{}{}", a.pem, b.pem));
         let (_, from_b, _) = b.leaf(PEER, 600);
-        let leaf_end = UNIX_EPOCH + Duration::from_secs(unix(now_plus(600)) + 1);
-        let mut session = s
+        let session = s
             .peer_session(Direction::Inbound, Some(&[from_b]), s.trust_watch())
             .unwrap();
-        assert!(session.deadline() <= UNIX_EPOCH + Duration::from_secs(unix(now_plus(2)) + 1));
-        assert!(!session.exact, "not verified yet");
+        assert_eq!(kept_chain(&session), None);
+        near_time(session.deadline(), unix(now_plus(600)) + 1);
+    }
+
+    #[tokio::test]
+    async fn a_copy_of_the_root_with_a_later_end_carries_a_session_past_the_first_copys_end() {
+        let key = KeyPair::generate().unwrap();
+        let copy = |until: i64| {
+            let mut params = CertificateParams::default();
+            params.distinguished_name.push(DnType::CommonName, "root");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            params.not_before = now_plus(-60);
+            params.not_after = now_plus(until);
+            let cert = params.self_signed(&key).unwrap();
+            Ca {
+                pem: cert.pem(),
+                der: cert.der().clone(),
+                params,
+                key: KeyPair::from_pem(&key.serialize_pem()).unwrap(),
+            }
+        };
+        let (first, later) = (copy(2), copy(3600));
+        let s = store(&first, &first.pem);
+        let (_, leaf, _) = first.leaf(PEER, 600);
+        let leaf_end = unix(now_plus(600)) + 1;
+        let mut session = s
+            .peer_session(Direction::Inbound, Some(&[leaf]), s.trust_watch())
+            .unwrap();
+        assert_eq!(kept_chain(&session), None);
+        near_time(session.deadline(), unix(now_plus(2)) + 1);
+        // The re-issued copy arrives with a renewal: the same anchor, a later end.
+        let (pem, _, own_key) = later.leaf("spiffe://cluster.local/ns/a/sa/me", 3600);
+        s.install_pem(&pem, &own_key, &format!("{}{}", first.pem, later.pem))
+            .unwrap();
         let waited = tokio::time::timeout(Duration::from_secs(5), session.ended()).await;
-        assert!(waited.is_err(), "ended at A's end: {waited:?}");
-        let error = session
-            .deadline()
-            .duration_since(leaf_end)
-            .unwrap_or_else(|e| e.duration());
-        assert!(
-            error <= Duration::from_secs(1),
-            "the leaf's end, once verified: {:?}",
-            session.deadline()
-        );
-        assert!(session.exact, "verified");
+        assert!(waited.is_err(), "ended at the first copy's end: {waited:?}");
+        near_time(session.deadline(), leaf_end);
     }
 
     #[tokio::test]
