@@ -117,13 +117,12 @@ pub async fn serve(
                 };
                 let span =
                     tracing::debug_span!("conn", %peer, direction = kind.direction().as_str());
-                let conn = handle(stream, kind.clone(), proxy.clone(), shutdown.clone());
+                // The slot goes into `handle`'s own future: a wrapping `async` block would
+                // hold that future twice (as its capture and as what it awaits), about
+                // 640 bytes more per connection for as long as it stays open.
                 tracker.spawn(
-                    async move {
-                        conn.await;
-                        drop(slot);
-                    }
-                    .instrument(span),
+                    handle(stream, kind.clone(), proxy.clone(), shutdown.clone(), slot)
+                        .instrument(span),
                 );
             }
             Err(error) => {
@@ -140,11 +139,14 @@ pub async fn serve(
     tracing::info!(?addr, "drained");
 }
 
+/// Serves one accepted connection until it ends; `_slot`, its place under the listener's
+/// connection limit, is given back then.
 async fn handle(
     stream: TcpStream,
     kind: ListenerKind,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
@@ -304,30 +306,7 @@ impl Conn {
                     Route::Missing(name) => (HttpTarget::Named(name.clone()), ServiceLabel(name)),
                     Route::Endpoint(e, label) => (HttpTarget::Fixed(e), label),
                 };
-                let mut conn = HttpConn::new(
-                    proxy.store.clone(),
-                    proxy.metrics.clone(),
-                    direction,
-                    target,
-                    fixed_label,
-                    proxy.limits,
-                );
-                if let Some(peer) = peer {
-                    conn = conn.with_client(peer.ip());
-                }
-                if let Some(log) = proxy.access_log.get() {
-                    conn = conn.with_access_log(log.clone());
-                }
-                if let Some(tracer) = proxy.tracer.get() {
-                    conn.tracer = Some(tracer.clone());
-                }
-                if let Some(tls) = tls {
-                    if tls.inner == Some(Inner::Mux) {
-                        conn = conn.with_mux();
-                    }
-                    conn = conn.with_tls(tls.identity);
-                }
-                let conn = Arc::new(conn);
+                let conn = http_conn(&proxy, direction, target, fixed_label, peer, tls);
                 match life {
                     None => crate::http::serve(io, protocol, conn, shutdown).await,
                     Some(life) => {
@@ -357,39 +336,80 @@ impl Conn {
     }
 }
 
+/// The HTTP side of one accepted connection. Built here, not in [`Conn::serve`]: there
+/// the value under construction (about 600 bytes) would keep its place in the
+/// connection's future for as long as the connection stays open.
+fn http_conn(
+    proxy: &Proxy,
+    direction: Direction,
+    target: HttpTarget,
+    fixed_label: ServiceLabel,
+    peer: Option<SocketAddr>,
+    tls: Option<InboundTls>,
+) -> Arc<HttpConn> {
+    let mut conn = HttpConn::new(
+        proxy.store.clone(),
+        proxy.metrics.clone(),
+        direction,
+        target,
+        fixed_label,
+        proxy.limits,
+    );
+    if let Some(peer) = peer {
+        conn = conn.with_client(peer.ip());
+    }
+    if let Some(log) = proxy.access_log.get() {
+        conn = conn.with_access_log(log.clone());
+    }
+    if let Some(tracer) = proxy.tracer.get() {
+        conn.tracer = Some(tracer.clone());
+    }
+    if let Some(tls) = tls {
+        if tls.inner == Some(Inner::Mux) {
+            conn = conn.with_mux();
+        }
+        conn = conn.with_tls(tls.identity);
+    }
+    Arc::new(conn)
+}
+
 /// Serves an HTTP connection that arrived in a mutual TLS session until it ends, or until
 /// the client's certificate chain stops verifying (`life`): then, as at shutdown, hyper
 /// stops it gracefully (HTTP/2: GOAWAY, streams in flight finish; HTTP/1: closed after
 /// the response in progress), and whatever is still in flight
 /// [`crate::shutdown::SESSION_END_GRACE`] later is cut.
-async fn serve_http_session<I>(
+///
+/// Not an `async fn`: one would hold `life` twice (its argument and the local it moves
+/// into), as long as the session lasts; the block uses its capture in place.
+#[allow(clippy::manual_async_fn)]
+fn serve_http_session<I>(
     io: I,
     protocol: Protocol,
     conn: Arc<HttpConn>,
     shutdown: CancellationToken,
-    life: PeerSession,
+    mut life: PeerSession,
     proxy: &Proxy,
-) where
+) -> impl Future<Output = ()> + Send + '_
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // A token of its own, cancelled by the proxy's shutdown or by this session's end.
-    let stop = shutdown.child_token();
-    let serving = crate::http::serve(io, protocol, conn, stop.clone());
-    tokio::pin!(serving);
-    let mut life = Some(life);
-    let reason = tokio::select! {
-        () = serving.as_mut() => return,
-        reason = session_end(&mut life) => reason,
-    };
-    if let Some(l) = &life {
-        l.record(reason, Some(&proxy.metrics.tls));
-    }
-    stop.cancel();
-    if tokio::time::timeout(crate::shutdown::SESSION_END_GRACE, serving)
-        .await
-        .is_err()
-    {
-        tracing::debug!("closing a mutual TLS session still busy past its end's grace");
+    async move {
+        // A token of its own, cancelled by the proxy's shutdown or by this session's end.
+        let stop = shutdown.child_token();
+        let serving = crate::http::serve(io, protocol, conn, stop.clone());
+        tokio::pin!(serving);
+        let reason = tokio::select! {
+            () = serving.as_mut() => return,
+            reason = life.ended() => reason,
+        };
+        life.record(reason, Some(&proxy.metrics.tls));
+        stop.cancel();
+        if tokio::time::timeout(crate::shutdown::SESSION_END_GRACE, serving)
+            .await
+            .is_err()
+        {
+            tracing::debug!("closing a mutual TLS session still busy past its end's grace");
+        }
     }
 }
 
@@ -995,6 +1015,9 @@ mod tests {
             ListenerKind::InboundTo(addr),
             proxy,
             CancellationToken::new(),
+            Arc::new(tokio::sync::Semaphore::new(1))
+                .try_acquire_owned()
+                .unwrap(),
         );
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "the connection task's future is {size} bytes");
