@@ -42,7 +42,7 @@ use crate::{
     },
     identity::{
         ClientTls, HandshakeError, Inner, TlsFailure,
-        session::{PeerSession, session_end},
+        session::{PeerSession, SessionEvent, session_event},
     },
     shutdown::SESSION_END_GRACE,
 };
@@ -686,7 +686,7 @@ async fn run_http2_connection(
             }
         }
     };
-    let mut ended = false;
+    let (mut ended, mut retired) = (false, false);
     loop {
         tokio::select! {
             biased;
@@ -694,18 +694,28 @@ async fn run_http2_connection(
                 if let Err(error) = result {
                     tracing::debug!(%error, "upstream connection ended with an error");
                 }
-                record_unseen_end(&session, ended, &last_used, metrics.as_ref());
+                record_unseen_end(&session, ended || retired, &last_used, metrics.as_ref());
                 return;
             }
-            reason = session_end(&mut session), if !ended => {
+            event = session_event(&mut session), if !ended => {
+                // Either way no new request goes on the session; the streams on it go on,
+                // after its end for SESSION_END_GRACE at most.
                 last_used.end_now();
                 unshare(&owner);
-                if let Some(s) = &session {
-                    s.record(reason, metrics.as_ref());
-                }
-                ended = true;
                 shared = false;
-                sleep.as_mut().reset(tokio::time::Instant::now() + SESSION_END_GRACE);
+                match event {
+                    SessionEvent::Retire => {
+                        tracing::debug!("mutual TLS session retired: newer certificates to present");
+                        retired = true;
+                    }
+                    SessionEvent::End(reason) => {
+                        if let Some(s) = &session {
+                            s.record(reason, metrics.as_ref());
+                        }
+                        ended = true;
+                        sleep.as_mut().reset(tokio::time::Instant::now() + SESSION_END_GRACE);
+                    }
+                }
             }
             () = sleep.as_mut(), if shared || ended => {
                 if ended {
@@ -938,7 +948,7 @@ async fn run_http1_connection(
         Some((s, m)) => (Some(s), m),
         None => (None, None),
     };
-    let mut ended = false;
+    let (mut ended, mut retired) = (false, false);
     loop {
         tokio::select! {
             biased;
@@ -946,19 +956,31 @@ async fn run_http1_connection(
                 if let Err(error) = result {
                     tracing::debug!(%error, "upstream connection ended with an error");
                 }
-                record_unseen_end(&session, ended, &clock, metrics.as_ref());
+                record_unseen_end(&session, ended || retired, &clock, metrics.as_ref());
                 return;
             }
-            reason = session_end(&mut session), if !ended => {
+            event = session_event(&mut session), if !ended => {
+                // Either way the lease is not taken back: the request on the connection,
+                // if any, finishes (after the session's end, within SESSION_END_GRACE).
                 clock.end_now();
-                if let Some(s) = &session {
+                let reason = match event {
+                    SessionEvent::Retire => {
+                        tracing::debug!("mutual TLS session retired: newer certificates to present");
+                        retired = true;
+                        None
+                    }
+                    SessionEvent::End(reason) => Some(reason),
+                };
+                if let (Some(s), Some(reason)) = (&session, reason) {
                     s.record(reason, metrics.as_ref());
                 }
                 if clock.idle_since().is_some() {
                     return;
                 }
-                ended = true;
-                sleep.as_mut().reset(tokio::time::Instant::now() + SESSION_END_GRACE);
+                if reason.is_some() {
+                    ended = true;
+                    sleep.as_mut().reset(tokio::time::Instant::now() + SESSION_END_GRACE);
+                }
             }
             () = sleep.as_mut() => {
                 if ended {

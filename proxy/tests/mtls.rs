@@ -2125,6 +2125,85 @@ async fn outbound_retires_a_busy_mux_session_before_its_own_certificate_ends_los
     a_busy_mux_session_ends_at_the_peer_certificates_expiry(false).await;
 }
 
+/// A long request on a session is not cut when the session is retired: once the server
+/// has renewed (the end of the renewal window of its certificate's life), the client's
+/// new requests take a new session, which presents the renewed certificate, while the
+/// one in flight finishes on the old session, which then closes by itself before the old
+/// certificate's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_a_retired_mux_session_finishes_its_request_while_new_ones_take_a_new_session() {
+    let ca = Ca::new("mesh root");
+    // Each request takes 3 s: the first is in flight at the retirement and ends before
+    // the old certificate does.
+    let backend = Scripted::always(
+        "127.0.0.1",
+        "cart",
+        Misbehave::Delay(Duration::from_millis(3000)),
+    )
+    .await;
+    let server_id = IdentityStore::new().unwrap();
+    // Ten seconds of life, six gone: renewed by 7.5 s (and 0.5 s of slack), so the
+    // client retires the session about 2 s from now; it ends about 4 s from now.
+    let leaf = ca.issue_at(SERVER_ID, -6, 4);
+    server_id
+        .install_pem(&leaf.chain, &leaf.key, &ca.pem)
+        .unwrap();
+    let expiry = leaf.ends();
+    let server = server_sidecar(Some(server_id.clone()), backend.addr);
+    let client = client_sidecar(Some(ca.store(CLIENT_ID)), server.addr, SERVER_ID);
+
+    let long = {
+        let url = client.url("/long");
+        tokio::spawn(async move { get(&h1_client(), &url).await.0.status() })
+    };
+    eventually(
+        Duration::from_secs(2),
+        "the long request is on the session",
+        || {
+            let n = sessions(&server, "inbound");
+            async move { n == 1 }
+        },
+    )
+    .await;
+    // The server renews, as its identity client does by then.
+    let renewed = ca.issue(SERVER_ID);
+    server_id
+        .install_pem(&renewed.chain, &renewed.key, &ca.pem)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(std::time::SystemTime::now() < expiry, "the test ran late");
+    let (resp, _) = get(&h1_client(), &client.url("/after")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        sessions(&server, "inbound"),
+        2,
+        "the request after the retirement took a new session"
+    );
+    assert_eq!(long.await.unwrap(), 200, "the request in flight finished");
+    // The old session closed after its last request, before its certificate's end.
+    eventually(
+        Duration::from_secs(5),
+        "the retired session's connection closed",
+        || {
+            let m = metrics_of(&server);
+            async move { metric(&m, "weft_tcp_connections_open{", &["direction=\"inbound\""]) == 1 }
+        },
+    )
+    .await;
+    tokio::time::sleep(
+        expiry
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            + Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(
+        ended(&client, "outbound", "peer_certificate_expired"),
+        0,
+        "retired and closed, not ended by the expiry"
+    );
+}
+
 /// The inbound side's own enforcement, against a client that does not retire its session
 /// (hyper's HTTP/2 client over the client end of a `weft-mux` session): at the client's
 /// certificate's end the server sends GOAWAY, the request in flight finishes, and the

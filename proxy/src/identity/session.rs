@@ -83,6 +83,22 @@ impl EndReason {
     }
 }
 
+/// What a session's owner is told by [`PeerSession::next`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// Outbound only: a new session would present newer certificates (this proxy's
+    /// renewed one, or the peer's, which it renews by now): new requests should open one,
+    /// while those on this session go on until it ends.
+    Retire,
+    /// The session ends, and why.
+    End(EndReason),
+}
+
+/// How often an outbound session due for retirement by this proxy's renewal time looks
+/// again until the renewed certificate is installed: a retirement before that would open
+/// the new session with the same certificate.
+pub const OWN_RETIRE_RECHECK: Duration = Duration::from_secs(10);
+
 /// What makes two copies of a root one trust anchor for webpki (its subject, key and name
 /// constraints), as a SHA-256 digest: what a session keeps of the root its peer's chain
 /// leads to.
@@ -161,6 +177,13 @@ pub struct PeerSession {
     /// Outbound: when to retire the session because of this proxy's own certificate (see
     /// [`EndReason::LocalCertificateExpired`]).
     local_end: Option<SystemTime>,
+    /// Outbound: when the peer has renewed the certificate it presented (the end of
+    /// [`super::RENEW_FRACTION`] of its life, and a little more), at which the session is
+    /// retired ([`SessionEvent::Retire`]); none once retired, or past at the start.
+    peer_retire: Option<SystemTime>,
+    /// Outbound: when to retire the session for this proxy's own renewal, once a renewed
+    /// certificate is installed (looked at again every [`OWN_RETIRE_RECHECK`] until then).
+    own_retire: Option<SystemTime>,
     direction: Direction,
     trust: TrustWatch,
     /// Set when the chain did not verify even at the session's start (a trust change
@@ -211,9 +234,24 @@ impl PeerSession {
             .iter()
             .map(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, x)| x))
             .collect();
-        let identity = parsed.first()?.as_ref().and_then(spiffe_id_of);
+        let leaf = parsed.first()?.as_ref();
+        let identity = leaf.and_then(spiffe_id_of);
         let current = trust.current.load_full();
         let now = UnixTime::now().as_secs();
+        // Retired when a new session would present newer certificates: so that requests
+        // made after a renewal do not ride a session that ends with the old certificate
+        // (a long stream started on it would be cut then).
+        let (peer_retire, own_retire) = if expected.is_some() {
+            let future = |t: SystemTime| (t > SystemTime::now()).then_some(t);
+            let peer = leaf
+                .map(dates)
+                .and_then(|(from, until)| peer_renewed_by(from, until))
+                .and_then(future);
+            let own = current.as_ref().map(|c| c.renew_at()).and_then(future);
+            (peer, own)
+        } else {
+            (None, None)
+        };
         let path = current
             .as_ref()
             .and_then(|c| only_path(&parsed, &c.trust.roots, now));
@@ -255,6 +293,8 @@ impl PeerSession {
             identity,
             deadline,
             local_end,
+            peer_retire,
+            own_retire,
             direction,
             trust,
             ended,
@@ -296,7 +336,41 @@ impl PeerSession {
     /// When to look at the session again, on tokio's clock: its end, or the lower bound
     /// at which a kept chain is verified.
     fn wake_instant(&self) -> tokio::time::Instant {
-        instant_of(self.end().0)
+        let at = [self.peer_retire, self.own_retire]
+            .into_iter()
+            .flatten()
+            .fold(self.end().0, SystemTime::min);
+        instant_of(at)
+    }
+
+    /// When a retirement is due and the session has not ended yet: whether to retire now
+    /// (for this proxy's own renewal, only once the renewed certificate is installed;
+    /// until then the time moves on by [`OWN_RETIRE_RECHECK`]).
+    fn retire_now(&mut self, now: SystemTime) -> bool {
+        if self.peer_retire.is_some_and(|t| t <= now) {
+            self.peer_retire = None;
+            self.own_retire = None;
+            return true;
+        }
+        if self.own_retire.is_none_or(|t| t > now) {
+            return false;
+        }
+        // The certificate this side presented ends at `local_end` + margin − 1 s; a
+        // renewed one ends later.
+        let presented = self
+            .local_end
+            .map(|l| l + LOCAL_END_MARGIN - Duration::from_secs(1));
+        let renewed = match (self.trust.current.load().as_ref(), presented) {
+            (Some(c), Some(presented)) => c.not_after > presented,
+            _ => false,
+        };
+        if renewed {
+            self.peer_retire = None;
+            self.own_retire = None;
+        } else {
+            self.own_retire = Some(now + OWN_RETIRE_RECHECK).filter(|_| presented.is_some());
+        }
+        renewed
     }
 
     /// Whether the session had to end before it began (trust changed during its
@@ -340,21 +414,39 @@ impl PeerSession {
 
     /// Waits until the session must end, and says why: the deadline passed, or the
     /// trusted roots changed and the chain no longer verifies (a change it survives may
-    /// move the deadline). Cancel-safe: its state lives in `self`.
+    /// move the deadline). A retirement ([`SessionEvent::Retire`]) is passed over: for
+    /// owners whose work cannot move to another session. Cancel-safe: its state lives in
+    /// `self`.
     pub async fn ended(&mut self) -> EndReason {
-        // Bounded: each turn waits for the deadline or a change of trust, and ends the
-        // session unless judging it again moves the deadline later.
+        // Bounded: a session is retired at most once.
+        loop {
+            if let SessionEvent::End(reason) = self.next().await {
+                return reason;
+            }
+        }
+    }
+
+    /// Waits for what the session's owner must act on next: its retirement (outbound, at
+    /// most once, before its end) or its end, as [`PeerSession::ended`] says.
+    /// Cancel-safe: its state lives in `self`.
+    pub async fn next(&mut self) -> SessionEvent {
+        // Bounded: each turn waits for the deadline, a retirement's time or a change of
+        // trust, and ends the session unless judging it again moves the deadline later.
         loop {
             if let Some(reason) = self.ended {
-                return reason;
+                return SessionEvent::End(reason);
             }
             let at = self.wake_instant();
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {
                     // Rechecked by the wall clock, which certificates follow: set back
                     // meanwhile, the chain is still valid and the wait goes on.
+                    let now = SystemTime::now();
                     let (end, reason) = self.end();
-                    if SystemTime::now() < end {
+                    if now < end {
+                        if self.retire_now(now) {
+                            return SessionEvent::Retire;
+                        }
                         continue;
                     }
                     if reason == EndReason::LocalCertificateExpired {
@@ -415,6 +507,24 @@ pub async fn session_end(session: &mut Option<PeerSession>) -> EndReason {
         Some(s) => s.ended().await,
         None => std::future::pending().await,
     }
+}
+
+/// [`PeerSession::next`] of `session`; never, when there is none.
+pub async fn session_event(session: &mut Option<PeerSession>) -> SessionEvent {
+    match session {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When a peer whose certificate is valid from `from` to `until` (Unix seconds) has
+/// renewed it: at the end of [`super::RENEW_FRACTION`] of its life, and a twentieth of
+/// it later (at most a minute) for the renewal to arrive.
+fn peer_renewed_by(from: u64, until: u64) -> Option<SystemTime> {
+    let life = Duration::from_secs(until.checked_sub(from)?);
+    let renewed = life.mul_f64(*super::RENEW_FRACTION.end());
+    let slack = (life / 20).min(Duration::from_secs(60));
+    UNIX_EPOCH.checked_add(Duration::from_secs(from) + renewed + slack)
 }
 
 /// How long before this proxy's own certificate ends its outbound sessions are retired
@@ -1030,6 +1140,104 @@ mod tests {
         let waited = tokio::time::timeout(Duration::from_secs(5), session.ended()).await;
         assert!(waited.is_err(), "ended at the first copy's end: {waited:?}");
         near_time(session.deadline(), leaf_end);
+    }
+
+    /// A leaf for `id` valid from `from` to `until` seconds from now (DER, key PEM, PEM).
+    fn leaf_between(
+        ca: &Ca,
+        id: &str,
+        from: i64,
+        until: i64,
+    ) -> (CertificateDer<'static>, String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = now_plus(from);
+        params.not_after = now_plus(until);
+        let cert = params
+            .signed_by(&key, &Issuer::from_params(&ca.params, &ca.key))
+            .unwrap();
+        (cert.der().clone(), key.serialize_pem(), cert.pem())
+    }
+
+    fn outbound(store: &IdentityStore, peer: &CertificateDer<'_>) -> PeerSession {
+        PeerSession::new(
+            Direction::Outbound,
+            Some(std::slice::from_ref(peer)),
+            Some(Arc::from(PEER)),
+            store.trust_watch(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn outbound_a_session_is_retired_once_the_peer_has_renewed_and_ends_with_its_chain() {
+        let root = Ca::root("root", 3600);
+        let s = store(&root, &root.pem);
+        // Ten seconds of life, six gone: renewed by 7.5 s (and 0.5 s of slack), so
+        // retired in about 2 s, and ended at its end, in about 4.
+        let (peer, _, _) = leaf_between(&root, PEER, -6, 4);
+        let mut session = outbound(&s, &peer);
+        let retire = session.peer_retire.expect("a retirement ahead");
+        near_time(retire, unix(now_plus(2)));
+        let started = tokio::time::Instant::now();
+        let event = tokio::time::timeout(Duration::from_secs(4), session.next()).await;
+        assert_eq!(event.ok(), Some(SessionEvent::Retire));
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "not before its time"
+        );
+        let event = tokio::time::timeout(Duration::from_secs(5), session.next()).await;
+        assert_eq!(
+            event.ok(),
+            Some(SessionEvent::End(EndReason::PeerCertificateExpired)),
+            "retired once, then ended"
+        );
+        // Inbound sessions are never retired; nor one whose peer was past renewing at
+        // its start (its new session would bring the same certificate).
+        let (late, _, _) = leaf_between(&root, PEER, -9, 1);
+        assert_eq!(outbound(&s, &late).peer_retire, None);
+        let inbound = s
+            .peer_session(Direction::Inbound, Some(&[peer]), s.trust_watch())
+            .unwrap();
+        assert_eq!((inbound.peer_retire, inbound.own_retire), (None, None));
+    }
+
+    #[tokio::test]
+    async fn outbound_a_session_is_retired_for_this_proxys_renewal_only_once_it_is_installed() {
+        let root = Ca::root("root", 3600);
+        let (_, peer, _) = root.leaf(PEER, 3600);
+        let own = |until: i64| {
+            let store = IdentityStore::new().unwrap();
+            let (_, key, pem) = leaf_between(&root, "spiffe://cluster.local/ns/a/sa/me", 0, until);
+            store.install_pem(&pem, &key, &root.pem).unwrap();
+            store
+        };
+        // Renewal due at 65–75 % of 8 s; the renewed certificate is installed at once.
+        let s = own(8);
+        let mut session = outbound(&s, &peer);
+        let due = session.own_retire.expect("retirement at renewal");
+        let renew_at = s.current().unwrap().renew_at();
+        assert_eq!(due, renew_at);
+        let (_, key, pem) = leaf_between(&root, "spiffe://cluster.local/ns/a/sa/me", 0, 3600);
+        s.install_pem(&pem, &key, &root.pem).unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(7), session.next()).await;
+        assert_eq!(event.ok(), Some(SessionEvent::Retire));
+        assert!(SystemTime::now() >= renew_at);
+        // No renewal installed: not retired at the renewal time (a new session would
+        // present the same certificate), but ended before the certificate's end.
+        let s = own(4);
+        let mut session = outbound(&s, &peer);
+        assert!(session.own_retire.is_some());
+        let event = tokio::time::timeout(Duration::from_secs(6), session.next()).await;
+        assert_eq!(
+            event.ok(),
+            Some(SessionEvent::End(EndReason::LocalCertificateExpired))
+        );
     }
 
     #[tokio::test]
