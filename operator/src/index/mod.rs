@@ -56,7 +56,7 @@ pub mod watch;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use weft_api::proxy_config::MtlsMode;
@@ -254,6 +254,13 @@ pub struct Index {
     /// namespace's rebuild and each view read it, where evaluating every Policy against
     /// every pod of the namespace made one change cost pods × Policies.
     selection: selection::Selection,
+    /// Per pod, the mTLS mode its Policies give it, computed when first read and
+    /// forgotten when the pod's selection, one of its Policies or its namespace's
+    /// refusals change: every endpoint's identity reads it at each rebuild of the
+    /// namespace, and with namespace-wide Policies a pod has hundreds to combine (and to
+    /// look up), which made a rebuild cost endpoints × Policies per pod. A mutex because
+    /// identities are read through `&self`; the index's own lock is held anyway.
+    policy_modes: Mutex<HashMap<ObjectKey, MtlsMode>>,
     version: u64,
     /// During [`Index::replace`]: namespaces to rebuild once at the end.
     deferred: Option<BTreeSet<String>>,
@@ -289,6 +296,7 @@ impl Index {
             claims: HashMap::new(),
             pod_addresses: HashMap::new(),
             selection: selection::Selection::default(),
+            policy_modes: Mutex::new(HashMap::new()),
             version: 0,
             deferred: None,
         }
@@ -442,6 +450,7 @@ impl Index {
                 };
                 let others = self.move_pod_addresses(key, &removed.ips, &[]);
                 self.selection.remove_pod(key);
+                self.forget_policy_modes([key]);
                 pods.insert(key.clone());
                 return self.finish(std::iter::once(ns).chain(others), pods);
             }
@@ -449,6 +458,7 @@ impl Index {
             Kind::Policy => {
                 let removed = self.policies.remove(key).is_some();
                 pods = self.selection.remove_policy(key);
+                self.forget_policy_modes(&pods);
                 removed
             }
             Kind::Breaker => self.breakers.remove(key).is_some(),
@@ -577,6 +587,10 @@ impl Index {
             self.refused_policies.remove(ns);
         } else {
             self.refused_policies.insert(ns.to_owned(), refused);
+        }
+        if refused_changed {
+            // A refused Policy counts in no pod's mode, so every mode of `ns` may change.
+            lock(&mut self.policy_modes).retain(|pod, _| pod.namespace != ns);
         }
         let mut fresh: BTreeMap<String, Arc<ServiceConfig>> = BTreeMap::new();
         let old = self.outbound.get(ns);
@@ -889,8 +903,7 @@ impl Index {
             return None;
         }
         let identity = self.identity(ns, pod)?;
-        let specs = self.selecting(&key).map(|(_, _, spec)| spec);
-        (compile::mtls(self.mesh_mtls, specs) != MtlsMode::Disabled).then_some(identity)
+        (self.policy_mode(&key) != MtlsMode::Disabled).then_some(identity)
     }
 
     /// The endpoints of one Service port, by address: the ready ones, or with `all` those
@@ -1267,6 +1280,7 @@ impl Index {
     /// namespace's Policies, against it alone.
     fn reselect_pod(&mut self, key: &ObjectKey) {
         self.selection.remove_pod(key);
+        self.forget_policy_modes([key]);
         let Some(pod) = self.pods.get(key) else {
             return;
         };
@@ -1284,18 +1298,63 @@ impl Index {
     /// whose views it may change.
     fn reselect_policy(&mut self, key: &ObjectKey) -> BTreeSet<ObjectKey> {
         let mut touched = self.selection.remove_policy(key);
-        let Some((_, Parsed::Valid(spec))) = self.policies.get(key) else {
-            return touched;
-        };
-        let selected: Vec<ObjectKey> = in_ns(&self.pods, &key.namespace)
-            .filter(|(k, pod)| self.selects(spec, k, pod))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for pod in selected {
-            self.selection.insert(key, &pod);
-            touched.insert(pod);
+        if let Some((_, Parsed::Valid(spec))) = self.policies.get(key) {
+            let selected: Vec<ObjectKey> = in_ns(&self.pods, &key.namespace)
+                .filter(|(k, pod)| self.selects(spec, k, pod))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for pod in selected {
+                self.selection.insert(key, &pod);
+                touched.insert(pod);
+            }
         }
+        // The Policy's spec may have changed even where its pods did not: each pod it
+        // selected or selects may run another mode.
+        self.forget_policy_modes(&touched);
         touched
+    }
+
+    /// Forgets the mTLS mode kept for each of `pods`, whose Policies changed.
+    fn forget_policy_modes<'a>(&mut self, pods: impl IntoIterator<Item = &'a ObjectKey>) {
+        let modes = lock(&mut self.policy_modes);
+        for pod in pods {
+            modes.remove(pod);
+        }
+    }
+
+    /// The mTLS mode `pod_key` runs ([`compile::mtls`] of the Policies that select it and
+    /// are not refused): kept from an earlier read unless they changed since
+    /// ([`Index::forget_policy_modes`]).
+    fn policy_mode(&self, pod_key: &ObjectKey) -> MtlsMode {
+        let cached = self
+            .policy_modes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(pod_key)
+            .copied();
+        if let Some(mode) = cached {
+            // Tests hold every mode read against one computed afresh, so that a change
+            // that forgets to forget one fails there rather than sending a stale identity.
+            #[cfg(test)]
+            assert_eq!(
+                mode,
+                self.compute_policy_mode(pod_key),
+                "stale mTLS mode of {pod_key}"
+            );
+            return mode;
+        }
+        let mode = self.compute_policy_mode(pod_key);
+        self.policy_modes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pod_key.clone(), mode);
+        mode
+    }
+
+    /// Computes [`Index::policy_mode`].
+    fn compute_policy_mode(&self, pod_key: &ObjectKey) -> MtlsMode {
+        let specs = self.selecting(pod_key).map(|(_, _, spec)| spec);
+        compile::mtls(self.mesh_mtls, specs)
     }
 
     /// Whether a valid Route, Breaker or Policy of `key`'s namespace names Service `key`
@@ -1609,6 +1668,12 @@ impl Index {
 enum Visible {
     All,
     Some(BTreeSet<String>),
+}
+
+/// What a mutex holds, through `&mut` access, which needs no lock (a poisoned one
+/// still holds modes that are each whole).
+fn lock<T>(m: &mut Mutex<T>) -> &mut T {
+    m.get_mut().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether a Policy is sent as an authorization policy: one that allows everything and
