@@ -670,7 +670,7 @@ impl IdentityStore {
             current: self.current.clone(),
             provider: self.provider.clone(),
             changes: self.trust_changes.subscribe(),
-            own_end: self.current.load().as_ref().map(|c| c.not_after),
+            seen: self.current.load_full(),
         }
     }
 

@@ -131,9 +131,10 @@ pub(crate) struct TrustWatch {
     pub(crate) current: Arc<ArcSwapOption<Certified>>,
     pub(crate) provider: Arc<CryptoProvider>,
     pub(crate) changes: watch::Receiver<u64>,
-    /// The end of this side's certificate when the watch was taken (before the
-    /// handshake): the certificate the handshake presented, or a later one.
-    pub(crate) own_end: Option<SystemTime>,
+    /// The certificate in use when the watch was taken (before the handshake): the one
+    /// the handshake presented and judged its peer by, unless an install came between.
+    /// Let go once the session has started.
+    pub(crate) seen: Option<Arc<Certified>>,
 }
 
 impl TrustWatch {
@@ -143,7 +144,7 @@ impl TrustWatch {
     pub(crate) fn seen_now(&self) -> TrustWatch {
         let mut watch = self.clone();
         watch.changes.borrow_and_update();
-        watch.own_end = self.current.load().as_ref().map(|c| c.not_after);
+        watch.seen = self.current.load_full();
         watch
     }
 }
@@ -211,17 +212,25 @@ impl PeerSession {
         direction: Direction,
         chain: Option<&[CertificateDer<'_>]>,
         expected: Option<Arc<str>>,
-        trust: TrustWatch,
+        mut trust: TrustWatch,
     ) -> Option<PeerSession> {
+        let seen = trust.seen.take();
+        let current = trust.current.load_full();
+        // Whether an install came between the watch and now: then the handshake may have
+        // judged the peer by other roots than `current`'s, so the path by names (found
+        // against `current`) says nothing of it; the chain is kept and verified now.
+        let installed_since = match (&seen, &current) {
+            (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+            (a, b) => a.is_some() != b.is_some(),
+        };
         // The end of the certificate this side presented (outbound: the peer ends the
         // session then). Already within the margin, it is not used: the new session must
         // carry requests until the peer ends it (no renewal came in time).
         // Read before the handshake too: a renewal during it must not move the end of the
         // certificate it presented later.
-        let now_own = trust.current.load().as_ref().map(|c| c.not_after);
-        let own = match (trust.own_end, now_own) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let own = match (&seen, &current) {
+            (Some(a), Some(b)) => Some(a.not_after.min(b.not_after)),
+            (a, b) => a.as_ref().or(b.as_ref()).map(|c| c.not_after),
         };
         let local_end = expected
             .as_ref()
@@ -236,7 +245,6 @@ impl PeerSession {
             .collect();
         let leaf = parsed.first()?.as_ref();
         let identity = leaf.and_then(spiffe_id_of);
-        let current = trust.current.load_full();
         let now = UnixTime::now().as_secs();
         // Retired when a new session would present newer certificates: so that requests
         // made after a renewal do not ride a session that ends with the old certificate
@@ -247,13 +255,20 @@ impl PeerSession {
                 .map(dates)
                 .and_then(|(from, until)| peer_renewed_by(from, until))
                 .and_then(future);
-            let own = current.as_ref().map(|c| c.renew_at()).and_then(future);
+            // Renewed during the handshake: the session presented the old certificate,
+            // and is retired at once (the first look finds the renewal installed).
+            let own = if installed_since && own != current.as_ref().map(|c| c.not_after) {
+                Some(SystemTime::now())
+            } else {
+                current.as_ref().map(|c| c.renew_at()).and_then(future)
+            };
             (peer, own)
         } else {
             (None, None)
         };
         let path = current
             .as_ref()
+            .filter(|_| !installed_since)
             .and_then(|c| only_path(&parsed, &c.trust.roots, now));
         let (peer, deadline, ended) = match (&current, path) {
             (None, _) => (
@@ -300,8 +315,10 @@ impl PeerSession {
             ended,
             store_gone: false,
         };
-        // Trust changed during the handshake (rare): judged now, before any request.
-        if session.ended.is_none() && session.trust.changes.has_changed().unwrap_or(false) {
+        // Trust changed, or a certificate was installed, during the handshake (rare):
+        // judged now, before any request.
+        let changed = session.trust.changes.has_changed().unwrap_or(false);
+        if session.ended.is_none() && (changed || installed_since) {
             session.trust.changes.borrow_and_update();
             session.judge_now();
         }
@@ -518,14 +535,20 @@ pub async fn session_event(session: &mut Option<PeerSession>) -> SessionEvent {
 }
 
 /// When a peer whose certificate is valid from `from` to `until` (Unix seconds) has
-/// renewed it: at the end of [`super::RENEW_FRACTION`] of its life, and a twentieth of
-/// it later (at most a minute) for the renewal to arrive.
+/// renewed it: at the end of [`super::RENEW_FRACTION`] of the life it counts from its
+/// install (which comes after `from`: issuers backdate it, the operator by 5 minutes),
+/// and a twentieth of the life later (at most a minute) for the renewal to arrive.
 fn peer_renewed_by(from: u64, until: u64) -> Option<SystemTime> {
     let life = Duration::from_secs(until.checked_sub(from)?);
-    let renewed = life.mul_f64(*super::RENEW_FRACTION.end());
+    let backdated = (life / 20).min(BACKDATE_ALLOWANCE);
+    let renewed = backdated + (life - backdated).mul_f64(*super::RENEW_FRACTION.end());
     let slack = (life / 20).min(Duration::from_secs(60));
     UNIX_EPOCH.checked_add(Duration::from_secs(from) + renewed + slack)
 }
+
+/// How far before its install a peer's certificate may start: the operator backdates
+/// `notBefore` by 5 minutes for clocks that differ.
+const BACKDATE_ALLOWANCE: Duration = Duration::from_secs(300);
 
 /// How long before this proxy's own certificate ends its outbound sessions are retired
 /// ([`EndReason::LocalCertificateExpired`]): room for the clocks of two nodes to differ,
@@ -1178,7 +1201,7 @@ mod tests {
     async fn outbound_a_session_is_retired_once_the_peer_has_renewed_and_ends_with_its_chain() {
         let root = Ca::root("root", 3600);
         let s = store(&root, &root.pem);
-        // Ten seconds of life, six gone: renewed by 7.5 s (and 0.5 s of slack), so
+        // Ten seconds of life, six gone: renewed by about 7.6 s (and 0.5 s of slack), so
         // retired in about 2 s, and ended at its end, in about 4.
         let (peer, _, _) = leaf_between(&root, PEER, -6, 4);
         let mut session = outbound(&s, &peer);
@@ -1238,6 +1261,24 @@ mod tests {
             event.ok(),
             Some(SessionEvent::End(EndReason::LocalCertificateExpired))
         );
+    }
+
+    #[tokio::test]
+    async fn an_install_during_the_handshake_of_a_root_of_the_same_name_ends_the_session() {
+        // The operator's roots all share one name: found after the install, the path by
+        // names would lead to the new root, which the handshake did not use.
+        let (old, new) = (Ca::root("root", 3600), Ca::root("root", 3600));
+        let s = store(&old, &old.pem);
+        let (_, from_old, _) = old.leaf(PEER, 3600);
+        let before = s.trust_watch();
+        let (pem, _, key) = new.leaf("spiffe://cluster.local/ns/a/sa/me", 3600);
+        s.install_pem(&pem, &key, &new.pem).unwrap();
+        let mut session = s
+            .peer_session(Direction::Inbound, Some(&[from_old]), before)
+            .unwrap();
+        assert!(kept_chain(&session).is_some(), "not judged by names");
+        let ended = tokio::time::timeout(Duration::from_millis(500), session.ended()).await;
+        assert_eq!(ended.ok(), Some(EndReason::Untrusted));
     }
 
     #[tokio::test]
