@@ -92,7 +92,95 @@ pub enum UpstreamIo {
     /// Plain TCP.
     Plain(TcpStream),
     /// Mutual TLS.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<TlsIo>),
+}
+
+/// A mutual TLS connection to an upstream proxy, which its session's task may cut
+/// ([`Cut`]).
+#[derive(Debug)]
+pub struct TlsIo {
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    cut: Option<Arc<Cut>>,
+}
+
+impl Drop for TlsIo {
+    fn drop(&mut self) {
+        if let Some(cut) = &self.cut {
+            cut.gone.notify_one();
+        }
+    }
+}
+
+/// How a session's task cuts an HTTP/2 connection that hyper drives in a task of its own
+/// (so dropping hyper's handle does not close it), and learns when the connection is
+/// gone: every read and write fails once [`Cut::sever`] has been called.
+#[derive(Debug, Default)]
+struct Cut {
+    severed: AtomicBool,
+    /// The task last left waiting on the socket, woken by [`Cut::sever`].
+    waiting: Mutex<Option<std::task::Waker>>,
+    /// Notified when the connection's IO is dropped.
+    gone: tokio::sync::Notify,
+}
+
+impl Cut {
+    fn sever(&self) {
+        self.severed.store(true, Ordering::Release);
+        let waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
+    }
+
+    fn severed(&self) -> bool {
+        self.severed.load(Ordering::Acquire)
+    }
+
+    /// `poll`, unless severed; a wait also leaves the task's waker for [`Cut::sever`].
+    fn guard<T>(
+        cut: Option<&Cut>,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(&mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let Some(cut) = cut else {
+            return poll(cx);
+        };
+        if cut.severed() {
+            return Poll::Ready(Err(severed()));
+        }
+        let polled = poll(cx);
+        if polled.is_pending() {
+            *cut.waiting
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(cx.waker().clone());
+            // Severed in between: the waker above may have come too late to be woken.
+            if cut.severed() {
+                return Poll::Ready(Err(severed()));
+            }
+        }
+        polled
+    }
+}
+
+fn severed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "mutual TLS session cut: still busy past its end's grace",
+    )
+}
+
+impl UpstreamIo {
+    /// Makes a mutual TLS connection cuttable by its session's task; none for plain TCP.
+    fn cuttable(&mut self) -> Option<Arc<Cut>> {
+        match self {
+            UpstreamIo::Plain(_) => None,
+            UpstreamIo::Tls(io) => Some(io.cut.get_or_insert_with(Arc::default).clone()),
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for UpstreamIo {
@@ -103,7 +191,9 @@ impl tokio::io::AsyncRead for UpstreamIo {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Cut::guard(s.cut.as_deref(), cx, |cx| {
+                Pin::new(&mut s.stream).poll_read(cx, buf)
+            }),
         }
     }
 }
@@ -116,7 +206,9 @@ impl tokio::io::AsyncWrite for UpstreamIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Cut::guard(s.cut.as_deref(), cx, |cx| {
+                Pin::new(&mut s.stream).poll_write(cx, buf)
+            }),
         }
     }
 
@@ -127,28 +219,32 @@ impl tokio::io::AsyncWrite for UpstreamIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Cut::guard(s.cut.as_deref(), cx, |cx| {
+                Pin::new(&mut s.stream).poll_write_vectored(cx, bufs)
+            }),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             UpstreamIo::Plain(s) => s.is_write_vectored(),
-            UpstreamIo::Tls(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.stream.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Cut::guard(s.cut.as_deref(), cx, |cx| {
+                Pin::new(&mut s.stream).poll_flush(cx)
+            }),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(&mut s.stream).poll_shutdown(cx),
         }
     }
 }
@@ -171,7 +267,11 @@ pub async fn connect_io(
             let trust = tls.trust_watch();
             let s = tls.handshake(stream, addr, inner, timeout).await?;
             let session = tls.peer_session(&s, trust);
-            Ok((UpstreamIo::Tls(Box::new(s)), session))
+            let io = TlsIo {
+                stream: s,
+                cut: None,
+            };
+            Ok((UpstreamIo::Tls(Box::new(io)), session))
         }
     }
 }
@@ -596,7 +696,7 @@ impl Http2Conn {
             Some((_, Slot::Free(permit))) => permit,
             Some((s, Slot::Full)) => return Err(s.refuse_connection().into()),
         };
-        let (stream, session) = connect_io(
+        let (mut stream, session) = connect_io(
             self.addr,
             self.source,
             self.connect_timeout,
@@ -605,6 +705,7 @@ impl Http2Conn {
             Inner::Mux,
         )
         .await?;
+        let cut = session.as_ref().and_then(|_| stream.cuttable());
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_RESPONSE_HEADER_LIST_SIZE)
@@ -628,6 +729,7 @@ impl Http2Conn {
                 Arc::downgrade(self),
                 service_slot,
                 session.map(|s| (s, metrics)),
+                cut,
             )
             .instrument(span),
         );
@@ -655,9 +757,13 @@ fn went_away(error: &hyper::Error) -> bool {
 /// new request it stops being the endpoint's shared connection; hyper then closes it
 /// once its last stream (and its last sender) is gone.
 ///
-/// A mutual TLS session also stops being shared when its peer's chain stops verifying
-/// (`session`): new requests then open a new session (a fresh handshake), while those
-/// on it finish, for at most [`SESSION_END_GRACE`], after which it is closed.
+/// A mutual TLS session (`session`: the session, the metrics its end counts into, and the
+/// [`Cut`] of its connection) also stops being shared when it is retired or its peer's
+/// chain stops verifying: new requests then open a new session (a fresh handshake), while
+/// those on it finish, after its end for at most [`SESSION_END_GRACE`], after which it is
+/// cut. hyper drives the connection in a task of its own, which outlives `conn` (done
+/// once every sender is gone) while streams are open: so this task, which holds the
+/// session, lasts until the connection's IO is dropped.
 async fn run_http2_connection(
     conn: hyper::client::conn::http2::Connection<TokioIo<UpstreamIo>, UpstreamBody, TokioExecutor>,
     last_used: Arc<IdleClock>,
@@ -665,9 +771,12 @@ async fn run_http2_connection(
     // Held until the connection ends: it counts against the service's maxConnections.
     _service_slot: Option<OwnedSemaphorePermit>,
     session: Option<(PeerSession, Option<crate::metrics::TlsMetrics>)>,
+    cut: Option<Arc<Cut>>,
 ) {
-    tokio::pin!(conn);
-    // The idle timer while shared; once the session has ended, its grace.
+    // Dropped once done: hyper's connection task starts closing the connection only then.
+    let mut conn = Some(Box::pin(conn));
+    // The idle timer while shared; once the session has ended, its grace; once cut, the
+    // wait for hyper to let the IO go.
     let sleep = tokio::time::sleep(IDLE_TIMEOUT);
     tokio::pin!(sleep);
     let mut shared = true;
@@ -690,12 +799,23 @@ async fn run_http2_connection(
     loop {
         tokio::select! {
             biased;
-            result = conn.as_mut() => {
+            () = io_gone(cut.as_deref()) => {
+                record_unseen_end(&session, ended || retired, &last_used, metrics.as_ref());
+                return;
+            }
+            result = dispatch(&mut conn) => {
                 if let Err(error) = result {
                     tracing::debug!(%error, "upstream connection ended with an error");
                 }
-                record_unseen_end(&session, ended || retired, &last_used, metrics.as_ref());
-                return;
+                conn = None;
+                if cut.is_none() {
+                    record_unseen_end(&session, ended || retired, &last_used, metrics.as_ref());
+                    return;
+                }
+                // Streams may still be open in hyper's connection task: the session goes
+                // on until its IO is gone.
+                shared = false;
+                unshare(&owner);
             }
             event = session_event(&mut session), if !ended => {
                 // Either way no new request goes on the session; the streams on it go on,
@@ -719,8 +839,16 @@ async fn run_http2_connection(
             }
             () = sleep.as_mut(), if shared || ended => {
                 if ended {
-                    tracing::debug!("closing a mutual TLS session still busy past its end's grace");
-                    return;
+                    match cut.as_deref() {
+                        Some(c) if !c.severed() => {
+                            tracing::debug!("cutting a mutual TLS session still busy past its end's grace");
+                            c.sever();
+                            // A severed IO fails at hyper's next poll, which lets it go.
+                            sleep.as_mut().reset(tokio::time::Instant::now() + CUT_WAIT);
+                        }
+                        _ => return,
+                    }
+                    continue;
                 }
                 let now = tokio::time::Instant::now();
                 let since = last_used.idle_since().unwrap_or(now);
@@ -732,6 +860,26 @@ async fn run_http2_connection(
                 }
             }
         }
+    }
+}
+
+/// How long a session's task waits for hyper to drop a connection it has cut, before it
+/// stops waiting (the cut stands either way).
+const CUT_WAIT: Duration = Duration::from_secs(5);
+
+/// `conn` run to its end; never once it is gone.
+async fn dispatch<F: Future + Unpin>(conn: &mut Option<F>) -> F::Output {
+    match conn {
+        Some(c) => c.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits until the IO `cut` guards is dropped; never without one.
+async fn io_gone(cut: Option<&Cut>) {
+    match cut {
+        Some(c) => c.gone.notified().await,
+        None => std::future::pending().await,
     }
 }
 

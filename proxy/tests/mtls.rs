@@ -2125,40 +2125,76 @@ async fn outbound_retires_a_busy_mux_session_before_its_own_certificate_ends_los
     a_busy_mux_session_ends_at_the_peer_certificates_expiry(false).await;
 }
 
+/// An HTTP/1.1 application whose `GET /long` answers at once with the first half of a
+/// chunked body (`first-`) and sends the rest (`last`) `after` later; other requests get
+/// both halves at once.
+async fn streaming_app(after: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0; 4096];
+                // One request after another on the connection (no request bodies here).
+                loop {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let first =
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nfirst-\r\n";
+                    if s.write_all(first).await.is_err() {
+                        return;
+                    }
+                    if head.starts_with(b"GET /long") {
+                        tokio::time::sleep(after).await;
+                    }
+                    if s.write_all(b"4\r\nlast\r\n0\r\n\r\n").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// A long request on a session is not cut when the session is retired: once the server
 /// has renewed (the end of the renewal window of its certificate's life), the client's
 /// new requests take a new session, which presents the renewed certificate, while the
-/// one in flight finishes on the old session, which then closes by itself before the old
-/// certificate's end.
+/// response in flight streams on over the old session, past the old certificate's end
+/// (counted then) within the end's grace, and the old session closes after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbound_a_retired_mux_session_finishes_its_request_while_new_ones_take_a_new_session() {
+async fn outbound_a_retired_mux_session_streams_its_response_to_the_end_while_new_requests_take_a_new_session()
+ {
     let ca = Ca::new("mesh root");
-    // Each request takes 3 s: the first is in flight at the retirement and ends before
-    // the old certificate does.
-    let backend = Scripted::always(
-        "127.0.0.1",
-        "cart",
-        Misbehave::Delay(Duration::from_millis(3000)),
-    )
-    .await;
+    // The long response's second half comes 7 s after its first: past the old
+    // certificate's end, within its grace.
+    let app = streaming_app(Duration::from_secs(7)).await;
     let server_id = IdentityStore::new().unwrap();
-    // Ten seconds of life, six gone: renewed by 7.5 s (and 0.5 s of slack), so the
-    // client retires the session about 2 s from now; it ends about 4 s from now.
-    let leaf = ca.issue_at(SERVER_ID, -6, 4);
+    // Eleven seconds of life, seven gone: renewed by about 7.8 s (and 0.55 s of slack),
+    // so the client retires the session about 1.4 s from now; it ends about 4 s from now.
+    let leaf = ca.issue_at(SERVER_ID, -7, 4);
     server_id
         .install_pem(&leaf.chain, &leaf.key, &ca.pem)
         .unwrap();
     let expiry = leaf.ends();
-    let server = server_sidecar(Some(server_id.clone()), backend.addr);
+    let server = server_sidecar(Some(server_id.clone()), app);
     let client = client_sidecar(Some(ca.store(CLIENT_ID)), server.addr, SERVER_ID);
 
     let long = {
         let url = client.url("/long");
-        tokio::spawn(async move { get(&h1_client(), &url).await.0.status() })
+        tokio::spawn(async move {
+            let (resp, body) = get(&h1_client(), &url).await;
+            (resp.status(), body)
+        })
     };
     eventually(
         Duration::from_secs(2),
-        "the long request is on the session",
+        "the long response has begun",
         || {
             let n = sessions(&server, "inbound");
             async move { n == 1 }
@@ -2172,15 +2208,33 @@ async fn outbound_a_retired_mux_session_finishes_its_request_while_new_ones_take
         .unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(std::time::SystemTime::now() < expiry, "the test ran late");
-    let (resp, _) = get(&h1_client(), &client.url("/after")).await;
-    assert_eq!(resp.status(), 200);
+    let (resp, body) = get(&h1_client(), &client.url("/after")).await;
+    assert_eq!((resp.status().as_u16(), body.as_str()), (200, "first-last"));
     assert_eq!(
         sessions(&server, "inbound"),
         2,
         "the request after the retirement took a new session"
     );
-    assert_eq!(long.await.unwrap(), 200, "the request in flight finished");
-    // The old session closed after its last request, before its certificate's end.
+    // The old session's end is counted while its response still streams.
+    eventually(
+        Duration::from_secs(4),
+        "the retired session's end is counted",
+        || {
+            let n = ended(&client, "outbound", "peer_certificate_expired");
+            async move { n == 1 }
+        },
+    )
+    .await;
+    let (status, body) = long.await.unwrap();
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (200, "first-last"),
+        "the response in flight streamed to its end"
+    );
+    assert!(
+        std::time::SystemTime::now() > expiry,
+        "it ended after the expiry"
+    );
     eventually(
         Duration::from_secs(5),
         "the retired session's connection closed",
@@ -2190,18 +2244,7 @@ async fn outbound_a_retired_mux_session_finishes_its_request_while_new_ones_take
         },
     )
     .await;
-    tokio::time::sleep(
-        expiry
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default()
-            + Duration::from_secs(2),
-    )
-    .await;
-    assert_eq!(
-        ended(&client, "outbound", "peer_certificate_expired"),
-        0,
-        "retired and closed, not ended by the expiry"
-    );
+    assert_eq!(sessions(&client, "outbound"), 2);
 }
 
 /// The inbound side's own enforcement, against a client that does not retire its session
