@@ -117,13 +117,10 @@ pub async fn serve(
                 };
                 let span =
                     tracing::debug_span!("conn", %peer, direction = kind.direction().as_str());
-                // The slot goes into `handle`'s own future: a wrapping `async` block would
-                // hold that future twice (as its capture and as what it awaits), about
-                // 640 bytes more per connection for as long as it stays open.
-                tracker.spawn(
+                let accepted = span.in_scope(|| {
                     handle(stream, kind.clone(), proxy.clone(), shutdown.clone(), slot)
-                        .instrument(span),
-                );
+                });
+                tracker.spawn(accepted.instrument(span));
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off briefly, keep serving.
@@ -139,15 +136,15 @@ pub async fn serve(
     tracing::info!(?addr, "drained");
 }
 
-/// Serves one accepted connection until it ends; `_slot`, its place under the listener's
-/// connection limit, is given back then.
-async fn handle(
+/// Plans one accepted connection and returns its task, which serves it until it ends;
+/// `slot`, its place under the listener's connection limit, is given back then.
+fn handle(
     stream: TcpStream,
     kind: ListenerKind,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-) {
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> Accepted {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let direction = kind.direction();
@@ -163,7 +160,10 @@ async fn handle(
         connect_timeout,
     }) = plan
     else {
-        return;
+        return Accepted {
+            stage: Stage::Done,
+            _slot: slot,
+        };
     };
 
     let io = CountingIo {
@@ -183,59 +183,133 @@ async fn handle(
         Direction::Inbound => conn.proxy.identity.clone(),
         Direction::Outbound => None,
     };
-    // The futures below are boxed, each where it starts: this task then holds only the
-    // state of the stage the connection is in (an idle connection keeps its HTTP server
-    // and TLS session, not room for the handshake, detection and the other protocol's
-    // server), which is most of the memory of an idle connection.
-    let Some(identity) = identity else {
-        let protocol = opaque.then_some(Protocol::Opaque);
-        return Box::pin(conn.serve(io, protocol, None, None)).await;
+    let stage = match identity {
+        None => Stage::Serving(Box::pin(conn.serve(
+            io,
+            opaque.then_some(Protocol::Opaque),
+            None,
+            None,
+        ))),
+        Some(identity) => {
+            // A peer proxy's mutual TLS and plain text share the port: the first bytes
+            // tell.
+            let handshake_timeout = detect_timeout.max(TLS_HANDSHAKE_TIMEOUT);
+            // Before the handshake: a change of trust during it wakes the session at once.
+            let trust = identity.trust_watch();
+            let sniffing = identity.clone();
+            let sniff = Box::pin(async move {
+                inbound::sniff(io, &sniffing, detect_timeout, handshake_timeout).await
+            });
+            Stage::Sniffing(Box::new(Sniffing {
+                sniff,
+                conn,
+                identity,
+                trust,
+                opaque,
+            }))
+        }
     };
-    // A peer proxy's mutual TLS and plain text share the port: the first bytes tell.
-    let handshake_timeout = detect_timeout.max(TLS_HANDSHAKE_TIMEOUT);
-    // Before the handshake: a change of trust during it wakes the session at once.
-    let trust = identity.trust_watch();
-    let sniffed = Box::pin(inbound::sniff(
-        io,
-        &identity,
-        detect_timeout,
-        handshake_timeout,
-    ))
-    .await;
-    match sniffed {
-        Ok(Sniffed::Tls(tls, info)) => {
-            conn.proxy.metrics.tls.session(direction, info.inner);
-            tracing::debug!(client_identity = ?info.identity, inner = ?info.inner, "mutual TLS");
-            let protocol = match info.inner {
-                _ if opaque => Some(Protocol::Opaque),
-                Some(Inner::Tcp) => Some(Protocol::Opaque),
-                Some(Inner::Http1) => Some(Protocol::Http1),
-                Some(Inner::H2 | Inner::Mux) => Some(Protocol::Http2),
-                None => None,
-            };
-            // The session lives while the client's chain verifies (boxed: the task of an
-            // accepted connection stays small whatever it carries).
-            let life = identity
-                .peer_session(direction, tls.get_ref().1.peer_certificates(), trust)
-                .map(Box::new);
-            Box::pin(conn.serve(tls, protocol, Some(info), life)).await;
+    Accepted { stage, _slot: slot }
+}
+
+/// One accepted connection's task. Each stage is boxed where it starts and the task holds
+/// only the box of the stage the connection is in: an idle connection keeps its HTTP
+/// server and TLS session, not room for the handshake, detection, the other protocol's
+/// server or what planned it (an `async fn` would keep every local it ever had, several
+/// hundred bytes, for as long as the connection stays open).
+struct Accepted {
+    stage: Stage,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+enum Stage {
+    /// Inbound with an identity: telling mutual TLS from plain text (and the handshake).
+    Sniffing(Box<Sniffing>),
+    Serving(Pin<Box<dyn Future<Output = ()> + Send>>),
+    Done,
+}
+
+/// What an inbound connection needs once its first bytes have told what it carries.
+struct Sniffing {
+    sniff: Pin<Box<dyn Future<Output = Result<Sniffed<CountingIo>, SniffError>> + Send>>,
+    conn: Conn,
+    identity: Arc<crate::identity::IdentityStore>,
+    trust: crate::identity::session::TrustWatch,
+    opaque: bool,
+}
+
+impl Sniffing {
+    /// How to serve the connection now that `sniffed` says what it carries; none when it
+    /// is refused or gone.
+    fn then(self, sniffed: Result<Sniffed<CountingIo>, SniffError>) -> Stage {
+        let Sniffing {
+            conn,
+            identity,
+            trust,
+            opaque,
+            ..
+        } = self;
+        let direction = conn.direction;
+        match sniffed {
+            Ok(Sniffed::Tls(tls, info)) => {
+                conn.proxy.metrics.tls.session(direction, info.inner);
+                tracing::debug!(client_identity = ?info.identity, inner = ?info.inner, "mutual TLS");
+                let protocol = match info.inner {
+                    _ if opaque => Some(Protocol::Opaque),
+                    Some(Inner::Tcp) => Some(Protocol::Opaque),
+                    Some(Inner::Http1) => Some(Protocol::Http1),
+                    Some(Inner::H2 | Inner::Mux) => Some(Protocol::Http2),
+                    None => None,
+                };
+                // The session lives while the client's chain verifies.
+                let life = identity
+                    .peer_session(direction, tls.get_ref().1.peer_certificates(), trust)
+                    .map(Box::new);
+                Stage::Serving(Box::pin(conn.serve(tls, protocol, Some(info), life)))
+            }
+            Ok(Sniffed::Plain { io, silent }) => {
+                // A client that sent nothing within the detect timeout speaks second.
+                let protocol = (opaque || silent).then_some(Protocol::Opaque);
+                Stage::Serving(Box::pin(conn.serve(io, protocol, None, None)))
+            }
+            Err(SniffError::Refused { failure, source }) => {
+                conn.proxy.metrics.tls.refused(direction, failure);
+                tracing::info!(
+                    peer = ?conn.peer,
+                    reason = failure.as_str(),
+                    error = %source,
+                    "inbound TLS handshake refused"
+                );
+                Stage::Done
+            }
+            Err(SniffError::Io(error)) => {
+                tracing::debug!(%error, "connection failed before its first bytes");
+                Stage::Done
+            }
         }
-        Ok(Sniffed::Plain { io, silent }) => {
-            // A client that sent nothing within the detect timeout speaks second.
-            let protocol = (opaque || silent).then_some(Protocol::Opaque);
-            Box::pin(conn.serve(io, protocol, None, None)).await;
-        }
-        Err(SniffError::Refused { failure, source }) => {
-            conn.proxy.metrics.tls.refused(direction, failure);
-            tracing::info!(
-                peer = ?conn.peer,
-                reason = failure.as_str(),
-                error = %source,
-                "inbound TLS handshake refused"
-            );
-        }
-        Err(SniffError::Io(error)) => {
-            tracing::debug!(%error, "connection failed before its first bytes");
+    }
+}
+
+impl Future for Accepted {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        // Bounded: at most one stage change per turn, and stages only move forward.
+        loop {
+            match &mut this.stage {
+                Stage::Sniffing(s) => {
+                    let sniffed = std::task::ready!(s.sniff.as_mut().poll(cx));
+                    if let Stage::Sniffing(s) = std::mem::replace(&mut this.stage, Stage::Done) {
+                        this.stage = s.then(sniffed);
+                    }
+                }
+                Stage::Serving(serving) => {
+                    std::task::ready!(serving.as_mut().poll(cx));
+                    this.stage = Stage::Done;
+                }
+                Stage::Done => return Poll::Ready(()),
+            }
         }
     }
 }
@@ -998,7 +1072,8 @@ mod tests {
     /// Every open connection holds its task's future, which is as large as its largest
     /// state: each stage is boxed where it starts so that an idle connection does not
     /// carry room for the handshake, detection and both HTTP servers (22.9 KiB per
-    /// connection before, see docs/benchmarks.md). The bound has room for small growth.
+    /// connection before, see docs/benchmarks.md), nor what planned it (640 bytes as an
+    /// `async fn`). The bound has room for small growth.
     #[tokio::test]
     async fn an_accepted_connections_task_stays_small() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1020,7 +1095,7 @@ mod tests {
                 .unwrap(),
         );
         let size = std::mem::size_of_val(&task);
-        assert!(size <= 1024, "the connection task's future is {size} bytes");
+        assert!(size <= 64, "the connection task's future is {size} bytes");
     }
 
     #[test]
