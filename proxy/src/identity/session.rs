@@ -865,19 +865,8 @@ mod tests {
 
         /// A leaf for `id` valid `until` seconds from now: (PEM, DER, key PEM).
         fn leaf(&self, id: &str, until: i64) -> (String, CertificateDer<'static>, String) {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::default();
-            params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-            params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            params.not_before = now_plus(-60);
-            params.not_after = now_plus(until);
-            let cert = params
-                .signed_by(&key, &Issuer::from_params(&self.params, &self.key))
-                .unwrap();
-            (cert.pem(), cert.der().clone(), key.serialize_pem())
+            let (der, key, pem) = leaf_between(self, id, -60, until);
+            (pem, der, key)
         }
     }
 
@@ -1263,36 +1252,34 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn an_install_during_the_handshake_of_a_root_of_the_same_name_ends_the_session() {
-        // The operator's roots all share one name: found after the install, the path by
-        // names would lead to the new root, which the handshake did not use.
-        let (old, new) = (Ca::root("root", 3600), Ca::root("root", 3600));
+    /// A session whose peer chains to the root the store trusted before the handshake,
+    /// while an install of another root (`other_name`, or the same name) came during it.
+    async fn judged_after_an_install_during_the_handshake(other_name: &str) -> PeerSession {
+        let (old, new) = (Ca::root("root", 3600), Ca::root(other_name, 3600));
         let s = store(&old, &old.pem);
         let (_, from_old, _) = old.leaf(PEER, 3600);
+        // Taken before the handshake; the new root alone installed before the session
+        // starts.
         let before = s.trust_watch();
         let (pem, _, key) = new.leaf("spiffe://cluster.local/ns/a/sa/me", 3600);
         s.install_pem(&pem, &key, &new.pem).unwrap();
-        let mut session = s
-            .peer_session(Direction::Inbound, Some(&[from_old]), before)
-            .unwrap();
-        assert!(kept_chain(&session).is_some(), "not judged by names");
+        s.peer_session(Direction::Inbound, Some(&[from_old]), before)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_trust_change_during_the_handshake_wakes_the_session_at_once() {
+        let mut session = judged_after_an_install_during_the_handshake("other root").await;
         let ended = tokio::time::timeout(Duration::from_millis(500), session.ended()).await;
         assert_eq!(ended.ok(), Some(EndReason::Untrusted));
     }
 
     #[tokio::test]
-    async fn a_trust_change_during_the_handshake_wakes_the_session_at_once() {
-        let (a, b) = (Ca::root("root A", 3600), Ca::root("root B", 3600));
-        let s = store(&a, &a.pem);
-        let (_, from_a, _) = a.leaf(PEER, 3600);
-        // Taken before the handshake; B alone installed before the session starts.
-        let before = s.trust_watch();
-        let (pem, _, key) = b.leaf("spiffe://cluster.local/ns/a/sa/me", 3600);
-        s.install_pem(&pem, &key, &b.pem).unwrap();
-        let mut session = s
-            .peer_session(Direction::Inbound, Some(&[from_a]), before)
-            .unwrap();
+    async fn an_install_during_the_handshake_of_a_root_of_the_same_name_ends_the_session() {
+        // The operator's roots all share one name: found after the install, the path by
+        // names would lead to the new root, which the handshake did not use.
+        let mut session = judged_after_an_install_during_the_handshake("root").await;
+        assert!(kept_chain(&session).is_some(), "not judged by names");
         let ended = tokio::time::timeout(Duration::from_millis(500), session.ended()).await;
         assert_eq!(ended.ok(), Some(EndReason::Untrusted));
     }
