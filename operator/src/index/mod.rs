@@ -307,6 +307,8 @@ impl Index {
     /// views built earlier keep the old default.
     pub fn with_mesh_mtls(mut self, mode: MtlsMode) -> Self {
         self.mesh_mtls = mode;
+        // Modes kept per pod were computed with the old default.
+        lock(&mut self.policy_modes).clear();
         self
     }
 
