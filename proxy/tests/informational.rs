@@ -231,8 +231,10 @@ async fn raw_app() -> (SocketAddr, Seen, Task) {
     (addr, seen, Task(task))
 }
 
-/// Reads whatever arrives until the peer closes, within 5 s.
-async fn read_to_close(s: &mut TcpStream) -> String {
+/// Reads whatever arrives until the peer closes, within 5 s, or until a whole `502`
+/// answer has arrived: after an answer the proxy made whole, its connection rightly stays
+/// open for the next request.
+async fn read_to_close_or_502(s: &mut TcpStream) -> String {
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
     loop {
@@ -240,6 +242,12 @@ async fn read_to_close(s: &mut TcpStream) -> String {
             Err(_) => panic!("no close within 5 s: {:?}", String::from_utf8_lossy(&got)),
             Ok(Ok(0) | Err(_)) => return String::from_utf8_lossy(&got).to_lowercase(),
             Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&got).to_lowercase();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            if head.starts_with("http/1.1 502") && content_length(head) == Some(body.len()) {
+                return text;
+            }
         }
     }
 }
@@ -491,9 +499,16 @@ async fn a_response_cut_short_is_an_error_never_a_shorter_body() {
             c.write_all(format!("GET {path} HTTP/1.1\r\nhost: cart\r\n\r\n").as_bytes())
                 .await
                 .unwrap();
-            let got = read_to_close(&mut c).await;
+            let got = read_to_close_or_502(&mut c).await;
             // Nothing at all (the head had not gone out yet) is an error too.
             if let Some((head, body)) = got.split_once("\r\n\r\n") {
+                // Under load the body's failure can overtake the head on its way through
+                // the proxies (seen once in CI): then nothing of the answer went on, and
+                // a whole 502 is the honest answer, as for HTTP/2 below.
+                if head.starts_with("http/1.1 502") {
+                    assert!(head.contains("weft-error: upstream_failed"), "{got}");
+                    continue;
+                }
                 assert!(
                     head.starts_with("http/1.1 200"),
                     "{transport} {path}: {got}"
