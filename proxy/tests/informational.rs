@@ -244,10 +244,11 @@ async fn read_to_close_or_502(s: &mut TcpStream) -> String {
             Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
         }
         let text = String::from_utf8_lossy(&got).to_lowercase();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            if head.starts_with("http/1.1 502") && content_length(head) == Some(body.len()) {
-                return text;
-            }
+        if let Some((head, body)) = text.split_once("\r\n\r\n")
+            && head.starts_with("http/1.1 502")
+            && content_length(head) == Some(body.len())
+        {
+            return text;
         }
     }
 }
