@@ -118,7 +118,7 @@ impl Drop for TlsIo {
 struct Cut {
     severed: AtomicBool,
     /// The task last left waiting on the socket, woken by [`Cut::sever`].
-    waiting: Mutex<Option<std::task::Waker>>,
+    waiting: atomic_waker::AtomicWaker,
     /// Notified when the connection's IO is dropped.
     gone: tokio::sync::Notify,
 }
@@ -126,14 +126,7 @@ struct Cut {
 impl Cut {
     fn sever(&self) {
         self.severed.store(true, Ordering::Release);
-        let waiting = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(waker) = waiting {
-            waker.wake();
-        }
+        self.waiting.wake();
     }
 
     fn severed(&self) -> bool {
@@ -154,9 +147,9 @@ impl Cut {
         }
         let polled = poll(cx);
         if polled.is_pending() {
-            *cut.waiting
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(cx.waker().clone());
+            // Lock-free, and no clone while the task's waker stays the same: this is on
+            // every read and write that waits.
+            cut.waiting.register(cx.waker());
             // Severed in between: the waker above may have come too late to be woken.
             if cut.severed() {
                 return Poll::Ready(Err(severed()));
