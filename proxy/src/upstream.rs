@@ -1067,9 +1067,10 @@ impl Http1Pool {
 /// Drives one upstream HTTP/1 connection until it ends, or until it has been idle in its
 /// pool for [`IDLE_TIMEOUT`].
 ///
-/// A mutual TLS session (`session`, with the metrics its end counts into) also ends when
-/// its peer's chain stops verifying: closed then if idle; otherwise its request finishes
-/// (the lease is not taken back, so the connection closes after it), within
+/// A mutual TLS session (`session`, with the metrics its end counts into) is also
+/// retired, or ends when its peer's chain stops verifying: closed then if unused;
+/// otherwise its request finishes, its request body included when the answer came first
+/// (the lease is not taken back, so the connection closes after it), after an end within
 /// [`SESSION_END_GRACE`]. An upgraded connection (a tunnel) has left this task and is not
 /// cut by it.
 async fn run_http1_connection(
@@ -1102,7 +1103,8 @@ async fn run_http1_connection(
             }
             event = session_event(&mut session), if !ended => {
                 // Either way the lease is not taken back: the request on the connection,
-                // if any, finishes (after the session's end, within SESSION_END_GRACE).
+                // if any, finishes (after the session's end, within SESSION_END_GRACE),
+                // including a request body still streaming after its answer.
                 clock.end_now();
                 let reason = match event {
                     SessionEvent::Retire => {
@@ -1115,7 +1117,7 @@ async fn run_http1_connection(
                 if let (Some(s), Some(reason)) = (&session, reason) {
                     s.record(reason, metrics.as_ref());
                 }
-                if clock.idle_since().is_some() {
+                if clock.unused() {
                     return;
                 }
                 if reason.is_some() {
@@ -1154,6 +1156,10 @@ struct IdleClock {
     /// trust changed during its handshake): checked before each request, one load. The
     /// outbound retirement's 2 s margin covers the moment until its task's timer runs.
     ended: AtomicBool,
+    /// Set when an HTTP/1 connection was let go while its request body still streams
+    /// ([`Lease::release`]): idle to the pool's eyes, but not to be closed at its
+    /// session's retirement, and given its end's grace.
+    draining: AtomicBool,
 }
 
 impl IdleClock {
@@ -1162,7 +1168,20 @@ impl IdleClock {
             base: tokio::time::Instant::now(),
             idle_since: AtomicU64::new(0),
             ended: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// Let go by its request while that request's body still streams: idle from now on
+    /// for its idle timer, yet still carrying the body.
+    fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.idle();
+    }
+
+    /// Idle with nothing on it: in the pool (or about to be closed).
+    fn unused(&self) -> bool {
+        self.idle_since().is_some() && !self.draining.load(Ordering::Relaxed)
     }
 
     /// The session has ended.
@@ -1222,7 +1241,7 @@ impl Lease {
             return;
         }
         if self.body.as_ref().is_some_and(|b| !b.over()) {
-            self.clock.idle();
+            self.clock.drain();
             return;
         }
         if let Some(pool) = self.pool.upgrade() {

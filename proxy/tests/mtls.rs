@@ -2247,6 +2247,100 @@ async fn outbound_a_retired_mux_session_streams_its_response_to_the_end_while_ne
     assert_eq!(sessions(&client, "outbound"), 2);
 }
 
+/// An application that answers a `POST` at once and then reads its body of `len` bytes
+/// (as one does with an early answer), reporting how many bytes of it arrived before its
+/// connection closed.
+async fn early_answer_app(len: usize) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = vec![0; 4096];
+                let start = loop {
+                    if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+                let mut body = got.len() - start;
+                while body < len {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => body += n,
+                    }
+                }
+                let _ = tx.send(body);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// With `weft.dev/mesh-http1: sessions`, a session retired while its request's body is
+/// still on its way (the application answered first) carries that body to its end: the
+/// retirement takes the connection out of the pool, never cuts what is on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_a_retired_http1_session_carries_the_rest_of_a_request_body_answered_early() {
+    let ca = Ca::new("mesh root");
+    let (app, mut bodies) = early_answer_app(10).await;
+    let server_id = IdentityStore::new().unwrap();
+    // As in the mux test above: the client retires the session about 1.4 s from now, and
+    // the certificate ends about 4 s from now.
+    let leaf = ca.issue_at(SERVER_ID, -7, 4);
+    server_id
+        .install_pem(&leaf.chain, &leaf.key, &ca.pem)
+        .unwrap();
+    let expiry = leaf.ends();
+    let server = server_sidecar(Some(server_id.clone()), app);
+    let client_id = IdentityStore::with_http1(Http1Transport::Sessions).unwrap();
+    ca.install(&client_id, CLIENT_ID);
+    let client = client_sidecar(Some(client_id), server.addr, SERVER_ID);
+
+    let mut c = TcpStream::connect(client.addr).await.unwrap();
+    c.write_all(b"POST /upload HTTP/1.1\r\nhost: web\r\ncontent-length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(b"early") {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("the early answer within 5 s")
+            .unwrap();
+        assert_ne!(n, 0, "closed before the answer: {answer:?}");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    // The server renews; the client retires the session about a second later.
+    let renewed = ca.issue(SERVER_ID);
+    server_id
+        .install_pem(&renewed.chain, &renewed.key, &ca.pem)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(std::time::SystemTime::now() < expiry, "the test ran late");
+    // The rest of the body, after the retirement.
+    c.write_all(b"world").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), bodies.recv())
+        .await
+        .expect("the application's report within 5 s");
+    assert_eq!(got, Some(10), "the whole body reached the application");
+    // The retirement happened: a new request takes a new session.
+    let (resp, body) = get(&h1_client(), &client.url("/after")).await;
+    assert_eq!((resp.status().as_u16(), body.as_str()), (200, "early"));
+    assert_eq!(sessions(&client, "outbound"), 2);
+}
+
 /// The inbound side's own enforcement, against a client that does not retire its session
 /// (hyper's HTTP/2 client over the client end of a `weft-mux` session): at the client's
 /// certificate's end the server sends GOAWAY, the request in flight finishes, and the
