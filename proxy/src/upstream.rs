@@ -21,7 +21,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -588,18 +588,24 @@ impl Http2Conn {
                 },
             };
             if shared.last_used.over() {
-                // The session's peer chain no longer verifies (its task may not have
-                // run yet): no new request on it. A fresh one already over raced a
-                // trust change; nothing was sent, so the request may go elsewhere.
+                // The session is retired or its peer chain no longer verifies (its task
+                // may not have run yet): no new request on it.
                 this.forget(&shared);
                 if reused {
                     continue;
                 }
-                return Err(SendError::Connect {
-                    timeout: false,
-                    source: "the new session's peer certificate chain no longer verifies".into(),
-                    unsent: Some(Box::new(req)),
-                });
+                // A fresh one already ended raced a trust change; nothing was sent, so
+                // the request may go elsewhere. One already retired (this proxy's
+                // renewed certificate came during its handshake) is still good for the
+                // request that opened it; the next takes a new session.
+                if shared.last_used.ended() {
+                    return Err(SendError::Connect {
+                        timeout: false,
+                        source: "the new session's peer certificate chain no longer verifies"
+                            .into(),
+                        unsent: Some(Box::new(req)),
+                    });
+                }
             }
             shared.last_used.idle();
             if let Some(max) = this
@@ -813,15 +819,16 @@ async fn run_http2_connection(
             event = session_event(&mut session), if !ended => {
                 // Either way no new request goes on the session; the streams on it go on,
                 // after its end for SESSION_END_GRACE at most.
-                last_used.end_now();
                 unshare(&owner);
                 shared = false;
                 match event {
                     SessionEvent::Retire => {
                         tracing::debug!("mutual TLS session retired: newer certificates to present");
+                        last_used.retire_now();
                         retired = true;
                     }
                     SessionEvent::End(reason) => {
+                        last_used.end_now();
                         if let Some(s) = &session {
                             s.record(reason, metrics.as_ref());
                         }
@@ -1105,14 +1112,17 @@ async fn run_http1_connection(
                 // Either way the lease is not taken back: the request on the connection,
                 // if any, finishes (after the session's end, within SESSION_END_GRACE),
                 // including a request body still streaming after its answer.
-                clock.end_now();
                 let reason = match event {
                     SessionEvent::Retire => {
                         tracing::debug!("mutual TLS session retired: newer certificates to present");
+                        clock.retire_now();
                         retired = true;
                         None
                     }
-                    SessionEvent::End(reason) => Some(reason),
+                    SessionEvent::End(reason) => {
+                        clock.end_now();
+                        Some(reason)
+                    }
                 };
                 if let (Some(s), Some(reason)) = (&session, reason) {
                     s.record(reason, metrics.as_ref());
@@ -1152,10 +1162,11 @@ struct IdleClock {
     base: tokio::time::Instant,
     /// Nanoseconds after `base` plus one when the connection became idle; 0 while lent.
     idle_since: AtomicU64,
-    /// Set when the connection's mutual TLS session has ended (its task saw the end, or
-    /// trust changed during its handshake): checked before each request, one load. The
-    /// outbound retirement's 2 s margin covers the moment until its task's timer runs.
-    ended: AtomicBool,
+    /// [`OPEN`], or [`RETIRED`] or [`ENDED`] once the connection's mutual TLS session is
+    /// (its task saw the event, or trust changed during its handshake): checked before
+    /// each request, one load. The outbound retirement's 2 s margin before the own
+    /// certificate's end covers the moment until its task's timer runs.
+    session: AtomicU8,
     /// Set when an HTTP/1 connection was let go while its request body still streams
     /// ([`Lease::release`]): idle to the pool's eyes, but not to be closed at its
     /// session's retirement, and given its end's grace.
@@ -1167,7 +1178,7 @@ impl IdleClock {
         IdleClock {
             base: tokio::time::Instant::now(),
             idle_since: AtomicU64::new(0),
-            ended: AtomicBool::new(false),
+            session: AtomicU8::new(OPEN),
             draining: AtomicBool::new(false),
         }
     }
@@ -1186,12 +1197,22 @@ impl IdleClock {
 
     /// The session has ended.
     fn end_now(&self) {
-        self.ended.store(true, Ordering::Relaxed);
+        self.session.store(ENDED, Ordering::Relaxed);
     }
 
-    /// Whether the session has ended: no new request may go on it.
+    /// The session is retired (unless it has ended already).
+    fn retire_now(&self) {
+        self.session.fetch_max(RETIRED, Ordering::Relaxed);
+    }
+
+    /// Whether the session is retired or has ended: no new request may go on it.
     fn over(&self) -> bool {
-        self.ended.load(Ordering::Relaxed)
+        self.session.load(Ordering::Relaxed) != OPEN
+    }
+
+    /// Whether the session has ended: nothing more may go on it.
+    fn ended(&self) -> bool {
+        self.session.load(Ordering::Relaxed) == ENDED
     }
 
     fn busy(&self) {
@@ -1210,6 +1231,13 @@ impl IdleClock {
         }
     }
 }
+
+/// [`IdleClock::session`]: a plain connection, or a mutual TLS session that goes on.
+const OPEN: u8 = 0;
+/// [`IdleClock::session`]: retired, so new requests take a new session; still valid.
+const RETIRED: u8 = 1;
+/// [`IdleClock::session`]: ended.
+const ENDED: u8 = 2;
 
 /// An HTTP/1 connection lent to one request.
 #[derive(Debug)]
