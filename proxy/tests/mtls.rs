@@ -2341,6 +2341,117 @@ async fn outbound_a_retired_http1_session_carries_the_rest_of_a_request_body_ans
     assert_eq!(sessions(&client, "outbound"), 2);
 }
 
+/// An application that answers each request with a chunked body of `tick\n` every 250 ms
+/// for a minute.
+async fn ticking_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = vec![0; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                if s.write_all(head).await.is_err() {
+                    return;
+                }
+                for _ in 0..240 {
+                    if s.write_all(b"5\r\ntick\n\r\n").await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                let _ = s.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    addr
+}
+
+/// Work still running on an outbound session 30 s (`SESSION_END_GRACE`) after the session
+/// ended is cut, by the client side alone: the client's trust drops the server's root, so
+/// only the client ends the session. The response streams on through the grace, then the
+/// connection is cut and the client sees a broken body, never a complete one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_work_still_running_past_the_ends_grace_is_cut() {
+    let (a, b) = (Ca::new("root A"), Ca::new("root B"));
+    let both = format!("{}{}", a.pem, b.pem);
+    let server = server_sidecar(
+        Some(a.store_with_bundle(SERVER_ID, &both)),
+        ticking_app().await,
+    );
+    let client_id = b.store_with_bundle(CLIENT_ID, &both);
+    let client = client_sidecar(Some(client_id.clone()), server.addr, SERVER_ID);
+
+    let mut c = TcpStream::connect(client.addr).await.unwrap();
+    c.write_all(b"GET /ticks HTTP/1.1\r\nhost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"tick") {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("the first tick within 5 s")
+            .unwrap();
+        assert_ne!(n, 0, "closed before the first tick");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // The client's renewal brings a bundle without A: its session to the server ends.
+    let renewed = b.issue(CLIENT_ID);
+    client_id
+        .install_pem(&renewed.chain, &renewed.key, &b.pem)
+        .unwrap();
+    let end = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(3),
+        "the session's end is counted",
+        || {
+            let n = ended(&client, "outbound", "untrusted");
+            async move { n == 1 }
+        },
+    )
+    .await;
+    // The ticks go on through the grace, then the connection is cut.
+    let mut last_tick = end;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await {
+            Err(_) => panic!(
+                "neither a tick nor the cut within 5 s, at {:?}",
+                end.elapsed()
+            ),
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                last_tick = std::time::Instant::now();
+            }
+        }
+    }
+    let (streamed, cut) = (last_tick - end, end.elapsed());
+    assert!(
+        streamed >= Duration::from_secs(27),
+        "the response streamed {streamed:?} of the 30 s grace"
+    );
+    assert!(cut < Duration::from_secs(38), "cut {cut:?} after the end");
+    assert!(
+        !got.ends_with(b"0\r\n\r\n"),
+        "a cut response is never a complete one"
+    );
+    // The client alone ended it: the server's side saw no end, only the connection go.
+    assert_eq!(ended(&server, "inbound", "untrusted"), 0);
+    eventually(Duration::from_secs(5), "the cut connection closed", || {
+        let m = metrics_of(&server);
+        async move { metric(&m, "weft_tcp_connections_open{", &["direction=\"inbound\""]) == 0 }
+    })
+    .await;
+}
+
 /// The inbound side's own enforcement, against a client that does not retire its session
 /// (hyper's HTTP/2 client over the client end of a `weft-mux` session): at the client's
 /// certificate's end the server sends GOAWAY, the request in flight finishes, and the
