@@ -2374,18 +2374,16 @@ async fn ticking_app() -> SocketAddr {
     addr
 }
 
-/// Work still running on an outbound session 30 s (`SESSION_END_GRACE`) after the session
-/// ended is cut, by the client side alone: the client's trust drops the server's root, so
-/// only the client ends the session. The response streams on through the grace, then the
-/// connection is cut and the client sees a broken body, never a complete one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbound_work_still_running_past_the_ends_grace_is_cut() {
+/// Work still running on a session 30 s (`SESSION_END_GRACE`) after the session ended is
+/// cut, by the side that ended it alone (`outbound`: the client's trust drops the server's
+/// root; otherwise the server's drops the client's). The response streams on through the
+/// grace, then the connection is cut and the client sees a broken body, never a complete
+/// one.
+async fn work_past_the_ends_grace_is_cut(outbound: bool) {
     let (a, b) = (Ca::new("root A"), Ca::new("root B"));
     let both = format!("{}{}", a.pem, b.pem);
-    let server = server_sidecar(
-        Some(a.store_with_bundle(SERVER_ID, &both)),
-        ticking_app().await,
-    );
+    let server_id = a.store_with_bundle(SERVER_ID, &both);
+    let server = server_sidecar(Some(server_id.clone()), ticking_app().await);
     let client_id = b.store_with_bundle(CLIENT_ID, &both);
     let client = client_sidecar(Some(client_id.clone()), server.addr, SERVER_ID);
 
@@ -2403,17 +2401,26 @@ async fn outbound_work_still_running_past_the_ends_grace_is_cut() {
         assert_ne!(n, 0, "closed before the first tick");
         got.extend_from_slice(&buf[..n]);
     }
-    // The client's renewal brings a bundle without A: its session to the server ends.
-    let renewed = b.issue(CLIENT_ID);
-    client_id
-        .install_pem(&renewed.chain, &renewed.key, &b.pem)
-        .unwrap();
+    // A renewal brings a bundle without the other side's root: that side's session ends.
+    let (ending, direction, other, other_direction) = if outbound {
+        let renewed = b.issue(CLIENT_ID);
+        client_id
+            .install_pem(&renewed.chain, &renewed.key, &b.pem)
+            .unwrap();
+        (&client, "outbound", &server, "inbound")
+    } else {
+        let renewed = a.issue(SERVER_ID);
+        server_id
+            .install_pem(&renewed.chain, &renewed.key, &a.pem)
+            .unwrap();
+        (&server, "inbound", &client, "outbound")
+    };
     let end = std::time::Instant::now();
     eventually(
         Duration::from_secs(3),
         "the session's end is counted",
         || {
-            let n = ended(&client, "outbound", "untrusted");
+            let n = ended(ending, direction, "untrusted");
             async move { n == 1 }
         },
     )
@@ -2436,20 +2443,33 @@ async fn outbound_work_still_running_past_the_ends_grace_is_cut() {
     let (streamed, cut) = (last_tick - end, end.elapsed());
     assert!(
         streamed >= Duration::from_secs(27),
-        "the response streamed {streamed:?} of the 30 s grace"
+        "{direction}: the response streamed {streamed:?} of the 30 s grace"
     );
-    assert!(cut < Duration::from_secs(38), "cut {cut:?} after the end");
+    assert!(
+        cut < Duration::from_secs(38),
+        "{direction}: cut {cut:?} after the end"
+    );
     assert!(
         !got.ends_with(b"0\r\n\r\n"),
-        "a cut response is never a complete one"
+        "{direction}: a cut response is never a complete one"
     );
-    // The client alone ended it: the server's side saw no end, only the connection go.
-    assert_eq!(ended(&server, "inbound", "untrusted"), 0);
+    // The one side ended it: the other saw no end, only the connection go.
+    assert_eq!(ended(other, other_direction, "untrusted"), 0, "{direction}");
     eventually(Duration::from_secs(5), "the cut connection closed", || {
         let m = metrics_of(&server);
         async move { metric(&m, "weft_tcp_connections_open{", &["direction=\"inbound\""]) == 0 }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_work_still_running_past_the_ends_grace_is_cut() {
+    work_past_the_ends_grace_is_cut(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_work_still_running_past_the_ends_grace_is_cut() {
+    work_past_the_ends_grace_is_cut(false).await;
 }
 
 /// The inbound side's own enforcement, against a client that does not retire its session
