@@ -2162,6 +2162,33 @@ async fn streaming_app(after: Duration) -> SocketAddr {
     addr
 }
 
+/// A server identity whose certificate is past its renewal window, and its end. Eleven
+/// seconds of life, seven gone: renewed by about 7.8 s (and 0.55 s of slack), so a client
+/// retires its session about 1.4 s from now; the certificate ends about 4 s from now.
+fn past_its_renewal_window(ca: &Ca) -> (Arc<IdentityStore>, std::time::SystemTime) {
+    let server_id = IdentityStore::new().unwrap();
+    let leaf = ca.issue_at(SERVER_ID, -7, 4);
+    server_id
+        .install_pem(&leaf.chain, &leaf.key, &ca.pem)
+        .unwrap();
+    (server_id, leaf.ends())
+}
+
+/// Reads from `c` until what was read contains `marker`, each read within 5 s.
+async fn read_until(c: &mut TcpStream, marker: &[u8], what: &str) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(marker.len()).any(|w| w == marker) {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what} within 5 s"))
+            .unwrap();
+        assert_ne!(n, 0, "closed before {what}: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
 /// A long request on a session is not cut when the session is retired: once the server
 /// has renewed (the end of the renewal window of its certificate's life), the client's
 /// new requests take a new session, which presents the renewed certificate, while the
@@ -2174,14 +2201,7 @@ async fn outbound_a_retired_mux_session_streams_its_response_to_the_end_while_ne
     // The long response's second half comes 7 s after its first: past the old
     // certificate's end, within its grace.
     let app = streaming_app(Duration::from_secs(7)).await;
-    let server_id = IdentityStore::new().unwrap();
-    // Eleven seconds of life, seven gone: renewed by about 7.8 s (and 0.55 s of slack),
-    // so the client retires the session about 1.4 s from now; it ends about 4 s from now.
-    let leaf = ca.issue_at(SERVER_ID, -7, 4);
-    server_id
-        .install_pem(&leaf.chain, &leaf.key, &ca.pem)
-        .unwrap();
-    let expiry = leaf.ends();
+    let (server_id, expiry) = past_its_renewal_window(&ca);
     let server = server_sidecar(Some(server_id.clone()), app);
     let client = client_sidecar(Some(ca.store(CLIENT_ID)), server.addr, SERVER_ID);
 
@@ -2258,22 +2278,15 @@ async fn early_answer_app(len: usize) -> (SocketAddr, tokio::sync::mpsc::Unbound
         while let Ok((mut s, _)) = listener.accept().await {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = vec![0; 4096];
-                let start = loop {
-                    if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break at + 4;
-                    }
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                };
+                if read_request_head(&mut s).await.is_none() {
+                    return;
+                }
                 let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly";
                 if s.write_all(answer).await.is_err() {
                     return;
                 }
-                let mut body = got.len() - start;
+                let mut buf = vec![0; 4096];
+                let mut body = 0;
                 while body < len {
                     match s.read(&mut buf).await {
                         Ok(0) | Err(_) => break,
@@ -2294,14 +2307,7 @@ async fn early_answer_app(len: usize) -> (SocketAddr, tokio::sync::mpsc::Unbound
 async fn outbound_a_retired_http1_session_carries_the_rest_of_a_request_body_answered_early() {
     let ca = Ca::new("mesh root");
     let (app, mut bodies) = early_answer_app(10).await;
-    let server_id = IdentityStore::new().unwrap();
-    // As in the mux test above: the client retires the session about 1.4 s from now, and
-    // the certificate ends about 4 s from now.
-    let leaf = ca.issue_at(SERVER_ID, -7, 4);
-    server_id
-        .install_pem(&leaf.chain, &leaf.key, &ca.pem)
-        .unwrap();
-    let expiry = leaf.ends();
+    let (server_id, expiry) = past_its_renewal_window(&ca);
     let server = server_sidecar(Some(server_id.clone()), app);
     let client_id = IdentityStore::with_http1(Http1Transport::Sessions).unwrap();
     ca.install(&client_id, CLIENT_ID);
@@ -2311,16 +2317,7 @@ async fn outbound_a_retired_http1_session_carries_the_rest_of_a_request_body_ans
     c.write_all(b"POST /upload HTTP/1.1\r\nhost: web\r\ncontent-length: 10\r\n\r\nhello")
         .await
         .unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !answer.ends_with(b"early") {
-        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
-            .await
-            .expect("the early answer within 5 s")
-            .unwrap();
-        assert_ne!(n, 0, "closed before the answer: {answer:?}");
-        answer.extend_from_slice(&buf[..n]);
-    }
+    let answer = read_until(&mut c, b"early", "the early answer").await;
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
     // The server renews; the client retires the session about a second later.
     let renewed = ca.issue(SERVER_ID);
@@ -2349,13 +2346,8 @@ async fn ticking_app() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = vec![0; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if read_request_head(&mut s).await.is_none() {
+                    return;
                 }
                 let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
                 if s.write_all(head).await.is_err() {
@@ -2391,16 +2383,8 @@ async fn work_past_the_ends_grace_is_cut(outbound: bool) {
     c.write_all(b"GET /ticks HTTP/1.1\r\nhost: web\r\n\r\n")
         .await
         .unwrap();
-    let mut got = Vec::new();
+    let mut got = read_until(&mut c, b"tick", "the first tick").await;
     let mut buf = [0u8; 1024];
-    while !got.windows(4).any(|w| w == b"tick") {
-        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
-            .await
-            .expect("the first tick within 5 s")
-            .unwrap();
-        assert_ne!(n, 0, "closed before the first tick");
-        got.extend_from_slice(&buf[..n]);
-    }
     // A renewal brings a bundle without the other side's root: that side's session ends.
     let (ending, direction, other, other_direction) = if outbound {
         let renewed = b.issue(CLIENT_ID);
