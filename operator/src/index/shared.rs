@@ -90,16 +90,9 @@ impl SharedIndex {
             if !index.is_affected(pod, &affected) {
                 continue;
             }
-            let fresh = index.view(pod);
-            tx.send_if_modified(|current| match (current.as_mut(), fresh) {
-                (Some(cur), Some(new)) if cur.same_content(&new) => false,
-                (None, None) => false,
-                (cur, new) => {
-                    let _ = cur;
-                    *current = new;
-                    true
-                }
-            });
+            // From the view it holds: one whose pod the change did not name keeps its
+            // Policy part (see `Index::refresh_view`).
+            tx.send_if_modified(|current| index.refresh_view(pod, &affected, current));
         }
         drop(subscribers);
         self.changed.send_modify(|n| *n += 1);

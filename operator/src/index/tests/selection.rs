@@ -7,6 +7,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::index::shared::SharedIndex;
 
 /// A meshed pod with labels `app`/`tier`, an address, and a declared port 8080 (so that
 /// its identity, which its Policies' mTLS mode decides, is in `pods.<ns>`).
@@ -396,6 +397,231 @@ fn a_policy_refused_by_the_change_that_applies_it_counts_in_no_identity() {
     assert_eq!(web_0_identity(&i), strict);
 }
 
+/// What a subscriber of `pod` holds, checked against the view computed afresh.
+fn held(
+    shared: &SharedIndex,
+    rx: &mut tokio::sync::watch::Receiver<Option<ProxyView>>,
+    pod: &ObjectKey,
+    what: &str,
+) -> Option<ProxyView> {
+    let held = rx.borrow_and_update().clone();
+    let fresh = shared.read(|i| i.view(pod));
+    assert!(
+        same(held.as_ref(), fresh.as_ref()),
+        "{pod} after {what}: holds {held:#?}, should be {fresh:#?}"
+    );
+    held
+}
+
+/// The rate of `view`'s inbound limit and the names of its authorization policies.
+fn inbound_of(view: Option<&ProxyView>) -> (Option<u32>, Vec<String>) {
+    let inbound = view.and_then(|v| v.inbound.as_ref());
+    (
+        inbound.and_then(|b| b.rate_limit.as_ref().map(|r| r.requests_per_second)),
+        inbound
+            .map(|b| b.authorization.iter().map(|a| a.name.clone()).collect())
+            .unwrap_or_default(),
+    )
+}
+
+/// The shared index brings a subscriber's view up to date from the one it holds: a
+/// change to its namespace's services alone keeps the Policy part (and with it what the
+/// mesh default gave), and whatever feeds that part (its labels, a Policy selecting it
+/// added, changed or removed, a namespace-wide one, another Policy's refusal, the pod
+/// gone) has it recomputed. Each step is checked against the view computed afresh.
+#[test]
+fn a_held_view_keeps_its_policy_part_until_an_input_of_it_changes() {
+    let shared = SharedIndex::new(
+        Index::new("cluster.local")
+            .with_mesh_mtls(MtlsMode::Strict)
+            .with_max_policies(1),
+        std::sync::Arc::new(crate::metrics::Metrics::new()),
+    );
+    let apply = |object: (ObjectKey, Object)| shared.update(|i| i.apply(object.0, object.1));
+    let ready = |web_1: bool| {
+        slice(
+            "shop",
+            "web-x",
+            "web",
+            &[
+                ("10.0.0.1", true, false, Some("web-0")),
+                ("10.0.0.2", web_1, false, Some("web-1")),
+            ],
+        )
+    };
+    let limit = |rps: u32, generation: i64| {
+        weft(
+            Kind::Policy,
+            "shop",
+            "limit",
+            generation,
+            "2026-01-01T00:00:05Z",
+            json!({"target": {"selector": {"matchLabels": {"app": "web"}}},
+                   "defaultAction": "Allow", "rateLimit": {"requestsPerSecond": rps}}),
+        )
+    };
+    apply(labelled_pod("shop", "web-0", "web", "t0", "10.0.0.1"));
+    apply(labelled_pod("shop", "web-1", "web", "t0", "10.0.0.2"));
+    apply(labelled_pod("shop", "client", "client", "t0", "10.0.0.3"));
+    apply(selecting_svc("shop", "web", "10.96.0.10", Some("web")));
+    apply(ready(true));
+    apply(limit(10, 1));
+    let (web_0, client) = (key("shop", "web-0"), key("shop", "client"));
+    let mut rx = shared.subscribe(&web_0);
+    let mut client_rx = shared.subscribe(&client);
+    assert_eq!(
+        inbound_of(held(&shared, &mut rx, &web_0, "start").as_ref()).0,
+        Some(10)
+    );
+
+    // Only the namespace's services change: the Policy part and the mesh default stay.
+    let version = shared.read(Index::version);
+    apply(ready(false));
+    let view = held(&shared, &mut rx, &web_0, "an endpoint not ready").unwrap();
+    assert!(view.version > version, "the services changed: {view:?}");
+    assert_eq!(inbound_of(Some(&view)).0, Some(10));
+    let client_view = held(&shared, &mut client_rx, &client, "an endpoint not ready");
+    let client_mode = client_view.and_then(|v| v.inbound).and_then(|b| b.mtls);
+    assert_eq!(client_mode, Some(MtlsMode::Strict));
+
+    // A Route and a Breaker (references sorting before and after the Policies') come,
+    // change and go: the view's Routes and Breakers follow, its Policies stay.
+    let kinds = |view: Option<ProxyView>| -> Vec<(String, String, i64)> {
+        view.map(|v| v.resources.into_iter())
+            .into_iter()
+            .flatten()
+            .map(|r| (r.kind, r.name, r.generation))
+            .collect()
+    };
+    let breaker = weft(
+        Kind::Breaker,
+        "shop",
+        "b",
+        1,
+        "2026-01-01T00:00:00Z",
+        json!({"service": {"name": "web"}, "connectionPool": {"maxRequests": 1}}),
+    );
+    apply(breaker);
+    let web_route = |generation: i64| {
+        weft(
+            Kind::Route,
+            "shop",
+            "r",
+            generation,
+            "2026-01-01T00:00:00Z",
+            json!({"service": {"name": "web"}, "rules": [{"backends": [{"name": "web"}]}]}),
+        )
+    };
+    apply(web_route(1));
+    apply(web_route(2));
+    let view = held(&shared, &mut rx, &web_0, "a Breaker and a Route");
+    let expected = |route: Option<i64>| {
+        let mut refs = vec![
+            ("Breaker".to_owned(), "b".to_owned(), 1),
+            ("Policy".to_owned(), "limit".to_owned(), 1),
+        ];
+        refs.extend(route.map(|g| ("Route".to_owned(), "r".to_owned(), g)));
+        refs
+    };
+    assert_eq!(kinds(view), expected(Some(2)));
+    apply(ready(true));
+    apply(ready(false));
+    let view = held(
+        &shared,
+        &mut rx,
+        &web_0,
+        "endpoints, with a Route and a Breaker",
+    );
+    assert_eq!(kinds(view), expected(Some(2)));
+    shared.update(|i| i.delete(Kind::Route, &key("shop", "r")));
+    let view = held(&shared, &mut rx, &web_0, "the Route deleted");
+    assert_eq!(kinds(view), expected(None));
+
+    // The Policy selecting it changes.
+    apply(limit(20, 2));
+    assert_eq!(
+        inbound_of(held(&shared, &mut rx, &web_0, "limit changed").as_ref()).0,
+        Some(20)
+    );
+    // Its labels change, so the Policy no longer selects it; and back.
+    apply(labelled_pod("shop", "web-0", "api", "t0", "10.0.0.1"));
+    assert_eq!(
+        inbound_of(held(&shared, &mut rx, &web_0, "relabelled").as_ref()).0,
+        None
+    );
+    apply(labelled_pod("shop", "web-0", "web", "t0", "10.0.0.1"));
+    assert_eq!(
+        inbound_of(held(&shared, &mut rx, &web_0, "labels back").as_ref()).0,
+        Some(20)
+    );
+
+    // A namespace-wide Policy that denies by default: its authorization applies.
+    let wide = weft(
+        Kind::Policy,
+        "shop",
+        "wide",
+        1,
+        "2026-01-01T00:00:03Z",
+        json!({"target": {"selector": {}}, "defaultAction": "Deny"}),
+    );
+    apply(wide.clone());
+    let view = held(&shared, &mut rx, &web_0, "a namespace-wide Policy");
+    assert_eq!(inbound_of(view.as_ref()).1, vec!["shop/wide".to_owned()]);
+    apply(ready(true));
+    let view = held(&shared, &mut rx, &web_0, "an endpoint ready again");
+    assert_eq!(
+        inbound_of(view.as_ref()),
+        (Some(20), vec!["shop/wide".to_owned()])
+    );
+
+    // An older Policy that selects the client alone takes the one authorization slot its
+    // proxy has, so the namespace-wide one is refused on every pod, web-0's included,
+    // which the new Policy does not select.
+    let older = weft(
+        Kind::Policy,
+        "shop",
+        "older",
+        1,
+        "2026-01-01T00:00:01Z",
+        json!({"target": {"selector": {"matchLabels": {"app": "client"}}},
+               "defaultAction": "Allow",
+               "rules": [{"action": "Deny", "from": [{"namespaces": ["other"]}]}]}),
+    );
+    apply(older);
+    let view = held(
+        &shared,
+        &mut rx,
+        &web_0,
+        "the namespace-wide Policy refused",
+    );
+    assert_eq!(inbound_of(view.as_ref()), (Some(20), Vec::new()));
+    apply(ready(false));
+    held(
+        &shared,
+        &mut rx,
+        &web_0,
+        "an endpoint not ready, with a refusal",
+    );
+    // Accepted again when the older one goes.
+    shared.update(|i| i.delete(Kind::Policy, &key("shop", "older")));
+    let view = held(
+        &shared,
+        &mut rx,
+        &web_0,
+        "the namespace-wide Policy accepted again",
+    );
+    assert_eq!(inbound_of(view.as_ref()).1, vec!["shop/wide".to_owned()]);
+
+    // The Policy selecting it goes, and then the pod.
+    shared.update(|i| i.delete(Kind::Policy, &key("shop", "limit")));
+    assert_eq!(
+        inbound_of(held(&shared, &mut rx, &web_0, "limit deleted").as_ref()).0,
+        None
+    );
+    shared.update(|i| i.delete(Kind::Pod, &web_0));
+    assert!(held(&shared, &mut rx, &web_0, "pod deleted").is_none());
+}
+
 /// The namespaces of the property test.
 const NAMESPACES: [&str; 2] = ["shop", "other"];
 
@@ -589,6 +815,9 @@ proptest! {
         let mut present: BTreeMap<(Kind, ObjectKey), Object> = BTreeMap::new();
         // Every pod ever applied, so that one deleted is checked too.
         let mut pods: BTreeSet<ObjectKey> = BTreeSet::new();
+        // Each pod's view as a subscriber holds it: brought up to date after each step
+        // from the one held before, as the shared index does (`Index::refresh_view`).
+        let mut held: BTreeMap<ObjectKey, Option<ProxyView>> = BTreeMap::new();
         // Numbers Policies' specs: each one applied is a new generation.
         let mut generation = 0;
         let mut next = |step: &Step| {
@@ -654,6 +883,15 @@ proptest! {
                         "{}'s view changed but {:?} does not touch it, after {:?}", pod, affected, step
                     );
                 }
+                // A subscriber there since before the pod was seen held no view.
+                let view = held.entry(pod.clone()).or_default();
+                if i.is_affected(pod, &affected) {
+                    i.refresh_view(pod, &affected, view);
+                }
+                prop_assert!(
+                    same(view.as_ref(), after.get(pod).and_then(Option::as_ref)),
+                    "{}'s held view is not its view, after {:?}", pod, step
+                );
             }
         }
         // The same objects listed into a fresh index, Policies first: the same views and
