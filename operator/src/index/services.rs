@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use weft_api::proxy_config::ServiceConfig;
 
-/// One namespace's services by config name, shared by the index and every view of it.
+/// One namespace's services, each keyed by its own config name, shared by the index and
+/// every view of it.
 pub type NsServices = Arc<BTreeMap<String, Arc<ServiceConfig>>>;
 
 /// The services of a view: one [`NsServices`] per namespace. Config names
@@ -62,7 +63,10 @@ impl ServiceSet {
         self.by_ns.values().all(|m| m.is_empty())
     }
 
-    /// Whether two sets hold the same configs (shared maps compare by pointer).
+    /// Whether two sets hold the same configs (shared maps and configs compare by
+    /// pointer). A config is keyed by its own name, so one shared config is under the
+    /// same name in both maps: of a namespace's thousand configs, mostly shared when one
+    /// changed, only those that are not compare their names.
     pub fn same(&self, other: &ServiceSet) -> bool {
         self.by_ns.len() == other.by_ns.len()
             && self
@@ -74,7 +78,7 @@ impl ServiceSet {
                         && (Arc::ptr_eq(x, y)
                             || (x.len() == y.len()
                                 && x.iter().zip(y.iter()).all(|((m, p), (n, q))| {
-                                    m == n && (Arc::ptr_eq(p, q) || p == q)
+                                    Arc::ptr_eq(p, q) || (m == n && p == q)
                                 })))
                 })
     }
