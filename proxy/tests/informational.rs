@@ -494,8 +494,9 @@ async fn h2_app() -> (SocketAddr, Task) {
 }
 
 /// An answer whose application stops before its body's declared end reaches the client
-/// as a broken body (HTTP/1: the connection closes short of the length, or of the last
-/// chunk; HTTP/2: the stream is reset or refused), never as a complete shorter body.
+/// as its head and a broken body (HTTP/1: the connection closes short of the length, or
+/// of the last chunk; HTTP/2: the stream is reset), never as a complete shorter body,
+/// and over every transport between the proxies, the mux included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_cut_short_is_an_error_never_a_shorter_body() {
     let ca = Ca::new("mesh root");
@@ -511,15 +512,11 @@ async fn a_response_cut_short_is_an_error_never_a_shorter_body() {
                 .await
                 .unwrap();
             let got = read_to_close_or_502(&mut c).await;
-            // Nothing at all (the head had not gone out yet) is an error too.
+            // Nothing at all (the head had not gone out yet) is an error too. The head
+            // the application sent is never turned into a 502, however soon its body
+            // fails after it: the inbound proxy's HTTP/2 server keeps a queued head
+            // through the stream's reset (third_party/h2/WEFT-PATCH.md).
             if let Some((head, body)) = got.split_once("\r\n\r\n") {
-                // Under load the body's failure can overtake the head on its way through
-                // the proxies (seen once in CI): then nothing of the answer went on, and
-                // a whole 502 is the honest answer, as for HTTP/2 below.
-                if head.starts_with("http/1.1 502") {
-                    assert!(head.contains("weft-error: upstream_failed"), "{got}");
-                    continue;
-                }
                 assert!(
                     head.starts_with("http/1.1 200"),
                     "{transport} {path}: {got}"
@@ -542,14 +539,10 @@ async fn a_response_cut_short_is_an_error_never_a_shorter_body() {
             )
             .await
             .unwrap();
-            // Under load the proxy can reset the stream before its head goes out: broken
-            // too, which is all that is asked.
-            let Ok(sent) = sent else { continue };
-            if sent.status() == 502 {
-                // Refused before its head went on.
-                assert_eq!(header(&sent.map(|_| ()), "weft-error"), "upstream_failed");
-                continue;
-            }
+            // The application's head always reaches the client, however soon the
+            // stream's reset follows it; then the body is broken.
+            let sent = sent.unwrap_or_else(|e| panic!("{transport} {path}: {e}"));
+            assert_eq!(sent.status(), 200, "{transport} {path}");
             let body = tokio::time::timeout(Duration::from_secs(5), sent.into_body().collect())
                 .await
                 .unwrap();

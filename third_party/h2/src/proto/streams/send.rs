@@ -259,6 +259,19 @@ impl Send {
         // Keep the queued HEADERS so the stream opens, then send the reset
         // immediately after.
         if !stream.is_pending_open {
+            // weft-patch: a server keeps the response head it has queued but not yet
+            // written (informational heads too), so that the client sees the answer's
+            // status and fields before the reset, as it does when the head was written
+            // first. Only the head: it needs no flow control, while buffered DATA is
+            // dropped as upstream does. Without this, whether the client sees the head
+            // of an answer whose body then fails depended on whether the connection
+            // task ran between the two.
+            let unsent_heads = if counts.peer().is_server() {
+                take_unsent_heads(buffer, stream)
+            } else {
+                Vec::new()
+            };
+
             // Otherwise, drop any buffered DATA/HEADERS and only send the
             // reset.
             //
@@ -266,6 +279,11 @@ impl Send {
             // the reset frame before transitioning the stream inside
             // `reclaim_all_capacity`.
             self.prioritize.clear_queue(buffer, stream);
+
+            // weft-patch: back at the front, in their order, ahead of the reset.
+            for head in unsent_heads.into_iter().rev() {
+                stream.pending_send.push_front(buffer, head);
+            }
         }
 
         let frame = frame::Reset::new(stream.id, reason);
@@ -664,4 +682,24 @@ impl Send {
     pub(crate) fn is_extended_connect_protocol_enabled(&self) -> bool {
         self.is_extended_connect_protocol_enabled
     }
+}
+
+/// weft-patch: pops the HEADERS frames carrying a response head (`:status`, interim or
+/// final) from the front of `stream`'s send queue, in order, stopping at the first frame
+/// that is anything else (DATA, trailers, a reset).
+fn take_unsent_heads<B>(
+    buffer: &mut Buffer<Frame<B>>,
+    stream: &mut store::Ptr,
+) -> Vec<Frame<B>> {
+    let mut heads = Vec::new();
+    while let Some(frame) = stream.pending_send.pop_front(buffer) {
+        match frame {
+            Frame::Headers(ref headers) if headers.pseudo().status.is_some() => heads.push(frame),
+            other => {
+                stream.pending_send.push_front(buffer, other);
+                break;
+            }
+        }
+    }
+    heads
 }
