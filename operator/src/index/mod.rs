@@ -48,7 +48,9 @@
 //! (`Index::refresh_view`): the part its pod's Policies make of it (their references and
 //! the inbound config) is recomputed only for the pods a change reports in
 //! [`Affected::pods`], since nothing else feeds it; for the others, whose namespaces'
-//! services changed, only those are.
+//! services changed, only those are. A re-list of a kind that feeds the Policy part
+//! rebuilds every view of the namespaces it went over ([`Affected::relisted`]), so that
+//! a report that missed a pod leaves its view stale until the next re-list at most.
 
 pub mod compile;
 pub mod conflict;
@@ -120,10 +122,19 @@ pub struct Affected {
     /// a Route whose headless Service appears in a namespace without pods), so the status
     /// writer is woken for it while no config is pushed.
     pub statuses: bool,
+    /// Namespaces a re-list ([`Index::replace`]) of a kind feeding the Policy part of
+    /// views went over: every subscriber whose pod is in one has its view rebuilt from
+    /// scratch, not from the one it holds. A kept Policy part is only as right as every
+    /// change's report of `pods`; a report that missed a pod, or a change cut short by a
+    /// panic (the index lock recovers from poisoning), would leave it stale until the pod
+    /// is named again. A re-list repairs it at the latest. `is_empty` ignores it (only a
+    /// stale view changes), but it takes a new version: a push session sends nothing for
+    /// a view at the version it last sent, which a view gone stale may well carry.
+    pub relisted: BTreeSet<String>,
 }
 
 impl Affected {
-    /// Whether no proxy's view may have changed (`statuses` aside).
+    /// Whether no proxy's view may have changed (`statuses` and `relisted` aside).
     pub fn is_empty(&self) -> bool {
         self.namespaces.is_empty() && self.pods.is_empty()
     }
@@ -133,6 +144,7 @@ impl Affected {
         self.namespaces.extend(other.namespaces);
         self.pods.extend(other.pods);
         self.statuses |= other.statuses;
+        self.relisted.extend(other.relisted);
     }
 }
 
@@ -487,7 +499,9 @@ impl Index {
     }
 
     /// Replaces every object of `kind` with `objects` (after a watch's re-list): objects
-    /// missing from the list are deleted, the rest applied.
+    /// missing from the list are deleted, the rest applied. When `kind` feeds the Policy
+    /// part of views, the namespaces of the objects listed or deleted are reported in
+    /// [`Affected::relisted`], so that their subscribers' views are rebuilt from scratch.
     pub fn replace(&mut self, kind: Kind, objects: Vec<(ObjectKey, Object)>) -> Affected {
         let keep: BTreeSet<&ObjectKey> = objects.iter().map(|(k, _)| k).collect();
         let existing: Vec<ObjectKey> = match kind {
@@ -503,6 +517,14 @@ impl Index {
             Kind::Policy => self.policies.keys().cloned().collect(),
             Kind::Breaker => self.breakers.keys().cloned().collect(),
         };
+        let mut relisted: BTreeSet<String> = BTreeSet::new();
+        if feeds_policy_part(kind) {
+            for key in existing.iter().chain(keep.iter().copied()) {
+                if !relisted.contains(&key.namespace) {
+                    relisted.insert(key.namespace.clone());
+                }
+            }
+        }
         let stale: Vec<ObjectKey> = existing.into_iter().filter(|k| !keep.contains(k)).collect();
         // Apply everything first and rebuild each touched namespace once: a re-list of
         // thousands of objects must not rebuild a namespace per object.
@@ -519,9 +541,10 @@ impl Index {
         for ns in self.deferred.take().unwrap_or_default() {
             self.rebuild(&ns, &mut affected);
         }
-        if !affected.is_empty() {
+        if !affected.is_empty() || !relisted.is_empty() {
             self.version += 1;
         }
+        affected.relisted = relisted;
         affected
     }
 
@@ -1168,7 +1191,7 @@ impl Index {
 
     /// Whether a subscriber for `pod` may need a new view after `affected`.
     pub fn is_affected(&self, pod: &ObjectKey, affected: &Affected) -> bool {
-        if affected.pods.contains(pod) {
+        if affected.pods.contains(pod) || affected.relisted.contains(&pod.namespace) {
             return true;
         }
         if affected.namespaces.is_empty() {
@@ -1209,23 +1232,31 @@ impl Index {
     /// value): the Policy references and `inbound` it holds are reused, and only the
     /// services and the Routes and Breakers of its namespaces are recomputed. Compiling
     /// ~170 Policies per pod made an endpoint's change in a namespace of 10,000 pods cost
-    /// seconds.
+    /// seconds. A re-list of its namespace ([`Affected::relisted`]) rebuilds it all.
     fn refresh_view(
         &self,
         pod_key: &ObjectKey,
         affected: &Affected,
         current: &mut Option<ProxyView>,
     ) -> bool {
-        let (Some(held), Some(pod), false) = (
-            current.as_mut(),
-            self.pods.get(pod_key),
-            affected.pods.contains(pod_key),
-        ) else {
+        let named = affected.pods.contains(pod_key);
+        let relisted = affected.relisted.contains(&pod_key.namespace);
+        let (Some(held), Some(pod), false) =
+            (current.as_mut(), self.pods.get(pod_key), named || relisted)
+        else {
             let fresh = self.view(pod_key);
             return match (current.as_ref(), fresh.as_ref()) {
                 (Some(cur), Some(new)) if cur.same_content(new) => false,
                 (None, None) => false,
-                _ => {
+                (cur, new) => {
+                    // Only a report that missed the pod (or a change cut short) leaves a
+                    // Policy part for a re-list to repair: a bug to hear of.
+                    if !named
+                        && let (Some(cur), Some(new)) = (cur, new)
+                        && !same_policy_part(cur, new)
+                    {
+                        tracing::warn!(pod = %pod_key, "a re-list repaired a stale Policy part of a view");
+                    }
                     *current = fresh;
                     true
                 }
@@ -1793,6 +1824,28 @@ fn other_than_policies(resources: &BTreeSet<ResourceRef>) -> impl Iterator<Item 
         .iter()
         .take_while(move |r| r.kind.as_str() < policy)
         .chain(after.into_iter().rev())
+}
+
+/// Whether a re-list of `kind` may find a view's Policy part stale, as it reads objects
+/// of that kind: the pods' labels, the Policies, and the Services that Policies select
+/// pods through. No wildcard, so that a new kind is placed here knowingly.
+fn feeds_policy_part(kind: Kind) -> bool {
+    match kind {
+        Kind::Pod | Kind::Policy | Kind::Service => true,
+        // Visibility, endpoints, Routes and Breakers shape only the services and Routes
+        // and Breakers of a view, which every refresh recomputes.
+        Kind::Namespace | Kind::EndpointSlice | Kind::Route | Kind::Breaker => false,
+    }
+}
+
+/// Whether two views carry the same Policy part: the Policy references and `inbound`.
+fn same_policy_part(a: &ProxyView, b: &ProxyView) -> bool {
+    let policy = Kind::Policy.as_str();
+    a.inbound == b.inbound
+        && a.resources
+            .iter()
+            .filter(|r| r.kind == policy)
+            .eq(b.resources.iter().filter(|r| r.kind == policy))
 }
 
 /// What a mutex holds, through `&mut` access, which needs no lock (a poisoned one

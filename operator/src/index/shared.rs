@@ -69,7 +69,7 @@ impl SharedIndex {
         for kind in Kind::ALL {
             self.metrics.index_objects(kind, index.len(kind));
         }
-        if affected.is_empty() {
+        if affected.is_empty() && affected.relisted.is_empty() {
             // No view changed, but a Route, Policy or Breaker did (one that does not parse,
             // or selects nothing), or a Service one names: its status is written on this
             // wake, not the status writer's timer.
@@ -78,24 +78,30 @@ impl SharedIndex {
             }
             return;
         }
-        {
+        // A re-list that changed nothing only repairs stale views: no change to time.
+        if !affected.is_empty() {
             let mut times = lock(&self.change_times);
             times.push_back((index.version(), Instant::now()));
             while times.len() > CHANGE_TIMES {
                 times.pop_front();
             }
         }
+        let mut any_changed = false;
         let subscribers = lock(&self.subscribers);
         for (pod, tx) in subscribers.iter() {
             if !index.is_affected(pod, &affected) {
                 continue;
             }
             // From the view it holds: one whose pod the change did not name keeps its
-            // Policy part (see `Index::refresh_view`).
-            tx.send_if_modified(|current| index.refresh_view(pod, &affected, current));
+            // Policy part unless a re-list went over its namespace (see
+            // `Index::refresh_view`).
+            any_changed |=
+                tx.send_if_modified(|current| index.refresh_view(pod, &affected, current));
         }
         drop(subscribers);
-        self.changed.send_modify(|n| *n += 1);
+        if !affected.is_empty() || any_changed || affected.statuses {
+            self.changed.send_modify(|n| *n += 1);
+        }
     }
 
     /// When the change that produced `version` (or the latest before it) was seen.
@@ -259,6 +265,89 @@ mod tests {
             assert_eq!(changes_of(&delete), (false, false), "{k} deleted again");
         }
         assert_eq!(shared.read(Index::version), version, "no config changed");
+    }
+
+    /// A view gone stale (here its rate limit) is repaired by the next re-list of a kind
+    /// that feeds the Policy part (pods, Services, Policies), even one that finds nothing
+    /// changed: the subscriber is woken with the view computed afresh, at a version newer
+    /// than the stale one's (a push session skips a version it sent). Stale either way:
+    /// a change cut short by a panic after it changed the index, before the subscribers
+    /// were refreshed, or a change whose report missed the pod (the held view edited
+    /// unseen, at the current version). A second re-list, nothing stale, wakes nobody.
+    #[test]
+    fn a_relist_repairs_a_view_gone_stale() {
+        let shared = SharedIndex::new(Index::new("cluster.local"), Arc::new(Metrics::new()));
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {"name": "client", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.11", "clusterIPs": ["10.96.0.11"],
+                     "selector": {"app": "client"}, "ports": [{"name": "http", "port": 80}]}
+        }))
+        .unwrap();
+        let limit = |rps: u32| {
+            policy(
+                "limit",
+                json!({"target": {"selector": {"matchLabels": {"app": "client"}}},
+                       "defaultAction": "Allow", "rateLimit": {"requestsPerSecond": rps}}),
+            )
+        };
+        let (a, pa) = pod("a");
+        let listed = |kind: Kind, rps: u32| match kind {
+            Kind::Pod => vec![(a.clone(), pa.clone())],
+            Kind::Service => vec![model::service(&svc)],
+            Kind::Policy => vec![limit(rps)],
+            _ => Vec::new(),
+        };
+        let mut rps = 1;
+        for kind in [Kind::Service, Kind::Pod, Kind::Policy] {
+            shared.update(|i| i.replace(kind, listed(kind, rps)));
+        }
+        let mut rx = shared.subscribe(&a);
+        let rate = |view: &Option<ProxyView>| {
+            view.as_ref()
+                .and_then(|v| v.inbound.as_ref())
+                .and_then(|b| b.rate_limit.as_ref())
+                .map(|r| r.requests_per_second)
+        };
+        assert_eq!(rate(&rx.borrow_and_update()), Some(rps));
+        for kind in [Kind::Pod, Kind::Service, Kind::Policy] {
+            for cut_short in [true, false] {
+                if cut_short {
+                    rps += 1;
+                    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        shared.update(|i| {
+                            let (k, o) = limit(rps);
+                            i.apply(k, o);
+                            panic!("cut short before the subscribers are refreshed");
+                        })
+                    }));
+                    assert!(panicked.is_err());
+                } else {
+                    lock(&shared.subscribers)[&a].send_if_modified(|view| {
+                        let inbound = view.as_mut().and_then(|v| v.inbound.as_mut());
+                        if let Some(limit) = inbound.and_then(|b| b.rate_limit.as_mut()) {
+                            limit.requests_per_second = 0;
+                        }
+                        false
+                    });
+                }
+                let what = format!("{kind:?}, cut short: {cut_short}");
+                let stale = rx.borrow_and_update().clone();
+                assert_ne!(rate(&stale), Some(rps), "{what}: not stale");
+                shared.update(|i| i.replace(kind, listed(kind, rps)));
+                assert!(rx.has_changed().unwrap(), "{what}: not woken");
+                let held = rx.borrow_and_update().clone();
+                assert_eq!(rate(&held), Some(rps), "{what}");
+                let fresh = shared.read(|i| i.view(&a));
+                let (stale, held, fresh) = (stale.unwrap(), held.unwrap(), fresh.unwrap());
+                assert!(
+                    held.same_content(&fresh),
+                    "{what}: {held:?} is not {fresh:?}"
+                );
+                assert!(held.version > stale.version, "{what}: {held:?}");
+                shared.update(|i| i.replace(kind, listed(kind, rps)));
+                assert!(!rx.has_changed().unwrap(), "{what}: a second re-list");
+            }
+        }
     }
 
     /// A Service change that alters no view but a Route's status (its headless Service
