@@ -78,6 +78,14 @@ impl ServiceSet {
                         && (Arc::ptr_eq(x, y)
                             || (x.len() == y.len()
                                 && x.iter().zip(y.iter()).all(|((m, p), (n, q))| {
+                                    // The pointer comparison skips the names, which is
+                                    // sound only while each key is its config's name.
+                                    debug_assert!(
+                                        *m == p.name && *n == q.name,
+                                        "configs {} and {} keyed as {m} and {n}",
+                                        p.name,
+                                        q.name
+                                    );
                                     Arc::ptr_eq(p, q) || (m == n && p == q)
                                 })))
                 })
