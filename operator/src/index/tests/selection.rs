@@ -805,13 +805,15 @@ fn of_kind(present: &BTreeMap<(Kind, ObjectKey), Object>, kind: Kind) -> Vec<(Ob
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
-    /// With `max` (the proxy's limit, or one a few Policies reach), after each step.
+    /// With `max` (the proxy's limit, or one a few Policies reach) and each mesh-wide
+    /// mode (that of pods no Policy selects), after each step.
     #[test]
     fn the_kept_selection_is_what_evaluating_every_policy_gives(
         steps in proptest::collection::vec(step(), 1..24),
         max in prop_oneof![Just(1usize), Just(2), Just(weft_proxy::authz::MAX_POLICIES)],
+        mesh in prop_oneof![Just(MtlsMode::Permissive), Just(MtlsMode::Strict), Just(MtlsMode::Disabled)],
     ) {
-        let mut i = Index::new("cluster.local").with_max_policies(max);
+        let mut i = Index::new("cluster.local").with_mesh_mtls(mesh).with_max_policies(max);
         let mut present: BTreeMap<(Kind, ObjectKey), Object> = BTreeMap::new();
         // Every pod ever applied, so that one deleted is checked too.
         let mut pods: BTreeSet<ObjectKey> = BTreeSet::new();
@@ -896,7 +898,7 @@ proptest! {
         }
         // The same objects listed into a fresh index, Policies first: the same views and
         // statuses.
-        let mut fresh = Index::new("cluster.local").with_max_policies(max);
+        let mut fresh = Index::new("cluster.local").with_mesh_mtls(mesh).with_max_policies(max);
         for kind in [Kind::Policy, Kind::Service, Kind::Pod] {
             fresh.replace(kind, of_kind(&present, kind));
         }
