@@ -19,12 +19,12 @@
 
 use std::{
     convert::Infallible,
-    future::Future as _,
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     str::FromStr,
     sync::{Arc, Mutex, OnceLock},
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
 
@@ -999,6 +999,24 @@ pub struct TrackedBody {
     pub(crate) log: Option<Box<access_log::Pending>>,
     /// Body bytes sent so far (counted only with an access log).
     pub(crate) bytes: u64,
+    /// The upstream's failure, held back while the rest of the runtime's ready tasks run:
+    /// see `poll_frame`.
+    pub(crate) failed: Option<HeldBack>,
+}
+
+/// An upstream body's failure held back until the runtime's other ready tasks have run
+/// (`tokio::task::yield_now`'s turn), so that downstream writes what it has first.
+pub(crate) struct HeldBack {
+    error: hyper::Error,
+    turn: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+}
+
+impl std::fmt::Debug for HeldBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldBack")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a response body ended early.
@@ -1045,11 +1063,36 @@ impl Body for TrackedBody {
             // Not `ended`: the upstream connection is mid-response and must not be reused.
             return Poll::Ready(Some(Err(ResponseBodyError::Deadline)));
         }
+        if let Some(held) = &mut self.failed {
+            ready!(held.turn.as_mut().poll(cx));
+            if let Some(held) = self.failed.take() {
+                return Poll::Ready(Some(Err(ResponseBodyError::Upstream(held.error))));
+            }
+        }
         let frame = Pin::new(&mut self.inner).poll_frame(cx);
-        match &frame {
+        match frame {
             Poll::Ready(None) => self.ended = true,
-            Poll::Ready(Some(Ok(f))) if self.log.is_some() => {
+            Poll::Ready(Some(Ok(ref f))) if self.log.is_some() => {
                 self.bytes += f.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            Poll::Ready(Some(Err(error))) => {
+                // Downstream, hyper stops at a body's error without writing out what it
+                // holds: the head and the last bytes, when the failure came with them (an
+                // application that wrote and closed at once, a stream reset right behind
+                // its data). An HTTP/1 server writes them if the body is pending once; an
+                // HTTP/2 server's connection task, which writes the stream's frames before
+                // the reset can drop them, must run first. So the failure waits for a
+                // yield's turn, and the client gets what the application sent, then the
+                // broken end, as it does when the failure comes in a later read.
+                let mut held = HeldBack {
+                    error,
+                    turn: Box::pin(tokio::task::yield_now()),
+                };
+                if held.turn.as_mut().poll(cx).is_pending() {
+                    self.failed = Some(held);
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Some(Err(ResponseBodyError::Upstream(held.error))));
             }
             _ => {}
         }

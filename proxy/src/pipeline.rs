@@ -941,6 +941,7 @@ impl HttpConn {
                 ended: false,
                 log: None,
                 bytes: 0,
+                failed: None,
                 deadline: deadline.map(|d| {
                     (
                         Box::pin(tokio::time::sleep_until(d)),

@@ -686,7 +686,9 @@ impl Send {
 
 /// weft-patch: pops the HEADERS frames carrying a response head (`:status`, interim or
 /// final) from the front of `stream`'s send queue, in order, stopping at the first frame
-/// that is anything else (DATA, trailers, a reset).
+/// that is anything else (DATA, trailers, a reset) or ends the stream: a reset after a
+/// complete answer would be sent on a closed stream (RFC 9113 §5.1), and would make a
+/// failure look like a success.
 fn take_unsent_heads<B>(
     buffer: &mut Buffer<Frame<B>>,
     stream: &mut store::Ptr,
@@ -694,7 +696,11 @@ fn take_unsent_heads<B>(
     let mut heads = Vec::new();
     while let Some(frame) = stream.pending_send.pop_front(buffer) {
         match frame {
-            Frame::Headers(ref headers) if headers.pseudo().status.is_some() => heads.push(frame),
+            Frame::Headers(ref headers)
+                if headers.pseudo().status.is_some() && !headers.is_end_stream() =>
+            {
+                heads.push(frame)
+            }
             other => {
                 stream.pending_send.push_front(buffer, other);
                 break;
