@@ -283,8 +283,49 @@ pub struct Index {
     /// identities are read through `&self`; the index's own lock is held anyway.
     policy_modes: Mutex<HashMap<ObjectKey, MtlsMode>>,
     version: u64,
-    /// During [`Index::replace`]: namespaces to rebuild once at the end.
-    deferred: Option<BTreeSet<String>>,
+    /// Whether a change defers its namespaces' rebuild to the end of the
+    /// [`Index::replace`] in progress. Set and reset by [`Deferring`], so that a re-list
+    /// cut short by a panic (the index lock recovers from poisoning) does not leave every
+    /// later change deferred: unrebuilt and at an unchanged version, which push sessions
+    /// would not send.
+    deferring: bool,
+    /// Namespaces whose rebuild is owed: those a re-list in progress touched, or those a
+    /// re-list cut short by a panic left, which the next change rebuilds with its own.
+    deferred: BTreeSet<String>,
+    /// Panics in the middle of the next [`Index::replace`], after its objects are applied
+    /// and before the rebuild, as a bug there would: tests hold what it leaves behind.
+    #[cfg(test)]
+    panic_mid_replace: bool,
+}
+
+/// [`Index`] while a re-list defers its rebuilds ([`Index::deferring`]); dropping it,
+/// even while unwinding from a panic, ends that.
+struct Deferring<'a>(&'a mut Index);
+
+impl<'a> Deferring<'a> {
+    fn start(index: &'a mut Index) -> Self {
+        index.deferring = true;
+        Deferring(index)
+    }
+}
+
+impl Drop for Deferring<'_> {
+    fn drop(&mut self) {
+        self.0.deferring = false;
+    }
+}
+
+impl std::ops::Deref for Deferring<'_> {
+    type Target = Index;
+    fn deref(&self) -> &Index {
+        self.0
+    }
+}
+
+impl std::ops::DerefMut for Deferring<'_> {
+    fn deref_mut(&mut self) -> &mut Index {
+        self.0
+    }
 }
 
 fn in_ns<'a, V>(
@@ -319,7 +360,10 @@ impl Index {
             selection: selection::Selection::default(),
             policy_modes: Mutex::new(HashMap::new()),
             version: 0,
-            deferred: None,
+            deferring: false,
+            deferred: BTreeSet::new(),
+            #[cfg(test)]
+            panic_mid_replace: false,
         }
     }
 
@@ -543,18 +587,26 @@ impl Index {
         }
         let stale: Vec<ObjectKey> = existing.into_iter().filter(|k| !keep.contains(k)).collect();
         // Apply everything first and rebuild each touched namespace once: a re-list of
-        // thousands of objects must not rebuild a namespace per object.
-        self.deferred = Some(BTreeSet::new());
+        // thousands of objects must not rebuild a namespace per object. Namespaces owed
+        // by a re-list cut short are kept, not overwritten, and rebuilt here too.
         let mut affected = Affected::default();
-        for key in stale {
-            affected.merge(self.delete(kind, &key));
-        }
-        for (key, object) in objects {
-            if object.kind() == kind {
-                affected.merge(self.apply(key, object));
+        {
+            let mut index = Deferring::start(self);
+            for key in stale {
+                affected.merge(index.delete(kind, &key));
+            }
+            for (key, object) in objects {
+                if object.kind() == kind {
+                    affected.merge(index.apply(key, object));
+                }
+            }
+            #[cfg(test)]
+            if std::mem::take(&mut index.panic_mid_replace) {
+                panic!("cut short in the middle of a re-list");
             }
         }
-        for ns in self.deferred.take().unwrap_or_default() {
+        let owed = std::mem::take(&mut self.deferred);
+        for ns in owed {
             self.rebuild(&ns, &mut affected);
         }
         if !affected.is_empty() || !relisted.is_empty() {
@@ -608,11 +660,14 @@ impl Index {
             pods,
             ..Affected::default()
         };
-        if let Some(deferred) = self.deferred.as_mut() {
-            deferred.extend(namespaces);
+        if self.deferring {
+            self.deferred.extend(namespaces);
             return affected;
         }
-        for ns in namespaces.into_iter().collect::<BTreeSet<_>>() {
+        // With those a re-list cut short left owed (normally none).
+        let mut owed = std::mem::take(&mut self.deferred);
+        owed.extend(namespaces);
+        for ns in owed {
             self.rebuild(&ns, &mut affected);
         }
         if !affected.is_empty() {

@@ -1454,3 +1454,43 @@ fn meshed_pods_no_service_lists_are_known_by_address_at_the_ports_they_declare()
     let opaque = view.services.get("pods.shop.opaque").unwrap();
     assert_eq!(opaque.endpoints[0].address, "198.18.2.1:7077");
 }
+
+/// A re-list cut short by a panic (the index lock recovers from poisoning) leaves no
+/// later change deferred: the next one rebuilds its namespace, and those the re-list
+/// left unrebuilt, and takes a new version, without which push sessions send nothing.
+#[test]
+fn a_relist_cut_short_leaves_no_later_change_deferred() {
+    let mut i = shop();
+    let client = key("shop", "client");
+    i.panic_mid_replace = true;
+    let services = vec![
+        svc("shop", "web", "10.96.0.10"),
+        svc("cart", "api", "10.96.0.11"),
+    ];
+    let cut_short = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        i.replace(Kind::Service, services)
+    }));
+    assert!(cut_short.is_err());
+    let version = i.version();
+    let before = i.view(&client).unwrap();
+    let affected = apply(
+        &mut i,
+        slice(
+            "shop",
+            "web-1",
+            "web",
+            &[("10.0.0.1", true, false, Some("web-a"))],
+        ),
+    );
+    assert!(affected.namespaces.contains("shop"), "{affected:?}");
+    assert!(affected.namespaces.contains("cart"), "{affected:?}");
+    assert!(i.version() > version);
+    let view = i.view(&client).unwrap();
+    assert!(!view.same_content(&before));
+    assert_eq!(view.services.get("web.shop.80").unwrap().endpoints.len(), 1);
+    assert!(
+        i.outbound
+            .get("cart")
+            .is_some_and(|m| m.contains_key("api.cart.80"))
+    );
+}
