@@ -1455,6 +1455,78 @@ fn meshed_pods_no_service_lists_are_known_by_address_at_the_ports_they_declare()
     assert_eq!(opaque.endpoints[0].address, "198.18.2.1:7077");
 }
 
+/// The objects of `kind` the index holds, as a re-list finding nothing changed gives them.
+fn listed(i: &Index, kind: Kind) -> Vec<(ObjectKey, Object)> {
+    match kind {
+        Kind::Service => i
+            .services
+            .iter()
+            .map(|(k, m)| (k.clone(), Object::Service(m.clone())))
+            .collect(),
+        Kind::Pod => i
+            .pods
+            .iter()
+            .map(|(k, m)| (k.clone(), Object::Pod(m.clone())))
+            .collect(),
+        Kind::Policy => i
+            .policies
+            .iter()
+            .map(|(k, m)| (k.clone(), Object::Policy(m.clone())))
+            .collect(),
+        _ => unreachable!("only kinds that feed the Policy part"),
+    }
+}
+
+/// A re-list of pods, Services or Policies that finds every object unchanged still
+/// rebuilds the namespaces it went over from their objects: what a change cut short by a
+/// panic left of a namespace's derived state (here its outbound services and Routes
+/// lost, a pod's kept mTLS mode wrong) is computed again, so that the views rebuilt from
+/// the index are right, not only equal to a stale index.
+#[test]
+fn a_relist_rebuilds_the_derived_state_of_its_namespaces() {
+    for kind in [Kind::Pod, Kind::Service, Kind::Policy] {
+        let mut i = shop();
+        apply(
+            &mut i,
+            route(
+                "shop",
+                "web",
+                "2026-01-01T00:00:00Z",
+                "web",
+                json!([{"name": "web"}]),
+            ),
+        );
+        apply(
+            &mut i,
+            policy_with_mode(
+                "strict",
+                "2026-01-01T00:00:00Z",
+                json!({"selector": {"matchLabels": {"app": "web"}}}),
+                "Strict",
+            ),
+        );
+        let client = key("shop", "client");
+        let want = i.view(&client).unwrap();
+        assert!(want.services.contains_key("web.shop.80"));
+        assert!(want.resources.iter().any(|r| r.kind == "Route"));
+        // As a rebuild cut short might leave them.
+        i.outbound.remove("shop");
+        i.ns_resources.remove("shop");
+        lock(&mut i.policy_modes).insert(key("shop", "web-a"), MtlsMode::Disabled);
+        let objects = listed(&i, kind);
+        let affected = i.replace(kind, objects);
+        assert!(
+            affected.namespaces.contains("shop"),
+            "{kind:?}: {affected:?}"
+        );
+        let view = i.view(&client).unwrap();
+        assert!(
+            view.same_content(&want),
+            "{kind:?}: {view:?} is not {want:?}"
+        );
+    }
+}
+
 /// A re-list cut short by a panic (the index lock recovers from poisoning) leaves no
 /// later change deferred: the next one rebuilds its namespace, and those the re-list
 /// left unrebuilt, and takes a new version, without which push sessions send nothing.
