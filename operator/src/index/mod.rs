@@ -1318,8 +1318,9 @@ impl Index {
 
     /// Brings `current`, the view a subscriber of `pod_key` holds, up to date after a
     /// change that reported `affected`, to what [`Index::view`] gives now; returns whether
-    /// it changed (and leaves it untouched when not). `current` must be the view as of
-    /// the change before, as [`shared::SharedIndex`] keeps it.
+    /// it changed (and leaves it untouched when not), and whether that repaired a stale
+    /// Policy part. `current` must be the view as of the change before, as
+    /// [`shared::SharedIndex`] keeps it.
     ///
     /// A pod that `affected` does not name kept every input of its Policy part (the
     /// Policies that select it, their refusals, its labels; the mesh default and trust
@@ -1334,7 +1335,7 @@ impl Index {
         pod_key: &ObjectKey,
         affected: &Affected,
         current: &mut Option<ProxyView>,
-    ) -> bool {
+    ) -> Refresh {
         let named = affected.pods.contains(pod_key);
         let relisted = affected.relisted.contains(&pod_key.namespace);
         let (Some(held), Some(pod), false) =
@@ -1342,19 +1343,20 @@ impl Index {
         else {
             let fresh = self.view(pod_key);
             return match (current.as_ref(), fresh.as_ref()) {
-                (Some(cur), Some(new)) if cur.same_content(new) => false,
-                (None, None) => false,
+                (Some(cur), Some(new)) if cur.same_content(new) => Refresh::Same,
+                (None, None) => Refresh::Same,
                 (cur, new) => {
                     // Only a report that missed the pod (or a change cut short) leaves a
-                    // Policy part for a re-list to repair: a bug to hear of.
-                    if !named
-                        && let (Some(cur), Some(new)) = (cur, new)
-                        && !same_policy_part(cur, new)
-                    {
-                        tracing::warn!(pod = %pod_key, "a re-list repaired a stale Policy part of a view");
-                    }
+                    // Policy part for a re-list to repair: a bug to hear of, which the
+                    // caller logs once for all the views a re-list repaired.
+                    let repaired = !named
+                        && matches!((cur, new), (Some(cur), Some(new)) if !same_policy_part(cur, new));
                     *current = fresh;
-                    true
+                    if repaired {
+                        Refresh::Repaired
+                    } else {
+                        Refresh::Changed
+                    }
                 }
             };
         };
@@ -1386,7 +1388,11 @@ impl Index {
             );
             assert!(held.same_content(&fresh), "stale view of {pod_key}");
         }
-        changed
+        if changed {
+            Refresh::Changed
+        } else {
+            Refresh::Same
+        }
     }
 
     /// What `pod` may call and what of its namespaces' it implements: the services of the
@@ -1936,6 +1942,25 @@ fn feeds_policy_part(kind: Kind) -> bool {
         // Visibility, endpoints, Routes and Breakers shape only the services and Routes
         // and Breakers of a view, which every refresh recomputes.
         Kind::Namespace | Kind::EndpointSlice | Kind::Route | Kind::Breaker => false,
+    }
+}
+
+/// What [`Index::refresh_view`] made of a held view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refresh {
+    /// It was up to date, and is left untouched.
+    Same,
+    /// It changed.
+    Changed,
+    /// It changed, and its Policy part was stale: a change's report missed the pod, or
+    /// one was cut short by a panic, and a re-list repaired it.
+    Repaired,
+}
+
+impl Refresh {
+    /// Whether the view changed.
+    fn changed(self) -> bool {
+        self != Refresh::Same
     }
 }
 

@@ -21,7 +21,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{Affected, Index, Kind, ObjectKey, ProxyView};
+use super::{Affected, Index, Kind, ObjectKey, ProxyView, Refresh};
 use crate::metrics::Metrics;
 
 /// How many change timestamps are remembered for the change-to-ACK histogram: enough for
@@ -37,6 +37,26 @@ pub struct SharedIndex {
     change_times: Mutex<VecDeque<(u64, Instant)>>,
     changed: watch::Sender<u64>,
     metrics: Arc<Metrics>,
+}
+
+/// The views one change repaired ([`Refresh::Repaired`]), for its one warning.
+#[derive(Debug, Default)]
+struct Repaired {
+    count: usize,
+    /// The first [`Repaired::NAMED`] pods, enough to start looking.
+    first: Vec<String>,
+}
+
+impl Repaired {
+    /// How many pods the warning names.
+    const NAMED: usize = 5;
+
+    fn add(&mut self, pod: &ObjectKey) {
+        self.count += 1;
+        if self.first.len() < Self::NAMED {
+            self.first.push(pod.to_string());
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -87,6 +107,7 @@ impl SharedIndex {
             }
         }
         let mut any_changed = false;
+        let mut repaired = Repaired::default();
         let subscribers = lock(&self.subscribers);
         for (pod, tx) in subscribers.iter() {
             if !index.is_affected(pod, &affected) {
@@ -95,10 +116,24 @@ impl SharedIndex {
             // From the view it holds: one whose pod the change did not name keeps its
             // Policy part unless a re-list went over its namespace (see
             // `Index::refresh_view`).
-            any_changed |=
-                tx.send_if_modified(|current| index.refresh_view(pod, &affected, current));
+            any_changed |= tx.send_if_modified(|current| {
+                let refresh = index.refresh_view(pod, &affected, current);
+                if refresh == Refresh::Repaired {
+                    repaired.add(pod);
+                }
+                refresh.changed()
+            });
         }
         drop(subscribers);
+        // One line per re-list, not per view: a report that missed a whole namespace's
+        // pods would otherwise log thousands.
+        if repaired.count > 0 {
+            tracing::warn!(
+                count = repaired.count,
+                pods = ?repaired.first,
+                "a re-list repaired stale Policy parts of views"
+            );
+        }
         if !affected.is_empty() || any_changed || affected.statuses {
             self.changed.send_modify(|n| *n += 1);
         }
@@ -348,6 +383,92 @@ mod tests {
                 assert!(!rx.has_changed().unwrap(), "{what}: a second re-list");
             }
         }
+    }
+
+    /// A shared index of `n` pods of `shop` under a Policy that rate-limits them all,
+    /// and the pods as a re-list gives them.
+    fn limited(n: usize) -> (Arc<SharedIndex>, Vec<(ObjectKey, super::super::Object)>) {
+        let shared = SharedIndex::new(Index::new("cluster.local"), Arc::new(Metrics::new()));
+        let pods: Vec<_> = (0..n).map(|k| pod(&format!("p{k}"))).collect();
+        let (k, o) = policy(
+            "limit",
+            json!({"target": {"selector": {"matchLabels": {"app": "client"}}},
+                   "defaultAction": "Allow", "rateLimit": {"requestsPerSecond": 5}}),
+        );
+        shared.update(|i| i.apply(k, o));
+        shared.update(|i| i.replace(Kind::Pod, pods.clone()));
+        (shared, pods)
+    }
+
+    /// Edits the rate limit of the view `pod`'s subscriber holds, unseen: its Policy part
+    /// gone stale, as a report that missed the pod leaves it.
+    fn stale(shared: &SharedIndex, pod: &ObjectKey) {
+        lock(&shared.subscribers)[pod].send_if_modified(|view| {
+            let inbound = view.as_mut().and_then(|v| v.inbound.as_mut());
+            if let Some(limit) = inbound.and_then(|b| b.rate_limit.as_mut()) {
+                limit.requests_per_second = 0;
+            }
+            false
+        });
+    }
+
+    /// What the repair warnings said: each one's `count` and `pods` fields.
+    #[derive(Clone, Default)]
+    struct Warnings(Arc<Mutex<Vec<Warned>>>);
+
+    /// One warning's `count` and `pods`.
+    type Warned = (Option<u64>, String);
+
+    struct Fields(Option<u64>, String);
+
+    impl tracing::field::Visit for Fields {
+        fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+            if field.name() == "count" {
+                self.0 = Some(value);
+            }
+        }
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "pods" {
+                self.1 = format!("{value:?}");
+            }
+        }
+    }
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if *event.metadata().level() == tracing::Level::WARN {
+                let mut fields = Fields(None, String::new());
+                event.record(&mut fields);
+                lock(&self.0).push((fields.0, fields.1));
+            }
+        }
+    }
+
+    /// The views one re-list repairs are warned of once, with their number and the first
+    /// five pods, not once per view.
+    #[test]
+    fn a_relist_warns_once_of_the_views_it_repaired() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let (shared, pods) = limited(7);
+        let mut receivers: Vec<_> = pods.iter().map(|(k, _)| shared.subscribe(k)).collect();
+        for (k, _) in &pods {
+            stale(&shared, k);
+        }
+        let warnings = Warnings::default();
+        let subscriber = tracing_subscriber::registry().with(warnings.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            shared.update(|i| i.replace(Kind::Pod, pods.clone()));
+        });
+        assert!(receivers.iter_mut().all(|rx| rx.has_changed().unwrap()));
+        let warnings = lock(&warnings.0).clone();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let (count, named) = &warnings[0];
+        assert_eq!(*count, Some(7), "{warnings:?}");
+        assert_eq!(named.matches("shop/p").count(), 5, "{warnings:?}");
     }
 
     /// A Service change that alters no view but a Route's status (its headless Service
