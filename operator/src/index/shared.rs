@@ -98,13 +98,8 @@ impl SharedIndex {
             }
             return;
         }
-        // A re-list that changed nothing only repairs stale views: no change to time.
         if !affected.is_empty() {
-            let mut times = lock(&self.change_times);
-            times.push_back((index.version(), Instant::now()));
-            while times.len() > CHANGE_TIMES {
-                times.pop_front();
-            }
+            self.record_change(index.version());
         }
         let mut any_changed = false;
         let mut repaired = Repaired::default();
@@ -134,8 +129,24 @@ impl SharedIndex {
                 "a re-list repaired stale Policy parts of views"
             );
         }
+        // A re-list that changed no object but some view (a repair) is a change too:
+        // else the repaired view's acknowledgement would be timed from an older change,
+        // perhaps hours old, in the change-to-ACK histogram.
+        if affected.is_empty() && any_changed {
+            self.record_change(index.version());
+        }
         if !affected.is_empty() || any_changed || affected.statuses {
             self.changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Records that the change producing `version` was seen now, for
+    /// [`SharedIndex::changed_at`].
+    fn record_change(&self, version: u64) {
+        let mut times = lock(&self.change_times);
+        times.push_back((version, Instant::now()));
+        while times.len() > CHANGE_TIMES {
+            times.pop_front();
         }
     }
 
@@ -410,6 +421,29 @@ mod tests {
             }
             false
         });
+    }
+
+    /// A re-list that repairs a view and changes no object is a change for the
+    /// change-to-ACK histogram: the repaired view's acknowledgement is timed from the
+    /// re-list, not from the older change its version would otherwise fall back to.
+    #[test]
+    fn a_repair_is_timed_from_the_relist() {
+        let (shared, pods) = limited(1);
+        let a = pods[0].0.clone();
+        let mut rx = shared.subscribe(&a);
+        rx.borrow_and_update();
+        stale(&shared, &a);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let relisted = Instant::now();
+        shared.update(|i| i.replace(Kind::Pod, pods.clone()));
+        assert!(rx.has_changed().unwrap(), "not repaired");
+        let version = rx.borrow_and_update().as_ref().unwrap().version;
+        let seen = shared.changed_at(version).unwrap();
+        assert!(
+            seen >= relisted,
+            "timed from {:?} before the re-list",
+            relisted - seen
+        );
     }
 
     /// What the repair warnings said: each one's `count` and `pods` fields.
