@@ -626,9 +626,9 @@ impl Index {
         // refusals and mTLS modes, whatever a change cut short by a panic left of them.
         // About 0.5 s at 10,000 pods and 1,000 Policies in one namespace, next to some
         // 2 s for computing its views again (`policy_scale`).
-        for ns in &relisted {
-            self.forget_namespace_modes(ns);
-        }
+        // One pass over the kept modes, not one per namespace: a re-list may go over
+        // hundreds of namespaces.
+        lock(&mut self.policy_modes).retain(|pod, _| !relisted.contains(&pod.namespace));
         owed.extend(relisted.iter().cloned());
         for ns in owed {
             self.rebuild(&ns, &mut affected);
