@@ -422,21 +422,21 @@ mod tests {
     #[test]
     fn an_endpoint_delta_carries_only_what_changed_and_applies_back_exactly() {
         let old = svc(&[
-            ("10.0.0.1:80", None),
-            ("10.0.0.2:80", None),
-            ("10.0.0.3:80", None),
-            ("10.0.0.4:80", None),
+            ("198.18.100.1:80", None),
+            ("198.18.100.2:80", None),
+            ("198.18.100.3:80", None),
+            ("198.18.100.4:80", None),
         ]);
         let new = svc(&[
-            ("10.0.0.1:80", None),
-            ("10.0.0.2:80", Some(5)),
-            ("10.0.0.4:80", None),
-            ("10.0.0.5:80", None),
+            ("198.18.100.1:80", None),
+            ("198.18.100.2:80", Some(5)),
+            ("198.18.100.4:80", None),
+            ("198.18.100.5:80", None),
         ]);
         let d = EndpointDelta::between(&old, &new).unwrap();
         let upserted: Vec<&str> = d.upserted.iter().map(|e| e.address.as_str()).collect();
-        assert_eq!(upserted, ["10.0.0.2:80", "10.0.0.5:80"]);
-        assert_eq!(d.removed, ["10.0.0.3:80"]);
+        assert_eq!(upserted, ["198.18.100.2:80", "198.18.100.5:80"]);
+        assert_eq!(d.removed, ["198.18.100.3:80"]);
         let mut applied = old.clone();
         d.apply(&mut applied);
         assert_eq!(applied, new);
@@ -446,14 +446,14 @@ mod tests {
 
     #[test]
     fn no_endpoint_delta_when_more_than_endpoints_changed_or_it_is_not_smaller() {
-        let old = svc(&[("10.0.0.1:80", None), ("10.0.0.2:80", None)]);
+        let old = svc(&[("198.18.100.1:80", None), ("198.18.100.2:80", None)]);
         let mut timed = old.clone();
         timed.timeout = Some("5s".parse().unwrap());
         timed.endpoints.pop();
         assert_eq!(EndpointDelta::between(&old, &timed), None);
-        let replaced = svc(&[("10.0.0.8:80", None), ("10.0.0.9:80", None)]);
+        let replaced = svc(&[("198.18.100.8:80", None), ("198.18.100.9:80", None)]);
         assert_eq!(EndpointDelta::between(&old, &replaced), None);
-        let unsorted = svc(&[("10.0.0.2:80", None), ("10.0.0.1:80", Some(3))]);
+        let unsorted = svc(&[("198.18.100.2:80", None), ("198.18.100.1:80", Some(3))]);
         assert_eq!(EndpointDelta::between(&old, &unsorted), None);
     }
 

@@ -1200,8 +1200,8 @@ async fn read_admin<const N: usize>(
 mod tests {
     use super::*;
 
-    /// `--to-pod` looks in the namespace the host names; an IP names none (`10.96.4.2`
-    /// is not in namespace `96.4.2`), so the source's `-n` is used.
+    /// `--to-pod` looks in the namespace the host names; an IP names none (`198.19.4.2`
+    /// is not in namespace `19.4.2`), so the source's `-n` is used.
     #[test]
     fn the_destination_namespace_comes_from_a_name_never_from_an_ip() {
         for (host, want) in [
@@ -1210,7 +1210,7 @@ mod tests {
             ("web.shop.svc.cluster.local", Some("shop")),
             ("web.shop.svc.cluster.local.", Some("shop")),
             ("web", None),
-            ("10.96.4.2", None),
+            ("198.19.4.2", None),
             ("198.19.0.10", None),
             ("fd00::10", None),
             ("[fd00::10]", None),
@@ -1308,10 +1308,10 @@ mod tests {
         );
         assert_eq!(r.method, Method::POST);
         assert_eq!(r.headers["x-a"], "1");
-        let r = Request::from_args("10.0.0.1:80", "GET", &[], Some("/p")).unwrap();
+        let r = Request::from_args("198.18.100.1:80", "GET", &[], Some("/p")).unwrap();
         assert_eq!(
             (r.host.as_str(), r.port, r.path.as_str()),
-            ("10.0.0.1", Some(80), "/p")
+            ("198.18.100.1", Some(80), "/p")
         );
         assert!(Request::from_args("web:x", "GET", &[], None).is_err());
         assert!(Request::from_args("web", "GET", &["nope".into()], None).is_err());
