@@ -303,6 +303,11 @@ pub struct Index {
     /// and before the rebuild, as a bug there would: tests hold what it leaves behind.
     #[cfg(test)]
     panic_mid_replace: bool,
+    /// Holds the next [`Index::replace`] at the same point: it sends on the first channel,
+    /// then waits on the second, so that tests can hold a re-list in progress (and the
+    /// index lock with it) for as long as they need.
+    #[cfg(test)]
+    pause_mid_replace: Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>,
 }
 
 /// [`Index`] while a re-list defers its rebuilds ([`Index::deferring`]); dropping it,
@@ -371,6 +376,8 @@ impl Index {
             deferred: BTreeSet::new(),
             #[cfg(test)]
             panic_mid_replace: false,
+            #[cfg(test)]
+            pause_mid_replace: None,
         }
     }
 
@@ -617,6 +624,12 @@ impl Index {
             #[cfg(test)]
             if std::mem::take(&mut index.panic_mid_replace) {
                 panic!("cut short in the middle of a re-list");
+            }
+            #[cfg(test)]
+            if let Some((entered, release)) = index.pause_mid_replace.take() {
+                // A test that is gone (its end of either channel dropped) holds nothing.
+                let _ = entered.send(());
+                let _ = release.recv();
             }
         }
         let mut owed = std::mem::take(&mut self.deferred);

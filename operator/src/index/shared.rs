@@ -11,11 +11,16 @@
 //! ```
 //!
 //! Locks are plain mutexes held for synchronous work only, never across an `.await`;
-//! order: index, then subscribers.
+//! order: index, then subscribers. A change holds the index (and, while it refreshes
+//! views, the subscribers) for as long as it computes: seconds for a re-list of
+//! thousands of pods. So that this never stalls the runtime, async code changes the index
+//! through [`SharedIndex::update_async`], which runs the change on tokio's blocking pool,
+//! and whoever waits for either lock on a runtime worker waits in `block_in_place` (see
+//! `lock_waiting`): readers still wait for the re-list, the worker's other tasks do not.
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, TryLockError},
     time::Instant,
 };
 
@@ -59,8 +64,33 @@ impl Repaired {
     }
 }
 
+/// Locks `m`, recovering from poisoning: a change cut short by a panic leaves what the
+/// next change or re-list repairs. For locks only ever held for a moment.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// [`lock`] for the index and the subscribers, which a change holds while it computes
+/// (seconds for a large re-list). Uncontended it costs a `try_lock`; else, on a worker of
+/// a multi-thread runtime, the wait runs in [`tokio::task::block_in_place`], which hands
+/// the worker's other tasks (probes, the webhook, the identity endpoint, other push
+/// sessions) to another thread instead of stalling them behind the re-list.
+fn lock_waiting<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.try_lock() {
+        Ok(guard) => return guard,
+        Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+        Err(TryLockError::WouldBlock) => {}
+    }
+    // Off a runtime, on the blocking pool or in `block_on`, `block_in_place` just runs the
+    // wait. A current-thread runtime has no other thread to hand its tasks to (and
+    // `block_in_place` panics there): the wait blocks it, as any blocking call would.
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(|| lock(m))
+    } else {
+        lock(m)
+    }
 }
 
 impl SharedIndex {
@@ -83,8 +113,10 @@ impl SharedIndex {
 
     /// Changes the index and wakes the subscribers whose view changed, and whoever
     /// follows [`SharedIndex::changes`] when a view or a Weft resource's status may have.
+    /// Runs the change on the calling thread: async code calls
+    /// [`SharedIndex::update_async`].
     pub fn update(&self, change: impl FnOnce(&mut Index) -> Affected) {
-        let index = &mut *lock(&self.index);
+        let index = &mut *lock_waiting(&self.index);
         let affected = change(index);
         for kind in Kind::ALL {
             self.metrics.index_objects(kind, index.len(kind));
@@ -103,7 +135,7 @@ impl SharedIndex {
         }
         let mut any_changed = false;
         let mut repaired = Repaired::default();
-        let subscribers = lock(&self.subscribers);
+        let subscribers = lock_waiting(&self.subscribers);
         for (pod, tx) in subscribers.iter() {
             if !index.is_affected(pod, &affected) {
                 continue;
@@ -140,6 +172,39 @@ impl SharedIndex {
         }
     }
 
+    /// [`SharedIndex::update`] on tokio's blocking pool, for async code (the watch tasks):
+    /// a re-list holds the index for seconds of synchronous work, which on a runtime
+    /// worker would stall every task queued behind it. Completes once the change is
+    /// applied, so that one caller's changes apply in order. `false` when the change
+    /// panicked (logged here; the index recovers from it as from any change cut short) or
+    /// never ran because the runtime is shutting down.
+    pub async fn update_async(
+        self: &Arc<Self>,
+        change: impl FnOnce(&mut Index) -> Affected + Send + 'static,
+    ) -> bool {
+        let shared = self.clone();
+        // What the change logs (a repair warning) keeps the caller's span (the watch's kind).
+        let span = tracing::Span::current();
+        let task = tokio::task::spawn_blocking(move || span.in_scope(|| shared.update(change)));
+        match task.await {
+            Ok(()) => true,
+            Err(error) if error.is_panic() => {
+                let panic = error.into_panic();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(a panic without a message)");
+                tracing::error!(panic = message, "index change panicked");
+                false
+            }
+            Err(_) => {
+                tracing::debug!("index change not run: the runtime is shutting down");
+                false
+            }
+        }
+    }
+
     /// Records that the change producing `version` was seen now, for
     /// [`SharedIndex::changed_at`].
     fn record_change(&self, version: u64) {
@@ -162,8 +227,8 @@ impl SharedIndex {
 
     /// A receiver of `pod`'s view: the current one at once, then each change.
     pub fn subscribe(&self, pod: &ObjectKey) -> watch::Receiver<Option<ProxyView>> {
-        let index = lock(&self.index);
-        let mut subscribers = lock(&self.subscribers);
+        let index = lock_waiting(&self.index);
+        let mut subscribers = lock_waiting(&self.subscribers);
         let rx = match subscribers.get(pod) {
             Some(tx) => tx.subscribe(),
             None => {
@@ -178,7 +243,7 @@ impl SharedIndex {
 
     /// Forgets `pod`'s channel once no session holds a receiver.
     pub fn unsubscribe(&self, pod: &ObjectKey) {
-        let mut subscribers = lock(&self.subscribers);
+        let mut subscribers = lock_waiting(&self.subscribers);
         if subscribers
             .get(pod)
             .is_some_and(|tx| tx.receiver_count() == 0)
@@ -190,7 +255,7 @@ impl SharedIndex {
 
     /// The view each subscribed pod should run now.
     pub fn desired_views(&self) -> Vec<(ObjectKey, Option<ProxyView>)> {
-        lock(&self.subscribers)
+        lock_waiting(&self.subscribers)
             .iter()
             .map(|(k, tx)| (k.clone(), tx.borrow().clone()))
             .collect()
@@ -208,9 +273,9 @@ impl SharedIndex {
         pods: impl IntoIterator<Item = ObjectKey>,
         f: impl FnOnce(&Index, Vec<(ObjectKey, Option<ProxyView>)>) -> T,
     ) -> T {
-        let index = lock(&self.index);
+        let index = lock_waiting(&self.index);
         let views = {
-            let subscribers = lock(&self.subscribers);
+            let subscribers = lock_waiting(&self.subscribers);
             pods.into_iter()
                 .map(|pod| {
                     let view = match subscribers.get(&pod) {
@@ -226,7 +291,7 @@ impl SharedIndex {
 
     /// Reads the index.
     pub fn read<T>(&self, f: impl FnOnce(&Index) -> T) -> T {
-        f(&lock(&self.index))
+        f(&lock_waiting(&self.index))
     }
 
     /// Records that the first list of `kind` has been applied.
@@ -602,5 +667,123 @@ mod tests {
                 assert_eq!(gens, vec![generation], "{pod}");
             }
         }
+    }
+
+    /// How long the runtime tests wait for what must happen, only so that a stalled
+    /// runtime fails the test instead of hanging it: the assertion is that it happens.
+    const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Whether a task spawned on `runtime` runs. Waited for from this thread, not with
+    /// the runtime's timer: a runtime whose only worker is blocked never fires it.
+    fn runs(runtime: &tokio::runtime::Runtime) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        runtime.spawn(async move { tx.send(()) });
+        rx.recv_timeout(HANG_GUARD).is_ok()
+    }
+
+    /// A re-list that holds the index (paused inside `Index::replace`) on a runtime of one
+    /// worker, as in a pod limited to one CPU, leaves the runtime serving: the watch's
+    /// re-list runs on the blocking pool, so an unrelated task runs; a push session
+    /// subscribing meanwhile waits for the re-list without holding the worker (another
+    /// task runs while it waits) and then receives the view the re-list made.
+    #[test]
+    fn a_relist_holding_the_index_leaves_the_runtime_serving() {
+        // First, so that it is dropped last: the channels that release the re-list go
+        // first, even when an assertion fails.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (shared, mut pods) = limited(2);
+        let (late, late_pod) = pod("late");
+        pods.push((late.clone(), late_pod));
+        assert!(shared.read(|i| i.view(&late)).is_none());
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        lock(&shared.index).pause_mid_replace = Some((entered_tx, release_rx));
+
+        let relist = runtime.spawn({
+            let shared = shared.clone();
+            async move { crate::index::watch::relisted(&shared, Kind::Pod, pods).await }
+        });
+        entered
+            .recv_timeout(HANG_GUARD)
+            .expect("the re-list reaches Index::replace");
+        assert!(
+            runs(&runtime),
+            "no task runs while a re-list holds the index"
+        );
+
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
+        runtime.spawn({
+            let (shared, late) = (shared.clone(), late.clone());
+            async move {
+                let _ = started_tx.send(());
+                let _ = subscribed_tx.send(shared.subscribe(&late));
+            }
+        });
+        started
+            .recv_timeout(HANG_GUARD)
+            .expect("the subscribing task starts");
+        assert!(
+            runs(&runtime),
+            "no task runs while a subscribe waits for the re-list"
+        );
+        assert!(
+            subscribed.try_recv().is_err(),
+            "subscribed while the re-list held the index"
+        );
+
+        release.send(()).unwrap();
+        let rx = subscribed
+            .recv_timeout(HANG_GUARD)
+            .expect("the subscribe completes once the re-list is applied");
+        runtime
+            .block_on(async { tokio::time::timeout(HANG_GUARD, relist).await })
+            .expect("the re-list completes")
+            .unwrap();
+        let held = rx.borrow().clone().expect("a view of the listed pod");
+        let fresh = shared.read(|i| i.view(&late)).unwrap();
+        assert!(held.same_content(&fresh), "{held:?} is not {fresh:?}");
+        assert!(
+            lock(&shared.synced).contains(&Kind::Pod),
+            "not marked synced"
+        );
+    }
+
+    /// A change that panics on the blocking pool is reported to its caller, which goes
+    /// on; the index (its lock poisoned) takes the next change. A re-list cut short so
+    /// does not mark its kind synced.
+    #[test]
+    fn a_change_that_panics_on_the_blocking_pool_is_survived() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (shared, pods) = limited(1);
+        let applied = runtime.block_on(shared.update_async(|_| panic!("a bug in a change")));
+        assert!(!applied);
+        lock(&shared.index).panic_mid_replace = true;
+        runtime.block_on(crate::index::watch::relisted(
+            &shared,
+            Kind::Pod,
+            pods.clone(),
+        ));
+        assert!(!lock(&shared.synced).contains(&Kind::Pod), "marked synced");
+        let version = shared.read(Index::version);
+        let (k, o) = pod("after");
+        assert!(runtime.block_on(shared.update_async(move |i| i.apply(k, o))));
+        assert!(
+            shared.read(Index::version) > version,
+            "the next change not applied"
+        );
+        runtime.block_on(crate::index::watch::relisted(&shared, Kind::Pod, pods));
+        assert!(
+            lock(&shared.synced).contains(&Kind::Pod),
+            "not marked synced"
+        );
     }
 }

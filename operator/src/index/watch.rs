@@ -10,6 +10,11 @@
 //! Weft's own resources are watched as dynamic objects and converted one by one, so a
 //! resource that does not deserialize is kept as invalid (and reported in its status)
 //! instead of failing the whole list.
+//!
+//! Every change runs on tokio's blocking pool ([`SharedIndex::update_async`]): a re-list
+//! of thousands of pods is seconds of synchronous work, which on a runtime worker would
+//! stop probes, the webhook and push sessions for as long. Each watch awaits its change
+//! before it takes the next event, so its changes apply in order.
 
 use std::{fmt::Debug, sync::Arc};
 
@@ -167,21 +172,20 @@ pub async fn watch_kind<K, F>(
             };
             match event {
                 None => return,
+                // A change that panicked is logged by `update_async`; the watch goes on,
+                // and the next change or re-list repairs what it left.
                 Some(Ok(Event::Apply(obj))) => {
                     let (key, object) = convert(&obj);
-                    index.update(|i| i.apply(key, object));
+                    index.update_async(move |i| i.apply(key, object)).await;
                 }
                 Some(Ok(Event::Delete(obj))) => {
                     let (key, _) = convert(&obj);
-                    index.update(|i| i.delete(kind, &key));
+                    index.update_async(move |i| i.delete(kind, &key)).await;
                 }
                 Some(Ok(Event::Init)) => relist.clear(),
                 Some(Ok(Event::InitApply(obj))) => relist.push(convert(&obj)),
                 Some(Ok(Event::InitDone)) => {
-                    let objects = std::mem::take(&mut relist);
-                    tracing::info!(objects = objects.len(), "listed");
-                    index.update(|i| i.replace(kind, objects));
-                    index.mark_synced(kind);
+                    relisted(&index, kind, std::mem::take(&mut relist)).await;
                 }
                 Some(Err(error)) => {
                     index.metrics().watch_error(kind);
@@ -192,4 +196,21 @@ pub async fn watch_kind<K, F>(
     }
     .instrument(span)
     .await;
+}
+
+/// Applies a list of `kind` in place of what the index holds (what vanished meanwhile is
+/// deleted), then marks the kind synced: what a watch does at `InitDone`.
+pub(super) async fn relisted(
+    index: &Arc<SharedIndex>,
+    kind: Kind,
+    objects: Vec<(ObjectKey, Object)>,
+) {
+    tracing::info!(objects = objects.len(), "listed");
+    if index.update_async(move |i| i.replace(kind, objects)).await {
+        index.mark_synced(kind);
+    } else {
+        // A first list that did not complete leaves the operator unready (push sessions
+        // refused, no status written) rather than serving from an index it never saw whole.
+        tracing::warn!("re-list not applied; the kind is not marked synced by it");
+    }
 }
