@@ -499,9 +499,13 @@ impl StatusWriter {
             }
             (views, states)
         });
-        let index = self.index.clone();
-        self.registry
-            .retain_disconnected(|pod| index.read(|i| i.pod_service_account(pod).is_some()));
+        // The index first, then the registry, in one read: waiting for the index (a
+        // re-list holds it for seconds) while holding the registry would stall every push
+        // session's bookkeeping behind the re-list.
+        let registry = &self.registry;
+        self.index.read(|i| {
+            registry.retain_disconnected(|pod| i.pod_service_account(pod).is_some());
+        });
         let mut seen = Vec::new();
         for (kind, key, state) in states {
             let inc = note_incarnation(
