@@ -390,7 +390,7 @@ mod tests {
         let shared = SharedIndex::new(Index::new("cluster.local"), Arc::new(Metrics::new()));
         let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
             "metadata": {"name": "client", "namespace": "shop"},
-            "spec": {"clusterIP": "10.96.0.11", "clusterIPs": ["10.96.0.11"],
+            "spec": {"clusterIP": "198.19.0.11", "clusterIPs": ["198.19.0.11"],
                      "selector": {"app": "client"}, "ports": [{"name": "http", "port": 80}]}
         }))
         .unwrap();
@@ -620,7 +620,7 @@ mod tests {
         let shared = SharedIndex::new(Index::new("cluster.local"), Arc::new(Metrics::new()));
         let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
             "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+            "spec": {"clusterIP": "198.19.0.10", "clusterIPs": ["198.19.0.10"],
                      "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80}]}
         }))
         .unwrap();

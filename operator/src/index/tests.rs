@@ -104,7 +104,7 @@ fn shop() -> Index {
 
 /// The `shop` namespace of [`shop`] in `i`.
 fn shop_with(mut i: Index) -> Index {
-    apply(&mut i, svc("shop", "web", "10.96.0.10"));
+    apply(&mut i, svc("shop", "web", "198.19.0.10"));
     apply(
         &mut i,
         slice(
@@ -112,10 +112,10 @@ fn shop_with(mut i: Index) -> Index {
             "web-1",
             "web",
             &[
-                ("10.0.0.1", true, false, Some("web-a")),
-                ("10.0.0.2", true, false, None),
-                ("10.0.0.3", false, false, None),
-                ("10.0.0.4", false, true, None),
+                ("198.18.100.1", true, false, Some("web-a")),
+                ("198.18.100.2", true, false, None),
+                ("198.18.100.3", false, false, None),
+                ("198.18.100.4", false, true, None),
             ],
         ),
     );
@@ -135,11 +135,11 @@ fn a_proxy_gets_ready_endpoints_with_identities_of_meshed_pods() {
     let i = shop();
     let view = i.view(&key("shop", "client")).unwrap();
     let web = view.services.get("web.shop.80").unwrap();
-    assert_eq!(web.addresses, vec!["10.96.0.10:80"]);
+    assert_eq!(web.addresses, vec!["198.19.0.10:80"]);
     let addrs: Vec<&str> = web.endpoints.iter().map(|e| e.address.as_str()).collect();
     assert_eq!(
         addrs,
-        vec!["10.0.0.1:8080", "10.0.0.2:8080"],
+        vec!["198.18.100.1:8080", "198.18.100.2:8080"],
         "not-ready and terminating endpoints are left out"
     );
     assert_eq!(
@@ -156,7 +156,7 @@ fn opaque_ports_of_a_service_reach_its_clients() {
     let s: Service = serde_json::from_value(json!({
         "metadata": {"name": "db", "namespace": "shop",
                      "annotations": {"weft.dev/opaque-ports": "3307,9000-9001"}},
-        "spec": {"clusterIP": "10.96.0.30", "clusterIPs": ["10.96.0.30"],
+        "spec": {"clusterIP": "198.19.0.30", "clusterIPs": ["198.19.0.30"],
                  "ports": [{"name": "sql", "port": 3307}, {"name": "http", "port": 80},
                            {"name": "admin", "port": 9001},
                            {"name": "raw", "port": 7000, "appProtocol": "tcp"}]}
@@ -208,7 +208,7 @@ fn the_generated_config_passes_the_proxys_wire_format() {
 #[test]
 fn an_endpoint_change_touches_only_proxies_that_see_the_namespace() {
     let mut i = shop();
-    apply(&mut i, svc("other", "db", "10.96.0.20"));
+    apply(&mut i, svc("other", "db", "198.19.0.20"));
     apply(&mut i, pod("other", "worker", "default", json!({})));
     let before_client = i.view(&key("shop", "client")).unwrap();
     let before_worker = i.view(&key("other", "worker")).unwrap();
@@ -220,8 +220,8 @@ fn an_endpoint_change_touches_only_proxies_that_see_the_namespace() {
             "web-1",
             "web",
             &[
-                ("10.0.0.1", true, false, Some("web-a")),
-                ("10.0.0.9", true, false, None),
+                ("198.18.100.1", true, false, Some("web-a")),
+                ("198.18.100.9", true, false, None),
             ],
         ),
     );
@@ -242,8 +242,8 @@ fn an_endpoint_change_touches_only_proxies_that_see_the_namespace() {
             "web-1",
             "web",
             &[
-                ("10.0.0.1", true, false, Some("web-a")),
-                ("10.0.0.9", true, false, None),
+                ("198.18.100.1", true, false, Some("web-a")),
+                ("198.18.100.9", true, false, None),
             ],
         ),
     );
@@ -256,9 +256,9 @@ fn an_endpoint_change_touches_only_proxies_that_see_the_namespace() {
             "web-1",
             "web",
             &[
-                ("10.0.0.1", true, false, Some("web-a")),
-                ("10.0.0.9", true, false, None),
-                ("10.0.0.7", false, false, None),
+                ("198.18.100.1", true, false, Some("web-a")),
+                ("198.18.100.9", true, false, None),
+                ("198.18.100.7", false, false, None),
             ],
         ),
     );
@@ -268,11 +268,11 @@ fn an_endpoint_change_touches_only_proxies_that_see_the_namespace() {
 #[test]
 fn unchanged_services_keep_their_shared_config() {
     let mut i = shop();
-    apply(&mut i, svc("shop", "api", "10.96.0.11"));
+    apply(&mut i, svc("shop", "api", "198.19.0.11"));
     let before = i.view(&key("shop", "client")).unwrap();
     apply(
         &mut i,
-        slice("shop", "api-1", "api", &[("10.0.1.1", true, false, None)]),
+        slice("shop", "api-1", "api", &[("198.18.101.1", true, false, None)]),
     );
     let after = i.view(&key("shop", "client")).unwrap();
     assert!(Arc::ptr_eq(
@@ -365,7 +365,7 @@ fn a_missing_backend_is_named_until_it_exists() {
         "{}",
         state.resolved_refs.message
     );
-    apply(&mut i, svc("shop", "web-v3", "10.96.0.13"));
+    apply(&mut i, svc("shop", "web-v3", "198.19.0.13"));
     assert!(
         i.resource_state(Kind::Route, &key("shop", "r"))
             .unwrap()
@@ -401,8 +401,8 @@ fn an_unparsable_resource_is_kept_as_invalid_and_reported() {
 #[test]
 fn a_relist_removes_what_disappeared_while_the_watch_was_down() {
     let mut i = shop();
-    apply(&mut i, svc("shop", "api", "10.96.0.11"));
-    let affected = i.replace(Kind::Service, vec![svc("shop", "web", "10.96.0.10")]);
+    apply(&mut i, svc("shop", "api", "198.19.0.11"));
+    let affected = i.replace(Kind::Service, vec![svc("shop", "web", "198.19.0.10")]);
     assert!(affected.namespaces.contains("shop"));
     let view = i.view(&key("shop", "client")).unwrap();
     assert!(view.services.contains_key("web.shop.80"));
@@ -410,7 +410,7 @@ fn a_relist_removes_what_disappeared_while_the_watch_was_down() {
     assert_eq!(i.len(Kind::Service), 1);
     // Relisting the same state is a no-op.
     assert!(
-        i.replace(Kind::Service, vec![svc("shop", "web", "10.96.0.10")])
+        i.replace(Kind::Service, vec![svc("shop", "web", "198.19.0.10")])
             .is_empty()
     );
 }
@@ -418,7 +418,7 @@ fn a_relist_removes_what_disappeared_while_the_watch_was_down() {
 #[test]
 fn visibility_annotations_widen_what_a_proxy_receives() {
     let mut i = shop();
-    apply(&mut i, svc("other", "db", "10.96.0.20"));
+    apply(&mut i, svc("other", "db", "198.19.0.20"));
     let client = key("shop", "client");
     assert!(
         !i.view(&client)
@@ -840,13 +840,13 @@ fn a_cluster_ip_claimed_twice_stays_with_one_service_so_the_proxy_accepts_the_co
     // Found by the property test below: two Services with one cluster IP (stale state)
     // made every proxy reject its whole config.
     let mut i = shop();
-    apply(&mut i, svc("shop", "web-old", "10.96.0.10"));
+    apply(&mut i, svc("shop", "web-old", "198.19.0.10"));
     let client = key("shop", "client");
     assert_eq!(proxy_accepts(&i, &client), Ok(()));
     let view = i.view(&client).unwrap();
     assert_eq!(
         view.services.get("web.shop.80").unwrap().addresses,
-        vec!["10.96.0.10:80"]
+        vec!["198.19.0.10:80"]
     );
     assert!(
         view.services
@@ -856,7 +856,7 @@ fn a_cluster_ip_claimed_twice_stays_with_one_service_so_the_proxy_accepts_the_co
             .is_empty()
     );
     // Across namespaces: the first namespace by name keeps it, in every view.
-    apply(&mut i, svc("other", "db", "10.96.0.10"));
+    apply(&mut i, svc("other", "db", "198.19.0.10"));
     assert_eq!(
         proxy_accepts(&i, &client),
         Ok(()),
@@ -872,7 +872,7 @@ fn a_cluster_ip_claimed_twice_stays_with_one_service_so_the_proxy_accepts_the_co
     let view = i.view(&client).unwrap();
     assert_eq!(
         view.services.get("db.other.80").unwrap().addresses,
-        vec!["10.96.0.10:80"]
+        vec!["198.19.0.10:80"]
     );
     assert!(
         view.services
@@ -886,7 +886,7 @@ fn a_cluster_ip_claimed_twice_stays_with_one_service_so_the_proxy_accepts_the_co
     let view = i.view(&client).unwrap();
     assert_eq!(
         view.services.get("web.shop.80").unwrap().addresses,
-        vec!["10.96.0.10:80"]
+        vec!["198.19.0.10:80"]
     );
 }
 
@@ -952,7 +952,7 @@ mod properties {
     fn object(input: &Input) -> Option<(ObjectKey, Object)> {
         Some(match input {
             Input::Service { ns, name, ip } => {
-                let ip = ip.map_or("None".to_owned(), |h| format!("10.96.1.{h}"));
+                let ip = ip.map_or("None".to_owned(), |h| format!("198.19.1.{h}"));
                 svc(NAMESPACES[*ns], &format!("s{name}"), &ip)
             }
             Input::Slice {
@@ -961,7 +961,7 @@ mod properties {
                 service,
                 eps,
             } => {
-                let ips: Vec<String> = eps.iter().map(|(h, _, _)| format!("10.0.9.{h}")).collect();
+                let ips: Vec<String> = eps.iter().map(|(h, _, _)| format!("198.18.109.{h}")).collect();
                 let eps: Vec<(&str, bool, bool, Option<&str>)> = eps
                     .iter()
                     .zip(&ips)
@@ -1067,7 +1067,7 @@ fn no_client_originates_mtls_to_a_port_its_pod_leaves_to_the_application() {
     let web_identity = |i: &Index| {
         let view = i.view(&key("shop", "client")).unwrap();
         let web = view.services.get("web.shop.80").unwrap();
-        assert_eq!(web.endpoints[0].address, "10.0.0.1:8080");
+        assert_eq!(web.endpoints[0].address, "198.18.100.1:8080");
         web.endpoints[0].identity.clone()
     };
     apply(
@@ -1132,10 +1132,10 @@ fn meshed_pods_behind_a_headless_service_are_known_by_address_for_mtls() {
             "db-1",
             "db",
             &[
-                ("10.0.1.1", true, false, Some("db-0")),
-                ("10.0.1.2", true, false, None),
-                ("10.0.1.3", false, false, Some("db-1")),
-                ("10.0.1.4", false, true, Some("db-2")),
+                ("198.18.101.1", true, false, Some("db-0")),
+                ("198.18.101.2", true, false, None),
+                ("198.18.101.3", false, false, Some("db-1")),
+                ("198.18.101.4", false, true, Some("db-2")),
             ],
         ),
     );
@@ -1164,23 +1164,23 @@ fn meshed_pods_behind_a_headless_service_are_known_by_address_for_mtls() {
     assert_eq!(
         listed,
         [
-            ("10.0.1.1:8080", db_sa),
-            ("10.0.1.3:8080", db_sa),
-            ("10.0.1.4:8080", db_sa)
+            ("198.18.101.1:8080", db_sa),
+            ("198.18.101.3:8080", db_sa),
+            ("198.18.101.4:8080", db_sa)
         ],
         "only meshed endpoints, ready or not: peers dial them while they bootstrap or drain"
     );
     let cfg = proxy_config(&i, &client).unwrap();
     assert!(
-        cfg.meshed_endpoint("10.0.1.1:8080".parse().unwrap())
+        cfg.meshed_endpoint("198.18.101.1:8080".parse().unwrap())
             .is_some()
     );
     assert!(
-        cfg.meshed_endpoint("10.0.1.2:8080".parse().unwrap())
+        cfg.meshed_endpoint("198.18.101.2:8080".parse().unwrap())
             .is_none()
     );
     assert!(
-        cfg.service_for_addr("10.0.1.1:8080".parse().unwrap())
+        cfg.service_for_addr("198.18.101.1:8080".parse().unwrap())
             .is_none()
     );
 
@@ -1536,8 +1536,8 @@ fn a_relist_cut_short_leaves_no_later_change_deferred() {
     let client = key("shop", "client");
     i.panic_mid_replace = true;
     let services = vec![
-        svc("shop", "web", "10.96.0.10"),
-        svc("cart", "api", "10.96.0.11"),
+        svc("shop", "web", "198.19.0.10"),
+        svc("cart", "api", "198.19.0.11"),
     ];
     let cut_short = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         i.replace(Kind::Service, services)
@@ -1551,7 +1551,7 @@ fn a_relist_cut_short_leaves_no_later_change_deferred() {
             "shop",
             "web-1",
             "web",
-            &[("10.0.0.1", true, false, Some("web-a"))],
+            &[("198.18.100.1", true, false, Some("web-a"))],
         ),
     );
     assert!(affected.namespaces.contains("shop"), "{affected:?}");

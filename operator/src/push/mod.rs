@@ -908,11 +908,11 @@ mod tests {
         }
     }
 
-    const WEB: [&str; 3] = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"];
+    const WEB: [&str; 3] = ["198.18.100.1:80", "198.18.100.2:80", "198.18.100.3:80"];
 
     #[test]
     fn an_endpoint_change_goes_as_an_endpoint_delta_to_proxies_that_take_them() {
-        let api = service("api.shop.80", &["10.0.1.1:80"]);
+        let api = service("api.shop.80", &["198.18.101.1:80"]);
         let mut sent = Sent {
             endpoint_deltas: true,
             ..Sent::default()
@@ -924,7 +924,7 @@ mod tests {
 
         let web = service(
             "web.shop.80",
-            &["10.0.0.1:80", "10.0.0.3:80", "10.0.0.4:80"],
+            &["198.18.100.1:80", "198.18.100.3:80", "198.18.100.4:80"],
         );
         let next = sent.diff(&view(2, &[api, web.clone()])).unwrap();
         assert!(!next.full);
@@ -944,7 +944,7 @@ mod tests {
                 .collect(),
         );
         let other: NsServices = Arc::new(
-            [service("db.other.80", &["10.0.9.1:80"])]
+            [service("db.other.80", &["198.18.109.1:80"])]
                 .into_iter()
                 .map(|s| (s.name.clone(), s))
                 .collect(),
@@ -971,7 +971,7 @@ mod tests {
         );
         // `other` changes; `shop` is the same map: only db is sent.
         let other2: NsServices = Arc::new(
-            [service("db.other.80", &["10.0.9.2:80"])]
+            [service("db.other.80", &["198.18.109.2:80"])]
                 .into_iter()
                 .map(|s| (s.name.clone(), s))
                 .collect(),
@@ -990,7 +990,7 @@ mod tests {
         let mut sent = Sent::default();
         sent.diff(&view(1, &[service("web.shop.80", &WEB)]))
             .unwrap();
-        let web = service("web.shop.80", &["10.0.0.1:80", "10.0.0.2:80"]);
+        let web = service("web.shop.80", &["198.18.100.1:80", "198.18.100.2:80"]);
         let next = sent.diff(&view(2, std::slice::from_ref(&web))).unwrap();
         assert!(next.endpoints.is_empty());
         assert_eq!(next.services, vec![(*web).clone()]);

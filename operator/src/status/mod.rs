@@ -684,7 +684,7 @@ mod tests {
         let mut index = crate::index::Index::new("cluster.local");
         let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
             "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+            "spec": {"clusterIP": "198.19.0.10", "clusterIPs": ["198.19.0.10"],
                      "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80}]}
         }))
         .unwrap();

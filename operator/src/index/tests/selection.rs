@@ -187,8 +187,8 @@ fn check_selection(
 fn a_policy_change_touches_the_pods_it_selected_or_selects() {
     let mut i = Index::new("cluster.local");
     for (name, app, ip) in [
-        ("web-a", "web", "10.0.0.1"),
-        ("client", "client", "10.0.0.2"),
+        ("web-a", "web", "198.18.100.1"),
+        ("client", "client", "198.18.100.2"),
     ] {
         apply(&mut i, labelled_pod("shop", name, app, "t0", ip));
     }
@@ -245,15 +245,15 @@ fn a_service_and_a_pod_change_reselect_the_policies_they_bear_on() {
     let mut i = Index::new("cluster.local");
     apply(
         &mut i,
-        labelled_pod("shop", "web-a", "web", "t0", "10.0.0.1"),
+        labelled_pod("shop", "web-a", "web", "t0", "198.18.100.1"),
     );
     apply(
         &mut i,
-        labelled_pod("shop", "client", "client", "t0", "10.0.0.2"),
+        labelled_pod("shop", "client", "client", "t0", "198.18.100.2"),
     );
     apply(
         &mut i,
-        selecting_svc("shop", "web", "10.96.0.10", Some("web")),
+        selecting_svc("shop", "web", "198.19.0.10", Some("web")),
     );
     apply(
         &mut i,
@@ -271,14 +271,14 @@ fn a_service_and_a_pod_change_reselect_the_policies_they_bear_on() {
     // The Service now selects the client's pods instead.
     apply(
         &mut i,
-        selecting_svc("shop", "web", "10.96.0.10", Some("client")),
+        selecting_svc("shop", "web", "198.19.0.10", Some("client")),
     );
     assert!(i.policies_for(&key("shop", "web-a")).is_empty());
     assert_eq!(i.policies_for(&key("shop", "client")), by_svc);
     // The pod's labels change, and so does what selects it.
     apply(
         &mut i,
-        labelled_pod("shop", "web-a", "client", "t0", "10.0.0.1"),
+        labelled_pod("shop", "web-a", "client", "t0", "198.18.100.1"),
     );
     assert_eq!(i.policies_for(&key("shop", "web-a")), by_svc);
     // Without the Service, the Policy selects nothing.
@@ -288,14 +288,14 @@ fn a_service_and_a_pod_change_reselect_the_policies_they_bear_on() {
     // A pod gone is selected by nothing, and one back is evaluated again.
     apply(
         &mut i,
-        selecting_svc("shop", "web", "10.96.0.10", Some("client")),
+        selecting_svc("shop", "web", "198.19.0.10", Some("client")),
     );
     i.delete(Kind::Pod, &key("shop", "client"));
     assert!(i.policies_for(&key("shop", "client")).is_empty());
     assert_eq!(i.selection.pods(&key("shop", "by-svc")).count(), 1);
     apply(
         &mut i,
-        labelled_pod("shop", "client", "client", "t0", "10.0.0.2"),
+        labelled_pod("shop", "client", "client", "t0", "198.18.100.2"),
     );
     assert_eq!(i.policies_for(&key("shop", "client")), by_svc);
 }
@@ -315,15 +315,15 @@ fn a_policy_refused_by_the_change_that_applies_it_counts_in_no_identity() {
     let mut i = Index::new("cluster.local");
     apply(
         &mut i,
-        labelled_pod("shop", "web-0", "web", "t0", "10.0.0.1"),
+        labelled_pod("shop", "web-0", "web", "t0", "198.18.100.1"),
     );
     apply(
         &mut i,
-        labelled_pod("shop", "client", "client", "t0", "10.0.0.2"),
+        labelled_pod("shop", "client", "client", "t0", "198.18.100.2"),
     );
     apply(
         &mut i,
-        selecting_svc("shop", "web", "10.96.0.10", Some("web")),
+        selecting_svc("shop", "web", "198.19.0.10", Some("web")),
     );
     apply(
         &mut i,
@@ -331,7 +331,7 @@ fn a_policy_refused_by_the_change_that_applies_it_counts_in_no_identity() {
             "shop",
             "web-1",
             "web",
-            &[("10.0.0.1", true, false, Some("web-0"))],
+            &[("198.18.100.1", true, false, Some("web-0"))],
         ),
     );
     let created = |n: usize| format!("2026-01-01T{:02}:{:02}:00Z", n / 60, n % 60);
@@ -444,8 +444,8 @@ fn a_held_view_keeps_its_policy_part_until_an_input_of_it_changes() {
             "web-x",
             "web",
             &[
-                ("10.0.0.1", true, false, Some("web-0")),
-                ("10.0.0.2", web_1, false, Some("web-1")),
+                ("198.18.100.1", true, false, Some("web-0")),
+                ("198.18.100.2", web_1, false, Some("web-1")),
             ],
         )
     };
@@ -460,10 +460,10 @@ fn a_held_view_keeps_its_policy_part_until_an_input_of_it_changes() {
                    "defaultAction": "Allow", "rateLimit": {"requestsPerSecond": rps}}),
         )
     };
-    apply(labelled_pod("shop", "web-0", "web", "t0", "10.0.0.1"));
-    apply(labelled_pod("shop", "web-1", "web", "t0", "10.0.0.2"));
-    apply(labelled_pod("shop", "client", "client", "t0", "10.0.0.3"));
-    apply(selecting_svc("shop", "web", "10.96.0.10", Some("web")));
+    apply(labelled_pod("shop", "web-0", "web", "t0", "198.18.100.1"));
+    apply(labelled_pod("shop", "web-1", "web", "t0", "198.18.100.2"));
+    apply(labelled_pod("shop", "client", "client", "t0", "198.18.100.3"));
+    apply(selecting_svc("shop", "web", "198.19.0.10", Some("web")));
     apply(ready(true));
     apply(limit(10, 1));
     let (web_0, client) = (key("shop", "web-0"), key("shop", "client"));
@@ -544,12 +544,12 @@ fn a_held_view_keeps_its_policy_part_until_an_input_of_it_changes() {
         Some(20)
     );
     // Its labels change, so the Policy no longer selects it; and back.
-    apply(labelled_pod("shop", "web-0", "api", "t0", "10.0.0.1"));
+    apply(labelled_pod("shop", "web-0", "api", "t0", "198.18.100.1"));
     assert_eq!(
         inbound_of(held(&shared, &mut rx, &web_0, "relabelled").as_ref()).0,
         None
     );
-    apply(labelled_pod("shop", "web-0", "web", "t0", "10.0.0.1"));
+    apply(labelled_pod("shop", "web-0", "web", "t0", "198.18.100.1"));
     assert_eq!(
         inbound_of(held(&shared, &mut rx, &web_0, "labels back").as_ref()).0,
         Some(20)

@@ -49,9 +49,9 @@ fn backend(service: Option<&str>, display: &str, weight: u32) -> BackendConfig {
 fn the_canary_example_compiles_into_a_route_and_the_endpoints_stay_the_services_own() {
     let mut i = shop();
     for (name, ip) in [
-        ("reviews", "10.96.0.20"),
-        ("reviews-v1", "10.96.0.21"),
-        ("reviews-v2", "10.96.0.22"),
+        ("reviews", "198.19.0.20"),
+        ("reviews-v1", "198.19.0.21"),
+        ("reviews-v2", "198.19.0.22"),
     ] {
         apply(&mut i, svc_ports("shop", name, ip, &[9080]));
     }
@@ -59,7 +59,7 @@ fn the_canary_example_compiles_into_a_route_and_the_endpoints_stay_the_services_
         "metadata": {"name": "reviews-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "reviews"}},
         "addressType": "IPv4",
         "ports": [{"name": "p9080", "port": 9080}],
-        "endpoints": [{"addresses": ["10.0.3.1"], "conditions": {"ready": true}}],
+        "endpoints": [{"addresses": ["198.18.103.1"], "conditions": {"ready": true}}],
     }))
     .unwrap();
     apply(&mut i, model::endpoint_slice(&reviews_slice));
@@ -104,7 +104,7 @@ fn the_canary_example_compiles_into_a_route_and_the_endpoints_stay_the_services_
         .iter()
         .map(|e| (e.address.as_str(), e.weight))
         .collect();
-    assert_eq!(addrs, [("10.0.3.1:9080", None)]);
+    assert_eq!(addrs, [("198.18.103.1:9080", None)]);
     assert_eq!(reviews.timeout, None);
     assert_eq!(reviews.balancer, Balancer::PeakEwma);
     assert_eq!(reviews.retry_budget, None);
@@ -114,7 +114,7 @@ fn the_canary_example_compiles_into_a_route_and_the_endpoints_stay_the_services_
 #[test]
 fn every_reachable_rule_is_compiled_with_the_crd_defaults_and_nothing_after_the_catch_all() {
     let mut i = shop();
-    apply(&mut i, svc("shop", "shadow", "10.96.0.30"));
+    apply(&mut i, svc("shop", "shadow", "198.19.0.30"));
     apply(
         &mut i,
         weft(
@@ -295,7 +295,7 @@ fn a_missing_backend_is_compiled_unresolved_and_the_others_keep_their_weights() 
     assert_eq!(proxy_accepts(&i, &key("shop", "client")), Ok(()));
 
     // The backend appears: the same Route now resolves it.
-    apply(&mut i, svc("shop", "web-v3", "10.96.0.13"));
+    apply(&mut i, svc("shop", "web-v3", "198.19.0.13"));
     let route = service_route(&i, "web.shop.80").unwrap();
     assert_eq!(
         route.rules[0].backends[1],
@@ -307,7 +307,7 @@ fn a_missing_backend_is_compiled_unresolved_and_the_others_keep_their_weights() 
 fn a_backend_that_never_resolves_is_named_in_resolved_refs() {
     let mut i = shop();
     // web-81 exists but lacks the routed port 80; headless has no cluster IP.
-    apply(&mut i, svc_ports("shop", "web-81", "10.96.0.81", &[81]));
+    apply(&mut i, svc_ports("shop", "web-81", "198.19.0.81", &[81]));
     apply(&mut i, svc("shop", "headless", "None"));
     apply(
         &mut i,
@@ -408,7 +408,7 @@ fn a_route_or_breaker_whose_own_service_does_not_exist_is_not_accepted() {
         "nothing to program, so no proxy carries them"
     );
     // The Service appears: the Route is accepted and programmed.
-    apply(&mut i, svc("shop", "nope", "10.96.0.40"));
+    apply(&mut i, svc("shop", "nope", "198.19.0.40"));
     let r = i
         .resource_state(Kind::Route, &key("shop", "orphan"))
         .unwrap();
@@ -566,7 +566,7 @@ fn a_route_or_breaker_on_an_opaque_port_is_not_accepted_there_and_not_sent() {
     let db: Service = serde_json::from_value(json!({
         "metadata": {"name": "db", "namespace": "shop",
                      "annotations": {"weft.dev/opaque-ports": "5432"}},
-        "spec": {"clusterIP": "10.96.0.30", "clusterIPs": ["10.96.0.30"],
+        "spec": {"clusterIP": "198.19.0.30", "clusterIPs": ["198.19.0.30"],
                  "ports": [{"name": "sql", "port": 5432}, {"name": "http", "port": 80},
                            {"name": "raw", "port": 7000, "appProtocol": "tcp"}]}
     }))
@@ -688,7 +688,7 @@ fn a_route_or_breaker_on_a_port_proxies_treat_as_opaque_by_default_is_not_accept
     let mut i = shop();
     let cache: Service = serde_json::from_value(json!({
         "metadata": {"name": "cache", "namespace": "shop"},
-        "spec": {"clusterIP": "10.96.0.31", "clusterIPs": ["10.96.0.31"],
+        "spec": {"clusterIP": "198.19.0.31", "clusterIPs": ["198.19.0.31"],
                  "ports": [{"name": "redis", "port": 6379}]}
     }))
     .unwrap();
@@ -828,7 +828,7 @@ fn an_older_route_or_breaker_that_governs_nothing_takes_nothing_from_a_newer_one
 
     // One that lost a conflict takes nothing either: c (port 81) overlaps only the
     // loser b (every port), not the winner a (port 80).
-    apply(&mut i, svc_ports("shop", "api", "10.96.0.50", &[80, 81]));
+    apply(&mut i, svc_ports("shop", "api", "198.19.0.50", &[80, 81]));
     for kind in [Kind::Route, Kind::Breaker] {
         apply(
             &mut i,
@@ -902,7 +902,7 @@ fn an_older_route_or_breaker_that_governs_nothing_takes_nothing_from_a_newer_one
 #[test]
 fn breakers_compile_per_service_port_and_the_older_of_two_wins() {
     let mut i = shop();
-    apply(&mut i, svc_ports("shop", "api", "10.96.0.50", &[80, 81]));
+    apply(&mut i, svc_ports("shop", "api", "198.19.0.50", &[80, 81]));
     apply(
         &mut i,
         weft(
@@ -1035,7 +1035,7 @@ fn inbound(i: &Index, pod: &str) -> Option<RateLimitConfig> {
 #[test]
 fn a_rate_limit_reaches_only_the_pods_its_policy_targets_and_the_older_policy_wins() {
     let mut i = shop();
-    apply(&mut i, svc("shop", "api", "10.96.0.11"));
+    apply(&mut i, svc("shop", "api", "198.19.0.11"));
     apply(
         &mut i,
         pod("shop", "api-a", "api-sa", json!({"app": "api"})),
@@ -1127,7 +1127,7 @@ fn a_rate_limit_reaches_only_the_pods_its_policy_targets_and_the_older_policy_wi
 #[test]
 fn deleting_a_route_breaker_or_rate_limit_restores_every_view() {
     let mut i = shop();
-    apply(&mut i, svc("shop", "web-v2", "10.96.0.12"));
+    apply(&mut i, svc("shop", "web-v2", "198.19.0.12"));
     let pods = [key("shop", "client"), key("shop", "web-a")];
     let resources = [
         (
