@@ -272,7 +272,12 @@ fn unchanged_services_keep_their_shared_config() {
     let before = i.view(&key("shop", "client")).unwrap();
     apply(
         &mut i,
-        slice("shop", "api-1", "api", &[("198.18.101.1", true, false, None)]),
+        slice(
+            "shop",
+            "api-1",
+            "api",
+            &[("198.18.101.1", true, false, None)],
+        ),
     );
     let after = i.view(&key("shop", "client")).unwrap();
     assert!(Arc::ptr_eq(
@@ -961,7 +966,10 @@ mod properties {
                 service,
                 eps,
             } => {
-                let ips: Vec<String> = eps.iter().map(|(h, _, _)| format!("198.18.109.{h}")).collect();
+                let ips: Vec<String> = eps
+                    .iter()
+                    .map(|(h, _, _)| format!("198.18.109.{h}"))
+                    .collect();
                 let eps: Vec<(&str, bool, bool, Option<&str>)> = eps
                     .iter()
                     .zip(&ips)

@@ -462,7 +462,13 @@ fn a_held_view_keeps_its_policy_part_until_an_input_of_it_changes() {
     };
     apply(labelled_pod("shop", "web-0", "web", "t0", "198.18.100.1"));
     apply(labelled_pod("shop", "web-1", "web", "t0", "198.18.100.2"));
-    apply(labelled_pod("shop", "client", "client", "t0", "198.18.100.3"));
+    apply(labelled_pod(
+        "shop",
+        "client",
+        "client",
+        "t0",
+        "198.18.100.3",
+    ));
     apply(selecting_svc("shop", "web", "198.19.0.10", Some("web")));
     apply(ready(true));
     apply(limit(10, 1));
