@@ -141,7 +141,7 @@ impl Proxy {
         Arc::new(Proxy {
             store: Arc::new(
                 store::ConfigStore::new(metrics.clone())
-                    .with_http1_connections_per_endpoint(limits.max_http1_connections_per_endpoint)
+                    .with_upstream_pools(limits.upstream_pools())
                     .with_identity(identity.clone()),
             ),
             identity,

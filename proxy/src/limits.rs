@@ -1,6 +1,7 @@
 //! Limits on everything a peer controls the count or size of: accepted connections per
 //! listener, upstream HTTP/1 connections per endpoint, HTTP/2 streams and header lists,
-//! request heads, and how long a connection or request body may stay silent.
+//! request heads, and how long a connection or request body may stay silent (an
+//! upstream connection unused included).
 //!
 //! ```text
 //! flags / env (main) ──▶ Limits (in Proxy) ──▶ server (accept), http (per request),
@@ -13,6 +14,8 @@
 //! itself, whichever config is active.
 
 use std::time::Duration;
+
+use crate::upstream::{IdleTimeout, PoolLimits};
 
 /// Accepted connections per transparent or forward listener before new ones are closed.
 /// Envoy has no per-listener default (its overload manager is opt-in); 10,000 is far above
@@ -48,6 +51,12 @@ pub const DEFAULT_ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an opaque TCP connection may carry no byte either way before it is closed
 /// (Envoy's `tcp_proxy` default `idle_timeout`).
 pub const DEFAULT_OPAQUE_IDLE_TIMEOUT: Duration = Duration::from_secs(3_600);
+/// How long an upstream connection (pooled HTTP/1, HTTP/2, or a mutual TLS session to a
+/// peer proxy) may sit unused before the proxy closes it: 90 s, what it was before it was
+/// a flag, between Envoy's 1 h (`common_http_protocol_options.idle_timeout`) and
+/// Linkerd's 3 s for HTTP/1 pools. Set it below the application's keep-alive timeout
+/// (Node 5 s, gunicorn 2 s) so that the proxy, not the application, closes first.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: IdleTimeout = IdleTimeout::DEFAULT;
 /// How long a client may pause in the middle of a request body (Envoy's
 /// `stream_idle_timeout` default).
 pub const DEFAULT_REQUEST_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -92,6 +101,8 @@ pub struct Limits {
     pub opaque_idle_timeout: Duration,
     /// How long a request body may pause between two chunks.
     pub request_body_idle_timeout: Duration,
+    /// How long an upstream connection may sit unused before it is closed.
+    pub upstream_idle_timeout: IdleTimeout,
     /// Total bytes of a request's header names and values.
     pub max_request_headers_bytes: usize,
     /// Bytes of one header field's name and value.
@@ -117,6 +128,7 @@ impl Default for Limits {
             admin_header_read_timeout: DEFAULT_ADMIN_HEADER_READ_TIMEOUT,
             opaque_idle_timeout: DEFAULT_OPAQUE_IDLE_TIMEOUT,
             request_body_idle_timeout: DEFAULT_REQUEST_BODY_IDLE_TIMEOUT,
+            upstream_idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             max_request_headers_bytes: DEFAULT_MAX_REQUEST_HEADERS_BYTES,
             max_header_line_bytes: DEFAULT_MAX_HEADER_LINE_BYTES,
             max_request_target_bytes: DEFAULT_MAX_REQUEST_TARGET_BYTES,
@@ -126,6 +138,14 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// What each endpoint's connection pools are built with.
+    pub fn upstream_pools(&self) -> PoolLimits {
+        PoolLimits {
+            max_http1: self.max_http1_connections_per_endpoint,
+            idle_timeout: self.upstream_idle_timeout,
+        }
+    }
+
     /// The size hyper's HTTP/1 parser stops at (431 without a `weft-error` header): the
     /// request line and every header line with their delimiters, which the per-request
     /// check cannot see. Set above the limits the proxy answers itself, so that a head

@@ -373,7 +373,7 @@ impl Conn {
                             dial.addr,
                             dial.source,
                             connect_timeout,
-                            proxy.limits.max_http1_connections_per_endpoint,
+                            proxy.limits.upstream_pools(),
                         ))),
                         label,
                     ),

@@ -58,7 +58,7 @@ use crate::{
     metrics::{Direction, Metrics, RequestMetrics, RouteRuleLabel, ServiceLabel},
     ratelimit::RateLimiter,
     retry::{BudgetSpec, RetryBudget},
-    upstream::Upstream,
+    upstream::{PoolLimits, Upstream},
 };
 
 /// Which endpoints share one [`EndpointState`]: everything the state's connections depend
@@ -100,18 +100,19 @@ pub struct EndpointState {
 }
 
 impl EndpointState {
-    /// Fresh state for an endpoint, with the default limit on its HTTP/1 connections.
+    /// Fresh state for an endpoint, with the default pool limits.
     pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
-        Self::with_http1_limit(
-            addr,
-            connect_timeout,
-            crate::limits::DEFAULT_MAX_HTTP1_CONNECTIONS_PER_ENDPOINT,
-        )
+        Self::from_source(addr, None, connect_timeout, PoolLimits::default())
     }
 
-    /// Fresh state for an endpoint that allows at most `max_http1` HTTP/1 connections.
+    /// Fresh state for an endpoint that allows at most `max_http1` HTTP/1 connections (and
+    /// the default idle timeout).
     pub fn with_http1_limit(addr: SocketAddr, connect_timeout: Duration, max_http1: usize) -> Self {
-        Self::from_source(addr, None, connect_timeout, max_http1)
+        let limits = PoolLimits {
+            max_http1,
+            ..PoolLimits::default()
+        };
+        Self::from_source(addr, None, connect_timeout, limits)
     }
 
     /// Fresh state for an endpoint dialled from `source` when given (the inbound side's
@@ -120,11 +121,11 @@ impl EndpointState {
         addr: SocketAddr,
         source: Option<std::net::IpAddr>,
         connect_timeout: Duration,
-        max_http1: usize,
+        limits: PoolLimits,
     ) -> Self {
         EndpointState {
             addr,
-            upstream: Upstream::from_source(addr, source, connect_timeout, max_http1),
+            upstream: Upstream::from_source(addr, source, connect_timeout, limits),
             ewma: Mutex::new(PeakEwma::new(DEFAULT_SEED, DEFAULT_DECAY, Instant::now())),
             in_flight: AtomicUsize::new(0),
             lineage: None,
@@ -136,7 +137,7 @@ impl EndpointState {
     fn for_breaker(
         addr: SocketAddr,
         connect_timeout: Duration,
-        max_http1: usize,
+        limits: PoolLimits,
         breaker: &ServiceBreaker,
         tls: Option<Arc<ClientTls>>,
     ) -> Self {
@@ -146,7 +147,7 @@ impl EndpointState {
                 addr,
                 None,
                 connect_timeout,
-                max_http1,
+                limits,
                 breaker.pool.clone(),
                 tls,
             ),
@@ -161,13 +162,12 @@ impl EndpointState {
     fn meshed(
         addr: SocketAddr,
         connect_timeout: Duration,
-        max_http1: usize,
+        limits: PoolLimits,
         tls: Option<Arc<ClientTls>>,
     ) -> Self {
-        let mut state = Self::with_http1_limit(addr, connect_timeout, max_http1);
+        let mut state = Self::from_source(addr, None, connect_timeout, limits);
         if tls.is_some() {
-            state.upstream =
-                Upstream::for_service(addr, None, connect_timeout, max_http1, None, tls);
+            state.upstream = Upstream::for_service(addr, None, connect_timeout, limits, None, tls);
         }
         state
     }
@@ -444,7 +444,7 @@ impl Snapshot {
         config: Config,
         generation: u64,
         previous: Option<&Snapshot>,
-        max_http1: usize,
+        pools: PoolLimits,
         metrics: &Metrics,
         identity: Option<&IdentityStore>,
     ) -> Snapshot {
@@ -521,14 +521,14 @@ impl Snapshot {
                                     Some(b) => EndpointState::for_breaker(
                                         e.addr,
                                         spec.connect_timeout,
-                                        max_http1,
+                                        pools,
                                         b,
                                         tls,
                                     ),
                                     None => EndpointState::meshed(
                                         e.addr,
                                         spec.connect_timeout,
-                                        max_http1,
+                                        pools,
                                         tls,
                                     ),
                                 })
@@ -623,8 +623,8 @@ pub struct ConfigStore {
     /// Serialises `apply` so generations are assigned in order.
     apply_lock: Mutex<u64>,
     metrics: Arc<Metrics>,
-    /// HTTP/1 connections allowed per endpoint (a process limit, not a config field).
-    max_http1_per_endpoint: usize,
+    /// What each endpoint's pools are built with (process limits, not config fields).
+    pools: PoolLimits,
     /// Mirrored requests in flight, across snapshots ([`MIRROR_SLOTS`]).
     mirror_slots: Arc<tokio::sync::Semaphore>,
     /// This proxy's identity: endpoints with one get mutual TLS.
@@ -638,7 +638,7 @@ impl ConfigStore {
             current: ArcSwapOption::const_empty(),
             apply_lock: Mutex::new(0),
             metrics,
-            max_http1_per_endpoint: crate::limits::DEFAULT_MAX_HTTP1_CONNECTIONS_PER_ENDPOINT,
+            pools: PoolLimits::default(),
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(MIRROR_SLOTS)),
             identity: None,
         }
@@ -649,9 +649,9 @@ impl ConfigStore {
         &self.mirror_slots
     }
 
-    /// Sets how many HTTP/1 connections each endpoint built from now on may have.
-    pub fn with_http1_connections_per_endpoint(mut self, max: usize) -> Self {
-        self.max_http1_per_endpoint = max;
+    /// Sets the limits of the pools of each endpoint built from now on.
+    pub fn with_upstream_pools(mut self, pools: PoolLimits) -> Self {
+        self.pools = pools;
         self
     }
 
@@ -701,7 +701,7 @@ impl ConfigStore {
             config,
             *generation,
             previous.as_deref(),
-            self.max_http1_per_endpoint,
+            self.pools,
             &self.metrics,
             self.identity.as_deref(),
         ));

@@ -313,8 +313,54 @@ pub async fn connect_from(
     }
 }
 
-/// How long an upstream connection may sit unused in a pool before it is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long an upstream connection may sit unused before it is closed; never zero, since
+/// a zero timer would fire again at once for as long as a request holds the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IdleTimeout(Duration);
+
+impl IdleTimeout {
+    /// 90 s ([`crate::limits::DEFAULT_UPSTREAM_IDLE_TIMEOUT`] says why).
+    pub const DEFAULT: IdleTimeout = IdleTimeout(Duration::from_secs(90));
+
+    /// `timeout`, unless it is zero.
+    pub const fn new(timeout: Duration) -> Option<IdleTimeout> {
+        if timeout.is_zero() {
+            None
+        } else {
+            Some(IdleTimeout(timeout))
+        }
+    }
+
+    /// The timeout.
+    pub const fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl Default for IdleTimeout {
+    fn default() -> Self {
+        IdleTimeout::DEFAULT
+    }
+}
+
+/// What one endpoint's pools are built with: process limits (flags), the same for every
+/// endpoint ([`crate::limits::Limits::upstream_pools`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// HTTP/1 connections to the endpoint at once.
+    pub max_http1: usize,
+    /// How long a connection may sit unused before it is closed.
+    pub idle_timeout: IdleTimeout,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        PoolLimits {
+            max_http1: crate::limits::DEFAULT_MAX_HTTP1_CONNECTIONS_PER_ENDPOINT,
+            idle_timeout: IdleTimeout::DEFAULT,
+        }
+    }
+}
 
 /// The largest response head an HTTP/2 upstream (an application, or a peer proxy's mux)
 /// may send, as HTTP/2 counts it (names and values plus 32 bytes a field). It is above
@@ -429,10 +475,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Pools for `addr` with at most `max_http1` HTTP/1 connections; no connection is made
-    /// until a request needs one.
-    pub fn new(addr: SocketAddr, connect_timeout: Duration, max_http1: usize) -> Self {
-        Self::from_source(addr, None, connect_timeout, max_http1)
+    /// Pools for `addr` within `limits`; no connection is made until a request needs one.
+    pub fn new(addr: SocketAddr, connect_timeout: Duration, limits: PoolLimits) -> Self {
+        Self::from_source(addr, None, connect_timeout, limits)
     }
 
     /// Pools as [`Upstream::new`] makes them, whose connections are made from `source`
@@ -441,9 +486,9 @@ impl Upstream {
         addr: SocketAddr,
         source: Option<IpAddr>,
         connect_timeout: Duration,
-        max_http1: usize,
+        limits: PoolLimits,
     ) -> Self {
-        Self::for_service(addr, source, connect_timeout, max_http1, None, None)
+        Self::for_service(addr, source, connect_timeout, limits, None, None)
     }
 
     /// Pools as [`Upstream::from_source`] makes them, under the connection-pool limits of
@@ -453,7 +498,7 @@ impl Upstream {
         addr: SocketAddr,
         source: Option<IpAddr>,
         connect_timeout: Duration,
-        max_http1: usize,
+        limits: PoolLimits,
         service: Option<Arc<ServicePool>>,
         tls: Option<Arc<ClientTls>>,
     ) -> Self {
@@ -462,8 +507,9 @@ impl Upstream {
             source,
             tls: tls.clone(),
             connect_timeout,
+            idle_timeout: limits.idle_timeout,
             idle: Mutex::new(Vec::new()),
-            slots: Arc::new(Semaphore::new(max_http1.min(Semaphore::MAX_PERMITS))),
+            slots: Arc::new(Semaphore::new(limits.max_http1.min(Semaphore::MAX_PERMITS))),
             service: service.clone(),
         });
         if let Some(s) = &service {
@@ -479,6 +525,7 @@ impl Upstream {
                 source,
                 tls: tls.clone(),
                 connect_timeout,
+                idle_timeout: limits.idle_timeout,
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 service,
@@ -553,14 +600,15 @@ impl Upstream {
 
 /// The one multiplexed HTTP/2 connection to an endpoint, shared by every HTTP/2 request to
 /// it. It is made when a request needs it (one connect at a time; concurrent requests wait
-/// for it), replaced once closed, and let go after [`IDLE_TIMEOUT`] without a new request
-/// (hyper then closes it when its last stream ends).
+/// for it), replaced once closed, and let go after its [`IdleTimeout`] without a new
+/// request (hyper then closes it when its last stream ends).
 #[derive(Debug)]
 pub struct Http2Conn {
     addr: SocketAddr,
     source: Option<IpAddr>,
     tls: Option<Arc<ClientTls>>,
     connect_timeout: Duration,
+    idle_timeout: IdleTimeout,
     current: Mutex<Option<Http2Shared>>,
     connecting: tokio::sync::Mutex<()>,
     service: Option<Arc<ServicePool>>,
@@ -725,6 +773,7 @@ impl Http2Conn {
             run_http2_connection(
                 conn,
                 shared.last_used.clone(),
+                self.idle_timeout,
                 Arc::downgrade(self),
                 service_slot,
                 session.map(|s| (s, metrics)),
@@ -752,7 +801,7 @@ fn went_away(error: &hyper::Error) -> bool {
     false
 }
 
-/// Drives one upstream HTTP/2 connection until it ends. After [`IDLE_TIMEOUT`] without a
+/// Drives one upstream HTTP/2 connection until it ends. After `idle_timeout` without a
 /// new request it stops being the endpoint's shared connection; hyper then closes it
 /// once its last stream (and its last sender) is gone.
 ///
@@ -766,6 +815,7 @@ fn went_away(error: &hyper::Error) -> bool {
 async fn run_http2_connection(
     conn: hyper::client::conn::http2::Connection<TokioIo<UpstreamIo>, UpstreamBody, TokioExecutor>,
     last_used: Arc<IdleClock>,
+    idle_timeout: IdleTimeout,
     owner: Weak<Http2Conn>,
     // Held until the connection ends: it counts against the service's maxConnections.
     _service_slot: Option<OwnedSemaphorePermit>,
@@ -776,7 +826,8 @@ async fn run_http2_connection(
     let mut conn = Some(Box::pin(conn));
     // The idle timer while shared; once the session has ended, its grace; once cut, the
     // wait for hyper to let the IO go.
-    let sleep = tokio::time::sleep(IDLE_TIMEOUT);
+    let idle_timeout = idle_timeout.get();
+    let sleep = tokio::time::sleep(idle_timeout);
     tokio::pin!(sleep);
     let mut shared = true;
     let (mut session, metrics) = match session {
@@ -852,11 +903,11 @@ async fn run_http2_connection(
                 }
                 let now = tokio::time::Instant::now();
                 let since = last_used.idle_since().unwrap_or(now);
-                if now.saturating_duration_since(since) >= IDLE_TIMEOUT {
+                if now.saturating_duration_since(since) >= idle_timeout {
                     unshare(&owner);
                     shared = false;
                 } else {
-                    sleep.as_mut().reset(since + IDLE_TIMEOUT);
+                    sleep.as_mut().reset(since + idle_timeout);
                 }
             }
         }
@@ -907,7 +958,7 @@ fn record_unseen_end(
 /// that request's response body has ended, provided its request body has been sent too;
 /// a connection lent while either body still streams would hold the next request behind
 /// it. Idle connections are reused most recently used first, and each closes itself after
-/// [`IDLE_TIMEOUT`] unused.
+/// its [`IdleTimeout`] unused.
 ///
 /// Connections are bounded ([`crate::limits::Limits::max_http1_connections_per_endpoint`]):
 /// each holds a permit of `slots` until its task ends, and a request finding no idle
@@ -924,6 +975,7 @@ pub struct Http1Pool {
     source: Option<IpAddr>,
     tls: Option<Arc<ClientTls>>,
     connect_timeout: Duration,
+    idle_timeout: IdleTimeout,
     idle: Mutex<Vec<Lease>>,
     slots: Arc<Semaphore>,
     service: Option<Arc<ServicePool>>,
@@ -1056,6 +1108,7 @@ impl Http1Pool {
             run_http1_connection(
                 conn,
                 clock.clone(),
+                self.idle_timeout,
                 (slot, service_slot),
                 session.map(|s| (s, metrics)),
             )
@@ -1072,7 +1125,7 @@ impl Http1Pool {
 }
 
 /// Drives one upstream HTTP/1 connection until it ends, or until it has been idle in its
-/// pool for [`IDLE_TIMEOUT`].
+/// pool for `idle_timeout`.
 ///
 /// A mutual TLS session (`session`, with the metrics its end counts into) is also
 /// retired, or ends when its peer's chain stops verifying: closed then if unused;
@@ -1083,6 +1136,7 @@ impl Http1Pool {
 async fn run_http1_connection(
     conn: hyper::client::conn::http1::Connection<TokioIo<UpstreamIo>, UpstreamBody>,
     clock: Arc<IdleClock>,
+    idle_timeout: IdleTimeout,
     // Held until the connection ends: it counts against the endpoint's limit (and the
     // service's maxConnections) till then.
     _slots: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
@@ -1091,7 +1145,8 @@ async fn run_http1_connection(
     // Upgrades (101 Switching Protocols) hand the socket to the request that asked.
     let conn = conn.with_upgrades();
     tokio::pin!(conn);
-    let sleep = tokio::time::sleep(IDLE_TIMEOUT);
+    let idle_timeout = idle_timeout.get();
+    let sleep = tokio::time::sleep(idle_timeout);
     tokio::pin!(sleep);
     let (mut session, metrics) = match session {
         Some((s, m)) => (Some(s), m),
@@ -1142,12 +1197,12 @@ async fn run_http1_connection(
                 }
                 let now = tokio::time::Instant::now();
                 match clock.idle_since() {
-                    Some(since) if now.saturating_duration_since(since) >= IDLE_TIMEOUT => {
+                    Some(since) if now.saturating_duration_since(since) >= idle_timeout => {
                         tracing::debug!("closing idle upstream connection");
                         return;
                     }
-                    Some(since) => sleep.as_mut().reset(since + IDLE_TIMEOUT),
-                    None => sleep.as_mut().reset(now + IDLE_TIMEOUT),
+                    Some(since) => sleep.as_mut().reset(since + idle_timeout),
+                    None => sleep.as_mut().reset(now + idle_timeout),
                 }
             }
         }
@@ -1262,7 +1317,7 @@ impl Lease {
     /// next request would wait on it until that client finished its body, which may be
     /// never. Dropped, it closes once the body is sent (or cut), or, should neither the
     /// client finish nor the application read or close, when its idle timer
-    /// ([`IDLE_TIMEOUT`]) runs out, as for an idle pooled connection.
+    /// ([`IdleTimeout`]) runs out, as for an idle pooled connection.
     pub fn release(self) {
         if self.sender.is_closed() || self.clock.over() {
             // An ended session is not taken back: dropped, it closes.
@@ -1394,11 +1449,17 @@ mod tests {
         }
     }
 
-    /// A connection left unused in its pool is closed [`IDLE_TIMEOUT`] after its last
-    /// request, and a request before then keeps it (the clock is paused: no real wait).
+    /// A connection left unused in its pool is closed once its [`IdleTimeout`] has passed
+    /// since its last request, and a request before then keeps it (the clock is paused: no
+    /// real wait). The timeout is not the default, so that pools ignoring it would show.
     async fn an_unused_connection_closes_after_the_idle_timeout(version: http::Version) {
+        const IDLE_TIMEOUT: Duration = Duration::from_secs(40);
         let (addr, mut events) = backend(version == http::Version::HTTP_2).await;
-        let upstream = Upstream::new(addr, Duration::from_secs(1), 8);
+        let limits = PoolLimits {
+            max_http1: 8,
+            idle_timeout: IdleTimeout::new(IDLE_TIMEOUT).unwrap(),
+        };
+        let upstream = Upstream::new(addr, Duration::from_secs(1), limits);
         get(&upstream, version).await;
         assert!(matches!(events.recv().await, Some(Event::Accepted)));
         tokio::time::sleep(IDLE_TIMEOUT - Duration::from_secs(30)).await;

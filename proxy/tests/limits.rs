@@ -7,7 +7,14 @@
 
 mod support;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use std::convert::Infallible;
 
@@ -810,4 +817,142 @@ fn a_zero_limit_is_refused_before_anything_is_bound() {
         stderr.contains("--max-connections must be greater than zero"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_zero_upstream_idle_timeout_is_refused_before_anything_is_bound() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
+        .args(["run", "--config", "/nonexistent.yaml"])
+        .env("WEFT_UPSTREAM_IDLE_TIMEOUT", "0s")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--upstream-idle-timeout must be greater than zero"),
+        "{stderr}"
+    );
+}
+
+/// An application (HTTP/1.1 and HTTP/2, every request answered 200) that counts the
+/// connections it accepts and those that have closed since.
+struct CountingApp {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+    _task: Task,
+}
+
+impl CountingApp {
+    async fn start(ip: &str) -> CountingApp {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, c) = (accepted.clone(), closed.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, Infallible>(http::Response::new(full("counted")))
+                    });
+                    // Ends when the proxy closes the connection (or breaks it).
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                    c.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        CountingApp {
+            addr,
+            accepted,
+            closed,
+            _task: Task(task),
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// The test clients' type: [`h1_client`] or [`h2_client`].
+type Client =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+
+/// A proxy process forwarding to `app`, started with `--upstream-idle-timeout idle`.
+async fn proxy_process_with_idle_timeout(
+    app: &CountingApp,
+    idle: &str,
+) -> (ChildProxy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    write_config(&path, &config(&[("web", &[app.addr])]));
+    let proxy = ChildProxy::start(&path, &["--upstream-idle-timeout", idle]).await;
+    (proxy, dir)
+}
+
+/// With `--upstream-idle-timeout 1s`, the proxy closes its connection to the application
+/// once it has been unused that long, and the next request opens a new one.
+async fn an_upstream_connection_idle_past_the_flag_is_closed(client: Client) {
+    let app = CountingApp::start("127.0.0.2").await;
+    let (proxy, _dir) = proxy_process_with_idle_timeout(&app, "1s").await;
+    let url = format!("http://{}/", proxy.forward);
+    let (resp, body) = get(&client, &url).await;
+    assert_eq!(resp.status(), StatusCode::OK, "{body}");
+    assert_eq!(app.accepted(), 1);
+    // The bound only guards against a hang: 90 s, the default, would exceed it.
+    eventually(
+        Duration::from_secs(20),
+        "the proxy closes its idle upstream connection",
+        || async { app.closed() == 1 },
+    )
+    .await;
+    let (resp, body) = get(&client, &url).await;
+    assert_eq!(resp.status(), StatusCode::OK, "{body}");
+    assert_eq!(app.accepted(), 2, "the next request opens a new connection");
+}
+
+/// With `--upstream-idle-timeout 1m`, a connection unused for longer than the 1 s above is
+/// still open, and the next request reuses it.
+async fn an_upstream_connection_within_the_flag_is_reused(client: Client) {
+    let app = CountingApp::start("127.0.0.2").await;
+    let (proxy, _dir) = proxy_process_with_idle_timeout(&app, "1m").await;
+    let url = format!("http://{}/", proxy.forward);
+    let (resp, body) = get(&client, &url).await;
+    assert_eq!(resp.status(), StatusCode::OK, "{body}");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (resp, body) = get(&client, &url).await;
+    assert_eq!(resp.status(), StatusCode::OK, "{body}");
+    assert_eq!(
+        (app.accepted(), app.closed()),
+        (1, 0),
+        "one connection, reused"
+    );
+}
+
+#[tokio::test]
+async fn an_http1_upstream_connection_idle_past_the_flag_is_closed() {
+    an_upstream_connection_idle_past_the_flag_is_closed(h1_client()).await;
+}
+
+#[tokio::test]
+async fn an_http2_upstream_connection_idle_past_the_flag_is_closed() {
+    an_upstream_connection_idle_past_the_flag_is_closed(h2_client()).await;
+}
+
+#[tokio::test]
+async fn an_http1_upstream_connection_within_the_flag_is_reused() {
+    an_upstream_connection_within_the_flag_is_reused(h1_client()).await;
+}
+
+#[tokio::test]
+async fn an_http2_upstream_connection_within_the_flag_is_reused() {
+    an_upstream_connection_within_the_flag_is_reused(h2_client()).await;
 }

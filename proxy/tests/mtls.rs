@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use rustls::pki_types::{CertificateDer, ServerName};
 use support::ca::{Ca, Leaf};
 use support::*;
@@ -29,6 +30,7 @@ use weft_proxy::{
     identity::{Http1Transport, IdentityStore},
     limits::Limits,
     server::{BeforeConfig, ListenerKind},
+    upstream::IdleTimeout,
 };
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -1309,7 +1311,7 @@ async fn many_http1_connections_share_one_tls_connection_between_the_proxies() {
     let app = H1App::start().await;
     // Counts the TCP connections the server sidecar accepts, in front of it.
     let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
-    let (front, accepted) = counting_forwarder(server.addr).await;
+    let (front, accepted, _) = counting_forwarder(server.addr).await;
     let client = client_sidecar(Some(ca.store(CLIENT_ID)), front, SERVER_ID);
 
     let mut tasks = Vec::new();
@@ -1371,7 +1373,7 @@ async fn with_mesh_http1_sessions_http1_takes_pooled_tls_sessions_of_its_own() {
         ListenerKind::InboundTo(app.addr),
         server_config,
     );
-    let (front, accepted) = counting_forwarder(server.addr).await;
+    let (front, accepted, _) = counting_forwarder(server.addr).await;
     let client_store = IdentityStore::with_http1(Http1Transport::Sessions).unwrap();
     ca.install(&client_store, CLIENT_ID);
     let client = client_sidecar(Some(client_store), front, SERVER_ID);
@@ -1487,22 +1489,118 @@ async fn with_mesh_http1_sessions_http1_takes_pooled_tls_sessions_of_its_own() {
     );
 }
 
-/// A TCP forwarder to `to` that counts the connections it accepts.
-async fn counting_forwarder(to: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+/// A TCP forwarder to `to` that counts the connections it accepts, and those closed
+/// since (both ways).
+async fn counting_forwarder(to: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (count, ends) = (accepted.clone(), closed.clone());
     tokio::spawn(async move {
         while let Ok((mut down, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
+            let ends = ends.clone();
             tokio::spawn(async move {
                 let mut up = TcpStream::connect(to).await.unwrap();
                 let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                ends.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
-    (addr, accepted)
+    (addr, accepted, closed)
+}
+
+/// A client sidecar as [`client_sidecar`] makes it, carrying HTTP/1 as `http1` says, whose
+/// upstream connections close after `idle` unused.
+fn client_sidecar_idle(
+    ca: &Ca,
+    endpoint: SocketAddr,
+    http1: Http1Transport,
+    idle: Duration,
+) -> TestProxy {
+    let store = IdentityStore::with_http1(http1).unwrap();
+    ca.install(&store, CLIENT_ID);
+    let limits = Limits {
+        upstream_idle_timeout: IdleTimeout::new(idle).unwrap(),
+        ..Limits::default()
+    };
+    TestProxy::start_kind(
+        Proxy::with_identity(
+            limits,
+            BeforeConfig::default(),
+            LocalPorts::default(),
+            Some(store),
+        ),
+        ListenerKind::Forward(Arc::from("web")),
+        meshed_config(endpoint, SERVER_ID, false),
+    )
+}
+
+/// The sessions HTTP/1 and HTTP/2 requests take to a peer proxy, with each HTTP/1
+/// transport: (name, transport, client).
+fn session_kinds() -> [(&'static str, Http1Transport, Client<HttpConnector, Body>); 3] {
+    [
+        ("mux, HTTP/1", Http1Transport::Multiplexed, h1_client()),
+        ("mux, HTTP/2", Http1Transport::Multiplexed, h2_client()),
+        ("weft-http1", Http1Transport::Sessions, h1_client()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_to_a_peer_unused_past_the_upstream_idle_timeout_is_closed_then_replaced() {
+    let ca = Ca::new("mesh root");
+    let app = Scripted::ok("127.0.0.1", "cart").await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
+    for (kind, http1, http) in session_kinds() {
+        let (front, accepted, closed) = counting_forwarder(server.addr).await;
+        let client = client_sidecar_idle(&ca, front, http1, Duration::from_secs(1));
+        let (resp, body) = get(&http, &client.url("/")).await;
+        assert_eq!(
+            (resp.status().as_u16(), &body[..]),
+            (200, "hello from cart"),
+            "{kind}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "{kind}");
+        // The bound only guards against a hang: 90 s, the default, would exceed it.
+        eventually(
+            Duration::from_secs(20),
+            &format!("{kind}: the idle session is closed"),
+            || async { closed.load(Ordering::SeqCst) == 1 },
+        )
+        .await;
+        let (resp, body) = get(&http, &client.url("/")).await;
+        assert_eq!(
+            (resp.status().as_u16(), &body[..]),
+            (200, "hello from cart"),
+            "{kind}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "{kind}: a new session");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_to_a_peer_used_within_the_upstream_idle_timeout_is_reused() {
+    let ca = Ca::new("mesh root");
+    let app = Scripted::ok("127.0.0.1", "cart").await;
+    let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
+    for (kind, http1, http) in session_kinds() {
+        let (front, accepted, closed) = counting_forwarder(server.addr).await;
+        let client = client_sidecar_idle(&ca, front, http1, Duration::from_secs(60));
+        let (resp, _) = get(&http, &client.url("/")).await;
+        assert_eq!(resp.status(), 200, "{kind}");
+        // Longer than the timeout of the test above.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let (resp, _) = get(&http, &client.url("/")).await;
+        assert_eq!(resp.status(), 200, "{kind}");
+        assert_eq!(
+            (
+                accepted.load(Ordering::SeqCst),
+                closed.load(Ordering::SeqCst)
+            ),
+            (1, 0),
+            "{kind}: one session, reused"
+        );
+    }
 }
 
 /// RFC 6455 §1.3's example handshake.
