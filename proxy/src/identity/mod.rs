@@ -1637,6 +1637,83 @@ mod tests {
         assert!(v.trust(&root, in_secs(0)), "until its end it was trusted");
     }
 
+    /// Counts, on the thread it is the default subscriber of, the WARNs that the operator is
+    /// verified against every root of the bundle.
+    #[derive(Clone, Default)]
+    struct FallbackWarnings(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl FallbackWarnings {
+        fn count(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for FallbackWarnings {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Fallback(bool);
+            impl tracing::field::Visit for Fallback {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}").contains("verified against every root");
+                    }
+                }
+            }
+            if *event.metadata().level() != tracing::Level::WARN {
+                return;
+            }
+            let mut fallback = Fallback(false);
+            event.record(&mut fallback);
+            if fallback.0 {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    #[test]
+    fn the_operator_fallback_warns_once_each_time_the_proxy_enters_it() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        // A ends in 10 minutes; B is valid from 15 to 20 minutes: no root of the bundle is
+        // valid from 10 to 15 minutes, nor after 20.
+        let a = Ca::valid_between("root A", -3600, 600);
+        let b = Ca::valid_between("root B", 900, 1200);
+        let store = IdentityStore::new().unwrap();
+        a.install(&store, &format!("{}{}", a.pem, b.pem));
+        let v = Verifiers::of(&store);
+        let operator = a.operator_cert();
+        let name = ServerName::try_from(OPERATOR).unwrap();
+        let warnings = FallbackWarnings::default();
+        let subscriber = tracing_subscriber::registry().with(warnings.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let mut seen = Vec::new();
+            // (seconds from now, whether A's operator is trusted then)
+            for (secs, trusted) in [
+                (0, true),
+                (700, true),
+                (800, true),
+                (1000, false),
+                (1300, true),
+                (1400, true),
+            ] {
+                let verdict =
+                    v.operator
+                        .verify_server_cert(&operator, &[], &name, &[], in_secs(secs));
+                assert_eq!(verdict.is_ok(), trusted, "at +{secs} s: {verdict:?}");
+                seen.push(warnings.count());
+            }
+            // Entering the fallback (+700 s) warns; staying in it (+800 s) does not; B
+            // valid (+1000 s) leaves it; entering it again (+1300 s) warns again, once.
+            assert_eq!(seen, [0, 1, 1, 1, 2, 2]);
+        });
+    }
+
     #[test]
     fn handshakes_racing_over_a_boundary_keep_the_set_of_the_present_and_log_a_change_once() {
         let current = Ca::new("root current");
