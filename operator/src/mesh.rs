@@ -180,10 +180,11 @@ pub fn run(
 }
 
 /// The rows of `/proxies`, sorted by pod: this replica's proxies and its peers'.
-pub fn proxy_rows(handles: &Handles) -> Vec<ProxyRow> {
+pub async fn proxy_rows(handles: &Handles) -> Vec<ProxyRow> {
     let desired: std::collections::HashMap<ObjectKey, Option<u64>> = handles
         .index
-        .desired_views()
+        .desired_views_async()
+        .await
         .into_iter()
         .map(|(k, v)| (k, v.map(|v| v.version)))
         .collect();
@@ -252,64 +253,68 @@ async fn serve_admin(
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let (status, ctype, body) = match req.uri().path() {
-                        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-                        "/readyz" if !handles.index.is_synced() => (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "text/plain",
-                            "index not synced\n".to_owned(),
-                        ),
-                        // The Service carrying config push and identity follows this:
-                        // a webhook that cannot start must not take those out too.
-                        "/readyz" => match handles.readiness.waiting_for() {
-                            waiting if waiting.is_empty() => {
-                                (StatusCode::OK, "text/plain", "ok\n".to_owned())
-                            }
-                            waiting => (
-                                StatusCode::OK,
-                                "text/plain",
-                                format!("ok; not serving yet: {}\n", waiting.join(", ")),
-                            ),
-                        },
-                        "/readyz/webhook"
-                            if handles.readiness.waiting_for().contains(&"webhook") =>
-                        {
-                            (
+                    let (handles, metrics) = (handles.clone(), metrics.clone());
+                    async move {
+                        let (status, ctype, body) = match req.uri().path() {
+                            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                            "/readyz" if !handles.index.is_synced() => (
                                 StatusCode::SERVICE_UNAVAILABLE,
                                 "text/plain",
-                                "webhook not serving\n".to_owned(),
-                            )
-                        }
-                        "/readyz/webhook" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-                        "/metrics" => (
-                            StatusCode::OK,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            metrics.encode(),
-                        ),
-                        "/version" => (
-                            StatusCode::OK,
-                            "application/json",
-                            serde_json::to_string(&weft_api::proxy_status::OperatorVersion {
-                                version: env!("CARGO_PKG_VERSION").to_owned(),
-                            })
-                            .unwrap_or_default(),
-                        ),
-                        "/proxies" => (
-                            StatusCode::OK,
-                            "application/json",
-                            serde_json::to_string(&proxy_rows(&handles)).unwrap_or_default(),
-                        ),
-                        _ => (
-                            StatusCode::NOT_FOUND,
-                            "text/plain",
-                            "not found\n".to_owned(),
-                        ),
-                    };
-                    let mut r = Response::new(Full::new(Bytes::from(body)));
-                    *r.status_mut() = status;
-                    r.headers_mut()
-                        .insert(CONTENT_TYPE, http::HeaderValue::from_static(ctype));
-                    async move { Ok::<_, Infallible>(r) }
+                                "index not synced\n".to_owned(),
+                            ),
+                            // The Service carrying config push and identity follows this:
+                            // a webhook that cannot start must not take those out too.
+                            "/readyz" => match handles.readiness.waiting_for() {
+                                waiting if waiting.is_empty() => {
+                                    (StatusCode::OK, "text/plain", "ok\n".to_owned())
+                                }
+                                waiting => (
+                                    StatusCode::OK,
+                                    "text/plain",
+                                    format!("ok; not serving yet: {}\n", waiting.join(", ")),
+                                ),
+                            },
+                            "/readyz/webhook"
+                                if handles.readiness.waiting_for().contains(&"webhook") =>
+                            {
+                                (
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "text/plain",
+                                    "webhook not serving\n".to_owned(),
+                                )
+                            }
+                            "/readyz/webhook" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                            "/metrics" => (
+                                StatusCode::OK,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                metrics.encode(),
+                            ),
+                            "/version" => (
+                                StatusCode::OK,
+                                "application/json",
+                                serde_json::to_string(&weft_api::proxy_status::OperatorVersion {
+                                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                                })
+                                .unwrap_or_default(),
+                            ),
+                            "/proxies" => (
+                                StatusCode::OK,
+                                "application/json",
+                                serde_json::to_string(&proxy_rows(&handles).await)
+                                    .unwrap_or_default(),
+                            ),
+                            _ => (
+                                StatusCode::NOT_FOUND,
+                                "text/plain",
+                                "not found\n".to_owned(),
+                            ),
+                        };
+                        let mut r = Response::new(Full::new(Bytes::from(body)));
+                        *r.status_mut() = status;
+                        r.headers_mut()
+                            .insert(CONTENT_TYPE, http::HeaderValue::from_static(ctype));
+                        Ok::<_, Infallible>(r)
+                    }
                 });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

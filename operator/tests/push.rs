@@ -168,7 +168,7 @@ async fn subscribers_get_their_config_and_a_route_change_is_programmed_everywher
     );
 
     // The operator reports both proxies in sync.
-    let rows = mesh::proxy_rows(&op.handles);
+    let rows = mesh::proxy_rows(&op.handles).await;
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert!(rows.iter().all(|r| r.connected), "{rows:?}");
 
@@ -406,7 +406,7 @@ async fn rejected_config_flow(prefix: &str, tls: Option<PushTls>) {
     let active = proxy.proxy.store.load().unwrap();
     assert_eq!(active.version, good.to_string());
     assert_eq!(active.raw.services.len(), 1);
-    let rows = mesh::proxy_rows(&op.handles);
+    let rows = mesh::proxy_rows(&op.handles).await;
     assert!(!rows[0].in_sync && rows[0].rejected.is_some(), "{rows:?}");
 
     // Remove the extra Service: the next version fits and is acknowledged.
@@ -506,7 +506,7 @@ async fn two_replicas_serve_proxies_one_writes_status_counting_both_and_the_othe
     // Each replica's /proxies shows both proxies in sync.
     for (name, op) in &replicas {
         eventually(WAIT, || async {
-            let rows = mesh::proxy_rows(&op.handles);
+            let rows = mesh::proxy_rows(&op.handles).await;
             ensure!(
                 rows.len() == 2 && rows.iter().all(|r| r.in_sync),
                 "{name}: {rows:?}"

@@ -236,7 +236,7 @@ async fn a_subscriber_that_stops_acknowledging_is_cut_off_counted_and_resynced()
     assert!(took >= ack_timeout / 2, "cut after {took:?}: too early");
     assert_eq!(metric(&op, "weft_operator_push_stalls_total").await, 1.0);
     eventually(WAIT, || async {
-        let rows = weft_operator::mesh::proxy_rows(&op.handles);
+        let rows = weft_operator::mesh::proxy_rows(&op.handles).await;
         let row = rows.iter().find(|r| r.pod == who);
         ensure!(row.is_some_and(|r| !r.connected), "{rows:?}");
         Ok(())
@@ -275,7 +275,7 @@ async fn a_subscriber_that_stops_acknowledging_is_cut_off_counted_and_resynced()
     tokio::time::sleep(ack_timeout * 3).await;
     assert_eq!(metric(&op, "weft_operator_push_stalls_total").await, 1.0);
     eventually(WAIT, || async {
-        let rows = weft_operator::mesh::proxy_rows(&op.handles);
+        let rows = weft_operator::mesh::proxy_rows(&op.handles).await;
         ensure!(
             rows.iter()
                 .any(|r| r.pod == who && r.connected && r.in_sync),

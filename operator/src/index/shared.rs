@@ -13,18 +13,30 @@
 //! Locks are plain mutexes held for synchronous work only, never across an `.await`;
 //! order: index, then subscribers. A change holds the index (and, while it refreshes
 //! views, the subscribers) for as long as it computes: seconds for a re-list of
-//! thousands of pods. So that this never stalls the runtime, async code changes the index
-//! through [`SharedIndex::update_async`], which runs the change on tokio's blocking pool,
-//! and whoever waits for either lock on a runtime worker waits in `block_in_place` (see
-//! `lock_waiting`): readers still wait for the re-list, the worker's other tasks do not.
+//! thousands of pods. So that this never stalls the runtime:
+//!
+//! - async code changes the index through [`SharedIndex::update_async`], which runs the
+//!   change on tokio's blocking pool;
+//! - async code reads through the `*_async` methods ([`SharedIndex::read_async`],
+//!   [`SharedIndex::subscribe_async`], ...), which *await* the index: a waiter is a
+//!   parked task woken when the index lock is released (`IndexLock`), holding no thread,
+//!   however many wait. Holding the index, they find the subscribers free or held for a
+//!   moment (a change takes them only under the index), so they lock those plainly;
+//! - the webhook, which must answer within the API server's timeout, does not wait at
+//!   all: [`SharedIndex::try_read`], else it asks the API server;
+//! - the synchronous methods remain for synchronous callers (tests, benchmarks, the
+//!   change itself on the blocking pool). On a runtime worker they wait in
+//!   `block_in_place` (see `lock_waiting`), which keeps one OS thread per waiter: no
+//!   operator code calls them from a worker while a re-list may run.
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
+    ops::{Deref, DerefMut},
     sync::{Arc, Mutex, MutexGuard, TryLockError},
     time::Instant,
 };
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::{Affected, Index, Kind, ObjectKey, ProxyView, Refresh};
 use crate::metrics::Metrics;
@@ -36,7 +48,7 @@ const CHANGE_TIMES: usize = 4096;
 /// The index, its subscribers, and what the status writer and health checks need to know.
 #[derive(Debug)]
 pub struct SharedIndex {
-    index: Mutex<Index>,
+    index: IndexLock,
     subscribers: Mutex<HashMap<ObjectKey, watch::Sender<Option<ProxyView>>>>,
     synced: Mutex<BTreeSet<Kind>>,
     change_times: Mutex<VecDeque<(u64, Instant)>>,
@@ -71,10 +83,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// [`lock`] for the index and the subscribers, which a change holds while it computes
-/// (seconds for a large re-list). Uncontended it costs a `try_lock`; else, on a worker of
-/// a multi-thread runtime, the wait runs in [`tokio::task::block_in_place`], which hands
-/// the worker's other tasks (probes, the webhook, the identity endpoint, other push
-/// sessions) to another thread instead of stalling them behind the re-list.
+/// (seconds for a large re-list), for the synchronous methods. Uncontended it costs a
+/// `try_lock`; else, on a worker of a multi-thread runtime, the wait runs in
+/// [`tokio::task::block_in_place`], which hands the worker's other tasks to another
+/// thread instead of stalling them behind the re-list. Each such waiter keeps an OS
+/// thread from the blocking pool (`max_blocking_threads`, 512 by default): past that the
+/// runtime stalls again. Async code therefore awaits the index instead
+/// ([`IndexLock::lock_async`]); no operator code waits here on a worker.
 fn lock_waiting<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.try_lock() {
         Ok(guard) => return guard,
@@ -84,6 +99,9 @@ fn lock_waiting<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Off a runtime, on the blocking pool or in `block_on`, `block_in_place` just runs the
     // wait. A current-thread runtime has no other thread to hand its tasks to (and
     // `block_in_place` panics there): the wait blocks it, as any blocking call would.
+    // The flavor is the handle's: a current-thread runtime's thread that has entered a
+    // multi-thread runtime's handle reads as multi-thread, and `block_in_place` would
+    // panic there; no operator code enters one runtime's handle from another's thread.
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     if multi_thread {
@@ -93,11 +111,99 @@ fn lock_waiting<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
+/// The index's mutex, which async code can await: every release wakes the tasks waiting
+/// for it ([`IndexLock::lock_async`]), so that an async waiter is a parked task, not a
+/// blocked thread, however long a re-list holds the index.
+#[derive(Debug)]
+struct IndexLock {
+    index: Mutex<Index>,
+    released: Notify,
+}
+
+/// The index, locked; dropping it wakes the async waiters.
+struct IndexGuard<'a> {
+    /// `None` only while dropping: released before the waiters are woken.
+    guard: Option<MutexGuard<'a, Index>>,
+    released: &'a Notify,
+}
+
+impl Deref for IndexGuard<'_> {
+    type Target = Index;
+
+    fn deref(&self) -> &Index {
+        self.guard.as_deref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl DerefMut for IndexGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Index {
+        self.guard.as_deref_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for IndexGuard<'_> {
+    fn drop(&mut self) {
+        // Also on a panicking change's unwind: its waiters take the poisoned lock.
+        drop(self.guard.take());
+        self.released.notify_waiters();
+    }
+}
+
+impl IndexLock {
+    fn new(index: Index) -> Self {
+        IndexLock {
+            index: Mutex::new(index),
+            released: Notify::new(),
+        }
+    }
+
+    fn guard<'a>(&'a self, guard: MutexGuard<'a, Index>) -> IndexGuard<'a> {
+        IndexGuard {
+            guard: Some(guard),
+            released: &self.released,
+        }
+    }
+
+    /// Locks the index on the calling thread (see [`lock_waiting`]).
+    fn lock(&self) -> IndexGuard<'_> {
+        self.guard(lock_waiting(&self.index))
+    }
+
+    /// The index if no one holds it, else `None` at once.
+    fn try_lock(&self) -> Option<IndexGuard<'_>> {
+        match self.index.try_lock() {
+            Ok(guard) => Some(self.guard(guard)),
+            Err(TryLockError::Poisoned(p)) => Some(self.guard(p.into_inner())),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Awaits the index: the task parks until a holder releases it, then tries again.
+    async fn lock_async(&self) -> IndexGuard<'_> {
+        loop {
+            // Registered before the attempt, so that a release between a failed attempt
+            // and the await still wakes this task.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(guard) = self.try_lock() {
+                return guard;
+            }
+            released.await;
+        }
+    }
+
+    #[cfg(test)]
+    fn get_mut(&self) -> MutexGuard<'_, Index> {
+        lock(&self.index)
+    }
+}
+
 impl SharedIndex {
     /// Shares `index`, reporting to `metrics`.
     pub fn new(index: Index, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(SharedIndex {
-            index: Mutex::new(index),
+            index: IndexLock::new(index),
             subscribers: Mutex::new(HashMap::new()),
             synced: Mutex::new(BTreeSet::new()),
             change_times: Mutex::new(VecDeque::new()),
@@ -116,7 +222,7 @@ impl SharedIndex {
     /// Runs the change on the calling thread: async code calls
     /// [`SharedIndex::update_async`].
     pub fn update(&self, change: impl FnOnce(&mut Index) -> Affected) {
-        let index = &mut *lock_waiting(&self.index);
+        let index = &mut *self.index.lock();
         let affected = change(index);
         for kind in Kind::ALL {
             self.metrics.index_objects(kind, index.len(kind));
@@ -225,9 +331,24 @@ impl SharedIndex {
             .map(|(_, t)| *t)
     }
 
-    /// A receiver of `pod`'s view: the current one at once, then each change.
+    /// A receiver of `pod`'s view: the current one at once, then each change. For
+    /// synchronous callers; async code calls [`SharedIndex::subscribe_async`].
     pub fn subscribe(&self, pod: &ObjectKey) -> watch::Receiver<Option<ProxyView>> {
-        let index = lock_waiting(&self.index);
+        let index = self.index.lock();
+        self.subscribe_locked(&index, pod)
+    }
+
+    /// [`SharedIndex::subscribe`] awaiting the index (see the module's doc).
+    pub async fn subscribe_async(&self, pod: &ObjectKey) -> watch::Receiver<Option<ProxyView>> {
+        let index = self.index.lock_async().await;
+        self.subscribe_locked(&index, pod)
+    }
+
+    fn subscribe_locked(
+        &self,
+        index: &Index,
+        pod: &ObjectKey,
+    ) -> watch::Receiver<Option<ProxyView>> {
         let mut subscribers = lock_waiting(&self.subscribers);
         let rx = match subscribers.get(pod) {
             Some(tx) => tx.subscribe(),
@@ -241,8 +362,20 @@ impl SharedIndex {
         rx
     }
 
-    /// Forgets `pod`'s channel once no session holds a receiver.
+    /// Forgets `pod`'s channel once no session holds a receiver. For synchronous callers;
+    /// async code calls [`SharedIndex::unsubscribe_async`].
     pub fn unsubscribe(&self, pod: &ObjectKey) {
+        self.unsubscribe_locked(pod);
+    }
+
+    /// [`SharedIndex::unsubscribe`] awaiting the index first: a change holds the
+    /// subscribers only under the index, so that they are then free in a moment.
+    pub async fn unsubscribe_async(&self, pod: &ObjectKey) {
+        let _index = self.index.lock_async().await;
+        self.unsubscribe_locked(pod);
+    }
+
+    fn unsubscribe_locked(&self, pod: &ObjectKey) {
         let mut subscribers = lock_waiting(&self.subscribers);
         if subscribers
             .get(pod)
@@ -253,8 +386,20 @@ impl SharedIndex {
         self.metrics.subscribers(subscribers.len());
     }
 
-    /// The view each subscribed pod should run now.
+    /// The view each subscribed pod should run now. For synchronous callers; async code
+    /// calls [`SharedIndex::desired_views_async`].
     pub fn desired_views(&self) -> Vec<(ObjectKey, Option<ProxyView>)> {
+        self.desired_views_locked()
+    }
+
+    /// [`SharedIndex::desired_views`] awaiting the index first (see
+    /// [`SharedIndex::unsubscribe_async`]).
+    pub async fn desired_views_async(&self) -> Vec<(ObjectKey, Option<ProxyView>)> {
+        let _index = self.index.lock_async().await;
+        self.desired_views_locked()
+    }
+
+    fn desired_views_locked(&self) -> Vec<(ObjectKey, Option<ProxyView>)> {
         lock_waiting(&self.subscribers)
             .iter()
             .map(|(k, tx)| (k.clone(), tx.borrow().clone()))
@@ -267,13 +412,33 @@ impl SharedIndex {
     /// resource just created reads as needed by nobody. A subscribed pod's view is its
     /// channel's (kept equal to [`Index::view`] under this lock); another pod's, such as
     /// one streaming from another replica, is computed. `None`: the index does not know
-    /// the pod.
+    /// the pod. For synchronous callers; async code calls
+    /// [`SharedIndex::read_with_views_async`].
     pub fn read_with_views<T>(
         &self,
         pods: impl IntoIterator<Item = ObjectKey>,
         f: impl FnOnce(&Index, Vec<(ObjectKey, Option<ProxyView>)>) -> T,
     ) -> T {
-        let index = lock_waiting(&self.index);
+        let index = self.index.lock();
+        self.read_with_views_locked(&index, pods, f)
+    }
+
+    /// [`SharedIndex::read_with_views`] awaiting the index.
+    pub async fn read_with_views_async<T>(
+        &self,
+        pods: impl IntoIterator<Item = ObjectKey>,
+        f: impl FnOnce(&Index, Vec<(ObjectKey, Option<ProxyView>)>) -> T,
+    ) -> T {
+        let index = self.index.lock_async().await;
+        self.read_with_views_locked(&index, pods, f)
+    }
+
+    fn read_with_views_locked<T>(
+        &self,
+        index: &Index,
+        pods: impl IntoIterator<Item = ObjectKey>,
+        f: impl FnOnce(&Index, Vec<(ObjectKey, Option<ProxyView>)>) -> T,
+    ) -> T {
         let views = {
             let subscribers = lock_waiting(&self.subscribers);
             pods.into_iter()
@@ -286,12 +451,28 @@ impl SharedIndex {
                 })
                 .collect()
         };
-        f(&index, views)
+        f(index, views)
     }
 
-    /// Reads the index.
+    /// Reads the index. For synchronous callers; async code calls
+    /// [`SharedIndex::read_async`] (or, when it must not wait at all,
+    /// [`SharedIndex::try_read`]).
     pub fn read<T>(&self, f: impl FnOnce(&Index) -> T) -> T {
-        f(&lock_waiting(&self.index))
+        f(&self.index.lock())
+    }
+
+    /// Reads the index once it is free, awaiting (not blocking a thread) while a change
+    /// holds it.
+    pub async fn read_async<T>(&self, f: impl FnOnce(&Index) -> T) -> T {
+        let index = self.index.lock_async().await;
+        f(&index)
+    }
+
+    /// Reads the index if no change holds it now, else `None` at once: for the webhook,
+    /// which must answer within the API server's timeout while a re-list may hold the
+    /// index for seconds.
+    pub fn try_read<T>(&self, f: impl FnOnce(&Index) -> T) -> Option<T> {
+        self.index.try_lock().map(|index| f(&index))
     }
 
     /// Records that the first list of `kind` has been applied.
@@ -315,6 +496,20 @@ impl SharedIndex {
     /// change: a proxy acknowledged or rejected a version.
     pub fn notify(&self) {
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Holds the next [`Index::replace`] in the middle (see `Index::pause_mid_replace`),
+    /// with the index locked: the first receiver gets a message once it is held there, a
+    /// message on the sender (or dropping it) lets it go on. For tests of what waits for
+    /// a re-list.
+    #[cfg(test)]
+    pub(crate) fn pause_next_replace(
+        &self,
+    ) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        self.index.get_mut().pause_mid_replace = Some((entered_tx, release_rx));
+        (entered, release)
     }
 }
 
@@ -684,8 +879,8 @@ mod tests {
     /// A re-list that holds the index (paused inside `Index::replace`) on a runtime of one
     /// worker, as in a pod limited to one CPU, leaves the runtime serving: the watch's
     /// re-list runs on the blocking pool, so an unrelated task runs; a push session
-    /// subscribing meanwhile waits for the re-list without holding the worker (another
-    /// task runs while it waits) and then receives the view the re-list made.
+    /// subscribing meanwhile awaits the re-list without holding the worker (another task
+    /// runs while it waits) and then receives the view the re-list made.
     #[test]
     fn a_relist_holding_the_index_leaves_the_runtime_serving() {
         // First, so that it is dropped last: the channels that release the re-list go
@@ -699,9 +894,7 @@ mod tests {
         let (late, late_pod) = pod("late");
         pods.push((late.clone(), late_pod));
         assert!(shared.read(|i| i.view(&late)).is_none());
-        let (entered_tx, entered) = std::sync::mpsc::channel();
-        let (release, release_rx) = std::sync::mpsc::channel();
-        lock(&shared.index).pause_mid_replace = Some((entered_tx, release_rx));
+        let (entered, release) = shared.pause_next_replace();
 
         let relist = runtime.spawn({
             let shared = shared.clone();
@@ -721,7 +914,7 @@ mod tests {
             let (shared, late) = (shared.clone(), late.clone());
             async move {
                 let _ = started_tx.send(());
-                let _ = subscribed_tx.send(shared.subscribe(&late));
+                let _ = subscribed_tx.send(shared.subscribe_async(&late).await);
             }
         });
         started
@@ -766,7 +959,7 @@ mod tests {
         let (shared, pods) = limited(1);
         let applied = runtime.block_on(shared.update_async(|_| panic!("a bug in a change")));
         assert!(!applied);
-        lock(&shared.index).panic_mid_replace = true;
+        shared.index.get_mut().panic_mid_replace = true;
         runtime.block_on(crate::index::watch::relisted(
             &shared,
             Kind::Pod,
@@ -785,5 +978,86 @@ mod tests {
             lock(&shared.synced).contains(&Kind::Pod),
             "not marked synced"
         );
+    }
+
+    /// The reviewer's repro: async readers waiting for a re-list take no thread, so that
+    /// more of them than the blocking pool has threads (here 20 against a cap of 8; 600
+    /// against the default 512 in production) leave the runtime serving, and each reads
+    /// once the re-list is applied. Waiting in `block_in_place`, each held a thread, and
+    /// past the cap the runtime ran no new task.
+    #[test]
+    fn async_readers_past_the_blocking_pool_cap_leave_the_runtime_serving() {
+        const READERS: usize = 20;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(8)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (shared, pods) = limited(2);
+        let version = shared.read(Index::version);
+        let (entered, release) = shared.pause_next_replace();
+        let relist = runtime.spawn({
+            let shared = shared.clone();
+            async move { crate::index::watch::relisted(&shared, Kind::Pod, pods).await }
+        });
+        entered
+            .recv_timeout(HANG_GUARD)
+            .expect("the re-list reaches Index::replace");
+        let (read_tx, read) = std::sync::mpsc::channel();
+        for _ in 0..READERS {
+            let (shared, read_tx) = (shared.clone(), read_tx.clone());
+            runtime.spawn(async move {
+                let _ = read_tx.send(shared.read_async(|i| i.version()).await);
+            });
+        }
+        assert!(
+            runs(&runtime),
+            "no task runs while {READERS} readers wait for the re-list"
+        );
+        assert!(
+            read.try_recv().is_err(),
+            "read while the re-list held the index"
+        );
+
+        release.send(()).unwrap();
+        for _ in 0..READERS {
+            let read = read
+                .recv_timeout(HANG_GUARD)
+                .expect("each reader reads once the re-list is applied");
+            assert!(read >= version, "read version {read}, before {version}");
+        }
+        runtime
+            .block_on(async { tokio::time::timeout(HANG_GUARD, relist).await })
+            .expect("the re-list completes")
+            .unwrap();
+    }
+
+    /// What the webhook reads while a re-list holds the index: nothing, at once
+    /// ([`SharedIndex::try_read`]); once the re-list is applied, the index.
+    #[test]
+    fn try_read_does_not_wait_for_a_relist() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (shared, pods) = limited(1);
+        assert!(shared.try_read(Index::version).is_some());
+        let (entered, release) = shared.pause_next_replace();
+        let relist = runtime.spawn({
+            let shared = shared.clone();
+            async move { crate::index::watch::relisted(&shared, Kind::Pod, pods).await }
+        });
+        entered
+            .recv_timeout(HANG_GUARD)
+            .expect("the re-list reaches Index::replace");
+        assert!(shared.try_read(Index::version).is_none());
+        release.send(()).unwrap();
+        runtime
+            .block_on(async { tokio::time::timeout(HANG_GUARD, relist).await })
+            .expect("the re-list completes")
+            .unwrap();
+        assert!(shared.try_read(Index::version).is_some());
     }
 }

@@ -389,7 +389,8 @@ async fn handle(req: Request<Incoming>, conn: Conn) -> Response<Body> {
         Ok(Some(id)) => {
             let sa = server
                 .index
-                .read(|i| i.pod_service_account(&pod).map(str::to_owned));
+                .read_async(|i| i.pod_service_account(&pod).map(str::to_owned))
+                .await;
             let problem = if id.namespace != pod.namespace {
                 Some(format!(
                     "token is for namespace {}, pod is in {}",
@@ -435,7 +436,7 @@ async fn handle(req: Request<Incoming>, conn: Conn) -> Response<Body> {
         traffic_policy,
         ..Sent::default()
     };
-    let views = server.index.subscribe(&pod);
+    let views = server.index.subscribe_async(&pod).await;
     let body = req.into_body();
     let span = tracing::info_span!("push_session", %pod, endpoint_deltas, traffic_policy);
     let ends = Ends { shutdown, stalled };
@@ -730,7 +731,7 @@ async fn session(
     }
     registry.with(&pod, |s| s.streams = s.streams.saturating_sub(1));
     drop(views);
-    server.index.unsubscribe(&pod);
+    server.index.unsubscribe_async(&pod).await;
     server.index.notify();
     tracing::info!("proxy stream ended");
 }

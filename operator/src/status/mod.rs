@@ -481,31 +481,36 @@ impl StatusWriter {
         // report is rewritten a second or more after a change, and until then it would
         // leave a new resource's proxies uncounted ("1 of 1" where 4 need it). A pod this
         // index does not know yet keeps what its replica reported.
-        let (views, states) = self.index.read_with_views(connected, |i, mut views| {
-            for (pod, view) in &mut views {
-                if view.is_none()
-                    && let Some(r) = reported.get(pod)
-                {
-                    view.clone_from(r);
-                }
-            }
-            let mut states = Vec::new();
-            for kind in [Kind::Route, Kind::Policy, Kind::Breaker] {
-                for key in i.resource_keys(kind) {
-                    if let Some(state) = i.resource_state(kind, &key) {
-                        states.push((kind, key, state));
+        let (views, states) = self
+            .index
+            .read_with_views_async(connected, |i, mut views| {
+                for (pod, view) in &mut views {
+                    if view.is_none()
+                        && let Some(r) = reported.get(pod)
+                    {
+                        view.clone_from(r);
                     }
                 }
-            }
-            (views, states)
-        });
+                let mut states = Vec::new();
+                for kind in [Kind::Route, Kind::Policy, Kind::Breaker] {
+                    for key in i.resource_keys(kind) {
+                        if let Some(state) = i.resource_state(kind, &key) {
+                            states.push((kind, key, state));
+                        }
+                    }
+                }
+                (views, states)
+            })
+            .await;
         // The index first, then the registry, in one read: waiting for the index (a
         // re-list holds it for seconds) while holding the registry would stall every push
         // session's bookkeeping behind the re-list.
         let registry = &self.registry;
-        self.index.read(|i| {
-            registry.retain_disconnected(|pod| i.pod_service_account(pod).is_some());
-        });
+        self.index
+            .read_async(|i| {
+                registry.retain_disconnected(|pod| i.pod_service_account(pod).is_some());
+            })
+            .await;
         let mut seen = Vec::new();
         for (kind, key, state) in states {
             let inc = note_incarnation(

@@ -260,7 +260,7 @@ pub async fn publish(
         }
         changes.borrow_and_update();
         let views: BTreeMap<ObjectKey, Option<ProxyView>> =
-            index.desired_views().into_iter().collect();
+            index.desired_views_async().await.into_iter().collect();
         let proxies: Vec<ReportedProxy> = registry
             .snapshot()
             .into_iter()

@@ -204,11 +204,22 @@ impl Handler {
             NamespaceLabels::Store(store) => store
                 .get(&ObjectRef::new(name))
                 .map(|ns| ns.metadata.labels.clone()),
-            NamespaceLabels::Index(index) => index.read(|i| {
-                i.namespace_inject_label(name).map(|label| {
-                    label.map(|v| BTreeMap::from([(keys::INJECT.to_owned(), v.to_owned())]))
+            // Never waits for the index: a re-list holds it for seconds, past the API
+            // server's timeout for this call (after which, with `failurePolicy: Ignore`, the
+            // pod is admitted without the proxy). While a change holds it, the API answers.
+            NamespaceLabels::Index(index) => index
+                .try_read(|i| {
+                    i.namespace_inject_label(name).map(|label| {
+                        label.map(|v| BTreeMap::from([(keys::INJECT.to_owned(), v.to_owned())]))
+                    })
                 })
-            }),
+                .unwrap_or_else(|| {
+                    tracing::debug!(
+                        namespace = name,
+                        "index busy; reading the namespace from the API"
+                    );
+                    None
+                }),
         };
         let labels = match known {
             Some(labels) => labels,
@@ -359,4 +370,127 @@ pub async fn serve(
         shutdown,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: a failed unwrap is a failed test.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Patch, PatchParams};
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        index::{Index, Kind, model},
+        metrics::Metrics,
+    };
+
+    /// The API server's timeout for calling the webhook (the registration's default): an
+    /// answer later than this is no answer, and with `failurePolicy: Ignore` the pod is
+    /// admitted without the proxy.
+    const API_SERVER_TIMEOUT: Duration = Duration::from_secs(3);
+
+    /// In whole-cluster mode the webhook reads namespace labels from the index, which a
+    /// re-list holds for seconds. An admission of a pod in a labelled namespace made while
+    /// a re-list holds the index (paused inside `Index::replace`) is answered, injected,
+    /// well within the API server's timeout: the webhook does not wait for the index but
+    /// reads the namespace from the API (the test bed's real API server). It waited for the
+    /// whole re-list before.
+    #[test]
+    fn an_admission_during_a_relist_is_answered_without_waiting_for_it() {
+        // First, so that it is dropped last: the sender that releases the re-list goes
+        // first, even when an assertion fails.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (client, ns) = runtime.block_on(async {
+            let client = weft_e2e::shared::client().await.unwrap();
+            let ns = weft_e2e::shared::namespace(&client, "inject-relist")
+                .await
+                .unwrap();
+            let labels = json!({"metadata": {"labels": {keys::INJECT: "enabled"}}});
+            let ns = Api::<Namespace>::all(client.clone())
+                .patch(&ns, &PatchParams::default(), &Patch::Merge(&labels))
+                .await
+                .unwrap();
+            (client, ns)
+        });
+        let shared = SharedIndex::new(Index::new("cluster.local"), Arc::new(Metrics::new()));
+        let (key, object) = model::namespace(&ns);
+        shared.update(|i| i.apply(key, object));
+        let name = ns.metadata.name.clone().unwrap();
+        assert_eq!(
+            shared.read(|i| i
+                .namespace_inject_label(&name)
+                .map(|l| l.map(str::to_owned))),
+            Some(Some("enabled".to_owned())),
+            "the index knows the namespace's label"
+        );
+        let (entered, release) = shared.pause_next_replace();
+        let relist = runtime.spawn({
+            let shared = shared.clone();
+            async move {
+                shared
+                    .update_async(|i| i.replace(Kind::Pod, Vec::new()))
+                    .await
+            }
+        });
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the re-list reaches Index::replace");
+
+        let metrics = WebhookMetrics::default();
+        let handler = Handler::new(
+            InjectConfig::default(),
+            NamespaceLabels::Index(shared.clone()),
+            client,
+            metrics.clone(),
+        );
+        let body = serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": name,
+                "operation": "CREATE",
+                "userInfo": {"username": "admin"},
+                "object": {
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"generateName": "web-"},
+                    "spec": {"containers": [{"name": "web", "image": "nginx"}]}
+                },
+                "dryRun": false,
+            }
+        }))
+        .unwrap();
+        let (answered_tx, answered) = std::sync::mpsc::channel();
+        runtime.spawn(async move {
+            let answer = handler.review(&body).await.map_err(|e| e.to_string());
+            let _ = answered_tx.send(answer);
+        });
+        // From this thread, not the runtime's timer.
+        let answer = answered
+            .recv_timeout(API_SERVER_TIMEOUT)
+            .expect("the admission waited for the re-list past the API server's timeout")
+            .unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(answer["response"]["allowed"], true, "{answer}");
+        assert_eq!(answer["response"]["patchType"], "JSONPatch", "{answer}");
+        assert_eq!(metrics.count("injected"), 1);
+
+        release.send(()).unwrap();
+        let applied = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), relist).await })
+            .expect("the re-list completes")
+            .unwrap();
+        assert!(applied);
+    }
 }
