@@ -8,6 +8,7 @@
 //! | `weft_operator_push_bytes_total` | bytes of those updates |
 //! | `weft_operator_nacks_total` | updates proxies rejected |
 //! | `weft_operator_watch_errors_total{kind}` | failed watch requests (retried) |
+//! | `weft_operator_index_change_panics_total{kind}` | index changes that panicked (a bug); the kind's watch then starts over with a full re-list |
 //! | `weft_operator_change_to_ack_seconds` | from a cluster change seen by the operator to a proxy's ACK of the version containing it |
 //! | `weft_operator_token_reviews_total{result}` | TokenReviews the push server asked for: `authenticated`, `rejected`, `error` |
 //! | `weft_operator_push_refusals_total{reason}` | subscriptions refused, by reason (see [`crate::push::auth::AuthError::reason`] and the push server) |
@@ -61,6 +62,7 @@ pub struct Metrics {
     bytes: Counter,
     nacks: Counter,
     watch_errors: Family<KindLabel, Counter>,
+    index_change_panics: Family<KindLabel, Counter>,
     change_to_ack: Histogram,
     token_reviews: Family<ResultLabel, Counter>,
     push_refusals: Family<ReasonLabel, Counter>,
@@ -113,6 +115,12 @@ impl Metrics {
             "watch_errors",
             "Failed watch requests, retried with backoff",
             watch_errors.clone(),
+        );
+        let index_change_panics = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "index_change_panics",
+            "Index changes that panicked (a bug); the kind's watch starts over with a full re-list",
+            index_change_panics.clone(),
         );
         // 1 ms to ~65 s.
         let change_to_ack = Histogram::new(
@@ -187,6 +195,7 @@ impl Metrics {
             bytes,
             nacks,
             watch_errors,
+            index_change_panics,
             change_to_ack,
         }
     }
@@ -219,6 +228,15 @@ impl Metrics {
     /// Counts a failed watch request.
     pub fn watch_error(&self, kind: Kind) {
         self.watch_errors
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts an index change of `kind` that panicked.
+    pub fn index_change_panic(&self, kind: Kind) {
+        self.index_change_panics
             .get_or_create(&KindLabel {
                 kind: kind.as_str(),
             })
@@ -388,6 +406,7 @@ mod docs_tests {
         operator.pushed(1);
         operator.nack();
         operator.watch_error(Kind::Route);
+        operator.index_change_panic(Kind::Route);
         operator.change_acked(std::time::Duration::from_millis(1));
         operator.token_review("allowed");
         operator.push_refusal("forbidden");

@@ -56,6 +56,18 @@ pub struct SharedIndex {
     metrics: Arc<Metrics>,
 }
 
+/// Why [`SharedIndex::update_async`] did not apply a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotApplied {
+    /// The change panicked (a bug) part way: what it left is repaired only by a full
+    /// re-list of its kind, which the watch that made it then starts.
+    #[error("the index change panicked")]
+    Panicked,
+    /// The runtime is shutting down: the change never ran.
+    #[error("the runtime is shutting down")]
+    ShuttingDown,
+}
+
 /// The views one change repaired ([`Refresh::Repaired`]), for its one warning.
 #[derive(Debug, Default)]
 struct Repaired {
@@ -77,7 +89,8 @@ impl Repaired {
 }
 
 /// Locks `m`, recovering from poisoning: a change cut short by a panic leaves what the
-/// next change or re-list repairs. For locks only ever held for a moment.
+/// full re-list that its watch then starts repairs. For locks only ever held for a
+/// moment.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -281,19 +294,20 @@ impl SharedIndex {
     /// [`SharedIndex::update`] on tokio's blocking pool, for async code (the watch tasks):
     /// a re-list holds the index for seconds of synchronous work, which on a runtime
     /// worker would stall every task queued behind it. Completes once the change is
-    /// applied, so that one caller's changes apply in order. `false` when the change
-    /// panicked (logged here; the index recovers from it as from any change cut short) or
-    /// never ran because the runtime is shutting down.
+    /// applied, so that one caller's changes apply in order. A change that panicked is
+    /// logged here; the index takes the next change (its lock's poison is ignored), but
+    /// what the change left half done stays until a re-list of its kind replaces it: the
+    /// watch starts over on [`NotApplied::Panicked`] (see `watch::watch_kind`).
     pub async fn update_async(
         self: &Arc<Self>,
         change: impl FnOnce(&mut Index) -> Affected + Send + 'static,
-    ) -> bool {
+    ) -> Result<(), NotApplied> {
         let shared = self.clone();
         // What the change logs (a repair warning) keeps the caller's span (the watch's kind).
         let span = tracing::Span::current();
         let task = tokio::task::spawn_blocking(move || span.in_scope(|| shared.update(change)));
         match task.await {
-            Ok(()) => true,
+            Ok(()) => Ok(()),
             Err(error) if error.is_panic() => {
                 let panic = error.into_panic();
                 let message = panic
@@ -302,11 +316,11 @@ impl SharedIndex {
                     .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
                     .unwrap_or("(a panic without a message)");
                 tracing::error!(panic = message, "index change panicked");
-                false
+                Err(NotApplied::Panicked)
             }
             Err(_) => {
                 tracing::debug!("index change not run: the runtime is shutting down");
-                false
+                Err(NotApplied::ShuttingDown)
             }
         }
     }
@@ -496,6 +510,19 @@ impl SharedIndex {
     /// change: a proxy acknowledged or rejected a version.
     pub fn notify(&self) {
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Makes the next [`Index::replace`] panic in the middle (see
+    /// `Index::panic_mid_replace`), as a bug there would.
+    #[cfg(test)]
+    pub(crate) fn panic_next_replace(&self) {
+        self.index.get_mut().panic_mid_replace = true;
+    }
+
+    /// Whether the first list of `kind` has been applied.
+    #[cfg(test)]
+    pub(crate) fn is_kind_synced(&self, kind: Kind) -> bool {
+        lock(&self.synced).contains(&kind)
     }
 
     /// Holds the next [`Index::replace`] in the middle (see `Index::pause_mid_replace`),
@@ -936,6 +963,7 @@ mod tests {
         runtime
             .block_on(async { tokio::time::timeout(HANG_GUARD, relist).await })
             .expect("the re-list completes")
+            .unwrap()
             .unwrap();
         let held = rx.borrow().clone().expect("a view of the listed pod");
         let fresh = shared.read(|i| i.view(&late)).unwrap();
@@ -958,22 +986,27 @@ mod tests {
             .unwrap();
         let (shared, pods) = limited(1);
         let applied = runtime.block_on(shared.update_async(|_| panic!("a bug in a change")));
-        assert!(!applied);
+        assert_eq!(applied, Err(NotApplied::Panicked));
         shared.index.get_mut().panic_mid_replace = true;
-        runtime.block_on(crate::index::watch::relisted(
+        let relisted = runtime.block_on(crate::index::watch::relisted(
             &shared,
             Kind::Pod,
             pods.clone(),
         ));
+        assert_eq!(relisted, Err(NotApplied::Panicked));
         assert!(!lock(&shared.synced).contains(&Kind::Pod), "marked synced");
         let version = shared.read(Index::version);
         let (k, o) = pod("after");
-        assert!(runtime.block_on(shared.update_async(move |i| i.apply(k, o))));
+        assert_eq!(
+            runtime.block_on(shared.update_async(move |i| i.apply(k, o))),
+            Ok(())
+        );
         assert!(
             shared.read(Index::version) > version,
             "the next change not applied"
         );
-        runtime.block_on(crate::index::watch::relisted(&shared, Kind::Pod, pods));
+        let relisted = runtime.block_on(crate::index::watch::relisted(&shared, Kind::Pod, pods));
+        assert_eq!(relisted, Ok(()));
         assert!(
             lock(&shared.synced).contains(&Kind::Pod),
             "not marked synced"
@@ -1030,6 +1063,7 @@ mod tests {
         runtime
             .block_on(async { tokio::time::timeout(HANG_GUARD, relist).await })
             .expect("the re-list completes")
+            .unwrap()
             .unwrap();
     }
 
@@ -1057,6 +1091,7 @@ mod tests {
         runtime
             .block_on(async { tokio::time::timeout(HANG_GUARD, relist).await })
             .expect("the re-list completes")
+            .unwrap()
             .unwrap();
         assert!(shared.try_read(Index::version).is_some());
     }

@@ -491,6 +491,6 @@ mod tests {
             .block_on(async { tokio::time::timeout(Duration::from_secs(10), relist).await })
             .expect("the re-list completes")
             .unwrap();
-        assert!(applied);
+        assert_eq!(applied, Ok(()));
     }
 }
