@@ -206,9 +206,11 @@ impl IndexLock {
         }
     }
 
+    /// The index for a test to set its hooks, through a guard that wakes async waiters
+    /// on release like any other.
     #[cfg(test)]
-    fn get_mut(&self) -> MutexGuard<'_, Index> {
-        lock(&self.index)
+    fn get_mut(&self) -> IndexGuard<'_> {
+        self.lock()
     }
 }
 
