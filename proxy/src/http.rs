@@ -10,8 +10,9 @@
 //! Before a request is proxied it is checked ([`check_request`]): the request-validity
 //! rules a proxy must enforce (RFC 9112 §3.2 `Host`, RFC 9113 §8.3.1 `:authority`) and the
 //! size limits of [`Limits`], in one pass over the header fields; what hyper's parsers
-//! already refuse (conflicting `Content-Length`, `Transfer-Encoding` that is not chunked,
-//! invalid field names and values) is not checked twice.
+//! already refuse (conflicting `Content-Length`, `Transfer-Encoding` whose last coding is
+//! not chunked, invalid field names and values) is not checked twice, what they let
+//! through (`gzip, chunked`, `chunked` twice, an empty `Host`) is refused here.
 //!
 //! Failures the proxy answers itself carry a `weft-error` header ([`ErrorCode`]). Without a
 //! Route's retry policy, a request whose connect failed (so it was never sent) goes to
@@ -335,8 +336,9 @@ impl Refusal {
     }
 }
 
-/// Checks a request the proxy is about to forward: sizes against `limits`, then the `Host`
-/// rules. HTTP/1.1 (RFC 9112 §3.2): exactly one `Host`, with a valid value (an HTTP/1.0
+/// Checks a request the proxy is about to forward: sizes against `limits`, then
+/// `Transfer-Encoding` (exactly one coding, `chunked`), then the `Host` rules. HTTP/1.1
+/// (RFC 9112 §3.2): exactly one `Host`, with a valid, non-empty value (an HTTP/1.0
 /// request may omit it). HTTP/2 (RFC 9113 §8.3.1): at most one `Host`, equal to
 /// `:authority` when both are present. An absolute-form target's authority replaces
 /// `Host` later ([`to_origin_form`]), as RFC 9112 §3.2.2 requires.
@@ -363,6 +365,9 @@ pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), Refusal
     let mut total = 0usize;
     let mut host = None;
     let mut hosts = 0u32;
+    // Transfer codings named, and whether one was not `chunked`.
+    let mut codings = 0u32;
+    let mut other_coding = false;
     for (name, value) in headers {
         let line = name.as_str().len() + value.len();
         if line > limits.max_header_line_bytes {
@@ -375,6 +380,15 @@ pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), Refusal
         if name == HOST {
             hosts += 1;
             host = Some(value);
+        } else if name == TRANSFER_ENCODING {
+            // RFC 9110 §5.6.1: empty list elements are ignored.
+            for coding in value.as_bytes().split(|&b| b == b',') {
+                match coding.trim_ascii() {
+                    b"" => {}
+                    c if c.eq_ignore_ascii_case(b"chunked") => codings += 1,
+                    _ => other_coding = true,
+                }
+            }
         }
     }
     if total > limits.max_request_headers_bytes {
@@ -382,6 +396,14 @@ pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), Refusal
             ErrorCode::RequestHeadersTooLarge,
             Limit::RequestHeadersBytes,
         ));
+    }
+    // hyper reads a body as chunked when the last coding is `chunked`, and would forward
+    // the decoded bytes with the other codings (`gzip, chunked`) or a second `chunked`
+    // silently dropped, since the proxy redoes the framing per hop: a body another hop
+    // would read differently. RFC 9112 §6.1 lets a server refuse a coding it does not
+    // understand (501; nginx and Envoy do), and forbids applying `chunked` twice.
+    if other_coding || codings > 1 {
+        return Err(Refusal::invalid());
     }
     if hosts > 1 {
         return Err(Refusal::invalid());
@@ -406,32 +428,36 @@ pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), Refusal
 
 /// Whether a `Host` value is `uri-host [ ":" port ]` (RFC 9110 §7.2): registered-name,
 /// IPv4 or bracketed IP-literal characters only; no userinfo, no whitespace, no path. The
-/// empty value is valid (for targets without an authority).
+/// empty value is not: it stands for a target without an authority, and an `http` target
+/// has one (RFC 9110 §4.2.1: a recipient rejects an empty host), so the request would
+/// reach the application with no authority, or with the endpoint's address in
+/// `:authority` across the mux (nginx refuses it too).
 fn valid_host(value: &[u8]) -> bool {
-    value.iter().all(|&b| {
-        b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'%'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-                    | b':'
-                    | b'['
-                    | b']'
-            )
-    })
+    !value.is_empty()
+        && value.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'['
+                        | b']'
+                )
+        })
 }
 
 enum Dest {

@@ -136,8 +136,9 @@ async fn http11_host_rules_are_enforced() {
     assert!(status_line(&r).starts_with("HTTP/1.1 400"), "{r}");
     assert!(has_header(&r, "weft-error: invalid_request"), "{r}");
 
-    // A Host that is not uri-host[:port] (userinfo, a path).
-    for bad in ["user@web", "web/x", "web shop"] {
+    // A Host that is not uri-host[:port] (userinfo, a path), or empty: an `http` target
+    // has a host (RFC 9110 §4.2.1).
+    for bad in ["user@web", "web/x", "web shop", ""] {
         let req = format!("GET / HTTP/1.1\r\nHost: {bad}\r\nConnection: close\r\n\r\n");
         let r = raw(proxy.addr, req.as_bytes()).await;
         assert!(status_line(&r).starts_with("HTTP/1.1 400"), "{bad}: {r}");
@@ -212,6 +213,30 @@ async fn framing_and_syntax_errors_are_refused_by_the_parser_and_counted() {
     )
     .await;
     assert!(status_line(&r).starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(backend.hits(), 1);
+
+    // What hyper reads as chunked but the proxy would forward decoded with a coding lost:
+    // another coding before `chunked`, or `chunked` twice (RFC 9112 §6.1). Refused by
+    // the proxy, with its reason, and the connection closed.
+    for (what, req) in [
+        (
+            "gzip, chunked",
+            &b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"[..],
+        ),
+        (
+            "identity, then chunked on a second line",
+            b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "chunked, chunked",
+            b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        ),
+    ] {
+        let r = raw(proxy.addr, req).await;
+        assert!(status_line(&r).starts_with("HTTP/1.1 400"), "{what}: {r}");
+        assert!(has_header(&r, "weft-error: invalid_request"), "{what}: {r}");
+        assert!(has_header(&r, "connection: close"), "{what}: {r}");
+    }
     assert_eq!(backend.hits(), 1);
 }
 
