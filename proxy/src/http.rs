@@ -179,10 +179,12 @@ impl HttpConn {
     }
 
     /// Tells the application who called: `x-forwarded-client-cert: URI=<SPIFFE ID>`
-    /// (Envoy's format) for a verified client, and removes a header of that name that a
-    /// client sent itself, so the application can trust it.
+    /// (Envoy's format) for a verified client. A header of that name that the client sent
+    /// itself is removed on arrival, before the checks ([`HttpConn::handle_request`]), so
+    /// the application can trust it; this one is added after them and after the
+    /// hop-by-hop fields went, so that it neither pushes a request over a limit the client
+    /// kept to nor can be named away by the client's `Connection`.
     fn forward_client_identity<B>(&self, req: &mut Request<B>) {
-        req.headers_mut().remove(FORWARDED_CLIENT_CERT);
         if let Some(v) = &self.forwarded_client_cert {
             req.headers_mut().insert(FORWARDED_CLIENT_CERT, v.clone());
         }
@@ -670,7 +672,8 @@ impl HttpConn {
                 // Honoured from peer proxies' mux sessions only.
                 req.headers_mut().remove(crate::mux::ORIG_PROTO);
             }
-            self.forward_client_identity(&mut req);
+            // Only this proxy says who called (added back below, past the checks).
+            req.headers_mut().remove(FORWARDED_CLIENT_CERT);
         }
         if let Err(refusal) = check_request(&req, &self.limits) {
             tracing::debug!(reason = refusal.code.as_str(), "request refused");
@@ -713,6 +716,9 @@ impl HttpConn {
             && !req.body().is_end_stream()
             && !connection_has(req.headers(), "close");
         strip_hop_by_hop(req.headers_mut(), upgrade);
+        if self.direction == Direction::Inbound {
+            self.forward_client_identity(&mut req);
+        }
         if req.version() == Version::HTTP_2 {
             absolutize(&mut req, || self.fallback_authority());
         } else {
