@@ -719,6 +719,9 @@ impl HttpConn {
         if self.direction == Direction::Inbound {
             self.forward_client_identity(&mut req);
         }
+        if !upgrade && !connect {
+            keep_http1_body(&mut req);
+        }
         if req.version() == Version::HTTP_2 {
             absolutize(&mut req, || self.fallback_authority());
         } else {
@@ -932,6 +935,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
         headers.remove(UPGRADE);
+    }
+}
+
+/// Gives an HTTP/1.1 request whose body has no length `Transfer-Encoding: chunked`, the
+/// framing it goes on with: hyper's HTTP/1 client frames a body of unknown length as
+/// chunked only for methods other than `GET`, `HEAD` and `CONNECT`, and sends those with
+/// no body at all, dropping a chunked `GET` body (or one that crossed the mux, which
+/// carries no length when the client sent none). A body that has ended (none, or an
+/// HTTP/2 stream ended with its head) and one of known length (hyper sends its
+/// `content-length`) keep theirs.
+pub(crate) fn keep_http1_body<B: Body>(req: &mut Request<B>) {
+    if req.version() == Version::HTTP_11
+        && !req.body().is_end_stream()
+        && req.body().size_hint().exact().is_none()
+        && !req.headers().contains_key(http::header::CONTENT_LENGTH)
+    {
+        req.headers_mut()
+            .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
 }
 

@@ -27,7 +27,7 @@ use std::str::FromStr;
 
 use http::{
     HeaderName, HeaderValue, Method, Request, Response, Uri, Version,
-    header::{HOST, UPGRADE},
+    header::{HOST, TRANSFER_ENCODING, UPGRADE},
     uri::{Authority, PathAndQuery, Scheme},
 };
 
@@ -74,15 +74,19 @@ pub fn to_mux<B>(req: &mut Request<B>, fallback: &dyn Fn() -> Option<Authority>)
     if let Ok(uri) = Uri::from_parts(parts) {
         *req.uri_mut() = uri;
     }
+    // HTTP/2 frames the body itself (DATA frames, END_STREAM) and refuses the field.
+    req.headers_mut().remove(TRANSFER_ENCODING);
     req.headers_mut().insert(ORIG_PROTO, orig);
     *req.version_mut() = Version::HTTP_2;
 }
 
 /// Restores the HTTP/1 request an HTTP/2 request from a mux session carries, when it
 /// carries one ([`ORIG_PROTO`] present and valid, not `CONNECT`): its version, `Host`
-/// from `:authority` unless it came as a field, and an origin-form target. The header is
-/// removed in every case. Returns whether the request was restored.
-pub fn restore<B>(req: &mut Request<B>) -> bool {
+/// from `:authority` unless it came as a field, an origin-form target, and
+/// `Transfer-Encoding: chunked` for an HTTP/1.1 body without a length
+/// ([`crate::http::keep_http1_body`]). The header is removed in every case. Returns
+/// whether the request was restored.
+pub fn restore<B: http_body::Body>(req: &mut Request<B>) -> bool {
     let Some(orig) = req.headers_mut().remove(ORIG_PROTO) else {
         return false;
     };
@@ -107,6 +111,7 @@ pub fn restore<B>(req: &mut Request<B>) -> bool {
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     *req.uri_mut() = Uri::from(path);
     *req.version_mut() = version;
+    crate::http::keep_http1_body(req);
     true
 }
 
@@ -126,16 +131,31 @@ mod tests {
 
     use super::*;
 
-    fn h1(target: &str, host: Option<&str>) -> Request<()> {
+    fn h1(target: &str, host: Option<&str>) -> Request<String> {
         let mut b = Request::get(target).version(Version::HTTP_11);
         if let Some(h) = host {
             b = b.header(HOST, h);
         }
-        b.header("x-app", "1").body(()).unwrap()
+        b.header("x-app", "1").body(String::new()).unwrap()
     }
 
     fn none() -> Option<Authority> {
         Authority::from_str("10.0.0.7:8080").ok()
+    }
+
+    /// A body still streaming, of unknown length.
+    struct Streamed;
+
+    impl http_body::Body for Streamed {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            std::task::Poll::Pending
+        }
     }
 
     #[test]
@@ -199,7 +219,7 @@ mod tests {
     fn restore_ignores_requests_without_or_with_a_bad_marker() {
         let mut req = Request::get("http://cart/x")
             .version(Version::HTTP_2)
-            .body(())
+            .body(String::new())
             .unwrap();
         assert!(!restore(&mut req));
         assert_eq!(req.version(), Version::HTTP_2);
@@ -211,8 +231,35 @@ mod tests {
         let mut connect = Request::connect("db:5432")
             .version(Version::HTTP_2)
             .header(ORIG_PROTO, "HTTP/1.1")
-            .body(())
+            .body(String::new())
             .unwrap();
         assert!(!restore(&mut connect));
+    }
+
+    /// The mux carries no `Transfer-Encoding`; a body that came without a length goes on
+    /// `chunked` (hyper's HTTP/1 client would send a `GET` without it), one with a length
+    /// keeps it, and an ended one gets no framing.
+    #[test]
+    fn a_body_without_a_length_is_restored_chunked() {
+        let mut req = h1("/search", Some("cart")).map(|_| Streamed);
+        req.headers_mut()
+            .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        to_mux(&mut req, &none);
+        assert!(req.headers().get(TRANSFER_ENCODING).is_none());
+        assert!(restore(&mut req));
+        assert_eq!(req.headers()[TRANSFER_ENCODING], "chunked");
+
+        let mut req = h1("/search", Some("cart"));
+        *req.body_mut() = "q".to_string();
+        req.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("1"));
+        to_mux(&mut req, &none);
+        assert!(restore(&mut req));
+        assert!(req.headers().get(TRANSFER_ENCODING).is_none());
+
+        let mut req = h1("/", Some("cart"));
+        to_mux(&mut req, &none);
+        assert!(restore(&mut req));
+        assert!(req.headers().get(TRANSFER_ENCODING).is_none());
     }
 }

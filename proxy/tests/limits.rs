@@ -238,6 +238,17 @@ async fn framing_and_syntax_errors_are_refused_by_the_parser_and_counted() {
         assert!(has_header(&r, "connection: close"), "{what}: {r}");
     }
     assert_eq!(backend.hits(), 1);
+
+    // A chunked GET body goes on chunked: hyper's client would send a GET whose body has
+    // no length with none.
+    let r = raw(
+        proxy.addr,
+        b"GET /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(status_line(&r).starts_with("HTTP/1.1 200"), "{r}");
+    let body = r.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert!(body.contains("hello"), "the body came back: {r}");
 }
 
 #[tokio::test]
