@@ -956,6 +956,37 @@ pub(crate) fn keep_http1_body<B: Body>(req: &mut Request<B>) {
     }
 }
 
+/// Removes from a trailers frame what never belongs in trailers and would go wrong on the
+/// next hop: the connection-specific fields (`Connection`, `Keep-Alive`,
+/// `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`, `TE`), with which h2 refuses to
+/// send trailers at all (RFC 9113 §8.2.2) and hyper then leaves the stream open, so the
+/// request would hang on the mux until the far side's body idle timeout, while HTTP/1
+/// passed some of them on; and the fields only the mesh sets (`x-forwarded-client-cert`,
+/// `weft-orig-proto`), so that no trailer can stand in for them. Other frames pass as
+/// they are.
+fn strip_trailer_fields(mut frame: Frame<Bytes>) -> Frame<Bytes> {
+    if let Some(trailers) = frame.trailers_mut()
+        && trailers
+            .keys()
+            .any(|n| is_hop_by_hop(n) || n == FORWARDED_CLIENT_CERT || n == crate::mux::ORIG_PROTO)
+    {
+        for name in [
+            CONNECTION,
+            TE,
+            TRANSFER_ENCODING,
+            UPGRADE,
+            FORWARDED_CLIENT_CERT,
+        ] {
+            trailers.remove(name);
+        }
+        for name in ["keep-alive", "proxy-connection"] {
+            trailers.remove(name);
+        }
+        trailers.remove(crate::mux::ORIG_PROTO);
+    }
+    frame
+}
+
 /// Whether `name` is one of the fixed hop-by-hop fields; fields named by `Connection` only
 /// matter when `Connection` itself is present, which this also reports.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -1149,7 +1180,7 @@ impl Body for TrackedBody {
             }
             _ => {}
         }
-        frame.map(|f| f.map(|r| r.map_err(ResponseBodyError::from)))
+        frame.map(|f| f.map(|r| r.map(strip_trailer_fields).map_err(ResponseBodyError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1574,7 +1605,10 @@ impl Body for RequestBody {
                         BodyWatch::FLOWING
                     });
                 }
-                Poll::Ready(frame.map(|f| f.map_err(|e| this.failed(RequestBodyError::Client(e)))))
+                Poll::Ready(frame.map(|f| {
+                    f.map(strip_trailer_fields)
+                        .map_err(|e| this.failed(RequestBodyError::Client(e)))
+                }))
             }
             Poll::Pending => {
                 if let Some(w) = &this.watch {
