@@ -197,6 +197,27 @@ impl HttpConn {
     }
 }
 
+/// Removes `x-forwarded-client-cert` as a client sent it, and every field a CGI-style
+/// server (WSGI, Rack, PHP and others that turn names into `HTTP_X_FORWARDED_CLIENT_CERT`)
+/// would read as the same: the name with `_` in place of any `-`. One pass over the
+/// names, no allocation unless such a field is there.
+fn remove_forwarded_client_cert(headers: &mut HeaderMap) {
+    headers.remove(FORWARDED_CLIENT_CERT);
+    const OURS: &[u8] = b"x-forwarded-client-cert";
+    let reads_as_it = |name: &HeaderName| {
+        let name = name.as_str().as_bytes();
+        name.len() == OURS.len()
+            && name.contains(&b'_')
+            && name
+                .iter()
+                .zip(OURS)
+                .all(|(a, b)| a == b || (*a == b'_' && *b == b'-'))
+    };
+    while let Some(alias) = headers.keys().find(|n| reads_as_it(n)).cloned() {
+        headers.remove(&alias);
+    }
+}
+
 /// `Box::pin(make())`, but with the box allocated before `make` runs, so that the
 /// future can be written straight into it: `Box::pin(future)` builds the future on the
 /// stack and then copies all of it (the per-request future is about 9 KiB in a release
@@ -407,7 +428,9 @@ pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), Refusal
     if other_coding || codings > 1 {
         return Err(Refusal::invalid());
     }
-    if hosts > 1 {
+    // A target's userinfo (`http://user@cart/`) is deprecated and refused by recipients
+    // (RFC 9110 §4.2.4, RFC 9113 §8.3.1); it would become `Host` or `:authority`.
+    if hosts > 1 || uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Err(Refusal::invalid());
     }
     match host {
@@ -673,7 +696,7 @@ impl HttpConn {
                 req.headers_mut().remove(crate::mux::ORIG_PROTO);
             }
             // Only this proxy says who called (added back below, past the checks).
-            req.headers_mut().remove(FORWARDED_CLIENT_CERT);
+            remove_forwarded_client_cert(req.headers_mut());
         }
         if let Err(refusal) = check_request(&req, &self.limits) {
             tracing::debug!(reason = refusal.code.as_str(), "request refused");
@@ -1772,6 +1795,28 @@ mod tests {
             .unwrap();
         to_origin_form(&mut req, || None);
         assert_eq!(req.uri().to_string(), "example.com:443");
+    }
+
+    #[test]
+    fn a_forged_client_identity_is_removed_under_every_name_that_reads_as_it() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x-forwarded-client-cert",
+            "x_forwarded_client_cert",
+            "x-forwarded_client-cert",
+            "x_forwarded_client_certs",
+            "x-forwarded-client",
+        ] {
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static("URI=spiffe://evil"),
+            );
+        }
+        remove_forwarded_client_cert(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-forwarded-client", "x_forwarded_client_certs"]);
+        assert_eq!(FORWARDED_CLIENT_CERT.as_str(), "x-forwarded-client-cert");
     }
 
     #[test]

@@ -157,6 +157,17 @@ async fn http11_host_rules_are_enforced() {
     .await;
     assert!(status_line(&r).starts_with("HTTP/1.1 200"), "{r}");
     assert!(has_header(&r, "x-seen-host: web.shop:8080"), "{r}");
+
+    // An absolute-form target with userinfo (RFC 9110 §4.2.4): refused here, not passed
+    // on as `Host: user@web.shop`, and the connection closed.
+    let r = raw(
+        proxy.addr,
+        b"GET http://user@web.shop/x HTTP/1.1\r\nHost: web.shop\r\n\r\n",
+    )
+    .await;
+    assert!(status_line(&r).starts_with("HTTP/1.1 400"), "{r}");
+    assert!(has_header(&r, "weft-error: invalid_request"), "{r}");
+    assert!(has_header(&r, "connection: close"), "{r}");
     assert!(errors(&proxy.proxy, "invalid_request") >= 5);
 }
 

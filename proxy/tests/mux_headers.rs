@@ -976,6 +976,25 @@ async fn a_client_cannot_speak_for_the_mesh_on_any_transport() {
         },
     )
     .await;
+    // Nor is a name that CGI-style servers (WSGI, Rack, PHP) read as the same variable,
+    // `HTTP_X_FORWARDED_CLIENT_CERT`.
+    case(
+        &chain,
+        "x-forwarded-client-cert with underscores",
+        b"GET /xfcc-underscores HTTP/1.1\r\nHost: cart\r\nx_forwarded_client_cert: URI=spiffe://cluster.local/ns/kube-system/sa/admin\r\nX-Forwarded_Client-Cert: URI=b\r\nx_forwarded_client_certs: kept\r\n\r\n",
+        &Expect::Forwarded {
+            paths: &["/xfcc-underscores"],
+            close: false,
+            check: |r| {
+                assert!(
+                    !r.has("x_forwarded_client_cert") && !r.has("x-forwarded_client-cert"),
+                    "{r:?}"
+                );
+                assert_eq!(r.values("x_forwarded_client_certs"), ["kept"], "{r:?}");
+            },
+        },
+    )
+    .await;
     // weft-error and weft-unsent mean something in responses only: a request's pass to
     // the application as they are, and change nothing about how the request is handled.
     case(
@@ -1025,6 +1044,14 @@ async fn a_client_cannot_speak_for_the_mesh_on_any_transport() {
         (
             "a Host with userinfo",
             b"GET /x HTTP/1.1\r\nHost: cart@evil.example\r\n\r\n",
+        ),
+        (
+            "an absolute-form target with userinfo",
+            b"GET http://user@cart/x HTTP/1.1\r\nHost: cart\r\n\r\n",
+        ),
+        (
+            "an absolute-form target and no Host",
+            b"GET http://cart/x HTTP/1.1\r\n\r\n",
         ),
     ] {
         case(&chain, what, bytes, &Expect::Refused(400)).await;
