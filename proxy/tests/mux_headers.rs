@@ -897,7 +897,7 @@ async fn trailers_cross_without_connection_fields_or_the_meshs_own_on_every_tran
     case(
         &chain,
         "request trailers",
-        b"POST /trailers HTTP/1.1\r\nHost: cart\r\nTrailer: x-t, connection, keep-alive, proxy-connection, transfer-encoding, te, upgrade, weft-orig-proto, x-forwarded-client-cert\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\nconnection: close\r\nkeep-alive: 1\r\nproxy-connection: x\r\ntransfer-encoding: gzip\r\nte: gzip\r\nupgrade: x\r\nweft-orig-proto: HTTP/1.0\r\nx-forwarded-client-cert: URI=spiffe://evil\r\n\r\n",
+        b"POST /trailers HTTP/1.1\r\nHost: cart\r\nTrailer: x-t, connection, keep-alive, proxy-connection, transfer-encoding, te, upgrade, weft-orig-proto, x-forwarded-client-cert, content-length, host\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\ncontent-length: 99\r\nhost: evil.example\r\nconnection: close\r\nkeep-alive: 1\r\nproxy-connection: x\r\ntransfer-encoding: gzip\r\nte: gzip\r\nupgrade: x\r\nweft-orig-proto: HTTP/1.0\r\nx-forwarded-client-cert: URI=spiffe://evil\r\n\r\n",
         &Expect::Forwarded {
             paths: &["/trailers"],
             close: false,
