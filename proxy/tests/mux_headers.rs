@@ -1053,6 +1053,10 @@ async fn a_client_cannot_speak_for_the_mesh_on_any_transport() {
             "an absolute-form target and no Host",
             b"GET http://cart/x HTTP/1.1\r\n\r\n",
         ),
+        (
+            "a refused request with another pipelined behind it",
+            b"GET /x HTTP/1.1\r\nHost: cart\r\nHost: evil.example\r\n\r\nGET /second HTTP/1.1\r\nHost: cart\r\n\r\n",
+        ),
     ] {
         case(&chain, what, bytes, &Expect::Refused(400)).await;
     }
