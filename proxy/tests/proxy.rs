@@ -537,7 +537,10 @@ async fn weighted_share_run() -> Result<(), String> {
     cfg["services"][0]["endpoints"][0]["weight"] = 9.into();
     let proxy = TestProxy::start("web", cfg).await;
     let started = Instant::now();
-    for (clients, requests) in [(1, 1000), (8, 2000)] {
+    // From one client the light endpoint's count is binomial (n, 0.1): with 3,000
+    // requests the 7-13 % band is 5.5 standard deviations wide each way, where 1,000 left
+    // 3.2 and a CI run once saw 6.9 % with no stall.
+    for (clients, requests) in [(1, 3000), (8, 2000)] {
         let before = (heavy.hits(), light.hits());
         let mut workers = Vec::new();
         for _ in 0..clients {
