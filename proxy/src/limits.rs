@@ -51,12 +51,21 @@ pub const DEFAULT_ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an opaque TCP connection may carry no byte either way before it is closed
 /// (Envoy's `tcp_proxy` default `idle_timeout`).
 pub const DEFAULT_OPAQUE_IDLE_TIMEOUT: Duration = Duration::from_secs(3_600);
-/// How long an upstream connection (pooled HTTP/1, HTTP/2, or a mutual TLS session to a
-/// peer proxy) may sit unused before the proxy closes it: 90 s, what it was before it was
-/// a flag, between Envoy's 1 h (`common_http_protocol_options.idle_timeout`) and
-/// Linkerd's 3 s for HTTP/1 pools. Set it below the application's keep-alive timeout
-/// (Node 5 s, gunicorn 2 s) so that the proxy, not the application, closes first.
+/// How long an outbound upstream connection (pooled HTTP/1, HTTP/2, or a mutual TLS
+/// session to a peer proxy) may sit unused before the proxy closes it: 90 s, what it was
+/// before it was a flag, between Envoy's 1 h (`common_http_protocol_options.idle_timeout`)
+/// and Linkerd's 3 s for HTTP/1 pools. A peer proxy keeps its sessions open longer than
+/// any application's keep-alive, so reusing them is safe; an off-mesh server closing
+/// first is covered by the unsent-request retry.
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: IdleTimeout = IdleTimeout::DEFAULT;
+/// How long the inbound proxy's connection to its own application may sit unused before
+/// the proxy closes it: 1 s, below the keep-alive timeouts of common servers (gunicorn
+/// 2 s, Node.js and uvicorn 5 s, Apache 5 s), so that the proxy closes first. When the
+/// application closes an idle connection just as the proxy writes a request on it, the
+/// request may have reached the application and cannot be retried safely: the client
+/// gets a 502 (Envoy's well-known `503 UC` with Node.js). A new loopback connection costs
+/// tens of microseconds.
+pub const DEFAULT_APP_IDLE_TIMEOUT: IdleTimeout = IdleTimeout::APP_DEFAULT;
 /// How long a client may pause in the middle of a request body (Envoy's
 /// `stream_idle_timeout` default).
 pub const DEFAULT_REQUEST_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -101,8 +110,10 @@ pub struct Limits {
     pub opaque_idle_timeout: Duration,
     /// How long a request body may pause between two chunks.
     pub request_body_idle_timeout: Duration,
-    /// How long an upstream connection may sit unused before it is closed.
+    /// How long an outbound upstream connection may sit unused before it is closed.
     pub upstream_idle_timeout: IdleTimeout,
+    /// How long a connection to the local application may sit unused before it is closed.
+    pub app_idle_timeout: IdleTimeout,
     /// Total bytes of a request's header names and values.
     pub max_request_headers_bytes: usize,
     /// Bytes of one header field's name and value.
@@ -129,6 +140,7 @@ impl Default for Limits {
             opaque_idle_timeout: DEFAULT_OPAQUE_IDLE_TIMEOUT,
             request_body_idle_timeout: DEFAULT_REQUEST_BODY_IDLE_TIMEOUT,
             upstream_idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            app_idle_timeout: DEFAULT_APP_IDLE_TIMEOUT,
             max_request_headers_bytes: DEFAULT_MAX_REQUEST_HEADERS_BYTES,
             max_header_line_bytes: DEFAULT_MAX_HEADER_LINE_BYTES,
             max_request_target_bytes: DEFAULT_MAX_REQUEST_TARGET_BYTES,
@@ -143,6 +155,14 @@ impl Limits {
         PoolLimits {
             max_http1: self.max_http1_connections_per_endpoint,
             idle_timeout: self.upstream_idle_timeout,
+        }
+    }
+
+    /// What the inbound proxy's connection pools to the local application are built with.
+    pub fn app_pools(&self) -> PoolLimits {
+        PoolLimits {
+            max_http1: self.max_http1_connections_per_endpoint,
+            idle_timeout: self.app_idle_timeout,
         }
     }
 

@@ -262,11 +262,14 @@ struct LimitArgs {
     /// How long a client may pause in the middle of a request body.
     #[arg(long, env = "WEFT_REQUEST_BODY_IDLE_TIMEOUT", default_value = "5m")]
     request_body_idle_timeout: weft_api::Duration,
-    /// How long an upstream connection (to an application, or a mutual TLS session to a
-    /// peer proxy) may sit unused before it is closed; set it below the application's
-    /// keep-alive timeout.
+    /// How long an outbound upstream connection (to a service's endpoint, or a mutual TLS
+    /// session to a peer proxy) may sit unused before it is closed.
     #[arg(long, env = "WEFT_UPSTREAM_IDLE_TIMEOUT", default_value = "90s")]
     upstream_idle_timeout: weft_api::Duration,
+    /// How long an inbound connection to the local application may sit unused before it is
+    /// closed; keep it below the application's keep-alive timeout.
+    #[arg(long, env = "WEFT_APP_IDLE_TIMEOUT", default_value = "1s")]
+    app_idle_timeout: weft_api::Duration,
     /// Total bytes of a request's header names and values (431 above).
     #[arg(long, env = "WEFT_MAX_REQUEST_HEADERS_BYTES", default_value_t = limits::DEFAULT_MAX_REQUEST_HEADERS_BYTES)]
     max_request_headers_bytes: usize,
@@ -332,6 +335,8 @@ impl LimitArgs {
         }
         let upstream_idle_timeout = IdleTimeout::new(self.upstream_idle_timeout.as_std())
             .context("--upstream-idle-timeout must be greater than zero")?;
+        let app_idle_timeout = IdleTimeout::new(self.app_idle_timeout.as_std())
+            .context("--app-idle-timeout must be greater than zero")?;
         Ok(Limits {
             max_connections: self.max_connections,
             max_admin_connections: self.max_admin_connections,
@@ -346,6 +351,7 @@ impl LimitArgs {
             opaque_idle_timeout: self.opaque_idle_timeout.as_std(),
             request_body_idle_timeout: self.request_body_idle_timeout.as_std(),
             upstream_idle_timeout,
+            app_idle_timeout,
             max_request_headers_bytes: self.max_request_headers_bytes,
             max_header_line_bytes: self.max_header_line_bytes,
             max_request_target_bytes: self.max_request_target_bytes,

@@ -373,7 +373,10 @@ impl Conn {
                             dial.addr,
                             dial.source,
                             connect_timeout,
-                            proxy.limits.upstream_pools(),
+                            match direction {
+                                Direction::Inbound => proxy.limits.app_pools(),
+                                Direction::Outbound => proxy.limits.upstream_pools(),
+                            },
                         ))),
                         label,
                     ),

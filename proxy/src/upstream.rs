@@ -321,6 +321,9 @@ pub struct IdleTimeout(Duration);
 impl IdleTimeout {
     /// 90 s ([`crate::limits::DEFAULT_UPSTREAM_IDLE_TIMEOUT`] says why).
     pub const DEFAULT: IdleTimeout = IdleTimeout(Duration::from_secs(90));
+    /// 1 s, for connections to the local application
+    /// ([`crate::limits::DEFAULT_APP_IDLE_TIMEOUT`] says why).
+    pub const APP_DEFAULT: IdleTimeout = IdleTimeout(Duration::from_secs(1));
 
     /// `timeout`, unless it is zero.
     pub const fn new(timeout: Duration) -> Option<IdleTimeout> {
@@ -1197,6 +1200,11 @@ async fn run_http1_connection(
                 }
                 let now = tokio::time::Instant::now();
                 match clock.idle_since() {
+                    // A request body still streaming after its answer is the request's
+                    // time, not idle time: the body's own idle timeout bounds it, and the
+                    // connection closes after it (its lease was not taken back). Cut here,
+                    // an upload outliving its early answer by the idle timeout was lost.
+                    Some(_) if clock.draining() => sleep.as_mut().reset(now + idle_timeout),
                     Some(since) if now.saturating_duration_since(since) >= idle_timeout => {
                         tracing::debug!("closing idle upstream connection");
                         return;
@@ -1238,8 +1246,8 @@ impl IdleClock {
         }
     }
 
-    /// Let go by its request while that request's body still streams: idle from now on
-    /// for its idle timer, yet still carrying the body.
+    /// Let go by its request while that request's body still streams: idle to the pool,
+    /// yet still carrying the body, which its idle timer leaves alone.
     fn drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
         self.idle();
@@ -1247,7 +1255,12 @@ impl IdleClock {
 
     /// Idle with nothing on it: in the pool (or about to be closed).
     fn unused(&self) -> bool {
-        self.idle_since().is_some() && !self.draining.load(Ordering::Relaxed)
+        self.idle_since().is_some() && !self.draining()
+    }
+
+    /// Let go while its request's body still streams ([`IdleClock::drain`]).
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// The session has ended.

@@ -867,18 +867,23 @@ fn a_zero_limit_is_refused_before_anything_is_bound() {
 }
 
 #[test]
-fn a_zero_upstream_idle_timeout_is_refused_before_anything_is_bound() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
-        .args(["run", "--config", "/nonexistent.yaml"])
-        .env("WEFT_UPSTREAM_IDLE_TIMEOUT", "0s")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--upstream-idle-timeout must be greater than zero"),
-        "{stderr}"
-    );
+fn a_zero_idle_timeout_is_refused_before_anything_is_bound() {
+    for (env, flag) in [
+        ("WEFT_UPSTREAM_IDLE_TIMEOUT", "--upstream-idle-timeout"),
+        ("WEFT_APP_IDLE_TIMEOUT", "--app-idle-timeout"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
+            .args(["run", "--config", "/nonexistent.yaml"])
+            .env(env, "0s")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{flag} must be greater than zero")),
+            "{stderr}"
+        );
+    }
 }
 
 /// An application (HTTP/1.1 and HTTP/2, every request answered 200) that counts the
@@ -1002,4 +1007,103 @@ async fn an_http1_upstream_connection_within_the_flag_is_reused() {
 #[tokio::test]
 async fn an_http2_upstream_connection_within_the_flag_is_reused() {
     an_upstream_connection_within_the_flag_is_reused(h2_client()).await;
+}
+
+/// A proxy process with an inbound listener to `inbound_app` (`--inbound-forward`, as the
+/// transparent inbound listener sends connections to the pod's application) and the
+/// outbound service `web` on `outbound_app`, started with `extra`; and the inbound
+/// listener's address.
+async fn proxy_process_both_ways(
+    inbound_app: &CountingApp,
+    outbound_app: &CountingApp,
+    extra: &[&str],
+) -> (ChildProxy, SocketAddr, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    write_config(&path, &config(&[("web", &[outbound_app.addr])]));
+    let inbound: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+    let forward = format!("{inbound}={}", inbound_app.addr);
+    let mut args = vec!["--inbound-forward", forward.as_str()];
+    args.extend_from_slice(extra);
+    let proxy = ChildProxy::start(&path, &args).await;
+    (proxy, inbound, dir)
+}
+
+/// `--app-idle-timeout` governs the inbound connection to the application and
+/// `--upstream-idle-timeout` the outbound ones: with 1 s and 1 min, after the inbound
+/// connection has closed (1 s unused) the outbound one, unused as long, is still open;
+/// the next inbound request opens a new connection and the next outbound one reuses its.
+async fn the_app_idle_timeout_is_the_inbound_sides_own(client: Client) {
+    let (app, remote) = (
+        CountingApp::start("127.0.0.2").await,
+        CountingApp::start("127.0.0.3").await,
+    );
+    let (proxy, inbound, _dir) = proxy_process_both_ways(
+        &app,
+        &remote,
+        &["--app-idle-timeout", "1s", "--upstream-idle-timeout", "1m"],
+    )
+    .await;
+    let (inbound_url, outbound_url) = (
+        format!("http://{inbound}/"),
+        format!("http://{}/", proxy.forward),
+    );
+    for url in [&inbound_url, &outbound_url] {
+        let (resp, body) = get(&client, url).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{body}");
+    }
+    let unused_since = std::time::Instant::now();
+    assert_eq!((app.accepted(), remote.accepted()), (1, 1));
+    // The bound only guards against a hang.
+    eventually(
+        Duration::from_secs(20),
+        "the proxy closes its idle connection to the application",
+        || async { app.closed() == 1 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500).saturating_sub(unused_since.elapsed())).await;
+    assert_eq!(remote.closed(), 0, "the outbound connection stays open");
+    for url in [&inbound_url, &outbound_url] {
+        let (resp, body) = get(&client, url).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{body}");
+    }
+    assert_eq!(
+        (app.accepted(), remote.accepted()),
+        (2, 1),
+        "a new connection to the application, the outbound one reused"
+    );
+}
+
+#[tokio::test]
+async fn the_app_idle_timeout_is_the_inbound_sides_own_over_http1() {
+    the_app_idle_timeout_is_the_inbound_sides_own(h1_client()).await;
+}
+
+#[tokio::test]
+async fn the_app_idle_timeout_is_the_inbound_sides_own_over_http2() {
+    the_app_idle_timeout_is_the_inbound_sides_own(h2_client()).await;
+}
+
+/// By default the inbound proxy closes an unused connection to the application within
+/// 2.5 s, before the keep-alive timeout of common servers (Node.js 5 s, gunicorn 2 s is
+/// the lowest), so that it never writes a request on a connection the application is
+/// closing; an application the proxy has not used for 2.5 s sees its connection closed
+/// while the outbound one (90 s) stays.
+#[tokio::test]
+async fn by_default_the_proxy_closes_an_idle_app_connection_before_common_keep_alives() {
+    let (app, remote) = (
+        CountingApp::start("127.0.0.2").await,
+        CountingApp::start("127.0.0.3").await,
+    );
+    let (proxy, inbound, _dir) = proxy_process_both_ways(&app, &remote, &[]).await;
+    let client = h1_client();
+    for url in [
+        format!("http://{inbound}/"),
+        format!("http://{}/", proxy.forward),
+    ] {
+        let (resp, body) = get(&client, &url).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!((app.closed(), remote.closed()), (1, 0));
 }
