@@ -388,9 +388,7 @@ pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), Refusal
     let mut total = 0usize;
     let mut host = None;
     let mut hosts = 0u32;
-    // Transfer codings named, and whether one was not `chunked`.
-    let mut codings = 0u32;
-    let mut other_coding = false;
+    let mut codings = Codings::default();
     for (name, value) in headers {
         let line = name.as_str().len() + value.len();
         if line > limits.max_header_line_bytes {
@@ -404,14 +402,7 @@ pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), Refusal
             hosts += 1;
             host = Some(value);
         } else if name == TRANSFER_ENCODING {
-            // RFC 9110 §5.6.1: empty list elements are ignored.
-            for coding in value.as_bytes().split(|&b| b == b',') {
-                match coding.trim_ascii() {
-                    b"" => {}
-                    c if c.eq_ignore_ascii_case(b"chunked") => codings += 1,
-                    _ => other_coding = true,
-                }
-            }
+            codings.add(value);
         }
     }
     if total > limits.max_request_headers_bytes {
@@ -425,7 +416,7 @@ pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), Refusal
     // silently dropped, since the proxy redoes the framing per hop: a body another hop
     // would read differently. RFC 9112 §6.1 lets a server refuse a coding it does not
     // understand (501; nginx and Envoy do), and forbids applying `chunked` twice.
-    if other_coding || codings > 1 {
+    if !codings.carried() {
         return Err(Refusal::invalid());
     }
     // A target's userinfo (`http://user@cart/`) is deprecated and refused by recipients
@@ -449,6 +440,44 @@ pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), Refusal
         _ => {}
     }
     Ok(())
+}
+
+/// The transfer codings a message's `Transfer-Encoding` fields name, as far as the proxy
+/// cares: it re-frames every body per hop, so it can carry a message whose only coding is
+/// one `chunked` (or none), and no other.
+#[derive(Debug, Default)]
+pub(crate) struct Codings {
+    chunked: u32,
+    other: bool,
+}
+
+impl Codings {
+    /// Adds one field value's codings (RFC 9110 §5.6.1: empty list elements are ignored).
+    pub(crate) fn add(&mut self, value: &HeaderValue) {
+        for coding in value.as_bytes().split(|&b| b == b',') {
+            match coding.trim_ascii() {
+                b"" => {}
+                c if c.eq_ignore_ascii_case(b"chunked") => self.chunked += 1,
+                _ => self.other = true,
+            }
+        }
+    }
+
+    /// The codings of every `Transfer-Encoding` field in `headers`.
+    pub(crate) fn of(headers: &HeaderMap) -> Codings {
+        let mut codings = Codings::default();
+        for value in headers.get_all(TRANSFER_ENCODING) {
+            codings.add(value);
+        }
+        codings
+    }
+
+    /// Whether the body can go on with its meaning intact once hyper has decoded the
+    /// final `chunked` and the next hop frames it anew: no other coding (whose mention
+    /// would be lost), and `chunked` at most once (RFC 9112 §6.1 forbids applying it twice).
+    pub(crate) fn carried(&self) -> bool {
+        !self.other && self.chunked <= 1
+    }
 }
 
 /// Whether a `Host` value is `uri-host [ ":" port ]` (RFC 9110 §7.2): registered-name,

@@ -43,8 +43,8 @@ use crate::{
     breaker::Outcome,
     errors::{ErrorCode, UNSENT_HEADER},
     http::{
-        BodyCopy, BodyWatch, HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel, error_response,
-        grpc_error_response, strip_hop_by_hop,
+        BodyCopy, BodyWatch, Codings, HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel,
+        error_response, grpc_error_response, strip_hop_by_hop,
     },
     limits::Limit,
     metrics::RequestMetrics,
@@ -723,6 +723,18 @@ impl HttpConn {
                     // protocol (over HTTP/2, where 101 does not exist, a malformed stream).
                     // The application answered wrongly: a broken answer, like a reset.
                     tracing::debug!(endpoint = %endpoint.addr, "101 Switching Protocols to a request that asked for no upgrade");
+                    record(index, Outcome::ServerError);
+                    endpoint.observe_failure_at(sent.elapsed(), Instant::now());
+                    (Failure::Reset, ErrorCode::UpstreamFailed)
+                }
+                Ok(Ok((resp, _))) if !Codings::of(resp.headers()).carried() => {
+                    // `gzip, chunked` (or `chunked` twice, or a coding alone, read to the
+                    // connection's close): hyper decoded the final `chunked` only, and the
+                    // next hop frames the body anew with `Transfer-Encoding` gone, so the
+                    // client would get a gzip body with nothing saying so. The request
+                    // side refuses the same with 400; here the application answered
+                    // wrongly, and the connection is not reused (the lease is dropped).
+                    tracing::debug!(endpoint = %endpoint.addr, "response with a transfer coding the proxy cannot carry");
                     record(index, Outcome::ServerError);
                     endpoint.observe_failure_at(sent.elapsed(), Instant::now());
                     (Failure::Reset, ErrorCode::UpstreamFailed)

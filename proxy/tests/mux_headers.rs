@@ -119,13 +119,28 @@ async fn app_connection(mut s: TcpStream, record: Arc<Mutex<Record>>) {
         match frame_request(&buf) {
             Framed::Request(req, used) => {
                 buf.drain(..used);
-                let answer: &[u8] = if req.path() == "/trailers-back" {
-                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-r, connection, keep-alive, upgrade\r\n\r\n2\r\nok\r\n0\r\nx-r: 1\r\nconnection: close\r\nkeep-alive: 1\r\nupgrade: x\r\n\r\n"
-                } else {
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                let answer: &[u8] = match req.path() {
+                    "/trailers-back" => {
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-r, connection, keep-alive, upgrade\r\n\r\n2\r\nok\r\n0\r\nx-r: 1\r\nconnection: close\r\nkeep-alive: 1\r\nupgrade: x\r\n\r\n"
+                    }
+                    // Bodies whose transfer codings the proxy cannot carry (the gzip
+                    // bytes here are a stand-in: no proxy decodes them).
+                    "/gzip-chunked" => {
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n4\r\ngzip\r\n0\r\n\r\n"
+                    }
+                    "/gzip-then-chunked" => {
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n4\r\ngzip\r\n0\r\n\r\n"
+                    }
+                    "/chunked-twice" => {
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n9\r\n4\r\ngzip\r\n\r\n0\r\n\r\n"
+                    }
+                    // Read to the connection's close (RFC 9112 §6.3).
+                    "/gzip-to-close" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\ngzip",
+                    _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
                 };
+                let close = req.path() == "/gzip-to-close";
                 record.lock().unwrap().requests.push(req);
-                if s.write_all(answer).await.is_err() {
+                if s.write_all(answer).await.is_err() || close {
                     return;
                 }
                 continue;
@@ -930,6 +945,46 @@ async fn trailers_cross_without_connection_fields_or_the_meshs_own_on_every_tran
         assert_eq!(a.status(), 200, "{transport}: {}", a.head);
         assert_eq!(a.body, b"ok", "{transport}");
         assert_eq!(a.trailers, ["x-r: 1"], "{transport}");
+        next_in_step(&mut s, transport).await;
+    }
+    chain.app.take();
+}
+
+/// An application's response naming a transfer coding besides one `chunked` would reach
+/// the client re-framed with the coding's mention gone (a gzip body read as plain): the
+/// server sidecar answers 502 `upstream_failed` instead, on every transport, and the
+/// client's connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_whose_transfer_coding_would_be_lost_is_a_502_on_every_transport() {
+    let chain = Chain::start().await;
+    for (transport, client) in &chain.clients {
+        let mut s = connect(client.addr).await;
+        for path in [
+            "/gzip-chunked",
+            "/gzip-then-chunked",
+            "/chunked-twice",
+            "/gzip-to-close",
+        ] {
+            let what = format!("{transport} {path}");
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: cart\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let a = read_answer(&mut s)
+                .await
+                .unwrap_or_else(|| panic!("{what}: closed"));
+            assert_eq!(a.status(), 502, "{what}: {}", a.head);
+            assert_eq!(
+                a.header("weft-error"),
+                Some("upstream_failed"),
+                "{what}: {}",
+                a.head
+            );
+            assert!(
+                !a.body.windows(4).any(|w| w == b"gzip"),
+                "{what}: {:?}",
+                a.body
+            );
+        }
         next_in_step(&mut s, transport).await;
     }
     chain.app.take();
