@@ -677,7 +677,7 @@ mod tests {
             .apply(
                 &mut received,
                 update(serde_json::json!({"type": "update", "version": 1, "full": true,
-                    "services": [{"name": "web.shop.80", "endpoints": [{"address": "10.0.0.1:80"}]}]})),
+                    "services": [{"name": "web.shop.80", "endpoints": [{"address": "198.18.0.1:80"}]}]})),
             )
             .unwrap();
         assert!(matches!(first, ClientMessage::Ack(_)), "{first:?}");
@@ -687,7 +687,7 @@ mod tests {
                 &mut received,
                 update(serde_json::json!({"type": "update", "version": 2,
                     "services": [{"name": "web.shop.80", "localityFailover": {"enabled": true},
-                                  "endpoints": [{"address": "10.0.0.1:80"}]}]})),
+                                  "endpoints": [{"address": "198.18.0.1:80"}]}]})),
             )
             .unwrap();
         let ClientMessage::Nack(nack) = answer else {
@@ -710,7 +710,7 @@ mod tests {
             .apply(
                 &mut received,
                 update(serde_json::json!({"type": "update", "version": 3,
-                    "services": [{"name": "web.shop.80", "endpoints": [{"address": "10.0.0.2:80"}]}]})),
+                    "services": [{"name": "web.shop.80", "endpoints": [{"address": "198.18.0.2:80"}]}]})),
             )
             .unwrap();
         assert!(

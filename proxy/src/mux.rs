@@ -140,7 +140,7 @@ mod tests {
     }
 
     fn none() -> Option<Authority> {
-        Authority::from_str("10.0.0.7:8080").ok()
+        Authority::from_str("198.18.0.7:8080").ok()
     }
 
     /// A body still streaming, of unknown length.
@@ -194,7 +194,7 @@ mod tests {
     fn a_host_that_is_no_authority_stays_a_field() {
         let mut req = h1("/", Some("a b"));
         to_mux(&mut req, &none);
-        assert_eq!(req.uri().authority().unwrap().as_str(), "10.0.0.7:8080");
+        assert_eq!(req.uri().authority().unwrap().as_str(), "198.18.0.7:8080");
         assert_eq!(req.headers()[HOST], "a b");
         assert!(restore(&mut req));
         assert_eq!(req.headers()[HOST], "a b");

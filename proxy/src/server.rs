@@ -1118,12 +1118,12 @@ mod tests {
     #[test]
     fn inbound_goes_to_the_original_destination_from_a_loopback_source() {
         let local = LocalPorts::default();
-        let t = inbound_target(addr("10.0.0.7:8080"), &local);
-        assert_eq!(t.addr, addr("10.0.0.7:8080"));
+        let t = inbound_target(addr("198.18.0.7:8080"), &local);
+        assert_eq!(t.addr, addr("198.18.0.7:8080"));
         assert_eq!(t.source, Some(IpAddr::V4(INBOUND_SOURCE_V4)));
         // An IPv4 connection accepted on a dual-stack listener.
-        let t = inbound_target(addr("[::ffff:10.0.0.7]:8080"), &local);
-        assert_eq!(t.addr, addr("10.0.0.7:8080"));
+        let t = inbound_target(addr("[::ffff:198.18.0.7]:8080"), &local);
+        assert_eq!(t.addr, addr("198.18.0.7:8080"));
         assert_eq!(t.source, Some(IpAddr::V4(INBOUND_SOURCE_V4)));
         let t = inbound_target(addr("[fd00::7]:8080"), &local);
         assert_eq!(t.addr, addr("[fd00::7]:8080"));
@@ -1136,11 +1136,11 @@ mod tests {
             loopback: "9090".parse().unwrap(),
             ..LocalPorts::default()
         };
-        let t = inbound_target(addr("10.0.0.7:9090"), &local);
+        let t = inbound_target(addr("198.18.0.7:9090"), &local);
         assert_eq!((t.addr, t.source), (addr("127.0.0.1:9090"), None));
         let t = inbound_target(addr("[fd00::7]:9090"), &local);
         assert_eq!((t.addr, t.source), (addr("[::1]:9090"), None));
-        let t = inbound_target(addr("10.0.0.7:9091"), &local);
-        assert_eq!(t.addr, addr("10.0.0.7:9091"));
+        let t = inbound_target(addr("198.18.0.7:9091"), &local);
+        assert_eq!(t.addr, addr("198.18.0.7:9091"));
     }
 }
