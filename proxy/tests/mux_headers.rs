@@ -33,6 +33,7 @@ use weft_proxy::{
     identity::{Http1Transport, IdentityStore},
     limits::Limits,
     server::{BeforeConfig, ListenerKind},
+    trace::{Collector, Sampling, TraceConfig, Tracer},
 };
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -331,6 +332,20 @@ impl Chain {
             clients,
         }
     }
+}
+
+/// Turns tracing on in `proxy`, every request sampled; its spans go nowhere (no
+/// collector runs), which changes nothing of what it writes into requests.
+fn traced(proxy: &Proxy) {
+    let (tracer, _exporter) = Tracer::new(
+        TraceConfig {
+            collector: "127.0.0.1:9".parse::<Collector>().unwrap(),
+            sampling: "1".parse::<Sampling>().unwrap(),
+            resource: vec![("service.name", "test".to_owned())],
+        },
+        proxy.metrics.trace.clone(),
+    );
+    proxy.tracer.set(tracer).unwrap();
 }
 
 // ---- the client application ----
@@ -1177,5 +1192,115 @@ async fn oversize_heads_are_answered_431_and_the_sidecars_keep_serving() {
             },
         )
         .await;
+    }
+}
+
+/// A request with `n` fields besides Host, within the count limit, and the trace context
+/// `trace` as the client sent it (empty: none).
+fn traced_request(n: usize, trace: &str) -> Vec<u8> {
+    let mut r = many_fields(n, 8);
+    r.truncate(r.len() - 2);
+    r.extend_from_slice(trace.as_bytes());
+    r.extend_from_slice(b"\r\n");
+    r
+}
+
+fn carries_traceparent(r: &AppRequest) {
+    assert_eq!(r.values("traceparent").len(), 1, "{r:?}");
+}
+
+fn carries_b3_multi(r: &AppRequest) {
+    carries_traceparent(r);
+    for name in ["x-b3-traceid", "x-b3-spanid", "x-b3-sampled"] {
+        assert_eq!(r.values(name).len(), 1, "{name}: {r:?}");
+    }
+}
+
+fn carries_b3_single(r: &AppRequest) {
+    carries_traceparent(r);
+    // 128-bit trace, span, decision, parent: the longest form a proxy writes.
+    let b3 = r.values("b3");
+    assert_eq!(b3.len(), 1, "{r:?}");
+    assert_eq!(b3[0].len(), 32 + 1 + 16 + 1 + 1 + 1 + 16, "{r:?}");
+}
+
+/// With tracing on, the client's sidecar adds `traceparent` (and B3 in the forms that came
+/// in) to a request its client kept within the limits: the server's sidecar, which counts
+/// what it receives, must not refuse it for that (431 before the fix: on the mux from the
+/// count, in sessions and plain text from hyper's parser stopping at 100 fields).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_a_sidecar_adds_never_pushes_a_request_over_a_limit_on_every_transport() {
+    let limits = Limits::default();
+    let chain = Chain::with_limits(limits).await;
+    traced(&chain._server.proxy);
+    for (_, client) in &chain.clients {
+        traced(&client.proxy);
+    }
+    let host = "host".len() + "cart".len();
+    let at_count = limits.max_request_headers_count - 1;
+    // B3's sampled-only form: the sidecar writes the ids beside it, three fields more.
+    let b3_multi = "x-b3-sampled: 1\r\n";
+    // A B3 single header the sidecar lengthens: a 64-bit span becomes the parent of its own.
+    let b3_single = format!("b3: {}-{}-1\r\n", "a".repeat(32), "b".repeat(16));
+    // Exactly the bytes limit with no trace context of its own.
+    let name = "x-f000".len();
+    let each = (limits.max_request_headers_bytes - host) / 50 - name;
+    let mut at_bytes = many_fields(50, each);
+    let short = limits.max_request_headers_bytes - host - 50 * (name + each);
+    at_bytes.truncate(at_bytes.len() - 2);
+    at_bytes.extend_from_slice(format!("x-g: {}\r\n\r\n", "v".repeat(short - 3)).as_bytes());
+    for (what, bytes, check) in [
+        (
+            "exactly as many fields as the limit",
+            traced_request(at_count, ""),
+            carries_traceparent as fn(&AppRequest),
+        ),
+        (
+            "exactly as many fields as the limit, with x-b3-sampled",
+            traced_request(at_count - 1, b3_multi),
+            carries_b3_multi,
+        ),
+        (
+            "exactly as many fields as the limit, with a b3 the sidecar lengthens",
+            traced_request(at_count - 1, &b3_single),
+            carries_b3_single,
+        ),
+        (
+            "exactly the header bytes limit",
+            at_bytes,
+            carries_traceparent,
+        ),
+    ] {
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        let paths: &'static [&'static str] = &["/fields"];
+        case(
+            &chain,
+            what,
+            bytes,
+            &Expect::Forwarded {
+                paths,
+                close: false,
+                check,
+            },
+        )
+        .await;
+    }
+    // The limits still hold for what the client sent: one field over them is refused by
+    // the client's own sidecar, trace context or not.
+    for (what, bytes) in [
+        (
+            "one field over the count limit",
+            traced_request(at_count + 1, ""),
+        ),
+        (
+            "one field over the count limit, one of them traceparent",
+            traced_request(
+                at_count,
+                "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n",
+            ),
+        ),
+    ] {
+        case(&chain, what, &bytes, &Expect::Refused(431)).await;
+        still_serving(&chain).await;
     }
 }
