@@ -297,7 +297,9 @@ where
             // On the inbound side a peer proxy's trace context may come on top of the
             // fields its client sent, which `check_request` leaves out of the count.
             let max_fields = if direction == Direction::Inbound {
-                limits.max_request_headers_count + crate::trace::context::WRITTEN.len()
+                limits
+                    .max_request_headers_count
+                    .saturating_add(crate::trace::context::WRITTEN.len())
             } else {
                 limits.max_request_headers_count
             };
