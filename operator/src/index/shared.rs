@@ -38,7 +38,7 @@ use std::{
 
 use tokio::sync::{Notify, watch};
 
-use super::{Affected, Index, Kind, ObjectKey, ProxyView, Refresh};
+use super::{Affected, Comparisons, Index, Kind, ObjectKey, ProxyView, Refresh};
 use crate::metrics::Metrics;
 
 /// How many change timestamps are remembered for the change-to-ACK histogram: enough for
@@ -256,6 +256,7 @@ impl SharedIndex {
         }
         let mut any_changed = false;
         let mut repaired = Repaired::default();
+        let mut comparisons = Comparisons::default();
         let subscribers = lock_waiting(&self.subscribers);
         for (pod, tx) in subscribers.iter() {
             if !index.is_affected(pod, &affected) {
@@ -265,7 +266,7 @@ impl SharedIndex {
             // Policy part unless a re-list went over its namespace (see
             // `Index::refresh_view`).
             any_changed |= tx.send_if_modified(|current| {
-                let refresh = index.refresh_view(pod, &affected, current);
+                let refresh = index.refresh_view(pod, &affected, current, &mut comparisons);
                 if refresh == Refresh::Repaired {
                     repaired.add(pod);
                 }

@@ -902,11 +902,11 @@ proptest! {
                 // nothing to repair.
                 let view = held.entry(pod.clone()).or_default();
                 if i.is_affected(pod, &reported) {
-                    i.refresh_view(pod, &reported, view);
+                    i.refresh_view(pod, &reported, view, &mut Comparisons::default());
                 }
                 if i.is_affected(pod, &affected) {
                     prop_assert_eq!(
-                        i.refresh_view(pod, &affected, view),
+                        i.refresh_view(pod, &affected, view, &mut Comparisons::default()),
                         Refresh::Same,
                         "{} repaired by the re-list, after {:?}", pod, step
                     );
