@@ -278,6 +278,11 @@ pub struct Index {
     /// Which meshed pods hold each pod address: more than one only in stale state (a
     /// pod gone unseen whose address another pod already has), when no one's is sent.
     pod_addresses: HashMap<IpAddr, BTreeSet<ObjectKey>>,
+    /// The pods annotated with the namespaces they see
+    /// ([`model::VISIBLE_NAMESPACES_ANNOTATION`]): with those of namespaces annotated so,
+    /// the only ones a change to another namespace than theirs can touch
+    /// ([`Index::seeing_others`]).
+    seeing_pods: BTreeSet<ObjectKey>,
     /// Which valid Policies select which pods, updated by the change that alters it: a
     /// namespace's rebuild and each view read it, where evaluating every Policy against
     /// every pod of the namespace made one change cost pods × Policies.
@@ -340,6 +345,7 @@ impl std::ops::DerefMut for Deferring<'_> {
     }
 }
 
+/// The entries of `map` in namespace `ns`, in key order.
 fn in_ns<'a, V>(
     map: &'a BTreeMap<ObjectKey, V>,
     ns: &str,
@@ -369,6 +375,7 @@ impl Index {
             contested: BTreeMap::new(),
             claims: HashMap::new(),
             pod_addresses: HashMap::new(),
+            seeing_pods: BTreeSet::new(),
             selection: selection::Selection::default(),
             policy_modes: Mutex::new(HashMap::new()),
             version: 0,
@@ -471,6 +478,11 @@ impl Index {
                     .unwrap_or_default();
                 let others = self.move_pod_addresses(&key, &old, &m.ips);
                 pods.insert(key.clone());
+                if m.visible.is_some() {
+                    self.seeing_pods.insert(key.clone());
+                } else {
+                    self.seeing_pods.remove(&key);
+                }
                 self.pods.insert(key.clone(), m);
                 self.reselect_pod(&key);
                 return self.finish(std::iter::once(ns).chain(others), pods);
@@ -546,6 +558,7 @@ impl Index {
                 let Some(removed) = self.pods.remove(key) else {
                     return Affected::default();
                 };
+                self.seeing_pods.remove(key);
                 let others = self.move_pod_addresses(key, &removed.ips, &[]);
                 self.selection.remove_pod(key);
                 self.forget_policy_modes([key]);
@@ -1328,6 +1341,19 @@ impl Index {
             }
         }
         Visible::Some(names)
+    }
+
+    /// The namespaces whose pods may see others than their own (annotated with
+    /// [`model::VISIBLE_NAMESPACES_ANNOTATION`]), and the pods that may (annotated
+    /// themselves): besides the pods and namespaces a change names, the only subscribers
+    /// [`Index::is_affected`] can find touched, so that a change need not ask every one.
+    pub fn seeing_others(&self) -> (impl Iterator<Item = &str>, &BTreeSet<ObjectKey>) {
+        let namespaces = self
+            .namespaces
+            .iter()
+            .filter(|(_, m)| m.visible.is_some())
+            .map(|(name, _)| name.as_str());
+        (namespaces, &self.seeing_pods)
     }
 
     /// Whether a subscriber for `pod` may need a new view after `affected`.
