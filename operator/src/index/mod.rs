@@ -1397,14 +1397,17 @@ impl Index {
     pub fn view(&self, pod_key: &ObjectKey) -> Option<ProxyView> {
         let pod = self.pods.get(pod_key)?;
         let (services, ns_resources) = self.outbound_part(pod_key, pod);
-        let mut view = ProxyView {
+        let (policies, inbound) = self.policy_part(pod_key);
+        // Collected at once, not inserted one by one: the set is built from the sorted
+        // references in one pass (the Policies' come in key order), where inserting a
+        // pod's hundreds of Policy references compared each with a dozen others.
+        let resources = ns_resources.into_iter().cloned().chain(policies).collect();
+        Some(ProxyView {
             version: self.version,
             services,
-            resources: ns_resources.into_iter().cloned().collect(),
-            inbound: None,
-        };
-        self.add_policy_part(pod_key, &mut view);
-        Some(view)
+            resources,
+            inbound,
+        })
     }
 
     /// Brings `current`, the view a subscriber of `pod_key` holds, up to date after a
@@ -1528,11 +1531,11 @@ impl Index {
         (services, resources)
     }
 
-    /// Adds to `view` what the Policies selecting `pod_key` make of it: a reference to
-    /// each (with what enforcing it on this pod takes) and the inbound config. It reads
-    /// only the pod's selection, its namespace's Policies and refusals, and the mesh
-    /// default, which is why [`Index::refresh_view`] may keep it.
-    fn add_policy_part(&self, pod_key: &ObjectKey, view: &mut ProxyView) {
+    /// What the Policies selecting `pod_key` make of its view: a reference to each (with
+    /// what enforcing it on this pod takes), in key order, and the inbound config. It
+    /// reads only the pod's selection, its namespace's Policies and refusals, and the
+    /// mesh default, which is why [`Index::refresh_view`] may keep it.
+    fn policy_part(&self, pod_key: &ObjectKey) -> (Vec<ResourceRef>, Option<InboundConfig>) {
         // Of the Policies that rate-limit this pod, the oldest wins (creation time, then
         // name), as conflicting Routes do.
         let selecting: Vec<(&ObjectKey, &model::ResourceMeta, &weft_crds::PolicySpec)> =
@@ -1547,6 +1550,7 @@ impl Index {
         let workload_decides = selecting
             .iter()
             .any(|(_, _, spec)| !compile::namespace_wide(spec));
+        let mut references = Vec::with_capacity(selecting.len());
         for (key, meta, spec) in &selecting {
             let mut requires = requires::policy(spec);
             // An overridden part is not applied on this pod: its requirement names a
@@ -1563,13 +1567,12 @@ impl Index {
                     r.feature = requires::OVERRIDDEN.to_owned();
                 }
             }
-            view.resources
-                .insert(resource_ref("Policy", key, meta.generation, requires));
+            references.push(resource_ref("Policy", key, meta.generation, requires));
         }
         // A pod no Policy selects gets the mesh default, sent only when it is not the
         // proxy's own (Permissive).
         let inbound = !selecting.is_empty() || self.mesh_mtls != MtlsMode::Permissive;
-        view.inbound = inbound.then(|| InboundConfig {
+        let inbound = inbound.then(|| InboundConfig {
             rate_limit: limit.map(|(key, _, rl)| compile::rate_limit(key, rl)),
             mtls: Some(mode),
             // Every Policy applies (deny wins across them); one that allows everything
@@ -1580,6 +1583,7 @@ impl Index {
                 .map(|(key, _, spec)| compile::authorization(key, spec, &self.trust_domain))
                 .collect(),
         });
+        (references, inbound)
     }
 
     /// The valid Policies that select a pod (by label selector, or through a Service whose
