@@ -294,19 +294,10 @@ where
                 // shutting down only the sending side (`nc`) reads as the same end of
                 // stream, so such a client gets no answer, as with those proxies.
                 .half_close(false);
-            // On the inbound side a peer proxy's trace context may come on top of the
-            // fields its client sent, which `check_request` leaves out of the count.
-            let max_fields = if direction == Direction::Inbound {
-                limits
-                    .max_request_headers_count
-                    .saturating_add(crate::trace::context::WRITTEN.len())
-            } else {
-                limits.max_request_headers_count
-            };
             // Above hyper's 100 the field array moves from the stack to the heap, which
             // costs every request: only then is it raised.
-            if max_fields > HYPER_H1_MAX_HEADERS {
-                builder.max_headers(max_fields);
+            if limits.max_request_headers_count > HYPER_H1_MAX_HEADERS {
+                builder.max_headers(limits.max_request_headers_count);
             }
             let mut c = Box::pin(builder.serve_connection(io, svc).with_upgrades());
             tokio::select! {
@@ -375,17 +366,8 @@ impl Refusal {
 /// `:authority` when both are present. An absolute-form target's authority replaces
 /// `Host` later ([`to_origin_form`]), as RFC 9112 §3.2.2 requires.
 ///
-/// With `after_peer` (the inbound side, where a peer proxy may have traced the request),
-/// the trace context a proxy writes ([`crate::trace::context::written_size`]) is left out
-/// of the field count and the total bytes: a request its client kept within the limits
-/// is not refused at the second proxy for what the first one added.
-///
 /// One pass over the fields, no allocation: this runs on every request.
-pub fn check_request<B>(
-    req: &Request<B>,
-    limits: &Limits,
-    after_peer: bool,
-) -> Result<(), Refusal> {
+pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), Refusal> {
     let uri = req.uri();
     let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
         + uri.authority().map_or(0, |a| a.as_str().len())
@@ -397,17 +379,7 @@ pub fn check_request<B>(
         ));
     }
     let headers = req.headers();
-    // Looked up only for a request over a limit: nothing on the common path.
-    let written = || {
-        if after_peer {
-            crate::trace::context::written_size(headers)
-        } else {
-            (0, 0)
-        }
-    };
-    if headers.len() > limits.max_request_headers_count
-        && headers.len() - written().0 > limits.max_request_headers_count
-    {
+    if headers.len() > limits.max_request_headers_count {
         return Err(Refusal::limit(
             ErrorCode::RequestHeadersTooLarge,
             Limit::RequestHeadersCount,
@@ -433,9 +405,7 @@ pub fn check_request<B>(
             codings.add(value);
         }
     }
-    if total > limits.max_request_headers_bytes
-        && total - written().1 > limits.max_request_headers_bytes
-    {
+    if total > limits.max_request_headers_bytes {
         return Err(Refusal::limit(
             ErrorCode::RequestHeadersTooLarge,
             Limit::RequestHeadersBytes,
@@ -757,8 +727,17 @@ impl HttpConn {
             // Only this proxy says who called (added back below, past the checks).
             remove_forwarded_client_cert(req.headers_mut());
         }
-        let after_peer = self.direction == Direction::Inbound;
-        if let Err(refusal) = check_request(&req, &self.limits, after_peer) {
+        // The outbound proxy checks a request as it forwards it, with the trace context it
+        // writes: the next proxy, which checks what it receives, then never refuses what
+        // this one accepted. Inbound, after the checks below: a client's request within
+        // the limits is not refused for the context a proxy adds toward its application.
+        let mut propagate = trail.as_deref_mut().and_then(|t| t.propagate.take());
+        if self.direction == Direction::Outbound
+            && let Some(p) = propagate.take()
+        {
+            p.write(req.headers_mut());
+        }
+        if let Err(refusal) = check_request(&req, &self.limits) {
             tracing::debug!(reason = refusal.code.as_str(), "request refused");
             if let Some(limit) = refusal.limit {
                 self.metrics.limit_refused(limit);
@@ -773,10 +752,8 @@ impl HttpConn {
             }
             return resp;
         }
-        // After the checks, so that the fields the proxy adds never push a request over
-        // a limit.
-        if let Some(propagate) = trail.as_deref_mut().and_then(|t| t.propagate.take()) {
-            propagate.write(req.headers_mut());
+        if let Some(p) = propagate {
+            p.write(req.headers_mut());
         }
         if let Some(refused) = self.authorize(&mut req, labels, grpc, start) {
             count_refused();
@@ -1742,76 +1719,6 @@ impl Body for RequestBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A GET with `Host` and `n` more fields of 8-byte values, then `extra`.
-    fn with_fields(n: usize, extra: &[(&str, &str)]) -> Request<()> {
-        let mut b = Request::get("/").header(HOST, "cart");
-        for i in 0..n {
-            b = b.header(format!("x-f{i:03}"), "vvvvvvvv");
-        }
-        for (name, value) in extra {
-            b = b.header(*name, *value);
-        }
-        b.body(()).unwrap()
-    }
-
-    const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-
-    #[test]
-    fn only_after_a_peer_is_the_trace_context_a_proxy_writes_left_out_of_the_count() {
-        let limits = Limits::default();
-        let max = limits.max_request_headers_count;
-        let code = |r: &Request<()>, after_peer| check_request(r, &limits, after_peer).err();
-        let over = Some(Refusal::limit(
-            ErrorCode::RequestHeadersTooLarge,
-            Limit::RequestHeadersCount,
-        ));
-        // The client's own sidecar counts every field the client sent.
-        let traced = with_fields(max - 1, &[("traceparent", TP)]);
-        assert_eq!(code(&traced, false), over);
-        assert_eq!(code(&traced, true), None);
-        let every_form = with_fields(
-            max - 1,
-            &[
-                ("traceparent", TP),
-                ("b3", "a-b-1"),
-                ("x-b3-traceid", "a"),
-                ("x-b3-spanid", "b"),
-                ("x-b3-parentspanid", "c"),
-                ("x-b3-sampled", "1"),
-                ("x-b3-flags", "1"),
-            ],
-        );
-        assert_eq!(code(&every_form, true), None);
-        // One of each name, and only at the length a proxy writes: not room for more.
-        let twice = with_fields(max - 1, &[("traceparent", TP), ("traceparent", TP)]);
-        assert_eq!(code(&twice, true), over);
-        let long = format!("{TP}-{}", "x".repeat(20));
-        let too_long = with_fields(max - 1, &[("traceparent", &long)]);
-        assert_eq!(code(&too_long, true), over);
-        // Within the count, a request is never refused for it either way.
-        let within = with_fields(max - 2, &[("traceparent", TP)]);
-        assert_eq!(code(&within, false), None);
-        assert_eq!(code(&within, true), None);
-    }
-
-    #[test]
-    fn after_a_peer_the_trace_context_is_left_out_of_the_header_bytes_too() {
-        let limits = Limits {
-            max_request_headers_bytes: 200,
-            ..Limits::default()
-        };
-        // Host (8) + 12 × 14 = 176 bytes, then traceparent's 66: 242 in all.
-        let traced = with_fields(12, &[("traceparent", TP)]);
-        let over = Some(Refusal::limit(
-            ErrorCode::RequestHeadersTooLarge,
-            Limit::RequestHeadersBytes,
-        ));
-        assert_eq!(check_request(&traced, &limits, false).err(), over);
-        assert_eq!(check_request(&traced, &limits, true).err(), None);
-        let more = with_fields(15, &[("traceparent", TP)]);
-        assert_eq!(check_request(&more, &limits, true).err(), over);
-    }
 
     fn copy(limit: u64) -> BodyCopy {
         BodyCopy {

@@ -1195,12 +1195,35 @@ async fn oversize_heads_are_answered_431_and_the_sidecars_keep_serving() {
     }
 }
 
-/// A request with `n` fields besides Host, within the count limit, and the trace context
-/// `trace` as the client sent it (empty: none).
-fn traced_request(n: usize, trace: &str) -> Vec<u8> {
+/// A request with `n` fields besides Host, 8 bytes of value apiece, then the lines
+/// `extra` (each with its CRLF).
+fn fields_and(n: usize, extra: &str) -> Vec<u8> {
     let mut r = many_fields(n, 8);
     r.truncate(r.len() - 2);
-    r.extend_from_slice(trace.as_bytes());
+    r.extend_from_slice(extra.as_bytes());
+    r.extend_from_slice(b"\r\n");
+    r
+}
+
+/// A request with Host and fields of 1 KiB and less whose names and values add up to
+/// exactly `total` bytes (with Host's), then the lines `extra`, which are not counted.
+fn of_bytes(total: usize, extra: &str) -> Vec<u8> {
+    let mut r = b"GET /fields HTTP/1.1\r\nHost: cart\r\n".to_vec();
+    let mut left = total - "host".len() - "cart".len();
+    let mut i = 0;
+    while left > 0 {
+        // Whole KiB fields, and the last one holds the rest (at least its name's bytes).
+        let take = if left >= 1024 + "x-f000".len() {
+            1024
+        } else {
+            left
+        };
+        let value = take - "x-f000".len();
+        r.extend_from_slice(format!("x-f{i:03}: {}\r\n", "v".repeat(value)).as_bytes());
+        left -= "x-f000".len() + value;
+        i += 1;
+    }
+    r.extend_from_slice(extra.as_bytes());
     r.extend_from_slice(b"\r\n");
     r
 }
@@ -1216,91 +1239,95 @@ fn carries_b3_multi(r: &AppRequest) {
     }
 }
 
-fn carries_b3_single(r: &AppRequest) {
+fn carries_a_lengthened_b3(r: &AppRequest) {
     carries_traceparent(r);
-    // 128-bit trace, span, decision, parent: the longest form a proxy writes.
+    // 128-bit trace, span, decision and the caller's span as parent: 17 bytes more.
     let b3 = r.values("b3");
     assert_eq!(b3.len(), 1, "{r:?}");
     assert_eq!(b3[0].len(), 32 + 1 + 16 + 1 + 1 + 1 + 16, "{r:?}");
 }
 
-/// With tracing on, the client's sidecar adds `traceparent` (and B3 in the forms that came
-/// in) to a request its client kept within the limits: the server's sidecar, which counts
-/// what it receives, must not refuse it for that (431 before the fix: on the mux from the
-/// count, in sessions and plain text from hyper's parser stopping at 100 fields).
+/// With tracing on, the client's sidecar writes `traceparent` into each request, and B3 in
+/// the forms that came in, before its checks: it checks the request as it forwards it. So
+/// the server's sidecar, which checks what it receives, never refuses what the client's
+/// accepted: a request the trace context takes over a limit is answered 431 by the
+/// client's sidecar, on every transport (before, the server's sidecar refused it: on the
+/// mux from its count, in sessions and plain text from hyper's parser stopping at 100
+/// fields, with a bare 431), and one it takes exactly to the limit is forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trace_context_a_sidecar_adds_never_pushes_a_request_over_a_limit_on_every_transport() {
+async fn a_traced_request_is_checked_as_the_client_sidecar_forwards_it_on_every_transport() {
     let limits = Limits::default();
-    let chain = Chain::with_limits(limits).await;
+    let chain = Chain::start().await;
     traced(&chain._server.proxy);
     for (_, client) in &chain.clients {
         traced(&client.proxy);
     }
-    let host = "host".len() + "cart".len();
-    let at_count = limits.max_request_headers_count - 1;
-    // B3's sampled-only form: the sidecar writes the ids beside it, three fields more.
+    let count = limits.max_request_headers_count;
+    let bytes = limits.max_request_headers_bytes;
+    let traceparent = "traceparent".len() + 55;
+    // B3's sampled-only form gains the two ids beside it, and `traceparent`.
     let b3_multi = "x-b3-sampled: 1\r\n";
-    // A B3 single header the sidecar lengthens: a 64-bit span becomes the parent of its own.
-    let b3_single = format!("b3: {}-{}-1\r\n", "a".repeat(32), "b".repeat(16));
-    // Exactly the bytes limit with no trace context of its own.
-    let name = "x-f000".len();
-    let each = (limits.max_request_headers_bytes - host) / 50 - name;
-    let mut at_bytes = many_fields(50, each);
-    let short = limits.max_request_headers_bytes - host - 50 * (name + each);
-    at_bytes.truncate(at_bytes.len() - 2);
-    at_bytes.extend_from_slice(format!("x-g: {}\r\n\r\n", "v".repeat(short - 3)).as_bytes());
-    for (what, bytes, check) in [
+    // A `b3` the sidecar lengthens with the caller's span as the parent, and `traceparent`.
+    let b3 = format!("b3: {}-{}-1\r\n", "a".repeat(32), "b".repeat(16));
+    let b3_bytes = "b3".len() + 32 + 1 + 16 + 1 + 1;
+    // Sent this many bytes, each request is forwarded with exactly the limit.
+    let tp_at = bytes - traceparent;
+    let b3_at = bytes - traceparent - 17 - b3_bytes;
+    let forwarded = [
         (
-            "exactly as many fields as the limit",
-            traced_request(at_count, ""),
+            "a field short of the count: traceparent makes it the limit",
+            fields_and(count - 2, ""),
             carries_traceparent as fn(&AppRequest),
         ),
         (
-            "exactly as many fields as the limit, with x-b3-sampled",
-            traced_request(at_count - 1, b3_multi),
+            "x-b3-sampled, with the three fields it gains the limit",
+            fields_and(count - 5, b3_multi),
             carries_b3_multi,
         ),
         (
-            "exactly as many fields as the limit, with a b3 the sidecar lengthens",
-            traced_request(at_count - 1, &b3_single),
-            carries_b3_single,
-        ),
-        (
-            "exactly the header bytes limit",
-            at_bytes,
+            "the header bytes the trace context takes to the limit",
+            of_bytes(tp_at, ""),
             carries_traceparent,
         ),
-    ] {
-        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        (
+            "a b3 lengthened to the header bytes limit",
+            of_bytes(b3_at, &b3),
+            carries_a_lengthened_b3,
+        ),
+    ];
+    for (what, request, check) in forwarded {
+        let request: &'static [u8] = Box::leak(request.into_boxed_slice());
         let paths: &'static [&'static str] = &["/fields"];
-        case(
-            &chain,
-            what,
-            bytes,
-            &Expect::Forwarded {
-                paths,
-                close: false,
-                check,
-            },
-        )
-        .await;
+        let expect = Expect::Forwarded {
+            paths,
+            close: false,
+            check,
+        };
+        case(&chain, what, request, &expect).await;
     }
-    // The limits still hold for what the client sent: one field over them is refused by
-    // the client's own sidecar, trace context or not.
-    for (what, bytes) in [
+    let refused = [
+        ("exactly the count limit", fields_and(count - 1, "")),
         (
-            "one field over the count limit",
-            traced_request(at_count + 1, ""),
+            "x-b3-sampled, with the three fields it gains one over",
+            fields_and(count - 4, b3_multi),
         ),
+        ("a byte over, with traceparent", of_bytes(tp_at + 1, "")),
         (
-            "one field over the count limit, one of them traceparent",
-            traced_request(
-                at_count,
-                "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n",
-            ),
+            "a byte over, with a lengthened b3",
+            of_bytes(b3_at + 1, &b3),
         ),
-    ] {
-        case(&chain, what, &bytes, &Expect::Refused(431)).await;
+    ];
+    for (what, request) in refused {
+        case(&chain, what, &request, &Expect::Refused(431)).await;
         still_serving(&chain).await;
     }
+    let far = chain._server.proxy.metrics.encode().unwrap();
+    let refused_far: Vec<&str> = far
+        .lines()
+        .filter(|l| l.starts_with("weft_limit_refusals_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(
+        refused_far.is_empty(),
+        "the server's sidecar refused what the client's accepted: {refused_far:?}"
+    );
 }

@@ -31,39 +31,6 @@ pub const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 /// B3 multi-header: `1` is the debug flag (sampled, and forced).
 pub const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
-/// The fields [`Hop::write`] may add to a request or lengthen: the ones a peer proxy's
-/// tracing can put on a request that was within the limits when its client sent it.
-pub const WRITTEN: [HeaderName; 7] = [
-    TRACEPARENT,
-    B3,
-    B3_TRACE_ID,
-    B3_SPAN_ID,
-    B3_PARENT_SPAN_ID,
-    B3_SAMPLED,
-    B3_FLAGS,
-];
-
-/// The longest value [`Hop::write`] writes: a `b3` with a 128-bit trace id, a span, the
-/// decision and a parent (`32-16-1-16`).
-pub const MAX_WRITTEN_VALUE: usize = 32 + 1 + 16 + 1 + 1 + 1 + 16;
-
-/// The fields and bytes (names and values) of the trace context a proxy may have written
-/// into `headers`: the first field of each [`WRITTEN`] name whose value is no longer than
-/// one [`Hop::write`] writes. At most 7 fields and 7 × (18 + 68) bytes.
-pub fn written_size(headers: &HeaderMap) -> (usize, usize) {
-    let mut fields = 0;
-    let mut bytes = 0;
-    for name in &WRITTEN {
-        if let Some(v) = headers.get(name)
-            && v.len() <= MAX_WRITTEN_VALUE
-        {
-            fields += 1;
-            bytes += name.as_str().len() + v.len();
-        }
-    }
-    (fields, bytes)
-}
-
 /// A 128-bit trace id; never all zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TraceId(pub [u8; 16]);
