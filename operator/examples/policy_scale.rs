@@ -239,8 +239,9 @@ struct Sample {
     /// Subscribers whose view changed (woken).
     changed: usize,
     /// The wall time of asking every subscriber whether the change touches it, as
-    /// `SharedIndex::update` does: the part of `wall` that grows with every subscriber of
-    /// the cluster rather than with those touched.
+    /// `SharedIndex::update` did until it asked only those the change may touch (its
+    /// pods', its namespaces', and pods that see other namespaces): what that saves, not
+    /// a part of `wall` any more.
     scan: Duration,
 }
 

@@ -43,6 +43,11 @@ impl Selection {
         self.by_pod.get(pod).into_iter().flatten().map(|k| &**k)
     }
 
+    /// How many Policies select `pod`.
+    pub fn count(&self, pod: &ObjectKey) -> usize {
+        self.by_pod.get(pod).map_or(0, BTreeSet::len)
+    }
+
     /// The pods `policy` selects, by key.
     pub fn pods<'a>(&'a self, policy: &ObjectKey) -> impl Iterator<Item = &'a ObjectKey> + use<'a> {
         self.by_policy
