@@ -370,7 +370,22 @@ impl HttpConn {
             }
         }
 
-        edit_request(&mut req, rule, matched);
+        // The next proxy checks what it receives: a request this rule's edits take over a
+        // limit is refused here, where the Route that did it is known, never there.
+        if edit_request(&mut req, rule, matched)
+            && let Err(refusal) = crate::http::check_request(&req, &self.limits)
+        {
+            tracing::debug!(
+                reason = refusal.code.as_str(),
+                route = %route.spec.name,
+                rule = %rule.label,
+                "request over a limit after the rule's edits"
+            );
+            if let Some(limit) = refusal.limit {
+                self.metrics.limit_refused(limit);
+            }
+            return self.fail(x.labels, refusal.code, x.grpc, x.start);
+        }
 
         let replay_wanted = rule.retry.as_ref().is_some_and(|r| r.attempts() > 0)
             || rule.mirror.is_some_and(|m| m.percentage > 0);
@@ -1006,8 +1021,8 @@ fn set_path<B>(req: &mut Request<B>, path: &str) {
     }
 }
 
-/// The rule's request header edits and path rewrite.
-fn edit_request(req: &mut Request<RequestBody>, rule: &Rule, matched: Option<usize>) {
+/// Applies the rule's request header edits and path rewrite; whether it has any.
+fn edit_request(req: &mut Request<RequestBody>, rule: &Rule, matched: Option<usize>) -> bool {
     if let Some(edits) = &rule.request_headers {
         edits.apply(req.headers_mut());
     }
@@ -1018,6 +1033,7 @@ fn edit_request(req: &mut Request<RequestBody>, rule: &Rule, matched: Option<usi
         let path = rewrite.apply(req.uri().path(), prefix);
         set_path(req, &path);
     }
+    rule.request_headers.is_some() || rule.rewrite.is_some()
 }
 
 /// How an attempt ended, for its span event.

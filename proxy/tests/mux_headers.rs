@@ -297,6 +297,20 @@ impl Chain {
     }
 
     async fn with_limits(limits: Limits) -> Chain {
+        Chain::with(limits, None).await
+    }
+
+    /// A chain whose client sidecars route the service with these Route `rules`.
+    async fn routed(rules: serde_json::Value) -> Chain {
+        Chain::with(Limits::default(), Some(rules)).await
+    }
+
+    async fn with(limits: Limits, rules: Option<serde_json::Value>) -> Chain {
+        let route = |c: &mut serde_json::Value| {
+            if let Some(rules) = &rules {
+                c["services"][0]["route"] = serde_json::json!({"name": "shop/web", "rules": rules});
+            }
+        };
         let ca = Ca::new("mesh root");
         let app = RecordingApp::start().await;
         let server = TestProxy::start_kind(
@@ -313,6 +327,7 @@ impl Chain {
             ca.install(&store, CLIENT_ID);
             let mut c = config(&[("web", &[server.addr])]);
             c["services"][0]["endpoints"][0]["identity"] = serde_json::json!(SERVER_ID);
+            route(&mut c);
             let client = TestProxy::start_kind(
                 proxy_with(Some(store), limits),
                 ListenerKind::Forward(Arc::from("web")),
@@ -320,10 +335,12 @@ impl Chain {
             );
             clients.push((name, client));
         }
+        let mut c = config(&[("web", &[server.addr])]);
+        route(&mut c);
         let plain = TestProxy::start_kind(
             proxy_with(None, limits),
             ListenerKind::Forward(Arc::from("web")),
-            config(&[("web", &[server.addr])]),
+            c,
         );
         clients.push(("plain", plain));
         Chain {
@@ -516,6 +533,9 @@ enum Expect {
     /// Answered with this status by a proxy (no request reaches the application) and the
     /// connection closed.
     Refused(u16),
+    /// Answered with this status by a proxy (no request reaches the application), and the
+    /// connection, whose framing was never in doubt, serves a next request.
+    RefusedInStep(u16),
     /// Forwarded: the application receives requests to exactly these paths, in order
     /// (each one checked by `check`), and the client gets one `200 ok` per request;
     /// `close`: the connection then closes (else a next request is served on it).
@@ -555,6 +575,19 @@ async fn case(chain: &Chain, what: &str, bytes: &[u8], expect: &Expect) {
                     "{ctx}: reached the application: {:?}",
                     seen.requests
                 );
+                assert!(seen.malformed.is_empty(), "{ctx}: {:?}", seen.malformed);
+            }
+            Expect::RefusedInStep(status) => {
+                written.unwrap();
+                let a = read_answer(&mut s)
+                    .await
+                    .unwrap_or_else(|| panic!("{ctx}: closed without an answer"));
+                assert_eq!(a.status(), *status, "{ctx}: {}", a.head);
+                next_in_step(&mut s, &ctx).await;
+                let seen = chain.app.take();
+                let got: Vec<&str> = seen.requests.iter().map(AppRequest::path).collect();
+                assert_eq!(got, ["/next"], "{ctx}: reached the application");
+                assert!(seen.partial.is_empty(), "{ctx}: {:?}", seen.partial);
                 assert!(seen.malformed.is_empty(), "{ctx}: {:?}", seen.malformed);
             }
             Expect::Forwarded {
@@ -1330,4 +1363,116 @@ async fn a_traced_request_is_checked_as_the_client_sidecar_forwards_it_on_every_
         refused_far.is_empty(),
         "the server's sidecar refused what the client's accepted: {refused_far:?}"
     );
+}
+
+fn carries_the_routes_field(r: &AppRequest) {
+    assert_eq!(r.values("x-added"), ["route"], "{r:?}");
+}
+
+/// `GET <path>` with Host alone.
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: cart\r\n\r\n").into_bytes()
+}
+
+/// A Route's header edits and path rewrite come after the client sidecar's checks of what
+/// it received, so it checks the request again as the rule made it: one the rule takes
+/// exactly to a limit reaches the application, one it takes over is answered 431 (414 for
+/// the target) by the client's sidecar, on every transport, and the connection, whose
+/// framing was never in doubt, stays in step. The server's sidecar refuses nothing (before,
+/// it refused them all: the client's sidecar forwarded what its rule had enlarged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_edits_are_checked_as_the_client_sidecar_forwards_them_on_every_transport() {
+    let limits = Limits::default();
+    // 1,000 bytes in place of `/long`'s 5.
+    let replacement = format!("/{}", "x".repeat(999));
+    let grows = replacement.len() - "/long".len();
+    let chain = Chain::routed(serde_json::json!([
+        {
+            "matches": [{"path": {"prefix": "/long"}}],
+            "rewrite": {"replacePrefixMatch": replacement},
+        },
+        {"requestHeaders": {"add": [{"name": "x-added", "value": "route"}]}},
+    ]))
+    .await;
+    let count = limits.max_request_headers_count;
+    let added = "x-added".len() + "route".len();
+    let at_bytes = limits.max_request_headers_bytes - added;
+    let target = limits.max_request_target_bytes;
+    // `/long/ppp…`, rewritten `/xxx…/ppp…`, `target - grows + over` bytes sent.
+    let long = |over: usize| format!("/long/{}", "p".repeat(target - grows + over - 6));
+    let rewritten: &'static str = Box::leak(
+        format!(
+            "{replacement}/{}",
+            "p".repeat(target - replacement.len() - 1)
+        )
+        .into_boxed_str(),
+    );
+    assert_eq!(rewritten.len(), target);
+    let forwarded = [
+        (
+            "a field short of the count: the rule's field makes it the limit",
+            fields_and(count - 2, ""),
+            &["/fields"] as &'static [&'static str],
+        ),
+        (
+            "the header bytes the rule's field takes to the limit",
+            of_bytes(at_bytes, ""),
+            &["/fields"],
+        ),
+        (
+            "a target the rewrite takes to the limit",
+            get(&long(0)),
+            Box::leak(Box::new([rewritten])),
+        ),
+    ];
+    for (what, request, paths) in forwarded {
+        let request: &'static [u8] = Box::leak(request.into_boxed_slice());
+        let check = if paths[0] == "/fields" {
+            carries_the_routes_field as fn(&AppRequest)
+        } else {
+            no_check
+        };
+        let expect = Expect::Forwarded {
+            paths,
+            close: false,
+            check,
+        };
+        case(&chain, what, request, &expect).await;
+    }
+    let refused = [
+        (
+            "exactly the count limit, and the rule's field",
+            fields_and(count - 1, ""),
+            431,
+        ),
+        (
+            "a byte over, with the rule's field",
+            of_bytes(at_bytes + 1, ""),
+            431,
+        ),
+        ("a target the rewrite takes a byte over", get(&long(1)), 414),
+    ];
+    for (what, request, status) in refused {
+        case(&chain, what, &request, &Expect::RefusedInStep(status)).await;
+    }
+    let far = chain._server.proxy.metrics.encode().unwrap();
+    let refused_far: Vec<&str> = far
+        .lines()
+        .filter(|l| l.starts_with("weft_limit_refusals_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(
+        refused_far.is_empty(),
+        "the server's sidecar refused what the client's accepted: {refused_far:?}"
+    );
+    for (transport, client) in &chain.clients {
+        let near = client.proxy.metrics.encode().unwrap();
+        for limit in [
+            "request_headers_count",
+            "request_headers_bytes",
+            "request_target_bytes",
+        ] {
+            let line = format!("weft_limit_refusals_total{{limit=\"{limit}\"}} 1");
+            assert!(near.lines().any(|l| l == line), "{transport}: no {line}");
+        }
+    }
 }
