@@ -764,6 +764,9 @@ impl HttpConn {
             return refused;
         }
 
+        if req.headers().contains_key(UPGRADE) {
+            drop_h2c_upgrade(req.headers_mut());
+        }
         let upgrade = is_upgrade(&req);
         // RFC 9110 §9.3.6: CONNECT goes to the destination as it is (authority-form), and
         // a 2xx answer turns both connections into one tunnel, as a 101 does for Upgrade.
@@ -986,10 +989,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         // §6.3). hyper's server does so for requests, its client not for responses.
         headers.remove(http::header::CONTENT_LENGTH);
     }
-    if let Some(te) = headers.get(TE)
-        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
-    {
-        headers.remove(TE);
+    if headers.contains_key(TE) {
+        keep_te_trailers(headers);
     }
     if keep_upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -1049,6 +1050,67 @@ fn strip_trailer_fields(mut frame: Frame<Bytes>) -> Frame<Bytes> {
 
 /// Whether `name` is one of the fixed hop-by-hop fields; fields named by `Connection` only
 /// matter when `Connection` itself is present, which this also reports.
+/// Leaves `TE: trailers`, as one field, when any `TE` field names `trailers`, and no `TE`
+/// otherwise: the rest of `TE` is about this hop, and HTTP/2 allows nothing else (RFC
+/// 9113 §8.2.2), where h2 would refuse the request. A later field must not ride along
+/// behind a first `trailers`.
+fn keep_te_trailers(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(TE).iter();
+    let first = values.next();
+    if first.is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        && values.next().is_none()
+    {
+        return;
+    }
+    let trailers = headers
+        .get_all(TE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+    if trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    } else {
+        headers.remove(TE);
+    }
+}
+
+/// Removes an offer to switch to `h2c` (RFC 7540 §3.2, removed from RFC 9113) from a
+/// request's `Upgrade`, with its `HTTP2-Settings`, keeping any other protocol offered.
+/// Passed on, an application that accepts it would answer `101` and take HTTP/2 requests
+/// inside the tunnel, past every per-request rule of the proxy (authorization, routes,
+/// limits): "h2c smuggling". Envoy drops the offer too; a client that wants HTTP/2 to a
+/// meshed application sends it with prior knowledge, which the proxy serves.
+fn drop_h2c_upgrade(headers: &mut HeaderMap) {
+    let is_h2c = |t: &str| {
+        let t = t.trim();
+        t.eq_ignore_ascii_case("h2c")
+            || t.as_bytes()
+                .get(..4)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"h2c/"))
+    };
+    let offered: Vec<String> = headers
+        .get_all(UPGRADE)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    if !offered.iter().flat_map(|v| v.split(',')).any(is_h2c) {
+        return;
+    }
+    let others: Vec<&str> = offered
+        .iter()
+        .flat_map(|v| v.split(','))
+        .filter(|t| !is_h2c(t) && !t.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    headers.remove(UPGRADE);
+    headers.remove("http2-settings");
+    if let Ok(v) = HeaderValue::from_str(&others.join(", "))
+        && !others.is_empty()
+    {
+        headers.insert(UPGRADE, v);
+    }
+}
+
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == CONNECTION
         || name == TE
@@ -1788,6 +1850,63 @@ mod tests {
         assert_eq!(h[TE], "trailers");
         assert_eq!(h[UPGRADE], "websocket");
         assert_eq!(h[CONNECTION], "upgrade");
+    }
+
+    /// `TE` goes on as `trailers` alone, or not at all: never a later value behind a
+    /// first `trailers` (which h2 would refuse over the mux).
+    #[test]
+    fn te_goes_on_as_trailers_alone() {
+        for (values, kept) in [
+            (&["trailers"][..], Some("trailers")),
+            (&["trailers", "gzip"], Some("trailers")),
+            (&["gzip", "Trailers"], Some("trailers")),
+            (&["gzip, trailers;q=1"], None),
+            (&["deflate, trailers"], Some("trailers")),
+            (&["gzip"], None),
+        ] {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(TE, HeaderValue::from_str(v).unwrap());
+            }
+            strip_hop_by_hop(&mut h, false);
+            let got: Vec<&HeaderValue> = h.get_all(TE).iter().collect();
+            assert_eq!(got, kept.into_iter().collect::<Vec<_>>(), "{values:?}");
+        }
+    }
+
+    /// An offer to switch to h2c is dropped, with its settings, whatever its case or
+    /// version; other protocols offered beside it stay.
+    #[test]
+    fn an_h2c_upgrade_offer_is_dropped() {
+        for (upgrade, left) in [
+            ("h2c", None),
+            ("H2C", None),
+            ("h2c/1, websocket", Some("websocket")),
+            ("websocket, h2c", Some("websocket")),
+            ("websocket", Some("websocket")),
+            ("h2cé", Some("h2cé")),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                CONNECTION,
+                HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+            );
+            h.insert(
+                UPGRADE,
+                HeaderValue::from_bytes(upgrade.as_bytes()).unwrap(),
+            );
+            h.insert(
+                "http2-settings",
+                HeaderValue::from_static("AAMAAABkAAQAAP__"),
+            );
+            drop_h2c_upgrade(&mut h);
+            let got = h
+                .get(UPGRADE)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            assert_eq!(got.as_deref(), left, "{upgrade}");
+            let h2c = left != Some(upgrade);
+            assert_eq!(h.contains_key("http2-settings"), !h2c, "{upgrade}");
+        }
     }
 
     #[test]

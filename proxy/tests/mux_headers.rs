@@ -30,6 +30,7 @@ use tokio::{
 };
 use weft_proxy::{
     LocalPorts, Proxy,
+    detect::{MAX_DETECT_BYTES, Protocol, classify},
     identity::{Http1Transport, IdentityStore},
     limits::Limits,
     server::{BeforeConfig, ListenerKind},
@@ -137,6 +138,9 @@ async fn app_connection(mut s: TcpStream, record: Arc<Mutex<Record>>) {
                     }
                     // Read to the connection's close (RFC 9112 §6.3).
                     "/gzip-to-close" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\ngzip",
+                    _ if req.line.starts_with("HEAD ") => {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+                    }
                     _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
                 };
                 let close = req.path() == "/gzip-to-close";
@@ -147,7 +151,12 @@ async fn app_connection(mut s: TcpStream, record: Arc<Mutex<Record>>) {
                 continue;
             }
             Framed::Malformed(why) => {
-                record.lock().unwrap().malformed.push(why);
+                let got = String::from_utf8_lossy(&buf[..buf.len().min(512)]);
+                record
+                    .lock()
+                    .unwrap()
+                    .malformed
+                    .push(format!("{why} in {got:?}"));
                 return;
             }
             Framed::More => {}
@@ -502,6 +511,12 @@ fn well_formed(transport: &str, what: &str, r: &AppRequest) {
         !(r.has("content-length") && r.has("transfer-encoding")),
         "{ctx}"
     );
+    // An upgrade request keeps `Upgrade` and `Connection: upgrade`, so that the
+    // application can switch; never to h2c.
+    let upgrade = r.values("connection") == ["upgrade"] && r.has("upgrade");
+    for offered in r.values("upgrade") {
+        assert!(!offered.to_ascii_lowercase().contains("h2c"), "{ctx}");
+    }
     for hop in [
         "connection",
         "keep-alive",
@@ -509,7 +524,11 @@ fn well_formed(transport: &str, what: &str, r: &AppRequest) {
         "upgrade",
         "weft-orig-proto",
     ] {
-        assert!(!r.has(hop), "{hop} reached the application; {ctx}");
+        let allowed = upgrade && (hop == "connection" || hop == "upgrade");
+        assert!(
+            allowed || !r.has(hop),
+            "{hop} reached the application; {ctx}"
+        );
     }
     for te in r.values("te") {
         assert_eq!(te, "trailers", "{ctx}");
@@ -943,6 +962,84 @@ async fn hop_by_hop_fields_stop_at_the_first_proxy_on_every_transport() {
             paths: &["/framed-chunked"],
             close: false,
             check: |r| assert_eq!(r.body, b"hello", "{r:?}"),
+        },
+    )
+    .await;
+}
+
+/// `TE` goes on as `trailers` alone: a later `TE` behind a first `trailers` reached the
+/// application on HTTP/1 (and h2 refused the request on the mux).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn te_crosses_as_trailers_alone_on_every_transport() {
+    let chain = Chain::start().await;
+    for (what, bytes) in [
+        (
+            "TE: trailers, then TE: gzip",
+            &b"GET /te HTTP/1.1\r\nHost: cart\r\nTE: trailers\r\nTE: gzip\r\n\r\n"[..],
+        ),
+        (
+            "TE: gzip, then TE: trailers",
+            b"GET /te HTTP/1.1\r\nHost: cart\r\nTE: gzip\r\nTE: trailers\r\n\r\n",
+        ),
+    ] {
+        case(
+            &chain,
+            what,
+            bytes,
+            &Expect::Forwarded {
+                paths: &["/te"],
+                close: false,
+                check: |r| assert_eq!(r.values("te"), ["trailers"], "{r:?}"),
+            },
+        )
+        .await;
+    }
+}
+
+/// An offer to switch to h2c never reaches the application, from a client sidecar or
+/// straight at the server's: an application that took it would answer `101` and serve
+/// HTTP/2 requests inside the tunnel, past the server sidecar's authorization ("h2c
+/// smuggling"). The request itself goes on, as plain HTTP/1.1; another protocol offered
+/// beside h2c stays an upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_offer_never_reaches_the_application() {
+    let chain = Chain::start().await;
+    let offer: &[u8] = b"GET /h2c HTTP/1.1\r\nHost: cart\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
+    let no_offer = |r: &AppRequest| {
+        for field in ["upgrade", "http2-settings", "connection"] {
+            assert!(!r.has(field), "{field} reached the application: {r:?}");
+        }
+    };
+    case(
+        &chain,
+        "Upgrade: h2c",
+        offer,
+        &Expect::Forwarded {
+            paths: &["/h2c"],
+            close: false,
+            check: no_offer,
+        },
+    )
+    .await;
+    // Straight at the server's sidecar, in plain text (a client outside the mesh).
+    let mut s = connect(chain._server.addr).await;
+    s.write_all(offer).await.unwrap();
+    let a = read_answer(&mut s).await.expect("an answer");
+    assert_eq!(a.status(), 200, "{}", a.head);
+    let seen = chain.app.take();
+    assert_eq!(seen.requests.len(), 1, "{:?}", seen.requests);
+    no_offer(&seen.requests[0]);
+    case(
+        &chain,
+        "Upgrade: h2c, websocket",
+        b"GET /ws HTTP/1.1\r\nHost: cart\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c, websocket\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+        &Expect::Forwarded {
+            paths: &["/ws"],
+            close: false,
+            check: |r| {
+                assert_eq!(r.values("upgrade"), ["websocket"], "{r:?}");
+                assert!(!r.has("http2-settings"), "{r:?}");
+            },
         },
     )
     .await;
@@ -1475,4 +1572,388 @@ async fn a_routes_edits_are_checked_as_the_client_sidecar_forwards_them_on_every
             assert!(near.lines().any(|l| l == line), "{transport}: no {line}");
         }
     }
+}
+
+// ---- generated requests ----
+
+/// Panics on the runtime's worker threads, where the proxies' tasks run: tokio catches
+/// them and drops the task, so a test would not see one otherwise.
+static WORKER_PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_worker_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let worker = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("tokio-runtime-worker"));
+            if worker {
+                WORKER_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// One request, mostly well formed with a few odd parts: a request line, header fields
+/// and a body drawn from lists of what clients, attackers and broken libraries send, so
+/// that framing, fields and body often disagree. With the most messages a server could read
+/// in the bytes: the body may be read as a next request, and a second one may follow.
+/// Each request carries `X-Case: @@`, for the sender to fill in ([`MARK`]).
+fn odd_request(rng: &mut impl rand::Rng) -> (Vec<u8>, usize) {
+    // `usual` most of the time (`in_ten` in ten), else any of `odd`.
+    fn part(rng: &mut dyn rand::RngCore, in_ten: u32, usual: &[&str], odd: &[&str]) -> String {
+        let list = if rand::Rng::random_range(rng, 0..10) < in_ten {
+            usual
+        } else {
+            odd
+        };
+        list[rand::Rng::random_range(rng, 0..list.len())].to_owned()
+    }
+    let long = "a".repeat(9 * 1024);
+    let method = part(
+        rng,
+        8,
+        &["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"],
+        &["get", "G ET", "PRI", "", "X-CUSTOM", "GET\t"],
+    );
+    let target = part(
+        rng,
+        7,
+        &["/", "/a?b=c", "/api/x", "/a%20b"],
+        &[
+            "*",
+            "http://cart/x",
+            "http://other:81/y",
+            "https://cart/z",
+            "cart:80",
+            "/%00",
+            "/a b",
+            "//x",
+            "/../x",
+            "/a/%2e%2e/b",
+            "/\u{1}",
+            "",
+            "/é",
+            "/a#frag",
+            "?q",
+        ],
+    );
+    let version = part(
+        rng,
+        9,
+        &["HTTP/1.1", "HTTP/1.1", "HTTP/1.0"],
+        &[
+            "HTTP/2.0",
+            "HTTP/1.2",
+            "http/1.1",
+            "HTTP/1.1 x",
+            "",
+            "HTTP/1.10",
+            "HTTP/0.9",
+        ],
+    );
+    let host = part(
+        rng,
+        8,
+        &["Host: cart"],
+        &[
+            "",
+            "Host: other",
+            "Host:",
+            "Host: a b",
+            "Host: cart\r\nHost: cart",
+            "Host: cart:99999",
+            "host: CART",
+        ],
+    );
+    let fields = [
+        "Content-Length: 5",
+        "Content-Length: 0",
+        "Content-Length: +5",
+        "Content-Length: 5, 5",
+        "Content-Length: 5, 6",
+        "Content-Length: -1",
+        "Content-Length: 99999999999999999999",
+        "Transfer-Encoding: chunked",
+        "Transfer-Encoding: chunked",
+        "Transfer-Encoding: gzip, chunked",
+        "Transfer-Encoding: chunked, gzip",
+        "Transfer-Encoding: identity",
+        "Transfer-Encoding : chunked",
+        "Transfer-Encoding:\tchunked",
+        " X-Folded: a",
+        "X-Null: a\0b",
+        "X-Empty:",
+        ": no-name",
+        "No-Colon",
+        "Expect: 100-continue",
+        "Expect: nonsense",
+        "Connection: close",
+        "Connection: keep-alive, x-drop",
+        "X-Drop: 1",
+        "Connection: upgrade",
+        "Upgrade: websocket",
+        "Upgrade: h2c",
+        "HTTP2-Settings: AAMAAABkAAQAAP__",
+        "weft-orig-proto: HTTP/1.0",
+        "weft-orig-proto: HTTP/9",
+        "x-forwarded-client-cert: URI=spiffe://evil/ns/x/sa/y",
+        "TE: trailers",
+        "TE: gzip",
+        "Trailer: x-t",
+        "Content-Type: application/grpc",
+        "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "traceparent: garbage",
+        "b3: 1",
+        "weft-error: forbidden",
+        "weft-unsent: 1",
+        "Keep-Alive: timeout=5",
+        "Proxy-Connection: keep-alive",
+        "X-Utf8: é",
+        "X-Obs: \u{80}\u{ff}",
+    ];
+    let eol = if rng.random_range(0..20) == 0 {
+        "\n"
+    } else {
+        "\r\n"
+    };
+    let target = if rng.random_range(0..30) == 0 {
+        format!("/{long}")
+    } else {
+        target
+    };
+    let mut r = format!("{method} {target} {version}{eol}X-Case: {MARK}{eol}");
+    if !host.is_empty() {
+        r.push_str(&host);
+        r.push_str(eol);
+    }
+    let mut chosen = Vec::new();
+    for _ in 0..rng.random_range(0..5) {
+        let f = fields[rng.random_range(0..fields.len())];
+        chosen.push(f);
+        r.push_str(f);
+        r.push_str(eol);
+    }
+    if rng.random_range(0..20) == 0 {
+        r.push_str(&format!("X-Long: {long}{long}{eol}"));
+    }
+    r.push_str(eol);
+    let chunked = chosen.contains(&"Transfer-Encoding: chunked");
+    let length = chosen.contains(&"Content-Length: 5");
+    let body = match (rng.random_range(0..10), chunked, length) {
+        (0..6, true, _) => "5\r\nhello\r\n0\r\n\r\n".to_owned(),
+        (0..6, false, true) => "hello".to_owned(),
+        (0..6, false, false) => String::new(),
+        _ => part(
+            rng,
+            0,
+            &[],
+            &[
+                "",
+                "hello",
+                "5\r\nhello\r\n0\r\n\r\n",
+                "5;ext=1\r\nhello\r\n0\r\n\r\n",
+                "5\r\nhello\r\n0\r\nx-t: 1\r\nconnection: close\r\n\r\n",
+                "zz\r\nhello\r\n0\r\n\r\n",
+                "5\r\nhel",
+                "0\r\n\r\n",
+                "5\nhello\n0\n\n",
+                "5\r\nhelloXX0\r\n\r\n",
+                "ffffffffffffffffff\r\n",
+                "GET /smuggled HTTP/1.1\r\nHost: cart\r\nX-Case: @@\r\n\r\n",
+                "0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: cart\r\nX-Case: @@\r\n\r\n",
+            ],
+        ),
+    };
+    r.push_str(&body);
+    let mut messages = 1 + usize::from(!body.is_empty()) + usize::from(body.contains("/smuggled"));
+    if rng.random_range(0..3) == 0 {
+        r.push_str("GET /second HTTP/1.1\r\nHost: cart\r\nX-Case: @@\r\n\r\n");
+        messages += 1;
+    }
+    (r.into_bytes(), messages)
+}
+
+/// The bytes the proxy's protocol detection decides on.
+fn detected(bytes: &[u8]) -> &[u8] {
+    &bytes[..bytes.len().min(MAX_DETECT_BYTES)]
+}
+
+/// Where a generated request says which case and transport sent it, so that a request
+/// reaching the application late is still judged by its own transport.
+const MARK: &str = "@@";
+
+/// The responses in what a client read, in order: each must be a whole HTTP/1.1 response
+/// (a head, and the body its framing says, none when another head follows at once), but
+/// the last may be cut short by a reset.
+/// `None` when the bytes are not responses at all.
+fn responses(mut back: &[u8]) -> Option<Vec<u16>> {
+    let mut statuses = Vec::new();
+    while !back.is_empty() {
+        let Some(end) = find(back, b"\r\n\r\n") else {
+            return back.starts_with(b"HTTP/1.1 ").then_some(statuses);
+        };
+        let head = String::from_utf8_lossy(&back[..end]).to_lowercase();
+        if !head.starts_with("http/1.1 ") && !head.starts_with("http/1.0 ") {
+            return None;
+        }
+        statuses.push(head.get(9..12)?.parse().ok()?);
+        back = &back[end + 4..];
+        // An answer to `HEAD` has no body, whatever its framing says.
+        if back.starts_with(b"HTTP/1.") {
+            continue;
+        }
+        let length = head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            (n.trim() == "content-length").then(|| v.trim().parse::<usize>().ok())?
+        });
+        if let Some(n) = length {
+            back = &back[n.min(back.len())..];
+        } else if head.contains("transfer-encoding: chunked") {
+            let Some(last) = find(back, b"0\r\n\r\n") else {
+                return Some(statuses);
+            };
+            back = &back[last + 5..];
+        }
+    }
+    Some(statuses)
+}
+
+/// Requests drawn at random from odd parts ([`odd_request`]), each sent on a new
+/// connection through every transport, then the client's side closed: no proxy panics or
+/// leaves the connection hanging, what the client reads back is whole responses and no
+/// more than one per request it sent, what reaches the application is well framed with one
+/// `Host` and none of the mesh's fields but the identity the server sidecar verified, and
+/// every sidecar keeps serving. Seeded (`WEFT_FUZZ_SEED`, default 1), `WEFT_FUZZ_CASES`
+/// requests (default 1,000), stopped after 60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_odd_requests_never_panic_hang_or_reach_the_application_malformed() {
+    use rand::SeedableRng as _;
+    count_worker_panics();
+    let seed: u64 = std::env::var("WEFT_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let cases: usize = std::env::var("WEFT_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let chain = Chain::start().await;
+    let started = std::time::Instant::now();
+    // What each case sent (its bytes, the most messages in them), by mark.
+    // What each case sent, by mark: its bytes, the most messages in them, and whether they
+    // go as opaque TCP (then they reach the application as sent: no framing to judge).
+    let mut sent = std::collections::HashMap::<String, (Vec<u8>, usize, bool)>::new();
+    let mut reached = std::collections::HashMap::<String, usize>::new();
+    let mut opaque_cases = 0usize;
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let mut ran = 0;
+    // Judges what reached the application since the last look, each request by the
+    // transport its mark names (it may come after its client was done).
+    let mut judge =
+        |seen: Record, sent: &std::collections::HashMap<String, (Vec<u8>, usize, bool)>| {
+            for m in &seen.malformed {
+                // Opaque bytes the application could not frame: what it got is part of them.
+                let got = m
+                    .split_once(" in \"")
+                    .map_or("", |(_, g)| g.strip_suffix('"').unwrap_or(g));
+                let opaque = sent.values().any(|(bytes, _, opaque)| {
+                    *opaque && format!("{:?}", String::from_utf8_lossy(bytes)).contains(got)
+                });
+                assert!(opaque, "seed {seed}: {m}");
+            }
+            for r in &seen.requests {
+                if r.path() == "/next" {
+                    continue;
+                }
+                let mark = r.values("x-case");
+                let [mark] = mark.as_slice() else {
+                    panic!("seed {seed}: a request without one mark: {r:?}");
+                };
+                let (bytes, most, opaque) = &sent[*mark];
+                if *opaque {
+                    continue;
+                }
+                let ctx = format!("seed {seed}, {mark}: {:?}", String::from_utf8_lossy(bytes));
+                let transport = mark.rsplit('-').next().unwrap_or_default();
+                well_formed(transport, &ctx, r);
+                let n = reached.entry((*mark).to_owned()).or_default();
+                *n += 1;
+                assert!(*n <= *most, "{ctx}: the application framed {n} requests");
+            }
+        };
+    for case in 0..cases {
+        if started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        ran = case + 1;
+        let (template, most) = odd_request(&mut rng);
+        if std::env::var_os("WEFT_FUZZ_SHOW").is_some() {
+            eprintln!("case {case}: {:?}", String::from_utf8_lossy(&template));
+        }
+        // Bytes that cannot be HTTP are carried as opaque TCP, unchanged and unchecked.
+        if classify(detected(&template)) == Some(Protocol::Opaque) {
+            opaque_cases += 1;
+        }
+        for (transport, client) in &chain.clients {
+            let mark = format!("{case}-{transport}");
+            let mut bytes = Vec::new();
+            let mut rest = &template[..];
+            while let Some(at) = find(rest, MARK.as_bytes()) {
+                bytes.extend_from_slice(&rest[..at]);
+                bytes.extend_from_slice(mark.as_bytes());
+                rest = &rest[at + MARK.len()..];
+            }
+            bytes.extend_from_slice(rest);
+            let ctx = format!("seed {seed}, {mark}: {:?}", String::from_utf8_lossy(&bytes));
+            let opaque = classify(detected(&bytes)) == Some(Protocol::Opaque);
+            sent.insert(mark, (bytes.clone(), most, opaque));
+            let mut s = connect(client.addr).await;
+            let _ = s.write_all(&bytes).await;
+            let _ = s.shutdown().await;
+            let mut back = Vec::new();
+            let read = tokio::time::timeout(WAIT, async {
+                let mut chunk = [0u8; 8192];
+                loop {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => back.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await;
+            assert!(read.is_ok(), "{ctx}: neither answered and closed in 5 s");
+            let got = responses(&back).unwrap_or_else(|| {
+                panic!("{ctx}: not responses: {:?}", String::from_utf8_lossy(&back))
+            });
+            // Interim answers (`100 Continue`) aside.
+            let finals = got.iter().filter(|s| **s >= 200).count();
+            assert!(finals <= most, "{ctx}: {got:?} for at most {most} requests");
+            for status in &got {
+                *statuses.entry(*status).or_default() += 1;
+            }
+        }
+        judge(chain.app.take(), &sent);
+        if case % 25 == 24 {
+            still_serving(&chain).await;
+        }
+    }
+    still_serving(&chain).await;
+    // Requests cancelled by their client's close may still reach the application.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    judge(chain.app.take(), &sent);
+    let forwarded: usize = reached.values().sum();
+    eprintln!(
+        "seed {seed}: {ran} requests × {} transports in {:?}; {opaque_cases} carried as opaque TCP; {forwarded} reached the application; answers by status {statuses:?}",
+        chain.clients.len(),
+        started.elapsed()
+    );
+    assert_eq!(
+        WORKER_PANICS.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a task panicked (see the output above)"
+    );
 }
