@@ -1050,6 +1050,35 @@ fn strip_trailer_fields(mut frame: Frame<Bytes>) -> Frame<Bytes> {
 
 /// Whether `name` is one of the fixed hop-by-hop fields; fields named by `Connection` only
 /// matter when `Connection` itself is present, which this also reports.
+/// Leaves one `Content-Length` with one value in a message hyper accepted with a list of
+/// the same number (`3, 3`, or two fields), as RFC 9110 §8.6 lets a recipient do. Passed on
+/// as it came, a client that refuses such a list (Node's parser does) would fail, and one
+/// that reads it otherwise could disagree on where the body ends.
+pub(crate) fn single_content_length(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return;
+    };
+    if values.next().is_none() && !first.as_bytes().contains(&b',') {
+        return;
+    }
+    // hyper read the message by it, so every value is the same number.
+    let single = first
+        .as_bytes()
+        .split(|b| *b == b',')
+        .next()
+        .map(<[u8]>::trim_ascii)
+        .and_then(|v| HeaderValue::from_bytes(v).ok());
+    match single {
+        Some(v) => {
+            headers.insert(http::header::CONTENT_LENGTH, v);
+        }
+        None => {
+            headers.remove(http::header::CONTENT_LENGTH);
+        }
+    }
+}
+
 /// Leaves `TE: trailers`, as one field, when any `TE` field names `trailers`, and no `TE`
 /// otherwise: the rest of `TE` is about this hop, and HTTP/2 allows nothing else (RFC
 /// 9113 §8.2.2), where h2 would refuse the request. A later field must not ride along
@@ -1906,6 +1935,28 @@ mod tests {
             assert_eq!(got.as_deref(), left, "{upgrade}");
             let h2c = left != Some(upgrade);
             assert_eq!(h.contains_key("http2-settings"), !h2c, "{upgrade}");
+        }
+    }
+
+    /// A list of one length, in one field or several, goes on as that length alone.
+    #[test]
+    fn one_content_length_goes_on() {
+        for (values, left) in [
+            (&["3"][..], "3"),
+            (&["3, 3"], "3"),
+            (&["3", "3"], "3"),
+            (&[" 3 ,3"], "3"),
+        ] {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(
+                    http::header::CONTENT_LENGTH,
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            single_content_length(&mut h);
+            let got: Vec<&HeaderValue> = h.get_all(http::header::CONTENT_LENGTH).iter().collect();
+            assert_eq!(got, [left], "{values:?}");
         }
     }
 

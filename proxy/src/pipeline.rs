@@ -44,7 +44,7 @@ use crate::{
     errors::{ErrorCode, UNSENT_HEADER},
     http::{
         BodyCopy, BodyWatch, Codings, HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel,
-        error_response, grpc_error_response, strip_hop_by_hop,
+        error_response, grpc_error_response, single_content_length, strip_hop_by_hop,
     },
     limits::Limit,
     metrics::RequestMetrics,
@@ -955,6 +955,7 @@ impl HttpConn {
             return resp.map(|_| Either::Right(Full::new(Bytes::new())));
         }
         strip_hop_by_hop(resp.headers_mut(), false);
+        single_content_length(resp.headers_mut());
         if let Some(edits) = plan.response_headers {
             edits.apply(resp.headers_mut());
         }

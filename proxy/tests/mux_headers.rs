@@ -121,6 +121,17 @@ async fn app_connection(mut s: TcpStream, record: Arc<Mutex<Record>>) {
         match frame_request(&buf) {
             Framed::Request(req, used) => {
                 buf.drain(..used);
+                // `/answer`: the bytes the request's `x-answer` spells in hex, as they are.
+                if req.path() == "/answer" {
+                    let answer = req.values("x-answer").first().map(|h| unhex(h));
+                    let close = req.has("x-then-close");
+                    record.lock().unwrap().requests.push(req);
+                    let answer = answer.unwrap_or_default();
+                    if s.write_all(&answer).await.is_err() || close {
+                        return;
+                    }
+                    continue;
+                }
                 let answer: &[u8] = match req.path() {
                     "/trailers-back" => {
                         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-r, connection, keep-alive, upgrade\r\n\r\n2\r\nok\r\n0\r\nx-r: 1\r\nconnection: close\r\nkeep-alive: 1\r\nupgrade: x\r\n\r\n"
@@ -172,6 +183,16 @@ async fn app_connection(mut s: TcpStream, record: Arc<Mutex<Record>>) {
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len() / 2)
+        .filter_map(|i| u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
 }
 
 enum Framed {
@@ -1948,6 +1969,369 @@ async fn generated_odd_requests_never_panic_hang_or_reach_the_application_malfor
     let forwarded: usize = reached.values().sum();
     eprintln!(
         "seed {seed}: {ran} requests × {} transports in {:?}; {opaque_cases} carried as opaque TCP; {forwarded} reached the application; answers by status {statuses:?}",
+        chain.clients.len(),
+        started.elapsed()
+    );
+    assert_eq!(
+        WORKER_PANICS.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a task panicked (see the output above)"
+    );
+}
+
+/// One response, mostly well formed with a few odd parts, as broken or hostile
+/// applications write them; and whether the application closes after it (always when
+/// nothing else says where its body ends). No body is `ok`, the body of the application's
+/// ordinary answer: a piece of one of these taken as the answer to a later request shows.
+fn odd_response(rng: &mut impl rand::Rng) -> (Vec<u8>, bool) {
+    fn one<'a>(rng: &mut dyn rand::RngCore, list: &[&'a str]) -> &'a str {
+        list[rand::Rng::random_range(rng, 0..list.len())]
+    }
+    let status = if rng.random_range(0..10) < 7 {
+        one(
+            rng,
+            &[
+                "HTTP/1.1 200 OK",
+                "HTTP/1.1 404 Not Found",
+                "HTTP/1.1 503 Busy",
+                "HTTP/1.0 200 OK",
+            ],
+        )
+    } else {
+        one(
+            rng,
+            &[
+                "HTTP/1.1 200",
+                "HTTP/1.1 999 Odd",
+                "HTTP/1.1 099 Low",
+                "HTTP/1.1 204 No Content",
+                "HTTP/1.1 304 Not Modified",
+                "HTTP/1.1 101 Switching Protocols",
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK",
+                "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK",
+                "HTTP/2 200",
+                "HTTP/1.1 2000 OK",
+                "garbage",
+                "HTTP/1.1",
+            ],
+        )
+    };
+    let fields = [
+        "content-length: 3",
+        "content-length: 3",
+        "content-length: 0",
+        "content-length: 3, 3",
+        "content-length: 3, 4",
+        "content-length: +3",
+        "content-length: 99999999999999999999",
+        "transfer-encoding: chunked",
+        "transfer-encoding: chunked",
+        "transfer-encoding: gzip, chunked",
+        "transfer-encoding: gzip",
+        "transfer-encoding: chunked, chunked",
+        "transfer-encoding : chunked",
+        "connection: close",
+        "connection: keep-alive, x-drop",
+        "x-drop: 1",
+        "keep-alive: timeout=1",
+        "upgrade: websocket",
+        "trailer: x-t, connection",
+        "te: trailers",
+        "weft-error: forbidden",
+        "weft-unsent: 1",
+        "x-forwarded-client-cert: URI=spiffe://evil/ns/x/sa/y",
+        " x-folded: a",
+        "x-null: a\0b",
+        ": no-name",
+        "no-colon",
+        "set-cookie: a=1",
+        "set-cookie: b=2",
+        "x-utf8: é",
+        "content-type: application/grpc",
+        "grpc-status: 0",
+    ];
+    let mut r = format!("{status}\r\n");
+    let mut chosen = Vec::new();
+    for _ in 0..rng.random_range(0..5) {
+        let f = one(rng, &fields);
+        chosen.push(f);
+        r.push_str(f);
+        r.push_str("\r\n");
+    }
+    if rng.random_range(0..30) == 0 {
+        r.push_str(&format!("x-long: {}\r\n", "a".repeat(6 * 1024)));
+    }
+    r.push_str("\r\n");
+    let chunked = chosen.contains(&"transfer-encoding: chunked");
+    let length = chosen.contains(&"content-length: 3");
+    let body = match (rng.random_range(0..10), chunked, length) {
+        (0..6, true, _) => "3\r\nodd\r\n0\r\n\r\n",
+        (0..6, false, true) => "odd",
+        (0..6, false, false) => "",
+        _ => one(
+            rng,
+            &[
+                "",
+                "odd",
+                "oddextra",
+                "od",
+                "3\r\nodd\r\n0\r\n\r\n",
+                "3;x=1\r\nodd\r\n0\r\nx-t: 1\r\nconnection: close\r\n\r\n",
+                "3\r\nodd\r\n0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                "zz\r\nodd\r\n0\r\n\r\n",
+                "3\r\nod",
+                "ffffffffffffffffffff\r\n",
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            ],
+        ),
+    };
+    r.push_str(body);
+    // Nothing else says where the body ends: the close does (RFC 9112 §6.3). A body short
+    // of what its framing says ends with the close too: an application that kept it open
+    // would be a slow one, which the client waits for.
+    let unframed = !chunked && !chosen.iter().any(|f| f.starts_with("content-length"));
+    let short = ["od", "3\r\nod", "ffffffffffffffffffff\r\n"].contains(&body)
+        || body.is_empty()
+            && (chunked
+                || chosen
+                    .iter()
+                    .any(|f| f.starts_with("content-length: 3") || f.ends_with("+3")))
+        || chosen
+            .iter()
+            .any(|f| f.contains("99999") || f.contains("3, 4"));
+    let close = unframed || short || rng.random_range(0..4) == 0;
+    (r.into_bytes(), close)
+}
+
+/// A response as a client read it, which may be cut short by the proxy's close.
+struct Read {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+    /// The connection closed before the body's framing said it ended.
+    cut: bool,
+}
+
+impl Read {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            (n.trim() == name).then(|| v.trim())
+        })
+    }
+}
+
+/// Where the response at the start of `buf` ends: `Err` with a message when it is not a
+/// response, `Ok(None)` when more bytes are needed, or its head, body and length. A body
+/// without a length or chunks runs to the close (`Ok(None)` until then).
+fn whole_response(buf: &[u8]) -> Result<Option<(String, Vec<u8>, usize)>, String> {
+    let Some(end) = find(buf, b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+    if !head.starts_with("http/1.1 ") && !head.starts_with("http/1.0 ") {
+        return Err(format!("not a response: {head:?}"));
+    }
+    let status: u16 = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status: {head:?}"))?;
+    let at = end + 4;
+    let field = |name: &str| -> Option<String> {
+        head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            (n.trim() == name).then(|| v.trim().to_owned())
+        })
+    };
+    if (100..200).contains(&status) || status == 204 || status == 304 {
+        return Ok(Some((head, Vec::new(), at)));
+    }
+    if let Some(len) = field("content-length") {
+        let len: usize = len.parse().map_err(|_| format!("content-length {len:?}"))?;
+        if buf.len() < at + len {
+            return Ok(None);
+        }
+        return Ok(Some((head, buf[at..at + len].to_vec(), at + len)));
+    }
+    if field("transfer-encoding").as_deref() == Some("chunked") {
+        let mut i = at;
+        let mut body = Vec::new();
+        loop {
+            let Some(eol) = find(&buf[i..], b"\r\n") else {
+                return Ok(None);
+            };
+            let size_line = String::from_utf8_lossy(&buf[i..i + eol]).into_owned();
+            let size = usize::from_str_radix(size_line.split(';').next().unwrap_or(""), 16)
+                .map_err(|_| format!("chunk size {size_line:?}"))?;
+            i += eol + 2;
+            if size == 0 {
+                // Trailer fields to the empty line.
+                loop {
+                    let Some(eol) = find(&buf[i..], b"\r\n") else {
+                        return Ok(None);
+                    };
+                    i += eol + 2;
+                    if eol == 0 {
+                        return Ok(Some((head, body, i)));
+                    }
+                }
+            }
+            if buf.len() < i + size + 2 {
+                return Ok(None);
+            }
+            body.extend_from_slice(&buf[i..i + size]);
+            i += size + 2;
+        }
+    }
+    Ok(None)
+}
+
+/// Reads the final answer on `s`, past interim `1xx` ones: `None` if the proxy closed
+/// before a head. What the proxy sends must be HTTP/1.1 responses, each whole unless the
+/// connection closes within it; a proxy that neither answers nor closes within 5 s fails.
+async fn read_final(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Read> {
+    loop {
+        match whole_response(buf) {
+            Err(e) => panic!("{e}"),
+            Ok(Some((head, body, used))) => {
+                buf.drain(..used);
+                let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+                if (100..200).contains(&status) && status != 101 {
+                    continue;
+                }
+                return Some(Read {
+                    status,
+                    head,
+                    body,
+                    cut: false,
+                });
+            }
+            Ok(None) => {}
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+            .await
+            .expect("an answer or a close within 5 s, not a hanging connection")
+            .unwrap_or(0);
+        if n == 0 {
+            if buf.is_empty() {
+                return None;
+            }
+            let end = find(buf, b"\r\n\r\n");
+            let head = String::from_utf8_lossy(&buf[..end.unwrap_or(buf.len())]).to_lowercase();
+            let body = end.map(|e| buf[e + 4..].to_vec()).unwrap_or_default();
+            buf.clear();
+            let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+            // A body that runs to the close is whole at the close.
+            let to_close = !head.contains("\r\ncontent-length:")
+                && !head.contains("\r\ntransfer-encoding:")
+                && end.is_some();
+            return Some(Read {
+                status,
+                head,
+                body,
+                cut: !to_close,
+            });
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Responses drawn at random from odd parts ([`odd_response`]), each the application's
+/// answer to a request through every transport: the client gets one whole response or a
+/// close within 5 s, never a field only a proxy may set or one about the application's
+/// own connection, and never more than one framing; the next request on its connection,
+/// and later ones on new connections, get their own answers (no piece of a broken answer
+/// left on a pooled connection to the application is taken for one); no task of any
+/// proxy panics. Seeded (`WEFT_FUZZ_SEED`, default 1), `WEFT_FUZZ_CASES` responses
+/// (default 300), stopped after 60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_odd_responses_never_panic_hang_or_answer_another_request() {
+    use rand::SeedableRng as _;
+    count_worker_panics();
+    let seed: u64 = std::env::var("WEFT_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let cases: usize = std::env::var("WEFT_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let chain = Chain::start().await;
+    let started = std::time::Instant::now();
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let mut ran = 0;
+    for case in 0..cases {
+        if started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        ran = case + 1;
+        let (answer, close) = odd_response(&mut rng);
+        let shown = String::from_utf8_lossy(&answer[..answer.len().min(300)]).into_owned();
+        if std::env::var_os("WEFT_FUZZ_SHOW").is_some() {
+            eprintln!("case {case}: {shown:?} then close {close}");
+        }
+        let request = format!(
+            "GET /answer HTTP/1.1\r\nHost: cart\r\nx-answer: {}\r\n{}\r\n",
+            hex(&answer),
+            if close { "x-then-close: 1\r\n" } else { "" }
+        );
+        for (transport, client) in &chain.clients {
+            let ctx = format!("seed {seed}, case {case}, {transport}: {shown:?}, close {close}");
+            let mut s = connect(client.addr).await;
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut buf = Vec::new();
+            let Some(a) = read_final(&mut s, &mut buf).await else {
+                continue;
+            };
+            *statuses.entry(a.status).or_default() += 1;
+            assert!(a.header("weft-unsent").is_none(), "{ctx}: {}", a.head);
+            let named = find(&answer, b"connection: keep-alive, x-drop").is_some();
+            for field in ["keep-alive", "proxy-connection", "upgrade", "x-drop"] {
+                let hop = field != "x-drop" || named;
+                assert!(
+                    !hop || a.header(field).is_none(),
+                    "{ctx}: {field} in {}",
+                    a.head
+                );
+            }
+            let framings = a.head.matches("\r\ncontent-length:").count()
+                + a.head.matches("\r\ntransfer-encoding:").count();
+            assert!(framings <= 1, "{ctx}: {}", a.head);
+            if let Some(te) = a.header("transfer-encoding") {
+                assert_eq!(te, "chunked", "{ctx}");
+            }
+            assert_ne!(a.body, b"ok", "{ctx}: another request's answer: {}", a.head);
+            // The connection goes on in step, or closes.
+            if a.cut || a.header("connection") == Some("close") {
+                continue;
+            }
+            if s.write_all(b"GET /next HTTP/1.1\r\nHost: cart\r\n\r\n")
+                .await
+                .is_ok()
+                && let Some(next) = read_final(&mut s, &mut buf).await
+            {
+                assert_eq!(
+                    next.status, 200,
+                    "{ctx}: the next request got {}",
+                    next.head
+                );
+                assert_eq!(
+                    next.body, b"ok",
+                    "{ctx}: the next request got {}",
+                    next.head
+                );
+            }
+        }
+        chain.app.take();
+        if case % 10 == 9 {
+            still_serving(&chain).await;
+        }
+    }
+    still_serving(&chain).await;
+    eprintln!(
+        "seed {seed}: {ran} responses × {} transports in {:?}; answers by status {statuses:?}",
         chain.clients.len(),
         started.elapsed()
     );
