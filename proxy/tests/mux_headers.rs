@@ -556,7 +556,7 @@ fn well_formed(transport: &str, what: &str, r: &AppRequest) {
     }
     assert_eq!(r.values("host").len(), 1, "exactly one Host; {ctx}");
     let identity = format!("URI={CLIENT_ID}");
-    let expected: Vec<&str> = if transport == "plain" {
+    let expected: Vec<&str> = if transport == "plain" || transport == "direct" {
         vec![]
     } else {
         vec![identity.as_str()]
@@ -1843,7 +1843,8 @@ fn responses(mut back: &[u8]) -> Option<Vec<u16>> {
 }
 
 /// Requests drawn at random from odd parts ([`odd_request`]), each sent on a new
-/// connection through every transport, then the client's side closed: no proxy panics or
+/// connection through every transport and straight at the server's sidecar in plain
+/// text, then the client's side closed: no proxy panics or
 /// leaves the connection hanging, what the client reads back is whole responses and no
 /// more than one per request it sent, what reaches the application is well framed with one
 /// `Host` and none of the mesh's fields but the identity the server sidecar verified, and
@@ -1919,7 +1920,15 @@ async fn generated_odd_requests_never_panic_hang_or_reach_the_application_malfor
         if classify(detected(&template)) == Some(Protocol::Opaque) {
             opaque_cases += 1;
         }
-        for (transport, client) in &chain.clients {
+        // Through each client sidecar, and straight at the server's in plain text (a
+        // client outside the mesh).
+        let direct = ("direct", chain._server.addr);
+        let targets = chain
+            .clients
+            .iter()
+            .map(|(t, c)| (*t, c.addr))
+            .chain([direct]);
+        for (transport, addr) in targets {
             let mark = format!("{case}-{transport}");
             let mut bytes = Vec::new();
             let mut rest = &template[..];
@@ -1932,7 +1941,7 @@ async fn generated_odd_requests_never_panic_hang_or_reach_the_application_malfor
             let ctx = format!("seed {seed}, {mark}: {:?}", String::from_utf8_lossy(&bytes));
             let opaque = classify(detected(&bytes)) == Some(Protocol::Opaque);
             sent.insert(mark, (bytes.clone(), most, opaque));
-            let mut s = connect(client.addr).await;
+            let mut s = connect(addr).await;
             let _ = s.write_all(&bytes).await;
             let _ = s.shutdown().await;
             let mut back = Vec::new();
@@ -1968,8 +1977,8 @@ async fn generated_odd_requests_never_panic_hang_or_reach_the_application_malfor
     judge(chain.app.take(), &sent);
     let forwarded: usize = reached.values().sum();
     eprintln!(
-        "seed {seed}: {ran} requests × {} transports in {:?}; {opaque_cases} carried as opaque TCP; {forwarded} reached the application; answers by status {statuses:?}",
-        chain.clients.len(),
+        "seed {seed}: {ran} requests × {} ways in {:?}; {opaque_cases} carried as opaque TCP; {forwarded} reached the application; answers by status {statuses:?}",
+        chain.clients.len() + 1,
         started.elapsed()
     );
     assert_eq!(
