@@ -1852,6 +1852,35 @@ fn responses(mut back: &[u8]) -> Option<Vec<u16>> {
 /// requests (default 1,000), stopped after 60 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_odd_requests_never_panic_hang_or_reach_the_application_malformed() {
+    send_odd_requests(&Chain::start().await).await;
+}
+
+/// The same through client sidecars whose Route rewrites, edits headers, and keeps
+/// bodies to retry them: the routed stages see the same odd requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_odd_requests_through_a_route_never_panic_hang_or_reach_the_application_malformed()
+ {
+    let retries = serde_json::json!({
+        "attempts": 2,
+        "retryOn": ["5xx", "reset", "connect-failure"],
+        "backoff": {"base": "1ms", "max": "1ms"},
+        "budget": {"percent": 100, "minRetriesPerSecond": 1000},
+    });
+    let chain = Chain::routed(serde_json::json!([
+        {
+            "matches": [{"path": {"prefix": "/api"}}],
+            "rewrite": {"replacePrefixMatch": "/v2"},
+            "requestHeaders": {"add": [{"name": "x-added", "value": "route"}], "remove": ["x-drop"]},
+            "retries": retries,
+        },
+        {"retries": retries, "timeout": "3s"},
+    ]))
+    .await;
+    send_odd_requests(&chain).await;
+}
+
+/// Sends the generated requests through `chain` (see the first test above).
+async fn send_odd_requests(chain: &Chain) {
     use rand::SeedableRng as _;
     count_worker_panics();
     let seed: u64 = std::env::var("WEFT_FUZZ_SEED")
@@ -1863,9 +1892,7 @@ async fn generated_odd_requests_never_panic_hang_or_reach_the_application_malfor
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let chain = Chain::start().await;
     let started = std::time::Instant::now();
-    // What each case sent (its bytes, the most messages in them), by mark.
     // What each case sent, by mark: its bytes, the most messages in them, and whether they
     // go as opaque TCP (then they reach the application as sent: no framing to judge).
     let mut sent = std::collections::HashMap::<String, (Vec<u8>, usize, bool)>::new();
@@ -1968,10 +1995,10 @@ async fn generated_odd_requests_never_panic_hang_or_reach_the_application_malfor
         }
         judge(chain.app.take(), &sent);
         if case % 25 == 24 {
-            still_serving(&chain).await;
+            still_serving(chain).await;
         }
     }
-    still_serving(&chain).await;
+    still_serving(chain).await;
     // Requests cancelled by their client's close may still reach the application.
     tokio::time::sleep(Duration::from_millis(200)).await;
     judge(chain.app.take(), &sent);
