@@ -52,6 +52,21 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
         // "PRI" could still become an h2 preface (or, in theory, an HTTP/1 PRI request).
         return None;
     }
+    // Detection reads no more than this: whatever is undecided by then is decided now.
+    let full = bytes.len() >= MAX_DETECT_BYTES;
+    // RFC 9112 §2.2: a server should ignore empty lines before the request line, and
+    // hyper's parser skips them. Detection does too, or such a request would go to the
+    // application as opaque bytes, past every HTTP rule.
+    let mut bytes = bytes;
+    while let Some(rest) = bytes
+        .strip_prefix(b"\r\n")
+        .or_else(|| bytes.strip_prefix(b"\n"))
+    {
+        bytes = rest;
+    }
+    if bytes.is_empty() || bytes == b"\r" {
+        return full.then_some(Protocol::Opaque);
+    }
     // An HTTP/1 request line: method SP request-target SP HTTP-version CRLF, where a bare
     // LF ends a line too (RFC 9112 §2.2 lets a recipient accept it, and hyper does).
     let method_end = bytes.iter().position(|b| *b == b' ');
@@ -75,7 +90,7 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
         // A request line longer than detection waits for is still HTTP/1 when it reads as
         // one so far (method, one space, target characters): treating it as opaque would
         // forward it raw, past every HTTP rule and limit, where the HTTP path answers 414.
-        None if bytes.len() >= MAX_DETECT_BYTES => {
+        None if full => {
             let target = method_end.and_then(|end| bytes.get(end + 1..));
             if target.is_some_and(|t| t.iter().all(|b| b.is_ascii_graphic())) {
                 Some(Protocol::Http1)
@@ -226,6 +241,29 @@ mod tests {
         assert_eq!(classify(b"GET / HTTP/1.1x\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET /\n"), Some(Protocol::Opaque), "HTTP/0.9");
         assert_eq!(classify(b""), None);
+    }
+
+    /// Empty lines before the request line are skipped, as hyper's parser skips them; a
+    /// lone CR is not an empty line.
+    #[test]
+    fn empty_lines_before_a_request_line_are_skipped() {
+        assert_eq!(classify(b"\r\nGET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"\r\n\n\r\nGET / HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(classify(b"\r\n"), None);
+        assert_eq!(classify(b"\r\n\r"), None);
+        assert_eq!(classify(b"\rGET / HTTP/1.1\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"\r\n\x16\x03\x01"), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(&b"\r\n".repeat(MAX_DETECT_BYTES / 2)),
+            Some(Protocol::Opaque),
+            "nothing but empty lines, as far as detection reads"
+        );
+        let mut long = b"\r\nGET /".to_vec();
+        long.resize(MAX_DETECT_BYTES + 10, b'a');
+        assert_eq!(classify(&long), Some(Protocol::Http1));
     }
 
     #[test]

@@ -988,6 +988,25 @@ async fn hop_by_hop_fields_stop_at_the_first_proxy_on_every_transport() {
     .await;
 }
 
+/// Empty lines before the request line are skipped (RFC 9112 §2.2), as hyper's parser
+/// skips them: the request is HTTP to every proxy, not opaque bytes the application would
+/// read as a request past every HTTP rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_lines_before_a_request_are_skipped_on_every_transport() {
+    let chain = Chain::start().await;
+    case(
+        &chain,
+        "CRLF, LF, then a request",
+        b"\r\n\nGET /lead HTTP/1.1\r\nHost: cart\r\n\r\n",
+        &Expect::Forwarded {
+            paths: &["/lead"],
+            close: false,
+            check: no_check,
+        },
+    )
+    .await;
+}
+
 /// `TE` goes on as `trailers` alone: a later `TE` behind a first `trailers` reached the
 /// application on HTTP/1 (and h2 refused the request on the mux).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
