@@ -290,6 +290,153 @@ fn unchanged_services_keep_their_shared_config() {
     ));
 }
 
+/// A rebuild computes again only the configs a change may alter (`Dirty`): each change
+/// below must show in the config of the Service whose endpoint it touches, and leave the
+/// other Service's config the very same `Arc`. A `Dirty` that missed the Service would
+/// keep its stale config here (and fail the rebuild's own check against a whole one).
+#[test]
+fn a_change_rebuilds_the_service_configs_it_touches_and_keeps_the_others() {
+    let mut i = shop();
+    apply(&mut i, svc("shop", "api", "198.19.0.11"));
+    apply(
+        &mut i,
+        slice(
+            "shop",
+            "api-1",
+            "api",
+            &[("198.18.101.1", true, false, Some("api-a"))],
+        ),
+    );
+    apply(
+        &mut i,
+        pod_at("api-a", &["198.18.101.1"], &[8080], "", "Running"),
+    );
+    apply(
+        &mut i,
+        pod_at("web-a", &["198.18.100.1"], &[8080, 9090], "", "Running"),
+    );
+    let client = key("shop", "client");
+    let config = |i: &Index, name: &str| i.view(&client).unwrap().services.get(name).cloned();
+    let endpoints = |c: &Option<Arc<ServiceConfig>>| -> Vec<(String, Option<String>)> {
+        c.as_ref()
+            .map(|c| {
+                c.endpoints
+                    .iter()
+                    .map(|e| (e.address.clone(), e.identity.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let web_identity = |sa: &str| Some(format!("spiffe://cluster.local/ns/shop/sa/{sa}"));
+    assert_eq!(
+        endpoints(&config(&i, "web.shop.80")),
+        [
+            ("198.18.100.1:8080".to_owned(), web_identity("web-a-sa")),
+            ("198.18.100.2:8080".to_owned(), None),
+        ]
+    );
+    let api = config(&i, "api.shop.80").unwrap();
+    let pods_ns = pods_config_name("shop", Protocol::Detect);
+    let still_api = |i: &Index, step: &str| {
+        let now = config(i, "api.shop.80").unwrap();
+        assert!(Arc::ptr_eq(&api, &now), "api's config rebuilt by {step}");
+    };
+
+    // web-a turns not ready: web's config loses it (and the pods config lists it at
+    // 8080, since no Service does now); api's is untouched.
+    apply(
+        &mut i,
+        slice(
+            "shop",
+            "web-1",
+            "web",
+            &[
+                ("198.18.100.1", false, false, Some("web-a")),
+                ("198.18.100.2", true, false, None),
+            ],
+        ),
+    );
+    assert_eq!(
+        endpoints(&config(&i, "web.shop.80")),
+        [("198.18.100.2:8080".to_owned(), None)]
+    );
+    assert!(
+        endpoints(&config(&i, &pods_ns))
+            .iter()
+            .any(|(a, _)| a == "198.18.100.1:8080"),
+        "{:?}",
+        config(&i, &pods_ns)
+    );
+    still_api(&i, "web's readiness");
+
+    // Ready again, and its pod changes ServiceAccount and address: web's endpoint
+    // carries the new identity (its address is the slice's), the pods config the new
+    // address.
+    apply(
+        &mut i,
+        slice(
+            "shop",
+            "web-1",
+            "web",
+            &[
+                ("198.18.100.1", true, false, Some("web-a")),
+                ("198.18.100.2", true, false, None),
+            ],
+        ),
+    );
+    let (k, Object::Pod(mut moved)) =
+        pod_at("web-a", &["198.18.100.5"], &[8080, 9090], "", "Running")
+    else {
+        unreachable!("pod_at makes a pod")
+    };
+    moved.service_account = "web-b-sa".to_owned();
+    apply(&mut i, (k, Object::Pod(moved)));
+    assert_eq!(
+        endpoints(&config(&i, "web.shop.80"))[0],
+        ("198.18.100.1:8080".to_owned(), web_identity("web-b-sa"))
+    );
+    let pods_now: Vec<String> = endpoints(&config(&i, &pods_ns))
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    assert!(
+        pods_now.contains(&"198.18.100.5:9090".to_owned()),
+        "{pods_now:?}"
+    );
+    assert!(
+        !pods_now.contains(&"198.18.100.1:9090".to_owned()),
+        "{pods_now:?}"
+    );
+    still_api(&i, "web-a's pod");
+
+    // A Policy disabling mTLS on web's pods strips web-a's identity from web's config.
+    apply(
+        &mut i,
+        policy_with_mode(
+            "plain",
+            "2026-01-01T00:00:00Z",
+            json!({"selector": {"matchLabels": {"app": "web-a"}}}),
+            "Disabled",
+        ),
+    );
+    assert_eq!(
+        endpoints(&config(&i, "web.shop.80"))[0],
+        ("198.18.100.1:8080".to_owned(), None)
+    );
+    still_api(&i, "a Policy on web-a");
+    i.delete(Kind::Policy, &key("shop", "plain"));
+    assert_eq!(
+        endpoints(&config(&i, "web.shop.80"))[0].1,
+        web_identity("web-b-sa")
+    );
+    still_api(&i, "the Policy's deletion");
+
+    // web-a's pod gone: its endpoint has no identity left.
+    i.delete(Kind::Pod, &key("shop", "web-a"));
+    assert_eq!(endpoints(&config(&i, "web.shop.80"))[0].1, None);
+    still_api(&i, "web-a's deletion");
+}
+
 #[test]
 fn conflicting_routes_are_both_told_and_the_older_wins() {
     let mut i = shop();

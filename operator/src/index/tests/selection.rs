@@ -104,7 +104,8 @@ fn naive_refused(i: &Index, max: usize) -> BTreeMap<String, BTreeMap<ObjectKey, 
 /// set, each pod's Policies both ways, and no key of a pod gone or a Policy gone or
 /// invalid left in the selection; and that clients expect mutual TLS of each pod exactly
 /// when its proxy does not run `Disabled` (its address in `pods.<ns>` has its identity,
-/// else is absent: no Service here lists a pod).
+/// else is absent), where no EndpointSlice lists its address (a slice's endpoints here
+/// may name another pod than the one at their address).
 fn check_selection(
     i: &Index,
     pods: &BTreeSet<ObjectKey>,
@@ -157,20 +158,23 @@ fn check_selection(
             continue;
         }
         let view = i.view(pod).unwrap();
+        let address = format!("{ip}:8080");
+        let pods_config = format!("pods.{}", pod.namespace);
+        if view.services.iter().any(|(name, c)| {
+            *name != pods_config && c.endpoints.iter().any(|e| e.address == address)
+        }) {
+            continue;
+        }
         let mode = view
             .inbound
             .as_ref()
             .and_then(|b| b.mtls)
             .unwrap_or(MtlsMode::Permissive);
-        let address = format!("{ip}:8080");
-        let expected = view
-            .services
-            .get(&format!("pods.{}", pod.namespace))
-            .is_some_and(|c| {
-                c.endpoints
-                    .iter()
-                    .any(|e| e.address == address && e.identity.is_some())
-            });
+        let expected = view.services.get(&pods_config).is_some_and(|c| {
+            c.endpoints
+                .iter()
+                .any(|e| e.address == address && e.identity.is_some())
+        });
         prop_assert_eq!(
             expected,
             mode != MtlsMode::Disabled,
@@ -661,6 +665,16 @@ enum Step {
         name: u8,
         app: Option<u8>,
     },
+    /// EndpointSlice `s<service>-<name>` of Service `s<service>`: (address, pod, ready)
+    /// endpoints, each naming pod `pod<pod>`, whose identity (its mTLS mode) the
+    /// Service's config then carries; addresses from the pods' pool, so that one may be
+    /// a pod's own.
+    Slice {
+        ns: usize,
+        service: u8,
+        name: u8,
+        eps: Vec<(u8, u8, bool)>,
+    },
     Policy {
         ns: usize,
         name: u8,
@@ -679,7 +693,12 @@ enum Step {
 }
 
 fn step() -> impl Strategy<Value = Step> {
-    let kind = prop_oneof![Just(Kind::Pod), Just(Kind::Service), Just(Kind::Policy)];
+    let kind = prop_oneof![
+        Just(Kind::Pod),
+        Just(Kind::Service),
+        Just(Kind::Policy),
+        Just(Kind::EndpointSlice)
+    ];
     prop_oneof![
         10 => change(),
         1 => (kind, proptest::collection::vec(change(), 0..4))
@@ -702,6 +721,8 @@ fn change() -> impl Strategy<Value = Step> {
             .prop_map(|(ns, name, app, tier, ip)| Step::Pod { ns, name, app, tier, ip }),
         2 => (ns.clone(), 0u8..3, proptest::option::of(0u8..3))
             .prop_map(|(ns, name, app)| Step::Service { ns, name, app }),
+        2 => (ns.clone(), 0u8..3, 0u8..2, proptest::collection::vec((0u8..6, 0u8..5, any::<bool>()), 0..4))
+            .prop_map(|(ns, service, name, eps)| Step::Slice { ns, service, name, eps }),
         4 => (ns, 0u8..4, 0u8..3, target, any::<bool>(), 0u8..3, proptest::option::of(1u32..4))
             .prop_map(|(ns, name, created, target, rules, mode, rate)| Step::Policy {
                 ns, name, created, target, rules, mode, rate,
@@ -733,6 +754,27 @@ fn object(step: &Step, generation: i64) -> Option<(ObjectKey, Object)> {
             &format!("10.96.{ns}.{name}"),
             app.map(|a| format!("a{a}")).as_deref(),
         ),
+        Step::Slice {
+            ns,
+            service,
+            name,
+            eps,
+        } => {
+            let eps: Vec<(String, bool, String)> = eps
+                .iter()
+                .map(|(ip, pod, ready)| (format!("10.0.{ns}.{ip}"), *ready, format!("pod{pod}")))
+                .collect();
+            let eps: Vec<(&str, bool, bool, Option<&str>)> = eps
+                .iter()
+                .map(|(ip, ready, pod)| (ip.as_str(), *ready, false, Some(pod.as_str())))
+                .collect();
+            slice(
+                NAMESPACES[*ns],
+                &format!("s{service}-{name}"),
+                &format!("s{service}"),
+                &eps,
+            )
+        }
         Step::Policy {
             ns,
             name,
@@ -920,7 +962,7 @@ proptest! {
         // The same objects listed into a fresh index, Policies first: the same views and
         // statuses.
         let mut fresh = Index::new("cluster.local").with_mesh_mtls(mesh).with_max_policies(max);
-        for kind in [Kind::Policy, Kind::Service, Kind::Pod] {
+        for kind in [Kind::Policy, Kind::Service, Kind::EndpointSlice, Kind::Pod] {
             fresh.replace(kind, of_kind(&present, kind));
         }
         for pod in &pods {
