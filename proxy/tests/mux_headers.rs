@@ -1692,6 +1692,33 @@ async fn a_routes_edits_are_checked_as_the_client_sidecar_forwards_them_on_every
 /// them and drops the task, so a test would not see one otherwise.
 static WORKER_PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// Fails when a task of the runtime's workers panicked ([`count_worker_panics`]).
+fn assert_no_worker_panicked() {
+    assert_eq!(
+        WORKER_PANICS.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a task panicked (see the output above)"
+    );
+}
+
+/// A generated test's seed (`WEFT_FUZZ_SEED`, default 1) and number of cases
+/// (`WEFT_FUZZ_CASES`, default `cases`).
+fn fuzz_run(cases: usize) -> (u64, usize) {
+    let var = |name: &str| std::env::var(name).ok().and_then(|s| s.parse().ok());
+    (
+        var("WEFT_FUZZ_SEED").unwrap_or(1),
+        var("WEFT_FUZZ_CASES").map_or(cases, |n| n as usize),
+    )
+}
+
+/// Through each client sidecar, and straight at the server's in plain text (a client
+/// outside the mesh): each way's name and address.
+fn every_way(chain: &Chain) -> Vec<(&'static str, SocketAddr)> {
+    let mut ways: Vec<_> = chain.clients.iter().map(|(t, c)| (*t, c.addr)).collect();
+    ways.push(("direct", chain._server.addr));
+    ways
+}
+
 fn count_worker_panics() {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
@@ -1974,14 +2001,7 @@ async fn generated_odd_requests_through_a_route_never_panic_hang_or_reach_the_ap
 async fn send_odd_requests(chain: &Chain) {
     use rand::SeedableRng as _;
     count_worker_panics();
-    let seed: u64 = std::env::var("WEFT_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let cases: usize = std::env::var("WEFT_FUZZ_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
+    let (seed, cases) = fuzz_run(1000);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let started = std::time::Instant::now();
     // What each case sent, by mark: its bytes, the most messages in them, and whether they
@@ -2038,14 +2058,7 @@ async fn send_odd_requests(chain: &Chain) {
         if classify(detected(&template)) == Some(Protocol::Opaque) {
             opaque_cases += 1;
         }
-        // Through each client sidecar, and straight at the server's in plain text (a
-        // client outside the mesh).
-        let direct = ("direct", chain._server.addr);
-        let targets = chain
-            .clients
-            .iter()
-            .map(|(t, c)| (*t, c.addr))
-            .chain([direct]);
+        let targets = every_way(chain);
         for (transport, addr) in targets {
             let mark = format!("{case}-{transport}");
             let mut bytes = Vec::new();
@@ -2099,11 +2112,7 @@ async fn send_odd_requests(chain: &Chain) {
         chain.clients.len() + 1,
         started.elapsed()
     );
-    assert_eq!(
-        WORKER_PANICS.load(std::sync::atomic::Ordering::Relaxed),
-        0,
-        "a task panicked (see the output above)"
-    );
+    assert_no_worker_panicked();
 }
 
 /// One response, mostly well formed with a few odd parts, as broken or hostile
@@ -2376,14 +2385,7 @@ async fn read_final(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Read> {
 async fn generated_odd_responses_never_panic_hang_or_answer_another_request() {
     use rand::SeedableRng as _;
     count_worker_panics();
-    let seed: u64 = std::env::var("WEFT_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let cases: usize = std::env::var("WEFT_FUZZ_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+    let (seed, cases) = fuzz_run(300);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let chain = Chain::start().await;
     let started = std::time::Instant::now();
@@ -2462,11 +2464,7 @@ async fn generated_odd_responses_never_panic_hang_or_answer_another_request() {
         chain.clients.len(),
         started.elapsed()
     );
-    assert_eq!(
-        WORKER_PANICS.load(std::sync::atomic::Ordering::Relaxed),
-        0,
-        "a task panicked (see the output above)"
-    );
+    assert_no_worker_panicked();
 }
 
 /// One HTTP/2 request of odd parts, as far as an HTTP/2 client lets one be built (it
@@ -2569,14 +2567,7 @@ fn well_formed_h2(transport: &str, ctx: &str, r: &AppRequest) {
 async fn generated_odd_http2_requests_never_panic_hang_or_reach_the_application_malformed() {
     use rand::SeedableRng as _;
     count_worker_panics();
-    let seed: u64 = std::env::var("WEFT_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let cases: usize = std::env::var("WEFT_FUZZ_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+    let (seed, cases) = fuzz_run(300);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let chain = Chain::with_app(Limits::default(), None, RecordingApp::start_h2().await).await;
     let started = std::time::Instant::now();
@@ -2588,12 +2579,7 @@ async fn generated_odd_http2_requests_never_panic_hang_or_reach_the_application_
             break;
         }
         ran = case + 1;
-        let direct = ("direct", chain._server.addr);
-        let targets = chain
-            .clients
-            .iter()
-            .map(|(t, c)| (*t, c.addr))
-            .chain([direct]);
+        let targets = every_way(&chain);
         // The same parts on every transport.
         let parts_seed: u64 = rand::Rng::random(&mut rng);
         for (transport, addr) in targets {
@@ -2654,9 +2640,5 @@ async fn generated_odd_http2_requests_never_panic_hang_or_reach_the_application_
         chain.clients.len() + 1,
         started.elapsed()
     );
-    assert_eq!(
-        WORKER_PANICS.load(std::sync::atomic::Ordering::Relaxed),
-        0,
-        "a task panicked (see the output above)"
-    );
+    assert_no_worker_panicked();
 }
