@@ -1048,8 +1048,6 @@ fn strip_trailer_fields(mut frame: Frame<Bytes>) -> Frame<Bytes> {
     frame
 }
 
-/// Whether `name` is one of the fixed hop-by-hop fields; fields named by `Connection` only
-/// matter when `Connection` itself is present, which this also reports.
 /// Leaves one `Content-Length` with one value in a message hyper accepted with a list of
 /// the same number (`3, 3`, or two fields), as RFC 9110 §8.6 lets a recipient do. Passed on
 /// as it came, a client that refuses such a list (Node's parser does) would fail, and one
@@ -1140,6 +1138,8 @@ fn drop_h2c_upgrade(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether `name` is one of the fixed hop-by-hop fields; fields named by `Connection` only
+/// matter when `Connection` itself is present, which this also reports.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == CONNECTION
         || name == TE
