@@ -31,8 +31,9 @@
 //! change to one object rebuilds that namespace only and reports it as affected only when
 //! some config really changed. Within it, an EndpointSlice, pod or Policy change computes
 //! again only the configs of the Services whose endpoints it touches (a slice's Service;
-//! the Services listing a pod whose model or mTLS mode changed) and the pods configs; the
-//! other configs keep their `Arc` without being computed or compared (`Dirty`). A
+//! the Services listing a pod whose model or mTLS mode changed) and the entries of the
+//! pods configs at the addresses it touches; the other configs and entries are kept
+//! without being computed again (`Dirty`). A
 //! Service, Route or Breaker change, a re-list, or a change in which Policies are refused
 //! rebuilds every config of the namespace.
 //!
@@ -361,26 +362,81 @@ enum Dirty {
     /// re-list went over the namespace, or which Policies are refused changed (every
     /// pod's mTLS mode, so every endpoint's identity, may have).
     All,
-    /// The configs of these Services (by name), whose EndpointSlices changed or which
-    /// list a pod whose model or mTLS mode changed, and the namespace's pods configs
-    /// ([`pods_config_name`]), which read every pod and every Service's endpoints.
-    Services(BTreeSet<String>),
+    /// Some configs: those of `services` (by name), whose EndpointSlices changed or
+    /// which list a pod whose model or mTLS mode changed, and the entries of the
+    /// namespace's pods configs ([`pods_config_name`]) at `addresses`: the addresses of
+    /// the pods that changed (before and after) and of the endpoints that changed or
+    /// name such a pod, the only ones whose entry (its pod, identity, whether a Service
+    /// lists it, whether a Service makes it opaque) can have changed.
+    Parts {
+        /// Services whose configs are computed again.
+        services: BTreeSet<String>,
+        /// Pod addresses whose pods-config entries are computed again.
+        addresses: BTreeSet<IpAddr>,
+    },
 }
 
 impl Dirty {
+    /// Nothing yet.
+    fn none() -> Self {
+        Dirty::Parts {
+            services: BTreeSet::new(),
+            addresses: BTreeSet::new(),
+        }
+    }
+
     /// Adds what `other` marks.
     fn merge(&mut self, other: Dirty) {
         match (self, other) {
             (Dirty::All, _) => {}
             (this, Dirty::All) => *this = Dirty::All,
-            (Dirty::Services(mine), Dirty::Services(theirs)) => mine.extend(theirs),
+            (
+                Dirty::Parts {
+                    services,
+                    addresses,
+                },
+                Dirty::Parts {
+                    services: more_services,
+                    addresses: more_addresses,
+                },
+            ) => {
+                services.extend(more_services);
+                addresses.extend(more_addresses);
+            }
         }
     }
 
-    /// Only the pods configs: another namespace's pod took or left an address a pod here
-    /// holds, which only those configs read (`Index::pod_addresses`).
-    fn pods_only() -> Self {
-        Dirty::Services(BTreeSet::new())
+    /// Marks the pods-config entries at `ips`.
+    fn with_addresses(mut self, ips: impl IntoIterator<Item = IpAddr>) -> Self {
+        if let Dirty::Parts { addresses, .. } = &mut self {
+            addresses.extend(ips);
+        }
+        self
+    }
+
+    /// Only the pods-config entries at `ips`: another namespace's pod took or left an
+    /// address a pod here holds, which only those entries read (`Index::pod_addresses`).
+    fn pods_at(ips: impl IntoIterator<Item = IpAddr>) -> Self {
+        Dirty::none().with_addresses(ips)
+    }
+}
+
+/// How many addresses a change may mark before its namespace's pods configs are computed
+/// whole rather than patched: patching looks each kept entry's address up among them.
+const PATCHED_ADDRESSES: usize = 32;
+
+/// Whether `address` (`ip:port` or `[ip]:port`, as [`SocketAddr`] writes it) is at one
+/// of `ips`.
+fn at_any(address: &str, ips: &[String]) -> bool {
+    ips.iter()
+        .any(|prefix| address.starts_with(prefix.as_str()))
+}
+
+/// How [`SocketAddr`] writes `ip` before the port, colon included.
+fn address_prefix(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:"),
+        IpAddr::V6(v6) => format!("[{v6}]:"),
     }
 }
 
@@ -508,14 +564,24 @@ impl Index {
                 }
                 // The configs of the Service it belonged to and of the one it belongs to
                 // (its `kubernetes.io/service-name` label may have changed).
-                let services = self
-                    .slices
-                    .get(&key)
+                // Its endpoints' addresses before and after: whether a Service lists
+                // them (or makes them opaque) may have changed in the pods configs.
+                let old = self.slices.get(&key);
+                let services = old
                     .map(|old| old.service.clone())
                     .into_iter()
                     .chain(Some(m.service.clone()))
                     .collect();
-                dirty = Dirty::Services(services);
+                let addresses = old
+                    .into_iter()
+                    .chain(Some(&m))
+                    .flat_map(|s| &s.endpoints)
+                    .flat_map(|e| e.addresses.iter().copied())
+                    .collect();
+                dirty = Dirty::Parts {
+                    services,
+                    addresses,
+                };
                 self.slices.insert(key, m);
             }
             Object::Pod(m) => {
@@ -528,6 +594,7 @@ impl Index {
                     .map(|p| p.ips.clone())
                     .unwrap_or_default();
                 let others = self.move_pod_addresses(&key, &old, &m.ips);
+                let new_ips = m.ips.clone();
                 pods.insert(key.clone());
                 if m.visible.is_some() {
                     self.seeing_pods.insert(key.clone());
@@ -538,10 +605,16 @@ impl Index {
                 self.reselect_pod(&key);
                 // Its identity (account, ports, mode) is in the configs listing it, and
                 // its addresses in the pods configs; nothing else here reads it.
-                let dirty = self.listing(&ns, &pods);
+                let moved: Vec<IpAddr> = old.iter().chain(&new_ips).copied().collect();
+                let dirty = self
+                    .listing(&ns, &pods)
+                    .with_addresses(moved.iter().copied());
                 return self.finish(
-                    std::iter::once((ns, dirty))
-                        .chain(others.into_iter().map(|o| (o, Dirty::pods_only()))),
+                    std::iter::once((ns, dirty)).chain(
+                        others
+                            .into_iter()
+                            .map(|o| (o, Dirty::pods_at(moved.iter().copied()))),
+                    ),
                     pods,
                 );
             }
@@ -619,7 +692,14 @@ impl Index {
             }
             Kind::EndpointSlice => match self.slices.remove(key) {
                 Some(old) => {
-                    dirty = Dirty::Services(BTreeSet::from([old.service]));
+                    dirty = Dirty::Parts {
+                        addresses: old
+                            .endpoints
+                            .iter()
+                            .flat_map(|e| e.addresses.iter().copied())
+                            .collect(),
+                        services: BTreeSet::from([old.service]),
+                    };
                     true
                 }
                 None => false,
@@ -634,10 +714,15 @@ impl Index {
                 self.forget_policy_modes([key]);
                 pods.insert(key.clone());
                 // Endpoints that name it lose its identity.
-                let dirty = self.listing(&ns, &pods);
+                let dirty = self
+                    .listing(&ns, &pods)
+                    .with_addresses(removed.ips.iter().copied());
                 return self.finish(
-                    std::iter::once((ns, dirty))
-                        .chain(others.into_iter().map(|o| (o, Dirty::pods_only()))),
+                    std::iter::once((ns, dirty)).chain(
+                        others
+                            .into_iter()
+                            .map(|o| (o, Dirty::pods_at(removed.ips.iter().copied()))),
+                    ),
                     pods,
                 );
             }
@@ -778,10 +863,13 @@ impl Index {
         touched
     }
 
-    /// The Services of `ns` whose configs list one of `pods` (of `ns`) as an endpoint's
-    /// pod, whose identity there the pod's model and mTLS mode decide: with the pods
-    /// configs, what a change to those pods (or to their Policies) must rebuild. While a
-    /// re-list defers its rebuilds, which rebuild every config, it looks nothing up.
+    /// What a change to `pods` (of `ns`: their models, or the Policies that decide their
+    /// mTLS modes) may alter: the configs of the Services of `ns` that list one of them
+    /// as an endpoint's pod, whose identity there the pod's model and mode decide, and
+    /// the pods-config entries at those endpoints' addresses (whether a Service lists
+    /// them with an identity) and at the pods' own (their identities, ports). The
+    /// caller adds the addresses a pod held before. While a re-list defers its
+    /// rebuilds, which rebuild every config, it looks nothing up.
     fn listing(&self, ns: &str, pods: &BTreeSet<ObjectKey>) -> Dirty {
         if self.deferring {
             return Dirty::All;
@@ -792,20 +880,31 @@ impl Index {
             .map(|k| k.name.as_str())
             .collect();
         let mut services = BTreeSet::new();
+        let mut addresses: BTreeSet<IpAddr> = pods
+            .iter()
+            .filter_map(|k| self.pods.get(k))
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
         if names.is_empty() {
-            return Dirty::Services(services);
+            return Dirty::Parts {
+                services,
+                addresses,
+            };
         }
         for (_, slice) in in_ns(&self.slices, ns) {
-            if !services.contains(&slice.service)
-                && slice
-                    .endpoints
-                    .iter()
-                    .any(|e| e.pod.as_deref().is_some_and(|p| names.contains(p)))
-            {
-                services.insert(slice.service.clone());
+            for e in &slice.endpoints {
+                if e.pod.as_deref().is_some_and(|p| names.contains(p)) {
+                    if !services.contains(&slice.service) {
+                        services.insert(slice.service.clone());
+                    }
+                    addresses.extend(e.addresses.iter().copied());
+                }
             }
         }
-        Dirty::Services(services)
+        Dirty::Parts {
+            services,
+            addresses,
+        }
     }
 
     fn finish(
@@ -871,9 +970,13 @@ impl Index {
         }
         let old = self.outbound.get(ns).cloned();
         let patched = match (&dirty, &old) {
-            (Dirty::Services(services), Some(old)) if !refused_changed => {
-                self.patched_configs(ns, old, services)
-            }
+            (
+                Dirty::Parts {
+                    services,
+                    addresses,
+                },
+                Some(old),
+            ) if !refused_changed => self.patched_configs(ns, old, services, addresses),
             _ => None,
         };
         let patched_only = patched.is_some();
@@ -1019,6 +1122,7 @@ impl Index {
         ns: &str,
         old: &NsServices,
         services: &BTreeSet<String>,
+        addresses: &BTreeSet<IpAddr>,
     ) -> Option<BTreeMap<String, Arc<ServiceConfig>>> {
         let mut fresh: BTreeMap<String, Arc<ServiceConfig>> = (**old).clone();
         for protocol in [Protocol::Detect, Protocol::Opaque] {
@@ -1049,7 +1153,12 @@ impl Index {
                 fresh.insert(config.name.clone(), config);
             }
         }
-        for config in self.pods_configs(ns, &fresh) {
+        let pods = if addresses.len() > PATCHED_ADDRESSES {
+            self.pods_configs(ns, &fresh)
+        } else {
+            self.patched_pods_configs(ns, old, &fresh, addresses)
+        };
+        for config in pods {
             let config = reuse(Some(old), config);
             fresh.insert(config.name.clone(), config);
         }
@@ -1460,6 +1569,126 @@ impl Index {
         // A port that a Service declares opaque stays opaque while that Service does not
         // list the pod (not ready): a server-speaks-first protocol must not wait out
         // detection by turns.
+        let service_opaque = self.service_opaque(ns, |_| true);
+        let mut found: BTreeMap<String, (bool, EndpointConfig)> = BTreeMap::new();
+        for (key, pod) in in_ns(&self.pods, ns) {
+            self.pod_entries(
+                key,
+                pod,
+                |_| true,
+                &|a| listed.contains(a),
+                &service_opaque,
+                &mut found,
+            );
+        }
+        let (opaque, detected): (Vec<_>, Vec<_>) = found.into_values().partition(|(o, _)| *o);
+        [(Protocol::Detect, detected), (Protocol::Opaque, opaque)]
+            .into_iter()
+            .map(|(protocol, endpoints)| {
+                (protocol, endpoints.into_iter().map(|(_, e)| e).collect())
+            })
+            .filter_map(|(protocol, endpoints)| pods_config(ns, protocol, endpoints))
+            .collect()
+    }
+
+    /// [`Index::pods_configs`] from the pods configs of `old`, with the entries at
+    /// `addresses` computed again and the others kept: a pod's change in a namespace of
+    /// 10,000 pods alters a few of its 10,000 entries, whose computing (addresses and
+    /// identities written, every Service's endpoints gathered) cost a third of the change.
+    /// `configs` holds the namespace's Service configs as they are now.
+    fn patched_pods_configs(
+        &self,
+        ns: &str,
+        old: &NsServices,
+        configs: &BTreeMap<String, Arc<ServiceConfig>>,
+        addresses: &BTreeSet<IpAddr>,
+    ) -> Vec<ServiceConfig> {
+        let prefixes: Vec<String> = addresses.iter().map(|ip| address_prefix(*ip)).collect();
+        // Which of those addresses a Service lists with an identity: only a Service
+        // whose slices have an endpoint there can.
+        let mut listing: BTreeSet<&str> = BTreeSet::new();
+        for (_, slice) in in_ns(&self.slices, ns) {
+            if slice
+                .endpoints
+                .iter()
+                .any(|e| e.addresses.iter().any(|ip| addresses.contains(ip)))
+            {
+                listing.insert(slice.service.as_str());
+            }
+        }
+        let mut listed: HashSet<&str> = HashSet::new();
+        for service in listing {
+            let key = ObjectKey::new(ns, service);
+            let Some(svc) = self.services.get(&key) else {
+                continue;
+            };
+            for port in &svc.ports {
+                let Some(config) = configs.get(&config_name(&key, port.port)) else {
+                    continue;
+                };
+                listed.extend(
+                    config
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.identity.is_some() && at_any(&e.address, &prefixes))
+                        .map(|e| e.address.as_str()),
+                );
+            }
+        }
+        let service_opaque = self.service_opaque(ns, |ip| addresses.contains(&ip));
+        let mut found: BTreeMap<String, (bool, EndpointConfig)> = BTreeMap::new();
+        for ip in addresses {
+            // As in `pods_configs`: an address two meshed pods hold is nobody's.
+            let Some(holders) = self.pod_addresses.get(ip) else {
+                continue;
+            };
+            let mut holders = holders.iter();
+            let (Some(holder), None) = (holders.next(), holders.next()) else {
+                continue;
+            };
+            let Some(pod) = self.pods.get(holder).filter(|_| holder.namespace == ns) else {
+                continue;
+            };
+            self.pod_entries(
+                holder,
+                pod,
+                |at| at == *ip,
+                &|a| listed.contains(a),
+                &service_opaque,
+                &mut found,
+            );
+        }
+        [Protocol::Detect, Protocol::Opaque]
+            .into_iter()
+            .filter_map(|protocol| {
+                let mut endpoints: Vec<EndpointConfig> = old
+                    .get(&pods_config_name(ns, protocol))
+                    .map(|c| {
+                        c.endpoints
+                            .iter()
+                            .filter(|e| !at_any(&e.address, &prefixes))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let opaque = protocol == Protocol::Opaque;
+                for (_, endpoint) in found.values().filter(|(o, _)| *o == opaque) {
+                    // Both sorted by address, as `pods_configs` leaves them.
+                    let at = endpoints
+                        .binary_search_by(|e| e.address.cmp(&endpoint.address))
+                        .unwrap_or_else(|at| at);
+                    endpoints.insert(at, endpoint.clone());
+                }
+                pods_config(ns, protocol, endpoints)
+            })
+            .collect()
+    }
+
+    /// The addresses of `ns`'s endpoints (at `ips` only) at a port their Service declares
+    /// opaque: a port that a Service declares opaque stays opaque while that Service does
+    /// not list the pod (not ready), since a server-speaks-first protocol must not wait
+    /// out detection by turns.
+    fn service_opaque(&self, ns: &str, ips: impl Fn(IpAddr) -> bool) -> HashSet<String> {
         let mut service_opaque: HashSet<String> = HashSet::new();
         for (_, slice) in in_ns(&self.slices, ns) {
             let Some(svc) = self
@@ -1474,62 +1703,60 @@ impl Index {
                     continue;
                 };
                 for ip in slice.endpoints.iter().flat_map(|e| &e.addresses) {
-                    service_opaque.insert(SocketAddr::new(*ip, *target).to_string());
-                }
-            }
-        }
-        let mut found: BTreeMap<String, (bool, EndpointConfig)> = BTreeMap::new();
-        for (key, pod) in in_ns(&self.pods, ns) {
-            let mut ports = pod.ports.iter().copied().filter(|p| pod.intercepts(*p));
-            let Some(first) = ports.next() else { continue };
-            let ips: Vec<IpAddr> = pod
-                .ips
-                .iter()
-                .copied()
-                .filter(|ip| self.pod_addresses.get(ip).is_none_or(|h| h.len() == 1))
-                .collect();
-            if ips.is_empty() {
-                continue;
-            }
-            let Some(identity) = self.pod_identity(key, pod, first) else {
-                continue;
-            };
-            for port in std::iter::once(first).chain(ports) {
-                for ip in &ips {
-                    let address = SocketAddr::new(*ip, port).to_string();
-                    if listed.contains(address.as_str()) {
-                        continue;
+                    if ips(*ip) {
+                        service_opaque.insert(SocketAddr::new(*ip, *target).to_string());
                     }
-                    let endpoint = EndpointConfig {
-                        address: address.clone(),
-                        weight: None,
-                        labels: BTreeMap::new(),
-                        identity: Some(identity.clone()),
-                        unknown: BTreeMap::new(),
-                    };
-                    let opaque = pod.is_opaque(port) || service_opaque.contains(&address);
-                    found.insert(address, (opaque, endpoint));
                 }
             }
         }
-        let (opaque, detected): (Vec<_>, Vec<_>) = found.into_values().partition(|(o, _)| *o);
-        [(Protocol::Detect, detected), (Protocol::Opaque, opaque)]
-            .into_iter()
-            .filter(|(_, endpoints)| !endpoints.is_empty())
-            .map(|(protocol, endpoints)| ServiceConfig {
-                name: pods_config_name(ns, protocol),
-                addresses: Vec::new(),
-                protocol,
-                balancer: Balancer::default(),
-                timeout: None,
-                connect_timeout: None,
-                endpoints: endpoints.into_iter().map(|(_, e)| e).collect(),
-                route: None,
-                retry_budget: None,
-                breaker: None,
-                unknown: BTreeMap::new(),
-            })
-            .collect()
+        service_opaque
+    }
+
+    /// The pods-config entries of meshed pod `key` at those of its addresses `at`
+    /// accepts, into `found` by address, each with whether its port is opaque: one per
+    /// port it declares and its proxy intercepts and address no other meshed pod holds,
+    /// unless a Service lists it (`listed`), and none when clients may not originate
+    /// mutual TLS to it ([`Index::pod_identity`]).
+    fn pod_entries(
+        &self,
+        key: &ObjectKey,
+        pod: &PodModel,
+        at: impl Fn(IpAddr) -> bool,
+        listed: &dyn Fn(&str) -> bool,
+        service_opaque: &HashSet<String>,
+        found: &mut BTreeMap<String, (bool, EndpointConfig)>,
+    ) {
+        let mut ports = pod.ports.iter().copied().filter(|p| pod.intercepts(*p));
+        let Some(first) = ports.next() else { return };
+        let ips: Vec<IpAddr> = pod
+            .ips
+            .iter()
+            .copied()
+            .filter(|ip| at(*ip) && self.pod_addresses.get(ip).is_none_or(|h| h.len() == 1))
+            .collect();
+        if ips.is_empty() {
+            return;
+        }
+        let Some(identity) = self.pod_identity(key, pod, first) else {
+            return;
+        };
+        for port in std::iter::once(first).chain(ports) {
+            for ip in &ips {
+                let address = SocketAddr::new(*ip, port).to_string();
+                if listed(&address) {
+                    continue;
+                }
+                let endpoint = EndpointConfig {
+                    address: address.clone(),
+                    weight: None,
+                    labels: BTreeMap::new(),
+                    identity: Some(identity.clone()),
+                    unknown: BTreeMap::new(),
+                };
+                let opaque = pod.is_opaque(port) || service_opaque.contains(&address);
+                found.insert(address, (opaque, endpoint));
+            }
+        }
     }
 
     fn visible_namespaces(&self, pod_key: &ObjectKey, pod: &PodModel) -> Visible {
@@ -2326,6 +2553,27 @@ fn ports_phrase(ports: &[u16]) -> String {
 /// The proxy config name of one Service port: `<service>.<namespace>.<port>`.
 pub fn config_name(key: &ObjectKey, port: u16) -> String {
     format!("{}.{}.{port}", key.name, key.namespace)
+}
+
+/// Namespace `ns`'s pods config for `protocol` with `endpoints`, if it has any.
+fn pods_config(
+    ns: &str,
+    protocol: Protocol,
+    endpoints: Vec<EndpointConfig>,
+) -> Option<ServiceConfig> {
+    (!endpoints.is_empty()).then(|| ServiceConfig {
+        name: pods_config_name(ns, protocol),
+        addresses: Vec::new(),
+        protocol,
+        balancer: Balancer::default(),
+        timeout: None,
+        connect_timeout: None,
+        endpoints,
+        route: None,
+        retry_budget: None,
+        breaker: None,
+        unknown: BTreeMap::new(),
+    })
 }
 
 /// The name of namespace `ns`'s config of meshed pods that no Service lists, at the

@@ -342,8 +342,28 @@ fn a_change_rebuilds_the_service_configs_it_touches_and_keeps_the_others() {
         assert!(Arc::ptr_eq(&api, &now), "api's config rebuilt by {step}");
     };
 
-    // web-a turns not ready: web's config loses it (and the pods config lists it at
-    // 8080, since no Service does now); api's is untouched.
+    // web-a's endpoint leaves web's slice: the pods config lists it at 8080, since no
+    // Service does now (only the slice as it was names that address).
+    let at_8080 = |i: &Index| {
+        endpoints(&config(i, &pods_ns))
+            .iter()
+            .any(|(a, _)| a == "198.18.100.1:8080")
+    };
+    assert!(!at_8080(&i));
+    apply(
+        &mut i,
+        slice(
+            "shop",
+            "web-1",
+            "web",
+            &[("198.18.100.2", true, false, None)],
+        ),
+    );
+    assert!(at_8080(&i), "{:?}", config(&i, &pods_ns));
+    still_api(&i, "web's slice");
+
+    // Back, not ready: web's config does not list it, the pods config still does; api's
+    // is untouched.
     apply(
         &mut i,
         slice(

@@ -731,6 +731,17 @@ fn change() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// Address `ip` of namespace `ns`'s pool: the last one is both namespaces', so that a pod
+/// may take or leave an address a pod of the other holds (stale state, when neither is
+/// sent by it).
+fn address(ns: usize, ip: u8) -> String {
+    if ip == 5 {
+        "10.0.9.9".to_owned()
+    } else {
+        format!("10.0.{ns}.{ip}")
+    }
+}
+
 /// The object a step applies (`None` for a deletion); `generation` numbers Policies'
 /// specs, so that each one applied is a new generation.
 fn object(step: &Step, generation: i64) -> Option<(ObjectKey, Object)> {
@@ -746,7 +757,7 @@ fn object(step: &Step, generation: i64) -> Option<(ObjectKey, Object)> {
             &format!("pod{name}"),
             &format!("a{app}"),
             &format!("t{tier}"),
-            &format!("10.0.{ns}.{ip}"),
+            &address(*ns, *ip),
         ),
         Step::Service { ns, name, app } => selecting_svc(
             NAMESPACES[*ns],
@@ -762,7 +773,7 @@ fn object(step: &Step, generation: i64) -> Option<(ObjectKey, Object)> {
         } => {
             let eps: Vec<(String, bool, String)> = eps
                 .iter()
-                .map(|(ip, pod, ready)| (format!("10.0.{ns}.{ip}"), *ready, format!("pod{pod}")))
+                .map(|(ip, pod, ready)| (address(*ns, *ip), *ready, format!("pod{pod}")))
                 .collect();
             let eps: Vec<(&str, bool, bool, Option<&str>)> = eps
                 .iter()
