@@ -920,6 +920,10 @@ mod tests {
         let warnings = Warnings::default();
         let subscriber = tracing_subscriber::registry().with(warnings.clone());
         tracing::subscriber::with_default(subscriber, || {
+            // A test on another thread, with no subscriber of its own, may have cached the
+            // warning's callsite as of interest to nobody; asked again now, this thread's
+            // subscriber counts. Without this the test saw no warning, once.
+            tracing::callsite::rebuild_interest_cache();
             shared.update(|i| i.replace(Kind::Pod, pods.clone()));
         });
         assert!(receivers.iter_mut().all(|rx| rx.has_changed().unwrap()));
