@@ -1539,19 +1539,7 @@ impl Index {
                     .into_values()
                     .filter(|e| e.identity.is_some())
                     .collect();
-                (!endpoints.is_empty()).then(|| ServiceConfig {
-                    name: config_name(key, p.port),
-                    addresses: Vec::new(),
-                    protocol: p.protocol(),
-                    balancer: Balancer::default(),
-                    timeout: None,
-                    connect_timeout: None,
-                    endpoints,
-                    route: None,
-                    retry_budget: None,
-                    breaker: None,
-                    unknown: BTreeMap::new(),
-                })
+                address_less(config_name(key, p.port), p.protocol(), endpoints)
             })
             .collect()
     }
@@ -2576,8 +2564,18 @@ fn pods_config(
     protocol: Protocol,
     endpoints: Vec<EndpointConfig>,
 ) -> Option<ServiceConfig> {
+    address_less(pods_config_name(ns, protocol), protocol, endpoints)
+}
+
+/// A config that no address selects and no policy shapes, named `name`, with `endpoints`
+/// (none if they are empty): the pods configs, and a headless Service's per port.
+fn address_less(
+    name: String,
+    protocol: Protocol,
+    endpoints: Vec<EndpointConfig>,
+) -> Option<ServiceConfig> {
     (!endpoints.is_empty()).then(|| ServiceConfig {
-        name: pods_config_name(ns, protocol),
+        name,
         addresses: Vec::new(),
         protocol,
         balancer: Balancer::default(),
