@@ -920,10 +920,18 @@ mod tests {
         let warnings = Warnings::default();
         let subscriber = tracing_subscriber::registry().with(warnings.clone());
         tracing::subscriber::with_default(subscriber, || {
-            // A test on another thread, with no subscriber of its own, may have cached the
-            // warning's callsite as of interest to nobody; asked again now, this thread's
-            // subscriber counts. Without this the test saw no warning, once.
+            // tracing caches a callsite's interest once, when first reached, and with one
+            // subscriber registered it asks the reaching thread's: a test on another
+            // thread with none (several repair views) can cache "no one" after this
+            // subscriber is set up, and the warning was not seen (once in ten full runs).
+            // So the warning is reached first (a repair of its own), then asked again
+            // here; a callsite already reached is asked again only by such a rebuild.
+            let (warm, warm_pods) = limited(1);
+            let _held = warm.subscribe(&warm_pods[0].0);
+            stale(&warm, &warm_pods[0].0);
+            warm.update(|i| i.replace(Kind::Pod, warm_pods.clone()));
             tracing::callsite::rebuild_interest_cache();
+            lock(&warnings.0).clear();
             shared.update(|i| i.replace(Kind::Pod, pods.clone()));
         });
         assert!(receivers.iter_mut().all(|rx| rx.has_changed().unwrap()));
