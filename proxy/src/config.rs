@@ -99,7 +99,32 @@ pub struct Endpoint {
 }
 
 impl Config {
-    /// Validates a wire config completely.
+    /// Validates a wire config, and then what it asks of this proxy's request limits: a
+    /// Route rule whose header edits alone pass them is refused, since every request it
+    /// took would be refused `431` after the edits. How the proxy accepts a config.
+    pub fn validate_within(
+        raw: &wire::ProxyConfig,
+        limits: &crate::limits::Limits,
+    ) -> Result<Config, ConfigError> {
+        let config = Config::validate(raw)?;
+        let problems: Vec<String> = config
+            .services
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i, s, s.route.as_ref()?)))
+            .flat_map(|(i, s, route)| {
+                route.edits_beyond(limits, &format!("services[{i}] ({:?}).route", s.name))
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Validates a wire config completely, apart from the proxy's own limits
+    /// ([`Config::validate_within`]): what a config means, whichever proxy reads it.
     pub fn validate(raw: &wire::ProxyConfig) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
         if raw.api_version != PROXY_CONFIG_API_VERSION {
@@ -454,6 +479,67 @@ pub(crate) mod tests {
     }
 
     const HEADER: &str = "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\n";
+
+    /// A config whose one service's Route has a rule setting `set` and adding `add`
+    /// request fields, each value `value_len` bytes.
+    fn edits(set: usize, add: usize, value_len: usize) -> wire::ProxyConfig {
+        let field = |kind: &str, i: usize| serde_json::json!({"name": format!("x-{kind}-{i}"), "value": "v".repeat(value_len)});
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "weft.dev/proxy/v1alpha1", "kind": "ProxyConfig",
+            "services": [{"name": "web", "endpoints": [{"address": "127.0.0.2:80"}],
+                "route": {"name": "shop/web", "rules": [{}, {"requestHeaders": {
+                    "set": (0..set).map(|i| field("set", i)).collect::<Vec<_>>(),
+                    "add": (0..add).map(|i| field("add", i)).collect::<Vec<_>>(),
+                }}]}}],
+        }))
+        .unwrap()
+    }
+
+    /// A rule whose request edits alone pass the proxy's limits would have every request
+    /// it takes refused 431: the proxy refuses the config, naming the rule, the figure and
+    /// the flag. The same config is valid as such, and for a proxy with room for it.
+    #[test]
+    fn route_edits_beyond_the_request_limits_are_refused_by_the_proxy() {
+        let limits = crate::limits::Limits::default();
+        // 16 + 16 fields of 2 KiB: 64 KiB, above the default 60 KiB.
+        let big = edits(16, 16, 2048);
+        assert!(Config::validate(&big).is_ok());
+        let err = Config::validate_within(&big, &limits).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        // Names: ten of 7 bytes and six of 8, twice; values 32 × 2,048.
+        assert!(
+            err.problems[0].starts_with(
+                "services[0] (\"web\").route.rules[1].requestHeaders: set and add write \
+                 65772 bytes of fields, above this proxy's limit of 61440 bytes"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.problems[0].contains("--max-request-headers-bytes"),
+            "{err}"
+        );
+        assert!(err.problems[0].contains("431"), "{err}");
+        let roomy = crate::limits::Limits {
+            max_request_headers_bytes: 128 * 1024,
+            ..limits
+        };
+        assert!(Config::validate_within(&big, &roomy).is_ok());
+        // Half of it fits.
+        assert!(Config::validate_within(&edits(8, 8, 2048), &limits).is_ok());
+
+        let few = crate::limits::Limits {
+            max_request_headers_count: 10,
+            max_header_line_bytes: 1000,
+            ..limits
+        };
+        let err = Config::validate_within(&edits(6, 6, 1024), &few).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("set and add write 12 fields"), "{text}");
+        assert!(text.contains("--max-request-headers-count"), "{text}");
+        assert!(text.contains("the field x-set-0 is 1031 bytes"), "{text}");
+        assert!(text.contains("--max-header-line-bytes"), "{text}");
+        assert!(Config::validate_within(&edits(5, 5, 900), &few).is_ok());
+    }
 
     #[test]
     fn accepts_a_full_config_and_applies_defaults() {

@@ -141,7 +141,7 @@ impl Proxy {
         Arc::new(Proxy {
             store: Arc::new(
                 store::ConfigStore::new(metrics.clone())
-                    .with_upstream_pools(limits.upstream_pools())
+                    .with_limits(limits)
                     .with_identity(identity.clone()),
             ),
             identity,

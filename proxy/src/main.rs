@@ -396,7 +396,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let initial = match &args.config {
         Some(path) => {
             let initial = source::load(path)?;
-            weft_proxy::config::Config::validate(&initial)
+            weft_proxy::config::Config::validate_within(&initial, &limits)
                 .with_context(|| format!("{}", path.display()))?;
             Some(initial)
         }

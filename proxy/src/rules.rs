@@ -13,6 +13,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use weft_api::proxy_config as wire;
 
 use crate::{
+    limits::Limits,
     retry::{BudgetSpec, RetryPolicy},
     route::{
         fault::Fault,
@@ -117,6 +118,50 @@ impl Route {
             name: Arc::from(w.name.as_str()),
             rules,
         })
+    }
+
+    /// Problems of the rules whose request header edits alone pass this proxy's request
+    /// limits: the proxy checks a request again after editing it, so every request such a
+    /// rule takes would be refused `431` here. `at` is the Route's path in the config.
+    pub fn edits_beyond(&self, limits: &Limits, at: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            let Some(edits) = &rule.request_headers else {
+                continue;
+            };
+            let field = format!("{at}.rules[{i}].requestHeaders");
+            let (mut count, mut bytes) = (0usize, 0usize);
+            for (name, value) in edits.written() {
+                let line = name.as_str().len() + value.len();
+                if line > limits.max_header_line_bytes {
+                    problems.push(format!(
+                        "{field}: the field {name} is {line} bytes, above this proxy's \
+                         limit of {} bytes on one field (--max-header-line-bytes): every \
+                         request the rule takes would be refused 431",
+                        limits.max_header_line_bytes
+                    ));
+                }
+                count += 1;
+                bytes += line;
+            }
+            if count > limits.max_request_headers_count {
+                problems.push(format!(
+                    "{field}: set and add write {count} fields, above this proxy's limit of \
+                     {} fields on a request (--max-request-headers-count): every request \
+                     the rule takes would be refused 431",
+                    limits.max_request_headers_count
+                ));
+            }
+            if bytes > limits.max_request_headers_bytes {
+                problems.push(format!(
+                    "{field}: set and add write {bytes} bytes of fields, above this proxy's \
+                     limit of {} bytes on a request's fields (--max-request-headers-bytes): \
+                     every request the rule takes would be refused 431",
+                    limits.max_request_headers_bytes
+                ));
+            }
+        }
+        problems
     }
 
     /// The rule that takes a request with its index, and the index of the match entry

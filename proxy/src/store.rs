@@ -55,6 +55,7 @@ use crate::{
     breaker::{EndpointOutlier, Outcome, Overloaded, RequestPermit, ServiceBreaker},
     config::{Config, ConfigError, Service},
     identity::{ClientTls, IdentityStore},
+    limits::Limits,
     metrics::{Direction, Metrics, RequestMetrics, RouteRuleLabel, ServiceLabel},
     ratelimit::RateLimiter,
     retry::{BudgetSpec, RetryBudget},
@@ -625,6 +626,8 @@ pub struct ConfigStore {
     metrics: Arc<Metrics>,
     /// What each endpoint's pools are built with (process limits, not config fields).
     pools: PoolLimits,
+    /// The request limits a config's Route edits must leave room under.
+    limits: Limits,
     /// Mirrored requests in flight, across snapshots ([`MIRROR_SLOTS`]).
     mirror_slots: Arc<tokio::sync::Semaphore>,
     /// This proxy's identity: endpoints with one get mutual TLS.
@@ -639,6 +642,7 @@ impl ConfigStore {
             apply_lock: Mutex::new(0),
             metrics,
             pools: PoolLimits::default(),
+            limits: Limits::default(),
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(MIRROR_SLOTS)),
             identity: None,
         }
@@ -649,9 +653,11 @@ impl ConfigStore {
         &self.mirror_slots
     }
 
-    /// Sets the limits of the pools of each endpoint built from now on.
-    pub fn with_upstream_pools(mut self, pools: PoolLimits) -> Self {
-        self.pools = pools;
+    /// Sets the process limits: the pools of each endpoint built from now on, and the
+    /// request limits a config is checked against when applied.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.pools = limits.upstream_pools();
+        self.limits = limits;
         self
     }
 
@@ -679,10 +685,11 @@ impl ConfigStore {
         self.current.load_full()
     }
 
-    /// Validates `raw` and, if valid, makes it active. An invalid config changes nothing
-    /// and is counted in `weft_config_rejected_total`.
+    /// Validates `raw` (against the store's request limits too) and, if valid, makes it
+    /// active. An invalid config changes nothing and is counted in
+    /// `weft_config_rejected_total`.
     pub fn apply(&self, raw: ProxyConfig) -> Result<Arc<Snapshot>, ConfigError> {
-        let config = match Config::validate(&raw) {
+        let config = match Config::validate_within(&raw, &self.limits) {
             Ok(c) => c,
             Err(e) => {
                 self.metrics.config_rejected();

@@ -133,6 +133,100 @@ async fn an_invalid_config_at_startup_exits_with_a_clear_message() {
     assert!(stderr.contains("proxy.yaml"), "{stderr}");
 }
 
+/// A Route rule whose request edits alone pass the proxy's request limits would have every
+/// request it takes refused 431 after the edits: the proxy refuses such a config by its
+/// own flags, at start with the reason, and on reload keeps the config it has. A proxy
+/// with room for the edits applies the same file, and the edits reach the application.
+#[tokio::test]
+async fn a_route_whose_edits_pass_the_proxys_request_limits_is_refused() {
+    let a = Backend::start("127.0.0.2", "a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    let plain = config(&[("web", &[a.addr])]);
+    write_config(&path, &plain);
+    let tight_flags = [
+        "--reload-interval",
+        "50ms",
+        "--max-request-headers-count",
+        "10",
+    ];
+    let tight = ChildProxy::start(&path, &tight_flags).await;
+    let roomy = ChildProxy::start(&path, &["--reload-interval", "50ms"]).await;
+
+    let mut routed = plain.clone();
+    routed["version"] = "routed".into();
+    let add: Vec<_> = (0..12)
+        .map(|i| serde_json::json!({"name": format!("x-edit-{i}"), "value": "v"}))
+        .collect();
+    routed["services"][0]["route"] = serde_json::json!({
+        "name": "shop/web", "rules": [{"requestHeaders": {"add": add}}],
+    });
+    write_config(&path, &routed);
+
+    eventually(
+        Duration::from_secs(5),
+        "the roomy proxy applies it",
+        || async {
+            roomy
+                .metrics()
+                .await
+                .contains(r#"weft_config_info{version="routed"} 1"#)
+        },
+    )
+    .await;
+    let (resp, _) = get(&h1_client(), &format!("http://{}/", roomy.forward)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        header(&resp, "x-seen-headers").contains("x-edit-11"),
+        "{resp:?}"
+    );
+
+    eventually(
+        Duration::from_secs(5),
+        "the tight proxy refuses it",
+        || async {
+            tight
+                .metrics()
+                .await
+                .contains("weft_config_rejected_total 1")
+        },
+    )
+    .await;
+    let (resp, _) = get(&h1_client(), &format!("http://{}/", tight.forward)).await;
+    assert_eq!(resp.status(), StatusCode::OK, "{resp:?}");
+    assert!(
+        !header(&resp, "x-seen-headers").contains("x-edit"),
+        "{resp:?}"
+    );
+    let (_, cfg_json) = get(&h1_client(), &format!("http://{}/config", tight.admin)).await;
+    let v: serde_json::Value = serde_json::from_str(&cfg_json).unwrap();
+    assert_ne!(v["version"], "routed", "{v}");
+    assert_eq!(v["generation"], 1, "{v}");
+
+    // At start, the reason.
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
+            .args(["run", "--no-transparent", "--admin-addr", "127.0.0.1:0"])
+            .args(["--max-request-headers-count", "10", "--config"])
+            .arg(&path)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "route.rules[0].requestHeaders: set and add write 12 fields, above this proxy's \
+             limit of 10 fields on a request (--max-request-headers-count): every request \
+             the rule takes would be refused 431"
+        ),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn admin_reports_liveness_readiness_and_metrics() {
     let a = Backend::start("127.0.0.2", "a").await;

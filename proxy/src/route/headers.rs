@@ -113,6 +113,12 @@ impl HeaderEdits {
         }
     }
 
+    /// The fields the edits put in every message they apply to: each `set`, then each
+    /// `add`, with its value.
+    pub fn written(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.set.iter().chain(&self.add).map(|(n, v)| (n, v))
+    }
+
     /// Whether there is nothing to do, so the caller can skip the headers entirely.
     pub fn is_empty(&self) -> bool {
         self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
