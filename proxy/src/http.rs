@@ -813,9 +813,11 @@ impl HttpConn {
         if let Some(n) = bytes_in {
             body = body.counting(n);
         }
+        let head = parts.method == Method::HEAD;
         let request = Request::from_parts(parts, body);
         let mut exchange = Exchange {
             start,
+            head,
             grpc,
             labels,
             upgrade,
@@ -1288,8 +1290,11 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
-        if !self.ended
-            && let Some((sleep, metrics, direction)) = &mut self.deadline
+        // Ended from the start for an answer to HEAD (see `pipeline`'s `respond`).
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if let Some((sleep, metrics, direction)) = &mut self.deadline
             && sleep.as_mut().poll(cx).is_ready()
         {
             metrics.error(*direction, ErrorCode::ResponseTimeout);
@@ -1335,10 +1340,12 @@ impl Body for TrackedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
+        // Kept for an answer to HEAD too: a hint of 0 would have hyper add a
+        // `content-length: 0` where the application said nothing of the length.
         self.inner.size_hint()
     }
 }

@@ -71,6 +71,9 @@ pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 /// What one request carries through the stages.
 pub(crate) struct Exchange<'a> {
     pub start: Instant,
+    /// Whether the request is `HEAD`: its answer has no content, whatever the upstream
+    /// sends.
+    pub head: bool,
     pub grpc: bool,
     pub labels: &'a RequestMetrics,
     pub upgrade: bool,
@@ -966,7 +969,11 @@ impl HttpConn {
                 inner,
                 _in_flight: in_flight,
                 lease,
-                ended: false,
+                // An answer to HEAD has no content (RFC 9110 §9.3.2): an HTTP/1 upstream's
+                // is empty already, while an HTTP/2 application that sends DATA breaks
+                // the protocol, and its stream's error would reset the client's stream
+                // after a whole head. Nothing of it is read: the head goes on as the end.
+                ended: x.head,
                 log: None,
                 bytes: 0,
                 failed: None,

@@ -112,8 +112,9 @@ impl RecordingApp {
 
     /// An application that speaks HTTP/1.1 and HTTP/2 (hyper's), recording each request's
     /// head as hyper read it (the line as `METHOD target HTTP/2.0`, `:authority` as
-    /// `:authority`), and answering `200 ok` (no body to `HEAD`).
-    async fn start_h2() -> RecordingApp {
+    /// `:authority`), and answering `200 ok` (to `HEAD`, `head_body`: an application
+    /// that sends one breaks HTTP/2's rule, RFC 9113 §8.1.1).
+    async fn start_h2(head_body: &'static str) -> RecordingApp {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let record: Arc<Mutex<Record>> = Arc::default();
@@ -155,7 +156,7 @@ impl RecordingApp {
                                 headers,
                                 body,
                             });
-                            let body = if head { full("") } else { full("ok") };
+                            let body = if head { full(head_body) } else { full("ok") };
                             Ok::<_, std::convert::Infallible>(http::Response::new(body))
                         }
                     });
@@ -2556,6 +2557,92 @@ fn well_formed_h2(transport: &str, ctx: &str, r: &AppRequest) {
     assert_eq!(r.values("x-forwarded-client-cert"), expected, "{ctx}");
 }
 
+/// An HTTP/2 application that sends DATA in its answer to `HEAD` breaks the protocol
+/// (RFC 9113 §8.1.1), but its head is whole: the client gets that head as the whole
+/// answer, over HTTP/1 and HTTP/2, on every transport, and its connection goes on.
+/// Before, an HTTP/2 client had its stream reset after the head.
+#[tokio::test]
+async fn a_head_answered_with_data_by_an_http2_application_gets_its_head_alone() {
+    let chain = Chain::with_app(
+        Limits::default(),
+        None,
+        RecordingApp::start_h2("oops").await,
+    )
+    .await;
+    for (transport, addr) in every_way(&chain) {
+        let mut s = connect(addr).await;
+        for round in 0..2 {
+            s.write_all(b"HEAD / HTTP/1.1\r\nHost: web\r\n\r\n")
+                .await
+                .unwrap();
+            let head = read_head(&mut s).await;
+            assert!(
+                head.starts_with("http/1.1 200 ok\r\n"),
+                "{transport} HTTP/1, {round}: {head:?}"
+            );
+            assert!(
+                head.contains("content-length: 4\r\n"),
+                "{transport} HTTP/1, {round}: {head:?}"
+            );
+        }
+        // Nothing of "oops" came after either head.
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut s).await;
+        assert!(
+            head.starts_with("http/1.1 200 ok\r\n"),
+            "{transport} HTTP/1 GET: {head:?}"
+        );
+        assert_eq!(read_exactly(&mut s, 2).await, "ok", "{transport}");
+
+        let stream = connect(addr).await;
+        stream.set_nodelay(true).unwrap();
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        let _conn = Task(tokio::spawn(async move {
+            let _ = conn.await;
+        }));
+        for (round, method) in [http::Method::HEAD, http::Method::HEAD, http::Method::GET]
+            .into_iter()
+            .enumerate()
+        {
+            let req = http::Request::builder()
+                .method(method.clone())
+                .uri("http://web/")
+                .body(full(""))
+                .unwrap();
+            let (status, length, body) = tokio::time::timeout(WAIT, async {
+                let resp = sender.send_request(req).await?;
+                let status = resp.status();
+                let length = resp
+                    .headers()
+                    .get("content-length")
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .unwrap_or_default();
+                let body = http_body_util::BodyExt::collect(resp.into_body()).await?;
+                Ok::<_, hyper::Error>((status, length, body.to_bytes()))
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{transport} HTTP/2, {round}: no answer in 5 s"))
+            .unwrap_or_else(|e| panic!("{transport} HTTP/2, {round} {method}: {e:?}"));
+            assert_eq!(status, http::StatusCode::OK, "{transport} HTTP/2, {round}");
+            let want: &[u8] = if method == http::Method::HEAD {
+                b""
+            } else {
+                b"ok"
+            };
+            assert_eq!(&body[..], want, "{transport} HTTP/2, {round}");
+            if method == http::Method::HEAD {
+                assert_eq!(length, "4", "{transport} HTTP/2, {round}");
+            }
+        }
+    }
+}
+
 /// HTTP/2 requests drawn from odd parts ([`odd_h2_request`]), each on a new connection
 /// through every transport and straight at the server's sidecar, to an application that
 /// speaks HTTP/2 (a request goes on in its own version): the client gets a response or a
@@ -2569,7 +2656,7 @@ async fn generated_odd_http2_requests_never_panic_hang_or_reach_the_application_
     count_worker_panics();
     let (seed, cases) = fuzz_run(300);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let chain = Chain::with_app(Limits::default(), None, RecordingApp::start_h2().await).await;
+    let chain = Chain::with_app(Limits::default(), None, RecordingApp::start_h2("").await).await;
     let started = std::time::Instant::now();
     let mut statuses = std::collections::BTreeMap::<String, usize>::new();
     let mut shown = std::collections::HashMap::<String, String>::new();
