@@ -176,6 +176,39 @@ impl RecordingApp {
         }
     }
 
+    /// An application that speaks HTTP/2 alone (prior knowledge), built on the h2 crate,
+    /// which sends what hyper's server would not: `/answer` is answered as the request's
+    /// `x-script` ([`H2Script`], JSON in hex) says, anything else `200 ok`.
+    async fn start_h2_scripted() -> RecordingApp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(s).await else {
+                        return;
+                    };
+                    let close = Arc::new(tokio::sync::Notify::new());
+                    loop {
+                        tokio::select! {
+                            next = conn.accept() => {
+                                let Some(Ok((req, respond))) = next else { return };
+                                tokio::spawn(scripted_h2_answer(req, respond, close.clone()));
+                            }
+                            () = close.notified() => return,
+                        }
+                    }
+                });
+            }
+        });
+        RecordingApp {
+            addr,
+            record: Arc::default(),
+            _task: Task(task),
+        }
+    }
+
     fn take(&self) -> Record {
         std::mem::take(&mut *self.record.lock().unwrap())
     }
@@ -2372,6 +2405,306 @@ async fn read_final(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Read> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// What [`RecordingApp::start_h2_scripted`] answers a `GET /answer` with.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct H2Script {
+    /// A `103 Early Hints` first.
+    early: bool,
+    status: u16,
+    headers: Vec<(String, String)>,
+    data: Vec<String>,
+    /// How the stream ends after the data: `eos`, `trailers`, `reset`, `reset-first`
+    /// (before the head), `close` (the whole connection, after the data).
+    end: String,
+    trailers: Vec<(String, String)>,
+}
+
+impl H2Script {
+    /// Whether the answer keeps HTTP/2's rules, so that every proxy must pass it on whole:
+    /// a final status, ordinary fields, a `content-length` (if any) equal to the data.
+    fn valid(&self) -> bool {
+        let length: usize = self.data.iter().map(String::len).sum();
+        let lengths: Vec<&str> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "content-length")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        (200..600).contains(&self.status)
+            && self.status != 204
+            && self.status != 304
+            && self
+                .headers
+                .iter()
+                .all(|(n, _)| n.starts_with("x-") || n == "content-length")
+            && self.trailers.iter().all(|(n, _)| n.starts_with("x-"))
+            && matches!(lengths.as_slice(), [] | [_])
+            && lengths
+                .iter()
+                .all(|l| l.parse::<usize>().ok() == Some(length))
+            && (self.end == "eos" || self.end == "trailers")
+    }
+}
+
+async fn scripted_h2_answer(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    close: Arc<tokio::sync::Notify>,
+) {
+    let script: Option<H2Script> = req
+        .headers()
+        .get("x-script")
+        .and_then(|v| serde_json::from_slice(&unhex(v.to_str().unwrap_or_default())).ok());
+    let Some(script) = script.filter(|_| req.uri().path() == "/answer") else {
+        let resp = http::Response::builder().status(200).body(()).unwrap();
+        if let Ok(mut body) = respond.send_response(resp, false) {
+            let _ = body.send_data(bytes::Bytes::from_static(b"ok"), true);
+        }
+        return;
+    };
+    if script.end == "reset-first" {
+        respond.send_reset(h2::Reason::INTERNAL_ERROR);
+        return;
+    }
+    if script.early {
+        let early = http::Response::builder()
+            .status(103)
+            .header("link", "</a>; rel=preload");
+        let _ = respond.send_informational(early.body(()).unwrap());
+    }
+    let mut resp = http::Response::builder().status(script.status);
+    for (n, v) in &script.headers {
+        resp = resp.header(n.as_str(), v.as_str());
+    }
+    let Ok(resp) = resp.body(()) else {
+        respond.send_reset(h2::Reason::INTERNAL_ERROR);
+        return;
+    };
+    let only_head = script.data.is_empty() && script.end == "eos";
+    let mut body = match respond.send_response(resp, only_head) {
+        Ok(body) => body,
+        Err(_) => {
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+            return;
+        }
+    };
+    if only_head {
+        return;
+    }
+    for (i, d) in script.data.iter().enumerate() {
+        let last = i + 1 == script.data.len() && script.end == "eos";
+        if body.send_data(bytes::Bytes::from(d.clone()), last).is_err() {
+            return;
+        }
+    }
+    match script.end.as_str() {
+        "eos" if script.data.is_empty() => {
+            let _ = body.send_data(bytes::Bytes::new(), true);
+        }
+        "trailers" => {
+            let mut t = http::HeaderMap::new();
+            for (n, v) in &script.trailers {
+                if let (Ok(n), Ok(v)) = (
+                    http::HeaderName::from_bytes(n.as_bytes()),
+                    http::HeaderValue::from_str(v),
+                ) {
+                    t.append(n, v);
+                }
+            }
+            if body.send_trailers(t).is_err() {
+                body.send_reset(h2::Reason::INTERNAL_ERROR);
+            }
+        }
+        "reset" => body.send_reset(h2::Reason::CANCEL),
+        "close" => {
+            // Let the data go out first, as an application that writes and exits would.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            close.notify_one();
+        }
+        _ => {}
+    }
+}
+
+/// An odd HTTP/2 answer: statuses, fields (lengths that disagree with the data, two of
+/// them, connection-specific and mesh fields, which h2 may refuse to send), early hints,
+/// data, and ends (trailers odd and plain, resets before and after the head, a closed
+/// connection).
+fn odd_h2_script(rng: &mut impl rand::Rng) -> H2Script {
+    use rand::seq::IndexedRandom as _;
+    let status = *[200u16, 200, 201, 204, 206, 304, 400, 404, 500, 503, 599]
+        .choose(rng)
+        .unwrap_or(&200);
+    let data: Vec<String> = (0..rng.random_range(0..4))
+        .map(|i| {
+            [
+                "abc",
+                "de",
+                "",
+                "xyz\r\n0\r\n\r\n",
+                "GET / HTTP/1.1\r\n\r\n",
+            ][(i + rng.random_range(0..5)) % 5]
+                .to_owned()
+        })
+        .collect();
+    let length: usize = data.iter().map(String::len).sum();
+    let mut headers = Vec::new();
+    for _ in 0..rng.random_range(0..4) {
+        let field: (&str, String) = match rng.random_range(0..16) {
+            0 => ("content-length", length.to_string()),
+            1 => ("content-length", (length + 1).to_string()),
+            2 => ("content-length", length.saturating_sub(1).to_string()),
+            3 => ("content-length", format!("{length}, {length}")),
+            4 => ("content-length", "abc".to_owned()),
+            5 => ("connection", "close".to_owned()),
+            6 => ("transfer-encoding", "chunked".to_owned()),
+            7 => ("weft-unsent", "1".to_owned()),
+            8 => ("x-forwarded-client-cert", "By=spiffe://x".to_owned()),
+            9 => ("trailer", "x-t".to_owned()),
+            _ => ("x-field", "v".to_owned()),
+        };
+        headers.push((field.0.to_owned(), field.1));
+    }
+    let end = *["eos", "eos", "trailers", "reset", "reset-first", "close"]
+        .choose(rng)
+        .unwrap_or(&"eos");
+    let trailers = match rng.random_range(0..4) {
+        0 => vec![("x-t".to_owned(), "1".to_owned())],
+        1 => vec![("connection".to_owned(), "close".to_owned())],
+        2 => vec![("content-length".to_owned(), "9".to_owned())],
+        _ => vec![],
+    };
+    H2Script {
+        early: rng.random_bool(0.1),
+        status,
+        headers,
+        data,
+        end: end.to_owned(),
+        trailers,
+    }
+}
+
+/// An HTTP/2 request on a new connection to `addr`, with 5 s to answer or fail: the
+/// status, whether `weft-unsent` came with it, and the body.
+async fn h2_exchange(
+    addr: SocketAddr,
+    req: http::Request<Body>,
+    ctx: &str,
+) -> Result<(http::StatusCode, bool, bytes::Bytes), hyper::Error> {
+    let stream = connect(addr).await;
+    stream.set_nodelay(true).unwrap();
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap_or_else(|e| panic!("{ctx}: HTTP/2 handshake: {e}"));
+    let _conn = Task(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+    tokio::time::timeout(WAIT, async {
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let unsent = resp.headers().contains_key("weft-unsent");
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await?;
+        Ok((status, unsent, body.to_bytes()))
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{ctx}: neither answered nor failed in 5 s"))
+}
+
+/// An HTTP/2 `GET /next` through every transport and straight at the server's sidecar is
+/// answered `200 ok`.
+async fn still_serving_h2(chain: &Chain) {
+    for (transport, addr) in every_way(chain) {
+        let req = http::Request::get("http://cart/next")
+            .body(full(""))
+            .unwrap();
+        let ctx = format!("{transport}: a new HTTP/2 connection");
+        let (status, _, body) = h2_exchange(addr, req, &ctx)
+            .await
+            .unwrap_or_else(|e| panic!("{ctx}: {e:?}"));
+        assert_eq!((status.as_u16(), &body[..]), (200, &b"ok"[..]), "{ctx}");
+    }
+}
+
+/// Odd HTTP/2 answers from an application that speaks HTTP/2 ([`odd_h2_script`]), to
+/// HTTP/2 `GET` and `HEAD` requests (an HTTP/1 request reaches the application in
+/// HTTP/1: [`odd_response`]'s test) through every transport and straight at the server's
+/// sidecar: a valid answer ([`H2Script::valid`]) reaches the client with its status and
+/// data; any other is an answer or a stream error within 5 s, never with `weft-unsent`;
+/// every sidecar keeps serving; no task of any proxy panics. Seeded (`WEFT_FUZZ_SEED`, default 1),
+/// `WEFT_FUZZ_CASES` answers (default 200), stopped after 60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_odd_http2_responses_never_panic_hang_or_lose_a_valid_answer() {
+    use rand::SeedableRng as _;
+    count_worker_panics();
+    let (seed, cases) = fuzz_run(200);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let app = RecordingApp::start_h2_scripted().await;
+    let chain = Chain::with_app(Limits::default(), None, app).await;
+    let started = std::time::Instant::now();
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    let mut ran = 0;
+    for case in 0..cases {
+        if started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        ran = case + 1;
+        let script = odd_h2_script(&mut rng);
+        let head = rand::Rng::random_bool(&mut rng, 0.25);
+        let encoded = hex(&serde_json::to_vec(&script).unwrap());
+        let valid = script.valid();
+        let want_body = if head {
+            String::new()
+        } else {
+            script.data.concat()
+        };
+        let method = if head {
+            http::Method::HEAD
+        } else {
+            http::Method::GET
+        };
+        if std::env::var_os("WEFT_FUZZ_SHOW").is_some() {
+            eprintln!("case {case}: {method}, valid {valid}: {script:?}");
+        }
+        for (transport, addr) in every_way(&chain) {
+            let ctx = format!("seed {seed}, case {case}, {transport}, {method}: {script:?}");
+            let req = http::Request::builder()
+                .method(method.clone())
+                .uri("http://cart/answer")
+                .header("x-script", encoded.as_str())
+                .body(full(""))
+                .unwrap();
+            let answer = h2_exchange(addr, req, &ctx).await;
+            let label = match &answer {
+                Ok((status, _, _)) => status.as_str().to_owned(),
+                Err(_) => "stream error".to_owned(),
+            };
+            *outcomes.entry(label).or_default() += 1;
+            if valid {
+                let (status, _, body) = answer
+                    .as_ref()
+                    .unwrap_or_else(|e| panic!("{ctx}: a valid answer lost: {e:?}"));
+                assert_eq!(status.as_u16(), script.status, "{ctx}");
+                assert_eq!(String::from_utf8_lossy(body), want_body, "{ctx}");
+            }
+            if let Ok((_, unsent, _)) = &answer {
+                assert!(!unsent, "{ctx}: weft-unsent");
+            }
+        }
+        chain.app.take();
+        if case % 10 == 9 {
+            still_serving_h2(&chain).await;
+        }
+    }
+    still_serving_h2(&chain).await;
+    eprintln!(
+        "seed {seed}: {ran} HTTP/2 answers × {} ways in {:?}; outcomes {outcomes:?}",
+        chain.clients.len() + 1,
+        started.elapsed()
+    );
+    assert_no_worker_panicked();
 }
 
 /// Responses drawn at random from odd parts ([`odd_response`]), each the application's
