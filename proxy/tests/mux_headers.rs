@@ -2585,23 +2585,33 @@ fn odd_h2_script(rng: &mut impl rand::Rng) -> H2Script {
     }
 }
 
-/// An HTTP/2 request on a new connection to `addr`, with 5 s to answer or fail: the
-/// status, whether `weft-unsent` came with it, and the body.
-async fn h2_exchange(
+/// An HTTP/2 connection to `addr` (prior knowledge), driven until the returned task drops.
+async fn h2_connect(
     addr: SocketAddr,
-    req: http::Request<Body>,
     ctx: &str,
-) -> Result<(http::StatusCode, bool, bytes::Bytes), hyper::Error> {
+) -> (hyper::client::conn::http2::SendRequest<Body>, Task) {
     let stream = connect(addr).await;
+    // HTTP/2 writes a head and its body apart: without this, each request waits out the
+    // peer's delayed ACK.
     stream.set_nodelay(true).unwrap();
     let io = hyper_util::rt::TokioIo::new(stream);
-    let (mut sender, conn) =
+    let (sender, conn) =
         hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
             .await
             .unwrap_or_else(|e| panic!("{ctx}: HTTP/2 handshake: {e}"));
-    let _conn = Task(tokio::spawn(async move {
+    let task = Task(tokio::spawn(async move {
         let _ = conn.await;
     }));
+    (sender, task)
+}
+
+/// `req` on `sender`, with 5 s to answer or fail: the status, whether `weft-unsent` came
+/// with it, and the body.
+async fn h2_send(
+    sender: &mut hyper::client::conn::http2::SendRequest<Body>,
+    req: http::Request<Body>,
+    ctx: &str,
+) -> Result<(http::StatusCode, bool, bytes::Bytes), hyper::Error> {
     tokio::time::timeout(WAIT, async {
         let resp = sender.send_request(req).await?;
         let status = resp.status();
@@ -2611,6 +2621,16 @@ async fn h2_exchange(
     })
     .await
     .unwrap_or_else(|_| panic!("{ctx}: neither answered nor failed in 5 s"))
+}
+
+/// [`h2_send`] on a new connection to `addr`.
+async fn h2_exchange(
+    addr: SocketAddr,
+    req: http::Request<Body>,
+    ctx: &str,
+) -> Result<(http::StatusCode, bool, bytes::Bytes), hyper::Error> {
+    let (mut sender, _conn) = h2_connect(addr, ctx).await;
+    h2_send(&mut sender, req, ctx).await
 }
 
 /// An HTTP/2 `GET /next` through every transport and straight at the server's sidecar is
@@ -2929,16 +2949,7 @@ async fn a_head_answered_with_data_by_an_http2_application_gets_its_head_alone()
         );
         assert_eq!(read_exactly(&mut s, 2).await, "ok", "{transport}");
 
-        let stream = connect(addr).await;
-        stream.set_nodelay(true).unwrap();
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                .await
-                .unwrap();
-        let _conn = Task(tokio::spawn(async move {
-            let _ = conn.await;
-        }));
+        let (mut sender, _conn) = h2_connect(addr, transport).await;
         for (round, method) in [http::Method::HEAD, http::Method::HEAD, http::Method::GET]
             .into_iter()
             .enumerate()
@@ -3007,28 +3018,9 @@ async fn generated_odd_http2_requests_never_panic_hang_or_reach_the_application_
             let req = odd_h2_request(&mut rand::rngs::StdRng::seed_from_u64(parts_seed), &mark);
             let ctx = format!("seed {seed}, {mark}: {req:?}");
             shown.insert(mark.clone(), ctx.clone());
-            let stream = connect(addr).await;
-            // HTTP/2 writes a head and its body apart: without this, each request waits
-            // out the peer's delayed ACK.
-            stream.set_nodelay(true).unwrap();
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                    .await
-                    .unwrap_or_else(|e| panic!("{ctx}: handshake: {e}"));
-            let _conn = Task(tokio::spawn(async move {
-                let _ = conn.await;
-            }));
-            let answer = tokio::time::timeout(WAIT, async {
-                let resp = sender.send_request(req).await?;
-                let status = resp.status();
-                let body = http_body_util::BodyExt::collect(resp.into_body()).await?;
-                Ok::<_, hyper::Error>((status, body.to_bytes()))
-            })
-            .await
-            .unwrap_or_else(|_| panic!("{ctx}: neither answered nor failed in 5 s"));
+            let answer = h2_exchange(addr, req, &ctx).await;
             let label = match &answer {
-                Ok((status, _)) => status.as_str().to_owned(),
+                Ok((status, _, _)) => status.as_str().to_owned(),
                 Err(_) => "stream error".to_owned(),
             };
             *statuses.entry(label).or_default() += 1;

@@ -19,6 +19,25 @@ async fn served_by(p: &ChildProxy) -> String {
     header(&resp, "x-backend").to_owned()
 }
 
+/// Starts the proxy on the config file at `path` with `extra` flags, which must make it
+/// exit unsuccessfully within 10 s: what it wrote to stderr.
+async fn fails_to_start(path: &std::path::Path, extra: &[&str]) -> String {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
+            .args(["run", "--no-transparent", "--admin-addr", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--config")
+            .arg(path)
+            .output(),
+    )
+    .await
+    .expect("the proxy exits within 10 s")
+    .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test]
 async fn file_changes_are_applied_and_an_invalid_file_keeps_the_old_config() {
     let a = Backend::start("127.0.0.2", "a").await;
@@ -108,24 +127,7 @@ async fn an_invalid_config_at_startup_exits_with_a_clear_message() {
         "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices:\n- name: web\n  endpoints:\n  - address: 127.0.0.1:80\n    weight: 0\n",
     )
     .unwrap();
-    let out = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
-            .args([
-                "run",
-                "--no-transparent",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--config",
-            ])
-            .arg(&path)
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = fails_to_start(&path, &[]).await;
     assert!(
         stderr.contains("weight 0 is not within 1..=1000000"),
         "{stderr}"
@@ -204,19 +206,7 @@ async fn a_route_whose_edits_pass_the_proxys_request_limits_is_refused() {
     assert_eq!(v["generation"], 1, "{v}");
 
     // At start, the reason.
-    let out = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
-            .args(["run", "--no-transparent", "--admin-addr", "127.0.0.1:0"])
-            .args(["--max-request-headers-count", "10", "--config"])
-            .arg(&path)
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = fails_to_start(&path, &["--max-request-headers-count", "10"]).await;
     assert!(
         stderr.contains(
             "route.rules[0].requestHeaders: set and add write 12 fields, above this proxy's \
