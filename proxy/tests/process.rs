@@ -32,8 +32,8 @@ async fn fails_to_start(path: &std::path::Path, extra: &[&str]) -> String {
             .output(),
     )
     .await
-    .expect("the proxy exits within 10 s")
-    .unwrap();
+    .unwrap_or_else(|_| panic!("the proxy did not exit within 10 s"))
+    .unwrap_or_else(|e| panic!("the proxy did not run: {e}"));
     assert!(!out.status.success());
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
