@@ -31,7 +31,7 @@ use tokio::{
 use weft_proxy::{
     LocalPorts, Proxy,
     detect::{MAX_DETECT_BYTES, Protocol, classify},
-    identity::{Http1Transport, IdentityStore},
+    identity::{ClientTls, Http1Transport, IdentityStore, Inner},
     limits::Limits,
     server::{BeforeConfig, ListenerKind},
     trace::{Collector, Sampling, TraceConfig, Tracer},
@@ -418,6 +418,9 @@ struct Chain {
     /// Kept alive for the chain's life.
     _server: TestProxy,
     clients: Vec<(&'static str, TestProxy)>,
+    /// The client's mesh identity towards the server's sidecar, for a test that plays a
+    /// peer proxy itself ([`peer_mux`]).
+    peer: Arc<ClientTls>,
 }
 
 impl Chain {
@@ -479,10 +482,15 @@ impl Chain {
             c,
         );
         clients.push(("plain", plain));
+        let peer = ca
+            .store(CLIENT_ID)
+            .client_tls(Arc::from(SERVER_ID))
+            .unwrap();
         Chain {
             app,
             _server: server,
             clients,
+            peer,
         }
     }
 }
@@ -2623,6 +2631,33 @@ async fn h2_send(
     .unwrap_or_else(|_| panic!("{ctx}: neither answered nor failed in 5 s"))
 }
 
+/// A `weft-mux` session to the chain's server sidecar, as a peer proxy opens one (the
+/// client's certificate, HTTP/2 inside): what a compromised or faulty peer could send on
+/// it reaches the server's sidecar unchecked by any client sidecar.
+async fn peer_mux(
+    chain: &Chain,
+    ctx: &str,
+) -> (hyper::client::conn::http2::SendRequest<Body>, Task) {
+    let addr = chain._server.addr;
+    let tcp = connect(addr).await;
+    tcp.set_nodelay(true).unwrap();
+    let tls = chain
+        .peer
+        .handshake(tcp, addr, Inner::Mux, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{ctx}: mux session: {e}"));
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{ctx}: HTTP/2 handshake in the mux session: {e}"));
+    let task = Task(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+    (sender, task)
+}
+
 /// [`h2_send`] on a new connection to `addr`.
 async fn h2_exchange(
     addr: SocketAddr,
@@ -2859,6 +2894,8 @@ fn odd_h2_request(rng: &mut impl rand::Rng, mark: &str) -> http::Request<Body> {
         ("content-length", "0"),
         ("te", "trailers"),
         ("weft-orig-proto", "HTTP/1.0"),
+        ("weft-orig-proto", "HTTP/1.1"),
+        ("weft-orig-proto", "HTTP/1.1"),
         ("weft-orig-proto", "HTTP/9"),
         ("x-forwarded-client-cert", "URI=spiffe://evil/ns/x/sa/y"),
         ("content-type", "application/grpc"),
@@ -2885,14 +2922,25 @@ fn odd_h2_request(rng: &mut impl rand::Rng, mark: &str) -> http::Request<Body> {
     req.body(full(body)).unwrap()
 }
 
-/// What every HTTP/2 request reaching the application must keep (it goes on as HTTP/2):
+/// What every HTTP/2 request reaching the application must keep (it goes on as HTTP/2,
+/// or as HTTP/1 when a peer proxy's stream says it was one):
 /// at most one `Host`, equal to `:authority` (but for case) when both are there, `TE` only `trailers`,
 /// no `weft-orig-proto`, and no `x-forwarded-client-cert` but the identity the server's
 /// sidecar verified.
 fn well_formed_h2(transport: &str, ctx: &str, r: &AppRequest) {
     let ctx = format!("{transport}, {ctx}: {r:?}");
-    assert!(r.line.ends_with(" HTTP/2.0"), "{ctx}");
     let hosts = r.values("host");
+    // A peer proxy's stream with `weft-orig-proto` is restored to HTTP/1 before the
+    // application: one `Host`, from `:authority` unless it came as a field.
+    if transport == "peer" && !r.line.ends_with(" HTTP/2.0") {
+        assert!(
+            r.line.ends_with(" HTTP/1.1") || r.line.ends_with(" HTTP/1.0"),
+            "{ctx}"
+        );
+        assert_eq!(hosts.len(), 1, "{ctx}");
+    } else {
+        assert!(r.line.ends_with(" HTTP/2.0"), "{ctx}");
+    }
     assert!(hosts.len() <= 1, "{ctx}");
     if let ([host], [authority]) = (hosts.as_slice(), r.values(":authority").as_slice()) {
         assert!(host.eq_ignore_ascii_case(authority), "{ctx}");
@@ -3010,7 +3058,13 @@ async fn generated_odd_http2_requests_never_panic_hang_or_reach_the_application_
             break;
         }
         ran = case + 1;
-        let targets = every_way(&chain);
+        // Every transport, straight at the server's sidecar, and in a mux session of a
+        // peer proxy's own (what only a proxy may send, such as `weft-orig-proto`).
+        let mut targets: Vec<_> = every_way(&chain)
+            .into_iter()
+            .map(|(t, a)| (t, Some(a)))
+            .collect();
+        targets.push(("peer", None));
         // The same parts on every transport.
         let parts_seed: u64 = rand::Rng::random(&mut rng);
         for (transport, addr) in targets {
@@ -3018,7 +3072,13 @@ async fn generated_odd_http2_requests_never_panic_hang_or_reach_the_application_
             let req = odd_h2_request(&mut rand::rngs::StdRng::seed_from_u64(parts_seed), &mark);
             let ctx = format!("seed {seed}, {mark}: {req:?}");
             shown.insert(mark.clone(), ctx.clone());
-            let answer = h2_exchange(addr, req, &ctx).await;
+            let answer = match addr {
+                Some(addr) => h2_exchange(addr, req, &ctx).await,
+                None => {
+                    let (mut sender, _session) = peer_mux(&chain, &ctx).await;
+                    h2_send(&mut sender, req, &ctx).await
+                }
+            };
             let label = match &answer {
                 Ok((status, _, _)) => status.as_str().to_owned(),
                 Err(_) => "stream error".to_owned(),
@@ -3049,7 +3109,7 @@ async fn generated_odd_http2_requests_never_panic_hang_or_reach_the_application_
     still_serving(&chain).await;
     eprintln!(
         "seed {seed}: {ran} HTTP/2 requests × {} ways in {:?}; answers {statuses:?}",
-        chain.clients.len() + 1,
+        chain.clients.len() + 2,
         started.elapsed()
     );
     assert_no_worker_panicked();
