@@ -626,7 +626,9 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
         .flatten()
         .all(|(k, v)| labels.get(k) == Some(v));
     let exprs_ok = selector.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.clone().unwrap_or_default();
+        // Borrowed, not cloned: a re-selection evaluates a selector against every pod
+        // of its namespace.
+        let values = e.values.as_deref().unwrap_or_default();
         let value = labels.get(&e.key);
         match e.operator.as_str() {
             "In" => value.is_some_and(|v| values.contains(v)),

@@ -401,6 +401,194 @@ fn a_policy_refused_by_the_change_that_applies_it_counts_in_no_identity() {
     assert_eq!(web_0_identity(&i), strict);
 }
 
+/// Policy `name` of `shop` with `target`, at `generation`.
+fn targeting(name: &str, generation: i64, target: serde_json::Value) -> (ObjectKey, Object) {
+    weft(
+        Kind::Policy,
+        "shop",
+        name,
+        generation,
+        "2026-01-01T00:00:00Z",
+        json!({"target": target, "defaultAction": "Allow"}),
+    )
+}
+
+/// Service `name` of `shop` selecting pods by `selector` (none: no selector).
+fn service_selecting(
+    name: &str,
+    ip: &str,
+    selector: Option<serde_json::Value>,
+) -> (ObjectKey, Object) {
+    let mut spec = json!({"clusterIP": ip, "ports": [{"name": "http", "port": 80}]});
+    if let Some(selector) = selector {
+        spec["selector"] = selector;
+    }
+    let s: Service = serde_json::from_value(
+        json!({"metadata": {"name": name, "namespace": "shop"}, "spec": spec}),
+    )
+    .unwrap();
+    model::service(&s)
+}
+
+/// The names of the Policies selecting pod `name` of `shop`.
+fn names_of(i: &Index, name: &str) -> Vec<String> {
+    i.policies_for(&key("shop", name))
+        .into_iter()
+        .map(|k| k.name)
+        .collect()
+}
+
+/// Holds every pod's Policies and every Policy's pods against evaluating each Policy.
+fn assert_selection_is_naive(i: &Index, what: &str) {
+    for pod in i.pods.keys() {
+        assert_eq!(
+            i.selection.policies(pod).cloned().collect::<Vec<_>>(),
+            naive_selecting(i, pod),
+            "{pod} after {what}"
+        );
+    }
+    for policy in i.policies.keys() {
+        let naive: Vec<&ObjectKey> = i
+            .pods
+            .keys()
+            .filter(|p| naive_selecting(i, p).contains(policy))
+            .collect();
+        assert_eq!(
+            i.selection.pods(policy).collect::<Vec<_>>(),
+            naive,
+            "{policy} after {what}"
+        );
+    }
+}
+
+/// A re-list of Policies selects once for them all, at its end, evaluating a Policy that
+/// requires labels only against the pods that carry the rarest of them: what it selects
+/// is still what evaluating each Policy against each pod gives, for selectors of several
+/// labels, labels no pod carries, labels with expressions, expressions alone, Services
+/// selecting by several labels or none; and it reports the pods each changed Policy
+/// selected before or selects now. Cut short by a panic, it leaves its Policies' selection
+/// to the next change, which settles it and reports those pods.
+#[test]
+fn a_policy_relist_selects_what_evaluating_each_policy_gives() {
+    let mut i = Index::new("cluster.local");
+    for (name, labels) in [
+        ("a", json!({"app": "web", "tier": "t0"})),
+        ("b", json!({"app": "web", "tier": "t1"})),
+        ("c", json!({"app": "api", "tier": "t0"})),
+        ("d", json!({"zone": "z1"})),
+    ] {
+        apply(&mut i, pod("shop", name, "sa", labels));
+    }
+    apply(
+        &mut i,
+        pod("cart", "e", "sa", json!({"app": "web", "tier": "t0"})),
+    );
+    apply(
+        &mut i,
+        service_selecting(
+            "two",
+            "198.19.0.10",
+            Some(json!({"app": "web", "tier": "t1"})),
+        ),
+    );
+    apply(&mut i, service_selecting("none", "198.19.0.11", None));
+    apply(
+        &mut i,
+        service_selecting("empty", "198.19.0.12", Some(json!({}))),
+    );
+    let policies = |generation: i64, two: serde_json::Value| {
+        vec![
+            targeting("wide", generation, json!({"selector": {}})),
+            targeting("two", 1, json!({"selector": {"matchLabels": two}})),
+            targeting(
+                "absent",
+                1,
+                json!({"selector": {"matchLabels": {"app": "web", "zone": "nowhere"}}}),
+            ),
+            targeting(
+                "mixed",
+                1,
+                json!({"selector": {"matchLabels": {"app": "web"}, "matchExpressions": [
+                    {"key": "tier", "operator": "NotIn", "values": ["t0"]}]}}),
+            ),
+            targeting(
+                "expr",
+                1,
+                json!({"selector": {"matchExpressions": [
+                    {"key": "tier", "operator": "In", "values": ["t0", "t9"]}]}}),
+            ),
+            targeting("by-two", 1, json!({"service": "two"})),
+            targeting("by-none", 1, json!({"service": "none"})),
+            targeting("by-empty", 1, json!({"service": "empty"})),
+            targeting("by-missing", 1, json!({"service": "missing"})),
+            weft(
+                Kind::Policy,
+                "shop",
+                "invalid",
+                1,
+                "2026-01-01T00:00:00Z",
+                json!({"target": 5}),
+            ),
+        ]
+    };
+    let affected = i.replace(
+        Kind::Policy,
+        policies(1, json!({"app": "web", "tier": "t0"})),
+    );
+    assert_selection_is_naive(&i, "the first list");
+    assert_eq!(names_of(&i, "a"), ["expr", "two", "wide"]);
+    assert_eq!(names_of(&i, "b"), ["by-two", "mixed", "wide"]);
+    assert_eq!(names_of(&i, "c"), ["expr", "wide"]);
+    assert_eq!(names_of(&i, "d"), ["wide"]);
+    // Every pod of `shop` is selected by `wide`; none of `cart`.
+    let shop_pods: BTreeSet<ObjectKey> = ["a", "b", "c", "d"].map(|n| key("shop", n)).into();
+    assert_eq!(affected.pods, shop_pods);
+
+    // `two` moves from a to b; `wide` changes its spec alone; the rest are as they were.
+    let affected = i.replace(
+        Kind::Policy,
+        policies(2, json!({"app": "web", "tier": "t1"})),
+    );
+    assert_selection_is_naive(&i, "a re-list moving one target");
+    assert_eq!(affected.pods, shop_pods);
+    // `two` moves to {a, c}; the others but `wide` (unchanged) are gone: the pods they
+    // selected are reported, d (only `wide` selects it) is not.
+    let mut listed = policies(2, json!({"tier": "t0"}));
+    listed.retain(|(k, _)| k.name == "two" || k.name == "wide");
+    let affected = i.replace(Kind::Policy, listed);
+    assert_selection_is_naive(&i, "a re-list moving it again, the others gone");
+    assert_eq!(
+        affected.pods,
+        BTreeSet::from([key("shop", "a"), key("shop", "b"), key("shop", "c")])
+    );
+
+    // Cut short after its objects are applied: the next change, elsewhere, settles it.
+    i.panic_mid_replace = true;
+    let moved = vec![
+        targeting(
+            "two",
+            1,
+            json!({"selector": {"matchLabels": {"zone": "z1"}}}),
+        ),
+        targeting("wide", 2, json!({"selector": {}})),
+    ];
+    let cut_short = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        i.replace(Kind::Policy, moved)
+    }));
+    assert!(cut_short.is_err());
+    let affected = apply(&mut i, pod("cart", "f", "sa", json!({})));
+    assert_selection_is_naive(&i, "the next change after a re-list cut short");
+    assert!(
+        affected.pods.is_superset(&BTreeSet::from([
+            key("shop", "a"),
+            key("shop", "c"),
+            key("shop", "d")
+        ])),
+        "{affected:?}"
+    );
+    assert_eq!(names_of(&i, "d"), ["two", "wide"]);
+}
+
 /// What a subscriber of `pod` holds, checked against the view computed afresh.
 fn held(
     shared: &SharedIndex,
