@@ -185,21 +185,7 @@ impl RecordingApp {
         let task = tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 let _ = s.set_nodelay(true);
-                tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(s).await else {
-                        return;
-                    };
-                    let close = Arc::new(tokio::sync::Notify::new());
-                    loop {
-                        tokio::select! {
-                            next = conn.accept() => {
-                                let Some(Ok((req, respond))) = next else { return };
-                                tokio::spawn(scripted_h2_answer(req, respond, close.clone()));
-                            }
-                            () = close.notified() => return,
-                        }
-                    }
-                });
+                tokio::spawn(serve_scripted_h2(s));
             }
         });
         RecordingApp {
@@ -2430,6 +2416,16 @@ struct H2Script {
 }
 
 impl H2Script {
+    /// Waits for a `close` ending to take effect: an answer to `HEAD` ends at its head,
+    /// before the application (or peer) closes its connection a few milliseconds later,
+    /// and a request sent on that connection in between fails as it would with any
+    /// application that dies with requests in flight, which is not what these tests judge.
+    async fn settle(&self) {
+        if self.end == "close" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Whether the answer keeps HTTP/2's rules, so that every proxy must pass it on whole:
     /// a final status, ordinary fields, a `content-length` (if any) equal to the data.
     fn valid(&self) -> bool {
@@ -2454,6 +2450,60 @@ impl H2Script {
                 .all(|l| l.parse::<usize>().ok() == Some(length))
             && (self.end == "eos" || self.end == "trailers")
     }
+}
+
+/// Serves one HTTP/2 connection (prior knowledge) with [`scripted_h2_answer`], until the
+/// peer or a script closes it.
+async fn serve_scripted_h2<S>(io: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(mut conn) = h2::server::handshake(io).await else {
+        return;
+    };
+    let close = Arc::new(tokio::sync::Notify::new());
+    loop {
+        tokio::select! {
+            next = conn.accept() => {
+                let Some(Ok((req, respond))) = next else { return };
+                tokio::spawn(scripted_h2_answer(req, respond, close.clone()));
+            }
+            () = close.notified() => return,
+        }
+    }
+}
+
+/// A faulty peer proxy: a TLS 1.3 server with the server's mesh certificate that accepts
+/// `weft-mux` sessions and answers each stream as [`scripted_h2_answer`] does. What a
+/// client sidecar gets from it, no server sidecar checked.
+async fn scripted_peer(ca: &Ca) -> (SocketAddr, Task) {
+    let leaf = ca.issue(SERVER_ID);
+    let mut chain = vec![leaf.der.clone()];
+    chain.extend(rustls_pemfile::certs(&mut ca.pem.as_bytes()).map(|c| c.unwrap()));
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, leaf.key())
+    .unwrap();
+    config.alpn_protocols = vec![b"weft-mux".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(s).await {
+                    serve_scripted_h2(tls).await;
+                }
+            });
+        }
+    });
+    (addr, Task(task))
 }
 
 async fn scripted_h2_answer(
@@ -2732,6 +2782,7 @@ async fn generated_odd_http2_responses_never_panic_hang_or_lose_a_valid_answer()
                 .body(full(""))
                 .unwrap();
             let answer = h2_exchange(addr, req, &ctx).await;
+            script.settle().await;
             let label = match &answer {
                 Ok((status, _, _)) => status.as_str().to_owned(),
                 Err(_) => "stream error".to_owned(),
@@ -2760,6 +2811,169 @@ async fn generated_odd_http2_responses_never_panic_hang_or_lose_a_valid_answer()
         started.elapsed()
     );
     assert_no_worker_panicked();
+}
+
+/// Odd answers from a faulty peer proxy ([`scripted_peer`], [`odd_h2_script`]) to
+/// HTTP/1 and HTTP/2 `GET` and `HEAD` requests through a client sidecar that carries
+/// them on the mux: the client sidecar restores each to its client's HTTP version. A
+/// valid answer reaches the client whole (status and data; none for `HEAD`); any other is
+/// an answer, a close or a stream error within 5 s, never with `weft-unsent` (a peer that
+/// says "never sent" has the request tried again at most as retries allow) and never with
+/// two framings; an HTTP/1 connection that goes on is in step; no task panics. Seeded
+/// (`WEFT_FUZZ_SEED`, default 1), `WEFT_FUZZ_CASES` answers (default 200), stopped after
+/// 60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_odd_answers_of_a_peer_proxy_reach_the_client_well_framed() {
+    use rand::SeedableRng as _;
+    count_worker_panics();
+    let (seed, cases) = fuzz_run(200);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let ca = Ca::new("mesh root");
+    let (peer, _peer) = scripted_peer(&ca).await;
+    let store = IdentityStore::with_http1(Http1Transport::Multiplexed).unwrap();
+    ca.install(&store, CLIENT_ID);
+    let mut c = config(&[("web", &[peer])]);
+    c["services"][0]["endpoints"][0]["identity"] = serde_json::json!(SERVER_ID);
+    let client = TestProxy::start_kind(
+        proxy_with(Some(store), Limits::default()),
+        ListenerKind::Forward(Arc::from("web")),
+        c,
+    );
+    let started = std::time::Instant::now();
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    let mut ran = 0;
+    for case in 0..cases {
+        if started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        ran = case + 1;
+        let script = odd_h2_script(&mut rng);
+        let head = rand::Rng::random_bool(&mut rng, 0.25);
+        let encoded = hex(&serde_json::to_vec(&script).unwrap());
+        let valid = script.valid();
+        let want_body = if head {
+            String::new()
+        } else {
+            script.data.concat()
+        };
+        let method = if head { "HEAD" } else { "GET" };
+        let ctx = format!("seed {seed}, case {case}, {method}: {script:?}");
+        if std::env::var_os("WEFT_FUZZ_SHOW").is_some() {
+            eprintln!("case {case}: {method}, valid {valid}: {script:?}");
+        }
+
+        // HTTP/1: the mux stream's answer restored to HTTP/1.1.
+        let mut s = connect(client.addr).await;
+        let request =
+            format!("{method} /answer HTTP/1.1\r\nHost: cart\r\nx-script: {encoded}\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let answer = if head {
+            // A HEAD answer's length describes a body that is not sent.
+            tokio::time::timeout(WAIT, read_head_or_close(&mut s))
+                .await
+                .unwrap_or_else(|_| panic!("{ctx}: HTTP/1: neither answered nor closed in 5 s"))
+                .map(|h| (h, Vec::new(), false))
+        } else {
+            read_final(&mut s, &mut buf)
+                .await
+                .map(|a| (a.head, a.body, a.cut))
+        };
+        script.settle().await;
+        let label = answer
+            .as_ref()
+            .map_or("closed", |(h, _, _)| h.get(9..12).unwrap_or("?"));
+        *outcomes.entry(format!("HTTP/1 {label}")).or_default() += 1;
+        if valid {
+            let (h, body, cut) = answer
+                .as_ref()
+                .unwrap_or_else(|| panic!("{ctx}: HTTP/1: closed"));
+            assert!(
+                h.starts_with(&format!("http/1.1 {}", script.status)),
+                "{ctx}: HTTP/1: {h}"
+            );
+            assert!(!cut, "{ctx}: HTTP/1: cut short: {h}");
+            assert_eq!(
+                String::from_utf8_lossy(body),
+                want_body,
+                "{ctx}: HTTP/1: {h}"
+            );
+        }
+        if let Some((h, body, cut)) = &answer {
+            assert!(!h.contains("\r\nweft-unsent:"), "{ctx}: HTTP/1: {h}");
+            let framings = h.matches("\r\ncontent-length:").count()
+                + h.matches("\r\ntransfer-encoding:").count();
+            assert!(framings <= 1, "{ctx}: HTTP/1: {h}");
+            if !head {
+                assert_ne!(
+                    &body[..],
+                    b"ok",
+                    "{ctx}: HTTP/1: another request's answer: {h}"
+                );
+            }
+            if !cut && !h.contains("\r\nconnection: close") {
+                next_in_step(&mut s, &format!("{ctx}: HTTP/1, the next request")).await;
+            }
+        }
+
+        // HTTP/2: the stream's answer as it came, through the client sidecar.
+        let req = http::Request::builder()
+            .method(method)
+            .uri("http://cart/answer")
+            .header("x-script", encoded.as_str())
+            .body(full(""))
+            .unwrap();
+        let answer = h2_exchange(client.addr, req, &ctx).await;
+        script.settle().await;
+        let label = match &answer {
+            Ok((status, _, _)) => status.as_str().to_owned(),
+            Err(_) => "stream error".to_owned(),
+        };
+        *outcomes.entry(format!("HTTP/2 {label}")).or_default() += 1;
+        if valid {
+            let (status, _, body) = answer
+                .as_ref()
+                .unwrap_or_else(|e| panic!("{ctx}: HTTP/2: a valid answer lost: {e:?}"));
+            assert_eq!(status.as_u16(), script.status, "{ctx}: HTTP/2");
+            assert_eq!(String::from_utf8_lossy(body), want_body, "{ctx}: HTTP/2");
+        }
+        if let Ok((_, unsent, _)) = &answer {
+            assert!(!unsent, "{ctx}: HTTP/2: weft-unsent");
+        }
+        if case % 10 == 9 {
+            let mut s = connect(client.addr).await;
+            next_in_step(
+                &mut s,
+                &format!("seed {seed}, after case {case}: a new connection"),
+            )
+            .await;
+        }
+    }
+    eprintln!(
+        "seed {seed}: {ran} answers of a peer proxy × 2 client versions in {:?}; outcomes {outcomes:?}",
+        started.elapsed()
+    );
+    assert_no_worker_panicked();
+}
+
+/// An HTTP/1 response head on `s` (lower-cased, to its blank line), or `None` if the
+/// connection closes first; interim `1xx` heads are skipped.
+async fn read_head_or_close(s: &mut TcpStream) -> Option<String> {
+    loop {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match s.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return None,
+            }
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        let status: u16 = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        if !(100..200).contains(&status) || status == 101 {
+            return Some(head);
+        }
+    }
 }
 
 /// Responses drawn at random from odd parts ([`odd_response`]), each the application's
