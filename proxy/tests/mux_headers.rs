@@ -2086,7 +2086,11 @@ async fn send_odd_requests(chain: &Chain) {
         if classify(detected(&template)) == Some(Protocol::Opaque) {
             opaque_cases += 1;
         }
-        let targets = every_way(chain);
+        // Every transport, straight at the server's sidecar in plain text, and in a
+        // `weft-http1` session of a peer proxy's own (the client's certificate; no client
+        // sidecar judged the bytes, and no detection runs: ALPN says HTTP/1).
+        let mut targets = every_way(chain);
+        targets.push(("peer", chain._server.addr));
         for (transport, addr) in targets {
             let mark = format!("{case}-{transport}");
             let mut bytes = Vec::new();
@@ -2098,23 +2102,21 @@ async fn send_odd_requests(chain: &Chain) {
             }
             bytes.extend_from_slice(rest);
             let ctx = format!("seed {seed}, {mark}: {:?}", String::from_utf8_lossy(&bytes));
-            let opaque = classify(detected(&bytes)) == Some(Protocol::Opaque);
+            let opaque =
+                transport != "peer" && classify(detected(&bytes)) == Some(Protocol::Opaque);
             sent.insert(mark, (bytes.clone(), most, opaque));
-            let mut s = connect(addr).await;
-            let _ = s.write_all(&bytes).await;
-            let _ = s.shutdown().await;
-            let mut back = Vec::new();
-            let read = tokio::time::timeout(WAIT, async {
-                let mut chunk = [0u8; 8192];
-                loop {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => back.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            })
-            .await;
-            assert!(read.is_ok(), "{ctx}: neither answered and closed in 5 s");
+            let s = connect(addr).await;
+            let back = if transport == "peer" {
+                let tls = chain
+                    .peer
+                    .handshake(s, addr, Inner::Http1, WAIT)
+                    .await
+                    .unwrap_or_else(|e| panic!("{ctx}: weft-http1 session: {e}"));
+                send_and_read_to_close(tls, &bytes).await
+            } else {
+                send_and_read_to_close(s, &bytes).await
+            };
+            let back = back.unwrap_or_else(|| panic!("{ctx}: neither answered and closed in 5 s"));
             let got = responses(&back).unwrap_or_else(|| {
                 panic!("{ctx}: not responses: {:?}", String::from_utf8_lossy(&back))
             });
@@ -2137,10 +2139,32 @@ async fn send_odd_requests(chain: &Chain) {
     let forwarded: usize = reached.values().sum();
     eprintln!(
         "seed {seed}: {ran} requests × {} ways in {:?}; {opaque_cases} carried as opaque TCP; {forwarded} reached the application; answers by status {statuses:?}",
-        chain.clients.len() + 1,
+        chain.clients.len() + 2,
         started.elapsed()
     );
     assert_no_worker_panicked();
+}
+
+/// Writes `bytes` on `s`, shuts its sending side, and reads until the peer closes:
+/// what came back, or `None` if the peer neither closed nor failed within 5 s.
+async fn send_and_read_to_close<S>(mut s: S, bytes: &[u8]) -> Option<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = s.write_all(bytes).await;
+    let _ = s.shutdown().await;
+    let mut back = Vec::new();
+    let read = tokio::time::timeout(WAIT, async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => back.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok().map(|()| back)
 }
 
 /// One response, mostly well formed with a few odd parts, as broken or hostile
