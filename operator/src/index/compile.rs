@@ -53,12 +53,31 @@ pub fn mtls<'a>(
     mesh: weft_api::proxy_config::MtlsMode,
     policies: impl IntoIterator<Item = &'a PolicySpec>,
 ) -> weft_api::proxy_config::MtlsMode {
-    let (mut workload, mut namespace) = (None, None);
+    let mut levels = MtlsLevels::default();
     for spec in policies {
+        levels.add(spec);
+    }
+    levels.mode(mesh)
+}
+
+/// [`mtls`] folded one Policy at a time, in any order (the strictest of each level wins),
+/// so that the modes of a namespace's pods can be computed Policy by Policy, each added to
+/// the pods it selects, rather than pod by pod, each looking its Policies up.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MtlsLevels {
+    /// The strictest mode of the workload Policies added.
+    workload: Option<weft_api::proxy_config::MtlsMode>,
+    /// The strictest mode of the namespace-wide Policies added.
+    namespace: Option<weft_api::proxy_config::MtlsMode>,
+}
+
+impl MtlsLevels {
+    /// Adds a Policy selecting the pod.
+    pub fn add(&mut self, spec: &PolicySpec) {
         let level = if namespace_wide(spec) {
-            &mut namespace
+            &mut self.namespace
         } else {
-            &mut workload
+            &mut self.workload
         };
         let mode = super::mtls_mode(spec.mtls.mode);
         *level = Some(match *level {
@@ -66,7 +85,12 @@ pub fn mtls<'a>(
             _ => mode,
         });
     }
-    workload.or(namespace).unwrap_or(mesh)
+
+    /// The mode of the pod the Policies added select, where the mesh-wide default is
+    /// `mesh`.
+    pub fn mode(self, mesh: weft_api::proxy_config::MtlsMode) -> weft_api::proxy_config::MtlsMode {
+        self.workload.or(self.namespace).unwrap_or(mesh)
+    }
 }
 
 /// Compiles the rules of `spec` (Route `key`) for the Service port `port`: every rule up to

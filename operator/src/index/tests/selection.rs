@@ -589,6 +589,98 @@ fn a_policy_relist_selects_what_evaluating_each_policy_gives() {
     assert_eq!(names_of(&i, "d"), ["two", "wide"]);
 }
 
+/// A re-list that leaves a namespace's pods without a kept mTLS mode (more than a few)
+/// has them computed Policy by Policy for the whole namespace: each pod's is what its own
+/// Policies give (workload over namespace-wide, the strictest of a level, refused
+/// Policies left out, the mesh default where none selects it), and no pod of another
+/// namespace is touched.
+#[test]
+fn a_relist_keeps_each_pods_mode_as_its_own_policies_give_it() {
+    let mut i = Index::new("cluster.local")
+        .with_mesh_mtls(MtlsMode::Disabled)
+        .with_max_policies(1);
+    for n in 0..100 {
+        let labels = json!({"app": format!("a{}", n % 4), "tier": format!("t{}", n % 3)});
+        apply(&mut i, pod("shop", &format!("p{n:03}"), "sa", labels));
+    }
+    apply(&mut i, pod("cart", "other", "sa", json!({"app": "a0"})));
+    // With `rules`, a Policy sends authorization, and counts towards the limit of 1.
+    let policy = |name: &str, created: u8, selector: serde_json::Value, mode: &str, rules: bool| {
+        let mut spec = json!({"target": {"selector": selector}, "mtls": {"mode": mode},
+                              "defaultAction": "Allow"});
+        if rules {
+            spec["rules"] = json!([{"action": "Deny", "from": [{"namespaces": ["other"]}]}]);
+        }
+        weft(
+            Kind::Policy,
+            "shop",
+            name,
+            1,
+            &format!("2026-01-01T00:00:{created:02}Z"),
+            spec,
+        )
+    };
+    let tier_t0 =
+        json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["t0"]}]});
+    let policies = vec![
+        policy("wide", 0, json!({}), "Permissive", false),
+        policy("wide-strict", 1, json!({}), "Strict", false),
+        policy(
+            "a1",
+            2,
+            json!({"matchLabels": {"app": "a1"}}),
+            "Disabled",
+            false,
+        ),
+        policy(
+            "a2",
+            2,
+            json!({"matchLabels": {"app": "a2"}}),
+            "Permissive",
+            false,
+        ),
+        policy("t0", 3, tier_t0, "Strict", false),
+        policy(
+            "a3-old",
+            4,
+            json!({"matchLabels": {"app": "a3"}}),
+            "Permissive",
+            true,
+        ),
+        // Newer, and its pods already have a3-old's authorization: refused.
+        policy(
+            "a3",
+            5,
+            json!({"matchLabels": {"app": "a3"}}),
+            "Strict",
+            true,
+        ),
+    ];
+    i.replace(Kind::Policy, policies);
+    assert!(i.refused_policies["shop"].contains_key(&key("shop", "a3")));
+    let kept = lock(&mut i.policy_modes).clone();
+    for (pod, _) in in_ns(&i.pods, "shop") {
+        assert_eq!(kept.get(pod), Some(&i.compute_policy_mode(pod)), "{pod}");
+    }
+    let mode = |n: usize| kept[&key("shop", &format!("p{n:03}"))];
+    // a0 with t0: the workload Policy; a0 alone: the strictest namespace-wide one.
+    assert_eq!(mode(0), MtlsMode::Strict);
+    assert_eq!(mode(4), MtlsMode::Strict);
+    // a1: its workload Policy, below the namespace-wide ones; with t0, the strictest.
+    assert_eq!(mode(1), MtlsMode::Disabled);
+    assert_eq!(mode(9), MtlsMode::Strict);
+    assert_eq!(mode(2), MtlsMode::Permissive);
+    // a3 is refused: a3-old decides.
+    assert_eq!(mode(7), MtlsMode::Permissive);
+    assert!(!kept.contains_key(&key("cart", "other")));
+    // Without any Policy, every pod runs the mesh default.
+    i.replace(Kind::Policy, Vec::new());
+    let kept = lock(&mut i.policy_modes).clone();
+    for (pod, _) in in_ns(&i.pods, "shop") {
+        assert_eq!(kept.get(pod), Some(&MtlsMode::Disabled), "{pod}");
+    }
+}
+
 /// What a subscriber of `pod` holds, checked against the view computed afresh.
 fn held(
     shared: &SharedIndex,
