@@ -510,7 +510,7 @@ pub(crate) mod tests {
         assert!(
             err.problems[0].starts_with(
                 "services[0] (\"web\").route.rules[1].requestHeaders: set and add write \
-                 65772 bytes of fields, above this proxy's limit of 61440 bytes"
+                 65772 bytes of fields, above the proxy's limit of 61440 bytes"
             ),
             "{err}"
         );

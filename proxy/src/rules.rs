@@ -135,7 +135,7 @@ impl Route {
                 let line = name.as_str().len() + value.len();
                 if line > limits.max_header_line_bytes {
                     problems.push(format!(
-                        "{field}: the field {name} is {line} bytes, above this proxy's \
+                        "{field}: the field {name} is {line} bytes, above the proxy's \
                          limit of {} bytes on one field (--max-header-line-bytes): every \
                          request the rule takes would be refused 431",
                         limits.max_header_line_bytes
@@ -146,7 +146,7 @@ impl Route {
             }
             if count > limits.max_request_headers_count {
                 problems.push(format!(
-                    "{field}: set and add write {count} fields, above this proxy's limit of \
+                    "{field}: set and add write {count} fields, above the proxy's limit of \
                      {} fields on a request (--max-request-headers-count): every request \
                      the rule takes would be refused 431",
                     limits.max_request_headers_count
@@ -154,7 +154,7 @@ impl Route {
             }
             if bytes > limits.max_request_headers_bytes {
                 problems.push(format!(
-                    "{field}: set and add write {bytes} bytes of fields, above this proxy's \
+                    "{field}: set and add write {bytes} bytes of fields, above the proxy's \
                      limit of {} bytes on a request's fields (--max-request-headers-bytes): \
                      every request the rule takes would be refused 431",
                     limits.max_request_headers_bytes

@@ -209,7 +209,7 @@ async fn a_route_whose_edits_pass_the_proxys_request_limits_is_refused() {
     let stderr = fails_to_start(&path, &["--max-request-headers-count", "10"]).await;
     assert!(
         stderr.contains(
-            "route.rules[0].requestHeaders: set and add write 12 fields, above this proxy's \
+            "route.rules[0].requestHeaders: set and add write 12 fields, above the proxy's \
              limit of 10 fields on a request (--max-request-headers-count): every request \
              the rule takes would be refused 431"
         ),

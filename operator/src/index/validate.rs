@@ -31,7 +31,15 @@ pub fn route(key: &ObjectKey, spec: &RouteSpec) -> Result<(), Vec<String>> {
         .enumerate()
         .map(|(i, name)| (name, i))
         .collect();
-    weft_proxy::rules::Route::from_wire(&config, "spec", &services).map(drop)
+    let route = weft_proxy::rules::Route::from_wire(&config, "spec", &services)?;
+    // Injected proxies run with the default request limits: a rule whose edits alone pass
+    // them would have every request it takes refused 431, and a proxy refuses the config.
+    let problems = route.edits_beyond(&weft_proxy::limits::Limits::default(), "spec");
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
 }
 
 /// Problems a proxy would find in a Breaker.
@@ -122,6 +130,33 @@ mod tests {
                 .any(|p| p.starts_with("spec.rules[1].requestHeaders")),
             "{problems:?}"
         );
+    }
+
+    /// A rule whose header edits alone pass an injected proxy's request limits is not
+    /// accepted: every proxy would refuse the whole config (a NACK that freezes its other
+    /// updates), and every request the rule took would be refused 431. Half of it is.
+    #[test]
+    fn a_rule_whose_edits_pass_the_proxys_request_limits_is_refused_by_field() {
+        let key = ObjectKey::new("shop", "web");
+        let fields = |kind: &str, n: usize| -> Vec<serde_json::Value> {
+            (0..n)
+                .map(|i| serde_json::json!({"name": format!("x-{kind}-{i}"), "value": "v".repeat(4096)}))
+                .collect()
+        };
+        let spec = |n: usize| {
+            route_spec(serde_json::json!([{"backends": [{"name": "web"}],
+                "requestHeaders": {"set": fields("set", n), "add": fields("add", n)}}]))
+        };
+        let problems = route(&key, &spec(16)).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "spec.rules[0].requestHeaders: set and add write 131308 bytes of fields, \
+                 above the proxy's limit of 61440 bytes"
+            ),
+            "{problems:?}"
+        );
+        assert_eq!(route(&key, &spec(7)), Ok(()));
     }
 
     #[test]
