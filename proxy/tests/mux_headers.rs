@@ -3000,6 +3000,243 @@ async fn read_head_or_close(s: &mut TcpStream) -> Option<String> {
     }
 }
 
+/// A TCP application that keeps every byte each connection brings, until the client
+/// half-closes it (then closes its side too).
+struct ByteSink {
+    addr: SocketAddr,
+    got: Arc<Mutex<Vec<Vec<u8>>>>,
+    _task: Task,
+}
+
+impl ByteSink {
+    async fn start() -> ByteSink {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let got: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let shared = got.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let mut all = Vec::new();
+                    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut all)).await;
+                    shared.lock().unwrap().push(all);
+                });
+            }
+        });
+        ByteSink {
+            addr,
+            got,
+            _task: Task(task),
+        }
+    }
+
+    /// What the connections closed since the last call brought, each.
+    fn take(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *self.got.lock().unwrap())
+    }
+}
+
+/// A TLS ClientHello as rustls writes it, offering `alpn` (the first flight's bytes).
+fn client_hello(alpn: &[&str], tls12: bool) -> Vec<u8> {
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from("app.example").unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    hello
+}
+
+/// First bytes drawn from TLS ClientHellos, whole or not: offering a peer proxy's ALPN or
+/// an application's own, cut short, with bytes flipped, followed by more, with record
+/// lengths that lie, or random bytes after a handshake record's type. Also what such
+/// a start must become: `Some(true)` a peer proxy's hello (terminated: nothing reaches
+/// the application), `Some(false)` anything else in full (replayed byte for byte), `None`
+/// either.
+fn odd_tls_start(rng: &mut impl rand::Rng) -> (Vec<u8>, Option<bool>) {
+    use rand::seq::IndexedRandom as _;
+    let alpns: [&[&str]; 7] = [
+        &[],
+        &["h2"],
+        &["http/1.1", "h2"],
+        &["weft-mux"],
+        &["h2", "weft-tcp"],
+        &["weft-http1"],
+        &["weft-muxx"],
+    ];
+    let alpn = *alpns.choose(rng).unwrap_or(&alpns[0]);
+    let ours = alpn
+        .iter()
+        .any(|p| ["weft-mux", "weft-tcp", "weft-http1", "weft-h2"].contains(p));
+    let mut hello = client_hello(alpn, rng.random_bool(0.5));
+    match rng.random_range(0..7) {
+        0 => (hello, Some(ours)),
+        1 => {
+            // Cut short: the proxy waits for the rest until the client's close, then
+            // replays what came.
+            let at = rng.random_range(1..hello.len());
+            hello.truncate(at);
+            (hello, Some(false))
+        }
+        2 => {
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(1..hello.len());
+                hello[at] ^= 1 << rng.random_range(0..8);
+            }
+            (hello, None)
+        }
+        3 => {
+            hello.extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+            (hello, Some(ours).filter(|o| !o).or(None))
+        }
+        4 => {
+            // The record's length lies.
+            let len = [0u16, 1, 4, 0x4000, 0x4001, 0xffff][rng.random_range(0..6)];
+            hello[3..5].copy_from_slice(&len.to_be_bytes());
+            (hello, None)
+        }
+        5 => {
+            let n = rng.random_range(1..64);
+            let mut bytes = vec![0x16];
+            bytes.extend((0..n).map(|_| rng.random::<u8>()));
+            (bytes, None)
+        }
+        _ => {
+            // Two hellos back to back.
+            let again = hello.clone();
+            hello.extend_from_slice(&again);
+            (hello, Some(ours).filter(|o| !o).or(None))
+        }
+    }
+}
+
+/// First bytes drawn from TLS ClientHellos ([`odd_tls_start`]) at a server sidecar with
+/// a mesh identity, each on its own connection, written in random pieces and then
+/// half-closed: a peer proxy's hello is terminated (nothing reaches the application); an
+/// application's own TLS, or anything that is not a whole hello, reaches it byte for
+/// byte; whatever it is, the application gets all of it or nothing, the proxy closes
+/// within 5 s, keeps serving peers and plain clients, and no task panics. Seeded
+/// (`WEFT_FUZZ_SEED`, default 1), `WEFT_FUZZ_CASES` starts (default 300), stopped after
+/// 60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_tls_starts_are_terminated_or_replayed_whole() {
+    use rand::{Rng as _, SeedableRng as _};
+    count_worker_panics();
+    let (seed, cases) = fuzz_run(300);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let ca = Ca::new("mesh root");
+    let sink = ByteSink::start().await;
+    let server = TestProxy::start_kind(
+        proxy_with(Some(ca.store(SERVER_ID)), Limits::default()),
+        ListenerKind::InboundTo(sink.addr),
+        config(&[]),
+    );
+    let peer = ca
+        .store(CLIENT_ID)
+        .client_tls(Arc::from(SERVER_ID))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut outcomes = std::collections::BTreeMap::<&str, usize>::new();
+    let mut ran = 0;
+    for case in 0..cases {
+        if started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        ran = case + 1;
+        let (bytes, expect) = odd_tls_start(&mut rng);
+        let ctx = format!(
+            "seed {seed}, case {case}, expect {expect:?}: {}",
+            hex(&bytes)
+        );
+        // The pieces from a generator of their own, so that a write the proxy cut short
+        // does not change the cases after it.
+        let mut pieces = rand::rngs::StdRng::seed_from_u64(rng.random());
+        let mut s = connect(server.addr).await;
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let n = pieces.random_range(1..=rest.len());
+            if s.write_all(&rest[..n]).await.is_err() {
+                break;
+            }
+            rest = &rest[n..];
+            if pieces.random_bool(0.3) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let _ = s.shutdown().await;
+        let mut back = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut back))
+            .await
+            .unwrap_or_else(|_| panic!("{ctx}: the proxy neither closed nor answered in 5 s"))
+            .ok();
+        // A replay ends with the application's close, which comes after it kept what it
+        // got: by the client's end, the sink has it.
+        let got = sink.take();
+        let reached = match got.as_slice() {
+            [] => None,
+            [one] => Some(one.clone()),
+            more => panic!("{ctx}: {} connections reached the application", more.len()),
+        };
+        if let Some(r) = &reached {
+            assert!(*r == bytes, "{ctx}: the application got {}", hex(r));
+        }
+        match expect {
+            Some(true) => assert!(
+                reached.is_none(),
+                "{ctx}: a peer's hello reached the application"
+            ),
+            Some(false) => assert!(reached.is_some(), "{ctx}: not replayed"),
+            None => {}
+        }
+        *outcomes
+            .entry(if reached.is_some() {
+                "replayed"
+            } else {
+                "terminated or refused"
+            })
+            .or_default() += 1;
+        if case % 25 == 24 {
+            // A peer proxy's session still works, and plain bytes still pass.
+            let tcp = connect(server.addr).await;
+            let tls = peer
+                .handshake(tcp, server.addr, Inner::Tcp, WAIT)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("seed {seed}, after case {case}: a peer's session: {e}")
+                });
+            drop(tls);
+            let mut s = connect(server.addr).await;
+            s.write_all(b"plain bytes").await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut back)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let got = sink.take();
+            assert!(
+                got.iter().any(|g| g == b"plain bytes"),
+                "seed {seed}, after case {case}: {got:?}"
+            );
+        }
+    }
+    eprintln!(
+        "seed {seed}: {ran} TLS starts in {:?}; {outcomes:?}",
+        started.elapsed()
+    );
+    assert_no_worker_panicked();
+}
+
 /// Responses drawn at random from odd parts ([`odd_response`]), each the application's
 /// answer to a request through every transport: the client gets one whole response or a
 /// close within 5 s, never a field only a proxy may set or one about the application's
