@@ -1739,6 +1739,51 @@ fn fuzz_run(cases: usize) -> (u64, usize) {
     )
 }
 
+/// One generated test's run: its seed, the cases it may run, and when it started.
+struct Fuzz {
+    seed: u64,
+    cases: usize,
+    ran: usize,
+    started: std::time::Instant,
+}
+
+impl Fuzz {
+    /// Starts counting worker panics and reads the run's seed and count ([`fuzz_run`],
+    /// `default` cases); the generator seeded with it.
+    fn start(default: usize) -> (Fuzz, rand::rngs::StdRng) {
+        use rand::SeedableRng as _;
+        count_worker_panics();
+        let (seed, cases) = fuzz_run(default);
+        let fuzz = Fuzz {
+            seed,
+            cases,
+            ran: 0,
+            started: std::time::Instant::now(),
+        };
+        (fuzz, rand::rngs::StdRng::seed_from_u64(seed))
+    }
+
+    /// The next case's number, or `None` once every case ran or 60 s passed.
+    fn next_case(&mut self) -> Option<usize> {
+        if self.ran == self.cases || self.started.elapsed() > Duration::from_secs(60) {
+            return None;
+        }
+        self.ran += 1;
+        Some(self.ran - 1)
+    }
+
+    /// Says what the run did, and fails it if a task of any proxy panicked.
+    fn finish(&self, what: &str) {
+        eprintln!(
+            "seed {}: {} cases in {:?}: {what}",
+            self.seed,
+            self.ran,
+            self.started.elapsed()
+        );
+        assert_no_worker_panicked();
+    }
+}
+
 /// Through each client sidecar, and straight at the server's in plain text (a client
 /// outside the mesh): each way's name and address.
 fn every_way(chain: &Chain) -> Vec<(&'static str, SocketAddr)> {
@@ -2027,18 +2072,14 @@ async fn generated_odd_requests_through_a_route_never_panic_hang_or_reach_the_ap
 
 /// Sends the generated requests through `chain` (see the first test above).
 async fn send_odd_requests(chain: &Chain) {
-    use rand::SeedableRng as _;
-    count_worker_panics();
-    let (seed, cases) = fuzz_run(1000);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let started = std::time::Instant::now();
+    let (mut fuzz, mut rng) = Fuzz::start(1000);
+    let seed = fuzz.seed;
     // What each case sent, by mark: its bytes, the most messages in them, and whether they
     // go as opaque TCP (then they reach the application as sent: no framing to judge).
     let mut sent = std::collections::HashMap::<String, (Vec<u8>, usize, bool)>::new();
     let mut reached = std::collections::HashMap::<String, usize>::new();
     let mut opaque_cases = 0usize;
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
-    let mut ran = 0;
     // Judges what reached the application since the last look, each request by the
     // transport its mark names (it may come after its client was done).
     let mut judge =
@@ -2073,11 +2114,7 @@ async fn send_odd_requests(chain: &Chain) {
                 assert!(*n <= *most, "{ctx}: the application framed {n} requests");
             }
         };
-    for case in 0..cases {
-        if started.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-        ran = case + 1;
+    while let Some(case) = fuzz.next_case() {
         let (template, most) = odd_request(&mut rng);
         if std::env::var_os("WEFT_FUZZ_SHOW").is_some() {
             eprintln!("case {case}: {:?}", String::from_utf8_lossy(&template));
@@ -2137,12 +2174,10 @@ async fn send_odd_requests(chain: &Chain) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     judge(chain.app.take(), &sent);
     let forwarded: usize = reached.values().sum();
-    eprintln!(
-        "seed {seed}: {ran} requests × {} ways in {:?}; {opaque_cases} carried as opaque TCP; {forwarded} reached the application; answers by status {statuses:?}",
+    fuzz.finish(&format!(
+        "requests × {} ways; {opaque_cases} carried as opaque TCP; {forwarded} reached the application; answers by status {statuses:?}",
         chain.clients.len() + 2,
-        started.elapsed()
-    );
-    assert_no_worker_panicked();
+    ));
 }
 
 /// Writes `bytes` on `s`, shuts its sending side, and reads until the peer closes:
@@ -2766,20 +2801,12 @@ async fn still_serving_h2(chain: &Chain) {
 /// `WEFT_FUZZ_CASES` answers (default 200), stopped after 60 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_odd_http2_responses_never_panic_hang_or_lose_a_valid_answer() {
-    use rand::SeedableRng as _;
-    count_worker_panics();
-    let (seed, cases) = fuzz_run(200);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut fuzz, mut rng) = Fuzz::start(200);
+    let seed = fuzz.seed;
     let app = RecordingApp::start_h2_scripted().await;
     let chain = Chain::with_app(Limits::default(), None, app).await;
-    let started = std::time::Instant::now();
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
-    let mut ran = 0;
-    for case in 0..cases {
-        if started.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-        ran = case + 1;
+    while let Some(case) = fuzz.next_case() {
         let script = odd_h2_script(&mut rng);
         let head = rand::Rng::random_bool(&mut rng, 0.25);
         let encoded = hex(&serde_json::to_vec(&script).unwrap());
@@ -2829,12 +2856,10 @@ async fn generated_odd_http2_responses_never_panic_hang_or_lose_a_valid_answer()
         }
     }
     still_serving_h2(&chain).await;
-    eprintln!(
-        "seed {seed}: {ran} HTTP/2 answers × {} ways in {:?}; outcomes {outcomes:?}",
+    fuzz.finish(&format!(
+        "HTTP/2 answers × {} ways; outcomes {outcomes:?}",
         chain.clients.len() + 1,
-        started.elapsed()
-    );
-    assert_no_worker_panicked();
+    ));
 }
 
 /// Odd answers from a faulty peer proxy ([`scripted_peer`], [`odd_h2_script`]) to
@@ -2848,10 +2873,8 @@ async fn generated_odd_http2_responses_never_panic_hang_or_lose_a_valid_answer()
 /// 60 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_odd_answers_of_a_peer_proxy_reach_the_client_well_framed() {
-    use rand::SeedableRng as _;
-    count_worker_panics();
-    let (seed, cases) = fuzz_run(200);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut fuzz, mut rng) = Fuzz::start(200);
+    let seed = fuzz.seed;
     let ca = Ca::new("mesh root");
     let (peer, _peer) = scripted_peer(&ca).await;
     let store = IdentityStore::with_http1(Http1Transport::Multiplexed).unwrap();
@@ -2863,14 +2886,8 @@ async fn generated_odd_answers_of_a_peer_proxy_reach_the_client_well_framed() {
         ListenerKind::Forward(Arc::from("web")),
         c,
     );
-    let started = std::time::Instant::now();
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
-    let mut ran = 0;
-    for case in 0..cases {
-        if started.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-        ran = case + 1;
+    while let Some(case) = fuzz.next_case() {
         let script = odd_h2_script(&mut rng);
         let head = rand::Rng::random_bool(&mut rng, 0.25);
         let encoded = hex(&serde_json::to_vec(&script).unwrap());
@@ -2973,11 +2990,9 @@ async fn generated_odd_answers_of_a_peer_proxy_reach_the_client_well_framed() {
             .await;
         }
     }
-    eprintln!(
-        "seed {seed}: {ran} answers of a peer proxy × 2 client versions in {:?}; outcomes {outcomes:?}",
-        started.elapsed()
-    );
-    assert_no_worker_panicked();
+    fuzz.finish(&format!(
+        "answers of a peer proxy × 2 client versions; outcomes {outcomes:?}"
+    ));
 }
 
 /// An HTTP/1 response head on `s` (lower-cased, to its blank line), or `None` if the
@@ -3133,9 +3148,8 @@ fn odd_tls_start(rng: &mut impl rand::Rng) -> (Vec<u8>, Option<bool>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_tls_starts_are_terminated_or_replayed_whole() {
     use rand::{Rng as _, SeedableRng as _};
-    count_worker_panics();
-    let (seed, cases) = fuzz_run(300);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut fuzz, mut rng) = Fuzz::start(300);
+    let seed = fuzz.seed;
     let ca = Ca::new("mesh root");
     let sink = ByteSink::start().await;
     let server = TestProxy::start_kind(
@@ -3147,14 +3161,8 @@ async fn generated_tls_starts_are_terminated_or_replayed_whole() {
         .store(CLIENT_ID)
         .client_tls(Arc::from(SERVER_ID))
         .unwrap();
-    let started = std::time::Instant::now();
     let mut outcomes = std::collections::BTreeMap::<&str, usize>::new();
-    let mut ran = 0;
-    for case in 0..cases {
-        if started.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-        ran = case + 1;
+    while let Some(case) = fuzz.next_case() {
         let (bytes, expect) = odd_tls_start(&mut rng);
         let ctx = format!(
             "seed {seed}, case {case}, expect {expect:?}: {}",
@@ -3230,11 +3238,7 @@ async fn generated_tls_starts_are_terminated_or_replayed_whole() {
             );
         }
     }
-    eprintln!(
-        "seed {seed}: {ran} TLS starts in {:?}; {outcomes:?}",
-        started.elapsed()
-    );
-    assert_no_worker_panicked();
+    fuzz.finish(&format!("TLS starts; {outcomes:?}"));
 }
 
 /// Responses drawn at random from odd parts ([`odd_response`]), each the application's
@@ -3247,19 +3251,11 @@ async fn generated_tls_starts_are_terminated_or_replayed_whole() {
 /// (default 300), stopped after 60 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_odd_responses_never_panic_hang_or_answer_another_request() {
-    use rand::SeedableRng as _;
-    count_worker_panics();
-    let (seed, cases) = fuzz_run(300);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut fuzz, mut rng) = Fuzz::start(300);
+    let seed = fuzz.seed;
     let chain = Chain::start().await;
-    let started = std::time::Instant::now();
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
-    let mut ran = 0;
-    for case in 0..cases {
-        if started.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-        ran = case + 1;
+    while let Some(case) = fuzz.next_case() {
         let (answer, close) = odd_response(&mut rng);
         let shown = String::from_utf8_lossy(&answer[..answer.len().min(300)]).into_owned();
         if std::env::var_os("WEFT_FUZZ_SHOW").is_some() {
@@ -3323,12 +3319,10 @@ async fn generated_odd_responses_never_panic_hang_or_answer_another_request() {
         }
     }
     still_serving(&chain).await;
-    eprintln!(
-        "seed {seed}: {ran} responses × {} transports in {:?}; answers by status {statuses:?}",
+    fuzz.finish(&format!(
+        "responses × {} transports; answers by status {statuses:?}",
         chain.clients.len(),
-        started.elapsed()
-    );
-    assert_no_worker_panicked();
+    ));
 }
 
 /// One HTTP/2 request of odd parts, as far as an HTTP/2 client lets one be built (it
@@ -3520,19 +3514,12 @@ async fn a_head_answered_with_data_by_an_http2_application_gets_its_head_alone()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_odd_http2_requests_never_panic_hang_or_reach_the_application_malformed() {
     use rand::SeedableRng as _;
-    count_worker_panics();
-    let (seed, cases) = fuzz_run(300);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut fuzz, mut rng) = Fuzz::start(300);
+    let seed = fuzz.seed;
     let chain = Chain::with_app(Limits::default(), None, RecordingApp::start_h2("").await).await;
-    let started = std::time::Instant::now();
     let mut statuses = std::collections::BTreeMap::<String, usize>::new();
     let mut shown = std::collections::HashMap::<String, String>::new();
-    let mut ran = 0;
-    for case in 0..cases {
-        if started.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-        ran = case + 1;
+    while let Some(case) = fuzz.next_case() {
         // Every transport, straight at the server's sidecar, and in a mux session of a
         // peer proxy's own (what only a proxy may send, such as `weft-orig-proto`).
         let mut targets: Vec<_> = every_way(&chain)
@@ -3582,10 +3569,8 @@ async fn generated_odd_http2_requests_never_panic_hang_or_reach_the_application_
         }
     }
     still_serving(&chain).await;
-    eprintln!(
-        "seed {seed}: {ran} HTTP/2 requests × {} ways in {:?}; answers {statuses:?}",
+    fuzz.finish(&format!(
+        "HTTP/2 requests × {} ways; answers {statuses:?}",
         chain.clients.len() + 2,
-        started.elapsed()
-    );
-    assert_no_worker_panicked();
+    ));
 }
