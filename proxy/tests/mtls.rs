@@ -244,21 +244,7 @@ async fn opaque_tcp_travels_inside_the_tls_session() {
 /// A peer that is not a Weft proxy: a bare TLS 1.3 server presenting `leaf`, answering
 /// every request with 200 (HTTP/2 in a `weft-mux` session, HTTP/1 otherwise).
 async fn bare_tls_server(leaf: &Leaf, ca_pem: &str) -> SocketAddr {
-    let mut chain = vec![leaf.der.clone()];
-    chain.extend(rustls_pemfile::certs(&mut ca_pem.as_bytes()).map(|c| c.unwrap()));
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, leaf.key())
-    .unwrap();
-    config.alpn_protocols = vec![
-        b"weft-mux".to_vec(),
-        b"weft-http1".to_vec(),
-        b"weft-h2".to_vec(),
-    ];
+    let config = leaf.server_config(ca_pem, &[b"weft-mux", b"weft-http1", b"weft-h2"]);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -2475,6 +2475,39 @@ struct H2Script {
 }
 
 impl H2Script {
+    /// Asks for this answer with an HTTP/2 `method` request on a new connection to
+    /// `addr`: a valid answer must come whole (status and data; none for `HEAD`), and no
+    /// answer may carry `weft-unsent`. The status, or `stream error`.
+    async fn ask_h2(&self, addr: SocketAddr, method: &http::Method, ctx: &str) -> String {
+        let req = http::Request::builder()
+            .method(method.clone())
+            .uri("http://cart/answer")
+            .header("x-script", hex(&serde_json::to_vec(self).unwrap()))
+            .body(full(""))
+            .unwrap();
+        let answer = h2_exchange(addr, req, ctx).await;
+        self.settle().await;
+        if self.valid() {
+            let (status, _, body) = answer
+                .as_ref()
+                .unwrap_or_else(|e| panic!("{ctx}: a valid answer lost: {e:?}"));
+            let want = if method == http::Method::HEAD {
+                String::new()
+            } else {
+                self.data.concat()
+            };
+            assert_eq!(status.as_u16(), self.status, "{ctx}");
+            assert_eq!(String::from_utf8_lossy(body), want, "{ctx}");
+        }
+        match &answer {
+            Ok((status, unsent, _)) => {
+                assert!(!unsent, "{ctx}: weft-unsent");
+                status.as_str().to_owned()
+            }
+            Err(_) => "stream error".to_owned(),
+        }
+    }
+
     /// Waits for a `close` ending to take effect: an answer to `HEAD` ends at its head,
     /// before the application (or peer) closes its connection a few milliseconds later,
     /// and a request sent on that connection in between fails as it would with any
@@ -2536,18 +2569,7 @@ where
 /// `weft-mux` sessions and answers each stream as [`scripted_h2_answer`] does. What a
 /// client sidecar gets from it, no server sidecar checked.
 async fn scripted_peer(ca: &Ca) -> (SocketAddr, Task) {
-    let leaf = ca.issue(SERVER_ID);
-    let mut chain = vec![leaf.der.clone()];
-    chain.extend(rustls_pemfile::certs(&mut ca.pem.as_bytes()).map(|c| c.unwrap()));
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, leaf.key())
-    .unwrap();
-    config.alpn_protocols = vec![b"weft-mux".to_vec()];
+    let config = ca.issue(SERVER_ID).server_config(&ca.pem, &[b"weft-mux"]);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -2809,46 +2831,21 @@ async fn generated_odd_http2_responses_never_panic_hang_or_lose_a_valid_answer()
     while let Some(case) = fuzz.next_case() {
         let script = odd_h2_script(&mut rng);
         let head = rand::Rng::random_bool(&mut rng, 0.25);
-        let encoded = hex(&serde_json::to_vec(&script).unwrap());
-        let valid = script.valid();
-        let want_body = if head {
-            String::new()
-        } else {
-            script.data.concat()
-        };
         let method = if head {
             http::Method::HEAD
         } else {
             http::Method::GET
         };
         if std::env::var_os("WEFT_FUZZ_SHOW").is_some() {
-            eprintln!("case {case}: {method}, valid {valid}: {script:?}");
+            eprintln!(
+                "case {case}: {method}, valid {}: {script:?}",
+                script.valid()
+            );
         }
         for (transport, addr) in every_way(&chain) {
             let ctx = format!("seed {seed}, case {case}, {transport}, {method}: {script:?}");
-            let req = http::Request::builder()
-                .method(method.clone())
-                .uri("http://cart/answer")
-                .header("x-script", encoded.as_str())
-                .body(full(""))
-                .unwrap();
-            let answer = h2_exchange(addr, req, &ctx).await;
-            script.settle().await;
-            let label = match &answer {
-                Ok((status, _, _)) => status.as_str().to_owned(),
-                Err(_) => "stream error".to_owned(),
-            };
+            let label = script.ask_h2(addr, &method, &ctx).await;
             *outcomes.entry(label).or_default() += 1;
-            if valid {
-                let (status, _, body) = answer
-                    .as_ref()
-                    .unwrap_or_else(|e| panic!("{ctx}: a valid answer lost: {e:?}"));
-                assert_eq!(status.as_u16(), script.status, "{ctx}");
-                assert_eq!(String::from_utf8_lossy(body), want_body, "{ctx}");
-            }
-            if let Ok((_, unsent, _)) = &answer {
-                assert!(!unsent, "{ctx}: weft-unsent");
-            }
         }
         chain.app.take();
         if case % 10 == 9 {
@@ -2958,29 +2955,11 @@ async fn generated_odd_answers_of_a_peer_proxy_reach_the_client_well_framed() {
         }
 
         // HTTP/2: the stream's answer as it came, through the client sidecar.
-        let req = http::Request::builder()
-            .method(method)
-            .uri("http://cart/answer")
-            .header("x-script", encoded.as_str())
-            .body(full(""))
-            .unwrap();
-        let answer = h2_exchange(client.addr, req, &ctx).await;
-        script.settle().await;
-        let label = match &answer {
-            Ok((status, _, _)) => status.as_str().to_owned(),
-            Err(_) => "stream error".to_owned(),
-        };
+        let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+        let label = script
+            .ask_h2(client.addr, &method, &format!("{ctx}: HTTP/2"))
+            .await;
         *outcomes.entry(format!("HTTP/2 {label}")).or_default() += 1;
-        if valid {
-            let (status, _, body) = answer
-                .as_ref()
-                .unwrap_or_else(|e| panic!("{ctx}: HTTP/2: a valid answer lost: {e:?}"));
-            assert_eq!(status.as_u16(), script.status, "{ctx}: HTTP/2");
-            assert_eq!(String::from_utf8_lossy(body), want_body, "{ctx}: HTTP/2");
-        }
-        if let Ok((_, unsent, _)) = &answer {
-            assert!(!unsent, "{ctx}: HTTP/2: weft-unsent");
-        }
         if case % 10 == 9 {
             let mut s = connect(client.addr).await;
             next_in_step(
@@ -2999,15 +2978,8 @@ async fn generated_odd_answers_of_a_peer_proxy_reach_the_client_well_framed() {
 /// connection closes first; interim `1xx` heads are skipped.
 async fn read_head_or_close(s: &mut TcpStream) -> Option<String> {
     loop {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match s.read(&mut byte).await {
-                Ok(1) => head.push(byte[0]),
-                _ => return None,
-            }
-        }
-        let head = String::from_utf8_lossy(&head).to_lowercase();
+        // A response head reads as a request head does: lines to a blank one.
+        let head = read_request_head(s).await?;
         let status: u16 = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
         if !(100..200).contains(&status) || status == 101 {
             return Some(head);

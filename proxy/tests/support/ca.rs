@@ -126,6 +126,23 @@ impl Leaf {
         PrivateKeyDer::Pkcs8(self.key_der.clone().into())
     }
 
+    /// A TLS 1.3 server presenting this leaf and the root `ca_pem`, asking for no client
+    /// certificate, offering `alpn`: a bare peer that is not a Weft proxy.
+    pub fn server_config(&self, ca_pem: &str, alpn: &[&[u8]]) -> rustls::ServerConfig {
+        let mut chain = vec![self.der.clone()];
+        chain.extend(rustls_pemfile::certs(&mut ca_pem.as_bytes()).map(|c| c.unwrap()));
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, self.key())
+        .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config
+    }
+
     /// When the leaf stops verifying: a second after its `notAfter` (X.509 times are whole
     /// seconds, and webpki accepts `notAfter` itself), read from the certificate rather
     /// than computed from when it was asked for, which may be most of a second off.
