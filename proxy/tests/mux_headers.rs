@@ -3273,6 +3273,16 @@ async fn generated_odd_responses_never_panic_hang_or_answer_another_request() {
                 .is_ok()
                 && let Some(next) = read_final(&mut s, &mut buf).await
             {
+                // An application that closes after its answer without saying so: the
+                // next request can go out on that connection before the server's sidecar
+                // has seen it close, and is answered `502 upstream_failed`, an answer of
+                // its own (docs/proxy.md, the application's idle timeout).
+                if close
+                    && next.status == 502
+                    && next.header("weft-error") == Some("upstream_failed")
+                {
+                    continue;
+                }
                 assert_eq!(
                     next.status, 200,
                     "{ctx}: the next request got {}",
@@ -3287,9 +3297,15 @@ async fn generated_odd_responses_never_panic_hang_or_answer_another_request() {
         }
         chain.app.take();
         if case % 10 == 9 {
+            // The same race for a new connection's request: the application's close
+            // has reached the server's sidecar within this wait.
+            if close {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             still_serving(&chain).await;
         }
     }
+    tokio::time::sleep(Duration::from_millis(50)).await;
     still_serving(&chain).await;
     fuzz.finish(&format!(
         "responses × {} transports; answers by status {statuses:?}",
