@@ -2733,11 +2733,21 @@ async fn h2_connect(
     // HTTP/2 writes a head and its body apart: without this, each request waits out the
     // peer's delayed ACK.
     stream.set_nodelay(true).unwrap();
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-            .await
-            .unwrap_or_else(|e| panic!("{ctx}: HTTP/2 handshake: {e}"));
+    h2_over(stream, ctx).await
+}
+
+/// An HTTP/2 client connection (prior knowledge) over `io`, driven until the returned
+/// task drops.
+async fn h2_over<S>(io: S, ctx: &str) -> (hyper::client::conn::http2::SendRequest<Body>, Task)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{ctx}: HTTP/2 handshake: {e}"));
     let task = Task(tokio::spawn(async move {
         let _ = conn.await;
     }));
@@ -2777,16 +2787,7 @@ async fn peer_mux(
         .handshake(tcp, addr, Inner::Mux, WAIT)
         .await
         .unwrap_or_else(|e| panic!("{ctx}: mux session: {e}"));
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{ctx}: HTTP/2 handshake in the mux session: {e}"));
-    let task = Task(tokio::spawn(async move {
-        let _ = conn.await;
-    }));
-    (sender, task)
+    h2_over(tls, ctx).await
 }
 
 /// [`h2_send`] on a new connection to `addr`.
