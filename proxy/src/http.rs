@@ -1350,6 +1350,43 @@ impl Body for TrackedBody {
     }
 }
 
+/// The parts of a request needed to send it again (a retry, a mirror, or a bodiless
+/// request resent after its pooled connection closed unanswered).
+#[derive(Debug)]
+pub(crate) struct RequestHead {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl RequestHead {
+    /// A copy of `req`'s head.
+    pub(crate) fn of<B>(req: &Request<B>) -> RequestHead {
+        RequestHead {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    /// The request's method.
+    pub(crate) fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The request again, with `body`.
+    pub(crate) fn request(&self, body: Bytes) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::buffered(body));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
 /// A request body on its way upstream: the client's, streamed, or a copy of one that was
 /// read whole so that it can be sent again (a retry) or twice (a mirror). While the client
 /// sends a streamed body, a pause between two frames longer than the idle timeout ends it

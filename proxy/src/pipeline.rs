@@ -33,7 +33,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, uri::PathAndQuery,
+    HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, uri::PathAndQuery,
 };
 use http_body::Body as _;
 use http_body_util::{BodyExt as _, Either, Full};
@@ -43,8 +43,8 @@ use crate::{
     breaker::Outcome,
     errors::{ErrorCode, UNSENT_HEADER},
     http::{
-        BodyCopy, BodyWatch, Codings, HttpConn, ProxyBody, RequestBody, TrackedBody, Tunnel,
-        error_response, grpc_error_response, single_content_length, strip_hop_by_hop,
+        BodyCopy, BodyWatch, Codings, HttpConn, ProxyBody, RequestBody, RequestHead, TrackedBody,
+        Tunnel, error_response, grpc_error_response, single_content_length, strip_hop_by_hop,
     },
     limits::Limit,
     metrics::RequestMetrics,
@@ -148,34 +148,6 @@ enum Replay {
     Stream,
     /// Read whole: sent as often as needed.
     Copy(Bytes),
-}
-
-/// The parts of a request needed to send it again.
-struct Head {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-}
-
-impl Head {
-    fn of<B>(req: &Request<B>) -> Head {
-        Head {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-        }
-    }
-
-    fn request(&self, body: Bytes) -> Request<RequestBody> {
-        let mut req = Request::new(RequestBody::buffered(body));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
 }
 
 impl RuleLabels<'_> {
@@ -500,7 +472,7 @@ impl HttpConn {
             return;
         };
         labels.count(&self.metrics, RouteEvent::Mirrored);
-        let copy = Head::of(req).request(body.clone());
+        let copy = RequestHead::of(req).request(body.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let Some((_, endpoint)) = service.pick(None) else {
@@ -589,7 +561,7 @@ impl HttpConn {
         replay: Replay,
         x: &mut Exchange<'_>,
     ) -> Response<ProxyBody> {
-        let head = matches!(replay, Replay::Copy(_)).then(|| Head::of(&req));
+        let head = matches!(replay, Replay::Copy(_)).then(|| RequestHead::of(&req));
         // Without a policy, the retries that are always safe: a request that was never
         // sent, because no connection could be made, goes to another endpoint, at most
         // twice (Istio's default attempts). During a rolling update several endpoints can
@@ -637,7 +609,7 @@ impl HttpConn {
         // body kept as it streams (gRPC clients send no `content-length`, so no retry
         // policy copies their bodies, yet a unary call's message has usually been read
         // whole by the time the peer answers).
-        let mut unsent_copy: Option<(Head, Option<Arc<BodyCopy>>)> = None;
+        let mut unsent_copy: Option<(RequestHead, Option<Arc<BodyCopy>>)> = None;
         let mut next = Some(req);
         let mut exclude = None;
         let mut retries = 0u32;
@@ -668,12 +640,12 @@ impl HttpConn {
                 (meshed && unsent_retries) || (refused_retries && req.version() == Version::HTTP_2);
             if keep && head.is_none() && unsent_copy.is_none() {
                 if req.body().is_end_stream() {
-                    unsent_copy = Some((Head::of(&req), None));
+                    unsent_copy = Some((RequestHead::of(&req), None));
                 } else if x.grpc && !longer_than(&req, REPLAY_LIMIT) {
                     let (parts, body) = req.into_parts();
                     let (body, copy) = body.tee(REPLAY_LIMIT);
                     req = Request::from_parts(parts, body);
-                    unsent_copy = Some((Head::of(&req), Some(copy)));
+                    unsent_copy = Some((RequestHead::of(&req), Some(copy)));
                 }
             }
             let in_flight = endpoint.start();
@@ -1100,9 +1072,9 @@ fn longer_than<B>(req: &Request<B>, limit: u64) -> bool {
 /// bodiless request's head; a gRPC body only if it had ended, within the limit, before
 /// the answer came, since a part of it would not be the same request).
 fn unsent_again(
-    head: Option<&Head>,
+    head: Option<&RequestHead>,
     replay: &Replay,
-    kept: Option<&(Head, Option<Arc<BodyCopy>>)>,
+    kept: Option<&(RequestHead, Option<Arc<BodyCopy>>)>,
 ) -> Option<Request<RequestBody>> {
     match (head, kept) {
         (Some(h), _) => replay.copy().map(|b| h.request(b)),

@@ -40,6 +40,7 @@ use crate::{
         Overloaded, ServicePool,
         pool::{IdleConnections, Slot},
     },
+    http::RequestHead,
     identity::{
         ClientTls, HandshakeError, Inner, TlsFailure,
         session::{PeerSession, SessionEvent, session_event},
@@ -1010,18 +1011,28 @@ impl Http1Pool {
                 },
             };
             lease.body = req.body().watch().cloned();
+            // A kept-alive connection the application closes as the request goes out (its
+            // idle timeout, or a close it did not announce) fails the request unanswered.
+            // A request that is safe to repeat goes out again on another connection, as
+            // RFC 9110 §9.2.2 allows and Go's client does; a fresh connection failing is
+            // a real failure, answered as such.
+            let head = (reused && replayable(&req)).then(|| RequestHead::of(&req));
             match lease.sender.try_send_request(req).await {
                 Ok(resp) => {
                     lease.uses = lease.uses.saturating_add(1);
                     return Ok((resp, lease));
                 }
-                Err(mut error) => match error.take_message() {
+                Err(mut error) => match (error.take_message(), head) {
                     // Not sent: a reused connection closed under us (the server's idle
                     // timeout raced this request). Another connection may take it, as
-                    // hyper-util's client does; a fresh one failing is a real failure.
-                    Some(unsent) if reused => {
+                    // hyper-util's client does.
+                    (Some(unsent), _) if reused => {
                         tracing::debug!(error = %error.error(), "idle connection closed; retrying");
                         req = unsent;
+                    }
+                    (None, Some(head)) if closed_unanswered(error.error()) => {
+                        tracing::debug!(error = %error.error(), method = %head.method(), "kept-alive connection closed unanswered; sending again");
+                        req = head.request(bytes::Bytes::new());
                     }
                     _ => return Err(SendError::Failed(Box::new(error.into_error()))),
                 },
@@ -1125,6 +1136,40 @@ impl Http1Pool {
             body: None,
         })
     }
+}
+
+/// Whether a request may go out again after its connection closed unanswered: a safe
+/// method, or one carrying an idempotency key (as Go's client has it; other idempotent
+/// methods are not, since applications often give `PUT` and `DELETE` side effects), with
+/// no body to send.
+fn replayable(req: &http::Request<UpstreamBody>) -> bool {
+    use http_body::Body as _;
+    (req.method().is_safe()
+        || req.headers().contains_key("idempotency-key")
+        || req.headers().contains_key("x-idempotency-key"))
+        && req.body().is_end_stream()
+}
+
+/// Whether a sent request's connection ended before any answer: closed (cleanly, or with
+/// a reset) rather than spoke invalid HTTP or timed out.
+fn closed_unanswered(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() || error.is_canceled() || error.is_closed() {
+        return true;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            );
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Drives one upstream HTTP/1 connection until it ends, or until it has been idle in its

@@ -1195,3 +1195,141 @@ async fn a_forward_listener_before_the_first_config_answers_503_service_not_foun
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(header(&resp, "weft-error"), "service_not_found");
 }
+
+/// How one connection of a [`closing_app`] behaves: it answers `answered` requests
+/// (`200`, keep-alive), then, at the next request's head, closes without answering (with
+/// a reset when `reset`, as an application killed mid-request does).
+#[derive(Clone, Copy)]
+struct Closes {
+    answered: usize,
+    reset: bool,
+}
+
+/// An HTTP/1 application on 127.0.0.1 whose connections behave, in the order accepted, as
+/// `script` says (later ones answer everything); it records each request line it read,
+/// with the number of the connection that read it.
+async fn closing_app(
+    script: Vec<Closes>,
+) -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<(usize, String)>>>,
+    Task,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local address: {e}"));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut s, _)) = listener.accept().await {
+            let how = script.get(n).copied().unwrap_or(Closes {
+                answered: usize::MAX,
+                reset: false,
+            });
+            let (conn, log) = (n, log.clone());
+            n += 1;
+            tokio::spawn(async move {
+                let mut answered = 0;
+                while let Some(head) = read_request_head(&mut s).await {
+                    let line = head.lines().next().unwrap_or("").to_owned();
+                    log.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((conn, line.clone()));
+                    if answered == how.answered {
+                        if how.reset {
+                            let _ = s.set_zero_linger();
+                        }
+                        return;
+                    }
+                    answered += 1;
+                    let answer: &[u8] = if line.starts_with("head ") {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen, Task(task))
+}
+
+#[tokio::test]
+async fn a_safe_request_whose_kept_alive_connection_closed_unanswered_is_sent_again_once() {
+    let close = |answered, reset| Closes { answered, reset };
+    let (app, seen, _app) = closing_app(vec![
+        close(1, false), // /a; closes at /b
+        close(1, true),  // /b again; resets at HEAD /c
+        close(1, false), // HEAD /c again; closes at POST /d
+        close(1, false), // /e; closes at PUT /f
+        close(0, false), // closes at /g, its first request
+        close(1, false), // /h; closes at the keyed POST /i
+    ])
+    .await;
+    let proxy = TestProxy::start("web", config(&[("web", &[app])])).await;
+    let client = h1_client();
+    let send = |method: &str, path: &str, body: &'static str, key: bool| {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(proxy.url(path))
+            .header("host", "web");
+        if key {
+            req = req.header("idempotency-key", "order-7");
+        }
+        let req = req.body(full(body)).unwrap();
+        let client = client.clone();
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+                .await
+                .expect("an answer within 10 s")
+                .unwrap();
+            let error = resp
+                .headers()
+                .get("weft-error")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (resp.status().as_u16(), error)
+        }
+    };
+    let ok = (200, None);
+    let failed = (502, Some("upstream_failed".to_owned()));
+    // A GET or HEAD whose kept-alive connection was closed (or reset) under it goes out
+    // again on a new connection, and the client sees only the answer.
+    assert_eq!(send("GET", "/a", "", false).await, ok);
+    assert_eq!(send("GET", "/b", "", false).await, ok);
+    assert_eq!(send("HEAD", "/c", "", false).await, ok);
+    // A request with a body, or with a method that may have side effects, is not.
+    assert_eq!(send("POST", "/d", "x", false).await, failed);
+    assert_eq!(send("GET", "/e", "", false).await, ok);
+    assert_eq!(send("PUT", "/f", "", false).await, failed);
+    // A new connection closing unanswered is the application's failure, not a race.
+    assert_eq!(send("GET", "/g", "", false).await, failed);
+    // An idempotency key makes a bodiless POST safe to repeat.
+    assert_eq!(send("GET", "/h", "", false).await, ok);
+    assert_eq!(send("POST", "/i", "", true).await, ok);
+    let seen = seen.lock().unwrap().clone();
+    let seen: Vec<(usize, &str)> = seen.iter().map(|(c, l)| (*c, l.as_str())).collect();
+    assert_eq!(
+        seen,
+        [
+            (0, "get /a http/1.1"),
+            (0, "get /b http/1.1"),
+            (1, "get /b http/1.1"),
+            (1, "head /c http/1.1"),
+            (2, "head /c http/1.1"),
+            (2, "post /d http/1.1"),
+            (3, "get /e http/1.1"),
+            (3, "put /f http/1.1"),
+            (4, "get /g http/1.1"),
+            (5, "get /h http/1.1"),
+            (5, "post /i http/1.1"),
+            (6, "post /i http/1.1"),
+        ]
+    );
+}
