@@ -515,6 +515,7 @@ impl Upstream {
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(limits.max_http1.min(Semaphore::MAX_PERMITS))),
             service: service.clone(),
+            closes_kept_alive: AtomicBool::new(false),
         });
         if let Some(s) = &service {
             let weak: Weak<dyn IdleConnections> = Arc::downgrade(&http1) as _;
@@ -983,6 +984,10 @@ pub struct Http1Pool {
     idle: Mutex<Vec<Lease>>,
     slots: Arc<Semaphore>,
     service: Option<Arc<ServicePool>>,
+    /// Set once the endpoint has closed a kept-alive connection under a request: from
+    /// then on, a request that is safe to repeat keeps a copy of its head to go out again
+    /// should that happen once more. An endpoint that never does so costs no copy.
+    closes_kept_alive: AtomicBool,
 }
 
 impl IdleConnections for Http1Pool {
@@ -1014,9 +1019,13 @@ impl Http1Pool {
             // A kept-alive connection the application closes as the request goes out (its
             // idle timeout, or a close it did not announce) fails the request unanswered.
             // A request that is safe to repeat goes out again on another connection, as
-            // RFC 9110 §9.2.2 allows and Go's client does; a fresh connection failing is
-            // a real failure, answered as such.
-            let head = (reused && replayable(&req)).then(|| RequestHead::of(&req));
+            // RFC 9110 §9.2.2 allows and Go's client does, once the endpoint is known to
+            // close connections so (before, the copy would cost every request for a race
+            // well-behaved applications never run); a fresh connection failing is a real
+            // failure, answered as such.
+            let head =
+                (reused && pool.closes_kept_alive.load(Ordering::Relaxed) && replayable(&req))
+                    .then(|| RequestHead::of(&req));
             match lease.sender.try_send_request(req).await {
                 Ok(resp) => {
                     lease.uses = lease.uses.saturating_add(1);
@@ -1028,15 +1037,31 @@ impl Http1Pool {
                     // hyper-util's client does.
                     (Some(unsent), _) if reused => {
                         tracing::debug!(error = %error.error(), "idle connection closed; retrying");
+                        pool.learn_closes_kept_alive();
                         req = unsent;
                     }
-                    (None, Some(head)) if closed_unanswered(error.error()) => {
+                    (None, head) if reused && closed_unanswered(error.error()) => {
+                        pool.learn_closes_kept_alive();
+                        let Some(head) = head else {
+                            tracing::debug!(error = %error.error(), "kept-alive connection closed unanswered");
+                            return Err(SendError::Failed(Box::new(error.into_error())));
+                        };
                         tracing::debug!(error = %error.error(), method = %head.method(), "kept-alive connection closed unanswered; sending again");
                         req = head.request(bytes::Bytes::new());
                     }
                     _ => return Err(SendError::Failed(Box::new(error.into_error()))),
                 },
             }
+        }
+    }
+
+    /// Notes that the endpoint closes kept-alive connections under requests; said once.
+    fn learn_closes_kept_alive(&self) {
+        if !self.closes_kept_alive.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                endpoint = %self.addr,
+                "the endpoint closed a kept-alive connection as a request went out: requests safe to repeat will go out again when that happens (an application keep-alive timeout longer than the proxy's idle timeout avoids it)"
+            );
         }
     }
 
