@@ -13,7 +13,10 @@
 //! A service without a Route skips the stages before `send`, whose only retries are then
 //! the ones that are always safe: a request that could not be connected, or whose HTTP/2
 //! stream the upstream did not process (refused, or left out as it went away), goes to
-//! another endpoint, at most twice (under the service's retry budget).
+//! another endpoint, at most twice (under the service's retry budget). A stream left
+//! unprocessed goes once more where no other endpoint may take it (one endpoint, or a
+//! fixed one), once that endpoint has left one unprocessed before (only then is the
+//! request copied for it).
 //!
 //! A request a meshed endpoint's proxy could not hand to its application (its answer
 //! carries [`UNSENT_HEADER`], trusted over mutual TLS only) was never sent either, and
@@ -599,7 +602,13 @@ impl HttpConn {
                 .is_none_or(|p| p.retry_on_failure(Failure::ConnectFailed));
         // Whether a stream an HTTP/2 upstream refused, or left unprocessed as it went
         // away, may be retried: like a failed connect, it never reached the application.
-        let refused_retries = max_retries > 0
+        // Without a policy, once even where no other endpoint may take it: the endpoint is
+        // not at fault, and a new connection to it takes the request.
+        let max_refused_retries = match plan.retry {
+            Some(_) => max_retries,
+            None => max_retries.max(1),
+        };
+        let refused_retries = max_refused_retries > 0
             && plan
                 .retry
                 .is_none_or(|p| p.retry_on_failure(Failure::RefusedStream));
@@ -636,8 +645,13 @@ impl HttpConn {
             }
             // Only a meshed endpoint's proxy is trusted to say it never sent the request.
             let meshed = endpoint.upstream.tls().is_some();
-            let keep =
-                (meshed && unsent_retries) || (refused_retries && req.version() == Version::HTTP_2);
+            // A request that only the same endpoint may take again is copied only once the
+            // endpoint has left a stream unprocessed: an endpoint that never does so costs
+            // no copy.
+            let keep = (meshed && unsent_retries)
+                || (refused_retries
+                    && (req.version() == Version::HTTP_2 || meshed)
+                    && (max_retries > 0 || endpoint.upstream.refuses_streams()));
             if keep && head.is_none() && unsent_copy.is_none() {
                 if req.body().is_end_stream() {
                     unsent_copy = Some((RequestHead::of(&req), None));
@@ -827,7 +841,7 @@ impl HttpConn {
                     }
                     record(index, Outcome::ServerError);
                     endpoint.observe_failure_at(sent.elapsed(), Instant::now());
-                    if refused_stream(&error) {
+                    if error.refused_stream() {
                         // Never processed (RFC 9113 §8.7): it may go elsewhere as it is.
                         next = unsent_again(head.as_ref(), &replay, unsent_copy.as_ref());
                         (Failure::RefusedStream, ErrorCode::UpstreamRefused)
@@ -843,7 +857,11 @@ impl HttpConn {
                 Some(p) => p.retry_on_failure(failure),
                 None => matches!(failure, Failure::ConnectFailed | Failure::RefusedStream),
             };
-            if retries < max_retries && allowed && next.is_some() && self.may_retry(&plan) {
+            let most = match failure {
+                Failure::RefusedStream => max_refused_retries,
+                _ => max_retries,
+            };
+            if retries < most && allowed && next.is_some() && self.may_retry(&plan) {
                 self.metrics.error(self.direction, code);
                 retries += 1;
                 exclude = Some(index);
@@ -1028,7 +1046,7 @@ fn attempt_outcome<T>(
         Ok(Err(SendError::Overloaded(_))) => Failed(ErrorCode::Overloaded.as_str()),
         Ok(Err(e)) if e.is_connect_timeout() => Failed(ErrorCode::ConnectTimeout.as_str()),
         Ok(Err(e)) if e.is_connect() => Failed(ErrorCode::ConnectFailed.as_str()),
-        Ok(Err(e)) if refused_stream(e) => Failed(ErrorCode::UpstreamRefused.as_str()),
+        Ok(Err(e)) if e.refused_stream() => Failed(ErrorCode::UpstreamRefused.as_str()),
         Ok(Err(_)) => Failed(
             body_watch
                 .and_then(BodyWatch::code)
@@ -1082,21 +1100,4 @@ fn unsent_again(
         (None, Some((h, Some(copy)))) => copy.whole().map(|b| h.request(b)),
         (None, None) => None,
     }
-}
-
-/// Whether an HTTP/2 upstream did not process the stream (RFC 9113 §8.7): it refused it
-/// (`REFUSED_STREAM`), or its `GOAWAY` named a last stream below it, or had already
-/// closed the connection to new streams when this one was to be opened.
-fn refused_stream(error: &SendError) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = cause {
-        if let Some(h2) = e.downcast_ref::<h2::Error>()
-            && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away() && h2.is_remote()))
-        {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
 }

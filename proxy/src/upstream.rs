@@ -424,6 +424,23 @@ impl SendError {
         matches!(self, SendError::Connect { timeout: true, .. })
     }
 
+    /// Whether an HTTP/2 upstream did not process the stream (RFC 9113 §8.7): it refused
+    /// it (`REFUSED_STREAM`), or its `GOAWAY` named a last stream below it, or had already
+    /// closed the connection to new streams when this one was to be opened.
+    pub fn refused_stream(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(h2) = e.downcast_ref::<h2::Error>()
+                && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (h2.is_go_away() && h2.is_remote()))
+            {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
+
     /// The request that was not sent because no connection could be made.
     pub fn take_unsent(&mut self) -> Option<http::Request<UpstreamBody>> {
         match self {
@@ -534,6 +551,7 @@ impl Upstream {
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 service,
+                refuses: AtomicBool::new(false),
             }),
             tls,
         }
@@ -542,6 +560,13 @@ impl Upstream {
     /// The mutual TLS this endpoint's connections use, if it is meshed.
     pub fn tls(&self) -> Option<&Arc<ClientTls>> {
         self.tls.as_ref()
+    }
+
+    /// Whether the endpoint's HTTP/2 connection has left a stream unprocessed (refused it,
+    /// or went away without it): a request to it may then keep a copy of its head, to go
+    /// out again on a new connection should that happen once more.
+    pub fn refuses_streams(&self) -> bool {
+        self.http2.refuses.load(Ordering::Relaxed)
     }
 
     /// A connection for opaque TCP: mutual TLS (announcing opaque bytes) when meshed, with
@@ -617,6 +642,8 @@ pub struct Http2Conn {
     current: Mutex<Option<Http2Shared>>,
     connecting: tokio::sync::Mutex<()>,
     service: Option<Arc<ServicePool>>,
+    /// Set once a stream was left unprocessed ([`Upstream::refuses_streams`]).
+    refuses: AtomicBool,
 }
 
 #[derive(Clone, Debug)]
@@ -696,7 +723,11 @@ impl Http2Conn {
                             // and a retry of it must take a new session, not this one.
                             this.forget(&shared);
                         }
-                        return Err(SendError::Failed(Box::new(error)));
+                        let failed = SendError::Failed(Box::new(error));
+                        if failed.refused_stream() {
+                            this.refuses.store(true, Ordering::Relaxed);
+                        }
+                        return Err(failed);
                     }
                 },
             }

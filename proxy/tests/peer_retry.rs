@@ -754,31 +754,72 @@ enum Unprocessed {
 /// An HTTP/2 application on 127.0.0.1 that processes no request, as `how` says; counts
 /// the requests it left unprocessed.
 async fn unprocessing_app(how: Unprocessed) -> (SocketAddr, Arc<AtomicUsize>, Task) {
+    let (addr, left, _, task) = unprocessing_at_first(how, usize::MAX).await;
+    (addr, left, task)
+}
+
+/// Like [`unprocessing_app`] for its first `n` requests only (`Refused`: streams, on any
+/// connection; `GoingAway`: its first `n` connections); later ones are answered 200
+/// `hello from cart`. Counts the requests left unprocessed and the ones answered.
+async fn unprocessing_at_first(
+    how: Unprocessed,
+    n: usize,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>, Task) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(AtomicUsize::new(0));
-    let count = seen.clone();
+    let served = Arc::new(AtomicUsize::new(0));
+    let (count, answered) = (seen.clone(), served.clone());
     let task = tokio::spawn(async move {
+        let mut accepted = 0;
         while let Ok((stream, _)) = listener.accept().await {
-            let count = count.clone();
+            accepted += 1;
+            let (count, answered) = (count.clone(), answered.clone());
             tokio::spawn(async move {
                 match how {
-                    Unprocessed::Refused => refuse_streams(stream, count).await,
-                    Unprocessed::GoingAway => go_away_at_first_request(stream, count).await,
+                    Unprocessed::Refused => refuse_streams(stream, count, n, answered).await,
+                    Unprocessed::GoingAway if accepted <= n => {
+                        go_away_at_first_request(stream, count).await
+                    }
+                    Unprocessed::GoingAway => answer_streams(stream, answered).await,
                 }
             });
         }
     });
-    (addr, seen, Task(task))
+    (addr, seen, served, Task(task))
 }
 
-async fn refuse_streams(stream: tokio::net::TcpStream, count: Arc<AtomicUsize>) {
+/// Answers every stream 200 `hello from cart`, counting them.
+async fn answer_streams(stream: tokio::net::TcpStream, answered: Arc<AtomicUsize>) {
+    let svc = hyper::service::service_fn(move |_req| {
+        answered.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, std::convert::Infallible>(http::Response::new(full("hello from cart"))) }
+    });
+    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
+}
+
+async fn refuse_streams(
+    stream: tokio::net::TcpStream,
+    count: Arc<AtomicUsize>,
+    first: usize,
+    answered: Arc<AtomicUsize>,
+) {
     let Ok(mut conn) = h2::server::handshake(stream).await else {
         return;
     };
     while let Some(Ok((_req, mut respond))) = conn.accept().await {
-        count.fetch_add(1, Ordering::SeqCst);
-        respond.send_reset(h2::Reason::REFUSED_STREAM);
+        if count.fetch_add(1, Ordering::SeqCst) < first {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            continue;
+        }
+        count.fetch_sub(1, Ordering::SeqCst);
+        answered.fetch_add(1, Ordering::SeqCst);
+        let head = http::Response::new(());
+        if let Ok(mut body) = respond.send_response(head, false) {
+            let _ = body.send_data(Bytes::from_static(b"hello from cart"), true);
+        }
     }
 }
 
@@ -892,7 +933,11 @@ async fn a_stream_the_peers_application_did_not_process_goes_to_another_endpoint
         assert!(left >= 2, "{how:?}: the refusing application got {left}");
         assert_eq!(live.requests(), 4, "{how:?}: each request processed once");
         assert_eq!(inbound_errors(&refusing, "upstream_refused"), left);
-        assert_eq!(outbound_errors(&client, "upstream_refused"), left);
+        // Each refused request went to the application once more from its sidecar (on a
+        // new connection after a GOAWAY), but for the first: the sidecar keeps a copy
+        // only once its application has left a stream unprocessed.
+        let answered = outbound_errors(&client, "upstream_refused");
+        assert_eq!(left, 2 * answered - 1, "{how:?}");
 
         // The peer's own client, in plain text, gets the answer without the signal.
         let (resp, _) = get(&c, &refusing.url("/items")).await;
@@ -975,5 +1020,40 @@ async fn a_server_sidecar_that_drains_under_load_loses_no_request() {
     for task in load {
         let failed = task.await.unwrap();
         assert!(failed.is_empty(), "{failed:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_left_unprocessed_by_the_only_endpoint_goes_again_on_a_new_connection() {
+    for how in [Unprocessed::Refused, Unprocessed::GoingAway] {
+        for inbound in [false, true] {
+            let ctx = format!("{how:?}, inbound: {inbound}");
+            // Two connections leave their first request unprocessed; later ones serve.
+            let (app, left, served, _app) = unprocessing_at_first(how, 2).await;
+            let proxy = if inbound {
+                TestProxy::start_kind(Proxy::new(), ListenerKind::InboundTo(app), config(&[]))
+            } else {
+                TestProxy::start("web", config(&[("web", &[app])])).await
+            };
+            let errors = |code: &str| match inbound {
+                true => inbound_errors(&proxy, code),
+                false => outbound_errors(&proxy, code),
+            };
+            let c = h2_client();
+            // The first time, the proxy kept no copy: an endpoint that never leaves a
+            // stream unprocessed costs none.
+            let (resp, _) = get(&c, &proxy.url("/items")).await;
+            assert_eq!(resp.status(), 503, "{ctx}");
+            assert_eq!(header(&resp, "weft-error"), "upstream_refused", "{ctx}");
+            // From then on, such a stream goes out once more, on a new connection.
+            for _ in 0..3 {
+                let (resp, body) = get(&c, &proxy.url("/items")).await;
+                assert_eq!(resp.status(), 200, "{ctx}: {body}");
+                assert_eq!(body, "hello from cart", "{ctx}");
+            }
+            assert_eq!(left.load(Ordering::SeqCst), 2, "{ctx}");
+            assert_eq!(served.load(Ordering::SeqCst), 3, "{ctx}");
+            assert_eq!(errors("upstream_refused"), 2, "{ctx}");
+        }
     }
 }
