@@ -72,10 +72,35 @@ async fn app_on(ip: &str) -> (SocketAddr, Arc<Mutex<Vec<HeaderMap>>>) {
     (addr, seen)
 }
 
-/// A port nothing listens on.
-async fn closed_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
+/// [`app_on`] at `ip`, with its port held on `other` too (bound, never listening, without
+/// `SO_REUSEADDR`), so that a probe sent to `other` at that port is refused rather than
+/// answered by some other test's server that happens to have the same port there.
+async fn app_alone_on(
+    ip: &str,
+    other: &str,
+) -> (
+    SocketAddr,
+    Arc<Mutex<Vec<HeaderMap>>>,
+    tokio::net::TcpSocket,
+) {
+    for _ in 0..50 {
+        let (addr, seen) = app_on(ip).await;
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        let at = SocketAddr::new(other.parse().unwrap(), addr.port());
+        if held.bind(at).is_ok() {
+            return (addr, seen, held);
+        }
+    }
+    panic!("no port free on both {ip} and {other} in 50 tries");
+}
+
+/// A port nothing listens on, on 127.0.0.1, held (bound, never listening, without
+/// `SO_REUSEADDR`) until the socket returned is dropped, so that no other test's server
+/// can take it meanwhile and answer in its place.
+fn closed_port() -> (u16, tokio::net::TcpSocket) {
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (held.local_addr().unwrap().port(), held)
 }
 
 /// The admin listener of a proxy holding these probes, aimed at loopback (no pod address).
@@ -113,7 +138,7 @@ async fn probe(admin: SocketAddr, method: &str, path: &str) -> (StatusCode, Head
 #[tokio::test]
 async fn the_admin_port_answers_the_kubelet_with_the_applications_status() {
     let (app, seen) = app().await;
-    let down = closed_port().await;
+    let (down, _held) = closed_port();
     let port = app.port();
     let json = format!(
         r#"{{
@@ -325,7 +350,7 @@ async fn grpc_probes_pass_only_for_serving() {
     let (grpc, reporter, stop, agents) = grpc_app().await;
     let (http_only, _) = app().await;
     let mute = mute_app().await;
-    let down = closed_port().await;
+    let (down, _held) = closed_port();
     let port = grpc.port();
     let json = format!(
         r#"{{
@@ -499,8 +524,8 @@ async fn tcp_probes_pass_only_while_the_application_accepts() {
 /// 127.0.0.2 plays the pod's address.
 #[tokio::test]
 async fn probes_go_to_the_pods_address_as_the_kubelets_would() {
-    let (pod_only, seen) = app_on("127.0.0.2").await;
-    let (local_only, _) = app_on("127.0.0.1").await;
+    let (pod_only, seen, _held) = app_alone_on("127.0.0.2", "127.0.0.1").await;
+    let (local_only, _, _held_too) = app_alone_on("127.0.0.1", "127.0.0.2").await;
     let (local_opted_in, _) = app_on("127.0.0.1").await;
     let json = format!(
         r#"{{
