@@ -902,13 +902,16 @@ impl tokio::io::AsyncWrite for Watched {
     }
 }
 
-/// An address on `ip` where nothing listens: connecting is refused.
+/// An address on `ip` where nothing listens: connecting is refused. Its port stays bound
+/// (never listening, without `SO_REUSEADDR`) for the rest of the test binary, so that no
+/// other test's server can take it and answer in its place, as a freed port allows.
 pub async fn refused_addr(ip: &str) -> SocketAddr {
-    TcpListener::bind((ip, 0))
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind(SocketAddr::new(ip.parse().unwrap(), 0)).unwrap();
+    let addr = held.local_addr().unwrap();
+    // Leaked on purpose: one socket per call, for the life of the test process.
+    std::mem::forget(held);
+    addr
 }
 
 /// An HTTP/1 client whose connections come from source address `ip` (127.0.0.x), so a
