@@ -167,6 +167,27 @@ pub struct ErrorLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the requests connection pools sent again.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ResendLabels {
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// `unwritten` or `unanswered` (see [`Resends`]).
+    pub reason: &'static str,
+}
+
+/// Where one direction's HTTP/1 connection pools count the requests they sent again on
+/// another connection (`weft_upstream_resends_total`): made once, so that a request never
+/// looks its labels up.
+#[derive(Clone, Debug, Default)]
+pub struct Resends {
+    /// Requests a kept-alive connection was found closed under before they were written.
+    pub unwritten: Counter,
+    /// Requests safe to repeat that were written on a kept-alive connection the endpoint
+    /// then closed or reset without answering.
+    pub unanswered: Counter,
+}
+
 /// Labels of the counter of connections accepted before the first config.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct BeforeConfigLabels {
@@ -244,6 +265,8 @@ pub struct Metrics {
     config_info: Family<VersionLabels, Gauge>,
     config_rejected: Counter,
     control_failures: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Inbound's, then outbound's.
+    resends: [Resends; 2],
     /// What Routes, retry budgets, faults, mirrors and rate limits did.
     pub traffic: TrafficMetrics,
     /// Access-log lines written.
@@ -359,7 +382,23 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("weft");
         let dry_run_decisions: Family<DryRunLabels, Counter> = Family::default();
+        let resends: Family<ResendLabels, Counter> = Family::default();
+        let resends_of = |direction| {
+            let counter = |reason| {
+                resends
+                    .get_or_create(&ResendLabels { direction, reason })
+                    .clone()
+            };
+            Resends {
+                unwritten: counter("unwritten"),
+                unanswered: counter("unanswered"),
+            }
+        };
         let m = Metrics {
+            resends: [
+                resends_of(Direction::Inbound),
+                resends_of(Direction::Outbound),
+            ],
             requests: Family::default(),
             responses: Family::default(),
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
@@ -506,6 +545,11 @@ impl Metrics {
             "Config streams to the operator that failed or ended, by reason (tls_untrusted: the operator's certificate does not verify against the trust root)",
             m.control_failures.clone(),
         );
+        registry.register(
+            "upstream_resends",
+            "Requests an HTTP/1 connection pool sent again on another connection because the endpoint closed a kept-alive one under them: unwritten (found closed as the request was written), unanswered (written, closed without an answer; only requests safe to repeat)",
+            resends,
+        );
         Metrics { registry, ..m }
     }
 
@@ -631,6 +675,14 @@ impl Metrics {
                 version: version.to_owned(),
             })
             .set(1);
+    }
+
+    /// Where `direction`'s connection pools count the requests they send again.
+    pub fn resends(&self, direction: Direction) -> &Resends {
+        match direction {
+            Direction::Inbound => &self.resends[0],
+            Direction::Outbound => &self.resends[1],
+        }
     }
 
     /// Counts a config stream to the operator that failed or ended, by `reason`

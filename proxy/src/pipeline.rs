@@ -476,6 +476,7 @@ impl HttpConn {
         };
         labels.count(&self.metrics, RouteEvent::Mirrored);
         let copy = RequestHead::of(req).request(body.clone());
+        let resends = self.metrics.resends(self.direction).clone();
         tokio::spawn(async move {
             let _slot = slot;
             let Some((_, endpoint)) = service.pick(None) else {
@@ -484,7 +485,7 @@ impl HttpConn {
             let endpoint = endpoint.clone();
             let _in_flight = endpoint.start();
             let sent = tokio::time::timeout(MIRROR_TIMEOUT, async {
-                let (resp, lease) = endpoint.upstream.send(copy).await?;
+                let (resp, lease) = endpoint.upstream.send(copy, &resends).await?;
                 // Read to the end so that an HTTP/1 connection can be reused.
                 let mut body = resp.into_body();
                 while let Some(frame) = body.frame().await {
@@ -674,9 +675,10 @@ impl HttpConn {
                 .as_ref()
                 .is_some_and(|t| t.events.is_some())
                 .then(std::time::SystemTime::now);
+            let resends = self.metrics.resends(self.direction);
             let result = match try_deadline {
-                Some(d) => tokio::time::timeout_at(d, endpoint.upstream.send(req)).await,
-                None => Ok(endpoint.upstream.send(req).await),
+                Some(d) => tokio::time::timeout_at(d, endpoint.upstream.send(req, resends)).await,
+                None => Ok(endpoint.upstream.send(req, resends).await),
             };
             if let Some(at) = at
                 && let Some(events) = x.trail.as_deref_mut().and_then(|t| t.events.as_mut())

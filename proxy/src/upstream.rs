@@ -45,6 +45,7 @@ use crate::{
         ClientTls, HandshakeError, Inner, TlsFailure,
         session::{PeerSession, SessionEvent, session_event},
     },
+    metrics::Resends,
     shutdown::SESSION_END_GRACE,
 };
 
@@ -591,10 +592,12 @@ impl Upstream {
     /// the endpoint's one HTTP/2 connection too ([`crate::mux`]), and their responses come
     /// back as HTTP/1.1; a request not sent (connect failed) comes back in HTTP/1 form.
     /// With [`crate::identity::Http1Transport::Sessions`] they take the HTTP/1 pool, in
-    /// TLS sessions of their own.
+    /// TLS sessions of their own. An HTTP/1 request the pool sends again on another
+    /// connection is counted in `resends`.
     pub async fn send(
         &self,
         mut req: http::Request<UpstreamBody>,
+        resends: &Resends,
     ) -> Result<(http::Response<Incoming>, Option<Lease>), SendError> {
         if req.version() == http::Version::HTTP_2 {
             if self.tls.is_some() {
@@ -622,7 +625,7 @@ impl Upstream {
                 }
             }
         } else {
-            let (resp, lease) = Http1Pool::send(&self.http1, req).await?;
+            let (resp, lease) = Http1Pool::send(&self.http1, req, resends).await?;
             Ok((resp, Some(lease)))
         }
     }
@@ -1037,6 +1040,7 @@ impl Http1Pool {
     async fn send(
         pool: &Arc<Self>,
         mut req: http::Request<UpstreamBody>,
+        resends: &Resends,
     ) -> Result<(http::Response<Incoming>, Lease), SendError> {
         loop {
             let (mut lease, reused) = match pool.checkout().await {
@@ -1069,6 +1073,7 @@ impl Http1Pool {
                     (Some(unsent), _) if reused => {
                         tracing::debug!(error = %error.error(), "idle connection closed; retrying");
                         pool.learn_closes_kept_alive();
+                        resends.unwritten.inc();
                         req = unsent;
                     }
                     (None, head) if reused && closed_unanswered(error.error()) => {
@@ -1078,6 +1083,7 @@ impl Http1Pool {
                             return Err(SendError::Failed(Box::new(error.into_error())));
                         };
                         tracing::debug!(error = %error.error(), method = %head.method(), "kept-alive connection closed unanswered; sending again");
+                        resends.unanswered.inc();
                         req = head.request(bytes::Bytes::new());
                     }
                     _ => return Err(SendError::Failed(Box::new(error.into_error()))),
@@ -1555,7 +1561,7 @@ mod tests {
             .header(http::header::HOST, upstream.addr.to_string())
             .body(UpstreamBody::buffered(Bytes::new()))
             .unwrap();
-        let (resp, lease) = upstream.send(req).await.unwrap();
+        let (resp, lease) = upstream.send(req, &Resends::default()).await.unwrap();
         assert_eq!(resp.status(), http::StatusCode::OK);
         resp.into_body().collect().await.unwrap();
         if let Some(lease) = lease {

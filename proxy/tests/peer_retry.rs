@@ -95,19 +95,9 @@ fn with_connect_retries(ca: &Ca, endpoints: &[(SocketAddr, bool)]) -> TestProxy 
     client
 }
 
-fn metric(p: &TestProxy, name: &str, labels: &[&str]) -> u64 {
-    let text = p.proxy.metrics.encode().unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
-}
-
 /// The connect failures an inbound proxy answered for itself.
 fn inbound_connect_failures(p: &TestProxy) -> u64 {
-    metric(
-        p,
+    p.metric(
         "weft_errors_total",
         &["direction=\"inbound\"", "reason=\"connect_failed\""],
     )
@@ -205,8 +195,7 @@ async fn a_bodiless_request_the_peer_never_sent_goes_to_another_endpoint() {
     assert_eq!(inbound_connect_failures(&dead), sent as u64);
     // Counted as the retries of local connect failures are.
     assert_eq!(
-        metric(
-            &client,
+        client.metric(
             "weft_errors_total",
             &["direction=\"outbound\"", "reason=\"connect_failed\""]
         ),
@@ -351,8 +340,7 @@ async fn a_plain_text_endpoint_cannot_ask_for_a_retry() {
 
 /// The answers an inbound proxy gave for itself with `code`.
 fn inbound_errors(p: &TestProxy, code: &str) -> u64 {
-    metric(
-        p,
+    p.metric(
         "weft_errors_total",
         &["direction=\"inbound\"", &format!("reason=\"{code}\"")],
     )
@@ -360,8 +348,7 @@ fn inbound_errors(p: &TestProxy, code: &str) -> u64 {
 
 /// The retries the client sidecar counted for the peer's reason `code`.
 fn outbound_errors(p: &TestProxy, code: &str) -> u64 {
-    metric(
-        p,
+    p.metric(
         "weft_errors_total",
         &["direction=\"outbound\"", &format!("reason=\"{code}\"")],
     )

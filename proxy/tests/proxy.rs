@@ -1344,4 +1344,18 @@ async fn a_safe_request_whose_kept_alive_connection_closed_unanswered_is_sent_ag
             (6, "post /i http/1.1"),
         ]
     );
+    // The two requests sent again, HEAD /c and POST /i, are counted, and nothing else is:
+    // no request here was found closed under before it was written.
+    let resends = |reason: &str| {
+        let reason = format!("reason=\"{reason}\"");
+        proxy.metric(
+            "weft_upstream_resends_total",
+            &["direction=\"outbound\"", &reason],
+        )
+    };
+    assert_eq!((resends("unanswered"), resends("unwritten")), (2, 0));
+    assert_eq!(
+        proxy.metric("weft_upstream_resends_total", &["direction=\"inbound\""]),
+        0
+    );
 }

@@ -322,6 +322,17 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
+    /// The sum of the proxy's samples of metric `name` whose lines contain every one of
+    /// `labels` (such as `reason="unanswered"`).
+    pub fn metric(&self, name: &str, labels: &[&str]) -> u64 {
+        let text = self.proxy.metrics.encode().unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
+
     pub async fn start(service: &str, config: serde_json::Value) -> TestProxy {
         Self::start_with(Proxy::new(), service, config)
     }
