@@ -93,7 +93,9 @@ pub enum InjectError {
         uid: i64,
     },
     /// A container or volume already uses a name injection needs.
-    #[error("the pod already has a {what} named {name:?}, which Weft's injection needs")]
+    #[error(
+        "the pod already has a {what} named {name:?}, which Weft's injection needs; rename it or annotate the pod weft.dev/inject: disabled"
+    )]
     NameInUse {
         /// `container` or `volume`.
         what: &'static str,
@@ -119,7 +121,7 @@ pub fn decide(
     namespace_opted_in: bool,
     cfg: &InjectConfig,
 ) -> Result<(), Skip> {
-    if is_injected(meta, spec) {
+    if is_injected(meta) {
         return Err(Skip::AlreadyInjected);
     }
     if spec.host_network == Some(true) {
@@ -168,18 +170,13 @@ pub fn namespace_opted_in(labels: Option<&BTreeMap<String, String>>) -> bool {
         .is_some_and(|v| v == keys::ENABLED)
 }
 
-/// Whether a pod already carries Weft's proxy: the version annotation, or a container
-/// named `weft-proxy` of either kind (a regular container of that name is the proxy as an
-/// old-style sidecar, or a name injection could not add again: either way the pod is left
-/// as it is).
-pub fn is_injected(meta: &ObjectMeta, spec: &PodSpec) -> bool {
+/// Whether a pod already carries Weft's proxy: the version annotation, which injection
+/// always adds with the proxy. A container named `weft-proxy` without it is not Weft's
+/// proxy but a name injection needs ([`inject`] refuses the pod): skipping such a pod
+/// would leave it out of the mesh with no error, and the audit would then count it
+/// unmeshed forever (it sees metadata only).
+pub fn is_injected(meta: &ObjectMeta) -> bool {
     lookup(&meta.annotations, keys::PROXY_VERSION).is_some()
-        || spec
-            .init_containers
-            .iter()
-            .flatten()
-            .chain(&spec.containers)
-            .any(|c| c.name == keys::PROXY_CONTAINER)
 }
 
 fn lookup<'a>(map: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
@@ -297,7 +294,7 @@ fn check_conflicts(spec: &PodSpec, cfg: &InjectConfig) -> Result<(), InjectError
                 uid: cfg.proxy_uid,
             });
         }
-        if c.name == keys::INIT_CONTAINER {
+        if c.name == keys::INIT_CONTAINER || c.name == keys::PROXY_CONTAINER {
             return Err(InjectError::NameInUse {
                 what: "container",
                 name: c.name.clone(),
@@ -334,35 +331,50 @@ mod tests {
             .collect()
     }
 
-    /// A pod whose regular container is named `weft-proxy` is left as it is (as
-    /// docs/injection.md promises), never given a second `weft-proxy`, which the API server
-    /// would refuse as a duplicate container name.
+    /// An opted-in pod with a container of its own named `weft-proxy` (regular or init)
+    /// but no version annotation is refused with the name, never skipped as injected:
+    /// skipped, it would run outside the mesh with no error, and the API server would refuse
+    /// a second container of that name. With the annotation, it is Weft's proxy.
     #[test]
-    fn a_regular_container_named_weft_proxy_leaves_the_pod_as_it_is() {
+    fn a_container_of_its_own_named_weft_proxy_is_refused_by_name() {
         use k8s_openapi::api::core::v1::Container;
-        let meta = ObjectMeta {
+        let container = |name: &str| Container {
+            name: name.to_owned(),
+            ..Container::default()
+        };
+        let mut meta = ObjectMeta {
             annotations: Some(BTreeMap::from([(
                 keys::INJECT.to_owned(),
                 keys::ENABLED.to_owned(),
             )])),
             ..ObjectMeta::default()
         };
-        let spec = PodSpec {
-            containers: vec![
-                Container {
-                    name: "web".to_owned(),
-                    ..Container::default()
-                },
-                Container {
-                    name: keys::PROXY_CONTAINER.to_owned(),
-                    ..Container::default()
-                },
-            ],
+        let regular = PodSpec {
+            containers: vec![container("web"), container(keys::PROXY_CONTAINER)],
             ..PodSpec::default()
         };
-        assert!(is_injected(&meta, &spec));
+        let init = PodSpec {
+            containers: vec![container("web")],
+            init_containers: Some(vec![container(keys::PROXY_CONTAINER)]),
+            ..PodSpec::default()
+        };
+        let cfg = InjectConfig::default();
+        for spec in [regular, init] {
+            assert_eq!(decide(&meta, &spec, "shop", true, &cfg), Ok(()));
+            let (mut m, mut s) = (meta.clone(), spec.clone());
+            let error = inject(&mut m, &mut s, &cfg).unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                "the pod already has a container named \"weft-proxy\", which Weft's injection needs; rename it or annotate the pod weft.dev/inject: disabled"
+            );
+            assert_eq!((m, s), (meta.clone(), spec.clone()), "left untouched");
+        }
+        meta.annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(keys::PROXY_VERSION.to_owned(), "0.1.0".to_owned());
+        assert!(is_injected(&meta));
         assert_eq!(
-            decide(&meta, &spec, "shop", true, &InjectConfig::default()),
+            decide(&meta, &PodSpec::default(), "shop", true, &cfg),
             Err(Skip::AlreadyInjected)
         );
     }

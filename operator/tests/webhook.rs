@@ -448,6 +448,25 @@ async fn a_pod_whose_port_clashes_with_the_proxy_is_rejected_with_the_reason() {
         ),
         other => panic!("want a rejection, got {other:?}"),
     }
+    // A container of the pod's own named as the proxy is a clash too, not a proxy: skipped
+    // as injected, the pod would run outside the mesh with no error.
+    let named: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "named", "annotations": {"weft.dev/inject": "enabled"}},
+        "spec": {"containers": [
+            {"name": "app", "image": "weft.invalid/app:1"},
+            {"name": "weft-proxy", "image": "weft.invalid/own-proxy:1"}
+        ]}
+    }))
+    .unwrap();
+    match t.create_pod(&named).await {
+        Err(kube::Error::Api(e)) => assert!(
+            e.message.contains("container named \"weft-proxy\"")
+                && e.message.contains("weft.dev/inject: disabled"),
+            "{}",
+            e.message
+        ),
+        other => panic!("want a rejection, got {other:?}"),
+    }
     t.hook.stop().await;
 }
 
