@@ -1018,9 +1018,10 @@ pub struct Http1Pool {
     idle: Mutex<Vec<Lease>>,
     slots: Arc<Semaphore>,
     service: Option<Arc<ServicePool>>,
-    /// Set once the endpoint has closed a kept-alive connection under a request: from
-    /// then on, a request that is safe to repeat keeps a copy of its head to go out again
-    /// should that happen once more. An endpoint that never does so costs no copy.
+    /// Set once the endpoint has closed a kept-alive connection by itself, idle in the pool
+    /// or under a request: from then on, a request that is safe to repeat keeps a copy of
+    /// its head to go out again should its connection close as it goes out. An endpoint
+    /// that never closes one costs no copy.
     closes_kept_alive: AtomicBool,
 }
 
@@ -1055,9 +1056,9 @@ impl Http1Pool {
             // idle timeout, or a close it did not announce) fails the request unanswered.
             // A request that is safe to repeat goes out again on another connection, as
             // RFC 9110 §9.2.2 allows and Go's client does, once the endpoint is known to
-            // close connections so (before, the copy would cost every request for a race
-            // well-behaved applications never run); a fresh connection failing is a real
-            // failure, answered as such.
+            // close kept-alive connections by itself (before, the copy would cost every
+            // request for a race well-behaved applications never run); a fresh connection
+            // failing is a real failure, answered as such.
             let head =
                 (reused && pool.closes_kept_alive.load(Ordering::Relaxed) && replayable(&req))
                     .then(|| RequestHead::of(&req));
@@ -1072,12 +1073,16 @@ impl Http1Pool {
                     // hyper-util's client does.
                     (Some(unsent), _) if reused => {
                         tracing::debug!(error = %error.error(), "idle connection closed; retrying");
-                        pool.learn_closes_kept_alive();
+                        pool.learn_closes_kept_alive(
+                            "closed a kept-alive connection as a request went out",
+                        );
                         resends.unwritten.inc();
                         req = unsent;
                     }
                     (None, head) if reused && closed_unanswered(error.error()) => {
-                        pool.learn_closes_kept_alive();
+                        pool.learn_closes_kept_alive(
+                            "closed a kept-alive connection under a request",
+                        );
                         let Some(head) = head else {
                             tracing::debug!(error = %error.error(), "kept-alive connection closed unanswered");
                             return Err(SendError::Failed(Box::new(error.into_error())));
@@ -1092,12 +1097,14 @@ impl Http1Pool {
         }
     }
 
-    /// Notes that the endpoint closes kept-alive connections under requests; said once.
-    fn learn_closes_kept_alive(&self) {
+    /// Notes that the endpoint closes kept-alive connections by itself (`what` it did
+    /// first); said once.
+    fn learn_closes_kept_alive(&self, what: &'static str) {
         if !self.closes_kept_alive.swap(true, Ordering::Relaxed) {
             tracing::info!(
                 endpoint = %self.addr,
-                "the endpoint closed a kept-alive connection as a request went out: requests safe to repeat will go out again when that happens (an application keep-alive timeout longer than the proxy's idle timeout avoids it)"
+                what,
+                "the endpoint closes kept-alive connections by itself: a request safe to repeat will go out again should its connection close as it goes out (an application keep-alive timeout longer than the proxy's idle timeout avoids the race)"
             );
         }
     }
@@ -1111,6 +1118,11 @@ impl Http1Pool {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .pop()?;
             if lease.sender.is_closed() || lease.clock.over() {
+                if lease.clock.closed_idle.load(Ordering::Relaxed) {
+                    // An endpoint that closes idle connections itself will one day close
+                    // one just as a request goes out on it: learnt before that happens.
+                    self.learn_closes_kept_alive("closed an idle kept-alive connection");
+                }
                 // Dropped: an ended session closes with its only sender.
                 continue;
             }
@@ -1270,6 +1282,11 @@ async fn run_http1_connection(
                 if let Err(error) = result {
                     tracing::debug!(%error, "upstream connection ended with an error");
                 }
+                if clock.unused() {
+                    // Ended in the pool by the endpoint: this proxy lets a connection go
+                    // from the branches below, or by dropping its lease.
+                    clock.closed_idle.store(true, Ordering::Relaxed);
+                }
                 record_unseen_end(&session, ended || retired, &clock, metrics.as_ref());
                 return;
             }
@@ -1341,6 +1358,9 @@ struct IdleClock {
     /// ([`Lease::release`]): idle to the pool's eyes, but not to be closed at its
     /// session's retirement, and given its end's grace.
     draining: AtomicBool,
+    /// Set when an HTTP/1 connection ended while unused in its pool, not by this proxy:
+    /// the endpoint closed (or reset) a kept-alive connection by itself.
+    closed_idle: AtomicBool,
 }
 
 impl IdleClock {
@@ -1350,6 +1370,7 @@ impl IdleClock {
             idle_since: AtomicU64::new(0),
             session: AtomicU8::new(OPEN),
             draining: AtomicBool::new(false),
+            closed_idle: AtomicBool::new(false),
         }
     }
 

@@ -1207,11 +1207,13 @@ async fn a_forward_listener_before_the_first_config_answers_503_service_not_foun
 
 /// How one connection of a [`closing_app`] behaves: it answers `answered` requests
 /// (`200`, keep-alive), then, at the next request's head, closes without answering (with
-/// a reset when `reset`, as an application killed mid-request does).
+/// a reset when `reset`, as an application killed mid-request does); or, with `idle`,
+/// closes once no request has come for that long (an application's keep-alive timeout).
 #[derive(Clone, Copy)]
 struct Closes {
     answered: usize,
     reset: bool,
+    idle: Option<Duration>,
 }
 
 /// An HTTP/1 application on 127.0.0.1 whose connections behave, in the order accepted, as
@@ -1238,12 +1240,39 @@ async fn closing_app(
             let how = script.get(n).copied().unwrap_or(Closes {
                 answered: usize::MAX,
                 reset: false,
+                idle: None,
             });
             let (conn, log) = (n, log.clone());
             n += 1;
             tokio::spawn(async move {
                 let mut answered = 0;
-                while let Some(head) = read_request_head(&mut s).await {
+                loop {
+                    let head = match how.idle.filter(|_| answered == how.answered) {
+                        Some(idle) => {
+                            match tokio::time::timeout(idle, read_request_head(&mut s)).await {
+                                Ok(head) => head,
+                                Err(_) => {
+                                    // Logged once the proxy has closed its end too, so the
+                                    // proxy has seen the close when the test goes on.
+                                    let _ = s.shutdown().await;
+                                    let mut rest = [0u8; 64];
+                                    let _ = tokio::time::timeout(
+                                        Duration::from_secs(5),
+                                        s.read(&mut rest),
+                                    )
+                                    .await;
+                                    log.lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .push((conn, "closed idle".to_owned()));
+                                    return;
+                                }
+                            }
+                        }
+                        None => read_request_head(&mut s).await,
+                    };
+                    let Some(head) = head else {
+                        return;
+                    };
                     let line = head.lines().next().unwrap_or("").to_owned();
                     log.lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -1272,7 +1301,11 @@ async fn closing_app(
 
 #[tokio::test]
 async fn a_safe_request_whose_kept_alive_connection_closed_unanswered_is_sent_again() {
-    let close = |answered, reset| Closes { answered, reset };
+    let close = |answered, reset| Closes {
+        answered,
+        reset,
+        idle: None,
+    };
     let (app, seen, _app) = closing_app(vec![
         close(1, false), // /a; closes at /b, the first time
         close(1, true),  // /b2; resets at HEAD /c
@@ -1357,5 +1390,69 @@ async fn a_safe_request_whose_kept_alive_connection_closed_unanswered_is_sent_ag
     assert_eq!(
         proxy.metric("weft_upstream_resends_total", &["direction=\"inbound\""]),
         0
+    );
+}
+
+/// An endpoint that closes idle kept-alive connections by itself (a keep-alive timeout
+/// shorter than the proxy's) is known for it before it ever closes one under a request: the
+/// first safe request caught by that race goes out again, rather than failing.
+#[tokio::test]
+async fn an_endpoint_seen_closing_idle_connections_has_its_first_race_sent_again() {
+    let (app, seen, _app) = closing_app(vec![
+        Closes {
+            answered: 1,
+            reset: false,
+            idle: Some(Duration::from_millis(50)),
+        }, // /a; then closes idle
+        Closes {
+            answered: 1,
+            reset: false,
+            idle: None,
+        }, // /b; closes at /c
+    ])
+    .await;
+    let proxy = TestProxy::start("web", config(&[("web", &[app])])).await;
+    let client = h1_client();
+    let get = |path: &str| {
+        let req = Request::builder()
+            .uri(proxy.url(path))
+            .header("host", "web")
+            .body(full(""))
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+                .await
+                .expect("an answer within 10 s")
+                .unwrap();
+            resp.status().as_u16()
+        }
+    };
+    assert_eq!(get("/a").await, 200);
+    // The application's keep-alive timeout closes the proxy's pooled connection.
+    eventually(Duration::from_secs(5), "the idle close", || async {
+        seen.lock().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(get("/b").await, 200);
+    assert_eq!(get("/c").await, 200);
+    let seen = seen.lock().unwrap().clone();
+    let seen: Vec<(usize, &str)> = seen.iter().map(|(c, l)| (*c, l.as_str())).collect();
+    assert_eq!(
+        seen,
+        [
+            (0, "get /a http/1.1"),
+            (0, "closed idle"),
+            (1, "get /b http/1.1"),
+            (1, "get /c http/1.1"),
+            (2, "get /c http/1.1"),
+        ]
+    );
+    assert_eq!(
+        proxy.metric(
+            "weft_upstream_resends_total",
+            &["direction=\"outbound\"", "reason=\"unanswered\""]
+        ),
+        1
     );
 }
