@@ -955,13 +955,16 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop fields (RFC 9110 §7.6.1): `Connection` and every field it names,
 /// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`, and `TE` unless it is
 /// exactly `trailers` (which gRPC needs end to end). With `keep_upgrade`, `Upgrade` and
-/// `Connection: upgrade` stay, so that the next hop can switch protocols too.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+/// `Connection: upgrade` stay, so that the next hop can switch protocols too. Returns the
+/// `Keep-Alive` field removed, if any: in a response, the idle timeout its server keeps
+/// the connection for ([`keep_alive_timeout`]).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Option<HeaderValue> {
     // Most messages carry none of these: one pass over the few fields present is cheaper
     // than a hashed lookup per hop-by-hop name, twice per request.
     if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
-        return;
+        return None;
     }
+    let keep_alive = headers.remove("keep-alive");
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -999,6 +1002,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(UPGRADE);
     }
+    keep_alive
+}
+
+/// The idle timeout an HTTP/1 server announces in a response's `Keep-Alive` field
+/// (`timeout=5`, as Node.js and Apache send), if the field names a valid one: the server
+/// closes the connection once idle that long, so a client must not send on it then.
+pub fn keep_alive_timeout(value: &HeaderValue) -> Option<Duration> {
+    value.to_str().ok()?.split(',').find_map(|param| {
+        let (name, seconds) = param.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("timeout") {
+            return None;
+        }
+        let seconds: u64 = seconds.trim().trim_matches('"').parse().ok()?;
+        // A day is longer than any pool keeps a connection idle.
+        Some(Duration::from_secs(seconds.min(86_400)))
+    })
 }
 
 /// Gives an HTTP/1.1 request whose body has no length `Transfer-Encoding: chunked`, the
@@ -1907,10 +1926,44 @@ mod tests {
         h.insert(UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(HOST, HeaderValue::from_static("web"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h, false);
+        let keep_alive = strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(h.contains_key(HOST) && h.contains_key("x-keep"));
+        assert_eq!(
+            keep_alive.as_ref().and_then(keep_alive_timeout),
+            Some(Duration::from_secs(5))
+        );
+    }
+
+    /// The idle timeout a server announces is read as Node.js and Apache write it, in any
+    /// case and order; anything else announces none.
+    #[test]
+    fn a_keep_alive_field_announces_the_servers_idle_timeout() {
+        let secs = |v: &'static str| keep_alive_timeout(&HeaderValue::from_static(v));
+        assert_eq!(secs("timeout=5"), Some(Duration::from_secs(5)));
+        assert_eq!(secs("timeout=5, max=100"), Some(Duration::from_secs(5)));
+        assert_eq!(secs("max=100, Timeout = 15"), Some(Duration::from_secs(15)));
+        assert_eq!(secs("timeout=\"7\""), Some(Duration::from_secs(7)));
+        assert_eq!(secs("timeout=0"), Some(Duration::ZERO));
+        assert_eq!(
+            secs("timeout=99999999999"),
+            Some(Duration::from_secs(86_400))
+        );
+        for none in [
+            "max=100",
+            "timeout",
+            "timeout=",
+            "timeout=-1",
+            "timeout=1.5",
+            "timeouts=5",
+            "",
+        ] {
+            assert_eq!(secs(none), None, "{none:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("x-other", HeaderValue::from_static("1"));
+        assert_eq!(strip_hop_by_hop(&mut h, false), None);
     }
 
     #[test]

@@ -47,7 +47,8 @@ use crate::{
     errors::{ErrorCode, UNSENT_HEADER},
     http::{
         BodyCopy, BodyWatch, Codings, HttpConn, ProxyBody, RequestBody, RequestHead, TrackedBody,
-        Tunnel, error_response, grpc_error_response, single_content_length, strip_hop_by_hop,
+        Tunnel, error_response, grpc_error_response, keep_alive_timeout, single_content_length,
+        strip_hop_by_hop,
     },
     limits::Limit,
     metrics::RequestMetrics,
@@ -949,7 +950,12 @@ impl HttpConn {
             x.labels.response(resp.status(), seconds);
             return resp.map(|_| Either::Right(Full::new(Bytes::new())));
         }
-        strip_hop_by_hop(resp.headers_mut(), false);
+        let keep_alive = strip_hop_by_hop(resp.headers_mut(), false);
+        if let (Some(lease), Some(timeout)) =
+            (&lease, keep_alive.as_ref().and_then(keep_alive_timeout))
+        {
+            lease.server_idle_timeout(timeout);
+        }
         single_content_length(resp.headers_mut());
         if let Some(edits) = plan.response_headers {
             edits.apply(resp.headers_mut());

@@ -1117,7 +1117,7 @@ impl Http1Pool {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .pop()?;
-            if lease.sender.is_closed() || lease.clock.over() {
+            if lease.sender.is_closed() || lease.clock.over() || lease.clock.past_server_idle() {
                 if lease.clock.closed_idle.load(Ordering::Relaxed) {
                     // An endpoint that closes idle connections itself will one day close
                     // one just as a request goes out on it: learnt before that happens.
@@ -1282,9 +1282,10 @@ async fn run_http1_connection(
                 if let Err(error) = result {
                     tracing::debug!(%error, "upstream connection ended with an error");
                 }
-                if clock.unused() {
-                    // Ended in the pool by the endpoint: this proxy lets a connection go
-                    // from the branches below, or by dropping its lease.
+                if clock.unused() && !clock.past_server_idle() {
+                    // Ended in the pool by the endpoint, before the idle timeout it
+                    // announced, if any: this proxy lets a connection go from the branches
+                    // below, or by dropping its lease.
                     clock.closed_idle.store(true, Ordering::Relaxed);
                 }
                 record_unseen_end(&session, ended || retired, &clock, metrics.as_ref());
@@ -1361,6 +1362,10 @@ struct IdleClock {
     /// Set when an HTTP/1 connection ended while unused in its pool, not by this proxy:
     /// the endpoint closed (or reset) a kept-alive connection by itself.
     closed_idle: AtomicBool,
+    /// How long an HTTP/1 connection may sit idle before its server closes it, as the
+    /// server announced (`Keep-Alive: timeout`) less a margin, in nanoseconds plus one; 0
+    /// when it announced none.
+    server_idle: AtomicU64,
 }
 
 impl IdleClock {
@@ -1371,6 +1376,7 @@ impl IdleClock {
             session: AtomicU8::new(OPEN),
             draining: AtomicBool::new(false),
             closed_idle: AtomicBool::new(false),
+            server_idle: AtomicU64::new(0),
         }
     }
 
@@ -1420,6 +1426,17 @@ impl IdleClock {
         self.idle_since.store(nanos + 1, Ordering::Relaxed);
     }
 
+    /// Whether the connection has been idle for as long as its server said it would keep
+    /// it (less the margin): sent on now, a request could meet the server's close.
+    fn past_server_idle(&self) -> bool {
+        match self.server_idle.load(Ordering::Relaxed) {
+            0 => false,
+            n => self
+                .idle_since()
+                .is_some_and(|since| since.elapsed() >= Duration::from_nanos(n - 1)),
+        }
+    }
+
     fn idle_since(&self) -> Option<tokio::time::Instant> {
         match self.idle_since.load(Ordering::Relaxed) {
             0 => None,
@@ -1427,6 +1444,11 @@ impl IdleClock {
         }
     }
 }
+
+/// How long before the idle timeout a server announced the pool stops sending on its
+/// connection: a request must reach the server before its timer fires, over a network
+/// and past a busy server's accept loop.
+pub const SERVER_IDLE_MARGIN: Duration = Duration::from_secs(1);
 
 /// [`IdleClock::session`]: a plain connection, or a mutual TLS session that goes on.
 const OPEN: u8 = 0;
@@ -1450,6 +1472,19 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Notes the idle timeout the connection's server announced in its response
+    /// (`Keep-Alive: timeout`): the pool sends nothing more on it once it has been idle
+    /// that long less a margin ([`SERVER_IDLE_MARGIN`], or half of a shorter timeout), so
+    /// no request meets the server's close, as Node.js's and undici's clients do. Without
+    /// it a connection stays for the pool's own idle timeout.
+    pub fn server_idle_timeout(&self, announced: Duration) {
+        let usable = announced
+            .saturating_sub(SERVER_IDLE_MARGIN)
+            .max(announced / 2);
+        let nanos = u64::try_from(usable.as_nanos()).unwrap_or(u64::MAX - 1);
+        self.clock.server_idle.store(nanos + 1, Ordering::Relaxed);
+    }
+
     /// Returns the connection to its pool; call only once the response body has ended
     /// (otherwise drop the lease, which closes the connection once the request is done).
     ///

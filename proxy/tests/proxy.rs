@@ -1209,11 +1209,13 @@ async fn a_forward_listener_before_the_first_config_answers_503_service_not_foun
 /// (`200`, keep-alive), then, at the next request's head, closes without answering (with
 /// a reset when `reset`, as an application killed mid-request does); or, with `idle`,
 /// closes once no request has come for that long (an application's keep-alive timeout).
-#[derive(Clone, Copy)]
+/// Its answers carry `keep_alive` as their `Keep-Alive` field, if given.
+#[derive(Clone, Copy, Default)]
 struct Closes {
     answered: usize,
     reset: bool,
     idle: Option<Duration>,
+    keep_alive: Option<&'static str>,
 }
 
 /// An HTTP/1 application on 127.0.0.1 whose connections behave, in the order accepted, as
@@ -1239,8 +1241,7 @@ async fn closing_app(
         while let Ok((mut s, _)) = listener.accept().await {
             let how = script.get(n).copied().unwrap_or(Closes {
                 answered: usize::MAX,
-                reset: false,
-                idle: None,
+                ..Closes::default()
             });
             let (conn, log) = (n, log.clone());
             n += 1;
@@ -1284,12 +1285,14 @@ async fn closing_app(
                         return;
                     }
                     answered += 1;
-                    let answer: &[u8] = if line.starts_with("head ") {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
-                    } else {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                    };
-                    if s.write_all(answer).await.is_err() {
+                    let keep_alive = how
+                        .keep_alive
+                        .map(|v| format!("keep-alive: {v}\r\n"))
+                        .unwrap_or_default();
+                    let body = if line.starts_with("head ") { "" } else { "ok" };
+                    let answer =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{keep_alive}\r\n{body}");
+                    if s.write_all(answer.as_bytes()).await.is_err() {
                         return;
                     }
                 }
@@ -1304,7 +1307,7 @@ async fn a_safe_request_whose_kept_alive_connection_closed_unanswered_is_sent_ag
     let close = |answered, reset| Closes {
         answered,
         reset,
-        idle: None,
+        ..Closes::default()
     };
     let (app, seen, _app) = closing_app(vec![
         close(1, false), // /a; closes at /b, the first time
@@ -1393,6 +1396,65 @@ async fn a_safe_request_whose_kept_alive_connection_closed_unanswered_is_sent_ag
     );
 }
 
+/// A connection whose server announced its idle timeout (`Keep-Alive: timeout=2`, as
+/// Node.js and Apache do) is not sent on once it has been idle that long less a margin
+/// (here 1 s), so no request, safe to repeat or not, meets the server's close; a server
+/// that announces nothing has its connection kept for the pool's idle timeout.
+#[tokio::test]
+async fn a_connection_idle_for_the_timeout_its_server_announced_is_not_sent_on() {
+    let (app, seen, _app) = closing_app(vec![
+        Closes {
+            answered: usize::MAX,
+            keep_alive: Some("timeout=2"),
+            ..Closes::default()
+        },
+        Closes {
+            answered: usize::MAX,
+            ..Closes::default()
+        },
+    ])
+    .await;
+    let proxy = TestProxy::start("web", config(&[("web", &[app])])).await;
+    let client = h1_client();
+    let post = |path: &str| {
+        let req = Request::builder()
+            .method("POST")
+            .uri(proxy.url(path))
+            .header("host", "web")
+            .body(full(""))
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+                .await
+                .expect("an answer within 10 s")
+                .unwrap();
+            assert!(
+                !resp.headers().contains_key("keep-alive"),
+                "a hop-by-hop field"
+            );
+            resp.status().as_u16()
+        }
+    };
+    assert_eq!(post("/a").await, 200);
+    assert_eq!(post("/a2").await, 200);
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert_eq!(post("/b").await, 200);
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert_eq!(post("/c").await, 200);
+    let seen = seen.lock().unwrap().clone();
+    let seen: Vec<(usize, &str)> = seen.iter().map(|(c, l)| (*c, l.as_str())).collect();
+    assert_eq!(
+        seen,
+        [
+            (0, "post /a http/1.1"),
+            (0, "post /a2 http/1.1"),
+            (1, "post /b http/1.1"),
+            (1, "post /c http/1.1"),
+        ]
+    );
+}
+
 /// An endpoint that closes idle kept-alive connections by itself (a keep-alive timeout
 /// shorter than the proxy's) is known for it before it ever closes one under a request: the
 /// first safe request caught by that race goes out again, rather than failing.
@@ -1401,13 +1463,12 @@ async fn an_endpoint_seen_closing_idle_connections_has_its_first_race_sent_again
     let (app, seen, _app) = closing_app(vec![
         Closes {
             answered: 1,
-            reset: false,
             idle: Some(Duration::from_millis(50)),
+            ..Closes::default()
         }, // /a; then closes idle
         Closes {
             answered: 1,
-            reset: false,
-            idle: None,
+            ..Closes::default()
         }, // /b; closes at /c
     ])
     .await;
