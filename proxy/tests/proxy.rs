@@ -1302,6 +1302,53 @@ async fn closing_app(
     (addr, seen, Task(task))
 }
 
+/// Sends a request for service `web` through `proxy`, with an `Idempotency-Key` when
+/// `key`; its status and `weft-error` field. No answer carries `Keep-Alive`, a hop-by-hop
+/// field.
+async fn to_web(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Body,
+    >,
+    proxy: &TestProxy,
+    method: &str,
+    path: &str,
+    body: &'static str,
+    key: bool,
+) -> (u16, Option<String>) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(proxy.url(path))
+        .header("host", "web");
+    if key {
+        req = req.header("idempotency-key", "order-7");
+    }
+    let req = req
+        .body(full(body))
+        .unwrap_or_else(|e| panic!("request: {e}"));
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within 10 s"))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    assert!(
+        !resp.headers().contains_key("keep-alive"),
+        "{method} {path}"
+    );
+    let error = resp
+        .headers()
+        .get("weft-error")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (resp.status().as_u16(), error)
+}
+
+/// Asserts what a [`closing_app`] read: each request line, by the connection that read it.
+fn assert_seen(seen: &std::sync::Mutex<Vec<(usize, String)>>, expected: &[(usize, &str)]) {
+    let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let seen: Vec<(usize, &str)> = seen.iter().map(|(c, l)| (*c, l.as_str())).collect();
+    assert_eq!(seen, expected);
+}
+
 #[tokio::test]
 async fn a_safe_request_whose_kept_alive_connection_closed_unanswered_is_sent_again() {
     let close = |answered, reset| Closes {
@@ -1320,28 +1367,7 @@ async fn a_safe_request_whose_kept_alive_connection_closed_unanswered_is_sent_ag
     .await;
     let proxy = TestProxy::start("web", config(&[("web", &[app])])).await;
     let client = h1_client();
-    let send = |method: &str, path: &str, body: &'static str, key: bool| {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(proxy.url(path))
-            .header("host", "web");
-        if key {
-            req = req.header("idempotency-key", "order-7");
-        }
-        let req = req.body(full(body)).unwrap();
-        let client = client.clone();
-        async move {
-            let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
-                .await
-                .expect("an answer within 10 s")
-                .unwrap();
-            let error = resp
-                .headers()
-                .get("weft-error")
-                .map(|v| v.to_str().unwrap().to_owned());
-            (resp.status().as_u16(), error)
-        }
-    };
+    let send = |method, path, body, key| to_web(&client, &proxy, method, path, body, key);
     let ok = (200, None);
     let failed = (502, Some("upstream_failed".to_owned()));
     assert_eq!(send("GET", "/a", "", false).await, ok);
@@ -1361,11 +1387,9 @@ async fn a_safe_request_whose_kept_alive_connection_closed_unanswered_is_sent_ag
     // An idempotency key makes a bodiless POST safe to repeat.
     assert_eq!(send("GET", "/h", "", false).await, ok);
     assert_eq!(send("POST", "/i", "", true).await, ok);
-    let seen = seen.lock().unwrap().clone();
-    let seen: Vec<(usize, &str)> = seen.iter().map(|(c, l)| (*c, l.as_str())).collect();
-    assert_eq!(
-        seen,
-        [
+    assert_seen(
+        &seen,
+        &[
             (0, "get /a http/1.1"),
             (0, "get /b http/1.1"),
             (1, "get /b2 http/1.1"),
@@ -1378,7 +1402,7 @@ async fn a_safe_request_whose_kept_alive_connection_closed_unanswered_is_sent_ag
             (5, "get /h http/1.1"),
             (5, "post /i http/1.1"),
             (6, "post /i http/1.1"),
-        ]
+        ],
     );
     // The two requests sent again, HEAD /c and POST /i, are counted, and nothing else is:
     // no request here was found closed under before it was written.
@@ -1416,42 +1440,21 @@ async fn a_connection_idle_for_the_timeout_its_server_announced_is_not_sent_on()
     .await;
     let proxy = TestProxy::start("web", config(&[("web", &[app])])).await;
     let client = h1_client();
-    let post = |path: &str| {
-        let req = Request::builder()
-            .method("POST")
-            .uri(proxy.url(path))
-            .header("host", "web")
-            .body(full(""))
-            .unwrap();
-        let client = client.clone();
-        async move {
-            let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
-                .await
-                .expect("an answer within 10 s")
-                .unwrap();
-            assert!(
-                !resp.headers().contains_key("keep-alive"),
-                "a hop-by-hop field"
-            );
-            resp.status().as_u16()
-        }
-    };
-    assert_eq!(post("/a").await, 200);
-    assert_eq!(post("/a2").await, 200);
+    let post = |path| to_web(&client, &proxy, "POST", path, "", false);
+    assert_eq!(post("/a").await, (200, None));
+    assert_eq!(post("/a2").await, (200, None));
     tokio::time::sleep(Duration::from_millis(1_300)).await;
-    assert_eq!(post("/b").await, 200);
+    assert_eq!(post("/b").await, (200, None));
     tokio::time::sleep(Duration::from_millis(1_300)).await;
-    assert_eq!(post("/c").await, 200);
-    let seen = seen.lock().unwrap().clone();
-    let seen: Vec<(usize, &str)> = seen.iter().map(|(c, l)| (*c, l.as_str())).collect();
-    assert_eq!(
-        seen,
-        [
+    assert_eq!(post("/c").await, (200, None));
+    assert_seen(
+        &seen,
+        &[
             (0, "post /a http/1.1"),
             (0, "post /a2 http/1.1"),
             (1, "post /b http/1.1"),
             (1, "post /c http/1.1"),
-        ]
+        ],
     );
 }
 
@@ -1474,40 +1477,24 @@ async fn an_endpoint_seen_closing_idle_connections_has_its_first_race_sent_again
     .await;
     let proxy = TestProxy::start("web", config(&[("web", &[app])])).await;
     let client = h1_client();
-    let get = |path: &str| {
-        let req = Request::builder()
-            .uri(proxy.url(path))
-            .header("host", "web")
-            .body(full(""))
-            .unwrap();
-        let client = client.clone();
-        async move {
-            let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
-                .await
-                .expect("an answer within 10 s")
-                .unwrap();
-            resp.status().as_u16()
-        }
-    };
-    assert_eq!(get("/a").await, 200);
+    let get = |path| to_web(&client, &proxy, "GET", path, "", false);
+    assert_eq!(get("/a").await, (200, None));
     // The application's keep-alive timeout closes the proxy's pooled connection.
     eventually(Duration::from_secs(5), "the idle close", || async {
         seen.lock().unwrap().len() == 2
     })
     .await;
-    assert_eq!(get("/b").await, 200);
-    assert_eq!(get("/c").await, 200);
-    let seen = seen.lock().unwrap().clone();
-    let seen: Vec<(usize, &str)> = seen.iter().map(|(c, l)| (*c, l.as_str())).collect();
-    assert_eq!(
-        seen,
-        [
+    assert_eq!(get("/b").await, (200, None));
+    assert_eq!(get("/c").await, (200, None));
+    assert_seen(
+        &seen,
+        &[
             (0, "get /a http/1.1"),
             (0, "closed idle"),
             (1, "get /b http/1.1"),
             (1, "get /c http/1.1"),
             (2, "get /c http/1.1"),
-        ]
+        ],
     );
     assert_eq!(
         proxy.metric(
