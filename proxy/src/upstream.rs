@@ -564,8 +564,10 @@ impl Upstream {
     }
 
     /// Whether the endpoint's HTTP/2 connection has left a stream unprocessed (refused it,
-    /// or went away without it): a request to it may then keep a copy of its head, to go
-    /// out again on a new connection should that happen once more.
+    /// or went away without it), or the endpoint ended a connection in use by itself (its
+    /// GOAWAY as it shuts down or after an idle timeout, or a close): a request to it may
+    /// then keep a copy of its head, to go out again on a new connection should a stream
+    /// be left unprocessed.
     pub fn refuses_streams(&self) -> bool {
         self.http2.refuses.load(Ordering::Relaxed)
     }
@@ -645,7 +647,8 @@ pub struct Http2Conn {
     current: Mutex<Option<Http2Shared>>,
     connecting: tokio::sync::Mutex<()>,
     service: Option<Arc<ServicePool>>,
-    /// Set once a stream was left unprocessed ([`Upstream::refuses_streams`]).
+    /// Set once a stream was left unprocessed, or the endpoint ended a connection in use
+    /// by itself ([`Upstream::refuses_streams`]).
     refuses: AtomicBool,
 }
 
@@ -728,7 +731,7 @@ impl Http2Conn {
                         }
                         let failed = SendError::Failed(Box::new(error));
                         if failed.refused_stream() {
-                            this.refuses.store(true, Ordering::Relaxed);
+                            this.learn_refuses("left a stream unprocessed");
                         }
                         return Err(failed);
                     }
@@ -754,6 +757,25 @@ impl Http2Conn {
             }
             None => None,
         }
+    }
+
+    /// Notes that the endpoint leaves streams unprocessed, or may (`what` it did first);
+    /// said once.
+    fn learn_refuses(&self, what: &'static str) {
+        if !self.refuses.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                endpoint = %self.addr,
+                what,
+                "the endpoint ends HTTP/2 connections by itself: a request it leaves unprocessed will go out once more on a new connection"
+            );
+        }
+    }
+
+    /// Whether the connection `clock` belongs to is the one new requests go on.
+    fn is_current(&self, clock: &Arc<IdleClock>) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(&s.last_used, clock))
     }
 
     /// Drops `stale` as the current connection, unless it was replaced already.
@@ -895,6 +917,16 @@ async fn run_http2_connection(
             result = dispatch(&mut conn) => {
                 if let Err(error) = result {
                     tracing::debug!(%error, "upstream connection ended with an error");
+                }
+                if shared
+                    && let Some(owner) = owner.upgrade()
+                    && owner.is_current(&last_used)
+                {
+                    // Ended by the endpoint (its GOAWAY, or a close) while new requests
+                    // still went on it: this proxy lets it go only once it stops being
+                    // current. An endpoint that does so will one day leave a request
+                    // unprocessed as the connection ends: learnt before that happens.
+                    owner.learn_refuses("ended a connection in use by itself");
                 }
                 conn = None;
                 if cut.is_none() {

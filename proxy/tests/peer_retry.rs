@@ -18,7 +18,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -810,6 +810,72 @@ async fn refuse_streams(
     }
 }
 
+/// An HTTP/2 application on 127.0.0.1 whose first connection answers one request and then,
+/// idle for 50 ms, sends GOAWAY and closes (as Go's server does after its idle timeout);
+/// whose second refuses its first stream (`REFUSED_STREAM`); later ones answer 200 `hello
+/// from cart`. Counts the requests refused and those answered; `closed` is set once the
+/// proxy has closed its end of the first connection too.
+async fn closing_idle_then_refusing_app() -> (
+    SocketAddr,
+    Arc<AtomicBool>,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    Task,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = Arc::new(AtomicBool::new(false));
+    let (left, served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, l, a) = (closed.clone(), left.clone(), served.clone());
+    let task = tokio::spawn(async move {
+        let mut accepted = 0;
+        while let Ok((stream, _)) = listener.accept().await {
+            accepted += 1;
+            let (c, l, a) = (c.clone(), l.clone(), a.clone());
+            tokio::spawn(async move {
+                match accepted {
+                    1 => answer_once_then_close_idle(stream, a, c).await,
+                    2 => refuse_streams(stream, l, 1, a).await,
+                    _ => answer_streams(stream, a).await,
+                }
+            });
+        }
+    });
+    (addr, closed, left, served, Task(task))
+}
+
+async fn answer_once_then_close_idle(
+    mut stream: tokio::net::TcpStream,
+    answered: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Borrowed, so that the socket outlives h2's connection and can see the proxy's close.
+    if let Ok(mut conn) = h2::server::handshake(&mut stream).await {
+        if let Some(Ok((_req, mut respond))) = conn.accept().await {
+            answered.fetch_add(1, Ordering::SeqCst);
+            if let Ok(mut body) = respond.send_response(http::Response::new(()), false) {
+                let _ = body.send_data(Bytes::from_static(b"hello from cart"), true);
+            }
+        }
+        // Driving the connection sends the answer; no request comes in the meantime.
+        if tokio::time::timeout(Duration::from_millis(50), conn.accept())
+            .await
+            .is_err()
+        {
+            conn.graceful_shutdown();
+            while let Some(Ok(_)) = conn.accept().await {}
+        }
+    }
+    let _ = stream.shutdown().await;
+    let mut rest = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while matches!(stream.read(&mut rest).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    closed.store(true, Ordering::SeqCst);
+}
+
 /// Raw frames, since h2's own server always counts a stream it received as processed.
 async fn go_away_at_first_request(mut stream: tokio::net::TcpStream, count: Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1007,6 +1073,41 @@ async fn a_server_sidecar_that_drains_under_load_loses_no_request() {
     for task in load {
         let failed = task.await.unwrap();
         assert!(failed.is_empty(), "{failed:?}");
+    }
+}
+
+/// An HTTP/2 endpoint seen ending a connection in use by itself (its GOAWAY after an idle
+/// timeout) is known to end connections before it ever leaves a stream unprocessed: the
+/// first stream it refuses goes once more, on a new connection, rather than failing.
+#[tokio::test]
+async fn an_endpoint_seen_ending_a_connection_has_its_first_refused_stream_sent_again() {
+    for inbound in [false, true] {
+        let ctx = format!("inbound: {inbound}");
+        let (app, closed, left, served, _app) = closing_idle_then_refusing_app().await;
+        let proxy = if inbound {
+            TestProxy::start_kind(Proxy::new(), ListenerKind::InboundTo(app), config(&[]))
+        } else {
+            TestProxy::start("web", config(&[("web", &[app])])).await
+        };
+        let c = h2_client();
+        let (resp, body) = get(&c, &proxy.url("/items")).await;
+        assert_eq!(
+            (resp.status().as_u16(), body.as_str()),
+            (200, "hello from cart"),
+            "{ctx}"
+        );
+        eventually(Duration::from_secs(5), "the idle close", || async {
+            closed.load(Ordering::SeqCst)
+        })
+        .await;
+        let (resp, body) = get(&c, &proxy.url("/items")).await;
+        assert_eq!(
+            (resp.status().as_u16(), body.as_str()),
+            (200, "hello from cart"),
+            "{ctx}"
+        );
+        assert_eq!(left.load(Ordering::SeqCst), 1, "{ctx}: refused once");
+        assert_eq!(served.load(Ordering::SeqCst), 2, "{ctx}");
     }
 }
 
