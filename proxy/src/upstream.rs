@@ -676,7 +676,7 @@ impl Http2Conn {
             if shared.last_used.over() {
                 // The session is retired or its peer chain no longer verifies (its task
                 // may not have run yet): no new request on it.
-                this.forget(&shared);
+                this.forget(&shared.last_used);
                 if reused {
                     continue;
                 }
@@ -706,7 +706,7 @@ impl Http2Conn {
                     .fetch_add(1, Ordering::Relaxed)
                     .saturating_add(1);
                 if n >= max.get() {
-                    this.forget(&shared);
+                    this.forget(&shared.last_used);
                 }
                 if n > max.get() {
                     continue;
@@ -718,7 +718,7 @@ impl Http2Conn {
                     // Not sent: the connection closed under us; a new one may take it.
                     Some(unsent) if reused => {
                         tracing::debug!(error = %error.error(), "http2 connection closed; retrying");
-                        this.forget(&shared);
+                        this.forget(&shared.last_used);
                         req = unsent;
                     }
                     _ => {
@@ -727,7 +727,7 @@ impl Http2Conn {
                             // The peer is going away (its shutdown, or the end of the
                             // session's certificate): the stream was refused unprocessed,
                             // and a retry of it must take a new session, not this one.
-                            this.forget(&shared);
+                            this.forget(&shared.last_used);
                         }
                         let failed = SendError::Failed(Box::new(error));
                         if failed.refused_stream() {
@@ -759,16 +759,14 @@ impl Http2Conn {
         }
     }
 
-    /// Notes that the endpoint leaves streams unprocessed, or may (`what` it did first);
-    /// said once.
+    /// Notes that the endpoint leaves streams unprocessed, or may (`what` it did first).
     fn learn_refuses(&self, what: &'static str) {
-        if !self.refuses.swap(true, Ordering::Relaxed) {
-            tracing::info!(
-                endpoint = %self.addr,
-                what,
-                "the endpoint ends HTTP/2 connections by itself: a request it leaves unprocessed will go out once more on a new connection"
-            );
-        }
+        learn_once(
+            &self.refuses,
+            self.addr,
+            what,
+            "the endpoint ends HTTP/2 connections by itself: a request it leaves unprocessed will go out once more on a new connection",
+        );
     }
 
     /// Whether the connection `clock` belongs to is the one new requests go on.
@@ -778,12 +776,13 @@ impl Http2Conn {
             .is_some_and(|s| Arc::ptr_eq(&s.last_used, clock))
     }
 
-    /// Drops `stale` as the current connection, unless it was replaced already.
-    fn forget(&self, stale: &Http2Shared) {
+    /// Drops the connection `clock` belongs to as the current one, unless it was
+    /// replaced already.
+    fn forget(&self, clock: &Arc<IdleClock>) {
         let mut current = self.lock();
         if current
             .as_ref()
-            .is_some_and(|s| Arc::ptr_eq(&s.last_used, &stale.last_used))
+            .is_some_and(|s| Arc::ptr_eq(&s.last_used, clock))
         {
             *current = None;
         }
@@ -847,6 +846,14 @@ impl Http2Conn {
     }
 }
 
+/// Sets `flag`, a habit of `endpoint` learnt from `what` it did; the first time, logs
+/// `then`, what the proxy does about it from now on.
+fn learn_once(flag: &AtomicBool, endpoint: SocketAddr, what: &'static str, then: &'static str) {
+    if !flag.swap(true, Ordering::Relaxed) {
+        tracing::info!(%endpoint, what, "{then}");
+    }
+}
+
 /// Whether `error` says the HTTP/2 peer sent GOAWAY and left this stream out of it.
 fn went_away(error: &hyper::Error) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
@@ -897,13 +904,7 @@ async fn run_http2_connection(
     };
     let unshare = |owner: &Weak<Http2Conn>| {
         if let Some(owner) = owner.upgrade() {
-            let mut current = owner.lock();
-            if current
-                .as_ref()
-                .is_some_and(|s| Arc::ptr_eq(&s.last_used, &last_used))
-            {
-                *current = None;
-            }
+            owner.forget(&last_used);
         }
     };
     let (mut ended, mut retired) = (false, false);
@@ -1130,15 +1131,14 @@ impl Http1Pool {
     }
 
     /// Notes that the endpoint closes kept-alive connections by itself (`what` it did
-    /// first); said once.
+    /// first).
     fn learn_closes_kept_alive(&self, what: &'static str) {
-        if !self.closes_kept_alive.swap(true, Ordering::Relaxed) {
-            tracing::info!(
-                endpoint = %self.addr,
-                what,
-                "the endpoint closes kept-alive connections by itself: a request safe to repeat will go out again should its connection close as it goes out (an application keep-alive timeout longer than the proxy's idle timeout avoids the race)"
-            );
-        }
+        learn_once(
+            &self.closes_kept_alive,
+            self.addr,
+            what,
+            "the endpoint closes kept-alive connections by itself: a request safe to repeat will go out again should its connection close as it goes out (an application keep-alive timeout longer than the proxy's idle timeout avoids the race)",
+        );
     }
 
     /// An idle connection that is (or becomes) ready for a request, if any.
