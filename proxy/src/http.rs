@@ -46,6 +46,7 @@ use crate::{
     access_log::{self, AccessLog},
     detect::Protocol,
     errors::{ERROR_HEADER, ErrorCode},
+    head_timer::{HeadTimer, HeadWatch, Watched},
     limits::{Limit, Limits},
     metrics::{ClientLabel, Direction, Metrics, RequestMetrics, ServiceLabel},
     pipeline::{Attempts, Exchange},
@@ -259,7 +260,8 @@ where
         // moves the future (into its dispatcher, and for HTTP/2 into a spawned task).
         boxed_in_place(move || async move { Ok::<_, Infallible>(conn.handle(req).await) })
     });
-    let io = TokioIo::new(io);
+    // Set for HTTP/1: tells an idle close from a slow head.
+    let mut head_watch = None;
     let result = match protocol {
         Protocol::Http2 => {
             let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -270,7 +272,7 @@ where
                 .keep_alive_timeout(limits.http2_keepalive_timeout)
                 .max_pending_accept_reset_streams(limits.http2_max_pending_accept_reset_streams)
                 .max_local_error_reset_streams(limits.http2_max_local_error_reset_streams)
-                .serve_connection(io, svc);
+                .serve_connection(TokioIo::new(io), svc);
             // Boxed, as the HTTP/1 one below: the connection's task then holds only the
             // server of the version it speaks (each is several KiB), for as long as the
             // connection stays open.
@@ -284,9 +286,17 @@ where
             }
         }
         _ => {
+            let watch = Arc::new(HeadWatch::default());
+            let io = TokioIo::new(Watched::new(io, watch.clone()));
+            let timer = HeadTimer::new(
+                watch.clone(),
+                limits.header_read_timeout,
+                limits.http1_idle_timeout,
+            );
+            head_watch = Some(watch);
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
-                .timer(TokioTimer::new())
+                .timer(timer)
                 .header_read_timeout(limits.header_read_timeout)
                 .max_header_size(limits.http1_hard_head_bytes())
                 // A client that closes while its request waits for the answer cancels
@@ -312,7 +322,8 @@ where
     if let Err(error) = result {
         // Refusals by hyper itself (it answered 400/414/431 or closed without a response):
         // counted here, the one place they become visible.
-        if error.is_timeout() {
+        let idle_expired = head_watch.as_ref().is_some_and(|w| w.idle_expired());
+        if error.is_timeout() && !idle_expired {
             metrics.limit_refused(Limit::HeaderReadTimeout);
         } else if error.is_parse_too_large() {
             metrics.limit_refused(Limit::RequestHead);
@@ -320,7 +331,7 @@ where
         } else if error.is_parse() {
             metrics.error(direction, ErrorCode::InvalidRequest);
         }
-        tracing::debug!(%error, "http connection ended with an error");
+        tracing::debug!(%error, idle_expired, "http connection ended with an error");
     }
     // Taken out of the slot first: the guard must not be held across the splice.
     let tunnel = shared.tunnel_slot().take();

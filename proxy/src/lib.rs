@@ -34,6 +34,7 @@ pub mod control;
 pub mod detect;
 pub mod enforce;
 pub mod errors;
+pub mod head_timer;
 pub mod http;
 pub mod identity;
 pub mod init;

@@ -42,10 +42,16 @@ pub const DEFAULT_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// Streams the proxy may reset because of the client's protocol errors before GOAWAY
 /// (RUSTSEC-2024-0003; hyper's default).
 pub const DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1_024;
-/// How long an HTTP/1 client may take to send a request head (the timer also runs while a
-/// keep-alive connection waits for its next request). nginx's `client_header_timeout` is
-/// 60 s, hyper's default 30 s; a sidecar's clients are local or proxies, so 30 s it is.
+/// How long an HTTP/1 client may take to send a request head, from its first byte.
+/// nginx's `client_header_timeout` is 60 s, hyper's default 30 s; a sidecar's clients are
+/// local or proxies, so 30 s it is.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a kept-alive HTTP/1 client connection may wait for its next request with
+/// nothing sent before the proxy closes it: Envoy's downstream `idle_timeout` default,
+/// longer than the idle pools of common clients (Go 90 s, OkHttp 5 min) and of a peer
+/// proxy (90 s), so that they, not the proxy, close first, and none of their requests
+/// meets the proxy's close.
+pub const DEFAULT_HTTP1_IDLE_TIMEOUT: Duration = Duration::from_secs(3_600);
 /// The admin listener's header read timeout: probes and scrapes send their head at once.
 pub const DEFAULT_ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an opaque TCP connection may carry no byte either way before it is closed
@@ -102,8 +108,10 @@ pub struct Limits {
     pub http2_max_pending_accept_reset_streams: usize,
     /// hyper's limit on streams reset because of the client's errors.
     pub http2_max_local_error_reset_streams: usize,
-    /// How long an HTTP/1 request head may take to arrive.
+    /// How long an HTTP/1 request head may take to arrive, from its first byte.
     pub header_read_timeout: Duration,
+    /// How long a kept-alive HTTP/1 client connection may wait for its next request.
+    pub http1_idle_timeout: Duration,
     /// The same on the admin listener.
     pub admin_header_read_timeout: Duration,
     /// How long an opaque TCP connection may be silent both ways.
@@ -136,6 +144,7 @@ impl Default for Limits {
             http2_max_pending_accept_reset_streams: DEFAULT_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS,
             http2_max_local_error_reset_streams: DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            http1_idle_timeout: DEFAULT_HTTP1_IDLE_TIMEOUT,
             admin_header_read_timeout: DEFAULT_ADMIN_HEADER_READ_TIMEOUT,
             opaque_idle_timeout: DEFAULT_OPAQUE_IDLE_TIMEOUT,
             request_body_idle_timeout: DEFAULT_REQUEST_BODY_IDLE_TIMEOUT,

@@ -250,9 +250,12 @@ struct LimitArgs {
     /// HTTP/2 streams the proxy may reset for the client's errors, before GOAWAY.
     #[arg(long, env = "WEFT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS", default_value_t = limits::DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS)]
     http2_max_local_error_reset_streams: usize,
-    /// How long an HTTP/1 request head may take (also closes idle keep-alive connections).
+    /// How long an HTTP/1 request head may take, from its first byte.
     #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT", default_value = "30s")]
     header_read_timeout: weft_api::Duration,
+    /// How long a kept-alive HTTP/1 client connection may wait for its next request.
+    #[arg(long, env = "WEFT_HTTP1_IDLE_TIMEOUT", default_value = "1h")]
+    http1_idle_timeout: weft_api::Duration,
     /// The same on the admin listener.
     #[arg(long, env = "WEFT_ADMIN_HEADER_READ_TIMEOUT", default_value = "10s")]
     admin_header_read_timeout: weft_api::Duration,
@@ -318,6 +321,7 @@ impl LimitArgs {
             ("--http2-keepalive-interval", &self.http2_keepalive_interval),
             ("--http2-keepalive-timeout", &self.http2_keepalive_timeout),
             ("--header-read-timeout", &self.header_read_timeout),
+            ("--http1-idle-timeout", &self.http1_idle_timeout),
             (
                 "--admin-header-read-timeout",
                 &self.admin_header_read_timeout,
@@ -347,6 +351,7 @@ impl LimitArgs {
             http2_max_pending_accept_reset_streams: self.http2_max_pending_accept_reset_streams,
             http2_max_local_error_reset_streams: self.http2_max_local_error_reset_streams,
             header_read_timeout: self.header_read_timeout.as_std(),
+            http1_idle_timeout: self.http1_idle_timeout.as_std(),
             admin_header_read_timeout: self.admin_header_read_timeout.as_std(),
             opaque_idle_timeout: self.opaque_idle_timeout.as_std(),
             request_body_idle_timeout: self.request_body_idle_timeout.as_std(),

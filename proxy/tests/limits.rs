@@ -752,6 +752,105 @@ async fn a_slow_but_steady_body_is_not_cut() {
     assert_eq!(refusals(&proxy.proxy, "request_body_idle_timeout"), 0);
 }
 
+/// One `GET /` on `s`, a kept-alive HTTP/1 connection to the proxy: the answer's status
+/// line, lower-cased.
+async fn get_on(s: &mut TcpStream) -> String {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(s).await;
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    read_exactly(s, len).await;
+    head.lines().next().unwrap_or("").to_owned()
+}
+
+/// Sends a byte every 100 ms on `s`, whose head has begun, until the server closes: how
+/// long that took, or `None` if it had not after 5 s.
+async fn dribble_until_closed(s: &mut TcpStream) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if s.write_all(b"x").await.is_err() {
+            return Some(started.elapsed());
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            _ => {}
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_kept_alive_http1_connection_outlives_the_head_timeout() {
+    // hyper's head timer also runs between requests: before, a connection idle for the
+    // header read timeout was closed, and a client pool's next request could meet the close.
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let limits = Limits {
+        header_read_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let proxy = start("web", config(&[("web", &[backend.addr])]), limits);
+    let mut s = connect(proxy.addr).await;
+    assert!(get_on(&mut s).await.starts_with("http/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(
+        get_on(&mut s).await.starts_with("http/1.1 200"),
+        "the connection serves again after three head timeouts idle"
+    );
+    assert_eq!(refusals(&proxy.proxy, "header_read_timeout"), 0);
+}
+
+#[tokio::test]
+async fn a_dribbled_head_is_cut_at_the_head_timeout_on_a_new_or_an_idle_connection() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let limits = Limits {
+        header_read_timeout: Duration::from_millis(400),
+        ..Limits::default()
+    };
+    let proxy = start("web", config(&[("web", &[backend.addr])]), limits);
+    let mut fresh = connect(proxy.addr).await;
+    fresh.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let took = dribble_until_closed(&mut fresh).await;
+    let took = took.expect("a slow first head is cut");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert_eq!(refusals(&proxy.proxy, "header_read_timeout"), 1);
+
+    // Idle past the head timeout first: the timer starts at the head's first byte.
+    let mut kept = connect(proxy.addr).await;
+    assert!(get_on(&mut kept).await.starts_with("http/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    kept.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let took = dribble_until_closed(&mut kept).await;
+    let took = took.expect("a slow head after an idle wait is cut");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert_eq!(refusals(&proxy.proxy, "header_read_timeout"), 2);
+}
+
+#[tokio::test]
+async fn an_http1_connection_idle_past_its_idle_timeout_is_closed_without_a_refusal() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let limits = Limits {
+        http1_idle_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let proxy = start("web", config(&[("web", &[backend.addr])]), limits);
+    let mut s = connect(proxy.addr).await;
+    assert!(get_on(&mut s).await.starts_with("http/1.1 200"));
+    let started = std::time::Instant::now();
+    let got = closed_within(&mut s, Duration::from_secs(5))
+        .await
+        .expect("the idle connection is closed");
+    assert!(got.is_empty(), "closed without an answer");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(refusals(&proxy.proxy, "header_read_timeout"), 0);
+}
+
 // ---- Item 4: the admin listener ----
 
 async fn start_admin(limits: Limits) -> (Arc<Proxy>, SocketAddr, CancellationToken, Task) {
@@ -776,24 +875,9 @@ async fn the_admin_listener_drops_a_client_that_dribbles_its_head() {
     let (proxy, addr, _stop, _task) = start_admin(limits).await;
     let mut s = connect(addr).await;
     s.write_all(b"GET /live HTTP/1.1\r\n").await.unwrap();
-    let started = std::time::Instant::now();
-    // A byte every 100 ms: never idle, never done.
-    let closed = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if s.write_all(b"x").await.is_err() {
-            break true;
-        }
-        let mut buf = [0u8; 256];
-        match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            _ => {}
-        }
-        if started.elapsed() > Duration::from_secs(5) {
-            break false;
-        }
-    };
-    assert!(closed, "the slow client was still connected after 5 s");
-    assert!(started.elapsed() >= Duration::from_millis(400));
+    let took = dribble_until_closed(&mut s).await;
+    let took = took.expect("the slow client is disconnected within 5 s");
+    assert!(took >= Duration::from_millis(400), "{took:?}");
     assert_eq!(refusals(&proxy, "header_read_timeout"), 1);
 }
 
@@ -871,6 +955,7 @@ fn a_zero_idle_timeout_is_refused_before_anything_is_bound() {
     for (env, flag) in [
         ("WEFT_UPSTREAM_IDLE_TIMEOUT", "--upstream-idle-timeout"),
         ("WEFT_APP_IDLE_TIMEOUT", "--app-idle-timeout"),
+        ("WEFT_HTTP1_IDLE_TIMEOUT", "--http1-idle-timeout"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
             .args(["run", "--config", "/nonexistent.yaml"])
