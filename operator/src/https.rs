@@ -157,8 +157,7 @@ pub fn handshake_failure(error: &std::io::Error) -> &'static str {
 }
 
 impl ConnMetrics {
-    /// Registers `<prefix>_connections`, `<prefix>_connections_refused(_total)`,
-    /// `<prefix>_connections_refused_per_address(_total)` and
+    /// Registers `<prefix>_connections`, `<prefix>_connections_refused(_total)` and
     /// `<prefix>_tls_handshake_failures(_total){reason}`.
     pub fn register(&self, registry: &mut Registry, prefix: &str) {
         registry.register(
@@ -172,14 +171,19 @@ impl ConnMetrics {
             self.refused.clone(),
         );
         registry.register(
-            format!("{prefix}_connections_refused_per_address"),
-            "Connections closed at accept because their client address held as many as one may",
-            self.refused_per_address.clone(),
-        );
-        registry.register(
             format!("{prefix}_tls_handshake_failures"),
             "TLS handshakes that failed, by reason: timeout, closed, certificate, incompatible, other",
             self.handshake_failures.clone(),
+        );
+    }
+
+    /// Registers `<prefix>_connections_refused_per_address(_total)`, for a server whose
+    /// [`ConnLimits`] may bound each address.
+    pub fn register_per_address(&self, registry: &mut Registry, prefix: &str) {
+        registry.register(
+            format!("{prefix}_connections_refused_per_address"),
+            "Connections closed at accept because their client address held as many as one may",
+            self.refused_per_address.clone(),
         );
     }
 }
@@ -197,19 +201,7 @@ pub trait Handler: Send + Sync + 'static {
 /// Serves `handler` over TLS (`config`) on `listener` until `shutdown` completes, then
 /// closes every connection gracefully: in-flight requests are answered, idle keep-alive
 /// connections are closed so clients go elsewhere. `name` labels the logs. Connections are
-/// bounded by the default [`ConnLimits`] and counted nowhere (see [`serve_with`]).
-pub async fn serve<H: Handler>(
-    name: &'static str,
-    listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    handler: Arc<H>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let (limits, metrics) = (ConnLimits::default(), ConnMetrics::default());
-    serve_with(name, listener, config, handler, limits, metrics, shutdown).await;
-}
-
-/// [`serve`] within `limits`, counting connections in `metrics`.
+/// bounded by `limits` and counted in `metrics`.
 pub async fn serve_with<H: Handler>(
     name: &'static str,
     listener: TcpListener,

@@ -178,6 +178,7 @@ impl Metrics {
         );
         let identity_connections = crate::https::ConnMetrics::default();
         identity_connections.register(&mut registry, "identity");
+        identity_connections.register_per_address(&mut registry, "identity");
         Metrics {
             registry,
             identity_connections,
@@ -420,6 +421,11 @@ mod docs_tests {
             .inc();
         let webhook = crate::webhook::server::WebhookMetrics::default();
         webhook.count("injected");
+        webhook
+            .connections
+            .handshake_failures
+            .get_or_create(&crate::https::ReasonLabel { reason: "closed" })
+            .inc();
         let mut registry = prometheus_client::registry::Registry::default();
         webhook.register(&mut registry);
         operator.add_registry(registry);

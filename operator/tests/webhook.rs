@@ -577,9 +577,16 @@ async fn a_namespace_whose_labels_cannot_be_read_leaves_it_to_the_failure_policy
         metrics.clone(),
     ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server::serve(listener, certs, handler, async {
-        let _ = stopped.await;
-    }));
+    let connections = metrics.connections.clone();
+    let serving = tokio::spawn(server::serve(
+        listener,
+        certs,
+        handler,
+        connections,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     settings
         .registration
         .apply(client.clone(), ca.cert_pem())
@@ -808,6 +815,58 @@ async fn https_get(client: &Client, port: u16, path: &str) -> String {
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn failed_tls_handshakes_at_the_webhook_are_counted_by_reason() {
+    // The API server calls the webhook over TLS: one that does not trust the webhook's
+    // certificate (a stale caBundle) fails before any request, so its failed handshakes
+    // are the webhook's only trace of it.
+    let t = Injecting::start("inject-handshakes", FailurePolicy::Fail).await;
+    let created = t
+        .create("through-tls", json!({"weft.dev/inject": "enabled"}))
+        .await;
+    assert!(has_proxy(&created), "the API server's handshake succeeds");
+    // A client trusting another CA refuses the webhook's certificate.
+    let mut other = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other = other
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap()
+        .pem();
+    assert!(
+        connect_trusting(t.port, &other).await.is_err(),
+        "a client of another CA trusted the webhook"
+    );
+    // A TCP probe: connects and goes.
+    drop(
+        tokio::net::TcpStream::connect(("127.0.0.1", t.port))
+            .await
+            .unwrap(),
+    );
+    let failures = |text: &str, reason: &str| {
+        let series = format!("weft_webhook_tls_handshake_failures_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let text = eventually(Duration::from_secs(10), || async {
+        let text = https_get(&t.client, t.port, "/metrics").await;
+        ensure!(
+            failures(&text, "closed") >= 1,
+            "the probe is not counted yet: {text}"
+        );
+        Ok(text)
+    })
+    .await
+    .unwrap();
+    assert_eq!(failures(&text, "certificate"), 1, "{text}");
+    assert!(text.contains("weft_webhook_connections "), "{text}");
+    assert!(
+        text.contains("weft_webhook_connections_refused_total 0"),
+        "{text}"
+    );
+    t.hook.stop().await;
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 //!  start: Secret (ca.crt, ca.key | tls.crt + tls.key) ─▶ ca::IdentityCa ─▶ serving cert
 //!         for the operator's Service names (renewed at 2/3 of its life) ─▶ CertStore
 //!         (shared with the push server: push_tls)
-//!  serve: proxy ──TLS 1.3 (h2 | http/1.1)──▶ https::serve ─▶ server::IdentityServer
+//!  serve: proxy ──TLS 1.3 (h2 | http/1.1)──▶ https::serve_with ─▶ server::IdentityServer
 //!            token ─▶ TokenReview ─▶ checks ─▶ IdentityCa::issue ─▶ chain + trust bundle
 //! ```
 //!

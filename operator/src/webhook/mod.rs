@@ -222,6 +222,7 @@ async fn serve_started(
         metrics.clone(),
     );
     let audit = audit_forever(client.clone(), settings.clone(), metrics.clone());
+    let connections = metrics.connections.clone();
     let handler = Arc::new(Handler::new(
         settings.inject.clone(),
         labels,
@@ -230,7 +231,7 @@ async fn serve_started(
     ));
     tracing::info!(addr = ?listener.local_addr().ok(), "webhook serving");
     tokio::select! {
-        _ = server::serve(listener, certs, handler, shutdown) => {}
+        _ = server::serve(listener, certs, handler, connections, shutdown) => {}
         _ = namespaces => tracing::warn!("namespace watch ended"),
         _ = renew => {}
         _ = audit => {}

@@ -76,6 +76,8 @@ pub struct WebhookMetrics {
     latency: Histogram,
     /// Pods that opted in but run without the proxy (see `inject::audit`).
     pub unmeshed: Gauge,
+    /// The webhook server's connections and failed TLS handshakes.
+    pub connections: crate::https::ConnMetrics,
 }
 
 impl Default for WebhookMetrics {
@@ -94,6 +96,7 @@ impl Default for WebhookMetrics {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
             ]),
             unmeshed: Gauge::default(),
+            connections: crate::https::ConnMetrics::default(),
         }
     }
 }
@@ -121,6 +124,9 @@ impl WebhookMetrics {
             "Changes of the webhook's CA Secret acted on, by result: followed (another CA), generated (a new CA after a deletion), refused (no usable CA)",
             self.ca_changes.clone(),
         );
+        // A failed handshake is the one trace of an API server that does not trust the
+        // webhook's certificate (a stale caBundle): its call fails before any request.
+        self.connections.register(registry, "weft_webhook");
     }
 
     /// How many admissions ended with this outcome label.
@@ -355,18 +361,23 @@ impl crate::https::Handler for Handler {
 
 /// Serves the webhook on `listener` until `shutdown` completes, then closes every
 /// connection gracefully (in-flight admissions are answered, idle keep-alive connections
-/// are closed so the API server stops sending here).
+/// are closed so the API server stops sending here). Connections are bounded by the
+/// default [`crate::https::ConnLimits`] (no bound per address: the clients are the API
+/// servers) and counted in `metrics`.
 pub async fn serve(
     listener: TcpListener,
     certs: CertStore,
     handler: Arc<Handler>,
+    metrics: crate::https::ConnMetrics,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    crate::https::serve(
+    crate::https::serve_with(
         "webhook",
         listener,
         certs.server_config(),
         handler,
+        crate::https::ConnLimits::default(),
+        metrics,
         shutdown,
     )
     .await
