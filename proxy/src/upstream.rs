@@ -534,6 +534,7 @@ impl Upstream {
             slots: Arc::new(Semaphore::new(limits.max_http1.min(Semaphore::MAX_PERMITS))),
             service: service.clone(),
             closes_kept_alive: AtomicBool::new(false),
+            learnt_idle: AtomicU64::new(0),
         });
         if let Some(s) = &service {
             let weak: Weak<dyn IdleConnections> = Arc::downgrade(&http1) as _;
@@ -1056,6 +1057,11 @@ pub struct Http1Pool {
     /// its head to go out again should its connection close as it goes out. An endpoint
     /// that never closes one costs no copy.
     closes_kept_alive: AtomicBool,
+    /// How long a connection may sit idle before the endpoint closes it, as learnt from
+    /// the shortest idle close it was seen to make (at least [`LEARNT_IDLE_FLOOR`]), less
+    /// the margin of an announced one ([`usable_idle`]), in nanoseconds plus one; 0 while
+    /// none was seen. Connections idle longer are not sent on, as for an announced timeout.
+    learnt_idle: AtomicU64,
 }
 
 impl IdleConnections for Http1Pool {
@@ -1141,6 +1147,34 @@ impl Http1Pool {
         );
     }
 
+    /// Notes that the endpoint closed a connection idle for `after`: its idle timeout, as
+    /// far as the pool can tell, so that connections idle that long (less a margin) are
+    /// not sent on, and no request, safe to repeat or not, meets such a close again. A
+    /// close after less than [`LEARNT_IDLE_FLOOR`] teaches only that the endpoint closes.
+    fn learn_idle_timeout(&self, after: Duration) {
+        if after < LEARNT_IDLE_FLOOR {
+            return;
+        }
+        let usable = usable_idle(after);
+        let nanos = u64::try_from(usable.as_nanos()).unwrap_or(u64::MAX - 1) + 1;
+        let before = self.learnt_idle.load(Ordering::Relaxed);
+        if before != 0 && nanos >= before {
+            return;
+        }
+        self.learnt_idle.store(nanos, Ordering::Relaxed);
+        // Once at info: later, shorter closes only refine it.
+        if before == 0 {
+            tracing::info!(
+                endpoint = %self.addr,
+                idle = ?after,
+                reused_within = ?usable,
+                "the endpoint closes connections idle this long: longer idle ones are not sent on"
+            );
+        } else {
+            tracing::debug!(endpoint = %self.addr, idle = ?after, reused_within = ?usable, "shorter idle close");
+        }
+    }
+
     /// An idle connection that is (or becomes) ready for a request, if any.
     async fn checkout(&self) -> Option<Lease> {
         loop {
@@ -1149,11 +1183,16 @@ impl Http1Pool {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .pop()?;
-            if lease.sender.is_closed() || lease.clock.over() || lease.clock.past_server_idle() {
-                if lease.clock.closed_idle.load(Ordering::Relaxed) {
+            if lease.sender.is_closed()
+                || lease.clock.over()
+                || lease.clock.past_server_idle()
+                || lease.clock.idle_past(&self.learnt_idle)
+            {
+                if let Some(after) = lease.clock.closed_idle_after() {
                     // An endpoint that closes idle connections itself will one day close
                     // one just as a request goes out on it: learnt before that happens.
                     self.learn_closes_kept_alive("closed an idle kept-alive connection");
+                    self.learn_idle_timeout(after);
                 }
                 // Dropped: an ended session closes with its only sender.
                 continue;
@@ -1318,7 +1357,7 @@ async fn run_http1_connection(
                     // Ended in the pool by the endpoint, before the idle timeout it
                     // announced, if any: this proxy lets a connection go from the branches
                     // below, or by dropping its lease.
-                    clock.closed_idle.store(true, Ordering::Relaxed);
+                    clock.closed_idle();
                 }
                 record_unseen_end(&session, ended || retired, &clock, metrics.as_ref());
                 return;
@@ -1391,9 +1430,10 @@ struct IdleClock {
     /// ([`Lease::release`]): idle to the pool's eyes, but not to be closed at its
     /// session's retirement, and given its end's grace.
     draining: AtomicBool,
-    /// Set when an HTTP/1 connection ended while unused in its pool, not by this proxy:
-    /// the endpoint closed (or reset) a kept-alive connection by itself.
-    closed_idle: AtomicBool,
+    /// Set when an HTTP/1 connection ended while unused in its pool, not by this proxy
+    /// (the endpoint closed, or reset, a kept-alive connection by itself), to how long it
+    /// had been idle then, in nanoseconds plus one; 0 otherwise.
+    closed_idle_after: AtomicU64,
     /// How long an HTTP/1 connection may sit idle before its server closes it, as the
     /// server announced (`Keep-Alive: timeout`) less a margin, in nanoseconds plus one; 0
     /// when it announced none.
@@ -1407,7 +1447,7 @@ impl IdleClock {
             idle_since: AtomicU64::new(0),
             session: AtomicU8::new(OPEN),
             draining: AtomicBool::new(false),
-            closed_idle: AtomicBool::new(false),
+            closed_idle_after: AtomicU64::new(0),
             server_idle: AtomicU64::new(0),
         }
     }
@@ -1461,11 +1501,34 @@ impl IdleClock {
     /// Whether the connection has been idle for as long as its server said it would keep
     /// it (less the margin): sent on now, a request could meet the server's close.
     fn past_server_idle(&self) -> bool {
-        match self.server_idle.load(Ordering::Relaxed) {
+        self.idle_past(&self.server_idle)
+    }
+
+    /// Whether the connection has been idle for at least `limit` (nanoseconds plus one; 0:
+    /// no limit). One load when there is none.
+    fn idle_past(&self, limit: &AtomicU64) -> bool {
+        match limit.load(Ordering::Relaxed) {
             0 => false,
             n => self
                 .idle_since()
                 .is_some_and(|since| since.elapsed() >= Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// The connection ended while unused in its pool, not by this proxy.
+    fn closed_idle(&self) {
+        let idle = self
+            .idle_since()
+            .map_or(Duration::ZERO, |since| since.elapsed());
+        let nanos = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX - 1);
+        self.closed_idle_after.store(nanos + 1, Ordering::Relaxed);
+    }
+
+    /// How long the connection had been idle when its endpoint closed it, if it did.
+    fn closed_idle_after(&self) -> Option<Duration> {
+        match self.closed_idle_after.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_nanos(n - 1)),
         }
     }
 
@@ -1481,6 +1544,17 @@ impl IdleClock {
 /// connection: a request must reach the server before its timer fires, over a network
 /// and past a busy server's accept loop.
 pub const SERVER_IDLE_MARGIN: Duration = Duration::from_secs(1);
+
+/// The shortest idle close an endpoint's idle timeout is learnt from: a shorter one may be
+/// a restart's or a shutdown's close of every connection, which says nothing of how long
+/// the endpoint keeps them, and would stop the pool from reusing connections at all.
+pub const LEARNT_IDLE_FLOOR: Duration = Duration::from_secs(1);
+
+/// How long a connection whose server closes it after `timeout` idle may still be sent
+/// on: `timeout` less [`SERVER_IDLE_MARGIN`], or half of a timeout shorter than twice it.
+fn usable_idle(timeout: Duration) -> Duration {
+    timeout.saturating_sub(SERVER_IDLE_MARGIN).max(timeout / 2)
+}
 
 /// [`IdleClock::session`]: a plain connection, or a mutual TLS session that goes on.
 const OPEN: u8 = 0;
@@ -1510,9 +1584,7 @@ impl Lease {
     /// no request meets the server's close, as Node.js's and undici's clients do. Without
     /// it a connection stays for the pool's own idle timeout.
     pub fn server_idle_timeout(&self, announced: Duration) {
-        let usable = announced
-            .saturating_sub(SERVER_IDLE_MARGIN)
-            .max(announced / 2);
+        let usable = usable_idle(announced);
         let nanos = u64::try_from(usable.as_nanos()).unwrap_or(u64::MAX - 1);
         self.clock.server_idle.store(nanos + 1, Ordering::Relaxed);
     }

@@ -1458,6 +1458,42 @@ async fn a_connection_idle_for_the_timeout_its_server_announced_is_not_sent_on()
     );
 }
 
+/// An endpoint seen closing a connection idle 1.2 s, a keep-alive timeout it never
+/// announced (gunicorn's 2 s, say), has its connections sent on only while idle less than
+/// that less the margin (here 0.6 s): a `POST` after 0.9 s idle goes on a new connection
+/// rather than into the endpoint's close, while one right after still reuses.
+#[tokio::test]
+async fn an_endpoint_seen_closing_idle_connections_has_its_idle_timeout_learnt() {
+    let (app, seen, _app) = closing_app(vec![Closes {
+        answered: 1,
+        idle: Some(Duration::from_millis(1_200)),
+        ..Closes::default()
+    }])
+    .await;
+    let proxy = TestProxy::start("web", config(&[("web", &[app])])).await;
+    let client = h1_client();
+    let post = |path| to_web(&client, &proxy, "POST", path, "", false);
+    assert_eq!(post("/a").await, (200, None));
+    eventually(Duration::from_secs(5), "the idle close", || async {
+        seen.lock().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(post("/b").await, (200, None));
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(post("/c").await, (200, None));
+    assert_eq!(post("/d").await, (200, None));
+    assert_seen(
+        &seen,
+        &[
+            (0, "post /a http/1.1"),
+            (0, "closed idle"),
+            (1, "post /b http/1.1"),
+            (2, "post /c http/1.1"),
+            (2, "post /d http/1.1"),
+        ],
+    );
+}
+
 /// An endpoint that closes idle kept-alive connections by itself (a keep-alive timeout
 /// shorter than the proxy's) is known for it before it ever closes one under a request: the
 /// first safe request caught by that race goes out again, rather than failing.
