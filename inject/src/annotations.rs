@@ -29,6 +29,9 @@ pub struct PodOptions {
     pub trace: Option<TraceOptions>,
     /// The pod said `weft.dev/rewrite-probes: "false"`: its HTTP probes stay as written.
     pub keep_probes: bool,
+    /// The proxy timeouts the pod sets ([`keys::TIMEOUTS`]): each environment variable
+    /// with its validated value.
+    pub timeouts: Vec<(&'static str, String)>,
 }
 
 /// What a pod asks of the proxy's tracing.
@@ -120,6 +123,7 @@ impl PodOptions {
                 get(keys::TRACE_SAMPLING),
                 cfg.tracing.as_ref(),
             )?,
+            timeouts: timeouts(get)?,
             keep_probes: match get(keys::REWRITE_PROBES) {
                 None | Some("true") => false,
                 Some("false") => true,
@@ -132,6 +136,33 @@ impl PodOptions {
             },
         })
     }
+}
+
+/// The timeout annotations the pod sets, as the proxy's environment variables. A value
+/// the proxy would refuse at start (not a duration in its syntax, or zero) is refused
+/// here, so that it cannot leave the pod with a proxy that never starts.
+fn timeouts<'a>(
+    get: impl Fn(&str) -> Option<&'a str>,
+) -> Result<Vec<(&'static str, String)>, InjectError> {
+    let mut set = Vec::new();
+    for (key, env) in keys::TIMEOUTS {
+        let Some(value) = get(key) else { continue };
+        let parsed: weft_api::Duration =
+            value.trim().parse().map_err(|e: weft_api::DurationError| {
+                InjectError::BadAnnotation {
+                    key,
+                    reason: e.to_string(),
+                }
+            })?;
+        if parsed.as_std().is_zero() {
+            return Err(InjectError::BadAnnotation {
+                key,
+                reason: format!("{value:?} is zero; a timeout must be greater than zero"),
+            });
+        }
+        set.push((env, value.trim().to_owned()));
+    }
+    Ok(set)
 }
 
 /// `v` as a value of `--mesh-http1` (the annotation's and the mesh setting's rule), or why
@@ -354,6 +385,12 @@ mod tests {
             (keys::TRACE_COLLECTOR, "otel:4317/v1/traces"),
             (keys::TRACE_SAMPLING, "1.5"),
             (keys::TRACE_SAMPLING, "0.1"),
+            (keys::APP_IDLE_TIMEOUT, "3"),
+            (keys::APP_IDLE_TIMEOUT, "0s"),
+            (keys::UPSTREAM_IDLE_TIMEOUT, "1.5s"),
+            (keys::UPSTREAM_IDLE_TIMEOUT, "2d"),
+            (keys::HTTP1_IDLE_TIMEOUT, ""),
+            (keys::HTTP1_IDLE_TIMEOUT, "0ms"),
         ] {
             let err = opts(&[(key, value)]).unwrap_err();
             assert!(
@@ -361,6 +398,25 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn timeouts_become_the_proxys_variables_in_its_syntax() {
+        assert_eq!(opts(&[]).unwrap().timeouts, []);
+        let o = opts(&[
+            (keys::HTTP1_IDLE_TIMEOUT, "10m"),
+            (keys::APP_IDLE_TIMEOUT, " 500ms "),
+            (keys::UPSTREAM_IDLE_TIMEOUT, "1m30s"),
+        ])
+        .unwrap();
+        assert_eq!(
+            o.timeouts,
+            [
+                (keys::env::APP_IDLE_TIMEOUT, "500ms".to_owned()),
+                (keys::env::UPSTREAM_IDLE_TIMEOUT, "1m30s".to_owned()),
+                (keys::env::HTTP1_IDLE_TIMEOUT, "10m".to_owned()),
+            ]
+        );
     }
 
     #[test]

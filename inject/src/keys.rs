@@ -33,6 +33,22 @@ pub const ACCESS_LOG: &str = "weft.dev/access-log";
 /// `multiplexed` (the default: on one HTTP/2 connection per endpoint) or `sessions`
 /// (HTTP/1.1 in pooled mutual TLS sessions of their own).
 pub const MESH_HTTP1: &str = "weft.dev/mesh-http1";
+/// Pod annotation: how long the proxy keeps an unused connection to the pod's own
+/// application (`--app-idle-timeout`, default 1 s), a duration such as `500ms` or `3s`;
+/// keep it below the application's keep-alive timeout.
+pub const APP_IDLE_TIMEOUT: &str = "weft.dev/app-idle-timeout";
+/// Pod annotation: how long the proxy keeps an unused outbound connection to a service's
+/// endpoint or a peer proxy (`--upstream-idle-timeout`, default 90 s).
+pub const UPSTREAM_IDLE_TIMEOUT: &str = "weft.dev/upstream-idle-timeout";
+/// Pod annotation: how long the proxy keeps a kept-alive HTTP/1 client connection that
+/// waits for its next request (`--http1-idle-timeout`, default 1 h).
+pub const HTTP1_IDLE_TIMEOUT: &str = "weft.dev/http1-idle-timeout";
+/// The timeout annotations, each with the proxy's environment variable it sets.
+pub const TIMEOUTS: [(&str, &str); 3] = [
+    (APP_IDLE_TIMEOUT, env::APP_IDLE_TIMEOUT),
+    (UPSTREAM_IDLE_TIMEOUT, env::UPSTREAM_IDLE_TIMEOUT),
+    (HTTP1_IDLE_TIMEOUT, env::HTTP1_IDLE_TIMEOUT),
+];
 /// Pod annotation: an OTLP/gRPC collector (`host:port`) turns on the proxy's tracing
 /// (trace context propagated, spans exported there); absent, the mesh-wide
 /// `traceCollector` setting if any, else no tracing; `disabled`, no tracing.
@@ -95,6 +111,12 @@ pub mod env {
     pub const ACCESS_LOG: &str = "WEFT_ACCESS_LOG";
     /// How the proxy carries HTTP/1 to meshed endpoints (`multiplexed` or `sessions`).
     pub const MESH_HTTP1: &str = "WEFT_MESH_HTTP1";
+    /// How long an unused connection to the application stays open.
+    pub const APP_IDLE_TIMEOUT: &str = "WEFT_APP_IDLE_TIMEOUT";
+    /// How long an unused outbound connection stays open.
+    pub const UPSTREAM_IDLE_TIMEOUT: &str = "WEFT_UPSTREAM_IDLE_TIMEOUT";
+    /// How long a kept-alive HTTP/1 client connection may wait for its next request.
+    pub const HTTP1_IDLE_TIMEOUT: &str = "WEFT_HTTP1_IDLE_TIMEOUT";
     /// The OTLP/gRPC collector the proxy sends spans to.
     pub const TRACE_COLLECTOR: &str = "WEFT_TRACE_COLLECTOR";
     /// The probability of recording a trace the proxy starts.

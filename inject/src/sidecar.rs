@@ -155,6 +155,9 @@ pub fn proxy_container(
     if let Some(transport) = opts.mesh_http1 {
         env.push(value(keys::env::MESH_HTTP1, transport.to_owned()));
     }
+    for (name, timeout) in &opts.timeouts {
+        env.push(value(name, timeout.clone()));
+    }
     if let Some(trace) = &opts.trace {
         env.push(value(keys::env::TRACE_COLLECTOR, trace.collector.clone()));
         if let Some(p) = &trace.sampling {
@@ -289,6 +292,9 @@ mod tests {
             (keys::MESH_HTTP1, "sessions"),
             (keys::TRACE_COLLECTOR, "otel:4317"),
             (keys::TRACE_SAMPLING, "0.5"),
+            (keys::APP_IDLE_TIMEOUT, "3s"),
+            (keys::UPSTREAM_IDLE_TIMEOUT, "5m"),
+            (keys::HTTP1_IDLE_TIMEOUT, "10m"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -314,6 +320,9 @@ mod tests {
                 keys::env::INBOUND_LOOPBACK_PORTS,
                 keys::env::ACCESS_LOG,
                 keys::env::MESH_HTTP1,
+                keys::env::APP_IDLE_TIMEOUT,
+                keys::env::UPSTREAM_IDLE_TIMEOUT,
+                keys::env::HTTP1_IDLE_TIMEOUT,
                 keys::env::TRACE_COLLECTOR,
                 keys::env::TRACE_SAMPLING,
                 keys::env::TRACE_SERVICE_NAME,
@@ -333,6 +342,12 @@ mod tests {
         );
         assert_eq!(value(keys::env::ACCESS_LOG).as_deref(), Some("json"));
         assert_eq!(value(keys::env::MESH_HTTP1).as_deref(), Some("sessions"));
+        assert_eq!(value(keys::env::APP_IDLE_TIMEOUT).as_deref(), Some("3s"));
+        assert_eq!(
+            value(keys::env::UPSTREAM_IDLE_TIMEOUT).as_deref(),
+            Some("5m")
+        );
+        assert_eq!(value(keys::env::HTTP1_IDLE_TIMEOUT).as_deref(), Some("10m"));
         assert_eq!(
             value(keys::env::TRACE_COLLECTOR).as_deref(),
             Some("otel:4317")

@@ -470,6 +470,68 @@ async fn a_pod_whose_port_clashes_with_the_proxy_is_rejected_with_the_reason() {
     t.hook.stop().await;
 }
 
+/// A pod's timeout annotations reach its proxy as the settings they name, through the real
+/// API server; one the proxy would refuse at start is refused at admission, by name, so it
+/// cannot leave the pod with a proxy that never starts.
+#[tokio::test]
+async fn timeout_annotations_reach_the_proxy_or_are_refused_by_name() {
+    let t = Injecting::start("inject-timeouts", FailurePolicy::Ignore).await;
+    let created = t
+        .create(
+            "tuned",
+            json!({
+                "weft.dev/inject": "enabled",
+                "weft.dev/app-idle-timeout": "500ms",
+                "weft.dev/upstream-idle-timeout": "20s",
+                "weft.dev/http1-idle-timeout": "10m",
+            }),
+        )
+        .await;
+    let inits = created.spec.unwrap().init_containers.unwrap();
+    let proxy = inits.iter().find(|c| c.name == "weft-proxy").unwrap();
+    let env: BTreeMap<String, String> = proxy
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| Some((e.name, e.value?)))
+        .collect();
+    for (name, value) in [
+        ("WEFT_APP_IDLE_TIMEOUT", "500ms"),
+        ("WEFT_UPSTREAM_IDLE_TIMEOUT", "20s"),
+        ("WEFT_HTTP1_IDLE_TIMEOUT", "10m"),
+    ] {
+        assert_eq!(env.get(name).map(String::as_str), Some(value), "{env:?}");
+    }
+    let untuned = t
+        .create("untuned", json!({"weft.dev/inject": "enabled"}))
+        .await;
+    let inits = untuned.spec.unwrap().init_containers.unwrap();
+    let proxy = inits.iter().find(|c| c.name == "weft-proxy").unwrap();
+    assert!(
+        !proxy
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name.ends_with("IDLE_TIMEOUT")),
+        "no annotation, the proxy's defaults"
+    );
+    let bad = pod(
+        "bad",
+        json!({"weft.dev/inject": "enabled", "weft.dev/app-idle-timeout": "1.5s"}),
+    );
+    match t.create_pod(&bad).await {
+        Err(kube::Error::Api(e)) => assert!(
+            e.message.contains("weft.dev/app-idle-timeout")
+                && e.message.contains("units are h, m, s and ms"),
+            "{}",
+            e.message
+        ),
+        other => panic!("want a rejection, got {other:?}"),
+    }
+    t.hook.stop().await;
+}
+
 #[tokio::test]
 async fn with_the_operator_down_failure_policy_decides() {
     let client = shared::client().await.unwrap();

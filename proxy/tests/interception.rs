@@ -538,6 +538,11 @@ fn bad_local_port_lists_stop_the_proxy_at_startup() {
             "mux",
             "\"mux\" is not multiplexed or sessions",
         ),
+        (
+            "WEFT_HTTP1_IDLE_TIMEOUT",
+            "1.5s",
+            "units are h, m, s and ms",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.yaml");
@@ -598,6 +603,9 @@ fn every_variable_the_injector_sets_is_a_proxy_setting() {
         "WEFT_INBOUND_LOOPBACK_PORTS",
         "WEFT_ACCESS_LOG",
         "WEFT_MESH_HTTP1",
+        "WEFT_APP_IDLE_TIMEOUT",
+        "WEFT_UPSTREAM_IDLE_TIMEOUT",
+        "WEFT_HTTP1_IDLE_TIMEOUT",
         "WEFT_TRACE_COLLECTOR",
         "WEFT_TRACE_SAMPLING",
         "WEFT_TRACE_SERVICE_NAME",
