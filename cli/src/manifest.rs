@@ -226,6 +226,11 @@ fn template(
             result,
         })
     };
+    if action == Action::Inject {
+        for warning in inject::unknown_annotation_warnings(meta.annotations.as_ref()) {
+            report(format!("warning: {warning}"));
+        }
+    }
     let changed = match action {
         Action::Inject => match inject::decide(&meta, &spec, namespace, true, cfg) {
             Err(Skip::AlreadyInjected) => {

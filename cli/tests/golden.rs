@@ -131,3 +131,20 @@ fn a_pod_that_cannot_be_meshed_is_an_error_naming_it() {
         .to_string();
     assert!(err.contains("pod/clash") && err.contains("15021"), "{err}");
 }
+
+#[test]
+fn a_misspelt_annotation_is_reported_as_a_warning() {
+    let input = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: typo\n  annotations:\n    weft.dev/opaque-port: \"3306\"\nspec:\n  containers:\n  - name: app\n    image: x\n";
+    let (_, reports) = process(input, Action::Inject, &cfg()).unwrap();
+    let lines: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{} {}", r.object, r.result))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "pod/typo warning: annotation weft.dev/opaque-port is not one Weft reads, so it does nothing; did you mean weft.dev/opaque-ports?",
+            "pod/typo injected",
+        ]
+    );
+}

@@ -49,6 +49,9 @@ pub const TIMEOUTS: [(&str, &str); 3] = [
     (UPSTREAM_IDLE_TIMEOUT, env::UPSTREAM_IDLE_TIMEOUT),
     (HTTP1_IDLE_TIMEOUT, env::HTTP1_IDLE_TIMEOUT),
 ];
+/// Pod or Namespace annotation, read by the operator: the namespaces whose Services the
+/// pod's proxy receives besides its own, comma-separated; `*` for every namespace.
+pub const VISIBLE_NAMESPACES: &str = "weft.dev/visible-namespaces";
 /// Pod annotation: an OTLP/gRPC collector (`host:port`) turns on the proxy's tracing
 /// (trace context propagated, spans exported there); absent, the mesh-wide
 /// `traceCollector` setting if any, else no tracing; `disabled`, no tracing.
@@ -144,3 +147,28 @@ pub mod env {
     /// The pod's own address (`status.podIP`), where the application's probes go.
     pub const POD_IP: &str = "WEFT_POD_IP";
 }
+
+/// Every `weft.dev/` annotation a pod may carry: those injection reads or writes, and the
+/// operator's. Any other is a typo or from another version, and does nothing.
+pub const POD_ANNOTATIONS: [&str; 20] = [
+    INJECT,
+    PROXY_VERSION,
+    SKIP_INBOUND_PORTS,
+    SKIP_OUTBOUND_PORTS,
+    SKIP_OUTBOUND_CIDRS,
+    OPAQUE_PORTS,
+    INBOUND_LOOPBACK_PORTS,
+    ACCESS_LOG,
+    MESH_HTTP1,
+    APP_IDLE_TIMEOUT,
+    UPSTREAM_IDLE_TIMEOUT,
+    HTTP1_IDLE_TIMEOUT,
+    TRACE_COLLECTOR,
+    TRACE_SAMPLING,
+    REWRITE_PROBES,
+    PROXY_CPU_REQUEST,
+    PROXY_CPU_LIMIT,
+    PROXY_MEMORY_REQUEST,
+    PROXY_MEMORY_LIMIT,
+    VISIBLE_NAMESPACES,
+];

@@ -27,6 +27,7 @@ pub mod probes;
 pub mod selection;
 pub mod settings;
 mod sidecar;
+mod unknown;
 
 use std::collections::BTreeMap;
 
@@ -34,6 +35,7 @@ use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub use config::{InjectConfig, InjectIdentity, InjectTracing, ProxyPorts, ProxyResources};
+pub use unknown::unknown_annotation_warnings;
 
 /// Why a pod is left as it is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -532,6 +532,36 @@ async fn timeout_annotations_reach_the_proxy_or_are_refused_by_name() {
     t.hook.stop().await;
 }
 
+/// A misspelt `weft.dev/` annotation does nothing, so the webhook says so: the real API
+/// server hands its warning to the client (kubectl prints it) with the created pod.
+#[tokio::test]
+async fn a_misspelt_annotation_comes_back_from_the_api_server_as_a_warning() {
+    let t = Injecting::start("inject-typo", FailurePolicy::Fail).await;
+    let typo = pod(
+        "typo",
+        json!({"weft.dev/inject": "enabled", "weft.dev/opaque-port": "3306"}),
+    );
+    let req = http::Request::post(format!("/api/v1/namespaces/{}/pods?dryRun=All", t.ns))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&typo).unwrap().into())
+        .unwrap();
+    let resp = t.client.send(req).await.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let warnings: Vec<String> = resp
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    assert!(
+        warnings.iter().any(|w| w.contains(
+            "annotation weft.dev/opaque-port is not one Weft reads, so it does nothing; did you mean weft.dev/opaque-ports?"
+        )),
+        "{warnings:?}"
+    );
+    t.hook.stop().await;
+}
+
 #[tokio::test]
 async fn with_the_operator_down_failure_policy_decides() {
     let client = shared::client().await.unwrap();

@@ -24,7 +24,7 @@ pub const MESHED_LABEL: &str = "weft.dev/meshed";
 /// Pod or Namespace annotation: the namespaces whose Services a proxy receives, besides
 /// its own, comma-separated; `*` for every namespace. The pod's annotation wins over its
 /// namespace's.
-pub const VISIBLE_NAMESPACES_ANNOTATION: &str = "weft.dev/visible-namespaces";
+pub const VISIBLE_NAMESPACES_ANNOTATION: &str = crate::inject::keys::VISIBLE_NAMESPACES;
 
 /// Service port `appProtocol` values that make the proxy skip protocol detection.
 pub const OPAQUE_APP_PROTOCOLS: [&str; 2] = ["tcp", "weft.dev/opaque"];

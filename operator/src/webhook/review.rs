@@ -74,7 +74,7 @@ pub fn admit(
     namespace_opted_in: bool,
     cfg: &InjectConfig,
 ) -> (AdmissionReview<DynamicObject>, Outcome) {
-    let allow = AdmissionResponse::from(req);
+    let mut allow = AdmissionResponse::from(req);
     let is_pod_create = req.kind.kind == "Pod"
         && req.kind.group.is_empty()
         && req.operation == Operation::Create
@@ -90,6 +90,12 @@ pub fn admit(
             return (allow.into_review(), Outcome::Invalid(reason));
         }
     };
+    // Shown to whoever created the pod (kubectl prints them), whatever the outcome: a
+    // misspelt annotation otherwise does nothing, silently.
+    let warnings = inject::unknown_annotation_warnings(pod.metadata.annotations.as_ref());
+    if !warnings.is_empty() {
+        allow.warnings = Some(warnings);
+    }
     let ns = namespace(req);
     let mut meta = pod.metadata.clone();
     let mut spec = pod.spec.clone().unwrap_or_default();
@@ -180,6 +186,46 @@ mod tests {
     }
 
     #[test]
+    fn a_misspelt_annotation_is_warned_about_whatever_the_outcome() {
+        let typo = "annotation weft.dev/opaque-port is not one Weft reads, so it does nothing; did you mean weft.dev/opaque-ports?";
+        for (annotations, want) in [
+            (
+                json!({"weft.dev/inject": "enabled", "weft.dev/opaque-port": "3306"}),
+                Outcome::Injected,
+            ),
+            (
+                json!({"weft.dev/opaque-port": "3306"}),
+                Outcome::Skipped(Skip::NotOptedIn),
+            ),
+        ] {
+            let (answer, outcome) = respond(&review(pod(annotations), "shop"), false);
+            assert_eq!(outcome, want);
+            assert_eq!(answer["response"]["allowed"], true);
+            assert_eq!(answer["response"]["warnings"], json!([typo]), "{answer}");
+        }
+        let (answer, outcome) = respond(
+            &review(
+                pod(
+                    json!({"weft.dev/inject": "enabled", "weft.dev/skip-inbound-port": "80", "weft.dev/skip-inbound-ports": "x"}),
+                ),
+                "shop",
+            ),
+            false,
+        );
+        assert!(matches!(outcome, Outcome::Denied(_)));
+        assert_eq!(answer["response"]["allowed"], false);
+        assert_eq!(
+            answer["response"]["warnings"][0],
+            "annotation weft.dev/skip-inbound-port is not one Weft reads, so it does nothing; did you mean weft.dev/skip-inbound-ports?"
+        );
+        let (answer, _) = respond(
+            &review(pod(json!({"weft.dev/inject": "enabled"})), "shop"),
+            false,
+        );
+        assert!(answer["response"].get("warnings").is_none(), "{answer}");
+    }
+
+    #[test]
     fn leaves_other_pods_alone() {
         let (answer, outcome) = respond(&review(pod(json!({})), "shop"), false);
         assert_eq!(outcome, Outcome::Skipped(Skip::NotOptedIn));
@@ -240,9 +286,16 @@ mod tests {
             "weft.dev/proxy-cpu-limit",
             "weft.dev/proxy-memory-request",
             "weft.dev/proxy-memory-limit",
+            "weft.dev/app-idle-timeout",
+            "weft.dev/upstream-idle-timeout",
+            "weft.dev/http1-idle-timeout",
+            "weft.dev/opaque-port",
             "kubectl.kubernetes.io/default-container",
         ];
         let values = [
+            "3s",
+            "0s",
+            "1.5s",
             "enabled",
             "enabled",
             "disabled",
@@ -387,6 +440,12 @@ mod tests {
             *outcomes.entry(outcome.as_str().to_owned()).or_default() += 1;
             let resp = &answer["response"];
             assert_eq!(resp["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002", "{ctx}");
+            // The one unknown key odd pods carry is warned about, and nothing else.
+            let misspelt = object["metadata"]["annotations"]
+                .get("weft.dev/opaque-port")
+                .is_some();
+            let warned = resp["warnings"].as_array().map_or(0, Vec::len);
+            assert_eq!(warned, usize::from(misspelt), "{ctx}: {resp}");
             match &outcome {
                 Outcome::Injected => {
                     assert_eq!(resp["allowed"], true, "{ctx}");

@@ -1,0 +1,115 @@
+//! `weft.dev/` annotations that Weft does not read: most likely typos
+//! (`weft.dev/opaque-port`), which would otherwise do nothing, silently. They are warned
+//! about, not refused: a pod may carry an annotation of another Weft version.
+
+use std::collections::BTreeMap;
+
+use super::keys;
+
+/// One warning per `weft.dev/` annotation in `annotations` that Weft does not read, with
+/// the known key it most likely meant, if one is close.
+pub fn unknown_annotation_warnings(annotations: Option<&BTreeMap<String, String>>) -> Vec<String> {
+    annotations
+        .into_iter()
+        .flat_map(BTreeMap::keys)
+        .filter(|key| key.starts_with("weft.dev/") && !keys::POD_ANNOTATIONS.contains(&key.as_str()))
+        .map(|key| match closest(key) {
+            Some(known) => format!("annotation {key} is not one Weft reads, so it does nothing; did you mean {known}?"),
+            None => format!("annotation {key} is not one Weft reads, so it does nothing (docs/injection.md lists them)"),
+        })
+        .collect()
+}
+
+/// The known annotation within a few edits of `key`, if any: a typo's intended key.
+fn closest(key: &str) -> Option<&'static str> {
+    keys::POD_ANNOTATIONS
+        .iter()
+        .map(|known| (edits(key, known), *known))
+        .filter(|(d, _)| *d <= 3)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, known)| known)
+}
+
+/// Levenshtein distance between `a` and `b`, by bytes (keys are ASCII). Annotation keys
+/// are at most 316 bytes (Kubernetes' limit), so the one row stays small.
+fn edits(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn warnings(keys: &[&str]) -> Vec<String> {
+        let map = keys
+            .iter()
+            .map(|k| (k.to_string(), "x".to_owned()))
+            .collect();
+        unknown_annotation_warnings(Some(&map))
+    }
+
+    #[test]
+    fn known_and_foreign_annotations_get_no_warning() {
+        let mut all: Vec<&str> = keys::POD_ANNOTATIONS.to_vec();
+        all.extend([
+            "kubectl.kubernetes.io/default-container",
+            "example.com/weft.dev",
+        ]);
+        assert_eq!(warnings(&all), Vec::<String>::new());
+        assert_eq!(unknown_annotation_warnings(None), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_typo_is_named_with_the_key_it_likely_meant() {
+        assert_eq!(
+            warnings(&[
+                "weft.dev/opaque-port",
+                "weft.dev/app-idle-timout",
+                "weft.dev/something-else"
+            ]),
+            [
+                "annotation weft.dev/app-idle-timout is not one Weft reads, so it does nothing; did you mean weft.dev/app-idle-timeout?",
+                "annotation weft.dev/opaque-port is not one Weft reads, so it does nothing; did you mean weft.dev/opaque-ports?",
+                "annotation weft.dev/something-else is not one Weft reads, so it does nothing (docs/injection.md lists them)",
+            ]
+        );
+    }
+
+    /// A `weft.dev/` key added to `keys.rs` but not to [`keys::POD_ANNOTATIONS`] would be
+    /// warned about on every pod that uses it.
+    #[test]
+    fn every_weft_annotation_in_keys_is_known() {
+        let source = include_str!("keys.rs");
+        for line in source.lines() {
+            let Some((_, value)) = line.split_once("&str = \"weft.dev/") else {
+                continue;
+            };
+            let key = format!("weft.dev/{}", value.trim_end_matches("\";"));
+            if key == keys::MESHED_LABEL {
+                continue; // a label
+            }
+            assert!(keys::POD_ANNOTATIONS.contains(&key.as_str()), "{key}");
+        }
+    }
+
+    #[test]
+    fn edits_counts_insertions_deletions_and_substitutions() {
+        assert_eq!(edits("", ""), 0);
+        assert_eq!(edits("abc", "abc"), 0);
+        assert_eq!(edits("abc", "ab"), 1);
+        assert_eq!(edits("ab", "abc"), 1);
+        assert_eq!(edits("abc", "axc"), 1);
+        assert_eq!(edits("kitten", "sitting"), 3);
+    }
+}
