@@ -22,6 +22,42 @@ pub struct Unmeshed {
     pub opted_in_by: &'static str,
 }
 
+/// A pod carrying `weft.dev/` annotations that Weft does not read (misspelt, most likely).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Misannotated {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+    /// Its annotations Weft does not read.
+    pub unknown: Vec<super::UnknownAnnotation>,
+}
+
+/// The pods (by metadata) with `weft.dev/` annotations Weft does not read. The webhook
+/// warns whoever creates such a pod, but for a pod a controller creates (a Deployment's)
+/// that warning reaches only the controller.
+pub fn misannotated<'a>(pods: impl IntoIterator<Item = &'a ObjectMeta>) -> Vec<Misannotated> {
+    pods.into_iter()
+        .filter_map(|meta| {
+            let unknown = super::unknown_annotations(meta.annotations.as_ref());
+            (!unknown.is_empty()).then(|| Misannotated {
+                namespace: meta.namespace.clone().unwrap_or_default(),
+                name: meta.name.clone().unwrap_or_default(),
+                unknown,
+            })
+        })
+        .collect()
+}
+
+/// What one [`scan`] of the cluster's pods found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Pods that opted in but run without the proxy ([`unmeshed`]).
+    pub unmeshed: Vec<Unmeshed>,
+    /// Pods with `weft.dev/` annotations Weft does not read ([`misannotated`]).
+    pub misannotated: Vec<Misannotated>,
+}
+
 /// Pods (by metadata) that the webhook would have injected and that have no proxy: the
 /// registration selects them ([`selection::selected`] over `entries`) and the webhook's own
 /// [`decide`](super::decide) says inject. `namespace_labels` maps each namespace to its
@@ -65,14 +101,15 @@ pub fn unmeshed<'a>(
 /// `spec.hostNetwork=false`, in pages of 500 so that one answer stays small on a large
 /// cluster) and the namespaces of the cluster, and returns those that the webhook, as
 /// registered with `entries` ([`selection::entries`], or a live registration's), would
-/// have injected but run without the proxy. Used by the operator's audit loop and by
+/// have injected but run without the proxy, and those of them (injected or not) with
+/// annotations Weft does not read. Used by the operator's audit loop and by
 /// `kubectl weft check`.
 #[cfg(feature = "cluster")]
 pub async fn scan(
     client: &kube::Client,
     cfg: &InjectConfig,
     entries: &[selection::Entry],
-) -> Result<Vec<Unmeshed>, kube::Error> {
+) -> Result<Scan, kube::Error> {
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use kube::{
         Api,
@@ -100,7 +137,10 @@ pub async fn scan(
             _ => break,
         }
     }
-    Ok(unmeshed(&metas, &labels, entries, cfg))
+    Ok(Scan {
+        unmeshed: unmeshed(&metas, &labels, entries, cfg),
+        misannotated: misannotated(&metas),
+    })
 }
 
 #[cfg(test)]
@@ -129,6 +169,26 @@ mod tests {
             labels: map(labels),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn finds_pods_with_annotations_weft_does_not_read() {
+        let pods = [
+            meta("shop", "typo", &[("weft.dev/opaque-port", "3306")], &[]),
+            meta("shop", "fine", &[(keys::OPAQUE_PORTS, "3306")], &[]),
+            meta("shop", "foreign", &[("example.com/x", "1")], &[]),
+        ];
+        assert_eq!(
+            misannotated(&pods),
+            [Misannotated {
+                namespace: "shop".into(),
+                name: "typo".into(),
+                unknown: vec![crate::UnknownAnnotation {
+                    key: "weft.dev/opaque-port".into(),
+                    likely: Some(keys::OPAQUE_PORTS),
+                }],
+            }]
+        );
     }
 
     #[test]

@@ -6,17 +6,55 @@ use std::collections::BTreeMap;
 
 use super::keys;
 
-/// One warning per `weft.dev/` annotation in `annotations` that Weft does not read, with
-/// the known key it most likely meant, if one is close.
-pub fn unknown_annotation_warnings(annotations: Option<&BTreeMap<String, String>>) -> Vec<String> {
+/// A `weft.dev/` annotation that Weft does not read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownAnnotation {
+    /// The annotation's key.
+    pub key: String,
+    /// The known key within a few edits of it, which it most likely meant.
+    pub likely: Option<&'static str>,
+}
+
+impl std::fmt::Display for UnknownAnnotation {
+    /// The warning: what the annotation does (nothing) and what it likely meant.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = &self.key;
+        match self.likely {
+            Some(known) => write!(
+                f,
+                "annotation {key} is not one Weft reads, so it does nothing; did you mean {known}?"
+            ),
+            None => write!(
+                f,
+                "annotation {key} is not one Weft reads, so it does nothing (docs/injection.md lists them)"
+            ),
+        }
+    }
+}
+
+/// The `weft.dev/` annotations in `annotations` that Weft does not read, in key order.
+pub fn unknown_annotations(
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Vec<UnknownAnnotation> {
     annotations
         .into_iter()
         .flat_map(BTreeMap::keys)
-        .filter(|key| key.starts_with("weft.dev/") && !keys::POD_ANNOTATIONS.contains(&key.as_str()))
-        .map(|key| match closest(key) {
-            Some(known) => format!("annotation {key} is not one Weft reads, so it does nothing; did you mean {known}?"),
-            None => format!("annotation {key} is not one Weft reads, so it does nothing (docs/injection.md lists them)"),
+        .filter(|key| {
+            key.starts_with("weft.dev/") && !keys::POD_ANNOTATIONS.contains(&key.as_str())
         })
+        .map(|key| UnknownAnnotation {
+            key: key.clone(),
+            likely: closest(key),
+        })
+        .collect()
+}
+
+/// One warning per `weft.dev/` annotation in `annotations` that Weft does not read
+/// ([`unknown_annotations`]).
+pub fn unknown_annotation_warnings(annotations: Option<&BTreeMap<String, String>>) -> Vec<String> {
+    unknown_annotations(annotations)
+        .iter()
+        .map(ToString::to_string)
         .collect()
 }
 

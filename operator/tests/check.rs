@@ -350,13 +350,14 @@ async fn check_passes_a_healthy_install_and_fails_exactly_what_is_broken() {
             "inject-settings",
             "trust-root",
             "proxies",
-            "unmeshed-pods"
+            "unmeshed-pods",
+            "pod-annotations"
         ]
     );
     assert_eq!(healthy.json["schemaVersion"], 1);
     assert_eq!(
         healthy.json["summary"],
-        json!({"ok": 9, "warn": 0, "fail": 0})
+        json!({"ok": 10, "warn": 0, "fail": 0})
     );
     golden(
         "check.txt",
@@ -449,6 +450,33 @@ async fn check_passes_a_healthy_install_and_fails_exactly_what_is_broken() {
         .await
         .unwrap();
     until_only(&bed, admin, None, &logs).await;
+
+    // 4b. A pod whose annotation is misspelt: it does nothing, which check says (a warning:
+    // the pod works, without what the annotation meant).
+    let typo: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "typo", "annotations": {"weft.dev/opaque-port": "3306"}},
+        "spec": {"containers": [{"name": "app", "image": "weft.invalid/app:1"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &typo).await.unwrap();
+    let run = run_check(&bed, admin);
+    assert_eq!(run.code, 0, "a warning only: {}", run.text);
+    assert!(
+        run.with("warn").contains(&"pod-annotations".to_owned()),
+        "{}",
+        run.text
+    );
+    let c = run.check("pod-annotations");
+    assert!(
+        c["message"].as_str().unwrap().contains(&format!(
+            "{apps}/typo: weft.dev/opaque-port (did you mean weft.dev/opaque-ports?)"
+        )),
+        "{}",
+        run.text
+    );
+    pods.delete("typo", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
 
     // 5. A trust root that expires in 30 days.
     let secrets = bed.api::<Secret>();

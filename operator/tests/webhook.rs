@@ -800,6 +800,7 @@ async fn the_audit_flags_only_pods_the_webhook_would_have_injected() {
         weft_operator::inject::audit::scan(&client, &InjectConfig::default(), &entries)
             .await
             .unwrap()
+            .unmeshed
             .into_iter()
             .filter(|u| u.namespace == on || u.namespace == off)
             .map(|u| format!("{}/{}", u.namespace, u.name))
@@ -836,6 +837,7 @@ async fn the_audit_of_a_scoped_webhook_flags_no_pod_outside_its_scope() {
             weft_operator::inject::audit::scan(&client, &cfg, &entries)
                 .await
                 .unwrap()
+                .unmeshed
                 .into_iter()
                 .filter(|u| u.namespace == inside || u.namespace == outside)
                 .map(|u| format!("{}/{}", u.namespace, u.name))

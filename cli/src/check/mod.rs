@@ -68,6 +68,8 @@ pub mod names {
     pub const PROXIES: &str = "proxies";
     /// No pod opted in and runs without the proxy.
     pub const UNMESHED_PODS: &str = "unmeshed-pods";
+    /// No pod carries a `weft.dev/` annotation Weft does not read.
+    pub const POD_ANNOTATIONS: &str = "pod-annotations";
 }
 
 /// How the report is printed.
@@ -163,7 +165,9 @@ pub async fn run(client: &Client, args: &CheckArgs) -> Report {
         Ok(Some(hook)) => live_entries(hook),
         _ => weft_inject::selection::entries(true, &cfg.excluded_namespaces, None),
     };
-    report.push(unmeshed(client, args, &cfg, &entries).await);
+    let (unmeshed, annotations) = pods(client, args, &cfg, &entries).await;
+    report.push(unmeshed);
+    report.push(annotations);
     report
 }
 
@@ -951,41 +955,102 @@ pub fn live_entries(hook: &MutatingWebhookConfiguration) -> Vec<weft_inject::sel
         .collect()
 }
 
-async fn unmeshed(
+/// The `unmeshed-pods` and `pod-annotations` findings, from one scan of the pods.
+async fn pods(
     client: &Client,
     args: &CheckArgs,
     cfg: &InjectConfig,
     entries: &[weft_inject::selection::Entry],
-) -> Finding {
-    match weft_inject::audit::scan(client, cfg, entries).await {
-        Err(e) => Finding::fail(
-            names::UNMESHED_PODS,
-            format!("listing pods: {e}"),
-            "check that you may list pods and namespaces",
-        ),
-        Ok(found) => {
-            let found: Vec<String> = found
-                .into_iter()
-                .filter(|u| args.namespace.as_ref().is_none_or(|n| *n == u.namespace))
-                .map(|u| format!("{}/{} (opted in by {})", u.namespace, u.name, u.opted_in_by))
-                .collect();
-            if found.is_empty() {
-                return Finding::ok(
-                    names::UNMESHED_PODS,
-                    "every pod that opted in runs with the proxy",
-                );
-            }
-            Finding::fail(
-                names::UNMESHED_PODS,
-                format!(
-                    "{} pod(s) opted in but run without the proxy (created while the webhook was unreachable, or before opting in): {}",
-                    found.len(),
-                    found.join(", ")
-                ),
-                "restart them (kubectl rollout restart deploy/NAME, or delete the pod) so that the webhook injects the proxy",
-            )
+) -> (Finding, Finding) {
+    let scan = match weft_inject::audit::scan(client, cfg, entries).await {
+        Ok(scan) => scan,
+        Err(e) => {
+            let fail = |name| {
+                Finding::fail(
+                    name,
+                    format!("listing pods: {e}"),
+                    "check that you may list pods and namespaces",
+                )
+            };
+            return (fail(names::UNMESHED_PODS), fail(names::POD_ANNOTATIONS));
         }
+    };
+    let in_scope = |namespace: &str| args.namespace.as_ref().is_none_or(|n| n == namespace);
+    (
+        unmeshed(
+            scan.unmeshed
+                .into_iter()
+                .filter(|u| in_scope(&u.namespace))
+                .collect(),
+        ),
+        misannotated(
+            scan.misannotated
+                .into_iter()
+                .filter(|m| in_scope(&m.namespace))
+                .collect(),
+        ),
+    )
+}
+
+fn unmeshed(found: Vec<weft_inject::audit::Unmeshed>) -> Finding {
+    if found.is_empty() {
+        return Finding::ok(
+            names::UNMESHED_PODS,
+            "every pod that opted in runs with the proxy",
+        );
     }
+    let found: Vec<String> = found
+        .into_iter()
+        .map(|u| format!("{}/{} (opted in by {})", u.namespace, u.name, u.opted_in_by))
+        .collect();
+    Finding::fail(
+        names::UNMESHED_PODS,
+        format!(
+            "{} pod(s) opted in but run without the proxy (created while the webhook was unreachable, or before opting in): {}",
+            found.len(),
+            found.join(", ")
+        ),
+        "restart them (kubectl rollout restart deploy/NAME, or delete the pod) so that the webhook injects the proxy",
+    )
+}
+
+/// Pods named in the `pod-annotations` finding; the count says how many more.
+const MISANNOTATED_SHOWN: usize = 10;
+
+fn misannotated(found: Vec<weft_inject::audit::Misannotated>) -> Finding {
+    if found.is_empty() {
+        return Finding::ok(
+            names::POD_ANNOTATIONS,
+            "no pod carries a weft.dev/ annotation Weft does not read",
+        );
+    }
+    let total = found.len();
+    let mut shown: Vec<String> = found
+        .into_iter()
+        .take(MISANNOTATED_SHOWN)
+        .map(|m| {
+            let keys: Vec<String> = m
+                .unknown
+                .iter()
+                .map(|u| match u.likely {
+                    Some(known) => format!("{} (did you mean {known}?)", u.key),
+                    None => u.key.clone(),
+                })
+                .collect();
+            format!("{}/{}: {}", m.namespace, m.name, keys.join(", "))
+        })
+        .collect();
+    if total > MISANNOTATED_SHOWN {
+        shown.push(format!("and {} more", total - MISANNOTATED_SHOWN));
+    }
+    Finding::warn(
+        names::POD_ANNOTATIONS,
+        format!(
+            "{total} pod(s) carry weft.dev/ annotations Weft does not read, which do nothing: {}",
+            shown.join("; ")
+        ),
+        "fix the annotation in the pod template (docs/injection.md lists them) and restart the pods",
+    )
 }
 
 #[cfg(test)]

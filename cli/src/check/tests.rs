@@ -340,3 +340,32 @@ fn unmeshed_pods_are_judged_by_the_live_registrations_selectors_scope_included()
         Some(&disabled)
     ));
 }
+
+#[test]
+fn misspelt_annotations_warn_naming_the_pod_and_the_likely_key() {
+    use weft_inject::{UnknownAnnotation, audit::Misannotated};
+    assert_eq!(misannotated(Vec::new()).status, Status::Ok);
+    let typo = |n: usize| Misannotated {
+        namespace: "shop".into(),
+        name: format!("web-{n}"),
+        unknown: vec![
+            UnknownAnnotation {
+                key: "weft.dev/opaque-port".into(),
+                likely: Some(weft_inject::keys::OPAQUE_PORTS),
+            },
+            UnknownAnnotation {
+                key: "weft.dev/something".into(),
+                likely: None,
+            },
+        ],
+    };
+    let one = misannotated(vec![typo(0)]);
+    assert_eq!(one.status, Status::Warn);
+    assert_eq!(
+        one.message,
+        "1 pod(s) carry weft.dev/ annotations Weft does not read, which do nothing: shop/web-0: weft.dev/opaque-port (did you mean weft.dev/opaque-ports?), weft.dev/something"
+    );
+    let many = misannotated((0..12).map(typo).collect());
+    assert!(many.message.starts_with("12 pod(s)"), "{}", many.message);
+    assert!(many.message.ends_with("; and 2 more"), "{}", many.message);
+}

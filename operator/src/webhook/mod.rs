@@ -353,14 +353,18 @@ async fn renew_forever(
 }
 
 /// Counts, every `audit_interval`, the pods that opted in but run without the proxy, into
-/// the `weft_unmeshed_pods` gauge, and logs each newly found one once.
+/// the `weft_unmeshed_pods` gauge, and logs each newly found one once; logs once, too, each
+/// pod with `weft.dev/` annotations Weft does not read (the webhook's warning about one a
+/// controller created reached only the controller).
 async fn audit_forever(client: Client, settings: WebhookSettings, metrics: WebhookMetrics) {
     let mut reported = std::collections::BTreeSet::new();
+    let mut misannotated_reported = std::collections::BTreeSet::new();
     // The registration's own selectors, scope included: a pod it never sends is not missed.
     let entries = settings.registration.entries();
     loop {
         match crate::inject::audit::scan(&client, &settings.inject, &entries).await {
-            Ok(found) => {
+            Ok(scan) => {
+                let found = scan.unmeshed;
                 metrics
                     .unmeshed
                     .set(i64::try_from(found.len()).unwrap_or(i64::MAX));
@@ -372,6 +376,17 @@ async fn audit_forever(client: Client, settings: WebhookSettings, metrics: Webho
                     tracing::warn!(%pod, "pod opted in to the mesh but runs without the proxy; restart it");
                 }
                 reported = now;
+                let mut now = std::collections::BTreeSet::new();
+                for m in scan.misannotated {
+                    let pod = format!("{}/{}", m.namespace, m.name);
+                    if !misannotated_reported.contains(&pod) {
+                        for unknown in &m.unknown {
+                            tracing::warn!(%pod, "{unknown}");
+                        }
+                    }
+                    now.insert(pod);
+                }
+                misannotated_reported = now;
             }
             Err(error) => tracing::warn!(%error, "scanning pods for unmeshed ones"),
         }
