@@ -196,6 +196,13 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// A connection's watch and its timer: 30 s for a head, `idle` between heads.
+    fn timer(idle: Duration) -> (Arc<HeadWatch>, HeadTimer) {
+        let watch = Arc::new(HeadWatch::default());
+        let timer = HeadTimer::new(watch.clone(), Duration::from_secs(30), idle);
+        (watch, timer)
+    }
+
     /// Arms a sleep as hyper does: at its `now() + head`.
     fn arm(timer: &HeadTimer) -> Pin<Box<dyn Sleep>> {
         timer.sleep_until(Instant::now() + timer.head)
@@ -208,12 +215,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_sleep_with_nothing_read_runs_the_idle_timeout() {
-        let watch = Arc::new(HeadWatch::default());
-        let timer = HeadTimer::new(
-            watch.clone(),
-            Duration::from_secs(30),
-            Duration::from_secs(3_600),
-        );
+        let (watch, timer) = timer(Duration::from_secs(3_600));
         let mut sleep = arm(&timer);
         assert!(!is_ready(&mut sleep));
         tokio::time::advance(Duration::from_secs(3_599)).await;
@@ -226,15 +228,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_head_runs_the_head_timeout_from_its_first_read() {
-        let (client, server) = tokio::io::duplex(64);
-        let watch = Arc::new(HeadWatch::default());
+        let (mut client, server) = tokio::io::duplex(64);
+        let (watch, timer) = timer(Duration::from_secs(3_600));
         let mut server = Watched::new(server, watch.clone());
-        let mut client = client;
-        let timer = HeadTimer::new(
-            watch.clone(),
-            Duration::from_secs(30),
-            Duration::from_secs(3_600),
-        );
         let mut sleep = arm(&timer);
         assert!(!is_ready(&mut sleep));
         tokio::time::advance(Duration::from_secs(600)).await;
@@ -261,12 +257,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_timeout_below_the_head_timeout_is_kept() {
-        let watch = Arc::new(HeadWatch::default());
-        let timer = HeadTimer::new(
-            watch.clone(),
-            Duration::from_secs(30),
-            Duration::from_secs(5),
-        );
+        let (watch, timer) = timer(Duration::from_secs(5));
         let mut sleep = arm(&timer);
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(is_ready(&mut sleep));

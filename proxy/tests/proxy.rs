@@ -1218,6 +1218,14 @@ struct Closes {
     keep_alive: Option<&'static str>,
 }
 
+/// Waits until `seen` (what a [`closing_app`] read) holds `n` entries.
+async fn until_seen(seen: &std::sync::Mutex<Vec<(usize, String)>>, n: usize, what: &str) {
+    eventually(Duration::from_secs(5), what, || async {
+        seen.lock().unwrap_or_else(|p| p.into_inner()).len() == n
+    })
+    .await;
+}
+
 /// An HTTP/1 application on 127.0.0.1 whose connections behave, in the order accepted, as
 /// `script` says (later ones answer everything); it records each request line it read,
 /// with the number of the connection that read it.
@@ -1474,10 +1482,7 @@ async fn an_endpoint_seen_closing_idle_connections_has_its_idle_timeout_learnt()
     let client = h1_client();
     let post = |path| to_web(&client, &proxy, "POST", path, "", false);
     assert_eq!(post("/a").await, (200, None));
-    eventually(Duration::from_secs(5), "the idle close", || async {
-        seen.lock().unwrap().len() == 2
-    })
-    .await;
+    until_seen(&seen, 2, "the idle close").await;
     assert_eq!(post("/b").await, (200, None));
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert_eq!(post("/c").await, (200, None));
@@ -1516,10 +1521,7 @@ async fn an_endpoint_seen_closing_idle_connections_has_its_first_race_sent_again
     let get = |path| to_web(&client, &proxy, "GET", path, "", false);
     assert_eq!(get("/a").await, (200, None));
     // The application's keep-alive timeout closes the proxy's pooled connection.
-    eventually(Duration::from_secs(5), "the idle close", || async {
-        seen.lock().unwrap().len() == 2
-    })
-    .await;
+    until_seen(&seen, 2, "the idle close").await;
     assert_eq!(get("/b").await, (200, None));
     assert_eq!(get("/c").await, (200, None));
     assert_seen(
