@@ -1157,11 +1157,15 @@ impl Http1Pool {
         }
         let usable = usable_idle(after);
         let nanos = u64::try_from(usable.as_nanos()).unwrap_or(u64::MAX - 1) + 1;
-        let before = self.learnt_idle.load(Ordering::Relaxed);
-        if before != 0 && nanos >= before {
+        // Only ever shorter, also when two connections' closes are learnt at once.
+        let Ok(before) =
+            self.learnt_idle
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |before| {
+                    (before == 0 || nanos < before).then_some(nanos)
+                })
+        else {
             return;
-        }
-        self.learnt_idle.store(nanos, Ordering::Relaxed);
+        };
         // Once at info: later, shorter closes only refine it.
         if before == 0 {
             tracing::info!(

@@ -368,25 +368,21 @@ async fn audit_forever(client: Client, settings: WebhookSettings, metrics: Webho
                 metrics
                     .unmeshed
                     .set(i64::try_from(found.len()).unwrap_or(i64::MAX));
-                let now: std::collections::BTreeSet<String> = found
+                let unmeshed = found
                     .iter()
-                    .map(|u| format!("{}/{}", u.namespace, u.name))
-                    .collect();
-                for pod in now.difference(&reported) {
+                    .map(|u| (format!("{}/{}", u.namespace, u.name), ()));
+                for (pod, ()) in newly_found(&mut reported, unmeshed) {
                     tracing::warn!(%pod, "pod opted in to the mesh but runs without the proxy; restart it");
                 }
-                reported = now;
-                let mut now = std::collections::BTreeSet::new();
-                for m in scan.misannotated {
-                    let pod = format!("{}/{}", m.namespace, m.name);
-                    if !misannotated_reported.contains(&pod) {
-                        for unknown in &m.unknown {
-                            tracing::warn!(%pod, "{unknown}");
-                        }
+                let misannotated = scan
+                    .misannotated
+                    .into_iter()
+                    .map(|m| (format!("{}/{}", m.namespace, m.name), m.unknown));
+                for (pod, unknown) in newly_found(&mut misannotated_reported, misannotated) {
+                    for unknown in unknown {
+                        tracing::warn!(%pod, "{unknown}");
                     }
-                    now.insert(pod);
                 }
-                misannotated_reported = now;
             }
             Err(error) => tracing::warn!(%error, "scanning pods for unmeshed ones"),
         }
@@ -394,9 +390,47 @@ async fn audit_forever(client: Client, settings: WebhookSettings, metrics: Webho
     }
 }
 
+/// The pods of `found` (by `namespace/name`, with what to say of each) not in `reported`,
+/// which then holds exactly those of `found`: each pod is reported once while it stays.
+fn newly_found<T>(
+    reported: &mut std::collections::BTreeSet<String>,
+    found: impl IntoIterator<Item = (String, T)>,
+) -> Vec<(String, T)> {
+    let mut now = std::collections::BTreeSet::new();
+    let mut new = Vec::new();
+    for (pod, what) in found {
+        if !reported.contains(&pod) {
+            new.push((pod.clone(), what));
+        }
+        now.insert(pod);
+    }
+    *reported = now;
+    new
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_is_reported_once_while_it_stays_and_again_after_it_left() {
+        let mut reported = std::collections::BTreeSet::new();
+        let pods = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| (n.to_string(), ()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            newly_found(&mut reported, pods(&["a/x", "a/y"])),
+            pods(&["a/x", "a/y"])
+        );
+        assert_eq!(newly_found(&mut reported, pods(&["a/y"])), pods(&[]));
+        assert_eq!(
+            newly_found(&mut reported, pods(&["a/x", "a/y"])),
+            pods(&["a/x"])
+        );
+    }
 
     #[test]
     fn a_certificate_the_cas_expiry_cuts_short_is_renewed_by_its_real_end() {
