@@ -391,6 +391,7 @@ mod tests {
             (keys::UPSTREAM_IDLE_TIMEOUT, "2d"),
             (keys::HTTP1_IDLE_TIMEOUT, ""),
             (keys::HTTP1_IDLE_TIMEOUT, "0ms"),
+            (keys::HTTP2_IDLE_TIMEOUT, "-1m"),
         ] {
             let err = opts(&[(key, value)]).unwrap_err();
             assert!(
@@ -407,6 +408,7 @@ mod tests {
             (keys::HTTP1_IDLE_TIMEOUT, "10m"),
             (keys::APP_IDLE_TIMEOUT, " 500ms "),
             (keys::UPSTREAM_IDLE_TIMEOUT, "1m30s"),
+            (keys::HTTP2_IDLE_TIMEOUT, "2h"),
         ])
         .unwrap();
         assert_eq!(
@@ -415,6 +417,7 @@ mod tests {
                 (keys::env::APP_IDLE_TIMEOUT, "500ms".to_owned()),
                 (keys::env::UPSTREAM_IDLE_TIMEOUT, "1m30s".to_owned()),
                 (keys::env::HTTP1_IDLE_TIMEOUT, "10m".to_owned()),
+                (keys::env::HTTP2_IDLE_TIMEOUT, "2h".to_owned()),
             ]
         );
     }

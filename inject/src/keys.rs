@@ -43,11 +43,15 @@ pub const UPSTREAM_IDLE_TIMEOUT: &str = "weft.dev/upstream-idle-timeout";
 /// Pod annotation: how long the proxy keeps a kept-alive HTTP/1 client connection that
 /// waits for its next request (`--http1-idle-timeout`, default 1 h).
 pub const HTTP1_IDLE_TIMEOUT: &str = "weft.dev/http1-idle-timeout";
+/// Pod annotation: how long the proxy keeps an HTTP/2 client connection that carries no
+/// stream (`--http2-idle-timeout`, default 1 h).
+pub const HTTP2_IDLE_TIMEOUT: &str = "weft.dev/http2-idle-timeout";
 /// The timeout annotations, each with the proxy's environment variable it sets.
-pub const TIMEOUTS: [(&str, &str); 3] = [
+pub const TIMEOUTS: [(&str, &str); 4] = [
     (APP_IDLE_TIMEOUT, env::APP_IDLE_TIMEOUT),
     (UPSTREAM_IDLE_TIMEOUT, env::UPSTREAM_IDLE_TIMEOUT),
     (HTTP1_IDLE_TIMEOUT, env::HTTP1_IDLE_TIMEOUT),
+    (HTTP2_IDLE_TIMEOUT, env::HTTP2_IDLE_TIMEOUT),
 ];
 /// Pod or Namespace annotation, read by the operator: the namespaces whose Services the
 /// pod's proxy receives besides its own, comma-separated; `*` for every namespace.
@@ -120,6 +124,8 @@ pub mod env {
     pub const UPSTREAM_IDLE_TIMEOUT: &str = "WEFT_UPSTREAM_IDLE_TIMEOUT";
     /// How long a kept-alive HTTP/1 client connection may wait for its next request.
     pub const HTTP1_IDLE_TIMEOUT: &str = "WEFT_HTTP1_IDLE_TIMEOUT";
+    /// How long an HTTP/2 client connection may carry no stream.
+    pub const HTTP2_IDLE_TIMEOUT: &str = "WEFT_HTTP2_IDLE_TIMEOUT";
     /// The OTLP/gRPC collector the proxy sends spans to.
     pub const TRACE_COLLECTOR: &str = "WEFT_TRACE_COLLECTOR";
     /// The probability of recording a trace the proxy starts.
@@ -150,7 +156,7 @@ pub mod env {
 
 /// Every `weft.dev/` annotation a pod may carry: those injection reads or writes, and the
 /// operator's. Any other is a typo or from another version, and does nothing.
-pub const POD_ANNOTATIONS: [&str; 20] = [
+pub const POD_ANNOTATIONS: [&str; 21] = [
     INJECT,
     PROXY_VERSION,
     SKIP_INBOUND_PORTS,
@@ -163,6 +169,7 @@ pub const POD_ANNOTATIONS: [&str; 20] = [
     APP_IDLE_TIMEOUT,
     UPSTREAM_IDLE_TIMEOUT,
     HTTP1_IDLE_TIMEOUT,
+    HTTP2_IDLE_TIMEOUT,
     TRACE_COLLECTOR,
     TRACE_SAMPLING,
     REWRITE_PROBES,

@@ -295,6 +295,7 @@ mod tests {
             (keys::APP_IDLE_TIMEOUT, "3s"),
             (keys::UPSTREAM_IDLE_TIMEOUT, "5m"),
             (keys::HTTP1_IDLE_TIMEOUT, "10m"),
+            (keys::HTTP2_IDLE_TIMEOUT, "20m"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -323,6 +324,7 @@ mod tests {
                 keys::env::APP_IDLE_TIMEOUT,
                 keys::env::UPSTREAM_IDLE_TIMEOUT,
                 keys::env::HTTP1_IDLE_TIMEOUT,
+                keys::env::HTTP2_IDLE_TIMEOUT,
                 keys::env::TRACE_COLLECTOR,
                 keys::env::TRACE_SAMPLING,
                 keys::env::TRACE_SERVICE_NAME,
@@ -348,6 +350,7 @@ mod tests {
             Some("5m")
         );
         assert_eq!(value(keys::env::HTTP1_IDLE_TIMEOUT).as_deref(), Some("10m"));
+        assert_eq!(value(keys::env::HTTP2_IDLE_TIMEOUT).as_deref(), Some("20m"));
         assert_eq!(
             value(keys::env::TRACE_COLLECTOR).as_deref(),
             Some("otel:4317")

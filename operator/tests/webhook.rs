@@ -484,6 +484,7 @@ async fn timeout_annotations_reach_the_proxy_or_are_refused_by_name() {
                 "weft.dev/app-idle-timeout": "500ms",
                 "weft.dev/upstream-idle-timeout": "20s",
                 "weft.dev/http1-idle-timeout": "10m",
+                "weft.dev/http2-idle-timeout": "2h",
             }),
         )
         .await;
@@ -500,6 +501,7 @@ async fn timeout_annotations_reach_the_proxy_or_are_refused_by_name() {
         ("WEFT_APP_IDLE_TIMEOUT", "500ms"),
         ("WEFT_UPSTREAM_IDLE_TIMEOUT", "20s"),
         ("WEFT_HTTP1_IDLE_TIMEOUT", "10m"),
+        ("WEFT_HTTP2_IDLE_TIMEOUT", "2h"),
     ] {
         assert_eq!(env.get(name).map(String::as_str), Some(value), "{env:?}");
     }

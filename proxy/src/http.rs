@@ -38,7 +38,7 @@ use http::{
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +51,7 @@ use crate::{
     metrics::{ClientLabel, Direction, Metrics, RequestMetrics, ServiceLabel},
     pipeline::{Attempts, Exchange},
     store::{ConfigStore, EndpointState, InFlight, ServiceState, Snapshot},
+    stream_idle::StreamExecutor,
     upstream::Lease,
 };
 
@@ -264,7 +265,9 @@ where
     let mut head_watch = None;
     let result = match protocol {
         Protocol::Http2 => {
-            let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let exec = StreamExecutor::default();
+            let streams = exec.streams();
+            let c = hyper::server::conn::http2::Builder::new(exec)
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(max_streams)
                 .max_header_list_size(limits.http2_header_list_size())
@@ -280,6 +283,14 @@ where
             tokio::select! {
                 r = c.as_mut() => r,
                 () = shutdown.cancelled() => {
+                    c.as_mut().graceful_shutdown();
+                    c.await
+                }
+                () = streams.idle(limits.http2_idle_timeout) => {
+                    tracing::debug!(
+                        timeout = ?limits.http2_idle_timeout,
+                        "closing an idle http/2 connection"
+                    );
                     c.as_mut().graceful_shutdown();
                     c.await
                 }

@@ -52,6 +52,7 @@ pub mod shutdown;
 pub mod sockopt;
 pub mod source;
 pub mod store;
+pub mod stream_idle;
 pub mod trace;
 pub mod traffic_metrics;
 pub mod upstream;

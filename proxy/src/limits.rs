@@ -52,6 +52,10 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// proxy (90 s), so that they, not the proxy, close first, and none of their requests
 /// meets the proxy's close.
 pub const DEFAULT_HTTP1_IDLE_TIMEOUT: Duration = Duration::from_secs(3_600);
+/// How long an HTTP/2 client connection may carry no stream before the proxy closes it
+/// (with GOAWAY, so that no request meets the close): Envoy's downstream `idle_timeout`
+/// default, as for HTTP/1; gRPC clients close their own idle channels after 30 min.
+pub const DEFAULT_HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(3_600);
 /// The admin listener's header read timeout: probes and scrapes send their head at once.
 pub const DEFAULT_ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an opaque TCP connection may carry no byte either way before it is closed
@@ -112,6 +116,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// How long a kept-alive HTTP/1 client connection may wait for its next request.
     pub http1_idle_timeout: Duration,
+    /// How long an HTTP/2 client connection may carry no stream.
+    pub http2_idle_timeout: Duration,
     /// The same on the admin listener.
     pub admin_header_read_timeout: Duration,
     /// How long an opaque TCP connection may be silent both ways.
@@ -145,6 +151,7 @@ impl Default for Limits {
             http2_max_local_error_reset_streams: DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             http1_idle_timeout: DEFAULT_HTTP1_IDLE_TIMEOUT,
+            http2_idle_timeout: DEFAULT_HTTP2_IDLE_TIMEOUT,
             admin_header_read_timeout: DEFAULT_ADMIN_HEADER_READ_TIMEOUT,
             opaque_idle_timeout: DEFAULT_OPAQUE_IDLE_TIMEOUT,
             request_body_idle_timeout: DEFAULT_REQUEST_BODY_IDLE_TIMEOUT,

@@ -256,6 +256,9 @@ struct LimitArgs {
     /// How long a kept-alive HTTP/1 client connection may wait for its next request.
     #[arg(long, env = "WEFT_HTTP1_IDLE_TIMEOUT", default_value = "1h")]
     http1_idle_timeout: weft_api::Duration,
+    /// How long an HTTP/2 client connection may carry no stream before it is closed.
+    #[arg(long, env = "WEFT_HTTP2_IDLE_TIMEOUT", default_value = "1h")]
+    http2_idle_timeout: weft_api::Duration,
     /// The same on the admin listener.
     #[arg(long, env = "WEFT_ADMIN_HEADER_READ_TIMEOUT", default_value = "10s")]
     admin_header_read_timeout: weft_api::Duration,
@@ -322,6 +325,7 @@ impl LimitArgs {
             ("--http2-keepalive-timeout", &self.http2_keepalive_timeout),
             ("--header-read-timeout", &self.header_read_timeout),
             ("--http1-idle-timeout", &self.http1_idle_timeout),
+            ("--http2-idle-timeout", &self.http2_idle_timeout),
             (
                 "--admin-header-read-timeout",
                 &self.admin_header_read_timeout,
@@ -352,6 +356,7 @@ impl LimitArgs {
             http2_max_local_error_reset_streams: self.http2_max_local_error_reset_streams,
             header_read_timeout: self.header_read_timeout.as_std(),
             http1_idle_timeout: self.http1_idle_timeout.as_std(),
+            http2_idle_timeout: self.http2_idle_timeout.as_std(),
             admin_header_read_timeout: self.admin_header_read_timeout.as_std(),
             opaque_idle_timeout: self.opaque_idle_timeout.as_std(),
             request_body_idle_timeout: self.request_body_idle_timeout.as_std(),

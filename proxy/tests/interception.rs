@@ -606,6 +606,7 @@ fn every_variable_the_injector_sets_is_a_proxy_setting() {
         "WEFT_APP_IDLE_TIMEOUT",
         "WEFT_UPSTREAM_IDLE_TIMEOUT",
         "WEFT_HTTP1_IDLE_TIMEOUT",
+        "WEFT_HTTP2_IDLE_TIMEOUT",
         "WEFT_TRACE_COLLECTOR",
         "WEFT_TRACE_SAMPLING",
         "WEFT_TRACE_SERVICE_NAME",

@@ -851,6 +851,105 @@ async fn an_http1_connection_idle_past_its_idle_timeout_is_closed_without_a_refu
     assert_eq!(refusals(&proxy.proxy, "header_read_timeout"), 0);
 }
 
+/// An HTTP/2 connection to `addr`: its sender, and its end (`Ok` when the server closed
+/// it gracefully, with GOAWAY).
+async fn h2_open(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Body>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let stream = connect(addr).await;
+    let (send, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    (send, tokio::spawn(conn))
+}
+
+fn h2_idle_limits() -> Limits {
+    Limits {
+        http2_idle_timeout: Duration::from_millis(400),
+        ..Limits::default()
+    }
+}
+
+#[tokio::test]
+async fn an_http2_connection_without_streams_is_closed_with_goaway_after_its_idle_timeout() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let proxy = start("web", config(&[("web", &[backend.addr])]), h2_idle_limits());
+    let (mut send, ended) = h2_open(proxy.addr).await;
+    let resp = send
+        .send_request(Request::get("http://web/").body(full("")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    let idle_from = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), ended)
+        .await
+        .expect("the idle HTTP/2 connection is closed within 5 s")
+        .unwrap();
+    let took = idle_from.elapsed();
+    assert!(ended.is_ok(), "closed without GOAWAY: {ended:?}");
+    assert!(took >= Duration::from_millis(400), "{took:?}");
+    assert!(
+        send.ready().await.is_err(),
+        "the sender still takes requests"
+    );
+}
+
+#[tokio::test]
+async fn http2_streams_outlasting_the_idle_timeout_keep_their_connection() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let proxy = start("web", config(&[("web", &[backend.addr])]), h2_idle_limits());
+    let (mut send, ended) = h2_open(proxy.addr).await;
+
+    // Waiting for its answer: the backend answers after 1 s.
+    let resp = send
+        .send_request(
+            Request::get("http://web/")
+                .header("x-delay-ms", "1000")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    assert!(!ended.is_finished(), "closed under a waiting request");
+
+    // Answered at once, its bodies streaming both ways for 1.5 s.
+    let (mut tx, rx) = futures::channel::mpsc::channel::<Bytes>(1);
+    let body = BodyExt::boxed(StreamBody::new(
+        rx.map(|b| Ok::<_, Infallible>(Frame::data(b))),
+    ));
+    let sender = tokio::spawn(async move {
+        for b in b"0123456789" {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            tx.send(Bytes::copy_from_slice(&[*b])).await.unwrap();
+        }
+    });
+    send.ready().await.unwrap();
+    let resp = send
+        .send_request(Request::post("http://web/echo").body(body).unwrap())
+        .await
+        .unwrap();
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&got[..], b"0123456789");
+    sender.await.unwrap();
+    assert!(!ended.is_finished(), "closed under a streaming request");
+
+    // Then idle: closed.
+    let ended = tokio::time::timeout(Duration::from_secs(5), ended)
+        .await
+        .expect("closed once idle")
+        .unwrap();
+    assert!(ended.is_ok(), "{ended:?}");
+}
+
 // ---- Item 4: the admin listener ----
 
 async fn start_admin(limits: Limits) -> (Arc<Proxy>, SocketAddr, CancellationToken, Task) {
@@ -956,6 +1055,7 @@ fn a_zero_idle_timeout_is_refused_before_anything_is_bound() {
         ("WEFT_UPSTREAM_IDLE_TIMEOUT", "--upstream-idle-timeout"),
         ("WEFT_APP_IDLE_TIMEOUT", "--app-idle-timeout"),
         ("WEFT_HTTP1_IDLE_TIMEOUT", "--http1-idle-timeout"),
+        ("WEFT_HTTP2_IDLE_TIMEOUT", "--http2-idle-timeout"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
             .args(["run", "--config", "/nonexistent.yaml"])

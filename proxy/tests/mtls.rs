@@ -1589,6 +1589,48 @@ async fn a_session_to_a_peer_used_within_the_upstream_idle_timeout_is_reused() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_peer_closes_idle_is_replaced_and_no_request_fails() {
+    let ca = Ca::new("mesh root");
+    let app = Scripted::ok("127.0.0.1", "cart").await;
+    // The server's idle timeouts far below the client's pool's, the reverse of the
+    // defaults: the peer, not the client, closes the unused session.
+    let limits = Limits {
+        http1_idle_timeout: Duration::from_millis(500),
+        http2_idle_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let server = TestProxy::start_kind(
+        Proxy::with_identity(
+            limits,
+            BeforeConfig::default(),
+            LocalPorts::default(),
+            Some(ca.store(SERVER_ID)),
+        ),
+        ListenerKind::InboundTo(app.addr),
+        config(&[]),
+    );
+    for (kind, http1, http) in session_kinds() {
+        let (front, accepted, closed) = counting_forwarder(server.addr).await;
+        let client = client_sidecar_idle(&ca, front, http1, Duration::from_secs(60));
+        let (resp, _) = get(&http, &client.url("/")).await;
+        assert_eq!(resp.status(), 200, "{kind}");
+        eventually(
+            Duration::from_secs(10),
+            &format!("{kind}: the peer closes the idle session"),
+            || async { closed.load(Ordering::SeqCst) == 1 },
+        )
+        .await;
+        let (resp, body) = get(&http, &client.url("/")).await;
+        assert_eq!(
+            (resp.status().as_u16(), &body[..]),
+            (200, "hello from cart"),
+            "{kind}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "{kind}: a new session");
+    }
+}
+
 /// RFC 6455 §1.3's example handshake.
 const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";

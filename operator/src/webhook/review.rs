@@ -289,6 +289,7 @@ mod tests {
             "weft.dev/app-idle-timeout",
             "weft.dev/upstream-idle-timeout",
             "weft.dev/http1-idle-timeout",
+            "weft.dev/http2-idle-timeout",
             "weft.dev/opaque-port",
             "kubectl.kubernetes.io/default-container",
         ];
