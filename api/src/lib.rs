@@ -5,9 +5,11 @@
 
 pub mod duration;
 pub mod identity;
+pub mod log_filter;
 pub mod proxy_config;
 pub mod proxy_status;
 pub mod push;
 pub mod traffic;
 
 pub use duration::{Duration, DurationError};
+pub use log_filter::{LogFilter, LogFilterError};

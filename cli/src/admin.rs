@@ -35,7 +35,7 @@ pub const OPERATOR_TIMEOUT: Duration = Duration::from_secs(10);
 
 use anyhow::{Context, anyhow, bail};
 use kube::Client;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 /// Where the operator's admin endpoint is, and a client to reach it.
 #[derive(Clone)]
@@ -291,8 +291,92 @@ pub async fn get_within(
     }
 }
 
+/// A pod's proxy admin endpoint as a loopback peer reaches it: through one `kubectl
+/// port-forward` (connections arrive on the pod's loopback, the only peers the proxy
+/// shows its config to and takes changes from), or at a URL given (`--admin-url`).
+pub struct PodAdmin {
+    url: String,
+    forward: Option<tokio::process::Child>,
+}
+
+impl PodAdmin {
+    /// Opens the way to pod `namespace/pod`'s admin `port`: `url` when given, else a
+    /// `kubectl port-forward` (killed by [`PodAdmin::close`], or when dropped).
+    pub async fn open(
+        namespace: &str,
+        pod: &str,
+        port: u16,
+        url: Option<&str>,
+    ) -> anyhow::Result<PodAdmin> {
+        if let Some(url) = url {
+            return Ok(PodAdmin {
+                url: url.to_owned(),
+                forward: None,
+            });
+        }
+        let mut child = tokio::process::Command::new("kubectl")
+            .args([
+                "port-forward",
+                "-n",
+                namespace,
+                &format!("pod/{pod}"),
+                &format!(":{port}"),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("run kubectl port-forward (is kubectl on PATH? or pass --admin-url)")?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("kubectl port-forward: no stdout"))?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        // "Forwarding from 127.0.0.1:40123 -> 15021"
+        let local = tokio::time::timeout(Duration::from_secs(15), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:")
+                    && let Some((p, _)) = rest.split_once(' ')
+                {
+                    return anyhow::Ok(p.parse::<u16>()?);
+                }
+            }
+            bail!("kubectl port-forward exited before forwarding")
+        })
+        .await
+        .map_err(|_| anyhow!("kubectl port-forward did not start forwarding within 15s"))??;
+        Ok(PodAdmin {
+            url: format!("http://127.0.0.1:{local}"),
+            forward: Some(child),
+        })
+    }
+
+    /// `http://host:port` of the endpoint.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Ends the port-forward, if one was started.
+    pub async fn close(mut self) {
+        if let Some(child) = self.forward.as_mut() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
 /// GETs `path` from `url` (`http://host:port`) over plain HTTP/1.1; the body of a 200.
 pub async fn get_direct(url: &str, path: &str) -> anyhow::Result<String> {
+    call_direct(url, "GET", path, None).await
+}
+
+/// `method` `path` at `url` (`http://host:port`) over plain HTTP/1.1, with `body` if
+/// given; the body of a 200, else an error with the status and the answer's text.
+pub async fn call_direct(
+    url: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<String> {
     let authority = url
         .strip_prefix("http://")
         .ok_or_else(|| anyhow!("{url}: must start with http://"))?
@@ -301,9 +385,13 @@ pub async fn get_direct(url: &str, path: &str) -> anyhow::Result<String> {
         let mut s = tokio::net::TcpStream::connect(authority)
             .await
             .with_context(|| format!("connect to {authority}"))?;
+        let body = body.unwrap_or_default();
         s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
+            format!(
+                "{method} {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
         )
         .await?;
         let mut out = Vec::new();
@@ -315,14 +403,14 @@ pub async fn get_direct(url: &str, path: &str) -> anyhow::Result<String> {
     };
     let out = tokio::time::timeout(std::time::Duration::from_secs(10), work)
         .await
-        .map_err(|_| anyhow!("GET {url}{path}: no answer within 10s"))??;
+        .map_err(|_| anyhow!("{method} {url}{path}: no answer within 10s"))??;
     let text = String::from_utf8_lossy(&out);
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| anyhow!("malformed answer from {authority}"))?;
     let status = head.lines().next().unwrap_or_default();
     if !status.starts_with("HTTP/1.1 200") {
-        bail!("GET {url}{path} answered {status}: {}", body.trim());
+        bail!("{method} {url}{path} answered {status}: {}", body.trim());
     }
     // The admin listener answers with content-length; chunked answers are not expected.
     Ok(body.to_owned())

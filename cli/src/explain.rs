@@ -19,13 +19,12 @@
 //! (`pods/portforward`) like `kubectl exec`. So `explain` runs `kubectl port-forward` for the
 //! moment it reads `/config`, or reads `--admin-url` when given one.
 
-use std::{fmt::Write as _, process::Stdio, time::Duration};
+use std::fmt::Write as _;
 
 use anyhow::{Context, anyhow, bail};
 use destination::{Decision, DestinationView, Reach};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use weft_api::{
     proxy_config::{ProxyConfig, ServiceConfig},
     proxy_status::ProxyRow,
@@ -1149,50 +1148,12 @@ async fn read_admin<const N: usize>(
     url: Option<&str>,
     paths: [&str; N],
 ) -> anyhow::Result<[anyhow::Result<String>; N]> {
-    if let Some(url) = url {
-        let mut out = Vec::with_capacity(N);
-        for p in paths {
-            out.push(crate::admin::get_direct(url, p).await);
-        }
-        return out.try_into().map_err(|_| anyhow!("admin answers"));
-    }
-    let mut child = tokio::process::Command::new("kubectl")
-        .args([
-            "port-forward",
-            "-n",
-            namespace,
-            &format!("pod/{pod}"),
-            &format!(":{port}"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("run kubectl port-forward (is kubectl on PATH? or pass --admin-url)")?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow!("kubectl port-forward: no stdout"))?;
-    let mut lines = BufReader::new(stdout).lines();
-    // "Forwarding from 127.0.0.1:40123 -> 15021"
-    let local = tokio::time::timeout(Duration::from_secs(15), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:")
-                && let Some((p, _)) = rest.split_once(' ')
-            {
-                return anyhow::Ok(p.parse::<u16>()?);
-            }
-        }
-        bail!("kubectl port-forward exited before forwarding")
-    })
-    .await
-    .map_err(|_| anyhow!("kubectl port-forward did not start forwarding within 15s"))??;
-    let url = format!("http://127.0.0.1:{local}");
+    let admin = crate::admin::PodAdmin::open(namespace, pod, port, url).await?;
     let mut out = Vec::with_capacity(N);
     for p in paths {
-        out.push(crate::admin::get_direct(&url, p).await);
+        out.push(crate::admin::get_direct(admin.url(), p).await);
     }
-    let _ = child.kill().await;
+    admin.close().await;
     out.try_into().map_err(|_| anyhow!("admin answers"))
 }
 

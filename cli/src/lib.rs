@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod check;
 pub mod explain;
+pub mod log_level;
 pub mod manifest;
 pub mod prom;
 pub mod proxy_status;

@@ -53,6 +53,9 @@ enum Cmd {
     /// What a pod's proxy does with a request to DESTINATION, step by step, from its
     /// active config.
     Explain(kubectl_weft::explain::ExplainArgs),
+    /// Show a meshed pod's proxy log filter, or change it while the proxy runs (until it
+    /// restarts): `kubectl weft log-level POD warn,weft_proxy=debug`.
+    LogLevel(kubectl_weft::log_level::LogLevelArgs),
 }
 
 #[derive(Args)]
@@ -113,6 +116,12 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(kubectl_weft::explain::run(args));
+        }
+        Cmd::LogLevel(args) => {
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(kubectl_weft::log_level::run(args));
         }
         Cmd::Inject(args) => {
             let (mut cfg, source) = inject_settings(&args)?;

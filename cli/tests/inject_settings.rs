@@ -141,7 +141,7 @@ async fn inject_uses_the_clusters_settings_and_offline_the_defaults() {
         offline.image.as_deref(),
         Some(defaults.proxy_image.as_str())
     );
-    assert_eq!(env(&offline, "WEFT_LOG"), defaults.log_level);
+    assert_eq!(env(&offline, "WEFT_LOG"), defaults.log_level.as_str());
 
     // Without --offline, no cluster is an error that names the way out.
     let out = inject(&[], nowhere);

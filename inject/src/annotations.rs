@@ -32,6 +32,9 @@ pub struct PodOptions {
     /// The proxy timeouts the pod sets ([`keys::TIMEOUTS`]): each environment variable
     /// with its validated value.
     pub timeouts: Vec<(&'static str, String)>,
+    /// The proxy's log filter: the pod's `weft.dev/proxy-log-level`, else the mesh-wide
+    /// setting.
+    pub log_level: weft_api::LogFilter,
 }
 
 /// What a pod asks of the proxy's tracing.
@@ -124,6 +127,15 @@ impl PodOptions {
                 cfg.tracing.as_ref(),
             )?,
             timeouts: timeouts(get)?,
+            log_level: match get(keys::PROXY_LOG_LEVEL) {
+                None => cfg.log_level.clone(),
+                Some(v) => {
+                    weft_api::LogFilter::parse(v).map_err(|e| InjectError::BadAnnotation {
+                        key: keys::PROXY_LOG_LEVEL,
+                        reason: e.to_string(),
+                    })?
+                }
+            },
             keep_probes: match get(keys::REWRITE_PROBES) {
                 None | Some("true") => false,
                 Some("false") => true,
@@ -392,6 +404,9 @@ mod tests {
             (keys::HTTP1_IDLE_TIMEOUT, ""),
             (keys::HTTP1_IDLE_TIMEOUT, "0ms"),
             (keys::HTTP2_IDLE_TIMEOUT, "-1m"),
+            (keys::PROXY_LOG_LEVEL, "degub"),
+            (keys::PROXY_LOG_LEVEL, ""),
+            (keys::PROXY_LOG_LEVEL, "info,weft_proxy"),
         ] {
             let err = opts(&[(key, value)]).unwrap_err();
             assert!(
@@ -399,6 +414,24 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn the_log_level_is_the_pods_else_the_meshs() {
+        assert_eq!(opts(&[]).unwrap().log_level.as_str(), "info");
+        let o = opts(&[(keys::PROXY_LOG_LEVEL, "warn, weft_proxy=debug")]).unwrap();
+        assert_eq!(o.log_level.as_str(), "warn,weft_proxy=debug");
+        let mesh = InjectConfig {
+            log_level: weft_api::LogFilter::parse("debug").unwrap(),
+            ..InjectConfig::default()
+        };
+        let o = PodOptions::from_annotations(None, &mesh).unwrap();
+        assert_eq!(o.log_level.as_str(), "debug");
+        let err = opts(&[(keys::PROXY_LOG_LEVEL, "degub")]).unwrap_err();
+        assert!(
+            err.to_string().contains("\"degub\" names no level"),
+            "{err}"
+        );
     }
 
     #[test]

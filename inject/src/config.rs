@@ -25,8 +25,8 @@ pub struct InjectConfig {
     pub excluded_namespaces: Vec<String>,
     /// Lifetime of the projected token; the kubelet refreshes it at 80 %.
     pub token_expiration_seconds: i64,
-    /// The proxy's log filter.
-    pub log_level: String,
+    /// The proxy's log filter (pods may override it by annotation).
+    pub log_level: weft_api::LogFilter,
     /// Where injected proxies get their mesh certificate; `None`: they run without one
     /// (plain text only).
     pub identity: Option<InjectIdentity>,
@@ -133,7 +133,7 @@ impl Default for InjectConfig {
             resources: ProxyResources::default(),
             excluded_namespaces: vec!["kube-system".to_owned(), "weft-system".to_owned()],
             token_expiration_seconds: 3600,
-            log_level: "info".to_owned(),
+            log_level: weft_api::LogFilter::default(),
             identity: None,
             tracing: None,
             mesh_http1: None,

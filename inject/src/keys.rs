@@ -46,6 +46,10 @@ pub const HTTP1_IDLE_TIMEOUT: &str = "weft.dev/http1-idle-timeout";
 /// Pod annotation: how long the proxy keeps an HTTP/2 client connection that carries no
 /// stream (`--http2-idle-timeout`, default 1 h).
 pub const HTTP2_IDLE_TIMEOUT: &str = "weft.dev/http2-idle-timeout";
+/// Pod annotation: the proxy's log filter (`WEFT_LOG`), such as `warn` or
+/// `info,weft_proxy=debug`, instead of the mesh-wide setting; changeable later while the
+/// proxy runs (`kubectl weft log-level`).
+pub const PROXY_LOG_LEVEL: &str = "weft.dev/proxy-log-level";
 /// The timeout annotations, each with the proxy's environment variable it sets.
 pub const TIMEOUTS: [(&str, &str); 4] = [
     (APP_IDLE_TIMEOUT, env::APP_IDLE_TIMEOUT),
@@ -156,7 +160,7 @@ pub mod env {
 
 /// Every `weft.dev/` annotation a pod may carry: those injection reads or writes, and the
 /// operator's. Any other is a typo or from another version, and does nothing.
-pub const POD_ANNOTATIONS: [&str; 21] = [
+pub const POD_ANNOTATIONS: [&str; 22] = [
     INJECT,
     PROXY_VERSION,
     SKIP_INBOUND_PORTS,
@@ -170,6 +174,7 @@ pub const POD_ANNOTATIONS: [&str; 21] = [
     UPSTREAM_IDLE_TIMEOUT,
     HTTP1_IDLE_TIMEOUT,
     HTTP2_IDLE_TIMEOUT,
+    PROXY_LOG_LEVEL,
     TRACE_COLLECTOR,
     TRACE_SAMPLING,
     REWRITE_PROBES,

@@ -187,7 +187,10 @@ pub fn apply(
                         )
                     })?;
             }
-            LOG_LEVEL => cfg.log_level = required(LOG_LEVEL, value)?,
+            LOG_LEVEL => {
+                cfg.log_level = weft_api::LogFilter::parse(value)
+                    .map_err(|e| invalid(LOG_LEVEL, e.to_string()))?;
+            }
             TRACE_COLLECTOR => {
                 if let Some(reason) = crate::annotations::collector_problem(value)
                     && !value.is_empty()
@@ -300,7 +303,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.proxy_image, "registry.example/weft-proxy:9");
-        assert_eq!(cfg.log_level, "debug");
+        assert_eq!(cfg.log_level.as_str(), "debug");
         assert_eq!(cfg.ports.inbound, 16006);
         assert_eq!(cfg.ports.outbound, base.ports.outbound);
         assert_eq!(cfg.resources.cpu_limit.as_deref(), Some("1"));
@@ -402,7 +405,7 @@ mod tests {
             "128Mi".to_owned(),
             base.excluded_namespaces.join(","),
             base.token_expiration_seconds.to_string(),
-            base.log_level.clone(),
+            base.log_level.to_string(),
             String::new(),
             String::new(),
             String::new(),

@@ -126,7 +126,7 @@ pub fn proxy_container(
         },
         value(keys::env::OPERATOR_ADDR, cfg.operator_addr.clone()),
         value(keys::env::TOKEN_FILE, format!("{}/token", keys::TOKEN_DIR)),
-        value(keys::env::LOG, cfg.log_level.clone()),
+        value(keys::env::LOG, opts.log_level.to_string()),
         // The same ports `init` redirects to and the probes use, so a non-default port
         // setting moves the listeners with the rules; `[::]` takes IPv4 and IPv6 alike, as
         // `init` redirects both.

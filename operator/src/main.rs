@@ -247,6 +247,9 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: `kubectl logs` and log collectors
+        // read a file or a pipe, where they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if args.lease_duration.as_std() < Duration::from_secs(3) {
         anyhow::bail!("--lease-duration must be at least 3s");

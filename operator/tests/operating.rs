@@ -617,3 +617,80 @@ async fn explain_and_proxy_status_give_up_on_an_operator_service_that_does_not_a
     drop((proxy, mesh, silent, host));
     bed.cleanup().await;
 }
+
+/// `kubectl weft log-level` against a running `weft-proxy` process (through `--admin-url`,
+/// as the bed has no kubelet to port-forward to): shown, changed, a typo refused before it
+/// reaches the proxy, and a change the proxy's own log shows.
+#[tokio::test]
+async fn log_level_shows_and_changes_a_running_proxys_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices: []\n",
+    )
+    .unwrap();
+    let admin = free_addr();
+    let mut cmd = std::process::Command::new(sibling_binary("weft-proxy"));
+    cmd.args(["run", "--no-transparent", "--log", "info", "--config"])
+        .arg(&config)
+        .arg("--admin-addr")
+        .arg(admin.to_string())
+        .arg("--forward")
+        .arg(format!("{}=web", free_addr()));
+    let proxy = Proc::spawn("proxy", cmd, dir.path());
+    let url = format!("http://{admin}");
+    let run = |extra: &[&str]| {
+        let mut args: Vec<String> = ["log-level", "web-0", "-n", "shop", "--admin-url", &url]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let dir = dir.path().to_owned();
+        async move { kubectl_weft_within(&args, &dir, Duration::from_secs(20)).await }
+    };
+    eventually(Duration::from_secs(10), || async {
+        std::net::TcpStream::connect(admin)?;
+        anyhow::Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "the proxy's admin port does not answer: {e}\n{}",
+            proxy.log_tail()
+        )
+    });
+
+    let (code, out, err, _) = run(&[]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "shop/web-0: info\n"),
+        "{err}"
+    );
+
+    let (code, out, err, _) = run(&["warn,weft_proxy=debug"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("shop/web-0: info -> warn,weft_proxy=debug (until the proxy restarts"),
+        "{out}"
+    );
+    let (code, out, err, _) = run(&[]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "shop/web-0: warn,weft_proxy=debug\n"),
+        "{err}"
+    );
+
+    let (code, out, err, _) = run(&["degub"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(err.contains("\"degub\" names no level"), "{err}");
+    let (_, out, _, _) = run(&[]).await;
+    assert_eq!(out, "shop/web-0: warn,weft_proxy=debug\n", "unchanged");
+
+    let log = std::fs::read_to_string(&proxy.log).unwrap();
+    assert!(
+        log.contains("log filter changed") && log.contains("to=warn,weft_proxy=debug"),
+        "{}",
+        proxy.log_tail()
+    );
+}

@@ -485,6 +485,7 @@ async fn timeout_annotations_reach_the_proxy_or_are_refused_by_name() {
                 "weft.dev/upstream-idle-timeout": "20s",
                 "weft.dev/http1-idle-timeout": "10m",
                 "weft.dev/http2-idle-timeout": "2h",
+                "weft.dev/proxy-log-level": "warn,weft_proxy=debug",
             }),
         )
         .await;
@@ -502,6 +503,7 @@ async fn timeout_annotations_reach_the_proxy_or_are_refused_by_name() {
         ("WEFT_UPSTREAM_IDLE_TIMEOUT", "20s"),
         ("WEFT_HTTP1_IDLE_TIMEOUT", "10m"),
         ("WEFT_HTTP2_IDLE_TIMEOUT", "2h"),
+        ("WEFT_LOG", "warn,weft_proxy=debug"),
     ] {
         assert_eq!(env.get(name).map(String::as_str), Some(value), "{env:?}");
     }
@@ -526,6 +528,20 @@ async fn timeout_annotations_reach_the_proxy_or_are_refused_by_name() {
         Err(kube::Error::Api(e)) => assert!(
             e.message.contains("weft.dev/app-idle-timeout")
                 && e.message.contains("units are h, m, s and ms"),
+            "{}",
+            e.message
+        ),
+        other => panic!("want a rejection, got {other:?}"),
+    }
+    // A log filter whose typo would silence the proxy (EnvFilter reads `degub` as a target).
+    let silent = pod(
+        "silent",
+        json!({"weft.dev/inject": "enabled", "weft.dev/proxy-log-level": "degub"}),
+    );
+    match t.create_pod(&silent).await {
+        Err(kube::Error::Api(e)) => assert!(
+            e.message.contains("weft.dev/proxy-log-level")
+                && e.message.contains("\"degub\" names no level"),
             "{}",
             e.message
         ),

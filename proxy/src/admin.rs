@@ -6,12 +6,14 @@
 //! | `/ready` | 200 once a config is active (and, with identity on, a valid certificate installed), 503 before that (the body says why) and while draining |
 //! | `/metrics` | Prometheus/OpenMetrics text |
 //! | `/config` | the active config as JSON, with its version and generation (loopback only) |
+//! | `/log-level` | `GET`: the log filter in force; `PUT` (loopback only): a new one, in force at once until the next `PUT` or a restart; 400 naming what is wrong, the old filter kept ([`crate::log_level`]) |
 //! | `/app-health/<container>/<livez\|readyz\|startupz>` | the application's own probe, performed against the pod's address (`WEFT_POD_IP`; loopback for a port of `weft.dev/inbound-loopback-ports`, or when unset): for `httpGet` its status code, for `grpc` 200 when the health service answers `SERVING`, for `tcpSocket` 200 when it accepts a connection; 503 with the reason otherwise ([`crate::app_probe`]); 404 for a probe the pod does not have |
 //!
 //! The listener binds every address so that the kubelet and Prometheus reach it, which
 //! makes it reachable from every pod too: what reveals the mesh's topology (`/config`
-//! names every service, endpoint and identity) is answered only to loopback peers
-//! (`kubectl port-forward`, `kubectl exec`), 403 otherwise. The application probes are
+//! names every service, endpoint and identity) and what changes the proxy (`PUT
+//! /log-level`) are answered only to loopback peers (`kubectl port-forward`, `kubectl
+//! exec`), 403 otherwise. The application probes are
 //! answered to anyone, as the kubelet is remote: they perform only the fixed probes the
 //! pod's spec wrote, against the pod's own application, and return only a verdict.
 //! Connections are bounded in number, in head size and in how long their head may take.
@@ -30,9 +32,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use weft_api::log_filter;
+
 use crate::{
     Proxy, app_probe,
     limits::{ADMIN_MAX_HEADER_BYTES, Limit},
+    log_level::LogLevelError,
 };
 
 /// Serves the admin endpoints until `shutdown`.
@@ -76,6 +81,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
                 async move {
                     if req.uri().path().starts_with(app_probe::PATH_PREFIX) {
                         return Ok::<_, Infallible>(app_health(&proxy, &req).await);
+                    }
+                    if req.uri().path() == LOG_LEVEL_PATH {
+                        return Ok(log_level(&proxy, local, req).await);
                     }
                     Ok(route(&proxy, local, &req))
                 }
@@ -144,6 +152,56 @@ impl Peer {
         } else {
             Peer::Remote
         }
+    }
+}
+
+/// Where the log filter is read and replaced.
+pub const LOG_LEVEL_PATH: &str = "/log-level";
+
+/// `/log-level`: `GET` the filter in force, `PUT` a new one (loopback peers only).
+async fn log_level(proxy: &Proxy, peer: Peer, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(control) = proxy.log_control.get() else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "this process's log filter cannot be changed\n",
+        );
+    };
+    match *req.method() {
+        Method::GET | Method::HEAD => text(StatusCode::OK, format!("{}\n", control.current())),
+        Method::PUT if peer == Peer::Remote => text(
+            StatusCode::FORBIDDEN,
+            "the log filter is changed by loopback clients only (kubectl weft log-level, kubectl port-forward, or exec into the pod)\n",
+        ),
+        Method::PUT => {
+            // A filter is at most 1 KiB; a few bytes more for a trailing newline.
+            let body = http_body_util::Limited::new(req.into_body(), log_filter::MAX_LEN + 16);
+            let bytes = match http_body_util::BodyExt::collect(body).await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return text(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("a log filter is at most {} bytes\n", log_filter::MAX_LEN),
+                    );
+                }
+            };
+            let Ok(filter) = std::str::from_utf8(&bytes) else {
+                return text(StatusCode::BAD_REQUEST, "the log filter is not UTF-8\n");
+            };
+            match control.set(filter) {
+                Ok(before) => {
+                    let now = control.current();
+                    tracing::info!(from = %before, to = %now, "log filter changed");
+                    text(StatusCode::OK, format!("{now}\n"))
+                }
+                Err(e @ LogLevelError::Invalid(_)) => {
+                    text(StatusCode::BAD_REQUEST, format!("{e}\n"))
+                }
+                Err(e @ LogLevelError::Reload(_)) => {
+                    text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+                }
+            }
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET or PUT only\n"),
     }
 }
 
@@ -241,7 +299,7 @@ fn route(proxy: &Proxy, peer: Peer, req: &Request<Incoming>) -> Response<Full<By
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live /ready /metrics /config\n",
+            "not found; try /live /ready /metrics /config /log-level\n",
         ),
     }
 }

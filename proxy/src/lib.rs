@@ -39,6 +39,7 @@ pub mod http;
 pub mod identity;
 pub mod init;
 pub mod limits;
+pub mod log_level;
 pub mod metrics;
 pub mod mux;
 pub mod orig_dst;
@@ -97,6 +98,10 @@ pub struct Proxy {
     /// The application's HTTP probes the admin listener repeats for the kubelet
     /// (`WEFT_APP_PROBES`, set once, at startup); none when unset.
     pub app_probes: std::sync::OnceLock<Arc<app_probe::AppProbes>>,
+    /// The process's log filter, changeable on the admin port (set once, at startup, by
+    /// the binary that installed the subscriber); none in a process that has no such
+    /// subscriber.
+    pub log_control: std::sync::OnceLock<log_level::LogControl>,
     /// The proxy's mesh identity, when configured (`--identity-addr`): inbound TLS from
     /// peer proxies is terminated and outbound connections to meshed endpoints use mTLS.
     pub identity: Option<Arc<identity::IdentityStore>>,
@@ -156,6 +161,7 @@ impl Proxy {
             access_log: std::sync::OnceLock::new(),
             tracer: std::sync::OnceLock::new(),
             app_probes: std::sync::OnceLock::new(),
+            log_control: std::sync::OnceLock::new(),
         })
     }
 }

@@ -16,6 +16,7 @@ use weft_proxy::{
     LocalPorts, Proxy,
     config::PortSet,
     limits::{self, Limits},
+    log_level::LogControl,
     server::ListenerKind,
     shutdown::{self, ListenerGroup},
     source::{self, FileSource},
@@ -213,9 +214,11 @@ struct RunArgs {
     /// How often the config file's modification time is checked.
     #[arg(long, env = "WEFT_RELOAD_INTERVAL", default_value = "1s")]
     reload_interval: weft_api::Duration,
-    /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax, every directive a level or
+    /// `target=level` (`warn,weft_proxy=debug`); changeable while running on the admin
+    /// port's `/log-level`.
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
-    log: String,
+    log: weft_api::LogFilter,
     /// Log format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -379,15 +382,26 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .with_context(|| format!("--log {:?}", args.log))?;
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+        .with_env_filter(args.log.env_filter())
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: `kubectl logs` and log collectors
+        // read a file or a pipe, where they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let log_control = match args.log_format {
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let control = LogControl::new(args.log.clone(), builder.reload_handle());
+            builder.init();
+            control
+        }
+        LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let control = LogControl::new(args.log.clone(), builder.reload_handle());
+            builder.init();
+            control
+        }
+    };
     if args.reload_interval.as_std().is_zero() {
         anyhow::bail!("--reload-interval must be greater than zero");
     }
@@ -428,7 +442,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the runtime")?;
-    runtime.block_on(serve(args, initial, limits, identity, store, operator_tls))
+    runtime.block_on(serve(
+        args,
+        initial,
+        limits,
+        identity,
+        store,
+        operator_tls,
+        log_control,
+    ))
 }
 
 /// The mesh trust root, from --trust-root-file or --trust-roots, if given.
@@ -531,6 +553,7 @@ async fn serve(
     identity: Option<weft_proxy::identity::client::IdentityClientConfig>,
     store: Option<Arc<weft_proxy::identity::IdentityStore>>,
     operator_tls: Option<weft_proxy::control::OperatorTls>,
+    log_control: LogControl,
 ) -> anyhow::Result<()> {
     tracing::info!(
         opaque_ports = ?args.opaque_ports,
@@ -542,6 +565,7 @@ async fn serve(
         loopback: args.inbound_loopback_ports.clone(),
     };
     let proxy = Proxy::with_identity(limits, args.before_config, local, store.clone());
+    let _ = proxy.log_control.set(log_control);
     if let Some(format) = args.access_log {
         let log = weft_proxy::access_log::AccessLog::start(
             format,

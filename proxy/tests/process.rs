@@ -560,3 +560,156 @@ async fn denials_are_logged_as_one_json_line_a_second_and_counted_each() {
         lines[0]
     );
 }
+
+/// `method` `path` on the admin listener `admin` with `body`, from a socket bound to
+/// `from`: the status and body.
+#[allow(clippy::unwrap_used)]
+async fn admin_call(
+    admin: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(admin))
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let _conn = Task(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin")
+        .body(full(body.to_owned()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn the_log_filter_is_changed_while_running_from_loopback_only() {
+    let app = Backend::start("127.0.0.2", "app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices: []\n",
+    )
+    .unwrap();
+    let inbound: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .args(["--no-transparent", "--log", "warn"])
+        .arg("--inbound-forward")
+        .arg(format!("{inbound}={}", app.addr))
+        .arg("--admin-addr")
+        .arg(admin.to_string())
+        .stdin(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _child = Killed(child);
+    // A new client each time: a new connection, whose detection logs at debug.
+    let served = || async move {
+        h1_client()
+            .request(
+                Request::get(format!("http://{inbound}/"))
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the inbound listener serves",
+        served,
+    )
+    .await;
+    let log_text = || std::fs::read_to_string(&log_path).unwrap();
+    // Debug lines of the connection's handling: none at `warn`.
+    assert!(!log_text().contains("detected"), "{}", log_text());
+
+    let loopback: std::net::IpAddr = [127, 0, 0, 1].into();
+    assert_eq!(
+        admin_call(admin, loopback, "GET", "/log-level", "").await,
+        (200, "warn\n".to_owned())
+    );
+    // What the inbound listener forwards from: another pod's connection, not the pod's.
+    let relayed: std::net::IpAddr = [127, 0, 0, 6].into();
+    let (status, body) = admin_call(admin, relayed, "PUT", "/log-level", "debug").await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = admin_call(admin, loopback, "PUT", "/log-level", "degub").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("\"degub\" names no level"), "{body}");
+    let (status, body) = admin_call(
+        admin,
+        loopback,
+        "PUT",
+        "/log-level",
+        "x".repeat(4096).as_str(),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(
+        admin_call(admin, relayed, "GET", "/log-level", "").await,
+        (200, "warn\n".to_owned()),
+        "a refused filter changes nothing"
+    );
+
+    let (status, body) = admin_call(
+        admin,
+        loopback,
+        "PUT",
+        "/log-level",
+        "warn,weft_proxy=debug\n",
+    )
+    .await;
+    assert_eq!((status, &body[..]), (200, "warn,weft_proxy=debug\n"));
+    assert!(served().await);
+    eventually(
+        Duration::from_secs(5),
+        "the connection's debug lines are written",
+        || async { log_text().contains("detected") },
+    )
+    .await;
+    assert!(log_text().contains("log filter changed"), "{}", log_text());
+}
+
+/// Kills the child process when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_log_filter_naming_no_level_stops_the_proxy_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices: []\n",
+    )
+    .unwrap();
+    let stderr = fails_to_start(&path, &["--log", "info,degub"]).await;
+    assert!(stderr.contains("\"degub\" names no level"), "{stderr}");
+}

@@ -559,3 +559,78 @@ spec:
     );
     Ok(())
 }
+
+/// `weft.dev/proxy-log-level` sets the filter a proxy starts with, and `kubectl weft
+/// log-level` changes it while the pod runs, through a real `kubectl port-forward` to the
+/// kubelet (the path the bed's process tests cannot take): the proxy's own log, read with
+/// `kubectl logs`, shows the change and the `debug` lines it did not write before.
+pub fn a_proxys_log_level_is_set_by_annotation_and_changed_by_kubectl_weft(
+    ctx: &Ctx,
+) -> anyhow::Result<()> {
+    let kube = &ctx.kube;
+    let ns = ctx.namespace("loglevel", true)?;
+    kube.apply(&web(&ns))?;
+    kube.apply(&client(
+        &ns,
+        "talker",
+        "talker",
+        "\n    weft.dev/proxy-log-level: warn",
+    ))?;
+    kube.wait_ready(&ns, "app=web", READY)?;
+    kube.wait_ready(&ns, "app=talker", READY)?;
+    let pod = one_pod(kube, &ns, "app=talker")?;
+    ensure!(
+        proxy_env(&pod["spec"], "WEFT_LOG") == Some("warn"),
+        "the annotation did not set the proxy's filter: {}",
+        pod["spec"]["initContainers"]
+    );
+
+    let kubectl_weft = std::env::current_exe()
+        .ok()
+        .and_then(|exe| weft_e2e::demo::find_kubectl_weft(&exe))
+        .context("kubectl-weft is not built beside this test: cargo build -p kubectl-weft")?;
+    // kubectl-weft runs `kubectl port-forward`: the bed's kubectl, first on its PATH.
+    let path = std::env::join_paths(
+        std::iter::once(ctx.node.testbed().binaries().dir().to_path_buf()).chain(
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+        ),
+    )?;
+    let log_level = |extra: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new(&kubectl_weft)
+            .args(["log-level", "talker", "-n", &ns])
+            .args(extra)
+            .env("KUBECONFIG", ctx.kube.kubeconfig())
+            .env("PATH", &path)
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "kubectl weft log-level {extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let shown = log_level(&[])?;
+    ensure!(shown == format!("{ns}/talker: warn\n"), "shown: {shown:?}");
+    let before = kube.logs(&ns, "talker", "weft-proxy")?;
+    ensure!(
+        !before.contains(" DEBUG "),
+        "debug lines at warn:\n{before}"
+    );
+
+    let changed = log_level(&["warn,weft_proxy=debug"])?;
+    ensure!(
+        changed.starts_with(&format!("{ns}/talker: warn -> warn,weft_proxy=debug")),
+        "changed: {changed:?}"
+    );
+    let answer = kube.http_get(&ns, "talker", "web", 80, "/")?;
+    ensure!(answer.contains("hello-from-web"), "talker → web: {answer}");
+    eventually(Duration::from_secs(20), || {
+        let log = kube.logs(&ns, "talker", "weft-proxy")?;
+        ensure!(
+            log.contains("log filter changed") && log.contains(" DEBUG "),
+            "no change or debug line in the proxy's log:\n{log}"
+        );
+        Ok(())
+    })
+}

@@ -29,6 +29,11 @@ impl Kube {
         Kube { cluster }
     }
 
+    /// The cluster's kubeconfig.
+    pub fn kubeconfig(&self) -> &std::path::Path {
+        self.cluster.kubeconfig()
+    }
+
     /// A kubectl command for the cluster.
     pub fn cmd(&self) -> Command {
         self.cluster.kubectl()

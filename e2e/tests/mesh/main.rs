@@ -98,6 +98,10 @@ const SCENARIOS: &[Scenario] = &[
     ),
     ("mtls", basic::mtls_between_pods_with_their_identities),
     ("opt-out", basic::a_pod_annotated_disabled_bypasses_the_mesh),
+    (
+        "log-level",
+        basic::a_proxys_log_level_is_set_by_annotation_and_changed_by_kubectl_weft,
+    ),
     ("split", traffic::a_route_splits_within_tolerance),
     ("retries", traffic::retries_hide_a_failing_pod),
     ("breaker", traffic::a_breaker_ejects_a_failing_pod),

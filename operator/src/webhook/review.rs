@@ -290,6 +290,7 @@ mod tests {
             "weft.dev/upstream-idle-timeout",
             "weft.dev/http1-idle-timeout",
             "weft.dev/http2-idle-timeout",
+            "weft.dev/proxy-log-level",
             "weft.dev/opaque-port",
             "kubectl.kubernetes.io/default-container",
         ];
@@ -315,6 +316,8 @@ mod tests {
             "true",
             "false",
             "json",
+            "debug",
+            "warn,weft_proxy=debug",
             "sessions",
             "mux",
             "127.0.0.1:4317",
