@@ -184,3 +184,10 @@ pub const POD_ANNOTATIONS: [&str; 22] = [
     PROXY_MEMORY_LIMIT,
     VISIBLE_NAMESPACES,
 ];
+
+/// Every `weft.dev/` annotation a Namespace may carry. A Namespace opts in with the
+/// *label* `weft.dev/inject` (the webhook's namespace selector reads labels only).
+pub const NAMESPACE_ANNOTATIONS: [&str; 1] = [VISIBLE_NAMESPACES];
+
+/// Every `weft.dev/` annotation a Service may carry.
+pub const SERVICE_ANNOTATIONS: [&str; 1] = [OPAQUE_PORTS];

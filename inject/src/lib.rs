@@ -35,7 +35,9 @@ use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub use config::{InjectConfig, InjectIdentity, InjectTracing, ProxyPorts, ProxyResources};
-pub use unknown::{UnknownAnnotation, unknown_annotation_warnings, unknown_annotations};
+pub use unknown::{
+    UnknownAnnotation, unknown_among, unknown_annotation_warnings, unknown_annotations,
+};
 
 /// Why a pod is left as it is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -32,19 +32,27 @@ impl std::fmt::Display for UnknownAnnotation {
     }
 }
 
-/// The `weft.dev/` annotations in `annotations` that Weft does not read, in key order.
+/// The `weft.dev/` annotations in a pod's `annotations` that Weft does not read, in key
+/// order.
 pub fn unknown_annotations(
     annotations: Option<&BTreeMap<String, String>>,
+) -> Vec<UnknownAnnotation> {
+    unknown_among(annotations, &keys::POD_ANNOTATIONS)
+}
+
+/// The `weft.dev/` annotations in `annotations` that are not among `known` (those Weft
+/// reads on this kind of object), in key order, each with the known key it likely meant.
+pub fn unknown_among(
+    annotations: Option<&BTreeMap<String, String>>,
+    known: &[&'static str],
 ) -> Vec<UnknownAnnotation> {
     annotations
         .into_iter()
         .flat_map(BTreeMap::keys)
-        .filter(|key| {
-            key.starts_with("weft.dev/") && !keys::POD_ANNOTATIONS.contains(&key.as_str())
-        })
+        .filter(|key| key.starts_with("weft.dev/") && !known.contains(&key.as_str()))
         .map(|key| UnknownAnnotation {
             key: key.clone(),
-            likely: closest(key),
+            likely: closest(key, known),
         })
         .collect()
 }
@@ -59,8 +67,8 @@ pub fn unknown_annotation_warnings(annotations: Option<&BTreeMap<String, String>
 }
 
 /// The known annotation within a few edits of `key`, if any: a typo's intended key.
-fn closest(key: &str) -> Option<&'static str> {
-    keys::POD_ANNOTATIONS
+fn closest(key: &str, known: &[&'static str]) -> Option<&'static str> {
+    known
         .iter()
         .map(|known| (edits(key, known), *known))
         .filter(|(d, _)| *d <= 3)
@@ -139,6 +147,51 @@ mod tests {
             }
             assert!(keys::POD_ANNOTATIONS.contains(&key.as_str()), "{key}");
         }
+    }
+
+    #[test]
+    fn namespaces_and_services_are_judged_by_their_own_keys() {
+        let map = |keys: &[&str]| -> BTreeMap<String, String> {
+            keys.iter()
+                .map(|k| (k.to_string(), "x".to_owned()))
+                .collect()
+        };
+        let on_service = unknown_among(
+            Some(&map(&[
+                "weft.dev/opaque-ports",
+                "weft.dev/opaque-port",
+                "weft.dev/inject",
+            ])),
+            &keys::SERVICE_ANNOTATIONS,
+        );
+        assert_eq!(
+            on_service,
+            [
+                UnknownAnnotation {
+                    key: "weft.dev/inject".to_owned(),
+                    likely: None
+                },
+                UnknownAnnotation {
+                    key: "weft.dev/opaque-port".to_owned(),
+                    likely: Some(keys::OPAQUE_PORTS)
+                },
+            ]
+        );
+        // A pod's key on a Namespace does nothing there either.
+        let on_namespace = unknown_among(
+            Some(&map(&["weft.dev/visible-namespace", "weft.dev/mesh-http1"])),
+            &keys::NAMESPACE_ANNOTATIONS,
+        );
+        assert_eq!(
+            on_namespace
+                .iter()
+                .map(|u| (u.key.as_str(), u.likely))
+                .collect::<Vec<_>>(),
+            [
+                ("weft.dev/mesh-http1", None),
+                ("weft.dev/visible-namespace", Some(keys::VISIBLE_NAMESPACES)),
+            ]
+        );
     }
 
     #[test]

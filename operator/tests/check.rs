@@ -351,13 +351,14 @@ async fn check_passes_a_healthy_install_and_fails_exactly_what_is_broken() {
             "trust-root",
             "proxies",
             "unmeshed-pods",
-            "pod-annotations"
+            "pod-annotations",
+            "ns-svc-annotations"
         ]
     );
     assert_eq!(healthy.json["schemaVersion"], 1);
     assert_eq!(
         healthy.json["summary"],
-        json!({"ok": 10, "warn": 0, "fail": 0})
+        json!({"ok": 11, "warn": 0, "fail": 0})
     );
     golden(
         "check.txt",
@@ -475,6 +476,34 @@ async fn check_passes_a_healthy_install_and_fails_exactly_what_is_broken() {
         run.text
     );
     pods.delete("typo", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+
+    // 4c. A Namespace opted in the way Linkerd's are, by annotation: Weft's webhook selects
+    // Namespaces by label, so nothing would be injected there; check says so.
+    let namespaces = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(bed.client.clone());
+    let annotated = format!("{}-annotated", bed.ns);
+    let linkerd_style: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(json!({
+        "metadata": {"name": annotated, "annotations": {"weft.dev/inject": "enabled"}}
+    }))
+    .unwrap();
+    namespaces
+        .create(&PostParams::default(), &linkerd_style)
+        .await
+        .unwrap();
+    let run = run_check(&bed, admin);
+    assert_eq!(run.code, 0, "a warning only: {}", run.text);
+    let c = run.check("ns-svc-annotations");
+    assert_eq!(c["status"], "warn", "{}", run.text);
+    assert!(
+        c["message"].as_str().unwrap().contains(&format!(
+            "namespace {annotated}: weft.dev/inject is an annotation, but Namespaces opt in by label (kubectl label namespace {annotated} weft.dev/inject=enabled)"
+        )),
+        "{}",
+        run.text
+    );
+    namespaces
+        .delete(&annotated, &DeleteParams::default())
         .await
         .unwrap();
 

@@ -7,7 +7,8 @@
 //!             ├─ webhook config ───── caBundle ─▶ TLS to the webhook URL (chain verified)
 //!             │                       dry-run pod ─▶ the API server calls the webhook
 //!             ├─ Secret weft-identity  trust root valid ≥ 60 days
-//!             └─ pods ─────────────── opted in but unmeshed
+//!             ├─ pods ─────────────── opted in but unmeshed; misspelt annotations
+//!             └─ Namespaces, Services  weft.dev/ metadata Weft does not read
 //! operator /proxies, /version ─────── each meshed pod's proxy in sync, not older
 //! ```
 //!
@@ -70,6 +71,8 @@ pub mod names {
     pub const UNMESHED_PODS: &str = "unmeshed-pods";
     /// No pod carries a `weft.dev/` annotation Weft does not read.
     pub const POD_ANNOTATIONS: &str = "pod-annotations";
+    /// No Namespace or Service carries `weft.dev/` metadata Weft does not read there.
+    pub const NAMESPACE_SERVICE_ANNOTATIONS: &str = "ns-svc-annotations";
 }
 
 /// How the report is printed.
@@ -168,6 +171,7 @@ pub async fn run(client: &Client, args: &CheckArgs) -> Report {
     let (unmeshed, annotations) = pods(client, args, &cfg, &entries).await;
     report.push(unmeshed);
     report.push(annotations);
+    report.push(namespace_service_annotations(client, args).await);
     report
 }
 
@@ -1014,8 +1018,135 @@ fn unmeshed(found: Vec<weft_inject::audit::Unmeshed>) -> Finding {
     )
 }
 
-/// Pods named in the `pod-annotations` finding; the count says how many more.
+/// The `ns-svc-annotations` finding: Namespaces (and Services) in scope, read
+/// by their metadata only.
+async fn namespace_service_annotations(client: &Client, args: &CheckArgs) -> Finding {
+    use k8s_openapi::api::core::v1::{Namespace, Service};
+    use kube::api::{ListParams, PartialObjectMeta};
+    let read = async {
+        let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone())
+            .list(&ListParams::default())
+            .await?;
+        let services = match &args.namespace {
+            Some(ns) => Api::<PartialObjectMeta<Service>>::namespaced(client.clone(), ns),
+            None => Api::<PartialObjectMeta<Service>>::all(client.clone()),
+        }
+        .list(&ListParams::default())
+        .await?;
+        Ok::<_, kube::Error>((namespaces.items, services.items))
+    };
+    match read.await {
+        Ok((namespaces, services)) => {
+            let in_scope = |n: &PartialObjectMeta<Namespace>| {
+                args.namespace.is_none() || n.metadata.name == args.namespace
+            };
+            let namespaces: Vec<_> = namespaces
+                .into_iter()
+                .filter(in_scope)
+                .map(|n| n.metadata)
+                .collect();
+            let services: Vec<_> = services.into_iter().map(|s| s.metadata).collect();
+            evaluate_namespace_service_annotations(&namespaces, &services)
+        }
+        Err(e) => Finding::fail(
+            names::NAMESPACE_SERVICE_ANNOTATIONS,
+            format!("listing namespaces and services: {e}"),
+            "check that you may list namespaces and services",
+        ),
+    }
+}
+
+/// Objects named in a metadata finding; the count says how many more.
 const MISANNOTATED_SHOWN: usize = 10;
+
+/// Judges Namespaces' and Services' `weft.dev/` metadata: on a Namespace, Weft reads the
+/// label `weft.dev/inject` (`enabled` or `disabled`) and the annotation
+/// `weft.dev/visible-namespaces`; on a Service, the annotation `weft.dev/opaque-ports`.
+/// Anything else does nothing, which is a warning: `weft.dev/inject` written as a
+/// Namespace *annotation* (as Linkerd's is) injects nothing.
+pub fn evaluate_namespace_service_annotations(
+    namespaces: &[kube::api::ObjectMeta],
+    services: &[kube::api::ObjectMeta],
+) -> Finding {
+    let mut found = Vec::new();
+    for n in namespaces {
+        let name = n.name.clone().unwrap_or_default();
+        let mut problems = Vec::new();
+        let annotations = n.annotations.as_ref();
+        if annotations.is_some_and(|a| a.contains_key(keys::INJECT)) {
+            problems.push(format!(
+                "{} is an annotation, but Namespaces opt in by label (kubectl label namespace {name} {}=enabled)",
+                keys::INJECT,
+                keys::INJECT
+            ));
+        }
+        problems.extend(
+            weft_inject::unknown_among(annotations, &keys::NAMESPACE_ANNOTATIONS)
+                .into_iter()
+                .filter(|u| u.key != keys::INJECT)
+                .map(|u| described(&u)),
+        );
+        if let Some(v) = n.labels.as_ref().and_then(|l| l.get(keys::INJECT))
+            && v != keys::ENABLED
+            && v != keys::DISABLED
+        {
+            problems.push(format!(
+                "label {}={v} is neither {} nor {}, so it does nothing",
+                keys::INJECT,
+                keys::ENABLED,
+                keys::DISABLED
+            ));
+        }
+        if !problems.is_empty() {
+            found.push(format!("namespace {name}: {}", problems.join(", ")));
+        }
+    }
+    for s in services {
+        let unknown =
+            weft_inject::unknown_among(s.annotations.as_ref(), &keys::SERVICE_ANNOTATIONS);
+        if !unknown.is_empty() {
+            let keys: Vec<String> = unknown.iter().map(described).collect();
+            found.push(format!(
+                "service {}/{}: {}",
+                s.namespace.clone().unwrap_or_default(),
+                s.name.clone().unwrap_or_default(),
+                keys.join(", ")
+            ));
+        }
+    }
+    if found.is_empty() {
+        return Finding::ok(
+            names::NAMESPACE_SERVICE_ANNOTATIONS,
+            "no Namespace or Service carries weft.dev/ metadata Weft does not read",
+        );
+    }
+    let total = found.len();
+    if total > MISANNOTATED_SHOWN {
+        found.truncate(MISANNOTATED_SHOWN);
+        found.push(format!("and {} more", total - MISANNOTATED_SHOWN));
+    }
+    Finding::warn(
+        names::NAMESPACE_SERVICE_ANNOTATIONS,
+        format!(
+            "{total} Namespace(s) or Service(s) carry weft.dev/ metadata Weft does not read there, which does nothing: {}",
+            found.join("; ")
+        ),
+        format!(
+            "on a Namespace Weft reads the label {} (enabled or disabled) and the annotation {}; on a Service, the annotation {} (docs/injection.md)",
+            keys::INJECT,
+            keys::VISIBLE_NAMESPACES,
+            keys::OPAQUE_PORTS
+        ),
+    )
+}
+
+/// An unknown key, with the key it likely meant.
+fn described(u: &weft_inject::UnknownAnnotation) -> String {
+    match u.likely {
+        Some(known) => format!("{} (did you mean {known}?)", u.key),
+        None => u.key.clone(),
+    }
+}
 
 fn misannotated(found: Vec<weft_inject::audit::Misannotated>) -> Finding {
     if found.is_empty() {
@@ -1029,14 +1160,7 @@ fn misannotated(found: Vec<weft_inject::audit::Misannotated>) -> Finding {
         .into_iter()
         .take(MISANNOTATED_SHOWN)
         .map(|m| {
-            let keys: Vec<String> = m
-                .unknown
-                .iter()
-                .map(|u| match u.likely {
-                    Some(known) => format!("{} (did you mean {known}?)", u.key),
-                    None => u.key.clone(),
-                })
-                .collect();
+            let keys: Vec<String> = m.unknown.iter().map(described).collect();
             format!("{}/{}: {}", m.namespace, m.name, keys.join(", "))
         })
         .collect();

@@ -369,3 +369,59 @@ fn misspelt_annotations_warn_naming_the_pod_and_the_likely_key() {
     assert!(many.message.starts_with("12 pod(s)"), "{}", many.message);
     assert!(many.message.ends_with("; and 2 more"), "{}", many.message);
 }
+
+#[test]
+fn namespace_and_service_metadata_weft_does_not_read_there_warns_naming_it() {
+    let meta =
+        |v: serde_json::Value| -> kube::api::ObjectMeta { serde_json::from_value(v).unwrap() };
+    let fine = [
+        meta(
+            json!({"name": "shop", "labels": {"weft.dev/inject": "enabled"},
+                    "annotations": {"weft.dev/visible-namespaces": "*"}}),
+        ),
+        meta(json!({"name": "ops", "labels": {"weft.dev/inject": "disabled"}})),
+        meta(json!({"name": "plain"})),
+    ];
+    let fine_svc = [meta(
+        json!({"name": "db", "namespace": "shop", "annotations": {"weft.dev/opaque-ports": "5432"}}),
+    )];
+    let ok = evaluate_namespace_service_annotations(&fine, &fine_svc);
+    assert_eq!(ok.status, Status::Ok, "{}", ok.message);
+
+    let wrong = [
+        // Linkerd's way: an annotation on the Namespace, which selects nothing here.
+        meta(json!({"name": "linkerd-style", "annotations": {"weft.dev/inject": "enabled"}})),
+        meta(
+            json!({"name": "typo", "annotations": {"weft.dev/visible-namespace": "*"},
+                    "labels": {"weft.dev/inject": "true"}}),
+        ),
+    ];
+    let wrong_svc = [meta(
+        json!({"name": "db", "namespace": "shop", "annotations": {"weft.dev/opaque-port": "5432"}}),
+    )];
+    let warned = evaluate_namespace_service_annotations(&wrong, &wrong_svc);
+    assert_eq!(warned.status, Status::Warn);
+    assert_eq!(
+        warned.message,
+        "3 Namespace(s) or Service(s) carry weft.dev/ metadata Weft does not read there, which does nothing: \
+         namespace linkerd-style: weft.dev/inject is an annotation, but Namespaces opt in by label (kubectl label namespace linkerd-style weft.dev/inject=enabled); \
+         namespace typo: weft.dev/visible-namespace (did you mean weft.dev/visible-namespaces?), label weft.dev/inject=true is neither enabled nor disabled, so it does nothing; \
+         service shop/db: weft.dev/opaque-port (did you mean weft.dev/opaque-ports?)"
+    );
+    let many: Vec<_> = (0..12)
+        .map(|i| {
+            meta(json!({"name": format!("ns-{i}"), "annotations": {"weft.dev/inject": "enabled"}}))
+        })
+        .collect();
+    let capped = evaluate_namespace_service_annotations(&many, &[]);
+    assert!(
+        capped.message.starts_with("12 Namespace(s)"),
+        "{}",
+        capped.message
+    );
+    assert!(
+        capped.message.ends_with("; and 2 more"),
+        "{}",
+        capped.message
+    );
+}
