@@ -74,9 +74,10 @@ struct Args {
     /// Watch only this namespace (default: the whole cluster).
     #[arg(long, env = "WEFT_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
-    /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax, every directive a level or
+    /// `target=level` (`info,weft_operator=debug`).
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
-    log: String,
+    log: weft_api::LogFilter,
     #[command(flatten)]
     webhook: WebhookArgs,
     #[command(flatten)]
@@ -242,10 +243,8 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .with_context(|| format!("--log {:?}", args.log))?;
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(args.log.env_filter())
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal: `kubectl logs` and log collectors
         // read a file or a pipe, where they are noise.

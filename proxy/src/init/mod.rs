@@ -86,8 +86,8 @@ pub enum InitError {
     #[error("weft-proxy init: invalid flags")]
     Flags(#[source] RedirectError),
     /// `--log` does not parse.
-    #[error("weft-proxy init: --log {0:?} is not a valid filter")]
-    LogFilter(String),
+    #[error("weft-proxy init: --log {0:?}: {1}")]
+    LogFilter(String, #[source] weft_api::LogFilterError),
     /// Neither backend works here; each attempt's error is listed.
     #[error("weft-proxy init: no working iptables backend (tried {tried})")]
     NoBackend {
@@ -155,12 +155,13 @@ impl InitArgs {
 
 /// The subcommand's entry point: sets up logging to stderr, then [`run`].
 pub fn main(args: InitArgs) -> Result<(), InitError> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .map_err(|_| InitError::LogFilter(args.log.clone()))?;
+    let filter = weft_api::LogFilter::parse(&args.log)
+        .map_err(|e| InitError::LogFilter(args.log.clone(), e))?;
     // Ignore the error: a subscriber already installed (by an embedding test) is fine.
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter.env_filter())
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     run(&args)
 }
