@@ -345,6 +345,9 @@ impl PodAdmin {
         })
         .await
         .map_err(|_| anyhow!("kubectl port-forward did not start forwarding within 15s"))??;
+        // kubectl prints a line per forwarded connection, and dies of SIGPIPE (resetting
+        // the connection it forwards) once nobody reads them: read them until it exits.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(PodAdmin {
             url: format!("http://127.0.0.1:{local}"),
             forward: Some(child),
@@ -395,11 +398,16 @@ pub async fn call_direct(
         )
         .await?;
         let mut out = Vec::new();
-        (&mut s)
+        let read = (&mut s)
             .take(MAX_ANSWER_BYTES as u64)
             .read_to_end(&mut out)
-            .await?;
-        anyhow::Ok(out)
+            .await;
+        match read {
+            // A port-forwarded stream may end in a reset after the answer: what arrived is
+            // judged below (a head, and a body as long as it says).
+            Err(e) if out.is_empty() => Err(e.into()),
+            _ => anyhow::Ok(out),
+        }
     };
     let out = tokio::time::timeout(std::time::Duration::from_secs(10), work)
         .await
@@ -409,10 +417,22 @@ pub async fn call_direct(
         .split_once("\r\n\r\n")
         .ok_or_else(|| anyhow!("malformed answer from {authority}"))?;
     let status = head.lines().next().unwrap_or_default();
+    // The admin listener answers with content-length; chunked answers are not expected.
+    let length = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+    if length.is_some_and(|n| body.len() < n) {
+        bail!(
+            "{method} {url}{path}: the answer ended after {} of its {} bytes",
+            body.len(),
+            length.unwrap_or_default()
+        );
+    }
     if !status.starts_with("HTTP/1.1 200") {
         bail!("{method} {url}{path} answered {status}: {}", body.trim());
     }
-    // The admin listener answers with content-length; chunked answers are not expected.
     Ok(body.to_owned())
 }
 

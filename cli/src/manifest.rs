@@ -227,7 +227,7 @@ fn template(
         })
     };
     if action == Action::Inject {
-        for warning in inject::unknown_annotation_warnings(meta.annotations.as_ref()) {
+        for warning in inject::pod_metadata_warnings(&meta) {
             report(format!("warning: {warning}"));
         }
     }

@@ -31,6 +31,8 @@ pub struct Misannotated {
     pub name: String,
     /// Its annotations Weft does not read.
     pub unknown: Vec<super::UnknownAnnotation>,
+    /// Why its `weft.dev/inject` does nothing, if it says neither `enabled` nor `disabled`.
+    pub inject_value: Option<String>,
 }
 
 /// The pods (by metadata) with `weft.dev/` annotations Weft does not read. The webhook
@@ -40,10 +42,12 @@ pub fn misannotated<'a>(pods: impl IntoIterator<Item = &'a ObjectMeta>) -> Vec<M
     pods.into_iter()
         .filter_map(|meta| {
             let unknown = super::unknown_annotations(meta.annotations.as_ref());
-            (!unknown.is_empty()).then(|| Misannotated {
+            let inject_value = super::inject_value_problem(meta);
+            (!unknown.is_empty() || inject_value.is_some()).then(|| Misannotated {
                 namespace: meta.namespace.clone().unwrap_or_default(),
                 name: meta.name.clone().unwrap_or_default(),
                 unknown,
+                inject_value,
             })
         })
         .collect()
@@ -187,6 +191,7 @@ mod tests {
                     key: "weft.dev/opaque-port".into(),
                     likely: Some(keys::OPAQUE_PORTS),
                 }],
+                inject_value: None,
             }]
         );
     }

@@ -36,7 +36,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub use config::{InjectConfig, InjectIdentity, InjectTracing, ProxyPorts, ProxyResources};
 pub use unknown::{
-    UnknownAnnotation, unknown_among, unknown_annotation_warnings, unknown_annotations,
+    UnknownAnnotation, inject_value_problem, pod_metadata_warnings, unknown_among,
+    unknown_annotations,
 };
 
 /// Why a pod is left as it is.

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use super::keys;
 
 /// A `weft.dev/` annotation that Weft does not read.
@@ -57,13 +59,39 @@ pub fn unknown_among(
         .collect()
 }
 
-/// One warning per `weft.dev/` annotation in `annotations` that Weft does not read
-/// ([`unknown_annotations`]).
-pub fn unknown_annotation_warnings(annotations: Option<&BTreeMap<String, String>>) -> Vec<String> {
-    unknown_annotations(annotations)
+/// The warnings a pod's metadata earns: one per `weft.dev/` annotation Weft does not read
+/// ([`unknown_annotations`]), and one for a `weft.dev/inject` that says neither `enabled`
+/// nor `disabled` ([`inject_value_problem`]).
+pub fn pod_metadata_warnings(meta: &ObjectMeta) -> Vec<String> {
+    unknown_annotations(meta.annotations.as_ref())
         .iter()
         .map(ToString::to_string)
+        .chain(inject_value_problem(meta))
         .collect()
+}
+
+/// Why the pod's `weft.dev/inject` (its annotation, else its label: the one the opt-in
+/// rule reads) does nothing, if it says neither `enabled` nor `disabled`: Istio's
+/// `"true"` and `"false"` opt nothing in, and nothing out.
+pub fn inject_value_problem(meta: &ObjectMeta) -> Option<String> {
+    fn get(map: &Option<BTreeMap<String, String>>) -> Option<&str> {
+        map.as_ref()
+            .and_then(|m| m.get(keys::INJECT))
+            .map(String::as_str)
+    }
+    let (kind, value) = match (get(&meta.annotations), get(&meta.labels)) {
+        (Some(v), _) => ("annotation", v),
+        (None, Some(v)) => ("label", v),
+        (None, None) => return None,
+    };
+    (value != keys::ENABLED && value != keys::DISABLED).then(|| {
+        format!(
+            "{kind} {}: {value:?} is neither {} nor {}, so it opts the pod neither in nor out",
+            keys::INJECT,
+            keys::ENABLED,
+            keys::DISABLED
+        )
+    })
 }
 
 /// The known annotation within a few edits of `key`, if any: a typo's intended key.
@@ -102,18 +130,27 @@ mod tests {
             .iter()
             .map(|k| (k.to_string(), "x".to_owned()))
             .collect();
-        unknown_annotation_warnings(Some(&map))
+        pod_metadata_warnings(&ObjectMeta {
+            annotations: Some(map),
+            ..ObjectMeta::default()
+        })
     }
 
     #[test]
     fn known_and_foreign_annotations_get_no_warning() {
-        let mut all: Vec<&str> = keys::POD_ANNOTATIONS.to_vec();
+        let mut all: Vec<&str> = keys::POD_ANNOTATIONS
+            .into_iter()
+            .filter(|k| *k != keys::INJECT)
+            .collect();
         all.extend([
             "kubectl.kubernetes.io/default-container",
             "example.com/weft.dev",
         ]);
         assert_eq!(warnings(&all), Vec::<String>::new());
-        assert_eq!(unknown_annotation_warnings(None), Vec::<String>::new());
+        assert_eq!(
+            pod_metadata_warnings(&ObjectMeta::default()),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -147,6 +184,36 @@ mod tests {
             }
             assert!(keys::POD_ANNOTATIONS.contains(&key.as_str()), "{key}");
         }
+    }
+
+    #[test]
+    fn an_inject_value_neither_enabled_nor_disabled_is_named() {
+        let meta = |annotation: Option<&str>, label: Option<&str>| ObjectMeta {
+            annotations: annotation
+                .map(|v| BTreeMap::from([(keys::INJECT.to_owned(), v.to_owned())])),
+            labels: label.map(|v| BTreeMap::from([(keys::INJECT.to_owned(), v.to_owned())])),
+            ..ObjectMeta::default()
+        };
+        for fine in [
+            meta(None, None),
+            meta(Some("enabled"), None),
+            meta(Some("disabled"), Some("true")),
+            meta(None, Some("disabled")),
+        ] {
+            assert_eq!(inject_value_problem(&fine), None, "{fine:?}");
+        }
+        assert_eq!(
+            inject_value_problem(&meta(Some("false"), None)).as_deref(),
+            Some(
+                "annotation weft.dev/inject: \"false\" is neither enabled nor disabled, so it opts the pod neither in nor out"
+            )
+        );
+        assert_eq!(
+            pod_metadata_warnings(&meta(None, Some("true"))),
+            [
+                "label weft.dev/inject: \"true\" is neither enabled nor disabled, so it opts the pod neither in nor out"
+            ]
+        );
     }
 
     #[test]

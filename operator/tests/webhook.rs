@@ -555,26 +555,44 @@ async fn timeout_annotations_reach_the_proxy_or_are_refused_by_name() {
 #[tokio::test]
 async fn a_misspelt_annotation_comes_back_from_the_api_server_as_a_warning() {
     let t = Injecting::start("inject-typo", FailurePolicy::Fail).await;
-    let typo = pod(
+    // The warnings the API server hands back for a dry-run create of `pod`.
+    let warned = |pod: Pod| {
+        let req = http::Request::post(format!("/api/v1/namespaces/{}/pods?dryRun=All", t.ns))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(&pod).unwrap().into())
+            .unwrap();
+        let client = t.client.clone();
+        async move {
+            let resp = client.send(req).await.unwrap();
+            assert!(resp.status().is_success(), "{}", resp.status());
+            resp.headers()
+                .get_all("warning")
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect::<Vec<String>>()
+        }
+    };
+    let warnings = warned(pod(
         "typo",
         json!({"weft.dev/inject": "enabled", "weft.dev/opaque-port": "3306"}),
-    );
-    let req = http::Request::post(format!("/api/v1/namespaces/{}/pods?dryRun=All", t.ns))
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(serde_json::to_vec(&typo).unwrap().into())
-        .unwrap();
-    let resp = t.client.send(req).await.unwrap();
-    assert!(resp.status().is_success(), "{}", resp.status());
-    let warnings: Vec<String> = resp
-        .headers()
-        .get_all("warning")
-        .iter()
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .collect();
+    ))
+    .await;
     assert!(
         warnings.iter().any(|w| w.contains(
             "annotation weft.dev/opaque-port is not one Weft reads, so it does nothing; did you mean weft.dev/opaque-ports?"
         )),
+        "{warnings:?}"
+    );
+    // Istio's spelling: opts nothing in (nor, in an injected namespace, out).
+    let warnings = warned(pod("istio", json!({"weft.dev/inject": "true"}))).await;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("annotation weft.dev/inject:")
+                && w.contains("true")
+                && w.contains(
+                    "is neither enabled nor disabled, so it opts the pod neither in nor out"
+                )),
         "{warnings:?}"
     );
     t.hook.stop().await;

@@ -69,7 +69,8 @@ pub mod names {
     pub const PROXIES: &str = "proxies";
     /// No pod opted in and runs without the proxy.
     pub const UNMESHED_PODS: &str = "unmeshed-pods";
-    /// No pod carries a `weft.dev/` annotation Weft does not read.
+    /// No pod carries a `weft.dev/` annotation Weft does not read, or a `weft.dev/inject`
+    /// that says neither `enabled` nor `disabled`.
     pub const POD_ANNOTATIONS: &str = "pod-annotations";
     /// No Namespace or Service carries `weft.dev/` metadata Weft does not read there.
     pub const NAMESPACE_SERVICE_ANNOTATIONS: &str = "ns-svc-annotations";
@@ -1152,7 +1153,7 @@ fn misannotated(found: Vec<weft_inject::audit::Misannotated>) -> Finding {
     if found.is_empty() {
         return Finding::ok(
             names::POD_ANNOTATIONS,
-            "no pod carries a weft.dev/ annotation Weft does not read",
+            "no pod carries a weft.dev/ annotation or label that does nothing",
         );
     }
     let total = found.len();
@@ -1160,7 +1161,12 @@ fn misannotated(found: Vec<weft_inject::audit::Misannotated>) -> Finding {
         .into_iter()
         .take(MISANNOTATED_SHOWN)
         .map(|m| {
-            let keys: Vec<String> = m.unknown.iter().map(described).collect();
+            let keys: Vec<String> = m
+                .unknown
+                .iter()
+                .map(described)
+                .chain(m.inject_value.clone())
+                .collect();
             format!("{}/{}: {}", m.namespace, m.name, keys.join(", "))
         })
         .collect();
@@ -1170,7 +1176,7 @@ fn misannotated(found: Vec<weft_inject::audit::Misannotated>) -> Finding {
     Finding::warn(
         names::POD_ANNOTATIONS,
         format!(
-            "{total} pod(s) carry weft.dev/ annotations Weft does not read, which do nothing: {}",
+            "{total} pod(s) carry weft.dev/ annotations or labels that do nothing: {}",
             shown.join("; ")
         ),
         "fix the annotation in the pod template (docs/injection.md lists them) and restart the pods",

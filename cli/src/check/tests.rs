@@ -358,12 +358,29 @@ fn misspelt_annotations_warn_naming_the_pod_and_the_likely_key() {
                 likely: None,
             },
         ],
+        inject_value: None,
     };
     let one = misannotated(vec![typo(0)]);
     assert_eq!(one.status, Status::Warn);
     assert_eq!(
         one.message,
-        "1 pod(s) carry weft.dev/ annotations Weft does not read, which do nothing: shop/web-0: weft.dev/opaque-port (did you mean weft.dev/opaque-ports?), weft.dev/something"
+        "1 pod(s) carry weft.dev/ annotations or labels that do nothing: shop/web-0: weft.dev/opaque-port (did you mean weft.dev/opaque-ports?), weft.dev/something"
+    );
+    let istio_style = misannotated(vec![Misannotated {
+        namespace: "shop".into(),
+        name: "job".into(),
+        unknown: Vec::new(),
+        inject_value: weft_inject::inject_value_problem(&kube::api::ObjectMeta {
+            annotations: Some([(weft_inject::keys::INJECT.to_owned(), "false".to_owned())].into()),
+            ..Default::default()
+        }),
+    }]);
+    assert!(
+        istio_style.message.ends_with(
+            "shop/job: annotation weft.dev/inject: \"false\" is neither enabled nor disabled, so it opts the pod neither in nor out"
+        ),
+        "{}",
+        istio_style.message
     );
     let many = misannotated((0..12).map(typo).collect());
     assert!(many.message.starts_with("12 pod(s)"), "{}", many.message);

@@ -377,10 +377,13 @@ async fn audit_forever(client: Client, settings: WebhookSettings, metrics: Webho
                 let misannotated = scan
                     .misannotated
                     .into_iter()
-                    .map(|m| (format!("{}/{}", m.namespace, m.name), m.unknown));
-                for (pod, unknown) in newly_found(&mut misannotated_reported, misannotated) {
-                    for unknown in unknown {
+                    .map(|m| (format!("{}/{}", m.namespace, m.name), m));
+                for (pod, m) in newly_found(&mut misannotated_reported, misannotated) {
+                    for unknown in m.unknown {
                         tracing::warn!(%pod, "{unknown}");
+                    }
+                    if let Some(problem) = m.inject_value {
+                        tracing::warn!(%pod, "{problem}");
                     }
                 }
             }

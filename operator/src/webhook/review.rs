@@ -92,7 +92,7 @@ pub fn admit(
     };
     // Shown to whoever created the pod (kubectl prints them), whatever the outcome: a
     // misspelt annotation otherwise does nothing, silently.
-    let warnings = inject::unknown_annotation_warnings(pod.metadata.annotations.as_ref());
+    let warnings = inject::pod_metadata_warnings(&pod.metadata);
     if !warnings.is_empty() {
         allow.warnings = Some(warnings);
     }
