@@ -332,6 +332,8 @@ mod tests {
             (TRACE_SAMPLING, "1.5"),
             (TRACE_SAMPLING, "0.1"),
             (MESH_HTTP1, "mux"),
+            (LOG_LEVEL, "degub"),
+            (LOG_LEVEL, ""),
         ] {
             let err = apply(&base, &data(&[(key, value)])).unwrap_err();
             assert!(

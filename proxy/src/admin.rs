@@ -190,7 +190,9 @@ async fn log_level(proxy: &Proxy, peer: Peer, req: Request<Incoming>) -> Respons
             match control.set(filter) {
                 Ok(before) => {
                     let now = control.current();
-                    tracing::info!(from = %before, to = %now, "log filter changed");
+                    // `warn`: shown under any filter but `error` or `off`, including one
+                    // that just lowered the verbosity.
+                    tracing::warn!(from = %before, to = %now, "log filter changed");
                     text(StatusCode::OK, format!("{now}\n"))
                 }
                 Err(e @ LogLevelError::Invalid(_)) => {
