@@ -723,14 +723,9 @@ async fn a_body_stalled_after_the_response_started_is_cut() {
     assert_eq!(refusals(&proxy.proxy, "request_body_idle_timeout"), 1);
 }
 
-#[tokio::test]
-async fn a_slow_but_steady_body_is_not_cut() {
-    let backend = Backend::start("127.0.0.2", "a").await;
-    let limits = Limits {
-        request_body_idle_timeout: Duration::from_millis(400),
-        ..Limits::default()
-    };
-    let proxy = start("web", config(&[("web", &[backend.addr])]), limits);
+/// A request body of `0123456789`, one byte every 150 ms (1.5 s in all), and the task
+/// that sends it.
+fn steady_body() -> (Body, tokio::task::JoinHandle<()>) {
     let (mut tx, rx) = futures::channel::mpsc::channel::<Bytes>(1);
     let body = BodyExt::boxed(StreamBody::new(
         rx.map(|b| Ok::<_, Infallible>(Frame::data(b))),
@@ -741,6 +736,18 @@ async fn a_slow_but_steady_body_is_not_cut() {
             tx.send(Bytes::copy_from_slice(&[*b])).await.unwrap();
         }
     });
+    (body, sender)
+}
+
+#[tokio::test]
+async fn a_slow_but_steady_body_is_not_cut() {
+    let backend = Backend::start("127.0.0.2", "a").await;
+    let limits = Limits {
+        request_body_idle_timeout: Duration::from_millis(400),
+        ..Limits::default()
+    };
+    let proxy = start("web", config(&[("web", &[backend.addr])]), limits);
+    let (body, sender) = steady_body();
     let resp = h1_client()
         .request(Request::post(proxy.url("/echo")).body(body).unwrap())
         .await
@@ -922,16 +929,7 @@ async fn http2_streams_outlasting_the_idle_timeout_keep_their_connection() {
     assert!(!ended.is_finished(), "closed under a waiting request");
 
     // Answered at once, its bodies streaming both ways for 1.5 s.
-    let (mut tx, rx) = futures::channel::mpsc::channel::<Bytes>(1);
-    let body = BodyExt::boxed(StreamBody::new(
-        rx.map(|b| Ok::<_, Infallible>(Frame::data(b))),
-    ));
-    let sender = tokio::spawn(async move {
-        for b in b"0123456789" {
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            tx.send(Bytes::copy_from_slice(&[*b])).await.unwrap();
-        }
-    });
+    let (body, sender) = steady_body();
     send.ready().await.unwrap();
     let resp = send
         .send_request(Request::post("http://web/echo").body(body).unwrap())

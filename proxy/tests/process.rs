@@ -561,6 +561,19 @@ async fn denials_are_logged_as_one_json_line_a_second_and_counted_each() {
     );
 }
 
+/// A config file with no services, in a directory of its own (kept while the result is).
+#[allow(clippy::unwrap_used)]
+fn empty_config() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices: []\n",
+    )
+    .unwrap();
+    (dir, path)
+}
+
 /// `method` `path` on the admin listener `admin` with `body`, from a socket bound to
 /// `from`: the status and body.
 #[allow(clippy::unwrap_used)]
@@ -599,13 +612,7 @@ async fn admin_call(
 #[tokio::test]
 async fn the_log_filter_is_changed_while_running_from_loopback_only() {
     let app = Backend::start("127.0.0.2", "app").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.yaml");
-    std::fs::write(
-        &path,
-        "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices: []\n",
-    )
-    .unwrap();
+    let (dir, path) = empty_config();
     let inbound: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
     let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
     let log_path = dir.path().join("stderr.log");
@@ -703,13 +710,7 @@ impl Drop for Killed {
 
 #[tokio::test]
 async fn a_log_filter_naming_no_level_stops_the_proxy_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.yaml");
-    std::fs::write(
-        &path,
-        "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices: []\n",
-    )
-    .unwrap();
+    let (_dir, path) = empty_config();
     let stderr = fails_to_start(&path, &["--log", "info,degub"]).await;
     assert!(stderr.contains("\"degub\" names no level"), "{stderr}");
 }
