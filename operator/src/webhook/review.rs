@@ -444,12 +444,21 @@ mod tests {
             *outcomes.entry(outcome.as_str().to_owned()).or_default() += 1;
             let resp = &answer["response"];
             assert_eq!(resp["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002", "{ctx}");
-            // The one unknown key odd pods carry is warned about, and nothing else.
+            // The one unknown key odd pods carry is warned about, and so is a
+            // `weft.dev/inject` neither enabled nor disabled; nothing else.
             let misspelt = object["metadata"]["annotations"]
                 .get("weft.dev/opaque-port")
                 .is_some();
+            let meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta =
+                serde_json::from_value(object["metadata"].clone())
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+            let odd_inject = inject::inject_value_problem(&meta).is_some();
             let warned = resp["warnings"].as_array().map_or(0, Vec::len);
-            assert_eq!(warned, usize::from(misspelt), "{ctx}: {resp}");
+            assert_eq!(
+                warned,
+                usize::from(misspelt) + usize::from(odd_inject),
+                "{ctx}: {resp}"
+            );
             match &outcome {
                 Outcome::Injected => {
                     assert_eq!(resp["allowed"], true, "{ctx}");
