@@ -1537,9 +1537,16 @@ async fn a_session_to_a_peer_unused_past_the_upstream_idle_timeout_is_closed_the
     let ca = Ca::new("mesh root");
     let app = Scripted::ok("127.0.0.1", "cart").await;
     let server = server_sidecar(Some(ca.store(SERVER_ID)), app.addr);
+    closed_idle_then_replaced(&ca, server.addr, Duration::from_secs(1)).await;
+}
+
+/// For each session kind: a client sidecar whose pool keeps unused sessions `client_idle`
+/// sends a request through `server`, the session is closed once idle (by whichever side's
+/// timeout is shorter), and the next request succeeds on a new session.
+async fn closed_idle_then_replaced(ca: &Ca, server: SocketAddr, client_idle: Duration) {
     for (kind, http1, http) in session_kinds() {
-        let (front, accepted, closed) = counting_forwarder(server.addr).await;
-        let client = client_sidecar_idle(&ca, front, http1, Duration::from_secs(1));
+        let (front, accepted, closed) = counting_forwarder(server).await;
+        let client = client_sidecar_idle(ca, front, http1, client_idle);
         let (resp, body) = get(&http, &client.url("/")).await;
         assert_eq!(
             (resp.status().as_u16(), &body[..]),
@@ -1610,25 +1617,7 @@ async fn a_session_the_peer_closes_idle_is_replaced_and_no_request_fails() {
         ListenerKind::InboundTo(app.addr),
         config(&[]),
     );
-    for (kind, http1, http) in session_kinds() {
-        let (front, accepted, closed) = counting_forwarder(server.addr).await;
-        let client = client_sidecar_idle(&ca, front, http1, Duration::from_secs(60));
-        let (resp, _) = get(&http, &client.url("/")).await;
-        assert_eq!(resp.status(), 200, "{kind}");
-        eventually(
-            Duration::from_secs(10),
-            &format!("{kind}: the peer closes the idle session"),
-            || async { closed.load(Ordering::SeqCst) == 1 },
-        )
-        .await;
-        let (resp, body) = get(&http, &client.url("/")).await;
-        assert_eq!(
-            (resp.status().as_u16(), &body[..]),
-            (200, "hello from cart"),
-            "{kind}"
-        );
-        assert_eq!(accepted.load(Ordering::SeqCst), 2, "{kind}: a new session");
-    }
+    closed_idle_then_replaced(&ca, server.addr, Duration::from_secs(60)).await;
 }
 
 /// RFC 6455 §1.3's example handshake.

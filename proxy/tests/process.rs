@@ -566,11 +566,7 @@ async fn denials_are_logged_as_one_json_line_a_second_and_counted_each() {
 fn empty_config() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.yaml");
-    std::fs::write(
-        &path,
-        "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices: []\n",
-    )
-    .unwrap();
+    write_config(&path, &config(&[]));
     (dir, path)
 }
 
