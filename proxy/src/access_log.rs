@@ -351,12 +351,23 @@ impl Drop for Waiting {
     }
 }
 
+/// A request's line and where it goes once complete.
+#[derive(Debug)]
+pub struct Line {
+    /// The line so far.
+    pub entry: Entry,
+    /// The pod's access log, when it has one.
+    pub log: Option<Arc<AccessLog>>,
+    /// The proxy's taps, when one was open as the request arrived.
+    pub taps: Option<Arc<crate::tap::Taps>>,
+}
+
 /// What waits for the end of a response body: the log line (for `bytes_out` and the
 /// duration) and the span.
 #[derive(Debug)]
 pub struct Pending {
-    /// The line so far, and where it goes, with an access log.
-    pub line: Option<(Entry, Arc<AccessLog>)>,
+    /// The line so far, and where it goes, with an access log or a tap open.
+    pub line: Option<Line>,
     /// The span, when the request is sampled.
     pub span: Option<crate::trace::OpenSpan>,
     /// When the request arrived.
@@ -386,7 +397,7 @@ impl Pending {
             r.route = trail.route.take();
             r.events = trail.events.take().unwrap_or_default();
         }
-        if let Some((entry, _)) = &mut self.line {
+        if let Some(Line { entry, .. }) = &mut self.line {
             entry.status = status;
             entry.reason = reason;
             entry.attempts = trail.attempts;
@@ -398,13 +409,23 @@ impl Pending {
     /// Completes and queues the line, with `bytes_out` response body bytes sent, and
     /// ends the span.
     pub fn finish(self, bytes_out: u64) {
-        if let Some((mut entry, log)) = self.line {
+        if let Some(Line {
+            mut entry,
+            log,
+            taps,
+        }) = self.line
+        {
             entry.bytes_out = bytes_out;
             entry.duration_ms = elapsed_ms(self.started.elapsed());
             if let Some(n) = &self.bytes_in {
                 entry.bytes_in = n.load(std::sync::atomic::Ordering::Relaxed);
             }
-            log.log(entry);
+            if let Some(taps) = taps {
+                taps.offer(&entry);
+            }
+            if let Some(log) = log {
+                log.log(entry);
+            }
         }
         if let Some(span) = self.span {
             span.finish();

@@ -7,12 +7,13 @@
 //! | `/metrics` | Prometheus/OpenMetrics text |
 //! | `/config` | the active config as JSON, with its version and generation (loopback only) |
 //! | `/log-level` | `GET`: the log filter in force; `PUT` (loopback only): a new one, in force at once until the next `PUT` or a restart; 400 naming what is wrong, the old filter kept ([`crate::log_level`]) |
+//! | `/tap` | (loopback only) one JSON line per request this proxy finishes from now on, as the access log writes it, filtered by `direction`, `method`, `authority` and `path` (a prefix), ending after `max` requests (default 1,000) or `duration` (default 1m), with a last line saying why; 400 naming a bad parameter, 429 while 4 taps are open ([`crate::tap`]) |
 //! | `/app-health/<container>/<livez\|readyz\|startupz>` | the application's own probe, performed against the pod's address (`WEFT_POD_IP`; loopback for a port of `weft.dev/inbound-loopback-ports`, or when unset): for `httpGet` its status code, for `grpc` 200 when the health service answers `SERVING`, for `tcpSocket` 200 when it accepts a connection; 503 with the reason otherwise ([`crate::app_probe`]); 404 for a probe the pod does not have |
 //!
 //! The listener binds every address so that the kubelet and Prometheus reach it, which
 //! makes it reachable from every pod too: what reveals the mesh's topology (`/config`
-//! names every service, endpoint and identity) and what changes the proxy (`PUT
-//! /log-level`) are answered only to loopback peers (`kubectl port-forward`, `kubectl
+//! names every service, endpoint and identity; `/tap` shows requests' paths and clients)
+//! and what changes the proxy (`PUT /log-level`) are answered only to loopback peers (`kubectl port-forward`, `kubectl
 //! exec`), 403 otherwise. The application probes are
 //! answered to anyone, as the kubelet is remote: they perform only the fixed probes the
 //! pod's spec wrote, against the pod's own application, and return only a verdict.
@@ -26,7 +27,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header::CONTENT_TYPE};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -38,6 +39,7 @@ use crate::{
     Proxy, app_probe,
     limits::{ADMIN_MAX_HEADER_BYTES, Limit},
     log_level::LogLevelError,
+    tap::{TapBody, TapError, TapRequest},
 };
 
 /// Serves the admin endpoints until `shutdown`.
@@ -85,6 +87,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
                     if req.uri().path() == LOG_LEVEL_PATH {
                         return Ok(log_level(&proxy, local, req).await);
                     }
+                    if req.uri().path() == TAP_PATH {
+                        return Ok(tap(&proxy, local, &req));
+                    }
                     Ok(route(&proxy, local, &req))
                 }
             });
@@ -113,8 +118,11 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
     tracker.wait().await;
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
+/// An admin answer's body: whole, or a tap's stream.
+type AdminBody = Either<Full<Bytes>, TapBody>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<AdminBody> {
+    let mut r = Response::new(Either::Left(Full::new(body.into())));
     *r.status_mut() = status;
     r.headers_mut().insert(
         CONTENT_TYPE,
@@ -159,7 +167,7 @@ impl Peer {
 pub const LOG_LEVEL_PATH: &str = "/log-level";
 
 /// `/log-level`: `GET` the filter in force, `PUT` a new one (loopback peers only).
-async fn log_level(proxy: &Proxy, peer: Peer, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn log_level(proxy: &Proxy, peer: Peer, req: Request<Incoming>) -> Response<AdminBody> {
     let Some(control) = proxy.log_control.get() else {
         return text(
             StatusCode::NOT_FOUND,
@@ -207,8 +215,46 @@ async fn log_level(proxy: &Proxy, peer: Peer, req: Request<Incoming>) -> Respons
     }
 }
 
+/// Where requests are tapped.
+pub const TAP_PATH: &str = "/tap";
+
+/// `/tap`: streams the requests this proxy finishes (loopback peers only).
+fn tap(proxy: &Proxy, peer: Peer, req: &Request<Incoming>) -> Response<AdminBody> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    if peer == Peer::Remote {
+        return text(
+            StatusCode::FORBIDDEN,
+            "/tap is served to loopback clients only (kubectl weft tap, kubectl port-forward, or exec into the pod)\n",
+        );
+    }
+    let request = match TapRequest::parse(req.uri().query()) {
+        Ok(r) => r,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    tracing::info!(
+        filter = ?request.filter,
+        max = request.max,
+        duration = ?request.duration,
+        "tap opened"
+    );
+    match proxy.taps.open(request, proxy.draining.clone()) {
+        Ok(body) => {
+            let mut r = Response::new(Either::Right(body));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/x-ndjson"),
+            );
+            r
+        }
+        Err(e @ TapError::TooMany) => text(StatusCode::TOO_MANY_REQUESTS, format!("{e}\n")),
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    }
+}
+
 /// `/app-health/<container>/<kind>`: the application's answer to its own probe.
-async fn app_health(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn app_health(proxy: &Proxy, req: &Request<Incoming>) -> Response<AdminBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
@@ -228,7 +274,7 @@ async fn app_health(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Byt
     }
 }
 
-fn route(proxy: &Proxy, peer: Peer, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(proxy: &Proxy, peer: Peer, req: &Request<Incoming>) -> Response<AdminBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
@@ -301,7 +347,7 @@ fn route(proxy: &Proxy, peer: Peer, req: &Request<Incoming>) -> Response<Full<By
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live /ready /metrics /config /log-level\n",
+            "not found; try /live /ready /metrics /config /log-level /tap\n",
         ),
     }
 }

@@ -110,6 +110,8 @@ pub struct HttpConn {
     pub mux: bool,
     /// The tracer, when the pod sends spans to a collector.
     pub tracer: Option<Arc<crate::trace::Tracer>>,
+    /// The proxy's taps: while one is open, each request's line is offered to them.
+    pub taps: Option<Arc<crate::tap::Taps>>,
 }
 
 impl HttpConn {
@@ -138,6 +140,7 @@ impl HttpConn {
             client_tls: false,
             mux: false,
             tracer: None,
+            taps: None,
         }
     }
 
@@ -594,10 +597,12 @@ impl HttpConn {
     /// this hop's trace context upstream and, when sampled, one span per request ends
     /// with its response body.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let mut resp = if self.access_log.is_none() && self.tracer.is_none() {
+        let tapped = self.taps.as_ref().filter(|t| t.active());
+        let mut resp = if self.access_log.is_none() && self.tracer.is_none() && tapped.is_none() {
             self.handle_request(req, None).await
         } else {
-            self.handle_observed(req).await
+            let taps = tapped.cloned();
+            self.handle_observed(req, taps).await
         };
         // A proxy answers in its own HTTP version (RFC 9110, section 6.2): an HTTP/1.0
         // application's answer reaches an HTTP/1.1 client as HTTP/1.1, so a body of
@@ -609,8 +614,12 @@ impl HttpConn {
         resp
     }
 
-    /// [`HttpConn::handle`] with an access log or a tracer.
-    async fn handle_observed(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// [`HttpConn::handle`] with an access log, a tracer or a tap open (`taps`).
+    async fn handle_observed(
+        &self,
+        req: Request<Incoming>,
+        taps: Option<Arc<crate::tap::Taps>>,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let now = std::time::SystemTime::now();
         let mut trail = access_log::Trail::default();
@@ -647,7 +656,7 @@ impl HttpConn {
             }
             _ => None,
         };
-        let line = self.access_log.as_ref().map(|log| {
+        let line = (self.access_log.is_some() || taps.is_some()).then(|| {
             let entry = access_log::Entry {
                 start: access_log::Timestamp(now),
                 direction: self.direction.as_str(),
@@ -662,7 +671,11 @@ impl HttpConn {
                 },
                 ..access_log::Entry::default()
             };
-            (entry, log.clone())
+            access_log::Line {
+                entry,
+                log: self.access_log.clone(),
+                taps,
+            }
         });
         let bytes_in = line
             .is_some()

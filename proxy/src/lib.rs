@@ -54,6 +54,7 @@ pub mod sockopt;
 pub mod source;
 pub mod store;
 pub mod stream_idle;
+pub mod tap;
 pub mod trace;
 pub mod traffic_metrics;
 pub mod upstream;
@@ -102,6 +103,8 @@ pub struct Proxy {
     /// the binary that installed the subscriber); none in a process that has no such
     /// subscriber.
     pub log_control: std::sync::OnceLock<log_level::LogControl>,
+    /// The taps open on the admin port (`/tap`), which finished requests are offered to.
+    pub taps: Arc<tap::Taps>,
     /// The proxy's mesh identity, when configured (`--identity-addr`): inbound TLS from
     /// peer proxies is terminated and outbound connections to meshed endpoints use mTLS.
     pub identity: Option<Arc<identity::IdentityStore>>,
@@ -162,6 +165,7 @@ impl Proxy {
             tracer: std::sync::OnceLock::new(),
             app_probes: std::sync::OnceLock::new(),
             log_control: std::sync::OnceLock::new(),
+            taps: Arc::new(tap::Taps::default()),
         })
     }
 }

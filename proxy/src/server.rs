@@ -441,6 +441,7 @@ fn http_conn(
     if let Some(tracer) = proxy.tracer.get() {
         conn.tracer = Some(tracer.clone());
     }
+    conn.taps = Some(proxy.taps.clone());
     if let Some(tls) = tls {
         if tls.inner == Some(Inner::Mux) {
             conn = conn.with_mux();

@@ -710,3 +710,167 @@ async fn a_log_filter_naming_no_level_stops_the_proxy_at_start() {
     let stderr = fails_to_start(&path, &["--log", "info,degub"]).await;
     assert!(stderr.contains("\"degub\" names no level"), "{stderr}");
 }
+
+/// A `/tap` answer being read: its status, and its body as it streams.
+struct OpenTap {
+    status: u16,
+    body: hyper::body::Incoming,
+    _conn: Task,
+}
+
+impl OpenTap {
+    /// Opens `path` (`/tap?…`) on the admin listener `admin` from a socket bound to `from`.
+    #[allow(clippy::unwrap_used)]
+    async fn open(admin: std::net::SocketAddr, from: std::net::IpAddr, path: &str) -> OpenTap {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((from, 0).into()).unwrap();
+        let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(admin))
+            .await
+            .unwrap()
+            .unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        let _conn = Task(tokio::spawn(async move {
+            let _ = conn.await;
+        }));
+        let req = Request::get(path)
+            .header("host", "admin")
+            .body(full(""))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        OpenTap {
+            status: resp.status().as_u16(),
+            body: resp.into_body(),
+            _conn,
+        }
+    }
+
+    /// The body to its end (within 10 s), as JSON lines.
+    #[allow(clippy::unwrap_used)]
+    async fn lines(self) -> Vec<serde_json::Value> {
+        let body = tokio::time::timeout(Duration::from_secs(10), self.body.collect())
+            .await
+            .unwrap_or_else(|_| panic!("the tap did not end within 10 s"))
+            .unwrap()
+            .to_bytes();
+        std::str::from_utf8(&body)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect()
+    }
+}
+
+/// `/tap` streams the requests the proxy finishes, filtered, to loopback clients only, and
+/// ends by itself; a pod without an access log is tapped all the same.
+#[tokio::test]
+async fn requests_are_tapped_live_from_loopback_only_and_taps_end_by_themselves() {
+    let app = Backend::start("127.0.0.2", "app").await;
+    let (_dir, path) = empty_config();
+    let inbound: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .args(["--no-transparent", "--log", "warn"])
+        .arg("--inbound-forward")
+        .arg(format!("{inbound}={}", app.addr))
+        .arg("--admin-addr")
+        .arg(admin.to_string())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = Killed(child);
+    let client = h1_client();
+    let send = |method: &'static str, path: &'static str| {
+        let client = client.clone();
+        async move {
+            let req = Request::builder()
+                .method(method)
+                .uri(format!("http://{inbound}{path}"))
+                .body(full("hello"))
+                .unwrap();
+            client
+                .request(req)
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        }
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the inbound listener serves",
+        || send("GET", "/"),
+    )
+    .await;
+    let loopback: std::net::IpAddr = [127, 0, 0, 1].into();
+    let relayed: std::net::IpAddr = [127, 0, 0, 6].into();
+
+    let tap = OpenTap::open(admin, loopback, "/tap?path=%2Ftapped&method=POST&max=2").await;
+    assert_eq!(tap.status, 200);
+    assert!(send("POST", "/tapped/1").await);
+    assert!(send("GET", "/tapped/get").await, "another method");
+    assert!(send("POST", "/other").await, "another path");
+    assert!(send("POST", "/tapped/2").await);
+    assert!(send("POST", "/tapped/3").await, "after the tap's max");
+    let lines = tap.lines().await;
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (line, path) in lines.iter().zip(["/tapped/1", "/tapped/2"]) {
+        assert_eq!(line["path"], path, "{line}");
+        assert_eq!(line["method"], "POST");
+        assert_eq!(line["direction"], "inbound");
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["bytes_in"], 5, "{line}");
+        assert_eq!(line["upstream"], app.addr.to_string(), "{line}");
+    }
+    assert_eq!(
+        lines[2]["tapEnd"],
+        serde_json::json!({"events": 2, "dropped": 0, "why": "max"})
+    );
+
+    // A tap whose time runs out says so, with what it saw.
+    let tap = OpenTap::open(admin, loopback, "/tap?duration=500ms").await;
+    assert!(send("GET", "/timed").await);
+    let lines = tap.lines().await;
+    assert_eq!(
+        lines.last().unwrap()["tapEnd"]["why"],
+        "duration",
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l["path"] == "/timed"), "{lines:?}");
+
+    // Another pod's connection (what the inbound listener forwards from), bad parameters,
+    // and more taps than allowed are refused, each saying why.
+    let refused = OpenTap::open(admin, relayed, "/tap").await;
+    assert_eq!(refused.status, 403);
+    let bad = OpenTap::open(admin, loopback, "/tap?max=0").await;
+    assert_eq!(bad.status, 400);
+    let bad = OpenTap::open(admin, loopback, "/tap?status=500").await;
+    assert_eq!(bad.status, 400);
+    let mut open = Vec::new();
+    for _ in 0..weft_proxy::tap::MAX_TAPS {
+        let tap = OpenTap::open(admin, loopback, "/tap?duration=1m").await;
+        assert_eq!(tap.status, 200);
+        open.push(tap);
+    }
+    let over = OpenTap::open(admin, loopback, "/tap").await;
+    assert_eq!(over.status, 429);
+    // A reader that goes away frees its place.
+    drop(open.pop());
+    eventually(
+        Duration::from_secs(5),
+        "a freed place is taken again",
+        || async {
+            OpenTap::open(admin, loopback, "/tap?duration=1m")
+                .await
+                .status
+                == 200
+        },
+    )
+    .await;
+}
