@@ -11,3 +11,4 @@ pub mod proxy_status;
 pub mod settings;
 pub mod stat;
 pub mod table;
+pub mod tap;

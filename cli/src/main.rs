@@ -8,6 +8,7 @@
 //! kubectl weft inject --config settings.yaml -f deploy.yaml
 //! kubectl weft stat deploy/web -n shop --window 10s
 //! kubectl weft explain client-7d9 http://web.shop/api -n shop -H x-user=1
+//! kubectl weft tap web-0 -n shop --direction inbound --path /api --for 5m
 //! kubectl weft check --pre                                # before installing
 //! kubectl weft check -o json                              # after
 //! ```
@@ -56,6 +57,9 @@ enum Cmd {
     /// Show a meshed pod's proxy log filter, or change it while the proxy runs (until it
     /// restarts): `kubectl weft log-level POD warn,weft_proxy=debug`.
     LogLevel(kubectl_weft::log_level::LogLevelArgs),
+    /// The requests a meshed pod's proxy handles, live, a line each as they finish:
+    /// `kubectl weft tap web-0 -n shop --path /api --for 5m`.
+    Tap(kubectl_weft::tap::TapArgs),
 }
 
 #[derive(Args)]
@@ -122,6 +126,12 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(kubectl_weft::log_level::run(args));
+        }
+        Cmd::Tap(args) => {
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(kubectl_weft::tap::run(args));
         }
         Cmd::Inject(args) => {
             let (mut cfg, source) = inject_settings(&args)?;

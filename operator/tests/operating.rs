@@ -621,34 +621,25 @@ async fn explain_and_proxy_status_give_up_on_an_operator_service_that_does_not_a
 /// `kubectl weft log-level` against a running `weft-proxy` process (through `--admin-url`,
 /// as the bed has no kubelet to port-forward to): shown, changed, a typo refused before it
 /// reaches the proxy, and a change the proxy's own log shows.
-#[tokio::test]
-async fn log_level_shows_and_changes_a_running_proxys_filter() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("proxy.yaml");
+/// A `weft-proxy` process with no services, logging at `info`, whose admin port answers:
+/// the process, its admin address, and its forward listener (for `web`, which its config
+/// lacks, so the proxy answers every request there itself).
+async fn proxy_without_services(dir: &std::path::Path) -> (Proc, SocketAddr, SocketAddr) {
+    let config = dir.join("proxy.yaml");
     std::fs::write(
         &config,
         "apiVersion: weft.dev/proxy/v1alpha1\nkind: ProxyConfig\nservices: []\n",
     )
     .unwrap();
-    let admin = free_addr();
+    let (admin, forward) = (free_addr(), free_addr());
     let mut cmd = std::process::Command::new(sibling_binary("weft-proxy"));
     cmd.args(["run", "--no-transparent", "--log", "info", "--config"])
         .arg(&config)
         .arg("--admin-addr")
         .arg(admin.to_string())
         .arg("--forward")
-        .arg(format!("{}=web", free_addr()));
-    let proxy = Proc::spawn("proxy", cmd, dir.path());
-    let url = format!("http://{admin}");
-    let run = |extra: &[&str]| {
-        let mut args: Vec<String> = ["log-level", "web-0", "-n", "shop", "--admin-url", &url]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let dir = dir.path().to_owned();
-        async move { kubectl_weft_within(&args, &dir, Duration::from_secs(20)).await }
-    };
+        .arg(format!("{forward}=web"));
+    let proxy = Proc::spawn("proxy", cmd, dir);
     eventually(Duration::from_secs(10), || async {
         std::net::TcpStream::connect(admin)?;
         anyhow::Ok(())
@@ -660,6 +651,23 @@ async fn log_level_shows_and_changes_a_running_proxys_filter() {
             proxy.log_tail()
         )
     });
+    (proxy, admin, forward)
+}
+
+#[tokio::test]
+async fn log_level_shows_and_changes_a_running_proxys_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin, _) = proxy_without_services(dir.path()).await;
+    let url = format!("http://{admin}");
+    let run = |extra: &[&str]| {
+        let mut args: Vec<String> = ["log-level", "web-0", "-n", "shop", "--admin-url", &url]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let dir = dir.path().to_owned();
+        async move { kubectl_weft_within(&args, &dir, Duration::from_secs(20)).await }
+    };
 
     let (code, out, err, _) = run(&[]).await;
     assert_eq!(
@@ -692,5 +700,96 @@ async fn log_level_shows_and_changes_a_running_proxys_filter() {
         log.contains("log filter changed") && log.contains("to=warn,weft_proxy=debug"),
         "{}",
         proxy.log_tail()
+    );
+}
+
+/// `kubectl weft tap` against a running `weft-proxy` process (through `--admin-url`): the
+/// requests it handles, filtered by path, a line each, in text and as JSON, ending after
+/// `--max`; a bad flag refused by name before anything is opened.
+#[tokio::test]
+async fn tap_shows_a_running_proxys_requests_as_they_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin, forward) = proxy_without_services(dir.path()).await;
+    let url = format!("http://{admin}");
+    for output in ["text", "json"] {
+        let args: Vec<String> = [
+            "tap",
+            "web-0",
+            "-n",
+            "shop",
+            "--admin-url",
+            &url,
+            "--path",
+            "/tapped",
+            "--max",
+            "2",
+            "-o",
+            output,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let run_dir = dir.path().join(output);
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let tap = tokio::spawn(async move {
+            kubectl_weft_within(&args, &run_dir, Duration::from_secs(30)).await
+        });
+        // Until the tap has seen its two: requests sent before it opened are not shown.
+        let mut sent = 0;
+        while !tap.is_finished() && sent < 200 {
+            let _ = http_request(forward, "/other").await;
+            let _ = http_request(forward, &format!("/tapped/{sent}")).await;
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (code, out, err, _) = tap.await.unwrap();
+        assert_eq!(code, Some(0), "{err}\n{}", proxy.log_tail());
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "two requests and the end: {out}");
+        let requests = &lines[..2];
+        let end = lines[lines.len() - 1];
+        for line in requests {
+            if output == "json" {
+                let v: Value = serde_json::from_str(line).unwrap();
+                assert!(
+                    v["path"].as_str().unwrap().starts_with("/tapped/"),
+                    "{line}"
+                );
+                assert_eq!(
+                    (v["method"].as_str(), v["direction"].as_str()),
+                    (Some("GET"), Some("outbound"))
+                );
+                assert!(v["reason"].is_string(), "the proxy answered itself: {line}");
+            } else {
+                assert!(
+                    line.contains(" outbound GET ") && line.contains("/tapped/"),
+                    "{line}"
+                );
+                assert!(line.contains(" weft-error="), "{line}");
+            }
+        }
+        if output == "json" {
+            let v: Value = serde_json::from_str(end).unwrap();
+            assert_eq!(
+                v["tapEnd"],
+                json!({"events": 2, "dropped": 0, "why": "max"})
+            );
+        } else {
+            assert_eq!(
+                end,
+                "# tap of shop/web-0 ended: 2 request(s) shown; its --max requests were shown"
+            );
+        }
+    }
+
+    let args: Vec<String> = ["tap", "web-0", "--admin-url", &url, "--for", "2h"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let (code, _, err, _) = kubectl_weft_within(&args, dir.path(), Duration::from_secs(20)).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--for \"2h\"") && err.contains("at most 30m"),
+        "{err}"
     );
 }
