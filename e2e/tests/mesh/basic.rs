@@ -560,6 +560,116 @@ spec:
     Ok(())
 }
 
+/// `kubectl-weft` (built beside this test) with the cluster's kubeconfig and the bed's
+/// `kubectl` first on its `PATH` (it runs `kubectl port-forward`).
+fn kubectl_weft(ctx: &Ctx) -> anyhow::Result<std::process::Command> {
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|exe| weft_e2e::demo::find_kubectl_weft(&exe))
+        .context("kubectl-weft is not built beside this test: cargo build -p kubectl-weft")?;
+    let path = std::env::join_paths(
+        std::iter::once(ctx.node.testbed().binaries().dir().to_path_buf()).chain(
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+        ),
+    )?;
+    let mut cmd = std::process::Command::new(binary);
+    cmd.env("KUBECONFIG", ctx.kube.kubeconfig())
+        .env("PATH", path)
+        .stdin(std::process::Stdio::null());
+    Ok(cmd)
+}
+
+/// `kubectl weft tap`, through a real `kubectl port-forward` to each pod's proxy, shows
+/// the same request live on both sides of a mutual TLS hop: the server's proxy names the
+/// client's identity, the client's proxy the endpoint and the identity it verified.
+pub fn kubectl_weft_tap_shows_live_requests_with_both_identities(ctx: &Ctx) -> anyhow::Result<()> {
+    let kube = &ctx.kube;
+    let ns = ctx.namespace("tap", true)?;
+    kube.apply(&web(&ns))?;
+    kube.apply(&client(&ns, "talker", "talker", ""))?;
+    kube.wait_ready(&ns, "app=web", READY)?;
+    kube.wait_ready(&ns, "app=talker", READY)?;
+    let web_pod = one_pod(kube, &ns, "app=web")?["metadata"]["name"]
+        .as_str()
+        .context("web's pod has no name")?
+        .to_owned();
+    let tap = |pod: &str, direction: &str| -> anyhow::Result<std::process::Child> {
+        let mut cmd = kubectl_weft(ctx)?;
+        cmd.args(["tap", pod, "-n", &ns, "--direction", direction])
+            .args([
+                "--path",
+                "/index.html",
+                "--max",
+                "1",
+                "--for",
+                "2m",
+                "-o",
+                "json",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        Ok(cmd.spawn()?)
+    };
+    let mut taps = [tap(&web_pod, "inbound")?, tap("talker", "outbound")?];
+    // Requests until both taps have seen theirs (a request before a tap opened is not
+    // shown); each takes about 2 s.
+    let started = std::time::Instant::now();
+    loop {
+        let mut done = true;
+        for t in &mut taps {
+            done &= t.try_wait()?.is_some();
+        }
+        if done {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            for t in &mut taps {
+                let _ = t.kill();
+            }
+            bail!("the taps did not each see a request within 90 s");
+        }
+        let answer = kube.http_get(&ns, "talker", "web", 80, "/index.html")?;
+        ensure!(answer.contains("hello-from-web"), "talker → web: {answer}");
+    }
+    let [inbound, outbound] = taps.map(|t| t.wait_with_output());
+    let (inbound, outbound) = (inbound?, outbound?);
+    let lines = |out: &std::process::Output, side: &str| -> anyhow::Result<Vec<Value>> {
+        ensure!(
+            out.status.success(),
+            "kubectl weft tap ({side}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        ensure!(
+            lines.len() == 2 && lines[1]["tapEnd"]["why"] == "max",
+            "kubectl weft tap ({side}): {lines:?}"
+        );
+        Ok(lines)
+    };
+    let (inbound, outbound) = (lines(&inbound, "inbound")?, lines(&outbound, "outbound")?);
+    let (i, o) = (&inbound[0], &outbound[0]);
+    ensure!(
+        i["direction"] == "inbound"
+            && i["status"] == 200
+            && i["path"] == "/index.html"
+            && i["source_identity"] == spiffe(&ns, "talker").as_str(),
+        "web's proxy: {i}"
+    );
+    ensure!(
+        o["direction"] == "outbound"
+            && o["status"] == 200
+            && o["authority"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("web"))
+            && o["destination_identity"] == spiffe(&ns, "web").as_str(),
+        "talker's proxy: {o}"
+    );
+    Ok(())
+}
+
 /// `weft.dev/proxy-log-level` sets the filter a proxy starts with, and `kubectl weft
 /// log-level` changes it while the pod runs, through a real `kubectl port-forward` to the
 /// kubelet (the path the bed's process tests cannot take): the proxy's own log, read with
@@ -585,23 +695,10 @@ pub fn a_proxys_log_level_is_set_by_annotation_and_changed_by_kubectl_weft(
         pod["spec"]["initContainers"]
     );
 
-    let kubectl_weft = std::env::current_exe()
-        .ok()
-        .and_then(|exe| weft_e2e::demo::find_kubectl_weft(&exe))
-        .context("kubectl-weft is not built beside this test: cargo build -p kubectl-weft")?;
-    // kubectl-weft runs `kubectl port-forward`: the bed's kubectl, first on its PATH.
-    let path = std::env::join_paths(
-        std::iter::once(ctx.node.testbed().binaries().dir().to_path_buf()).chain(
-            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
-        ),
-    )?;
     let log_level = |extra: &[&str]| -> anyhow::Result<String> {
-        let out = std::process::Command::new(&kubectl_weft)
+        let out = kubectl_weft(ctx)?
             .args(["log-level", "talker", "-n", &ns])
             .args(extra)
-            .env("KUBECONFIG", ctx.kube.kubeconfig())
-            .env("PATH", &path)
-            .stdin(std::process::Stdio::null())
             .output()?;
         ensure!(
             out.status.success(),

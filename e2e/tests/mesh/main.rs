@@ -102,6 +102,10 @@ const SCENARIOS: &[Scenario] = &[
         "log-level",
         basic::a_proxys_log_level_is_set_by_annotation_and_changed_by_kubectl_weft,
     ),
+    (
+        "tap",
+        basic::kubectl_weft_tap_shows_live_requests_with_both_identities,
+    ),
     ("split", traffic::a_route_splits_within_tolerance),
     ("retries", traffic::retries_hide_a_failing_pod),
     ("breaker", traffic::a_breaker_ejects_a_failing_pod),
