@@ -510,7 +510,7 @@ fn row(p: &Plan, before: &Scrapes, after: &Scrapes, window: Duration) -> Row {
     }
 }
 
-fn is_meshed(pod: &Pod) -> bool {
+pub(crate) fn is_meshed(pod: &Pod) -> bool {
     pod.labels().contains_key(MESHED_LABEL)
 }
 
@@ -569,8 +569,8 @@ async fn pods_matching(client: &Client, ns: &str, selector: &str) -> anyhow::Res
         .items)
 }
 
-/// The `(name, pods)` of each resource a deploy or pod target names.
-async fn workloads(
+/// The `(name, pods)` of each resource a deploy or pod target names (`stat`, `tap`).
+pub(crate) async fn workloads(
     client: &Client,
     ns: &str,
     t: &Target,

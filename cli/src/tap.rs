@@ -1,16 +1,18 @@
-//! `kubectl weft tap POD`: the requests a meshed pod's proxy handles, live, one line each
-//! as they finish, from its admin port's `/tap` (whether or not the pod has an access
-//! log), so that what a pod is doing right now can be seen without restarting it.
+//! `kubectl weft tap POD|deploy/NAME`: the requests a meshed pod's proxy handles, live,
+//! one line each as they finish, from its admin port's `/tap` (whether or not the pod has
+//! an access log), so that what a workload is doing right now can be seen without
+//! restarting it.
 //!
 //! ```text
 //! flags ─▶ the proxy's own TapRequest::parse (refused here, before anything is opened)
+//! deploy/NAME ─▶ its running meshed pods (at most MAX_PODS), one tap each, at once
 //! kubectl port-forward (or --admin-url) ─▶ GET /tap?… ─▶ JSON lines ─▶ a line each, or -o json
 //! ```
 //!
 //! The proxy serves `/tap` to loopback peers only: a port-forward's connections arrive on
-//! the pod's loopback and are authorized by the caller's RBAC (`pods/portforward`). A tap
-//! ends after `--max` requests or `--for`, whichever comes first, and the proxy ends it
-//! itself if this command goes away.
+//! the pod's loopback and are authorized by the caller's RBAC (`pods/portforward`). Each
+//! pod's tap ends after `--max` requests or `--for`, whichever comes first, and the proxy
+//! ends it itself if this command goes away.
 
 use std::{io::Write, time::Duration};
 
@@ -19,13 +21,17 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use weft_proxy::tap::TapRequest;
 
-use crate::admin::PodAdmin;
+use crate::admin::{AdminUrls, PodAdmin};
+
+/// The most pods one command taps at once (a port-forward each).
+pub const MAX_PODS: usize = 10;
 
 /// Flags of `kubectl weft tap`.
 #[derive(Debug, clap::Args)]
 pub struct TapArgs {
-    /// The meshed pod whose proxy's requests are shown.
-    pub pod: String,
+    /// Whose requests are shown: a meshed pod (`web-0`, `pod/web-0`), or a Deployment's
+    /// running meshed pods (`deploy/web`, at most 10), each tapped at once.
+    pub target: String,
     /// The pod's namespace.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
@@ -41,22 +47,53 @@ pub struct TapArgs {
     /// Only requests whose path starts with this (`/api`).
     #[arg(long)]
     pub path: Option<String>,
-    /// Stop after this many requests (at most 100000).
+    /// Stop each pod's tap after this many requests (at most 100000).
     #[arg(long, default_value_t = weft_proxy::tap::DEFAULT_MAX_EVENTS)]
     pub max: u64,
-    /// Stop after this long (`30s`, `5m`; at most 30m).
+    /// Stop each pod's tap after this long (`30s`, `5m`; at most 30m).
     #[arg(long = "for", default_value = "1m")]
     pub duration: String,
-    /// Output: `text` (a line per request) or `json` (the proxy's JSON lines as they are).
+    /// Output: `text` (a line per request) or `json` (the proxy's JSON lines as they are;
+    /// with a Deployment, each with the pod's `namespace/name` as `"pod"`).
     #[arg(short = 'o', long, default_value = "text")]
     pub output: String,
     /// The proxies' admin port.
     #[arg(long, default_value_t = 15021)]
     pub admin_port: u16,
-    /// Reach the proxy's admin endpoint here (`http://127.0.0.1:PORT`, an existing
-    /// port-forward) instead of running `kubectl port-forward`.
+    /// Reach a pod's proxy admin endpoint here instead of running `kubectl port-forward`:
+    /// `http://127.0.0.1:PORT` (an existing port-forward) for a pod target, or
+    /// `NAMESPACE/POD=http://127.0.0.1:PORT`, repeated, for any.
     #[arg(long)]
-    pub admin_url: Option<String>,
+    pub admin_url: Vec<String>,
+}
+
+/// What `kubectl weft tap` was asked to tap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TapTarget {
+    /// One pod, by name.
+    Pod(String),
+    /// A Deployment's running meshed pods.
+    Deployment(String),
+}
+
+impl std::str::FromStr for TapTarget {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<TapTarget> {
+        let Some((kind, name)) = s.split_once('/') else {
+            return Ok(TapTarget::Pod(s.to_owned()));
+        };
+        if name.is_empty() || name.contains('/') {
+            bail!("{s}: expected POD, pod/NAME or deploy/NAME");
+        }
+        match kind.parse::<crate::stat::Target>().map(|t| t.kind) {
+            Ok(crate::stat::Kind::Pod) => Ok(TapTarget::Pod(name.to_owned())),
+            Ok(crate::stat::Kind::Deployment) => Ok(TapTarget::Deployment(name.to_owned())),
+            _ => bail!(
+                "{s}: tap shows a pod's or a Deployment's requests: POD, pod/NAME or deploy/NAME"
+            ),
+        }
+    }
 }
 
 impl TapArgs {
@@ -106,34 +143,113 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-/// Runs the command: a line per request on stdout until the tap ends, then how it ended.
+/// Runs the command: a line per request on stdout until every pod's tap ends, each pod's
+/// end saying how; an error if any pod could not be tapped.
 pub async fn run(args: TapArgs) -> anyhow::Result<()> {
     let json = match args.output.as_str() {
         "json" => true,
         "text" => false,
         other => bail!("-o {other}: expected text or json"),
     };
+    let target: TapTarget = args.target.parse()?;
     let path = args.path_and_query()?;
-    let admin = PodAdmin::open(
-        &args.namespace,
-        &args.pod,
-        args.admin_port,
-        args.admin_url.as_deref(),
-    )
-    .await?;
-    let pod = format!("{}/{}", args.namespace, args.pod);
-    let result = stream(admin.url(), &path, |line| {
-        let mut out = std::io::stdout().lock();
-        let text = if json {
-            line.to_owned()
-        } else {
-            format_line(&pod, line)
-        };
-        writeln!(out, "{text}").and_then(|()| out.flush())
-    })
-    .await;
-    admin.close().await;
-    result
+    let urls = admin_urls(&args, &target)?;
+    let pods = match &target {
+        TapTarget::Pod(name) => vec![name.clone()],
+        TapTarget::Deployment(name) => deployment_pods(&args.namespace, name).await?,
+    };
+    let many = matches!(target, TapTarget::Deployment(_));
+    let mut taps = tokio::task::JoinSet::new();
+    for pod in pods {
+        let (namespace, port, path) = (args.namespace.clone(), args.admin_port, path.clone());
+        let url = urls.get(&namespace, &pod).map(str::to_owned);
+        taps.spawn(async move {
+            let key = format!("{namespace}/{pod}");
+            let result = async {
+                let admin = PodAdmin::open(&namespace, &pod, port, url.as_deref()).await?;
+                let shown = stream(admin.url(), &path, |line| {
+                    let text = match (json, many) {
+                        (true, false) => line.to_owned(),
+                        (true, true) => with_pod(line, &key),
+                        (false, false) => format_line(&key, line),
+                        (false, true) => format!("{pod} {}", format_line(&key, line)),
+                    };
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{text}").and_then(|()| out.flush())
+                })
+                .await;
+                admin.close().await;
+                shown
+            }
+            .await;
+            result.with_context(|| format!("tap of {key}"))
+        });
+    }
+    let mut failed = 0;
+    while let Some(done) = taps.join_next().await {
+        if let Err(e) = done.map_err(anyhow::Error::from).and_then(|r| r) {
+            failed += 1;
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} pod(s) could not be tapped");
+    }
+    Ok(())
+}
+
+/// Where to reach each pod's admin endpoint without a port-forward, from `--admin-url`.
+fn admin_urls(args: &TapArgs, target: &TapTarget) -> anyhow::Result<AdminUrls> {
+    match (target, args.admin_url.as_slice()) {
+        (TapTarget::Pod(pod), [url]) if url.starts_with("http://") => {
+            AdminUrls::parse(&[format!("{}/{pod}={url}", args.namespace)])
+        }
+        (_, values) => AdminUrls::parse(values),
+    }
+}
+
+/// The running meshed pods of Deployment `name` in `namespace`, at most [`MAX_PODS`].
+async fn deployment_pods(namespace: &str, name: &str) -> anyhow::Result<Vec<String>> {
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes client (KUBECONFIG)")?;
+    let target = crate::stat::Target {
+        kind: crate::stat::Kind::Deployment,
+        name: Some(name.to_owned()),
+    };
+    let pods: Vec<String> = crate::stat::workloads(&client, namespace, &target)
+        .await?
+        .into_iter()
+        .flat_map(|(_, pods)| pods)
+        .filter(|p| {
+            crate::stat::is_meshed(p)
+                && p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    if pods.is_empty() {
+        bail!("deployment {namespace}/{name} has no running meshed pod to tap");
+    }
+    if pods.len() > MAX_PODS {
+        let _ = writeln!(
+            std::io::stderr(),
+            "deployment {namespace}/{name} has {} running meshed pods: tapping the first {MAX_PODS}",
+            pods.len()
+        );
+    }
+    Ok(pods.into_iter().take(MAX_PODS).collect())
+}
+
+/// A JSON line with the pod it came from as its last field, `"pod"` (the proxy's fields
+/// kept in their order).
+fn with_pod(line: &str, pod: &str) -> String {
+    match line.strip_suffix('}') {
+        Some(head) if line.starts_with('{') && head.len() > 1 => {
+            format!("{head},\"pod\":{}}}", Value::String(pod.to_owned()))
+        }
+        _ => line.to_owned(),
+    }
 }
 
 /// GETs `path` at `url` and hands each line of the streamed answer to `each`, until the
@@ -271,6 +387,33 @@ pub fn format_line(pod: &str, line: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_are_a_pod_or_a_deployment() {
+        for (given, want) in [
+            ("web-0", TapTarget::Pod("web-0".to_owned())),
+            ("pod/web-0", TapTarget::Pod("web-0".to_owned())),
+            ("po/web-0", TapTarget::Pod("web-0".to_owned())),
+            ("deploy/web", TapTarget::Deployment("web".to_owned())),
+            (
+                "deployment.apps/web",
+                TapTarget::Deployment("web".to_owned()),
+            ),
+        ] {
+            assert_eq!(given.parse::<TapTarget>().unwrap(), want, "{given}");
+        }
+        for bad in ["svc/web", "deploy/", "deploy/a/b", "route/web"] {
+            assert!(bad.parse::<TapTarget>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            with_pod(r#"{"status":200,"path":"/"}"#, "shop/web-0"),
+            r#"{"status":200,"path":"/","pod":"shop/web-0"}"#
+        );
+        assert_eq!(
+            with_pod(r#"{"tapEnd":{"events":1}}"#, "a/b"),
+            r#"{"tapEnd":{"events":1},"pod":"a/b"}"#
+        );
+    }
 
     fn args(extra: &[&str]) -> TapArgs {
         use clap::Parser;

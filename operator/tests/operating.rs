@@ -452,6 +452,72 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
     );
     golden("explain.txt", &mask(&text, &volatile));
 
+    // `tap deploy/client`: both of the Deployment's pods tapped at once (web-0, another
+    // Deployment's, is not), each line naming its pod.
+    let mut args: Vec<String> = [
+        "tap",
+        "deploy/client",
+        "-n",
+        &ns,
+        "--path",
+        "/tapdeploy",
+        "--max",
+        "1",
+        "--for",
+        "30s",
+        "-o",
+        "json",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(admin_urls.iter().cloned());
+    let tap_dir = dir.path().join("tap");
+    std::fs::create_dir_all(&tap_dir).unwrap();
+    let tap =
+        tokio::spawn(
+            async move { kubectl_weft_within(&args, &tap_dir, Duration::from_secs(40)).await },
+        );
+    let mut rounds = 0;
+    while !tap.is_finished() && rounds < 200 {
+        for (_, p) in &proxies {
+            let _ = http_request(p.forward, "/tapdeploy/x").await;
+        }
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, out, err, _) = tap.await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut pods: Vec<(&str, bool)> = lines
+        .iter()
+        .map(|l| (l["pod"].as_str().unwrap(), l.get("tapEnd").is_some()))
+        .collect();
+    pods.sort_unstable();
+    let (c0, c1) = (format!("{ns}/client-0"), format!("{ns}/client-1"));
+    assert_eq!(
+        pods,
+        [
+            (&c0[..], false),
+            (&c0[..], true),
+            (&c1[..], false),
+            (&c1[..], true)
+        ],
+        "{out}"
+    );
+    for l in &lines {
+        if l.get("tapEnd").is_none() {
+            assert_eq!(
+                (l["path"].as_str(), l["status"].as_u64()),
+                (Some("/tapdeploy/x"), Some(200)),
+                "{l}"
+            );
+        }
+    }
+
     drop(proxies);
     drop(mesh);
     bed.cleanup().await;

@@ -580,8 +580,9 @@ fn kubectl_weft(ctx: &Ctx) -> anyhow::Result<std::process::Command> {
 }
 
 /// `kubectl weft tap`, through a real `kubectl port-forward` to each pod's proxy, shows
-/// the same request live on both sides of a mutual TLS hop: the server's proxy names the
-/// client's identity, the client's proxy the endpoint and the identity it verified.
+/// the same request live on both sides of a mutual TLS hop: the server's proxy (tapped as
+/// `deploy/web`) names the client's identity, the client's proxy the endpoint and the
+/// identity it verified.
 pub fn kubectl_weft_tap_shows_live_requests_with_both_identities(ctx: &Ctx) -> anyhow::Result<()> {
     let kube = &ctx.kube;
     let ns = ctx.namespace("tap", true)?;
@@ -610,7 +611,8 @@ pub fn kubectl_weft_tap_shows_live_requests_with_both_identities(ctx: &Ctx) -> a
             .stderr(std::process::Stdio::piped());
         Ok(cmd.spawn()?)
     };
-    let mut taps = [tap(&web_pod, "inbound")?, tap("talker", "outbound")?];
+    // web by its Deployment (its pods listed through the API server), talker by name.
+    let mut taps = [tap("deploy/web", "inbound")?, tap("talker", "outbound")?];
     // Requests until both taps have seen theirs (a request before a tap opened is not
     // shown); each takes about 2 s.
     let started = std::time::Instant::now();
@@ -653,6 +655,7 @@ pub fn kubectl_weft_tap_shows_live_requests_with_both_identities(ctx: &Ctx) -> a
     let (i, o) = (&inbound[0], &outbound[0]);
     ensure!(
         i["direction"] == "inbound"
+            && i["pod"] == format!("{ns}/{web_pod}").as_str()
             && i["status"] == 200
             && i["path"] == "/index.html"
             && i["source_identity"] == spiffe(&ns, "talker").as_str(),
