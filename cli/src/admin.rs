@@ -291,6 +291,91 @@ pub async fn get_within(
     }
 }
 
+/// The most pods one command reaches at once (a port-forward each).
+pub const MAX_PODS: usize = 10;
+
+/// Which pods a command on proxies' admin endpoints (`tap`, `log-level`) acts on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodTarget {
+    /// One pod, by name (`web-0`, `pod/web-0`).
+    Pod(String),
+    /// A Deployment's running meshed pods (`deploy/web`).
+    Deployment(String),
+}
+
+impl std::str::FromStr for PodTarget {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<PodTarget> {
+        let Some((kind, name)) = s.split_once('/') else {
+            return Ok(PodTarget::Pod(s.to_owned()));
+        };
+        if name.is_empty() || name.contains('/') {
+            bail!("{s}: expected POD, pod/NAME or deploy/NAME");
+        }
+        match kind.parse::<crate::stat::Target>().map(|t| t.kind) {
+            Ok(crate::stat::Kind::Pod) => Ok(PodTarget::Pod(name.to_owned())),
+            Ok(crate::stat::Kind::Deployment) => Ok(PodTarget::Deployment(name.to_owned())),
+            _ => bail!("{s}: expected a pod or a Deployment: POD, pod/NAME or deploy/NAME"),
+        }
+    }
+}
+
+impl PodTarget {
+    /// The pods' names: the pod, or the Deployment's running meshed pods in `namespace`
+    /// (at most [`MAX_PODS`], saying so on stderr when there are more), from the API
+    /// server (KUBECONFIG).
+    pub async fn pods(&self, namespace: &str) -> anyhow::Result<Vec<String>> {
+        let name = match self {
+            PodTarget::Pod(pod) => return Ok(vec![pod.clone()]),
+            PodTarget::Deployment(name) => name,
+        };
+        let client = Client::try_default()
+            .await
+            .context("no Kubernetes client (KUBECONFIG)")?;
+        let target = crate::stat::Target {
+            kind: crate::stat::Kind::Deployment,
+            name: Some(name.clone()),
+        };
+        let pods: Vec<String> = crate::stat::workloads(&client, namespace, &target)
+            .await?
+            .into_iter()
+            .flat_map(|(_, pods)| pods)
+            .filter(|p| {
+                crate::stat::is_meshed(p)
+                    && p.metadata.deletion_timestamp.is_none()
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            })
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        if pods.is_empty() {
+            bail!("deployment {namespace}/{name} has no running meshed pod");
+        }
+        if pods.len() > MAX_PODS {
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!(
+                    "deployment {namespace}/{name} has {} running meshed pods: the first {MAX_PODS} only\n",
+                    pods.len()
+                )
+                .as_bytes(),
+            );
+        }
+        Ok(pods.into_iter().take(MAX_PODS).collect())
+    }
+
+    /// Where to reach pods' admin endpoints without a port-forward, from `--admin-url`
+    /// values: `NAMESPACE/POD=URL`, or one bare URL for a pod target.
+    pub fn admin_urls(&self, namespace: &str, values: &[String]) -> anyhow::Result<AdminUrls> {
+        match (self, values) {
+            (PodTarget::Pod(pod), [url]) if url.starts_with("http://") => {
+                AdminUrls::parse(&[format!("{namespace}/{pod}={url}")])
+            }
+            (_, values) => AdminUrls::parse(values),
+        }
+    }
+}
+
 /// A pod's proxy admin endpoint as a loopback peer reaches it: through one `kubectl
 /// port-forward` (connections arrive on the pod's loopback, the only peers the proxy
 /// shows its config to and takes changes from), or at a URL given (`--admin-url`).
@@ -439,6 +524,25 @@ pub async fn call_direct(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_are_a_pod_or_a_deployment() {
+        for (given, want) in [
+            ("web-0", PodTarget::Pod("web-0".to_owned())),
+            ("pod/web-0", PodTarget::Pod("web-0".to_owned())),
+            ("po/web-0", PodTarget::Pod("web-0".to_owned())),
+            ("deploy/web", PodTarget::Deployment("web".to_owned())),
+            (
+                "deployment.apps/web",
+                PodTarget::Deployment("web".to_owned()),
+            ),
+        ] {
+            assert_eq!(given.parse::<PodTarget>().unwrap(), want, "{given}");
+        }
+        for bad in ["svc/web", "deploy/", "deploy/a/b", "route/web"] {
+            assert!(bad.parse::<PodTarget>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_service_that_does_not_answer_is_named_with_what_to_check() {

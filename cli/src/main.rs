@@ -54,11 +54,12 @@ enum Cmd {
     /// What a pod's proxy does with a request to DESTINATION, step by step, from its
     /// active config.
     Explain(kubectl_weft::explain::ExplainArgs),
-    /// Show a meshed pod's proxy log filter, or change it while the proxy runs (until it
-    /// restarts): `kubectl weft log-level POD warn,weft_proxy=debug`.
+    /// Show a meshed pod's (or a Deployment's) proxy log filter, or change it while the
+    /// proxy runs, until it restarts or `--for` a while:
+    /// `kubectl weft log-level deploy/web warn,weft_proxy=debug --for 10m`.
     LogLevel(kubectl_weft::log_level::LogLevelArgs),
-    /// The requests a meshed pod's proxy handles, live, a line each as they finish:
-    /// `kubectl weft tap web-0 -n shop --path /api --for 5m`.
+    /// The requests a meshed pod's (or a Deployment's) proxy handles, live, a line each
+    /// as they finish: `kubectl weft tap deploy/web -n shop --path /api --for 5m`.
     Tap(kubectl_weft::tap::TapArgs),
 }
 

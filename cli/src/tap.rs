@@ -21,10 +21,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use weft_proxy::tap::TapRequest;
 
-use crate::admin::{AdminUrls, PodAdmin};
-
-/// The most pods one command taps at once (a port-forward each).
-pub const MAX_PODS: usize = 10;
+use crate::admin::{PodAdmin, PodTarget};
 
 /// Flags of `kubectl weft tap`.
 #[derive(Debug, clap::Args)]
@@ -65,35 +62,6 @@ pub struct TapArgs {
     /// `NAMESPACE/POD=http://127.0.0.1:PORT`, repeated, for any.
     #[arg(long)]
     pub admin_url: Vec<String>,
-}
-
-/// What `kubectl weft tap` was asked to tap.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TapTarget {
-    /// One pod, by name.
-    Pod(String),
-    /// A Deployment's running meshed pods.
-    Deployment(String),
-}
-
-impl std::str::FromStr for TapTarget {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> anyhow::Result<TapTarget> {
-        let Some((kind, name)) = s.split_once('/') else {
-            return Ok(TapTarget::Pod(s.to_owned()));
-        };
-        if name.is_empty() || name.contains('/') {
-            bail!("{s}: expected POD, pod/NAME or deploy/NAME");
-        }
-        match kind.parse::<crate::stat::Target>().map(|t| t.kind) {
-            Ok(crate::stat::Kind::Pod) => Ok(TapTarget::Pod(name.to_owned())),
-            Ok(crate::stat::Kind::Deployment) => Ok(TapTarget::Deployment(name.to_owned())),
-            _ => bail!(
-                "{s}: tap shows a pod's or a Deployment's requests: POD, pod/NAME or deploy/NAME"
-            ),
-        }
-    }
 }
 
 impl TapArgs {
@@ -151,14 +119,11 @@ pub async fn run(args: TapArgs) -> anyhow::Result<()> {
         "text" => false,
         other => bail!("-o {other}: expected text or json"),
     };
-    let target: TapTarget = args.target.parse()?;
+    let target: PodTarget = args.target.parse()?;
     let path = args.path_and_query()?;
-    let urls = admin_urls(&args, &target)?;
-    let pods = match &target {
-        TapTarget::Pod(name) => vec![name.clone()],
-        TapTarget::Deployment(name) => deployment_pods(&args.namespace, name).await?,
-    };
-    let many = matches!(target, TapTarget::Deployment(_));
+    let urls = target.admin_urls(&args.namespace, &args.admin_url)?;
+    let pods = target.pods(&args.namespace).await?;
+    let many = matches!(target, PodTarget::Deployment(_));
     let mut taps = tokio::task::JoinSet::new();
     for pod in pods {
         let (namespace, port, path) = (args.namespace.clone(), args.admin_port, path.clone());
@@ -196,49 +161,6 @@ pub async fn run(args: TapArgs) -> anyhow::Result<()> {
         bail!("{failed} pod(s) could not be tapped");
     }
     Ok(())
-}
-
-/// Where to reach each pod's admin endpoint without a port-forward, from `--admin-url`.
-fn admin_urls(args: &TapArgs, target: &TapTarget) -> anyhow::Result<AdminUrls> {
-    match (target, args.admin_url.as_slice()) {
-        (TapTarget::Pod(pod), [url]) if url.starts_with("http://") => {
-            AdminUrls::parse(&[format!("{}/{pod}={url}", args.namespace)])
-        }
-        (_, values) => AdminUrls::parse(values),
-    }
-}
-
-/// The running meshed pods of Deployment `name` in `namespace`, at most [`MAX_PODS`].
-async fn deployment_pods(namespace: &str, name: &str) -> anyhow::Result<Vec<String>> {
-    let client = kube::Client::try_default()
-        .await
-        .context("no Kubernetes client (KUBECONFIG)")?;
-    let target = crate::stat::Target {
-        kind: crate::stat::Kind::Deployment,
-        name: Some(name.to_owned()),
-    };
-    let pods: Vec<String> = crate::stat::workloads(&client, namespace, &target)
-        .await?
-        .into_iter()
-        .flat_map(|(_, pods)| pods)
-        .filter(|p| {
-            crate::stat::is_meshed(p)
-                && p.metadata.deletion_timestamp.is_none()
-                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-        })
-        .filter_map(|p| p.metadata.name)
-        .collect();
-    if pods.is_empty() {
-        bail!("deployment {namespace}/{name} has no running meshed pod to tap");
-    }
-    if pods.len() > MAX_PODS {
-        let _ = writeln!(
-            std::io::stderr(),
-            "deployment {namespace}/{name} has {} running meshed pods: tapping the first {MAX_PODS}",
-            pods.len()
-        );
-    }
-    Ok(pods.into_iter().take(MAX_PODS).collect())
 }
 
 /// A JSON line with the pod it came from as its last field, `"pod"` (the proxy's fields
@@ -389,22 +311,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_are_a_pod_or_a_deployment() {
-        for (given, want) in [
-            ("web-0", TapTarget::Pod("web-0".to_owned())),
-            ("pod/web-0", TapTarget::Pod("web-0".to_owned())),
-            ("po/web-0", TapTarget::Pod("web-0".to_owned())),
-            ("deploy/web", TapTarget::Deployment("web".to_owned())),
-            (
-                "deployment.apps/web",
-                TapTarget::Deployment("web".to_owned()),
-            ),
-        ] {
-            assert_eq!(given.parse::<TapTarget>().unwrap(), want, "{given}");
-        }
-        for bad in ["svc/web", "deploy/", "deploy/a/b", "route/web"] {
-            assert!(bad.parse::<TapTarget>().is_err(), "{bad}");
-        }
+    fn json_lines_name_their_pod_last() {
         assert_eq!(
             with_pod(r#"{"status":200,"path":"/"}"#, "shop/web-0"),
             r#"{"status":200,"path":"/","pod":"shop/web-0"}"#

@@ -767,6 +767,28 @@ async fn log_level_shows_and_changes_a_running_proxys_filter() {
         "{}",
         proxy.log_tail()
     );
+
+    // For a while: the proxy goes back by itself to the filter it had for good.
+    let (code, _, err, _) = run(&["--for", "2s"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("give the FILTER"), "{err}");
+    let (code, _, err, _) = run(&["debug", "--for", "25h"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("at most 24h"), "{err}");
+    let (code, out, err, _) = run(&["debug", "--for", "2s"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("shop/web-0: warn,weft_proxy=debug -> debug (for ")
+            && out.ends_with(" more, then warn,weft_proxy=debug)\n"),
+        "{out}"
+    );
+    eventually(Duration::from_secs(10), || async {
+        let (_, out, _, _) = run(&[]).await;
+        ensure!(out == "shop/web-0: warn,weft_proxy=debug\n", "{out}");
+        Ok(())
+    })
+    .await
+    .unwrap();
 }
 
 /// `kubectl weft tap` against a running `weft-proxy` process (through `--admin-url`): the

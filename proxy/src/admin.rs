@@ -6,7 +6,7 @@
 //! | `/ready` | 200 once a config is active (and, with identity on, a valid certificate installed), 503 before that (the body says why) and while draining |
 //! | `/metrics` | Prometheus/OpenMetrics text |
 //! | `/config` | the active config as JSON, with its version and generation (loopback only) |
-//! | `/log-level` | `GET`: the log filter in force; `PUT` (loopback only): a new one, in force at once until the next `PUT` or a restart; 400 naming what is wrong, the old filter kept ([`crate::log_level`]) |
+//! | `/log-level` | `GET`: the log filter in force (and, when temporary, for how long more and what comes after); `PUT` (loopback only): a new one, in force at once until the next `PUT` or a restart, or with `?for=10m` for that long, then back to the last lasting one; 400 naming what is wrong, the old filter kept ([`crate::log_level`]) |
 //! | `/tap` | (loopback only) one JSON line per request this proxy finishes from now on, as the access log writes it, filtered by `direction`, `method`, `authority` and `path` (a prefix), ending after `max` requests (default 1,000) or `duration` (default 1m), with a last line saying why; 400 naming a bad parameter, 429 while 4 taps are open ([`crate::tap`]) |
 //! | `/app-health/<container>/<livez\|readyz\|startupz>` | the application's own probe, performed against the pod's address (`WEFT_POD_IP`; loopback for a port of `weft.dev/inbound-loopback-ports`, or when unset): for `httpGet` its status code, for `grpc` 200 when the health service answers `SERVING`, for `tcpSocket` 200 when it accepts a connection; 503 with the reason otherwise ([`crate::app_probe`]); 404 for a probe the pod does not have |
 //!
@@ -175,12 +175,25 @@ async fn log_level(proxy: &Proxy, peer: Peer, req: Request<Incoming>) -> Respons
         );
     };
     match *req.method() {
-        Method::GET | Method::HEAD => text(StatusCode::OK, format!("{}\n", control.current())),
+        Method::GET | Method::HEAD => text(StatusCode::OK, format!("{}\n", control.describe())),
         Method::PUT if peer == Peer::Remote => text(
             StatusCode::FORBIDDEN,
             "the log filter is changed by loopback clients only (kubectl weft log-level, kubectl port-forward, or exec into the pod)\n",
         ),
         Method::PUT => {
+            let lasting = match req.uri().query().map(|q| q.split_once('=')) {
+                None => None,
+                Some(Some(("for", d))) => match d.parse::<weft_api::Duration>() {
+                    Ok(d) => Some(d.as_std()),
+                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("for={d}: {e}\n")),
+                },
+                Some(_) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "PUT /log-level takes one parameter, for=DURATION (a temporary change)\n",
+                    );
+                }
+            };
             // A filter is at most 1 KiB; a few bytes more for a trailing newline.
             let body = http_body_util::Limited::new(req.into_body(), log_filter::MAX_LEN + 16);
             let bytes = match http_body_util::BodyExt::collect(body).await {
@@ -195,15 +208,19 @@ async fn log_level(proxy: &Proxy, peer: Peer, req: Request<Incoming>) -> Respons
             let Ok(filter) = std::str::from_utf8(&bytes) else {
                 return text(StatusCode::BAD_REQUEST, "the log filter is not UTF-8\n");
             };
-            match control.set(filter) {
+            let changed = match lasting {
+                None => control.set(filter),
+                Some(d) => control.set_for(filter, d),
+            };
+            match changed {
                 Ok(before) => {
-                    let now = control.current();
+                    let now = control.describe();
                     // `warn`: shown under any filter but `error` or `off`, including one
                     // that just lowered the verbosity.
                     tracing::warn!(from = %before, to = %now, "log filter changed");
                     text(StatusCode::OK, format!("{now}\n"))
                 }
-                Err(e @ LogLevelError::Invalid(_)) => {
+                Err(e @ (LogLevelError::Invalid(_) | LogLevelError::BadDuration)) => {
                     text(StatusCode::BAD_REQUEST, format!("{e}\n"))
                 }
                 Err(e @ LogLevelError::Reload(_)) => {

@@ -692,6 +692,40 @@ async fn the_log_filter_is_changed_while_running_from_loopback_only() {
     )
     .await;
     assert!(log_text().contains("log filter changed"), "{}", log_text());
+
+    // A temporary change goes back to the lasting filter by itself.
+    for (query, says) in [
+        ("?for=0s", "more than zero"),
+        ("?for=25h", "at most 24h"),
+        ("?for=soon", "duration"),
+        ("?level=debug", "one parameter"),
+    ] {
+        let path = format!("/log-level{query}");
+        let (status, body) = admin_call(admin, loopback, "PUT", &path, "debug").await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains(says), "{query}: {body}");
+    }
+    let (status, body) = admin_call(admin, loopback, "PUT", "/log-level?for=2s", "trace").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("trace (for 1s more, then warn,weft_proxy=debug)")
+            || body.starts_with("trace (for 2s more, then warn,weft_proxy=debug)"),
+        "{body}"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the temporary filter ends by itself",
+        || async {
+            admin_call(admin, loopback, "GET", "/log-level", "").await
+                == (200, "warn,weft_proxy=debug\n".to_owned())
+        },
+    )
+    .await;
+    assert!(
+        log_text().contains("temporary log filter ended"),
+        "{}",
+        log_text()
+    );
 }
 
 /// Kills the child process when dropped.
