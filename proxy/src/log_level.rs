@@ -111,6 +111,17 @@ impl LogControl {
     /// restart), ending any temporary change: the filter before it, or why nothing
     /// changed.
     pub fn set(&self, filter: &str) -> Result<LogFilter, LogLevelError> {
+        let (mut state, new) = self.apply(filter)?;
+        state.lasting = new.clone();
+        Ok(std::mem::replace(&mut state.current, new))
+    }
+
+    /// Parses `filter` and hands it to the subscriber, ending any temporary change: the
+    /// state, still locked, for the caller to record it in.
+    fn apply(
+        &self,
+        filter: &str,
+    ) -> Result<(std::sync::MutexGuard<'_, State>, LogFilter), LogLevelError> {
         let new = LogFilter::parse(filter)?;
         let mut state = lock(&self.state);
         (self.reload)(new.env_filter()).map_err(LogLevelError::Reload)?;
@@ -118,8 +129,7 @@ impl LogControl {
             task.abort();
         }
         state.changes += 1;
-        state.lasting = new.clone();
-        Ok(std::mem::replace(&mut state.current, new))
+        Ok((state, new))
     }
 
     /// Parses `filter` and puts it in force for `duration`, after which the lasting filter
@@ -129,13 +139,7 @@ impl LogControl {
         if duration.is_zero() || duration > MAX_TEMPORARY {
             return Err(LogLevelError::BadDuration);
         }
-        let new = LogFilter::parse(filter)?;
-        let mut state = lock(&self.state);
-        (self.reload)(new.env_filter()).map_err(LogLevelError::Reload)?;
-        if let Some((_, task)) = state.temporary.take() {
-            task.abort();
-        }
-        state.changes += 1;
+        let (mut state, new) = self.apply(filter)?;
         let change = state.changes;
         let until = tokio::time::Instant::now() + duration;
         let (shared, reload) = (self.state.clone(), self.reload.clone());

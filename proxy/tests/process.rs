@@ -570,16 +570,14 @@ fn empty_config() -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, path)
 }
 
-/// `method` `path` on the admin listener `admin` with `body`, from a socket bound to
-/// `from`: the status and body.
+/// `req` to the admin listener `admin` from a socket bound to `from`: the answer, and the
+/// task driving its connection (which the answer's body needs).
 #[allow(clippy::unwrap_used)]
-async fn admin_call(
+async fn admin_send(
     admin: std::net::SocketAddr,
     from: std::net::IpAddr,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> (u16, String) {
+    req: Request<Body>,
+) -> (http::Response<hyper::body::Incoming>, Task) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind((from, 0).into()).unwrap();
     let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(admin))
@@ -590,16 +588,33 @@ async fn admin_call(
         hyper::client::conn::http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(stream))
             .await
             .unwrap();
-    let _conn = Task(tokio::spawn(async move {
+    let conn = Task(tokio::spawn(async move {
         let _ = conn.await;
     }));
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    (resp, conn)
+}
+
+/// `method` `path` on the admin listener `admin` with `body`, from a socket bound to
+/// `from`: the status and body.
+#[allow(clippy::unwrap_used)]
+async fn admin_call(
+    admin: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
     let req = Request::builder()
         .method(method)
         .uri(path)
         .header("host", "admin")
         .body(full(body.to_owned()))
         .unwrap();
-    let resp = send.send_request(req).await.unwrap();
+    let (resp, _conn) = admin_send(admin, from, req).await;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
@@ -756,27 +771,11 @@ impl OpenTap {
     /// Opens `path` (`/tap?…`) on the admin listener `admin` from a socket bound to `from`.
     #[allow(clippy::unwrap_used)]
     async fn open(admin: std::net::SocketAddr, from: std::net::IpAddr, path: &str) -> OpenTap {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind((from, 0).into()).unwrap();
-        let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(admin))
-            .await
-            .unwrap()
-            .unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        let _conn = Task(tokio::spawn(async move {
-            let _ = conn.await;
-        }));
         let req = Request::get(path)
             .header("host", "admin")
             .body(full(""))
             .unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
-            .await
-            .unwrap()
-            .unwrap();
+        let (resp, _conn) = admin_send(admin, from, req).await;
         OpenTap {
             status: resp.status().as_u16(),
             body: resp.into_body(),
