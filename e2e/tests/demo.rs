@@ -198,6 +198,15 @@ fn the_demo_runs_on_the_node_and_shows_what_it_says() -> anyhow::Result<()> {
     for deploy in ["web-v1", "web-v2", "client"] {
         assert!(stat.contains(deploy), "{stat}");
     }
+    // The tap shows web-v1's requests from the client's identity, then its end.
+    let tap = report.tap.as_deref().unwrap_or_default();
+    assert!(
+        tap.contains(" inbound  GET ")
+            && tap.contains(" 200 ")
+            && tap.contains("from spiffe://cluster.local/ns/weft-demo/sa/client")
+            && tap.contains("ended: 5 request(s) shown"),
+        "{tap}"
+    );
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 
     // Dropping the attached node removes everything it created.

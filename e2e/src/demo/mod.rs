@@ -6,7 +6,7 @@
 //!  weft-demo (bin) ─▶ local node or KUBECONFIG ─▶ images ─▶ helm install ─┐
 //!  tests/demo.rs ──▶ attached node ─────────────▶ images ─▶ helm install ─┤
 //!                                                                         ▼
-//!  Demo::run: app ─▶ sidecars ─▶ identities ─▶ 90/10 ─▶ 50/50 ─▶ breaker ─▶ policy ─▶ stat
+//!  Demo::run: app ─▶ sidecars ─▶ identities ─▶ 90/10 ─▶ 50/50 ─▶ breaker ─▶ policy ─▶ stat ─▶ tap
 //!                         (each reads the client's report lines, the proxies' logs or metrics)
 //! ```
 //!
@@ -238,6 +238,9 @@ pub struct Report {
     pub policy: PolicyOutcome,
     /// `kubectl weft stat deploy -n weft-demo`, when kubectl-weft was found.
     pub stat: Option<String>,
+    /// `kubectl weft tap deploy/web-v1 …`: a few of web-v1's requests, live, when
+    /// kubectl-weft was found.
+    pub tap: Option<String>,
     /// What the demo observed that was off (an empty list: everything as expected).
     pub problems: Vec<String>,
 }
@@ -310,6 +313,7 @@ impl<'a> Demo<'a> {
         let breaker = self.breaker()?;
         let policy = self.policy()?;
         let stat = self.stat()?;
+        let tap = self.tap();
         Ok(Report {
             injected,
             identities,
@@ -319,6 +323,7 @@ impl<'a> Demo<'a> {
             breaker,
             policy,
             stat,
+            tap,
             problems: self.problems,
         })
     }
@@ -974,6 +979,35 @@ impl<'a> Demo<'a> {
             "kubectl weft proxy-status -n {NAMESPACE} --operator-service {OPERATOR_SERVICE}"
         ));
         Ok(out)
+    }
+
+    fn tap(&mut self) -> Option<String> {
+        self.narrator
+            .step("10. Live requests: who calls web-v1, and how it went");
+        let args = [
+            "tap",
+            "deploy/web-v1",
+            "-n",
+            NAMESPACE,
+            "--direction",
+            "inbound",
+            "--max",
+            "5",
+            "--for",
+            "20s",
+        ];
+        let out = self.kubectl_weft_output(&args);
+        if let Some(lines) = &out {
+            self.narrator.say(lines);
+            self.narrator.say(
+                "Each line is one request web-v1's proxy answered, as it finished: status, \
+                 latency and the client's mesh identity, verified over mutual TLS.",
+            );
+        }
+        self.narrator.see(&format!(
+            "kubectl weft tap deploy/web-v1 -n {NAMESPACE} --path / --for 5m"
+        ));
+        out
     }
 
     /// Runs the kubectl-weft binary against the cluster, for at most
