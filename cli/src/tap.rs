@@ -137,6 +137,8 @@ pub async fn run(args: TapArgs) -> anyhow::Result<()> {
                         (true, false) => line.to_owned(),
                         (true, true) => with_pod(line, &key),
                         (false, false) => format_line(&key, line),
+                        // The end line names its pod already.
+                        (false, true) if line.starts_with("{\"tapEnd\"") => format_line(&key, line),
                         (false, true) => format!("{pod} {}", format_line(&key, line)),
                     };
                     let mut out = std::io::stdout().lock();
