@@ -597,12 +597,13 @@ impl HttpConn {
     /// this hop's trace context upstream and, when sampled, one span per request ends
     /// with its response body.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let tapped = self.taps.as_ref().filter(|t| t.active());
-        let mut resp = if self.access_log.is_none() && self.tracer.is_none() && tapped.is_none() {
-            self.handle_request(req, None).await
+        let observed = self.access_log.is_some()
+            || self.tracer.is_some()
+            || self.taps.as_ref().is_some_and(|t| t.active());
+        let mut resp = if observed {
+            self.handle_observed(req).await
         } else {
-            let taps = tapped.cloned();
-            self.handle_observed(req, taps).await
+            self.handle_request(req, None).await
         };
         // A proxy answers in its own HTTP version (RFC 9110, section 6.2): an HTTP/1.0
         // application's answer reaches an HTTP/1.1 client as HTTP/1.1, so a body of
@@ -614,12 +615,9 @@ impl HttpConn {
         resp
     }
 
-    /// [`HttpConn::handle`] with an access log, a tracer or a tap open (`taps`).
-    async fn handle_observed(
-        &self,
-        req: Request<Incoming>,
-        taps: Option<Arc<crate::tap::Taps>>,
-    ) -> Response<ProxyBody> {
+    /// [`HttpConn::handle`] with an access log, a tracer or a tap open.
+    async fn handle_observed(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let taps = self.taps.as_ref().filter(|t| t.active()).cloned();
         let started = Instant::now();
         let now = std::time::SystemTime::now();
         let mut trail = access_log::Trail::default();
