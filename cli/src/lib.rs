@@ -12,3 +12,4 @@ pub mod settings;
 pub mod stat;
 pub mod table;
 pub mod tap;
+pub mod top;

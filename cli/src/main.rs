@@ -9,6 +9,7 @@
 //! kubectl weft stat deploy/web -n shop --window 10s
 //! kubectl weft explain client-7d9 http://web.shop/api -n shop -H x-user=1
 //! kubectl weft tap web-0 -n shop --direction inbound --path /api --for 5m
+//! kubectl weft top deploy/web -n shop --for 30s
 //! kubectl weft check --pre                                # before installing
 //! kubectl weft check -o json                              # after
 //! ```
@@ -61,6 +62,9 @@ enum Cmd {
     /// The requests a meshed pod's (or a Deployment's) proxy handles, live, a line each
     /// as they finish: `kubectl weft tap deploy/web -n shop --path /api --for 5m`.
     Tap(kubectl_weft::tap::TapArgs),
+    /// The busiest requests through a meshed pod's (or a Deployment's) proxy over a while,
+    /// with their success rate and latency: `kubectl weft top deploy/web -n shop --for 30s`.
+    Top(kubectl_weft::top::TopArgs),
 }
 
 #[derive(Args)]
@@ -133,6 +137,12 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(kubectl_weft::tap::run(args));
+        }
+        Cmd::Top(args) => {
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(kubectl_weft::top::run(args));
         }
         Cmd::Inject(args) => {
             let (mut cfg, source) = inject_settings(&args)?;

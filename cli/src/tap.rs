@@ -21,7 +21,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use weft_proxy::tap::TapRequest;
 
-use crate::admin::{PodAdmin, PodTarget};
+use crate::admin::{AdminUrls, PodAdmin, PodTarget};
 
 /// Flags of `kubectl weft tap`.
 #[derive(Debug, clap::Args)]
@@ -121,48 +121,108 @@ pub async fn run(args: TapArgs) -> anyhow::Result<()> {
     };
     let target: PodTarget = args.target.parse()?;
     let path = args.path_and_query()?;
-    let urls = target.admin_urls(&args.namespace, &args.admin_url)?;
-    let pods = target.pods(&args.namespace).await?;
     let many = matches!(target, PodTarget::Deployment(_));
-    let mut taps = tokio::task::JoinSet::new();
-    for pod in pods {
-        let (namespace, port, path) = (args.namespace.clone(), args.admin_port, path.clone());
-        let url = urls.get(&namespace, &pod).map(str::to_owned);
-        taps.spawn(async move {
-            let key = format!("{namespace}/{pod}");
-            let result = async {
-                let admin = PodAdmin::open(&namespace, &pod, port, url.as_deref()).await?;
-                let shown = stream(admin.url(), &path, |line| {
-                    let text = match (json, many) {
-                        (true, false) => line.to_owned(),
-                        (true, true) => with_pod(line, &key),
-                        (false, false) => format_line(&key, line),
-                        // The end line names its pod already.
-                        (false, true) if line.starts_with("{\"tapEnd\"") => format_line(&key, line),
-                        (false, true) => format!("{pod} {}", format_line(&key, line)),
-                    };
-                    let mut out = std::io::stdout().lock();
-                    writeln!(out, "{text}").and_then(|()| out.flush())
-                })
+    let pods = Pods::find(&target, &args.namespace, args.admin_port, &args.admin_url).await?;
+    pods.tap(
+        &path,
+        |_| {},
+        move |pod, key, line| {
+            let text = match (json, many) {
+                (true, false) => line.to_owned(),
+                (true, true) => with_pod(line, key),
+                (false, false) => format_line(key, line),
+                // The end line names its pod already.
+                (false, true) if line.starts_with("{\"tapEnd\"") => format_line(key, line),
+                (false, true) => format!("{pod} {}", format_line(key, line)),
+            };
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{text}").and_then(|()| out.flush())
+        },
+    )
+    .await
+}
+
+/// The pods a command taps, and how each one's admin port is reached.
+pub struct Pods {
+    namespace: String,
+    names: Vec<String>,
+    admin_port: u16,
+    urls: AdminUrls,
+}
+
+impl Pods {
+    /// `target`'s pods in `namespace` (a Deployment's from the API server), reached at
+    /// `--admin-url` values where given, else through `kubectl port-forward`.
+    pub async fn find(
+        target: &PodTarget,
+        namespace: &str,
+        admin_port: u16,
+        admin_url: &[String],
+    ) -> anyhow::Result<Pods> {
+        let urls = target.admin_urls(namespace, admin_url)?;
+        Ok(Pods {
+            namespace: namespace.to_owned(),
+            names: target.pods(namespace).await?,
+            admin_port,
+            urls,
+        })
+    }
+
+    /// How many pods.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether there are none (never, once found).
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// Opens `path` (`/tap?…`) on every pod at once and hands each line to `each(pod,
+    /// namespace/pod, line)` until every tap ends; `opened(namespace/pod)` as each tap's
+    /// stream begins. A pod that cannot be tapped is named on stderr while the others go
+    /// on, and makes the whole an error.
+    pub async fn tap<O, F>(self, path: &str, opened: O, each: F) -> anyhow::Result<()>
+    where
+        O: Fn(&str) + Clone + Send + Sync + 'static,
+        F: Fn(&str, &str, &str) -> std::io::Result<()> + Clone + Send + Sync + 'static,
+    {
+        let mut taps = tokio::task::JoinSet::new();
+        for pod in self.names {
+            let (namespace, port, path) =
+                (self.namespace.clone(), self.admin_port, path.to_owned());
+            let url = self.urls.get(&namespace, &pod).map(str::to_owned);
+            let (opened, each) = (opened.clone(), each.clone());
+            taps.spawn(async move {
+                let key = format!("{namespace}/{pod}");
+                let result = async {
+                    let admin = PodAdmin::open(&namespace, &pod, port, url.as_deref()).await?;
+                    let shown = stream(
+                        admin.url(),
+                        &path,
+                        || opened(&key),
+                        |line| each(&pod, &key, line),
+                    )
+                    .await;
+                    admin.close().await;
+                    shown
+                }
                 .await;
-                admin.close().await;
-                shown
-            }
-            .await;
-            result.with_context(|| format!("tap of {key}"))
-        });
-    }
-    let mut failed = 0;
-    while let Some(done) = taps.join_next().await {
-        if let Err(e) = done.map_err(anyhow::Error::from).and_then(|r| r) {
-            failed += 1;
-            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+                result.with_context(|| format!("tap of {key}"))
+            });
         }
+        let mut failed = 0;
+        while let Some(done) = taps.join_next().await {
+            if let Err(e) = done.map_err(anyhow::Error::from).and_then(|r| r) {
+                failed += 1;
+                let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            }
+        }
+        if failed > 0 {
+            bail!("{failed} pod(s) could not be tapped");
+        }
+        Ok(())
     }
-    if failed > 0 {
-        bail!("{failed} pod(s) could not be tapped");
-    }
-    Ok(())
 }
 
 /// A JSON line with the pod it came from as its last field, `"pod"` (the proxy's fields
@@ -176,11 +236,13 @@ fn with_pod(line: &str, pod: &str) -> String {
     }
 }
 
-/// GETs `path` at `url` and hands each line of the streamed answer to `each`, until the
-/// answer ends; an error for anything but a 200 (with the proxy's reason) or a cut stream.
+/// GETs `path` at `url`, calls `on_open` once the proxy has accepted, and hands each line of
+/// the streamed answer to `each`, until the answer ends; an error for anything but a 200
+/// (with the proxy's reason) or a cut stream.
 pub async fn stream(
     url: &str,
     path: &str,
+    on_open: impl FnOnce(),
     mut each: impl FnMut(&str) -> std::io::Result<()>,
 ) -> anyhow::Result<()> {
     let authority = url
@@ -215,6 +277,7 @@ pub async fn stream(
             .unwrap_or_default();
         bail!("the proxy refused the tap ({status}): {text}");
     }
+    on_open();
     let mut pending = Vec::new();
     let mut ended = false;
     while let Some(frame) = body.frame().await {

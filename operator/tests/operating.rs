@@ -518,6 +518,79 @@ async fn stat_counts_exactly_the_requests_sent_and_explain_walks_the_route() {
         }
     }
 
+    // `top deploy/client`: the two pods' requests summed per row, the busiest first, the
+    // Route's aborted ones failing.
+    let mut args: Vec<String> = [
+        "top",
+        "deploy/client",
+        "-n",
+        &ns,
+        "--for",
+        "5s",
+        "-o",
+        "json",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(admin_urls.iter().cloned());
+    let top_dir = dir.path().join("top");
+    std::fs::create_dir_all(&top_dir).unwrap();
+    let top = {
+        let top_dir = top_dir.clone();
+        tokio::spawn(
+            async move { kubectl_weft_within(&args, &top_dir, Duration::from_secs(30)).await },
+        )
+    };
+    eventually(Duration::from_secs(20), || async {
+        let err = std::fs::read_to_string(top_dir.join("kubectl-weft.err")).unwrap_or_default();
+        ensure!(err.matches("# tapping ").count() == 2, "{err}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let (c0, c1) = (&proxies[0].1, &proxies[1].1);
+    send(c0.forward, "/top/a", 6, 200).await;
+    send(c1.forward, "/top/a", 3, 200).await;
+    send(c1.forward, "/fail/top", 4, 503).await;
+    let (code, out, err, _) = top.await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let out: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(out["requests"], 13, "{out:#}");
+    let rows = out["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{out:#}");
+    for (row, path, requests, success) in [
+        (&rows[0], "/top/a", 9, 1.0),
+        (&rows[1], "/fail/top", 4, 0.0),
+    ] {
+        assert_eq!(
+            (
+                row["direction"].as_str(),
+                row["method"].as_str(),
+                row["path"].as_str(),
+                row["requests"].as_u64(),
+                row["success_rate"].as_f64()
+            ),
+            (
+                Some("outbound"),
+                Some("GET"),
+                Some(path),
+                Some(requests),
+                Some(success)
+            ),
+            "{out:#}"
+        );
+        let (p50, max) = (
+            row["p50_ms"].as_f64().unwrap(),
+            row["max_ms"].as_f64().unwrap(),
+        );
+        assert!(0.0 < p50 && p50 <= max && max < 5_000.0, "{out:#}");
+    }
+    for pod in [format!("{ns}/client-0"), format!("{ns}/client-1")] {
+        assert_eq!(out["pods"][&pod]["why"], "duration", "{out:#}");
+        assert_eq!(out["pods"][&pod]["dropped"], 0, "{out:#}");
+    }
+
     drop(proxies);
     drop(mesh);
     bed.cleanup().await;
