@@ -23,11 +23,11 @@ use weft_proxy::tap::TapRequest;
 
 use crate::admin::{AdminUrls, PodAdmin, PodTarget};
 
-/// Flags of `kubectl weft tap`.
-#[derive(Debug, clap::Args)]
-pub struct TapArgs {
-    /// Whose requests are shown: a meshed pod (`web-0`, `pod/web-0`), or a Deployment's
-    /// running meshed pods (`deploy/web`, at most 10), each tapped at once.
+/// The flags `tap` and `top` share: whose proxies, how they are reached, which requests.
+#[derive(Clone, Debug, clap::Args)]
+pub struct TapScope {
+    /// A meshed pod (`web-0`, `pod/web-0`), or a Deployment's running meshed pods
+    /// (`deploy/web`, at most 10), each tapped at once.
     pub target: String,
     /// The pod's namespace.
     #[arg(short = 'n', long, default_value = "default")]
@@ -44,16 +44,6 @@ pub struct TapArgs {
     /// Only requests whose path starts with this (`/api`).
     #[arg(long)]
     pub path: Option<String>,
-    /// Stop each pod's tap after this many requests (at most 100000).
-    #[arg(long, default_value_t = weft_proxy::tap::DEFAULT_MAX_EVENTS)]
-    pub max: u64,
-    /// Stop each pod's tap after this long (`30s`, `5m`; at most 30m).
-    #[arg(long = "for", default_value = "1m")]
-    pub duration: String,
-    /// Output: `text` (a line per request) or `json` (the proxy's JSON lines as they are;
-    /// with a Deployment, each with the pod's `namespace/name` as `"pod"`).
-    #[arg(short = 'o', long, default_value = "text")]
-    pub output: String,
     /// The proxies' admin port.
     #[arg(long, default_value_t = 15021)]
     pub admin_port: u16,
@@ -64,17 +54,18 @@ pub struct TapArgs {
     pub admin_url: Vec<String>,
 }
 
-impl TapArgs {
-    /// `/tap`'s path and query for these flags, checked with the proxy's own parser.
-    pub fn path_and_query(&self) -> anyhow::Result<String> {
+impl TapScope {
+    /// `/tap`'s path and query for these filters, `max` requests and `duration` (the
+    /// `--for` flag), checked with the proxy's own parser and refused by flag name.
+    pub fn path_and_query(&self, max: u64, duration: &str) -> anyhow::Result<String> {
         let mut query = Vec::new();
         for (key, value) in [
             ("direction", self.direction.as_deref()),
             ("method", self.method.as_deref()),
             ("authority", self.authority.as_deref()),
             ("path", self.path.as_deref()),
-            ("max", Some(&*self.max.to_string())),
-            ("duration", Some(self.duration.as_str())),
+            ("max", Some(&*max.to_string())),
+            ("duration", Some(duration)),
         ] {
             if let Some(v) = value {
                 query.push(format!("{key}={}", percent_encode(v)));
@@ -98,6 +89,24 @@ impl TapArgs {
     }
 }
 
+/// Flags of `kubectl weft tap`.
+#[derive(Debug, clap::Args)]
+pub struct TapArgs {
+    /// Whose requests, which, and how the proxies are reached.
+    #[command(flatten)]
+    pub scope: TapScope,
+    /// Stop each pod's tap after this many requests (at most 100000).
+    #[arg(long, default_value_t = weft_proxy::tap::DEFAULT_MAX_EVENTS)]
+    pub max: u64,
+    /// Stop each pod's tap after this long (`30s`, `5m`; at most 30m).
+    #[arg(long = "for", default_value = "1m")]
+    pub duration: String,
+    /// Output: `text` (a line per request) or `json` (the proxy's JSON lines as they are;
+    /// with a Deployment, each with the pod's `namespace/name` as `"pod"`).
+    #[arg(short = 'o', long, default_value = "text")]
+    pub output: String,
+}
+
 /// Every byte but the unreserved ones and `/` as `%XX`.
 fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -119,10 +128,10 @@ pub async fn run(args: TapArgs) -> anyhow::Result<()> {
         "text" => false,
         other => bail!("-o {other}: expected text or json"),
     };
-    let target: PodTarget = args.target.parse()?;
-    let path = args.path_and_query()?;
+    let target: PodTarget = args.scope.target.parse()?;
+    let path = args.scope.path_and_query(args.max, &args.duration)?;
     let many = matches!(target, PodTarget::Deployment(_));
-    let pods = Pods::find(&target, &args.namespace, args.admin_port, &args.admin_url).await?;
+    let pods = Pods::find(&target, &args.scope).await?;
     pods.tap(
         &path,
         |_| {},
@@ -151,19 +160,14 @@ pub struct Pods {
 }
 
 impl Pods {
-    /// `target`'s pods in `namespace` (a Deployment's from the API server), reached at
-    /// `--admin-url` values where given, else through `kubectl port-forward`.
-    pub async fn find(
-        target: &PodTarget,
-        namespace: &str,
-        admin_port: u16,
-        admin_url: &[String],
-    ) -> anyhow::Result<Pods> {
-        let urls = target.admin_urls(namespace, admin_url)?;
+    /// `target`'s pods in the scope's namespace (a Deployment's from the API server),
+    /// reached at `--admin-url` values where given, else through `kubectl port-forward`.
+    pub async fn find(target: &PodTarget, scope: &TapScope) -> anyhow::Result<Pods> {
+        let urls = target.admin_urls(&scope.namespace, &scope.admin_url)?;
         Ok(Pods {
-            namespace: namespace.to_owned(),
-            names: target.pods(namespace).await?,
-            admin_port,
+            namespace: scope.namespace.clone(),
+            names: target.pods(&scope.namespace).await?,
+            admin_port: scope.admin_port,
             urls,
         })
     }
@@ -387,7 +391,8 @@ mod tests {
         );
     }
 
-    fn args(extra: &[&str]) -> TapArgs {
+    /// The path and query `kubectl weft tap web-0 EXTRA…` asks for.
+    fn path(extra: &[&str]) -> anyhow::Result<String> {
         use clap::Parser;
         #[derive(clap::Parser)]
         struct Cli {
@@ -396,19 +401,15 @@ mod tests {
         }
         let mut argv = vec!["tap", "web-0"];
         argv.extend_from_slice(extra);
-        Cli::parse_from(argv).tap
+        let tap = Cli::parse_from(argv).tap;
+        tap.scope.path_and_query(tap.max, &tap.duration)
     }
 
     #[test]
     fn flags_become_the_query_and_bad_ones_are_named_as_flags() {
+        assert_eq!(path(&[]).unwrap(), "/tap?max=1000&duration=1m");
         assert_eq!(
-            args(&[]).path_and_query().unwrap(),
-            "/tap?max=1000&duration=1m"
-        );
-        assert_eq!(
-            args(&["--path", "/a b&c", "--direction", "inbound", "--for", "5m"])
-                .path_and_query()
-                .unwrap(),
+            path(&["--path", "/a b&c", "--direction", "inbound", "--for", "5m"]).unwrap(),
             "/tap?direction=inbound&path=/a%20b%26c&max=1000&duration=5m"
         );
         for (flags, says) in [
@@ -417,7 +418,7 @@ mod tests {
             (&["--path", "api"][..], "--path \"api\""),
             (&["--max", "0"][..], "--max \"0\""),
         ] {
-            let e = args(flags).path_and_query().unwrap_err().to_string();
+            let e = path(flags).unwrap_err().to_string();
             assert!(e.contains(says), "{flags:?}: {e}");
         }
     }

@@ -27,30 +27,15 @@ use serde_json::Value;
 
 use crate::{
     admin::PodTarget,
-    tap::{Pods, TapArgs},
+    tap::{Pods, TapScope},
 };
 
 /// Flags of `kubectl weft top`.
 #[derive(Debug, clap::Args)]
 pub struct TopArgs {
-    /// Whose requests are counted: a meshed pod (`web-0`, `pod/web-0`), or a Deployment's
-    /// running meshed pods (`deploy/web`, at most 10), summed.
-    pub target: String,
-    /// The pod's namespace.
-    #[arg(short = 'n', long, default_value = "default")]
-    pub namespace: String,
-    /// Only requests of this direction: `inbound` (to the pod) or `outbound` (from it).
-    #[arg(long)]
-    pub direction: Option<String>,
-    /// Only requests of this method (`GET`).
-    #[arg(long)]
-    pub method: Option<String>,
-    /// Only requests to this authority (`web.shop:8080`, or the host alone for any port).
-    #[arg(long)]
-    pub authority: Option<String>,
-    /// Only requests whose path starts with this (`/api`).
-    #[arg(long)]
-    pub path: Option<String>,
+    /// Whose requests (a Deployment's pods' summed), which, and how the proxies are reached.
+    #[command(flatten)]
+    pub scope: TapScope,
     /// How long to count (`10s`, `5m`; at most 30m).
     #[arg(long = "for", default_value = "10s")]
     pub duration: String,
@@ -60,33 +45,6 @@ pub struct TopArgs {
     /// Output: `text` (a table) or `json`.
     #[arg(short = 'o', long, default_value = "text")]
     pub output: String,
-    /// The proxies' admin port.
-    #[arg(long, default_value_t = 15021)]
-    pub admin_port: u16,
-    /// Reach a pod's proxy admin endpoint here instead of running `kubectl port-forward`:
-    /// `http://127.0.0.1:PORT` for a pod target, or `NAMESPACE/POD=http://127.0.0.1:PORT`,
-    /// repeated, for any.
-    #[arg(long)]
-    pub admin_url: Vec<String>,
-}
-
-impl TopArgs {
-    /// The tap these flags open on each pod: every matching request for `--for`.
-    fn tap(&self) -> TapArgs {
-        TapArgs {
-            target: self.target.clone(),
-            namespace: self.namespace.clone(),
-            direction: self.direction.clone(),
-            method: self.method.clone(),
-            authority: self.authority.clone(),
-            path: self.path.clone(),
-            max: weft_proxy::tap::MAX_EVENTS,
-            duration: self.duration.clone(),
-            output: self.output.clone(),
-            admin_port: self.admin_port,
-            admin_url: self.admin_url.clone(),
-        }
-    }
 }
 
 /// Runs the command: counts until every pod's tap ends (or Ctrl-C), then prints the table.
@@ -99,10 +57,12 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     if args.limit == 0 {
         bail!("--limit 0: at least one row");
     }
-    let tap = args.tap();
-    let path = tap.path_and_query()?;
-    let target: PodTarget = args.target.parse()?;
-    let pods = Pods::find(&target, &args.namespace, args.admin_port, &args.admin_url).await?;
+    // Every matching request for the whole window.
+    let path = args
+        .scope
+        .path_and_query(weft_proxy::tap::MAX_EVENTS, &args.duration)?;
+    let target: PodTarget = args.scope.target.parse()?;
+    let pods = Pods::find(&target, &args.scope).await?;
     let top = Arc::new(Mutex::new(Top::new(pods.len())));
     let started = Instant::now();
     let counting = {
