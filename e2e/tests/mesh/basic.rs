@@ -582,7 +582,8 @@ fn kubectl_weft(ctx: &Ctx) -> anyhow::Result<std::process::Command> {
 /// `kubectl weft tap`, through a real `kubectl port-forward` to each pod's proxy, shows
 /// the same request live on both sides of a mutual TLS hop: the server's proxy (tapped as
 /// `deploy/web`) names the client's identity, the client's proxy the endpoint and the
-/// identity it verified.
+/// identity it verified. `kubectl weft top deploy/web` then counts three requests in one
+/// row, with the client's identity.
 pub fn kubectl_weft_tap_shows_live_requests_with_both_identities(ctx: &Ctx) -> anyhow::Result<()> {
     let kube = &ctx.kube;
     let ns = ctx.namespace("tap", true)?;
@@ -669,6 +670,41 @@ pub fn kubectl_weft_tap_shows_live_requests_with_both_identities(ctx: &Ctx) -> a
                 .is_some_and(|a| a.starts_with("web"))
             && o["destination_identity"] == spiffe(&ns, "web").as_str(),
         "talker's proxy: {o}"
+    );
+
+    // `top deploy/web`: the requests counted over its window, through the same port-forward.
+    let mut top = kubectl_weft(ctx)?
+        .args(["top", "deploy/web", "-n", &ns, "--direction", "inbound"])
+        .args(["--path", "/index.html", "--for", "25s", "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stderr = std::io::BufReader::new(top.stderr.take().context("top's stderr")?);
+    let mut said = String::new();
+    // Until its tap is open: a request before it would not be counted.
+    while !said.contains("# tapping ") {
+        if std::io::BufRead::read_line(&mut stderr, &mut said)? == 0 {
+            let _ = top.kill();
+            bail!("kubectl weft top ended before its tap opened: {said}");
+        }
+    }
+    for _ in 0..3 {
+        let answer = kube.http_get(&ns, "talker", "web", 80, "/index.html")?;
+        ensure!(answer.contains("hello-from-web"), "talker → web: {answer}");
+    }
+    let out = top.wait_with_output()?;
+    std::io::Read::read_to_string(&mut stderr, &mut said)?;
+    ensure!(out.status.success(), "kubectl weft top: {said}");
+    let table: Value = serde_json::from_slice(&out.stdout)?;
+    let row = &table["rows"][0];
+    ensure!(
+        table["requests"] == 3
+            && row["requests"] == 3
+            && row["success_rate"] == 1.0
+            && row["path"] == "/index.html"
+            && row["peer"] == spiffe(&ns, "talker").as_str()
+            && table["pods"][format!("{ns}/{web_pod}")]["why"] == "duration",
+        "kubectl weft top: {table:#}"
     );
     Ok(())
 }
