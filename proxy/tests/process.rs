@@ -624,24 +624,9 @@ async fn admin_call(
 async fn the_log_filter_is_changed_while_running_from_loopback_only() {
     let app = Backend::start("127.0.0.2", "app").await;
     let (dir, path) = empty_config();
-    let inbound: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
     let log_path = dir.path().join("stderr.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .args(["--no-transparent", "--log", "warn"])
-        .arg("--inbound-forward")
-        .arg(format!("{inbound}={}", app.addr))
-        .arg("--admin-addr")
-        .arg(admin.to_string())
-        .stdin(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let _child = Killed(child);
+    let (_child, inbound, admin) = inbound_proxy(&path, app.addr, Some(log)).await;
     // A new client each time: a new connection, whose detection logs at debug.
     let served = || async move {
         h1_client()
@@ -746,6 +731,33 @@ async fn the_log_filter_is_changed_while_running_from_loopback_only() {
 /// Kills the child process when dropped.
 struct Killed(std::process::Child);
 
+/// A `weft-proxy` with the config at `config` (no transparent interception), forwarding
+/// its inbound port to `app`, logging at `warn` to `stderr` (inherited when none): the
+/// process, killed when dropped, and its inbound and admin addresses.
+#[allow(clippy::unwrap_used)]
+async fn inbound_proxy(
+    config: &std::path::Path,
+    app: std::net::SocketAddr,
+    stderr: Option<std::fs::File>,
+) -> (Killed, std::net::SocketAddr, std::net::SocketAddr) {
+    let inbound: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(config)
+        .args(["--no-transparent", "--log", "warn"])
+        .arg("--inbound-forward")
+        .arg(format!("{inbound}={app}"))
+        .arg("--admin-addr")
+        .arg(admin.to_string())
+        .stdin(std::process::Stdio::null());
+    if let Some(stderr) = stderr {
+        cmd.stderr(stderr);
+    }
+    (Killed(cmd.spawn().unwrap()), inbound, admin)
+}
+
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -805,21 +817,7 @@ impl OpenTap {
 async fn requests_are_tapped_live_from_loopback_only_and_taps_end_by_themselves() {
     let app = Backend::start("127.0.0.2", "app").await;
     let (_dir, path) = empty_config();
-    let inbound: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_weft-proxy"))
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .args(["--no-transparent", "--log", "warn"])
-        .arg("--inbound-forward")
-        .arg(format!("{inbound}={}", app.addr))
-        .arg("--admin-addr")
-        .arg(admin.to_string())
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let _child = Killed(child);
+    let (_child, inbound, admin) = inbound_proxy(&path, app.addr, None).await;
     let client = h1_client();
     let send = |method: &'static str, path: &'static str| {
         let client = client.clone();
